@@ -1,0 +1,85 @@
+//! Guest physical memory layout and fixed platform resources of a capsule VM.
+//!
+//! Everything that both the boot code and the device manager must agree on
+//! (where tables live, which I/O ports and IRQ lines the platform devices
+//! use) is defined here, once.
+
+/// Start of the boot GDT (four 8-byte entries).
+pub const BOOT_GDT_START: u64 = 0x500;
+/// Start of the (empty) boot IDT.
+pub const BOOT_IDT_START: u64 = 0x520;
+/// Linux zero page (`struct boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer of the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// PML4 of the identity-mapped boot page tables.
+pub const PML4_START: u64 = 0x9000;
+/// PDPT of the boot page tables.
+pub const PDPTE_START: u64 = 0xa000;
+/// Page directory of the boot page tables (identity maps the first 1 GiB
+/// with 2 MiB pages).
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Maximum kernel command line size, including the terminating NUL.
+/// Linux on x86_64 accepts 2048 bytes.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Start of the extended BIOS data area; RAM below it is usable.
+pub const EBDA_START: u64 = 0x9fc00;
+/// Where the MP table is written (inside the EBDA).
+pub const MPTABLE_START: u64 = EBDA_START;
+/// Start of the BIOS read-only area, where the ACPI tables live.
+/// Linux scans 0xe0000..0x100000 for the RSDP.
+pub const ACPI_TABLES_START: u64 = 0xe0000;
+/// End (exclusive) of the region reserved for ACPI tables.
+pub const ACPI_TABLES_END: u64 = 0x10_0000;
+/// Start of high memory: kernels are loaded here.
+pub const HIMEM_START: u64 = 0x10_0000;
+
+/// Start of the 32-bit MMIO hole below 4 GiB (no RAM is placed here).
+pub const MMIO32_START: u64 = 0xd000_0000;
+/// Size of the 32-bit MMIO hole.
+pub const MMIO32_SIZE: u64 = (1 << 32) - MMIO32_START;
+/// First guest physical address above 4 GiB.
+pub const FIRST_ADDR_PAST_32BITS: u64 = 1 << 32;
+/// Base of the IOAPIC registers.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Base of the local APIC registers.
+pub const APIC_START: u64 = 0xfee0_0000;
+/// Address of the TSS that KVM needs on Intel hosts (three pages).
+pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Start of the window in the MMIO hole where device MMIO regions
+/// (virtio-mmio and friends) are allocated.
+pub const MMIO_DEVICES_START: u64 = MMIO32_START;
+/// Size of the device MMIO window (the rest of the hole holds the IOAPIC,
+/// the LAPIC and the TSS).
+pub const MMIO_DEVICES_SIZE: u64 = IOAPIC_START - MMIO_DEVICES_START;
+
+/// COM1 I/O port base and its ISA interrupt line.
+pub const COM1_PORT: u16 = 0x3f8;
+/// IRQ line of COM1.
+pub const COM1_IRQ: u32 = 4;
+/// i8042 keyboard controller data port (the command port is `+4`).
+pub const I8042_DATA_PORT: u16 = 0x60;
+/// ACPI hardware-reduced sleep control register (1 byte, write-only).
+pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
+/// ACPI hardware-reduced sleep status register (1 byte).
+pub const ACPI_SLEEP_STATUS_PORT: u16 = 0x3c1;
+/// ACPI reset register (1 byte); writing [`ACPI_RESET_VALUE`] resets the VM.
+pub const ACPI_RESET_PORT: u16 = 0x3c2;
+/// Value the guest writes to [`ACPI_RESET_PORT`] to reset.
+pub const ACPI_RESET_VALUE: u8 = 0x1;
+/// ACPI `SLP_TYP` value that the DSDT's `_S5_` object announces.
+pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
+/// QEMU-compatible pvpanic I/O port; the guest writes here when it panics.
+pub const PVPANIC_PORT: u16 = 0x505;
+/// Number of IOAPIC pins (GSIs) the in-kernel irqchip provides.
+pub const IOAPIC_NUM_PINS: u32 = 24;
+/// First GSI handed out to devices by the device manager; lower lines are
+/// the legacy ISA ones.
+pub const FIRST_DEVICE_IRQ: u32 = 5;
+/// Last GSI usable for devices.
+pub const LAST_DEVICE_IRQ: u32 = IOAPIC_NUM_PINS - 1;
+/// Largest number of vCPUs capsule configures (APIC ids fit in 8 bits and
+/// 255 is the broadcast id).
+pub const MAX_VCPUS: u8 = 254;
