@@ -26,13 +26,16 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 2048;
 /// Start of the extended BIOS data area; RAM below it is usable.
 pub const EBDA_START: u64 = 0x9fc00;
-/// Where the MP table is written (inside the EBDA).
-pub const MPTABLE_START: u64 = EBDA_START;
 /// Start of the BIOS read-only area, where the ACPI tables live.
 /// Linux scans 0xe0000..0x100000 for the RSDP.
 pub const ACPI_TABLES_START: u64 = 0xe0000;
 /// End (exclusive) of the region reserved for ACPI tables.
-pub const ACPI_TABLES_END: u64 = 0x10_0000;
+pub const ACPI_TABLES_END: u64 = 0xf0000;
+/// Where the MP table is written: the BIOS area Linux scans for the MP
+/// floating pointer (0xf0000..0x100000). The EBDA would hold only ~37 CPUs.
+pub const MPTABLE_START: u64 = ACPI_TABLES_END;
+/// End (exclusive) of the area the MP table may occupy.
+pub const MPTABLE_END: u64 = HIMEM_START;
 /// Start of high memory: kernels are loaded here.
 pub const HIMEM_START: u64 = 0x10_0000;
 

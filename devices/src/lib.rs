@@ -1,1 +1,12 @@
+//! Device models for capsule.
+//!
+//! Devices here know nothing about the command line, the API or how the
+//! VMM assembles a VM. Each model exposes register reads and writes through
+//! [`bus::BusDevice`] and signals the outside world through event file
+//! descriptors, so the same model can sit behind any transport.
 
+pub mod acpi_pm;
+pub mod bus;
+pub mod exit;
+pub mod legacy;
+pub mod pvpanic;

@@ -1,0 +1,499 @@
+//! ACPI tables for a hardware-reduced x86_64 platform.
+//!
+//! capsule describes its platform with a minimal set of ACPI tables:
+//!
+//! * RSDP (revision 2) at [`ACPI_TABLES_START`], pointing to the XSDT;
+//! * XSDT listing the FADT and the MADT;
+//! * FADT declaring a hardware-reduced platform whose sleep control, sleep
+//!   status and reset registers are single I/O ports, and pointing to the
+//!   DSDT;
+//! * DSDT with the `\_S5_` sleep-type package (power off), the COM1 serial
+//!   port and a QEMU-compatible pvpanic device;
+//! * MADT with one local APIC per vCPU and the IOAPIC.
+//!
+//! All tables are written into `[ACPI_TABLES_START, ACPI_TABLES_END)`, which
+//! lies in the BIOS area Linux scans for the RSDP.
+
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+
+use crate::layout::{
+    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
+    ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, COM1_IRQ, COM1_PORT,
+    IOAPIC_START, MAX_VCPUS, PVPANIC_PORT,
+};
+
+/// OEM ID written into every table header.
+const OEM_ID: [u8; 6] = *b"CAPSUL";
+/// OEM table ID written into every table header.
+const OEM_TABLE_ID: [u8; 8] = *b"CAPSULE ";
+/// OEM revision written into every table header.
+const OEM_REVISION: u32 = 1;
+/// Revision of the DSDT; 2 or higher selects 64-bit AML integers.
+const DSDT_REVISION: u8 = 6;
+/// Hypervisor vendor identity reported in the FADT.
+const HYPERVISOR_VENDOR_ID: [u8; 8] = *b"CAPSULE\0";
+/// Alignment of each table in guest memory (the RSDP needs 16 bytes).
+const TABLE_ALIGNMENT: u64 = 16;
+/// Size of the standard ACPI system description table header.
+const SDT_HEADER_LEN: u32 = 36;
+
+/// FADT IA-PC boot architecture flag: legacy (ISA) devices such as the
+/// COM1 serial port are present.
+const IAPC_BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
+/// FADT IA-PC boot architecture flag: an i8042 keyboard controller is
+/// present.
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// FADT IA-PC boot architecture flag: VGA must not be probed.
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// FADT IA-PC boot architecture flag: there is no CMOS RTC.
+const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// Errors while building the ACPI tables.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The VM has no vCPU.
+    #[error("cannot build ACPI tables for 0 vCPUs")]
+    NoCpus,
+    /// More vCPUs than APIC ids capsule can hand out.
+    #[error("too many vCPUs for the MADT: {0} (maximum {MAX_VCPUS})")]
+    TooManyCpus(u8),
+    /// The tables do not fit in the region reserved for them.
+    #[error("ACPI tables need {0} bytes, more than the reserved region")]
+    TablesTooLarge(u64),
+    /// Writing a table into guest memory failed.
+    #[error("failed to write the {0} table to guest memory: {1}")]
+    WriteTable(&'static str, #[source] GuestMemoryError),
+}
+
+/// Serializes an [`Aml`] object (a table built by `acpi_tables`) to bytes.
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// Rounds `addr` up to [`TABLE_ALIGNMENT`].
+fn align_up(addr: u64) -> u64 {
+    addr.next_multiple_of(TABLE_ALIGNMENT)
+}
+
+/// A single-byte register in I/O port space, as a Generic Address Structure.
+fn io_port_gas(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+/// Builds the DSDT: `\_S5_`, COM1 and the pvpanic device.
+fn build_dsdt() -> Vec<u8> {
+    // \_S5_: SLP_TYP for the sleep control register; the second value would
+    // be for PM1b, which does not exist.
+    let s5_type = ACPI_S5_SLEEP_TYPE;
+    let s5 = aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&s5_type, &aml::ZERO, &aml::ZERO, &aml::ZERO]),
+    );
+
+    // COM1. Describing it lets Linux map its GSI: on a hardware-reduced
+    // platform there is no legacy PIC, so ISA IRQs are not pre-mapped.
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    // _STA: present, enabled, shown in UI, functioning.
+    let sta_value = 0x0fu8;
+    let sta_return = aml::Return::new(&sta_value);
+    let sta = aml::Method::new("_STA".into(), 0, false, vec![&sta_return]);
+    let com1_io = aml::IO::new(COM1_PORT, COM1_PORT, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, COM1_IRQ);
+    let com1_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]),
+    );
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &sta, &com1_crs]);
+
+    // QEMU-compatible pvpanic device (Linux's pvpanic-mmio driver matches
+    // the ACPI id QEMU0001 and accepts an I/O port resource).
+    let pvpanic_hid = aml::Name::new("_HID".into(), &"QEMU0001");
+    let pvpanic_io = aml::IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+    let pvpanic_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&pvpanic_io]),
+    );
+    let pvpanic = aml::Device::new("PEVT".into(), vec![&pvpanic_hid, &sta, &pvpanic_crs]);
+
+    let sb = aml::Scope::new("\\_SB_".into(), vec![&com1, &pvpanic]);
+
+    let mut dsdt = Sdt::new(
+        *b"DSDT",
+        SDT_HEADER_LEN,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    let mut body = Vec::new();
+    s5.to_aml_bytes(&mut body);
+    sb.to_aml_bytes(&mut body);
+    dsdt.append_slice(&body);
+    dsdt.as_slice().to_vec()
+}
+
+/// Builds the FADT for a hardware-reduced platform whose DSDT is at
+/// `dsdt_addr`.
+fn build_fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        // No fixed-feature power or sleep button.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_LEGACY_DEVICES
+        | IAPC_BOOT_ARCH_8042
+        | IAPC_BOOT_ARCH_VGA_NOT_PRESENT
+        | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
+        .into();
+    fadt.reset_reg = io_port_gas(ACPI_RESET_PORT);
+    fadt.reset_value = ACPI_RESET_VALUE;
+    fadt.sleep_control_reg = io_port_gas(ACPI_SLEEP_CONTROL_PORT);
+    fadt.sleep_status_reg = io_port_gas(ACPI_SLEEP_STATUS_PORT);
+    fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR_ID).into();
+    to_bytes(&fadt.finalize())
+}
+
+/// Builds the MADT: one enabled local APIC per vCPU (ACPI processor UID
+/// and APIC id equal the vCPU index) and the IOAPIC.
+fn build_madt(num_cpus: u8) -> Vec<u8> {
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(APIC_START as u32),
+    );
+    for cpu in 0..num_cpus {
+        madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
+    }
+    // Same IOAPIC id as in the MP table; `num_cpus <= MAX_VCPUS` keeps it
+    // within u8.
+    madt.add_structure(IoApic::new(num_cpus + 1, IOAPIC_START as u32, 0));
+    to_bytes(&madt)
+}
+
+/// Writes `bytes` at `addr` in guest memory.
+fn write_table(
+    mem: &GuestMemoryMmap,
+    name: &'static str,
+    addr: u64,
+    bytes: &[u8],
+) -> Result<(), Error> {
+    mem.write_slice(bytes, GuestAddress(addr))
+        .map_err(|e| Error::WriteTable(name, e))
+}
+
+/// Writes RSDP, XSDT, FADT, DSDT and MADT into guest memory inside
+/// `[ACPI_TABLES_START, ACPI_TABLES_END)`; returns the RSDP address.
+///
+/// The RSDP is placed at [`ACPI_TABLES_START`] (16-byte aligned, inside the
+/// range Linux scans), followed by the other tables, each 16-byte aligned.
+/// `num_cpus` must be between 1 and [`MAX_VCPUS`].
+pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<GuestAddress, Error> {
+    if num_cpus == 0 {
+        return Err(Error::NoCpus);
+    }
+    if num_cpus > MAX_VCPUS {
+        return Err(Error::TooManyCpus(num_cpus));
+    }
+
+    // Lay the tables out one after the other.
+    let rsdp_addr = ACPI_TABLES_START;
+    let xsdt_addr = align_up(rsdp_addr + Rsdp::len() as u64);
+    let xsdt_len = u64::from(SDT_HEADER_LEN) + 2 * 8;
+    let fadt_addr = align_up(xsdt_addr + xsdt_len);
+    let dsdt_addr = align_up(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
+    let dsdt = build_dsdt();
+    let madt_addr = align_up(dsdt_addr + dsdt.len() as u64);
+    let madt = build_madt(num_cpus);
+    let end = madt_addr + madt.len() as u64;
+    if end > ACPI_TABLES_END {
+        return Err(Error::TablesTooLarge(end - ACPI_TABLES_START));
+    }
+
+    let fadt = build_fadt(dsdt_addr);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = to_bytes(&xsdt);
+    debug_assert_eq!(xsdt.len() as u64, xsdt_len);
+    let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+
+    write_table(mem, "DSDT", dsdt_addr, &dsdt)?;
+    write_table(mem, "FADT", fadt_addr, &fadt)?;
+    write_table(mem, "MADT", madt_addr, &madt)?;
+    write_table(mem, "XSDT", xsdt_addr, &xsdt)?;
+    write_table(mem, "RSDP", rsdp_addr, &rsdp)?;
+
+    log::debug!(
+        "ACPI tables for {num_cpus} vCPU(s) at {ACPI_TABLES_START:#x}..{end:#x}, RSDP at {rsdp_addr:#x}"
+    );
+    Ok(GuestAddress(rsdp_addr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM_SIZE: usize = 16 << 20;
+
+    fn guest_memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    fn read_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn read_u32(mem: &GuestMemoryMmap, addr: u64) -> u32 {
+        mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |acc, b| acc.wrapping_add(*b))
+    }
+
+    /// Reads a whole system description table (signature, bytes), checking
+    /// its checksum and that it lies in the ACPI region.
+    fn read_sdt(mem: &GuestMemoryMmap, addr: u64) -> ([u8; 4], Vec<u8>) {
+        let len = read_u32(mem, addr + 4) as usize;
+        assert!(len >= SDT_HEADER_LEN as usize);
+        assert!(addr >= ACPI_TABLES_START && addr + len as u64 <= ACPI_TABLES_END);
+        let bytes = read_bytes(mem, addr, len);
+        assert_eq!(sum(&bytes), 0, "bad checksum at {addr:#x}");
+        let mut sig = [0u8; 4];
+        sig.copy_from_slice(&bytes[..4]);
+        (sig, bytes)
+    }
+
+    struct Tables {
+        xsdt: Vec<u8>,
+        fadt: Vec<u8>,
+        dsdt: Vec<u8>,
+        madt: Vec<u8>,
+        addrs: Vec<(u64, usize)>,
+    }
+
+    fn walk(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Tables {
+        assert_eq!(rsdp_addr.0, ACPI_TABLES_START);
+        assert_eq!(rsdp_addr.0 % 16, 0);
+        let rsdp = read_bytes(mem, rsdp_addr.0, 36);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(rsdp[15], 2, "RSDP revision");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(&rsdp), 0);
+        assert_eq!(u32::from_le_bytes(rsdp[20..24].try_into().unwrap()), 36);
+
+        let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+        let (sig, xsdt) = read_sdt(mem, xsdt_addr);
+        assert_eq!(&sig, b"XSDT");
+        let mut addrs = vec![(rsdp_addr.0, 36), (xsdt_addr, xsdt.len())];
+
+        let mut fadt = None;
+        let mut madt = None;
+        for entry in xsdt[36..].chunks(8) {
+            let addr = u64::from_le_bytes(entry.try_into().unwrap());
+            let (sig, bytes) = read_sdt(mem, addr);
+            addrs.push((addr, bytes.len()));
+            match &sig {
+                b"FACP" => fadt = Some(bytes),
+                b"APIC" => madt = Some(bytes),
+                other => panic!("unexpected table {other:?} in XSDT"),
+            }
+        }
+        let fadt = fadt.expect("no FADT in XSDT");
+        let madt = madt.expect("no MADT in XSDT");
+
+        let x_dsdt = u64::from_le_bytes(fadt[140..148].try_into().unwrap());
+        let (sig, dsdt) = read_sdt(mem, x_dsdt);
+        assert_eq!(&sig, b"DSDT");
+        addrs.push((x_dsdt, dsdt.len()));
+
+        Tables {
+            xsdt,
+            fadt,
+            dsdt,
+            madt,
+            addrs,
+        }
+    }
+
+    fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle)
+    }
+
+    fn check_gas_io(fadt: &[u8], offset: usize, port: u16) {
+        let gas = &fadt[offset..offset + 12];
+        assert_eq!(gas[0], 1, "SystemIO address space");
+        assert_eq!(gas[1], 8, "8-bit register");
+        assert_eq!(gas[2], 0, "bit offset");
+        assert_eq!(gas[3], 1, "byte access");
+        assert_eq!(
+            u64::from_le_bytes(gas[4..12].try_into().unwrap()),
+            u64::from(port)
+        );
+    }
+
+    #[test]
+    fn test_rejects_bad_cpu_counts() {
+        let mem = guest_memory();
+        assert!(matches!(create_acpi_tables(&mem, 0), Err(Error::NoCpus)));
+        assert!(matches!(
+            create_acpi_tables(&mem, MAX_VCPUS + 1),
+            Err(Error::TooManyCpus(_))
+        ));
+    }
+
+    #[test]
+    fn test_write_failure() {
+        // Guest memory that does not cover the ACPI region.
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        assert!(matches!(
+            create_acpi_tables(&mem, 1),
+            Err(Error::WriteTable(_, _))
+        ));
+    }
+
+    #[test]
+    fn test_table_chain_and_checksums() {
+        for cpus in [1, 4, MAX_VCPUS] {
+            let mem = guest_memory();
+            let rsdp = create_acpi_tables(&mem, cpus).unwrap();
+            let tables = walk(&mem, rsdp);
+            assert_eq!(tables.xsdt.len(), 36 + 16);
+
+            // No two tables overlap.
+            let mut addrs = tables.addrs.clone();
+            addrs.sort();
+            for pair in addrs.windows(2) {
+                assert!(pair[0].0 + pair[0].1 as u64 <= pair[1].0, "{addrs:x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_fadt() {
+        let mem = guest_memory();
+        let tables = walk(&mem, create_acpi_tables(&mem, 2).unwrap());
+        let fadt = &tables.fadt;
+        assert_eq!(fadt.len(), 276);
+        assert_eq!(fadt[8], 6, "FADT major revision");
+
+        let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_ne!(flags & (1 << 4), 0, "PWR_BUTTON");
+        assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON");
+
+        let boot_arch = u16::from_le_bytes(fadt[109..111].try_into().unwrap());
+        assert_ne!(boot_arch & (1 << 1), 0, "8042 present");
+        assert_ne!(boot_arch & (1 << 2), 0, "VGA not present");
+        assert_eq!(boot_arch & (1 << 3), 0, "MSI supported");
+        assert_ne!(boot_arch & (1 << 5), 0, "CMOS RTC not present");
+
+        check_gas_io(fadt, 116, ACPI_RESET_PORT);
+        assert_eq!(fadt[128], ACPI_RESET_VALUE);
+        check_gas_io(fadt, 244, ACPI_SLEEP_CONTROL_PORT);
+        check_gas_io(fadt, 256, ACPI_SLEEP_STATUS_PORT);
+        assert_eq!(&fadt[268..276], b"CAPSULE\0");
+
+        // Only the 64-bit DSDT pointer is used.
+        assert_eq!(u32::from_le_bytes(fadt[40..44].try_into().unwrap()), 0);
+    }
+
+    #[test]
+    fn test_madt() {
+        for cpus in [1u8, 4] {
+            let mem = guest_memory();
+            let tables = walk(&mem, create_acpi_tables(&mem, cpus).unwrap());
+            let madt = &tables.madt;
+            assert_eq!(
+                u32::from_le_bytes(madt[36..40].try_into().unwrap()),
+                APIC_START as u32
+            );
+
+            let mut lapics = Vec::new();
+            let mut ioapics = Vec::new();
+            let mut off = 44;
+            while off < madt.len() {
+                let (kind, len) = (madt[off], madt[off + 1] as usize);
+                assert!(len >= 2 && off + len <= madt.len());
+                let entry = &madt[off..off + len];
+                match kind {
+                    0 => {
+                        assert_eq!(len, 8);
+                        let flags = u32::from_le_bytes(entry[4..8].try_into().unwrap());
+                        assert_eq!(flags & 1, 1, "enabled");
+                        lapics.push((entry[2], entry[3]));
+                    }
+                    1 => {
+                        assert_eq!(len, 12);
+                        let addr = u32::from_le_bytes(entry[4..8].try_into().unwrap());
+                        let gsi_base = u32::from_le_bytes(entry[8..12].try_into().unwrap());
+                        ioapics.push((entry[2], addr, gsi_base));
+                    }
+                    other => panic!("unexpected MADT entry type {other}"),
+                }
+                off += len;
+            }
+            assert_eq!(off, madt.len());
+            let expected: Vec<(u8, u8)> = (0..cpus).map(|i| (i, i)).collect();
+            assert_eq!(lapics, expected);
+            assert_eq!(ioapics, vec![(cpus + 1, IOAPIC_START as u32, 0)]);
+        }
+    }
+
+    #[test]
+    fn test_dsdt() {
+        let mem = guest_memory();
+        let tables = walk(&mem, create_acpi_tables(&mem, 1).unwrap());
+        let dsdt = &tables.dsdt;
+        assert!(contains(dsdt, b"_S5_"));
+        // Name(_S5_, Package(4) { ACPI_S5_SLEEP_TYPE, 0, 0, 0 })
+        let pkg = [
+            0x08,
+            b'_',
+            b'S',
+            b'5',
+            b'_',
+            0x12, // PackageOp
+            0x07, // PkgLength
+            0x04, // NumElements
+            0x0a,
+            ACPI_S5_SLEEP_TYPE,
+            0x00,
+            0x00,
+            0x00,
+        ];
+        assert!(contains(dsdt, &pkg));
+        assert!(contains(dsdt, b"PEVT"));
+        assert!(contains(dsdt, b"QEMU0001\0"));
+        // IO(Decode16, PVPANIC_PORT, PVPANIC_PORT, 1, 1)
+        let [lo, hi] = PVPANIC_PORT.to_le_bytes();
+        assert!(contains(dsdt, &[0x47, 0x01, lo, hi, lo, hi, 0x01, 0x01]));
+        // IO(Decode16, COM1_PORT, COM1_PORT, 1, 8)
+        let [lo, hi] = COM1_PORT.to_le_bytes();
+        assert!(contains(dsdt, &[0x47, 0x01, lo, hi, lo, hi, 0x01, 0x08]));
+    }
+}

@@ -1,0 +1,343 @@
+//! A 16550A UART (vm-superio) wired to a host input and output stream.
+//!
+//! Output: every byte the guest transmits goes straight to the writer on the
+//! vCPU thread that wrote it. Input: [`SerialInput`] is an event-loop
+//! subscriber that reads the host stream only while the UART's receive FIFO
+//! has room, and stops polling when it is full until the guest drains it, so
+//! no typed or piped byte is dropped.
+
+use std::io::{self, Read, Write};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vm_superio::serial::SerialEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::BusDevice;
+
+/// A [`Trigger`] backed by an eventfd (used for irqfd interrupts).
+#[derive(Debug)]
+pub struct EventFdTrigger(EventFd);
+
+impl EventFdTrigger {
+    /// Creates a non-blocking eventfd trigger.
+    pub fn new() -> io::Result<Self> {
+        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
+    }
+
+    /// Duplicates the underlying eventfd.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self(self.0.try_clone()?))
+    }
+
+    /// The eventfd, e.g. to register it as an irqfd.
+    pub fn event_fd(&self) -> &EventFd {
+        &self.0
+    }
+
+    /// Returns whether the trigger fired since the last call, and clears it.
+    pub fn take(&self) -> bool {
+        self.0.read().is_ok()
+    }
+}
+
+impl Trigger for EventFdTrigger {
+    type E = io::Error;
+
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Tells the input side when the guest has emptied the receive FIFO.
+#[derive(Debug)]
+pub struct FifoEvents {
+    buffer_ready: EventFd,
+}
+
+impl SerialEvents for FifoEvents {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {
+        log::debug!("serial: output byte lost");
+    }
+    fn in_buffer_empty(&self) {
+        if let Err(e) = self.buffer_ready.write(1) {
+            log::error!("serial: cannot signal empty FIFO: {e}");
+        }
+    }
+}
+
+/// Where the guest's serial output goes.
+pub type SerialOut = Box<dyn Write + Send>;
+
+/// The UART as a port-I/O bus device.
+pub struct SerialDevice {
+    serial: Serial<EventFdTrigger, FifoEvents, SerialOut>,
+}
+
+impl SerialDevice {
+    /// Creates a UART that raises `interrupt` and writes output to `out`.
+    /// Returns the device and the eventfd that fires when the receive FIFO
+    /// becomes empty (for [`SerialInput`]).
+    pub fn new(interrupt: EventFdTrigger, out: SerialOut) -> io::Result<(Self, EventFd)> {
+        let buffer_ready = EventFd::new(EFD_NONBLOCK)?;
+        let events = FifoEvents {
+            buffer_ready: buffer_ready.try_clone()?,
+        };
+        Ok((
+            Self {
+                serial: Serial::with_events(interrupt, events, out),
+            },
+            buffer_ready,
+        ))
+    }
+
+    /// Free space in the receive FIFO.
+    pub fn fifo_capacity(&self) -> usize {
+        self.serial.fifo_capacity()
+    }
+
+    /// Queues bytes for the guest to read; returns how many were taken.
+    pub fn enqueue(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        match self.serial.enqueue_raw_bytes(bytes) {
+            Ok(n) => Ok(n),
+            Err(vm_superio::serial::Error::FullFifo) => Ok(0),
+            Err(e) => Err(io::Error::other(format!("{e:?}"))),
+        }
+    }
+}
+
+impl BusDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
+            *b = self.serial.read(off);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) else {
+            return;
+        };
+        if let Err(e) = self.serial.write(off, v) {
+            log::debug!("serial: write failed: {e:?}");
+        }
+    }
+}
+
+/// A host stream the UART can read from.
+pub trait ReadableFd: Read + AsRawFd + Send {}
+impl<T: Read + AsRawFd + Send> ReadableFd for T {}
+
+/// Event-loop subscriber feeding a host input stream into the UART.
+pub struct SerialInput {
+    serial: Arc<Mutex<SerialDevice>>,
+    input: Option<Box<dyn ReadableFd>>,
+    buffer_ready: EventFd,
+    paused: bool,
+}
+
+impl SerialInput {
+    /// Feeds `input` (if any) into `serial`; `buffer_ready` is the eventfd
+    /// returned by [`SerialDevice::new`].
+    pub fn new(
+        serial: Arc<Mutex<SerialDevice>>,
+        input: Option<Box<dyn ReadableFd>>,
+        buffer_ready: EventFd,
+    ) -> Self {
+        Self {
+            serial,
+            input,
+            buffer_ready,
+            paused: false,
+        }
+    }
+
+    fn input_fd(&self) -> Option<RawFd> {
+        self.input.as_ref().map(|i| i.as_raw_fd())
+    }
+
+    fn stop_input(&mut self, ops: &mut EventOps) {
+        if let Some(fd) = self.input_fd() {
+            if !self.paused {
+                let _ = ops.remove(Events::empty_raw(fd));
+            }
+        }
+        self.input = None;
+    }
+
+    /// Moves what the host has typed into the FIFO, as much as fits.
+    fn pump(&mut self, ops: &mut EventOps) {
+        let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let room = serial.fifo_capacity();
+        let Some(fd) = self.input_fd() else { return };
+        if room == 0 {
+            // Stop polling until the guest drains the FIFO.
+            let _ = ops.remove(Events::empty_raw(fd));
+            self.paused = true;
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let len = room.min(buf.len());
+        let input = self.input.as_mut().expect("input checked above");
+        match input.read(&mut buf[..len]) {
+            Ok(0) => {
+                log::debug!("serial: input reached end of file");
+                drop(serial);
+                self.stop_input(ops);
+            }
+            Ok(n) => {
+                if let Err(e) = serial.enqueue(&buf[..n]) {
+                    log::error!("serial: cannot queue input: {e}");
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => {
+                log::warn!("serial: input error, detaching input: {e}");
+                drop(serial);
+                self.stop_input(ops);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for SerialInput {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.buffer_ready, EventSet::IN)) {
+            log::error!("serial: cannot watch FIFO events: {e}");
+        }
+        if let Some(fd) = self.input_fd() {
+            // Regular files and /dev/null cannot be polled; such an input
+            // is simply not connected.
+            if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                log::info!("serial: input cannot be polled ({e}); guest gets no input");
+                self.input = None;
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.buffer_ready.as_raw_fd() {
+            let _ = self.buffer_ready.read();
+            if self.paused {
+                self.paused = false;
+                if let Some(fd) = self.input_fd() {
+                    if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                        log::warn!("serial: cannot resume input: {e}");
+                        self.input = None;
+                    }
+                }
+            }
+            return;
+        }
+        if Some(events.fd()) == self.input_fd() {
+            if events.event_set().contains(EventSet::IN) {
+                self.pump(ops);
+            } else if events
+                .event_set()
+                .intersects(EventSet::HANG_UP | EventSet::ERROR)
+            {
+                self.stop_input(ops);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use event_manager::{EventManager, SubscriberOps};
+    use std::os::unix::net::UnixStream;
+
+    /// A writer whose contents the test can read back.
+    #[derive(Clone, Default)]
+    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+    impl Write for SharedBuf {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    const DATA: u64 = 0;
+    const IER: u64 = 1;
+    const IIR: u64 = 2;
+    const LSR: u64 = 5;
+
+    fn read_reg(dev: &Arc<Mutex<SerialDevice>>, off: u64) -> u8 {
+        let mut b = [0u8];
+        dev.lock().unwrap().read(off, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn output_reaches_writer_and_raises_thre_interrupt() {
+        let irq = EventFdTrigger::new().unwrap();
+        let out = SharedBuf::default();
+        let (mut dev, _) =
+            SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone())).unwrap();
+        dev.write(IER, &[0x2]); // THR empty interrupt on
+        let mut iir = [0u8];
+        dev.read(IIR, &mut iir); // acknowledge the interrupt raised by enabling
+        let _ = irq.take();
+        for b in b"hi\n" {
+            dev.write(DATA, &[*b]);
+        }
+        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+        assert!(irq.take(), "THR-empty interrupt must fire");
+    }
+
+    /// Pipes more input than the FIFO holds through the event loop and
+    /// checks the guest side reads every byte, in order.
+    #[test]
+    fn input_is_flow_controlled_without_loss() {
+        let irq = EventFdTrigger::new().unwrap();
+        let (dev, ready) =
+            SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink())).unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        dev.lock().unwrap().write(IER, &[0x1]); // receive interrupt on
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(input)));
+
+        let sent: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        host.write_all(&sent).unwrap();
+        drop(host);
+
+        let mut got = Vec::new();
+        for _ in 0..10_000 {
+            em.run_with_timeout(10).unwrap();
+            while read_reg(&dev, LSR) & 1 != 0 {
+                got.push(read_reg(&dev, DATA));
+            }
+            if got.len() == sent.len() {
+                break;
+            }
+        }
+        assert_eq!(got, sent);
+        assert!(irq.take(), "receive interrupt must fire");
+    }
+
+    #[test]
+    fn unpollable_input_is_detached() {
+        let irq = EventFdTrigger::new().unwrap();
+        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let input = SerialInput::new(Arc::new(Mutex::new(dev)), Some(Box::new(file)), ready);
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        let id = em.add_subscriber(Arc::new(Mutex::new(input)));
+        let _ = id;
+        em.run_with_timeout(0).unwrap();
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# resources/harness/l1-kernel.sh: fetch the L1 kernel of the nested harness.
+#
+# Downloads (apt-get download) the Debian linux-image-6.1.0-*-cloud-amd64
+# package that `apt-cache depends linux-image-cloud-amd64` names, unpacks it
+# with dpkg -x and caches, in $CACHE/l1-kernel/<hash>/:
+#   vmlinuz                     the L1 kernel
+#   modules/irqbypass.ko, modules/kvm.ko, modules/kvm-amd.ko, modules/tun.ko
+#   release                     the kernel release (uname -r in L1)
+# <hash> covers the package name and version and this script.
+#
+# Usage: resources/harness/l1-kernel.sh
+# Env:   CAPSULE_CACHE (cache root)
+# Prints the cache directory on stdout.
+set -euo pipefail
+
+# shellcheck source=resources/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+
+meta=linux-image-cloud-amd64
+modules=(virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko drivers/net/tun.ko)
+
+image_pkg() {
+    apt-cache depends "$meta" 2>/dev/null |
+        sed -n 's/^ *Depends: \(linux-image-[0-9.]*-[0-9]*-cloud-amd64\)$/\1/p' | head -n1
+}
+
+pkg="$(image_pkg)"
+if [[ -z "$pkg" ]]; then
+    log "apt-cache does not know $meta: apt-get update"
+    if [[ $(id -u) -eq 0 ]]; then
+        apt-get -q -o DPkg::Lock::Timeout=600 update >&2
+    else
+        sudo apt-get -q -o DPkg::Lock::Timeout=600 update >&2
+    fi
+    pkg="$(image_pkg)"
+    [[ -n "$pkg" ]] || die "cannot find the package that $meta depends on"
+fi
+version="$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')"
+[[ -n "$version" && "$version" != "(none)" ]] || die "no candidate version of $pkg"
+
+key="$(hash_inputs "$pkg=$version" "${BASH_SOURCE[0]}")"
+final="$(capsule_cache_root)/l1-kernel/$key"
+if [[ -f "$final/vmlinuz" && -f "$final/modules/kvm-amd.ko" ]]; then
+    log "cached: $final ($pkg $version)"
+    echo "$final"
+    exit 0
+fi
+
+tmp="$(cache_tmpdir "$final")"
+# apt's unprivileged download user (_apt) must be able to reach and write
+# the download directory: use one under /tmp rather than the cache.
+dl="$(mktemp -d)"
+trap 'rm -rf "$tmp" "$dl"' EXIT
+chmod 755 "$dl"
+chown _apt "$dl" 2>/dev/null || true
+out="$tmp/out"
+mkdir -p "$out/modules"
+
+log "downloading $pkg $version"
+(cd "$dl" && apt-get -q download "$pkg=$version" >&2)
+deb="$(find "$dl" -maxdepth 1 -name '*.deb' | head -n1)"
+[[ -n "$deb" ]] || die "apt-get download produced no .deb"
+log "unpacking $(basename "$deb")"
+dpkg -x "$deb" "$tmp/x"
+
+vmlinuz="$(find "$tmp/x/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n1)"
+[[ -n "$vmlinuz" ]] || die "no boot/vmlinuz-* in $pkg"
+cp "$vmlinuz" "$out/vmlinuz"
+release="${vmlinuz##*/vmlinuz-}"
+echo "$release" >"$out/release"
+
+moddir="$tmp/x/lib/modules/$release/kernel"
+for m in "${modules[@]}"; do
+    name="$(basename "$m")"
+    if [[ -f "$moddir/$m" ]]; then
+        cp "$moddir/$m" "$out/modules/$name"
+    elif [[ -f "$moddir/$m.xz" ]]; then
+        xz -dc "$moddir/$m.xz" >"$out/modules/$name"
+    elif [[ -f "$moddir/$m.zst" ]]; then
+        zstd -qdc "$moddir/$m.zst" >"$out/modules/$name"
+    else
+        die "module $m not found in $pkg"
+    fi
+done
+
+cache_publish "$out" "$final"
+log "L1 kernel $release cached in $final"
+echo "$final"

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# resources/install-deps.sh: install the Debian packages that capsule's guest
+# images, nested test harness and boot tests need.
+#
+# Idempotent and fast: when every package is already installed it only runs
+# one dpkg-query and exits. Otherwise it installs the missing ones with
+# apt-get, running `apt-get update` first only when the package lists are
+# empty or an install attempt fails. Needs root (or passwordless sudo).
+#
+# Usage: resources/install-deps.sh [EXTRA_PACKAGE...]
+# Prints nothing on stdout.
+set -euo pipefail
+
+# shellcheck source=resources/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+packages=(
+    # Nested harness (L1 under TCG) and guest initramfs.
+    qemu-system-x86 busybox-static cpio
+    # Guest kernel source and build.
+    linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev xz-utils
+    # Disk images for later tests.
+    e2fsprogs
+    # Static capsule binary (libc.a).
+    libc6-dev
+    # apt-get download / dpkg -x for the L1 kernel.
+    dpkg ca-certificates
+    "$@"
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
+    if [[ "$status" != "installed" ]]; then
+        missing+=("$pkg")
+    fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+    log "all ${#packages[@]} packages already installed"
+    exit 0
+fi
+
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    command -v sudo >/dev/null || die "not root and no sudo: cannot install ${missing[*]}"
+    SUDO=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt_opts=(-y -q -o DPkg::Lock::Timeout=600)
+
+lists_present() {
+    compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null
+}
+
+log "installing: ${missing[*]}"
+if ! lists_present; then
+    log "apt package lists are empty: apt-get update"
+    "${SUDO[@]}" apt-get "${apt_opts[@]}" update >&2
+    "${SUDO[@]}" apt-get "${apt_opts[@]}" install "${missing[@]}" >&2
+elif ! "${SUDO[@]}" apt-get "${apt_opts[@]}" install "${missing[@]}" >&2; then
+    log "install failed with the current package lists: apt-get update and retry"
+    "${SUDO[@]}" apt-get "${apt_opts[@]}" update >&2
+    "${SUDO[@]}" apt-get "${apt_opts[@]}" install "${missing[@]}" >&2
+fi
+log "done"

@@ -1,0 +1,112 @@
+# shellcheck shell=bash
+# resources/lib.sh: helpers shared by the capsule resource scripts.
+#
+# Source it, don't run it. Provides:
+#   log MSG...            progress message on stderr
+#   die MSG...            error message on stderr, exit 1
+#   capsule_cache_root    the cache root (${CAPSULE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/capsule})
+#   hash_inputs ARGS...   sha256 (first 16 hex digits) over strings and files;
+#                         an argument naming an existing file contributes its
+#                         contents, any other argument contributes itself
+#   cache_publish TMPDIR FINAL
+#                         atomically renames a fully built TMPDIR to FINAL
+#                         (the same filesystem; a concurrent winner is kept)
+
+CAPSULE_RESOURCES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+CAPSULE_REPO_DIR="$(cd "$CAPSULE_RESOURCES_DIR/.." && pwd)"
+export CAPSULE_RESOURCES_DIR CAPSULE_REPO_DIR
+
+log() {
+    printf '[%s] %s\n' "$(basename "$0")" "$*" >&2
+}
+
+die() {
+    printf '[%s] ERROR: %s\n' "$(basename "$0")" "$*" >&2
+    exit 1
+}
+
+capsule_cache_root() {
+    local root="${CAPSULE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/capsule}"
+    mkdir -p "$root"
+    (cd "$root" && pwd)
+}
+
+hash_inputs() {
+    local arg
+    {
+        for arg in "$@"; do
+            if [[ -f "$arg" ]]; then
+                printf 'file:%s\n' "$(basename "$arg")"
+                cat "$arg"
+            else
+                printf 'str:%s\n' "$arg"
+            fi
+            printf '\0'
+        done
+    } | sha256sum | cut -c1-16
+}
+
+# Make a fresh temporary directory next to FINAL (so that the rename into
+# place is atomic) and print its path.
+cache_tmpdir() {
+    local final="$1"
+    mkdir -p "$(dirname "$final")"
+    mktemp -d "$(dirname "$final")/.tmp.$(basename "$final").XXXXXX"
+}
+
+cache_publish() {
+    local tmp="$1" final="$2"
+    if mv -T "$tmp" "$final" 2>/dev/null; then
+        return 0
+    fi
+    if [[ -d "$final" ]]; then
+        # Someone else published the same key first; theirs is as good.
+        rm -rf "$tmp"
+        return 0
+    fi
+    die "could not move $tmp to $final"
+}
+
+# populate_busybox_root DIR: a minimal root filesystem skeleton in DIR with
+# the static busybox as /bin/busybox and a symlink for each of its applets.
+populate_busybox_root() {
+    local root="$1" bb applet
+    bb="$(command -v busybox || true)"
+    [[ -n "$bb" ]] || die "busybox not found (package busybox-static)"
+    if ! file_is_static "$bb"; then
+        die "$bb is not statically linked (install busybox-static)"
+    fi
+    mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc,lib/modules,run,mnt}
+    chmod 1777 "$root/tmp"
+    cp "$bb" "$root/bin/busybox"
+    while IFS= read -r applet; do
+        [[ -n "$applet" && ! -e "$root/$applet" ]] || continue
+        ln -s /bin/busybox "$root/$applet"
+    done < <("$bb" --list-full)
+    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
+    printf 'root:x:0:\n' >"$root/etc/group"
+}
+
+# file_is_static PATH: true if PATH is an ELF with no program interpreter.
+file_is_static() {
+    # An ELF executable with a PT_INTERP segment is dynamically linked.
+    ! LC_ALL=C readelf -lW "$1" 2>/dev/null | grep -q 'Requesting program interpreter' &&
+        LC_ALL=C readelf -h "$1" >/dev/null 2>&1
+}
+
+# make_cpio DIR OUT [gzip]: pack DIR as a newc cpio archive owned by root,
+# in a stable file order; gzip -9 it when the third argument is "gzip".
+make_cpio() {
+    local root="$1" out="$2" compress="${3:-}"
+    (
+        cd "$root" || exit 1
+        find . -mindepth 1 | LC_ALL=C sort |
+            cpio --quiet -o -H newc -R 0:0 --reproducible
+    ) >"$out.raw"
+    if [[ "$compress" == gzip ]]; then
+        gzip -9 -n <"$out.raw" >"$out"
+        rm -f "$out.raw"
+    else
+        mv "$out.raw" "$out"
+    fi
+}

@@ -1,0 +1,366 @@
+//! Assembles a VM from a [`VmConfig`], top to bottom:
+//! host checks → KVM → guest memory → kernel, initrd, command line →
+//! firmware tables and zero page → devices → vCPUs → running [`Vmm`].
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arch::layout;
+use devices::exit::{ExitSignal, GuestExit};
+use devices::legacy::serial::{ReadableFd, SerialOut};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::config::{format_size, VmConfig};
+use crate::device_manager::{self, DeviceManager};
+use crate::terminal;
+use crate::vstate::vcpu::{self, Vcpu, VcpuHandle, VcpuIo};
+use crate::vstate::vm::{self, Vm};
+
+/// Offset of the 64-bit entry point in a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+/// How long to wait for vCPU threads to stop once the VM ends.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Errors while building or running a VM. Each message names what failed
+/// and, for files, which file.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A user-supplied file could not be opened or read.
+    #[error("cannot read {what} {path}: {source}")]
+    File {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: std::io::Error,
+    },
+    /// The kernel file is neither an ELF vmlinux nor a bzImage.
+    #[error("{0} is not a Linux kernel (neither an ELF vmlinux nor a bzImage)")]
+    NotAKernel(PathBuf),
+    /// The kernel could not be loaded into guest memory.
+    #[error("cannot load kernel {path}: {source}")]
+    LoadKernel {
+        /// The kernel file.
+        path: PathBuf,
+        /// Underlying error.
+        source: loader::Error,
+    },
+    /// The initrd does not fit in guest memory.
+    #[error("initrd {path} ({size}) does not fit in guest memory: {source}")]
+    InitrdTooBig {
+        /// The initrd file.
+        path: PathBuf,
+        /// Its size.
+        size: String,
+        /// Underlying error.
+        source: arch::boot::Error,
+    },
+    /// The command line is too long or malformed.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// More memory than the host has.
+    #[error("cannot give the guest {asked}: the host has {host} of RAM")]
+    HostMemory {
+        /// Requested size.
+        asked: String,
+        /// Host RAM.
+        host: String,
+    },
+    /// Guest memory could not be mapped.
+    #[error("cannot allocate {0} of guest memory: {1}")]
+    GuestMemory(String, String),
+    /// KVM VM setup failed.
+    #[error(transparent)]
+    Vm(#[from] vm::Error),
+    /// vCPU setup failed.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::Error),
+    /// Device setup failed.
+    #[error(transparent)]
+    Devices(#[from] device_manager::Error),
+    /// Writing boot data structures failed.
+    #[error("cannot write {0}: {1}")]
+    Boot(&'static str, String),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    /// The terminal could not be put in raw mode.
+    #[error("cannot set up the terminal: {0}")]
+    Terminal(std::io::Error),
+}
+
+type Result<T> = std::result::Result<T, Error>;
+
+/// Where the guest console goes.
+pub struct Console {
+    /// Guest serial output.
+    pub out: SerialOut,
+    /// Host input typed or piped into the guest, if any.
+    pub input: Option<Box<dyn ReadableFd>>,
+    /// Put stdin's terminal in raw mode while the VM runs.
+    pub raw_terminal: bool,
+}
+
+impl Console {
+    /// The process's stdin and stdout.
+    pub fn stdio() -> Self {
+        Self {
+            out: Box::new(std::io::stdout()),
+            input: Some(Box::new(std::io::stdin())),
+            raw_terminal: true,
+        }
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A running VM.
+pub struct Vmm {
+    // Field order is drop order: vCPU threads go before the memory they use.
+    vcpus: Vec<VcpuHandle>,
+    event_manager: EventManager<Subscriber>,
+    exit: ExitSignal,
+    _terminal: Option<terminal::RawModeGuard>,
+    _vm: Vm,
+    _mem: GuestMemoryMmap,
+}
+
+impl Vmm {
+    /// Runs the device event loop until the guest powers off, resets,
+    /// panics or faults; then stops the vCPUs.
+    pub fn run(mut self) -> Result<GuestExit> {
+        let reason = loop {
+            if let Some(r) = self.exit.reason() {
+                break r;
+            }
+            self.event_manager
+                .run()
+                .map_err(|e| Error::EventLoop(e.to_string()))?;
+        };
+        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
+        Ok(reason)
+    }
+}
+
+/// Wakes the event loop when the VM must end.
+struct ExitWatcher(ExitSignal);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch for guest exit: {e}");
+        }
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.0.clear_event();
+    }
+}
+
+/// Builds and starts a VM.
+pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
+    // Open user files first: a typo should not cost a KVM setup.
+    let mut kernel = open("kernel", &config.kernel)?;
+    let initrd = config
+        .initrd
+        .as_ref()
+        .map(|p| open("initrd", p).map(|f| (p, f)))
+        .transpose()?;
+    check_host_memory(config.mem_size)?;
+
+    let kvm = Vm::open_kvm(&config.kvm_path)?;
+    let mem = GuestMemoryMmap::from_ranges(&arch::memory::ram_regions(config.mem_size))
+        .map_err(|e| Error::GuestMemory(format_size(config.mem_size), e.to_string()))?;
+    let vm = Vm::new(kvm, &mem)?;
+
+    let entry = load_kernel(&mem, &config.kernel, &mut kernel)?;
+    let initrd = initrd
+        .map(|(path, mut file)| load_initrd(&mem, path, &mut file))
+        .transpose()?;
+    let cmdline_size = load_cmdline(&mem, &config.cmdline)?;
+
+    arch::mptable::setup_mptable(&mem, config.vcpus)
+        .map_err(|e| Error::Boot("MP table", e.to_string()))?;
+    let rsdp = arch::acpi::create_acpi_tables(&mem, config.vcpus)
+        .map_err(|e| Error::Boot("ACPI tables", e.to_string()))?;
+    arch::boot::configure_system(
+        &mem,
+        GuestAddress(layout::CMDLINE_START),
+        cmdline_size,
+        initrd.as_ref(),
+        entry.setup_header,
+        Some(rsdp),
+    )
+    .map_err(|e| Error::Boot("zero page", e.to_string()))?;
+
+    let exit = ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+    let mut dm = DeviceManager::new();
+    let serial_input = dm.attach_legacy_devices(&vm, &exit, console.out, console.input)?;
+
+    let mut event_manager =
+        EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
+    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for index in 0..config.vcpus {
+        let vcpu = Vcpu::new(vm.fd(), index)?;
+        vcpu.configure(vm.kvm(), &mem, entry.address, config.vcpus)?;
+        vcpus.push(vcpu);
+    }
+
+    let terminal = if console.raw_terminal {
+        terminal::enter_raw_mode().map_err(Error::Terminal)?
+    } else {
+        None
+    };
+
+    vcpu::install_kick_handler()?;
+    let io = VcpuIo {
+        pio: Arc::new(dm.pio),
+        mmio: Arc::new(dm.mmio),
+        exit: exit.clone(),
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start(io.clone()) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT);
+                return Err(e.into());
+            }
+        }
+    }
+    log::info!(
+        "VM started: {} vCPU(s), {} of memory",
+        config.vcpus,
+        format_size(config.mem_size)
+    );
+
+    Ok(Vmm {
+        vcpus: handles,
+        event_manager,
+        exit,
+        _terminal: terminal,
+        _vm: vm,
+        _mem: mem,
+    })
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File> {
+    let err = |source| Error::File {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::other("not a regular file")));
+    }
+    Ok(file)
+}
+
+fn check_host_memory(asked: u64) -> Result<()> {
+    // SAFETY: sysinfo only fills the struct it is given.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a sysinfo struct.
+    if unsafe { libc::sysinfo(&mut info) } != 0 {
+        return Ok(()); // Cannot tell; let the mapping decide.
+    }
+    let host = u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit));
+    if asked > host {
+        return Err(Error::HostMemory {
+            asked: format_size(asked),
+            host: format_size(host),
+        });
+    }
+    Ok(())
+}
+
+/// Where and how the kernel starts.
+struct KernelEntry {
+    address: u64,
+    setup_header: Option<linux_loader::bootparam::setup_header>,
+}
+
+fn load_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<KernelEntry> {
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    let load_err = |source| Error::LoadKernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    match Elf::load(mem, None, file, himem) {
+        Ok(r) => {
+            return Ok(KernelEntry {
+                address: r.kernel_load.0,
+                setup_header: None,
+            })
+        }
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
+        Err(e) => return Err(load_err(e)),
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| Error::File {
+            what: "kernel",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    match BzImage::load(mem, None, file, himem) {
+        Ok(r) => Ok(KernelEntry {
+            address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+            setup_header: r.setup_header,
+        }),
+        Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
+            Err(Error::NotAKernel(path.to_path_buf()))
+        }
+        Err(e) => Err(load_err(e)),
+    }
+}
+
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    file: &mut File,
+) -> Result<arch::boot::InitrdConfig> {
+    let file_err = |source| Error::File {
+        what: "initrd",
+        path: path.to_path_buf(),
+        source,
+    };
+    let size = file.metadata().map_err(file_err)?.len();
+    let size = usize::try_from(size).map_err(|_| file_err(std::io::Error::other("too large")))?;
+    let address =
+        arch::boot::initrd_load_addr(mem, size).map_err(|source| Error::InitrdTooBig {
+            path: path.to_path_buf(),
+            size: format_size(size as u64),
+            source,
+        })?;
+    mem.read_exact_volatile_from(address, file, size)
+        .map_err(|e| file_err(std::io::Error::other(e.to_string())))?;
+    Ok(arch::boot::InitrdConfig { address, size })
+}
+
+/// Writes the command line; returns its size including the NUL.
+fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
+    let mut c =
+        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
+    c.insert_str(cmdline).map_err(|e| {
+        Error::Cmdline(format!(
+            "{e} (at most {} bytes)",
+            layout::CMDLINE_MAX_SIZE - 1
+        ))
+    })?;
+    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &c)
+        .map_err(|e| Error::Cmdline(e.to_string()))?;
+    let len = c.as_cstring().map_err(|e| Error::Cmdline(e.to_string()))?;
+    Ok(len.as_bytes_with_nul().len())
+}

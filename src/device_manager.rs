@@ -1,0 +1,177 @@
+//! Owns the device buses and hands out the platform's resources.
+//!
+//! Devices are placed on the port-I/O or MMIO [`Bus`]; interrupt lines
+//! (GSIs) and MMIO windows come from simple allocators here, so device
+//! models never hard-code where they live. The legacy platform devices
+//! (COM1, i8042, ACPI power management, pvpanic) sit at the fixed
+//! addresses that `arch::layout` and the firmware tables announce.
+
+use std::sync::{Arc, Mutex};
+
+use arch::layout;
+use devices::acpi_pm::{self, AcpiPm};
+use devices::bus::{self, Bus};
+use devices::exit::ExitSignal;
+use devices::legacy::serial::{ReadableFd, SerialOut};
+use devices::legacy::{EventFdTrigger, SerialDevice, SerialInput, I8042};
+use devices::pvpanic::PvPanic;
+
+use crate::vstate::vm::{self, Vm};
+
+/// Errors while attaching devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bus range conflict (a bug in the layout).
+    #[error("cannot place {0} on the bus: {1}")]
+    Bus(&'static str, bus::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create the {0} eventfd: {1}")]
+    EventFd(&'static str, std::io::Error),
+    /// Wiring an interrupt failed.
+    #[error("cannot wire the {0} interrupt: {1}")]
+    Irq(&'static str, vm::Error),
+    /// All device interrupt lines are taken.
+    #[error("no interrupt line left for another device")]
+    IrqsExhausted,
+    /// The MMIO device window is full.
+    #[error("no MMIO space left for another device")]
+    MmioExhausted,
+}
+
+/// The VM's device buses and resource allocators.
+pub struct DeviceManager {
+    /// Port I/O bus.
+    pub pio: Bus,
+    /// MMIO bus.
+    pub mmio: Bus,
+    next_irq: u32,
+    next_mmio: u64,
+}
+
+impl Default for DeviceManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DeviceManager {
+    /// An empty device manager.
+    pub fn new() -> Self {
+        Self {
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            next_irq: layout::FIRST_DEVICE_IRQ,
+            next_mmio: layout::MMIO_DEVICES_START,
+        }
+    }
+
+    /// Takes the next free device interrupt line.
+    pub fn allocate_irq(&mut self) -> Result<u32, Error> {
+        if self.next_irq > layout::LAST_DEVICE_IRQ {
+            return Err(Error::IrqsExhausted);
+        }
+        self.next_irq += 1;
+        Ok(self.next_irq - 1)
+    }
+
+    /// Takes a page-aligned MMIO window of `size` bytes.
+    pub fn allocate_mmio(&mut self, size: u64) -> Result<u64, Error> {
+        let size = size.next_multiple_of(4096);
+        let end = layout::MMIO_DEVICES_START + layout::MMIO_DEVICES_SIZE;
+        if size == 0 || self.next_mmio + size > end {
+            return Err(Error::MmioExhausted);
+        }
+        self.next_mmio += size;
+        Ok(self.next_mmio - size)
+    }
+
+    /// Attaches COM1, the i8042, the ACPI power management registers and
+    /// pvpanic. COM1 writes to `out` and reads from `input`; the returned
+    /// [`SerialInput`] must be added to the event loop.
+    pub fn attach_legacy_devices(
+        &mut self,
+        vm: &Vm,
+        exit: &ExitSignal,
+        out: SerialOut,
+        input: Option<Box<dyn ReadableFd>>,
+    ) -> Result<SerialInput, Error> {
+        let irq = EventFdTrigger::new().map_err(|e| Error::EventFd("COM1", e))?;
+        vm.register_irqfd(irq.event_fd(), layout::COM1_IRQ)
+            .map_err(|e| Error::Irq("COM1", e))?;
+        let (serial, buffer_ready) =
+            SerialDevice::new(irq, out).map_err(|e| Error::EventFd("COM1", e))?;
+        let serial = Arc::new(Mutex::new(serial));
+        self.pio
+            .insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
+            .map_err(|e| Error::Bus("COM1", e))?;
+
+        let i8042 = I8042::new(exit.clone()).map_err(|e| Error::EventFd("i8042", e))?;
+        self.pio
+            .insert(
+                Arc::new(Mutex::new(i8042)),
+                u64::from(layout::I8042_DATA_PORT),
+                5,
+            )
+            .map_err(|e| Error::Bus("i8042", e))?;
+
+        let pm = AcpiPm::new(
+            exit.clone(),
+            layout::ACPI_S5_SLEEP_TYPE,
+            layout::ACPI_RESET_VALUE,
+        );
+        debug_assert_eq!(
+            layout::ACPI_SLEEP_STATUS_PORT - layout::ACPI_SLEEP_CONTROL_PORT,
+            acpi_pm::SLEEP_STATUS_OFFSET as u16
+        );
+        debug_assert_eq!(
+            layout::ACPI_RESET_PORT - layout::ACPI_SLEEP_CONTROL_PORT,
+            acpi_pm::RESET_OFFSET as u16
+        );
+        self.pio
+            .insert(
+                Arc::new(Mutex::new(pm)),
+                u64::from(layout::ACPI_SLEEP_CONTROL_PORT),
+                acpi_pm::PORT_COUNT,
+            )
+            .map_err(|e| Error::Bus("ACPI PM", e))?;
+
+        self.pio
+            .insert(
+                Arc::new(Mutex::new(PvPanic::new(exit.clone()))),
+                u64::from(layout::PVPANIC_PORT),
+                1,
+            )
+            .map_err(|e| Error::Bus("pvpanic", e))?;
+
+        Ok(SerialInput::new(serial, input, buffer_ready))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn irq_allocation_stops_at_the_last_line() {
+        let mut dm = DeviceManager::new();
+        let n = layout::LAST_DEVICE_IRQ - layout::FIRST_DEVICE_IRQ + 1;
+        for i in 0..n {
+            assert_eq!(dm.allocate_irq().unwrap(), layout::FIRST_DEVICE_IRQ + i);
+        }
+        assert!(matches!(dm.allocate_irq(), Err(Error::IrqsExhausted)));
+    }
+
+    #[test]
+    fn mmio_allocation_is_page_aligned_and_bounded() {
+        let mut dm = DeviceManager::new();
+        let a = dm.allocate_mmio(0x200).unwrap();
+        let b = dm.allocate_mmio(0x1000).unwrap();
+        assert_eq!(a, layout::MMIO_DEVICES_START);
+        assert_eq!(b, a + 0x1000);
+        assert!(matches!(dm.allocate_mmio(0), Err(Error::MmioExhausted)));
+        assert!(matches!(
+            dm.allocate_mmio(layout::MMIO_DEVICES_SIZE),
+            Err(Error::MmioExhausted)
+        ));
+    }
+}

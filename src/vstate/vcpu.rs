@@ -1,0 +1,256 @@
+//! vCPUs: register setup and the per-vCPU run loop.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread and dispatches port I/O and
+//! MMIO exits to the device buses. Anything that ends the VM (a reset, a
+//! triple fault, a KVM failure) is reported through the VM-wide
+//! [`ExitSignal`]; the VMM then stops the remaining vCPUs with [`kick`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::bus::Bus;
+use devices::exit::{ExitSignal, GuestExit};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// Errors while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// KVM_CREATE_VCPU failed.
+    #[error("cannot create vCPU {0}: {1}")]
+    Create(u8, kvm_ioctls::Error),
+    /// A setup step failed.
+    #[error("cannot set up vCPU {index} ({what}): {source}")]
+    Setup {
+        /// vCPU index.
+        index: u8,
+        /// Which step.
+        what: &'static str,
+        /// Underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The vCPU thread could not be started.
+    #[error("cannot start vCPU {0} thread: {1}")]
+    Spawn(u8, std::io::Error),
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// Signal used to knock a vCPU thread out of `KVM_RUN`.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick signal handler; its only job is to make
+/// `KVM_RUN` return `EINTR`.
+pub fn install_kick_handler() -> Result<(), Error> {
+    register_signal_handler(kick_signal(), noop_handler).map_err(Error::Signal)
+}
+
+/// A configured vCPU, not yet running.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` in `vm`.
+    pub fn new(vm: &VmFd, index: u8) -> Result<Self, Error> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| Error::Create(index, e))?;
+        Ok(Self { index, fd })
+    }
+
+    /// Programs CPUID, MSRs, FPU, registers, segments and the LAPIC so the
+    /// vCPU starts in 64-bit mode at `entry` (the boot vCPU) or waits for
+    /// INIT/SIPI (the others, which the in-kernel LAPIC holds).
+    pub fn configure(
+        &self,
+        kvm: &Kvm,
+        mem: &GuestMemoryMmap,
+        entry: u64,
+        num_cpus: u8,
+    ) -> Result<(), Error> {
+        let index = self.index;
+        let wrap = |what: &'static str| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| Error::Setup {
+                index,
+                what,
+                source: e,
+            }
+        };
+        arch::cpuid::setup_cpuid(kvm, &self.fd, index, num_cpus)
+            .map_err(|e| wrap("CPUID")(e.into()))?;
+        arch::msr::setup_msrs(&self.fd).map_err(|e| wrap("MSRs")(e.into()))?;
+        arch::regs::setup_fpu(&self.fd).map_err(|e| wrap("FPU")(e.into()))?;
+        arch::regs::setup_regs(&self.fd, entry).map_err(|e| wrap("registers")(e.into()))?;
+        arch::regs::setup_sregs(mem, &self.fd).map_err(|e| wrap("segments")(e.into()))?;
+        arch::interrupts::set_lint(&self.fd).map_err(|e| wrap("LAPIC")(e.into()))?;
+        Ok(())
+    }
+
+    /// Starts the run loop on a new thread named `vcpuN`.
+    pub fn start(self, io: VcpuIo) -> Result<VcpuHandle, Error> {
+        let index = self.index;
+        let stop = io.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(io))
+            .map_err(|e| Error::Spawn(index, e))?;
+        Ok(VcpuHandle {
+            index,
+            thread: Some(thread),
+            stop,
+        })
+    }
+
+    fn run(mut self, io: VcpuIo) {
+        while !io.stop.load(Ordering::Acquire) {
+            match self.fd.run() {
+                Ok(exit) => {
+                    if let Some(reason) = handle_exit(self.index, exit, &io) {
+                        io.exit.signal(reason);
+                        break;
+                    }
+                }
+                Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
+                    self.fd.set_kvm_immediate_exit(0);
+                }
+                Err(e) => {
+                    log::error!("vCPU {}: KVM_RUN failed: {e}", self.index);
+                    io.exit.signal(GuestExit::Fault);
+                    break;
+                }
+            }
+        }
+        log::debug!("vCPU {} stopped", self.index);
+    }
+}
+
+/// What a running vCPU talks to.
+#[derive(Clone)]
+pub struct VcpuIo {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Where to report the end of the VM.
+    pub exit: ExitSignal,
+    /// Set when the VMM wants all vCPUs to stop.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// Handles one KVM exit; returns a reason when the VM must end.
+fn handle_exit(index: u8, exit: VcpuExit<'_>, io: &VcpuIo) -> Option<GuestExit> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !io.pio.read(u64::from(port), data) {
+                // Nothing decodes this port: the bus floats high.
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            if !io.pio.write(u64::from(port), data) {
+                log::trace!("vCPU {index}: write to unhandled port {port:#x}");
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !io.mmio.read(addr, data) {
+                log::debug!("vCPU {index}: read from unhandled MMIO {addr:#x}");
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !io.mmio.write(addr, data) {
+                log::debug!("vCPU {index}: write to unhandled MMIO {addr:#x}");
+            }
+        }
+        // A triple fault: the architectural way to reset a PC.
+        VcpuExit::Shutdown => {
+            log::info!("vCPU {index}: triple fault, resetting");
+            return Some(GuestExit::Reset);
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            log::info!("vCPU {index}: system event {kind}");
+            return Some(match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => GuestExit::PowerOff,
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => GuestExit::Reset,
+                _ => GuestExit::Fault,
+            });
+        }
+        // With the in-kernel irqchip HLT does not exit; if it ever does,
+        // there is nothing to do but run again.
+        VcpuExit::Hlt => {}
+        VcpuExit::FailEntry(reason, cpu) => {
+            log::error!("vCPU {index}: KVM entry failed (reason {reason:#x}, host cpu {cpu})");
+            return Some(GuestExit::Fault);
+        }
+        VcpuExit::InternalError => {
+            log::error!("vCPU {index}: KVM internal error (emulation failure)");
+            return Some(GuestExit::Fault);
+        }
+        other => {
+            log::error!("vCPU {index}: unexpected KVM exit {other:?}");
+            return Some(GuestExit::Fault);
+        }
+    }
+    None
+}
+
+/// A running vCPU thread.
+pub struct VcpuHandle {
+    index: u8,
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl VcpuHandle {
+    /// Interrupts the vCPU's `KVM_RUN`.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            if !t.is_finished() {
+                if let Err(e) = t.kill(kick_signal()) {
+                    log::debug!("vCPU {}: kick failed: {e}", self.index);
+                }
+            }
+        }
+    }
+
+    /// Whether the thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+}
+
+/// Stops all vCPUs: sets the stop flag, kicks them until their threads end
+/// (a signal can slip in just before `KVM_RUN`, so one kick is not enough)
+/// and joins them. Gives up after `timeout`, leaving stragglers to process
+/// exit.
+pub fn stop_all(vcpus: &mut [VcpuHandle], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    for v in vcpus.iter() {
+        v.stop.store(true, Ordering::Release);
+    }
+    while vcpus.iter().any(|v| !v.is_finished()) && Instant::now() < deadline {
+        for v in vcpus.iter() {
+            v.kick();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for v in vcpus.iter_mut() {
+        if v.is_finished() {
+            if let Some(t) = v.thread.take() {
+                let _ = t.join();
+            }
+        } else {
+            log::warn!("vCPU {} did not stop in time", v.index);
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The KVM VM: guest memory registration, in-kernel irqchip and PIT.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+/// KVM API version capsule is written against.
+const KVM_API_VERSION: i32 = 12;
+
+/// Errors while creating the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening the KVM device failed.
+    #[error("cannot open {path}: {source}{hint}")]
+    OpenKvm {
+        /// Device path.
+        path: String,
+        /// Underlying error.
+        source: std::io::Error,
+        /// Advice for the user.
+        hint: &'static str,
+    },
+    /// The KVM API version is not 12.
+    #[error("unsupported KVM API version {0} (need {KVM_API_VERSION})")]
+    ApiVersion(i32),
+    /// A capability capsule relies on is missing.
+    #[error("KVM lacks a required capability: {0:?}")]
+    MissingCap(Cap),
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// Underlying error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+/// A KVM VM with its memory registered.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+}
+
+impl Vm {
+    /// Opens `kvm_path` and checks the capabilities capsule needs.
+    pub fn open_kvm(kvm_path: &std::path::Path) -> Result<Kvm, Error> {
+        let path = kvm_path.display().to_string();
+        let c_path =
+            std::ffi::CString::new(kvm_path.as_os_str().as_encoded_bytes()).map_err(|_| {
+                Error::OpenKvm {
+                    path: path.clone(),
+                    source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
+                    hint: "",
+                }
+            })?;
+        let kvm = Kvm::new_with_path(&c_path).map_err(|e| {
+            let source = std::io::Error::from_raw_os_error(e.errno());
+            let hint = match source.kind() {
+                std::io::ErrorKind::NotFound => {
+                    " (is KVM enabled? load kvm_intel or kvm_amd, or enable virtualization)"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    " (add yourself to the 'kvm' group or fix the device's permissions)"
+                }
+                _ => "",
+            };
+            Error::OpenKvm { path, source, hint }
+        })?;
+        let version = kvm.get_api_version();
+        if version != KVM_API_VERSION {
+            return Err(Error::ApiVersion(version));
+        }
+        for cap in [
+            Cap::Irqchip,
+            Cap::UserMemory,
+            Cap::Irqfd,
+            Cap::Pit2,
+            Cap::SetTssAddr,
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCap(cap));
+            }
+        }
+        Ok(kvm)
+    }
+
+    /// Creates the VM, its irqchip and PIT, and registers `mem` with KVM.
+    pub fn new(kvm: Kvm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
+        let fd = kvm.create_vm().map_err(kvm_err("cannot create VM"))?;
+        fd.set_tss_address(arch::layout::KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("cannot set TSS address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("cannot create in-kernel irqchip"))?;
+        // The dummy speaker makes KVM handle port 0x61, which Linux pokes
+        // while calibrating the TSC against the PIT.
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit).map_err(kvm_err("cannot create PIT"))?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .expect("region has a host mapping") as u64;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host,
+            };
+            // SAFETY: `host` is the start of a live mmap of `region.len()`
+            // bytes owned by `mem`, which outlives the VM (the VMM keeps it
+            // until exit).
+            unsafe { fd.set_user_memory_region(r) }
+                .map_err(kvm_err("cannot register guest memory"))?;
+        }
+        Ok(Self { kvm, fd })
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM handle.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// Makes a write to `evt` raise interrupt line `gsi`.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), Error> {
+        self.fd
+            .register_irqfd(evt, gsi)
+            .map_err(kvm_err("cannot register irqfd"))
+    }
+}
