@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -112,9 +113,19 @@ pub struct Console {
 impl Console {
     /// The process's stdin and stdout.
     pub fn stdio() -> Self {
+        // `std::io::stdin()` is buffered: it would swallow input beyond what
+        // the UART FIFO takes and then never poll as readable again. Read
+        // the descriptor directly instead.
+        let input = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .map(|fd| Box::new(File::from(fd)) as Box<dyn ReadableFd>);
+        if let Err(e) = &input {
+            log::warn!("guest console gets no input: cannot duplicate stdin: {e}");
+        }
         Self {
             out: Box::new(std::io::stdout()),
-            input: Some(Box::new(std::io::stdin())),
+            input: input.ok(),
             raw_terminal: true,
         }
     }
@@ -276,7 +287,7 @@ fn check_host_memory(asked: u64) -> Result<()> {
     if unsafe { libc::sysinfo(&mut info) } != 0 {
         return Ok(()); // Cannot tell; let the mapping decide.
     }
-    let host = u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit));
+    let host = info.totalram.saturating_mul(u64::from(info.mem_unit));
     if asked > host {
         return Err(Error::HostMemory {
             asked: format_size(asked),

@@ -73,12 +73,18 @@ pub fn parse_size(s: &str) -> Result<u64, SizeError> {
         .ok_or_else(|| SizeError::Overflow(s.to_string()))
 }
 
-/// Formats a byte count for messages (`512 MiB`, `3 GiB`, `1536 KiB`).
+/// Formats a byte count for messages: exact when it is a whole number of
+/// some unit (`512 MiB`), else to one decimal (`23.5 GiB`).
 pub fn format_size(bytes: u64) -> String {
     const UNITS: [(u32, &str); 4] = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
     for (shift, name) in UNITS {
-        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
-            return format!("{} {name}", bytes >> shift);
+        let unit = 1u64 << shift;
+        if bytes >= unit {
+            return if bytes.is_multiple_of(unit) {
+                format!("{} {name}", bytes >> shift)
+            } else {
+                format!("{:.1} {name}", bytes as f64 / unit as f64)
+            };
         }
     }
     format!("{bytes} bytes")
@@ -116,7 +122,8 @@ mod tests {
     fn formats() {
         assert_eq!(format_size(512 << 20), "512 MiB");
         assert_eq!(format_size(3 << 30), "3 GiB");
-        assert_eq!(format_size(1536 << 10), "1536 KiB");
+        assert_eq!(format_size(1536 << 10), "1.5 MiB");
+        assert_eq!(format_size(2048), "2 KiB");
         assert_eq!(format_size(100), "100 bytes");
     }
 }

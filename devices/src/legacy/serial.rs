@@ -176,7 +176,10 @@ impl SerialInput {
         let Some(fd) = self.input_fd() else { return };
         if room == 0 {
             // Stop polling until the guest drains the FIFO.
-            let _ = ops.remove(Events::empty_raw(fd));
+            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
+                log::warn!("serial: cannot pause input: {e}");
+            }
+            log::debug!("serial: FIFO full, input paused");
             self.paused = true;
             return;
         }
@@ -226,6 +229,7 @@ impl MutEventSubscriber for SerialInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.buffer_ready.as_raw_fd() {
             let _ = self.buffer_ready.read();
+            log::debug!("serial: FIFO drained (paused: {})", self.paused);
             if self.paused {
                 self.paused = false;
                 if let Some(fd) = self.input_fd() {

@@ -1,0 +1,259 @@
+#!/bin/sh
+# tests/boot/cases.sh: capsule's boot test cases.
+#
+# Runs on the machine that has a hardware-backed /dev/kvm: directly on the
+# host, or inside the nested harness's L1 guest (whose /bin/sh is busybox
+# ash), so this is POSIX sh using only busybox-compatible tools.
+#
+# Each case runs `capsule` under `timeout`, with stdin a FIFO held open by a
+# background writer (so capsule never sees EOF) that types the case's
+# commands once the guest's `capsule-guest: ready` line and shell prompt are
+# on the console; stdout/stderr go to files that are shown (tail) on failure.
+#
+# Usage: tests/boot/cases.sh            run the cases
+#        tests/boot/cases.sh --list     print the case names, one a line
+# Env:   CAPSULE  capsule binary          BZIMAGE  guest bzImage
+#        VMLINUX  guest ELF vmlinux       INITRD   guest initramfs
+#        KERNEL_RELEASE  expected `uname -r` of the guest (optional)
+#        CASE_TIMEOUT    seconds per case (default 180)
+#        CASES           space-separated subset of cases to run (default all)
+#        CASES_WORKDIR   where case outputs go (default: a new temp dir)
+# Output: one `boot-case: PASS|FAIL NAME ...` line per case, then
+#         `boot-cases: done N passed, M failed`; exit 1 if any failed.
+
+# shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
+ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux stdin_line poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
+
+if [ "${1:-}" = "--list" ]; then
+    for c in $ALL_CASES; do echo "$c"; done
+    exit 0
+fi
+
+set -u
+
+: "${CAPSULE:?set CAPSULE to the capsule binary}"
+: "${BZIMAGE:?set BZIMAGE to the guest bzImage}"
+: "${VMLINUX:?set VMLINUX to the guest vmlinux}"
+: "${INITRD:?set INITRD to the guest initramfs}"
+CASE_TIMEOUT="${CASE_TIMEOUT:-180}"
+CASES="${CASES:-$ALL_CASES}"
+KERNEL_RELEASE="${KERNEL_RELEASE:-}"
+READY='capsule-guest: ready'
+# The test initramfs's shell prompt (PS1 in its /etc/profile).
+PROMPT='capsule-guest:.*# '
+
+WORK="${CASES_WORKDIR:-}"
+if [ -z "$WORK" ]; then
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/capsule-cases.XXXXXX")"
+fi
+mkdir -p "$WORK"
+
+now() { date +%s; }
+
+# wait_for FILE REGEX SECONDS STOPFILE: wait until FILE has a line matching
+# REGEX; give up after SECONDS or as soon as STOPFILE exists.
+wait_for() {
+    _deadline=$(($(now) + $3))
+    while :; do
+        if [ -f "$1" ] && tr -d '\r' <"$1" | grep -q -- "$2"; then
+            return 0
+        fi
+        if [ -e "$4" ] || [ "$(now)" -ge "$_deadline" ]; then
+            return 1
+        fi
+        sleep 0.2 2>/dev/null || sleep 1
+    done
+}
+
+# feeder FIFO OUT DONE INPUT: background stdin writer. Holds FIFO open for
+# writing until the file DONE exists; once the guest is ready, types each
+# line of the file INPUT (if not empty), one a second.
+feeder() {
+    exec 3>"$1"
+    if [ -s "$4" ] && wait_for "$2" "$READY" "$CASE_TIMEOUT" "$3"; then
+        # Give the shell time to start: its prompt means it is reading.
+        wait_for "$2" "$PROMPT" 15 "$3" || true
+        while IFS= read -r _line; do
+            printf '%s\n' "$_line" >&3
+            sleep 1
+        done <"$4"
+    fi
+    while [ ! -e "$3" ]; do
+        sleep 0.2 2>/dev/null || sleep 1
+    done
+    exec 3>&-
+}
+
+# run_capsule CASE LINES ARGS...: runs `capsule ARGS` for CASE, setting RC
+# (exit status), OUT and ERR (files with stdout, \r removed, and stderr)
+# and SECS (wall time). LINES (newline-separated, may be empty) are typed on
+# capsule's stdin once the guest is ready.
+run_capsule() {
+    _dir="$WORK/$1"
+    rm -rf "$_dir"
+    mkdir -p "$_dir"
+    OUT="$_dir/stdout" ERR="$_dir/stderr"
+    _raw="$_dir/stdout.raw" _fifo="$_dir/stdin.fifo" _done="$_dir/done"
+    if [ -n "$2" ]; then printf '%s\n' "$2" >"$_dir/input"; else : >"$_dir/input"; fi
+    shift 2
+    printf '%s\n' "capsule $*" >"$_dir/command"
+    : >"$_raw"
+    mkfifo "$_fifo"
+    feeder "$_fifo" "$_raw" "$_done" "$_dir/input" &
+    _feeder_pid=$!
+    _start=$(now)
+    timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" "$@" <"$_fifo" >"$_raw" 2>"$ERR"
+    RC=$?
+    SECS=$(($(now) - _start))
+    touch "$_done"
+    wait "$_feeder_pid" 2>/dev/null
+    tr -d '\r' <"$_raw" >"$OUT"
+}
+
+PASSED=0
+FAILED=0
+CASE_ERRORS=""
+
+# check COND_DESCRIPTION COMMAND...: record a failed expectation.
+expect() {
+    _what="$1"
+    shift
+    if ! "$@"; then
+        CASE_ERRORS="${CASE_ERRORS:+$CASE_ERRORS; }$_what"
+    fi
+}
+
+rc_is() { [ "$RC" -eq "$1" ]; }
+out_has() { grep -q -- "$1" "$OUT"; }
+out_has_line() { grep -qx -- "$1" "$OUT"; }
+no_rust_panic() { ! grep -q 'panicked at' "$OUT" "$ERR"; }
+one_error_line() { [ "$(grep -c '^capsule: error:' "$ERR")" -eq 1 ]; }
+
+describe_rc() {
+    case "$RC" in
+    124 | 143 | 137) echo "$RC (timed out after ${CASE_TIMEOUT}s?)" ;;
+    *) echo "$RC" ;;
+    esac
+}
+
+finish_case() {
+    _name="$1"
+    if [ -z "$CASE_ERRORS" ]; then
+        PASSED=$((PASSED + 1))
+        echo "boot-case: PASS $_name (${SECS}s)"
+    else
+        FAILED=$((FAILED + 1))
+        echo "boot-case: FAIL $_name (${SECS}s): $CASE_ERRORS [exit status $(describe_rc)]"
+        echo "    command: $(cat "$WORK/$_name/command" 2>/dev/null)"
+        echo "    --- stdout (last 40 lines) ---"
+        tail -n 40 "$OUT" | sed 's/^/    | /'
+        echo "    --- stderr (last 20 lines) ---"
+        tail -n 20 "$ERR" | sed 's/^/    | /'
+    fi
+    CASE_ERRORS=""
+}
+
+ready_cpus_is() {
+    grep -q "^$READY kernel=[^ ]* cpus=$1\$" "$OUT" ||
+        grep -q "$READY kernel=[^ ]* cpus=$1\$" "$OUT"
+}
+
+kernel_release_printed() {
+    _rel="$KERNEL_RELEASE"
+    if [ -z "$_rel" ]; then
+        _rel="$(sed -n "s/.*$READY kernel=\([^ ]*\) cpus=.*/\1/p" "$OUT" | head -n1)"
+    fi
+    [ -n "$_rel" ] && out_has_line "$_rel"
+}
+
+case_boot_1cpu_bzimage() {
+    run_capsule boot_1cpu_bzimage 'uname -r; echo cpus=$(nproc); poweroff -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M
+    expect "exit status 0" rc_is 0
+    expect "ready line with cpus=1" ready_cpus_is 1
+    expect "uname -r output" kernel_release_printed
+    expect "cpus=1 from nproc" out_has_line "cpus=1"
+    expect "no Rust panic" no_rust_panic
+}
+
+case_boot_2cpu_vmlinux() {
+    run_capsule boot_2cpu_vmlinux 'echo cpus=$(nproc); poweroff -f' \
+        run --kernel "$VMLINUX" --initrd "$INITRD" --cpus 2 --memory 512M
+    expect "exit status 0" rc_is 0
+    expect "ready line with cpus=2" ready_cpus_is 2
+    expect "cpus=2 from nproc" out_has_line "cpus=2"
+    expect "no Rust panic" no_rust_panic
+}
+
+case_stdin_line() {
+    run_capsule stdin_line 'echo $((6*7))marker
+poweroff -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M
+    expect "42marker echoed back" out_has_line "42marker"
+    expect "exit status 0" rc_is 0
+    expect "no Rust panic" no_rust_panic
+}
+
+case_poweroff_exit0() {
+    run_capsule poweroff_exit0 'poweroff -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M
+    expect "ready line" out_has "$READY"
+    expect "exit status 0" rc_is 0
+    expect "no Rust panic" no_rust_panic
+}
+
+case_reboot_exit0() {
+    run_capsule reboot_exit0 'reboot -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M
+    expect "ready line" out_has "$READY"
+    expect "exit status 0" rc_is 0
+    expect "no Rust panic" no_rust_panic
+}
+
+case_panic_status() {
+    run_capsule panic_status '' \
+        run --kernel "$BZIMAGE" --cpus 1 --memory 256M \
+        --cmdline "console=ttyS0 reboot=k panic=1 root=/dev/vda"
+    expect "exit status 3" rc_is 3
+    expect "kernel panic on the console" out_has "Kernel panic"
+    expect "no Rust panic" no_rust_panic
+}
+
+case_not_a_kernel() {
+    _junk="$WORK/not-a-kernel.bin"
+    head -c 1048576 /dev/urandom >"$_junk"
+    run_capsule not_a_kernel '' run --kernel "$_junk" --initrd "$INITRD"
+    expect "exit status 1" rc_is 1
+    expect "exactly one 'capsule: error:' line" one_error_line
+    expect "no Rust panic" no_rust_panic
+}
+
+case_missing_kernel() {
+    run_capsule missing_kernel '' run --kernel "$WORK/does/not/exist" --initrd "$INITRD"
+    expect "exit status 1" rc_is 1
+    expect "exactly one 'capsule: error:' line" one_error_line
+    expect "no Rust panic" no_rust_panic
+}
+
+case_zero_cpus() {
+    run_capsule zero_cpus '' run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 0
+    expect "exit status 2" rc_is 2
+    expect "no Rust panic" no_rust_panic
+}
+
+echo "boot-cases: capsule $("$CAPSULE" --version 2>&1 | head -n1); kernel $(uname -r); work dir $WORK"
+for c in $CASES; do
+    case " $ALL_CASES " in
+    *" $c "*) ;;
+    *)
+        echo "boot-case: FAIL $c: no such case"
+        FAILED=$((FAILED + 1))
+        continue
+        ;;
+    esac
+    echo "boot-case: running $c"
+    "case_$c"
+    finish_case "$c"
+done
+echo "boot-cases: done $PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# tests/boot/run.sh: capsule's boot tests, host side.
+#
+# Installs the dependencies, builds the static capsule binary, the guest
+# kernel and the guest initramfs, picks the harness mode
+# (resources/harness/mode.sh) and runs tests/boot/cases.sh: directly on
+# this host's /dev/kvm in `direct` mode, or inside one nested L1 guest for
+# all cases in `nested` mode (resources/harness/run-in-l1.sh). Prints each
+# case's result and ends with exactly one line
+#     boot tests: N passed, M failed
+# A case that was expected but not reported (the harness could not run, or
+# died half-way) counts as failed; the exit status is non-zero if M > 0.
+#
+# Usage: tests/boot/run.sh
+# Env:   CAPSULE_HARNESS=direct|nested  force a mode
+#        CASES="a b"                     run a subset (see cases.sh --list)
+#        CASE_TIMEOUT                    seconds per case (default 180)
+#        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
+#        CAPSULE_CACHE                   cache root for kernels and images
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+resources="$here/../../resources"
+# shellcheck source=resources/lib.sh
+source "$resources/lib.sh"
+
+start=$SECONDS
+"$resources/install-deps.sh"
+export CAPSULE_SKIP_DEPS=1
+
+capsule="$("$resources/build-capsule.sh")"
+kdir="$("$resources/build-guest-kernel.sh")"
+initrd="$("$resources/build-guest-initramfs.sh")"
+mode="$("$resources/harness/mode.sh")"
+case_timeout="${CASE_TIMEOUT:-180}"
+
+mapfile -t all_cases < <(sh "$here/cases.sh" --list)
+if [[ -n "${CASES:-}" ]]; then
+    read -r -a expected <<<"$CASES"
+else
+    expected=("${all_cases[@]}")
+fi
+log "build phase took $((SECONDS - start))s; ${#expected[@]} cases"
+
+echo "boot tests: mode=$mode"
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+caselog="$work/cases.log"
+
+rc=0
+if [[ "$mode" == direct ]]; then
+    CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
+        KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
+        CASES="${expected[*]}" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
+else
+    # One L1 boot for all cases; the wrapper sets the in-L1 paths.
+    wrapper="$work/boot-tests-l1.sh"
+    cat >"$wrapper" <<EOF
+#!/bin/sh
+export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage VMLINUX=/capsule/vmlinux
+export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrelease")'
+export CASE_TIMEOUT='$case_timeout' CASES='${expected[*]}'
+exec sh /capsule/cases.sh
+EOF
+    timeout_l1="${CAPSULE_L1_TIMEOUT:-$((case_timeout * ${#expected[@]} + 300))}"
+    CAPSULE_L1_TIMEOUT="$timeout_l1" "$resources/harness/run-in-l1.sh" "$wrapper" \
+        "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$here/cases.sh" \
+        </dev/null | tee "$caselog" || rc=$?
+fi
+log "cases.sh ($mode) finished with status $rc after $((SECONDS - start))s in total"
+if [[ -n "${CAPSULE_BOOT_TESTS_LOG:-}" ]]; then
+    cp "$caselog" "$CAPSULE_BOOT_TESTS_LOG"
+fi
+
+# Tally: one result per expected case; anything missing is a failure.
+passed=0
+failed=0
+echo "boot tests: results"
+for c in "${expected[@]}"; do
+    line="$(tr -d '\r' <"$caselog" | grep -E "^boot-case: (PASS|FAIL) $c( |:|\$)" | tail -n1 || true)"
+    if [[ "$line" == "boot-case: PASS "* ]]; then
+        passed=$((passed + 1))
+        echo "  PASS ${line#boot-case: PASS }"
+    elif [[ -n "$line" ]]; then
+        failed=$((failed + 1))
+        echo "  FAIL ${line#boot-case: FAIL }"
+    else
+        failed=$((failed + 1))
+        echo "  FAIL $c: no result reported (harness status $rc)"
+    fi
+done
+reported="$(tr -d '\r' <"$caselog" | grep -cE '^boot-case: (PASS|FAIL) ' || true)"
+if [[ "$reported" -ne ${#expected[@]} ]]; then
+    echo "  harness: $reported case results reported, ${#expected[@]} expected"
+    [[ $failed -gt 0 ]] || failed=1
+fi
+if [[ $rc -ne 0 && $failed -eq 0 ]]; then
+    echo "  harness: exited with status $rc although every case passed"
+    failed=1
+fi
+echo "boot tests: $passed passed, $failed failed"
+[[ $failed -eq 0 ]]

@@ -1,0 +1,263 @@
+//! End-to-end tests of the VMM on /dev/kvm with tiny hand-assembled 64-bit
+//! guests: ELF loading, long-mode vCPU setup, port I/O dispatch, the serial
+//! console in both directions, and every way a guest ends the VM.
+//!
+//! These run on any KVM, including PVM hosts where a Linux guest cannot
+//! boot (Linux guests are covered by the boot tests in tests/boot). They
+//! fail, never skip, when /dev/kvm is unusable.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const LOAD_ADDR: u64 = 0x20_0000;
+const COM1: u16 = 0x3f8;
+const ACPI_SLEEP_CONTROL: u16 = 0x3c0;
+const PVPANIC: u16 = 0x505;
+const I8042_COMMAND: u16 = 0x64;
+
+/// A few x86-64 instructions, assembled by hand.
+#[derive(Default)]
+struct Asm(Vec<u8>);
+
+impl Asm {
+    fn mov_dx(&mut self, port: u16) -> &mut Self {
+        self.0.extend([0x66, 0xba]);
+        self.0.extend(port.to_le_bytes());
+        self
+    }
+    fn mov_al(&mut self, v: u8) -> &mut Self {
+        self.0.extend([0xb0, v]);
+        self
+    }
+    fn out_dx_al(&mut self) -> &mut Self {
+        self.0.push(0xee);
+        self
+    }
+    fn in_al_dx(&mut self) -> &mut Self {
+        self.0.push(0xec);
+        self
+    }
+    fn outb(&mut self, port: u16, v: u8) -> &mut Self {
+        self.mov_dx(port).mov_al(v).out_dx_al()
+    }
+    fn print(&mut self, s: &str) -> &mut Self {
+        for b in s.bytes() {
+            self.outb(COM1, b);
+        }
+        self
+    }
+    fn halt_forever(&mut self) -> &mut Self {
+        self.0.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
+        self
+    }
+}
+
+/// Wraps code in a minimal ELF64 executable loaded and entered at LOAD_ADDR.
+fn elf(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let off = (EHDR + PHDR) as u64;
+    let mut f = Vec::new();
+    f.extend([0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
+    f.extend([0u8; 8]);
+    f.extend(2u16.to_le_bytes()); // ET_EXEC
+    f.extend(0x3eu16.to_le_bytes()); // x86-64
+    f.extend(1u32.to_le_bytes());
+    f.extend(LOAD_ADDR.to_le_bytes()); // entry
+    f.extend((EHDR as u64).to_le_bytes()); // phoff
+    f.extend(0u64.to_le_bytes()); // shoff
+    f.extend(0u32.to_le_bytes()); // flags
+    f.extend((EHDR as u16).to_le_bytes());
+    f.extend((PHDR as u16).to_le_bytes());
+    f.extend(1u16.to_le_bytes()); // phnum
+    f.extend(64u16.to_le_bytes()); // shentsize
+    f.extend(0u16.to_le_bytes());
+    f.extend(0u16.to_le_bytes());
+    assert_eq!(f.len(), EHDR);
+    f.extend(1u32.to_le_bytes()); // PT_LOAD
+    f.extend(5u32.to_le_bytes()); // R+X
+    f.extend(off.to_le_bytes());
+    f.extend(LOAD_ADDR.to_le_bytes());
+    f.extend(LOAD_ADDR.to_le_bytes());
+    f.extend((code.len() as u64).to_le_bytes());
+    f.extend((code.len() as u64).to_le_bytes());
+    f.extend(0x1000u64.to_le_bytes());
+    assert_eq!(f.len(), EHDR + PHDR);
+    f.extend(code);
+    f
+}
+
+fn write_guest(name: &str, code: &Asm) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("capsule-vmm-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, elf(&code.0)).unwrap();
+    path
+}
+
+fn capsule(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run capsule");
+    if let Some(input) = stdin {
+        let mut s = child.stdin.take().unwrap();
+        s.write_all(input).unwrap();
+        // Keep the pipe open until capsule exits: EOF must not matter.
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(120));
+            drop(s);
+        });
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn run_guest(name: &str, code: &Asm, extra: &[&str], stdin: Option<&[u8]>) -> Output {
+    let kernel = write_guest(name, code);
+    let mut args = vec!["run", "--kernel", kernel.to_str().unwrap()];
+    args.extend(extra);
+    let out = capsule(&args, stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("panicked at"),
+        "capsule panicked: {stderr}"
+    );
+    out
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn acpi_poweroff_exits_zero_with_console_output() {
+    let mut a = Asm::default();
+    a.print("hello from the guest\n")
+        .outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .halt_forever();
+    let out = run_guest("poweroff.elf", &a, &[], None);
+    assert_eq!(stdout(&out), "hello from the guest\n");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn i8042_reset_exits_zero() {
+    let mut a = Asm::default();
+    a.print("r").outb(I8042_COMMAND, 0xfe).halt_forever();
+    let out = run_guest("reset.elf", &a, &["--cpus", "2"], None);
+    assert_eq!(stdout(&out), "r");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn pvpanic_exits_with_panic_status() {
+    let mut a = Asm::default();
+    a.print("Kernel panic\n").outb(PVPANIC, 1).halt_forever();
+    let out = run_guest("panic.elf", &a, &[], None);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("panicked"));
+}
+
+/// The guest polls the UART, echoes each byte plus one, and powers off at
+/// a newline: piped stdin reaches the guest and its answer comes back.
+#[test]
+fn serial_input_reaches_the_guest() {
+    let mut a = Asm::default();
+    let poll = a.0.len();
+    a.mov_dx(COM1 + 5).in_al_dx();
+    a.0.extend([0xa8, 0x01]); // test al, 1 (data ready)
+    a.0.extend([0x74, 0x00]); // jz poll (patched below)
+    let jz = a.0.len();
+    a.0[jz - 1] = (poll as isize - jz as isize) as i8 as u8;
+    a.mov_dx(COM1).in_al_dx();
+    a.0.extend([0x3c, b'\n']); // cmp al, '\n'
+    a.0.extend([0x74, 0x00]); // je done (patched below)
+    let je = a.0.len();
+    a.0.extend([0xfe, 0xc0]); // inc al
+    a.out_dx_al();
+    a.0.push(0xe9); // jmp poll (rel32)
+    let after = a.0.len() as i32 + 4;
+    a.0.extend((poll as i32 - after).to_le_bytes());
+    let done = a.0.len();
+    a.0[je - 1] = (done - je) as u8;
+    a.outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .halt_forever();
+
+    let input: Vec<u8> = b"HAL 9000, open the pod bay doors ".repeat(4);
+    let mut line = input.clone();
+    line.push(b'\n');
+    let out = run_guest("echo.elf", &a, &[], Some(&line));
+    let expected: Vec<u8> = input.iter().map(|b| b + 1).collect();
+    assert_eq!(out.stdout, expected);
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn bad_inputs_get_one_line_and_a_status() {
+    let dir = std::env::temp_dir().join(format!("capsule-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0x5au8; 64 * 1024]).unwrap();
+    let empty = dir.join("empty");
+    std::fs::write(&empty, b"").unwrap();
+    let junk = junk.to_str().unwrap();
+    let cases: &[(&[&str], i32, &str)] = &[
+        (&["run", "--kernel", junk], 1, "is not a Linux kernel"),
+        (&["run", "--kernel", empty.to_str().unwrap()], 1, "kernel"),
+        (
+            &["run", "--kernel", "/nonexistent/vmlinux"],
+            1,
+            "cannot read kernel",
+        ),
+        (&["run", "--kernel", "/"], 1, "not a regular file"),
+        (
+            &["run", "--kernel", junk, "--initrd", "/nonexistent"],
+            1,
+            "cannot read initrd",
+        ),
+        (
+            &["run", "--kernel", junk, "--kvm", "/nonexistent/kvm"],
+            1,
+            "cannot open /nonexistent/kvm",
+        ),
+        (
+            &["run", "--kernel", junk, "--memory", "1000T"],
+            1,
+            "host has",
+        ),
+        (&["run", "--kernel", junk, "--cpus", "0"], 2, "--cpus"),
+        (&["run", "--kernel", junk, "--cpus", "255"], 2, "--cpus"),
+        (
+            &["run", "--kernel", junk, "--memory", "lots"],
+            2,
+            "invalid size",
+        ),
+        (&["run", "--kernel", junk, "--memory", "1M"], 2, "at least"),
+        (&["run"], 2, "--kernel"),
+        (&["frobnicate"], 2, "unrecognized"),
+    ];
+    for (args, code, needle) in cases {
+        let out = capsule(args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(*code), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        if *code == 1 {
+            assert_eq!(err.lines().count(), 1, "{args:?}: want one line, got {err}");
+            assert!(err.starts_with("capsule: error: "), "{args:?}: {err}");
+        }
+    }
+}
