@@ -89,7 +89,7 @@ fn elf(code: &[u8]) -> Vec<u8> {
 }
 
 fn write_guest(name: &str, code: &Asm) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("capsule-vmm-test-{}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vmm-guests");
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, elf(&code.0)).unwrap();
@@ -207,7 +207,7 @@ fn serial_input_reaches_the_guest() {
 
 #[test]
 fn bad_inputs_get_one_line_and_a_status() {
-    let dir = std::env::temp_dir().join(format!("capsule-bad-{}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bad-inputs");
     std::fs::create_dir_all(&dir).unwrap();
     let junk = dir.join("junk");
     std::fs::write(&junk, vec![0x5au8; 64 * 1024]).unwrap();
@@ -259,5 +259,48 @@ fn bad_inputs_get_one_line_and_a_status() {
             assert_eq!(err.lines().count(), 1, "{args:?}: want one line, got {err}");
             assert!(err.starts_with("capsule: error: "), "{args:?}: {err}");
         }
+    }
+}
+
+/// Raw mode is on while the guest runs and the terminal comes back cooked
+/// both after a normal exit and after SIGTERM. Runs capsule on a pseudo
+/// terminal made by util-linux `script`.
+#[test]
+fn terminal_is_raw_while_running_and_restored_on_exit_and_signal() {
+    let mut a = Asm::default();
+    a.print("up\n").halt_forever();
+    let hang = write_guest("hang.elf", &a);
+    let mut b = Asm::default();
+    b.outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .halt_forever();
+    let off = write_guest("off.elf", &b);
+    let bin = env!("CARGO_BIN_EXE_capsule");
+    let script = format!(
+        "stty -a | grep -o -- ' icanon' | sed 's/^/before:/'; \
+         {bin} run --kernel {off}; echo exit=$?; \
+         stty -a | grep -o -- ' icanon' | sed 's/^/after-exit:/'; \
+         (sleep 2; stty -a </dev/tty | grep -o -- '-icanon' | sed 's/^/during:/'; \
+          kill -TERM $(cat {pidfile})) & \
+         sh -c 'echo $$ > {pidfile}; exec {bin} run --kernel {hang}'; echo killed=$?; wait; \
+         stty -a | grep -o -- ' icanon' | sed 's/^/after-signal:/'",
+        off = off.display(),
+        hang = hang.display(),
+        pidfile = hang.with_extension("pid").display(),
+    );
+    let out = Command::new("script")
+        .args(["-qec", &script, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux script must be installed");
+    let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    for want in [
+        "before: icanon",
+        "exit=0",
+        "after-exit: icanon",
+        "during:-icanon",
+        "killed=143",
+        "after-signal: icanon",
+    ] {
+        assert!(text.contains(want), "missing '{want}' in:\n{text}");
     }
 }
