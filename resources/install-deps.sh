@@ -24,7 +24,7 @@ packages=(
     # Static capsule binary (libc.a).
     libc6-dev
     # apt-get download / dpkg -x for the L1 kernel.
-    dpkg ca-certificates
+    dpkg ca-certificates zstd
     "$@"
 )
 

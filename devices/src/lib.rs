@@ -10,3 +10,4 @@ pub mod bus;
 pub mod exit;
 pub mod legacy;
 pub mod pvpanic;
+pub mod virtio;

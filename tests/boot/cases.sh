@@ -43,8 +43,10 @@ READY='capsule-guest: ready'
 PROMPT='capsule-guest:.*# '
 
 WORK="${CASES_WORKDIR:-}"
+OWN_WORK=0
 if [ -z "$WORK" ]; then
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/capsule-cases.XXXXXX")"
+    OWN_WORK=1
 fi
 mkdir -p "$WORK"
 
@@ -143,7 +145,7 @@ finish_case() {
         echo "boot-case: PASS $_name (${SECS}s)"
     else
         FAILED=$((FAILED + 1))
-        echo "boot-case: FAIL $_name (${SECS}s): $CASE_ERRORS [exit status $(describe_rc)]"
+        echo "boot-case: FAIL $_name (${SECS}s, exit status $(describe_rc)): unmet: $CASE_ERRORS"
         echo "    command: $(cat "$WORK/$_name/command" 2>/dev/null)"
         echo "    --- stdout (last 40 lines) ---"
         tail -n 40 "$OUT" | sed 's/^/    | /'
@@ -195,17 +197,19 @@ poweroff -f' \
 }
 
 case_poweroff_exit0() {
-    run_capsule poweroff_exit0 'poweroff -f' \
+    run_capsule poweroff_exit0 'echo powering-$((1+1))-off; poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M
     expect "ready line" out_has "$READY"
+    expect "the shell ran the command line" out_has_line "powering-2-off"
     expect "exit status 0" rc_is 0
     expect "no Rust panic" no_rust_panic
 }
 
 case_reboot_exit0() {
-    run_capsule reboot_exit0 'reboot -f' \
+    run_capsule reboot_exit0 'echo rebooting-$((1+1)); reboot -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M
     expect "ready line" out_has "$READY"
+    expect "the shell ran the command line" out_has_line "rebooting-2"
     expect "exit status 0" rc_is 0
     expect "no Rust panic" no_rust_panic
 }
@@ -255,5 +259,10 @@ for c in $CASES; do
     "case_$c"
     finish_case "$c"
 done
+if [ "$FAILED" -eq 0 ] && [ "$OWN_WORK" -eq 1 ]; then
+    rm -rf "$WORK"
+elif [ "$FAILED" -gt 0 ]; then
+    echo "boot-cases: outputs kept in $WORK"
+fi
 echo "boot-cases: done $PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]

@@ -17,6 +17,7 @@
 #        CASE_TIMEOUT                    seconds per case (default 180)
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
 #        CAPSULE_CACHE                   cache root for kernels and images
+#        CAPSULE_LOG                     capsule's log filter, passed to the cases
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -56,11 +57,16 @@ if [[ "$mode" == direct ]]; then
 else
     # One L1 boot for all cases; the wrapper sets the in-L1 paths.
     wrapper="$work/boot-tests-l1.sh"
+    log_line=""
+    if [[ -n "${CAPSULE_LOG:-}" ]]; then
+        log_line="export CAPSULE_LOG='$CAPSULE_LOG'"
+    fi
     cat >"$wrapper" <<EOF
 #!/bin/sh
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage VMLINUX=/capsule/vmlinux
 export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrelease")'
 export CASE_TIMEOUT='$case_timeout' CASES='${expected[*]}'
+$log_line
 exec sh /capsule/cases.sh
 EOF
     timeout_l1="${CAPSULE_L1_TIMEOUT:-$((case_timeout * ${#expected[@]} + 300))}"

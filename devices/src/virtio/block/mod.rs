@@ -1,0 +1,465 @@
+//! virtio-blk over a raw disk image (virtio 1.2 §5.2).
+//!
+//! One request queue. Requests are handled synchronously on the event-loop
+//! thread when the queue's eventfd fires.
+//!
+//! Every guest-supplied descriptor chain is validated before any I/O:
+//!
+//! * A chain that does not end properly (a descriptor loop, a `next` index
+//!   outside the table, unreadable descriptor memory, a bad indirect table;
+//!   virtio-queue cuts such walks short) is returned with used length 0 and
+//!   nothing is written.
+//! * The last descriptor must be a device-writable status byte inside guest
+//!   memory; otherwise used length 0 and nothing is written.
+//! * Everything else is answered in the status byte: more than
+//!   [`MAX_DESCRIPTORS`] descriptors, a header that is not exactly 16
+//!   device-readable bytes, data descriptors of the wrong direction or
+//!   outside guest memory, more than [`MAX_DATA_LEN`] bytes, a read or write
+//!   of zero bytes or of a partial sector, a sector range beyond the capacity
+//!   (checked arithmetic), writes to a read-only disk: `IOERR`; unknown
+//!   request types: `UNSUPP`.
+//! * Used length = data bytes written to guest memory + 1 status byte.
+//!
+//! Guest memory is only accessed through vm-memory, which bounds-checks
+//! every access.
+//!
+//! Offered features: `VERSION_1`, `RING_INDIRECT_DESC`, `RING_EVENT_IDX`,
+//! `FLUSH`, `SEG_MAX`, `SIZE_MAX`, `BLK_SIZE`, and either `RO` (read-only
+//! disks) or `DISCARD` + `WRITE_ZEROES` (writable ones).
+
+pub mod disk;
+mod request;
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use disk::{lock_image, DiskImage, EphemeralImage, RawImage};
+
+use super::features::{
+    bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use super::{
+    device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice, VirtioInterrupt,
+};
+
+/// Size of a virtio-blk sector; capacity and request positions use it.
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Maximum data descriptors per request (`seg_max`).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Maximum size of one data descriptor (`size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Maximum descriptors per request: header, data, status.
+pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
+/// Maximum data bytes per request.
+pub const MAX_DATA_LEN: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
+/// Maximum sectors in one discard / write-zeroes segment.
+pub const MAX_ZEROES_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+/// Maximum segments in one discard / write-zeroes request.
+pub const MAX_ZEROES_SEGMENTS: u32 = 16;
+/// Discard granularity hint, in sectors.
+const DISCARD_ALIGNMENT: u32 = 8;
+/// Length of the GET_ID answer.
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Bounce buffer size for data transfers.
+const BOUNCE_LEN: usize = 128 * 1024;
+/// Requests handled per queue event before yielding to other event-loop
+/// work (the device re-signals itself to continue).
+const REQUEST_BUDGET: usize = 4 * QUEUE_SIZE as usize;
+
+/// Length of the configuration space we expose (up to
+/// `write_zeroes_may_unmap` plus padding).
+const CONFIG_LEN: usize = 60;
+
+/// Errors from setting up a block device. Each names the image.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image cannot be opened.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The path is neither a regular file nor a block device.
+    #[error("disk image {0} is not a regular file or block device")]
+    NotAFile(PathBuf),
+    /// Another process (or another disk of this VM) holds a conflicting lock.
+    #[error(
+        "disk image {path} is in use by another process (cannot take {} lock)",
+        if *.exclusive { "an exclusive" } else { "a shared" }
+    )]
+    Locked {
+        /// The image.
+        path: PathBuf,
+        /// Whether an exclusive lock was requested.
+        exclusive: bool,
+    },
+    /// Locking failed for another reason.
+    #[error("cannot lock disk image {path}: {source}")]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The size of the image cannot be determined.
+    #[error("cannot determine the size of disk image {path}: {source}")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The ephemeral overlay cannot be created.
+    #[error("cannot create the ephemeral overlay for disk image {path}: {source}")]
+    Overlay {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The serial number does not fit the 20-byte GET_ID answer.
+    #[error("disk serial {serial:?} is longer than 20 bytes")]
+    SerialTooLong {
+        /// The serial.
+        serial: String,
+    },
+    /// Creating an eventfd failed.
+    #[error("cannot create eventfd for disk image {path}: {source}")]
+    EventFd {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How to back a block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// The raw image file (or block device).
+    pub path: PathBuf,
+    /// Expose the disk read-only (opened read-only, shared lock). Takes
+    /// precedence over `ephemeral`.
+    pub read_only: bool,
+    /// Copy-on-write: the image is opened read-only with a shared lock and
+    /// the guest's writes go to an anonymous overlay that vanishes on exit.
+    pub ephemeral: bool,
+    /// Serial number returned by GET_ID (at most 20 bytes).
+    pub serial: String,
+}
+
+/// State that exists only while the driver has the device activated.
+struct Active {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    queue: Queue,
+}
+
+/// A virtio-blk device. Share it as `Arc<Mutex<Block>>` between a transport
+/// (as [`VirtioDevice`]) and the event loop (as [`MutEventSubscriber`]).
+pub struct Block {
+    disk: Box<dyn DiskImage>,
+    capacity: u64,
+    id: [u8; ID_BYTES],
+    config: [u8; CONFIG_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    events: QueueEvents,
+    active: Option<Active>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Block {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("capacity", &self.capacity)
+            .field("read_only", &self.disk.is_read_only())
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+impl Block {
+    /// Opens, locks and sizes the image described by `config`.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let id = serial_id(&config.serial)?;
+        let disk: Box<dyn DiskImage> = if config.read_only {
+            Box::new(RawImage::open(&config.path, true)?)
+        } else if config.ephemeral {
+            Box::new(EphemeralImage::open(&config.path)?)
+        } else {
+            Box::new(RawImage::open(&config.path, false)?)
+        };
+        if !disk.len().is_multiple_of(SECTOR_SIZE) {
+            log::warn!(
+                "disk image {}: size {} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible",
+                config.path.display(),
+                disk.len(),
+                disk.len() % SECTOR_SIZE
+            );
+        }
+        Self::with_disk(disk, id).map_err(|source| BlockError::EventFd {
+            path: config.path,
+            source,
+        })
+    }
+
+    /// Creates a device over an already opened backend.
+    pub fn with_disk(disk: Box<dyn DiskImage>, id: [u8; ID_BYTES]) -> io::Result<Self> {
+        let capacity = disk.len() / SECTOR_SIZE;
+        let read_only = disk.is_read_only();
+        let mut avail_features = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
+            | bit(VIRTIO_BLK_F_FLUSH)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_BLK_SIZE);
+        if read_only {
+            avail_features |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            avail_features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+        Ok(Self {
+            disk,
+            capacity,
+            id,
+            config: config_space(capacity),
+            avail_features,
+            acked_features: 0,
+            events: QueueEvents::new()?,
+            active: None,
+            buf: vec![0; BOUNCE_LEN],
+        })
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Whether the guest sees the disk read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.disk.is_read_only()
+    }
+
+    /// Whether the driver has activated the device.
+    pub fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Drains the request queue; runs on the event-loop thread.
+    fn process_queue(&mut self) {
+        let Self {
+            disk,
+            capacity,
+            id,
+            avail_features,
+            active,
+            buf,
+            events,
+            ..
+        } = self;
+        let Some(active) = active.as_mut() else {
+            return;
+        };
+        let mut ctx = request::Context {
+            disk: disk.as_mut(),
+            capacity: *capacity,
+            id,
+            zeroes: *avail_features & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            buf,
+        };
+        let mem = &active.mem;
+        let mut handled = 0usize;
+        let mut more = false;
+        loop {
+            if let Err(e) = active.queue.disable_notification(mem) {
+                log::warn!("virtio-blk: cannot disable notifications: {e}");
+                break;
+            }
+            let before = handled;
+            while handled < REQUEST_BUDGET {
+                let Some(chain) = active.queue.pop_descriptor_chain(mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = request::process(&mut ctx, mem, chain);
+                handled += 1;
+                if let Err(e) = active.queue.add_used(mem, head, len) {
+                    log::warn!("virtio-blk: cannot return descriptor {head}: {e}");
+                }
+            }
+            if handled >= REQUEST_BUDGET {
+                more = true;
+                break;
+            }
+            match active.queue.enable_notification(mem) {
+                // New requests arrived; go again unless the ring is broken
+                // (available entries that cannot be popped).
+                Ok(true) if handled > before => {}
+                Ok(true) => {
+                    log::warn!("virtio-blk: available ring is inconsistent; queue stalled");
+                    break;
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    log::warn!("virtio-blk: cannot enable notifications: {e}");
+                    break;
+                }
+            }
+        }
+        if handled > 0 {
+            // On a read error of used_event, interrupt anyway.
+            if active.queue.needs_notification(mem).unwrap_or(true) {
+                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
+                    log::error!("virtio-blk: cannot raise interrupt: {e}");
+                }
+            }
+        }
+        if more {
+            events.kick(0);
+        }
+    }
+}
+
+/// The GET_ID answer for `serial`: its bytes, zero padded.
+fn serial_id(serial: &str) -> Result<[u8; ID_BYTES], BlockError> {
+    let bytes = serial.as_bytes();
+    if bytes.len() > ID_BYTES {
+        return Err(BlockError::SerialTooLong {
+            serial: serial.to_string(),
+        });
+    }
+    let mut id = [0u8; ID_BYTES];
+    id[..bytes.len()].copy_from_slice(bytes);
+    Ok(id)
+}
+
+/// The little-endian `virtio_blk_config` for a disk of `capacity` sectors.
+fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
+    put(0, &capacity.to_le_bytes());
+    put(8, &SIZE_MAX.to_le_bytes());
+    put(12, &SEG_MAX.to_le_bytes());
+    put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    put(36, &MAX_ZEROES_SECTORS.to_le_bytes()); // max_discard_sectors
+    put(40, &MAX_ZEROES_SEGMENTS.to_le_bytes()); // max_discard_seg
+    put(44, &DISCARD_ALIGNMENT.to_le_bytes()); // discard_sector_alignment
+    put(48, &MAX_ZEROES_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+    put(52, &MAX_ZEROES_SEGMENTS.to_le_bytes()); // max_write_zeroes_seg
+    put(56, &[1]); // write_zeroes_may_unmap
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| self.config.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, _data: &[u8]) {
+        // Nothing in our configuration space is writable (no CONFIG_WCE).
+        log::debug!("virtio-blk: config write at {offset:#x} ignored");
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+        let Some(mut queue) = queues.into_iter().next() else {
+            return Err(ActivateError::QueueNotReady(0));
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        queue.set_event_idx(self.acked_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0);
+        self.events
+            .activate(queue_evts)
+            .map_err(ActivateError::EventFd)?;
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queue,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.active = None;
+        self.events.deactivate();
+        self.acked_features = 0;
+        true
+    }
+}
+
+impl MutEventSubscriber for Block {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.events.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.events.is_control(&events) {
+            self.events.sync(ops);
+        } else if self.events.queue_index(events.fd()).is_some() {
+            self.process_queue();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,338 @@
+//! Parsing and executing one virtio-blk request (one descriptor chain).
+//!
+//! Everything in a chain is guest-controlled. The rules enforced here:
+//!
+//! * The chain must end properly: virtio-queue stops a walk after as many
+//!   descriptors as the table holds (loops), at a `next` index outside the
+//!   table, at unreadable descriptor memory or at a bad indirect table. Such
+//!   a truncated chain still has `NEXT` set on the last descriptor it
+//!   yielded; it is returned with used length 0 and nothing is written.
+//! * The last descriptor is the status byte: device-writable, at least one
+//!   byte, inside guest memory; otherwise used length 0, nothing written.
+//! * From here on every failure is reported as a status byte:
+//!   more than [`MAX_DESCRIPTORS`] descriptors, a header that is not exactly
+//!   16 device-readable bytes, data descriptors of the wrong direction or
+//!   outside guest memory, more than [`MAX_DATA_LEN`] bytes, a read or write
+//!   length that is zero or not a whole number of sectors, or a sector range beyond the capacity
+//!   (all with checked arithmetic) give `IOERR`; unknown request types give
+//!   `UNSUPP`. Ranges are checked before any I/O, so a failed write request
+//!   leaves the disk untouched.
+//! * Guest memory is only accessed through vm-memory, which bounds-checks
+//!   every access.
+
+use std::io;
+
+use log::debug;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+
+use super::disk::DiskImage;
+use super::{
+    ID_BYTES, MAX_DATA_LEN, MAX_DESCRIPTORS, MAX_ZEROES_SECTORS, MAX_ZEROES_SEGMENTS, SECTOR_SIZE,
+};
+
+/// Size of the request header (`type`, `reserved`, `sector`).
+const HEADER_LEN: u32 = 16;
+/// Size of one discard / write-zeroes segment.
+const SEGMENT_LEN: u64 = 16;
+
+/// Status byte values.
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+
+/// What a request needs from the device besides guest memory.
+pub(super) struct Context<'a> {
+    /// The backing image.
+    pub disk: &'a mut dyn DiskImage,
+    /// Capacity in sectors.
+    pub capacity: u64,
+    /// The GET_ID answer.
+    pub id: &'a [u8; ID_BYTES],
+    /// Whether DISCARD and WRITE_ZEROES are offered.
+    pub zeroes: bool,
+    /// Bounce buffer for data transfers (non-empty).
+    pub buf: &'a mut [u8],
+}
+
+/// Handles one descriptor chain; returns the used length (bytes the device
+/// wrote into guest memory, including the status byte).
+pub(super) fn process(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> u32 {
+    let mut descs = Vec::new();
+    let mut count = 0usize;
+    let mut last = None;
+    for d in chain {
+        count += 1;
+        if count <= MAX_DESCRIPTORS {
+            descs.push(d);
+        }
+        last = Some(d);
+    }
+    let Some(status_desc) = last else {
+        debug!("virtio-blk: empty descriptor chain");
+        return 0;
+    };
+    if status_desc.has_next() {
+        debug!("virtio-blk: descriptor chain is cut short (loop, bad index or bad memory)");
+        return 0;
+    }
+    if count < 2 || !status_desc.is_write_only() || status_desc.len() == 0 {
+        debug!("virtio-blk: request without a usable status descriptor");
+        return 0;
+    }
+
+    let (status, written) = if count > MAX_DESCRIPTORS {
+        debug!("virtio-blk: request with {count} descriptors");
+        (S_IOERR, 0)
+    } else {
+        match execute(ctx, mem, &descs[..count - 1]) {
+            Ok(n) => (S_OK, n),
+            Err(s) => (s, 0),
+        }
+    };
+    match mem.write_obj(status, status_desc.addr()) {
+        Ok(()) => written.saturating_add(1),
+        Err(e) => {
+            debug!("virtio-blk: cannot write status byte: {e}");
+            0
+        }
+    }
+}
+
+/// Runs a request whose status descriptor is already split off; returns the
+/// number of data bytes written to guest memory, or the status to report.
+fn execute(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<u32, u8> {
+    let (hdr, data) = descs.split_first().ok_or(S_IOERR)?;
+    if hdr.is_write_only() || hdr.len() != HEADER_LEN {
+        debug!("virtio-blk: bad request header descriptor");
+        return Err(S_IOERR);
+    }
+    let mut h = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut h, hdr.addr()).map_err(|e| {
+        debug!("virtio-blk: cannot read request header: {e}");
+        S_IOERR
+    })?;
+    let ty = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+
+    match ty {
+        VIRTIO_BLK_T_IN => read(ctx, mem, sector, data),
+        VIRTIO_BLK_T_OUT => write(ctx, mem, sector, data),
+        VIRTIO_BLK_T_FLUSH => ctx.disk.flush().map(|()| 0).map_err(io_error),
+        VIRTIO_BLK_T_GET_ID => get_id(ctx, mem, data),
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if ctx.zeroes => {
+            zeroes(ctx, mem, data, ty == VIRTIO_BLK_T_DISCARD)
+        }
+        _ => {
+            debug!("virtio-blk: unsupported request type {ty}");
+            Err(S_UNSUPP)
+        }
+    }
+}
+
+fn io_error(e: io::Error) -> u8 {
+    log::warn!("virtio-blk: I/O error: {e}");
+    S_IOERR
+}
+
+/// Checks data descriptors: direction, guest memory, total size. Returns the
+/// total length.
+fn data_len(mem: &GuestMemoryMmap, data: &[Descriptor], device_writes: bool) -> Result<u64, u8> {
+    let mut total = 0u64;
+    for d in data {
+        if d.is_write_only() != device_writes {
+            debug!("virtio-blk: data descriptor has the wrong direction");
+            return Err(S_IOERR);
+        }
+        total = total
+            .checked_add(u64::from(d.len()))
+            .filter(|&t| t <= MAX_DATA_LEN)
+            .ok_or_else(|| {
+                debug!("virtio-blk: request too large");
+                S_IOERR
+            })?;
+    }
+    let access = if device_writes {
+        Permissions::Write
+    } else {
+        Permissions::Read
+    };
+    for d in data {
+        if !GuestMemory::check_range(mem, d.addr(), d.len() as usize, access) {
+            debug!("virtio-blk: data buffer outside guest memory");
+            return Err(S_IOERR);
+        }
+    }
+    Ok(total)
+}
+
+/// Byte offset of a sector range after checking it lies within the disk.
+fn disk_offset(capacity: u64, sector: u64, len: u64) -> Result<u64, u8> {
+    let in_range = len
+        .checked_add(SECTOR_SIZE - 1)
+        .map(|l| l / SECTOR_SIZE)
+        .and_then(|sectors| sector.checked_add(sectors))
+        .is_some_and(|end| end <= capacity);
+    if !in_range {
+        debug!("virtio-blk: sector {sector} + {len} bytes is beyond the disk");
+        return Err(S_IOERR);
+    }
+    // Cannot overflow: sector < capacity = image length / SECTOR_SIZE.
+    Ok(sector * SECTOR_SIZE)
+}
+
+/// Checks an IN/OUT request's data and position; returns (offset, length).
+fn rw_range(
+    ctx: &Context<'_>,
+    mem: &GuestMemoryMmap,
+    sector: u64,
+    data: &[Descriptor],
+    device_writes: bool,
+) -> Result<(u64, u64), u8> {
+    let total = data_len(mem, data, device_writes)?;
+    if total == 0 || total % SECTOR_SIZE != 0 {
+        debug!("virtio-blk: transfer of {total} bytes is not whole sectors");
+        return Err(S_IOERR);
+    }
+    Ok((disk_offset(ctx.capacity, sector, total)?, total))
+}
+
+/// Calls `f(guest address, chunk length)` for every bounce-buffer-sized
+/// chunk of the data descriptors, in order.
+fn for_each_chunk(
+    data: &[Descriptor],
+    chunk: usize,
+    mut f: impl FnMut(GuestAddress, usize) -> Result<(), u8>,
+) -> Result<(), u8> {
+    for d in data {
+        let len = d.len() as usize;
+        let mut done = 0usize;
+        while done < len {
+            let n = chunk.min(len - done);
+            let addr = d.addr().checked_add(done as u64).ok_or(S_IOERR)?;
+            f(addr, n)?;
+            done += n;
+        }
+    }
+    Ok(())
+}
+
+fn read(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    sector: u64,
+    data: &[Descriptor],
+) -> Result<u32, u8> {
+    let (mut pos, total) = rw_range(ctx, mem, sector, data, true)?;
+    let Context { disk, buf, .. } = ctx;
+    for_each_chunk(data, buf.len(), |addr, n| {
+        disk.read_at(&mut buf[..n], pos).map_err(io_error)?;
+        mem.write_slice(&buf[..n], addr).map_err(|_| S_IOERR)?;
+        pos += n as u64;
+        Ok(())
+    })?;
+    // total <= MAX_DATA_LEN, which fits in u32.
+    Ok(u32::try_from(total).unwrap_or(u32::MAX))
+}
+
+fn write(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    sector: u64,
+    data: &[Descriptor],
+) -> Result<u32, u8> {
+    if ctx.disk.is_read_only() {
+        debug!("virtio-blk: write to a read-only disk");
+        return Err(S_IOERR);
+    }
+    let (mut pos, _) = rw_range(ctx, mem, sector, data, false)?;
+    let Context { disk, buf, .. } = ctx;
+    for_each_chunk(data, buf.len(), |addr, n| {
+        mem.read_slice(&mut buf[..n], addr).map_err(|_| S_IOERR)?;
+        disk.write_at(&buf[..n], pos).map_err(io_error)?;
+        pos += n as u64;
+        Ok(())
+    })?;
+    Ok(0)
+}
+
+fn get_id(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, data: &[Descriptor]) -> Result<u32, u8> {
+    if data.is_empty() {
+        return Err(S_IOERR);
+    }
+    data_len(mem, data, true)?;
+    let mut done = 0usize;
+    for d in data {
+        let n = (d.len() as usize).min(ID_BYTES - done);
+        mem.write_slice(&ctx.id[done..done + n], d.addr())
+            .map_err(|_| S_IOERR)?;
+        done += n;
+        if done == ID_BYTES {
+            break;
+        }
+    }
+    Ok(done as u32)
+}
+
+fn zeroes(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    data: &[Descriptor],
+    discard: bool,
+) -> Result<u32, u8> {
+    if ctx.disk.is_read_only() {
+        return Err(S_IOERR);
+    }
+    let total = data_len(mem, data, false)?;
+    let segments = total / SEGMENT_LEN;
+    if total == 0 || total % SEGMENT_LEN != 0 || segments > u64::from(MAX_ZEROES_SEGMENTS) {
+        debug!("virtio-blk: bad discard/write-zeroes payload of {total} bytes");
+        return Err(S_IOERR);
+    }
+    // At most MAX_ZEROES_SEGMENTS * 16 bytes.
+    let mut raw = vec![0u8; total as usize];
+    let mut done = 0usize;
+    for d in data {
+        let n = d.len() as usize;
+        mem.read_slice(&mut raw[done..done + n], d.addr())
+            .map_err(|_| S_IOERR)?;
+        done += n;
+    }
+
+    let mut ranges = Vec::with_capacity(segments as usize);
+    for seg in raw.chunks_exact(SEGMENT_LEN as usize) {
+        let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
+        let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+        let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+        let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+        if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && unmap) {
+            debug!("virtio-blk: unsupported segment flags {flags:#x}");
+            return Err(S_UNSUPP);
+        }
+        if num > MAX_ZEROES_SECTORS {
+            return Err(S_IOERR);
+        }
+        let len = u64::from(num) * SECTOR_SIZE;
+        let offset = disk_offset(ctx.capacity, sector, len)?;
+        ranges.push((offset, len, unmap));
+    }
+    for (offset, len, unmap) in ranges {
+        let res = if discard {
+            ctx.disk.discard(offset, len)
+        } else {
+            ctx.disk.write_zeroes(offset, len, unmap)
+        };
+        res.map_err(io_error)?;
+    }
+    Ok(0)
+}
