@@ -18,7 +18,10 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::config::{format_size, VmConfig};
+use arch::acpi::MmioDevice;
+use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
+
+use crate::config::{format_size, DiskConfig, DiskMode, VmConfig};
 use crate::device_manager::{self, DeviceManager};
 use crate::terminal;
 use crate::vstate::vcpu::{self, Vcpu, VcpuHandle, VcpuIo};
@@ -32,6 +35,7 @@ const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Errors while building or running a VM. Each message names what failed
 /// and, for files, which file.
 #[derive(Debug, thiserror::Error)]
+#[allow(clippy::large_enum_variant)]
 pub enum Error {
     /// A user-supplied file could not be opened or read.
     #[error("cannot read {what} {path}: {source}")]
@@ -93,6 +97,9 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// A disk image could not be attached.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
     /// The terminal could not be put in raw mode.
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
@@ -195,11 +202,26 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
     let initrd = initrd
         .map(|(path, mut file)| load_initrd(&mem, path, &mut file))
         .transpose()?;
-    let cmdline_size = load_cmdline(&mem, &config.cmdline)?;
 
+    let mut event_manager =
+        EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+    let exit = ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+
+    let mut dm = DeviceManager::new();
+    let serial_input = dm.attach_legacy_devices(&vm, &exit, console.out, console.input)?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
+    for (index, disk) in config.disks.iter().enumerate() {
+        let block = Arc::new(Mutex::new(open_disk(index, disk)?));
+        dm.attach_virtio_mmio(&vm, &mem, block.clone())?;
+        event_manager.add_subscriber(block);
+    }
+
+    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
+    let cmdline_size = load_cmdline(&mem, &cmdline)?;
     arch::mptable::setup_mptable(&mem, config.vcpus)
         .map_err(|e| Error::Boot("MP table", e.to_string()))?;
-    let rsdp = arch::acpi::create_acpi_tables(&mem, config.vcpus)
+    let rsdp = arch::acpi::create_acpi_tables(&mem, config.vcpus, dm.virtio_mmio_devices())
         .map_err(|e| Error::Boot("ACPI tables", e.to_string()))?;
     arch::boot::configure_system(
         &mem,
@@ -210,15 +232,6 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
         Some(rsdp),
     )
     .map_err(|e| Error::Boot("zero page", e.to_string()))?;
-
-    let exit = ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?;
-    let mut dm = DeviceManager::new();
-    let serial_input = dm.attach_legacy_devices(&vm, &exit, console.out, console.input)?;
-
-    let mut event_manager =
-        EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
-    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
 
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
@@ -360,6 +373,46 @@ fn load_initrd(
     Ok(arch::boot::InitrdConfig { address, size })
 }
 
+/// Opens disk `index` as a virtio-blk device. The serial the guest reads
+/// (GET_ID) is the image's file name, cut to the 20 bytes virtio allows.
+fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
+    let mut serial: String = disk
+        .path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| format!("disk{index}"));
+    while serial.len() > ID_BYTES {
+        serial.pop();
+    }
+    Block::new(BlockConfig {
+        path: disk.path.clone(),
+        read_only: disk.mode == DiskMode::ReadOnly,
+        ephemeral: disk.mode == DiskMode::Ephemeral,
+        serial,
+    })
+    .map_err(Error::Disk)
+}
+
+/// The command line the guest gets. With ACPI (the default) virtio-mmio
+/// devices are described in the DSDT; a guest booted with `acpi=off` does
+/// not read it, so the devices are then announced with
+/// `virtio_mmio.device=` entries instead (its legacy interrupt routing maps
+/// the lines those name).
+fn kernel_cmdline(user: &str, virtio_mmio: &[MmioDevice]) -> String {
+    let mut cmdline = user.to_string();
+    if user.split_whitespace().any(|w| w == "acpi=off") {
+        for dev in virtio_mmio {
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                dev.len >> 10,
+                dev.base,
+                dev.gsi
+            ));
+        }
+    }
+    cmdline
+}
+
 /// Writes the command line; returns its size including the NUL.
 fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
     let mut c =
@@ -374,4 +427,23 @@ fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
         .map_err(|e| Error::Cmdline(e.to_string()))?;
     let len = c.as_cstring().map_err(|e| Error::Cmdline(e.to_string()))?;
     Ok(len.as_bytes_with_nul().len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_mmio_on_cmdline_only_without_acpi() {
+        let devs = [MmioDevice {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        }];
+        assert_eq!(kernel_cmdline("console=ttyS0", &devs), "console=ttyS0");
+        assert_eq!(
+            kernel_cmdline("console=ttyS0 acpi=off", &devs),
+            "console=ttyS0 acpi=off virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
 }

@@ -32,6 +32,56 @@ pub struct VmConfig {
     pub mem_size: u64,
     /// The KVM device to open.
     pub kvm_path: PathBuf,
+    /// virtio-blk disks, in the order the guest sees them (vda, vdb, ...).
+    pub disks: Vec<DiskConfig>,
+}
+
+/// How a disk image is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DiskMode {
+    /// Read-write; the image is locked exclusively.
+    #[default]
+    ReadWrite,
+    /// Read-only for the guest; the image is locked shared.
+    ReadOnly,
+    /// Copy-on-write: the guest reads and writes, the image is never
+    /// modified and the writes are gone when the VM ends.
+    Ephemeral,
+}
+
+/// A raw disk image for a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// How it is attached.
+    pub mode: DiskMode,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+
+    /// Parses `PATH[,ro|,ephemeral]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (path, mode) = match s.rsplit_once(',') {
+            Some((p, "ro")) => (p, DiskMode::ReadOnly),
+            Some((p, "ephemeral")) => (p, DiskMode::Ephemeral),
+            Some((p, "rw")) => (p, DiskMode::ReadWrite),
+            Some((_, opt)) if !opt.contains('/') => {
+                return Err(format!(
+                    "unknown disk option '{opt}' (expected ro, rw or ephemeral)"
+                ))
+            }
+            _ => (s, DiskMode::ReadWrite),
+        };
+        if path.is_empty() {
+            return Err("missing disk image path".to_string());
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            mode,
+        })
+    }
 }
 
 /// Errors in a size string.
@@ -116,6 +166,26 @@ mod tests {
             parse_size("999999999999999999999"),
             Err(SizeError::Overflow(_))
         ));
+    }
+
+    #[test]
+    fn disks() {
+        let d: DiskConfig = "/img/root.ext4".parse().unwrap();
+        assert_eq!(d.mode, DiskMode::ReadWrite);
+        assert_eq!(d.path, PathBuf::from("/img/root.ext4"));
+        let d: DiskConfig = "a.img,ro".parse().unwrap();
+        assert_eq!(
+            (d.path.to_str().unwrap(), d.mode),
+            ("a.img", DiskMode::ReadOnly)
+        );
+        let d: DiskConfig = "a.img,ephemeral".parse().unwrap();
+        assert_eq!(d.mode, DiskMode::Ephemeral);
+        assert!("a.img,fast".parse::<DiskConfig>().is_err());
+        assert!(",ro".parse::<DiskConfig>().is_err());
+        assert!("".parse::<DiskConfig>().is_err());
+        // A comma inside a directory name is part of the path.
+        let d: DiskConfig = "/a,b/c.img".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/a,b/c.img"));
     }
 
     #[test]

@@ -16,6 +16,11 @@ use devices::legacy::serial::{ReadableFd, SerialOut};
 use devices::legacy::{EventFdTrigger, SerialDevice, SerialInput, I8042};
 use devices::pvpanic::PvPanic;
 
+use arch::acpi::MmioDevice;
+use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use devices::virtio::VirtioDevice;
+use vm_memory::GuestMemoryMmap;
+
 use crate::vstate::vm::{self, Vm};
 
 /// Errors while attaching devices.
@@ -36,6 +41,12 @@ pub enum Error {
     /// The MMIO device window is full.
     #[error("no MMIO space left for another device")]
     MmioExhausted,
+    /// A virtio transport could not be created.
+    #[error("cannot create the virtio-mmio transport: {0}")]
+    Transport(std::io::Error),
+    /// Wiring a queue notification failed.
+    #[error("cannot wire virtio queue notifications: {0}")]
+    IoEvent(vm::Error),
 }
 
 /// The VM's device buses and resource allocators.
@@ -46,6 +57,7 @@ pub struct DeviceManager {
     pub mmio: Bus,
     next_irq: u32,
     next_mmio: u64,
+    virtio_mmio: Vec<MmioDevice>,
 }
 
 impl Default for DeviceManager {
@@ -62,7 +74,45 @@ impl DeviceManager {
             mmio: Bus::new(),
             next_irq: layout::FIRST_DEVICE_IRQ,
             next_mmio: layout::MMIO_DEVICES_START,
+            virtio_mmio: Vec::new(),
         }
+    }
+
+    /// The virtio-mmio devices attached so far, for the firmware tables and
+    /// the kernel command line.
+    pub fn virtio_mmio_devices(&self) -> &[MmioDevice] {
+        &self.virtio_mmio
+    }
+
+    /// Puts `device` behind a virtio-mmio transport: an MMIO window and an
+    /// interrupt line are allocated, the interrupt is wired through an
+    /// irqfd and each queue's notification through an ioeventfd, so neither
+    /// needs a trip through userspace vCPU code.
+    pub fn attach_virtio_mmio(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<MmioDevice, Error> {
+        let transport = MmioTransport::new(mem.clone(), device).map_err(Error::Transport)?;
+        let base = self.allocate_mmio(MMIO_SIZE)?;
+        let gsi = self.allocate_irq()?;
+        vm.register_irqfd(transport.interrupt_evt(), gsi)
+            .map_err(|e| Error::Irq("virtio-mmio", e))?;
+        for (i, evt) in transport.queue_evts().iter().enumerate() {
+            vm.register_mmio_ioevent(evt, base + NOTIFY_OFFSET, i as u32)
+                .map_err(Error::IoEvent)?;
+        }
+        self.mmio
+            .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)
+            .map_err(|e| Error::Bus("virtio-mmio", e))?;
+        let desc = MmioDevice {
+            base,
+            len: MMIO_SIZE,
+            gsi,
+        };
+        self.virtio_mmio.push(desc);
+        Ok(desc)
     }
 
     /// Takes the next free device interrupt line.

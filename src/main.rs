@@ -59,6 +59,12 @@ struct RunArgs {
     /// Guest memory, e.g. 512M or 2G (a plain number is MiB).
     #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
     memory: u64,
+    /// Raw disk image for a virtio-blk device (repeatable; the guest sees
+    /// vda, vdb, ... in order). `,ro`: read-only. `,ephemeral`:
+    /// copy-on-write, the image is never modified and the guest's writes
+    /// vanish when the VM ends.
+    #[arg(long = "disk", value_name = "PATH[,ro|,ephemeral]")]
+    disks: Vec<config::DiskConfig>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -96,6 +102,7 @@ fn run(args: RunArgs) -> Result<GuestExit, builder::Error> {
         vcpus: args.cpus,
         mem_size: args.memory,
         kvm_path: args.kvm,
+        disks: args.disks,
     };
     builder::build(&config, Console::stdio())?.run()
 }

@@ -134,6 +134,19 @@ impl Vm {
         &self.fd
     }
 
+    /// Makes KVM signal `evt`, instead of exiting to userspace, when the
+    /// guest writes `datamatch` to the MMIO address `addr`.
+    pub fn register_mmio_ioevent(
+        &self,
+        evt: &EventFd,
+        addr: u64,
+        datamatch: u32,
+    ) -> Result<(), Error> {
+        self.fd
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), datamatch)
+            .map_err(kvm_err("cannot register ioeventfd"))
+    }
+
     /// Makes a write to `evt` raise interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), Error> {
         self.fd
