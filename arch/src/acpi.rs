@@ -564,5 +564,55 @@ mod tests {
         // IO(Decode16, COM1_PORT, COM1_PORT, 1, 8)
         let [lo, hi] = COM1_PORT.to_le_bytes();
         assert!(contains(dsdt, &[0x47, 0x01, lo, hi, lo, hi, 0x01, 0x08]));
+        assert!(!contains(dsdt, VIRTIO_MMIO_HID.as_bytes()));
+    }
+
+    #[test]
+    fn test_dsdt_virtio_mmio_devices() {
+        let mem = guest_memory();
+        let devs = [
+            MmioDevice {
+                base: 0xd000_0000,
+                len: 0x1000,
+                gsi: 5,
+            },
+            MmioDevice {
+                base: 0xd000_1000,
+                len: 0x1000,
+                gsi: 6,
+            },
+        ];
+        let tables = walk(&mem, create_acpi_tables(&mem, 2, &devs).unwrap());
+        let dsdt = &tables.dsdt;
+        assert_eq!(sum(dsdt), 0);
+        for (i, d) in devs.iter().enumerate() {
+            assert!(contains(dsdt, format!("V{i:03X}").as_bytes()));
+            // Memory32Fixed(ReadWrite, base, len)
+            let mut mem32 = vec![0x86, 0x09, 0x00, 0x01];
+            mem32.extend((d.base as u32).to_le_bytes());
+            mem32.extend((d.len as u32).to_le_bytes());
+            assert!(contains(dsdt, &mem32), "device {i} window");
+            // Extended interrupt: consumer, edge, active-high, one GSI.
+            let mut irq = vec![0x89, 0x06, 0x00, 0x03, 0x01];
+            irq.extend(d.gsi.to_le_bytes());
+            assert!(contains(dsdt, &irq), "device {i} interrupt");
+        }
+        let hid = format!("{VIRTIO_MMIO_HID}\0");
+        assert_eq!(
+            dsdt.windows(hid.len())
+                .filter(|w| *w == hid.as_bytes())
+                .count(),
+            devs.len()
+        );
+
+        let high = [MmioDevice {
+            base: 1 << 32,
+            len: 0x1000,
+            gsi: 5,
+        }];
+        assert!(matches!(
+            create_acpi_tables(&mem, 1, &high),
+            Err(Error::DeviceAddress(_))
+        ));
     }
 }
