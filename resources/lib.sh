@@ -69,8 +69,12 @@ cache_publish() {
 
 # populate_busybox_root DIR: a minimal root filesystem skeleton in DIR with
 # the static busybox as /bin/busybox and a symlink for each of its applets.
+# The links are relative (bin/sh -> busybox, sbin/poweroff -> ../bin/busybox)
+# so that writing through one never reaches the host's /bin/busybox, and
+# there are none for the `init` and `linuxrc` applets: DIR/init and
+# DIR/sbin/init are for the caller to write.
 populate_busybox_root() {
-    local root="$1" bb applet
+    local root="$1" bb applet dir up
     bb="$(command -v busybox || true)"
     [[ -n "$bb" ]] || die "busybox not found (package busybox-static)"
     if ! file_is_static "$bb"; then
@@ -80,8 +84,15 @@ populate_busybox_root() {
     chmod 1777 "$root/tmp"
     cp "$bb" "$root/bin/busybox"
     while IFS= read -r applet; do
-        [[ -n "$applet" && ! -e "$root/$applet" ]] || continue
-        ln -s /bin/busybox "$root/$applet"
+        case "$applet" in
+        "" | */init | init | linuxrc | */linuxrc) continue ;;
+        esac
+        [[ ! -e "$root/$applet" && ! -L "$root/$applet" ]] || continue
+        dir="$(dirname "$applet")"
+        # One "../" per directory level of the link, back to the root.
+        up="$(printf '%s' "$dir" | sed 's|[^/][^/]*|..|g')"
+        mkdir -p "$root/$dir"
+        ln -s "$up/bin/busybox" "$root/$applet"
     done < <("$bb" --list-full)
     printf 'root:x:0:0:root:/root:/bin/sh\n' >"$root/etc/passwd"
     printf 'root:x:0:\n' >"$root/etc/group"

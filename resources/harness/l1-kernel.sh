@@ -7,6 +7,7 @@
 #   vmlinuz                     the L1 kernel
 #   modules/irqbypass.ko, modules/kvm.ko, modules/kvm-amd.ko, modules/tun.ko
 #   release                     the kernel release (uname -r in L1)
+#   System.map                  its symbols (for diagnosing a hung L1)
 # <hash> covers the package name and version and this script.
 #
 # Usage: resources/harness/l1-kernel.sh
@@ -69,6 +70,10 @@ vmlinuz="$(find "$tmp/x/boot" -maxdepth 1 -name 'vmlinuz-*' | head -n1)"
 cp "$vmlinuz" "$out/vmlinuz"
 release="${vmlinuz##*/vmlinuz-}"
 echo "$release" >"$out/release"
+# Symbols, to name the code where a hung L1's vCPUs are (run-in-l1.sh).
+if [[ -f "$tmp/x/boot/System.map-$release" ]]; then
+    cp "$tmp/x/boot/System.map-$release" "$out/System.map"
+fi
 
 moddir="$tmp/x/lib/modules/$release/kernel"
 for m in "${modules[@]}"; do

@@ -10,8 +10,9 @@
 # `CAPSULE-L1-EXIT <status>` and powers off. L1 runs under
 #   qemu-system-x86_64 -M pc,accel=tcg -cpu EPYC,+svm,+npt
 # with its serial console on this script's stdin/stdout. This script exits
-# with SCRIPT's status, 124 if L1 timed out, 125 if L1 failed otherwise
-# (no exit marker).
+# with SCRIPT's status, 124 if L1 timed out, 126 if L1 hung (its heartbeat
+# stopped), 125 if L1 failed otherwise (no exit marker). On a time-out or a
+# hang, where L1's vCPUs are (QEMU monitor) is printed on stderr.
 #
 # When stdin is a terminal the session is interactive: keystrokes (Ctrl-C
 # included) go to SCRIPT; Ctrl-A x kills L1, Ctrl-A c opens QEMU's monitor.
@@ -27,6 +28,13 @@
 #      CAPSULE_L1_MEMORY   L1 memory in MiB (default 3072)
 #      CAPSULE_L1_CPUS     L1 vCPUs (default 2)
 #      CAPSULE_L1_APPEND   extra L1 kernel command line
+#      CAPSULE_L1_KVM_AMD_PARAMS  kvm-amd module parameters in L1 (e.g. vgif=0)
+#      CAPSULE_L1_WATCHDOG seconds after which L1 prints a state dump of
+#                          the still running SCRIPT (processes, kernel
+#                          stacks, dmesg); default: 30 s before the timeout
+#      CAPSULE_L1_HANG     seconds without L1's heartbeat (on its second
+#                          serial port) after which L1 is taken as hung
+#                          (default 90; not in interactive sessions)
 #      CAPSULE_L1_LOG      also keep the L1 console log at this path
 #      CAPSULE_SKIP_DEPS=1 skip install-deps.sh
 # stdout: the L1 console (SCRIPT's output); progress goes to stderr.
@@ -35,64 +43,128 @@ set -euo pipefail
 # shellcheck source=resources/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
-if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}" >&2
-    exit 2
-fi
-script="$1"
-shift
-[[ -f "$script" ]] || die "script not found: $script"
-
-if [[ "${CAPSULE_SKIP_DEPS:-0}" != 1 ]]; then
-    "$CAPSULE_RESOURCES_DIR/install-deps.sh"
-fi
-
-interactive=0
-if [[ -t 0 ]]; then
-    interactive=1
-fi
-timeout_s="${CAPSULE_L1_TIMEOUT:-}"
-if [[ -z "$timeout_s" ]]; then
-    if [[ $interactive -eq 1 ]]; then timeout_s=0; else timeout_s=1800; fi
-fi
-[[ "$timeout_s" =~ ^[0-9]+$ ]] || die "CAPSULE_L1_TIMEOUT must be a number of seconds"
-memory="${CAPSULE_L1_MEMORY:-3072}"
-cpus="${CAPSULE_L1_CPUS:-2}"
-
-l1dir="$("$CAPSULE_RESOURCES_DIR/harness/l1-kernel.sh")"
-
-work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-l1.XXXXXX")"
-saved_tty=""
-# shellcheck disable=SC2317  # invoked by the EXIT trap
-cleanup() {
-    if [[ -n "$saved_tty" ]]; then
-        stty "$saved_tty" 2>/dev/null || true
-    fi
-    rm -rf "$work"
+# free_tcp_port: a TCP port on 127.0.0.1 that nothing listens on.
+free_tcp_port() {
+    local port
+    for _ in $(seq 1 50); do
+        port=$((20000 + RANDOM % 40000))
+        if ! (exec 9<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return 0
+        fi
+    done
+    die "no free TCP port for the QEMU monitor"
 }
-trap cleanup EXIT
 
-root="$work/root"
-populate_busybox_root "$root"
-cp "$l1dir"/modules/*.ko "$root/lib/modules/"
-mkdir -p "$root/capsule"
-
-script_name="$(basename "$script")"
-cp -L "$script" "$root/capsule/$script_name"
-chmod 755 "$root/capsule/$script_name"
-for spec in "$@"; do
-    src="$spec"
-    name="$(basename "$spec")"
-    if [[ ! -e "$src" && "$spec" == *:* ]]; then
-        src="${spec%:*}"
-        name="${spec##*:}"
+# dump_l1_state PORT KALLSYMS: where L1's vCPUs are, from QEMU's monitor on
+# PORT, with the kvm module symbols L1 wrote to the file KALLSYMS.
+dump_l1_state() {
+    local out
+    echo "=== L1 state from the QEMU monitor (info cpus; info registers -a, abridged) ==="
+    if ! { exec 9<>"/dev/tcp/127.0.0.1/$1"; } 2>/dev/null; then
+        echo "(the monitor is not reachable)"
+        return 0
     fi
-    [[ -e "$src" ]] || die "file not found: $src"
-    mkdir -p "$(dirname "$root/capsule/$name")"
-    cp -rL "$src" "$root/capsule/$name"
-done
+    printf 'info cpus\ninfo registers -a\n' >&9
+    out="$(timeout 5 cat <&9 || true)"
+    exec 9>&-
+    printf '%s\n' "$out" | tr -d '\r' | sed 's/\x1b\[[0-9;]*[A-Za-z]//g' |
+        grep -E '^(\*| ) CPU #|^CPU#|^(RIP|RAX|RSI|R8 |R12|CR0|EFER)=|^CS ' || true
+    if [[ -s "$2" ]]; then
+        echo "--- vCPU code addresses (kvm module symbols from L1's /proc/kallsyms):"
+        printf '%s\n' "$out" | sed -n 's/^RIP=\([0-9a-fA-F]*\).*/\1/p' | tr 'A-F' 'a-f' |
+            while read -r rip; do
+                printf 'RIP %s: %s\n' "$rip" "$(symbolize "$rip" "$2")"
+            done
+    fi
+    echo "=== end of L1 state ==="
+}
 
-cat >"$root/init" <<INIT
+# symbolize ADDR KALLSYMS: "symbol+offset [module]" for ADDR (16 lowercase
+# hex digits), or "?" if ADDR is not in the symbols of KALLSYMS.
+symbolize() {
+    LC_ALL=C sort "$2" | awk -v a="$1" '
+        length($1) == 16 && $2 ~ /^[tT]$/ && $1 <= a { best = $0 }
+        END {
+            if (a < "ffffffffa0000000") { print "core kernel (nokaslr: see System.map of the -dbg package)"; exit }
+            if (best == "") { print "?"; exit }
+            split(best, f, " ")
+            print f[3] " " f[4] " (at " f[1] ")"
+        }'
+}
+
+# All of the work is in main(), parsed whole before it runs: editing this
+# file while it runs cannot corrupt the run.
+main() {
+    if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
+        sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}" >&2
+        exit 2
+    fi
+    script="$1"
+    shift
+    [[ -f "$script" ]] || die "script not found: $script"
+
+    if [[ "${CAPSULE_SKIP_DEPS:-0}" != 1 ]]; then
+        "$CAPSULE_RESOURCES_DIR/install-deps.sh"
+    fi
+
+    interactive=0
+    if [[ -t 0 ]]; then
+        interactive=1
+    fi
+    timeout_s="${CAPSULE_L1_TIMEOUT:-}"
+    if [[ -z "$timeout_s" ]]; then
+        if [[ $interactive -eq 1 ]]; then timeout_s=0; else timeout_s=1800; fi
+    fi
+    [[ "$timeout_s" =~ ^[0-9]+$ ]] || die "CAPSULE_L1_TIMEOUT must be a number of seconds"
+    # The L1 watchdog dumps L1's state shortly before the host kills it.
+    watchdog="${CAPSULE_L1_WATCHDOG:-}"
+    if [[ -z "$watchdog" ]]; then
+        watchdog=0
+        if [[ "$timeout_s" -ge 90 ]]; then watchdog=$((timeout_s - 30)); fi
+    fi
+    [[ "$watchdog" =~ ^[0-9]+$ ]] || die "CAPSULE_L1_WATCHDOG must be a number of seconds"
+    kvm_amd_params="${CAPSULE_L1_KVM_AMD_PARAMS-}"
+    [[ "$kvm_amd_params" =~ ^[A-Za-z0-9_=,\ ]*$ ]] || die "CAPSULE_L1_KVM_AMD_PARAMS: unexpected characters"
+    hang_s="${CAPSULE_L1_HANG:-90}"
+    [[ "$hang_s" =~ ^[0-9]+$ && "$hang_s" -gt 0 ]] || die "CAPSULE_L1_HANG must be a positive number of seconds"
+    memory="${CAPSULE_L1_MEMORY:-3072}"
+    cpus="${CAPSULE_L1_CPUS:-2}"
+
+    l1dir="$("$CAPSULE_RESOURCES_DIR/harness/l1-kernel.sh")"
+
+    work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-l1.XXXXXX")"
+    saved_tty=""
+    # shellcheck disable=SC2317  # invoked by the EXIT trap
+    cleanup() {
+        if [[ -n "$saved_tty" ]]; then
+            stty "$saved_tty" 2>/dev/null || true
+        fi
+        rm -rf "$work"
+    }
+    trap cleanup EXIT
+
+    root="$work/root"
+    populate_busybox_root "$root"
+    cp "$l1dir"/modules/*.ko "$root/lib/modules/"
+    mkdir -p "$root/capsule"
+
+    script_name="$(basename "$script")"
+    cp -L "$script" "$root/capsule/$script_name"
+    chmod 755 "$root/capsule/$script_name"
+    for spec in "$@"; do
+        src="$spec"
+        name="$(basename "$spec")"
+        if [[ ! -e "$src" && "$spec" == *:* ]]; then
+            src="${spec%:*}"
+            name="${spec##*:}"
+        fi
+        [[ -e "$src" ]] || die "file not found: $src"
+        mkdir -p "$(dirname "$root/capsule/$name")"
+        cp -rL "$src" "$root/capsule/$name"
+    done
+
+    cat >"$root/init" <<INIT
 #!/bin/sh
 # L1 /init (generated by resources/harness/run-in-l1.sh)
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=\${TERM:-linux}
@@ -100,6 +172,25 @@ l1_exit() {
     echo "CAPSULE-L1-EXIT \$1"
     poweroff -f
     sleep 10
+}
+# State dump for a script that hangs: processes, the threads of capsule
+# (kernel stacks), and the kernel's CPU and blocked-task backtraces.
+l1_dump() {
+    echo "capsule-l1: watchdog: $script_name still running after \$1 s; L1 state follows"
+    cat /proc/loadavg
+    ps -o pid,ppid,stat,time,args 2>/dev/null || ps
+    for p in /proc/[0-9]*; do
+        [ "\$(readlink \$p/exe 2>/dev/null)" = /capsule/capsule ] || continue
+        for t in \$p/task/*; do
+            echo "--- thread \$t: \$(cut -d' ' -f2,3 \$t/stat) wchan=\$(cat \$t/wchan 2>/dev/null)"
+            cat \$t/stack 2>/dev/null
+        done
+    done
+    echo l >/proc/sysrq-trigger
+    echo w >/proc/sysrq-trigger
+    sleep 2
+    echo "capsule-l1: watchdog: last kernel messages"
+    dmesg | tail -n 150
 }
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -112,8 +203,11 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 for m in irqbypass kvm kvm-amd; do
-    if ! insmod /lib/modules/\$m.ko; then
-        echo "capsule-l1: ERROR: insmod \$m.ko failed"
+    params=
+    [ "\$m" != kvm-amd ] || params="$kvm_amd_params"
+    # shellcheck disable=SC2086
+    if ! insmod /lib/modules/\$m.ko \$params; then
+        echo "capsule-l1: ERROR: insmod \$m.ko \$params failed"
         l1_exit 125
     fi
 done
@@ -122,77 +216,141 @@ if [ ! -c /dev/kvm ]; then
     l1_exit 125
 fi
 echo "capsule-l1: nested mode: L1 Linux \$(uname -r) under QEMU TCG, kvm_amd npt=\$(cat /sys/module/kvm_amd/parameters/npt), \$(nproc) vCPUs; running $script_name"
+# Heartbeat on the second serial port: the host sees that L1 still runs.
+(while :; do echo . >/dev/ttyS1; sleep 5; done) </dev/null >/dev/null 2>&1 &
+# The kvm modules' symbols on the third, to name code in a hung L1.
+grep -E '\[(kvm|kvm_amd|irqbypass)\]' /proc/kallsyms >/dev/ttyS2 2>/dev/null &
 cd /capsule
+watchdog=\$(sed -n 's/.*capsule\.watchdog=\([0-9]*\).*/\1/p' /proc/cmdline)
+wd_pid=
+if [ "\${watchdog:-0}" -gt 0 ]; then
+    (sleep "\$watchdog" && l1_dump "\$watchdog") </dev/null &
+    wd_pid=\$!
+fi
 # A new session with the serial console as controlling terminal, in raw
 # mode: the script (and a VMM it runs) sees exactly the bytes sent to L1.
-setsid cttyhack sh -c 'stty raw -echo 2>/dev/null; exec /capsule/$script_name'
-l1_exit \$?
+# The session leader waits for the console to drain its output (stty sets
+# modes with TCSADRAIN) before it exits: its exit hangs the tty up, which
+# would discard output not yet sent.
+setsid cttyhack sh -c 'stty raw -echo 2>/dev/null; /capsule/$script_name; rc=\$?; stty raw -echo 2>/dev/null; sleep 1; exit \$rc'
+status=\$?
+[ -z "\$wd_pid" ] || kill "\$wd_pid" 2>/dev/null
+l1_exit \$status
 INIT
-chmod 755 "$root/init"
+    chmod 755 "$root/init"
 
-log "packing L1 initramfs ($(du -sh "$root" | cut -f1))"
-make_cpio "$root" "$work/l1.cpio"
+    log "packing L1 initramfs ($(du -sh "$root" | cut -f1))"
+    make_cpio "$root" "$work/l1.cpio"
 
-conlog="$work/console.log"
-# EPYC with SVM and nested paging; the features TCG cannot emulate are
-# switched off explicitly (TCG would drop them anyway, with a warning each).
-cpu="EPYC,+svm,+npt"
-for feature in rdseed sha-ni fxsr-opt misalignsse 3dnowprefetch osvw topoext nrip-save xsavec; do
-    cpu+=",-$feature"
-done
-# shellcheck disable=SC2054  # commas are QEMU's, not array separators
-qemu=(
-    qemu-system-x86_64
-    -M pc,accel=tcg -cpu "$cpu"
-    -m "$memory" -smp "$cpus"
-    -nodefaults -no-user-config -display none -no-reboot
-    -kernel "$l1dir/vmlinuz" -initrd "$work/l1.cpio"
-    -append "console=ttyS0 quiet loglevel=1 panic=-1 ${CAPSULE_L1_APPEND:-}"
-)
-if [[ $interactive -eq 1 ]]; then
-    # shellcheck disable=SC2054
-    qemu+=(
-        -chardev "stdio,id=con,mux=on,signal=off,logfile=$conlog"
-        -serial chardev:con -mon chardev=con,mode=readline
+    conlog="$work/console.log"
+    # EPYC with SVM and nested paging; the features TCG cannot emulate are
+    # switched off explicitly (TCG would drop them anyway, with a warning each).
+    cpu="EPYC,+svm,+npt"
+    for feature in rdseed sha-ni fxsr-opt misalignsse 3dnowprefetch osvw topoext nrip-save xsavec; do
+        cpu+=",-$feature"
+    done
+    # shellcheck disable=SC2054  # commas are QEMU's, not array separators
+    qemu=(
+        qemu-system-x86_64
+        -M pc,accel=tcg -cpu "$cpu"
+        -m "$memory" -smp "$cpus"
+        -nodefaults -no-user-config -display none -no-reboot
+        -kernel "$l1dir/vmlinuz" -initrd "$work/l1.cpio"
+        -append "console=ttyS0 quiet loglevel=1 panic=-1 nokaslr capsule.watchdog=$watchdog ${CAPSULE_L1_APPEND:-}"
     )
-    saved_tty="$(stty -g 2>/dev/null || true)"
-    log "interactive L1 session (Ctrl-A x kills L1)"
-else
-    # shellcheck disable=SC2054
-    qemu+=(-chardev "stdio,id=con,signal=off,logfile=$conlog" -serial chardev:con)
-    if [[ ! -p /dev/stdin && ! -f /dev/stdin ]]; then
-        exec </dev/null
+    if [[ $interactive -eq 1 ]]; then
+        # shellcheck disable=SC2054
+        qemu+=(
+            -chardev "stdio,id=con,mux=on,signal=off,logfile=$conlog"
+            -serial chardev:con -mon chardev=con,mode=readline
+        )
+        saved_tty="$(stty -g 2>/dev/null || true)"
+        log "interactive L1 session (Ctrl-A x kills L1)"
+    else
+        # shellcheck disable=SC2054
+        qemu+=(-chardev "stdio,id=con,signal=off,logfile=$conlog" -serial chardev:con)
+        if [[ ! -p /dev/stdin && ! -f /dev/stdin ]]; then
+            exec </dev/null
+        fi
     fi
-fi
 
-runner=()
-if [[ "$timeout_s" -gt 0 ]]; then
-    runner=(timeout -k 10)
-    if [[ $interactive -eq 1 ]]; then runner+=(--foreground); fi
-    runner+=("$timeout_s")
-fi
-
-log "booting L1 ($(cat "$l1dir/release"), ${cpus} vCPUs, ${memory} MiB, timeout ${timeout_s}s)"
-start=$SECONDS
-qemu_rc=0
-"${runner[@]}" "${qemu[@]}" || qemu_rc=$?
-elapsed=$((SECONDS - start))
-if [[ -n "$saved_tty" ]]; then
-    stty "$saved_tty" 2>/dev/null || true
-fi
-if [[ -n "${CAPSULE_L1_LOG:-}" ]]; then
-    cp "$conlog" "$CAPSULE_L1_LOG" 2>/dev/null || true
-fi
-
-marker="$(grep -ao 'CAPSULE-L1-EXIT [0-9]*' "$conlog" 2>/dev/null | tail -n1 || true)"
-if [[ -z "$marker" ]]; then
-    if [[ $qemu_rc -eq 124 ]]; then
-        log "ERROR: L1 timed out after ${timeout_s}s without reporting an exit status"
-        exit 124
+    log "booting L1 ($(cat "$l1dir/release"), ${cpus} vCPUs, ${memory} MiB, timeout ${timeout_s}s)"
+    start=$SECONDS
+    qemu_rc=0
+    hung=0
+    if [[ $interactive -eq 1 ]]; then
+        # QEMU in the foreground on the terminal.
+        runner=()
+        if [[ "$timeout_s" -gt 0 ]]; then runner=(timeout -k 10 --foreground "$timeout_s"); fi
+        "${runner[@]}" "${qemu[@]}" -serial null -serial null || qemu_rc=$?
+    else
+        # QEMU in the background, watched: the overall timeout, and L1's
+        # heartbeat on its second serial port; a silent L1 is hung.
+        port="$(free_tcp_port)"
+        heartbeat="$work/heartbeat"
+        : >"$heartbeat"
+        exec 3<&0
+        kallsyms="$work/kallsyms"
+        "${qemu[@]}" -chardev "file,id=hb,path=$heartbeat" -serial chardev:hb \
+            -chardev "file,id=syms,path=$kallsyms" -serial chardev:syms \
+            -monitor "tcp:127.0.0.1:$port,server=on,wait=off" <&3 &
+        qemu_pid=$!
+        exec 3<&-
+        last_beat=$SECONDS
+        beats=0
+        while kill -0 "$qemu_pid" 2>/dev/null; do
+            sleep 1
+            size="$(stat -c %s "$heartbeat" 2>/dev/null || echo 0)"
+            if [[ "$size" -ne "$beats" ]]; then
+                beats=$size
+                last_beat=$SECONDS
+            fi
+            if [[ "$timeout_s" -gt 0 && $((SECONDS - start)) -ge "$timeout_s" ]]; then
+                log "ERROR: L1 timed out after ${timeout_s}s"
+                dump_l1_state "$port" "$kallsyms" >&2
+                qemu_rc=124
+                break
+            fi
+            if [[ $beats -gt 0 && $((SECONDS - last_beat)) -ge "$hang_s" ]]; then
+                log "ERROR: L1 hung: no heartbeat for ${hang_s}s (after $((SECONDS - start))s)"
+                dump_l1_state "$port" "$kallsyms" >&2
+                hung=1
+                break
+            fi
+        done
+        if kill -0 "$qemu_pid" 2>/dev/null; then
+            kill "$qemu_pid" 2>/dev/null || true
+            sleep 1
+            kill -9 "$qemu_pid" 2>/dev/null || true
+        fi
+        wait_rc=0
+        wait "$qemu_pid" 2>/dev/null || wait_rc=$?
+        [[ $qemu_rc -ne 0 || $hung -eq 1 ]] || qemu_rc=$wait_rc
     fi
-    log "ERROR: L1 ended (qemu status $qemu_rc, after ${elapsed}s) without reporting an exit status"
-    exit 125
-fi
-status="${marker##* }"
-log "L1 finished in ${elapsed}s: $script_name exited with status $status"
-exit "$status"
+    elapsed=$((SECONDS - start))
+    if [[ -n "$saved_tty" ]]; then
+        stty "$saved_tty" 2>/dev/null || true
+    fi
+    if [[ -n "${CAPSULE_L1_LOG:-}" ]]; then
+        cp "$conlog" "$CAPSULE_L1_LOG" 2>/dev/null || true
+    fi
+
+    marker="$(grep -ao 'CAPSULE-L1-EXIT [0-9]*' "$conlog" 2>/dev/null | tail -n1 || true)"
+    if [[ -z "$marker" ]]; then
+        if [[ $hung -eq 1 ]]; then
+            log "ERROR: L1 hung; $script_name did not finish"
+            exit 126
+        fi
+        if [[ $qemu_rc -eq 124 ]]; then
+            log "ERROR: L1 timed out after ${timeout_s}s without reporting an exit status"
+            exit 124
+        fi
+        log "ERROR: L1 ended (qemu status $qemu_rc, after ${elapsed}s) without reporting an exit status"
+        exit 125
+    fi
+    status="${marker##* }"
+    log "L1 finished in ${elapsed}s: $script_name exited with status $status"
+    exit "$status"
+}
+
+main "$@"

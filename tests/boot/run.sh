@@ -15,6 +15,9 @@
 # Env:   CAPSULE_HARNESS=direct|nested  force a mode
 #        CASES="a b"                     run a subset (see cases.sh --list)
 #        CASE_TIMEOUT                    seconds per case (default 180)
+#        CAPSULE_L1_TIMEOUT              nested mode: seconds for the whole L1 run (default 900)
+#        CAPSULE_L1_RETRIES              nested mode: new L1s for the cases that an L1
+#                                        that hung or died did not report (default 1)
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
 #        CAPSULE_CACHE                   cache root for kernels and images
 #        CAPSULE_LOG                     capsule's log filter, passed to the cases
@@ -25,85 +28,126 @@ resources="$here/../../resources"
 # shellcheck source=resources/lib.sh
 source "$resources/lib.sh"
 
-start=$SECONDS
-"$resources/install-deps.sh"
-export CAPSULE_SKIP_DEPS=1
-
-capsule="$("$resources/build-capsule.sh")"
-kdir="$("$resources/build-guest-kernel.sh")"
-initrd="$("$resources/build-guest-initramfs.sh")"
-mode="$("$resources/harness/mode.sh")"
-case_timeout="${CASE_TIMEOUT:-180}"
-
-mapfile -t all_cases < <(sh "$here/cases.sh" --list)
-if [[ -n "${CASES:-}" ]]; then
-    read -r -a expected <<<"$CASES"
-else
-    expected=("${all_cases[@]}")
-fi
-log "build phase took $((SECONDS - start))s; ${#expected[@]} cases"
-
-echo "boot tests: mode=$mode"
-
-work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
-trap 'rm -rf "$work"' EXIT
-caselog="$work/cases.log"
-
-rc=0
-if [[ "$mode" == direct ]]; then
-    CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
-        KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
-        CASES="${expected[*]}" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
-else
-    # One L1 boot for all cases; the wrapper sets the in-L1 paths.
-    wrapper="$work/boot-tests-l1.sh"
-    log_line=""
+# write_l1_wrapper PATH "CASE...": the script that runs cases.sh in L1, with
+# the paths of the files run-in-l1.sh puts under /capsule.
+write_l1_wrapper() {
+    local log_line=""
     if [[ -n "${CAPSULE_LOG:-}" ]]; then
         log_line="export CAPSULE_LOG='$CAPSULE_LOG'"
     fi
-    cat >"$wrapper" <<EOF
+    cat >"$1" <<EOF
 #!/bin/sh
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage VMLINUX=/capsule/vmlinux
 export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrelease")'
-export CASE_TIMEOUT='$case_timeout' CASES='${expected[*]}'
+export CASE_TIMEOUT='$case_timeout' CASES='$2'
 $log_line
 exec sh /capsule/cases.sh
 EOF
-    timeout_l1="${CAPSULE_L1_TIMEOUT:-$((case_timeout * ${#expected[@]} + 300))}"
-    CAPSULE_L1_TIMEOUT="$timeout_l1" "$resources/harness/run-in-l1.sh" "$wrapper" \
-        "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$here/cases.sh" \
-        </dev/null | tee "$caselog" || rc=$?
-fi
-log "cases.sh ($mode) finished with status $rc after $((SECONDS - start))s in total"
-if [[ -n "${CAPSULE_BOOT_TESTS_LOG:-}" ]]; then
-    cp "$caselog" "$CAPSULE_BOOT_TESTS_LOG"
-fi
+}
 
-# Tally: one result per expected case; anything missing is a failure.
-passed=0
-failed=0
-echo "boot tests: results"
-for c in "${expected[@]}"; do
-    line="$(tr -d '\r' <"$caselog" | grep -E "^boot-case: (PASS|FAIL) $c( |:|\$)" | tail -n1 || true)"
-    if [[ "$line" == "boot-case: PASS "* ]]; then
-        passed=$((passed + 1))
-        echo "  PASS ${line#boot-case: PASS }"
-    elif [[ -n "$line" ]]; then
-        failed=$((failed + 1))
-        echo "  FAIL ${line#boot-case: FAIL }"
+# All of the work is in main(), parsed whole before it runs: editing this
+# file while it runs cannot corrupt the run.
+main() {
+    start=$SECONDS
+    mapfile -t all_cases < <(sh "$here/cases.sh" --list)
+    if [[ -n "${CASES:-}" ]]; then
+        read -r -a expected <<<"$CASES"
     else
-        failed=$((failed + 1))
-        echo "  FAIL $c: no result reported (harness status $rc)"
+        expected=("${all_cases[@]}")
     fi
-done
-reported="$(tr -d '\r' <"$caselog" | grep -cE '^boot-case: (PASS|FAIL) ' || true)"
-if [[ "$reported" -ne ${#expected[@]} ]]; then
-    echo "  harness: $reported case results reported, ${#expected[@]} expected"
-    [[ $failed -gt 0 ]] || failed=1
-fi
-if [[ $rc -ne 0 && $failed -eq 0 ]]; then
-    echo "  harness: exited with status $rc although every case passed"
-    failed=1
-fi
-echo "boot tests: $passed passed, $failed failed"
-[[ $failed -eq 0 ]]
+
+    # fail_all REASON: the cases could not run at all: every one of them failed.
+    fail_all() {
+        echo "boot tests: could not run: $1"
+        for c in "${expected[@]}"; do
+            echo "  FAIL $c: not run ($1)"
+        done
+        echo "boot tests: 0 passed, ${#expected[@]} failed"
+        exit 1
+    }
+
+    "$resources/install-deps.sh" || fail_all "installing dependencies failed"
+    export CAPSULE_SKIP_DEPS=1
+    capsule="$("$resources/build-capsule.sh")" || fail_all "building capsule failed"
+    kdir="$("$resources/build-guest-kernel.sh")" || fail_all "building the guest kernel failed"
+    initrd="$("$resources/build-guest-initramfs.sh")" || fail_all "building the guest initramfs failed"
+    mode="$("$resources/harness/mode.sh")" || fail_all "choosing the harness mode failed"
+    case_timeout="${CASE_TIMEOUT:-180}"
+    log "build phase took $((SECONDS - start))s; ${#expected[@]} cases"
+
+    echo "boot tests: mode=$mode"
+
+    work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
+    trap 'rm -rf "$work"' EXIT
+    caselog="$work/cases.log"
+
+    rc=0
+    if [[ "$mode" == direct ]]; then
+        CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
+            KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
+            CASES="${expected[*]}" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
+    else
+        # One L1 boot for all cases. If L1 itself fails (hangs, times out or
+        # dies without reporting: statuses 124-126), the cases it did not
+        # report are run once more in a new L1 (CAPSULE_L1_RETRIES).
+        timeout_l1="${CAPSULE_L1_TIMEOUT:-900}"
+        retries="${CAPSULE_L1_RETRIES:-1}"
+        remaining=("${expected[@]}")
+        : >"$caselog"
+        attempt=0
+        while :; do
+            attempt=$((attempt + 1))
+            write_l1_wrapper "$work/boot-tests-l1.sh" "${remaining[*]}"
+            rc=0
+            CAPSULE_L1_TIMEOUT="$timeout_l1" "$resources/harness/run-in-l1.sh" \
+                "$work/boot-tests-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" \
+                "$initrd" "$here/cases.sh" </dev/null | tee -a "$caselog" || rc=$?
+            unreported=()
+            for c in "${remaining[@]}"; do
+                tr -d '\r' <"$caselog" | grep -qE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||
+                    unreported+=("$c")
+            done
+            if [[ $rc -lt 124 || $rc -gt 126 || ${#unreported[@]} -eq 0 || $attempt -gt $retries ]]; then
+                break
+            fi
+            log "L1 failed (status $rc) before reporting ${#unreported[@]} case(s): running them again in a new L1: ${unreported[*]}"
+            echo "boot tests: L1 failed (status $rc); rerunning the unreported cases in a new L1: ${unreported[*]}"
+            remaining=("${unreported[@]}")
+        done
+    fi
+    log "cases.sh ($mode) finished with status $rc after $((SECONDS - start))s in total"
+    if [[ -n "${CAPSULE_BOOT_TESTS_LOG:-}" ]]; then
+        cp "$caselog" "$CAPSULE_BOOT_TESTS_LOG"
+    fi
+
+    # Tally: one result per expected case; anything missing is a failure.
+    passed=0
+    failed=0
+    echo "boot tests: results"
+    for c in "${expected[@]}"; do
+        line="$(tr -d '\r' <"$caselog" | grep -E "^boot-case: (PASS|FAIL) $c( |:|\$)" | tail -n1 || true)"
+        if [[ "$line" == "boot-case: PASS "* ]]; then
+            passed=$((passed + 1))
+            echo "  PASS ${line#boot-case: PASS }"
+        elif [[ -n "$line" ]]; then
+            failed=$((failed + 1))
+            echo "  FAIL ${line#boot-case: FAIL }"
+        else
+            failed=$((failed + 1))
+            echo "  FAIL $c: no result reported (harness status $rc)"
+        fi
+    done
+    reported="$(tr -d '\r' <"$caselog" | grep -cE '^boot-case: (PASS|FAIL) ' || true)"
+    if [[ "$reported" -ne ${#expected[@]} ]]; then
+        echo "  harness: $reported case results reported, ${#expected[@]} expected"
+        [[ $failed -gt 0 ]] || failed=1
+    fi
+    if [[ $rc -ne 0 && $failed -eq 0 ]]; then
+        echo "  harness: exited with status $rc although every case passed"
+        failed=1
+    fi
+    echo "boot tests: $passed passed, $failed failed"
+    [[ $failed -eq 0 ]]
+}
+
+main "$@"
