@@ -18,13 +18,29 @@
 #        CASE_TIMEOUT    seconds per case (default 180)
 #        CASES           space-separated subset of cases to run (default all)
 #        CASES_WORKDIR   where case outputs go (default: a new temp dir)
+#        ROOTFS          ext4 guest root image (build-guest-rootfs.sh), for
+#                        cases.d/disk.sh; cases copy it before use
+#        TOOLS           directory of host tools for checks (debugfs), each
+#                        runnable as $TOOLS/NAME
 # Output: one `boot-case: PASS|FAIL NAME ...` line per case, then
 #         `boot-cases: done N passed, M failed`; exit 1 if any failed.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
 ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux stdin_line poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
+CASES_DIR="$(cd "$(dirname "$0")" && pwd)"
+
+# More cases, by feature: each cases.d/*.sh adds its names to ALL_CASES and
+# defines a case_NAME function for each, using the helpers below.
+load_case_files() {
+    for _f in "$CASES_DIR"/cases.d/*.sh; do
+        [ -f "$_f" ] || continue
+        # shellcheck disable=SC1090
+        . "$_f"
+    done
+}
 
 if [ "${1:-}" = "--list" ]; then
+    load_case_files
     for c in $ALL_CASES; do echo "$c"; done
     exit 0
 fi
@@ -245,6 +261,7 @@ case_zero_cpus() {
     expect "no Rust panic" no_rust_panic
 }
 
+load_case_files
 echo "boot-cases: capsule $("$CAPSULE" --version 2>&1 | head -n1); kernel $(uname -r); work dir $WORK"
 for c in $CASES; do
     case " $ALL_CASES " in

@@ -28,6 +28,27 @@ resources="$here/../../resources"
 # shellcheck source=resources/lib.sh
 source "$resources/lib.sh"
 
+# make_tools_dir DIR: host tools that the cases use for checks (debugfs),
+# with their shared libraries, so that they also run inside L1 (whose root
+# is busybox only): DIR/NAME runs the tool through DIR/lib's dynamic loader.
+make_tools_dir() {
+    local dir="$1" tool path lib
+    mkdir -p "$dir/bin" "$dir/lib"
+    for tool in debugfs; do
+        path="$(command -v "$tool")" || die "$tool not found (package e2fsprogs)"
+        cp -L "$path" "$dir/bin/$tool"
+        ldd "$path" | awk '/=>/ { print $3 } /^\t\// { print $1 }' | while read -r lib; do
+            [[ -n "$lib" ]] && cp -L "$lib" "$dir/lib/"
+        done
+        cat >"$dir/$tool" <<EOF
+#!/bin/sh
+d="\$(cd "\$(dirname "\$0")" && pwd)"
+exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" "\$d/bin/$tool" "\$@"
+EOF
+        chmod 755 "$dir/$tool"
+    done
+}
+
 # write_l1_wrapper PATH "CASE...": the script that runs cases.sh in L1, with
 # the paths of the files run-in-l1.sh puts under /capsule.
 write_l1_wrapper() {
@@ -39,9 +60,10 @@ write_l1_wrapper() {
 #!/bin/sh
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage VMLINUX=/capsule/vmlinux
 export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrelease")'
+export ROOTFS=/capsule/rootfs.ext4 TOOLS=/capsule/tools
 export CASE_TIMEOUT='$case_timeout' CASES='$2'
 $log_line
-exec sh /capsule/cases.sh
+exec sh /capsule/boot/cases.sh
 EOF
 }
 
@@ -71,6 +93,7 @@ main() {
     capsule="$("$resources/build-capsule.sh")" || fail_all "building capsule failed"
     kdir="$("$resources/build-guest-kernel.sh")" || fail_all "building the guest kernel failed"
     initrd="$("$resources/build-guest-initramfs.sh")" || fail_all "building the guest initramfs failed"
+    rootfs="$("$resources/build-guest-rootfs.sh")" || fail_all "building the guest root image failed"
     mode="$("$resources/harness/mode.sh")" || fail_all "choosing the harness mode failed"
     case_timeout="${CASE_TIMEOUT:-180}"
     log "build phase took $((SECONDS - start))s; ${#expected[@]} cases"
@@ -80,11 +103,12 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     caselog="$work/cases.log"
+    make_tools_dir "$work/tools" || fail_all "collecting the host tools failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then
         CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
-            KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
+            ROOTFS="$rootfs" TOOLS="$work/tools" KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
             CASES="${expected[*]}" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
     else
         # One L1 boot for all cases. If L1 itself fails (hangs, times out or
@@ -101,7 +125,7 @@ main() {
             rc=0
             CAPSULE_L1_TIMEOUT="$timeout_l1" "$resources/harness/run-in-l1.sh" \
                 "$work/boot-tests-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" \
-                "$initrd" "$here/cases.sh" </dev/null | tee -a "$caselog" || rc=$?
+                "$initrd" "$rootfs" "$work/tools" "$here:boot" </dev/null | tee -a "$caselog" || rc=$?
             unreported=()
             for c in "${remaining[@]}"; do
                 tr -d '\r' <"$caselog" | grep -qE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||
