@@ -145,6 +145,8 @@ rc_is() { [ "$RC" -eq "$1" ]; }
 out_has() { grep -q -- "$1" "$OUT"; }
 out_has_line() { grep -qx -- "$1" "$OUT"; }
 no_rust_panic() { ! grep -q 'panicked at' "$OUT" "$ERR"; }
+# The guest kernel warned about nothing (e.g. an inconsistent CPUID).
+no_kernel_warning() { ! grep -q 'WARNING: \|consistency problem' "$OUT"; }
 one_error_line() { [ "$(grep -c '^capsule: error:' "$ERR")" -eq 1 ]; }
 
 describe_rc() {
@@ -191,6 +193,7 @@ case_boot_1cpu_bzimage() {
     expect "ready line with cpus=1" ready_cpus_is 1
     expect "uname -r output" kernel_release_printed
     expect "cpus=1 from nproc" out_has_line "cpus=1"
+    expect "no guest kernel WARNING" no_kernel_warning
     expect "no Rust panic" no_rust_panic
 }
 
@@ -200,6 +203,7 @@ case_boot_2cpu_vmlinux() {
     expect "exit status 0" rc_is 0
     expect "ready line with cpus=2" ready_cpus_is 2
     expect "cpus=2 from nproc" out_has_line "cpus=2"
+    expect "no guest kernel WARNING" no_kernel_warning
     expect "no Rust panic" no_rust_panic
 }
 

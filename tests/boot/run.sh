@@ -7,7 +7,7 @@
 # this host's /dev/kvm in `direct` mode, or inside one nested L1 guest for
 # all cases in `nested` mode (resources/harness/run-in-l1.sh). Prints each
 # case's result and ends with exactly one line
-#     boot tests: N passed, M failed
+#     boot: N passed, M failed
 # A case that was expected but not reported (the harness could not run, or
 # died half-way) counts as failed; the exit status is non-zero if M > 0.
 #
@@ -84,7 +84,7 @@ main() {
         for c in "${expected[@]}"; do
             echo "  FAIL $c: not run ($1)"
         done
-        echo "boot tests: 0 passed, ${#expected[@]} failed"
+        echo "boot: 0 passed, ${#expected[@]} failed"
         exit 1
     }
 
@@ -170,7 +170,7 @@ main() {
         echo "  harness: exited with status $rc although every case passed"
         failed=1
     fi
-    echo "boot tests: $passed passed, $failed failed"
+    echo "boot: $passed passed, $failed failed"
     [[ $failed -eq 0 ]]
 }
 
