@@ -121,3 +121,25 @@ make_cpio() {
         mv "$out.raw" "$out"
     fi
 }
+
+# copy_tools DIR TOOL...: host programs with their shared libraries in DIR,
+# so that they also run where only busybox is (in L1, or in a guest): each
+# DIR/TOOL runs DIR/bin/TOOL through the dynamic loader in DIR/lib.
+copy_tools() {
+    local dir="$1" tool path lib
+    shift
+    mkdir -p "$dir/bin" "$dir/lib"
+    for tool in "$@"; do
+        path="$(command -v "$tool")" || die "$tool not found"
+        cp -L "$path" "$dir/bin/$tool"
+        while read -r lib; do
+            [[ -z "$lib" ]] || cp -L "$lib" "$dir/lib/"
+        done < <(ldd "$path" | awk '/=>/ { print $3 } /^\t\// { print $1 }')
+        cat >"$dir/$tool" <<EOF
+#!/bin/sh
+d="\$(cd "\$(dirname "\$0")" && pwd)"
+exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" "\$d/bin/$tool" "\$@"
+EOF
+        chmod 755 "$dir/$tool"
+    done
+}

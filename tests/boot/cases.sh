@@ -83,17 +83,37 @@ wait_for() {
     done
 }
 
+# prompt_count FILE: how many lines of FILE show the guest shell's prompt.
+prompt_count() {
+    tr -d '\r' <"$1" | grep -c -- "$PROMPT"
+}
+
+# wait_prompts FILE N SECONDS STOPFILE: wait until FILE shows more than N
+# prompts (the shell finished the command typed after the Nth).
+wait_prompts() {
+    _deadline=$(($(now) + $3))
+    while [ "$(prompt_count "$1")" -le "$2" ]; do
+        if [ -e "$4" ] || [ "$(now)" -ge "$_deadline" ]; then
+            return 1
+        fi
+        sleep 0.2 2>/dev/null || sleep 1
+    done
+}
+
 # feeder FIFO OUT DONE INPUT: background stdin writer. Holds FIFO open for
 # writing until the file DONE exists; once the guest is ready, types each
-# line of the file INPUT (if not empty), one a second.
+# line of the file INPUT (if not empty), each once the shell has finished
+# the one before (its next prompt), so that the terminal's echo of a line
+# never lands inside the output of the one before.
 feeder() {
     exec 3>"$1"
     if [ -s "$4" ] && wait_for "$2" "$READY" "$CASE_TIMEOUT" "$3"; then
         # Give the shell time to start: its prompt means it is reading.
         wait_for "$2" "$PROMPT" 15 "$3" || true
         while IFS= read -r _line; do
+            _prompts=$(prompt_count "$2")
             printf '%s\n' "$_line" >&3
-            sleep 1
+            wait_prompts "$2" "$_prompts" 60 "$3" || true
         done <"$4"
     fi
     while [ ! -e "$3" ]; do

@@ -28,27 +28,6 @@ resources="$here/../../resources"
 # shellcheck source=resources/lib.sh
 source "$resources/lib.sh"
 
-# make_tools_dir DIR: host tools that the cases use for checks (debugfs),
-# with their shared libraries, so that they also run inside L1 (whose root
-# is busybox only): DIR/NAME runs the tool through DIR/lib's dynamic loader.
-make_tools_dir() {
-    local dir="$1" tool path lib
-    mkdir -p "$dir/bin" "$dir/lib"
-    for tool in debugfs; do
-        path="$(command -v "$tool")" || die "$tool not found (package e2fsprogs)"
-        cp -L "$path" "$dir/bin/$tool"
-        ldd "$path" | awk '/=>/ { print $3 } /^\t\// { print $1 }' | while read -r lib; do
-            [[ -n "$lib" ]] && cp -L "$lib" "$dir/lib/"
-        done
-        cat >"$dir/$tool" <<EOF
-#!/bin/sh
-d="\$(cd "\$(dirname "\$0")" && pwd)"
-exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" "\$d/bin/$tool" "\$@"
-EOF
-        chmod 755 "$dir/$tool"
-    done
-}
-
 # write_l1_wrapper PATH "CASE...": the script that runs cases.sh in L1, with
 # the paths of the files run-in-l1.sh puts under /capsule.
 write_l1_wrapper() {
@@ -103,7 +82,7 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     caselog="$work/cases.log"
-    make_tools_dir "$work/tools" || fail_all "collecting the host tools failed"
+    copy_tools "$work/tools" debugfs || fail_all "collecting the host tools failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then

@@ -124,6 +124,7 @@ poweroff -f' \
 
 case_disk_locked() {
     disk_prereqs || return
+    _t0=$(now)
     _img="$(disk_copy disk_locked)"
     # A first VM that has the image open (writable: an exclusive lock).
     _h="$WORK/disk_locked.holder"
@@ -150,6 +151,7 @@ case_disk_locked() {
     _holder_rc=0
     wait "$_holder" || _holder_rc=$?
     exec 7>&-
+    SECS=$(($(now) - _t0))
 
     expect "the first VM booted with the image" [ "$_holder_ready" -eq 1 ]
     expect "a second writable VM: exit status 1" rc_is 1
