@@ -109,6 +109,7 @@ case_disk_two() {
     run_capsule disk_two 'echo vdb-sectors=$(cat /sys/block/vdb/size)
 echo vdb-md5=$(md5sum </dev/vdb | cut -d" " -f1)
 printf capsule-vdb-write | dd of=/dev/vdb bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null; echo vdb-written-$((1+1))
+blkdiscard -o 0 -l 1048576 /dev/vdb && sync && echo vdb-discarded-$((1+1))
 poweroff -f' \
         run --kernel "$BZIMAGE" --cpus 2 --memory 256M --disk "$_img" --disk "$_data" \
         --cmdline "$DISK_CMDLINE_RW"
@@ -119,6 +120,9 @@ poweroff -f' \
     expect "the guest wrote to the second disk" out_has_line "vdb-written-2"
     expect "the write is at offset 1 MiB of the host file" \
         [ "$(dd if="$_data" bs=512 skip=2048 count=1 2>/dev/null | head -c 17)" = "capsule-vdb-write" ]
+    expect "the guest discarded the first MiB" out_has_line "vdb-discarded-2"
+    expect "the discarded MiB reads as zeros in the host file" \
+        cmp -s -n 1048576 "$_data" /dev/zero
     expect "no Rust panic" no_rust_panic
 }
 
