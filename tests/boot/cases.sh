@@ -26,7 +26,7 @@
 #         `boot-cases: done N passed, M failed`; exit 1 if any failed.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux stdin_line poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
+ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux boot_marker stdin_line poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
 CASES_DIR="$(cd "$(dirname "$0")" && pwd)"
 
 # More cases, by feature: each cases.d/*.sh adds its names to ALL_CASES and
@@ -224,6 +224,18 @@ case_boot_2cpu_vmlinux() {
     expect "ready line with cpus=2" ready_cpus_is 2
     expect "cpus=2 from nproc" out_has_line "cpus=2"
     expect "no guest kernel WARNING" no_kernel_warning
+    expect "no Rust panic" no_rust_panic
+}
+
+case_boot_marker() {
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
+    run_capsule boot_marker 'poweroff -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 128M
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
+    expect "exit status 0" rc_is 0
+    expect "the guest's init wrote the marker port: logged with wall and CPU ms" \
+        grep -q 'boot marker 1: [0-9.]* ms since capsule started, [0-9.]* ms CPU' "$ERR"
     expect "no Rust panic" no_rust_panic
 }
 
