@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # resources/bench-blk.sh: virtio-blk benchmark, from inside the guest.
 #
-# Boots capsule's test kernel with a benchmark root image (busybox + fio,
+# Boots capsule's test kernel, in capsule and in QEMU (-M microvm, the same
+# virtio-blk devices over virtio-mmio), with a benchmark root image (busybox + fio,
 # as /dev/vda, read-only) and a raw data image (/dev/vdb), and runs fio on
 # /dev/vdb with O_DIRECT and libaio: sequential write and read (1 MiB
 # blocks, queue depth 4) and 4 KiB random reads (queue depth 32). Each VM
@@ -58,35 +59,45 @@ INIT
 }
 
 # write_runner FILE: the script that boots the benchmark VM BENCH_RUNS times
-# (on the host in direct mode, in L1 in nested mode). POSIX sh.
+# with each VMM, alternating (on the host in direct mode, in L1 in nested
+# mode). POSIX sh. Prints the guest's lines as "bench-blk: VMM JOB ...".
 write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
-# Env: CAPSULE BZIMAGE BENCH_ROOT DATA_DIR BENCH_RUNS BENCH_SIZE
+# Env: CAPSULE QEMU QEMU_FW BZIMAGE BENCH_ROOT DATA_DIR BENCH_RUNS BENCH_SIZE
 set -u
+CMDLINE="console=ttyS0 reboot=k panic=1 root=/dev/vda ro quiet"
+data="$DATA_DIR/bench-data.img"
+# boot VMM: one benchmark VM; the guest's lines on stdout.
+boot() {
+    if [ "$1" = capsule ]; then
+        "$CAPSULE" run --kernel "$BZIMAGE" --cpus 2 --memory 512M \
+            --disk "$BENCH_ROOT,ro" --disk "$data" --cmdline "$CMDLINE" </dev/null
+    else
+        # Same devices, same order: virtio-blk over virtio-mmio, the host
+        # page cache in between (QEMU's default cache=writeback).
+        "$QEMU" -M microvm -accel kvm -cpu host -m 512M -smp 2 \
+            -nodefaults -no-user-config -display none -no-reboot -L "$QEMU_FW" \
+            -serial stdio -kernel "$BZIMAGE" -append "$CMDLINE" \
+            -drive id=root,file="$BENCH_ROOT",format=raw,if=none,readonly=on \
+            -drive id=data,file="$data",format=raw,if=none \
+            -device virtio-blk-device,drive=root -device virtio-blk-device,drive=data \
+            </dev/null
+    fi
+}
 i=0
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
-    data="$DATA_DIR/bench-data.img"
-    rm -f "$data"
-    dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
-    echo "bench-blk: run $i"
-    "$CAPSULE" run --kernel "$BZIMAGE" --cpus 2 --memory 512M \
-        --disk "$BENCH_ROOT,ro" --disk "$data" \
-        --cmdline "console=ttyS0 reboot=k panic=1 root=/dev/vda ro quiet" </dev/null |
-        tr -d '\r' | grep '^bench-blk:'
+    for vmm in capsule qemu; do
+        rm -f "$data"
+        dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
+        echo "bench-blk: run $i $vmm"
+        boot "$vmm" | tr -d '\r' | grep '^bench-blk:' | sed "s/^bench-blk: /bench-blk: $vmm /"
+    done
     rm -f "$data"
 done
 RUNNER
     chmod 755 "$1"
-}
-
-# stats: "min median max" of the numbers on stdin.
-stats() {
-    sort -n | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "- - -"; exit }
-        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        printf "%.0f %.0f %.0f\n", v[1], m, v[NR] }'
 }
 
 main() {
@@ -113,23 +124,27 @@ main() {
     truncate -s "${image_mib}M" "$work/bench-root.ext4"
     mkfs.ext4 -q -F -E root_owner=0:0 -d "$root" "$work/bench-root.ext4"
     write_runner "$work/bench-run.sh"
+    copy_tools "$work/tools" qemu-system-x86_64
+    copy_qemu_firmware "$work/qemu-fw"
 
-    log "mode: $mode; $runs runs"
+    log "mode: $mode; $runs runs per VMM"
     results="$work/results"
     if [[ "$mode" == direct ]]; then
-        CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" BENCH_ROOT="$work/bench-root.ext4" \
+        CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
+            BZIMAGE="$kdir/bzImage" BENCH_ROOT="$work/bench-root.ext4" \
             DATA_DIR="$work" BENCH_RUNS="$runs" BENCH_SIZE="$size" \
             sh "$work/bench-run.sh" | tee "$results" >&2
     else
         cat >"$work/bench-l1.sh" <<EOF
 #!/bin/sh
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage BENCH_ROOT=/capsule/bench-root.ext4
+export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$runs BENCH_SIZE=$size
 exec sh /capsule/bench-run.sh
 EOF
-        CAPSULE_L1_TIMEOUT=$((300 + runs * 180)) "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" \
+        CAPSULE_L1_TIMEOUT=$((300 + runs * 360)) "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$work/bench-root.ext4" \
-            "$work/bench-run.sh" </dev/null | tr -d '\r' | tee "$results" >&2
+            "$work/bench-run.sh" "$work/tools" "$work/qemu-fw" </dev/null | tr -d '\r' | tee "$results" >&2
     fi
     if grep -q '^bench-blk: error' "$results"; then
         grep '^bench-blk: error' "$results" >&2
@@ -137,14 +152,16 @@ EOF
     fi
 
     echo
-    echo "virtio-blk inside the guest (fio, O_DIRECT, /dev/vdb ${size} MiB; mode=$mode; $runs runs)"
-    printf '%-34s %10s %10s %10s\n' "measurement" "min" "median" "max"
+    echo "virtio-blk inside the guest, capsule vs QEMU microvm (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; $runs runs each)"
+    printf '%-34s %22s %22s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
     row() { # LABEL JOB FIELD DIVISOR
-        local values
-        values="$(sed -n "s/^bench-blk: $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
-            awk -v d="$4" '{ print $1 / d }' | stats)"
-        # shellcheck disable=SC2086
-        printf '%-34s %10s %10s %10s\n' "$1" $values
+        local c q ratio
+        read -r -a c <<<"$(sed -n "s/^bench-blk: capsule $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
+            awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
+        read -r -a q <<<"$(sed -n "s/^bench-blk: qemu $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
+            awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
+        ratio="$(awk -v a="${c[1]}" -v b="${q[1]}" 'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else print "-" }')"
+        printf '%-34s %22s %22s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${q[0]} / ${q[1]} / ${q[2]}" "$ratio"
     }
     row "sequential write, MiB/s (1 MiB)" seqwrite write_kibps 1024
     row "sequential read, MiB/s (1 MiB)" seqread read_kibps 1024

@@ -111,14 +111,6 @@ RUNNER
     chmod 755 "$1"
 }
 
-# stats: "min median max" of the numbers on stdin, or "- - -".
-stats() {
-    sort -n | awk '{ v[NR] = $1 } END {
-        if (NR == 0) { print "- - -"; exit }
-        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-        printf "%.1f %.1f %.1f\n", v[1], m, v[NR] }'
-}
-
 main() {
     runs="${BENCH_RUNS:-10}"
     [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
@@ -133,10 +125,7 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-boot.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     copy_tools "$work/tools" qemu-system-x86_64 date
-    mkdir -p "$work/qemu-fw"
-    for f in bios-microvm.bin linuxboot_dma.bin kvmvapic.bin; do
-        cp "/usr/share/qemu/$f" "$work/qemu-fw/"
-    done
+    copy_qemu_firmware "$work/qemu-fw"
     write_runner "$work/bench-run.sh"
 
     log "mode: $mode; $runs runs per VMM"
@@ -170,8 +159,8 @@ EOF
     printf '%-44s %22s %22s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
     row() { # LABEL KEY DIVISOR
         local c q cm qm ratio
-        read -r -a c <<<"$(value capsule "$2" | awk -v d="$3" '{ print $1 / d }' | stats)"
-        read -r -a q <<<"$(value qemu "$2" | awk -v d="$3" '{ print $1 / d }' | stats)"
+        read -r -a c <<<"$(value capsule "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
+        read -r -a q <<<"$(value qemu "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
         cm="${c[1]}" qm="${q[1]}"
         ratio="-"
         if [[ "$cm" != - && "$qm" != - ]]; then
@@ -182,8 +171,8 @@ EOF
     row "process start -> guest userspace, ms" ready_ms 1
     row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024
     local m cpu
-    read -r -a m <<<"$(value capsule marker_ms | stats)"
-    read -r -a cpu <<<"$(value capsule marker_cpu_ms | stats)"
+    read -r -a m <<<"$(value capsule marker_ms | min_median_max %.1f)"
+    read -r -a cpu <<<"$(value capsule marker_cpu_ms | min_median_max %.1f)"
     printf '%-44s %22s %22s %8s\n' "capsule boot marker: wall ms" "${m[0]} / ${m[1]} / ${m[2]}" "n/a" "-"
     printf '%-44s %22s %22s %8s\n' "capsule boot marker: process CPU ms" "${cpu[0]} / ${cpu[1]} / ${cpu[2]}" "n/a" "-"
     printf '%-44s %22s %22s %8s\n' "VMM start -> API ready, ms" "no API yet" "n/a" "-"

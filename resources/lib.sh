@@ -143,3 +143,23 @@ EOF
         chmod 755 "$dir/$tool"
     done
 }
+
+# min_median_max FORMAT: "min median max" of the numbers on stdin, each
+# printed with the printf FORMAT (e.g. %.1f), or "- - -" if there are none.
+min_median_max() {
+    sort -n | awk -v f="$1" '{ v[NR] = $1 } END {
+        if (NR == 0) { print "- - -"; exit }
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf f " " f " " f "\n", v[1], m, v[NR] }'
+}
+
+# copy_qemu_firmware DIR: the firmware QEMU's microvm machine loads (qboot
+# and its option ROMs), for `qemu-system-x86_64 -L DIR` where
+# /usr/share/qemu is not (in L1).
+copy_qemu_firmware() {
+    local f
+    mkdir -p "$1"
+    for f in bios-microvm.bin linuxboot_dma.bin kvmvapic.bin; do
+        cp "/usr/share/qemu/$f" "$1/"
+    done
+}
