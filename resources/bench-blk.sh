@@ -153,7 +153,7 @@ EOF
 
     echo
     echo "virtio-blk inside the guest, capsule vs QEMU microvm (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; $runs runs each)"
-    printf '%-34s %22s %22s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
+    printf '%-34s %26s %26s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
     row() { # LABEL JOB FIELD DIVISOR
         local c q ratio
         read -r -a c <<<"$(sed -n "s/^bench-blk: capsule $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
@@ -161,7 +161,7 @@ EOF
         read -r -a q <<<"$(sed -n "s/^bench-blk: qemu $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
             awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
         ratio="$(awk -v a="${c[1]}" -v b="${q[1]}" 'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else print "-" }')"
-        printf '%-34s %22s %22s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${q[0]} / ${q[1]} / ${q[2]}" "$ratio"
+        printf '%-34s %26s %26s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${q[0]} / ${q[1]} / ${q[2]}" "$ratio"
     }
     row "sequential write, MiB/s (1 MiB)" seqwrite write_kibps 1024
     row "sequential read, MiB/s (1 MiB)" seqread read_kibps 1024

@@ -156,7 +156,7 @@ EOF
     }
     echo
     echo "Boot, capsule vs QEMU microvm (1 vCPU, 128 MiB, same kernel/initramfs/cmdline; mode=$mode; $runs runs each)"
-    printf '%-44s %22s %22s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
+    printf '%-44s %26s %26s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
     row() { # LABEL KEY DIVISOR
         local c q cm qm ratio
         read -r -a c <<<"$(value capsule "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
@@ -166,16 +166,16 @@ EOF
         if [[ "$cm" != - && "$qm" != - ]]; then
             ratio="$(awk -v a="$cm" -v b="$qm" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
         fi
-        printf '%-44s %22s %22s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${q[0]} / ${q[1]} / ${q[2]}" "$ratio"
+        printf '%-44s %26s %26s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${q[0]} / ${q[1]} / ${q[2]}" "$ratio"
     }
     row "process start -> guest userspace, ms" ready_ms 1
     row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024
     local m cpu
     read -r -a m <<<"$(value capsule marker_ms | min_median_max %.1f)"
     read -r -a cpu <<<"$(value capsule marker_cpu_ms | min_median_max %.1f)"
-    printf '%-44s %22s %22s %8s\n' "capsule boot marker: wall ms" "${m[0]} / ${m[1]} / ${m[2]}" "n/a" "-"
-    printf '%-44s %22s %22s %8s\n' "capsule boot marker: process CPU ms" "${cpu[0]} / ${cpu[1]} / ${cpu[2]}" "n/a" "-"
-    printf '%-44s %22s %22s %8s\n' "VMM start -> API ready, ms" "no API yet" "n/a" "-"
+    printf '%-44s %26s %26s %8s\n' "capsule boot marker: wall ms" "${m[0]} / ${m[1]} / ${m[2]}" "n/a" "-"
+    printf '%-44s %26s %26s %8s\n' "capsule boot marker: process CPU ms" "${cpu[0]} / ${cpu[1]} / ${cpu[2]}" "n/a" "-"
+    printf '%-44s %26s %26s %8s\n' "VMM start -> API ready, ms" "no API yet" "n/a" "-"
 }
 
 main "$@"
