@@ -210,13 +210,16 @@ fn wait_for_time(chan: &mut Channel) -> Result<Vec<HostMsg>, String> {
 fn mount_disk() -> Result<(), String> {
     fs::create_dir_all(DISK_ROOT).map_err(|e| format!("cannot create {DISK_ROOT}: {e}"))?;
     let mut last = None;
-    for fs in DISK_FS {
-        match sys::mount(Some("/dev/vda"), DISK_ROOT.as_bytes(), Some(fs), 0) {
-            Ok(()) => {
-                last = None;
-                break;
+    // Read-write first; a read-only disk (`--disk IMG,ro`) then read-only.
+    'outer: for flags in [0, libc::MS_RDONLY] {
+        for fs in DISK_FS {
+            match sys::mount(Some("/dev/vda"), DISK_ROOT.as_bytes(), Some(fs), flags) {
+                Ok(()) => {
+                    last = None;
+                    break 'outer;
+                }
+                Err(e) => last = Some(e),
             }
-            Err(e) => last = Some(e),
         }
     }
     if let Some(e) = last {
