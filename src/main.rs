@@ -276,12 +276,19 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
-            let _ = e.print();
             let is_exec = std::env::args_os().nth(1).is_some_and(|a| a == "exec");
-            return ExitCode::from(match (e.use_stderr(), is_exec) {
-                (false, _) => status::OK,
-                (true, true) => status::EXEC_ERROR,
-                (true, false) => status::USAGE,
+            if is_exec && e.use_stderr() {
+                // exec is for scripts: one line, and docker-style status.
+                let text = e.to_string();
+                let first = text.lines().next().unwrap_or_default();
+                eprintln!("capsule: error: {}", first.trim_start_matches("error: "));
+                return ExitCode::from(status::EXEC_ERROR);
+            }
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                status::USAGE
+            } else {
+                status::OK
             });
         }
     };
