@@ -559,7 +559,16 @@ impl MutEventSubscriber for StdinPump {
 /// Starts the thread that reads host stdin.
 fn spawn_stdin_reader(ready: EventFd) -> io::Result<Receiver<StdinChunk>> {
     let (tx, rx): (SyncSender<StdinChunk>, _) = mpsc::sync_channel(8);
-    let mut stdin = File::from(io::stdin().as_fd().try_clone_to_owned()?);
+    let mut stdin = match io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => File::from(fd),
+        Err(e) => {
+            // No usable stdin (e.g. closed): the command gets end of file.
+            log::debug!("stdin unavailable ({e}); the command gets end of file");
+            let _ = tx.send(StdinChunk::Eof);
+            let _ = ready.write(1);
+            return Ok(rx);
+        }
+    };
     std::thread::Builder::new()
         .name("exec-stdin".into())
         .spawn(move || {
