@@ -486,6 +486,10 @@ fn run_command(
     handle_host(early_stdin, &mut stdin_buf, &mut stdin_eof, true);
 
     loop {
+        // Only a poll that started after the command was reaped can tell
+        // that its output is drained: whatever it wrote is in the pipes by
+        // then.
+        let exited_before_poll = status.is_some();
         if stdin_eof && stdin_buf.is_empty() {
             stdin.fd = None;
         }
@@ -590,7 +594,7 @@ fn run_command(
                 sys::Reaped::None => break,
             }
         }
-        if let Some(code) = status {
+        if let (Some(code), true) = (status, exited_before_poll) {
             let drained = stdout.fd.is_none() && stderr.fd.is_none();
             // Output still held open by a background process: stop once it
             // goes quiet, rather than wait for it.

@@ -7,7 +7,7 @@
 # Data files are made on the host side of the case and compared with cmp.
 
 # shellcheck disable=SC2016  # $... in guest commands is for the guest shell
-ALL_CASES="$ALL_CASES exec_status_0 exec_status_1 exec_status_42 exec_signal exec_not_found exec_output exec_stdin exec_share exec_env_cwd_clock exec_rootfs_dir exec_panic exec_timeout exec_startup_time"
+ALL_CASES="$ALL_CASES exec_status_0 exec_status_1 exec_status_42 exec_signal exec_not_found exec_output exec_stdin exec_share exec_env_cwd_clock exec_rootfs_dir exec_panic exec_timeout exec_bad_disk exec_startup_time"
 
 # run_exec CASE STDIN_FILE ARGS...: runs `capsule exec ARGS` with stdin
 # from STDIN_FILE (/dev/null for none); sets RC, OUT, ERR and SECS. The
@@ -149,6 +149,16 @@ case_exec_timeout() {
     expect "output before the timeout arrived" out_is started
     expect "says the timeout expired" err_has "timeout of 20 s expired"
     expect "killed promptly (under 60 s)" secs_below 60
+}
+
+case_exec_bad_disk() {
+    _img="$WORK/exec_bad_disk.img"
+    head -c 4194304 /dev/zero >"$_img"
+    run_exec exec_bad_disk /dev/null exec --kernel "$BZIMAGE" --disk "$_img,ephemeral" -- true
+    expect "exit status 125" rc_is 125
+    expect "one 'capsule: error:' line naming the disk" err_has "^capsule: error: in the guest: cannot mount --disk"
+    expect "no Rust panic" no_rust_panic
+    rm -f "$_img"
 }
 
 case_exec_startup_time() {
