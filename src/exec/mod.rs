@@ -39,7 +39,7 @@ use exec_proto::{Decoder, ExecSpec, GuestMsg, HostMsg, MAX_PAYLOAD};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::builder::{self, Console, ExtraDevice, Extras, RunEnd};
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::VmConfig;
 
 use self::cpio::{CpioError, CpioWriter};
 
@@ -715,11 +715,6 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
             "the guest shut down before capsule's init started".into()
         }),
     })
-}
-
-/// Parses `--disk` for exec (same syntax as `capsule run`).
-pub fn parse_disk(s: &str) -> Result<DiskConfig, String> {
-    s.parse()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 # Data files are made on the host side of the case and compared with cmp.
 
 # shellcheck disable=SC2016  # $... in guest commands is for the guest shell
-ALL_CASES="$ALL_CASES exec_status_0 exec_status_1 exec_status_42 exec_signal exec_not_found exec_output exec_stdin exec_share exec_env_cwd_clock exec_rootfs_dir exec_panic exec_timeout exec_bad_disk exec_startup_time"
+ALL_CASES="$ALL_CASES exec_status_0 exec_status_1 exec_status_42 exec_signal exec_not_found exec_output exec_stdin exec_share exec_env_cwd_clock exec_rootfs_dir exec_panic exec_timeout exec_bad_disk exec_boot_stall exec_startup_time"
 
 # run_exec CASE STDIN_FILE ARGS...: runs `capsule exec ARGS` with stdin
 # from STDIN_FILE (/dev/null for none); sets RC, OUT, ERR and SECS. The
@@ -159,6 +159,21 @@ case_exec_bad_disk() {
     expect "one 'capsule: error:' line naming the disk" err_has "^capsule: error: in the guest: cannot mount --disk"
     expect "no Rust panic" no_rust_panic
     rm -f "$_img"
+}
+
+case_exec_boot_stall() {
+    # A guest whose init never talks to capsule (a shell waiting on the
+    # serial console): capsule must give up at --boot-timeout, not hang.
+    _r="$WORK/exec_boot_stall.root"
+    rm -rf "$_r"
+    mkdir -p "$_r"
+    (cd "$_r" && gzip -dc "$INITRD" | cpio -id 2>/dev/null)
+    run_exec exec_boot_stall /dev/null exec --kernel "$BZIMAGE" --rootfs "$_r" \
+        --append "rdinit=/bin/sh" --boot-timeout 20 -- true
+    expect "exit status 123" rc_is 123
+    expect "says the init did not start" err_has "did not start capsule's init within 20 s"
+    expect "gave up in time (under 60 s)" secs_below 60
+    rm -rf "$_r"
 }
 
 case_exec_startup_time() {
