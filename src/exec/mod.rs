@@ -888,6 +888,48 @@ mod tests {
     }
 
     #[test]
+    fn stdin_waits_for_hello_then_time_then_flows_with_back_pressure() {
+        let s = Arc::new(Mutex::new(session(vec![])));
+        let console = Arc::new(Mutex::new(
+            VirtioConsole::new(Box::new(io::sink())).unwrap(),
+        ));
+        let (tx, rx) = mpsc::sync_channel(8);
+        let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut pump = StdinPump {
+            console: console.clone(),
+            session: s.clone(),
+            wake: evt(),
+            data_ready: evt(),
+            room: evt(),
+            chunks: rx,
+            time_sent: false,
+            done: false,
+        };
+        tx.send(StdinChunk::Data(b"early".to_vec())).unwrap();
+        pump.pump();
+        // Nothing before the init said hello (the console is not active,
+        // so queued input stays pending and can be inspected).
+        assert_eq!(lock(&console).pending_input(), 0);
+        lock(&s).hello = true;
+        pump.pump();
+        // The time frame (5 + 12 bytes), then stdin (5 + 5 bytes).
+        assert_eq!(lock(&console).pending_input(), 17 + 10);
+        // Above the high-water mark the channel is no longer drained.
+        tx.send(StdinChunk::Data(vec![0; INPUT_HIGH_WATER]))
+            .unwrap();
+        pump.pump();
+        let high = lock(&console).pending_input();
+        assert_eq!(
+            high,
+            27 + INPUT_HIGH_WATER + 5 * INPUT_HIGH_WATER.div_ceil(MAX_PAYLOAD)
+        );
+        tx.send(StdinChunk::Eof).unwrap();
+        pump.pump();
+        assert_eq!(lock(&console).pending_input(), high);
+        assert!(!pump.done);
+    }
+
+    #[test]
     fn initramfs_has_init_and_config() {
         let config = ExecConfig {
             vm: VmConfig {
