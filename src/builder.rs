@@ -16,10 +16,11 @@ use devices::legacy::serial::{ReadableFd, SerialOut};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use arch::acpi::MmioDevice;
 use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
+use devices::virtio::VirtioDevice;
 
 use crate::config::{format_size, DiskConfig, DiskMode, VmConfig};
 use crate::device_manager::{self, DeviceManager};
@@ -138,7 +139,35 @@ impl Console {
     }
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// An event-loop subscriber shared with other parts of the VMM.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A virtio device the caller adds besides the configured disks, with the
+/// same object as an event-loop subscriber (see `devices::virtio`).
+pub struct ExtraDevice {
+    /// The device, for its virtio-mmio transport.
+    pub virtio: Arc<Mutex<dyn VirtioDevice>>,
+    /// The same device, for the event loop.
+    pub subscriber: Subscriber,
+}
+
+/// Devices and event-loop subscribers added by the caller (e.g. `exec`).
+#[derive(Default)]
+pub struct Extras {
+    /// Virtio devices, attached over virtio-mmio after the disks.
+    pub devices: Vec<ExtraDevice>,
+    /// More event-loop subscribers.
+    pub subscribers: Vec<Subscriber>,
+}
+
+/// How [`Vmm::run_with`] ended.
+#[derive(Debug)]
+pub enum RunEnd<T> {
+    /// The guest ended the VM.
+    Guest(GuestExit),
+    /// The caller's check asked to stop.
+    Host(T),
+}
 
 /// A running VM.
 pub struct Vmm {
@@ -166,6 +195,31 @@ impl Vmm {
         vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
         Ok(reason)
     }
+
+    /// Like [`Self::run`], but calls `check` before every event-loop round
+    /// and at least every `tick`; when it returns `Some`, the vCPUs are
+    /// stopped and that value is returned. A guest exit is only reported if
+    /// `check` did not ask to stop first.
+    pub fn run_with<T>(
+        mut self,
+        tick: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> Result<RunEnd<T>> {
+        let tick_ms = i32::try_from(tick.as_millis()).unwrap_or(i32::MAX);
+        let end = loop {
+            if let Some(t) = check() {
+                break RunEnd::Host(t);
+            }
+            if let Some(r) = self.exit.reason() {
+                break RunEnd::Guest(r);
+            }
+            self.event_manager
+                .run_with_timeout(tick_ms)
+                .map_err(|e| Error::EventLoop(e.to_string()))?;
+        };
+        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
+        Ok(end)
+    }
 }
 
 /// Wakes the event loop when the VM must end.
@@ -184,6 +238,11 @@ impl MutEventSubscriber for ExitWatcher {
 
 /// Builds and starts a VM.
 pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
+    build_with(config, console, Extras::default())
+}
+
+/// Builds and starts a VM with extra devices and subscribers.
+pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result<Vmm> {
     // Open user files first: a typo should not cost a KVM setup.
     let mut kernel = open("kernel", &config.kernel)?;
     let initrd = config
@@ -199,9 +258,11 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
     let vm = Vm::new(kvm, &mem)?;
 
     let entry = load_kernel(&mem, &config.kernel, &mut kernel)?;
-    let initrd = initrd
-        .map(|(path, mut file)| load_initrd(&mem, path, &mut file))
-        .transpose()?;
+    let initrd = if initrd.is_some() || config.initramfs.is_some() {
+        Some(load_initrd(&mem, initrd, config.initramfs.as_deref())?)
+    } else {
+        None
+    };
 
     let mut event_manager =
         EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
@@ -221,6 +282,13 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
         let block = Arc::new(Mutex::new(open_disk(index, disk)?));
         dm.attach_virtio_mmio(&vm, &mem, block.clone())?;
         event_manager.add_subscriber(block);
+    }
+    for dev in extras.devices {
+        dm.attach_virtio_mmio(&vm, &mem, dev.virtio)?;
+        event_manager.add_subscriber(dev.subscriber);
+    }
+    for sub in extras.subscribers {
+        event_manager.add_subscriber(sub);
     }
 
     let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
@@ -356,26 +424,54 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
     }
 }
 
+/// Loads the initrd file (if any) followed by the generated initramfs
+/// bytes (if any, 4-byte aligned after the file, as the kernel accepts
+/// concatenated archives) at the top of low memory.
 fn load_initrd(
     mem: &GuestMemoryMmap,
-    path: &Path,
-    file: &mut File,
+    file: Option<(&PathBuf, File)>,
+    extra: Option<&[u8]>,
 ) -> Result<arch::boot::InitrdConfig> {
+    let (path, file_size) = match &file {
+        Some((path, f)) => {
+            let size = f.metadata().map_err(|source| Error::File {
+                what: "initrd",
+                path: path.to_path_buf(),
+                source,
+            })?;
+            (path.to_path_buf(), size.len())
+        }
+        None => (PathBuf::from("(generated initramfs)"), 0),
+    };
     let file_err = |source| Error::File {
         what: "initrd",
-        path: path.to_path_buf(),
+        path: path.clone(),
         source,
     };
-    let size = file.metadata().map_err(file_err)?.len();
-    let size = usize::try_from(size).map_err(|_| file_err(std::io::Error::other("too large")))?;
+    let extra_at = if extra.is_some() {
+        file_size.next_multiple_of(4)
+    } else {
+        file_size
+    };
+    let total = extra_at + extra.map_or(0, |e| e.len() as u64);
+    let size = usize::try_from(total).map_err(|_| file_err(std::io::Error::other("too large")))?;
     let address =
         arch::boot::initrd_load_addr(mem, size).map_err(|source| Error::InitrdTooBig {
-            path: path.to_path_buf(),
-            size: format_size(size as u64),
+            path: path.clone(),
+            size: format_size(total),
             source,
         })?;
-    mem.read_exact_volatile_from(address, file, size)
-        .map_err(|e| file_err(std::io::Error::other(e.to_string())))?;
+    if let Some((_, mut f)) = file {
+        mem.read_exact_volatile_from(address, &mut f, file_size as usize)
+            .map_err(|e| file_err(std::io::Error::other(e.to_string())))?;
+    }
+    if let Some(extra) = extra {
+        // Zero the alignment gap, then the archive.
+        let gap = vec![0u8; (extra_at - file_size) as usize];
+        mem.write_slice(&gap, address.unchecked_add(file_size))
+            .and_then(|()| mem.write_slice(extra, address.unchecked_add(extra_at)))
+            .map_err(|e| Error::Boot("initramfs", e.to_string()))?;
+    }
     Ok(arch::boot::InitrdConfig { address, size })
 }
 

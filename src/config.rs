@@ -24,6 +24,9 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Optional initramfs.
     pub initrd: Option<PathBuf>,
+    /// A generated initramfs (cpio newc) loaded right after `initrd`
+    /// (`capsule exec`'s init and files).
+    pub initramfs: Option<Vec<u8>>,
     /// Kernel command line.
     pub cmdline: String,
     /// Number of vCPUs (1..=254).

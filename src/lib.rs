@@ -8,6 +8,7 @@
 pub mod builder;
 pub mod config;
 pub mod device_manager;
+pub mod exec;
 pub mod terminal;
 pub mod vstate;
 

@@ -262,6 +262,111 @@ fn bad_inputs_get_one_line_and_a_status() {
     }
 }
 
+#[test]
+fn exec_bad_inputs_get_one_line_and_status_125() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("exec-bad-inputs");
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk");
+    std::fs::write(&junk, vec![0x5au8; 64 * 1024]).unwrap();
+    let file = junk.to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    let share_file = format!("{file}:/x");
+    let share_missing = format!("{d}/missing:/x");
+    let share_rel = format!("{d}:relative");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["exec", "--kernel", "/nonexistent/k", "--", "true"],
+            "cannot read kernel",
+        ),
+        (
+            &["exec", "--kernel", file, "--", "true"],
+            "is not a Linux kernel",
+        ),
+        (
+            &[
+                "exec",
+                "--kernel",
+                file,
+                "--share",
+                &share_file,
+                "--",
+                "true",
+            ],
+            "not a directory",
+        ),
+        (
+            &[
+                "exec",
+                "--kernel",
+                file,
+                "--share",
+                &share_missing,
+                "--",
+                "true",
+            ],
+            "not a directory",
+        ),
+        (
+            &[
+                "exec", "--kernel", file, "--share", &share_rel, "--", "true",
+            ],
+            "absolute",
+        ),
+        (
+            &["exec", "--kernel", file, "--rootfs", file, "--", "true"],
+            "not a directory",
+        ),
+        (
+            &["exec", "--kernel", file, "-w", "rel", "--", "true"],
+            "--workdir",
+        ),
+        (
+            &["exec", "--kernel", file, "--env", "=v", "--", "true"],
+            "--env",
+        ),
+        (
+            &[
+                "exec",
+                "--kernel",
+                file,
+                "--env",
+                "CAPSULE_SURELY_UNSET_VAR",
+                "--",
+                "true",
+            ],
+            "not set",
+        ),
+        (
+            &["exec", "--kernel", file, "--timeout", "0", "--", "true"],
+            "--timeout",
+        ),
+        (
+            &["exec", "--kernel", file, "--timeout", "-3", "--", "true"],
+            "'-3'",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = capsule(args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: want one line, got {err}");
+        assert!(err.starts_with("capsule: error: "), "{args:?}: {err}");
+    }
+    // Usage errors (clap) exit 125 for exec too.
+    for args in [
+        &["exec"][..],
+        &["exec", "--kernel", file],
+        &[
+            "exec", "--kernel", file, "--disk", file, "--rootfs", d, "--", "x",
+        ],
+    ] {
+        let out = capsule(args, None);
+        assert_eq!(out.status.code(), Some(125), "{args:?}");
+    }
+}
+
 /// Raw mode is on while the guest runs and the terminal comes back cooked
 /// both after a normal exit and after SIGTERM. Runs capsule on a pseudo
 /// terminal made by util-linux `script`.

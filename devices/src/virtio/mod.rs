@@ -58,6 +58,7 @@
 //! [`BusDevice`]: crate::bus::BusDevice
 
 pub mod block;
+pub mod console;
 pub mod mmio;
 
 use std::io;
@@ -113,6 +114,8 @@ pub mod features {
 pub mod device_type {
     /// Block device.
     pub const BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+    /// Console device.
+    pub const CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 }
 
 /// What an interrupt tells the driver.

@@ -1,0 +1,229 @@
+//! Thin wrappers over the system calls the init needs. Every `unsafe`
+//! block here is an FFI call with arguments built from owned Rust values.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// Converts a path or string to a C string.
+pub fn cstr(s: &[u8]) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in string"))
+}
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `mount(2)`.
+pub fn mount(
+    source: Option<&str>,
+    target: &[u8],
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+) -> io::Result<()> {
+    let source = source.map(|s| cstr(s.as_bytes())).transpose()?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(|s| cstr(s.as_bytes())).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: valid NUL-terminated strings (or null where allowed); no data.
+    check(unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            std::ptr::null(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Puts a terminal in raw mode: no echo, no line editing, no signals, no
+/// output processing, 8-bit clean.
+pub fn make_raw(fd: RawFd) -> io::Result<()> {
+    // SAFETY: termios is plain data; tcgetattr fills it.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and pointer.
+    check(unsafe { libc::tcgetattr(fd, &mut t) })?;
+    // SAFETY: valid pointer to an initialized termios.
+    unsafe { libc::cfmakeraw(&mut t) };
+    // SAFETY: valid fd and pointer.
+    check(unsafe { libc::tcsetattr(fd, libc::TCSANOW, &t) })?;
+    Ok(())
+}
+
+/// Sets the wall clock.
+pub fn set_clock(secs: u64, nanos: u32) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: nanos as libc::c_long,
+    };
+    // SAFETY: valid pointer to a timespec.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
+    Ok(())
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: valid pointer to two ints.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: pipe2 returned two new descriptors that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Makes `fd` non-blocking.
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: fcntl on a valid descriptor.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// `poll(2)` on `fds` for up to `timeout_ms`.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: the pointer and length describe `fds`.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(n as usize)
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy)]
+pub enum Reaped {
+    /// No child has ended.
+    None,
+    /// Process `pid` ended with shell-style status (128+N for signal N).
+    Child(libc::pid_t, u8),
+}
+
+/// Reaps one ended child, without blocking.
+pub fn reap_any() -> Reaped {
+    let mut status = 0;
+    // SAFETY: valid pointer to an int.
+    let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+    if pid <= 0 {
+        return Reaped::None;
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status) as u8
+    } else if libc::WIFSIGNALED(status) {
+        (128 + libc::WTERMSIG(status)) as u8
+    } else {
+        return Reaped::None;
+    };
+    Reaped::Child(pid, code)
+}
+
+/// What the child does between `fork` and `exec`, prepared beforehand.
+pub struct ChildSetup<'a> {
+    /// Root to `chroot` into, if not `/`.
+    pub chroot: Option<&'a CStr>,
+    /// Working directory (inside the root).
+    pub cwd: &'a CStr,
+    /// Program to execute (already resolved against PATH).
+    pub program: &'a CStr,
+    /// NULL-terminated argv.
+    pub argv: &'a [*const libc::c_char],
+    /// NULL-terminated environment.
+    pub envp: &'a [*const libc::c_char],
+    /// Descriptors for the child's stdin, stdout and stderr.
+    pub stdio: [RawFd; 3],
+    /// Message and status when the program does not exist.
+    pub not_found: &'a [u8],
+}
+
+fn write_fd(fd: RawFd, msg: &[u8]) {
+    // SAFETY: valid buffer; the result does not matter (best effort).
+    let _ = unsafe { libc::write(fd, msg.as_ptr().cast(), msg.len()) };
+}
+
+/// Forks and runs the command. The child only makes system calls on
+/// prepared data (the init is single-threaded, but this keeps the child
+/// free of allocation anyway).
+pub fn spawn(setup: &ChildSetup) -> io::Result<libc::pid_t> {
+    // SAFETY: the init is single-threaded; the child below only calls
+    // async-signal-safe functions and ends in exec or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid > 0 {
+        return Ok(pid);
+    }
+    // Child.
+    // SAFETY: plain system calls on prepared, valid arguments; every path
+    // ends in execve or _exit.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        for sig in 1..32 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+        libc::setsid();
+        for (i, &fd) in setup.stdio.iter().enumerate() {
+            libc::dup2(fd, i as RawFd);
+        }
+        if let Some(root) = setup.chroot {
+            if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
+                write_fd(2, b"capsule-init: cannot enter the --disk root\n");
+                libc::_exit(125);
+            }
+        }
+        if libc::chdir(setup.cwd.as_ptr()) != 0 {
+            write_fd(2, b"capsule-init: cannot enter the working directory\n");
+            libc::_exit(125);
+        }
+        if !setup.not_found.is_empty() {
+            write_fd(2, setup.not_found);
+            libc::_exit(127);
+        }
+        libc::execve(
+            setup.program.as_ptr(),
+            setup.argv.as_ptr(),
+            setup.envp.as_ptr(),
+        );
+        let err = *libc::__errno_location();
+        write_fd(2, b"capsule-init: ");
+        write_fd(2, setup.program.to_bytes());
+        let status = if err == libc::ENOENT {
+            write_fd(2, b": command not found\n");
+            127
+        } else {
+            write_fd(2, b": cannot execute: ");
+            let msg = CStr::from_ptr(libc::strerror(err));
+            write_fd(2, msg.to_bytes());
+            write_fd(2, b"\n");
+            126
+        };
+        libc::_exit(status);
+    }
+}
+
+/// Flushes file systems and powers the machine off. Never returns.
+pub fn power_off() -> ! {
+    // SAFETY: plain system calls.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_POWER_OFF);
+    }
+    // reboot only returns on failure; PID 1 must not exit, so wait.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
