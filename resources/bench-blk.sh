@@ -142,9 +142,10 @@ export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$runs BENCH_SIZE=$size
 exec sh /capsule/bench-run.sh
 EOF
-        CAPSULE_L1_TIMEOUT=$((300 + runs * 360)) "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" \
+        export CAPSULE_L1_TIMEOUT=$((300 + runs * 360))
+        run_in_l1_retrying "$results" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$work/bench-root.ext4" \
-            "$work/bench-run.sh" "$work/tools" "$work/qemu-fw" </dev/null | tr -d '\r' | tee "$results" >&2
+            "$work/bench-run.sh" "$work/tools" "$work/qemu-fw"
     fi
     if grep -q '^bench-blk: error' "$results"; then
         grep '^bench-blk: error' "$results" >&2

@@ -144,9 +144,10 @@ export DATE=/capsule/tools/date BZIMAGE=/capsule/bzImage INITRD=/capsule/initram
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh
 EOF
-        CAPSULE_L1_TIMEOUT=$((300 + runs * 120)) "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" \
+        export CAPSULE_L1_TIMEOUT=$((300 + runs * 120))
+        run_in_l1_retrying "$results" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$initrd" "$work/tools" \
-            "$work/qemu-fw" "$work/bench-run.sh" </dev/null | tr -d '\r' | tee "$results" >&2
+            "$work/qemu-fw" "$work/bench-run.sh"
     fi
     grep '^bench-boot: error' "$results" >&2 || true
 

@@ -163,3 +163,23 @@ copy_qemu_firmware() {
         cp "/usr/share/qemu/$f" "$1/"
     done
 }
+
+# run_in_l1_retrying OUT SCRIPT FILE...: resources/harness/run-in-l1.sh
+# SCRIPT FILE... with L1's console (without \r) in the file OUT and on
+# stderr. The nested harness's L1 now and then hangs for reasons of its own
+# (TCG); when L1 hangs, times out or dies without SCRIPT's status (124-126),
+# it is run again in a new L1, up to 3 times in all. Returns SCRIPT's status.
+run_in_l1_retrying() {
+    local out="$1" attempt rc
+    shift
+    for attempt in 1 2 3; do
+        rc=0
+        "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" "$@" </dev/null |
+            tr -d '\r' | tee "$out" >&2 || rc=$?
+        if [[ $rc -lt 124 || $rc -gt 126 ]]; then
+            return "$rc"
+        fi
+        log "L1 failed (status $rc, attempt $attempt of 3)"
+    done
+    return "$rc"
+}
