@@ -17,7 +17,7 @@
 #        CASE_TIMEOUT                    seconds per case (default 180)
 #        CAPSULE_L1_TIMEOUT              nested mode: seconds for the whole L1 run (default 900)
 #        CAPSULE_L1_RETRIES              nested mode: new L1s for the cases that an L1
-#                                        that hung or died did not report (default 1)
+#                                        that hung or died did not report (default 2)
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
 #        CAPSULE_CACHE                   cache root for kernels and images
 #        CAPSULE_LOG                     capsule's log filter, passed to the cases
@@ -92,9 +92,9 @@ main() {
     else
         # One L1 boot for all cases. If L1 itself fails (hangs, times out or
         # dies without reporting: statuses 124-126), the cases it did not
-        # report are run once more in a new L1 (CAPSULE_L1_RETRIES).
+        # report are run again in a new L1, up to twice (CAPSULE_L1_RETRIES).
         timeout_l1="${CAPSULE_L1_TIMEOUT:-900}"
-        retries="${CAPSULE_L1_RETRIES:-1}"
+        retries="${CAPSULE_L1_RETRIES:-2}"
         remaining=("${expected[@]}")
         : >"$caselog"
         attempt=0
