@@ -97,6 +97,8 @@ one() {
     if [ "$vmm" = capsule ]; then
         m=$(sed -n 's/.*boot marker 1: \([0-9.]*\) ms since capsule started, \([0-9.]*\) ms CPU.*/marker_ms=\1 marker_cpu_ms=\2/p' "$err")
         line="$line ${m:-marker_ms=- marker_cpu_ms=-}"
+        v=$(sed -n 's/.*VM started: .*, \([0-9.]*\) ms after capsule started.*/vm_started_ms=\1/p' "$err")
+        line="$line ${v:-vm_started_ms=-}"
     fi
     echo "$line"
 }
@@ -174,6 +176,9 @@ EOF
     local m cpu
     read -r -a m <<<"$(value capsule marker_ms | min_median_max %.1f)"
     read -r -a cpu <<<"$(value capsule marker_cpu_ms | min_median_max %.1f)"
+    local v
+    read -r -a v <<<"$(value capsule vm_started_ms | min_median_max %.1f)"
+    printf '%-44s %26s %26s %8s\n' "capsule: process start -> vCPUs running, ms" "${v[0]} / ${v[1]} / ${v[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule boot marker: wall ms" "${m[0]} / ${m[1]} / ${m[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule boot marker: process CPU ms" "${cpu[0]} / ${cpu[1]} / ${cpu[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "VMM start -> API ready, ms" "no API yet" "n/a" "-"

@@ -338,9 +338,10 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         }
     }
     log::info!(
-        "VM started: {} vCPU(s), {} of memory",
+        "VM started: {} vCPU(s), {} of memory, {:.1} ms after capsule started",
         config.vcpus,
-        format_size(config.mem_size)
+        format_size(config.mem_size),
+        crate::process_start().elapsed().as_secs_f64() * 1000.0
     );
 
     Ok(Vmm {
