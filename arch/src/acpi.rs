@@ -49,9 +49,6 @@ const SDT_HEADER_LEN: u32 = 36;
 /// FADT IA-PC boot architecture flag: legacy (ISA) devices such as the
 /// COM1 serial port are present.
 const IAPC_BOOT_ARCH_LEGACY_DEVICES: u16 = 1 << 0;
-/// FADT IA-PC boot architecture flag: there is an 8042 keyboard
-/// controller (Linux's i8042 driver gives up without it or a PNP0303).
-const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
 /// FADT IA-PC boot architecture flag: VGA must not be probed.
 const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
 /// FADT IA-PC boot architecture flag: there is no CMOS RTC.
@@ -237,7 +234,6 @@ fn build_fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
     fadt.iapc_boot_arch = (IAPC_BOOT_ARCH_LEGACY_DEVICES
-        | IAPC_BOOT_ARCH_8042
         | IAPC_BOOT_ARCH_VGA_NOT_PRESENT
         | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT)
         .into();
@@ -491,8 +487,8 @@ mod tests {
         assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON");
 
         let boot_arch = u16::from_le_bytes(fadt[109..111].try_into().unwrap());
-        // No 8042 flag: Linux then skips probing a PS/2 controller (slow,
-        // and nothing to find); reboot=k still reaches the i8042 reset port.
+        // No 8042 flag: Linux finds the keyboard controller only through
+        // its DSDT entry (PNP0303), never by blind port probing.
         assert_eq!(boot_arch & (1 << 1), 0, "8042 not announced");
         assert_ne!(boot_arch & (1 << 2), 0, "VGA not present");
         assert_eq!(boot_arch & (1 << 3), 0, "MSI supported");
