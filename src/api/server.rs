@@ -114,12 +114,14 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
                 format!("Invalid request method and/or path: {method} {path}"),
             ))
         }
-        _ => return Err(Response::fault(
-            400,
-            format!(
+        _ => {
+            return Err(Response::fault(
+                400,
+                format!(
                 "Invalid request method and/or path: {method} {path} (not implemented by capsule)"
             ),
-        )),
+            ))
+        }
     };
     Ok(r)
 }

@@ -210,8 +210,9 @@ pub struct FullVmConfig {
     #[serde(default, skip_serializing_if = "is_none")]
     pub logger: Option<Logger>,
     /// Serial output (capsule extension of the config file; the API's
-    /// `PUT /serial`).
-    #[serde(default, skip_serializing_if = "is_none")]
+    /// `PUT /serial`). Not reported by `GET /vm/config`, whose schema has
+    /// no such section.
+    #[serde(default, skip_serializing)]
     pub serial: Option<SerialDevice>,
     /// Firecracker devices capsule does not have: refused when present.
     #[serde(default, skip_serializing)]
