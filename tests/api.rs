@@ -687,3 +687,112 @@ fn conformance_with_the_firecracker_spec() {
     assert_eq!(json(&body)["state"], "Paused");
     conforms(&defs, "InstanceInfo", &json(&body)).unwrap();
 }
+
+fn capsule(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run capsule")
+}
+
+#[test]
+fn verbs_drive_a_detached_vm() {
+    let kernel = tmp("verbs.elf");
+    std::fs::write(&kernel, ctrl_alt_del_guest()).unwrap();
+    let name = format!("apitest-{}", std::process::id());
+    let k = kernel.to_str().unwrap();
+    let out = capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
+    // A second VM of the same name is refused.
+    let out = capsule(&["run", "-d", "--name", &name, "--kernel", k]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = capsule(&["ls", "--json"]);
+    let list = json(&String::from_utf8_lossy(&out.stdout));
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name.as_str())
+        .expect("listed");
+    assert_eq!(me["state"], "Running");
+    assert_eq!(capsule(&["pause", &name]).status.code(), Some(0));
+    let out = capsule(&["ls", "--json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Paused"));
+    assert_eq!(capsule(&["resume", &name]).status.code(), Some(0));
+    let out = capsule(&["logs", &name]);
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with('.'));
+    let waiter = {
+        let name = name.clone();
+        std::thread::spawn(move || capsule(&["wait", &name]).status.code())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = capsule(&["stop", &name, "--timeout", "20"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).is_empty(),
+        "stop was not graceful"
+    );
+    assert_eq!(waiter.join().unwrap(), Some(0));
+    // Gone: verbs say so with status 4.
+    assert_eq!(capsule(&["pause", &name]).status.code(), Some(4));
+    assert_eq!(capsule(&["wait", &name]).status.code(), Some(4));
+    assert_eq!(capsule(&["stop", "bad/name"]).status.code(), Some(2));
+}
+
+#[test]
+fn stale_runtime_dir_is_cleaned() {
+    let kernel = tmp("stale.elf");
+    std::fs::write(&kernel, ctrl_alt_del_guest()).unwrap();
+    let name = format!("apistale-{}", std::process::id());
+    let out = capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let dir = String::from_utf8_lossy(&capsule(&["ls", "--json"]).stdout).to_string();
+    let list = json(&dir);
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name.as_str())
+        .unwrap()
+        .clone();
+    let pid = me["pid"].as_i64().unwrap();
+    // SIGKILL behind capsule's back: the directory stays, stale.
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let d = PathBuf::from(me["dir"].as_str().unwrap());
+    // (An `ls` of a test running in parallel may clean it first.)
+    let out = capsule(&["ls", "--json"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(&name));
+    assert!(!d.exists(), "stale directory not removed");
+}
