@@ -13,6 +13,7 @@ use std::time::Duration;
 use arch::layout;
 use devices::exit::{ExitSignal, GuestExit};
 use devices::legacy::serial::{ReadableFd, SerialOut};
+use devices::legacy::I8042;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
@@ -25,7 +26,7 @@ use devices::virtio::VirtioDevice;
 use crate::config::{format_size, DiskConfig, DiskMode, VmConfig};
 use crate::device_manager::{self, DeviceManager};
 use crate::terminal;
-use crate::vstate::vcpu::{self, Vcpu, VcpuHandle, VcpuIo};
+use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode code.
@@ -173,6 +174,8 @@ pub enum RunEnd<T> {
 pub struct Vmm {
     // Field order is drop order: vCPU threads go before the memory they use.
     vcpus: Vec<VcpuHandle>,
+    pause: Arc<PauseGate>,
+    i8042: Option<Arc<Mutex<I8042>>>,
     event_manager: EventManager<Subscriber>,
     exit: ExitSignal,
     _terminal: Option<terminal::RawModeGuard>,
@@ -180,7 +183,106 @@ pub struct Vmm {
     _mem: GuestMemoryMmap,
 }
 
+/// Errors of [`Vmm::pause`] and [`Vmm::resume`].
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// Not every vCPU reached the parked state in time.
+    #[error("only {parked} of {total} vCPUs paused within {timeout:?}")]
+    Timeout {
+        /// vCPUs parked.
+        parked: usize,
+        /// vCPUs running.
+        total: usize,
+        /// How long capsule waited.
+        timeout: Duration,
+    },
+}
+
+/// How long [`Vmm::pause`] and [`Vmm::resume`] wait for the vCPUs.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
+    }
+}
+
 impl Vmm {
+    /// Runs one round of the device event loop, waiting at most `timeout`
+    /// for an event; returns the guest's exit reason once it has ended the
+    /// VM. The vCPUs keep running (or stay paused) in between.
+    pub fn run_once(&mut self, timeout: Duration) -> Result<Option<GuestExit>> {
+        if let Some(r) = self.exit.reason() {
+            return Ok(Some(r));
+        }
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        self.event_manager
+            .run_with_timeout(ms)
+            .map_err(|e| Error::EventLoop(e.to_string()))?;
+        Ok(self.exit.reason())
+    }
+
+    /// Adds an event-loop subscriber to the running VM (e.g. a waker for
+    /// API requests).
+    pub fn add_subscriber(&mut self, sub: Subscriber) {
+        self.event_manager.add_subscriber(sub);
+    }
+
+    /// Pauses the VM: every vCPU leaves `KVM_RUN` and parks. Returns once
+    /// all of them are parked. Devices keep running (a paused guest's
+    /// queued I/O completes; its interrupts wait in the irqchip).
+    pub fn pause(&mut self) -> std::result::Result<(), PauseError> {
+        self.pause.set_requested(true);
+        let total = self.vcpus.iter().filter(|v| !v.is_finished()).count();
+        let vcpus = &self.vcpus;
+        if self.pause.wait_parked(
+            PAUSE_TIMEOUT,
+            |parked| parked >= total,
+            || vcpus.iter().for_each(VcpuHandle::kick),
+        ) {
+            log::info!("VM paused ({total} vCPUs parked)");
+            Ok(())
+        } else {
+            Err(PauseError::Timeout {
+                parked: self.pause.parked(),
+                total,
+                timeout: PAUSE_TIMEOUT,
+            })
+        }
+    }
+
+    /// Resumes a paused VM; returns once every vCPU has left the parked
+    /// state (is about to enter `KVM_RUN`).
+    pub fn resume(&mut self) -> std::result::Result<(), PauseError> {
+        self.pause.set_requested(false);
+        let total = self.vcpus.len();
+        if self
+            .pause
+            .wait_parked(PAUSE_TIMEOUT, |parked| parked == 0, || {})
+        {
+            log::info!("VM resumed");
+            Ok(())
+        } else {
+            Err(PauseError::Timeout {
+                parked: self.pause.parked(),
+                total,
+                timeout: PAUSE_TIMEOUT,
+            })
+        }
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's keyboard (i8042). Returns false
+    /// if the keyboard's buffer is full (the guest is not reading it).
+    pub fn send_ctrl_alt_del(&self) -> bool {
+        match &self.i8042 {
+            Some(k) => k
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trigger_ctrl_alt_del(),
+            None => false,
+        }
+    }
+
     /// Runs the device event loop until the guest powers off, resets,
     /// panics or faults; then stops the vCPUs.
     pub fn run(mut self) -> Result<GuestExit> {
@@ -321,11 +423,14 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     };
 
     vcpu::install_kick_handler()?;
+    let pause = Arc::new(PauseGate::default());
+    let i8042 = dm.i8042.clone();
     let io = VcpuIo {
         pio: Arc::new(dm.pio),
         mmio: Arc::new(dm.mmio),
         exit: exit.clone(),
         stop: Arc::new(AtomicBool::new(false)),
+        pause: pause.clone(),
     };
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -346,6 +451,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
 
     Ok(Vmm {
         vcpus: handles,
+        pause,
+        i8042,
         event_manager,
         exit,
         _terminal: terminal,

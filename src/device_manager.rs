@@ -57,6 +57,8 @@ pub struct DeviceManager {
     pub pio: Bus,
     /// MMIO bus.
     pub mmio: Bus,
+    /// The keyboard controller, once attached (for Ctrl-Alt-Del).
+    pub i8042: Option<Arc<Mutex<I8042>>>,
     next_irq: u32,
     next_mmio: u64,
     virtio_mmio: Vec<MmioDevice>,
@@ -74,6 +76,7 @@ impl DeviceManager {
         Self {
             pio: Bus::new(),
             mmio: Bus::new(),
+            i8042: None,
             next_irq: layout::FIRST_DEVICE_IRQ,
             next_mmio: layout::MMIO_DEVICES_START,
             virtio_mmio: Vec::new(),
@@ -159,13 +162,13 @@ impl DeviceManager {
             .insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
             .map_err(|e| Error::Bus("COM1", e))?;
 
-        let i8042 = I8042::new(exit.clone()).map_err(|e| Error::EventFd("i8042", e))?;
+        let kbd_irq = EventFdTrigger::new().map_err(|e| Error::EventFd("i8042", e))?;
+        vm.register_irqfd(kbd_irq.event_fd(), layout::I8042_KBD_IRQ)
+            .map_err(|e| Error::Irq("i8042", e))?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq)));
+        self.i8042 = Some(i8042.clone());
         self.pio
-            .insert(
-                Arc::new(Mutex::new(i8042)),
-                u64::from(layout::I8042_DATA_PORT),
-                5,
-            )
+            .insert(i8042, u64::from(layout::I8042_DATA_PORT), 5)
             .map_err(|e| Error::Bus("i8042", e))?;
 
         let pm = AcpiPm::new(

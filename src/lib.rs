@@ -5,10 +5,13 @@
 //! guest memory, loaded kernel, devices, vCPU threads); [`builder::Vmm::run`]
 //! drives the device event loop until the guest ends the VM.
 
+pub mod api;
 pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod exec;
+pub mod logger;
+pub mod runtime;
 pub mod terminal;
 pub mod vstate;
 

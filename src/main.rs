@@ -7,10 +7,14 @@ use std::process::ExitCode;
 use capsule::builder::{self, Console};
 use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
+
+mod verbs;
 use devices::exit::GuestExit;
 
 /// Exit statuses (documented in README.md).
 mod status {
+    /// Verbs: no VM of that name is running.
+    pub const NO_SUCH_VM: u8 = 4;
     /// The guest powered off or rebooted.
     pub const OK: u8 = 0;
     /// capsule failed: bad file, KVM or host error, vCPU fault.
@@ -60,6 +64,45 @@ enum Command {
     /// --timeout expired (the VM is killed), 125 capsule's own errors and
     /// bad usage.
     Exec(ExecArgs),
+    /// List the VMs started with `run --name` (`--json`: a JSON array).
+    Ls(LsArgs),
+    /// Stop a VM: Ctrl-Alt-Del, then kill it after --timeout seconds.
+    Stop(StopArgs),
+    /// Kill a VM at once.
+    Kill(NameArg),
+    /// Pause a VM's vCPUs.
+    Pause(NameArg),
+    /// Resume a paused VM.
+    Resume(NameArg),
+    /// Wait for a VM to end; exits with its `capsule run` status.
+    Wait(NameArg),
+    /// Print a detached VM's console log.
+    Logs(NameArg),
+    /// Attach to a detached VM's serial console (detach with Ctrl-]).
+    Console(NameArg),
+}
+
+#[derive(clap::Args, Debug)]
+struct NameArg {
+    /// The VM's name (`run --name`).
+    name: String,
+}
+
+#[derive(clap::Args, Debug)]
+struct LsArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct StopArgs {
+    /// The VM's name.
+    name: String,
+    /// Seconds to wait for the guest to end after Ctrl-Alt-Del before
+    /// killing it.
+    #[arg(long, short = 't', value_name = "S", default_value_t = 10.0)]
+    timeout: f64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -206,9 +249,36 @@ fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Guest kernel: an ELF vmlinux or a bzImage.
+    /// Guest kernel: an ELF vmlinux or a bzImage. Required unless the VM
+    /// is configured with --config-file or over --api-sock.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"],
+          conflicts_with = "config_file")]
+    kernel: Option<PathBuf>,
+    /// Serve the Firecracker-compatible API on this Unix socket. Without
+    /// --kernel or --config-file the VM waits for API calls
+    /// (InstanceStart) to boot.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    api_sock: Option<PathBuf>,
+    /// Boot from a Firecracker JSON configuration file, without API calls.
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// No API socket at all (needs --config-file).
+    #[arg(long, requires = "config_file", conflicts_with_all = ["api_sock", "name"])]
+    no_api: bool,
+    /// Instance id reported by `GET /`.
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    id: String,
+    /// Register the VM under NAME for the other verbs (ls, stop, pause, ...);
+    /// its API is served on the VM's runtime directory's api.sock.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Run in the background (needs --name): returns once the VM runs; the
+    /// console goes to a log (`capsule logs`, `capsule console`).
+    #[arg(short = 'd', long, requires = "name")]
+    detach: bool,
+    /// Internal: this is the background process of `run -d`.
+    #[arg(long, hide = true)]
+    detached_child: bool,
     /// Initramfs to load.
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
@@ -244,22 +314,9 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-fn init_logging() {
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("CAPSULE_LOG", "warn"))
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "capsule: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            )
-        })
-        .init();
-}
-
-fn run(args: RunArgs) -> Result<GuestExit, builder::Error> {
+fn run(args: RunArgs, kernel: PathBuf) -> Result<GuestExit, builder::Error> {
     let config = VmConfig {
-        kernel: args.kernel,
+        kernel,
         initrd: args.initrd,
         initramfs: None,
         cmdline: args.cmdline,
@@ -269,6 +326,103 @@ fn run(args: RunArgs) -> Result<GuestExit, builder::Error> {
         disks: args.disks,
     };
     builder::build(&config, Console::stdio())?.run()
+}
+
+/// The exit status for how a guest ended `run` (also `wait`'s status).
+fn guest_status(exit: GuestExit) -> u8 {
+    match exit {
+        GuestExit::PowerOff | GuestExit::Reset => status::OK,
+        GuestExit::Panic => {
+            eprintln!("capsule: the guest kernel panicked");
+            status::GUEST_PANIC
+        }
+        GuestExit::Fault => {
+            eprintln!("capsule: error: the VM stopped on a vCPU fault (see the log above)");
+            status::ERROR
+        }
+    }
+}
+
+/// `run` with the API, a configuration file or a name.
+fn run_api(args: RunArgs) -> u8 {
+    use capsule::api;
+    use capsule::builder::Console;
+    let config = match &args.config_file {
+        Some(p) => match api::read_config_file(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("capsule: error: {e}");
+                return status::ERROR;
+            }
+        },
+        None => None,
+    };
+    let reg = match args
+        .name
+        .as_deref()
+        .map(capsule::runtime::Registration::new)
+    {
+        Some(Ok(r)) => Some(r),
+        Some(Err(e)) => {
+            eprintln!("capsule: error: {e}");
+            return status::ERROR;
+        }
+        None => None,
+    };
+    let api_sock = match (&args.api_sock, &reg) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(r)) => Some(r.dir().join("api.sock")),
+        (None, None) => None,
+    };
+    let console = if args.detached_child {
+        match reg.as_ref().map(|r| verbs::detached_console(r.dir())) {
+            Some(Ok(c)) => c,
+            Some(Err(e)) => {
+                eprintln!("capsule: error: {e}");
+                return status::ERROR;
+            }
+            None => Console::stdio(),
+        }
+    } else {
+        Console::stdio()
+    };
+    let vm = args.kernel.clone().map(|kernel| VmConfig {
+        kernel,
+        initrd: args.initrd.clone(),
+        initramfs: None,
+        cmdline: args.cmdline.clone(),
+        vcpus: args.cpus,
+        mem_size: args.memory,
+        kvm_path: args.kvm.clone(),
+        disks: args.disks.clone(),
+    });
+    let on_started: Option<Box<dyn FnOnce()>> = match (&reg, args.detached_child) {
+        (Some(r), true) => {
+            let log = r.dir().join("vmm.log");
+            Some(Box::new(move || verbs::redirect_stderr(&log)))
+        }
+        _ => None,
+    };
+    let opts = api::Options {
+        api_sock,
+        config,
+        id: args.name.clone().unwrap_or(args.id.clone()),
+        kvm_path: args.kvm.clone(),
+        console,
+        vm,
+        on_started,
+    };
+    let code = match api::run(opts) {
+        Ok(exit) => guest_status(exit),
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            status::ERROR
+        }
+    };
+    if let Some(r) = &reg {
+        r.finish(code);
+    }
+    code
 }
 
 fn main() -> ExitCode {
@@ -292,7 +446,7 @@ fn main() -> ExitCode {
             });
         }
     };
-    init_logging();
+    capsule::logger::init();
     let args = match cli.command {
         Command::Run(args) => args,
         Command::Exec(args) => {
@@ -300,8 +454,27 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().flush();
             return ExitCode::from(code);
         }
+        Command::Ls(a) => return ExitCode::from(verbs::ls(a.json)),
+        Command::Stop(a) => return ExitCode::from(verbs::stop(&a.name, a.timeout)),
+        Command::Kill(a) => return ExitCode::from(verbs::kill(&a.name)),
+        Command::Pause(a) => return ExitCode::from(verbs::pause(&a.name, true)),
+        Command::Resume(a) => return ExitCode::from(verbs::pause(&a.name, false)),
+        Command::Wait(a) => return ExitCode::from(verbs::wait(&a.name)),
+        Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
+        Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
     };
-    let code = match run(args) {
+    if args.detach {
+        return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
+    }
+    let kernel = match (&args.kernel, &args.api_sock, &args.config_file, &args.name) {
+        (Some(k), None, None, None) => k.clone(),
+        _ => {
+            let code = run_api(args);
+            let _ = std::io::stdout().flush();
+            return ExitCode::from(code);
+        }
+    };
+    let code = match run(args, kernel) {
         Ok(GuestExit::PowerOff) | Ok(GuestExit::Reset) => status::OK,
         Ok(GuestExit::Panic) => {
             eprintln!("capsule: the guest kernel panicked");

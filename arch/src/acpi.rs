@@ -28,7 +28,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 use crate::layout::{
     ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, COM1_IRQ, COM1_PORT,
-    IOAPIC_START, MAX_VCPUS, PVPANIC_PORT,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START, MAX_VCPUS, PVPANIC_PORT,
 };
 
 /// OEM ID written into every table header.
@@ -144,6 +144,19 @@ fn build_dsdt(virtio_mmio: &[MmioDevice]) -> Result<Vec<u8>, Error> {
     );
     let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &sta, &com1_crs]);
 
+    // The i8042 keyboard (PNP0303): data and command ports and IRQ 1, so
+    // Linux maps the keyboard interrupt (ISA IRQs are not pre-mapped here)
+    // and takes the device to have no auxiliary (mouse) port.
+    let kbd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303"));
+    let kbd_data = aml::IO::new(I8042_DATA_PORT, I8042_DATA_PORT, 1, 1);
+    let kbd_cmd = aml::IO::new(I8042_COMMAND_PORT, I8042_COMMAND_PORT, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, I8042_KBD_IRQ);
+    let kbd_crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]),
+    );
+    let kbd = aml::Device::new("PS2K".into(), vec![&kbd_hid, &sta, &kbd_crs]);
+
     // QEMU-compatible pvpanic device (Linux's pvpanic-mmio driver matches
     // the ACPI id QEMU0001 and accepts an I/O port resource).
     let pvpanic_hid = aml::Name::new("_HID".into(), &"QEMU0001");
@@ -191,7 +204,7 @@ fn build_dsdt(virtio_mmio: &[MmioDevice]) -> Result<Vec<u8>, Error> {
         })
         .collect();
 
-    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &pvpanic];
+    let mut sb_children: Vec<&dyn Aml> = vec![&com1, &kbd, &pvpanic];
     sb_children.extend(vdevs.iter().map(|d| d as &dyn Aml));
     let sb = aml::Scope::new("\\_SB_".into(), sb_children);
 
@@ -474,8 +487,8 @@ mod tests {
         assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON");
 
         let boot_arch = u16::from_le_bytes(fadt[109..111].try_into().unwrap());
-        // No 8042 flag: Linux then skips probing a PS/2 controller (slow,
-        // and nothing to find); reboot=k still reaches the i8042 reset port.
+        // No 8042 flag: Linux finds the keyboard controller only through
+        // its DSDT entry (PNP0303), never by blind port probing.
         assert_eq!(boot_arch & (1 << 1), 0, "8042 not announced");
         assert_ne!(boot_arch & (1 << 2), 0, "VGA not present");
         assert_eq!(boot_arch & (1 << 3), 0, "MSI supported");

@@ -64,6 +64,10 @@ pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
 /// i8042 keyboard controller data port (the command port is `+4`).
 pub const I8042_DATA_PORT: u16 = 0x60;
+/// i8042 keyboard controller command/status port.
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+/// IRQ line of the i8042 keyboard.
+pub const I8042_KBD_IRQ: u32 = 1;
 /// ACPI hardware-reduced sleep control register (1 byte, write-only).
 pub const ACPI_SLEEP_CONTROL_PORT: u16 = 0x3c0;
 /// ACPI hardware-reduced sleep status register (1 byte).

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -115,6 +115,10 @@ impl Vcpu {
     fn run(mut self, io: VcpuIo) {
         let mut stats = ExitStats::default();
         while !io.stop.load(Ordering::Acquire) {
+            if io.pause.requested() {
+                io.pause.park(&io.stop);
+                continue;
+            }
             match self.fd.run() {
                 Ok(exit) => {
                     stats.count(&exit);
@@ -186,6 +190,90 @@ pub struct VcpuIo {
     pub exit: ExitSignal,
     /// Set when the VMM wants all vCPUs to stop.
     pub stop: Arc<AtomicBool>,
+    /// Where vCPUs park while the VM is paused.
+    pub pause: Arc<PauseGate>,
+}
+
+/// Parks vCPU threads while the VM is paused.
+///
+/// The VMM sets the request and kicks every vCPU out of `KVM_RUN`; each
+/// vCPU thread sees the request before its next `KVM_RUN` and waits here,
+/// outside the guest, until the request is withdrawn (or the VM stops).
+/// The VMM learns that all vCPUs are parked from [`Self::parked`].
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PauseState {
+    requested: bool,
+    parked: usize,
+}
+
+/// How often a parked vCPU re-checks the stop flag.
+const PARK_POLL: Duration = Duration::from_millis(50);
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks (true) or stops asking (false) vCPUs to park.
+    pub fn set_requested(&self, requested: bool) {
+        self.lock().requested = requested;
+        self.changed.notify_all();
+    }
+
+    /// Whether vCPUs are asked to park.
+    pub fn requested(&self) -> bool {
+        self.lock().requested
+    }
+
+    /// How many vCPU threads are parked now.
+    pub fn parked(&self) -> usize {
+        self.lock().parked
+    }
+
+    /// Waits, on a vCPU thread, while a pause is requested and `stop` is
+    /// not set.
+    fn park(&self, stop: &AtomicBool) {
+        let mut st = self.lock();
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.requested && !stop.load(Ordering::Acquire) {
+            st = match self.changed.wait_timeout(st, PARK_POLL) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        st.parked -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits until `cond(parked)` holds or `timeout` passes; returns
+    /// whether it holds. `kick` is called every few milliseconds meanwhile
+    /// (to knock vCPUs out of `KVM_RUN`).
+    pub fn wait_parked(
+        &self,
+        timeout: Duration,
+        cond: impl Fn(usize) -> bool,
+        mut kick: impl FnMut(),
+    ) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if cond(self.parked()) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            kick();
+            let st = self.lock();
+            let _ = self.changed.wait_timeout(st, Duration::from_millis(5));
+        }
+    }
 }
 
 /// Handles one KVM exit; returns a reason when the VM must end.

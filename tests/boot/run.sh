@@ -82,7 +82,7 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     caselog="$work/cases.log"
-    copy_tools "$work/tools" debugfs || fail_all "collecting the host tools failed"
+    copy_tools "$work/tools" debugfs curl || fail_all "collecting the host tools failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then

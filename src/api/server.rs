@@ -1,0 +1,357 @@
+//! The API thread: accepts connections on the Unix socket, reads requests
+//! with [`http::parse`], routes them, hands each to the VMM thread and
+//! writes the answer once the VMM has acted on it.
+//!
+//! Several connections may be open; each has its own buffer and deadline,
+//! so a slow or silent client cannot hold up the others (it gets `408` when
+//! its deadline passes). Requests are served one at a time. The VMM thread
+//! is woken through an eventfd; the API thread never touches vCPUs.
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc::{sync_channel, Sender, SyncSender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::controller::Request;
+use super::http::{self, Parsed, Response};
+use super::types::{self, from_body};
+
+/// Time a client has to send a whole request, from its first byte (or
+/// from connecting).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// An idle keep-alive connection is closed after this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most connections open at once; more are answered 429 and closed.
+pub const MAX_CONNECTIONS: usize = 16;
+/// Time to write a response before the client is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A request for the VMM thread and where its answer goes.
+pub struct Call {
+    /// The request.
+    pub request: Request,
+    /// The answer.
+    pub reply: SyncSender<Response>,
+}
+
+struct Conn {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    deadline: Instant,
+    receiving: bool,
+    continue_sent: bool,
+}
+
+/// Routes a parsed HTTP request to an API request, or answers it.
+pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response> {
+    let bad = |e: String| Response::fault(400, e);
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    let no_body = |r: Request| {
+        if body.is_empty() {
+            Ok(r)
+        } else {
+            Err(Response::fault(400, "this request takes no body"))
+        }
+    };
+    let r = match (method, segments.as_slice()) {
+        ("GET", []) => no_body(Request::GetInstanceInfo)?,
+        ("GET", ["version"]) => no_body(Request::GetVersion)?,
+        ("GET", ["machine-config"]) => no_body(Request::GetMachineConfig)?,
+        ("PUT", ["machine-config"]) => Request::PutMachineConfig(from_body(body).map_err(bad)?),
+        ("PUT", ["boot-source"]) => Request::PutBootSource(from_body(body).map_err(bad)?),
+        ("PUT", ["drives", id]) => {
+            let d: types::Drive = from_body(body).map_err(bad)?;
+            if d.drive_id != *id {
+                return Err(bad(format!(
+                    "drive_id '{}' does not match the path's '{id}'",
+                    d.drive_id
+                )));
+            }
+            Request::PutDrive(d)
+        }
+        ("PUT", ["network-interfaces", id]) => {
+            let n: types::NetworkInterface = from_body(body).map_err(bad)?;
+            if n.iface_id != *id {
+                return Err(bad(format!(
+                    "iface_id '{}' does not match the path's '{id}'",
+                    n.iface_id
+                )));
+            }
+            Request::PutNetworkInterface(n)
+        }
+        ("PUT", ["actions"]) => {
+            let a: types::InstanceActionInfo = from_body(body).map_err(bad)?;
+            Request::Action(a.action_type)
+        }
+        ("PATCH", ["vm"]) => {
+            let v: types::Vm = from_body(body).map_err(bad)?;
+            Request::PatchVm(v.state)
+        }
+        ("GET", ["vm", "config"]) => no_body(Request::GetVmConfig)?,
+        ("PUT", ["logger"]) => Request::PutLogger(from_body(body).map_err(bad)?),
+        ("PUT", ["serial"]) => Request::PutSerial(from_body(body).map_err(bad)?),
+        (
+            _,
+            []
+            | ["version"]
+            | ["machine-config"]
+            | ["boot-source"]
+            | ["drives", _]
+            | ["network-interfaces", _]
+            | ["actions"]
+            | ["vm"]
+            | ["vm", "config"]
+            | ["logger"]
+            | ["serial"],
+        ) => {
+            return Err(Response::fault(
+                400,
+                format!("Invalid request method and/or path: {method} {path}"),
+            ))
+        }
+        _ => {
+            return Err(Response::fault(
+                400,
+                format!(
+                "Invalid request method and/or path: {method} {path} (not implemented by capsule)"
+            ),
+            ))
+        }
+    };
+    Ok(r)
+}
+
+/// Serves the API on `listener` forever: each request is routed, sent to
+/// `calls` (with `wake` signalled) and answered with the VMM's response.
+/// Returns when the VMM side has gone away.
+pub fn serve(listener: UnixListener, calls: Sender<Call>, wake: Arc<EventFd>) {
+    if let Err(e) = listener.set_nonblocking(true) {
+        log::error!("API: cannot make the socket non-blocking: {e}");
+        return;
+    }
+    let mut conns: HashMap<i32, Conn> = HashMap::new();
+    loop {
+        let mut fds = vec![libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        for fd in conns.keys() {
+            fds.push(libc::pollfd {
+                fd: *fd,
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let now = Instant::now();
+        let next = conns
+            .values()
+            .map(|c| c.deadline.saturating_duration_since(now))
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let timeout = i32::try_from(next.as_millis().clamp(1, 1000)).unwrap_or(1000);
+        // SAFETY: `fds` is a valid array of pollfd of the given length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != ErrorKind::Interrupted {
+                log::error!("API: poll failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        if fds[0].revents != 0 {
+            accept_all(&listener, &mut conns);
+        }
+        for p in &fds[1..] {
+            if p.revents == 0 {
+                continue;
+            }
+            let Some(conn) = conns.get_mut(&p.fd) else {
+                continue;
+            };
+            let keep = match read_and_serve(conn, &calls, &wake) {
+                Ok(k) => k,
+                Err(Gone) => return,
+            };
+            if !keep {
+                conns.remove(&p.fd);
+            }
+        }
+        let now = Instant::now();
+        conns.retain(|_, c| {
+            if c.deadline > now {
+                return true;
+            }
+            if c.receiving {
+                let r = Response::fault(408, "request not received in time");
+                let _ = write_response(&mut c.stream, &r, true);
+            }
+            false
+        });
+    }
+}
+
+/// The VMM thread has ended.
+struct Gone;
+
+fn accept_all(listener: &UnixListener, conns: &mut HashMap<i32, Conn>) {
+    loop {
+        match listener.accept() {
+            Ok((mut stream, _)) => {
+                if conns.len() >= MAX_CONNECTIONS {
+                    let r = Response::fault(429, "too many open API connections");
+                    let _ = write_response(&mut stream, &r, true);
+                    continue;
+                }
+                if let Err(e) = stream.set_nonblocking(true) {
+                    log::warn!("API: dropping a client: {e}");
+                    continue;
+                }
+                conns.insert(
+                    stream.as_raw_fd(),
+                    Conn {
+                        stream,
+                        buf: Vec::new(),
+                        deadline: Instant::now() + REQUEST_TIMEOUT,
+                        receiving: false,
+                        continue_sent: false,
+                    },
+                );
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::warn!("API: accept failed: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Reads what is there and serves every complete request; returns whether
+/// to keep the connection.
+fn read_and_serve(conn: &mut Conn, calls: &Sender<Call>, wake: &EventFd) -> Result<bool, Gone> {
+    let mut chunk = [0u8; 4096];
+    let mut eof = false;
+    loop {
+        match conn.stream.read(&mut chunk) {
+            Ok(0) => {
+                eof = true;
+                break;
+            }
+            Ok(n) => {
+                if !conn.receiving {
+                    conn.receiving = true;
+                    conn.deadline = Instant::now() + REQUEST_TIMEOUT;
+                }
+                conn.buf.extend_from_slice(&chunk[..n]);
+                if conn.buf.len() > http::MAX_HEAD + http::MAX_BODY {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => return Ok(false),
+        }
+    }
+    loop {
+        if conn.buf.is_empty() {
+            return Ok(!eof);
+        }
+        match http::parse(&conn.buf) {
+            Ok(Parsed::Incomplete { continue_wanted }) => {
+                if eof {
+                    let r = Response::fault(400, "incomplete request (the client stopped sending)");
+                    let _ = write_response(&mut conn.stream, &r, true);
+                    return Ok(false);
+                }
+                if continue_wanted && !conn.continue_sent {
+                    conn.continue_sent = true;
+                    let _ = conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n");
+                }
+                return Ok(true);
+            }
+            Err(e) => {
+                let r = Response::fault(e.status, e.message);
+                let _ = write_response(&mut conn.stream, &r, true);
+                return Ok(false);
+            }
+            Ok(Parsed::Complete(req, used)) => {
+                conn.buf.drain(..used);
+                conn.continue_sent = false;
+                conn.receiving = !conn.buf.is_empty();
+                conn.deadline = Instant::now()
+                    + if conn.receiving {
+                        REQUEST_TIMEOUT
+                    } else {
+                        IDLE_TIMEOUT
+                    };
+                log::debug!("API: {} {}", req.method, req.path);
+                let resp = match route(&req.method, &req.path, &req.body) {
+                    Ok(request) => call(calls, wake, request)?,
+                    Err(r) => r,
+                };
+                if resp.status >= 400 {
+                    log::info!(
+                        "API: {} {} -> {}: {}",
+                        req.method,
+                        req.path,
+                        resp.status,
+                        resp.body.as_deref().unwrap_or("")
+                    );
+                }
+                let close = req.close || eof;
+                if write_response(&mut conn.stream, &resp, close).is_err() || close {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+fn call(calls: &Sender<Call>, wake: &EventFd, request: Request) -> Result<Response, Gone> {
+    let (tx, rx) = sync_channel(1);
+    calls.send(Call { request, reply: tx }).map_err(|_| Gone)?;
+    let _ = wake.write(1);
+    rx.recv().map_err(|_| Gone)
+}
+
+fn write_response(stream: &mut UnixStream, r: &Response, close: bool) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
+    let res = stream.write_all(&r.to_bytes(close));
+    if close {
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    stream.set_nonblocking(true)?;
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        assert_eq!(route("GET", "/", b""), Ok(Request::GetInstanceInfo));
+        assert_eq!(route("GET", "/vm/config", b""), Ok(Request::GetVmConfig));
+        assert!(matches!(
+            route("PUT", "/actions", br#"{"action_type":"InstanceStart"}"#),
+            Ok(Request::Action(types::ActionType::InstanceStart))
+        ));
+        assert!(matches!(
+            route("PUT", "/drives/a", br#"{"drive_id":"b","is_root_device":false}"#),
+            Err(r) if r.status == 400
+        ));
+        assert!(matches!(route("DELETE", "/", b""), Err(r) if r.status == 400));
+        assert!(matches!(route("GET", "/balloon", b""), Err(r) if r.status == 400));
+        assert!(matches!(route("GET", "/version", b"x"), Err(r) if r.status == 400));
+        assert!(matches!(route("PATCH", "/vm", b"[]"), Err(r) if r.status == 400));
+    }
+}

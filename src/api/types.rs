@@ -1,0 +1,309 @@
+//! The API's request and response bodies. Field names are those of
+//! Firecracker's API, so its clients (and its `--config-file` JSON) work
+//! unchanged for the parts capsule implements. Unknown fields are refused.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+fn is_none<T>(v: &Option<T>) -> bool {
+    v.is_none()
+}
+
+/// `PUT /boot-source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Host path of the kernel (ELF vmlinux or bzImage).
+    pub kernel_image_path: String,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub boot_args: Option<String>,
+    /// Host path of the initrd.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// `PUT /machine-config` (and its `GET`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs.
+    pub vcpu_count: u64,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading (only `false` is supported).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub smt: Option<bool>,
+    /// Dirty page tracking (only `false` is supported).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// CPU template (only `"None"` is supported).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages (only `"None"` is supported).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub huge_pages: Option<String>,
+}
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The drive's id (must match the path).
+    pub drive_id: String,
+    /// Host path of the raw image.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub path_on_host: Option<String>,
+    /// The guest's root device (`root=` is added to the command line).
+    pub is_root_device: bool,
+    /// Read-only for the guest.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub is_read_only: Option<bool>,
+    /// Root partition UUID (with `is_root_device`).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub partuuid: Option<String>,
+    /// `"Unsafe"` or `"Writeback"` (capsule always honours guest flushes).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub cache_type: Option<String>,
+    /// Not supported: refused when present.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rate_limiter: Option<Value>,
+    /// `"Sync"` only.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub io_engine: Option<String>,
+    /// vhost-user socket: not supported, refused when present.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub socket: Option<String>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface's id (must match the path).
+    pub iface_id: String,
+    /// Host TAP device name.
+    pub host_dev_name: String,
+    /// Guest MAC address.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub guest_mac: Option<String>,
+    /// MTU to advertise.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub mtu: Option<u16>,
+    /// Not supported.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rx_rate_limiter: Option<Value>,
+    /// Not supported.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub tx_rate_limiter: Option<Value>,
+}
+
+/// `PUT /actions` action types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    /// Flush metrics (capsule has no metrics: refused).
+    FlushMetrics,
+    /// Build and boot the VM.
+    InstanceStart,
+    /// Type Ctrl-Alt-Del on the guest's keyboard.
+    SendCtrlAltDel,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionInfo {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// `PATCH /vm` states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Park the vCPUs.
+    Paused,
+    /// Run them again.
+    Resumed,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    /// The wanted state.
+    pub state: VmState,
+}
+
+/// `PUT /logger`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// File or named pipe for the log (appended to).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub log_path: Option<String>,
+    /// `Error`, `Warning`, `Info`, `Debug`, `Trace` or `Off`
+    /// (case-insensitive).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub level: Option<String>,
+    /// Write the level in each line.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub show_level: Option<bool>,
+    /// Write the source file and line in each line.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only log messages whose module path starts with this.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub module: Option<String>,
+}
+
+/// `PUT /serial`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SerialDevice {
+    /// File or named pipe that receives the guest's serial output.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub serial_out_path: Option<String>,
+    /// Not supported: refused when present.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rate_limiter: Option<Value>,
+}
+
+/// `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceInfo {
+    /// Always `"capsule"`.
+    pub app_name: String,
+    /// The instance id (`--id`, or the VM's `--name`).
+    pub id: String,
+    /// `"Not started"`, `"Running"` or `"Paused"`.
+    pub state: String,
+    /// capsule's version.
+    pub vmm_version: String,
+}
+
+/// `GET /version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Version {
+    /// capsule's version, under Firecracker's field name.
+    pub firecracker_version: String,
+}
+
+/// `GET /vm/config`, and the `--config-file` format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FullVmConfig {
+    /// Kernel, command line, initrd.
+    #[serde(rename = "boot-source", default, skip_serializing_if = "is_none")]
+    pub boot_source: Option<BootSource>,
+    /// Block devices, in the order the guest sees them.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// vCPUs and memory.
+    #[serde(rename = "machine-config", default, skip_serializing_if = "is_none")]
+    pub machine_config: Option<MachineConfig>,
+    /// Network interfaces.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// Logger.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub logger: Option<Logger>,
+    /// Serial output (capsule extension of the config file; the API's
+    /// `PUT /serial`). Not reported by `GET /vm/config`, whose schema has
+    /// no such section.
+    #[serde(default, skip_serializing)]
+    pub serial: Option<SerialDevice>,
+    /// Firecracker devices capsule does not have: refused when present.
+    #[serde(default, skip_serializing)]
+    pub balloon: Option<Value>,
+    /// See `balloon`.
+    #[serde(rename = "cpu-config", default, skip_serializing)]
+    pub cpu_config: Option<Value>,
+    /// See `balloon`.
+    #[serde(default, skip_serializing)]
+    pub metrics: Option<Value>,
+    /// See `balloon`.
+    #[serde(rename = "memory-hotplug", default, skip_serializing)]
+    pub memory_hotplug: Option<Value>,
+    /// See `balloon`.
+    #[serde(rename = "mmds-config", default, skip_serializing)]
+    pub mmds_config: Option<Value>,
+    /// See `balloon`.
+    #[serde(default, skip_serializing)]
+    pub pmem: Option<Value>,
+    /// See `balloon`.
+    #[serde(default, skip_serializing)]
+    pub vsock: Option<Value>,
+    /// See `balloon`.
+    #[serde(default, skip_serializing)]
+    pub entropy: Option<Value>,
+}
+
+impl FullVmConfig {
+    /// The Firecracker sections present that capsule does not implement.
+    pub fn unsupported_sections(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        let present = |o: &Option<Value>| o.as_ref().is_some_and(|v| !v.is_null());
+        for (name, o) in [
+            ("balloon", &self.balloon),
+            ("cpu-config", &self.cpu_config),
+            ("metrics", &self.metrics),
+            ("memory-hotplug", &self.memory_hotplug),
+            ("mmds-config", &self.mmds_config),
+            ("pmem", &self.pmem),
+            ("vsock", &self.vsock),
+            ("entropy", &self.entropy),
+        ] {
+            if present(o) {
+                v.push(name);
+            }
+        }
+        v
+    }
+}
+
+/// Parses a JSON body into `T`, with a message fit for `fault_message`.
+pub fn from_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    if body.is_empty() {
+        return Err("the request needs a JSON body".to_string());
+    }
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_bodies() {
+        let ok: BootSource = from_body(br#"{"kernel_image_path":"/k","boot_args":"x"}"#).unwrap();
+        assert_eq!(ok.boot_args.as_deref(), Some("x"));
+        let e = from_body::<BootSource>(br#"{"kernel_image_path":"/k","nope":1}"#).unwrap_err();
+        assert!(e.contains("unknown field `nope`"), "{e}");
+        let e = from_body::<MachineConfig>(br#"{"vcpu_count":"2","mem_size_mib":1}"#).unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+        assert!(from_body::<Vm>(br#"{"state":"Frozen"}"#).is_err());
+        assert!(from_body::<Vm>(b"").is_err());
+        assert!(from_body::<Vm>(b"{").is_err());
+        let a: InstanceActionInfo = from_body(br#"{"action_type":"SendCtrlAltDel"}"#).unwrap();
+        assert_eq!(a.action_type, ActionType::SendCtrlAltDel);
+    }
+
+    #[test]
+    fn full_config_names() {
+        let c: FullVmConfig = serde_json::from_str(
+            r#"{"boot-source":{"kernel_image_path":"/k"},
+                "machine-config":{"vcpu_count":2,"mem_size_mib":256},
+                "drives":[{"drive_id":"rootfs","path_on_host":"/r","is_root_device":true,"is_read_only":false}],
+                "network-interfaces":[], "vsock": null}"#,
+        )
+        .unwrap();
+        assert!(c.unsupported_sections().is_empty());
+        let out = serde_json::to_value(&c).unwrap();
+        assert_eq!(out["machine-config"]["vcpu_count"], 2);
+        assert_eq!(out["drives"][0]["drive_id"], "rootfs");
+        let c: FullVmConfig = serde_json::from_str(r#"{"balloon":{"amount_mib":1}}"#).unwrap();
+        assert_eq!(c.unsupported_sections(), ["balloon"]);
+    }
+}

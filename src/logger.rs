@@ -1,0 +1,150 @@
+//! capsule's logger: `CAPSULE_LOG` (env_logger syntax) to stderr by
+//! default; the API's `PUT /logger` can redirect it to a file or named
+//! pipe and change the level, format and module filter at run time.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
+
+use log::{LevelFilter, Log, Metadata, Record};
+
+/// A logger configuration from the API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Most verbose level written.
+    pub level: LevelFilter,
+    /// Write the level.
+    pub show_level: bool,
+    /// Write file:line.
+    pub show_origin: bool,
+    /// Only modules starting with this.
+    pub module: Option<String>,
+}
+
+struct Override {
+    settings: Settings,
+    out: Option<File>,
+}
+
+struct CapsuleLogger {
+    env: env_logger::Logger,
+    api: Mutex<Option<Override>>,
+}
+
+static LOGGER: OnceLock<CapsuleLogger> = OnceLock::new();
+
+impl CapsuleLogger {
+    fn with_override<R>(&self, f: impl FnOnce(&mut Option<Override>) -> R) -> R {
+        let mut g = self.api.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut g)
+    }
+}
+
+impl Log for CapsuleLogger {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        self.with_override(|o| match o {
+            Some(o) => {
+                m.level() <= o.settings.level
+                    && o.settings
+                        .module
+                        .as_deref()
+                        .is_none_or(|p| m.target().starts_with(p))
+            }
+            None => self.env.enabled(m),
+        })
+    }
+
+    fn log(&self, r: &Record<'_>) {
+        if !self.enabled(r.metadata()) {
+            return;
+        }
+        let handled = self.with_override(|o| {
+            let Some(o) = o else { return false };
+            let mut line = String::from("capsule: ");
+            if o.settings.show_level {
+                line.push_str(&format!("[{}] ", r.level()));
+            }
+            if o.settings.show_origin {
+                line.push_str(&format!(
+                    "[{}:{}] ",
+                    r.file().unwrap_or("?"),
+                    r.line().unwrap_or(0)
+                ));
+            }
+            line.push_str(&format!("{}\n", r.args()));
+            match &mut o.out {
+                Some(f) => {
+                    let _ = f.write_all(line.as_bytes());
+                }
+                None => {
+                    let _ = std::io::stderr().write_all(line.as_bytes());
+                }
+            }
+            true
+        });
+        if !handled {
+            self.env.log(r);
+        }
+    }
+
+    fn flush(&self) {
+        self.env.flush();
+    }
+}
+
+/// Installs the logger (once; later calls do nothing).
+pub fn init() {
+    let env =
+        env_logger::Builder::from_env(env_logger::Env::new().filter_or("CAPSULE_LOG", "warn"))
+            .format(|buf, record| {
+                writeln!(
+                    buf,
+                    "capsule: {}: {}",
+                    record.level().as_str().to_lowercase(),
+                    record.args()
+                )
+            })
+            .build();
+    let max = env.filter();
+    let logger = LOGGER.get_or_init(|| CapsuleLogger {
+        env,
+        api: Mutex::new(None),
+    });
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(max);
+    }
+}
+
+/// Parses a Firecracker log level name (case-insensitive).
+pub fn parse_level(s: &str) -> Option<LevelFilter> {
+    Some(match s.to_ascii_lowercase().as_str() {
+        "error" => LevelFilter::Error,
+        "warning" | "warn" => LevelFilter::Warn,
+        "info" => LevelFilter::Info,
+        "debug" => LevelFilter::Debug,
+        "trace" => LevelFilter::Trace,
+        "off" => LevelFilter::Off,
+        _ => return None,
+    })
+}
+
+/// Switches the log to `settings`, written to `out` (stderr if `None`).
+pub fn configure(settings: Settings, out: Option<File>) {
+    let Some(logger) = LOGGER.get() else { return };
+    let level = settings.level;
+    logger.with_override(|o| *o = Some(Override { settings, out }));
+    log::set_max_level(level);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels() {
+        assert_eq!(parse_level("Warning"), Some(LevelFilter::Warn));
+        assert_eq!(parse_level("TRACE"), Some(LevelFilter::Trace));
+        assert_eq!(parse_level("Off"), Some(LevelFilter::Off));
+        assert_eq!(parse_level("loud"), None);
+    }
+}

@@ -1,0 +1,385 @@
+//! The CLI verbs that act on named VMs: `run -d`, `ls`, `stop`, `kill`,
+//! `pause`, `resume`, `wait`, `logs`, `console`. They find a VM through
+//! its runtime directory (`capsule::runtime`) and talk to its API socket.
+//!
+//! Exit statuses: 0 done; 1 failed (one `capsule: error:` line); 2 bad
+//! usage; 4 no VM of that name is running. `wait` exits with the VM's own
+//! `capsule run` status.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capsule::builder::Console;
+use capsule::runtime::{self, api_request, fault_message, Entry};
+
+use crate::status;
+
+const API_TIMEOUT: Duration = Duration::from_secs(10);
+/// The console detach key: Ctrl-].
+const DETACH_KEY: u8 = 0x1d;
+
+fn err(msg: impl std::fmt::Display) -> u8 {
+    eprintln!("capsule: error: {msg}");
+    status::ERROR
+}
+
+fn find(name: &str) -> Result<Entry, u8> {
+    if let Err(e) = runtime::check_name(name) {
+        eprintln!("capsule: error: {e}");
+        return Err(status::USAGE);
+    }
+    runtime::live(name).ok_or_else(|| {
+        eprintln!("capsule: error: no VM named '{name}' is running");
+        status::NO_SUCH_VM
+    })
+}
+
+/// The console of a detached VM: output appended to `console.log`, input
+/// from the FIFO `console.in`.
+pub fn detached_console(dir: &Path) -> Result<Console, String> {
+    let log = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(dir.join("console.log"))
+        .map_err(|e| format!("cannot create console.log: {e}"))?;
+    let fifo = dir.join("console.in");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
+        .map_err(|_| "bad runtime path".to_string())?;
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+    if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
+        return Err(format!(
+            "cannot create console.in: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // Read-write, so the FIFO never reports end-of-file when a console
+    // client goes away.
+    let input = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&fifo)
+        .map_err(|e| format!("cannot open console.in: {e}"))?;
+    Ok(Console {
+        out: Box::new(log),
+        input: Some(Box::new(input)),
+        raw_terminal: false,
+    })
+}
+
+/// Points this process's stderr at `path` (the detached child, once its
+/// VM runs: its parent sees end-of-file on the pipe and returns).
+pub fn redirect_stderr(path: &Path) {
+    let Ok(f) = OpenOptions::new().append(true).create(true).open(path) else {
+        return;
+    };
+    // SAFETY: dup2 of two valid descriptors; fd 2 is replaced atomically.
+    unsafe { libc::dup2(f.as_raw_fd(), 2) };
+}
+
+/// `run -d --name NAME ...`: starts this command again in the background
+/// and returns once its VM runs.
+pub fn detach(name: &str) -> u8 {
+    if let Err(e) = runtime::check_name(name) {
+        return err(e);
+    }
+    if let Some(e) = runtime::live(name) {
+        return err(format!(
+            "a VM named '{name}' is already running (pid {})",
+            e.pid
+        ));
+    }
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => return err(format!("cannot find the capsule binary: {e}")),
+    };
+    let args: Vec<_> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "-d" && a != "--detach")
+        .chain(std::iter::once("--detached-child".into()))
+        .collect();
+    let mut child = match Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return err(format!("cannot start the VM process: {e}")),
+    };
+    // The child's stderr closes when its VM runs (or when it fails).
+    let mut text = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut text);
+    }
+    eprint!("{text}");
+    match child.try_wait() {
+        Ok(Some(st)) => {
+            let code = st.code().unwrap_or(1) as u8;
+            if code == 0 {
+                println!("{name}");
+            }
+            code
+        }
+        _ => {
+            println!("{name}");
+            status::OK
+        }
+    }
+}
+
+fn state_of(e: &Entry) -> String {
+    match api_request(
+        &e.dir.join("api.sock"),
+        "GET",
+        "/",
+        None,
+        Duration::from_secs(2),
+    ) {
+        Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["state"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "Unknown".into()),
+        _ => "Unknown".into(),
+    }
+}
+
+/// `ls [--json]`.
+pub fn ls(json: bool) -> u8 {
+    let vms = runtime::list();
+    if json {
+        let list: Vec<_> = vms
+            .iter()
+            .map(|e| {
+                serde_json::json!({
+                    "name": e.name,
+                    "pid": e.pid,
+                    "state": state_of(e),
+                    "api_socket": e.dir.join("api.sock"),
+                    "dir": e.dir,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        println!("{:<24} {:>8}  STATE", "NAME", "PID");
+        for e in &vms {
+            println!("{:<24} {:>8}  {}", e.name, e.pid, state_of(e));
+        }
+    }
+    status::OK
+}
+
+fn wait_gone(e: &Entry, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !runtime::pid_alive(e.pid) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    !runtime::pid_alive(e.pid)
+}
+
+fn force_kill(e: &Entry) -> u8 {
+    // SAFETY: sending a signal to a pid read from our runtime directory.
+    unsafe { libc::kill(e.pid, libc::SIGKILL) };
+    if !wait_gone(e, Duration::from_secs(5)) {
+        return err(format!("VM '{}' (pid {}) did not die", e.name, e.pid));
+    }
+    let _ = std::fs::remove_dir_all(&e.dir);
+    status::OK
+}
+
+/// `stop NAME [--timeout S]`.
+pub fn stop(name: &str, timeout: f64) -> u8 {
+    let e = match find(name) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let Ok(timeout) = Duration::try_from_secs_f64(timeout) else {
+        eprintln!("capsule: error: --timeout must be a number of seconds");
+        return status::USAGE;
+    };
+    let sock = e.dir.join("api.sock");
+    if state_of(&e) == "Paused" {
+        let _ = api_request(
+            &sock,
+            "PATCH",
+            "/vm",
+            Some(r#"{"state":"Resumed"}"#),
+            API_TIMEOUT,
+        );
+    }
+    let cad = api_request(
+        &sock,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"SendCtrlAltDel"}"#),
+        API_TIMEOUT,
+    );
+    match cad {
+        Ok((204, _)) => {
+            if wait_gone(&e, timeout) {
+                let _ = std::fs::remove_dir_all(&e.dir);
+                return status::OK;
+            }
+            eprintln!(
+                "capsule: VM '{name}' did not end {} s after Ctrl-Alt-Del: killing it",
+                timeout.as_secs_f64()
+            );
+        }
+        Ok((_, body)) => eprintln!(
+            "capsule: Ctrl-Alt-Del refused ({}): killing VM '{name}'",
+            fault_message(&body)
+        ),
+        Err(m) => eprintln!("capsule: {m}: killing VM '{name}'"),
+    }
+    force_kill(&e)
+}
+
+/// `kill NAME`.
+pub fn kill(name: &str) -> u8 {
+    match find(name) {
+        Ok(e) => force_kill(&e),
+        Err(c) => c,
+    }
+}
+
+/// `pause NAME` / `resume NAME`.
+pub fn pause(name: &str, pause: bool) -> u8 {
+    let e = match find(name) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let body = if pause {
+        r#"{"state":"Paused"}"#
+    } else {
+        r#"{"state":"Resumed"}"#
+    };
+    match api_request(
+        &e.dir.join("api.sock"),
+        "PATCH",
+        "/vm",
+        Some(body),
+        API_TIMEOUT,
+    ) {
+        Ok((204, _)) => status::OK,
+        Ok((_, body)) => err(fault_message(&body)),
+        Err(m) => err(m),
+    }
+}
+
+/// `wait NAME`: the VM's exit status.
+pub fn wait(name: &str) -> u8 {
+    let e = match find(name) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let s = match UnixStream::connect(e.dir.join("wait.sock")) {
+        Ok(s) => s,
+        Err(er) => return err(format!("cannot wait for '{name}': {er}")),
+    };
+    let mut line = String::new();
+    let _ = BufReader::new(s).read_line(&mut line);
+    match line.trim().parse::<u8>() {
+        Ok(code) => code,
+        Err(_) => err(format!(
+            "VM '{name}' ended without an exit status (killed?)"
+        )),
+    }
+}
+
+/// `logs NAME`.
+pub fn logs(name: &str) -> u8 {
+    let e = match find(name) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let mut f = match File::open(e.dir.join("console.log")) {
+        Ok(f) => f,
+        Err(_) => {
+            return err(format!(
+                "VM '{name}' has no console log (not started with -d)"
+            ))
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match std::io::copy(&mut f, &mut out) {
+        Ok(_) => status::OK,
+        Err(er) => err(er),
+    }
+}
+
+/// `console NAME`: the console log so far, then live output; keys typed go
+/// to the guest; Ctrl-] detaches.
+pub fn console(name: &str) -> u8 {
+    let e = match find(name) {
+        Ok(e) => e,
+        Err(c) => return c,
+    };
+    let (mut log, input) = match (
+        File::open(e.dir.join("console.log")),
+        OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(e.dir.join("console.in")),
+    ) {
+        (Ok(l), Ok(i)) => (l, i),
+        _ => return err(format!("VM '{name}' has no console (not started with -d)")),
+    };
+    let _ = log.seek(SeekFrom::Start(0));
+    let _raw = match capsule::terminal::enter_raw_mode() {
+        Ok(g) => g,
+        Err(er) => return err(format!("cannot set up the terminal: {er}")),
+    };
+    eprint!("capsule: attached to '{name}'; Ctrl-] detaches\r\n");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let mut input = input;
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = [0u8; 256];
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            let (send, detach) = match chunk.iter().position(|&b| b == DETACH_KEY) {
+                Some(p) => (&chunk[..p], true),
+                None => (chunk, false),
+            };
+            if input.write_all(send).is_err() || detach {
+                break;
+            }
+        }
+        let _ = tx.send(());
+    });
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 4096];
+    loop {
+        match log.read(&mut buf) {
+            Ok(0) => {
+                if rx.try_recv().is_ok() || !runtime::pid_alive(e.pid) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Ok(n) => {
+                let _ = out.write_all(&buf[..n]);
+                let _ = out.flush();
+            }
+            Err(_) => break,
+        }
+    }
+    eprint!("\r\ncapsule: detached from '{name}'\r\n");
+    status::OK
+}
