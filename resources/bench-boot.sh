@@ -12,7 +12,9 @@
 #   - capsule's own boot-time marker (port 0x3c4, written by the guest's
 #     init): wall ms since capsule's main() and the process's CPU ms;
 #   - resident memory of the VMM process, excluding the guest RAM mapping,
-#     read from /proc/PID/smaps once the guest is in userspace.
+#     read from /proc/PID/smaps once the guest is in userspace;
+#   - capsule only: start -> its API socket answers `GET /` (curl, polled),
+#     and main() -> API ready from capsule's own log.
 #
 # QEMU is Debian's qemu-system-x86_64 with `-M microvm` (qboot firmware),
 # KVM, `-cpu host`, no default devices: the closest QEMU to capsule. In
@@ -33,7 +35,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
-# Env: CAPSULE QEMU QEMU_FW DATE BZIMAGE INITRD BENCH_RUNS WORK
+# Env: CAPSULE QEMU QEMU_FW DATE CURL BZIMAGE INITRD BENCH_RUNS WORK
 set -u
 CMDLINE="console=ttyS0 reboot=k panic=1 quiet"
 MEM_MIB=128
@@ -103,11 +105,40 @@ one() {
     echo "$line"
 }
 
+# api: start capsule with an API socket and nothing else; time until a
+# `GET /` over the socket is answered (curl, polled), and capsule's own
+# "API ready" log line.
+api() {
+    sock="$WORK/api.sock"
+    rm -f "$sock"
+    t0=$(now_ns)
+    CAPSULE_LOG=info "$CAPSULE" run --api-sock "$sock" </dev/null >/dev/null 2>"$WORK/api.err" &
+    pid=$!
+    t1=""
+    n=0
+    while [ "$n" -lt 2000 ]; do
+        n=$((n + 1))
+        if "$CURL" -sf --unix-socket "$sock" http://localhost/ >/dev/null 2>&1; then
+            t1=$(now_ns)
+            break
+        fi
+    done
+    kill "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    if [ -z "$t1" ]; then
+        echo "bench-boot: error api: no answer on $sock; stderr: $(tail -n 3 "$WORK/api.err" | tr '\n' ' ')"
+        return
+    fi
+    l=$(sed -n 's/.*API ready on .*, \([0-9.]*\) ms after capsule started.*/api_log_ms=\1/p' "$WORK/api.err")
+    echo "bench-boot: capsule api_ms=$(((t1 - t0) / 1000000)) ${l:-api_log_ms=-}"
+}
+
 i=0
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     one capsule
     one qemu
+    api
 done
 RUNNER
     chmod 755 "$1"
@@ -126,7 +157,7 @@ main() {
 
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-boot.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
-    copy_tools "$work/tools" qemu-system-x86_64 date
+    copy_tools "$work/tools" qemu-system-x86_64 date curl
     copy_qemu_firmware "$work/qemu-fw"
     write_runner "$work/bench-run.sh"
 
@@ -135,14 +166,14 @@ main() {
     if [[ "$mode" == direct ]]; then
         mkdir -p "$work/run"
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
-            DATE="$work/tools/date" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
+            DATE="$work/tools/date" CURL="$work/tools/curl" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
             BENCH_RUNS="$runs" WORK="$work/run" sh "$work/bench-run.sh" | tee "$results" >&2
     else
         cat >"$work/bench-l1.sh" <<EOF
 #!/bin/sh
 mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
-export DATE=/capsule/tools/date BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
+export DATE=/capsule/tools/date CURL=/capsule/tools/curl BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh
 EOF
@@ -181,7 +212,11 @@ EOF
     printf '%-44s %26s %26s %8s\n' "capsule: process start -> vCPUs running, ms" "${v[0]} / ${v[1]} / ${v[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule boot marker: wall ms" "${m[0]} / ${m[1]} / ${m[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule boot marker: process CPU ms" "${cpu[0]} / ${cpu[1]} / ${cpu[2]}" "n/a" "-"
-    printf '%-44s %26s %26s %8s\n' "VMM start -> API ready, ms" "no API yet" "n/a" "-"
+    local a al
+    read -r -a a <<<"$(value capsule api_ms | min_median_max %.1f)"
+    read -r -a al <<<"$(value capsule api_log_ms | min_median_max %.1f)"
+    printf '%-44s %26s %26s %8s\n' "capsule: start -> API answers GET /, ms" "${a[0]} / ${a[1]} / ${a[2]}" "n/a" "-"
+    printf '%-44s %26s %26s %8s\n' "capsule: main() -> API ready (its log), ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
 }
 
 main "$@"

@@ -134,6 +134,11 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
                 .name("api".into())
                 .spawn(move || server::serve(listener, tx, wake))
                 .map_err(|e| Error::Vmm(format!("cannot start the API thread: {e}")))?;
+            log::info!(
+                "API ready on {}, {:.1} ms after capsule started",
+                path.display(),
+                crate::process_start().elapsed().as_secs_f64() * 1000.0
+            );
             Some(rx)
         }
         None => {
