@@ -59,6 +59,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -113,6 +114,8 @@ pub mod features {
 pub mod device_type {
     /// Block device.
     pub const BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+    /// Network device.
+    pub const NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 }
 
 /// What an interrupt tells the driver.
