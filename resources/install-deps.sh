@@ -21,6 +21,8 @@ packages=(
     linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev xz-utils
     # Disk images for later tests.
     e2fsprogs
+    # Network boot tests: user-mode networking, ip tuntap (copied into L1).
+    passt iproute2
     # Static capsule binary (libc.a).
     libc6-dev
     # apt-get download / dpkg -x for the L1 kernel.

@@ -28,15 +28,27 @@ resources="$here/../../resources"
 # shellcheck source=resources/lib.sh
 source "$resources/lib.sh"
 
-# make_tools_dir DIR: host tools that the cases use for checks (debugfs),
-# with their shared libraries, so that they also run inside L1 (whose root
-# is busybox only): DIR/NAME runs the tool through DIR/lib's dynamic loader.
+# make_tools_dir DIR: host tools that the cases use for checks (debugfs,
+# iproute2's ip for `ip tuntap`) or run (passt), with their shared
+# libraries, so that they also run inside L1 (whose root is busybox only):
+# DIR/NAME runs the tool through DIR/lib's dynamic loader. passt re-executes
+# itself as passt.avx2 from its own directory, which cannot work through the
+# loader: cases run DIR/bin/passt directly once the loader and libc are at
+# their usual paths (cases.d/net.sh does that in L1).
 make_tools_dir() {
-    local dir="$1" tool path lib
+    local dir="$1" tool path lib pkg
     mkdir -p "$dir/bin" "$dir/lib"
-    for tool in debugfs; do
-        path="$(command -v "$tool")" || die "$tool not found (package e2fsprogs)"
+    for tool in debugfs ip passt; do
+        case "$tool" in
+        debugfs) pkg=e2fsprogs ;;
+        ip) pkg=iproute2 ;;
+        *) pkg="$tool" ;;
+        esac
+        path="$(command -v "$tool")" || die "$tool not found (package $pkg)"
         cp -L "$path" "$dir/bin/$tool"
+        if [[ -f "$path.avx2" ]]; then
+            cp -L "$path.avx2" "$dir/bin/$tool.avx2"
+        fi
         ldd "$path" | awk '/=>/ { print $3 } /^\t\// { print $1 }' | while read -r lib; do
             [[ -n "$lib" ]] && cp -L "$lib" "$dir/lib/"
         done

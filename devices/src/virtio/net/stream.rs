@@ -4,7 +4,8 @@
 //! frame is preceded by its length as a 4-byte big-endian number; there is
 //! no vnet header. [`StreamBackend`] implements that framing over any
 //! connected non-blocking stream socket; [`Passt`] starts a `passt` process
-//! on one end of a socket pair (`passt --fd N`, in the foreground, one-off)
+//! on one end of a socket pair (`passt --fd N`, in the foreground; with `--fd` passt serves that one
+//! connection and exits when it closes)
 //! and stops it when dropped. passt answers the guest's DHCP, forwards its
 //! outbound connections through host sockets and, for `-t HOST:GUEST`,
 //! host ports to the guest.
@@ -199,8 +200,7 @@ impl Passt {
         // passt inherits `theirs` (not close-on-exec) under the same number.
         cmd.arg("--fd")
             .arg(theirs.as_raw_fd().to_string())
-            .arg("--foreground")
-            .arg("--one-off");
+            .arg("--foreground");
         if config.debug {
             cmd.arg("--debug").arg("--stderr");
         } else {
