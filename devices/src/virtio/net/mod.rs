@@ -103,6 +103,11 @@ struct Active {
     interrupt: Arc<dyn VirtioInterrupt>,
     rx: Queue,
     tx: Queue,
+    /// Receive chains popped but not used yet (too few for the pending
+    /// frame so far).
+    held: Vec<RxChain>,
+    /// Receive chains returned to the used ring since the last interrupt.
+    returned: usize,
 }
 
 /// Counts events and says when to log one: the 1st, 2nd, 4th, 8th, ...
@@ -286,14 +291,10 @@ impl Net {
                 }
                 Delivery::NoBuffers => {
                     // Wait for the guest: ask for a kick, unless buffers
-                    // came in meanwhile.
+                    // came in meanwhile (the held chains are already
+                    // popped, so only new ones count).
                     match active.rx.enable_notification(&active.mem) {
-                        Ok(true) => {
-                            if let Err(e) = active.rx.disable_notification(&active.mem) {
-                                log::warn!("virtio-net: cannot disable notifications: {e}");
-                            }
-                            continue;
-                        }
+                        Ok(true) => continue,
                         Ok(false) => break,
                         Err(e) => {
                             log::warn!("virtio-net: cannot enable notifications: {e}");
@@ -303,8 +304,10 @@ impl Net {
                 }
             }
         }
-        if delivered > 0 {
-            if let Some(active) = self.active.as_mut() {
+        let _ = delivered;
+        if let Some(active) = self.active.as_mut() {
+            if active.returned > 0 {
+                active.returned = 0;
                 notify(&active.mem, &*active.interrupt, &mut active.rx, RX_QUEUE);
             }
         }
@@ -562,50 +565,62 @@ fn pop_rx_chain(active: &mut Active) -> Option<RxChain> {
 
 /// Puts `frame` (header included) into the receive queue.
 ///
-/// Chains are popped until the frame fits (one usable chain without
-/// `MRG_RXBUF`). If the ring runs out first, or the frame can never fit,
-/// every popped chain is put back (the ring position is rewound) so the
-/// next attempt sees the same chains.
+/// Receive chains are popped into `active.held` until the frame fits (one
+/// usable chain without `MRG_RXBUF`). Chains stay held across calls: if
+/// the ring runs dry first, the frame waits, and the queue's notification
+/// point stays past the held chains, so the guest's next buffers kick the
+/// device. Unusable chains go back at once with length 0. A frame that
+/// can never fit (larger than the held chain without `MRG_RXBUF`, or than
+/// a full ring of chains) is dropped and the held chains kept for the next.
 fn deliver(active: &mut Active, frame: &mut [u8], mrg: bool) -> Delivery {
-    let mut chains: Vec<RxChain> = Vec::new();
-    let mut capacity = 0usize;
-    let mut usable = 0usize;
     let size = usize::from(active.rx.size());
-    while capacity < frame.len() && (mrg || usable == 0) && chains.len() < size {
-        let Some(chain) = pop_rx_chain(active) else {
-            for _ in 0..chains.len() {
-                active.rx.go_to_previous_position();
+    loop {
+        let held_capacity: usize = active.held.iter().map(|c| c.capacity).sum();
+        if mrg {
+            if held_capacity >= frame.len() {
+                break;
             }
+            if active.held.len() >= size {
+                return Delivery::Dropped;
+            }
+        } else if let Some(first) = active.held.first() {
+            if first.capacity >= frame.len() {
+                break;
+            }
+            return Delivery::Dropped;
+        }
+        let Some(chain) = pop_rx_chain(active) else {
             return Delivery::NoBuffers;
         };
-        if chain.capacity > 0 {
-            usable += 1;
-            capacity = capacity.saturating_add(chain.capacity);
-        }
-        chains.push(chain);
-    }
-    if capacity < frame.len() {
-        for _ in 0..chains.len() {
-            active.rx.go_to_previous_position();
-        }
-        return Delivery::Dropped;
-    }
-    let mem = &active.mem;
-    // Unusable chains go back first, so one frame's buffers are
-    // consecutive in the used ring.
-    for c in chains.iter().filter(|c| c.capacity == 0) {
-        if let Err(e) = active.rx.add_used(mem, c.head, 0) {
-            log::warn!("virtio-net: cannot return descriptor {}: {e}", c.head);
+        if chain.capacity == 0 {
+            if let Err(e) = active.rx.add_used(&active.mem, chain.head, 0) {
+                log::warn!("virtio-net: cannot return descriptor {}: {e}", chain.head);
+            }
+            active.returned += 1;
+        } else {
+            active.held.push(chain);
         }
     }
+    // Enough chains are held: take as many as the frame needs.
+    let mut needed = 0usize;
+    let mut cap = 0usize;
+    for c in &active.held {
+        needed += 1;
+        cap += c.capacity;
+        if cap >= frame.len() {
+            break;
+        }
+    }
+    let chains: Vec<RxChain> = active.held.drain(..needed).collect();
     let num_buffers = if mrg {
-        u16::try_from(usable).unwrap_or(u16::MAX)
+        u16::try_from(chains.len()).unwrap_or(u16::MAX)
     } else {
         1
     };
     frame[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&num_buffers.to_le_bytes());
+    let mem = &active.mem;
     let mut off = 0usize;
-    for c in chains.iter().filter(|c| c.capacity > 0) {
+    for c in &chains {
         let mut written = 0usize;
         for &(addr, len) in &c.segments {
             if off >= frame.len() {
@@ -622,6 +637,7 @@ fn deliver(active: &mut Active, frame: &mut [u8], mrg: bool) -> Delivery {
         if let Err(e) = active.rx.add_used(mem, c.head, written as u32) {
             log::warn!("virtio-net: cannot return descriptor {}: {e}", c.head);
         }
+        active.returned += 1;
     }
     Delivery::Delivered
 }
@@ -716,6 +732,8 @@ impl VirtioDevice for Net {
             interrupt,
             rx,
             tx,
+            held: Vec::new(),
+            returned: 0,
         });
         Ok(())
     }
