@@ -121,3 +121,45 @@ make_cpio() {
         mv "$out.raw" "$out"
     fi
 }
+
+# copy_tools DIR TOOL...: host programs with their shared libraries in DIR,
+# so that they also run where only busybox is (in L1, or in a guest): each
+# DIR/TOOL runs DIR/bin/TOOL through the dynamic loader in DIR/lib.
+copy_tools() {
+    local dir="$1" tool path lib
+    shift
+    mkdir -p "$dir/bin" "$dir/lib"
+    for tool in "$@"; do
+        path="$(command -v "$tool")" || die "$tool not found"
+        cp -L "$path" "$dir/bin/$tool"
+        while read -r lib; do
+            [[ -z "$lib" ]] || cp -L "$lib" "$dir/lib/"
+        done < <(ldd "$path" | awk '/=>/ { print $3 } /^\t\// { print $1 }')
+        cat >"$dir/$tool" <<EOF
+#!/bin/sh
+d="\$(cd "\$(dirname "\$0")" && pwd)"
+exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" "\$d/bin/$tool" "\$@"
+EOF
+        chmod 755 "$dir/$tool"
+    done
+}
+
+# min_median_max FORMAT: "min median max" of the numbers on stdin, each
+# printed with the printf FORMAT (e.g. %.1f), or "- - -" if there are none.
+min_median_max() {
+    sort -n | awk -v f="$1" '{ v[NR] = $1 } END {
+        if (NR == 0) { print "- - -"; exit }
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf f " " f " " f "\n", v[1], m, v[NR] }'
+}
+
+# copy_qemu_firmware DIR: the firmware QEMU's microvm machine loads (qboot
+# and its option ROMs), for `qemu-system-x86_64 -L DIR` where
+# /usr/share/qemu is not (in L1).
+copy_qemu_firmware() {
+    local f
+    mkdir -p "$1"
+    for f in bios-microvm.bin linuxboot_dma.bin kvmvapic.bin; do
+        cp "/usr/share/qemu/$f" "$1/"
+    done
+}

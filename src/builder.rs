@@ -224,7 +224,13 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
     event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
 
     let mut dm = DeviceManager::new();
-    let serial_input = dm.attach_legacy_devices(&vm, &exit, console.out, console.input)?;
+    let serial_input = dm.attach_legacy_devices(
+        &vm,
+        &exit,
+        console.out,
+        console.input,
+        crate::process_start(),
+    )?;
     event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
     for (index, disk) in config.disks.iter().enumerate() {
         let block = Arc::new(Mutex::new(open_disk(index, disk)?));

@@ -7,9 +7,11 @@
 //! addresses that `arch::layout` and the firmware tables announce.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use arch::layout;
 use devices::acpi_pm::{self, AcpiPm};
+use devices::boot_marker::BootMarker;
 use devices::bus::{self, Bus};
 use devices::exit::ExitSignal;
 use devices::legacy::serial::{ReadableFd, SerialOut};
@@ -135,15 +137,17 @@ impl DeviceManager {
         Ok(self.next_mmio - size)
     }
 
-    /// Attaches COM1, the i8042, the ACPI power management registers and
-    /// pvpanic. COM1 writes to `out` and reads from `input`; the returned
-    /// [`SerialInput`] must be added to the event loop.
+    /// Attaches COM1, the i8042, the ACPI power management registers,
+    /// pvpanic and the boot-time marker (timed from `start`). COM1 writes to
+    /// `out` and reads from `input`; the returned [`SerialInput`] must be
+    /// added to the event loop.
     pub fn attach_legacy_devices(
         &mut self,
         vm: &Vm,
         exit: &ExitSignal,
         out: SerialOut,
         input: Option<Box<dyn ReadableFd>>,
+        start: Instant,
     ) -> Result<SerialInput, Error> {
         let irq = EventFdTrigger::new().map_err(|e| Error::EventFd("COM1", e))?;
         vm.register_irqfd(irq.event_fd(), layout::COM1_IRQ)
@@ -192,6 +196,14 @@ impl DeviceManager {
                 1,
             )
             .map_err(|e| Error::Bus("pvpanic", e))?;
+
+        self.pio
+            .insert(
+                Arc::new(Mutex::new(BootMarker::new(start))),
+                u64::from(layout::BOOT_MARKER_PORT),
+                1,
+            )
+            .map_err(|e| Error::Bus("boot marker", e))?;
 
         Ok(SerialInput::new(serial, input, buffer_ready))
     }

@@ -10,3 +10,15 @@ pub mod config;
 pub mod device_manager;
 pub mod terminal;
 pub mod vstate;
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// When this process started, as far as capsule can tell: the first call
+/// of this function, which `main` makes before anything else. Boot times
+/// (the boot-time marker) are measured from here.
+pub fn process_start() -> Instant {
+    *PROCESS_START.get_or_init(Instant::now)
+}

@@ -120,6 +120,7 @@ fn run(args: RunArgs) -> Result<GuestExit, builder::Error> {
 }
 
 fn main() -> ExitCode {
+    capsule::process_start();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -3,7 +3,8 @@
 //! and the hypervisor bit set.
 
 use kvm_bindings::{
-    kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KVM_MAX_CPUID_ENTRIES,
+    kvm_cpuid_entry2, kvm_xcr, kvm_xcrs, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd};
 
@@ -21,6 +22,10 @@ const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_EXT_TOPOLOGY_V2: u32 = 0x1f;
 /// Address sizes and core count leaf (AMD).
 const LEAF_AMD_SIZES: u32 = 0x8000_0008;
+/// Extended processor features leaf (AMD).
+const LEAF_EXT_FEATURES: u32 = 0x8000_0001;
+/// Processor extended state enumeration leaf (XSAVE).
+const LEAF_XSTATE: u32 = 0xd;
 
 /// Leaf 1 EBX: initial APIC id shift.
 const LEAF1_EBX_APIC_ID_SHIFT: u32 = 24;
@@ -34,6 +39,16 @@ const CLFLUSH_SIZE: u32 = 8;
 pub const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX: running under a hypervisor.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX: VMX (Intel virtualization).
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+/// Leaf 1 ECX: XSAVE/XRSTOR and XCR0 are supported.
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+/// Leaf 0x8000_0001 ECX: SVM (AMD virtualization).
+const LEAF_EXT_ECX_SVM: u32 = 1 << 2;
+/// XCR0 components that every XSAVE-capable guest kernel manages itself:
+/// x87, SSE and AVX state. (Others, like AVX-512 and AMX, are enabled by the
+/// guest when it wants them.)
+const XCR0_USER_BASIC: u64 = 0b111;
 /// Leaf 1 EDX: hyper-threading (multiple logical processors per package).
 pub const LEAF1_EDX_HTT: u32 = 1 << 28;
 
@@ -56,6 +71,9 @@ pub enum Error {
     /// KVM_SET_CPUID2 failed.
     #[error("failed to set CPUID: {0}")]
     SetCpuid(#[source] kvm_ioctls::Error),
+    /// KVM_SET_XCRS failed.
+    #[error("failed to set XCR0: {0}")]
+    SetXcrs(#[source] kvm_ioctls::Error),
 }
 
 /// Result type of this module.
@@ -111,7 +129,8 @@ pub fn filter_cpuid(cpuid: &mut CpuId, cpu_index: u8, num_cpus: u8) {
                     | (apic_id << LEAF1_EBX_APIC_ID_SHIFT)
                     | (u32::from(num_cpus) << LEAF1_EBX_CPU_COUNT_SHIFT)
                     | (CLFLUSH_SIZE << LEAF1_EBX_CLFLUSH_SHIFT);
-                entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                // Nested virtualization is not offered to the guest.
+                entry.ecx = (entry.ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_VMX;
                 if num_cpus > 1 {
                     entry.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -144,6 +163,7 @@ pub fn filter_cpuid(cpuid: &mut CpuId, cpu_index: u8, num_cpus: u8) {
                 entry.edx = 0;
             }
             LEAF_EXT_TOPOLOGY_V2 => has_topology_v2 = true,
+            LEAF_EXT_FEATURES => entry.ecx &= !LEAF_EXT_ECX_SVM,
             LEAF_AMD_SIZES => {
                 // NC = num_cpus - 1; ApicIdCoreIdSize = 0 (derive from NC).
                 entry.ecx = (entry.ecx & !0xf0ff) | (u32::from(num_cpus) - 1);
@@ -185,6 +205,19 @@ pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, cpu_index: u8, num_cpus: u8) -> Res
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(Error::GetSupportedCpuid)?;
     filter_cpuid(&mut cpuid, cpu_index, num_cpus);
+    if cpu_index == 0 && log::log_enabled!(log::Level::Trace) {
+        for e in cpuid.as_slice() {
+            log::trace!(
+                "cpuid {:#x}.{:#x}: eax={:#010x} ebx={:#010x} ecx={:#010x} edx={:#010x}",
+                e.function,
+                e.index,
+                e.eax,
+                e.ebx,
+                e.ecx,
+                e.edx
+            );
+        }
+    }
     if kvm.check_extension(Cap::TscDeadlineTimer) {
         for entry in cpuid.as_mut_slice() {
             if entry.function == LEAF_FEATURES {
@@ -192,7 +225,52 @@ pub fn setup_cpuid(kvm: &Kvm, vcpu: &VcpuFd, cpu_index: u8, num_cpus: u8) -> Res
             }
         }
     }
-    vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)
+    vcpu.set_cpuid2(&cpuid).map_err(Error::SetCpuid)?;
+    if let Some(xcr0) = initial_xcr0(&cpuid) {
+        setup_xcr0(vcpu, xcr0)?;
+    }
+    Ok(())
+}
+
+/// The XCR0 value a vCPU with `cpuid` starts with: the basic user state
+/// components it supports, or `None` without XSAVE.
+///
+/// Starting with these enabled (rather than with x87 only, as at reset)
+/// matters because KVM computes the XSAVE area size that CPUID leaf 0xd
+/// reports from the current XCR0, and some KVM versions (seen in nested
+/// setups) do not recompute it when the guest first writes XCR0: the guest
+/// then sees a size for x87 state only and disables XSAVE altogether
+/// ("XSAVE consistency problem"). With these bits already set, the guest's
+/// own XSETBV changes nothing and the reported size stays right.
+pub fn initial_xcr0(cpuid: &CpuId) -> Option<u64> {
+    let entries = cpuid.as_slice();
+    let has_xsave = entries
+        .iter()
+        .any(|e| e.function == LEAF_FEATURES && e.ecx & LEAF1_ECX_XSAVE != 0);
+    let xstate = entries
+        .iter()
+        .find(|e| e.function == LEAF_XSTATE && e.index == 0)?;
+    let supported = u64::from(xstate.eax) | (u64::from(xstate.edx) << 32);
+    // x87 is architecturally always on; AVX needs SSE.
+    let mut xcr0 = (supported & XCR0_USER_BASIC) | 1;
+    if xcr0 & 0b010 == 0 {
+        xcr0 &= !0b100;
+    }
+    has_xsave.then_some(xcr0)
+}
+
+/// Loads `xcr0` into the vCPU's XCR0.
+fn setup_xcr0(vcpu: &VcpuFd, xcr0: u64) -> Result<()> {
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0] = kvm_xcr {
+        xcr: 0,
+        reserved: 0,
+        value: xcr0,
+    };
+    vcpu.set_xcrs(&xcrs).map_err(Error::SetXcrs)
 }
 
 #[cfg(test)]
@@ -319,6 +397,40 @@ mod tests {
         assert_eq!(find(&cpuid, 0x4000_0001, 0).eax, 0x1234);
     }
 
+    /// A CPUID with XSAVE (or not) and the given XCR0 components in leaf 0xd.
+    fn xsave_cpuid(xsave: bool, components: u32) -> CpuId {
+        let ecx = if xsave { LEAF1_ECX_XSAVE } else { 0 };
+        CpuId::from_entries(&[
+            leaf(1, 0, 0, 0, ecx, 0),
+            leaf(0xd, 0, components, 0x340, 0x340, 0),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn initial_xcr0_enables_basic_user_state() {
+        assert_eq!(initial_xcr0(&xsave_cpuid(true, 0x7)), Some(0x7));
+        // AVX-512 and others are left for the guest to enable.
+        assert_eq!(initial_xcr0(&xsave_cpuid(true, 0xe7)), Some(0x7));
+        assert_eq!(initial_xcr0(&xsave_cpuid(true, 0x3)), Some(0x3));
+        // AVX without SSE is not a valid XCR0.
+        assert_eq!(initial_xcr0(&xsave_cpuid(true, 0x5)), Some(0x1));
+        assert_eq!(initial_xcr0(&xsave_cpuid(false, 0x7)), None);
+    }
+
+    #[test]
+    fn nested_virtualization_hidden() {
+        let mut cpuid = CpuId::from_entries(&[
+            leaf(1, 0, 0, 0, LEAF1_ECX_VMX | 1, 0),
+            leaf(0x8000_0001, 0, 0, 0, LEAF_EXT_ECX_SVM | 1, 0),
+        ])
+        .unwrap();
+        filter_cpuid(&mut cpuid, 0, 1);
+        assert_eq!(find(&cpuid, 1, 0).ecx & LEAF1_ECX_VMX, 0);
+        assert_eq!(find(&cpuid, 1, 0).ecx & 1, 1);
+        assert_eq!(find(&cpuid, 0x8000_0001, 0).ecx, 1);
+    }
+
     #[test]
     fn one_vcpu() {
         check(0, 1, 0);
@@ -361,5 +473,8 @@ mod tests {
         setup_cpuid(&kvm, &vcpu, 0, 2).unwrap();
         let cpuid = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
         assert_eq!(find(&cpuid, 0xb, 1).ebx & 0xffff, 2);
+        // XCR0 itself is not checked: PVM (a software KVM) accepts
+        // KVM_SET_XCRS but keeps x87 only. The boot tests check its effect
+        // on a real guest (no "XSAVE consistency problem").
     }
 }

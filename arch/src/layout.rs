@@ -76,6 +76,9 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 /// QEMU-compatible pvpanic I/O port; the guest writes here when it panics.
 pub const PVPANIC_PORT: u16 = 0x505;
+/// Boot-time marker I/O port (1 byte): the guest writes a stage number (1 =
+/// userspace reached) and capsule logs the time since it started.
+pub const BOOT_MARKER_PORT: u16 = 0x3c4;
 /// Number of IOAPIC pins (GSIs) the in-kernel irqchip provides.
 pub const IOAPIC_NUM_PINS: u32 = 24;
 /// First GSI handed out to devices by the device manager; lower lines are

@@ -6,6 +6,7 @@
 //! descriptors, so the same model can sit behind any transport.
 
 pub mod acpi_pm;
+pub mod boot_marker;
 pub mod bus;
 pub mod exit;
 pub mod legacy;

@@ -5,6 +5,7 @@
 //! triple fault, a KVM failure) is reported through the VM-wide
 //! [`ExitSignal`]; the VMM then stops the remaining vCPUs with [`kick`].
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -112,9 +113,11 @@ impl Vcpu {
     }
 
     fn run(mut self, io: VcpuIo) {
+        let mut stats = ExitStats::default();
         while !io.stop.load(Ordering::Acquire) {
             match self.fd.run() {
                 Ok(exit) => {
+                    stats.count(&exit);
                     if let Some(reason) = handle_exit(self.index, exit, &io) {
                         io.exit.signal(reason);
                         break;
@@ -130,7 +133,45 @@ impl Vcpu {
                 }
             }
         }
-        log::debug!("vCPU {} stopped", self.index);
+        log::debug!("vCPU {} stopped; {}", self.index, stats.summary(8));
+    }
+}
+
+/// Counts of the exits a vCPU thread handled, by kind and address: where
+/// the guest makes capsule do work (see docs/performance.md).
+#[derive(Debug, Default)]
+struct ExitStats {
+    total: u64,
+    by_site: HashMap<(&'static str, u64), u64>,
+}
+
+impl ExitStats {
+    fn count(&mut self, exit: &VcpuExit<'_>) {
+        let site = match exit {
+            VcpuExit::IoIn(port, _) => ("pio-in", u64::from(*port)),
+            VcpuExit::IoOut(port, _) => ("pio-out", u64::from(*port)),
+            VcpuExit::MmioRead(addr, _) => ("mmio-read", *addr),
+            VcpuExit::MmioWrite(addr, _) => ("mmio-write", *addr),
+            _ => ("other", 0),
+        };
+        self.total += 1;
+        *self.by_site.entry(site).or_default() += 1;
+    }
+
+    /// "N exits; top: kind@addr count, ..." with the `top` busiest sites.
+    fn summary(&self, top: usize) -> String {
+        let mut sites: Vec<_> = self.by_site.iter().collect();
+        sites.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let list: Vec<String> = sites
+            .iter()
+            .take(top)
+            .map(|((kind, addr), n)| format!("{kind}@{addr:#x} {n}"))
+            .collect();
+        format!(
+            "{} exits to capsule; busiest: {}",
+            self.total,
+            list.join(", ")
+        )
     }
 }
 
@@ -252,5 +293,25 @@ pub fn stop_all(vcpus: &mut [VcpuHandle], timeout: Duration) {
         } else {
             log::warn!("vCPU {} did not stop in time", v.index);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_stats_rank_sites() {
+        let mut stats = ExitStats::default();
+        let mut byte = [0u8; 1];
+        for _ in 0..3 {
+            stats.count(&VcpuExit::IoOut(0x3f8, &byte));
+        }
+        stats.count(&VcpuExit::IoIn(0x3fd, &mut byte));
+        stats.count(&VcpuExit::Hlt);
+        assert_eq!(
+            stats.summary(2),
+            "5 exits to capsule; busiest: pio-out@0x3f8 3, other@0x0 1"
+        );
     }
 }

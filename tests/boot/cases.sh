@@ -26,7 +26,7 @@
 #         `boot-cases: done N passed, M failed`; exit 1 if any failed.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux stdin_line poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
+ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux boot_marker stdin_line poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
 CASES_DIR="$(cd "$(dirname "$0")" && pwd)"
 
 # More cases, by feature: each cases.d/*.sh adds its names to ALL_CASES and
@@ -83,17 +83,37 @@ wait_for() {
     done
 }
 
+# prompt_count FILE: how many lines of FILE show the guest shell's prompt.
+prompt_count() {
+    tr -d '\r' <"$1" | grep -c -- "$PROMPT"
+}
+
+# wait_prompts FILE N SECONDS STOPFILE: wait until FILE shows more than N
+# prompts (the shell finished the command typed after the Nth).
+wait_prompts() {
+    _deadline=$(($(now) + $3))
+    while [ "$(prompt_count "$1")" -le "$2" ]; do
+        if [ -e "$4" ] || [ "$(now)" -ge "$_deadline" ]; then
+            return 1
+        fi
+        sleep 0.2 2>/dev/null || sleep 1
+    done
+}
+
 # feeder FIFO OUT DONE INPUT: background stdin writer. Holds FIFO open for
 # writing until the file DONE exists; once the guest is ready, types each
-# line of the file INPUT (if not empty), one a second.
+# line of the file INPUT (if not empty), each once the shell has finished
+# the one before (its next prompt), so that the terminal's echo of a line
+# never lands inside the output of the one before.
 feeder() {
     exec 3>"$1"
     if [ -s "$4" ] && wait_for "$2" "$READY" "$CASE_TIMEOUT" "$3"; then
         # Give the shell time to start: its prompt means it is reading.
         wait_for "$2" "$PROMPT" 15 "$3" || true
         while IFS= read -r _line; do
+            _prompts=$(prompt_count "$2")
             printf '%s\n' "$_line" >&3
-            sleep 1
+            wait_prompts "$2" "$_prompts" 60 "$3" || true
         done <"$4"
     fi
     while [ ! -e "$3" ]; do
@@ -145,6 +165,8 @@ rc_is() { [ "$RC" -eq "$1" ]; }
 out_has() { grep -q -- "$1" "$OUT"; }
 out_has_line() { grep -qx -- "$1" "$OUT"; }
 no_rust_panic() { ! grep -q 'panicked at' "$OUT" "$ERR"; }
+# The guest kernel warned about nothing (e.g. an inconsistent CPUID).
+no_kernel_warning() { ! grep -q 'WARNING: \|consistency problem' "$OUT"; }
 one_error_line() { [ "$(grep -c '^capsule: error:' "$ERR")" -eq 1 ]; }
 
 describe_rc() {
@@ -191,6 +213,7 @@ case_boot_1cpu_bzimage() {
     expect "ready line with cpus=1" ready_cpus_is 1
     expect "uname -r output" kernel_release_printed
     expect "cpus=1 from nproc" out_has_line "cpus=1"
+    expect "no guest kernel WARNING" no_kernel_warning
     expect "no Rust panic" no_rust_panic
 }
 
@@ -200,6 +223,19 @@ case_boot_2cpu_vmlinux() {
     expect "exit status 0" rc_is 0
     expect "ready line with cpus=2" ready_cpus_is 2
     expect "cpus=2 from nproc" out_has_line "cpus=2"
+    expect "no guest kernel WARNING" no_kernel_warning
+    expect "no Rust panic" no_rust_panic
+}
+
+case_boot_marker() {
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
+    run_capsule boot_marker 'poweroff -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 128M
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
+    expect "exit status 0" rc_is 0
+    expect "the guest's init wrote the marker port: logged with wall and CPU ms" \
+        grep -q 'boot marker 1: [0-9.]* ms since capsule started, [0-9.]* ms CPU' "$ERR"
     expect "no Rust panic" no_rust_panic
 }
 

@@ -7,7 +7,7 @@
 # this host's /dev/kvm in `direct` mode, or inside one nested L1 guest for
 # all cases in `nested` mode (resources/harness/run-in-l1.sh). Prints each
 # case's result and ends with exactly one line
-#     boot tests: N passed, M failed
+#     boot: N passed, M failed
 # A case that was expected but not reported (the harness could not run, or
 # died half-way) counts as failed; the exit status is non-zero if M > 0.
 #
@@ -27,39 +27,6 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 resources="$here/../../resources"
 # shellcheck source=resources/lib.sh
 source "$resources/lib.sh"
-
-# make_tools_dir DIR: host tools that the cases use for checks (debugfs,
-# iproute2's ip for `ip tuntap`) or run (passt), with their shared
-# libraries, so that they also run inside L1 (whose root is busybox only):
-# DIR/NAME runs the tool through DIR/lib's dynamic loader. passt re-executes
-# itself as passt.avx2 from its own directory, which cannot work through the
-# loader: cases run DIR/bin/passt directly once the loader and libc are at
-# their usual paths (cases.d/net.sh does that in L1).
-make_tools_dir() {
-    local dir="$1" tool path lib pkg
-    mkdir -p "$dir/bin" "$dir/lib"
-    for tool in debugfs ip passt; do
-        case "$tool" in
-        debugfs) pkg=e2fsprogs ;;
-        ip) pkg=iproute2 ;;
-        *) pkg="$tool" ;;
-        esac
-        path="$(command -v "$tool")" || die "$tool not found (package $pkg)"
-        cp -L "$path" "$dir/bin/$tool"
-        if [[ -f "$path.avx2" ]]; then
-            cp -L "$path.avx2" "$dir/bin/$tool.avx2"
-        fi
-        ldd "$path" | awk '/=>/ { print $3 } /^\t\// { print $1 }' | while read -r lib; do
-            [[ -n "$lib" ]] && cp -L "$lib" "$dir/lib/"
-        done
-        cat >"$dir/$tool" <<EOF
-#!/bin/sh
-d="\$(cd "\$(dirname "\$0")" && pwd)"
-exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" "\$d/bin/$tool" "\$@"
-EOF
-        chmod 755 "$dir/$tool"
-    done
-}
 
 # write_l1_wrapper PATH "CASE...": the script that runs cases.sh in L1, with
 # the paths of the files run-in-l1.sh puts under /capsule.
@@ -96,7 +63,7 @@ main() {
         for c in "${expected[@]}"; do
             echo "  FAIL $c: not run ($1)"
         done
-        echo "boot tests: 0 passed, ${#expected[@]} failed"
+        echo "boot: 0 passed, ${#expected[@]} failed"
         exit 1
     }
 
@@ -115,7 +82,13 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     caselog="$work/cases.log"
-    make_tools_dir "$work/tools" || fail_all "collecting the host tools failed"
+    # debugfs checks disks; ip (iproute2, for `ip tuntap`) and passt serve
+    # the network cases. passt re-executes itself as passt.avx2 from its own
+    # directory when the CPU has AVX2, so that binary goes along too.
+    copy_tools "$work/tools" debugfs ip passt || fail_all "collecting the host tools failed"
+    if [[ -f "$(command -v passt).avx2" ]]; then
+        cp -L "$(command -v passt).avx2" "$work/tools/bin/passt.avx2" || fail_all "copying passt.avx2 failed"
+    fi
 
     rc=0
     if [[ "$mode" == direct ]]; then
@@ -182,7 +155,7 @@ main() {
         echo "  harness: exited with status $rc although every case passed"
         failed=1
     fi
-    echo "boot tests: $passed passed, $failed failed"
+    echo "boot: $passed passed, $failed failed"
     [[ $failed -eq 0 ]]
 }
 
