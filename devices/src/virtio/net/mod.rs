@@ -121,6 +121,29 @@ impl RateLimit {
     }
 }
 
+/// Traffic counters, logged at debug level when the device is dropped.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NetStats {
+    /// Frames sent to the backend.
+    pub tx_frames: u64,
+    /// Bytes sent to the backend (vnet headers included).
+    pub tx_bytes: u64,
+    /// Times the backend was full and transmission paused.
+    pub tx_full: u64,
+    /// Transmit chains returned unsent (malformed or refused).
+    pub tx_dropped: u64,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest (vnet headers included).
+    pub rx_bytes: u64,
+    /// Times a frame waited for the guest's receive buffers.
+    pub rx_waits: u64,
+    /// Frames dropped on receive.
+    pub rx_dropped: u64,
+    /// Times a budget ran out and the device re-signalled itself.
+    pub budget_yields: u64,
+}
+
 /// A virtio-net device. Share it as `Arc<Mutex<Net>>` between a transport
 /// (as [`VirtioDevice`]) and the event loop (as [`MutEventSubscriber`]).
 pub struct Net {
@@ -137,11 +160,26 @@ pub struct Net {
     rx_buf: Vec<u8>,
     rx_len: usize,
     tx_buf: Vec<u8>,
+    /// Transmission paused because the backend was full; resumes when its
+    /// fd is writable.
+    tx_blocked: bool,
     /// What the backend's fd is registered for in the event loop.
     registered: Option<EventSet>,
     tx_errors: RateLimit,
     rx_drops: RateLimit,
     tx_drops: RateLimit,
+    stats: NetStats,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        log::debug!(
+            "virtio-net {} ({}): {:?}",
+            format_mac(&self.mac),
+            self.backend.describe(),
+            self.stats
+        );
+    }
 }
 
 impl std::fmt::Debug for Net {
@@ -195,10 +233,12 @@ impl Net {
             rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             rx_len: 0,
             tx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
+            tx_blocked: false,
             registered: None,
             tx_errors: RateLimit::default(),
             rx_drops: RateLimit::default(),
             tx_drops: RateLimit::default(),
+            stats: NetStats::default(),
         })
     }
 
@@ -210,6 +250,11 @@ impl Net {
     /// Whether the link is up (the backend has not failed).
     pub fn link_up(&self) -> bool {
         self.link_up
+    }
+
+    /// Traffic counters so far.
+    pub fn stats(&self) -> NetStats {
+        self.stats
     }
 
     /// Whether the driver has activated the device.
@@ -246,14 +291,25 @@ impl Net {
 
     /// Moves frames from the backend to the receive queue until either runs
     /// dry or the budget is spent; interrupts the guest if it should.
+    ///
+    /// When the budget runs out with a frame still held, the receive queue
+    /// is signalled again so that the rest is not left waiting for a guest
+    /// kick that may never come (the guest does not kick for buffers it
+    /// made available before the device asked for notifications). With no
+    /// frame held, the backend's fd stays registered (level-triggered), so
+    /// the event loop comes back for the rest.
     fn process_rx(&mut self) {
         if self.active.is_none() || !self.link_up {
             return;
         }
         let mrg = self.acked(VIRTIO_NET_F_MRG_RXBUF);
-        let mut delivered = 0usize;
-        for _ in 0..FRAME_BUDGET {
+        let mut budget = FRAME_BUDGET;
+        loop {
             if self.rx_len == 0 {
+                if budget == 0 {
+                    break;
+                }
+                budget -= 1;
                 match self.backend.recv(&mut self.rx_buf) {
                     Ok(Some(n))
                         if (VNET_HDR_LEN + MIN_FRAME_LEN..=self.rx_buf.len()).contains(&n) =>
@@ -262,6 +318,7 @@ impl Net {
                     }
                     Ok(Some(n)) => {
                         log::debug!("virtio-net: dropping a {n}-byte frame from the backend");
+                        self.stats.rx_dropped += 1;
                         continue;
                     }
                     Ok(None) => break,
@@ -274,12 +331,15 @@ impl Net {
             let Some(active) = self.active.as_mut() else {
                 return;
             };
+            let next_avail = active.rx.next_avail();
             match deliver(active, &mut self.rx_buf[..self.rx_len], mrg) {
                 Delivery::Delivered => {
+                    self.stats.rx_frames += 1;
+                    self.stats.rx_bytes += self.rx_len as u64;
                     self.rx_len = 0;
-                    delivered += 1;
                 }
                 Delivery::Dropped => {
+                    self.stats.rx_dropped += 1;
                     if let Some(n) = self.rx_drops.hit() {
                         log::warn!(
                             "virtio-net {}: dropped a {}-byte frame the guest has no buffer large enough for ({n} so far)",
@@ -290,12 +350,15 @@ impl Net {
                     self.rx_len = 0;
                 }
                 Delivery::NoBuffers => {
+                    self.stats.rx_waits += 1;
                     // Wait for the guest: ask for a kick, unless buffers
                     // came in meanwhile (the held chains are already
                     // popped, so only new ones count).
                     match active.rx.enable_notification(&active.mem) {
-                        Ok(true) => continue,
                         Ok(false) => break,
+                        Ok(true) if ring_is_broken(active, RX_QUEUE, next_avail) => break,
+                        Ok(true) if budget == 0 => break, // re-signalled below
+                        Ok(true) => budget -= 1,
                         Err(e) => {
                             log::warn!("virtio-net: cannot enable notifications: {e}");
                             break;
@@ -304,7 +367,12 @@ impl Net {
                 }
             }
         }
-        let _ = delivered;
+        if budget == 0 && self.rx_len != 0 && self.link_up {
+            // Out of budget with a frame held: the fd is not polled while
+            // a frame is held, so come back through the queue's eventfd.
+            self.stats.budget_yields += 1;
+            self.events.kick(RX_QUEUE);
+        }
         if let Some(active) = self.active.as_mut() {
             if active.returned > 0 {
                 active.returned = 0;
@@ -314,6 +382,12 @@ impl Net {
     }
 
     /// Sends the frames in the transmit queue.
+    ///
+    /// Stops when the ring is empty (with notifications re-enabled and the
+    /// ring checked once more, so a chain added meanwhile is not missed),
+    /// when the backend is full (the chain stays in the ring; the
+    /// backend's fd is polled for `OUT` and this runs again when it is
+    /// writable) or when the budget is spent (the queue is re-signalled).
     fn process_tx(&mut self) {
         let Self {
             backend,
@@ -322,22 +396,34 @@ impl Net {
             link_up,
             tx_drops,
             tx_errors,
+            tx_blocked,
             events,
+            stats,
             ..
         } = self;
         let Some(active) = active.as_mut() else {
             return;
         };
+        *tx_blocked = false;
         let mem = &active.mem;
         let mut returned = 0usize;
         let mut fatal = None;
         let mut more = false;
+        let mut rounds = 0usize;
         'outer: loop {
+            // Each round ends with the ring found empty; a ring that keeps
+            // claiming chains it does not yield is retried a bounded
+            // number of times (and then through the queue's eventfd).
+            rounds += 1;
+            if rounds > FRAME_BUDGET {
+                more = true;
+                break;
+            }
             if let Err(e) = active.tx.disable_notification(mem) {
                 log::warn!("virtio-net: cannot disable notifications: {e}");
                 break;
             }
-            let before = returned;
+            let next_avail = active.tx.next_avail();
             loop {
                 if returned >= FRAME_BUDGET {
                     more = true;
@@ -346,7 +432,11 @@ impl Net {
                 if *link_up && backend.has_pending_output() {
                     match backend.flush() {
                         Ok(true) => {}
-                        Ok(false) => break 'outer, // resumes on EPOLLOUT
+                        Ok(false) => {
+                            *tx_blocked = true;
+                            stats.tx_full += 1;
+                            break 'outer;
+                        }
                         Err(e) => {
                             fatal = Some(e);
                             break 'outer;
@@ -360,6 +450,7 @@ impl Net {
                 let frame = match read_tx_frame(mem, chain, tx_buf) {
                     Ok(len) => Some(len),
                     Err(why) => {
+                        stats.tx_dropped += 1;
                         if let Some(n) = tx_drops.hit() {
                             log::warn!("virtio-net: dropped a transmit chain: {why} ({n} so far)");
                         }
@@ -368,13 +459,19 @@ impl Net {
                 };
                 if let (Some(len), true) = (frame, *link_up) {
                     match backend.send(&tx_buf[..len]) {
-                        Ok(SendStatus::Sent) => {}
+                        Ok(SendStatus::Sent) => {
+                            stats.tx_frames += 1;
+                            stats.tx_bytes += len as u64;
+                        }
                         Ok(SendStatus::Full) => {
                             active.tx.go_to_previous_position();
+                            *tx_blocked = true;
+                            stats.tx_full += 1;
                             break 'outer;
                         }
                         Err(e) if is_fatal(&e) => fatal = Some(e),
                         Err(e) => {
+                            stats.tx_dropped += 1;
                             if let Some(n) = tx_errors.hit() {
                                 log::warn!(
                                     "virtio-net: {} refused a frame: {e} ({n} so far)",
@@ -393,12 +490,9 @@ impl Net {
                 }
             }
             match active.tx.enable_notification(mem) {
-                Ok(true) if returned > before => {}
-                Ok(true) => {
-                    log::warn!("virtio-net: transmit ring is inconsistent; queue stalled");
-                    break;
-                }
                 Ok(false) => break,
+                Ok(true) if ring_is_broken(active, TX_QUEUE, next_avail) => break,
+                Ok(true) => {}
                 Err(e) => {
                     log::warn!("virtio-net: cannot enable notifications: {e}");
                     break;
@@ -409,6 +503,7 @@ impl Net {
             notify(&active.mem, &*active.interrupt, &mut active.tx, TX_QUEUE);
         }
         if more {
+            stats.budget_yields += 1;
             events.kick(TX_QUEUE);
         }
         if let Some(e) = fatal {
@@ -427,7 +522,7 @@ impl Net {
         if self.rx_len == 0 {
             set |= EventSet::IN;
         }
-        if self.backend.has_pending_output() {
+        if self.tx_blocked || self.backend.has_pending_output() {
             set |= EventSet::OUT;
         }
         set
@@ -472,6 +567,30 @@ impl Net {
             ));
         }
     }
+}
+
+/// After `enable_notification` said more chains are available: whether
+/// the ring is broken instead (the chains cannot be popped because the
+/// driver's available index is more than a ring ahead). A queue that made
+/// no progress since `next_avail` but is not broken just had chains added
+/// after the last pop; the caller goes on.
+fn ring_is_broken(active: &Active, index: usize, next_avail: u16) -> bool {
+    let queue = if index == RX_QUEUE {
+        &active.rx
+    } else {
+        &active.tx
+    };
+    if queue.next_avail() != next_avail {
+        return false;
+    }
+    let broken = match queue.avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire) {
+        Ok(idx) => (idx - std::num::Wrapping(next_avail)).0 > queue.size(),
+        Err(_) => true,
+    };
+    if broken {
+        log::warn!("virtio-net: queue {index}: the driver's available index is out of range; queue stalled");
+    }
+    broken
 }
 
 /// Interrupts the guest for `queue` if it wants one.
@@ -743,6 +862,7 @@ impl VirtioDevice for Net {
         self.events.deactivate();
         self.acked_features = 0;
         self.rx_len = 0;
+        self.tx_blocked = false;
         if self.link_up {
             if let Err(e) = self.backend.set_offloads(0) {
                 log::warn!("virtio-net: cannot clear offloads: {e}");

@@ -466,6 +466,31 @@ fn a_full_backend_leaves_chains_in_the_ring() {
 }
 
 #[test]
+fn a_full_backend_is_polled_for_writability_until_it_takes_the_frame() {
+    // A backend with no output queue of its own (a TAP) that refuses a
+    // frame: the device must wait for the fd to become writable, or the
+    // chain would sit in the ring with notifications off and nothing to
+    // wake the device (the guest does not kick again under EVENT_IDX).
+    let mem = guest_memory();
+    let mut d = Driver::new(&mem, bit(VIRTIO_RING_F_EVENT_IDX));
+    assert!(!d.net.wanted_backend_events().contains(EventSet::OUT));
+    d.script.lock().unwrap().full = true;
+    let f = frame(100, 1);
+    d.send(&f, 200);
+    d.net.process_tx();
+    assert_eq!(d.tx.used_idx(), 0);
+    assert!(d.net.wanted_backend_events().contains(EventSet::OUT));
+    assert_eq!(d.net.stats().tx_full, 1);
+    // Writable again: the pending chain goes out without a guest kick.
+    d.script.lock().unwrap().full = false;
+    d.net.process_backend(EventSet::OUT);
+    assert_eq!(d.tx.used_idx(), 1);
+    assert_eq!(d.sent(), vec![f]);
+    assert!(!d.net.wanted_backend_events().contains(EventSet::OUT));
+    assert_eq!(d.net.stats().tx_frames, 1);
+}
+
+#[test]
 fn reset_stops_all_guest_memory_access() {
     let mem = guest_memory();
     let mut d = Driver::new(&mem, bit(VIRTIO_NET_F_MRG_RXBUF));
