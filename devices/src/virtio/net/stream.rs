@@ -242,6 +242,41 @@ impl Passt {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Adds to an error that ends the connection how passt ended, so that
+    /// the one `link problem` line says why (passt is run with `--quiet`
+    /// and its stderr closed unless capsule logs at debug level).
+    fn explain(&mut self, e: io::Error) -> io::Error {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+        ) {
+            return e;
+        }
+        // passt's end of the socket closes as it exits: give it a moment to
+        // become reapable (at most 100 ms, once per link failure).
+        let mut status = None;
+        for _ in 0..20 {
+            match self.child.try_wait() {
+                Ok(Some(s)) => {
+                    status = Some(s);
+                    break;
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(_) => break,
+            }
+        }
+        let how = match status {
+            Some(s) => format!("passt exited ({s})"),
+            None => "passt is still running".to_string(),
+        };
+        io::Error::new(
+            e.kind(),
+            format!("{e}; {how}; CAPSULE_LOG=debug shows passt's own messages"),
+        )
+    }
 }
 
 impl Drop for Passt {
@@ -261,16 +296,16 @@ impl NetBackend for Passt {
         format!("passt (pid {})", self.child.id())
     }
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        self.stream.recv(buf)
+        self.stream.recv(buf).map_err(|e| self.explain(e))
     }
     fn send(&mut self, frame: &[u8]) -> io::Result<SendStatus> {
-        self.stream.send(frame)
+        self.stream.send(frame).map_err(|e| self.explain(e))
     }
     fn has_pending_output(&self) -> bool {
         self.stream.has_pending_output()
     }
     fn flush(&mut self) -> io::Result<bool> {
-        self.stream.flush()
+        self.stream.flush().map_err(|e| self.explain(e))
     }
 }
 
@@ -399,5 +434,34 @@ mod tests {
         let e = Passt::spawn(&cfg).unwrap_err();
         assert!(matches!(e, PasstError::NotInstalled(_)));
         assert!(e.to_string().contains("passt"));
+    }
+
+    #[test]
+    fn passt_exiting_at_once_is_explained() {
+        // `false` stands in for a passt that fails to start (as when it
+        // cannot sandbox itself) and exits with status 1.
+        let cfg = PasstConfig {
+            binary: PathBuf::from("false"),
+            publish: vec![],
+            debug: false,
+        };
+        let mut p = Passt::spawn(&cfg).unwrap();
+        let mut buf = vec![0; VNET_HDR_LEN + MAX_FRAME_LEN];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let e = loop {
+            match p.recv(&mut buf) {
+                Ok(None) => {
+                    assert!(std::time::Instant::now() < deadline, "no EOF from passt");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(Some(n)) => panic!("a {n}-byte frame from `false`"),
+                Err(e) => break e,
+            }
+        };
+        assert!(crate::virtio::net::is_fatal(&e));
+        let msg = e.to_string();
+        assert!(msg.contains("passt closed the connection"), "{msg}");
+        assert!(msg.contains("passt exited (exit status: 1)"), "{msg}");
+        assert!(msg.contains("CAPSULE_LOG=debug"), "{msg}");
     }
 }
