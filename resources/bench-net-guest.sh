@@ -4,8 +4,8 @@
 # Runs on the machine with /dev/kvm (inside L1, or directly on a host with
 # hardware KVM), as root, POSIX sh with busybox tools. For each VMM it
 # boots the test guest with one virtio-net device on a TAP device
-# (capsule: virtio-mmio; QEMU: virtio-net-pci, userspace backend,
-# vhost=off), then streams BENCH_MIB MiB of zeroes with busybox nc + dd,
+# (both over virtio-mmio; QEMU: -M microvm, virtio-net-device, userspace
+# backend, vhost=off), then streams BENCH_MIB MiB of zeroes with busybox nc + dd,
 # guest→host and host→guest, and reads the receiver's dd statistics.
 # Prints one `bench-net: VMM DIRECTION BYTES SECONDS` line per transfer and
 # then a table. Not a test: nothing is compared against a threshold.
@@ -82,7 +82,9 @@ bench() {
         sleep 1
         echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE-$_run" >&3
         wait_out "$_out" "^G2H-DONE-$_run" 600
-        sleep 1
+        # nc ends when the data is in the guest's socket buffer: wait for
+        # the host's dd to see the end.
+        wait_out "$_d/g2h" 'copied' 120
         echo "bench-net: $_vmm guest-to-host $(dd_stats "$_d/g2h")" | tee -a "$RESULTS"
         # host → guest: the guest's dd reports; it prints its stats.
         echo "nc -l -p 5202 -e sh -c 'dd of=/dev/null bs=65536 2>/tmp/h2g' </dev/null; echo H2G-STATS \$(tail -n1 /tmp/h2g)" >&3
@@ -110,11 +112,11 @@ bench capsule capb0 "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
 if [ -n "${QEMU:-}" ]; then
     # shellcheck disable=SC2086  # QEMU is a command with arguments
     bench qemu qemub0 $QEMU -L "${QEMU_FIRMWARE:-/usr/share/qemu}" \
-        -M pc,accel=kvm -cpu host -m 512M -smp 2 -nodefaults -no-user-config \
-        -nographic -serial stdio -kernel "$BZIMAGE" -initrd "$INITRD" \
+        -M microvm -accel kvm -cpu host -m 512M -smp 2 -nodefaults -no-user-config \
+        -display none -no-reboot -serial stdio -kernel "$BZIMAGE" -initrd "$INITRD" \
         -append "console=ttyS0 reboot=k panic=1" \
         -netdev tap,id=n0,ifname=qemub0,script=no,downscript=no,vhost=off \
-        -device virtio-net-pci,netdev=n0,romfile=
+        -device virtio-net-device,netdev=n0
 else
     echo "bench-net: no QEMU given; capsule only"
 fi

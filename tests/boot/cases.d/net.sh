@@ -59,6 +59,31 @@ net_passt() {
     echo passt
 }
 
+# net_capsule_for_passt: the capsule command for a case that starts passt.
+# passt sandboxes itself with pivot_root(2) and a user namespace. The
+# kernel refuses pivot_root (EINVAL) while the caller's root is the initial
+# ramfs, as in L1, whose root is the initramfs: passt then logs
+# "pivot_root: Invalid argument, Failed to sandbox process" and exits. A
+# plain chroot into a bind mount of / is no way out: a chrooted process
+# may not create a user namespace (EPERM). So there capsule runs as after
+# switch_root: in its own mount namespace, a recursive bind mount of / (the
+# same files at the same paths) is moved over / and made the root.
+# Elsewhere capsule runs as it is.
+net_capsule_for_passt() {
+    if [ "$(awk '$2 == "/" { print $3; exit }' /proc/mounts)" != rootfs ]; then
+        echo "$CAPSULE"
+        return
+    fi
+    mkdir -p /mnt/capsule-root || return 1
+    cat >"$WORK/capsule-switch-root" <<'EOF'
+#!/bin/sh
+exec unshare -m --propagation private sh -c 'mount --rbind / /mnt/capsule-root && cd /mnt/capsule-root && mount -o move . / && exec chroot . "$0" "$@"' CAPSULE "$@"
+EOF
+    sed -i "s|CAPSULE \"\$@\"|'$CAPSULE' \"\$@\"|" "$WORK/capsule-switch-root"
+    chmod 755 "$WORK/capsule-switch-root"
+    echo "$WORK/capsule-switch-root"
+}
+
 # net_tap_setup NAME ADDR: in the background, once capsule has created the
 # TAP device NAME, give it ADDR (CIDR) and bring it up.
 net_tap_setup() {
@@ -94,26 +119,43 @@ case_net_tcp_64m() {
     net_prepare
     _data="$WORK/net-data.bin"
     _back="$WORK/net-back.bin"
-    rm -f "$_back"
+    rm -f "$_back" "$_back.done"
     dd if=/dev/urandom of="$_data" bs=1048576 count=64 2>/dev/null
     _sum="$(md5sum <"$_data" | cut -d' ' -f1)"
     net_tap_setup capt1 10.0.1.1/24
     # Host → guest on 5001, guest → host on 5002; one connection each.
+    # The host's receiver marks the end of its file once the guest's side
+    # has closed the connection.
     nc -l -p 5001 -e cat "$_data" </dev/null >/dev/null 2>&1 &
     _s1=$!
-    nc -l -p 5002 -e sh -c "cat >'$_back'" </dev/null >/dev/null 2>&1 &
+    nc -l -p 5002 -e sh -c "cat >'$_back'; touch '$_back.done'" </dev/null >/dev/null 2>&1 &
     _s2=$!
-    run_capsule net_tcp_64m 'ip addr add 10.0.1.2/24 dev eth0; ip link set eth0 up; sleep 1; t0=$(date +%s); nc 10.0.1.1 5001 -e sh -c "cat >/tmp/in" </dev/null; t1=$(date +%s); echo "in-sum $(md5sum </tmp/in)"; nc 10.0.1.1 5002 -e cat /tmp/in </dev/null; t2=$(date +%s); echo "TCP-DONE host-to-guest=$((t1-t0))s guest-to-host=$((t2-t1))s"; poweroff -f' \
+    # In the guest, nc ends as soon as cat has handed the last bytes to its
+    # socket; the kernel sends them after that. So the guest waits until
+    # no connection to port 5002 (0x138A) is still established or sending
+    # (TCP states 01 ESTABLISHED, 04 FIN_WAIT1, 08 CLOSE_WAIT, 09 LAST_ACK,
+    # 0B CLOSING in /proc/net/tcp) before it powers off: FIN_WAIT2 means
+    # the host acknowledged every byte and the FIN. A progress line every
+    # 5 s shows a stall apart from slowness.
+    run_capsule net_tcp_64m 'ip addr add 10.0.1.2/24 dev eth0; ip link set eth0 up; sleep 1; t0=$(date +%s); nc 10.0.1.1 5001 -e sh -c "cat >/tmp/in" </dev/null; t1=$(date +%s); echo "in-sum $(md5sum </tmp/in)"; (while sleep 5; do echo "tx-progress $(($(date +%s)-t1))s $(cat /sys/class/net/eth0/statistics/tx_bytes) bytes"; done) & q=$!; nc 10.0.1.1 5002 -e cat /tmp/in </dev/null; i=0; while [ $i -lt 600 ] && grep -qE ":138A 0[1489B] " /proc/net/tcp; do sleep 0.2; i=$((i+1)); done; t2=$(date +%s); kill $q; echo "TCP-DONE host-to-guest=$((t1-t0))s guest-to-host=$((t2-t1))s drain-polls=$i"; poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 2 --memory 512M --net tap=capt1,mac=02:00:00:00:01:02
+    _i=0
+    while [ $_i -lt 100 ] && [ ! -e "$_back.done" ]; do
+        sleep 0.1 2>/dev/null || sleep 1
+        _i=$((_i + 1))
+    done
     kill "$_s1" "$_s2" 2>/dev/null
     expect "exit status 0" rc_is 0
-    expect "transfers finished" out_has "TCP-DONE"
+    expect "transfers finished" grep -q '^TCP-DONE host-to-guest=[0-9]' "$OUT"
     expect "64 MiB host→guest arrived intact (md5 $_sum)" out_has "in-sum $_sum"
+    expect "the host's receiver saw the guest close the connection" test -e "$_back.done"
     expect "64 MiB guest→host arrived intact" file_md5_is "$_back" "$_sum"
     expect "no link problem" no_link_problem
     expect "no Rust panic" no_rust_panic
-    sed -n 's/.*\(TCP-DONE.*\)/    net_tcp_64m: \1/p' "$OUT" | head -n1
-    rm -f "$_data" "$_back"
+    sed -n 's/^\(TCP-DONE .*\)/    net_tcp_64m: \1/p' "$OUT" | head -n1
+    grep '^tx-progress ' "$OUT" | tail -n 3 | sed 's/^/    net_tcp_64m: /'
+    echo "    net_tcp_64m: the host received $(wc -c <"$_back" 2>/dev/null || echo 0) bytes"
+    rm -f "$_data" "$_back" "$_back.done"
 }
 
 case_net_user() {
@@ -142,19 +184,19 @@ case_net_user() {
     _c=$!
     CAPSULE_PASST="$(net_passt)"
     export CAPSULE_PASST
-    run_capsule net_user 'cat >/tmp/dhcp.sh <<EOF
-#!/bin/sh
-[ "\$1" = bound ] || exit 0
-ip addr add \$ip/\$mask dev \$interface
-ip route add default via \$router
-echo \$router >/tmp/router
-EOF
-chmod +x /tmp/dhcp.sh; ip link set eth0 up; udhcpc -i eth0 -n -q -t 10 -s /tmp/dhcp.sh </dev/null >/dev/null 2>&1 && echo "DHCP-OK $(ip addr show eth0 | grep -o "inet [0-9./]*")"
+    _capsule="$CAPSULE"
+    CAPSULE="$(net_capsule_for_passt)" || CAPSULE="$_capsule"
+    # No here-document: the feeder types a line once the previous one has
+    # brought back the shell's main prompt, which continuation lines do not.
+    run_capsule net_user 'printf "#!/bin/sh\n[ \"\$1\" = bound ] || exit 0\nip addr add \$ip/\$mask dev \$interface\nip route add default via \$router\necho \$router >/tmp/router\n" >/tmp/dhcp.sh; chmod +x /tmp/dhcp.sh; ip link set eth0 up; udhcpc -i eth0 -n -q -t 10 -s /tmp/dhcp.sh </dev/null >/dev/null 2>&1 && echo "DHCP-OK $(ip addr show eth0 | grep -o "inet [0-9./]*")"
 nc $(cat /tmp/router) 6001 -e sh -c "cat >/tmp/reply" </dev/null; echo "host-says $(cat /tmp/reply)"
 nc -l -p 80 -e echo hello-from-guest </dev/null & echo GUEST-SERVER-UP; wait; echo PUBLISH-SERVED; poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M \
         --net user,publish=6080:80
+    CAPSULE="$_capsule"
     kill "$_s1" "$_c" 2>/dev/null
+    # How passt ended, if the kernel logged it (seccomp, a fatal signal).
+    dmesg 2>/dev/null | grep -iE 'passt|seccomp|audit.*1326|traps:' | tail -n 5 | sed 's/^/    net_user: dmesg: /'
     net_ip tuntap del dev captup mode tap 2>/dev/null
     expect "exit status 0" rc_is 0
     expect "guest got a DHCP address" out_has "DHCP-OK inet 192.168.77.1/24"
