@@ -67,13 +67,14 @@ bench() {
     exec 3>"$_fifo"
     if ! wait_out "$_out" 'capsule-guest:.*# ' 180; then
         echo "bench-net: $_vmm: the guest did not boot; last output:"
-        tail -n 20 "$_out" "$_d/err"
+        tail -n 20 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
         exec 3>&-
         kill "$_pid" 2>/dev/null
         return 1
     fi
+    echo "bench-net: progress: $_vmm booted"
     echo 'ip addr add 10.9.0.2/24 dev eth0; ip link set eth0 up; echo NET-UP' >&3
-    wait_out "$_out" '^NET-UP' 30
+    wait_out "$_out" '^NET-UP' 30 || echo "bench-net: progress: $_vmm: no NET-UP"
     _run=1
     while [ "$_run" -le "$RUNS" ]; do
         # guest → host: the host's dd reports what arrived.
@@ -81,16 +82,16 @@ bench() {
         nc -l -p 5201 -e sh -c "dd of=/dev/null bs=65536 2>'$_d/g2h'" </dev/null >/dev/null 2>&1 &
         sleep 1
         echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE-$_run" >&3
-        wait_out "$_out" "^G2H-DONE-$_run" 600
+        wait_out "$_out" "^G2H-DONE-$_run" 600 || echo "bench-net: progress: $_vmm: guest-to-host did not finish"
         # nc ends when the data is in the guest's socket buffer: wait for
         # the host's dd to see the end.
-        wait_out "$_d/g2h" 'copied' 120
+        wait_out "$_d/g2h" 'copied' 120 || echo "bench-net: progress: $_vmm: the host's dd did not finish"
         echo "bench-net: $_vmm guest-to-host $(dd_stats "$_d/g2h")" | tee -a "$RESULTS"
         # host → guest: the guest's dd reports; it prints its stats.
         echo "nc -l -p 5202 -e sh -c 'dd of=/dev/null bs=65536 2>/tmp/h2g' </dev/null; echo H2G-STATS \$(tail -n1 /tmp/h2g)" >&3
         sleep 3
         dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202
-        wait_out "$_out" "^H2G-STATS.*copied" 600
+        wait_out "$_out" "^H2G-STATS.*copied" 600 || echo "bench-net: progress: $_vmm: host-to-guest did not finish"
         _st="$(tr -d '\r' <"$_out" | grep '^H2G-STATS' | tail -n1 | sed 's/^H2G-STATS //')"
         echo "$_st" >"$_d/h2g"
         echo "bench-net: $_vmm host-to-guest $(dd_stats "$_d/h2g")" | tee -a "$RESULTS"

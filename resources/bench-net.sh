@@ -52,4 +52,4 @@ exec sh /capsule/bench-net-guest.sh
 EOF
 CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-1800}" "$resources/harness/run-in-l1.sh" \
     "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$initrd" "$work/tools" "$work/qemu-fw" \
-    "$resources/bench-net-guest.sh" </dev/null | tr -d '\r' | grep -E '^bench-net:|^capsule-l1:|CAPSULE-L1-EXIT'
+    "$resources/bench-net-guest.sh" </dev/null | sed -u 's/\r$//' | grep --line-buffered -E '^bench-net:|^capsule-l1:|CAPSULE-L1-EXIT'

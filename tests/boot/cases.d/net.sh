@@ -176,7 +176,10 @@ case_net_user() {
         wait_for "$WORK/net_user/stdout.raw" "GUEST-SERVER-UP" "$CASE_TIMEOUT" "$WORK/net_user/done" || exit 0
         _i=0
         while [ $_i -lt 30 ] && ! grep -q hello-from-guest "$_reply" 2>/dev/null; do
-            nc 127.0.0.1 6080 -e sh -c "cat >'$_reply'" </dev/null >/dev/null 2>&1
+            # Bounded: a connection the guest never answers must not
+            # hang the retries.
+            timeout 10 nc 127.0.0.1 6080 -e sh -c "cat >'$_reply'" </dev/null >>"$WORK/net-user-attempts" 2>&1
+            echo "connection $_i to 6080: status $?, reply '$(cat "$_reply" 2>/dev/null)'" >>"$WORK/net-user-attempts"
             sleep 1
             _i=$((_i + 1))
         done
@@ -184,19 +187,33 @@ case_net_user() {
     _c=$!
     CAPSULE_PASST="$(net_passt)"
     export CAPSULE_PASST
+    # passt logs to syslog after it starts: keep a log for the report.
+    rm -f "$WORK/net-user-attempts" "$WORK/net-user-syslog"
+    _syslogd=""
+    if [ ! -e /dev/log ] && command -v syslogd >/dev/null 2>&1; then
+        syslogd -n -O "$WORK/net-user-syslog" </dev/null >/dev/null 2>&1 &
+        _syslogd=$!
+        sleep 1
+    fi
     _capsule="$CAPSULE"
     CAPSULE="$(net_capsule_for_passt)" || CAPSULE="$_capsule"
     # No here-document: the feeder types a line once the previous one has
     # brought back the shell's main prompt, which continuation lines do not.
     run_capsule net_user 'printf "#!/bin/sh\n[ \"\$1\" = bound ] || exit 0\nip addr add \$ip/\$mask dev \$interface\nip route add default via \$router\necho \$router >/tmp/router\n" >/tmp/dhcp.sh; chmod +x /tmp/dhcp.sh; ip link set eth0 up; udhcpc -i eth0 -n -q -t 10 -s /tmp/dhcp.sh </dev/null >/dev/null 2>&1 && echo "DHCP-OK $(ip addr show eth0 | grep -o "inet [0-9./]*")"
 nc $(cat /tmp/router) 6001 -e sh -c "cat >/tmp/reply" </dev/null; echo "host-says $(cat /tmp/reply)"
-nc -l -p 80 -e echo hello-from-guest </dev/null & echo GUEST-SERVER-UP; wait; echo PUBLISH-SERVED; poweroff -f' \
+nc -l -p 80 -e echo hello-from-guest </dev/null & sleep 1; echo GUEST-SERVER-UP; wait; echo PUBLISH-SERVED; poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M \
         --net user,publish=6080:80
     CAPSULE="$_capsule"
     kill "$_s1" "$_c" 2>/dev/null
-    # How passt ended, if the kernel logged it (seccomp, a fatal signal).
+    [ -z "$_syslogd" ] || kill "$_syslogd" 2>/dev/null
+    # How passt ended, if the kernel logged it (seccomp, a fatal signal),
+    # what it logged and what the published-port connections got.
     dmesg 2>/dev/null | grep -iE 'passt|seccomp|audit.*1326|traps:' | tail -n 5 | sed 's/^/    net_user: dmesg: /'
+    if ! file_has "$_reply" hello-from-guest; then
+        tail -n 12 "$WORK/net-user-syslog" 2>/dev/null | sed 's/^/    net_user: syslog: /'
+        tail -n 6 "$WORK/net-user-attempts" 2>/dev/null | sed 's/^/    net_user: /'
+    fi
     net_ip tuntap del dev captup mode tap 2>/dev/null
     expect "exit status 0" rc_is 0
     expect "guest got a DHCP address" out_has "DHCP-OK inet 192.168.77.1/24"
