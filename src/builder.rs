@@ -21,9 +21,12 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use arch::acpi::MmioDevice;
 use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
+use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, PasstError, Tap, TapError};
 use devices::virtio::VirtioDevice;
 
-use crate::config::{format_size, DiskConfig, DiskMode, VmConfig};
+use crate::config::{
+    default_mac, format_size, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
+};
 use crate::device_manager::{self, DeviceManager};
 use crate::terminal;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
@@ -102,6 +105,18 @@ pub enum Error {
     /// A disk image could not be attached.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// A TAP device could not be attached.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// passt could not be started.
+    #[error(transparent)]
+    Passt(#[from] PasstError),
+    /// Two network devices have the same MAC address.
+    #[error("network devices {0} and {1} have the same MAC address {2}")]
+    DuplicateMac(usize, usize, String),
+    /// A network device could not be created.
+    #[error("cannot create network device {0}: {1}")]
+    Net(usize, std::io::Error),
     /// The terminal could not be put in raw mode.
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
@@ -385,6 +400,22 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         dm.attach_virtio_mmio(&vm, &mem, block.clone())?;
         event_manager.add_subscriber(block);
     }
+    let macs: Vec<_> = config
+        .nets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.mac.unwrap_or_else(|| default_mac(i)))
+        .collect();
+    for (i, mac) in macs.iter().enumerate() {
+        if let Some(j) = macs[..i].iter().position(|m| m == mac) {
+            return Err(Error::DuplicateMac(j, i, net::format_mac(mac)));
+        }
+    }
+    for (index, (nic, mac)) in config.nets.iter().zip(macs).enumerate() {
+        let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
+        dm.attach_virtio_mmio(&vm, &mem, device.clone())?;
+        event_manager.add_subscriber(device);
+    }
     for dev in extras.devices {
         dm.attach_virtio_mmio(&vm, &mem, dev.virtio)?;
         event_manager.add_subscriber(dev.subscriber);
@@ -601,6 +632,25 @@ fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
         serial,
     })
     .map_err(Error::Disk)
+}
+
+/// Creates network device `index` with its backend: opens the TAP device
+/// or starts passt.
+fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
+    let backend: Box<dyn NetBackend> = match &nic.backend {
+        NetBackendConfig::Tap { name } => Box::new(Tap::open(name)?),
+        NetBackendConfig::User { publish } => Box::new(Passt::spawn(&PasstConfig {
+            binary: net::stream::default_passt_binary(),
+            publish: publish.clone(),
+            debug: log::log_enabled!(log::Level::Debug),
+        })?),
+    };
+    log::info!(
+        "network device {index}: {} with MAC {}",
+        backend.describe(),
+        net::format_mac(&mac)
+    );
+    Net::new(backend, mac).map_err(|e| Error::Net(index, e))
 }
 
 /// The command line the guest gets. With ACPI (the default) virtio-mmio

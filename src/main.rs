@@ -207,6 +207,7 @@ fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
             mem_size: args.memory,
             kvm_path: args.kvm,
             disks: args.disk.into_iter().collect(),
+            nets: Vec::new(),
         },
         rootfs: args.rootfs,
         shares: args.shares,
@@ -298,6 +299,17 @@ struct RunArgs {
     /// vanish when the VM ends.
     #[arg(long = "disk", value_name = "PATH[,ro|,ephemeral]")]
     disks: Vec<config::DiskConfig>,
+    /// Network device (repeatable; the guest sees eth0, eth1, ... in
+    /// order). `tap=NAME`: a host TAP device, created if missing (needs
+    /// CAP_NET_ADMIN). `user`: user-mode networking through passt, no
+    /// privileges needed, DHCP in the guest; `publish=HOST:GUEST` forwards
+    /// a host TCP port to the guest (repeatable). `mac=MAC` sets the MAC
+    /// address (default 02:ca:75:00:00:NN for device NN).
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME[,mac=MAC] | user[,publish=HOST:GUEST...][,mac=MAC]"
+    )]
+    nets: Vec<config::NetConfig>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -324,6 +336,7 @@ fn run(args: RunArgs, kernel: PathBuf) -> Result<GuestExit, builder::Error> {
         mem_size: args.memory,
         kvm_path: args.kvm,
         disks: args.disks,
+        nets: args.nets,
     };
     builder::build(&config, Console::stdio())?.run()
 }
@@ -395,6 +408,7 @@ fn run_api(args: RunArgs) -> u8 {
         mem_size: args.memory,
         kvm_path: args.kvm.clone(),
         disks: args.disks.clone(),
+        nets: args.nets.clone(),
     });
     let on_started: Option<Box<dyn FnOnce()>> = match (&reg, args.detached_child) {
         (Some(r), true) => {

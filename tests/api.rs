@@ -385,10 +385,24 @@ fn bad_request_corpus() {
             .concat(),
         ),
         (
-            "network without net device",
+            "network interface with a malformed MAC",
             put(
                 "/network-interfaces/eth0",
-                r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#,
+                r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"02:zz:00:00:00:01"}"#,
+            ),
+        ),
+        (
+            "network interface with a rate limiter",
+            put(
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{}}"#,
+            ),
+        ),
+        (
+            "network interface id not matching the path",
+            put(
+                "/network-interfaces/eth0",
+                r#"{"iface_id":"eth1","host_dev_name":"tap0"}"#,
             ),
         ),
         (

@@ -246,6 +246,32 @@ fn bad_inputs_get_one_line_and_a_status() {
             "invalid size",
         ),
         (&["run", "--kernel", junk, "--memory", "1M"], 2, "at least"),
+        (
+            &["run", "--kernel", junk, "--net", "bridge=br0"],
+            2,
+            "tap=NAME or user",
+        ),
+        (
+            &["run", "--kernel", junk, "--net", "tap=a/b"],
+            2,
+            "TAP device name",
+        ),
+        (
+            &["run", "--kernel", junk, "--net", "user,publish=0:80"],
+            2,
+            "invalid port",
+        ),
+        (
+            &[
+                "run",
+                "--kernel",
+                junk,
+                "--net",
+                "tap=t0,mac=01:00:00:00:00:01",
+            ],
+            2,
+            "multicast",
+        ),
         (&["run"], 2, "--kernel"),
         (&["frobnicate"], 2, "unrecognized"),
     ];
@@ -408,4 +434,101 @@ fn terminal_is_raw_while_running_and_restored_on_exit_and_signal() {
     ] {
         assert!(text.contains(want), "missing '{want}' in:\n{text}");
     }
+}
+
+/// capsule with extra environment variables.
+fn capsule_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run capsule")
+}
+
+fn poweroff_guest() -> PathBuf {
+    let mut a = Asm::default();
+    a.outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .halt_forever();
+    write_guest("net-poweroff.elf", &a)
+}
+
+#[test]
+fn network_setup_errors_get_one_line() {
+    let kernel = poweroff_guest();
+    let k = kernel.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["run", "--kernel", k, "--net", "user"], "passt"),
+        (
+            &[
+                "run",
+                "--kernel",
+                k,
+                "--net",
+                "user,mac=02:00:00:00:00:01",
+                "--net",
+                "user,mac=02:00:00:00:00:01",
+            ],
+            "same MAC address",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = capsule_env(args, &[("CAPSULE_PASST", "/nonexistent/passt")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: want one line, got {err}");
+        assert!(err.starts_with("capsule: error: "), "{args:?}: {err}");
+    }
+}
+
+/// With passt installed and CAP_NET_ADMIN: a guest with a TAP and a
+/// user-mode device runs and ends normally, the TAP capsule created is
+/// gone afterwards and so is passt.
+#[test]
+fn network_devices_attach_and_passt_is_stopped() {
+    let has_passt = Command::new("passt")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !has_passt || !root || !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: needs passt, root and /dev/net/tun");
+        return;
+    }
+    let kernel = poweroff_guest();
+    let tap = format!("capst{}", std::process::id() % 100_000);
+    let out = capsule_env(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--net",
+            &format!("tap={tap}"),
+            "--net",
+            "user,publish=45678:80",
+        ],
+        &[("CAPSULE_LOG", "info")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains(&format!("created TAP device {tap}")), "{err}");
+    assert!(err.contains("MAC 02:ca:75:00:00:00"), "{err}");
+    assert!(err.contains("MAC 02:ca:75:00:00:01"), "{err}");
+    assert!(!std::path::Path::new("/sys/class/net").join(&tap).exists());
+    let pid: u32 = err
+        .split("started passt (pid ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no passt pid in: {err}"));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "passt {pid} still runs"
+    );
 }

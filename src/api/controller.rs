@@ -17,7 +17,7 @@ use devices::exit::GuestExit;
 use super::http::Response;
 use super::types::*;
 use crate::builder::{self, Console, Vmm};
-use crate::config::{self, DiskConfig, DiskMode, VmConfig};
+use crate::config::{self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
 
 /// The Firecracker-compatible default memory size (MiB) before
 /// `PUT /machine-config`.
@@ -92,6 +92,7 @@ pub struct Controller {
     machine: MachineConfig,
     boot: Option<BootSource>,
     drives: Vec<Drive>,
+    nets: Vec<NetworkInterface>,
     logger: Option<Logger>,
     serial: Option<SerialDevice>,
     kvm_path: PathBuf,
@@ -120,6 +121,7 @@ impl Controller {
             },
             boot: None,
             drives: Vec::new(),
+            nets: Vec::new(),
             logger: None,
             serial: None,
             kvm_path,
@@ -186,6 +188,7 @@ impl Controller {
         FullVmConfig {
             boot_source: self.boot.clone(),
             drives: self.drives.clone(),
+            network_interfaces: self.nets.clone(),
             machine_config: Some(self.machine.clone()),
             logger: self.logger.clone(),
             serial: self.serial.clone(),
@@ -262,13 +265,31 @@ impl Controller {
             }
             Request::PutNetworkInterface(n) => {
                 self.pre_boot()?;
-                Err(Response::fault(
-                    400,
-                    format!(
-                        "cannot add network interface {}: this capsule has no virtio-net device",
-                        n.iface_id
-                    ),
-                ))
+                if n.mtu.is_some() || n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+                    return Err(Response::fault(
+                        400,
+                        format!(
+                            "network interface {}: mtu and rate limiters are not supported",
+                            n.iface_id
+                        ),
+                    ));
+                }
+                if let Some(mac) = &n.guest_mac {
+                    parse_mac(mac).map_err(|e| {
+                        Response::fault(400, format!("network interface {}: {e}", n.iface_id))
+                    })?;
+                }
+                if n.host_dev_name.is_empty() {
+                    return Err(Response::fault(
+                        400,
+                        format!("network interface {}: empty host_dev_name", n.iface_id),
+                    ));
+                }
+                match self.nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
+                    Some(x) => *x = n,
+                    None => self.nets.push(n),
+                }
+                ok()
             }
             Request::PutLogger(l) => {
                 configure_logger(&l).map_err(|e| Response::fault(400, e))?;
@@ -398,6 +419,18 @@ impl Controller {
             mem_size: self.machine.mem_size_mib << 20,
             kvm_path: self.kvm_path.clone(),
             disks,
+            nets: self
+                .nets
+                .iter()
+                .map(|n| {
+                    Ok(NetConfig {
+                        backend: NetBackendConfig::Tap {
+                            name: n.host_dev_name.clone(),
+                        },
+                        mac: n.guest_mac.as_deref().map(parse_mac).transpose()?,
+                    })
+                })
+                .collect::<Result<_, String>>()?,
         })
     }
 

@@ -941,6 +941,7 @@ mod tests {
                 mem_size: 256 << 20,
                 kvm_path: "/dev/kvm".into(),
                 disks: vec![],
+                nets: vec![],
             },
             rootfs: None,
             shares: vec![],

@@ -82,7 +82,13 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     caselog="$work/cases.log"
-    copy_tools "$work/tools" debugfs curl || fail_all "collecting the host tools failed"
+    # debugfs checks disks; ip (iproute2, for `ip tuntap`) and passt serve
+    # the network cases. passt re-executes itself as passt.avx2 from its own
+    # directory when the CPU has AVX2, so that binary goes along too.
+    copy_tools "$work/tools" debugfs curl ip passt || fail_all "collecting the host tools failed"
+    if [[ -f "$(command -v passt).avx2" ]]; then
+        cp -L "$(command -v passt).avx2" "$work/tools/bin/passt.avx2" || fail_all "copying passt.avx2 failed"
+    fi
 
     rc=0
     if [[ "$mode" == direct ]]; then

@@ -60,6 +60,7 @@
 pub mod block;
 pub mod console;
 pub mod mmio;
+pub mod net;
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -116,6 +117,8 @@ pub mod device_type {
     pub const BLOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
     /// Console device.
     pub const CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
+    /// Network device.
+    pub const NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 }
 
 /// What an interrupt tells the driver.

@@ -1,0 +1,534 @@
+//! User-mode networking through passt.
+//!
+//! passt speaks a simple protocol on a Unix stream socket: each Ethernet
+//! frame is preceded by its length as a 4-byte big-endian number; there is
+//! no vnet header. [`StreamBackend`] implements that framing over any
+//! connected non-blocking stream socket; [`Passt`] starts a `passt` process
+//! on one end of a socket pair (`passt --fd N`, in the foreground; with `--fd` passt serves that one
+//! connection and exits when it closes)
+//! and stops it when dropped. passt answers the guest's DHCP, forwards its
+//! outbound connections through host sockets and, for `-t HOST:GUEST`,
+//! host ports to the guest.
+
+use std::io::{self, Read, Write};
+use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use super::backend::{NetBackend, SendStatus};
+use super::{MAX_FRAME_LEN, MIN_FRAME_LEN, VNET_HDR_LEN};
+
+/// Length of the frame length prefix.
+const PREFIX_LEN: usize = 4;
+/// Read buffer: several frames at a time.
+const READ_BUF_LEN: usize = 4 * (PREFIX_LEN + MAX_FRAME_LEN);
+
+/// Frames with a 4-byte big-endian length prefix over a stream socket.
+#[derive(Debug)]
+pub struct StreamBackend {
+    sock: UnixStream,
+    what: String,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    wbuf: Vec<u8>,
+    wpos: usize,
+}
+
+impl StreamBackend {
+    /// Uses `sock` (made non-blocking here); `what` names the peer in logs.
+    pub fn new(sock: UnixStream, what: impl Into<String>) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        Ok(Self {
+            sock,
+            what: what.into(),
+            rbuf: vec![0; READ_BUF_LEN],
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::with_capacity(PREFIX_LEN + MAX_FRAME_LEN),
+            wpos: 0,
+        })
+    }
+
+    /// The next complete frame in the read buffer, if any, as a range.
+    fn buffered_frame(&self) -> io::Result<Option<(usize, usize)>> {
+        let avail = &self.rbuf[self.rstart..self.rend];
+        let Some(prefix) = avail.get(..PREFIX_LEN) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if !(MIN_FRAME_LEN..=MAX_FRAME_LEN).contains(&len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} sent a frame of {len} bytes", self.what),
+            ));
+        }
+        if avail.len() < PREFIX_LEN + len {
+            return Ok(None);
+        }
+        let start = self.rstart + PREFIX_LEN;
+        Ok(Some((start, start + len)))
+    }
+}
+
+impl NetBackend for StreamBackend {
+    fn raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+
+    fn describe(&self) -> String {
+        self.what.clone()
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        loop {
+            if let Some((start, end)) = self.buffered_frame()? {
+                let len = end - start;
+                let out = buf.get_mut(..VNET_HDR_LEN + len).ok_or_else(|| {
+                    io::Error::new(io::ErrorKind::InvalidInput, "receive buffer too small")
+                })?;
+                out[..VNET_HDR_LEN].fill(0);
+                out[VNET_HDR_LEN..].copy_from_slice(&self.rbuf[start..end]);
+                self.rstart = end;
+                if self.rstart == self.rend {
+                    self.rstart = 0;
+                    self.rend = 0;
+                }
+                return Ok(Some(VNET_HDR_LEN + len));
+            }
+            if self.rend == self.rbuf.len() {
+                // Make room: move the partial frame to the front.
+                self.rbuf.copy_within(self.rstart..self.rend, 0);
+                self.rend -= self.rstart;
+                self.rstart = 0;
+            }
+            match self.sock.read(&mut self.rbuf[self.rend..]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{} closed the connection", self.what),
+                    ))
+                }
+                Ok(n) => self.rend += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn send(&mut self, frame: &[u8]) -> io::Result<SendStatus> {
+        if self.has_pending_output() && !self.flush()? {
+            return Ok(SendStatus::Full);
+        }
+        let payload = frame.get(VNET_HDR_LEN..).unwrap_or_default();
+        let len = u32::try_from(payload.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+        self.wbuf.clear();
+        self.wpos = 0;
+        self.wbuf.extend_from_slice(&len.to_be_bytes());
+        self.wbuf.extend_from_slice(payload);
+        self.flush()?;
+        Ok(SendStatus::Sent)
+    }
+
+    fn has_pending_output(&self) -> bool {
+        self.wpos < self.wbuf.len()
+    }
+
+    fn flush(&mut self) -> io::Result<bool> {
+        while self.wpos < self.wbuf.len() {
+            match self.sock.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        Ok(true)
+    }
+}
+
+/// Errors from starting passt.
+#[derive(Debug, thiserror::Error)]
+pub enum PasstError {
+    /// The passt binary is not there.
+    #[error("cannot start passt for --net user: {0} not found (install the Debian package passt, or set CAPSULE_PASST to its path)")]
+    NotInstalled(PathBuf),
+    /// Starting the process failed otherwise.
+    #[error("cannot start passt ({path}): {source}")]
+    Spawn {
+        /// The binary.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket pair could not be created.
+    #[error("cannot create the socket pair for passt: {0}")]
+    Socket(#[source] io::Error),
+}
+
+/// How to run passt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasstConfig {
+    /// The passt binary (looked up in `PATH` if it has no `/`).
+    pub binary: PathBuf,
+    /// TCP ports to forward: (host port, guest port).
+    pub publish: Vec<(u16, u16)>,
+    /// Extra log output from passt on capsule's stderr.
+    pub debug: bool,
+}
+
+/// A running passt process and the stream socket to it. Dropping it stops
+/// passt.
+#[derive(Debug)]
+pub struct Passt {
+    stream: StreamBackend,
+    child: Child,
+}
+
+impl Passt {
+    /// Starts passt connected to a new socket pair.
+    pub fn spawn(config: &PasstConfig) -> Result<Self, PasstError> {
+        let (ours, theirs) = socket_pair().map_err(PasstError::Socket)?;
+        let mut cmd = Command::new(&config.binary);
+        // passt inherits `theirs` (not close-on-exec) under the same number.
+        cmd.arg("--fd")
+            .arg(theirs.as_raw_fd().to_string())
+            .arg("--foreground");
+        if config.debug {
+            // passt's messages (its address choices, errors) on our
+            // stderr, but not its own --debug: the passt of Debian 12
+            // (0.0~git20230309) dies of SIGSEGV in its debug logging on the
+            // guest's first TCP connection.
+            cmd.arg("--stderr");
+        } else {
+            cmd.arg("--quiet");
+        }
+        if !config.publish.is_empty() {
+            let spec: Vec<String> = config
+                .publish
+                .iter()
+                .map(|(h, g)| format!("{h}:{g}"))
+                .collect();
+            cmd.arg("--tcp-ports").arg(spec.join(","));
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        if !config.debug {
+            cmd.stderr(Stdio::null());
+        }
+        let child = cmd.spawn().map_err(|source| {
+            if source.kind() == io::ErrorKind::NotFound {
+                PasstError::NotInstalled(config.binary.clone())
+            } else {
+                PasstError::Spawn {
+                    path: config.binary.clone(),
+                    source,
+                }
+            }
+        })?;
+        drop(theirs);
+        log::info!(
+            "started passt (pid {}) for user-mode networking",
+            child.id()
+        );
+        let stream =
+            StreamBackend::new(UnixStream::from(ours), "passt").map_err(PasstError::Socket)?;
+        Ok(Self { stream, child })
+    }
+
+    /// The passt process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Adds to an error that ends the connection how passt ended, so that
+    /// the one `link problem` line says why (passt is run with `--quiet`
+    /// and its stderr closed unless capsule logs at debug level).
+    fn explain(&mut self, e: io::Error) -> io::Error {
+        if !matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+        ) {
+            return e;
+        }
+        // passt's end of the socket closes as it exits: give it a moment to
+        // become reapable (at most 100 ms, once per link failure).
+        let mut status = None;
+        for _ in 0..20 {
+            match self.child.try_wait() {
+                Ok(Some(s)) => {
+                    status = Some(s);
+                    break;
+                }
+                Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                Err(_) => break,
+            }
+        }
+        let how = match status {
+            Some(s) => format!("passt exited ({s})"),
+            None => "passt is still running".to_string(),
+        };
+        io::Error::new(
+            e.kind(),
+            format!("{e}; {how}; CAPSULE_LOG=debug shows passt's own messages"),
+        )
+    }
+}
+
+impl Drop for Passt {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl NetBackend for Passt {
+    fn raw_fd(&self) -> RawFd {
+        self.stream.raw_fd()
+    }
+    fn describe(&self) -> String {
+        format!("passt (pid {})", self.child.id())
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.stream.recv(buf).map_err(|e| self.explain(e))
+    }
+    fn send(&mut self, frame: &[u8]) -> io::Result<SendStatus> {
+        self.stream.send(frame).map_err(|e| self.explain(e))
+    }
+    fn has_pending_output(&self) -> bool {
+        self.stream.has_pending_output()
+    }
+    fn flush(&mut self) -> io::Result<bool> {
+        self.stream.flush().map_err(|e| self.explain(e))
+    }
+}
+
+/// A connected Unix stream socket pair: ours is close-on-exec, theirs is
+/// inherited by children.
+fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into the array we pass.
+    let ret = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: F_SETFD on a descriptor we own.
+    if unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((ours, theirs))
+}
+
+/// The passt binary to use: `$CAPSULE_PASST`, else `passt` from `PATH`.
+pub fn default_passt_binary() -> PathBuf {
+    std::env::var_os("CAPSULE_PASST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new("passt").to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (StreamBackend, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (StreamBackend::new(a, "peer").unwrap(), b)
+    }
+
+    fn frame(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_add(seed)).collect()
+    }
+
+    #[test]
+    fn frames_are_length_prefixed_without_vnet_header() {
+        let (mut be, mut peer) = pair();
+        let mut f = vec![0xaa; VNET_HDR_LEN];
+        f.extend(frame(60, 1));
+        assert_eq!(be.send(&f).unwrap(), SendStatus::Sent);
+        let mut got = vec![0; 64];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got[..4], &60u32.to_be_bytes());
+        assert_eq!(&got[4..], &frame(60, 1)[..]);
+    }
+
+    #[test]
+    fn received_frames_get_a_zero_header_even_when_split() {
+        let (mut be, mut peer) = pair();
+        let mut buf = vec![0xff; VNET_HDR_LEN + MAX_FRAME_LEN];
+        assert_eq!(be.recv(&mut buf).unwrap(), None);
+        let mut wire = 100u32.to_be_bytes().to_vec();
+        wire.extend(frame(100, 7));
+        wire.extend(70u32.to_be_bytes());
+        wire.extend(frame(70, 9));
+        peer.write_all(&wire[..50]).unwrap();
+        assert_eq!(be.recv(&mut buf).unwrap(), None);
+        peer.write_all(&wire[50..]).unwrap();
+        assert_eq!(be.recv(&mut buf).unwrap(), Some(VNET_HDR_LEN + 100));
+        assert!(buf[..VNET_HDR_LEN].iter().all(|&b| b == 0));
+        assert_eq!(&buf[VNET_HDR_LEN..VNET_HDR_LEN + 100], &frame(100, 7)[..]);
+        assert_eq!(be.recv(&mut buf).unwrap(), Some(VNET_HDR_LEN + 70));
+        assert_eq!(&buf[VNET_HDR_LEN..VNET_HDR_LEN + 70], &frame(70, 9)[..]);
+        assert_eq!(be.recv(&mut buf).unwrap(), None);
+    }
+
+    #[test]
+    fn bad_lengths_and_eof_are_errors() {
+        let (mut be, mut peer) = pair();
+        let mut buf = vec![0; VNET_HDR_LEN + MAX_FRAME_LEN];
+        peer.write_all(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes())
+            .unwrap();
+        let e = be.recv(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+
+        let (mut be, peer) = pair();
+        drop(peer);
+        let e = be.recv(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn a_full_socket_reports_full_and_flushes_later() {
+        let (mut be, mut peer) = pair();
+        let mut f = vec![0; VNET_HDR_LEN];
+        f.extend(frame(60_000, 3));
+        let mut sent = 0;
+        while be.send(&f).unwrap() == SendStatus::Sent {
+            sent += 1;
+            assert!(sent < 10_000, "socket never filled up");
+        }
+        assert!(be.has_pending_output());
+        // Drain the peer; every frame arrives whole and in order.
+        peer.set_nonblocking(false).unwrap();
+        let mut got = 0;
+        let mut hdr = [0u8; 4];
+        let mut body = vec![0; 60_000];
+        while got < sent {
+            peer.read_exact(&mut hdr).unwrap();
+            assert_eq!(u32::from_be_bytes(hdr), 60_000);
+            peer.read_exact(&mut body).unwrap();
+            assert_eq!(body, frame(60_000, 3));
+            got += 1;
+            if got == sent - 1 {
+                // The last one was partly written: flushing finishes it.
+                while !be.flush().unwrap() {}
+            }
+        }
+        assert!(!be.has_pending_output());
+    }
+
+    #[test]
+    fn missing_passt_binary_is_a_clear_error() {
+        let cfg = PasstConfig {
+            binary: PathBuf::from("/nonexistent/passt"),
+            publish: vec![],
+            debug: false,
+        };
+        let e = Passt::spawn(&cfg).unwrap_err();
+        assert!(matches!(e, PasstError::NotInstalled(_)));
+        assert!(e.to_string().contains("passt"));
+    }
+
+    /// A stand-in passt that records its arguments in `out` and exits.
+    fn recording_passt(out: &Path) -> PathBuf {
+        let script = out.with_extension("sh");
+        std::fs::write(
+            &script,
+            format!("#!/bin/sh\necho \"$@\" >'{}'\n", out.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        script
+    }
+
+    fn passt_args(debug: bool, publish: Vec<(u16, u16)>) -> String {
+        let out = std::env::temp_dir().join(format!(
+            "capsule-passt-args-{}-{debug}-{}",
+            std::process::id(),
+            publish.len()
+        ));
+        let _ = std::fs::remove_file(&out);
+        let cfg = PasstConfig {
+            binary: recording_passt(&out),
+            publish,
+            debug,
+        };
+        let passt = Passt::spawn(&cfg).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let args = loop {
+            match std::fs::read_to_string(&out) {
+                Ok(a) if a.ends_with('\n') => break a,
+                _ => {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "passt stand-in did not run"
+                    );
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        };
+        drop(passt);
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(out.with_extension("sh"));
+        args
+    }
+
+    #[test]
+    fn passt_arguments() {
+        let quiet = passt_args(false, vec![(8080, 80), (2222, 22)]);
+        assert!(
+            quiet.starts_with("--fd ") && quiet.contains(" --foreground --quiet"),
+            "{quiet}"
+        );
+        assert!(quiet.contains("--tcp-ports 8080:80,2222:22"), "{quiet}");
+        // Debug logging shows passt's messages but never passes --debug,
+        // with which Debian 12's passt crashes on the first TCP connection.
+        let debug = passt_args(true, vec![]);
+        assert!(debug.contains(" --foreground --stderr"), "{debug}");
+        assert!(
+            !debug.contains("--debug") && !debug.contains("--quiet"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn passt_exiting_at_once_is_explained() {
+        // `false` stands in for a passt that fails to start (as when it
+        // cannot sandbox itself) and exits with status 1.
+        let cfg = PasstConfig {
+            binary: PathBuf::from("false"),
+            publish: vec![],
+            debug: false,
+        };
+        let mut p = Passt::spawn(&cfg).unwrap();
+        let mut buf = vec![0; VNET_HDR_LEN + MAX_FRAME_LEN];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let e = loop {
+            match p.recv(&mut buf) {
+                Ok(None) => {
+                    assert!(std::time::Instant::now() < deadline, "no EOF from passt");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Ok(Some(n)) => panic!("a {n}-byte frame from `false`"),
+                Err(e) => break e,
+            }
+        };
+        assert!(crate::virtio::net::is_fatal(&e));
+        let msg = e.to_string();
+        assert!(msg.contains("passt closed the connection"), "{msg}");
+        assert!(msg.contains("passt exited (exit status: 1)"), "{msg}");
+        assert!(msg.contains("CAPSULE_LOG=debug"), "{msg}");
+    }
+}

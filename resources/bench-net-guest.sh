@@ -1,0 +1,141 @@
+#!/bin/sh
+# resources/bench-net-guest.sh: TCP throughput over TAP, capsule vs QEMU.
+#
+# Runs on the machine with /dev/kvm (inside L1, or directly on a host with
+# hardware KVM), as root, POSIX sh with busybox tools. For each VMM it
+# boots the test guest with one virtio-net device on a TAP device
+# (both over virtio-mmio; QEMU: -M microvm, virtio-net-device, userspace
+# backend, vhost=off), then streams BENCH_MIB MiB of zeroes with busybox
+# nc guest→host and host→guest; the receiver counts and times them.
+# Prints one `bench-net: VMM DIRECTION BYTES SECONDS` line per transfer and
+# then a table. Not a test: nothing is compared against a threshold.
+#
+# Env: CAPSULE BZIMAGE INITRD (required), QEMU (a qemu-system-x86_64 command,
+#      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 256),
+#      BENCH_RUNS (default 1)
+set -u
+: "${CAPSULE:?}" "${BZIMAGE:?}" "${INITRD:?}"
+MIB="${BENCH_MIB:-256}"
+RUNS="${BENCH_RUNS:-1}"
+WORK="$(mktemp -d /tmp/bench-net.XXXXXX)"
+RESULTS="$WORK/results"
+: >"$RESULTS"
+
+[ -c /dev/net/tun ] || insmod /lib/modules/tun.ko 2>/dev/null || modprobe tun 2>/dev/null
+ip link set lo up 2>/dev/null
+
+now() { date +%s; }
+
+# wait_out FILE REGEX SECONDS
+wait_out() {
+    _end=$(($(now) + $3))
+    while ! tr -d '\r' <"$1" 2>/dev/null | grep -q -- "$2"; do
+        [ "$(now)" -lt "$_end" ] || return 1
+        sleep 0.2 2>/dev/null || sleep 1
+    done
+}
+
+# tap_setup NAME ADDR: configure the host side once the VMM created it.
+tap_setup() {
+    (
+        _i=0
+        while [ $_i -lt 600 ] && ! ip link show "$1" >/dev/null 2>&1; do
+            sleep 0.1 2>/dev/null || sleep 1
+            _i=$((_i + 1))
+        done
+        ip addr add "$2" dev "$1" && ip link set "$1" up
+    ) </dev/null >/dev/null 2>&1 &
+}
+
+# The receiver of each transfer runs RECV (busybox dd prints no byte count
+# or time, so it is not used): it counts the bytes with wc and reads
+# /proc/uptime (10 ms) when the connection is accepted and at its end, and
+# prints "BYTES T0 T1".
+RECV='read t0 _ </proc/uptime; n=$(wc -c); read t1 _ </proc/uptime; echo "$n $t0 $t1"'
+
+# stats "BYTES T0 T1": "BYTES SECONDS".
+stats() {
+    echo "$1" | awk 'NF == 3 && $3 > $2 { printf "%s %.2f\n", $1, $3 - $2 }'
+}
+
+# bench VMM TAP COMMAND...: boot, measure, power off.
+bench() {
+    _vmm="$1" _tap="$2"
+    shift 2
+    _d="$WORK/$_vmm"
+    mkdir -p "$_d"
+    _fifo="$_d/in" _out="$_d/out"
+    mkfifo "$_fifo"
+    : >"$_out"
+    tap_setup "$_tap" 10.9.0.1/24
+    "$@" <"$_fifo" >"$_out" 2>"$_d/err" &
+    _pid=$!
+    exec 3>"$_fifo"
+    if ! wait_out "$_out" 'capsule-guest:.*# ' 180; then
+        echo "bench-net: $_vmm: the guest did not boot; last output:"
+        tail -n 20 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
+        exec 3>&-
+        kill "$_pid" 2>/dev/null
+        return 1
+    fi
+    echo "bench-net: progress: $_vmm booted"
+    echo 'ip addr add 10.9.0.2/24 dev eth0; ip link set eth0 up; echo NET-UP' >&3
+    wait_out "$_out" '^NET-UP' 30 || echo "bench-net: progress: $_vmm: no NET-UP"
+    _run=1
+    while [ "$_run" -le "$RUNS" ]; do
+        # guest → host: the host's dd reports what arrived.
+        rm -f "$_d/g2h"
+        nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
+        sleep 1
+        echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE-$_run" >&3
+        wait_out "$_out" "^G2H-DONE-$_run" 600 || echo "bench-net: progress: $_vmm: guest-to-host did not finish"
+        # nc ends when the data is in the guest's socket buffer: wait for
+        # the host's receiver to see the end.
+        wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
+        echo "bench-net: $_vmm guest-to-host $(stats "$(cat "$_d/g2h" 2>/dev/null)")" | tee -a "$RESULTS"
+        # host → guest: the guest's receiver prints its stats.
+        echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null; echo H2G-STATS \$(cat /tmp/h2g)" >&3
+        sleep 3
+        dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202
+        wait_out "$_out" "^H2G-STATS [0-9]" 600 || echo "bench-net: progress: $_vmm: host-to-guest did not finish"
+        _st="$(tr -d '\r' <"$_out" | grep '^H2G-STATS [0-9]' | tail -n1 | sed 's/^H2G-STATS //')"
+        echo "bench-net: $_vmm host-to-guest $(stats "$_st")" | tee -a "$RESULTS"
+        _run=$((_run + 1))
+    done
+    echo 'poweroff -f' >&3
+    _i=0
+    while kill -0 "$_pid" 2>/dev/null && [ $_i -lt 30 ]; do
+        sleep 1
+        _i=$((_i + 1))
+    done
+    kill "$_pid" 2>/dev/null
+    exec 3>&-
+    wait "$_pid" 2>/dev/null
+}
+
+bench capsule capb0 "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
+    --cpus 2 --memory 512M --net tap=capb0
+if [ -n "${QEMU:-}" ]; then
+    # shellcheck disable=SC2086  # QEMU is a command with arguments
+    bench qemu qemub0 $QEMU -L "${QEMU_FIRMWARE:-/usr/share/qemu}" \
+        -M microvm -accel kvm -cpu host -m 512M -smp 2 -nodefaults -no-user-config \
+        -display none -no-reboot -serial stdio -kernel "$BZIMAGE" -initrd "$INITRD" \
+        -append "console=ttyS0 reboot=k panic=1" \
+        -netdev tap,id=n0,ifname=qemub0,script=no,downscript=no,vhost=off \
+        -device virtio-net-device,netdev=n0
+else
+    echo "bench-net: no QEMU given; capsule only"
+fi
+
+echo "bench-net: TCP over TAP, $MIB MiB per transfer, busybox nc, timed by the receiver (MB/s = 10^6 bytes/s)"
+printf 'bench-net: %-8s %14s %14s\n' VMM guest-to-host host-to-guest
+for vmm in capsule qemu; do
+    grep -q "^bench-net: $vmm " "$RESULTS" || continue
+    rate() {
+        grep "^bench-net: $vmm $1 " "$RESULTS" | awk '
+            $4 > 0 { b += $4; s += $5 }
+            END { if (s > 0) printf "%.1f MB/s", b / s / 1e6; else printf "n/a" }'
+    }
+    printf 'bench-net: %-8s %14s %14s\n' "$vmm" "$(rate guest-to-host)" "$(rate host-to-guest)"
+done
+rm -rf "$WORK"
