@@ -67,6 +67,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -156,6 +157,30 @@ pub enum ActivateError {
     /// Setting up notification eventfds failed.
     #[error("cannot set up queue notifications: {0}")]
     EventFd(#[source] io::Error),
+}
+
+/// The checks every device's [`VirtioDevice::activate`] starts with: the
+/// device is not `active` yet, the transport passed `expected` queues and
+/// as many notification eventfds, and the driver made every queue ready.
+pub fn check_activation(
+    active: bool,
+    queues: &[Queue],
+    queue_evts: &[EventFd],
+    expected: usize,
+) -> Result<(), ActivateError> {
+    if active {
+        return Err(ActivateError::AlreadyActive);
+    }
+    if queues.len() != expected || queue_evts.len() != expected {
+        return Err(ActivateError::QueueCount {
+            expected,
+            got: queues.len().min(queue_evts.len()),
+        });
+    }
+    match queues.iter().position(|q| !q.ready()) {
+        Some(i) => Err(ActivateError::QueueNotReady(i)),
+        None => Ok(()),
+    }
 }
 
 /// A virtio device model, independent of the transport.

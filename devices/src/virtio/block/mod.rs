@@ -49,7 +49,8 @@ use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::{
-    device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice, VirtioInterrupt,
+    check_activation, device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Size of a virtio-blk sector; capacity and request positions use it.
@@ -412,21 +413,10 @@ impl VirtioDevice for Block {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
+        check_activation(self.active.is_some(), &queues, &queue_evts, 1)?;
         let Some(mut queue) = queues.into_iter().next() else {
             return Err(ActivateError::QueueNotReady(0));
         };
-        if !queue.ready() {
-            return Err(ActivateError::QueueNotReady(0));
-        }
         queue.set_event_idx(self.acked_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0);
         self.events
             .activate(queue_evts)

@@ -37,7 +37,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::{
-    device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice, VirtioInterrupt,
+    check_activation, device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Index of the receive queue (host → guest).
@@ -335,24 +336,11 @@ impl VirtioDevice for Console {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 2 || queue_evts.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
+        check_activation(self.active.is_some(), &queues, &queue_evts, 2)?;
         let mut it = queues.into_iter();
         let (Some(rx), Some(tx)) = (it.next(), it.next()) else {
             return Err(ActivateError::QueueNotReady(0));
         };
-        for (i, q) in [&rx, &tx].into_iter().enumerate() {
-            if !q.ready() {
-                return Err(ActivateError::QueueNotReady(i));
-            }
-        }
         self.events
             .activate(queue_evts)
             .map_err(ActivateError::EventFd)?;

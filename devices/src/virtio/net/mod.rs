@@ -61,7 +61,8 @@ use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use super::{
-    device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice, VirtioInterrupt,
+    check_activation, device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Size of `virtio_net_hdr_v1`, in front of every frame.
@@ -814,25 +815,11 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
-        if self.active.is_some() {
-            return Err(ActivateError::AlreadyActive);
-        }
-        if queues.len() != 2 || queue_evts.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: queues.len().min(queue_evts.len()),
-            });
-        }
+        check_activation(self.active.is_some(), &queues, &queue_evts, 2)?;
         let mut queues = queues.into_iter();
         let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueNotReady(0));
         };
-        if !rx.ready() {
-            return Err(ActivateError::QueueNotReady(RX_QUEUE));
-        }
-        if !tx.ready() {
-            return Err(ActivateError::QueueNotReady(TX_QUEUE));
-        }
         let event_idx = self.acked(VIRTIO_RING_F_EVENT_IDX);
         rx.set_event_idx(event_idx);
         tx.set_event_idx(event_idx);
