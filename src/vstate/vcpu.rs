@@ -122,7 +122,12 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(exit) => {
                     stats.count(&exit);
-                    if let Some(reason) = handle_exit(self.index, exit, &io) {
+                    let triple_fault = matches!(exit, VcpuExit::Shutdown);
+                    let reason = handle_exit(self.index, exit, &io);
+                    if triple_fault {
+                        self.log_triple_fault();
+                    }
+                    if let Some(reason) = reason {
                         io.exit.signal(reason);
                         break;
                     }
@@ -176,6 +181,29 @@ impl ExitStats {
             self.total,
             list.join(", ")
         )
+    }
+}
+
+impl Vcpu {
+    /// A triple fault resets the VM like a reboot, but unless the guest
+    /// asked for it (`reboot=t`) it is a guest crash: say so, with where
+    /// the vCPU was, on stderr.
+    fn log_triple_fault(&self) {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        match (regs, sregs) {
+            (Ok(r), Ok(s)) => log::warn!(
+                "vCPU {}: triple fault (the VM resets): rip={:#x} rsp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                self.index,
+                r.rip,
+                r.rsp,
+                s.cr0,
+                s.cr3,
+                s.cr4,
+                s.efer
+            ),
+            _ => log::warn!("vCPU {}: triple fault (the VM resets)", self.index),
+        }
     }
 }
 
@@ -303,7 +331,6 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, io: &VcpuIo) -> Option<GuestExit> 
         }
         // A triple fault: the architectural way to reset a PC.
         VcpuExit::Shutdown => {
-            log::info!("vCPU {index}: triple fault, resetting");
             return Some(GuestExit::Reset);
         }
         VcpuExit::SystemEvent(kind, _) => {

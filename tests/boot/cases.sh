@@ -312,6 +312,14 @@ for c in $CASES; do
     esac
     echo "boot-case: running $c"
     "case_$c"
+    # A guest that triple-faults early in its boot (an open problem, seen
+    # about once in 20 boots in the nested harness only; capsule logs the
+    # vCPU state) gets the case one more run, said out loud.
+    if [ -n "$CASE_ERRORS" ] && grep -q 'triple fault (the VM resets)' "$ERR" 2>/dev/null; then
+        echo "boot-case: RETRY $c: the guest triple-faulted: $(grep -m1 'triple fault' "$ERR")"
+        CASE_ERRORS=""
+        "case_$c"
+    fi
     finish_case "$c"
 done
 if [ "$FAILED" -eq 0 ] && [ "$OWN_WORK" -eq 1 ]; then
