@@ -11,12 +11,12 @@
 # then a table. Not a test: nothing is compared against a threshold.
 #
 # Env: CAPSULE BZIMAGE INITRD (required), QEMU (a qemu-system-x86_64 command,
-#      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 256),
-#      BENCH_RUNS (default 1)
+#      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 64),
+#      BENCH_RUNS (default 10)
 set -u
 : "${CAPSULE:?}" "${BZIMAGE:?}" "${INITRD:?}"
-MIB="${BENCH_MIB:-256}"
-RUNS="${BENCH_RUNS:-1}"
+MIB="${BENCH_MIB:-64}"
+RUNS="${BENCH_RUNS:-10}"
 WORK="$(mktemp -d /tmp/bench-net.XXXXXX)"
 RESULTS="$WORK/results"
 : >"$RESULTS"
@@ -127,15 +127,25 @@ else
     echo "bench-net: no QEMU given; capsule only"
 fi
 
-echo "bench-net: TCP over TAP, $MIB MiB per transfer, busybox nc, timed by the receiver (MB/s = 10^6 bytes/s)"
-printf 'bench-net: %-8s %14s %14s\n' VMM guest-to-host host-to-guest
+echo "bench-net: TCP over TAP, $MIB MiB per transfer, busybox nc, timed by the receiver; MB/s = 10^6 bytes/s, min / median / max over $RUNS run(s)"
+# rates VMM DIRECTION: "min median max" MB/s of VMM's runs (or "- - -").
+rates() {
+    grep "^bench-net: $1 $2 " "$RESULTS" | awk '$4 > 0 && $5 > 0 { print $4 / $5 / 1e6 }' | sort -n |
+        awk '{ v[NR] = $1 } END {
+            if (NR == 0) { print "- - -"; exit }
+            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+            printf "%.1f %.1f %.1f\n", v[1], m, v[NR] }'
+}
+printf 'bench-net: %-16s %22s %22s\n' VMM guest-to-host host-to-guest
 for vmm in capsule qemu; do
     grep -q "^bench-net: $vmm " "$RESULTS" || continue
-    rate() {
-        grep "^bench-net: $vmm $1 " "$RESULTS" | awk '
-            $4 > 0 { b += $4; s += $5 }
-            END { if (s > 0) printf "%.1f MB/s", b / s / 1e6; else printf "n/a" }'
-    }
-    printf 'bench-net: %-8s %14s %14s\n' "$vmm" "$(rate guest-to-host)" "$(rate host-to-guest)"
+    set -- $(rates "$vmm" guest-to-host) $(rates "$vmm" host-to-guest)
+    printf 'bench-net: %-16s %22s %22s\n' "$vmm" "$1 / $2 / $3" "$4 / $5 / $6"
 done
-rm -rf "$WORK"
+# capsule/QEMU ratio of the medians.
+ratio() {
+    c=$(rates capsule "$1" | cut -d' ' -f2)
+    q=$(rates qemu "$1" | cut -d' ' -f2)
+    awk -v a="$c" -v b="$q" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else printf "-" }'
+}
+printf 'bench-net: %-16s %22s %22s\n' "capsule/qemu" "$(ratio guest-to-host)" "$(ratio host-to-guest)"

@@ -13,7 +13,7 @@
 # absolute numbers.
 #
 # Usage: resources/bench-net.sh
-# Env:   BENCH_MIB (MiB per transfer, default 256), BENCH_RUNS (default 1),
+# Env:   BENCH_MIB (MiB per transfer, default 64), BENCH_RUNS (default 10),
 #        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE
 set -euo pipefail
 
@@ -38,7 +38,7 @@ copy_qemu_firmware "$work/qemu-fw"
 if [[ "$mode" == direct ]]; then
     CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
         QEMU="$work/tools/qemu-system-x86_64" QEMU_FIRMWARE="$work/qemu-fw" \
-        BENCH_MIB="${BENCH_MIB:-256}" BENCH_RUNS="${BENCH_RUNS:-1}" \
+        BENCH_MIB="${BENCH_MIB:-64}" BENCH_RUNS="${BENCH_RUNS:-10}" \
         sh "$resources/bench-net-guest.sh"
     exit
 fi
@@ -47,7 +47,7 @@ cat >"$work/bench-l1.sh" <<EOF
 #!/bin/sh
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FIRMWARE=/capsule/qemu-fw
-export BENCH_MIB='${BENCH_MIB:-256}' BENCH_RUNS='${BENCH_RUNS:-1}'
+export BENCH_MIB='${BENCH_MIB:-64}' BENCH_RUNS='${BENCH_RUNS:-10}'
 exec sh /capsule/bench-net-guest.sh
 EOF
 CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-1800}" "$resources/harness/run-in-l1.sh" \
