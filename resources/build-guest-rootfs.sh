@@ -41,15 +41,10 @@ mkdir -p "$out"
 log "populating busybox root (busybox-static $bb_version)"
 populate_busybox_root "$root"
 
-cat >"$root/sbin/init" <<'INIT'
-#!/bin/sh
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-grep -q ' /dev devtmpfs ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
-# Userspace reached: stage 1 on capsule's boot-time marker port (0x3c4 =
-# 964); nothing happens where there is no such port or no /dev/port.
-printf '\001' | dd of=/dev/port bs=1 seek=964 count=1 2>/dev/null
+{
+    echo '#!/bin/sh'
+    guest_init_common
+    cat <<'INIT'
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname capsule-guest
@@ -60,6 +55,7 @@ setsid cttyhack sh -l
 sync
 poweroff -f
 INIT
+} >"$root/sbin/init"
 chmod 755 "$root/sbin/init"
 printf 'export PS1='\''capsule-guest:\\w# '\''\n' >"$root/etc/profile"
 echo "written on the host by build-guest-rootfs.sh" >"$root/root/hello.txt"

@@ -183,3 +183,19 @@ run_in_l1_retrying() {
     done
     return "$rc"
 }
+
+# guest_init_common: the first lines of the test guests' init scripts
+# (initramfs /init and the ext4 image's /sbin/init): PATH, /proc, /sys,
+# /dev, and stage 1 on capsule's boot-time marker port.
+guest_init_common() {
+    cat <<'COMMON'
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TERM=linux
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+# devtmpfs may already be mounted by the kernel (CONFIG_DEVTMPFS_MOUNT).
+grep -q ' /dev devtmpfs ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
+# Userspace reached: stage 1 on capsule's boot-time marker port (0x3c4 =
+# 964); nothing happens where there is no such port or no /dev/port.
+printf '\001' | dd of=/dev/port bs=1 seek=964 count=1 2>/dev/null
+COMMON
+}
