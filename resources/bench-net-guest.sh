@@ -12,7 +12,7 @@
 #
 # Env: CAPSULE BZIMAGE INITRD (required), QEMU (a qemu-system-x86_64 command,
 #      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 64),
-#      BENCH_RUNS (default 10)
+#      BENCH_RUNS (default 10), BENCH_DETAIL (1: capsule's counters)
 set -u
 : "${CAPSULE:?}" "${BZIMAGE:?}" "${INITRD:?}"
 MIB="${BENCH_MIB:-64}"
@@ -32,6 +32,17 @@ wait_out() {
     while ! tr -d '\r' <"$1" 2>/dev/null | grep -q -- "$2"; do
         [ "$(now)" -lt "$_end" ] || return 1
         sleep 0.2 2>/dev/null || sleep 1
+    done
+}
+
+# listening PORTHEX: true once /proc/net/tcp shows a listening socket on
+# port PORTHEX (hex, as the kernel prints it), IPv4 or IPv6 (busybox nc
+# listens on both); gives up after 30 s.
+listening() {
+    _end=$(($(now) + 30))
+    while ! cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q ":$1 0*:0000 0A"; do
+        [ "$(now)" -lt "$_end" ] || return 1
+        sleep 0.1 2>/dev/null || sleep 1
     done
 }
 
@@ -83,22 +94,28 @@ bench() {
     wait_out "$_out" '^NET-UP' 30 || echo "bench-net: progress: $_vmm: no NET-UP"
     _run=1
     while [ "$_run" -le "$RUNS" ]; do
-        # guest → host: the host's dd reports what arrived.
+        # guest → host: the host's receiver reports what arrived.
         rm -f "$_d/g2h"
         nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
-        sleep 1
+        listening 1451 || echo "bench-net: progress: $_vmm: the host's receiver is not listening"
         echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE-$_run" >&3
         wait_out "$_out" "^G2H-DONE-$_run" 600 || echo "bench-net: progress: $_vmm: guest-to-host did not finish"
         # nc ends when the data is in the guest's socket buffer: wait for
         # the host's receiver to see the end.
         wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
         echo "bench-net: $_vmm guest-to-host $(stats "$(cat "$_d/g2h" 2>/dev/null)")" | tee -a "$RESULTS"
-        # host → guest: the guest's receiver prints its stats.
-        echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null; echo H2G-STATS \$(cat /tmp/h2g)" >&3
-        sleep 3
-        dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202
-        wait_out "$_out" "^H2G-STATS [0-9]" 600 || echo "bench-net: progress: $_vmm: host-to-guest did not finish"
-        _st="$(tr -d '\r' <"$_out" | grep '^H2G-STATS [0-9]' | tail -n1 | sed 's/^H2G-STATS //')"
+        # host → guest: the guest's receiver prints its stats. The host
+        # connects only once the guest says it listens: a connection
+        # refused by a guest still starting nc would leave that nc waiting
+        # and the next typed line unread.
+        echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null & i=0; while [ \$i -lt 300 ] && ! grep -q ':1452 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; i=\$((i+1)); done; echo H2G-LISTENING-$_run; wait; echo H2G-STATS-$_run \$(cat /tmp/h2g)" >&3
+        if wait_out "$_out" "^H2G-LISTENING-$_run" 120; then
+            dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202
+        else
+            echo "bench-net: progress: $_vmm: the guest's receiver is not listening"
+        fi
+        wait_out "$_out" "^H2G-STATS-$_run [0-9]" 600 || echo "bench-net: progress: $_vmm: host-to-guest did not finish"
+        _st="$(tr -d '\r' <"$_out" | sed -n "s/^H2G-STATS-$_run //p" | tail -n1)"
         echo "bench-net: $_vmm host-to-guest $(stats "$_st")" | tee -a "$RESULTS"
         _run=$((_run + 1))
     done
@@ -111,8 +128,14 @@ bench() {
     kill "$_pid" 2>/dev/null
     exec 3>&-
     wait "$_pid" 2>/dev/null
+    if [ -n "${BENCH_DETAIL:-}" ]; then
+        grep -E 'virtio-net .*NetStats|stopped;' "$_d/err" | sed "s/^/bench-net: detail: $_vmm: /"
+    fi
 }
 
+# BENCH_DETAIL=1: capsule logs at debug level; its traffic counters and
+# per-vCPU exit counts are printed after its runs.
+[ -z "${BENCH_DETAIL:-}" ] || export CAPSULE_LOG=debug
 bench capsule capb0 "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
     --cpus 2 --memory 512M --net tap=capb0
 if [ -n "${QEMU:-}" ]; then

@@ -23,8 +23,8 @@ packages=(
     e2fsprogs
     # curl for the API boot cases (copied into L1).
     curl
-    # Network boot tests: user-mode networking, ip tuntap (copied into L1).
-    passt iproute2
+    # Network boot tests: ip tuntap (copied into L1).
+    iproute2
     # Static capsule binary (libc.a).
     libc6-dev
     # apt-get download / dpkg -x for the L1 kernel.

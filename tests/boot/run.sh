@@ -82,13 +82,13 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-boot-tests.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     caselog="$work/cases.log"
-    # debugfs checks disks; ip (iproute2, for `ip tuntap`) and passt serve
-    # the network cases. passt re-executes itself as passt.avx2 from its own
-    # directory when the CPU has AVX2, so that binary goes along too.
-    copy_tools "$work/tools" debugfs curl ip passt || fail_all "collecting the host tools failed"
-    if [[ -f "$(command -v passt).avx2" ]]; then
-        cp -L "$(command -v passt).avx2" "$work/tools/bin/passt.avx2" || fail_all "copying passt.avx2 failed"
-    fi
+    # debugfs checks disks; ip (iproute2, for `ip tuntap`) serves the
+    # network cases, and the static passt built by build-passt.sh the
+    # user-mode one (with passt.avx2, which passt runs in its place on CPUs
+    # with AVX2).
+    copy_tools "$work/tools" debugfs curl ip || fail_all "collecting the host tools failed"
+    passt="$("$resources/build-passt.sh")" || fail_all "building passt failed"
+    cp "$passt" "$passt.avx2" "$work/tools/bin/" || fail_all "copying passt failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then
