@@ -14,6 +14,9 @@
 #      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 64),
 #      BENCH_RUNS (default 10), BENCH_DETAIL (1: capsule's counters)
 set -u
+# A VMM that ended early must not end this script with SIGPIPE when the
+# next line is typed to it.
+trap "" PIPE
 : "${CAPSULE:?}" "${BZIMAGE:?}" "${INITRD:?}"
 MIB="${BENCH_MIB:-64}"
 RUNS="${BENCH_RUNS:-10}"
@@ -26,11 +29,13 @@ ip link set lo up 2>/dev/null
 
 now() { date +%s; }
 
-# wait_out FILE REGEX SECONDS
+# wait_out FILE REGEX SECONDS: false after SECONDS or once the VMM being
+# measured ($_pid, if set) has ended.
 wait_out() {
     _end=$(($(now) + $3))
     while ! tr -d '\r' <"$1" 2>/dev/null | grep -q -- "$2"; do
         [ "$(now)" -lt "$_end" ] || return 1
+        [ -z "${_pid:-}" ] || kill -0 "$_pid" 2>/dev/null || return 1
         sleep 0.2 2>/dev/null || sleep 1
     done
 }
@@ -69,13 +74,10 @@ stats() {
     echo "$1" | awk 'NF == 3 && $3 > $2 { printf "%s %.2f\n", $1, $3 - $2 }'
 }
 
-# bench VMM TAP COMMAND...: boot, measure, power off.
-bench() {
-    _vmm="$1" _tap="$2"
-    shift 2
-    _d="$WORK/$_vmm"
-    mkdir -p "$_d"
-    _fifo="$_d/in" _out="$_d/out"
+# start_vmm COMMAND...: boot the VMM ($_vmm, on TAP $_tap, files in $_d)
+# with its console on the FIFO behind fd 3 and configure the guest's eth0.
+start_vmm() {
+    rm -f "$_fifo"
     mkfifo "$_fifo"
     : >"$_out"
     tap_setup "$_tap" 10.9.0.1/24
@@ -92,8 +94,22 @@ bench() {
     echo "bench-net: progress: $_vmm booted"
     echo 'ip addr add 10.9.0.2/24 dev eth0; ip link set eth0 up; echo NET-UP' >&3
     wait_out "$_out" '^NET-UP' 30 || echo "bench-net: progress: $_vmm: no NET-UP"
+}
+
+# bench VMM TAP COMMAND...: boot, measure RUNS runs, power off. A VMM that
+# ends during a run (a guest reset or crash) is reported with its last
+# output and started again, and the run is repeated: up to 3 times.
+bench() {
+    _vmm="$1" _tap="$2"
+    shift 2
+    _d="$WORK/$_vmm"
+    mkdir -p "$_d"
+    _fifo="$_d/in" _out="$_d/out"
+    _ends=0
+    start_vmm "$@" || return 1
     _run=1
     while [ "$_run" -le "$RUNS" ]; do
+        : >"$_d/run"
         # guest → host: the host's receiver reports what arrived.
         rm -f "$_d/g2h"
         nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
@@ -103,7 +119,7 @@ bench() {
         # nc ends when the data is in the guest's socket buffer: wait for
         # the host's receiver to see the end.
         wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
-        echo "bench-net: $_vmm guest-to-host $(stats "$(cat "$_d/g2h" 2>/dev/null)")" | tee -a "$RESULTS"
+        echo "bench-net: $_vmm guest-to-host $(stats "$(cat "$_d/g2h" 2>/dev/null)")" >>"$_d/run"
         # host → guest: the guest's receiver prints its stats. The host
         # connects only once the guest says it listens: a connection
         # refused by a guest still starting nc would leave that nc waiting
@@ -116,7 +132,20 @@ bench() {
         fi
         wait_out "$_out" "^H2G-STATS-$_run [0-9]" 600 || echo "bench-net: progress: $_vmm: host-to-guest did not finish"
         _st="$(tr -d '\r' <"$_out" | sed -n "s/^H2G-STATS-$_run //p" | tail -n1)"
-        echo "bench-net: $_vmm host-to-guest $(stats "$_st")" | tee -a "$RESULTS"
+        echo "bench-net: $_vmm host-to-guest $(stats "$_st")" >>"$_d/run"
+        if ! kill -0 "$_pid" 2>/dev/null; then
+            wait "$_pid"
+            _status=$?
+            _ends=$((_ends + 1))
+            echo "bench-net: $_vmm ended during run $_run (status $_status); last output:"
+            tail -n 12 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
+            echo "bench-net: $_vmm early-end" >>"$RESULTS"
+            exec 3>&-
+            [ "$_ends" -lt 3 ] || return 1
+            start_vmm "$@" || return 1
+            continue
+        fi
+        tee -a "$RESULTS" <"$_d/run"
         _run=$((_run + 1))
     done
     echo 'poweroff -f' >&3
@@ -172,3 +201,7 @@ ratio() {
     awk -v a="$c" -v b="$q" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else printf "-" }'
 }
 printf 'bench-net: %-16s %22s %22s\n' "capsule/qemu" "$(ratio guest-to-host)" "$(ratio host-to-guest)"
+for vmm in capsule qemu; do
+    n=$(grep -c "^bench-net: $vmm early-end" "$RESULTS")
+    [ "$n" = 0 ] || echo "bench-net: note: $vmm ended during a run $n time(s) (see above); those runs were repeated"
+done
