@@ -40,6 +40,49 @@ wait_out() {
     done
 }
 
+# tap_counters: the TAP's packet and drop counters, one line.
+tap_counters() {
+    for _c in rx_packets tx_packets rx_dropped tx_dropped; do
+        printf '%s=%s ' "$_c" "$(cat "/sys/class/net/$_tap/statistics/$_c" 2>/dev/null)"
+    done
+}
+
+# wait_transfer FILE REGEX: like wait_out, but gives up only when nothing
+# has crossed the TAP for 60 s (a stall), and then says what it saw: the
+# TAP's counters (its tx is toward the guest; tx_dropped grows when the VMM
+# stops reading), the host's TCP queues and where the VMM's threads wait.
+wait_transfer() {
+    _last="" _still=0
+    while ! tr -d '\r' <"$1" 2>/dev/null | grep -q -- "$2"; do
+        [ -z "${_pid:-}" ] || kill -0 "$_pid" 2>/dev/null || return 1
+        _now="$(tap_counters)"
+        if [ "$_now" = "$_last" ]; then
+            _still=$((_still + 1))
+        else
+            _still=0 _last="$_now"
+        fi
+        if [ "$_still" -ge 60 ]; then
+            echo "bench-net: $_vmm: stalled: nothing crossed $_tap for 60 s; waiting for '$2'"
+            echo "bench-net:   $_tap: $_now"
+            grep -E ':145[12] ' /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk '{ print "bench-net:   tcp " $2, $3, "st=" $4, "tx:rx=" $5 }'
+            for _t in /proc/"$_pid"/task/*; do
+                echo "bench-net:   thread $(cut -d' ' -f2,3 "$_t/stat") wchan=$(cat "$_t/wchan" 2>/dev/null)"
+            done
+            return 1
+        fi
+        sleep 1
+    done
+}
+
+# stalled DIRECTION: a transfer did not finish; the VMM is stopped, so
+# that the run is repeated in a new VM.
+stalled() {
+    echo "bench-net: progress: $_vmm: $1 did not finish; stopping $_vmm"
+    kill -9 "$_pid" 2>/dev/null
+    pkill -f 'nc 10.9.0.2 5202' 2>/dev/null
+    pkill -f 'nc -l -p 5201' 2>/dev/null
+}
+
 # listening PORTHEX: true once /proc/net/tcp shows a listening socket on
 # port PORTHEX (hex, as the kernel prints it), IPv4 or IPv6 (busybox nc
 # listens on both); gives up after 30 s.
@@ -115,7 +158,7 @@ bench() {
         nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
         listening 1451 || echo "bench-net: progress: $_vmm: the host's receiver is not listening"
         echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE-$_run" >&3
-        wait_out "$_out" "^G2H-DONE-$_run" 600 || echo "bench-net: progress: $_vmm: guest-to-host did not finish"
+        wait_transfer "$_out" "^G2H-DONE-$_run" || stalled guest-to-host
         # nc ends when the data is in the guest's socket buffer: wait for
         # the host's receiver to see the end.
         wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
@@ -125,12 +168,15 @@ bench() {
         # refused by a guest still starting nc would leave that nc waiting
         # and the next typed line unread.
         echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null & i=0; while [ \$i -lt 300 ] && ! grep -q ':1452 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; i=\$((i+1)); done; echo H2G-LISTENING-$_run; wait; echo H2G-STATS-$_run \$(cat /tmp/h2g)" >&3
+        _snd=""
         if wait_out "$_out" "^H2G-LISTENING-$_run" 120; then
-            dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202
+            dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202 &
+            _snd=$!
         else
             echo "bench-net: progress: $_vmm: the guest's receiver is not listening"
         fi
-        wait_out "$_out" "^H2G-STATS-$_run [0-9]" 600 || echo "bench-net: progress: $_vmm: host-to-guest did not finish"
+        wait_transfer "$_out" "^H2G-STATS-$_run [0-9]" || stalled host-to-guest
+        [ -z "$_snd" ] || wait "$_snd" 2>/dev/null
         _st="$(tr -d '\r' <"$_out" | sed -n "s/^H2G-STATS-$_run //p" | tail -n1)"
         echo "bench-net: $_vmm host-to-guest $(stats "$_st")" >>"$_d/run"
         if ! kill -0 "$_pid" 2>/dev/null; then
