@@ -12,7 +12,8 @@
 #
 # Env: CAPSULE BZIMAGE INITRD (required), QEMU (a qemu-system-x86_64 command,
 #      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 64),
-#      BENCH_RUNS (default 10), BENCH_DETAIL (1: capsule's counters)
+#      BENCH_RUNS (default 10), BENCH_DETAIL (1: capsule's counters),
+#      BENCH_VMMS (default "capsule qemu")
 set -u
 # A VMM that ended early must not end this script with SIGPIPE when the
 # next line is typed to it.
@@ -78,9 +79,10 @@ wait_transfer() {
 # that the run is repeated in a new VM.
 stalled() {
     echo "bench-net: progress: $_vmm: $1 did not finish; stopping $_vmm"
+    grep -v 'serial: FIFO' "$_d/err" | tail -n 6 | sed "s/^/bench-net:   $_vmm: /"
     kill -9 "$_pid" 2>/dev/null
-    pkill -f 'nc 10.9.0.2 5202' 2>/dev/null
-    pkill -f 'nc -l -p 5201' 2>/dev/null
+    [ -z "${_snd:-}" ] || kill -9 "$_snd" 2>/dev/null
+    [ -z "${_rcv:-}" ] || kill -9 "$_rcv" 2>/dev/null
 }
 
 # listening PORTHEX: true once /proc/net/tcp shows a listening socket on
@@ -155,20 +157,22 @@ bench() {
         : >"$_d/run"
         # guest → host: the host's receiver reports what arrived.
         rm -f "$_d/g2h"
+        _snd=""
         nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
+        _rcv=$!
         listening 1451 || echo "bench-net: progress: $_vmm: the host's receiver is not listening"
         echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE-$_run" >&3
         wait_transfer "$_out" "^G2H-DONE-$_run" || stalled guest-to-host
         # nc ends when the data is in the guest's socket buffer: wait for
         # the host's receiver to see the end.
         wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
+        kill -9 "$_rcv" 2>/dev/null
         echo "bench-net: $_vmm guest-to-host $(stats "$(cat "$_d/g2h" 2>/dev/null)")" >>"$_d/run"
         # host → guest: the guest's receiver prints its stats. The host
         # connects only once the guest says it listens: a connection
         # refused by a guest still starting nc would leave that nc waiting
         # and the next typed line unread.
         echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null & i=0; while [ \$i -lt 300 ] && ! grep -q ':1452 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; i=\$((i+1)); done; echo H2G-LISTENING-$_run; wait; echo H2G-STATS-$_run \$(cat /tmp/h2g)" >&3
-        _snd=""
         if wait_out "$_out" "^H2G-LISTENING-$_run" 120; then
             dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202 &
             _snd=$!
@@ -211,8 +215,11 @@ bench() {
 # BENCH_DETAIL=1: capsule logs at debug level; its traffic counters and
 # per-vCPU exit counts are printed after its runs.
 [ -z "${BENCH_DETAIL:-}" ] || export CAPSULE_LOG=debug
+case " ${BENCH_VMMS:-capsule qemu} " in *" capsule "*)
 bench capsule capb0 "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
-    --cpus 2 --memory 512M --net tap=capb0
+    --cpus 2 --memory 512M --net tap=capb0 ;;
+esac
+case " ${BENCH_VMMS:-capsule qemu} " in *" qemu "*) ;; *) QEMU="" ;; esac
 if [ -n "${QEMU:-}" ]; then
     # shellcheck disable=SC2086  # QEMU is a command with arguments
     bench qemu qemub0 $QEMU -L "${QEMU_FIRMWARE:-/usr/share/qemu}" \

@@ -15,7 +15,7 @@
 # Usage: resources/bench-net.sh
 # Env:   BENCH_MIB (MiB per transfer, default 64), BENCH_RUNS (default 10),
 #        BENCH_DETAIL=1 (capsule's traffic and exit counters after its runs),
-#        BENCH_NO_QEMU=1 (capsule only),
+#        BENCH_VMMS (default "capsule qemu"),
 #        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE
 set -euo pipefail
 
@@ -38,12 +38,10 @@ copy_tools "$work/tools" qemu-system-x86_64
 copy_qemu_firmware "$work/qemu-fw"
 
 if [[ "$mode" == direct ]]; then
-    qemu="$work/tools/qemu-system-x86_64"
-    [[ "${BENCH_NO_QEMU:-}" != 1 ]] || qemu=""
     CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
-        QEMU="$qemu" QEMU_FIRMWARE="$work/qemu-fw" \
+        QEMU="$work/tools/qemu-system-x86_64" QEMU_FIRMWARE="$work/qemu-fw" \
         BENCH_MIB="${BENCH_MIB:-64}" BENCH_RUNS="${BENCH_RUNS:-10}" BENCH_DETAIL="${BENCH_DETAIL:-}" \
-        sh "$resources/bench-net-guest.sh"
+        BENCH_VMMS="${BENCH_VMMS:-capsule qemu}" sh "$resources/bench-net-guest.sh"
     exit
 fi
 
@@ -51,8 +49,7 @@ cat >"$work/bench-l1.sh" <<EOF
 #!/bin/sh
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FIRMWARE=/capsule/qemu-fw
-export BENCH_MIB='${BENCH_MIB:-64}' BENCH_RUNS='${BENCH_RUNS:-10}' BENCH_DETAIL='${BENCH_DETAIL:-}'
-[ '${BENCH_NO_QEMU:-}' != 1 ] || unset QEMU
+export BENCH_MIB='${BENCH_MIB:-64}' BENCH_RUNS='${BENCH_RUNS:-10}' BENCH_DETAIL='${BENCH_DETAIL:-}' BENCH_VMMS='${BENCH_VMMS:-capsule qemu}'
 exec sh /capsule/bench-net-guest.sh
 EOF
 CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-1800}" "$resources/harness/run-in-l1.sh" \

@@ -28,6 +28,7 @@
 #      CAPSULE_L1_MEMORY   L1 memory in MiB (default 3072)
 #      CAPSULE_L1_CPUS     L1 vCPUs (default 2)
 #      CAPSULE_L1_APPEND   extra L1 kernel command line
+#      CAPSULE_L1_ACCEL    L1's -accel (default tcg; e.g. tcg,thread=single)
 #      CAPSULE_L1_KVM_AMD_PARAMS  kvm-amd module parameters in L1 (e.g. vgif=0)
 #      CAPSULE_L1_WATCHDOG seconds after which L1 prints a state dump of
 #                          the still running SCRIPT (processes, kernel
@@ -252,7 +253,7 @@ INIT
     # shellcheck disable=SC2054  # commas are QEMU's, not array separators
     qemu=(
         qemu-system-x86_64
-        -M pc,accel=tcg -cpu "$cpu"
+        -M pc -accel "${CAPSULE_L1_ACCEL:-tcg}" -cpu "$cpu"
         -m "$memory" -smp "$cpus"
         -nodefaults -no-user-config -display none -no-reboot
         -kernel "$l1dir/vmlinuz" -initrd "$work/l1.cpio"

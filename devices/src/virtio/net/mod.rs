@@ -352,6 +352,18 @@ impl Net {
                 }
                 Delivery::NoBuffers => {
                     self.stats.rx_waits += 1;
+                    log::debug!(
+                        "virtio-net {}: a {}-byte frame waits for receive buffers: {} chain(s) held ({} bytes), next available {}, driver's available index {:?}",
+                        format_mac(&self.mac),
+                        self.rx_len - VNET_HDR_LEN,
+                        active.held.len(),
+                        active.held.iter().map(|c| c.capacity).sum::<usize>(),
+                        active.rx.next_avail(),
+                        active
+                            .rx
+                            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+                            .map(|i| i.0)
+                    );
                     // Wait for the guest: ask for a kick, unless buffers
                     // came in meanwhile (the held chains are already
                     // popped, so only new ones count).
