@@ -312,9 +312,9 @@ for c in $CASES; do
     esac
     echo "boot-case: running $c"
     "case_$c"
-    # A guest that triple-faults early in its boot (an open problem, seen
-    # about once in 20 boots in the nested harness only; capsule logs the
-    # vCPU state) gets the case one more run, said out loud.
+    # A guest that triple-faults (about once in 20 boots in the nested
+    # harness, with QEMU's guests too: see docs/ARCHITECTURE.md, "Testing
+    # layers") gets the case one more run, said out loud.
     if [ -n "$CASE_ERRORS" ] && grep -q 'triple fault (the VM resets)' "$ERR" 2>/dev/null; then
         echo "boot-case: RETRY $c: the guest triple-faulted: $(grep -m1 'triple fault' "$ERR")"
         CASE_ERRORS=""
