@@ -27,11 +27,7 @@ key="$(hash_inputs "busybox-static=$bb_version" "${BASH_SOURCE[0]}" \
     "$CAPSULE_RESOURCES_DIR/lib.sh")"
 final="$(capsule_cache_root)/guest-initramfs/$key"
 
-if [[ -f "$final/initramfs.cpio.gz" ]]; then
-    log "cached: $final/initramfs.cpio.gz"
-    echo "$final/initramfs.cpio.gz"
-    exit 0
-fi
+exit_if_cached "$final/initramfs.cpio.gz"
 
 tmp="$(cache_tmpdir "$final")"
 trap 'rm -rf "$tmp"' EXIT

@@ -26,11 +26,7 @@ key="$(hash_inputs "busybox-static=$bb_version" "size=$size_mib" "${BASH_SOURCE[
     "$CAPSULE_RESOURCES_DIR/lib.sh")"
 final="$(capsule_cache_root)/guest-rootfs/$key"
 
-if [[ -f "$final/rootfs.ext4" ]]; then
-    log "cached: $final/rootfs.ext4"
-    echo "$final/rootfs.ext4"
-    exit 0
-fi
+exit_if_cached "$final/rootfs.ext4"
 
 tmp="$(cache_tmpdir "$final")"
 trap 'rm -rf "$tmp"' EXIT

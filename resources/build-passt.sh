@@ -32,11 +32,7 @@ tarball="passt_${version}.orig.tar.xz"
 
 key="$(hash_inputs "$version" "$sha256" "${BASH_SOURCE[0]}")"
 final="$(capsule_cache_root)/passt/$key"
-if [[ -x "$final/passt" ]]; then
-    log "cached: $final/passt"
-    echo "$final/passt"
-    exit 0
-fi
+exit_if_cached "$final/passt"
 
 tmp="$(cache_tmpdir "$final")"
 trap 'rm -rf "$tmp"' EXIT

@@ -8,6 +8,8 @@
 #   hash_inputs ARGS...   sha256 (first 16 hex digits) over strings and files;
 #                         an argument naming an existing file contributes its
 #                         contents, any other argument contributes itself
+#   exit_if_cached PATH   if the built artefact PATH exists: says so, prints
+#                         PATH and ends the calling script
 #   cache_publish TMPDIR FINAL
 #                         atomically renames a fully built TMPDIR to FINAL
 #                         (the same filesystem; a concurrent winner is kept)
@@ -44,6 +46,13 @@ hash_inputs() {
             printf '\0'
         done
     } | sha256sum | cut -c1-16
+}
+
+exit_if_cached() {
+    [[ -e "$1" ]] || return 0
+    log "cached: $1"
+    echo "$1"
+    exit 0
 }
 
 # Make a fresh temporary directory next to FINAL (so that the rename into
