@@ -318,6 +318,9 @@ for c in $CASES; do
     if [ -n "$CASE_ERRORS" ] && grep -q 'triple fault (the VM resets)' "$ERR" 2>/dev/null; then
         echo "boot-case: RETRY $c: the guest triple-faulted: $(grep -m1 'triple fault' "$ERR")"
         CASE_ERRORS=""
+        # Watchers that a case starts before its capsule run poll files
+        # in its directory (the end marker above all): none may be left.
+        rm -rf "${WORK:?}/$c"
         "case_$c"
     fi
     finish_case "$c"
