@@ -345,6 +345,31 @@ pub(crate) mod test_utils {
 
     use super::*;
 
+    /// Acknowledges VERSION_1 plus `extra` and activates `device` with one
+    /// queue per ring (in order) and a fresh eventfd for each; returns the
+    /// interrupt that records what the device raises.
+    pub fn activate_on_rings(
+        device: &mut dyn VirtioDevice,
+        mem: &GuestMemoryMmap,
+        extra: u64,
+        rings: &[&Rings],
+    ) -> Arc<RecordingInterrupt> {
+        let irq = Arc::new(RecordingInterrupt::default());
+        device.set_acked_features(features::bit(features::VIRTIO_F_VERSION_1) | extra);
+        device
+            .activate(
+                mem.clone(),
+                irq.clone(),
+                rings.iter().map(|r| r.queue()).collect(),
+                rings
+                    .iter()
+                    .map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap())
+                    .collect(),
+            )
+            .unwrap();
+        irq
+    }
+
     /// The driver side of a split virtqueue in guest memory.
     ///
     /// Uses virtio-queue's mock `DescriptorTable` for descriptors but lays

@@ -20,7 +20,7 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::virtio::mmio::{MmioTransport, INT_VRING};
 use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
-use crate::virtio::test_utils::{RecordingInterrupt, Rings};
+use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;
@@ -81,17 +81,7 @@ impl<'a> Driver<'a> {
     fn with_features(mem: &'a GuestMemoryMmap, cfg: BlockConfig, extra: u64) -> Self {
         let mut block = Block::new(cfg).unwrap();
         let vq = Rings::new(mem, RING, QSIZE);
-        let irq = Arc::new(RecordingInterrupt::default());
-        block.set_acked_features(bit(VIRTIO_F_VERSION_1) | extra);
-        let queue = vq.queue();
-        block
-            .activate(
-                mem.clone(),
-                irq.clone(),
-                vec![queue],
-                vec![EventFd::new(EFD_NONBLOCK).unwrap()],
-            )
-            .unwrap();
+        let irq = activate_on_rings(&mut block, mem, extra, &[&vq]);
         Self {
             mem,
             vq,

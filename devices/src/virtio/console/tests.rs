@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::*;
-use crate::virtio::test_utils::{RecordingInterrupt, Rings};
+use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;
@@ -49,19 +49,7 @@ fn setup(mem: &GuestMemoryMmap) -> Setup<'_> {
     let mut console = Console::new(Box::new(sink.clone())).unwrap();
     let rx = Rings::new(mem, RX_RING, QSIZE);
     let tx = Rings::new(mem, TX_RING, QSIZE);
-    let irq = Arc::new(RecordingInterrupt::default());
-    console.set_acked_features(bit(VIRTIO_F_VERSION_1));
-    console
-        .activate(
-            mem.clone(),
-            irq.clone(),
-            vec![rx.queue(), tx.queue()],
-            vec![
-                EventFd::new(EFD_NONBLOCK).unwrap(),
-                EventFd::new(EFD_NONBLOCK).unwrap(),
-            ],
-        )
-        .unwrap();
+    let irq = activate_on_rings(&mut console, mem, 0, &[&rx, &tx]);
     Setup {
         rx,
         tx,

@@ -16,7 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::virtio::test_utils::{RecordingInterrupt, Rings};
+use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;
@@ -121,18 +121,7 @@ impl<'a> Driver<'a> {
         let mut net = Net::new(Box::new(backend), MAC).unwrap();
         let rx = Rings::new(mem, RX_RING, QSIZE);
         let tx = Rings::new(mem, TX_RING, QSIZE);
-        let irq = Arc::new(RecordingInterrupt::default());
-        net.set_acked_features(bit(VIRTIO_F_VERSION_1) | acked);
-        net.activate(
-            mem.clone(),
-            irq.clone(),
-            vec![rx.queue(), tx.queue()],
-            vec![
-                EventFd::new(EFD_NONBLOCK).unwrap(),
-                EventFd::new(EFD_NONBLOCK).unwrap(),
-            ],
-        )
-        .unwrap();
+        let irq = activate_on_rings(&mut net, mem, acked, &[&rx, &tx]);
         Self {
             mem,
             rx,
