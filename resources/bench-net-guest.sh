@@ -2,17 +2,21 @@
 # resources/bench-net-guest.sh: TCP throughput over TAP, capsule vs QEMU.
 #
 # Runs on the machine with /dev/kvm (inside L1, or directly on a host with
-# hardware KVM), as root, POSIX sh with busybox tools. For each VMM it
-# boots the test guest with one virtio-net device on a TAP device
-# (both over virtio-mmio; QEMU: -M microvm, virtio-net-device, userspace
-# backend, vhost=off), then streams BENCH_MIB MiB of zeroes with busybox
-# nc guest→host and host→guest; the receiver counts and times them.
-# Prints one `bench-net: VMM DIRECTION BYTES SECONDS` line per transfer and
-# then a table. Not a test: nothing is compared against a threshold.
+# hardware KVM), as root, POSIX sh with busybox tools. Each run boots a
+# fresh test guest with one virtio-net device on a TAP device (both over
+# virtio-mmio; QEMU: -M microvm, virtio-net-device, userspace backend,
+# vhost=off), streams BENCH_MIB MiB of zeroes with busybox nc guest→host
+# and then host→guest (the receiver counts and times them) and powers the
+# guest off. The VMMs take turns, one run each per round. Prints one
+# `bench-net: VMM DIRECTION BYTES SECONDS` line per complete transfer;
+# resources/bench-net.sh makes the table. Not a test: nothing is compared
+# against a threshold.
 #
 # Env: CAPSULE BZIMAGE INITRD (required), QEMU (a qemu-system-x86_64 command,
 #      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 64),
-#      BENCH_RUNS (default 10), BENCH_DETAIL (1: capsule's counters),
+#      BENCH_RUNS (runs per VMM, default 10; BENCH_RUNS_capsule and
+#      BENCH_RUNS_qemu override it per VMM), BENCH_CPUS (guest vCPUs,
+#      default 1), BENCH_DETAIL (1: capsule's counters after each run),
 #      BENCH_VMMS (default "capsule qemu")
 set -u
 # A VMM that ended early must not end this script with SIGPIPE when the
@@ -21,9 +25,9 @@ trap "" PIPE
 : "${CAPSULE:?}" "${BZIMAGE:?}" "${INITRD:?}"
 MIB="${BENCH_MIB:-64}"
 RUNS="${BENCH_RUNS:-10}"
+CPUS="${BENCH_CPUS:-1}"
+CMDLINE="console=ttyS0 reboot=k panic=1 quiet"
 WORK="$(mktemp -d /tmp/bench-net.XXXXXX)"
-RESULTS="$WORK/results"
-: >"$RESULTS"
 
 [ -c /dev/net/tun ] || insmod /lib/modules/tun.ko 2>/dev/null || modprobe tun 2>/dev/null
 ip link set lo up 2>/dev/null
@@ -80,6 +84,7 @@ wait_transfer() {
 stalled() {
     echo "bench-net: progress: $_vmm: $1 did not finish; stopping $_vmm"
     grep -v 'serial: FIFO' "$_d/err" | tail -n 6 | sed "s/^/bench-net:   $_vmm: /"
+    _stalled=1
     kill -9 "$_pid" 2>/dev/null
     [ -z "${_snd:-}" ] || kill -9 "$_snd" 2>/dev/null
     [ -z "${_rcv:-}" ] || kill -9 "$_rcv" 2>/dev/null
@@ -133,128 +138,157 @@ start_vmm() {
         echo "bench-net: $_vmm: the guest did not boot; last output:"
         tail -n 20 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
         exec 3>&-
-        kill "$_pid" 2>/dev/null
+        kill -9 "$_pid" 2>/dev/null
+        wait "$_pid" 2>/dev/null
         return 1
     fi
-    echo "bench-net: progress: $_vmm booted"
     echo 'ip addr add 10.9.0.2/24 dev eth0; ip link set eth0 up; echo NET-UP' >&3
     wait_out "$_out" '^NET-UP' 30 || echo "bench-net: progress: $_vmm: no NET-UP"
 }
 
-# bench VMM TAP COMMAND...: boot, measure RUNS runs, power off. A VMM that
-# ends during a run (a guest reset or crash) is reported with its last
-# output and started again, and the run is repeated: up to 3 times.
-bench() {
-    _vmm="$1" _tap="$2"
-    shift 2
-    _d="$WORK/$_vmm"
-    mkdir -p "$_d"
-    _fifo="$_d/in" _out="$_d/out"
-    _ends=0
-    start_vmm "$@" || return 1
-    _run=1
-    while [ "$_run" -le "$RUNS" ]; do
-        : >"$_d/run"
-        # guest → host: the host's receiver reports what arrived.
-        rm -f "$_d/g2h"
-        _snd=""
-        nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
-        _rcv=$!
-        listening 1451 || echo "bench-net: progress: $_vmm: the host's receiver is not listening"
-        echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE-$_run" >&3
-        wait_transfer "$_out" "^G2H-DONE-$_run" || stalled guest-to-host
-        # nc ends when the data is in the guest's socket buffer: wait for
-        # the host's receiver to see the end.
-        wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
-        kill -9 "$_rcv" 2>/dev/null
-        echo "bench-net: $_vmm guest-to-host $(stats "$(cat "$_d/g2h" 2>/dev/null)")" >>"$_d/run"
-        # host → guest: the guest's receiver prints its stats. The host
-        # connects only once the guest says it listens: a connection
-        # refused by a guest still starting nc would leave that nc waiting
-        # and the next typed line unread.
-        echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null & i=0; while [ \$i -lt 300 ] && ! grep -q ':1452 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; i=\$((i+1)); done; echo H2G-LISTENING-$_run; wait; echo H2G-STATS-$_run \$(cat /tmp/h2g)" >&3
-        if wait_out "$_out" "^H2G-LISTENING-$_run" 120; then
-            dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202 &
-            _snd=$!
-        else
-            echo "bench-net: progress: $_vmm: the guest's receiver is not listening"
-        fi
-        wait_transfer "$_out" "^H2G-STATS-$_run [0-9]" || stalled host-to-guest
-        [ -z "$_snd" ] || wait "$_snd" 2>/dev/null
-        _st="$(tr -d '\r' <"$_out" | sed -n "s/^H2G-STATS-$_run //p" | tail -n1)"
-        echo "bench-net: $_vmm host-to-guest $(stats "$_st")" >>"$_d/run"
-        if ! kill -0 "$_pid" 2>/dev/null; then
-            wait "$_pid"
-            _status=$?
-            _ends=$((_ends + 1))
-            echo "bench-net: $_vmm ended during run $_run (status $_status); last output:"
-            tail -n 12 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
-            echo "bench-net: $_vmm early-end" >>"$RESULTS"
-            exec 3>&-
-            [ "$_ends" -lt 3 ] || return 1
-            start_vmm "$@" || return 1
-            continue
-        fi
-        tee -a "$RESULTS" <"$_d/run"
-        _run=$((_run + 1))
-    done
+# stop_vmm: power the guest off (kill the VMM after 30 s) and reap it.
+stop_vmm() {
     echo 'poweroff -f' >&3
     _i=0
     while kill -0 "$_pid" 2>/dev/null && [ $_i -lt 30 ]; do
         sleep 1
         _i=$((_i + 1))
     done
-    kill "$_pid" 2>/dev/null
+    kill -9 "$_pid" 2>/dev/null
     exec 3>&-
     wait "$_pid" 2>/dev/null
+}
+
+# whole_transfer "BYTES SECONDS": true if the whole transfer arrived.
+whole_transfer() {
+    [ "${1%% *}" = "$((MIB * 1048576))" ]
+}
+
+# measure VMM TAP COMMAND...: boot a fresh VM, time one transfer each way,
+# power it off; prints the two result lines. False (nothing printed as a
+# result) when the guest did not boot, a transfer stalled or came up short,
+# or the VM ended before it was powered off (a guest reset: see
+# docs/ARCHITECTURE.md, "Testing layers"); the caller repeats the run.
+measure() {
+    _vmm="$1" _tap="$2"
+    shift 2
+    _d="$WORK/$_vmm"
+    mkdir -p "$_d"
+    _fifo="$_d/in" _out="$_d/out"
+    _snd="" _rcv="" _stalled=""
+    start_vmm "$@" || return 1
+    # guest → host: the host's receiver reports what arrived.
+    rm -f "$_d/g2h"
+    nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
+    _rcv=$!
+    listening 1451 || echo "bench-net: progress: $_vmm: the host's receiver is not listening"
+    echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE" >&3
+    if ! wait_transfer "$_out" '^G2H-DONE'; then
+        stalled guest-to-host
+    else
+        # nc ends when the data is in the guest's socket buffer: wait for
+        # the host's receiver to see the end.
+        wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
+    fi
+    kill -9 "$_rcv" 2>/dev/null
+    _g2h="$(stats "$(cat "$_d/g2h" 2>/dev/null)")"
+    # host → guest: the guest's receiver prints its stats. The host
+    # connects only once the guest says it listens: a connection refused
+    # by a guest still starting nc would leave that nc waiting and the
+    # next typed line unread.
+    _h2g=""
+    if kill -0 "$_pid" 2>/dev/null; then
+        echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null & i=0; while [ \$i -lt 300 ] && ! grep -q ':1452 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; i=\$((i+1)); done; echo H2G-LISTENING; wait; echo H2G-STATS \$(cat /tmp/h2g)" >&3
+        if wait_out "$_out" '^H2G-LISTENING' 120; then
+            dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202 &
+            _snd=$!
+            wait_transfer "$_out" '^H2G-STATS [0-9]' || stalled host-to-guest
+            wait "$_snd" 2>/dev/null
+            _h2g="$(stats "$(tr -d '\r' <"$_out" | sed -n 's/^H2G-STATS //p' | tail -n1)")"
+        else
+            echo "bench-net: progress: $_vmm: the guest's receiver is not listening"
+        fi
+    fi
+    if ! kill -0 "$_pid" 2>/dev/null; then
+        wait "$_pid"
+        _status=$?
+        exec 3>&-
+        [ -z "$_stalled" ] || return 1
+        echo "bench-net: $_vmm: the VM ended before it was powered off (status $_status); last output:"
+        tail -n 12 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
+        echo "bench-net: note: $_vmm early-end"
+        return 1
+    fi
+    stop_vmm
     if [ -n "${BENCH_DETAIL:-}" ]; then
         grep -E 'virtio-net .*NetStats|stopped;' "$_d/err" | sed "s/^/bench-net: detail: $_vmm: /"
     fi
+    if ! whole_transfer "$_g2h" || ! whole_transfer "$_h2g"; then
+        echo "bench-net: $_vmm: incomplete transfer (guest-to-host: '$_g2h', host-to-guest: '$_h2g'; expected $((MIB * 1048576)) bytes each)"
+        return 1
+    fi
+    echo "bench-net: $_vmm guest-to-host $_g2h"
+    echo "bench-net: $_vmm host-to-guest $_h2g"
+}
+
+# run_vmm VMM: one measured run of VMM with the configuration below.
+run_vmm() {
+    case "$1" in
+    capsule)
+        measure capsule capb0 "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
+            --cpus "$CPUS" --memory 512M --cmdline "$CMDLINE" --net tap=capb0
+        ;;
+    qemu)
+        # shellcheck disable=SC2086  # QEMU is a command with arguments
+        measure qemu qemub0 $QEMU -L "${QEMU_FIRMWARE:-/usr/share/qemu}" \
+            -M microvm -accel kvm -cpu host -m 512M -smp "$CPUS" -nodefaults -no-user-config \
+            -display none -no-reboot -serial stdio -kernel "$BZIMAGE" -initrd "$INITRD" \
+            -append "$CMDLINE" \
+            -netdev tap,id=n0,ifname=qemub0,script=no,downscript=no,vhost=off \
+            -device virtio-net-device,netdev=n0
+        ;;
+    esac
 }
 
 # BENCH_DETAIL=1: capsule logs at debug level; its traffic counters and
-# per-vCPU exit counts are printed after its runs.
+# per-vCPU exit counts are printed after each of its runs.
 [ -z "${BENCH_DETAIL:-}" ] || export CAPSULE_LOG=debug
-case " ${BENCH_VMMS:-capsule qemu} " in *" capsule "*)
-bench capsule capb0 "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
-    --cpus 2 --memory 512M --net tap=capb0 ;;
+VMMS="${BENCH_VMMS:-capsule qemu}"
+case " $VMMS " in *" qemu "*)
+    if [ -z "${QEMU:-}" ]; then
+        echo "bench-net: no QEMU given; capsule only"
+        VMMS=capsule
+    fi
+    ;;
 esac
-case " ${BENCH_VMMS:-capsule qemu} " in *" qemu "*) ;; *) QEMU="" ;; esac
-if [ -n "${QEMU:-}" ]; then
-    # shellcheck disable=SC2086  # QEMU is a command with arguments
-    bench qemu qemub0 $QEMU -L "${QEMU_FIRMWARE:-/usr/share/qemu}" \
-        -M microvm -accel kvm -cpu host -m 512M -smp 2 -nodefaults -no-user-config \
-        -display none -no-reboot -serial stdio -kernel "$BZIMAGE" -initrd "$INITRD" \
-        -append "console=ttyS0 reboot=k panic=1" \
-        -netdev tap,id=n0,ifname=qemub0,script=no,downscript=no,vhost=off \
-        -device virtio-net-device,netdev=n0
-else
-    echo "bench-net: no QEMU given; capsule only"
-fi
-
-echo "bench-net: TCP over TAP, $MIB MiB per transfer, busybox nc, timed by the receiver; MB/s = 10^6 bytes/s, min / median / max over $RUNS run(s)"
-# rates VMM DIRECTION: "min median max" MB/s of VMM's runs (or "- - -").
-rates() {
-    grep "^bench-net: $1 $2 " "$RESULTS" | awk '$4 > 0 && $5 > 0 { print $4 / $5 / 1e6 }' | sort -n |
-        awk '{ v[NR] = $1 } END {
-            if (NR == 0) { print "- - -"; exit }
-            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-            printf "%.1f %.1f %.1f\n", v[1], m, v[NR] }'
-}
-printf 'bench-net: %-16s %22s %22s\n' VMM guest-to-host host-to-guest
-for vmm in capsule qemu; do
-    grep -q "^bench-net: $vmm " "$RESULTS" || continue
-    set -- $(rates "$vmm" guest-to-host) $(rates "$vmm" host-to-guest)
-    printf 'bench-net: %-16s %22s %22s\n' "$vmm" "$1 / $2 / $3" "$4 / $5 / $6"
-done
-# capsule/QEMU ratio of the medians.
-ratio() {
-    c=$(rates capsule "$1" | cut -d' ' -f2)
-    q=$(rates qemu "$1" | cut -d' ' -f2)
-    awk -v a="$c" -v b="$q" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else printf "-" }'
-}
-printf 'bench-net: %-16s %22s %22s\n' "capsule/qemu" "$(ratio guest-to-host)" "$(ratio host-to-guest)"
-for vmm in capsule qemu; do
-    n=$(grep -c "^bench-net: $vmm early-end" "$RESULTS")
-    [ "$n" = 0 ] || echo "bench-net: note: $vmm ended during a run $n time(s) (see above); those runs were repeated"
+# Rounds: each VMM that still needs runs does one in turn, so that both
+# see the same load on the machine. A run that fails is repeated, up to
+# 3 failures per VMM and round.
+round=0
+while :; do
+    round=$((round + 1))
+    busy=""
+    for vmm in $VMMS; do
+        case "$vmm" in capsule | qemu) ;; *)
+            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, qemu)"
+            exit 2
+            ;;
+        esac
+        left=0
+        eval "left=\${BENCH_RUNS_$vmm:-$RUNS}"
+        [ "$left" -ge "$round" ] || continue
+        busy=1
+        tries=1
+        echo "bench-net: progress: round $round: $vmm"
+        until run_vmm "$vmm"; do
+            if [ "$tries" -ge 3 ]; then
+                echo "bench-net: $vmm: round $round failed 3 times; giving up on $vmm"
+                VMMS="$(echo " $VMMS " | sed "s/ $vmm / /")"
+                break
+            fi
+            tries=$((tries + 1))
+            echo "bench-net: progress: round $round: $vmm again (attempt $tries)"
+        done
+    done
+    [ -n "$busy" ] || break
 done
