@@ -79,15 +79,17 @@ wait_transfer() {
     done
 }
 
-# stalled DIRECTION: a transfer did not finish; the VMM is stopped, so
-# that the run is repeated in a new VM.
+# stalled DIRECTION: a transfer did not finish. Its nc processes are
+# stopped; a VMM still running (a stall) is stopped too, so that the run is
+# repeated in a new VM. A VMM that has ended is reported by the caller.
 stalled() {
+    [ -z "${_snd:-}" ] || kill -9 "$_snd" 2>/dev/null
+    [ -z "${_rcv:-}" ] || kill -9 "$_rcv" 2>/dev/null
+    kill -0 "$_pid" 2>/dev/null || return 0
     echo "bench-net: progress: $_vmm: $1 did not finish; stopping $_vmm"
     grep -v 'serial: FIFO' "$_d/err" | tail -n 6 | sed "s/^/bench-net:   $_vmm: /"
     _stalled=1
     kill -9 "$_pid" 2>/dev/null
-    [ -z "${_snd:-}" ] || kill -9 "$_snd" 2>/dev/null
-    [ -z "${_rcv:-}" ] || kill -9 "$_rcv" 2>/dev/null
 }
 
 # listening PORTHEX: true once /proc/net/tcp shows a listening socket on

@@ -29,6 +29,7 @@ use crate::config::{
 };
 use crate::device_manager::{self, DeviceManager};
 use crate::terminal;
+use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
 
@@ -195,7 +196,7 @@ pub struct Vmm {
     exit: ExitSignal,
     _terminal: Option<terminal::RawModeGuard>,
     _vm: Vm,
-    _mem: GuestMemoryMmap,
+    ram: GuestRam,
 }
 
 /// Errors of [`Vmm::pause`] and [`Vmm::resume`].
@@ -218,7 +219,10 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Drop for Vmm {
     fn drop(&mut self) {
-        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
+        if !vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT) {
+            // A vCPU still in KVM_RUN reaches guest RAM by address.
+            self.ram.keep_mapped();
+        }
     }
 }
 
@@ -370,13 +374,14 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     check_host_memory(config.mem_size)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
-    let mem = GuestMemoryMmap::from_ranges(&arch::memory::ram_regions(config.mem_size))
+    let mut ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size))
         .map_err(|e| Error::GuestMemory(format_size(config.mem_size), e.to_string()))?;
-    let vm = Vm::new(kvm, &mem)?;
+    let mem = ram.memory();
+    let vm = Vm::new(kvm, mem)?;
 
-    let entry = load_kernel(&mem, &config.kernel, &mut kernel)?;
+    let entry = load_kernel(mem, &config.kernel, &mut kernel)?;
     let initrd = if initrd.is_some() || config.initramfs.is_some() {
-        Some(load_initrd(&mem, initrd, config.initramfs.as_deref())?)
+        Some(load_initrd(mem, initrd, config.initramfs.as_deref())?)
     } else {
         None
     };
@@ -397,7 +402,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
     for (index, disk) in config.disks.iter().enumerate() {
         let block = Arc::new(Mutex::new(open_disk(index, disk)?));
-        dm.attach_virtio_mmio(&vm, &mem, block.clone())?;
+        dm.attach_virtio_mmio(&vm, mem, block.clone())?;
         event_manager.add_subscriber(block);
     }
     let macs: Vec<_> = config
@@ -413,11 +418,11 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     }
     for (index, (nic, mac)) in config.nets.iter().zip(macs).enumerate() {
         let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
-        dm.attach_virtio_mmio(&vm, &mem, device.clone())?;
+        dm.attach_virtio_mmio(&vm, mem, device.clone())?;
         event_manager.add_subscriber(device);
     }
     for dev in extras.devices {
-        dm.attach_virtio_mmio(&vm, &mem, dev.virtio)?;
+        dm.attach_virtio_mmio(&vm, mem, dev.virtio)?;
         event_manager.add_subscriber(dev.subscriber);
     }
     for sub in extras.subscribers {
@@ -425,13 +430,13 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     }
 
     let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
-    let cmdline_size = load_cmdline(&mem, &cmdline)?;
-    arch::mptable::setup_mptable(&mem, config.vcpus)
+    let cmdline_size = load_cmdline(mem, &cmdline)?;
+    arch::mptable::setup_mptable(mem, config.vcpus)
         .map_err(|e| Error::Boot("MP table", e.to_string()))?;
-    let rsdp = arch::acpi::create_acpi_tables(&mem, config.vcpus, dm.virtio_mmio_devices())
+    let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
         .map_err(|e| Error::Boot("ACPI tables", e.to_string()))?;
     arch::boot::configure_system(
-        &mem,
+        mem,
         GuestAddress(layout::CMDLINE_START),
         cmdline_size,
         initrd.as_ref(),
@@ -443,7 +448,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for index in 0..config.vcpus {
         let vcpu = Vcpu::new(vm.fd(), index)?;
-        vcpu.configure(vm.kvm(), &mem, entry.address, config.vcpus)?;
+        vcpu.configure(vm.kvm(), mem, entry.address, config.vcpus)?;
         vcpus.push(vcpu);
     }
 
@@ -468,7 +473,9 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         match vcpu.start(io.clone()) {
             Ok(h) => handles.push(h),
             Err(e) => {
-                vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT);
+                if !vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT) {
+                    ram.keep_mapped();
+                }
                 return Err(e.into());
             }
         }
@@ -488,7 +495,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         exit,
         _terminal: terminal,
         _vm: vm,
-        _mem: mem,
+        ram,
     })
 }
 

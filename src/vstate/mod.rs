@@ -1,4 +1,5 @@
-//! KVM state: the VM (memory, irqchip) and its vCPUs.
+//! KVM state: guest RAM, the VM (irqchip, memory slots) and its vCPUs.
 
+pub mod memory;
 pub mod vcpu;
 pub mod vm;

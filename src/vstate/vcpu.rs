@@ -388,8 +388,8 @@ impl VcpuHandle {
 /// Stops all vCPUs: sets the stop flag, kicks them until their threads end
 /// (a signal can slip in just before `KVM_RUN`, so one kick is not enough)
 /// and joins them. Gives up after `timeout`, leaving stragglers to process
-/// exit.
-pub fn stop_all(vcpus: &mut [VcpuHandle], timeout: Duration) {
+/// exit. Returns whether every vCPU thread ended.
+pub fn stop_all(vcpus: &mut [VcpuHandle], timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     for v in vcpus.iter() {
         v.stop.store(true, Ordering::Release);
@@ -400,6 +400,7 @@ pub fn stop_all(vcpus: &mut [VcpuHandle], timeout: Duration) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    let mut all = true;
     for v in vcpus.iter_mut() {
         if v.is_finished() {
             if let Some(t) = v.thread.take() {
@@ -407,8 +408,10 @@ pub fn stop_all(vcpus: &mut [VcpuHandle], timeout: Duration) {
             }
         } else {
             log::warn!("vCPU {} did not stop in time", v.index);
+            all = false;
         }
     }
+    all
 }
 
 #[cfg(test)]

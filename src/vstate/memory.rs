@@ -1,0 +1,251 @@
+//! Guest RAM, mapped for huge pages.
+//!
+//! KVM gives the guest 2 MiB nested page table entries (NPT/EPT) only where
+//! the host backs guest memory with a transparent huge page *and* the host
+//! address agrees with the guest physical address modulo 2 MiB. vm-memory's
+//! own anonymous mappings are only page-aligned, and without
+//! `MADV_HUGEPAGE` a host whose THP mode is `madvise` (Debian's default)
+//! backs them with 4 KiB pages. So each RAM region here is an anonymous
+//! private mapping placed on a 2 MiB boundary and marked `MADV_HUGEPAGE`:
+//! one nested page fault maps 2 MiB instead of 4 KiB and the guest's TLB
+//! misses walk one level less. QEMU and Cloud Hypervisor back guest RAM the
+//! same way by default. Where the host has THP off, the advice is ignored
+//! and the memory is ordinary 4 KiB pages.
+
+use std::io;
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// The huge page size RAM is aligned to.
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+
+/// Errors of [`GuestRam::new`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// mmap failed (address space or overcommit limits).
+    #[error("cannot map {size} bytes of guest RAM: {source}")]
+    Map {
+        /// Bytes asked for.
+        size: usize,
+        /// The mmap error.
+        source: io::Error,
+    },
+    /// vm-memory refused a region (overlap, overflow): a layout bug.
+    #[error("invalid guest RAM region at {base:#x}: {reason}")]
+    Region {
+        /// Guest physical start of the region.
+        base: u64,
+        /// What vm-memory said.
+        reason: String,
+    },
+}
+
+/// One RAM region's host mapping, which this module owns (vm-memory does
+/// not unmap memory it did not map itself).
+#[derive(Debug)]
+struct Mapping {
+    addr: usize,
+    len: usize,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of anonymous memory at a 2 MiB aligned address and
+    /// advises huge pages for it.
+    fn new(len: usize) -> Result<Self, Error> {
+        let map_err = |source| Error::Map { size: len, source };
+        let span = len
+            .checked_add(HUGE_PAGE_SIZE)
+            .ok_or_else(|| map_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        // SAFETY: a new anonymous mapping at an address the kernel picks
+        // (no MAP_FIXED): no existing memory is affected.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        let base = base as usize;
+        let addr = base.next_multiple_of(HUGE_PAGE_SIZE);
+        let head = addr - base;
+        let tail = span - head - len;
+        // Give back the unaligned ends of the over-sized mapping.
+        // SAFETY: both ranges lie inside the mapping made above, outside
+        // [addr, addr + len), and nothing refers to them yet.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((addr + len) as *mut libc::c_void, tail);
+            }
+        }
+        // SAFETY: madvise only changes how the kernel backs our own mapping.
+        if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
+            // EINVAL: a kernel without transparent huge pages.
+            log::debug!(
+                "guest RAM: no transparent huge pages ({})",
+                io::Error::last_os_error()
+            );
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+/// Guest RAM: the regions as vm-memory's [`GuestMemoryMmap`], backed by
+/// mappings this struct owns and unmaps when dropped.
+#[derive(Debug)]
+pub struct GuestRam {
+    mem: Option<GuestMemoryMmap>,
+    regions: Vec<(Arc<GuestRegionMmap>, Mapping)>,
+    keep_mapped: bool,
+}
+
+impl GuestRam {
+    /// Maps the RAM regions `ranges` (guest start, size; starts 2 MiB
+    /// aligned for huge pages to be usable).
+    pub fn new(ranges: &[(GuestAddress, usize)]) -> Result<Self, Error> {
+        let mut regions = Vec::with_capacity(ranges.len());
+        for &(base, len) in ranges {
+            let map = Mapping::new(len)?;
+            let region_err = |reason: String| Error::Region {
+                base: base.0,
+                reason,
+            };
+            // SAFETY: `map` is a live mapping of exactly `len` bytes at
+            // `map.addr`, which stays mapped until after every user of the
+            // region is gone (see Drop).
+            let mmap = unsafe {
+                MmapRegionBuilder::new(len)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                    .with_raw_mmap_pointer(map.addr as *mut u8)
+            }
+            .build()
+            .map_err(|e| region_err(e.to_string()))?;
+            let region = GuestRegionMmap::new(mmap, base)
+                .ok_or_else(|| region_err("end overflows".into()))?;
+            regions.push((Arc::new(region), map));
+        }
+        let mem =
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|(r, _)| r.clone()).collect())
+                .map_err(|e| Error::Region {
+                    base: ranges.first().map_or(0, |r| r.0 .0),
+                    reason: e.to_string(),
+                })?;
+        Ok(Self {
+            mem: Some(mem),
+            regions,
+            keep_mapped: false,
+        })
+    }
+
+    /// The guest memory, for loading, devices and KVM.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        self.mem
+            .as_ref()
+            .expect("guest memory is present until drop")
+    }
+
+    /// Leaves the memory mapped when this is dropped: for a vCPU that may
+    /// still be inside KVM_RUN, which reaches guest memory through the host
+    /// addresses without holding a reference.
+    pub fn keep_mapped(&mut self) {
+        self.keep_mapped = true;
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        self.mem = None;
+        for (region, map) in &self.regions {
+            // Another holder of the region (a device that outlived the VM)
+            // could still read it: then the memory stays until exit.
+            if self.keep_mapped || Arc::strong_count(region) > 1 {
+                log::debug!("guest RAM at {:#x} left mapped", map.addr);
+                continue;
+            }
+            // SAFETY: the mapping was made by Mapping::new, and the only
+            // reference to it (the region above) is about to be dropped
+            // without touching it: vm-memory does not unmap raw regions.
+            unsafe { libc::munmap(map.addr as *mut libc::c_void, map.len) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+
+    fn host_addr(ram: &GuestRam, index: usize) -> usize {
+        ram.memory()
+            .iter()
+            .nth(index)
+            .unwrap()
+            .get_host_address(MemoryRegionAddress(0))
+            .unwrap() as usize
+    }
+
+    #[test]
+    fn regions_are_huge_page_aligned_and_usable() {
+        let ranges = [
+            (GuestAddress(0), 5 << 20),
+            (GuestAddress(1 << 32), (3 << 20) + 4096),
+        ];
+        let ram = GuestRam::new(&ranges).unwrap();
+        for i in 0..2 {
+            assert_eq!(host_addr(&ram, i) % HUGE_PAGE_SIZE, 0);
+        }
+        let mem = ram.memory();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
+        let last = GuestAddress((1 << 32) + (3 << 20) + 4096 - 4);
+        mem.write_obj(7u32, last).unwrap();
+        assert_eq!(mem.read_obj::<u32>(last).unwrap(), 7);
+        // Past the end and in the hole: errors, not faults.
+        assert!(mem.read_obj::<u32>(GuestAddress(5 << 20)).is_err());
+        assert!(mem.read_obj::<u32>(last.unchecked_add(4)).is_err());
+    }
+
+    #[test]
+    fn memory_is_advised_for_huge_pages() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let addr = host_addr(&ram, 0);
+        if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+            eprintln!("skipped: this kernel has no transparent huge pages");
+            return;
+        }
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        // Each VMA's block starts with its address range and ends with
+        // its VmFlags line.
+        let vma = smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{addr:x}-")))
+            .find(|l| l.starts_with("VmFlags:"))
+            .expect("the mapping is in smaps");
+        assert!(vma.split_whitespace().any(|f| f == "hg"), "{vma}");
+    }
+
+    #[test]
+    fn memory_shared_with_a_device_outlives_the_ram() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let device_view = ram.memory().clone();
+        drop(ram);
+        // The clone still holds the region: it must still be mapped.
+        device_view.write_obj(1u8, GuestAddress(4096)).unwrap();
+        assert_eq!(device_view.read_obj::<u8>(GuestAddress(4096)).unwrap(), 1);
+    }
+}
