@@ -28,6 +28,8 @@ RUNS="${BENCH_RUNS:-10}"
 CPUS="${BENCH_CPUS:-1}"
 CMDLINE="console=ttyS0 reboot=k panic=1 quiet"
 WORK="$(mktemp -d /tmp/bench-net.XXXXXX)"
+# shellcheck source=resources/kvm-host.sh
+. "$(dirname "$0")/kvm-host.sh"
 
 [ -c /dev/net/tun ] || insmod /lib/modules/tun.ko 2>/dev/null || modprobe tun 2>/dev/null
 ip link set lo up 2>/dev/null
@@ -103,18 +105,6 @@ listening() {
     done
 }
 
-# tap_setup NAME ADDR: configure the host side once the VMM created it.
-tap_setup() {
-    (
-        _i=0
-        while [ $_i -lt 600 ] && ! ip link show "$1" >/dev/null 2>&1; do
-            sleep 0.1 2>/dev/null || sleep 1
-            _i=$((_i + 1))
-        done
-        ip addr add "$2" dev "$1" && ip link set "$1" up
-    ) </dev/null >/dev/null 2>&1 &
-}
-
 # The receiver of each transfer runs RECV (busybox dd prints no byte count
 # or time, so it is not used): it counts the bytes with wc and reads
 # /proc/uptime (10 ms) when the connection is accepted and at its end, and
@@ -132,7 +122,7 @@ start_vmm() {
     rm -f "$_fifo"
     mkfifo "$_fifo"
     : >"$_out"
-    tap_setup "$_tap" 10.9.0.1/24
+    tap_up "$_tap" 10.9.0.1/24
     "$@" <"$_fifo" >"$_out" 2>"$_d/err" &
     _pid=$!
     exec 3>"$_fifo"

@@ -82,7 +82,7 @@ EOF
         rc=0
         CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-$((300 + runs * 2 * 120))}" "$resources/harness/run-in-l1.sh" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$initrd" "$work/tools" "$work/qemu-fw" \
-            "$resources/bench-net-guest.sh" </dev/null | sed -u 's/\r$//' |
+            "$resources/bench-net-guest.sh" "$resources/kvm-host.sh" </dev/null | sed -u 's/\r$//' |
             grep --line-buffered -E '^bench-net:|^capsule-l1:|CAPSULE-L1-EXIT' | tee -a "$results" || rc=$?
         [[ $rc -eq 0 ]] || log "L1 session $session ended with status $rc"
     done

@@ -22,6 +22,7 @@
 #                        cases.d/disk.sh; cases copy it before use
 #        TOOLS           directory of host tools for checks (debugfs), each
 #                        runnable as $TOOLS/NAME
+#        KVM_HOST_LIB    resources/kvm-host.sh (default: found from here)
 # Output: one `boot-case: PASS|FAIL NAME ...` line per case, then
 #         `boot-cases: done N passed, M failed`; exit 1 if any failed.
 
@@ -48,6 +49,9 @@ if [ "${1:-}" = "--list" ]; then
 fi
 
 set -u
+# Helpers shared with the benches (tap_up).
+# shellcheck source=resources/kvm-host.sh
+. "${KVM_HOST_LIB:-$CASES_DIR/../../resources/kvm-host.sh}"
 
 : "${CAPSULE:?set CAPSULE to the capsule binary}"
 : "${BZIMAGE:?set BZIMAGE to the guest bzImage}"

@@ -40,7 +40,7 @@ write_l1_wrapper() {
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage VMLINUX=/capsule/vmlinux
 export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrelease")'
 export ROOTFS=/capsule/rootfs.ext4 TOOLS=/capsule/tools
-export CASE_TIMEOUT='$case_timeout' CASES='$2'
+export CASE_TIMEOUT='$case_timeout' CASES='$2' KVM_HOST_LIB=/capsule/kvm-host.sh
 $log_line
 exec sh /capsule/boot/cases.sh
 EOF
@@ -94,7 +94,7 @@ main() {
     if [[ "$mode" == direct ]]; then
         CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
             ROOTFS="$rootfs" TOOLS="$work/tools" KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
-            CASES="${expected[*]}" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
+            CASES="${expected[*]}" KVM_HOST_LIB="$resources/kvm-host.sh" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
     else
         # One L1 boot for all cases. If L1 itself fails (hangs, times out or
         # dies without reporting: statuses 124-126), the cases it did not
@@ -110,7 +110,7 @@ main() {
             rc=0
             CAPSULE_L1_TIMEOUT="$timeout_l1" "$resources/harness/run-in-l1.sh" \
                 "$work/boot-tests-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" \
-                "$initrd" "$rootfs" "$work/tools" "$here:boot" </dev/null | tee -a "$caselog" || rc=$?
+                "$initrd" "$rootfs" "$work/tools" "$here:boot" "$resources/kvm-host.sh" </dev/null | tee -a "$caselog" || rc=$?
             unreported=()
             for c in "${remaining[@]}"; do
                 tr -d '\r' <"$caselog" | grep -qE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||

@@ -74,19 +74,6 @@ EOF
     echo "$WORK/capsule-switch-root"
 }
 
-# net_tap_setup NAME ADDR: in the background, once capsule has created the
-# TAP device NAME, give it ADDR (CIDR) and bring it up.
-net_tap_setup() {
-    (
-        _i=0
-        while [ $_i -lt 600 ] && ! ip link show "$1" >/dev/null 2>&1; do
-            sleep 0.1 2>/dev/null || sleep 1
-            _i=$((_i + 1))
-        done
-        ip addr add "$2" dev "$1" && ip link set "$1" up
-    ) </dev/null >/dev/null 2>&1 &
-}
-
 stderr_has() { grep -q -- "$1" "$ERR"; }
 no_link_problem() { ! grep -q 'link problem' "$ERR"; }
 file_md5_is() { [ "$(md5sum <"$1" | cut -d' ' -f1)" = "$2" ]; }
@@ -94,7 +81,7 @@ file_has() { grep -q -- "$2" "$1" 2>/dev/null; }
 
 case_net_ping() {
     net_prepare
-    net_tap_setup capt0 10.0.0.1/24
+    tap_up capt0 10.0.0.1/24
     run_capsule net_ping 'ip addr add 10.0.0.2/24 dev eth0; ip link set eth0 up; echo mac=$(cat /sys/class/net/eth0/address); ping -c 3 -w 30 10.0.0.1 </dev/null && echo PING-OK; poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M --net tap=capt0
     expect "exit status 0" rc_is 0
@@ -112,7 +99,7 @@ case_net_tcp_64m() {
     rm -f "$_back" "$_back.done"
     dd if=/dev/urandom of="$_data" bs=1048576 count=64 2>/dev/null
     _sum="$(md5sum <"$_data" | cut -d' ' -f1)"
-    net_tap_setup capt1 10.0.1.1/24
+    tap_up capt1 10.0.1.1/24
     # Host → guest on 5001, guest → host on 5002; one connection each.
     # The host's receiver marks the end of its file once the guest's side
     # has closed the connection.
@@ -217,7 +204,7 @@ nc -l -p 80 -e echo hello-from-guest </dev/null & sleep 1; echo GUEST-SERVER-UP;
 
 case_net_tap_gone() {
     net_prepare
-    net_tap_setup capt2 10.0.2.1/24
+    tap_up capt2 10.0.2.1/24
     (
         wait_for "$WORK/net_tap_gone/stdout.raw" "LINK-UP" "$CASE_TIMEOUT" "$WORK/net_tap_gone/done" || exit 0
         ip link del capt2
