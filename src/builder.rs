@@ -28,10 +28,10 @@ use crate::config::{
     default_mac, format_size, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
 };
 use crate::device_manager::{self, DeviceManager};
-use crate::terminal;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
+use crate::{signals, terminal};
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -188,7 +188,9 @@ pub enum RunEnd<T> {
 
 /// A running VM.
 pub struct Vmm {
-    // Field order is drop order: vCPU threads go before the memory they use.
+    // Field order is drop order: signals stop waking the exit eventfd
+    // before it closes; vCPU threads go before the memory they use.
+    _signal_wake: signals::WakeGuard,
     vcpus: Vec<VcpuHandle>,
     pause: Arc<PauseGate>,
     i8042: Option<Arc<Mutex<I8042>>>,
@@ -354,6 +356,12 @@ impl MutEventSubscriber for ExitWatcher {
     }
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         self.0.clear_event();
+        if let Some(sig) = signals::pending() {
+            if self.0.reason().is_none() {
+                log::warn!("{}: stopping the VM", signals::name(sig));
+            }
+            self.0.signal(GuestExit::Stopped);
+        }
     }
 }
 
@@ -488,6 +496,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     );
 
     Ok(Vmm {
+        _signal_wake: signals::wake_on_signal(&exit),
         vcpus: handles,
         pause,
         i8042,

@@ -12,6 +12,7 @@ pub mod device_manager;
 pub mod exec;
 pub mod logger;
 pub mod runtime;
+pub mod signals;
 pub mod terminal;
 pub mod vstate;
 

@@ -353,7 +353,15 @@ fn guest_status(exit: GuestExit) -> u8 {
             eprintln!("capsule: error: the VM stopped on a vCPU fault (see the log above)");
             status::ERROR
         }
+        GuestExit::Stopped => stopped_status(),
     }
+}
+
+/// The status of a VM stopped by a termination signal N: 128+N (main then
+/// dies of the signal itself, which a shell shows the same way).
+fn stopped_status() -> u8 {
+    let sig = capsule::signals::pending().unwrap_or(libc::SIGTERM);
+    128u8.saturating_add(u8::try_from(sig).unwrap_or(0))
 }
 
 /// `run` with the API, a configuration file or a name.
@@ -461,11 +469,13 @@ fn main() -> ExitCode {
         }
     };
     capsule::logger::init();
+    capsule::signals::install();
     let args = match cli.command {
         Command::Run(args) => args,
         Command::Exec(args) => {
             let code = exec(args, started);
             let _ = std::io::stdout().flush();
+            capsule::signals::reraise_pending();
             return ExitCode::from(code);
         }
         Command::Ls(a) => return ExitCode::from(verbs::ls(a.json)),
@@ -485,24 +495,18 @@ fn main() -> ExitCode {
         _ => {
             let code = run_api(args);
             let _ = std::io::stdout().flush();
+            capsule::signals::reraise_pending();
             return ExitCode::from(code);
         }
     };
     let code = match run(args, kernel) {
-        Ok(GuestExit::PowerOff) | Ok(GuestExit::Reset) => status::OK,
-        Ok(GuestExit::Panic) => {
-            eprintln!("capsule: the guest kernel panicked");
-            status::GUEST_PANIC
-        }
-        Ok(GuestExit::Fault) => {
-            eprintln!("capsule: error: the VM stopped on a vCPU fault (see the log above)");
-            status::ERROR
-        }
+        Ok(exit) => guest_status(exit),
         Err(e) => {
             eprintln!("capsule: error: {e}");
             status::ERROR
         }
     };
     let _ = std::io::stdout().flush();
+    capsule::signals::reraise_pending();
     ExitCode::from(code)
 }

@@ -3,9 +3,8 @@
 //! When stdin is a TTY it is put in raw mode so that every key (Ctrl-C
 //! included) goes to the guest. The original settings are restored on
 //! every way out of the process: normal return (guard drop), a Rust panic
-//! (panic hook) and the usual termination signals (signal handlers that
-//! restore, then re-raise the signal with its default action so the parent
-//! still sees "killed by signal N").
+//! (panic hook) and the termination signals (`crate::signals`, whose
+//! handlers restore before the process dies of the signal).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +16,6 @@ static SAVED: OnceLock<libc::termios> = OnceLock::new();
 static RAW: AtomicBool = AtomicBool::new(false);
 
 const STDIN: libc::c_int = libc::STDIN_FILENO;
-
-/// Signals after which the terminal must be restored.
-const FATAL_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
 
 /// Restores the terminal when dropped.
 #[derive(Debug)]
@@ -88,28 +84,10 @@ pub fn restore() {
     }
 }
 
-extern "C" fn restore_and_reraise(signum: libc::c_int) {
-    restore();
-    // SAFETY: signal and raise are async-signal-safe; re-raising with the
-    // default action terminates the process with the original signal.
-    unsafe {
-        libc::signal(signum, libc::SIG_DFL);
-        libc::raise(signum);
-    }
-}
-
 fn install_restore_hooks() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        for sig in FATAL_SIGNALS {
-            // SAFETY: the handler only calls async-signal-safe functions.
-            unsafe {
-                libc::signal(
-                    sig,
-                    restore_and_reraise as extern "C" fn(libc::c_int) as libc::sighandler_t,
-                )
-            };
-        }
+        crate::signals::install();
         let default_hook = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             restore();

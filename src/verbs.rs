@@ -199,6 +199,22 @@ fn force_kill(e: &Entry) -> u8 {
     status::OK
 }
 
+/// Asks the VM's capsule to stop it with SIGTERM (devices closed, runtime
+/// directory removed); kills it if it has not ended 5 s later.
+fn terminate(e: &Entry) -> u8 {
+    // SAFETY: sending a signal to a pid read from our runtime directory.
+    unsafe { libc::kill(e.pid, libc::SIGTERM) };
+    if wait_gone(e, Duration::from_secs(5)) {
+        let _ = std::fs::remove_dir_all(&e.dir);
+        return status::OK;
+    }
+    eprintln!(
+        "capsule: VM '{}' did not end 5 s after SIGTERM: killing it",
+        e.name
+    );
+    force_kill(e)
+}
+
 /// `stop NAME [--timeout S]`.
 pub fn stop(name: &str, timeout: f64) -> u8 {
     let e = match find(name) {
@@ -233,17 +249,17 @@ pub fn stop(name: &str, timeout: f64) -> u8 {
                 return status::OK;
             }
             eprintln!(
-                "capsule: VM '{name}' did not end {} s after Ctrl-Alt-Del: killing it",
+                "capsule: VM '{name}' did not end {} s after Ctrl-Alt-Del: stopping it",
                 timeout.as_secs_f64()
             );
         }
         Ok((_, body)) => eprintln!(
-            "capsule: Ctrl-Alt-Del refused ({}): killing VM '{name}'",
+            "capsule: Ctrl-Alt-Del refused ({}): stopping VM '{name}'",
             fault_message(&body)
         ),
-        Err(m) => eprintln!("capsule: {m}: killing VM '{name}'"),
+        Err(m) => eprintln!("capsule: {m}: stopping VM '{name}'"),
     }
-    force_kill(&e)
+    terminate(&e)
 }
 
 /// `kill NAME`.

@@ -42,6 +42,11 @@ fn ctrl_alt_del_guest() -> Vec<u8> {
     elf(&c)
 }
 
+/// A guest that only halts: it ignores Ctrl-Alt-Del.
+fn halting_guest() -> Vec<u8> {
+    elf(&[0xf4, 0xeb, 0xfd]) // hlt; jmp hlt
+}
+
 /// Wraps code in a minimal ELF64 executable loaded and entered at LOAD_ADDR.
 fn elf(code: &[u8]) -> Vec<u8> {
     let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0];
@@ -772,6 +777,55 @@ fn verbs_drive_a_detached_vm() {
     assert_eq!(capsule(&["pause", &name]).status.code(), Some(4));
     assert_eq!(capsule(&["wait", &name]).status.code(), Some(4));
     assert_eq!(capsule(&["stop", "bad/name"]).status.code(), Some(2));
+}
+
+/// `stop` on a guest that ignores Ctrl-Alt-Del falls back to SIGTERM,
+/// which capsule handles: the VM is stopped in order, `wait` gets 143
+/// (128 + SIGTERM) and the runtime directory is removed.
+#[test]
+fn stop_falls_back_to_sigterm_which_ends_the_vm_cleanly() {
+    let kernel = tmp("halt.elf");
+    std::fs::write(&kernel, halting_guest()).unwrap();
+    let name = format!("apiterm-{}", std::process::id());
+    let out = capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = json(&String::from_utf8_lossy(&capsule(&["ls", "--json"]).stdout));
+    let dir = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name.as_str())
+        .expect("listed")["dir"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let waiter = {
+        let name = name.clone();
+        std::thread::spawn(move || capsule(&["wait", &name]).status.code())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = capsule(&["stop", &name, "--timeout", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("did not end 1 s after Ctrl-Alt-Del: stopping it"),
+        "{err}"
+    );
+    assert!(!err.contains("killing it"), "SIGTERM did not end it: {err}");
+    assert_eq!(waiter.join().unwrap(), Some(143));
+    assert!(!Path::new(&dir).exists(), "runtime directory left behind");
 }
 
 #[test]

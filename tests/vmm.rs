@@ -430,6 +430,9 @@ fn terminal_is_raw_while_running_and_restored_on_exit_and_signal() {
         "after-exit: icanon",
         "during:-icanon",
         "killed=143",
+        // The signal stopped the VM in order (vCPUs, devices) before
+        // capsule died of it.
+        "capsule: warn: SIGTERM: stopping the VM",
         "after-signal: icanon",
     ] {
         assert!(text.contains(want), "missing '{want}' in:\n{text}");

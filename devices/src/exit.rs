@@ -1,7 +1,8 @@
 //! How devices tell the VMM that the guest wants the VM to end.
 //!
 //! Power-off, reset and panic requests (and fatal vCPU faults) arrive on vCPU threads (port writes)
-//! but are acted on by the VMM's event loop. [`ExitSignal`] records the
+//! but are acted on by the VMM's event loop; the host's own stop request
+//! takes the same way. [`ExitSignal`] records the
 //! first request and wakes the loop through an eventfd.
 
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -23,6 +24,9 @@ pub enum GuestExit {
     /// A vCPU hit a condition the VMM cannot handle (KVM entry failure,
     /// emulation failure); the VM cannot go on.
     Fault = 4,
+    /// Not the guest: the host asked the VMM to stop the VM (e.g. a
+    /// termination signal).
+    Stopped = 5,
 }
 
 impl GuestExit {
@@ -32,6 +36,7 @@ impl GuestExit {
             2 => Some(Self::Reset),
             3 => Some(Self::Panic),
             4 => Some(Self::Fault),
+            5 => Some(Self::Stopped),
             _ => None,
         }
     }

@@ -709,6 +709,10 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         (RunEnd::Guest(GuestExit::Fault), ..) => {
             failed("the VM stopped on a vCPU fault (see the log above)".into())
         }
+        (RunEnd::Guest(GuestExit::Stopped), ..) => Outcome::SetupFailed(format!(
+            "stopped by {}",
+            crate::signals::name(crate::signals::pending().unwrap_or(libc::SIGTERM))
+        )),
         (RunEnd::Guest(_), ..) => failed(if session.hello {
             "the guest shut down before the command's exit status arrived".into()
         } else {
