@@ -779,14 +779,12 @@ fn verbs_drive_a_detached_vm() {
     assert_eq!(capsule(&["stop", "bad/name"]).status.code(), Some(2));
 }
 
-/// `stop` on a guest that ignores Ctrl-Alt-Del falls back to SIGTERM,
-/// which capsule handles: the VM is stopped in order, `wait` gets 143
-/// (128 + SIGTERM) and the runtime directory is removed.
-#[test]
-fn stop_falls_back_to_sigterm_which_ends_the_vm_cleanly() {
-    let kernel = tmp("halt.elf");
-    std::fs::write(&kernel, halting_guest()).unwrap();
-    let name = format!("apiterm-{}", std::process::id());
+/// Starts `guest` as a detached VM named `PREFIX-PID` and returns the
+/// name and its `ls --json` entry.
+fn start_detached(prefix: &str, guest: Vec<u8>) -> (String, serde_json::Value) {
+    let kernel = tmp(&format!("{prefix}.elf"));
+    std::fs::write(&kernel, guest).unwrap();
+    let name = format!("{prefix}-{}", std::process::id());
     let out = capsule(&[
         "run",
         "-d",
@@ -802,15 +800,23 @@ fn stop_falls_back_to_sigterm_which_ends_the_vm_cleanly() {
         String::from_utf8_lossy(&out.stderr)
     );
     let list = json(&String::from_utf8_lossy(&capsule(&["ls", "--json"]).stdout));
-    let dir = list
+    let entry = list
         .as_array()
         .unwrap()
         .iter()
         .find(|v| v["name"] == name.as_str())
-        .expect("listed")["dir"]
-        .as_str()
-        .unwrap()
-        .to_string();
+        .expect("listed")
+        .clone();
+    (name, entry)
+}
+
+/// `stop` on a guest that ignores Ctrl-Alt-Del falls back to SIGTERM,
+/// which capsule handles: the VM is stopped in order, `wait` gets 143
+/// (128 + SIGTERM) and the runtime directory is removed.
+#[test]
+fn stop_falls_back_to_sigterm_which_ends_the_vm_cleanly() {
+    let (name, me) = start_detached("apiterm", halting_guest());
+    let dir = PathBuf::from(me["dir"].as_str().unwrap());
     let waiter = {
         let name = name.clone();
         std::thread::spawn(move || capsule(&["wait", &name]).status.code())
@@ -825,32 +831,12 @@ fn stop_falls_back_to_sigterm_which_ends_the_vm_cleanly() {
     );
     assert!(!err.contains("killing it"), "SIGTERM did not end it: {err}");
     assert_eq!(waiter.join().unwrap(), Some(143));
-    assert!(!Path::new(&dir).exists(), "runtime directory left behind");
+    assert!(!dir.exists(), "runtime directory left behind");
 }
 
 #[test]
 fn stale_runtime_dir_is_cleaned() {
-    let kernel = tmp("stale.elf");
-    std::fs::write(&kernel, ctrl_alt_del_guest()).unwrap();
-    let name = format!("apistale-{}", std::process::id());
-    let out = capsule(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--kernel",
-        kernel.to_str().unwrap(),
-    ]);
-    assert_eq!(out.status.code(), Some(0));
-    let dir = String::from_utf8_lossy(&capsule(&["ls", "--json"]).stdout).to_string();
-    let list = json(&dir);
-    let me = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name.as_str())
-        .unwrap()
-        .clone();
+    let (name, me) = start_detached("apistale", ctrl_alt_del_guest());
     let pid = me["pid"].as_i64().unwrap();
     // SIGKILL behind capsule's back: the directory stays, stale.
     Command::new("kill")
