@@ -10,7 +10,8 @@
 //! one nested page fault maps 2 MiB instead of 4 KiB and the guest's TLB
 //! misses walk one level less. QEMU and Cloud Hypervisor back guest RAM the
 //! same way by default. Where the host has THP off, the advice is ignored
-//! and the memory is ordinary 4 KiB pages.
+//! and the memory is ordinary 4 KiB pages. An inaccessible guard page on
+//! either side of each region catches accesses that run off its ends.
 
 use std::io;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// The huge page size RAM is aligned to.
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
+/// The host page size (x86_64), the size of the guard pages.
+const PAGE_SIZE: usize = 4096;
 
 /// Errors of [`GuestRam::new`].
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +46,8 @@ pub enum Error {
 }
 
 /// One RAM region's host mapping, which this module owns (vm-memory does
-/// not unmap memory it did not map itself).
+/// not unmap memory it did not map itself): `len` bytes of RAM at `addr`
+/// with an inaccessible guard page on either side.
 #[derive(Debug)]
 struct Mapping {
     addr: usize,
@@ -51,20 +55,31 @@ struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `len` bytes of anonymous memory at a 2 MiB aligned address and
-    /// advises huge pages for it.
+    /// Maps `len` bytes of anonymous memory at a 2 MiB aligned address
+    /// between two guard pages and advises huge pages for it.
+    ///
+    /// The guard pages turn a VMM bug that runs off either end of guest
+    /// memory into a fault instead of a write into whatever is mapped next
+    /// to it. They also keep the neighbours from inheriting RAM's 2 MiB
+    /// alignment: the kernel places new mappings right below the lowest
+    /// one, so without a guard a thread's 2 MiB stack would end exactly on
+    /// RAM's 2 MiB boundary and, on a host whose THP mode is `always`, be
+    /// backed by a 2 MiB huge page for the few KiB it uses.
     fn new(len: usize) -> Result<Self, Error> {
         let map_err = |source| Error::Map { size: len, source };
+        let enomem = || map_err(io::Error::from_raw_os_error(libc::ENOMEM));
+        // Room for RAM at the first 2 MiB boundary at least a page into
+        // the span, and for the guard page after it.
         let span = len
-            .checked_add(HUGE_PAGE_SIZE)
-            .ok_or_else(|| map_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
+            .checked_add(HUGE_PAGE_SIZE + PAGE_SIZE)
+            .ok_or_else(enomem)?;
         // SAFETY: a new anonymous mapping at an address the kernel picks
         // (no MAP_FIXED): no existing memory is affected.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 span,
-                libc::PROT_READ | libc::PROT_WRITE,
+                libc::PROT_NONE,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
                 0,
@@ -74,18 +89,33 @@ impl Mapping {
             return Err(map_err(io::Error::last_os_error()));
         }
         let base = base as usize;
-        let addr = base.next_multiple_of(HUGE_PAGE_SIZE);
-        let head = addr - base;
-        let tail = span - head - len;
-        // Give back the unaligned ends of the over-sized mapping.
+        let addr = (base + PAGE_SIZE).next_multiple_of(HUGE_PAGE_SIZE);
+        let head = addr - PAGE_SIZE - base;
+        let tail = span - head - len - 2 * PAGE_SIZE;
+        // SAFETY: [addr, addr + len) lies inside the mapping made above,
+        // which nothing else refers to yet.
+        if unsafe {
+            libc::mprotect(
+                addr as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        } != 0
+        {
+            let e = io::Error::last_os_error();
+            // SAFETY: the whole mapping made above, unused.
+            unsafe { libc::munmap(base as *mut libc::c_void, span) };
+            return Err(map_err(e));
+        }
+        // Give back the ends of the over-sized mapping beyond the guards.
         // SAFETY: both ranges lie inside the mapping made above, outside
-        // [addr, addr + len), and nothing refers to them yet.
+        // RAM and its guard pages, and nothing refers to them.
         unsafe {
             if head > 0 {
                 libc::munmap(base as *mut libc::c_void, head);
             }
             if tail > 0 {
-                libc::munmap((addr + len) as *mut libc::c_void, tail);
+                libc::munmap((addr + len + PAGE_SIZE) as *mut libc::c_void, tail);
             }
         }
         // SAFETY: madvise only changes how the kernel backs our own mapping.
@@ -97,6 +127,22 @@ impl Mapping {
             );
         }
         Ok(Self { addr, len })
+    }
+
+    /// Unmaps RAM and its guard pages.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may use the memory afterwards.
+    unsafe fn unmap(&self) {
+        // SAFETY: the range Mapping::new mapped; the caller guarantees
+        // that nothing uses it any more.
+        unsafe {
+            libc::munmap(
+                (self.addr - PAGE_SIZE) as *mut libc::c_void,
+                self.len + 2 * PAGE_SIZE,
+            )
+        };
     }
 }
 
@@ -173,10 +219,10 @@ impl Drop for GuestRam {
                 log::debug!("guest RAM at {:#x} left mapped", map.addr);
                 continue;
             }
-            // SAFETY: the mapping was made by Mapping::new, and the only
-            // reference to it (the region above) is about to be dropped
-            // without touching it: vm-memory does not unmap raw regions.
-            unsafe { libc::munmap(map.addr as *mut libc::c_void, map.len) };
+            // SAFETY: the only reference to the mapping (the region above)
+            // is about to be dropped without touching it: vm-memory does
+            // not unmap raw regions.
+            unsafe { map.unmap() };
         }
     }
 }
@@ -237,6 +283,34 @@ mod tests {
             .find(|l| l.starts_with("VmFlags:"))
             .expect("the mapping is in smaps");
         assert!(vma.split_whitespace().any(|f| f == "hg"), "{vma}");
+    }
+
+    /// The permissions of the mapping holding host address `addr`, from
+    /// /proc/self/maps (e.g. "rw-p"), if it is mapped.
+    fn perms_at(addr: usize) -> Option<String> {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (start, end) = fields.next()?.split_once('-')?;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
+            (start..end)
+                .contains(&addr)
+                .then(|| fields.next().unwrap().to_string())
+        })
+    }
+
+    #[test]
+    fn regions_sit_between_guard_pages() {
+        let len = (2 << 20) + 8192;
+        let ram = GuestRam::new(&[(GuestAddress(0), len)]).unwrap();
+        let addr = host_addr(&ram, 0);
+        assert_eq!(perms_at(addr).as_deref(), Some("rw-p"));
+        assert_eq!(perms_at(addr + len - 1).as_deref(), Some("rw-p"));
+        assert_eq!(perms_at(addr - 1).as_deref(), Some("---p"));
+        assert_eq!(perms_at(addr + len).as_deref(), Some("---p"));
+        // (What is mapped after the drop is not checked: other tests'
+        // threads map and unmap concurrently.)
     }
 
     #[test]
