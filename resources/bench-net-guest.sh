@@ -16,7 +16,8 @@
 #      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 64),
 #      BENCH_RUNS (runs per VMM, default 10; BENCH_RUNS_capsule and
 #      BENCH_RUNS_qemu override it per VMM), BENCH_CPUS (guest vCPUs,
-#      default 1), BENCH_DETAIL (1: capsule's counters after each run),
+#      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
+#      both VMMs, capsule's counters after each run),
 #      BENCH_VMMS (default "capsule qemu")
 set -u
 # A VMM that ended early must not end this script with SIGPIPE when the
@@ -111,6 +112,25 @@ listening() {
 # prints "BYTES T0 T1".
 RECV='read t0 _ </proc/uptime; n=$(wc -c); read t1 _ </proc/uptime; echo "$n $t0 $t1"'
 
+# tap_counters: the TAP's "tx_packets tx_bytes rx_packets rx_bytes" (tx:
+# toward the guest, rx: from it; a GSO frame counts once), the same for
+# both VMMs.
+tap_counters() {
+    for _c in tx_packets tx_bytes rx_packets rx_bytes; do
+        printf '%s ' "$(cat "/sys/class/net/$_tap/statistics/$_c")"
+    done
+}
+
+# tap_detail DIRECTION "BEFORE" "AFTER": with BENCH_DETAIL, the frames that
+# crossed the TAP during a transfer, each way, with their average size.
+tap_detail() {
+    [ -n "${BENCH_DETAIL:-}" ] || return 0
+    echo "$2 $3" | awk -v v="$_vmm" -v d="$1" '{
+        tp = $5 - $1; tb = $6 - $2; rp = $7 - $3; rb = $8 - $4
+        printf "bench-net: detail: %s: %s: TAP to guest %d frames (%d bytes avg), from guest %d frames (%d bytes avg)\n",
+            v, d, tp, tp ? tb / tp : 0, rp, rp ? rb / rp : 0 }'
+}
+
 # stats "BYTES T0 T1": "BYTES SECONDS".
 stats() {
     echo "$1" | awk 'NF == 3 && $3 > $2 { printf "%s %.2f\n", $1, $3 - $2 }'
@@ -174,6 +194,7 @@ measure() {
     nc -l -p 5201 -e sh -c "$RECV >'$_d/g2h.tmp'; mv '$_d/g2h.tmp' '$_d/g2h'" </dev/null >/dev/null 2>&1 &
     _rcv=$!
     listening 1451 || echo "bench-net: progress: $_vmm: the host's receiver is not listening"
+    _before="$(tap_counters)"
     echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE" >&3
     if ! wait_transfer "$_out" '^G2H-DONE'; then
         stalled guest-to-host
@@ -183,6 +204,7 @@ measure() {
         wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
     fi
     kill -9 "$_rcv" 2>/dev/null
+    tap_detail guest-to-host "$_before" "$(tap_counters)"
     _g2h="$(stats "$(cat "$_d/g2h" 2>/dev/null)")"
     # host → guest: the guest's receiver prints its stats. The host
     # connects only once the guest says it listens: a connection refused
@@ -192,10 +214,12 @@ measure() {
     if kill -0 "$_pid" 2>/dev/null; then
         echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null & i=0; while [ \$i -lt 300 ] && ! grep -q ':1452 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; i=\$((i+1)); done; echo H2G-LISTENING; wait; echo H2G-STATS \$(cat /tmp/h2g)" >&3
         if wait_out "$_out" '^H2G-LISTENING' 120; then
+            _before="$(tap_counters)"
             dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202 &
             _snd=$!
             wait_transfer "$_out" '^H2G-STATS [0-9]' || stalled host-to-guest
             wait "$_snd" 2>/dev/null
+            tap_detail host-to-guest "$_before" "$(tap_counters)"
             _h2g="$(stats "$(tr -d '\r' <"$_out" | sed -n 's/^H2G-STATS //p' | tail -n1)")"
         else
             echo "bench-net: progress: $_vmm: the guest's receiver is not listening"
@@ -242,7 +266,8 @@ run_vmm() {
     esac
 }
 
-# BENCH_DETAIL=1: capsule logs at debug level; its traffic counters and
+# BENCH_DETAIL=1: the frames each transfer put through the TAP (both
+# VMMs); capsule logs at debug level, and its traffic counters and
 # per-vCPU exit counts are printed after each of its runs.
 [ -z "${BENCH_DETAIL:-}" ] || export CAPSULE_LOG=debug
 VMMS="${BENCH_VMMS:-capsule qemu}"

@@ -16,7 +16,8 @@
 # Env:   BENCH_MIB (MiB per transfer, default 64), BENCH_RUNS (runs per
 #        VMM, default 10; each run is a fresh VM), BENCH_CPUS (guest vCPUs,
 #        default 1),
-#        BENCH_DETAIL=1 (capsule's traffic and exit counters after its runs),
+#        BENCH_DETAIL=1 (TAP frame counts per transfer; capsule's traffic
+#        and exit counters),
 #        BENCH_VMMS (default "capsule qemu"),
 #        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE
 set -euo pipefail
