@@ -140,8 +140,10 @@ fn stdout(o: &Output) -> String {
 #[test]
 fn acpi_poweroff_exits_zero_with_console_output() {
     let mut a = Asm::default();
+    // What follows the power-off write must never run.
     a.print("hello from the guest\n")
         .outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .print("still running\n")
         .halt_forever();
     let out = run_guest("poweroff.elf", &a, &[], None);
     assert_eq!(stdout(&out), "hello from the guest\n");
@@ -156,7 +158,10 @@ fn acpi_poweroff_exits_zero_with_console_output() {
 #[test]
 fn i8042_reset_exits_zero() {
     let mut a = Asm::default();
-    a.print("r").outb(I8042_COMMAND, 0xfe).halt_forever();
+    a.print("r")
+        .outb(I8042_COMMAND, 0xfe)
+        .print("still running")
+        .halt_forever();
     let out = run_guest("reset.elf", &a, &["--cpus", "2"], None);
     assert_eq!(stdout(&out), "r");
     assert_eq!(out.status.code(), Some(0));

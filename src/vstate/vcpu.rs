@@ -131,6 +131,20 @@ impl Vcpu {
                         io.exit.signal(reason);
                         break;
                     }
+                    // A device this exit reached powered the machine off
+                    // or reset it: like a real CPU, this one runs no
+                    // further instruction. Going on until the event loop
+                    // stops it lets the guest's kernel, finding itself
+                    // still alive, fall through its other reboot methods
+                    // (a real-mode jump to the BIOS capsule does not
+                    // have) and triple-fault. A panicking guest keeps
+                    // running until then, to finish writing its report.
+                    if matches!(
+                        io.exit.reason(),
+                        Some(GuestExit::PowerOff | GuestExit::Reset)
+                    ) {
+                        break;
+                    }
                 }
                 Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
                     self.fd.set_kvm_immediate_exit(0);
