@@ -157,7 +157,7 @@ main() {
     fi
     retried="$(tr -d '\r' <"$caselog" | grep -c '^boot-case: RETRY ' || true)"
     if [[ "$retried" -gt 0 ]]; then
-        echo "  note: $retried case(s) ran twice after a guest triple fault:"
+        echo "  note: $retried case(s) ran twice after a guest triple fault or boot stall:"
         tr -d '\r' <"$caselog" | grep '^boot-case: RETRY ' | sed 's/^boot-case: RETRY /    /'
     fi
     echo "boot: $passed passed, $failed failed"
