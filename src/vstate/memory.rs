@@ -67,12 +67,11 @@ impl Mapping {
     /// backed by a 2 MiB huge page for the few KiB it uses.
     fn new(len: usize) -> Result<Self, Error> {
         let map_err = |source| Error::Map { size: len, source };
-        let enomem = || map_err(io::Error::from_raw_os_error(libc::ENOMEM));
         // Room for RAM at the first 2 MiB boundary at least a page into
         // the span, and for the guard page after it.
         let span = len
             .checked_add(HUGE_PAGE_SIZE + PAGE_SIZE)
-            .ok_or_else(enomem)?;
+            .ok_or_else(|| map_err(io::Error::from_raw_os_error(libc::ENOMEM)))?;
         // SAFETY: a new anonymous mapping at an address the kernel picks
         // (no MAP_FIXED): no existing memory is affected.
         let base = unsafe {

@@ -184,10 +184,11 @@ timed_out() {
 }
 
 describe_rc() {
-    case "$RC" in
-    124 | 143 | 137) echo "$RC (timed out after ${CASE_TIMEOUT}s?)" ;;
-    *) echo "$RC" ;;
-    esac
+    if timed_out; then
+        echo "$RC (timed out after ${CASE_TIMEOUT}s?)"
+    else
+        echo "$RC"
+    fi
 }
 
 finish_case() {
