@@ -15,6 +15,9 @@ const COM1: u16 = 0x3f8;
 const ACPI_SLEEP_CONTROL: u16 = 0x3c0;
 const PVPANIC: u16 = 0x505;
 const I8042_COMMAND: u16 = 0x64;
+/// Distinct unbacked MMIO reads in `distinct_mmio_reads_do_not_grow_memory`
+/// (see the measurement there: each is a full exit to capsule).
+const MMIO_SWEEP_READS: u32 = 300_000;
 
 /// A few x86-64 instructions, assembled by hand.
 #[derive(Default)]
@@ -538,5 +541,101 @@ fn network_devices_attach_and_passt_is_stopped() {
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "passt {pid} still runs"
+    );
+}
+
+/// A guest that reads `count` distinct unbacked guest-physical addresses
+/// (8 bytes each, 8 apart, from 64 MiB up, inside the identity-mapped
+/// first GiB but above the 32 MiB of RAM it runs with: every read is an
+/// MMIO exit to capsule), then powers off.
+fn mmio_sweep_guest(name: &str, count: u32) -> PathBuf {
+    let mut a = Asm::default();
+    a.0.extend([0xb8]); // mov eax, 0x0400_0000
+    a.0.extend(0x0400_0000u32.to_le_bytes());
+    a.0.push(0xb9); // mov ecx, count
+    a.0.extend(count.to_le_bytes());
+    let top = a.0.len();
+    a.0.extend([0x48, 0x8b, 0x10]); // mov rdx, [rax]
+    a.0.extend([0x48, 0x83, 0xc0, 0x08]); // add rax, 8
+    a.0.extend([0xff, 0xc9]); // dec ecx
+    a.0.extend([0x75, 0x00]); // jnz top
+    let end = a.0.len();
+    a.0[end - 1] = (top as isize - end as isize) as i8 as u8;
+    a.print("swept\n")
+        .outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .halt_forever();
+    write_guest(name, &a)
+}
+
+/// kB of a `VmHWM:`-style line in /proc/PID/status.
+fn status_kb(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Runs capsule with `kernel` and 32 MiB of RAM to completion, polling its
+/// peak resident set (VmHWM, a high-water mark, so the last reading before
+/// exit is the run's peak up to the polling interval). Returns (peak kB,
+/// stdout, status, seconds).
+fn run_measuring_hwm(kernel: &std::path::Path) -> (u64, String, Option<i32>, f64) {
+    let start = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--memory", "32M", "--kernel"])
+        .arg(kernel)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run capsule");
+    let pid = child.id();
+    let mut hwm = 0;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kb) = status_kb(&s, "VmHWM:") {
+                hwm = hwm.max(kb);
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(900),
+            "the MMIO sweep did not finish in 15 minutes"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    (hwm, out, status.code(), start.elapsed().as_secs_f64())
+}
+
+/// A guest touching millions of distinct unbacked MMIO addresses must not
+/// grow capsule's memory: the per-vCPU exit statistics are bounded.
+/// `CAPSULE_TEST_MMIO_SWEEP` sets the number of reads (default below).
+#[test]
+fn distinct_mmio_reads_do_not_grow_memory() {
+    let count: u32 = std::env::var("CAPSULE_TEST_MMIO_SWEEP")
+        .ok()
+        .map(|v| v.parse().expect("CAPSULE_TEST_MMIO_SWEEP: a number"))
+        .unwrap_or(MMIO_SWEEP_READS);
+    let small = mmio_sweep_guest("mmio-sweep-small.elf", 1000);
+    let big = mmio_sweep_guest("mmio-sweep-big.elf", count);
+    let (base, out, code, _) = run_measuring_hwm(&small);
+    assert_eq!((out.as_str(), code), ("swept\n", Some(0)));
+    let (peak, out, code, secs) = run_measuring_hwm(&big);
+    eprintln!(
+        "{count} distinct MMIO reads: {secs:.1} s ({:.0} exits/s); VmHWM {base} kB -> {peak} kB",
+        f64::from(count) / secs
+    );
+    assert_eq!((out.as_str(), code), ("swept\n", Some(0)));
+    assert!(
+        peak.saturating_sub(base) < 8 * 1024,
+        "capsule's peak RSS grew from {base} kB to {peak} kB over {count} distinct MMIO reads"
     );
 }

@@ -5,7 +5,6 @@
 //! triple fault, a KVM failure) is reported through the VM-wide
 //! [`ExitSignal`]; the VMM then stops the remaining vCPUs with [`kick`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -160,39 +159,95 @@ impl Vcpu {
     }
 }
 
-/// Counts of the exits a vCPU thread handled, by kind and address: where
-/// the guest makes capsule do work (see docs/performance.md).
+/// How many sites [`ExitStats`] tracks: enough for the handful of device
+/// registers a guest really hammers (serial, virtio notify, ...).
+const TRACKED_SITES: usize = 16;
+
+/// Exit kinds, in the order of [`ExitStats::by_kind`].
+const KINDS: [&str; 5] = ["pio-in", "pio-out", "mmio-read", "mmio-write", "other"];
+
+/// A tracked exit site: kind (index into [`KINDS`]) and port or address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Site(usize, u64);
+
+/// One slot of the busiest-sites table: its count may include up to
+/// `over` exits of the sites it replaced.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    site: Site,
+    count: u64,
+    over: u64,
+}
+
+/// Counts of the exits a vCPU thread handled, by kind and the busiest
+/// addresses: where the guest makes capsule do work (see
+/// docs/performance.md).
+///
+/// Fixed size whatever the guest does: the addresses are a guest's choice,
+/// and a guest touching millions of distinct ones must not grow capsule's
+/// memory (docs/security.md). The busiest sites are kept with the
+/// space-saving algorithm (Metwally et al.): a new site replaces the
+/// least-counted slot and inherits its count as a possible overcount, so
+/// any site taking more than 1/[`TRACKED_SITES`] of the exits is always in
+/// the table, and its count is exact unless marked `~`.
 #[derive(Debug, Default)]
 struct ExitStats {
     total: u64,
-    by_site: HashMap<(&'static str, u64), u64>,
+    by_kind: [u64; KINDS.len()],
+    busiest: Vec<Slot>,
 }
 
 impl ExitStats {
     fn count(&mut self, exit: &VcpuExit<'_>) {
         let site = match exit {
-            VcpuExit::IoIn(port, _) => ("pio-in", u64::from(*port)),
-            VcpuExit::IoOut(port, _) => ("pio-out", u64::from(*port)),
-            VcpuExit::MmioRead(addr, _) => ("mmio-read", *addr),
-            VcpuExit::MmioWrite(addr, _) => ("mmio-write", *addr),
-            _ => ("other", 0),
+            VcpuExit::IoIn(port, _) => Site(0, u64::from(*port)),
+            VcpuExit::IoOut(port, _) => Site(1, u64::from(*port)),
+            VcpuExit::MmioRead(addr, _) => Site(2, *addr),
+            VcpuExit::MmioWrite(addr, _) => Site(3, *addr),
+            _ => Site(4, 0),
         };
         self.total += 1;
-        *self.by_site.entry(site).or_default() += 1;
+        self.by_kind[site.0] += 1;
+        if let Some(slot) = self.busiest.iter_mut().find(|s| s.site == site) {
+            slot.count += 1;
+        } else if self.busiest.len() < TRACKED_SITES {
+            self.busiest.push(Slot {
+                site,
+                count: 1,
+                over: 0,
+            });
+        } else if let Some(min) = self.busiest.iter_mut().min_by_key(|s| s.count) {
+            *min = Slot {
+                site,
+                count: min.count + 1,
+                over: min.count,
+            };
+        }
     }
 
-    /// "N exits; top: kind@addr count, ..." with the `top` busiest sites.
+    /// "N exits; by kind: ...; busiest: kind@addr count, ..." with the
+    /// `top` busiest sites.
     fn summary(&self, top: usize) -> String {
-        let mut sites: Vec<_> = self.by_site.iter().collect();
-        sites.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        let mut sites = self.busiest.clone();
+        sites.sort_by(|a, b| b.count.cmp(&a.count).then(a.site.cmp(&b.site)));
         let list: Vec<String> = sites
             .iter()
             .take(top)
-            .map(|((kind, addr), n)| format!("{kind}@{addr:#x} {n}"))
+            .map(|s| {
+                let approx = if s.over > 0 { "~" } else { "" };
+                format!("{}@{:#x} {approx}{}", KINDS[s.site.0], s.site.1, s.count)
+            })
+            .collect();
+        let kinds: Vec<String> = KINDS
+            .iter()
+            .zip(self.by_kind)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
             .collect();
         format!(
-            "{} exits to capsule; busiest: {}",
+            "{} exits to capsule ({}); busiest: {}",
             self.total,
+            kinds.join(", "),
             list.join(", ")
         )
     }
@@ -443,7 +498,30 @@ mod tests {
         stats.count(&VcpuExit::Hlt);
         assert_eq!(
             stats.summary(2),
-            "5 exits to capsule; busiest: pio-out@0x3f8 3, other@0x0 1"
+            "5 exits to capsule (pio-in 1, pio-out 3, other 1); busiest: pio-out@0x3f8 3, pio-in@0x3fd 1"
+        );
+    }
+
+    /// A million distinct addresses leave the table at its fixed size,
+    /// and a site that takes a good share of the exits stays in it.
+    #[test]
+    fn exit_stats_stay_bounded_and_keep_the_hot_site() {
+        let mut stats = ExitStats::default();
+        let mut data = [0u8; 8];
+        for i in 0..1_000_000u64 {
+            stats.count(&VcpuExit::MmioRead(0x1000_0000 + i * 8, &mut data));
+            if i % 4 == 0 {
+                stats.count(&VcpuExit::IoOut(0x3f8, &data[..1]));
+            }
+        }
+        assert_eq!(stats.busiest.len(), TRACKED_SITES);
+        assert_eq!(stats.total, 1_250_000);
+        let summary = stats.summary(1);
+        assert!(
+            summary.starts_with(
+                "1250000 exits to capsule (pio-out 250000, mmio-read 1000000); busiest: pio-out@0x3f8 250000"
+            ),
+            "{summary}"
         );
     }
 }
