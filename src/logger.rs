@@ -1,12 +1,21 @@
 //! capsule's logger: `CAPSULE_LOG` (env_logger syntax) to stderr by
 //! default; the API's `PUT /logger` can redirect it to a file or named
 //! pipe and change the level, format and module filter at run time.
+//!
+//! capsule's own guest-triggered messages are rate-limited where they are
+//! logged (`devices::ratelimit`); the virtio-queue crate's are limited
+//! here, by target.
 
 use std::fs::File;
 use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 
+use devices::ratelimit::{suffix, LogLimit, Verdict};
 use log::{LevelFilter, Log, Metadata, Record};
+
+/// The log target prefix of a library whose messages a guest can trigger
+/// in a loop; they go through a rate limit (`devices::ratelimit`).
+const GUEST_DRIVEN_CRATE: &str = "virtio_queue";
 
 /// A logger configuration from the API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +67,33 @@ impl Log for CapsuleLogger {
         if !self.enabled(r.metadata()) {
             return;
         }
+        if !r.target().starts_with(GUEST_DRIVEN_CRATE) {
+            return self.write(r);
+        }
+        // virtio-queue logs (at error level) what a guest's broken queue
+        // setup or descriptor chain looks like, as often as the guest
+        // likes: one rate limit for all its messages.
+        static LIMIT: LogLimit = LogLimit::new();
+        if let Verdict::Log { suppressed, last } = LIMIT.check() {
+            self.write(
+                &Record::builder()
+                    .metadata(r.metadata().clone())
+                    .args(format_args!("{}{}", r.args(), suffix(suppressed, last)))
+                    .module_path(r.module_path())
+                    .file(r.file())
+                    .line(r.line())
+                    .build(),
+            );
+        }
+    }
+
+    fn flush(&self) {
+        self.env.flush();
+    }
+}
+
+impl CapsuleLogger {
+    fn write(&self, r: &Record<'_>) {
         let handled = self.with_override(|o| {
             let Some(o) = o else { return false };
             let mut line = String::from("capsule: ");
@@ -85,10 +121,7 @@ impl Log for CapsuleLogger {
         if !handled {
             self.env.log(r);
         }
-    }
-
-    fn flush(&self) {
-        self.env.flush();
+        crate::logfile::check_stderr();
     }
 }
 

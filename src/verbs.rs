@@ -8,7 +8,6 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -17,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capsule::builder::Console;
+use capsule::logfile::{self, RotatingFile};
 use capsule::runtime::{self, api_request, fault_message, Entry};
 
 use crate::status;
@@ -41,13 +41,11 @@ fn find(name: &str) -> Result<Entry, u8> {
     })
 }
 
-/// The console of a detached VM: output appended to `console.log`, input
-/// from the FIFO `console.in`.
+/// The console of a detached VM: output appended to `console.log`
+/// (rotated to `console.log.1` at `logfile::max_size()`), input from the
+/// FIFO `console.in`.
 pub fn detached_console(dir: &Path) -> Result<Console, String> {
-    let log = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(dir.join("console.log"))
+    let log = RotatingFile::open(&dir.join("console.log"), logfile::max_size())
         .map_err(|e| format!("cannot create console.log: {e}"))?;
     let fifo = dir.join("console.in");
     let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
@@ -73,14 +71,11 @@ pub fn detached_console(dir: &Path) -> Result<Console, String> {
     })
 }
 
-/// Points this process's stderr at `path` (the detached child, once its
-/// VM runs: its parent sees end-of-file on the pipe and returns).
+/// Points this process's stderr at `path`, rotated like `console.log`
+/// (the detached child, once its VM runs: its parent sees end-of-file on
+/// the pipe and returns).
 pub fn redirect_stderr(path: &Path) {
-    let Ok(f) = OpenOptions::new().append(true).create(true).open(path) else {
-        return;
-    };
-    // SAFETY: dup2 of two valid descriptors; fd 2 is replaced atomically.
-    unsafe { libc::dup2(f.as_raw_fd(), 2) };
+    let _ = logfile::redirect_stderr(path, logfile::max_size());
 }
 
 /// `run -d --name NAME ...`: starts this command again in the background
@@ -320,7 +315,10 @@ pub fn logs(name: &str) -> u8 {
         Ok(e) => e,
         Err(c) => return c,
     };
-    let mut f = match File::open(e.dir.join("console.log")) {
+    let path = e.dir.join("console.log");
+    // The older part first, if the log was rotated.
+    let old = File::open(logfile::rotated(&path)).ok();
+    let mut f = match File::open(&path) {
         Ok(f) => f,
         Err(_) => {
             return err(format!(
@@ -329,9 +327,24 @@ pub fn logs(name: &str) -> u8 {
         }
     };
     let mut out = std::io::stdout().lock();
-    match std::io::copy(&mut f, &mut out) {
+    let copied = match old {
+        Some(mut o) => {
+            std::io::copy(&mut o, &mut out).and_then(|_| std::io::copy(&mut f, &mut out))
+        }
+        None => std::io::copy(&mut f, &mut out),
+    };
+    match copied {
         Ok(_) => status::OK,
         Err(er) => err(er),
+    }
+}
+
+/// Whether `path` names another file than `open` (it was rotated).
+fn is_replaced(open: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (open.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) != (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
@@ -342,8 +355,9 @@ pub fn console(name: &str) -> u8 {
         Ok(e) => e,
         Err(c) => return c,
     };
+    let log_path = e.dir.join("console.log");
     let (mut log, input) = match (
-        File::open(e.dir.join("console.log")),
+        File::open(&log_path),
         OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
@@ -386,6 +400,13 @@ pub fn console(name: &str) -> u8 {
             Ok(0) => {
                 if rx.try_recv().is_ok() || !runtime::pid_alive(e.pid) {
                     break;
+                }
+                // Rotated (console.log is now a new file): go on there.
+                if is_replaced(&log, &log_path) {
+                    if let Ok(l) = File::open(&log_path) {
+                        log = l;
+                        continue;
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }

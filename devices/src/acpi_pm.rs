@@ -57,7 +57,9 @@ impl BusDevice for AcpiPm {
                     log::info!("guest requested power off (ACPI S5)");
                     self.exit.signal(GuestExit::PowerOff);
                 } else {
-                    log::warn!("guest requested unsupported sleep type {typ}; ignored");
+                    crate::warn_ratelimited!(
+                        "guest requested unsupported sleep type {typ}; ignored"
+                    );
                 }
             }
             RESET_OFFSET if v == self.reset_value => {

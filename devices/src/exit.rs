@@ -73,7 +73,7 @@ impl ExitSignal {
                 .reason
                 .compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
         if let Err(e) = self.inner.evt.write(1) {
-            log::error!("cannot signal guest exit: {e}");
+            crate::error_ratelimited!("cannot signal guest exit: {e}");
         }
     }
 

@@ -11,4 +11,5 @@ pub mod bus;
 pub mod exit;
 pub mod legacy;
 pub mod pvpanic;
+pub mod ratelimit;
 pub mod virtio;

@@ -36,10 +36,10 @@ impl BusDevice for PvPanic {
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let Some(&v) = data.first() else { return };
         if v & PVPANIC_PANICKED != 0 {
-            log::warn!("guest kernel panicked (pvpanic)");
+            crate::warn_ratelimited!("guest kernel panicked (pvpanic)");
             self.exit.signal(GuestExit::Panic);
         } else if v & PVPANIC_CRASH_LOADED != 0 {
-            log::info!("guest reports a crash kernel is loaded");
+            crate::info_ratelimited!("guest reports a crash kernel is loaded");
         }
     }
 }

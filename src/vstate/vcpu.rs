@@ -384,18 +384,21 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, io: &VcpuIo) -> Option<GuestExit> 
         }
         VcpuExit::IoOut(port, data) => {
             if !io.pio.write(u64::from(port), data) {
-                log::trace!("vCPU {index}: write to unhandled port {port:#x}");
+                devices::log_ratelimited!(
+                    log::Level::Trace,
+                    "vCPU {index}: write to unhandled port {port:#x}"
+                );
             }
         }
         VcpuExit::MmioRead(addr, data) => {
             if !io.mmio.read(addr, data) {
-                log::debug!("vCPU {index}: read from unhandled MMIO {addr:#x}");
+                devices::debug_ratelimited!("vCPU {index}: read from unhandled MMIO {addr:#x}");
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
             if !io.mmio.write(addr, data) {
-                log::debug!("vCPU {index}: write to unhandled MMIO {addr:#x}");
+                devices::debug_ratelimited!("vCPU {index}: write to unhandled MMIO {addr:#x}");
             }
         }
         // A triple fault: the architectural way to reset a PC.
@@ -422,7 +425,7 @@ fn handle_exit(index: u8, exit: VcpuExit<'_>, io: &VcpuIo) -> Option<GuestExit> 
             return Some(GuestExit::Fault);
         }
         other => {
-            log::error!("vCPU {index}: unexpected KVM exit {other:?}");
+            devices::error_ratelimited!("vCPU {index}: unexpected KVM exit {other:?}");
             return Some(GuestExit::Fault);
         }
     }

@@ -150,7 +150,7 @@ impl I8042 {
         let keyboard = self.front_from_keyboard.front().copied().unwrap_or(false);
         if keyboard && self.ctr & CTR_KBD_INT != 0 && self.ctr & CTR_KBD_DISABLED == 0 {
             if let Err(e) = self.irq.trigger() {
-                log::warn!("i8042: cannot raise the keyboard interrupt: {e}");
+                crate::warn_ratelimited!("i8042: cannot raise the keyboard interrupt: {e}");
             }
         }
     }
@@ -195,7 +195,7 @@ impl I8042 {
             CMD_WRITE_KBD_OUTBUF => self.pending = Pending::KbdOutBuf,
             CMD_WRITE_AUX_OUTBUF | CMD_WRITE_AUX => self.pending = Pending::Aux,
             CMD_RESET_CPU => self.reset(),
-            _ => log::debug!("i8042: ignored command {cmd:#x}"),
+            _ => crate::debug_ratelimited!("i8042: ignored command {cmd:#x}"),
         }
     }
 

@@ -61,11 +61,11 @@ impl SerialEvents for FifoEvents {
     fn buffer_read(&self) {}
     fn out_byte(&self) {}
     fn tx_lost_byte(&self) {
-        log::debug!("serial: output byte lost");
+        crate::debug_ratelimited!("serial: output byte lost");
     }
     fn in_buffer_empty(&self) {
         if let Err(e) = self.buffer_ready.write(1) {
-            log::error!("serial: cannot signal empty FIFO: {e}");
+            crate::error_ratelimited!("serial: cannot signal empty FIFO: {e}");
         }
     }
 }
@@ -123,7 +123,7 @@ impl BusDevice for SerialDevice {
             return;
         };
         if let Err(e) = self.serial.write(off, v) {
-            log::debug!("serial: write failed: {e:?}");
+            crate::debug_ratelimited!("serial: write failed: {e:?}");
         }
     }
 }
@@ -177,7 +177,7 @@ impl SerialInput {
         if room == 0 {
             // Stop polling until the guest drains the FIFO.
             if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                log::warn!("serial: cannot pause input: {e}");
+                crate::warn_ratelimited!("serial: cannot pause input: {e}");
             }
             log::debug!("serial: FIFO full, input paused");
             self.paused = true;
@@ -194,7 +194,7 @@ impl SerialInput {
             }
             Ok(n) => {
                 if let Err(e) = serial.enqueue(&buf[..n]) {
-                    log::error!("serial: cannot queue input: {e}");
+                    crate::error_ratelimited!("serial: cannot queue input: {e}");
                 }
             }
             Err(e)
@@ -203,7 +203,7 @@ impl SerialInput {
                     io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
                 ) => {}
             Err(e) => {
-                log::warn!("serial: input error, detaching input: {e}");
+                crate::warn_ratelimited!("serial: input error, detaching input: {e}");
                 drop(serial);
                 self.stop_input(ops);
             }
@@ -214,7 +214,7 @@ impl SerialInput {
 impl MutEventSubscriber for SerialInput {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.buffer_ready, EventSet::IN)) {
-            log::error!("serial: cannot watch FIFO events: {e}");
+            crate::error_ratelimited!("serial: cannot watch FIFO events: {e}");
         }
         if let Some(fd) = self.input_fd() {
             // Regular files and /dev/null cannot be polled; such an input
@@ -234,7 +234,7 @@ impl MutEventSubscriber for SerialInput {
                 self.paused = false;
                 if let Some(fd) = self.input_fd() {
                     if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                        log::warn!("serial: cannot resume input: {e}");
+                        crate::warn_ratelimited!("serial: cannot resume input: {e}");
                         self.input = None;
                     }
                 }

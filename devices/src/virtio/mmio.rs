@@ -201,7 +201,7 @@ impl MmioTransport {
     /// configure queues (before `DRIVER_OK`).
     fn with_queue_config(&mut self, f: impl FnOnce(&mut Queue)) {
         if self.status & DRIVER_OK != 0 {
-            log::debug!("virtio-mmio: queue configured after DRIVER_OK, ignored");
+            crate::debug_ratelimited!("virtio-mmio: queue configured after DRIVER_OK, ignored");
             return;
         }
         if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
@@ -238,7 +238,7 @@ impl MmioTransport {
             | regs::VIRTIO_MMIO_SHM_BASE_HIGH => u32::MAX,
             regs::VIRTIO_MMIO_CONFIG_GENERATION => self.lock_device().config_generation(),
             _ => {
-                log::debug!("virtio-mmio: read of unknown register {offset:#x}");
+                crate::debug_ratelimited!("virtio-mmio: read of unknown register {offset:#x}");
                 0
             }
         }
@@ -256,10 +256,10 @@ impl MmioTransport {
             regs::VIRTIO_MMIO_QUEUE_NUM => match u16::try_from(v) {
                 Ok(n) => self.with_queue_config(|q| {
                     if q.try_set_size(n).is_err() {
-                        log::debug!("virtio-mmio: invalid queue size {n}");
+                        crate::debug_ratelimited!("virtio-mmio: invalid queue size {n}");
                     }
                 }),
-                Err(_) => log::debug!("virtio-mmio: invalid queue size {v}"),
+                Err(_) => crate::debug_ratelimited!("virtio-mmio: invalid queue size {v}"),
             },
             regs::VIRTIO_MMIO_QUEUE_READY => {
                 if v == 0 {
@@ -294,13 +294,13 @@ impl MmioTransport {
                 self.with_queue_config(|q| q.set_used_ring_address(None, Some(v)))
             }
             regs::VIRTIO_MMIO_SHM_SEL => {}
-            _ => log::debug!("virtio-mmio: write of unknown register {offset:#x}"),
+            _ => crate::debug_ratelimited!("virtio-mmio: write of unknown register {offset:#x}"),
         }
     }
 
     fn write_driver_features(&mut self, v: u32) {
         if self.status != ACKNOWLEDGE | DRIVER {
-            log::debug!(
+            crate::debug_ratelimited!(
                 "virtio-mmio: driver features written in status {:#x}, ignored",
                 self.status
             );
@@ -320,10 +320,10 @@ impl MmioTransport {
         match self.queue_evts.get(v as usize) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log::error!("virtio-mmio: cannot signal queue {v}: {e}");
+                    crate::error_ratelimited!("virtio-mmio: cannot signal queue {v}: {e}");
                 }
             }
-            None => log::debug!("virtio-mmio: notify for unknown queue {v}"),
+            None => crate::debug_ratelimited!("virtio-mmio: notify for unknown queue {v}"),
         }
     }
 
@@ -334,7 +334,7 @@ impl MmioTransport {
         }
         let old = self.status;
         if v & FAILED != 0 {
-            log::info!(
+            crate::info_ratelimited!(
                 "virtio-mmio: driver marked device type {} FAILED",
                 self.device_type
             );
@@ -342,14 +342,16 @@ impl MmioTransport {
             return;
         }
         if old & (FAILED | DEVICE_NEEDS_RESET) != 0 {
-            log::debug!("virtio-mmio: status {v:#x} written before reset, ignored");
+            crate::debug_ratelimited!("virtio-mmio: status {v:#x} written before reset, ignored");
             return;
         }
         if v == old {
             return;
         }
         if v & old != old {
-            log::debug!("virtio-mmio: status {old:#x} -> {v:#x} clears bits, ignored");
+            crate::debug_ratelimited!(
+                "virtio-mmio: status {old:#x} -> {v:#x} clears bits, ignored"
+            );
             return;
         }
         match (old, v & !old) {
@@ -357,7 +359,9 @@ impl MmioTransport {
             (ACKNOWLEDGE, DRIVER) => self.status = v,
             (s, FEATURES_OK) if s == ACKNOWLEDGE | DRIVER => self.features_ok(),
             (s, DRIVER_OK) if s == ACKNOWLEDGE | DRIVER | FEATURES_OK => self.driver_ok(),
-            _ => log::debug!("virtio-mmio: invalid status transition {old:#x} -> {v:#x}"),
+            _ => crate::debug_ratelimited!(
+                "virtio-mmio: invalid status transition {old:#x} -> {v:#x}"
+            ),
         }
     }
 
@@ -367,11 +371,15 @@ impl MmioTransport {
         let acked = self.driver_features;
         let unknown = acked & !self.device_features;
         if unknown != 0 {
-            log::warn!("virtio-mmio: driver acked unoffered features {unknown:#x}; refused");
+            crate::warn_ratelimited!(
+                "virtio-mmio: driver acked unoffered features {unknown:#x}; refused"
+            );
             return;
         }
         if acked & bit(VIRTIO_F_VERSION_1) == 0 {
-            log::warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refused");
+            crate::warn_ratelimited!(
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refused"
+            );
             return;
         }
         self.lock_device().set_acked_features(acked);
@@ -382,13 +390,13 @@ impl MmioTransport {
         match self.activate_device() {
             Ok(()) => self.status |= DRIVER_OK,
             Err(e) => {
-                log::error!(
+                crate::error_ratelimited!(
                     "virtio-mmio: cannot activate device type {}: {e}",
                     self.device_type
                 );
                 self.status |= DRIVER_OK | DEVICE_NEEDS_RESET;
                 if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    log::error!("virtio-mmio: cannot raise config interrupt: {e}");
+                    crate::error_ratelimited!("virtio-mmio: cannot raise config interrupt: {e}");
                 }
             }
         }
@@ -416,7 +424,7 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.status != 0 && !self.lock_device().reset() {
-            log::error!("virtio-mmio: device type {} cannot reset", self.device_type);
+            crate::error_ratelimited!("virtio-mmio: device type {} cannot reset", self.device_type);
             self.status = DEVICE_NEEDS_RESET;
             return;
         }
@@ -448,7 +456,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
-            log::debug!(
+            crate::debug_ratelimited!(
                 "virtio-mmio: {}-byte read at {offset:#x} ignored",
                 data.len()
             );
@@ -469,14 +477,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!(
+            crate::debug_ratelimited!(
                 "virtio-mmio: {}-byte write at {offset:#x} ignored",
                 data.len()
             );
             return;
         };
         if !offset.is_multiple_of(4) {
-            log::debug!("virtio-mmio: unaligned write at {offset:#x} ignored");
+            crate::debug_ratelimited!("virtio-mmio: unaligned write at {offset:#x} ignored");
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));

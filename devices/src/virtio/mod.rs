@@ -267,7 +267,7 @@ impl QueueEvents {
     /// Adds the control eventfd to the event loop (call from `init`).
     pub fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
-            log::error!("virtio: cannot watch device control events: {e}");
+            crate::error_ratelimited!("virtio: cannot watch device control events: {e}");
         }
     }
 
@@ -285,7 +285,7 @@ impl QueueEvents {
         }
         self.retired.append(&mut self.active);
         if let Err(e) = self.control.write(1) {
-            log::error!("virtio: cannot signal device reset: {e}");
+            crate::error_ratelimited!("virtio: cannot signal device reset: {e}");
         }
     }
 
@@ -301,14 +301,14 @@ impl QueueEvents {
         let _ = self.control.read();
         for fd in self.registered.drain(..) {
             if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                log::warn!("virtio: cannot stop watching queue eventfd {fd}: {e}");
+                crate::warn_ratelimited!("virtio: cannot stop watching queue eventfd {fd}: {e}");
             }
         }
         self.retired.clear();
         for evt in &self.active {
             match ops.add(Events::new(evt, EventSet::IN)) {
                 Ok(()) => self.registered.push(evt.as_raw_fd()),
-                Err(e) => log::error!("virtio: cannot watch queue eventfd: {e}"),
+                Err(e) => crate::error_ratelimited!("virtio: cannot watch queue eventfd: {e}"),
             }
         }
     }
@@ -318,7 +318,7 @@ impl QueueEvents {
     pub fn kick(&self, index: usize) {
         if let Some(evt) = self.active.get(index) {
             if let Err(e) = evt.write(1) {
-                log::error!("virtio: cannot re-signal queue {index}: {e}");
+                crate::error_ratelimited!("virtio: cannot re-signal queue {index}: {e}");
             }
         }
     }

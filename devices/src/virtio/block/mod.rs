@@ -211,7 +211,7 @@ impl Block {
             Box::new(RawImage::open(&config.path, false)?)
         };
         if !disk.len().is_multiple_of(SECTOR_SIZE) {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "disk image {}: size {} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not visible",
                 config.path.display(),
                 disk.len(),
@@ -295,7 +295,7 @@ impl Block {
         let mut more = false;
         loop {
             if let Err(e) = active.queue.disable_notification(mem) {
-                log::warn!("virtio-blk: cannot disable notifications: {e}");
+                crate::warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
                 break;
             }
             let before = handled;
@@ -307,7 +307,7 @@ impl Block {
                 let len = request::process(&mut ctx, mem, chain);
                 handled += 1;
                 if let Err(e) = active.queue.add_used(mem, head, len) {
-                    log::warn!("virtio-blk: cannot return descriptor {head}: {e}");
+                    crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
                 }
             }
             if handled >= REQUEST_BUDGET {
@@ -319,12 +319,14 @@ impl Block {
                 // (available entries that cannot be popped).
                 Ok(true) if handled > before => {}
                 Ok(true) => {
-                    log::warn!("virtio-blk: available ring is inconsistent; queue stalled");
+                    crate::warn_ratelimited!(
+                        "virtio-blk: available ring is inconsistent; queue stalled"
+                    );
                     break;
                 }
                 Ok(false) => break,
                 Err(e) => {
-                    log::warn!("virtio-blk: cannot enable notifications: {e}");
+                    crate::warn_ratelimited!("virtio-blk: cannot enable notifications: {e}");
                     break;
                 }
             }
@@ -333,7 +335,7 @@ impl Block {
             // On a read error of used_event, interrupt anyway.
             if active.queue.needs_notification(mem).unwrap_or(true) {
                 if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
-                    log::error!("virtio-blk: cannot raise interrupt: {e}");
+                    crate::error_ratelimited!("virtio-blk: cannot raise interrupt: {e}");
                 }
             }
         }
@@ -403,7 +405,7 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // Nothing in our configuration space is writable (no CONFIG_WCE).
-        log::debug!("virtio-blk: config write at {offset:#x} ignored");
+        crate::debug_ratelimited!("virtio-blk: config write at {offset:#x} ignored");
     }
 
     fn activate(

@@ -141,7 +141,7 @@ fn execute(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, descs: &[Descriptor]) -
 }
 
 fn io_error(e: io::Error) -> u8 {
-    log::warn!("virtio-blk: I/O error: {e}");
+    crate::warn_ratelimited!("virtio-blk: I/O error: {e}");
     S_IOERR
 }
 

@@ -149,7 +149,9 @@ impl Console {
             let len = fill_rx_chain(mem, chain, &mut self.input);
             used += 1;
             if let Err(e) = active.rx.add_used(mem, head, len) {
-                log::warn!("virtio-console: cannot return receive buffer {head}: {e}");
+                crate::warn_ratelimited!(
+                    "virtio-console: cannot return receive buffer {head}: {e}"
+                );
             }
         }
         if used > 0 {
@@ -161,7 +163,7 @@ impl Console {
         if self.input_waiting && self.input.len() < INPUT_LOW_WATER {
             self.input_waiting = false;
             if let Err(e) = self.input_ready.write(1) {
-                log::error!("virtio-console: cannot signal input room: {e}");
+                crate::error_ratelimited!("virtio-console: cannot signal input room: {e}");
             }
         }
     }
@@ -188,13 +190,15 @@ impl Console {
             used += 1;
             // The device writes nothing into transmit buffers.
             if let Err(e) = active.tx.add_used(mem, head, 0) {
-                log::warn!("virtio-console: cannot return transmit buffer {head}: {e}");
+                crate::warn_ratelimited!(
+                    "virtio-console: cannot return transmit buffer {head}: {e}"
+                );
             }
         }
         if used > 0 {
             if let Err(e) = self.out.flush() {
                 if !self.out_failed {
-                    log::warn!("virtio-console: output failed: {e}");
+                    crate::warn_ratelimited!("virtio-console: output failed: {e}");
                     self.out_failed = true;
                 }
             }
@@ -210,7 +214,7 @@ fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, irq: &dyn VirtioInterrupt, i
     // On a read error of the ring flags, interrupt anyway.
     if queue.needs_notification(mem).unwrap_or(true) {
         if let Err(e) = irq.trigger(InterruptKind::Queue(index as u16)) {
-            log::error!("virtio-console: cannot raise interrupt: {e}");
+            crate::error_ratelimited!("virtio-console: cannot raise interrupt: {e}");
         }
     }
 }
@@ -227,7 +231,9 @@ fn fill_rx_chain(
             break;
         }
         if !desc.is_write_only() {
-            log::debug!("virtio-console: skipping a device-readable receive descriptor");
+            crate::debug_ratelimited!(
+                "virtio-console: skipping a device-readable receive descriptor"
+            );
             continue;
         }
         let mut room = desc.len() as usize;
@@ -236,7 +242,7 @@ fn fill_rx_chain(
             let (front, _) = input.as_slices();
             let n = front.len().min(room);
             if mem.write_slice(&front[..n], addr).is_err() {
-                log::warn!(
+                crate::warn_ratelimited!(
                     "virtio-console: receive buffer at {:#x} is outside guest memory",
                     addr.0
                 );
@@ -265,21 +271,21 @@ fn drain_tx_chain(
     let mut taken = 0usize;
     for desc in chain {
         if desc.is_write_only() {
-            log::warn!("virtio-console: device-writable descriptor in a transmit chain; rest of the chain dropped");
+            crate::warn_ratelimited!("virtio-console: device-writable descriptor in a transmit chain; rest of the chain dropped");
             return;
         }
         let mut left = desc.len() as usize;
         let mut addr = desc.addr();
         while left > 0 {
             if taken >= MAX_TX_CHAIN {
-                log::warn!(
+                crate::warn_ratelimited!(
                     "virtio-console: transmit chain longer than {MAX_TX_CHAIN} bytes; rest dropped"
                 );
                 return;
             }
             let n = left.min(buf.len()).min(MAX_TX_CHAIN - taken);
             if mem.read_slice(&mut buf[..n], addr).is_err() {
-                log::warn!(
+                crate::warn_ratelimited!(
                     "virtio-console: transmit buffer at {:#x} is outside guest memory",
                     addr.0
                 );
@@ -287,7 +293,7 @@ fn drain_tx_chain(
             }
             if !*out_failed {
                 if let Err(e) = out.write_all(&buf[..n]) {
-                    log::warn!("virtio-console: output failed: {e}");
+                    crate::warn_ratelimited!("virtio-console: output failed: {e}");
                     *out_failed = true;
                 }
             }
@@ -326,7 +332,7 @@ impl VirtioDevice for Console {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        log::debug!("virtio-console: config write at {offset:#x} ignored");
+        crate::debug_ratelimited!("virtio-console: config write at {offset:#x} ignored");
     }
 
     fn activate(

@@ -111,17 +111,6 @@ struct Active {
     returned: usize,
 }
 
-/// Counts events and says when to log one: the 1st, 2nd, 4th, 8th, ...
-#[derive(Debug, Default)]
-struct RateLimit(u64);
-
-impl RateLimit {
-    fn hit(&mut self) -> Option<u64> {
-        self.0 += 1;
-        self.0.is_power_of_two().then_some(self.0)
-    }
-}
-
 /// Traffic counters, logged at debug level when the device is dropped.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NetStats {
@@ -166,9 +155,6 @@ pub struct Net {
     tx_blocked: bool,
     /// What the backend's fd is registered for in the event loop.
     registered: Option<EventSet>,
-    tx_errors: RateLimit,
-    rx_drops: RateLimit,
-    tx_drops: RateLimit,
     stats: NetStats,
 }
 
@@ -236,9 +222,6 @@ impl Net {
             tx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             tx_blocked: false,
             registered: None,
-            tx_errors: RateLimit::default(),
-            rx_drops: RateLimit::default(),
-            tx_drops: RateLimit::default(),
             stats: NetStats::default(),
         })
     }
@@ -275,7 +258,7 @@ impl Net {
         }
         self.link_up = false;
         self.rx_len = 0;
-        log::error!(
+        crate::error_ratelimited!(
             "virtio-net {}: link problem: {}: {e}; the guest's link is now down",
             format_mac(&self.mac),
             self.backend.describe()
@@ -284,7 +267,7 @@ impl Net {
         if let Some(active) = &self.active {
             if self.acked_features & bit(VIRTIO_NET_F_STATUS) != 0 {
                 if let Err(e) = active.interrupt.trigger(InterruptKind::Config) {
-                    log::error!("virtio-net: cannot raise config interrupt: {e}");
+                    crate::error_ratelimited!("virtio-net: cannot raise config interrupt: {e}");
                 }
             }
         }
@@ -318,7 +301,9 @@ impl Net {
                         self.rx_len = n
                     }
                     Ok(Some(n)) => {
-                        log::debug!("virtio-net: dropping a {n}-byte frame from the backend");
+                        crate::debug_ratelimited!(
+                            "virtio-net: dropping a {n}-byte frame from the backend"
+                        );
                         self.stats.rx_dropped += 1;
                         continue;
                     }
@@ -341,18 +326,17 @@ impl Net {
                 }
                 Delivery::Dropped => {
                     self.stats.rx_dropped += 1;
-                    if let Some(n) = self.rx_drops.hit() {
-                        log::warn!(
-                            "virtio-net {}: dropped a {}-byte frame the guest has no buffer large enough for ({n} so far)",
-                            format_mac(&self.mac),
-                            self.rx_len - VNET_HDR_LEN
-                        );
-                    }
+                    crate::warn_ratelimited!(
+                        "virtio-net {}: dropped a {}-byte frame the guest has no buffer large enough for ({} dropped so far)",
+                        format_mac(&self.mac),
+                        self.rx_len - VNET_HDR_LEN,
+                        self.stats.rx_dropped
+                    );
                     self.rx_len = 0;
                 }
                 Delivery::NoBuffers => {
                     self.stats.rx_waits += 1;
-                    log::debug!(
+                    crate::debug_ratelimited!(
                         "virtio-net {}: a {}-byte frame waits for receive buffers: {} chain(s) held ({} bytes), next available {}, driver's available index {:?}",
                         format_mac(&self.mac),
                         self.rx_len - VNET_HDR_LEN,
@@ -373,7 +357,9 @@ impl Net {
                         Ok(true) if budget == 0 => break, // re-signalled below
                         Ok(true) => budget -= 1,
                         Err(e) => {
-                            log::warn!("virtio-net: cannot enable notifications: {e}");
+                            crate::warn_ratelimited!(
+                                "virtio-net: cannot enable notifications: {e}"
+                            );
                             break;
                         }
                     }
@@ -407,8 +393,6 @@ impl Net {
             active,
             tx_buf,
             link_up,
-            tx_drops,
-            tx_errors,
             tx_blocked,
             events,
             stats,
@@ -433,7 +417,7 @@ impl Net {
                 break;
             }
             if let Err(e) = active.tx.disable_notification(mem) {
-                log::warn!("virtio-net: cannot disable notifications: {e}");
+                crate::warn_ratelimited!("virtio-net: cannot disable notifications: {e}");
                 break;
             }
             let next_avail = active.tx.next_avail();
@@ -464,9 +448,10 @@ impl Net {
                     Ok(len) => Some(len),
                     Err(why) => {
                         stats.tx_dropped += 1;
-                        if let Some(n) = tx_drops.hit() {
-                            log::warn!("virtio-net: dropped a transmit chain: {why} ({n} so far)");
-                        }
+                        crate::warn_ratelimited!(
+                            "virtio-net: dropped a transmit chain: {why} ({} dropped so far)",
+                            stats.tx_dropped
+                        );
                         None
                     }
                 };
@@ -485,17 +470,16 @@ impl Net {
                         Err(e) if is_fatal(&e) => fatal = Some(e),
                         Err(e) => {
                             stats.tx_dropped += 1;
-                            if let Some(n) = tx_errors.hit() {
-                                log::warn!(
-                                    "virtio-net: {} refused a frame: {e} ({n} so far)",
-                                    backend.describe()
-                                );
-                            }
+                            crate::warn_ratelimited!(
+                                "virtio-net: {} refused a frame: {e} ({} dropped so far)",
+                                backend.describe(),
+                                stats.tx_dropped
+                            );
                         }
                     }
                 }
                 if let Err(e) = active.tx.add_used(mem, head, 0) {
-                    log::warn!("virtio-net: cannot return descriptor {head}: {e}");
+                    crate::warn_ratelimited!("virtio-net: cannot return descriptor {head}: {e}");
                 }
                 returned += 1;
                 if fatal.is_some() {
@@ -507,7 +491,7 @@ impl Net {
                 Ok(true) if ring_is_broken(active, TX_QUEUE, next_avail) => break,
                 Ok(true) => {}
                 Err(e) => {
-                    log::warn!("virtio-net: cannot enable notifications: {e}");
+                    crate::warn_ratelimited!("virtio-net: cannot enable notifications: {e}");
                     break;
                 }
             }
@@ -555,7 +539,7 @@ impl Net {
         };
         match result {
             Ok(()) => self.registered = (!want.is_empty()).then_some(want),
-            Err(e) => log::error!(
+            Err(e) => crate::error_ratelimited!(
                 "virtio-net: cannot update event registration of {}: {e}",
                 self.backend.describe()
             ),
@@ -601,7 +585,7 @@ fn ring_is_broken(active: &Active, index: usize, next_avail: u16) -> bool {
         Err(_) => true,
     };
     if broken {
-        log::warn!("virtio-net: queue {index}: the driver's available index is out of range; queue stalled");
+        crate::warn_ratelimited!("virtio-net: queue {index}: the driver's available index is out of range; queue stalled");
     }
     broken
 }
@@ -611,7 +595,7 @@ fn notify(mem: &GuestMemoryMmap, interrupt: &dyn VirtioInterrupt, queue: &mut Qu
     // On a read error of used_event, interrupt anyway.
     if queue.needs_notification(mem).unwrap_or(true) {
         if let Err(e) = interrupt.trigger(InterruptKind::Queue(index as u16)) {
-            log::error!("virtio-net: cannot raise interrupt: {e}");
+            crate::error_ratelimited!("virtio-net: cannot raise interrupt: {e}");
         }
     }
 }
@@ -684,7 +668,7 @@ fn pop_rx_chain(active: &mut Active) -> Option<RxChain> {
         }
     }
     if !ok || last_has_next {
-        log::debug!("virtio-net: unusable receive chain {head}");
+        crate::debug_ratelimited!("virtio-net: unusable receive chain {head}");
         segments.clear();
         capacity = 0;
     }
@@ -726,7 +710,10 @@ fn deliver(active: &mut Active, frame: &mut [u8], mrg: bool) -> Delivery {
         };
         if chain.capacity == 0 {
             if let Err(e) = active.rx.add_used(&active.mem, chain.head, 0) {
-                log::warn!("virtio-net: cannot return descriptor {}: {e}", chain.head);
+                crate::warn_ratelimited!(
+                    "virtio-net: cannot return descriptor {}: {e}",
+                    chain.head
+                );
             }
             active.returned += 1;
         } else {
@@ -760,14 +747,14 @@ fn deliver(active: &mut Active, frame: &mut [u8], mrg: bool) -> Delivery {
             }
             let n = len.min(frame.len() - off);
             if let Err(e) = vm_memory::Bytes::write_slice(mem, &frame[off..off + n], addr) {
-                log::warn!("virtio-net: cannot write a received frame: {e}");
+                crate::warn_ratelimited!("virtio-net: cannot write a received frame: {e}");
                 break;
             }
             off += n;
             written += n;
         }
         if let Err(e) = active.rx.add_used(mem, c.head, written as u32) {
-            log::warn!("virtio-net: cannot return descriptor {}: {e}", c.head);
+            crate::warn_ratelimited!("virtio-net: cannot return descriptor {}: {e}", c.head);
         }
         active.returned += 1;
     }
@@ -813,7 +800,7 @@ impl VirtioDevice for Net {
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
         // The MAC is writable only with the legacy interface; nothing here
         // is writable for a VERSION_1 driver.
-        log::debug!("virtio-net: config write at {offset:#x} ignored");
+        crate::debug_ratelimited!("virtio-net: config write at {offset:#x} ignored");
     }
 
     fn config_generation(&self) -> u32 {
@@ -836,7 +823,7 @@ impl VirtioDevice for Net {
         rx.set_event_idx(event_idx);
         tx.set_event_idx(event_idx);
         if let Err(e) = self.backend.set_offloads(self.acked_features) {
-            log::warn!(
+            crate::warn_ratelimited!(
                 "virtio-net: cannot set offloads on {}: {e}",
                 self.backend.describe()
             );
@@ -864,7 +851,7 @@ impl VirtioDevice for Net {
         self.tx_blocked = false;
         if self.link_up {
             if let Err(e) = self.backend.set_offloads(0) {
-                log::warn!("virtio-net: cannot clear offloads: {e}");
+                crate::warn_ratelimited!("virtio-net: cannot clear offloads: {e}");
             }
         }
         true

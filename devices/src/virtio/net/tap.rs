@@ -211,7 +211,7 @@ impl NetBackend for Tap {
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }
-        log::debug!("TAP {}: offloads {flags:#x}", self.name);
+        crate::debug_ratelimited!("TAP {}: offloads {flags:#x}", self.name);
         Ok(())
     }
 
