@@ -469,10 +469,12 @@ fn main() -> ExitCode {
         }
     };
     capsule::logger::init();
+    capsule::failstop::install();
     capsule::signals::install();
     let args = match cli.command {
         Command::Run(args) => args,
         Command::Exec(args) => {
+            capsule::failstop::set_status(status::EXEC_ERROR);
             let code = exec(args, started);
             let _ = std::io::stdout().flush();
             capsule::signals::reraise_pending();

@@ -857,3 +857,65 @@ fn detached_logs_are_capped() {
         logs.stdout.len()
     );
 }
+
+/// Fail-stop: a panicking vCPU thread (injected through the debug-build
+/// test hook `CAPSULE_TEST_PANIC=vcpu`, at its 10th exit) ends capsule at
+/// once with status 70 and a line saying which thread panicked, instead of
+/// leaving the VMM running without it.
+#[test]
+fn vcpu_panic_stops_capsule_at_once() {
+    use std::io::Read;
+    let mut a = Asm::default();
+    let top = a.0.len();
+    a.print("up\n").print(".");
+    a.0.push(0xe9); // jmp top (rel32): prints for ever
+    let after = a.0.len() as i32 + 4;
+    a.0.extend((top as i32 - after).to_le_bytes());
+    let kernel = write_guest("vcpu-panic.elf", &a);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--memory", "32M", "--kernel"])
+        .arg(&kernel)
+        .env("CAPSULE_TEST_PANIC", "vcpu")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run capsule");
+    // The guest runs: its first line arrives (the panic comes 7 exits
+    // later), then the clock starts.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"up\n") {
+        assert_eq!(stdout.read(&mut byte).unwrap(), 1, "no output: {seen:?}");
+        seen.push(byte[0]);
+    }
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > std::time::Duration::from_secs(10) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("capsule still runs 10 s after its vCPU thread panicked");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let took = t.elapsed();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    eprintln!("capsule exited {took:?} after the guest's first line: {err}");
+    assert_eq!(status.code(), Some(70), "{err}");
+    assert!(took < std::time::Duration::from_secs(1), "{took:?}");
+    assert!(
+        err.starts_with("capsule: error: internal error: thread 'vcpu0' panicked at "),
+        "{err}"
+    );
+    assert!(err.contains("injected panic"), "{err}");
+}

@@ -113,6 +113,8 @@ impl Vcpu {
 
     fn run(mut self, io: VcpuIo) {
         let mut stats = ExitStats::default();
+        // Debug builds only: the fail-stop test's injected panic.
+        let test_panic = crate::failstop::test_panic_requested("vcpu");
         while !io.stop.load(Ordering::Acquire) {
             if io.pause.requested() {
                 io.pause.park(&io.stop);
@@ -121,6 +123,9 @@ impl Vcpu {
             match self.fd.run() {
                 Ok(exit) => {
                     stats.count(&exit);
+                    if test_panic && stats.total == 10 {
+                        panic!("CAPSULE_TEST_PANIC=vcpu: injected panic");
+                    }
                     let triple_fault = matches!(exit, VcpuExit::Shutdown);
                     let reason = handle_exit(self.index, exit, &io);
                     if triple_fault {
