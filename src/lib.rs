@@ -14,6 +14,7 @@ pub mod logger;
 pub mod runtime;
 pub mod signals;
 pub mod terminal;
+pub mod unixsock;
 pub mod vstate;
 
 use std::sync::OnceLock;

@@ -12,8 +12,8 @@
 //! killed capsule) is stale and is removed by the next verb that sees it.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,6 +81,7 @@ pub fn read_pid(dir: &Path) -> Option<i32> {
 pub struct Registration {
     dir: PathBuf,
     waiters: Arc<Mutex<Vec<UnixStream>>>,
+    _wait_sock: Option<crate::unixsock::SocketFile>,
 }
 
 impl Registration {
@@ -107,14 +108,23 @@ impl Registration {
                 }
             }
         }
-        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let reg = Self {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut reg = Self {
             dir: dir.clone(),
             waiters: Arc::new(Mutex::new(Vec::new())),
+            _wait_sock: None,
         };
-        std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join("pid"))
+            .and_then(|mut f| f.write_all(format!("{}\n", std::process::id()).as_bytes()))
             .map_err(|e| format!("cannot write {}: {e}", dir.join("pid").display()))?;
-        let listener = UnixListener::bind(dir.join("wait.sock"))
+        let (listener, wait_sock) = crate::unixsock::bind(&dir.join("wait.sock"))
             .map_err(|e| format!("cannot create wait.sock: {e}"))?;
         let waiters = reg.waiters.clone();
         std::thread::Builder::new()
@@ -125,6 +135,7 @@ impl Registration {
                 }
             })
             .map_err(|e| format!("cannot start the waiter thread: {e}"))?;
+        reg._wait_sock = Some(wait_sock);
         Ok(reg)
     }
 

@@ -47,6 +47,7 @@ pub fn detached_console(dir: &Path) -> Result<Console, String> {
     let log = OpenOptions::new()
         .append(true)
         .create(true)
+        .mode(0o600)
         .open(dir.join("console.log"))
         .map_err(|e| format!("cannot create console.log: {e}"))?;
     let fifo = dir.join("console.in");
@@ -76,7 +77,12 @@ pub fn detached_console(dir: &Path) -> Result<Console, String> {
 /// Points this process's stderr at `path` (the detached child, once its
 /// VM runs: its parent sees end-of-file on the pipe and returns).
 pub fn redirect_stderr(path: &Path) {
-    let Ok(f) = OpenOptions::new().append(true).create(true).open(path) else {
+    let Ok(f) = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+    else {
         return;
     };
     // SAFETY: dup2 of two valid descriptors; fd 2 is replaced atomically.

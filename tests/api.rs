@@ -850,3 +850,160 @@ fn stale_runtime_dir_is_cleaned() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&name));
     assert!(!d.exists(), "stale directory not removed");
 }
+
+/// Runs `capsule ARGS` and waits at most `timeout` for it to exit;
+/// returns its status and stderr (a capsule still running is killed and
+/// counts as `None`).
+fn capsule_within(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run capsule");
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (code, err)
+}
+
+/// `--api-sock` never deletes what is not a stale socket: a regular file
+/// (or a directory, or a FIFO) there makes capsule exit 1 with one clear
+/// line, and the file is left as it was.
+#[test]
+fn api_sock_refuses_a_path_that_is_not_a_stale_socket() {
+    let file = tmp("precious.txt");
+    let _ = std::fs::remove_file(&file);
+    std::fs::write(&file, "precious data").unwrap();
+    let (code, err) = capsule_within(
+        &["run", "--api-sock", file.to_str().unwrap()],
+        Duration::from_secs(5),
+    );
+    assert_eq!(code, Some(1), "stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("capsule: error: ") && err.contains("regular file"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "precious data");
+
+    let fifo = tmp("api-fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let (code, err) = capsule_within(
+        &["run", "--api-sock", fifo.to_str().unwrap()],
+        Duration::from_secs(5),
+    );
+    assert_eq!(code, Some(1), "stderr: {err}");
+    assert!(err.contains("a FIFO"), "{err}");
+    assert!(std::fs::symlink_metadata(&fifo).is_ok(), "FIFO removed");
+
+    // A socket someone listens on is in use; once nobody does, it is stale
+    // and replaced.
+    let sock = tmp("taken.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let (code, err) = capsule_within(
+        &["run", "--api-sock", sock.to_str().unwrap()],
+        Duration::from_secs(5),
+    );
+    assert_eq!(code, Some(1), "stderr: {err}");
+    assert!(err.contains("another process is serving on it"), "{err}");
+    drop(listener);
+    let _vmm = Vmm::start("taken");
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Under `umask 000` the API socket is still 0600, and so are a named
+/// VM's sockets and logs (its directory 0700).
+#[test]
+fn sockets_are_private_whatever_the_umask() {
+    let sock = tmp("umask.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" run --api-sock \"$1\"")
+        .arg(env!("CARGO_BIN_EXE_capsule"))
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "API socket never appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mode = mode_of(&sock);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(mode, 0o600, "API socket mode {mode:o}");
+
+    let kernel = tmp("umask.elf");
+    std::fs::write(&kernel, halting_guest()).unwrap();
+    let name = format!("apiumask-{}", std::process::id());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("umask 000; exec \"$0\" run -d --name \"$1\" --kernel \"$2\"")
+        .arg(env!("CARGO_BIN_EXE_capsule"))
+        .arg(&name)
+        .arg(&kernel)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = json(&String::from_utf8_lossy(&capsule(&["ls", "--json"]).stdout));
+    let me = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name.as_str())
+        .expect("listed")
+        .clone();
+    let dir = PathBuf::from(me["dir"].as_str().unwrap());
+    let modes: Vec<(&str, u32)> = [
+        "",
+        "api.sock",
+        "wait.sock",
+        "console.log",
+        "console.in",
+        "vmm.log",
+        "pid",
+    ]
+    .iter()
+    .map(|f| (*f, mode_of(&dir.join(f))))
+    .collect();
+    assert_eq!(capsule(&["kill", &name]).status.code(), Some(0));
+    for (f, m) in modes {
+        let want = if f.is_empty() { 0o700 } else { 0o600 };
+        assert_eq!(m, want, "{f}: mode {m:o}");
+    }
+}
