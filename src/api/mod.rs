@@ -69,7 +69,8 @@ pub struct Options {
 
 /// Reads a Firecracker configuration file.
 pub fn read_config_file(path: &Path) -> Result<types::FullVmConfig, String> {
-    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::hostfile::read_regular(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_slice(&text)
         .map_err(|e| format!("invalid configuration {}: {e}", path.display()))
 }
