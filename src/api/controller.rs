@@ -16,8 +16,9 @@ use devices::exit::GuestExit;
 
 use super::http::Response;
 use super::types::*;
-use crate::builder::{self, Console, Vmm};
+use crate::builder::{self, Console};
 use crate::config::{self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+use crate::vmm::Vmm;
 
 /// The Firecracker-compatible default memory size (MiB) before
 /// `PUT /machine-config`.

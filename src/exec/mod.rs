@@ -38,8 +38,9 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use exec_proto::{Decoder, ExecSpec, GuestMsg, HostMsg, MAX_PAYLOAD};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::builder::{self, Console, ExtraDevice, Extras, RunEnd};
+use crate::builder::{self, Console, ExtraDevice, Extras};
 use crate::config::VmConfig;
+use crate::vmm::RunEnd;
 
 use self::cpio::{CpioError, CpioWriter};
 
