@@ -1,11 +1,13 @@
 //! The `capsule` command line.
 
+use std::convert::Infallible;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capsule::builder::{self, Console};
 use capsule::config::{self, VmConfig};
+use capsule::vmm::RunEnd;
 use clap::{Parser, Subcommand};
 
 mod verbs;
@@ -338,7 +340,10 @@ fn run(args: RunArgs, kernel: PathBuf) -> Result<GuestExit, builder::Error> {
         disks: args.disks,
         nets: args.nets,
     };
-    builder::build(&config, Console::stdio())?.run()
+    let end = builder::build(&config, Console::stdio())?.run(None, |_| None::<Infallible>)?;
+    match end {
+        RunEnd::Guest(exit) => Ok(exit),
+    }
 }
 
 /// The exit status for how a guest ended `run` (also `wait`'s status).

@@ -21,7 +21,7 @@ pub(crate) const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// An event-loop subscriber shared with other parts of the VMM.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// How [`Vmm::run_with`] ended.
+/// How [`Vmm::run`] ended.
 #[derive(Debug)]
 pub enum RunEnd<T> {
     /// The guest ended the VM.
@@ -148,33 +148,21 @@ impl Vmm {
         }
     }
 
-    /// Runs the device event loop until the guest powers off, resets,
-    /// panics or faults; then stops the vCPUs.
-    pub fn run(mut self) -> Result<GuestExit> {
-        let reason = loop {
-            if let Some(r) = self.exit.reason() {
-                break r;
-            }
-            self.event_manager
-                .run()
-                .map_err(|e| Error::EventLoop(e.to_string()))?;
-        };
-        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
-        Ok(reason)
-    }
-
-    /// Like [`Self::run`], but calls `check` before every event-loop round
-    /// and at least every `tick`; when it returns `Some`, the vCPUs are
-    /// stopped and that value is returned. A guest exit is only reported if
-    /// `check` did not ask to stop first.
-    pub fn run_with<T>(
+    /// The VM's run loop (the only one): runs the device event loop until
+    /// the guest powers off, resets, panics or faults, or `check` asks to
+    /// stop; then stops the vCPUs. `check` runs before every event-loop
+    /// round, and at least every `tick` (with `None` a round waits for an
+    /// event however long it takes); it gets the VM, so it may act on it
+    /// (the API pauses and resumes it from there). A guest exit is only
+    /// reported if `check` did not ask to stop first.
+    pub fn run<T>(
         mut self,
-        tick: Duration,
-        mut check: impl FnMut() -> Option<T>,
+        tick: Option<Duration>,
+        mut check: impl FnMut(&mut Vmm) -> Option<T>,
     ) -> Result<RunEnd<T>> {
-        let tick_ms = i32::try_from(tick.as_millis()).unwrap_or(i32::MAX);
+        let tick_ms = tick.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
         let end = loop {
-            if let Some(t) = check() {
+            if let Some(t) = check(&mut self) {
                 break RunEnd::Host(t);
             }
             if let Some(r) = self.exit.reason() {

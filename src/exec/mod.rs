@@ -693,7 +693,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         subscribers: vec![Arc::new(Mutex::new(pump))],
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
-    let end = vmm.run_with(TICK, || lock(&session).check())?;
+    let end = vmm.run(Some(TICK), |_| lock(&session).check())?;
 
     let session = lock(&session);
     let failed = |why: String| Outcome::GuestFailed(why, tail.lines(CONSOLE_TAIL_LINES));
