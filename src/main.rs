@@ -1,13 +1,10 @@
 //! The `capsule` command line.
 
-use std::convert::Infallible;
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsule::builder::{self, Console};
 use capsule::config::{self, VmConfig};
-use capsule::vmm::RunEnd;
 use clap::{Parser, Subcommand};
 
 mod verbs;
@@ -328,24 +325,6 @@ fn parse_memory(s: &str) -> Result<u64, String> {
     Ok(size)
 }
 
-fn run(args: RunArgs, kernel: PathBuf) -> Result<GuestExit, builder::Error> {
-    let config = VmConfig {
-        kernel,
-        initrd: args.initrd,
-        initramfs: None,
-        cmdline: args.cmdline,
-        vcpus: args.cpus,
-        mem_size: args.memory,
-        kvm_path: args.kvm,
-        disks: args.disks,
-        nets: args.nets,
-    };
-    let end = builder::build(&config, Console::stdio())?.run(None, |_| None::<Infallible>)?;
-    match end {
-        RunEnd::Guest(exit) => Ok(exit),
-    }
-}
-
 /// The exit status for how a guest ended `run` (also `wait`'s status).
 fn guest_status(exit: GuestExit) -> u8 {
     match exit {
@@ -369,8 +348,9 @@ fn stopped_status() -> u8 {
     128u8.saturating_add(u8::try_from(sig).unwrap_or(0))
 }
 
-/// `run` with the API, a configuration file or a name.
-fn run_api(args: RunArgs) -> u8 {
+/// `run`: a VM from the command line, a configuration file or the API
+/// (all started through the API's typed actions), optionally named.
+fn run(args: RunArgs) -> u8 {
     use capsule::api;
     use capsule::builder::Console;
     let config = match &args.config_file {
@@ -495,22 +475,7 @@ fn main() -> ExitCode {
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
     }
-    let kernel = match (&args.kernel, &args.api_sock, &args.config_file, &args.name) {
-        (Some(k), None, None, None) => k.clone(),
-        _ => {
-            let code = run_api(args);
-            let _ = std::io::stdout().flush();
-            capsule::signals::reraise_pending();
-            return ExitCode::from(code);
-        }
-    };
-    let code = match run(args, kernel) {
-        Ok(exit) => guest_status(exit),
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            status::ERROR
-        }
-    };
+    let code = run(args);
     let _ = std::io::stdout().flush();
     capsule::signals::reraise_pending();
     ExitCode::from(code)

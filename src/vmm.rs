@@ -73,20 +73,6 @@ impl Drop for Vmm {
 }
 
 impl Vmm {
-    /// Runs one round of the device event loop, waiting at most `timeout`
-    /// for an event; returns the guest's exit reason once it has ended the
-    /// VM. The vCPUs keep running (or stay paused) in between.
-    pub fn run_once(&mut self, timeout: Duration) -> Result<Option<GuestExit>> {
-        if let Some(r) = self.exit.reason() {
-            return Ok(Some(r));
-        }
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        self.event_manager
-            .run_with_timeout(ms)
-            .map_err(|e| Error::EventLoop(e.to_string()))?;
-        Ok(self.exit.reason())
-    }
-
     /// Adds an event-loop subscriber to the running VM (e.g. a waker for
     /// API requests).
     pub fn add_subscriber(&mut self, sub: Subscriber) {
