@@ -28,7 +28,7 @@ use crate::config::{
 use crate::device_manager::{self, DeviceManager};
 use crate::vmm::{ExitWatcher, Subscriber, Vmm, VCPU_STOP_TIMEOUT};
 use crate::vstate::memory::GuestRam;
-use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuIo};
+use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
 use crate::{signals, terminal};
 
@@ -61,30 +61,49 @@ pub enum Error {
         /// Underlying error.
         source: loader::Error,
     },
+    /// The initrd could not be read into guest memory.
+    #[error("cannot read initrd {path}: {source}")]
+    ReadInitrd {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: vm_memory::GuestMemoryError,
+    },
     /// The initrd does not fit in guest memory.
-    #[error("initrd {path} ({size}) does not fit in guest memory: {source}")]
+    #[error("initrd {path} ({}) does not fit in guest memory: {source}", format_size(*.size))]
     InitrdTooBig {
         /// The initrd file.
         path: PathBuf,
-        /// Its size.
-        size: String,
+        /// Its size in bytes (with the generated initramfs).
+        size: u64,
         /// Underlying error.
         source: arch::boot::Error,
     },
-    /// The command line is too long or malformed.
+    /// The command line is malformed.
     #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line is too long.
+    #[error("invalid kernel command line: {0} (at most {max} bytes)", max = layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be written to guest memory.
+    #[error("invalid kernel command line: {0}")]
+    LoadCmdline(#[source] loader::Error),
     /// More memory than the host has.
-    #[error("cannot give the guest {asked}: the host has {host} of RAM")]
+    #[error("cannot give the guest {}: the host has {} of RAM", format_size(*.asked), format_size(*.host))]
     HostMemory {
-        /// Requested size.
-        asked: String,
-        /// Host RAM.
-        host: String,
+        /// Requested size in bytes.
+        asked: u64,
+        /// Host RAM in bytes.
+        host: u64,
     },
     /// Guest memory could not be mapped.
-    #[error("cannot allocate {0} of guest memory: {1}")]
-    GuestMemory(String, String),
+    #[error("cannot allocate {} of guest memory: {source}", format_size(*.size))]
+    GuestMemory {
+        /// Bytes asked for.
+        size: u64,
+        /// Underlying error.
+        source: crate::vstate::memory::Error,
+    },
     /// KVM VM setup failed.
     #[error(transparent)]
     Vm(#[from] vm::Error),
@@ -94,12 +113,24 @@ pub enum Error {
     /// Device setup failed.
     #[error(transparent)]
     Devices(#[from] device_manager::Error),
-    /// Writing boot data structures failed.
-    #[error("cannot write {0}: {1}")]
-    Boot(&'static str, String),
+    /// The MP table could not be written.
+    #[error("cannot write MP table: {0}")]
+    MpTable(#[source] arch::mptable::Error),
+    /// The ACPI tables could not be written.
+    #[error("cannot write ACPI tables: {0}")]
+    Acpi(#[source] arch::acpi::Error),
+    /// The zero page could not be written.
+    #[error("cannot write zero page: {0}")]
+    ZeroPage(#[source] arch::boot::Error),
+    /// The generated initramfs could not be written.
+    #[error("cannot write initramfs: {0}")]
+    Initramfs(#[source] vm_memory::GuestMemoryError),
     /// The event loop failed.
     #[error("event loop: {0}")]
-    EventLoop(String),
+    EventLoop(#[source] event_manager::Error),
+    /// The eventfd the VM's end is signalled on could not be created.
+    #[error("event loop: {0}")]
+    ExitEvent(#[source] std::io::Error),
     /// A disk image could not be attached.
     #[error(transparent)]
     Disk(#[from] BlockError),
@@ -110,8 +141,8 @@ pub enum Error {
     #[error(transparent)]
     Passt(#[from] PasstError),
     /// Two network devices have the same MAC address.
-    #[error("network devices {0} and {1} have the same MAC address {2}")]
-    DuplicateMac(usize, usize, String),
+    #[error("network devices {0} and {1} have the same MAC address {mac}", mac = net::format_mac(.2))]
+    DuplicateMac(usize, usize, net::MacAddr),
     /// A network device could not be created.
     #[error("cannot create network device {0}: {1}")]
     Net(usize, std::io::Error),
@@ -176,7 +207,8 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
     build_with(config, console, Extras::default())
 }
 
-/// Builds and starts a VM with extra devices and subscribers.
+/// Builds and starts a VM with extra devices and subscribers: one step
+/// per paragraph, in the order a PC is put together.
 pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result<Vmm> {
     // Open user files first: a typo should not cost a KVM setup.
     let mut kernel = open("kernel", &config.kernel)?;
@@ -188,8 +220,12 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     check_host_memory(config.mem_size)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
-    let mut ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size))
-        .map_err(|e| Error::GuestMemory(format_size(config.mem_size), e.to_string()))?;
+    let mut ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size)).map_err(|source| {
+        Error::GuestMemory {
+            size: config.mem_size,
+            source,
+        }
+    })?;
     let mem = ram.memory();
     let vm = Vm::new(kvm, mem)?;
 
@@ -200,78 +236,30 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         None
     };
 
-    let mut event_manager =
-        EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
-    let exit = ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+    let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
+    let exit = ExitSignal::new().map_err(Error::ExitEvent)?;
     event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
-
+    let raw_terminal = console.raw_terminal;
     let mut dm = DeviceManager::new();
-    let serial_input = dm.attach_legacy_devices(
-        &vm,
-        &exit,
-        console.out,
-        console.input,
-        crate::process_start(),
-    )?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
-    for (index, disk) in config.disks.iter().enumerate() {
-        let block = Arc::new(Mutex::new(open_disk(index, disk)?));
-        dm.attach_virtio_mmio(&vm, mem, block.clone())?;
-        event_manager.add_subscriber(block);
-    }
-    let macs: Vec<_> = config
-        .nets
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.mac.unwrap_or_else(|| default_mac(i)))
-        .collect();
-    for (i, mac) in macs.iter().enumerate() {
-        if let Some(j) = macs[..i].iter().position(|m| m == mac) {
-            return Err(Error::DuplicateMac(j, i, net::format_mac(mac)));
-        }
-    }
-    for (index, (nic, mac)) in config.nets.iter().zip(macs).enumerate() {
-        let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
-        dm.attach_virtio_mmio(&vm, mem, device.clone())?;
-        event_manager.add_subscriber(device);
-    }
-    for dev in extras.devices {
-        dm.attach_virtio_mmio(&vm, mem, dev.virtio)?;
-        event_manager.add_subscriber(dev.subscriber);
-    }
-    for sub in extras.subscribers {
-        event_manager.add_subscriber(sub);
-    }
-
-    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
-    let cmdline_size = load_cmdline(mem, &cmdline)?;
-    arch::mptable::setup_mptable(mem, config.vcpus)
-        .map_err(|e| Error::Boot("MP table", e.to_string()))?;
-    let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
-        .map_err(|e| Error::Boot("ACPI tables", e.to_string()))?;
-    arch::boot::configure_system(
+    let mut devices = Devices {
+        dm: &mut dm,
+        vm: &vm,
         mem,
-        GuestAddress(layout::CMDLINE_START),
-        cmdline_size,
-        initrd.as_ref(),
-        entry.setup_header,
-        Some(rsdp),
-    )
-    .map_err(|e| Error::Boot("zero page", e.to_string()))?;
+        event_manager: &mut event_manager,
+    };
+    devices.add_legacy(&exit, console)?;
+    devices.add_disks(&config.disks)?;
+    devices.add_nets(&config.nets)?;
+    devices.add_extras(extras)?;
 
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(vm.fd(), index)?;
-        vcpu.configure(vm.kvm(), mem, entry.address, config.vcpus)?;
-        vcpus.push(vcpu);
-    }
+    write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
+    let vcpus = create_vcpus(&vm, mem, &entry, config.vcpus)?;
 
-    let terminal = if console.raw_terminal {
+    let terminal = if raw_terminal {
         terminal::enter_raw_mode().map_err(Error::Terminal)?
     } else {
         None
     };
-
     vcpu::install_kick_handler()?;
     let pause = Arc::new(PauseGate::default());
     let i8042 = dm.i8042.clone();
@@ -282,18 +270,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         stop: Arc::new(AtomicBool::new(false)),
         pause: pause.clone(),
     };
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        match vcpu.start(io.clone()) {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                if !vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT) {
-                    ram.keep_mapped();
-                }
-                return Err(e.into());
-            }
-        }
-    }
+    let handles = start_vcpus(vcpus, &io, &mut ram)?;
     log::info!(
         "VM started: {} vCPU(s), {} of memory, {:.1} ms after capsule started",
         config.vcpus,
@@ -312,6 +289,137 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         _vm: vm,
         ram,
     })
+}
+
+/// What adding a device needs: the buses, the VM (for irqfds and
+/// ioeventfds), guest memory (for virtio queues) and the event loop.
+struct Devices<'a> {
+    dm: &'a mut DeviceManager,
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    event_manager: &'a mut EventManager<Subscriber>,
+}
+
+impl Devices<'_> {
+    /// COM1 (and its input), the i8042, ACPI PM registers, pvpanic and the
+    /// boot-time marker on the port-I/O bus.
+    fn add_legacy(&mut self, exit: &ExitSignal, console: Console) -> Result<()> {
+        let serial_input = self.dm.attach_legacy_devices(
+            self.vm,
+            exit,
+            console.out,
+            console.input,
+            crate::process_start(),
+        )?;
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(serial_input)));
+        Ok(())
+    }
+
+    /// A virtio device, over virtio-mmio and in the event loop.
+    fn add_virtio(&mut self, virtio: Arc<Mutex<dyn VirtioDevice>>, sub: Subscriber) -> Result<()> {
+        self.dm.attach_virtio_mmio(self.vm, self.mem, virtio)?;
+        self.event_manager.add_subscriber(sub);
+        Ok(())
+    }
+
+    /// One virtio-blk device per `--disk`, in order (vda, vdb, ...).
+    fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
+        for (index, disk) in disks.iter().enumerate() {
+            let block = Arc::new(Mutex::new(open_disk(index, disk)?));
+            self.add_virtio(block.clone(), block)?;
+        }
+        Ok(())
+    }
+
+    /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
+    fn add_nets(&mut self, nets: &[NetConfig]) -> Result<()> {
+        let macs: Vec<_> = nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.mac.unwrap_or_else(|| default_mac(i)))
+            .collect();
+        for (i, mac) in macs.iter().enumerate() {
+            if let Some(j) = macs[..i].iter().position(|m| m == mac) {
+                return Err(Error::DuplicateMac(j, i, *mac));
+            }
+        }
+        for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
+            let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
+            self.add_virtio(device.clone(), device)?;
+        }
+        Ok(())
+    }
+
+    /// The caller's devices and subscribers (`capsule exec`'s console and
+    /// stdin pump).
+    fn add_extras(&mut self, extras: Extras) -> Result<()> {
+        for dev in extras.devices {
+            self.add_virtio(dev.virtio, dev.subscriber)?;
+        }
+        for sub in extras.subscribers {
+            self.event_manager.add_subscriber(sub);
+        }
+        Ok(())
+    }
+}
+
+/// The command line, the MP table, the ACPI tables and the zero page.
+fn write_boot_data(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    dm: &DeviceManager,
+    entry: &KernelEntry,
+    initrd: Option<&arch::boot::InitrdConfig>,
+) -> Result<()> {
+    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
+    let cmdline_size = load_cmdline(mem, &cmdline)?;
+    arch::mptable::setup_mptable(mem, config.vcpus).map_err(Error::MpTable)?;
+    let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
+        .map_err(Error::Acpi)?;
+    arch::boot::configure_system(
+        mem,
+        GuestAddress(layout::CMDLINE_START),
+        cmdline_size,
+        initrd,
+        entry.setup_header,
+        Some(rsdp),
+    )
+    .map_err(Error::ZeroPage)
+}
+
+/// Creates and configures the vCPUs (not started yet).
+fn create_vcpus(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    entry: &KernelEntry,
+    count: u8,
+) -> Result<Vec<Vcpu>> {
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        let vcpu = Vcpu::new(vm.fd(), index)?;
+        vcpu.configure(vm.kvm(), mem, entry.address, count)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Starts a thread per vCPU. If one cannot start, those already running
+/// are stopped (and guest memory stays mapped if one of them would not).
+fn start_vcpus(vcpus: Vec<Vcpu>, io: &VcpuIo, ram: &mut GuestRam) -> Result<Vec<VcpuHandle>> {
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start(io.clone()) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                if !vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT) {
+                    ram.keep_mapped();
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(handles)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {
@@ -337,10 +445,7 @@ fn check_host_memory(asked: u64) -> Result<()> {
     }
     let host = info.totalram.saturating_mul(u64::from(info.mem_unit));
     if asked > host {
-        return Err(Error::HostMemory {
-            asked: format_size(asked),
-            host: format_size(host),
-        });
+        return Err(Error::HostMemory { asked, host });
     }
     Ok(())
 }
@@ -419,19 +524,22 @@ fn load_initrd(
     let address =
         arch::boot::initrd_load_addr(mem, size).map_err(|source| Error::InitrdTooBig {
             path: path.clone(),
-            size: format_size(total),
+            size: total,
             source,
         })?;
     if let Some((_, mut f)) = file {
         mem.read_exact_volatile_from(address, &mut f, file_size as usize)
-            .map_err(|e| file_err(std::io::Error::other(e.to_string())))?;
+            .map_err(|source| Error::ReadInitrd {
+                path: path.clone(),
+                source,
+            })?;
     }
     if let Some(extra) = extra {
         // Zero the alignment gap, then the archive.
         let gap = vec![0u8; (extra_at - file_size) as usize];
         mem.write_slice(&gap, address.unchecked_add(file_size))
             .and_then(|()| mem.write_slice(extra, address.unchecked_add(extra_at)))
-            .map_err(|e| Error::Boot("initramfs", e.to_string()))?;
+            .map_err(Error::Initramfs)?;
     }
     Ok(arch::boot::InitrdConfig { address, size })
 }
@@ -497,17 +605,11 @@ fn kernel_cmdline(user: &str, virtio_mmio: &[MmioDevice]) -> String {
 
 /// Writes the command line; returns its size including the NUL.
 fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
-    let mut c =
-        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
-    c.insert_str(cmdline).map_err(|e| {
-        Error::Cmdline(format!(
-            "{e} (at most {} bytes)",
-            layout::CMDLINE_MAX_SIZE - 1
-        ))
-    })?;
+    let mut c = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
+    c.insert_str(cmdline).map_err(Error::CmdlineTooLong)?;
     loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &c)
-        .map_err(|e| Error::Cmdline(e.to_string()))?;
-    let len = c.as_cstring().map_err(|e| Error::Cmdline(e.to_string()))?;
+        .map_err(Error::LoadCmdline)?;
+    let len = c.as_cstring().map_err(Error::Cmdline)?;
     Ok(len.as_bytes_with_nul().len())
 }
 

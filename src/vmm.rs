@@ -156,7 +156,7 @@ impl Vmm {
             }
             self.event_manager
                 .run_with_timeout(tick_ms)
-                .map_err(|e| Error::EventLoop(e.to_string()))?;
+                .map_err(Error::EventLoop)?;
         };
         vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
         Ok(end)
