@@ -1,22 +1,27 @@
 //! `capsule exec`: run one command in a fresh VM and hand back its output
 //! and exit status.
 //!
-//! The pieces:
+//! The pieces, one file each:
 //!
-//! * [`initramfs`](build_initramfs): a cpio archive generated here with
-//!   the embedded guest init (`capsule-init`, built from `guest-init/` by
+//! * `initramfs.rs`: a cpio archive ([`cpio`]) generated here with the
+//!   embedded guest init (`capsule-init`, built from `guest-init/` by
 //!   `build.rs`), the command description, the `--rootfs` tree and the
 //!   `--share` directories. The kernel runs the init with `rdinit=`.
 //! * A virtio-console device whose single port is the channel: the init
 //!   speaks the framed protocol of the `exec-proto` crate over `/dev/hvc0`.
-//!   Guest → host frames are decoded by [`Sink`] as the device hands over
-//!   transmitted bytes; host → guest frames (time, stdin) are queued by
-//!   [`StdinPump`], an event-loop subscriber.
+//!   Guest → host frames are decoded by `session.rs`'s `Sink` as the device
+//!   hands over transmitted bytes; host → guest frames (time, stdin) are
+//!   queued by `stdin.rs`'s `StdinPump`, an event-loop subscriber.
 //! * The serial console stays the kernel console (`quiet`), captured in a
 //!   [`ConsoleTail`] whose last lines are shown when the guest fails.
-//! * [`Session`] holds what the guest reported; the VMM's run loop asks
-//!   [`Session::check`] whether to stop: command finished, init error,
-//!   `--timeout`, no boot, or no heartbeat (a stuck guest).
+//! * `session.rs`'s `Session` holds what the guest reported; the VMM's run
+//!   loop asks `Session::check` whether to stop: command finished, init
+//!   error, `--timeout`, no boot, or no heartbeat (a stuck guest).
+//! * `copyback.rs`: what the command wrote in a writable share comes back
+//!   into the share's host directory, and nowhere else.
+//!
+//! This file holds the arguments ([`ExecConfig`], [`Share`]) and [`run`]:
+//! prepare, wire the session, boot, map the end to an [`Outcome`].
 
 mod copyback;
 pub mod cpio;
@@ -168,6 +173,32 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>, what: &'static str) -> Result<File,
 
 /// Boots the VM, runs the command and returns how it ended.
 pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
+    prepare(&mut config)?;
+    let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
+    let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
+    let (console, pump) = console_and_pump(&session, wake)?;
+    let tail = ConsoleTail::default();
+    let serial = Console {
+        out: Box::new(tail.clone()),
+        input: None,
+        raw_terminal: false,
+    };
+    let extras = Extras {
+        devices: vec![ExtraDevice {
+            virtio: console.clone(),
+            subscriber: console,
+        }],
+        subscribers: vec![Arc::new(Mutex::new(pump))],
+    };
+    let vmm = builder::build_with(&config.vm, serial, extras)?;
+    let end = vmm.run(Some(TICK), |_| lock(&session).check())?;
+    let session = lock(&session);
+    Ok(outcome(end, &session, &tail))
+}
+
+/// Checks the command's environment and working directory; adds the
+/// generated initramfs and capsule's command line to the VM.
+fn prepare(config: &mut ExecConfig) -> Result<(), Error> {
     for e in &config.env {
         if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
             return Err(Error::Usage(format!("--env '{e}': expected KEY=VALUE")));
@@ -179,7 +210,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
             config.workdir
         )));
     }
-    config.vm.initramfs = Some(build_initramfs(&config)?);
+    config.vm.initramfs = Some(build_initramfs(config)?);
     config.vm.cmdline = format!(
         "{} rdinit={} {}",
         EXEC_CMDLINE,
@@ -188,9 +219,13 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     )
     .trim_end()
     .to_string();
+    Ok(())
+}
 
-    let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
-    let session = Arc::new(Mutex::new(Session {
+/// A session that has heard nothing yet, writing to capsule's stdout and
+/// stderr; `wake` is signalled when the init says hello.
+fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
+    Ok(Session {
         started: config.started,
         timeout: config.timeout,
         boot_timeout: config.boot_timeout,
@@ -213,7 +248,15 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
             .collect(),
         current_file: None,
         wake: wake.try_clone().map_err(|e| Error::Host("eventfd", e))?,
-    }));
+    })
+}
+
+/// The virtio console whose output feeds `session`, and the pump that
+/// feeds it host stdin once `wake` says the init is up.
+fn console_and_pump(
+    session: &Arc<Mutex<Session>>,
+    wake: EventFd,
+) -> Result<(Arc<Mutex<VirtioConsole>>, StdinPump), Error> {
     let console = VirtioConsole::new(Box::new(Sink {
         session: session.clone(),
         decoder: Decoder::new(),
@@ -241,26 +284,14 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         time_sent: false,
         done: false,
     };
+    Ok((console, pump))
+}
 
-    let tail = ConsoleTail::default();
-    let serial = Console {
-        out: Box::new(tail.clone()),
-        input: None,
-        raw_terminal: false,
-    };
-    let extras = Extras {
-        devices: vec![ExtraDevice {
-            virtio: console.clone(),
-            subscriber: console,
-        }],
-        subscribers: vec![Arc::new(Mutex::new(pump))],
-    };
-    let vmm = builder::build_with(&config.vm, serial, extras)?;
-    let end = vmm.run(Some(TICK), |_| lock(&session).check())?;
-
-    let session = lock(&session);
+/// How the exec ended, from how the run loop ended and what the guest
+/// reported.
+fn outcome(end: RunEnd<Stop>, session: &Session, tail: &ConsoleTail) -> Outcome {
     let failed = |why: String| Outcome::GuestFailed(why, tail.lines(CONSOLE_TAIL_LINES));
-    Ok(match (end, session.exit, &session.error) {
+    match (end, session.exit, &session.error) {
         (_, _, Some(e)) => Outcome::SetupFailed(e.clone()),
         (_, Some(status), _) => match &session.copy_error {
             Some(e) => Outcome::SetupFailed(e.clone()),
@@ -282,7 +313,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         } else {
             "the guest shut down before capsule's init started".into()
         }),
-    })
+    }
 }
 
 #[cfg(test)]
