@@ -394,53 +394,109 @@ fn run_command(
     root: &Path,
     early_stdin: Vec<HostMsg>,
 ) -> Result<u8, String> {
-    let mut env = spec.env.clone();
-    let has = |env: &[Vec<u8>], k: &[u8]| env.iter().any(|e| e.starts_with(k));
-    if !has(&env, b"PATH=") {
-        env.push(format!("PATH={DEFAULT_PATH}").into_bytes());
-    }
-    if !has(&env, b"HOME=") {
-        env.push(b"HOME=/root".to_vec());
-    }
-    let path_var = env
-        .iter()
-        .rev()
-        .find_map(|e| e.strip_prefix(b"PATH="))
-        .unwrap_or(DEFAULT_PATH.as_bytes())
-        .to_vec();
-    let program = resolve(root, &spec.argv[0], &path_var);
-    let not_found = match &program {
-        Some(_) => Vec::new(),
-        None => {
-            let mut m = b"capsule-init: ".to_vec();
-            m.extend_from_slice(&spec.argv[0]);
-            m.extend_from_slice(b": command not found\n");
-            m
+    let command = Command::new(spec, root)?;
+    let (pid, mut pump) = spawn(chan, &command)?;
+    pump.take_host(early_stdin, true);
+    let mut status = None;
+    loop {
+        // Only a poll that started after the command was reaped can tell
+        // that its output is drained: whatever it wrote is in the pipes by
+        // then.
+        let exited_before_poll = status.is_some();
+        let got_output = pump.round(chan, status.is_some())?;
+        if chan.heartbeat_due() {
+            chan.send(&GuestMsg::Heartbeat)
+                .map_err(|e| format!("port write: {e}"))?;
         }
-    };
-    let program =
-        sys::cstr(program.as_deref().unwrap_or(&spec.argv[0])).map_err(|e| e.to_string())?;
-    let cwd = if spec.cwd.is_empty() {
-        b"/".to_vec()
-    } else {
-        spec.cwd.clone()
-    };
-    if !in_root(root, &cwd).is_dir() {
-        return Err(format!(
-            "working directory {} does not exist in the guest",
-            String::from_utf8_lossy(&cwd)
-        ));
+        if let Some(code) = reap(pid) {
+            status = Some(code);
+        }
+        if let (Some(code), true) = (status, exited_before_poll) {
+            // Output still held open by a background process: stop once it
+            // goes quiet, rather than wait for it.
+            if pump.drained() || !got_output {
+                return Ok(code);
+            }
+        }
     }
-    let cwd = sys::cstr(&cwd).map_err(|e| e.to_string())?;
-    let argv = cstrings(&spec.argv)?;
-    let envp = cstrings(&env)?;
-    let (argv_p, envp_p) = (ptrs(&argv), ptrs(&envp));
-    let chroot = if root == Path::new("/") {
-        None
-    } else {
-        Some(sys::cstr(root.as_os_str().as_bytes()).map_err(|e| e.to_string())?)
-    };
+}
 
+/// The command, ready for `execve`: everything allocated before `fork`.
+struct Command {
+    program: CString,
+    /// What the child prints when the program is not found.
+    not_found: Vec<u8>,
+    cwd: CString,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    chroot: Option<CString>,
+}
+
+impl Command {
+    /// The command of `spec`, run in `root`: its environment (with a
+    /// default `PATH` and `HOME`), its program found on that `PATH`, its
+    /// working directory (which must exist).
+    fn new(spec: &ExecSpec, root: &Path) -> Result<Self, String> {
+        let mut env = spec.env.clone();
+        let has = |env: &[Vec<u8>], k: &[u8]| env.iter().any(|e| e.starts_with(k));
+        if !has(&env, b"PATH=") {
+            env.push(format!("PATH={DEFAULT_PATH}").into_bytes());
+        }
+        if !has(&env, b"HOME=") {
+            env.push(b"HOME=/root".to_vec());
+        }
+        let path_var = env
+            .iter()
+            .rev()
+            .find_map(|e| e.strip_prefix(b"PATH="))
+            .unwrap_or(DEFAULT_PATH.as_bytes())
+            .to_vec();
+        let program = resolve(root, &spec.argv[0], &path_var);
+        let not_found = match &program {
+            Some(_) => Vec::new(),
+            None => {
+                let mut m = b"capsule-init: ".to_vec();
+                m.extend_from_slice(&spec.argv[0]);
+                m.extend_from_slice(b": command not found\n");
+                m
+            }
+        };
+        let program =
+            sys::cstr(program.as_deref().unwrap_or(&spec.argv[0])).map_err(|e| e.to_string())?;
+        let cwd = if spec.cwd.is_empty() {
+            b"/".to_vec()
+        } else {
+            spec.cwd.clone()
+        };
+        if !in_root(root, &cwd).is_dir() {
+            return Err(format!(
+                "working directory {} does not exist in the guest",
+                String::from_utf8_lossy(&cwd)
+            ));
+        }
+        let cwd = sys::cstr(&cwd).map_err(|e| e.to_string())?;
+        let argv = cstrings(&spec.argv)?;
+        let envp = cstrings(&env)?;
+        let chroot = if root == Path::new("/") {
+            None
+        } else {
+            Some(sys::cstr(root.as_os_str().as_bytes()).map_err(|e| e.to_string())?)
+        };
+        Ok(Self {
+            program,
+            not_found,
+            cwd,
+            argv,
+            envp,
+            chroot,
+        })
+    }
+}
+
+/// Creates the command's stdio pipes, tells the host it starts and
+/// starts it. Returns its pid and the pump for its stdio.
+fn spawn(chan: &mut Channel, command: &Command) -> Result<(libc::pid_t, Pump), String> {
+    let (argv_p, envp_p) = (ptrs(&command.argv), ptrs(&command.envp));
     let pipe = |what| sys::pipe().map_err(|e| format!("cannot create the {what} pipe: {e}"));
     let (in_r, in_w) = pipe("stdin")?;
     let (out_r, out_w) = pipe("stdout")?;
@@ -455,90 +511,151 @@ fn run_command(
     chan.send(&GuestMsg::Started)
         .map_err(|e| format!("port write: {e}"))?;
     let pid = sys::spawn(&sys::ChildSetup {
-        chroot: chroot.as_deref(),
-        cwd: &cwd,
-        program: &program,
+        chroot: command.chroot.as_deref(),
+        cwd: &command.cwd,
+        program: &command.program,
         argv: &argv_p,
         envp: &envp_p,
         stdio: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-        not_found: &not_found,
+        not_found: &command.not_found,
     })
     .map_err(|e| format!("cannot start the command: {e}"))?;
     drop((in_r, out_w, err_w));
+    let pump = Pump {
+        stdin: Stream { fd: Some(in_w) },
+        stdout: Stream { fd: Some(out_r) },
+        stderr: Stream { fd: Some(err_r) },
+        stdin_buf: Vec::new(),
+        stdin_eof: false,
+        buf: vec![0u8; CHUNK],
+    };
+    Ok((pid, pump))
+}
 
-    let mut stdin = Stream { fd: Some(in_w) };
-    let mut stdout = Stream { fd: Some(out_r) };
-    let mut stderr = Stream { fd: Some(err_r) };
-    let mut stdin_buf: Vec<u8> = Vec::new();
-    let mut stdin_eof = false;
+/// Reaps every exited child (orphans of the command included); returns
+/// the command's status if it was among them.
+fn reap(pid: libc::pid_t) -> Option<u8> {
     let mut status = None;
-    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match sys::reap_any() {
+            sys::Reaped::Child(p, code) if p == pid => status = Some(code),
+            sys::Reaped::Child(..) => {}
+            sys::Reaped::None => return status,
+        }
+    }
+}
 
-    let handle_host = |msgs: Vec<HostMsg>, buf: &mut Vec<u8>, eof: &mut bool, open: bool| {
+/// Moves bytes between the command's pipes and the host: its stdout and
+/// stderr out as frames, host stdin (buffered up to a high-water mark)
+/// into its stdin.
+struct Pump {
+    stdin: Stream,
+    stdout: Stream,
+    stderr: Stream,
+    stdin_buf: Vec<u8>,
+    stdin_eof: bool,
+    buf: Vec<u8>,
+}
+
+/// A read or write that found nothing to do for now.
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
+}
+
+impl Pump {
+    /// Host stdin frames (`open`: the command's stdin is still open).
+    fn take_host(&mut self, msgs: Vec<HostMsg>, open: bool) {
         for m in msgs {
             match m {
-                HostMsg::Stdin(d) if open => buf.extend_from_slice(&d),
-                HostMsg::StdinEof => *eof = true,
+                HostMsg::Stdin(d) if open => self.stdin_buf.extend_from_slice(&d),
+                HostMsg::StdinEof => self.stdin_eof = true,
                 _ => {}
             }
         }
-    };
-    handle_host(early_stdin, &mut stdin_buf, &mut stdin_eof, true);
+    }
 
-    loop {
-        // Only a poll that started after the command was reaped can tell
-        // that its output is drained: whatever it wrote is in the pipes by
-        // then.
-        let exited_before_poll = status.is_some();
-        if stdin_eof && stdin_buf.is_empty() {
-            stdin.fd = None;
+    /// Both output pipes are closed.
+    fn drained(&self) -> bool {
+        self.stdout.fd.is_none() && self.stderr.fd.is_none()
+    }
+
+    /// One poll over the host port and the pipes (shorter once the command
+    /// has `exited`), then what is ready moves. Returns whether the
+    /// command's output had anything.
+    fn round(&mut self, chan: &mut Channel, exited: bool) -> Result<bool, String> {
+        if self.stdin_eof && self.stdin_buf.is_empty() {
+            self.stdin.fd = None;
         }
+        let pollfd = |fd, events| libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        };
         let mut fds = [
-            libc::pollfd {
-                fd: if stdin_buf.len() < STDIN_HIGH_WATER {
+            pollfd(
+                if self.stdin_buf.len() < STDIN_HIGH_WATER {
                     chan.rx.as_raw_fd()
                 } else {
                     -1
                 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stdout.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stderr.raw(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: if stdin_buf.is_empty() {
+                libc::POLLIN,
+            ),
+            pollfd(self.stdout.raw(), libc::POLLIN),
+            pollfd(self.stderr.raw(), libc::POLLIN),
+            pollfd(
+                if self.stdin_buf.is_empty() {
                     -1
                 } else {
-                    stdin.raw()
+                    self.stdin.raw()
                 },
-                events: libc::POLLOUT,
-                revents: 0,
-            },
+                libc::POLLOUT,
+            ),
         ];
-        let timeout = if status.is_some() { 50 } else { 100 };
+        let timeout = if exited { 50 } else { 100 };
         sys::poll(&mut fds, timeout).map_err(|e| format!("poll: {e}"))?;
-        let mut got_output = false;
+        let got_output = self.forward_output(chan, fds[1].revents != 0, fds[2].revents != 0)?;
+        if fds[0].revents != 0 {
+            let msgs = chan
+                .receive()
+                .map_err(|e| format!("bad message from the host: {e}"))?;
+            let open = self.stdin.fd.is_some();
+            self.take_host(msgs, open);
+        }
+        if fds[3].revents != 0 {
+            self.feed_stdin();
+        }
+        if self.stdin.fd.is_none() {
+            self.stdin_buf.clear();
+        }
+        Ok(got_output)
+    }
 
-        for (stream, idx, stdout_kind) in [(&mut stdout, 1, true), (&mut stderr, 2, false)] {
-            if fds[idx].revents == 0 {
+    /// Sends what the command wrote on the ready output pipes.
+    fn forward_output(
+        &mut self,
+        chan: &mut Channel,
+        out_ready: bool,
+        err_ready: bool,
+    ) -> Result<bool, String> {
+        let mut got_output = false;
+        for (stream, ready, stdout_kind) in [
+            (&mut self.stdout, out_ready, true),
+            (&mut self.stderr, err_ready, false),
+        ] {
+            if !ready {
                 continue;
             }
             let Some(fd) = stream.fd.as_ref() else {
                 continue;
             };
-            match read_fd(fd, &mut buf) {
+            match read_fd(fd, &mut self.buf) {
                 Ok(0) => stream.fd = None,
                 Ok(n) => {
                     got_output = true;
-                    let data = buf[..n].to_vec();
+                    let data = self.buf[..n].to_vec();
                     let msg = if stdout_kind {
                         GuestMsg::Stdout(data)
                     } else {
@@ -546,60 +663,27 @@ fn run_command(
                     };
                     chan.send(&msg).map_err(|e| format!("port write: {e}"))?;
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if transient(&e) => {}
                 Err(_) => stream.fd = None,
             }
         }
-        if fds[0].revents != 0 {
-            let msgs = chan
-                .receive()
-                .map_err(|e| format!("bad message from the host: {e}"))?;
-            let open = stdin.fd.is_some();
-            handle_host(msgs, &mut stdin_buf, &mut stdin_eof, open);
-        }
-        if fds[3].revents != 0 {
-            if let Some(fd) = stdin.fd.as_ref() {
-                match write_fd(fd, &stdin_buf) {
-                    Ok(n) => {
-                        stdin_buf.drain(..n);
-                    }
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                        ) => {}
-                    Err(_) => {
-                        // The command closed its stdin: drop the rest.
-                        stdin.fd = None;
-                        stdin_buf = Vec::new();
-                    }
-                }
+        Ok(got_output)
+    }
+
+    /// Writes buffered host stdin into the command's stdin.
+    fn feed_stdin(&mut self) {
+        let Some(fd) = self.stdin.fd.as_ref() else {
+            return;
+        };
+        match write_fd(fd, &self.stdin_buf) {
+            Ok(n) => {
+                self.stdin_buf.drain(..n);
             }
-        }
-        if stdin.fd.is_none() {
-            stdin_buf.clear();
-        }
-        if chan.heartbeat_due() {
-            chan.send(&GuestMsg::Heartbeat)
-                .map_err(|e| format!("port write: {e}"))?;
-        }
-        loop {
-            match sys::reap_any() {
-                sys::Reaped::Child(p, code) if p == pid => status = Some(code),
-                sys::Reaped::Child(..) => {}
-                sys::Reaped::None => break,
-            }
-        }
-        if let (Some(code), true) = (status, exited_before_poll) {
-            let drained = stdout.fd.is_none() && stderr.fd.is_none();
-            // Output still held open by a background process: stop once it
-            // goes quiet, rather than wait for it.
-            if drained || !got_output {
-                return Ok(code);
+            Err(e) if transient(&e) => {}
+            Err(_) => {
+                // The command closed its stdin: drop the rest.
+                self.stdin.fd = None;
+                self.stdin_buf = Vec::new();
             }
         }
     }
