@@ -10,6 +10,7 @@ pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod exec;
+mod kernel_load;
 pub mod logger;
 pub mod runtime;
 pub mod signals;
