@@ -166,8 +166,13 @@ fn parse_secs(what: &str, secs: f64) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{what} must be a positive number of seconds"))
 }
 
-fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
-    use capsule::exec::{self, Outcome};
+/// The `exec` arguments as an [`capsule::exec::ExecConfig`]: `--env K`
+/// takes K's value from capsule's environment; the timeouts must be
+/// positive.
+fn exec_config(
+    args: ExecArgs,
+    started: std::time::Instant,
+) -> Result<capsule::exec::ExecConfig, String> {
     let mut env = Vec::new();
     for e in args.env {
         if e.contains('=') {
@@ -175,28 +180,16 @@ fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
         } else {
             match std::env::var(&e) {
                 Ok(v) => env.push(format!("{e}={v}")),
-                Err(_) => {
-                    eprintln!("capsule: error: --env {e}: not set in capsule's environment");
-                    return status::EXEC_ERROR;
-                }
+                Err(_) => return Err(format!("--env {e}: not set in capsule's environment")),
             }
         }
     }
-    let timeout = match args.timeout.map(|t| parse_secs("--timeout", t)).transpose() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            return status::EXEC_ERROR;
-        }
-    };
-    let boot_timeout = match parse_secs("--boot-timeout", args.boot_timeout) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            return status::EXEC_ERROR;
-        }
-    };
-    let config = exec::ExecConfig {
+    let timeout = args
+        .timeout
+        .map(|t| parse_secs("--timeout", t))
+        .transpose()?;
+    let boot_timeout = parse_secs("--boot-timeout", args.boot_timeout)?;
+    Ok(capsule::exec::ExecConfig {
         vm: VmConfig {
             kernel: args.kernel,
             initrd: args.initrd,
@@ -216,6 +209,17 @@ fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
         timeout,
         boot_timeout,
         started,
+    })
+}
+
+fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
+    use capsule::exec::{self, Outcome};
+    let config = match exec_config(args, started) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            return status::EXEC_ERROR;
+        }
     };
     match exec::run(config) {
         Ok(Outcome::Exited(code)) => code,
