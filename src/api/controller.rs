@@ -17,16 +17,11 @@ use std::fs::OpenOptions;
 use std::path::PathBuf;
 
 use super::action::{VmmAction, VmmActionError, VmmData};
+use super::resources::VmResources;
 use super::types::*;
 use crate::builder::{self, Console};
-use crate::config::{self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+use crate::config::VmConfig;
 use crate::vmm::Vmm;
-
-/// The Firecracker-compatible default memory size (MiB) before
-/// `PUT /machine-config`.
-pub const DEFAULT_MEM_MIB: u64 = 128;
-/// Largest vCPU count the API accepts (Firecracker's limit).
-pub const MAX_API_VCPUS: u64 = 32;
 
 /// Where the VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,17 +49,10 @@ impl State {
 pub struct Controller {
     id: String,
     state: State,
-    machine: MachineConfig,
-    boot: Option<BootSource>,
-    drives: Vec<Drive>,
-    nets: Vec<NetworkInterface>,
-    logger: Option<Logger>,
-    serial: Option<SerialDevice>,
-    kvm_path: PathBuf,
+    resources: VmResources,
     console: Option<Console>,
     /// The VM `InstanceStart` built, until the caller takes it.
     started: Option<Vmm>,
-    direct: Option<VmConfig>,
 }
 
 type Result<T> = std::result::Result<T, VmmActionError>;
@@ -76,23 +64,9 @@ impl Controller {
         Self {
             id,
             state: State::NotStarted,
-            machine: MachineConfig {
-                vcpu_count: 1,
-                mem_size_mib: DEFAULT_MEM_MIB,
-                smt: Some(false),
-                track_dirty_pages: Some(false),
-                cpu_template: None,
-                huge_pages: Some("None".to_string()),
-            },
-            boot: None,
-            drives: Vec::new(),
-            nets: Vec::new(),
-            logger: None,
-            serial: None,
-            kvm_path,
+            resources: VmResources::new(kvm_path),
             console: Some(console),
             started: None,
-            direct: None,
         }
     }
 
@@ -130,18 +104,6 @@ impl Controller {
         Ok(())
     }
 
-    fn full_config(&self) -> FullVmConfig {
-        FullVmConfig {
-            boot_source: self.boot.clone(),
-            drives: self.drives.clone(),
-            network_interfaces: self.nets.clone(),
-            machine_config: Some(self.machine.clone()),
-            logger: self.logger.clone(),
-            serial: self.serial.clone(),
-            ..FullVmConfig::default()
-        }
-    }
-
     fn pre_boot(&self) -> Result<()> {
         if self.state == State::NotStarted {
             Ok(())
@@ -163,15 +125,17 @@ impl Controller {
             VmmAction::GetVersion => Ok(VmmData::Version(Version {
                 firecracker_version: env!("CARGO_PKG_VERSION").to_string(),
             })),
-            VmmAction::GetMachineConfig => Ok(VmmData::MachineConfig(self.machine.clone())),
-            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.full_config()))),
-            VmmAction::PutMachineConfig(m) => self.put_machine(m),
-            VmmAction::PutBootSource(b) => self.put_boot_source(b),
-            VmmAction::PutDrive(d) => self.put_drive(d),
-            VmmAction::PutNetworkInterface(n) => self.put_net(n),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.resources.machine.clone()))
+            }
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.resources.full_config()))),
+            VmmAction::PutMachineConfig(m) => self.configure(|r| r.set_machine(m)),
+            VmmAction::PutBootSource(b) => self.configure(|r| r.set_boot_source(b)),
+            VmmAction::PutDrive(d) => self.configure(|r| r.set_drive(d)),
+            VmmAction::PutNetworkInterface(n) => self.configure(|r| r.set_net(n)),
             VmmAction::PutLogger(l) => {
                 configure_logger(&l)?;
-                self.logger = Some(l);
+                self.resources.logger = Some(l);
                 Ok(VmmData::Empty)
             }
             VmmAction::PutSerial(s) => {
@@ -181,7 +145,7 @@ impl Controller {
                         "serial rate_limiter is not supported",
                     ));
                 }
-                self.serial = Some(s);
+                self.resources.serial = Some(s);
                 Ok(VmmData::Empty)
             }
             VmmAction::Action(ActionType::FlushMetrics) => Err(VmmActionError::Unsupported(
@@ -197,66 +161,17 @@ impl Controller {
         }
     }
 
-    fn put_machine(&mut self, m: MachineConfig) -> Result<VmmData> {
+    /// A change to the configuration, which only exists before start.
+    fn configure(&mut self, set: impl FnOnce(&mut VmResources) -> Result<()>) -> Result<VmmData> {
         self.pre_boot()?;
-        validate_machine(&m)?;
-        self.machine = MachineConfig {
-            smt: Some(m.smt.unwrap_or(false)),
-            track_dirty_pages: Some(m.track_dirty_pages.unwrap_or(false)),
-            huge_pages: Some(m.huge_pages.clone().unwrap_or_else(|| "None".into())),
-            ..m
-        };
+        set(&mut self.resources)?;
         Ok(VmmData::Empty)
     }
 
-    fn put_boot_source(&mut self, b: BootSource) -> Result<VmmData> {
-        self.pre_boot()?;
-        if b.kernel_image_path.is_empty() {
-            return Err(VmmActionError::Unsupported("kernel_image_path is empty"));
-        }
-        self.boot = Some(b);
-        Ok(VmmData::Empty)
-    }
-
-    fn put_drive(&mut self, d: Drive) -> Result<VmmData> {
-        self.pre_boot()?;
-        validate_drive(&d)?;
-        if d.is_root_device
-            && self
-                .drives
-                .iter()
-                .any(|x| x.is_root_device && x.drive_id != d.drive_id)
-        {
-            return Err(VmmActionError::Unsupported(
-                "A root block device already exists!",
-            ));
-        }
-        match self.drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
-            Some(x) => *x = d,
-            None => self.drives.push(d),
-        }
-        Ok(VmmData::Empty)
-    }
-
-    fn put_net(&mut self, n: NetworkInterface) -> Result<VmmData> {
-        self.pre_boot()?;
-        if n.mtu.is_some() || n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-            return Err(VmmActionError::NetUnsupported(n.iface_id));
-        }
-        if let Some(mac) = &n.guest_mac {
-            parse_mac(mac).map_err(|source| VmmActionError::NetMac {
-                iface: n.iface_id.clone(),
-                source,
-            })?;
-        }
-        if n.host_dev_name.is_empty() {
-            return Err(VmmActionError::NetNoHostDev(n.iface_id));
-        }
-        match self.nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
-            Some(x) => *x = n,
-            None => self.nets.push(n),
-        }
-        Ok(VmmData::Empty)
+    /// Uses `config` (from the command line) for the VM instead of what
+    /// API requests configure (see [`VmResources::set_direct`]).
+    pub fn set_direct(&mut self, config: VmConfig) {
+        self.resources.set_direct(config);
     }
 
     fn ctrl_alt_del(&self, vmm: Option<&mut Vmm>) -> Result<VmmData> {
@@ -297,89 +212,13 @@ impl Controller {
         Ok(VmmData::Empty)
     }
 
-    /// Uses `config` (from the command line) for the VM instead of what
-    /// API requests configure; `GET /machine-config` and `GET /vm/config`
-    /// report its vCPUs, memory and boot source.
-    pub fn set_direct(&mut self, config: VmConfig) {
-        self.machine.vcpu_count = u64::from(config.vcpus);
-        self.machine.mem_size_mib = config.mem_size >> 20;
-        self.boot = Some(BootSource {
-            kernel_image_path: config.kernel.display().to_string(),
-            boot_args: Some(config.cmdline.clone()),
-            initrd_path: config.initrd.as_ref().map(|p| p.display().to_string()),
-        });
-        self.direct = Some(config);
-    }
-
-    /// The [`VmConfig`] the current configuration describes.
-    pub fn vm_config(&self) -> Result<VmConfig> {
-        if let Some(c) = &self.direct {
-            return Ok(c.clone());
-        }
-        let Some(boot) = &self.boot else {
-            return Err(VmmActionError::NoKernel);
-        };
-        let mut cmdline = boot
-            .boot_args
-            .clone()
-            .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string());
-        // The root drive is the guest's first disk (vda).
-        let mut ordered: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        ordered.extend(self.drives.iter().filter(|d| !d.is_root_device));
-        if let Some(root) = ordered.first().filter(|d| d.is_root_device) {
-            let ro = root.is_read_only.unwrap_or(false);
-            match &root.partuuid {
-                Some(u) => cmdline.push_str(&format!(" root=PARTUUID={u}")),
-                None => cmdline.push_str(" root=/dev/vda"),
-            }
-            cmdline.push_str(if ro { " ro" } else { " rw" });
-        }
-        let disks = ordered
-            .iter()
-            .map(|d| DiskConfig {
-                path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
-                mode: if d.is_read_only.unwrap_or(false) {
-                    DiskMode::ReadOnly
-                } else {
-                    DiskMode::ReadWrite
-                },
-            })
-            .collect();
-        Ok(VmConfig {
-            kernel: PathBuf::from(&boot.kernel_image_path),
-            initrd: boot.initrd_path.as_ref().map(PathBuf::from),
-            initramfs: None,
-            cmdline,
-            vcpus: u8::try_from(self.machine.vcpu_count)
-                .map_err(|_| VmmActionError::BadVcpuCount)?,
-            mem_size: self.machine.mem_size_mib << 20,
-            kvm_path: self.kvm_path.clone(),
-            disks,
-            nets: self
-                .nets
-                .iter()
-                .map(|n| {
-                    let mac = n.guest_mac.as_deref().map(parse_mac).transpose();
-                    Ok(NetConfig {
-                        backend: NetBackendConfig::Tap {
-                            name: n.host_dev_name.clone(),
-                        },
-                        mac: mac.map_err(|source| VmmActionError::NetMac {
-                            iface: n.iface_id.clone(),
-                            source,
-                        })?,
-                    })
-                })
-                .collect::<Result<_>>()?,
-        })
-    }
-
     fn start(&mut self) -> Result<()> {
-        let config = self.vm_config()?;
+        let config = self.resources.vm_config()?;
         let Some(mut console) = self.console.take() else {
             return Err(VmmActionError::NoConsole);
         };
         if let Some(path) = self
+            .resources
             .serial
             .as_ref()
             .and_then(|s| s.serial_out_path.as_ref())
@@ -410,68 +249,6 @@ impl Controller {
             }
         }
     }
-}
-
-fn validate_machine(m: &MachineConfig) -> Result<()> {
-    if m.vcpu_count == 0 || m.vcpu_count > MAX_API_VCPUS {
-        return Err(VmmActionError::VcpuCount {
-            max: MAX_API_VCPUS,
-            got: m.vcpu_count,
-        });
-    }
-    let min = config::MIN_MEM_SIZE >> 20;
-    if m.mem_size_mib < min || m.mem_size_mib > (1 << 30) {
-        return Err(VmmActionError::MemSize {
-            min,
-            got: m.mem_size_mib,
-        });
-    }
-    let unsupported = VmmActionError::Unsupported;
-    if m.smt == Some(true) {
-        return Err(unsupported("smt is not supported"));
-    }
-    if m.track_dirty_pages == Some(true) {
-        return Err(unsupported("track_dirty_pages is not supported"));
-    }
-    if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
-        return Err(unsupported("CPU templates are not supported"));
-    }
-    if m.huge_pages.as_deref().is_some_and(|t| t != "None") {
-        return Err(unsupported("huge_pages is not supported"));
-    }
-    Ok(())
-}
-
-fn validate_drive(d: &Drive) -> Result<()> {
-    if d.drive_id.is_empty()
-        || !d
-            .drive_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
-        return Err(VmmActionError::DriveId(d.drive_id.clone()));
-    }
-    let unsupported = VmmActionError::Unsupported;
-    if d.socket.is_some() {
-        return Err(unsupported("vhost-user drives (socket) are not supported"));
-    }
-    if d.rate_limiter.is_some() {
-        return Err(unsupported("drive rate_limiter is not supported"));
-    }
-    match d.path_on_host.as_deref() {
-        None | Some("") => return Err(unsupported("path_on_host is required")),
-        Some(_) => {}
-    }
-    if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
-        return Err(unsupported("only the Sync io_engine is supported"));
-    }
-    if d.cache_type
-        .as_deref()
-        .is_some_and(|c| c != "Unsafe" && c != "Writeback")
-    {
-        return Err(unsupported("cache_type must be Unsafe or Writeback"));
-    }
-    Ok(())
 }
 
 fn configure_logger(l: &Logger) -> Result<()> {
@@ -509,6 +286,7 @@ fn configure_logger(l: &Logger) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{self, DiskMode};
 
     fn ctl() -> Controller {
         let console = Console {
@@ -580,7 +358,7 @@ mod tests {
             c.handle(VmmAction::PutDrive(drive("a b", false)), None),
             Err(VmmActionError::DriveId(id)) if id == "a b"
         ));
-        let vm = c.vm_config().unwrap();
+        let vm = c.resources.vm_config().unwrap();
         assert_eq!(vm.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(vm.disks[0].path, PathBuf::from("/rootfs.img"));
         assert_eq!(vm.disks[1].mode, DiskMode::ReadOnly);

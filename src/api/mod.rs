@@ -10,6 +10,7 @@
 pub mod action;
 pub mod controller;
 pub mod http;
+pub mod resources;
 pub mod server;
 pub mod types;
 
