@@ -250,14 +250,13 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
     let vcpus = create_vcpus(&vm, mem, &entry, config.vcpus)?;
 
-    let terminal = if raw_terminal {
-        terminal::enter_raw_mode().map_err(Error::Terminal)?
-    } else {
-        None
-    };
-    vcpu::install_kick_handler()?;
-    let pause = Arc::new(PauseGate::default());
+    let terminal = raw_terminal
+        .then(terminal::enter_raw_mode)
+        .transpose()
+        .map_err(Error::Terminal)?
+        .flatten();
     let i8042 = dm.i8042.clone();
+    let pause = Arc::new(PauseGate::default());
     let io = VcpuIo {
         pio: Arc::new(dm.pio),
         mmio: Arc::new(dm.mmio),
@@ -402,6 +401,7 @@ fn create_vcpus(
 /// Starts a thread per vCPU. If one cannot start, those already running
 /// are stopped (and guest memory stays mapped if one of them would not).
 fn start_vcpus(vcpus: Vec<Vcpu>, io: &VcpuIo, ram: &mut GuestRam) -> Result<Vec<VcpuHandle>> {
+    vcpu::install_kick_handler()?;
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         match vcpu.start(io.clone()) {
