@@ -318,6 +318,24 @@ struct RunArgs {
     kvm: PathBuf,
 }
 
+impl RunArgs {
+    /// The VM `--kernel` and the other options describe, if `--kernel`
+    /// was given.
+    fn vm_config(&self) -> Option<VmConfig> {
+        self.kernel.clone().map(|kernel| VmConfig {
+            kernel,
+            initrd: self.initrd.clone(),
+            initramfs: None,
+            cmdline: self.cmdline.clone(),
+            vcpus: self.cpus,
+            mem_size: self.memory,
+            kvm_path: self.kvm.clone(),
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
+        })
+    }
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
     let size = config::parse_size(s).map_err(|e| e.to_string())?;
     if size < config::MIN_MEM_SIZE {
@@ -396,17 +414,6 @@ fn run(args: RunArgs) -> u8 {
     } else {
         Console::stdio()
     };
-    let vm = args.kernel.clone().map(|kernel| VmConfig {
-        kernel,
-        initrd: args.initrd.clone(),
-        initramfs: None,
-        cmdline: args.cmdline.clone(),
-        vcpus: args.cpus,
-        mem_size: args.memory,
-        kvm_path: args.kvm.clone(),
-        disks: args.disks.clone(),
-        nets: args.nets.clone(),
-    });
     let on_started: Option<Box<dyn FnOnce()>> = match (&reg, args.detached_child) {
         (Some(r), true) => {
             let log = r.dir().join("vmm.log");
@@ -420,7 +427,7 @@ fn run(args: RunArgs) -> u8 {
         id: args.name.clone().unwrap_or(args.id.clone()),
         kvm_path: args.kvm.clone(),
         console,
-        vm,
+        vm: args.vm_config(),
         on_started,
     };
     let code = match api::run(opts) {
