@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use devices::exit::GuestExit;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::Console;
 use controller::{Controller, Effect, Request, State};
@@ -122,7 +122,7 @@ const TICK: Duration = Duration::from_millis(200);
 /// Runs a VM configured over the API and/or from a configuration file;
 /// returns how the guest ended it.
 pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Vmm(e.to_string()))?);
+    let wake = Arc::new(devices::eventfd().map_err(|e| Error::Vmm(e.to_string()))?);
     let (tx, rx) = channel::<Call>();
     let _socket_file;
     let rx: Option<Receiver<Call>> = match &opts.api_sock {

@@ -36,7 +36,7 @@ use devices::exit::GuestExit;
 use devices::virtio::console::{Console as VirtioConsole, INPUT_HIGH_WATER};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use exec_proto::{Decoder, ExecSpec, GuestMsg, HostMsg, MAX_PAYLOAD};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{self, Console, ExtraDevice, Extras, RunEnd};
 use crate::config::VmConfig;
@@ -625,7 +625,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     .trim_end()
     .to_string();
 
-    let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
+    let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(Session {
         started: config.started,
         timeout: config.timeout,
@@ -660,7 +660,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         .try_clone()
         .map_err(|e| Error::Host("eventfd", e))?;
     let console = Arc::new(Mutex::new(console));
-    let data_ready = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
+    let data_ready = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let chunks = spawn_stdin_reader(
         data_ready
             .try_clone()
@@ -780,7 +780,7 @@ mod tests {
             output_failed: false,
             shares,
             current_file: None,
-            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+            wake: devices::eventfd().unwrap(),
         }
     }
 
@@ -898,7 +898,7 @@ mod tests {
             VirtioConsole::new(Box::new(io::sink())).unwrap(),
         ));
         let (tx, rx) = mpsc::sync_channel(8);
-        let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let evt = || devices::eventfd().unwrap();
         let mut pump = StdinPump {
             console: console.clone(),
             session: s.clone(),
