@@ -38,6 +38,8 @@
 //! disks) or `DISCARD` + `WRITE_ZEROES` (writable ones).
 
 pub mod disk;
+mod ephemeral;
+mod lock;
 mod request;
 
 use std::io;
@@ -53,7 +55,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-pub use disk::{lock_image, DiskImage, EphemeralImage, RawImage};
+pub use disk::{DiskImage, RawImage};
+pub use ephemeral::EphemeralImage;
+pub use lock::lock_image;
 
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
