@@ -22,13 +22,15 @@ STARVE_BOUND_MS="${STARVE_BOUND_MS:-100}"
 # uptime_ms: a monotonic clock in ms (busybox date has no portable %N).
 uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 
-# starve_gets SOCK N FILE: N sequential `GET /` on SOCK; one line per
-# request in FILE: HTTP status and time in ms. A request that gets no
-# answer within 30 s counts as 30000 ms.
+# starve_gets SOCK N FILE: N sequential `GET /` on SOCK, or as many as fit
+# in STARVE_GETS_SECS (90) seconds; one line per request in FILE: HTTP
+# status and time in ms. A request that gets no answer within 30 s counts
+# as 30000 ms.
 starve_gets() {
     : >"$3"
     _i=0
-    while [ "$_i" -lt "$2" ]; do
+    _until=$(($(now) + ${STARVE_GETS_SECS:-90}))
+    while [ "$_i" -lt "$2" ] && [ "$(now)" -lt "$_until" ]; do
         _r="$("$TOOLS/curl" -s -o /dev/null --max-time 30 -w '%{http_code} %{time_total}' \
             --unix-socket "$1" http://localhost/)" || _r="000 30"
         echo "$_r" | awk '{ printf "%s %.2f\n", $1, $2 * 1000 }' >>"$3"
@@ -126,13 +128,17 @@ case_disk_starve() {
     SECS=$(($(now) - _start))
     tr -d '\r' <"$_sd/stdout.raw" >"$OUT"
 
-    echo "    disk_starve: GET / idle   p50 ${_idle_p50:-?} ms, p99 ${_idle_p99:-?} ms ($STARVE_GETS requests)"
-    echo "    disk_starve: GET / loaded p50 ${_load_p50:-?} ms, p99 ${_load_p99:-?} ms ($STARVE_GETS requests, guest read $_mib MiB in ${_load_s}s meanwhile)"
+    _n_idle=$(wc -l <"$_sd/idle.txt" 2>/dev/null || echo 0)
+    _n_load=$(wc -l <"$_sd/load.txt" 2>/dev/null || echo 0)
+    _max_load="$(starve_pct "$_sd/load.txt" 100 2>/dev/null)"
+    echo "    disk_starve: GET / idle   p50 ${_idle_p50:-?} ms, p99 ${_idle_p99:-?} ms ($_n_idle requests)"
+    echo "    disk_starve: GET / loaded p50 ${_load_p50:-?} ms, p99 ${_load_p99:-?} ms, max ${_max_load:-?} ms ($_n_load requests; the guest read $_mib MiB in ${_load_s} s meanwhile)"
     echo "    disk_starve: capsule stop took ${_stop_ms:-?} ms (status ${_stop_rc:-?})"
     expect "the guest booted" [ "$_ready" -eq 1 ]
     expect "the API socket exists" [ -n "$_sock" ]
     expect "every idle GET / answered 200" starve_all_ok "$_sd/idle.txt"
     expect "every loaded GET / answered 200" starve_all_ok "$_sd/load.txt"
+    expect "at least 100 GET / timed under load" [ "$_n_load" -ge 100 ]
     expect "the guest read at least 64 MiB while GET / was timed" [ "$_mib" -ge 64 ]
     expect "loaded p99 (${_load_p99:-?} ms) within ${STARVE_BOUND_MS} ms of idle p99 (${_idle_p99:-?} ms)" \
         starve_within "${_load_p99:-999999}" "${_idle_p99:-0}" "$STARVE_BOUND_MS"
