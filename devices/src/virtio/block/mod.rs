@@ -75,8 +75,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Maximum size of one data descriptor (`size_max`); longer ones fail with
 /// `IOERR`. Small enough that the largest request ([`MAX_DATA_LEN`], about
-/// 16 MiB) is a short stall of the event loop; a Linux guest splits its I/O
-/// to fit, at no cost in throughput measured with 4 KiB pages.
+/// 16 MiB) is a short stall of the event loop. A Linux guest takes it as
+/// its maximum segment size and builds its requests to fit.
 pub const SIZE_MAX: u32 = 64 * 1024;
 /// Maximum descriptors per request: header, data, status.
 pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
