@@ -16,20 +16,25 @@
 
 ALL_CASES="$ALL_CASES disk_starve"
 
-STARVE_GETS="${STARVE_GETS:-200}"
+# Each curl is a process start, about 0.7 s under TCG in L1: 60 requests
+# per series (p99 of 60 is their maximum).
+STARVE_GETS="${STARVE_GETS:-60}"
+# The case runs its own capsule under this timeout (it needs more than
+# CASE_TIMEOUT: boot, two timed series, the stop).
+STARVE_TIMEOUT="${STARVE_TIMEOUT:-420}"
 STARVE_BOUND_MS="${STARVE_BOUND_MS:-100}"
 
 # uptime_ms: a monotonic clock in ms (busybox date has no portable %N).
 uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
 
 # starve_gets SOCK N FILE: N sequential `GET /` on SOCK, or as many as fit
-# in STARVE_GETS_SECS (90) seconds; one line per request in FILE: HTTP
+# in STARVE_GETS_SECS (60) seconds; one line per request in FILE: HTTP
 # status and time in ms. A request that gets no answer within 30 s counts
 # as 30000 ms.
 starve_gets() {
     : >"$3"
     _i=0
-    _until=$(($(now) + ${STARVE_GETS_SECS:-90}))
+    _until=$(($(now) + ${STARVE_GETS_SECS:-60}))
     while [ "$_i" -lt "$2" ] && [ "$(now)" -lt "$_until" ]; do
         _r="$("$TOOLS/curl" -s -o /dev/null --max-time 30 -w '%{http_code} %{time_total}' \
             --unix-socket "$1" http://localhost/)" || _r="000 30"
@@ -77,7 +82,7 @@ case_disk_starve() {
     mkfifo "$_sd/in"
     exec 7<>"$_sd/in"
     _start=$(now)
-    timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" run --name "$_name" --kernel "$BZIMAGE" \
+    timeout -k 10 "$STARVE_TIMEOUT" "$CAPSULE" run --name "$_name" --kernel "$BZIMAGE" \
         --initrd "$INITRD" --cpus 2 --memory 512M --disk "$_img,ro" \
         <"$_sd/in" >"$_sd/stdout.raw" 2>"$ERR" &
     _pid=$!
@@ -138,7 +143,7 @@ case_disk_starve() {
     expect "the API socket exists" [ -n "$_sock" ]
     expect "every idle GET / answered 200" starve_all_ok "$_sd/idle.txt"
     expect "every loaded GET / answered 200" starve_all_ok "$_sd/load.txt"
-    expect "at least 100 GET / timed under load" [ "$_n_load" -ge 100 ]
+    expect "at least 40 GET / timed under load" [ "$_n_load" -ge 40 ]
     expect "the guest read at least 64 MiB while GET / was timed" [ "$_mib" -ge 64 ]
     expect "loaded p99 (${_load_p99:-?} ms) within ${STARVE_BOUND_MS} ms of idle p99 (${_idle_p99:-?} ms)" \
         starve_within "${_load_p99:-999999}" "${_idle_p99:-0}" "$STARVE_BOUND_MS"
