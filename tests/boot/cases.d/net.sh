@@ -90,9 +90,10 @@ for a in "\$@"; do
 done
 echo "socket=\$fd" >"\$out"
 # What an exec'd program inherits from here: the list of an exec'd ls,
-# without ls's own directory descriptor.
+# without ls's own directory descriptor (GNU ls shows it as /proc/N/fd;
+# busybox ls, having closed it, shows it without a target).
 (exec ls -l /proc/self/fd/) >"\$out.raw"
-awk '\$NF !~ "^/proc/[0-9]*/fd" && NF >= 3 { print \$(NF-2), "->", \$NF }' "\$out.raw" >>"\$out"
+awk '/ -> / && \$NF !~ "^/proc/[0-9]*/fd" { print \$(NF-2), "->", \$NF }' "\$out.raw" >>"\$out"
 exec '$1' "\$@"
 EOF
     chmod 755 "$_w"
