@@ -69,7 +69,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use virtio_queue::Queue;
 
@@ -257,7 +257,7 @@ impl QueueEvents {
     /// Creates the bookkeeping with a fresh non-blocking control eventfd.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
-            control: EventFd::new(EFD_NONBLOCK)?,
+            control: crate::eventfd()?,
             active: Vec::new(),
             retired: Vec::new(),
             registered: Vec::new(),

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::{
@@ -100,7 +100,7 @@ impl Console {
             out,
             out_failed: false,
             input: VecDeque::new(),
-            input_ready: EventFd::new(EFD_NONBLOCK)?,
+            input_ready: crate::eventfd()?,
             input_waiting: false,
             acked_features: 0,
             events: QueueEvents::new()?,
