@@ -28,7 +28,7 @@ debian_prereqs() {
         return 0
     fi
     CASE_ERRORS="not run: DEBIAN_IMAGE (the directory resources/build-debian-image.sh prints) missing or incomplete"
-    SECS=0 OUT=/dev/null ERR=/dev/null
+    SECS=0 RC=1 OUT=/dev/null ERR=/dev/null
     return 1
 }
 
