@@ -16,7 +16,8 @@
 #        CASES="a b"                     run a subset (see cases.sh --list)
 #        CASE_TIMEOUT                    seconds per case (default 180)
 #        CAPSULE_L1_TIMEOUT              nested mode: seconds for the whole L1 run (default 900,
-#                                        plus CASE_TIMEOUT for each Debian case selected)
+#                                        plus twice CASE_TIMEOUT, a Debian case's own
+#                                        timeout, for each one selected)
 #        CAPSULE_L1_RETRIES              nested mode: new L1s for the cases that an L1
 #                                        that hung or died did not report (default 2)
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
@@ -109,11 +110,11 @@ main() {
         # One L1 boot for all cases. If L1 itself fails (hangs, times out or
         # dies without reporting: statuses 124-126), the cases it did not
         # report are run again in a new L1, up to twice (CAPSULE_L1_RETRIES).
-        # A full distribution boots for about a minute in the harness: each
-        # Debian case may take its whole case timeout on top of the rest.
+        # A full distribution boots for a minute or more in the harness: each
+        # Debian case may take its whole timeout (twice CASE_TIMEOUT) on top.
         timeout_l1=900
         for c in "${expected[@]}"; do
-            [[ "$c" != debian_* ]] || timeout_l1=$((timeout_l1 + case_timeout))
+            [[ "$c" != debian_* ]] || timeout_l1=$((timeout_l1 + 2 * case_timeout))
         done
         timeout_l1="${CAPSULE_L1_TIMEOUT:-$timeout_l1}"
         retries="${CAPSULE_L1_RETRIES:-2}"
