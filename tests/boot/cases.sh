@@ -172,7 +172,7 @@ out_has() { grep -q -- "$1" "$OUT"; }
 out_has_line() { grep -qx -- "$1" "$OUT"; }
 no_rust_panic() { ! grep -q 'panicked at' "$OUT" "$ERR"; }
 # The guest kernel warned about nothing (e.g. an inconsistent CPUID).
-no_kernel_warning() { ! grep -q 'WARNING: \|consistency problem' "$OUT"; }
+no_kernel_warning() { ! grep -q 'WARNING: CPU: \|consistency problem' "$OUT"; }
 one_error_line() { [ "$(grep -c '^capsule: error:' "$ERR")" -eq 1 ]; }
 
 # timed_out: the last capsule run was killed by the case's timeout.
