@@ -43,6 +43,11 @@
 #        SOAK_K             suite runs (default 5)
 #        SOAK_LOCK          suite mode: lock file taken per run
 #        SOAK_LOG           keep the L1 console log(s) here (a path prefix)
+#        SOAK_TRACE=1       trace L1's KVM (tracefs: kvm_exit, kvm_entry,
+#                           kvm_inj_virq, kvm_apic_ipi, kvm_apic_accept_irq,
+#                           kvm_nested_vmexit) and print the last
+#                           SOAK_TRACE_LINES (default 80) events after each
+#                           boot that was not clean
 #        CAPSULE_L1, CAPSULE_L1_CPUS, ... as for run-in-l1.sh
 set -euo pipefail
 
@@ -93,13 +98,24 @@ write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
 # Env: VMM CAPSULE QEMU QEMU_FW DATE BZIMAGE INITRD N CPUS BOOT_TIMEOUT WORK
+#      TRACE TRACE_LINES
 set -u
+T=/sys/kernel/tracing
+if [ "$TRACE" = 1 ]; then
+    mount -t tracefs tracefs "$T" 2>/dev/null
+    echo 4096 >"$T/buffer_size_kb"
+    for e in kvm_exit kvm_entry kvm_inj_virq kvm_apic_ipi kvm_apic_accept_irq kvm_nested_vmexit; do
+        echo 1 >"$T/events/kvm/$e/enable" || echo "soak-boot: cannot trace kvm:$e"
+    done
+    echo 1 >"$T/tracing_on"
+fi
 CMDLINE="console=ttyS0 reboot=k panic=-1 quiet"
 now_ns() { "$DATE" +%s%N; }
 i=0
 while [ "$i" -lt "$N" ]; do
     i=$((i + 1))
     out="$WORK/out" err="$WORK/err"
+    [ "$TRACE" != 1 ] || : >"$T/trace"
     t0=$(now_ns)
     if [ "$VMM" = capsule ]; then
         timeout -s KILL "$BOOT_TIMEOUT" "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
@@ -129,6 +145,10 @@ while [ "$i" -lt "$N" ]; do
     if [ "$r" != clean ]; then
         tr -d '\r' <"$out" | tail -n 15 | sed 's/^/soak-boot:   | /'
         tail -n 8 "$err" | sed 's/^/soak-boot:   ! /'
+        if [ "$TRACE" = 1 ]; then
+            echo "soak-boot:   last $TRACE_LINES KVM events in L1:"
+            tail -n "$TRACE_LINES" "$T/trace" | sed 's/^/soak-boot:   ~ /'
+        fi
     fi
 done
 echo "soak-end"
@@ -192,6 +212,7 @@ mkdir -p /tmp/soak
 export VMM=$vmm CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATE=/capsule/tools/date BZIMAGE=/capsule/bzImage INITRD=/capsule/soak-initrd.cpio.gz
 export N=$n CPUS=$cpus BOOT_TIMEOUT=$timeout_b WORK=/tmp/soak
+export TRACE=${SOAK_TRACE:-0} TRACE_LINES=${SOAK_TRACE_LINES:-80}
 exec sh /capsule/soak-run.sh
 EOF
     log "$L1_CONFIG, L1 ${l1_cpus} vCPUs: $n boots of $vmm (${cpus} vCPUs), ${timeout_b}s each"
