@@ -159,8 +159,8 @@ RUNNER
 # summarize LOG L1_STATUS SECONDS: the summary and table lines of a boots run.
 summarize() {
     local log="$1" l1rc="$2" secs="$3" boots clean triple hang other l1 ms
-    boots="$(grep -c '^soak-boot: [0-9]* ' "$log" || true)"
-    count() { grep -c "^soak-boot: [0-9]* $1 " "$log" || true; }
+    boots="$(grep -c '^soak-boot: [0-9][0-9]* ' "$log" || true)"
+    count() { grep -c "^soak-boot: [0-9][0-9]* $1 " "$log" || true; }
     clean="$(count clean)" triple="$(count triple)" hang="$(count hang)" other="$(count other)"
     case "$l1rc" in
     0) l1="ok" ;;
@@ -176,7 +176,7 @@ summarize() {
             p = int(NR * 0.9 + 0.999); if (p > NR) p = NR
             print m, v[p] }')"
     echo "soak: config=$L1_CONFIG l1_cpus=$l1_cpus vmm=$vmm guest_cpus=$cpus boots=$boots clean=$clean triple=$triple hang=$hang other=$other l1=\"$l1\" median_ms=${ms% *} p90_ms=${ms#* } wall_s=$secs"
-    echo "soak-row: | $(date +%Y-%m-%d) | $L1_CONFIG | ${l1_cpus} | $vmm | $boots | $clean | $triple | $hang | $l1 | ${ms% *} / ${ms#* } |"
+    echo "soak-row: | $(date +%Y-%m-%d) | $L1_CONFIG | ${l1_cpus} | $vmm | $boots | $clean | $triple | $hang | $other | $l1 | ${ms% *} / ${ms#* } |"
 }
 
 boots_mode() {
@@ -252,11 +252,17 @@ suite_mode() {
     done
 }
 
-case "${1:-boots}" in
-boots) boots_mode ;;
-suite) suite_mode ;;
--h | --help)
-    sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
-    ;;
-*) die "usage: soak.sh [boots|suite]" ;;
-esac
+# All of the work is in main(), parsed whole before it runs: editing this
+# file while it runs cannot corrupt the run.
+main() {
+    case "${1:-boots}" in
+    boots) boots_mode ;;
+    suite) suite_mode ;;
+    -h | --help)
+        sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"
+        ;;
+    *) die "usage: soak.sh [boots|suite]" ;;
+    esac
+}
+
+main "$@"; exit
