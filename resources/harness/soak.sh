@@ -67,17 +67,17 @@ echo "soak-guest: up cpus=$n"
 last=$((n - 1))
 # Busy jobs pinned to each CPU: the scheduler's IPIs and tick on all.
 for c in $(seq 0 "$last"); do
-    taskset -c "$c" sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i + 1)); done' &
+    taskset -c "$c" sh -c 'i=0; while [ $i -lt 500 ]; do i=$((i + 1)); done' &
 done
-# Cross-CPU wake-ups: a producer on CPU 0 and a consumer on the last CPU
-# (each line wakes the other side: a reschedule IPI), and sleepers on
+# Cross-CPU wake-ups: a pipe from a producer on CPU 0 to a consumer on
+# the last CPU (reschedule IPIs as each side wakes the other), sleepers on
 # each CPU that need timer wake-ups while the others run.
-taskset -c 0 seq 1 300 | taskset -c "$last" sh -c 'while read -r l; do :; done' &
+taskset -c 0 seq 1 60 | taskset -c "$last" sh -c 'while read -r l; do :; done' &
 for c in $(seq 0 "$last"); do
-    taskset -c "$c" sh -c 'for i in 1 2 3 4 5; do sleep 0.05; done' &
+    taskset -c "$c" sh -c 'for i in 1 2 3; do sleep 0.05; done' &
 done
 # Migrations: move a running job between CPUs (stop-machine style IPIs).
-sh -c 'i=0; while [ $i -lt 3000 ]; do i=$((i + 1)); done' &
+sh -c 'i=0; while [ $i -lt 1000 ]; do i=$((i + 1)); done' &
 m=$!
 for c in $(seq 0 "$last") 0; do
     taskset -p -c "$c" "$m" >/dev/null 2>&1
@@ -222,7 +222,7 @@ EOF
     export CAPSULE_L1_HANG="${CAPSULE_L1_HANG:-$((timeout_b + 60))}"
     local start=$SECONDS rc=0
     "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" "$work/soak-l1.sh" "${files[@]}" </dev/null |
-        tr -d '\r' | tee "$work/console.log" | grep --line-buffered '^soak-boot: ' >&2 || rc=${PIPESTATUS[0]}
+        sed -u 's/\r//g' | tee "$work/console.log" | grep --line-buffered '^soak-boot: ' >&2 || rc=${PIPESTATUS[0]}
     if [[ -n "${SOAK_LOG:-}" ]]; then cp "$work/console.log" "$SOAK_LOG.boots.log"; fi
     summarize "$work/console.log" "$rc" $((SECONDS - start))
 }
