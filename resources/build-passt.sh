@@ -6,8 +6,11 @@
 # outbound traffic and DHCP, but the reply on a published port
 # (`--net user,publish=H:G`) never reaches the host's client; the 2025-05
 # snapshot below carries it (boot case net_user). The source is
-# Debian's copy of the upstream tarball (deb.debian.org, checked against a
-# pinned SHA-256); the build is static, so the same binary runs on the host,
+# Debian's copy of the upstream tarball, the .orig.tar.xz of Debian's
+# source package of that snapshot (in trixie), fetched by `apt-get source
+# --download-only` through a private deb-src stanza derived from the
+# system's Debian source (resources/harness/apt.sh) and checked against a
+# pinned SHA-256; the build is static, so the same binary runs on the host,
 # in the nested harness's busybox L1 and on CI runners. Built once into
 # ${CAPSULE_CACHE:-~/.cache/capsule}/passt/<key>/ (passt and passt.avx2,
 # which passt runs in its place on CPUs with AVX2), keyed by this script.
@@ -15,11 +18,13 @@
 # Give it to capsule with CAPSULE_PASST=<printed path>.
 #
 # Usage: resources/build-passt.sh      prints the path of the passt binary
-# Env:   CAPSULE_DEBIAN_MIRROR (default http://deb.debian.org/debian)
+# Env:   CAPSULE_PASST_SUITE  the Debian suite whose sources have it (default trixie)
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+# shellcheck source=resources/harness/apt.sh
+source "$CAPSULE_RESOURCES_DIR/harness/apt.sh"
 
 if [[ "${CAPSULE_SKIP_DEPS:-0}" != 1 ]]; then
     "$CAPSULE_RESOURCES_DIR/install-deps.sh"
@@ -27,7 +32,7 @@ fi
 
 version="0.0~git20250503.587980c"
 sha256="69d5eb843f7d648c2cc60bfbca6ea7b5014c6b6f07cdee362c2a8cf490515a49"
-mirror="${CAPSULE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
+suite="${CAPSULE_PASST_SUITE:-trixie}"
 tarball="passt_${version}.orig.tar.xz"
 
 key="$(hash_inputs "$version" "$sha256" "${BASH_SOURCE[0]}")"
@@ -37,9 +42,22 @@ exit_if_cached "$final/passt"
 tmp="$(cache_tmpdir "$final")"
 trap 'rm -rf "$tmp"' EXIT
 
-log "downloading passt $version"
-curl -fsSL --retry 3 -o "$tmp/$tarball" "$mirror/pool/main/p/passt/$tarball" ||
-    die "downloading $mirror/pool/main/p/passt/$tarball failed"
+private_apt "$suite" deb-src
+# The Debian revision of that upstream snapshot (e.g. -2+deb13u1) may
+# change with stable updates; the .orig tarball does not.
+srcver="$(apt-cache showsrc passt | sed -n 's/^Version: //p' | grep -F "$version-" | sort -V | tail -n1 || true)"
+[[ -n "$srcver" ]] ||
+    die "the $suite sources have no passt $version (they have: $(apt-cache showsrc passt | sed -n 's/^Version: //p' | tr '\n' ' '))"
+log "downloading passt $srcver sources ($suite)"
+mkdir "$tmp/dl"
+# Only the .orig tarball is needed: a missing .dsc or debian.tar (some
+# mirrors of the registry serve pool files selectively) is not an error as
+# long as the tarball arrived (apt checked it against the signed Sources
+# index; the pinned SHA-256 below checks it again).
+(cd "$tmp/dl" && apt-get -q source --download-only "passt=$srcver" >&2) ||
+    log "apt-get source did not fetch every file of passt $srcver; the tarball is what counts"
+[[ -f "$tmp/dl/$tarball" ]] || die "apt-get source --download-only passt=$srcver gave no $tarball"
+mv "$tmp/dl/$tarball" "$tmp/$tarball"
 echo "$sha256  $tmp/$tarball" | sha256sum -c --quiet - ||
     die "$tarball does not match its pinned SHA-256"
 mkdir "$tmp/src"

@@ -7,6 +7,13 @@
 # apt-get, running `apt-get update` first only when the package lists are
 # empty or an install attempt fails. Needs root (or passwordless sudo).
 #
+# The nested harness's default L1 (QEMU 10.0 and Linux 6.12 from
+# bookworm-backports, docs/harness.md) is not installed here: the packages
+# are fetched into the cache by resources/harness/l1-qemu.sh and
+# l1-kernel.sh through a private apt source (the system's apt sources stay
+# as they are, and Debian 12's QEMU 7.2 below stays the L2 reference VMM of
+# the benches and the CAPSULE_L1=qemu7-* harness).
+#
 # Usage: resources/install-deps.sh [EXTRA_PACKAGE...]
 # Prints nothing on stdout.
 set -euo pipefail
@@ -27,7 +34,8 @@ packages=(
     iproute2
     # Static capsule binary (libc.a).
     libc6-dev
-    # apt-get download / dpkg -x for the L1 kernel.
+    # apt-get download / dpkg -x for the L1 kernel and QEMU (6.12's
+    # modules are .ko.xz: xz-utils above).
     dpkg ca-certificates zstd
     "$@"
 )

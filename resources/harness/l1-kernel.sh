@@ -1,33 +1,46 @@
 #!/usr/bin/env bash
 # resources/harness/l1-kernel.sh: fetch the L1 kernel of the nested harness.
 #
-# Downloads (apt-get download) the Debian linux-image-6.1.0-*-cloud-amd64
-# package that `apt-cache depends linux-image-cloud-amd64` names, unpacks it
-# with dpkg -x and caches, in $CACHE/l1-kernel/<hash>/:
+# Downloads (apt-get download) the Debian linux-image-*-cloud-amd64 package
+# that `apt-cache depends linux-image-cloud-amd64` names, unpacks it with
+# dpkg -x and caches, in $CACHE/l1-kernel/<hash>/:
 #   vmlinuz                     the L1 kernel
 #   modules/irqbypass.ko, modules/kvm.ko, modules/kvm-amd.ko, modules/tun.ko
 #   release                     the kernel release (uname -r in L1)
 #   System.map                  its symbols (for diagnosing a hung L1)
-# <hash> covers the package name and version and this script.
+# <hash> covers the package name and version and this script. Modules
+# shipped compressed (.ko.xz in 6.12) are decompressed: busybox insmod
+# takes plain ones only.
+#
+# Which kernel: CAPSULE_L1 (resources/harness/l1-config.sh). linux61 is
+# Debian 12's 6.1 from the system's apt sources; linux612 is 6.12 from
+# bookworm-backports, through a private apt source (resources/harness/apt.sh).
 #
 # Usage: resources/harness/l1-kernel.sh
-# Env:   CAPSULE_CACHE (cache root)
+# Env:   CAPSULE_L1, CAPSULE_CACHE (cache root)
 # Prints the cache directory on stdout.
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+# shellcheck source=resources/harness/l1-config.sh
+source "$CAPSULE_RESOURCES_DIR/harness/l1-config.sh"
+# shellcheck source=resources/harness/apt.sh
+source "$CAPSULE_RESOURCES_DIR/harness/apt.sh"
 
 meta=linux-image-cloud-amd64
 modules=(virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko drivers/net/tun.ko)
 
 image_pkg() {
     apt-cache depends "$meta" 2>/dev/null |
-        sed -n 's/^ *Depends: \(linux-image-[0-9.]*-[0-9]*-cloud-amd64\)$/\1/p' | head -n1
+        sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-cloud-amd64\)$/\1/p' | head -n1
 }
 
+if [[ "$L1_LINUX" == 612 ]]; then
+    private_apt "$(. /etc/os-release && echo "$VERSION_CODENAME")-backports" deb
+fi
 pkg="$(image_pkg)"
-if [[ -z "$pkg" ]]; then
+if [[ -z "$pkg" && -z "${APT_CONFIG:-}" ]]; then
     log "apt-cache does not know $meta: apt-get update"
     if [[ $(id -u) -eq 0 ]]; then
         apt-get -q -o DPkg::Lock::Timeout=600 update >&2
@@ -35,8 +48,12 @@ if [[ -z "$pkg" ]]; then
         sudo apt-get -q -o DPkg::Lock::Timeout=600 update >&2
     fi
     pkg="$(image_pkg)"
-    [[ -n "$pkg" ]] || die "cannot find the package that $meta depends on"
 fi
+[[ -n "$pkg" ]] || die "cannot find the package that $meta depends on"
+case "$L1_LINUX:$pkg" in
+61:linux-image-6.1.* | 612:linux-image-6.12.*) ;;
+*) die "$meta names $pkg, not the Linux ${L1_LINUX:0:1}.${L1_LINUX:1} of CAPSULE_L1=$L1_CONFIG" ;;
+esac
 version="$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')"
 [[ -n "$version" && "$version" != "(none)" ]] || die "no candidate version of $pkg"
 

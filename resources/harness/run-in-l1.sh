@@ -36,6 +36,9 @@
 #      CAPSULE_L1_HANG     seconds without L1's heartbeat (on its second
 #                          serial port) after which L1 is taken as hung
 #                          (default 90; not in interactive sessions)
+#      CAPSULE_L1          the L1 configuration: QEMU and L1 kernel versions
+#                          (resources/harness/l1-config.sh; default
+#                          qemu10-linux612, the old one is qemu7-linux61)
 #      CAPSULE_L1_LOG      also keep the L1 console log at this path
 #      CAPSULE_SKIP_DEPS=1 skip install-deps.sh
 # stdout: the L1 console (SCRIPT's output); progress goes to stderr.
@@ -132,7 +135,12 @@ main() {
     memory="${CAPSULE_L1_MEMORY:-3072}"
     cpus="${CAPSULE_L1_CPUS:-2}"
 
-    l1dir="$("$CAPSULE_RESOURCES_DIR/harness/l1-kernel.sh")"
+    # shellcheck source=resources/harness/l1-config.sh
+    source "$CAPSULE_RESOURCES_DIR/harness/l1-config.sh"
+    l1dir="$("$CAPSULE_RESOURCES_DIR/harness/l1-kernel.sh")" ||
+        die "cannot start L1: fetching its kernel ($L1_CONFIG) failed"
+    l1qemu="$("$CAPSULE_RESOURCES_DIR/harness/l1-qemu.sh")" ||
+        die "cannot start L1: fetching its QEMU ($L1_CONFIG) failed"
 
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-l1.XXXXXX")"
     saved_tty=""
@@ -252,7 +260,7 @@ INIT
     done
     # shellcheck disable=SC2054  # commas are QEMU's, not array separators
     qemu=(
-        qemu-system-x86_64
+        "$l1qemu"
         -M pc -accel "${CAPSULE_L1_ACCEL:-tcg}" -cpu "$cpu"
         -m "$memory" -smp "$cpus"
         -nodefaults -no-user-config -display none -no-reboot
@@ -275,7 +283,7 @@ INIT
         fi
     fi
 
-    log "booting L1 ($(cat "$l1dir/release"), ${cpus} vCPUs, ${memory} MiB, timeout ${timeout_s}s)"
+    log "booting L1 ($L1_CONFIG: $("$l1qemu" --version | head -n1 | sed 's/ (.*//'), Linux $(cat "$l1dir/release"), ${cpus} vCPUs, ${memory} MiB, timeout ${timeout_s}s)"
     start=$SECONDS
     qemu_rc=0
     hung=0
@@ -294,7 +302,7 @@ INIT
         kallsyms="$work/kallsyms"
         "${qemu[@]}" -chardev "file,id=hb,path=$heartbeat" -serial chardev:hb \
             -chardev "file,id=syms,path=$kallsyms" -serial chardev:syms \
-            -monitor "tcp:127.0.0.1:$port,server=on,wait=off" <&3 &
+            -monitor "tcp:127.0.0.1:$port,server=on,wait=off" <&3 2> >(tee "$work/qemu.err" >&2) &
         qemu_pid=$!
         exec 3<&-
         last_beat=$SECONDS
@@ -346,7 +354,11 @@ INIT
             log "ERROR: L1 timed out after ${timeout_s}s without reporting an exit status"
             exit 124
         fi
-        log "ERROR: L1 ended (qemu status $qemu_rc, after ${elapsed}s) without reporting an exit status"
+        if [[ ! -s "$conlog" && -s "$work/qemu.err" ]]; then
+            log "ERROR: cannot start L1 ($L1_CONFIG): $(grep -v '^$' "$work/qemu.err" | head -n1)"
+        else
+            log "ERROR: L1 ended (qemu status $qemu_rc, after ${elapsed}s) without reporting an exit status"
+        fi
         exit 125
     fi
     status="${marker##* }"
