@@ -56,21 +56,19 @@
 //! because the transport still holds other descriptors of the same eventfds.)
 //!
 //! [`BusDevice`]: crate::bus::BusDevice
+//! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 
 pub mod block;
 pub mod console;
+mod device;
 pub mod mmio;
 pub mod net;
+mod queue_events;
 
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
+pub use device::{check_activation, ActivateError, VirtioDevice};
+pub use queue_events::QueueEvents;
 pub use virtio_queue::Queue;
 
 #[doc(no_inline)]
@@ -137,200 +135,6 @@ pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, kind: InterruptKind) -> io::Result<()>;
 }
 
-/// Why a device refused activation.
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    /// The transport passed a different number of queues than the device has.
-    #[error("expected {expected} queues, got {got}")]
-    QueueCount {
-        /// Queues the device has.
-        expected: usize,
-        /// Queues the transport passed.
-        got: usize,
-    },
-    /// A queue the device needs was not made ready by the driver.
-    #[error("queue {0} is not ready")]
-    QueueNotReady(usize),
-    /// The device is already active.
-    #[error("device is already active")]
-    AlreadyActive,
-    /// Setting up notification eventfds failed.
-    #[error("cannot set up queue notifications: {0}")]
-    EventFd(#[source] io::Error),
-}
-
-/// The checks every device's [`VirtioDevice::activate`] starts with: the
-/// device is not `active` yet, the transport passed `expected` queues and
-/// as many notification eventfds, and the driver made every queue ready.
-pub fn check_activation(
-    active: bool,
-    queues: &[Queue],
-    queue_evts: &[EventFd],
-    expected: usize,
-) -> Result<(), ActivateError> {
-    if active {
-        return Err(ActivateError::AlreadyActive);
-    }
-    if queues.len() != expected || queue_evts.len() != expected {
-        return Err(ActivateError::QueueCount {
-            expected,
-            got: queues.len().min(queue_evts.len()),
-        });
-    }
-    match queues.iter().position(|q| !q.ready()) {
-        Some(i) => Err(ActivateError::QueueNotReady(i)),
-        None => Ok(()),
-    }
-}
-
-/// A virtio device model, independent of the transport.
-///
-/// Register accesses come from vCPU threads through the transport; queue
-/// processing happens on the event-loop thread. See the module docs for the
-/// activation protocol.
-pub trait VirtioDevice: Send {
-    /// The virtio device type id (see [`device_type`]).
-    fn device_type(&self) -> u32;
-
-    /// Maximum size of each queue; the length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-
-    /// Feature bits the device offers.
-    fn avail_features(&self) -> u64;
-
-    /// Records the features the driver accepted (a subset of
-    /// [`Self::avail_features`], checked by the transport).
-    fn set_acked_features(&mut self, features: u64);
-
-    /// Reads device configuration space at `offset`. Bytes past the end of
-    /// the configuration space read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-
-    /// Writes device configuration space at `offset`. Read-only or
-    /// out-of-range bytes are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-
-    /// Generation counter of the configuration space; changes whenever the
-    /// device changes its configuration.
-    fn config_generation(&self) -> u32 {
-        0
-    }
-
-    /// Starts the device. `queues` and `queue_evts` hold one entry per queue,
-    /// in order; queues the driver left unready have `ready() == false`.
-    /// The transport has checked every ready queue against guest memory.
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError>;
-
-    /// Returns the device to its initial state. Returns false if the device
-    /// cannot be reset. After a successful reset the device no longer
-    /// accesses guest memory, and any later activation starts afresh.
-    fn reset(&mut self) -> bool;
-}
-
-/// The event-loop side of a device's queue eventfds.
-///
-/// A device embeds one `QueueEvents` and forwards its
-/// [`MutEventSubscriber`] calls: `init` to [`Self::init`], and in `process`
-/// calls [`Self::sync`] when [`Self::is_control`] says the event is the
-/// control eventfd, otherwise looks the fd up with [`Self::queue_index`].
-/// `activate`/`reset` (on vCPU threads) call [`Self::activate`] and
-/// [`Self::deactivate`], which wake the loop so it can add or remove the
-/// queue eventfds.
-#[derive(Debug)]
-pub struct QueueEvents {
-    control: EventFd,
-    /// Eventfds of the current activation, one per queue.
-    active: Vec<EventFd>,
-    /// Eventfds of earlier activations, kept open until removed from epoll.
-    retired: Vec<EventFd>,
-    /// Fds currently registered with the event loop (besides `control`).
-    registered: Vec<RawFd>,
-}
-
-impl QueueEvents {
-    /// Creates the bookkeeping with a fresh non-blocking control eventfd.
-    pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            control: EventFd::new(EFD_NONBLOCK)?,
-            active: Vec::new(),
-            retired: Vec::new(),
-            registered: Vec::new(),
-        })
-    }
-
-    /// Adds the control eventfd to the event loop (call from `init`).
-    pub fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
-            crate::error_ratelimited!("virtio: cannot watch device control events: {e}");
-        }
-    }
-
-    /// Takes the queue eventfds of a new activation and wakes the loop.
-    pub fn activate(&mut self, evts: Vec<EventFd>) -> io::Result<()> {
-        self.retired.append(&mut self.active);
-        self.active = evts;
-        self.control.write(1)
-    }
-
-    /// Retires the current queue eventfds and wakes the loop to remove them.
-    pub fn deactivate(&mut self) {
-        if self.active.is_empty() {
-            return;
-        }
-        self.retired.append(&mut self.active);
-        if let Err(e) = self.control.write(1) {
-            crate::error_ratelimited!("virtio: cannot signal device reset: {e}");
-        }
-    }
-
-    /// Whether `events` is for the control eventfd.
-    pub fn is_control(&self, events: &Events) -> bool {
-        events.fd() == self.control.as_raw_fd()
-    }
-
-    /// Brings the event loop's registrations in line with the current
-    /// activation: removes every earlier queue eventfd, closes retired ones
-    /// and adds the active ones (call from `process` on a control event).
-    pub fn sync(&mut self, ops: &mut EventOps) {
-        let _ = self.control.read();
-        for fd in self.registered.drain(..) {
-            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                crate::warn_ratelimited!("virtio: cannot stop watching queue eventfd {fd}: {e}");
-            }
-        }
-        self.retired.clear();
-        for evt in &self.active {
-            match ops.add(Events::new(evt, EventSet::IN)) {
-                Ok(()) => self.registered.push(evt.as_raw_fd()),
-                Err(e) => crate::error_ratelimited!("virtio: cannot watch queue eventfd: {e}"),
-            }
-        }
-    }
-
-    /// Signals queue `index`'s eventfd, so the event loop calls the device
-    /// again (used to continue work after yielding).
-    pub fn kick(&self, index: usize) {
-        if let Some(evt) = self.active.get(index) {
-            if let Err(e) = evt.write(1) {
-                crate::error_ratelimited!("virtio: cannot re-signal queue {index}: {e}");
-            }
-        }
-    }
-
-    /// The queue whose active eventfd is `fd`, after consuming its counter.
-    pub fn queue_index(&self, fd: RawFd) -> Option<usize> {
-        let index = self.active.iter().position(|e| e.as_raw_fd() == fd)?;
-        let _ = self.active[index].read();
-        Some(index)
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod test_utils {
     //! Helpers shared by the virtio unit tests.
@@ -340,8 +144,11 @@ pub(crate) mod test_utils {
 
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::DescriptorTable;
+    use std::sync::Arc;
+
     use virtio_queue::QueueT;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
 
