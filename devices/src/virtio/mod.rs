@@ -140,12 +140,10 @@ pub(crate) mod test_utils {
     //! Helpers shared by the virtio unit tests.
 
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::DescriptorTable;
-    use std::sync::Arc;
-
     use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::EventFd;
