@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
-use super::{InterruptKind, VirtioDevice, VirtioInterrupt};
+use super::{ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 
 /// Size of the MMIO window of one device.
@@ -43,6 +43,25 @@ const CONFIG_OFFSET: u64 = regs::VIRTIO_MMIO_CONFIG as u64;
 pub const INT_VRING: u32 = regs::VIRTIO_MMIO_INT_VRING;
 /// `InterruptStatus` bit: the configuration changed.
 pub const INT_CONFIG: u32 = regs::VIRTIO_MMIO_INT_CONFIG;
+
+/// Why a transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The device asks for a queue size virtio does not allow.
+    #[error("virtio queue {index}: invalid maximum size {max}: {source}")]
+    QueueSize {
+        /// The queue.
+        index: usize,
+        /// Its maximum size.
+        max: u16,
+        /// Why.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// An interrupt or notification eventfd cannot be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] io::Error),
+}
 
 /// Interrupt state of one virtio-mmio device: the `InterruptStatus`
 /// register plus the eventfd registered as the device's irqfd.
@@ -123,7 +142,10 @@ impl std::fmt::Debug for MmioTransport {
 impl MmioTransport {
     /// Puts `device` behind a new transport. Creates one notification
     /// eventfd per queue and the interrupt eventfd.
-    pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> io::Result<Self> {
+    pub fn new(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<Self, TransportError> {
         let (device_type, device_features, max_sizes) = {
             let dev = device.lock().unwrap_or_else(|e| e.into_inner());
             (
@@ -134,23 +156,20 @@ impl MmioTransport {
         };
         let queues = max_sizes
             .iter()
-            .map(|&max| {
-                Queue::new(max).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("virtio queue size {max}: {e}"),
-                    )
-                })
+            .enumerate()
+            .map(|(index, &max)| {
+                Queue::new(max).map_err(|source| TransportError::QueueSize { index, max, source })
             })
-            .collect::<io::Result<Vec<_>>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let queue_evts = max_sizes
             .iter()
             .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()?;
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(TransportError::EventFd)?;
         Ok(Self {
             mem,
             device,
-            interrupt: Arc::new(MmioInterrupt::new()?),
+            interrupt: Arc::new(MmioInterrupt::new().map_err(TransportError::EventFd)?),
             queues,
             queue_evts,
             device_type,
@@ -402,24 +421,26 @@ impl MmioTransport {
         }
     }
 
-    fn activate_device(&mut self) -> Result<(), String> {
+    fn activate_device(&mut self) -> Result<(), ActivateError> {
         let mut queues = Vec::with_capacity(self.queues.len());
-        for (i, q) in self.queues.iter().enumerate() {
+        for (index, q) in self.queues.iter().enumerate() {
             if q.ready() && !q.is_valid(&self.mem) {
-                return Err(format!("queue {i} lies outside guest memory"));
+                return Err(ActivateError::QueueOutsideMemory(index));
             }
-            queues.push(Queue::try_from(q.state()).map_err(|e| format!("queue {i}: {e}"))?);
+            queues.push(
+                Queue::try_from(q.state())
+                    .map_err(|source| ActivateError::QueueState { index, source })?,
+            );
         }
         let evts = self
             .queue_evts
             .iter()
             .map(EventFd::try_clone)
             .collect::<io::Result<Vec<_>>>()
-            .map_err(|e| format!("cannot duplicate queue eventfd: {e}"))?;
+            .map_err(ActivateError::EventFd)?;
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
         self.lock_device()
             .activate(self.mem.clone(), interrupt, queues, evts)
-            .map_err(|e| e.to_string())
     }
 
     fn reset(&mut self) {
@@ -496,13 +517,14 @@ mod tests {
     use super::*;
     use crate::virtio::features::VIRTIO_RING_F_EVENT_IDX;
     use crate::virtio::test_utils::Rings;
-    use crate::virtio::ActivateError;
+    use crate::virtio::VirtioCommon;
+    use event_manager::{EventOps, Events, MutEventSubscriber};
     use vm_memory::GuestAddress;
 
     const QSIZE: u16 = 16;
 
-    #[derive(Default)]
     struct MockDevice {
+        common: VirtioCommon,
         acked: u64,
         config: [u8; 8],
         activations: Vec<(usize, Vec<bool>)>,
@@ -510,28 +532,38 @@ mod tests {
         refuse_reset: bool,
     }
 
+    impl Default for MockDevice {
+        fn default() -> Self {
+            let features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | 1;
+            Self {
+                common: VirtioCommon::new("mock", 42, features, &[QSIZE, QSIZE]).unwrap(),
+                acked: 0,
+                config: [0; 8],
+                activations: Vec::new(),
+                resets: 0,
+                refuse_reset: false,
+            }
+        }
+    }
+
+    impl MutEventSubscriber for MockDevice {
+        fn init(&mut self, _ops: &mut EventOps) {}
+        fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+    }
+
+    /// Records what the transport does instead of the common behaviour.
     impl VirtioDevice for MockDevice {
-        fn device_type(&self) -> u32 {
-            42
+        fn common(&self) -> &VirtioCommon {
+            &self.common
         }
-        fn queue_max_sizes(&self) -> &[u16] {
-            &[QSIZE, QSIZE]
-        }
-        fn avail_features(&self) -> u64 {
-            bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX) | 1
+        fn common_mut(&mut self) -> &mut VirtioCommon {
+            &mut self.common
         }
         fn set_acked_features(&mut self, features: u64) {
             self.acked = features;
         }
-        fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = usize::try_from(offset)
-                    .ok()
-                    .and_then(|o| o.checked_add(i))
-                    .and_then(|o| self.config.get(o))
-                    .copied()
-                    .unwrap_or(0);
-            }
+        fn config_space(&self) -> &[u8] {
+            &self.config
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             for (i, b) in data.iter().enumerate() {

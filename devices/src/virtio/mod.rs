@@ -67,8 +67,10 @@ mod queue_events;
 
 use std::io;
 
-pub use device::{check_activation, ActivateError, VirtioDevice};
-pub use queue_events::QueueEvents;
+pub use device::{
+    read_config_bytes, ActivateError, Activation, DeviceEvent, DeviceState, VirtioCommon,
+    VirtioDevice,
+};
 pub use virtio_queue::Queue;
 
 #[doc(no_inline)]

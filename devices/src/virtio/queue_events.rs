@@ -1,4 +1,9 @@
 //! The event-loop side of a device's queue eventfds.
+//!
+//! Every descriptor a device has in the event loop carries a data tag, and
+//! events are told apart by tag, never by comparing descriptors: queue
+//! `i`'s eventfd is tagged `i`, the control eventfd [`CONTROL_TAG`], and a
+//! device's own descriptors `DEVICE_TAG_BASE + tag`.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -6,15 +11,34 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use event_manager::{EventOps, EventSet, Events};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+/// Tag of the control eventfd.
+const CONTROL_TAG: u32 = u32::MAX;
+/// First tag of a device's own descriptors (queue tags are below it).
+const DEVICE_TAG_BASE: u32 = 1 << 16;
+
+/// What an event is, by its tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueEvent {
+    /// The control eventfd: the registrations were brought in line with
+    /// the current activation.
+    Control,
+    /// Queue `i`'s eventfd (its counter consumed).
+    Queue(usize),
+    /// A device's own descriptor, with the device's tag.
+    Device(u32),
+    /// A queue tag with no active eventfd (a registration of an earlier
+    /// activation, about to be removed).
+    Stale,
+}
+
 /// The event-loop side of a device's queue eventfds.
 ///
-/// A device embeds one `QueueEvents` and forwards its
-/// [`MutEventSubscriber`] calls: `init` to [`Self::init`], and in `process`
-/// calls [`Self::sync`] when [`Self::is_control`] says the event is the
-/// control eventfd, otherwise looks the fd up with [`Self::queue_index`].
 /// `activate`/`reset` (on vCPU threads) call [`Self::activate`] and
-/// [`Self::deactivate`], which wake the loop so it can add or remove the
-/// queue eventfds.
+/// [`Self::deactivate`], which wake the loop through the control eventfd;
+/// the event loop then adds or removes the queue eventfds. Closing a
+/// retired eventfd waits until it is out of epoll: the transport holds
+/// other descriptors of the same eventfds, so closing first would leave a
+/// stale registration behind.
 #[derive(Debug)]
 pub struct QueueEvents {
     control: EventFd,
@@ -39,7 +63,8 @@ impl QueueEvents {
 
     /// Adds the control eventfd to the event loop (call from `init`).
     pub fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
+        let events = Events::with_data(&self.control, CONTROL_TAG, EventSet::IN);
+        if let Err(e) = ops.add(events) {
             crate::error_ratelimited!("virtio: cannot watch device control events: {e}");
         }
     }
@@ -62,15 +87,35 @@ impl QueueEvents {
         }
     }
 
-    /// Whether `events` is for the control eventfd.
-    pub fn is_control(&self, events: &Events) -> bool {
-        events.fd() == self.control.as_raw_fd()
+    /// Sorts an event by its tag; on a control event, first brings the
+    /// registrations in line with the current activation, on a queue
+    /// event consumes the queue's counter.
+    pub(crate) fn event(&mut self, events: &Events, ops: &mut EventOps) -> QueueEvent {
+        match events.data() {
+            CONTROL_TAG => {
+                self.sync(ops);
+                QueueEvent::Control
+            }
+            tag if tag >= DEVICE_TAG_BASE => QueueEvent::Device(tag - DEVICE_TAG_BASE),
+            tag => match self.active.get(tag as usize) {
+                Some(evt) => {
+                    let _ = evt.read();
+                    QueueEvent::Queue(tag as usize)
+                }
+                None => QueueEvent::Stale,
+            },
+        }
     }
 
-    /// Brings the event loop's registrations in line with the current
-    /// activation: removes every earlier queue eventfd, closes retired ones
-    /// and adds the active ones (call from `process` on a control event).
-    pub fn sync(&mut self, ops: &mut EventOps) {
+    /// The [`Events`] for a device's own descriptor `fd` with `tag`.
+    pub(crate) fn device_events(fd: RawFd, tag: u32, set: EventSet) -> Events {
+        Events::with_data_raw(fd, DEVICE_TAG_BASE.saturating_add(tag), set)
+    }
+
+    /// Removes every earlier queue eventfd from the event loop, closes the
+    /// retired ones and adds the active ones, each tagged with its queue
+    /// index.
+    fn sync(&mut self, ops: &mut EventOps) {
         let _ = self.control.read();
         for fd in self.registered.drain(..) {
             if let Err(e) = ops.remove(Events::empty_raw(fd)) {
@@ -78,8 +123,8 @@ impl QueueEvents {
             }
         }
         self.retired.clear();
-        for evt in &self.active {
-            match ops.add(Events::new(evt, EventSet::IN)) {
+        for (index, evt) in self.active.iter().enumerate() {
+            match ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {
                 Ok(()) => self.registered.push(evt.as_raw_fd()),
                 Err(e) => crate::error_ratelimited!("virtio: cannot watch queue eventfd: {e}"),
             }
@@ -94,12 +139,5 @@ impl QueueEvents {
                 crate::error_ratelimited!("virtio: cannot re-signal queue {index}: {e}");
             }
         }
-    }
-
-    /// The queue whose active eventfd is `fd`, after consuming its counter.
-    pub fn queue_index(&self, fd: RawFd) -> Option<usize> {
-        let index = self.active.iter().position(|e| e.as_raw_fd() == fd)?;
-        let _ = self.active[index].read();
-        Some(index)
     }
 }

@@ -6,15 +6,19 @@ use std::io;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::{Net, RX_QUEUE, TX_QUEUE};
+use crate::virtio::{DeviceEvent, VirtioCommon};
+
+/// The device's tag for the backend's descriptor.
+const BACKEND: u32 = 0;
 
 impl Net {
     /// What the backend's fd should be polled for now.
     pub(super) fn wanted_backend_events(&self) -> EventSet {
         let mut set = EventSet::empty();
-        if self.active.is_none() || !self.link_up {
+        if !self.common.is_activated() || !self.link_up {
             return set;
         }
-        if self.rx_len == 0 {
+        if !self.rx.has_frame() {
             set |= EventSet::IN;
         }
         if self.tx_blocked || self.backend.has_pending_output() {
@@ -31,8 +35,8 @@ impl Net {
         let result = match (self.registered, want.is_empty()) {
             (Some(cur), false) if cur == want => return,
             (None, true) => return,
-            (Some(_), false) => ops.modify(Events::new_raw(fd, want)),
-            (None, false) => ops.add(Events::new_raw(fd, want)),
+            (Some(_), false) => ops.modify(VirtioCommon::device_events(fd, BACKEND, want)),
+            (None, false) => ops.add(VirtioCommon::device_events(fd, BACKEND, want)),
             (Some(_), true) => ops.remove(Events::empty_raw(fd)),
         };
         match result {
@@ -55,7 +59,10 @@ impl Net {
         if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
             self.process_rx();
         }
-        if set.intersects(EventSet::ERROR | EventSet::HANG_UP) && self.link_up && self.rx_len == 0 {
+        if set.intersects(EventSet::ERROR | EventSet::HANG_UP)
+            && self.link_up
+            && !self.rx.has_frame()
+        {
             // Nothing to read although the descriptor reports an error.
             self.link_failed(&io::Error::other(
                 "the descriptor reports an error or hang-up",
@@ -66,22 +73,16 @@ impl Net {
 
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
-        self.events.init(ops);
+        self.common.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.events.is_control(&events) {
-            self.events.sync(ops);
+        match self.common.event(&events, ops) {
             // Frames may have queued up before activation.
-            self.process_rx();
-        } else if events.fd() == self.backend.raw_fd() {
-            self.process_backend(events.event_set());
-        } else {
-            match self.events.queue_index(events.fd()) {
-                Some(RX_QUEUE) => self.process_rx(),
-                Some(TX_QUEUE) => self.process_tx(),
-                _ => {}
-            }
+            DeviceEvent::Activated | DeviceEvent::Queue(RX_QUEUE) => self.process_rx(),
+            DeviceEvent::Queue(TX_QUEUE) => self.process_tx(),
+            DeviceEvent::Device { tag: BACKEND, set } => self.process_backend(set),
+            _ => {}
         }
         self.update_backend_registration(ops);
     }

@@ -46,29 +46,22 @@ pub mod tap;
 mod tx;
 
 use std::io;
-use std::sync::Arc;
 
 use event_manager::EventSet;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 pub use backend::{is_fatal, NetBackend, SendStatus};
 pub use stream::{Passt, PasstConfig, PasstError, StreamBackend};
 pub use tap::{Tap, TapError};
 
-use rx::RxChain;
+use rx::RxState;
 
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use super::{
-    check_activation, device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice,
-    VirtioInterrupt,
-};
+use super::{device_type, VirtioCommon, VirtioDevice};
 
 /// Size of `virtio_net_hdr_v1`, in front of every frame.
 pub const VNET_HDR_LEN: usize = 12;
@@ -103,19 +96,6 @@ pub fn format_mac(mac: &MacAddr) -> String {
         .join(":")
 }
 
-/// State that exists only while the driver has the device activated.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    rx: Queue,
-    tx: Queue,
-    /// Receive chains popped but not used yet (too few for the pending
-    /// frame so far).
-    held: Vec<RxChain>,
-    /// Receive chains returned to the used ring since the last interrupt.
-    returned: usize,
-}
-
 /// Traffic counters, logged at debug level when the device is dropped.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NetStats {
@@ -139,21 +119,16 @@ pub struct NetStats {
     pub budget_yields: u64,
 }
 
-/// A virtio-net device. Share it as `Arc<Mutex<Net>>` between a transport
-/// (as [`VirtioDevice`]) and the event loop (as [`MutEventSubscriber`]).
+/// A virtio-net device: one object that is both the transport's
+/// [`VirtioDevice`] and the event loop's subscriber.
 pub struct Net {
+    common: VirtioCommon,
     backend: Box<dyn NetBackend>,
     mac: MacAddr,
-    avail_features: u64,
-    acked_features: u64,
+    /// `struct virtio_net_config`: `mac`, then `status`.
+    config: [u8; CONFIG_LEN],
     link_up: bool,
-    config_generation: u32,
-    events: QueueEvents,
-    active: Option<Active>,
-    /// The frame read from the backend and not yet delivered (header
-    /// included); `rx_len == 0` when there is none.
-    rx_buf: Vec<u8>,
-    rx_len: usize,
+    rx: RxState,
     tx_buf: Vec<u8>,
     /// Transmission paused because the backend was full; resumes when its
     /// fd is writable.
@@ -180,7 +155,7 @@ impl std::fmt::Debug for Net {
             .field("backend", &self.backend.describe())
             .field("mac", &format_mac(&self.mac))
             .field("link_up", &self.link_up)
-            .field("active", &self.active.is_some())
+            .field("active", &self.common.is_activated())
             .finish()
     }
 }
@@ -195,17 +170,21 @@ impl Net {
             | bit(VIRTIO_NET_F_STATUS)
             | bit(VIRTIO_NET_F_MRG_RXBUF)
             | backend.offload_features();
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         Ok(Self {
+            common: VirtioCommon::new(
+                "virtio-net",
+                device_type::NET,
+                avail_features,
+                &[QUEUE_SIZE, QUEUE_SIZE],
+            )?,
             backend,
             mac,
-            avail_features,
-            acked_features: 0,
+            config,
             link_up: true,
-            config_generation: 0,
-            events: QueueEvents::new()?,
-            active: None,
-            rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
-            rx_len: 0,
+            rx: RxState::new(),
             tx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             tx_blocked: false,
             registered: None,
@@ -230,11 +209,7 @@ impl Net {
 
     /// Whether the driver has activated the device.
     pub fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn acked(&self, feature: u32) -> bool {
-        self.acked_features & bit(feature) != 0
+        self.common.is_activated()
     }
 
     /// Marks the link as down after a backend failure: logged once, link
@@ -244,144 +219,45 @@ impl Net {
             return;
         }
         self.link_up = false;
-        self.rx_len = 0;
+        self.rx.drop_frame();
         crate::error_ratelimited!(
             "virtio-net {}: link problem: {}: {e}; the guest's link is now down",
             format_mac(&self.mac),
             self.backend.describe()
         );
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if let Some(active) = &self.active {
-            if self.acked_features & bit(VIRTIO_NET_F_STATUS) != 0 {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Config) {
-                    crate::error_ratelimited!("virtio-net: cannot raise config interrupt: {e}");
-                }
-            }
-        }
-    }
-}
-
-/// After `enable_notification` said more chains are available: whether
-/// the ring is broken instead (the chains cannot be popped because the
-/// driver's available index is more than a ring ahead). A queue that made
-/// no progress since `next_avail` but is not broken just had chains added
-/// after the last pop; the caller goes on.
-fn ring_is_broken(active: &Active, index: usize, next_avail: u16) -> bool {
-    let queue = if index == RX_QUEUE {
-        &active.rx
-    } else {
-        &active.tx
-    };
-    if queue.next_avail() != next_avail {
-        return false;
-    }
-    let broken = match queue.avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire) {
-        Ok(idx) => (idx - std::num::Wrapping(next_avail)).0 > queue.size(),
-        Err(_) => true,
-    };
-    if broken {
-        crate::warn_ratelimited!("virtio-net: queue {index}: the driver's available index is out of range; queue stalled");
-    }
-    broken
-}
-
-/// Interrupts the guest for `queue` if it wants one.
-fn notify(mem: &GuestMemoryMmap, interrupt: &dyn VirtioInterrupt, queue: &mut Queue, index: usize) {
-    // On a read error of used_event, interrupt anyway.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.trigger(InterruptKind::Queue(index as u16)) {
-            crate::error_ratelimited!("virtio-net: cannot raise interrupt: {e}");
-        }
+        self.config[6..8].fill(0);
+        let status = self.common.acked(VIRTIO_NET_F_STATUS);
+        self.common.config_changed(status);
     }
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        device_type::NET
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
+    /// The MAC is writable only with the legacy interface; nothing here is
+    /// writable for a VERSION_1 driver (the default `write_config`).
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let mut config = [0u8; CONFIG_LEN];
-        config[..6].copy_from_slice(&self.mac);
-        let status = if self.link_up {
-            VIRTIO_NET_S_LINK_UP as u16
-        } else {
-            0
-        };
-        config[6..8].copy_from_slice(&status.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // The MAC is writable only with the legacy interface; nothing here
-        // is writable for a VERSION_1 driver.
-        crate::debug_ratelimited!("virtio-net: config write at {offset:#x} ignored");
-    }
-
-    fn config_generation(&self) -> u32 {
-        self.config_generation
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), &queues, &queue_evts, 2)?;
-        let mut queues = queues.into_iter();
-        let (Some(mut rx), Some(mut tx)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueNotReady(0));
-        };
-        let event_idx = self.acked(VIRTIO_RING_F_EVENT_IDX);
-        rx.set_event_idx(event_idx);
-        tx.set_event_idx(event_idx);
-        if let Err(e) = self.backend.set_offloads(self.acked_features) {
+    fn activated(&mut self) {
+        if let Err(e) = self.backend.set_offloads(self.common.acked_features()) {
             crate::warn_ratelimited!(
                 "virtio-net: cannot set offloads on {}: {e}",
                 self.backend.describe()
             );
         }
-        self.events
-            .activate(queue_evts)
-            .map_err(ActivateError::EventFd)?;
-        self.rx_len = 0;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            rx,
-            tx,
-            held: Vec::new(),
-            returned: 0,
-        });
-        Ok(())
+        self.rx.clear();
     }
 
-    fn reset(&mut self) -> bool {
-        self.active = None;
-        self.events.deactivate();
-        self.acked_features = 0;
-        self.rx_len = 0;
+    fn reset_device(&mut self) -> bool {
+        self.rx.clear();
         self.tx_blocked = false;
         if self.link_up {
             if let Err(e) = self.backend.set_offloads(0) {

@@ -1,12 +1,49 @@
 //! The transmit queue: frames from the guest's buffers to the backend.
+//!
+//! [`Transmit`] is the queue algorithm of one event: rounds of draining
+//! the ring (flush what the backend holds, pop a chain, check and copy the
+//! frame, send it, return the chain), each ending with notifications
+//! re-enabled and the ring found empty. [`Net::process_tx`] runs it and
+//! does what is left to the device: the interrupt, re-signalling the
+//! queue, a paused backend, a link failure.
 
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use std::io;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 
 use super::{
-    is_fatal, notify, ring_is_broken, Net, SendStatus, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,
+    is_fatal, Net, NetBackend, NetStats, SendStatus, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,
     MIN_FRAME_LEN, TX_QUEUE, VNET_HDR_LEN,
 };
+use crate::virtio::device::avail_ring_broken;
+
+/// Why a transmit run stopped.
+enum TxStop {
+    /// The ring is empty and notifications are enabled again (or they
+    /// cannot be, or the ring is broken: the queue stalls).
+    Idle,
+    /// The backend is full; the chain stays in the ring.
+    BackendFull,
+    /// The budget is spent with chains left.
+    Budget,
+    /// The backend failed for good.
+    Fatal(io::Error),
+}
+
+/// The transmit queue algorithm over one event, with what it borrows from
+/// the device.
+struct Transmit<'a> {
+    mem: &'a GuestMemoryMmap,
+    queue: &'a mut Queue,
+    backend: &'a mut dyn NetBackend,
+    buf: &'a mut [u8],
+    stats: &'a mut NetStats,
+    /// Frames are sent only while the link is up (else dropped).
+    link_up: bool,
+    /// Chains returned to the used ring in this event.
+    returned: usize,
+}
 
 impl Net {
     /// Sends the frames in the transmit queue.
@@ -17,125 +54,156 @@ impl Net {
     /// backend's fd is polled for `OUT` and this runs again when it is
     /// writable) or when the budget is spent (the queue is re-signalled).
     pub(super) fn process_tx(&mut self) {
-        let Self {
-            backend,
-            active,
-            tx_buf,
-            link_up,
-            tx_blocked,
-            events,
-            stats,
-            ..
-        } = self;
-        let Some(active) = active.as_mut() else {
+        let Some(active) = self.common.activation_mut() else {
             return;
         };
-        *tx_blocked = false;
-        let mem = &active.mem;
-        let mut returned = 0usize;
-        let mut fatal = None;
-        let mut more = false;
-        let mut rounds = 0usize;
-        'outer: loop {
-            // Each round ends with the ring found empty; a ring that keeps
-            // claiming chains it does not yield is retried a bounded
-            // number of times (and then through the queue's eventfd).
-            rounds += 1;
-            if rounds > FRAME_BUDGET {
-                more = true;
-                break;
+        self.tx_blocked = false;
+        let mut run = Transmit {
+            mem: &active.mem,
+            queue: &mut active.queues[TX_QUEUE],
+            backend: self.backend.as_mut(),
+            buf: &mut self.tx_buf,
+            stats: &mut self.stats,
+            link_up: self.link_up,
+            returned: 0,
+        };
+        let stop = run.run();
+        if run.returned > 0 {
+            active.signal_used_queue(TX_QUEUE);
+        }
+        match stop {
+            TxStop::Idle => {}
+            TxStop::BackendFull => {
+                self.tx_blocked = true;
+                self.stats.tx_full += 1;
             }
-            if let Err(e) = active.tx.disable_notification(mem) {
+            TxStop::Budget => {
+                self.stats.budget_yields += 1;
+                self.common.kick(TX_QUEUE);
+            }
+            TxStop::Fatal(e) => {
+                self.link_failed(&e);
+                // Keep draining: the guest must get its buffers back.
+                self.common.kick(TX_QUEUE);
+            }
+        }
+    }
+}
+
+impl Transmit<'_> {
+    /// Drains the ring in rounds. A ring that keeps claiming chains it does
+    /// not yield is retried a bounded number of times (and then through
+    /// the queue's eventfd).
+    fn run(&mut self) -> TxStop {
+        for _ in 0..FRAME_BUDGET {
+            if let Err(e) = self.queue.disable_notification(self.mem) {
                 crate::warn_ratelimited!("virtio-net: cannot disable notifications: {e}");
-                break;
+                return TxStop::Idle;
             }
-            let next_avail = active.tx.next_avail();
-            loop {
-                if returned >= FRAME_BUDGET {
-                    more = true;
-                    break 'outer;
-                }
-                if *link_up && backend.has_pending_output() {
-                    match backend.flush() {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            *tx_blocked = true;
-                            stats.tx_full += 1;
-                            break 'outer;
-                        }
-                        Err(e) => {
-                            fatal = Some(e);
-                            break 'outer;
-                        }
-                    }
-                }
-                let Some(chain) = active.tx.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let frame = match read_tx_frame(mem, chain, tx_buf) {
-                    Ok(len) => Some(len),
-                    Err(why) => {
-                        stats.tx_dropped += 1;
-                        crate::warn_ratelimited!(
-                            "virtio-net: dropped a transmit chain: {why} ({} dropped so far)",
-                            stats.tx_dropped
-                        );
-                        None
-                    }
-                };
-                if let (Some(len), true) = (frame, *link_up) {
-                    match backend.send(&tx_buf[..len]) {
-                        Ok(SendStatus::Sent) => {
-                            stats.tx_frames += 1;
-                            stats.tx_bytes += len as u64;
-                        }
-                        Ok(SendStatus::Full) => {
-                            active.tx.go_to_previous_position();
-                            *tx_blocked = true;
-                            stats.tx_full += 1;
-                            break 'outer;
-                        }
-                        Err(e) if is_fatal(&e) => fatal = Some(e),
-                        Err(e) => {
-                            stats.tx_dropped += 1;
-                            crate::warn_ratelimited!(
-                                "virtio-net: {} refused a frame: {e} ({} dropped so far)",
-                                backend.describe(),
-                                stats.tx_dropped
-                            );
-                        }
-                    }
-                }
-                if let Err(e) = active.tx.add_used(mem, head, 0) {
-                    crate::warn_ratelimited!("virtio-net: cannot return descriptor {head}: {e}");
-                }
-                returned += 1;
-                if fatal.is_some() {
-                    break 'outer;
-                }
+            let next_avail = self.queue.next_avail();
+            if let Some(stop) = self.drain() {
+                return stop;
             }
-            match active.tx.enable_notification(mem) {
-                Ok(false) => break,
-                Ok(true) if ring_is_broken(active, TX_QUEUE, next_avail) => break,
+            match self.queue.enable_notification(self.mem) {
+                Ok(false) => return TxStop::Idle,
+                Ok(true) if avail_ring_broken(self.queue, self.mem, next_avail) => {
+                    crate::warn_ratelimited!("virtio-net: queue {TX_QUEUE}: the driver's available index is out of range; queue stalled");
+                    return TxStop::Idle;
+                }
                 Ok(true) => {}
                 Err(e) => {
                     crate::warn_ratelimited!("virtio-net: cannot enable notifications: {e}");
-                    break;
+                    return TxStop::Idle;
                 }
             }
         }
-        if returned > 0 {
-            notify(&active.mem, &*active.interrupt, &mut active.tx, TX_QUEUE);
+        TxStop::Budget
+    }
+
+    /// Sends chains until the ring is empty (`None`) or transmission has
+    /// to stop.
+    fn drain(&mut self) -> Option<TxStop> {
+        loop {
+            if self.returned >= FRAME_BUDGET {
+                return Some(TxStop::Budget);
+            }
+            if let Some(stop) = self.flush_backend() {
+                return Some(stop);
+            }
+            let chain = self.queue.pop_descriptor_chain(self.mem)?;
+            let head = chain.head_index();
+            let frame = self.read_frame(chain);
+            let mut fatal = None;
+            if let (Some(len), true) = (frame, self.link_up) {
+                match self.send(len) {
+                    Ok(()) => {}
+                    Err(TxStop::Fatal(e)) => fatal = Some(e),
+                    Err(stop) => {
+                        self.queue.go_to_previous_position();
+                        return Some(stop);
+                    }
+                }
+            }
+            if let Err(e) = self.queue.add_used(self.mem, head, 0) {
+                crate::warn_ratelimited!("virtio-net: cannot return descriptor {head}: {e}");
+            }
+            self.returned += 1;
+            if let Some(e) = fatal {
+                return Some(TxStop::Fatal(e));
+            }
         }
-        if more {
-            stats.budget_yields += 1;
-            events.kick(TX_QUEUE);
+    }
+
+    /// Pushes out what the backend still holds from an earlier frame;
+    /// returns why transmission has to stop, if it has.
+    fn flush_backend(&mut self) -> Option<TxStop> {
+        if !self.link_up || !self.backend.has_pending_output() {
+            return None;
         }
-        if let Some(e) = fatal {
-            self.link_failed(&e);
-            // Keep draining: the guest must get its buffers back.
-            self.events.kick(TX_QUEUE);
+        match self.backend.flush() {
+            Ok(true) => None,
+            Ok(false) => Some(TxStop::BackendFull),
+            Err(e) => Some(TxStop::Fatal(e)),
+        }
+    }
+
+    /// Copies the frame of `chain` into the buffer; returns its length, or
+    /// `None` for a chain that is returned unsent.
+    fn read_frame(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<usize> {
+        match read_tx_frame(self.mem, chain, self.buf) {
+            Ok(len) => Some(len),
+            Err(why) => {
+                self.stats.tx_dropped += 1;
+                crate::warn_ratelimited!(
+                    "virtio-net: dropped a transmit chain: {why} ({} dropped so far)",
+                    self.stats.tx_dropped
+                );
+                None
+            }
+        }
+    }
+
+    /// Sends the `len`-byte frame in the buffer. A frame the backend
+    /// refuses for now is `Err(BackendFull)`; one it refuses once is
+    /// dropped.
+    fn send(&mut self, len: usize) -> Result<(), TxStop> {
+        match self.backend.send(&self.buf[..len]) {
+            Ok(SendStatus::Sent) => {
+                self.stats.tx_frames += 1;
+                self.stats.tx_bytes += len as u64;
+                Ok(())
+            }
+            Ok(SendStatus::Full) => Err(TxStop::BackendFull),
+            Err(e) if is_fatal(&e) => Err(TxStop::Fatal(e)),
+            Err(e) => {
+                self.stats.tx_dropped += 1;
+                crate::warn_ratelimited!(
+                    "virtio-net: {} refused a frame: {e} ({} dropped so far)",
+                    self.backend.describe(),
+                    self.stats.tx_dropped
+                );
+                Ok(())
+            }
         }
     }
 }
