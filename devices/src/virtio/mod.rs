@@ -6,14 +6,28 @@
 //! the device through the [`VirtioDevice`] trait. The same device object
 //! therefore works behind any transport.
 //!
+//! # The shape of a device
+//!
+//! A device is a struct holding a [`VirtioCommon`] (features offered and
+//! accepted, queue sizes, the [`DeviceState`]: `Inactive` or `Activated`
+//! with the guest memory, interrupt and queues of that activation; the
+//! queue eventfds) plus only what is its own. It implements
+//! [`VirtioDevice`], whose methods default to the common part (a device
+//! overrides `config_space`, and the `activated` / `reset_device` hooks
+//! for its own work), and [`MutEventSubscriber`], whose `process` asks
+//! [`VirtioCommon::event`] what an event is ([`DeviceEvent`]: activated,
+//! queue `i` kicked, one of the device's own descriptors ready; told apart
+//! by the event's data tag) and runs the device's queue algorithm for it.
+//! `devices/tests/null_device.rs` is the smallest complete example.
+//!
 //! # Objects and threads
 //!
-//! * The device lives in an `Arc<Mutex<D>>`. The transport holds one clone
-//!   (as `Arc<Mutex<dyn VirtioDevice>>`) and is itself a [`BusDevice`] that
-//!   vCPU threads call on guest register accesses. Devices that do I/O also
-//!   implement [`MutEventSubscriber`]; the VMM adds another clone of the same
-//!   `Arc` to its event manager **when it builds the VM**, long before the
-//!   guest activates the device.
+//! * The device lives in one `Arc<Mutex<dyn VirtioDevice>>`, registered
+//!   once: the transport holds it and is itself a [`BusDevice`] that vCPU
+//!   threads call on guest register accesses, and since `VirtioDevice`
+//!   requires `MutEventSubscriber`, the same `Arc` joins the VMM's event
+//!   manager **when it builds the VM**, long before the guest activates
+//!   the device.
 //! * The transport creates one notification [`EventFd`] per queue
 //!   ([`mmio::MmioTransport::queue_evts`]) and one interrupt `EventFd`
 //!   ([`mmio::MmioTransport::interrupt_evt`]). The VMM registers the queue
@@ -27,13 +41,13 @@
 //!    against guest memory and calls [`VirtioDevice::activate`] with guest
 //!    memory, the interrupt object, the queues and duplicates of the queue
 //!    eventfds.
-//! 3. The device stores them and hands the eventfds to its [`QueueEvents`],
-//!    which writes the device's *control* eventfd. That eventfd was added to
-//!    the event loop in the subscriber's `init`.
-//! 4. The event loop wakes on the control eventfd; the subscriber calls
-//!    [`QueueEvents::sync`], which adds the queue eventfds to the loop with
-//!    `EventOps::add`. From then on queue work happens on the event-loop
-//!    thread.
+//! 3. [`VirtioCommon::activate`] checks them, keeps them as the
+//!    activation and writes the device's *control* eventfd, which was added
+//!    to the event loop in the subscriber's `init`.
+//! 4. The event loop wakes on the control eventfd; [`VirtioCommon::event`]
+//!    adds the queue eventfds to the loop (tagged with their index) and
+//!    reports [`DeviceEvent::Activated`]. From then on queue work happens
+//!    on the event-loop thread.
 //!
 //! # Notification and interrupts
 //!
@@ -42,18 +56,20 @@
 //! VM exit); if no ioeventfd is registered the transport signals the same
 //! eventfd itself. The event loop then calls the device's `process`, which
 //! drains the queue, fills the used ring and calls
-//! [`VirtioInterrupt::trigger`]. For MMIO that sets a bit in the
-//! `InterruptStatus` register and writes the irqfd, which KVM injects.
+//! [`Activation::signal_used_queue`], which calls
+//! [`VirtioInterrupt::trigger`] unless the driver suppressed it. For MMIO
+//! that sets a bit in the `InterruptStatus` register and writes the irqfd,
+//! which KVM injects.
 //!
 //! # Reset
 //!
 //! When the driver writes 0 to the status register the transport calls
-//! [`VirtioDevice::reset`]. The device drops guest memory, interrupt and
-//! queues at once (so it cannot touch guest memory afterwards) and retires
-//! its queue eventfds through [`QueueEvents::deactivate`]; the event loop
-//! removes them from epoll on the next control event, and only then are they
-//! closed. (Closing first would leave stale epoll registrations behind,
-//! because the transport still holds other descriptors of the same eventfds.)
+//! [`VirtioDevice::reset`]. [`VirtioCommon::reset`] drops guest memory,
+//! interrupt and queues at once (so the device cannot touch guest memory
+//! afterwards) and retires the queue eventfds; the event loop removes them
+//! from epoll on the next control event, and only then are they closed.
+//! (Closing first would leave stale epoll registrations behind, because
+//! the transport still holds other descriptors of the same eventfds.)
 //!
 //! [`BusDevice`]: crate::bus::BusDevice
 //! [`EventFd`]: vmm_sys_util::eventfd::EventFd
