@@ -514,12 +514,8 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
         path: path.to_path_buf(),
         source,
     };
-    let file = File::open(path).map_err(err)?;
-    let meta = file.metadata().map_err(err)?;
-    if !meta.is_file() {
-        return Err(err(std::io::Error::other("not a regular file")));
-    }
-    Ok(file)
+    // Non-blocking open and a type check: a FIFO must not hang us.
+    crate::hostfile::open_regular(path).map_err(err)
 }
 
 fn check_host_memory(asked: u64) -> Result<()> {

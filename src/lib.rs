@@ -11,11 +11,13 @@ pub mod config;
 pub mod device_manager;
 pub mod exec;
 pub mod failstop;
+pub mod hostfile;
 pub mod logfile;
 pub mod logger;
 pub mod runtime;
 pub mod signals;
 pub mod terminal;
+pub mod unixsock;
 pub mod vstate;
 
 use std::sync::OnceLock;

@@ -5,6 +5,12 @@
 //! capsule's own guest-triggered messages are rate-limited where they are
 //! logged (`devices::ratelimit`); the virtio-queue crate's are limited
 //! here, by target.
+//!
+//! Every thread logs under one mutex, so a write must never block: a FIFO
+//! is written non-blocking, one line per `write` (at most `PIPE_BUF`
+//! bytes, so a line goes in whole or not at all), and lines a full FIFO
+//! cannot take are dropped and counted; the count is written as soon as
+//! the FIFO has room again.
 
 use std::fs::File;
 use std::io::Write;
@@ -12,6 +18,8 @@ use std::sync::{Mutex, OnceLock};
 
 use devices::ratelimit::{suffix, LogLimit, Verdict};
 use log::{LevelFilter, Log, Metadata, Record};
+
+use crate::hostfile::{OutputKind, PIPE_BUF};
 
 /// The log target prefix of a library whose messages a guest can trigger
 /// in a loop; they go through a rate limit (`devices::ratelimit`).
@@ -32,7 +40,68 @@ pub struct Settings {
 
 struct Override {
     settings: Settings,
-    out: Option<File>,
+    out: Option<Output>,
+}
+
+/// Where `PUT /logger` sends the log.
+pub struct Output {
+    file: File,
+    kind: OutputKind,
+    /// Lines dropped since the last one written (FIFO full).
+    dropped: u64,
+}
+
+impl Output {
+    /// A log output opened by [`crate::hostfile::open_output`].
+    pub fn new(file: File, kind: OutputKind) -> Self {
+        Self {
+            file,
+            kind,
+            dropped: 0,
+        }
+    }
+
+    /// Writes one line; never blocks on a FIFO.
+    fn write_line(&mut self, line: &str) {
+        if self.kind == OutputKind::File {
+            let _ = self.file.write_all(line.as_bytes());
+            return;
+        }
+        if self.dropped > 0 {
+            let note = format!(
+                "capsule: {} log lines dropped (the log FIFO was full)\n",
+                self.dropped
+            );
+            if !self.write_whole(note.as_bytes()) {
+                self.dropped += 1;
+                return;
+            }
+            self.dropped = 0;
+        }
+        let mut bytes = line.as_bytes();
+        if bytes.len() > PIPE_BUF {
+            // Longer writes are not atomic: cut, keeping the newline.
+            bytes = &bytes[..PIPE_BUF - 1];
+            if !self.write_whole(bytes) || !self.write_whole(b"\n") {
+                self.dropped += 1;
+            }
+            return;
+        }
+        if !self.write_whole(bytes) {
+            self.dropped += 1;
+        }
+    }
+
+    /// One non-blocking write of at most `PIPE_BUF` bytes: all or nothing.
+    fn write_whole(&mut self, bytes: &[u8]) -> bool {
+        loop {
+            match self.file.write(bytes) {
+                Ok(n) => return n == bytes.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => return false,
+            }
+        }
+    }
 }
 
 struct CapsuleLogger {
@@ -109,9 +178,7 @@ impl CapsuleLogger {
             }
             line.push_str(&format!("{}\n", r.args()));
             match &mut o.out {
-                Some(f) => {
-                    let _ = f.write_all(line.as_bytes());
-                }
+                Some(f) => f.write_line(&line),
                 None => {
                     let _ = std::io::stderr().write_all(line.as_bytes());
                 }
@@ -162,7 +229,7 @@ pub fn parse_level(s: &str) -> Option<LevelFilter> {
 }
 
 /// Switches the log to `settings`, written to `out` (stderr if `None`).
-pub fn configure(settings: Settings, out: Option<File>) {
+pub fn configure(settings: Settings, out: Option<Output>) {
     let Some(logger) = LOGGER.get() else { return };
     let level = settings.level;
     logger.with_override(|o| *o = Some(Override { settings, out }));

@@ -35,10 +35,14 @@ fn find(name: &str) -> Result<Entry, u8> {
         eprintln!("capsule: error: {e}");
         return Err(status::USAGE);
     }
-    runtime::live(name).ok_or_else(|| {
-        eprintln!("capsule: error: no VM named '{name}' is running");
-        status::NO_SUCH_VM
-    })
+    match runtime::live(name) {
+        Ok(Some(e)) => Ok(e),
+        Ok(None) => {
+            eprintln!("capsule: error: no VM named '{name}' is running");
+            Err(status::NO_SUCH_VM)
+        }
+        Err(e) => Err(err(e)),
+    }
 }
 
 /// The console of a detached VM: output appended to `console.log`
@@ -84,11 +88,15 @@ pub fn detach(name: &str) -> u8 {
     if let Err(e) = runtime::check_name(name) {
         return err(e);
     }
-    if let Some(e) = runtime::live(name) {
-        return err(format!(
-            "a VM named '{name}' is already running (pid {})",
-            e.pid
-        ));
+    match runtime::live(name) {
+        Ok(Some(e)) => {
+            return err(format!(
+                "a VM named '{name}' is already running (pid {})",
+                e.pid
+            ))
+        }
+        Ok(None) => {}
+        Err(e) => return err(e),
     }
     let exe = match std::env::current_exe() {
         Ok(e) => e,
@@ -149,7 +157,10 @@ fn state_of(e: &Entry) -> String {
 
 /// `ls [--json]`.
 pub fn ls(json: bool) -> u8 {
-    let vms = runtime::list();
+    let vms = match runtime::list() {
+        Ok(v) => v,
+        Err(e) => return err(e),
+    };
     if json {
         let list: Vec<_> = vms
             .iter()
@@ -176,17 +187,30 @@ pub fn ls(json: bool) -> u8 {
 fn wait_gone(e: &Entry, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
-        if !runtime::pid_alive(e.pid) {
+        if !e.is_alive() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    !runtime::pid_alive(e.pid)
+    !e.is_alive()
+}
+
+/// Sends `sig` to the VM's capsule (only if it still is that process);
+/// `Err` with the exit status if that failed.
+fn signal(e: &Entry, sig: i32) -> Result<(), u8> {
+    match e.signal(sig) {
+        Ok(_) => Ok(()),
+        Err(er) => Err(err(format!(
+            "cannot signal VM '{}' (pid {}): {er}",
+            e.name, e.pid
+        ))),
+    }
 }
 
 fn force_kill(e: &Entry) -> u8 {
-    // SAFETY: sending a signal to a pid read from our runtime directory.
-    unsafe { libc::kill(e.pid, libc::SIGKILL) };
+    if let Err(c) = signal(e, libc::SIGKILL) {
+        return c;
+    }
     if !wait_gone(e, Duration::from_secs(5)) {
         return err(format!("VM '{}' (pid {}) did not die", e.name, e.pid));
     }
@@ -197,8 +221,9 @@ fn force_kill(e: &Entry) -> u8 {
 /// Asks the VM's capsule to stop it with SIGTERM (devices closed, runtime
 /// directory removed); kills it if it has not ended 5 s later.
 fn terminate(e: &Entry) -> u8 {
-    // SAFETY: sending a signal to a pid read from our runtime directory.
-    unsafe { libc::kill(e.pid, libc::SIGTERM) };
+    if let Err(c) = signal(e, libc::SIGTERM) {
+        return c;
+    }
     if wait_gone(e, Duration::from_secs(5)) {
         let _ = std::fs::remove_dir_all(&e.dir);
         return status::OK;
@@ -398,7 +423,7 @@ pub fn console(name: &str) -> u8 {
     loop {
         match log.read(&mut buf) {
             Ok(0) => {
-                if rx.try_recv().is_ok() || !runtime::pid_alive(e.pid) {
+                if rx.try_recv().is_ok() || !e.is_alive() {
                     break;
                 }
                 // Rotated (console.log is now a new file): go on there.

@@ -9,7 +9,6 @@
 //! builds the VM with [`builder::build`] and starts it. Every request is
 //! answered after it took effect (a pause after every vCPU is parked).
 
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 
 use devices::exit::GuestExit;
@@ -18,6 +17,7 @@ use super::http::Response;
 use super::types::*;
 use crate::builder::{self, Console, Vmm};
 use crate::config::{self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+use crate::hostfile::{DroppingWriter, OutputKind};
 
 /// The Firecracker-compatible default memory size (MiB) before
 /// `PUT /machine-config`.
@@ -444,8 +444,11 @@ impl Controller {
             .as_ref()
             .and_then(|s| s.serial_out_path.as_ref())
         {
-            match OpenOptions::new().append(true).create(true).open(path) {
-                Ok(f) => console.out = Box::new(f),
+            match crate::hostfile::open_output(std::path::Path::new(path)) {
+                Ok((f, OutputKind::File)) => console.out = Box::new(f),
+                Ok((f, OutputKind::Fifo)) => {
+                    console.out = Box::new(DroppingWriter::new(f, "serial_out_path"))
+                }
                 Err(e) => {
                     self.console = Some(console);
                     return Err(format!("cannot open serial_out_path {path}: {e}"));
@@ -549,13 +552,11 @@ fn configure_logger(l: &Logger) -> Result<(), String> {
         None => log::LevelFilter::Info,
     };
     let out = match &l.log_path {
-        Some(p) => Some(
-            OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(p)
-                .map_err(|e| format!("cannot open log_path {p}: {e}"))?,
-        ),
+        Some(p) => {
+            let (file, kind) = crate::hostfile::open_output(std::path::Path::new(p))
+                .map_err(|e| format!("cannot open log_path {p}: {e}"))?;
+            Some(crate::logger::Output::new(file, kind))
+        }
         None => None,
     };
     crate::logger::configure(

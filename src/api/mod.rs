@@ -12,7 +12,7 @@ pub mod http;
 pub mod server;
 pub mod types;
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
@@ -29,7 +29,8 @@ use server::Call;
 /// Errors of [`run`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The socket path is taken by a live server, or binding failed.
+    /// The socket path is taken (a live server, a file that is not a
+    /// stale socket), or binding failed.
     #[error("cannot serve the API on {path}: {why}")]
     Socket {
         /// The socket path.
@@ -68,26 +69,21 @@ pub struct Options {
 
 /// Reads a Firecracker configuration file.
 pub fn read_config_file(path: &Path) -> Result<types::FullVmConfig, String> {
-    let text = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = crate::hostfile::read_regular(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_slice(&text)
         .map_err(|e| format!("invalid configuration {}: {e}", path.display()))
 }
 
-/// Binds the API socket. A leftover socket file that nobody listens on is
-/// replaced; a live one is an error.
-pub fn bind(path: &Path) -> Result<UnixListener, Error> {
-    let err = |why: String| Error::Socket {
+/// Binds the API socket (mode 0600). A leftover socket file that nobody
+/// listens on is replaced; a live one, or any other kind of file, is an
+/// error (see [`crate::unixsock`]). The file is removed when the returned
+/// guard is dropped.
+pub fn bind(path: &Path) -> Result<(UnixListener, crate::unixsock::SocketFile), Error> {
+    crate::unixsock::bind(path).map_err(|why| Error::Socket {
         path: path.to_path_buf(),
         why,
-    };
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(err("another process is serving on it".to_string()));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| err(format!("cannot remove the stale socket: {e}")))?;
-    }
-    UnixListener::bind(path).map_err(|e| err(e.to_string()))
+    })
 }
 
 /// Wakes the event loop when API requests are waiting.
@@ -104,17 +100,6 @@ impl MutEventSubscriber for Waker {
     }
 }
 
-/// Removes the socket file when the VMM ends.
-struct SocketFile(Option<PathBuf>);
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// How often the VMM loop looks at the API channel while the VM runs (a
 /// request also wakes it at once).
 const TICK: Duration = Duration::from_millis(200);
@@ -127,8 +112,8 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
     let _socket_file;
     let rx: Option<Receiver<Call>> = match &opts.api_sock {
         Some(path) => {
-            let listener = bind(path)?;
-            _socket_file = SocketFile(Some(path.clone()));
+            let (listener, file) = bind(path)?;
+            _socket_file = file;
             let wake = wake.clone();
             std::thread::Builder::new()
                 .name("api".into())

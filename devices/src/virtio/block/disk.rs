@@ -88,10 +88,13 @@ fn file_len(file: &mut File) -> io::Result<u64> {
 }
 
 /// Opens an image file and checks it is a regular file or a block device.
+/// The open is non-blocking, so a FIFO (whose read-only open would wait
+/// for a writer) is refused at once; `O_NONBLOCK` is cleared afterwards.
 fn open_image(path: &Path, writable: bool) -> Result<File, BlockError> {
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
+        .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|source| BlockError::Open {
             path: path.to_path_buf(),
@@ -105,6 +108,19 @@ fn open_image(path: &Path, writable: bool) -> Result<File, BlockError> {
     let ft = meta.file_type();
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(BlockError::NotAFile(path.to_path_buf()));
+    }
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; only O_NONBLOCK
+    // changes.
+    let cleared = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(BlockError::Open {
+            path: path.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
     }
     Ok(file)
 }

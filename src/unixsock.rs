@@ -1,0 +1,265 @@
+//! Binding capsule's Unix sockets (the API socket, a named VM's
+//! `api.sock` and `wait.sock`) safely:
+//!
+//! * Only a *stale socket* at the path is replaced (a socket file nobody
+//!   listens on, left by a capsule that was killed). Anything else there —
+//!   a regular file, a directory, a FIFO, a symlink — is refused, and a
+//!   socket someone listens on is refused as in use.
+//! * The socket is mode 0600 whatever the umask, with no moment at which
+//!   anybody else could connect. `bind` gives a socket file the mode
+//!   `0777 & ~umask`; setting the umask around it would be process-wide and
+//!   race with other threads' file creation, and a `chmod` after `bind`
+//!   leaves a window. So the socket is bound inside a fresh private (0700)
+//!   directory next to the target, `chmod`ed to 0600 there, and then
+//!   hard-linked to the target path — `link` fails if anything appeared at
+//!   the path meanwhile, so nothing is ever replaced by accident — and the
+//!   private directory is removed.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+/// Longest socket path `bind`/`connect` accept (`sun_path` holds 108
+/// bytes with the terminating NUL).
+const MAX_PATH: usize = 107;
+
+/// A bound socket's file: removed on drop if it is still ours.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        // Only unlink the file we created: another capsule may have
+        // replaced it after ours went stale.
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.dev() == self.dev && m.ino() == self.ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+fn c_path(p: &Path) -> Result<CString, String> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| "the path contains a NUL byte".to_string())
+}
+
+fn last_error() -> std::io::Error {
+    std::io::Error::last_os_error()
+}
+
+/// What is at `path`, described for an error message.
+fn describe(ft: std::fs::FileType) -> &'static str {
+    if ft.is_file() {
+        "a regular file"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_symlink() {
+        "a symbolic link"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else {
+        "not a socket"
+    }
+}
+
+/// Makes room at `path`: nothing there, or a stale socket (removed).
+fn clear_stale(path: &Path) -> Result<(), String> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let ft = meta.file_type();
+    if !ft.is_socket() {
+        return Err(format!(
+            "it exists and is {}, not a stale socket; refusing to replace it",
+            describe(ft)
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err("another process is serving on it".to_string()),
+        Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+            log::info!("replacing the stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket: {e}"))
+        }
+        Err(e) => Err(format!("cannot tell whether the socket is in use: {e}")),
+    }
+}
+
+/// A private directory next to the target; removed on drop.
+struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    fn new(parent: &Path) -> Result<Self, String> {
+        let template = c_path(&parent.join(".capsule-sock-XXXXXX"))?;
+        let mut buf = template.into_bytes_with_nul();
+        // SAFETY: buf is a NUL-terminated template ending in XXXXXX that
+        // mkdtemp rewrites in place; it creates a directory with mode 0700
+        // (less any umask bits).
+        let p = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
+        if p.is_null() {
+            return Err(format!(
+                "cannot create a directory in {}: {}",
+                parent.display(),
+                last_error()
+            ));
+        }
+        buf.pop();
+        let dir = Self {
+            path: PathBuf::from(std::ffi::OsStr::from_bytes(&buf)),
+        };
+        use std::os::unix::fs::PermissionsExt;
+        // A umask of 0700 or more would leave us unable to bind inside.
+        std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot set up {}: {e}", dir.path.display()))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Binds a listening Unix socket at `path`, mode 0600 (see the module
+/// documentation). Refuses a path that holds anything but a stale socket.
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
+    if path.as_os_str().len() > MAX_PATH {
+        return Err(format!("the path is longer than {MAX_PATH} bytes"));
+    }
+    if path.file_name().is_none() {
+        return Err("the path names no file".to_string());
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    clear_stale(path)?;
+    let private = PrivateDir::new(&parent)?;
+    // Bound through /proc/self/fd so that the temporary path is short
+    // whatever the target's length.
+    let dir = std::fs::File::open(&private.path)
+        .map_err(|e| format!("cannot open {}: {e}", private.path.display()))?;
+    let tmp = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+    let listener = UnixListener::bind(&tmp).map_err(|e| format!("cannot bind: {e}"))?;
+    let tmp_real = private.path.join("s");
+    let tmp_c = c_path(&tmp_real)?;
+    // SAFETY: a valid NUL-terminated path; chmod changes only its mode.
+    if unsafe { libc::chmod(tmp_c.as_ptr(), 0o600) } != 0 {
+        return Err(format!("cannot set the socket's mode: {}", last_error()));
+    }
+    let target = c_path(path)?;
+    // SAFETY: two valid NUL-terminated paths; link creates a new name for
+    // the socket file, and fails with EEXIST rather than replace anything.
+    if unsafe { libc::link(tmp_c.as_ptr(), target.as_ptr()) } != 0 {
+        let e = last_error();
+        return Err(if e.raw_os_error() == Some(libc::EEXIST) {
+            "something appeared at the path while binding; refusing to replace it".to_string()
+        } else {
+            format!("cannot create the socket file: {e}")
+        });
+    }
+    drop(private);
+    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    ))
+}
+
+/// A fresh directory for a test.
+#[cfg(test)]
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("capsule-unixsock-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn refuses_everything_but_a_stale_socket() {
+        let d = scratch("refuse");
+        let file = d.join("file");
+        std::fs::write(&file, "keep me").unwrap();
+        let e = bind(&file).unwrap_err();
+        assert!(e.contains("regular file"), "{e}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+        let sub = d.join("dir");
+        std::fs::create_dir(&sub).unwrap();
+        assert!(bind(&sub).unwrap_err().contains("a directory"));
+        let link = d.join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(bind(&link).unwrap_err().contains("symbolic link"));
+        // A live socket is in use; once its listener is gone it is stale.
+        let sock = d.join("sock");
+        let (live, f) = bind(&sock).unwrap();
+        assert!(bind(&sock).unwrap_err().contains("serving"));
+        std::mem::forget(f);
+        drop(live);
+        let (_again, _f) = bind(&sock).unwrap();
+        // No private directory is left behind.
+        let left: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".capsule"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn socket_is_private_and_removed_on_drop() {
+        let d = scratch("mode");
+        let sock = d.join("s.sock");
+        let (_l, f) = bind(&sock).unwrap();
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        UnixStream::connect(&sock).unwrap();
+        drop(f);
+        assert!(!sock.exists());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn drop_leaves_a_replaced_socket_alone() {
+        let d = scratch("replaced");
+        let sock = d.join("s.sock");
+        let (l, f) = bind(&sock).unwrap();
+        drop(l);
+        std::fs::remove_file(&sock).unwrap();
+        std::fs::write(&sock, "someone else's").unwrap();
+        drop(f);
+        assert_eq!(std::fs::read_to_string(&sock).unwrap(), "someone else's");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
