@@ -159,20 +159,12 @@ impl Console {
 /// An event-loop subscriber shared with other parts of the VMM.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// A virtio device the caller adds besides the configured disks, with the
-/// same object as an event-loop subscriber (see `devices::virtio`).
-pub struct ExtraDevice {
-    /// The device, for its virtio-mmio transport.
-    pub virtio: Arc<Mutex<dyn VirtioDevice>>,
-    /// The same device, for the event loop.
-    pub subscriber: Subscriber,
-}
-
 /// Devices and event-loop subscribers added by the caller (e.g. `exec`).
 #[derive(Default)]
 pub struct Extras {
-    /// Virtio devices, attached over virtio-mmio after the disks.
-    pub devices: Vec<ExtraDevice>,
+    /// Virtio devices, attached over virtio-mmio after the disks and
+    /// nets (each is also its own event-loop subscriber).
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     /// More event-loop subscribers.
     pub subscribers: Vec<Subscriber>,
 }
@@ -408,10 +400,14 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         crate::process_start(),
     )?;
     event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
+    let mut add_virtio = |device: Arc<Mutex<dyn VirtioDevice>>| -> Result<()> {
+        // One object: the transport's device and the event loop's subscriber.
+        dm.attach_virtio_mmio(&vm, mem, device.clone())?;
+        event_manager.add_subscriber(device);
+        Ok(())
+    };
     for (index, disk) in config.disks.iter().enumerate() {
-        let block = Arc::new(Mutex::new(open_disk(index, disk)?));
-        dm.attach_virtio_mmio(&vm, mem, block.clone())?;
-        event_manager.add_subscriber(block);
+        add_virtio(Arc::new(Mutex::new(open_disk(index, disk)?)))?;
     }
     let macs: Vec<_> = config
         .nets
@@ -425,13 +421,10 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         }
     }
     for (index, (nic, mac)) in config.nets.iter().zip(macs).enumerate() {
-        let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
-        dm.attach_virtio_mmio(&vm, mem, device.clone())?;
-        event_manager.add_subscriber(device);
+        add_virtio(Arc::new(Mutex::new(open_net(index, nic, mac)?)))?;
     }
-    for dev in extras.devices {
-        dm.attach_virtio_mmio(&vm, mem, dev.virtio)?;
-        event_manager.add_subscriber(dev.subscriber);
+    for device in extras.devices {
+        add_virtio(device)?;
     }
     for sub in extras.subscribers {
         event_manager.add_subscriber(sub);

@@ -38,7 +38,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use exec_proto::{Decoder, ExecSpec, GuestMsg, HostMsg, MAX_PAYLOAD};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::builder::{self, Console, ExtraDevice, Extras, RunEnd};
+use crate::builder::{self, Console, Extras, RunEnd};
 use crate::config::VmConfig;
 
 use self::cpio::{CpioError, CpioWriter};
@@ -685,10 +685,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         raw_terminal: false,
     };
     let extras = Extras {
-        devices: vec![ExtraDevice {
-            virtio: console.clone(),
-            subscriber: console,
-        }],
+        devices: vec![console],
         subscribers: vec![Arc::new(Mutex::new(pump))],
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
