@@ -37,6 +37,15 @@
 //! warning.
 //!
 //! Guest memory is only accessed through vm-memory's checked accessors.
+//!
+//! # Layout
+//!
+//! This file holds the device (features, configuration space, link state,
+//! activation and reset hooks); `rx.rs` and `tx.rs` the receive and
+//! transmit queue algorithms, `event_handler.rs` what each event-loop
+//! event means and which events the backend is polled for; `backend.rs`
+//! the [`NetBackend`] interface, `tap.rs` and `stream.rs` its two
+//! implementations.
 
 mod backend;
 mod event_handler;
