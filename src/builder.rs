@@ -3,23 +3,18 @@
 //! firmware tables and zero page → devices → vCPUs → running [`Vmm`].
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arch::layout;
-use devices::exit::{ExitSignal, GuestExit};
+use devices::exit::ExitSignal;
 use devices::legacy::serial::{ReadableFd, SerialOut};
-use devices::legacy::I8042;
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use event_manager::{EventManager, SubscriberOps};
+use linux_loader::loader::{self};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use arch::acpi::MmioDevice;
 use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
 use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, PasstError, Tap, TapError};
 use devices::virtio::VirtioDevice;
@@ -28,15 +23,12 @@ use crate::config::{
     default_mac, format_size, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
 };
 use crate::device_manager::{self, DeviceManager};
+use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
+use crate::vmm::{ExitWatcher, Subscriber, Vmm, VCPU_STOP_TIMEOUT};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
 use crate::{signals, terminal};
-
-/// Offset of the 64-bit entry point in a bzImage's protected-mode code.
-const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
-/// How long to wait for vCPU threads to stop once the VM ends.
-const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Errors while building or running a VM. Each message names what failed
 /// and, for files, which file.
@@ -64,30 +56,49 @@ pub enum Error {
         /// Underlying error.
         source: loader::Error,
     },
+    /// The initrd could not be read into guest memory.
+    #[error("cannot read initrd {path}: {source}")]
+    ReadInitrd {
+        /// The file.
+        path: PathBuf,
+        /// Underlying error.
+        source: vm_memory::GuestMemoryError,
+    },
     /// The initrd does not fit in guest memory.
-    #[error("initrd {path} ({size}) does not fit in guest memory: {source}")]
+    #[error("initrd {path} ({}) does not fit in guest memory: {source}", format_size(*.size))]
     InitrdTooBig {
         /// The initrd file.
         path: PathBuf,
-        /// Its size.
-        size: String,
+        /// Its size in bytes (with the generated initramfs).
+        size: u64,
         /// Underlying error.
         source: arch::boot::Error,
     },
-    /// The command line is too long or malformed.
+    /// The command line is malformed.
     #[error("invalid kernel command line: {0}")]
-    Cmdline(String),
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line is too long.
+    #[error("invalid kernel command line: {0} (at most {max} bytes)", max = layout::CMDLINE_MAX_SIZE - 1)]
+    CmdlineTooLong(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be written to guest memory.
+    #[error("invalid kernel command line: {0}")]
+    LoadCmdline(#[source] loader::Error),
     /// More memory than the host has.
-    #[error("cannot give the guest {asked}: the host has {host} of RAM")]
+    #[error("cannot give the guest {}: the host has {} of RAM", format_size(*.asked), format_size(*.host))]
     HostMemory {
-        /// Requested size.
-        asked: String,
-        /// Host RAM.
-        host: String,
+        /// Requested size in bytes.
+        asked: u64,
+        /// Host RAM in bytes.
+        host: u64,
     },
     /// Guest memory could not be mapped.
-    #[error("cannot allocate {0} of guest memory: {1}")]
-    GuestMemory(String, String),
+    #[error("cannot allocate {} of guest memory: {source}", format_size(*.size))]
+    GuestMemory {
+        /// Bytes asked for.
+        size: u64,
+        /// Underlying error.
+        source: crate::vstate::memory::Error,
+    },
     /// KVM VM setup failed.
     #[error(transparent)]
     Vm(#[from] vm::Error),
@@ -97,12 +108,24 @@ pub enum Error {
     /// Device setup failed.
     #[error(transparent)]
     Devices(#[from] device_manager::Error),
-    /// Writing boot data structures failed.
-    #[error("cannot write {0}: {1}")]
-    Boot(&'static str, String),
+    /// The MP table could not be written.
+    #[error("cannot write MP table: {0}")]
+    MpTable(#[source] arch::mptable::Error),
+    /// The ACPI tables could not be written.
+    #[error("cannot write ACPI tables: {0}")]
+    Acpi(#[source] arch::acpi::Error),
+    /// The zero page could not be written.
+    #[error("cannot write zero page: {0}")]
+    ZeroPage(#[source] arch::boot::Error),
+    /// The generated initramfs could not be written.
+    #[error("cannot write initramfs: {0}")]
+    Initramfs(#[source] vm_memory::GuestMemoryError),
     /// The event loop failed.
     #[error("event loop: {0}")]
-    EventLoop(String),
+    EventLoop(#[source] event_manager::Error),
+    /// The eventfd the VM's end is signalled on could not be created.
+    #[error("event loop: {0}")]
+    ExitEvent(#[source] std::io::Error),
     /// A disk image could not be attached.
     #[error(transparent)]
     Disk(#[from] BlockError),
@@ -113,8 +136,8 @@ pub enum Error {
     #[error(transparent)]
     Passt(#[from] PasstError),
     /// Two network devices have the same MAC address.
-    #[error("network devices {0} and {1} have the same MAC address {2}")]
-    DuplicateMac(usize, usize, String),
+    #[error("network devices {0} and {1} have the same MAC address {mac}", mac = net::format_mac(.2))]
+    DuplicateMac(usize, usize, net::MacAddr),
     /// A network device could not be created.
     #[error("cannot create network device {0}: {1}")]
     Net(usize, std::io::Error),
@@ -123,7 +146,7 @@ pub enum Error {
     Terminal(std::io::Error),
 }
 
-type Result<T> = std::result::Result<T, Error>;
+pub(crate) type Result<T> = std::result::Result<T, Error>;
 
 /// Where the guest console goes.
 pub struct Console {
@@ -156,9 +179,6 @@ impl Console {
     }
 }
 
-/// An event-loop subscriber shared with other parts of the VMM.
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
 /// Devices and event-loop subscribers added by the caller (e.g. `exec`).
 #[derive(Default)]
 pub struct Extras {
@@ -169,200 +189,13 @@ pub struct Extras {
     pub subscribers: Vec<Subscriber>,
 }
 
-/// How [`Vmm::run_with`] ended.
-#[derive(Debug)]
-pub enum RunEnd<T> {
-    /// The guest ended the VM.
-    Guest(GuestExit),
-    /// The caller's check asked to stop.
-    Host(T),
-}
-
-/// A running VM.
-pub struct Vmm {
-    // Field order is drop order: signals stop waking the exit eventfd
-    // before it closes; vCPU threads go before the memory they use.
-    _signal_wake: signals::WakeGuard,
-    vcpus: Vec<VcpuHandle>,
-    pause: Arc<PauseGate>,
-    i8042: Option<Arc<Mutex<I8042>>>,
-    event_manager: EventManager<Subscriber>,
-    exit: ExitSignal,
-    _terminal: Option<terminal::RawModeGuard>,
-    _vm: Vm,
-    ram: GuestRam,
-}
-
-/// Errors of [`Vmm::pause`] and [`Vmm::resume`].
-#[derive(Debug, thiserror::Error)]
-pub enum PauseError {
-    /// Not every vCPU reached the parked state in time.
-    #[error("only {parked} of {total} vCPUs paused within {timeout:?}")]
-    Timeout {
-        /// vCPUs parked.
-        parked: usize,
-        /// vCPUs running.
-        total: usize,
-        /// How long capsule waited.
-        timeout: Duration,
-    },
-}
-
-/// How long [`Vmm::pause`] and [`Vmm::resume`] wait for the vCPUs.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if !vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT) {
-            // A vCPU still in KVM_RUN reaches guest RAM by address.
-            self.ram.keep_mapped();
-        }
-    }
-}
-
-impl Vmm {
-    /// Runs one round of the device event loop, waiting at most `timeout`
-    /// for an event; returns the guest's exit reason once it has ended the
-    /// VM. The vCPUs keep running (or stay paused) in between.
-    pub fn run_once(&mut self, timeout: Duration) -> Result<Option<GuestExit>> {
-        if let Some(r) = self.exit.reason() {
-            return Ok(Some(r));
-        }
-        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-        self.event_manager
-            .run_with_timeout(ms)
-            .map_err(|e| Error::EventLoop(e.to_string()))?;
-        Ok(self.exit.reason())
-    }
-
-    /// Adds an event-loop subscriber to the running VM (e.g. a waker for
-    /// API requests).
-    pub fn add_subscriber(&mut self, sub: Subscriber) {
-        self.event_manager.add_subscriber(sub);
-    }
-
-    /// Pauses the VM: every vCPU leaves `KVM_RUN` and parks. Returns once
-    /// all of them are parked. Devices keep running (a paused guest's
-    /// queued I/O completes; its interrupts wait in the irqchip).
-    pub fn pause(&mut self) -> std::result::Result<(), PauseError> {
-        self.pause.set_requested(true);
-        let total = self.vcpus.iter().filter(|v| !v.is_finished()).count();
-        let vcpus = &self.vcpus;
-        if self.pause.wait_parked(
-            PAUSE_TIMEOUT,
-            |parked| parked >= total,
-            || vcpus.iter().for_each(VcpuHandle::kick),
-        ) {
-            log::info!("VM paused ({total} vCPUs parked)");
-            Ok(())
-        } else {
-            Err(PauseError::Timeout {
-                parked: self.pause.parked(),
-                total,
-                timeout: PAUSE_TIMEOUT,
-            })
-        }
-    }
-
-    /// Resumes a paused VM; returns once every vCPU has left the parked
-    /// state (is about to enter `KVM_RUN`).
-    pub fn resume(&mut self) -> std::result::Result<(), PauseError> {
-        self.pause.set_requested(false);
-        let total = self.vcpus.len();
-        if self
-            .pause
-            .wait_parked(PAUSE_TIMEOUT, |parked| parked == 0, || {})
-        {
-            log::info!("VM resumed");
-            Ok(())
-        } else {
-            Err(PauseError::Timeout {
-                parked: self.pause.parked(),
-                total,
-                timeout: PAUSE_TIMEOUT,
-            })
-        }
-    }
-
-    /// Types Ctrl-Alt-Del on the guest's keyboard (i8042). Returns false
-    /// if the keyboard's buffer is full (the guest is not reading it).
-    pub fn send_ctrl_alt_del(&self) -> bool {
-        match &self.i8042 {
-            Some(k) => k
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .trigger_ctrl_alt_del(),
-            None => false,
-        }
-    }
-
-    /// Runs the device event loop until the guest powers off, resets,
-    /// panics or faults; then stops the vCPUs.
-    pub fn run(mut self) -> Result<GuestExit> {
-        let reason = loop {
-            if let Some(r) = self.exit.reason() {
-                break r;
-            }
-            self.event_manager
-                .run()
-                .map_err(|e| Error::EventLoop(e.to_string()))?;
-        };
-        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
-        Ok(reason)
-    }
-
-    /// Like [`Self::run`], but calls `check` before every event-loop round
-    /// and at least every `tick`; when it returns `Some`, the vCPUs are
-    /// stopped and that value is returned. A guest exit is only reported if
-    /// `check` did not ask to stop first.
-    pub fn run_with<T>(
-        mut self,
-        tick: Duration,
-        mut check: impl FnMut() -> Option<T>,
-    ) -> Result<RunEnd<T>> {
-        let tick_ms = i32::try_from(tick.as_millis()).unwrap_or(i32::MAX);
-        let end = loop {
-            if let Some(t) = check() {
-                break RunEnd::Host(t);
-            }
-            if let Some(r) = self.exit.reason() {
-                break RunEnd::Guest(r);
-            }
-            self.event_manager
-                .run_with_timeout(tick_ms)
-                .map_err(|e| Error::EventLoop(e.to_string()))?;
-        };
-        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
-        Ok(end)
-    }
-}
-
-/// Wakes the event loop when the VM must end.
-struct ExitWatcher(ExitSignal);
-
-impl MutEventSubscriber for ExitWatcher {
-    fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
-            log::error!("cannot watch for guest exit: {e}");
-        }
-    }
-    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        self.0.clear_event();
-        if let Some(sig) = signals::pending() {
-            if self.0.reason().is_none() {
-                log::warn!("{}: stopping the VM", signals::name(sig));
-            }
-            self.0.signal(GuestExit::Stopped);
-        }
-    }
-}
-
 /// Builds and starts a VM.
 pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
     build_with(config, console, Extras::default())
 }
 
-/// Builds and starts a VM with extra devices and subscribers.
+/// Builds and starts a VM with extra devices and subscribers: one step
+/// per paragraph, in the order a PC is put together.
 pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result<Vmm> {
     // Open user files first: a typo should not cost a KVM setup.
     let mut kernel = open("kernel", &config.kernel)?;
@@ -374,8 +207,12 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     check_host_memory(config.mem_size)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
-    let mut ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size))
-        .map_err(|e| Error::GuestMemory(format_size(config.mem_size), e.to_string()))?;
+    let mut ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size)).map_err(|source| {
+        Error::GuestMemory {
+            size: config.mem_size,
+            source,
+        }
+    })?;
     let mem = ram.memory();
     let vm = Vm::new(kvm, mem)?;
 
@@ -386,82 +223,32 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         None
     };
 
-    let mut event_manager =
-        EventManager::<Subscriber>::new().map_err(|e| Error::EventLoop(e.to_string()))?;
-    let exit = ExitSignal::new().map_err(|e| Error::EventLoop(e.to_string()))?;
+    let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
+    let exit = ExitSignal::new().map_err(Error::ExitEvent)?;
     event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
-
+    let raw_terminal = console.raw_terminal;
     let mut dm = DeviceManager::new();
-    let serial_input = dm.attach_legacy_devices(
-        &vm,
-        &exit,
-        console.out,
-        console.input,
-        crate::process_start(),
-    )?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(serial_input)));
-    let mut add_virtio = |device: Arc<Mutex<dyn VirtioDevice>>| -> Result<()> {
-        // One object: the transport's device and the event loop's subscriber.
-        dm.attach_virtio_mmio(&vm, mem, device.clone())?;
-        event_manager.add_subscriber(device);
-        Ok(())
-    };
-    for (index, disk) in config.disks.iter().enumerate() {
-        add_virtio(Arc::new(Mutex::new(open_disk(index, disk)?)))?;
-    }
-    let macs: Vec<_> = config
-        .nets
-        .iter()
-        .enumerate()
-        .map(|(i, n)| n.mac.unwrap_or_else(|| default_mac(i)))
-        .collect();
-    for (i, mac) in macs.iter().enumerate() {
-        if let Some(j) = macs[..i].iter().position(|m| m == mac) {
-            return Err(Error::DuplicateMac(j, i, net::format_mac(mac)));
-        }
-    }
-    for (index, (nic, mac)) in config.nets.iter().zip(macs).enumerate() {
-        add_virtio(Arc::new(Mutex::new(open_net(index, nic, mac)?)))?;
-    }
-    for device in extras.devices {
-        add_virtio(device)?;
-    }
-    for sub in extras.subscribers {
-        event_manager.add_subscriber(sub);
-    }
-
-    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
-    let cmdline_size = load_cmdline(mem, &cmdline)?;
-    arch::mptable::setup_mptable(mem, config.vcpus)
-        .map_err(|e| Error::Boot("MP table", e.to_string()))?;
-    let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
-        .map_err(|e| Error::Boot("ACPI tables", e.to_string()))?;
-    arch::boot::configure_system(
+    let mut devices = Devices {
+        dm: &mut dm,
+        vm: &vm,
         mem,
-        GuestAddress(layout::CMDLINE_START),
-        cmdline_size,
-        initrd.as_ref(),
-        entry.setup_header,
-        Some(rsdp),
-    )
-    .map_err(|e| Error::Boot("zero page", e.to_string()))?;
-
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for index in 0..config.vcpus {
-        let vcpu = Vcpu::new(vm.fd(), index)?;
-        vcpu.configure(vm.kvm(), mem, entry.address, config.vcpus)?;
-        vcpus.push(vcpu);
-    }
-
-    let terminal = if console.raw_terminal {
-        terminal::enter_raw_mode().map_err(Error::Terminal)?
-    } else {
-        None
+        event_manager: &mut event_manager,
     };
+    devices.add_legacy(&exit, console)?;
+    devices.add_disks(&config.disks)?;
+    devices.add_nets(&config.nets)?;
+    devices.add_extras(extras)?;
 
-    vcpu::install_kick_handler()?;
-    let pause = Arc::new(PauseGate::default());
+    write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
+    let vcpus = create_vcpus(&vm, mem, &entry, config.vcpus)?;
+
+    let terminal = raw_terminal
+        .then(terminal::enter_raw_mode)
+        .transpose()
+        .map_err(Error::Terminal)?
+        .flatten();
     let i8042 = dm.i8042.clone();
+    let pause = Arc::new(PauseGate::default());
     let io = VcpuIo {
         pio: Arc::new(dm.pio),
         mmio: Arc::new(dm.mmio),
@@ -469,18 +256,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         stop: Arc::new(AtomicBool::new(false)),
         pause: pause.clone(),
     };
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        match vcpu.start(io.clone()) {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                if !vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT) {
-                    ram.keep_mapped();
-                }
-                return Err(e.into());
-            }
-        }
-    }
+    let handles = start_vcpus(vcpus, &io, &mut ram)?;
     log::info!(
         "VM started: {} vCPU(s), {} of memory, {:.1} ms after capsule started",
         config.vcpus,
@@ -499,6 +275,140 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         _vm: vm,
         ram,
     })
+}
+
+/// What adding a device needs: the buses, the VM (for irqfds and
+/// ioeventfds), guest memory (for virtio queues) and the event loop.
+struct Devices<'a> {
+    dm: &'a mut DeviceManager,
+    vm: &'a Vm,
+    mem: &'a GuestMemoryMmap,
+    event_manager: &'a mut EventManager<Subscriber>,
+}
+
+impl Devices<'_> {
+    /// COM1 (and its input), the i8042, ACPI PM registers, pvpanic and the
+    /// boot-time marker on the port-I/O bus.
+    fn add_legacy(&mut self, exit: &ExitSignal, console: Console) -> Result<()> {
+        let serial_input = self.dm.attach_legacy_devices(
+            self.vm,
+            exit,
+            console.out,
+            console.input,
+            crate::process_start(),
+        )?;
+        self.event_manager
+            .add_subscriber(Arc::new(Mutex::new(serial_input)));
+        Ok(())
+    }
+
+    /// A virtio device, over virtio-mmio and in the event loop: one
+    /// object, the transport's device and the loop's subscriber.
+    fn add_virtio(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<()> {
+        self.dm
+            .attach_virtio_mmio(self.vm, self.mem, device.clone())?;
+        self.event_manager.add_subscriber(device);
+        Ok(())
+    }
+
+    /// One virtio-blk device per `--disk`, in order (vda, vdb, ...).
+    fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
+        for (index, disk) in disks.iter().enumerate() {
+            let block = Arc::new(Mutex::new(open_disk(index, disk)?));
+            self.add_virtio(block)?;
+        }
+        Ok(())
+    }
+
+    /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
+    fn add_nets(&mut self, nets: &[NetConfig]) -> Result<()> {
+        let macs: Vec<_> = nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.mac.unwrap_or_else(|| default_mac(i)))
+            .collect();
+        for (i, mac) in macs.iter().enumerate() {
+            if let Some(j) = macs[..i].iter().position(|m| m == mac) {
+                return Err(Error::DuplicateMac(j, i, *mac));
+            }
+        }
+        for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
+            let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
+            self.add_virtio(device)?;
+        }
+        Ok(())
+    }
+
+    /// The caller's devices and subscribers (`capsule exec`'s console and
+    /// stdin pump).
+    fn add_extras(&mut self, extras: Extras) -> Result<()> {
+        for dev in extras.devices {
+            self.add_virtio(dev)?;
+        }
+        for sub in extras.subscribers {
+            self.event_manager.add_subscriber(sub);
+        }
+        Ok(())
+    }
+}
+
+/// The command line, the MP table, the ACPI tables and the zero page.
+fn write_boot_data(
+    mem: &GuestMemoryMmap,
+    config: &VmConfig,
+    dm: &DeviceManager,
+    entry: &KernelEntry,
+    initrd: Option<&arch::boot::InitrdConfig>,
+) -> Result<()> {
+    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
+    let cmdline_size = load_cmdline(mem, &cmdline)?;
+    arch::mptable::setup_mptable(mem, config.vcpus).map_err(Error::MpTable)?;
+    let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
+        .map_err(Error::Acpi)?;
+    arch::boot::configure_system(
+        mem,
+        GuestAddress(layout::CMDLINE_START),
+        cmdline_size,
+        initrd,
+        entry.setup_header,
+        Some(rsdp),
+    )
+    .map_err(Error::ZeroPage)
+}
+
+/// Creates and configures the vCPUs (not started yet).
+fn create_vcpus(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    entry: &KernelEntry,
+    count: u8,
+) -> Result<Vec<Vcpu>> {
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        let vcpu = Vcpu::new(vm.fd(), index)?;
+        vcpu.configure(vm.kvm(), mem, entry.address, count)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Starts a thread per vCPU. If one cannot start, those already running
+/// are stopped (and guest memory stays mapped if one of them would not).
+fn start_vcpus(vcpus: Vec<Vcpu>, io: &VcpuIo, ram: &mut GuestRam) -> Result<Vec<VcpuHandle>> {
+    vcpu::install_kick_handler()?;
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start(io.clone()) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                if !vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT) {
+                    ram.keep_mapped();
+                }
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(handles)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {
@@ -520,103 +430,9 @@ fn check_host_memory(asked: u64) -> Result<()> {
     }
     let host = info.totalram.saturating_mul(u64::from(info.mem_unit));
     if asked > host {
-        return Err(Error::HostMemory {
-            asked: format_size(asked),
-            host: format_size(host),
-        });
+        return Err(Error::HostMemory { asked, host });
     }
     Ok(())
-}
-
-/// Where and how the kernel starts.
-struct KernelEntry {
-    address: u64,
-    setup_header: Option<linux_loader::bootparam::setup_header>,
-}
-
-fn load_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<KernelEntry> {
-    let himem = Some(GuestAddress(layout::HIMEM_START));
-    let load_err = |source| Error::LoadKernel {
-        path: path.to_path_buf(),
-        source,
-    };
-    match Elf::load(mem, None, file, himem) {
-        Ok(r) => {
-            return Ok(KernelEntry {
-                address: r.kernel_load.0,
-                setup_header: None,
-            })
-        }
-        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
-        Err(e) => return Err(load_err(e)),
-    }
-    file.seek(SeekFrom::Start(0))
-        .map_err(|source| Error::File {
-            what: "kernel",
-            path: path.to_path_buf(),
-            source,
-        })?;
-    match BzImage::load(mem, None, file, himem) {
-        Ok(r) => Ok(KernelEntry {
-            address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
-            setup_header: r.setup_header,
-        }),
-        Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
-            Err(Error::NotAKernel(path.to_path_buf()))
-        }
-        Err(e) => Err(load_err(e)),
-    }
-}
-
-/// Loads the initrd file (if any) followed by the generated initramfs
-/// bytes (if any, 4-byte aligned after the file, as the kernel accepts
-/// concatenated archives) at the top of low memory.
-fn load_initrd(
-    mem: &GuestMemoryMmap,
-    file: Option<(&PathBuf, File)>,
-    extra: Option<&[u8]>,
-) -> Result<arch::boot::InitrdConfig> {
-    let (path, file_size) = match &file {
-        Some((path, f)) => {
-            let size = f.metadata().map_err(|source| Error::File {
-                what: "initrd",
-                path: path.to_path_buf(),
-                source,
-            })?;
-            (path.to_path_buf(), size.len())
-        }
-        None => (PathBuf::from("(generated initramfs)"), 0),
-    };
-    let file_err = |source| Error::File {
-        what: "initrd",
-        path: path.clone(),
-        source,
-    };
-    let extra_at = if extra.is_some() {
-        file_size.next_multiple_of(4)
-    } else {
-        file_size
-    };
-    let total = extra_at + extra.map_or(0, |e| e.len() as u64);
-    let size = usize::try_from(total).map_err(|_| file_err(std::io::Error::other("too large")))?;
-    let address =
-        arch::boot::initrd_load_addr(mem, size).map_err(|source| Error::InitrdTooBig {
-            path: path.clone(),
-            size: format_size(total),
-            source,
-        })?;
-    if let Some((_, mut f)) = file {
-        mem.read_exact_volatile_from(address, &mut f, file_size as usize)
-            .map_err(|e| file_err(std::io::Error::other(e.to_string())))?;
-    }
-    if let Some(extra) = extra {
-        // Zero the alignment gap, then the archive.
-        let gap = vec![0u8; (extra_at - file_size) as usize];
-        mem.write_slice(&gap, address.unchecked_add(file_size))
-            .and_then(|()| mem.write_slice(extra, address.unchecked_add(extra_at)))
-            .map_err(|e| Error::Boot("initramfs", e.to_string()))?;
-    }
-    Ok(arch::boot::InitrdConfig { address, size })
 }
 
 /// Opens disk `index` as a virtio-blk device. The serial the guest reads
@@ -656,59 +472,4 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
         net::format_mac(&mac)
     );
     Net::new(backend, mac).map_err(|e| Error::Net(index, e))
-}
-
-/// The command line the guest gets. With ACPI (the default) virtio-mmio
-/// devices are described in the DSDT; a guest booted with `acpi=off` does
-/// not read it, so the devices are then announced with
-/// `virtio_mmio.device=` entries instead (its legacy interrupt routing maps
-/// the lines those name).
-fn kernel_cmdline(user: &str, virtio_mmio: &[MmioDevice]) -> String {
-    let mut cmdline = user.to_string();
-    if user.split_whitespace().any(|w| w == "acpi=off") {
-        for dev in virtio_mmio {
-            cmdline.push_str(&format!(
-                " virtio_mmio.device={}K@{:#x}:{}",
-                dev.len >> 10,
-                dev.base,
-                dev.gsi
-            ));
-        }
-    }
-    cmdline
-}
-
-/// Writes the command line; returns its size including the NUL.
-fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
-    let mut c =
-        Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
-    c.insert_str(cmdline).map_err(|e| {
-        Error::Cmdline(format!(
-            "{e} (at most {} bytes)",
-            layout::CMDLINE_MAX_SIZE - 1
-        ))
-    })?;
-    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &c)
-        .map_err(|e| Error::Cmdline(e.to_string()))?;
-    let len = c.as_cstring().map_err(|e| Error::Cmdline(e.to_string()))?;
-    Ok(len.as_bytes_with_nul().len())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn virtio_mmio_on_cmdline_only_without_acpi() {
-        let devs = [MmioDevice {
-            base: 0xd000_0000,
-            len: 0x1000,
-            gsi: 5,
-        }];
-        assert_eq!(kernel_cmdline("console=ttyS0", &devs), "console=ttyS0");
-        assert_eq!(
-            kernel_cmdline("console=ttyS0 acpi=off", &devs),
-            "console=ttyS0 acpi=off virtio_mmio.device=4K@0xd0000000:5"
-        );
-    }
 }

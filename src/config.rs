@@ -77,10 +77,23 @@ pub fn default_mac(index: usize) -> MacAddr {
     [0x02, 0xca, 0x75, 0x00, hi, lo]
 }
 
+/// Why a MAC address was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    /// Not six hex bytes.
+    #[error("invalid MAC address '{0}' (expected six hex bytes like 02:00:00:00:00:01)")]
+    Syntax(String),
+    /// The group bit is set.
+    #[error("MAC address '{0}' is a multicast address (the lowest bit of the first byte is set)")]
+    Multicast(String),
+    /// 00:00:00:00:00:00.
+    #[error("MAC address '{0}' is all zeroes")]
+    Zero(String),
+}
+
 /// Parses `aa:bb:cc:dd:ee:ff` (or with `-`); rejects multicast addresses.
-pub fn parse_mac(s: &str) -> Result<MacAddr, String> {
-    let bad =
-        || format!("invalid MAC address '{s}' (expected six hex bytes like 02:00:00:00:00:01)");
+pub fn parse_mac(s: &str) -> Result<MacAddr, MacError> {
+    let bad = || MacError::Syntax(s.to_string());
     let parts: Vec<&str> = s.split([':', '-']).collect();
     if parts.len() != 6 {
         return Err(bad());
@@ -93,12 +106,10 @@ pub fn parse_mac(s: &str) -> Result<MacAddr, String> {
         *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
     }
     if mac[0] & 1 != 0 {
-        return Err(format!(
-            "MAC address '{s}' is a multicast address (the lowest bit of the first byte is set)"
-        ));
+        return Err(MacError::Multicast(s.to_string()));
     }
     if mac == [0; 6] {
-        return Err(format!("MAC address '{s}' is all zeroes"));
+        return Err(MacError::Zero(s.to_string()));
     }
     Ok(mac)
 }
@@ -154,7 +165,7 @@ impl std::str::FromStr for NetConfig {
         let mut mac = None;
         for opt in opts {
             match (opt.split_once('='), &mut backend) {
-                (Some(("mac", m)), _) => mac = Some(parse_mac(m)?),
+                (Some(("mac", m)), _) => mac = Some(parse_mac(m).map_err(|e| e.to_string())?),
                 (Some(("publish", p)), NetBackendConfig::User { publish }) => {
                     for spec in p.split('+') {
                         publish.push(parse_publish(spec)?);

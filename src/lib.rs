@@ -1,8 +1,8 @@
 //! capsule: a virtual machine monitor on Linux KVM.
 //!
 //! The data flow is: the CLI builds a [`config::VmConfig`];
-//! [`builder::build`] turns it into a running [`builder::Vmm`] (KVM VM,
-//! guest memory, loaded kernel, devices, vCPU threads); [`builder::Vmm::run`]
+//! [`builder::build`] turns it into a running [`vmm::Vmm`] (KVM VM,
+//! guest memory, loaded kernel, devices, vCPU threads); [`vmm::Vmm::run`]
 //! drives the device event loop until the guest ends the VM.
 
 pub mod api;
@@ -12,12 +12,14 @@ pub mod device_manager;
 pub mod exec;
 pub mod failstop;
 pub mod hostfile;
+mod kernel_load;
 pub mod logfile;
 pub mod logger;
 pub mod runtime;
 pub mod signals;
 pub mod terminal;
 pub mod unixsock;
+pub mod vmm;
 pub mod vstate;
 
 use std::sync::OnceLock;

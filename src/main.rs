@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capsule::builder::{self, Console};
 use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
 
@@ -167,8 +166,13 @@ fn parse_secs(what: &str, secs: f64) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{what} must be a positive number of seconds"))
 }
 
-fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
-    use capsule::exec::{self, Outcome};
+/// The `exec` arguments as an [`capsule::exec::ExecConfig`]: `--env K`
+/// takes K's value from capsule's environment; the timeouts must be
+/// positive.
+fn exec_config(
+    args: ExecArgs,
+    started: std::time::Instant,
+) -> Result<capsule::exec::ExecConfig, String> {
     let mut env = Vec::new();
     for e in args.env {
         if e.contains('=') {
@@ -176,28 +180,16 @@ fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
         } else {
             match std::env::var(&e) {
                 Ok(v) => env.push(format!("{e}={v}")),
-                Err(_) => {
-                    eprintln!("capsule: error: --env {e}: not set in capsule's environment");
-                    return status::EXEC_ERROR;
-                }
+                Err(_) => return Err(format!("--env {e}: not set in capsule's environment")),
             }
         }
     }
-    let timeout = match args.timeout.map(|t| parse_secs("--timeout", t)).transpose() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            return status::EXEC_ERROR;
-        }
-    };
-    let boot_timeout = match parse_secs("--boot-timeout", args.boot_timeout) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            return status::EXEC_ERROR;
-        }
-    };
-    let config = exec::ExecConfig {
+    let timeout = args
+        .timeout
+        .map(|t| parse_secs("--timeout", t))
+        .transpose()?;
+    let boot_timeout = parse_secs("--boot-timeout", args.boot_timeout)?;
+    Ok(capsule::exec::ExecConfig {
         vm: VmConfig {
             kernel: args.kernel,
             initrd: args.initrd,
@@ -217,6 +209,17 @@ fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
         timeout,
         boot_timeout,
         started,
+    })
+}
+
+fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
+    use capsule::exec::{self, Outcome};
+    let config = match exec_config(args, started) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            return status::EXEC_ERROR;
+        }
     };
     match exec::run(config) {
         Ok(Outcome::Exited(code)) => code,
@@ -315,6 +318,24 @@ struct RunArgs {
     kvm: PathBuf,
 }
 
+impl RunArgs {
+    /// The VM `--kernel` and the other options describe, if `--kernel`
+    /// was given.
+    fn vm_config(&self) -> Option<VmConfig> {
+        self.kernel.clone().map(|kernel| VmConfig {
+            kernel,
+            initrd: self.initrd.clone(),
+            initramfs: None,
+            cmdline: self.cmdline.clone(),
+            vcpus: self.cpus,
+            mem_size: self.memory,
+            kvm_path: self.kvm.clone(),
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
+        })
+    }
+}
+
 fn parse_memory(s: &str) -> Result<u64, String> {
     let size = config::parse_size(s).map_err(|e| e.to_string())?;
     if size < config::MIN_MEM_SIZE {
@@ -324,21 +345,6 @@ fn parse_memory(s: &str) -> Result<u64, String> {
         ));
     }
     Ok(size)
-}
-
-fn run(args: RunArgs, kernel: PathBuf) -> Result<GuestExit, builder::Error> {
-    let config = VmConfig {
-        kernel,
-        initrd: args.initrd,
-        initramfs: None,
-        cmdline: args.cmdline,
-        vcpus: args.cpus,
-        mem_size: args.memory,
-        kvm_path: args.kvm,
-        disks: args.disks,
-        nets: args.nets,
-    };
-    builder::build(&config, Console::stdio())?.run()
 }
 
 /// The exit status for how a guest ended `run` (also `wait`'s status).
@@ -364,8 +370,9 @@ fn stopped_status() -> u8 {
     128u8.saturating_add(u8::try_from(sig).unwrap_or(0))
 }
 
-/// `run` with the API, a configuration file or a name.
-fn run_api(args: RunArgs) -> u8 {
+/// `run`: a VM from the command line, a configuration file or the API
+/// (all started through the API's typed actions), optionally named.
+fn run(args: RunArgs) -> u8 {
     use capsule::api;
     use capsule::builder::Console;
     let config = match &args.config_file {
@@ -407,17 +414,6 @@ fn run_api(args: RunArgs) -> u8 {
     } else {
         Console::stdio()
     };
-    let vm = args.kernel.clone().map(|kernel| VmConfig {
-        kernel,
-        initrd: args.initrd.clone(),
-        initramfs: None,
-        cmdline: args.cmdline.clone(),
-        vcpus: args.cpus,
-        mem_size: args.memory,
-        kvm_path: args.kvm.clone(),
-        disks: args.disks.clone(),
-        nets: args.nets.clone(),
-    });
     let on_started: Option<Box<dyn FnOnce()>> = match (&reg, args.detached_child) {
         (Some(r), true) => {
             let log = r.dir().join("vmm.log");
@@ -431,7 +427,7 @@ fn run_api(args: RunArgs) -> u8 {
         id: args.name.clone().unwrap_or(args.id.clone()),
         kvm_path: args.kvm.clone(),
         console,
-        vm,
+        vm: args.vm_config(),
         on_started,
     };
     let code = match api::run(opts) {
@@ -492,22 +488,7 @@ fn main() -> ExitCode {
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
     }
-    let kernel = match (&args.kernel, &args.api_sock, &args.config_file, &args.name) {
-        (Some(k), None, None, None) => k.clone(),
-        _ => {
-            let code = run_api(args);
-            let _ = std::io::stdout().flush();
-            capsule::signals::reraise_pending();
-            return ExitCode::from(code);
-        }
-    };
-    let code = match run(args, kernel) {
-        Ok(exit) => guest_status(exit),
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            status::ERROR
-        }
-    };
+    let code = run(args);
     let _ = std::io::stdout().flush();
     capsule::signals::reraise_pending();
     ExitCode::from(code)

@@ -923,3 +923,62 @@ fn vcpu_panic_stops_capsule_at_once() {
     );
     assert!(err.contains("injected panic"), "{err}");
 }
+
+/// `--config-file` reaches the VM through the API's typed actions, with no
+/// HTTP or JSON in between: a refused section, a refused value and a
+/// failed start each give one `capsule: error:` line carrying the action's
+/// own message (status 1), and a good file boots the guest.
+#[test]
+fn config_file_goes_through_the_api_actions() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("config-file");
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = poweroff_guest();
+    let kernel = kernel.to_str().unwrap();
+    let boot = format!(
+        r#""boot-source": {{"kernel_image_path": "{kernel}", "boot_args": "console=ttyS0"}}"#
+    );
+    let cases: &[(&str, String, i32, &str)] = &[
+        (
+            "section",
+            format!(r#"{{{boot}, "balloon": {{"amount_mib": 1}}}}"#),
+            1,
+            "capsule: error: capsule does not support: balloon\n",
+        ),
+        (
+            "value",
+            format!(r#"{{{boot}, "machine-config": {{"vcpu_count": 0, "mem_size_mib": 128}}}}"#),
+            1,
+            "capsule: error: vcpu_count must be between 1 and 32, not 0\n",
+        ),
+        (
+            "mac",
+            format!(
+                r#"{{{boot}, "network-interfaces": [{{"iface_id": "eth0",
+                    "host_dev_name": "tap0", "guest_mac": "01:00:00:00:00:01"}}]}}"#
+            ),
+            1,
+            "capsule: error: network interface eth0: MAC address '01:00:00:00:00:01' \
+             is a multicast address (the lowest bit of the first byte is set)\n",
+        ),
+        (
+            "start",
+            r#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#.to_string(),
+            1,
+            "capsule: error: cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2)\n",
+        ),
+        ("good", format!("{{{boot}}}"), 0, ""),
+    ];
+    for (name, json, status, stderr) in cases {
+        let path = dir.join(format!("{name}.json"));
+        std::fs::write(&path, json).unwrap();
+        let out = capsule(
+            &["run", "--no-api", "--config-file", path.to_str().unwrap()],
+            None,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(*status), "{name}: stderr: {err}");
+        if *status != 0 {
+            assert_eq!(err, *stderr, "{name}");
+        }
+    }
+}

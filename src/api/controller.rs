@@ -5,25 +5,23 @@
 //!     │ (configuration requests)     └──── guest exit ────────┴──▶ (process ends)
 //! ```
 //!
-//! Before `InstanceStart` requests fill in a configuration; `InstanceStart`
-//! builds the VM with [`builder::build`] and starts it. Every request is
-//! answered after it took effect (a pause after every vCPU is parked).
+//! Before `InstanceStart` actions fill in a configuration; `InstanceStart`
+//! builds the VM with [`builder::build`] and starts it; the caller then
+//! takes the running [`Vmm`] ([`Controller::take_started`]) into its run
+//! loop and passes it back with each later action. Every action returns
+//! after it took effect (a pause after every vCPU is parked). Nothing here
+//! knows of HTTP: actions, answers and errors are typed
+//! ([`super::action`]); the API server makes responses of them.
 
 use std::path::PathBuf;
 
-use devices::exit::GuestExit;
-
-use super::http::Response;
+use super::action::{VmmAction, VmmActionError, VmmData};
+use super::resources::VmResources;
 use super::types::*;
-use crate::builder::{self, Console, Vmm};
-use crate::config::{self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+use crate::builder::{self, Console};
+use crate::config::VmConfig;
 use crate::hostfile::{DroppingWriter, OutputKind};
-
-/// The Firecracker-compatible default memory size (MiB) before
-/// `PUT /machine-config`.
-pub const DEFAULT_MEM_MIB: u64 = 128;
-/// Largest vCPU count the API accepts (Firecracker's limit).
-pub const MAX_API_VCPUS: u64 = 32;
+use crate::vmm::Vmm;
 
 /// Where the VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,62 +45,17 @@ impl State {
     }
 }
 
-/// A parsed API request.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Request {
-    /// `GET /`.
-    GetInstanceInfo,
-    /// `GET /version`.
-    GetVersion,
-    /// `GET /machine-config`.
-    GetMachineConfig,
-    /// `PUT /machine-config`.
-    PutMachineConfig(MachineConfig),
-    /// `PUT /boot-source`.
-    PutBootSource(BootSource),
-    /// `PUT /drives/{id}`.
-    PutDrive(Drive),
-    /// `PUT /network-interfaces/{id}`.
-    PutNetworkInterface(NetworkInterface),
-    /// `PUT /actions`.
-    Action(ActionType),
-    /// `PATCH /vm`.
-    PatchVm(VmState),
-    /// `GET /vm/config`.
-    GetVmConfig,
-    /// `PUT /logger`.
-    PutLogger(Logger),
-    /// `PUT /serial`.
-    PutSerial(SerialDevice),
-}
-
-/// What a request did besides its response.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Effect {
-    /// Nothing else.
-    None,
-    /// The VM was just started.
-    Started,
-}
-
 /// The VM and its configuration.
 pub struct Controller {
     id: String,
     state: State,
-    machine: MachineConfig,
-    boot: Option<BootSource>,
-    drives: Vec<Drive>,
-    nets: Vec<NetworkInterface>,
-    logger: Option<Logger>,
-    serial: Option<SerialDevice>,
-    kvm_path: PathBuf,
+    resources: VmResources,
     console: Option<Console>,
-    vmm: Option<Vmm>,
-    direct: Option<VmConfig>,
+    /// The VM `InstanceStart` built, until the caller takes it.
+    started: Option<Vmm>,
 }
 
-const NOT_AFTER_START: &str =
-    "The requested operation is not supported after starting the microVM.";
+type Result<T> = std::result::Result<T, VmmActionError>;
 
 impl Controller {
     /// A controller with Firecracker's defaults (1 vCPU, 128 MiB). The
@@ -111,23 +64,9 @@ impl Controller {
         Self {
             id,
             state: State::NotStarted,
-            machine: MachineConfig {
-                vcpu_count: 1,
-                mem_size_mib: DEFAULT_MEM_MIB,
-                smt: Some(false),
-                track_dirty_pages: Some(false),
-                cpu_template: None,
-                huge_pages: Some("None".to_string()),
-            },
-            boot: None,
-            drives: Vec::new(),
-            nets: Vec::new(),
-            logger: None,
-            serial: None,
-            kvm_path,
+            resources: VmResources::new(kvm_path),
             console: Some(console),
-            vmm: None,
-            direct: None,
+            started: None,
         }
     }
 
@@ -136,310 +75,150 @@ impl Controller {
         self.state
     }
 
-    /// The running VM, once started.
-    pub fn vmm_mut(&mut self) -> Option<&mut Vmm> {
-        self.vmm.as_mut()
+    /// The VM the last `InstanceStart` built, for the caller's run loop
+    /// (which passes it back to [`Self::handle`] from then on).
+    pub fn take_started(&mut self) -> Option<Vmm> {
+        self.started.take()
     }
 
     /// Applies a whole configuration (a `--config-file`), in Firecracker's
-    /// order, without starting the VM.
-    pub fn apply_config(&mut self, c: FullVmConfig) -> Result<(), String> {
+    /// order, without starting the VM: the same actions the API takes.
+    pub fn apply_config(&mut self, c: FullVmConfig) -> Result<()> {
         let unsupported = c.unsupported_sections();
         if !unsupported.is_empty() {
-            return Err(format!(
-                "capsule does not support: {}",
-                unsupported.join(", ")
-            ));
+            return Err(VmmActionError::UnsupportedSections(unsupported));
         }
-        let mut reqs = Vec::new();
-        if let Some(l) = c.logger {
-            reqs.push(Request::PutLogger(l));
-        }
-        if let Some(s) = c.serial {
-            reqs.push(Request::PutSerial(s));
-        }
-        if let Some(m) = c.machine_config {
-            reqs.push(Request::PutMachineConfig(m));
-        }
-        if let Some(b) = c.boot_source {
-            reqs.push(Request::PutBootSource(b));
-        }
-        reqs.extend(c.drives.into_iter().map(Request::PutDrive));
-        reqs.extend(
-            c.network_interfaces
-                .into_iter()
-                .map(Request::PutNetworkInterface),
-        );
-        for r in reqs {
-            let (resp, _) = self.handle(r);
-            if resp.status >= 300 {
-                let msg = resp
-                    .body
-                    .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-                    .and_then(|v| v["fault_message"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| format!("status {}", resp.status));
-                return Err(msg);
-            }
+        let actions = (c.logger.map(VmmAction::PutLogger).into_iter())
+            .chain(c.serial.map(VmmAction::PutSerial))
+            .chain(c.machine_config.map(VmmAction::PutMachineConfig))
+            .chain(c.boot_source.map(VmmAction::PutBootSource))
+            .chain(c.drives.into_iter().map(VmmAction::PutDrive))
+            .chain(
+                c.network_interfaces
+                    .into_iter()
+                    .map(VmmAction::PutNetworkInterface),
+            );
+        for action in actions {
+            self.handle(action, None)?;
         }
         Ok(())
     }
 
-    fn full_config(&self) -> FullVmConfig {
-        FullVmConfig {
-            boot_source: self.boot.clone(),
-            drives: self.drives.clone(),
-            network_interfaces: self.nets.clone(),
-            machine_config: Some(self.machine.clone()),
-            logger: self.logger.clone(),
-            serial: self.serial.clone(),
-            ..FullVmConfig::default()
-        }
-    }
-
-    fn pre_boot(&self) -> Result<(), Response> {
+    fn pre_boot(&self) -> Result<()> {
         if self.state == State::NotStarted {
             Ok(())
         } else {
-            Err(Response::fault(400, NOT_AFTER_START))
+            Err(VmmActionError::NotAfterStart)
         }
     }
 
-    /// Handles one request.
-    pub fn handle(&mut self, req: Request) -> (Response, Effect) {
-        match self.dispatch(req) {
-            Ok((r, e)) => (r, e),
-            Err(r) => (r, Effect::None),
-        }
-    }
-
-    fn dispatch(&mut self, req: Request) -> Result<(Response, Effect), Response> {
-        let ok = || Ok((Response::no_content(), Effect::None));
-        let json = |v: &dyn erased::Ser| Ok((Response::json(v.to_json()), Effect::None));
-        match req {
-            Request::GetInstanceInfo => json(&InstanceInfo {
+    /// Carries out one action. `vmm` is the running VM (`None` before
+    /// `InstanceStart`, whose VM [`Self::take_started`] hands over).
+    pub fn handle(&mut self, action: VmmAction, vmm: Option<&mut Vmm>) -> Result<VmmData> {
+        match action {
+            VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
                 app_name: "capsule".to_string(),
                 id: self.id.clone(),
                 state: self.state.name().to_string(),
                 vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-            }),
-            Request::GetVersion => json(&Version {
+            })),
+            VmmAction::GetVersion => Ok(VmmData::Version(Version {
                 firecracker_version: env!("CARGO_PKG_VERSION").to_string(),
-            }),
-            Request::GetMachineConfig => json(&self.machine),
-            Request::GetVmConfig => json(&self.full_config()),
-            Request::PutMachineConfig(m) => {
-                self.pre_boot()?;
-                validate_machine(&m).map_err(|e| Response::fault(400, e))?;
-                self.machine = MachineConfig {
-                    smt: Some(m.smt.unwrap_or(false)),
-                    track_dirty_pages: Some(m.track_dirty_pages.unwrap_or(false)),
-                    huge_pages: Some(m.huge_pages.clone().unwrap_or_else(|| "None".into())),
-                    ..m
-                };
-                ok()
+            })),
+            VmmAction::GetMachineConfig => {
+                Ok(VmmData::MachineConfig(self.resources.machine.clone()))
             }
-            Request::PutBootSource(b) => {
-                self.pre_boot()?;
-                if b.kernel_image_path.is_empty() {
-                    return Err(Response::fault(400, "kernel_image_path is empty"));
-                }
-                self.boot = Some(b);
-                ok()
+            VmmAction::GetVmConfig => Ok(VmmData::VmConfig(Box::new(self.resources.full_config()))),
+            VmmAction::PutMachineConfig(m) => self.configure(|r| r.set_machine(m)),
+            VmmAction::PutBootSource(b) => self.configure(|r| r.set_boot_source(b)),
+            VmmAction::PutDrive(d) => self.configure(|r| r.set_drive(d)),
+            VmmAction::PutNetworkInterface(n) => self.configure(|r| r.set_net(n)),
+            VmmAction::PutLogger(l) => {
+                configure_logger(&l)?;
+                self.resources.logger = Some(l);
+                Ok(VmmData::Empty)
             }
-            Request::PutDrive(d) => {
-                self.pre_boot()?;
-                validate_drive(&d).map_err(|e| Response::fault(400, e))?;
-                if d.is_root_device
-                    && self
-                        .drives
-                        .iter()
-                        .any(|x| x.is_root_device && x.drive_id != d.drive_id)
-                {
-                    return Err(Response::fault(400, "A root block device already exists!"));
-                }
-                match self.drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
-                    Some(x) => *x = d,
-                    None => self.drives.push(d),
-                }
-                ok()
-            }
-            Request::PutNetworkInterface(n) => {
-                self.pre_boot()?;
-                if n.mtu.is_some() || n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
-                    return Err(Response::fault(
-                        400,
-                        format!(
-                            "network interface {}: mtu and rate limiters are not supported",
-                            n.iface_id
-                        ),
-                    ));
-                }
-                if let Some(mac) = &n.guest_mac {
-                    parse_mac(mac).map_err(|e| {
-                        Response::fault(400, format!("network interface {}: {e}", n.iface_id))
-                    })?;
-                }
-                if n.host_dev_name.is_empty() {
-                    return Err(Response::fault(
-                        400,
-                        format!("network interface {}: empty host_dev_name", n.iface_id),
-                    ));
-                }
-                match self.nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
-                    Some(x) => *x = n,
-                    None => self.nets.push(n),
-                }
-                ok()
-            }
-            Request::PutLogger(l) => {
-                configure_logger(&l).map_err(|e| Response::fault(400, e))?;
-                self.logger = Some(l);
-                ok()
-            }
-            Request::PutSerial(s) => {
+            VmmAction::PutSerial(s) => {
                 self.pre_boot()?;
                 if s.rate_limiter.is_some() {
-                    return Err(Response::fault(400, "serial rate_limiter is not supported"));
+                    return Err(VmmActionError::Unsupported(
+                        "serial rate_limiter is not supported",
+                    ));
                 }
-                self.serial = Some(s);
-                ok()
+                self.resources.serial = Some(s);
+                Ok(VmmData::Empty)
             }
-            Request::Action(ActionType::FlushMetrics) => Err(Response::fault(
-                400,
+            VmmAction::Action(ActionType::FlushMetrics) => Err(VmmActionError::Unsupported(
                 "capsule has no metrics to flush (PUT /metrics is not supported)",
             )),
-            Request::Action(ActionType::InstanceStart) => {
+            VmmAction::Action(ActionType::InstanceStart) => {
                 self.pre_boot()?;
-                self.start().map_err(|e| Response::fault(400, e))?;
-                Ok((Response::no_content(), Effect::Started))
+                self.start()?;
+                Ok(VmmData::Empty)
             }
-            Request::Action(ActionType::SendCtrlAltDel) => {
-                let vmm = self
-                    .vmm
-                    .as_ref()
-                    .filter(|_| self.state != State::NotStarted);
-                let Some(vmm) = vmm else {
-                    return Err(Response::fault(
-                        400,
-                        "SendCtrlAltDel needs a started microVM",
-                    ));
-                };
-                if self.state == State::Paused {
-                    return Err(Response::fault(
-                        400,
-                        "the microVM is paused: resume it before SendCtrlAltDel",
-                    ));
-                }
-                if !vmm.send_ctrl_alt_del() {
-                    return Err(Response::fault(
-                        400,
-                        "the guest is not reading its keyboard (i8042 buffer full)",
-                    ));
-                }
-                ok()
-            }
-            Request::PatchVm(want) => {
-                let Some(vmm) = self.vmm.as_mut() else {
-                    return Err(Response::fault(
-                        400,
-                        "the microVM is not started: cannot pause or resume it",
-                    ));
-                };
-                match want {
-                    VmState::Paused => {
-                        vmm.pause()
-                            .map_err(|e| Response::fault(400, e.to_string()))?;
-                        self.state = State::Paused;
-                    }
-                    VmState::Resumed => {
-                        vmm.resume()
-                            .map_err(|e| Response::fault(400, e.to_string()))?;
-                        self.state = State::Running;
-                    }
-                }
-                ok()
-            }
+            VmmAction::Action(ActionType::SendCtrlAltDel) => self.ctrl_alt_del(vmm),
+            VmmAction::PatchVm(want) => self.pause_or_resume(vmm, want),
         }
+    }
+
+    /// A change to the configuration, which only exists before start.
+    fn configure(&mut self, set: impl FnOnce(&mut VmResources) -> Result<()>) -> Result<VmmData> {
+        self.pre_boot()?;
+        set(&mut self.resources)?;
+        Ok(VmmData::Empty)
     }
 
     /// Uses `config` (from the command line) for the VM instead of what
-    /// API requests configure; `GET /machine-config` and `GET /vm/config`
-    /// report its vCPUs, memory and boot source.
+    /// API requests configure (see [`VmResources::set_direct`]).
     pub fn set_direct(&mut self, config: VmConfig) {
-        self.machine.vcpu_count = u64::from(config.vcpus);
-        self.machine.mem_size_mib = config.mem_size >> 20;
-        self.boot = Some(BootSource {
-            kernel_image_path: config.kernel.display().to_string(),
-            boot_args: Some(config.cmdline.clone()),
-            initrd_path: config.initrd.as_ref().map(|p| p.display().to_string()),
-        });
-        self.direct = Some(config);
+        self.resources.set_direct(config);
     }
 
-    /// The [`VmConfig`] the current configuration describes.
-    pub fn vm_config(&self) -> Result<VmConfig, String> {
-        if let Some(c) = &self.direct {
-            return Ok(c.clone());
-        }
-        let Some(boot) = &self.boot else {
-            return Err("Cannot start microvm without kernel configuration.".to_string());
+    fn ctrl_alt_del(&self, vmm: Option<&mut Vmm>) -> Result<VmmData> {
+        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
+            return Err(VmmActionError::NotStarted(
+                "SendCtrlAltDel needs a started microVM",
+            ));
         };
-        let mut cmdline = boot
-            .boot_args
-            .clone()
-            .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string());
-        // The root drive is the guest's first disk (vda).
-        let mut ordered: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
-        ordered.extend(self.drives.iter().filter(|d| !d.is_root_device));
-        if let Some(root) = ordered.first().filter(|d| d.is_root_device) {
-            let ro = root.is_read_only.unwrap_or(false);
-            match &root.partuuid {
-                Some(u) => cmdline.push_str(&format!(" root=PARTUUID={u}")),
-                None => cmdline.push_str(" root=/dev/vda"),
-            }
-            cmdline.push_str(if ro { " ro" } else { " rw" });
+        if self.state == State::Paused {
+            return Err(VmmActionError::Unsupported(
+                "the microVM is paused: resume it before SendCtrlAltDel",
+            ));
         }
-        let disks = ordered
-            .iter()
-            .map(|d| DiskConfig {
-                path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
-                mode: if d.is_read_only.unwrap_or(false) {
-                    DiskMode::ReadOnly
-                } else {
-                    DiskMode::ReadWrite
-                },
-            })
-            .collect();
-        Ok(VmConfig {
-            kernel: PathBuf::from(&boot.kernel_image_path),
-            initrd: boot.initrd_path.as_ref().map(PathBuf::from),
-            initramfs: None,
-            cmdline,
-            vcpus: u8::try_from(self.machine.vcpu_count).map_err(|_| "bad vcpu_count")?,
-            mem_size: self.machine.mem_size_mib << 20,
-            kvm_path: self.kvm_path.clone(),
-            disks,
-            nets: self
-                .nets
-                .iter()
-                .map(|n| {
-                    Ok(NetConfig {
-                        backend: NetBackendConfig::Tap {
-                            name: n.host_dev_name.clone(),
-                        },
-                        mac: n.guest_mac.as_deref().map(parse_mac).transpose()?,
-                    })
-                })
-                .collect::<Result<_, String>>()?,
-        })
+        if !vmm.send_ctrl_alt_del() {
+            return Err(VmmActionError::Unsupported(
+                "the guest is not reading its keyboard (i8042 buffer full)",
+            ));
+        }
+        Ok(VmmData::Empty)
     }
 
-    fn start(&mut self) -> Result<(), String> {
-        let config = self.vm_config()?;
+    fn pause_or_resume(&mut self, vmm: Option<&mut Vmm>, want: VmState) -> Result<VmmData> {
+        let Some(vmm) = vmm else {
+            return Err(VmmActionError::NotStarted(
+                "the microVM is not started: cannot pause or resume it",
+            ));
+        };
+        match want {
+            VmState::Paused => {
+                vmm.pause()?;
+                self.state = State::Paused;
+            }
+            VmState::Resumed => {
+                vmm.resume()?;
+                self.state = State::Running;
+            }
+        }
+        Ok(VmmData::Empty)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let config = self.resources.vm_config()?;
         let Some(mut console) = self.console.take() else {
-            return Err("the console is gone (an earlier start failed)".to_string());
+            return Err(VmmActionError::NoConsole);
         };
         if let Some(path) = self
+            .resources
             .serial
             .as_ref()
             .and_then(|s| s.serial_out_path.as_ref())
@@ -449,15 +228,18 @@ impl Controller {
                 Ok((f, OutputKind::Fifo)) => {
                     console.out = Box::new(DroppingWriter::new(f, "serial_out_path"))
                 }
-                Err(e) => {
+                Err(source) => {
                     self.console = Some(console);
-                    return Err(format!("cannot open serial_out_path {path}: {e}"));
+                    return Err(VmmActionError::SerialOut {
+                        path: path.into(),
+                        source,
+                    });
                 }
             }
         }
         match builder::build(&config, console) {
             Ok(vmm) => {
-                self.vmm = Some(vmm);
+                self.started = Some(vmm);
                 self.state = State::Running;
                 log::info!("microVM started");
                 Ok(())
@@ -466,95 +248,28 @@ impl Controller {
             // stdio again.
             Err(e) => {
                 self.console = Some(Console::stdio());
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }
-
-    /// Runs one event-loop round of a started VM (at most `tick`); returns
-    /// the guest's exit once it ended the VM.
-    pub fn run_once(&mut self, tick: std::time::Duration) -> Result<Option<GuestExit>, String> {
-        match self.vmm.as_mut() {
-            Some(v) => v.run_once(tick).map_err(|e| e.to_string()),
-            None => Ok(None),
-        }
-    }
 }
 
-fn validate_machine(m: &MachineConfig) -> Result<(), String> {
-    if m.vcpu_count == 0 || m.vcpu_count > MAX_API_VCPUS {
-        return Err(format!(
-            "vcpu_count must be between 1 and {MAX_API_VCPUS}, not {}",
-            m.vcpu_count
-        ));
-    }
-    let min = config::MIN_MEM_SIZE >> 20;
-    if m.mem_size_mib < min || m.mem_size_mib > (1 << 30) {
-        return Err(format!(
-            "mem_size_mib must be at least {min}, not {}",
-            m.mem_size_mib
-        ));
-    }
-    if m.smt == Some(true) {
-        return Err("smt is not supported".to_string());
-    }
-    if m.track_dirty_pages == Some(true) {
-        return Err("track_dirty_pages is not supported".to_string());
-    }
-    if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
-        return Err("CPU templates are not supported".to_string());
-    }
-    if m.huge_pages.as_deref().is_some_and(|t| t != "None") {
-        return Err("huge_pages is not supported".to_string());
-    }
-    Ok(())
-}
-
-fn validate_drive(d: &Drive) -> Result<(), String> {
-    if d.drive_id.is_empty()
-        || !d
-            .drive_id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
-    {
-        return Err(format!(
-            "invalid drive_id '{}': use letters, digits and _",
-            d.drive_id
-        ));
-    }
-    if d.socket.is_some() {
-        return Err("vhost-user drives (socket) are not supported".to_string());
-    }
-    if d.rate_limiter.is_some() {
-        return Err("drive rate_limiter is not supported".to_string());
-    }
-    match d.path_on_host.as_deref() {
-        None | Some("") => return Err("path_on_host is required".to_string()),
-        Some(_) => {}
-    }
-    if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
-        return Err("only the Sync io_engine is supported".to_string());
-    }
-    if d.cache_type
-        .as_deref()
-        .is_some_and(|c| c != "Unsafe" && c != "Writeback")
-    {
-        return Err("cache_type must be Unsafe or Writeback".to_string());
-    }
-    Ok(())
-}
-
-fn configure_logger(l: &Logger) -> Result<(), String> {
+fn configure_logger(l: &Logger) -> Result<()> {
     let level = match &l.level {
         Some(s) => {
-            crate::logger::parse_level(s).ok_or_else(|| format!("invalid log level '{s}'"))?
+            crate::logger::parse_level(s).ok_or_else(|| VmmActionError::LogLevel(s.clone()))?
         }
         None => log::LevelFilter::Info,
     };
     let out = match &l.log_path {
         Some(p) => {
-            let (file, kind) = crate::hostfile::open_output(std::path::Path::new(p))
-                .map_err(|e| format!("cannot open log_path {p}: {e}"))?;
+            let (file, kind) =
+                crate::hostfile::open_output(std::path::Path::new(p)).map_err(|source| {
+                    VmmActionError::LogPath {
+                        path: p.into(),
+                        source,
+                    }
+                })?;
             Some(crate::logger::Output::new(file, kind))
         }
         None => None,
@@ -571,22 +286,10 @@ fn configure_logger(l: &Logger) -> Result<(), String> {
     Ok(())
 }
 
-/// Serialization behind a trait object (to keep `dispatch` short).
-mod erased {
-    /// Something that serializes to JSON.
-    pub trait Ser {
-        fn to_json(&self) -> String;
-    }
-    impl<T: serde::Serialize> Ser for T {
-        fn to_json(&self) -> String {
-            serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{self, DiskMode};
 
     fn ctl() -> Controller {
         let console = Console {
@@ -597,8 +300,9 @@ mod tests {
         Controller::new("t".into(), "/nonexistent/kvm".into(), console)
     }
 
-    fn status(c: &mut Controller, r: Request) -> u16 {
-        c.handle(r).0.status
+    /// Whether `c` accepted `a` before start.
+    fn ok(c: &mut Controller, a: VmmAction) -> bool {
+        c.handle(a, None).is_ok()
     }
 
     #[test]
@@ -613,32 +317,32 @@ mod tests {
             cpu_template: None,
             huge_pages: None,
         };
-        assert_eq!(status(&mut c, Request::PutMachineConfig(m.clone())), 204);
+        assert!(ok(&mut c, VmmAction::PutMachineConfig(m.clone())));
         let bad = MachineConfig {
             vcpu_count: 0,
             ..m.clone()
         };
-        assert_eq!(status(&mut c, Request::PutMachineConfig(bad)), 400);
+        assert!(matches!(
+            c.handle(VmmAction::PutMachineConfig(bad), None),
+            Err(VmmActionError::VcpuCount { got: 0, .. })
+        ));
         let bad = MachineConfig {
             smt: Some(true),
             ..m
         };
-        assert_eq!(status(&mut c, Request::PutMachineConfig(bad)), 400);
+        assert!(!ok(&mut c, VmmAction::PutMachineConfig(bad)));
         // No kernel yet.
-        let (r, _) = c.handle(Request::Action(ActionType::InstanceStart));
-        assert_eq!(r.status, 400);
-        assert!(r.body.unwrap().contains("without kernel"));
-        assert_eq!(
-            status(
-                &mut c,
-                Request::PutBootSource(BootSource {
-                    kernel_image_path: "/k".into(),
-                    boot_args: Some("console=ttyS0".into()),
-                    initrd_path: None,
-                })
-            ),
-            204
-        );
+        let e = c.handle(VmmAction::Action(ActionType::InstanceStart), None);
+        assert!(matches!(e, Err(VmmActionError::NoKernel)));
+        assert!(e.unwrap_err().to_string().contains("without kernel"));
+        assert!(ok(
+            &mut c,
+            VmmAction::PutBootSource(BootSource {
+                kernel_image_path: "/k".into(),
+                boot_args: Some("console=ttyS0".into()),
+                initrd_path: None,
+            })
+        ));
         let drive = |id: &str, root: bool| Drive {
             drive_id: id.into(),
             path_on_host: Some(format!("/{id}.img")),
@@ -650,33 +354,60 @@ mod tests {
             io_engine: None,
             socket: None,
         };
-        assert_eq!(status(&mut c, Request::PutDrive(drive("data", false))), 204);
-        assert_eq!(
-            status(&mut c, Request::PutDrive(drive("rootfs", true))),
-            204
-        );
-        assert_eq!(status(&mut c, Request::PutDrive(drive("other", true))), 400);
-        assert_eq!(status(&mut c, Request::PutDrive(drive("a b", false))), 400);
-        let vm = c.vm_config().unwrap();
+        assert!(ok(&mut c, VmmAction::PutDrive(drive("data", false))));
+        assert!(ok(&mut c, VmmAction::PutDrive(drive("rootfs", true))));
+        assert!(!ok(&mut c, VmmAction::PutDrive(drive("other", true))));
+        assert!(matches!(
+            c.handle(VmmAction::PutDrive(drive("a b", false)), None),
+            Err(VmmActionError::DriveId(id)) if id == "a b"
+        ));
+        let vm = c.resources.vm_config().unwrap();
         assert_eq!(vm.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(vm.disks[0].path, PathBuf::from("/rootfs.img"));
         assert_eq!(vm.disks[1].mode, DiskMode::ReadOnly);
         assert_eq!((vm.vcpus, vm.mem_size), (2, 256 << 20));
         // Pause before start, Ctrl-Alt-Del before start.
-        assert_eq!(status(&mut c, Request::PatchVm(VmState::Paused)), 400);
-        assert_eq!(
-            status(&mut c, Request::Action(ActionType::SendCtrlAltDel)),
-            400
-        );
-        // Start fails (no KVM here): still not started, still configurable.
-        assert_eq!(
-            status(&mut c, Request::Action(ActionType::InstanceStart)),
-            400
-        );
+        assert!(matches!(
+            c.handle(VmmAction::PatchVm(VmState::Paused), None),
+            Err(VmmActionError::NotStarted(_))
+        ));
+        assert!(!ok(&mut c, VmmAction::Action(ActionType::SendCtrlAltDel)));
+        // Start fails (no KVM here): still not started, still configurable,
+        // and the builder's error is kept as it is.
+        assert!(matches!(
+            c.handle(VmmAction::Action(ActionType::InstanceStart), None),
+            Err(VmmActionError::Start(_))
+        ));
         assert_eq!(c.state(), State::NotStarted);
-        let (r, _) = c.handle(Request::GetVmConfig);
-        let v: serde_json::Value = serde_json::from_str(&r.body.unwrap()).unwrap();
-        assert_eq!(v["boot-source"]["kernel_image_path"], "/k");
-        assert_eq!(v["drives"].as_array().unwrap().len(), 2);
+        assert!(c.take_started().is_none());
+        let Ok(VmmData::VmConfig(v)) = c.handle(VmmAction::GetVmConfig, None) else {
+            panic!("GET /vm/config failed");
+        };
+        assert_eq!(v.boot_source.unwrap().kernel_image_path, "/k");
+        assert_eq!(v.drives.len(), 2);
+    }
+
+    #[test]
+    fn config_file_errors_are_the_actions_errors() {
+        let mut c = ctl();
+        let config: FullVmConfig = serde_json::from_str(
+            r#"{"network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0",
+                "guest_mac": "01:00:00:00:00:01"}]}"#,
+        )
+        .unwrap();
+        let e = c.apply_config(config).unwrap_err();
+        assert!(matches!(
+            &e,
+            VmmActionError::NetMac { iface, source: config::MacError::Multicast(_) }
+                if iface == "eth0"
+        ));
+        assert!(e
+            .to_string()
+            .starts_with("network interface eth0: MAC address"));
+        let config: FullVmConfig = serde_json::from_str(r#"{"balloon": {}}"#).unwrap();
+        assert_eq!(
+            c.apply_config(config).unwrap_err().to_string(),
+            "capsule does not support: balloon"
+        );
     }
 }

@@ -7,11 +7,14 @@
 //! a channel; an eventfd in the event loop wakes the VMM thread, which
 //! answers each request after it took effect.
 
+pub mod action;
 pub mod controller;
 pub mod http;
+pub mod resources;
 pub mod server;
 pub mod types;
 
+use std::convert::Infallible;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver};
@@ -23,7 +26,9 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::builder::Console;
-use controller::{Controller, Effect, Request, State};
+use crate::vmm::{RunEnd, Vmm};
+use action::{VmmAction, VmmActionError};
+use controller::Controller;
 use server::Call;
 
 /// Errors of [`run`].
@@ -39,14 +44,48 @@ pub enum Error {
         why: String,
     },
     /// The configuration file could not be used.
-    #[error("{0}")]
-    Config(String),
-    /// The VM could not be started from the configuration file.
-    #[error("{0}")]
-    Start(String),
-    /// The event loop or the API thread failed.
-    #[error("{0}")]
-    Vmm(String),
+    #[error(transparent)]
+    Config(VmmActionError),
+    /// The VM could not be started from the configuration file or the
+    /// command line.
+    #[error(transparent)]
+    Start(VmmActionError),
+    /// The eventfd that wakes the VMM thread could not be created.
+    #[error("cannot create the API's wake-up eventfd: {0}")]
+    Wake(#[source] std::io::Error),
+    /// The API thread could not be started.
+    #[error("cannot start the API thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// Neither a VM to start nor an API to configure one.
+    #[error("no configuration and no API")]
+    NothingToRun,
+    /// The API thread ended before the VM was started.
+    #[error("the API thread ended")]
+    ApiGone,
+    /// The VM's event loop failed.
+    #[error(transparent)]
+    Run(#[from] crate::builder::Error),
+}
+
+/// Why a `--config-file` could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not a valid configuration.
+    #[error("invalid configuration {}: {source}", .path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
 }
 
 /// How [`run`] runs.
@@ -68,11 +107,15 @@ pub struct Options {
 }
 
 /// Reads a Firecracker configuration file.
-pub fn read_config_file(path: &Path) -> Result<types::FullVmConfig, String> {
-    let text = crate::hostfile::read_regular(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    serde_json::from_slice(&text)
-        .map_err(|e| format!("invalid configuration {}: {e}", path.display()))
+pub fn read_config_file(path: &Path) -> Result<types::FullVmConfig, ConfigFileError> {
+    let text = crate::hostfile::read_regular(path).map_err(|source| ConfigFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&text).map_err(|source| ConfigFileError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Binds the API socket (mode 0600). A leftover socket file that nobody
@@ -104,10 +147,11 @@ impl MutEventSubscriber for Waker {
 /// request also wakes it at once).
 const TICK: Duration = Duration::from_millis(200);
 
-/// Runs a VM configured over the API and/or from a configuration file;
-/// returns how the guest ended it.
+/// Runs a VM configured over the API, from a configuration file and/or on
+/// the command line; returns how the guest ended it. All three reach the
+/// VM through the same typed actions of [`Controller::handle`].
 pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Vmm(e.to_string()))?);
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Wake)?);
     let (tx, rx) = channel::<Call>();
     let _socket_file;
     let rx: Option<Receiver<Call>> = match &opts.api_sock {
@@ -118,7 +162,7 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
             std::thread::Builder::new()
                 .name("api".into())
                 .spawn(move || server::serve(listener, tx, wake))
-                .map_err(|e| Error::Vmm(format!("cannot start the API thread: {e}")))?;
+                .map_err(Error::Thread)?;
             log::info!(
                 "API ready on {}, {:.1} ms after capsule started",
                 path.display(),
@@ -141,50 +185,50 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
         if let Some(vm) = direct {
             ctl.set_direct(vm);
         }
-        let (resp, _) = ctl.handle(Request::Action(types::ActionType::InstanceStart));
-        if resp.status >= 300 {
-            let msg = resp
-                .body
-                .and_then(|b| serde_json::from_str::<serde_json::Value>(&b).ok())
-                .and_then(|v| v["fault_message"].as_str().map(str::to_string))
-                .unwrap_or_default();
-            return Err(Error::Start(msg));
+        let start = VmmAction::Action(types::ActionType::InstanceStart);
+        ctl.handle(start, None).map_err(Error::Start)?;
+    }
+    let mut vmm = match ctl.take_started() {
+        Some(vmm) => vmm,
+        None => wait_for_start(&mut ctl, rx.as_ref())?,
+    };
+    vmm.add_subscriber(Arc::new(Mutex::new(Waker(wake))));
+    if let Some(f) = opts.on_started.take() {
+        f();
+    }
+    // Without an API nothing but the guest ends the VM: each round waits
+    // for events as long as it takes.
+    let tick = rx.as_ref().map(|_| TICK);
+    let end = vmm.run(tick, |vmm| {
+        serve_running(&mut ctl, vmm, rx.as_ref());
+        None::<Infallible>
+    })?;
+    match end {
+        RunEnd::Guest(exit) => Ok(exit),
+    }
+}
+
+/// Serves API calls until one starts the VM; returns it.
+fn wait_for_start(ctl: &mut Controller, rx: Option<&Receiver<Call>>) -> Result<Vmm, Error> {
+    let rx = rx.ok_or(Error::NothingToRun)?;
+    loop {
+        let call = rx.recv().map_err(|_| Error::ApiGone)?;
+        let reply = ctl.handle(call.request, None);
+        let started = ctl.take_started();
+        if started.is_some() {
+            log::info!("API: InstanceStart done");
+        }
+        let _ = call.reply.send(reply);
+        if let Some(vmm) = started {
+            return Ok(vmm);
         }
     }
-    let mut on_started = opts.on_started.take();
-    let mut waker_added = false;
-    loop {
-        if ctl.state() != State::NotStarted && !waker_added {
-            if let Some(vmm) = ctl.vmm_mut() {
-                vmm.add_subscriber(Arc::new(Mutex::new(Waker(wake.clone()))));
-                waker_added = true;
-            }
-            if let Some(f) = on_started.take() {
-                f();
-            }
-        }
-        if ctl.state() == State::NotStarted {
-            let Some(rx) = &rx else {
-                return Err(Error::Vmm("no configuration and no API".to_string()));
-            };
-            let call = rx
-                .recv()
-                .map_err(|_| Error::Vmm("the API thread ended".to_string()))?;
-            let (resp, effect) = ctl.handle(call.request);
-            if effect == Effect::Started {
-                log::info!("API: InstanceStart done");
-            }
-            let _ = call.reply.send(resp);
-            continue;
-        }
-        if let Some(exit) = ctl.run_once(TICK).map_err(Error::Vmm)? {
-            return Ok(exit);
-        }
-        if let Some(rx) = &rx {
-            while let Ok(call) = rx.try_recv() {
-                let (resp, _) = ctl.handle(call.request);
-                let _ = call.reply.send(resp);
-            }
-        }
+}
+
+/// Answers the API calls waiting for the running VM.
+fn serve_running(ctl: &mut Controller, vmm: &mut Vmm, rx: Option<&Receiver<Call>>) {
+    let Some(rx) = rx else { return };
+    while let Ok(call) = rx.try_recv() {
+        let _ = call.reply.send(ctl.handle(call.request, Some(vmm)));
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::controller::Request;
+use super::action::{VmmAction as Request, VmmActionError, VmmData};
 use super::http::{self, Parsed, Response};
 use super::types::{self, from_body};
 
@@ -31,12 +31,15 @@ pub const MAX_CONNECTIONS: usize = 16;
 /// Time to write a response before the client is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What the VMM thread answers to a [`Call`].
+pub type Reply = Result<VmmData, VmmActionError>;
+
 /// A request for the VMM thread and where its answer goes.
 pub struct Call {
     /// The request.
     pub request: Request,
     /// The answer.
-    pub reply: SyncSender<Response>,
+    pub reply: SyncSender<Reply>,
 }
 
 struct Conn {
@@ -294,7 +297,7 @@ fn read_and_serve(conn: &mut Conn, calls: &Sender<Call>, wake: &EventFd) -> Resu
                     };
                 log::debug!("API: {} {}", req.method, req.path);
                 let resp = match route(&req.method, &req.path, &req.body) {
-                    Ok(request) => call(calls, wake, request)?,
+                    Ok(request) => response(call(calls, wake, request)?),
                     Err(r) => r,
                 };
                 if resp.status >= 400 {
@@ -315,7 +318,34 @@ fn read_and_serve(conn: &mut Conn, calls: &Sender<Call>, wake: &EventFd) -> Resu
     }
 }
 
-fn call(calls: &Sender<Call>, wake: &EventFd, request: Request) -> Result<Response, Gone> {
+/// The HTTP response for the VMM's answer: 204 without data, 200 with
+/// its JSON, 400 with the error as `fault_message`.
+pub fn response(reply: Reply) -> Response {
+    let json = |v: &dyn erased::Ser| Response::json(v.to_json());
+    match reply {
+        Ok(VmmData::Empty) => Response::no_content(),
+        Ok(VmmData::InstanceInfo(i)) => json(&i),
+        Ok(VmmData::Version(v)) => json(&v),
+        Ok(VmmData::MachineConfig(m)) => json(&m),
+        Ok(VmmData::VmConfig(c)) => json(&c),
+        Err(e) => Response::fault(400, e.to_string()),
+    }
+}
+
+/// Serialization behind a trait object (to keep [`response`] short).
+mod erased {
+    /// Something that serializes to JSON.
+    pub trait Ser {
+        fn to_json(&self) -> String;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn to_json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|_| "{}".to_string())
+        }
+    }
+}
+
+fn call(calls: &Sender<Call>, wake: &EventFd, request: Request) -> Result<Reply, Gone> {
     let (tx, rx) = sync_channel(1);
     calls.send(Call { request, reply: tx }).map_err(|_| Gone)?;
     let _ = wake.write(1);

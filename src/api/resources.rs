@@ -1,0 +1,267 @@
+//! The VM's configuration as API actions and `--config-file` build it
+//! before start (Firecracker's `VmResources`): validated piece by piece,
+//! then turned into the [`VmConfig`] the builder takes. The controller
+//! decides when a piece may change; this decides whether it is valid.
+
+use std::path::PathBuf;
+
+use super::action::VmmActionError;
+use super::types::*;
+use crate::config::{self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+
+/// The Firecracker-compatible default memory size (MiB) before
+/// `PUT /machine-config`.
+pub const DEFAULT_MEM_MIB: u64 = 128;
+/// Largest vCPU count the API accepts (Firecracker's limit).
+pub const MAX_API_VCPUS: u64 = 32;
+
+type Result<T> = std::result::Result<T, VmmActionError>;
+
+/// The configuration so far.
+pub struct VmResources {
+    pub(super) machine: MachineConfig,
+    boot: Option<BootSource>,
+    drives: Vec<Drive>,
+    nets: Vec<NetworkInterface>,
+    pub(super) logger: Option<Logger>,
+    pub(super) serial: Option<SerialDevice>,
+    kvm_path: PathBuf,
+    direct: Option<VmConfig>,
+}
+
+impl VmResources {
+    /// Firecracker's defaults (1 vCPU, 128 MiB, no kernel yet) on `kvm_path`.
+    pub fn new(kvm_path: PathBuf) -> Self {
+        Self {
+            machine: MachineConfig {
+                vcpu_count: 1,
+                mem_size_mib: DEFAULT_MEM_MIB,
+                smt: Some(false),
+                track_dirty_pages: Some(false),
+                cpu_template: None,
+                huge_pages: Some("None".to_string()),
+            },
+            boot: None,
+            drives: Vec::new(),
+            nets: Vec::new(),
+            logger: None,
+            serial: None,
+            kvm_path,
+            direct: None,
+        }
+    }
+
+    /// The configuration as `GET /vm/config` reports it.
+    pub fn full_config(&self) -> FullVmConfig {
+        FullVmConfig {
+            boot_source: self.boot.clone(),
+            drives: self.drives.clone(),
+            network_interfaces: self.nets.clone(),
+            machine_config: Some(self.machine.clone()),
+            logger: self.logger.clone(),
+            serial: self.serial.clone(),
+            ..FullVmConfig::default()
+        }
+    }
+
+    /// `PUT /machine-config`: validated, Firecracker's defaults filled in.
+    pub fn set_machine(&mut self, m: MachineConfig) -> Result<()> {
+        validate_machine(&m)?;
+        self.machine = MachineConfig {
+            smt: Some(m.smt.unwrap_or(false)),
+            track_dirty_pages: Some(m.track_dirty_pages.unwrap_or(false)),
+            huge_pages: Some(m.huge_pages.clone().unwrap_or_else(|| "None".into())),
+            ..m
+        };
+        Ok(())
+    }
+
+    /// `PUT /boot-source`.
+    pub fn set_boot_source(&mut self, b: BootSource) -> Result<()> {
+        if b.kernel_image_path.is_empty() {
+            return Err(VmmActionError::Unsupported("kernel_image_path is empty"));
+        }
+        self.boot = Some(b);
+        Ok(())
+    }
+
+    /// `PUT /drives/{id}`: validated; at most one root device.
+    pub fn set_drive(&mut self, d: Drive) -> Result<()> {
+        validate_drive(&d)?;
+        if d.is_root_device
+            && self
+                .drives
+                .iter()
+                .any(|x| x.is_root_device && x.drive_id != d.drive_id)
+        {
+            return Err(VmmActionError::Unsupported(
+                "A root block device already exists!",
+            ));
+        }
+        match self.drives.iter_mut().find(|x| x.drive_id == d.drive_id) {
+            Some(x) => *x = d,
+            None => self.drives.push(d),
+        }
+        Ok(())
+    }
+
+    /// `PUT /network-interfaces/{id}`: validated.
+    pub fn set_net(&mut self, n: NetworkInterface) -> Result<()> {
+        if n.mtu.is_some() || n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+            return Err(VmmActionError::NetUnsupported(n.iface_id));
+        }
+        if let Some(mac) = &n.guest_mac {
+            parse_mac(mac).map_err(|source| VmmActionError::NetMac {
+                iface: n.iface_id.clone(),
+                source,
+            })?;
+        }
+        if n.host_dev_name.is_empty() {
+            return Err(VmmActionError::NetNoHostDev(n.iface_id));
+        }
+        match self.nets.iter_mut().find(|x| x.iface_id == n.iface_id) {
+            Some(x) => *x = n,
+            None => self.nets.push(n),
+        }
+        Ok(())
+    }
+
+    /// Uses `config` (from the command line) for the VM instead of what
+    /// API requests configure; `GET /machine-config` and `GET /vm/config`
+    /// report its vCPUs, memory and boot source.
+    pub fn set_direct(&mut self, config: VmConfig) {
+        self.machine.vcpu_count = u64::from(config.vcpus);
+        self.machine.mem_size_mib = config.mem_size >> 20;
+        self.boot = Some(BootSource {
+            kernel_image_path: config.kernel.display().to_string(),
+            boot_args: Some(config.cmdline.clone()),
+            initrd_path: config.initrd.as_ref().map(|p| p.display().to_string()),
+        });
+        self.direct = Some(config);
+    }
+
+    /// The [`VmConfig`] the current configuration describes.
+    pub fn vm_config(&self) -> Result<VmConfig> {
+        if let Some(c) = &self.direct {
+            return Ok(c.clone());
+        }
+        let Some(boot) = &self.boot else {
+            return Err(VmmActionError::NoKernel);
+        };
+        let mut cmdline = boot
+            .boot_args
+            .clone()
+            .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string());
+        // The root drive is the guest's first disk (vda).
+        let mut ordered: Vec<&Drive> = self.drives.iter().filter(|d| d.is_root_device).collect();
+        ordered.extend(self.drives.iter().filter(|d| !d.is_root_device));
+        if let Some(root) = ordered.first().filter(|d| d.is_root_device) {
+            let ro = root.is_read_only.unwrap_or(false);
+            match &root.partuuid {
+                Some(u) => cmdline.push_str(&format!(" root=PARTUUID={u}")),
+                None => cmdline.push_str(" root=/dev/vda"),
+            }
+            cmdline.push_str(if ro { " ro" } else { " rw" });
+        }
+        let disks = ordered
+            .iter()
+            .map(|d| DiskConfig {
+                path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
+                mode: if d.is_read_only.unwrap_or(false) {
+                    DiskMode::ReadOnly
+                } else {
+                    DiskMode::ReadWrite
+                },
+            })
+            .collect();
+        Ok(VmConfig {
+            kernel: PathBuf::from(&boot.kernel_image_path),
+            initrd: boot.initrd_path.as_ref().map(PathBuf::from),
+            initramfs: None,
+            cmdline,
+            vcpus: u8::try_from(self.machine.vcpu_count)
+                .map_err(|_| VmmActionError::BadVcpuCount)?,
+            mem_size: self.machine.mem_size_mib << 20,
+            kvm_path: self.kvm_path.clone(),
+            disks,
+            nets: self
+                .nets
+                .iter()
+                .map(|n| {
+                    let mac = n.guest_mac.as_deref().map(parse_mac).transpose();
+                    Ok(NetConfig {
+                        backend: NetBackendConfig::Tap {
+                            name: n.host_dev_name.clone(),
+                        },
+                        mac: mac.map_err(|source| VmmActionError::NetMac {
+                            iface: n.iface_id.clone(),
+                            source,
+                        })?,
+                    })
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+fn validate_machine(m: &MachineConfig) -> Result<()> {
+    if m.vcpu_count == 0 || m.vcpu_count > MAX_API_VCPUS {
+        return Err(VmmActionError::VcpuCount {
+            max: MAX_API_VCPUS,
+            got: m.vcpu_count,
+        });
+    }
+    let min = config::MIN_MEM_SIZE >> 20;
+    if m.mem_size_mib < min || m.mem_size_mib > (1 << 30) {
+        return Err(VmmActionError::MemSize {
+            min,
+            got: m.mem_size_mib,
+        });
+    }
+    let unsupported = VmmActionError::Unsupported;
+    if m.smt == Some(true) {
+        return Err(unsupported("smt is not supported"));
+    }
+    if m.track_dirty_pages == Some(true) {
+        return Err(unsupported("track_dirty_pages is not supported"));
+    }
+    if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
+        return Err(unsupported("CPU templates are not supported"));
+    }
+    if m.huge_pages.as_deref().is_some_and(|t| t != "None") {
+        return Err(unsupported("huge_pages is not supported"));
+    }
+    Ok(())
+}
+
+fn validate_drive(d: &Drive) -> Result<()> {
+    if d.drive_id.is_empty()
+        || !d
+            .drive_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    {
+        return Err(VmmActionError::DriveId(d.drive_id.clone()));
+    }
+    let unsupported = VmmActionError::Unsupported;
+    if d.socket.is_some() {
+        return Err(unsupported("vhost-user drives (socket) are not supported"));
+    }
+    if d.rate_limiter.is_some() {
+        return Err(unsupported("drive rate_limiter is not supported"));
+    }
+    match d.path_on_host.as_deref() {
+        None | Some("") => return Err(unsupported("path_on_host is required")),
+        Some(_) => {}
+    }
+    if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
+        return Err(unsupported("only the Sync io_engine is supported"));
+    }
+    if d.cache_type
+        .as_deref()
+        .is_some_and(|c| c != "Unsafe" && c != "Writeback")
+    {
+        return Err(unsupported("cache_type must be Unsafe or Writeback"));
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! The initramfs of an exec guest: the embedded guest init, the command
+//! description, the `--rootfs` tree and the `--share` directories, as one
+//! cpio archive generated in memory.
+
+use std::os::unix::ffi::OsStrExt;
+
+use exec_proto::ExecSpec;
+
+use super::cpio::CpioWriter;
+use super::{Error, ExecConfig};
+
+/// The guest init, built by `build.rs`.
+static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/capsule-init"));
+
+/// Packs the initramfs: `/dev/console`, the init, the command description,
+/// the `--rootfs` tree and the shares.
+pub fn build_initramfs(config: &ExecConfig) -> Result<Vec<u8>, Error> {
+    let spec = ExecSpec {
+        argv: config.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: config.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
+        cwd: config.workdir.as_bytes().to_vec(),
+        disk: !config.vm.disks.is_empty(),
+        shares: config
+            .shares
+            .iter()
+            .map(|s| (s.guest.as_bytes().to_vec(), s.writable))
+            .collect(),
+    };
+    let spec = spec.to_bytes().map_err(Error::Usage)?;
+    let mut w = CpioWriter::new();
+    if let Some(root) = &config.rootfs {
+        if !root.is_dir() {
+            return Err(Error::Usage(format!(
+                "--rootfs {}: not a directory",
+                root.display()
+            )));
+        }
+        w.tree(root, "")?;
+    }
+    // Directories may repeat entries of the rootfs tree; the kernel keeps
+    // the existing directory.
+    w.dir("dev", 0o755)?;
+    w.char_dev("dev/console", 0o600, 5, 1)?;
+    for d in ["proc", "sys", "tmp", ".capsule", ".capsule/share"] {
+        w.dir(d, if d == "tmp" { 0o1777 } else { 0o755 })?;
+    }
+    w.file(
+        exec_proto::INIT_PATH.trim_start_matches('/'),
+        0o755,
+        INIT_BINARY,
+    )?;
+    w.file(
+        exec_proto::CONFIG_PATH.trim_start_matches('/'),
+        0o644,
+        &spec,
+    )?;
+    for (i, share) in config.shares.iter().enumerate() {
+        if !share.host.is_dir() {
+            return Err(Error::Usage(format!(
+                "--share {}: not a directory",
+                share.host.display()
+            )));
+        }
+        let dest = format!("{}/{i}", exec_proto::SHARE_DIR.trim_start_matches('/'));
+        w.dir(&dest, 0o755)?;
+        w.tree(&share.host, &dest)?;
+    }
+    Ok(w.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::VmConfig;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn initramfs_has_init_and_config() {
+        let config = ExecConfig {
+            vm: VmConfig {
+                kernel: "k".into(),
+                initrd: None,
+                initramfs: None,
+                cmdline: String::new(),
+                vcpus: 1,
+                mem_size: 256 << 20,
+                kvm_path: "/dev/kvm".into(),
+                disks: vec![],
+                nets: vec![],
+            },
+            rootfs: None,
+            shares: vec![],
+            env: vec!["A=b".into()],
+            workdir: "/".into(),
+            argv: vec!["true".into()],
+            timeout: None,
+            boot_timeout: Duration::from_secs(60),
+            started: Instant::now(),
+        };
+        let a = build_initramfs(&config).unwrap();
+        assert!(a.len() > INIT_BINARY.len());
+        let find = |needle: &[u8]| a.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b".capsule/init\0"));
+        assert!(find(b"arg=true\0env=A=b\0"));
+        assert!(find(b"dev/console\0"));
+    }
+}

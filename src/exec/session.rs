@@ -1,0 +1,270 @@
+//! What the guest reports: frames decoded from the virtio console
+//! ([`Sink`]) update the [`Session`], which the run loop asks whether to
+//! stop; and the kernel console's tail, shown when the guest fails.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use exec_proto::{Decoder, GuestMsg};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::copyback::ShareBack;
+use super::{lock, CONSOLE_KEEP, STALL_TIMEOUT};
+
+/// The kernel console's recent output.
+#[derive(Clone, Default)]
+pub struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl ConsoleTail {
+    /// The last `n` non-empty lines.
+    pub fn lines(&self, n: usize) -> Vec<String> {
+        let buf = lock(&self.0);
+        let bytes: Vec<u8> = buf.iter().copied().collect();
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<String> = text
+            .split(['\n', '\r'])
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect();
+        lines[lines.len().saturating_sub(n)..].to_vec()
+    }
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut buf = lock(&self.0);
+        buf.extend(data);
+        let excess = buf.len().saturating_sub(CONSOLE_KEEP);
+        buf.drain(..excess);
+        if log::log_enabled!(log::Level::Debug) {
+            let _ = io::stderr().write_all(data);
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What the guest has reported so far.
+pub(super) struct Session {
+    pub(super) started: Instant,
+    pub(super) timeout: Option<Duration>,
+    pub(super) boot_timeout: Duration,
+    pub(super) hello: bool,
+    pub(super) last_message: Instant,
+    pub(super) exit: Option<u8>,
+    pub(super) error: Option<String>,
+    pub(super) broken: Option<String>,
+    pub(super) copy_error: Option<String>,
+    pub(super) stdout: File,
+    pub(super) stderr: File,
+    pub(super) output_failed: bool,
+    pub(super) shares: Vec<ShareBack>,
+    pub(super) current_file: Option<(File, PathBuf)>,
+    /// Wakes the [`StdinPump`] when the init said hello.
+    pub(super) wake: EventFd,
+}
+
+/// Why the run loop stopped on the host's initiative.
+#[derive(Debug)]
+pub(super) enum Stop {
+    Finished,
+    TimedOut(Duration),
+    Failed(String),
+}
+
+impl Session {
+    pub(super) fn check(&self) -> Option<Stop> {
+        if self.exit.is_some() || self.error.is_some() {
+            return Some(Stop::Finished);
+        }
+        if let Some(why) = &self.broken {
+            return Some(Stop::Failed(why.clone()));
+        }
+        let elapsed = self.started.elapsed();
+        if let Some(t) = self.timeout {
+            if elapsed >= t {
+                return Some(Stop::TimedOut(t));
+            }
+        }
+        if !self.hello && elapsed >= self.boot_timeout {
+            return Some(Stop::Failed(format!(
+                "the guest did not start capsule's init within {} s (kernel boot failed or hung)",
+                self.boot_timeout.as_secs()
+            )));
+        }
+        if self.hello && self.last_message.elapsed() >= STALL_TIMEOUT {
+            return Some(Stop::Failed(format!(
+                "the guest stopped responding: no message from its init for {} s",
+                STALL_TIMEOUT.as_secs()
+            )));
+        }
+        None
+    }
+
+    fn write_out(&mut self, stderr: bool, data: &[u8]) {
+        let f = if stderr {
+            &mut self.stderr
+        } else {
+            &mut self.stdout
+        };
+        if let Err(e) = f.write_all(data) {
+            if !self.output_failed {
+                log::warn!("cannot write the command's output: {e}");
+                self.output_failed = true;
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: GuestMsg) {
+        self.last_message = Instant::now();
+        match msg {
+            GuestMsg::Hello { version } => {
+                if version != exec_proto::VERSION {
+                    self.broken = Some(format!(
+                        "the guest init speaks protocol {version}, not {}",
+                        exec_proto::VERSION
+                    ));
+                    return;
+                }
+                log::info!(
+                    "guest init up {} ms after capsule started",
+                    self.started.elapsed().as_millis()
+                );
+                self.hello = true;
+                let _ = self.wake.write(1);
+            }
+            GuestMsg::Stdout(d) => self.write_out(false, &d),
+            GuestMsg::Stderr(d) => self.write_out(true, &d),
+            GuestMsg::Started => log::info!(
+                "command started {} ms after capsule started",
+                self.started.elapsed().as_millis()
+            ),
+            GuestMsg::Heartbeat => {}
+            GuestMsg::Exit(status) => {
+                self.current_file = None;
+                self.exit = Some(status);
+            }
+            GuestMsg::Error(m) => self.error = Some(m),
+            GuestMsg::File { share, mode, path } => {
+                self.current_file = None;
+                match self.create(share, &path, false, mode) {
+                    Ok(Some(f)) => self.current_file = Some((f, PathBuf::from(path))),
+                    Ok(None) => {}
+                    Err(e) => self.copy_failed(&path, e),
+                }
+            }
+            GuestMsg::FileData(d) => {
+                if let Some((f, path)) = self.current_file.as_mut() {
+                    if let Err(e) = f.write_all(&d) {
+                        let path = path.display().to_string();
+                        self.current_file = None;
+                        self.copy_failed(&path, e);
+                    }
+                }
+            }
+            GuestMsg::Dir { share, mode, path } => {
+                self.current_file = None;
+                if let Err(e) = self.create(share, &path, true, mode) {
+                    self.copy_failed(&path, e);
+                }
+            }
+        }
+    }
+}
+
+/// The virtio-console output: decodes frames and hands them to the session.
+pub(super) struct Sink {
+    pub(super) session: Arc<Mutex<Session>>,
+    pub(super) decoder: Decoder,
+}
+
+impl Write for Sink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.decoder.push(data);
+        let mut session = lock(&self.session);
+        loop {
+            match self
+                .decoder
+                .next_frame()
+                .and_then(|f| f.map(GuestMsg::parse).transpose())
+            {
+                Ok(Some(msg)) => session.handle(msg),
+                Ok(None) => break,
+                Err(e) => {
+                    self.decoder.fail(e.clone());
+                    if session.broken.is_none() {
+                        session.broken =
+                            Some(format!("the guest init sent a malformed message: {e}"));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    pub(in crate::exec) fn session(shares: Vec<ShareBack>) -> Session {
+        let null = || File::options().write(true).open("/dev/null").unwrap();
+        Session {
+            started: Instant::now(),
+            timeout: None,
+            boot_timeout: Duration::from_secs(60),
+            hello: false,
+            last_message: Instant::now(),
+            exit: None,
+            error: None,
+            broken: None,
+            copy_error: None,
+            stdout: null(),
+            stderr: null(),
+            output_failed: false,
+            shares,
+            current_file: None,
+            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+        }
+    }
+
+    #[test]
+    fn malformed_stream_breaks_the_session() {
+        let s = Arc::new(Mutex::new(session(vec![])));
+        let mut sink = Sink {
+            session: s.clone(),
+            decoder: Decoder::new(),
+        };
+        sink.write_all(&[0x7e, 0, 0, 0, 0]).unwrap();
+        sink.write_all(&[0x02, 1, 0, 0, 0, b'x']).unwrap();
+        let s = lock(&s);
+        assert!(matches!(s.check(), Some(Stop::Failed(_))));
+    }
+
+    #[test]
+    fn deadlines() {
+        let mut s = session(vec![]);
+        assert!(s.check().is_none());
+        s.boot_timeout = Duration::ZERO;
+        assert!(matches!(s.check(), Some(Stop::Failed(m)) if m.contains("init")));
+        s.hello = true;
+        s.timeout = Some(Duration::ZERO);
+        assert!(matches!(s.check(), Some(Stop::TimedOut(_))));
+        s.timeout = None;
+        s.last_message = Instant::now() - STALL_TIMEOUT;
+        assert!(matches!(s.check(), Some(Stop::Failed(m)) if m.contains("stopped responding")));
+        s.exit = Some(0);
+        assert!(matches!(s.check(), Some(Stop::Finished)));
+    }
+}

@@ -1,0 +1,165 @@
+//! Loading the guest into its memory: the kernel (ELF vmlinux or bzImage),
+//! the initrd followed by a generated initramfs, and the command line
+//! (with the virtio-mmio devices on it when the guest has no ACPI).
+
+use std::fs::File;
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use arch::acpi::MmioDevice;
+use arch::layout;
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::builder::{Error, Result};
+
+/// Offset of the 64-bit entry point in a bzImage's protected-mode code.
+const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
+
+/// Where and how the kernel starts.
+pub(crate) struct KernelEntry {
+    pub(crate) address: u64,
+    pub(crate) setup_header: Option<linux_loader::bootparam::setup_header>,
+}
+
+pub(crate) fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    file: &mut File,
+) -> Result<KernelEntry> {
+    let himem = Some(GuestAddress(layout::HIMEM_START));
+    let load_err = |source| Error::LoadKernel {
+        path: path.to_path_buf(),
+        source,
+    };
+    match Elf::load(mem, None, file, himem) {
+        Ok(r) => {
+            return Ok(KernelEntry {
+                address: r.kernel_load.0,
+                setup_header: None,
+            })
+        }
+        Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
+        Err(e) => return Err(load_err(e)),
+    }
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| Error::File {
+            what: "kernel",
+            path: path.to_path_buf(),
+            source,
+        })?;
+    match BzImage::load(mem, None, file, himem) {
+        Ok(r) => Ok(KernelEntry {
+            address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
+            setup_header: r.setup_header,
+        }),
+        Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
+            Err(Error::NotAKernel(path.to_path_buf()))
+        }
+        Err(e) => Err(load_err(e)),
+    }
+}
+
+/// Loads the initrd file (if any) followed by the generated initramfs
+/// bytes (if any, 4-byte aligned after the file, as the kernel accepts
+/// concatenated archives) at the top of low memory.
+pub(crate) fn load_initrd(
+    mem: &GuestMemoryMmap,
+    file: Option<(&PathBuf, File)>,
+    extra: Option<&[u8]>,
+) -> Result<arch::boot::InitrdConfig> {
+    let (path, file_size) = match &file {
+        Some((path, f)) => {
+            let size = f.metadata().map_err(|source| Error::File {
+                what: "initrd",
+                path: path.to_path_buf(),
+                source,
+            })?;
+            (path.to_path_buf(), size.len())
+        }
+        None => (PathBuf::from("(generated initramfs)"), 0),
+    };
+    let file_err = |source| Error::File {
+        what: "initrd",
+        path: path.clone(),
+        source,
+    };
+    let extra_at = if extra.is_some() {
+        file_size.next_multiple_of(4)
+    } else {
+        file_size
+    };
+    let total = extra_at + extra.map_or(0, |e| e.len() as u64);
+    let size = usize::try_from(total).map_err(|_| file_err(std::io::Error::other("too large")))?;
+    let address =
+        arch::boot::initrd_load_addr(mem, size).map_err(|source| Error::InitrdTooBig {
+            path: path.clone(),
+            size: total,
+            source,
+        })?;
+    if let Some((_, mut f)) = file {
+        mem.read_exact_volatile_from(address, &mut f, file_size as usize)
+            .map_err(|source| Error::ReadInitrd {
+                path: path.clone(),
+                source,
+            })?;
+    }
+    if let Some(extra) = extra {
+        // Zero the alignment gap, then the archive.
+        let gap = vec![0u8; (extra_at - file_size) as usize];
+        mem.write_slice(&gap, address.unchecked_add(file_size))
+            .and_then(|()| mem.write_slice(extra, address.unchecked_add(extra_at)))
+            .map_err(Error::Initramfs)?;
+    }
+    Ok(arch::boot::InitrdConfig { address, size })
+}
+
+/// The command line the guest gets. With ACPI (the default) virtio-mmio
+/// devices are described in the DSDT; a guest booted with `acpi=off` does
+/// not read it, so the devices are then announced with
+/// `virtio_mmio.device=` entries instead (its legacy interrupt routing maps
+/// the lines those name).
+pub(crate) fn kernel_cmdline(user: &str, virtio_mmio: &[MmioDevice]) -> String {
+    let mut cmdline = user.to_string();
+    if user.split_whitespace().any(|w| w == "acpi=off") {
+        for dev in virtio_mmio {
+            cmdline.push_str(&format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                dev.len >> 10,
+                dev.base,
+                dev.gsi
+            ));
+        }
+    }
+    cmdline
+}
+
+/// Writes the command line; returns its size including the NUL.
+pub(crate) fn load_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
+    let mut c = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(Error::Cmdline)?;
+    c.insert_str(cmdline).map_err(Error::CmdlineTooLong)?;
+    loader::load_cmdline(mem, GuestAddress(layout::CMDLINE_START), &c)
+        .map_err(Error::LoadCmdline)?;
+    let len = c.as_cstring().map_err(Error::Cmdline)?;
+    Ok(len.as_bytes_with_nul().len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_mmio_on_cmdline_only_without_acpi() {
+        let devs = [MmioDevice {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        }];
+        assert_eq!(kernel_cmdline("console=ttyS0", &devs), "console=ttyS0");
+        assert_eq!(
+            kernel_cmdline("console=ttyS0 acpi=off", &devs),
+            "console=ttyS0 acpi=off virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
+}

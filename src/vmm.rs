@@ -1,0 +1,184 @@
+//! The running VM: its vCPU threads, the device event loop and what the
+//! VMM does to a running guest (pause, resume, Ctrl-Alt-Del), and the one
+//! place its event loop is driven. [`crate::builder`] makes one.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use devices::exit::{ExitSignal, GuestExit};
+use devices::legacy::I8042;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+
+use crate::builder::{Error, Result};
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu::{self, PauseGate, VcpuHandle};
+use crate::vstate::vm::Vm;
+use crate::{signals, terminal};
+
+/// How long to wait for vCPU threads to stop once the VM ends.
+pub(crate) const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An event-loop subscriber shared with other parts of the VMM.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// How [`Vmm::run`] ended.
+#[derive(Debug)]
+pub enum RunEnd<T> {
+    /// The guest ended the VM.
+    Guest(GuestExit),
+    /// The caller's check asked to stop.
+    Host(T),
+}
+
+/// A running VM.
+pub struct Vmm {
+    // Field order is drop order: signals stop waking the exit eventfd
+    // before it closes; vCPU threads go before the memory they use.
+    pub(crate) _signal_wake: signals::WakeGuard,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) pause: Arc<PauseGate>,
+    pub(crate) i8042: Option<Arc<Mutex<I8042>>>,
+    pub(crate) event_manager: EventManager<Subscriber>,
+    pub(crate) exit: ExitSignal,
+    pub(crate) _terminal: Option<terminal::RawModeGuard>,
+    pub(crate) _vm: Vm,
+    pub(crate) ram: GuestRam,
+}
+
+/// Errors of [`Vmm::pause`] and [`Vmm::resume`].
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    /// Not every vCPU reached the parked state in time.
+    #[error("only {parked} of {total} vCPUs paused within {timeout:?}")]
+    Timeout {
+        /// vCPUs parked.
+        parked: usize,
+        /// vCPUs running.
+        total: usize,
+        /// How long capsule waited.
+        timeout: Duration,
+    },
+}
+
+/// How long [`Vmm::pause`] and [`Vmm::resume`] wait for the vCPUs.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if !vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT) {
+            // A vCPU still in KVM_RUN reaches guest RAM by address.
+            self.ram.keep_mapped();
+        }
+    }
+}
+
+impl Vmm {
+    /// Adds an event-loop subscriber to the running VM (e.g. a waker for
+    /// API requests).
+    pub fn add_subscriber(&mut self, sub: Subscriber) {
+        self.event_manager.add_subscriber(sub);
+    }
+
+    /// Pauses the VM: every vCPU leaves `KVM_RUN` and parks. Returns once
+    /// all of them are parked. Devices keep running (a paused guest's
+    /// queued I/O completes; its interrupts wait in the irqchip).
+    pub fn pause(&mut self) -> std::result::Result<(), PauseError> {
+        self.pause.set_requested(true);
+        let total = self.vcpus.iter().filter(|v| !v.is_finished()).count();
+        let vcpus = &self.vcpus;
+        if self.pause.wait_parked(
+            PAUSE_TIMEOUT,
+            |parked| parked >= total,
+            || vcpus.iter().for_each(VcpuHandle::kick),
+        ) {
+            log::info!("VM paused ({total} vCPUs parked)");
+            Ok(())
+        } else {
+            Err(PauseError::Timeout {
+                parked: self.pause.parked(),
+                total,
+                timeout: PAUSE_TIMEOUT,
+            })
+        }
+    }
+
+    /// Resumes a paused VM; returns once every vCPU has left the parked
+    /// state (is about to enter `KVM_RUN`).
+    pub fn resume(&mut self) -> std::result::Result<(), PauseError> {
+        self.pause.set_requested(false);
+        let total = self.vcpus.len();
+        if self
+            .pause
+            .wait_parked(PAUSE_TIMEOUT, |parked| parked == 0, || {})
+        {
+            log::info!("VM resumed");
+            Ok(())
+        } else {
+            Err(PauseError::Timeout {
+                parked: self.pause.parked(),
+                total,
+                timeout: PAUSE_TIMEOUT,
+            })
+        }
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's keyboard (i8042). Returns false
+    /// if the keyboard's buffer is full (the guest is not reading it).
+    pub fn send_ctrl_alt_del(&self) -> bool {
+        match &self.i8042 {
+            Some(k) => k
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .trigger_ctrl_alt_del(),
+            None => false,
+        }
+    }
+
+    /// The VM's run loop (the only one): runs the device event loop until
+    /// the guest powers off, resets, panics or faults, or `check` asks to
+    /// stop; then stops the vCPUs. `check` runs before every event-loop
+    /// round, and at least every `tick` (with `None` a round waits for an
+    /// event however long it takes); it gets the VM, so it may act on it
+    /// (the API pauses and resumes it from there). A guest exit is only
+    /// reported if `check` did not ask to stop first.
+    pub fn run<T>(
+        mut self,
+        tick: Option<Duration>,
+        mut check: impl FnMut(&mut Vmm) -> Option<T>,
+    ) -> Result<RunEnd<T>> {
+        let tick_ms = tick.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        let end = loop {
+            if let Some(t) = check(&mut self) {
+                break RunEnd::Host(t);
+            }
+            if let Some(r) = self.exit.reason() {
+                break RunEnd::Guest(r);
+            }
+            self.event_manager
+                .run_with_timeout(tick_ms)
+                .map_err(Error::EventLoop)?;
+        };
+        vcpu::stop_all(&mut self.vcpus, VCPU_STOP_TIMEOUT);
+        Ok(end)
+    }
+}
+
+/// Wakes the event loop when the VM must end.
+pub(crate) struct ExitWatcher(pub(crate) ExitSignal);
+
+impl MutEventSubscriber for ExitWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch for guest exit: {e}");
+        }
+    }
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        self.0.clear_event();
+        if let Some(sig) = signals::pending() {
+            if self.0.reason().is_none() {
+                log::warn!("{}: stopping the VM", signals::name(sig));
+            }
+            self.0.signal(GuestExit::Stopped);
+        }
+    }
+}
