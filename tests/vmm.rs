@@ -463,6 +463,20 @@ fn capsule_env(args: &[&str], env: &[(&str, &str)]) -> Output {
         .expect("run capsule")
 }
 
+/// Polls COM1 until a byte arrives, then powers off.
+fn poweroff_on_input_guest() -> PathBuf {
+    let mut a = Asm::default();
+    let poll = a.0.len();
+    a.mov_dx(COM1 + 5).in_al_dx();
+    a.0.extend([0xa8, 0x01]); // test al, 1 (data ready)
+    a.0.extend([0x74, 0x00]); // jz poll (patched below)
+    let jz = a.0.len();
+    a.0[jz - 1] = (poll as isize - jz as isize) as i8 as u8;
+    a.outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .halt_forever();
+    write_guest("poweroff-on-input.elf", &a)
+}
+
 fn poweroff_guest() -> PathBuf {
     let mut a = Asm::default();
     a.outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
@@ -497,6 +511,94 @@ fn network_setup_errors_get_one_line() {
         assert_eq!(err.lines().count(), 1, "{args:?}: want one line, got {err}");
         assert!(err.starts_with("capsule: error: "), "{args:?}: {err}");
     }
+}
+
+/// The descriptors a program started by capsule (here a stand-in for
+/// passt, twice, so the second sees the first device's descriptors and the
+/// disk's) inherits: exactly 0, 1, 2 and its socket as 3. Neither KVM's,
+/// nor the devices' eventfds, nor the disk image, nor descriptors capsule
+/// itself was started with.
+#[test]
+fn children_inherit_only_what_they_need() {
+    let kernel = poweroff_on_input_guest();
+    let dir =
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("fds-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let script = dir.join("passt.sh");
+    // What an exec'd program gets: the list of an exec'd ls.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n(exec ls -l /proc/self/fd/) >'{0}'/tmp-$$; mv '{0}'/tmp-$$ '{0}'/fds-$$\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The guest powers off on its first console byte, sent once both
+    // stand-ins have written their lists (capsule stops passt on exit).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args([
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+            "--net",
+            "user",
+            "--net",
+            "user",
+        ])
+        .env("CAPSULE_PASST", &script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run capsule");
+    let listed = || {
+        std::fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                let e = e.as_ref().unwrap();
+                e.file_name().to_string_lossy().starts_with("fds-")
+            })
+            .count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while listed() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let _ = stdin.write_all(b"\n");
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let lists: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("fds-"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert_eq!(lists.len(), 2, "two stand-ins ran: {err}");
+    for list in lists {
+        let fds: Vec<(&str, &str)> = list
+            .lines()
+            .filter_map(|l| {
+                let (left, target) = l.split_once(" -> ")?;
+                Some((left.rsplit(' ').next()?, target))
+            })
+            // ls's own directory descriptor.
+            .filter(|(_, t)| !(t.starts_with("/proc/") && t.ends_with("/fd")))
+            .collect();
+        let numbers: Vec<&str> = fds.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, ["0", "1", "2", "3"], "{list}");
+        assert!(fds[3].1.starts_with("socket:"), "{list}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// With passt installed and CAP_NET_ADMIN: a guest with a TAP and a

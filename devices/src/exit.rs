@@ -9,7 +9,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Why the guest asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +60,7 @@ impl ExitSignal {
         Ok(Self {
             inner: Arc::new(Inner {
                 reason: AtomicU8::new(0),
-                evt: EventFd::new(EFD_NONBLOCK)?,
+                evt: crate::eventfd()?,
             }),
         })
     }

@@ -13,3 +13,12 @@ pub mod legacy;
 pub mod pvpanic;
 pub mod ratelimit;
 pub mod virtio;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// A new non-blocking eventfd, closed on exec: every eventfd capsule uses
+/// (interrupts, queue notifications, wake-ups) is made here or the same
+/// way, so no child process (passt) inherits another device's.
+pub fn eventfd() -> std::io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use devices::exit::GuestExit;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::Console;
 use crate::vmm::{RunEnd, Vmm};
@@ -151,7 +151,7 @@ const TICK: Duration = Duration::from_millis(200);
 /// the command line; returns how the guest ended it. All three reach the
 /// VM through the same typed actions of [`Controller::handle`].
 pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::Wake)?);
+    let wake = Arc::new(devices::eventfd().map_err(Error::Wake)?);
     let (tx, rx) = channel::<Call>();
     let _socket_file;
     let rx: Option<Receiver<Call>> = match &opts.api_sock {

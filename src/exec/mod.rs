@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 use devices::exit::GuestExit;
 use devices::virtio::console::Console as VirtioConsole;
 use exec_proto::Decoder;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{self, Console, Extras};
 use crate::config::VmConfig;
@@ -174,7 +174,7 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>, what: &'static str) -> Result<File,
 /// Boots the VM, runs the command and returns how it ended.
 pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     prepare(&mut config)?;
-    let wake = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
+    let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
     let (console, pump) = console_and_pump(&session, wake)?;
     let tail = ConsoleTail::default();
@@ -264,7 +264,7 @@ fn console_and_pump(
         .try_clone()
         .map_err(|e| Error::Host("eventfd", e))?;
     let console = Arc::new(Mutex::new(console));
-    let data_ready = EventFd::new(EFD_NONBLOCK).map_err(|e| Error::Host("eventfd", e))?;
+    let data_ready = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let chunks = spawn_stdin_reader(
         data_ready
             .try_clone()

@@ -216,7 +216,6 @@ impl Write for Sink {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     pub(in crate::exec) fn session(shares: Vec<ShareBack>) -> Session {
         let null = || File::options().write(true).open("/dev/null").unwrap();
@@ -235,7 +234,7 @@ pub(super) mod tests {
             output_failed: false,
             shares,
             current_file: None,
-            wake: EventFd::new(EFD_NONBLOCK).unwrap(),
+            wake: devices::eventfd().unwrap(),
         }
     }
 

@@ -137,7 +137,6 @@ pub(super) fn spawn_stdin_reader(ready: EventFd) -> io::Result<Receiver<StdinChu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use crate::exec::session::tests::session;
 
@@ -148,7 +147,7 @@ mod tests {
             VirtioConsole::new(Box::new(io::sink())).unwrap(),
         ));
         let (tx, rx) = mpsc::sync_channel(8);
-        let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let evt = || devices::eventfd().unwrap();
         let mut pump = StdinPump {
             console: console.clone(),
             session: s.clone(),

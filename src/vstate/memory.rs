@@ -125,6 +125,15 @@ impl Mapping {
                 io::Error::last_os_error()
             );
         }
+        // Keep the guest's memory out of capsule's core dumps: it is the
+        // guest's data (keys, files), not capsule's, and can be huge.
+        // SAFETY: madvise only changes how the kernel treats our own mapping.
+        if unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTDUMP) } != 0 {
+            let e = io::Error::last_os_error();
+            // SAFETY: RAM and its two guard pages, mapped above and unused.
+            unsafe { libc::munmap((addr - PAGE_SIZE) as *mut libc::c_void, len + 2 * PAGE_SIZE) };
+            return Err(map_err(e));
+        }
         Ok(Self { addr, len })
     }
 
@@ -282,6 +291,20 @@ mod tests {
             .find(|l| l.starts_with("VmFlags:"))
             .expect("the mapping is in smaps");
         assert!(vma.split_whitespace().any(|f| f == "hg"), "{vma}");
+    }
+
+    /// Guest RAM is left out of core dumps (`dd` in its VmFlags).
+    #[test]
+    fn memory_is_excluded_from_core_dumps() {
+        let ram = GuestRam::new(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let addr = host_addr(&ram, 0);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let vma = smaps
+            .lines()
+            .skip_while(|l| !l.starts_with(&format!("{addr:x}-")))
+            .find(|l| l.starts_with("VmFlags:"))
+            .expect("the mapping is in smaps");
+        assert!(vma.split_whitespace().any(|f| f == "dd"), "{vma}");
     }
 
     /// The permissions of the mapping holding host address `addr`, from

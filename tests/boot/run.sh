@@ -15,7 +15,9 @@
 # Env:   CAPSULE_HARNESS=direct|nested  force a mode
 #        CASES="a b"                     run a subset (see cases.sh --list)
 #        CASE_TIMEOUT                    seconds per case (default 180)
-#        CAPSULE_L1_TIMEOUT              nested mode: seconds for the whole L1 run (default 900)
+#        CAPSULE_L1_TIMEOUT              nested mode: seconds for the whole L1 run (default 900,
+#                                        plus twice CASE_TIMEOUT, a Debian case's own
+#                                        timeout, for each one selected)
 #        CAPSULE_L1_RETRIES              nested mode: new L1s for the cases that an L1
 #                                        that hung or died did not report (default 2)
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
@@ -41,6 +43,7 @@ export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage VMLINUX=/capsule/vmlinu
 export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrelease")'
 export ROOTFS=/capsule/rootfs.ext4 TOOLS=/capsule/tools
 export CASE_TIMEOUT='$case_timeout' CASES='$2' KVM_HOST_LIB=/capsule/kvm-host.sh
+export DEBIAN_IMAGE=/capsule/debian
 $log_line
 exec sh /capsule/boot/cases.sh
 EOF
@@ -73,6 +76,14 @@ main() {
     kdir="$("$resources/build-guest-kernel.sh")" || fail_all "building the guest kernel failed"
     initrd="$("$resources/build-guest-initramfs.sh")" || fail_all "building the guest initramfs failed"
     rootfs="$("$resources/build-guest-rootfs.sh")" || fail_all "building the guest root image failed"
+    # The Debian image (a few hundred MiB, carried into L1's RAM) only when
+    # a Debian case runs.
+    debian=""
+    l1_debian=()
+    if [[ " ${expected[*]} " == *" debian_"* ]]; then
+        debian="$("$resources/build-debian-image.sh")" || fail_all "building the Debian guest image failed"
+        l1_debian=("$debian:debian")
+    fi
     mode="$("$resources/harness/mode.sh")" || fail_all "choosing the harness mode failed"
     case_timeout="${CASE_TIMEOUT:-180}"
     log "build phase took $((SECONDS - start))s; ${#expected[@]} cases"
@@ -93,13 +104,19 @@ main() {
     rc=0
     if [[ "$mode" == direct ]]; then
         CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
-            ROOTFS="$rootfs" TOOLS="$work/tools" KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
+            ROOTFS="$rootfs" DEBIAN_IMAGE="$debian" TOOLS="$work/tools" KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
             CASES="${expected[*]}" KVM_HOST_LIB="$resources/kvm-host.sh" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
     else
         # One L1 boot for all cases. If L1 itself fails (hangs, times out or
         # dies without reporting: statuses 124-126), the cases it did not
         # report are run again in a new L1, up to twice (CAPSULE_L1_RETRIES).
-        timeout_l1="${CAPSULE_L1_TIMEOUT:-900}"
+        # A full distribution boots for a minute or more in the harness: each
+        # Debian case may take its whole timeout (twice CASE_TIMEOUT) on top.
+        timeout_l1=900
+        for c in "${expected[@]}"; do
+            [[ "$c" != debian_* ]] || timeout_l1=$((timeout_l1 + 2 * case_timeout))
+        done
+        timeout_l1="${CAPSULE_L1_TIMEOUT:-$timeout_l1}"
         retries="${CAPSULE_L1_RETRIES:-2}"
         remaining=("${expected[@]}")
         : >"$caselog"
@@ -110,7 +127,8 @@ main() {
             rc=0
             CAPSULE_L1_TIMEOUT="$timeout_l1" "$resources/harness/run-in-l1.sh" \
                 "$work/boot-tests-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" \
-                "$initrd" "$rootfs" "$work/tools" "$here:boot" "$resources/kvm-host.sh" </dev/null | tee -a "$caselog" || rc=$?
+                "$initrd" "$rootfs" "$work/tools" "$here:boot" "$resources/kvm-host.sh" \
+                ${l1_debian[@]+"${l1_debian[@]}"} </dev/null | tee -a "$caselog" || rc=$?
             unreported=()
             for c in "${remaining[@]}"; do
                 tr -d '\r' <"$caselog" | grep -qE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||

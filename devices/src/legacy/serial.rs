@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
@@ -24,7 +24,7 @@ pub struct EventFdTrigger(EventFd);
 impl EventFdTrigger {
     /// Creates a non-blocking eventfd trigger.
     pub fn new() -> io::Result<Self> {
-        Ok(Self(EventFd::new(EFD_NONBLOCK)?))
+        Ok(Self(crate::eventfd()?))
     }
 
     /// Duplicates the underlying eventfd.
@@ -83,7 +83,7 @@ impl SerialDevice {
     /// Returns the device and the eventfd that fires when the receive FIFO
     /// becomes empty (for [`SerialInput`]).
     pub fn new(interrupt: EventFdTrigger, out: SerialOut) -> io::Result<(Self, EventFd)> {
-        let buffer_ready = EventFd::new(EFD_NONBLOCK)?;
+        let buffer_ready = crate::eventfd()?;
         let events = FifoEvents {
             buffer_ready: buffer_ready.try_clone()?,
         };

@@ -311,6 +311,12 @@ impl VirtioCommon {
         self.events.kick(index);
     }
 
+    /// Whether queue `index` was kicked since the last call (tests).
+    #[cfg(test)]
+    pub(crate) fn take_kick(&self, index: usize) -> bool {
+        self.events.take_kick(index)
+    }
+
     /// Registers the device with the event loop (call from
     /// [`MutEventSubscriber::init`]).
     pub fn init(&mut self, ops: &mut EventOps) {

@@ -9,7 +9,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 
 use event_manager::{EventOps, EventSet, Events};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Tag of the control eventfd.
 const CONTROL_TAG: u32 = u32::MAX;
@@ -54,7 +54,7 @@ impl QueueEvents {
     /// Creates the bookkeeping with a fresh non-blocking control eventfd.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
-            control: EventFd::new(EFD_NONBLOCK)?,
+            control: crate::eventfd()?,
             active: Vec::new(),
             retired: Vec::new(),
             registered: Vec::new(),
@@ -129,6 +129,12 @@ impl QueueEvents {
                 Err(e) => crate::error_ratelimited!("virtio: cannot watch queue eventfd: {e}"),
             }
         }
+    }
+
+    /// Whether queue `index`'s eventfd was signalled; consumes it (tests).
+    #[cfg(test)]
+    pub(crate) fn take_kick(&self, index: usize) -> bool {
+        self.active.get(index).is_some_and(|e| e.read().is_ok())
     }
 
     /// Signals queue `index`'s eventfd, so the event loop calls the device

@@ -25,7 +25,7 @@ disk_prereqs() {
         return 0
     fi
     CASE_ERRORS="not run: ROOTFS (guest root image) or TOOLS/debugfs missing"
-    SECS=0 OUT=/dev/null ERR=/dev/null
+    SECS=0 RC=1 OUT=/dev/null ERR=/dev/null
     return 1
 }
 

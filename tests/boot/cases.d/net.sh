@@ -74,6 +74,40 @@ EOF
     echo "$WORK/capsule-switch-root"
 }
 
+# net_fd_wrapper PASST: a script that writes the descriptors it was started
+# with to $WORK/passt-fds-at-exec ("N -> target" and, first, "socket=N"
+# for passt's --fd N), then execs PASST with its arguments; prints its path.
+net_fd_wrapper() {
+    _w="$WORK/passt-fd-wrapper"
+    cat >"$_w" <<EOF
+#!/bin/sh
+out='$WORK/passt-fds-at-exec'
+fd=none
+prev=
+for a in "\$@"; do
+    [ "\$prev" = --fd ] && fd="\$a"
+    prev="\$a"
+done
+echo "socket=\$fd" >"\$out"
+# What an exec'd program inherits from here: the list of an exec'd ls,
+# without ls's own directory descriptor (GNU ls shows it as /proc/N/fd;
+# busybox ls, having closed it, shows it without a target).
+(exec ls -l /proc/self/fd/) >"\$out.raw"
+awk '/ -> / && \$NF !~ "^/proc/[0-9]*/fd" { print \$(NF-2), "->", \$NF }' "\$out.raw" >>"\$out"
+exec '$1' "\$@"
+EOF
+    chmod 755 "$_w"
+    echo "$_w"
+}
+
+# net_fds_only_expected FILE: the wrapper's list holds only 0, 1, 2 and the
+# socket passed with --fd.
+net_fds_only_expected() {
+    _sockfd="$(sed -n 's/^socket=//p' "$1" 2>/dev/null)"
+    [ -n "$_sockfd" ] && [ "$_sockfd" != none ] || return 1
+    ! grep -v '^socket=' "$1" | awk -v s="$_sockfd" '$1 != 0 && $1 != 1 && $1 != 2 && $1 != s' | grep -q .
+}
+
 stderr_has() { grep -q -- "$1" "$ERR"; }
 no_link_problem() { ! grep -q 'link problem' "$ERR"; }
 file_md5_is() { [ "$(md5sum <"$1" | cut -d' ' -f1)" = "$2" ]; }
@@ -149,8 +183,13 @@ case_net_user() {
     # The published port: connect once the guest's server is up.
     _reply="$WORK/net-user-reply"
     rm -f "$_reply"
+    rm -f "$WORK/passt-fds-at-exec" "$WORK/passt-fds-running"
     (
         wait_for "$WORK/net_user/stdout.raw" "GUEST-SERVER-UP" "$CASE_TIMEOUT" "$WORK/net_user/done" || exit 0
+        # For the record: what passt holds once it runs (what it opens
+        # itself: epoll, its namespaces, the guest's socket).
+        _pp="$(pgrep -x passt.avx2 || pgrep -x passt)"
+        [ -z "$_pp" ] || ls -l "/proc/${_pp%% *}/fd/" >"$WORK/passt-fds-running" 2>&1
         _i=0
         while [ $_i -lt 30 ] && ! grep -q hello-from-guest "$_reply" 2>/dev/null; do
             # Bounded: a connection the guest never answers must not
@@ -162,7 +201,9 @@ case_net_user() {
         done
     ) &
     _c=$!
-    CAPSULE_PASST="$(net_passt)"
+    # passt through a wrapper that lists the descriptors capsule handed
+    # over (passt itself may close strays on start, hiding a leak).
+    CAPSULE_PASST="$(net_fd_wrapper "$(net_passt)")"
     export CAPSULE_PASST
     # passt logs to syslog after it starts: keep a log for the report.
     rm -f "$WORK/net-user-attempts" "$WORK/net-user-syslog"
@@ -193,6 +234,9 @@ nc -l -p 80 -e echo hello-from-guest </dev/null & sleep 1; echo GUEST-SERVER-UP;
     fi
     net_ip tuntap del dev captup mode tap 2>/dev/null
     expect "exit status 0" rc_is 0
+    expect "passt inherited only 0, 1, 2 and its socket" net_fds_only_expected "$WORK/passt-fds-at-exec"
+    sed 's/^/    net_user: fds at exec: /' "$WORK/passt-fds-at-exec" 2>/dev/null
+    sed -n 's/.* \([0-9][0-9]* -> .*\)/    net_user: fds of running passt: \1/p' "$WORK/passt-fds-running" 2>/dev/null
     expect "guest got a DHCP address" out_has "DHCP-OK inet 192.168.77.1/24"
     expect "guest reached the host's TCP server" out_has_line "host-says hello-from-host"
     expect "published port reached the guest's server" file_has "$_reply" hello-from-guest

@@ -1,13 +1,15 @@
-//! Disk image backends for virtio-blk: a raw file, and a copy-on-write
-//! ephemeral overlay over a read-only raw file.
+//! Disk image backends for virtio-blk: the [`DiskImage`] interface and a raw
+//! file used directly (the copy-on-write ephemeral image is in
+//! `ephemeral.rs`).
 
-use std::fs::{File, OpenOptions, TryLockError};
+use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
+use super::lock::lock_image;
 use super::BlockError;
 
 /// Granularity of the ephemeral overlay's written-sector bitmap.
@@ -67,7 +69,7 @@ fn fill_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// Zeroes a range of `file` with fallocate, falling back to writing zeroes.
-fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+pub(super) fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
     let mode = if unmap {
         FallocateMode::PunchHole
     } else {
@@ -81,7 +83,7 @@ fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> io::Result<()>
 }
 
 /// Size of a regular file or block device.
-fn file_len(file: &mut File) -> io::Result<u64> {
+pub(super) fn file_len(file: &mut File) -> io::Result<u64> {
     let len = file.seek(SeekFrom::End(0))?;
     file.seek(SeekFrom::Start(0))?;
     Ok(len)
@@ -90,7 +92,7 @@ fn file_len(file: &mut File) -> io::Result<u64> {
 /// Opens an image file and checks it is a regular file or a block device.
 /// The open is non-blocking, so a FIFO (whose read-only open would wait
 /// for a writer) is refused at once; `O_NONBLOCK` is cleared afterwards.
-fn open_image(path: &Path, writable: bool) -> Result<File, BlockError> {
+pub(super) fn open_image(path: &Path, writable: bool) -> Result<File, BlockError> {
     let file = OpenOptions::new()
         .read(true)
         .write(writable)
@@ -125,35 +127,21 @@ fn open_image(path: &Path, writable: bool) -> Result<File, BlockError> {
     Ok(file)
 }
 
-/// Takes an advisory `flock` on `file` without blocking: exclusive for a
-/// writable image, shared for one that is only read. The lock lasts as long
-/// as the file stays open. Fails with [`BlockError::Locked`] naming `path`
-/// when another open file description holds a conflicting lock.
-pub fn lock_image(file: &File, exclusive: bool, path: &Path) -> Result<(), BlockError> {
-    let res = if exclusive {
-        file.try_lock()
-    } else {
-        file.try_lock_shared()
-    };
-    match res {
-        Ok(()) => Ok(()),
-        Err(TryLockError::WouldBlock) => Err(BlockError::Locked {
-            path: path.to_path_buf(),
-            exclusive,
-        }),
-        Err(TryLockError::Error(source)) => Err(BlockError::Lock {
-            path: path.to_path_buf(),
-            source,
-        }),
-    }
-}
-
 /// A raw image file used directly.
+///
+/// A failed `fdatasync` is sticky: Linux may mark the pages that failed
+/// to reach the disk clean, so a later `fdatasync` can succeed without the
+/// data being there. After one failure every later flush and write fails
+/// (the guest sees `IOERR`), as QEMU does; reads go on.
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
     len: u64,
     read_only: bool,
+    /// The first `fdatasync` failure, if any.
+    sync_failed: Option<i32>,
+    /// `File::sync_data`; a test double in tests.
+    sync: fn(&File) -> io::Result<()>,
 }
 
 impl RawImage {
@@ -169,7 +157,23 @@ impl RawImage {
             file,
             len,
             read_only,
+            sync_failed: None,
+            sync: File::sync_data,
         })
+    }
+
+    /// The error every write and flush returns after a failed sync.
+    fn check_synced(&self) -> io::Result<()> {
+        match self.sync_failed {
+            None => Ok(()),
+            Some(errno) => Err(io::Error::new(
+                io::Error::from_raw_os_error(errno).kind(),
+                format!(
+                    "an earlier fdatasync failed ({}); the image may be missing written data",
+                    io::Error::from_raw_os_error(errno)
+                ),
+            )),
+        }
     }
 }
 
@@ -190,6 +194,7 @@ impl DiskImage for RawImage {
         if self.read_only {
             return Err(read_only_error());
         }
+        self.check_synced()?;
         self.file.write_all_at(buf, offset)
     }
 
@@ -197,13 +202,17 @@ impl DiskImage for RawImage {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data()
+        self.check_synced()?;
+        (self.sync)(&self.file).inspect_err(|e| {
+            self.sync_failed = Some(e.raw_os_error().unwrap_or(libc::EIO));
+        })
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
         if self.read_only {
             return Err(read_only_error());
         }
+        self.check_synced()?;
         match fallocate(&self.file, FallocateMode::PunchHole, true, offset, len) {
             Ok(()) => Ok(()),
             // Discard is only a hint.
@@ -216,232 +225,15 @@ impl DiskImage for RawImage {
         if self.read_only {
             return Err(read_only_error());
         }
+        self.check_synced()?;
         zero_range(&self.file, offset, len, unmap)
     }
 }
 
-/// A read-only base image plus an anonymous, sparse overlay file that takes
-/// every write. The base is never written; the overlay is unlinked from the
-/// start, so it disappears when capsule exits.
-#[derive(Debug)]
-pub struct EphemeralImage {
-    base: File,
-    overlay: File,
-    len: u64,
-    /// Which sectors live in the overlay.
-    written: SectorBitmap,
-}
-
-/// Sectors per second-level bitmap block (2 MiB of disk).
-const BITMAP_BLOCK_SECTORS: u64 = 64 * 64;
-
-/// A sparse bitmap with one bit per sector: second-level blocks are only
-/// allocated once a sector in their range is written, so a large image that
-/// the guest barely touches costs a few bytes per 2 MiB.
-#[derive(Debug)]
-struct SectorBitmap {
-    blocks: Vec<Option<Box<[u64; 64]>>>,
-}
-
-impl SectorBitmap {
-    fn new(sectors: u64) -> Option<Self> {
-        let n = usize::try_from(sectors.div_ceil(BITMAP_BLOCK_SECTORS)).ok()?;
-        Some(Self {
-            blocks: std::iter::repeat_with(|| None).take(n).collect(),
-        })
-    }
-
-    fn position(sector: u64) -> (usize, usize, u64) {
-        let block = (sector / BITMAP_BLOCK_SECTORS) as usize;
-        let bit = sector % BITMAP_BLOCK_SECTORS;
-        (block, (bit / 64) as usize, 1 << (bit % 64))
-    }
-
-    fn get(&self, sector: u64) -> bool {
-        let (b, w, mask) = Self::position(sector);
-        matches!(self.blocks.get(b), Some(Some(words)) if words[w] & mask != 0)
-    }
-
-    fn set(&mut self, sector: u64) {
-        let (b, w, mask) = Self::position(sector);
-        if let Some(slot) = self.blocks.get_mut(b) {
-            slot.get_or_insert_with(|| Box::new([0; 64]))[w] |= mask;
-        }
-    }
-}
-
-/// Creates an unnamed temporary file in the temporary directory.
-fn anonymous_file() -> io::Result<File> {
-    let dir = std::env::temp_dir();
-    match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_TMPFILE)
-        .mode(0o600)
-        .open(&dir)
-    {
-        Ok(f) => Ok(f),
-        Err(_) => {
-            // The filesystem may not support O_TMPFILE: create and unlink.
-            let mut tmp =
-                vmm_sys_util::tempfile::TempFile::new_with_prefix(dir.join("capsule-overlay-"))
-                    .map_err(io::Error::from)?;
-            tmp.remove().map_err(io::Error::from)?;
-            Ok(tmp.into_file())
-        }
-    }
-}
-
-impl EphemeralImage {
-    /// Opens `path` read-only with a shared lock and creates the overlay.
-    pub fn open(path: &Path) -> Result<Self, BlockError> {
-        let mut base = open_image(path, false)?;
-        lock_image(&base, false, path)?;
-        let len = file_len(&mut base).map_err(|source| BlockError::Size {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let overlay = anonymous_file()
-            .and_then(|f| f.set_len(len).map(|()| f))
-            .map_err(|source| BlockError::Overlay {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let written =
-            SectorBitmap::new(len.div_ceil(SECTOR_SIZE)).ok_or_else(|| BlockError::Size {
-                path: PathBuf::from(path),
-                source: io::Error::other("image too large"),
-            })?;
-        Ok(Self {
-            base,
-            overlay,
-            len,
-            written,
-        })
-    }
-
-    fn is_written(&self, sector: u64) -> bool {
-        self.written.get(sector)
-    }
-
-    fn mark_written(&mut self, sector: u64) {
-        self.written.set(sector);
-    }
-
-    /// Copies the base sector into the overlay if it is not there yet
-    /// (before a partial write to it).
-    fn copy_up(&mut self, sector: u64) -> io::Result<()> {
-        if self.is_written(sector) {
-            return Ok(());
-        }
-        let start = sector * SECTOR_SIZE;
-        let n = SECTOR_SIZE.min(self.len - start) as usize;
-        let mut buf = [0u8; SECTOR_SIZE as usize];
-        self.base.read_exact_at(&mut buf[..n], start)?;
-        self.overlay.write_all_at(&buf[..n], start)?;
-        self.mark_written(sector);
-        Ok(())
-    }
-
-    /// Validates a range and returns its first and last sector (inclusive).
-    fn sectors(&self, offset: u64, len: u64) -> io::Result<(u64, u64)> {
-        let end = offset
-            .checked_add(len)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "beyond end of disk"))?;
-        Ok((offset / SECTOR_SIZE, (end - 1) / SECTOR_SIZE))
-    }
-
-    /// Prepares a write to `[offset, offset + len)`: copies up partially
-    /// covered edge sectors.
-    fn prepare_write(&mut self, offset: u64, len: u64) -> io::Result<(u64, u64)> {
-        let (first, last) = self.sectors(offset, len)?;
-        if !offset.is_multiple_of(SECTOR_SIZE) {
-            self.copy_up(first)?;
-        }
-        let end = offset + len;
-        if !end.is_multiple_of(SECTOR_SIZE) && end != self.len {
-            self.copy_up(last)?;
-        }
-        Ok((first, last))
-    }
-}
-
-impl DiskImage for EphemeralImage {
-    fn len(&self) -> u64 {
-        self.len
-    }
-
-    fn is_read_only(&self) -> bool {
-        false
-    }
-
-    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        self.sectors(offset, buf.len() as u64)?;
-        // Split into runs of sectors that all come from the same file.
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let from_overlay = self.is_written(pos / SECTOR_SIZE);
-            let mut run_end = (pos / SECTOR_SIZE + 1) * SECTOR_SIZE;
-            let end = offset + buf.len() as u64;
-            while run_end < end && self.is_written(run_end / SECTOR_SIZE) == from_overlay {
-                run_end += SECTOR_SIZE;
-            }
-            let n = (run_end.min(end) - pos) as usize;
-            let file = if from_overlay {
-                &self.overlay
-            } else {
-                &self.base
-            };
-            file.read_exact_at(&mut buf[done..done + n], pos)?;
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let (first, last) = self.prepare_write(offset, buf.len() as u64)?;
-        self.overlay.write_all_at(buf, offset)?;
-        for s in first..=last {
-            self.mark_written(s);
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        // Nothing outlives the process, so there is nothing to make durable.
-        Ok(())
-    }
-
-    fn discard(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
-        // Keeping the data is a valid outcome of a discard.
-        Ok(())
-    }
-
-    fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
-        if len == 0 {
-            return Ok(());
-        }
-        let (first, last) = self.prepare_write(offset, len)?;
-        // Punching a hole in the overlay frees its space and reads as zeroes.
-        zero_range(&self.overlay, offset, len, true)?;
-        for s in first..=last {
-            self.mark_written(s);
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::virtio::block::EphemeralImage;
     use std::io::Write;
     use vmm_sys_util::tempfile::TempFile;
 
@@ -451,7 +243,7 @@ mod tests {
         tmp
     }
 
-    fn pattern(len: usize) -> Vec<u8> {
+    pub(crate) fn pattern(len: usize) -> Vec<u8> {
         (0..len).map(|i| (i * 7 + 3) as u8).collect()
     }
 
@@ -490,57 +282,6 @@ mod tests {
     }
 
     #[test]
-    fn ephemeral_keeps_base_untouched() {
-        // An odd size exercises the partial last sector.
-        let base = pattern(5000);
-        let tmp = image_with(&base);
-        let mut img = EphemeralImage::open(tmp.as_path()).unwrap();
-        assert_eq!(img.len(), 5000);
-        let mut want = base.clone();
-
-        img.write_at(&[0x11; 512], 512).unwrap();
-        want[512..1024].fill(0x11);
-        // Unaligned, spanning three sectors.
-        img.write_at(&[0x22; 700], 1900).unwrap();
-        want[1900..2600].fill(0x22);
-        // The partial tail sector.
-        img.write_at(&[0x33; 8], 4990).unwrap();
-        want[4990..4998].fill(0x33);
-        img.write_zeroes(3000, 1000, true).unwrap();
-        want[3000..4000].fill(0);
-        img.discard(0, 512).unwrap();
-        img.flush().unwrap();
-
-        let mut buf = vec![0; 5000];
-        img.read_at(&mut buf, 0).unwrap();
-        assert_eq!(buf, want);
-        // Reads straddling overlay and base sectors.
-        let mut small = vec![0; 300];
-        img.read_at(&mut small, 1800).unwrap();
-        assert_eq!(small, want[1800..2100]);
-        assert!(img.read_at(&mut small, 4800).is_err());
-        assert!(img.write_at(&[0; 2], 4999).is_err());
-
-        assert_eq!(std::fs::read(tmp.as_path()).unwrap(), base);
-        drop(img);
-        assert_eq!(std::fs::read(tmp.as_path()).unwrap(), base);
-    }
-
-    #[test]
-    fn sector_bitmap_is_sparse() {
-        let mut bm = SectorBitmap::new(1 << 31).unwrap(); // a 1 TiB image
-        assert_eq!(bm.blocks.len(), (1 << 31) / BITMAP_BLOCK_SECTORS as usize);
-        for s in [0, 63, 64, 4095, 4096, (1 << 31) - 1] {
-            assert!(!bm.get(s));
-            bm.set(s);
-            assert!(bm.get(s));
-        }
-        assert!(!bm.get(1) && !bm.get(4097) && !bm.get(1 << 31));
-        bm.set(1 << 31); // out of range: ignored
-        assert_eq!(bm.blocks.iter().filter(|b| b.is_some()).count(), 3);
-    }
-
-    #[test]
     fn lock_conflicts() {
         let tmp = image_with(&pattern(1024));
         let p = tmp.as_path();
@@ -571,6 +312,83 @@ mod tests {
         drop(ro);
         assert!(RawImage::open(p, false).is_err());
         drop(eph);
+        RawImage::open(p, false).unwrap();
+    }
+
+    /// A failed fdatasync stays failed: Linux may have marked the lost
+    /// pages clean, so the next fdatasync would succeed with the data gone.
+    #[test]
+    fn failed_sync_is_sticky() {
+        fn failing(_: &File) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+        fn succeeding(_: &File) -> io::Result<()> {
+            Ok(())
+        }
+        let tmp = image_with(&pattern(4096));
+        let mut img = RawImage::open(tmp.as_path(), false).unwrap();
+        img.write_at(&[1; 512], 0).unwrap();
+        img.flush().unwrap();
+        img.sync = failing;
+        assert_eq!(img.flush().unwrap_err().raw_os_error(), Some(libc::EIO));
+        // The kernel would now report success: the image must not.
+        img.sync = succeeding;
+        for _ in 0..2 {
+            let e = img.flush().unwrap_err();
+            assert!(e.to_string().contains("earlier fdatasync failed"), "{e}");
+        }
+        assert!(img.write_at(&[2; 512], 512).is_err());
+        assert!(img.write_zeroes(0, 512, false).is_err());
+        assert!(img.discard(0, 512).is_err());
+        let mut buf = [0u8; 512];
+        img.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [1; 512], "reads go on");
+        let on_disk = std::fs::read(tmp.as_path()).unwrap();
+        assert_eq!(
+            on_disk[512..1024],
+            pattern(4096)[512..1024],
+            "nothing written"
+        );
+    }
+
+    /// The locks' QEMU side without QEMU: another open file description
+    /// takes the bytes a QEMU writer or reader takes.
+    #[test]
+    fn locks_conflict_with_qemu_style_byte_locks() {
+        fn hold(path: &Path, bytes: &[i64]) -> File {
+            let f = File::open(path).unwrap();
+            for &b in bytes {
+                // SAFETY: flock is a plain C struct; all-zero is valid.
+                let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                fl.l_type = libc::F_RDLCK as libc::c_short;
+                fl.l_start = b;
+                fl.l_len = 1;
+                // SAFETY: F_OFD_SETLK with a struct we own, on our descriptor.
+                assert_eq!(
+                    unsafe {
+                        libc::fcntl(
+                            std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                            libc::F_OFD_SETLK,
+                            &fl,
+                        )
+                    },
+                    0
+                );
+            }
+            f
+        }
+        let tmp = image_with(&pattern(1024));
+        let p = tmp.as_path();
+        let writer = hold(p, &[100, 101, 201]);
+        assert!(RawImage::open(p, false).is_err());
+        assert!(RawImage::open(p, true).is_err());
+        assert!(EphemeralImage::open(p).is_err());
+        drop(writer);
+        let reader = hold(p, &[100, 201]);
+        assert!(RawImage::open(p, false).is_err());
+        RawImage::open(p, true).unwrap();
+        EphemeralImage::open(p).unwrap();
+        drop(reader);
         RawImage::open(p, false).unwrap();
     }
 

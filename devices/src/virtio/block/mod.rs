@@ -3,6 +3,15 @@
 //! One request queue. Requests are handled synchronously on the event-loop
 //! thread when the queue's eventfd fires.
 //!
+//! That thread also serves the API and the orderly stop, so one queue event
+//! does a bounded amount of work: at most [`BYTE_BUDGET`] bytes of data
+//! (and [`REQUEST_BUDGET`] requests); with work left the device re-signals
+//! its own queue eventfd and yields, and the loop comes back to it after
+//! the other ready events. A request is the unit that cannot be
+//! interrupted, so its size is bounded too: data descriptors of at most
+//! [`SIZE_MAX`] bytes (advertised and enforced), at most [`SEG_MAX`] of
+//! them, so at most [`MAX_DATA_LEN`] bytes.
+//!
 //! Every guest-supplied descriptor chain is validated before any I/O:
 //!
 //! * A chain that does not end properly (a descriptor loop, a `next` index
@@ -14,7 +23,8 @@
 //! * Everything else is answered in the status byte: more than
 //!   [`MAX_DESCRIPTORS`] descriptors, a header that is not exactly 16
 //!   device-readable bytes, data descriptors of the wrong direction or
-//!   outside guest memory, more than [`MAX_DATA_LEN`] bytes, a read or write
+//!   outside guest memory, a data descriptor over [`SIZE_MAX`] bytes, more
+//!   than [`MAX_DATA_LEN`] bytes, a read or write
 //!   of zero bytes or of a partial sector, a sector range beyond the capacity
 //!   (checked arithmetic), writes to a read-only disk: `IOERR`; unknown
 //!   request types: `UNSUPP`.
@@ -28,6 +38,8 @@
 //! disks) or `DISCARD` + `WRITE_ZEROES` (writable ones).
 
 pub mod disk;
+mod ephemeral;
+mod lock;
 mod request;
 
 use std::io;
@@ -40,7 +52,9 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::QueueT;
 
-pub use disk::{lock_image, DiskImage, EphemeralImage, RawImage};
+pub use disk::{DiskImage, RawImage};
+pub use ephemeral::EphemeralImage;
+pub use lock::lock_image;
 
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -53,8 +67,11 @@ pub const SECTOR_SIZE: u64 = 512;
 pub const QUEUE_SIZE: u16 = 256;
 /// Maximum data descriptors per request (`seg_max`).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Maximum size of one data descriptor (`size_max`).
-pub const SIZE_MAX: u32 = 1 << 20;
+/// Maximum size of one data descriptor (`size_max`); longer ones fail with
+/// `IOERR`. Small enough that the largest request ([`MAX_DATA_LEN`], about
+/// 16 MiB) is a short stall of the event loop. A Linux guest takes it as
+/// its maximum segment size and builds its requests to fit.
+pub const SIZE_MAX: u32 = 64 * 1024;
 /// Maximum descriptors per request: header, data, status.
 pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 /// Maximum data bytes per request.
@@ -67,11 +84,15 @@ pub const MAX_ZEROES_SEGMENTS: u32 = 16;
 const DISCARD_ALIGNMENT: u32 = 8;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
-/// Bounce buffer size for data transfers.
-const BOUNCE_LEN: usize = 128 * 1024;
+/// Bounce buffer size for data transfers: one data descriptor at most.
+const BOUNCE_LEN: usize = SIZE_MAX as usize;
 /// Requests handled per queue event before yielding to other event-loop
 /// work (the device re-signals itself to continue).
-const REQUEST_BUDGET: usize = 4 * QUEUE_SIZE as usize;
+pub const REQUEST_BUDGET: usize = 4 * QUEUE_SIZE as usize;
+/// Data bytes (read, written, zeroed or discarded) per queue event before
+/// yielding: the event loop's latency for the API and the stop is this
+/// much disk I/O plus at most one request.
+pub const BYTE_BUDGET: u64 = 4 << 20;
 
 /// Length of the configuration space we expose (up to
 /// `write_zeroes_may_unmap` plus padding).
@@ -174,6 +195,8 @@ pub struct Block {
     id: [u8; ID_BYTES],
     config: [u8; CONFIG_LEN],
     buf: Vec<u8>,
+    /// [`BYTE_BUDGET`], smaller in tests.
+    byte_budget: u64,
 }
 
 impl std::fmt::Debug for Block {
@@ -239,6 +262,7 @@ impl Block {
             id,
             config: config_space(capacity),
             buf: vec![0; BOUNCE_LEN],
+            byte_budget: BYTE_BUDGET,
         })
     }
 
@@ -265,6 +289,7 @@ impl Block {
             capacity,
             id,
             buf,
+            byte_budget,
             ..
         } = self;
         let zeroes = common.avail_features() & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0;
@@ -278,6 +303,7 @@ impl Block {
             id,
             zeroes,
             buf,
+            bytes: 0,
         };
         let mem = &active.mem;
         let mut handled = 0usize;
@@ -288,7 +314,7 @@ impl Block {
                 break;
             }
             let before = handled;
-            while handled < REQUEST_BUDGET {
+            while handled < REQUEST_BUDGET && ctx.bytes < *byte_budget {
                 let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
@@ -299,7 +325,9 @@ impl Block {
                     crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
                 }
             }
-            if handled >= REQUEST_BUDGET {
+            if handled >= REQUEST_BUDGET || ctx.bytes >= *byte_budget {
+                // Yield; the kick below brings the loop back to the rest
+                // without waiting for the guest's next notification.
                 more = true;
                 break;
             }

@@ -12,7 +12,8 @@
 //! * From here on every failure is reported as a status byte:
 //!   more than [`MAX_DESCRIPTORS`] descriptors, a header that is not exactly
 //!   16 device-readable bytes, data descriptors of the wrong direction or
-//!   outside guest memory, more than [`MAX_DATA_LEN`] bytes, a read or write
+//!   outside guest memory, a data descriptor longer than [`SIZE_MAX`]
+//!   (the `size_max` the device advertises), more than [`MAX_DATA_LEN`] bytes, a read or write
 //!   length that is zero or not a whole number of sectors, or a sector range beyond the capacity
 //!   (all with checked arithmetic) give `IOERR`; unknown request types give
 //!   `UNSUPP`. Ranges are checked before any I/O, so a failed write request
@@ -35,6 +36,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Perm
 use super::disk::DiskImage;
 use super::{
     ID_BYTES, MAX_DATA_LEN, MAX_DESCRIPTORS, MAX_ZEROES_SECTORS, MAX_ZEROES_SEGMENTS, SECTOR_SIZE,
+    SIZE_MAX,
 };
 
 /// Size of the request header (`type`, `reserved`, `sector`).
@@ -59,6 +61,9 @@ pub(super) struct Context<'a> {
     pub zeroes: bool,
     /// Bounce buffer for data transfers (non-empty).
     pub buf: &'a mut [u8],
+    /// Data bytes moved so far (read, written, zeroed, discarded): what the
+    /// device's per-event budget counts.
+    pub bytes: u64,
 }
 
 /// Handles one descriptor chain; returns the used length (bytes the device
@@ -154,6 +159,13 @@ fn data_len(mem: &GuestMemoryMmap, data: &[Descriptor], device_writes: bool) -> 
             debug!("virtio-blk: data descriptor has the wrong direction");
             return Err(S_IOERR);
         }
+        if d.len() > SIZE_MAX {
+            debug!(
+                "virtio-blk: data descriptor of {} bytes (size_max {SIZE_MAX})",
+                d.len()
+            );
+            return Err(S_IOERR);
+        }
         total = total
             .checked_add(u64::from(d.len()))
             .filter(|&t| t <= MAX_DATA_LEN)
@@ -234,6 +246,7 @@ fn read(
     data: &[Descriptor],
 ) -> Result<u32, u8> {
     let (mut pos, total) = rw_range(ctx, mem, sector, data, true)?;
+    ctx.bytes = ctx.bytes.saturating_add(total);
     let Context { disk, buf, .. } = ctx;
     for_each_chunk(data, buf.len(), |addr, n| {
         disk.read_at(&mut buf[..n], pos).map_err(io_error)?;
@@ -255,7 +268,8 @@ fn write(
         debug!("virtio-blk: write to a read-only disk");
         return Err(S_IOERR);
     }
-    let (mut pos, _) = rw_range(ctx, mem, sector, data, false)?;
+    let (mut pos, total) = rw_range(ctx, mem, sector, data, false)?;
+    ctx.bytes = ctx.bytes.saturating_add(total);
     let Context { disk, buf, .. } = ctx;
     for_each_chunk(data, buf.len(), |addr, n| {
         mem.read_slice(&mut buf[..n], addr).map_err(|_| S_IOERR)?;
@@ -327,6 +341,7 @@ fn zeroes(
         ranges.push((offset, len, unmap));
     }
     for (offset, len, unmap) in ranges {
+        ctx.bytes = ctx.bytes.saturating_add(len);
         let res = if discard {
             ctx.disk.discard(offset, len)
         } else {

@@ -32,7 +32,7 @@ use std::io::{self, Write};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::{device_type, DeviceEvent, VirtioCommon, VirtioDevice};
@@ -91,7 +91,7 @@ impl Console {
             out,
             out_failed: false,
             input: VecDeque::new(),
-            input_ready: EventFd::new(EFD_NONBLOCK)?,
+            input_ready: crate::eventfd()?,
             input_waiting: false,
             buf: vec![0; BOUNCE_LEN],
         })

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_bindings::virtio_mmio as regs;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
@@ -76,7 +76,7 @@ impl MmioInterrupt {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             status: AtomicU32::new(0),
-            irq: EventFd::new(EFD_NONBLOCK)?,
+            irq: crate::eventfd()?,
         })
     }
 
@@ -163,7 +163,7 @@ impl MmioTransport {
             .collect::<Result<Vec<_>, _>>()?;
         let queue_evts = max_sizes
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .map(|_| crate::eventfd())
             .collect::<io::Result<Vec<_>>>()
             .map_err(TransportError::EventFd)?;
         Ok(Self {

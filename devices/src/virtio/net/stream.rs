@@ -13,6 +13,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -184,6 +185,9 @@ pub struct PasstConfig {
     pub debug: bool,
 }
 
+/// The descriptor number passt gets its end of the socket pair under.
+const PASST_FD: RawFd = 3;
+
 /// A running passt process and the stream socket to it. Dropping it stops
 /// passt.
 #[derive(Debug)]
@@ -193,14 +197,24 @@ pub struct Passt {
 }
 
 impl Passt {
-    /// Starts passt connected to a new socket pair.
+    /// Starts passt connected to a new socket pair. passt gets exactly
+    /// stdin, stdout, stderr and its end of the pair as descriptor
+    /// [`PASST_FD`]; nothing else capsule holds (KVM, other devices'
+    /// eventfds, disk images, TAP devices) reaches it.
     pub fn spawn(config: &PasstConfig) -> Result<Self, PasstError> {
         let (ours, theirs) = socket_pair().map_err(PasstError::Socket)?;
         let mut cmd = Command::new(&config.binary);
-        // passt inherits `theirs` (not close-on-exec) under the same number.
         cmd.arg("--fd")
-            .arg(theirs.as_raw_fd().to_string())
+            .arg(PASST_FD.to_string())
             .arg("--foreground");
+        let theirs_fd = theirs.as_raw_fd();
+        let max_fd = max_fd();
+        // SAFETY: the closure runs in the child between fork and exec and
+        // makes only async-signal-safe system calls (no allocation, no
+        // locks); `theirs` stays open in the parent until after the spawn.
+        unsafe {
+            cmd.pre_exec(move || hand_over(theirs_fd, PASST_FD, max_fd));
+        }
         if config.debug {
             // passt's messages (its address choices, errors) on our
             // stderr, but not its own --debug: the passt of Debian 12
@@ -313,22 +327,86 @@ impl NetBackend for Passt {
     }
 }
 
-/// A connected Unix stream socket pair: ours is close-on-exec, theirs is
-/// inherited by children.
+/// A connected Unix stream socket pair, both ends close-on-exec (so no
+/// other child inherits either); passt's end is handed over explicitly by
+/// [`hand_over`]. Theirs is numbered above stderr, where the child's stdio
+/// set-up cannot overwrite it.
 fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: socketpair writes two descriptors into the array we pass.
-    let ret = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) };
+    let ret = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: both descriptors were just created and are owned by nobody else.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: F_SETFD on a descriptor we own.
-    if unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
+    let (ours, mut theirs) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    if theirs.as_raw_fd() <= libc::STDERR_FILENO {
+        // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; the result is new.
+        let fd = unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_DUPFD_CLOEXEC, PASST_FD) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        theirs = unsafe { OwnedFd::from_raw_fd(fd) };
     }
     Ok((ours, theirs))
+}
+
+/// The highest descriptor number to visit when `close_range` is missing.
+fn max_fd() -> RawFd {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+    if ok {
+        RawFd::try_from(lim.rlim_cur.min(1 << 20)).unwrap_or(1 << 20)
+    } else {
+        1 << 16
+    }
+}
+
+/// In a child between fork and exec: puts `fd` at `target` without
+/// close-on-exec and marks every descriptor above `target` close-on-exec,
+/// so the program gets stdin, stdout, stderr and `target` only (also none
+/// that capsule's own parent leaked to it). Marking rather than closing
+/// keeps the pipe the standard library reports exec failures through.
+/// Only async-signal-safe calls.
+fn hand_over(fd: RawFd, target: RawFd, max_fd: RawFd) -> io::Result<()> {
+    // SAFETY: plain descriptor operations on numbers; a failure is returned.
+    unsafe {
+        if fd == target {
+            if libc::fcntl(target, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        } else if libc::dup2(fd, target) < 0 {
+            // dup2 leaves the new descriptor without close-on-exec.
+            return Err(io::Error::last_os_error());
+        }
+        let first = (target + 1) as libc::c_uint;
+        if libc::close_range(
+            first,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        ) < 0
+        {
+            // Kernels before 5.11: one descriptor at a time (EBADF for the
+            // numbers not in use is fine).
+            for n in target + 1..max_fd {
+                libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The passt binary to use: `$CAPSULE_PASST`, else `passt` from `PATH`.
@@ -501,6 +579,65 @@ mod tests {
             !debug.contains("--debug") && !debug.contains("--quiet"),
             "{debug}"
         );
+    }
+
+    /// passt gets exactly 0, 1, 2 and its socket as 3: not capsule's
+    /// eventfds nor a descriptor capsule itself inherited without
+    /// close-on-exec.
+    #[test]
+    fn passt_inherits_only_its_socket() {
+        let out = std::env::temp_dir().join(format!("capsule-passt-fds-{}", std::process::id()));
+        let script = out.with_extension("sh");
+        // What an exec'd program gets: the list of an exec'd ls, without
+        // ls's own directory descriptor.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\n(exec ls -l /proc/self/fd/) >'{0}.tmp'; mv '{0}.tmp' '{0}'\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let _ = std::fs::remove_file(&out);
+        let evt = crate::eventfd().unwrap();
+        // A descriptor without close-on-exec, as if capsule's parent leaked it.
+        // SAFETY: dup of a descriptor we own; the copy is owned by `leaked`.
+        let leaked = unsafe { OwnedFd::from_raw_fd(libc::dup(evt.as_raw_fd())) };
+        let cfg = PasstConfig {
+            binary: script.clone(),
+            publish: vec![],
+            debug: false,
+        };
+        let passt = Passt::spawn(&cfg).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let list = loop {
+            if let Ok(l) = std::fs::read_to_string(&out) {
+                break l;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the stand-in did not run"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        drop(passt);
+        let _ = std::fs::remove_file(&out);
+        let _ = std::fs::remove_file(&script);
+        let fds: Vec<(String, String)> = list
+            .lines()
+            .filter_map(|l| {
+                let (left, target) = l.split_once(" -> ")?;
+                let n = left.rsplit(' ').next()?.to_string();
+                Some((n, target.to_string()))
+            })
+            .filter(|(_, t)| !(t.starts_with("/proc/") && t.ends_with("/fd")))
+            .collect();
+        let numbers: Vec<&str> = fds.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(numbers, ["0", "1", "2", "3"], "{list}");
+        assert!(fds[3].1.starts_with("socket:"), "{list}");
+        drop(leaked);
     }
 
     #[test]
