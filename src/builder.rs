@@ -179,20 +179,12 @@ impl Console {
     }
 }
 
-/// A virtio device the caller adds besides the configured disks, with the
-/// same object as an event-loop subscriber (see `devices::virtio`).
-pub struct ExtraDevice {
-    /// The device, for its virtio-mmio transport.
-    pub virtio: Arc<Mutex<dyn VirtioDevice>>,
-    /// The same device, for the event loop.
-    pub subscriber: Subscriber,
-}
-
 /// Devices and event-loop subscribers added by the caller (e.g. `exec`).
 #[derive(Default)]
 pub struct Extras {
-    /// Virtio devices, attached over virtio-mmio after the disks.
-    pub devices: Vec<ExtraDevice>,
+    /// Virtio devices, attached over virtio-mmio after the disks and
+    /// nets (each is also its own event-loop subscriber).
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     /// More event-loop subscribers.
     pub subscribers: Vec<Subscriber>,
 }
@@ -310,10 +302,12 @@ impl Devices<'_> {
         Ok(())
     }
 
-    /// A virtio device, over virtio-mmio and in the event loop.
-    fn add_virtio(&mut self, virtio: Arc<Mutex<dyn VirtioDevice>>, sub: Subscriber) -> Result<()> {
-        self.dm.attach_virtio_mmio(self.vm, self.mem, virtio)?;
-        self.event_manager.add_subscriber(sub);
+    /// A virtio device, over virtio-mmio and in the event loop: one
+    /// object, the transport's device and the loop's subscriber.
+    fn add_virtio(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<()> {
+        self.dm
+            .attach_virtio_mmio(self.vm, self.mem, device.clone())?;
+        self.event_manager.add_subscriber(device);
         Ok(())
     }
 
@@ -321,7 +315,7 @@ impl Devices<'_> {
     fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
         for (index, disk) in disks.iter().enumerate() {
             let block = Arc::new(Mutex::new(open_disk(index, disk)?));
-            self.add_virtio(block.clone(), block)?;
+            self.add_virtio(block)?;
         }
         Ok(())
     }
@@ -340,7 +334,7 @@ impl Devices<'_> {
         }
         for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
             let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
-            self.add_virtio(device.clone(), device)?;
+            self.add_virtio(device)?;
         }
         Ok(())
     }
@@ -349,7 +343,7 @@ impl Devices<'_> {
     /// stdin pump).
     fn add_extras(&mut self, extras: Extras) -> Result<()> {
         for dev in extras.devices {
-            self.add_virtio(dev.virtio, dev.subscriber)?;
+            self.add_virtio(dev)?;
         }
         for sub in extras.subscribers {
             self.event_manager.add_subscriber(sub);

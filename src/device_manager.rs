@@ -19,7 +19,7 @@ use devices::legacy::{EventFdTrigger, SerialDevice, SerialInput, I8042};
 use devices::pvpanic::PvPanic;
 
 use arch::acpi::MmioDevice;
-use devices::virtio::mmio::{MmioTransport, MMIO_SIZE, NOTIFY_OFFSET};
+use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::VirtioDevice;
 use vm_memory::GuestMemoryMmap;
 
@@ -45,7 +45,7 @@ pub enum Error {
     MmioExhausted,
     /// A virtio transport could not be created.
     #[error("cannot create the virtio-mmio transport: {0}")]
-    Transport(std::io::Error),
+    Transport(#[source] TransportError),
     /// Wiring a queue notification failed.
     #[error("cannot wire virtio queue notifications: {0}")]
     IoEvent(vm::Error),

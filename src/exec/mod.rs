@@ -42,7 +42,7 @@ use devices::virtio::console::Console as VirtioConsole;
 use exec_proto::Decoder;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builder::{self, Console, ExtraDevice, Extras};
+use crate::builder::{self, Console, Extras};
 use crate::config::VmConfig;
 use crate::vmm::RunEnd;
 
@@ -184,10 +184,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         raw_terminal: false,
     };
     let extras = Extras {
-        devices: vec![ExtraDevice {
-            virtio: console.clone(),
-            subscriber: console,
-        }],
+        devices: vec![console],
         subscribers: vec![Arc::new(Mutex::new(pump))],
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;

@@ -105,7 +105,7 @@ impl SerialDevice {
         match self.serial.enqueue_raw_bytes(bytes) {
             Ok(n) => Ok(n),
             Err(vm_superio::serial::Error::FullFifo) => Ok(0),
-            Err(e) => Err(io::Error::other(format!("{e:?}"))),
+            Err(e) => Err(io::Error::other(e)),
         }
     }
 }
@@ -333,15 +333,36 @@ mod tests {
         assert!(irq.take(), "receive interrupt must fire");
     }
 
+    /// An input the event loop cannot poll (a regular file) is detached
+    /// at registration: the guest gets no input from it, and the loop
+    /// runs on. A pollable one (a socket) stays attached.
     #[test]
     fn unpollable_input_is_detached() {
-        let irq = EventFdTrigger::new().unwrap();
-        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
+        let attach = |input: Box<dyn ReadableFd>| {
+            let irq = EventFdTrigger::new().unwrap();
+            let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
+            let dev = Arc::new(Mutex::new(dev));
+            let input = Arc::new(Mutex::new(SerialInput::new(
+                dev.clone(),
+                Some(input),
+                ready,
+            )));
+            let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+            em.add_subscriber(input.clone());
+            em.run_with_timeout(10).unwrap();
+            let attached = input.lock().unwrap().input.is_some();
+            (attached, read_reg(&dev, LSR) & 1 != 0)
+        };
+
         let file = std::fs::File::open("/proc/self/status").unwrap();
-        let input = SerialInput::new(Arc::new(Mutex::new(dev)), Some(Box::new(file)), ready);
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        let id = em.add_subscriber(Arc::new(Mutex::new(input)));
-        let _ = id;
-        em.run_with_timeout(0).unwrap();
+        let (attached, data_ready) = attach(Box::new(file));
+        assert!(!attached, "a regular file cannot be polled: detached");
+        assert!(!data_ready, "nothing from the file reaches the guest");
+
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        host.write_all(b"x").unwrap();
+        let (attached, data_ready) = attach(Box::new(guest_side));
+        assert!(attached, "a socket can be polled: attached");
+        assert!(data_ready, "its input reaches the guest");
     }
 }

@@ -6,14 +6,28 @@
 //! the device through the [`VirtioDevice`] trait. The same device object
 //! therefore works behind any transport.
 //!
+//! # The shape of a device
+//!
+//! A device is a struct holding a [`VirtioCommon`] (features offered and
+//! accepted, queue sizes, the [`DeviceState`]: `Inactive` or `Activated`
+//! with the guest memory, interrupt and queues of that activation; the
+//! queue eventfds) plus only what is its own. It implements
+//! [`VirtioDevice`], whose methods default to the common part (a device
+//! overrides `config_space`, and the `activated` / `reset_device` hooks
+//! for its own work), and [`MutEventSubscriber`], whose `process` asks
+//! [`VirtioCommon::event`] what an event is ([`DeviceEvent`]: activated,
+//! queue `i` kicked, one of the device's own descriptors ready; told apart
+//! by the event's data tag) and runs the device's queue algorithm for it.
+//! `devices/tests/null_device.rs` is the smallest complete example.
+//!
 //! # Objects and threads
 //!
-//! * The device lives in an `Arc<Mutex<D>>`. The transport holds one clone
-//!   (as `Arc<Mutex<dyn VirtioDevice>>`) and is itself a [`BusDevice`] that
-//!   vCPU threads call on guest register accesses. Devices that do I/O also
-//!   implement [`MutEventSubscriber`]; the VMM adds another clone of the same
-//!   `Arc` to its event manager **when it builds the VM**, long before the
-//!   guest activates the device.
+//! * The device lives in one `Arc<Mutex<dyn VirtioDevice>>`, registered
+//!   once: the transport holds it and is itself a [`BusDevice`] that vCPU
+//!   threads call on guest register accesses, and since `VirtioDevice`
+//!   requires `MutEventSubscriber`, the same `Arc` joins the VMM's event
+//!   manager **when it builds the VM**, long before the guest activates
+//!   the device.
 //! * The transport creates one notification [`EventFd`] per queue
 //!   ([`mmio::MmioTransport::queue_evts`]) and one interrupt `EventFd`
 //!   ([`mmio::MmioTransport::interrupt_evt`]). The VMM registers the queue
@@ -27,13 +41,13 @@
 //!    against guest memory and calls [`VirtioDevice::activate`] with guest
 //!    memory, the interrupt object, the queues and duplicates of the queue
 //!    eventfds.
-//! 3. The device stores them and hands the eventfds to its [`QueueEvents`],
-//!    which writes the device's *control* eventfd. That eventfd was added to
-//!    the event loop in the subscriber's `init`.
-//! 4. The event loop wakes on the control eventfd; the subscriber calls
-//!    [`QueueEvents::sync`], which adds the queue eventfds to the loop with
-//!    `EventOps::add`. From then on queue work happens on the event-loop
-//!    thread.
+//! 3. [`VirtioCommon::activate`] checks them, keeps them as the
+//!    activation and writes the device's *control* eventfd, which was added
+//!    to the event loop in the subscriber's `init`.
+//! 4. The event loop wakes on the control eventfd; [`VirtioCommon::event`]
+//!    adds the queue eventfds to the loop (tagged with their index) and
+//!    reports [`DeviceEvent::Activated`]. From then on queue work happens
+//!    on the event-loop thread.
 //!
 //! # Notification and interrupts
 //!
@@ -42,35 +56,37 @@
 //! VM exit); if no ioeventfd is registered the transport signals the same
 //! eventfd itself. The event loop then calls the device's `process`, which
 //! drains the queue, fills the used ring and calls
-//! [`VirtioInterrupt::trigger`]. For MMIO that sets a bit in the
-//! `InterruptStatus` register and writes the irqfd, which KVM injects.
+//! [`Activation::signal_used_queue`], which calls
+//! [`VirtioInterrupt::trigger`] unless the driver suppressed it. For MMIO
+//! that sets a bit in the `InterruptStatus` register and writes the irqfd,
+//! which KVM injects.
 //!
 //! # Reset
 //!
 //! When the driver writes 0 to the status register the transport calls
-//! [`VirtioDevice::reset`]. The device drops guest memory, interrupt and
-//! queues at once (so it cannot touch guest memory afterwards) and retires
-//! its queue eventfds through [`QueueEvents::deactivate`]; the event loop
-//! removes them from epoll on the next control event, and only then are they
-//! closed. (Closing first would leave stale epoll registrations behind,
-//! because the transport still holds other descriptors of the same eventfds.)
+//! [`VirtioDevice::reset`]. [`VirtioCommon::reset`] drops guest memory,
+//! interrupt and queues at once (so the device cannot touch guest memory
+//! afterwards) and retires the queue eventfds; the event loop removes them
+//! from epoll on the next control event, and only then are they closed.
+//! (Closing first would leave stale epoll registrations behind, because
+//! the transport still holds other descriptors of the same eventfds.)
 //!
 //! [`BusDevice`]: crate::bus::BusDevice
+//! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 
 pub mod block;
 pub mod console;
+mod device;
 pub mod mmio;
 pub mod net;
+mod queue_events;
 
 use std::io;
-use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events};
-use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
-
+pub use device::{
+    read_config_bytes, ActivateError, Activation, DeviceEvent, DeviceState, VirtioCommon,
+    VirtioDevice,
+};
 pub use virtio_queue::Queue;
 
 #[doc(no_inline)]
@@ -137,211 +153,18 @@ pub trait VirtioInterrupt: Send + Sync {
     fn trigger(&self, kind: InterruptKind) -> io::Result<()>;
 }
 
-/// Why a device refused activation.
-#[derive(Debug, thiserror::Error)]
-pub enum ActivateError {
-    /// The transport passed a different number of queues than the device has.
-    #[error("expected {expected} queues, got {got}")]
-    QueueCount {
-        /// Queues the device has.
-        expected: usize,
-        /// Queues the transport passed.
-        got: usize,
-    },
-    /// A queue the device needs was not made ready by the driver.
-    #[error("queue {0} is not ready")]
-    QueueNotReady(usize),
-    /// The device is already active.
-    #[error("device is already active")]
-    AlreadyActive,
-    /// Setting up notification eventfds failed.
-    #[error("cannot set up queue notifications: {0}")]
-    EventFd(#[source] io::Error),
-}
-
-/// The checks every device's [`VirtioDevice::activate`] starts with: the
-/// device is not `active` yet, the transport passed `expected` queues and
-/// as many notification eventfds, and the driver made every queue ready.
-pub fn check_activation(
-    active: bool,
-    queues: &[Queue],
-    queue_evts: &[EventFd],
-    expected: usize,
-) -> Result<(), ActivateError> {
-    if active {
-        return Err(ActivateError::AlreadyActive);
-    }
-    if queues.len() != expected || queue_evts.len() != expected {
-        return Err(ActivateError::QueueCount {
-            expected,
-            got: queues.len().min(queue_evts.len()),
-        });
-    }
-    match queues.iter().position(|q| !q.ready()) {
-        Some(i) => Err(ActivateError::QueueNotReady(i)),
-        None => Ok(()),
-    }
-}
-
-/// A virtio device model, independent of the transport.
-///
-/// Register accesses come from vCPU threads through the transport; queue
-/// processing happens on the event-loop thread. See the module docs for the
-/// activation protocol.
-pub trait VirtioDevice: Send {
-    /// The virtio device type id (see [`device_type`]).
-    fn device_type(&self) -> u32;
-
-    /// Maximum size of each queue; the length is the number of queues.
-    fn queue_max_sizes(&self) -> &[u16];
-
-    /// Feature bits the device offers.
-    fn avail_features(&self) -> u64;
-
-    /// Records the features the driver accepted (a subset of
-    /// [`Self::avail_features`], checked by the transport).
-    fn set_acked_features(&mut self, features: u64);
-
-    /// Reads device configuration space at `offset`. Bytes past the end of
-    /// the configuration space read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-
-    /// Writes device configuration space at `offset`. Read-only or
-    /// out-of-range bytes are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
-
-    /// Generation counter of the configuration space; changes whenever the
-    /// device changes its configuration.
-    fn config_generation(&self) -> u32 {
-        0
-    }
-
-    /// Starts the device. `queues` and `queue_evts` hold one entry per queue,
-    /// in order; queues the driver left unready have `ready() == false`.
-    /// The transport has checked every ready queue against guest memory.
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError>;
-
-    /// Returns the device to its initial state. Returns false if the device
-    /// cannot be reset. After a successful reset the device no longer
-    /// accesses guest memory, and any later activation starts afresh.
-    fn reset(&mut self) -> bool;
-}
-
-/// The event-loop side of a device's queue eventfds.
-///
-/// A device embeds one `QueueEvents` and forwards its
-/// [`MutEventSubscriber`] calls: `init` to [`Self::init`], and in `process`
-/// calls [`Self::sync`] when [`Self::is_control`] says the event is the
-/// control eventfd, otherwise looks the fd up with [`Self::queue_index`].
-/// `activate`/`reset` (on vCPU threads) call [`Self::activate`] and
-/// [`Self::deactivate`], which wake the loop so it can add or remove the
-/// queue eventfds.
-#[derive(Debug)]
-pub struct QueueEvents {
-    control: EventFd,
-    /// Eventfds of the current activation, one per queue.
-    active: Vec<EventFd>,
-    /// Eventfds of earlier activations, kept open until removed from epoll.
-    retired: Vec<EventFd>,
-    /// Fds currently registered with the event loop (besides `control`).
-    registered: Vec<RawFd>,
-}
-
-impl QueueEvents {
-    /// Creates the bookkeeping with a fresh non-blocking control eventfd.
-    pub fn new() -> io::Result<Self> {
-        Ok(Self {
-            control: crate::eventfd()?,
-            active: Vec::new(),
-            retired: Vec::new(),
-            registered: Vec::new(),
-        })
-    }
-
-    /// Adds the control eventfd to the event loop (call from `init`).
-    pub fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control, EventSet::IN)) {
-            crate::error_ratelimited!("virtio: cannot watch device control events: {e}");
-        }
-    }
-
-    /// Takes the queue eventfds of a new activation and wakes the loop.
-    pub fn activate(&mut self, evts: Vec<EventFd>) -> io::Result<()> {
-        self.retired.append(&mut self.active);
-        self.active = evts;
-        self.control.write(1)
-    }
-
-    /// Retires the current queue eventfds and wakes the loop to remove them.
-    pub fn deactivate(&mut self) {
-        if self.active.is_empty() {
-            return;
-        }
-        self.retired.append(&mut self.active);
-        if let Err(e) = self.control.write(1) {
-            crate::error_ratelimited!("virtio: cannot signal device reset: {e}");
-        }
-    }
-
-    /// Whether `events` is for the control eventfd.
-    pub fn is_control(&self, events: &Events) -> bool {
-        events.fd() == self.control.as_raw_fd()
-    }
-
-    /// Brings the event loop's registrations in line with the current
-    /// activation: removes every earlier queue eventfd, closes retired ones
-    /// and adds the active ones (call from `process` on a control event).
-    pub fn sync(&mut self, ops: &mut EventOps) {
-        let _ = self.control.read();
-        for fd in self.registered.drain(..) {
-            if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                crate::warn_ratelimited!("virtio: cannot stop watching queue eventfd {fd}: {e}");
-            }
-        }
-        self.retired.clear();
-        for evt in &self.active {
-            match ops.add(Events::new(evt, EventSet::IN)) {
-                Ok(()) => self.registered.push(evt.as_raw_fd()),
-                Err(e) => crate::error_ratelimited!("virtio: cannot watch queue eventfd: {e}"),
-            }
-        }
-    }
-
-    /// Signals queue `index`'s eventfd, so the event loop calls the device
-    /// again (used to continue work after yielding).
-    pub fn kick(&self, index: usize) {
-        if let Some(evt) = self.active.get(index) {
-            if let Err(e) = evt.write(1) {
-                crate::error_ratelimited!("virtio: cannot re-signal queue {index}: {e}");
-            }
-        }
-    }
-
-    /// The queue whose active eventfd is `fd`, after consuming its counter.
-    pub fn queue_index(&self, fd: RawFd) -> Option<usize> {
-        let index = self.active.iter().position(|e| e.as_raw_fd() == fd)?;
-        let _ = self.active[index].read();
-        Some(index)
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod test_utils {
     //! Helpers shared by the virtio unit tests.
 
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::DescriptorTable;
     use virtio_queue::QueueT;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
 

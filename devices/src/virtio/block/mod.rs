@@ -44,16 +44,13 @@ mod request;
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
 };
-use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
+use virtio_queue::QueueT;
 
 pub use disk::{DiskImage, RawImage};
 pub use ephemeral::EphemeralImage;
@@ -62,10 +59,7 @@ pub use lock::lock_image;
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use super::{
-    check_activation, device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice,
-    VirtioInterrupt,
-};
+use super::{device_type, DeviceEvent, VirtioCommon, VirtioDevice};
 
 /// Size of a virtio-blk sector; capacity and request positions use it.
 pub const SECTOR_SIZE: u64 = 512;
@@ -189,24 +183,17 @@ pub struct BlockConfig {
     pub serial: String,
 }
 
-/// State that exists only while the driver has the device activated.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    queue: Queue,
-}
+/// The request queue's index.
+const REQUEST_QUEUE: usize = 0;
 
-/// A virtio-blk device. Share it as `Arc<Mutex<Block>>` between a transport
-/// (as [`VirtioDevice`]) and the event loop (as [`MutEventSubscriber`]).
+/// A virtio-blk device: one object that is both the transport's
+/// [`VirtioDevice`] and the event loop's subscriber.
 pub struct Block {
+    common: VirtioCommon,
     disk: Box<dyn DiskImage>,
     capacity: u64,
     id: [u8; ID_BYTES],
     config: [u8; CONFIG_LEN],
-    avail_features: u64,
-    acked_features: u64,
-    events: QueueEvents,
-    active: Option<Active>,
     buf: Vec<u8>,
     /// [`BYTE_BUDGET`], smaller in tests.
     byte_budget: u64,
@@ -217,7 +204,7 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("capacity", &self.capacity)
             .field("read_only", &self.disk.is_read_only())
-            .field("active", &self.active.is_some())
+            .field("active", &self.common.is_activated())
             .finish()
     }
 }
@@ -264,14 +251,16 @@ impl Block {
             avail_features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         Ok(Self {
+            common: VirtioCommon::new(
+                "virtio-blk",
+                device_type::BLOCK,
+                avail_features,
+                &[QUEUE_SIZE],
+            )?,
             disk,
             capacity,
             id,
             config: config_space(capacity),
-            avail_features,
-            acked_features: 0,
-            events: QueueEvents::new()?,
-            active: None,
             buf: vec![0; BOUNCE_LEN],
             byte_budget: BYTE_BUDGET,
         })
@@ -289,30 +278,30 @@ impl Block {
 
     /// Whether the driver has activated the device.
     pub fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.common.is_activated()
     }
 
     /// Drains the request queue; runs on the event-loop thread.
     fn process_queue(&mut self) {
         let Self {
+            common,
             disk,
             capacity,
             id,
-            avail_features,
-            active,
             buf,
-            events,
             byte_budget,
             ..
         } = self;
-        let Some(active) = active.as_mut() else {
+        let zeroes = common.avail_features() & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0;
+        let Some(active) = common.activation_mut() else {
             return;
         };
+        let queue = &mut active.queues[REQUEST_QUEUE];
         let mut ctx = request::Context {
             disk: disk.as_mut(),
             capacity: *capacity,
             id,
-            zeroes: *avail_features & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            zeroes,
             buf,
             bytes: 0,
         };
@@ -320,19 +309,19 @@ impl Block {
         let mut handled = 0usize;
         let mut more = false;
         loop {
-            if let Err(e) = active.queue.disable_notification(mem) {
+            if let Err(e) = queue.disable_notification(mem) {
                 crate::warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
                 break;
             }
             let before = handled;
             while handled < REQUEST_BUDGET && ctx.bytes < *byte_budget {
-                let Some(chain) = active.queue.pop_descriptor_chain(mem) else {
+                let Some(chain) = queue.pop_descriptor_chain(mem) else {
                     break;
                 };
                 let head = chain.head_index();
                 let len = request::process(&mut ctx, mem, chain);
                 handled += 1;
-                if let Err(e) = active.queue.add_used(mem, head, len) {
+                if let Err(e) = queue.add_used(mem, head, len) {
                     crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
                 }
             }
@@ -342,7 +331,7 @@ impl Block {
                 more = true;
                 break;
             }
-            match active.queue.enable_notification(mem) {
+            match queue.enable_notification(mem) {
                 // New requests arrived; go again unless the ring is broken
                 // (available entries that cannot be popped).
                 Ok(true) if handled > before => {}
@@ -360,15 +349,10 @@ impl Block {
             }
         }
         if handled > 0 {
-            // On a read error of used_event, interrupt anyway.
-            if active.queue.needs_notification(mem).unwrap_or(true) {
-                if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(0)) {
-                    crate::error_ratelimited!("virtio-blk: cannot raise interrupt: {e}");
-                }
-            }
+            active.signal_used_queue(REQUEST_QUEUE);
         }
         if more {
-            events.kick(0);
+            common.kick(REQUEST_QUEUE);
         }
     }
 }
@@ -403,79 +387,29 @@ fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
     c
 }
 
+/// Nothing in the configuration space is writable (no `CONFIG_WCE`): the
+/// default `write_config`.
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        device_type::BLOCK
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE]
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| self.config.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        // Nothing in our configuration space is writable (no CONFIG_WCE).
-        crate::debug_ratelimited!("virtio-blk: config write at {offset:#x} ignored");
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), &queues, &queue_evts, 1)?;
-        let Some(mut queue) = queues.into_iter().next() else {
-            return Err(ActivateError::QueueNotReady(0));
-        };
-        queue.set_event_idx(self.acked_features & bit(VIRTIO_RING_F_EVENT_IDX) != 0);
-        self.events
-            .activate(queue_evts)
-            .map_err(ActivateError::EventFd)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) -> bool {
-        self.active = None;
-        self.events.deactivate();
-        self.acked_features = 0;
-        true
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 }
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        self.events.init(ops);
+        self.common.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.events.is_control(&events) {
-            self.events.sync(ops);
-        } else if self.events.queue_index(events.fd()).is_some() {
+        if let DeviceEvent::Queue(REQUEST_QUEUE) = self.common.event(&events, ops) {
             self.process_queue();
         }
     }

@@ -2,7 +2,7 @@
 //! guest memory, over temporary image files.
 
 use std::io::Write;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_blk::{
@@ -13,7 +13,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Bytes, GuestAddress};
-use vmm_sys_util::eventfd::EFD_NONBLOCK;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
@@ -21,6 +21,8 @@ use crate::bus::BusDevice;
 use crate::virtio::mmio::{MmioTransport, INT_VRING};
 use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
+use crate::virtio::{ActivateError, InterruptKind, Queue, VirtioInterrupt};
+use vm_memory::GuestMemoryMmap;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;
@@ -297,7 +299,7 @@ fn byte_budget_yields_and_rekicks() {
     let tmp = TempFile::new().unwrap();
     tmp.as_file().write_all(&pattern(1 << 20)).unwrap();
     let mut d = Driver::new(&mem, config(&tmp, true, false));
-    let kicked = |d: &Driver<'_>| d.block.events.active[0].read().is_ok();
+    let kicked = |d: &Driver<'_>| d.block.common.take_kick(0);
     assert_eq!(d.block.byte_budget, BYTE_BUDGET);
     d.block.byte_budget = 2 * u64::from(SIZE_MAX) - 512;
     for i in 0..5 {

@@ -28,18 +28,14 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
-use super::{
-    check_activation, device_type, ActivateError, InterruptKind, QueueEvents, VirtioDevice,
-    VirtioInterrupt,
-};
+use super::{device_type, DeviceEvent, VirtioCommon, VirtioDevice};
 
 /// Index of the receive queue (host → guest).
 pub const RX_QUEUE: usize = 0;
@@ -61,26 +57,15 @@ const BOUNCE_LEN: usize = 64 * 1024;
 /// Where transmitted bytes go.
 pub type ConsoleOut = Box<dyn Write + Send>;
 
-/// State that exists only while the driver has the device activated.
-struct Active {
-    mem: GuestMemoryMmap,
-    interrupt: Arc<dyn VirtioInterrupt>,
-    rx: Queue,
-    tx: Queue,
-}
-
-/// A single-port virtio-console. Share it as `Arc<Mutex<Console>>` between
-/// a transport (as [`VirtioDevice`]) and the event loop (as
-/// [`MutEventSubscriber`]).
+/// A single-port virtio-console: one object that is both the transport's
+/// [`VirtioDevice`] and the event loop's subscriber.
 pub struct Console {
+    common: VirtioCommon,
     out: ConsoleOut,
     out_failed: bool,
     input: VecDeque<u8>,
     input_ready: EventFd,
     input_waiting: bool,
-    acked_features: u64,
-    events: QueueEvents,
-    active: Option<Active>,
     buf: Vec<u8>,
 }
 
@@ -88,7 +73,7 @@ impl std::fmt::Debug for Console {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Console")
             .field("pending_input", &self.input.len())
-            .field("active", &self.active.is_some())
+            .field("active", &self.common.is_activated())
             .finish()
     }
 }
@@ -97,21 +82,24 @@ impl Console {
     /// A console whose output goes to `out`.
     pub fn new(out: ConsoleOut) -> io::Result<Self> {
         Ok(Self {
+            common: VirtioCommon::new(
+                "virtio-console",
+                device_type::CONSOLE,
+                bit(VIRTIO_F_VERSION_1),
+                &[QUEUE_SIZE, QUEUE_SIZE],
+            )?,
             out,
             out_failed: false,
             input: VecDeque::new(),
             input_ready: crate::eventfd()?,
             input_waiting: false,
-            acked_features: 0,
-            events: QueueEvents::new()?,
-            active: None,
             buf: vec![0; BOUNCE_LEN],
         })
     }
 
     /// Whether the driver has activated the device.
     pub fn is_activated(&self) -> bool {
-        self.active.is_some()
+        self.common.is_activated()
     }
 
     /// Input bytes not yet delivered to the guest.
@@ -136,29 +124,30 @@ impl Console {
 
     /// Moves pending input into the receive buffers the driver posted.
     fn process_rx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.activation_mut() else {
             return;
         };
         let mem = &active.mem;
+        let rx = &mut active.queues[RX_QUEUE];
         let mut used = 0usize;
         while !self.input.is_empty() && used < CHAIN_BUDGET {
-            let Some(chain) = active.rx.pop_descriptor_chain(mem) else {
+            let Some(chain) = rx.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
             let len = fill_rx_chain(mem, chain, &mut self.input);
             used += 1;
-            if let Err(e) = active.rx.add_used(mem, head, len) {
+            if let Err(e) = rx.add_used(mem, head, len) {
                 crate::warn_ratelimited!(
                     "virtio-console: cannot return receive buffer {head}: {e}"
                 );
             }
         }
         if used > 0 {
-            notify(&mut active.rx, mem, active.interrupt.as_ref(), RX_QUEUE);
+            active.signal_used_queue(RX_QUEUE);
         }
         if !self.input.is_empty() && used >= CHAIN_BUDGET {
-            self.events.kick(RX_QUEUE);
+            self.common.kick(RX_QUEUE);
         }
         if self.input_waiting && self.input.len() < INPUT_LOW_WATER {
             self.input_waiting = false;
@@ -170,13 +159,14 @@ impl Console {
 
     /// Drains the transmit queue into the output.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        let Some(active) = self.common.activation_mut() else {
             return;
         };
         let mem = &active.mem;
+        let tx = &mut active.queues[TX_QUEUE];
         let mut used = 0usize;
         while used < CHAIN_BUDGET {
-            let Some(chain) = active.tx.pop_descriptor_chain(mem) else {
+            let Some(chain) = tx.pop_descriptor_chain(mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -189,7 +179,7 @@ impl Console {
             );
             used += 1;
             // The device writes nothing into transmit buffers.
-            if let Err(e) = active.tx.add_used(mem, head, 0) {
+            if let Err(e) = tx.add_used(mem, head, 0) {
                 crate::warn_ratelimited!(
                     "virtio-console: cannot return transmit buffer {head}: {e}"
                 );
@@ -202,19 +192,10 @@ impl Console {
                     self.out_failed = true;
                 }
             }
-            notify(&mut active.tx, mem, active.interrupt.as_ref(), TX_QUEUE);
+            active.signal_used_queue(TX_QUEUE);
         }
         if used >= CHAIN_BUDGET {
-            self.events.kick(TX_QUEUE);
-        }
-    }
-}
-
-fn notify(queue: &mut Queue, mem: &GuestMemoryMmap, irq: &dyn VirtioInterrupt, index: usize) {
-    // On a read error of the ring flags, interrupt anyway.
-    if queue.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = irq.trigger(InterruptKind::Queue(index as u16)) {
-            crate::error_ratelimited!("virtio-console: cannot raise interrupt: {e}");
+            self.common.kick(TX_QUEUE);
         }
     }
 }
@@ -307,81 +288,29 @@ fn drain_tx_chain(
     }
 }
 
+/// The configuration space (`struct virtio_console_config`: cols, rows,
+/// max_nr_ports, emerg_wr) reads as zero: no feature that uses it is
+/// offered. Nothing else differs from the common behaviour.
 impl VirtioDevice for Console {
-    fn device_type(&self) -> u32 {
-        device_type::CONSOLE
+    fn common(&self) -> &VirtioCommon {
+        &self.common
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn avail_features(&self) -> u64 {
-        bit(VIRTIO_F_VERSION_1)
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // `struct virtio_console_config` (cols, rows, max_nr_ports,
-        // emerg_wr) is all zero: no feature that uses it is offered.
-        let _ = offset;
-        data.fill(0);
-    }
-
-    fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        crate::debug_ratelimited!("virtio-console: config write at {offset:#x} ignored");
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        interrupt: Arc<dyn VirtioInterrupt>,
-        queues: Vec<Queue>,
-        queue_evts: Vec<EventFd>,
-    ) -> Result<(), ActivateError> {
-        check_activation(self.active.is_some(), &queues, &queue_evts, 2)?;
-        let mut it = queues.into_iter();
-        let (Some(rx), Some(tx)) = (it.next(), it.next()) else {
-            return Err(ActivateError::QueueNotReady(0));
-        };
-        self.events
-            .activate(queue_evts)
-            .map_err(ActivateError::EventFd)?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            rx,
-            tx,
-        });
-        Ok(())
-    }
-
-    fn reset(&mut self) -> bool {
-        self.active = None;
-        self.events.deactivate();
-        self.acked_features = 0;
-        true
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
     }
 }
 
 impl MutEventSubscriber for Console {
     fn init(&mut self, ops: &mut EventOps) {
-        self.events.init(ops);
+        self.common.init(ops);
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.events.is_control(&events) {
-            self.events.sync(ops);
+        match self.common.event(&events, ops) {
             // Input may have been queued before the driver was ready.
-            self.process_rx();
-            return;
-        }
-        match self.events.queue_index(events.fd()) {
-            Some(RX_QUEUE) => self.process_rx(),
-            Some(TX_QUEUE) => self.process_tx(),
+            DeviceEvent::Activated | DeviceEvent::Queue(RX_QUEUE) => self.process_rx(),
+            DeviceEvent::Queue(TX_QUEUE) => self.process_tx(),
             _ => {}
         }
     }

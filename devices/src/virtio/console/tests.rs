@@ -9,6 +9,8 @@ use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::*;
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
+use crate::virtio::{ActivateError, InterruptKind, Queue};
+use vm_memory::GuestMemoryMmap;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;

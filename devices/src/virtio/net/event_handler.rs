@@ -1,0 +1,89 @@
+//! The event-loop side: which events the backend's descriptor is polled
+//! for and what each event means.
+
+use std::io;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use super::{Net, RX_QUEUE, TX_QUEUE};
+use crate::virtio::{DeviceEvent, VirtioCommon};
+
+/// The device's tag for the backend's descriptor.
+const BACKEND: u32 = 0;
+
+impl Net {
+    /// What the backend's fd should be polled for now.
+    pub(super) fn wanted_backend_events(&self) -> EventSet {
+        let mut set = EventSet::empty();
+        if !self.common.is_activated() || !self.link_up {
+            return set;
+        }
+        if !self.rx.has_frame() {
+            set |= EventSet::IN;
+        }
+        if self.tx_blocked || self.backend.has_pending_output() {
+            set |= EventSet::OUT;
+        }
+        set
+    }
+
+    /// Brings the backend's event-loop registration in line with
+    /// [`Self::wanted_backend_events`].
+    fn update_backend_registration(&mut self, ops: &mut EventOps) {
+        let want = self.wanted_backend_events();
+        let fd = self.backend.raw_fd();
+        let result = match (self.registered, want.is_empty()) {
+            (Some(cur), false) if cur == want => return,
+            (None, true) => return,
+            (Some(_), false) => ops.modify(VirtioCommon::device_events(fd, BACKEND, want)),
+            (None, false) => ops.add(VirtioCommon::device_events(fd, BACKEND, want)),
+            (Some(_), true) => ops.remove(Events::empty_raw(fd)),
+        };
+        match result {
+            Ok(()) => self.registered = (!want.is_empty()).then_some(want),
+            Err(e) => crate::error_ratelimited!(
+                "virtio-net: cannot update event registration of {}: {e}",
+                self.backend.describe()
+            ),
+        }
+    }
+
+    pub(super) fn process_backend(&mut self, set: EventSet) {
+        if set.intersects(EventSet::OUT) {
+            match self.backend.flush() {
+                Ok(true) => self.process_tx(),
+                Ok(false) => {}
+                Err(e) => self.link_failed(&e),
+            }
+        }
+        if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
+            self.process_rx();
+        }
+        if set.intersects(EventSet::ERROR | EventSet::HANG_UP)
+            && self.link_up
+            && !self.rx.has_frame()
+        {
+            // Nothing to read although the descriptor reports an error.
+            self.link_failed(&io::Error::other(
+                "the descriptor reports an error or hang-up",
+            ));
+        }
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.common.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match self.common.event(&events, ops) {
+            // Frames may have queued up before activation.
+            DeviceEvent::Activated | DeviceEvent::Queue(RX_QUEUE) => self.process_rx(),
+            DeviceEvent::Queue(TX_QUEUE) => self.process_tx(),
+            DeviceEvent::Device { tag: BACKEND, set } => self.process_backend(set),
+            _ => {}
+        }
+        self.update_backend_registration(ops);
+    }
+}

@@ -1,0 +1,250 @@
+//! The transmit queue: frames from the guest's buffers to the backend.
+//!
+//! [`Transmit`] is the queue algorithm of one event: rounds of draining
+//! the ring (flush what the backend holds, pop a chain, check and copy the
+//! frame, send it, return the chain), each ending with notifications
+//! re-enabled and the ring found empty. [`Net::process_tx`] runs it and
+//! does what is left to the device: the interrupt, re-signalling the
+//! queue, a paused backend, a link failure.
+
+use std::io;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
+
+use super::{
+    is_fatal, Net, NetBackend, NetStats, SendStatus, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,
+    MIN_FRAME_LEN, TX_QUEUE, VNET_HDR_LEN,
+};
+use crate::virtio::device::avail_ring_broken;
+
+/// Why a transmit run stopped.
+enum TxStop {
+    /// The ring is empty and notifications are enabled again (or they
+    /// cannot be, or the ring is broken: the queue stalls).
+    Idle,
+    /// The backend is full; the chain stays in the ring.
+    BackendFull,
+    /// The budget is spent with chains left.
+    Budget,
+    /// The backend failed for good.
+    Fatal(io::Error),
+}
+
+/// The transmit queue algorithm over one event, with what it borrows from
+/// the device.
+struct Transmit<'a> {
+    mem: &'a GuestMemoryMmap,
+    queue: &'a mut Queue,
+    backend: &'a mut dyn NetBackend,
+    buf: &'a mut [u8],
+    stats: &'a mut NetStats,
+    /// Frames are sent only while the link is up (else dropped).
+    link_up: bool,
+    /// Chains returned to the used ring in this event.
+    returned: usize,
+}
+
+impl Net {
+    /// Sends the frames in the transmit queue.
+    ///
+    /// Stops when the ring is empty (with notifications re-enabled and the
+    /// ring checked once more, so a chain added meanwhile is not missed),
+    /// when the backend is full (the chain stays in the ring; the
+    /// backend's fd is polled for `OUT` and this runs again when it is
+    /// writable) or when the budget is spent (the queue is re-signalled).
+    pub(super) fn process_tx(&mut self) {
+        let Some(active) = self.common.activation_mut() else {
+            return;
+        };
+        self.tx_blocked = false;
+        let mut run = Transmit {
+            mem: &active.mem,
+            queue: &mut active.queues[TX_QUEUE],
+            backend: self.backend.as_mut(),
+            buf: &mut self.tx_buf,
+            stats: &mut self.stats,
+            link_up: self.link_up,
+            returned: 0,
+        };
+        let stop = run.run();
+        if run.returned > 0 {
+            active.signal_used_queue(TX_QUEUE);
+        }
+        match stop {
+            TxStop::Idle => {}
+            TxStop::BackendFull => {
+                self.tx_blocked = true;
+                self.stats.tx_full += 1;
+            }
+            TxStop::Budget => {
+                self.stats.budget_yields += 1;
+                self.common.kick(TX_QUEUE);
+            }
+            TxStop::Fatal(e) => {
+                self.link_failed(&e);
+                // Keep draining: the guest must get its buffers back.
+                self.common.kick(TX_QUEUE);
+            }
+        }
+    }
+}
+
+impl Transmit<'_> {
+    /// Drains the ring in rounds. A ring that keeps claiming chains it does
+    /// not yield is retried a bounded number of times (and then through
+    /// the queue's eventfd).
+    fn run(&mut self) -> TxStop {
+        for _ in 0..FRAME_BUDGET {
+            if let Err(e) = self.queue.disable_notification(self.mem) {
+                crate::warn_ratelimited!("virtio-net: cannot disable notifications: {e}");
+                return TxStop::Idle;
+            }
+            let next_avail = self.queue.next_avail();
+            if let Some(stop) = self.drain() {
+                return stop;
+            }
+            match self.queue.enable_notification(self.mem) {
+                Ok(false) => return TxStop::Idle,
+                Ok(true) if avail_ring_broken(self.queue, self.mem, next_avail) => {
+                    crate::warn_ratelimited!("virtio-net: queue {TX_QUEUE}: the driver's available index is out of range; queue stalled");
+                    return TxStop::Idle;
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    crate::warn_ratelimited!("virtio-net: cannot enable notifications: {e}");
+                    return TxStop::Idle;
+                }
+            }
+        }
+        TxStop::Budget
+    }
+
+    /// Sends chains until the ring is empty (`None`) or transmission has
+    /// to stop.
+    fn drain(&mut self) -> Option<TxStop> {
+        loop {
+            if self.returned >= FRAME_BUDGET {
+                return Some(TxStop::Budget);
+            }
+            if let Some(stop) = self.flush_backend() {
+                return Some(stop);
+            }
+            let chain = self.queue.pop_descriptor_chain(self.mem)?;
+            let head = chain.head_index();
+            let frame = self.read_frame(chain);
+            let mut fatal = None;
+            if let (Some(len), true) = (frame, self.link_up) {
+                match self.send(len) {
+                    Ok(()) => {}
+                    Err(TxStop::Fatal(e)) => fatal = Some(e),
+                    Err(stop) => {
+                        self.queue.go_to_previous_position();
+                        return Some(stop);
+                    }
+                }
+            }
+            if let Err(e) = self.queue.add_used(self.mem, head, 0) {
+                crate::warn_ratelimited!("virtio-net: cannot return descriptor {head}: {e}");
+            }
+            self.returned += 1;
+            if let Some(e) = fatal {
+                return Some(TxStop::Fatal(e));
+            }
+        }
+    }
+
+    /// Pushes out what the backend still holds from an earlier frame;
+    /// returns why transmission has to stop, if it has.
+    fn flush_backend(&mut self) -> Option<TxStop> {
+        if !self.link_up || !self.backend.has_pending_output() {
+            return None;
+        }
+        match self.backend.flush() {
+            Ok(true) => None,
+            Ok(false) => Some(TxStop::BackendFull),
+            Err(e) => Some(TxStop::Fatal(e)),
+        }
+    }
+
+    /// Copies the frame of `chain` into the buffer; returns its length, or
+    /// `None` for a chain that is returned unsent.
+    fn read_frame(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) -> Option<usize> {
+        match read_tx_frame(self.mem, chain, self.buf) {
+            Ok(len) => Some(len),
+            Err(why) => {
+                self.stats.tx_dropped += 1;
+                crate::warn_ratelimited!(
+                    "virtio-net: dropped a transmit chain: {why} ({} dropped so far)",
+                    self.stats.tx_dropped
+                );
+                None
+            }
+        }
+    }
+
+    /// Sends the `len`-byte frame in the buffer. A frame the backend
+    /// refuses for now is `Err(BackendFull)`; one it refuses once is
+    /// dropped.
+    fn send(&mut self, len: usize) -> Result<(), TxStop> {
+        match self.backend.send(&self.buf[..len]) {
+            Ok(SendStatus::Sent) => {
+                self.stats.tx_frames += 1;
+                self.stats.tx_bytes += len as u64;
+                Ok(())
+            }
+            Ok(SendStatus::Full) => Err(TxStop::BackendFull),
+            Err(e) if is_fatal(&e) => Err(TxStop::Fatal(e)),
+            Err(e) => {
+                self.stats.tx_dropped += 1;
+                crate::warn_ratelimited!(
+                    "virtio-net: {} refused a frame: {e} ({} dropped so far)",
+                    self.backend.describe(),
+                    self.stats.tx_dropped
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Copies a transmit chain into `buf`; returns the length (header
+/// included) or why the chain is unusable.
+fn read_tx_frame(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> Result<usize, &'static str> {
+    let mut len = 0usize;
+    let mut last_has_next = false;
+    for (count, d) in chain.enumerate() {
+        if count >= MAX_CHAIN_DESCRIPTORS {
+            return Err("too many descriptors");
+        }
+        last_has_next = d.has_next();
+        if d.is_write_only() {
+            return Err("device-writable descriptor in a transmit chain");
+        }
+        let dlen = d.len() as usize;
+        let end = len
+            .checked_add(dlen)
+            .filter(|&e| e <= buf.len())
+            .ok_or("frame larger than the maximum")?;
+        if !GuestMemory::check_range(mem, d.addr(), dlen, Permissions::Read) {
+            return Err("buffer outside guest memory");
+        }
+        vm_memory::Bytes::read_slice(mem, &mut buf[len..end], d.addr())
+            .map_err(|_| "buffer outside guest memory")?;
+        len = end;
+    }
+    if last_has_next {
+        return Err("chain cut short (loop, bad index or bad memory)");
+    }
+    if len < VNET_HDR_LEN {
+        return Err("shorter than the virtio-net header");
+    }
+    if len < VNET_HDR_LEN + MIN_FRAME_LEN {
+        return Err("shorter than an Ethernet header");
+    }
+    Ok(len)
+}
