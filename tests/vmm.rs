@@ -926,9 +926,6 @@ fn detached_logs_are_capped() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // Long enough for several rate-limit intervals of warnings (about
-    // 2 KiB of vmm.log) and many KiB of console output.
-    std::thread::sleep(std::time::Duration::from_secs(12));
     let ls = capsule_env(&["ls", "--json"], &[]);
     let ls = String::from_utf8_lossy(&ls.stdout).into_owned();
     let list: serde_json::Value = serde_json::from_str(&ls).expect("ls --json");
@@ -939,6 +936,16 @@ fn detached_logs_are_capped() {
         .map(PathBuf::from)
         .unwrap_or_else(|| panic!("{name} not in ls: {ls}"));
     let size = |f: &str| std::fs::metadata(vm_dir.join(f)).map(|m| m.len()).ok();
+    // Wait until both logs have rotated at least once (several rate-limit
+    // intervals of warnings, many KiB of console output: about 6 s on an
+    // idle machine), however slow a loaded machine runs the guest.
+    let t = std::time::Instant::now();
+    while (size("console.log.1").is_none() || size("vmm.log.1").is_none())
+        && t.elapsed() < std::time::Duration::from_secs(90)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
     let sizes: Vec<_> = ["console.log", "console.log.1", "vmm.log", "vmm.log.1"]
         .iter()
         .map(|f| (*f, size(f)))
