@@ -86,32 +86,34 @@ impl Vmm {
         self.pause.set_requested(true);
         let total = self.vcpus.iter().filter(|v| !v.is_finished()).count();
         let vcpus = &self.vcpus;
-        if self.pause.wait_parked(
-            PAUSE_TIMEOUT,
+        self.wait_parked(
+            total,
             |parked| parked >= total,
             || vcpus.iter().for_each(VcpuHandle::kick),
-        ) {
-            log::info!("VM paused ({total} vCPUs parked)");
-            Ok(())
-        } else {
-            Err(PauseError::Timeout {
-                parked: self.pause.parked(),
-                total,
-                timeout: PAUSE_TIMEOUT,
-            })
-        }
+        )?;
+        log::info!("VM paused ({total} vCPUs parked)");
+        Ok(())
     }
 
     /// Resumes a paused VM; returns once every vCPU has left the parked
     /// state (is about to enter `KVM_RUN`).
     pub fn resume(&mut self) -> std::result::Result<(), PauseError> {
         self.pause.set_requested(false);
-        let total = self.vcpus.len();
-        if self
-            .pause
-            .wait_parked(PAUSE_TIMEOUT, |parked| parked == 0, || {})
-        {
-            log::info!("VM resumed");
+        self.wait_parked(self.vcpus.len(), |parked| parked == 0, || {})?;
+        log::info!("VM resumed");
+        Ok(())
+    }
+
+    /// Waits up to [`PAUSE_TIMEOUT`] until `cond(parked vCPUs)` holds,
+    /// calling `kick` meanwhile; a time-out reports how many of `total`
+    /// vCPUs were parked.
+    fn wait_parked(
+        &self,
+        total: usize,
+        cond: impl Fn(usize) -> bool,
+        kick: impl FnMut(),
+    ) -> std::result::Result<(), PauseError> {
+        if self.pause.wait_parked(PAUSE_TIMEOUT, cond, kick) {
             Ok(())
         } else {
             Err(PauseError::Timeout {

@@ -282,15 +282,21 @@ mod tests {
             eprintln!("skipped: this kernel has no transparent huge pages");
             return;
         }
+        let vma = vm_flags(addr);
+        assert!(vma.split_whitespace().any(|f| f == "hg"), "{vma}");
+    }
+
+    /// The `VmFlags:` line of the mapping that starts at host address
+    /// `addr`, from /proc/self/smaps (each VMA's block starts with its
+    /// address range and ends with that line).
+    fn vm_flags(addr: usize) -> String {
         let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        // Each VMA's block starts with its address range and ends with
-        // its VmFlags line.
-        let vma = smaps
+        smaps
             .lines()
             .skip_while(|l| !l.starts_with(&format!("{addr:x}-")))
             .find(|l| l.starts_with("VmFlags:"))
-            .expect("the mapping is in smaps");
-        assert!(vma.split_whitespace().any(|f| f == "hg"), "{vma}");
+            .expect("the mapping is in smaps")
+            .to_string()
     }
 
     /// Guest RAM is left out of core dumps (`dd` in its VmFlags).
@@ -298,12 +304,7 @@ mod tests {
     fn memory_is_excluded_from_core_dumps() {
         let ram = GuestRam::new(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let addr = host_addr(&ram, 0);
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        let vma = smaps
-            .lines()
-            .skip_while(|l| !l.starts_with(&format!("{addr:x}-")))
-            .find(|l| l.starts_with("VmFlags:"))
-            .expect("the mapping is in smaps");
+        let vma = vm_flags(addr);
         assert!(vma.split_whitespace().any(|f| f == "dd"), "{vma}");
     }
 
