@@ -1,0 +1,67 @@
+//! Shared pieces of capsule's fuzz targets.
+//!
+//! [`Input`] reads fuzzer bytes as numbers without ever failing (missing
+//! bytes read as zero), so every input is a valid test case and the fuzzer
+//! spends no time on framing. [`virtio`] runs a device the way the VMM
+//! does: behind a virtio-mmio transport, programmed through its registers,
+//! over guest memory the fuzzer filled, with queue work done by the event
+//! loop.
+
+pub mod virtio;
+
+/// A cursor over fuzzer bytes; reads past the end yield zeroes.
+pub struct Input<'a> {
+    data: &'a [u8],
+}
+
+impl<'a> Input<'a> {
+    /// A cursor at the start of `data`.
+    pub fn new(data: &'a [u8]) -> Self {
+        Self { data }
+    }
+
+    /// Takes up to `n` bytes (fewer at the end of the input).
+    pub fn bytes(&mut self, n: usize) -> &'a [u8] {
+        let n = n.min(self.data.len());
+        let (head, tail) = self.data.split_at(n);
+        self.data = tail;
+        head
+    }
+
+    /// Takes everything that is left.
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.data)
+    }
+
+    /// Whether the input is used up.
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut out = [0u8; N];
+        let b = self.bytes(N);
+        out[..b.len()].copy_from_slice(b);
+        out
+    }
+
+    /// A byte.
+    pub fn u8(&mut self) -> u8 {
+        self.array::<1>()[0]
+    }
+
+    /// A little-endian u16.
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.array())
+    }
+
+    /// A little-endian u32.
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.array())
+    }
+
+    /// A little-endian u64.
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.array())
+    }
+}

@@ -1,0 +1,413 @@
+//! A virtio device as the VMM runs it, for fuzzing.
+//!
+//! [`Rig`] puts a device behind a [`MmioTransport`] over a small guest
+//! memory whose bytes come from the fuzzer, adds it to an event loop, and
+//! lets a target program the transport through its registers and kick
+//! queues. Everything the device reads from the guest (descriptor tables,
+//! rings, request headers, frames) is therefore fuzzer data, reached
+//! through the same code path a guest reaches.
+//!
+//! Layout used by [`Rig::set_up_driver`]: queue `i` has its descriptor
+//! table at `i * 0x400`, its available ring at `+0x100` and its used ring
+//! at `+0x200`, [`QUEUE_SIZE`] entries each; the rest of memory is for
+//! buffers. The fuzzer's memory image starts at address 0, so its first
+//! bytes are queue 0's descriptors.
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::BusDevice;
+use devices::virtio::block::{Block, DiskImage, ID_BYTES};
+use devices::virtio::console::Console;
+use devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
+use devices::virtio::net::{Net, NetBackend, SendStatus};
+use devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+use devices::virtio::VirtioDevice;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::Input;
+
+/// Guest memory size: small, so fuzzer-chosen addresses often land in it.
+pub const MEM_SIZE: usize = 0x1_0000;
+/// Queue size the driver programs (devices offer more).
+pub const QUEUE_SIZE: u16 = 16;
+/// Size of the in-memory disk behind virtio-blk.
+pub const DISK_LEN: usize = 64 * 1024;
+/// Event-loop rounds after each notification; enough for activation,
+/// the queue event and the re-kicks a budget-limited device gives itself.
+const EVENT_ROUNDS: usize = 16;
+
+/// virtio-mmio register offsets (virtio 1.2 §4.2.2).
+pub mod reg {
+    pub const DEVICE_FEATURES_SEL: u64 = 0x14;
+    pub const DRIVER_FEATURES: u64 = 0x20;
+    pub const DRIVER_FEATURES_SEL: u64 = 0x24;
+    pub const QUEUE_SEL: u64 = 0x30;
+    pub const QUEUE_NUM: u64 = 0x38;
+    pub const QUEUE_READY: u64 = 0x44;
+    pub const INTERRUPT_ACK: u64 = 0x64;
+    pub const STATUS: u64 = 0x70;
+    pub const QUEUE_DESC_LOW: u64 = 0x80;
+    pub const QUEUE_DESC_HIGH: u64 = 0x84;
+    pub const QUEUE_AVAIL_LOW: u64 = 0x90;
+    pub const QUEUE_AVAIL_HIGH: u64 = 0x94;
+    pub const QUEUE_USED_LOW: u64 = 0xa0;
+    pub const QUEUE_USED_HIGH: u64 = 0xa4;
+}
+
+/// Which device sits behind the transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// virtio-blk over an in-memory disk.
+    Block,
+    /// virtio-net over a scripted backend.
+    Net,
+    /// virtio-console writing to a sink.
+    Console,
+}
+
+impl Kind {
+    /// A kind chosen by a fuzzer byte.
+    pub fn from_byte(b: u8) -> Self {
+        match b % 3 {
+            0 => Kind::Block,
+            1 => Kind::Net,
+            _ => Kind::Console,
+        }
+    }
+
+    /// How many queues the device has.
+    pub fn queues(self) -> u32 {
+        match self {
+            Kind::Block => 1,
+            Kind::Net | Kind::Console => 2,
+        }
+    }
+}
+
+/// Queue `i`'s (descriptor table, available ring, used ring) addresses.
+pub fn queue_layout(i: u32) -> (u64, u64, u64) {
+    let base = u64::from(i) * 0x400;
+    (base, base + 0x100, base + 0x200)
+}
+
+/// A disk image in memory; `fail` makes every I/O call fail, so the
+/// device's error paths are fuzzed too.
+struct MemDisk {
+    data: Vec<u8>,
+    read_only: bool,
+    fail: bool,
+}
+
+impl MemDisk {
+    fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        if self.fail {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let start = usize::try_from(offset).map_err(|_| io::Error::other("offset"))?;
+        // The device must keep requests inside the disk (the trait's
+        // contract); one that gets here out of range is a device bug.
+        match start.checked_add(len) {
+            Some(end) if end <= self.data.len() => Ok(start..end),
+            _ => panic!(
+                "disk access {start:#x}+{len:#x} beyond {:#x}",
+                self.data.len()
+            ),
+        }
+    }
+}
+
+impl DiskImage for MemDisk {
+    fn len(&self) -> u64 {
+        self.data.len() as u64
+    }
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let r = self.range(offset, buf.len())?;
+        buf.copy_from_slice(&self.data[r]);
+        Ok(())
+    }
+    fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        assert!(!self.read_only, "write reached a read-only disk");
+        let r = self.range(offset, buf.len())?;
+        self.data[r].copy_from_slice(buf);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.range(0, 0).map(|_| ())
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
+        assert!(!self.read_only, "zeroes reached a read-only disk");
+        let len = usize::try_from(len).map_err(|_| io::Error::other("len"))?;
+        let r = self.range(offset, len)?;
+        self.data[r].fill(0);
+        Ok(())
+    }
+}
+
+/// A network backend whose received frames and send outcomes are fuzzer
+/// data. Its descriptor is an eventfd that is always readable and
+/// writable, so the device asks it for frames whenever it may.
+pub struct ScriptedBackend {
+    evt: EventFd,
+    frames: VecDeque<Vec<u8>>,
+    outcomes: VecDeque<u8>,
+}
+
+impl ScriptedBackend {
+    /// A backend that delivers `frames` and answers sends by `outcomes`
+    /// (0: sent, 1: full, 2: transient error, 3: fatal error; sent once
+    /// they run out).
+    pub fn new(frames: VecDeque<Vec<u8>>, outcomes: VecDeque<u8>) -> Self {
+        let evt = EventFd::new(EFD_NONBLOCK).expect("eventfd");
+        evt.write(1).expect("eventfd write");
+        Self {
+            evt,
+            frames,
+            outcomes,
+        }
+    }
+}
+
+impl NetBackend for ScriptedBackend {
+    fn raw_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+    fn describe(&self) -> String {
+        "fuzz backend".into()
+    }
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match self.frames.pop_front() {
+            None => Ok(None),
+            Some(f) if f.len() == 1 && f[0] == 0xff => {
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            }
+            Some(f) => {
+                let n = f.len().min(buf.len());
+                buf[..n].copy_from_slice(&f[..n]);
+                Ok(Some(n))
+            }
+        }
+    }
+    fn send(&mut self, _frame: &[u8]) -> io::Result<SendStatus> {
+        match self.outcomes.pop_front().unwrap_or(0) % 4 {
+            1 => Ok(SendStatus::Full),
+            2 => Err(io::Error::from_raw_os_error(libc::ENOBUFS)),
+            3 => Err(io::Error::from(io::ErrorKind::BrokenPipe)),
+            _ => Ok(SendStatus::Sent),
+        }
+    }
+}
+
+/// Console output that fails when told to.
+struct FlakyOut {
+    fail: bool,
+}
+
+impl Write for FlakyOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.fail {
+            Err(io::Error::from(io::ErrorKind::BrokenPipe))
+        } else {
+            Ok(buf.len())
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A device behind its transport, in an event loop, over fuzzer memory.
+pub struct Rig {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The transport the guest programs.
+    pub transport: MmioTransport,
+    /// The VMM's event loop, with the device subscribed.
+    pub em: EventManager<Subscriber>,
+    /// The device's queue count.
+    pub queues: u32,
+    console: Option<Arc<Mutex<Console>>>,
+}
+
+impl Rig {
+    /// A `kind` device over memory holding `image` from address 0. Device
+    /// options are taken from `input`: a flags byte (block: bit 0
+    /// read-only, bit 1 failing disk; console: bit 0 failing output; net:
+    /// low 3 bits the number of frames to receive), then for net the
+    /// frames (`len: u16 | bytes`) and the send outcomes (`n: u8 | bytes`),
+    /// for the console the host input.
+    pub fn new(kind: Kind, input: &mut Input<'_>, image: &[u8]) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
+        let n = image.len().min(MEM_SIZE);
+        mem.write_slice(&image[..n], GuestAddress(0))
+            .expect("image");
+        let opts = input.u8();
+        let mut console = None;
+        let (device, sub): (Arc<Mutex<dyn VirtioDevice>>, Subscriber) = match kind {
+            Kind::Block => {
+                let disk = MemDisk {
+                    data: vec![0xa5; DISK_LEN],
+                    read_only: opts & 1 != 0,
+                    fail: opts & 2 != 0,
+                };
+                let d = Arc::new(Mutex::new(
+                    Block::with_disk(Box::new(disk), [b'f'; ID_BYTES]).expect("block"),
+                ));
+                (d.clone(), d)
+            }
+            Kind::Net => {
+                let mut frames = VecDeque::new();
+                for _ in 0..(opts % 8) {
+                    let len = usize::from(input.u16() % 2048);
+                    frames.push_back(input.bytes(len).to_vec());
+                }
+                let n = usize::from(input.u8() % 16);
+                let outcomes = input.bytes(n).to_vec();
+                let backend = ScriptedBackend::new(frames, outcomes.into());
+                let d = Arc::new(Mutex::new(
+                    Net::new(Box::new(backend), [2, 0, 0, 0, 0, 1]).expect("net"),
+                ));
+                (d.clone(), d)
+            }
+            Kind::Console => {
+                let c = Arc::new(Mutex::new(
+                    Console::new(Box::new(FlakyOut {
+                        fail: opts & 1 != 0,
+                    }))
+                    .expect("console"),
+                ));
+                c.lock().unwrap().queue_input(input.rest());
+                console = Some(c.clone());
+                (c.clone(), c)
+            }
+        };
+        let transport = MmioTransport::new(mem.clone(), device).expect("transport");
+        let mut em = EventManager::<Subscriber>::new().expect("event manager");
+        em.add_subscriber(sub);
+        Self {
+            mem,
+            transport,
+            em,
+            queues: kind.queues(),
+            console,
+        }
+    }
+
+    /// Writes a 32-bit register.
+    pub fn write(&mut self, offset: u64, value: u32) {
+        self.transport.write(offset, &value.to_le_bytes());
+    }
+
+    /// Reads a 32-bit register.
+    pub fn read(&mut self, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        self.transport.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Does what a driver does to bring the device up: status handshake,
+    /// the given feature words, every queue at [`queue_layout`], DRIVER_OK.
+    pub fn set_up_driver(&mut self, features: u64) {
+        self.write(reg::STATUS, ACKNOWLEDGE);
+        self.write(reg::STATUS, ACKNOWLEDGE | DRIVER);
+        self.write(reg::DEVICE_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES, features as u32);
+        self.write(reg::DRIVER_FEATURES_SEL, 1);
+        // VERSION_1 is mandatory over MMIO.
+        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32 | 1);
+        self.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        for q in 0..self.queues {
+            let (desc, avail, used) = queue_layout(q);
+            self.write(reg::QUEUE_SEL, q);
+            self.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+            self.write(reg::QUEUE_DESC_LOW, desc as u32);
+            self.write(reg::QUEUE_DESC_HIGH, 0);
+            self.write(reg::QUEUE_AVAIL_LOW, avail as u32);
+            self.write(reg::QUEUE_AVAIL_HIGH, 0);
+            self.write(reg::QUEUE_USED_LOW, used as u32);
+            self.write(reg::QUEUE_USED_HIGH, 0);
+            self.write(reg::QUEUE_READY, 1);
+        }
+        self.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        self.run_events();
+    }
+
+    /// Kicks queue `q` through the notify register and lets the event
+    /// loop run.
+    pub fn notify(&mut self, q: u32) {
+        self.write(NOTIFY_OFFSET, q);
+        self.run_events();
+    }
+
+    /// Hands host input to a console (ignored for other devices).
+    pub fn console_input(&mut self, data: &[u8]) {
+        if let Some(c) = &self.console {
+            c.lock().unwrap().queue_input(data);
+        }
+    }
+
+    /// Runs the event loop until it is idle (or [`EVENT_ROUNDS`] rounds).
+    pub fn run_events(&mut self) {
+        for _ in 0..EVENT_ROUNDS {
+            match self.em.run_with_timeout(0) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Overwrites guest memory at `addr` (a driver adding buffers between
+    /// notifications); what does not fit is dropped.
+    pub fn poke(&mut self, addr: u64, data: &[u8]) {
+        let addr = addr % MEM_SIZE as u64;
+        let room = MEM_SIZE - addr as usize;
+        let n = data.len().min(room);
+        self.mem
+            .write_slice(&data[..n], GuestAddress(addr))
+            .expect("poke inside memory");
+    }
+}
+
+/// The common shape of the per-device targets: device options, driver
+/// features, then rounds of (queue to kick, memory patch), the rest of the
+/// input being the initial memory image.
+///
+/// Input: `features: u64 | rounds: u8 | opts_len: u16 | opts | image`;
+/// `opts` is what [`Rig::new`] reads (device options, frames, input).
+pub fn run_device(kind: Kind, data: &[u8], kick: impl Fn(&mut Rig, u8)) {
+    let mut input = Input::new(data);
+    let features = input.u64();
+    let rounds = input.u8() % 4 + 1;
+    let opts_len = usize::from(input.u16() % 8192);
+    let mut opts = Input::new(input.bytes(opts_len));
+    let image = input.rest();
+    let mut rig = Rig::new(kind, &mut opts, image);
+    rig.set_up_driver(features);
+    for round in 0..rounds {
+        kick(&mut rig, round);
+        // Between kicks the driver recycles buffers: bump the available
+        // index of each queue so the same chains are offered again.
+        for q in 0..rig.queues {
+            let (_, avail, _) = queue_layout(q);
+            let idx: u16 = rig.mem.read_obj(GuestAddress(avail + 2)).unwrap_or(0);
+            let _ = rig.mem.write_obj(
+                idx.wrapping_add(u16::from(round) + 1),
+                GuestAddress(avail + 2),
+            );
+        }
+        rig.write(reg::INTERRUPT_ACK, 3);
+    }
+}
