@@ -21,5 +21,12 @@ export RUSTFLAGS="-Cpasses=sancov-module \
 bins=()
 for t in "$@"; do bins+=(--bin "$t"); done
 cd "$here"
+# fuzz/Cargo.lock is this crate's own (it is not a workspace member). When
+# capsule gains a dependency it falls behind; then let cargo add what is
+# missing, keeping every version it already pins, and say so.
+if ! cargo metadata --locked --format-version 1 >/dev/null 2>&1; then
+    echo "fuzz/build.sh: fuzz/Cargo.lock is behind capsule's dependencies; updating it (commit fuzz/Cargo.lock)" >&2
+    cargo metadata --format-version 1 >/dev/null
+fi
 nice -n 19 cargo build --release --locked --target "$triple" "${bins[@]}" >&2
 echo "$CARGO_TARGET_DIR/$triple/release"

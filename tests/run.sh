@@ -3,7 +3,8 @@
 #
 #  1. formatting and lints (cargo fmt --check, clippy -D warnings)
 #  2. unit tests and the VMM tests on /dev/kvm with tiny guests (cargo test)
-#  3. the boot tests with real Linux guests (tests/boot/run.sh), directly on
+#  3. a short run of every fuzz target (fuzz/run-all.sh; docs/fuzzing.md)
+#  4. the boot tests with real Linux guests (tests/boot/run.sh), directly on
 #     hardware KVM or inside the nested QEMU-TCG harness, chosen by itself
 #
 # Any failure stops the run with a non-zero status. Guest kernels and images
@@ -19,12 +20,20 @@ export CAPSULE_SKIP_DEPS=1
 
 step "cargo fmt --check"
 cargo fmt --all --check
+cargo fmt --manifest-path fuzz/Cargo.toml --check
 
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (unit tests, VMM tests on /dev/kvm)"
 cargo test --workspace --locked
+
+# Each target starts from its checked-in seeds, so a change that crashes on
+# one of them (or on what the fuzzer finds within seconds) fails here. The
+# fuzz build is its own (fuzz/build.sh: $CARGO_TARGET_DIR/fuzz, or
+# target/fuzz); cold it takes about 2 minutes of the 4 this step may use.
+step "fuzz smoke run (${CAPSULE_FUZZ_SECS:=12} s per target)"
+fuzz/run-all.sh "$CAPSULE_FUZZ_SECS"
 
 step "boot tests (real Linux guests)"
 tests/boot/run.sh
