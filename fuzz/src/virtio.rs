@@ -387,7 +387,8 @@ impl Rig {
 ///
 /// Input: `features: u64 | rounds: u8 | opts_len: u16 | opts | image`;
 /// `opts` is what [`Rig::new`] reads (device options, frames, input).
-pub fn run_device(kind: Kind, data: &[u8], kick: impl Fn(&mut Rig, u8)) {
+/// Returns the rig afterwards, for tests to look at.
+pub fn run_device(kind: Kind, data: &[u8], kick: impl Fn(&mut Rig, u8)) -> Rig {
     let mut input = Input::new(data);
     let features = input.u64();
     let rounds = input.u8() % 4 + 1;
@@ -409,5 +410,64 @@ pub fn run_device(kind: Kind, data: &[u8], kick: impl Fn(&mut Rig, u8)) {
             );
         }
         rig.write(reg::INTERRUPT_ACK, 3);
+    }
+    rig
+}
+
+#[cfg(test)]
+mod tests {
+    //! The harness must really drive the devices: a seed request has to
+    //! complete, or the fuzzer would only ever exercise the set-up.
+
+    use super::*;
+
+    fn seed(target: &str, name: &str) -> Vec<u8> {
+        let path = format!("{}/corpus/{target}/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn used_idx(rig: &Rig, q: u32) -> u16 {
+        rig.mem
+            .read_obj(GuestAddress(queue_layout(q).2 + 2))
+            .unwrap()
+    }
+
+    #[test]
+    fn block_read_seed_completes() {
+        let rig = run_device(Kind::Block, &seed("virtio_blk", "read"), |r, _| r.notify(0));
+        assert_eq!(used_idx(&rig, 0), 1);
+        let status: u8 = rig.mem.read_obj(GuestAddress(0x980)).unwrap();
+        assert_eq!(status, 0, "VIRTIO_BLK_S_OK");
+        let data: u8 = rig.mem.read_obj(GuestAddress(0x1000)).unwrap();
+        assert_eq!(data, 0xa5, "the disk's bytes");
+    }
+
+    #[test]
+    fn net_seeds_complete() {
+        let rig = run_device(Kind::Net, &seed("virtio_net_tx", "one-frame"), |r, _| {
+            r.notify(1)
+        });
+        assert_eq!(used_idx(&rig, 1), 1);
+        let rig = run_device(Kind::Net, &seed("virtio_net_rx", "one-buffer"), |r, _| {
+            r.notify(0)
+        });
+        assert_eq!(used_idx(&rig, 0), 1);
+    }
+
+    #[test]
+    fn console_seed_completes() {
+        let rig = run_device(
+            Kind::Console,
+            &seed("virtio_console", "tx-and-rx"),
+            |r, round| r.notify(u32::from(round % 2)),
+        );
+        // Two rounds: the receive kick, then the transmit kick, which
+        // finds the chain offered twice (the harness re-offers buffers
+        // between rounds).
+        assert_eq!(used_idx(&rig, 1), 2, "transmitted");
+        assert!(used_idx(&rig, 0) >= 1, "received");
+        let mut got = [0u8; 11];
+        rig.mem.read_slice(&mut got, GuestAddress(0xc00)).unwrap();
+        assert_eq!(&got, b"host input\n");
     }
 }
