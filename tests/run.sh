@@ -35,7 +35,9 @@ cargo test --workspace --locked
 # The harness's own tests first (a seed request must complete, or the
 # fuzzer would only exercise the set-up); built in the workspace's target
 # directory, whose debug artifacts they share.
+# fuzz/build.sh goes first: it also brings fuzz/Cargo.lock up to date.
 step "fuzz smoke run (${CAPSULE_FUZZ_SECS:=10} s per target)"
+fuzz/build.sh >/dev/null
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" cargo test --manifest-path fuzz/Cargo.toml --locked --lib
 fuzz/run-all.sh "$CAPSULE_FUZZ_SECS"
 
