@@ -271,7 +271,10 @@ mod tests {
         assert!(bind(&sub).unwrap_err().to_string().contains("a directory"));
         let link = d.join("link");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(bind(&link).unwrap_err().to_string().contains("symbolic link"));
+        assert!(bind(&link)
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic link"));
         // A live socket is in use; once its listener is gone it is stale.
         let sock = d.join("sock");
         let (live, f) = bind(&sock).unwrap();
