@@ -32,7 +32,7 @@ fn printing_guest() -> Vec<u8> {
     c.extend([0xb0, b'.', 0xee]); // mov al, '.'; out dx, al
     c.extend([0xb9, 0x00, 0x10, 0x00, 0x00]); // mov ecx, 0x1000
     c.extend([0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
-    let back = -(c.len() as i8 + 2);
+    let back = -(i8::try_from(c.len()).expect("a short loop") + 2);
     c.extend([0xeb, back as u8]); // jmp top
     elf(&c)
 }
@@ -183,10 +183,11 @@ struct Report {
 }
 
 impl Report {
-    fn percentile(&self, p: f64) -> Duration {
+    /// The `p`th percentile (nearest rank below).
+    fn percentile(&self, p: usize) -> Duration {
         let mut v = self.latencies.clone();
         v.sort();
-        v[((v.len() - 1) as f64 * p).round() as usize]
+        v[(v.len() - 1) * p / 100]
     }
 }
 
@@ -326,9 +327,9 @@ fn load(name: &str, total: usize, clients: usize) -> Report {
          {} attempts answered 429 (busy) and retried",
         report.malformed,
         elapsed.as_secs_f64(),
-        report.percentile(0.5).as_secs_f64() * 1e3,
-        report.percentile(0.99).as_secs_f64() * 1e3,
-        report.percentile(1.0).as_secs_f64() * 1e3,
+        report.percentile(50).as_secs_f64() * 1e3,
+        report.percentile(99).as_secs_f64() * 1e3,
+        report.percentile(100).as_secs_f64() * 1e3,
         report.busy
     );
     report

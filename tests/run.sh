@@ -31,14 +31,14 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 step "cargo test (unit tests, VMM tests on /dev/kvm)"
 cargo test --workspace --locked
 
-# Each target starts from its checked-in seeds, so a change that crashes on
-# one of them (or on what the fuzzer finds within seconds) fails here. The
-# fuzz build is its own (fuzz/build.sh: $CARGO_TARGET_DIR/fuzz, or
-# target/fuzz); cold it takes about 2 minutes of the 4 this step may use.
-# The harness's own tests first (a seed request must complete, or the
-# fuzzer would only exercise the set-up); built in the workspace's target
-# directory, whose debug artifacts they share.
-# fuzz/build.sh goes first: it also brings fuzz/Cargo.lock up to date.
+# Each fuzz target starts from its checked-in seeds, so a change that
+# crashes on one of them (or on what the fuzzer finds within seconds) fails
+# here. The fuzz build is its own (fuzz/build.sh: $CARGO_TARGET_DIR/fuzz, or
+# target/fuzz; cold, about 2 minutes of the 4 this step may take) and goes
+# first, as it also brings fuzz/Cargo.lock up to date. Then the harness's
+# own tests (a seed request must complete, or the fuzzer would only
+# exercise the set-up), built in the workspace's target directory, whose
+# debug artifacts they share.
 step "fuzz smoke run (${CAPSULE_FUZZ_SECS:=10} s per target)"
 fuzz/build.sh >/dev/null
 CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" cargo test --manifest-path fuzz/Cargo.toml --locked --lib
