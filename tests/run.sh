@@ -34,7 +34,8 @@ cargo test --workspace --locked
 # Each fuzz target starts from its checked-in seeds, so a change that
 # crashes on one of them (or on what the fuzzer finds within seconds) fails
 # here. The fuzz build is its own (fuzz/build.sh: $CARGO_TARGET_DIR/fuzz, or
-# target/fuzz; cold, about 2 minutes of the 4 this step may take) and goes
+# target/fuzz; cold, 3.5 CPU-minutes, so about 2 minutes of the 4 this step
+# may take) and goes
 # first, as it also brings fuzz/Cargo.lock up to date. Then the harness's
 # own tests (a seed request must complete, or the fuzzer would only
 # exercise the set-up), built in the workspace's target directory, whose
