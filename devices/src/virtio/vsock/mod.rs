@@ -47,6 +47,8 @@ pub mod conn;
 mod host;
 pub mod packet;
 
+pub use host::forward_path;
+
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
