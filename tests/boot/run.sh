@@ -100,6 +100,8 @@ main() {
     copy_tools "$work/tools" debugfs curl ip || fail_all "collecting the host tools failed"
     passt="$("$resources/build-passt.sh")" || fail_all "building passt failed"
     cp "$passt" "$passt.avx2" "$work/tools/bin/" || fail_all "copying passt failed"
+    # The vsock cases' relay, built with capsule, for L1 and the guest.
+    cp "$(dirname "$capsule")/capsule-vsock" "$work/tools/bin/" || fail_all "copying capsule-vsock failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then
