@@ -189,7 +189,8 @@ impl Connection {
     }
 
     fn wants_host_data(&self) -> bool {
-        self.state == ConnState::Established
+        !self.resetting()
+            && self.state == ConnState::Established
             && !self.host_eof
             && self.guest_shut & SHUTDOWN_RCV == 0
     }

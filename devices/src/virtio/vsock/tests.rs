@@ -760,3 +760,31 @@ fn a_driver_reset_drops_every_connection() {
     assert_eq!(h.dev.lock().unwrap().clients.len(), 0);
     let _ = &h.dir;
 }
+
+#[test]
+fn a_reset_owed_to_a_guest_without_receive_buffers_does_not_spin() {
+    let mem = guest_memory();
+    let mut h = Harness::new(&mem);
+    let l = h.listen(52);
+    // No receive buffers at all: even the RESPONSE waits.
+    h.send(g(op::REQUEST, 1000, 52), &[]);
+    let (host, _) = l.accept().unwrap();
+    drop(host);
+    h.run();
+    // The write to the vanished host end fails: a RST is owed, but the
+    // guest posts no receive buffer. The loop must go idle (`run` panics
+    // if it never does) with the hung-up stream not polled.
+    h.send(g(op::RW, 1000, 52), b"into the void");
+    h.run();
+    let c = h.dev.lock().unwrap();
+    let conn = c
+        .conns
+        .get(&(52, 1000))
+        .expect("kept until the RST is sent");
+    assert!(conn.resetting());
+    assert_eq!(conn.registered, None);
+    drop(c);
+    let got = h.recv_until(op::RST);
+    assert_eq!(got.last().unwrap().0.dst_port, 1000);
+    assert_eq!(h.connections(), 0);
+}
