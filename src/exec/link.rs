@@ -310,3 +310,147 @@ impl MutEventSubscriber for VsockLink {
 pub(super) fn port_path(uds: &Path, port: u32) -> PathBuf {
     devices::virtio::vsock::forward_path(uds, port)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use exec_proto::{Decoder, GuestMsg};
+
+    use super::*;
+    use crate::exec::session::tests::session;
+
+    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    fn run(em: &mut Loop) {
+        for _ in 0..1000 {
+            if em.run_with_timeout(50).unwrap() == 0 {
+                return;
+            }
+        }
+        panic!("the link never went idle");
+    }
+
+    /// Host frames read from the guest's end until `want` of them came.
+    fn host_frames(s: &mut UnixStream, em: &mut Loop, want: usize) -> Vec<HostMsg> {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..100 {
+            run(em);
+            match s.read(&mut buf) {
+                Ok(n) => d.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            while let Some(f) = d.next_frame().unwrap() {
+                out.push(HostMsg::parse(f).unwrap());
+            }
+            if out.len() >= want {
+                return out;
+            }
+        }
+        panic!("only {} host frames", out.len());
+    }
+
+    #[test]
+    fn the_link_accepts_the_init_and_carries_the_session_both_ways() {
+        let dir = PrivateDir::new().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir.0).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let path = port_path(&dir.join("vsock"), exec_proto::VSOCK_PORT);
+        assert!(path.ends_with("vsock_10000"));
+        let listener = UnixListener::bind(&path).unwrap();
+        let session = Arc::new(Mutex::new(session(vec![])));
+        let wake = devices::eventfd().unwrap();
+        lock(&session).wake = wake.try_clone().unwrap();
+        let data_ready = devices::eventfd().unwrap();
+        let (tx, rx) = mpsc::sync_channel(8);
+        let sink = Sink {
+            session: session.clone(),
+            decoder: Decoder::new(),
+        };
+        let link = VsockLink::new(
+            listener,
+            sink,
+            session.clone(),
+            wake,
+            data_ready.try_clone().unwrap(),
+            rx,
+        )
+        .unwrap();
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(link)));
+
+        // The init connects (through the vsock device, here directly).
+        let mut guest = UnixStream::connect(&path).unwrap();
+        guest.set_nonblocking(true).unwrap();
+        run(&mut em);
+        // Stdin that arrives before the hello waits for it.
+        tx.send(StdinChunk::Data(b"typed early".to_vec())).unwrap();
+        data_ready.write(1).unwrap();
+        run(&mut em);
+        let mut b = [0u8; 16];
+        assert!(matches!(guest.read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+
+        let mut frames = Vec::new();
+        GuestMsg::Hello {
+            version: exec_proto::VERSION,
+        }
+        .encode(&mut frames);
+        GuestMsg::Stdout(b"out".to_vec()).encode(&mut frames);
+        guest.write_all(&frames).unwrap();
+        let got = host_frames(&mut guest, &mut em, 2);
+        assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
+        assert_eq!(got[1], HostMsg::Stdin(b"typed early".to_vec()));
+        assert!(lock(&session).hello);
+
+        tx.send(StdinChunk::Eof).unwrap();
+        data_ready.write(1).unwrap();
+        assert_eq!(host_frames(&mut guest, &mut em, 1), vec![HostMsg::StdinEof]);
+
+        let mut frames = Vec::new();
+        GuestMsg::Exit(7).encode(&mut frames);
+        guest.write_all(&frames).unwrap();
+        drop(guest);
+        run(&mut em);
+        assert_eq!(lock(&session).exit, Some(7));
+    }
+
+    #[test]
+    fn a_malformed_frame_from_the_guest_breaks_the_session() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let session = Arc::new(Mutex::new(session(vec![])));
+        let (_tx, rx) = mpsc::sync_channel(1);
+        let sink = Sink {
+            session: session.clone(),
+            decoder: Decoder::new(),
+        };
+        let link = VsockLink::new(
+            listener,
+            sink,
+            session.clone(),
+            devices::eventfd().unwrap(),
+            devices::eventfd().unwrap(),
+            rx,
+        )
+        .unwrap();
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(link)));
+        let mut guest = UnixStream::connect(&path).unwrap();
+        run(&mut em);
+        guest.write_all(&[0x7e, 0, 0, 0, 0]).unwrap();
+        run(&mut em);
+        assert!(lock(&session).broken.is_some());
+        // A second connection is refused; the first stays.
+        let _second = UnixStream::connect(&path);
+        run(&mut em);
+        let p = dir.0.clone();
+        drop(dir);
+        assert!(!p.exists(), "the private directory is removed");
+    }
+}
