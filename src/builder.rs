@@ -137,15 +137,19 @@ pub enum Error {
     /// passt could not be started.
     #[error(transparent)]
     Passt(#[from] PasstError),
-    /// Two network devices have the same MAC address.
-    /// The vsock socket cannot be created, or the device not made.
-    #[error("vsock socket {path}: {why}")]
-    Vsock {
+    /// The vsock socket cannot be created.
+    #[error("vsock socket {}: {why}", path.display())]
+    VsockSocket {
         /// The socket's path.
         path: PathBuf,
         /// Why.
-        why: String,
+        #[source]
+        why: crate::unixsock::BindError,
     },
+    /// The vsock device cannot be made.
+    #[error("vsock device: {0}")]
+    Vsock(#[source] devices::virtio::vsock::VsockError),
+    /// Two network devices have the same MAC address.
     #[error("network devices {0} and {1} have the same MAC address {mac}", mac = net::format_mac(.2))]
     DuplicateMac(usize, usize, net::MacAddr),
     /// A network device could not be created.
@@ -358,15 +362,12 @@ impl Devices<'_> {
     /// The virtio-vsock device: its socket is bound (0600, never
     /// replacing anything but a stale socket) before the device exists.
     fn add_vsock(&mut self, v: &VsockConfig) -> Result<VsockHandle> {
-        let (listener, file) = crate::unixsock::bind(&v.uds_path).map_err(|why| Error::Vsock {
-            path: v.uds_path.clone(),
-            why,
-        })?;
-        let device =
-            Vsock::new(v.guest_cid, v.uds_path.clone(), listener).map_err(|e| Error::Vsock {
+        let (listener, file) =
+            crate::unixsock::bind(&v.uds_path).map_err(|why| Error::VsockSocket {
                 path: v.uds_path.clone(),
-                why: e.to_string(),
+                why,
             })?;
+        let device = Vsock::new(v.guest_cid, v.uds_path.clone(), listener).map_err(Error::Vsock)?;
         let device = Arc::new(Mutex::new(device));
         self.add_virtio(device.clone())?;
         log::info!(

@@ -118,9 +118,11 @@ pub fn reap_any() -> Reaped {
         return Reaped::None;
     }
     let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status) as u8
+        // WEXITSTATUS is the low byte of the exit status: 0 to 255.
+        u8::try_from(libc::WEXITSTATUS(status)).unwrap_or(u8::MAX)
     } else if libc::WIFSIGNALED(status) {
-        (128 + libc::WTERMSIG(status)) as u8
+        // Signals are 1 to 64, so 129 to 192, as a shell reports them.
+        u8::try_from(128 + libc::WTERMSIG(status)).unwrap_or(u8::MAX)
     } else {
         return Reaped::None;
     };
@@ -176,8 +178,8 @@ pub fn spawn(setup: &ChildSetup) -> io::Result<libc::pid_t> {
             }
         }
         libc::setsid();
-        for (i, &fd) in setup.stdio.iter().enumerate() {
-            libc::dup2(fd, i as RawFd);
+        for (i, &fd) in (0..).zip(setup.stdio.iter()) {
+            libc::dup2(fd, i);
         }
         if let Some(root) = setup.chroot {
             if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
@@ -239,7 +241,7 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
     addr.svm_cid = cid;
     addr.svm_port = port;
     // SAFETY: addr is a valid sockaddr_vm that outlives the call, and the
@@ -248,7 +250,7 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
         libc::connect(
             sock.as_raw_fd(),
             std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            vm_len(),
         )
     };
     if r < 0 {
@@ -265,4 +267,9 @@ pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
+}
+
+/// The size of `sockaddr_vm` (16 bytes) as a `socklen_t`.
+fn vm_len() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).unwrap_or(16)
 }

@@ -41,7 +41,7 @@ fn socket(domain: i32) -> io::Result<OwnedFd> {
 fn vm_addr(cid: u32, port: u32) -> libc::sockaddr_vm {
     // SAFETY: plain old data; all-zero is valid.
     let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
     a.svm_cid = cid;
     a.svm_port = port;
     a
@@ -58,7 +58,7 @@ fn check(r: i32) -> io::Result<()> {
 fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
     let s = socket(libc::AF_VSOCK)?;
     let a = vm_addr(cid, port);
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    let len = vm_len();
     // SAFETY: a is a valid sockaddr_vm of len bytes.
     check(unsafe { libc::connect(s.as_raw_fd(), std::ptr::addr_of!(a).cast(), len) })?;
     Ok(s)
@@ -67,7 +67,7 @@ fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
 fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     let s = socket(libc::AF_VSOCK)?;
     let a = vm_addr(libc::VMADDR_CID_ANY, port);
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    let len = vm_len();
     // SAFETY: a is a valid sockaddr_vm of len bytes.
     check(unsafe { libc::bind(s.as_raw_fd(), std::ptr::addr_of!(a).cast(), len) })?;
     // SAFETY: plain system call on an owned socket.
@@ -244,4 +244,9 @@ fn main() {
             "usage: capsule-vsock connect CID PORT | listen PORT CMD | unix-connect PATH PORT | unix-listen PATH CMD",
         ),
     }
+}
+
+/// The size of `sockaddr_vm` (16 bytes) as a `socklen_t`.
+fn vm_len() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).unwrap_or(16)
 }

@@ -287,8 +287,9 @@ impl Connection {
                 (Some((hdr, 0)), Verdict::Keep)
             }
             Ok(n) => {
-                self.rx_cnt = self.rx_cnt.wrapping_add(n as u32);
-                (Some((self.header(op::RW, n as u32, 0), n)), Verdict::Keep)
+                let len = len32(n);
+                self.rx_cnt = self.rx_cnt.wrapping_add(len);
+                (Some((self.header(op::RW, len, 0), n)), Verdict::Keep)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.readable = false;
@@ -382,7 +383,7 @@ impl Connection {
             match self.stream.write(front) {
                 Ok(n) => {
                     self.tx_buf.drain(..n);
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(len32(n));
                 }
                 Err(e) => return self.write_failed(e),
             }
@@ -443,4 +444,10 @@ impl Connection {
     pub fn resetting(&self) -> bool {
         self.owed & owed::RST != 0
     }
+}
+
+/// A length the device bounded (a packet's payload, a write into a
+/// connection's buffer: at most 256 KiB) as the header's `u32`.
+fn len32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
 }

@@ -96,7 +96,7 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).map_err(io::Error::other)?;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
         *d = *s as libc::c_char;
     }
@@ -113,7 +113,8 @@ pub fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     }
     // SAFETY: fd is a fresh socket this function owns.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .map_err(io::Error::other)?;
     // SAFETY: addr is a valid sockaddr_un of `len` bytes that outlives
     // the call.
     let r = unsafe {
