@@ -418,6 +418,18 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
         let out = capsule(args, None);
         assert_eq!(out.status.code(), Some(125), "{args:?}");
     }
+    // An unknown exec channel is bad usage too, before anything boots.
+    let out = capsule_env(
+        &["exec", "--kernel", file, "--", "true"],
+        &[("CAPSULE_EXEC_CHANNEL", "carrier-pigeon")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("CAPSULE_EXEC_CHANNEL='carrier-pigeon'"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 /// Raw mode is on while the guest runs and the terminal comes back cooked
