@@ -52,6 +52,8 @@ use exec_proto::{
 const PORT: &str = "/dev/hvc0";
 /// How long the channel may take to appear (driver probing).
 const CHANNEL_WAIT: Duration = Duration::from_secs(5);
+/// How long the init waits for its last frames to reach the host.
+const FINISH_WAIT: Duration = Duration::from_secs(10);
 /// Where `--disk` is mounted.
 const DISK_ROOT: &str = "/.capsule/root";
 /// Read size for the command's output, and the data frame size.
@@ -191,6 +193,39 @@ impl Channel {
         Ok(msgs)
     }
 
+    /// Before power-off: makes sure the last frames left the guest. A
+    /// console write returns once the host took the bytes; a socket write
+    /// only queues them (the vsock driver sends from a work queue), so the
+    /// init says it is done sending and waits, at most
+    /// [`FINISH_WAIT`], for the host to end the connection or the VM
+    /// (the host stops the VM as soon as `Exit` arrives).
+    fn finish(&mut self) {
+        if !self.socket {
+            return;
+        }
+        // SAFETY: plain system call on the socket this channel owns.
+        unsafe { libc::shutdown(self.tx.as_raw_fd(), libc::SHUT_WR) };
+        let deadline = Instant::now() + FINISH_WAIT;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            let mut fds = [libc::pollfd {
+                fd: self.rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if sys::poll(&mut fds, 100).is_err() {
+                return;
+            }
+            match self.read_some(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     fn heartbeat_due(&self) -> bool {
         self.last_sent.elapsed() >= HEARTBEAT
     }
@@ -210,6 +245,9 @@ fn main() {
                 let _ = c.send(&GuestMsg::Error(msg));
             }
         }
+    }
+    if let Some(c) = chan.as_mut() {
+        c.finish();
     }
     sys::power_off();
 }
