@@ -3,14 +3,16 @@
 #
 # Runs, in the repository root,
 #   RUSTFLAGS="-C target-feature=+crt-static" \
-#     cargo build --release --target x86_64-unknown-linux-gnu
+#     cargo build --release --target x86_64-unknown-linux-gnu \
+#       --bin capsule --bin capsule-vsock
 # (glibc static libraries come from libc6-dev) and checks that the result
 # has no program interpreter, so it can be copied alone into the L1 guest of
 # the nested harness. Cargo's own incremental build is the cache.
 #
 # Usage: resources/build-capsule.sh
 # Env:   CARGO (default cargo), CAPSULE_SKIP_DEPS=1 (skip install-deps)
-# Prints the path of the binary on stdout.
+# Prints the path of the capsule binary on stdout; capsule-vsock (the boot
+# tests' vsock relay) is next to it.
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
@@ -28,12 +30,15 @@ log "cargo build --release --target $target (static)"
 (
     cd "$CAPSULE_REPO_DIR"
     RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
-        "$cargo" build --release --target "$target" --bin capsule >&2
+        "$cargo" build --release --target "$target" -p capsule -p guest-init \
+            --bin capsule --bin capsule-vsock >&2
 )
 target_dir="$(cd "$CAPSULE_REPO_DIR" && "$cargo" metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 bin="${target_dir:-$CAPSULE_REPO_DIR/target}/$target/release/capsule"
 [[ -x "$bin" ]] || die "build produced no $bin"
 file_is_static "$bin" || die "$bin is dynamically linked (is libc6-dev installed?)"
+# The boot tests' vsock relay (guest-init/src/vsock_tool.rs) lies next to it.
+file_is_static "$(dirname "$bin")/capsule-vsock" || die "no static capsule-vsock next to $bin"
 log "built $bin"
 echo "$bin"

@@ -17,14 +17,16 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
 use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, PasstError, Tap, TapError};
+use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 
 use crate::config::{
     default_mac, format_size, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
+    VsockConfig,
 };
 use crate::device_manager::{self, DeviceManager};
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
-use crate::vmm::{ExitWatcher, Subscriber, Vmm, VCPU_STOP_TIMEOUT};
+use crate::vmm::{ExitWatcher, Subscriber, Vmm, VsockHandle, VCPU_STOP_TIMEOUT};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
@@ -135,6 +137,18 @@ pub enum Error {
     /// passt could not be started.
     #[error(transparent)]
     Passt(#[from] PasstError),
+    /// The vsock socket cannot be created.
+    #[error("vsock socket {}: {why}", path.display())]
+    VsockSocket {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        why: crate::unixsock::BindError,
+    },
+    /// The vsock device cannot be made.
+    #[error("vsock device: {0}")]
+    Vsock(#[source] devices::virtio::vsock::VsockError),
     /// Two network devices have the same MAC address.
     #[error("network devices {0} and {1} have the same MAC address {mac}", mac = net::format_mac(.2))]
     DuplicateMac(usize, usize, net::MacAddr),
@@ -237,6 +251,11 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks)?;
     devices.add_nets(&config.nets)?;
+    let vsock = config
+        .vsock
+        .as_ref()
+        .map(|v| devices.add_vsock(v))
+        .transpose()?;
     devices.add_extras(extras)?;
 
     write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
@@ -274,6 +293,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         _terminal: terminal,
         _vm: vm,
         ram,
+        vsock,
     })
 }
 
@@ -337,6 +357,28 @@ impl Devices<'_> {
             self.add_virtio(device)?;
         }
         Ok(())
+    }
+
+    /// The virtio-vsock device: its socket is bound (0600, never
+    /// replacing anything but a stale socket) before the device exists.
+    fn add_vsock(&mut self, v: &VsockConfig) -> Result<VsockHandle> {
+        let (listener, file) =
+            crate::unixsock::bind(&v.uds_path).map_err(|why| Error::VsockSocket {
+                path: v.uds_path.clone(),
+                why,
+            })?;
+        let device = Vsock::new(v.guest_cid, v.uds_path.clone(), listener).map_err(Error::Vsock)?;
+        let device = Arc::new(Mutex::new(device));
+        self.add_virtio(device.clone())?;
+        log::info!(
+            "vsock: guest CID {}, host socket {}",
+            v.guest_cid,
+            v.uds_path.display()
+        );
+        Ok(VsockHandle {
+            device,
+            _socket: file,
+        })
     }
 
     /// The caller's devices and subscribers (`capsule exec`'s console and

@@ -208,6 +208,7 @@ fn exec_config(
             kvm_path: args.kvm,
             disks: args.disk.into_iter().collect(),
             nets: Vec::new(),
+            vsock: None,
         },
         rootfs: args.rootfs,
         shares: args.shares,
@@ -321,6 +322,12 @@ struct RunArgs {
         value_name = "tap=NAME[,mac=MAC] | user[,publish=HOST:GUEST...][,mac=MAC]"
     )]
     nets: Vec<config::NetConfig>,
+    /// virtio-vsock device (Firecracker's model): host programs connect to
+    /// the Unix socket PATH (created mode 0600) and write `CONNECT
+    /// <port>\n` to reach a guest listener; guest connections to CID 2
+    /// port P go to a Unix listener at `PATH_P`.
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<config::VsockConfig>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -340,6 +347,7 @@ impl RunArgs {
             kvm_path: self.kvm.clone(),
             disks: self.disks.clone(),
             nets: self.nets.clone(),
+            vsock: self.vsock.clone(),
         })
     }
 }

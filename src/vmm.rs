@@ -43,6 +43,14 @@ pub struct Vmm {
     pub(crate) _terminal: Option<terminal::RawModeGuard>,
     pub(crate) _vm: Vm,
     pub(crate) ram: GuestRam,
+    pub(crate) vsock: Option<VsockHandle>,
+}
+
+/// The vsock device of a VM and its host socket file (removed when the
+/// VM is dropped).
+pub struct VsockHandle {
+    pub(crate) device: Arc<Mutex<devices::virtio::vsock::Vsock>>,
+    pub(crate) _socket: crate::unixsock::SocketFile,
 }
 
 /// Errors of [`Vmm::pause`] and [`Vmm::resume`].
@@ -121,6 +129,23 @@ impl Vmm {
                 total,
                 timeout: PAUSE_TIMEOUT,
             })
+        }
+    }
+
+    /// Drops every vsock connection and sends the guest's driver a
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (for a snapshot restore: the
+    /// host ends of the connections did not survive it). Returns false if
+    /// the VM has no vsock device.
+    pub fn vsock_transport_reset(&self) -> bool {
+        match &self.vsock {
+            Some(v) => {
+                v.device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .transport_reset();
+                true
+            }
+            None => false,
         }
     }
 

@@ -410,6 +410,28 @@ fn bad_request_corpus() {
             ),
         ),
         (
+            "vsock with a reserved CID",
+            put("/vsock", r#"{"guest_cid":2,"uds_path":"/tmp/v.sock"}"#),
+        ),
+        (
+            "vsock with a CID past 32 bits",
+            put(
+                "/vsock",
+                r#"{"guest_cid":4294967296,"uds_path":"/tmp/v.sock"}"#,
+            ),
+        ),
+        (
+            "vsock without uds_path",
+            put("/vsock", r#"{"guest_cid":3}"#),
+        ),
+        (
+            "vsock with an unknown field",
+            put(
+                "/vsock",
+                r#"{"guest_cid":3,"uds_path":"/tmp/v.sock","mode":1}"#,
+            ),
+        ),
+        (
             "network interface id not matching the path",
             put(
                 "/network-interfaces/eth0",
@@ -611,6 +633,7 @@ fn conformance_with_the_firecracker_spec() {
         ("/boot-source", "put"),
         ("/drives/{drive_id}", "put"),
         ("/network-interfaces/{iface_id}", "put"),
+        ("/vsock", "put"),
         ("/actions", "put"),
         ("/vm", "patch"),
         ("/vm/config", "get"),
@@ -633,6 +656,8 @@ fn conformance_with_the_firecracker_spec() {
 
     let kernel = tmp("conf.elf");
     std::fs::write(&kernel, ctrl_alt_del_guest()).unwrap();
+    let vsock = tmp("conf.vsock");
+    let _ = std::fs::remove_file(&vsock);
     let vmm = Vmm::start("conformance");
     let k = kernel.display();
     // Request bodies (checked against the spec, then sent: 204 expected).
@@ -642,6 +667,7 @@ fn conformance_with_the_firecracker_spec() {
         ("PUT", "/drives/rootfs", "Drive", format!(r#"{{"drive_id":"rootfs","path_on_host":"{k}","is_root_device":true,"is_read_only":true,"cache_type":"Unsafe","io_engine":"Sync"}}"#)),
         ("PUT", "/logger", "Logger", r#"{"level":"Warning","show_level":true,"show_log_origin":false}"#.to_string()),
         ("PUT", "/serial", "SerialDevice", format!(r#"{{"serial_out_path":"{}"}}"#, tmp("conf.serial").display())),
+        ("PUT", "/vsock", "Vsock", format!(r#"{{"guest_cid":3,"uds_path":"{}"}}"#, vsock.display())),
     ];
     for (m, p, schema, body) in &requests {
         conforms(&defs, schema, &json(body)).unwrap();
@@ -657,6 +683,7 @@ fn conformance_with_the_firecracker_spec() {
         "NetworkInterface",
         "Logger",
         "SerialDevice",
+        "Vsock",
         "InstanceActionInfo",
         "Vm",
     ] {
@@ -668,6 +695,7 @@ fn conformance_with_the_firecracker_spec() {
                 "NetworkInterface" => "/network-interfaces/x",
                 "Logger" => "/logger",
                 "SerialDevice" => "/serial",
+                "Vsock" => "/vsock",
                 "InstanceActionInfo" => "/actions",
                 _ => "/vm",
             };
@@ -696,6 +724,7 @@ fn conformance_with_the_firecracker_spec() {
     conforms(&defs, "BootSource", &full["boot-source"]).unwrap();
     conforms(&defs, "Drive", &full["drives"][0]).unwrap();
     conforms(&defs, "MachineConfiguration", &full["machine-config"]).unwrap();
+    conforms(&defs, "Vsock", &full["vsock"]).unwrap();
     let (st, body) = vmm.req("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(st, 400);
     conforms(&defs, "Error", &json(&body)).unwrap();
@@ -706,6 +735,8 @@ fn conformance_with_the_firecracker_spec() {
         Some(r#"{"action_type":"InstanceStart"}"#),
     );
     assert_eq!(st, 204, "{body}");
+    // The vsock device's socket exists once the VM runs, owner-only.
+    assert_eq!(mode_of(&vsock), 0o600);
     let (_, body) = vmm.req("GET", "/", None);
     conforms(&defs, "InstanceInfo", &json(&body)).unwrap();
     conforms(&defs, "Vm", &json(r#"{"state":"Paused"}"#)).unwrap();

@@ -289,6 +289,16 @@ fn bad_inputs_get_one_line_and_a_status() {
             2,
             "multicast",
         ),
+        (
+            &["run", "--kernel", junk, "--vsock", "cid=2,uds=/tmp/v"],
+            2,
+            "invalid vsock CID 2",
+        ),
+        (
+            &["run", "--kernel", junk, "--vsock", "cid=3"],
+            2,
+            "uds=PATH",
+        ),
         (&["run"], 2, "--kernel"),
         (&["frobnicate"], 2, "unrecognized"),
     ];
@@ -408,6 +418,18 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
         let out = capsule(args, None);
         assert_eq!(out.status.code(), Some(125), "{args:?}");
     }
+    // An unknown exec channel is bad usage too, before anything boots.
+    let out = capsule_env(
+        &["exec", "--kernel", file, "--", "true"],
+        &[("CAPSULE_EXEC_CHANNEL", "carrier-pigeon")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("CAPSULE_EXEC_CHANNEL='carrier-pigeon'"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
 }
 
 /// Raw mode is on while the guest runs and the terminal comes back cooked
@@ -516,6 +538,83 @@ fn network_setup_errors_get_one_line() {
         assert_eq!(err.lines().count(), 1, "{args:?}: want one line, got {err}");
         assert!(err.starts_with("capsule: error: "), "{args:?}: {err}");
     }
+}
+
+/// A vsock socket path that cannot be bound (missing directory, a
+/// regular file in the way, too long) is one error line and status 1,
+/// and a file in the way is left alone; a good one is created 0600 and
+/// removed when the VM ends.
+#[test]
+fn vsock_socket_errors_get_one_line_and_a_good_socket_is_private() {
+    let kernel = poweroff_guest();
+    let k = kernel.to_str().unwrap();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vsock-sock");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("file");
+    std::fs::write(&file, b"keep me").unwrap();
+    let long = format!("uds=/tmp/{}", "x".repeat(120));
+    let cases: &[(String, &str)] = &[
+        (
+            "uds=/nonexistent/dir/v.sock".into(),
+            "vsock socket /nonexistent/dir/v.sock",
+        ),
+        (format!("uds={}", file.display()), "regular file"),
+        (long, "vsock socket"),
+    ];
+    for (uds, needle) in cases {
+        let spec = format!("cid=3,{uds}");
+        let out = capsule(&["run", "--kernel", k, "--vsock", &spec], None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{spec}: {err}");
+        assert!(err.contains(needle), "{spec}: {err}");
+        assert_eq!(err.lines().count(), 1, "{spec}: want one line, got {err}");
+        assert!(err.starts_with("capsule: error: "), "{spec}: {err}");
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+
+    // A good path: the socket exists (0600) while the VM runs, which a
+    // guest that waits for input lets the test see, and is gone after.
+    let sock = dir.join("v.sock");
+    let spec = format!("cid=3,uds={}", sock.display());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args([
+            "run",
+            "--kernel",
+            poweroff_on_input_guest().to_str().unwrap(),
+        ])
+        .args(["--vsock", &spec])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !sock.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no socket at {}",
+            sock.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::symlink_metadata(&sock)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o600);
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"q").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sock.exists(), "the socket is removed when the VM ends");
 }
 
 /// The descriptors a program started by capsule (here a stand-in for

@@ -420,6 +420,11 @@ pub const CONFIG_PATH: &str = "/.capsule/config";
 pub const SHARE_DIR: &str = "/.capsule/share";
 /// Where the init binary is in the initramfs (the kernel's `rdinit=`).
 pub const INIT_PATH: &str = "/.capsule/init";
+/// The host (CID 2) vsock port the init connects to for the session.
+pub const VSOCK_PORT: u32 = 10_000;
+/// On the guest's kernel command line: use the virtio console
+/// (`/dev/hvc0`) for the session instead of vsock.
+pub const CONSOLE_CHANNEL_ARG: &str = "capsule.channel=console";
 
 /// What the command is and where it runs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,8 +6,11 @@
 //! [`exec_proto::SHARE_DIR`]. The init:
 //!
 //! 1. mounts `/proc`, `/sys`, `/dev` (devtmpfs) and `/tmp`;
-//! 2. opens the virtio-console port `/dev/hvc0`, puts it in raw mode and
-//!    says `Hello`; the host answers with the time, which sets the clock;
+//! 2. connects a vsock stream to the host (CID 2, port
+//!    [`exec_proto::VSOCK_PORT`]) — or, with `capsule.channel=console` on
+//!    the command line, opens the virtio-console port `/dev/hvc0` in raw
+//!    mode — and says `Hello`; the host answers with the time, which sets
+//!    the clock;
 //! 3. with `--disk`, mounts `/dev/vda` as the command's root;
 //! 4. bind-mounts each share on its guest directory (read-only ones
 //!    remounted read-only) and notes the state of the writable ones;
@@ -40,10 +43,17 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use exec_proto::{Decoder, ExecSpec, GuestMsg, HostMsg, CONFIG_PATH, SHARE_DIR, VERSION};
+use exec_proto::{
+    Decoder, ExecSpec, GuestMsg, HostMsg, CONFIG_PATH, CONSOLE_CHANNEL_ARG, SHARE_DIR, VERSION,
+    VSOCK_PORT,
+};
 
-/// Console port to the host.
+/// Console port to the host (with `capsule.channel=console`).
 const PORT: &str = "/dev/hvc0";
+/// How long the channel may take to appear (driver probing).
+const CHANNEL_WAIT: Duration = Duration::from_secs(5);
+/// How long the init waits for its last frames to reach the host.
+const FINISH_WAIT: Duration = Duration::from_secs(10);
 /// Where `--disk` is mounted.
 const DISK_ROOT: &str = "/.capsule/root";
 /// Read size for the command's output, and the data frame size.
@@ -59,20 +69,71 @@ const DISK_FS: [&str; 5] = ["ext4", "ext3", "ext2", "xfs", "btrfs"];
 /// PATH when the user gives none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// The port, both ways.
+/// The channel to the host, both ways: a vsock stream, or the console
+/// port.
 struct Channel {
     /// Blocking writer: the host always drains, so writes only wait briefly.
     tx: File,
-    /// Non-blocking reader.
+    /// Read without blocking (the console port is opened `O_NONBLOCK`, the
+    /// socket is read with `MSG_DONTWAIT`).
     rx: File,
+    /// Whether `rx` is a socket.
+    socket: bool,
     decoder: Decoder,
     last_sent: Instant,
 }
 
 impl Channel {
-    fn open() -> io::Result<Self> {
+    /// The vsock channel, or the console one if the command line asks.
+    fn open() -> Result<Self, String> {
+        let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+        if cmdline.split_whitespace().any(|a| a == CONSOLE_CHANNEL_ARG) {
+            Self::open_console().map_err(|e| format!("cannot open {PORT}: {e}"))
+        } else {
+            Self::open_vsock()
+                .map_err(|e| format!("cannot connect to the host's vsock port {VSOCK_PORT}: {e}"))
+        }
+    }
+
+    /// Connects to the host's port, retrying while the driver is not
+    /// there yet (`ENODEV`) or the connection is refused or reset.
+    fn open_vsock() -> io::Result<Self> {
+        let deadline = Instant::now() + CHANNEL_WAIT;
+        let sock = loop {
+            match sys::vsock_connect(libc::VMADDR_CID_HOST, VSOCK_PORT) {
+                Ok(fd) => break fd,
+                Err(e)
+                    if Instant::now() < deadline
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(
+                                libc::ENODEV
+                                    | libc::ECONNRESET
+                                    | libc::ECONNREFUSED
+                                    | libc::ETIMEDOUT
+                                    | libc::EINTR
+                            )
+                        ) =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let tx = File::from(sock);
+        let rx = tx.try_clone()?;
+        Ok(Self {
+            tx,
+            rx,
+            socket: true,
+            decoder: Decoder::new(),
+            last_sent: Instant::now(),
+        })
+    }
+
+    fn open_console() -> io::Result<Self> {
         // The port appears when virtio-console probes; normally before init.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + CHANNEL_WAIT;
         let tx = loop {
             match OpenOptions::new().write(true).open(PORT) {
                 Ok(f) => break f,
@@ -90,9 +151,19 @@ impl Channel {
         Ok(Self {
             tx,
             rx,
+            socket: false,
             decoder: Decoder::new(),
             last_sent: Instant::now(),
         })
+    }
+
+    /// One read that does not block.
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.socket {
+            sys::recv_nonblocking(self.rx.as_raw_fd(), buf)
+        } else {
+            self.rx.read(buf)
+        }
     }
 
     fn send(&mut self, msg: &GuestMsg) -> io::Result<()> {
@@ -107,7 +178,7 @@ impl Channel {
     fn receive(&mut self) -> io::Result<Vec<HostMsg>> {
         let mut buf = [0u8; CHUNK];
         loop {
-            match self.rx.read(&mut buf) {
+            match self.read_some(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => self.decoder.push(&buf[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -120,6 +191,39 @@ impl Channel {
             msgs.push(HostMsg::parse(frame).map_err(io::Error::other)?);
         }
         Ok(msgs)
+    }
+
+    /// Before power-off: makes sure the last frames left the guest. A
+    /// console write returns once the host took the bytes; a socket write
+    /// only queues them (the vsock driver sends from a work queue), so the
+    /// init says it is done sending and waits, at most
+    /// [`FINISH_WAIT`], for the host to end the connection or the VM
+    /// (the host stops the VM as soon as `Exit` arrives).
+    fn finish(&mut self) {
+        if !self.socket {
+            return;
+        }
+        // SAFETY: plain system call on the socket this channel owns.
+        unsafe { libc::shutdown(self.tx.as_raw_fd(), libc::SHUT_WR) };
+        let deadline = Instant::now() + FINISH_WAIT;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            let mut fds = [libc::pollfd {
+                fd: self.rx.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if sys::poll(&mut fds, 100).is_err() {
+                return;
+            }
+            match self.read_some(&mut buf) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
     }
 
     fn heartbeat_due(&self) -> bool {
@@ -142,15 +246,18 @@ fn main() {
             }
         }
     }
+    if let Some(c) = chan.as_mut() {
+        c.finish();
+    }
     sys::power_off();
 }
 
 fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
     mount_basics("").map_err(|e| format!("cannot mount /proc, /sys, /dev: {e}"))?;
     let _ = sys::mount(Some("tmpfs"), b"/tmp", Some("tmpfs"), 0);
-    let chan = chan_slot.insert(Channel::open().map_err(|e| format!("cannot open {PORT}: {e}"))?);
+    let chan = chan_slot.insert(Channel::open()?);
     chan.send(&GuestMsg::Hello { version: VERSION })
-        .map_err(|e| format!("cannot write to {PORT}: {e}"))?;
+        .map_err(|e| format!("cannot write to the host: {e}"))?;
     let early_stdin = wait_for_time(chan)?;
 
     let config = fs::read(CONFIG_PATH).map_err(|e| format!("cannot read {CONFIG_PATH}: {e}"))?;

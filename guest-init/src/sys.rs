@@ -229,3 +229,47 @@ pub fn power_off() -> ! {
         std::thread::sleep(std::time::Duration::from_secs(60));
     }
 }
+
+/// A blocking vsock stream socket connected to `cid`:`port`.
+pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor this function owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    // SAFETY: addr is a valid sockaddr_vm that outlives the call, and the
+    // length is its size.
+    let r = unsafe {
+        libc::connect(
+            sock.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            vm_len(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sock)
+}
+
+/// Reads what a socket holds without waiting (`WouldBlock` if nothing).
+pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// The size of `sockaddr_vm` (16 bytes) as a `socklen_t`.
+fn vm_len() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).unwrap_or(16)
+}

@@ -28,6 +28,8 @@ pub enum VmmAction {
     PutDrive(Drive),
     /// `PUT /network-interfaces/{id}`.
     PutNetworkInterface(NetworkInterface),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
     /// `PUT /actions`.
     Action(ActionType),
     /// `PATCH /vm`.
@@ -69,6 +71,9 @@ pub enum VmmActionError {
     /// malformed in a way that needs no more than this sentence).
     #[error("{0}")]
     Unsupported(&'static str),
+    /// An invalid `PUT /vsock` (the CID's range).
+    #[error("{0}")]
+    Vsock(String),
     /// `vcpu_count` out of range.
     #[error("vcpu_count must be between 1 and {max}, not {got}")]
     VcpuCount {

@@ -97,7 +97,8 @@ impl Controller {
                 c.network_interfaces
                     .into_iter()
                     .map(VmmAction::PutNetworkInterface),
-            );
+            )
+            .chain(c.vsock.map(VmmAction::PutVsock));
         for action in actions {
             self.handle(action, None)?;
         }
@@ -133,6 +134,7 @@ impl Controller {
             VmmAction::PutBootSource(b) => self.configure(|r| r.set_boot_source(b)),
             VmmAction::PutDrive(d) => self.configure(|r| r.set_drive(d)),
             VmmAction::PutNetworkInterface(n) => self.configure(|r| r.set_net(n)),
+            VmmAction::PutVsock(v) => self.configure(|r| r.set_vsock(v)),
             VmmAction::PutLogger(l) => {
                 configure_logger(&l)?;
                 self.resources.logger = Some(l);

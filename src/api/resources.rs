@@ -7,7 +7,9 @@ use std::path::PathBuf;
 
 use super::action::VmmActionError;
 use super::types::*;
-use crate::config::{self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+use crate::config::{
+    self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig, VsockConfig,
+};
 
 /// The Firecracker-compatible default memory size (MiB) before
 /// `PUT /machine-config`.
@@ -23,6 +25,7 @@ pub struct VmResources {
     boot: Option<BootSource>,
     drives: Vec<Drive>,
     nets: Vec<NetworkInterface>,
+    vsock: Option<Vsock>,
     pub(super) logger: Option<Logger>,
     pub(super) serial: Option<SerialDevice>,
     kvm_path: PathBuf,
@@ -44,6 +47,7 @@ impl VmResources {
             boot: None,
             drives: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             logger: None,
             serial: None,
             kvm_path,
@@ -57,6 +61,7 @@ impl VmResources {
             boot_source: self.boot.clone(),
             drives: self.drives.clone(),
             network_interfaces: self.nets.clone(),
+            vsock: self.vsock.clone(),
             machine_config: Some(self.machine.clone()),
             logger: self.logger.clone(),
             serial: self.serial.clone(),
@@ -102,6 +107,15 @@ impl VmResources {
             Some(x) => *x = d,
             None => self.drives.push(d),
         }
+        Ok(())
+    }
+
+    /// `PUT /vsock`: validated (the CID's range; the socket is bound at
+    /// start, so a bad path fails `InstanceStart`). A second `PUT`
+    /// replaces the first, as in Firecracker.
+    pub fn set_vsock(&mut self, v: Vsock) -> Result<()> {
+        vsock_config(&v)?;
+        self.vsock = Some(v);
         Ok(())
     }
 
@@ -200,8 +214,22 @@ impl VmResources {
                     })
                 })
                 .collect::<Result<_>>()?,
+            vsock: self.vsock.as_ref().map(vsock_config).transpose()?,
         })
     }
+}
+
+/// The builder's view of a `PUT /vsock` body.
+fn vsock_config(v: &Vsock) -> Result<VsockConfig> {
+    if v.uds_path.is_empty() {
+        return Err(VmmActionError::Unsupported("vsock: uds_path is empty"));
+    }
+    let c = VsockConfig {
+        guest_cid: v.guest_cid,
+        uds_path: PathBuf::from(&v.uds_path),
+    };
+    c.validate().map_err(VmmActionError::Vsock)?;
+    Ok(c)
 }
 
 fn validate_machine(m: &MachineConfig) -> Result<()> {

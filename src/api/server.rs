@@ -87,6 +87,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             }
             Request::PutNetworkInterface(n)
         }
+        ("PUT", ["vsock"]) => Request::PutVsock(from_body(body).map_err(bad)?),
         ("PUT", ["actions"]) => {
             let a: types::InstanceActionInfo = from_body(body).map_err(bad)?;
             Request::Action(a.action_type)
@@ -106,6 +107,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             | ["boot-source"]
             | ["drives", _]
             | ["network-interfaces", _]
+            | ["vsock"]
             | ["actions"]
             | ["vm"]
             | ["vm", "config"]

@@ -76,6 +76,20 @@ pub struct Drive {
     pub socket: Option<String>,
 }
 
+/// `PUT /vsock`: the vsock device and its host Unix socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The Unix socket capsule listens on for host-initiated connections;
+    /// guest connections to host port P go to `<uds_path>_P`.
+    pub uds_path: String,
+    /// Deprecated by Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub vsock_id: Option<String>,
+}
+
 /// `PUT /network-interfaces/{iface_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -232,9 +246,9 @@ pub struct FullVmConfig {
     /// See `balloon`.
     #[serde(default, skip_serializing)]
     pub pmem: Option<Value>,
-    /// See `balloon`.
-    #[serde(default, skip_serializing)]
-    pub vsock: Option<Value>,
+    /// The vsock device.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub vsock: Option<Vsock>,
     /// See `balloon`.
     #[serde(default, skip_serializing)]
     pub entropy: Option<Value>,
@@ -252,7 +266,6 @@ impl FullVmConfig {
             ("memory-hotplug", &self.memory_hotplug),
             ("mmds-config", &self.mmds_config),
             ("pmem", &self.pmem),
-            ("vsock", &self.vsock),
             ("entropy", &self.entropy),
         ] {
             if present(o) {

@@ -87,6 +87,7 @@ mod tests {
                 kvm_path: "/dev/kvm".into(),
                 disks: vec![],
                 nets: vec![],
+                vsock: None,
             },
             rootfs: None,
             shares: vec![],

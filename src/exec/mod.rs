@@ -7,11 +7,14 @@
 //!   embedded guest init (`capsule-init`, built from `guest-init/` by
 //!   `build.rs`), the command description, the `--rootfs` tree and the
 //!   `--share` directories. The kernel runs the init with `rdinit=`.
-//! * A virtio-console device whose single port is the channel: the init
-//!   speaks the framed protocol of the `exec-proto` crate over `/dev/hvc0`.
-//!   Guest → host frames are decoded by `session.rs`'s `Sink` as the device
-//!   hands over transmitted bytes; host → guest frames (time, stdin) are
-//!   queued by `stdin.rs`'s `StdinPump`, an event-loop subscriber.
+//! * The channel is a vsock stream: the VM gets a virtio-vsock device
+//!   whose sockets live in a private directory (`link.rs`), the init
+//!   connects to host port [`exec_proto::VSOCK_PORT`] and speaks the framed
+//!   protocol of the `exec-proto` crate; `link.rs`'s `VsockLink` accepts
+//!   the connection, decodes guest → host frames with `session.rs`'s
+//!   `Sink` and sends the time and stdin. `CAPSULE_EXEC_CHANNEL=console`
+//!   selects the older channel instead (kept for comparison): a
+//!   virtio-console port, `/dev/hvc0`, fed by `stdin.rs`'s `StdinPump`.
 //! * The serial console stays the kernel console (`quiet`), captured in a
 //!   [`ConsoleTail`] whose last lines are shown when the guest fails.
 //! * `session.rs`'s `Session` holds what the guest reported; the VMM's run
@@ -26,6 +29,7 @@
 mod copyback;
 pub mod cpio;
 mod initramfs;
+mod link;
 mod session;
 mod stdin;
 
@@ -171,21 +175,60 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>, what: &'static str) -> Result<File,
         .map_err(|e| Error::Host(what, e))
 }
 
+/// The guest's CID in an exec VM.
+const EXEC_GUEST_CID: u64 = 3;
+
+/// How the init and capsule talk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    /// A vsock stream (the default).
+    Vsock,
+    /// A virtio-console port (`CAPSULE_EXEC_CHANNEL=console`).
+    Console,
+}
+
+impl Channel {
+    fn from_env() -> Result<Self, Error> {
+        match std::env::var("CAPSULE_EXEC_CHANNEL").as_deref() {
+            Err(_) | Ok("vsock") => Ok(Self::Vsock),
+            Ok("console") => Ok(Self::Console),
+            Ok(other) => Err(Error::Usage(format!(
+                "CAPSULE_EXEC_CHANNEL='{other}': expected vsock or console"
+            ))),
+        }
+    }
+}
+
 /// Boots the VM, runs the command and returns how it ended.
 pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
-    prepare(&mut config)?;
+    let channel = Channel::from_env()?;
+    prepare(&mut config, channel)?;
     let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
-    let (console, pump) = console_and_pump(&session, wake)?;
     let tail = ConsoleTail::default();
     let serial = Console {
         out: Box::new(tail.clone()),
         input: None,
         raw_terminal: false,
     };
-    let extras = Extras {
-        devices: vec![console],
-        subscribers: vec![Arc::new(Mutex::new(pump))],
+    // Kept until the VM is gone: the sockets' directory and listener.
+    let mut _sockets = None;
+    let extras = match channel {
+        Channel::Console => {
+            let (console, pump) = console_and_pump(&session, wake)?;
+            Extras {
+                devices: vec![console],
+                subscribers: vec![Arc::new(Mutex::new(pump))],
+            }
+        }
+        Channel::Vsock => {
+            let (link, dir, file) = vsock_link(&mut config, &session, wake)?;
+            _sockets = Some((file, dir));
+            Extras {
+                devices: vec![],
+                subscribers: vec![Arc::new(Mutex::new(link))],
+            }
+        }
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
     let end = vmm.run(Some(TICK), |_| lock(&session).check())?;
@@ -193,9 +236,50 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     Ok(outcome(end, &session, &tail))
 }
 
+/// The session's vsock link: a private directory for the device's
+/// socket and for the listener of the init's port (bound now, so the
+/// init's connection cannot come too early), and the VM's vsock device.
+fn vsock_link(
+    config: &mut ExecConfig,
+    session: &Arc<Mutex<Session>>,
+    wake: EventFd,
+) -> Result<
+    (
+        link::VsockLink,
+        link::PrivateDir,
+        crate::unixsock::SocketFile,
+    ),
+    Error,
+> {
+    let dir = link::PrivateDir::new()
+        .map_err(|e| Error::Host("cannot create a directory for the vsock sockets", e))?;
+    let uds = dir.join("vsock");
+    let port = link::port_path(&uds, exec_proto::VSOCK_PORT);
+    let (listener, file) = crate::unixsock::bind(&port)
+        .map_err(|why| Error::Host("cannot bind the session's socket", io::Error::other(why)))?;
+    config.vm.vsock = Some(crate::config::VsockConfig {
+        guest_cid: EXEC_GUEST_CID,
+        uds_path: uds,
+    });
+    let data_ready = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
+    let chunks = spawn_stdin_reader(
+        data_ready
+            .try_clone()
+            .map_err(|e| Error::Host("eventfd", e))?,
+    )
+    .map_err(|e| Error::Host("cannot start the stdin reader", e))?;
+    let sink = Sink {
+        session: session.clone(),
+        decoder: Decoder::new(),
+    };
+    let link = link::VsockLink::new(listener, sink, session.clone(), wake, data_ready, chunks)
+        .map_err(|e| Error::Host("cannot set up the session's socket", e))?;
+    Ok((link, dir, file))
+}
+
 /// Checks the command's environment and working directory; adds the
 /// generated initramfs and capsule's command line to the VM.
-fn prepare(config: &mut ExecConfig) -> Result<(), Error> {
+fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
     for e in &config.env {
         if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
             return Err(Error::Usage(format!("--env '{e}': expected KEY=VALUE")));
@@ -208,8 +292,12 @@ fn prepare(config: &mut ExecConfig) -> Result<(), Error> {
         )));
     }
     config.vm.initramfs = Some(build_initramfs(config)?);
+    let channel_arg = match channel {
+        Channel::Console => exec_proto::CONSOLE_CHANNEL_ARG,
+        Channel::Vsock => "",
+    };
     config.vm.cmdline = format!(
-        "{} rdinit={} {}",
+        "{} rdinit={} {channel_arg} {}",
         EXEC_CMDLINE,
         exec_proto::INIT_PATH,
         config.vm.cmdline

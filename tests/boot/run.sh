@@ -33,9 +33,13 @@ source "$resources/lib.sh"
 # write_l1_wrapper PATH "CASE...": the script that runs cases.sh in L1, with
 # the paths of the files run-in-l1.sh puts under /capsule.
 write_l1_wrapper() {
-    local log_line=""
+    local log_line="" bench_line=""
     if [[ -n "${CAPSULE_LOG:-}" ]]; then
         log_line="export CAPSULE_LOG='$CAPSULE_LOG'"
+    fi
+    # Sizes for the optional bench_exec_stdout case (resources/bench-exec.sh).
+    if [[ -n "${BENCH_EXEC_MIB:-}${BENCH_CONSOLE_MIB:-}" ]]; then
+        bench_line="export BENCH_EXEC_MIB='${BENCH_EXEC_MIB:-256}' BENCH_CONSOLE_MIB='${BENCH_CONSOLE_MIB:-16}'"
     fi
     cat >"$1" <<EOF
 #!/bin/sh
@@ -45,6 +49,7 @@ export ROOTFS=/capsule/rootfs.ext4 TOOLS=/capsule/tools
 export CASE_TIMEOUT='$case_timeout' CASES='$2' KVM_HOST_LIB=/capsule/kvm-host.sh
 export DEBIAN_IMAGE=/capsule/debian
 $log_line
+$bench_line
 exec sh /capsule/boot/cases.sh
 EOF
 }
@@ -100,6 +105,8 @@ main() {
     copy_tools "$work/tools" debugfs curl ip || fail_all "collecting the host tools failed"
     passt="$("$resources/build-passt.sh")" || fail_all "building passt failed"
     cp "$passt" "$passt.avx2" "$work/tools/bin/" || fail_all "copying passt failed"
+    # The vsock cases' relay, built with capsule, for L1 and the guest.
+    cp "$(dirname "$capsule")/capsule-vsock" "$work/tools/bin/" || fail_all "copying capsule-vsock failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then

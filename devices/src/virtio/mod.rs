@@ -80,6 +80,7 @@ mod device;
 pub mod mmio;
 pub mod net;
 mod queue_events;
+pub mod vsock;
 
 use std::io;
 
@@ -136,6 +137,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
     /// Network device.
     pub const NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+    /// Socket device (vsock).
+    pub const VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 }
 
 /// What an interrupt tells the driver.

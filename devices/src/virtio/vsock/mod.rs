@@ -1,0 +1,496 @@
+//! virtio-vsock (virtio 1.2 §5.10, device type 19) with Firecracker's
+//! host side: guest stream sockets become host Unix stream sockets.
+//!
+//! * **Host → guest**: a host program connects to the device's Unix
+//!   socket (`uds_path`) and writes `CONNECT <port>\n`; the device sends
+//!   the guest a `REQUEST` to `port` from a fresh host port `P` (from
+//!   2^30 up). When the guest accepts, the program reads `OK <P>\n` and
+//!   then has a byte stream to the guest's socket; when the guest refuses
+//!   (`RST`) the program's connection is closed without a reply.
+//! * **Guest → host**: a guest connection to CID 2 port `P` is forwarded
+//!   to a Unix listener at `<uds_path>_P`; nothing listening there
+//!   (or a full backlog) refuses it with a `RST`.
+//!
+//! Three queues: receive (0, device → driver packets), transmit (1,
+//! driver → device packets) and event (2, device → driver events: only
+//! `TRANSPORT_RESET`, sent by [`Vsock::transport_reset`], e.g. after a
+//! snapshot restore, when every connection has been dropped). The
+//! configuration space is the guest's CID.
+//!
+//! # Bounds against a hostile guest
+//!
+//! * Transmit packets are read through vm-memory's checked accessors;
+//!   a malformed chain (write-only descriptors, shorter than its header
+//!   or its `len`, `len` above 64 KiB) is returned unread. Unknown
+//!   operations and socket types are answered with a `RST`.
+//! * Guest data the host has not taken yet is held per connection within
+//!   the credit the device granted ([`conn::CONN_BUF_ALLOC`]); past it
+//!   the connection is reset. At most [`MAX_CONNECTIONS`] connections
+//!   exist, so capsule holds at most `MAX_CONNECTIONS * CONN_BUF_ALLOC`
+//!   (32 MiB) of guest data.
+//! * Host data is read only into receive buffers the guest posted, only
+//!   within the guest's credit: nothing is buffered in that direction.
+//! * Control replies are per-connection flags, and `RST`s for packets of
+//!   unknown connections wait in a queue of at most [`MAX_STRAY_RESETS`];
+//!   a guest that posts no receive buffers cannot grow either.
+//! * Each queue event handles at most [`PACKET_BUDGET`] packets before
+//!   yielding to the rest of the event loop.
+//!
+//! # Layout
+//!
+//! This file: the device, its queues and its reset; `conn.rs`: one
+//! connection and its credit; `host.rs`: the host side (listener, the
+//! `CONNECT` line, forwarding connects, event-loop registrations);
+//! `packet.rs`: the packet header and descriptor chains.
+
+pub mod conn;
+mod host;
+pub mod packet;
+
+pub use host::forward_path;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use self::conn::{Connection, Verdict};
+use self::host::PendingClient;
+use self::packet::{op, read_tx_packet, Header, RxChain, MAX_PAYLOAD, TYPE_STREAM};
+use super::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{device_type, DeviceEvent, Queue, VirtioCommon, VirtioDevice};
+
+/// The virtio device type id of vsock.
+pub const VSOCK_DEVICE_TYPE: u32 = device_type::VSOCK;
+/// The host's context id.
+pub const HOST_CID: u64 = 2;
+/// Receive queue index.
+pub const RX_QUEUE: usize = 0;
+/// Transmit queue index.
+pub const TX_QUEUE: usize = 1;
+/// Event queue index.
+pub const EVENT_QUEUE: usize = 2;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most connections (and host clients still sending their `CONNECT`
+/// line) at once; more guest requests are refused, more host clients
+/// wait in the listener's backlog.
+pub const MAX_CONNECTIONS: usize = 128;
+/// Most `RST`s owed for packets of unknown connections; more are dropped.
+pub const MAX_STRAY_RESETS: usize = 64;
+/// Packets handled per queue event before yielding.
+pub const PACKET_BUDGET: usize = 256;
+/// The event `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Why a vsock device cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The CID is reserved (0-2) or out of range.
+    #[error("guest CID {0} is invalid: it must be at least 3 and below 2^32 - 1")]
+    BadCid(u64),
+    /// Setting up the device's eventfds failed.
+    #[error("cannot set up the device: {0}")]
+    Setup(#[source] io::Error),
+}
+
+/// Host port and guest port of a connection.
+type Key = (u32, u32);
+
+/// A virtio-vsock device: one object that is both the transport's
+/// [`VirtioDevice`] and the event loop's subscriber.
+pub struct Vsock {
+    common: VirtioCommon,
+    config: [u8; 8],
+    cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    listener_registered: bool,
+    conns: HashMap<Key, Connection>,
+    /// Event-loop tag → connection.
+    tags: HashMap<u32, Key>,
+    /// Host clients that have not finished their `CONNECT` line.
+    clients: HashMap<u32, PendingClient>,
+    next_tag: u32,
+    next_local_port: u32,
+    /// Connections that may have a packet for the guest, in turn.
+    rx_ready: VecDeque<Key>,
+    /// `RST`s for packets of unknown connections.
+    strays: VecDeque<Header>,
+    /// Host streams to take out of the event loop, then close.
+    closing: Vec<(UnixStream, bool)>,
+    /// A `TRANSPORT_RESET` waits for an event buffer.
+    event_owed: bool,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Vsock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vsock")
+            .field("cid", &self.cid)
+            .field("uds_path", &self.uds_path)
+            .field("connections", &self.conns.len())
+            .finish()
+    }
+}
+
+impl Vsock {
+    /// A device for guest CID `cid`, accepting host clients on
+    /// `listener` (bound at `uds_path` by the caller) and forwarding guest
+    /// connections to `<uds_path>_<port>`.
+    pub fn new(cid: u64, uds_path: PathBuf, listener: UnixListener) -> Result<Self, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&cid) {
+            return Err(VsockError::BadCid(cid));
+        }
+        listener.set_nonblocking(true).map_err(VsockError::Setup)?;
+        let features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_INDIRECT_DESC);
+        Ok(Self {
+            common: VirtioCommon::new(
+                "virtio-vsock",
+                device_type::VSOCK,
+                features,
+                &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE],
+            )
+            .map_err(VsockError::Setup)?,
+            config: cid.to_le_bytes(),
+            cid,
+            uds_path,
+            listener,
+            listener_registered: false,
+            conns: HashMap::new(),
+            tags: HashMap::new(),
+            clients: HashMap::new(),
+            next_tag: 1,
+            next_local_port: host::FIRST_LOCAL_PORT,
+            rx_ready: VecDeque::new(),
+            strays: VecDeque::new(),
+            closing: Vec::new(),
+            event_owed: false,
+            buf: vec![0; MAX_PAYLOAD],
+        })
+    }
+
+    /// The guest's CID.
+    pub fn cid(&self) -> u64 {
+        self.cid
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Drops every connection (host clients see their stream close) and
+    /// tells the driver with a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, so
+    /// the guest drops its side too and re-reads the CID. For a snapshot
+    /// restore: the connections' host ends did not survive it.
+    pub fn transport_reset(&mut self) {
+        self.drop_all();
+        self.event_owed = true;
+        self.send_event();
+        // Come back in the event loop to take the closed streams out.
+        self.common.kick(EVENT_QUEUE);
+    }
+
+    /// Moves every connection and client to the closing list.
+    fn drop_all(&mut self) {
+        for (_, c) in self.conns.drain() {
+            self.closing.push((c.stream, c.registered.is_some()));
+        }
+        for (_, c) in self.clients.drain() {
+            self.closing.push((c.stream, true));
+        }
+        self.tags.clear();
+        self.rx_ready.clear();
+        self.strays.clear();
+    }
+
+    /// Writes an owed `TRANSPORT_RESET` into an event buffer, if there is
+    /// one.
+    fn send_event(&mut self) {
+        if !self.event_owed {
+            return;
+        }
+        let Some(active) = self.common.activation_mut() else {
+            return;
+        };
+        let q = &mut active.queues[EVENT_QUEUE];
+        let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        let mut len = 0;
+        if let Some(d) = chain.into_iter().next() {
+            if d.is_write_only() && d.len() >= 4 {
+                match active
+                    .mem
+                    .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                {
+                    Ok(()) => len = 4,
+                    Err(_) => crate::warn_ratelimited!(
+                        "virtio-vsock: event buffer is outside guest memory"
+                    ),
+                }
+            } else {
+                crate::warn_ratelimited!("virtio-vsock: unusable event buffer");
+            }
+        }
+        if let Err(e) = q.add_used(&active.mem, head, len) {
+            crate::warn_ratelimited!("virtio-vsock: cannot return event buffer {head}: {e}");
+        }
+        active.signal_used_queue(EVENT_QUEUE);
+        self.event_owed = len == 0;
+    }
+
+    /// Makes `key` take its turn for the receive queue.
+    fn queue_rx(&mut self, key: Key) {
+        if let Some(c) = self.conns.get_mut(&key) {
+            if !c.queued {
+                c.queued = true;
+                self.rx_ready.push_back(key);
+            }
+        }
+    }
+
+    /// Applies a connection's verdict.
+    fn apply(&mut self, key: Key, verdict: Verdict) {
+        match verdict {
+            Verdict::Keep => {}
+            Verdict::Reset => {
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.owe_reset();
+                }
+            }
+            Verdict::Drop => {
+                self.remove(key);
+                return;
+            }
+        }
+        self.queue_rx(key);
+    }
+
+    /// Forgets a connection and closes its host stream.
+    fn remove(&mut self, key: Key) {
+        if let Some(c) = self.conns.remove(&key) {
+            self.tags.remove(&c.tag);
+            self.closing.push((c.stream, c.registered.is_some()));
+        }
+    }
+
+    /// Owes the guest a `RST` answering `hdr` (a packet of no known
+    /// connection).
+    fn stray_reset(&mut self, hdr: &Header) {
+        if hdr.op == op::RST {
+            return;
+        }
+        if self.strays.len() >= MAX_STRAY_RESETS {
+            crate::debug_ratelimited!("virtio-vsock: too many resets owed; one dropped");
+            return;
+        }
+        self.strays.push_back(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            type_: TYPE_STREAM,
+            op: op::RST,
+            ..Header::default()
+        });
+    }
+
+    /// Handles one packet from the guest.
+    fn handle_packet(&mut self, hdr: &Header, payload: &[u8]) {
+        if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
+            crate::debug_ratelimited!(
+                "virtio-vsock: dropped a packet from CID {} to CID {}",
+                hdr.src_cid,
+                hdr.dst_cid
+            );
+            return;
+        }
+        if hdr.type_ != TYPE_STREAM {
+            crate::debug_ratelimited!("virtio-vsock: socket type {} refused", hdr.type_);
+            self.stray_reset(hdr);
+            return;
+        }
+        let key = (hdr.dst_port, hdr.src_port);
+        if let Some(c) = self.conns.get_mut(&key) {
+            let verdict = if hdr.op == op::REQUEST {
+                Verdict::Reset
+            } else {
+                c.handle_tx(hdr, payload)
+            };
+            self.apply(key, verdict);
+            return;
+        }
+        match hdr.op {
+            op::REQUEST => self.guest_connect(hdr),
+            op::RST => {}
+            _ => self.stray_reset(hdr),
+        }
+    }
+
+    /// Drains the transmit queue.
+    fn process_tx(&mut self) {
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut handled = 0;
+        while handled < PACKET_BUDGET {
+            let Some(active) = self.common.activation_mut() else {
+                break;
+            };
+            let q = &mut active.queues[TX_QUEUE];
+            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let packet = read_tx_packet(&active.mem, chain, &mut buf);
+            if let Err(e) = q.add_used(&active.mem, head, 0) {
+                crate::warn_ratelimited!("virtio-vsock: cannot return transmit buffer {head}: {e}");
+            }
+            handled += 1;
+            match packet {
+                Ok(hdr) => self.handle_packet(&hdr, &buf[..hdr.len as usize]),
+                Err(why) => {
+                    crate::warn_ratelimited!("virtio-vsock: dropped a transmit packet: {why}")
+                }
+            }
+        }
+        self.buf = buf;
+        if handled > 0 {
+            if let Some(active) = self.common.activation_mut() {
+                active.signal_used_queue(TX_QUEUE);
+            }
+        }
+        if handled >= PACKET_BUDGET {
+            self.common.kick(TX_QUEUE);
+        }
+    }
+
+    /// The next packet for the guest, for a chain with `room` bytes of
+    /// payload; its payload is in `self.buf`.
+    fn next_rx_packet(&mut self, room: usize) -> Option<(Header, usize)> {
+        if let Some(h) = self.strays.pop_front() {
+            return Some((h, 0));
+        }
+        while let Some(key) = self.rx_ready.pop_front() {
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            c.queued = false;
+            if !c.has_rx_work() {
+                continue;
+            }
+            let (packet, verdict) = c.next_rx(&mut self.buf, room);
+            self.apply(key, verdict);
+            if let Some(c) = self.conns.get_mut(&key) {
+                if c.has_rx_work() {
+                    self.queue_rx(key);
+                }
+            }
+            if packet.is_some() {
+                return packet;
+            }
+        }
+        None
+    }
+
+    /// Fills receive buffers with what is owed to the guest.
+    fn process_rx(&mut self) {
+        let mut sent = 0;
+        while sent < PACKET_BUDGET && !(self.strays.is_empty() && self.rx_ready.is_empty()) {
+            let Some(active) = self.common.activation_mut() else {
+                return;
+            };
+            let Some(chain) = active.queues[RX_QUEUE].pop_descriptor_chain(&active.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let rx = match RxChain::new(&active.mem, chain) {
+                Ok(rx) => rx,
+                Err(why) => {
+                    crate::warn_ratelimited!("virtio-vsock: unusable receive buffer: {why}");
+                    return_used(&mut active.queues[RX_QUEUE], &active.mem, head, 0);
+                    sent += 1;
+                    continue;
+                }
+            };
+            let Some((hdr, n)) = self.next_rx_packet(rx.payload_room()) else {
+                if let Some(active) = self.common.activation_mut() {
+                    active.queues[RX_QUEUE].go_to_previous_position();
+                }
+                break;
+            };
+            let Some(active) = self.common.activation_mut() else {
+                return;
+            };
+            let len = rx
+                .write(&active.mem, &hdr, &self.buf[..n])
+                .unwrap_or_else(|why| {
+                    crate::warn_ratelimited!("virtio-vsock: receive buffer: {why}");
+                    0
+                });
+            return_used(&mut active.queues[RX_QUEUE], &active.mem, head, len);
+            sent += 1;
+        }
+        if sent > 0 {
+            if let Some(active) = self.common.activation_mut() {
+                active.signal_used_queue(RX_QUEUE);
+            }
+        }
+        if sent >= PACKET_BUDGET {
+            self.common.kick(RX_QUEUE);
+        }
+    }
+}
+
+fn return_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
+    if let Err(e) = q.add_used(mem, head, len) {
+        crate::warn_ratelimited!("virtio-vsock: cannot return receive buffer {head}: {e}");
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn common(&self) -> &VirtioCommon {
+        &self.common
+    }
+
+    fn common_mut(&mut self) -> &mut VirtioCommon {
+        &mut self.common
+    }
+
+    /// `struct virtio_vsock_config`: the guest's CID.
+    fn config_space(&self) -> &[u8] {
+        &self.config
+    }
+
+    /// Every connection is dropped: the driver forgot its side.
+    fn reset_device(&mut self) -> bool {
+        self.drop_all();
+        self.event_owed = false;
+        true
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.common.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match self.common.event(&events, ops) {
+            DeviceEvent::Queue(TX_QUEUE) => self.process_tx(),
+            DeviceEvent::Queue(EVENT_QUEUE) => self.send_event(),
+            DeviceEvent::Device { tag, set } => self.host_event(tag, set, ops),
+            _ => {}
+        }
+        self.process_rx();
+        self.sync_registrations(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,456 @@
+//! The exec session over vsock: the guest init connects to host port
+//! [`exec_proto::VSOCK_PORT`], which the vsock device forwards to a Unix
+//! listener at `<uds_path>_<port>` in a private directory; this
+//! event-loop subscriber accepts that one connection, decodes the guest's
+//! frames into the [`Session`] (through the same [`Sink`] as the console
+//! channel) and sends the time and host stdin back.
+//!
+//! Back-pressure both ways: guest output is read only as this loop takes
+//! it (the device holds at most its credit, the guest waits), and host
+//! stdin is taken from the reader thread only while less than
+//! [`OUT_HIGH_WATER`] bytes wait for the socket.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use exec_proto::{HostMsg, MAX_PAYLOAD};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::lock;
+use super::session::{Session, Sink};
+use super::stdin::StdinChunk;
+
+/// Host → guest bytes held before stdin is no longer taken.
+const OUT_HIGH_WATER: usize = 1 << 20;
+/// Most bytes read from the guest per event before yielding.
+const READ_BUDGET: usize = 4 << 20;
+
+const LISTENER: u32 = 0;
+const STREAM: u32 = 1;
+const WAKE: u32 = 2;
+const DATA: u32 = 3;
+
+/// A private (0700) directory for the session's sockets, removed (with
+/// what is left in it) when dropped.
+pub(super) struct PrivateDir(pub(super) PathBuf);
+
+impl PrivateDir {
+    /// Creates `capsule-exec.<pid>.<n>` in `$XDG_RUNTIME_DIR`, else the
+    /// temporary directory; never reuses an existing one.
+    pub(super) fn new() -> io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        let mut last = None;
+        for i in 0..16u32 {
+            let dir = base.join(format!(
+                "capsule-exec.{}.{}",
+                std::process::id(),
+                nanos.wrapping_add(i)
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(Self(dir)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("no free directory name")))
+    }
+
+    /// A path in the directory.
+    pub(super) fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The host end of the session's vsock connection.
+pub(super) struct VsockLink {
+    listener: UnixListener,
+    stream: Option<UnixStream>,
+    registered: Option<EventSet>,
+    sink: Sink,
+    session: Arc<Mutex<Session>>,
+    out: VecDeque<u8>,
+    wake: EventFd,
+    data_ready: EventFd,
+    chunks: Receiver<StdinChunk>,
+    time_sent: bool,
+    stdin_done: bool,
+    buf: Vec<u8>,
+}
+
+impl VsockLink {
+    /// A link accepting on `listener`, reporting to `session`; `wake`
+    /// fires at the guest's hello, `data_ready` when the stdin reader has
+    /// a chunk.
+    pub(super) fn new(
+        listener: UnixListener,
+        sink: Sink,
+        session: Arc<Mutex<Session>>,
+        wake: EventFd,
+        data_ready: EventFd,
+        chunks: Receiver<StdinChunk>,
+    ) -> io::Result<Self> {
+        listener.set_nonblocking(true)?;
+        Ok(Self {
+            listener,
+            stream: None,
+            registered: None,
+            sink,
+            session,
+            out: VecDeque::new(),
+            wake,
+            data_ready,
+            chunks,
+            time_sent: false,
+            stdin_done: false,
+            buf: vec![0; 256 * 1024],
+        })
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) if self.stream.is_none() => match s.set_nonblocking(true) {
+                    Ok(()) => self.stream = Some(s),
+                    Err(e) => log::warn!("exec: cannot use the guest's connection: {e}"),
+                },
+                Ok(_) => log::warn!("exec: a second guest connection was refused"),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Reads what the guest sent, up to the budget; false once the
+    /// connection is over.
+    fn read(&mut self) -> bool {
+        let mut taken = 0;
+        while taken < READ_BUDGET {
+            let Some(s) = self.stream.as_mut() else {
+                return false;
+            };
+            match s.read(&mut self.buf) {
+                Ok(0) => {
+                    log::debug!("exec: the guest closed the session's connection");
+                    return false;
+                }
+                Ok(n) => {
+                    taken += n;
+                    let _ = self.sink.write_all(&self.buf[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    log::warn!("exec: the session's connection failed: {e}");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Writes what waits for the guest.
+    fn flush(&mut self) {
+        while !self.out.is_empty() {
+            let Some(s) = self.stream.as_mut() else {
+                return;
+            };
+            let (front, _) = self.out.as_slices();
+            match s.write(front) {
+                Ok(n) => {
+                    self.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("exec: cannot write to the guest: {e}");
+                    self.out.clear();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Queues the time (once the init said hello) and stdin, below the
+    /// high-water mark.
+    fn pump(&mut self) {
+        if !self.time_sent {
+            if !lock(&self.session).hello {
+                return;
+            }
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let mut frame = Vec::new();
+            HostMsg::Time {
+                secs: now.as_secs(),
+                nanos: now.subsec_nanos(),
+            }
+            .encode(&mut frame);
+            self.out.extend(frame);
+            self.time_sent = true;
+        }
+        while !self.stdin_done && self.out.len() < OUT_HIGH_WATER {
+            let mut frame = Vec::new();
+            match self.chunks.try_recv() {
+                Ok(StdinChunk::Data(d)) => {
+                    for part in d.chunks(MAX_PAYLOAD) {
+                        HostMsg::Stdin(part.to_vec()).encode(&mut frame);
+                    }
+                }
+                Ok(StdinChunk::Eof) | Err(TryRecvError::Disconnected) => {
+                    HostMsg::StdinEof.encode(&mut frame);
+                    self.stdin_done = true;
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+            self.out.extend(frame);
+        }
+        self.flush();
+    }
+
+    /// Watches the connection for input, and for output room while bytes
+    /// wait.
+    fn update_registration(&mut self, ops: &mut EventOps) {
+        let Some(s) = self.stream.as_ref() else {
+            return;
+        };
+        let mut want = EventSet::IN;
+        if !self.out.is_empty() {
+            want |= EventSet::OUT;
+        }
+        if self.registered == Some(want) {
+            return;
+        }
+        let events = Events::with_data(s, STREAM, want);
+        let r = if self.registered.is_some() {
+            ops.modify(events)
+        } else {
+            ops.add(events)
+        };
+        match r {
+            Ok(()) => self.registered = Some(want),
+            Err(e) => log::error!("exec: cannot watch the session's connection: {e}"),
+        }
+    }
+}
+
+impl MutEventSubscriber for VsockLink {
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, tag) in [
+            (self.listener.as_raw_fd(), LISTENER),
+            (self.wake.as_raw_fd(), WAKE),
+            (self.data_ready.as_raw_fd(), DATA),
+        ] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, tag, EventSet::IN)) {
+                log::error!("exec: cannot watch the session's events: {e}");
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            LISTENER => {
+                self.accept();
+                if self.stream.is_some() {
+                    let _ = ops.remove(Events::with_data(&self.listener, LISTENER, EventSet::IN));
+                }
+            }
+            STREAM => {
+                let set = events.event_set();
+                let mut open = true;
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    open = self.read();
+                }
+                if open && set.intersects(EventSet::OUT) {
+                    self.flush();
+                }
+                if !open {
+                    // Out of epoll before the descriptor closes.
+                    let _ = ops.remove(Events::empty_raw(events.fd()));
+                    self.stream = None;
+                    self.registered = None;
+                    self.out.clear();
+                }
+            }
+            WAKE => {
+                let _ = self.wake.read();
+            }
+            DATA => {
+                let _ = self.data_ready.read();
+            }
+            _ => {}
+        }
+        self.pump();
+        self.update_registration(ops);
+    }
+}
+
+/// The path of the listener for guest connections to `port`.
+pub(super) fn port_path(uds: &Path, port: u32) -> PathBuf {
+    devices::virtio::vsock::forward_path(uds, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use exec_proto::{Decoder, GuestMsg};
+
+    use super::*;
+    use crate::exec::session::tests::session;
+
+    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    fn run(em: &mut Loop) {
+        for _ in 0..1000 {
+            if em.run_with_timeout(50).unwrap() == 0 {
+                return;
+            }
+        }
+        panic!("the link never went idle");
+    }
+
+    /// Host frames read from the guest's end until `want` of them came.
+    fn host_frames(s: &mut UnixStream, em: &mut Loop, want: usize) -> Vec<HostMsg> {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        for _ in 0..100 {
+            run(em);
+            match s.read(&mut buf) {
+                Ok(n) => d.push(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            while let Some(f) = d.next_frame().unwrap() {
+                out.push(HostMsg::parse(f).unwrap());
+            }
+            if out.len() >= want {
+                return out;
+            }
+        }
+        panic!("only {} host frames", out.len());
+    }
+
+    #[test]
+    fn the_link_accepts_the_init_and_carries_the_session_both_ways() {
+        let dir = PrivateDir::new().unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir.0).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        let path = port_path(&dir.join("vsock"), exec_proto::VSOCK_PORT);
+        assert!(path.ends_with("vsock_10000"));
+        let listener = UnixListener::bind(&path).unwrap();
+        let session = Arc::new(Mutex::new(session(vec![])));
+        let wake = devices::eventfd().unwrap();
+        lock(&session).wake = wake.try_clone().unwrap();
+        let data_ready = devices::eventfd().unwrap();
+        let (tx, rx) = mpsc::sync_channel(8);
+        let sink = Sink {
+            session: session.clone(),
+            decoder: Decoder::new(),
+        };
+        let link = VsockLink::new(
+            listener,
+            sink,
+            session.clone(),
+            wake,
+            data_ready.try_clone().unwrap(),
+            rx,
+        )
+        .unwrap();
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(link)));
+
+        // The init connects (through the vsock device, here directly).
+        let mut guest = UnixStream::connect(&path).unwrap();
+        guest.set_nonblocking(true).unwrap();
+        run(&mut em);
+        // Stdin that arrives before the hello waits for it.
+        tx.send(StdinChunk::Data(b"typed early".to_vec())).unwrap();
+        data_ready.write(1).unwrap();
+        run(&mut em);
+        let mut b = [0u8; 16];
+        assert!(matches!(guest.read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
+
+        let mut frames = Vec::new();
+        GuestMsg::Hello {
+            version: exec_proto::VERSION,
+        }
+        .encode(&mut frames);
+        GuestMsg::Stdout(b"out".to_vec()).encode(&mut frames);
+        guest.write_all(&frames).unwrap();
+        let got = host_frames(&mut guest, &mut em, 2);
+        assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
+        assert_eq!(got[1], HostMsg::Stdin(b"typed early".to_vec()));
+        assert!(lock(&session).hello);
+
+        tx.send(StdinChunk::Eof).unwrap();
+        data_ready.write(1).unwrap();
+        assert_eq!(host_frames(&mut guest, &mut em, 1), vec![HostMsg::StdinEof]);
+
+        let mut frames = Vec::new();
+        GuestMsg::Exit(7).encode(&mut frames);
+        guest.write_all(&frames).unwrap();
+        drop(guest);
+        run(&mut em);
+        assert_eq!(lock(&session).exit, Some(7));
+    }
+
+    #[test]
+    fn a_malformed_frame_from_the_guest_breaks_the_session() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let session = Arc::new(Mutex::new(session(vec![])));
+        let (_tx, rx) = mpsc::sync_channel(1);
+        let sink = Sink {
+            session: session.clone(),
+            decoder: Decoder::new(),
+        };
+        let link = VsockLink::new(
+            listener,
+            sink,
+            session.clone(),
+            devices::eventfd().unwrap(),
+            devices::eventfd().unwrap(),
+            rx,
+        )
+        .unwrap();
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(link)));
+        let mut guest = UnixStream::connect(&path).unwrap();
+        run(&mut em);
+        guest.write_all(&[0x7e, 0, 0, 0, 0]).unwrap();
+        run(&mut em);
+        assert!(lock(&session).broken.is_some());
+        // A second connection is refused; the first stays.
+        let _second = UnixStream::connect(&path);
+        run(&mut em);
+        let p = dir.0.clone();
+        drop(dir);
+        assert!(!p.exists(), "the private directory is removed");
+    }
+}

@@ -1,0 +1,76 @@
+# shellcheck shell=sh
+# tests/boot/cases.d/bench_exec.sh: `capsule exec` stdout throughput, in
+# one harness run, over the three channels a command's bytes can take:
+# the exec session over vsock (the default), the older virtio-console
+# session (CAPSULE_EXEC_CHANNEL=console), and plain TCP over virtio-net
+# (a TAP device, busybox nc) for comparison. Optional (run by name, e.g.
+# through resources/bench-exec.sh): a measurement, not a check of capsule's
+# behaviour, and minutes long under the nested harness.
+#
+# Sizes: BENCH_EXEC_MIB (vsock and TCP, default 256) and
+# BENCH_CONSOLE_MIB (default 16: the console channel moves about 0.4 MiB/s
+# under the harness). Each exec's transfer time is its wall time minus the
+# moment capsule logged the command's start (so the boot is left out);
+# the TCP one is timed by the guest around its sender.
+
+OPTIONAL_CASES="${OPTIONAL_CASES:-} bench_exec_stdout"
+
+# bench_exec_one CHANNEL MIB: runs `capsule exec` writing MIB MiB to
+# stdout over CHANNEL; prints "bytes seconds" (or nothing on failure).
+bench_exec_one() {
+    _dir="$WORK/bench_exec_$1"
+    rm -rf "$_dir"
+    mkdir -p "$_dir"
+    _bytes=$(($2 * 1048576))
+    _t0=$(cut -d' ' -f1 /proc/uptime)
+    CAPSULE_EXEC_CHANNEL="$1" CAPSULE_LOG=info timeout -k 10 1800 "$CAPSULE" exec \
+        --kernel "$BZIMAGE" --disk "$ROOTFS,ephemeral" -- head -c "$_bytes" /dev/zero \
+        2>"$_dir/stderr" </dev/null | wc -c >"$_dir/count"
+    _t1=$(cut -d' ' -f1 /proc/uptime)
+    _started_ms=$(sed -n 's/.*command started \([0-9]*\) ms after capsule started.*/\1/p' "$_dir/stderr" | head -n1)
+    _got=$(tr -d ' ' <"$_dir/count")
+    if [ "$_got" != "$_bytes" ] || [ -z "$_started_ms" ]; then
+        echo "    bench_exec_stdout: $1: got ${_got:-0} of $_bytes bytes; stderr: $(tail -n 3 "$_dir/stderr" | tr '\n' ' ')" >&2
+        return 1
+    fi
+    awk -v t0="$_t0" -v t1="$_t1" -v s="$_started_ms" -v b="$_bytes" \
+        'BEGIN { printf "%d %.2f\n", b, (t1 - t0) - s / 1000 }'
+}
+
+# bench_tcp MIB: MIB MiB from the guest to the host over TCP on a TAP
+# device; prints "bytes seconds".
+bench_tcp() {
+    net_prepare
+    _bytes=$(($1 * 1048576))
+    tap_up captb 10.0.9.1/24
+    nc -l -p 5009 -e sh -c "wc -c >'$WORK/bench-tcp-count'" </dev/null >/dev/null 2>&1 &
+    _srv=$!
+    run_capsule bench_exec_tcp "ip addr add 10.0.9.2/24 dev eth0; ip link set eth0 up; sleep 1; t0=\$(cut -d' ' -f1 /proc/uptime); nc 10.0.9.1 5009 -e head -c $_bytes /dev/zero </dev/null; t1=\$(cut -d' ' -f1 /proc/uptime); echo \"TCP-SECS \$(awk -v a=\$t0 -v b=\$t1 'BEGIN { printf \"%.2f\", b - a }')\"; poweroff -f" \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --memory 512M --net tap=captb,mac=02:00:00:00:09:02
+    wait "$_srv" 2>/dev/null
+    _secs=$(sed -n 's/^TCP-SECS \([0-9.]*\).*/\1/p' "$OUT" | head -n1)
+    _got=$(tr -d ' ' <"$WORK/bench-tcp-count" 2>/dev/null)
+    if [ -z "$_secs" ] || [ "$_got" != "$_bytes" ]; then
+        echo "    bench_exec_stdout: tcp: got ${_got:-0} of $_bytes bytes" >&2
+        return 1
+    fi
+    echo "$_bytes $_secs"
+}
+
+case_bench_exec_stdout() {
+    _mib="${BENCH_EXEC_MIB:-256}"
+    _cmib="${BENCH_CONSOLE_MIB:-16}"
+    _v="$(bench_exec_one vsock "$_mib")"
+    _c="$(bench_exec_one console "$_cmib")"
+    _n="$(bench_tcp "$_mib")"
+    for _row in "exec over vsock:$_v" "exec over virtio-console:$_c" "TCP over virtio-net (TAP):$_n"; do
+        _name="${_row%%:*}" _val="${_row#*:}"
+        if [ -n "$_val" ]; then
+            echo "$_val" | awk -v n="$_name" '{ printf "    bench_exec_stdout: %-28s %4d MiB in %7.2f s = %8.2f MiB/s\n", n, $1 / 1048576, $2, ($1 / 1048576) / ($2 > 0 ? $2 : 0.01) }'
+        fi
+    done
+    expect "exec over vsock moved its bytes" test -n "$_v"
+    expect "exec over virtio-console moved its bytes" test -n "$_c"
+    expect "TCP over virtio-net moved its bytes" test -n "$_n"
+    RC=0 OUT=/dev/null ERR=/dev/null
+}
