@@ -45,7 +45,7 @@ pub struct VmConfig {
 pub type MacAddr = [u8; 6];
 
 /// The host side of a network device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetBackendConfig {
     /// A host TAP device (created if missing, given CAP_NET_ADMIN).
     Tap {
@@ -200,7 +200,7 @@ impl std::str::FromStr for NetConfig {
 }
 
 /// How a disk image is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum DiskMode {
     /// Read-write; the image is locked exclusively.
     #[default]
@@ -213,7 +213,7 @@ pub enum DiskMode {
 }
 
 /// A raw disk image for a virtio-blk device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,
