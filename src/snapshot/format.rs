@@ -102,19 +102,20 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Forma
         return Err(FormatError::NotASnapshot(path));
     }
     let word = |at: usize, n: usize| -> Option<&[u8]> { bytes.get(at..at + n) };
+    let truncated = |path| FormatError::Length {
+        path,
+        expected: 0,
+        found: bytes.len().saturating_sub(HEADER_LEN) as u64,
+    };
     let Some(version) = word(8, 4) else {
-        return Err(FormatError::NotASnapshot(path));
+        return Err(truncated(path));
     };
     let found = u32::from_le_bytes(version.try_into().expect("4 bytes"));
     if found != FORMAT_VERSION {
         return Err(FormatError::Version { path, found });
     }
     let (Some(crc), Some(len)) = (word(12, 4), word(16, 8)) else {
-        return Err(FormatError::Length {
-            path,
-            expected: 0,
-            found: 0,
-        });
+        return Err(truncated(path));
     };
     let expected_crc = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
     let expected = u64::from_le_bytes(len.try_into().expect("8 bytes"));
@@ -158,7 +159,7 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = create_private(&tmp)?;
         io::Write::write_all(&mut f, bytes)?;
         f.sync_data()?;
         std::fs::rename(&tmp, path)
@@ -167,6 +168,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates (or truncates) `path` with mode 0600: a snapshot's files hold
+/// the guest's memory and state, which are the guest's secrets.
+pub fn create_private(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// `path` with `.tmp` appended, in the same directory (so a rename

@@ -20,7 +20,6 @@
 pub mod format;
 pub mod restore;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -320,7 +319,7 @@ fn save_disk(
     let name = overlay_name(snapshot_path, index);
     let path = snapshot_path.with_file_name(&name);
     let tmp = format::temp_path(&path);
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let file = format::create_private(&tmp).map_err(io_err(&tmp))?;
     let saved = block.lock().unwrap_or_else(|e| e.into_inner()).save(&file);
     let block = match saved {
         Ok(b) => b,
@@ -351,7 +350,7 @@ fn write_memory(mem: &vm_memory::GuestMemoryMmap, path: &Path) -> Result<u64, Er
     const CHUNK: usize = 2 << 20;
     let tmp = format::temp_path(path);
     let result = (|| -> std::io::Result<u64> {
-        let file = File::create(&tmp)?;
+        let file = format::create_private(&tmp)?;
         let total: u64 = mem.iter().map(|r| r.len()).sum();
         file.set_len(total)?;
         let mut buf = vec![0u8; CHUNK];

@@ -375,6 +375,37 @@ mod tests {
         assert_eq!(std::fs::read(tmp.as_path()).unwrap(), base);
     }
 
+    /// A snapshot's overlay copy restores the guest's writes into a new
+    /// ephemeral image over the same base, and nothing else.
+    #[test]
+    fn overlay_survives_save_and_restore() {
+        let base = pattern(8192);
+        let tmp = image_with(&base);
+        let mut img = EphemeralImage::open(tmp.as_path()).unwrap();
+        img.write_at(&[0x44; 1024], 1024).unwrap();
+        img.write_at(&[0x55; 10], 7000).unwrap();
+        let mut want = base.clone();
+        want[1024..2048].fill(0x44);
+        want[7000..7010].fill(0x55);
+        let saved = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let runs = img.save_overlay(saved.as_file()).unwrap();
+        assert_eq!(runs, vec![(2, 2), (13, 1)]);
+
+        let mut copy = EphemeralImage::open(tmp.as_path()).unwrap();
+        copy.restore_overlay(saved.as_file(), &runs).unwrap();
+        let mut buf = vec![0; 8192];
+        copy.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, want);
+        assert_eq!(std::fs::read(tmp.as_path()).unwrap(), base);
+        // Runs past the end of the disk are refused.
+        let mut other = EphemeralImage::open(tmp.as_path()).unwrap();
+        assert!(other.restore_overlay(saved.as_file(), &[(15, 2)]).is_err());
+        // A raw image has nothing to restore into.
+        let mut raw = super::super::disk::RawImage::open(tmp.as_path(), true).unwrap();
+        assert!(raw.restore_overlay(saved.as_file(), &runs).is_err());
+        assert!(raw.save_overlay(saved.as_file()).unwrap().is_empty());
+    }
+
     #[test]
     fn sector_bitmap_is_sparse() {
         let mut bm = SectorBitmap::new(1 << 31).unwrap(); // a 1 TiB image
