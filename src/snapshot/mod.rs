@@ -20,6 +20,7 @@
 pub mod format;
 pub mod restore;
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -283,7 +284,7 @@ pub fn create(
         disks,
         nets,
     };
-    let mem_written = write_memory(vmm.ram.memory(), mem_path)?;
+    let mem_written = write_memory(&vmm.ram, mem_path)?;
     let bytes = format::encode(&state).map_err(|e| Error::Save(e.to_string()))?;
     format::write_atomic(snapshot_path, &bytes).map_err(io_err(snapshot_path))?;
     let stats = CreateStats {
@@ -342,44 +343,65 @@ fn save_disk(
     })
 }
 
-/// Writes guest memory, region after region, to `path`; all-zero pages
-/// are left as holes. Returns the bytes written.
-fn write_memory(mem: &vm_memory::GuestMemoryMmap, path: &Path) -> Result<u64, Error> {
+/// Which of the `pages` pages from host address `addr` have ever been
+/// written (present or swapped out, from /proc/self/pagemap). A page of
+/// anonymous memory that is neither has never been touched and reads as
+/// zero: reading it anyway would only fault in the zero page, which on a
+/// large guest costs seconds.
+fn touched_pages(pagemap: &File, addr: usize, pages: usize) -> std::io::Result<Vec<bool>> {
     use std::os::unix::fs::FileExt;
-    const PAGE: usize = 4096;
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let mut raw = vec![0u8; pages * 8];
+    pagemap.read_exact_at(&mut raw, (addr / PAGE) as u64 * 8)?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (PRESENT | SWAPPED) != 0)
+        .collect())
+}
+
+/// The host page size.
+const PAGE: usize = 4096;
+
+/// Writes guest memory, region after region, to `path`; all-zero pages
+/// are left as holes. Pages of anonymous RAM the guest never touched are
+/// not even read. Returns the bytes written.
+fn write_memory(ram: &crate::vstate::memory::GuestRam, path: &Path) -> Result<u64, Error> {
     const CHUNK: usize = 2 << 20;
+    let mem = ram.memory();
     let tmp = format::temp_path(path);
     let result = (|| -> std::io::Result<u64> {
         let file = format::create_private(&tmp)?;
         let total: u64 = mem.iter().map(|r| r.len()).sum();
         file.set_len(total)?;
+        // Without pagemap (no /proc) every page is read through the
+        // mapping. With it, a page never touched is zero, or for RAM
+        // mapped from a memory file the file's: read from the file.
+        let pagemap = File::open("/proc/self/pagemap").ok();
+        let source = ram.backing_file();
         let mut buf = vec![0u8; CHUNK];
         let mut offset = 0u64;
         let mut written = 0u64;
         for region in mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(std::io::Error::other)? as usize;
             let mut done = 0u64;
             while done < region.len() {
                 let n = (region.len() - done).min(CHUNK as u64) as usize;
-                region
-                    .read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(done))
-                    .map_err(std::io::Error::other)?;
-                // Runs of pages with data, each in one write.
-                let mut run: Option<usize> = None;
                 let pages = n.div_ceil(PAGE);
-                for i in 0..=pages {
-                    let data =
-                        i < pages && buf[i * PAGE..n.min((i + 1) * PAGE)].iter().any(|&b| b != 0);
-                    match (data, run) {
-                        (true, None) => run = Some(i * PAGE),
-                        (false, Some(start)) => {
-                            let end = n.min(i * PAGE);
-                            file.write_all_at(&buf[start..end], offset + done + start as u64)?;
-                            written += (end - start) as u64;
-                            run = None;
-                        }
-                        _ => {}
-                    }
-                }
+                let touched = match &pagemap {
+                    Some(pm) => touched_pages(pm, host + done as usize, pages)?,
+                    None => vec![true; pages],
+                };
+                let at = offset + done;
+                let chunk = Chunk {
+                    region,
+                    start: done,
+                    at,
+                    source,
+                };
+                written += chunk.write(&file, &mut buf[..n], &touched)?;
                 done += n as u64;
             }
             offset += region.len();
@@ -392,4 +414,116 @@ fn write_memory(mem: &vm_memory::GuestMemoryMmap, path: &Path) -> Result<u64, Er
         let _ = std::fs::remove_file(&tmp);
         io_err(path)(e)
     })
+}
+
+/// `buf.len()` bytes of guest memory: at `start` of `region`, at `at` in
+/// the memory file (and in `source`, the file RAM is mapped from, if any).
+struct Chunk<'a> {
+    region: &'a vm_memory::GuestRegionMmap,
+    start: u64,
+    at: u64,
+    source: Option<&'a File>,
+}
+
+impl Chunk<'_> {
+    /// Writes the chunk's pages that are not all zero to `file`, runs of
+    /// pages in one write; `touched` pages are read through the mapping,
+    /// the others from `source` (or are zero). Returns the bytes written.
+    fn write(&self, file: &File, buf: &mut [u8], touched: &[bool]) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let n = buf.len();
+        let mut written = 0u64;
+        let mut i = 0;
+        while i < touched.len() {
+            let kind = touched[i];
+            let first = i;
+            while i < touched.len() && touched[i] == kind {
+                i += 1;
+            }
+            let (lo, hi) = (first * PAGE, n.min(i * PAGE));
+            match (kind, self.source) {
+                (true, _) => self
+                    .region
+                    .read_slice(
+                        &mut buf[lo..hi],
+                        vm_memory::MemoryRegionAddress(self.start + lo as u64),
+                    )
+                    .map_err(std::io::Error::other)?,
+                (false, Some(src)) => {
+                    // Only the parts of the source that hold data.
+                    let (from, to) = (self.at + lo as u64, self.at + hi as u64);
+                    for (s, e) in data_ranges(src, from, to)? {
+                        let (a, b) = ((s - self.at) as usize, (e - self.at) as usize);
+                        src.read_exact_at(&mut buf[a..b], s)?;
+                        written += write_nonzero(file, &buf[a..b], s)?;
+                    }
+                    continue;
+                }
+                (false, None) => continue,
+            }
+            written += write_nonzero(file, &buf[lo..hi], self.at + lo as u64)?;
+        }
+        Ok(written)
+    }
+}
+
+/// The ranges of `[from, to)` in `file` that hold data (between its
+/// holes), page aligned, from `SEEK_DATA`/`SEEK_HOLE`.
+fn data_ranges(file: &File, from: u64, to: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |off: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; it only moves the file
+        // offset, which nothing else uses (every read here is positioned).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
+        if r >= 0 {
+            Ok(Some(r as u64))
+        } else {
+            match std::io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+                e => Err(e),
+            }
+        }
+    };
+    let mut ranges = Vec::new();
+    let mut pos = from;
+    while pos < to {
+        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= to {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
+        let start = start - start % PAGE as u64;
+        ranges.push((start.max(from), end.next_multiple_of(PAGE as u64).min(to)));
+        pos = end;
+    }
+    Ok(ranges)
+}
+
+/// Writes the pages of `data` that are not all zero to `file` at `at`
+/// (runs of them in one write); returns the bytes written.
+fn write_nonzero(file: &File, data: &[u8], at: u64) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut written = 0u64;
+    let mut run: Option<usize> = None;
+    let mut p = 0;
+    loop {
+        let has_data = p < data.len() && data[p..data.len().min(p + PAGE)].iter().any(|&b| b != 0);
+        match (has_data, run) {
+            (true, None) => run = Some(p),
+            (false, Some(s)) => {
+                let end = p.min(data.len());
+                file.write_all_at(&data[s..end], at + s as u64)?;
+                written += (end - s) as u64;
+                run = None;
+            }
+            _ => {}
+        }
+        if p >= data.len() {
+            break;
+        }
+        p += PAGE;
+    }
+    Ok(written)
 }

@@ -181,6 +181,9 @@ pub struct GuestRam {
     mem: Option<GuestMemoryMmap>,
     regions: Vec<(Arc<GuestRegionMmap>, Mapping)>,
     keep_mapped: bool,
+    /// The file RAM is mapped from ([`Self::from_file`]): a page the
+    /// guest has not touched holds the file's data, not zeroes.
+    backing: Option<std::fs::File>,
 }
 
 impl GuestRam {
@@ -239,6 +242,10 @@ impl GuestRam {
             mem: Some(mem),
             regions,
             keep_mapped: false,
+            backing: file
+                .map(std::fs::File::try_clone)
+                .transpose()
+                .map_err(|e| Error::Map { size: 0, source: e })?,
         })
     }
 
@@ -247,6 +254,13 @@ impl GuestRam {
         self.mem
             .as_ref()
             .expect("guest memory is present until drop")
+    }
+
+    /// The file RAM is a private mapping of (a restored snapshot's memory
+    /// file, regions one after the other), if any: a page the guest never
+    /// touched is the file's, not zero.
+    pub fn backing_file(&self) -> Option<&std::fs::File> {
+        self.backing.as_ref()
     }
 
     /// Leaves the memory mapped when this is dropped: for a vCPU that may
