@@ -49,7 +49,7 @@ pub fn snapshot(name: &str, dir: &Path, stop: bool) -> u8 {
         match api_request(&sock, "PATCH", "/vm", Some(&body), API_TIMEOUT) {
             Ok((204, _)) => Ok(()),
             Ok((_, b)) => Err(fault_message(&b)),
-            Err(m) => Err(m),
+            Err(m) => Err(m.to_string()),
         }
     };
     if let Err(m) = patch("Paused") {
@@ -70,7 +70,7 @@ pub fn snapshot(name: &str, dir: &Path, stop: bool) -> u8 {
     ) {
         Ok((204, _)) => Ok(()),
         Ok((_, b)) => Err(fault_message(&b)),
-        Err(m) => Err(m),
+        Err(m) => Err(m.to_string()),
     };
     if stop && created.is_ok() {
         return crate::verbs::kill(name);

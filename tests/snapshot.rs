@@ -5,6 +5,11 @@
 //! letter, which only happens if registers, memory and the UART come back
 //! as saved. Damaged snapshots must be refused with exit status 1.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

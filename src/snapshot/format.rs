@@ -149,7 +149,7 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
     if len > HEADER_LEN as u64 + MAX_PAYLOAD {
         return Err(FormatError::NotASnapshot(path.to_path_buf()));
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    let mut bytes = Vec::with_capacity(arch::usize_from(len));
     io::Read::read_to_end(&mut &file, &mut bytes).map_err(io_err)?;
     decode(path, &bytes)
 }

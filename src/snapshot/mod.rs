@@ -307,7 +307,7 @@ fn overlay_name(snapshot_path: &Path, index: usize) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "snapshot".into());
-    let letter = char::from(b'a' + (index % 26) as u8);
+    let letter = char::from(b'a' + u8::try_from(index % 26).unwrap_or(0));
     format!("{base}.vd{letter}.overlay")
 }
 
@@ -388,10 +388,10 @@ fn write_memory(ram: &crate::vstate::memory::GuestRam, path: &Path) -> Result<u6
                 .map_err(std::io::Error::other)? as usize;
             let mut done = 0u64;
             while done < region.len() {
-                let n = (region.len() - done).min(CHUNK as u64) as usize;
+                let n = arch::usize_from((region.len() - done).min(CHUNK as u64));
                 let pages = n.div_ceil(PAGE);
                 let touched = match &pagemap {
-                    Some(pm) => touched_pages(pm, host + done as usize, pages)?,
+                    Some(pm) => touched_pages(pm, host + arch::usize_from(done), pages)?,
                     None => vec![true; pages],
                 };
                 let at = offset + done;
@@ -453,7 +453,7 @@ impl Chunk<'_> {
                     // Only the parts of the source that hold data.
                     let (from, to) = (self.at + lo as u64, self.at + hi as u64);
                     for (s, e) in data_ranges(src, from, to)? {
-                        let (a, b) = ((s - self.at) as usize, (e - self.at) as usize);
+                        let (a, b) = (arch::usize_from(s - self.at), arch::usize_from(e - self.at));
                         src.read_exact_at(&mut buf[a..b], s)?;
                         written += write_nonzero(file, &buf[a..b], s)?;
                     }

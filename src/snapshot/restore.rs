@@ -45,7 +45,7 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, std::fs::File), Error> {
         why,
     };
     let count = state.vcpus.len();
-    if count == 0 || count > usize::from(arch::layout::MAX_VCPUS) {
+    if count == 0 || u8::try_from(count).map_or(true, |n| n > arch::layout::MAX_VCPUS) {
         return Err(mismatch(format!("{count} vCPUs")));
     }
     if state.transports.len() != state.disks.len() + state.nets.len() {
@@ -130,7 +130,7 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         initrd: None,
         initramfs: None,
         cmdline: state.cmdline.clone(),
-        vcpus: state.vcpus.len() as u8,
+        vcpus: u8::try_from(state.vcpus.len()).map_err(|_| mismatch("too many vCPUs".into()))?,
         mem_size: state.mem_size,
         kvm_path: cfg.kvm_path.clone(),
         disks,
@@ -181,8 +181,8 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     restore_devices(cfg, &state, &dm, &blocks).map_err(mismatch)?;
 
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in state.vcpus.iter().enumerate() {
-        let vcpu = Vcpu::new(vm.fd(), index as u8).map_err(builder::Error::from)?;
+    for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
+        let vcpu = Vcpu::new(vm.fd(), index).map_err(builder::Error::from)?;
         vcpu.restore(saved).map_err(builder::Error::from)?;
         vcpus.push(vcpu);
     }

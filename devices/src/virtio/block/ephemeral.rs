@@ -155,8 +155,8 @@ impl EphemeralImage {
             return Ok(());
         }
         let start = sector * SECTOR_SIZE;
-        let n = SECTOR_SIZE.min(self.len - start) as usize;
-        let mut buf = [0u8; SECTOR_SIZE as usize];
+        let n = crate::usize_from(SECTOR_SIZE.min(self.len - start));
+        let mut buf = [0u8; crate::usize_from(SECTOR_SIZE)];
         self.base.read_exact_at(&mut buf[..n], start)?;
         self.overlay.write_all_at(&buf[..n], start)?;
         self.mark_written(sector);
@@ -192,7 +192,7 @@ fn copy_range(from: &File, to: &File, start: u64, len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0;
     while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
+        let n = crate::usize_from((len - done).min(buf.len() as u64));
         from.read_exact_at(&mut buf[..n], start + done)?;
         to.write_all_at(&buf[..n], start + done)?;
         done += n as u64;
@@ -280,7 +280,7 @@ impl DiskImage for EphemeralImage {
             while run_end < end && self.is_written(run_end / SECTOR_SIZE) == from_overlay {
                 run_end += SECTOR_SIZE;
             }
-            let n = (run_end.min(end) - pos) as usize;
+            let n = crate::usize_from(run_end.min(end) - pos);
             let file = if from_overlay {
                 &self.overlay
             } else {
