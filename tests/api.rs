@@ -659,6 +659,8 @@ fn conformance_with_the_firecracker_spec() {
         "SerialDevice",
         "InstanceActionInfo",
         "Vm",
+        "SnapshotCreateParams",
+        "SnapshotLoadParams",
     ] {
         for (prop, _, _) in &defs[schema].props {
             let path = match schema {
@@ -669,6 +671,8 @@ fn conformance_with_the_firecracker_spec() {
                 "Logger" => "/logger",
                 "SerialDevice" => "/serial",
                 "InstanceActionInfo" => "/actions",
+                "SnapshotCreateParams" => "/snapshot/create",
+                "SnapshotLoadParams" => "/snapshot/load",
                 _ => "/vm",
             };
             let body = format!(r#"{{"{prop}": null}}"#);

@@ -67,7 +67,7 @@ pub struct NetworkOverride {
 }
 
 /// `PUT /snapshot/load`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotLoadParams {
     /// The state file.
@@ -90,6 +90,16 @@ pub struct SnapshotLoadParams {
     /// New TAP devices for the snapshot's interfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_overrides: Option<Vec<NetworkOverride>>,
+    /// A new vsock socket (capsule's snapshots have no vsock: refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<serde_json::Value>,
+    /// Advance the guest's wall clock by the time spent saved (refused:
+    /// the KVM clock resumes where it stopped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_realtime: Option<bool>,
+    /// Huge pages for the restored memory (refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<serde_json::Value>,
 }
 
 /// Routes `/snapshot/...`; `None` if the path is not one of them.
@@ -151,6 +161,21 @@ pub fn restore_config(
             ))
         }
     };
+    if p.vsock_override.is_some() {
+        return Err(VmmActionError::Unsupported(
+            "vsock_override: capsule's snapshots have no vsock device",
+        ));
+    }
+    if p.clock_realtime == Some(true) {
+        return Err(VmmActionError::Unsupported(
+            "clock_realtime is not supported: the guest clock resumes where it stopped",
+        ));
+    }
+    if p.huge_pages.as_ref().is_some_and(|h| h != "None") {
+        return Err(VmmActionError::Unsupported(
+            "huge_pages: a restored VM's memory maps the memory file",
+        ));
+    }
     if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
         return Err(VmmActionError::Unsupported(
             "dirty page tracking (for Diff snapshots) is not supported by capsule yet",
