@@ -1,6 +1,6 @@
 //! Snapshots: a paused VM written to two files, and new VMs made from them.
 //!
-//! * The **snapshot file** ([`format`]) holds [`SnapshotState`]: the
+//! * The **snapshot file** ([`format`](mod@format)) holds [`SnapshotState`]: the
 //!   machine's shape (vCPU count, memory size, the host CPU model), the
 //!   KVM state of the VM ([`crate::vstate::vm_state`]) and of each vCPU
 //!   ([`crate::vstate::vcpu_state`]), and every device's state (UART,
