@@ -221,7 +221,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     check_host_memory(config.mem_size)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
-    let mut ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size)).map_err(|source| {
+    let ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size)).map_err(|source| {
         Error::GuestMemory {
             size: config.mem_size,
             source,
@@ -237,17 +237,16 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         None
     };
 
-    let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
-    let exit = ExitSignal::new().map_err(Error::ExitEvent)?;
-    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
-    let raw_terminal = console.raw_terminal;
-    let mut dm = DeviceManager::new();
-    let mut devices = Devices {
-        dm: &mut dm,
-        vm: &vm,
-        mem,
-        event_manager: &mut event_manager,
+    let unsupported = if !extras.devices.is_empty() {
+        Some("capsule exec's devices have no saved state")
+    } else if config.vsock.is_some() {
+        Some("the vsock device has no saved state yet")
+    } else {
+        None
     };
+    let (mut started, mut dm) = Started::new(console.raw_terminal)?;
+    let exit = started.exit.clone();
+    let mut devices = started.devices(&mut dm, &vm, mem);
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks)?;
     devices.add_nets(&config.nets)?;
@@ -257,59 +256,148 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|v| devices.add_vsock(v))
         .transpose()?;
     devices.add_extras(extras)?;
+    let (blocks, macs) = (devices.blocks, devices.macs);
 
     write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
     let vcpus = create_vcpus(&vm, mem, &entry, config.vcpus)?;
+    let persist = handles(config, &dm, blocks, macs, unsupported);
+    started.launch(vm, ram, dm, vcpus, persist, vsock, false)
+}
 
-    let terminal = raw_terminal
-        .then(terminal::enter_raw_mode)
-        .transpose()
-        .map_err(Error::Terminal)?
-        .flatten();
-    let i8042 = dm.i8042.clone();
-    let pause = Arc::new(PauseGate::default());
-    let io = VcpuIo {
-        pio: Arc::new(dm.pio),
-        mmio: Arc::new(dm.mmio),
-        exit: exit.clone(),
-        stop: Arc::new(AtomicBool::new(false)),
-        pause: pause.clone(),
-    };
-    let handles = start_vcpus(vcpus, &io, &mut ram)?;
-    log::info!(
-        "VM started: {} vCPU(s), {} of memory, {:.1} ms after capsule started",
-        config.vcpus,
-        format_size(config.mem_size),
-        crate::process_start().elapsed().as_secs_f64() * 1000.0
-    );
+/// The typed device handles a snapshot saves (see [`crate::snapshot`]).
+pub(crate) fn handles(
+    config: &VmConfig,
+    dm: &DeviceManager,
+    blocks: Vec<Arc<Mutex<Block>>>,
+    macs: Vec<net::MacAddr>,
+    unsupported: Option<&'static str>,
+) -> crate::snapshot::Handles {
+    crate::snapshot::Handles {
+        config: VmConfig {
+            initramfs: None,
+            ..config.clone()
+        },
+        serial: dm.serial.clone().expect("COM1 is attached first"),
+        i8042: dm.i8042.clone().expect("the i8042 is attached first"),
+        transports: dm.transports.clone(),
+        blocks,
+        macs,
+        unsupported,
+    }
+}
 
-    Ok(Vmm {
-        _signal_wake: signals::wake_on_signal(&exit),
-        vcpus: handles,
-        pause,
-        i8042,
-        event_manager,
-        exit,
-        _terminal: terminal,
-        _vm: vm,
-        ram,
-        vsock,
-    })
+/// The parts of a VM made before its devices (the event loop and the exit
+/// signal) and what starting it needs: shared by a boot
+/// ([`build_with`]) and a snapshot restore ([`crate::snapshot::restore`]).
+pub(crate) struct Started {
+    pub(crate) event_manager: EventManager<Subscriber>,
+    pub(crate) exit: ExitSignal,
+    raw_terminal: bool,
+}
+
+impl Started {
+    /// The event loop (watching the exit signal) and an empty device
+    /// manager.
+    pub(crate) fn new(raw_terminal: bool) -> Result<(Self, DeviceManager)> {
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
+        let exit = ExitSignal::new().map_err(Error::ExitEvent)?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
+        Ok((
+            Self {
+                event_manager,
+                exit,
+                raw_terminal,
+            },
+            DeviceManager::new(),
+        ))
+    }
+
+    /// The device builder for this VM.
+    pub(crate) fn devices<'a>(
+        &'a mut self,
+        dm: &'a mut DeviceManager,
+        vm: &'a Vm,
+        mem: &'a GuestMemoryMmap,
+    ) -> Devices<'a> {
+        Devices {
+            dm,
+            vm,
+            mem,
+            event_manager: &mut self.event_manager,
+            blocks: Vec::new(),
+            macs: Vec::new(),
+        }
+    }
+
+    /// Raw terminal mode, then the vCPU threads (parked at once if
+    /// `paused`): the running [`Vmm`].
+    pub(crate) fn launch(
+        self,
+        vm: Vm,
+        mut ram: GuestRam,
+        dm: DeviceManager,
+        vcpus: Vec<Vcpu>,
+        persist: crate::snapshot::Handles,
+        vsock: Option<crate::vmm::VsockHandle>,
+        paused: bool,
+    ) -> Result<Vmm> {
+        let count = vcpus.len();
+        let mem_size: u64 = persist.config.mem_size;
+        let terminal = self
+            .raw_terminal
+            .then(terminal::enter_raw_mode)
+            .transpose()
+            .map_err(Error::Terminal)?
+            .flatten();
+        let i8042 = dm.i8042.clone();
+        let pause = Arc::new(PauseGate::default());
+        pause.set_requested(paused);
+        let io = VcpuIo {
+            pio: Arc::new(dm.pio),
+            mmio: Arc::new(dm.mmio),
+            exit: self.exit.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            pause: pause.clone(),
+        };
+        let handles = start_vcpus(vcpus, &io, &mut ram)?;
+        log::info!(
+            "VM started: {count} vCPU(s), {} of memory, {:.1} ms after capsule started",
+            format_size(mem_size),
+            crate::process_start().elapsed().as_secs_f64() * 1000.0
+        );
+        Ok(Vmm {
+            _signal_wake: signals::wake_on_signal(&self.exit),
+            vcpus: handles,
+            pause,
+            i8042,
+            event_manager: self.event_manager,
+            exit: self.exit,
+            _terminal: terminal,
+            _vm: vm,
+            ram,
+            persist,
+            vsock,
+        })
+    }
 }
 
 /// What adding a device needs: the buses, the VM (for irqfds and
 /// ioeventfds), guest memory (for virtio queues) and the event loop.
-struct Devices<'a> {
+pub(crate) struct Devices<'a> {
     dm: &'a mut DeviceManager,
     vm: &'a Vm,
     mem: &'a GuestMemoryMmap,
     event_manager: &'a mut EventManager<Subscriber>,
+    /// The disks added, in order (for snapshots).
+    pub(crate) blocks: Vec<Arc<Mutex<Block>>>,
+    /// The network devices' MAC addresses, in order.
+    pub(crate) macs: Vec<net::MacAddr>,
 }
 
 impl Devices<'_> {
     /// COM1 (and its input), the i8042, ACPI PM registers, pvpanic and the
     /// boot-time marker on the port-I/O bus.
-    fn add_legacy(&mut self, exit: &ExitSignal, console: Console) -> Result<()> {
+    pub(crate) fn add_legacy(&mut self, exit: &ExitSignal, console: Console) -> Result<()> {
         let serial_input = self.dm.attach_legacy_devices(
             self.vm,
             exit,
@@ -332,16 +420,17 @@ impl Devices<'_> {
     }
 
     /// One virtio-blk device per `--disk`, in order (vda, vdb, ...).
-    fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
+    pub(crate) fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
         for (index, disk) in disks.iter().enumerate() {
             let block = Arc::new(Mutex::new(open_disk(index, disk)?));
+            self.blocks.push(block.clone());
             self.add_virtio(block)?;
         }
         Ok(())
     }
 
     /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
-    fn add_nets(&mut self, nets: &[NetConfig]) -> Result<()> {
+    pub(crate) fn add_nets(&mut self, nets: &[NetConfig]) -> Result<()> {
         let macs: Vec<_> = nets
             .iter()
             .enumerate()
@@ -352,6 +441,7 @@ impl Devices<'_> {
                 return Err(Error::DuplicateMac(j, i, *mac));
             }
         }
+        self.macs = macs.clone();
         for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
             let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
             self.add_virtio(device)?;
@@ -436,7 +526,11 @@ fn create_vcpus(
 
 /// Starts a thread per vCPU. If one cannot start, those already running
 /// are stopped (and guest memory stays mapped if one of them would not).
-fn start_vcpus(vcpus: Vec<Vcpu>, io: &VcpuIo, ram: &mut GuestRam) -> Result<Vec<VcpuHandle>> {
+pub(crate) fn start_vcpus(
+    vcpus: Vec<Vcpu>,
+    io: &VcpuIo,
+    ram: &mut GuestRam,
+) -> Result<Vec<VcpuHandle>> {
     vcpu::install_kick_handler()?;
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
@@ -463,7 +557,7 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
     crate::hostfile::open_regular(path).map_err(err)
 }
 
-fn check_host_memory(asked: u64) -> Result<()> {
+pub(crate) fn check_host_memory(asked: u64) -> Result<()> {
     // SAFETY: sysinfo only fills the struct it is given.
     let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer to a sysinfo struct.

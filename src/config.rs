@@ -104,7 +104,7 @@ impl VsockConfig {
 pub type MacAddr = [u8; 6];
 
 /// The host side of a network device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NetBackendConfig {
     /// A host TAP device (created if missing, given CAP_NET_ADMIN).
     Tap {
@@ -259,7 +259,7 @@ impl std::str::FromStr for NetConfig {
 }
 
 /// How a disk image is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum DiskMode {
     /// Read-write; the image is locked exclusively.
     #[default]
@@ -272,7 +272,7 @@ pub enum DiskMode {
 }
 
 /// A raw disk image for a virtio-blk device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,

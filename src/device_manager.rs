@@ -59,6 +59,10 @@ pub struct DeviceManager {
     pub mmio: Bus,
     /// The keyboard controller, once attached (for Ctrl-Alt-Del).
     pub i8042: Option<Arc<Mutex<I8042>>>,
+    /// COM1, once attached (for snapshots).
+    pub serial: Option<Arc<Mutex<SerialDevice>>>,
+    /// Every virtio-mmio transport, in attach order (for snapshots).
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     next_irq: u32,
     next_mmio: u64,
     virtio_mmio: Vec<MmioDevice>,
@@ -77,6 +81,8 @@ impl DeviceManager {
             pio: Bus::new(),
             mmio: Bus::new(),
             i8042: None,
+            serial: None,
+            transports: Vec::new(),
             next_irq: layout::FIRST_DEVICE_IRQ,
             next_mmio: layout::MMIO_DEVICES_START,
             virtio_mmio: Vec::new(),
@@ -108,8 +114,10 @@ impl DeviceManager {
             vm.register_mmio_ioevent(evt, base + NOTIFY_OFFSET, i)
                 .map_err(Error::IoEvent)?;
         }
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
         self.mmio
-            .insert(Arc::new(Mutex::new(transport)), base, MMIO_SIZE)
+            .insert(transport, base, MMIO_SIZE)
             .map_err(|e| Error::Bus("virtio-mmio", e))?;
         let desc = MmioDevice {
             base,
@@ -158,6 +166,7 @@ impl DeviceManager {
         let (serial, buffer_ready) =
             SerialDevice::new(irq, out).map_err(|e| Error::EventFd("COM1", e))?;
         let serial = Arc::new(Mutex::new(serial));
+        self.serial = Some(serial.clone());
         self.pio
             .insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
             .map_err(|e| Error::Bus("COM1", e))?;

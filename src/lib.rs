@@ -25,6 +25,7 @@ pub mod logfile;
 pub mod logger;
 pub mod runtime;
 pub mod signals;
+pub mod snapshot;
 pub mod terminal;
 pub mod unixsock;
 pub mod vmm;

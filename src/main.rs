@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
 
+mod snapverbs;
 mod verbs;
 use devices::exit::GuestExit;
 
@@ -87,6 +88,39 @@ enum Command {
     Logs(NameArg),
     /// Attach to a detached VM's serial console (detach with Ctrl-]).
     Console(NameArg),
+    /// Snapshot a running VM into DIR: pause it, write DIR/snapshot and
+    /// DIR/memory, resume it (or kill it with --stop).
+    Snapshot(SnapshotArgs),
+    /// Start N VMs from the snapshot in DIR, in the background, named
+    /// NAME-1 ... NAME-N (each a `run --restore DIR --name NAME-i -d`).
+    Clone(CloneArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SnapshotArgs {
+    /// The VM's name (`run --name`).
+    name: String,
+    /// The snapshot directory (created if missing).
+    dir: PathBuf,
+    /// Kill the VM once the snapshot is written instead of resuming it.
+    #[arg(long)]
+    stop: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct CloneArgs {
+    /// The snapshot directory.
+    dir: PathBuf,
+    /// How many clones.
+    #[arg(value_parser = clap::value_parser!(u32).range(1..=1000))]
+    count: u32,
+    /// The clones' name prefix.
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Network device of every clone (repeatable, as `run --net`; only
+    /// `user` makes sense for several clones: a TAP device is one VM's).
+    #[arg(long = "net", value_name = "user[,...]")]
+    nets: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -264,9 +298,14 @@ fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
 struct RunArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage. Required unless the VM
     /// is configured with --config-file or over --api-sock.
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file"],
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["api_sock", "config_file", "restore"],
           conflicts_with = "config_file")]
     kernel: Option<PathBuf>,
+    /// Start from the snapshot in DIR (`capsule snapshot`) instead of
+    /// booting: the VM's shape, memory and devices come from it. --net and
+    /// --disk, if given, replace the snapshot's devices one for one.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config_file", "initrd", "cmdline", "cpus", "memory"])]
+    restore: Option<PathBuf>,
     /// Serve the Firecracker-compatible API on this Unix socket. Without
     /// --kernel or --config-file the VM waits for API calls
     /// (InstanceStart) to boot.
@@ -348,6 +387,23 @@ impl RunArgs {
             disks: self.disks.clone(),
             nets: self.nets.clone(),
             vsock: self.vsock.clone(),
+        })
+    }
+}
+
+impl RunArgs {
+    /// The restore `--restore DIR` asks for: resumed at once, with
+    /// `--net` / `--disk` replacing the snapshot's devices if given.
+    fn restore_config(&self) -> Option<capsule::snapshot::restore::RestoreConfig> {
+        let dir = self.restore.as_ref()?;
+        Some(capsule::snapshot::restore::RestoreConfig {
+            snapshot_path: snapverbs::state_path(dir),
+            mem_path: snapverbs::memory_path(dir),
+            kvm_path: self.kvm.clone(),
+            resume: true,
+            tap_overrides: Vec::new(),
+            nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
+            disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
         })
     }
 }
@@ -444,6 +500,7 @@ fn run(args: RunArgs) -> u8 {
         kvm_path: args.kvm.clone(),
         console,
         vm: args.vm_config(),
+        restore: args.restore_config(),
         on_started,
     };
     let code = match api::run(opts) {
@@ -500,6 +557,17 @@ fn main() -> ExitCode {
         Command::Wait(a) => return ExitCode::from(verbs::wait(&a.name)),
         Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
         Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
+        Command::Snapshot(a) => {
+            return ExitCode::from(snapverbs::snapshot(&a.name, &a.dir, a.stop))
+        }
+        Command::Clone(a) => {
+            let extra: Vec<String> = a
+                .nets
+                .iter()
+                .flat_map(|n| ["--net".to_string(), n.clone()])
+                .collect();
+            return ExitCode::from(snapverbs::clone(&a.dir, a.count, &a.name, &extra));
+        }
     };
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));

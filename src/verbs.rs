@@ -25,12 +25,12 @@ const API_TIMEOUT: Duration = Duration::from_secs(10);
 /// The console detach key: Ctrl-].
 const DETACH_KEY: u8 = 0x1d;
 
-fn err(msg: impl std::fmt::Display) -> u8 {
+pub(crate) fn err(msg: impl std::fmt::Display) -> u8 {
     eprintln!("capsule: error: {msg}");
     status::ERROR
 }
 
-fn find(name: &str) -> Result<Entry, u8> {
+pub(crate) fn find(name: &str) -> Result<Entry, u8> {
     if let Err(e) = runtime::check_name(name) {
         eprintln!("capsule: error: {e}");
         return Err(status::USAGE);

@@ -39,6 +39,9 @@ pub struct Vmm {
     pub(crate) pause: Arc<PauseGate>,
     pub(crate) i8042: Option<Arc<Mutex<I8042>>>,
     pub(crate) event_manager: EventManager<Subscriber>,
+    /// What a snapshot of this VM saves (device handles: dropped with
+    /// the event loop, before guest memory).
+    pub(crate) persist: crate::snapshot::Handles,
     pub(crate) exit: ExitSignal,
     pub(crate) _terminal: Option<terminal::RawModeGuard>,
     pub(crate) _vm: Vm,

@@ -686,6 +686,8 @@ fn conformance_with_the_firecracker_spec() {
         "Vsock",
         "InstanceActionInfo",
         "Vm",
+        "SnapshotCreateParams",
+        "SnapshotLoadParams",
     ] {
         for (prop, _, _) in &defs[schema].props {
             let path = match schema {
@@ -697,6 +699,8 @@ fn conformance_with_the_firecracker_spec() {
                 "SerialDevice" => "/serial",
                 "Vsock" => "/vsock",
                 "InstanceActionInfo" => "/actions",
+                "SnapshotCreateParams" => "/snapshot/create",
+                "SnapshotLoadParams" => "/snapshot/load",
                 _ => "/vm",
             };
             let body = format!(r#"{{"{prop}": null}}"#);

@@ -40,6 +40,10 @@ pub enum VmmAction {
     PutLogger(Logger),
     /// `PUT /serial`.
     PutSerial(SerialDevice),
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(super::snapshot::SnapshotCreateParams),
+    /// `PUT /snapshot/load`.
+    LoadSnapshot(super::snapshot::SnapshotLoadParams),
 }
 
 /// What an action that succeeded returns.
@@ -144,4 +148,7 @@ pub enum VmmActionError {
     /// Pausing or resuming failed.
     #[error(transparent)]
     Pause(#[from] PauseError),
+    /// Creating or loading a snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
 }

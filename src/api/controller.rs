@@ -53,6 +53,9 @@ pub struct Controller {
     console: Option<Console>,
     /// The VM `InstanceStart` built, until the caller takes it.
     started: Option<Vmm>,
+    /// Whether the VM's shape was configured (a snapshot can no longer
+    /// be loaded).
+    configured: bool,
 }
 
 type Result<T> = std::result::Result<T, VmmActionError>;
@@ -67,6 +70,7 @@ impl Controller {
             resources: VmResources::new(kvm_path),
             console: Some(console),
             started: None,
+            configured: false,
         }
     }
 
@@ -160,12 +164,77 @@ impl Controller {
             }
             VmmAction::Action(ActionType::SendCtrlAltDel) => self.ctrl_alt_del(vmm),
             VmmAction::PatchVm(want) => self.pause_or_resume(vmm, want),
+            VmmAction::CreateSnapshot(p) => self.create_snapshot(vmm, &p),
+            VmmAction::LoadSnapshot(p) => self.load_snapshot(&p),
         }
+    }
+
+    /// `PUT /snapshot/create`: only on a paused VM (Firecracker's rule: the
+    /// state must not move while it is written).
+    fn create_snapshot(
+        &mut self,
+        vmm: Option<&mut Vmm>,
+        p: &super::snapshot::SnapshotCreateParams,
+    ) -> Result<VmmData> {
+        let Some(vmm) = vmm.filter(|_| self.state == State::Paused) else {
+            return Err(VmmActionError::NotStarted(
+                "the microVM must be paused to create a snapshot (PATCH /vm Paused)",
+            ));
+        };
+        super::snapshot::create(vmm, p, &self.resources.iface_ids())
+    }
+
+    /// `PUT /snapshot/load`: a new VM from a snapshot, only before any
+    /// other configuration of the VM (its shape comes from the snapshot).
+    fn load_snapshot(&mut self, p: &super::snapshot::SnapshotLoadParams) -> Result<VmmData> {
+        self.pre_boot()?;
+        if self.configured {
+            return Err(VmmActionError::Unsupported(
+                "a snapshot can only be loaded before any other configuration",
+            ));
+        }
+        let cfg = super::snapshot::restore_config(p, self.resources.kvm_path())?;
+        let Some(console) = self.take_console()? else {
+            return Err(VmmActionError::NoConsole);
+        };
+        match super::snapshot::load(&cfg, console) {
+            Ok(vmm) => {
+                self.started = Some(vmm);
+                self.state = if cfg.resume {
+                    State::Running
+                } else {
+                    State::Paused
+                };
+                log::info!("microVM restored from {}", cfg.snapshot_path.display());
+                Ok(VmmData::Empty)
+            }
+            Err(e) => {
+                self.console = Some(Console::stdio());
+                Err(e)
+            }
+        }
+    }
+
+    /// Restores a VM from a snapshot at once (`capsule run --restore`),
+    /// with the command line's overrides.
+    pub fn restore_direct(&mut self, cfg: &crate::snapshot::restore::RestoreConfig) -> Result<()> {
+        let Some(console) = self.take_console()? else {
+            return Err(VmmActionError::NoConsole);
+        };
+        let vmm = super::snapshot::load(cfg, console)?;
+        self.started = Some(vmm);
+        self.state = if cfg.resume {
+            State::Running
+        } else {
+            State::Paused
+        };
+        Ok(())
     }
 
     /// A change to the configuration, which only exists before start.
     fn configure(&mut self, set: impl FnOnce(&mut VmResources) -> Result<()>) -> Result<VmmData> {
         self.pre_boot()?;
+        self.configured = true;
         set(&mut self.resources)?;
         Ok(VmmData::Empty)
     }
@@ -214,10 +283,11 @@ impl Controller {
         Ok(VmmData::Empty)
     }
 
-    fn start(&mut self) -> Result<()> {
-        let config = self.resources.vm_config()?;
+    /// The console, with its output redirected if `PUT /serial` asked;
+    /// `None` if an earlier failed start took it.
+    fn take_console(&mut self) -> Result<Option<Console>> {
         let Some(mut console) = self.console.take() else {
-            return Err(VmmActionError::NoConsole);
+            return Ok(None);
         };
         if let Some(path) = self
             .resources
@@ -239,6 +309,14 @@ impl Controller {
                 }
             }
         }
+        Ok(Some(console))
+    }
+
+    fn start(&mut self) -> Result<()> {
+        let config = self.resources.vm_config()?;
+        let Some(console) = self.take_console()? else {
+            return Err(VmmActionError::NoConsole);
+        };
         match builder::build(&config, console) {
             Ok(vmm) => {
                 self.started = Some(vmm);

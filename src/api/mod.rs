@@ -12,6 +12,7 @@ pub mod controller;
 pub mod http;
 pub mod resources;
 pub mod server;
+pub mod snapshot;
 pub mod types;
 
 use std::convert::Infallible;
@@ -103,6 +104,8 @@ pub struct Options {
     pub console: Console,
     /// A VM configured on the command line, started at once.
     pub vm: Option<crate::config::VmConfig>,
+    /// A snapshot to restore at once (`run --restore`).
+    pub restore: Option<crate::snapshot::restore::RestoreConfig>,
     /// Called once the VM is running.
     pub on_started: Option<Box<dyn FnOnce()>>,
 }
@@ -188,6 +191,8 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
         }
         let start = VmmAction::Action(types::ActionType::InstanceStart);
         ctl.handle(start, None).map_err(Error::Start)?;
+    } else if let Some(cfg) = opts.restore.take() {
+        ctl.restore_direct(&cfg).map_err(Error::Start)?;
     }
     let mut vmm = match ctl.take_started() {
         Some(vmm) => vmm,

@@ -154,6 +154,16 @@ impl VmResources {
         self.direct = Some(config);
     }
 
+    /// The network interfaces' ids, in order (for snapshots).
+    pub fn iface_ids(&self) -> Vec<String> {
+        self.nets.iter().map(|n| n.iface_id.clone()).collect()
+    }
+
+    /// The KVM device.
+    pub fn kvm_path(&self) -> std::path::PathBuf {
+        self.kvm_path.clone()
+    }
+
     /// The [`VmConfig`] the current configuration describes.
     pub fn vm_config(&self) -> Result<VmConfig> {
         if let Some(c) = &self.direct {

@@ -61,6 +61,9 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             Err(Response::fault(400, "this request takes no body"))
         }
     };
+    if let Some(r) = super::snapshot::route(method, &segments, body) {
+        return r;
+    }
     let r = match (method, segments.as_slice()) {
         ("GET", []) => no_body(Request::GetInstanceInfo)?,
         ("GET", ["version"]) => no_body(Request::GetVersion)?,

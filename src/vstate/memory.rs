@@ -65,7 +65,12 @@ impl Mapping {
     /// one, so without a guard a thread's 2 MiB stack would end exactly on
     /// RAM's 2 MiB boundary and, on a host whose THP mode is `always`, be
     /// backed by a 2 MiB huge page for the few KiB it uses.
-    fn new(len: usize) -> Result<Self, Error> {
+    ///
+    /// With `backing`, RAM is instead a private (copy-on-write) mapping of
+    /// the file from the offset: a snapshot's memory, read from the
+    /// page cache only where the guest touches it and shared by every VM
+    /// restored from the same file until each writes its own copy.
+    fn with_backing(len: usize, backing: Option<(&std::fs::File, u64)>) -> Result<Self, Error> {
         let map_err = |source| Error::Map { size: len, source };
         // Room for RAM at the first 2 MiB boundary at least a page into
         // the span, and for the guard page after it.
@@ -92,15 +97,30 @@ impl Mapping {
         let head = addr - PAGE_SIZE - base;
         let tail = span - head - len - 2 * PAGE_SIZE;
         // SAFETY: [addr, addr + len) lies inside the mapping made above,
-        // which nothing else refers to yet.
-        if unsafe {
-            libc::mprotect(
-                addr as *mut libc::c_void,
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        } != 0
-        {
+        // which nothing else refers to yet; MAP_FIXED replaces only it.
+        let ok = unsafe {
+            match backing {
+                None => {
+                    libc::mprotect(
+                        addr as *mut libc::c_void,
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                    ) == 0
+                }
+                Some((file, offset)) => {
+                    use std::os::fd::AsRawFd;
+                    libc::mmap(
+                        addr as *mut libc::c_void,
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                        file.as_raw_fd(),
+                        offset as libc::off_t,
+                    ) != libc::MAP_FAILED
+                }
+            }
+        };
+        if !ok {
             let e = io::Error::last_os_error();
             // SAFETY: the whole mapping made above, unused.
             unsafe { libc::munmap(base as *mut libc::c_void, span) };
@@ -161,15 +181,38 @@ pub struct GuestRam {
     mem: Option<GuestMemoryMmap>,
     regions: Vec<(Arc<GuestRegionMmap>, Mapping)>,
     keep_mapped: bool,
+    /// The file RAM is mapped from ([`Self::from_file`]): a page the
+    /// guest has not touched holds the file's data, not zeroes.
+    backing: Option<std::fs::File>,
 }
 
 impl GuestRam {
     /// Maps the RAM regions `ranges` (guest start, size; starts 2 MiB
     /// aligned for huge pages to be usable).
     pub fn new(ranges: &[(GuestAddress, usize)]) -> Result<Self, Error> {
+        Self::build(ranges, None)
+    }
+
+    /// Maps the RAM regions `ranges` copy-on-write from `file`, which
+    /// holds them one after the other (a snapshot's memory file, whose
+    /// size the caller has checked): nothing is read now, each page comes
+    /// from the page cache when the guest first touches it.
+    pub fn from_file(
+        ranges: &[(GuestAddress, usize)],
+        file: &std::fs::File,
+    ) -> Result<Self, Error> {
+        Self::build(ranges, Some(file))
+    }
+
+    fn build(
+        ranges: &[(GuestAddress, usize)],
+        file: Option<&std::fs::File>,
+    ) -> Result<Self, Error> {
         let mut regions = Vec::with_capacity(ranges.len());
+        let mut offset = 0u64;
         for &(base, len) in ranges {
-            let map = Mapping::new(len)?;
+            let map = Mapping::with_backing(len, file.map(|f| (f, offset)))?;
+            offset += len as u64;
             let region_err = |reason: String| Error::Region {
                 base: base.0,
                 reason,
@@ -199,6 +242,10 @@ impl GuestRam {
             mem: Some(mem),
             regions,
             keep_mapped: false,
+            backing: file
+                .map(std::fs::File::try_clone)
+                .transpose()
+                .map_err(|e| Error::Map { size: 0, source: e })?,
         })
     }
 
@@ -207,6 +254,13 @@ impl GuestRam {
         self.mem
             .as_ref()
             .expect("guest memory is present until drop")
+    }
+
+    /// The file RAM is a private mapping of (a restored snapshot's memory
+    /// file, regions one after the other), if any: a page the guest never
+    /// touched is the file's, not zero.
+    pub fn backing_file(&self) -> Option<&std::fs::File> {
+        self.backing.as_ref()
     }
 
     /// Leaves the memory mapped when this is dropped: for a vCPU that may

@@ -1,5 +1,8 @@
-//! KVM state: guest RAM, the VM (irqchip, memory slots) and its vCPUs.
+//! KVM state: guest RAM, the VM (irqchip, memory slots) and its vCPUs,
+//! and their snapshot state (`vcpu_state`, `vm_state`).
 
 pub mod memory;
 pub mod vcpu;
+pub mod vcpu_state;
 pub mod vm;
+pub mod vm_state;

@@ -16,6 +16,8 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
+use super::vcpu_state::{self, VcpuState};
+
 /// Errors while creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -96,6 +98,15 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Restores a saved state instead of [`Self::configure`] (a snapshot).
+    pub fn restore(&self, state: &VcpuState) -> Result<(), Error> {
+        vcpu_state::restore(&self.fd, state).map_err(|e| Error::Setup {
+            index: self.index,
+            what: "restore",
+            source: e.into(),
+        })
+    }
+
     /// Starts the run loop on a new thread named `vcpuN`.
     pub fn start(self, io: VcpuIo) -> Result<VcpuHandle, Error> {
         let index = self.index;
@@ -117,7 +128,7 @@ impl Vcpu {
         let test_panic = crate::failstop::test_panic_requested("vcpu");
         while !io.stop.load(Ordering::Acquire) {
             if io.pause.requested() {
-                io.pause.park(&io.stop);
+                io.pause.park(&io.stop, self.index, &self.fd);
                 continue;
             }
             match self.fd.run() {
@@ -312,6 +323,16 @@ pub struct PauseGate {
 struct PauseState {
     requested: bool,
     parked: usize,
+    /// A snapshot's request for every parked vCPU's state.
+    save: Option<SaveRequest>,
+}
+
+/// What [`PauseGate::save_states`] asks of the parked vCPUs: the MSRs to
+/// read, and a slot per vCPU (by index) for its state or error.
+#[derive(Debug)]
+struct SaveRequest {
+    msr_indices: Arc<Vec<u32>>,
+    results: Vec<Option<Result<VcpuState, String>>>,
 }
 
 /// How often a parked vCPU re-checks the stop flag.
@@ -339,12 +360,20 @@ impl PauseGate {
     }
 
     /// Waits, on a vCPU thread, while a pause is requested and `stop` is
-    /// not set.
-    fn park(&self, stop: &AtomicBool) {
+    /// not set; saves the vCPU's state (`fd`, vCPU `index`) when a
+    /// snapshot asks for it meanwhile.
+    fn park(&self, stop: &AtomicBool, index: u8, fd: &VcpuFd) {
         let mut st = self.lock();
         st.parked += 1;
         self.changed.notify_all();
         while st.requested && !stop.load(Ordering::Acquire) {
+            if let Some(req) = st.save.as_mut() {
+                if let Some(slot @ None) = req.results.get_mut(usize::from(index)) {
+                    let state = vcpu_state::save(fd, &req.msr_indices);
+                    *slot = Some(state.map_err(|e| format!("vCPU {index}: {e}")));
+                    self.changed.notify_all();
+                }
+            }
             st = match self.changed.wait_timeout(st, PARK_POLL) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
@@ -352,6 +381,46 @@ impl PauseGate {
         }
         st.parked -= 1;
         self.changed.notify_all();
+    }
+
+    /// With every one of `count` vCPUs parked: has each save its state
+    /// (reading the MSRs `msr_indices`) and returns them in vCPU order,
+    /// or the first error; gives up after `timeout`.
+    pub fn save_states(
+        &self,
+        count: usize,
+        msr_indices: Arc<Vec<u32>>,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        let mut st = self.lock();
+        st.save = Some(SaveRequest {
+            msr_indices,
+            results: (0..count).map(|_| None).collect(),
+        });
+        self.changed.notify_all();
+        let deadline = Instant::now() + timeout;
+        loop {
+            let done = st
+                .save
+                .as_ref()
+                .is_some_and(|r| r.results.iter().all(Option::is_some));
+            if done || Instant::now() >= deadline {
+                break;
+            }
+            st = match self.changed.wait_timeout(st, Duration::from_millis(5)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        let req = st.save.take().expect("the request is ours");
+        drop(st);
+        req.results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.unwrap_or_else(|| Err(format!("vCPU {i} did not save its state in time")))
+            })
+            .collect()
     }
 
     /// Waits until `cond(parked)` holds or `timeout` passes; returns

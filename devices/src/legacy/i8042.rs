@@ -59,7 +59,7 @@ const KBD_BAT_OK: u8 = 0xaa;
 
 /// Most bytes the output buffer holds; older keyboard bytes are dropped
 /// beyond this (a guest that never reads cannot grow host memory).
-const OUTPUT_LIMIT: usize = 64;
+pub(super) const OUTPUT_LIMIT: usize = 64;
 
 /// Ctrl, Alt, Delete pressed then released, in scancode set 1 (what the
 /// guest reads when the controller translates, Linux's default).
@@ -70,8 +70,8 @@ const CTRL_ALT_DEL_SET2: [u8; 11] = [
 ];
 
 /// What the next data-port write means.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Pending {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) enum Pending {
     /// A byte for the keyboard.
     Keyboard,
     /// The controller configuration byte (after 0x60).
@@ -90,13 +90,13 @@ enum Pending {
 pub struct I8042 {
     exit: ExitSignal,
     irq: EventFdTrigger,
-    ctr: u8,
-    status_cmd: bool,
-    pending: Pending,
-    output: VecDeque<u8>,
+    pub(super) ctr: u8,
+    pub(super) status_cmd: bool,
+    pub(super) pending: Pending,
+    pub(super) output: VecDeque<u8>,
     /// Whether the byte at the front of `output` raised (or must raise) an
     /// interrupt once it is the front.
-    front_from_keyboard: VecDeque<bool>,
+    pub(super) front_from_keyboard: VecDeque<bool>,
 }
 
 impl I8042 {

@@ -54,7 +54,7 @@ impl Trigger for EventFdTrigger {
 /// Tells the input side when the guest has emptied the receive FIFO.
 #[derive(Debug)]
 pub struct FifoEvents {
-    buffer_ready: EventFd,
+    pub(super) buffer_ready: EventFd,
 }
 
 impl SerialEvents for FifoEvents {
@@ -75,7 +75,7 @@ pub type SerialOut = Box<dyn Write + Send>;
 
 /// The UART as a port-I/O bus device.
 pub struct SerialDevice {
-    serial: Serial<EventFdTrigger, FifoEvents, SerialOut>,
+    pub(super) serial: Serial<EventFdTrigger, FifoEvents, SerialOut>,
 }
 
 impl SerialDevice {

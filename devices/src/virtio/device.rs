@@ -220,6 +220,11 @@ impl VirtioCommon {
         self.config_generation
     }
 
+    /// Sets the generation counter (restoring a snapshot).
+    pub fn set_config_generation(&mut self, generation: u32) {
+        self.config_generation = generation;
+    }
+
     /// Records a change of the configuration space (a new generation) and,
     /// if `interrupt` and the device is active, tells the driver.
     pub fn config_changed(&mut self, interrupt: bool) {

@@ -45,6 +45,27 @@ pub trait DiskImage: Send {
     /// Makes the range read as zeroes; with `unmap` the space may be
     /// deallocated.
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()>;
+
+    /// For a snapshot: writes the data the image holds apart from its file
+    /// (an ephemeral overlay's sectors) into `out` at the same offsets and
+    /// returns where it is, as (first sector, sector count) runs. Images
+    /// whose whole state is their file have nothing to save.
+    fn save_overlay(&self, _out: &File) -> io::Result<Vec<(u64, u64)>> {
+        Ok(Vec::new())
+    }
+
+    /// Restores what [`Self::save_overlay`] saved. Only an image with an
+    /// overlay can take any runs.
+    fn restore_overlay(&mut self, _from: &File, runs: &[(u64, u64)]) -> io::Result<()> {
+        if runs.is_empty() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the snapshot has overlay data for a disk that is not ephemeral",
+            ))
+        }
+    }
 }
 
 fn read_only_error() -> io::Error {

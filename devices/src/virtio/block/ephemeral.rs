@@ -187,9 +187,78 @@ impl EphemeralImage {
     }
 }
 
+/// Copies `[start, start + len)` of `from` to the same offsets of `to`.
+fn copy_range(from: &File, to: &File, start: u64, len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0;
+    while done < len {
+        let n = crate::usize_from((len - done).min(buf.len() as u64));
+        from.read_exact_at(&mut buf[..n], start + done)?;
+        to.write_all_at(&buf[..n], start + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+impl EphemeralImage {
+    /// The written sectors as (first, count) runs, in order.
+    fn written_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (b, block) in self.written.blocks.iter().enumerate() {
+            let Some(words) = block else { continue };
+            for (w, &word) in words.iter().enumerate() {
+                for bit in 0..64 {
+                    if word & (1 << bit) == 0 {
+                        continue;
+                    }
+                    let sector = b as u64 * BITMAP_BLOCK_SECTORS + w as u64 * 64 + bit;
+                    match runs.last_mut() {
+                        Some((first, count)) if *first + *count == sector => *count += 1,
+                        _ => runs.push((sector, 1)),
+                    }
+                }
+            }
+        }
+        runs
+    }
+}
+
 impl DiskImage for EphemeralImage {
     fn len(&self) -> u64 {
         self.len
+    }
+
+    fn save_overlay(&self, out: &File) -> io::Result<Vec<(u64, u64)>> {
+        out.set_len(self.len)?;
+        let runs = self.written_runs();
+        for &(first, count) in &runs {
+            let start = first * SECTOR_SIZE;
+            let len = (count * SECTOR_SIZE).min(self.len - start);
+            copy_range(&self.overlay, out, start, len)?;
+        }
+        Ok(runs)
+    }
+
+    fn restore_overlay(&mut self, from: &File, runs: &[(u64, u64)]) -> io::Result<()> {
+        let sectors = self.len.div_ceil(SECTOR_SIZE);
+        for &(first, count) in runs {
+            let end = first.checked_add(count).filter(|&e| e <= sectors);
+            if end.is_none() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "overlay run beyond the end of the disk",
+                ));
+            }
+        }
+        for &(first, count) in runs {
+            let start = first * SECTOR_SIZE;
+            let len = (count * SECTOR_SIZE).min(self.len - start);
+            copy_range(from, &self.overlay, start, len)?;
+            for s in first..first + count {
+                self.mark_written(s);
+            }
+        }
+        Ok(())
     }
 
     fn is_read_only(&self) -> bool {
@@ -304,6 +373,37 @@ mod tests {
         assert_eq!(std::fs::read(tmp.as_path()).unwrap(), base);
         drop(img);
         assert_eq!(std::fs::read(tmp.as_path()).unwrap(), base);
+    }
+
+    /// A snapshot's overlay copy restores the guest's writes into a new
+    /// ephemeral image over the same base, and nothing else.
+    #[test]
+    fn overlay_survives_save_and_restore() {
+        let base = pattern(8192);
+        let tmp = image_with(&base);
+        let mut img = EphemeralImage::open(tmp.as_path()).unwrap();
+        img.write_at(&[0x44; 1024], 1024).unwrap();
+        img.write_at(&[0x55; 10], 7000).unwrap();
+        let mut want = base.clone();
+        want[1024..2048].fill(0x44);
+        want[7000..7010].fill(0x55);
+        let saved = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        let runs = img.save_overlay(saved.as_file()).unwrap();
+        assert_eq!(runs, vec![(2, 2), (13, 1)]);
+
+        let mut copy = EphemeralImage::open(tmp.as_path()).unwrap();
+        copy.restore_overlay(saved.as_file(), &runs).unwrap();
+        let mut buf = vec![0; 8192];
+        copy.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, want);
+        assert_eq!(std::fs::read(tmp.as_path()).unwrap(), base);
+        // Runs past the end of the disk are refused.
+        let mut other = EphemeralImage::open(tmp.as_path()).unwrap();
+        assert!(other.restore_overlay(saved.as_file(), &[(15, 2)]).is_err());
+        // A raw image has nothing to restore into.
+        let mut raw = super::super::disk::RawImage::open(tmp.as_path(), true).unwrap();
+        assert!(raw.restore_overlay(saved.as_file(), &runs).is_err());
+        assert!(raw.save_overlay(saved.as_file()).unwrap().is_empty());
     }
 
     #[test]

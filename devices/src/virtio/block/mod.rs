@@ -40,6 +40,7 @@
 pub mod disk;
 mod ephemeral;
 mod lock;
+pub mod persist;
 mod request;
 
 use std::io;

@@ -98,6 +98,18 @@ impl MmioInterrupt {
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
     }
+
+    /// Sets `InterruptStatus` to a restored value and, if any bit is set,
+    /// raises the line once: the driver reads the status and handles
+    /// what is pending (a spare interrupt with nothing to do is harmless).
+    fn restore(&self, status: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        if status != 0 {
+            if let Err(e) = self.irq.write(1) {
+                log::warn!("virtio-mmio: cannot raise the restored interrupt: {e}");
+            }
+        }
+    }
 }
 
 impl VirtioInterrupt for MmioInterrupt {
@@ -511,6 +523,8 @@ impl BusDevice for MmioTransport {
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
 }
+
+pub mod persist;
 
 /// The low 32 bits of a 64-bit feature word (the register window shows
 /// the word in two halves).

@@ -1,0 +1,255 @@
+//! A new VM from a snapshot: the same machine as the one saved (memory
+//! mapped from the memory file, devices attached in the same order so
+//! they sit at the same addresses and interrupt lines), then every saved
+//! state put back, then the vCPUs started (or left paused).
+
+use std::path::{Path, PathBuf};
+
+use devices::virtio::block::BlockError;
+
+use super::{format, CpuModel, Error, SnapshotState};
+use crate::builder::{self, Console, Started};
+use crate::config::{DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+use crate::vmm::Vmm;
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vm::Vm;
+use crate::vstate::vm_state;
+
+/// What to restore and what to change on the way.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreConfig {
+    /// The snapshot file.
+    pub snapshot_path: PathBuf,
+    /// The memory file.
+    pub mem_path: PathBuf,
+    /// The KVM device.
+    pub kvm_path: PathBuf,
+    /// Start the vCPUs at once (else the VM stays paused).
+    pub resume: bool,
+    /// New TAP devices by interface id (the API's `network_overrides`).
+    pub tap_overrides: Vec<(String, String)>,
+    /// Replacement network devices, in order (the CLI's `--net`): as many
+    /// as the snapshot has. A replacement without a MAC keeps the saved one.
+    pub nets: Option<Vec<NetConfig>>,
+    /// Replacement disks, in order (the CLI's `--disk`): as many as the
+    /// snapshot has, each with the same content as the one saved.
+    pub disks: Option<Vec<DiskConfig>>,
+}
+
+/// Reads and checks the snapshot and memory files of `cfg`.
+fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, std::fs::File), Error> {
+    let state: SnapshotState = format::read(&cfg.snapshot_path)?;
+    let mismatch = |why: String| Error::Mismatch {
+        path: cfg.snapshot_path.clone(),
+        why,
+    };
+    let count = state.vcpus.len();
+    if count == 0 || u8::try_from(count).map_or(true, |n| n > arch::layout::MAX_VCPUS) {
+        return Err(mismatch(format!("{count} vCPUs")));
+    }
+    if state.transports.len() != state.disks.len() + state.nets.len() {
+        return Err(mismatch(format!(
+            "{} virtio devices for {} disks and {} network devices",
+            state.transports.len(),
+            state.disks.len(),
+            state.nets.len()
+        )));
+    }
+    let host = CpuModel::host();
+    if state.cpu != host {
+        return Err(mismatch(format!(
+            "it was taken on a {}, this host has a {host}",
+            state.cpu
+        )));
+    }
+    if state.mem_size < crate::config::MIN_MEM_SIZE {
+        return Err(mismatch(format!("{} bytes of memory", state.mem_size)));
+    }
+    let mem = crate::hostfile::open_regular(&cfg.mem_path).map_err(super::io_err(&cfg.mem_path))?;
+    let found = mem.metadata().map_err(super::io_err(&cfg.mem_path))?.len();
+    if found != state.mem_size {
+        return Err(Error::MemSize {
+            path: cfg.mem_path.clone(),
+            expected: state.mem_size,
+            found,
+        });
+    }
+    Ok((state, mem))
+}
+
+/// The configuration of the restored VM: the saved one with the
+/// overrides of `cfg` applied.
+fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Error> {
+    let mismatch = |why: String| Error::Mismatch {
+        path: cfg.snapshot_path.clone(),
+        why,
+    };
+    let disks = match &cfg.disks {
+        Some(d) if d.len() != state.disks.len() => {
+            return Err(mismatch(format!(
+                "{} --disk given; the snapshot has {} disks",
+                d.len(),
+                state.disks.len()
+            )))
+        }
+        Some(d) => d.clone(),
+        None => state.disks.iter().map(|d| d.config.clone()).collect(),
+    };
+    let mut nets: Vec<NetConfig> = match &cfg.nets {
+        Some(n) if n.len() != state.nets.len() => {
+            return Err(mismatch(format!(
+                "{} --net given; the snapshot has {} network devices",
+                n.len(),
+                state.nets.len()
+            )))
+        }
+        Some(n) => n.clone(),
+        None => state
+            .nets
+            .iter()
+            .map(|n| NetConfig {
+                backend: n.backend.clone(),
+                mac: None,
+            })
+            .collect(),
+    };
+    for (n, saved) in nets.iter_mut().zip(&state.nets) {
+        n.mac.get_or_insert(saved.mac);
+    }
+    for (iface, tap) in &cfg.tap_overrides {
+        let Some(i) = state.nets.iter().position(|n| &n.iface_id == iface) else {
+            return Err(mismatch(format!(
+                "no network interface {iface:?} in the snapshot"
+            )));
+        };
+        nets[i].backend = NetBackendConfig::Tap { name: tap.clone() };
+    }
+    Ok(VmConfig {
+        kernel: PathBuf::new(),
+        initrd: None,
+        initramfs: None,
+        cmdline: state.cmdline.clone(),
+        vcpus: u8::try_from(state.vcpus.len()).map_err(|_| mismatch("too many vCPUs".into()))?,
+        mem_size: state.mem_size,
+        kvm_path: cfg.kvm_path.clone(),
+        disks,
+        nets,
+        // A VM with a vsock device cannot be snapshotted yet (see
+        // `builder::build_with`), so a snapshot never holds one.
+        vsock: None,
+    })
+}
+
+/// A writable disk the snapshot's VM (or another clone) still holds: say
+/// how clones get a disk of their own.
+fn explain_lock(e: builder::Error) -> Error {
+    match e {
+        builder::Error::Disk(BlockError::Locked {
+            path,
+            exclusive: true,
+        }) => Error::SharedDisk(path),
+        e => e.into(),
+    }
+}
+
+/// Builds a VM from the snapshot of `cfg` with `console` as its console.
+pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
+    let started_at = std::time::Instant::now();
+    let (state, mem_file) = load(cfg)?;
+    let config = vm_config(cfg, &state)?;
+    let mismatch = |why: String| Error::Mismatch {
+        path: cfg.snapshot_path.clone(),
+        why,
+    };
+    builder::check_host_memory(config.mem_size)?;
+    let kvm = Vm::open_kvm(&config.kvm_path).map_err(builder::Error::from)?;
+    let regions = arch::memory::ram_regions(config.mem_size);
+    let ram =
+        GuestRam::from_file(&regions, &mem_file).map_err(|source| builder::Error::GuestMemory {
+            size: config.mem_size,
+            source,
+        })?;
+    let mem = ram.memory();
+    let vm = Vm::new(kvm, mem).map_err(builder::Error::from)?;
+    vm_state::restore(vm.fd(), &state.vm).map_err(|e| mismatch(e.to_string()))?;
+
+    let (mut started, mut dm) = Started::new(console.raw_terminal)?;
+    let exit = started.exit.clone();
+    let mut devices = started.devices(&mut dm, &vm, mem);
+    devices.add_legacy(&exit, console)?;
+    devices.add_disks(&config.disks).map_err(explain_lock)?;
+    devices.add_nets(&config.nets)?;
+    let (blocks, macs) = (devices.blocks, devices.macs);
+    restore_devices(cfg, &state, &dm, &blocks).map_err(mismatch)?;
+
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
+        let vcpu = Vcpu::new(vm.fd(), index).map_err(builder::Error::from)?;
+        vcpu.restore(saved).map_err(builder::Error::from)?;
+        vcpus.push(vcpu);
+    }
+    let persist = builder::handles(&config, &dm, blocks, macs, None);
+    let vmm = started.launch(vm, ram, dm, vcpus, persist, None, !cfg.resume)?;
+    log::info!(
+        "restored {} in {:.1} ms ({})",
+        cfg.snapshot_path.display(),
+        started_at.elapsed().as_secs_f64() * 1000.0,
+        if cfg.resume { "running" } else { "paused" }
+    );
+    Ok(vmm)
+}
+
+/// Puts the saved device states back: UART, i8042, each disk (and its
+/// overlay), then each transport (which re-activates its device).
+fn restore_devices(
+    cfg: &RestoreConfig,
+    state: &SnapshotState,
+    dm: &crate::device_manager::DeviceManager,
+    blocks: &[std::sync::Arc<std::sync::Mutex<devices::virtio::block::Block>>],
+) -> Result<(), String> {
+    let serial = dm.serial.as_ref().expect("COM1 is attached");
+    serial
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore(&state.serial)
+        .map_err(|e| format!("serial: {e}"))?;
+    let i8042 = dm.i8042.as_ref().expect("the i8042 is attached");
+    i8042
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore(&state.i8042)
+        .map_err(|e| format!("i8042: {e}"))?;
+    for (i, (block, saved)) in blocks.iter().zip(&state.disks).enumerate() {
+        let overlay = match &saved.overlay_file {
+            Some(name) => Some(open_overlay(&cfg.snapshot_path, name)?),
+            None => None,
+        };
+        block
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(&saved.block, overlay.as_ref())
+            .map_err(|e| format!("disk {i}: {e}"))?;
+        if saved.config.mode == DiskMode::ReadWrite && saved.block.overlay_runs.is_empty() {
+            log::debug!("disk {i}: writable image reopened and locked");
+        }
+    }
+    for (i, (t, saved)) in dm.transports.iter().zip(&state.transports).enumerate() {
+        t.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(saved)
+            .map_err(|e| format!("virtio device {i}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Opens an overlay file named in the snapshot: a plain file name beside
+/// the snapshot file, nothing else (a damaged or hostile snapshot must not
+/// make capsule read any other file).
+fn open_overlay(snapshot_path: &Path, name: &str) -> Result<std::fs::File, String> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(format!("invalid overlay file name {name:?}"));
+    }
+    let path = snapshot_path.with_file_name(name);
+    crate::hostfile::open_regular(&path).map_err(|e| format!("{}: {e}", path.display()))
+}

@@ -1,0 +1,173 @@
+# shellcheck shell=sh
+# tests/boot/cases.d/snapshot.sh: snapshots and clones (issue #17), sourced
+# by tests/boot/cases.sh; POSIX sh for busybox ash in L1.
+#
+# snapshot_clones: a named VM (an ,ephemeral copy of $ROOTFS on vda, a TAP
+# network device) writes a marker to a tmpfs and to its disk; `capsule
+# snapshot NAME DIR --stop` saves and kills it; two clones restored at the
+# same time (`run --restore DIR`) each find both markers, write their own
+# data, one pings the host over a fresh TAP, and both power off with status
+# 0. snapshot_refused: a damaged, truncated and other-version snapshot and
+# a memory file of the wrong size each give one error line and status 1.
+
+ALL_CASES="$ALL_CASES snapshot_clones snapshot_refused"
+
+SNAP_CMDLINE="console=ttyS0 reboot=k panic=1"
+
+# snap_start TAG ARGS...: starts `capsule ARGS` in the background, its
+# stdin the FIFO $SNAP_DIR/TAG.in, its stdout and stderr TAG.raw and
+# TAG.err there; sets SNAP_PID. A holder keeps the FIFO open read-write
+# until $SNAP_DIR/done: capsule never sees end-of-file, and neither its
+# open nor a write to the FIFO can block, even if capsule has died.
+snap_start() {
+    _t="$1"
+    shift
+    rm -f "$SNAP_DIR/$_t.in"
+    mkfifo "$SNAP_DIR/$_t.in"
+    (
+        exec 3<>"$SNAP_DIR/$_t.in"
+        while [ ! -e "$SNAP_DIR/done" ]; do sleep 0.2; done
+    ) &
+    printf '%s\n' "capsule $*" >>"$SNAP_DIR/command"
+    CAPSULE_LOG=info timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" "$@" <"$SNAP_DIR/$_t.in" \
+        >"$SNAP_DIR/$_t.raw" 2>"$SNAP_DIR/$_t.err" &
+    SNAP_PID=$!
+}
+
+# snap_type TAG LINE: types LINE on TAG's console. ash's open of a FIFO
+# fails with EINTR when a background child ends meanwhile: try again.
+snap_type() {
+    _n=0
+    until printf '%s\n' "$2" 2>/dev/null >"$SNAP_DIR/$1.in"; do
+        _n=$((_n + 1))
+        if [ $_n -ge 50 ]; then
+            CASE_ERRORS="${CASE_ERRORS:+$CASE_ERRORS; }cannot type on $1's console"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# snap_wait TAG REGEX SECS: TAG's console shows a line matching REGEX.
+snap_wait() {
+    wait_for "$SNAP_DIR/$1.raw" "$2" "$3" "$SNAP_DIR/done"
+}
+
+snap_out_has() { tr -d '\r' <"$SNAP_DIR/$1.raw" | grep -qx -- "$2"; }
+
+case_snapshot_clones() {
+    SNAP_DIR="$WORK/snapshot_clones"
+    rm -rf "$SNAP_DIR"
+    mkdir -p "$SNAP_DIR"
+    OUT="$SNAP_DIR/orig.raw" ERR="$SNAP_DIR/orig.err"
+    if [ -z "${ROOTFS:-}" ] || [ ! -f "$ROOTFS" ]; then
+        CASE_ERRORS="not run: ROOTFS (guest disk image) missing"
+        SECS=0 RC=1
+        return
+    fi
+    _img="$SNAP_DIR/disk.img"
+    cp "$ROOTFS" "$_img"
+    _start=$(now)
+    _name="snaporig$$"
+    tap_up capsnap0 10.0.7.1/24
+    snap_start orig run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" \
+        --cpus 2 --memory 256M --disk "$_img,ephemeral" --net tap=capsnap0 \
+        --cmdline "$SNAP_CMDLINE"
+    _orig=$SNAP_PID
+    expect "original booted" snap_wait orig "$READY" "$CASE_TIMEOUT"
+    snap_wait orig "$PROMPT" 15 || true
+    snap_type orig 'mkdir -p /mnt/t /mnt/d; mount -t tmpfs tmpfs /mnt/t; mount /dev/vda /mnt/d; ip addr add 10.0.7.2/24 dev eth0; ip link set eth0 up; echo tmpfs-marker-$((6*7)) >/mnt/t/m; echo disk-marker-$((7*6)) >/mnt/d/m; sync; echo MARKED-$((1+1))'
+    expect "original wrote its markers" snap_wait orig "^MARKED-2" 60
+    # Let the shell print its prompt and settle in its read.
+    sleep 1
+    "$CAPSULE" snapshot "$_name" "$SNAP_DIR/snap" --stop >"$SNAP_DIR/snapshot.out" 2>&1
+    expect "capsule snapshot --stop exit status 0" [ $? -eq 0 ]
+    wait "$_orig"
+    expect "snapshot file written" [ -s "$SNAP_DIR/snap/snapshot" ]
+    expect "memory file written" [ -s "$SNAP_DIR/snap/memory" ]
+    expect "the ephemeral overlay saved" [ -s "$SNAP_DIR/snap/snapshot.vda.overlay" ]
+
+    # Two clones at once; the first gets the (re-created) TAP.
+    tap_up capsnap0 10.0.7.1/24
+    snap_start c1 run --restore "$SNAP_DIR/snap" --net tap=capsnap0
+    _c1=$SNAP_PID
+    snap_start c2 run --restore "$SNAP_DIR/snap" --net tap=capsnap1
+    _c2=$SNAP_PID
+    sleep 2
+    for _c in c1 c2; do
+        snap_type $_c "cat /mnt/t/m /mnt/d/m; echo $_c-data >/mnt/d/own; sync; echo own=\$(cat /mnt/d/own)"
+    done
+    snap_type c1 'ping -c 3 -w 30 10.0.7.1 </dev/null >/dev/null && echo PING-OK'
+    for _c in c1 c2; do
+        expect "$_c: tmpfs marker" snap_wait $_c "^tmpfs-marker-42" 60
+        expect "$_c: disk marker" snap_wait $_c "^disk-marker-42" 30
+        expect "$_c: its own data" snap_wait $_c "^own=$_c-data" 30
+    done
+    expect "c1: eth0 works after restore (ping)" snap_wait c1 "^PING-OK" 60
+    # Resident memory of each clone (its capsule is timeout's child).
+    for _p in $_c1 $_c2; do
+        _cp=$(cat "/proc/$_p/task/$_p/children" 2>/dev/null | cut -d' ' -f1)
+        [ -n "$_cp" ] && echo "snapshot_clones: clone pid $_cp $(grep -E '^(VmRSS|RssAnon|RssFile)' "/proc/$_cp/status" | tr -s ' \t\n' ' ')"
+    done
+    snap_type c1 'poweroff -f'
+    snap_type c2 'poweroff -f'
+    wait "$_c1"
+    _rc1=$?
+    wait "$_c2"
+    _rc2=$?
+    RC=$_rc1
+    touch "$SNAP_DIR/done"
+    SECS=$(($(now) - _start))
+    expect "clone 1 exit status 0 (got $_rc1)" [ "$_rc1" -eq 0 ]
+    expect "clone 2 exit status 0 (got $_rc2)" [ "$_rc2" -eq 0 ]
+    for _c in c1 c2; do
+        expect "$_c: no Rust panic" sh -c "! grep -q 'panicked at' '$SNAP_DIR/$_c.raw' '$SNAP_DIR/$_c.err'"
+        expect "$_c: no guest kernel WARNING" sh -c "! tr -d '\r' <'$SNAP_DIR/$_c.raw' | grep -q 'WARNING: CPU:'"
+    done
+    # The figures, for docs/performance.md.
+    grep -h 'snapshot written\|restored .* in ' "$SNAP_DIR"/*.err | sed 's/^/snapshot_clones: /'
+    # What the failure report shows: the first clone.
+    tr -d '\r' <"$SNAP_DIR/c1.raw" >"$SNAP_DIR/stdout"
+    cat "$SNAP_DIR/c1.err" "$SNAP_DIR/c2.err" >"$SNAP_DIR/stderr"
+    OUT="$SNAP_DIR/stdout" ERR="$SNAP_DIR/stderr"
+}
+
+case_snapshot_refused() {
+    SNAP_DIR="$WORK/snapshot_refused"
+    rm -rf "$SNAP_DIR"
+    mkdir -p "$SNAP_DIR"
+    OUT="$SNAP_DIR/orig.raw" ERR="$SNAP_DIR/orig.err"
+    _start=$(now)
+    _name="snaprefused$$"
+    snap_start orig run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" \
+        --cpus 1 --memory 128M --cmdline "$SNAP_CMDLINE"
+    _orig=$SNAP_PID
+    expect "original booted" snap_wait orig "$READY" "$CASE_TIMEOUT"
+    "$CAPSULE" snapshot "$_name" "$SNAP_DIR/good" --stop >"$SNAP_DIR/snapshot.out" 2>&1
+    expect "capsule snapshot --stop exit status 0" [ $? -eq 0 ]
+    wait "$_orig"
+    touch "$SNAP_DIR/done"
+    # snap_bad TAG WHAT DAMAGE...: a copy of the snapshot damaged by the
+    # command DAMAGE (run in the copy's directory) must be refused.
+    snap_bad() {
+        _t="$1" _what="$2"
+        shift 2
+        rm -rf "${SNAP_DIR:?}/$_t"
+        cp -r "$SNAP_DIR/good" "$SNAP_DIR/$_t"
+        (cd "$SNAP_DIR/$_t" && "$@")
+        "$CAPSULE" run --restore "$SNAP_DIR/$_t" </dev/null >"$SNAP_DIR/$_t.out" 2>"$SNAP_DIR/$_t.err"
+        _rc=$?
+        expect "$_t: exit status 1 (got $_rc)" [ "$_rc" -eq 1 ]
+        expect "$_t: one error line" [ "$(grep -c '^capsule: error:' "$SNAP_DIR/$_t.err")" -eq 1 ]
+        expect "$_t: says $_what" grep -q -- "$_what" "$SNAP_DIR/$_t.err"
+        expect "$_t: the guest did not run" [ ! -s "$SNAP_DIR/$_t.out" ]
+    }
+    snap_bad corrupted "corrupted" sh -c 'printf "#" | dd of=snapshot bs=1 seek=300 conv=notrunc 2>/dev/null'
+    snap_bad truncated "truncated" sh -c 'head -c 2000 snapshot >s && mv s snapshot'
+    snap_bad version "format version 7" sh -c 'printf "\007" | dd of=snapshot bs=1 seek=8 conv=notrunc 2>/dev/null'
+    snap_bad memsize "memory file" sh -c 'head -c 1048576 memory >m && mv m memory'
+    RC=0
+    SECS=$(($(now) - _start))
+    cat "$SNAP_DIR"/*.err >"$SNAP_DIR/stderr"
+    OUT="$SNAP_DIR/orig.raw" ERR="$SNAP_DIR/stderr"
+}

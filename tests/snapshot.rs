@@ -1,0 +1,329 @@
+//! Snapshots against the real binary on /dev/kvm, with a tiny
+//! hand-assembled guest that prints the alphabet in a loop (its next
+//! letter lives in a register): a VM is paused, snapshotted and killed,
+//! and VMs restored from the snapshot must go on with the very next
+//! letter, which only happens if registers, memory and the UART come back
+//! as saved. Damaged snapshots must be refused with exit status 1.
+
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const LOAD_ADDR: u64 = 0x20_0000;
+
+/// The guest: `bl` = 'a'; loop { out COM1, bl; bl = next letter (z wraps
+/// to a); short delay }.
+fn alphabet_guest() -> Vec<u8> {
+    let mut c = vec![0xb3, b'a']; // mov bl, 'a'
+    let top = c.len();
+    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    c.extend([0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
+    c.extend([0xfe, 0xc3]); // inc bl
+    c.extend([0x80, 0xfb, b'z' + 1, 0x75, 0x02, 0xb3, b'a']); // cmp bl, 'z'+1; jne +2; mov bl, 'a'
+    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
+    let j = c.len();
+    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    elf(&c)
+}
+
+/// Wraps code in a minimal ELF64 executable loaded and entered at LOAD_ADDR.
+fn elf(code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0];
+    f.extend([0u8; 8]);
+    f.extend(2u16.to_le_bytes());
+    f.extend(0x3eu16.to_le_bytes());
+    f.extend(1u32.to_le_bytes());
+    f.extend(LOAD_ADDR.to_le_bytes());
+    f.extend(64u64.to_le_bytes());
+    f.extend(0u64.to_le_bytes());
+    f.extend(0u32.to_le_bytes());
+    f.extend([64, 0, 56, 0, 1, 0, 64, 0, 0, 0, 0, 0]);
+    f.extend(1u32.to_le_bytes());
+    f.extend(5u32.to_le_bytes());
+    f.extend(120u64.to_le_bytes());
+    f.extend(LOAD_ADDR.to_le_bytes());
+    f.extend(LOAD_ADDR.to_le_bytes());
+    f.extend((code.len() as u64).to_le_bytes());
+    f.extend((code.len() as u64).to_le_bytes());
+    f.extend(0x1000u64.to_le_bytes());
+    f.extend(code);
+    f
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("snapshot-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+fn capsule(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run capsule")
+}
+
+fn ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn logs(name: &str) -> String {
+    String::from_utf8_lossy(&capsule(&["logs", name]).stdout).into_owned()
+}
+
+fn next_letter(c: char) -> char {
+    if c == 'z' {
+        'a'
+    } else {
+        (c as u8 + 1) as char
+    }
+}
+
+/// Waits until `name`'s console log has at least `n` bytes.
+fn wait_output(name: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = logs(name);
+        if l.len() >= n {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "{name} printed only {l:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Boots the alphabet guest as `name`, lets it print, pauses it and
+/// snapshots it into `dir` with `--stop`; returns the last letter it
+/// printed.
+fn snapshot_of_a_running_guest(name: &str, dir: &Path) -> char {
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let k = kernel.to_str().unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+    ]));
+    wait_output(name, 30);
+    ok(&capsule(&["pause", name]));
+    let last = logs(name).chars().last().expect("output");
+    let _ = std::fs::remove_dir_all(dir);
+    ok(&capsule(&[
+        "snapshot",
+        name,
+        dir.to_str().unwrap(),
+        "--stop",
+    ]));
+    assert_eq!(
+        capsule(&["pause", name]).status.code(),
+        Some(4),
+        "--stop left the VM running"
+    );
+    last
+}
+
+#[test]
+fn clones_go_on_where_the_snapshot_was_taken() {
+    let pid = std::process::id();
+    let name = format!("snaporig-{pid}");
+    let dir = tmp(&format!("snap-{pid}"));
+    let last = snapshot_of_a_running_guest(&name, &dir);
+    assert!(dir.join("snapshot").exists() && dir.join("memory").exists());
+    // Two clones at once.
+    let prefix = format!("snapclone-{pid}");
+    ok(&capsule(&[
+        "clone",
+        dir.to_str().unwrap(),
+        "2",
+        "--name",
+        &prefix,
+    ]));
+    for i in 1..=2 {
+        let clone = format!("{prefix}-{i}");
+        let out = wait_output(&clone, 5);
+        let first = out.chars().next().unwrap();
+        assert_eq!(
+            first,
+            next_letter(last),
+            "{clone} printed {out:?}; the original's last letter was {last:?}"
+        );
+        let _ = capsule(&["kill", &clone]);
+    }
+}
+
+#[test]
+fn damaged_snapshots_are_refused() {
+    let pid = std::process::id();
+    let name = format!("snapdmg-{pid}");
+    let dir = tmp(&format!("dmg-{pid}"));
+    snapshot_of_a_running_guest(&name, &dir);
+    let variant = |tag: &str, damage: &dyn Fn(&Path)| -> String {
+        let d = tmp(&format!("dmg-{pid}-{tag}"));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["snapshot", "memory"] {
+            std::fs::copy(dir.join(f), d.join(f)).unwrap();
+        }
+        damage(&d);
+        let out = capsule(&["run", "--restore", d.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1), "{tag}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(err.starts_with("capsule: error: "), "{tag}: {err}");
+        err
+    };
+    let patch = |p: PathBuf, at: u64, bytes: &[u8]| {
+        let mut f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(at)).unwrap();
+        f.write_all(bytes).unwrap();
+    };
+    let e = variant("flip", &|d| patch(d.join("snapshot"), 200, b"#"));
+    assert!(e.contains("corrupted"), "{e}");
+    let e = variant("cut", &|d| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("snapshot"))
+            .unwrap();
+        f.set_len(1000).unwrap();
+    });
+    assert!(e.contains("truncated"), "{e}");
+    let e = variant("version", &|d| {
+        patch(d.join("snapshot"), 8, &99u32.to_le_bytes())
+    });
+    assert!(e.contains("format version 99"), "{e}");
+    let e = variant("memsize", &|d| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.join("memory"))
+            .unwrap();
+        f.set_len(1 << 20).unwrap();
+    });
+    assert!(e.contains("memory file"), "{e}");
+    let e = variant("magic", &|d| patch(d.join("snapshot"), 0, b"XX"));
+    assert!(e.contains("not a capsule snapshot"), "{e}");
+}
+
+/// Over the API: create needs a paused VM, load needs a VM that is not
+/// configured yet; a load with `resume_vm` runs the guest.
+#[test]
+fn api_snapshot_rules() {
+    let pid = std::process::id();
+    let name = format!("snapapi-{pid}");
+    let dir = tmp(&format!("api-{pid}"));
+    let last = snapshot_of_a_running_guest(&name, &dir);
+    let sock = tmp(&format!("api-{pid}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let log = tmp(&format!("api-{pid}.out"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let req = |method: &str, path: &str, body: &str| -> (u16, String) {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    };
+    let snap = dir.join("snapshot");
+    let mem = dir.join("memory");
+    // Create before anything runs.
+    let create = format!(
+        r#"{{"snapshot_path": "{}/x", "mem_file_path": "{}/y"}}"#,
+        dir.display(),
+        dir.display()
+    );
+    let (st, body) = req("PUT", "/snapshot/create", &create);
+    assert_eq!(st, 400, "{body}");
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        snap.display(),
+        mem.display()
+    );
+    let (st, body) = req("PUT", "/snapshot/load", &load);
+    assert_eq!(st, 204, "{body}");
+    // Loaded and running: no second load, no create while running.
+    assert_eq!(req("PUT", "/snapshot/load", &load).0, 400);
+    let (st, body) = req("PUT", "/snapshot/create", &create);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("paused"), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the restored guest printed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+    // Paused, a snapshot of the restored VM can be made.
+    assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
+    let (st, body) = req("PUT", "/snapshot/create", &create);
+    assert_eq!(st, 204, "{body}");
+    assert!(dir.join("x").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A configured VM takes no snapshot.
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while UnixStream::connect(&sock).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (st, _) = req(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+    );
+    assert_eq!(st, 204);
+    let (st, body) = req("PUT", "/snapshot/load", &load);
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("before any other configuration"), "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
