@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
 
+mod tools;
 mod verbs;
 use devices::exit::GuestExit;
 
@@ -79,6 +80,14 @@ enum Command {
     Logs(NameArg),
     /// Attach to a detached VM's serial console (detach with Ctrl-]).
     Console(NameArg),
+    /// Check that capsule can run VMs here (and, with --kernel, that a
+    /// kernel has what capsule needs); exits 0 if it can, 1 if not.
+    Doctor(tools::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(tools::CompletionsArgs),
+    /// Write man pages (capsule.1, capsule-COMMAND.1) into DIR.
+    #[command(hide = true)]
+    Man(tools::ManArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -484,6 +493,9 @@ fn main() -> ExitCode {
         Command::Wait(a) => return ExitCode::from(verbs::wait(&a.name)),
         Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
         Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
+        Command::Doctor(a) => return ExitCode::from(tools::doctor(&a)),
+        Command::Completions(a) => return ExitCode::from(tools::completions::<Cli>(&a)),
+        Command::Man(a) => return ExitCode::from(tools::man::<Cli>(&a)),
     };
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));

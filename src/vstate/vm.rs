@@ -6,7 +6,17 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// KVM API version capsule is written against.
-const KVM_API_VERSION: i32 = 12;
+pub const KVM_API_VERSION: i32 = 12;
+
+/// The KVM capabilities capsule cannot run without (also checked by
+/// `capsule doctor`).
+pub const REQUIRED_CAPS: [Cap; 5] = [
+    Cap::Irqchip,
+    Cap::UserMemory,
+    Cap::Irqfd,
+    Cap::Pit2,
+    Cap::SetTssAddr,
+];
 
 /// Errors while creating the VM.
 #[derive(Debug, thiserror::Error)]
@@ -76,13 +86,7 @@ impl Vm {
         if version != KVM_API_VERSION {
             return Err(Error::ApiVersion(version));
         }
-        for cap in [
-            Cap::Irqchip,
-            Cap::UserMemory,
-            Cap::Irqfd,
-            Cap::Pit2,
-            Cap::SetTssAddr,
-        ] {
+        for cap in REQUIRED_CAPS {
             if !kvm.check_extension(cap) {
                 return Err(Error::MissingCap(cap));
             }

@@ -1,0 +1,290 @@
+//! The commands around running VMs, through the real binary: `doctor`
+//! (against this host and the project's real guest kernel),
+//! `completions` and the man pages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn capsule(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .output()
+        .expect("run capsule")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// The project's guest kernel (`resources/build-guest-kernel.sh`, cached
+/// under ~/.cache/capsule; built on first use), or
+/// `$CAPSULE_GUEST_KERNEL_DIR`. Fails the test when there is none.
+fn guest_kernel_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CAPSULE_GUEST_KERNEL_DIR") {
+        return PathBuf::from(d);
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/build-guest-kernel.sh");
+    let out = Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("run resources/build-guest-kernel.sh");
+    assert!(
+        out.status.success(),
+        "resources/build-guest-kernel.sh failed: the doctor's kernel tests need the guest kernel"
+    );
+    PathBuf::from(text(&out.stdout).trim())
+}
+
+#[test]
+fn doctor_without_kvm_device_says_what_to_do() {
+    let out = capsule(&["doctor", "--kvm", "/nonexistent/kvm"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .next()
+            .unwrap()
+            .starts_with("✗ /nonexistent/kvm does not exist"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("modprobe kvm_intel"), "{stdout}");
+    assert!(stdout.contains("capsule cannot run VMs here"), "{stdout}");
+}
+
+/// On this host: every line is a check, the KVM kind line matches what
+/// the library detects, and the status is 0 exactly when no required
+/// check failed (on the PVM development hosts: 1, with the PVM line).
+#[test]
+fn doctor_on_this_host() {
+    let out = capsule(&["doctor"]);
+    let stdout = text(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let (summary, checks) = lines.split_last().unwrap();
+    assert!(checks.len() >= 12, "{stdout}");
+    for l in checks {
+        assert!(l.starts_with("✓ ") || l.starts_with("✗ "), "{l}");
+    }
+    let required_failed = checks
+        .iter()
+        .any(|l| l.starts_with("✗ ") && !l.contains("(optional; "));
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(required_failed)),
+        "{stdout}"
+    );
+    assert_eq!(
+        *summary == "capsule can run VMs here.",
+        !required_failed,
+        "{stdout}"
+    );
+    for want in [
+        "/dev/kvm exists",
+        "KVM API version 12",
+        "transparent huge pages",
+        "passt",
+        "virtiofsd",
+        "TAP",
+        "user namespaces",
+        "cgroup v2",
+        "seccomp",
+        "Landlock",
+    ] {
+        assert!(stdout.contains(want), "no line about {want}:\n{stdout}");
+    }
+    if capsule::doctor::Kind::detect() == capsule::doctor::Kind::Pvm {
+        assert!(
+            stdout.contains("✗ KVM here is PVM")
+                && stdout.contains("stock Linux guests cannot run"),
+            "{stdout}"
+        );
+        assert_eq!(out.status.code(), Some(1));
+    }
+}
+
+#[test]
+fn doctor_passt_from_capsule_passt() {
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["doctor", "--kvm", "/nonexistent/kvm"])
+        .env("CAPSULE_PASST", "/bin/true")
+        .output()
+        .unwrap();
+    assert!(text(&out.stdout).contains("✓ passt: /bin/true"));
+    let out = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["doctor", "--kvm", "/nonexistent/kvm"])
+        .env("CAPSULE_PASST", "/nonexistent/passt")
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("✗ passt: /nonexistent/passt not found (optional; to fix:"),
+        "{stdout}"
+    );
+}
+
+/// The real guest kernel carries its configuration (CONFIG_IKCONFIG): it
+/// is found in the xz-compressed bzImage and in the ELF vmlinux, equal to
+/// the .config it was built from, with the release from the image.
+#[test]
+fn embedded_config_of_the_real_guest_kernel() {
+    use capsule::doctor::kernel::{inspect, Source};
+    let dir = guest_kernel_dir();
+    let config = std::fs::read_to_string(dir.join("config")).unwrap();
+    let release = std::fs::read_to_string(dir.join("kernelrelease")).unwrap();
+    // Copies without the config file beside them, so only the image can
+    // tell.
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("doctor-kernel");
+    std::fs::create_dir_all(&tmp).unwrap();
+    for name in ["bzImage", "vmlinux"] {
+        let copy = tmp.join(name);
+        std::fs::copy(dir.join(name), &copy).unwrap();
+        let info = inspect(&copy).unwrap();
+        assert_eq!(info.release.as_deref(), Some(release.trim()), "{name}");
+        let (source, found) = info
+            .config
+            .unwrap_or_else(|| panic!("{name}: no embedded config found (tried {:?})", info.tried));
+        assert_eq!(source, Source::Embedded, "{name}");
+        assert_eq!(found, config, "{name}");
+    }
+    let out = capsule(&["doctor", "--kernel", tmp.join("bzImage").to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("configuration embedded in the image (CONFIG_IKCONFIG)"),
+        "{stdout}"
+    );
+    for want in [
+        "✓ kernel: virtio-mmio",
+        "✓ kernel: virtio-blk",
+        "✓ kernel: virtio-net",
+        "✓ kernel: virtio-console",
+        "✓ kernel: 8250 serial console",
+        "✓ kernel: ACPI",
+    ] {
+        assert!(stdout.contains(want), "no {want}:\n{stdout}");
+    }
+}
+
+/// A kernel without the options capsule needs: a real image whose
+/// configuration (beside it) lacks virtio-mmio fails the doctor.
+#[test]
+fn doctor_rejects_a_kernel_without_virtio_mmio() {
+    let dir = guest_kernel_dir();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("doctor-no-mmio");
+    std::fs::create_dir_all(&tmp).unwrap();
+    // A vmlinux from which the embedded copy is gone (its marker renamed),
+    // with a config beside it that lacks virtio-mmio.
+    let mut image = std::fs::read(dir.join("vmlinux")).unwrap();
+    let mut from = 0;
+    while let Some(p) = image[from..].windows(8).position(|w| w == b"IKCFG_ST") {
+        image[from + p] = b'X';
+        from += p + 8;
+    }
+    std::fs::write(tmp.join("vmlinux"), &image).unwrap();
+    let config = std::fs::read_to_string(dir.join("config"))
+        .unwrap()
+        .replace("CONFIG_VIRTIO_MMIO=y", "# CONFIG_VIRTIO_MMIO is not set");
+    std::fs::write(tmp.join("config"), config).unwrap();
+    let out = capsule(&[
+        "doctor",
+        "--kvm",
+        "/nonexistent/kvm",
+        "--kernel",
+        tmp.join("vmlinux").to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!("configuration {}", tmp.join("config").display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("✗ kernel: no virtio-mmio (CONFIG_VIRTIO_MMIO not set) (to fix:"),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn doctor_rejects_a_file_that_is_not_a_kernel() {
+    let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("not-a-kernel");
+    std::fs::write(&path, "hello\n").unwrap();
+    let out = capsule(&[
+        "doctor",
+        "--kvm",
+        "/nonexistent/kvm",
+        "--kernel",
+        path.to_str().unwrap(),
+    ]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "✗ kernel: {} is not a Linux kernel",
+            path.display()
+        )),
+        "{stdout}"
+    );
+}
+
+/// The subcommands a user types, which every completion script must offer.
+const SUBCOMMANDS: &[&str] = &[
+    "run",
+    "exec",
+    "ls",
+    "stop",
+    "kill",
+    "pause",
+    "resume",
+    "wait",
+    "logs",
+    "console",
+    "doctor",
+    "completions",
+];
+
+#[test]
+fn completions_for_each_shell_name_the_subcommands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = capsule(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for sub in SUBCOMMANDS {
+            assert!(script.contains(sub), "{shell} completions lack {sub}");
+        }
+        // Options of a subcommand, too.
+        assert!(
+            script.contains("boot-timeout"),
+            "{shell}: no exec --boot-timeout"
+        );
+    }
+    // The scripts are valid for their shell, where the shell is here.
+    let bash = capsule(&["completions", "bash"]);
+    let check = Command::new("bash")
+        .args(["-n", "-c", &text(&bash.stdout)])
+        .output();
+    if let Ok(check) = check {
+        assert!(check.status.success(), "bash -n: {}", text(&check.stderr));
+    }
+    let out = capsule(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn man_pages_for_capsule_and_each_subcommand() {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("man");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = capsule(&["man", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let top = std::fs::read_to_string(dir.join("capsule.1")).unwrap();
+    assert!(
+        top.starts_with(".ie") || top.contains(".TH capsule 1"),
+        "{top}"
+    );
+    for sub in SUBCOMMANDS {
+        let page = std::fs::read_to_string(dir.join(format!("capsule-{sub}.1")))
+            .unwrap_or_else(|e| panic!("capsule-{sub}.1: {e}"));
+        assert!(page.contains(&format!(".TH capsule-{sub} 1")), "{page}");
+        assert!(top.contains(sub), "capsule.1 does not list {sub}");
+    }
+    assert!(!dir.join("capsule-man.1").exists());
+    let exec = std::fs::read_to_string(dir.join("capsule-exec.1")).unwrap();
+    assert!(exec.contains("boot\\-timeout"), "{exec}");
+}
