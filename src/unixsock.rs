@@ -90,12 +90,16 @@ fn clear_stale(path: &Path) -> Result<(), String> {
     let ft = meta.file_type();
     if !ft.is_socket() {
         return Err(format!(
-            "it exists and is {}, not a stale socket; refusing to replace it",
+            "it exists and is {}, not a stale socket; refusing to replace it: remove it or \
+             choose another path",
             describe(ft)
         ));
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err("another process is serving on it".to_string()),
+        Ok(_) => Err(
+            "another process is serving on it (another capsule?): stop it or choose another path"
+                .to_string(),
+        ),
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
             log::info!("replacing the stale socket {}", path.display());
             std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket: {e}"))

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use kvm_ioctls::Kvm;
 
 use super::Check;
-use crate::vstate::vm::{KVM_API_VERSION, REQUIRED_CAPS};
+use crate::vstate::vm::{group_name, KVM_API_VERSION, REQUIRED_CAPS};
 
 /// The KVM checks, in the order a user fixes them; they stop at the first
 /// failure that makes the rest meaningless (no device, no access).
@@ -170,16 +170,6 @@ pub fn kvm_kind(kind: &Kind) -> Check {
             "if guests fail to start, check dmesg for KVM messages",
         ),
     }
-}
-
-fn group_name(gid: u32) -> Option<String> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut f = l.split(':');
-        let name = f.next()?;
-        let _ = f.next();
-        (f.next()? == gid.to_string()).then(|| name.to_string())
-    })
 }
 
 /// Transparent huge pages: capsule advises its guest RAM `MADV_HUGEPAGE`,

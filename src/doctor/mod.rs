@@ -231,6 +231,33 @@ pub fn config_checks(config: &str) -> Vec<Check> {
         .collect()
 }
 
+/// Why `capsule exec` cannot work with the kernel at `path`, if its
+/// configuration says so: it lacks virtio-mmio or virtio-console, or has
+/// them only as modules, which exec's generated initramfs cannot load.
+/// Used to explain a guest whose init never started.
+pub fn exec_kernel_problem(path: &Path) -> Option<String> {
+    let (_, config) = kernel::inspect(path).ok()?.config?;
+    for (what, symbol) in [
+        ("virtio-mmio", "CONFIG_VIRTIO_MMIO"),
+        ("virtio-console", "CONFIG_VIRTIO_CONSOLE"),
+    ] {
+        let problem = match value(&config, symbol) {
+            Some("y") => continue,
+            Some("m") => format!(
+                "the kernel has {what} only as a module, which capsule exec's initramfs \
+                 cannot load"
+            ),
+            _ => format!("the kernel has no {what} ({symbol} is not set)"),
+        };
+        return Some(format!(
+            "{problem}: use a kernel built with {symbol}=y (capsule doctor --kernel {} \
+             lists what else it lacks)",
+            path.display()
+        ));
+    }
+    None
+}
+
 /// Which of the options capsule needs the kernel at `path` has.
 pub fn kernel_checks(path: &Path) -> Vec<Check> {
     let info = match kernel::inspect(path) {

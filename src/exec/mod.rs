@@ -190,7 +190,17 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     let vmm = builder::build_with(&config.vm, serial, extras)?;
     let end = vmm.run(Some(TICK), |_| lock(&session).check())?;
     let session = lock(&session);
-    Ok(outcome(end, &session, &tail))
+    Ok(match outcome(end, &session, &tail) {
+        // The init never spoke: the usual cause is a kernel that cannot
+        // see capsule's devices; say so when its configuration tells.
+        Outcome::GuestFailed(why, lines) if !session.hello => {
+            match crate::doctor::exec_kernel_problem(&config.vm.kernel) {
+                Some(problem) => Outcome::GuestFailed(format!("{why}; {problem}"), lines),
+                None => Outcome::GuestFailed(why, lines),
+            }
+        }
+        other => other,
+    })
 }
 
 /// Checks the command's environment and working directory; adds the
