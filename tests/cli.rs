@@ -288,3 +288,60 @@ fn man_pages_for_capsule_and_each_subcommand() {
     let exec = std::fs::read_to_string(dir.join("capsule-exec.1")).unwrap();
     assert!(exec.contains("boot\\-timeout"), "{exec}");
 }
+
+/// The GitHub Action's steps, run by resources/run-action-locally.sh on a
+/// runner without KVM: every step in order, then capsule's own one-line
+/// error and status 125, which fails the step (docs/ci.md shows this
+/// output). The boot case `action_exec` runs a command through it on KVM.
+#[test]
+fn action_steps_run_locally_and_fail_without_kvm() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let kernel = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("action-kernel");
+    std::fs::write(&kernel, b"not booted: KVM is checked first").unwrap();
+    let out = Command::new(root.join("resources/run-action-locally.sh"))
+        .arg("--input")
+        .arg(format!("kernel={}", kernel.display()))
+        .args([
+            "--input",
+            "command=make test",
+            "--input",
+            "kvm=/nonexistent/kvm",
+        ])
+        .arg("--input")
+        .arg(format!("capsule-binary={}", env!("CARGO_BIN_EXE_capsule")))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(125), "{stdout}{stderr}");
+    let steps: Vec<&str> = stdout.lines().filter(|l| l.starts_with("==> ")).collect();
+    assert_eq!(
+        steps,
+        [
+            "==> Enable /dev/kvm for the runner user",
+            "==> Choose the capsule to install",
+            "==> Cache capsule: skipped (uses: actions/cache@v4 runs only on GitHub)",
+            "==> Install capsule",
+            "==> Run the command in a VM",
+            "==> Run the command in a VM: failed with status 125",
+        ],
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("::error title=capsule exec::exit status 125"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stderr.trim_end(),
+        "capsule: error: cannot open /nonexistent/kvm: No such file or directory (os error 2); \
+         this host has no KVM: load kvm_intel or kvm_amd, enable virtualization in the firmware, \
+         or use a VM with nested virtualization (capsule doctor checks the host)"
+    );
+    // A required input left out stops the run before any step.
+    let out = Command::new(root.join("resources/run-action-locally.sh"))
+        .args(["--input", "kernel=/k"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("input 'command' is required"));
+    assert!(!text(&out.stdout).contains("==>"));
+}
