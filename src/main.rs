@@ -439,8 +439,15 @@ fn run(args: RunArgs) -> u8 {
         vm: args.vm_config(),
         on_started,
     };
+    let kernel = args.kernel.clone();
     let code = match api::run(opts) {
-        Ok(exit) => guest_status(exit),
+        Ok(exit) => {
+            let code = guest_status(exit);
+            if let (GuestExit::Panic, Some(k)) = (exit, &kernel) {
+                tools::explain_panic(k, &args);
+            }
+            code
+        }
         Err(e) => {
             eprintln!("capsule: error: {e}");
             status::ERROR

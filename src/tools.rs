@@ -90,3 +90,17 @@ fn write_man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<usize> {
     }
     Ok(pages.len())
 }
+
+/// After a `run` whose guest panicked: if the kernel cannot see the
+/// devices it was given (its configuration says so), one line saying why.
+pub fn explain_panic(kernel: &Path, args: &crate::RunArgs) {
+    let problem = capsule::doctor::run_kernel_problem(
+        kernel,
+        !args.disks.is_empty(),
+        !args.nets.is_empty(),
+        args.initrd.is_some(),
+    );
+    if let Some(p) = problem {
+        eprintln!("capsule: probable cause: {p}");
+    }
+}

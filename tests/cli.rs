@@ -204,6 +204,26 @@ fn doctor_rejects_a_kernel_without_virtio_mmio() {
 }
 
 #[test]
+fn doctor_refuses_a_fifo_as_kernel_at_once() {
+    let fifo = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("doctor-fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let started = std::time::Instant::now();
+    let out = capsule(&[
+        "doctor",
+        "--kvm",
+        "/nonexistent/kvm",
+        "--kernel",
+        fifo.to_str().unwrap(),
+    ]);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("✗ kernel: cannot read"), "{stdout}");
+}
+
+#[test]
 fn doctor_rejects_a_file_that_is_not_a_kernel() {
     let path = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("not-a-kernel");
     std::fs::write(&path, "hello\n").unwrap();

@@ -53,7 +53,11 @@ fn scratch() -> PathBuf {
 /// A guest that halts for ever (`hlt; jmp hlt`).
 fn halting_guest() -> PathBuf {
     let p = scratch().join("halt");
-    std::fs::write(&p, elf(&[0xf4, 0xeb, 0xfd])).unwrap();
+    // Tests run in parallel: written whole under another name, then
+    // renamed, so no test reads a half-written file.
+    let tmp = scratch().join(format!("halt.{:?}", std::thread::current().id()));
+    std::fs::write(&tmp, elf(&[0xf4, 0xeb, 0xfd])).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
     p
 }
 
@@ -213,6 +217,62 @@ fn kernel_without_virtio_mmio() {
             &[want, "use a kernel built with CONFIG_VIRTIO_MMIO=y"],
         );
     }
+}
+
+/// `capsule run --disk` with a kernel that panics (here at once, through
+/// pvpanic) and whose configuration lacks virtio-blk: after the panic
+/// line, the probable cause and what to do.
+#[test]
+fn run_panic_with_a_kernel_without_virtio_blk() {
+    let dir = scratch().join("no-blk");
+    std::fs::create_dir_all(&dir).unwrap();
+    let k = dir.join("vmlinux");
+    // mov dx, 0x505; mov al, 1; out dx, al (pvpanic); hlt; jmp hlt
+    std::fs::write(
+        &k,
+        elf(&[0x66, 0xba, 0x05, 0x05, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd]),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("config"),
+        "CONFIG_VIRTIO_MMIO=y\n# CONFIG_VIRTIO_BLK is not set\n",
+    )
+    .unwrap();
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let args = [
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--disk",
+        img.to_str().unwrap(),
+    ];
+    let out = capsule(&args, &[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    // (after capsule's own log line about the pvpanic write)
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(
+        lines[lines.len().saturating_sub(2)..],
+        [
+            "capsule: the guest kernel panicked",
+            &*format!(
+                "capsule: probable cause: the kernel has no virtio-blk (CONFIG_VIRTIO_BLK is not \
+                 set): use a kernel built with CONFIG_VIRTIO_BLK=y (capsule doctor --kernel {} \
+                 lists what else it lacks)",
+                k.display()
+            ),
+        ],
+    );
+    // Without the disk, the panic has nothing to do with it: no guess.
+    let out = capsule(&["run", "--kernel", k.to_str().unwrap()], &[], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.ends_with("capsule: the guest kernel panicked\n"),
+        "{err}"
+    );
+    assert!(!err.contains("probable cause"), "{err}");
 }
 
 #[test]

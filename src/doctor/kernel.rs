@@ -68,7 +68,8 @@ pub struct KernelInfo {
 pub fn inspect(path: &Path) -> Result<KernelInfo, Error> {
     let read_err = |e| Error::Read(path.to_path_buf(), e);
     let mut raw = Vec::new();
-    std::fs::File::open(path)
+    // A FIFO or a device named as the kernel is refused, never waited on.
+    crate::hostfile::open_regular(path)
         .map_err(read_err)?
         .take(MAX_IMAGE)
         .read_to_end(&mut raw)
@@ -123,7 +124,7 @@ pub fn inspect(path: &Path) -> Result<KernelInfo, Error> {
 /// The text of `path` if it is a readable kernel configuration file.
 fn read_config_file(path: &Path) -> Option<String> {
     let mut text = String::new();
-    std::fs::File::open(path)
+    crate::hostfile::open_regular(path)
         .ok()?
         .take(MAX_CONFIG)
         .read_to_string(&mut text)

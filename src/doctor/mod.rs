@@ -236,26 +236,72 @@ pub fn config_checks(config: &str) -> Vec<Check> {
 /// them only as modules, which exec's generated initramfs cannot load.
 /// Used to explain a guest whose init never started.
 pub fn exec_kernel_problem(path: &Path) -> Option<String> {
+    kernel_problem(
+        path,
+        &[
+            ("virtio-mmio", "CONFIG_VIRTIO_MMIO"),
+            ("virtio-console", "CONFIG_VIRTIO_CONSOLE"),
+        ],
+        "capsule exec's initramfs cannot load",
+    )
+}
+
+/// Why the kernel of a `capsule run` that panicked may not have seen its
+/// devices: no virtio-mmio, or no virtio-blk with `--disk` (virtio-net
+/// with `--net`); modules count only when there is an initrd to load them.
+pub fn run_kernel_problem(path: &Path, disks: bool, nets: bool, initrd: bool) -> Option<String> {
+    if !disks && !nets {
+        return None;
+    }
+    let mut wants = vec![("virtio-mmio", "CONFIG_VIRTIO_MMIO")];
+    if disks {
+        wants.push(("virtio-blk", "CONFIG_VIRTIO_BLK"));
+    }
+    if nets {
+        wants.push(("virtio-net", "CONFIG_VIRTIO_NET"));
+    }
+    let modules = if initrd {
+        None
+    } else {
+        Some("nothing loads without an --initrd")
+    };
+    match modules {
+        Some(why) => kernel_problem(path, &wants, why),
+        None => kernel_problem_modules_ok(path, &wants),
+    }
+}
+
+fn kernel_problem(path: &Path, wants: &[(&str, &str)], no_modules: &str) -> Option<String> {
     let (_, config) = kernel::inspect(path).ok()?.config?;
-    for (what, symbol) in [
-        ("virtio-mmio", "CONFIG_VIRTIO_MMIO"),
-        ("virtio-console", "CONFIG_VIRTIO_CONSOLE"),
-    ] {
+    wants.iter().find_map(|(what, symbol)| {
         let problem = match value(&config, symbol) {
-            Some("y") => continue,
-            Some("m") => format!(
-                "the kernel has {what} only as a module, which capsule exec's initramfs \
-                 cannot load"
-            ),
+            Some("y") => return None,
+            Some("m") => format!("the kernel has {what} only as a module, which {no_modules}"),
             _ => format!("the kernel has no {what} ({symbol} is not set)"),
         };
-        return Some(format!(
-            "{problem}: use a kernel built with {symbol}=y (capsule doctor --kernel {} \
-             lists what else it lacks)",
-            path.display()
-        ));
-    }
-    None
+        Some(problem_line(problem, symbol, path))
+    })
+}
+
+fn kernel_problem_modules_ok(path: &Path, wants: &[(&str, &str)]) -> Option<String> {
+    let (_, config) = kernel::inspect(path).ok()?.config?;
+    wants.iter().find_map(|(what, symbol)| {
+        value(&config, symbol).is_none().then(|| {
+            problem_line(
+                format!("the kernel has no {what} ({symbol} is not set)"),
+                symbol,
+                path,
+            )
+        })
+    })
+}
+
+fn problem_line(problem: String, symbol: &str, path: &Path) -> String {
+    format!(
+        "{problem}: use a kernel built with {symbol}=y (capsule doctor --kernel {} lists what \
+         else it lacks)",
+        path.display()
+    )
 }
 
 /// Which of the options capsule needs the kernel at `path` has.
