@@ -147,6 +147,41 @@ fn no_kvm_device() {
     );
 }
 
+/// `capsule exec` says so before it packs any share (a CI runner without
+/// KVM fails at once, whatever it shares).
+#[test]
+fn exec_without_kvm_fails_before_packing_shares() {
+    let k = halting_guest();
+    let share = scratch().join("unreadable-share");
+    std::fs::create_dir_all(&share).unwrap();
+    // A FIFO in the share: packing it would log a warning first.
+    let fifo = share.join("fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = capsule(
+        &[
+            "exec",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--kvm",
+            "/nonexistent/kvm",
+            "--share",
+            &format!("{}:/s", share.display()),
+            "--",
+            "true",
+        ],
+        &[],
+        &[],
+    );
+    assert_one_line(
+        &out,
+        125,
+        &["cannot open /nonexistent/kvm", "this host has no KVM"],
+    );
+}
+
 #[test]
 fn kvm_device_not_accessible() {
     use std::os::unix::fs::PermissionsExt;

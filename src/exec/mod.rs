@@ -173,6 +173,12 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>, what: &'static str) -> Result<File,
 
 /// Boots the VM, runs the command and returns how it ended.
 pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
+    // A host without usable KVM is told so at once, not after the shares
+    // were packed (a CI job without KVM fails in a second).
+    drop(
+        crate::vstate::vm::Vm::open_kvm(&config.vm.kvm_path)
+            .map_err(|e| Error::Vm(builder::Error::from(e)))?,
+    );
     prepare(&mut config)?;
     let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
