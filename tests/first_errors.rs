@@ -345,8 +345,8 @@ fn disk_in_use() {
     let holder = std::fs::File::open(&img).unwrap();
     // SAFETY: flock is a plain C struct; all-zero is valid.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_RDLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_type = libc::c_short::try_from(libc::F_RDLCK).unwrap();
+    fl.l_whence = libc::c_short::try_from(libc::SEEK_SET).unwrap();
     // SAFETY: a valid descriptor and a valid flock.
     let r = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
     assert_eq!(r, 0, "{}", std::io::Error::last_os_error());

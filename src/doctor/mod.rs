@@ -192,7 +192,8 @@ fn value<'a>(config: &'a str, symbol: &str) -> Option<&'a str> {
     })
 }
 
-/// The checks of a kernel's configuration against [`WANTS`].
+/// The checks of a kernel's configuration against the options capsule
+/// needs or uses (virtio-mmio, the 8250 console, ACPI, virtio-blk, ...).
 pub fn config_checks(config: &str) -> Vec<Check> {
     WANTS
         .iter()
