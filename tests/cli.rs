@@ -122,24 +122,93 @@ fn doctor_passt_from_capsule_passt() {
     );
 }
 
-/// The real guest kernel carries its configuration (CONFIG_IKCONFIG): it
-/// is found in the xz-compressed bzImage and in the ELF vmlinux, equal to
-/// the .config it was built from, with the release from the image.
+/// gzip of `data`, as the kernel's build compresses its configuration.
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// The real guest kernel: its xz-compressed bzImage is decompressed to the
+/// vmlinux whose banner names the release it was built as, and its
+/// configuration is the `config` file beside it (it is built without
+/// CONFIG_IKCONFIG, which the doctor reports).
 #[test]
-fn embedded_config_of_the_real_guest_kernel() {
-    use capsule::doctor::kernel::{inspect, Source};
+fn real_guest_kernel_release_and_config_beside_it() {
+    use capsule::doctor::kernel::{inspect, BzImage, Source};
     let dir = guest_kernel_dir();
     let config = std::fs::read_to_string(dir.join("config")).unwrap();
     let release = std::fs::read_to_string(dir.join("kernelrelease")).unwrap();
-    // Copies without the config file beside them, so only the image can
-    // tell.
-    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("doctor-kernel");
-    std::fs::create_dir_all(&tmp).unwrap();
+    let bz = std::fs::read(dir.join("bzImage")).unwrap();
+    let parsed = BzImage::parse(&bz).expect("a bzImage header");
+    let vmlinux = parsed.decompress().expect("the payload decompresses");
+    assert_eq!(
+        capsule::doctor::kernel::banner_release(&vmlinux).as_deref(),
+        Some(release.trim())
+    );
     for name in ["bzImage", "vmlinux"] {
-        let copy = tmp.join(name);
-        std::fs::copy(dir.join(name), &copy).unwrap();
-        let info = inspect(&copy).unwrap();
+        let info = inspect(&dir.join(name)).unwrap();
         assert_eq!(info.release.as_deref(), Some(release.trim()), "{name}");
+        let (source, found) = info.config.expect("the config beside it");
+        assert_eq!(source, Source::File(dir.join("config")), "{name}");
+        assert_eq!(found, config, "{name}");
+    }
+    let out = capsule(&["doctor", "--kernel", dir.join("bzImage").to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    for want in [
+        "✓ kernel: virtio-mmio",
+        "✓ kernel: virtio-blk",
+        "✓ kernel: virtio-net",
+        "✓ kernel: virtio-console",
+        "✓ kernel: 8250 serial console",
+        "✓ kernel: ACPI",
+    ] {
+        assert!(stdout.contains(want), "no {want}:\n{stdout}");
+    }
+    // Alone, without its config: the doctor says where it looked.
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("doctor-alone");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::copy(dir.join("bzImage"), tmp.join("bzImage")).unwrap();
+    let out = capsule(&["doctor", "--kernel", tmp.join("bzImage").to_str().unwrap()]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("cannot find its configuration (tried the embedded copy (built without CONFIG_IKCONFIG)"),
+        "{stdout}"
+    );
+}
+
+/// The embedded configuration, found in a real kernel image: the real
+/// vmlinux with the real config stored as kernel/configs.c stores it
+/// (`IKCFG_ST`, gzip, `IKCFG_ED`), both as an ELF vmlinux and inside a
+/// bzImage (the real one's header, the payload gzip-compressed).
+#[test]
+fn embedded_config_in_a_real_kernel_image() {
+    use capsule::doctor::kernel::{inspect, Source};
+    let dir = guest_kernel_dir();
+    let config = std::fs::read_to_string(dir.join("config")).unwrap();
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("doctor-ikconfig");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let mut vmlinux = std::fs::read(dir.join("vmlinux")).unwrap();
+    vmlinux.extend(b"IKCFG_ST");
+    vmlinux.extend(gzip(config.as_bytes()));
+    vmlinux.extend(b"IKCFG_ED");
+    std::fs::write(tmp.join("vmlinux"), &vmlinux).unwrap();
+    // The bzImage: the real setup code and header, a gzip payload.
+    let bz = std::fs::read(dir.join("bzImage")).unwrap();
+    let setup_sects = match bz[0x1f1] {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let pm = (setup_sects + 1) * 512;
+    let payload = gzip(&vmlinux);
+    let mut image = bz[..pm].to_vec();
+    image[0x248..0x24c].copy_from_slice(&0u32.to_le_bytes());
+    image[0x24c..0x250].copy_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
+    image.extend(&payload);
+    std::fs::write(tmp.join("bzImage"), &image).unwrap();
+    for name in ["vmlinux", "bzImage"] {
+        let info = inspect(&tmp.join(name)).unwrap();
         let (source, found) = info
             .config
             .unwrap_or_else(|| panic!("{name}: no embedded config found (tried {:?})", info.tried));
@@ -152,16 +221,7 @@ fn embedded_config_of_the_real_guest_kernel() {
         stdout.contains("configuration embedded in the image (CONFIG_IKCONFIG)"),
         "{stdout}"
     );
-    for want in [
-        "✓ kernel: virtio-mmio",
-        "✓ kernel: virtio-blk",
-        "✓ kernel: virtio-net",
-        "✓ kernel: virtio-console",
-        "✓ kernel: 8250 serial console",
-        "✓ kernel: ACPI",
-    ] {
-        assert!(stdout.contains(want), "no {want}:\n{stdout}");
-    }
+    assert!(stdout.contains("✓ kernel: virtio-mmio"), "{stdout}");
 }
 
 /// A kernel without the options capsule needs: a real image whose
