@@ -32,13 +32,25 @@ use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
 use crate::{signals, terminal};
 
+/// What to do when a kernel or initrd named by the user cannot be read.
+fn file_hint(what: &str, e: &std::io::Error) -> &'static str {
+    match (what, e.kind()) {
+        ("initrd", std::io::ErrorKind::NotFound) => {
+            "; check the path (capsule exec needs no --initrd: it makes its own initramfs)"
+        }
+        (_, std::io::ErrorKind::NotFound) => "; check the path",
+        (_, std::io::ErrorKind::PermissionDenied) => "; make it readable by you",
+        _ => "",
+    }
+}
+
 /// Errors while building or running a VM. Each message names what failed
 /// and, for files, which file.
 #[derive(Debug, thiserror::Error)]
 #[allow(clippy::large_enum_variant)]
 pub enum Error {
     /// A user-supplied file could not be opened or read.
-    #[error("cannot read {what} {path}: {source}")]
+    #[error("cannot read {what} {path}: {source}{hint}", hint = file_hint(.what, .source))]
     File {
         /// "kernel" or "initrd".
         what: &'static str,
@@ -86,7 +98,7 @@ pub enum Error {
     #[error("invalid kernel command line: {0}")]
     LoadCmdline(#[source] loader::Error),
     /// More memory than the host has.
-    #[error("cannot give the guest {}: the host has {} of RAM", format_size(*.asked), format_size(*.host))]
+    #[error("cannot give the guest {}: the host has {} of RAM; ask for less (--memory, or mem_size_mib over the API)", format_size(*.asked), format_size(*.host))]
     HostMemory {
         /// Requested size in bytes.
         asked: u64,

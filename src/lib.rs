@@ -17,6 +17,7 @@ pub mod api;
 pub mod builder;
 pub mod config;
 pub mod device_manager;
+pub mod doctor;
 pub mod exec;
 pub mod failstop;
 pub mod hostfile;

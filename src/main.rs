@@ -16,6 +16,7 @@ use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
 
 mod snapverbs;
+mod tools;
 mod verbs;
 use devices::exit::GuestExit;
 
@@ -88,6 +89,14 @@ enum Command {
     Logs(NameArg),
     /// Attach to a detached VM's serial console (detach with Ctrl-]).
     Console(NameArg),
+    /// Check that capsule can run VMs here (and, with --kernel, that a
+    /// kernel has what capsule needs); exits 0 if it can, 1 if not.
+    Doctor(tools::DoctorArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(tools::CompletionsArgs),
+    /// Write man pages (capsule.1, capsule-COMMAND.1) into DIR.
+    #[command(hide = true)]
+    Man(tools::ManArgs),
     /// Snapshot a running VM into DIR: pause it, write DIR/snapshot and
     /// DIR/memory, resume it (or kill it with --stop).
     Snapshot(SnapshotArgs),
@@ -503,8 +512,15 @@ fn run(args: RunArgs) -> u8 {
         restore: args.restore_config(),
         on_started,
     };
+    let kernel = args.kernel.clone();
     let code = match api::run(opts) {
-        Ok(exit) => guest_status(exit),
+        Ok(exit) => {
+            let code = guest_status(exit);
+            if let (GuestExit::Panic, Some(k)) = (exit, &kernel) {
+                tools::explain_panic(k, &args);
+            }
+            code
+        }
         Err(e) => {
             eprintln!("capsule: error: {e}");
             status::ERROR
@@ -568,6 +584,9 @@ fn main() -> ExitCode {
                 .collect();
             return ExitCode::from(snapverbs::clone(&a.dir, a.count, &a.name, &extra));
         }
+        Command::Doctor(a) => return ExitCode::from(tools::doctor(&a)),
+        Command::Completions(a) => return ExitCode::from(tools::completions::<Cli>(&a)),
+        Command::Man(a) => return ExitCode::from(tools::man::<Cli>(&a)),
     };
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));

@@ -38,10 +38,13 @@ pub enum BindError {
     #[error("{0}")]
     Stat(#[source] std::io::Error),
     /// Something other than a socket is at the path.
-    #[error("it exists and is {0}, not a stale socket; refusing to replace it")]
+    #[error(
+        "it exists and is {0}, not a stale socket; refusing to replace it: remove it or \
+         choose another path"
+    )]
     NotSocket(&'static str),
     /// A live socket is at the path.
-    #[error("another process is serving on it")]
+    #[error("another process is serving on it (another capsule?): stop it or choose another path")]
     InUse,
     /// Connecting to the socket at the path failed in an unexpected way.
     #[error("cannot tell whether the socket is in use: {0}")]

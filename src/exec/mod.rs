@@ -202,6 +202,12 @@ impl Channel {
 /// Boots the VM, runs the command and returns how it ended.
 pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     let channel = Channel::from_env()?;
+    // A host without usable KVM is told so at once, not after the shares
+    // were packed (a CI job without KVM fails in a second).
+    drop(
+        crate::vstate::vm::Vm::open_kvm(&config.vm.kvm_path)
+            .map_err(|e| Error::Vm(builder::Error::from(e)))?,
+    );
     prepare(&mut config, channel)?;
     let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
@@ -233,7 +239,17 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     let vmm = builder::build_with(&config.vm, serial, extras)?;
     let end = vmm.run(Some(TICK), |_| lock(&session).check())?;
     let session = lock(&session);
-    Ok(outcome(end, &session, &tail))
+    Ok(match outcome(end, &session, &tail) {
+        // The init never spoke: the usual cause is a kernel that cannot
+        // see capsule's devices; say so when its configuration tells.
+        Outcome::GuestFailed(why, lines) if !session.hello => {
+            match crate::doctor::exec_kernel_problem(&config.vm.kernel) {
+                Some(problem) => Outcome::GuestFailed(format!("{why}; {problem}"), lines),
+                None => Outcome::GuestFailed(why, lines),
+            }
+        }
+        other => other,
+    })
 }
 
 /// The session's vsock link: a private directory for the device's

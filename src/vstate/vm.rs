@@ -6,7 +6,17 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 /// KVM API version capsule is written against.
-const KVM_API_VERSION: i32 = 12;
+pub const KVM_API_VERSION: i32 = 12;
+
+/// The KVM capabilities capsule cannot run without (also checked by
+/// `capsule doctor`).
+pub const REQUIRED_CAPS: [Cap; 5] = [
+    Cap::Irqchip,
+    Cap::UserMemory,
+    Cap::Irqfd,
+    Cap::Pit2,
+    Cap::SetTssAddr,
+];
 
 /// Errors while creating the VM.
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +28,8 @@ pub enum Error {
         path: String,
         /// Underlying error.
         source: std::io::Error,
-        /// Advice for the user.
-        hint: &'static str,
+        /// Advice for the user (empty, or starting with "; ").
+        hint: String,
     },
     /// The KVM API version is not 12.
     #[error("unsupported KVM API version {0} (need {KVM_API_VERSION})")]
@@ -35,6 +45,42 @@ pub enum Error {
         /// Underlying error.
         source: kvm_ioctls::Error,
     },
+}
+
+/// What to do when the KVM device cannot be opened: a missing device
+/// means no KVM on this host; a refused one names the group to join.
+fn open_hint(path: &std::path::Path, e: &std::io::Error) -> String {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "; this host has no KVM: load kvm_intel or kvm_amd, \
+            enable virtualization in the firmware, or use a VM with nested virtualization \
+            (capsule doctor checks the host)"
+            .to_string(),
+        std::io::ErrorKind::PermissionDenied => {
+            let Ok(meta) = std::fs::metadata(path) else {
+                return "; fix the device's permissions (capsule doctor checks the host)".into();
+            };
+            let group = group_name(meta.gid()).unwrap_or_else(|| meta.gid().to_string());
+            format!(
+                "; it is group {group}, mode {:o}: add yourself to that group (sudo usermod \
+                 -aG {group} $USER, then log in again), or on a CI runner open it with a \
+                 udev rule (docs/ci.md)",
+                meta.permissions().mode() & 0o777
+            )
+        }
+        _ => String::new(),
+    }
+}
+
+/// The name of group `gid` from /etc/group.
+pub fn group_name(gid: u32) -> Option<String> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let name = f.next()?;
+        let _ = f.next();
+        (f.next()? == gid.to_string()).then(|| name.to_string())
+    })
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -56,33 +102,19 @@ impl Vm {
                 Error::OpenKvm {
                     path: path.clone(),
                     source: std::io::Error::from(std::io::ErrorKind::InvalidInput),
-                    hint: "",
+                    hint: String::new(),
                 }
             })?;
         let kvm = Kvm::new_with_path(&c_path).map_err(|e| {
             let source = std::io::Error::from_raw_os_error(e.errno());
-            let hint = match source.kind() {
-                std::io::ErrorKind::NotFound => {
-                    " (is KVM enabled? load kvm_intel or kvm_amd, or enable virtualization)"
-                }
-                std::io::ErrorKind::PermissionDenied => {
-                    " (add yourself to the 'kvm' group or fix the device's permissions)"
-                }
-                _ => "",
-            };
+            let hint = open_hint(kvm_path, &source);
             Error::OpenKvm { path, source, hint }
         })?;
         let version = kvm.get_api_version();
         if version != KVM_API_VERSION {
             return Err(Error::ApiVersion(version));
         }
-        for cap in [
-            Cap::Irqchip,
-            Cap::UserMemory,
-            Cap::Irqfd,
-            Cap::Pit2,
-            Cap::SetTssAddr,
-        ] {
+        for cap in REQUIRED_CAPS {
             if !kvm.check_extension(cap) {
                 return Err(Error::MissingCap(cap));
             }

@@ -48,6 +48,7 @@ export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrele
 export ROOTFS=/capsule/rootfs.ext4 TOOLS=/capsule/tools
 export CASE_TIMEOUT='$case_timeout' CASES='$2' KVM_HOST_LIB=/capsule/kvm-host.sh
 export DEBIAN_IMAGE=/capsule/debian
+export ACTION_DIR=/capsule ACTION_RUNNER=/capsule/run-action-locally.sh
 $log_line
 $bench_line
 exec sh /capsule/boot/cases.sh
@@ -112,7 +113,9 @@ main() {
     if [[ "$mode" == direct ]]; then
         CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
             ROOTFS="$rootfs" DEBIAN_IMAGE="$debian" TOOLS="$work/tools" KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
-            CASES="${expected[*]}" KVM_HOST_LIB="$resources/kvm-host.sh" sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
+            CASES="${expected[*]}" KVM_HOST_LIB="$resources/kvm-host.sh" \
+            ACTION_DIR="$here/../.." ACTION_RUNNER="$resources/run-action-locally.sh" \
+            sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
     else
         # One L1 boot for all cases. If L1 itself fails (hangs, times out or
         # dies without reporting: statuses 124-126), the cases it did not
@@ -137,6 +140,7 @@ main() {
             CAPSULE_L1_TIMEOUT="$timeout_l1" "$resources/harness/run-in-l1.sh" \
                 "$work/boot-tests-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" \
                 "$initrd" "$rootfs" "$work/tools" "$here:boot" "$resources/kvm-host.sh" \
+                "$here/../../action.yml" "$resources/run-action-locally.sh" \
                 ${l1_debian[@]+"${l1_debian[@]}"} </dev/null | tee -a "$caselog" || rc=$?
             unreported=()
             for c in "${remaining[@]}"; do

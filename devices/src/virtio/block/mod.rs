@@ -119,8 +119,13 @@ pub enum BlockError {
     NotAFile(PathBuf),
     /// Another process (or another disk of this VM) holds a conflicting lock.
     #[error(
-        "disk image {path} is in use by another process (cannot take {} lock)",
-        if *.exclusive { "an exclusive" } else { "a shared" }
+        "disk image {path} is in use by another process (cannot take {} lock): {}",
+        if *.exclusive { "an exclusive" } else { "a shared" },
+        if *.exclusive {
+            "stop the VM that has it, or give it to each VM with ,ro or ,ephemeral to share it read-only"
+        } else {
+            "a VM is writing to it; stop that VM first"
+        }
     )]
     Locked {
         /// The image.

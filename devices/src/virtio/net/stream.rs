@@ -172,6 +172,40 @@ pub enum PasstError {
     /// The socket pair could not be created.
     #[error("cannot create the socket pair for passt: {0}")]
     Socket(#[source] io::Error),
+    /// A host port to publish is taken or may not be bound.
+    #[error("cannot publish host port {host} (publish={host}:{guest}): {why}")]
+    Publish {
+        /// The host port.
+        host: u16,
+        /// The guest port.
+        guest: u16,
+        /// Why, and what to do.
+        why: String,
+    },
+}
+
+/// Checks that every host port to publish can be bound, as passt will try
+/// to (it would otherwise fail in the background, after the VM started):
+/// a port another program listens on, or one below the unprivileged
+/// limit, is refused with what to do. The probe socket is closed at once.
+fn check_publish(publish: &[(u16, u16)]) -> Result<(), PasstError> {
+    for &(host, guest) in publish {
+        let why = match std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, host)) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => format!(
+                "another program is listening on it (ss -ltnp 'sport = {host}' shows which); \
+                 pick another host port"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => format!(
+                "ports below 1024 need privileges; pick a port from 1024 on (e.g. \
+                 publish={}:{guest})",
+                u32::from(host) + 8000
+            ),
+            Err(e) => e.to_string(),
+        };
+        return Err(PasstError::Publish { host, guest, why });
+    }
+    Ok(())
 }
 
 /// How to run passt.
@@ -202,6 +236,7 @@ impl Passt {
     /// `PASST_FD` (3); nothing else capsule holds (KVM, other devices'
     /// eventfds, disk images, TAP devices) reaches it.
     pub fn spawn(config: &PasstConfig) -> Result<Self, PasstError> {
+        check_publish(&config.publish)?;
         let (ours, theirs) = socket_pair().map_err(PasstError::Socket)?;
         let mut cmd = Command::new(&config.binary);
         cmd.arg("--fd")
