@@ -144,6 +144,12 @@ pub enum Error {
     /// The terminal could not be put in raw mode.
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
+    /// File access could not be restricted.
+    #[error(transparent)]
+    Landlock(#[from] crate::landlock::Error),
+    /// The main thread's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 pub(crate) type Result<T> = std::result::Result<T, Error>;
@@ -256,6 +262,9 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         stop: Arc::new(AtomicBool::new(false)),
         pause: pause.clone(),
     };
+    // Setup is over: from here on capsule reaches only the files the VM
+    // was configured with (the vCPU threads inherit this).
+    crate::landlock::restrict(config)?;
     let handles = start_vcpus(vcpus, &io, &mut ram)?;
     log::info!(
         "VM started: {} vCPU(s), {} of memory, {:.1} ms after capsule started",
@@ -264,7 +273,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         crate::process_start().elapsed().as_secs_f64() * 1000.0
     );
 
-    Ok(Vmm {
+    let vmm = Vmm {
         _signal_wake: signals::wake_on_signal(&exit),
         vcpus: handles,
         pause,
@@ -274,7 +283,12 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         _terminal: terminal,
         _vm: vm,
         ram,
-    })
+    };
+    // The main thread's own filter, after it started every thread it
+    // starts (a thread inherits its parent's filter). On failure the VM
+    // is dropped: its vCPUs are stopped.
+    crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
+    Ok(vmm)
 }
 
 /// What adding a device needs: the buses, the VM (for irqfds and

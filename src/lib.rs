@@ -8,14 +8,17 @@
 pub mod api;
 pub mod builder;
 pub mod config;
+pub mod confine;
 pub mod device_manager;
 pub mod exec;
 pub mod failstop;
 pub mod hostfile;
 mod kernel_load;
+pub mod landlock;
 pub mod logfile;
 pub mod logger;
 pub mod runtime;
+pub mod seccomp;
 pub mod signals;
 pub mod terminal;
 pub mod unixsock;

@@ -79,6 +79,44 @@ enum Command {
     Logs(NameArg),
     /// Attach to a detached VM's serial console (detach with Ctrl-]).
     Console(NameArg),
+    /// Print the seccomp allow-list of each kind of thread (Markdown, as
+    /// in docs/security.md), or write them compiled (--compile).
+    #[command(hide = true)]
+    Seccomp(SeccompArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct SeccompArgs {
+    /// Write the compiled filters to FILE in the format --seccomp-filter
+    /// reads (CAPSULE_SECCOMP picks the action for forbidden calls).
+    #[arg(long, value_name = "FILE")]
+    compile: Option<PathBuf>,
+}
+
+/// `capsule seccomp`: the filters as Markdown, or compiled into a file.
+fn seccomp_cmd(args: &SeccompArgs) -> u8 {
+    use capsule::seccomp::{self, ThreadKind};
+    let Some(out) = &args.compile else {
+        print!("{}", seccomp::render::markdown());
+        return status::OK;
+    };
+    let compiled = seccomp::Mode::from_env().and_then(|mode| {
+        ThreadKind::ALL
+            .iter()
+            .map(|&k| seccomp::compile(k, mode).map(|p| (k.name().to_string(), p)))
+            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+    });
+    let result = compiled.map_err(|e| e.to_string()).and_then(|map| {
+        std::fs::write(out, seccomp::file::encode(&map))
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))
+    });
+    match result {
+        Ok(()) => status::OK,
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            status::ERROR
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -154,6 +192,8 @@ struct ExecArgs {
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
+    #[command(flatten)]
+    confine: capsule::confine::ConfineArgs,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -316,6 +356,8 @@ struct RunArgs {
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
+    #[command(flatten)]
+    confine: capsule::confine::ConfineArgs,
 }
 
 impl RunArgs {
@@ -471,6 +513,10 @@ fn main() -> ExitCode {
         Command::Run(args) => args,
         Command::Exec(args) => {
             capsule::failstop::set_status(status::EXEC_ERROR);
+            if let Err(e) = capsule::confine::configure(&args.confine) {
+                eprintln!("capsule: error: {e}");
+                return ExitCode::from(status::EXEC_ERROR);
+            }
             let code = exec(args, started);
             let _ = std::io::stdout().flush();
             capsule::signals::reraise_pending();
@@ -484,9 +530,14 @@ fn main() -> ExitCode {
         Command::Wait(a) => return ExitCode::from(verbs::wait(&a.name)),
         Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
         Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
+        Command::Seccomp(a) => return ExitCode::from(seccomp_cmd(&a)),
     };
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
+    }
+    if let Err(e) = capsule::confine::configure(&args.confine) {
+        eprintln!("capsule: error: {e}");
+        return ExitCode::from(status::ERROR);
     }
     let code = run(args);
     let _ = std::io::stdout().flush();

@@ -174,6 +174,10 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>, what: &'static str) -> Result<File,
 /// Boots the VM, runs the command and returns how it ended.
 pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     prepare(&mut config)?;
+    // Copy-back writes into the writable shares after setup.
+    for s in config.shares.iter().filter(|s| s.writable) {
+        crate::landlock::allow(&s.host, crate::landlock::Reach::ReadWrite);
+    }
     let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
     let (console, pump) = console_and_pump(&session, wake)?;
