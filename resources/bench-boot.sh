@@ -14,7 +14,10 @@
 #   - resident memory of the VMM process, excluding the guest RAM mapping,
 #     read from /proc/PID/smaps once the guest is in userspace;
 #   - capsule only: start -> its API socket answers `GET /` (curl, polled),
-#     and main() -> API ready from capsule's own log.
+#     and main() -> API ready from capsule's own log;
+#   - the cost of confinement: capsule as always (seccomp filters and
+#     Landlock) beside `capsule-open` (--no-seccomp --no-landlock), same
+#     runs, alternating.
 #
 # QEMU is Debian's qemu-system-x86_64 with `-M microvm` (qboot firmware),
 # KVM, `-cpu host`, no default devices: the closest QEMU to capsule. In
@@ -56,9 +59,12 @@ one() {
     rm -f "$out" "$err" "$WORK/fifo"
     mkfifo "$WORK/fifo"
     t0=$(now_ns)
-    if [ "$vmm" = capsule ]; then
+    open=""
+    [ "$vmm" = capsule-open ] && open="--no-seccomp --no-landlock"
+    if [ "$vmm" != qemu ]; then
+        # shellcheck disable=SC2086 # $open is two words or none
         CAPSULE_LOG=info "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
-            --cpus 1 --memory ${MEM_MIB}M --cmdline "$CMDLINE" \
+            --cpus 1 --memory ${MEM_MIB}M --cmdline "$CMDLINE" $open \
             </dev/null >"$WORK/fifo" 2>"$err" &
     else
         "$QEMU" -M microvm -accel kvm -cpu host -m ${MEM_MIB}M -smp 1 \
@@ -96,7 +102,7 @@ one() {
     exec 4<&-
     wait "$drain" 2>/dev/null
     line="bench-boot: $vmm ready_ms=$(((t1 - t0) / 1000000)) rss_kib=$rss"
-    if [ "$vmm" = capsule ]; then
+    if [ "$vmm" != qemu ]; then
         m=$(sed -n 's/.*boot marker 1: \([0-9.]*\) ms since capsule started, \([0-9.]*\) ms CPU.*/marker_ms=\1 marker_cpu_ms=\2/p' "$err")
         line="$line ${m:-marker_ms=- marker_cpu_ms=-}"
         v=$(sed -n 's/.*VM started: .*, \([0-9.]*\) ms after capsule started.*/vm_started_ms=\1/p' "$err")
@@ -138,6 +144,7 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     one capsule
     one qemu
+    one capsule-open
     api
 done
 RUNNER
@@ -217,6 +224,25 @@ EOF
     read -r -a al <<<"$(value capsule api_log_ms | min_median_max %.1f)"
     printf '%-44s %26s %26s %8s\n' "capsule: start -> API answers GET /, ms" "${a[0]} / ${a[1]} / ${a[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule: main() -> API ready (its log), ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
+
+    echo
+    echo "Confinement: capsule (seccomp + Landlock, the default) vs capsule --no-seccomp --no-landlock (same runs)"
+    printf '%-44s %26s %26s %8s\n' "measurement (min / median / max)" "confined" "open" "ratio"
+    confined_row() { # LABEL KEY DIVISOR
+        local c o ratio
+        read -r -a c <<<"$(value capsule "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
+        read -r -a o <<<"$(value capsule-open "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
+        ratio="-"
+        if [[ "${c[1]}" != - && "${o[1]}" != - ]]; then
+            ratio="$(awk -v a="${c[1]}" -v b="${o[1]}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
+        fi
+        printf '%-44s %26s %26s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${o[0]} / ${o[1]} / ${o[2]}" "$ratio"
+    }
+    confined_row "process start -> guest userspace, ms" ready_ms 1
+    confined_row "process start -> vCPUs running, ms" vm_started_ms 1
+    confined_row "boot marker: wall ms" marker_ms 1
+    confined_row "boot marker: process CPU ms" marker_cpu_ms 1
+    confined_row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024
 }
 
 main "$@"

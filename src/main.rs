@@ -91,11 +91,33 @@ struct SeccompArgs {
     /// reads (CAPSULE_SECCOMP picks the action for forbidden calls).
     #[arg(long, value_name = "FILE")]
     compile: Option<PathBuf>,
+    /// Rewrite the generated lists in FILE (docs/security.md).
+    #[arg(long, value_name = "FILE", conflicts_with = "compile")]
+    doc: Option<PathBuf>,
 }
 
 /// `capsule seccomp`: the filters as Markdown, or compiled into a file.
 fn seccomp_cmd(args: &SeccompArgs) -> u8 {
     use capsule::seccomp::{self, ThreadKind};
+    if let Some(doc) = &args.doc {
+        let updated = std::fs::read_to_string(doc)
+            .map_err(|e| format!("cannot read {}: {e}", doc.display()))
+            .and_then(|text| {
+                seccomp::render::update_doc(&text)
+                    .ok_or_else(|| format!("{} lacks the seccomp-filters markers", doc.display()))
+            })
+            .and_then(|text| {
+                std::fs::write(doc, text)
+                    .map_err(|e| format!("cannot write {}: {e}", doc.display()))
+            });
+        return match updated {
+            Ok(()) => status::OK,
+            Err(e) => {
+                eprintln!("capsule: error: {e}");
+                status::ERROR
+            }
+        };
+    }
     let Some(out) = &args.compile else {
         print!("{}", seccomp::render::markdown());
         return status::OK;

@@ -6,6 +6,24 @@ use std::fmt::Write;
 use super::filters::{self, Only};
 use super::ThreadKind;
 
+/// The line before the generated lists in `docs/security.md`.
+pub const BEGIN: &str = "<!-- seccomp-filters: begin (capsule seccomp) -->";
+/// The line after them.
+pub const END: &str = "<!-- seccomp-filters: end -->";
+
+/// `doc` with the text between [`BEGIN`] and [`END`] replaced by
+/// [`markdown`]; `None` if the markers are missing.
+pub fn update_doc(doc: &str) -> Option<String> {
+    let start = doc.find(BEGIN)? + BEGIN.len();
+    let stop = doc[start..].find(END)? + start;
+    Some(format!(
+        "{}\n\n{}\n\n{}",
+        &doc[..start],
+        markdown().trim(),
+        &doc[stop..]
+    ))
+}
+
 /// The text between the markers in `docs/security.md`.
 pub fn markdown() -> String {
     let mut out = String::new();

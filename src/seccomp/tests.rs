@@ -311,16 +311,10 @@ fn trap_message_names_thread_and_call() {
 fn security_doc_shows_the_current_lists() {
     let doc =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/security.md")).unwrap();
-    let begin = "<!-- seccomp-filters: begin (capsule seccomp) -->\n";
-    let end = "<!-- seccomp-filters: end -->";
-    let start = doc
-        .find(begin)
-        .expect("docs/security.md lacks the seccomp-filters markers")
-        + begin.len();
-    let stop = doc[start..].find(end).expect("no end marker") + start;
-    assert_eq!(
-        doc[start..stop].trim(),
-        render::markdown().trim(),
-        "docs/security.md is out of date: regenerate it with `capsule seccomp`"
+    let updated =
+        render::update_doc(&doc).expect("docs/security.md lacks the seccomp-filters markers");
+    assert!(
+        updated == doc,
+        "docs/security.md is out of date: run `capsule seccomp --doc docs/security.md`"
     );
 }
