@@ -13,6 +13,7 @@ pub mod device_manager;
 pub mod exec;
 pub mod failstop;
 pub mod hostfile;
+pub mod jail;
 mod kernel_load;
 pub mod landlock;
 pub mod logfile;

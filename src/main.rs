@@ -380,9 +380,51 @@ struct RunArgs {
     kvm: PathBuf,
     #[command(flatten)]
     confine: capsule::confine::ConfineArgs,
+    #[command(flatten)]
+    jail: capsule::jail::JailArgs,
 }
 
 impl RunArgs {
+    /// `--jail`: builds the jail and moves in, with the VM's paths
+    /// rewritten to the jail's. `Ok(Some(status))` in the keeper process
+    /// once the VM has ended; `Ok(None)` in the jailed one.
+    fn enter_jail(&mut self) -> Result<Option<u8>, capsule::jail::Error> {
+        use capsule::jail::{Error, Jail};
+        let mut files = Vec::new();
+        files.extend(self.kernel.iter().map(|k| (k.clone(), false)));
+        files.extend(self.initrd.iter().map(|i| (i.clone(), false)));
+        files.extend(
+            self.disks
+                .iter()
+                .map(|d| (d.path.clone(), d.mode == config::DiskMode::ReadWrite)),
+        );
+        let mut tun = false;
+        for n in &self.nets {
+            match n.backend {
+                config::NetBackendConfig::Tap { .. } => tun = true,
+                config::NetBackendConfig::User { .. } => {
+                    return Err(Error::Usage(
+                        "--net user cannot run jailed (passt is not in the jail); use --net tap="
+                            .into(),
+                    ))
+                }
+            }
+        }
+        let (jail, inside) = Jail::plan(&self.jail, &self.id, &files, self.memory, &self.kvm, tun)?;
+        let mut inside = inside.into_iter();
+        if let Some(k) = &mut self.kernel {
+            *k = inside.next().unwrap_or_default();
+        }
+        if let Some(i) = &mut self.initrd {
+            *i = inside.next().unwrap_or_default();
+        }
+        for d in &mut self.disks {
+            d.path = inside.next().unwrap_or_default();
+        }
+        self.kvm = PathBuf::from("/dev/kvm");
+        jail.enter()
+    }
+
     /// The VM `--kernel` and the other options describe, if `--kernel`
     /// was given.
     fn vm_config(&self) -> Option<VmConfig> {
@@ -560,6 +602,17 @@ fn main() -> ExitCode {
     if let Err(e) = capsule::confine::configure(&args.confine) {
         eprintln!("capsule: error: {e}");
         return ExitCode::from(status::ERROR);
+    }
+    let mut args = args;
+    if args.jail.jail {
+        match args.enter_jail() {
+            Ok(None) => {}
+            Ok(Some(code)) => return ExitCode::from(code),
+            Err(e) => {
+                eprintln!("capsule: error: {e}");
+                return ExitCode::from(status::ERROR);
+            }
+        }
     }
     let code = run(args);
     let _ = std::io::stdout().flush();
