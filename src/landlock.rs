@@ -55,21 +55,27 @@ static RULES: Mutex<Vec<(PathBuf, Reach)>> = Mutex::new(Vec::new());
 /// use, in-process tests).
 pub fn configure(enabled: bool, extra: &[String]) -> Result<(), Error> {
     for e in extra {
-        let (path, reach) = match e.rsplit_once(':') {
-            Some((p, "rw")) => (p, Reach::ReadWrite),
-            Some((p, "ro")) => (p, Reach::Read),
-            _ => (e.as_str(), Reach::Read),
-        };
-        if path.is_empty() {
-            return Err(Error::BadAllow(e.clone()));
-        }
-        allow(Path::new(path), reach);
+        let (path, reach) = parse_allow(e)?;
+        allow(&path, reach);
     }
     if !enabled {
         log::warn!("Landlock is off (--no-landlock): capsule may open any file its user can");
     }
     let _ = ENABLED.set(enabled);
     Ok(())
+}
+
+/// A `--landlock-allow` value: `PATH`, `PATH:ro` or `PATH:rw`.
+fn parse_allow(e: &str) -> Result<(PathBuf, Reach), Error> {
+    let (path, reach) = match e.rsplit_once(':') {
+        Some((p, "rw")) => (p, Reach::ReadWrite),
+        Some((p, "ro")) => (p, Reach::Read),
+        _ => (e, Reach::Read),
+    };
+    if path.is_empty() {
+        return Err(Error::BadAllow(e.to_string()));
+    }
+    Ok((PathBuf::from(path), reach))
 }
 
 /// Lets capsule reach `path` after setup.
@@ -186,5 +192,41 @@ fn test_open_shadow() {
     match std::fs::File::open("/etc/shadow") {
         Ok(_) => log::warn!("CAPSULE_TEST_LANDLOCK: opened /etc/shadow"),
         Err(e) => log::warn!("CAPSULE_TEST_LANDLOCK: cannot open /etc/shadow: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_values_parse() {
+        assert_eq!(
+            parse_allow("/srv/vm:rw").unwrap(),
+            (PathBuf::from("/srv/vm"), Reach::ReadWrite)
+        );
+        assert_eq!(
+            parse_allow("/srv/vm:ro").unwrap(),
+            (PathBuf::from("/srv/vm"), Reach::Read)
+        );
+        assert_eq!(
+            parse_allow("/a:b").unwrap(),
+            (PathBuf::from("/a:b"), Reach::Read)
+        );
+        assert!(parse_allow(":rw").is_err());
+    }
+
+    /// A file gets only the rights a file can have (Landlock refuses
+    /// directory rights on a file); removal is only removal.
+    #[test]
+    fn rights_fit_files_and_directories() {
+        let file = rights(Reach::ReadWrite, false);
+        assert!(file.contains(AccessFs::WriteFile) && file.contains(AccessFs::ReadFile));
+        assert!(!file.contains(AccessFs::MakeReg) && !file.contains(AccessFs::ReadDir));
+        assert!(rights(Reach::ReadWrite, true).contains(AccessFs::MakeReg));
+        let read = rights(Reach::Read, true);
+        assert!(!read.contains(AccessFs::WriteFile) && !read.contains(AccessFs::RemoveFile));
+        let remove = rights(Reach::RemoveEntries, true);
+        assert!(remove.contains(AccessFs::RemoveFile) && !remove.contains(AccessFs::ReadFile));
     }
 }
