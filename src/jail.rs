@@ -166,29 +166,7 @@ impl Jail {
                 "needs root (an unprivileged jail is not built yet)".into(),
             ));
         }
-        for kv in &args.cgroup {
-            let Some((k, v)) = kv.split_once('=') else {
-                return Err(Error::Usage(format!("--cgroup {kv}: expected FILE=VALUE")));
-            };
-            if k.contains('/') || k.starts_with('.') || k.is_empty() {
-                return Err(Error::Usage(format!(
-                    "--cgroup {kv}: not a cgroup file name"
-                )));
-            }
-            if k == "memory.max" {
-                let limit = parse_cgroup_size(v)
-                    .ok_or_else(|| Error::Usage(format!("--cgroup {kv}: not a size")))?;
-                if limit < mem_size {
-                    return Err(Error::Usage(format!(
-                        "--cgroup memory.max={v} is below the guest's memory ({}): the VM would be killed once the guest uses it",
-                        crate::config::format_size(mem_size)
-                    )));
-                }
-            }
-        }
-        for r in &args.rlimit {
-            parse_rlimit(r)?;
-        }
+        check_limits(args, mem_size)?;
         let dir = args.chroot_base.join("capsule").join(id);
         let root = dir.join("root");
         let mut planned = Vec::new();
@@ -414,8 +392,8 @@ impl Jail {
         }
     }
 
-    /// In the child: namespaces, mounts, pivot_root, cgroup, rlimits,
-    /// descriptors, identity.
+    /// In the child: namespaces and mounts, pivot_root, then the
+    /// process's own limits and identity.
     fn confine(&self) -> Result<(), Error> {
         if let Some(ns) = &self.args.netns {
             let f = fs::File::open(ns).map_err(step(format!("open {}", ns.display())))?;
@@ -426,66 +404,78 @@ impl Jail {
                 "join the network namespace",
             )?;
         }
-        // SAFETY: plain syscalls on valid, NUL-terminated paths below.
-        unsafe {
-            check(libc::unshare(libc::CLONE_NEWNS), "create a mount namespace")?;
-            check(
-                libc::mount(
-                    std::ptr::null(),
-                    c"/".as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ),
-                "make mounts private",
-            )?;
-            for f in &self.files {
-                let at = cstr(
-                    &self
-                        .root
-                        .join(f.inside.strip_prefix("/").unwrap_or(&f.inside)),
-                );
-                let src = cstr(&f.host);
-                check(
-                    libc::mount(
-                        src.as_ptr(),
-                        at.as_ptr(),
-                        std::ptr::null(),
-                        libc::MS_BIND,
-                        std::ptr::null(),
-                    ),
-                    &format!("bind {}", f.host.display()),
-                )?;
-                if !f.writable {
-                    check(
-                        libc::mount(
-                            std::ptr::null(),
-                            at.as_ptr(),
-                            std::ptr::null(),
-                            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-                            std::ptr::null(),
-                        ),
-                        &format!("make {} read-only", f.host.display()),
-                    )?;
-                }
-            }
-            let root = cstr(&self.root);
-            check(
-                libc::mount(
-                    root.as_ptr(),
-                    root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REC,
-                    std::ptr::null(),
-                ),
-                "bind the jail root",
-            )?;
-        }
+        self.mount_root()?;
         if let Some(cg) = &self.cgroup {
             fs::write(cg.join("cgroup.procs"), "0")
                 .map_err(step(format!("join {}", cg.display())))?;
         }
-        // SAFETY: as above.
+        self.pivot()?;
+        self.drop_privileges()?;
+        std::env::set_var("TMPDIR", "/tmp");
+        log::info!(
+            "jailed in {} (uid {}, gid {})",
+            self.root.display(),
+            self.args.uid.unwrap_or(0),
+            self.args.gid.unwrap_or(0)
+        );
+        Ok(())
+    }
+
+    /// A private mount namespace in which the jail root holds the VM's
+    /// files (bind mounts; read-only unless writable) and is a mount
+    /// point itself (pivot_root needs one).
+    fn mount_root(&self) -> Result<(), Error> {
+        // SAFETY: unshare has no memory-safety preconditions.
+        check(
+            unsafe { libc::unshare(libc::CLONE_NEWNS) },
+            "create a mount namespace",
+        )?;
+        mount(
+            None,
+            c"/",
+            None,
+            libc::MS_REC | libc::MS_PRIVATE,
+            "make mounts private",
+        )?;
+        for f in &self.files {
+            let at = cstr(
+                &self
+                    .root
+                    .join(f.inside.strip_prefix("/").unwrap_or(&f.inside)),
+            );
+            let src = cstr(&f.host);
+            mount(
+                Some(&src),
+                &at,
+                None,
+                libc::MS_BIND,
+                &format!("bind {}", f.host.display()),
+            )?;
+            if !f.writable {
+                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+                mount(
+                    None,
+                    &at,
+                    None,
+                    flags,
+                    &format!("make {} read-only", f.host.display()),
+                )?;
+            }
+        }
+        let root = cstr(&self.root);
+        mount(
+            Some(&root),
+            &root,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            "bind the jail root",
+        )
+    }
+
+    /// Makes the jail root `/`, detaches the host's tree, mounts /proc.
+    fn pivot(&self) -> Result<(), Error> {
+        // SAFETY: chdir, pivot_root and umount2 on valid, NUL-terminated
+        // paths.
         unsafe {
             check(
                 libc::chdir(cstr(&self.root).as_ptr()),
@@ -500,17 +490,15 @@ impl Jail {
                 "detach the old root",
             )?;
             check(libc::chdir(c"/".as_ptr()), "enter /")?;
-            check(
-                libc::mount(
-                    c"proc".as_ptr(),
-                    c"/proc".as_ptr(),
-                    c"proc".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                    std::ptr::null(),
-                ),
-                "mount /proc",
-            )?;
         }
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        mount(Some(c"proc"), c"/proc", Some(c"proc"), flags, "mount /proc")?;
+        let _ = fs::set_permissions("/", fs::Permissions::from_mode(0o700));
+        Ok(())
+    }
+
+    /// rlimits, no descriptors but 0-2, the uid/gid, no_new_privs.
+    fn drop_privileges(&self) -> Result<(), Error> {
         for r in &self.args.rlimit {
             let (res, value) = parse_rlimit(r)?;
             let lim = libc::rlimit {
@@ -540,16 +528,60 @@ impl Jail {
                 "set no_new_privs",
             )?;
         }
-        let _ = fs::set_permissions("/", fs::Permissions::from_mode(0o700));
-        std::env::set_var("TMPDIR", "/tmp");
-        log::info!(
-            "jailed in {} (uid {}, gid {})",
-            self.root.display(),
-            self.args.uid.unwrap_or(0),
-            self.args.gid.unwrap_or(0)
-        );
         Ok(())
     }
+}
+
+/// `mount(2)` with optional source and file system type.
+fn mount(
+    src: Option<&std::ffi::CStr>,
+    target: &std::ffi::CStr,
+    fstype: Option<&std::ffi::CStr>,
+    flags: libc::c_ulong,
+    what: &str,
+) -> Result<(), Error> {
+    let ptr = |c: Option<&std::ffi::CStr>| c.map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: NUL-terminated strings or null, no data argument.
+    let ret = unsafe {
+        libc::mount(
+            ptr(src),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    check(ret, what)
+}
+
+/// Checks `--cgroup` and `--rlimit` values; a `memory.max` below guest
+/// RAM (`mem_size`) is refused: the guest would be killed once it used
+/// its memory.
+fn check_limits(args: &JailArgs, mem_size: u64) -> Result<(), Error> {
+    for kv in &args.cgroup {
+        let Some((k, v)) = kv.split_once('=') else {
+            return Err(Error::Usage(format!("--cgroup {kv}: expected FILE=VALUE")));
+        };
+        if k.contains('/') || k.starts_with('.') || k.starts_with("cgroup.") || k.is_empty() {
+            return Err(Error::Usage(format!(
+                "--cgroup {kv}: not a cgroup file name"
+            )));
+        }
+        if k == "memory.max" {
+            let limit = parse_cgroup_size(v)
+                .ok_or_else(|| Error::Usage(format!("--cgroup {kv}: not a size")))?;
+            if limit < mem_size {
+                return Err(Error::Usage(format!(
+                    "--cgroup memory.max={v} is below the guest's memory ({}): the VM would be killed once the guest uses it",
+                    crate::config::format_size(mem_size)
+                )));
+            }
+        }
+    }
+    for r in &args.rlimit {
+        parse_rlimit(r)?;
+    }
+    Ok(())
 }
 
 /// `nofile=N` or `fsize=N` (sizes as for cgroups).
@@ -586,5 +618,16 @@ mod tests {
         assert_eq!(parse_cgroup_size("lots"), None);
         assert_eq!(parse_rlimit("nofile=64").unwrap().1, 64);
         assert!(parse_rlimit("cpu=1").is_err());
+        let limits = |kv: &str| JailArgs {
+            cgroup: vec![kv.to_string()],
+            ..Default::default()
+        };
+        assert!(check_limits(&limits("pids.max=64"), 1 << 30).is_ok());
+        assert!(check_limits(&limits("memory.max=512M"), 1 << 30).is_err());
+        assert!(check_limits(&limits("memory.max=max"), 1 << 30).is_ok());
+        // The jail writes the limits itself; no one may move processes
+        // or controllers through them.
+        assert!(check_limits(&limits("cgroup.procs=1"), 0).is_err());
+        assert!(check_limits(&limits("../x=1"), 0).is_err());
     }
 }
