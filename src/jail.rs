@@ -474,21 +474,37 @@ impl Jail {
 
     /// Makes the jail root `/`, detaches the host's tree, mounts /proc.
     fn pivot(&self) -> Result<(), Error> {
-        // SAFETY: chdir, pivot_root and umount2 on valid, NUL-terminated
-        // paths.
+        // SAFETY: chdir, pivot_root, umount2 and chroot on valid,
+        // NUL-terminated paths.
         unsafe {
             check(
                 libc::chdir(cstr(&self.root).as_ptr()),
                 "enter the jail root",
             )?;
-            check(
-                libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) as libc::c_int,
-                "pivot_root",
-            )?;
-            check(
-                libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
-                "detach the old root",
-            )?;
+            let pivoted = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0;
+            if pivoted {
+                check(
+                    libc::umount2(c".".as_ptr(), libc::MNT_DETACH),
+                    "detach the old root",
+                )?;
+            } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                // The root is the initial ramfs (an initramfs-only system),
+                // which cannot be pivoted away: move the jail over it and
+                // chroot, as switch_root does. The old tree is shadowed;
+                // leaving a chroot needs CAP_SYS_CHROOT, which goes with
+                // the uid.
+                mount(
+                    Some(c"."),
+                    c"/",
+                    None,
+                    libc::MS_MOVE,
+                    "move the jail root over /",
+                )?;
+                check(libc::chroot(c".".as_ptr()), "chroot into the jail")?;
+                log::debug!("jail: / is the initial ramfs: moved and chrooted, not pivoted");
+            } else {
+                return Err(step("pivot_root")(std::io::Error::last_os_error()));
+            }
             check(libc::chdir(c"/".as_ptr()), "enter /")?;
         }
         let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
