@@ -237,10 +237,8 @@ impl Jail {
         }
         // SAFETY: unshare has no memory-safety preconditions; the new PID
         // namespace applies to the child forked next.
-        check(
-            unsafe { libc::unshare(libc::CLONE_NEWPID) },
-            "create a PID namespace",
-        )?;
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+        check(ret, "create a PID namespace")?;
         // SAFETY: capsule has started no thread yet (the jail is entered
         // before any), so the child may run any code.
         let pid = unsafe { libc::fork() };
@@ -318,10 +316,8 @@ impl Jail {
         let at = self.root.join(inside);
         // SAFETY: mknod with a valid path; mode and device copied from a
         // real character device.
-        check(
-            unsafe { libc::mknod(cstr(&at).as_ptr(), libc::S_IFCHR | 0o600, m.rdev()) },
-            &format!("create {}", at.display()),
-        )?;
+        let ret = unsafe { libc::mknod(cstr(&at).as_ptr(), libc::S_IFCHR | 0o600, m.rdev()) };
+        check(ret, &format!("create {}", at.display()))?;
         std::os::unix::fs::chown(&at, self.args.uid, self.args.gid)
             .map_err(step(format!("give {} to the jailed user", at.display())))
     }
@@ -386,9 +382,9 @@ impl Jail {
         }
         self.clean_up();
         if libc::WIFEXITED(status) {
-            libc::WEXITSTATUS(status) as u8
+            u8::try_from(libc::WEXITSTATUS(status)).unwrap_or(u8::MAX)
         } else {
-            128u8.saturating_add(libc::WTERMSIG(status) as u8)
+            128u8.saturating_add(u8::try_from(libc::WTERMSIG(status)).unwrap_or(0))
         }
     }
 
@@ -399,10 +395,8 @@ impl Jail {
             let f = fs::File::open(ns).map_err(step(format!("open {}", ns.display())))?;
             use std::os::fd::AsRawFd;
             // SAFETY: setns with a namespace descriptor we hold.
-            check(
-                unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
-                "join the network namespace",
-            )?;
+            let ret = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            check(ret, "join the network namespace")?;
         }
         self.mount_root()?;
         if let Some(cg) = &self.cgroup {
@@ -426,10 +420,8 @@ impl Jail {
     /// point itself (pivot_root needs one).
     fn mount_root(&self) -> Result<(), Error> {
         // SAFETY: unshare has no memory-safety preconditions.
-        check(
-            unsafe { libc::unshare(libc::CLONE_NEWNS) },
-            "create a mount namespace",
-        )?;
+        let ret = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+        check(ret, "create a mount namespace")?;
         mount(
             None,
             c"/",

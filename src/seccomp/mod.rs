@@ -10,7 +10,7 @@
 //! `SIGSYS` handler in [`trap`] names the thread and the call, then
 //! exits) or `log` (the call is allowed and the kernel logs it with the
 //! thread's name: how the lists were derived). `--no-seccomp` turns the
-//! filters off; `--seccomp-filter FILE` loads compiled ones ([`file`]).
+//! filters off; `--seccomp-filter FILE` loads compiled ones ([`mod@file`]).
 
 pub mod file;
 pub mod filters;
