@@ -1,5 +1,6 @@
 //! `--seccomp-filter FILE`: compiled filters in the format Firecracker
-//! loads (what `seccompiler-bin` writes): a bincode-encoded map from
+//! loads (what its `seccompiler-bin` writes, before Firecracker moved to
+//! `bitcode` serialization): a bincode-encoded map from
 //! thread kind (`vmm`, `api`, `vcpu`) to a BPF program. bincode's
 //! default encoding is little-endian with 64-bit lengths:
 //!
