@@ -102,7 +102,13 @@ fn rights(reach: Reach, is_dir: bool) -> landlock::BitFlags<AccessFs> {
 
 /// Every path the VM's configuration names, with the registered ones.
 fn rules(config: &VmConfig) -> Vec<(PathBuf, Reach)> {
-    let mut v = vec![(config.kernel.clone(), Reach::Read)];
+    let mut v = vec![
+        (config.kernel.clone(), Reach::Read),
+        // The process's own /proc entries (/proc/self resolves to
+        // /proc/PID): the boot-time marker sums the threads' CPU time
+        // from /proc/self/task/*/schedstat.
+        (PathBuf::from("/proc/self"), Reach::Read),
+    ];
     v.extend(config.initrd.iter().map(|p| (p.clone(), Reach::Read)));
     for d in &config.disks {
         let reach = match d.mode {

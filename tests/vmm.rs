@@ -1293,6 +1293,30 @@ fn seccomp_filter_file_is_loaded() {
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
+/// Landlock leaves capsule its own /proc entries: the boot-time marker
+/// still reports the process's CPU time (read from
+/// /proc/self/task/*/schedstat on the vCPU thread; the boot suite's
+/// `boot_marker` found it missing once Landlock was on).
+#[test]
+fn boot_marker_reports_cpu_time_under_landlock() {
+    let mut a = Asm::default();
+    a.outb(0x3c4, 1)
+        .outb(ACPI_SLEEP_CONTROL, (5 << 2) | (1 << 5))
+        .halt_forever();
+    let kernel = write_guest("boot-marker.elf", &a);
+    let out = capsule_env(
+        &["run", "--kernel", kernel.to_str().unwrap()],
+        &[("CAPSULE_LOG", "info")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("boot marker 1:"))
+        .unwrap_or_default();
+    assert!(line.contains(" ms CPU"), "no CPU time in {line:?}: {err}");
+}
+
 /// Once the VM runs capsule cannot open files it was not configured with:
 /// the debug-build hook `CAPSULE_TEST_LANDLOCK=shadow` opens /etc/shadow
 /// from inside capsule and gets EACCES (without Landlock, as root, it

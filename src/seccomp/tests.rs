@@ -114,7 +114,7 @@ fn each_thread_kind_allows_what_it_was_seen_calling() {
         ),
         (
             ThreadKind::Vcpu,
-            &[SYS_read, SYS_writev, SYS_openat, SYS_rename],
+            &[SYS_read, SYS_writev, SYS_openat, SYS_rename, SYS_getdents64],
         ),
         (
             ThreadKind::Api,
