@@ -2,10 +2,12 @@
 //! calls it may make once its filter is installed, each with the argument
 //! values it may use where that matters, and why it is there.
 //!
-//! They were derived by running capsule with `CAPSULE_SECCOMP=log` (every
-//! call outside the list is allowed but logged by the kernel with the
-//! thread's name) over the VMM and API test suites and the boot cases, and
-//! reading the log (`docs/security.md`, "Seccomp": how to add a call).
+//! They were derived from the code paths each thread runs, then checked
+//! by running capsule with `CAPSULE_SECCOMP=log` (every call outside the
+//! list is allowed but logged by the kernel with the thread's name) over
+//! the VMM and API test suites and reading the log, and by the boot cases
+//! in the nested harness with the filters enforcing (`docs/security.md`,
+//! "Confinement": how to add a call).
 //! Calls that features being built now will need are listed too, marked
 //! with the feature, so that those features do not die of `SIGSYS`.
 //!
