@@ -14,7 +14,12 @@
 #   - resident memory of the VMM process, excluding the guest RAM mapping,
 #     read from /proc/PID/smaps once the guest is in userspace;
 #   - capsule only: start -> its API socket answers `GET /` (curl, polled),
-#     and main() -> API ready from capsule's own log.
+#     and main() -> API ready from capsule's own log;
+#   - the cost of confinement: capsule as always (seccomp filters and
+#     Landlock) beside `capsule-open` (--no-seccomp --no-landlock) and
+#     `capsule-jail` (the default plus --jail, as root), same runs,
+#     alternating. A jailed run's resident memory is the keeper's, not the
+#     VMM's, so it is not compared.
 #
 # QEMU is Debian's qemu-system-x86_64 with `-M microvm` (qboot firmware),
 # KVM, `-cpu host`, no default devices: the closest QEMU to capsule. In
@@ -56,9 +61,13 @@ one() {
     rm -f "$out" "$err" "$WORK/fifo"
     mkfifo "$WORK/fifo"
     t0=$(now_ns)
-    if [ "$vmm" = capsule ]; then
+    open=""
+    [ "$vmm" = capsule-open ] && open="--no-seccomp --no-landlock"
+    [ "$vmm" = capsule-jail ] && open="--jail --chroot-base $WORK/jail --id bench"
+    if [ "$vmm" != qemu ]; then
+        # shellcheck disable=SC2086 # $open is two words or none
         CAPSULE_LOG=info "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
-            --cpus 1 --memory ${MEM_MIB}M --cmdline "$CMDLINE" \
+            --cpus 1 --memory ${MEM_MIB}M --cmdline "$CMDLINE" $open \
             </dev/null >"$WORK/fifo" 2>"$err" &
     else
         "$QEMU" -M microvm -accel kvm -cpu host -m ${MEM_MIB}M -smp 1 \
@@ -96,7 +105,7 @@ one() {
     exec 4<&-
     wait "$drain" 2>/dev/null
     line="bench-boot: $vmm ready_ms=$(((t1 - t0) / 1000000)) rss_kib=$rss"
-    if [ "$vmm" = capsule ]; then
+    if [ "$vmm" != qemu ]; then
         m=$(sed -n 's/.*boot marker 1: \([0-9.]*\) ms since capsule started, \([0-9.]*\) ms CPU.*/marker_ms=\1 marker_cpu_ms=\2/p' "$err")
         line="$line ${m:-marker_ms=- marker_cpu_ms=-}"
         v=$(sed -n 's/.*VM started: .*, \([0-9.]*\) ms after capsule started.*/vm_started_ms=\1/p' "$err")
@@ -138,6 +147,8 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     one capsule
     one qemu
+    one capsule-open
+    one capsule-jail
     api
 done
 RUNNER
@@ -217,6 +228,25 @@ EOF
     read -r -a al <<<"$(value capsule api_log_ms | min_median_max %.1f)"
     printf '%-44s %26s %26s %8s\n' "capsule: start -> API answers GET /, ms" "${a[0]} / ${a[1]} / ${a[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule: main() -> API ready (its log), ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
+
+    echo
+    echo "Confinement: capsule (seccomp + Landlock, the default) vs --no-seccomp --no-landlock vs --jail (same runs)"
+    printf '%-40s %22s %22s %22s %6s %6s\n' "measurement (min / median / max)" "default" "open" "jailed" "d/o" "j/o"
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else print "-" }'; }
+    confined_row() { # LABEL KEY DIVISOR [no-jail]
+        local c o j
+        read -r -a c <<<"$(value capsule "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
+        read -r -a o <<<"$(value capsule-open "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
+        read -r -a j <<<"$(value capsule-jail "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
+        [[ -n "${4:-}" ]] && j=(- - -)
+        printf '%-40s %22s %22s %22s %6s %6s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${o[0]} / ${o[1]} / ${o[2]}" \
+            "${j[0]} / ${j[1]} / ${j[2]}" "$(ratio "${c[1]}" "${o[1]}")" "$(ratio "${j[1]}" "${o[1]}")"
+    }
+    confined_row "process start -> guest userspace, ms" ready_ms 1
+    confined_row "process start -> vCPUs running, ms" vm_started_ms 1
+    confined_row "boot marker: wall ms" marker_ms 1
+    confined_row "boot marker: process CPU ms" marker_cpu_ms 1
+    confined_row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024 no-jail
 }
 
 main "$@"

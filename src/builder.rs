@@ -170,6 +170,12 @@ pub enum Error {
     /// The terminal could not be put in raw mode.
     #[error("cannot set up the terminal: {0}")]
     Terminal(std::io::Error),
+    /// File access could not be restricted.
+    #[error(transparent)]
+    Landlock(#[from] crate::landlock::Error),
+    /// The main thread's seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::Error),
 }
 
 pub(crate) type Result<T> = std::result::Result<T, Error>;
@@ -371,13 +377,16 @@ impl Started {
             stop: Arc::new(AtomicBool::new(false)),
             pause: pause.clone(),
         };
+        // Setup is over: from here on capsule reaches only the files the VM
+        // was configured with (the vCPU threads inherit this).
+        crate::landlock::restrict(&persist.config)?;
         let handles = start_vcpus(vcpus, &io, &mut ram)?;
         log::info!(
             "VM started: {count} vCPU(s), {} of memory, {:.1} ms after capsule started",
             format_size(mem_size),
             crate::process_start().elapsed().as_secs_f64() * 1000.0
         );
-        Ok(Vmm {
+        let vmm = Vmm {
             _signal_wake: signals::wake_on_signal(&self.exit),
             vcpus: handles,
             pause,
@@ -389,7 +398,12 @@ impl Started {
             ram,
             persist,
             vsock,
-        })
+        };
+        // The main thread's own filter, after it started every thread it
+        // starts (a thread inherits its parent's filter). On failure the VM
+        // is dropped: its vCPUs are stopped.
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
+        Ok(vmm)
     }
 }
 
@@ -469,6 +483,10 @@ impl Devices<'_> {
                 path: v.uds_path.clone(),
                 why,
             })?;
+        // The socket file is unlinked when the VM ends, under Landlock.
+        if let Some(parent) = v.uds_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            crate::landlock::allow(parent, crate::landlock::Reach::RemoveEntries);
+        }
         let device = Vsock::new(v.guest_cid, v.uds_path.clone(), listener).map_err(Error::Vsock)?;
         let device = Arc::new(Mutex::new(device));
         self.add_virtio(device.clone())?;

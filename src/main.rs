@@ -103,6 +103,10 @@ enum Command {
     /// Start N VMs from the snapshot in DIR, in the background, named
     /// NAME-1 ... NAME-N (each a `run --restore DIR --name NAME-i -d`).
     Clone(CloneArgs),
+    /// Print the seccomp allow-list of each kind of thread (Markdown, as
+    /// in docs/security.md), or write them compiled (--compile).
+    #[command(hide = true)]
+    Seccomp(SeccompArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -130,6 +134,62 @@ struct CloneArgs {
     /// `user` makes sense for several clones: a TAP device is one VM's).
     #[arg(long = "net", value_name = "user[,...]")]
     nets: Vec<String>,
+}
+
+#[derive(clap::Args, Debug)]
+struct SeccompArgs {
+    /// Write the compiled filters to FILE in the format --seccomp-filter
+    /// reads (CAPSULE_SECCOMP picks the action for forbidden calls).
+    #[arg(long, value_name = "FILE")]
+    compile: Option<PathBuf>,
+    /// Rewrite the generated lists in FILE (docs/security.md).
+    #[arg(long, value_name = "FILE", conflicts_with = "compile")]
+    doc: Option<PathBuf>,
+}
+
+/// `capsule seccomp`: the filters as Markdown, or compiled into a file.
+fn seccomp_cmd(args: &SeccompArgs) -> u8 {
+    use capsule::seccomp::{self, ThreadKind};
+    if let Some(doc) = &args.doc {
+        let updated = std::fs::read_to_string(doc)
+            .map_err(|e| format!("cannot read {}: {e}", doc.display()))
+            .and_then(|text| {
+                seccomp::render::update_doc(&text)
+                    .ok_or_else(|| format!("{} lacks the seccomp-filters markers", doc.display()))
+            })
+            .and_then(|text| {
+                std::fs::write(doc, text)
+                    .map_err(|e| format!("cannot write {}: {e}", doc.display()))
+            });
+        return match updated {
+            Ok(()) => status::OK,
+            Err(e) => {
+                eprintln!("capsule: error: {e}");
+                status::ERROR
+            }
+        };
+    }
+    let Some(out) = &args.compile else {
+        print!("{}", seccomp::render::markdown());
+        return status::OK;
+    };
+    let compiled = seccomp::Mode::from_env().and_then(|mode| {
+        ThreadKind::ALL
+            .iter()
+            .map(|&k| seccomp::compile(k, mode).map(|p| (k.name().to_string(), p)))
+            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+    });
+    let result = compiled.map_err(|e| e.to_string()).and_then(|map| {
+        std::fs::write(out, seccomp::file::encode(&map))
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))
+    });
+    match result {
+        Ok(()) => status::OK,
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            status::ERROR
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -205,6 +265,8 @@ struct ExecArgs {
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
+    #[command(flatten)]
+    confine: capsule::confine::ConfineArgs,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<std::ffi::OsString>,
@@ -379,9 +441,53 @@ struct RunArgs {
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
+    #[command(flatten)]
+    confine: capsule::confine::ConfineArgs,
+    #[command(flatten)]
+    jail: capsule::jail::JailArgs,
 }
 
 impl RunArgs {
+    /// `--jail`: builds the jail and moves in, with the VM's paths
+    /// rewritten to the jail's. `Ok(Some(status))` in the keeper process
+    /// once the VM has ended; `Ok(None)` in the jailed one.
+    fn enter_jail(&mut self) -> Result<Option<u8>, capsule::jail::Error> {
+        use capsule::jail::{Error, Jail};
+        let mut files = Vec::new();
+        files.extend(self.kernel.iter().map(|k| (k.clone(), false)));
+        files.extend(self.initrd.iter().map(|i| (i.clone(), false)));
+        files.extend(
+            self.disks
+                .iter()
+                .map(|d| (d.path.clone(), d.mode == config::DiskMode::ReadWrite)),
+        );
+        let mut tun = false;
+        for n in &self.nets {
+            match n.backend {
+                config::NetBackendConfig::Tap { .. } => tun = true,
+                config::NetBackendConfig::User { .. } => {
+                    return Err(Error::Usage(
+                        "--net user cannot run jailed (passt is not in the jail); use --net tap="
+                            .into(),
+                    ))
+                }
+            }
+        }
+        let (jail, inside) = Jail::plan(&self.jail, &self.id, &files, self.memory, &self.kvm, tun)?;
+        let mut inside = inside.into_iter();
+        if let Some(k) = &mut self.kernel {
+            *k = inside.next().unwrap_or_default();
+        }
+        if let Some(i) = &mut self.initrd {
+            *i = inside.next().unwrap_or_default();
+        }
+        for d in &mut self.disks {
+            d.path = inside.next().unwrap_or_default();
+        }
+        self.kvm = PathBuf::from("/dev/kvm");
+        jail.enter()
+    }
+
     /// The VM `--kernel` and the other options describe, if `--kernel`
     /// was given.
     fn vm_config(&self) -> Option<VmConfig> {
@@ -560,6 +666,10 @@ fn main() -> ExitCode {
         Command::Run(args) => args,
         Command::Exec(args) => {
             capsule::failstop::set_status(status::EXEC_ERROR);
+            if let Err(e) = capsule::confine::configure(&args.confine) {
+                eprintln!("capsule: error: {e}");
+                return ExitCode::from(status::EXEC_ERROR);
+            }
             let code = exec(args, started);
             let _ = std::io::stdout().flush();
             capsule::signals::reraise_pending();
@@ -587,9 +697,25 @@ fn main() -> ExitCode {
         Command::Doctor(a) => return ExitCode::from(tools::doctor(&a)),
         Command::Completions(a) => return ExitCode::from(tools::completions::<Cli>(&a)),
         Command::Man(a) => return ExitCode::from(tools::man::<Cli>(&a)),
+        Command::Seccomp(a) => return ExitCode::from(seccomp_cmd(&a)),
     };
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
+    }
+    if let Err(e) = capsule::confine::configure(&args.confine) {
+        eprintln!("capsule: error: {e}");
+        return ExitCode::from(status::ERROR);
+    }
+    let mut args = args;
+    if args.jail.jail {
+        match args.enter_jail() {
+            Ok(None) => {}
+            Ok(Some(code)) => return ExitCode::from(code),
+            Err(e) => {
+                eprintln!("capsule: error: {e}");
+                return ExitCode::from(status::ERROR);
+            }
+        }
     }
     let code = run(args);
     let _ = std::io::stdout().flush();

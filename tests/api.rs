@@ -93,11 +93,17 @@ struct Vmm {
 
 impl Vmm {
     fn start(name: &str) -> Self {
+        Self::start_with(name, &[])
+    }
+
+    /// Starts capsule serving the API, with more `run` arguments.
+    fn start_with(name: &str, more: &[&str]) -> Self {
         let sock = tmp(&format!("{name}.sock"));
         let _ = std::fs::remove_file(&sock);
         let child = Command::new(env!("CARGO_BIN_EXE_capsule"))
             .args(["run", "--api-sock"])
             .arg(&sock)
+            .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1111,7 +1117,10 @@ fn fifo_log_path_never_stalls_a_running_vm() {
     let serial = tmp("fifo-log.serial");
     let _ = std::fs::remove_file(&serial);
     let fifo = mkfifo("log.fifo");
-    let mut vmm = Vmm::start("fifo-log");
+    // The logs are put in place after the VM started: Landlock must be
+    // told where they may go.
+    let dir = format!("{}:rw", tmp("").display());
+    let mut vmm = Vmm::start_with("fifo-log", &["--landlock-allow", &dir]);
     let boot = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
         kernel.display()

@@ -350,6 +350,8 @@ fn configure_logger(l: &Logger) -> Result<()> {
                         source,
                     }
                 })?;
+            // Logging may reopen it (rotation) after setup.
+            crate::landlock::allow(std::path::Path::new(p), crate::landlock::Reach::ReadWrite);
             Some(crate::logger::Output::new(file, kind))
         }
         None => None,

@@ -162,10 +162,22 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
         Some(path) => {
             let (listener, file) = bind(path)?;
             _socket_file = file;
+            // The socket file is removed when the VM ends.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                crate::landlock::allow(dir, crate::landlock::Reach::RemoveEntries);
+            }
             let wake = wake.clone();
             std::thread::Builder::new()
                 .name("api".into())
-                .spawn(move || server::serve(listener, tx, wake))
+                .spawn(move || {
+                    // Confined before it reads the first request.
+                    if let Err(e) = crate::confine::helper_thread(crate::seccomp::ThreadKind::Api) {
+                        log::error!("API: {e}");
+                        return;
+                    }
+                    crate::seccomp::test_forbidden_call("api");
+                    server::serve(listener, tx, wake)
+                })
                 .map_err(Error::Thread)?;
             log::info!(
                 "API ready on {}, {:.1} ms after capsule started",

@@ -62,7 +62,14 @@ impl PrivateDir {
                 nanos.wrapping_add(i)
             ));
             match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => return Ok(Self(dir)),
+                Ok(()) => {
+                    // Under Landlock (applied once the VM is set up) the
+                    // directory and its sockets must still be removable at
+                    // the end: its entries, and the directory in `base`.
+                    crate::landlock::allow(&dir, crate::landlock::Reach::ReadWrite);
+                    crate::landlock::allow(&base, crate::landlock::Reach::RemoveEntries);
+                    return Ok(Self(dir));
+                }
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
                 Err(e) => return Err(e),
             }

@@ -209,6 +209,10 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
             .map_err(|e| Error::Vm(builder::Error::from(e)))?,
     );
     prepare(&mut config, channel)?;
+    // Copy-back writes into the writable shares after setup.
+    for s in config.shares.iter().filter(|s| s.writable) {
+        crate::landlock::allow(&s.host, crate::landlock::Reach::ReadWrite);
+    }
     let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
     let tail = ConsoleTail::default();

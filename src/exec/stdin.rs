@@ -110,6 +110,12 @@ pub(super) fn spawn_stdin_reader(ready: EventFd) -> io::Result<Receiver<StdinChu
     std::thread::Builder::new()
         .name("exec-stdin".into())
         .spawn(move || {
+            if let Err(e) = crate::confine::helper_thread(crate::seccomp::ThreadKind::ExecStdin) {
+                log::error!("{e}; the command gets end of file");
+                let _ = tx.send(StdinChunk::Eof);
+                let _ = ready.write(1);
+                return;
+            }
             let mut buf = vec![0u8; STDIN_CHUNK];
             loop {
                 let chunk = match stdin.read(&mut buf) {

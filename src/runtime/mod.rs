@@ -177,6 +177,12 @@ impl Registration {
         // is gone, so dropping it removes nothing. The directory's removal
         // takes the socket with it.
         drop(wait_sock);
+        // The VM's files (logs rotate, sockets) and, at the end, the
+        // directory itself go after setup.
+        crate::landlock::allow(&dir, crate::landlock::Reach::ReadWrite);
+        if let Some(root) = dir.parent() {
+            crate::landlock::allow(root, crate::landlock::Reach::RemoveEntries);
+        }
         let reg = Self {
             dir,
             waiters: Arc::new(Mutex::new(Vec::new())),
@@ -185,6 +191,10 @@ impl Registration {
         std::thread::Builder::new()
             .name("waiters".into())
             .spawn(move || {
+                if let Err(e) = crate::confine::helper_thread(crate::seccomp::ThreadKind::Waiters) {
+                    log::error!("{e}; `capsule wait` will not be answered");
+                    return;
+                }
                 for s in listener.incoming().flatten() {
                     waiters.lock().unwrap_or_else(|e| e.into_inner()).push(s);
                 }

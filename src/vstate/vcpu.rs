@@ -123,6 +123,14 @@ impl Vcpu {
     }
 
     fn run(mut self, io: VcpuIo) {
+        // Confined before the first KVM_RUN: guest code never runs on an
+        // unfiltered thread.
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+            log::error!("vCPU {}: {e}", self.index);
+            io.exit.signal(GuestExit::Fault);
+            return;
+        }
+        crate::seccomp::test_forbidden_call("vcpu");
         let mut stats = ExitStats::default();
         // Debug builds only: the fail-stop test's injected panic.
         let test_panic = crate::failstop::test_panic_requested("vcpu");

@@ -23,6 +23,7 @@
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
 #        CAPSULE_CACHE                   cache root for kernels and images
 #        CAPSULE_LOG                     capsule's log filter, passed to the cases
+#        CAPSULE_SECCOMP                 kill|trap|log: what a forbidden call does, passed to the cases
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,6 +41,10 @@ write_l1_wrapper() {
     # Sizes for the optional bench_exec_stdout case (resources/bench-exec.sh).
     if [[ -n "${BENCH_EXEC_MIB:-}${BENCH_CONSOLE_MIB:-}" ]]; then
         bench_line="export BENCH_EXEC_MIB='${BENCH_EXEC_MIB:-256}' BENCH_CONSOLE_MIB='${BENCH_CONSOLE_MIB:-16}'"
+    fi
+    if [[ -n "${CAPSULE_SECCOMP:-}" ]]; then
+        log_line="$log_line
+export CAPSULE_SECCOMP='$CAPSULE_SECCOMP'"
     fi
     cat >"$1" <<EOF
 #!/bin/sh
