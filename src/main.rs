@@ -702,11 +702,18 @@ fn main() -> ExitCode {
     if args.detach {
         return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
     }
+    let mut args = args;
+    if (args.api_sock.is_some() || args.name.is_some()) && !args.confine.no_landlock {
+        // An API client names files after the VM started (snapshot
+        // directories, log and metrics paths): a Landlock policy fixed at
+        // start would refuse them. Seccomp stays on.
+        log::info!("Landlock: off for a VM with an API (it names files after start)");
+        args.confine.no_landlock = true;
+    }
     if let Err(e) = capsule::confine::configure(&args.confine) {
         eprintln!("capsule: error: {e}");
         return ExitCode::from(status::ERROR);
     }
-    let mut args = args;
     if args.jail.jail {
         match args.enter_jail() {
             Ok(None) => {}
