@@ -20,7 +20,7 @@ use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, PasstError
 use devices::virtio::VirtioDevice;
 
 use crate::config::{
-    default_mac, format_size, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
+    default_mac, format_size, DiskConfig, DiskMode, FsConfig, NetBackendConfig, NetConfig, VmConfig,
 };
 use crate::device_manager::{self, DeviceManager};
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
@@ -135,6 +135,9 @@ pub enum Error {
     /// passt could not be started.
     #[error(transparent)]
     Passt(#[from] PasstError),
+    /// A virtio-fs share could not be set up.
+    #[error(transparent)]
+    FsShare(#[from] crate::fs_share::Error),
     /// Two network devices have the same MAC address.
     #[error("network devices {0} and {1} have the same MAC address {mac}", mac = net::format_mac(.2))]
     DuplicateMac(usize, usize, net::MacAddr),
@@ -205,13 +208,20 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|p| open("initrd", p).map(|f| (p, f)))
         .transpose()?;
     check_host_memory(config.mem_size)?;
+    let virtiofsd = crate::fs_share::check(&config.fs)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
-    let mut ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size)).map_err(|source| {
-        Error::GuestMemory {
-            size: config.mem_size,
-            source,
-        }
+    // A vhost-user backend (virtiofsd) maps guest RAM itself: then RAM is
+    // a shared memfd, else private anonymous memory.
+    let ranges = arch::memory::ram_regions(config.mem_size);
+    let ram = if virtiofsd.is_some() {
+        GuestRam::new_shared(&ranges)
+    } else {
+        GuestRam::new(&ranges)
+    };
+    let mut ram = ram.map_err(|source| Error::GuestMemory {
+        size: config.mem_size,
+        source,
     })?;
     let mem = ram.memory();
     let vm = Vm::new(kvm, mem)?;
@@ -237,6 +247,9 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks)?;
     devices.add_nets(&config.nets)?;
+    if let Some(binary) = &virtiofsd {
+        devices.add_shares(&config.fs, binary)?;
+    }
     devices.add_extras(extras)?;
 
     write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
@@ -316,6 +329,15 @@ impl Devices<'_> {
         for (index, disk) in disks.iter().enumerate() {
             let block = Arc::new(Mutex::new(open_disk(index, disk)?));
             self.add_virtio(block)?;
+        }
+        Ok(())
+    }
+
+    /// One virtio-fs device per `--fs`, each with its own virtiofsd.
+    fn add_shares(&mut self, shares: &[FsConfig], virtiofsd: &Path) -> Result<()> {
+        for share in shares {
+            let fs = Arc::new(Mutex::new(crate::fs_share::open(share, virtiofsd)?));
+            self.add_virtio(fs)?;
         }
         Ok(())
     }

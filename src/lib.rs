@@ -11,6 +11,7 @@ pub mod config;
 pub mod device_manager;
 pub mod exec;
 pub mod failstop;
+pub mod fs_share;
 pub mod hostfile;
 mod kernel_load;
 pub mod logfile;

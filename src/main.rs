@@ -200,6 +200,7 @@ fn exec_config(
             kvm_path: args.kvm,
             disks: args.disk.into_iter().collect(),
             nets: Vec::new(),
+            fs: Vec::new(),
         },
         rootfs: args.rootfs,
         shares: args.shares,
@@ -313,6 +314,12 @@ struct RunArgs {
         value_name = "tap=NAME[,mac=MAC] | user[,publish=HOST:GUEST...][,mac=MAC]"
     )]
     nets: Vec<config::NetConfig>,
+    /// Share the host directory HOSTDIR with the guest over virtio-fs
+    /// (repeatable), served by a virtiofsd that capsule starts
+    /// (`CAPSULE_VIRTIOFSD` picks the binary). The guest mounts it with
+    /// `mount -t virtiofs TAG DIR`. `,ro`: virtiofsd refuses writes.
+    #[arg(long = "fs", value_name = "HOSTDIR:TAG[,ro]")]
+    fs: Vec<config::FsConfig>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -332,6 +339,7 @@ impl RunArgs {
             kvm_path: self.kvm.clone(),
             disks: self.disks.clone(),
             nets: self.nets.clone(),
+            fs: self.fs.clone(),
         })
     }
 }

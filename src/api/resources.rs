@@ -200,6 +200,7 @@ impl VmResources {
                     })
                 })
                 .collect::<Result<_>>()?,
+            fs: Vec::new(),
         })
     }
 }

@@ -87,6 +87,7 @@ mod tests {
                 kvm_path: "/dev/kvm".into(),
                 disks: vec![],
                 nets: vec![],
+                fs: vec![],
             },
             rootfs: None,
             shares: vec![],

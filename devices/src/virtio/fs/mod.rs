@@ -66,13 +66,15 @@ pub enum FsError {
     #[error("invalid virtio-fs tag {0:?}: 1 to 36 bytes, no NUL")]
     Tag(String),
     /// The vhost-user handshake failed.
-    #[error("vhost-user handshake with virtiofsd failed at {step}: {source}")]
+    #[error("vhost-user handshake with virtiofsd failed at {step}: {source}{how}")]
     Handshake {
         /// The request that failed.
         step: &'static str,
         /// What the vhost crate said.
         #[source]
         source: vhost::Error,
+        /// How the daemon ended, if it did (else empty).
+        how: String,
     },
     /// The backend lacks something virtio-fs needs.
     #[error("virtiofsd is unusable: {0}")]
@@ -134,15 +136,19 @@ impl FrontendOps {
 
 impl VhostUserOps for FrontendOps {
     fn handshake(&mut self) -> Result<u64, FsError> {
-        let step = |step| move |source| FsError::Handshake { step, source };
+        let step = |step| {
+            move |source| FsError::Handshake {
+                step,
+                source,
+                how: String::new(),
+            }
+        };
         self.frontend.set_owner().map_err(step("SET_OWNER"))?;
         let features = self.frontend.get_features().map_err(step("GET_FEATURES"))?;
         if features & bit(VHOST_USER_F_PROTOCOL_FEATURES) != 0 {
-            // set_protocol_features needs the frontend to know the bit is
-            // acknowledged; the real SET_FEATURES follows at activation.
-            self.frontend
-                .set_features(bit(VHOST_USER_F_PROTOCOL_FEATURES))
-                .map_err(step("SET_FEATURES"))?;
+            // No SET_FEATURES yet: it comes at activation with what the
+            // guest accepted (libvhost-user backends refuse features
+            // without VERSION_1 as a legacy device).
             let offered = self
                 .frontend
                 .get_protocol_features()
@@ -230,10 +236,22 @@ impl Fs {
     pub fn new(
         tag: &str,
         mut backend: Box<dyn VhostUserOps>,
-        daemon: Option<daemon::Virtiofsd>,
+        mut daemon: Option<daemon::Virtiofsd>,
     ) -> Result<Self, FsError> {
         let config = config_space(tag)?;
-        let features = backend.handshake()?;
+        let features = match backend.handshake() {
+            Ok(f) => f,
+            Err(FsError::Handshake { step, source, .. }) => {
+                // Most likely the daemon refused its arguments or the
+                // directory and exited: say so.
+                let how = daemon
+                    .as_mut()
+                    .map(|d| d.describe_exit())
+                    .unwrap_or_default();
+                return Err(FsError::Handshake { step, source, how });
+            }
+            Err(e) => return Err(e),
+        };
         if features & bit(VIRTIO_F_VERSION_1) == 0 {
             return Err(FsError::Backend(
                 "it does not offer VIRTIO_F_VERSION_1".into(),

@@ -1,0 +1,168 @@
+//! `--fs HOSTDIR:TAG[,ro]`: one virtio-fs device per share, each served
+//! by its own virtiofsd, which capsule starts here and stops when the
+//! device is dropped (with the VM).
+//!
+//! The vhost-user socket never has a name anyone else could connect to:
+//! it is bound in a fresh 0700 directory, connected to, and unlinked
+//! before virtiofsd starts with the listening end (`unixsock::
+//! connected_listener`). The directory is made under `$XDG_RUNTIME_DIR`
+//! if set, else `$TMPDIR` (`/tmp`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use devices::virtio::fs::daemon::{self, DaemonConfig, DaemonError, Virtiofsd};
+use devices::virtio::fs::{FrontendOps, Fs, FsError, NUM_QUEUES};
+use vhost::vhost_user::Frontend;
+
+use crate::config::FsConfig;
+
+/// How long virtiofsd may take to answer one vhost-user request (it
+/// starts up before its first answer; the nested harness is slow).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a share could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The host directory is missing or not a directory.
+    #[error("--fs {}: {reason}", dir.display())]
+    Dir {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// virtiofsd is missing or cannot be started.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The socket to virtiofsd could not be set up.
+    #[error("virtio-fs {tag}: cannot set up the vhost-user socket: {reason}")]
+    Socket {
+        /// The share's tag.
+        tag: String,
+        /// Why.
+        reason: String,
+    },
+    /// The device could not be created (handshake, tag).
+    #[error("virtio-fs {tag}: {source}")]
+    Device {
+        /// The share's tag.
+        tag: String,
+        /// Why.
+        #[source]
+        source: FsError,
+    },
+}
+
+/// What can be checked before any KVM work: every directory exists, no
+/// tag is used twice, and a virtiofsd binary is there. Returns the binary
+/// (none needed without shares).
+pub fn check(shares: &[FsConfig]) -> Result<Option<PathBuf>, Error> {
+    if shares.is_empty() {
+        return Ok(None);
+    }
+    for (i, share) in shares.iter().enumerate() {
+        let dir_err = |reason: String| Error::Dir {
+            dir: share.dir.clone(),
+            reason,
+        };
+        match std::fs::metadata(&share.dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(dir_err("not a directory".into())),
+            Err(e) => return Err(dir_err(e.to_string())),
+        }
+        if shares[..i].iter().any(|s| s.tag == share.tag) {
+            return Err(dir_err(format!("the tag {} is used twice", share.tag)));
+        }
+    }
+    daemon::find_binary().map(Some).map_err(Error::Daemon)
+}
+
+/// Where the private socket directory goes.
+fn socket_parent() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Starts virtiofsd for `share` and makes its device.
+pub fn open(share: &FsConfig, binary: &Path) -> Result<Fs, Error> {
+    let socket_err = |reason: String| Error::Socket {
+        tag: share.tag.clone(),
+        reason,
+    };
+    let (listener, stream) =
+        crate::unixsock::connected_listener(&socket_parent()).map_err(socket_err)?;
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .map_err(|e| socket_err(e.to_string()))?;
+    let config = DaemonConfig {
+        binary: binary.to_path_buf(),
+        dir: share.dir.clone(),
+        read_only: share.read_only,
+        sandbox: std::env::var("CAPSULE_VIRTIOFSD_SANDBOX").ok(),
+        debug: log::log_enabled!(log::Level::Debug),
+    };
+    let daemon = Virtiofsd::spawn(&config, listener.into())?;
+    let frontend = FrontendOps::new(Frontend::from_stream(stream, NUM_QUEUES as u64));
+    let fs =
+        Fs::new(&share.tag, Box::new(frontend), Some(daemon)).map_err(|source| Error::Device {
+            tag: share.tag.clone(),
+            source,
+        })?;
+    log::info!(
+        "virtio-fs {}: {}{}",
+        share.tag,
+        share.dir.display(),
+        if share.read_only { " (read-only)" } else { "" }
+    );
+    Ok(fs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The handshake with a real virtiofsd (whichever this host has:
+    /// `CAPSULE_VIRTIOFSD`, or Debian's; the test fails if there is none,
+    /// it does not skip), then the daemon is stopped with the device.
+    #[test]
+    fn real_virtiofsd_handshake_and_stop() {
+        let binary = daemon::find_binary()
+            .expect("this test needs a virtiofsd (qemu-system-common's, or CAPSULE_VIRTIOFSD)");
+        let dir = std::env::temp_dir().join(format!("capsule-fs-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let share = FsConfig {
+            dir: dir.clone(),
+            tag: "t".into(),
+            read_only: false,
+        };
+        // Sandboxes need namespaces or root: none for the unit test.
+        std::env::set_var("CAPSULE_VIRTIOFSD_SANDBOX", "none");
+        let fs = open(&share, &binary).unwrap();
+        use devices::virtio::VirtioDevice;
+        assert_eq!(fs.device_type(), 26);
+        assert_ne!(fs.avail_features() & (1 << 32), 0, "VERSION_1 offered");
+        drop(fs);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn shares_are_checked_before_anything_starts() {
+        let file = std::env::temp_dir().join(format!("capsule-fs-file-{}", std::process::id()));
+        std::fs::write(&file, "x").unwrap();
+        let share = |dir: &Path, tag: &str| FsConfig {
+            dir: dir.to_path_buf(),
+            tag: tag.into(),
+            read_only: false,
+        };
+        assert!(check(&[]).unwrap().is_none());
+        let e = check(&[share(&file, "a")]).unwrap_err();
+        assert!(e.to_string().contains("not a directory"), "{e}");
+        let tmp = std::env::temp_dir();
+        let e = check(&[share(&tmp, "a"), share(&tmp, "a")]).unwrap_err();
+        assert!(e.to_string().contains("used twice"), "{e}");
+        let _ = std::fs::remove_file(&file);
+    }
+}
