@@ -100,6 +100,10 @@ main() {
     copy_tools "$work/tools" debugfs curl ip || fail_all "collecting the host tools failed"
     passt="$("$resources/build-passt.sh")" || fail_all "building passt failed"
     cp "$passt" "$passt.avx2" "$work/tools/bin/" || fail_all "copying passt failed"
+    # The virtio-fs cases' virtiofsd (the wrapper runs it with the shared
+    # libraries beside it, so it also runs in L1).
+    virtiofsd="$("$resources/build-virtiofsd.sh")" || fail_all "building virtiofsd failed"
+    cp -r "$(dirname "$virtiofsd")" "$work/tools/virtiofsd" || fail_all "copying virtiofsd failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then

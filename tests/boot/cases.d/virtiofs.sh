@@ -1,0 +1,107 @@
+# shellcheck shell=sh
+# tests/boot/cases.d/virtiofs.sh: virtio-fs boot cases (sourced by cases.sh).
+#
+# capsule starts a virtiofsd for each --fs: the Rust virtiofsd that
+# tests/boot/run.sh builds (resources/build-virtiofsd.sh) and ships in
+# $TOOLS/virtiofsd/ (its shared libraries beside it). In L1 the root is the
+# initial ramfs, where virtiofsd's default sandbox (pivot_root in a new
+# mount namespace) is refused by the kernel: there the cases ask for its
+# chroot sandbox (CAPSULE_VIRTIOFSD_SANDBOX=chroot).
+#
+# Liveness is checked while the VM runs: a background job on the host
+# watches the guest console for a marker, then looks at the shared
+# directory and answers with a file the guest waits for.
+
+# shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
+ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro"
+
+# virtiofs_prereqs: a virtiofsd in $TOOLS, else the case fails (it must not
+# pass without running); exports CAPSULE_VIRTIOFSD and the sandbox.
+virtiofs_prereqs() {
+    if [ -n "${TOOLS:-}" ] && [ -x "$TOOLS/virtiofsd/virtiofsd" ]; then
+        export CAPSULE_VIRTIOFSD="$TOOLS/virtiofsd/virtiofsd"
+        if [ "$(awk '$2 == "/" { print $3; exit }' /proc/mounts)" = rootfs ]; then
+            export CAPSULE_VIRTIOFSD_SANDBOX=chroot
+        fi
+        return 0
+    fi
+    CASE_ERRORS="not run: no virtiofsd in \$TOOLS/virtiofsd (tests/boot/run.sh ships it)"
+    SECS=0 RC=1 OUT=/dev/null ERR=/dev/null
+    return 1
+}
+
+# virtiofs_answer CASE DIR: in the background, once CASE's console shows
+# `guest-wrote-2`, write what the host then sees in DIR/g.txt (plus
+# " seen-by-host") to DIR/ack.txt, a file that appears after boot.
+virtiofs_answer() {
+    (
+        _raw="$WORK/$1/stdout.raw"
+        _i=0
+        while [ $_i -lt 900 ]; do
+            if [ -f "$_raw" ] && tr -d '\r' <"$_raw" | grep -qx 'guest-wrote-2'; then
+                echo "$(cat "$2/g.txt" 2>/dev/null) seen-by-host" >"$2/ack.tmp"
+                mv "$2/ack.tmp" "$2/ack.txt"
+                exit 0
+            fi
+            sleep 0.2 2>/dev/null || sleep 1
+            _i=$((_i + 1))
+        done
+    ) &
+    VIRTIOFS_ANSWER_PID=$!
+}
+
+case_virtiofs_live() {
+    virtiofs_prereqs || return
+    _dir="$WORK/virtiofs_live.share"
+    rm -rf "$_dir"
+    mkdir -p "$_dir/sub"
+    echo "made-on-host-before-boot" >"$_dir/pre.txt"
+    # run_capsule removes the case's directory first: the watcher starts
+    # after that has happened (it only reads stdout.raw).
+    virtiofs_answer virtiofs_live "$_dir"
+    run_capsule virtiofs_live 'mkdir -p /mnt/s && mount -t virtiofs share /mnt/s && echo mounted-$((1+1))
+cat /mnt/s/pre.txt
+echo guestdata-$((40+2)) >/mnt/s/g.txt && echo guest-wrote-$((1+1))
+i=0; while [ ! -f /mnt/s/ack.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; cat /mnt/s/ack.txt
+mv /mnt/s/g.txt /mnt/s/sub/renamed.txt && rm /mnt/s/pre.txt && echo changed-$((1+1))
+ls /mnt/s /mnt/s/sub | tr "\n" " "; echo; echo listed-$((1+1))
+poweroff -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M --fs "$_dir:share"
+    kill "$VIRTIOFS_ANSWER_PID" 2>/dev/null
+    expect "exit status 0" rc_is 0
+    expect "the guest mounted the share" out_has_line "mounted-2"
+    expect "the guest read the host's file" out_has_line "made-on-host-before-boot"
+    expect "the host saw the guest's file while the VM ran, the guest saw the host's answer made after boot" \
+        out_has_line "guestdata-42 seen-by-host"
+    expect "the guest's rename reached the host" \
+        test "$(cat "$_dir/sub/renamed.txt" 2>/dev/null)" = "guestdata-42"
+    expect "the guest's deletion reached the host" test ! -e "$_dir/pre.txt"
+    expect "no copy of the old name is left" test ! -e "$_dir/g.txt"
+    expect "no Rust panic" no_rust_panic
+}
+
+case_virtiofs_ro() {
+    virtiofs_prereqs || return
+    _dir="$WORK/virtiofs_ro.share"
+    rm -rf "$_dir"
+    mkdir -p "$_dir"
+    echo "read-only-content" >"$_dir/keep.txt"
+    run_capsule virtiofs_ro 'mkdir -p /mnt/s && mount -t virtiofs ro /mnt/s && echo mounted-$((1+1))
+cat /mnt/s/keep.txt
+echo x >/mnt/s/new.txt || echo create-refused-$((1+1))
+echo x >>/mnt/s/keep.txt || echo append-refused-$((1+1))
+rm /mnt/s/keep.txt || echo rm-refused-$((1+1))
+mount -o remount,rw /mnt/s; echo y >/mnt/s/new2.txt || echo remount-write-refused-$((1+1))
+poweroff -f' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M --fs "$_dir:ro,ro"
+    expect "exit status 0" rc_is 0
+    expect "the guest mounted the share" out_has_line "mounted-2"
+    expect "the guest read the file" out_has_line "read-only-content"
+    expect "creating a file fails" out_has_line "create-refused-2"
+    expect "appending fails" out_has_line "append-refused-2"
+    expect "deleting fails" out_has_line "rm-refused-2"
+    expect "a guest remount rw does not help" out_has_line "remount-write-refused-2"
+    expect "the host directory is unchanged" \
+        test "$(ls "$_dir")" = "keep.txt" -a "$(cat "$_dir/keep.txt")" = "read-only-content"
+    expect "no Rust panic" no_rust_panic
+}
