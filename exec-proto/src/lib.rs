@@ -403,8 +403,21 @@ impl HostMsg {
 ///
 /// Keys: `arg` (repeated, in order), `env` (`K=V`, repeated), `cwd`,
 /// `disk` (`1`: mount `/dev/vda` as root), `share` (`INDEX:MODE:GUESTDIR`,
-/// MODE `ro` or `rw`, repeated).
+/// MODE `ro` or `rw`, repeated), `live` (`1`: share `i` is the virtio-fs
+/// tag [`share_tag`]`(i)`, mounted in place, nothing copied), `hostroot`
+/// (`1`: the root is the virtio-fs tag [`HOST_ROOT_TAG`], read-only, under
+/// a tmpfs overlay), `module` (a file in [`MODULE_DIR`], repeated, in load
+/// order).
 pub const CONFIG_PATH: &str = "/.capsule/config";
+/// Where the init finds the kernel modules it loads first.
+pub const MODULE_DIR: &str = "/.capsule/modules";
+/// The virtio-fs tag of the host's `/` with `--host-root`.
+pub const HOST_ROOT_TAG: &str = "capsule-root";
+
+/// The virtio-fs tag of live share `index`.
+pub fn share_tag(index: usize) -> String {
+    format!("capsule-share-{index}")
+}
 /// Where the init finds share `i`'s files: `SHARE_DIR/i`.
 pub const SHARE_DIR: &str = "/.capsule/share";
 /// Where the init binary is in the initramfs (the kernel's `rdinit=`).
@@ -423,6 +436,12 @@ pub struct ExecSpec {
     pub disk: bool,
     /// Shares: (guest directory, writable).
     pub shares: Vec<(Vec<u8>, bool)>,
+    /// The shares are virtio-fs mounts, not copies.
+    pub live: bool,
+    /// The root is the host's `/` over virtio-fs with a tmpfs overlay.
+    pub host_root: bool,
+    /// Kernel modules to load first, in order (file names in [`MODULE_DIR`]).
+    pub modules: Vec<Vec<u8>>,
 }
 
 impl ExecSpec {
@@ -452,6 +471,18 @@ impl ExecSpec {
             v.extend_from_slice(dir);
             rec("share", &v)?;
         }
+        if self.live {
+            rec("live", b"1")?;
+        }
+        if self.host_root {
+            rec("hostroot", b"1")?;
+        }
+        for m in &self.modules {
+            if m.contains(&b'/') {
+                return Err("a module name contains '/'".into());
+            }
+            rec("module", m)?;
+        }
         Ok(out)
     }
 
@@ -475,6 +506,11 @@ impl ExecSpec {
                     let mode = parts.next().ok_or("share without mode")?;
                     let dir = parts.next().ok_or("share without directory")?;
                     spec.shares.push((dir.to_vec(), mode == b"rw"));
+                }
+                b"live" => spec.live = val == b"1",
+                b"hostroot" => spec.host_root = val == b"1",
+                b"module" if !val.contains(&b'/') && !val.is_empty() => {
+                    spec.modules.push(val.to_vec())
                 }
                 _ => return Err("unknown record".into()),
             }
@@ -638,6 +674,9 @@ mod tests {
             cwd: b"/work dir".to_vec(),
             disk: true,
             shares: vec![(b"/in".to_vec(), false), (b"/out:x".to_vec(), true)],
+            live: true,
+            host_root: true,
+            modules: vec![b"virtio_mmio.ko".to_vec(), b"fuse.ko.xz".to_vec()],
         };
         let bytes = spec.to_bytes().unwrap();
         assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), spec);
@@ -648,5 +687,13 @@ mod tests {
         assert!(bad.to_bytes().is_err());
         assert!(ExecSpec::from_bytes(b"cwd=/\0").is_err());
         assert!(ExecSpec::from_bytes(b"nokey\0").is_err());
+        // A module name cannot climb out of the module directory.
+        assert!(ExecSpec::from_bytes(b"arg=x\0module=../../bin/sh\0").is_err());
+        let climbing = ExecSpec {
+            argv: vec![b"x".to_vec()],
+            modules: vec![b"../x.ko".to_vec()],
+            ..Default::default()
+        };
+        assert!(climbing.to_bytes().is_err());
     }
 }

@@ -20,6 +20,7 @@
 //! without a port, a line on the serial console) and the VM powers off.
 
 mod command;
+mod hostfs;
 mod sys;
 
 use std::collections::HashMap;
@@ -140,15 +141,30 @@ fn main() {
 fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
     mount_basics("").map_err(|e| format!("cannot mount /proc, /sys, /dev: {e}"))?;
     let _ = sys::mount(Some("tmpfs"), b"/tmp", Some("tmpfs"), 0);
-    let chan = chan_slot.insert(Channel::open().map_err(|e| format!("cannot open {PORT}: {e}"))?);
+    // The spec first: its kernel modules may be what makes the channel's
+    // device appear (a distribution kernel's virtio_console, virtio_mmio).
+    // Its errors are reported once the channel is open, if it opens.
+    let spec = fs::read(CONFIG_PATH)
+        .map_err(|e| format!("cannot read {CONFIG_PATH}: {e}"))
+        .and_then(|c| ExecSpec::from_bytes(&c).map_err(|e| format!("bad {CONFIG_PATH}: {e}")));
+    let modules = match &spec {
+        Ok(spec) => hostfs::load_modules(spec),
+        Err(_) => Ok(()),
+    };
+    let chan = chan_slot.insert(Channel::open().map_err(|e| match &modules {
+        Err(m) => format!("cannot open {PORT}: {e} ({m})"),
+        Ok(()) => format!("cannot open {PORT}: {e}"),
+    })?);
     chan.send(&GuestMsg::Hello { version: VERSION })
         .map_err(|e| format!("cannot write to {PORT}: {e}"))?;
     let early_stdin = wait_for_time(chan)?;
 
-    let config = fs::read(CONFIG_PATH).map_err(|e| format!("cannot read {CONFIG_PATH}: {e}"))?;
-    let spec = ExecSpec::from_bytes(&config).map_err(|e| format!("bad {CONFIG_PATH}: {e}"))?;
+    let spec = spec?;
+    modules?;
 
-    let root = if spec.disk {
+    let root = if spec.host_root {
+        hostfs::mount_host_root()?
+    } else if spec.disk {
         mount_disk()?;
         PathBuf::from(DISK_ROOT)
     } else {
@@ -166,7 +182,7 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
 
 /// Mounts proc, sysfs and devtmpfs under `prefix` (creating the mount
 /// points). devtmpfs may already be there (`CONFIG_DEVTMPFS_MOUNT`).
-fn mount_basics(prefix: &str) -> io::Result<()> {
+pub(crate) fn mount_basics(prefix: &str) -> io::Result<()> {
     for (fs, dir) in [("proc", "proc"), ("sysfs", "sys"), ("devtmpfs", "dev")] {
         let target = format!("{prefix}/{dir}");
         let _ = fs::create_dir_all(&target);
@@ -290,6 +306,11 @@ fn mount_shares(spec: &ExecSpec, root: &Path) -> Result<Vec<Option<Snapshot>>, S
         let src = share_source(i);
         let _ = fs::create_dir_all(&src);
         let target = in_root(root, dir);
+        if spec.live {
+            hostfs::mount_live_share(i, &target, *rw)?;
+            snaps.push(None);
+            continue;
+        }
         let shown = String::from_utf8_lossy(dir);
         fs::create_dir_all(&target).map_err(|e| format!("cannot create share {shown}: {e}"))?;
         sys::mount(
