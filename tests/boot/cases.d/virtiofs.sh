@@ -13,7 +13,7 @@
 # directory and answers with a file the guest waits for.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro"
+ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro exec_share_live exec_host_root"
 
 # virtiofs_prereqs: a virtiofsd in $TOOLS, else the case fails (it must not
 # pass without running); exports CAPSULE_VIRTIOFSD and the sandbox.
@@ -103,5 +103,66 @@ poweroff -f' \
     expect "a guest remount rw does not help" out_has_line "remount-write-refused-2"
     expect "the host directory is unchanged" \
         test "$(ls "$_dir")" = "keep.txt" -a "$(cat "$_dir/keep.txt")" = "read-only-content"
+    expect "no Rust panic" no_rust_panic
+}
+
+# `capsule exec --share` with a virtiofsd: live, not copied. While the
+# command runs, the host's watcher sees the file it wrote and answers; the
+# command's deletion and rename are on the host afterwards.
+case_exec_share_live() {
+    virtiofs_prereqs || return
+    _d="$WORK/exec_share_live.share"
+    rm -rf "$_d"
+    mkdir -p "$_d"
+    echo "delete me" >"$_d/del.txt"
+    echo "rename me" >"$_d/a.txt"
+    (
+        _i=0
+        while [ ! -f "$_d/g.txt" ] && [ $_i -lt 900 ]; do
+            sleep 0.2 2>/dev/null || sleep 1
+            _i=$((_i + 1))
+        done
+        echo "$(cat "$_d/g.txt" 2>/dev/null) seen-by-host" >"$_d/ack.tmp"
+        mv "$_d/ack.tmp" "$_d/ack.txt"
+    ) &
+    _watcher=$!
+    run_exec exec_share_live /dev/null exec --kernel "$BZIMAGE" --share "$_d:/s" -w /s \
+        -- sh -c 'echo guest-42 >g.txt; i=0; while [ ! -f ack.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;
+                  cat ack.txt; rm del.txt; mv a.txt b.txt'
+    kill "$_watcher" 2>/dev/null
+    expect "exit status 0" rc_is 0
+    expect "the host saw the command's file while it ran, the command saw the answer" \
+        out_is "guest-42 seen-by-host"
+    expect "the deletion reached the host" test ! -e "$_d/del.txt"
+    expect "the rename reached the host" test "$(cat "$_d/b.txt" 2>/dev/null)" = "rename me" -a ! -e "$_d/a.txt"
+    expect "no copy-mode fallback" test "$(grep -c 'falls back to copying' "$ERR")" -eq 0
+    expect "no Rust panic" no_rust_panic
+}
+
+# `capsule exec --host-root`: the command runs on the host's / (here L1's),
+# read-only under a tmpfs overlay, in the current directory, which is
+# shared writable. /bin/true and a host tool that is not in capsule's
+# initramfs ($TOOLS/debugfs, with its own libraries) run from the host.
+case_exec_host_root() {
+    virtiofs_prereqs || return
+    _cwd="$WORK/exec_host_root.cwd"
+    rm -rf "$_cwd"
+    mkdir -p "$_cwd"
+    _old="$(pwd)"
+    cd "$_cwd" || return
+    run_exec exec_host_root_true /dev/null exec --kernel "$BZIMAGE" --host-root -- /bin/true
+    _true_rc=$RC
+    _marker="/etc/capsule-overlay-test-$$"
+    run_exec exec_host_root /dev/null exec --kernel "$BZIMAGE" --host-root \
+        -- sh -c "$TOOLS/debugfs -V 2>&1 | head -n 1; echo x >$_marker && echo overlay-write-ok; pwd; echo made-in-guest >out.txt"
+    cd "$_old" || return
+    expect "/bin/true from the host root: status 0" [ "$_true_rc" -eq 0 ]
+    expect "exit status 0" rc_is 0
+    expect "a host binary not in capsule's initramfs ran" out_has "debugfs"
+    expect "writes go to the overlay" out_has "overlay-write-ok"
+    expect "the overlay did not write the host's /etc" test ! -e "$_marker"
+    expect "the working directory is the host's current directory" out_has "^$_cwd\$"
+    expect "the current directory is writable and shared" \
+        test "$(cat "$_cwd/out.txt" 2>/dev/null)" = "made-in-guest"
     expect "no Rust panic" no_rust_panic
 }
