@@ -5,7 +5,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 use crate::virtio::test_utils::{RecordingInterrupt, Rings};
