@@ -166,3 +166,41 @@ case_exec_host_root() {
         test "$(cat "$_cwd/out.txt" 2>/dev/null)" = "made-in-guest"
     expect "no Rust panic" no_rust_panic
 }
+
+# `capsule exec` with Debian's stock cloud kernel, whose virtio-mmio,
+# console, virtio-fs and overlayfs are modules: `--modules` gives the
+# kernel's own /lib/modules tree (taken out of the Debian image with
+# debugfs), the init loads them, and the command runs on the host root.
+# Optional (run by name) like the other Debian cases: it needs the Debian
+# image (resources/build-debian-image.sh) carried into L1.
+OPTIONAL_CASES="${OPTIONAL_CASES:-} debian_exec_modules"
+
+case_debian_exec_modules() {
+    debian_prereqs || return
+    virtiofs_prereqs || return
+    _rel="$(cat "$DEBIAN_IMAGE/release")"
+    _mods="$WORK/debian_exec_modules.lib"
+    rm -rf "$_mods"
+    mkdir -p "$_mods"
+    "$TOOLS/debugfs" -R "rdump /lib/modules/$_rel $_mods" "$DEBIAN_IMAGE/debian.ext4" >/dev/null 2>&1
+    if [ ! -f "$_mods/$_rel/modules.dep" ]; then
+        CASE_ERRORS="not run: cannot take /lib/modules/$_rel out of the Debian image"
+        SECS=0 RC=1 OUT=/dev/null ERR=/dev/null
+        return
+    fi
+    _cwd="$WORK/debian_exec_modules.cwd"
+    rm -rf "$_cwd"
+    mkdir -p "$_cwd"
+    _old="$(pwd)"
+    cd "$_cwd" || return
+    run_exec debian_exec_modules /dev/null exec --kernel "$DEBIAN_IMAGE/vmlinuz" \
+        --modules "$_mods/$_rel" --host-root --memory 512M \
+        -- sh -c 'uname -r; cut -d" " -f1 /proc/modules | sort | tr "\n" " "; echo; echo ran >ran.txt'
+    cd "$_old" || return
+    expect "exit status 0" rc_is 0
+    expect "the Debian kernel ran the command" out_has "^$_rel\$"
+    expect "virtio_mmio, virtio_console, virtiofs and overlay were loaded as modules" \
+        sh -c "grep -q 'virtio_mmio' '$OUT' && grep -q 'virtio_console' '$OUT' && grep -q 'virtiofs' '$OUT' && grep -q 'overlay' '$OUT'"
+    expect "the working directory is shared" test "$(cat "$_cwd/ran.txt" 2>/dev/null)" = ran
+    expect "no Rust panic" no_rust_panic
+}
