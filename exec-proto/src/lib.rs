@@ -414,6 +414,61 @@ pub const MODULE_DIR: &str = "/.capsule/modules";
 /// The virtio-fs tag of the host's `/` with `--host-root`.
 pub const HOST_ROOT_TAG: &str = "capsule-root";
 
+/// A static IPv4 configuration of one guest interface (`net` record:
+/// `IFACE ADDR/PREFIX GATEWAY [DNS...]`, space-separated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The interface (`eth0`, ...).
+    pub interface: String,
+    /// Its address.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length (0 to 32).
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// Name servers.
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl NetSpec {
+    fn to_record(&self) -> String {
+        let mut r = format!(
+            "{} {}/{} {}",
+            self.interface, self.address, self.prefix, self.gateway
+        );
+        for d in &self.dns {
+            r.push(' ');
+            r.push_str(&d.to_string());
+        }
+        r
+    }
+
+    fn parse(val: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(val).map_err(|_| "net record is not UTF-8")?;
+        let mut words = text.split(' ');
+        let bad = || format!("bad net record {text:?}");
+        let interface = words.next().filter(|w| !w.is_empty() && w.len() < 16);
+        let interface = interface.ok_or_else(bad)?.to_string();
+        let (addr, prefix) = words
+            .next()
+            .and_then(|w| w.split_once('/'))
+            .ok_or_else(bad)?;
+        let address = addr.parse().map_err(|_| bad())?;
+        let prefix = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+        let gateway = words.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        let dns = words
+            .map(|w| w.parse().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            interface,
+            address,
+            prefix,
+            gateway,
+            dns,
+        })
+    }
+}
+
 /// The virtio-fs tag of live share `index`.
 pub fn share_tag(index: usize) -> String {
     format!("capsule-share-{index}")
@@ -442,6 +497,8 @@ pub struct ExecSpec {
     pub host_root: bool,
     /// Kernel modules to load first, in order (file names in [`MODULE_DIR`]).
     pub modules: Vec<Vec<u8>>,
+    /// Interfaces to configure before the command runs.
+    pub nets: Vec<NetSpec>,
 }
 
 impl ExecSpec {
@@ -483,6 +540,9 @@ impl ExecSpec {
             }
             rec("module", m)?;
         }
+        for n in &self.nets {
+            rec("net", n.to_record().as_bytes())?;
+        }
         Ok(out)
     }
 
@@ -507,6 +567,7 @@ impl ExecSpec {
                     let dir = parts.next().ok_or("share without directory")?;
                     spec.shares.push((dir.to_vec(), mode == b"rw"));
                 }
+                b"net" => spec.nets.push(NetSpec::parse(val)?),
                 b"live" => spec.live = val == b"1",
                 b"hostroot" => spec.host_root = val == b"1",
                 b"module" if !val.contains(&b'/') && !val.is_empty() => {
@@ -677,6 +738,13 @@ mod tests {
             live: true,
             host_root: true,
             modules: vec![b"virtio_mmio.ko".to_vec(), b"fuse.ko.xz".to_vec()],
+            nets: vec![NetSpec {
+                interface: "eth0".into(),
+                address: [192, 168, 77, 1].into(),
+                prefix: 24,
+                gateway: [192, 168, 77, 254].into(),
+                dns: vec![[9, 9, 9, 9].into()],
+            }],
         };
         let bytes = spec.to_bytes().unwrap();
         assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), spec);
@@ -687,6 +755,15 @@ mod tests {
         assert!(bad.to_bytes().is_err());
         assert!(ExecSpec::from_bytes(b"cwd=/\0").is_err());
         assert!(ExecSpec::from_bytes(b"nokey\0").is_err());
+        for bad in [
+            "eth0",
+            "eth0 1.2.3.4/33 1.1.1.1",
+            "eth0 1.2.3.4 1.1.1.1",
+            "eth0 1.2.3.4/8 x",
+        ] {
+            let rec = format!("arg=x\0net={bad}\0");
+            assert!(ExecSpec::from_bytes(rec.as_bytes()).is_err(), "{bad}");
+        }
         // A module name cannot climb out of the module directory.
         assert!(ExecSpec::from_bytes(b"arg=x\0module=../../bin/sh\0").is_err());
         let climbing = ExecSpec {

@@ -21,6 +21,7 @@
 
 mod command;
 mod hostfs;
+mod net;
 mod sys;
 
 use std::collections::HashMap;
@@ -171,6 +172,10 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
         PathBuf::from("/")
     };
     let snapshots = mount_shares(&spec, &root)?;
+    net::configure(&spec.nets)?;
+    if let Some(text) = net::resolv_conf(&spec.nets) {
+        set_resolv_conf(&root, &text);
+    }
     let status = command::run_command(chan, &spec, &root, early_stdin)?;
     copy_back(chan, &spec, &snapshots).map_err(|e| format!("cannot copy shares back: {e}"))?;
     // SAFETY: plain system call.
@@ -182,6 +187,27 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
 
 /// Mounts proc, sysfs and devtmpfs under `prefix` (creating the mount
 /// points). devtmpfs may already be there (`CONFIG_DEVTMPFS_MOUNT`).
+/// Gives the command `text` as its /etc/resolv.conf: bound over the
+/// root's own file (which stays unmodified on its disk), or written where
+/// there is none. A failure only costs name resolution: logged.
+fn set_resolv_conf(root: &Path, text: &str) {
+    const OURS: &str = "/.capsule/resolv.conf";
+    let target = root.join("etc/resolv.conf");
+    let result = fs::write(OURS, text).and_then(|()| match fs::symlink_metadata(&target) {
+        Ok(m) if m.is_file() => sys::mount(
+            Some(OURS),
+            target.as_os_str().as_bytes(),
+            None,
+            libc::MS_BIND,
+        ),
+        Ok(_) => Err(io::Error::other("not a regular file; left as it is")),
+        Err(_) => fs::create_dir_all(root.join("etc")).and_then(|()| fs::write(&target, text)),
+    });
+    if let Err(e) = result {
+        eprintln!("capsule-init: cannot set {}: {e}", target.display());
+    }
+}
+
 pub(crate) fn mount_basics(prefix: &str) -> io::Result<()> {
     for (fs, dir) in [("proc", "proc"), ("sysfs", "sys"), ("devtmpfs", "dev")] {
         let target = format!("{prefix}/{dir}");

@@ -15,11 +15,13 @@ static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/capsule-in
 /// Packs the initramfs: `/dev/console`, the init, the command description,
 /// the `--rootfs` tree and the shares.
 /// With `live`, the shares are virtio-fs mounts and nothing of them is
-/// packed; `modules` are packed in order for the init to load.
+/// packed; `modules` are packed in order for the init to load; `nets`
+/// are the interfaces the init configures.
 pub fn build_initramfs(
     config: &ExecConfig,
     live: bool,
     modules: &[std::path::PathBuf],
+    nets: Vec<exec_proto::NetSpec>,
 ) -> Result<Vec<u8>, Error> {
     let module_names = modules
         .iter()
@@ -42,6 +44,7 @@ pub fn build_initramfs(
         live,
         host_root: config.host_root,
         modules: module_names,
+        nets,
     };
     let spec = spec.to_bytes().map_err(Error::Usage)?;
     let mut w = CpioWriter::new();
@@ -131,7 +134,7 @@ mod tests {
             boot_timeout: Duration::from_secs(60),
             started: Instant::now(),
         };
-        let a = build_initramfs(&config, false, &[]).unwrap();
+        let a = build_initramfs(&config, false, &[], vec![]).unwrap();
         assert!(a.len() > INIT_BINARY.len());
         let find = |needle: &[u8]| a.windows(needle.len()).any(|w| w == needle);
         assert!(find(b".capsule/init\0"));

@@ -32,6 +32,7 @@ mod copyback;
 pub mod cpio;
 mod initramfs;
 pub mod modules;
+mod netcfg;
 mod session;
 mod stdin;
 
@@ -220,7 +221,15 @@ fn prepare(config: &mut ExecConfig) -> Result<(), Error> {
     }
     let live = plan_live_shares(config)?;
     let modules = module_files(config)?;
-    config.vm.initramfs = Some(build_initramfs(config, live, &modules)?);
+    let nets = config
+        .vm
+        .nets
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.backend, crate::config::NetBackendConfig::User { .. }))
+        .map(|(i, _)| netcfg::user_net(i).map_err(Error::Usage))
+        .collect::<Result<Vec<_>, _>>()?;
+    config.vm.initramfs = Some(build_initramfs(config, live, &modules, nets)?);
     config.vm.cmdline = format!(
         "{} rdinit={} {}",
         EXEC_CMDLINE,
