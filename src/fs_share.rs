@@ -148,6 +148,118 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A FUSE_INIT request through a real virtiofsd: capsule hands over
+    /// shared guest RAM, the rings (as its own addresses) and the
+    /// eventfds; a kick on the request queue's eventfd reaches the daemon
+    /// without capsule, the daemon answers in guest memory, and its call
+    /// becomes a queue interrupt through the event loop.
+    #[test]
+    fn real_virtiofsd_answers_fuse_init_through_the_rings() {
+        use std::sync::{Arc, Mutex};
+        use std::time::{Duration, Instant};
+
+        use devices::virtio::{InterruptKind, Queue, VirtioDevice, VirtioInterrupt};
+        use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+        use virtio_queue::QueueT;
+        use vm_memory::{Bytes, GuestAddress};
+
+        #[derive(Default)]
+        struct Irq(Mutex<Vec<InterruptKind>>);
+        impl VirtioInterrupt for Irq {
+            fn trigger(&self, kind: InterruptKind) -> std::io::Result<()> {
+                self.0.lock().unwrap().push(kind);
+                Ok(())
+            }
+        }
+
+        let binary = daemon::find_binary().expect("this test needs a virtiofsd");
+        let dir = std::env::temp_dir().join(format!("capsule-fs-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::env::set_var("CAPSULE_VIRTIOFSD_SANDBOX", "none");
+        let share = FsConfig {
+            dir: dir.clone(),
+            tag: "t".into(),
+            read_only: false,
+        };
+        let ram =
+            crate::vstate::memory::GuestRam::new_shared(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mem = ram.memory().clone();
+        let fs = Arc::new(Mutex::new(open(&share, &binary).unwrap()));
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(fs.clone());
+
+        // Two queues of 16 at 0x1000 and 0x4000: descriptors, then the
+        // available ring, then the used ring (4-byte aligned).
+        let ring = |base: u64| {
+            let mut q = Queue::new(16).unwrap();
+            let (avail, used) = (base + 256, base + 0x200);
+            q.set_desc_table_address(Some(base as u32), Some(0));
+            q.set_avail_ring_address(Some(avail as u32), Some(0));
+            q.set_used_ring_address(Some(used as u32), Some(0));
+            q.set_ready(true);
+            q
+        };
+        // FUSE_INIT (opcode 26), unique 7, protocol 7.31: header + init_in.
+        let (req, reply) = (0x10000u64, 0x20000u64);
+        let mut msg = Vec::new();
+        for v in [56u32, 26] {
+            msg.extend_from_slice(&v.to_le_bytes());
+        }
+        msg.extend_from_slice(&7u64.to_le_bytes());
+        msg.extend_from_slice(&[0u8; 24]);
+        for v in [7u32, 31, 0, 0] {
+            msg.extend_from_slice(&v.to_le_bytes());
+        }
+        mem.write_slice(&msg, GuestAddress(req)).unwrap();
+        // Descriptor 0 (readable, next 1), descriptor 1 (writable).
+        let desc = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let at = GuestAddress(0x4000 + 16 * i);
+            mem.write_obj(addr, at).unwrap();
+            mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+        };
+        desc(0, req, msg.len() as u32, 1, 1);
+        desc(1, reply, 4096, 2, 0);
+        mem.write_obj(0u16, GuestAddress(0x4000 + 256 + 4)).unwrap(); // ring[0] = 0
+        mem.write_obj(1u16, GuestAddress(0x4000 + 256 + 2)).unwrap(); // idx = 1
+
+        let kicks: Vec<vmm_sys_util::eventfd::EventFd> =
+            (0..2).map(|_| devices::eventfd().unwrap()).collect();
+        let kick = kicks[1].try_clone().unwrap();
+        let irq = Arc::new(Irq::default());
+        {
+            let mut d = fs.lock().unwrap();
+            d.set_acked_features(1 << 32);
+            d.activate(
+                mem.clone(),
+                irq.clone(),
+                vec![ring(0x1000), ring(0x4000)],
+                kicks,
+            )
+            .unwrap();
+        }
+        kick.write(1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !irq.0.lock().unwrap().contains(&InterruptKind::Queue(1)) {
+            assert!(
+                Instant::now() < deadline,
+                "no interrupt for the request queue"
+            );
+            em.run_with_timeout(100).unwrap();
+        }
+        let used_idx: u16 = mem.read_obj(GuestAddress(0x4000 + 0x200 + 2)).unwrap();
+        assert_eq!(used_idx, 1, "one request answered");
+        let error: i32 = mem.read_obj(GuestAddress(reply + 4)).unwrap();
+        let unique: u64 = mem.read_obj(GuestAddress(reply + 8)).unwrap();
+        let major: u32 = mem.read_obj(GuestAddress(reply + 16)).unwrap();
+        assert_eq!((error, unique, major), (0, 7, 7), "FUSE_INIT answered");
+        assert!(fs.lock().unwrap().reset());
+        drop(em);
+        drop(fs);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn shares_are_checked_before_anything_starts() {
         let file = std::env::temp_dir().join(format!("capsule-fs-file-{}", std::process::id()));
