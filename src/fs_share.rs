@@ -36,12 +36,13 @@ pub enum Error {
     #[error(transparent)]
     Daemon(#[from] DaemonError),
     /// The socket to virtiofsd could not be set up.
-    #[error("virtio-fs {tag}: cannot set up the vhost-user socket: {reason}")]
+    #[error("virtio-fs {tag}: cannot set up the vhost-user socket: {source}")]
     Socket {
         /// The share's tag.
         tag: String,
         /// Why.
-        reason: String,
+        #[source]
+        source: crate::unixsock::BindError,
     },
     /// The device could not be created (handshake, tag).
     #[error("virtio-fs {tag}: {source}")]
@@ -88,15 +89,15 @@ fn socket_parent() -> PathBuf {
 
 /// Starts virtiofsd for `share` and makes its device.
 pub fn open(share: &FsConfig, binary: &Path) -> Result<Fs, Error> {
-    let socket_err = |reason: String| Error::Socket {
+    let socket_err = |source| Error::Socket {
         tag: share.tag.clone(),
-        reason,
+        source,
     };
     let (listener, stream) =
         crate::unixsock::connected_listener(&socket_parent()).map_err(socket_err)?;
     stream
         .set_read_timeout(Some(REPLY_TIMEOUT))
-        .map_err(|e| socket_err(e.to_string()))?;
+        .map_err(|e| socket_err(crate::unixsock::BindError::Connect(e)))?;
     let config = DaemonConfig {
         binary: binary.to_path_buf(),
         dir: share.dir.clone(),

@@ -14,6 +14,8 @@ const APPEAR: Duration = Duration::from_secs(5);
 
 fn sockaddr(addr: Ipv4Addr) -> libc::sockaddr {
     let sin = libc::sockaddr_in {
+        // AF_INET is 2: it fits sa_family_t.
+        #[expect(clippy::cast_possible_truncation, reason = "AF_INET (2) fits")]
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
         sin_addr: libc::in_addr {
@@ -65,8 +67,13 @@ impl Sock {
     fn up(&self, name: &str) -> io::Result<()> {
         let mut req = ifreq(name)?;
         self.ioctl(libc::SIOCGIFFLAGS, &mut req)?;
+        #[expect(
+            clippy::cast_possible_truncation,
+            reason = "IFF_UP | IFF_RUNNING is 0x41"
+        )]
+        let flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
         // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
-        unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+        unsafe { req.ifr_ifru.ifru_flags |= flags };
         self.ioctl(libc::SIOCSIFFLAGS, &mut req)
     }
 }

@@ -51,7 +51,8 @@ fn interface_address(name: &str) -> Option<(Ipv4Addr, u8)> {
             }
             let addr = &*(ifa.ifa_addr as *const libc::sockaddr_in);
             let mask = &*(ifa.ifa_netmask as *const libc::sockaddr_in);
-            let prefix = u32::from_be(mask.sin_addr.s_addr).leading_ones() as u8;
+            let prefix =
+                u8::try_from(u32::from_be(mask.sin_addr.s_addr).leading_ones()).unwrap_or(32);
             found = Some((Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)), prefix));
             break;
         }

@@ -46,7 +46,9 @@ use super::{
 /// of exactly this length has no terminating NUL).
 pub const MAX_TAG_LEN: usize = 36;
 /// Queues: the high-priority queue, then one request queue.
-pub const NUM_QUEUES: usize = 2;
+pub const NUM_QUEUES: usize = QUEUES as usize;
+/// [`NUM_QUEUES`] in the register width.
+const QUEUES: u16 = 2;
 /// Maximum size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// vhost-user's own feature bit: the backend speaks protocol features.
@@ -57,7 +59,7 @@ const PASSED_FEATURES: u64 =
     bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_INDIRECT_DESC) | bit(VIRTIO_RING_F_EVENT_IDX);
 /// Tag of the device event of the backend's socket (the call eventfds
 /// use their queue index).
-const SOCKET_TAG: u32 = NUM_QUEUES as u32;
+const SOCKET_TAG: u32 = QUEUES as u32;
 
 /// Why a virtio-fs device could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -336,8 +338,11 @@ impl Fs {
         if call.read().is_err() {
             return;
         }
+        let Ok(queue) = u16::try_from(index) else {
+            return;
+        };
         if let Some(active) = self.common.activation() {
-            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(index as u16)) {
+            if let Err(e) = active.interrupt.trigger(InterruptKind::Queue(queue)) {
                 crate::error_ratelimited!("virtio-fs {}: cannot raise interrupt: {e}", self.tag);
             }
         }
@@ -379,7 +384,7 @@ fn config_space(tag: &str) -> Result<[u8; MAX_TAG_LEN + 4], FsError> {
     }
     let mut config = [0u8; MAX_TAG_LEN + 4];
     config[..tag.len()].copy_from_slice(tag.as_bytes());
-    config[MAX_TAG_LEN..].copy_from_slice(&((NUM_QUEUES as u32 - 1).to_le_bytes()));
+    config[MAX_TAG_LEN..].copy_from_slice(&(u32::from(QUEUES) - 1).to_le_bytes());
     Ok(config)
 }
 
@@ -485,8 +490,8 @@ impl VirtioDevice for Fs {
 impl MutEventSubscriber for Fs {
     fn init(&mut self, ops: &mut EventOps) {
         self.common.init(ops);
-        for (tag, call) in self.calls.iter().enumerate() {
-            let events = VirtioCommon::device_events(call.as_raw_fd(), tag as u32, EventSet::IN);
+        for (tag, call) in (0u32..).zip(&self.calls) {
+            let events = VirtioCommon::device_events(call.as_raw_fd(), tag, EventSet::IN);
             if let Err(e) = ops.add(events) {
                 log::error!("virtio-fs {}: cannot watch call eventfd: {e}", self.tag);
             }
