@@ -154,7 +154,8 @@ case_exec_host_root() {
     _true_rc=$RC
     _marker="/etc/capsule-overlay-test-$$"
     run_exec exec_host_root /dev/null exec --kernel "$BZIMAGE" --host-root \
-        -- sh -c "$TOOLS/debugfs -V 2>&1 | head -n 1; echo x >$_marker && echo overlay-write-ok; pwd; echo made-in-guest >out.txt"
+        -- sh -c "$TOOLS/debugfs -V 2>&1 | head -n 1; echo x >$_marker && echo overlay-write-ok; pwd; echo made-in-guest >out.txt;
+                  $TOOLS/git init -q . && $TOOLS/git add out.txt && $TOOLS/git status --short | sed 's/^/git: /'"
     cd "$_old" || return
     expect "/bin/true from the host root: status 0" [ "$_true_rc" -eq 0 ]
     expect "exit status 0" rc_is 0
@@ -164,6 +165,8 @@ case_exec_host_root() {
     expect "the working directory is the host's current directory" out_has "^$_cwd\$"
     expect "the current directory is writable and shared" \
         test "$(cat "$_cwd/out.txt" 2>/dev/null)" = "made-in-guest"
+    expect "git works on the shared tree (in the guest, then on the host)" \
+        sh -c "grep -qx 'git: A  out.txt' '$OUT' && cd '$_cwd' && '$TOOLS/git' status --short | grep -qx 'A  out.txt'"
     expect "no Rust panic" no_rust_panic
 }
 
