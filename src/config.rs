@@ -52,6 +52,11 @@ pub struct FsConfig {
     pub tag: String,
     /// virtiofsd refuses the guest's writes.
     pub read_only: bool,
+    /// Mount points under `dir` are shown to the guest as submounts
+    /// (virtiofsd's default). Off for `exec --host-root`, whose share is
+    /// an overlayfs lower layer: overlayfs refuses such automount points
+    /// (`EREMOTE`).
+    pub submounts: bool,
 }
 
 impl std::str::FromStr for FsConfig {
@@ -79,6 +84,7 @@ impl std::str::FromStr for FsConfig {
             dir: PathBuf::from(dir),
             tag: tag.to_string(),
             read_only,
+            submounts: true,
         })
     }
 }
@@ -474,7 +480,8 @@ mod tests {
             FsConfig {
                 dir: "/srv/a:b".into(),
                 tag: "tag".into(),
-                read_only: false
+                read_only: false,
+                submounts: true,
             }
         );
         let f: FsConfig = "/x:t,ro".parse().unwrap();

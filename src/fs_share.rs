@@ -102,6 +102,7 @@ pub fn open(share: &FsConfig, binary: &Path) -> Result<Fs, Error> {
         binary: binary.to_path_buf(),
         dir: share.dir.clone(),
         read_only: share.read_only,
+        submounts: share.submounts,
         sandbox: std::env::var("CAPSULE_VIRTIOFSD_SANDBOX").ok(),
         debug: log::log_enabled!(log::Level::Debug),
     };
@@ -138,6 +139,7 @@ mod tests {
             dir: dir.clone(),
             tag: "t".into(),
             read_only: false,
+            submounts: true,
         };
         // Sandboxes need namespaces or root: none for the unit test.
         std::env::set_var("CAPSULE_VIRTIOFSD_SANDBOX", "none");
@@ -181,6 +183,7 @@ mod tests {
             dir: dir.clone(),
             tag: "t".into(),
             read_only: false,
+            submounts: true,
         };
         let ram =
             crate::vstate::memory::GuestRam::new_shared(&[(GuestAddress(0), 4 << 20)]).unwrap();
@@ -269,6 +272,7 @@ mod tests {
             dir: dir.to_path_buf(),
             tag: tag.into(),
             read_only: false,
+            submounts: true,
         };
         assert!(check(&[]).unwrap().is_none());
         let e = check(&[share(&file, "a")]).unwrap_err();

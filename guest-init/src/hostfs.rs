@@ -85,8 +85,13 @@ pub fn mount_live_share(index: usize, target: &Path, rw: bool) -> Result<(), Str
         flags,
     )
     .map_err(|e| {
+        let hint = if e.raw_os_error() == Some(libc::ENODEV) {
+            " (the guest kernel has no virtio-fs: CONFIG_VIRTIO_FS, or the virtiofs module; capsule shares live whenever it finds a virtiofsd)"
+        } else {
+            ""
+        };
         format!(
-            "cannot mount share {shown} (virtio-fs {}): {e}",
+            "cannot mount share {shown} (virtio-fs {}): {e}{hint}",
             share_tag(index)
         )
     })

@@ -287,6 +287,7 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
             dir: "/".into(),
             tag: exec_proto::HOST_ROOT_TAG.into(),
             read_only: true,
+            submounts: false,
         });
     }
     for (i, share) in config.shares.iter().enumerate() {
@@ -294,6 +295,7 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
             dir: share.host.clone(),
             tag: exec_proto::share_tag(i),
             read_only: !share.writable,
+            submounts: true,
         });
     }
     log::info!("shares are live over virtio-fs");

@@ -16,7 +16,10 @@
 ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro exec_share_live exec_host_root"
 
 # virtiofs_prereqs: a virtiofsd in $TOOLS, else the case fails (it must not
-# pass without running); exports CAPSULE_VIRTIOFSD and the sandbox.
+# pass without running); exports CAPSULE_VIRTIOFSD and the sandbox, which
+# virtiofs_done takes back (other cases, e.g. exec_share, run without a
+# virtiofsd: copy mode).
+virtiofs_done() { unset CAPSULE_VIRTIOFSD CAPSULE_VIRTIOFSD_SANDBOX; }
 virtiofs_prereqs() {
     if [ -n "${TOOLS:-}" ] && [ -x "$TOOLS/virtiofsd/virtiofsd" ]; then
         export CAPSULE_VIRTIOFSD="$TOOLS/virtiofsd/virtiofsd"
@@ -68,6 +71,7 @@ ls /mnt/s /mnt/s/sub | tr "\n" " "; echo; echo listed-$((1+1))
 poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M --fs "$_dir:share"
     kill "$VIRTIOFS_ANSWER_PID" 2>/dev/null
+    virtiofs_done
     expect "exit status 0" rc_is 0
     expect "the guest mounted the share" out_has_line "mounted-2"
     expect "the guest read the host's file" out_has_line "made-on-host-before-boot"
@@ -94,6 +98,7 @@ rm /mnt/s/keep.txt || echo rm-refused-$((1+1))
 mount -o remount,rw /mnt/s; echo y >/mnt/s/new2.txt || echo remount-write-refused-$((1+1))
 poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M --fs "$_dir:ro,ro"
+    virtiofs_done
     expect "exit status 0" rc_is 0
     expect "the guest mounted the share" out_has_line "mounted-2"
     expect "the guest read the file" out_has_line "read-only-content"
@@ -130,6 +135,7 @@ case_exec_share_live() {
         -- sh -c 'echo guest-42 >g.txt; i=0; while [ ! -f ack.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;
                   cat ack.txt; rm del.txt; mv a.txt b.txt'
     kill "$_watcher" 2>/dev/null
+    virtiofs_done
     expect "exit status 0" rc_is 0
     expect "the host saw the command's file while it ran, the command saw the answer" \
         out_is "guest-42 seen-by-host"
@@ -157,6 +163,7 @@ case_exec_host_root() {
         -- sh -c "$TOOLS/debugfs -V 2>&1 | head -n 1; echo x >$_marker && echo overlay-write-ok; pwd; echo made-in-guest >out.txt;
                   $TOOLS/git init -q . && $TOOLS/git add out.txt && $TOOLS/git status --short | sed 's/^/git: /'"
     cd "$_old" || return
+    virtiofs_done
     expect "/bin/true from the host root: status 0" [ "$_true_rc" -eq 0 ]
     expect "exit status 0" rc_is 0
     expect "a host binary not in capsule's initramfs ran" out_has "debugfs"
@@ -200,6 +207,7 @@ case_debian_exec_modules() {
         --modules "$_mods/$_rel" --host-root --memory 512M \
         -- sh -c 'uname -r; cut -d" " -f1 /proc/modules | sort | tr "\n" " "; echo; echo ran >ran.txt'
     cd "$_old" || return
+    virtiofs_done
     expect "exit status 0" rc_is 0
     expect "the Debian kernel ran the command" out_has "^$_rel\$"
     expect "virtio_mmio, virtio_console, virtiofs and overlay were loaded as modules" \

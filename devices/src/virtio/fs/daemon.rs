@@ -68,6 +68,9 @@ pub struct DaemonConfig {
     pub dir: PathBuf,
     /// Refuse the guest's writes.
     pub read_only: bool,
+    /// Show mount points under `dir` as submounts (the Rust daemon's
+    /// default; QEMU's does not by default).
+    pub submounts: bool,
     /// The daemon's sandbox (`namespace`, `chroot`, `none`), or its own
     /// default.
     pub sandbox: Option<String>,
@@ -134,6 +137,9 @@ pub fn arguments(config: &DaemonConfig, flavor: Flavor) -> Result<Vec<OsString>,
             args.push("--cache=auto".into());
             if config.read_only {
                 args.push("--readonly".into());
+            }
+            if !config.submounts {
+                args.push("--no-announce-submounts".into());
             }
             if let Some(s) = &config.sandbox {
                 args.push(format!("--sandbox={s}").into());

@@ -351,6 +351,7 @@ fn daemon_arguments_per_flavor() {
         binary: "/x/virtiofsd".into(),
         dir: "/srv/share".into(),
         read_only: true,
+        submounts: false,
         sandbox: Some("chroot".into()),
         debug: false,
     };
@@ -362,6 +363,7 @@ fn daemon_arguments_per_flavor() {
             "--shared-dir=/srv/share",
             "--cache=auto",
             "--readonly",
+            "--no-announce-submounts",
             "--sandbox=chroot",
             "--log-level=error"
         ]
@@ -397,6 +399,7 @@ fn a_missing_daemon_is_one_clear_error() {
         binary: "/nonexistent/virtiofsd".into(),
         dir: "/".into(),
         read_only: false,
+        submounts: true,
         sandbox: None,
         debug: false,
     };
