@@ -282,6 +282,18 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
         );
         return Ok(false);
     }
+    // virtiofsd's default sandbox (namespaces, pivot_root) needs root. A
+    // user who is not root gets copies unless they said how to run it.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let told = std::env::var_os("CAPSULE_VIRTIOFSD").is_some()
+        || std::env::var_os("CAPSULE_VIRTIOFSD_SANDBOX").is_some();
+    if !config.host_root && !root && !told {
+        eprintln!(
+            "capsule: warning: not root, so virtiofsd cannot sandbox itself (set CAPSULE_VIRTIOFSD_SANDBOX=none to share live anyway); --share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)"
+        );
+        return Ok(false);
+    }
     if config.host_root {
         config.vm.fs.push(FsConfig {
             dir: "/".into(),
