@@ -34,6 +34,9 @@ packages=(
     iproute2
     # Static capsule binary (libc.a).
     libc6-dev
+    # virtiofsd (resources/build-virtiofsd.sh) links these; git runs on a
+    # virtio-fs share in a boot case (copied into L1).
+    libseccomp-dev libcap-ng-dev git
     # apt-get download / dpkg -x for the L1 kernel and QEMU (6.12's
     # modules are .ko.xz: xz-utils above).
     dpkg ca-certificates zstd

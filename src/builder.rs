@@ -21,7 +21,7 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 
 use crate::config::{
-    default_mac, format_size, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
+    default_mac, format_size, DiskConfig, DiskMode, FsConfig, NetBackendConfig, NetConfig, VmConfig,
     VsockConfig,
 };
 use crate::device_manager::{self, DeviceManager};
@@ -161,6 +161,9 @@ pub enum Error {
     /// The vsock device cannot be made.
     #[error("vsock device: {0}")]
     Vsock(#[source] devices::virtio::vsock::VsockError),
+    /// A virtio-fs share could not be set up.
+    #[error(transparent)]
+    FsShare(#[from] crate::fs_share::Error),
     /// Two network devices have the same MAC address.
     #[error("network devices {0} and {1} have the same MAC address {mac}", mac = net::format_mac(.2))]
     DuplicateMac(usize, usize, net::MacAddr),
@@ -237,13 +240,20 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|p| open("initrd", p).map(|f| (p, f)))
         .transpose()?;
     check_host_memory(config.mem_size)?;
+    let virtiofsd = crate::fs_share::check(&config.fs)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
-    let ram = GuestRam::new(&arch::memory::ram_regions(config.mem_size)).map_err(|source| {
-        Error::GuestMemory {
-            size: config.mem_size,
-            source,
-        }
+    // A vhost-user backend (virtiofsd) maps guest RAM itself: then RAM is
+    // a shared memfd, else private anonymous memory.
+    let ranges = arch::memory::ram_regions(config.mem_size);
+    let ram = if virtiofsd.is_some() {
+        GuestRam::new_shared(&ranges)
+    } else {
+        GuestRam::new(&ranges)
+    };
+    let ram = ram.map_err(|source| Error::GuestMemory {
+        size: config.mem_size,
+        source,
     })?;
     let mem = ram.memory();
     let vm = Vm::new(kvm, mem)?;
@@ -259,6 +269,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         Some("capsule exec's devices have no saved state")
     } else if config.vsock.is_some() {
         Some("the vsock device has no saved state yet")
+    } else if !config.fs.is_empty() {
+        Some("virtio-fs shares have no saved state yet")
     } else {
         None
     };
@@ -268,6 +280,9 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks)?;
     devices.add_nets(&config.nets)?;
+    if let Some(binary) = &virtiofsd {
+        devices.add_shares(&config.fs, binary)?;
+    }
     let vsock = config
         .vsock
         .as_ref()
@@ -451,6 +466,15 @@ impl Devices<'_> {
             let block = Arc::new(Mutex::new(open_disk(index, disk)?));
             self.blocks.push(block.clone());
             self.add_virtio(block)?;
+        }
+        Ok(())
+    }
+
+    /// One virtio-fs device per `--fs`, each with its own virtiofsd.
+    fn add_shares(&mut self, shares: &[FsConfig], virtiofsd: &Path) -> Result<()> {
+        for share in shares {
+            let fs = Arc::new(Mutex::new(crate::fs_share::open(share, virtiofsd)?));
+            self.add_virtio(fs)?;
         }
         Ok(())
     }

@@ -41,6 +41,8 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// The virtio-vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares, each served by its own virtiofsd.
+    pub fs: Vec<FsConfig>,
 }
 
 /// A virtio-vsock device with Firecracker's host side: host clients
@@ -97,6 +99,52 @@ impl VsockConfig {
             ));
         }
         Ok(())
+    }
+}
+
+/// A host directory shared with the guest over virtio-fs (`--fs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsConfig {
+    /// The host directory.
+    pub dir: PathBuf,
+    /// The mount tag the guest names it by (`mount -t virtiofs TAG DIR`).
+    pub tag: String,
+    /// virtiofsd refuses the guest's writes.
+    pub read_only: bool,
+    /// Mount points under `dir` are shown to the guest as submounts
+    /// (virtiofsd's default). Off for `exec --host-root`, whose share is
+    /// an overlayfs lower layer: overlayfs refuses such automount points
+    /// (`EREMOTE`).
+    pub submounts: bool,
+}
+
+impl std::str::FromStr for FsConfig {
+    type Err = String;
+
+    /// Parses `HOSTDIR:TAG[,ro]`. The directory may itself contain `:`;
+    /// the tag is what follows the last one.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (spec, read_only) = match s.strip_suffix(",ro") {
+            Some(spec) => (spec, true),
+            None => (s, false),
+        };
+        let Some((dir, tag)) = spec.rsplit_once(':') else {
+            return Err(format!("invalid --fs '{s}' (expected HOSTDIR:TAG[,ro])"));
+        };
+        if dir.is_empty() {
+            return Err(format!("invalid --fs '{s}': empty host directory"));
+        }
+        if tag.is_empty() || tag.len() > 36 || tag.contains([',', '\0']) {
+            return Err(format!(
+                "invalid --fs tag '{tag}' (1 to 36 bytes, no comma; expected HOSTDIR:TAG[,ro])"
+            ));
+        }
+        Ok(Self {
+            dir: PathBuf::from(dir),
+            tag: tag.to_string(),
+            read_only,
+            submounts: true,
+        })
     }
 }
 
@@ -509,5 +557,32 @@ mod tests {
         assert_eq!(format_size(1536 << 10), "1.5 MiB");
         assert_eq!(format_size(2048), "2 KiB");
         assert_eq!(format_size(100), "100 bytes");
+    }
+
+    #[test]
+    fn fs_shares() {
+        let f: FsConfig = "/srv/a:b:tag".parse().unwrap();
+        assert_eq!(
+            f,
+            FsConfig {
+                dir: "/srv/a:b".into(),
+                tag: "tag".into(),
+                read_only: false,
+                submounts: true,
+            }
+        );
+        let f: FsConfig = "/x:t,ro".parse().unwrap();
+        assert!(f.read_only);
+        assert_eq!(f.tag, "t");
+        for bad in [
+            "/x",
+            ":t",
+            "/x:",
+            "/x:a,b",
+            &format!("/x:{}", "t".repeat(37)),
+            "/x:t,rw",
+        ] {
+            assert!(bad.parse::<FsConfig>().is_err(), "{bad}");
+        }
     }
 }

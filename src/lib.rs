@@ -21,6 +21,7 @@ pub mod device_manager;
 pub mod doctor;
 pub mod exec;
 pub mod failstop;
+pub mod fs_share;
 pub mod hostfile;
 pub mod jail;
 mod kernel_load;

@@ -224,15 +224,35 @@ struct ExecArgs {
     /// Host directory packed into the initramfs as the guest's root.
     #[arg(long, value_name = "DIR", conflicts_with = "disk")]
     rootfs: Option<PathBuf>,
-    /// Raw disk image (ext4, ...) mounted as the command's root.
+    /// Raw disk image (ext4, ...) mounted as the command's root
+    /// (repeatable: the first is the root, /dev/vda; the others are
+    /// /dev/vdb, ...; with --host-root none is mounted).
     /// `,ro`: read-only. `,ephemeral`: the image is never modified.
     #[arg(long, value_name = "IMG[,ro|,ephemeral]")]
-    disk: Option<config::DiskConfig>,
-    /// Share a host directory at GUESTDIR (repeatable). The files are
-    /// copied into the guest when it starts (not live); for a writable
-    /// share (the default; `:ro` for read-only) files the command creates
-    /// or changes under GUESTDIR are copied back into HOSTDIR when it
-    /// exits (deletions are not).
+    disk: Vec<config::DiskConfig>,
+    /// Boot on the host's / shared read-only over virtio-fs, with a tmpfs
+    /// overlay for writes and the current directory shared writable (and
+    /// the default working directory). Needs virtiofsd.
+    #[arg(long, conflicts_with = "rootfs")]
+    host_root: bool,
+    /// Load kernel modules from this /lib/modules/RELEASE tree first
+    /// (virtio_mmio, virtio_console, virtio_blk, vsock, virtiofs, overlay,
+    /// ext4 and their dependencies; what the kernel builds in is skipped).
+    /// With --host-root the default is the host's /lib/modules/<the
+    /// kernel's release>.
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
+    /// Network device, as for `run` (repeatable).
+    #[arg(long = "net", value_name = "tap=NAME | user[,publish=HOST:GUEST...]")]
+    nets: Vec<config::NetConfig>,
+    /// Share a host directory at GUESTDIR (repeatable). With a virtiofsd
+    /// (see `--fs` of `run`) the share is live over virtio-fs: nothing is
+    /// copied, and creations, deletions and renames are seen both ways at
+    /// once. Without one capsule says so and falls back to copying: the
+    /// files are copied in when the guest starts, and for a writable share
+    /// (the default; `:ro` for read-only) files the command creates or
+    /// changes are copied back into HOSTDIR when it exits (deletions are
+    /// not).
     #[arg(long = "share", value_name = "HOSTDIR:GUESTDIR[:ro]")]
     shares: Vec<capsule::exec::Share>,
     /// Environment variable for the command (repeatable). `--env K` takes
@@ -311,12 +331,15 @@ fn exec_config(
             vcpus: args.cpus,
             mem_size: args.memory,
             kvm_path: args.kvm,
-            disks: args.disk.into_iter().collect(),
-            nets: Vec::new(),
+            disks: args.disk,
+            nets: args.nets,
+            fs: Vec::new(),
             vsock: None,
         },
         rootfs: args.rootfs,
         shares: args.shares,
+        host_root: args.host_root,
+        modules: args.modules,
         env,
         workdir: args.workdir,
         argv: args.command,
@@ -438,6 +461,12 @@ struct RunArgs {
     /// port P go to a Unix listener at `PATH_P`.
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<config::VsockConfig>,
+    /// Share the host directory HOSTDIR with the guest over virtio-fs
+    /// (repeatable), served by a virtiofsd that capsule starts
+    /// (`CAPSULE_VIRTIOFSD` picks the binary). The guest mounts it with
+    /// `mount -t virtiofs TAG DIR`. `,ro`: virtiofsd refuses writes.
+    #[arg(long = "fs", value_name = "HOSTDIR:TAG[,ro]")]
+    fs: Vec<config::FsConfig>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -502,6 +531,7 @@ impl RunArgs {
             disks: self.disks.clone(),
             nets: self.nets.clone(),
             vsock: self.vsock.clone(),
+            fs: self.fs.clone(),
         })
     }
 }

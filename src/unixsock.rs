@@ -73,6 +73,9 @@ pub enum BindError {
     /// The socket file could not be linked to the path.
     #[error("cannot create the socket file: {0}")]
     Link(#[source] std::io::Error),
+    /// Connecting to the new socket failed ([`connected_listener`]).
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
 }
 
 /// Longest socket path `bind`/`connect` accept (`sun_path` holds 108
@@ -195,6 +198,30 @@ impl Drop for PrivateDir {
     }
 }
 
+/// A listening Unix socket and a stream already connected to it, with no
+/// name anybody else could reach: for a child process (virtiofsd) that is
+/// handed the listener and accepts capsule's connection. The socket is
+/// bound (mode 0600) inside a fresh private (0700) directory under
+/// `parent`, connected to, and then its name and the directory are
+/// removed before this returns.
+pub fn connected_listener(parent: &Path) -> Result<(UnixListener, UnixStream), BindError> {
+    let private = PrivateDir::new(parent)?;
+    let dir = std::fs::File::open(&private.path).map_err(|source| BindError::PrivateDir {
+        dir: private.path.clone(),
+        source,
+    })?;
+    let path = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
+    let listener = UnixListener::bind(&path).map_err(BindError::Bind)?;
+    let real = c_path(&private.path.join("s"))?;
+    // SAFETY: a valid NUL-terminated path; chmod changes only its mode.
+    if unsafe { libc::chmod(real.as_ptr(), 0o600) } != 0 {
+        return Err(BindError::Mode(last_error()));
+    }
+    let stream = UnixStream::connect(&path).map_err(BindError::Connect)?;
+    drop(private);
+    Ok((listener, stream))
+}
+
 /// Binds a listening Unix socket at `path`, mode 0600 (see the module
 /// documentation). Refuses a path that holds anything but a stale socket.
 pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
@@ -260,6 +287,20 @@ fn scratch(tag: &str) -> PathBuf {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn connected_listener_leaves_no_name_behind() {
+        let d = scratch("connected");
+        let (listener, mut stream) = connected_listener(&d).unwrap();
+        assert_eq!(std::fs::read_dir(&d).unwrap().count(), 0, "nothing left");
+        let (mut theirs, _) = listener.accept().unwrap();
+        use std::io::{Read, Write};
+        stream.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        theirs.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hi");
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     #[test]
     fn refuses_everything_but_a_stale_socket() {

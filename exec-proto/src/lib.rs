@@ -414,8 +414,76 @@ impl HostMsg {
 ///
 /// Keys: `arg` (repeated, in order), `env` (`K=V`, repeated), `cwd`,
 /// `disk` (`1`: mount `/dev/vda` as root), `share` (`INDEX:MODE:GUESTDIR`,
-/// MODE `ro` or `rw`, repeated).
+/// MODE `ro` or `rw`, repeated), `live` (`1`: share `i` is the virtio-fs
+/// tag [`share_tag`]`(i)`, mounted in place, nothing copied), `hostroot`
+/// (`1`: the root is the virtio-fs tag [`HOST_ROOT_TAG`], read-only, under
+/// a tmpfs overlay), `module` (a file in [`MODULE_DIR`], repeated, in load
+/// order).
 pub const CONFIG_PATH: &str = "/.capsule/config";
+/// Where the init finds the kernel modules it loads first.
+pub const MODULE_DIR: &str = "/.capsule/modules";
+/// The virtio-fs tag of the host's `/` with `--host-root`.
+pub const HOST_ROOT_TAG: &str = "capsule-root";
+
+/// A static IPv4 configuration of one guest interface (`net` record:
+/// `IFACE ADDR/PREFIX GATEWAY [DNS...]`, space-separated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The interface (`eth0`, ...).
+    pub interface: String,
+    /// Its address.
+    pub address: std::net::Ipv4Addr,
+    /// Its prefix length (0 to 32).
+    pub prefix: u8,
+    /// The default gateway.
+    pub gateway: std::net::Ipv4Addr,
+    /// Name servers.
+    pub dns: Vec<std::net::Ipv4Addr>,
+}
+
+impl NetSpec {
+    fn to_record(&self) -> String {
+        let mut r = format!(
+            "{} {}/{} {}",
+            self.interface, self.address, self.prefix, self.gateway
+        );
+        for d in &self.dns {
+            r.push(' ');
+            r.push_str(&d.to_string());
+        }
+        r
+    }
+
+    fn parse(val: &[u8]) -> Result<Self, String> {
+        let text = std::str::from_utf8(val).map_err(|_| "net record is not UTF-8")?;
+        let mut words = text.split(' ');
+        let bad = || format!("bad net record {text:?}");
+        let interface = words.next().filter(|w| !w.is_empty() && w.len() < 16);
+        let interface = interface.ok_or_else(bad)?.to_string();
+        let (addr, prefix) = words
+            .next()
+            .and_then(|w| w.split_once('/'))
+            .ok_or_else(bad)?;
+        let address = addr.parse().map_err(|_| bad())?;
+        let prefix = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+        let gateway = words.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+        let dns = words
+            .map(|w| w.parse().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            interface,
+            address,
+            prefix,
+            gateway,
+            dns,
+        })
+    }
+}
+
+/// The virtio-fs tag of live share `index`.
+pub fn share_tag(index: usize) -> String {
+    format!("capsule-share-{index}")
+}
 /// Where the init finds share `i`'s files: `SHARE_DIR/i`.
 pub const SHARE_DIR: &str = "/.capsule/share";
 /// Where the init binary is in the initramfs (the kernel's `rdinit=`).
@@ -439,6 +507,14 @@ pub struct ExecSpec {
     pub disk: bool,
     /// Shares: (guest directory, writable).
     pub shares: Vec<(Vec<u8>, bool)>,
+    /// The shares are virtio-fs mounts, not copies.
+    pub live: bool,
+    /// The root is the host's `/` over virtio-fs with a tmpfs overlay.
+    pub host_root: bool,
+    /// Kernel modules to load first, in order (file names in [`MODULE_DIR`]).
+    pub modules: Vec<Vec<u8>>,
+    /// Interfaces to configure before the command runs.
+    pub nets: Vec<NetSpec>,
 }
 
 impl ExecSpec {
@@ -468,6 +544,21 @@ impl ExecSpec {
             v.extend_from_slice(dir);
             rec("share", &v)?;
         }
+        if self.live {
+            rec("live", b"1")?;
+        }
+        if self.host_root {
+            rec("hostroot", b"1")?;
+        }
+        for m in &self.modules {
+            if m.contains(&b'/') {
+                return Err("a module name contains '/'".into());
+            }
+            rec("module", m)?;
+        }
+        for n in &self.nets {
+            rec("net", n.to_record().as_bytes())?;
+        }
         Ok(out)
     }
 
@@ -491,6 +582,12 @@ impl ExecSpec {
                     let mode = parts.next().ok_or("share without mode")?;
                     let dir = parts.next().ok_or("share without directory")?;
                     spec.shares.push((dir.to_vec(), mode == b"rw"));
+                }
+                b"net" => spec.nets.push(NetSpec::parse(val)?),
+                b"live" => spec.live = val == b"1",
+                b"hostroot" => spec.host_root = val == b"1",
+                b"module" if !val.contains(&b'/') && !val.is_empty() => {
+                    spec.modules.push(val.to_vec())
                 }
                 _ => return Err("unknown record".into()),
             }
@@ -654,6 +751,16 @@ mod tests {
             cwd: b"/work dir".to_vec(),
             disk: true,
             shares: vec![(b"/in".to_vec(), false), (b"/out:x".to_vec(), true)],
+            live: true,
+            host_root: true,
+            modules: vec![b"virtio_mmio.ko".to_vec(), b"fuse.ko.xz".to_vec()],
+            nets: vec![NetSpec {
+                interface: "eth0".into(),
+                address: [192, 168, 77, 1].into(),
+                prefix: 24,
+                gateway: [192, 168, 77, 254].into(),
+                dns: vec![[9, 9, 9, 9].into()],
+            }],
         };
         let bytes = spec.to_bytes().unwrap();
         assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), spec);
@@ -664,5 +771,22 @@ mod tests {
         assert!(bad.to_bytes().is_err());
         assert!(ExecSpec::from_bytes(b"cwd=/\0").is_err());
         assert!(ExecSpec::from_bytes(b"nokey\0").is_err());
+        for bad in [
+            "eth0",
+            "eth0 1.2.3.4/33 1.1.1.1",
+            "eth0 1.2.3.4 1.1.1.1",
+            "eth0 1.2.3.4/8 x",
+        ] {
+            let rec = format!("arg=x\0net={bad}\0");
+            assert!(ExecSpec::from_bytes(rec.as_bytes()).is_err(), "{bad}");
+        }
+        // A module name cannot climb out of the module directory.
+        assert!(ExecSpec::from_bytes(b"arg=x\0module=../../bin/sh\0").is_err());
+        let climbing = ExecSpec {
+            argv: vec![b"x".to_vec()],
+            modules: vec![b"../x.ko".to_vec()],
+            ..Default::default()
+        };
+        assert!(climbing.to_bytes().is_err());
     }
 }

@@ -31,6 +31,8 @@
 )]
 
 mod command;
+mod hostfs;
+mod net;
 mod sys;
 
 use std::collections::HashMap;
@@ -255,21 +257,40 @@ fn main() {
 fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
     mount_basics("").map_err(|e| format!("cannot mount /proc, /sys, /dev: {e}"))?;
     let _ = sys::mount(Some("tmpfs"), b"/tmp", Some("tmpfs"), 0);
-    let chan = chan_slot.insert(Channel::open()?);
+    // The spec first: its kernel modules may be what makes the channel's
+    // device appear (a distribution kernel's virtio_console, virtio_mmio).
+    // Its errors are reported once the channel is open, if it opens.
+    let spec = fs::read(CONFIG_PATH)
+        .map_err(|e| format!("cannot read {CONFIG_PATH}: {e}"))
+        .and_then(|c| ExecSpec::from_bytes(&c).map_err(|e| format!("bad {CONFIG_PATH}: {e}")));
+    let modules = match &spec {
+        Ok(spec) => hostfs::load_modules(spec),
+        Err(_) => Ok(()),
+    };
+    let chan = chan_slot.insert(Channel::open().map_err(|e| match &modules {
+        Err(m) => format!("cannot open {PORT}: {e} ({m})"),
+        Ok(()) => format!("cannot open {PORT}: {e}"),
+    })?);
     chan.send(&GuestMsg::Hello { version: VERSION })
         .map_err(|e| format!("cannot write to the host: {e}"))?;
     let early_stdin = wait_for_time(chan)?;
 
-    let config = fs::read(CONFIG_PATH).map_err(|e| format!("cannot read {CONFIG_PATH}: {e}"))?;
-    let spec = ExecSpec::from_bytes(&config).map_err(|e| format!("bad {CONFIG_PATH}: {e}"))?;
+    let spec = spec?;
+    modules?;
 
-    let root = if spec.disk {
+    let root = if spec.host_root {
+        hostfs::mount_host_root()?
+    } else if spec.disk {
         mount_disk()?;
         PathBuf::from(DISK_ROOT)
     } else {
         PathBuf::from("/")
     };
     let snapshots = mount_shares(&spec, &root)?;
+    net::configure(&spec.nets)?;
+    if let Some(text) = net::resolv_conf(&spec.nets) {
+        set_resolv_conf(&root, &text);
+    }
     let status = command::run_command(chan, &spec, &root, early_stdin)?;
     copy_back(chan, &spec, &snapshots).map_err(|e| format!("cannot copy shares back: {e}"))?;
     // SAFETY: plain system call.
@@ -281,7 +302,28 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
 
 /// Mounts proc, sysfs and devtmpfs under `prefix` (creating the mount
 /// points). devtmpfs may already be there (`CONFIG_DEVTMPFS_MOUNT`).
-fn mount_basics(prefix: &str) -> io::Result<()> {
+/// Gives the command `text` as its /etc/resolv.conf: bound over the
+/// root's own file (which stays unmodified on its disk), or written where
+/// there is none. A failure only costs name resolution: logged.
+fn set_resolv_conf(root: &Path, text: &str) {
+    const OURS: &str = "/.capsule/resolv.conf";
+    let target = root.join("etc/resolv.conf");
+    let result = fs::write(OURS, text).and_then(|()| match fs::symlink_metadata(&target) {
+        Ok(m) if m.is_file() => sys::mount(
+            Some(OURS),
+            target.as_os_str().as_bytes(),
+            None,
+            libc::MS_BIND,
+        ),
+        Ok(_) => Err(io::Error::other("not a regular file; left as it is")),
+        Err(_) => fs::create_dir_all(root.join("etc")).and_then(|()| fs::write(&target, text)),
+    });
+    if let Err(e) = result {
+        eprintln!("capsule-init: cannot set {}: {e}", target.display());
+    }
+}
+
+pub(crate) fn mount_basics(prefix: &str) -> io::Result<()> {
     for (fs, dir) in [("proc", "proc"), ("sysfs", "sys"), ("devtmpfs", "dev")] {
         let target = format!("{prefix}/{dir}");
         let _ = fs::create_dir_all(&target);
@@ -405,6 +447,11 @@ fn mount_shares(spec: &ExecSpec, root: &Path) -> Result<Vec<Option<Snapshot>>, S
         let src = share_source(i);
         let _ = fs::create_dir_all(&src);
         let target = in_root(root, dir);
+        if spec.live {
+            hostfs::mount_live_share(i, &target, *rw)?;
+            snaps.push(None);
+            continue;
+        }
         let shown = String::from_utf8_lossy(dir);
         fs::create_dir_all(&target).map_err(|e| format!("cannot create share {shown}: {e}"))?;
         sys::mount(

@@ -42,6 +42,47 @@ pub fn mount(
     Ok(())
 }
 
+/// `mount(2)` with file-system specific `data` (e.g. overlayfs's
+/// `lowerdir=...`).
+pub fn mount_data(
+    source: &str,
+    target: &[u8],
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let source = cstr(source.as_bytes())?;
+    let target = cstr(target)?;
+    let fstype = cstr(fstype.as_bytes())?;
+    let data = cstr(data.as_bytes())?;
+    // SAFETY: valid NUL-terminated strings; the data string outlives the call.
+    check(unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    })?;
+    Ok(())
+}
+
+/// Loads the kernel module in the open file `fd` (`finit_module(2)`);
+/// `compressed` asks the kernel to decompress it (.ko.xz, .ko.zst).
+pub fn finit_module(fd: RawFd, compressed: bool) -> io::Result<()> {
+    /// MODULE_INIT_COMPRESSED_FILE (linux/module.h, Linux 6.4+).
+    const COMPRESSED_FILE: libc::c_long = 4;
+    let flags = if compressed { COMPRESSED_FILE } else { 0 };
+    // SAFETY: finit_module reads the descriptor and the empty parameter
+    // string; nothing of ours is written.
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, fd, c"".as_ptr(), flags) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Puts a terminal in raw mode: no echo, no line editing, no signals, no
 /// output processing, 8-bit clean.
 pub fn make_raw(fd: RawFd) -> io::Result<()> {

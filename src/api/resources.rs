@@ -225,6 +225,7 @@ impl VmResources {
                 })
                 .collect::<Result<_>>()?,
             vsock: self.vsock.as_ref().map(vsock_config).transpose()?,
+            fs: Vec::new(),
         })
     }
 }

@@ -14,17 +14,37 @@ static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/capsule-in
 
 /// Packs the initramfs: `/dev/console`, the init, the command description,
 /// the `--rootfs` tree and the shares.
-pub fn build_initramfs(config: &ExecConfig) -> Result<Vec<u8>, Error> {
+/// With `live`, the shares are virtio-fs mounts and nothing of them is
+/// packed; `modules` are packed in order for the init to load; `nets`
+/// are the interfaces the init configures.
+pub fn build_initramfs(
+    config: &ExecConfig,
+    live: bool,
+    modules: &[std::path::PathBuf],
+    nets: Vec<exec_proto::NetSpec>,
+) -> Result<Vec<u8>, Error> {
+    let module_names = modules
+        .iter()
+        .map(|m| {
+            m.file_name()
+                .map(|n| n.as_bytes().to_vec())
+                .ok_or_else(|| Error::Usage(format!("bad module path {}", m.display())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let spec = ExecSpec {
         argv: config.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: config.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         cwd: config.workdir.as_bytes().to_vec(),
-        disk: !config.vm.disks.is_empty(),
+        disk: !config.vm.disks.is_empty() && !config.host_root,
         shares: config
             .shares
             .iter()
             .map(|s| (s.guest.as_bytes().to_vec(), s.writable))
             .collect(),
+        live,
+        host_root: config.host_root,
+        modules: module_names,
+        nets,
     };
     let spec = spec.to_bytes().map_err(Error::Usage)?;
     let mut w = CpioWriter::new();
@@ -54,12 +74,26 @@ pub fn build_initramfs(config: &ExecConfig) -> Result<Vec<u8>, Error> {
         0o644,
         &spec,
     )?;
+    if !modules.is_empty() {
+        w.dir(exec_proto::MODULE_DIR.trim_start_matches('/'), 0o755)?;
+        for m in modules {
+            let data = std::fs::read(m).map_err(|e| {
+                Error::Usage(format!("cannot read kernel module {}: {e}", m.display()))
+            })?;
+            let name = m.file_name().unwrap_or_default().to_string_lossy();
+            let dest = format!("{}/{name}", exec_proto::MODULE_DIR.trim_start_matches('/'));
+            w.file(&dest, 0o644, &data)?;
+        }
+    }
     for (i, share) in config.shares.iter().enumerate() {
         if !share.host.is_dir() {
             return Err(Error::Usage(format!(
                 "--share {}: not a directory",
                 share.host.display()
             )));
+        }
+        if live {
+            continue;
         }
         let dest = format!("{}/{i}", exec_proto::SHARE_DIR.trim_start_matches('/'));
         w.dir(&dest, 0o755)?;
@@ -88,9 +122,12 @@ mod tests {
                 disks: vec![],
                 nets: vec![],
                 vsock: None,
+                fs: vec![],
             },
             rootfs: None,
             shares: vec![],
+            host_root: false,
+            modules: None,
             env: vec!["A=b".into()],
             workdir: "/".into(),
             argv: vec!["true".into()],
@@ -98,7 +135,7 @@ mod tests {
             boot_timeout: Duration::from_secs(60),
             started: Instant::now(),
         };
-        let a = build_initramfs(&config).unwrap();
+        let a = build_initramfs(&config, false, &[], vec![]).unwrap();
         assert!(a.len() > INIT_BINARY.len());
         let find = |needle: &[u8]| a.windows(needle.len()).any(|w| w == needle);
         assert!(find(b".capsule/init\0"));

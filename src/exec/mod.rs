@@ -20,8 +20,13 @@
 //! * `session.rs`'s `Session` holds what the guest reported; the VMM's run
 //!   loop asks `Session::check` whether to stop: command finished, init
 //!   error, `--timeout`, no boot, or no heartbeat (a stuck guest).
-//! * `copyback.rs`: what the command wrote in a writable share comes back
-//!   into the share's host directory, and nowhere else.
+//! * `copyback.rs`: in copy mode (no virtiofsd), what the command wrote in
+//!   a writable share comes back into the share's host directory, and
+//!   nowhere else. With a virtiofsd, shares are live virtio-fs mounts
+//!   instead (nothing copied, deletions and renames seen both ways), and
+//!   `--host-root` boots on the host's `/` over virtio-fs.
+//! * `modules.rs`: kernel modules a distribution kernel needs, packed into
+//!   the initramfs and loaded by the init first.
 //!
 //! This file holds the arguments ([`ExecConfig`], [`Share`]) and [`run`]:
 //! prepare, wire the session, boot, map the end to an [`Outcome`].
@@ -30,6 +35,8 @@ mod copyback;
 pub mod cpio;
 mod initramfs;
 mod link;
+pub mod modules;
+mod netcfg;
 mod session;
 mod stdin;
 
@@ -137,6 +144,11 @@ pub struct ExecConfig {
     pub rootfs: Option<PathBuf>,
     /// Shared directories.
     pub shares: Vec<Share>,
+    /// Boot on the host's `/` (read-only over virtio-fs, tmpfs overlay),
+    /// with the current directory shared writable.
+    pub host_root: bool,
+    /// A `/lib/modules/RELEASE` tree to load modules from.
+    pub modules: Option<PathBuf>,
     /// Environment, `K=V`.
     pub env: Vec<String>,
     /// Working directory in the guest.
@@ -311,7 +323,17 @@ fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
             config.workdir
         )));
     }
-    config.vm.initramfs = Some(build_initramfs(config)?);
+    let live = plan_live_shares(config)?;
+    let modules = module_files(config)?;
+    let nets = config
+        .vm
+        .nets
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.backend, crate::config::NetBackendConfig::User { .. }))
+        .map(|(i, _)| netcfg::user_net(i).map_err(Error::Usage))
+        .collect::<Result<Vec<_>, _>>()?;
+    config.vm.initramfs = Some(build_initramfs(config, live, &modules, nets)?);
     let channel_arg = match channel {
         Channel::Console => exec_proto::CONSOLE_CHANNEL_ARG,
         Channel::Vsock => "",
@@ -325,6 +347,109 @@ fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
     .trim_end()
     .to_string();
     Ok(())
+}
+
+/// Decides between live shares (virtio-fs, when a virtiofsd is there)
+/// and copies, and adds the virtio-fs devices: the host root and the
+/// current directory for `--host-root`, one per `--share`. Returns
+/// whether the shares are live. `--host-root` without virtiofsd is an
+/// error; `--share` without it falls back to copying, and says so.
+fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
+    use crate::config::FsConfig;
+    if config.host_root {
+        if config.rootfs.is_some() {
+            return Err(Error::Usage(
+                "--host-root and --rootfs exclude each other".into(),
+            ));
+        }
+        let cwd = std::env::current_dir()
+            .map_err(|e| Error::Host("cannot find the current directory", e))?;
+        let guest = cwd.to_str().map(str::to_string).ok_or_else(|| {
+            Error::Usage("--host-root: the current directory's name is not UTF-8".into())
+        })?;
+        if !guest.contains(':') && !config.shares.iter().any(|s| s.guest == guest) {
+            config.shares.push(Share {
+                host: cwd,
+                guest: guest.clone(),
+                writable: true,
+            });
+        }
+        if config.workdir == "/" {
+            config.workdir = guest;
+        }
+    }
+    if config.shares.is_empty() && !config.host_root {
+        return Ok(false);
+    }
+    if let Err(e) = devices::virtio::fs::daemon::find_binary() {
+        if config.host_root {
+            return Err(Error::Vm(builder::Error::FsShare(e.into())));
+        }
+        eprintln!(
+            "capsule: warning: {e}; --share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)"
+        );
+        return Ok(false);
+    }
+    // virtiofsd's default sandbox (namespaces, pivot_root) needs root. A
+    // user who is not root gets copies unless they said how to run it.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let told = std::env::var_os("CAPSULE_VIRTIOFSD").is_some()
+        || std::env::var_os("CAPSULE_VIRTIOFSD_SANDBOX").is_some();
+    if !config.host_root && !root && !told {
+        eprintln!(
+            "capsule: warning: not root, so virtiofsd cannot sandbox itself (set CAPSULE_VIRTIOFSD_SANDBOX=none to share live anyway); --share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)"
+        );
+        return Ok(false);
+    }
+    if config.host_root {
+        config.vm.fs.push(FsConfig {
+            dir: "/".into(),
+            tag: exec_proto::HOST_ROOT_TAG.into(),
+            read_only: true,
+            submounts: false,
+        });
+    }
+    for (i, share) in config.shares.iter().enumerate() {
+        config.vm.fs.push(FsConfig {
+            dir: share.host.clone(),
+            tag: exec_proto::share_tag(i),
+            read_only: !share.writable,
+            submounts: true,
+        });
+    }
+    log::info!("shares are live over virtio-fs");
+    Ok(true)
+}
+
+/// The module files to pack: from `--modules`, or with `--host-root`
+/// from the host's `/lib/modules/<the kernel's release>` if it is there.
+fn module_files(config: &ExecConfig) -> Result<Vec<PathBuf>, Error> {
+    let dir = match (&config.modules, config.host_root) {
+        (Some(d), _) => d.clone(),
+        (None, true) => {
+            let release = modules::kernel_release(&config.vm.kernel)
+                .map_err(|e| Error::Host("cannot read the kernel", e))?;
+            let Some(release) = release else {
+                log::info!("no kernel release found in the kernel image: no modules loaded");
+                return Ok(Vec::new());
+            };
+            let dir = PathBuf::from("/lib/modules").join(&release);
+            if !dir.join("modules.dep").is_file() {
+                log::info!("no {}: no modules loaded", dir.display());
+                return Ok(Vec::new());
+            }
+            dir
+        }
+        (None, false) => return Ok(Vec::new()),
+    };
+    let files = modules::files(&dir).map_err(Error::Usage)?;
+    log::info!(
+        "loading {} kernel modules from {}",
+        files.len(),
+        dir.display()
+    );
+    Ok(files)
 }
 
 /// A session that has heard nothing yet, writing to capsule's stdout and

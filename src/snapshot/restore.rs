@@ -138,6 +138,8 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         // A VM with a vsock device cannot be snapshotted yet (see
         // `builder::build_with`), so a snapshot never holds one.
         vsock: None,
+        // Nor a virtio-fs share.
+        fs: Vec::new(),
     })
 }
 

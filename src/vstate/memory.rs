@@ -17,7 +17,7 @@ use std::io;
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// The huge page size RAM is aligned to.
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -45,6 +45,58 @@ pub enum Error {
     },
 }
 
+/// How a RAM region is backed.
+#[derive(Clone, Copy)]
+enum Backing<'a> {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A `MAP_SHARED` window of a file (the memfd a vhost-user backend
+    /// maps too) at an offset.
+    Shared(&'a std::fs::File, u64),
+    /// A private, copy-on-write mapping of a file at an offset (a
+    /// snapshot's memory, read from the page cache only where the guest
+    /// touches it and shared by every VM restored from the same file
+    /// until each writes its own copy).
+    Private(&'a std::fs::File, u64),
+}
+
+/// Makes `[addr, addr + len)` guest RAM as `backing` says, readable and
+/// writable. Returns 0 or -1 (errno set).
+///
+/// # Safety
+///
+/// The range must be part of a mapping the caller owns and nothing else
+/// refers to.
+unsafe fn map_ram(addr: usize, len: usize, backing: Backing<'_>) -> i32 {
+    use std::os::unix::io::AsRawFd;
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let (file, offset, kind) = match backing {
+        // SAFETY: the caller's range.
+        Backing::Anonymous => return unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) },
+        Backing::Shared(file, offset) => (file, offset, libc::MAP_SHARED),
+        Backing::Private(file, offset) => (file, offset, libc::MAP_PRIVATE),
+    };
+    let Ok(offset) = libc::off_t::try_from(offset) else {
+        return -1;
+    };
+    // SAFETY: MAP_FIXED over the caller's range only.
+    let p = unsafe {
+        libc::mmap(
+            addr as *mut libc::c_void,
+            len,
+            prot,
+            kind | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            file.as_raw_fd(),
+            offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        -1
+    } else {
+        0
+    }
+}
+
 /// One RAM region's host mapping, which this module owns (vm-memory does
 /// not unmap memory it did not map itself): `len` bytes of RAM at `addr`
 /// with an inaccessible guard page on either side.
@@ -65,12 +117,7 @@ impl Mapping {
     /// one, so without a guard a thread's 2 MiB stack would end exactly on
     /// RAM's 2 MiB boundary and, on a host whose THP mode is `always`, be
     /// backed by a 2 MiB huge page for the few KiB it uses.
-    ///
-    /// With `backing`, RAM is instead a private (copy-on-write) mapping of
-    /// the file from the offset: a snapshot's memory, read from the
-    /// page cache only where the guest touches it and shared by every VM
-    /// restored from the same file until each writes its own copy.
-    fn with_backing(len: usize, backing: Option<(&std::fs::File, u64)>) -> Result<Self, Error> {
+    fn new(len: usize, backing: Backing<'_>) -> Result<Self, Error> {
         let map_err = |source| Error::Map { size: len, source };
         // Room for RAM at the first 2 MiB boundary at least a page into
         // the span, and for the guard page after it.
@@ -97,30 +144,8 @@ impl Mapping {
         let head = addr - PAGE_SIZE - base;
         let tail = span - head - len - 2 * PAGE_SIZE;
         // SAFETY: [addr, addr + len) lies inside the mapping made above,
-        // which nothing else refers to yet; MAP_FIXED replaces only it.
-        let ok = unsafe {
-            match backing {
-                None => {
-                    libc::mprotect(
-                        addr as *mut libc::c_void,
-                        len,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                    ) == 0
-                }
-                Some((file, offset)) => {
-                    use std::os::fd::AsRawFd;
-                    libc::mmap(
-                        addr as *mut libc::c_void,
-                        len,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
-                        file.as_raw_fd(),
-                        offset as libc::off_t,
-                    ) != libc::MAP_FAILED
-                }
-            }
-        };
-        if !ok {
+        // which nothing else refers to yet; MAP_FIXED replaces only that.
+        if unsafe { map_ram(addr, len, backing) } != 0 {
             let e = io::Error::last_os_error();
             // SAFETY: the whole mapping made above, unused.
             unsafe { libc::munmap(base as *mut libc::c_void, span) };
@@ -181,37 +206,37 @@ pub struct GuestRam {
     mem: Option<GuestMemoryMmap>,
     regions: Vec<(Arc<GuestRegionMmap>, Mapping)>,
     keep_mapped: bool,
-    /// The file RAM is mapped from ([`Self::from_file`]): a page the
-    /// guest has not touched holds the file's data, not zeroes.
+    /// The file RAM is a private mapping of ([`Self::from_file`]): a page
+    /// the guest has not touched holds the file's data, not zeroes.
     backing: Option<std::fs::File>,
 }
 
 impl GuestRam {
     /// Maps the RAM regions `ranges` (guest start, size; starts 2 MiB
-    /// aligned for huge pages to be usable).
+    /// aligned for huge pages to be usable) as private anonymous memory.
     pub fn new(ranges: &[(GuestAddress, usize)]) -> Result<Self, Error> {
-        Self::build(ranges, None)
+        Self::map(ranges, None)
     }
 
     /// Maps the RAM regions `ranges` copy-on-write from `file`, which
     /// holds them one after the other (a snapshot's memory file, whose
     /// size the caller has checked): nothing is read now, each page comes
     /// from the page cache when the guest first touches it.
-    pub fn from_file(
-        ranges: &[(GuestAddress, usize)],
-        file: &std::fs::File,
-    ) -> Result<Self, Error> {
-        Self::build(ranges, Some(file))
+    pub fn from_file(ranges: &[(GuestAddress, usize)], file: &std::fs::File) -> Result<Self, Error> {
+        let mut ram = Self::map_private(ranges, file)?;
+        ram.backing = Some(
+            file.try_clone()
+                .map_err(|e| Error::Map { size: 0, source: e })?,
+        );
+        Ok(ram)
     }
 
-    fn build(
-        ranges: &[(GuestAddress, usize)],
-        file: Option<&std::fs::File>,
-    ) -> Result<Self, Error> {
+    /// [`Self::from_file`]'s mappings.
+    fn map_private(ranges: &[(GuestAddress, usize)], file: &std::fs::File) -> Result<Self, Error> {
         let mut regions = Vec::with_capacity(ranges.len());
         let mut offset = 0u64;
         for &(base, len) in ranges {
-            let map = Mapping::with_backing(len, file.map(|f| (f, offset)))?;
+            let map = Mapping::new(len, Backing::Private(file, offset))?;
             offset += len as u64;
             let region_err = |reason: String| Error::Region {
                 base: base.0,
@@ -223,7 +248,7 @@ impl GuestRam {
             let mmap = unsafe {
                 MmapRegionBuilder::new(len)
                     .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
                     .with_raw_mmap_pointer(map.addr as *mut u8)
             }
             .build()
@@ -232,6 +257,79 @@ impl GuestRam {
                 .ok_or_else(|| region_err("end overflows".into()))?;
             regions.push((Arc::new(region), map));
         }
+        Self::assemble(ranges, regions)
+    }
+
+    /// Like [`Self::new`], but every region is a `MAP_SHARED` window of
+    /// one memfd (each region at its own offset), and each vm-memory
+    /// region knows its file and offset: for vhost-user backends
+    /// (virtiofsd), which map guest RAM themselves from the descriptors
+    /// `SET_MEM_TABLE` passes. Guard pages, 2 MiB alignment and
+    /// `MADV_DONTDUMP` are as for private RAM; the memfd is sized to the
+    /// total but fills lazily like anonymous memory.
+    pub fn new_shared(ranges: &[(GuestAddress, usize)]) -> Result<Self, Error> {
+        let total: usize = ranges.iter().map(|r| r.1).sum();
+        let map_err = |source| Error::Map {
+            size: total,
+            source,
+        };
+        // SAFETY: memfd_create with a NUL-terminated name; checked below.
+        let fd = unsafe { libc::memfd_create(c"capsule-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(map_err(io::Error::last_os_error()));
+        }
+        // SAFETY: a new descriptor that nothing else owns.
+        let file = unsafe { <std::fs::File as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(total as u64).map_err(map_err)?;
+        Self::map(ranges, Some(Arc::new(file)))
+    }
+
+    fn map(
+        ranges: &[(GuestAddress, usize)],
+        file: Option<Arc<std::fs::File>>,
+    ) -> Result<Self, Error> {
+        let mut regions = Vec::with_capacity(ranges.len());
+        let mut offset = 0u64;
+        for &(base, len) in ranges {
+            let backing = match &file {
+                Some(f) => Backing::Shared(f, offset),
+                None => Backing::Anonymous,
+            };
+            let map = Mapping::new(len, backing)?;
+            let flags = if file.is_some() {
+                libc::MAP_SHARED | libc::MAP_NORESERVE
+            } else {
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
+            };
+            let region_err = |reason: String| Error::Region {
+                base: base.0,
+                reason,
+            };
+            let mut builder = MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(flags);
+            if let Some(f) = &file {
+                builder = builder.with_file_offset(FileOffset::from_arc(f.clone(), offset));
+            }
+            // SAFETY: `map` is a live mapping of exactly `len` bytes at
+            // `map.addr` (of `file` at `offset` when shared), which stays
+            // mapped until after every user of the region is gone (see Drop).
+            let mmap = unsafe { builder.with_raw_mmap_pointer(map.addr as *mut u8) }
+                .build()
+                .map_err(|e| region_err(e.to_string()))?;
+            let region = GuestRegionMmap::new(mmap, base)
+                .ok_or_else(|| region_err("end overflows".into()))?;
+            regions.push((Arc::new(region), map));
+            offset += len as u64;
+        }
+        Self::assemble(ranges, regions)
+    }
+
+    /// The guest memory over `regions`.
+    fn assemble(
+        ranges: &[(GuestAddress, usize)],
+        regions: Vec<(Arc<GuestRegionMmap>, Mapping)>,
+    ) -> Result<Self, Error> {
         let mem =
             GuestMemoryMmap::from_arc_regions(regions.iter().map(|(r, _)| r.clone()).collect())
                 .map_err(|e| Error::Region {
@@ -242,10 +340,7 @@ impl GuestRam {
             mem: Some(mem),
             regions,
             keep_mapped: false,
-            backing: file
-                .map(std::fs::File::try_clone)
-                .transpose()
-                .map_err(|e| Error::Map { size: 0, source: e })?,
+            backing: None,
         })
     }
 
@@ -398,5 +493,58 @@ mod tests {
         // The clone still holds the region: it must still be mapped.
         device_view.write_obj(1u8, GuestAddress(4096)).unwrap();
         assert_eq!(device_view.read_obj::<u8>(GuestAddress(4096)).unwrap(), 1);
+    }
+
+    /// Shared RAM (for vhost-user): each region is a MAP_SHARED window of
+    /// one memfd at its own offset, so a second mapping of that file (what
+    /// virtiofsd makes from SET_MEM_TABLE) sees the guest's writes and
+    /// the other way round; guard pages, alignment and MADV_DONTDUMP stay.
+    #[test]
+    fn shared_ram_is_one_memfd_another_mapping_sees() {
+        use std::os::unix::io::AsRawFd;
+        let ranges = [(GuestAddress(0), 4 << 20), (GuestAddress(1 << 32), 2 << 20)];
+        let ram = GuestRam::new_shared(&ranges).unwrap();
+        let mem = ram.memory();
+        let r1 = mem.iter().nth(1).unwrap();
+        let fo = r1.file_offset().expect("shared regions know their file");
+        assert_eq!(fo.start(), 4 << 20, "second region after the first");
+        let addr = host_addr(&ram, 1);
+        assert_eq!(addr % HUGE_PAGE_SIZE, 0);
+        assert_eq!(perms_at(addr).as_deref(), Some("rw-s"));
+        assert_eq!(perms_at(addr - 1).as_deref(), Some("---p"));
+        assert_eq!(perms_at(addr + (2 << 20)).as_deref(), Some("---p"));
+        assert!(vm_flags(addr).split_whitespace().any(|f| f == "dd"));
+        // SAFETY: a new shared mapping of the memfd, unmapped below.
+        let other = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                6 << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fo.file().as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(other, libc::MAP_FAILED);
+        mem.write_obj(0x1234_5678u32, GuestAddress((1 << 32) + 8))
+            .unwrap();
+        // SAFETY: inside the 6 MiB mapping made above.
+        let seen =
+            unsafe { std::ptr::read_volatile((other as usize + (4 << 20) + 8) as *const u32) };
+        assert_eq!(seen, 0x1234_5678);
+        // SAFETY: as above.
+        unsafe { std::ptr::write_volatile((other as usize + 16) as *mut u32, 42) };
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(16)).unwrap(), 42);
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(other, 6 << 20) };
+        // Private RAM has no file: it cannot be handed to a backend.
+        let private = GuestRam::new(&ranges[..1]).unwrap();
+        assert!(private
+            .memory()
+            .iter()
+            .next()
+            .unwrap()
+            .file_offset()
+            .is_none());
     }
 }

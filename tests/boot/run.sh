@@ -107,12 +107,18 @@ main() {
     # debugfs checks disks; ip (iproute2, for `ip tuntap`) serves the
     # network cases, and the static passt built by build-passt.sh the
     # user-mode one (with passt.avx2, which passt runs in its place on CPUs
-    # with AVX2).
+    # with AVX2); git serves the virtio-fs cases (`git status` on a share).
     copy_tools "$work/tools" debugfs curl ip || fail_all "collecting the host tools failed"
+    # Debian's git (install-deps.sh), whatever else PATH has first.
+    PATH="/usr/bin:$PATH" copy_tools "$work/tools" git || fail_all "collecting git failed"
     passt="$("$resources/build-passt.sh")" || fail_all "building passt failed"
     cp "$passt" "$passt.avx2" "$work/tools/bin/" || fail_all "copying passt failed"
     # The vsock cases' relay, built with capsule, for L1 and the guest.
     cp "$(dirname "$capsule")/capsule-vsock" "$work/tools/bin/" || fail_all "copying capsule-vsock failed"
+    # The virtio-fs cases' virtiofsd (the wrapper runs it with the shared
+    # libraries beside it, so it also runs in L1).
+    virtiofsd="$("$resources/build-virtiofsd.sh")" || fail_all "building virtiofsd failed"
+    cp -r "$(dirname "$virtiofsd")" "$work/tools/virtiofsd" || fail_all "copying virtiofsd failed"
 
     rc=0
     if [[ "$mode" == direct ]]; then

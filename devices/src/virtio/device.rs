@@ -64,6 +64,10 @@ pub enum ActivateError {
     /// Setting up notification eventfds failed.
     #[error("cannot set up queue notifications: {0}")]
     EventFd(#[source] io::Error),
+    /// A device whose queues another process serves (vhost-user) could
+    /// not hand them over.
+    #[error("backend refused the queues: {0}")]
+    Backend(String),
 }
 
 /// The guest memory, interrupt and queues of one activation: what a device
@@ -268,6 +272,36 @@ impl VirtioCommon {
         &mut self,
         mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<Queue>,
+        queue_evts: Vec<EventFd>,
+    ) -> Result<(), ActivateError> {
+        let expected = self.queue_sizes.len();
+        if queue_evts.len() != expected {
+            return Err(ActivateError::QueueCount {
+                expected,
+                got: queues.len().min(queue_evts.len()),
+            });
+        }
+        self.activate_with(mem, interrupt, queues, queue_evts)
+    }
+
+    /// Like [`Self::activate`], but the queue eventfds stay out of the
+    /// event loop: for a device whose queues another process serves
+    /// (vhost-user), which must get every kick itself. The event loop is
+    /// still woken, so the device sees [`DeviceEvent::Activated`].
+    pub fn activate_external(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        self.activate_with(mem, interrupt, queues, Vec::new())
+    }
+
+    fn activate_with(
+        &mut self,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<dyn VirtioInterrupt>,
         mut queues: Vec<Queue>,
         queue_evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
@@ -275,10 +309,10 @@ impl VirtioCommon {
             return Err(ActivateError::AlreadyActive);
         }
         let expected = self.queue_sizes.len();
-        if queues.len() != expected || queue_evts.len() != expected {
+        if queues.len() != expected {
             return Err(ActivateError::QueueCount {
                 expected,
-                got: queues.len().min(queue_evts.len()),
+                got: queues.len(),
             });
         }
         if let Some(i) = queues.iter().position(|q| !q.ready()) {

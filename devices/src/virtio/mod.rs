@@ -77,6 +77,7 @@
 pub mod block;
 pub mod console;
 mod device;
+pub mod fs;
 pub mod mmio;
 pub mod net;
 mod queue_events;
@@ -139,6 +140,8 @@ pub mod device_type {
     pub const NET: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_NET;
     /// Socket device (vsock).
     pub const VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+    /// File system device (virtio-fs).
+    pub const FS: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 }
 
 /// What an interrupt tells the driver.

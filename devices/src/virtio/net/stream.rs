@@ -396,7 +396,7 @@ fn socket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The highest descriptor number to visit when `close_range` is missing.
-fn max_fd() -> RawFd {
+pub(crate) fn max_fd() -> RawFd {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -416,7 +416,7 @@ fn max_fd() -> RawFd {
 /// that capsule's own parent leaked to it). Marking rather than closing
 /// keeps the pipe the standard library reports exec failures through.
 /// Only async-signal-safe calls.
-fn hand_over(fd: RawFd, target: RawFd, max_fd: RawFd) -> io::Result<()> {
+pub(crate) fn hand_over(fd: RawFd, target: RawFd, max_fd: RawFd) -> io::Result<()> {
     // SAFETY: plain descriptor operations on numbers; a failure is returned.
     unsafe {
         if fd == target {

@@ -1,0 +1,88 @@
+//! `--fs` and `exec --host-root`/`--share` without a virtiofsd: one clear
+//! `capsule: error: virtiofsd not found ...` line and the documented
+//! status (1 for `run`, 125 for `exec`), before any KVM work; `exec
+//! --share` falls back to copying and says so.
+
+use std::process::{Command, Output};
+
+fn capsule(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .env("CAPSULE_VIRTIOFSD", "/nonexistent/virtiofsd")
+        .env("CAPSULE_LOG", "error")
+        .output()
+        .expect("capsule runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Any existing regular file stands in for a kernel: the share checks
+/// come before the kernel is loaded.
+const KERNEL: &str = env!("CARGO_MANIFEST_PATH");
+
+#[test]
+fn run_fs_without_virtiofsd_is_status_1() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let o = capsule(&["run", "--kernel", KERNEL, "--fs", &format!("{dir}:src")]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("capsule: error: virtiofsd not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_fs_with_a_missing_directory_is_status_1() {
+    let o = capsule(&["run", "--kernel", KERNEL, "--fs", "/nonexistent/dir:t"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.starts_with("capsule: error: --fs /nonexistent/dir:"),
+        "{err}"
+    );
+}
+
+#[test]
+fn malformed_fs_is_usage_status_2() {
+    let o = capsule(&["run", "--kernel", KERNEL, "--fs", "/tmp"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn exec_host_root_without_virtiofsd_is_status_125() {
+    let o = capsule(&["exec", "--kernel", KERNEL, "--host-root", "--", "true"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("capsule: error: virtiofsd not found"),
+        "{err}"
+    );
+}
+
+#[test]
+fn exec_share_without_virtiofsd_says_it_copies() {
+    // The VM itself cannot start here (the "kernel" is not one): what
+    // matters is the stated fallback before that.
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let o = capsule(&[
+        "exec",
+        "--kernel",
+        KERNEL,
+        "--share",
+        &format!("{dir}/exec-proto:/s:ro"),
+        "--",
+        "true",
+    ]);
+    let err = stderr(&o);
+    assert!(
+        err.contains("capsule: warning: virtiofsd not found")
+            && err.contains("falls back to copying"),
+        "{err}"
+    );
+    assert_eq!(o.status.code(), Some(125), "{err}");
+}
