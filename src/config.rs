@@ -39,6 +39,8 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
+    /// A virtio-rng device (`PUT /entropy`).
+    pub entropy: bool,
 }
 
 /// A MAC address.

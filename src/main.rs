@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
 
+mod firecracker_cli;
 mod verbs;
 use devices::exit::GuestExit;
 
@@ -200,6 +201,7 @@ fn exec_config(
             kvm_path: args.kvm,
             disks: args.disk.into_iter().collect(),
             nets: Vec::new(),
+            entropy: false,
         },
         rootfs: args.rootfs,
         shares: args.shares,
@@ -332,6 +334,7 @@ impl RunArgs {
             kvm_path: self.kvm.clone(),
             disks: self.disks.clone(),
             nets: self.nets.clone(),
+            entropy: false,
         })
     }
 }
@@ -429,6 +432,7 @@ fn run(args: RunArgs) -> u8 {
         console,
         vm: args.vm_config(),
         on_started,
+        setup: Vec::new(),
     };
     let code = match api::run(opts) {
         Ok(exit) => guest_status(exit),
@@ -445,6 +449,16 @@ fn run(args: RunArgs) -> u8 {
 
 fn main() -> ExitCode {
     let started = capsule::process_start();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(args) = firecracker_cli::wanted(&argv) {
+        capsule::logger::init();
+        capsule::failstop::install();
+        capsule::signals::install();
+        let code = firecracker_cli::run(&args);
+        let _ = std::io::stdout().flush();
+        capsule::signals::reraise_pending();
+        return ExitCode::from(code);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

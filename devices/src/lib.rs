@@ -10,6 +10,7 @@ pub mod boot_marker;
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod metrics;
 pub mod pvpanic;
 pub mod ratelimit;
 pub mod virtio;

@@ -38,6 +38,14 @@ pub enum VmmAction {
     PutLogger(Logger),
     /// `PUT /serial`.
     PutSerial(SerialDevice),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /metrics`.
+    PutMetrics(Metrics),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyDevice),
+    /// `PUT /cpu-config` (refused: capsule has no CPU templates).
+    PutCpuConfig,
 }
 
 /// What an action that succeeded returns.
@@ -62,6 +70,9 @@ pub enum VmmActionError {
     /// A configuration action after `InstanceStart`.
     #[error("The requested operation is not supported after starting the microVM.")]
     NotAfterStart,
+    /// An action that only exists for a started VM (`FlushMetrics`).
+    #[error("The requested operation is not supported before starting the microVM.")]
+    NotBeforeStart,
     /// An action that needs a running VM before `InstanceStart`.
     #[error("{0}")]
     NotStarted(&'static str),
@@ -136,6 +147,9 @@ pub enum VmmActionError {
     /// Building the VM failed.
     #[error(transparent)]
     Start(#[from] builder::Error),
+    /// Metrics could not be set up or written.
+    #[error(transparent)]
+    Metrics(#[from] super::metrics::MetricsError),
     /// Pausing or resuming failed.
     #[error(transparent)]
     Pause(#[from] PauseError),

@@ -90,6 +90,7 @@ impl Controller {
         }
         let actions = (c.logger.map(VmmAction::PutLogger).into_iter())
             .chain(c.serial.map(VmmAction::PutSerial))
+            .chain(c.metrics.map(VmmAction::PutMetrics))
             .chain(c.machine_config.map(VmmAction::PutMachineConfig))
             .chain(c.boot_source.map(VmmAction::PutBootSource))
             .chain(c.drives.into_iter().map(VmmAction::PutDrive))
@@ -97,7 +98,8 @@ impl Controller {
                 c.network_interfaces
                     .into_iter()
                     .map(VmmAction::PutNetworkInterface),
-            );
+            )
+            .chain(c.entropy.map(VmmAction::PutEntropy));
         for action in actions {
             self.handle(action, None)?;
         }
@@ -114,7 +116,20 @@ impl Controller {
 
     /// Carries out one action. `vmm` is the running VM (`None` before
     /// `InstanceStart`, whose VM [`Self::take_started`] hands over).
+    /// Counted in the API metrics.
     pub fn handle(&mut self, action: VmmAction, vmm: Option<&mut Vmm>) -> Result<VmmData> {
+        let counters = super::metrics::counters_for(&action);
+        let r = self.handle_uncounted(action, vmm);
+        if let Some((count, fails)) = counters {
+            count.inc();
+            if r.is_err() {
+                fails.inc();
+            }
+        }
+        r
+    }
+
+    fn handle_uncounted(&mut self, action: VmmAction, vmm: Option<&mut Vmm>) -> Result<VmmData> {
         match action {
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
                 app_name: "capsule".to_string(),
@@ -148,8 +163,22 @@ impl Controller {
                 self.resources.serial = Some(s);
                 Ok(VmmData::Empty)
             }
-            VmmAction::Action(ActionType::FlushMetrics) => Err(VmmActionError::Unsupported(
-                "capsule has no metrics to flush (PUT /metrics is not supported)",
+            VmmAction::Action(ActionType::FlushMetrics) => {
+                if self.state == State::NotStarted {
+                    return Err(VmmActionError::NotBeforeStart);
+                }
+                super::metrics::flush()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMetrics(m) => {
+                super::metrics::configure(&m.metrics_path)?;
+                self.resources.metrics = Some(m);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMachineConfig(u) => self.configure(|r| r.patch_machine(u)),
+            VmmAction::PutEntropy(e) => self.configure(|r| r.set_entropy(e)),
+            VmmAction::PutCpuConfig => Err(VmmActionError::Unsupported(
+                "CPU configuration (cpu-config) is not supported by capsule",
             )),
             VmmAction::Action(ActionType::InstanceStart) => {
                 self.pre_boot()?;

@@ -25,6 +25,8 @@ pub struct VmResources {
     nets: Vec<NetworkInterface>,
     pub(super) logger: Option<Logger>,
     pub(super) serial: Option<SerialDevice>,
+    pub(super) metrics: Option<Metrics>,
+    entropy: Option<EntropyDevice>,
     kvm_path: PathBuf,
     direct: Option<VmConfig>,
 }
@@ -46,6 +48,8 @@ impl VmResources {
             nets: Vec::new(),
             logger: None,
             serial: None,
+            metrics: None,
+            entropy: None,
             kvm_path,
             direct: None,
         }
@@ -60,6 +64,8 @@ impl VmResources {
             machine_config: Some(self.machine.clone()),
             logger: self.logger.clone(),
             serial: self.serial.clone(),
+            metrics: self.metrics.clone(),
+            entropy: self.entropy.clone(),
             ..FullVmConfig::default()
         }
     }
@@ -73,6 +79,26 @@ impl VmResources {
             huge_pages: Some(m.huge_pages.clone().unwrap_or_else(|| "None".into())),
             ..m
         };
+        Ok(())
+    }
+
+    /// `PATCH /machine-config`: the fields given replace the current
+    /// ones; the result is validated as a whole.
+    pub fn patch_machine(&mut self, u: MachineConfigUpdate) -> Result<()> {
+        let m = self.machine.patched(u);
+        validate_machine(&m)?;
+        self.machine = m;
+        Ok(())
+    }
+
+    /// `PUT /entropy`: the VM gets a virtio-rng device.
+    pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<()> {
+        if e.rate_limiter.is_some() {
+            return Err(VmmActionError::Unsupported(
+                "entropy rate_limiter is not supported",
+            ));
+        }
+        self.entropy = Some(e);
         Ok(())
     }
 
@@ -145,6 +171,7 @@ impl VmResources {
         if let Some(c) = &self.direct {
             return Ok(c.clone());
         }
+        let entropy = self.entropy.is_some();
         let Some(boot) = &self.boot else {
             return Err(VmmActionError::NoKernel);
         };
@@ -200,6 +227,7 @@ impl VmResources {
                     })
                 })
                 .collect::<Result<_>>()?,
+            entropy,
         })
     }
 }

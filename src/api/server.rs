@@ -98,6 +98,20 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
         ("GET", ["vm", "config"]) => no_body(Request::GetVmConfig)?,
         ("PUT", ["logger"]) => Request::PutLogger(from_body(body).map_err(bad)?),
         ("PUT", ["serial"]) => Request::PutSerial(from_body(body).map_err(bad)?),
+        ("PATCH", ["machine-config"]) => {
+            let u: types::MachineConfigUpdate = from_body(body).map_err(bad)?;
+            if u == types::MachineConfigUpdate::default() {
+                return Err(bad("Empty PATCH request.".to_string()));
+            }
+            Request::PatchMachineConfig(u)
+        }
+        ("PUT", ["metrics"]) => Request::PutMetrics(from_body(body).map_err(bad)?),
+        ("PUT", ["entropy"]) => Request::PutEntropy(from_body(body).map_err(bad)?),
+        ("PUT", ["cpu-config"]) => {
+            // Checked as JSON, then refused as a whole.
+            let _: serde_json::Value = from_body(body).map_err(bad)?;
+            Request::PutCpuConfig
+        }
         (
             _,
             []
@@ -110,7 +124,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             | ["vm"]
             | ["vm", "config"]
             | ["logger"]
-            | ["serial"],
+            | ["serial"]
+            | ["metrics"]
+            | ["entropy"]
+            | ["cpu-config"],
         ) => {
             return Err(Response::fault(
                 400,
@@ -254,7 +271,7 @@ fn read_and_serve(conn: &mut Conn, calls: &Sender<Call>, wake: &EventFd) -> Resu
                     conn.deadline = Instant::now() + REQUEST_TIMEOUT;
                 }
                 conn.buf.extend_from_slice(&chunk[..n]);
-                if conn.buf.len() > http::MAX_HEAD + http::MAX_BODY {
+                if conn.buf.len() > http::MAX_HEAD + http::max_body() {
                     break;
                 }
             }

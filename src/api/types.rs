@@ -45,6 +45,62 @@ pub struct MachineConfig {
     pub huge_pages: Option<String>,
 }
 
+/// `PATCH /machine-config`: the fields to change; the others keep their
+/// values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// Number of vCPUs.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub vcpu_count: Option<u64>,
+    /// Guest memory in MiB.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// See [`MachineConfig::smt`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub smt: Option<bool>,
+    /// See [`MachineConfig::track_dirty_pages`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// See [`MachineConfig::cpu_template`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub cpu_template: Option<String>,
+    /// See [`MachineConfig::huge_pages`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl MachineConfig {
+    /// This configuration with the fields `u` gives replaced.
+    pub fn patched(&self, u: MachineConfigUpdate) -> Self {
+        Self {
+            vcpu_count: u.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: u.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: u.smt.or(self.smt),
+            track_dirty_pages: u.track_dirty_pages.or(self.track_dirty_pages),
+            cpu_template: u.cpu_template.or_else(|| self.cpu_template.clone()),
+            huge_pages: u.huge_pages.or_else(|| self.huge_pages.clone()),
+        }
+    }
+}
+
+/// `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// File or named pipe that receives the metrics, one JSON object a line.
+    pub metrics_path: String,
+}
+
+/// `PUT /entropy`: a virtio-rng device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyDevice {
+    /// Not supported yet: refused when present.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rate_limiter: Option<Value>,
+}
+
 /// `PUT /drives/{drive_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,9 +276,9 @@ pub struct FullVmConfig {
     /// See `balloon`.
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<Value>,
-    /// See `balloon`.
-    #[serde(default, skip_serializing)]
-    pub metrics: Option<Value>,
+    /// Metrics output.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub metrics: Option<Metrics>,
     /// See `balloon`.
     #[serde(rename = "memory-hotplug", default, skip_serializing)]
     pub memory_hotplug: Option<Value>,
@@ -235,9 +291,9 @@ pub struct FullVmConfig {
     /// See `balloon`.
     #[serde(default, skip_serializing)]
     pub vsock: Option<Value>,
-    /// See `balloon`.
-    #[serde(default, skip_serializing)]
-    pub entropy: Option<Value>,
+    /// The entropy device.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub entropy: Option<EntropyDevice>,
 }
 
 impl FullVmConfig {
@@ -248,12 +304,10 @@ impl FullVmConfig {
         for (name, o) in [
             ("balloon", &self.balloon),
             ("cpu-config", &self.cpu_config),
-            ("metrics", &self.metrics),
             ("memory-hotplug", &self.memory_hotplug),
             ("mmds-config", &self.mmds_config),
             ("pmem", &self.pmem),
             ("vsock", &self.vsock),
-            ("entropy", &self.entropy),
         ] {
             if present(o) {
                 v.push(name);

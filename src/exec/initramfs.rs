@@ -87,6 +87,7 @@ mod tests {
                 kvm_path: "/dev/kvm".into(),
                 disks: vec![],
                 nets: vec![],
+                entropy: false,
             },
             rootfs: None,
             shares: vec![],

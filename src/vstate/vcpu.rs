@@ -132,6 +132,9 @@ impl Vcpu {
                         self.log_triple_fault();
                     }
                     if let Some(reason) = reason {
+                        if reason == GuestExit::Fault {
+                            devices::metrics::VCPU.failures.inc();
+                        }
                         io.exit.signal(reason);
                         break;
                     }
@@ -155,6 +158,7 @@ impl Vcpu {
                 }
                 Err(e) => {
                     log::error!("vCPU {}: KVM_RUN failed: {e}", self.index);
+                    devices::metrics::VCPU.failures.inc();
                     io.exit.signal(GuestExit::Fault);
                     break;
                 }
@@ -211,6 +215,14 @@ impl ExitStats {
             VcpuExit::MmioWrite(addr, _) => Site(3, *addr),
             _ => Site(4, 0),
         };
+        let m = &devices::metrics::VCPU;
+        match site.0 {
+            0 => m.exit_io_in.inc(),
+            1 => m.exit_io_out.inc(),
+            2 => m.exit_mmio_read.inc(),
+            3 => m.exit_mmio_write.inc(),
+            _ => {}
+        }
         self.total += 1;
         self.by_kind[site.0] += 1;
         if let Some(slot) = self.busiest.iter_mut().find(|s| s.site == site) {

@@ -410,6 +410,7 @@ impl MutEventSubscriber for Block {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if let DeviceEvent::Queue(REQUEST_QUEUE) = self.common.event(&events, ops) {
+            crate::metrics::BLOCK.queue_event_count.inc();
             self.process_queue();
         }
     }

@@ -79,8 +79,15 @@ impl MutEventSubscriber for Net {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match self.common.event(&events, ops) {
             // Frames may have queued up before activation.
-            DeviceEvent::Activated | DeviceEvent::Queue(RX_QUEUE) => self.process_rx(),
-            DeviceEvent::Queue(TX_QUEUE) => self.process_tx(),
+            DeviceEvent::Activated => self.process_rx(),
+            DeviceEvent::Queue(RX_QUEUE) => {
+                crate::metrics::NET.rx_queue_event_count.inc();
+                self.process_rx()
+            }
+            DeviceEvent::Queue(TX_QUEUE) => {
+                crate::metrics::NET.tx_queue_event_count.inc();
+                self.process_tx()
+            }
             DeviceEvent::Device { tag: BACKEND, set } => self.process_backend(set),
             _ => {}
         }

@@ -191,7 +191,10 @@ impl Receive<'_> {
                 Read::Skipped
             }
             Ok(None) => Read::Empty,
-            Err(e) => Read::Failed(e),
+            Err(e) => {
+                crate::metrics::NET.tap_read_fails.inc();
+                Read::Failed(e)
+            }
         }
     }
 
@@ -203,6 +206,8 @@ impl Receive<'_> {
             Delivery::Delivered => {
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += len as u64;
+                crate::metrics::NET.rx_packets_count.inc();
+                crate::metrics::NET.rx_bytes_count.add(len as u64);
                 self.state.len = 0;
             }
             Delivery::Dropped => {

@@ -173,6 +173,7 @@ impl Transmit<'_> {
         match read_tx_frame(self.mem, chain, self.buf) {
             Ok(len) => Some(len),
             Err(why) => {
+                crate::metrics::NET.tx_malformed_frames.inc();
                 self.stats.tx_dropped += 1;
                 crate::warn_ratelimited!(
                     "virtio-net: dropped a transmit chain: {why} ({} dropped so far)",
@@ -191,12 +192,15 @@ impl Transmit<'_> {
             Ok(SendStatus::Sent) => {
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += len as u64;
+                crate::metrics::NET.tx_packets_count.inc();
+                crate::metrics::NET.tx_bytes_count.add(len as u64);
                 Ok(())
             }
             Ok(SendStatus::Full) => Err(TxStop::BackendFull),
             Err(e) if is_fatal(&e) => Err(TxStop::Fatal(e)),
             Err(e) => {
                 self.stats.tx_dropped += 1;
+                crate::metrics::NET.tap_write_fails.inc();
                 crate::warn_ratelimited!(
                     "virtio-net: {} refused a frame: {e} ({} dropped so far)",
                     self.backend.describe(),
