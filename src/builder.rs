@@ -23,6 +23,7 @@ use crate::config::{
     default_mac, format_size, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
 };
 use crate::device_manager::{self, DeviceManager};
+use crate::kernel_acpi::KernelAcpi;
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
 use crate::vmm::{ExitWatcher, Subscriber, Vmm, VCPU_STOP_TIMEOUT};
 use crate::vstate::memory::GuestRam;
@@ -239,7 +240,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     devices.add_nets(&config.nets)?;
     devices.add_extras(extras)?;
 
-    write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
+    let no_acpi = write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
     let vcpus = create_vcpus(&vm, mem, &entry, config.vcpus)?;
 
     let terminal = raw_terminal
@@ -255,7 +256,12 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         exit: exit.clone(),
         stop: Arc::new(AtomicBool::new(false)),
         pause: pause.clone(),
+        // Without ACPI a guest's poweroff is a halt of every CPU: watch
+        // for it (with ACPI it powers off through ACPI, and a halt is a
+        // halt, which leaves a machine on).
+        halt: no_acpi.then(|| Arc::new(crate::vstate::halt::HaltWatch::new(vcpus.len()))),
     };
+    let watch_halt = io.halt.is_some();
     let handles = start_vcpus(vcpus, &io, &mut ram)?;
     log::info!(
         "VM started: {} vCPU(s), {} of memory, {:.1} ms after capsule started",
@@ -274,6 +280,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         _terminal: terminal,
         _vm: vm,
         ram,
+        watch_halt,
     })
 }
 
@@ -353,14 +360,29 @@ impl Devices<'_> {
 }
 
 /// The command line, the MP table, the ACPI tables and the zero page.
+/// Returns whether the guest cannot read ACPI tables (`acpi=off`, or a
+/// kernel without ACPI).
 fn write_boot_data(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     dm: &DeviceManager,
     entry: &KernelEntry,
     initrd: Option<&arch::boot::InitrdConfig>,
-) -> Result<()> {
-    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
+) -> Result<bool> {
+    let no_acpi = match &entry.acpi {
+        KernelAcpi::Absent(how) => {
+            log::info!(
+                "the kernel has no ACPI ({how}): its virtio-mmio devices are announced on its command line"
+            );
+            true
+        }
+        KernelAcpi::Present(how) => {
+            log::debug!("the kernel has ACPI ({how})");
+            false
+        }
+        KernelAcpi::Unknown => false,
+    };
+    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices(), no_acpi);
     let cmdline_size = load_cmdline(mem, &cmdline)?;
     arch::mptable::setup_mptable(mem, config.vcpus).map_err(Error::MpTable)?;
     let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
@@ -373,7 +395,8 @@ fn write_boot_data(
         entry.setup_header,
         Some(rsdp),
     )
-    .map_err(Error::ZeroPage)
+    .map_err(Error::ZeroPage)?;
+    Ok(no_acpi || config.cmdline.split_whitespace().any(|w| w == "acpi=off"))
 }
 
 /// Creates and configures the vCPUs (not started yet).

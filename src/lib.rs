@@ -12,6 +12,7 @@ pub mod device_manager;
 pub mod exec;
 pub mod failstop;
 pub mod hostfile;
+pub mod kernel_acpi;
 mod kernel_load;
 pub mod logfile;
 pub mod logger;

@@ -43,6 +43,9 @@ pub struct Vmm {
     pub(crate) _terminal: Option<terminal::RawModeGuard>,
     pub(crate) _vm: Vm,
     pub(crate) ram: GuestRam,
+    /// Kick the vCPUs now and then to see whether they halted for good
+    /// (a guest without ACPI: `vstate::halt`).
+    pub(crate) watch_halt: bool,
 }
 
 /// Errors of [`Vmm::pause`] and [`Vmm::resume`].
@@ -140,7 +143,9 @@ impl Vmm {
     /// the guest powers off, resets, panics or faults, or `check` asks to
     /// stop; then stops the vCPUs. `check` runs before every event-loop
     /// round, and at least every `tick` (with `None` a round waits for an
-    /// event however long it takes); it gets the VM, so it may act on it
+    /// event however long it takes; a guest without ACPI has rounds every
+    /// `vstate::halt::CHECK_EVERY` all the same, to see whether it halted
+    /// for good); it gets the VM, so it may act on it
     /// (the API pauses and resumes it from there). A guest exit is only
     /// reported if `check` did not ask to stop first.
     pub fn run<T>(
@@ -148,13 +153,28 @@ impl Vmm {
         tick: Option<Duration>,
         mut check: impl FnMut(&mut Vmm) -> Option<T>,
     ) -> Result<RunEnd<T>> {
+        // With a halt watch, rounds end at least every halt check, to kick
+        // the vCPUs.
+        let every = crate::vstate::halt::CHECK_EVERY;
+        let tick = match (tick, self.watch_halt) {
+            (Some(t), true) => Some(t.min(every)),
+            (None, true) => Some(every),
+            (t, false) => t,
+        };
         let tick_ms = tick.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        let mut last_kick = std::time::Instant::now();
         let end = loop {
             if let Some(t) = check(&mut self) {
                 break RunEnd::Host(t);
             }
             if let Some(r) = self.exit.reason() {
                 break RunEnd::Guest(r);
+            }
+            if self.watch_halt && last_kick.elapsed() >= every {
+                // A halted vCPU does not leave KVM_RUN by itself: kicked,
+                // it reports whether it halted for good (vstate::halt).
+                self.vcpus.iter().for_each(VcpuHandle::kick);
+                last_kick = std::time::Instant::now();
             }
             self.event_manager
                 .run_with_timeout(tick_ms)

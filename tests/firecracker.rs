@@ -491,3 +491,76 @@ fn config_file_without_api_boots_at_once() {
     );
     assert_eq!(st, 0, "{err}");
 }
+
+/// Runs capsule on `guest` with `args`; returns its status, or `None` if
+/// it was still running after `secs` (it is then killed), and its stderr.
+fn run_for(guest: &[u8], name: &str, args: &[&str], secs: u64) -> (Option<i32>, String) {
+    let kernel = tmp(name);
+    std::fs::write(&kernel, guest).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--kernel", kernel.to_str().unwrap()])
+        .args(args)
+        .env("CAPSULE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
+/// `cli; hlt; jmp hlt`: how Linux without ACPI ends `poweroff` on each CPU.
+const CLI_HLT: &[u8] = &[0xfa, 0xf4, 0xeb, 0xfd];
+
+#[test]
+fn a_guest_without_acpi_that_halts_every_cpu_has_powered_off() {
+    // acpi=off: the guest cannot power off through ACPI. vCPU 1 is never
+    // started (it waits for a start-up IPI), vCPU 0 halts with interrupts
+    // disabled: nothing can run again.
+    let (status, err) = run_for(
+        &elf(CLI_HLT),
+        "cli-hlt.elf",
+        &["--cpus", "2", "--cmdline", "acpi=off"],
+        20,
+    );
+    assert_eq!(status, Some(0), "{err}");
+    assert!(
+        err.contains("every vCPU has halted with interrupts disabled: the guest powered off"),
+        "{err}"
+    );
+    // With ACPI a halted machine stays on (as a PC does after `halt`).
+    let (status, err) = run_for(
+        &elf(CLI_HLT),
+        "cli-hlt.elf",
+        &["--cmdline", "console=ttyS0"],
+        3,
+    );
+    assert_eq!(status, None, "{err}");
+    // Interrupts enabled: the guest waits for one; it has not halted for good.
+    let (status, err) = run_for(
+        &elf(&[0xfb, 0xf4, 0xeb, 0xfd]),
+        "sti-hlt.elf",
+        &["--cmdline", "acpi=off"],
+        3,
+    );
+    assert_eq!(status, None, "{err}");
+}

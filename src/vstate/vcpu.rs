@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use devices::bus::Bus;
 use devices::exit::{ExitSignal, GuestExit};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use super::halt::{HaltWatch, VcpuState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -155,6 +157,13 @@ impl Vcpu {
                 }
                 Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
                     self.fd.set_kvm_immediate_exit(0);
+                    if self.halted_for_good(&io) {
+                        log::info!(
+                            "every vCPU has halted with interrupts disabled: the guest powered off"
+                        );
+                        io.exit.signal(GuestExit::PowerOff);
+                        break;
+                    }
                 }
                 Err(e) => {
                     log::error!("vCPU {}: KVM_RUN failed: {e}", self.index);
@@ -271,6 +280,22 @@ impl ExitStats {
 }
 
 impl Vcpu {
+    /// After a kick: reports this vCPU's state to the halt watch
+    /// ([`super::halt`]); true when the whole machine has halted for good.
+    fn halted_for_good(&self, io: &VcpuIo) -> bool {
+        let Some(halt) = &io.halt else {
+            return false;
+        };
+        if io.stop.load(Ordering::Acquire) || io.pause.requested() {
+            return false;
+        }
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return false;
+        };
+        let state = VcpuState::of(mp.mp_state, || self.fd.get_regs().ok().map(|r| r.rflags));
+        halt.report(usize::from(self.index), state)
+    }
+
     /// A triple fault resets the VM like a reboot, but unless the guest
     /// asked for it (`reboot=t`) it is a guest crash: say so, with where
     /// the vCPU was, on stderr.
@@ -306,6 +331,9 @@ pub struct VcpuIo {
     pub stop: Arc<AtomicBool>,
     /// Where vCPUs park while the VM is paused.
     pub pause: Arc<PauseGate>,
+    /// Where vCPUs report that they halted for good, if the VM ends then
+    /// (a guest without ACPI).
+    pub halt: Option<Arc<HaltWatch>>,
 }
 
 /// Parks vCPU threads while the VM is paused.
