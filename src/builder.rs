@@ -124,6 +124,9 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(#[source] event_manager::Error),
+    /// The entropy device could not be created.
+    #[error("cannot create the entropy device: {0}")]
+    Entropy(#[source] std::io::Error),
     /// The eventfd the VM's end is signalled on could not be created.
     #[error("event loop: {0}")]
     ExitEvent(#[source] std::io::Error),
@@ -238,6 +241,10 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks)?;
     devices.add_nets(&config.nets)?;
+    if config.entropy {
+        let rng = devices::virtio::rng::Rng::new().map_err(Error::Entropy)?;
+        devices.add_virtio(Arc::new(Mutex::new(rng)))?;
+    }
     devices.add_extras(extras)?;
 
     let no_acpi = write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;

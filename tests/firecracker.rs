@@ -460,6 +460,9 @@ fn api_additions_through_the_firecracker_command_line() {
         204
     );
     assert_eq!(fc.wait_exit(Duration::from_secs(20)), Some(0));
+    // A last line when the VM ends.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    assert_eq!(text.lines().count(), 3, "{text}");
     // --log-path received capsule's log at --level Info.
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("microVM started"), "{logged}");

@@ -364,6 +364,14 @@ fn line(
     s
 }
 
+/// Writes one metrics line if metrics are configured (when the VM ends).
+pub fn flush_if_configured() -> Result<(), MetricsError> {
+    match flush() {
+        Err(MetricsError::NotConfigured) => Ok(()),
+        r => r,
+    }
+}
+
 /// Writes one metrics line now (`FlushMetrics`).
 pub fn flush() -> Result<(), MetricsError> {
     let mut guard = sink();

@@ -210,6 +210,10 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
         serve_running(&mut ctl, vmm, rx.as_ref());
         None::<Infallible>
     })?;
+    // As Firecracker does, a last metrics line when the VM ends.
+    if let Err(e) = metrics::flush_if_configured() {
+        log::warn!("{e}");
+    }
     match end {
         RunEnd::Guest(exit) => Ok(exit),
     }

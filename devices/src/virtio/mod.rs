@@ -80,6 +80,7 @@ mod device;
 pub mod mmio;
 pub mod net;
 mod queue_events;
+pub mod rng;
 
 use std::io;
 
