@@ -241,8 +241,10 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks)?;
     devices.add_nets(&config.nets)?;
-    if config.entropy {
-        let rng = devices::virtio::rng::Rng::new().map_err(Error::Entropy)?;
+    if let Some(limits) = config.entropy {
+        let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
+            .and_then(devices::virtio::rng::Rng::with_limiter)
+            .map_err(Error::Entropy)?;
         devices.add_virtio(Arc::new(Mutex::new(rng)))?;
     }
     devices.add_extras(extras)?;

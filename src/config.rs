@@ -39,8 +39,17 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// virtio-net devices, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
-    /// A virtio-rng device (`PUT /entropy`).
-    pub entropy: bool,
+    /// A virtio-rng device (`PUT /entropy`), with its limits.
+    pub entropy: Option<Limits>,
+}
+
+/// A device's rate limits (token buckets; none: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Bytes.
+    pub bandwidth: Option<devices::rate_limiter::BucketConfig>,
+    /// Operations.
+    pub ops: Option<devices::rate_limiter::BucketConfig>,
 }
 
 /// A MAC address.

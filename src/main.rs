@@ -201,7 +201,7 @@ fn exec_config(
             kvm_path: args.kvm,
             disks: args.disk.into_iter().collect(),
             nets: Vec::new(),
-            entropy: false,
+            entropy: None,
         },
         rootfs: args.rootfs,
         shares: args.shares,
@@ -334,7 +334,7 @@ impl RunArgs {
             kvm_path: self.kvm.clone(),
             disks: self.disks.clone(),
             nets: self.nets.clone(),
-            entropy: false,
+            entropy: None,
         })
     }
 }

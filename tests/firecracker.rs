@@ -390,10 +390,23 @@ fn api_additions_through_the_firecracker_command_line() {
         "{body}"
     );
     assert_eq!(fc.req("PUT", "/entropy", Some("{}")).0, 204);
+    let (st, body) = fc.req(
+        "PUT",
+        "/entropy",
+        Some(r#"{"rate_limiter":{"bandwidth":{"size":1000}}}"#),
+    );
+    assert_eq!(st, 400);
+    assert!(body.contains("refill_time"), "{body}");
+    let limited = r#"{"rate_limiter":{"bandwidth":{"size":4096,"one_time_burst":8192,"refill_time":100},"ops":{"size":10,"refill_time":1000}}}"#;
+    assert_eq!(fc.req("PUT", "/entropy", Some(limited)).0, 204);
     let (_, body) = fc.req("GET", "/vm/config", None);
     let c = json(&body);
     assert_eq!(c["metrics"]["metrics_path"], metrics.to_str().unwrap());
-    assert!(c["entropy"].is_object(), "{body}");
+    assert_eq!(
+        c["entropy"]["rate_limiter"]["bandwidth"]["one_time_burst"], 8192,
+        "{body}"
+    );
+    assert_eq!(c["entropy"]["rate_limiter"]["ops"]["size"], 10, "{body}");
     let boot = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
     assert_eq!(fc.req("PUT", "/boot-source", Some(&boot)).0, 204);
     let (st, body) = fc.req(

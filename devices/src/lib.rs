@@ -12,6 +12,7 @@ pub mod exit;
 pub mod legacy;
 pub mod metrics;
 pub mod pvpanic;
+pub mod rate_limiter;
 pub mod ratelimit;
 pub mod virtio;
 

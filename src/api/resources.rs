@@ -93,11 +93,6 @@ impl VmResources {
 
     /// `PUT /entropy`: the VM gets a virtio-rng device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<()> {
-        if e.rate_limiter.is_some() {
-            return Err(VmmActionError::Unsupported(
-                "entropy rate_limiter is not supported",
-            ));
-        }
         self.entropy = Some(e);
         Ok(())
     }
@@ -171,7 +166,10 @@ impl VmResources {
         if let Some(c) = &self.direct {
             return Ok(c.clone());
         }
-        let entropy = self.entropy.is_some();
+        let entropy = self
+            .entropy
+            .as_ref()
+            .map(|e| e.rate_limiter.map(|r| r.limits()).unwrap_or_default());
         let Some(boot) = &self.boot else {
             return Err(VmmActionError::NoKernel);
         };

@@ -92,13 +92,59 @@ pub struct Metrics {
     pub metrics_path: String,
 }
 
+/// A token bucket of a rate limiter (Firecracker's `TokenBucket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    /// Tokens (bytes or operations) the bucket holds when full.
+    pub size: u64,
+    /// Extra tokens available once, at the start.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill `size` tokens from empty.
+    pub refill_time: u64,
+}
+
+impl TokenBucket {
+    /// The device-side configuration.
+    pub fn bucket(&self) -> devices::rate_limiter::BucketConfig {
+        devices::rate_limiter::BucketConfig {
+            size: self.size,
+            one_time_burst: self.one_time_burst.unwrap_or(0),
+            refill_time_ms: self.refill_time,
+        }
+    }
+}
+
+/// A rate limiter: bandwidth (bytes) and ops (requests) buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    /// Operations.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+impl RateLimiter {
+    /// The device-side configuration.
+    pub fn limits(&self) -> crate::config::Limits {
+        crate::config::Limits {
+            bandwidth: self.bandwidth.as_ref().map(TokenBucket::bucket),
+            ops: self.ops.as_ref().map(TokenBucket::bucket),
+        }
+    }
+}
+
 /// `PUT /entropy`: a virtio-rng device.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EntropyDevice {
-    /// Not supported yet: refused when present.
+    /// Limits on the random bytes and requests the guest gets.
     #[serde(default, skip_serializing_if = "is_none")]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiter>,
 }
 
 /// `PUT /drives/{drive_id}`.

@@ -87,7 +87,7 @@ mod tests {
                 kvm_path: "/dev/kvm".into(),
                 disks: vec![],
                 nets: vec![],
-                entropy: false,
+                entropy: None,
             },
             rootfs: None,
             shares: vec![],

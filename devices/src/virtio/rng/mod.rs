@@ -11,13 +11,14 @@
 
 use std::io;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::QueueT;
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::{DeviceEvent, VirtioCommon, VirtioDevice};
 use crate::metrics::ENTROPY;
+use crate::rate_limiter::RateLimiter;
 
 /// The virtio device type of an entropy source.
 pub const DEVICE_TYPE: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -30,6 +31,8 @@ pub const BYTES_PER_EVENT: usize = 1 << 20;
 const BYTES_PER_CHAIN: usize = 64 << 10;
 
 const REQUEST_QUEUE: usize = 0;
+/// Event tag of the rate limiter's timer.
+const LIMITER_TAG: u32 = 1;
 
 /// Fills `buf` from the host's `getrandom(2)`.
 fn host_random(buf: &mut [u8]) -> io::Result<()> {
@@ -55,6 +58,7 @@ fn host_random(buf: &mut [u8]) -> io::Result<()> {
 pub struct Rng {
     common: VirtioCommon,
     buf: Vec<u8>,
+    limiter: Option<RateLimiter>,
 }
 
 impl Rng {
@@ -68,12 +72,24 @@ impl Rng {
                 &[QUEUE_SIZE],
             )?,
             buf: vec![0u8; BYTES_PER_CHAIN],
+            limiter: None,
         })
+    }
+
+    /// The device with its bytes and requests limited by `limiter`.
+    pub fn with_limiter(limiter: RateLimiter) -> io::Result<Self> {
+        let mut rng = Self::new()?;
+        rng.limiter = Some(limiter).filter(RateLimiter::is_limiting);
+        Ok(rng)
     }
 
     /// Fills and returns the available chains, up to [`BYTES_PER_EVENT`].
     fn process_queue(&mut self) {
-        let Self { common, buf } = self;
+        let Self {
+            common,
+            buf,
+            limiter,
+        } = self;
         let Some(active) = common.activation_mut() else {
             return;
         };
@@ -83,6 +99,14 @@ impl Rng {
         let mut more = false;
         while let Some(chain) = active.queues[REQUEST_QUEUE].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
+            if let Some(l) = limiter.as_mut() {
+                if !l.consume(writable_len(chain.clone()) as u64) {
+                    // Left for when the limiter's timer fires.
+                    active.queues[REQUEST_QUEUE].go_to_previous_position();
+                    ENTROPY.entropy_rate_limiter_throttled.inc();
+                    break;
+                }
+            }
             let written = fill_chain(&mem, chain, buf);
             given += written;
             if let Err(e) = active.queues[REQUEST_QUEUE].add_used(&mem, head, written as u32) {
@@ -102,6 +126,15 @@ impl Rng {
             common.kick(REQUEST_QUEUE);
         }
     }
+}
+
+/// The bytes [`fill_chain`] would write into `chain`.
+fn writable_len(chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> usize {
+    chain
+        .filter(|d| d.is_write_only())
+        .map(|d| d.len() as usize)
+        .fold(0usize, |a, b| a.saturating_add(b))
+        .min(BYTES_PER_CHAIN)
 }
 
 /// Writes random bytes into the device-writable buffers of `chain` (at
@@ -148,12 +181,32 @@ impl VirtioDevice for Rng {
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         self.common.init(ops);
+        if let Some(l) = &self.limiter {
+            let ev = VirtioCommon::device_events(l.timer_fd(), LIMITER_TAG, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::error!("virtio-rng: cannot watch the rate limiter's timer: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if let DeviceEvent::Queue(REQUEST_QUEUE) = self.common.event(&events, ops) {
-            ENTROPY.entropy_event_count.inc();
-            self.process_queue();
+        match self.common.event(&events, ops) {
+            DeviceEvent::Queue(REQUEST_QUEUE) => {
+                ENTROPY.entropy_event_count.inc();
+                // A blocked device waits for its timer, not for kicks.
+                if !self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+                    self.process_queue();
+                }
+            }
+            DeviceEvent::Device {
+                tag: LIMITER_TAG, ..
+            } => {
+                if let Some(l) = &mut self.limiter {
+                    l.timer_fired();
+                }
+                self.process_queue();
+            }
+            _ => {}
         }
     }
 }

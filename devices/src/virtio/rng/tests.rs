@@ -58,3 +58,42 @@ fn hostile_buffers_are_bounded_and_never_panic() {
     assert_eq!(ring.used_elem(0), (0, BYTES_PER_CHAIN as u32));
     assert_eq!(ring.used_elem(1), (1, 0));
 }
+
+#[test]
+fn a_rate_limited_device_waits_for_its_timer_and_then_goes_on() {
+    use crate::rate_limiter::{BucketConfig, RateLimiter};
+    let mem = guest_memory();
+    // 1000 bytes per 100 ms.
+    let bw = BucketConfig {
+        size: 1000,
+        one_time_burst: 0,
+        refill_time_ms: 100,
+    };
+    let mut rng = Rng::with_limiter(RateLimiter::new(Some(bw), None).unwrap()).unwrap();
+    let ring = Rings::new(&mem, RING, 16);
+    let _irq = activate_on_rings(&mut rng, &mem, 0, &[&ring]);
+    for i in 0..3u16 {
+        ring.store(i, DATA + u64::from(i) * 0x1000, 600, W, 0);
+        ring.push_avail(i);
+    }
+    rng.process_queue();
+    // The first fits the full bucket; the second waits.
+    assert_eq!(ring.used_idx(), 1);
+    let limiter = rng.limiter.as_ref().unwrap();
+    assert!(limiter.is_blocked());
+    let mut pfd = libc::pollfd {
+        fd: limiter.timer_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    assert_eq!(
+        unsafe { libc::poll(&mut pfd, 1, 2000) },
+        1,
+        "the refill never woke the device"
+    );
+    rng.limiter.as_mut().unwrap().timer_fired();
+    rng.process_queue();
+    assert_eq!(ring.used_idx(), 2);
+    assert_eq!(ring.used_elem(1), (1, 600));
+}
