@@ -503,5 +503,13 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
         backend.describe(),
         net::format_mac(&mac)
     );
-    Net::new(backend, mac).map_err(|e| Error::Net(index, e))
+    let mut net = Net::new(backend, mac).map_err(|e| Error::Net(index, e))?;
+    let limiter = |l: &crate::config::Limits| match (l.bandwidth, l.ops) {
+        (None, None) => Ok(None),
+        (bw, ops) => devices::rate_limiter::RateLimiter::new(bw, ops).map(Some),
+    };
+    let rx = limiter(&nic.rx_limits).map_err(|e| Error::Net(index, e))?;
+    let tx = limiter(&nic.tx_limits).map_err(|e| Error::Net(index, e))?;
+    net.set_rate_limiters(rx, tx);
+    Ok(net)
 }

@@ -77,6 +77,10 @@ pub struct NetConfig {
     pub backend: NetBackendConfig,
     /// Its MAC address; [`default_mac`] of its index when not given.
     pub mac: Option<MacAddr>,
+    /// Limits on what the guest receives.
+    pub rx_limits: Limits,
+    /// Limits on what the guest sends.
+    pub tx_limits: Limits,
 }
 
 /// The MAC address of network device `index` when none is given: a locally
@@ -206,7 +210,12 @@ impl std::str::FromStr for NetConfig {
                 return Err(format!("host port {} is published twice", w[0]));
             }
         }
-        Ok(Self { backend, mac })
+        Ok(Self {
+            backend,
+            mac,
+            rx_limits: Limits::default(),
+            tx_limits: Limits::default(),
+        })
     }
 }
 
@@ -371,7 +380,9 @@ mod tests {
                 backend: NetBackendConfig::Tap {
                     name: "tap0".into()
                 },
-                mac: None
+                mac: None,
+                rx_limits: Limits::default(),
+                tx_limits: Limits::default(),
             }
         );
         let n: NetConfig = "tap=t1,mac=02:00:00:00:00:aB".parse().unwrap();

@@ -398,10 +398,10 @@ fn bad_request_corpus() {
             ),
         ),
         (
-            "network interface with a rate limiter",
+            "network interface with a malformed rate limiter",
             put(
                 "/network-interfaces/eth0",
-                r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{}}"#,
+                r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{"bandwidth":{"size":"x","refill_time":1}}}"#,
             ),
         ),
         (

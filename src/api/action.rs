@@ -99,8 +99,8 @@ pub enum VmmActionError {
     /// A drive id with characters other than letters, digits and `_`.
     #[error("invalid drive_id '{0}': use letters, digits and _")]
     DriveId(String),
-    /// A network interface with mtu or rate limiters.
-    #[error("network interface {0}: mtu and rate limiters are not supported")]
+    /// A network interface with an mtu.
+    #[error("network interface {0}: mtu is not supported")]
     NetUnsupported(String),
     /// A network interface without a TAP device name.
     #[error("network interface {0}: empty host_dev_name")]

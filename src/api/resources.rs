@@ -128,7 +128,7 @@ impl VmResources {
 
     /// `PUT /network-interfaces/{id}`: validated.
     pub fn set_net(&mut self, n: NetworkInterface) -> Result<()> {
-        if n.mtu.is_some() || n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+        if n.mtu.is_some() {
             return Err(VmmActionError::NetUnsupported(n.iface_id));
         }
         if let Some(mac) = &n.guest_mac {
@@ -222,6 +222,8 @@ impl VmResources {
                             iface: n.iface_id.clone(),
                             source,
                         })?,
+                        rx_limits: n.rx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
+                        tx_limits: n.tx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
                     })
                 })
                 .collect::<Result<_>>()?,

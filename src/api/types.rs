@@ -192,12 +192,12 @@ pub struct NetworkInterface {
     /// MTU to advertise.
     #[serde(default, skip_serializing_if = "is_none")]
     pub mtu: Option<u16>,
-    /// Not supported.
+    /// Limits on what the guest receives.
     #[serde(default, skip_serializing_if = "is_none")]
-    pub rx_rate_limiter: Option<Value>,
-    /// Not supported.
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Limits on what the guest sends.
     #[serde(default, skip_serializing_if = "is_none")]
-    pub tx_rate_limiter: Option<Value>,
+    pub tx_rate_limiter: Option<RateLimiter>,
 }
 
 /// `PUT /actions` action types.

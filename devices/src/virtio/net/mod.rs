@@ -145,6 +145,10 @@ pub struct Net {
     /// What the backend's fd is registered for in the event loop.
     registered: Option<EventSet>,
     stats: NetStats,
+    /// Limits on what the guest receives.
+    rx_limiter: Option<crate::rate_limiter::RateLimiter>,
+    /// Limits on what the guest sends.
+    tx_limiter: Option<crate::rate_limiter::RateLimiter>,
 }
 
 impl Drop for Net {
@@ -198,7 +202,22 @@ impl Net {
             tx_blocked: false,
             registered: None,
             stats: NetStats::default(),
+            rx_limiter: None,
+            tx_limiter: None,
         })
+    }
+
+    /// Limits what the guest receives (`rx`) and sends (`tx`). Call before
+    /// the device joins the event loop (which then watches the limiters'
+    /// timers); a limiter that limits nothing is dropped.
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: Option<crate::rate_limiter::RateLimiter>,
+        tx: Option<crate::rate_limiter::RateLimiter>,
+    ) {
+        use crate::rate_limiter::RateLimiter;
+        self.rx_limiter = rx.filter(RateLimiter::is_limiting);
+        self.tx_limiter = tx.filter(RateLimiter::is_limiting);
     }
 
     /// The MAC address in the configuration space.
