@@ -124,6 +124,9 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(#[source] event_manager::Error),
+    /// A rate limiter's timer could not be created.
+    #[error("cannot create a rate limiter: {0}")]
+    RateLimiter(#[source] std::io::Error),
     /// The entropy device could not be created.
     #[error("cannot create the entropy device: {0}")]
     Entropy(#[source] std::io::Error),
@@ -478,13 +481,25 @@ fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
     while serial.len() > ID_BYTES {
         serial.pop();
     }
-    Block::new(BlockConfig {
+    let mut block = Block::new(BlockConfig {
         path: disk.path.clone(),
         read_only: disk.mode == DiskMode::ReadOnly,
         ephemeral: disk.mode == DiskMode::Ephemeral,
         serial,
     })
-    .map_err(Error::Disk)
+    .map_err(Error::Disk)?;
+    block.set_rate_limiter(rate_limiter(&disk.limits).map_err(Error::RateLimiter)?);
+    Ok(block)
+}
+
+/// The limiter for `limits`, if they limit anything.
+fn rate_limiter(
+    limits: &crate::config::Limits,
+) -> std::io::Result<Option<devices::rate_limiter::RateLimiter>> {
+    match (limits.bandwidth, limits.ops) {
+        (None, None) => Ok(None),
+        (bw, ops) => devices::rate_limiter::RateLimiter::new(bw, ops).map(Some),
+    }
 }
 
 /// Creates network device `index` with its backend: opens the TAP device
@@ -504,12 +519,8 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
         net::format_mac(&mac)
     );
     let mut net = Net::new(backend, mac).map_err(|e| Error::Net(index, e))?;
-    let limiter = |l: &crate::config::Limits| match (l.bandwidth, l.ops) {
-        (None, None) => Ok(None),
-        (bw, ops) => devices::rate_limiter::RateLimiter::new(bw, ops).map(Some),
-    };
-    let rx = limiter(&nic.rx_limits).map_err(|e| Error::Net(index, e))?;
-    let tx = limiter(&nic.tx_limits).map_err(|e| Error::Net(index, e))?;
+    let rx = rate_limiter(&nic.rx_limits).map_err(|e| Error::Net(index, e))?;
+    let tx = rate_limiter(&nic.tx_limits).map_err(|e| Error::Net(index, e))?;
     net.set_rate_limiters(rx, tx);
     Ok(net)
 }

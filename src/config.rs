@@ -239,6 +239,8 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// How it is attached.
     pub mode: DiskMode,
+    /// Limits on the guest's requests.
+    pub limits: Limits,
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -263,6 +265,7 @@ impl std::str::FromStr for DiskConfig {
         Ok(Self {
             path: PathBuf::from(path),
             mode,
+            limits: Limits::default(),
         })
     }
 }

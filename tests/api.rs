@@ -412,10 +412,10 @@ fn bad_request_corpus() {
             ),
         ),
         (
-            "rate limiter",
+            "malformed rate limiter",
             put(
                 "/drives/d",
-                r#"{"drive_id":"d","path_on_host":"/x","is_root_device":false,"rate_limiter":{}}"#,
+                r#"{"drive_id":"d","path_on_host":"/x","is_root_device":false,"rate_limiter":{"ops":{"size":1}}}"#,
             ),
         ),
     ];

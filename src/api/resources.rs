@@ -197,6 +197,7 @@ impl VmResources {
                 } else {
                     DiskMode::ReadWrite
                 },
+                limits: d.rate_limiter.map(|r| r.limits()).unwrap_or_default(),
             })
             .collect();
         Ok(VmConfig {
@@ -274,9 +275,6 @@ fn validate_drive(d: &Drive) -> Result<()> {
     let unsupported = VmmActionError::Unsupported;
     if d.socket.is_some() {
         return Err(unsupported("vhost-user drives (socket) are not supported"));
-    }
-    if d.rate_limiter.is_some() {
-        return Err(unsupported("drive rate_limiter is not supported"));
     }
     match d.path_on_host.as_deref() {
         None | Some("") => return Err(unsupported("path_on_host is required")),

@@ -167,9 +167,9 @@ pub struct Drive {
     /// `"Unsafe"` or `"Writeback"` (capsule always honours guest flushes).
     #[serde(default, skip_serializing_if = "is_none")]
     pub cache_type: Option<String>,
-    /// Not supported: refused when present.
+    /// Limits on the guest's requests (bytes and operations).
     #[serde(default, skip_serializing_if = "is_none")]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiter>,
     /// `"Sync"` only.
     #[serde(default, skip_serializing_if = "is_none")]
     pub io_engine: Option<String>,

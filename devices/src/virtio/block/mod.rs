@@ -45,12 +45,12 @@ mod request;
 use std::io;
 use std::path::PathBuf;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
 };
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 
 pub use disk::{DiskImage, RawImage};
 pub use ephemeral::EphemeralImage;
@@ -197,6 +197,8 @@ pub struct Block {
     buf: Vec<u8>,
     /// [`BYTE_BUDGET`], smaller in tests.
     byte_budget: u64,
+    /// Limits on the guest's requests (`rate_limiter` of a drive).
+    limiter: Option<crate::rate_limiter::RateLimiter>,
 }
 
 impl std::fmt::Debug for Block {
@@ -263,6 +265,7 @@ impl Block {
             config: config_space(capacity),
             buf: vec![0; BOUNCE_LEN],
             byte_budget: BYTE_BUDGET,
+            limiter: None,
         })
     }
 
@@ -281,6 +284,13 @@ impl Block {
         self.common.is_activated()
     }
 
+    /// Limits the guest's requests (bytes and operations). Call before
+    /// the device joins the event loop, which then watches the limiter's
+    /// timer; a limiter that limits nothing is dropped.
+    pub fn set_rate_limiter(&mut self, limiter: Option<crate::rate_limiter::RateLimiter>) {
+        self.limiter = limiter.filter(crate::rate_limiter::RateLimiter::is_limiting);
+    }
+
     /// Drains the request queue; runs on the event-loop thread.
     fn process_queue(&mut self) {
         let Self {
@@ -290,6 +300,7 @@ impl Block {
             id,
             buf,
             byte_budget,
+            limiter,
             ..
         } = self;
         let zeroes = common.avail_features() & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0;
@@ -308,6 +319,7 @@ impl Block {
         let mem = &active.mem;
         let mut handled = 0usize;
         let mut more = false;
+        let mut limited = false;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 crate::warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
@@ -319,11 +331,23 @@ impl Block {
                     break;
                 };
                 let head = chain.head_index();
+                if let Some(l) = limiter.as_mut() {
+                    if !l.consume(request::data_len_of(chain.clone())) {
+                        // Back in the ring until the limiter's timer fires.
+                        queue.go_to_previous_position();
+                        crate::metrics::BLOCK.rate_limiter_throttled_events.inc();
+                        limited = true;
+                        break;
+                    }
+                }
                 let len = request::process(&mut ctx, mem, chain);
                 handled += 1;
                 if let Err(e) = queue.add_used(mem, head, len) {
                     crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
                 }
+            }
+            if limited {
+                break;
             }
             if handled >= REQUEST_BUDGET || ctx.bytes >= *byte_budget {
                 // Yield; the kick below brings the loop back to the rest
@@ -403,15 +427,35 @@ impl VirtioDevice for Block {
     }
 }
 
+/// The event tag of the rate limiter's timer.
+const LIMITER_TAG: u32 = 1;
+
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.common.init(ops);
+        if let Some(l) = &self.limiter {
+            let ev = VirtioCommon::device_events(l.timer_fd(), LIMITER_TAG, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::error!("virtio-blk: cannot watch the rate limiter's timer: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if let DeviceEvent::Queue(REQUEST_QUEUE) = self.common.event(&events, ops) {
-            crate::metrics::BLOCK.queue_event_count.inc();
-            self.process_queue();
+        match self.common.event(&events, ops) {
+            DeviceEvent::Queue(REQUEST_QUEUE) => {
+                crate::metrics::BLOCK.queue_event_count.inc();
+                self.process_queue();
+            }
+            DeviceEvent::Device {
+                tag: LIMITER_TAG, ..
+            } => {
+                if let Some(l) = &mut self.limiter {
+                    l.timer_fired();
+                }
+                self.process_queue();
+            }
+            _ => {}
         }
     }
 }

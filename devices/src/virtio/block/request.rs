@@ -66,6 +66,15 @@ pub(super) struct Context<'a> {
     pub bytes: u64,
 }
 
+/// The data bytes of a request chain, for its rate limiter: every
+/// descriptor but the 16-byte header and the status byte.
+pub(super) fn data_len_of(chain: DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    chain
+        .take(MAX_DESCRIPTORS)
+        .fold(0u64, |a, d| a.saturating_add(u64::from(d.len())))
+        .saturating_sub(u64::from(HEADER_LEN) + 1)
+}
+
 /// Handles one descriptor chain; returns the used length (bytes the device
 /// wrote into guest memory, including the status byte).
 pub(super) fn process(
