@@ -44,3 +44,51 @@ poweroff -f' \
     expect "no Rust panic" no_rust_panic
     rm -rf "$_d"
 }
+
+ALL_CASES="$ALL_CASES fc_rate_limits"
+
+# within_10pct T0 T1 BYTES SIZE RATE: whether BYTES read between guest
+# uptimes T0 and T1 took the time a full bucket of SIZE refilled at RATE
+# bytes/s allows, within 10 %.
+within_10pct() {
+    awk -v t0="$1" -v t1="$2" -v n="$3" -v size="$4" -v rate="$5" 'BEGIN {
+        want = (n - size) / rate; got = t1 - t0;
+        printf "took %.2f s, the limit allows %.2f s\n", got, want;
+        exit !(got >= want * 0.9 && got <= want * 1.1) }'
+}
+
+# The rate limiters of a drive and of the entropy device, measured in the
+# guest over about 10 s each: a 2 MiB/s disk read of 20 MiB, a 200 kB/s
+# hwrng read of 2 MB (Firecracker's token buckets: full at the start).
+case_fc_rate_limits() {
+    _d="$WORK/fc_rate_limits.files"
+    rm -rf "$_d"
+    mkdir -p "$_d"
+    dd if=/dev/zero of="$_d/data.img" bs=1M count=24 2>/dev/null
+    cat >"$_d/vm.json" <<EOF
+{"boot-source": {"kernel_image_path": "$VMLINUX", "initrd_path": "$INITRD",
+                 "boot_args": "console=ttyS0 reboot=k panic=1 rng_core.current_quality=0"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+ "drives": [{"drive_id": "data", "path_on_host": "$_d/data.img",
+             "is_root_device": false, "is_read_only": true,
+             "rate_limiter": {"bandwidth": {"size": 204800, "refill_time": 100}}}],
+ "entropy": {"rate_limiter": {"bandwidth": {"size": 20000, "refill_time": 100}}}}
+EOF
+    run_capsule fc_rate_limits 't0=$(cut -d" " -f1 /proc/uptime); dd if=/dev/vda of=/dev/null bs=64k count=320 2>/dev/null; echo blk-times $t0 $(cut -d" " -f1 /proc/uptime)
+t0=$(cut -d" " -f1 /proc/uptime); head -c 2000000 /dev/hwrng >/dev/null; echo rng-times $t0 $(cut -d" " -f1 /proc/uptime)
+poweroff -f' \
+        firecracker --no-api --config-file "$_d/vm.json"
+    expect "exit status 0" rc_is 0
+    _blk="$(grep '^blk-times ' "$OUT" | tail -n 1)"
+    _rng="$(grep '^rng-times ' "$OUT" | tail -n 1)"
+    # shellcheck disable=SC2086
+    set -- $_blk
+    expect "the disk read at 2 MiB/s within 10 % ($(within_10pct "${2:-0}" "${3:-0}" 20971520 204800 2048000))" \
+        within_10pct "${2:-0}" "${3:-0}" 20971520 204800 2048000
+    # shellcheck disable=SC2086
+    set -- $_rng
+    expect "the hwrng read at 200 kB/s within 10 % ($(within_10pct "${2:-0}" "${3:-0}" 2000000 20000 200000))" \
+        within_10pct "${2:-0}" "${3:-0}" 2000000 20000 200000
+    expect "no Rust panic" no_rust_panic
+    rm -rf "$_d"
+}
