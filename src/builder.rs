@@ -242,8 +242,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         event_manager: &mut event_manager,
     };
     devices.add_legacy(&exit, console)?;
-    devices.add_disks(&config.disks)?;
-    devices.add_nets(&config.nets)?;
+    let disks = devices.add_disks(&config.disks)?;
+    let nets = devices.add_nets(&config.nets)?;
     if let Some(limits) = config.entropy {
         let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
             .and_then(devices::virtio::rng::Rng::with_limiter)
@@ -293,6 +293,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         _vm: vm,
         ram,
         watch_halt,
+        disks,
+        nets,
     })
 }
 
@@ -330,17 +332,21 @@ impl Devices<'_> {
         Ok(())
     }
 
-    /// One virtio-blk device per `--disk`, in order (vda, vdb, ...).
-    fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
+    /// One virtio-blk device per `--disk`, in order (vda, vdb, ...);
+    /// returns them, for changes while the VM runs.
+    fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<Vec<Arc<Mutex<Block>>>> {
+        let mut out = Vec::new();
         for (index, disk) in disks.iter().enumerate() {
             let block = Arc::new(Mutex::new(open_disk(index, disk)?));
-            self.add_virtio(block)?;
+            self.add_virtio(block.clone())?;
+            out.push(block);
         }
-        Ok(())
+        Ok(out)
     }
 
-    /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
-    fn add_nets(&mut self, nets: &[NetConfig]) -> Result<()> {
+    /// One virtio-net device per `--net`, in order (eth0, eth1, ...);
+    /// returns them, for changes while the VM runs.
+    fn add_nets(&mut self, nets: &[NetConfig]) -> Result<Vec<Arc<Mutex<Net>>>> {
         let macs: Vec<_> = nets
             .iter()
             .enumerate()
@@ -351,11 +357,13 @@ impl Devices<'_> {
                 return Err(Error::DuplicateMac(j, i, *mac));
             }
         }
+        let mut out = Vec::new();
         for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
             let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
-            self.add_virtio(device)?;
+            self.add_virtio(device.clone())?;
+            out.push(device);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// The caller's devices and subscribers (`capsule exec`'s console and
@@ -492,14 +500,12 @@ fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
     Ok(block)
 }
 
-/// The limiter for `limits`, if they limit anything.
+/// The limiter for `limits` (one that limits nothing yet, if they are
+/// empty: a `PATCH` may set limits while the VM runs).
 fn rate_limiter(
     limits: &crate::config::Limits,
 ) -> std::io::Result<Option<devices::rate_limiter::RateLimiter>> {
-    match (limits.bandwidth, limits.ops) {
-        (None, None) => Ok(None),
-        (bw, ops) => devices::rate_limiter::RateLimiter::new(bw, ops).map(Some),
-    }
+    devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops).map(Some)
 }
 
 /// Creates network device `index` with its backend: opens the TAP device

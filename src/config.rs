@@ -43,14 +43,7 @@ pub struct VmConfig {
     pub entropy: Option<Limits>,
 }
 
-/// A device's rate limits (token buckets; none: unlimited).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Limits {
-    /// Bytes.
-    pub bandwidth: Option<devices::rate_limiter::BucketConfig>,
-    /// Operations.
-    pub ops: Option<devices::rate_limiter::BucketConfig>,
-}
+pub use devices::rate_limiter::Limits;
 
 /// A MAC address.
 pub type MacAddr = [u8; 6];

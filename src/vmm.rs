@@ -46,6 +46,10 @@ pub struct Vmm {
     /// Kick the vCPUs now and then to see whether they halted for good
     /// (a guest without ACPI: `vstate::halt`).
     pub(crate) watch_halt: bool,
+    /// The virtio-blk devices, in the guest's order (vda, vdb, ...).
+    pub(crate) disks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
+    /// The virtio-net devices, in the guest's order (eth0, eth1, ...).
+    pub(crate) nets: Vec<Arc<Mutex<devices::virtio::net::Net>>>,
 }
 
 /// Errors of [`Vmm::pause`] and [`Vmm::resume`].
@@ -125,6 +129,16 @@ impl Vmm {
                 timeout: PAUSE_TIMEOUT,
             })
         }
+    }
+
+    /// Disk `index` (in the guest's order), for a change while it runs.
+    pub fn disk(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::block::Block>>> {
+        self.disks.get(index)
+    }
+
+    /// Network device `index` (in the guest's order).
+    pub fn net(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::net::Net>>> {
+        self.nets.get(index)
     }
 
     /// Types Ctrl-Alt-Del on the guest's keyboard (i8042). Returns false

@@ -409,6 +409,22 @@ fn api_additions_through_the_firecracker_command_line() {
     assert_eq!(c["entropy"]["rate_limiter"]["ops"]["size"], 10, "{body}");
     let boot = format!(r#"{{"kernel_image_path":"{}"}}"#, kernel.display());
     assert_eq!(fc.req("PUT", "/boot-source", Some(&boot)).0, 204);
+    // A drive, swapped and limited once the VM runs.
+    let (img1, img2) = (tmp("swap1.img"), tmp("swap2.img"));
+    std::fs::write(&img1, vec![0u8; 4096]).unwrap();
+    std::fs::write(&img2, vec![0u8; 8192]).unwrap();
+    let drive = format!(
+        r#"{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"rate_limiter":{{"ops":{{"size":100,"refill_time":1000}}}}}}"#,
+        img1.display()
+    );
+    assert_eq!(fc.req("PUT", "/drives/data", Some(&drive)).0, 204);
+    let patch = format!(
+        r#"{{"drive_id":"data","path_on_host":"{}"}}"#,
+        img2.display()
+    );
+    let (st, body) = fc.req("PATCH", "/drives/data", Some(&patch));
+    assert_eq!(st, 400);
+    assert!(body.contains("not supported before starting"), "{body}");
     let (st, body) = fc.req(
         "PUT",
         "/actions",

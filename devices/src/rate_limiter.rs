@@ -32,6 +32,15 @@ pub struct BucketConfig {
     pub refill_time_ms: u64,
 }
 
+/// A device's rate limits (token buckets; none: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Bytes.
+    pub bandwidth: Option<BucketConfig>,
+    /// Operations.
+    pub ops: Option<BucketConfig>,
+}
+
 /// A token bucket. Time is passed in, so that it can be tested without
 /// sleeping.
 #[derive(Debug, Clone)]

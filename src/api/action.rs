@@ -46,6 +46,10 @@ pub enum VmmAction {
     PutEntropy(EntropyDevice),
     /// `PUT /cpu-config` (refused: capsule has no CPU templates).
     PutCpuConfig,
+    /// `PATCH /drives/{id}`.
+    PatchDrive(PartialDrive),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(PartialNetworkInterface),
 }
 
 /// What an action that succeeded returns.
@@ -147,6 +151,22 @@ pub enum VmmActionError {
     /// Building the VM failed.
     #[error(transparent)]
     Start(#[from] builder::Error),
+    /// A `PATCH` for a drive or interface the VM does not have.
+    #[error("no {what} with id '{id}' in the running microVM")]
+    NoSuchDevice {
+        /// `drive` or `network interface`.
+        what: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// A drive's new image could not be used.
+    #[error("drive {id}: {source}")]
+    DriveSwap {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: devices::virtio::block::BlockError,
+    },
     /// Metrics could not be set up or written.
     #[error(transparent)]
     Metrics(#[from] super::metrics::MetricsError),

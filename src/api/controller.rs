@@ -187,6 +187,8 @@ impl Controller {
             }
             VmmAction::Action(ActionType::SendCtrlAltDel) => self.ctrl_alt_del(vmm),
             VmmAction::PatchVm(want) => self.pause_or_resume(vmm, want),
+            VmmAction::PatchDrive(p) => self.patch_drive(vmm, p),
+            VmmAction::PatchNetworkInterface(p) => self.patch_net(vmm, p),
         }
     }
 
@@ -219,6 +221,60 @@ impl Controller {
                 "the guest is not reading its keyboard (i8042 buffer full)",
             ));
         }
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /drives/{id}` on the running VM: a new image (the guest
+    /// sees a media change) and/or new limits.
+    fn patch_drive(&mut self, vmm: Option<&mut Vmm>, p: PartialDrive) -> Result<VmmData> {
+        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
+            return Err(VmmActionError::NotBeforeStart);
+        };
+        let no_such = || VmmActionError::NoSuchDevice {
+            what: "drive",
+            id: p.drive_id.clone(),
+        };
+        let index = self
+            .resources
+            .drive_index(&p.drive_id)
+            .ok_or_else(no_such)?;
+        let disk = vmm.disk(index).ok_or_else(no_such)?;
+        let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &p.path_on_host {
+            disk.replace_image(std::path::Path::new(path))
+                .map_err(|source| VmmActionError::DriveSwap {
+                    id: p.drive_id.clone(),
+                    source,
+                })?;
+            log::info!("drive {}: now {path}", p.drive_id);
+        }
+        if let Some(r) = p.rate_limiter {
+            let l = r.limits();
+            disk.update_rate_limiter(l.bandwidth, l.ops);
+        }
+        drop(disk);
+        self.resources.patched_drive(&p);
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /network-interfaces/{id}` on the running VM: new limits.
+    fn patch_net(&mut self, vmm: Option<&mut Vmm>, p: PartialNetworkInterface) -> Result<VmmData> {
+        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
+            return Err(VmmActionError::NotBeforeStart);
+        };
+        let no_such = || VmmActionError::NoSuchDevice {
+            what: "network interface",
+            id: p.iface_id.clone(),
+        };
+        let index = self.resources.net_index(&p.iface_id).ok_or_else(no_such)?;
+        let net = vmm.net(index).ok_or_else(no_such)?;
+        net.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update_rate_limiters(
+                p.rx_rate_limiter.map(|r| r.limits()),
+                p.tx_rate_limiter.map(|r| r.limits()),
+            );
+        self.resources.patched_net(&p);
         Ok(VmmData::Empty)
     }
 

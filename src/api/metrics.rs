@@ -86,6 +86,8 @@ pub fn counters_for(action: &super::action::VmmAction) -> Option<&'static (Count
         A::PutCpuConfig => &m.put_cpu_cfg,
         A::PatchMachineConfig(_) => &m.patch_machine_cfg,
         A::PatchVm(_) => &m.patch_vm,
+        A::PatchDrive(_) => &m.patch_drive,
+        A::PatchNetworkInterface(_) => &m.patch_network,
         A::GetInstanceInfo => {
             m.get_instance_info_count.inc();
             return None;

@@ -97,6 +97,49 @@ impl VmResources {
         Ok(())
     }
 
+    /// The guest's index of drive `id` (the root drive first, as in
+    /// [`Self::vm_config`]).
+    pub fn drive_index(&self, id: &str) -> Option<usize> {
+        let ordered = self
+            .drives
+            .iter()
+            .filter(|d| d.is_root_device)
+            .chain(self.drives.iter().filter(|d| !d.is_root_device));
+        ordered
+            .enumerate()
+            .find(|(_, d)| d.drive_id == id)
+            .map(|(i, _)| i)
+    }
+
+    /// The guest's index of network interface `id`.
+    pub fn net_index(&self, id: &str) -> Option<usize> {
+        self.nets.iter().position(|n| n.iface_id == id)
+    }
+
+    /// Records a `PATCH /drives/{id}` that took effect.
+    pub fn patched_drive(&mut self, p: &PartialDrive) {
+        if let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == p.drive_id) {
+            if let Some(path) = &p.path_on_host {
+                d.path_on_host = Some(path.clone());
+            }
+            if let Some(r) = p.rate_limiter {
+                d.rate_limiter = Some(r);
+            }
+        }
+    }
+
+    /// Records a `PATCH /network-interfaces/{id}` that took effect.
+    pub fn patched_net(&mut self, p: &PartialNetworkInterface) {
+        if let Some(n) = self.nets.iter_mut().find(|n| n.iface_id == p.iface_id) {
+            if p.rx_rate_limiter.is_some() {
+                n.rx_rate_limiter = p.rx_rate_limiter;
+            }
+            if p.tx_rate_limiter.is_some() {
+                n.tx_rate_limiter = p.tx_rate_limiter;
+            }
+        }
+    }
+
     /// `PUT /boot-source`.
     pub fn set_boot_source(&mut self, b: BootSource) -> Result<()> {
         if b.kernel_image_path.is_empty() {

@@ -105,6 +105,24 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             }
             Request::PatchMachineConfig(u)
         }
+        ("PATCH", ["drives", id]) => {
+            let d: types::PartialDrive = from_body(body).map_err(bad)?;
+            if d.drive_id != *id {
+                return Err(bad(
+                    "The id from the path does not match the id from the body!".to_string(),
+                ));
+            }
+            Request::PatchDrive(d)
+        }
+        ("PATCH", ["network-interfaces", id]) => {
+            let n: types::PartialNetworkInterface = from_body(body).map_err(bad)?;
+            if n.iface_id != *id {
+                return Err(bad(
+                    "The id from the path does not match the id from the body!".to_string(),
+                ));
+            }
+            Request::PatchNetworkInterface(n)
+        }
         ("PUT", ["metrics"]) => Request::PutMetrics(from_body(body).map_err(bad)?),
         ("PUT", ["entropy"]) => Request::PutEntropy(from_body(body).map_err(bad)?),
         ("PUT", ["cpu-config"]) => {

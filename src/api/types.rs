@@ -178,6 +178,36 @@ pub struct Drive {
     pub socket: Option<String>,
 }
 
+/// `PATCH /drives/{drive_id}`: a new image and/or new limits for a
+/// running VM's drive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive's id (must match the path).
+    pub drive_id: String,
+    /// A new image: the guest sees a media change.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub path_on_host: Option<String>,
+    /// New limits.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new limits for a running VM's
+/// interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface's id (must match the path).
+    pub iface_id: String,
+    /// New limits on what the guest receives.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New limits on what the guest sends.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
 /// `PUT /network-interfaces/{iface_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -286,9 +286,42 @@ impl Block {
 
     /// Limits the guest's requests (bytes and operations). Call before
     /// the device joins the event loop, which then watches the limiter's
-    /// timer; a limiter that limits nothing is dropped.
+    /// timer (give one that limits nothing yet if limits may come later,
+    /// with [`Self::update_rate_limiter`]).
     pub fn set_rate_limiter(&mut self, limiter: Option<crate::rate_limiter::RateLimiter>) {
-        self.limiter = limiter.filter(crate::rate_limiter::RateLimiter::is_limiting);
+        self.limiter = limiter;
+    }
+
+    /// New limits while the VM runs (`PATCH /drives/{id}`); false if the
+    /// device has no limiter (none was set before it joined the event
+    /// loop).
+    pub fn update_rate_limiter(
+        &mut self,
+        bandwidth: Option<crate::rate_limiter::BucketConfig>,
+        ops: Option<crate::rate_limiter::BucketConfig>,
+    ) -> bool {
+        match &mut self.limiter {
+            Some(l) => {
+                l.update(bandwidth, ops);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the image under a running guest (`PATCH /drives/{id}` with
+    /// a new `path_on_host`: a media change). The new image is opened and
+    /// locked like the first (read-only if the disk is); the old one is
+    /// closed (its lock released) and the guest is told of the new
+    /// capacity with a configuration-change interrupt.
+    pub fn replace_image(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
+        let read_only = self.disk.is_read_only();
+        let disk: Box<dyn DiskImage> = Box::new(RawImage::open(path, read_only)?);
+        self.capacity = disk.len() / SECTOR_SIZE;
+        self.disk = disk;
+        self.config = config_space(self.capacity);
+        self.common.config_changed(true);
+        Ok(())
     }
 
     /// Drains the request queue; runs on the event-loop thread.

@@ -209,15 +209,34 @@ impl Net {
 
     /// Limits what the guest receives (`rx`) and sends (`tx`). Call before
     /// the device joins the event loop (which then watches the limiters'
-    /// timers); a limiter that limits nothing is dropped.
+    /// timers); give limiters that limit nothing yet if limits may come
+    /// later ([`Self::update_rate_limiters`]).
     pub fn set_rate_limiters(
         &mut self,
         rx: Option<crate::rate_limiter::RateLimiter>,
         tx: Option<crate::rate_limiter::RateLimiter>,
     ) {
-        use crate::rate_limiter::RateLimiter;
-        self.rx_limiter = rx.filter(RateLimiter::is_limiting);
-        self.tx_limiter = tx.filter(RateLimiter::is_limiting);
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+    }
+
+    /// New limits while the VM runs (`PATCH /network-interfaces/{id}`):
+    /// `None` leaves a direction as it is. False if the device has no
+    /// limiter for a direction given.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<crate::rate_limiter::Limits>,
+        tx: Option<crate::rate_limiter::Limits>,
+    ) -> bool {
+        let mut ok = true;
+        for (limits, limiter) in [(rx, &mut self.rx_limiter), (tx, &mut self.tx_limiter)] {
+            match (limits, limiter) {
+                (Some(l), Some(limiter)) => limiter.update(l.bandwidth, l.ops),
+                (Some(_), None) => ok = false,
+                (None, _) => {}
+            }
+        }
+        ok
     }
 
     /// The MAC address in the configuration space.
