@@ -92,3 +92,46 @@ poweroff -f' \
     expect "no Rust panic" no_rust_panic
     rm -rf "$_d"
 }
+
+ALL_CASES="$ALL_CASES fc_drive_swap"
+
+# PATCH /drives/{id} under a running guest: the guest waits for its disk
+# to change size, the host swaps the 4 MiB image for an 8 MiB one, and the
+# guest reads the new one.
+case_fc_drive_swap() {
+    _d="$WORK/fc_drive_swap.files"
+    rm -rf "$_d"
+    mkdir -p "$_d"
+    dd if=/dev/zero of="$_d/small.img" bs=1M count=4 2>/dev/null
+    dd if=/dev/zero of="$_d/big.img" bs=1M count=8 2>/dev/null
+    printf 'swapped-image' | dd of="$_d/big.img" conv=notrunc 2>/dev/null
+    cat >"$_d/vm.json" <<EOF
+{"boot-source": {"kernel_image_path": "$VMLINUX", "initrd_path": "$INITRD",
+                 "boot_args": "console=ttyS0 reboot=k panic=1"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+ "drives": [{"drive_id": "data", "path_on_host": "$_d/small.img",
+             "is_root_device": false, "is_read_only": false}]}
+EOF
+    # The host side: once the guest waits, PATCH the drive.
+    (
+        _raw="$WORK/fc_drive_swap/stdout.raw"
+        wait_for "$_raw" 'waiting-for-swap' "$CASE_TIMEOUT" "$_d/stop" || exit 0
+        "$TOOLS/curl" -s -o "$_d/patch.body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
+            -X PATCH -d "{\"drive_id\": \"data\", \"path_on_host\": \"$_d/big.img\"}" \
+            http://localhost/drives/data >"$_d/patch.status"
+    ) &
+    _patcher=$!
+    run_capsule fc_drive_swap 'echo size-before=$(cat /sys/block/vda/size); echo waiting-for-swap; while [ "$(cat /sys/block/vda/size)" = 8192 ]; do sleep 0.2; done; echo size-after=$(cat /sys/block/vda/size); echo head=$(head -c 13 /dev/vda)
+poweroff -f' \
+        firecracker --api-sock "$_d/api.sock" --config-file "$_d/vm.json"
+    touch "$_d/stop"
+    wait "$_patcher"
+    expect "exit status 0" rc_is 0
+    expect "PATCH /drives/data answered 204 ($(cat "$_d/patch.body" 2>/dev/null))" \
+        [ "$(cat "$_d/patch.status" 2>/dev/null)" = 204 ]
+    expect "4 MiB before" out_has_line "size-before=8192"
+    expect "8 MiB after the swap" out_has_line "size-after=16384"
+    expect "the guest reads the new image" out_has_line "head=swapped-image"
+    expect "no Rust panic" no_rust_panic
+    rm -rf "$_d"
+}
