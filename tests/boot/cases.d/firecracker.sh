@@ -121,7 +121,7 @@ EOF
             http://localhost/drives/data >"$_d/patch.status"
     ) &
     _patcher=$!
-    run_capsule fc_drive_swap 'echo size-before=$(cat /sys/block/vda/size); echo waiting-for-swap; while [ "$(cat /sys/block/vda/size)" = 8192 ]; do sleep 0.2; done; echo size-after=$(cat /sys/block/vda/size); echo head=$(head -c 13 /dev/vda)
+    run_capsule fc_drive_swap 'echo size-before=$(cat /sys/block/vda/size); echo waiting-for-swap; while [ "$(cat /sys/block/vda/size)" = 8192 ]; do sleep 0.2; done; echo size-after=$(cat /sys/block/vda/size); echo 3 >/proc/sys/vm/drop_caches; echo head=$(head -c 13 /dev/vda)
 poweroff -f' \
         firecracker --api-sock "$_d/api.sock" --config-file "$_d/vm.json"
     touch "$_d/stop"
