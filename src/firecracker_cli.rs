@@ -374,6 +374,8 @@ pub fn plan(a: &FcArgs) -> Result<Plan, Refusal> {
     if let Some(p) = a.value("metrics-path") {
         setup.push(VmmAction::PutMetrics(types::Metrics {
             metrics_path: p.to_string(),
+            emit_id: None,
+            properties: None,
         }));
     }
     let seccomp = match (a.flag("no-seccomp"), a.value("seccomp-filter")) {

@@ -611,6 +611,12 @@ fn conformance_with_the_firecracker_spec() {
         ("/vm/config", "get"),
         ("/logger", "put"),
         ("/serial", "put"),
+        ("/machine-config", "patch"),
+        ("/metrics", "put"),
+        ("/entropy", "put"),
+        ("/cpu-config", "put"),
+        ("/drives/{drive_id}", "patch"),
+        ("/network-interfaces/{iface_id}", "patch"),
     ] {
         let at = text
             .find(&format!("\n  {p}:\n"))
@@ -637,6 +643,9 @@ fn conformance_with_the_firecracker_spec() {
         ("PUT", "/drives/rootfs", "Drive", format!(r#"{{"drive_id":"rootfs","path_on_host":"{k}","is_root_device":true,"is_read_only":true,"cache_type":"Unsafe","io_engine":"Sync"}}"#)),
         ("PUT", "/logger", "Logger", r#"{"level":"Warning","show_level":true,"show_log_origin":false}"#.to_string()),
         ("PUT", "/serial", "SerialDevice", format!(r#"{{"serial_out_path":"{}"}}"#, tmp("conf.serial").display())),
+        ("PATCH", "/machine-config", "MachineConfiguration", r#"{"vcpu_count":1,"mem_size_mib":64}"#.to_string()),
+        ("PUT", "/metrics", "Metrics", format!(r#"{{"metrics_path":"{}"}}"#, tmp("conf.metrics").display())),
+        ("PUT", "/entropy", "EntropyDevice", r#"{"rate_limiter":{"bandwidth":{"size":4096,"one_time_burst":0,"refill_time":100},"ops":{"size":10,"refill_time":100}}}"#.to_string()),
     ];
     for (m, p, schema, body) in &requests {
         conforms(&defs, schema, &json(body)).unwrap();
@@ -654,6 +663,8 @@ fn conformance_with_the_firecracker_spec() {
         "SerialDevice",
         "InstanceActionInfo",
         "Vm",
+        "Metrics",
+        "EntropyDevice",
     ] {
         for (prop, _, _) in &defs[schema].props {
             let path = match schema {
@@ -664,6 +675,8 @@ fn conformance_with_the_firecracker_spec() {
                 "Logger" => "/logger",
                 "SerialDevice" => "/serial",
                 "InstanceActionInfo" => "/actions",
+                "Metrics" => "/metrics",
+                "EntropyDevice" => "/entropy",
                 _ => "/vm",
             };
             let body = format!(r#"{{"{prop}": null}}"#);
@@ -703,6 +716,12 @@ fn conformance_with_the_firecracker_spec() {
     assert_eq!(st, 204, "{body}");
     let (_, body) = vmm.req("GET", "/", None);
     conforms(&defs, "InstanceInfo", &json(&body)).unwrap();
+    let patch = r#"{"drive_id":"rootfs","rate_limiter":{"ops":{"size":100,"refill_time":1000}}}"#;
+    conforms(&defs, "PartialDrive", &json(patch)).unwrap();
+    let (st, body) = vmm.req("PATCH", "/drives/rootfs", Some(patch));
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = vmm.req("PUT", "/actions", Some(r#"{"action_type":"FlushMetrics"}"#));
+    assert_eq!(st, 204, "{body}");
     conforms(&defs, "Vm", &json(r#"{"state":"Paused"}"#)).unwrap();
     assert_eq!(
         vmm.req("PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,

@@ -171,7 +171,20 @@ impl Controller {
                 Ok(VmmData::Empty)
             }
             VmmAction::PutMetrics(m) => {
-                super::metrics::configure(&m.metrics_path)?;
+                let mut extra = serde_json::Map::new();
+                if m.emit_id == Some(true) {
+                    extra.insert("id".into(), self.id.clone().into());
+                }
+                if let Some(p) = &m.properties {
+                    let props = p
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())));
+                    extra.insert(
+                        "properties".into(),
+                        serde_json::Value::Object(props.collect()),
+                    );
+                }
+                super::metrics::configure(&m.metrics_path, extra)?;
                 self.resources.metrics = Some(m);
                 Ok(VmmData::Empty)
             }

@@ -280,6 +280,8 @@ pub fn snapshot() -> Vec<(&'static str, &'static str, u64)> {
 struct Sink {
     file: File,
     kind: OutputKind,
+    /// Fields put in every line (`id`, `properties`).
+    extra: Map<String, Value>,
     last: BTreeMap<(&'static str, &'static str), u64>,
 }
 
@@ -313,7 +315,8 @@ pub enum MetricsError {
 
 /// Sends metrics to `path` (a file, appended to, or a FIFO with a reader)
 /// from now on, and writes them every [`PERIOD`]. Only once per process.
-pub fn configure(path: &str) -> Result<(), MetricsError> {
+/// `extra` fields (the instance `id`, `properties`) go in every line.
+pub fn configure(path: &str, extra: Map<String, Value>) -> Result<(), MetricsError> {
     let mut s = sink();
     if s.is_some() {
         return Err(MetricsError::AlreadyConfigured);
@@ -328,6 +331,7 @@ pub fn configure(path: &str) -> Result<(), MetricsError> {
     *s = Some(Sink {
         file,
         kind,
+        extra,
         last: BTreeMap::new(),
     });
     drop(s);
@@ -349,8 +353,9 @@ fn line(
     values: &[(&'static str, &'static str, u64)],
     last: &mut BTreeMap<(&'static str, &'static str), u64>,
     now_ms: u64,
+    extra: &Map<String, Value>,
 ) -> String {
-    let mut root = Map::new();
+    let mut root = extra.clone();
     root.insert("utc_timestamp_ms".into(), Value::from(now_ms));
     for &(group, key, value) in values {
         let before = last.insert((group, key), value).unwrap_or(0);
@@ -383,7 +388,7 @@ pub fn flush() -> Result<(), MetricsError> {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let text = line(&snapshot(), &mut s.last, now_ms);
+    let text = line(&snapshot(), &mut s.last, now_ms, &s.extra);
     // A FIFO is non-blocking: a line its reader cannot take now is lost
     // (never waited for), like a log line.
     match s.file.write_all(text.as_bytes()) {
@@ -403,19 +408,24 @@ mod tests {
     #[test]
     fn lines_hold_deltas_since_the_last_line() {
         let mut last = BTreeMap::new();
+        let mut extra = Map::new();
+        extra.insert("id".into(), Value::from("vm-1"));
         let l = line(
             &[("vcpu", "exit_io_in", 5), ("net", "rx_bytes_count", 7)],
             &mut last,
             9,
+            &extra,
         );
         let v: Value = serde_json::from_str(&l).unwrap();
         assert!(l.ends_with('\n') && !l.trim_end().contains('\n'));
         assert_eq!(v["utc_timestamp_ms"], 9);
         assert_eq!(v["vcpu"]["exit_io_in"], 5);
+        assert_eq!(v["id"], "vm-1");
         let l = line(
             &[("vcpu", "exit_io_in", 12), ("net", "rx_bytes_count", 7)],
             &mut last,
             10,
+            &Map::new(),
         );
         let v: Value = serde_json::from_str(&l).unwrap();
         assert_eq!(v["vcpu"]["exit_io_in"], 7);

@@ -90,6 +90,12 @@ impl MachineConfig {
 pub struct Metrics {
     /// File or named pipe that receives the metrics, one JSON object a line.
     pub metrics_path: String,
+    /// Put the instance id in each line (`"id"`).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub emit_id: Option<bool>,
+    /// Key-value pairs put in each line under `"properties"`.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A token bucket of a rate limiter (Firecracker's `TokenBucket`).
