@@ -80,8 +80,8 @@ pub struct NetConfig {
 /// administered unicast address, `02:ca:75:00:HH:LL` with the index in the
 /// last two bytes, so it is the same on every run.
 pub fn default_mac(index: usize) -> MacAddr {
-    let i = (index & 0xffff) as u16;
-    let [hi, lo] = i.to_be_bytes();
+    // Wraps after 65536 devices, far past the number a VM can have.
+    let [.., hi, lo] = index.to_be_bytes();
     [0x02, 0xca, 0x75, 0x00, hi, lo]
 }
 

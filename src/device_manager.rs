@@ -104,8 +104,8 @@ impl DeviceManager {
         let gsi = self.allocate_irq()?;
         vm.register_irqfd(transport.interrupt_evt(), gsi)
             .map_err(|e| Error::Irq("virtio-mmio", e))?;
-        for (i, evt) in transport.queue_evts().iter().enumerate() {
-            vm.register_mmio_ioevent(evt, base + NOTIFY_OFFSET, i as u32)
+        for (i, evt) in (0u32..).zip(transport.queue_evts().iter()) {
+            vm.register_mmio_ioevent(evt, base + NOTIFY_OFFSET, i)
                 .map_err(Error::IoEvent)?;
         }
         self.mmio
@@ -177,12 +177,12 @@ impl DeviceManager {
             layout::ACPI_RESET_VALUE,
         );
         debug_assert_eq!(
-            layout::ACPI_SLEEP_STATUS_PORT - layout::ACPI_SLEEP_CONTROL_PORT,
-            acpi_pm::SLEEP_STATUS_OFFSET as u16
+            u64::from(layout::ACPI_SLEEP_STATUS_PORT - layout::ACPI_SLEEP_CONTROL_PORT),
+            acpi_pm::SLEEP_STATUS_OFFSET
         );
         debug_assert_eq!(
-            layout::ACPI_RESET_PORT - layout::ACPI_SLEEP_CONTROL_PORT,
-            acpi_pm::RESET_OFFSET as u16
+            u64::from(layout::ACPI_RESET_PORT - layout::ACPI_SLEEP_CONTROL_PORT),
+            acpi_pm::RESET_OFFSET
         );
         self.pio
             .insert(

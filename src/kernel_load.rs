@@ -103,7 +103,7 @@ pub(crate) fn load_initrd(
             source,
         })?;
     if let Some((_, mut f)) = file {
-        mem.read_exact_volatile_from(address, &mut f, file_size as usize)
+        mem.read_exact_volatile_from(address, &mut f, arch::usize_from(file_size))
             .map_err(|source| Error::ReadInitrd {
                 path: path.clone(),
                 source,
@@ -111,7 +111,7 @@ pub(crate) fn load_initrd(
     }
     if let Some(extra) = extra {
         // Zero the alignment gap, then the archive.
-        let gap = vec![0u8; (extra_at - file_size) as usize];
+        let gap = vec![0u8; arch::usize_from(extra_at - file_size)];
         mem.write_slice(&gap, address.unchecked_add(file_size))
             .and_then(|()| mem.write_slice(extra, address.unchecked_add(extra_at)))
             .map_err(Error::Initramfs)?;

@@ -5,6 +5,14 @@
 //! guest memory, loaded kernel, devices, vCPU threads); [`vmm::Vmm::run`]
 //! drives the device event loop until the guest ends the VM.
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        reason = "test fixtures cast small, known values"
+    )
+)]
+
 pub mod api;
 pub mod builder;
 pub mod config;

@@ -1,5 +1,13 @@
 //! The `capsule` command line.
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        reason = "test fixtures cast small, known values"
+    )
+)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;

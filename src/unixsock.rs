@@ -22,6 +22,56 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+/// Why a socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    /// The path does not fit in `sun_path`.
+    #[error("the path is longer than {MAX_PATH} bytes")]
+    TooLong,
+    /// The path ends in `/` or `..`.
+    #[error("the path names no file")]
+    NoFileName,
+    /// The path has a NUL byte.
+    #[error("the path contains a NUL byte")]
+    Nul,
+    /// The path could not be examined.
+    #[error("{0}")]
+    Stat(#[source] std::io::Error),
+    /// Something other than a socket is at the path.
+    #[error("it exists and is {0}, not a stale socket; refusing to replace it")]
+    NotSocket(&'static str),
+    /// A live socket is at the path.
+    #[error("another process is serving on it")]
+    InUse,
+    /// Connecting to the socket at the path failed in an unexpected way.
+    #[error("cannot tell whether the socket is in use: {0}")]
+    Probe(#[source] std::io::Error),
+    /// The stale socket could not be removed.
+    #[error("cannot remove the stale socket: {0}")]
+    RemoveStale(#[source] std::io::Error),
+    /// The private directory to bind in could not be made.
+    #[error("cannot create a directory in {dir}: {source}")]
+    PrivateDir {
+        /// Where it was to be made.
+        dir: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `bind` failed.
+    #[error("cannot bind: {0}")]
+    Bind(#[source] std::io::Error),
+    /// The socket's mode could not be set.
+    #[error("cannot set the socket's mode: {0}")]
+    Mode(#[source] std::io::Error),
+    /// A file appeared at the path while binding.
+    #[error("something appeared at the path while binding; refusing to replace it")]
+    Raced,
+    /// The socket file could not be linked to the path.
+    #[error("cannot create the socket file: {0}")]
+    Link(#[source] std::io::Error),
+}
+
 /// Longest socket path `bind`/`connect` accept (`sun_path` holds 108
 /// bytes with the terminating NUL).
 const MAX_PATH: usize = 107;
@@ -53,8 +103,8 @@ impl Drop for SocketFile {
     }
 }
 
-fn c_path(p: &Path) -> Result<CString, String> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| "the path contains a NUL byte".to_string())
+fn c_path(p: &Path) -> Result<CString, BindError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| BindError::Nul)
 }
 
 fn last_error() -> std::io::Error {
@@ -81,26 +131,23 @@ fn describe(ft: std::fs::FileType) -> &'static str {
 }
 
 /// Makes room at `path`: nothing there, or a stale socket (removed).
-fn clear_stale(path: &Path) -> Result<(), String> {
+fn clear_stale(path: &Path) -> Result<(), BindError> {
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(BindError::Stat(e)),
     };
     let ft = meta.file_type();
     if !ft.is_socket() {
-        return Err(format!(
-            "it exists and is {}, not a stale socket; refusing to replace it",
-            describe(ft)
-        ));
+        return Err(BindError::NotSocket(describe(ft)));
     }
     match UnixStream::connect(path) {
-        Ok(_) => Err("another process is serving on it".to_string()),
+        Ok(_) => Err(BindError::InUse),
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
             log::info!("replacing the stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket: {e}"))
+            std::fs::remove_file(path).map_err(BindError::RemoveStale)
         }
-        Err(e) => Err(format!("cannot tell whether the socket is in use: {e}")),
+        Err(e) => Err(BindError::Probe(e)),
     }
 }
 
@@ -110,7 +157,7 @@ struct PrivateDir {
 }
 
 impl PrivateDir {
-    fn new(parent: &Path) -> Result<Self, String> {
+    fn new(parent: &Path) -> Result<Self, BindError> {
         let template = c_path(&parent.join(".capsule-sock-XXXXXX"))?;
         let mut buf = template.into_bytes_with_nul();
         // SAFETY: buf is a NUL-terminated template ending in XXXXXX that
@@ -118,11 +165,10 @@ impl PrivateDir {
         // (less any umask bits).
         let p = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
         if p.is_null() {
-            return Err(format!(
-                "cannot create a directory in {}: {}",
-                parent.display(),
-                last_error()
-            ));
+            return Err(BindError::PrivateDir {
+                dir: parent.to_path_buf(),
+                source: last_error(),
+            });
         }
         buf.pop();
         let dir = Self {
@@ -130,8 +176,12 @@ impl PrivateDir {
         };
         use std::os::unix::fs::PermissionsExt;
         // A umask of 0700 or more would leave us unable to bind inside.
-        std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot set up {}: {e}", dir.path.display()))?;
+        std::fs::set_permissions(&dir.path, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| BindError::PrivateDir {
+                dir: parent.to_path_buf(),
+                source,
+            },
+        )?;
         Ok(dir)
     }
 }
@@ -144,12 +194,12 @@ impl Drop for PrivateDir {
 
 /// Binds a listening Unix socket at `path`, mode 0600 (see the module
 /// documentation). Refuses a path that holds anything but a stale socket.
-pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
+pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), BindError> {
     if path.as_os_str().len() > MAX_PATH {
-        return Err(format!("the path is longer than {MAX_PATH} bytes"));
+        return Err(BindError::TooLong);
     }
     if path.file_name().is_none() {
-        return Err("the path names no file".to_string());
+        return Err(BindError::NoFileName);
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -159,15 +209,17 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
     let private = PrivateDir::new(&parent)?;
     // Bound through /proc/self/fd so that the temporary path is short
     // whatever the target's length.
-    let dir = std::fs::File::open(&private.path)
-        .map_err(|e| format!("cannot open {}: {e}", private.path.display()))?;
+    let dir = std::fs::File::open(&private.path).map_err(|source| BindError::PrivateDir {
+        dir: parent.clone(),
+        source,
+    })?;
     let tmp = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
-    let listener = UnixListener::bind(&tmp).map_err(|e| format!("cannot bind: {e}"))?;
+    let listener = UnixListener::bind(&tmp).map_err(BindError::Bind)?;
     let tmp_real = private.path.join("s");
     let tmp_c = c_path(&tmp_real)?;
     // SAFETY: a valid NUL-terminated path; chmod changes only its mode.
     if unsafe { libc::chmod(tmp_c.as_ptr(), 0o600) } != 0 {
-        return Err(format!("cannot set the socket's mode: {}", last_error()));
+        return Err(BindError::Mode(last_error()));
     }
     let target = c_path(path)?;
     // SAFETY: two valid NUL-terminated paths; link creates a new name for
@@ -175,13 +227,13 @@ pub fn bind(path: &Path) -> Result<(UnixListener, SocketFile), String> {
     if unsafe { libc::link(tmp_c.as_ptr(), target.as_ptr()) } != 0 {
         let e = last_error();
         return Err(if e.raw_os_error() == Some(libc::EEXIST) {
-            "something appeared at the path while binding; refusing to replace it".to_string()
+            BindError::Raced
         } else {
-            format!("cannot create the socket file: {e}")
+            BindError::Link(e)
         });
     }
     drop(private);
-    let meta = std::fs::symlink_metadata(path).map_err(|e| e.to_string())?;
+    let meta = std::fs::symlink_metadata(path).map_err(BindError::Stat)?;
     Ok((
         listener,
         SocketFile {
@@ -211,19 +263,22 @@ mod tests {
         let d = scratch("refuse");
         let file = d.join("file");
         std::fs::write(&file, "keep me").unwrap();
-        let e = bind(&file).unwrap_err();
+        let e = bind(&file).unwrap_err().to_string();
         assert!(e.contains("regular file"), "{e}");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
         let sub = d.join("dir");
         std::fs::create_dir(&sub).unwrap();
-        assert!(bind(&sub).unwrap_err().contains("a directory"));
+        assert!(bind(&sub).unwrap_err().to_string().contains("a directory"));
         let link = d.join("link");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(bind(&link).unwrap_err().contains("symbolic link"));
+        assert!(bind(&link)
+            .unwrap_err()
+            .to_string()
+            .contains("symbolic link"));
         // A live socket is in use; once its listener is gone it is stale.
         let sock = d.join("sock");
         let (live, f) = bind(&sock).unwrap();
-        assert!(bind(&sock).unwrap_err().contains("serving"));
+        assert!(bind(&sock).unwrap_err().to_string().contains("serving"));
         std::mem::forget(f);
         drop(live);
         let (_again, _f) = bind(&sock).unwrap();

@@ -126,7 +126,7 @@ pub fn detach(name: &str) -> u8 {
     eprint!("{text}");
     match child.try_wait() {
         Ok(Some(st)) => {
-            let code = st.code().unwrap_or(1) as u8;
+            let code = st.code().map_or(1, |c| u8::try_from(c).unwrap_or(1));
             if code == 0 {
                 println!("{name}");
             }

@@ -9,6 +9,11 @@
 //! `CAPSULE_REQUIRE_FC_SPEC=1` (set by `.ci/run` wherever the spec exists),
 //! which makes a missing spec a failure.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

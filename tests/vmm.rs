@@ -6,6 +6,11 @@
 //! boot (Linux guests are covered by the boot tests in tests/boot). They
 //! fail, never skip, when /dev/kvm is unusable.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};

@@ -27,8 +27,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::layout::{
     ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
-    ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START, COM1_IRQ, COM1_PORT,
-    I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START, MAX_VCPUS, PVPANIC_PORT,
+    ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START_32, COM1_IRQ, COM1_PORT,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START_32, MAX_VCPUS, PVPANIC_PORT,
 };
 
 /// OEM ID written into every table header.
@@ -178,7 +178,8 @@ fn build_dsdt(virtio_mmio: &[MmioDevice]) -> Result<Vec<u8>, Error> {
         }
         vdev_parts.push((
             format!("V{i:03X}"),
-            i as u32,
+            // Below 0x1000, checked above.
+            u32::try_from(i).map_err(|_| Error::TooManyDevices(virtio_mmio.len()))?,
             aml::Memory32Fixed::new(true, base, len),
             aml::Interrupt::new(true, true, false, false, dev.gsi),
         ));
@@ -252,14 +253,14 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
-        LocalInterruptController::Address(APIC_START as u32),
+        LocalInterruptController::Address(APIC_START_32),
     );
     for cpu in 0..num_cpus {
         madt.add_structure(ProcessorLocalApic::new(cpu, cpu, EnabledStatus::Enabled));
     }
     // Same IOAPIC id as in the MP table; `num_cpus <= MAX_VCPUS` keeps it
     // within u8.
-    madt.add_structure(IoApic::new(num_cpus + 1, IOAPIC_START as u32, 0));
+    madt.add_structure(IoApic::new(num_cpus + 1, IOAPIC_START_32, 0));
     to_bytes(&madt)
 }
 
@@ -512,7 +513,7 @@ mod tests {
             let madt = &tables.madt;
             assert_eq!(
                 u32::from_le_bytes(madt[36..40].try_into().unwrap()),
-                APIC_START as u32
+                APIC_START_32
             );
 
             let mut lapics = Vec::new();
@@ -542,7 +543,7 @@ mod tests {
             assert_eq!(off, madt.len());
             let expected: Vec<(u8, u8)> = (0..cpus).map(|i| (i, i)).collect();
             assert_eq!(lapics, expected);
-            assert_eq!(ioapics, vec![(cpus + 1, IOAPIC_START as u32, 0)]);
+            assert_eq!(ioapics, vec![(cpus + 1, IOAPIC_START_32, 0)]);
         }
     }
 

@@ -52,11 +52,13 @@ pub const fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 }
 
 /// Base address stored in a descriptor.
+#[expect(clippy::cast_possible_truncation, reason = "the mask keeps 32 bits")]
 pub const fn entry_base(entry: u64) -> u32 {
     (((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)) as u32
 }
 
 /// Raw 20-bit limit stored in a descriptor.
+#[expect(clippy::cast_possible_truncation, reason = "the mask keeps 20 bits")]
 pub const fn entry_raw_limit(entry: u64) -> u32 {
     ((entry & 0xffff) | ((entry >> 32) & 0x000f_0000)) as u32
 }

@@ -49,6 +49,10 @@ pub const FIRST_ADDR_PAST_32BITS: u64 = 1 << 32;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Base of the local APIC registers.
 pub const APIC_START: u64 = 0xfee0_0000;
+/// [`IOAPIC_START`] as the 32-bit field firmware tables hold.
+pub const IOAPIC_START_32: u32 = addr32(IOAPIC_START);
+/// [`APIC_START`] as the 32-bit field firmware tables hold.
+pub const APIC_START_32: u32 = addr32(APIC_START);
 /// Address of the TSS that KVM needs on Intel hosts (three pages).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// Start of the window in the MMIO hole where device MMIO regions
@@ -93,3 +97,15 @@ pub const LAST_DEVICE_IRQ: u32 = IOAPIC_NUM_PINS - 1;
 /// Largest number of vCPUs capsule configures (APIC ids fit in 8 bits and
 /// 255 is the broadcast id).
 pub const MAX_VCPUS: u8 = 254;
+
+/// `addr` as a 32-bit address, for the 32-bit fields of firmware tables
+/// and boot structures. Used in `const` items, so an address at or past
+/// 4 GiB fails the build instead of being truncated.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "checked by the assert above it, at compile time for constants"
+)]
+pub const fn addr32(addr: u64) -> u32 {
+    assert!(addr <= u32::MAX as u64, "address does not fit in 32 bits");
+    addr as u32
+}

@@ -5,6 +5,27 @@
 //! This crate knows nothing about the command line, the API or device
 //! emulation; it only lays out guest memory and programs vCPUs.
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        reason = "test fixtures cast small, known values"
+    )
+)]
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("capsule runs on 64-bit x86 hosts only");
+
+/// `v` as a `usize`. Lossless: the crate builds only for 64-bit targets
+/// (see the `compile_error!` above), where `usize` is 64 bits.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "usize is 64 bits on every target this crate builds for"
+)]
+pub const fn usize_from(v: u64) -> usize {
+    v as usize
+}
+
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;

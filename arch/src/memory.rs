@@ -3,6 +3,7 @@
 use vm_memory::GuestAddress;
 
 use crate::layout::{FIRST_ADDR_PAST_32BITS, MMIO32_START};
+use crate::usize_from;
 
 /// Returns the guest RAM regions, as `(start, size)` pairs, for a VM with
 /// `mem_size` bytes of memory.
@@ -12,13 +13,13 @@ use crate::layout::{FIRST_ADDR_PAST_32BITS, MMIO32_START};
 /// [`FIRST_ADDR_PAST_32BITS`], leaving the 32-bit MMIO hole free for devices.
 pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     if mem_size <= MMIO32_START {
-        vec![(GuestAddress(0), mem_size as usize)]
+        vec![(GuestAddress(0), usize_from(mem_size))]
     } else {
         vec![
-            (GuestAddress(0), MMIO32_START as usize),
+            (GuestAddress(0), usize_from(MMIO32_START)),
             (
                 GuestAddress(FIRST_ADDR_PAST_32BITS),
-                (mem_size - MMIO32_START) as usize,
+                usize_from(mem_size - MMIO32_START),
             ),
         ]
     }

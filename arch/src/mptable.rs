@@ -5,11 +5,20 @@ use std::mem::size_of;
 
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::layout::{APIC_START, IOAPIC_NUM_PINS, IOAPIC_START, MAX_VCPUS, MPTABLE_START};
+use crate::layout::{
+    addr32, APIC_START_32, IOAPIC_NUM_PINS, IOAPIC_START_32, MAX_VCPUS, MPTABLE_START,
+};
 
 pub use crate::layout::MPTABLE_END;
 
 const MPC_SPEC_REVISION: u8 = 4;
+/// [`IOAPIC_NUM_PINS`] as the byte-wide pin numbers of interrupt entries.
+const IOAPIC_PINS: u8 = {
+    assert!(IOAPIC_NUM_PINS <= u8::MAX as u32);
+    #[expect(clippy::cast_possible_truncation, reason = "checked by the assert")]
+    let pins = IOAPIC_NUM_PINS as u8;
+    pins
+};
 const MP_PROCESSOR: u8 = 0;
 const MP_BUS: u8 = 1;
 const MP_IOAPIC: u8 = 2;
@@ -191,7 +200,8 @@ pub fn mptable_size(num_cpus: u8) -> usize {
 pub fn max_mptable_cpus() -> u8 {
     let fixed = mptable_size(0) as u64;
     let room = (MPTABLE_END - MPTABLE_START).saturating_sub(fixed);
-    (room / size_of::<MpcCpu>() as u64).min(u64::from(MAX_VCPUS)) as u8
+    let fit = room / size_of::<MpcCpu>() as u64;
+    u8::try_from(fit).map_or(MAX_VCPUS, |n| n.min(MAX_VCPUS))
 }
 
 /// Builds the configuration table entries (without the header).
@@ -231,13 +241,13 @@ fn build_entries(num_cpus: u8) -> Vec<u8> {
             apicid: ioapic_id,
             apicver: IOAPIC_VERSION,
             flags: MPC_APIC_USABLE,
-            apicaddr: IOAPIC_START as u32,
+            apicaddr: IOAPIC_START_32,
         }
         .as_slice(),
     );
     // ISA IRQs 0..16 to the same IOAPIC pins, then the remaining pins.
     debug_assert!(u32::from(ISA_IRQS) <= IOAPIC_NUM_PINS);
-    for pin in 0..IOAPIC_NUM_PINS as u8 {
+    for pin in 0..IOAPIC_PINS {
         out.extend_from_slice(
             MpcIntsrc {
                 entry_type: MP_INTSRC,
@@ -290,12 +300,13 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<()> {
 
     let mut table = MpcTable {
         signature: *b"PCMP",
-        length: (size_of::<MpcTable>() + entries.len()) as u16,
+        length: u16::try_from(size_of::<MpcTable>() + entries.len())
+            .map_err(|_| Error::TableTooLarge(num_cpus))?,
         spec: MPC_SPEC_REVISION,
         oem: *b"CAPSULE ",
         productid: *b"000000000000",
         oemcount: entries_count(num_cpus),
-        lapic: APIC_START as u32,
+        lapic: APIC_START_32,
         ..Default::default()
     };
     let mut bytes = table.as_slice().to_vec();
@@ -304,7 +315,8 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<()> {
 
     let mut mpf = MpfIntel {
         signature: *b"_MP_",
-        physptr: table_addr.raw_value() as u32,
+        // Below 1 MiB: the MP table lives between MPTABLE_START and MPTABLE_END.
+        physptr: addr32(table_addr.raw_value()),
         // In 16-byte units.
         length: 1,
         specification: MPC_SPEC_REVISION,
@@ -323,7 +335,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<()> {
 
 /// Number of entries in the configuration table.
 fn entries_count(num_cpus: u8) -> u16 {
-    u16::from(num_cpus) + 2 + IOAPIC_NUM_PINS as u16 + 2
+    u16::from(num_cpus) + 2 + u16::from(IOAPIC_PINS) + 2
 }
 
 #[cfg(test)]
@@ -388,7 +400,7 @@ mod tests {
                     MP_IOAPIC => {
                         let io: MpcIoapic = m.read_obj(GuestAddress(addr)).unwrap();
                         assert_eq!(io.apicid, num_cpus + 1);
-                        assert_eq!({ io.apicaddr }, IOAPIC_START as u32);
+                        assert_eq!({ io.apicaddr }, IOAPIC_START_32);
                         addr += 8;
                     }
                     MP_INTSRC => {

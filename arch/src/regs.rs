@@ -13,6 +13,12 @@ use crate::layout::{
     ZERO_PAGE_START,
 };
 
+/// Limit (size - 1) of the boot GDT: four 8-byte descriptors.
+const GDT_LIMIT: u16 = 4 * 8 - 1;
+const _: () = assert!(boot_gdt().len() * 8 == GDT_LIMIT as usize + 1);
+/// Limit (size - 1) of the boot IDT: one (empty) 8-byte entry.
+const IDT_LIMIT: u16 = 8 - 1;
+
 /// CR0: protection enable.
 pub const X86_CR0_PE: u64 = 1 << 0;
 /// CR0: extension type (always 1 on modern CPUs).
@@ -121,11 +127,11 @@ fn configure_segments_and_sregs(mem: &GuestMemoryMmap, sregs: &mut kvm_sregs) ->
 
     gdt::write_gdt_table(&gdt_table, mem).map_err(Error::DescriptorTables)?;
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt_table) - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
 
     gdt::write_idt_value(0, mem).map_err(Error::DescriptorTables)?;
     sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+    sregs.idt.limit = IDT_LIMIT;
 
     sregs.cs = code;
     sregs.ds = data;

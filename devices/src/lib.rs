@@ -5,6 +5,27 @@
 //! [`bus::BusDevice`] and signals the outside world through event file
 //! descriptors, so the same model can sit behind any transport.
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        reason = "test fixtures cast small, known values"
+    )
+)]
+
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!("capsule runs on 64-bit x86 hosts only");
+
+/// `v` as a `usize`. Lossless: the crate builds only for 64-bit targets
+/// (see the `compile_error!` above), where `usize` is 64 bits.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "usize is 64 bits on every target this crate builds for"
+)]
+pub const fn usize_from(v: u64) -> usize {
+    v as usize
+}
+
 pub mod acpi_pm;
 pub mod boot_marker;
 pub mod bus;

@@ -2,7 +2,7 @@
 //!
 //! A guest that repeats a bad register write or a malformed request
 //! millions of times a second must not turn capsule's log into a disk
-//! filler. Every such message goes through [`log_ratelimited!`] (or its
+//! filler. Every such message goes through [`log_ratelimited!`](crate::log_ratelimited) (or its
 //! `warn_`/`error_`/... shorthands): each call site has its own
 //! [`LogLimit`], which lets [`BURST`] messages through per [`INTERVAL`]
 //! and counts the rest. The last message let through in an interval says

@@ -7,6 +7,11 @@
 //! with a driver stand-in programming the registers and the rings in guest
 //! memory.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;

@@ -5,6 +5,11 @@
 //! Needs `qemu-system-x86_64` (Debian's qemu-system-x86, which
 //! resources/install-deps.sh installs); without it the test fails.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

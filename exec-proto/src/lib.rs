@@ -35,6 +35,14 @@
 //! so that this crate, which is built into the static guest init, has no
 //! dependencies.)
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        reason = "test fixtures cast small, known values"
+    )
+)]
+
 use std::fmt;
 
 /// Protocol version sent in [`GuestMsg::Hello`].
@@ -115,9 +123,12 @@ impl std::error::Error for DecodeError {}
 /// Appends one frame to `out`. Payloads longer than [`MAX_PAYLOAD`] must
 /// be split by the caller (this panics on them: a programming error).
 pub fn encode(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
-    assert!(payload.len() <= MAX_PAYLOAD, "frame payload too long");
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|_| payload.len() <= MAX_PAYLOAD)
+        .expect("frame payload too long");
     out.push(kind);
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(payload);
 }
 

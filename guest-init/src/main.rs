@@ -19,6 +19,14 @@
 //! If anything before the command fails, an `Error` frame says why (or,
 //! without a port, a line on the serial console) and the VM powers off.
 
+#![cfg_attr(
+    test,
+    allow(
+        clippy::cast_possible_truncation,
+        reason = "test fixtures cast small, known values"
+    )
+)]
+
 mod command;
 mod sys;
 
@@ -323,6 +331,8 @@ fn mount_shares(spec: &ExecSpec, root: &Path) -> Result<Vec<Option<Snapshot>>, S
 /// Sends what the command created or changed in the writable shares.
 fn copy_back(chan: &mut Channel, spec: &ExecSpec, snaps: &[Option<Snapshot>]) -> io::Result<()> {
     for (i, snap) in snaps.iter().enumerate() {
+        // The host names shares by a u32 index; it never sends that many.
+        let Ok(share) = u32::try_from(i) else { break };
         let Some(snap) = snap else { continue };
         let src = share_source(i);
         debug_assert!(spec.shares.get(i).is_some_and(|s| s.1));
@@ -337,7 +347,6 @@ fn copy_back(chan: &mut Channel, spec: &ExecSpec, snaps: &[Option<Snapshot>]) ->
                 );
                 continue;
             };
-            let share = i as u32;
             let mode = meta.mode() & 0o7777;
             if meta.is_dir() {
                 chan.send(&GuestMsg::Dir { share, mode, path })?;

@@ -118,9 +118,11 @@ pub fn reap_any() -> Reaped {
         return Reaped::None;
     }
     let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status) as u8
+        // WEXITSTATUS is the low byte of the exit status: 0 to 255.
+        u8::try_from(libc::WEXITSTATUS(status)).unwrap_or(u8::MAX)
     } else if libc::WIFSIGNALED(status) {
-        (128 + libc::WTERMSIG(status)) as u8
+        // Signals are 1 to 64, so 129 to 192, as a shell reports them.
+        u8::try_from(128 + libc::WTERMSIG(status)).unwrap_or(u8::MAX)
     } else {
         return Reaped::None;
     };
@@ -176,8 +178,8 @@ pub fn spawn(setup: &ChildSetup) -> io::Result<libc::pid_t> {
             }
         }
         libc::setsid();
-        for (i, &fd) in setup.stdio.iter().enumerate() {
-            libc::dup2(fd, i as RawFd);
+        for (i, &fd) in (0..).zip(setup.stdio.iter()) {
+            libc::dup2(fd, i);
         }
         if let Some(root) = setup.chroot {
             if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {

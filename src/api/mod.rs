@@ -42,7 +42,8 @@ pub enum Error {
         /// The socket path.
         path: PathBuf,
         /// What went wrong.
-        why: String,
+        #[source]
+        why: crate::unixsock::BindError,
     },
     /// The configuration file could not be used.
     #[error(transparent)]

@@ -61,10 +61,15 @@ impl CpioWriter {
         rdev: (u32, u32),
         data: &[u8],
     ) -> Result<(), CpioError> {
-        if name.contains(&0) || name.len() >= 4096 || data.len() > u32::MAX as usize {
-            return Err(CpioError::BadName(
-                String::from_utf8_lossy(name).into_owned(),
-            ));
+        let bad = || CpioError::BadName(String::from_utf8_lossy(name).into_owned());
+        // newc header fields are 32-bit: a name (below 4096 bytes) or file
+        // that does not fit is refused.
+        let (Ok(data_len), Ok(name_len)) = (u32::try_from(data.len()), u32::try_from(name.len()))
+        else {
+            return Err(bad());
+        };
+        if name.contains(&0) || name.len() >= 4096 {
+            return Err(bad());
         }
         let ino = self.next_ino;
         self.next_ino += 1;
@@ -75,12 +80,12 @@ impl CpioWriter {
             0, // gid
             if mode & 0o170000 == S_IFDIR { 2 } else { 1 },
             0, // mtime
-            data.len() as u32,
+            data_len,
             0, // devmajor
             0, // devminor
             rdev.0,
             rdev.1,
-            name.len() as u32 + 1,
+            name_len + 1,
             0, // check
         ];
         self.out.extend_from_slice(b"070701");

@@ -16,8 +16,11 @@
 //! process is gone (a killed capsule) is stale and is removed by the next
 //! verb that sees it, under a lock on the root, after checking again.
 
+mod error;
 pub mod process;
 pub mod root;
+
+pub use error::Error;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -34,7 +37,7 @@ const UNFINISHED_GRACE: Duration = Duration::from_secs(30);
 
 /// Checks a VM name: 1 to 64 letters, digits, `_`, `-`, `.`, not starting
 /// with `.` or `-`.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['.', '-'])
@@ -44,9 +47,7 @@ pub fn check_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "invalid VM name '{name}': use 1 to 64 letters, digits, '_', '-' or '.'"
-        ))
+        Err(Error::BadName(name.to_string()))
     }
 }
 
@@ -60,7 +61,7 @@ enum Found {
     /// No pid file yet, and young.
     Unfinished,
     /// Not a private directory of ours: left alone.
-    Foreign(String),
+    Foreign(Error),
 }
 
 fn older_than(p: &Path, age: Duration) -> bool {
@@ -83,7 +84,7 @@ fn examine(name: &str, dir: &Path) -> Found {
                 Found::Unfinished
             }
         }
-        Err(e) => Found::Foreign(format!("cannot read {}: {e}", dir.join("pid").display())),
+        Err(e) => Found::Foreign(Error::io("cannot read", dir.join("pid"))(e)),
         Ok(text) => match Identity::parse(&text) {
             Some(id) if id.is_alive() => Found::Live(Entry {
                 name: name.to_string(),
@@ -97,13 +98,12 @@ fn examine(name: &str, dir: &Path) -> Found {
 }
 
 /// Removes `root/name` if, under the lock, it is still stale.
-fn remove_stale(root: &Path, name: &str) -> Result<(), String> {
+fn remove_stale(root: &Path, name: &str) -> Result<(), Error> {
     let _lock = root::Lock::take(root)?;
     let dir = root.join(name);
     if matches!(examine(name, &dir), Found::Stale) {
         log::info!("removing stale {}", dir.display());
-        std::fs::remove_dir_all(&dir)
-            .map_err(|e| format!("cannot remove stale {}: {e}", dir.display()))?;
+        std::fs::remove_dir_all(&dir).map_err(Error::io("cannot remove stale", &dir))?;
     }
     Ok(())
 }
@@ -129,7 +129,7 @@ impl Drop for Building {
 impl Registration {
     /// Claims `name` for this process: a live VM of that name is an
     /// error, a stale directory is removed.
-    pub fn new(name: &str) -> Result<Self, String> {
+    pub fn new(name: &str) -> Result<Self, Error> {
         check_name(name)?;
         let root = root::ensure()?;
         let _lock = root::Lock::take(&root)?;
@@ -137,27 +137,21 @@ impl Registration {
         if std::fs::symlink_metadata(&dir).is_ok() {
             match examine(name, &dir) {
                 Found::Live(e) => {
-                    return Err(format!(
-                        "a VM named '{name}' is already running (pid {})",
-                        e.pid
-                    ))
+                    return Err(Error::Running {
+                        name: name.to_string(),
+                        pid: e.pid,
+                    })
                 }
-                Found::Unfinished => {
-                    return Err(format!(
-                        "{} exists without a pid file (being set up?); remove it if it is not",
-                        dir.display()
-                    ))
-                }
+                Found::Unfinished => return Err(Error::Unfinished(dir)),
                 Found::Foreign(e) => return Err(e),
                 Found::Stale => {
                     log::info!("removing stale {}", dir.display());
                     std::fs::remove_dir_all(&dir)
-                        .map_err(|e| format!("cannot remove stale {}: {e}", dir.display()))?;
+                        .map_err(Error::io("cannot remove stale", &dir))?;
                 }
             }
         }
-        let me = Identity::current()
-            .ok_or("cannot read this process's start time and boot id from /proc")?;
+        let me = Identity::current().ok_or(Error::NoIdentity)?;
         // Built under a hidden name (skipped by `list`), then renamed into
         // place: the directory is never visible without its pid file.
         let tmp = root.join(format!(".new-{name}-{}", me.pid));
@@ -167,17 +161,17 @@ impl Registration {
             .mode(0o700)
             .create(&tmp)
             .and_then(|()| std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700)))
-            .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+            .map_err(Error::io("cannot create", &tmp))?;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(tmp.join("pid"))
             .and_then(|mut f| f.write_all(me.to_pid_file().as_bytes()))
-            .map_err(|e| format!("cannot write {}: {e}", tmp.join("pid").display()))?;
-        let (listener, wait_sock) = crate::unixsock::bind(&tmp.join("wait.sock"))
-            .map_err(|e| format!("cannot create wait.sock: {e}"))?;
-        std::fs::rename(&tmp, &dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            .map_err(Error::io("cannot write", tmp.join("pid")))?;
+        let (listener, wait_sock) =
+            crate::unixsock::bind(&tmp.join("wait.sock")).map_err(Error::WaitSocket)?;
+        std::fs::rename(&tmp, &dir).map_err(Error::io("cannot create", &dir))?;
         building.0 = None;
         // The socket file moved with its directory; the guard's (old) path
         // is gone, so dropping it removes nothing. The directory's removal
@@ -195,7 +189,7 @@ impl Registration {
                     waiters.lock().unwrap_or_else(|e| e.into_inner()).push(s);
                 }
             })
-            .map_err(|e| format!("cannot start the waiter thread: {e}"))?;
+            .map_err(Error::Thread)?;
         Ok(reg)
     }
 
@@ -250,13 +244,12 @@ impl Entry {
 
 /// The live VMs, by name; stale directories are removed. An error if the
 /// runtime root is not ours alone.
-pub fn list() -> Result<Vec<Entry>, String> {
+pub fn list() -> Result<Vec<Entry>, Error> {
     let mut out = Vec::new();
     let Some(root) = root::existing()? else {
         return Ok(out);
     };
-    let rd =
-        std::fs::read_dir(&root).map_err(|e| format!("cannot read {}: {e}", root.display()))?;
+    let rd = std::fs::read_dir(&root).map_err(Error::io("cannot read", &root))?;
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(".new-") && older_than(&e.path(), UNFINISHED_GRACE) {
@@ -282,7 +275,7 @@ pub fn list() -> Result<Vec<Entry>, String> {
 /// The live VM called `name` (`None`: there is none; a stale directory of
 /// that name is removed). An error if the runtime root or the VM's
 /// directory is not ours alone.
-pub fn live(name: &str) -> Result<Option<Entry>, String> {
+pub fn live(name: &str) -> Result<Option<Entry>, Error> {
     check_name(name)?;
     let Some(root) = root::existing()? else {
         return Ok(None);
@@ -306,29 +299,25 @@ pub fn api_request(
     path: &str,
     body: Option<&str>,
     timeout: Duration,
-) -> Result<(u16, String), String> {
-    let mut s =
-        UnixStream::connect(sock).map_err(|e| format!("cannot connect to the VM's API: {e}"))?;
+) -> Result<(u16, String), Error> {
+    let mut s = UnixStream::connect(sock).map_err(Error::ApiConnect)?;
     s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(Error::ApiConnect)?;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("API request failed: {e}"))?;
+    s.write_all(req.as_bytes()).map_err(Error::ApiSend)?;
     let mut r = BufReader::new(s);
     let mut line = String::new();
-    r.read_line(&mut line)
-        .map_err(|e| format!("no API response: {e}"))?;
+    r.read_line(&mut line).map_err(Error::ApiNoResponse)?;
     let status: u16 = line
         .split(' ')
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad API response '{}'", line.trim()))?;
+        .ok_or_else(|| Error::ApiBadResponse(line.trim().to_string()))?;
     let mut rest = String::new();
     let _ = r.read_to_string(&mut rest);
     let body = rest.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");

@@ -106,8 +106,9 @@ impl Identity {
                 _ => Err(e),
             };
         }
+        let raw = RawFd::try_from(fd).map_err(|_| std::io::Error::other("pidfd out of range"))?;
         // SAFETY: pidfd_open returned a new descriptor that we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
         // The pidfd pins the process it was opened for: if that is ours
         // now, the signal below reaches ours, never a successor.
         if !self.is_alive() {

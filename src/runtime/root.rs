@@ -14,6 +14,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use super::Error;
+
 /// Environment variable that overrides the runtime root.
 pub const ENV: &str = "CAPSULE_RUNTIME_DIR";
 
@@ -41,46 +43,43 @@ pub fn path() -> PathBuf {
 
 /// Checks that `dir` is a directory (not a link to one) owned by us with
 /// no group or other permissions.
-pub fn check_private(dir: &Path) -> Result<(), String> {
-    let what = || format!("runtime directory {}", dir.display());
-    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", what()))?;
+pub fn check_private(dir: &Path) -> Result<(), Error> {
+    let m = std::fs::symlink_metadata(dir).map_err(Error::io("runtime directory", dir))?;
     if !m.file_type().is_dir() {
-        return Err(format!("{} is not a directory; refusing to use it", what()));
+        return Err(Error::NotDirectory(dir.to_path_buf()));
     }
     let me = euid();
     if m.uid() != me {
-        return Err(format!(
-            "{} is owned by uid {}, not by you (uid {me}); refusing to use it",
-            what(),
-            m.uid()
-        ));
+        return Err(Error::NotOwner {
+            dir: dir.to_path_buf(),
+            owner: m.uid(),
+            me,
+        });
     }
     let mode = m.mode() & 0o7777;
     if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} is mode {mode:04o}, open to other users; refusing to use it (chmod 700 it)",
-            what()
-        ));
+        return Err(Error::OpenMode {
+            dir: dir.to_path_buf(),
+            mode,
+        });
     }
     Ok(())
 }
 
 /// The runtime root, created (0700) if missing, and checked.
-pub fn ensure() -> Result<PathBuf, String> {
+pub fn ensure() -> Result<PathBuf, Error> {
     let root = path();
-    if let Err(e) = std::fs::DirBuilder::new()
+    std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&root)
-    {
-        return Err(format!("cannot create {}: {e}", root.display()));
-    }
+        .map_err(Error::io("cannot create", &root))?;
     check_private(&root)?;
     Ok(root)
 }
 
 /// The runtime root if it exists (checked); `None` if it does not.
-pub fn existing() -> Result<Option<PathBuf>, String> {
+pub fn existing() -> Result<Option<PathBuf>, Error> {
     let root = path();
     match std::fs::symlink_metadata(&root) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -97,8 +96,8 @@ pub struct Lock {
 
 impl Lock {
     /// Waits for the lock.
-    pub fn take(root: &Path) -> Result<Self, String> {
-        let f = File::open(root).map_err(|e| format!("cannot open {}: {e}", root.display()))?;
+    pub fn take(root: &Path) -> Result<Self, Error> {
+        let f = File::open(root).map_err(Error::io("cannot open", root))?;
         loop {
             // SAFETY: flock on a descriptor we own.
             if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
@@ -106,7 +105,7 @@ impl Lock {
             }
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(format!("cannot lock {}: {e}", root.display()));
+                return Err(Error::io("cannot lock", root)(e));
             }
         }
     }
@@ -126,7 +125,7 @@ mod tests {
         check_private(&d).unwrap();
         for mode in [0o777, 0o755, 0o750, 0o701] {
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
-            let e = check_private(&d).unwrap_err();
+            let e = check_private(&d).unwrap_err().to_string();
             assert!(e.contains("open to other users"), "{mode:o}: {e}");
         }
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
@@ -135,6 +134,7 @@ mod tests {
         std::os::unix::fs::symlink(&d, &link).unwrap();
         assert!(check_private(&link)
             .unwrap_err()
+            .to_string()
             .contains("not a directory"));
         std::fs::remove_file(&link).unwrap();
         std::fs::remove_dir(&d).unwrap();

@@ -3,7 +3,7 @@
 //! Each vCPU runs `KVM_RUN` on its own thread and dispatches port I/O and
 //! MMIO exits to the device buses. Anything that ends the VM (a reset, a
 //! triple fault, a KVM failure) is reported through the VM-wide
-//! [`ExitSignal`]; the VMM then stops the remaining vCPUs with [`kick`].
+//! [`ExitSignal`]; the VMM then stops the remaining vCPUs with [`VcpuHandle::kick`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};

@@ -93,7 +93,7 @@ impl Vm {
     /// Creates the VM, its irqchip and PIT, and registers `mem` with KVM.
     pub fn new(kvm: Kvm, mem: &GuestMemoryMmap) -> Result<Self, Error> {
         let fd = kvm.create_vm().map_err(kvm_err("cannot create VM"))?;
-        fd.set_tss_address(arch::layout::KVM_TSS_ADDRESS as usize)
+        fd.set_tss_address(arch::usize_from(arch::layout::KVM_TSS_ADDRESS))
             .map_err(kvm_err("cannot set TSS address"))?;
         fd.create_irq_chip()
             .map_err(kvm_err("cannot create in-kernel irqchip"))?;
@@ -104,12 +104,12 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(kvm_err("cannot create PIT"))?;
-        for (slot, region) in mem.iter().enumerate() {
+        for (slot, region) in (0u32..).zip(mem.iter()) {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .expect("region has a host mapping") as u64;
             let r = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 flags: 0,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),

@@ -86,11 +86,11 @@ impl Activation {
     /// it asked not to be told (`VIRTQ_AVAIL_F_NO_INTERRUPT` or
     /// `used_event`). If the ring cannot be read, interrupts anyway.
     pub fn signal_used_queue(&mut self, index: usize) {
-        let Some(queue) = self.queues.get_mut(index) else {
+        let (Some(queue), Ok(vector)) = (self.queues.get_mut(index), u16::try_from(index)) else {
             return;
         };
         if queue.needs_notification(&self.mem).unwrap_or(true) {
-            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(index as u16)) {
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(vector)) {
                 crate::error_ratelimited!("{}: cannot raise interrupt: {e}", self.name);
             }
         }

@@ -123,8 +123,8 @@ impl QueueEvents {
             }
         }
         self.retired.clear();
-        for (index, evt) in self.active.iter().enumerate() {
-            match ops.add(Events::with_data(evt, index as u32, EventSet::IN)) {
+        for (index, evt) in (0u32..).zip(self.active.iter()) {
+            match ops.add(Events::with_data(evt, index, EventSet::IN)) {
                 Ok(()) => self.registered.push(evt.as_raw_fd()),
                 Err(e) => crate::error_ratelimited!("virtio: cannot watch queue eventfd: {e}"),
             }

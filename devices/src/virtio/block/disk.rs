@@ -58,11 +58,11 @@ fn is_unsupported(e: &vmm_sys_util::errno::Error) -> bool {
 /// Writes `len` zero bytes at `offset`, the slow way.
 fn fill_zeroes(file: &File, offset: u64, len: u64) -> io::Result<()> {
     const CHUNK: u64 = 64 * 1024;
-    let zeroes = vec![0u8; CHUNK.min(len) as usize];
+    let zeroes = vec![0u8; crate::usize_from(CHUNK.min(len))];
     let mut done = 0;
     while done < len {
         let n = CHUNK.min(len - done);
-        file.write_all_at(&zeroes[..n as usize], offset + done)?;
+        file.write_all_at(&zeroes[..crate::usize_from(n)], offset + done)?;
         done += n;
     }
     Ok(())
@@ -363,8 +363,8 @@ pub(super) mod tests {
                 fl.l_type = libc::F_RDLCK as libc::c_short;
                 fl.l_start = b;
                 fl.l_len = 1;
-                // SAFETY: F_OFD_SETLK with a struct we own, on our descriptor.
                 assert_eq!(
+                    // SAFETY: F_OFD_SETLK with a struct we own, on our descriptor.
                     unsafe {
                         libc::fcntl(
                             std::os::unix::io::AsRawFd::as_raw_fd(&f),

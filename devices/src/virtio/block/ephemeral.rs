@@ -155,8 +155,8 @@ impl EphemeralImage {
             return Ok(());
         }
         let start = sector * SECTOR_SIZE;
-        let n = SECTOR_SIZE.min(self.len - start) as usize;
-        let mut buf = [0u8; SECTOR_SIZE as usize];
+        let n = crate::usize_from(SECTOR_SIZE.min(self.len - start));
+        let mut buf = [0u8; crate::usize_from(SECTOR_SIZE)];
         self.base.read_exact_at(&mut buf[..n], start)?;
         self.overlay.write_all_at(&buf[..n], start)?;
         self.mark_written(sector);
@@ -211,7 +211,7 @@ impl DiskImage for EphemeralImage {
             while run_end < end && self.is_written(run_end / SECTOR_SIZE) == from_overlay {
                 run_end += SECTOR_SIZE;
             }
-            let n = (run_end.min(end) - pos) as usize;
+            let n = crate::usize_from(run_end.min(end) - pos);
             let file = if from_overlay {
                 &self.overlay
             } else {

@@ -43,6 +43,10 @@ const SHARED_BASE: i64 = 200;
 const PERM_CONSISTENT_READ: i64 = 0;
 const PERM_WRITE: i64 = 1;
 
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the lock kinds (F_RDLCK, F_WRLCK, F_UNLCK) and SEEK_SET are 0 to 2"
+)]
 fn flock_struct(kind: libc::c_int, start: i64, len: i64) -> libc::flock {
     // SAFETY: flock is a plain C struct; all-zero is a valid value.
     let mut fl: libc::flock = unsafe { std::mem::zeroed() };
@@ -76,7 +80,7 @@ fn byte_is_held(file: &File, at: i64) -> io::Result<bool> {
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+    Ok(libc::c_int::from(fl.l_type) != libc::F_UNLCK)
 }
 
 /// Locks an image without blocking: exclusively (whole-file write lock) for

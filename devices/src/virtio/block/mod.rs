@@ -63,6 +63,9 @@ use super::{device_type, DeviceEvent, VirtioCommon, VirtioDevice};
 
 /// Size of a virtio-blk sector; capacity and request positions use it.
 pub const SECTOR_SIZE: u64 = 512;
+/// [`SECTOR_SIZE`] as the 32-bit `blk_size` of the configuration space.
+const BLK_SIZE: u32 = 512;
+const _: () = assert!(BLK_SIZE as u64 == SECTOR_SIZE);
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Maximum data descriptors per request (`seg_max`).
@@ -77,7 +80,7 @@ pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 /// Maximum data bytes per request.
 pub const MAX_DATA_LEN: u64 = SEG_MAX as u64 * SIZE_MAX as u64;
 /// Maximum sectors in one discard / write-zeroes segment.
-pub const MAX_ZEROES_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+pub const MAX_ZEROES_SECTORS: u32 = (1 << 30) / BLK_SIZE;
 /// Maximum segments in one discard / write-zeroes request.
 pub const MAX_ZEROES_SEGMENTS: u32 = 16;
 /// Discard granularity hint, in sectors.
@@ -434,7 +437,7 @@ fn config_space(capacity: u64) -> [u8; CONFIG_LEN] {
     put(0, &capacity.to_le_bytes());
     put(8, &SIZE_MAX.to_le_bytes());
     put(12, &SEG_MAX.to_le_bytes());
-    put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    put(20, &BLK_SIZE.to_le_bytes()); // blk_size
     put(36, &MAX_ZEROES_SECTORS.to_le_bytes()); // max_discard_sectors
     put(40, &MAX_ZEROES_SEGMENTS.to_le_bytes()); // max_discard_seg
     put(44, &DISCARD_ALIGNMENT.to_le_bytes()); // discard_sector_alignment

@@ -45,9 +45,16 @@ const HEADER_LEN: u32 = 16;
 const SEGMENT_LEN: u64 = 16;
 
 /// Status byte values.
-const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
-const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-const S_UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const S_OK: u8 = status_byte(VIRTIO_BLK_S_OK);
+const S_IOERR: u8 = status_byte(VIRTIO_BLK_S_IOERR);
+const S_UNSUPP: u8 = status_byte(VIRTIO_BLK_S_UNSUPP);
+
+/// A `VIRTIO_BLK_S_*` value as the status byte; evaluated at compile time.
+#[expect(clippy::cast_possible_truncation, reason = "checked by the assert")]
+const fn status_byte(v: u32) -> u8 {
+    assert!(v <= u8::MAX as u32);
+    v as u8
+}
 
 /// What a request needs from the device besides guest memory.
 pub(super) struct Context<'a> {
@@ -322,7 +329,8 @@ fn get_id(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, data: &[Descriptor]) -> 
             break;
         }
     }
-    Ok(done as u32)
+    // At most ID_BYTES (20).
+    u32::try_from(done).map_err(|_| S_IOERR)
 }
 
 fn zeroes(
@@ -341,7 +349,7 @@ fn zeroes(
         return Err(S_IOERR);
     }
     // At most MAX_ZEROES_SEGMENTS * 16 bytes.
-    let mut raw = vec![0u8; total as usize];
+    let mut raw = vec![0u8; crate::usize_from(total)];
     let mut done = 0usize;
     for d in data {
         let n = d.len() as usize;
@@ -351,7 +359,7 @@ fn zeroes(
     }
 
     let mut ranges = Vec::with_capacity(segments as usize);
-    for seg in raw.chunks_exact(SEGMENT_LEN as usize) {
+    for seg in raw.chunks_exact(crate::usize_from(SEGMENT_LEN)) {
         let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
         let num = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
         let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());

@@ -231,7 +231,7 @@ fn fill_rx_chain(
             }
             input.drain(..n);
             room -= n;
-            written = written.saturating_add(n as u32);
+            written = written.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
             match addr.0.checked_add(n as u64) {
                 Some(a) => addr = GuestAddress(a),
                 None => return written,

@@ -238,8 +238,8 @@ impl MmioTransport {
             regs::VIRTIO_MMIO_DEVICE_ID => self.device_type,
             regs::VIRTIO_MMIO_VENDOR_ID => VENDOR_ID,
             regs::VIRTIO_MMIO_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features as u32,
-                1 => (self.device_features >> 32) as u32,
+                0 => low_half(self.device_features),
+                1 => low_half(self.device_features >> 32),
                 _ => 0,
             },
             regs::VIRTIO_MMIO_QUEUE_NUM_MAX => {
@@ -510,6 +510,13 @@ impl BusDevice for MmioTransport {
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));
     }
+}
+
+/// The low 32 bits of a 64-bit feature word (the register window shows
+/// the word in two halves).
+#[expect(clippy::cast_possible_truncation, reason = "truncation is the point")]
+const fn low_half(v: u64) -> u32 {
+    v as u32
 }
 
 #[cfg(test)]

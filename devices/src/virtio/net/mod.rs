@@ -74,6 +74,9 @@ use super::{device_type, VirtioCommon, VirtioDevice};
 
 /// Size of `virtio_net_hdr_v1`, in front of every frame.
 pub const VNET_HDR_LEN: usize = 12;
+/// `VIRTIO_NET_S_LINK_UP` as the 16-bit `status` field of the configuration space.
+#[expect(clippy::cast_possible_truncation, reason = "the bit is 1")]
+const LINK_UP: u16 = VIRTIO_NET_S_LINK_UP as u16;
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// Shortest frame accepted: an Ethernet header.
@@ -185,7 +188,7 @@ impl Net {
             | backend.offload_features();
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&mac);
-        config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         Ok(Self {
             common: VirtioCommon::new(
                 "virtio-net",

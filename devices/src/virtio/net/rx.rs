@@ -373,7 +373,10 @@ impl Receive<'_> {
                 off += n;
                 written += n;
             }
-            if let Err(e) = self.queue.add_used(self.mem, c.head, written as u32) {
+            if let Err(e) =
+                self.queue
+                    .add_used(self.mem, c.head, u32::try_from(written).unwrap_or(u32::MAX))
+            {
                 crate::warn_ratelimited!("virtio-net: cannot return descriptor {}: {e}", c.head);
             }
             self.returned += 1;

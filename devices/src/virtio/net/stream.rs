@@ -199,7 +199,7 @@ pub struct Passt {
 impl Passt {
     /// Starts passt connected to a new socket pair. passt gets exactly
     /// stdin, stdout, stderr and its end of the pair as descriptor
-    /// [`PASST_FD`]; nothing else capsule holds (KVM, other devices'
+    /// `PASST_FD` (3); nothing else capsule holds (KVM, other devices'
     /// eventfds, disk images, TAP devices) reaches it.
     pub fn spawn(config: &PasstConfig) -> Result<Self, PasstError> {
         let (ours, theirs) = socket_pair().map_err(PasstError::Socket)?;

@@ -21,6 +21,15 @@ use super::backend::{NetBackend, SendStatus};
 use super::VNET_HDR_LEN;
 use crate::virtio::features::bit;
 
+/// `TUNSETIFF` flags: a TAP device, no packet-info prefix, with a virtio-net
+/// header. `ifr_flags` is a C short; the flags are all below 0x8000.
+#[expect(clippy::cast_possible_truncation, reason = "the flags fit in 16 bits")]
+const TAP_FLAGS: libc::c_short =
+    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+/// [`VNET_HDR_LEN`] as the C int `TUNSETVNETHDRSZ` takes.
+#[expect(clippy::cast_possible_truncation, reason = "12 fits in a C int")]
+const VNET_HDR_LEN_INT: libc::c_int = VNET_HDR_LEN as libc::c_int;
+
 /// The TUN/TAP clone device.
 const TUN_PATH: &str = "/dev/net/tun";
 /// Longest interface name Linux accepts (IFNAMSIZ - 1).
@@ -113,7 +122,7 @@ impl Tap {
         for (dst, src) in ifr.ifr_name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
-        ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+        ifr.ifr_ifru.ifru_flags = TAP_FLAGS;
         // SAFETY: TUNSETIFF reads and writes the ifreq we pass, which lives
         // for the whole call; the fd is an open /dev/net/tun.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
@@ -144,7 +153,7 @@ impl Tap {
                 Ok(())
             }
         };
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        let hdr_len: libc::c_int = VNET_HDR_LEN_INT;
         // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which
         // is valid for the call.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
