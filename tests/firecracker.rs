@@ -10,6 +10,11 @@
 //! the repository) the command-line table is also run against it, so the
 //! expectations here are checked to be Firecracker's own.
 
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

@@ -909,12 +909,9 @@ fn rate_limited_requests_wait_for_the_refill() {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd.
-    assert_eq!(
-        unsafe { libc::poll(&mut pfd, 1, 2000) },
-        1,
-        "the refill never woke the disk"
-    );
+    // SAFETY: one valid pollfd, which outlives the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 2000) };
+    assert_eq!(ready, 1, "the refill never woke the disk");
     d.block.limiter.as_mut().unwrap().timer_fired();
     assert_eq!(d.run().len(), 1);
     let want = pattern(IMAGE_LEN);

@@ -109,7 +109,11 @@ impl Rng {
             }
             let written = fill_chain(&mem, chain, buf);
             given += written;
-            if let Err(e) = active.queues[REQUEST_QUEUE].add_used(&mem, head, written as u32) {
+            if let Err(e) = active.queues[REQUEST_QUEUE].add_used(
+                &mem,
+                head,
+                u32::try_from(written).unwrap_or(u32::MAX),
+            ) {
                 crate::warn_ratelimited!("virtio-rng: cannot return descriptor {head}: {e}");
             }
             returned += 1;

@@ -86,12 +86,9 @@ fn a_rate_limited_device_waits_for_its_timer_and_then_goes_on() {
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd.
-    assert_eq!(
-        unsafe { libc::poll(&mut pfd, 1, 2000) },
-        1,
-        "the refill never woke the device"
-    );
+    // SAFETY: one valid pollfd, which outlives the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 2000) };
+    assert_eq!(ready, 1, "the refill never woke the device");
     rng.limiter.as_mut().unwrap().timer_fired();
     rng.process_queue();
     assert_eq!(ring.used_idx(), 2);
