@@ -242,6 +242,11 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         event_manager: &mut event_manager,
     };
     devices.add_legacy(&exit, console)?;
+    if FC_BOOT_TIMER.load(std::sync::atomic::Ordering::Relaxed) {
+        devices
+            .dm
+            .attach_fc_boot_timer(config.mem_size, crate::process_start())?;
+    }
     let disks = devices.add_disks(&config.disks)?;
     let nets = devices.add_nets(&config.nets)?;
     if let Some(limits) = config.entropy {
@@ -296,6 +301,16 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         disks,
         nets,
     })
+}
+
+/// Whether VMs get Firecracker's boot timer ([`enable_fc_boot_timer`]).
+static FC_BOOT_TIMER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Gives the VMs of this process Firecracker's boot timer (its
+/// `--boot-timer`, a process-wide option there too): a write of 123 to
+/// MMIO address 0xc0000000 logs the time since capsule started.
+pub fn enable_fc_boot_timer() {
+    FC_BOOT_TIMER.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// What adding a device needs: the buses, the VM (for irqfds and

@@ -440,7 +440,7 @@ pub fn run(args: &[OsString]) -> u8 {
         Err(r) => return refuse(r),
     };
     if parsed.flag("boot-timer") {
-        log::info!("--boot-timer: capsule's boot-time marker is I/O port 0x3c4 (always on)");
+        capsule::builder::enable_fc_boot_timer();
     }
     api::http::set_max_body(plan.max_payload);
     apply_seccomp(&plan.seccomp);

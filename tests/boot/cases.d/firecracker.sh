@@ -3,8 +3,8 @@
 # command line (`capsule firecracker --no-api --config-file ...`) boots a
 # Linux guest from a Firecracker configuration file with a drive, an
 # entropy device (virtio-rng) and metrics: the guest's hwrng is the
-# virtio one and gives random bytes, and the metrics file counts the
-# block and entropy bytes. Sourced by tests/boot/cases.sh; POSIX sh.
+# virtio one and gives random bytes, the metrics file counts the block and
+# entropy bytes, and --boot-timer logs the guest's write to 0xc0000000. Sourced by tests/boot/cases.sh; POSIX sh.
 
 ALL_CASES="$ALL_CASES fc_config_entropy"
 
@@ -27,12 +27,18 @@ case_fc_config_entropy() {
  "entropy": {},
  "metrics": {"metrics_path": "$_d/metrics.json"}}
 EOF
-    run_capsule fc_config_entropy 'echo rng=$(cat /sys/class/misc/hw_random/rng_current)
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
+    run_capsule fc_config_entropy 'busybox devmem 0xc0000000 8 123
+echo rng=$(cat /sys/class/misc/hw_random/rng_current)
 echo hwrng-bytes=$(head -c 4096 /dev/hwrng | wc -c)
 dd if=/dev/vda of=/dev/null bs=4096 count=256 2>/dev/null; echo read-done
 poweroff -f' \
-        firecracker --no-api --config-file "$_d/vm.json"
+        firecracker --no-api --config-file "$_d/vm.json" --boot-timer
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     expect "exit status 0" rc_is 0
+    expect "--boot-timer: the guest's write of 123 to 0xc0000000 was logged" \
+        grep -q 'boot marker 123: [0-9.]* ms since capsule started' "$ERR"
     expect "the guest's hwrng is virtio-rng" out_has_line "rng=virtio_rng.0"
     expect "4096 random bytes read from /dev/hwrng" out_has_line "hwrng-bytes=4096"
     expect "the disk was read" out_has_line "read-done"
