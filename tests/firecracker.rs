@@ -601,3 +601,135 @@ fn a_guest_without_acpi_that_halts_every_cpu_has_powered_off() {
     );
     assert_eq!(status, None, "{err}");
 }
+
+/// `elf(code)` with a symbol table naming `symbols` (and section headers
+/// for it), as a kernel built with symbols has.
+fn elf_with_symbols(code: &[u8], symbols: &[&str]) -> Vec<u8> {
+    let mut f = elf(code);
+    let mut strtab = vec![0u8];
+    let mut symtab = vec![0u8; 24];
+    for s in symbols {
+        let mut sym = [0u8; 24];
+        sym[..4].copy_from_slice(&(strtab.len() as u32).to_le_bytes());
+        sym[4] = 0x12; // global function
+        strtab.extend(s.as_bytes());
+        strtab.push(0);
+        symtab.extend(sym);
+    }
+    let shstrtab = b"\0.symtab\0.strtab\0.shstrtab\0".to_vec();
+    let mut place = |data: &[u8]| {
+        let at = f.len() as u64;
+        f.extend(data);
+        (at, data.len() as u64)
+    };
+    let sym = place(&symtab);
+    let str_ = place(&strtab);
+    let shstr = place(&shstrtab);
+    let shoff = f.len() as u64;
+    let header = |name: u32, kind: u32, (off, size): (u64, u64), link: u32, entsize: u64| {
+        let mut h = [0u8; 64];
+        h[0..4].copy_from_slice(&name.to_le_bytes());
+        h[4..8].copy_from_slice(&kind.to_le_bytes());
+        h[0x18..0x20].copy_from_slice(&off.to_le_bytes());
+        h[0x20..0x28].copy_from_slice(&size.to_le_bytes());
+        h[0x28..0x2c].copy_from_slice(&link.to_le_bytes());
+        h[0x38..0x40].copy_from_slice(&entsize.to_le_bytes());
+        h
+    };
+    f.extend([0u8; 64]);
+    f.extend(header(1, 2, sym, 2, 24)); // .symtab, strings in section 2
+    f.extend(header(9, 3, str_, 0, 0)); // .strtab
+    f.extend(header(17, 3, shstr, 0, 0)); // .shstrtab
+    f[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+    f[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+    f[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
+    f[0x3e..0x40].copy_from_slice(&3u16.to_le_bytes());
+    f
+}
+
+/// Prints its kernel command line (at 0x20000) on COM1, then `cli; hlt`.
+const PRINT_CMDLINE_THEN_HALT: &[u8] = &[
+    0xbe, 0x00, 0x00, 0x02, 0x00, // mov esi, 0x20000
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xac, // loop: lodsb
+    0x84, 0xc0, // test al, al
+    0x74, 0x03, // jz done
+    0xee, // out dx, al
+    0xeb, 0xf8, // jmp loop
+    0xb0, 0x0a, 0xee, // done: mov al, 10; out dx, al
+    0xfa, 0xf4, 0xeb, 0xfd, // cli; hlt; jmp hlt
+];
+
+/// Runs `guest` with a disk; returns (status or None if still running
+/// after `secs`, stdout, stderr).
+fn run_with_disk(guest: &[u8], name: &str, secs: u64) -> (Option<i32>, String, String) {
+    let kernel = tmp(name);
+    std::fs::write(&kernel, guest).unwrap();
+    let disk = tmp(&format!("{name}.img"));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--kernel", kernel.to_str().unwrap()])
+        .args([
+            "--disk",
+            disk.to_str().unwrap(),
+            "--cmdline",
+            "console=ttyS0",
+        ])
+        .env("CAPSULE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, out, err)
+}
+
+#[test]
+fn a_kernel_without_acpi_init_gets_its_devices_on_the_command_line_and_its_halt_ends_the_vm() {
+    // No acpi_init in the symbol table: a kernel without ACPI.
+    let guest = elf_with_symbols(
+        PRINT_CMDLINE_THEN_HALT,
+        &["start_kernel", "early_acpi_init_x"],
+    );
+    let (status, out, err) = run_with_disk(&guest, "noacpi.elf", 20);
+    assert_eq!(status, Some(0), "{out}\n{err}");
+    assert!(
+        out.starts_with("console=ttyS0 virtio_mmio.device=4K@0xd0000000:"),
+        "{out}"
+    );
+    assert!(
+        err.contains("the kernel has no ACPI (its symbol table has no acpi_init)"),
+        "{err}"
+    );
+    assert!(err.contains("the guest powered off"), "{err}");
+    // With acpi_init: the devices are in the DSDT, and a halt is a halt.
+    let guest = elf_with_symbols(PRINT_CMDLINE_THEN_HALT, &["start_kernel", "acpi_init"]);
+    let (status, out, err) = run_with_disk(&guest, "acpi.elf", 3);
+    assert_eq!(status, None, "{err}");
+    assert_eq!(out, "console=ttyS0\n", "{err}");
+}
