@@ -123,13 +123,14 @@ EOF
     # The host side: once the guest waits, PATCH the drive.
     (
         _raw="$WORK/fc_drive_swap/stdout.raw"
-        wait_for "$_raw" 'waiting-for-swap' "$CASE_TIMEOUT" "$_d/stop" || exit 0
+        # The typed line is echoed too: wait for the output, not the echo.
+        wait_for "$_raw" 'waiting-for-2-swap' "$CASE_TIMEOUT" "$_d/stop" || exit 0
         "$TOOLS/curl" -s -o "$_d/patch.body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
             -X PATCH -d "{\"drive_id\": \"data\", \"path_on_host\": \"$_d/big.img\"}" \
             http://localhost/drives/data >"$_d/patch.status"
     ) &
     _patcher=$!
-    run_capsule fc_drive_swap 'echo size-before=$(cat /sys/block/vda/size); echo waiting-for-swap; while [ "$(cat /sys/block/vda/size)" = 8192 ]; do sleep 0.2; done; echo size-after=$(cat /sys/block/vda/size); echo 3 >/proc/sys/vm/drop_caches; echo head=$(head -c 13 /dev/vda)
+    run_capsule fc_drive_swap 'echo size-before=$(cat /sys/block/vda/size); echo waiting-for-$((1+1))-swap; while [ "$(cat /sys/block/vda/size)" = 8192 ]; do sleep 0.2; done; echo size-after=$(cat /sys/block/vda/size); echo 3 >/proc/sys/vm/drop_caches; echo head=$(head -c 13 /dev/vda)
 poweroff -f' \
         firecracker --api-sock "$_d/api.sock" --config-file "$_d/vm.json"
     touch "$_d/stop"
