@@ -443,6 +443,17 @@ pub fn run(args: &[OsString]) -> u8 {
         capsule::builder::enable_fc_boot_timer();
     }
     api::http::set_max_body(plan.max_payload);
+    if let Seccomp::Filter(f) = &plan.seccomp {
+        if let Err(e) = std::fs::File::open(f) {
+            return refuse(Refusal {
+                status: status::GENERIC,
+                message: format!(
+                    "Seccomp error: Filter file open error: {}: {e}",
+                    f.display()
+                ),
+            });
+        }
+    }
     apply_seccomp(&plan.seccomp);
     let config = match &plan.config_file {
         Some(p) => match api::read_config_file(p) {

@@ -160,6 +160,11 @@ const REFUSED: &[(&[&str], i32, &str)] = &[
         1,
         "/nonexistent/dir/log",
     ),
+    (
+        &["--seccomp-filter", "/nonexistent/filter.bpf"],
+        1,
+        "Filter file open error",
+    ),
     (&["--no-api", "--config-file", BAD_JSON], 1, BAD_JSON),
 ];
 
