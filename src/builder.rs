@@ -21,10 +21,11 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 
 use crate::config::{
-    default_mac, format_size, DiskConfig, DiskMode, FsConfig, NetBackendConfig, NetConfig, VmConfig,
-    VsockConfig,
+    default_mac, format_size, DiskConfig, DiskMode, FsConfig, NetBackendConfig, NetConfig,
+    VmConfig, VsockConfig,
 };
 use crate::device_manager::{self, DeviceManager};
+use crate::kernel_acpi::KernelAcpi;
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
 use crate::vmm::{ExitWatcher, Subscriber, Vmm, VsockHandle, VCPU_STOP_TIMEOUT};
 use crate::vstate::memory::GuestRam;
@@ -137,6 +138,12 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(#[source] event_manager::Error),
+    /// A rate limiter's timer could not be created.
+    #[error("cannot create a rate limiter: {0}")]
+    RateLimiter(#[source] std::io::Error),
+    /// The entropy device could not be created.
+    #[error("cannot create the entropy device: {0}")]
+    Entropy(#[source] std::io::Error),
     /// The eventfd the VM's end is signalled on could not be created.
     #[error("event loop: {0}")]
     ExitEvent(#[source] std::io::Error),
@@ -271,6 +278,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         Some("the vsock device has no saved state yet")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
+    } else if config.entropy.is_some() {
+        Some("the entropy device has no saved state yet")
     } else {
         None
     };
@@ -278,8 +287,19 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let exit = started.exit.clone();
     let mut devices = started.devices(&mut dm, &vm, mem);
     devices.add_legacy(&exit, console)?;
-    devices.add_disks(&config.disks)?;
-    devices.add_nets(&config.nets)?;
+    if FC_BOOT_TIMER.load(std::sync::atomic::Ordering::Relaxed) {
+        devices
+            .dm
+            .attach_fc_boot_timer(config.mem_size, crate::process_start())?;
+    }
+    let disks = devices.add_disks(&config.disks)?;
+    let nets = devices.add_nets(&config.nets)?;
+    if let Some(limits) = config.entropy {
+        let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
+            .and_then(devices::virtio::rng::Rng::with_limiter)
+            .map_err(Error::Entropy)?;
+        devices.add_virtio(Arc::new(Mutex::new(rng)))?;
+    }
     if let Some(binary) = &virtiofsd {
         devices.add_shares(&config.fs, binary)?;
     }
@@ -291,10 +311,23 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     devices.add_extras(extras)?;
     let (blocks, macs) = (devices.blocks, devices.macs);
 
-    write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
+    let no_acpi = write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
     let vcpus = create_vcpus(&vm, mem, &entry, config.vcpus)?;
     let persist = handles(config, &dm, blocks, macs, unsupported);
-    started.launch(vm, ram, dm, vcpus, persist, vsock, false)
+    started.launch(
+        vm,
+        ram,
+        dm,
+        vcpus,
+        persist,
+        Parts {
+            vsock,
+            no_acpi,
+            disks,
+            nets,
+            paused: false,
+        },
+    )
 }
 
 /// The typed device handles a snapshot saves (see [`crate::snapshot`]).
@@ -317,6 +350,21 @@ pub(crate) fn handles(
         macs,
         unsupported,
     }
+}
+
+/// What a VM has beyond its saved state: handles for changes while it runs.
+#[derive(Default)]
+pub(crate) struct Parts {
+    /// The vsock device.
+    pub(crate) vsock: Option<crate::vmm::VsockHandle>,
+    /// The guest cannot read ACPI tables: its power-off is a halt.
+    pub(crate) no_acpi: bool,
+    /// The virtio-blk devices, in the guest's order.
+    pub(crate) disks: Vec<Arc<Mutex<Block>>>,
+    /// The virtio-net devices, in the guest's order.
+    pub(crate) nets: Vec<Arc<Mutex<Net>>>,
+    /// Start with every vCPU parked (a restore without `resume_vm`).
+    pub(crate) paused: bool,
 }
 
 /// The parts of a VM made before its devices (the event loop and the exit
@@ -371,9 +419,9 @@ impl Started {
         dm: DeviceManager,
         vcpus: Vec<Vcpu>,
         persist: crate::snapshot::Handles,
-        vsock: Option<crate::vmm::VsockHandle>,
-        paused: bool,
+        parts: Parts,
     ) -> Result<Vmm> {
+        let paused = parts.paused;
         let count = vcpus.len();
         let mem_size: u64 = persist.config.mem_size;
         let terminal = self
@@ -391,7 +439,14 @@ impl Started {
             exit: self.exit.clone(),
             stop: Arc::new(AtomicBool::new(false)),
             pause: pause.clone(),
+            // Without ACPI a guest's poweroff is a halt of every CPU: watch
+            // for it (with ACPI it powers off through ACPI, and a halt is a
+            // halt, which leaves a machine on).
+            halt: parts
+                .no_acpi
+                .then(|| Arc::new(crate::vstate::halt::HaltWatch::new(vcpus.len()))),
         };
+        let watch_halt = io.halt.is_some();
         // Setup is over: from here on capsule reaches only the files the VM
         // was configured with (the vCPU threads inherit this).
         crate::landlock::restrict(&persist.config)?;
@@ -412,7 +467,10 @@ impl Started {
             _vm: vm,
             ram,
             persist,
-            vsock,
+            vsock: parts.vsock,
+            watch_halt,
+            disks: parts.disks,
+            nets: parts.nets,
         };
         // The main thread's own filter, after it started every thread it
         // starts (a thread inherits its parent's filter). On failure the VM
@@ -420,6 +478,16 @@ impl Started {
         crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
         Ok(vmm)
     }
+}
+
+/// Whether VMs get Firecracker's boot timer ([`enable_fc_boot_timer`]).
+static FC_BOOT_TIMER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Gives the VMs of this process Firecracker's boot timer (its
+/// `--boot-timer`, a process-wide option there too): a write of 123 to
+/// MMIO address 0xc0000000 logs the time since capsule started.
+pub fn enable_fc_boot_timer() {
+    FC_BOOT_TIMER.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// What adding a device needs: the buses, the VM (for irqfds and
@@ -460,14 +528,17 @@ impl Devices<'_> {
         Ok(())
     }
 
-    /// One virtio-blk device per `--disk`, in order (vda, vdb, ...).
-    pub(crate) fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<()> {
+    /// One virtio-blk device per `--disk`, in order (vda, vdb, ...);
+    /// returns them, for changes while the VM runs.
+    pub(crate) fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<Vec<Arc<Mutex<Block>>>> {
+        let mut out = Vec::new();
         for (index, disk) in disks.iter().enumerate() {
             let block = Arc::new(Mutex::new(open_disk(index, disk)?));
             self.blocks.push(block.clone());
-            self.add_virtio(block)?;
+            self.add_virtio(block.clone())?;
+            out.push(block);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// One virtio-fs device per `--fs`, each with its own virtiofsd.
@@ -479,8 +550,9 @@ impl Devices<'_> {
         Ok(())
     }
 
-    /// One virtio-net device per `--net`, in order (eth0, eth1, ...).
-    pub(crate) fn add_nets(&mut self, nets: &[NetConfig]) -> Result<()> {
+    /// One virtio-net device per `--net`, in order (eth0, eth1, ...);
+    /// returns them, for changes while the VM runs.
+    pub(crate) fn add_nets(&mut self, nets: &[NetConfig]) -> Result<Vec<Arc<Mutex<Net>>>> {
         let macs: Vec<_> = nets
             .iter()
             .enumerate()
@@ -492,11 +564,13 @@ impl Devices<'_> {
             }
         }
         self.macs = macs.clone();
+        let mut out = Vec::new();
         for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
             let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
-            self.add_virtio(device)?;
+            self.add_virtio(device.clone())?;
+            out.push(device);
         }
-        Ok(())
+        Ok(out)
     }
 
     /// The virtio-vsock device: its socket is bound (0600, never
@@ -539,14 +613,29 @@ impl Devices<'_> {
 }
 
 /// The command line, the MP table, the ACPI tables and the zero page.
+/// Returns whether the guest cannot read ACPI tables (`acpi=off`, or a
+/// kernel without ACPI).
 fn write_boot_data(
     mem: &GuestMemoryMmap,
     config: &VmConfig,
     dm: &DeviceManager,
     entry: &KernelEntry,
     initrd: Option<&arch::boot::InitrdConfig>,
-) -> Result<()> {
-    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices());
+) -> Result<bool> {
+    let no_acpi = match &entry.acpi {
+        KernelAcpi::Absent(how) => {
+            log::info!(
+                "the kernel has no ACPI ({how}): its virtio-mmio devices are announced on its command line"
+            );
+            true
+        }
+        KernelAcpi::Present(how) => {
+            log::debug!("the kernel has ACPI ({how})");
+            false
+        }
+        KernelAcpi::Unknown => false,
+    };
+    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices(), no_acpi);
     let cmdline_size = load_cmdline(mem, &cmdline)?;
     arch::mptable::setup_mptable(mem, config.vcpus).map_err(Error::MpTable)?;
     let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
@@ -559,7 +648,8 @@ fn write_boot_data(
         entry.setup_header,
         Some(rsdp),
     )
-    .map_err(Error::ZeroPage)
+    .map_err(Error::ZeroPage)?;
+    Ok(no_acpi || config.cmdline.split_whitespace().any(|w| w == "acpi=off"))
 }
 
 /// Creates and configures the vCPUs (not started yet).
@@ -636,13 +726,23 @@ fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
     while serial.len() > ID_BYTES {
         serial.pop();
     }
-    Block::new(BlockConfig {
+    let mut block = Block::new(BlockConfig {
         path: disk.path.clone(),
         read_only: disk.mode == DiskMode::ReadOnly,
         ephemeral: disk.mode == DiskMode::Ephemeral,
         serial,
     })
-    .map_err(Error::Disk)
+    .map_err(Error::Disk)?;
+    block.set_rate_limiter(rate_limiter(&disk.limits).map_err(Error::RateLimiter)?);
+    Ok(block)
+}
+
+/// The limiter for `limits` (one that limits nothing yet, if they are
+/// empty: a `PATCH` may set limits while the VM runs).
+fn rate_limiter(
+    limits: &crate::config::Limits,
+) -> std::io::Result<Option<devices::rate_limiter::RateLimiter>> {
+    devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops).map(Some)
 }
 
 /// Creates network device `index` with its backend: opens the TAP device
@@ -661,5 +761,9 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
         backend.describe(),
         net::format_mac(&mac)
     );
-    Net::new(backend, mac).map_err(|e| Error::Net(index, e))
+    let mut net = Net::new(backend, mac).map_err(|e| Error::Net(index, e))?;
+    let rx = rate_limiter(&nic.rx_limits).map_err(|e| Error::Net(index, e))?;
+    let tx = rate_limiter(&nic.tx_limits).map_err(|e| Error::Net(index, e))?;
+    net.set_rate_limiters(rx, tx);
+    Ok(net)
 }

@@ -43,6 +43,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-fs shares, each served by its own virtiofsd.
     pub fs: Vec<FsConfig>,
+    /// A virtio-rng device (`PUT /entropy`), with its limits.
+    pub entropy: Option<Limits>,
 }
 
 /// A virtio-vsock device with Firecracker's host side: host clients
@@ -148,6 +150,8 @@ impl std::str::FromStr for FsConfig {
     }
 }
 
+pub use devices::rate_limiter::Limits;
+
 /// A MAC address.
 pub type MacAddr = [u8; 6];
 
@@ -173,6 +177,10 @@ pub struct NetConfig {
     pub backend: NetBackendConfig,
     /// Its MAC address; [`default_mac`] of its index when not given.
     pub mac: Option<MacAddr>,
+    /// Limits on what the guest receives.
+    pub rx_limits: Limits,
+    /// Limits on what the guest sends.
+    pub tx_limits: Limits,
 }
 
 /// The MAC address of network device `index` when none is given: a locally
@@ -302,7 +310,12 @@ impl std::str::FromStr for NetConfig {
                 return Err(format!("host port {} is published twice", w[0]));
             }
         }
-        Ok(Self { backend, mac })
+        Ok(Self {
+            backend,
+            mac,
+            rx_limits: Limits::default(),
+            tx_limits: Limits::default(),
+        })
     }
 }
 
@@ -326,6 +339,8 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// How it is attached.
     pub mode: DiskMode,
+    /// Limits on the guest's requests.
+    pub limits: Limits,
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -350,6 +365,7 @@ impl std::str::FromStr for DiskConfig {
         Ok(Self {
             path: PathBuf::from(path),
             mode,
+            limits: Limits::default(),
         })
     }
 }
@@ -495,7 +511,9 @@ mod tests {
                 backend: NetBackendConfig::Tap {
                     name: "tap0".into()
                 },
-                mac: None
+                mac: None,
+                rx_limits: Limits::default(),
+                tx_limits: Limits::default(),
             }
         );
         let n: NetConfig = "tap=t1,mac=02:00:00:00:00:aB".parse().unwrap();

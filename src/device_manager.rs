@@ -219,11 +219,43 @@ impl DeviceManager {
 
         Ok(SerialInput::new(serial, input, buffer_ready))
     }
+
+    /// Firecracker's boot timer (`--boot-timer`): a boot marker on the
+    /// MMIO bus at [`layout::FC_BOOT_TIMER_START`]; the guest writes 123
+    /// there and the time since capsule started is logged. Only for a
+    /// guest whose RAM ends below it (`mem_size`).
+    pub fn attach_fc_boot_timer(&mut self, mem_size: u64, start: Instant) -> Result<bool, Error> {
+        if mem_size > layout::FC_BOOT_TIMER_START {
+            log::warn!(
+                "--boot-timer: the guest has RAM at {:#x} (more than 3 GiB): no boot timer",
+                layout::FC_BOOT_TIMER_START
+            );
+            return Ok(false);
+        }
+        self.mmio
+            .insert(
+                Arc::new(Mutex::new(BootMarker::new(start))),
+                layout::FC_BOOT_TIMER_START,
+                layout::FC_BOOT_TIMER_SIZE,
+            )
+            .map_err(|e| Error::Bus("boot timer", e))?;
+        Ok(true)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_firecracker_boot_timer_answers_only_below_the_guest_ram() {
+        let mut dm = DeviceManager::new();
+        assert!(!dm.mmio.write(layout::FC_BOOT_TIMER_START, &[123]));
+        assert!(!dm.attach_fc_boot_timer(4 << 30, Instant::now()).unwrap());
+        assert!(!dm.mmio.write(layout::FC_BOOT_TIMER_START, &[123]));
+        assert!(dm.attach_fc_boot_timer(256 << 20, Instant::now()).unwrap());
+        assert!(dm.mmio.write(layout::FC_BOOT_TIMER_START, &[123]));
+    }
 
     #[test]
     fn irq_allocation_stops_at_the_last_line() {

@@ -21,6 +21,8 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub(crate) struct KernelEntry {
     pub(crate) address: u64,
     pub(crate) setup_header: Option<linux_loader::bootparam::setup_header>,
+    /// Whether the kernel reads ACPI tables ([`crate::kernel_acpi`]).
+    pub(crate) acpi: crate::kernel_acpi::KernelAcpi,
 }
 
 pub(crate) fn load_kernel(
@@ -38,6 +40,7 @@ pub(crate) fn load_kernel(
             return Ok(KernelEntry {
                 address: r.kernel_load.0,
                 setup_header: None,
+                acpi: crate::kernel_acpi::probe(file),
             })
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
@@ -53,6 +56,7 @@ pub(crate) fn load_kernel(
         Ok(r) => Ok(KernelEntry {
             address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
             setup_header: r.setup_header,
+            acpi: crate::kernel_acpi::KernelAcpi::Unknown,
         }),
         Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
             Err(Error::NotAKernel(path.to_path_buf()))
@@ -116,13 +120,13 @@ pub(crate) fn load_initrd(
 }
 
 /// The command line the guest gets. With ACPI (the default) virtio-mmio
-/// devices are described in the DSDT; a guest booted with `acpi=off` does
-/// not read it, so the devices are then announced with
-/// `virtio_mmio.device=` entries instead (its legacy interrupt routing maps
-/// the lines those name).
-pub(crate) fn kernel_cmdline(user: &str, virtio_mmio: &[MmioDevice]) -> String {
+/// devices are described in the DSDT; a guest booted with `acpi=off`, or
+/// a kernel without ACPI (`no_acpi`), does not read it, so the devices are
+/// then announced with `virtio_mmio.device=` entries instead (its legacy
+/// interrupt routing maps the lines those name).
+pub(crate) fn kernel_cmdline(user: &str, virtio_mmio: &[MmioDevice], no_acpi: bool) -> String {
     let mut cmdline = user.to_string();
-    if user.split_whitespace().any(|w| w == "acpi=off") {
+    if no_acpi || user.split_whitespace().any(|w| w == "acpi=off") {
         for dev in virtio_mmio {
             cmdline.push_str(&format!(
                 " virtio_mmio.device={}K@{:#x}:{}",
@@ -156,10 +160,17 @@ mod tests {
             len: 0x1000,
             gsi: 5,
         }];
-        assert_eq!(kernel_cmdline("console=ttyS0", &devs), "console=ttyS0");
         assert_eq!(
-            kernel_cmdline("console=ttyS0 acpi=off", &devs),
+            kernel_cmdline("console=ttyS0", &devs, false),
+            "console=ttyS0"
+        );
+        assert_eq!(
+            kernel_cmdline("console=ttyS0 acpi=off", &devs, false),
             "console=ttyS0 acpi=off virtio_mmio.device=4K@0xd0000000:5"
+        );
+        assert_eq!(
+            kernel_cmdline("console=ttyS0", &devs, true),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5"
         );
     }
 }

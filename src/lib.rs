@@ -24,6 +24,7 @@ pub mod failstop;
 pub mod fs_share;
 pub mod hostfile;
 pub mod jail;
+pub mod kernel_acpi;
 mod kernel_load;
 pub mod landlock;
 pub mod logfile;

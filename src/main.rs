@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
 
+mod firecracker_cli;
 mod snapverbs;
 mod tools;
 mod verbs;
@@ -335,6 +336,7 @@ fn exec_config(
             nets: args.nets,
             fs: Vec::new(),
             vsock: None,
+            entropy: None,
         },
         rootfs: args.rootfs,
         shares: args.shares,
@@ -532,6 +534,7 @@ impl RunArgs {
             nets: self.nets.clone(),
             vsock: self.vsock.clone(),
             fs: self.fs.clone(),
+            entropy: None,
         })
     }
 }
@@ -647,6 +650,7 @@ fn run(args: RunArgs) -> u8 {
         vm: args.vm_config(),
         restore: args.restore_config(),
         on_started,
+        setup: Vec::new(),
     };
     let kernel = args.kernel.clone();
     let code = match api::run(opts) {
@@ -670,6 +674,16 @@ fn run(args: RunArgs) -> u8 {
 
 fn main() -> ExitCode {
     let started = capsule::process_start();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(args) = firecracker_cli::wanted(&argv) {
+        capsule::logger::init();
+        capsule::failstop::install();
+        capsule::signals::install();
+        let code = firecracker_cli::run(&args);
+        let _ = std::io::stdout().flush();
+        capsule::signals::reraise_pending();
+        return ExitCode::from(code);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -46,6 +46,13 @@ pub struct Vmm {
     pub(crate) _terminal: Option<terminal::RawModeGuard>,
     pub(crate) _vm: Vm,
     pub(crate) ram: GuestRam,
+    /// Kick the vCPUs now and then to see whether they halted for good
+    /// (a guest without ACPI: `vstate::halt`).
+    pub(crate) watch_halt: bool,
+    /// The virtio-blk devices, in the guest's order (vda, vdb, ...).
+    pub(crate) disks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
+    /// The virtio-net devices, in the guest's order (eth0, eth1, ...).
+    pub(crate) nets: Vec<Arc<Mutex<devices::virtio::net::Net>>>,
     pub(crate) vsock: Option<VsockHandle>,
 }
 
@@ -152,6 +159,16 @@ impl Vmm {
         }
     }
 
+    /// Disk `index` (in the guest's order), for a change while it runs.
+    pub fn disk(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::block::Block>>> {
+        self.disks.get(index)
+    }
+
+    /// Network device `index` (in the guest's order).
+    pub fn net(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::net::Net>>> {
+        self.nets.get(index)
+    }
+
     /// Types Ctrl-Alt-Del on the guest's keyboard (i8042). Returns false
     /// if the keyboard's buffer is full (the guest is not reading it).
     pub fn send_ctrl_alt_del(&self) -> bool {
@@ -168,7 +185,9 @@ impl Vmm {
     /// the guest powers off, resets, panics or faults, or `check` asks to
     /// stop; then stops the vCPUs. `check` runs before every event-loop
     /// round, and at least every `tick` (with `None` a round waits for an
-    /// event however long it takes); it gets the VM, so it may act on it
+    /// event however long it takes; a guest without ACPI has rounds every
+    /// `vstate::halt::CHECK_EVERY` all the same, to see whether it halted
+    /// for good); it gets the VM, so it may act on it
     /// (the API pauses and resumes it from there). A guest exit is only
     /// reported if `check` did not ask to stop first.
     pub fn run<T>(
@@ -176,13 +195,28 @@ impl Vmm {
         tick: Option<Duration>,
         mut check: impl FnMut(&mut Vmm) -> Option<T>,
     ) -> Result<RunEnd<T>> {
+        // With a halt watch, rounds end at least every halt check, to kick
+        // the vCPUs.
+        let every = crate::vstate::halt::CHECK_EVERY;
+        let tick = match (tick, self.watch_halt) {
+            (Some(t), true) => Some(t.min(every)),
+            (None, true) => Some(every),
+            (t, false) => t,
+        };
         let tick_ms = tick.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+        let mut last_kick = std::time::Instant::now();
         let end = loop {
             if let Some(t) = check(&mut self) {
                 break RunEnd::Host(t);
             }
             if let Some(r) = self.exit.reason() {
                 break RunEnd::Guest(r);
+            }
+            if self.watch_halt && last_kick.elapsed() >= every {
+                // A halted vCPU does not leave KVM_RUN by itself: kicked,
+                // it reports whether it halted for good (vstate::halt).
+                self.vcpus.iter().for_each(VcpuHandle::kick);
+                last_kick = std::time::Instant::now();
             }
             self.event_manager
                 .run_with_timeout(tick_ms)

@@ -409,10 +409,10 @@ fn bad_request_corpus() {
             ),
         ),
         (
-            "network interface with a rate limiter",
+            "network interface with a malformed rate limiter",
             put(
                 "/network-interfaces/eth0",
-                r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{}}"#,
+                r#"{"iface_id":"eth0","host_dev_name":"tap0","rx_rate_limiter":{"bandwidth":{"size":"x","refill_time":1}}}"#,
             ),
         ),
         (
@@ -445,10 +445,10 @@ fn bad_request_corpus() {
             ),
         ),
         (
-            "rate limiter",
+            "malformed rate limiter",
             put(
                 "/drives/d",
-                r#"{"drive_id":"d","path_on_host":"/x","is_root_device":false,"rate_limiter":{}}"#,
+                r#"{"drive_id":"d","path_on_host":"/x","is_root_device":false,"rate_limiter":{"ops":{"size":1}}}"#,
             ),
         ),
     ];
@@ -645,6 +645,12 @@ fn conformance_with_the_firecracker_spec() {
         ("/vm/config", "get"),
         ("/logger", "put"),
         ("/serial", "put"),
+        ("/machine-config", "patch"),
+        ("/metrics", "put"),
+        ("/entropy", "put"),
+        ("/cpu-config", "put"),
+        ("/drives/{drive_id}", "patch"),
+        ("/network-interfaces/{iface_id}", "patch"),
     ] {
         let at = text
             .find(&format!("\n  {p}:\n"))
@@ -674,6 +680,9 @@ fn conformance_with_the_firecracker_spec() {
         ("PUT", "/logger", "Logger", r#"{"level":"Warning","show_level":true,"show_log_origin":false}"#.to_string()),
         ("PUT", "/serial", "SerialDevice", format!(r#"{{"serial_out_path":"{}"}}"#, tmp("conf.serial").display())),
         ("PUT", "/vsock", "Vsock", format!(r#"{{"guest_cid":3,"uds_path":"{}"}}"#, vsock.display())),
+        ("PATCH", "/machine-config", "MachineConfiguration", r#"{"vcpu_count":1,"mem_size_mib":64}"#.to_string()),
+        ("PUT", "/metrics", "Metrics", format!(r#"{{"metrics_path":"{}"}}"#, tmp("conf.metrics").display())),
+        ("PUT", "/entropy", "EntropyDevice", r#"{"rate_limiter":{"bandwidth":{"size":4096,"one_time_burst":0,"refill_time":100},"ops":{"size":10,"refill_time":100}}}"#.to_string()),
     ];
     for (m, p, schema, body) in &requests {
         conforms(&defs, schema, &json(body)).unwrap();
@@ -694,6 +703,8 @@ fn conformance_with_the_firecracker_spec() {
         "Vm",
         "SnapshotCreateParams",
         "SnapshotLoadParams",
+        "Metrics",
+        "EntropyDevice",
     ] {
         for (prop, _, _) in &defs[schema].props {
             let path = match schema {
@@ -707,6 +718,8 @@ fn conformance_with_the_firecracker_spec() {
                 "InstanceActionInfo" => "/actions",
                 "SnapshotCreateParams" => "/snapshot/create",
                 "SnapshotLoadParams" => "/snapshot/load",
+                "Metrics" => "/metrics",
+                "EntropyDevice" => "/entropy",
                 _ => "/vm",
             };
             let body = format!(r#"{{"{prop}": null}}"#);
@@ -749,6 +762,12 @@ fn conformance_with_the_firecracker_spec() {
     assert_eq!(mode_of(&vsock), 0o600);
     let (_, body) = vmm.req("GET", "/", None);
     conforms(&defs, "InstanceInfo", &json(&body)).unwrap();
+    let patch = r#"{"drive_id":"rootfs","rate_limiter":{"ops":{"size":100,"refill_time":1000}}}"#;
+    conforms(&defs, "PartialDrive", &json(patch)).unwrap();
+    let (st, body) = vmm.req("PATCH", "/drives/rootfs", Some(patch));
+    assert_eq!(st, 204, "{body}");
+    let (st, body) = vmm.req("PUT", "/actions", Some(r#"{"action_type":"FlushMetrics"}"#));
+    assert_eq!(st, 204, "{body}");
     conforms(&defs, "Vm", &json(r#"{"state":"Paused"}"#)).unwrap();
     assert_eq!(
         vmm.req("PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0,

@@ -39,6 +39,13 @@ pub const MPTABLE_END: u64 = HIMEM_START;
 /// Start of high memory: kernels are loaded here.
 pub const HIMEM_START: u64 = 0x10_0000;
 
+/// Where Firecracker's boot timer is (the start of its MMIO window on
+/// x86_64): with `--boot-timer` capsule puts a boot marker there, for guests
+/// that write 123 to it, when the guest has no RAM there (at most 3 GiB).
+pub const FC_BOOT_TIMER_START: u64 = 0xc000_0000;
+/// Size of the boot timer's window.
+pub const FC_BOOT_TIMER_SIZE: u64 = 0x1000;
+
 /// Start of the 32-bit MMIO hole below 4 GiB (no RAM is placed here).
 pub const MMIO32_START: u64 = 0xd000_0000;
 /// Size of the 32-bit MMIO hole.

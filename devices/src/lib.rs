@@ -31,7 +31,9 @@ pub mod boot_marker;
 pub mod bus;
 pub mod exit;
 pub mod legacy;
+pub mod metrics;
 pub mod pvpanic;
+pub mod rate_limiter;
 pub mod ratelimit;
 pub mod virtio;
 

@@ -44,6 +44,18 @@ pub enum VmmAction {
     CreateSnapshot(super::snapshot::SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(super::snapshot::SnapshotLoadParams),
+    /// `PATCH /machine-config`.
+    PatchMachineConfig(MachineConfigUpdate),
+    /// `PUT /metrics`.
+    PutMetrics(Metrics),
+    /// `PUT /entropy`.
+    PutEntropy(EntropyDevice),
+    /// `PUT /cpu-config` (refused: capsule has no CPU templates).
+    PutCpuConfig,
+    /// `PATCH /drives/{id}`.
+    PatchDrive(PartialDrive),
+    /// `PATCH /network-interfaces/{id}`.
+    PatchNetworkInterface(PartialNetworkInterface),
 }
 
 /// What an action that succeeded returns.
@@ -68,6 +80,9 @@ pub enum VmmActionError {
     /// A configuration action after `InstanceStart`.
     #[error("The requested operation is not supported after starting the microVM.")]
     NotAfterStart,
+    /// An action that only exists for a started VM (`FlushMetrics`).
+    #[error("The requested operation is not supported before starting the microVM.")]
+    NotBeforeStart,
     /// An action that needs a running VM before `InstanceStart`.
     #[error("{0}")]
     NotStarted(&'static str),
@@ -97,8 +112,8 @@ pub enum VmmActionError {
     /// A drive id with characters other than letters, digits and `_`.
     #[error("invalid drive_id '{0}': use letters, digits and _")]
     DriveId(String),
-    /// A network interface with mtu or rate limiters.
-    #[error("network interface {0}: mtu and rate limiters are not supported")]
+    /// A network interface with an mtu.
+    #[error("network interface {0}: mtu is not supported")]
     NetUnsupported(String),
     /// A network interface without a TAP device name.
     #[error("network interface {0}: empty host_dev_name")]
@@ -145,6 +160,25 @@ pub enum VmmActionError {
     /// Building the VM failed.
     #[error(transparent)]
     Start(#[from] builder::Error),
+    /// A `PATCH` for a drive or interface the VM does not have.
+    #[error("no {what} with id '{id}' in the running microVM")]
+    NoSuchDevice {
+        /// `drive` or `network interface`.
+        what: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+    /// A drive's new image could not be used.
+    #[error("drive {id}: {source}")]
+    DriveSwap {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: devices::virtio::block::BlockError,
+    },
+    /// Metrics could not be set up or written.
+    #[error(transparent)]
+    Metrics(#[from] super::metrics::MetricsError),
     /// Pausing or resuming failed.
     #[error(transparent)]
     Pause(#[from] PauseError),

@@ -94,6 +94,7 @@ impl Controller {
         }
         let actions = (c.logger.map(VmmAction::PutLogger).into_iter())
             .chain(c.serial.map(VmmAction::PutSerial))
+            .chain(c.metrics.map(VmmAction::PutMetrics))
             .chain(c.machine_config.map(VmmAction::PutMachineConfig))
             .chain(c.boot_source.map(VmmAction::PutBootSource))
             .chain(c.drives.into_iter().map(VmmAction::PutDrive))
@@ -102,7 +103,8 @@ impl Controller {
                     .into_iter()
                     .map(VmmAction::PutNetworkInterface),
             )
-            .chain(c.vsock.map(VmmAction::PutVsock));
+            .chain(c.vsock.map(VmmAction::PutVsock))
+            .chain(c.entropy.map(VmmAction::PutEntropy));
         for action in actions {
             self.handle(action, None)?;
         }
@@ -119,7 +121,20 @@ impl Controller {
 
     /// Carries out one action. `vmm` is the running VM (`None` before
     /// `InstanceStart`, whose VM [`Self::take_started`] hands over).
+    /// Counted in the API metrics.
     pub fn handle(&mut self, action: VmmAction, vmm: Option<&mut Vmm>) -> Result<VmmData> {
+        let counters = super::metrics::counters_for(&action);
+        let r = self.handle_uncounted(action, vmm);
+        if let Some((count, fails)) = counters {
+            count.inc();
+            if r.is_err() {
+                fails.inc();
+            }
+        }
+        r
+    }
+
+    fn handle_uncounted(&mut self, action: VmmAction, vmm: Option<&mut Vmm>) -> Result<VmmData> {
         match action {
             VmmAction::GetInstanceInfo => Ok(VmmData::InstanceInfo(InstanceInfo {
                 app_name: "capsule".to_string(),
@@ -154,8 +169,35 @@ impl Controller {
                 self.resources.serial = Some(s);
                 Ok(VmmData::Empty)
             }
-            VmmAction::Action(ActionType::FlushMetrics) => Err(VmmActionError::Unsupported(
-                "capsule has no metrics to flush (PUT /metrics is not supported)",
+            VmmAction::Action(ActionType::FlushMetrics) => {
+                if self.state == State::NotStarted {
+                    return Err(VmmActionError::NotBeforeStart);
+                }
+                super::metrics::flush()?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PutMetrics(m) => {
+                let mut extra = serde_json::Map::new();
+                if m.emit_id == Some(true) {
+                    extra.insert("id".into(), self.id.clone().into());
+                }
+                if let Some(p) = &m.properties {
+                    let props = p
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())));
+                    extra.insert(
+                        "properties".into(),
+                        serde_json::Value::Object(props.collect()),
+                    );
+                }
+                super::metrics::configure(&m.metrics_path, extra)?;
+                self.resources.metrics = Some(m);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::PatchMachineConfig(u) => self.configure(|r| r.patch_machine(u)),
+            VmmAction::PutEntropy(e) => self.configure(|r| r.set_entropy(e)),
+            VmmAction::PutCpuConfig => Err(VmmActionError::Unsupported(
+                "CPU configuration (cpu-config) is not supported by capsule",
             )),
             VmmAction::Action(ActionType::InstanceStart) => {
                 self.pre_boot()?;
@@ -166,6 +208,8 @@ impl Controller {
             VmmAction::PatchVm(want) => self.pause_or_resume(vmm, want),
             VmmAction::CreateSnapshot(p) => self.create_snapshot(vmm, &p),
             VmmAction::LoadSnapshot(p) => self.load_snapshot(&p),
+            VmmAction::PatchDrive(p) => self.patch_drive(vmm, p),
+            VmmAction::PatchNetworkInterface(p) => self.patch_net(vmm, p),
         }
     }
 
@@ -261,6 +305,60 @@ impl Controller {
                 "the guest is not reading its keyboard (i8042 buffer full)",
             ));
         }
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /drives/{id}` on the running VM: a new image (the guest
+    /// sees a media change) and/or new limits.
+    fn patch_drive(&mut self, vmm: Option<&mut Vmm>, p: PartialDrive) -> Result<VmmData> {
+        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
+            return Err(VmmActionError::NotBeforeStart);
+        };
+        let no_such = || VmmActionError::NoSuchDevice {
+            what: "drive",
+            id: p.drive_id.clone(),
+        };
+        let index = self
+            .resources
+            .drive_index(&p.drive_id)
+            .ok_or_else(no_such)?;
+        let disk = vmm.disk(index).ok_or_else(no_such)?;
+        let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(path) = &p.path_on_host {
+            disk.replace_image(std::path::Path::new(path))
+                .map_err(|source| VmmActionError::DriveSwap {
+                    id: p.drive_id.clone(),
+                    source,
+                })?;
+            log::info!("drive {}: now {path}", p.drive_id);
+        }
+        if let Some(r) = p.rate_limiter {
+            let l = r.limits();
+            disk.update_rate_limiter(l.bandwidth, l.ops);
+        }
+        drop(disk);
+        self.resources.patched_drive(&p);
+        Ok(VmmData::Empty)
+    }
+
+    /// `PATCH /network-interfaces/{id}` on the running VM: new limits.
+    fn patch_net(&mut self, vmm: Option<&mut Vmm>, p: PartialNetworkInterface) -> Result<VmmData> {
+        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
+            return Err(VmmActionError::NotBeforeStart);
+        };
+        let no_such = || VmmActionError::NoSuchDevice {
+            what: "network interface",
+            id: p.iface_id.clone(),
+        };
+        let index = self.resources.net_index(&p.iface_id).ok_or_else(no_such)?;
+        let net = vmm.net(index).ok_or_else(no_such)?;
+        net.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update_rate_limiters(
+                p.rx_rate_limiter.map(|r| r.limits()),
+                p.tx_rate_limiter.map(|r| r.limits()),
+            );
+        self.resources.patched_net(&p);
         Ok(VmmData::Empty)
     }
 

@@ -8,6 +8,20 @@ use std::fmt::Write as _;
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 50 * 1024;
+/// The body limit in force: [`MAX_BODY`] unless [`set_max_body`] changed
+/// it (Firecracker's `--http-api-max-payload-size`).
+static BODY_LIMIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(MAX_BODY);
+
+/// Sets the largest request body accepted from now on (process-wide).
+pub fn set_max_body(bytes: usize) {
+    BODY_LIMIT.store(bytes, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The largest request body accepted now.
+pub fn max_body() -> usize {
+    BODY_LIMIT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Most header lines accepted.
 const MAX_HEADERS: usize = 64;
 
@@ -148,11 +162,12 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, HttpError> {
                 if content_length.is_some_and(|l| l != len) {
                     return Err(HttpError::bad("conflicting Content-Length headers"));
                 }
-                if len > MAX_BODY {
+                let limit = max_body();
+                if len > limit {
                     return Err(HttpError {
                         status: 413,
                         message: format!(
-                            "request body of {value} bytes is larger than the limit of {MAX_BODY} bytes"
+                            "request body of {value} bytes is larger than the limit of {limit} bytes"
                         ),
                     });
                 }

@@ -10,6 +10,7 @@
 pub mod action;
 pub mod controller;
 pub mod http;
+pub mod metrics;
 pub mod resources;
 pub mod server;
 pub mod snapshot;
@@ -108,6 +109,9 @@ pub struct Options {
     pub restore: Option<crate::snapshot::restore::RestoreConfig>,
     /// Called once the VM is running.
     pub on_started: Option<Box<dyn FnOnce()>>,
+    /// Actions applied first, before the configuration file (the
+    /// Firecracker command line's logger and metrics options).
+    pub setup: Vec<VmmAction>,
 }
 
 /// Reads a Firecracker configuration file.
@@ -192,6 +196,9 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
         }
     };
     let mut ctl = Controller::new(opts.id.clone(), opts.kvm_path.clone(), opts.console);
+    for action in std::mem::take(&mut opts.setup) {
+        ctl.handle(action, None).map_err(Error::Config)?;
+    }
     let config = opts.config.take();
     let direct = opts.vm.take();
     if config.is_some() || direct.is_some() {
@@ -221,6 +228,10 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
         serve_running(&mut ctl, vmm, rx.as_ref());
         None::<Infallible>
     })?;
+    // As Firecracker does, a last metrics line when the VM ends.
+    if let Err(e) = metrics::flush_if_configured() {
+        log::warn!("{e}");
+    }
     match end {
         RunEnd::Guest(exit) => Ok(exit),
     }

@@ -28,6 +28,8 @@ pub struct VmResources {
     vsock: Option<Vsock>,
     pub(super) logger: Option<Logger>,
     pub(super) serial: Option<SerialDevice>,
+    pub(super) metrics: Option<Metrics>,
+    entropy: Option<EntropyDevice>,
     kvm_path: PathBuf,
     direct: Option<VmConfig>,
 }
@@ -50,6 +52,8 @@ impl VmResources {
             vsock: None,
             logger: None,
             serial: None,
+            metrics: None,
+            entropy: None,
             kvm_path,
             direct: None,
         }
@@ -65,6 +69,8 @@ impl VmResources {
             machine_config: Some(self.machine.clone()),
             logger: self.logger.clone(),
             serial: self.serial.clone(),
+            metrics: self.metrics.clone(),
+            entropy: self.entropy.clone(),
             ..FullVmConfig::default()
         }
     }
@@ -79,6 +85,64 @@ impl VmResources {
             ..m
         };
         Ok(())
+    }
+
+    /// `PATCH /machine-config`: the fields given replace the current
+    /// ones; the result is validated as a whole.
+    pub fn patch_machine(&mut self, u: MachineConfigUpdate) -> Result<()> {
+        let m = self.machine.patched(u);
+        validate_machine(&m)?;
+        self.machine = m;
+        Ok(())
+    }
+
+    /// `PUT /entropy`: the VM gets a virtio-rng device.
+    pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<()> {
+        self.entropy = Some(e);
+        Ok(())
+    }
+
+    /// The guest's index of drive `id` (the root drive first, as in
+    /// [`Self::vm_config`]).
+    pub fn drive_index(&self, id: &str) -> Option<usize> {
+        let ordered = self
+            .drives
+            .iter()
+            .filter(|d| d.is_root_device)
+            .chain(self.drives.iter().filter(|d| !d.is_root_device));
+        ordered
+            .enumerate()
+            .find(|(_, d)| d.drive_id == id)
+            .map(|(i, _)| i)
+    }
+
+    /// The guest's index of network interface `id`.
+    pub fn net_index(&self, id: &str) -> Option<usize> {
+        self.nets.iter().position(|n| n.iface_id == id)
+    }
+
+    /// Records a `PATCH /drives/{id}` that took effect.
+    pub fn patched_drive(&mut self, p: &PartialDrive) {
+        if let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == p.drive_id) {
+            if let Some(path) = &p.path_on_host {
+                d.path_on_host = Some(path.clone());
+            }
+            if let Some(r) = p.rate_limiter {
+                d.rate_limiter = Some(r);
+            }
+        }
+    }
+
+    /// Records a `PATCH /network-interfaces/{id}` that took effect.
+    pub fn patched_net(&mut self, p: &PartialNetworkInterface) {
+        if let Some(n) = self.nets.iter_mut().find(|n| n.iface_id == p.iface_id) {
+            if p.rx_rate_limiter.is_some() {
+                n.rx_rate_limiter = p.rx_rate_limiter;
+            }
+            if p.tx_rate_limiter.is_some() {
+                n.tx_rate_limiter = p.tx_rate_limiter;
+            }
+        }
     }
 
     /// `PUT /boot-source`.
@@ -121,7 +185,7 @@ impl VmResources {
 
     /// `PUT /network-interfaces/{id}`: validated.
     pub fn set_net(&mut self, n: NetworkInterface) -> Result<()> {
-        if n.mtu.is_some() || n.rx_rate_limiter.is_some() || n.tx_rate_limiter.is_some() {
+        if n.mtu.is_some() {
             return Err(VmmActionError::NetUnsupported(n.iface_id));
         }
         if let Some(mac) = &n.guest_mac {
@@ -169,6 +233,10 @@ impl VmResources {
         if let Some(c) = &self.direct {
             return Ok(c.clone());
         }
+        let entropy = self
+            .entropy
+            .as_ref()
+            .map(|e| e.rate_limiter.map(|r| r.limits()).unwrap_or_default());
         let Some(boot) = &self.boot else {
             return Err(VmmActionError::NoKernel);
         };
@@ -196,6 +264,7 @@ impl VmResources {
                 } else {
                     DiskMode::ReadWrite
                 },
+                limits: d.rate_limiter.map(|r| r.limits()).unwrap_or_default(),
             })
             .collect();
         Ok(VmConfig {
@@ -221,11 +290,14 @@ impl VmResources {
                             iface: n.iface_id.clone(),
                             source,
                         })?,
+                        rx_limits: n.rx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
+                        tx_limits: n.tx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
                     })
                 })
                 .collect::<Result<_>>()?,
             vsock: self.vsock.as_ref().map(vsock_config).transpose()?,
             fs: Vec::new(),
+            entropy,
         })
     }
 }
@@ -285,9 +357,6 @@ fn validate_drive(d: &Drive) -> Result<()> {
     let unsupported = VmmActionError::Unsupported;
     if d.socket.is_some() {
         return Err(unsupported("vhost-user drives (socket) are not supported"));
-    }
-    if d.rate_limiter.is_some() {
-        return Err(unsupported("drive rate_limiter is not supported"));
     }
     match d.path_on_host.as_deref() {
         None | Some("") => return Err(unsupported("path_on_host is required")),

@@ -102,6 +102,38 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
         ("GET", ["vm", "config"]) => no_body(Request::GetVmConfig)?,
         ("PUT", ["logger"]) => Request::PutLogger(from_body(body).map_err(bad)?),
         ("PUT", ["serial"]) => Request::PutSerial(from_body(body).map_err(bad)?),
+        ("PATCH", ["machine-config"]) => {
+            let u: types::MachineConfigUpdate = from_body(body).map_err(bad)?;
+            if u == types::MachineConfigUpdate::default() {
+                return Err(bad("Empty PATCH request.".to_string()));
+            }
+            Request::PatchMachineConfig(u)
+        }
+        ("PATCH", ["drives", id]) => {
+            let d: types::PartialDrive = from_body(body).map_err(bad)?;
+            if d.drive_id != *id {
+                return Err(bad(
+                    "The id from the path does not match the id from the body!".to_string(),
+                ));
+            }
+            Request::PatchDrive(d)
+        }
+        ("PATCH", ["network-interfaces", id]) => {
+            let n: types::PartialNetworkInterface = from_body(body).map_err(bad)?;
+            if n.iface_id != *id {
+                return Err(bad(
+                    "The id from the path does not match the id from the body!".to_string(),
+                ));
+            }
+            Request::PatchNetworkInterface(n)
+        }
+        ("PUT", ["metrics"]) => Request::PutMetrics(from_body(body).map_err(bad)?),
+        ("PUT", ["entropy"]) => Request::PutEntropy(from_body(body).map_err(bad)?),
+        ("PUT", ["cpu-config"]) => {
+            // Checked as JSON, then refused as a whole.
+            let _: serde_json::Value = from_body(body).map_err(bad)?;
+            Request::PutCpuConfig
+        }
         (
             _,
             []
@@ -115,7 +147,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             | ["vm"]
             | ["vm", "config"]
             | ["logger"]
-            | ["serial"],
+            | ["serial"]
+            | ["metrics"]
+            | ["entropy"]
+            | ["cpu-config"],
         ) => {
             return Err(Response::fault(
                 400,
@@ -259,7 +294,7 @@ fn read_and_serve(conn: &mut Conn, calls: &Sender<Call>, wake: &EventFd) -> Resu
                     conn.deadline = Instant::now() + REQUEST_TIMEOUT;
                 }
                 conn.buf.extend_from_slice(&chunk[..n]);
-                if conn.buf.len() > http::MAX_HEAD + http::MAX_BODY {
+                if conn.buf.len() > http::MAX_HEAD + http::max_body() {
                     break;
                 }
             }

@@ -45,6 +45,114 @@ pub struct MachineConfig {
     pub huge_pages: Option<String>,
 }
 
+/// `PATCH /machine-config`: the fields to change; the others keep their
+/// values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// Number of vCPUs.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub vcpu_count: Option<u64>,
+    /// Guest memory in MiB.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub mem_size_mib: Option<u64>,
+    /// See [`MachineConfig::smt`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub smt: Option<bool>,
+    /// See [`MachineConfig::track_dirty_pages`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// See [`MachineConfig::cpu_template`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub cpu_template: Option<String>,
+    /// See [`MachineConfig::huge_pages`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub huge_pages: Option<String>,
+}
+
+impl MachineConfig {
+    /// This configuration with the fields `u` gives replaced.
+    pub fn patched(&self, u: MachineConfigUpdate) -> Self {
+        Self {
+            vcpu_count: u.vcpu_count.unwrap_or(self.vcpu_count),
+            mem_size_mib: u.mem_size_mib.unwrap_or(self.mem_size_mib),
+            smt: u.smt.or(self.smt),
+            track_dirty_pages: u.track_dirty_pages.or(self.track_dirty_pages),
+            cpu_template: u.cpu_template.or_else(|| self.cpu_template.clone()),
+            huge_pages: u.huge_pages.or_else(|| self.huge_pages.clone()),
+        }
+    }
+}
+
+/// `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// File or named pipe that receives the metrics, one JSON object a line.
+    pub metrics_path: String,
+    /// Put the instance id in each line (`"id"`).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub emit_id: Option<bool>,
+    /// Key-value pairs put in each line under `"properties"`.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// A token bucket of a rate limiter (Firecracker's `TokenBucket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    /// Tokens (bytes or operations) the bucket holds when full.
+    pub size: u64,
+    /// Extra tokens available once, at the start.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill `size` tokens from empty.
+    pub refill_time: u64,
+}
+
+impl TokenBucket {
+    /// The device-side configuration.
+    pub fn bucket(&self) -> devices::rate_limiter::BucketConfig {
+        devices::rate_limiter::BucketConfig {
+            size: self.size,
+            one_time_burst: self.one_time_burst.unwrap_or(0),
+            refill_time_ms: self.refill_time,
+        }
+    }
+}
+
+/// A rate limiter: bandwidth (bytes) and ops (requests) buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    /// Operations.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+impl RateLimiter {
+    /// The device-side configuration.
+    pub fn limits(&self) -> crate::config::Limits {
+        crate::config::Limits {
+            bandwidth: self.bandwidth.as_ref().map(TokenBucket::bucket),
+            ops: self.ops.as_ref().map(TokenBucket::bucket),
+        }
+    }
+}
+
+/// `PUT /entropy`: a virtio-rng device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EntropyDevice {
+    /// Limits on the random bytes and requests the guest gets.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
 /// `PUT /drives/{drive_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,9 +173,9 @@ pub struct Drive {
     /// `"Unsafe"` or `"Writeback"` (capsule always honours guest flushes).
     #[serde(default, skip_serializing_if = "is_none")]
     pub cache_type: Option<String>,
-    /// Not supported: refused when present.
+    /// Limits on the guest's requests (bytes and operations).
     #[serde(default, skip_serializing_if = "is_none")]
-    pub rate_limiter: Option<Value>,
+    pub rate_limiter: Option<RateLimiter>,
     /// `"Sync"` only.
     #[serde(default, skip_serializing_if = "is_none")]
     pub io_engine: Option<String>,
@@ -90,6 +198,36 @@ pub struct Vsock {
     pub vsock_id: Option<String>,
 }
 
+/// `PATCH /drives/{drive_id}`: a new image and/or new limits for a
+/// running VM's drive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive's id (must match the path).
+    pub drive_id: String,
+    /// A new image: the guest sees a media change.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub path_on_host: Option<String>,
+    /// New limits.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new limits for a running VM's
+/// interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface's id (must match the path).
+    pub iface_id: String,
+    /// New limits on what the guest receives.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New limits on what the guest sends.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
 /// `PUT /network-interfaces/{iface_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,12 +242,12 @@ pub struct NetworkInterface {
     /// MTU to advertise.
     #[serde(default, skip_serializing_if = "is_none")]
     pub mtu: Option<u16>,
-    /// Not supported.
+    /// Limits on what the guest receives.
     #[serde(default, skip_serializing_if = "is_none")]
-    pub rx_rate_limiter: Option<Value>,
-    /// Not supported.
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Limits on what the guest sends.
     #[serde(default, skip_serializing_if = "is_none")]
-    pub tx_rate_limiter: Option<Value>,
+    pub tx_rate_limiter: Option<RateLimiter>,
 }
 
 /// `PUT /actions` action types.
@@ -234,9 +372,9 @@ pub struct FullVmConfig {
     /// See `balloon`.
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<Value>,
-    /// See `balloon`.
-    #[serde(default, skip_serializing)]
-    pub metrics: Option<Value>,
+    /// Metrics output.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub metrics: Option<Metrics>,
     /// See `balloon`.
     #[serde(rename = "memory-hotplug", default, skip_serializing)]
     pub memory_hotplug: Option<Value>,
@@ -249,9 +387,9 @@ pub struct FullVmConfig {
     /// The vsock device.
     #[serde(default, skip_serializing_if = "is_none")]
     pub vsock: Option<Vsock>,
-    /// See `balloon`.
-    #[serde(default, skip_serializing)]
-    pub entropy: Option<Value>,
+    /// The entropy device.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub entropy: Option<EntropyDevice>,
 }
 
 impl FullVmConfig {
@@ -262,11 +400,9 @@ impl FullVmConfig {
         for (name, o) in [
             ("balloon", &self.balloon),
             ("cpu-config", &self.cpu_config),
-            ("metrics", &self.metrics),
             ("memory-hotplug", &self.memory_hotplug),
             ("mmds-config", &self.mmds_config),
             ("pmem", &self.pmem),
-            ("entropy", &self.entropy),
         ] {
             if present(o) {
                 v.push(name);

@@ -123,6 +123,7 @@ mod tests {
                 nets: vec![],
                 vsock: None,
                 fs: vec![],
+                entropy: None,
             },
             rootfs: None,
             shares: vec![],

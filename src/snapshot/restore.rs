@@ -111,6 +111,8 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
             .map(|n| NetConfig {
                 backend: n.backend.clone(),
                 mac: None,
+                rx_limits: Default::default(),
+                tx_limits: Default::default(),
             })
             .collect(),
     };
@@ -138,8 +140,9 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         // A VM with a vsock device cannot be snapshotted yet (see
         // `builder::build_with`), so a snapshot never holds one.
         vsock: None,
-        // Nor a virtio-fs share.
+        // Nor a virtio-fs share, nor an entropy device.
         fs: Vec::new(),
+        entropy: None,
     })
 }
 
@@ -192,7 +195,17 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         vcpus.push(vcpu);
     }
     let persist = builder::handles(&config, &dm, blocks, macs, None);
-    let vmm = started.launch(vm, ram, dm, vcpus, persist, None, !cfg.resume)?;
+    let vmm = started.launch(
+        vm,
+        ram,
+        dm,
+        vcpus,
+        persist,
+        builder::Parts {
+            paused: !cfg.resume,
+            ..Default::default()
+        },
+    )?;
     log::info!(
         "restored {} in {:.1} ms ({})",
         cfg.snapshot_path.display(),

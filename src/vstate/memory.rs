@@ -71,8 +71,10 @@ unsafe fn map_ram(addr: usize, len: usize, backing: Backing<'_>) -> i32 {
     use std::os::unix::io::AsRawFd;
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let (file, offset, kind) = match backing {
-        // SAFETY: the caller's range.
-        Backing::Anonymous => return unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) },
+        Backing::Anonymous => {
+            // SAFETY: the caller's range.
+            return unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) };
+        }
         Backing::Shared(file, offset) => (file, offset, libc::MAP_SHARED),
         Backing::Private(file, offset) => (file, offset, libc::MAP_PRIVATE),
     };
@@ -222,7 +224,10 @@ impl GuestRam {
     /// holds them one after the other (a snapshot's memory file, whose
     /// size the caller has checked): nothing is read now, each page comes
     /// from the page cache when the guest first touches it.
-    pub fn from_file(ranges: &[(GuestAddress, usize)], file: &std::fs::File) -> Result<Self, Error> {
+    pub fn from_file(
+        ranges: &[(GuestAddress, usize)],
+        file: &std::fs::File,
+    ) -> Result<Self, Error> {
         let mut ram = Self::map_private(ranges, file)?;
         ram.backing = Some(
             file.try_clone()

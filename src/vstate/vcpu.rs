@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use devices::bus::Bus;
 use devices::exit::{ExitSignal, GuestExit};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+
+use super::halt::{self, HaltWatch};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -151,6 +153,9 @@ impl Vcpu {
                         self.log_triple_fault();
                     }
                     if let Some(reason) = reason {
+                        if reason == GuestExit::Fault {
+                            devices::metrics::VCPU.failures.inc();
+                        }
                         io.exit.signal(reason);
                         break;
                     }
@@ -171,9 +176,17 @@ impl Vcpu {
                 }
                 Err(e) if matches!(e.errno(), libc::EINTR | libc::EAGAIN) => {
                     self.fd.set_kvm_immediate_exit(0);
+                    if self.halted_for_good(&io) {
+                        log::info!(
+                            "every vCPU has halted with interrupts disabled: the guest powered off"
+                        );
+                        io.exit.signal(GuestExit::PowerOff);
+                        break;
+                    }
                 }
                 Err(e) => {
                     log::error!("vCPU {}: KVM_RUN failed: {e}", self.index);
+                    devices::metrics::VCPU.failures.inc();
                     io.exit.signal(GuestExit::Fault);
                     break;
                 }
@@ -230,6 +243,14 @@ impl ExitStats {
             VcpuExit::MmioWrite(addr, _) => Site(3, *addr),
             _ => Site(4, 0),
         };
+        let m = &devices::metrics::VCPU;
+        match site.0 {
+            0 => m.exit_io_in.inc(),
+            1 => m.exit_io_out.inc(),
+            2 => m.exit_mmio_read.inc(),
+            3 => m.exit_mmio_write.inc(),
+            _ => {}
+        }
         self.total += 1;
         self.by_kind[site.0] += 1;
         if let Some(slot) = self.busiest.iter_mut().find(|s| s.site == site) {
@@ -278,6 +299,22 @@ impl ExitStats {
 }
 
 impl Vcpu {
+    /// After a kick: reports this vCPU's state to the halt watch
+    /// ([`super::halt`]); true when the whole machine has halted for good.
+    fn halted_for_good(&self, io: &VcpuIo) -> bool {
+        let Some(halt) = &io.halt else {
+            return false;
+        };
+        if io.stop.load(Ordering::Acquire) || io.pause.requested() {
+            return false;
+        }
+        let Ok(mp) = self.fd.get_mp_state() else {
+            return false;
+        };
+        let state = halt::VcpuState::of(mp.mp_state, || self.fd.get_regs().ok().map(|r| r.rflags));
+        halt.report(usize::from(self.index), state)
+    }
+
     /// A triple fault resets the VM like a reboot, but unless the guest
     /// asked for it (`reboot=t`) it is a guest crash: say so, with where
     /// the vCPU was, on stderr.
@@ -313,6 +350,9 @@ pub struct VcpuIo {
     pub stop: Arc<AtomicBool>,
     /// Where vCPUs park while the VM is paused.
     pub pause: Arc<PauseGate>,
+    /// Where vCPUs report that they halted for good, if the VM ends then
+    /// (a guest without ACPI).
+    pub halt: Option<Arc<HaltWatch>>,
 }
 
 /// Parks vCPU threads while the VM is paused.

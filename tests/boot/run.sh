@@ -52,7 +52,7 @@ export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage VMLINUX=/capsule/vmlinu
 export INITRD=/capsule/initramfs.cpio.gz KERNEL_RELEASE='$(cat "$kdir/kernelrelease")'
 export ROOTFS=/capsule/rootfs.ext4 TOOLS=/capsule/tools
 export CASE_TIMEOUT='$case_timeout' CASES='$2' KVM_HOST_LIB=/capsule/kvm-host.sh
-export DEBIAN_IMAGE=/capsule/debian
+export DEBIAN_IMAGE=/capsule/debian NOACPI_VMLINUX=/capsule/noacpi/vmlinux
 export ACTION_DIR=/capsule ACTION_RUNNER=/capsule/run-action-locally.sh
 $log_line
 $bench_line
@@ -95,6 +95,14 @@ main() {
         debian="$("$resources/build-debian-image.sh")" || fail_all "building the Debian guest image failed"
         l1_debian=("$debian:debian")
     fi
+    # The kernel without ACPI (a few minutes to build once) only when its
+    # case runs.
+    noacpi=""
+    l1_noacpi=()
+    if [[ " ${expected[*]} " == *" noacpi_"* ]]; then
+        noacpi="$("$resources/build-guest-kernel-noacpi.sh")" || fail_all "building the no-ACPI guest kernel failed"
+        l1_noacpi=("$noacpi:noacpi")
+    fi
     mode="$("$resources/harness/mode.sh")" || fail_all "choosing the harness mode failed"
     case_timeout="${CASE_TIMEOUT:-180}"
     log "build phase took $((SECONDS - start))s; ${#expected[@]} cases"
@@ -123,7 +131,7 @@ main() {
     rc=0
     if [[ "$mode" == direct ]]; then
         CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" INITRD="$initrd" \
-            ROOTFS="$rootfs" DEBIAN_IMAGE="$debian" TOOLS="$work/tools" KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
+            ROOTFS="$rootfs" DEBIAN_IMAGE="$debian" NOACPI_VMLINUX="${noacpi:+$noacpi/vmlinux}" TOOLS="$work/tools" KERNEL_RELEASE="$(cat "$kdir/kernelrelease")" CASE_TIMEOUT="$case_timeout" \
             CASES="${expected[*]}" KVM_HOST_LIB="$resources/kvm-host.sh" \
             ACTION_DIR="$here/../.." ACTION_RUNNER="$resources/run-action-locally.sh" \
             sh "$here/cases.sh" </dev/null 2>&1 | tee "$caselog" || rc=$?
@@ -152,7 +160,7 @@ main() {
                 "$work/boot-tests-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" \
                 "$initrd" "$rootfs" "$work/tools" "$here:boot" "$resources/kvm-host.sh" \
                 "$here/../../action.yml" "$resources/run-action-locally.sh" \
-                ${l1_debian[@]+"${l1_debian[@]}"} </dev/null | tee -a "$caselog" || rc=$?
+                ${l1_debian[@]+"${l1_debian[@]}"} ${l1_noacpi[@]+"${l1_noacpi[@]}"} </dev/null | tee -a "$caselog" || rc=$?
             unreported=()
             for c in "${remaining[@]}"; do
                 tr -d '\r' <"$caselog" | grep -qE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||

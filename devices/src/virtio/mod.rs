@@ -81,6 +81,7 @@ pub mod fs;
 pub mod mmio;
 pub mod net;
 mod queue_events;
+pub mod rng;
 pub mod vsock;
 
 use std::io;

@@ -46,12 +46,12 @@ mod request;
 use std::io;
 use std::path::PathBuf;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
 };
-use virtio_queue::QueueT;
+use virtio_queue::{QueueOwnedT, QueueT};
 
 pub use disk::{DiskImage, RawImage};
 pub use ephemeral::EphemeralImage;
@@ -206,6 +206,8 @@ pub struct Block {
     buf: Vec<u8>,
     /// [`BYTE_BUDGET`], smaller in tests.
     byte_budget: u64,
+    /// Limits on the guest's requests (`rate_limiter` of a drive).
+    limiter: Option<crate::rate_limiter::RateLimiter>,
 }
 
 impl std::fmt::Debug for Block {
@@ -272,6 +274,7 @@ impl Block {
             config: config_space(capacity),
             buf: vec![0; BOUNCE_LEN],
             byte_budget: BYTE_BUDGET,
+            limiter: None,
         })
     }
 
@@ -290,6 +293,46 @@ impl Block {
         self.common.is_activated()
     }
 
+    /// Limits the guest's requests (bytes and operations). Call before
+    /// the device joins the event loop, which then watches the limiter's
+    /// timer (give one that limits nothing yet if limits may come later,
+    /// with [`Self::update_rate_limiter`]).
+    pub fn set_rate_limiter(&mut self, limiter: Option<crate::rate_limiter::RateLimiter>) {
+        self.limiter = limiter;
+    }
+
+    /// New limits while the VM runs (`PATCH /drives/{id}`); false if the
+    /// device has no limiter (none was set before it joined the event
+    /// loop).
+    pub fn update_rate_limiter(
+        &mut self,
+        bandwidth: Option<crate::rate_limiter::BucketConfig>,
+        ops: Option<crate::rate_limiter::BucketConfig>,
+    ) -> bool {
+        match &mut self.limiter {
+            Some(l) => {
+                l.update(bandwidth, ops);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces the image under a running guest (`PATCH /drives/{id}` with
+    /// a new `path_on_host`: a media change). The new image is opened and
+    /// locked like the first (read-only if the disk is); the old one is
+    /// closed (its lock released) and the guest is told of the new
+    /// capacity with a configuration-change interrupt.
+    pub fn replace_image(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
+        let read_only = self.disk.is_read_only();
+        let disk: Box<dyn DiskImage> = Box::new(RawImage::open(path, read_only)?);
+        self.capacity = disk.len() / SECTOR_SIZE;
+        self.disk = disk;
+        self.config = config_space(self.capacity);
+        self.common.config_changed(true);
+        Ok(())
+    }
+
     /// Drains the request queue; runs on the event-loop thread.
     fn process_queue(&mut self) {
         let Self {
@@ -299,6 +342,7 @@ impl Block {
             id,
             buf,
             byte_budget,
+            limiter,
             ..
         } = self;
         let zeroes = common.avail_features() & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0;
@@ -317,6 +361,7 @@ impl Block {
         let mem = &active.mem;
         let mut handled = 0usize;
         let mut more = false;
+        let mut limited = false;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 crate::warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
@@ -328,11 +373,23 @@ impl Block {
                     break;
                 };
                 let head = chain.head_index();
+                if let Some(l) = limiter.as_mut() {
+                    if !l.consume(request::data_len_of(chain.clone())) {
+                        // Back in the ring until the limiter's timer fires.
+                        queue.go_to_previous_position();
+                        crate::metrics::BLOCK.rate_limiter_throttled_events.inc();
+                        limited = true;
+                        break;
+                    }
+                }
                 let len = request::process(&mut ctx, mem, chain);
                 handled += 1;
                 if let Err(e) = queue.add_used(mem, head, len) {
                     crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
                 }
+            }
+            if limited {
+                break;
             }
             if handled >= REQUEST_BUDGET || ctx.bytes >= *byte_budget {
                 // Yield; the kick below brings the loop back to the rest
@@ -412,14 +469,35 @@ impl VirtioDevice for Block {
     }
 }
 
+/// The event tag of the rate limiter's timer.
+const LIMITER_TAG: u32 = 1;
+
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.common.init(ops);
+        if let Some(l) = &self.limiter {
+            let ev = VirtioCommon::device_events(l.timer_fd(), LIMITER_TAG, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::error!("virtio-blk: cannot watch the rate limiter's timer: {e}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if let DeviceEvent::Queue(REQUEST_QUEUE) = self.common.event(&events, ops) {
-            self.process_queue();
+        match self.common.event(&events, ops) {
+            DeviceEvent::Queue(REQUEST_QUEUE) => {
+                crate::metrics::BLOCK.queue_event_count.inc();
+                self.process_queue();
+            }
+            DeviceEvent::Device {
+                tag: LIMITER_TAG, ..
+            } => {
+                if let Some(l) = &mut self.limiter {
+                    l.timer_fired();
+                }
+                self.process_queue();
+            }
+            _ => {}
         }
     }
 }

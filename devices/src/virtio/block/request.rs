@@ -73,6 +73,15 @@ pub(super) struct Context<'a> {
     pub bytes: u64,
 }
 
+/// The data bytes of a request chain, for its rate limiter: every
+/// descriptor but the 16-byte header and the status byte.
+pub(super) fn data_len_of(chain: DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    chain
+        .take(MAX_DESCRIPTORS)
+        .fold(0u64, |a, d| a.saturating_add(u64::from(d.len())))
+        .saturating_sub(u64::from(HEADER_LEN) + 1)
+}
+
 /// Handles one descriptor chain; returns the used length (bytes the device
 /// wrote into guest memory, including the status byte).
 pub(super) fn process(
@@ -137,7 +146,9 @@ fn execute(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, descs: &[Descriptor]) -
     let ty = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
     let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
 
-    match ty {
+    let before = ctx.bytes;
+    let m = &crate::metrics::BLOCK;
+    let r = match ty {
         VIRTIO_BLK_T_IN => read(ctx, mem, sector, data),
         VIRTIO_BLK_T_OUT => write(ctx, mem, sector, data),
         VIRTIO_BLK_T_FLUSH => ctx.disk.flush().map(|()| 0).map_err(io_error),
@@ -149,7 +160,23 @@ fn execute(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, descs: &[Descriptor]) -
             debug!("virtio-blk: unsupported request type {ty}");
             Err(S_UNSUPP)
         }
+    };
+    let moved = ctx.bytes.saturating_sub(before);
+    match (&r, ty) {
+        (Ok(_), VIRTIO_BLK_T_IN) => {
+            m.read_count.inc();
+            m.read_bytes.add(moved);
+        }
+        (Ok(_), VIRTIO_BLK_T_OUT) => {
+            m.write_count.inc();
+            m.write_bytes.add(moved);
+        }
+        (Ok(_), VIRTIO_BLK_T_FLUSH) => m.flush_count.inc(),
+        (Ok(_), _) => {}
+        (Err(S_IOERR), _) => m.execute_fails.inc(),
+        (Err(_), _) => m.invalid_reqs_count.inc(),
     }
+    r
 }
 
 fn io_error(e: io::Error) -> u8 {

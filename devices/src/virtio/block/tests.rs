@@ -883,3 +883,37 @@ fn through_mmio_and_event_loop() {
         assert_eq!(vq.used_idx(), 1);
     }
 }
+
+#[test]
+fn rate_limited_requests_wait_for_the_refill() {
+    use crate::rate_limiter::{BucketConfig, RateLimiter};
+    let mem = guest_memory();
+    let img = image();
+    let mut d = Driver::new(&mem, config(&img, false, false));
+    // Two operations per 100 ms.
+    let ops = BucketConfig {
+        size: 2,
+        one_time_burst: 0,
+        refill_time_ms: 100,
+    };
+    d.block
+        .set_rate_limiter(Some(RateLimiter::new(None, Some(ops)).unwrap()));
+    for i in 0..3u64 {
+        d.request(VIRTIO_BLK_T_IN, i, &[(DATA + i * 0x1000, 512, W)]);
+    }
+    assert_eq!(d.run().len(), 2, "the bucket held two operations");
+    assert_eq!(d.run().len(), 0, "a kick while limited does nothing");
+    let l = d.block.limiter.as_ref().unwrap();
+    let mut pfd = libc::pollfd {
+        fd: l.timer_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, which outlives the call.
+    let ready = unsafe { libc::poll(&mut pfd, 1, 2000) };
+    assert_eq!(ready, 1, "the refill never woke the disk");
+    d.block.limiter.as_mut().unwrap().timer_fired();
+    assert_eq!(d.run().len(), 1);
+    let want = pattern(IMAGE_LEN);
+    assert_eq!(d.bytes(DATA + 0x2000, 512), want[2 * 512..3 * 512]);
+}

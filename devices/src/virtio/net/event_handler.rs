@@ -10,6 +10,10 @@ use crate::virtio::{DeviceEvent, VirtioCommon};
 
 /// The device's tag for the backend's descriptor.
 const BACKEND: u32 = 0;
+/// The tag of the receive limiter's timer.
+const RX_LIMITER: u32 = 1;
+/// The tag of the transmit limiter's timer.
+const TX_LIMITER: u32 = 2;
 
 impl Net {
     /// What the backend's fd should be polled for now.
@@ -74,14 +78,48 @@ impl Net {
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         self.common.init(ops);
+        for (limiter, tag) in [
+            (&self.rx_limiter, RX_LIMITER),
+            (&self.tx_limiter, TX_LIMITER),
+        ] {
+            if let Some(l) = limiter {
+                let ev = VirtioCommon::device_events(l.timer_fd(), tag, EventSet::IN);
+                if let Err(e) = ops.add(ev) {
+                    log::error!("virtio-net: cannot watch a rate limiter's timer: {e}");
+                }
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match self.common.event(&events, ops) {
             // Frames may have queued up before activation.
-            DeviceEvent::Activated | DeviceEvent::Queue(RX_QUEUE) => self.process_rx(),
-            DeviceEvent::Queue(TX_QUEUE) => self.process_tx(),
+            DeviceEvent::Activated => self.process_rx(),
+            DeviceEvent::Queue(RX_QUEUE) => {
+                crate::metrics::NET.rx_queue_event_count.inc();
+                self.process_rx()
+            }
+            DeviceEvent::Queue(TX_QUEUE) => {
+                crate::metrics::NET.tx_queue_event_count.inc();
+                self.process_tx()
+            }
             DeviceEvent::Device { tag: BACKEND, set } => self.process_backend(set),
+            DeviceEvent::Device {
+                tag: RX_LIMITER, ..
+            } => {
+                if let Some(l) = &mut self.rx_limiter {
+                    l.timer_fired();
+                }
+                self.process_rx();
+            }
+            DeviceEvent::Device {
+                tag: TX_LIMITER, ..
+            } => {
+                if let Some(l) = &mut self.tx_limiter {
+                    l.timer_fired();
+                }
+                self.process_tx();
+            }
             _ => {}
         }
         self.update_backend_registration(ops);

@@ -148,6 +148,10 @@ pub struct Net {
     /// What the backend's fd is registered for in the event loop.
     registered: Option<EventSet>,
     stats: NetStats,
+    /// Limits on what the guest receives.
+    rx_limiter: Option<crate::rate_limiter::RateLimiter>,
+    /// Limits on what the guest sends.
+    tx_limiter: Option<crate::rate_limiter::RateLimiter>,
 }
 
 impl Drop for Net {
@@ -201,7 +205,41 @@ impl Net {
             tx_blocked: false,
             registered: None,
             stats: NetStats::default(),
+            rx_limiter: None,
+            tx_limiter: None,
         })
+    }
+
+    /// Limits what the guest receives (`rx`) and sends (`tx`). Call before
+    /// the device joins the event loop (which then watches the limiters'
+    /// timers); give limiters that limit nothing yet if limits may come
+    /// later ([`Self::update_rate_limiters`]).
+    pub fn set_rate_limiters(
+        &mut self,
+        rx: Option<crate::rate_limiter::RateLimiter>,
+        tx: Option<crate::rate_limiter::RateLimiter>,
+    ) {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+    }
+
+    /// New limits while the VM runs (`PATCH /network-interfaces/{id}`):
+    /// `None` leaves a direction as it is. False if the device has no
+    /// limiter for a direction given.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<crate::rate_limiter::Limits>,
+        tx: Option<crate::rate_limiter::Limits>,
+    ) -> bool {
+        let mut ok = true;
+        for (limits, limiter) in [(rx, &mut self.rx_limiter), (tx, &mut self.tx_limiter)] {
+            match (limits, limiter) {
+                (Some(l), Some(limiter)) => limiter.update(l.bandwidth, l.ops),
+                (Some(_), None) => ok = false,
+                (None, _) => {}
+            }
+        }
+        ok
     }
 
     /// The MAC address in the configuration space.

@@ -29,6 +29,8 @@ pub(super) struct RxState {
     /// Receive chains popped but not used yet (too few for the pending
     /// frame so far).
     held: Vec<RxChain>,
+    /// The pending frame's tokens are taken from the receive limiter.
+    charged: bool,
 }
 
 impl RxState {
@@ -37,6 +39,7 @@ impl RxState {
             buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             len: 0,
             held: Vec::new(),
+            charged: false,
         }
     }
 
@@ -103,6 +106,8 @@ struct Receive<'a> {
     budget: usize,
     /// Chains returned to the used ring in this event.
     returned: usize,
+    /// The receive rate limiter, if any.
+    limiter: Option<&'a mut crate::rate_limiter::RateLimiter>,
 }
 
 impl Net {
@@ -133,6 +138,7 @@ impl Net {
             mrg,
             budget: FRAME_BUDGET,
             returned: 0,
+            limiter: self.rx_limiter.as_mut(),
         };
         let failure = run.run();
         let (returned, out_of_budget) = (run.returned, run.budget == 0);
@@ -168,6 +174,10 @@ impl Receive<'_> {
                     Read::Failed(e) => return Some(e),
                 }
             }
+            if !self.charge_frame() {
+                // The frame waits for the limiter's timer.
+                return None;
+            }
             let next_avail = self.queue.next_avail();
             if let Delivery::NoBuffers = self.deliver_frame() {
                 if !self.wait_for_buffers(next_avail) {
@@ -177,12 +187,32 @@ impl Receive<'_> {
         }
     }
 
+    /// Takes the pending frame's bytes from the receive limiter (once per
+    /// frame); false if it has to wait.
+    fn charge_frame(&mut self) -> bool {
+        let Some(l) = self.limiter.as_deref_mut() else {
+            return true;
+        };
+        if self.state.charged {
+            return true;
+        }
+        let bytes = (self.state.len - VNET_HDR_LEN) as u64;
+        if l.consume(bytes) {
+            self.state.charged = true;
+            true
+        } else {
+            crate::metrics::NET.rx_rate_limiter_throttled.inc();
+            false
+        }
+    }
+
     /// Reads the next frame from the backend into the pending buffer.
     fn read_frame(&mut self) -> Read {
         let state = &mut *self.state;
         match self.backend.recv(&mut state.buf) {
             Ok(Some(n)) if (VNET_HDR_LEN + MIN_FRAME_LEN..=state.buf.len()).contains(&n) => {
                 state.len = n;
+                state.charged = false;
                 Read::Frame
             }
             Ok(Some(n)) => {
@@ -191,7 +221,10 @@ impl Receive<'_> {
                 Read::Skipped
             }
             Ok(None) => Read::Empty,
-            Err(e) => Read::Failed(e),
+            Err(e) => {
+                crate::metrics::NET.tap_read_fails.inc();
+                Read::Failed(e)
+            }
         }
     }
 
@@ -203,6 +236,8 @@ impl Receive<'_> {
             Delivery::Delivered => {
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += len as u64;
+                crate::metrics::NET.rx_packets_count.inc();
+                crate::metrics::NET.rx_bytes_count.add(len as u64);
                 self.state.len = 0;
             }
             Delivery::Dropped => {

@@ -29,6 +29,9 @@ enum TxStop {
     Budget,
     /// The backend failed for good.
     Fatal(io::Error),
+    /// The transmit limiter refused the next frame; the chain stays in
+    /// the ring until its timer fires.
+    Limited,
 }
 
 /// The transmit queue algorithm over one event, with what it borrows from
@@ -43,6 +46,8 @@ struct Transmit<'a> {
     link_up: bool,
     /// Chains returned to the used ring in this event.
     returned: usize,
+    /// The transmit rate limiter, if any.
+    limiter: Option<&'a mut crate::rate_limiter::RateLimiter>,
 }
 
 impl Net {
@@ -66,6 +71,7 @@ impl Net {
             stats: &mut self.stats,
             link_up: self.link_up,
             returned: 0,
+            limiter: self.tx_limiter.as_mut(),
         };
         let stop = run.run();
         if run.returned > 0 {
@@ -73,6 +79,7 @@ impl Net {
         }
         match stop {
             TxStop::Idle => {}
+            TxStop::Limited => crate::metrics::NET.tx_rate_limiter_throttled.inc(),
             TxStop::BackendFull => {
                 self.tx_blocked = true;
                 self.stats.tx_full += 1;
@@ -132,6 +139,17 @@ impl Transmit<'_> {
             }
             let chain = self.queue.pop_descriptor_chain(self.mem)?;
             let head = chain.head_index();
+            if let Some(l) = self.limiter.as_deref_mut() {
+                let bytes = chain
+                    .clone()
+                    .filter(|d| !d.is_write_only())
+                    .fold(0u64, |a, d| a.saturating_add(u64::from(d.len())))
+                    .saturating_sub(VNET_HDR_LEN as u64);
+                if !l.consume(bytes) {
+                    self.queue.go_to_previous_position();
+                    return Some(TxStop::Limited);
+                }
+            }
             let frame = self.read_frame(chain);
             let mut fatal = None;
             if let (Some(len), true) = (frame, self.link_up) {
@@ -173,6 +191,7 @@ impl Transmit<'_> {
         match read_tx_frame(self.mem, chain, self.buf) {
             Ok(len) => Some(len),
             Err(why) => {
+                crate::metrics::NET.tx_malformed_frames.inc();
                 self.stats.tx_dropped += 1;
                 crate::warn_ratelimited!(
                     "virtio-net: dropped a transmit chain: {why} ({} dropped so far)",
@@ -191,12 +210,15 @@ impl Transmit<'_> {
             Ok(SendStatus::Sent) => {
                 self.stats.tx_frames += 1;
                 self.stats.tx_bytes += len as u64;
+                crate::metrics::NET.tx_packets_count.inc();
+                crate::metrics::NET.tx_bytes_count.add(len as u64);
                 Ok(())
             }
             Ok(SendStatus::Full) => Err(TxStop::BackendFull),
             Err(e) if is_fatal(&e) => Err(TxStop::Fatal(e)),
             Err(e) => {
                 self.stats.tx_dropped += 1;
+                crate::metrics::NET.tap_write_fails.inc();
                 crate::warn_ratelimited!(
                     "virtio-net: {} refused a frame: {e} ({} dropped so far)",
                     self.backend.describe(),

@@ -1,0 +1,307 @@
+//! Does the guest kernel read ACPI tables? A kernel built without
+//! `CONFIG_ACPI` (as many kernels built for Firecracker are) never looks at
+//! the DSDT, so capsule's virtio-mmio devices must be announced to it on
+//! the command line instead (`virtio_mmio.device=`).
+//!
+//! The answer comes from the kernel image itself, for an ELF vmlinux (the
+//! only kind Firecracker boots on x86_64):
+//!
+//! 1. its symbol table (`.symtab`, kept by `strip --strip-debug`): a kernel
+//!    with ACPI has the function `acpi_init` (drivers/acpi/bus.c, built
+//!    exactly when `CONFIG_ACPI` is set);
+//! 2. without a symbol table, its embedded configuration (`CONFIG_IKCONFIG`:
+//!    a gzip'd `.config` between the markers `IKCFG_ST` and `IKCFG_ED` in
+//!    `.rodata`): `CONFIG_ACPI=y` or not.
+//!
+//! A bzImage (its vmlinux is compressed and stripped) or a vmlinux with
+//! neither gives no answer; capsule then keeps ACPI, as before (`acpi=off`
+//! on the command line still announces the devices there). Only section
+//! headers, the symbol table and `.rodata` are read, never the whole image.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+
+/// What capsule found out about the kernel's ACPI support.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelAcpi {
+    /// The kernel reads ACPI tables; how capsule knows.
+    Present(&'static str),
+    /// The kernel was built without ACPI; how capsule knows.
+    Absent(&'static str),
+    /// The image does not tell.
+    Unknown,
+}
+
+/// The function a kernel with `CONFIG_ACPI` has.
+const ACPI_SYMBOL: &[u8] = b"acpi_init";
+/// Most bytes read for one section (a symbol table, `.rodata`): far more
+/// than any real kernel's; a larger claim is not believed.
+const MAX_SECTION: u64 = 256 << 20;
+
+const SHT_SYMTAB: u32 = 2;
+const SYM_SIZE: usize = 24;
+
+/// One ELF64 section header, the fields used here.
+#[derive(Debug, Clone, Copy)]
+struct Section {
+    name: u32,
+    kind: u32,
+    offset: u64,
+    size: u64,
+    link: u32,
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
+}
+
+fn read_at(file: &File, offset: u64, len: u64) -> Option<Vec<u8>> {
+    if len > MAX_SECTION {
+        return None;
+    }
+    let mut buf = vec![0u8; usize::try_from(len).ok()?];
+    file.read_exact_at(&mut buf, offset).ok()?;
+    Some(buf)
+}
+
+/// The section headers of a little-endian ELF64 file, or `None` for
+/// anything else.
+fn sections(file: &File) -> Option<Vec<Section>> {
+    let mut eh = [0u8; 64];
+    file.read_exact_at(&mut eh, 0).ok()?;
+    if &eh[..4] != b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        return None;
+    }
+    let shoff = u64_at(&eh, 0x28);
+    let shentsize = u64::from(u16_at(&eh, 0x3a));
+    let shnum = u64::from(u16_at(&eh, 0x3c));
+    if shentsize < 64 || shnum == 0 {
+        return None;
+    }
+    let table = read_at(file, shoff, shentsize.checked_mul(shnum)?)?;
+    Some(
+        table
+            .chunks_exact(usize::try_from(shentsize).ok()?)
+            .map(|h| Section {
+                name: u32_at(h, 0),
+                kind: u32_at(h, 4),
+                offset: u64_at(h, 0x18),
+                size: u64_at(h, 0x20),
+                link: u32_at(h, 0x28),
+            })
+            .collect(),
+    )
+}
+
+/// Whether the symbol table `symtab` (names in `strtab`) has `name`.
+fn has_symbol(symtab: &[u8], strtab: &[u8], name: &[u8]) -> bool {
+    symtab.chunks_exact(SYM_SIZE).any(|s| {
+        let at = u32_at(s, 0) as usize;
+        strtab
+            .get(at..)
+            .and_then(|rest| rest.split(|&b| b == 0).next())
+            .is_some_and(|n| n == name)
+    })
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// The embedded `.config` in `rodata`, if there is one.
+fn ikconfig(rodata: &[u8]) -> Option<String> {
+    let start = find(rodata, b"IKCFG_ST")? + 8;
+    let len = find(&rodata[start..], b"IKCFG_ED")?;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&rodata[start..start + len])
+        .take(MAX_SECTION)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
+
+/// Looks at the kernel image `file` (see the module documentation).
+pub fn probe(file: &File) -> KernelAcpi {
+    let Some(sections) = sections(file) else {
+        return KernelAcpi::Unknown;
+    };
+    let read = |s: &Section| read_at(file, s.offset, s.size);
+    if let Some(symtab) = sections.iter().find(|s| s.kind == SHT_SYMTAB) {
+        let strtab = sections.get(symtab.link as usize).and_then(read);
+        if let (Some(syms), Some(names)) = (read(symtab), strtab) {
+            if syms.len() >= SYM_SIZE {
+                return if has_symbol(&syms, &names, ACPI_SYMBOL) {
+                    KernelAcpi::Present("its symbol table has acpi_init")
+                } else {
+                    KernelAcpi::Absent("its symbol table has no acpi_init")
+                };
+            }
+        }
+    }
+    let shstrtab = {
+        let mut eh = [0u8; 64];
+        if file.read_exact_at(&mut eh, 0).is_err() {
+            return KernelAcpi::Unknown;
+        }
+        sections
+            .get(usize::from(u16_at(&eh, 0x3e)))
+            .and_then(read)
+            .unwrap_or_default()
+    };
+    let named = |s: &&Section| {
+        shstrtab
+            .get(s.name as usize..)
+            .and_then(|r| r.split(|&b| b == 0).next())
+            .is_some_and(|n| n == b".rodata")
+    };
+    let Some(config) = sections
+        .iter()
+        .find(named)
+        .and_then(read)
+        .and_then(|r| ikconfig(&r))
+    else {
+        return KernelAcpi::Unknown;
+    };
+    if config.lines().any(|l| l == "CONFIG_ACPI=y") {
+        KernelAcpi::Present("its embedded configuration has CONFIG_ACPI=y")
+    } else {
+        KernelAcpi::Absent("its embedded configuration has no CONFIG_ACPI")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A minimal ELF64 with the given sections (name, type, contents,
+    /// link), a section-name table appended last.
+    fn elf(secs: &[(&str, u32, Vec<u8>, u32)]) -> Vec<u8> {
+        let mut names = vec![0u8];
+        let mut name_at = Vec::new();
+        for (n, ..) in secs {
+            name_at.push(names.len() as u32);
+            names.extend(n.as_bytes());
+            names.push(0);
+        }
+        let shstr_name = names.len() as u32;
+        names.extend(b".shstrtab\0");
+        let mut body = vec![0u8; 64];
+        let mut headers = vec![[0u8; 64]]; // the null section
+        let mut add = |body: &mut Vec<u8>, name: u32, kind: u32, data: &[u8], link: u32| {
+            let mut h = [0u8; 64];
+            h[0..4].copy_from_slice(&name.to_le_bytes());
+            h[4..8].copy_from_slice(&kind.to_le_bytes());
+            h[0x18..0x20].copy_from_slice(&(body.len() as u64).to_le_bytes());
+            h[0x20..0x28].copy_from_slice(&(data.len() as u64).to_le_bytes());
+            h[0x28..0x2c].copy_from_slice(&link.to_le_bytes());
+            body.extend(data);
+            headers.push(h);
+        };
+        for (i, (_, kind, data, link)) in secs.iter().enumerate() {
+            add(&mut body, name_at[i], *kind, data, *link);
+        }
+        add(&mut body, shstr_name, 3, &names, 0);
+        let shoff = body.len() as u64;
+        let shnum = headers.len() as u16;
+        for h in &headers {
+            body.extend(h);
+        }
+        body[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        body[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        body[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        body[0x3c..0x3e].copy_from_slice(&shnum.to_le_bytes());
+        body[0x3e..0x40].copy_from_slice(&(shnum - 1).to_le_bytes());
+        body
+    }
+
+    fn symtab(names: &[&str]) -> (Vec<u8>, Vec<u8>) {
+        let mut strtab = vec![0u8];
+        let mut syms = vec![0u8; SYM_SIZE];
+        for n in names {
+            let mut s = [0u8; SYM_SIZE];
+            s[..4].copy_from_slice(&(strtab.len() as u32).to_le_bytes());
+            strtab.extend(n.as_bytes());
+            strtab.push(0);
+            syms.extend(s);
+        }
+        (syms, strtab)
+    }
+
+    fn probe_bytes(b: &[u8]) -> KernelAcpi {
+        let mut f = tempfile();
+        f.write_all(b).unwrap();
+        probe(&f)
+    }
+
+    fn tempfile() -> File {
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!(
+            "capsule-acpi-probe-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
+        f
+    }
+
+    fn gz(text: &str) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(text.as_bytes()).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn symbols_decide() {
+        let (syms, strs) = symtab(&["start_kernel", "acpi_init", "x"]);
+        let k = elf(&[(".symtab", SHT_SYMTAB, syms, 2), (".strtab", 3, strs, 0)]);
+        assert!(matches!(probe_bytes(&k), KernelAcpi::Present(_)));
+        // A longer name ending in acpi_init is not acpi_init.
+        let (syms, strs) = symtab(&["start_kernel", "early_acpi_init", "acpi_init_x"]);
+        let k = elf(&[(".symtab", SHT_SYMTAB, syms, 2), (".strtab", 3, strs, 0)]);
+        assert!(matches!(probe_bytes(&k), KernelAcpi::Absent(_)));
+    }
+
+    #[test]
+    fn embedded_config_decides_without_symbols() {
+        let mut rodata = b"junk IKCFG_ST".to_vec();
+        rodata.extend(gz("CONFIG_64BIT=y\n# CONFIG_ACPI is not set\n"));
+        rodata.extend(b"IKCFG_ED more");
+        let k = elf(&[(".rodata", 1, rodata, 0)]);
+        assert!(matches!(probe_bytes(&k), KernelAcpi::Absent(_)));
+        let mut rodata = b"IKCFG_ST".to_vec();
+        rodata.extend(gz("CONFIG_ACPI=y\n"));
+        rodata.extend(b"IKCFG_ED");
+        let k = elf(&[(".rodata", 1, rodata, 0)]);
+        assert!(matches!(probe_bytes(&k), KernelAcpi::Present(_)));
+    }
+
+    #[test]
+    fn anything_else_is_unknown() {
+        assert_eq!(probe_bytes(b""), KernelAcpi::Unknown);
+        assert_eq!(probe_bytes(b"MZ not an elf"), KernelAcpi::Unknown);
+        let k = elf(&[(".text", 1, vec![0x90; 16], 0)]);
+        assert_eq!(probe_bytes(&k), KernelAcpi::Unknown);
+        // Garbled headers: offsets and sizes past the end of the file.
+        let mut k = elf(&[(".rodata", 1, b"IKCFG_STxxIKCFG_ED".to_vec(), 0)]);
+        let n = k.len();
+        k[0x28..0x30].copy_from_slice(&(u64::MAX - 8).to_le_bytes());
+        assert_eq!(probe_bytes(&k[..n]), KernelAcpi::Unknown);
+    }
+}

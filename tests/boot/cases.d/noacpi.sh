@@ -1,0 +1,44 @@
+# shellcheck shell=sh
+# tests/boot/cases.d/noacpi.sh: a guest kernel built without ACPI, as many
+# kernels built for Firecracker are (resources/guest-kernel-noacpi.config,
+# built by resources/build-guest-kernel-noacpi.sh), boots unchanged: capsule
+# sees from its symbol table that it cannot read the DSDT and announces the
+# virtio-mmio disk on its command line (no acpi=off given), and its
+# `poweroff`, a halt of every CPU with interrupts disabled, ends capsule
+# with status 0. Sourced by tests/boot/cases.sh; POSIX sh.
+#
+# Needs NOACPI_VMLINUX (tests/boot/run.sh sets it when this case is
+# selected); fails loudly without it.
+
+ALL_CASES="$ALL_CASES noacpi_vmlinux"
+
+case_noacpi_vmlinux() {
+    if [ -z "${NOACPI_VMLINUX:-}" ] || [ ! -f "${NOACPI_VMLINUX:-}" ]; then
+        SECS=0
+        expect "NOACPI_VMLINUX is set to the no-ACPI kernel (got '${NOACPI_VMLINUX:-}')" false
+        return
+    fi
+    _img="$WORK/noacpi.img"
+    rm -f "$_img"
+    dd if=/dev/zero of="$_img" bs=1024 count=8192 2>/dev/null
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
+    run_capsule noacpi_vmlinux 'echo vda-sectors=$(cat /sys/block/vda/size)
+echo acpi-dir=$(ls -d /sys/firmware/acpi 2>/dev/null || echo none)
+poweroff -f' \
+        run --kernel "$NOACPI_VMLINUX" --initrd "$INITRD" --disk "$_img" --cpus 2 --memory 256M \
+        --cmdline "console=ttyS0 reboot=k panic=1"
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
+    rm -f "$_img"
+    expect "exit status 0 (the halt ended the VM)" rc_is 0
+    expect "guest ready" out_has "$READY"
+    expect "ready line with cpus=2" out_has "cpus=2"
+    expect "the kernel has no ACPI" out_has_line "acpi-dir=none"
+    expect "capsule said why the disk is on the command line" \
+        grep -q 'the kernel has no ACPI (its symbol table has no acpi_init)' "$ERR"
+    expect "virtio_mmio.device= on the kernel command line" out_has "virtio_mmio.device=4K@0x"
+    expect "the guest sees the 8 MiB disk as vda" out_has_line "vda-sectors=16384"
+    expect "the halt was logged as the guest's power-off" \
+        grep -q 'every vCPU has halted with interrupts disabled: the guest powered off' "$ERR"
+    expect "no Rust panic" no_rust_panic
+}
