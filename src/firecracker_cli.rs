@@ -500,9 +500,10 @@ fn apply_seccomp(s: &Seccomp) -> Result<(), capsule::confine::Error> {
             Seccomp::Filter(p) => Some(p.clone()),
             _ => None,
         },
-        no_landlock: true,
+        no_landlock: false,
         landlock_allow: Vec::new(),
     };
+    capsule::landlock::off_for_api();
     capsule::confine::configure(&args)
 }
 

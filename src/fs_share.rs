@@ -248,7 +248,10 @@ mod tests {
         // The interrupt may be relayed (a call from an earlier
         // notification) before this request's used entry is visible: wait
         // for both.
-        let used = || mem.read_obj::<u16>(GuestAddress(0x4000 + 0x200 + 2)).unwrap();
+        let used = || {
+            mem.read_obj::<u16>(GuestAddress(0x4000 + 0x200 + 2))
+                .unwrap()
+        };
         while !irq.0.lock().unwrap().contains(&InterruptKind::Queue(1)) || used() == 0 {
             assert!(
                 Instant::now() < deadline,

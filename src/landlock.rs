@@ -65,6 +65,15 @@ pub fn configure(enabled: bool, extra: &[String]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Leaves Landlock off for this process without a warning: a VM with an
+/// API names files after it started (snapshot directories, log and
+/// metrics paths), which a policy fixed at start would refuse. Call
+/// before [`configure`], which then keeps it off.
+pub fn off_for_api() {
+    log::info!("Landlock: off for a VM with an API (it names files after start); seccomp stays on");
+    let _ = ENABLED.set(false);
+}
+
 /// A `--landlock-allow` value: `PATH`, `PATH:ro` or `PATH:rw`.
 fn parse_allow(e: &str) -> Result<(PathBuf, Reach), Error> {
     let (path, reach) = match e.rsplit_once(':') {

@@ -748,11 +748,7 @@ fn main() -> ExitCode {
     }
     let mut args = args;
     if (args.api_sock.is_some() || args.name.is_some()) && !args.confine.no_landlock {
-        // An API client names files after the VM started (snapshot
-        // directories, log and metrics paths): a Landlock policy fixed at
-        // start would refuse them. Seccomp stays on.
-        log::info!("Landlock: off for a VM with an API (it names files after start)");
-        args.confine.no_landlock = true;
+        capsule::landlock::off_for_api();
     }
     if let Err(e) = capsule::confine::configure(&args.confine) {
         eprintln!("capsule: error: {e}");
