@@ -20,19 +20,26 @@ fn text(b: &[u8]) -> String {
 /// under ~/.cache/capsule; built on first use), or
 /// `$CAPSULE_GUEST_KERNEL_DIR`. Fails the test when there is none.
 fn guest_kernel_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CAPSULE_GUEST_KERNEL_DIR") {
-        return PathBuf::from(d);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/build-guest-kernel.sh");
-    let out = Command::new(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .expect("run resources/build-guest-kernel.sh");
-    assert!(
-        out.status.success(),
-        "resources/build-guest-kernel.sh failed: the doctor's kernel tests need the guest kernel"
-    );
-    PathBuf::from(text(&out.stdout).trim())
+    // Built once per test binary: tests run in parallel, and two cold
+    // builds of the same kernel would each take the machine's cores.
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("CAPSULE_GUEST_KERNEL_DIR") {
+            return PathBuf::from(d);
+        }
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/build-guest-kernel.sh");
+        let out = Command::new(&script)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run resources/build-guest-kernel.sh");
+        assert!(
+            out.status.success(),
+            "resources/build-guest-kernel.sh failed: the doctor's kernel tests need the guest kernel"
+        );
+        PathBuf::from(text(&out.stdout).trim())
+    })
+    .clone()
 }
 
 #[test]
