@@ -118,6 +118,13 @@ fn rules(config: &VmConfig) -> Vec<(PathBuf, Reach)> {
         // from /proc/self/task/*/schedstat.
         (PathBuf::from("/proc/self"), Reach::Read),
     ];
+    // The kernel's configuration, read after a failed boot to say why
+    // (`capsule doctor`'s checks: a `config` beside the kernel, /boot).
+    if let Some(dir) = config.kernel.parent() {
+        v.push((dir.join("config"), Reach::Read));
+        v.push((dir.join(".config"), Reach::Read));
+    }
+    v.push((PathBuf::from("/boot"), Reach::Read));
     v.extend(config.initrd.iter().map(|p| (p.clone(), Reach::Read)));
     for d in &config.disks {
         let reach = match d.mode {
