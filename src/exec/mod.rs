@@ -193,17 +193,20 @@ const EXEC_GUEST_CID: u64 = 3;
 /// How the init and capsule talk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Channel {
-    /// A vsock stream (the default).
+    /// A vsock stream (`CAPSULE_EXEC_CHANNEL=vsock`).
     Vsock,
-    /// A virtio-console port (`CAPSULE_EXEC_CHANNEL=console`).
+    /// A virtio-console port (the default).
     Console,
 }
 
 impl Channel {
     fn from_env() -> Result<Self, Error> {
         match std::env::var("CAPSULE_EXEC_CHANNEL").as_deref() {
-            Err(_) | Ok("vsock") => Ok(Self::Vsock),
-            Ok("console") => Ok(Self::Console),
+            // The console stays the default until the vsock path passes
+            // the boot suite's exec_output case (1 MiB of stderr arrived
+            // damaged on its first run in the harness).
+            Err(_) | Ok("console") => Ok(Self::Console),
+            Ok("vsock") => Ok(Self::Vsock),
             Ok(other) => Err(Error::Usage(format!(
                 "CAPSULE_EXEC_CHANNEL='{other}': expected vsock or console"
             ))),

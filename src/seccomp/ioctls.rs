@@ -81,6 +81,8 @@ pub const KVM_VM_RUN: &[Ioctl] = &[
 
 /// VM state save and restore and dirty-page tracking (snapshots).
 pub const KVM_VM_STATE: &[Ioctl] = &[
+    // On the /dev/kvm descriptor: which MSRs a snapshot saves.
+    ("KVM_GET_MSR_INDEX_LIST", iowr::<kvm_msr_list>(0x02)),
     ("KVM_GET_DIRTY_LOG", iow::<kvm_dirty_log>(0x42)),
     ("KVM_GET_IRQCHIP", iowr::<kvm_irqchip>(0x62)),
     // Historically _IOR, although it writes.
