@@ -1177,7 +1177,7 @@ fn config_file_goes_through_the_api_actions() {
             "start",
             r#"{"boot-source": {"kernel_image_path": "/nonexistent/vmlinux"}}"#.to_string(),
             1,
-            "capsule: error: cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2)\n",
+            "capsule: error: cannot read kernel /nonexistent/vmlinux: No such file or directory (os error 2); check the path\n",
         ),
         ("good", format!("{{{boot}}}"), 0, ""),
     ];
