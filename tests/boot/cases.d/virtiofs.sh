@@ -13,7 +13,6 @@
 # directory and answers with a file the guest waits for.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro exec_share_live exec_host_root"
 # Optional until seen passing: not yet run in the harness: the guest kernel with CONFIG_VIRTIO_FS was first built at the end of the 2026-12-04 session.
 OPTIONAL_CASES="${OPTIONAL_CASES:-} virtiofs_live virtiofs_ro exec_share_live exec_host_root"
 
