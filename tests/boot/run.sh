@@ -163,7 +163,7 @@ main() {
                 ${l1_debian[@]+"${l1_debian[@]}"} ${l1_noacpi[@]+"${l1_noacpi[@]}"} </dev/null | tee -a "$caselog" || rc=$?
             unreported=()
             for c in "${remaining[@]}"; do
-                tr -d '\r' <"$caselog" | grep -qE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||
+                tr -d '\r' <"$caselog" | grep -aqE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||
                     unreported+=("$c")
             done
             if [[ $rc -lt 124 || $rc -gt 126 || ${#unreported[@]} -eq 0 || $attempt -gt $retries ]]; then
@@ -184,7 +184,7 @@ main() {
     failed=0
     echo "boot tests: results"
     for c in "${expected[@]}"; do
-        line="$(tr -d '\r' <"$caselog" | grep -E "^boot-case: (PASS|FAIL) $c( |:|\$)" | tail -n1 || true)"
+        line="$(tr -d '\r' <"$caselog" | grep -aE "^boot-case: (PASS|FAIL) $c( |:|\$)" | tail -n1 || true)"
         if [[ "$line" == "boot-case: PASS "* ]]; then
             passed=$((passed + 1))
             echo "  PASS ${line#boot-case: PASS }"
@@ -196,7 +196,7 @@ main() {
             echo "  FAIL $c: no result reported (harness status $rc)"
         fi
     done
-    reported="$(tr -d '\r' <"$caselog" | grep -cE '^boot-case: (PASS|FAIL) ' || true)"
+    reported="$(tr -d '\r' <"$caselog" | grep -acE '^boot-case: (PASS|FAIL) ' || true)"
     if [[ "$reported" -ne ${#expected[@]} ]]; then
         echo "  harness: $reported case results reported, ${#expected[@]} expected"
         [[ $failed -gt 0 ]] || failed=1
