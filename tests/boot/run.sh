@@ -205,10 +205,10 @@ main() {
         echo "  harness: exited with status $rc although every case passed"
         failed=1
     fi
-    retried="$(tr -d '\r' <"$caselog" | grep -c '^boot-case: RETRY ' || true)"
+    retried="$(tr -d '\r' <"$caselog" | grep -ac '^boot-case: RETRY ' || true)"
     if [[ "$retried" -gt 0 ]]; then
         echo "  note: $retried case(s) ran twice after a guest triple fault or boot stall:"
-        tr -d '\r' <"$caselog" | grep '^boot-case: RETRY ' | sed 's/^boot-case: RETRY /    /'
+        tr -d '\r' <"$caselog" | grep -a '^boot-case: RETRY ' | sed 's/^boot-case: RETRY /    /'
     fi
     echo "boot: $passed passed, $failed failed"
     [[ $failed -eq 0 ]]
