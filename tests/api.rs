@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const LOAD_ADDR: u64 = 0x20_0000;
+mod common;
+use common::elf;
+
 const COM1: u16 = 0x3f8;
 
 /// The guest: prints '.' (with a short delay) until it reads the Delete
@@ -51,33 +53,6 @@ fn ctrl_alt_del_guest() -> Vec<u8> {
 /// A guest that only halts: it ignores Ctrl-Alt-Del.
 fn halting_guest() -> Vec<u8> {
     elf(&[0xf4, 0xeb, 0xfd]) // hlt; jmp hlt
-}
-
-/// Wraps code in a minimal ELF64 executable loaded and entered at LOAD_ADDR.
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0];
-    f.extend([0u8; 8]);
-    f.extend(2u16.to_le_bytes());
-    f.extend(0x3eu16.to_le_bytes());
-    f.extend(1u32.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend(64u64.to_le_bytes());
-    f.extend(0u64.to_le_bytes());
-    f.extend(0u32.to_le_bytes());
-    f.extend(64u16.to_le_bytes());
-    f.extend(56u16.to_le_bytes());
-    f.extend(1u16.to_le_bytes());
-    f.extend([64, 0, 0, 0, 0, 0]);
-    f.extend(1u32.to_le_bytes());
-    f.extend(5u32.to_le_bytes());
-    f.extend(120u64.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend(0x1000u64.to_le_bytes());
-    f.extend(code);
-    f
 }
 
 fn tmp(name: &str) -> PathBuf {

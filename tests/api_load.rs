@@ -19,7 +19,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-const LOAD_ADDR: u64 = 0x20_0000;
+mod common;
+use common::elf;
+
 const COM1: u16 = 0x3f8;
 /// A response slower than this counts as a stuck connection.
 const STUCK: Duration = Duration::from_secs(20);
@@ -35,33 +37,6 @@ fn printing_guest() -> Vec<u8> {
     let back = -(i8::try_from(c.len()).expect("a short loop") + 2);
     c.extend([0xeb, back as u8]); // jmp top
     elf(&c)
-}
-
-/// Wraps code in a minimal ELF64 executable loaded and entered at LOAD_ADDR.
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0];
-    f.extend([0u8; 8]);
-    f.extend(2u16.to_le_bytes());
-    f.extend(0x3eu16.to_le_bytes());
-    f.extend(1u32.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend(64u64.to_le_bytes());
-    f.extend(0u64.to_le_bytes());
-    f.extend(0u32.to_le_bytes());
-    f.extend(64u16.to_le_bytes());
-    f.extend(56u16.to_le_bytes());
-    f.extend(1u16.to_le_bytes());
-    f.extend([64, 0, 0, 0, 0, 0]);
-    f.extend(1u32.to_le_bytes());
-    f.extend(5u32.to_le_bytes());
-    f.extend(120u64.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend(0x1000u64.to_le_bytes());
-    f.extend(code);
-    f
 }
 
 fn tmp(name: &str) -> PathBuf {

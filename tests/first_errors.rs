@@ -12,37 +12,8 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-const LOAD_ADDR: u64 = 0x20_0000;
-
-/// A minimal ELF64 executable that runs `code` at LOAD_ADDR.
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-    f.extend(2u16.to_le_bytes()); // ET_EXEC
-    f.extend(0x3eu16.to_le_bytes()); // x86-64
-    f.extend(1u32.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes()); // entry
-    f.extend(64u64.to_le_bytes()); // phoff
-    f.extend(0u64.to_le_bytes()); // shoff
-    f.extend(0u32.to_le_bytes()); // flags
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        f.extend(v.to_le_bytes()); // ehsize, phentsize, phnum, shentsize, shnum, shstrndx
-    }
-    let off = 64u64 + 56;
-    f.extend(1u32.to_le_bytes()); // PT_LOAD
-    f.extend(5u32.to_le_bytes()); // R+X
-    for v in [
-        off,
-        LOAD_ADDR,
-        LOAD_ADDR,
-        code.len() as u64,
-        code.len() as u64,
-        0x1000,
-    ] {
-        f.extend(v.to_le_bytes());
-    }
-    f.extend(code);
-    f
-}
+mod common;
+use common::elf;
 
 fn scratch() -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("first-errors");

@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const LOAD_ADDR: u64 = 0x20_0000;
+mod common;
+use common::elf;
 
 /// The guest: `bl` = 'a'; loop { out COM1, bl; bl = next letter (z wraps
 /// to a); short delay }.
@@ -31,30 +32,6 @@ fn alphabet_guest() -> Vec<u8> {
     let j = c.len();
     c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
     elf(&c)
-}
-
-/// Wraps code in a minimal ELF64 executable loaded and entered at LOAD_ADDR.
-fn elf(code: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0];
-    f.extend([0u8; 8]);
-    f.extend(2u16.to_le_bytes());
-    f.extend(0x3eu16.to_le_bytes());
-    f.extend(1u32.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend(64u64.to_le_bytes());
-    f.extend(0u64.to_le_bytes());
-    f.extend(0u32.to_le_bytes());
-    f.extend([64, 0, 56, 0, 1, 0, 64, 0, 0, 0, 0, 0]);
-    f.extend(1u32.to_le_bytes());
-    f.extend(5u32.to_le_bytes());
-    f.extend(120u64.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend(0x1000u64.to_le_bytes());
-    f.extend(code);
-    f
 }
 
 fn tmp(name: &str) -> PathBuf {

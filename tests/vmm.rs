@@ -15,7 +15,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-const LOAD_ADDR: u64 = 0x20_0000;
+mod common;
+use common::elf;
+
 const COM1: u16 = 0x3f8;
 const ACPI_SLEEP_CONTROL: u16 = 0x3c0;
 const PVPANIC: u16 = 0x505;
@@ -63,41 +65,6 @@ impl Asm {
         self.0.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
         self
     }
-}
-
-/// Wraps code in a minimal ELF64 executable loaded and entered at LOAD_ADDR.
-fn elf(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    let off = (EHDR + PHDR) as u64;
-    let mut f = Vec::new();
-    f.extend([0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
-    f.extend([0u8; 8]);
-    f.extend(2u16.to_le_bytes()); // ET_EXEC
-    f.extend(0x3eu16.to_le_bytes()); // x86-64
-    f.extend(1u32.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes()); // entry
-    f.extend((EHDR as u64).to_le_bytes()); // phoff
-    f.extend(0u64.to_le_bytes()); // shoff
-    f.extend(0u32.to_le_bytes()); // flags
-    f.extend((EHDR as u16).to_le_bytes());
-    f.extend((PHDR as u16).to_le_bytes());
-    f.extend(1u16.to_le_bytes()); // phnum
-    f.extend(64u16.to_le_bytes()); // shentsize
-    f.extend(0u16.to_le_bytes());
-    f.extend(0u16.to_le_bytes());
-    assert_eq!(f.len(), EHDR);
-    f.extend(1u32.to_le_bytes()); // PT_LOAD
-    f.extend(5u32.to_le_bytes()); // R+X
-    f.extend(off.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend(LOAD_ADDR.to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend((code.len() as u64).to_le_bytes());
-    f.extend(0x1000u64.to_le_bytes());
-    assert_eq!(f.len(), EHDR + PHDR);
-    f.extend(code);
-    f
 }
 
 fn write_guest(name: &str, code: &Asm) -> PathBuf {
