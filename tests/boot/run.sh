@@ -207,7 +207,7 @@ main() {
     fi
     retried="$(tr -d '\r' <"$caselog" | grep -ac '^boot-case: RETRY ' || true)"
     if [[ "$retried" -gt 0 ]]; then
-        echo "  note: $retried case(s) ran twice after a guest triple fault or boot stall:"
+        echo "  note: $retried rerun(s) of a case after a guest triple fault or boot stall:"
         tr -d '\r' <"$caselog" | grep -a '^boot-case: RETRY ' | sed 's/^boot-case: RETRY /    /'
     fi
     echo "boot: $passed passed, $failed failed"
