@@ -24,7 +24,10 @@ vsock_tool() {
 }
 
 # vsock_initrd: the test initramfs with /bin/capsule-vsock appended as a
-# second (uncompressed) cpio archive; prints its path.
+# second (uncompressed) cpio archive; prints its path. The kernel takes an
+# uncompressed archive only at a 4-byte aligned offset (else "invalid
+# magic at start of compressed archive" and the tool is missing): the
+# gzip'd first archive is padded with zeros, which the kernel skips.
 vsock_initrd() {
     _t="$(vsock_tool)" || return 1
     _r="$WORK/vsock-root"
@@ -32,7 +35,10 @@ vsock_initrd() {
     mkdir -p "$_r/bin" || return 1
     cp "$_t" "$_r/bin/capsule-vsock" || return 1
     (cd "$_r" && find . | cpio -o -H newc >"$WORK/vsock-tool.cpio" 2>/dev/null) || return 1
-    cat "$INITRD" "$WORK/vsock-tool.cpio" >"$WORK/vsock-initrd" || return 1
+    _pad=$(((4 - $(wc -c <"$INITRD") % 4) % 4))
+    {
+        cat "$INITRD" && head -c "$_pad" /dev/zero && cat "$WORK/vsock-tool.cpio"
+    } >"$WORK/vsock-initrd" || return 1
     echo "$WORK/vsock-initrd"
 }
 
