@@ -348,9 +348,9 @@ impl Fs {
         }
     }
 
-    /// The backend's socket became readable or closed. capsule enables no
-    /// backend-initiated requests, so this is the backend ending: logged
-    /// once (with how the daemon ended), then the socket is left alone.
+    /// The backend's socket hung up (it is watched for nothing else):
+    /// the backend ended. Logged once (with how the daemon ended), then
+    /// the socket is left alone.
     fn backend_event(&mut self, ops: &mut EventOps) {
         if self.backend_gone {
             return;
@@ -496,7 +496,11 @@ impl MutEventSubscriber for Fs {
                 log::error!("virtio-fs {}: cannot watch call eventfd: {e}", self.tag);
             }
         }
-        let events = VirtioCommon::device_events(self.backend.raw_fd(), SOCKET_TAG, EventSet::IN);
+        // Hang-up only, not IN: the backend's replies to requests made
+        // from a vCPU thread (activation, reset) make the socket readable
+        // while the loop waits, and are read by the frontend, not here.
+        let events =
+            VirtioCommon::device_events(self.backend.raw_fd(), SOCKET_TAG, EventSet::READ_HANG_UP);
         if let Err(e) = ops.add(events) {
             log::warn!(
                 "virtio-fs {}: cannot watch the backend socket: {e}",

@@ -345,6 +345,31 @@ fn the_backend_closing_its_socket_is_noticed_once() {
     assert_eq!(em.run_with_timeout(50).unwrap(), 0);
 }
 
+/// A reply the backend sends to a request made from a vCPU thread (the
+/// activation's SET_MEM_TABLE, a reset's GET_VRING_BASE) makes the socket
+/// readable while the event loop waits: that is not the backend leaving,
+/// and the share goes on being watched (in the harness every virtio-fs
+/// run printed "the vhost-user backend closed its socket" while
+/// virtiofsd served on).
+#[test]
+fn a_reply_in_flight_is_not_the_backend_closing() {
+    use std::io::{Read, Write};
+    let (fake, mut peer) = Fake::new(V1);
+    let fs = Arc::new(Mutex::new(device(&fake)));
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(fs.clone());
+    peer.write_all(&[0u8; 12]).unwrap();
+    em.run_with_timeout(50).unwrap();
+    assert!(!fs.lock().unwrap().backend_gone, "a reply is not a hang-up");
+    // The frontend reads its reply; then the backend really leaves.
+    let mut reply = [0u8; 12];
+    (&*fake.sock).read_exact(&mut reply).unwrap();
+    drop(peer);
+    em.run_with_timeout(50).unwrap();
+    assert!(fs.lock().unwrap().backend_gone);
+    assert_eq!(em.run_with_timeout(50).unwrap(), 0);
+}
+
 #[test]
 fn daemon_arguments_per_flavor() {
     let cfg = daemon::DaemonConfig {
