@@ -410,18 +410,24 @@ fn vring_config(
     queue: &Queue,
     index: usize,
 ) -> Result<VringConfigData, ActivateError> {
-    let host = |gpa: u64| {
-        mem.get_host_address(GuestAddress(gpa))
+    // Each ring whole, within one region: the backend reaches it through
+    // the region's mapping, so it must not run past the region's end.
+    let host = |gpa: u64, len: usize| {
+        mem.get_slice(GuestAddress(gpa), len)
+            .and_then(|_| mem.get_host_address(GuestAddress(gpa)))
             .map(|p| p as u64)
             .map_err(|_| ActivateError::QueueOutsideMemory(index))
     };
+    let size = usize::from(queue.size());
     Ok(VringConfigData {
         queue_max_size: QUEUE_SIZE,
         queue_size: queue.size(),
         flags: 0,
-        desc_table_addr: host(queue.desc_table())?,
-        used_ring_addr: host(queue.used_ring())?,
-        avail_ring_addr: host(queue.avail_ring())?,
+        // virtio 1.2 §2.7: 16-byte descriptors; flags, idx, the ring and
+        // the event field of 2 (available) or 8 (used) bytes per entry.
+        desc_table_addr: host(queue.desc_table(), 16 * size)?,
+        used_ring_addr: host(queue.used_ring(), 6 + 8 * size)?,
+        avail_ring_addr: host(queue.avail_ring(), 6 + 2 * size)?,
         log_addr: None,
     })
 }
