@@ -16,8 +16,7 @@
 # directory and answers with a file the guest waits for.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-# Optional until seen passing: not yet run in the harness: the guest kernel with CONFIG_VIRTIO_FS was first built at the end of the 2026-12-04 session.
-OPTIONAL_CASES="${OPTIONAL_CASES:-} virtiofs_live virtiofs_ro exec_share_live exec_host_root"
+ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro exec_share_live exec_host_root"
 
 # virtiofs_prereqs: a virtiofsd in $TOOLS, else the case fails (it must not
 # pass without running); exports CAPSULE_VIRTIOFSD and the sandbox, which
