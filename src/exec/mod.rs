@@ -352,6 +352,9 @@ fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
     Ok(())
 }
 
+/// What the copy fallback means for the user, in its warning.
+const COPY_FALLBACK: &str = "--share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)";
+
 /// Decides between live shares (virtio-fs, when a virtiofsd is there)
 /// and copies, and adds the virtio-fs devices: the host root and the
 /// current directory for `--host-root`, one per `--share`. Returns
@@ -388,9 +391,9 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
         if config.host_root {
             return Err(Error::Vm(builder::Error::FsShare(e.into())));
         }
-        eprintln!(
-            "capsule: warning: {e}; --share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)"
-        );
+        // Through the log, like every other capsule message on stderr:
+        // `CAPSULE_LOG=error` leaves stderr to the command alone.
+        log::warn!("{e}; {COPY_FALLBACK}");
         return Ok(false);
     }
     // virtiofsd's default sandbox (namespaces, pivot_root) needs root. A
@@ -400,8 +403,8 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
     let told = std::env::var_os("CAPSULE_VIRTIOFSD").is_some()
         || std::env::var_os("CAPSULE_VIRTIOFSD_SANDBOX").is_some();
     if !config.host_root && !root && !told {
-        eprintln!(
-            "capsule: warning: not root, so virtiofsd cannot sandbox itself (set CAPSULE_VIRTIOFSD_SANDBOX=none to share live anyway); --share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)"
+        log::warn!(
+            "not root, so virtiofsd cannot sandbox itself (set CAPSULE_VIRTIOFSD_SANDBOX=none to share live anyway); {COPY_FALLBACK}"
         );
         return Ok(false);
     }
