@@ -9,11 +9,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
+use arch::GuestMemoryMmap;
 use devices::exit::ExitSignal;
 use devices::legacy::serial::{ReadableFd, SerialOut};
 use event_manager::{EventManager, SubscriberOps};
 use linux_loader::loader::{self};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
 use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, PasstError, Tap, TapError};
@@ -28,6 +29,7 @@ use crate::device_manager::{self, DeviceManager};
 use crate::kernel_acpi::KernelAcpi;
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
 use crate::vmm::{ExitWatcher, Subscriber, Vmm, VsockHandle, VCPU_STOP_TIMEOUT};
+use crate::vstate::dirty::DirtyLog;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
@@ -50,6 +52,9 @@ fn file_hint(what: &str, e: &std::io::Error) -> &'static str {
 #[derive(Debug, thiserror::Error)]
 #[allow(clippy::large_enum_variant)]
 pub enum Error {
+    /// Dirty-page tracking could not be enabled.
+    #[error(transparent)]
+    DirtyLog(#[from] crate::vstate::dirty::Error),
     /// A user-supplied file could not be opened or read.
     #[error("cannot read {what} {path}: {source}{hint}", hint = file_hint(.what, .source))]
     File {
@@ -326,6 +331,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
             disks,
             nets,
             paused: false,
+            track_dirty: None,
         },
     )
 }
@@ -365,6 +371,9 @@ pub(crate) struct Parts {
     pub(crate) nets: Vec<Arc<Mutex<Net>>>,
     /// Start with every vCPU parked (a restore without `resume_vm`).
     pub(crate) paused: bool,
+    /// Track dirty pages (for Diff snapshots): `Some(base)`, `base` the
+    /// id of the Full snapshot the VM's memory is a copy of, if any.
+    pub(crate) track_dirty: Option<Option<u64>>,
 }
 
 /// The parts of a VM made before its devices (the event loop and the exit
@@ -449,6 +458,14 @@ impl Started {
         let watch_halt = io.halt.is_some();
         // Setup is over: from here on capsule reaches only the files the VM
         // was configured with (the vCPU threads inherit this).
+        let dirty = match parts.track_dirty {
+            Some(base) => {
+                let mut log = DirtyLog::enable(vm.fd(), ram.memory())?;
+                log.base = base;
+                Some(log)
+            }
+            None => None,
+        };
         crate::landlock::restrict(&persist.config)?;
         let handles = start_vcpus(vcpus, &io, &mut ram)?;
         log::info!(
@@ -471,6 +488,7 @@ impl Started {
             watch_halt,
             disks: parts.disks,
             nets: parts.nets,
+            dirty,
         };
         // The main thread's own filter, after it started every thread it
         // starts (a thread inherits its parent's filter). On failure the VM

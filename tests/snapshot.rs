@@ -304,3 +304,146 @@ fn api_snapshot_rules() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The guest of the Diff test: prints the letter kept at 0x30_0000 (so
+/// that the letter lives in memory, not in a register) and moves it on,
+/// and counts its rounds in the u32 at 0x30_1000.
+fn memory_guest() -> Vec<u8> {
+    let mut c = vec![0x48, 0xc7, 0xc6, 0x00, 0x00, 0x30, 0x00]; // mov rsi, 0x300000
+    c.extend([0xc6, 0x06, b'a']); // mov byte [rsi], 'a'
+    let top = c.len();
+    c.extend([0x8a, 0x06]); // mov al, [rsi]
+    c.extend([0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    c.extend([0xfe, 0xc0, 0x3c, b'z' + 1, 0x75, 0x02, 0xb0, b'a']); // next letter, z wraps
+    c.extend([0x88, 0x06]); // mov [rsi], al
+    c.extend([0xff, 0x86, 0x00, 0x10, 0x00, 0x00]); // inc dword [rsi+0x1000]
+    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
+    let j = c.len();
+    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    elf(&c)
+}
+
+/// The u32 at guest address `gpa` in a memory file (RAM starts at 0).
+fn mem_u32(dir: &Path, gpa: u64) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dir.join("memory")).unwrap();
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, gpa).unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// The JSON state of snapshot directory `dir`.
+fn state_json(dir: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(dir.join("snapshot")).unwrap();
+    serde_json::from_slice(&bytes[24..]).unwrap()
+}
+
+/// A Full snapshot, a VM restored from it that tracks dirty pages and
+/// runs on, a Diff snapshot of that: the Diff holds the pages written
+/// (and hardly more), and restored on top of the Full one it goes on
+/// where the Diff was taken.
+#[test]
+fn diff_snapshot_restores_on_top_of_its_full_one() {
+    let pid = std::process::id();
+    let (a, b, c) = (
+        format!("diffa-{pid}"),
+        format!("diffb-{pid}"),
+        format!("diffc-{pid}"),
+    );
+    let (full, diff) = (tmp(&format!("full-{pid}")), tmp(&format!("diff-{pid}")));
+    let kernel = tmp(&format!("{a}.elf"));
+    std::fs::write(&kernel, memory_guest()).unwrap();
+    let k = kernel.to_str().unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &a,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+    ]));
+    wait_output(&a, 30);
+    let _ = std::fs::remove_dir_all(&full);
+    ok(&capsule(&[
+        "snapshot",
+        &a,
+        full.to_str().unwrap(),
+        "--stop",
+    ]));
+    let full_rounds = mem_u32(&full, 0x30_1000);
+    assert!(
+        full_rounds >= 30,
+        "{full_rounds} rounds before the Full snapshot"
+    );
+
+    // A Diff needs tracking; a VM restored without it is refused one.
+    let fs = full.to_str().unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        fs,
+        "--name",
+        &b,
+        "--track-dirty-pages",
+    ]));
+    wait_output(&b, 40);
+    ok(&capsule(&["pause", &b]));
+    let last = logs(&b).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&diff);
+    ok(&capsule(&[
+        "snapshot",
+        &b,
+        diff.to_str().unwrap(),
+        "--diff",
+        "--stop",
+    ]));
+
+    // The Diff holds the two pages the guest writes, a few more (page
+    // tables' accessed bits), and nothing else.
+    let st = state_json(&diff);
+    let runs: Vec<(u64, u64)> = serde_json::from_value(st["diff"]["runs"].clone()).unwrap();
+    let pages: u64 = runs.iter().map(|r| r.1 / 4096).sum();
+    let holds = |gpa: u64| runs.iter().any(|&(at, len)| at <= gpa && gpa < at + len);
+    assert!(holds(0x30_0000) && holds(0x30_1000), "{runs:x?}");
+    assert!(pages <= 16, "{pages} pages in the Diff: {runs:x?}");
+    assert_eq!(st["diff"]["base_id"], state_json(&full)["id"]);
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(diff.join("memory")).unwrap().blocks() * 512
+    };
+    assert!(
+        allocated <= (pages + 16) * 4096,
+        "{allocated} bytes allocated"
+    );
+    assert!(mem_u32(&diff, 0x30_1000) > full_rounds);
+    assert_eq!(mem_u32(&diff, 0x30_0000) as u8 as char, next_letter(last));
+
+    // Without its base, or on a base that is not its own: refused.
+    let ds = diff.to_str().unwrap();
+    let out = capsule(&["run", "--restore", ds]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Diff snapshot"),
+        "{out:?}"
+    );
+    let out = capsule(&["run", "--restore", ds, "--base", ds]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // On top of the Full one: the next letter after the Diff's last.
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        ds,
+        "--base",
+        fs,
+        "--name",
+        &c,
+    ]));
+    let out = wait_output(&c, 3);
+    let _ = capsule(&["kill", &c]);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+}

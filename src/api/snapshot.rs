@@ -124,17 +124,17 @@ pub fn route(method: &str, segments: &[&str], body: &[u8]) -> Option<Result<VmmA
 /// `PUT /snapshot/create` on the paused VM `vmm`; `iface_ids` name its
 /// network devices.
 pub fn create(
-    vmm: &Vmm,
+    vmm: &mut Vmm,
     p: &SnapshotCreateParams,
     iface_ids: &[String],
 ) -> Result<VmmData, VmmActionError> {
-    if p.snapshot_type == Some(SnapshotType::Diff) {
-        return Err(VmmActionError::Unsupported(
-            "Diff snapshots are not supported by capsule yet: use snapshot_type Full",
-        ));
-    }
+    let kind = match p.snapshot_type {
+        Some(SnapshotType::Diff) => crate::snapshot::Kind::Diff,
+        _ => crate::snapshot::Kind::Full,
+    };
     crate::snapshot::create(
         vmm,
+        kind,
         &PathBuf::from(&p.snapshot_path),
         &PathBuf::from(&p.mem_file_path),
         iface_ids,
@@ -176,11 +176,6 @@ pub fn restore_config(
             "huge_pages: a restored VM's memory maps the memory file",
         ));
     }
-    if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
-        return Err(VmmActionError::Unsupported(
-            "dirty page tracking (for Diff snapshots) is not supported by capsule yet",
-        ));
-    }
     Ok(RestoreConfig {
         snapshot_path: PathBuf::from(&p.snapshot_path),
         mem_path: PathBuf::from(mem_path),
@@ -194,6 +189,8 @@ pub fn restore_config(
             .collect(),
         nets: None,
         disks: None,
+        base: None,
+        track_dirty: p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true),
     })
 }
 
@@ -234,10 +231,18 @@ mod tests {
         )
         .unwrap_err()
         .contains("Uffd"));
-        assert!(load_body(
-            r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#
-        )
-        .is_err());
+        assert!(
+            load_body(r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#)
+                .unwrap()
+                .track_dirty
+        );
+        assert!(
+            load_body(
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "enable_diff_snapshots": true}"#
+            )
+            .unwrap()
+            .track_dirty
+        );
         assert!(load_body(r#"{"snapshot_path": "s", "mem_file_path": "m", "bogus": 1}"#).is_err());
     }
 

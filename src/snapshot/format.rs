@@ -24,7 +24,7 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
 /// The format this capsule writes and reads. Any change to the state
 /// structures that an older capsule could not read bumps it.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the header before the payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted (the state of 254 vCPUs is a few MiB): a

@@ -116,9 +116,34 @@ pub struct NetState {
     pub mac: MacAddr,
 }
 
+/// What a Diff snapshot's memory file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffMemory {
+    /// The [`SnapshotState::id`] of the Full snapshot it applies to.
+    pub base_id: u64,
+    /// The pages it holds, as runs `(offset, length)` in bytes of the
+    /// memory file (page aligned, in order): every page written since
+    /// that Full snapshot, zero or not. The rest of the file is holes.
+    pub runs: Vec<(u64, u64)>,
+}
+
+/// Whether to write all of guest memory or only the pages written since
+/// the last Full snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// All of it.
+    Full,
+    /// The pages the VM's dirty log names (it must track them).
+    Diff,
+}
+
 /// Everything in a snapshot file.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
+    /// This snapshot's identity (a Diff names its Full base by it).
+    pub id: u64,
+    /// For a Diff snapshot, what its memory file holds; `None` for Full.
+    pub diff: Option<DiffMemory>,
     /// The capsule that wrote it (information only: the format version
     /// decides compatibility).
     pub capsule_version: String,
@@ -228,21 +253,61 @@ pub struct CreateStats {
     pub mem_written: u64,
 }
 
+/// A new snapshot id: unique enough to tell snapshots apart (it is an
+/// identity, not a secret).
+fn new_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The pages a Diff snapshot of `vmm` writes, and its base.
+fn diff_memory(vmm: &mut Vmm) -> Result<DiffMemory, Error> {
+    let Some(log) = vmm.dirty.as_mut() else {
+        return Err(Error::Unsupported(
+            "a Diff snapshot needs dirty-page tracking: boot with track_dirty_pages, or restore with track_dirty_pages (run --restore DIR --track-dirty-pages)",
+        ));
+    };
+    let Some(base_id) = log.base else {
+        return Err(Error::Unsupported(
+            "a Diff snapshot needs a Full snapshot of this VM to apply to: take a Full one first",
+        ));
+    };
+    let runs = log
+        .runs(vmm._vm.fd(), vmm.ram.memory())
+        .map_err(|e| Error::Save(e.to_string()))?;
+    Ok(DiffMemory { base_id, runs })
+}
+
 /// Writes a snapshot of the paused VM `vmm`: the state to
 /// `snapshot_path`, guest memory to `mem_path` (each through a temporary
-/// file renamed into place). `iface_ids` name the network devices for
-/// `network_overrides` (the API's ids; `eth0`, ... when shorter).
+/// file renamed into place): all of it, or for [`Kind::Diff`] the pages
+/// written since the last Full snapshot. `iface_ids` name the network
+/// devices for `network_overrides` (the API's ids; `eth0`, ... when
+/// shorter).
 pub fn create(
-    vmm: &Vmm,
+    vmm: &mut Vmm,
+    kind: Kind,
     snapshot_path: &Path,
     mem_path: &Path,
     iface_ids: &[String],
 ) -> Result<CreateStats, Error> {
     let started = Instant::now();
-    let h = &vmm.persist;
-    if let Some(why) = h.unsupported {
+    if let Some(why) = vmm.persist.unsupported {
         return Err(Error::Unsupported(why));
     }
+    let diff = match kind {
+        Kind::Full => None,
+        Kind::Diff => Some(diff_memory(vmm)?),
+    };
+    let h = &vmm.persist;
     let vm = vm_state::save(vmm._vm.fd()).map_err(|e| Error::Save(e.to_string()))?;
     let msrs = crate::vstate::vcpu_state::msr_indices(vmm._vm.kvm())
         .map_err(|e| Error::Save(e.to_string()))?;
@@ -271,7 +336,10 @@ pub fn create(
             mac: *mac,
         })
         .collect();
+    let id = new_id();
     let state = SnapshotState {
+        id,
+        diff,
         capsule_version: env!("CARGO_PKG_VERSION").to_string(),
         cpu: CpuModel::host(),
         mem_size: h.config.mem_size,
@@ -284,9 +352,19 @@ pub fn create(
         disks,
         nets,
     };
-    let mem_written = write_memory(&vmm.ram, mem_path)?;
+    let mem_written = match &state.diff {
+        None => write_memory(&vmm.ram, mem_path)?,
+        Some(d) => write_pages(&vmm.ram, mem_path, &d.runs)?,
+    };
     let bytes = format::encode(&state).map_err(|e| Error::Save(e.to_string()))?;
     format::write_atomic(snapshot_path, &bytes).map_err(io_err(snapshot_path))?;
+    if let (Kind::Full, Some(log)) = (kind, vmm.dirty.as_mut()) {
+        // This snapshot is the base of the next Diffs: they hold the
+        // pages written from now on.
+        log.reset(vmm._vm.fd(), vmm.ram.memory())
+            .map_err(|e| Error::Save(e.to_string()))?;
+        log.base = Some(id);
+    }
     let stats = CreateStats {
         elapsed: started.elapsed(),
         mem_written,
@@ -341,6 +419,76 @@ fn save_disk(
         block,
         overlay_file,
     })
+}
+
+/// Writes the `runs` (offset, length) of guest memory, the regions laid
+/// one after the other, to a new memory file `path` of the full size;
+/// the rest stays holes. Every page of a run is written, zero or not (a
+/// page the guest zeroed must overwrite the base's). Returns the bytes
+/// written.
+fn write_pages(
+    ram: &crate::vstate::memory::GuestRam,
+    path: &Path,
+    runs: &[(u64, u64)],
+) -> Result<u64, Error> {
+    use std::os::unix::fs::FileExt;
+    let mem = ram.memory();
+    let tmp = format::temp_path(path);
+    let result = (|| -> std::io::Result<u64> {
+        let file = format::create_private(&tmp)?;
+        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        file.set_len(total)?;
+        let mut buf = vec![0u8; 2 << 20];
+        let mut written = 0u64;
+        for_each_piece(mem, runs, |region, start, at, len| {
+            for off in (0..len).step_by(buf.len()) {
+                let n = arch::usize_from((len - off).min(buf.len() as u64));
+                region
+                    .read_slice(&mut buf[..n], vm_memory::MemoryRegionAddress(start + off))
+                    .map_err(std::io::Error::other)?;
+                file.write_all_at(&buf[..n], at + off)?;
+                written += n as u64;
+            }
+            Ok(())
+        })?;
+        file.sync_data()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(written)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(path)(e)
+    })
+}
+
+/// Calls `f(region, offset in region, offset in the memory file, length)`
+/// for each part of each run of `runs` (memory-file offsets, the regions
+/// laid one after the other) that falls in one region. A run outside
+/// guest memory is an error (a damaged Diff snapshot).
+pub(crate) fn for_each_piece(
+    mem: &arch::GuestMemoryMmap,
+    runs: &[(u64, u64)],
+    mut f: impl FnMut(&arch::GuestRegionMmap, u64, u64, u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    for &(at, len) in runs {
+        let end = at.checked_add(len).filter(|&e| e <= total);
+        if end.is_none() || at % PAGE as u64 != 0 || len % PAGE as u64 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("page run {at:#x}+{len:#x} is not whole pages of guest memory"),
+            ));
+        }
+        let mut base = 0u64;
+        for region in mem.iter() {
+            let (lo, hi) = (at.max(base), (at + len).min(base + region.len()));
+            if lo < hi {
+                f(region, lo - base, lo, hi - lo)?;
+            }
+            base += region.len();
+        }
+    }
+    Ok(())
 }
 
 /// Which of the `pages` pages from host address `addr` have ever been
@@ -419,7 +567,7 @@ fn write_memory(ram: &crate::vstate::memory::GuestRam, path: &Path) -> Result<u6
 /// `buf.len()` bytes of guest memory: at `start` of `region`, at `at` in
 /// the memory file (and in `source`, the file RAM is mapped from, if any).
 struct Chunk<'a> {
-    region: &'a vm_memory::GuestRegionMmap,
+    region: &'a arch::GuestRegionMmap,
     start: u64,
     at: u64,
     source: Option<&'a File>,

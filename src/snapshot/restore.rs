@@ -35,10 +35,98 @@ pub struct RestoreConfig {
     /// Replacement disks, in order (the CLI's `--disk`): as many as the
     /// snapshot has, each with the same content as the one saved.
     pub disks: Option<Vec<DiskConfig>>,
+    /// For a Diff snapshot: the snapshot file and memory file of the Full
+    /// snapshot it applies to.
+    pub base: Option<(PathBuf, PathBuf)>,
+    /// Log the pages written from now on, for Diff snapshots of the
+    /// restored VM (`track_dirty_pages`).
+    pub track_dirty: bool,
+}
+
+/// The memory a restore maps: the snapshot's memory file, or for a Diff
+/// snapshot its base's, with the Diff's pages (its memory file and the
+/// runs it holds) to copy on top.
+struct Memory {
+    file: std::fs::File,
+    diff: Option<(std::fs::File, Vec<(u64, u64)>)>,
+}
+
+/// Opens memory file `path` and checks it holds `size` bytes.
+fn open_memory(path: &Path, size: u64) -> Result<std::fs::File, Error> {
+    let mem = crate::hostfile::open_regular(path).map_err(super::io_err(path))?;
+    let found = mem.metadata().map_err(super::io_err(path))?.len();
+    if found != size {
+        return Err(Error::MemSize {
+            path: path.to_path_buf(),
+            expected: size,
+            found,
+        });
+    }
+    Ok(mem)
+}
+
+/// The memory of `state` (read from `cfg`'s snapshot, whose memory file
+/// is `mem`): for a Diff snapshot, checks that `cfg.base` is its Full one.
+fn memory(cfg: &RestoreConfig, state: &SnapshotState, mem: std::fs::File) -> Result<Memory, Error> {
+    let mismatch = |why: String| Error::Mismatch {
+        path: cfg.snapshot_path.clone(),
+        why,
+    };
+    let (diff, (base_state, base_mem)) = match (&state.diff, &cfg.base) {
+        (None, None) => return Ok(Memory { file: mem, diff: None }),
+        (None, Some(_)) => {
+            return Err(mismatch(
+                "it is a Full snapshot: a base is only for Diff snapshots".into(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(mismatch(
+                "it is a Diff snapshot: give the Full snapshot it applies to (run --restore DIR --base FULL_DIR)".into(),
+            ))
+        }
+        (Some(d), Some(b)) => (d, b),
+    };
+    let base: SnapshotState = format::read(base_state)?;
+    if base.diff.is_some() {
+        return Err(mismatch(format!(
+            "its base {} is a Diff snapshot: give the Full one",
+            base_state.display()
+        )));
+    }
+    if base.id != diff.base_id || base.mem_size != state.mem_size {
+        return Err(mismatch(format!(
+            "it applies to Full snapshot {:#x}, and {} is snapshot {:#x}",
+            diff.base_id,
+            base_state.display(),
+            base.id
+        )));
+    }
+    Ok(Memory {
+        file: open_memory(base_mem, state.mem_size)?,
+        diff: Some((mem, diff.runs.clone())),
+    })
+}
+
+/// Copies the Diff snapshot's pages `runs` from its memory file `diff`
+/// into guest memory (mapped from the base): O(pages in the Diff).
+fn apply_diff(ram: &GuestRam, diff: &std::fs::File, runs: &[(u64, u64)]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::Bytes;
+    let mut buf = vec![0u8; 2 << 20];
+    super::for_each_piece(ram.memory(), runs, |region, start, at, len| {
+        for off in (0..len).step_by(buf.len()) {
+            let n = arch::usize_from((len - off).min(buf.len() as u64));
+            diff.read_exact_at(&mut buf[..n], at + off)?;
+            region
+                .write_slice(&buf[..n], vm_memory::MemoryRegionAddress(start + off))
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    })
 }
 
 /// Reads and checks the snapshot and memory files of `cfg`.
-fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, std::fs::File), Error> {
+fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, Memory), Error> {
     let state: SnapshotState = format::read(&cfg.snapshot_path)?;
     let mismatch = |why: String| Error::Mismatch {
         path: cfg.snapshot_path.clone(),
@@ -66,16 +154,9 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, std::fs::File), Error> {
     if state.mem_size < crate::config::MIN_MEM_SIZE {
         return Err(mismatch(format!("{} bytes of memory", state.mem_size)));
     }
-    let mem = crate::hostfile::open_regular(&cfg.mem_path).map_err(super::io_err(&cfg.mem_path))?;
-    let found = mem.metadata().map_err(super::io_err(&cfg.mem_path))?.len();
-    if found != state.mem_size {
-        return Err(Error::MemSize {
-            path: cfg.mem_path.clone(),
-            expected: state.mem_size,
-            found,
-        });
-    }
-    Ok((state, mem))
+    let mem = open_memory(&cfg.mem_path, state.mem_size)?;
+    let memory = memory(cfg, &state, mem)?;
+    Ok((state, memory))
 }
 
 /// The configuration of the restored VM: the saved one with the
@@ -161,7 +242,7 @@ fn explain_lock(e: builder::Error) -> Error {
 /// Builds a VM from the snapshot of `cfg` with `console` as its console.
 pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     let started_at = std::time::Instant::now();
-    let (state, mem_file) = load(cfg)?;
+    let (state, memory) = load(cfg)?;
     let config = vm_config(cfg, &state)?;
     let mismatch = |why: String| Error::Mismatch {
         path: cfg.snapshot_path.clone(),
@@ -170,11 +251,15 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     builder::check_host_memory(config.mem_size)?;
     let kvm = Vm::open_kvm(&config.kvm_path).map_err(builder::Error::from)?;
     let regions = arch::memory::ram_regions(config.mem_size);
-    let ram =
-        GuestRam::from_file(&regions, &mem_file).map_err(|source| builder::Error::GuestMemory {
+    let ram = GuestRam::from_file(&regions, &memory.file).map_err(|source| {
+        builder::Error::GuestMemory {
             size: config.mem_size,
             source,
-        })?;
+        }
+    })?;
+    if let Some((diff, runs)) = &memory.diff {
+        apply_diff(&ram, diff, runs).map_err(super::io_err(&cfg.mem_path))?;
+    }
     let mem = ram.memory();
     let vm = Vm::new(kvm, mem).map_err(builder::Error::from)?;
     vm_state::restore(vm.fd(), &state.vm).map_err(|e| mismatch(e.to_string()))?;
@@ -203,6 +288,11 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         persist,
         builder::Parts {
             paused: !cfg.resume,
+            // A VM restored from a Full snapshot is that snapshot but for
+            // the pages it writes: the base of its Diffs.
+            track_dirty: cfg
+                .track_dirty
+                .then(|| state.diff.is_none().then_some(state.id)),
             ..Default::default()
         },
     )?;
