@@ -283,8 +283,6 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         Some("the vsock device has no saved state yet")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
-    } else if config.entropy.is_some() {
-        Some("the entropy device has no saved state yet")
     } else {
         None
     };
@@ -299,12 +297,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     }
     let disks = devices.add_disks(&config.disks)?;
     let nets = devices.add_nets(&config.nets)?;
-    if let Some(limits) = config.entropy {
-        let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
-            .and_then(devices::virtio::rng::Rng::with_limiter)
-            .map_err(Error::Entropy)?;
-        devices.add_virtio(Arc::new(Mutex::new(rng)))?;
-    }
+    devices.add_entropy(config.entropy)?;
     if let Some(binary) = &virtiofsd {
         devices.add_shares(&config.fs, binary)?;
     }
@@ -589,6 +582,21 @@ impl Devices<'_> {
             out.push(device);
         }
         Ok(out)
+    }
+
+    /// The virtio-rng device, if the VM has one (its state is the
+    /// transport's: queues and features; the rate limiter starts full).
+    pub(crate) fn add_entropy(
+        &mut self,
+        limits: Option<devices::rate_limiter::Limits>,
+    ) -> Result<()> {
+        if let Some(limits) = limits {
+            let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
+                .and_then(devices::virtio::rng::Rng::with_limiter)
+                .map_err(Error::Entropy)?;
+            self.add_virtio(Arc::new(Mutex::new(rng)))?;
+        }
+        Ok(())
     }
 
     /// The virtio-vsock device: its socket is bound (0600, never

@@ -447,3 +447,61 @@ fn diff_snapshot_restores_on_top_of_its_full_one() {
     let _ = capsule(&["kill", &c]);
     assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
 }
+
+/// A VM with an entropy device (virtio-rng, from a config file) can be
+/// snapshotted; its clone has the device again (at the same place, the
+/// transport's state put back) and goes on.
+#[test]
+fn a_vm_with_an_entropy_device_is_snapshotted() {
+    let pid = std::process::id();
+    let name = format!("snaprng-{pid}");
+    let dir = tmp(&format!("rng-{pid}"));
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let cfg = tmp(&format!("{name}.json"));
+    let body = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "entropy": {},
+    });
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--config-file",
+        cfg.to_str().unwrap(),
+    ]));
+    wait_output(&name, 30);
+    ok(&capsule(&["pause", &name]));
+    let last = logs(&name).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&capsule(&[
+        "snapshot",
+        &name,
+        dir.to_str().unwrap(),
+        "--stop",
+    ]));
+    let st = state_json(&dir);
+    assert!(st["entropy"].is_object(), "{}", st["entropy"]);
+    let types: Vec<u64> = st["transports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["device_type"].as_u64().unwrap())
+        .collect();
+    assert_eq!(types, vec![4], "virtio-rng is device type 4");
+    let clone = format!("snaprngc-{pid}");
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--name",
+        &clone,
+    ]));
+    let out = wait_output(&clone, 3);
+    let _ = capsule(&["kill", &clone]);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+}

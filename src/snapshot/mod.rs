@@ -161,12 +161,15 @@ pub struct SnapshotState {
     pub serial: SerialSnapshot,
     /// The keyboard controller.
     pub i8042: I8042Snapshot,
-    /// Every virtio-mmio transport, in attach order (disks, then nets).
+    /// Every virtio-mmio transport, in attach order (disks, nets, entropy).
     pub transports: Vec<MmioSnapshot>,
     /// The disks, in order.
     pub disks: Vec<DiskState>,
     /// The network devices, in order.
     pub nets: Vec<NetState>,
+    /// The virtio-rng device's limits, if the VM has one (its transport
+    /// is the one after the nets').
+    pub entropy: Option<devices::rate_limiter::Limits>,
 }
 
 /// What a running VM keeps for a snapshot: its configuration and typed
@@ -351,6 +354,7 @@ pub fn create(
         transports,
         disks,
         nets,
+        entropy: h.config.entropy,
     };
     let mem_written = match &state.diff {
         None => write_memory(&vmm.ram, mem_path)?,

@@ -136,9 +136,10 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, Memory), Error> {
     if count == 0 || u8::try_from(count).map_or(true, |n| n > arch::layout::MAX_VCPUS) {
         return Err(mismatch(format!("{count} vCPUs")));
     }
-    if state.transports.len() != state.disks.len() + state.nets.len() {
+    let rng = usize::from(state.entropy.is_some());
+    if state.transports.len() != state.disks.len() + state.nets.len() + rng {
         return Err(mismatch(format!(
-            "{} virtio devices for {} disks and {} network devices",
+            "{} virtio devices for {} disks, {} network devices and {rng} entropy device",
             state.transports.len(),
             state.disks.len(),
             state.nets.len()
@@ -221,9 +222,9 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         // A VM with a vsock device cannot be snapshotted yet (see
         // `builder::build_with`), so a snapshot never holds one.
         vsock: None,
-        // Nor a virtio-fs share, nor an entropy device.
+        // Nor a virtio-fs share.
         fs: Vec::new(),
-        entropy: None,
+        entropy: state.entropy,
     })
 }
 
@@ -270,6 +271,7 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks).map_err(explain_lock)?;
     devices.add_nets(&config.nets)?;
+    devices.add_entropy(config.entropy)?;
     let (blocks, macs) = (devices.blocks, devices.macs);
     restore_devices(cfg, &state, &dm, &blocks).map_err(mismatch)?;
 
