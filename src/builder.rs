@@ -279,8 +279,6 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
 
     let unsupported = if !extras.devices.is_empty() {
         Some("capsule exec's devices have no saved state")
-    } else if config.vsock.is_some() {
-        Some("the vsock device has no saved state yet")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
     } else {
@@ -601,7 +599,7 @@ impl Devices<'_> {
 
     /// The virtio-vsock device: its socket is bound (0600, never
     /// replacing anything but a stale socket) before the device exists.
-    fn add_vsock(&mut self, v: &VsockConfig) -> Result<VsockHandle> {
+    pub(crate) fn add_vsock(&mut self, v: &VsockConfig) -> Result<VsockHandle> {
         let (listener, file) =
             crate::unixsock::bind(&v.uds_path).map_err(|why| Error::VsockSocket {
                 path: v.uds_path.clone(),

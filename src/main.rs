@@ -570,6 +570,8 @@ impl RunArgs {
                 .as_ref()
                 .map(|b| (snapverbs::state_path(b), snapverbs::memory_path(b))),
             track_dirty: self.track_dirty_pages,
+            vsock: self.vsock.clone(),
+            vsock_uds: None,
         })
     }
 }

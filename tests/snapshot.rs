@@ -505,3 +505,75 @@ fn a_vm_with_an_entropy_device_is_snapshotted() {
     let _ = capsule(&["kill", &clone]);
     assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
 }
+
+/// A VM with a vsock device can be snapshotted; a clone gets the device
+/// again on the socket `--vsock` names (with a new CID), or on the saved
+/// one, and goes on. (The TRANSPORT_RESET event a restored device sends
+/// an active driver is the device's unit test: this guest has no driver.)
+#[test]
+fn a_vm_with_a_vsock_device_is_snapshotted() {
+    let pid = std::process::id();
+    let name = format!("snapvsock-{pid}");
+    let dir = tmp(&format!("vsock-{pid}"));
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let sock = tmp(&format!("v-{pid}.sock"));
+    let vsock = format!("cid=3,uds={}", sock.display());
+    let k = kernel.to_str().unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+        "--vsock",
+        &vsock,
+    ]));
+    wait_output(&name, 30);
+    ok(&capsule(&["pause", &name]));
+    let last = logs(&name).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&capsule(&[
+        "snapshot",
+        &name,
+        dir.to_str().unwrap(),
+        "--stop",
+    ]));
+    let st = state_json(&dir);
+    assert_eq!(st["vsock"]["device"]["guest_cid"], 3, "{}", st["vsock"]);
+    let d = dir.to_str().unwrap();
+    // A clone on a socket of its own, with another CID.
+    let sock2 = tmp(&format!("v2-{pid}.sock"));
+    let _ = std::fs::remove_file(&sock2);
+    let clone = format!("snapvsockc-{pid}");
+    let vsock2 = format!("cid=7,uds={}", sock2.display());
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        d,
+        "--name",
+        &clone,
+        "--vsock",
+        &vsock2,
+    ]));
+    let out = wait_output(&clone, 3);
+    assert!(
+        std::os::unix::net::UnixStream::connect(&sock2).is_ok(),
+        "no socket {sock2:?}"
+    );
+    let _ = capsule(&["kill", &clone]);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+    // A clone on the saved socket (the original's is gone with it).
+    let clone = format!("snapvsockd-{pid}");
+    ok(&capsule(&["run", "-d", "--restore", d, "--name", &clone]));
+    wait_output(&clone, 3);
+    assert!(
+        std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+        "no socket {sock:?}"
+    );
+    let _ = capsule(&["kill", &clone]);
+}

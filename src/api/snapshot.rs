@@ -66,6 +66,14 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
+/// `vsock_override` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The vsock device's new Unix socket.
+    pub uds_path: String,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,9 +98,9 @@ pub struct SnapshotLoadParams {
     /// New TAP devices for the snapshot's interfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_overrides: Option<Vec<NetworkOverride>>,
-    /// A new vsock socket (capsule's snapshots have no vsock: refused).
+    /// A new host socket for the snapshot's vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock_override: Option<serde_json::Value>,
+    pub vsock_override: Option<VsockOverride>,
     /// Advance the guest's wall clock by the time spent saved (refused:
     /// the KVM clock resumes where it stopped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -161,11 +169,6 @@ pub fn restore_config(
             ))
         }
     };
-    if p.vsock_override.is_some() {
-        return Err(VmmActionError::Unsupported(
-            "vsock_override: capsule's snapshots have no vsock device",
-        ));
-    }
     if p.clock_realtime == Some(true) {
         return Err(VmmActionError::Unsupported(
             "clock_realtime is not supported: the guest clock resumes where it stopped",
@@ -190,6 +193,11 @@ pub fn restore_config(
         nets: None,
         disks: None,
         base: None,
+        vsock: None,
+        vsock_uds: p
+            .vsock_override
+            .as_ref()
+            .map(|v| PathBuf::from(&v.uds_path)),
         track_dirty: p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true),
     })
 }

@@ -161,7 +161,8 @@ pub struct SnapshotState {
     pub serial: SerialSnapshot,
     /// The keyboard controller.
     pub i8042: I8042Snapshot,
-    /// Every virtio-mmio transport, in attach order (disks, nets, entropy).
+    /// Every virtio-mmio transport, in attach order (disks, nets, entropy,
+    /// vsock).
     pub transports: Vec<MmioSnapshot>,
     /// The disks, in order.
     pub disks: Vec<DiskState>,
@@ -170,6 +171,18 @@ pub struct SnapshotState {
     /// The virtio-rng device's limits, if the VM has one (its transport
     /// is the one after the nets').
     pub entropy: Option<devices::rate_limiter::Limits>,
+    /// The virtio-vsock device, if the VM has one (its transport is the
+    /// last).
+    pub vsock: Option<VsockState>,
+}
+
+/// The vsock device as saved.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The device's own state.
+    pub device: devices::virtio::vsock::persist::VsockSnapshot,
+    /// Its host socket (a restore binds it again unless told another).
+    pub uds_path: PathBuf,
 }
 
 /// What a running VM keeps for a snapshot: its configuration and typed
@@ -355,6 +368,13 @@ pub fn create(
         disks,
         nets,
         entropy: h.config.entropy,
+        vsock: match (&vmm.vsock, &h.config.vsock) {
+            (Some(v), Some(c)) => Some(VsockState {
+                device: v.device.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                uds_path: c.uds_path.clone(),
+            }),
+            _ => None,
+        },
     };
     let mem_written = match &state.diff {
         None => write_memory(&vmm.ram, mem_path)?,

@@ -38,6 +38,12 @@ pub struct RestoreConfig {
     /// For a Diff snapshot: the snapshot file and memory file of the Full
     /// snapshot it applies to.
     pub base: Option<(PathBuf, PathBuf)>,
+    /// A new vsock device configuration (the CLI's `--vsock`): the guest
+    /// re-reads its CID after the reset a restore sends it.
+    pub vsock: Option<crate::config::VsockConfig>,
+    /// A new host socket for the vsock device (the API's
+    /// `vsock_override`).
+    pub vsock_uds: Option<PathBuf>,
     /// Log the pages written from now on, for Diff snapshots of the
     /// restored VM (`track_dirty_pages`).
     pub track_dirty: bool,
@@ -137,9 +143,10 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, Memory), Error> {
         return Err(mismatch(format!("{count} vCPUs")));
     }
     let rng = usize::from(state.entropy.is_some());
-    if state.transports.len() != state.disks.len() + state.nets.len() + rng {
+    let vsock = usize::from(state.vsock.is_some());
+    if state.transports.len() != state.disks.len() + state.nets.len() + rng + vsock {
         return Err(mismatch(format!(
-            "{} virtio devices for {} disks, {} network devices and {rng} entropy device",
+            "{} virtio devices for {} disks, {} network devices, {rng} entropy and {vsock} vsock device",
             state.transports.len(),
             state.disks.len(),
             state.nets.len()
@@ -219,13 +226,35 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         kvm_path: cfg.kvm_path.clone(),
         disks,
         nets,
-        // A VM with a vsock device cannot be snapshotted yet (see
-        // `builder::build_with`), so a snapshot never holds one.
-        vsock: None,
+        vsock: vsock_config(cfg, state)?,
         // Nor a virtio-fs share.
         fs: Vec::new(),
         entropy: state.entropy,
     })
+}
+
+/// The restored VM's vsock device: the saved one, or the CLI's
+/// replacement, or the saved CID on the API's new socket.
+fn vsock_config(
+    cfg: &RestoreConfig,
+    state: &SnapshotState,
+) -> Result<Option<crate::config::VsockConfig>, Error> {
+    let Some(saved) = &state.vsock else {
+        if cfg.vsock.is_some() || cfg.vsock_uds.is_some() {
+            return Err(Error::Mismatch {
+                path: cfg.snapshot_path.clone(),
+                why: "the snapshot has no vsock device to override".into(),
+            });
+        }
+        return Ok(None);
+    };
+    Ok(Some(match (&cfg.vsock, &cfg.vsock_uds) {
+        (Some(v), _) => v.clone(),
+        (None, uds) => crate::config::VsockConfig {
+            guest_cid: saved.device.guest_cid,
+            uds_path: uds.clone().unwrap_or_else(|| saved.uds_path.clone()),
+        },
+    }))
 }
 
 /// A writable disk the snapshot's VM (or another clone) still holds: say
@@ -272,8 +301,19 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     devices.add_disks(&config.disks).map_err(explain_lock)?;
     devices.add_nets(&config.nets)?;
     devices.add_entropy(config.entropy)?;
+    let vsock = config
+        .vsock
+        .as_ref()
+        .map(|v| devices.add_vsock(v))
+        .transpose()?;
     let (blocks, macs) = (devices.blocks, devices.macs);
     restore_devices(cfg, &state, &dm, &blocks).map_err(mismatch)?;
+    if let Some(v) = &vsock {
+        v.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restored();
+    }
 
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
@@ -290,6 +330,7 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         persist,
         builder::Parts {
             paused: !cfg.resume,
+            vsock,
             // A VM restored from a Full snapshot is that snapshot but for
             // the pages it writes: the base of its Diffs.
             track_dirty: cfg

@@ -46,6 +46,7 @@
 pub mod conn;
 mod host;
 pub mod packet;
+pub mod persist;
 
 pub use host::forward_path;
 
