@@ -699,3 +699,49 @@ fn write_nonzero(file: &File, data: &[u8], at: u64) -> std::io::Result<u64> {
     }
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+
+    /// Runs are memory-file offsets over the regions laid end to end: one
+    /// across a region boundary is split; a run off the end or not whole
+    /// pages (a damaged Diff) is refused.
+    #[test]
+    fn page_runs_map_onto_regions_and_bad_ones_are_refused() {
+        let mem = arch::GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x2000),
+            (GuestAddress(0x10_0000), 0x3000),
+        ])
+        .unwrap();
+        let mut seen = Vec::new();
+        for_each_piece(
+            &mem,
+            &[(0x1000, 0x2000), (0x4000, 0x1000)],
+            |r, start, at, len| {
+                seen.push((r.start_addr().0, start, at, len));
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![
+                (0, 0x1000, 0x1000, 0x1000),
+                (0x10_0000, 0, 0x2000, 0x1000),
+                (0x10_0000, 0x2000, 0x4000, 0x1000),
+            ]
+        );
+        for bad in [
+            (0x4000, 0x2000),
+            (0x800, 0x1000),
+            (0, 0x10),
+            (u64::MAX - 0xfff, 0x1000),
+        ] {
+            let e = for_each_piece(&mem, &[bad], |_, _, _, _| Ok(())).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::InvalidData, "{bad:x?}");
+        }
+    }
+}
