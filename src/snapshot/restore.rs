@@ -119,7 +119,7 @@ fn apply_diff(ram: &GuestRam, diff: &std::fs::File, runs: &[(u64, u64)]) -> std:
     use std::os::unix::fs::FileExt;
     use vm_memory::Bytes;
     let mut buf = vec![0u8; 2 << 20];
-    super::for_each_piece(ram.memory(), runs, |region, start, at, len| {
+    super::memfile::for_each_piece(ram.memory(), runs, |region, start, at, len| {
         for off in (0..len).step_by(buf.len()) {
             let n = arch::usize_from((len - off).min(buf.len() as u64));
             diff.read_exact_at(&mut buf[..n], at + off)?;
