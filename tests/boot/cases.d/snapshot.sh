@@ -80,6 +80,8 @@ case_snapshot_clones() {
         SECS=0 RC=1
         return
     fi
+    # /dev/net/tun (the tun module) for the TAP devices (cases.d/net.sh).
+    net_prepare
     _img="$SNAP_DIR/disk.img"
     cp "$ROOTFS" "$_img"
     _start=$(now)
