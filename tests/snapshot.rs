@@ -577,3 +577,107 @@ fn a_vm_with_a_vsock_device_is_snapshotted() {
     );
     let _ = capsule(&["kill", &clone]);
 }
+
+/// `PUT /snapshot/load` with `network_overrides`: the restored VM's
+/// network device is on the new TAP (capsule creates it), not the saved
+/// one, and the guest goes on. Needs root and /dev/net/tun (this
+/// project's hosts have both): without them it fails, loudly.
+#[test]
+fn load_with_network_overrides_uses_the_new_tap() {
+    assert!(
+        std::path::Path::new("/dev/net/tun").exists(),
+        "this test needs /dev/net/tun (and root)"
+    );
+    let pid = std::process::id();
+    let name = format!("snapnet-{pid}");
+    let dir = tmp(&format!("net-{pid}"));
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let (tap, tap2) = (
+        format!("csa{}", pid % 100_000),
+        format!("csb{}", pid % 100_000),
+    );
+    let k = kernel.to_str().unwrap();
+    let net = format!("tap={tap}");
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+        "--net",
+        &net,
+    ]));
+    wait_output(&name, 30);
+    ok(&capsule(&["pause", &name]));
+    let last = logs(&name).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&capsule(&[
+        "snapshot",
+        &name,
+        dir.to_str().unwrap(),
+        "--stop",
+    ]));
+    assert_eq!(state_json(&dir)["nets"][0]["iface_id"], "eth0");
+
+    let sock = tmp(&format!("net-{pid}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let (out, err) = (
+        tmp(&format!("net-{pid}.out")),
+        tmp(&format!("net-{pid}.err")),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--api-sock"])
+        .arg(&sock)
+        .env("CAPSULE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true,
+            "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "{tap2}"}}]}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "PUT /snapshot/load HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let on_new = std::path::Path::new("/sys/class/net").join(&tap2).exists();
+    let on_old = std::path::Path::new("/sys/class/net").join(&tap).exists();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&err).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 204"), "{resp}\n{log}");
+    assert!(
+        on_new && !on_old,
+        "new TAP {on_new}, old TAP {on_old}\n{log}"
+    );
+    assert!(log.contains(&format!("created TAP device {tap2}")), "{log}");
+    let printed = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        printed.chars().next(),
+        Some(next_letter(last)),
+        "{printed:?}"
+    );
+}
