@@ -119,6 +119,12 @@ struct SnapshotArgs {
     /// Kill the VM once the snapshot is written instead of resuming it.
     #[arg(long)]
     stop: bool,
+    /// Write only the pages written since the VM's last Full snapshot (or
+    /// since it was restored from one): a Diff snapshot, restored with
+    /// `run --restore DIR --base FULL_DIR`. The VM must track dirty pages
+    /// (`run --restore ... --track-dirty-pages`).
+    #[arg(long)]
+    diff: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -402,6 +408,13 @@ struct RunArgs {
     /// --disk, if given, replace the snapshot's devices one for one.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config_file", "initrd", "cmdline", "cpus", "memory"])]
     restore: Option<PathBuf>,
+    /// With --restore of a Diff snapshot: the Full snapshot it applies to.
+    #[arg(long, value_name = "DIR", requires = "restore")]
+    base: Option<PathBuf>,
+    /// With --restore: log the pages the VM writes, so that `capsule
+    /// snapshot --diff` can save only those.
+    #[arg(long, requires = "restore")]
+    track_dirty_pages: bool,
     /// Serve the Firecracker-compatible API on this Unix socket. Without
     /// --kernel or --config-file the VM waits for API calls
     /// (InstanceStart) to boot.
@@ -552,6 +565,13 @@ impl RunArgs {
             tap_overrides: Vec::new(),
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
+            base: self
+                .base
+                .as_ref()
+                .map(|b| (snapverbs::state_path(b), snapverbs::memory_path(b))),
+            track_dirty: self.track_dirty_pages,
+            vsock: self.vsock.clone(),
+            vsock_uds: None,
         })
     }
 }
@@ -728,7 +748,7 @@ fn main() -> ExitCode {
         Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
         Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
         Command::Snapshot(a) => {
-            return ExitCode::from(snapverbs::snapshot(&a.name, &a.dir, a.stop))
+            return ExitCode::from(snapverbs::snapshot(&a.name, &a.dir, a.stop, a.diff))
         }
         Command::Clone(a) => {
             let extra: Vec<String> = a

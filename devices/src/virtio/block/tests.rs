@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -22,7 +23,6 @@ use crate::virtio::mmio::{MmioTransport, INT_VRING};
 use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 use crate::virtio::{ActivateError, InterruptKind, Queue, VirtioInterrupt};
-use vm_memory::GuestMemoryMmap;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;

@@ -4,8 +4,9 @@
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress};
 
 use super::*;
 use crate::virtio::test_utils::{RecordingInterrupt, Rings};
