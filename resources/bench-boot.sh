@@ -39,7 +39,10 @@
 # something. This is a benchmark: it prints numbers and never fails on one.
 #
 # Usage: resources/bench-boot.sh
-# Env:   BENCH_RUNS (default 10), CAPSULE_HARNESS=direct|nested
+# Env:   BENCH_RUNS (default 10), CAPSULE_HARNESS=direct|nested,
+#        BENCH_RESULTS (a file the runs' lines are appended to and the
+#        tables are computed from: several invocations make one table),
+#        CAPSULE_ANCHORS (where the Firecracker / Cloud Hypervisor builds are)
 # stdout: the table; progress on stderr.
 set -euo pipefail
 
@@ -243,6 +246,11 @@ EOF
             "$work/qemu-fw" "$work/bench-run.sh"
     fi
     grep '^bench-boot: error' "$results" >&2 || true
+    if [[ -n "${BENCH_RESULTS:-}" ]]; then
+        grep '^bench-boot: ' "$results" >>"$BENCH_RESULTS" || true
+        results="$BENCH_RESULTS"
+        runs="$(grep -c '^bench-boot: capsule ready_ms=' "$results" || true)"
+    fi
 
     # value VMM KEY: the KEY values of VMM's runs, one a line.
     value() {
