@@ -42,7 +42,10 @@
 # Env:   BENCH_RUNS (default 10), CAPSULE_HARNESS=direct|nested,
 #        BENCH_RESULTS (a file the runs' lines are appended to and the
 #        tables are computed from: several invocations make one table),
-#        CAPSULE_ANCHORS (where the Firecracker / Cloud Hypervisor builds are)
+#        CAPSULE_ANCHORS (where the Firecracker / Cloud Hypervisor builds are),
+#        BENCH_EXITS=1 (L1's KVM exits per boot by reason, from its kvm
+#        tracepoints; nested mode; separate from the timed table's runs,
+#        as tracing costs time)
 # stdout: the table; progress on stderr.
 set -euo pipefail
 
@@ -72,6 +75,34 @@ cat >"$WORK/fc.json" <<EOF
 EOF
 now_ns() { "$DATE" +%s%N; }
 
+# With BENCH_EXITS=1, L1's kvm tracepoints count each boot's exits, from
+# process start to the ready line: kvm_exit by exit code (hex, SVM codes:
+# 0x400 nested page fault, 0x7b I/O, 0x7c MSR, 0x78 HLT, 0x60 interrupt,
+# 0x72 CPUID, 0x64 VINTR) and kvm_userspace_exit by reason (2 I/O, 6 MMIO)
+# through histogram triggers, printed as "bench-boot: exits VMM ..." lines.
+TR=/sys/kernel/tracing
+EXIT_EVENTS="kvm_exit:exit_reason kvm_userspace_exit:reason"
+exits_arm() {
+    [ -n "${BENCH_EXITS:-}" ] || return 0
+    [ -d "$TR/events" ] || mount -t tracefs nodev "$TR" 2>/dev/null
+    for ev in $EXIT_EVENTS; do
+        echo "hist:keys=${ev#*:}.hex:vals=hitcount:size=256" >"$TR/events/kvm/${ev%%:*}/trigger" ||
+            echo "bench-boot: error exits: no histogram trigger on ${ev%%:*}"
+    done
+}
+# exits_report VMM: the counts since exits_arm, then the triggers removed.
+exits_report() {
+    [ -n "${BENCH_EXITS:-}" ] || return 0
+    for ev in $EXIT_EVENTS; do
+        h="$TR/events/kvm/${ev%%:*}/hist"
+        [ -r "$h" ] || continue
+        echo "bench-boot: exits $1 ${ev%%:*} $(awk '/hitcount:/ { for (i = 1; i <= NF; i++) {
+            if ($i ~ /^0x/) k = $i; if ($i == "hitcount:") { v = $(i + 1); t += v; printf "%s=%s ", k, v } } }
+            END { printf "total=%d", t }' "$h")"
+        echo "!hist:keys=${ev#*:}.hex:vals=hitcount:size=256" >"$TR/events/kvm/${ev%%:*}/trigger"
+    done
+}
+
 # rss_kib PID: resident KiB of PID outside mappings as large as guest RAM.
 rss_kib() {
     awk -v lim=$((MEM_MIB * 1024)) '
@@ -86,6 +117,7 @@ one() {
     out="$WORK/$vmm.out" err="$WORK/$vmm.err"
     rm -f "$out" "$err" "$WORK/fifo"
     mkfifo "$WORK/fifo"
+    exits_arm
     t0=$(now_ns)
     open=""
     [ "$vmm" = capsule-open ] && open="--no-seccomp --no-landlock"
@@ -122,6 +154,7 @@ one() {
         case "$line" in
         *"capsule-guest: ready"*)
             t1=$(now_ns)
+            exits_report "$vmm"
             break
             ;;
         esac
@@ -129,6 +162,7 @@ one() {
     cat <&4 >"$out" &
     drain=$!
     if [ -z "$t1" ]; then
+        exits_report "$vmm" >/dev/null
         echo "bench-boot: error $vmm: no ready line; stderr: $(tail -n 3 "$err" | tr '\n' ' ')"
         kill "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
@@ -236,7 +270,7 @@ main() {
 mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATE=/capsule/tools/date CURL=/capsule/tools/curl BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
-export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools
+export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools BENCH_EXITS='${BENCH_EXITS:-}'
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh
 EOF
@@ -300,6 +334,29 @@ EOF
     read -r -a al <<<"$(value capsule api_log_ms | min_median_max %.1f)"
     printf '%-44s %26s %26s %8s\n' "capsule: main() -> API ready (its log), ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
 
+    if grep -q '^bench-boot: exits ' "$results"; then
+        echo
+        echo "L1 KVM exits from process start to the ready line, median per boot (BENCH_EXITS=1; SVM exit codes, userspace reasons: 2 I/O, 6 MMIO)"
+        for vmm in $vmms; do
+            for ev in kvm_exit kvm_userspace_exit; do
+                sed -n "s/^bench-boot: exits $vmm $ev //p" "$results" | awk -v v="$vmm" -v e="$ev" '
+                    { n++; for (i = 1; i <= NF; i++) { split($i, kv, "="); val[kv[1], n] = kv[2]; keys[kv[1]] = 1 } }
+                    END {
+                        if (!n) exit
+                        line = sprintf("%-18s %-20s", v, e)
+                        for (k in keys) {
+                            m = 0; delete a
+                            for (j = 1; j <= n; j++) a[j] = val[k, j] + 0
+                            # median by insertion sort (a handful of runs)
+                            for (x = 2; x <= n; x++) { y = a[x]; z = x - 1; while (z > 0 && a[z] > y) { a[z + 1] = a[z]; z-- } a[z + 1] = y }
+                            m = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+                            line = line sprintf(" %s=%d", k, m)
+                        }
+                        print line
+                    }'
+            done
+        done
+    fi
     echo
     echo "Confinement: capsule (seccomp + Landlock, the default) vs --no-seccomp --no-landlock vs --jail (same runs)"
     printf '%-40s %22s %22s %22s %6s %6s\n' "measurement (min / median / max)" "default" "open" "jailed" "d/o" "j/o"
