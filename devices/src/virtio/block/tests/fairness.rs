@@ -179,3 +179,29 @@ fn rewritten_or_reset_request_starts_over() {
     assert!(d.block.reset());
     assert!(d.block.resume.is_none());
 }
+
+/// A request that spans events is charged to the rate limiter once: with
+/// one operation in the bucket (and no refill within the test), it still
+/// completes; the next request is held back.
+#[test]
+fn request_spanning_events_is_rate_limited_once() {
+    use crate::rate_limiter::{BucketConfig, RateLimiter};
+    let mem = guest_memory();
+    let tmp = TempFile::new().unwrap();
+    let mut d = one_chunk_budget(&mem, &tmp, true);
+    let ops = BucketConfig {
+        size: 1,
+        one_time_burst: 0,
+        refill_time_ms: 600_000,
+    };
+    d.block
+        .set_rate_limiter(Some(RateLimiter::new(None, Some(ops)).unwrap()));
+    let (head, _) = d.request(VIRTIO_BLK_T_IN, 8, &five_chunks(W));
+    let mut used = Vec::new();
+    for _ in 0..5 {
+        used.extend(d.run());
+    }
+    assert_eq!(used, vec![(u32::from(head), 5 * SIZE_MAX + 1)]);
+    d.request(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, W)]);
+    assert_eq!(d.run(), vec![], "the bucket is empty");
+}
