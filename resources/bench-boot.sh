@@ -70,7 +70,8 @@ cat >"$WORK/fc.json" <<EOF
     "initrd_path": "$INITRD",
     "boot_args": "$CMDLINE"
   },
-  "machine-config": { "vcpu_count": 1, "mem_size_mib": $MEM_MIB }
+  "machine-config": { "vcpu_count": 1, "mem_size_mib": $MEM_MIB },
+  "drives": []
 }
 EOF
 now_ns() { "$DATE" +%s%N; }
@@ -96,8 +97,8 @@ exits_report() {
     for ev in $EXIT_EVENTS; do
         h="$TR/events/kvm/${ev%%:*}/hist"
         [ -r "$h" ] || continue
-        echo "bench-boot: exits $1 ${ev%%:*} $(awk '/hitcount:/ { for (i = 1; i <= NF; i++) {
-            if ($i ~ /^0x/) k = $i; if ($i == "hitcount:") { v = $(i + 1); t += v; printf "%s=%s ", k, v } } }
+        echo "bench-boot: exits $1 ${ev%%:*} $(awk -v f="${ev#*:}:" '/hitcount:/ { for (i = 1; i <= NF; i++) {
+            if ($i == f) k = $(i + 1); if ($i == "hitcount:") { v = $(i + 1); t += v; printf "%s=%s ", k, v } } }
             END { printf "total=%d", t }' "$h")"
         echo "!hist:keys=${ev#*:}.hex:vals=hitcount:size=256" >"$TR/events/kvm/${ev%%:*}/trigger"
     done

@@ -278,7 +278,8 @@ run_vmm() {
 {
   "boot-source": { "kernel_image_path": "$VMLINUX", "initrd_path": "$INITRD", "boot_args": "$CMDLINE" },
   "machine-config": { "vcpu_count": $CPUS, "mem_size_mib": 512 },
-  "network-interfaces": [ { "iface_id": "eth0", "host_dev_name": "fcb0" } ]
+  "network-interfaces": [ { "iface_id": "eth0", "host_dev_name": "fcb0" } ],
+  "drives": []
 }
 EOF
         measure firecracker fcb0 "$FC" --no-api --no-seccomp --config-file "$WORK/fc.json"
