@@ -147,6 +147,10 @@ pub struct ExecConfig {
     /// Boot on the host's `/` (read-only over virtio-fs, tmpfs overlay),
     /// with the current directory shared writable.
     pub host_root: bool,
+    /// The command's root: this host directory, live and writable over
+    /// virtio-fs (`--fs-root`; what the containerd shim uses for a
+    /// container's rootfs).
+    pub fs_root: Option<PathBuf>,
     /// A `/lib/modules/RELEASE` tree to load modules from.
     pub modules: Option<PathBuf>,
     /// Environment, `K=V`.
@@ -359,6 +363,27 @@ fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
 /// error; `--share` without it falls back to copying, and says so.
 fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
     use crate::config::FsConfig;
+    if let Some(dir) = &config.fs_root {
+        if config.host_root || config.rootfs.is_some() || !config.vm.disks.is_empty() {
+            return Err(Error::Usage(
+                "--fs-root excludes --host-root, --rootfs and --disk".into(),
+            ));
+        }
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "--fs-root {}: not a directory",
+                dir.display()
+            )));
+        }
+        devices::virtio::fs::daemon::find_binary()
+            .map_err(|e| Error::Vm(builder::Error::FsShare(e.into())))?;
+        config.vm.fs.push(FsConfig {
+            dir: dir.clone(),
+            tag: exec_proto::FS_ROOT_TAG.into(),
+            read_only: false,
+            submounts: true,
+        });
+    }
     if config.host_root {
         if config.rootfs.is_some() {
             return Err(Error::Usage(
@@ -382,7 +407,7 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
         }
     }
     if config.shares.is_empty() && !config.host_root {
-        return Ok(false);
+        return Ok(config.fs_root.is_some());
     }
     if let Err(e) = devices::virtio::fs::daemon::find_binary() {
         if config.host_root {
