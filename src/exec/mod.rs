@@ -599,4 +599,64 @@ mod tests {
         assert!("h:relative".parse::<Share>().is_err());
         assert!("h:/a:b:ro".parse::<Share>().is_err());
     }
+
+    fn fs_root_config(dir: &str) -> ExecConfig {
+        ExecConfig {
+            vm: VmConfig {
+                kernel: "/k".into(),
+                initrd: None,
+                initramfs: None,
+                cmdline: String::new(),
+                vcpus: 1,
+                mem_size: 256 << 20,
+                kvm_path: "/dev/kvm".into(),
+                disks: vec![],
+                nets: vec![],
+                vsock: None,
+                fs: vec![],
+                entropy: None,
+            },
+            rootfs: None,
+            shares: vec![],
+            host_root: false,
+            fs_root: Some(dir.into()),
+            modules: None,
+            env: vec![],
+            workdir: "/".into(),
+            argv: vec!["true".into()],
+            timeout: None,
+            boot_timeout: Duration::from_secs(60),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn fs_root_is_checked_before_any_daemon_is_looked_for() {
+        let mut c = fs_root_config("/nonexistent/capsule-fs-root");
+        let e = plan_live_shares(&mut c).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let mut c = fs_root_config("/");
+        c.host_root = true;
+        let e = plan_live_shares(&mut c).unwrap_err().to_string();
+        assert!(e.contains("excludes"), "{e}");
+        let mut c = fs_root_config("/");
+        c.rootfs = Some("/".into());
+        assert!(plan_live_shares(&mut c).is_err());
+        assert!(c.vm.fs.is_empty());
+    }
+
+    #[test]
+    fn fs_root_is_a_read_write_virtio_fs_device() {
+        // With a virtiofsd found: the root's device, writable, under its tag.
+        let mut c = fs_root_config("/");
+        if devices::virtio::fs::daemon::find_binary().is_err() {
+            let e = plan_live_shares(&mut c).unwrap_err().to_string();
+            assert!(e.contains("virtiofsd"), "{e}");
+            return;
+        }
+        assert!(plan_live_shares(&mut c).unwrap());
+        assert_eq!(c.vm.fs.len(), 1);
+        assert_eq!(c.vm.fs[0].tag, exec_proto::FS_ROOT_TAG);
+        assert!(!c.vm.fs[0].read_only);
+    }
 }
