@@ -60,7 +60,10 @@ ctr() { "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" "$@"; }
 ctr_rootfs() {
     rm -rf "$1"
     mkdir -p "$1/bin" "$1/proc" "$1/sys" "$1/dev" "$1/tmp" "$1/etc"
-    cp "$(command -v busybox)" "$1/bin/busybox"
+    # busybox ash answers `command -v busybox` with the bare name.
+    _bb="$(command -v busybox)"
+    case "$_bb" in /*) ;; *) _bb=/bin/busybox ;; esac
+    cp "$_bb" "$1/bin/busybox"
     for _a in sh echo sleep cat ls true; do ln -s busybox "$1/bin/$_a"; done
 }
 
