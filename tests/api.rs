@@ -21,34 +21,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::elf;
-
-const COM1: u16 = 0x3f8;
-
-/// The guest: prints '.' (with a short delay) until it reads the Delete
-/// make code (set 1, 0x53) from the i8042, then resets through it.
-fn ctrl_alt_del_guest() -> Vec<u8> {
-    let mut c = Vec::new();
-    let top = c.len();
-    c.extend([0x66, 0xba]);
-    c.extend(COM1.to_le_bytes()); // mov dx, COM1
-    c.extend([0xb0, b'.', 0xee]); // mov al, '.'; out dx, al
-    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00]); // mov ecx, 0x1000
-    c.extend([0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
-    c.extend([0x66, 0xba, 0x64, 0x00, 0xec]); // mov dx, 0x64; in al, dx
-    c.extend([0xa8, 0x01]); // test al, 1
-    let jz = c.len();
-    c.extend([0x74, 0x00]); // jz top
-    c.extend([0x66, 0xba, 0x60, 0x00, 0xec]); // mov dx, 0x60; in al, dx
-    c.extend([0x3c, 0x53]); // cmp al, 0x53
-    let jne = c.len();
-    c.extend([0x75, 0x00]); // jne top
-    c.extend([0x66, 0xba, 0x64, 0x00, 0xb0, 0xfe, 0xee]); // out 0x64, 0xfe
-    c.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
-    c[jz + 1] = (top as isize - (jz as isize + 2)) as i8 as u8;
-    c[jne + 1] = (top as isize - (jne as isize + 2)) as i8 as u8;
-    elf(&c)
-}
+use common::api::{json, read_response, wait_for_socket};
+use common::{ctrl_alt_del_guest, elf};
 
 /// A guest that only halts: it ignores Ctrl-Alt-Del.
 fn halting_guest() -> Vec<u8> {
@@ -84,36 +58,21 @@ impl Vmm {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run capsule");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "API socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_socket(&sock);
         Self { child, sock }
     }
 
     fn connect(&self) -> UnixStream {
-        let s = UnixStream::connect(&self.sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        s
+        common::api::connect(&self.sock)
     }
 
     /// Sends raw bytes on a new connection, returns (status, body).
     fn raw(&self, bytes: &[u8]) -> (u16, String) {
-        let mut s = self.connect();
-        s.write_all(bytes).unwrap();
-        read_response(&mut s)
+        common::api::raw(&self.sock, bytes)
     }
 
     fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let body = body.unwrap_or("");
-        self.raw(
-            format!(
-                "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
+        common::api::request(&self.sock, method, path, body)
     }
 
     fn alive(&mut self) -> bool {
@@ -121,14 +80,7 @@ impl Vmm {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        common::api::wait_exit(&mut self.child, timeout)
     }
 
     fn stderr(&mut self) -> String {
@@ -145,39 +97,6 @@ impl Drop for Vmm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Reads one response (until the server closes or Content-Length is met).
-fn read_response(s: &mut UnixStream) -> (u16, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_string();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-                if status == 100 {
-                    buf.drain(..end + 4);
-                    continue;
-                }
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
-                return (status, body);
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) | Err(_) => panic!("connection ended: {:?}", String::from_utf8_lossy(&buf)),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 fn file_len(p: &Path) -> u64 {

@@ -15,43 +15,19 @@
     reason = "test fixtures cast small, known values"
 )]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::elf;
+use common::api::{json, wait_for_socket};
+use common::{ctrl_alt_del_guest, elf};
 
 fn tmp(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fc-tests");
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
-}
-
-/// A guest that prints '.' on COM1 until Ctrl-Alt-Del's Delete make code
-/// arrives on the i8042, then resets through it.
-fn ctrl_alt_del_guest() -> Vec<u8> {
-    let mut c = Vec::new();
-    let top = c.len();
-    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    c.extend([0xb0, b'.', 0xee]); // mov al, '.'; out dx, al
-    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00]); // mov ecx, 0x1000
-    c.extend([0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
-    c.extend([0x66, 0xba, 0x64, 0x00, 0xec]); // mov dx, 0x64; in al, dx
-    c.extend([0xa8, 0x01]); // test al, 1
-    let jz = c.len();
-    c.extend([0x74, 0x00]); // jz top
-    c.extend([0x66, 0xba, 0x60, 0x00, 0xec]); // mov dx, 0x60; in al, dx
-    c.extend([0x3c, 0x53]); // cmp al, 0x53
-    let jne = c.len();
-    c.extend([0x75, 0x00]); // jne top
-    c.extend([0x66, 0xba, 0x64, 0x00, 0xb0, 0xfe, 0xee]); // out 0x64, 0xfe
-    c.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
-    c[jz + 1] = (top as isize - (jz as isize + 2)) as i8 as u8;
-    c[jne + 1] = (top as isize - (jne as isize + 2)) as i8 as u8;
-    elf(&c)
 }
 
 /// A guest that resets the machine at once through the i8042.
@@ -231,43 +207,16 @@ impl Fc {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(Instant::now() < deadline, "API socket never appeared");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for_socket(&sock);
         Self { child, sock }
     }
 
     fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let body = body.unwrap_or("");
-        let mut s = UnixStream::connect(&self.sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let status = text.split(' ').nth(1).unwrap().parse().unwrap();
-        let body = text
-            .split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string();
-        (status, body)
+        common::api::request(&self.sock, method, path, body)
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        common::api::wait_exit(&mut self.child, timeout)
     }
 }
 
@@ -276,10 +225,6 @@ impl Drop for Fc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn json(body: &str) -> serde_json::Value {
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
 #[test]

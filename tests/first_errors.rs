@@ -181,6 +181,67 @@ fn kvm_device_not_accessible() {
     );
 }
 
+/// `capsule exec` with a kernel that lacks the session's channel: vsock
+/// by default, where the line names the console fallback; virtio-console
+/// with `CAPSULE_EXEC_CHANNEL=console`.
+#[test]
+fn kernel_without_the_exec_channel() {
+    for (i, (config, channel, wants)) in [
+        (
+            "CONFIG_VIRTIO_CONSOLE=y\n",
+            None,
+            &[
+                "the kernel has no vsock (CONFIG_VSOCKETS is not set)",
+                "or set CAPSULE_EXEC_CHANNEL=console",
+            ][..],
+        ),
+        (
+            "CONFIG_VSOCKETS=y\nCONFIG_VIRTIO_VSOCKETS=m\n",
+            None,
+            &["the kernel has virtio-vsock only as a module", "--modules"][..],
+        ),
+        (
+            "CONFIG_VSOCKETS=y\nCONFIG_VIRTIO_VSOCKETS=y\n",
+            Some("console"),
+            &["the kernel has no virtio-console (CONFIG_VIRTIO_CONSOLE is not set)"][..],
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = scratch().join(format!("no-channel-{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("vmlinux");
+        std::fs::copy(halting_guest(), &k).unwrap();
+        std::fs::write(
+            dir.join("config"),
+            format!("CONFIG_X86_64=y\nCONFIG_VIRTIO_MMIO=y\n{config}"),
+        )
+        .unwrap();
+        let env: Vec<(&str, &str)> = channel
+            .map(|c| ("CAPSULE_EXEC_CHANNEL", c))
+            .into_iter()
+            .collect();
+        let out = capsule(
+            &[
+                "exec",
+                "--kernel",
+                k.to_str().unwrap(),
+                "--boot-timeout",
+                "1",
+                "--",
+                "true",
+            ],
+            &env,
+            &[],
+        );
+        let err = assert_one_line(&out, 123, wants);
+        if channel.is_some() {
+            assert!(!err.contains("CAPSULE_EXEC_CHANNEL"), "{err}");
+        }
+    }
+}
+
 /// `capsule exec` with a kernel whose init never starts because it has no
 /// virtio-mmio: the boot-time-out line says why and what to do.
 #[test]

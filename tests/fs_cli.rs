@@ -1,7 +1,7 @@
 //! `--fs` and `exec --host-root`/`--share` without a virtiofsd: one clear
 //! `capsule: error: virtiofsd not found ...` line and the documented
 //! status (1 for `run`, 125 for `exec`), before any KVM work; `exec
-//! --share` falls back to copying and says so.
+//! --share` falls back to copying and says so (a warning in the log).
 
 use std::process::{Command, Output};
 
@@ -64,25 +64,47 @@ fn exec_host_root_without_virtiofsd_is_status_125() {
     );
 }
 
+/// `capsule exec --share` of this crate's `exec-proto` directory with no
+/// virtiofsd, at log level `level`. The VM itself cannot start here (the
+/// "kernel" is not one): what matters is what comes before that.
+fn exec_share_at_level(level: &str) -> Output {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args([
+            "exec",
+            "--kernel",
+            KERNEL,
+            "--share",
+            &format!("{dir}/exec-proto:/s:ro"),
+            "--",
+            "true",
+        ])
+        .env("CAPSULE_VIRTIOFSD", "/nonexistent/virtiofsd")
+        .env("CAPSULE_LOG", level)
+        .output()
+        .expect("capsule runs")
+}
+
 #[test]
 fn exec_share_without_virtiofsd_says_it_copies() {
-    // The VM itself cannot start here (the "kernel" is not one): what
-    // matters is the stated fallback before that.
-    let dir = env!("CARGO_MANIFEST_DIR");
-    let o = capsule(&[
-        "exec",
-        "--kernel",
-        KERNEL,
-        "--share",
-        &format!("{dir}/exec-proto:/s:ro"),
-        "--",
-        "true",
-    ]);
+    let o = exec_share_at_level("warn");
     let err = stderr(&o);
     assert!(
-        err.contains("capsule: warning: virtiofsd not found")
-            && err.contains("falls back to copying"),
+        err.contains("capsule: warn: virtiofsd not found") && err.contains("falls back to copying"),
         "{err}"
     );
+    assert_eq!(o.status.code(), Some(125), "{err}");
+}
+
+/// The fallback's warning is a log message: `CAPSULE_LOG=error` keeps it
+/// out of stderr, which then carries the command's stderr alone (the
+/// boot suite's `exec_output` compares it byte for byte).
+#[test]
+fn exec_share_fallback_warning_follows_the_log_level() {
+    let o = exec_share_at_level("error");
+    let err = stderr(&o);
+    assert!(!err.contains("falls back to copying"), "{err}");
+    assert_eq!(err.lines().count(), 1, "only the error: {err}");
+    assert!(err.starts_with("capsule: error: "), "{err}");
     assert_eq!(o.status.code(), Some(125), "{err}");
 }

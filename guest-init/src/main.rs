@@ -268,8 +268,8 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
         Err(_) => Ok(()),
     };
     let chan = chan_slot.insert(Channel::open().map_err(|e| match &modules {
-        Err(m) => format!("cannot open {PORT}: {e} ({m})"),
-        Ok(()) => format!("cannot open {PORT}: {e}"),
+        Err(m) => format!("{e} ({m})"),
+        Ok(()) => e,
     })?);
     chan.send(&GuestMsg::Hello { version: VERSION })
         .map_err(|e| format!("cannot write to the host: {e}"))?;

@@ -166,13 +166,13 @@ const WANTS: &[Want] = &[
         what: "virtio-console",
         symbols: &["CONFIG_VIRTIO_CONSOLE"],
         required: false,
-        needed_by: "capsule exec",
+        needed_by: "capsule exec's fallback channel (CAPSULE_EXEC_CHANNEL=console)",
     },
     Want {
         what: "vsock",
         symbols: &["CONFIG_VSOCKETS", "CONFIG_VIRTIO_VSOCKETS"],
         required: false,
-        needed_by: "virtio-vsock devices",
+        needed_by: "capsule exec (its channel) and virtio-vsock devices",
     },
     Want {
         what: "virtio-fs",
@@ -233,18 +233,35 @@ pub fn config_checks(config: &str) -> Vec<Check> {
 }
 
 /// Why `capsule exec` cannot work with the kernel at `path`, if its
-/// configuration says so: it lacks virtio-mmio or virtio-console, or has
-/// them only as modules, which exec's generated initramfs cannot load.
+/// configuration says so: it lacks virtio-mmio or the session's channel
+/// (vsock, or virtio-console with `CAPSULE_EXEC_CHANNEL=console`), or has
+/// them only as modules while no module directory is given (`modules`).
 /// Used to explain a guest whose init never started.
-pub fn exec_kernel_problem(path: &Path) -> Option<String> {
-    kernel_problem(
-        path,
-        &[
-            ("virtio-mmio", "CONFIG_VIRTIO_MMIO"),
-            ("virtio-console", "CONFIG_VIRTIO_CONSOLE"),
-        ],
-        "capsule exec's initramfs cannot load",
-    )
+pub fn exec_kernel_problem(path: &Path, console: bool, modules: bool) -> Option<String> {
+    let mut wants = vec![("virtio-mmio", "CONFIG_VIRTIO_MMIO")];
+    if console {
+        wants.push(("virtio-console", "CONFIG_VIRTIO_CONSOLE"));
+    } else {
+        wants.push(("vsock", "CONFIG_VSOCKETS"));
+        wants.push(("virtio-vsock", "CONFIG_VIRTIO_VSOCKETS"));
+    }
+    let problem = if modules {
+        kernel_problem_modules_ok(path, &wants)
+    } else {
+        kernel_problem(
+            path,
+            &wants,
+            "capsule exec's initramfs cannot load without --modules",
+        )
+    }?;
+    Some(if console || problem.contains("virtio-mmio") {
+        problem
+    } else {
+        format!(
+            "{problem}; or set CAPSULE_EXEC_CHANNEL=console to run the session over the \
+             virtio console (CONFIG_VIRTIO_CONSOLE=y) instead"
+        )
+    })
 }
 
 /// Why the kernel of a `capsule run` that panicked may not have seen its

@@ -13,8 +13,9 @@
 //!   protocol of the `exec-proto` crate; `link.rs`'s `VsockLink` accepts
 //!   the connection, decodes guest → host frames with `session.rs`'s
 //!   `Sink` and sends the time and stdin. `CAPSULE_EXEC_CHANNEL=console`
-//!   selects the older channel instead (kept for comparison): a
-//!   virtio-console port, `/dev/hvc0`, fed by `stdin.rs`'s `StdinPump`.
+//!   selects the fallback for kernels without vsock instead: a
+//!   virtio-console port, `/dev/hvc0`, fed by `stdin.rs`'s `StdinPump`
+//!   (the same frames, far slower: one page per round trip).
 //! * The serial console stays the kernel console (`quiet`), captured in a
 //!   [`ConsoleTail`] whose last lines are shown when the guest fails.
 //! * `session.rs`'s `Session` holds what the guest reported; the VMM's run
@@ -197,20 +198,18 @@ const EXEC_GUEST_CID: u64 = 3;
 /// How the init and capsule talk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Channel {
-    /// A vsock stream (`CAPSULE_EXEC_CHANNEL=vsock`).
+    /// A vsock stream (the default).
     Vsock,
-    /// A virtio-console port (the default).
+    /// A virtio-console port (`CAPSULE_EXEC_CHANNEL=console`): the
+    /// fallback for a kernel without vsock, one page per round trip.
     Console,
 }
 
 impl Channel {
     fn from_env() -> Result<Self, Error> {
         match std::env::var("CAPSULE_EXEC_CHANNEL").as_deref() {
-            // The console stays the default until the vsock path passes
-            // the boot suite's exec_output case (1 MiB of stderr arrived
-            // damaged on its first run in the harness).
-            Err(_) | Ok("console") => Ok(Self::Console),
-            Ok("vsock") => Ok(Self::Vsock),
+            Err(_) | Ok("vsock") => Ok(Self::Vsock),
+            Ok("console") => Ok(Self::Console),
             Ok(other) => Err(Error::Usage(format!(
                 "CAPSULE_EXEC_CHANNEL='{other}': expected vsock or console"
             ))),
@@ -266,7 +265,9 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         // The init never spoke: the usual cause is a kernel that cannot
         // see capsule's devices; say so when its configuration tells.
         Outcome::GuestFailed(why, lines) if !session.hello => {
-            match crate::doctor::exec_kernel_problem(&config.vm.kernel) {
+            let modules = config.modules.is_some() || config.host_root;
+            let console = channel == Channel::Console;
+            match crate::doctor::exec_kernel_problem(&config.vm.kernel, console, modules) {
                 Some(problem) => Outcome::GuestFailed(format!("{why}; {problem}"), lines),
                 None => Outcome::GuestFailed(why, lines),
             }
@@ -356,6 +357,9 @@ fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
     Ok(())
 }
 
+/// What the copy fallback means for the user, in its warning.
+const COPY_FALLBACK: &str = "--share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)";
+
 /// Decides between live shares (virtio-fs, when a virtiofsd is there)
 /// and copies, and adds the virtio-fs devices: the host root and the
 /// current directory for `--host-root`, one per `--share`. Returns
@@ -413,9 +417,9 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
         if config.host_root {
             return Err(Error::Vm(builder::Error::FsShare(e.into())));
         }
-        eprintln!(
-            "capsule: warning: {e}; --share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)"
-        );
+        // Through the log, like every other capsule message on stderr:
+        // `CAPSULE_LOG=error` leaves stderr to the command alone.
+        log::warn!("{e}; {COPY_FALLBACK}");
         return Ok(false);
     }
     // virtiofsd's default sandbox (namespaces, pivot_root) needs root. A
@@ -425,8 +429,8 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
     let told = std::env::var_os("CAPSULE_VIRTIOFSD").is_some()
         || std::env::var_os("CAPSULE_VIRTIOFSD_SANDBOX").is_some();
     if !config.host_root && !root && !told {
-        eprintln!(
-            "capsule: warning: not root, so virtiofsd cannot sandbox itself (set CAPSULE_VIRTIOFSD_SANDBOX=none to share live anyway); --share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)"
+        log::warn!(
+            "not root, so virtiofsd cannot sandbox itself (set CAPSULE_VIRTIOFSD_SANDBOX=none to share live anyway); {COPY_FALLBACK}"
         );
         return Ok(false);
     }

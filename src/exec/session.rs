@@ -251,6 +251,82 @@ pub(super) mod tests {
         assert!(matches!(s.check(), Some(Stop::Failed(_))));
     }
 
+    /// A file that vanishes from the directory at once; read back with
+    /// its second descriptor.
+    fn scratch() -> (File, File) {
+        let dir = crate::exec::link::PrivateDir::new().unwrap();
+        let path = dir.join("out");
+        let w = File::create(&path).unwrap();
+        let r = File::open(&path).unwrap();
+        (w, r)
+    }
+
+    /// Interleaved stdout and stderr frames of every size up to the
+    /// largest, cut into the pieces either channel hands over (the
+    /// console's 64 KiB bounce buffer, the vsock link's 256 KiB reads, odd
+    /// sizes), come out as the two streams, each byte for byte.
+    #[test]
+    fn stdout_and_stderr_come_apart_intact_however_the_stream_is_cut() {
+        use std::io::Read;
+        // Bytes that look like frame headers too (kinds 0x02/0x03).
+        let pattern = |seed: u32, len: usize| -> Vec<u8> {
+            let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+            (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    x.to_le_bytes()[0]
+                })
+                .collect()
+        };
+        let sizes = [
+            1,
+            5,
+            4096,
+            65_535,
+            65_536,
+            65_537,
+            exec_proto::MAX_PAYLOAD,
+            0,
+            3,
+        ];
+        let (mut want_out, mut want_err, mut stream) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, &n) in sizes.iter().cycle().take(40).enumerate() {
+            let data = pattern(i as u32, n);
+            if i % 3 == 1 {
+                want_err.extend_from_slice(&data);
+                GuestMsg::Stderr(data).encode(&mut stream);
+            } else {
+                want_out.extend_from_slice(&data);
+                GuestMsg::Stdout(data).encode(&mut stream);
+            }
+        }
+        GuestMsg::Exit(3).encode(&mut stream);
+        for cut in [65_536, 262_144, 4093, 7] {
+            let (out_w, mut out_r) = scratch();
+            let (err_w, mut err_r) = scratch();
+            let mut s = session(vec![]);
+            s.stdout = out_w;
+            s.stderr = err_w;
+            let s = Arc::new(Mutex::new(s));
+            let mut sink = Sink {
+                session: s.clone(),
+                decoder: Decoder::new(),
+            };
+            for piece in stream.chunks(cut) {
+                sink.write_all(piece).unwrap();
+            }
+            assert_eq!(lock(&s).exit, Some(3), "cut {cut}");
+            assert!(lock(&s).broken.is_none(), "cut {cut}");
+            let (mut got_out, mut got_err) = (Vec::new(), Vec::new());
+            out_r.read_to_end(&mut got_out).unwrap();
+            err_r.read_to_end(&mut got_err).unwrap();
+            assert!(got_out == want_out, "stdout differs, cut {cut}");
+            assert!(got_err == want_err, "stderr differs, cut {cut}");
+        }
+    }
+
     #[test]
     fn deadlines() {
         let mut s = session(vec![]);

@@ -1,4 +1,11 @@
-//! What the VMM tests share: the tiny hand-assembled guests they boot.
+//! What the VMM tests share: the tiny hand-assembled guests they boot and
+//! an HTTP client for the API socket. Each test binary uses a part of it.
+#![allow(
+    dead_code,
+    reason = "each test binary uses a part of the shared helpers"
+)]
+
+pub mod api;
 
 /// Where the test guests are loaded and entered (2 MiB).
 pub const LOAD_ADDR: u64 = 0x20_0000;
@@ -37,4 +44,36 @@ pub fn elf(code: &[u8]) -> Vec<u8> {
     assert_eq!(f.len(), usize::from(EHDR + PHDR));
     f.extend(code);
     f
+}
+
+/// A guest that prints '.' on COM1 (with a short delay) until it reads
+/// Ctrl-Alt-Del's Delete make code (set 1, 0x53) from the i8042, then
+/// resets through it.
+pub fn ctrl_alt_del_guest() -> Vec<u8> {
+    let mut c = Vec::new();
+    let top = c.len();
+    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8 (COM1)
+    c.extend([0xb0, b'.', 0xee]); // mov al, '.'; out dx, al
+    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00]); // mov ecx, 0x1000
+    c.extend([0xff, 0xc9, 0x75, 0xfc]); // dec ecx; jnz -4
+    c.extend([0x66, 0xba, 0x64, 0x00, 0xec]); // mov dx, 0x64; in al, dx
+    c.extend([0xa8, 0x01]); // test al, 1
+    let jz = c.len();
+    c.extend([0x74, 0x00]); // jz top
+    c.extend([0x66, 0xba, 0x60, 0x00, 0xec]); // mov dx, 0x60; in al, dx
+    c.extend([0x3c, 0x53]); // cmp al, 0x53
+    let jne = c.len();
+    c.extend([0x75, 0x00]); // jne top
+    c.extend([0x66, 0xba, 0x64, 0x00, 0xb0, 0xfe, 0xee]); // out 0x64, 0xfe
+    c.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
+    c[jz + 1] = rel8(top, jz + 2);
+    c[jne + 1] = rel8(top, jne + 2);
+    elf(&c)
+}
+
+/// The rel8 displacement of a short jump to `target` from `next` (the
+/// offset of the instruction after the jump).
+fn rel8(target: usize, next: usize) -> u8 {
+    let d = i8::try_from(target as isize - next as isize).expect("short jump in range");
+    d.to_ne_bytes()[0]
 }
