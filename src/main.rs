@@ -242,6 +242,11 @@ struct ExecArgs {
     /// the default working directory). Needs virtiofsd.
     #[arg(long, conflicts_with = "rootfs")]
     host_root: bool,
+    /// The command's root is DIR, shared live and read-write over
+    /// virtio-fs (nothing copied; what the command writes is in DIR at
+    /// once). Needs virtiofsd. The containerd shim runs containers so.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["rootfs", "disk", "host_root"])]
+    fs_root: Option<PathBuf>,
     /// Load kernel modules from this /lib/modules/RELEASE tree first
     /// (virtio_mmio, virtio_console, virtio_blk, vsock, virtiofs, overlay,
     /// ext4 and their dependencies; what the kernel builds in is skipped).
@@ -347,6 +352,7 @@ fn exec_config(
         rootfs: args.rootfs,
         shares: args.shares,
         host_root: args.host_root,
+        fs_root: args.fs_root,
         modules: args.modules,
         env,
         workdir: args.workdir,
