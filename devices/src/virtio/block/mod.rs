@@ -53,6 +53,7 @@ mod request;
 use std::io;
 use std::path::PathBuf;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -455,7 +456,7 @@ enum Step {
 /// the first one popped now, whose bytes the limiter already counted.
 fn serve_next(
     queue: &mut virtio_queue::Queue,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &GuestMemoryMmap,
     ctx: &mut request::Context<'_>,
     resume: &mut Option<(u16, request::Progress)>,
     limiter: Option<&mut crate::rate_limiter::RateLimiter>,
