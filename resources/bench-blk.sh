@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # resources/bench-blk.sh: virtio-blk benchmark, from inside the guest.
 #
-# Boots capsule's test kernel, in capsule and in QEMU (-M microvm, the same
-# virtio-blk devices over virtio-mmio), with a benchmark root image (busybox + fio,
+# Boots capsule's test kernel, in capsule, in QEMU (-M microvm, the same
+# virtio-blk devices over virtio-mmio) and, when their builds are present
+# (capsule_anchors_dir in resources/lib.sh; otherwise their columns are
+# left out with a note), in Firecracker (`--no-api --config-file`, its
+# default synchronous block engine, virtio-mmio) and Cloud Hypervisor (its
+# command line, virtio-blk over virtio-pci, its default engine), with a
+# benchmark root image (busybox + fio,
 # as /dev/vda, read-only) and a raw data image (/dev/vdb), and runs fio on
 # /dev/vdb with O_DIRECT and libaio: sequential write and read (1 MiB
-# blocks, queue depth 4) and 4 KiB random reads (queue depth 32). Each VM
+# blocks, queue depth 4) and 4 KiB random reads (queue depth 32). capsule,
+# Firecracker and Cloud Hypervisor boot the build's vmlinux (Firecracker
+# takes no bzImage), QEMU its bzImage. Runs alternate between VMMs. Each VM
 # run measures every job once; the table shows min / median / max over the
 # runs. This is a benchmark, not a test: it prints numbers, it does not
 # judge them.
@@ -18,6 +25,10 @@
 # Env:   BENCH_RUNS   VM runs (default 5)
 #        BENCH_SIZE   MiB of data disk and of each sequential job (default 256)
 #        CAPSULE_HARNESS=direct|nested   force a mode
+#        BENCH_RESULTS  a file the runs' lines are appended to and the table
+#                       is computed from: several invocations (e.g. several
+#                       short holds of the nested harness) make one table
+#        CAPSULE_ANCHORS  where the Firecracker / Cloud Hypervisor builds are
 # stdout: the table; progress goes to stderr.
 set -euo pipefail
 
@@ -53,6 +64,8 @@ echo "bench-blk: start \$(nproc) vCPUs, vdb \$((\$(cat /sys/block/vdb/size) / 20
 job seqwrite --rw=write --bs=1M --iodepth=4 --size=${2}M
 job seqread --rw=read --bs=1M --iodepth=4 --size=${2}M
 job randread --rw=randread --bs=4k --iodepth=32 --size=${2}M --runtime=10 --time_based
+# Firecracker has no ACPI: its guest ends through the i8042 reset.
+if grep -q bench_end=reboot /proc/cmdline; then reboot -f; fi
 poweroff -f
 INIT
     chmod 755 "$1"
@@ -64,16 +77,37 @@ INIT
 write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
-# Env: CAPSULE QEMU QEMU_FW BZIMAGE BENCH_ROOT DATA_DIR BENCH_RUNS BENCH_SIZE
+# Env: CAPSULE QEMU QEMU_FW BZIMAGE VMLINUX BENCH_ROOT DATA_DIR BENCH_RUNS
+#      BENCH_SIZE PEERS (reference VMMs present) TOOLS (where they are)
 set -u
 CMDLINE="console=ttyS0 reboot=k panic=1 root=/dev/vda ro quiet"
 data="$DATA_DIR/bench-data.img"
+cat >"$DATA_DIR/fc.json" <<EOF
+{
+  "boot-source": { "kernel_image_path": "$VMLINUX", "boot_args": "$CMDLINE bench_end=reboot" },
+  "drives": [
+    { "drive_id": "root", "path_on_host": "$BENCH_ROOT", "is_root_device": false, "is_read_only": true },
+    { "drive_id": "data", "path_on_host": "$data", "is_root_device": false, "is_read_only": false }
+  ],
+  "machine-config": { "vcpu_count": 2, "mem_size_mib": 512 }
+}
+EOF
 # boot VMM: one benchmark VM; the guest's lines on stdout.
 boot() {
-    if [ "$1" = capsule ]; then
-        "$CAPSULE" run --kernel "$BZIMAGE" --cpus 2 --memory 512M \
+    case "$1" in
+    capsule)
+        "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
             --disk "$BENCH_ROOT,ro" --disk "$data" --cmdline "$CMDLINE" </dev/null
-    else
+        ;;
+    firecracker)
+        "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc.json" </dev/null
+        ;;
+    cloud-hypervisor)
+        "$TOOLS/cloud-hypervisor" --kernel "$VMLINUX" --cmdline "$CMDLINE" \
+            --cpus boot=2 --memory size=512M --serial tty --console off \
+            --disk path="$BENCH_ROOT",readonly=on path="$data" </dev/null
+        ;;
+    *)
         # Same devices, same order: virtio-blk over virtio-mmio, the host
         # page cache in between (QEMU's default cache=writeback).
         "$QEMU" -M microvm -accel kvm -cpu host -m 512M -smp 2 \
@@ -83,12 +117,13 @@ boot() {
             -drive id=data,file="$data",format=raw,if=none \
             -device virtio-blk-device,drive=root -device virtio-blk-device,drive=data \
             </dev/null
-    fi
+        ;;
+    esac
 }
 i=0
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
-    for vmm in capsule qemu; do
+    for vmm in capsule qemu $PEERS; do
         rm -f "$data"
         dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
         echo "bench-blk: run $i $vmm"
@@ -125,13 +160,15 @@ main() {
     mkfs.ext4 -q -F -E root_owner=0:0 -d "$root" "$work/bench-root.ext4"
     write_runner "$work/bench-run.sh"
     copy_tools "$work/tools" qemu-system-x86_64
+    peers="$(copy_peers "$work/tools")"
     copy_qemu_firmware "$work/qemu-fw"
 
     log "mode: $mode; $runs runs per VMM"
     results="$work/results"
     if [[ "$mode" == direct ]]; then
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
-            BZIMAGE="$kdir/bzImage" BENCH_ROOT="$work/bench-root.ext4" \
+            BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" BENCH_ROOT="$work/bench-root.ext4" \
+            PEERS="$peers" TOOLS="$work/tools" \
             DATA_DIR="$work" BENCH_RUNS="$runs" BENCH_SIZE="$size" \
             sh "$work/bench-run.sh" | tee "$results" >&2
     else
@@ -140,29 +177,50 @@ main() {
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage BENCH_ROOT=/capsule/bench-root.ext4
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$runs BENCH_SIZE=$size
+export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools
 exec sh /capsule/bench-run.sh
 EOF
-        export CAPSULE_L1_TIMEOUT=$((300 + runs * 360))
+        export CAPSULE_L1_TIMEOUT=$((300 + runs * 180 * (2 + $(wc -w <<<"$peers"))))
         run_in_l1_retrying "$results" \
-            "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$work/bench-root.ext4" \
+            "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$work/bench-root.ext4" \
             "$work/bench-run.sh" "$work/tools" "$work/qemu-fw"
     fi
-    if grep -q '^bench-blk: error' "$results"; then
-        grep '^bench-blk: error' "$results" >&2
-        die "a fio job failed"
+    grep '^bench-blk: [a-z-]* error' "$results" >&2 || true
+    if grep -q '^bench-blk: capsule error' "$results"; then
+        die "a fio job failed in capsule"
+    fi
+    if [[ -n "${BENCH_RESULTS:-}" ]]; then
+        grep '^bench-blk: ' "$results" >>"$BENCH_RESULTS" || true
+        results="$BENCH_RESULTS"
+        runs="$(grep -c '^bench-blk: capsule seqread ' "$results" || true)"
     fi
 
+    local vmms="capsule qemu $peers" vmm
     echo
-    echo "virtio-blk inside the guest, capsule vs QEMU microvm (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; $runs runs each)"
-    printf '%-34s %26s %26s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
+    echo "virtio-blk inside the guest, capsule beside each peer (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; $runs runs each, alternating)"
+    [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"
+    printf '%-34s' "measurement (min / median / max)"
+    for vmm in $vmms; do printf ' %20s' "$vmm"; done
+    # short VMM: the ratio columns' names.
+    short() { case "$1" in firecracker) echo fc ;; cloud-hypervisor) echo ch ;; *) echo "$1" ;; esac; }
+    for vmm in $vmms; do [[ $vmm == capsule ]] || printf ' %7s' "c/$(short "$vmm")"; done
+    echo
     row() { # LABEL JOB FIELD DIVISOR
-        local c q ratio
-        read -r -a c <<<"$(sed -n "s/^bench-blk: capsule $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
-            awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
-        read -r -a q <<<"$(sed -n "s/^bench-blk: qemu $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
-            awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
-        ratio="$(awk -v a="${c[1]}" -v b="${q[1]}" 'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else print "-" }')"
-        printf '%-34s %26s %26s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${q[0]} / ${q[1]} / ${q[2]}" "$ratio"
+        local x cm="" c=() i=0
+        printf '%-34s' "$1"
+        for vmm in $vmms; do
+            read -r -a x <<<"$(sed -n "s/^bench-blk: $vmm $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
+                awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
+            [[ $vmm == capsule ]] && cm="${x[1]}"
+            c+=("${x[1]}")
+            printf ' %20s' "${x[0]} / ${x[1]} / ${x[2]}"
+        done
+        for vmm in $vmms; do
+            [[ $vmm == capsule ]] || printf ' %7s' "$(awk -v a="$cm" -v b="${c[$i]}" \
+                'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else print "-" }')"
+            i=$((i + 1))
+        done
+        echo
     }
     row "sequential write, MiB/s (1 MiB)" seqwrite write_kibps 1024
     row "sequential read, MiB/s (1 MiB)" seqread read_kibps 1024

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# resources/bench-boot.sh: boot time and memory overhead, capsule beside QEMU.
+# resources/bench-boot.sh: boot time and memory overhead, capsule beside
+# QEMU, Firecracker and Cloud Hypervisor.
 #
 # Boots the same guest (capsule's test kernel and busybox initramfs, 1 vCPU,
 # 128 MiB, the same command line) BENCH_RUNS times with each VMM,
 # alternating, and prints one table with min / median / max per VMM and the
-# capsule/QEMU ratio of the medians:
+# ratio of capsule's median to each peer's:
 #
 #   - process start -> guest userspace: from just before the VMM is started
 #     to the guest init's ready line on the VMM's stdout (measured the same
@@ -13,8 +14,10 @@
 #     init): wall ms since capsule's main() and the process's CPU ms;
 #   - resident memory of the VMM process, excluding the guest RAM mapping,
 #     read from /proc/PID/smaps once the guest is in userspace;
-#   - capsule only: start -> its API socket answers `GET /` (curl, polled),
-#     and main() -> API ready from capsule's own log;
+#   - start -> the API socket answers (curl, polled; capsule and
+#     Firecracker `GET /`, Cloud Hypervisor `GET /api/v1/vmm.ping`, each
+#     VMM started with only its API socket), and capsule's main() -> API
+#     ready from its own log;
 #   - the cost of confinement: capsule as always (seccomp filters and
 #     Landlock) beside `capsule-open` (--no-seccomp --no-landlock) and
 #     `capsule-jail` (the default plus --jail, as root), same runs,
@@ -22,13 +25,27 @@
 #     VMM's, so it is not compared.
 #
 # QEMU is Debian's qemu-system-x86_64 with `-M microvm` (qboot firmware),
-# KVM, `-cpu host`, no default devices: the closest QEMU to capsule. In
+# KVM, `-cpu host`, no default devices: the closest QEMU to capsule.
+# Firecracker and Cloud Hypervisor are the unmodified builds of
+# capsule_anchors_dir (resources/lib.sh); where they are absent their
+# columns are left out with a note. Each is started the way its own
+# documentation recommends for speed: Firecracker with `--no-api
+# --config-file` (and `--no-seccomp`: the build has no filter), Cloud
+# Hypervisor from its command line. Firecracker boots only an ELF vmlinux,
+# so capsule, Firecracker and Cloud Hypervisor all boot the build's
+# vmlinux; QEMU's microvm boots the bzImage of the same build. In
 # nested mode (resources/harness/mode.sh) both run inside the TCG L1 guest:
 # absolute times there are inflated many times; only the ratios mean
 # something. This is a benchmark: it prints numbers and never fails on one.
 #
 # Usage: resources/bench-boot.sh
-# Env:   BENCH_RUNS (default 10), CAPSULE_HARNESS=direct|nested
+# Env:   BENCH_RUNS (default 10), CAPSULE_HARNESS=direct|nested,
+#        BENCH_RESULTS (a file the runs' lines are appended to and the
+#        tables are computed from: several invocations make one table),
+#        CAPSULE_ANCHORS (where the Firecracker / Cloud Hypervisor builds are),
+#        BENCH_EXITS=1 (L1's KVM exits per boot by reason, from its kvm
+#        tracepoints; nested mode; separate from the timed table's runs,
+#        as tracing costs time)
 # stdout: the table; progress on stderr.
 set -euo pipefail
 
@@ -40,11 +57,52 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
-# Env: CAPSULE QEMU QEMU_FW DATE CURL BZIMAGE INITRD BENCH_RUNS WORK
+# Env: CAPSULE QEMU QEMU_FW DATE CURL BZIMAGE VMLINUX INITRD BENCH_RUNS WORK
+#      PEERS (names of the reference VMMs present) TOOLS (where they are)
 set -u
 CMDLINE="console=ttyS0 reboot=k panic=1 quiet"
 MEM_MIB=128
+FC="$TOOLS/firecracker" CH="$TOOLS/cloud-hypervisor"
+cat >"$WORK/fc.json" <<EOF
+{
+  "boot-source": {
+    "kernel_image_path": "$VMLINUX",
+    "initrd_path": "$INITRD",
+    "boot_args": "$CMDLINE"
+  },
+  "machine-config": { "vcpu_count": 1, "mem_size_mib": $MEM_MIB },
+  "drives": []
+}
+EOF
 now_ns() { "$DATE" +%s%N; }
+
+# With BENCH_EXITS=1, L1's kvm tracepoints count each boot's exits, from
+# process start to the ready line: kvm_exit by exit code (hex, SVM codes:
+# 0x400 nested page fault, 0x7b I/O, 0x7c MSR, 0x78 HLT, 0x60 interrupt,
+# 0x72 CPUID, 0x64 VINTR) and kvm_userspace_exit by reason (2 I/O, 6 MMIO)
+# through histogram triggers, printed as "bench-boot: exits VMM ..." lines.
+TR=/sys/kernel/tracing
+EXIT_EVENTS="kvm_exit:exit_reason kvm_userspace_exit:reason"
+exits_arm() {
+    [ -n "${BENCH_EXITS:-}" ] || return 0
+    [ -d "$TR/events" ] || mount -t tracefs nodev "$TR" 2>/dev/null
+    for ev in $EXIT_EVENTS; do
+        echo "hist:keys=${ev#*:}.hex:vals=hitcount:size=256" >"$TR/events/kvm/${ev%%:*}/trigger" ||
+            echo "bench-boot: error exits: no histogram trigger on ${ev%%:*}"
+    done
+}
+# exits_report VMM: the counts since exits_arm, then the triggers removed.
+exits_report() {
+    [ -n "${BENCH_EXITS:-}" ] || return 0
+    for ev in $EXIT_EVENTS; do
+        h="$TR/events/kvm/${ev%%:*}/hist"
+        [ -r "$h" ] || continue
+        echo "bench-boot: exits $1 ${ev%%:*} $(awk -v f="${ev#*:}:" '/hitcount:/ { for (i = 1; i <= NF; i++) {
+            if ($i == f) k = $(i + 1); if ($i == "hitcount:") { v = $(i + 1); t += v; printf "%s=%s ", k, v } } }
+            END { printf "total=%d", t }' "$h")"
+        echo "!hist:keys=${ev#*:}.hex:vals=hitcount:size=256" >"$TR/events/kvm/${ev%%:*}/trigger"
+    done
+}
 
 # rss_kib PID: resident KiB of PID outside mappings as large as guest RAM.
 rss_kib() {
@@ -60,21 +118,34 @@ one() {
     out="$WORK/$vmm.out" err="$WORK/$vmm.err"
     rm -f "$out" "$err" "$WORK/fifo"
     mkfifo "$WORK/fifo"
+    exits_arm
     t0=$(now_ns)
     open=""
     [ "$vmm" = capsule-open ] && open="--no-seccomp --no-landlock"
     [ "$vmm" = capsule-jail ] && open="--jail --chroot-base $WORK/jail --id bench"
-    if [ "$vmm" != qemu ]; then
+    case "$vmm" in
+    capsule*)
         # shellcheck disable=SC2086 # $open is two words or none
-        CAPSULE_LOG=info "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
+        CAPSULE_LOG=info "$CAPSULE" run --kernel "$VMLINUX" --initrd "$INITRD" \
             --cpus 1 --memory ${MEM_MIB}M --cmdline "$CMDLINE" $open \
             </dev/null >"$WORK/fifo" 2>"$err" &
-    else
+        ;;
+    firecracker)
+        "$FC" --no-api --no-seccomp --config-file "$WORK/fc.json" \
+            </dev/null >"$WORK/fifo" 2>"$err" &
+        ;;
+    cloud-hypervisor)
+        "$CH" --kernel "$VMLINUX" --initramfs "$INITRD" --cmdline "$CMDLINE" \
+            --cpus boot=1 --memory size=${MEM_MIB}M --serial tty --console off \
+            </dev/null >"$WORK/fifo" 2>"$err" &
+        ;;
+    *)
         "$QEMU" -M microvm -accel kvm -cpu host -m ${MEM_MIB}M -smp 1 \
             -nodefaults -no-user-config -display none -no-reboot -L "$QEMU_FW" \
             -serial stdio -kernel "$BZIMAGE" -initrd "$INITRD" -append "$CMDLINE" \
             </dev/null >"$WORK/fifo" 2>"$err" &
-    fi
+        ;;
+    esac
     pid=$!
     # The console stays open (and drained) until the VMM is gone: a VMM
     # must not die of a closed stdout before it is measured.
@@ -84,6 +155,7 @@ one() {
         case "$line" in
         *"capsule-guest: ready"*)
             t1=$(now_ns)
+            exits_report "$vmm"
             break
             ;;
         esac
@@ -91,6 +163,7 @@ one() {
     cat <&4 >"$out" &
     drain=$!
     if [ -z "$t1" ]; then
+        exits_report "$vmm" >/dev/null
         echo "bench-boot: error $vmm: no ready line; stderr: $(tail -n 3 "$err" | tr '\n' ' ')"
         kill "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null
@@ -105,7 +178,7 @@ one() {
     exec 4<&-
     wait "$drain" 2>/dev/null
     line="bench-boot: $vmm ready_ms=$(((t1 - t0) / 1000000)) rss_kib=$rss"
-    if [ "$vmm" != qemu ]; then
+    if [ "${vmm#capsule}" != "$vmm" ]; then
         m=$(sed -n 's/.*boot marker 1: \([0-9.]*\) ms since capsule started, \([0-9.]*\) ms CPU.*/marker_ms=\1 marker_cpu_ms=\2/p' "$err")
         line="$line ${m:-marker_ms=- marker_cpu_ms=-}"
         v=$(sed -n 's/.*VM started: .*, \([0-9.]*\) ms after capsule started.*/vm_started_ms=\1/p' "$err")
@@ -114,20 +187,28 @@ one() {
     echo "$line"
 }
 
-# api: start capsule with an API socket and nothing else; time until a
-# `GET /` over the socket is answered (curl, polled), and capsule's own
-# "API ready" log line.
+# api VMM: start VMM with an API socket and nothing else; time until the
+# socket answers (curl, polled), and for capsule its own "API ready" log
+# line.
 api() {
     sock="$WORK/api.sock"
     rm -f "$sock"
+    url=http://localhost/
     t0=$(now_ns)
-    CAPSULE_LOG=info "$CAPSULE" run --api-sock "$sock" </dev/null >/dev/null 2>"$WORK/api.err" &
+    case "$1" in
+    capsule) CAPSULE_LOG=info "$CAPSULE" run --api-sock "$sock" </dev/null >/dev/null 2>"$WORK/api.err" & ;;
+    firecracker) "$FC" --no-seccomp --api-sock "$sock" </dev/null >/dev/null 2>"$WORK/api.err" & ;;
+    cloud-hypervisor)
+        url=http://localhost/api/v1/vmm.ping
+        "$CH" --api-socket path="$sock" </dev/null >/dev/null 2>"$WORK/api.err" &
+        ;;
+    esac
     pid=$!
     t1=""
     n=0
     while [ "$n" -lt 2000 ]; do
         n=$((n + 1))
-        if "$CURL" -sf --unix-socket "$sock" http://localhost/ >/dev/null 2>&1; then
+        if "$CURL" -sf --unix-socket "$sock" "$url" >/dev/null 2>&1; then
             t1=$(now_ns)
             break
         fi
@@ -135,11 +216,12 @@ api() {
     kill "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
     if [ -z "$t1" ]; then
-        echo "bench-boot: error api: no answer on $sock; stderr: $(tail -n 3 "$WORK/api.err" | tr '\n' ' ')"
+        echo "bench-boot: error api $1: no answer on $sock; stderr: $(tail -n 3 "$WORK/api.err" | tr '\n' ' ')"
         return
     fi
-    l=$(sed -n 's/.*API ready on .*, \([0-9.]*\) ms after capsule started.*/api_log_ms=\1/p' "$WORK/api.err")
-    echo "bench-boot: capsule api_ms=$(((t1 - t0) / 1000000)) ${l:-api_log_ms=-}"
+    l=""
+    [ "$1" = capsule ] && l=$(sed -n 's/.*API ready on .*, \([0-9.]*\) ms after capsule started.*/api_log_ms=\1/p' "$WORK/api.err")
+    echo "bench-boot: $1 api_ms=$(((t1 - t0) / 1000000)) ${l:-api_log_ms=-}"
 }
 
 i=0
@@ -147,9 +229,11 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     one capsule
     one qemu
+    for p in $PEERS; do one "$p"; done
     one capsule-open
     one capsule-jail
-    api
+    api capsule
+    for p in $PEERS; do api "$p"; done
 done
 RUNNER
     chmod 755 "$1"
@@ -169,6 +253,7 @@ main() {
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-boot.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
     copy_tools "$work/tools" qemu-system-x86_64 date curl
+    peers="$(copy_peers "$work/tools")"
     copy_qemu_firmware "$work/qemu-fw"
     write_runner "$work/bench-run.sh"
 
@@ -178,6 +263,7 @@ main() {
         mkdir -p "$work/run"
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
             DATE="$work/tools/date" CURL="$work/tools/curl" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
+            VMLINUX="$kdir/vmlinux" PEERS="$peers" TOOLS="$work/tools" \
             BENCH_RUNS="$runs" WORK="$work/run" sh "$work/bench-run.sh" | tee "$results" >&2
     else
         cat >"$work/bench-l1.sh" <<EOF
@@ -185,36 +271,58 @@ main() {
 mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATE=/capsule/tools/date CURL=/capsule/tools/curl BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
+export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools BENCH_EXITS='${BENCH_EXITS:-}'
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh
 EOF
-        export CAPSULE_L1_TIMEOUT=$((300 + runs * 120))
+        export CAPSULE_L1_TIMEOUT=$((300 + runs * 150))
         run_in_l1_retrying "$results" \
-            "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$initrd" "$work/tools" \
+            "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$work/tools" \
             "$work/qemu-fw" "$work/bench-run.sh"
     fi
     grep '^bench-boot: error' "$results" >&2 || true
+    if [[ -n "${BENCH_RESULTS:-}" ]]; then
+        grep '^bench-boot: ' "$results" >>"$BENCH_RESULTS" || true
+        results="$BENCH_RESULTS"
+        runs="$(grep -c '^bench-boot: capsule ready_ms=' "$results" || true)"
+    fi
 
     # value VMM KEY: the KEY values of VMM's runs, one a line.
     value() {
         sed -n "s/^bench-boot: $1 .*$2=\([0-9.]*\).*/\1/p" "$results"
     }
+    local vmms="capsule qemu $peers" vmm
     echo
-    echo "Boot, capsule vs QEMU microvm (1 vCPU, 128 MiB, same kernel/initramfs/cmdline; mode=$mode; $runs runs each)"
-    printf '%-44s %26s %26s %8s\n' "measurement (min / median / max)" "capsule" "qemu" "ratio"
+    echo "Boot, capsule beside each peer (1 vCPU, 128 MiB, same initramfs/cmdline; vmlinux, QEMU bzImage; mode=$mode; $runs runs each, alternating)"
+    [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"
+    printf '%-42s' "measurement (min / median / max)"
+    for vmm in $vmms; do printf ' %25s' "$vmm"; done
+    # short VMM: the ratio columns' names.
+    short() { case "$1" in firecracker) echo fc ;; cloud-hypervisor) echo ch ;; *) echo "$1" ;; esac; }
+    for vmm in $vmms; do [[ $vmm == capsule ]] || printf ' %7s' "c/$(short "$vmm")"; done
+    echo
+    # ratio A B: A / B, 2 decimals, or "-".
+    ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else print "-" }'; }
     row() { # LABEL KEY DIVISOR
-        local c q cm qm ratio
-        read -r -a c <<<"$(value capsule "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
-        read -r -a q <<<"$(value qemu "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
-        cm="${c[1]}" qm="${q[1]}"
-        ratio="-"
-        if [[ "$cm" != - && "$qm" != - ]]; then
-            ratio="$(awk -v a="$cm" -v b="$qm" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')"
-        fi
-        printf '%-44s %26s %26s %8s\n' "$1" "${c[0]} / ${c[1]} / ${c[2]}" "${q[0]} / ${q[1]} / ${q[2]}" "$ratio"
+        local c x cm
+        printf '%-42s' "$1"
+        for vmm in $vmms; do
+            read -r -a x <<<"$(value "$vmm" "$2" | awk -v d="$3" '{ print $1 / d }' | min_median_max %.1f)"
+            [[ $vmm == capsule ]] && cm="${x[1]}"
+            printf ' %25s' "${x[0]} / ${x[1]} / ${x[2]}"
+            c+=" ${x[1]}"
+        done
+        read -r -a c <<<"$c"
+        local i=0
+        for vmm in $vmms; do
+            [[ $vmm == capsule ]] || printf ' %7s' "$(ratio "$cm" "${c[$i]}")"
+            i=$((i + 1))
+        done
+        echo
     }
     row "process start -> guest userspace, ms" ready_ms 1
     row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024
+    row "start -> API socket answers, ms" api_ms 1
     local m cpu
     read -r -a m <<<"$(value capsule marker_ms | min_median_max %.1f)"
     read -r -a cpu <<<"$(value capsule marker_cpu_ms | min_median_max %.1f)"
@@ -223,12 +331,33 @@ EOF
     printf '%-44s %26s %26s %8s\n' "capsule: process start -> vCPUs running, ms" "${v[0]} / ${v[1]} / ${v[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule boot marker: wall ms" "${m[0]} / ${m[1]} / ${m[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule boot marker: process CPU ms" "${cpu[0]} / ${cpu[1]} / ${cpu[2]}" "n/a" "-"
-    local a al
-    read -r -a a <<<"$(value capsule api_ms | min_median_max %.1f)"
+    local al
     read -r -a al <<<"$(value capsule api_log_ms | min_median_max %.1f)"
-    printf '%-44s %26s %26s %8s\n' "capsule: start -> API answers GET /, ms" "${a[0]} / ${a[1]} / ${a[2]}" "n/a" "-"
     printf '%-44s %26s %26s %8s\n' "capsule: main() -> API ready (its log), ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
 
+    if grep -q '^bench-boot: exits ' "$results"; then
+        echo
+        echo "L1 KVM exits from process start to the ready line, median per boot (BENCH_EXITS=1; SVM exit codes, userspace reasons: 2 I/O, 6 MMIO)"
+        for vmm in $vmms; do
+            for ev in kvm_exit kvm_userspace_exit; do
+                sed -n "s/^bench-boot: exits $vmm $ev //p" "$results" | awk -v v="$vmm" -v e="$ev" '
+                    { n++; for (i = 1; i <= NF; i++) { split($i, kv, "="); val[kv[1], n] = kv[2]; keys[kv[1]] = 1 } }
+                    END {
+                        if (!n) exit
+                        line = sprintf("%-18s %-20s", v, e)
+                        for (k in keys) {
+                            m = 0; delete a
+                            for (j = 1; j <= n; j++) a[j] = val[k, j] + 0
+                            # median by insertion sort (a handful of runs)
+                            for (x = 2; x <= n; x++) { y = a[x]; z = x - 1; while (z > 0 && a[z] > y) { a[z + 1] = a[z]; z-- } a[z + 1] = y }
+                            m = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+                            line = line sprintf(" %s=%d", k, m)
+                        }
+                        print line
+                    }'
+            done
+        done
+    fi
     echo
     echo "Confinement: capsule (seccomp + Landlock, the default) vs --no-seccomp --no-landlock vs --jail (same runs)"
     printf '%-40s %22s %22s %22s %6s %6s\n' "measurement (min / median / max)" "default" "open" "jailed" "d/o" "j/o"

@@ -1,11 +1,14 @@
 #!/bin/sh
-# resources/bench-net-guest.sh: TCP throughput over TAP, capsule vs QEMU.
+# resources/bench-net-guest.sh: TCP throughput over TAP, capsule beside
+# QEMU, Firecracker and Cloud Hypervisor.
 #
 # Runs on the machine with /dev/kvm (inside L1, or directly on a host with
 # hardware KVM), as root, POSIX sh with busybox tools. Each run boots a
 # fresh test guest with one virtio-net device on a TAP device (both over
 # virtio-mmio; QEMU: -M microvm, virtio-net-device, userspace backend,
-# vhost=off), streams BENCH_MIB MiB of zeroes with busybox nc guest→host
+# vhost=off; Firecracker: --no-api --config-file, virtio-mmio; Cloud
+# Hypervisor: its command line, virtio-net over virtio-pci; the peers boot
+# the build's vmlinux, Firecracker taking no bzImage), streams BENCH_MIB MiB of zeroes with busybox nc guest→host
 # and then host→guest (the receiver counts and times them) and powers the
 # guest off. The VMMs take turns, one run each per round. Prints one
 # `bench-net: VMM DIRECTION BYTES SECONDS` line per complete transfer;
@@ -14,11 +17,13 @@
 #
 # Env: CAPSULE BZIMAGE INITRD (required), QEMU (a qemu-system-x86_64 command,
 #      optional), QEMU_FIRMWARE (its -L directory), BENCH_MIB (default 64),
-#      BENCH_RUNS (runs per VMM, default 10; BENCH_RUNS_capsule and
-#      BENCH_RUNS_qemu override it per VMM), BENCH_CPUS (guest vCPUs,
+#      BENCH_RUNS (runs per VMM, default 10; BENCH_RUNS_capsule,
+#      BENCH_RUNS_qemu, ... override it per VMM, '-' written '_'), BENCH_CPUS (guest vCPUs,
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
-#      BENCH_VMMS (default "capsule qemu")
+#      BENCH_VMMS (default "capsule qemu"; also firecracker,
+#      cloud-hypervisor), FC and CH (those VMMs' commands), VMLINUX (the
+#      vmlinux of BZIMAGE's build, for them)
 set -u
 # A VMM that ended early must not end this script with SIGPIPE when the
 # next line is typed to it.
@@ -159,8 +164,13 @@ start_vmm() {
 }
 
 # stop_vmm: power the guest off (kill the VMM after 30 s) and reap it.
+# Firecracker has no ACPI: its guest ends through the i8042 reset.
 stop_vmm() {
-    echo 'poweroff -f' >&3
+    if [ "$_vmm" = firecracker ]; then
+        echo 'reboot -f' >&3
+    else
+        echo 'poweroff -f' >&3
+    fi
     _i=0
     while kill -0 "$_pid" 2>/dev/null && [ $_i -lt 30 ]; do
         sleep 1
@@ -263,6 +273,24 @@ run_vmm() {
             -netdev tap,id=n0,ifname=qemub0,script=no,downscript=no,vhost=off \
             -device virtio-net-device,netdev=n0
         ;;
+    firecracker)
+        cat >"$WORK/fc.json" <<EOF
+{
+  "boot-source": { "kernel_image_path": "$VMLINUX", "initrd_path": "$INITRD", "boot_args": "$CMDLINE" },
+  "machine-config": { "vcpu_count": $CPUS, "mem_size_mib": 512 },
+  "network-interfaces": [ { "iface_id": "eth0", "host_dev_name": "fcb0" } ],
+  "drives": []
+}
+EOF
+        measure firecracker fcb0 "$FC" --no-api --no-seccomp --config-file "$WORK/fc.json"
+        ;;
+    cloud-hypervisor)
+        # The TAP exists (tap_up) with the host's address; the same given
+        # here, or Cloud Hypervisor would set its own default on it.
+        measure cloud-hypervisor chb0 "$CH" --kernel "$VMLINUX" --initramfs "$INITRD" \
+            --cmdline "$CMDLINE" --cpus boot="$CPUS" --memory size=512M \
+            --serial tty --console off --net tap=chb0,ip=10.9.0.1,mask=255.255.255.0
+        ;;
     esac
 }
 
@@ -286,13 +314,14 @@ while :; do
     round=$((round + 1))
     busy=""
     for vmm in $VMMS; do
-        case "$vmm" in capsule | qemu) ;; *)
-            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, qemu)"
+        case "$vmm" in capsule | qemu | firecracker | cloud-hypervisor) ;; *)
+            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, qemu, firecracker, cloud-hypervisor)"
             exit 2
             ;;
         esac
         left=0
-        eval "left=\${BENCH_RUNS_$vmm:-$RUNS}"
+        # BENCH_RUNS_cloud_hypervisor: '-' cannot be in a variable name.
+        eval "left=\${BENCH_RUNS_$(echo "$vmm" | tr - _):-$RUNS}"
         [ "$left" -ge "$round" ] || continue
         busy=1
         tries=1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# resources/bench-net.sh: network throughput benchmark, capsule vs QEMU.
+# resources/bench-net.sh: network throughput benchmark, capsule beside QEMU,
+# Firecracker and Cloud Hypervisor.
 #
 # Builds capsule, the guest kernel and initramfs (cached), then runs
 # resources/bench-net-guest.sh where /dev/kvm is real: directly on a host
@@ -7,7 +8,11 @@
 # qemu-system-x86_64 (and its shared libraries and microvm firmware) copied
 # in. Both VMMs boot the same guest with a virtio-net device over
 # virtio-mmio on a TAP device (QEMU: -M microvm, virtio-net-device, its
-# userspace backend, vhost=off, as capsule has no vhost); the table
+# userspace backend, vhost=off, as capsule has no vhost). Firecracker
+# (`--no-api --config-file`, virtio-mmio) and Cloud Hypervisor (command
+# line, virtio-net over virtio-pci) join when their builds are in
+# capsule_anchors_dir (resources/lib.sh), booting the same build's vmlinux;
+# otherwise their rows are left out with a note. The table
 # at the end gives TCP throughput guest→host and host→guest. Under the
 # nested harness the figures are TCG figures: compare the rows, not the
 # absolute numbers.
@@ -18,8 +23,10 @@
 #        default 1),
 #        BENCH_DETAIL=1 (TAP frame counts per transfer; capsule's traffic
 #        and exit counters),
-#        BENCH_VMMS (default "capsule qemu"),
-#        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE
+#        BENCH_VMMS (default "capsule qemu" and the peers found),
+#        BENCH_RESULTS (a file the runs' lines are appended to and the
+#        table computed from: several invocations make one table),
+#        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE, CAPSULE_ANCHORS
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
@@ -38,26 +45,30 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-net.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
 copy_tools "$work/tools" qemu-system-x86_64
+peers="$(copy_peers "$work/tools")"
 copy_qemu_firmware "$work/qemu-fw"
 
 mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}"
-vmms="${BENCH_VMMS:-capsule qemu}"
+vmms="${BENCH_VMMS:-capsule qemu $peers}"
 [[ "$mib" =~ ^[1-9][0-9]*$ ]] || die "BENCH_MIB must be a positive number of MiB"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "BENCH_CPUS must be a positive number"
-results="$work/results"
-: >"$results"
+results="${BENCH_RESULTS:-$work/results}"
+touch "$results"
+# Only this invocation's runs count toward BENCH_RUNS.
+skip_lines=$(wc -l <"$results")
 
 # count VMM: complete runs of VMM so far (one guest-to-host line per run).
 count() {
-    grep -c "^bench-net: $1 guest-to-host [0-9]" "$results" || true
+    tail -n +$((skip_lines + 1)) "$results" | grep -c "^bench-net: $1 guest-to-host [0-9]" || true
 }
 
 if [[ "$mode" == direct ]]; then
     CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
         QEMU="$work/tools/qemu-system-x86_64" QEMU_FIRMWARE="$work/qemu-fw" \
         BENCH_MIB="$mib" BENCH_RUNS="$runs" BENCH_CPUS="$cpus" BENCH_DETAIL="${BENCH_DETAIL:-}" \
-        BENCH_VMMS="$vmms" sh "$resources/bench-net-guest.sh" | tee "$results"
+        BENCH_VMMS="$vmms" VMLINUX="$kdir/vmlinux" FC="$work/tools/firecracker" CH="$work/tools/cloud-hypervisor" \
+        sh "$resources/bench-net-guest.sh" | tee -a "$results"
 else
     # The nested harness's L1 may die or hang (TCG; see docs/ARCHITECTURE.md,
     # "Testing layers"): the runs done so far are kept and a new L1 does the
@@ -68,7 +79,7 @@ else
             left=$((runs - $(count "$vmm")))
             [[ $left -gt 0 ]] || continue
             need+=" $vmm"
-            plan+=" BENCH_RUNS_$vmm=$left"
+            plan+=" BENCH_RUNS_${vmm//-/_}=$left"
         done
         [[ -n "$need" ]] || break
         log "L1 session $session:$plan"
@@ -76,13 +87,14 @@ else
 #!/bin/sh
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FIRMWARE=/capsule/qemu-fw
+export VMLINUX=/capsule/vmlinux FC=/capsule/tools/firecracker CH=/capsule/tools/cloud-hypervisor
 export BENCH_MIB='$mib' BENCH_RUNS='$runs' BENCH_CPUS='$cpus' BENCH_DETAIL='${BENCH_DETAIL:-}' BENCH_VMMS='$need'
 export$plan
 exec sh /capsule/bench-net-guest.sh
 EOF
         rc=0
         CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-$((300 + runs * 2 * 120))}" "$resources/harness/run-in-l1.sh" \
-            "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$initrd" "$work/tools" "$work/qemu-fw" \
+            "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$work/tools" "$work/qemu-fw" \
             "$resources/bench-net-guest.sh" "$resources/kvm-host.sh" </dev/null | sed -u 's/\r$//' |
             grep --line-buffered -E '^bench-net:|^capsule-l1:|CAPSULE-L1-EXIT' | tee -a "$results" || rc=$?
         [[ $rc -eq 0 ]] || log "L1 session $session ended with status $rc"
@@ -96,23 +108,27 @@ echo "bench-net: MB/s = 10^6 bytes/s, min / median / max over each VMM's complet
 rates() {
     grep "^bench-net: $1 $2 [0-9]" "$results" | awk '$5 > 0 { print $4 / $5 / 1e6 }' | min_median_max %.2f
 }
-printf 'bench-net: %-20s %24s %24s\n' VMM guest-to-host host-to-guest
-for vmm in capsule qemu; do
-    n=$(count "$vmm")
+[[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
+printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
+for vmm in capsule qemu firecracker cloud-hypervisor; do
+    n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
     [[ $n -gt 0 ]] || continue
     read -r -a g <<<"$(rates "$vmm" guest-to-host)"
     read -r -a h <<<"$(rates "$vmm" host-to-guest)"
-    printf 'bench-net: %-20s %24s %24s\n' "$vmm ($n runs)" "${g[0]} / ${g[1]} / ${g[2]}" "${h[0]} / ${h[1]} / ${h[2]}"
+    printf 'bench-net: %-26s %24s %24s\n' "$vmm ($n runs)" "${g[0]} / ${g[1]} / ${g[2]}" "${h[0]} / ${h[1]} / ${h[2]}"
 done
-# ratio DIRECTION: capsule/QEMU ratio of the medians.
+# ratio PEER DIRECTION: capsule/PEER ratio of the medians.
 ratio() {
     local c q
-    c=$(rates capsule "$1" | cut -d' ' -f2)
-    q=$(rates qemu "$1" | cut -d' ' -f2)
+    c=$(rates capsule "$2" | cut -d' ' -f2)
+    q=$(rates "$1" "$2" | cut -d' ' -f2)
     awk -v a="$c" -v b="$q" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else printf "-" }'
 }
-printf 'bench-net: %-20s %24s %24s\n' "capsule/qemu" "$(ratio guest-to-host)" "$(ratio host-to-guest)"
-for vmm in capsule qemu; do
+for vmm in qemu firecracker cloud-hypervisor; do
+    grep -q "^bench-net: $vmm guest-to-host [0-9]" "$results" || continue
+    printf 'bench-net: %-26s %24s %24s\n' "capsule/$vmm" "$(ratio "$vmm" guest-to-host)" "$(ratio "$vmm" host-to-guest)"
+done
+for vmm in $vmms; do
     n=$(grep -c "^bench-net: note: $vmm early-end" "$results" || true)
     [[ $n -eq 0 ]] || echo "bench-net: note: $vmm's guest ended during a run $n time(s) (a nested-harness fault; see above); those runs were repeated"
 done

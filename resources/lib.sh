@@ -153,6 +153,52 @@ EOF
     done
 }
 
+# copy_binary DIR PATH: like copy_tools for a program given by its path
+# (DIR/NAME runs it through the loader copied into DIR/lib).
+copy_binary() {
+    local dir="$1" path="$2" name lib
+    name="$(basename "$2")"
+    mkdir -p "$dir/bin" "$dir/lib"
+    cp -L "$path" "$dir/bin/$name"
+    while read -r lib; do
+        [[ -z "$lib" ]] || cp -L "$lib" "$dir/lib/"
+    done < <(ldd "$path" | awk '/=>/ { print $3 } /^\t\// { print $1 }')
+    cat >"$dir/$name" <<EOF
+#!/bin/sh
+d="\$(cd "\$(dirname "\$0")" && pwd)"
+exec "\$d/lib/ld-linux-x86-64.so.2" --library-path "\$d/lib" "\$d/bin/$name" "\$@"
+EOF
+    chmod 755 "$dir/$name"
+}
+
+# The reference VMMs for side-by-side rows (Firecracker, Cloud Hypervisor):
+# unmodified builds kept beside the clone (their README there says how they
+# were built), or where CAPSULE_ANCHORS points. A user's machine has none:
+# the benchmarks then print their tables without those columns and say so.
+capsule_anchors_dir() {
+    echo "${CAPSULE_ANCHORS:-$CAPSULE_REPO_DIR/../shared/anchors}"
+}
+
+# copy_peers DIR: copies each reference VMM found (firecracker,
+# cloud-hypervisor) into DIR like copy_tools; prints the names of those
+# copied on one line (empty if none) and logs a note for each missing one.
+copy_peers() {
+    local dir="$1" anchors peers="" p
+    anchors="$(capsule_anchors_dir)"
+    for p in firecracker cloud-hypervisor; do
+        if [[ -f "$anchors/$p/$p" && -x "$anchors/$p/$p" ]]; then
+            copy_binary "$dir" "$anchors/$p/$p"
+        elif [[ -f "$anchors/$p" && -x "$anchors/$p" ]]; then
+            copy_binary "$dir" "$anchors/$p"
+        else
+            log "note: $p not found in $anchors (set CAPSULE_ANCHORS): its column is skipped"
+            continue
+        fi
+        peers+="${peers:+ }$p"
+    done
+    echo "$peers"
+}
+
 # min_median_max FORMAT: "min median max" of the numbers on stdin, each
 # printed with the printf FORMAT (e.g. %.1f), or "- - -" if there are none.
 min_median_max() {

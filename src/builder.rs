@@ -9,11 +9,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
+use arch::GuestMemoryMmap;
 use devices::exit::ExitSignal;
 use devices::legacy::serial::{ReadableFd, SerialOut};
 use event_manager::{EventManager, SubscriberOps};
 use linux_loader::loader::{self};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
 use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, PasstError, Tap, TapError};
@@ -28,6 +29,7 @@ use crate::device_manager::{self, DeviceManager};
 use crate::kernel_acpi::KernelAcpi;
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
 use crate::vmm::{ExitWatcher, Subscriber, Vmm, VsockHandle, VCPU_STOP_TIMEOUT};
+use crate::vstate::dirty::DirtyLog;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
 use crate::vstate::vm::{self, Vm};
@@ -50,6 +52,9 @@ fn file_hint(what: &str, e: &std::io::Error) -> &'static str {
 #[derive(Debug, thiserror::Error)]
 #[allow(clippy::large_enum_variant)]
 pub enum Error {
+    /// Dirty-page tracking could not be enabled.
+    #[error(transparent)]
+    DirtyLog(#[from] crate::vstate::dirty::Error),
     /// A user-supplied file could not be opened or read.
     #[error("cannot read {what} {path}: {source}{hint}", hint = file_hint(.what, .source))]
     File {
@@ -274,12 +279,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
 
     let unsupported = if !extras.devices.is_empty() {
         Some("capsule exec's devices have no saved state")
-    } else if config.vsock.is_some() {
-        Some("the vsock device has no saved state yet")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
-    } else if config.entropy.is_some() {
-        Some("the entropy device has no saved state yet")
     } else {
         None
     };
@@ -294,12 +295,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     }
     let disks = devices.add_disks(&config.disks)?;
     let nets = devices.add_nets(&config.nets)?;
-    if let Some(limits) = config.entropy {
-        let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
-            .and_then(devices::virtio::rng::Rng::with_limiter)
-            .map_err(Error::Entropy)?;
-        devices.add_virtio(Arc::new(Mutex::new(rng)))?;
-    }
+    devices.add_entropy(config.entropy)?;
     if let Some(binary) = &virtiofsd {
         devices.add_shares(&config.fs, binary)?;
     }
@@ -326,6 +322,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
             disks,
             nets,
             paused: false,
+            track_dirty: None,
         },
     )
 }
@@ -365,6 +362,9 @@ pub(crate) struct Parts {
     pub(crate) nets: Vec<Arc<Mutex<Net>>>,
     /// Start with every vCPU parked (a restore without `resume_vm`).
     pub(crate) paused: bool,
+    /// Track dirty pages (for Diff snapshots): `Some(base)`, `base` the
+    /// id of the Full snapshot the VM's memory is a copy of, if any.
+    pub(crate) track_dirty: Option<Option<u64>>,
 }
 
 /// The parts of a VM made before its devices (the event loop and the exit
@@ -449,6 +449,14 @@ impl Started {
         let watch_halt = io.halt.is_some();
         // Setup is over: from here on capsule reaches only the files the VM
         // was configured with (the vCPU threads inherit this).
+        let dirty = match parts.track_dirty {
+            Some(base) => {
+                let mut log = DirtyLog::enable(vm.fd(), ram.memory())?;
+                log.base = base;
+                Some(log)
+            }
+            None => None,
+        };
         crate::landlock::restrict(&persist.config)?;
         let handles = start_vcpus(vcpus, &io, &mut ram)?;
         log::info!(
@@ -471,6 +479,7 @@ impl Started {
             watch_halt,
             disks: parts.disks,
             nets: parts.nets,
+            dirty,
         };
         // The main thread's own filter, after it started every thread it
         // starts (a thread inherits its parent's filter). On failure the VM
@@ -573,9 +582,24 @@ impl Devices<'_> {
         Ok(out)
     }
 
+    /// The virtio-rng device, if the VM has one (its state is the
+    /// transport's: queues and features; the rate limiter starts full).
+    pub(crate) fn add_entropy(
+        &mut self,
+        limits: Option<devices::rate_limiter::Limits>,
+    ) -> Result<()> {
+        if let Some(limits) = limits {
+            let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
+                .and_then(devices::virtio::rng::Rng::with_limiter)
+                .map_err(Error::Entropy)?;
+            self.add_virtio(Arc::new(Mutex::new(rng)))?;
+        }
+        Ok(())
+    }
+
     /// The virtio-vsock device: its socket is bound (0600, never
     /// replacing anything but a stale socket) before the device exists.
-    fn add_vsock(&mut self, v: &VsockConfig) -> Result<VsockHandle> {
+    pub(crate) fn add_vsock(&mut self, v: &VsockConfig) -> Result<VsockHandle> {
         let (listener, file) =
             crate::unixsock::bind(&v.uds_path).map_err(|why| Error::VsockSocket {
                 path: v.uds_path.clone(),

@@ -6,6 +6,7 @@
 //! (COM1, i8042, ACPI power management, pvpanic) sit at the fixed
 //! addresses that `arch::layout` and the firmware tables announce.
 
+use arch::GuestMemoryMmap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -21,7 +22,6 @@ use devices::pvpanic::PvPanic;
 use arch::acpi::MmioDevice;
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::VirtioDevice;
-use vm_memory::GuestMemoryMmap;
 
 use crate::vstate::vm::{self, Vm};
 

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use arch::acpi::MmioDevice;
 use arch::layout;
+use arch::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::builder::{Error, Result};
 

@@ -119,6 +119,12 @@ struct SnapshotArgs {
     /// Kill the VM once the snapshot is written instead of resuming it.
     #[arg(long)]
     stop: bool,
+    /// Write only the pages written since the VM's last Full snapshot (or
+    /// since it was restored from one): a Diff snapshot, restored with
+    /// `run --restore DIR --base FULL_DIR`. The VM must track dirty pages
+    /// (`run --restore ... --track-dirty-pages`).
+    #[arg(long)]
+    diff: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -236,6 +242,11 @@ struct ExecArgs {
     /// the default working directory). Needs virtiofsd.
     #[arg(long, conflicts_with = "rootfs")]
     host_root: bool,
+    /// The command's root is DIR, shared live and read-write over
+    /// virtio-fs (nothing copied; what the command writes is in DIR at
+    /// once). Needs virtiofsd. The containerd shim runs containers so.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["rootfs", "disk", "host_root"])]
+    fs_root: Option<PathBuf>,
     /// Load kernel modules from this /lib/modules/RELEASE tree first
     /// (virtio_mmio, virtio_console, virtio_blk, vsock, virtiofs, overlay,
     /// ext4 and their dependencies; what the kernel builds in is skipped).
@@ -341,6 +352,7 @@ fn exec_config(
         rootfs: args.rootfs,
         shares: args.shares,
         host_root: args.host_root,
+        fs_root: args.fs_root,
         modules: args.modules,
         env,
         workdir: args.workdir,
@@ -402,6 +414,13 @@ struct RunArgs {
     /// --disk, if given, replace the snapshot's devices one for one.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config_file", "initrd", "cmdline", "cpus", "memory"])]
     restore: Option<PathBuf>,
+    /// With --restore of a Diff snapshot: the Full snapshot it applies to.
+    #[arg(long, value_name = "DIR", requires = "restore")]
+    base: Option<PathBuf>,
+    /// With --restore: log the pages the VM writes, so that `capsule
+    /// snapshot --diff` can save only those.
+    #[arg(long, requires = "restore")]
+    track_dirty_pages: bool,
     /// Serve the Firecracker-compatible API on this Unix socket. Without
     /// --kernel or --config-file the VM waits for API calls
     /// (InstanceStart) to boot.
@@ -552,6 +571,13 @@ impl RunArgs {
             tap_overrides: Vec::new(),
             nets: (!self.nets.is_empty()).then(|| self.nets.clone()),
             disks: (!self.disks.is_empty()).then(|| self.disks.clone()),
+            base: self
+                .base
+                .as_ref()
+                .map(|b| (snapverbs::state_path(b), snapverbs::memory_path(b))),
+            track_dirty: self.track_dirty_pages,
+            vsock: self.vsock.clone(),
+            vsock_uds: None,
         })
     }
 }
@@ -728,7 +754,7 @@ fn main() -> ExitCode {
         Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
         Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
         Command::Snapshot(a) => {
-            return ExitCode::from(snapverbs::snapshot(&a.name, &a.dir, a.stop))
+            return ExitCode::from(snapverbs::snapshot(&a.name, &a.dir, a.stop, a.diff))
         }
         Command::Clone(a) => {
             let extra: Vec<String> = a

@@ -28,9 +28,10 @@ pub fn memory_path(dir: &Path) -> PathBuf {
     dir.join("memory")
 }
 
-/// `snapshot NAME DIR [--stop]`: pauses the VM, writes the snapshot into
-/// DIR (created if missing), then resumes it, or with `stop` kills it.
-pub fn snapshot(name: &str, dir: &Path, stop: bool) -> u8 {
+/// `snapshot NAME DIR [--stop] [--diff]`: pauses the VM, writes the
+/// snapshot (Full, or Diff with `diff`) into DIR (created if missing),
+/// then resumes it, or with `stop` kills it.
+pub fn snapshot(name: &str, dir: &Path, stop: bool, diff: bool) -> u8 {
     let e = match find(name) {
         Ok(e) => e,
         Err(c) => return c,
@@ -56,7 +57,7 @@ pub fn snapshot(name: &str, dir: &Path, stop: bool) -> u8 {
         return err(format!("cannot pause '{name}': {m}"));
     }
     let body = serde_json::json!({
-        "snapshot_type": "Full",
+        "snapshot_type": if diff { "Diff" } else { "Full" },
         "snapshot_path": state_path(&dir),
         "mem_file_path": memory_path(&dir),
     })

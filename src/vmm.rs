@@ -54,6 +54,9 @@ pub struct Vmm {
     /// The virtio-net devices, in the guest's order (eth0, eth1, ...).
     pub(crate) nets: Vec<Arc<Mutex<devices::virtio::net::Net>>>,
     pub(crate) vsock: Option<VsockHandle>,
+    /// The pages written since the last Full snapshot, when the VM
+    /// tracks them (for Diff snapshots).
+    pub(crate) dirty: Option<crate::vstate::dirty::DirtyLog>,
 }
 
 /// The vsock device of a VM and its host socket file (removed when the
@@ -91,6 +94,19 @@ impl Drop for Vmm {
 }
 
 impl Vmm {
+    /// Starts logging the pages the guest and the devices write, for Diff
+    /// snapshots once a first Full one is taken (the API's
+    /// `track_dirty_pages` at boot); nothing if the VM already does.
+    pub fn track_dirty_pages(&mut self) -> std::result::Result<(), crate::vstate::dirty::Error> {
+        if self.dirty.is_none() {
+            self.dirty = Some(crate::vstate::dirty::DirtyLog::enable(
+                self._vm.fd(),
+                self.ram.memory(),
+            )?);
+        }
+        Ok(())
+    }
+
     /// Adds an event-loop subscriber to the running VM (e.g. a waker for
     /// API requests).
     pub fn add_subscriber(&mut self, sub: Subscriber) {

@@ -13,74 +13,11 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::elf;
-
-/// The guest: `bl` = 'a'; loop { out COM1, bl; bl = next letter (z wraps
-/// to a); short delay }.
-fn alphabet_guest() -> Vec<u8> {
-    let mut c = vec![0xb3, b'a']; // mov bl, 'a'
-    let top = c.len();
-    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    c.extend([0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
-    c.extend([0xfe, 0xc3]); // inc bl
-    c.extend([0x80, 0xfb, b'z' + 1, 0x75, 0x02, 0xb3, b'a']); // cmp bl, 'z'+1; jne +2; mov bl, 'a'
-    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
-    let j = c.len();
-    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
-    elf(&c)
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("snapshot-tests");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
-
-fn capsule(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run capsule")
-}
-
-fn ok(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn logs(name: &str) -> String {
-    String::from_utf8_lossy(&capsule(&["logs", name]).stdout).into_owned()
-}
-
-fn next_letter(c: char) -> char {
-    if c == 'z' {
-        'a'
-    } else {
-        (c as u8 + 1) as char
-    }
-}
-
-/// Waits until `name`'s console log has at least `n` bytes.
-fn wait_output(name: &str, n: usize) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let l = logs(name);
-        if l.len() >= n {
-            return l;
-        }
-        assert!(Instant::now() < deadline, "{name} printed only {l:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::snapshot::*;
 
 /// Boots the alphabet guest as `name`, lets it print, pauses it and
 /// snapshots it into `dir` with `--stop`; returns the last letter it
@@ -303,4 +240,238 @@ fn api_snapshot_rules() {
     assert!(body.contains("before any other configuration"), "{body}");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A VM with an entropy device (virtio-rng, from a config file) can be
+/// snapshotted; its clone has the device again (at the same place, the
+/// transport's state put back) and goes on.
+#[test]
+fn a_vm_with_an_entropy_device_is_snapshotted() {
+    let pid = std::process::id();
+    let name = format!("snaprng-{pid}");
+    let dir = tmp(&format!("rng-{pid}"));
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let cfg = tmp(&format!("{name}.json"));
+    let body = serde_json::json!({
+        "boot-source": {"kernel_image_path": kernel, "boot_args": "console=ttyS0"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "entropy": {},
+    });
+    std::fs::write(&cfg, body.to_string()).unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--config-file",
+        cfg.to_str().unwrap(),
+    ]));
+    wait_output(&name, 30);
+    ok(&capsule(&["pause", &name]));
+    let last = logs(&name).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&capsule(&[
+        "snapshot",
+        &name,
+        dir.to_str().unwrap(),
+        "--stop",
+    ]));
+    let st = state_json(&dir);
+    assert!(st["entropy"].is_object(), "{}", st["entropy"]);
+    let types: Vec<u64> = st["transports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["device_type"].as_u64().unwrap())
+        .collect();
+    assert_eq!(types, vec![4], "virtio-rng is device type 4");
+    let clone = format!("snaprngc-{pid}");
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--name",
+        &clone,
+    ]));
+    let out = wait_output(&clone, 3);
+    let _ = capsule(&["kill", &clone]);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+}
+
+/// A VM with a vsock device can be snapshotted; a clone gets the device
+/// again on the socket `--vsock` names (with a new CID), or on the saved
+/// one, and goes on. (The TRANSPORT_RESET event a restored device sends
+/// an active driver is the device's unit test: this guest has no driver.)
+#[test]
+fn a_vm_with_a_vsock_device_is_snapshotted() {
+    let pid = std::process::id();
+    let name = format!("snapvsock-{pid}");
+    let dir = tmp(&format!("vsock-{pid}"));
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let sock = tmp(&format!("v-{pid}.sock"));
+    let vsock = format!("cid=3,uds={}", sock.display());
+    let k = kernel.to_str().unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+        "--vsock",
+        &vsock,
+    ]));
+    wait_output(&name, 30);
+    ok(&capsule(&["pause", &name]));
+    let last = logs(&name).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&capsule(&[
+        "snapshot",
+        &name,
+        dir.to_str().unwrap(),
+        "--stop",
+    ]));
+    let st = state_json(&dir);
+    assert_eq!(st["vsock"]["device"]["guest_cid"], 3, "{}", st["vsock"]);
+    let d = dir.to_str().unwrap();
+    // A clone on a socket of its own, with another CID.
+    let sock2 = tmp(&format!("v2-{pid}.sock"));
+    let _ = std::fs::remove_file(&sock2);
+    let clone = format!("snapvsockc-{pid}");
+    let vsock2 = format!("cid=7,uds={}", sock2.display());
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        d,
+        "--name",
+        &clone,
+        "--vsock",
+        &vsock2,
+    ]));
+    let out = wait_output(&clone, 3);
+    assert!(
+        std::os::unix::net::UnixStream::connect(&sock2).is_ok(),
+        "no socket {sock2:?}"
+    );
+    let _ = capsule(&["kill", &clone]);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+    // A clone on the saved socket (the original's is gone with it).
+    let clone = format!("snapvsockd-{pid}");
+    ok(&capsule(&["run", "-d", "--restore", d, "--name", &clone]));
+    wait_output(&clone, 3);
+    assert!(
+        std::os::unix::net::UnixStream::connect(&sock).is_ok(),
+        "no socket {sock:?}"
+    );
+    let _ = capsule(&["kill", &clone]);
+}
+
+/// `PUT /snapshot/load` with `network_overrides`: the restored VM's
+/// network device is on the new TAP (capsule creates it), not the saved
+/// one, and the guest goes on. Needs root and /dev/net/tun (this
+/// project's hosts have both): without them it fails, loudly.
+#[test]
+fn load_with_network_overrides_uses_the_new_tap() {
+    assert!(
+        std::path::Path::new("/dev/net/tun").exists(),
+        "this test needs /dev/net/tun (and root)"
+    );
+    let pid = std::process::id();
+    let name = format!("snapnet-{pid}");
+    let dir = tmp(&format!("net-{pid}"));
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let (tap, tap2) = (
+        format!("csa{}", pid % 100_000),
+        format!("csb{}", pid % 100_000),
+    );
+    let k = kernel.to_str().unwrap();
+    let net = format!("tap={tap}");
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+        "--net",
+        &net,
+    ]));
+    wait_output(&name, 30);
+    ok(&capsule(&["pause", &name]));
+    let last = logs(&name).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    ok(&capsule(&[
+        "snapshot",
+        &name,
+        dir.to_str().unwrap(),
+        "--stop",
+    ]));
+    assert_eq!(state_json(&dir)["nets"][0]["iface_id"], "eth0");
+
+    let sock = tmp(&format!("net-{pid}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let (out, err) = (
+        tmp(&format!("net-{pid}.out")),
+        tmp(&format!("net-{pid}.err")),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--api-sock"])
+        .arg(&sock)
+        .env("CAPSULE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true,
+            "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "{tap2}"}}]}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "PUT /snapshot/load HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let on_new = std::path::Path::new("/sys/class/net").join(&tap2).exists();
+    let on_old = std::path::Path::new("/sys/class/net").join(&tap).exists();
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&err).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 204"), "{resp}\n{log}");
+    assert!(
+        on_new && !on_old,
+        "new TAP {on_new}, old TAP {on_old}\n{log}"
+    );
+    assert!(log.contains(&format!("created TAP device {tap2}")), "{log}");
+    let printed = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(
+        printed.chars().next(),
+        Some(next_letter(last)),
+        "{printed:?}"
+    );
 }

@@ -1,12 +1,10 @@
 //! The Linux zero page (`struct boot_params`) and the e820 memory map.
 
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion,
-};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{EBDA_START, HIMEM_START, ZERO_PAGE_START};
+use crate::GuestMemoryMmap;
 
 /// e820 type of usable RAM.
 pub const E820_RAM: u32 = 1;

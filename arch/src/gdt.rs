@@ -1,7 +1,8 @@
 //! The boot Global Descriptor Table used to enter 64-bit long mode.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::kvm_segment;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{BOOT_GDT_START, BOOT_IDT_START};
 
@@ -225,7 +226,7 @@ mod tests {
 
     #[test]
     fn write_tables() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         write_gdt_table(&boot_gdt(), &mem).unwrap();
         write_idt_value(0, &mem).unwrap();
         for (i, e) in boot_gdt().iter().enumerate() {
@@ -234,7 +235,7 @@ mod tests {
                 .unwrap();
             assert_eq!(v, *e);
         }
-        let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x1000), 0x1000)]).unwrap();
+        let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x1000)]).unwrap();
         assert!(write_gdt_table(&boot_gdt(), &small).is_err());
         assert!(write_idt_value(0, &small).is_err());
     }

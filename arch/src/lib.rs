@@ -26,6 +26,15 @@ pub const fn usize_from(v: u64) -> usize {
     v as usize
 }
 
+/// Guest memory as capsule maps it: vm-memory's mmap backend with a
+/// dirty-page bitmap per region. Every write the VMM's own
+/// threads make through it (device DMA, used rings) marks its pages, so
+/// a Diff snapshot can add them to the pages KVM's dirty log names for
+/// the vCPUs' writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;

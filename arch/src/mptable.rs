@@ -3,7 +3,8 @@
 
 use std::mem::size_of;
 
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
 
 use crate::layout::{
     addr32, APIC_START_32, IOAPIC_NUM_PINS, IOAPIC_START_32, MAX_VCPUS, MPTABLE_START,

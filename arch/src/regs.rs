@@ -1,9 +1,10 @@
 //! General purpose, FPU and special register setup of the boot vCPU for
 //! the Linux 64-bit boot protocol.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::gdt::{
     self, boot_gdt, kvm_segment_from_gdt, CODE_SEGMENT_INDEX, DATA_SEGMENT_INDEX, TSS_SEGMENT_INDEX,

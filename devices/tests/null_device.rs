@@ -19,10 +19,11 @@ use devices::virtio::features::{bit, VIRTIO_F_VERSION_1};
 use devices::virtio::mmio::{MmioTransport, INT_VRING};
 use devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use devices::virtio::{DeviceEvent, VirtioCommon, VirtioDevice};
+use devices::GuestMemoryMmap;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_mmio as regs;
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Not a type virtio assigns; the driver stand-in does not care.
 const NULL_DEVICE_TYPE: u32 = 0x4e;

@@ -417,13 +417,16 @@ impl HostMsg {
 /// MODE `ro` or `rw`, repeated), `live` (`1`: share `i` is the virtio-fs
 /// tag [`share_tag`]`(i)`, mounted in place, nothing copied), `hostroot`
 /// (`1`: the root is the virtio-fs tag [`HOST_ROOT_TAG`], read-only, under
-/// a tmpfs overlay), `module` (a file in [`MODULE_DIR`], repeated, in load
-/// order).
+/// a tmpfs overlay), `fsroot` (`1`: the root is the virtio-fs tag
+/// [`FS_ROOT_TAG`], read-write, nothing copied: `capsule exec --fs-root`),
+/// `module` (a file in [`MODULE_DIR`], repeated, in load order).
 pub const CONFIG_PATH: &str = "/.capsule/config";
 /// Where the init finds the kernel modules it loads first.
 pub const MODULE_DIR: &str = "/.capsule/modules";
 /// The virtio-fs tag of the host's `/` with `--host-root`.
 pub const HOST_ROOT_TAG: &str = "capsule-root";
+/// The virtio-fs tag of the command's root with `--fs-root DIR`.
+pub const FS_ROOT_TAG: &str = "capsule-fsroot";
 
 /// A static IPv4 configuration of one guest interface (`net` record:
 /// `IFACE ADDR/PREFIX GATEWAY [DNS...]`, space-separated).
@@ -511,6 +514,9 @@ pub struct ExecSpec {
     pub live: bool,
     /// The root is the host's `/` over virtio-fs with a tmpfs overlay.
     pub host_root: bool,
+    /// The root is a host directory over virtio-fs ([`FS_ROOT_TAG`]),
+    /// read-write.
+    pub fs_root: bool,
     /// Kernel modules to load first, in order (file names in [`MODULE_DIR`]).
     pub modules: Vec<Vec<u8>>,
     /// Interfaces to configure before the command runs.
@@ -550,6 +556,9 @@ impl ExecSpec {
         if self.host_root {
             rec("hostroot", b"1")?;
         }
+        if self.fs_root {
+            rec("fsroot", b"1")?;
+        }
         for m in &self.modules {
             if m.contains(&b'/') {
                 return Err("a module name contains '/'".into());
@@ -586,6 +595,7 @@ impl ExecSpec {
                 b"net" => spec.nets.push(NetSpec::parse(val)?),
                 b"live" => spec.live = val == b"1",
                 b"hostroot" => spec.host_root = val == b"1",
+                b"fsroot" => spec.fs_root = val == b"1",
                 b"module" if !val.contains(&b'/') && !val.is_empty() => {
                     spec.modules.push(val.to_vec())
                 }
@@ -753,6 +763,7 @@ mod tests {
             shares: vec![(b"/in".to_vec(), false), (b"/out:x".to_vec(), true)],
             live: true,
             host_root: true,
+            fs_root: true,
             modules: vec![b"virtio_mmio.ko".to_vec(), b"fuse.ko.xz".to_vec()],
             nets: vec![NetSpec {
                 interface: "eth0".into(),

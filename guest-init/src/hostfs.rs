@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use exec_proto::{share_tag, ExecSpec, HOST_ROOT_TAG, MODULE_DIR};
+use exec_proto::{share_tag, ExecSpec, FS_ROOT_TAG, HOST_ROOT_TAG, MODULE_DIR};
 
 use crate::sys;
 
@@ -69,6 +69,22 @@ pub fn mount_host_root() -> Result<PathBuf, String> {
     let _ = fs::create_dir_all(&tmp);
     sys::mount(Some("tmpfs"), tmp.as_bytes(), Some("tmpfs"), 0)
         .map_err(|e| format!("cannot mount /tmp on the host root: {e}"))?;
+    Ok(PathBuf::from(HOST_ROOT))
+}
+
+/// Mounts the host directory of `--fs-root` (virtio-fs, read-write) at
+/// [`HOST_ROOT`], with the guest's own /proc, /sys, /dev and /tmp on top
+/// (a container's rootfs has the directories, empty).
+pub fn mount_fs_root() -> Result<PathBuf, String> {
+    fs::create_dir_all(HOST_ROOT).map_err(|e| format!("cannot create {HOST_ROOT}: {e}"))?;
+    sys::mount(Some(FS_ROOT_TAG), HOST_ROOT.as_bytes(), Some("virtiofs"), 0)
+        .map_err(|e| format!("cannot mount the root (virtio-fs {FS_ROOT_TAG}): {e}"))?;
+    crate::mount_basics(HOST_ROOT)
+        .map_err(|e| format!("cannot mount /proc, /sys, /dev on the root: {e}"))?;
+    let tmp = format!("{HOST_ROOT}/tmp");
+    let _ = fs::create_dir_all(&tmp);
+    sys::mount(Some("tmpfs"), tmp.as_bytes(), Some("tmpfs"), 0)
+        .map_err(|e| format!("cannot mount /tmp on the root: {e}"))?;
     Ok(PathBuf::from(HOST_ROOT))
 }
 

@@ -280,6 +280,8 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
 
     let root = if spec.host_root {
         hostfs::mount_host_root()?
+    } else if spec.fs_root {
+        hostfs::mount_fs_root()?
     } else if spec.disk {
         mount_disk()?;
         PathBuf::from(DISK_ROOT)

@@ -415,7 +415,13 @@ impl Controller {
         let Some(console) = self.take_console()? else {
             return Err(VmmActionError::NoConsole);
         };
-        match builder::build(&config, console) {
+        let built = builder::build(&config, console).and_then(|mut vmm| {
+            if self.resources.track_dirty_pages() {
+                vmm.track_dirty_pages()?;
+            }
+            Ok(vmm)
+        });
+        match built {
             Ok(vmm) => {
                 self.started = Some(vmm);
                 self.state = State::Running;

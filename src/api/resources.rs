@@ -87,6 +87,11 @@ impl VmResources {
         Ok(())
     }
 
+    /// Whether the VM logs the pages it writes (for Diff snapshots).
+    pub fn track_dirty_pages(&self) -> bool {
+        self.machine.track_dirty_pages == Some(true)
+    }
+
     /// `PATCH /machine-config`: the fields given replace the current
     /// ones; the result is validated as a whole.
     pub fn patch_machine(&mut self, u: MachineConfigUpdate) -> Result<()> {
@@ -332,9 +337,6 @@ fn validate_machine(m: &MachineConfig) -> Result<()> {
     let unsupported = VmmActionError::Unsupported;
     if m.smt == Some(true) {
         return Err(unsupported("smt is not supported"));
-    }
-    if m.track_dirty_pages == Some(true) {
-        return Err(unsupported("track_dirty_pages is not supported"));
     }
     if m.cpu_template.as_deref().is_some_and(|t| t != "None") {
         return Err(unsupported("CPU templates are not supported"));

@@ -66,6 +66,14 @@ pub struct NetworkOverride {
     pub host_dev_name: String,
 }
 
+/// `vsock_override` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The vsock device's new Unix socket.
+    pub uds_path: String,
+}
+
 /// `PUT /snapshot/load`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,9 +98,9 @@ pub struct SnapshotLoadParams {
     /// New TAP devices for the snapshot's interfaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_overrides: Option<Vec<NetworkOverride>>,
-    /// A new vsock socket (capsule's snapshots have no vsock: refused).
+    /// A new host socket for the snapshot's vsock device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vsock_override: Option<serde_json::Value>,
+    pub vsock_override: Option<VsockOverride>,
     /// Advance the guest's wall clock by the time spent saved (refused:
     /// the KVM clock resumes where it stopped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,17 +132,17 @@ pub fn route(method: &str, segments: &[&str], body: &[u8]) -> Option<Result<VmmA
 /// `PUT /snapshot/create` on the paused VM `vmm`; `iface_ids` name its
 /// network devices.
 pub fn create(
-    vmm: &Vmm,
+    vmm: &mut Vmm,
     p: &SnapshotCreateParams,
     iface_ids: &[String],
 ) -> Result<VmmData, VmmActionError> {
-    if p.snapshot_type == Some(SnapshotType::Diff) {
-        return Err(VmmActionError::Unsupported(
-            "Diff snapshots are not supported by capsule yet: use snapshot_type Full",
-        ));
-    }
+    let kind = match p.snapshot_type {
+        Some(SnapshotType::Diff) => crate::snapshot::Kind::Diff,
+        _ => crate::snapshot::Kind::Full,
+    };
     crate::snapshot::create(
         vmm,
+        kind,
         &PathBuf::from(&p.snapshot_path),
         &PathBuf::from(&p.mem_file_path),
         iface_ids,
@@ -161,11 +169,6 @@ pub fn restore_config(
             ))
         }
     };
-    if p.vsock_override.is_some() {
-        return Err(VmmActionError::Unsupported(
-            "vsock_override: capsule's snapshots have no vsock device",
-        ));
-    }
     if p.clock_realtime == Some(true) {
         return Err(VmmActionError::Unsupported(
             "clock_realtime is not supported: the guest clock resumes where it stopped",
@@ -174,11 +177,6 @@ pub fn restore_config(
     if p.huge_pages.as_ref().is_some_and(|h| h != "None") {
         return Err(VmmActionError::Unsupported(
             "huge_pages: a restored VM's memory maps the memory file",
-        ));
-    }
-    if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
-        return Err(VmmActionError::Unsupported(
-            "dirty page tracking (for Diff snapshots) is not supported by capsule yet",
         ));
     }
     Ok(RestoreConfig {
@@ -194,6 +192,13 @@ pub fn restore_config(
             .collect(),
         nets: None,
         disks: None,
+        base: None,
+        vsock: None,
+        vsock_uds: p
+            .vsock_override
+            .as_ref()
+            .map(|v| PathBuf::from(&v.uds_path)),
+        track_dirty: p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true),
     })
 }
 
@@ -234,10 +239,18 @@ mod tests {
         )
         .unwrap_err()
         .contains("Uffd"));
-        assert!(load_body(
-            r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#
-        )
-        .is_err());
+        assert!(
+            load_body(r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#)
+                .unwrap()
+                .track_dirty
+        );
+        assert!(
+            load_body(
+                r#"{"snapshot_path": "s", "mem_file_path": "m", "enable_diff_snapshots": true}"#
+            )
+            .unwrap()
+            .track_dirty
+        );
         assert!(load_body(r#"{"snapshot_path": "s", "mem_file_path": "m", "bogus": 1}"#).is_err());
     }
 

@@ -35,7 +35,7 @@ pub fn build_initramfs(
         argv: config.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: config.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         cwd: config.workdir.as_bytes().to_vec(),
-        disk: !config.vm.disks.is_empty() && !config.host_root,
+        disk: !config.vm.disks.is_empty() && !config.host_root && config.fs_root.is_none(),
         shares: config
             .shares
             .iter()
@@ -43,6 +43,7 @@ pub fn build_initramfs(
             .collect(),
         live,
         host_root: config.host_root,
+        fs_root: config.fs_root.is_some(),
         modules: module_names,
         nets,
     };
@@ -128,6 +129,7 @@ mod tests {
             rootfs: None,
             shares: vec![],
             host_root: false,
+            fs_root: None,
             modules: None,
             env: vec!["A=b".into()],
             workdir: "/".into(),

@@ -148,6 +148,10 @@ pub struct ExecConfig {
     /// Boot on the host's `/` (read-only over virtio-fs, tmpfs overlay),
     /// with the current directory shared writable.
     pub host_root: bool,
+    /// The command's root: this host directory, live and writable over
+    /// virtio-fs (`--fs-root`; what the containerd shim uses for a
+    /// container's rootfs).
+    pub fs_root: Option<PathBuf>,
     /// A `/lib/modules/RELEASE` tree to load modules from.
     pub modules: Option<PathBuf>,
     /// Environment, `K=V`.
@@ -363,6 +367,27 @@ const COPY_FALLBACK: &str = "--share falls back to copying: files go in when the
 /// error; `--share` without it falls back to copying, and says so.
 fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
     use crate::config::FsConfig;
+    if let Some(dir) = &config.fs_root {
+        if config.host_root || config.rootfs.is_some() || !config.vm.disks.is_empty() {
+            return Err(Error::Usage(
+                "--fs-root excludes --host-root, --rootfs and --disk".into(),
+            ));
+        }
+        if !dir.is_dir() {
+            return Err(Error::Usage(format!(
+                "--fs-root {}: not a directory",
+                dir.display()
+            )));
+        }
+        devices::virtio::fs::daemon::find_binary()
+            .map_err(|e| Error::Vm(builder::Error::FsShare(e.into())))?;
+        config.vm.fs.push(FsConfig {
+            dir: dir.clone(),
+            tag: exec_proto::FS_ROOT_TAG.into(),
+            read_only: false,
+            submounts: true,
+        });
+    }
     if config.host_root {
         if config.rootfs.is_some() {
             return Err(Error::Usage(
@@ -386,7 +411,7 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
         }
     }
     if config.shares.is_empty() && !config.host_root {
-        return Ok(false);
+        return Ok(config.fs_root.is_some());
     }
     if let Err(e) = devices::virtio::fs::daemon::find_binary() {
         if config.host_root {
@@ -577,5 +602,65 @@ mod tests {
         assert!(":/x".parse::<Share>().is_err());
         assert!("h:relative".parse::<Share>().is_err());
         assert!("h:/a:b:ro".parse::<Share>().is_err());
+    }
+
+    fn fs_root_config(dir: &str) -> ExecConfig {
+        ExecConfig {
+            vm: VmConfig {
+                kernel: "/k".into(),
+                initrd: None,
+                initramfs: None,
+                cmdline: String::new(),
+                vcpus: 1,
+                mem_size: 256 << 20,
+                kvm_path: "/dev/kvm".into(),
+                disks: vec![],
+                nets: vec![],
+                vsock: None,
+                fs: vec![],
+                entropy: None,
+            },
+            rootfs: None,
+            shares: vec![],
+            host_root: false,
+            fs_root: Some(dir.into()),
+            modules: None,
+            env: vec![],
+            workdir: "/".into(),
+            argv: vec!["true".into()],
+            timeout: None,
+            boot_timeout: Duration::from_secs(60),
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn fs_root_is_checked_before_any_daemon_is_looked_for() {
+        let mut c = fs_root_config("/nonexistent/capsule-fs-root");
+        let e = plan_live_shares(&mut c).unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        let mut c = fs_root_config("/");
+        c.host_root = true;
+        let e = plan_live_shares(&mut c).unwrap_err().to_string();
+        assert!(e.contains("excludes"), "{e}");
+        let mut c = fs_root_config("/");
+        c.rootfs = Some("/".into());
+        assert!(plan_live_shares(&mut c).is_err());
+        assert!(c.vm.fs.is_empty());
+    }
+
+    #[test]
+    fn fs_root_is_a_read_write_virtio_fs_device() {
+        // With a virtiofsd found: the root's device, writable, under its tag.
+        let mut c = fs_root_config("/");
+        if devices::virtio::fs::daemon::find_binary().is_err() {
+            let e = plan_live_shares(&mut c).unwrap_err().to_string();
+            assert!(e.contains("virtiofsd"), "{e}");
+            return;
+        }
+        assert!(plan_live_shares(&mut c).unwrap());
+        assert_eq!(c.vm.fs.len(), 1);
+        assert_eq!(c.vm.fs[0].tag, exec_proto::FS_ROOT_TAG);
+        assert!(!c.vm.fs[0].read_only);
     }
 }

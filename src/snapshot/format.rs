@@ -24,7 +24,7 @@ use serde::Serialize;
 pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
 /// The format this capsule writes and reads. Any change to the state
 /// structures that an older capsule could not read bumps it.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the header before the payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted (the state of 254 vCPUs is a few MiB): a
@@ -223,10 +223,14 @@ mod tests {
     #[test]
     fn other_version_is_refused() {
         let (_, mut bytes) = sample();
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
         let e = decode::<State>(p(), &bytes).unwrap_err();
-        assert!(matches!(e, FormatError::Version { found: 2, .. }), "{e}");
-        assert!(e.to_string().contains("format version 2"), "{e}");
+        assert!(
+            matches!(e, FormatError::Version { found, .. } if found == FORMAT_VERSION + 1),
+            "{e}"
+        );
+        let want = format!("format version {}", FORMAT_VERSION + 1);
+        assert!(e.to_string().contains(&want), "{e}");
     }
 
     #[test]

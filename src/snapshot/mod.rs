@@ -18,9 +18,9 @@
 //! [`create`] saves a paused VM; [`restore::restore`] builds a new one.
 
 pub mod format;
+mod memfile;
 pub mod restore;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +32,6 @@ use devices::virtio::block::Block;
 use devices::virtio::mmio::persist::MmioSnapshot;
 use devices::virtio::mmio::MmioTransport;
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::config::{DiskConfig, MacAddr, NetBackendConfig, VmConfig};
 use crate::vmm::Vmm;
@@ -116,9 +115,34 @@ pub struct NetState {
     pub mac: MacAddr,
 }
 
+/// What a Diff snapshot's memory file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiffMemory {
+    /// The [`SnapshotState::id`] of the Full snapshot it applies to.
+    pub base_id: u64,
+    /// The pages it holds, as runs `(offset, length)` in bytes of the
+    /// memory file (page aligned, in order): every page written since
+    /// that Full snapshot, zero or not. The rest of the file is holes.
+    pub runs: Vec<(u64, u64)>,
+}
+
+/// Whether to write all of guest memory or only the pages written since
+/// the last Full snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// All of it.
+    Full,
+    /// The pages the VM's dirty log names (it must track them).
+    Diff,
+}
+
 /// Everything in a snapshot file.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
+    /// This snapshot's identity (a Diff names its Full base by it).
+    pub id: u64,
+    /// For a Diff snapshot, what its memory file holds; `None` for Full.
+    pub diff: Option<DiffMemory>,
     /// The capsule that wrote it (information only: the format version
     /// decides compatibility).
     pub capsule_version: String,
@@ -136,12 +160,28 @@ pub struct SnapshotState {
     pub serial: SerialSnapshot,
     /// The keyboard controller.
     pub i8042: I8042Snapshot,
-    /// Every virtio-mmio transport, in attach order (disks, then nets).
+    /// Every virtio-mmio transport, in attach order (disks, nets, entropy,
+    /// vsock).
     pub transports: Vec<MmioSnapshot>,
     /// The disks, in order.
     pub disks: Vec<DiskState>,
     /// The network devices, in order.
     pub nets: Vec<NetState>,
+    /// The virtio-rng device's limits, if the VM has one (its transport
+    /// is the one after the nets').
+    pub entropy: Option<devices::rate_limiter::Limits>,
+    /// The virtio-vsock device, if the VM has one (its transport is the
+    /// last).
+    pub vsock: Option<VsockState>,
+}
+
+/// The vsock device as saved.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The device's own state.
+    pub device: devices::virtio::vsock::persist::VsockSnapshot,
+    /// Its host socket (a restore binds it again unless told another).
+    pub uds_path: PathBuf,
 }
 
 /// What a running VM keeps for a snapshot: its configuration and typed
@@ -228,21 +268,61 @@ pub struct CreateStats {
     pub mem_written: u64,
 }
 
+/// A new snapshot id: unique enough to tell snapshots apart (it is an
+/// identity, not a secret).
+fn new_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The pages a Diff snapshot of `vmm` writes, and its base.
+fn diff_memory(vmm: &mut Vmm) -> Result<DiffMemory, Error> {
+    let Some(log) = vmm.dirty.as_mut() else {
+        return Err(Error::Unsupported(
+            "a Diff snapshot needs dirty-page tracking: boot with track_dirty_pages, or restore with track_dirty_pages (run --restore DIR --track-dirty-pages)",
+        ));
+    };
+    let Some(base_id) = log.base else {
+        return Err(Error::Unsupported(
+            "a Diff snapshot needs a Full snapshot of this VM to apply to: take a Full one first",
+        ));
+    };
+    let runs = log
+        .runs(vmm._vm.fd(), vmm.ram.memory())
+        .map_err(|e| Error::Save(e.to_string()))?;
+    Ok(DiffMemory { base_id, runs })
+}
+
 /// Writes a snapshot of the paused VM `vmm`: the state to
 /// `snapshot_path`, guest memory to `mem_path` (each through a temporary
-/// file renamed into place). `iface_ids` name the network devices for
-/// `network_overrides` (the API's ids; `eth0`, ... when shorter).
+/// file renamed into place): all of it, or for [`Kind::Diff`] the pages
+/// written since the last Full snapshot. `iface_ids` name the network
+/// devices for `network_overrides` (the API's ids; `eth0`, ... when
+/// shorter).
 pub fn create(
-    vmm: &Vmm,
+    vmm: &mut Vmm,
+    kind: Kind,
     snapshot_path: &Path,
     mem_path: &Path,
     iface_ids: &[String],
 ) -> Result<CreateStats, Error> {
     let started = Instant::now();
-    let h = &vmm.persist;
-    if let Some(why) = h.unsupported {
+    if let Some(why) = vmm.persist.unsupported {
         return Err(Error::Unsupported(why));
     }
+    let diff = match kind {
+        Kind::Full => None,
+        Kind::Diff => Some(diff_memory(vmm)?),
+    };
+    let h = &vmm.persist;
     let vm = vm_state::save(vmm._vm.fd()).map_err(|e| Error::Save(e.to_string()))?;
     let msrs = crate::vstate::vcpu_state::msr_indices(vmm._vm.kvm())
         .map_err(|e| Error::Save(e.to_string()))?;
@@ -271,7 +351,10 @@ pub fn create(
             mac: *mac,
         })
         .collect();
+    let id = new_id();
     let state = SnapshotState {
+        id,
+        diff,
         capsule_version: env!("CARGO_PKG_VERSION").to_string(),
         cpu: CpuModel::host(),
         mem_size: h.config.mem_size,
@@ -283,10 +366,28 @@ pub fn create(
         transports,
         disks,
         nets,
+        entropy: h.config.entropy,
+        vsock: match (&vmm.vsock, &h.config.vsock) {
+            (Some(v), Some(c)) => Some(VsockState {
+                device: v.device.lock().unwrap_or_else(|e| e.into_inner()).save(),
+                uds_path: c.uds_path.clone(),
+            }),
+            _ => None,
+        },
     };
-    let mem_written = write_memory(&vmm.ram, mem_path)?;
+    let mem_written = match &state.diff {
+        None => memfile::write_memory(&vmm.ram, mem_path)?,
+        Some(d) => memfile::write_pages(&vmm.ram, mem_path, &d.runs)?,
+    };
     let bytes = format::encode(&state).map_err(|e| Error::Save(e.to_string()))?;
     format::write_atomic(snapshot_path, &bytes).map_err(io_err(snapshot_path))?;
+    if let (Kind::Full, Some(log)) = (kind, vmm.dirty.as_mut()) {
+        // This snapshot is the base of the next Diffs: they hold the
+        // pages written from now on.
+        log.reset(vmm._vm.fd(), vmm.ram.memory())
+            .map_err(|e| Error::Save(e.to_string()))?;
+        log.base = Some(id);
+    }
     let stats = CreateStats {
         elapsed: started.elapsed(),
         mem_written,
@@ -341,189 +442,4 @@ fn save_disk(
         block,
         overlay_file,
     })
-}
-
-/// Which of the `pages` pages from host address `addr` have ever been
-/// written (present or swapped out, from /proc/self/pagemap). A page of
-/// anonymous memory that is neither has never been touched and reads as
-/// zero: reading it anyway would only fault in the zero page, which on a
-/// large guest costs seconds.
-fn touched_pages(pagemap: &File, addr: usize, pages: usize) -> std::io::Result<Vec<bool>> {
-    use std::os::unix::fs::FileExt;
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    let mut raw = vec![0u8; pages * 8];
-    pagemap.read_exact_at(&mut raw, (addr / PAGE) as u64 * 8)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|e| u64::from_le_bytes(e.try_into().expect("8 bytes")) & (PRESENT | SWAPPED) != 0)
-        .collect())
-}
-
-/// The host page size.
-const PAGE: usize = 4096;
-
-/// Writes guest memory, region after region, to `path`; all-zero pages
-/// are left as holes. Pages of anonymous RAM the guest never touched are
-/// not even read. Returns the bytes written.
-fn write_memory(ram: &crate::vstate::memory::GuestRam, path: &Path) -> Result<u64, Error> {
-    const CHUNK: usize = 2 << 20;
-    let mem = ram.memory();
-    let tmp = format::temp_path(path);
-    let result = (|| -> std::io::Result<u64> {
-        let file = format::create_private(&tmp)?;
-        let total: u64 = mem.iter().map(|r| r.len()).sum();
-        file.set_len(total)?;
-        // Without pagemap (no /proc) every page is read through the
-        // mapping. With it, a page never touched is zero, or for RAM
-        // mapped from a memory file the file's: read from the file.
-        let pagemap = File::open("/proc/self/pagemap").ok();
-        let source = ram.backing_file();
-        let mut buf = vec![0u8; CHUNK];
-        let mut offset = 0u64;
-        let mut written = 0u64;
-        for region in mem.iter() {
-            let host = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(std::io::Error::other)? as usize;
-            let mut done = 0u64;
-            while done < region.len() {
-                let n = arch::usize_from((region.len() - done).min(CHUNK as u64));
-                let pages = n.div_ceil(PAGE);
-                let touched = match &pagemap {
-                    Some(pm) => touched_pages(pm, host + arch::usize_from(done), pages)?,
-                    None => vec![true; pages],
-                };
-                let at = offset + done;
-                let chunk = Chunk {
-                    region,
-                    start: done,
-                    at,
-                    source,
-                };
-                written += chunk.write(&file, &mut buf[..n], &touched)?;
-                done += n as u64;
-            }
-            offset += region.len();
-        }
-        file.sync_data()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(written)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        io_err(path)(e)
-    })
-}
-
-/// `buf.len()` bytes of guest memory: at `start` of `region`, at `at` in
-/// the memory file (and in `source`, the file RAM is mapped from, if any).
-struct Chunk<'a> {
-    region: &'a vm_memory::GuestRegionMmap,
-    start: u64,
-    at: u64,
-    source: Option<&'a File>,
-}
-
-impl Chunk<'_> {
-    /// Writes the chunk's pages that are not all zero to `file`, runs of
-    /// pages in one write; `touched` pages are read through the mapping,
-    /// the others from `source` (or are zero). Returns the bytes written.
-    fn write(&self, file: &File, buf: &mut [u8], touched: &[bool]) -> std::io::Result<u64> {
-        use std::os::unix::fs::FileExt;
-        let n = buf.len();
-        let mut written = 0u64;
-        let mut i = 0;
-        while i < touched.len() {
-            let kind = touched[i];
-            let first = i;
-            while i < touched.len() && touched[i] == kind {
-                i += 1;
-            }
-            let (lo, hi) = (first * PAGE, n.min(i * PAGE));
-            match (kind, self.source) {
-                (true, _) => self
-                    .region
-                    .read_slice(
-                        &mut buf[lo..hi],
-                        vm_memory::MemoryRegionAddress(self.start + lo as u64),
-                    )
-                    .map_err(std::io::Error::other)?,
-                (false, Some(src)) => {
-                    // Only the parts of the source that hold data.
-                    let (from, to) = (self.at + lo as u64, self.at + hi as u64);
-                    for (s, e) in data_ranges(src, from, to)? {
-                        let (a, b) = (arch::usize_from(s - self.at), arch::usize_from(e - self.at));
-                        src.read_exact_at(&mut buf[a..b], s)?;
-                        written += write_nonzero(file, &buf[a..b], s)?;
-                    }
-                    continue;
-                }
-                (false, None) => continue,
-            }
-            written += write_nonzero(file, &buf[lo..hi], self.at + lo as u64)?;
-        }
-        Ok(written)
-    }
-}
-
-/// The ranges of `[from, to)` in `file` that hold data (between its
-/// holes), page aligned, from `SEEK_DATA`/`SEEK_HOLE`.
-fn data_ranges(file: &File, from: u64, to: u64) -> std::io::Result<Vec<(u64, u64)>> {
-    use std::os::fd::AsRawFd;
-    let seek = |off: u64, whence: i32| -> std::io::Result<Option<u64>> {
-        // SAFETY: lseek on a descriptor we own; it only moves the file
-        // offset, which nothing else uses (every read here is positioned).
-        let r = unsafe { libc::lseek(file.as_raw_fd(), off as libc::off_t, whence) };
-        if r >= 0 {
-            Ok(Some(r as u64))
-        } else {
-            match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
-                e => Err(e),
-            }
-        }
-    };
-    let mut ranges = Vec::new();
-    let mut pos = from;
-    while pos < to {
-        let Some(start) = seek(pos, libc::SEEK_DATA)? else {
-            break;
-        };
-        if start >= to {
-            break;
-        }
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
-        let start = start - start % PAGE as u64;
-        ranges.push((start.max(from), end.next_multiple_of(PAGE as u64).min(to)));
-        pos = end;
-    }
-    Ok(ranges)
-}
-
-/// Writes the pages of `data` that are not all zero to `file` at `at`
-/// (runs of them in one write); returns the bytes written.
-fn write_nonzero(file: &File, data: &[u8], at: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::FileExt;
-    let mut written = 0u64;
-    let mut run: Option<usize> = None;
-    let mut p = 0;
-    loop {
-        let has_data = p < data.len() && data[p..data.len().min(p + PAGE)].iter().any(|&b| b != 0);
-        match (has_data, run) {
-            (true, None) => run = Some(p),
-            (false, Some(s)) => {
-                let end = p.min(data.len());
-                file.write_all_at(&data[s..end], at + s as u64)?;
-                written += (end - s) as u64;
-                run = None;
-            }
-            _ => {}
-        }
-        if p >= data.len() {
-            break;
-        }
-        p += PAGE;
-    }
-    Ok(written)
 }

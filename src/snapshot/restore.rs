@@ -35,10 +35,104 @@ pub struct RestoreConfig {
     /// Replacement disks, in order (the CLI's `--disk`): as many as the
     /// snapshot has, each with the same content as the one saved.
     pub disks: Option<Vec<DiskConfig>>,
+    /// For a Diff snapshot: the snapshot file and memory file of the Full
+    /// snapshot it applies to.
+    pub base: Option<(PathBuf, PathBuf)>,
+    /// A new vsock device configuration (the CLI's `--vsock`): the guest
+    /// re-reads its CID after the reset a restore sends it.
+    pub vsock: Option<crate::config::VsockConfig>,
+    /// A new host socket for the vsock device (the API's
+    /// `vsock_override`).
+    pub vsock_uds: Option<PathBuf>,
+    /// Log the pages written from now on, for Diff snapshots of the
+    /// restored VM (`track_dirty_pages`).
+    pub track_dirty: bool,
+}
+
+/// The memory a restore maps: the snapshot's memory file, or for a Diff
+/// snapshot its base's, with the Diff's pages (its memory file and the
+/// runs it holds) to copy on top.
+struct Memory {
+    file: std::fs::File,
+    diff: Option<(std::fs::File, Vec<(u64, u64)>)>,
+}
+
+/// Opens memory file `path` and checks it holds `size` bytes.
+fn open_memory(path: &Path, size: u64) -> Result<std::fs::File, Error> {
+    let mem = crate::hostfile::open_regular(path).map_err(super::io_err(path))?;
+    let found = mem.metadata().map_err(super::io_err(path))?.len();
+    if found != size {
+        return Err(Error::MemSize {
+            path: path.to_path_buf(),
+            expected: size,
+            found,
+        });
+    }
+    Ok(mem)
+}
+
+/// The memory of `state` (read from `cfg`'s snapshot, whose memory file
+/// is `mem`): for a Diff snapshot, checks that `cfg.base` is its Full one.
+fn memory(cfg: &RestoreConfig, state: &SnapshotState, mem: std::fs::File) -> Result<Memory, Error> {
+    let mismatch = |why: String| Error::Mismatch {
+        path: cfg.snapshot_path.clone(),
+        why,
+    };
+    let (diff, (base_state, base_mem)) = match (&state.diff, &cfg.base) {
+        (None, None) => return Ok(Memory { file: mem, diff: None }),
+        (None, Some(_)) => {
+            return Err(mismatch(
+                "it is a Full snapshot: a base is only for Diff snapshots".into(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(mismatch(
+                "it is a Diff snapshot: give the Full snapshot it applies to (run --restore DIR --base FULL_DIR)".into(),
+            ))
+        }
+        (Some(d), Some(b)) => (d, b),
+    };
+    let base: SnapshotState = format::read(base_state)?;
+    if base.diff.is_some() {
+        return Err(mismatch(format!(
+            "its base {} is a Diff snapshot: give the Full one",
+            base_state.display()
+        )));
+    }
+    if base.id != diff.base_id || base.mem_size != state.mem_size {
+        return Err(mismatch(format!(
+            "it applies to Full snapshot {:#x}, and {} is snapshot {:#x}",
+            diff.base_id,
+            base_state.display(),
+            base.id
+        )));
+    }
+    Ok(Memory {
+        file: open_memory(base_mem, state.mem_size)?,
+        diff: Some((mem, diff.runs.clone())),
+    })
+}
+
+/// Copies the Diff snapshot's pages `runs` from its memory file `diff`
+/// into guest memory (mapped from the base): O(pages in the Diff).
+fn apply_diff(ram: &GuestRam, diff: &std::fs::File, runs: &[(u64, u64)]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::Bytes;
+    let mut buf = vec![0u8; 2 << 20];
+    super::memfile::for_each_piece(ram.memory(), runs, |region, start, at, len| {
+        for off in (0..len).step_by(buf.len()) {
+            let n = arch::usize_from((len - off).min(buf.len() as u64));
+            diff.read_exact_at(&mut buf[..n], at + off)?;
+            region
+                .write_slice(&buf[..n], vm_memory::MemoryRegionAddress(start + off))
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    })
 }
 
 /// Reads and checks the snapshot and memory files of `cfg`.
-fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, std::fs::File), Error> {
+fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, Memory), Error> {
     let state: SnapshotState = format::read(&cfg.snapshot_path)?;
     let mismatch = |why: String| Error::Mismatch {
         path: cfg.snapshot_path.clone(),
@@ -48,9 +142,11 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, std::fs::File), Error> {
     if count == 0 || u8::try_from(count).map_or(true, |n| n > arch::layout::MAX_VCPUS) {
         return Err(mismatch(format!("{count} vCPUs")));
     }
-    if state.transports.len() != state.disks.len() + state.nets.len() {
+    let rng = usize::from(state.entropy.is_some());
+    let vsock = usize::from(state.vsock.is_some());
+    if state.transports.len() != state.disks.len() + state.nets.len() + rng + vsock {
         return Err(mismatch(format!(
-            "{} virtio devices for {} disks and {} network devices",
+            "{} virtio devices for {} disks, {} network devices, {rng} entropy and {vsock} vsock device",
             state.transports.len(),
             state.disks.len(),
             state.nets.len()
@@ -66,16 +162,9 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, std::fs::File), Error> {
     if state.mem_size < crate::config::MIN_MEM_SIZE {
         return Err(mismatch(format!("{} bytes of memory", state.mem_size)));
     }
-    let mem = crate::hostfile::open_regular(&cfg.mem_path).map_err(super::io_err(&cfg.mem_path))?;
-    let found = mem.metadata().map_err(super::io_err(&cfg.mem_path))?.len();
-    if found != state.mem_size {
-        return Err(Error::MemSize {
-            path: cfg.mem_path.clone(),
-            expected: state.mem_size,
-            found,
-        });
-    }
-    Ok((state, mem))
+    let mem = open_memory(&cfg.mem_path, state.mem_size)?;
+    let memory = memory(cfg, &state, mem)?;
+    Ok((state, memory))
 }
 
 /// The configuration of the restored VM: the saved one with the
@@ -137,13 +226,35 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         kvm_path: cfg.kvm_path.clone(),
         disks,
         nets,
-        // A VM with a vsock device cannot be snapshotted yet (see
-        // `builder::build_with`), so a snapshot never holds one.
-        vsock: None,
-        // Nor a virtio-fs share, nor an entropy device.
+        vsock: vsock_config(cfg, state)?,
+        // Nor a virtio-fs share.
         fs: Vec::new(),
-        entropy: None,
+        entropy: state.entropy,
     })
+}
+
+/// The restored VM's vsock device: the saved one, or the CLI's
+/// replacement, or the saved CID on the API's new socket.
+fn vsock_config(
+    cfg: &RestoreConfig,
+    state: &SnapshotState,
+) -> Result<Option<crate::config::VsockConfig>, Error> {
+    let Some(saved) = &state.vsock else {
+        if cfg.vsock.is_some() || cfg.vsock_uds.is_some() {
+            return Err(Error::Mismatch {
+                path: cfg.snapshot_path.clone(),
+                why: "the snapshot has no vsock device to override".into(),
+            });
+        }
+        return Ok(None);
+    };
+    Ok(Some(match (&cfg.vsock, &cfg.vsock_uds) {
+        (Some(v), _) => v.clone(),
+        (None, uds) => crate::config::VsockConfig {
+            guest_cid: saved.device.guest_cid,
+            uds_path: uds.clone().unwrap_or_else(|| saved.uds_path.clone()),
+        },
+    }))
 }
 
 /// A writable disk the snapshot's VM (or another clone) still holds: say
@@ -161,7 +272,7 @@ fn explain_lock(e: builder::Error) -> Error {
 /// Builds a VM from the snapshot of `cfg` with `console` as its console.
 pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     let started_at = std::time::Instant::now();
-    let (state, mem_file) = load(cfg)?;
+    let (state, memory) = load(cfg)?;
     let config = vm_config(cfg, &state)?;
     let mismatch = |why: String| Error::Mismatch {
         path: cfg.snapshot_path.clone(),
@@ -170,11 +281,15 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     builder::check_host_memory(config.mem_size)?;
     let kvm = Vm::open_kvm(&config.kvm_path).map_err(builder::Error::from)?;
     let regions = arch::memory::ram_regions(config.mem_size);
-    let ram =
-        GuestRam::from_file(&regions, &mem_file).map_err(|source| builder::Error::GuestMemory {
+    let ram = GuestRam::from_file(&regions, &memory.file).map_err(|source| {
+        builder::Error::GuestMemory {
             size: config.mem_size,
             source,
-        })?;
+        }
+    })?;
+    if let Some((diff, runs)) = &memory.diff {
+        apply_diff(&ram, diff, runs).map_err(super::io_err(&cfg.mem_path))?;
+    }
     let mem = ram.memory();
     let vm = Vm::new(kvm, mem).map_err(builder::Error::from)?;
     vm_state::restore(vm.fd(), &state.vm).map_err(|e| mismatch(e.to_string()))?;
@@ -185,8 +300,20 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks).map_err(explain_lock)?;
     devices.add_nets(&config.nets)?;
+    devices.add_entropy(config.entropy)?;
+    let vsock = config
+        .vsock
+        .as_ref()
+        .map(|v| devices.add_vsock(v))
+        .transpose()?;
     let (blocks, macs) = (devices.blocks, devices.macs);
     restore_devices(cfg, &state, &dm, &blocks).map_err(mismatch)?;
+    if let Some(v) = &vsock {
+        v.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restored();
+    }
 
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
@@ -203,6 +330,12 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         persist,
         builder::Parts {
             paused: !cfg.resume,
+            vsock,
+            // A VM restored from a Full snapshot is that snapshot but for
+            // the pages it writes: the base of its Diffs.
+            track_dirty: cfg
+                .track_dirty
+                .then(|| state.diff.is_none().then_some(state.id)),
             ..Default::default()
         },
     )?;

@@ -16,8 +16,10 @@
 use std::io;
 use std::sync::Arc;
 
+use arch::{GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress};
 
 /// The huge page size RAM is aligned to.
 pub const HUGE_PAGE_SIZE: usize = 2 << 20;
@@ -251,10 +253,13 @@ impl GuestRam {
             // `map.addr`, which stays mapped until after every user of the
             // region is gone (see Drop).
             let mmap = unsafe {
-                MmapRegionBuilder::new(len)
-                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                    .with_raw_mmap_pointer(map.addr as *mut u8)
+                MmapRegionBuilder::new_with_bitmap(
+                    len,
+                    vm_memory::bitmap::AtomicBitmap::with_len(len),
+                )
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(map.addr as *mut u8)
             }
             .build()
             .map_err(|e| region_err(e.to_string()))?;
@@ -310,9 +315,12 @@ impl GuestRam {
                 base: base.0,
                 reason,
             };
-            let mut builder = MmapRegionBuilder::new(len)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags);
+            let mut builder = MmapRegionBuilder::new_with_bitmap(
+                len,
+                vm_memory::bitmap::AtomicBitmap::with_len(len),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags);
             if let Some(f) = &file {
                 builder = builder.with_file_offset(FileOffset::from_arc(f.clone(), offset));
             }

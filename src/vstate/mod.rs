@@ -1,6 +1,7 @@
 //! KVM state: guest RAM, the VM (irqchip, memory slots) and its vCPUs,
 //! and their snapshot state (`vcpu_state`, `vm_state`).
 
+pub mod dirty;
 pub mod halt;
 pub mod memory;
 pub mod vcpu;

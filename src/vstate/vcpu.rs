@@ -5,6 +5,7 @@
 //! triple fault, a KVM failure) is reported through the VM-wide
 //! [`ExitSignal`]; the VMM then stops the remaining vCPUs with [`VcpuHandle::kick`].
 
+use arch::GuestMemoryMmap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -15,7 +16,7 @@ use devices::exit::{ExitSignal, GuestExit};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 use super::halt::{self, HaltWatch};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::vcpu_state::{self, VcpuState};

@@ -127,6 +127,14 @@ main() {
     # libraries beside it, so it also runs in L1).
     virtiofsd="$("$resources/build-virtiofsd.sh")" || fail_all "building virtiofsd failed"
     cp -r "$(dirname "$virtiofsd")" "$work/tools/virtiofsd" || fail_all "copying virtiofsd failed"
+    # The containerd cases' containerd and ctr (Debian's, through
+    # copy_tools' loader wrapper) and the static shim, only when one runs.
+    if [[ " ${expected[*]} " == *" containerd_"* ]]; then
+        ctrd="$("$resources/build-containerd-shim.sh")" || fail_all "building the containerd shim failed"
+        PATH="$ctrd/containerd/usr/bin:$PATH" copy_tools "$work/tools/containerd" containerd ctr ||
+            fail_all "collecting containerd failed"
+        cp "$ctrd/containerd-shim-capsule-v2" "$work/tools/containerd/" || fail_all "copying the shim failed"
+    fi
 
     rc=0
     if [[ "$mode" == direct ]]; then

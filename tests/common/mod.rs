@@ -6,6 +6,7 @@
 )]
 
 pub mod api;
+pub mod snapshot;
 
 /// Where the test guests are loaded and entered (2 MiB).
 pub const LOAD_ADDR: u64 = 0x20_0000;

@@ -25,8 +25,9 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemoryMmap;
 
 use super::features::{bit, VIRTIO_RING_F_EVENT_IDX};
 use super::queue_events::{QueueEvent, QueueEvents};

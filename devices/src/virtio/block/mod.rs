@@ -5,12 +5,19 @@
 //!
 //! That thread also serves the API and the orderly stop, so one queue event
 //! does a bounded amount of work: at most [`BYTE_BUDGET`] bytes of data
-//! (and [`REQUEST_BUDGET`] requests); with work left the device re-signals
-//! its own queue eventfd and yields, and the loop comes back to it after
-//! the other ready events. A request is the unit that cannot be
-//! interrupted, so its size is bounded too: data descriptors of at most
-//! [`SIZE_MAX`] bytes (advertised and enforced), at most [`SEG_MAX`] of
-//! them, so at most [`MAX_DATA_LEN`] bytes.
+//! plus one bounce-buffer chunk ([`SIZE_MAX`]), and at most
+//! [`REQUEST_BUDGET`] requests; with work left the device re-signals its
+//! own queue eventfd and yields, and the loop comes back to it after the
+//! other ready events. A read or write larger than what is left of the
+//! budget stops between two chunks: its chain goes back to the available
+//! ring (nothing is written to the used ring) and the next event pops it
+//! again and continues where it stopped, if the chain still describes the
+//! same request (head, type, sector, length; else it starts over). A
+//! snapshot taken meanwhile saves the queue with that request not yet
+//! consumed, so a restored VM simply executes it again. The size of a
+//! request is bounded too: data descriptors of at most [`SIZE_MAX`] bytes
+//! (advertised and enforced), at most [`SEG_MAX`] of them, so at most
+//! [`MAX_DATA_LEN`] bytes.
 //!
 //! Every guest-supplied descriptor chain is validated before any I/O:
 //!
@@ -95,8 +102,9 @@ const BOUNCE_LEN: usize = SIZE_MAX as usize;
 pub const REQUEST_BUDGET: usize = 4 * QUEUE_SIZE as usize;
 /// Data bytes (read, written, zeroed or discarded) per queue event before
 /// yielding: the event loop's latency for the API and the stop is this
-/// much disk I/O plus at most one request.
-pub const BYTE_BUDGET: u64 = 4 << 20;
+/// much disk I/O plus one chunk of a read or write (or one discard /
+/// write-zeroes request, which moves no data through the VMM).
+pub const BYTE_BUDGET: u64 = 1 << 20;
 
 /// Length of the configuration space we expose (up to
 /// `write_zeroes_may_unmap` plus padding).
@@ -206,6 +214,9 @@ pub struct Block {
     buf: Vec<u8>,
     /// [`BYTE_BUDGET`], smaller in tests.
     byte_budget: u64,
+    /// A read or write the last event stopped partway: its head index and
+    /// how far it got. Cleared on reset and activation.
+    resume: Option<(u16, request::Progress)>,
     /// Limits on the guest's requests (`rate_limiter` of a drive).
     limiter: Option<crate::rate_limiter::RateLimiter>,
 }
@@ -274,6 +285,7 @@ impl Block {
             config: config_space(capacity),
             buf: vec![0; BOUNCE_LEN],
             byte_budget: BYTE_BUDGET,
+            resume: None,
             limiter: None,
         })
     }
@@ -342,6 +354,7 @@ impl Block {
             id,
             buf,
             byte_budget,
+            resume,
             limiter,
             ..
         } = self;
@@ -357,11 +370,14 @@ impl Block {
             zeroes,
             buf,
             bytes: 0,
+            budget: *byte_budget,
+            resume: None,
         };
         let mem = &active.mem;
         let mut handled = 0usize;
         let mut more = false;
         let mut limited = false;
+        let mut suspended = false;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 crate::warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
@@ -369,26 +385,24 @@ impl Block {
             }
             let before = handled;
             while handled < REQUEST_BUDGET && ctx.bytes < *byte_budget {
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                if let Some(l) = limiter.as_mut() {
-                    if !l.consume(request::data_len_of(chain.clone())) {
-                        // Back in the ring until the limiter's timer fires.
-                        queue.go_to_previous_position();
-                        crate::metrics::BLOCK.rate_limiter_throttled_events.inc();
+                match serve_next(queue, mem, &mut ctx, resume, limiter.as_mut()) {
+                    Step::Served => handled += 1,
+                    Step::Empty => break,
+                    Step::Limited => {
                         limited = true;
                         break;
                     }
-                }
-                let len = request::process(&mut ctx, mem, chain);
-                handled += 1;
-                if let Err(e) = queue.add_used(mem, head, len) {
-                    crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
+                    Step::Suspended => {
+                        suspended = true;
+                        break;
+                    }
                 }
             }
             if limited {
+                break;
+            }
+            if suspended {
+                more = true;
                 break;
             }
             if handled >= REQUEST_BUDGET || ctx.bytes >= *byte_budget {
@@ -419,6 +433,58 @@ impl Block {
         }
         if more {
             common.kick(REQUEST_QUEUE);
+        }
+    }
+}
+
+/// What [`serve_next`] did.
+enum Step {
+    /// A request completed and went to the used ring.
+    Served,
+    /// No request available.
+    Empty,
+    /// The rate limiter refused the next request (left in the ring).
+    Limited,
+    /// A request stopped on the byte budget (left in the ring, its
+    /// progress in `resume`).
+    Suspended,
+}
+
+/// Pops the next request and serves it (as far as the byte budget goes).
+/// `resume` is the progress of the request an earlier event stopped in:
+/// the first one popped now, whose bytes the limiter already counted.
+fn serve_next(
+    queue: &mut virtio_queue::Queue,
+    mem: &vm_memory::GuestMemoryMmap,
+    ctx: &mut request::Context<'_>,
+    resume: &mut Option<(u16, request::Progress)>,
+    limiter: Option<&mut crate::rate_limiter::RateLimiter>,
+) -> Step {
+    let Some(chain) = queue.pop_descriptor_chain(mem) else {
+        return Step::Empty;
+    };
+    let head = chain.head_index();
+    ctx.resume = resume.take().filter(|r| r.0 == head).map(|r| r.1);
+    if let Some(l) = limiter.filter(|_| ctx.resume.is_none()) {
+        if !l.consume(request::data_len_of(chain.clone())) {
+            // Back in the ring until the limiter's timer fires.
+            queue.go_to_previous_position();
+            crate::metrics::BLOCK.rate_limiter_throttled_events.inc();
+            return Step::Limited;
+        }
+    }
+    match request::process(ctx, mem, chain) {
+        request::Outcome::Done(len) => {
+            if let Err(e) = queue.add_used(mem, head, len) {
+                crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
+            }
+            Step::Served
+        }
+        request::Outcome::Suspended(progress) => {
+            // Back in the ring, continued by the next event.
+            queue.go_to_previous_position();
+            *resume = Some((head, progress));
+            Step::Suspended
         }
     }
 }
@@ -466,6 +532,16 @@ impl VirtioDevice for Block {
 
     fn config_space(&self) -> &[u8] {
         &self.config
+    }
+
+    /// A fresh queue: no request of the old one is continued.
+    fn activated(&mut self) {
+        self.resume = None;
+    }
+
+    fn reset_device(&mut self) -> bool {
+        self.resume = None;
+        true
     }
 }
 

@@ -20,9 +20,16 @@
 //!   leaves the disk untouched.
 //! * Guest memory is only accessed through vm-memory, which bounds-checks
 //!   every access.
+//!
+//! A read or write moves its data in bounce-buffer-sized chunks and may
+//! stop between two of them once the device's per-event byte budget is
+//! spent ([`Outcome::Suspended`]); the device then resumes it in a later
+//! event. So the event loop's stall is bounded by the budget, not by the
+//! largest request a guest can build.
 
 use std::io;
 
+use crate::GuestMemoryMmap;
 use log::debug;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -31,7 +38,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::disk::DiskImage;
 use super::{
@@ -71,6 +78,40 @@ pub(super) struct Context<'a> {
     /// Data bytes moved so far (read, written, zeroed, discarded): what the
     /// device's per-event budget counts.
     pub bytes: u64,
+    /// A read or write stops between two chunks once [`Self::bytes`]
+    /// reaches this (after moving at least one chunk).
+    pub budget: u64,
+    /// The request being processed was suspended in an earlier event
+    /// this far in; it continues from there if it is still the same
+    /// request (type, sector and length).
+    pub resume: Option<Progress>,
+}
+
+/// How far a suspended read or write got, and what it was, so that a
+/// chain found again at the same place is only resumed if it still
+/// describes the same request (a guest that rewrites an in-flight request
+/// gets it executed from the start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Progress {
+    /// The request type (`VIRTIO_BLK_T_IN` or `VIRTIO_BLK_T_OUT`).
+    ty: u32,
+    /// Its first sector.
+    sector: u64,
+    /// Its data length.
+    total: u64,
+    /// Data bytes already moved.
+    pub done: u64,
+}
+
+/// What became of a descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Outcome {
+    /// Finished: the used length (bytes written into guest memory,
+    /// status byte included), for the used ring.
+    Done(u32),
+    /// Stopped partway on the byte budget, status not written: the chain
+    /// must be put back and continued from here in a later event.
+    Suspended(Progress),
 }
 
 /// The data bytes of a request chain, for its rate limiter: every
@@ -82,12 +123,29 @@ pub(super) fn data_len_of(chain: DescriptorChain<&GuestMemoryMmap>) -> u64 {
         .saturating_sub(u64::from(HEADER_LEN) + 1)
 }
 
-/// Handles one descriptor chain; returns the used length (bytes the device
-/// wrote into guest memory, including the status byte).
+/// Handles one descriptor chain (up to the byte budget for reads and
+/// writes). `ctx.resume` is consumed.
 pub(super) fn process(
     ctx: &mut Context<'_>,
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Outcome {
+    let resume = ctx.resume.take();
+    let mut suspended = None;
+    let used = process_chain(ctx, mem, chain, resume, &mut suspended);
+    match suspended {
+        Some(p) => Outcome::Suspended(p),
+        None => Outcome::Done(used),
+    }
+}
+
+/// [`process`] proper: the used length, 0 when `suspended` was set.
+fn process_chain(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    resume: Option<Progress>,
+    suspended: &mut Option<Progress>,
 ) -> u32 {
     let mut descs = Vec::new();
     let mut count = 0usize;
@@ -116,7 +174,16 @@ pub(super) fn process(
         debug!("virtio-blk: request with {count} descriptors");
         (S_IOERR, 0)
     } else {
-        match execute(ctx, mem, &descs[..count - 1]) {
+        let mut run = Run {
+            resume,
+            suspended: None,
+        };
+        let r = execute(ctx, mem, &descs[..count - 1], &mut run);
+        if run.suspended.is_some() {
+            *suspended = run.suspended;
+            return 0;
+        }
+        match r {
             Ok(n) => (S_OK, n),
             Err(s) => (s, 0),
         }
@@ -130,9 +197,23 @@ pub(super) fn process(
     }
 }
 
+/// A read or write's resumption state, in and out.
+struct Run {
+    /// Where an earlier event left this request (if it did).
+    resume: Option<Progress>,
+    /// Set when the request stops on the budget.
+    suspended: Option<Progress>,
+}
+
 /// Runs a request whose status descriptor is already split off; returns the
 /// number of data bytes written to guest memory, or the status to report.
-fn execute(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, descs: &[Descriptor]) -> Result<u32, u8> {
+/// Meaningless when it sets `run.suspended`.
+fn execute(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    run: &mut Run,
+) -> Result<u32, u8> {
     let (hdr, data) = descs.split_first().ok_or(S_IOERR)?;
     if hdr.is_write_only() || hdr.len() != HEADER_LEN {
         debug!("virtio-blk: bad request header descriptor");
@@ -149,8 +230,8 @@ fn execute(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, descs: &[Descriptor]) -
     let before = ctx.bytes;
     let m = &crate::metrics::BLOCK;
     let r = match ty {
-        VIRTIO_BLK_T_IN => read(ctx, mem, sector, data),
-        VIRTIO_BLK_T_OUT => write(ctx, mem, sector, data),
+        VIRTIO_BLK_T_IN => read(ctx, mem, sector, data, run),
+        VIRTIO_BLK_T_OUT => write(ctx, mem, sector, data, run),
         VIRTIO_BLK_T_FLUSH => ctx.disk.flush().map(|()| 0).map_err(io_error),
         VIRTIO_BLK_T_GET_ID => get_id(ctx, mem, data),
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if ctx.zeroes => {
@@ -162,6 +243,14 @@ fn execute(ctx: &mut Context<'_>, mem: &GuestMemoryMmap, descs: &[Descriptor]) -
         }
     };
     let moved = ctx.bytes.saturating_sub(before);
+    if run.suspended.is_some() {
+        // Counted once, when it finishes; its bytes as they move.
+        match ty {
+            VIRTIO_BLK_T_IN => m.read_bytes.add(moved),
+            _ => m.write_bytes.add(moved),
+        }
+        return r;
+    }
     match (&r, ty) {
         (Ok(_), VIRTIO_BLK_T_IN) => {
             m.read_count.inc();
@@ -253,24 +342,50 @@ fn rw_range(
     Ok((disk_offset(ctx.capacity, sector, total)?, total))
 }
 
-/// Calls `f(guest address, chunk length)` for every bounce-buffer-sized
-/// chunk of the data descriptors, in order.
-fn for_each_chunk(
+/// Moves a checked read or write's data chunk by chunk (a chunk is at
+/// most the bounce buffer, within one descriptor): `f(disk, bounce, guest
+/// address, disk offset)` per chunk, in order, counting each into
+/// `ctx.bytes`. Starts `skip` bytes in; stops before a chunk once
+/// `ctx.bytes` has reached `ctx.budget` and at least one chunk moved here,
+/// returning how far it got (`Some(done)`), or `None` when all is done.
+fn transfer(
+    ctx: &mut Context<'_>,
     data: &[Descriptor],
-    chunk: usize,
-    mut f: impl FnMut(GuestAddress, usize) -> Result<(), u8>,
-) -> Result<(), u8> {
+    pos: u64,
+    skip: u64,
+    mut f: impl FnMut(&mut dyn DiskImage, &mut [u8], GuestAddress, u64) -> Result<(), u8>,
+) -> Result<Option<u64>, u8> {
+    let chunk = ctx.buf.len() as u64;
+    let mut start = 0u64; // data bytes before descriptor `d`
+    let mut moved = false;
     for d in data {
-        let len = d.len() as usize;
-        let mut done = 0usize;
+        let len = u64::from(d.len());
+        let mut done = skip.saturating_sub(start).min(len);
         while done < len {
+            if moved && ctx.bytes >= ctx.budget {
+                return Ok(Some(start + done));
+            }
             let n = chunk.min(len - done);
-            let addr = d.addr().checked_add(done as u64).ok_or(S_IOERR)?;
-            f(addr, n)?;
+            let addr = d.addr().checked_add(done).ok_or(S_IOERR)?;
+            // n <= the bounce buffer's length, a usize.
+            let buf = &mut ctx.buf[..crate::usize_from(n)];
+            f(&mut *ctx.disk, buf, addr, pos + start + done)?;
+            ctx.bytes = ctx.bytes.saturating_add(n);
+            moved = true;
             done += n;
         }
+        start += len;
     }
-    Ok(())
+    Ok(None)
+}
+
+/// Where a read or write of `total` bytes at `sector` starts: past what
+/// an earlier event did of the same request, else at 0.
+fn skip_for(run: &Run, ty: u32, sector: u64, total: u64) -> u64 {
+    match run.resume {
+        Some(p) if p.ty == ty && p.sector == sector && p.total == total && p.done < total => p.done,
+        _ => 0,
+    }
 }
 
 fn read(
@@ -278,16 +393,23 @@ fn read(
     mem: &GuestMemoryMmap,
     sector: u64,
     data: &[Descriptor],
+    run: &mut Run,
 ) -> Result<u32, u8> {
-    let (mut pos, total) = rw_range(ctx, mem, sector, data, true)?;
-    ctx.bytes = ctx.bytes.saturating_add(total);
-    let Context { disk, buf, .. } = ctx;
-    for_each_chunk(data, buf.len(), |addr, n| {
-        disk.read_at(&mut buf[..n], pos).map_err(io_error)?;
-        mem.write_slice(&buf[..n], addr).map_err(|_| S_IOERR)?;
-        pos += n as u64;
-        Ok(())
+    let (pos, total) = rw_range(ctx, mem, sector, data, true)?;
+    let ty = VIRTIO_BLK_T_IN;
+    let skip = skip_for(run, ty, sector, total);
+    let stopped = transfer(ctx, data, pos, skip, |disk, buf, addr, at| {
+        disk.read_at(buf, at).map_err(io_error)?;
+        mem.write_slice(buf, addr).map_err(|_| S_IOERR)
     })?;
+    if let Some(done) = stopped {
+        run.suspended = Some(Progress {
+            ty,
+            sector,
+            total,
+            done,
+        });
+    }
     // total <= MAX_DATA_LEN, which fits in u32.
     Ok(u32::try_from(total).unwrap_or(u32::MAX))
 }
@@ -297,20 +419,27 @@ fn write(
     mem: &GuestMemoryMmap,
     sector: u64,
     data: &[Descriptor],
+    run: &mut Run,
 ) -> Result<u32, u8> {
     if ctx.disk.is_read_only() {
         debug!("virtio-blk: write to a read-only disk");
         return Err(S_IOERR);
     }
-    let (mut pos, total) = rw_range(ctx, mem, sector, data, false)?;
-    ctx.bytes = ctx.bytes.saturating_add(total);
-    let Context { disk, buf, .. } = ctx;
-    for_each_chunk(data, buf.len(), |addr, n| {
-        mem.read_slice(&mut buf[..n], addr).map_err(|_| S_IOERR)?;
-        disk.write_at(&buf[..n], pos).map_err(io_error)?;
-        pos += n as u64;
-        Ok(())
+    let (pos, total) = rw_range(ctx, mem, sector, data, false)?;
+    let ty = VIRTIO_BLK_T_OUT;
+    let skip = skip_for(run, ty, sector, total);
+    let stopped = transfer(ctx, data, pos, skip, |disk, buf, addr, at| {
+        mem.read_slice(buf, addr).map_err(|_| S_IOERR)?;
+        disk.write_at(buf, at).map_err(io_error)
     })?;
+    if let Some(done) = stopped {
+        run.suspended = Some(Progress {
+            ty,
+            sector,
+            total,
+            done,
+        });
+    }
     Ok(0)
 }
 

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, SubscriberOps};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -22,7 +23,8 @@ use crate::virtio::mmio::{MmioTransport, INT_VRING};
 use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 use crate::virtio::{ActivateError, InterruptKind, Queue, VirtioInterrupt};
-use vm_memory::GuestMemoryMmap;
+
+mod fairness;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;
@@ -252,72 +254,6 @@ fn large_read_across_max_size_descriptors() {
         d.bytes(DATA, 5 * max as usize),
         big[4096..4096 + 5 * max as usize]
     );
-}
-
-/// A data descriptor longer than the advertised `size_max` fails with
-/// IOERR and moves no data; one of exactly `size_max` is served.
-#[test]
-fn descriptor_longer_than_size_max_fails() {
-    let mem = guest_memory();
-    let tmp = TempFile::new().unwrap();
-    let big = pattern(1 << 20);
-    tmp.as_file().write_all(&big).unwrap();
-    let mut d = Driver::new(&mem, config(&tmp, false, false));
-    let long = SIZE_MAX + 512;
-    mem.write_slice(&vec![0xee; long as usize], GuestAddress(DATA))
-        .unwrap();
-    assert_eq!(d.one(VIRTIO_BLK_T_IN, 0, &[(DATA, long, W)]), (1, IOERR));
-    assert!(
-        d.bytes(DATA, long as usize).iter().all(|&b| b == 0xee),
-        "nothing read"
-    );
-    // Also behind a short first descriptor, and for writes.
-    assert_eq!(
-        d.one(VIRTIO_BLK_T_IN, 0, &[(DATA, 512, W), (DATA + 512, long, W)]),
-        (1, IOERR)
-    );
-    assert_eq!(d.one(VIRTIO_BLK_T_OUT, 0, &[(DATA, long, 0)]), (1, IOERR));
-    assert_eq!(
-        std::fs::read(tmp.as_path()).unwrap(),
-        big,
-        "nothing written"
-    );
-    assert_eq!(
-        d.one(VIRTIO_BLK_T_IN, 0, &[(DATA, SIZE_MAX, W)]),
-        (SIZE_MAX + 1, OK)
-    );
-    assert_eq!(d.bytes(DATA, SIZE_MAX as usize), big[..SIZE_MAX as usize]);
-}
-
-/// One queue event moves at most the byte budget (plus the request that
-/// crosses it), then re-signals the queue eventfd so the event loop comes
-/// back without a guest notification; completed requests are interrupted
-/// for before yielding.
-#[test]
-fn byte_budget_yields_and_rekicks() {
-    let mem = guest_memory();
-    let tmp = TempFile::new().unwrap();
-    tmp.as_file().write_all(&pattern(1 << 20)).unwrap();
-    let mut d = Driver::new(&mem, config(&tmp, true, false));
-    let kicked = |d: &Driver<'_>| d.block.common.take_kick(0);
-    assert_eq!(d.block.byte_budget, BYTE_BUDGET);
-    d.block.byte_budget = 2 * u64::from(SIZE_MAX) - 512;
-    for i in 0..5 {
-        d.request(VIRTIO_BLK_T_IN, i * 128, &[(DATA, SIZE_MAX, W)]);
-    }
-    assert_eq!(d.run().len(), 2, "two requests reach the budget");
-    assert!(kicked(&d), "the device re-signalled its queue");
-    assert_eq!(d.irq.take(), vec![InterruptKind::Queue(0)]);
-    assert_eq!(d.run().len(), 2);
-    assert!(kicked(&d));
-    assert_eq!(d.run().len(), 1);
-    assert!(!kicked(&d), "no work left, no kick");
-    // Requests that move no data do not use up the byte budget.
-    for _ in 0..5 {
-        d.request(VIRTIO_BLK_T_FLUSH, 0, &[]);
-    }
-    assert_eq!(d.run().len(), 5);
-    assert!(!kicked(&d));
 }
 
 #[test]

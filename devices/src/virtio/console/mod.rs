@@ -29,9 +29,10 @@
 use std::collections::VecDeque;
 use std::io::{self, Write};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};

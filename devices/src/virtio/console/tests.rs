@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
@@ -10,7 +11,6 @@ use vmm_sys_util::eventfd::EFD_NONBLOCK;
 use super::*;
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 use crate::virtio::{ActivateError, InterruptKind, Queue};
-use vm_memory::GuestMemoryMmap;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;

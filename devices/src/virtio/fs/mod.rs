@@ -26,12 +26,13 @@ pub mod daemon;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{
@@ -348,9 +349,9 @@ impl Fs {
         }
     }
 
-    /// The backend's socket became readable or closed. capsule enables no
-    /// backend-initiated requests, so this is the backend ending: logged
-    /// once (with how the daemon ended), then the socket is left alone.
+    /// The backend's socket hung up (it is watched for nothing else):
+    /// the backend ended. Logged once (with how the daemon ended), then
+    /// the socket is left alone.
     fn backend_event(&mut self, ops: &mut EventOps) {
         if self.backend_gone {
             return;
@@ -410,18 +411,24 @@ fn vring_config(
     queue: &Queue,
     index: usize,
 ) -> Result<VringConfigData, ActivateError> {
-    let host = |gpa: u64| {
-        mem.get_host_address(GuestAddress(gpa))
+    // Each ring whole, within one region: the backend reaches it through
+    // the region's mapping, so it must not run past the region's end.
+    let host = |gpa: u64, len: usize| {
+        mem.get_slice(GuestAddress(gpa), len)
+            .and_then(|_| mem.get_host_address(GuestAddress(gpa)))
             .map(|p| p as u64)
             .map_err(|_| ActivateError::QueueOutsideMemory(index))
     };
+    let size = usize::from(queue.size());
     Ok(VringConfigData {
         queue_max_size: QUEUE_SIZE,
         queue_size: queue.size(),
         flags: 0,
-        desc_table_addr: host(queue.desc_table())?,
-        used_ring_addr: host(queue.used_ring())?,
-        avail_ring_addr: host(queue.avail_ring())?,
+        // virtio 1.2 §2.7: 16-byte descriptors; flags, idx, the ring and
+        // the event field of 2 (available) or 8 (used) bytes per entry.
+        desc_table_addr: host(queue.desc_table(), 16 * size)?,
+        used_ring_addr: host(queue.used_ring(), 6 + 8 * size)?,
+        avail_ring_addr: host(queue.avail_ring(), 6 + 2 * size)?,
         log_addr: None,
     })
 }
@@ -496,7 +503,11 @@ impl MutEventSubscriber for Fs {
                 log::error!("virtio-fs {}: cannot watch call eventfd: {e}", self.tag);
             }
         }
-        let events = VirtioCommon::device_events(self.backend.raw_fd(), SOCKET_TAG, EventSet::IN);
+        // Hang-up only, not IN: the backend's replies to requests made
+        // from a vCPU thread (activation, reset) make the socket readable
+        // while the loop waits, and are read by the frontend, not here.
+        let events =
+            VirtioCommon::device_events(self.backend.raw_fd(), SOCKET_TAG, EventSet::READ_HANG_UP);
         if let Err(e) = ops.add(events) {
             log::warn!(
                 "virtio-fs {}: cannot watch the backend socket: {e}",

@@ -4,8 +4,9 @@
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress};
 
 use super::*;
 use crate::virtio::test_utils::{RecordingInterrupt, Rings};
@@ -262,6 +263,40 @@ fn wrong_queue_counts_and_unready_queues_are_refused() {
     assert!(fake.take().is_empty());
 }
 
+/// Rings are handed to virtiofsd as capsule's own addresses: one that
+/// starts in guest memory but runs past its end (or lies outside it) is
+/// refused before the backend hears of any of it.
+#[test]
+fn rings_outside_or_across_the_end_of_guest_memory_are_refused() {
+    let (fake, _peer) = Fake::new(V1);
+    let mut fs = device(&fake);
+    let mem = shared_mem();
+    let hi = Rings::new(&mem, 0x1000, 16);
+    let req = Rings::new(&mem, 0x4000, 16);
+    fs.set_acked_features(V1);
+    let irq = Arc::new(RecordingInterrupt::default());
+    let end = MEM as u64;
+    // (descriptor table, available ring, used ring) of the request queue.
+    for (desc, avail, used) in [
+        (end - 16, 0x4100, 0x4200),     // descriptors cross the end
+        (0x4000, end - 2, 0x4200),      // available ring crosses the end
+        (0x4000, 0x4100, end - 4),      // used ring crosses the end
+        (end + 0x1000, 0x4100, 0x4200), // wholly outside
+    ] {
+        let mut q = req.queue();
+        q.set_desc_table_address(Some(desc as u32), Some((desc >> 32) as u32));
+        q.set_avail_ring_address(Some(avail as u32), Some((avail >> 32) as u32));
+        q.set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+        let r = fs.activate(mem.clone(), irq.clone(), vec![hi.queue(), q], evts());
+        assert!(
+            matches!(r, Err(ActivateError::QueueOutsideMemory(1))),
+            "{desc:#x} {avail:#x} {used:#x}: {r:?}"
+        );
+        assert!(!fs.common().is_activated());
+    }
+    assert!(fake.take().is_empty(), "the backend heard nothing");
+}
+
 #[test]
 fn private_guest_memory_cannot_be_shared_and_the_device_stays_inactive() {
     let (fake, _peer) = Fake::new(V1);
@@ -342,6 +377,31 @@ fn the_backend_closing_its_socket_is_noticed_once() {
     em.run_with_timeout(50).unwrap();
     assert!(fs.lock().unwrap().backend_gone);
     // No longer watched: the loop does not spin on the closed socket.
+    assert_eq!(em.run_with_timeout(50).unwrap(), 0);
+}
+
+/// A reply the backend sends to a request made from a vCPU thread (the
+/// activation's SET_MEM_TABLE, a reset's GET_VRING_BASE) makes the socket
+/// readable while the event loop waits: that is not the backend leaving,
+/// and the share goes on being watched (in the harness every virtio-fs
+/// run printed "the vhost-user backend closed its socket" while
+/// virtiofsd served on).
+#[test]
+fn a_reply_in_flight_is_not_the_backend_closing() {
+    use std::io::{Read, Write};
+    let (fake, mut peer) = Fake::new(V1);
+    let fs = Arc::new(Mutex::new(device(&fake)));
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(fs.clone());
+    peer.write_all(&[0u8; 12]).unwrap();
+    em.run_with_timeout(50).unwrap();
+    assert!(!fs.lock().unwrap().backend_gone, "a reply is not a hang-up");
+    // The frontend reads its reply; then the backend really leaves.
+    let mut reply = [0u8; 12];
+    (&*fake.sock).read_exact(&mut reply).unwrap();
+    drop(peer);
+    em.run_with_timeout(50).unwrap();
+    assert!(fs.lock().unwrap().backend_gone);
     assert_eq!(em.run_with_timeout(50).unwrap(), 0);
 }
 

@@ -11,13 +11,14 @@
 //! index as datamatch, so such writes never leave the kernel. Interrupts go
 //! through [`MmioInterrupt`], whose eventfd the VMM registers as an irqfd.
 
+use crate::GuestMemoryMmap;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_bindings::virtio_mmio as regs;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+
 use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};

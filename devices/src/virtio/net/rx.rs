@@ -9,9 +9,10 @@
 use std::io;
 use std::sync::atomic::Ordering;
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use super::{
     format_mac, MacAddr, Net, NetBackend, NetStats, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,

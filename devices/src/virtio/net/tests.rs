@@ -7,6 +7,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4,
@@ -19,7 +20,6 @@ use super::*;
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 use crate::virtio::{ActivateError, InterruptKind};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 const MEM_SIZE: u64 = 0x40_0000;
 const QSIZE: u16 = 16;

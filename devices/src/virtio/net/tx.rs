@@ -9,8 +9,9 @@
 
 use std::io;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestMemory, Permissions};
 
 use super::{
     is_fatal, Net, NetBackend, NetStats, SendStatus, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,

@@ -11,9 +11,10 @@
 
 use std::io;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::{DeviceEvent, VirtioCommon, VirtioDevice};

@@ -1,5 +1,6 @@
+use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::virtio::test_utils::{activate_on_rings, Rings};

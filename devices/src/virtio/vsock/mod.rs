@@ -46,6 +46,7 @@
 pub mod conn;
 mod host;
 pub mod packet;
+pub mod persist;
 
 pub use host::forward_path;
 
@@ -54,9 +55,10 @@ use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use self::conn::{Connection, Verdict};
 use self::host::PendingClient;

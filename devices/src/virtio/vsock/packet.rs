@@ -6,8 +6,9 @@
 //! carry any). Chains are read and written through vm-memory's checked
 //! accessors; a chain is never trusted to be well formed.
 
+use crate::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 /// Size of the packet header.
 pub const HDR_LEN: usize = 44;

@@ -1,0 +1,492 @@
+//! The task service containerd drives: one entry per container, each
+//! running in its own microVM (`capsule exec`), with the events containerd
+//! expects (create, start, exit, delete).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use containerd_shim::api;
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::MessageDyn;
+use containerd_shim::protos::topics;
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{
+    mount, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
+};
+
+use crate::config::ShimConfig;
+use crate::process::{self, Stdio3};
+use crate::{spec, status};
+
+fn rpc_error(code: Code, msg: impl Into<String>) -> ttrpc::Error {
+    let msg = msg.into();
+    log::warn!("{msg}");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, msg))
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let mut ts = Timestamp::new();
+    ts.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    ts.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
+    ts
+}
+
+/// Where a container is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Created,
+    Running,
+    Stopped,
+}
+
+/// One container.
+#[derive(Debug)]
+struct Container {
+    bundle: PathBuf,
+    /// The `capsule` arguments that run it.
+    args: Vec<OsString>,
+    io: Stdio3,
+    /// containerd's rootfs mounts were mounted on this (unmounted at delete).
+    mounted: Option<PathBuf>,
+    phase: Phase,
+    /// The `capsule exec` process, once started.
+    pid: u32,
+    exit: Option<(u32, SystemTime)>,
+}
+
+#[derive(Default)]
+struct State {
+    containers: HashMap<String, Container>,
+}
+
+/// The shim: its state is shared by the ttrpc threads and the waiters.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    namespace: String,
+    /// The bundle of the `delete` action (containerd runs it in the bundle).
+    bundle: String,
+    exit: ExitSignal,
+    state: Mutex<State>,
+    /// Notified whenever a container stops.
+    stopped: Condvar,
+    publisher: Mutex<Option<RemotePublisher>>,
+}
+
+impl Service {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No thread panics while holding it (the shim aborts on panic).
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        let guard = self
+            .inner
+            .publisher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = guard.as_ref() {
+            let ctx = containerd_shim::Context::default();
+            if let Err(e) = p.publish(ctx, topic, &self.inner.namespace, event) {
+                log::warn!("cannot publish {topic}: {e}");
+            }
+        }
+    }
+
+    /// Waits for the `capsule exec` of container `id` and records its end.
+    fn watch(&self, id: String, mut child: std::process::Child) {
+        let this = self.clone();
+        std::thread::spawn(move || {
+            let code = match child.wait() {
+                Ok(s) => status::exit_code(s),
+                Err(e) => {
+                    log::error!("cannot wait for the microVM of {id}: {e}");
+                    255
+                }
+            };
+            if (123..=125).contains(&code) {
+                log::warn!("capsule exec for {id} ended with {code}: the microVM failed (see capsule's stderr in the container's log)");
+            }
+            let now = SystemTime::now();
+            let pid = {
+                let mut st = this.state();
+                let Some(c) = st.containers.get_mut(&id) else {
+                    return;
+                };
+                c.phase = Phase::Stopped;
+                c.exit = Some((code, now));
+                c.pid
+            };
+            this.inner.stopped.notify_all();
+            let mut ev = TaskExit::new();
+            ev.container_id = id.clone();
+            ev.id = id;
+            ev.pid = pid;
+            ev.exit_status = code;
+            ev.exited_at = Some(timestamp(now)).into();
+            this.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+        });
+    }
+
+    /// Unmounts what `create` mounted on the bundle's rootfs.
+    fn unmount(target: &Path) {
+        if let Some(t) = target.to_str() {
+            if let Err(e) = mount::umount_recursive(Some(t), libc::MNT_DETACH) {
+                log::warn!("cannot unmount {t}: {e}");
+            }
+        }
+    }
+}
+
+fn no_exec(exec_id: &str) -> TtrpcResult<()> {
+    if exec_id.is_empty() {
+        Ok(())
+    } else {
+        Err(rpc_error(
+            Code::UNIMPLEMENTED,
+            "exec of an extra process is not supported by the capsule runtime yet",
+        ))
+    }
+}
+
+impl containerd_shim::Shim for Service {
+    type T = Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut containerd_shim::Config) -> Self {
+        Service {
+            inner: Arc::new(Inner {
+                namespace: args.namespace.clone(),
+                bundle: args.bundle.clone(),
+                exit: ExitSignal::default(),
+                state: Mutex::new(State::default()),
+                stopped: Condvar::new(),
+                publisher: Mutex::new(None),
+            }),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
+        // One shim per container for now (no pod grouping yet).
+        let grouping = opts.id.clone();
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        Ok(address)
+    }
+
+    /// containerd's clean-up after a shim that died: its VM died with it
+    /// (`capsule exec` ends when its parent's pipes close or on its own),
+    /// so only the rootfs mount is left.
+    fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
+        let bundle = if self.inner.bundle.is_empty() {
+            std::env::current_dir().unwrap_or_default()
+        } else {
+            PathBuf::from(&self.inner.bundle)
+        };
+        let rootfs = bundle.join("rootfs");
+        if rootfs.is_dir() {
+            Self::unmount(&rootfs);
+        }
+        let mut resp = DeleteResponse::new();
+        resp.exit_status = 128 + 9;
+        resp.exited_at = Some(timestamp(SystemTime::now())).into();
+        Ok(resp)
+    }
+
+    fn wait(&mut self) {
+        self.inner.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        *self
+            .inner
+            .publisher
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(publisher);
+        self.clone()
+    }
+}
+
+impl containerd_shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        let cfg = ShimConfig::load().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e))?;
+        if req.terminal {
+            return Err(rpc_error(
+                Code::UNIMPLEMENTED,
+                spec::SpecError::Terminal.to_string(),
+            ));
+        }
+        let bundle = PathBuf::from(&req.bundle);
+        let oci = oci_spec::runtime::Spec::load(bundle.join("config.json")).map_err(|e| {
+            rpc_error(
+                Code::INVALID_ARGUMENT,
+                format!("{}/config.json: {e}", req.bundle),
+            )
+        })?;
+        let rootfs = spec::rootfs_dir(&oci, &bundle);
+        let args = spec::exec_args(&cfg, &oci, &rootfs)
+            .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let mut mounted = None;
+        if !req.rootfs.is_empty() {
+            let target = bundle.join("rootfs");
+            for m in &req.rootfs {
+                mount::mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, &target).map_err(
+                    |e| {
+                        Self::unmount(&target);
+                        rpc_error(Code::INTERNAL, format!("cannot mount the rootfs: {e}"))
+                    },
+                )?;
+            }
+            mounted = Some(target);
+        }
+        let io = Stdio3 {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+        };
+        {
+            let mut st = self.state();
+            if st.containers.contains_key(&req.id) {
+                return Err(rpc_error(
+                    Code::ALREADY_EXISTS,
+                    format!("container {} exists", req.id),
+                ));
+            }
+            st.containers.insert(
+                req.id.clone(),
+                Container {
+                    bundle,
+                    args,
+                    io,
+                    mounted,
+                    phase: Phase::Created,
+                    pid: 0,
+                    exit: None,
+                },
+            );
+        }
+        // The process only exists once started: until then the shim stands
+        // for it (containerd needs a live pid).
+        let pid = std::process::id();
+        let mut ev = TaskCreate::new();
+        ev.container_id = req.id.clone();
+        ev.bundle = req.bundle.clone();
+        ev.rootfs = req.rootfs.clone();
+        ev.pid = pid;
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev));
+        let mut resp = api::CreateTaskResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        no_exec(&req.exec_id)?;
+        let cfg = ShimConfig::load().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e))?;
+        let mut st = self.state();
+        let c = st
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        if c.phase != Phase::Created {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {} was already started", req.id),
+            ));
+        }
+        let child = process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(|e| {
+            rpc_error(
+                Code::INTERNAL,
+                format!("cannot start {}: {e}", cfg.capsule.display()),
+            )
+        })?;
+        c.pid = child.id();
+        c.phase = Phase::Running;
+        let pid = c.pid;
+        drop(st);
+        self.watch(req.id.clone(), child);
+        let mut ev = TaskStart::new();
+        ev.container_id = req.id;
+        ev.pid = pid;
+        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev));
+        let mut resp = api::StartResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        no_exec(&req.exec_id)?;
+        let st = self.state();
+        let c = st
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        let mut resp = api::StateResponse::new();
+        resp.id = req.id.clone();
+        resp.bundle = c.bundle.to_string_lossy().into_owned();
+        resp.pid = c.pid;
+        resp.status = match c.phase {
+            Phase::Created => api::Status::CREATED,
+            Phase::Running => api::Status::RUNNING,
+            Phase::Stopped => api::Status::STOPPED,
+        }
+        .into();
+        resp.stdin = c.io.stdin.clone();
+        resp.stdout = c.io.stdout.clone();
+        resp.stderr = c.io.stderr.clone();
+        if let Some((code, at)) = c.exit {
+            resp.exit_status = code;
+            resp.exited_at = Some(timestamp(at)).into();
+        }
+        Ok(resp)
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let st = self.state();
+        let c = st
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        let mut resp = api::PidsResponse::new();
+        if c.phase == Phase::Running {
+            let mut info = containerd_shim::protos::api::ProcessInfo::new();
+            info.pid = c.pid;
+            resp.processes.push(info);
+        }
+        Ok(resp)
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        no_exec(&req.exec_id)?;
+        let st = self.state();
+        let c = st
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        if c.phase != Phase::Running {
+            return Err(rpc_error(
+                Code::NOT_FOUND,
+                format!("container {} is not running", req.id),
+            ));
+        }
+        if !status::forwarded(req.signal) {
+            return Err(rpc_error(
+                Code::UNIMPLEMENTED,
+                format!(
+                    "signal {} cannot reach a process inside a capsule microVM yet (SIGTERM, SIGINT, SIGHUP and SIGKILL end the container)",
+                    req.signal
+                ),
+            ));
+        }
+        let pid = libc::pid_t::try_from(c.pid).map_err(|_| rpc_error(Code::INTERNAL, "bad pid"))?;
+        let sig = libc::c_int::try_from(req.signal)
+            .map_err(|_| rpc_error(Code::INVALID_ARGUMENT, "bad signal"))?;
+        // SAFETY: kill has no memory arguments. The pid is our own child,
+        // not yet waited for (its phase would be Stopped), so it cannot
+        // have been reused.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(rpc_error(Code::INTERNAL, format!("kill {pid}: {e}")));
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        no_exec(&req.exec_id)?;
+        let mut st = self.state();
+        let c = st
+            .containers
+            .get(&req.id)
+            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+        if c.phase == Phase::Running {
+            return Err(rpc_error(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is running: kill it first", req.id),
+            ));
+        }
+        let c = st.containers.remove(&req.id).expect("checked above");
+        drop(st);
+        if let Some(target) = &c.mounted {
+            Self::unmount(target);
+        }
+        let (code, at) = c.exit.unwrap_or((0, SystemTime::now()));
+        let mut resp = api::DeleteResponse::new();
+        resp.pid = c.pid;
+        resp.exit_status = code;
+        resp.exited_at = Some(timestamp(at)).into();
+        let mut ev = TaskDelete::new();
+        ev.container_id = req.id.clone();
+        ev.id = req.id;
+        ev.pid = c.pid;
+        ev.exit_status = code;
+        ev.exited_at = Some(timestamp(at)).into();
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev));
+        Ok(resp)
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        no_exec(&req.exec_id)?;
+        let mut st = self.state();
+        loop {
+            let c = st
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+            if let Some((code, at)) = c.exit {
+                let mut resp = api::WaitResponse::new();
+                resp.exit_status = code;
+                resp.exited_at = Some(timestamp(at)).into();
+                return Ok(resp);
+            }
+            st = self
+                .inner
+                .stopped
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        let st = self.state();
+        let mut resp = api::ConnectResponse::new();
+        resp.shim_pid = std::process::id();
+        resp.task_pid = st.containers.get(&req.id).map_or(0, |c| c.pid);
+        Ok(resp)
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        if self.state().containers.is_empty() {
+            self.inner.exit.signal();
+        }
+        Ok(api::Empty::new())
+    }
+}

@@ -1,0 +1,150 @@
+# shellcheck shell=sh
+# tests/boot/cases.d/containerd.sh: the containerd runtime (issue 24).
+# Sourced by tests/boot/cases.sh; POSIX sh for busybox ash in L1.
+#
+# Debian's containerd (unpacked, not installed, by
+# resources/build-containerd-shim.sh) runs in L1 with a private root,
+# state and socket, and the static containerd-shim-capsule-v2 in PATH;
+# tests/boot/run.sh ships both in $TOOLS/containerd/. No image registry
+# can be reached: the container's root is a directory made here from
+# L1's static busybox (`ctr run --rootfs DIR`). The shim runs each
+# container in its own microVM with that directory as the root over
+# virtio-fs, so the case needs the virtiofsd of cases.d/virtiofs.sh.
+
+# shellcheck disable=SC2016  # $... in container commands is for the guest shell
+# Optional until seen passing in the harness.
+OPTIONAL_CASES="${OPTIONAL_CASES:-} containerd_ctr"
+
+# containerd_prereqs: the tools, else the case fails loudly.
+containerd_prereqs() {
+    for _t in containerd ctr containerd-shim-capsule-v2; do
+        if [ ! -x "${TOOLS:-/nonexistent}/containerd/$_t" ]; then
+            CASE_ERRORS="not run: no $_t in \$TOOLS/containerd (tests/boot/run.sh ships it for containerd_* cases)"
+            SECS=0 RC=1 OUT=/dev/null ERR=/dev/null
+            return 1
+        fi
+    done
+    virtiofs_prereqs
+}
+
+# ctrd_start DIR: containerd on DIR/containerd.sock, its log in DIR/containerd.log.
+ctrd_start() {
+    mkdir -p "$1/root" "$1/state"
+    cat >"$1/config.toml" <<CONF
+version = 2
+root = "$1/root"
+state = "$1/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$1/containerd.sock"
+CONF
+    PATH="$TOOLS/containerd:$PATH" CAPSULE_SHIM_KERNEL="$BZIMAGE" CAPSULE_SHIM_CAPSULE="$CAPSULE" \
+        CAPSULE_SHIM_MEMORY=256M \
+        "$TOOLS/containerd/containerd" --config "$1/config.toml" >"$1/containerd.log" 2>&1 &
+    CTRD_PID=$!
+    CTRD_SOCK="$1/containerd.sock"
+    _i=0
+    while [ $_i -lt 150 ]; do
+        if ctr version >/dev/null 2>&1; then
+            return 0
+        fi
+        sleep 0.2 2>/dev/null || sleep 1
+        _i=$((_i + 1))
+    done
+    return 1
+}
+
+ctr() { "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" "$@"; }
+
+# ctr_rootfs DIR: a busybox root for the containers.
+ctr_rootfs() {
+    rm -rf "$1"
+    mkdir -p "$1/bin" "$1/proc" "$1/sys" "$1/dev" "$1/tmp" "$1/etc"
+    # busybox ash answers `command -v busybox` with the bare name.
+    _bb="$(command -v busybox)"
+    case "$_bb" in /*) ;; *) _bb=/bin/busybox ;; esac
+    cp "$_bb" "$1/bin/busybox"
+    for _a in sh echo sleep cat ls true; do ln -s busybox "$1/bin/$_a"; done
+}
+
+# wait_line FILE LINE SECONDS: until FILE has LINE.
+wait_line() {
+    _i=0
+    while [ $_i -lt $(($3 * 5)) ]; do
+        grep -qx -- "$2" "$1" 2>/dev/null && return 0
+        sleep 0.2 2>/dev/null || sleep 1
+        _i=$((_i + 1))
+    done
+    return 1
+}
+
+case_containerd_ctr() {
+    containerd_prereqs || return
+    _d="$WORK/containerd_ctr"
+    rm -rf "$_d"
+    mkdir -p "$_d"
+    OUT="$_d/stdout" ERR="$_d/stderr"
+    : >"$OUT"
+    : >"$ERR"
+    printf '%s\n' "ctr run --rm --runtime io.containerd.capsule.v2 --rootfs DIR ..." >"$_d/command"
+    _start=$(now)
+    if ! ctrd_start "$_d"; then
+        expect "containerd started" false
+        cat "$_d/containerd.log" >>"$ERR"
+        RC=1 SECS=$(($(now) - _start))
+        kill "$CTRD_PID" 2>/dev/null
+        virtiofs_done
+        return
+    fi
+    _root="$_d/rootfs"
+    ctr_rootfs "$_root"
+    _rt="--runtime io.containerd.capsule.v2"
+
+    # 1. The process's output and exit status come back through containerd.
+    # shellcheck disable=SC2086  # $_rt is two words
+    timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" run --rm $_rt \
+        --rootfs "$_root" c1 /bin/sh -c 'echo hi; echo in-$((6*7)) >/made-in-vm; exit 7' \
+        </dev/null >"$_d/c1.out" 2>"$_d/c1.err"
+    RC=$?
+    expect "ctr run printed hi" grep -qx hi "$_d/c1.out"
+    expect "ctr run ended with the container's status 7 (was $RC)" rc_is 7
+    expect "the container wrote its root live over virtio-fs" \
+        test "$(cat "$_root/made-in-vm" 2>/dev/null)" = in-42
+
+    # 2. Two containers at once (each its own microVM), and `ctr task
+    # kill` (SIGTERM) ending the second one as runc's would: 128+15.
+    # shellcheck disable=SC2086
+    timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" run --rm $_rt \
+        --rootfs "$_root" c2 /bin/sh -c 'echo c2-up; exec sleep 600' \
+        </dev/null >"$_d/c2.out" 2>"$_d/c2.err" &
+    _c2=$!
+    # shellcheck disable=SC2086
+    timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" run --rm $_rt \
+        --rootfs "$_root" c3 /bin/sh -c 'echo c3-up; exit 3' \
+        </dev/null >"$_d/c3.out" 2>"$_d/c3.err" &
+    _c3=$!
+    wait "$_c3"
+    _rc3=$?
+    expect "the parallel container printed c3-up" grep -qx c3-up "$_d/c3.out"
+    expect "the parallel container ended with 3 (was $_rc3)" test "$_rc3" -eq 3
+    expect "the long-running container started" wait_line "$_d/c2.out" c2-up 120
+    ctr task ls >"$_d/tasks" 2>&1
+    expect "ctr task ls shows c2 RUNNING" grep -q '^c2 .*RUNNING' "$_d/tasks"
+    ctr task kill c2 >>"$_d/c2.err" 2>&1
+    wait "$_c2"
+    _rc2=$?
+    expect "ctr task kill (SIGTERM) ended c2 with 143 (was $_rc2)" test "$_rc2" -eq 143
+    ctr task ls >"$_d/tasks-after" 2>&1
+    expect "no task is left" test "$(grep -c '^c[123] ' "$_d/tasks-after")" -eq 0
+
+    SECS=$(($(now) - _start))
+    kill "$CTRD_PID" 2>/dev/null
+    wait "$CTRD_PID" 2>/dev/null
+    virtiofs_done
+    for _f in c1.out c1.err c2.out c2.err c3.out c3.err tasks tasks-after; do
+        echo "== $_f" >>"$OUT"
+        cat "$_d/$_f" >>"$OUT" 2>/dev/null
+    done
+    tail -n 40 "$_d/containerd.log" >>"$ERR"
+    expect "no Rust panic" no_rust_panic
+}

@@ -1,0 +1,108 @@
+//! What the snapshot tests share: the tiny guests they snapshot, the
+//! capsule binary and the files a snapshot leaves.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "the guests' jumps are short, known offsets"
+)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::elf;
+
+/// The guest: `bl` = 'a'; loop { out COM1, bl; bl = next letter (z wraps
+/// to a); short delay }.
+pub fn alphabet_guest() -> Vec<u8> {
+    let mut c = vec![0xb3, b'a']; // mov bl, 'a'
+    let top = c.len();
+    c.extend([0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
+    c.extend([0x88, 0xd8, 0xee]); // mov al, bl; out dx, al
+    c.extend([0xfe, 0xc3]); // inc bl
+    c.extend([0x80, 0xfb, b'z' + 1, 0x75, 0x02, 0xb3, b'a']); // cmp bl, 'z'+1; jne +2; mov bl, 'a'
+    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
+    let j = c.len();
+    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    elf(&c)
+}
+
+pub fn tmp(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("snapshot-tests");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+pub fn capsule(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run capsule")
+}
+
+pub fn ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub fn logs(name: &str) -> String {
+    String::from_utf8_lossy(&capsule(&["logs", name]).stdout).into_owned()
+}
+
+pub fn next_letter(c: char) -> char {
+    if c == 'z' {
+        'a'
+    } else {
+        (c as u8 + 1) as char
+    }
+}
+
+/// Waits until `name`'s console log has at least `n` bytes.
+pub fn wait_output(name: &str, n: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = logs(name);
+        if l.len() >= n {
+            return l;
+        }
+        assert!(Instant::now() < deadline, "{name} printed only {l:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The guest of the Diff test: prints the letter kept at 0x30_0000 (so
+/// that the letter lives in memory, not in a register) and moves it on,
+/// and counts its rounds in the u32 at 0x30_1000.
+pub fn memory_guest() -> Vec<u8> {
+    let mut c = vec![0x48, 0xc7, 0xc6, 0x00, 0x00, 0x30, 0x00]; // mov rsi, 0x300000
+    c.extend([0xc6, 0x06, b'a']); // mov byte [rsi], 'a'
+    let top = c.len();
+    c.extend([0x8a, 0x06]); // mov al, [rsi]
+    c.extend([0x66, 0xba, 0xf8, 0x03, 0xee]); // mov dx, 0x3f8; out dx, al
+    c.extend([0xfe, 0xc0, 0x3c, b'z' + 1, 0x75, 0x02, 0xb0, b'a']); // next letter, z wraps
+    c.extend([0x88, 0x06]); // mov [rsi], al
+    c.extend([0xff, 0x86, 0x00, 0x10, 0x00, 0x00]); // inc dword [rsi+0x1000]
+    c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
+    let j = c.len();
+    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    elf(&c)
+}
+
+/// The u32 at guest address `gpa` in a memory file (RAM starts at 0).
+pub fn mem_u32(dir: &Path, gpa: u64) -> u32 {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(dir.join("memory")).unwrap();
+    let mut b = [0u8; 4];
+    f.read_exact_at(&mut b, gpa).unwrap();
+    u32::from_le_bytes(b)
+}
+
+/// The JSON state of snapshot directory `dir`.
+pub fn state_json(dir: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(dir.join("snapshot")).unwrap();
+    serde_json::from_slice(&bytes[24..]).unwrap()
+}

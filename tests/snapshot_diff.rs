@@ -1,0 +1,254 @@
+//! Diff snapshots against the real binary on /dev/kvm, with a tiny guest
+//! that keeps its state in memory (the letter it prints next, a round
+//! counter): a Diff must hold the pages written since its Full snapshot
+//! (and hardly more), and restored on top of that Full one the guest must
+//! go on where the Diff was taken.
+
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test fixtures cast small, known values"
+)]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::snapshot::*;
+
+/// A Full snapshot, a VM restored from it that tracks dirty pages and
+/// runs on, a Diff snapshot of that: the Diff holds the pages written
+/// (and hardly more), and restored on top of the Full one it goes on
+/// where the Diff was taken.
+#[test]
+fn diff_snapshot_restores_on_top_of_its_full_one() {
+    let pid = std::process::id();
+    let (a, b, c) = (
+        format!("diffa-{pid}"),
+        format!("diffb-{pid}"),
+        format!("diffc-{pid}"),
+    );
+    let (full, diff) = (tmp(&format!("full-{pid}")), tmp(&format!("diff-{pid}")));
+    let kernel = tmp(&format!("{a}.elf"));
+    std::fs::write(&kernel, memory_guest()).unwrap();
+    let k = kernel.to_str().unwrap();
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--name",
+        &a,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+    ]));
+    wait_output(&a, 30);
+    let _ = std::fs::remove_dir_all(&full);
+    ok(&capsule(&[
+        "snapshot",
+        &a,
+        full.to_str().unwrap(),
+        "--stop",
+    ]));
+    let full_rounds = mem_u32(&full, 0x30_1000);
+    assert!(
+        full_rounds >= 30,
+        "{full_rounds} rounds before the Full snapshot"
+    );
+
+    // A Diff needs tracking; a VM restored without it is refused one.
+    let fs = full.to_str().unwrap();
+    let untracked = format!("diffu-{pid}");
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        fs,
+        "--name",
+        &untracked,
+    ]));
+    wait_output(&untracked, 3);
+    let no = tmp(&format!("diffno-{pid}"));
+    let out = capsule(&["snapshot", &untracked, no.to_str().unwrap(), "--diff"]);
+    let _ = capsule(&["kill", &untracked]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("dirty-page tracking"), "{e}");
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        fs,
+        "--name",
+        &b,
+        "--track-dirty-pages",
+    ]));
+    wait_output(&b, 40);
+    ok(&capsule(&["pause", &b]));
+    let last = logs(&b).chars().last().unwrap();
+    let _ = std::fs::remove_dir_all(&diff);
+    ok(&capsule(&[
+        "snapshot",
+        &b,
+        diff.to_str().unwrap(),
+        "--diff",
+        "--stop",
+    ]));
+
+    // The Diff holds the two pages the guest writes, a few more (page
+    // tables' accessed bits), and nothing else.
+    let st = state_json(&diff);
+    let runs: Vec<(u64, u64)> = serde_json::from_value(st["diff"]["runs"].clone()).unwrap();
+    let pages: u64 = runs.iter().map(|r| r.1 / 4096).sum();
+    let holds = |gpa: u64| runs.iter().any(|&(at, len)| at <= gpa && gpa < at + len);
+    assert!(holds(0x30_0000) && holds(0x30_1000), "{runs:x?}");
+    assert!(pages <= 16, "{pages} pages in the Diff: {runs:x?}");
+    assert_eq!(st["diff"]["base_id"], state_json(&full)["id"]);
+    let allocated = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(diff.join("memory")).unwrap().blocks() * 512
+    };
+    assert!(
+        allocated <= (pages + 16) * 4096,
+        "{allocated} bytes allocated"
+    );
+    assert!(mem_u32(&diff, 0x30_1000) > full_rounds);
+    assert_eq!(mem_u32(&diff, 0x30_0000) as u8 as char, next_letter(last));
+
+    // Without its base, or on a base that is not its own: refused.
+    let ds = diff.to_str().unwrap();
+    let out = capsule(&["run", "--restore", ds]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Diff snapshot"),
+        "{out:?}"
+    );
+    let out = capsule(&["run", "--restore", ds, "--base", ds]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // On top of the Full one: the next letter after the Diff's last.
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        ds,
+        "--base",
+        fs,
+        "--name",
+        &c,
+    ]));
+    let out = wait_output(&c, 3);
+    let _ = capsule(&["kill", &c]);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+}
+
+/// Booted over the API with `track_dirty_pages`: a Diff before any Full
+/// snapshot is refused (400); after a Full one, a Diff holds only the
+/// pages written since, and restores on top of the Full one.
+#[test]
+fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
+    let pid = std::process::id();
+    let kernel = tmp(&format!("apidiff-{pid}.elf"));
+    std::fs::write(&kernel, memory_guest()).unwrap();
+    let sock = tmp(&format!("apidiff-{pid}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--api-sock"])
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let req = |method: &str, path: &str, body: &str| -> (u16, String) {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, text)
+    };
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(req("PUT", "/boot-source", &boot).0, 204);
+    let mc = r#"{"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": true}"#;
+    assert_eq!(req("PUT", "/machine-config", mc).0, 204);
+    assert_eq!(
+        req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0,
+        204
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (full, diff) = (
+        tmp(&format!("apifull-{pid}")),
+        tmp(&format!("apidiff-{pid}")),
+    );
+    for d in [&full, &diff] {
+        let _ = std::fs::remove_dir_all(d);
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let create = |d: &Path, kind: &str| {
+        format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            d.join("snapshot").display(),
+            d.join("memory").display()
+        )
+    };
+    assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
+    let (st, body) = req("PUT", "/snapshot/create", &create(&diff, "Diff"));
+    assert_eq!(st, 400, "{body}");
+    assert!(body.contains("Full snapshot"), "{body}");
+    let (st, body) = req("PUT", "/snapshot/create", &create(&full, "Full"));
+    assert_eq!(st, 204, "{body}");
+    let full_rounds = mem_u32(&full, 0x30_1000);
+    assert_eq!(req("PATCH", "/vm", r#"{"state":"Resumed"}"#).0, 204);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
+    let (st, body) = req("PUT", "/snapshot/create", &create(&diff, "Diff"));
+    assert_eq!(st, 204, "{body}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let runs: Vec<(u64, u64)> =
+        serde_json::from_value(state_json(&diff)["diff"]["runs"].clone()).unwrap();
+    let pages: u64 = runs.iter().map(|r| r.1 / 4096).sum();
+    assert!(pages <= 16, "{pages} pages in the Diff: {runs:x?}");
+    let rounds = mem_u32(&diff, 0x30_1000);
+    assert!(
+        rounds > full_rounds,
+        "{rounds} rounds, {full_rounds} at the Full one"
+    );
+    let name = format!("apidiffc-{pid}");
+    let (ds, fs) = (diff.to_str().unwrap(), full.to_str().unwrap());
+    ok(&capsule(&[
+        "run",
+        "-d",
+        "--restore",
+        ds,
+        "--base",
+        fs,
+        "--name",
+        &name,
+    ]));
+    let out = wait_output(&name, 3);
+    let _ = capsule(&["kill", &name]);
+    let next = mem_u32(&diff, 0x30_0000) as u8 as char;
+    assert_eq!(out.chars().next(), Some(next), "{out:?}");
+}
