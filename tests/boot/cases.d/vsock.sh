@@ -11,7 +11,12 @@
 
 # shellcheck disable=SC2016  # $... in guest commands is for the guest shell
 ALL_CASES="$ALL_CASES vsock_refused vsock_host_listener_gone"
-# Optional until seen passing in the nested harness.
+# Optional: vsock_64m_both_ways passed in the nested harness (2026-12-04)
+# but in 172 s of the 180 s case limit (host→guest 64 MiB in 44 s, about
+# 1.5 MiB/s under TCG), too close for the default set. vsock_20_connections:
+# the host's 20 connections came back intact, the guest's 20 to the host's
+# echo had not finished at the time limit (slowness or a stall: not yet
+# known).
 OPTIONAL_CASES="${OPTIONAL_CASES:-} vsock_64m_both_ways vsock_20_connections"
 
 # vsock_tool: the relay's path (fails loudly when it is missing).
