@@ -455,7 +455,7 @@ enum Step {
 /// the first one popped now, whose bytes the limiter already counted.
 fn serve_next(
     queue: &mut virtio_queue::Queue,
-    mem: &vm_memory::GuestMemoryMmap,
+    mem: &crate::GuestMemoryMmap,
     ctx: &mut request::Context<'_>,
     resume: &mut Option<(u16, request::Progress)>,
     limiter: Option<&mut crate::rate_limiter::RateLimiter>,
