@@ -109,12 +109,13 @@ mod tests {
     }
 
     /// Loads a spec through oci-spec's file loader, as the shim does.
+    /// Each call gets its own directory: tests run in parallel, and two
+    /// specs of the same length once shared one (a flaky EOF).
     fn spec(json: &str) -> Spec {
-        let dir = std::env::temp_dir().join(format!(
-            "capsule-shim-spec-{}-{}",
-            std::process::id(),
-            json.len()
-        ));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("capsule-shim-spec-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("config.json");
         std::fs::write(&path, json).unwrap();
