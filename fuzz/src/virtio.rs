@@ -25,8 +25,8 @@ use devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetBackend, SendStatus};
 use devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use devices::virtio::VirtioDevice;
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use devices::GuestMemoryMmap;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
