@@ -156,6 +156,14 @@ main() {
     root="$work/root"
     populate_busybox_root "$root"
     cp "$l1dir"/modules/*.ko "$root/lib/modules/"
+    # kvm-keypin (see its source): on unless CAPSULE_L1_KEYPIN=0.
+    keypin=0
+    if [[ "${CAPSULE_L1_KEYPIN:-1}" != 0 ]]; then
+        cc -static -O2 -Wall -o "$root/bin/kvm-keypin" \
+            "$CAPSULE_RESOURCES_DIR/harness/kvm-keypin.c" ||
+            die "cannot start L1: building kvm-keypin failed"
+        keypin=1
+    fi
     mkdir -p "$root/capsule"
 
     script_name="$(basename "$script")"
@@ -224,7 +232,20 @@ if [ ! -c /dev/kvm ]; then
     echo "capsule-l1: ERROR: no /dev/kvm after loading kvm-amd (is SVM emulated?)"
     l1_exit 125
 fi
-echo "capsule-l1: nested mode: L1 Linux \$(uname -r) under QEMU TCG, kvm_amd npt=\$(cat /sys/module/kvm_amd/parameters/npt), \$(nproc) vCPUs; running $script_name"
+# Hold KVM's APIC static keys (resources/harness/kvm-keypin.c): without it,
+# every guest's start and end live-patches kvm.ko, which TCG's threads do
+# not see coherently.
+keypin_state=off
+if [ "$keypin" = 1 ]; then
+    kvm-keypin >/run/keypin.log 2>&1 </dev/null &
+    keypin_state="failed"
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        if grep -q holding /run/keypin.log; then keypin_state=on; break; fi
+        sleep 0.5
+    done
+    [ "\$keypin_state" = on ] || echo "capsule-l1: warning: kvm-keypin: \$(cat /run/keypin.log)"
+fi
+echo "capsule-l1: nested mode: L1 Linux \$(uname -r) under QEMU TCG, kvm_amd npt=\$(cat /sys/module/kvm_amd/parameters/npt), \$(nproc) vCPUs, APIC key pin \$keypin_state; running $script_name"
 # Heartbeat on the second serial port: the host sees that L1 still runs.
 (while :; do echo . >/dev/ttyS1; sleep 5; done) </dev/null >/dev/null 2>&1 &
 # The kvm modules' symbols on the third, to name code in a hung L1.
