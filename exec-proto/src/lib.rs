@@ -120,6 +120,44 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// Why an [`ExecSpec`] cannot be written or read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecError {
+    /// A field holds a NUL byte (the record separator): the record's key.
+    Nul(&'static str),
+    /// A module name holds '/'.
+    ModulePath,
+    /// A record without '='.
+    NoEquals,
+    /// A share record without a mode or a directory: which is missing.
+    Share(&'static str),
+    /// A net record that is not UTF-8.
+    NetNotUtf8,
+    /// A net record that does not parse: its text.
+    Net(String),
+    /// A record of an unknown key (or a module name with '/').
+    UnknownRecord,
+    /// No `arg` record.
+    NoCommand,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Nul(key) => write!(f, "{key} contains a NUL byte"),
+            Self::ModulePath => f.write_str("a module name contains '/'"),
+            Self::NoEquals => f.write_str("record without '='"),
+            Self::Share(what) => write!(f, "share without {what}"),
+            Self::NetNotUtf8 => f.write_str("net record is not UTF-8"),
+            Self::Net(text) => write!(f, "bad net record {text:?}"),
+            Self::UnknownRecord => f.write_str("unknown record"),
+            Self::NoCommand => f.write_str("no command"),
+        }
+    }
+}
+
+impl std::error::Error for SpecError {}
+
 /// Appends one frame to `out`. Payloads longer than [`MAX_PAYLOAD`] must
 /// be split by the caller (this panics on them: a programming error).
 pub fn encode(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
@@ -457,10 +495,10 @@ impl NetSpec {
         r
     }
 
-    fn parse(val: &[u8]) -> Result<Self, String> {
-        let text = std::str::from_utf8(val).map_err(|_| "net record is not UTF-8")?;
+    fn parse(val: &[u8]) -> Result<Self, SpecError> {
+        let text = std::str::from_utf8(val).map_err(|_| SpecError::NetNotUtf8)?;
         let mut words = text.split(' ');
-        let bad = || format!("bad net record {text:?}");
+        let bad = || SpecError::Net(text.to_owned());
         let interface = words.next().filter(|w| !w.is_empty() && w.len() < 16);
         let interface = interface.ok_or_else(bad)?.to_string();
         let (addr, prefix) = words
@@ -525,11 +563,11 @@ pub struct ExecSpec {
 
 impl ExecSpec {
     /// Serializes the spec. Fails if a field contains a NUL byte.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, SpecError> {
         let mut out = Vec::new();
-        let mut rec = |key: &str, val: &[u8]| -> Result<(), String> {
+        let mut rec = |key: &'static str, val: &[u8]| -> Result<(), SpecError> {
             if val.contains(&0) {
-                return Err(format!("{key} contains a NUL byte"));
+                return Err(SpecError::Nul(key));
             }
             out.extend_from_slice(key.as_bytes());
             out.push(b'=');
@@ -561,7 +599,7 @@ impl ExecSpec {
         }
         for m in &self.modules {
             if m.contains(&b'/') {
-                return Err("a module name contains '/'".into());
+                return Err(SpecError::ModulePath);
             }
             rec("module", m)?;
         }
@@ -572,13 +610,13 @@ impl ExecSpec {
     }
 
     /// Parses what [`Self::to_bytes`] wrote.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, SpecError> {
         let mut spec = Self::default();
         for rec in bytes.split(|&b| b == 0).filter(|r| !r.is_empty()) {
             let eq = rec
                 .iter()
                 .position(|&b| b == b'=')
-                .ok_or("record without '='")?;
+                .ok_or(SpecError::NoEquals)?;
             let (key, val) = (&rec[..eq], &rec[eq + 1..]);
             match key {
                 b"arg" => spec.argv.push(val.to_vec()),
@@ -588,8 +626,8 @@ impl ExecSpec {
                 b"share" => {
                     let mut parts = val.splitn(3, |&b| b == b':');
                     let _index = parts.next();
-                    let mode = parts.next().ok_or("share without mode")?;
-                    let dir = parts.next().ok_or("share without directory")?;
+                    let mode = parts.next().ok_or(SpecError::Share("mode"))?;
+                    let dir = parts.next().ok_or(SpecError::Share("directory"))?;
                     spec.shares.push((dir.to_vec(), mode == b"rw"));
                 }
                 b"net" => spec.nets.push(NetSpec::parse(val)?),
@@ -599,11 +637,11 @@ impl ExecSpec {
                 b"module" if !val.contains(&b'/') && !val.is_empty() => {
                     spec.modules.push(val.to_vec())
                 }
-                _ => return Err("unknown record".into()),
+                _ => return Err(SpecError::UnknownRecord),
             }
         }
         if spec.argv.is_empty() {
-            return Err("no command".into());
+            return Err(SpecError::NoCommand);
         }
         Ok(spec)
     }
@@ -779,9 +817,9 @@ mod tests {
             argv: vec![b"a\0b".to_vec()],
             ..Default::default()
         };
-        assert!(bad.to_bytes().is_err());
-        assert!(ExecSpec::from_bytes(b"cwd=/\0").is_err());
-        assert!(ExecSpec::from_bytes(b"nokey\0").is_err());
+        assert_eq!(bad.to_bytes(), Err(SpecError::Nul("arg")));
+        assert_eq!(ExecSpec::from_bytes(b"cwd=/\0"), Err(SpecError::NoCommand));
+        assert_eq!(ExecSpec::from_bytes(b"nokey\0"), Err(SpecError::NoEquals));
         for bad in [
             "eth0",
             "eth0 1.2.3.4/33 1.1.1.1",
@@ -789,15 +827,22 @@ mod tests {
             "eth0 1.2.3.4/8 x",
         ] {
             let rec = format!("arg=x\0net={bad}\0");
-            assert!(ExecSpec::from_bytes(rec.as_bytes()).is_err(), "{bad}");
+            assert_eq!(
+                ExecSpec::from_bytes(rec.as_bytes()),
+                Err(SpecError::Net(bad.into())),
+                "{bad}"
+            );
         }
         // A module name cannot climb out of the module directory.
-        assert!(ExecSpec::from_bytes(b"arg=x\0module=../../bin/sh\0").is_err());
+        assert_eq!(
+            ExecSpec::from_bytes(b"arg=x\0module=../../bin/sh\0"),
+            Err(SpecError::UnknownRecord)
+        );
         let climbing = ExecSpec {
             argv: vec![b"x".to_vec()],
             modules: vec![b"../x.ko".to_vec()],
             ..Default::default()
         };
-        assert!(climbing.to_bytes().is_err());
+        assert_eq!(climbing.to_bytes(), Err(SpecError::ModulePath));
     }
 }

@@ -52,7 +52,9 @@ struct Conn {
 
 /// Routes a parsed HTTP request to an API request, or answers it.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response> {
-    let bad = |e: String| Response::fault(400, e);
+    fn bad(e: impl std::fmt::Display) -> Response {
+        Response::fault(400, e.to_string())
+    }
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let no_body = |r: Request| {
         if body.is_empty() {

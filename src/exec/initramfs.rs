@@ -47,7 +47,7 @@ pub fn build_initramfs(
         modules: module_names,
         nets,
     };
-    let spec = spec.to_bytes().map_err(Error::Usage)?;
+    let spec = spec.to_bytes()?;
     let mut w = CpioWriter::new();
     if let Some(root) = &config.rootfs {
         if !root.is_dir() {
@@ -78,8 +78,9 @@ pub fn build_initramfs(
     if !modules.is_empty() {
         w.dir(exec_proto::MODULE_DIR.trim_start_matches('/'), 0o755)?;
         for m in modules {
-            let data = std::fs::read(m).map_err(|e| {
-                Error::Usage(format!("cannot read kernel module {}: {e}", m.display()))
+            let data = std::fs::read(m).map_err(|source| Error::Module {
+                path: m.clone(),
+                source,
             })?;
             let name = m.file_name().unwrap_or_default().to_string_lossy();
             let dest = format!("{}/{name}", exec_proto::MODULE_DIR.trim_start_matches('/'));

@@ -58,6 +58,8 @@ use crate::builder::{self, Console, Extras};
 use crate::config::VmConfig;
 use crate::vmm::RunEnd;
 
+pub use self::netcfg::Error as UserNetError;
+
 use self::copyback::ShareBack;
 use self::cpio::CpioError;
 pub use self::initramfs::build_initramfs;
@@ -91,6 +93,29 @@ pub enum Error {
     /// Bad `--share`, `--rootfs`, `--env` or `--workdir`.
     #[error("{0}")]
     Usage(String),
+    /// The command, environment or a module name cannot be passed to the
+    /// guest init (a NUL byte, a '/').
+    #[error("{0}")]
+    Spec(#[from] exec_proto::SpecError),
+    /// `--modules`: the tree's `modules.dep` could not be read.
+    #[error("--modules {}: cannot read modules.dep: {source}", .dir.display())]
+    ModuleDeps {
+        /// The module tree.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A kernel module could not be read.
+    #[error("cannot read kernel module {}: {source}", .path.display())]
+    Module {
+        /// The module file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// `--net user` cannot be configured on this host.
+    #[error(transparent)]
+    UserNet(#[from] UserNetError),
     /// Setting up host-side plumbing failed.
     #[error("{0}: {1}")]
     Host(&'static str, io::Error),
@@ -339,7 +364,7 @@ fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
         .iter()
         .enumerate()
         .filter(|(_, n)| matches!(n.backend, crate::config::NetBackendConfig::User { .. }))
-        .map(|(i, _)| netcfg::user_net(i).map_err(Error::Usage))
+        .map(|(i, _)| netcfg::user_net(i).map_err(Error::from))
         .collect::<Result<Vec<_>, _>>()?;
     config.vm.initramfs = Some(build_initramfs(config, live, &modules, nets)?);
     let channel_arg = match channel {
@@ -475,7 +500,7 @@ fn module_files(config: &ExecConfig) -> Result<Vec<PathBuf>, Error> {
         }
         (None, false) => return Ok(Vec::new()),
     };
-    let files = modules::files(&dir).map_err(Error::Usage)?;
+    let files = modules::files(&dir)?;
     log::info!(
         "loading {} kernel modules from {}",
         files.len(),

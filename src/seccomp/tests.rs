@@ -279,17 +279,24 @@ fn filter_files_round_trip_and_garbage_is_refused() {
     }
     let bytes = file::encode(&map);
     assert_eq!(file::decode(&bytes).unwrap(), map);
-    assert!(file::decode(&bytes[..bytes.len() - 3])
-        .unwrap_err()
-        .contains("truncated"));
+    assert!(matches!(
+        file::decode(&bytes[..bytes.len() - 3]),
+        Err(file::DecodeError::Truncated(_))
+    ));
     let mut extra = bytes.clone();
     extra.push(0);
-    assert!(file::decode(&extra).is_err());
+    assert!(matches!(
+        file::decode(&extra),
+        Err(file::DecodeError::Trailing(1))
+    ));
     assert!(file::decode(&u64::MAX.to_le_bytes()).is_err());
     // An empty program is refused (the kernel would refuse it later).
     let mut empty = BTreeMap::new();
     empty.insert("vmm".to_string(), Vec::new());
-    assert!(file::decode(&file::encode(&empty)).is_err());
+    assert!(matches!(
+        file::decode(&file::encode(&empty)),
+        Err(file::DecodeError::Count { count: 0, .. })
+    ));
 }
 
 #[test]

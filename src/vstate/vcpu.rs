@@ -45,6 +45,22 @@ pub enum Error {
     Signal(vmm_sys_util::errno::Error),
 }
 
+/// Why [`PauseGate::save_states`] has no state for a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    /// The vCPU could not read its state.
+    #[error("vCPU {index}: {source}")]
+    Vcpu {
+        /// vCPU index.
+        index: u8,
+        /// What failed.
+        source: vcpu_state::Error,
+    },
+    /// The vCPU did not answer before the timeout.
+    #[error("vCPU {0} did not save its state in time")]
+    Timeout(usize),
+}
+
 /// Signal used to knock a vCPU thread out of `KVM_RUN`.
 fn kick_signal() -> i32 {
     SIGRTMIN()
@@ -381,7 +397,7 @@ struct PauseState {
 #[derive(Debug)]
 struct SaveRequest {
     msr_indices: Arc<Vec<u32>>,
-    results: Vec<Option<Result<VcpuState, String>>>,
+    results: Vec<Option<Result<VcpuState, SaveError>>>,
 }
 
 /// How often a parked vCPU re-checks the stop flag.
@@ -419,7 +435,7 @@ impl PauseGate {
             if let Some(req) = st.save.as_mut() {
                 if let Some(slot @ None) = req.results.get_mut(usize::from(index)) {
                     let state = vcpu_state::save(fd, &req.msr_indices);
-                    *slot = Some(state.map_err(|e| format!("vCPU {index}: {e}")));
+                    *slot = Some(state.map_err(|source| SaveError::Vcpu { index, source }));
                     self.changed.notify_all();
                 }
             }
@@ -440,7 +456,7 @@ impl PauseGate {
         count: usize,
         msr_indices: Arc<Vec<u32>>,
         timeout: Duration,
-    ) -> Result<Vec<VcpuState>, String> {
+    ) -> Result<Vec<VcpuState>, SaveError> {
         let mut st = self.lock();
         st.save = Some(SaveRequest {
             msr_indices,
@@ -466,9 +482,7 @@ impl PauseGate {
         req.results
             .into_iter()
             .enumerate()
-            .map(|(i, r)| {
-                r.unwrap_or_else(|| Err(format!("vCPU {i} did not save its state in time")))
-            })
+            .map(|(i, r)| r.unwrap_or(Err(SaveError::Timeout(i))))
             .collect()
     }
 
