@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::elf;
+use super::{elf, rel8};
 
 /// The guest: `bl` = 'a'; loop { out COM1, bl; bl = next letter (z wraps
 /// to a); short delay }.
@@ -22,7 +22,7 @@ pub fn alphabet_guest() -> Vec<u8> {
     c.extend([0x80, 0xfb, b'z' + 1, 0x75, 0x02, 0xb3, b'a']); // cmp bl, 'z'+1; jne +2; mov bl, 'a'
     c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
     let j = c.len();
-    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    c.extend([0xeb, rel8(top, j + 2)]); // jmp top
     elf(&c)
 }
 
@@ -88,7 +88,7 @@ pub fn memory_guest() -> Vec<u8> {
     c.extend([0xff, 0x86, 0x00, 0x10, 0x00, 0x00]); // inc dword [rsi+0x1000]
     c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
     let j = c.len();
-    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    c.extend([0xeb, rel8(top, j + 2)]); // jmp top
     elf(&c)
 }
 
