@@ -107,37 +107,12 @@ pub fn build_initramfs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::VmConfig;
-    use std::time::{Duration, Instant};
 
     #[test]
     fn initramfs_has_init_and_config() {
         let config = ExecConfig {
-            vm: VmConfig {
-                kernel: "k".into(),
-                initrd: None,
-                initramfs: None,
-                cmdline: String::new(),
-                vcpus: 1,
-                mem_size: 256 << 20,
-                kvm_path: "/dev/kvm".into(),
-                disks: vec![],
-                nets: vec![],
-                vsock: None,
-                fs: vec![],
-                entropy: None,
-            },
-            rootfs: None,
-            shares: vec![],
-            host_root: false,
-            fs_root: None,
-            modules: None,
             env: vec!["A=b".into()],
-            workdir: "/".into(),
-            argv: vec!["true".into()],
-            timeout: None,
-            boot_timeout: Duration::from_secs(60),
-            started: Instant::now(),
+            ..crate::exec::tests::exec_config()
         };
         let a = build_initramfs(&config, false, &[], vec![]).unwrap();
         assert!(a.len() > INIT_BINARY.len());

@@ -629,7 +629,9 @@ mod tests {
         assert!("h:/a:b:ro".parse::<Share>().is_err());
     }
 
-    fn fs_root_config(dir: &str) -> ExecConfig {
+    /// A plain configuration for the tests of this module and its
+    /// children: `true` in `/`, no shares, no root of its own.
+    pub(super) fn exec_config() -> ExecConfig {
         ExecConfig {
             vm: VmConfig {
                 kernel: "/k".into(),
@@ -648,7 +650,7 @@ mod tests {
             rootfs: None,
             shares: vec![],
             host_root: false,
-            fs_root: Some(dir.into()),
+            fs_root: None,
             modules: None,
             env: vec![],
             workdir: "/".into(),
@@ -656,6 +658,13 @@ mod tests {
             timeout: None,
             boot_timeout: Duration::from_secs(60),
             started: Instant::now(),
+        }
+    }
+
+    fn fs_root_config(dir: &str) -> ExecConfig {
+        ExecConfig {
+            fs_root: Some(dir.into()),
+            ..exec_config()
         }
     }
 

@@ -6,7 +6,7 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{elf, rel8};
@@ -105,4 +105,102 @@ pub fn mem_u32(dir: &Path, gpa: u64) -> u32 {
 pub fn state_json(dir: &Path) -> serde_json::Value {
     let bytes = std::fs::read(dir.join("snapshot")).unwrap();
     serde_json::from_slice(&bytes[24..]).unwrap()
+}
+
+/// Runs the guest `kernel` detached as `name`, its console on COM1, with
+/// `more` arguments to `run`.
+pub fn run_detached(name: &str, kernel: &Path, more: &[&str]) {
+    let k = kernel.to_str().unwrap();
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+    ];
+    args.extend(more);
+    ok(&capsule(&args));
+}
+
+/// Restores the snapshot `dir` detached as `name`, with `more` arguments
+/// to `run` (`--base`, `--vsock`, ...).
+pub fn restore_detached(dir: &Path, name: &str, more: &[&str]) {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+    ];
+    args.extend(more);
+    ok(&capsule(&args));
+}
+
+/// Pauses `name`; returns the last letter it printed.
+pub fn pause_after_a_letter(name: &str) -> char {
+    ok(&capsule(&["pause", name]));
+    logs(name).chars().last().expect("output")
+}
+
+/// Snapshots `name` into `dir` (emptied first), with `more` arguments
+/// (`--stop`, `--diff`).
+pub fn snapshot_into(name: &str, dir: &Path, more: &[&str]) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut args = vec!["snapshot", name, dir.to_str().unwrap()];
+    args.extend(more);
+    ok(&capsule(&args));
+}
+
+/// Whether `path` holds at least `n` bytes within 30 s.
+pub fn wait_file_len(path: &Path, n: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(path).map_or(0, |m| m.len()) < n {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// A `capsule run --api-sock` of the test's own, killed when dropped (a
+/// failing assertion included).
+pub struct ApiVm {
+    child: Child,
+    sock: PathBuf,
+}
+
+impl ApiVm {
+    /// Starts capsule serving the API on `sock` (replaced if it exists)
+    /// with `env` added and stdout, stderr as given; waits for the socket.
+    pub fn start(sock: PathBuf, env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Self {
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(env!("CARGO_BIN_EXE_capsule"))
+            .args(["run", "--api-sock"])
+            .arg(&sock)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("run capsule");
+        super::api::wait_for_socket(&sock);
+        Self { child, sock }
+    }
+
+    /// One request; returns (status, body).
+    pub fn req(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        super::api::request(&self.sock, method, path, Some(body))
+    }
+}
+
+impl Drop for ApiVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
