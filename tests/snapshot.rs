@@ -120,7 +120,7 @@ fn api_snapshot_rules() {
     let last = snapshot_of_a_running_guest(&name, &dir);
     let sock = tmp(&format!("api-{pid}.sock"));
     let log = tmp(&format!("api-{pid}.out"));
-    let vm = ApiVm::start(
+    let vm = api_vm(
         sock.clone(),
         &[],
         std::fs::File::create(&log).unwrap().into(),
@@ -134,39 +134,39 @@ fn api_snapshot_rules() {
         dir.display(),
         dir.display()
     );
-    let (st, body) = vm.req("PUT", "/snapshot/create", &create);
+    let (st, body) = vm.req("PUT", "/snapshot/create", Some(&create));
     assert_eq!(st, 400, "{body}");
     let load = format!(
         r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
         snap.display(),
         mem.display()
     );
-    let (st, body) = vm.req("PUT", "/snapshot/load", &load);
+    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
     assert_eq!(st, 204, "{body}");
     // Loaded and running: no second load, no create while running.
-    assert_eq!(vm.req("PUT", "/snapshot/load", &load).0, 400);
-    let (st, body) = vm.req("PUT", "/snapshot/create", &create);
+    assert_eq!(vm.req("PUT", "/snapshot/load", Some(&load)).0, 400);
+    let (st, body) = vm.req("PUT", "/snapshot/create", Some(&create));
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("paused"), "{body}");
     assert!(wait_file_len(&log, 3), "the restored guest printed nothing");
     let out = std::fs::read_to_string(&log).unwrap();
     assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
     // Paused, a snapshot of the restored VM can be made.
-    assert_eq!(vm.req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
-    let (st, body) = vm.req("PUT", "/snapshot/create", &create);
+    assert_eq!(vm.req("PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0, 204);
+    let (st, body) = vm.req("PUT", "/snapshot/create", Some(&create));
     assert_eq!(st, 204, "{body}");
     assert!(dir.join("x").exists());
     drop(vm);
 
     // A configured VM takes no snapshot.
-    let vm = ApiVm::start(sock, &[], Stdio::null(), Stdio::null());
+    let vm = api_vm(sock, &[], Stdio::null(), Stdio::null());
     let (st, _) = vm.req(
         "PUT",
         "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 128}"#),
     );
     assert_eq!(st, 204);
-    let (st, body) = vm.req("PUT", "/snapshot/load", &load);
+    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("before any other configuration"), "{body}");
 }
@@ -288,7 +288,7 @@ fn load_with_network_overrides_uses_the_new_tap() {
         tmp(&format!("net-{pid}.out")),
         tmp(&format!("net-{pid}.err")),
     );
-    let vm = ApiVm::start(
+    let vm = api_vm(
         tmp(&format!("net-{pid}.sock")),
         &[("CAPSULE_LOG", "info")],
         std::fs::File::create(&out).unwrap().into(),
@@ -300,7 +300,7 @@ fn load_with_network_overrides_uses_the_new_tap() {
         dir.join("snapshot").display(),
         dir.join("memory").display()
     );
-    let (status, resp) = vm.req("PUT", "/snapshot/load", &body);
+    let (status, resp) = vm.req("PUT", "/snapshot/load", Some(&body));
     let printed = wait_file_len(&out, 3);
     let on_new = std::path::Path::new("/sys/class/net").join(&tap2).exists();
     let on_old = std::path::Path::new("/sys/class/net").join(&tap).exists();

@@ -101,13 +101,13 @@ fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
     let pid = std::process::id();
     let kernel = tmp(&format!("apidiff-{pid}.elf"));
     std::fs::write(&kernel, memory_guest()).unwrap();
-    let vm = ApiVm::start(
+    let vm = api_vm(
         tmp(&format!("apidiff-{pid}.sock")),
         &[],
         Stdio::null(),
         Stdio::null(),
     );
-    let req = |method: &str, path: &str, body: &str| vm.req(method, path, body);
+    let req = |method: &str, path: &str, body: &str| vm.req(method, path, Some(body));
     let boot = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
         kernel.display()

@@ -54,7 +54,7 @@ fn every_filter_compiles_in_every_mode() {
 }
 
 /// What each kind of thread was seen calling (`CAPSULE_SECCOMP=log` over
-/// tests/vmm.rs and tests/api.rs, and the boot cases' failures,
+/// the tiny-guest and API tests, and the boot cases' failures,
 /// `docs/security.md`), with arguments where the filter looks at them.
 #[test]
 fn each_thread_kind_allows_what_it_was_seen_calling() {

@@ -12,6 +12,11 @@ pub mod guest;
 pub mod run;
 pub mod snapshot;
 
+/// A guest that only halts (`hlt; jmp hlt`): it ignores Ctrl-Alt-Del.
+pub fn halting_guest() -> Vec<u8> {
+    elf(&[0xf4, 0xeb, 0xfd])
+}
+
 /// Where the test guests are loaded and entered (2 MiB).
 pub const LOAD_ADDR: u64 = 0x20_0000;
 

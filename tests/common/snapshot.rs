@@ -6,9 +6,10 @@
 )]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use super::api::Vmm;
 use super::{elf, rel8};
 
 /// The guest: `bl` = 'a'; loop { out COM1, bl; bl = next letter (z wraps
@@ -32,12 +33,9 @@ pub fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// `capsule ARGS`, stdin null, to completion.
 pub fn capsule(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run capsule")
+    super::run::capsule(args, None)
 }
 
 pub fn ok(out: &Output) {
@@ -167,40 +165,15 @@ pub fn wait_file_len(path: &Path, n: u64) -> bool {
     true
 }
 
-/// A `capsule run --api-sock` of the test's own, killed when dropped (a
-/// failing assertion included).
-pub struct ApiVm {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl ApiVm {
-    /// Starts capsule serving the API on `sock` (replaced if it exists)
-    /// with `env` added and stdout, stderr as given; waits for the socket.
-    pub fn start(sock: PathBuf, env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Self {
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new(env!("CARGO_BIN_EXE_capsule"))
-            .args(["run", "--api-sock"])
-            .arg(&sock)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .expect("run capsule");
-        super::api::wait_for_socket(&sock);
-        Self { child, sock }
-    }
-
-    /// One request; returns (status, body).
-    pub fn req(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        super::api::request(&self.sock, method, path, Some(body))
-    }
-}
-
-impl Drop for ApiVm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `capsule run --api-sock SOCK` with `env` added and stdout, stderr as
+/// given: a process of the test's own, killed when dropped.
+pub fn api_vm(sock: PathBuf, env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Vmm {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capsule"));
+    command
+        .args(["run", "--api-sock"])
+        .arg(&sock)
+        .envs(env.iter().copied())
+        .stdout(stdout)
+        .stderr(stderr);
+    Vmm::spawn(command, sock)
 }
