@@ -45,7 +45,7 @@ pub enum FileError {
 /// What is wrong with a filter file's bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    /// The file is over [`MAX_FILE`] bytes.
+    /// The file is over 1 MiB (`MAX_FILE`).
     #[error("larger than {MAX_FILE} bytes")]
     TooLarge,
     /// A length does not fit this host's address space.
