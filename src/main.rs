@@ -702,96 +702,109 @@ fn main() -> ExitCode {
     let started = capsule::process_start();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(args) = firecracker_cli::wanted(&argv) {
-        capsule::logger::init();
-        capsule::failstop::install();
-        capsule::signals::install();
-        let code = firecracker_cli::run(&args);
-        let _ = std::io::stdout().flush();
-        capsule::signals::reraise_pending();
-        return ExitCode::from(code);
+        install_process_handlers();
+        return ExitCode::from(finish(firecracker_cli::run(&args)));
     }
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(cli) => cli,
-        Err(e) => {
-            let is_exec = std::env::args_os().nth(1).is_some_and(|a| a == "exec");
-            if is_exec && e.use_stderr() {
-                // exec is for scripts: one line, and docker-style status.
-                let text = e.to_string();
-                let first = text.lines().next().unwrap_or_default();
-                eprintln!("capsule: error: {}", first.trim_start_matches("error: "));
-                return ExitCode::from(status::EXEC_ERROR);
-            }
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                status::USAGE
-            } else {
-                status::OK
-            });
-        }
+        Err(code) => return ExitCode::from(code),
     };
-    capsule::logger::init();
-    capsule::failstop::install();
-    capsule::signals::install();
-    let args = match cli.command {
-        Command::Run(args) => args,
-        Command::Exec(args) => {
-            capsule::failstop::set_status(status::EXEC_ERROR);
-            if let Err(e) = capsule::confine::configure(&args.confine) {
-                eprintln!("capsule: error: {e}");
-                return ExitCode::from(status::EXEC_ERROR);
-            }
-            let code = exec(args, started);
-            let _ = std::io::stdout().flush();
-            capsule::signals::reraise_pending();
-            return ExitCode::from(code);
-        }
-        Command::Ls(a) => return ExitCode::from(verbs::ls(a.json)),
-        Command::Stop(a) => return ExitCode::from(verbs::stop(&a.name, a.timeout)),
-        Command::Kill(a) => return ExitCode::from(verbs::kill(&a.name)),
-        Command::Pause(a) => return ExitCode::from(verbs::pause(&a.name, true)),
-        Command::Resume(a) => return ExitCode::from(verbs::pause(&a.name, false)),
-        Command::Wait(a) => return ExitCode::from(verbs::wait(&a.name)),
-        Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
-        Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
-        Command::Snapshot(a) => {
-            return ExitCode::from(snapverbs::snapshot(&a.name, &a.dir, a.stop, a.diff))
-        }
+    install_process_handlers();
+    ExitCode::from(match cli.command {
+        Command::Run(args) => run_command(args),
+        Command::Exec(args) => exec_command(args, started),
+        Command::Ls(a) => verbs::ls(a.json),
+        Command::Stop(a) => verbs::stop(&a.name, a.timeout),
+        Command::Kill(a) => verbs::kill(&a.name),
+        Command::Pause(a) => verbs::pause(&a.name, true),
+        Command::Resume(a) => verbs::pause(&a.name, false),
+        Command::Wait(a) => verbs::wait(&a.name),
+        Command::Logs(a) => verbs::logs(&a.name),
+        Command::Console(a) => verbs::console(&a.name),
+        Command::Snapshot(a) => snapverbs::snapshot(&a.name, &a.dir, a.stop, a.diff),
         Command::Clone(a) => {
             let extra: Vec<String> = a
                 .nets
                 .iter()
                 .flat_map(|n| ["--net".to_string(), n.clone()])
                 .collect();
-            return ExitCode::from(snapverbs::clone(&a.dir, a.count, &a.name, &extra));
+            snapverbs::clone(&a.dir, a.count, &a.name, &extra)
         }
-        Command::Doctor(a) => return ExitCode::from(tools::doctor(&a)),
-        Command::Completions(a) => return ExitCode::from(tools::completions::<Cli>(&a)),
-        Command::Man(a) => return ExitCode::from(tools::man::<Cli>(&a)),
-        Command::Seccomp(a) => return ExitCode::from(seccomp_cmd(&a)),
-    };
-    if args.detach {
-        return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
+        Command::Doctor(a) => tools::doctor(&a),
+        Command::Completions(a) => tools::completions::<Cli>(&a),
+        Command::Man(a) => tools::man::<Cli>(&a),
+        Command::Seccomp(a) => seccomp_cmd(&a),
+    })
+}
+
+/// The logger, the fail-stop panic hook and the termination signal
+/// handlers, for every command that got past its command line.
+fn install_process_handlers() {
+    capsule::logger::init();
+    capsule::failstop::install();
+    capsule::signals::install();
+}
+
+/// The command line, or the status to exit with after clap has printed
+/// help, the version or a usage error (for `exec`, which is for scripts:
+/// one line and a docker-style status).
+fn parse_cli() -> Result<Cli, u8> {
+    Cli::try_parse().map_err(|e| {
+        let is_exec = std::env::args_os().nth(1).is_some_and(|a| a == "exec");
+        if is_exec && e.use_stderr() {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("capsule: error: {}", first.trim_start_matches("error: "));
+            return status::EXEC_ERROR;
+        }
+        let _ = e.print();
+        if e.use_stderr() {
+            status::USAGE
+        } else {
+            status::OK
+        }
+    })
+}
+
+/// After a VM ran: flushes stdout, then dies of a termination signal that
+/// stopped it, if one did; else `code`.
+fn finish(code: u8) -> u8 {
+    let _ = std::io::stdout().flush();
+    capsule::signals::reraise_pending();
+    code
+}
+
+/// `capsule exec`.
+fn exec_command(args: ExecArgs, started: std::time::Instant) -> u8 {
+    capsule::failstop::set_status(status::EXEC_ERROR);
+    if let Err(e) = capsule::confine::configure(&args.confine) {
+        eprintln!("capsule: error: {e}");
+        return status::EXEC_ERROR;
     }
-    let mut args = args;
+    finish(exec(args, started))
+}
+
+/// `capsule run`: detached, in a jail, or here.
+fn run_command(mut args: RunArgs) -> u8 {
+    if args.detach {
+        return verbs::detach(&args.name.clone().unwrap_or_default());
+    }
     if (args.api_sock.is_some() || args.name.is_some()) && !args.confine.no_landlock {
         capsule::landlock::off_for_api();
     }
     if let Err(e) = capsule::confine::configure(&args.confine) {
         eprintln!("capsule: error: {e}");
-        return ExitCode::from(status::ERROR);
+        return status::ERROR;
     }
     if args.jail.jail {
         match args.enter_jail() {
             Ok(None) => {}
-            Ok(Some(code)) => return ExitCode::from(code),
+            Ok(Some(code)) => return code,
             Err(e) => {
                 eprintln!("capsule: error: {e}");
-                return ExitCode::from(status::ERROR);
+                return status::ERROR;
             }
         }
     }
-    let code = run(args);
-    let _ = std::io::stdout().flush();
-    capsule::signals::reraise_pending();
-    ExitCode::from(code)
+    finish(run(args))
 }

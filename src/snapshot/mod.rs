@@ -348,6 +348,44 @@ pub fn create(
         Kind::Full => None,
         Kind::Diff => Some(diff_memory(vmm)?),
     };
+    let id = new_id();
+    let state = save_state(vmm, id, diff, snapshot_path, iface_ids)?;
+    let mem_written = match &state.diff {
+        None => memfile::write_memory(&vmm.ram, mem_path)?,
+        Some(d) => memfile::write_pages(&vmm.ram, mem_path, &d.runs)?,
+    };
+    let bytes = format::encode(&state).map_err(Error::Encode)?;
+    format::write_atomic(snapshot_path, &bytes).map_err(io_err(snapshot_path))?;
+    if let (Kind::Full, Some(log)) = (kind, vmm.dirty.as_mut()) {
+        // This snapshot is the base of the next Diffs: they hold the
+        // pages written from now on.
+        log.reset(vmm._vm.fd(), vmm.ram.memory())?;
+        log.base = Some(id);
+    }
+    let stats = CreateStats {
+        elapsed: started.elapsed(),
+        mem_written,
+    };
+    log::info!(
+        "snapshot written to {} and {} in {:.1} ms ({} MiB of memory not zero)",
+        snapshot_path.display(),
+        mem_path.display(),
+        stats.elapsed.as_secs_f64() * 1000.0,
+        mem_written >> 20
+    );
+    Ok(stats)
+}
+
+/// The state of the paused VM `vmm` (KVM's, the vCPUs', each device's;
+/// writable disks' overlays written beside `snapshot_path`), as snapshot
+/// `id` with the Diff's memory `diff`, if it is one.
+fn save_state(
+    vmm: &Vmm,
+    id: u64,
+    diff: Option<DiffMemory>,
+    snapshot_path: &Path,
+    iface_ids: &[String],
+) -> Result<SnapshotState, Error> {
     let h = &vmm.persist;
     let vm = vm_state::save(vmm._vm.fd())?;
     let msrs = crate::vstate::vcpu_state::msr_indices(vmm._vm.kvm())?;
@@ -375,8 +413,7 @@ pub fn create(
             mac: *mac,
         })
         .collect();
-    let id = new_id();
-    let state = SnapshotState {
+    Ok(SnapshotState {
         id,
         diff,
         capsule_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -398,31 +435,7 @@ pub fn create(
             }),
             _ => None,
         },
-    };
-    let mem_written = match &state.diff {
-        None => memfile::write_memory(&vmm.ram, mem_path)?,
-        Some(d) => memfile::write_pages(&vmm.ram, mem_path, &d.runs)?,
-    };
-    let bytes = format::encode(&state).map_err(Error::Encode)?;
-    format::write_atomic(snapshot_path, &bytes).map_err(io_err(snapshot_path))?;
-    if let (Kind::Full, Some(log)) = (kind, vmm.dirty.as_mut()) {
-        // This snapshot is the base of the next Diffs: they hold the
-        // pages written from now on.
-        log.reset(vmm._vm.fd(), vmm.ram.memory())?;
-        log.base = Some(id);
-    }
-    let stats = CreateStats {
-        elapsed: started.elapsed(),
-        mem_written,
-    };
-    log::info!(
-        "snapshot written to {} and {} in {:.1} ms ({} MiB of memory not zero)",
-        snapshot_path.display(),
-        mem_path.display(),
-        stats.elapsed.as_secs_f64() * 1000.0,
-        mem_written >> 20
-    );
-    Ok(stats)
+    })
 }
 
 /// The overlay file of disk `index` of the snapshot at `snapshot_path`.
