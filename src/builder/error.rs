@@ -158,10 +158,10 @@ pub enum Error {
     DuplicateMac(usize, usize, net::MacAddr),
     /// A network device could not be created.
     #[error("cannot create network device {0}: {1}")]
-    Net(usize, std::io::Error),
+    Net(usize, #[source] std::io::Error),
     /// The terminal could not be put in raw mode.
     #[error("cannot set up the terminal: {0}")]
-    Terminal(std::io::Error),
+    Terminal(#[source] std::io::Error),
     /// File access could not be restricted.
     #[error(transparent)]
     Landlock(#[from] crate::landlock::Error),

@@ -118,7 +118,7 @@ pub enum Error {
     UserNet(#[from] UserNetError),
     /// Setting up host-side plumbing failed.
     #[error("{0}: {1}")]
-    Host(&'static str, io::Error),
+    Host(&'static str, #[source] io::Error),
 }
 
 /// A host directory shared with the guest.

@@ -26,7 +26,7 @@ use super::vcpu_state::{self, VcpuState};
 pub enum Error {
     /// KVM_CREATE_VCPU failed.
     #[error("cannot create vCPU {0}: {1}")]
-    Create(u8, kvm_ioctls::Error),
+    Create(u8, #[source] kvm_ioctls::Error),
     /// A setup step failed.
     #[error("cannot set up vCPU {index} ({what}): {source}")]
     Setup {
@@ -39,10 +39,10 @@ pub enum Error {
     },
     /// The vCPU thread could not be started.
     #[error("cannot start vCPU {0} thread: {1}")]
-    Spawn(u8, std::io::Error),
+    Spawn(u8, #[source] std::io::Error),
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
+    Signal(#[source] vmm_sys_util::errno::Error),
 }
 
 /// Why [`PauseGate::save_states`] has no state for a vCPU.

@@ -180,8 +180,28 @@ pub enum PasstError {
         /// The guest port.
         guest: u16,
         /// Why, and what to do.
-        why: String,
+        #[source]
+        why: PublishError,
     },
+}
+
+/// Why a host port cannot be published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Another program listens on the port.
+    #[error("another program is listening on it (ss -ltnp 'sport = {0}' shows which); pick another host port")]
+    InUse(u16),
+    /// The port is below the unprivileged limit.
+    #[error("ports below 1024 need privileges; pick a port from 1024 on (e.g. publish={instead}:{guest})")]
+    Privileged {
+        /// A port to use instead.
+        instead: u32,
+        /// The guest port.
+        guest: u16,
+    },
+    /// Binding failed otherwise.
+    #[error("{0}")]
+    Bind(#[source] io::Error),
 }
 
 /// Checks that every host port to publish can be bound, as passt will try
@@ -192,16 +212,12 @@ fn check_publish(publish: &[(u16, u16)]) -> Result<(), PasstError> {
     for &(host, guest) in publish {
         let why = match std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, host)) {
             Ok(_) => continue,
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => format!(
-                "another program is listening on it (ss -ltnp 'sport = {host}' shows which); \
-                 pick another host port"
-            ),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => format!(
-                "ports below 1024 need privileges; pick a port from 1024 on (e.g. \
-                 publish={}:{guest})",
-                u32::from(host) + 8000
-            ),
-            Err(e) => e.to_string(),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => PublishError::InUse(host),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => PublishError::Privileged {
+                instead: u32::from(host) + 8000,
+                guest,
+            },
+            Err(e) => PublishError::Bind(e),
         };
         return Err(PasstError::Publish { host, guest, why });
     }
