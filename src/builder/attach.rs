@@ -194,7 +194,7 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
     let backend: Box<dyn NetBackend> = match &nic.backend {
         NetBackendConfig::Tap { name } => Box::new(Tap::open(name)?),
         NetBackendConfig::User { publish } => Box::new(Passt::spawn(&PasstConfig {
-            binary: net::stream::default_passt_binary(),
+            binary: net::passt::default_passt_binary(),
             publish: publish.clone(),
             debug: log::log_enabled!(log::Level::Debug),
         })?),
