@@ -319,40 +319,47 @@ fn landlock_keeps_capsule_out_of_etc_shadow() {
     }
 }
 
+/// `run --jail` as uid and gid 65534, with the jail `id` under a base
+/// directory of its own (emptied), the guest of
+/// [`poweroff_on_input_guest`] and `extra` arguments: (the base, the
+/// arguments). Needs root.
+fn jail_args(id: &str, extra: &[&str]) -> (PathBuf, Vec<String>) {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the jail tests need root");
+    let kernel = poweroff_on_input_guest();
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("jail-base-{id}"));
+    let _ = std::fs::remove_dir_all(&base);
+    let mut args = vec![
+        "run",
+        "--jail",
+        "--chroot-base",
+        base.to_str().unwrap(),
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--id",
+        id,
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    let args = args.iter().map(|s| s.to_string()).collect();
+    (base, args)
+}
+
 /// `run --jail` (as root): the VM's capsule runs as the given uid/gid,
 /// as PID 1 of its own PID namespace, in its own mount namespace whose
 /// root holds only the kernel (read-only), /dev/kvm, /proc, /tmp and the
 /// API socket, with the rlimit, no_new_privs and seccomp; the API answers
 /// on the socket inside the jail; the jail directory goes when the VM
-/// ends. A `memory.max` below guest RAM is refused before anything starts;
-/// `--cgroup` needs cgroup v2 at /sys/fs/cgroup (this development host
-/// has v1 controllers: there the clear refusal is checked instead).
+/// ends.
 #[test]
 fn jailed_vm_runs_confined_and_cleans_up() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the jail test needs root");
-    let kernel = poweroff_on_input_guest();
-    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("jail-base");
-    let _ = std::fs::remove_dir_all(&base);
-    let jail = |extra: &[&str]| {
-        let mut args = vec![
-            "run",
-            "--jail",
-            "--chroot-base",
-            base.to_str().unwrap(),
-            "--uid",
-            "65534",
-            "--gid",
-            "65534",
-            "--id",
-            "jailtest",
-            "--kernel",
-            kernel.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
-    };
-    let args = jail(&["--rlimit", "nofile=128", "--api-sock", "/api.sock"]);
+    let (base, args) = jail_args(
+        "jailtest",
+        &["--rlimit", "nofile=128", "--api-sock", "/api.sock"],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut keeper = spawn_capsule(&args, &[]);
     let root = base.join("capsule/jailtest/root");
@@ -434,9 +441,15 @@ fn jailed_vm_runs_confined_and_cleans_up() {
         !base.join("capsule/jailtest").exists(),
         "jail directory left behind"
     );
+}
 
-    // Refused before anything starts: memory.max below guest RAM.
-    let args = jail(&["--memory", "256M", "--cgroup", "memory.max=64M"]);
+/// A `memory.max` below guest RAM is refused before anything starts.
+#[test]
+fn jail_refuses_a_memory_max_below_guest_ram() {
+    let (base, args) = jail_args(
+        "jailmem",
+        &["--memory", "256M", "--cgroup", "memory.max=64M"],
+    );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = capsule(&args, None);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -447,10 +460,15 @@ fn jailed_vm_runs_confined_and_cleans_up() {
         ),
         "{err}"
     );
-    assert!(!base.join("capsule/jailtest").exists());
+    assert!(!base.join("capsule/jailmem").exists());
+}
 
-    // cgroup v2 limits.
-    let args = jail(&["--cgroup", "pids.max=64"]);
+/// `--cgroup` limits apply to the jailed capsule, whose cgroup goes when
+/// the VM ends; they need cgroup v2 at /sys/fs/cgroup (this development
+/// host has v1 controllers: there the clear refusal is checked instead).
+#[test]
+fn jail_cgroup_limits_apply_or_are_refused_without_cgroup_v2() {
+    let (base, args) = jail_args("jailcg", &["--cgroup", "pids.max=64"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let v2 = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap()
@@ -458,7 +476,7 @@ fn jailed_vm_runs_confined_and_cleans_up() {
         .any(|l| l.split(' ').nth(4) == Some("/sys/fs/cgroup") && l.contains(" - cgroup2 "));
     let mut keeper = spawn_capsule(&args, &[]);
     if v2 {
-        let cg = std::path::Path::new("/sys/fs/cgroup/capsule/jailtest");
+        let cg = std::path::Path::new("/sys/fs/cgroup/capsule/jailcg");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !cg.join("cgroup.procs").exists()
             || std::fs::read_to_string(cg.join("cgroup.procs"))
@@ -479,7 +497,7 @@ fn jailed_vm_runs_confined_and_cleans_up() {
         let pid = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap();
         let pid = pid.split_whitespace().next().unwrap();
         let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-        assert!(cgroup.contains("/capsule/jailtest"), "{cgroup}");
+        assert!(cgroup.contains("/capsule/jailcg"), "{cgroup}");
         keeper.stdin.take().unwrap().write_all(b"x").unwrap();
         let out = wait_or_kill(keeper, 20);
         assert_eq!(
@@ -498,5 +516,5 @@ fn jailed_vm_runs_confined_and_cleans_up() {
             "{err}"
         );
     }
-    assert!(!base.join("capsule/jailtest").exists());
+    assert!(!base.join("capsule/jailcg").exists());
 }
