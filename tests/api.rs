@@ -101,9 +101,9 @@ fn lifecycle_over_the_api() {
     assert!(!vmm.sock.exists(), "socket file left behind");
 }
 
-#[test]
-fn bad_request_corpus() {
-    let mut vmm = Vmm::start("corpus");
+/// Requests the API must refuse with a 4xx (or 501, 505) and a
+/// `fault_message`, keeping the VMM alive: (what, the raw bytes).
+fn bad_requests() -> Vec<(&'static str, Vec<u8>)> {
     let put = |path: &str, body: &str| {
         format!(
             "PUT {path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
@@ -111,7 +111,7 @@ fn bad_request_corpus() {
         )
         .into_bytes()
     };
-    let corpus: Vec<(&str, Vec<u8>)> = vec![
+    vec![
         (
             "malformed JSON",
             put("/boot-source", "{\"kernel_image_path\": "),
@@ -254,8 +254,15 @@ fn bad_request_corpus() {
                 r#"{"drive_id":"d","path_on_host":"/x","is_root_device":false,"rate_limiter":{"ops":{"size":1}}}"#,
             ),
         ),
-    ];
-    for (what, bytes) in &corpus {
+    ]
+}
+
+/// Every request of [`bad_requests`] is refused with a fault message and
+/// the VMM goes on.
+#[test]
+fn bad_request_corpus() {
+    let mut vmm = Vmm::start("corpus");
+    for (what, bytes) in &bad_requests() {
         let (st, body) = vmm.raw(bytes);
         assert!(
             (400..500).contains(&st) || st == 501 || st == 505,
@@ -267,7 +274,20 @@ fn bad_request_corpus() {
         );
         assert!(vmm.alive(), "capsule died on: {what}");
     }
+    assert!(vmm.alive());
+    assert_eq!(vmm.req("GET", "/", None).0, 200);
+    let _ = vmm.child.kill();
+    let err = vmm.stderr();
+    assert!(!err.contains("panicked"), "{err}");
+}
 
+/// Clients that misbehave on the connection itself: one half-closed
+/// mid-request gets 400, a slow one holding a half-sent request delays
+/// only itself (408 when its time is up), and one connection carries
+/// several keep-alive requests, with `100 Continue`.
+#[test]
+fn slow_half_closed_and_keep_alive_clients() {
+    let mut vmm = Vmm::start("clients");
     // Half-closed mid-request: 400, and the VMM goes on.
     let mut s = vmm.connect();
     s.write_all(b"PUT /actions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
