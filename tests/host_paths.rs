@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::api::*;
-use common::run::capsule;
+use common::run::{capsule, listed, ok};
 use common::{ctrl_alt_del_guest, halting_guest};
 
 /// Runs `capsule ARGS` and waits at most `timeout` for it to exit;
@@ -128,22 +128,8 @@ fn sockets_are_private_whatever_the_umask() {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list = json(&String::from_utf8_lossy(
-        &capsule(&["ls", "--json"], None).stdout,
-    ));
-    let me = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name.as_str())
-        .expect("listed")
-        .clone();
+    ok(&out);
+    let me = listed(&name);
     let dir = PathBuf::from(me["dir"].as_str().unwrap());
     let modes: Vec<(&str, Option<u32>)> = [
         "",

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 mod common;
 use common::api::*;
-use common::run::capsule;
+use common::run::{capsule, listed, ok};
 use common::{ctrl_alt_del_guest, halting_guest};
 
 #[test]
@@ -30,25 +30,12 @@ fn verbs_drive_a_detached_vm() {
         ],
         None,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
     // A second VM of the same name is refused.
     let out = capsule(&["run", "-d", "--name", &name, "--kernel", k], None);
     assert_eq!(out.status.code(), Some(1));
-    let out = capsule(&["ls", "--json"], None);
-    let list = json(&String::from_utf8_lossy(&out.stdout));
-    let me = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name.as_str())
-        .expect("listed");
-    assert_eq!(me["state"], "Running");
+    assert_eq!(listed(&name)["state"], "Running");
     assert_eq!(capsule(&["pause", &name], None).status.code(), Some(0));
     let out = capsule(&["ls", "--json"], None);
     assert!(String::from_utf8_lossy(&out.stdout).contains("Paused"));
@@ -61,12 +48,7 @@ fn verbs_drive_a_detached_vm() {
     };
     std::thread::sleep(Duration::from_millis(300));
     let out = capsule(&["stop", &name, "--timeout", "20"], None);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&out);
     assert!(
         String::from_utf8_lossy(&out.stderr).is_empty(),
         "stop was not graceful"
@@ -95,22 +77,8 @@ fn start_detached(prefix: &str, guest: Vec<u8>) -> (String, serde_json::Value) {
         ],
         None,
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list = json(&String::from_utf8_lossy(
-        &capsule(&["ls", "--json"], None).stdout,
-    ));
-    let entry = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == name.as_str())
-        .expect("listed")
-        .clone();
+    ok(&out);
+    let entry = listed(&name);
     (name, entry)
 }
 

@@ -88,3 +88,28 @@ pub fn wait_or_kill(mut child: std::process::Child, secs: u64) -> Output {
     }
     child.wait_with_output().unwrap()
 }
+
+/// Asserts that a capsule run ended with status 0, showing its stderr if
+/// not.
+pub fn ok(out: &Output) {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `capsule ls --json` entry of the VM `name`; panics if it is not
+/// listed.
+pub fn listed(name: &str) -> serde_json::Value {
+    let out = capsule(&["ls", "--json"], None);
+    let list: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("ls --json prints JSON");
+    list.as_array()
+        .expect("ls --json prints an array")
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not listed"))
+        .clone()
+}

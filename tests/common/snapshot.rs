@@ -38,14 +38,7 @@ pub fn capsule(args: &[&str]) -> Output {
     super::run::capsule(args, None)
 }
 
-pub fn ok(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+pub use super::run::ok;
 
 pub fn logs(name: &str) -> String {
     String::from_utf8_lossy(&capsule(&["logs", name]).stdout).into_owned()
