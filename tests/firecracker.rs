@@ -18,10 +18,10 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::api::{json, Vmm};
+use common::api::{exit_or_kill, json, Vmm};
 use common::{ctrl_alt_del_guest, elf};
 
 fn tmp(name: &str) -> PathBuf {
@@ -443,18 +443,7 @@ fn run_for(guest: &[u8], name: &str, args: &[&str], secs: u64) -> (Option<i32>, 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_or_kill(&mut child, Duration::from_secs(secs));
     let mut err = String::new();
     child
         .stderr
@@ -581,18 +570,7 @@ fn run_with_disk(guest: &[u8], name: &str, secs: u64) -> (Option<i32>, String, S
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_or_kill(&mut child, Duration::from_secs(secs));
     let (mut out, mut err) = (String::new(), String::new());
     child
         .stdout

@@ -25,18 +25,7 @@ fn capsule_within(args: &[&str], timeout: Duration) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run capsule");
-    let deadline = Instant::now() + timeout;
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let code = exit_or_kill(&mut child, timeout);
     let mut err = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut err);
     (code, err)

@@ -181,6 +181,17 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<i32> {
     None
 }
 
+/// The exit code of `child` once it ends; after `timeout` it is killed
+/// and `None` returned (as for a death by signal).
+pub fn exit_or_kill(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let code = wait_exit(child, timeout);
+    if code.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    code
+}
+
 /// The size of `p`, 0 if it does not exist (yet).
 pub fn file_len(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
