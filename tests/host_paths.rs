@@ -4,7 +4,6 @@
 //! once, and a FIFO as a log path never stalls a running VM.
 
 use std::io::Read;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,11 +94,7 @@ fn sockets_are_private_whatever_the_umask() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "API socket never appeared");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_socket(&sock);
     let mode = mode_of(&sock);
     let _ = child.kill();
     let _ = child.wait();
