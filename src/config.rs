@@ -84,7 +84,7 @@ impl std::str::FromStr for VsockConfig {
             guest_cid: cid.ok_or("vsock needs cid=N")?,
             uds_path: uds.ok_or("vsock needs uds=PATH")?,
         };
-        config.validate()?;
+        config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
 }
@@ -92,17 +92,18 @@ impl std::str::FromStr for VsockConfig {
 impl VsockConfig {
     /// Checks the CID: 0-2 are reserved (hypervisor, local, host) and
     /// Linux's CIDs are 32 bits with `u32::MAX` meaning any.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), BadCid> {
         if !(3..u64::from(u32::MAX)).contains(&self.guest_cid) {
-            return Err(format!(
-                "invalid vsock CID {} (3 to {}; 0-2 are reserved)",
-                self.guest_cid,
-                u32::MAX - 1
-            ));
+            return Err(BadCid(self.guest_cid));
         }
         Ok(())
     }
 }
+
+/// A vsock CID outside what a guest may have.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid vsock CID {0} (3 to {max}; 0-2 are reserved)", max = u32::MAX - 1)]
+pub struct BadCid(pub u64);
 
 /// A host directory shared with the guest over virtio-fs (`--fs`).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,13 +30,13 @@ use crate::vstate::vm::{self, Vm};
 pub enum Error {
     /// A bus range conflict (a bug in the layout).
     #[error("cannot place {0} on the bus: {1}")]
-    Bus(&'static str, bus::Error),
+    Bus(&'static str, #[source] bus::Error),
     /// An eventfd could not be created.
     #[error("cannot create the {0} eventfd: {1}")]
-    EventFd(&'static str, std::io::Error),
+    EventFd(&'static str, #[source] std::io::Error),
     /// Wiring an interrupt failed.
     #[error("cannot wire the {0} interrupt: {1}")]
-    Irq(&'static str, vm::Error),
+    Irq(&'static str, #[source] vm::Error),
     /// All device interrupt lines are taken.
     #[error("no interrupt line left for another device")]
     IrqsExhausted,
@@ -48,7 +48,7 @@ pub enum Error {
     Transport(#[source] TransportError),
     /// Wiring a queue notification failed.
     #[error("cannot wire virtio queue notifications: {0}")]
-    IoEvent(vm::Error),
+    IoEvent(#[source] vm::Error),
 }
 
 /// The VM's device buses and resource allocators.

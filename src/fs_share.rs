@@ -24,13 +24,24 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Why a share could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The host directory is missing or not a directory.
-    #[error("--fs {}: {reason}", dir.display())]
+    /// The host directory cannot be looked at (missing, no access).
+    #[error("--fs {}: {source}", dir.display())]
     Dir {
         /// The directory.
         dir: PathBuf,
-        /// What is wrong with it.
-        reason: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The host path is not a directory.
+    #[error("--fs {}: not a directory", .0.display())]
+    NotDir(PathBuf),
+    /// Two shares have the same tag.
+    #[error("--fs {}: the tag {tag} is used twice", dir.display())]
+    TagTwice {
+        /// The second share's directory.
+        dir: PathBuf,
+        /// The tag.
+        tag: String,
     },
     /// virtiofsd is missing or cannot be started.
     #[error(transparent)]
@@ -63,17 +74,21 @@ pub fn check(shares: &[FsConfig]) -> Result<Option<PathBuf>, Error> {
         return Ok(None);
     }
     for (i, share) in shares.iter().enumerate() {
-        let dir_err = |reason: String| Error::Dir {
-            dir: share.dir.clone(),
-            reason,
-        };
         match std::fs::metadata(&share.dir) {
             Ok(m) if m.is_dir() => {}
-            Ok(_) => return Err(dir_err("not a directory".into())),
-            Err(e) => return Err(dir_err(e.to_string())),
+            Ok(_) => return Err(Error::NotDir(share.dir.clone())),
+            Err(source) => {
+                return Err(Error::Dir {
+                    dir: share.dir.clone(),
+                    source,
+                })
+            }
         }
         if shares[..i].iter().any(|s| s.tag == share.tag) {
-            return Err(dir_err(format!("the tag {} is used twice", share.tag)));
+            return Err(Error::TagTwice {
+                dir: share.dir.clone(),
+                tag: share.tag.clone(),
+            });
         }
     }
     daemon::find_binary().map(Some).map_err(Error::Daemon)

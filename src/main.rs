@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use capsule::config::{self, VmConfig};
 use clap::{Parser, Subcommand};
 
+mod execverb;
 mod firecracker_cli;
 mod snapverbs;
 mod tools;
@@ -73,7 +74,7 @@ enum Command {
     /// or stopped responding; the last console lines go to stderr), 124
     /// --timeout expired (the VM is killed), 125 capsule's own errors and
     /// bad usage.
-    Exec(ExecArgs),
+    Exec(execverb::ExecArgs),
     /// List the VMs started with `run --name` (`--json`: a JSON array).
     Ls(LsArgs),
     /// Stop a VM: Ctrl-Alt-Del, then kill it after --timeout seconds.
@@ -107,7 +108,7 @@ enum Command {
     /// Print the seccomp allow-list of each kind of thread (Markdown, as
     /// in docs/security.md), or write them compiled (--compile).
     #[command(hide = true)]
-    Seccomp(SeccompArgs),
+    Seccomp(tools::SeccompArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -144,62 +145,6 @@ struct CloneArgs {
 }
 
 #[derive(clap::Args, Debug)]
-struct SeccompArgs {
-    /// Write the compiled filters to FILE in the format --seccomp-filter
-    /// reads (CAPSULE_SECCOMP picks the action for forbidden calls).
-    #[arg(long, value_name = "FILE")]
-    compile: Option<PathBuf>,
-    /// Rewrite the generated lists in FILE (docs/security.md).
-    #[arg(long, value_name = "FILE", conflicts_with = "compile")]
-    doc: Option<PathBuf>,
-}
-
-/// `capsule seccomp`: the filters as Markdown, or compiled into a file.
-fn seccomp_cmd(args: &SeccompArgs) -> u8 {
-    use capsule::seccomp::{self, ThreadKind};
-    if let Some(doc) = &args.doc {
-        let updated = std::fs::read_to_string(doc)
-            .map_err(|e| format!("cannot read {}: {e}", doc.display()))
-            .and_then(|text| {
-                seccomp::render::update_doc(&text)
-                    .ok_or_else(|| format!("{} lacks the seccomp-filters markers", doc.display()))
-            })
-            .and_then(|text| {
-                std::fs::write(doc, text)
-                    .map_err(|e| format!("cannot write {}: {e}", doc.display()))
-            });
-        return match updated {
-            Ok(()) => status::OK,
-            Err(e) => {
-                eprintln!("capsule: error: {e}");
-                status::ERROR
-            }
-        };
-    }
-    let Some(out) = &args.compile else {
-        print!("{}", seccomp::render::markdown());
-        return status::OK;
-    };
-    let compiled = seccomp::Mode::from_env().and_then(|mode| {
-        ThreadKind::ALL
-            .iter()
-            .map(|&k| seccomp::compile(k, mode).map(|p| (k.name().to_string(), p)))
-            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
-    });
-    let result = compiled.map_err(|e| e.to_string()).and_then(|map| {
-        std::fs::write(out, seccomp::file::encode(&map))
-            .map_err(|e| format!("cannot write {}: {e}", out.display()))
-    });
-    match result {
-        Ok(()) => status::OK,
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            status::ERROR
-        }
-    }
-}
-
-#[derive(clap::Args, Debug)]
 struct NameArg {
     /// The VM's name (`run --name`).
     name: String,
@@ -220,186 +165,6 @@ struct StopArgs {
     /// killing it.
     #[arg(long, short = 't', value_name = "S", default_value_t = 10.0)]
     timeout: f64,
-}
-
-#[derive(clap::Args, Debug)]
-#[command(arg_required_else_help = true)]
-struct ExecArgs {
-    /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
-    /// Host directory packed into the initramfs as the guest's root.
-    #[arg(long, value_name = "DIR", conflicts_with = "disk")]
-    rootfs: Option<PathBuf>,
-    /// Raw disk image (ext4, ...) mounted as the command's root
-    /// (repeatable: the first is the root, /dev/vda; the others are
-    /// /dev/vdb, ...; with --host-root none is mounted).
-    /// `,ro`: read-only. `,ephemeral`: the image is never modified.
-    #[arg(long, value_name = "IMG[,ro|,ephemeral]")]
-    disk: Vec<config::DiskConfig>,
-    /// Boot on the host's / shared read-only over virtio-fs, with a tmpfs
-    /// overlay for writes and the current directory shared writable (and
-    /// the default working directory). Needs virtiofsd.
-    #[arg(long, conflicts_with = "rootfs")]
-    host_root: bool,
-    /// The command's root is DIR, shared live and read-write over
-    /// virtio-fs (nothing copied; what the command writes is in DIR at
-    /// once). Needs virtiofsd. The containerd shim runs containers so.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["rootfs", "disk", "host_root"])]
-    fs_root: Option<PathBuf>,
-    /// Load kernel modules from this /lib/modules/RELEASE tree first
-    /// (virtio_mmio, virtio_console, virtio_blk, vsock, virtiofs, overlay,
-    /// ext4 and their dependencies; what the kernel builds in is skipped).
-    /// With --host-root the default is the host's /lib/modules/<the
-    /// kernel's release>.
-    #[arg(long, value_name = "DIR")]
-    modules: Option<PathBuf>,
-    /// Network device, as for `run` (repeatable).
-    #[arg(long = "net", value_name = "tap=NAME | user[,publish=HOST:GUEST...]")]
-    nets: Vec<config::NetConfig>,
-    /// Share a host directory at GUESTDIR (repeatable). With a virtiofsd
-    /// (see `--fs` of `run`) the share is live over virtio-fs: nothing is
-    /// copied, and creations, deletions and renames are seen both ways at
-    /// once. Without one capsule says so and falls back to copying: the
-    /// files are copied in when the guest starts, and for a writable share
-    /// (the default; `:ro` for read-only) files the command creates or
-    /// changes are copied back into HOSTDIR when it exits (deletions are
-    /// not).
-    #[arg(long = "share", value_name = "HOSTDIR:GUESTDIR[:ro]")]
-    shares: Vec<capsule::exec::Share>,
-    /// Environment variable for the command (repeatable). `--env K` takes
-    /// K's value from capsule's environment.
-    #[arg(long = "env", short = 'e', value_name = "K=V")]
-    env: Vec<String>,
-    /// Working directory of the command in the guest.
-    #[arg(long, short = 'w', value_name = "DIR", default_value = "/")]
-    workdir: String,
-    /// Kill the VM and exit 124 after this many seconds.
-    #[arg(long, value_name = "SECS")]
-    timeout: Option<f64>,
-    /// Exit 123 if the guest's init has not started after this many seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
-    boot_timeout: f64,
-    /// Initramfs loaded before capsule's (its files are visible to the command).
-    #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
-    /// Extra kernel command line, after capsule's
-    /// (`console=ttyS0 quiet reboot=k panic=1 rdinit=/.capsule/init`).
-    #[arg(long, value_name = "STR", default_value = "")]
-    append: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_VCPUS,
-          value_parser = clap::value_parser!(u8).range(1..=i64::from(arch::layout::MAX_VCPUS)))]
-    cpus: u8,
-    /// Guest memory, e.g. 512M or 2G (a plain number is MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
-    memory: u64,
-    /// KVM device to use.
-    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
-    kvm: PathBuf,
-    #[command(flatten)]
-    confine: capsule::confine::ConfineArgs,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<std::ffi::OsString>,
-}
-
-fn parse_secs(what: &str, secs: f64) -> Result<std::time::Duration, String> {
-    std::time::Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| format!("{what} must be a positive number of seconds"))
-}
-
-/// The `exec` arguments as an [`capsule::exec::ExecConfig`]: `--env K`
-/// takes K's value from capsule's environment; the timeouts must be
-/// positive.
-fn exec_config(
-    args: ExecArgs,
-    started: std::time::Instant,
-) -> Result<capsule::exec::ExecConfig, String> {
-    let mut env = Vec::new();
-    for e in args.env {
-        if e.contains('=') {
-            env.push(e);
-        } else {
-            match std::env::var(&e) {
-                Ok(v) => env.push(format!("{e}={v}")),
-                Err(_) => return Err(format!("--env {e}: not set in capsule's environment")),
-            }
-        }
-    }
-    let timeout = args
-        .timeout
-        .map(|t| parse_secs("--timeout", t))
-        .transpose()?;
-    let boot_timeout = parse_secs("--boot-timeout", args.boot_timeout)?;
-    Ok(capsule::exec::ExecConfig {
-        vm: VmConfig {
-            kernel: args.kernel,
-            initrd: args.initrd,
-            initramfs: None,
-            cmdline: args.append,
-            vcpus: args.cpus,
-            mem_size: args.memory,
-            kvm_path: args.kvm,
-            disks: args.disk,
-            nets: args.nets,
-            fs: Vec::new(),
-            vsock: None,
-            entropy: None,
-        },
-        rootfs: args.rootfs,
-        shares: args.shares,
-        host_root: args.host_root,
-        fs_root: args.fs_root,
-        modules: args.modules,
-        env,
-        workdir: args.workdir,
-        argv: args.command,
-        timeout,
-        boot_timeout,
-        started,
-    })
-}
-
-fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
-    use capsule::exec::{self, Outcome};
-    let config = match exec_config(args, started) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            return status::EXEC_ERROR;
-        }
-    };
-    match exec::run(config) {
-        Ok(Outcome::Exited(code)) => code,
-        Ok(Outcome::TimedOut(t)) => {
-            eprintln!(
-                "capsule: error: --timeout of {} s expired; the VM was killed",
-                t.as_secs_f64()
-            );
-            status::EXEC_TIMEOUT
-        }
-        Ok(Outcome::GuestFailed(why, lines)) => {
-            eprintln!("capsule: error: {why}");
-            if !lines.is_empty() {
-                eprintln!("capsule: last guest console lines:");
-                for l in lines {
-                    eprintln!("  | {l}");
-                }
-            }
-            status::EXEC_GUEST_FAILED
-        }
-        Ok(Outcome::SetupFailed(why)) => {
-            eprintln!("capsule: error: in the guest: {why}");
-            status::EXEC_ERROR
-        }
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            status::EXEC_ERROR
-        }
-    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -702,96 +467,99 @@ fn main() -> ExitCode {
     let started = capsule::process_start();
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(args) = firecracker_cli::wanted(&argv) {
-        capsule::logger::init();
-        capsule::failstop::install();
-        capsule::signals::install();
-        let code = firecracker_cli::run(&args);
-        let _ = std::io::stdout().flush();
-        capsule::signals::reraise_pending();
-        return ExitCode::from(code);
+        install_process_handlers();
+        return ExitCode::from(finish(firecracker_cli::run(&args)));
     }
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli() {
         Ok(cli) => cli,
-        Err(e) => {
-            let is_exec = std::env::args_os().nth(1).is_some_and(|a| a == "exec");
-            if is_exec && e.use_stderr() {
-                // exec is for scripts: one line, and docker-style status.
-                let text = e.to_string();
-                let first = text.lines().next().unwrap_or_default();
-                eprintln!("capsule: error: {}", first.trim_start_matches("error: "));
-                return ExitCode::from(status::EXEC_ERROR);
-            }
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                status::USAGE
-            } else {
-                status::OK
-            });
-        }
+        Err(code) => return ExitCode::from(code),
     };
-    capsule::logger::init();
-    capsule::failstop::install();
-    capsule::signals::install();
-    let args = match cli.command {
-        Command::Run(args) => args,
-        Command::Exec(args) => {
-            capsule::failstop::set_status(status::EXEC_ERROR);
-            if let Err(e) = capsule::confine::configure(&args.confine) {
-                eprintln!("capsule: error: {e}");
-                return ExitCode::from(status::EXEC_ERROR);
-            }
-            let code = exec(args, started);
-            let _ = std::io::stdout().flush();
-            capsule::signals::reraise_pending();
-            return ExitCode::from(code);
-        }
-        Command::Ls(a) => return ExitCode::from(verbs::ls(a.json)),
-        Command::Stop(a) => return ExitCode::from(verbs::stop(&a.name, a.timeout)),
-        Command::Kill(a) => return ExitCode::from(verbs::kill(&a.name)),
-        Command::Pause(a) => return ExitCode::from(verbs::pause(&a.name, true)),
-        Command::Resume(a) => return ExitCode::from(verbs::pause(&a.name, false)),
-        Command::Wait(a) => return ExitCode::from(verbs::wait(&a.name)),
-        Command::Logs(a) => return ExitCode::from(verbs::logs(&a.name)),
-        Command::Console(a) => return ExitCode::from(verbs::console(&a.name)),
-        Command::Snapshot(a) => {
-            return ExitCode::from(snapverbs::snapshot(&a.name, &a.dir, a.stop, a.diff))
-        }
+    install_process_handlers();
+    ExitCode::from(match cli.command {
+        Command::Run(args) => run_command(args),
+        Command::Exec(args) => execverb::exec_command(args, started),
+        Command::Ls(a) => verbs::ls(a.json),
+        Command::Stop(a) => verbs::stop(&a.name, a.timeout),
+        Command::Kill(a) => verbs::kill(&a.name),
+        Command::Pause(a) => verbs::pause(&a.name, true),
+        Command::Resume(a) => verbs::pause(&a.name, false),
+        Command::Wait(a) => verbs::wait(&a.name),
+        Command::Logs(a) => verbs::logs(&a.name),
+        Command::Console(a) => verbs::console(&a.name),
+        Command::Snapshot(a) => snapverbs::snapshot(&a.name, &a.dir, a.stop, a.diff),
         Command::Clone(a) => {
             let extra: Vec<String> = a
                 .nets
                 .iter()
                 .flat_map(|n| ["--net".to_string(), n.clone()])
                 .collect();
-            return ExitCode::from(snapverbs::clone(&a.dir, a.count, &a.name, &extra));
+            snapverbs::clone(&a.dir, a.count, &a.name, &extra)
         }
-        Command::Doctor(a) => return ExitCode::from(tools::doctor(&a)),
-        Command::Completions(a) => return ExitCode::from(tools::completions::<Cli>(&a)),
-        Command::Man(a) => return ExitCode::from(tools::man::<Cli>(&a)),
-        Command::Seccomp(a) => return ExitCode::from(seccomp_cmd(&a)),
-    };
+        Command::Doctor(a) => tools::doctor(&a),
+        Command::Completions(a) => tools::completions::<Cli>(&a),
+        Command::Man(a) => tools::man::<Cli>(&a),
+        Command::Seccomp(a) => tools::seccomp(&a),
+    })
+}
+
+/// The logger, the fail-stop panic hook and the termination signal
+/// handlers, for every command that got past its command line.
+fn install_process_handlers() {
+    capsule::logger::init();
+    capsule::failstop::install();
+    capsule::signals::install();
+}
+
+/// The command line, or the status to exit with after clap has printed
+/// help, the version or a usage error (for `exec`, which is for scripts:
+/// one line and a docker-style status).
+fn parse_cli() -> Result<Cli, u8> {
+    Cli::try_parse().map_err(|e| {
+        let is_exec = std::env::args_os().nth(1).is_some_and(|a| a == "exec");
+        if is_exec && e.use_stderr() {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("capsule: error: {}", first.trim_start_matches("error: "));
+            return status::EXEC_ERROR;
+        }
+        let _ = e.print();
+        if e.use_stderr() {
+            status::USAGE
+        } else {
+            status::OK
+        }
+    })
+}
+
+/// After a VM ran: flushes stdout, then dies of a termination signal that
+/// stopped it, if one did; else `code`.
+fn finish(code: u8) -> u8 {
+    let _ = std::io::stdout().flush();
+    capsule::signals::reraise_pending();
+    code
+}
+
+/// `capsule run`: detached, in a jail, or here.
+fn run_command(mut args: RunArgs) -> u8 {
     if args.detach {
-        return ExitCode::from(verbs::detach(&args.name.clone().unwrap_or_default()));
+        return verbs::detach(&args.name.clone().unwrap_or_default());
     }
-    let mut args = args;
     if (args.api_sock.is_some() || args.name.is_some()) && !args.confine.no_landlock {
         capsule::landlock::off_for_api();
     }
     if let Err(e) = capsule::confine::configure(&args.confine) {
         eprintln!("capsule: error: {e}");
-        return ExitCode::from(status::ERROR);
+        return status::ERROR;
     }
     if args.jail.jail {
         match args.enter_jail() {
             Ok(None) => {}
-            Ok(Some(code)) => return ExitCode::from(code),
+            Ok(Some(code)) => return code,
             Err(e) => {
                 eprintln!("capsule: error: {e}");
-                return ExitCode::from(status::ERROR);
+                return status::ERROR;
             }
         }
     }
-    let code = run(args);
-    let _ = std::io::stdout().flush();
-    capsule::signals::reraise_pending();
-    ExitCode::from(code)
+    finish(run(args))
 }

@@ -1,10 +1,12 @@
-//! The commands around running VMs: `doctor`, `completions` and the
-//! hidden `man` (man pages for packagers), kept apart from the VM
-//! commands in main.rs.
+//! The commands around running VMs: `doctor`, `completions`, `seccomp`
+//! (the filters as Markdown or compiled) and the hidden `man` (man pages
+//! for packagers), kept apart from the VM commands in main.rs.
 
 use std::path::{Path, PathBuf};
 
 use clap::CommandFactory;
+
+use crate::status;
 
 /// `capsule doctor`'s arguments.
 #[derive(clap::Args, Debug)]
@@ -102,5 +104,62 @@ pub fn explain_panic(kernel: &Path, args: &crate::RunArgs) {
     );
     if let Some(p) = problem {
         eprintln!("capsule: probable cause: {p}");
+    }
+}
+
+/// `capsule seccomp`'s arguments.
+#[derive(clap::Args, Debug)]
+pub struct SeccompArgs {
+    /// Write the compiled filters to FILE in the format --seccomp-filter
+    /// reads (CAPSULE_SECCOMP picks the action for forbidden calls).
+    #[arg(long, value_name = "FILE")]
+    compile: Option<PathBuf>,
+    /// Rewrite the generated lists in FILE (docs/security.md).
+    #[arg(long, value_name = "FILE", conflicts_with = "compile")]
+    doc: Option<PathBuf>,
+}
+
+/// `capsule seccomp`: the filters as Markdown, or compiled into a file.
+pub fn seccomp(args: &SeccompArgs) -> u8 {
+    use capsule::seccomp::{self, ThreadKind};
+    if let Some(doc) = &args.doc {
+        let updated = std::fs::read_to_string(doc)
+            .map_err(|e| format!("cannot read {}: {e}", doc.display()))
+            .and_then(|text| {
+                seccomp::render::update_doc(&text)
+                    .ok_or_else(|| format!("{} lacks the seccomp-filters markers", doc.display()))
+            })
+            .and_then(|text| {
+                std::fs::write(doc, text)
+                    .map_err(|e| format!("cannot write {}: {e}", doc.display()))
+            });
+        return match updated {
+            Ok(()) => status::OK,
+            Err(e) => {
+                eprintln!("capsule: error: {e}");
+                status::ERROR
+            }
+        };
+    }
+    let Some(out) = &args.compile else {
+        print!("{}", seccomp::render::markdown());
+        return status::OK;
+    };
+    let compiled = seccomp::Mode::from_env().and_then(|mode| {
+        ThreadKind::ALL
+            .iter()
+            .map(|&k| seccomp::compile(k, mode).map(|p| (k.name().to_string(), p)))
+            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+    });
+    let result = compiled.map_err(|e| e.to_string()).and_then(|map| {
+        std::fs::write(out, seccomp::file::encode(&map))
+            .map_err(|e| format!("cannot write {}: {e}", out.display()))
+    });
+    match result {
+        Ok(()) => status::OK,
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            status::ERROR
+        }
     }
 }

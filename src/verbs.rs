@@ -45,21 +45,35 @@ pub(crate) fn find(name: &str) -> Result<Entry, u8> {
     }
 }
 
+/// Why [`detached_console`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsoleError {
+    /// `console.log` could not be created.
+    #[error("cannot create console.log: {0}")]
+    Log(#[source] std::io::Error),
+    /// The runtime directory's path has a NUL byte.
+    #[error("bad runtime path")]
+    Path(#[source] std::ffi::NulError),
+    /// The FIFO `console.in` could not be created.
+    #[error("cannot create console.in: {0}")]
+    MakeFifo(#[source] std::io::Error),
+    /// The FIFO `console.in` could not be opened.
+    #[error("cannot open console.in: {0}")]
+    OpenFifo(#[source] std::io::Error),
+}
+
 /// The console of a detached VM: output appended to `console.log`
 /// (rotated to `console.log.1` at `logfile::max_size()`), input from the
 /// FIFO `console.in`.
-pub fn detached_console(dir: &Path) -> Result<Console, String> {
+pub fn detached_console(dir: &Path) -> Result<Console, ConsoleError> {
     let log = RotatingFile::open(&dir.join("console.log"), logfile::max_size())
-        .map_err(|e| format!("cannot create console.log: {e}"))?;
+        .map_err(ConsoleError::Log)?;
     let fifo = dir.join("console.in");
-    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes())
-        .map_err(|_| "bad runtime path".to_string())?;
+    let c =
+        std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(ConsoleError::Path)?;
     // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
     if unsafe { libc::mkfifo(c.as_ptr(), 0o600) } != 0 {
-        return Err(format!(
-            "cannot create console.in: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(ConsoleError::MakeFifo(std::io::Error::last_os_error()));
     }
     // Read-write, so the FIFO never reports end-of-file when a console
     // client goes away.
@@ -67,7 +81,7 @@ pub fn detached_console(dir: &Path) -> Result<Console, String> {
         .read(true)
         .write(true)
         .open(&fifo)
-        .map_err(|e| format!("cannot open console.in: {e}"))?;
+        .map_err(ConsoleError::OpenFifo)?;
     Ok(Console {
         out: Box::new(log),
         input: Some(Box::new(input)),

@@ -17,11 +17,11 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 mod common;
-use common::api::{json, wait_for_socket};
+use common::api::{exit_or_kill, json, Vmm};
 use common::{ctrl_alt_del_guest, elf};
 
 fn tmp(name: &str) -> PathBuf {
@@ -189,42 +189,18 @@ fn command_line_statuses_and_messages_are_firecrackers() {
     }
 }
 
-struct Fc {
-    child: Child,
-    sock: PathBuf,
-}
-
-impl Fc {
-    fn start(name: &str, extra: &[&str]) -> Self {
-        let sock = tmp(&format!("{name}.sock"));
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new(firecracker_link())
-            .arg("--api-sock")
-            .arg(&sock)
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for_socket(&sock);
-        Self { child, sock }
-    }
-
-    fn req(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        common::api::request(&self.sock, method, path, body)
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        common::api::wait_exit(&mut self.child, timeout)
-    }
-}
-
-impl Drop for Fc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `firecracker --api-sock NAME.sock EXTRA...` (capsule through its
+/// `firecracker` link), stderr piped.
+fn start_fc(name: &str, extra: &[&str]) -> Vmm {
+    let sock = tmp(&format!("{name}.sock"));
+    let mut command = Command::new(firecracker_link());
+    command
+        .arg("--api-sock")
+        .arg(&sock)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    Vmm::spawn(command, sock)
 }
 
 #[test]
@@ -235,7 +211,7 @@ fn api_additions_through_the_firecracker_command_line() {
     let _ = std::fs::remove_file(&metrics);
     let log = tmp("fc.log");
     let _ = std::fs::remove_file(&log);
-    let mut fc = Fc::start(
+    let mut fc = start_fc(
         "additions",
         &[
             "--id",
@@ -467,18 +443,7 @@ fn run_for(guest: &[u8], name: &str, args: &[&str], secs: u64) -> (Option<i32>, 
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_or_kill(&mut child, Duration::from_secs(secs));
     let mut err = String::new();
     child
         .stderr
@@ -605,18 +570,7 @@ fn run_with_disk(guest: &[u8], name: &str, secs: u64) -> (Option<i32>, String, S
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_or_kill(&mut child, Duration::from_secs(secs));
     let (mut out, mut err) = (String::new(), String::new());
     child
         .stdout

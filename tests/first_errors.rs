@@ -27,7 +27,7 @@ fn halting_guest() -> PathBuf {
     // Tests run in parallel: written whole under another name, then
     // renamed, so no test reads a half-written file.
     let tmp = scratch().join(format!("halt.{:?}", std::thread::current().id()));
-    std::fs::write(&tmp, elf(&[0xf4, 0xeb, 0xfd])).unwrap();
+    std::fs::write(&tmp, common::halting_guest()).unwrap();
     std::fs::rename(&tmp, &p).unwrap();
     p
 }

@@ -5,16 +5,9 @@
 //! letter, which only happens if registers, memory and the UART come back
 //! as saved. Damaged snapshots must be refused with exit status 1.
 
-#![allow(
-    clippy::cast_possible_truncation,
-    reason = "test fixtures cast small, known values"
-)]
-
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
 mod common;
 use common::snapshot::*;
@@ -25,27 +18,10 @@ use common::snapshot::*;
 fn snapshot_of_a_running_guest(name: &str, dir: &Path) -> char {
     let kernel = tmp(&format!("{name}.elf"));
     std::fs::write(&kernel, alphabet_guest()).unwrap();
-    let k = kernel.to_str().unwrap();
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "--kernel",
-        k,
-        "--cmdline",
-        "console=ttyS0",
-    ]));
+    run_detached(name, &kernel, &[]);
     wait_output(name, 30);
-    ok(&capsule(&["pause", name]));
-    let last = logs(name).chars().last().expect("output");
-    let _ = std::fs::remove_dir_all(dir);
-    ok(&capsule(&[
-        "snapshot",
-        name,
-        dir.to_str().unwrap(),
-        "--stop",
-    ]));
+    let last = pause_after_a_letter(name);
+    snapshot_into(name, dir, &["--stop"]);
     assert_eq!(
         capsule(&["pause", name]).status.code(),
         Some(4),
@@ -143,39 +119,13 @@ fn api_snapshot_rules() {
     let dir = tmp(&format!("api-{pid}"));
     let last = snapshot_of_a_running_guest(&name, &dir);
     let sock = tmp(&format!("api-{pid}.sock"));
-    let _ = std::fs::remove_file(&sock);
     let log = tmp(&format!("api-{pid}.out"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(["run", "--api-sock"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let req = |method: &str, path: &str, body: &str| -> (u16, String) {
-        let mut s = UnixStream::connect(&sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, text)
-    };
+    let vm = api_vm(
+        sock.clone(),
+        &[],
+        std::fs::File::create(&log).unwrap().into(),
+        Stdio::null(),
+    );
     let snap = dir.join("snapshot");
     let mem = dir.join("memory");
     // Create before anything runs.
@@ -184,62 +134,41 @@ fn api_snapshot_rules() {
         dir.display(),
         dir.display()
     );
-    let (st, body) = req("PUT", "/snapshot/create", &create);
+    let (st, body) = vm.req("PUT", "/snapshot/create", Some(&create));
     assert_eq!(st, 400, "{body}");
     let load = format!(
         r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
         snap.display(),
         mem.display()
     );
-    let (st, body) = req("PUT", "/snapshot/load", &load);
+    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
     assert_eq!(st, 204, "{body}");
     // Loaded and running: no second load, no create while running.
-    assert_eq!(req("PUT", "/snapshot/load", &load).0, 400);
-    let (st, body) = req("PUT", "/snapshot/create", &create);
+    assert_eq!(vm.req("PUT", "/snapshot/load", Some(&load)).0, 400);
+    let (st, body) = vm.req("PUT", "/snapshot/create", Some(&create));
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("paused"), "{body}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "the restored guest printed nothing"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(wait_file_len(&log, 3), "the restored guest printed nothing");
     let out = std::fs::read_to_string(&log).unwrap();
     assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
     // Paused, a snapshot of the restored VM can be made.
-    assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
-    let (st, body) = req("PUT", "/snapshot/create", &create);
+    assert_eq!(vm.req("PATCH", "/vm", Some(r#"{"state":"Paused"}"#)).0, 204);
+    let (st, body) = vm.req("PUT", "/snapshot/create", Some(&create));
     assert_eq!(st, 204, "{body}");
     assert!(dir.join("x").exists());
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(vm);
 
     // A configured VM takes no snapshot.
-    let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(["run", "--api-sock"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    while UnixStream::connect(&sock).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let (st, _) = req(
+    let vm = api_vm(sock, &[], Stdio::null(), Stdio::null());
+    let (st, _) = vm.req(
         "PUT",
         "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 128}"#,
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 128}"#),
     );
     assert_eq!(st, 204);
-    let (st, body) = req("PUT", "/snapshot/load", &load);
+    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
     assert_eq!(st, 400, "{body}");
     assert!(body.contains("before any other configuration"), "{body}");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A VM with an entropy device (virtio-rng, from a config file) can be
@@ -268,15 +197,8 @@ fn a_vm_with_an_entropy_device_is_snapshotted() {
         cfg.to_str().unwrap(),
     ]));
     wait_output(&name, 30);
-    ok(&capsule(&["pause", &name]));
-    let last = logs(&name).chars().last().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    ok(&capsule(&[
-        "snapshot",
-        &name,
-        dir.to_str().unwrap(),
-        "--stop",
-    ]));
+    let last = pause_after_a_letter(&name);
+    snapshot_into(&name, &dir, &["--stop"]);
     let st = state_json(&dir);
     assert!(st["entropy"].is_object(), "{}", st["entropy"]);
     let types: Vec<u64> = st["transports"]
@@ -287,14 +209,7 @@ fn a_vm_with_an_entropy_device_is_snapshotted() {
         .collect();
     assert_eq!(types, vec![4], "virtio-rng is device type 4");
     let clone = format!("snaprngc-{pid}");
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--restore",
-        dir.to_str().unwrap(),
-        "--name",
-        &clone,
-    ]));
+    restore_detached(&dir, &clone, &[]);
     let out = wait_output(&clone, 3);
     let _ = capsule(&["kill", &clone]);
     assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
@@ -313,47 +228,18 @@ fn a_vm_with_a_vsock_device_is_snapshotted() {
     std::fs::write(&kernel, alphabet_guest()).unwrap();
     let sock = tmp(&format!("v-{pid}.sock"));
     let vsock = format!("cid=3,uds={}", sock.display());
-    let k = kernel.to_str().unwrap();
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--kernel",
-        k,
-        "--cmdline",
-        "console=ttyS0",
-        "--vsock",
-        &vsock,
-    ]));
+    run_detached(&name, &kernel, &["--vsock", &vsock]);
     wait_output(&name, 30);
-    ok(&capsule(&["pause", &name]));
-    let last = logs(&name).chars().last().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    ok(&capsule(&[
-        "snapshot",
-        &name,
-        dir.to_str().unwrap(),
-        "--stop",
-    ]));
+    let last = pause_after_a_letter(&name);
+    snapshot_into(&name, &dir, &["--stop"]);
     let st = state_json(&dir);
     assert_eq!(st["vsock"]["device"]["guest_cid"], 3, "{}", st["vsock"]);
-    let d = dir.to_str().unwrap();
     // A clone on a socket of its own, with another CID.
     let sock2 = tmp(&format!("v2-{pid}.sock"));
     let _ = std::fs::remove_file(&sock2);
     let clone = format!("snapvsockc-{pid}");
     let vsock2 = format!("cid=7,uds={}", sock2.display());
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--restore",
-        d,
-        "--name",
-        &clone,
-        "--vsock",
-        &vsock2,
-    ]));
+    restore_detached(&dir, &clone, &["--vsock", &vsock2]);
     let out = wait_output(&clone, 3);
     assert!(
         std::os::unix::net::UnixStream::connect(&sock2).is_ok(),
@@ -363,7 +249,7 @@ fn a_vm_with_a_vsock_device_is_snapshotted() {
     assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
     // A clone on the saved socket (the original's is gone with it).
     let clone = format!("snapvsockd-{pid}");
-    ok(&capsule(&["run", "-d", "--restore", d, "--name", &clone]));
+    restore_detached(&dir, &clone, &[]);
     wait_output(&clone, 3);
     assert!(
         std::os::unix::net::UnixStream::connect(&sock).is_ok(),
@@ -391,78 +277,37 @@ fn load_with_network_overrides_uses_the_new_tap() {
         format!("csa{}", pid % 100_000),
         format!("csb{}", pid % 100_000),
     );
-    let k = kernel.to_str().unwrap();
     let net = format!("tap={tap}");
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--name",
-        &name,
-        "--kernel",
-        k,
-        "--cmdline",
-        "console=ttyS0",
-        "--net",
-        &net,
-    ]));
+    run_detached(&name, &kernel, &["--net", &net]);
     wait_output(&name, 30);
-    ok(&capsule(&["pause", &name]));
-    let last = logs(&name).chars().last().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    ok(&capsule(&[
-        "snapshot",
-        &name,
-        dir.to_str().unwrap(),
-        "--stop",
-    ]));
+    let last = pause_after_a_letter(&name);
+    snapshot_into(&name, &dir, &["--stop"]);
     assert_eq!(state_json(&dir)["nets"][0]["iface_id"], "eth0");
 
-    let sock = tmp(&format!("net-{pid}.sock"));
-    let _ = std::fs::remove_file(&sock);
     let (out, err) = (
         tmp(&format!("net-{pid}.out")),
         tmp(&format!("net-{pid}.err")),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(["run", "--api-sock"])
-        .arg(&sock)
-        .env("CAPSULE_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let vm = api_vm(
+        tmp(&format!("net-{pid}.sock")),
+        &[("CAPSULE_LOG", "info")],
+        std::fs::File::create(&out).unwrap().into(),
+        std::fs::File::create(&err).unwrap().into(),
+    );
     let body = format!(
         r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true,
             "network_overrides": [{{"iface_id": "eth0", "host_dev_name": "{tap2}"}}]}}"#,
         dir.join("snapshot").display(),
         dir.join("memory").display()
     );
-    let mut s = UnixStream::connect(&sock).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
-        "PUT /snapshot/load HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0) < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (status, resp) = vm.req("PUT", "/snapshot/load", Some(&body));
+    let printed = wait_file_len(&out, 3);
     let on_new = std::path::Path::new("/sys/class/net").join(&tap2).exists();
     let on_old = std::path::Path::new("/sys/class/net").join(&tap).exists();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(vm);
     let log = std::fs::read_to_string(&err).unwrap();
-    assert!(resp.starts_with("HTTP/1.1 204"), "{resp}\n{log}");
+    assert_eq!(status, 204, "{resp}\n{log}");
+    assert!(printed, "the restored guest printed nothing\n{log}");
     assert!(
         on_new && !on_old,
         "new TAP {on_new}, old TAP {on_old}\n{log}"

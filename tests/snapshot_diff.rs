@@ -9,11 +9,9 @@
     reason = "test fixtures cast small, known values"
 )]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 mod common;
 use common::snapshot::*;
@@ -33,25 +31,9 @@ fn diff_snapshot_restores_on_top_of_its_full_one() {
     let (full, diff) = (tmp(&format!("full-{pid}")), tmp(&format!("diff-{pid}")));
     let kernel = tmp(&format!("{a}.elf"));
     std::fs::write(&kernel, memory_guest()).unwrap();
-    let k = kernel.to_str().unwrap();
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--name",
-        &a,
-        "--kernel",
-        k,
-        "--cmdline",
-        "console=ttyS0",
-    ]));
+    run_detached(&a, &kernel, &[]);
     wait_output(&a, 30);
-    let _ = std::fs::remove_dir_all(&full);
-    ok(&capsule(&[
-        "snapshot",
-        &a,
-        full.to_str().unwrap(),
-        "--stop",
-    ]));
+    snapshot_into(&a, &full, &["--stop"]);
     let full_rounds = mem_u32(&full, 0x30_1000);
     assert!(
         full_rounds >= 30,
@@ -59,16 +41,8 @@ fn diff_snapshot_restores_on_top_of_its_full_one() {
     );
 
     // A Diff needs tracking; a VM restored without it is refused one.
-    let fs = full.to_str().unwrap();
     let untracked = format!("diffu-{pid}");
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--restore",
-        fs,
-        "--name",
-        &untracked,
-    ]));
+    restore_detached(&full, &untracked, &[]);
     wait_output(&untracked, 3);
     let no = tmp(&format!("diffno-{pid}"));
     let out = capsule(&["snapshot", &untracked, no.to_str().unwrap(), "--diff"]);
@@ -76,26 +50,10 @@ fn diff_snapshot_restores_on_top_of_its_full_one() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("dirty-page tracking"), "{e}");
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--restore",
-        fs,
-        "--name",
-        &b,
-        "--track-dirty-pages",
-    ]));
+    restore_detached(&full, &b, &["--track-dirty-pages"]);
     wait_output(&b, 40);
-    ok(&capsule(&["pause", &b]));
-    let last = logs(&b).chars().last().unwrap();
-    let _ = std::fs::remove_dir_all(&diff);
-    ok(&capsule(&[
-        "snapshot",
-        &b,
-        diff.to_str().unwrap(),
-        "--diff",
-        "--stop",
-    ]));
+    let last = pause_after_a_letter(&b);
+    snapshot_into(&b, &diff, &["--diff", "--stop"]);
 
     // The Diff holds the two pages the guest writes, a few more (page
     // tables' accessed bits), and nothing else.
@@ -129,16 +87,7 @@ fn diff_snapshot_restores_on_top_of_its_full_one() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 
     // On top of the Full one: the next letter after the Diff's last.
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--restore",
-        ds,
-        "--base",
-        fs,
-        "--name",
-        &c,
-    ]));
+    restore_detached(&diff, &c, &["--base", full.to_str().unwrap()]);
     let out = wait_output(&c, 3);
     let _ = capsule(&["kill", &c]);
     assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
@@ -152,39 +101,13 @@ fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
     let pid = std::process::id();
     let kernel = tmp(&format!("apidiff-{pid}.elf"));
     std::fs::write(&kernel, memory_guest()).unwrap();
-    let sock = tmp(&format!("apidiff-{pid}.sock"));
-    let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(["run", "--api-sock"])
-        .arg(&sock)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while UnixStream::connect(&sock).is_err() {
-        assert!(Instant::now() < deadline, "no API socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let req = |method: &str, path: &str, body: &str| -> (u16, String) {
-        let mut s = UnixStream::connect(&sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut text = String::new();
-        let _ = s.read_to_string(&mut text);
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        (status, text)
-    };
+    let vm = api_vm(
+        tmp(&format!("apidiff-{pid}.sock")),
+        &[],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    let req = |method: &str, path: &str, body: &str| vm.req(method, path, Some(body));
     let boot = format!(
         r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
         kernel.display()
@@ -224,8 +147,7 @@ fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
     assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
     let (st, body) = req("PUT", "/snapshot/create", &create(&diff, "Diff"));
     assert_eq!(st, 204, "{body}");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(vm);
     let runs: Vec<(u64, u64)> =
         serde_json::from_value(state_json(&diff)["diff"]["runs"].clone()).unwrap();
     let pages: u64 = runs.iter().map(|r| r.1 / 4096).sum();
@@ -236,17 +158,7 @@ fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
         "{rounds} rounds, {full_rounds} at the Full one"
     );
     let name = format!("apidiffc-{pid}");
-    let (ds, fs) = (diff.to_str().unwrap(), full.to_str().unwrap());
-    ok(&capsule(&[
-        "run",
-        "-d",
-        "--restore",
-        ds,
-        "--base",
-        fs,
-        "--name",
-        &name,
-    ]));
+    restore_detached(&diff, &name, &["--base", full.to_str().unwrap()]);
     let out = wait_output(&name, 3);
     let _ = capsule(&["kill", &name]);
     let next = mem_u32(&diff, 0x30_0000) as u8 as char;

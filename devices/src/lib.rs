@@ -38,6 +38,7 @@ pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicB
 pub mod acpi_pm;
 pub mod boot_marker;
 pub mod bus;
+pub mod child;
 pub mod exit;
 pub mod legacy;
 pub mod metrics;

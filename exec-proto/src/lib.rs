@@ -45,6 +45,9 @@
 
 use std::fmt;
 
+mod spec;
+pub use spec::*;
+
 /// Protocol version sent in [`GuestMsg::Hello`].
 pub const VERSION: u32 = 1;
 /// Largest payload either side sends or accepts.
@@ -81,6 +84,12 @@ pub mod kind {
     /// Host → guest: end of standard input.
     pub const STDIN_EOF: u8 = 0x83;
 }
+
+/// The host (CID 2) vsock port the init connects to for the session.
+pub const VSOCK_PORT: u32 = 10_000;
+/// On the guest's kernel command line: use the virtio console
+/// (`/dev/hvc0`) for the session instead of vsock.
+pub const CONSOLE_CHANNEL_ARG: &str = "capsule.channel=console";
 
 /// Why a byte stream is not a valid frame sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,207 +417,6 @@ impl HostMsg {
     }
 }
 
-/// The command description the host puts in the initramfs at
-/// [`CONFIG_PATH`]: NUL-terminated `key=value` records, so any byte but NUL
-/// may appear in arguments and values.
-///
-/// Keys: `arg` (repeated, in order), `env` (`K=V`, repeated), `cwd`,
-/// `disk` (`1`: mount `/dev/vda` as root), `share` (`INDEX:MODE:GUESTDIR`,
-/// MODE `ro` or `rw`, repeated), `live` (`1`: share `i` is the virtio-fs
-/// tag [`share_tag`]`(i)`, mounted in place, nothing copied), `hostroot`
-/// (`1`: the root is the virtio-fs tag [`HOST_ROOT_TAG`], read-only, under
-/// a tmpfs overlay), `fsroot` (`1`: the root is the virtio-fs tag
-/// [`FS_ROOT_TAG`], read-write, nothing copied: `capsule exec --fs-root`),
-/// `module` (a file in [`MODULE_DIR`], repeated, in load order).
-pub const CONFIG_PATH: &str = "/.capsule/config";
-/// Where the init finds the kernel modules it loads first.
-pub const MODULE_DIR: &str = "/.capsule/modules";
-/// The virtio-fs tag of the host's `/` with `--host-root`.
-pub const HOST_ROOT_TAG: &str = "capsule-root";
-/// The virtio-fs tag of the command's root with `--fs-root DIR`.
-pub const FS_ROOT_TAG: &str = "capsule-fsroot";
-
-/// A static IPv4 configuration of one guest interface (`net` record:
-/// `IFACE ADDR/PREFIX GATEWAY [DNS...]`, space-separated).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetSpec {
-    /// The interface (`eth0`, ...).
-    pub interface: String,
-    /// Its address.
-    pub address: std::net::Ipv4Addr,
-    /// Its prefix length (0 to 32).
-    pub prefix: u8,
-    /// The default gateway.
-    pub gateway: std::net::Ipv4Addr,
-    /// Name servers.
-    pub dns: Vec<std::net::Ipv4Addr>,
-}
-
-impl NetSpec {
-    fn to_record(&self) -> String {
-        let mut r = format!(
-            "{} {}/{} {}",
-            self.interface, self.address, self.prefix, self.gateway
-        );
-        for d in &self.dns {
-            r.push(' ');
-            r.push_str(&d.to_string());
-        }
-        r
-    }
-
-    fn parse(val: &[u8]) -> Result<Self, String> {
-        let text = std::str::from_utf8(val).map_err(|_| "net record is not UTF-8")?;
-        let mut words = text.split(' ');
-        let bad = || format!("bad net record {text:?}");
-        let interface = words.next().filter(|w| !w.is_empty() && w.len() < 16);
-        let interface = interface.ok_or_else(bad)?.to_string();
-        let (addr, prefix) = words
-            .next()
-            .and_then(|w| w.split_once('/'))
-            .ok_or_else(bad)?;
-        let address = addr.parse().map_err(|_| bad())?;
-        let prefix = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
-        let gateway = words.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-        let dns = words
-            .map(|w| w.parse().map_err(|_| bad()))
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            interface,
-            address,
-            prefix,
-            gateway,
-            dns,
-        })
-    }
-}
-
-/// The virtio-fs tag of live share `index`.
-pub fn share_tag(index: usize) -> String {
-    format!("capsule-share-{index}")
-}
-/// Where the init finds share `i`'s files: `SHARE_DIR/i`.
-pub const SHARE_DIR: &str = "/.capsule/share";
-/// Where the init binary is in the initramfs (the kernel's `rdinit=`).
-pub const INIT_PATH: &str = "/.capsule/init";
-/// The host (CID 2) vsock port the init connects to for the session.
-pub const VSOCK_PORT: u32 = 10_000;
-/// On the guest's kernel command line: use the virtio console
-/// (`/dev/hvc0`) for the session instead of vsock.
-pub const CONSOLE_CHANNEL_ARG: &str = "capsule.channel=console";
-
-/// What the command is and where it runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ExecSpec {
-    /// Program and arguments.
-    pub argv: Vec<Vec<u8>>,
-    /// Environment, `K=V`.
-    pub env: Vec<Vec<u8>>,
-    /// Working directory.
-    pub cwd: Vec<u8>,
-    /// Mount `/dev/vda` as the root first.
-    pub disk: bool,
-    /// Shares: (guest directory, writable).
-    pub shares: Vec<(Vec<u8>, bool)>,
-    /// The shares are virtio-fs mounts, not copies.
-    pub live: bool,
-    /// The root is the host's `/` over virtio-fs with a tmpfs overlay.
-    pub host_root: bool,
-    /// The root is a host directory over virtio-fs ([`FS_ROOT_TAG`]),
-    /// read-write.
-    pub fs_root: bool,
-    /// Kernel modules to load first, in order (file names in [`MODULE_DIR`]).
-    pub modules: Vec<Vec<u8>>,
-    /// Interfaces to configure before the command runs.
-    pub nets: Vec<NetSpec>,
-}
-
-impl ExecSpec {
-    /// Serializes the spec. Fails if a field contains a NUL byte.
-    pub fn to_bytes(&self) -> Result<Vec<u8>, String> {
-        let mut out = Vec::new();
-        let mut rec = |key: &str, val: &[u8]| -> Result<(), String> {
-            if val.contains(&0) {
-                return Err(format!("{key} contains a NUL byte"));
-            }
-            out.extend_from_slice(key.as_bytes());
-            out.push(b'=');
-            out.extend_from_slice(val);
-            out.push(0);
-            Ok(())
-        };
-        for a in &self.argv {
-            rec("arg", a)?;
-        }
-        for e in &self.env {
-            rec("env", e)?;
-        }
-        rec("cwd", &self.cwd)?;
-        rec("disk", if self.disk { b"1" } else { b"0" })?;
-        for (i, (dir, rw)) in self.shares.iter().enumerate() {
-            let mut v = format!("{i}:{}:", if *rw { "rw" } else { "ro" }).into_bytes();
-            v.extend_from_slice(dir);
-            rec("share", &v)?;
-        }
-        if self.live {
-            rec("live", b"1")?;
-        }
-        if self.host_root {
-            rec("hostroot", b"1")?;
-        }
-        if self.fs_root {
-            rec("fsroot", b"1")?;
-        }
-        for m in &self.modules {
-            if m.contains(&b'/') {
-                return Err("a module name contains '/'".into());
-            }
-            rec("module", m)?;
-        }
-        for n in &self.nets {
-            rec("net", n.to_record().as_bytes())?;
-        }
-        Ok(out)
-    }
-
-    /// Parses what [`Self::to_bytes`] wrote.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        let mut spec = Self::default();
-        for rec in bytes.split(|&b| b == 0).filter(|r| !r.is_empty()) {
-            let eq = rec
-                .iter()
-                .position(|&b| b == b'=')
-                .ok_or("record without '='")?;
-            let (key, val) = (&rec[..eq], &rec[eq + 1..]);
-            match key {
-                b"arg" => spec.argv.push(val.to_vec()),
-                b"env" => spec.env.push(val.to_vec()),
-                b"cwd" => spec.cwd = val.to_vec(),
-                b"disk" => spec.disk = val == b"1",
-                b"share" => {
-                    let mut parts = val.splitn(3, |&b| b == b':');
-                    let _index = parts.next();
-                    let mode = parts.next().ok_or("share without mode")?;
-                    let dir = parts.next().ok_or("share without directory")?;
-                    spec.shares.push((dir.to_vec(), mode == b"rw"));
-                }
-                b"net" => spec.nets.push(NetSpec::parse(val)?),
-                b"live" => spec.live = val == b"1",
-                b"hostroot" => spec.host_root = val == b"1",
-                b"fsroot" => spec.fs_root = val == b"1",
-                b"module" if !val.contains(&b'/') && !val.is_empty() => {
-                    spec.modules.push(val.to_vec())
-                }
-                _ => return Err("unknown record".into()),
-            }
-        }
-        if spec.argv.is_empty() {
-            return Err("no command".into());
-        }
-        Ok(spec)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -751,53 +559,5 @@ mod tests {
             assert!(d.next_frame().unwrap().is_some());
         }
         assert!(d.buf.capacity() < 64 * 1024);
-    }
-
-    #[test]
-    fn spec_round_trip() {
-        let spec = ExecSpec {
-            argv: vec![b"sh".to_vec(), b"-c".to_vec(), b"echo a=b; x:y".to_vec()],
-            env: vec![b"K=V=W".to_vec()],
-            cwd: b"/work dir".to_vec(),
-            disk: true,
-            shares: vec![(b"/in".to_vec(), false), (b"/out:x".to_vec(), true)],
-            live: true,
-            host_root: true,
-            fs_root: true,
-            modules: vec![b"virtio_mmio.ko".to_vec(), b"fuse.ko.xz".to_vec()],
-            nets: vec![NetSpec {
-                interface: "eth0".into(),
-                address: [192, 168, 77, 1].into(),
-                prefix: 24,
-                gateway: [192, 168, 77, 254].into(),
-                dns: vec![[9, 9, 9, 9].into()],
-            }],
-        };
-        let bytes = spec.to_bytes().unwrap();
-        assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), spec);
-        let bad = ExecSpec {
-            argv: vec![b"a\0b".to_vec()],
-            ..Default::default()
-        };
-        assert!(bad.to_bytes().is_err());
-        assert!(ExecSpec::from_bytes(b"cwd=/\0").is_err());
-        assert!(ExecSpec::from_bytes(b"nokey\0").is_err());
-        for bad in [
-            "eth0",
-            "eth0 1.2.3.4/33 1.1.1.1",
-            "eth0 1.2.3.4 1.1.1.1",
-            "eth0 1.2.3.4/8 x",
-        ] {
-            let rec = format!("arg=x\0net={bad}\0");
-            assert!(ExecSpec::from_bytes(rec.as_bytes()).is_err(), "{bad}");
-        }
-        // A module name cannot climb out of the module directory.
-        assert!(ExecSpec::from_bytes(b"arg=x\0module=../../bin/sh\0").is_err());
-        let climbing = ExecSpec {
-            argv: vec![b"x".to_vec()],
-            modules: vec![b"../x.ko".to_vec()],
-            ..Default::default()
-        };
-        assert!(climbing.to_bytes().is_err());
     }
 }

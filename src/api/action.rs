@@ -91,8 +91,8 @@ pub enum VmmActionError {
     #[error("{0}")]
     Unsupported(&'static str),
     /// An invalid `PUT /vsock` (the CID's range).
-    #[error("{0}")]
-    Vsock(String),
+    #[error(transparent)]
+    Vsock(#[from] crate::config::BadCid),
     /// `vcpu_count` out of range.
     #[error("vcpu_count must be between 1 and {max}, not {got}")]
     VcpuCount {

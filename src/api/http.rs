@@ -81,36 +81,55 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-/// Parses one request from the front of `buf`.
+/// Parses one request from the front of `buf`: the head (request line,
+/// then headers), then as much body as the head announces.
 pub fn parse(buf: &[u8]) -> Result<Parsed, HttpError> {
+    let head_too_large = || HttpError {
+        status: 431,
+        message: format!("request head is larger than {MAX_HEAD} bytes"),
+    };
     let Some(head_end) = find_head_end(buf) else {
         if buf.len() > MAX_HEAD {
-            return Err(HttpError {
-                status: 431,
-                message: format!("request head is larger than {MAX_HEAD} bytes"),
-            });
+            return Err(head_too_large());
         }
         return Ok(Parsed::Incomplete {
             continue_wanted: false,
         });
     };
     if head_end > MAX_HEAD {
-        return Err(HttpError {
-            status: 431,
-            message: format!("request head is larger than {MAX_HEAD} bytes"),
-        });
+        return Err(head_too_large());
     }
     let head = std::str::from_utf8(&buf[..head_end - 4])
         .map_err(|_| HttpError::bad("request head is not valid UTF-8"))?;
     let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or_default();
-    let mut parts = request_line.split(' ');
+    let (method, target, http10) = request_line(lines.next().unwrap_or_default())?;
+    let headers = Headers::parse(lines, http10)?;
+    let total = head_end + headers.content_length.unwrap_or(0);
+    if buf.len() < total {
+        return Ok(Parsed::Incomplete {
+            continue_wanted: headers.expect_continue && buf.len() == head_end,
+        });
+    }
+    Ok(Parsed::Complete(
+        Request {
+            method: method.to_string(),
+            path: target.to_string(),
+            body: buf[head_end..total].to_vec(),
+            close: headers.close,
+        },
+        total,
+    ))
+}
+
+/// The request line's method and target, and whether it is HTTP/1.0.
+fn request_line(line: &str) -> Result<(&str, &str, bool), HttpError> {
+    let mut parts = line.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(HttpError::bad(format!(
             "malformed request line '{}'",
-            request_line.escape_default()
+            line.escape_default()
         )));
     };
     if !is_token(method) {
@@ -132,47 +151,50 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, HttpError> {
     if target.contains('?') || target.contains('#') {
         return Err(HttpError::bad("query strings are not supported"));
     }
+    Ok((method, target, http10))
+}
 
-    let mut content_length: Option<usize> = None;
-    let mut close = http10;
-    let mut expect_continue = false;
-    for (n, line) in lines.enumerate() {
-        if n >= MAX_HEADERS {
-            return Err(HttpError {
-                status: 431,
-                message: format!("more than {MAX_HEADERS} header lines"),
-            });
-        }
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(HttpError::bad(format!(
-                "malformed header line '{}'",
-                line.escape_default()
-            )));
+/// What the headers say about the body and the connection.
+struct Headers {
+    content_length: Option<usize>,
+    close: bool,
+    expect_continue: bool,
+}
+
+impl Headers {
+    /// Reads the header `lines`; `http10`: the connection closes unless
+    /// the client asks to keep it.
+    fn parse<'a>(lines: impl Iterator<Item = &'a str>, http10: bool) -> Result<Self, HttpError> {
+        let mut h = Self {
+            content_length: None,
+            close: http10,
+            expect_continue: false,
         };
-        if !is_token(name) {
-            return Err(HttpError::bad("malformed header name"));
-        }
-        let value = value.trim_matches([' ', '\t']);
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => {
-                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(HttpError::bad("invalid Content-Length"));
-                }
-                let len: usize = value.parse().unwrap_or(usize::MAX);
-                if content_length.is_some_and(|l| l != len) {
-                    return Err(HttpError::bad("conflicting Content-Length headers"));
-                }
-                let limit = max_body();
-                if len > limit {
-                    return Err(HttpError {
-                        status: 413,
-                        message: format!(
-                            "request body of {value} bytes is larger than the limit of {limit} bytes"
-                        ),
-                    });
-                }
-                content_length = Some(len);
+        for (n, line) in lines.enumerate() {
+            if n >= MAX_HEADERS {
+                return Err(HttpError {
+                    status: 431,
+                    message: format!("more than {MAX_HEADERS} header lines"),
+                });
             }
+            let Some((name, value)) = line.split_once(':') else {
+                return Err(HttpError::bad(format!(
+                    "malformed header line '{}'",
+                    line.escape_default()
+                )));
+            };
+            if !is_token(name) {
+                return Err(HttpError::bad("malformed header name"));
+            }
+            h.header(&name.to_ascii_lowercase(), value.trim_matches([' ', '\t']))?;
+        }
+        Ok(h)
+    }
+
+    /// Takes one header (`name` in lower case).
+    fn header(&mut self, name: &str, value: &str) -> Result<(), HttpError> {
+        match name {
+            "content-length" => self.content_length = Some(self.content_length(value)?),
             "transfer-encoding" => {
                 return Err(HttpError {
                     status: 501,
@@ -183,14 +205,14 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, HttpError> {
             "connection" => {
                 let v = value.to_ascii_lowercase();
                 if v.split(',').any(|t| t.trim() == "close") {
-                    close = true;
+                    self.close = true;
                 } else if v.split(',').any(|t| t.trim() == "keep-alive") {
-                    close = false;
+                    self.close = false;
                 }
             }
             "expect" => {
                 if value.eq_ignore_ascii_case("100-continue") {
-                    expect_continue = true;
+                    self.expect_continue = true;
                 } else {
                     return Err(HttpError {
                         status: 417,
@@ -200,23 +222,30 @@ pub fn parse(buf: &[u8]) -> Result<Parsed, HttpError> {
             }
             _ => {}
         }
+        Ok(())
     }
-    let body_len = content_length.unwrap_or(0);
-    let total = head_end + body_len;
-    if buf.len() < total {
-        return Ok(Parsed::Incomplete {
-            continue_wanted: expect_continue && buf.len() == head_end,
-        });
+
+    /// A Content-Length `value`: digits only, the same as any earlier
+    /// one, within the body limit.
+    fn content_length(&self, value: &str) -> Result<usize, HttpError> {
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HttpError::bad("invalid Content-Length"));
+        }
+        let len: usize = value.parse().unwrap_or(usize::MAX);
+        if self.content_length.is_some_and(|l| l != len) {
+            return Err(HttpError::bad("conflicting Content-Length headers"));
+        }
+        let limit = max_body();
+        if len > limit {
+            return Err(HttpError {
+                status: 413,
+                message: format!(
+                    "request body of {value} bytes is larger than the limit of {limit} bytes"
+                ),
+            });
+        }
+        Ok(len)
     }
-    Ok(Parsed::Complete(
-        Request {
-            method: method.to_string(),
-            path: target.to_string(),
-            body: buf[head_end..total].to_vec(),
-            close,
-        },
-        total,
-    ))
 }
 
 /// A response.

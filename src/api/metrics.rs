@@ -108,172 +108,134 @@ pub fn counters_for(action: &super::action::VmmAction) -> Option<&'static (Count
     })
 }
 
-/// Every counter as `(group, key, value)`, in output order.
-pub fn snapshot() -> Vec<(&'static str, &'static str, u64)> {
-    let a = api();
-    let mut v = vec![
-        ("vcpu", "exit_io_in", VCPU.exit_io_in.get()),
-        ("vcpu", "exit_io_out", VCPU.exit_io_out.get()),
-        ("vcpu", "exit_mmio_read", VCPU.exit_mmio_read.get()),
-        ("vcpu", "exit_mmio_write", VCPU.exit_mmio_write.get()),
-        ("vcpu", "failures", VCPU.failures.get()),
-        ("block", "read_bytes", BLOCK.read_bytes.get()),
-        ("block", "write_bytes", BLOCK.write_bytes.get()),
-        ("block", "read_count", BLOCK.read_count.get()),
-        ("block", "write_count", BLOCK.write_count.get()),
-        ("block", "flush_count", BLOCK.flush_count.get()),
-        (
-            "block",
-            "invalid_reqs_count",
-            BLOCK.invalid_reqs_count.get(),
-        ),
-        ("block", "execute_fails", BLOCK.execute_fails.get()),
-        ("block", "queue_event_count", BLOCK.queue_event_count.get()),
-        (
-            "block",
-            "rate_limiter_throttled_events",
-            BLOCK.rate_limiter_throttled_events.get(),
-        ),
-        ("net", "rx_bytes_count", NET.rx_bytes_count.get()),
-        ("net", "rx_packets_count", NET.rx_packets_count.get()),
-        ("net", "tx_bytes_count", NET.tx_bytes_count.get()),
-        ("net", "tx_packets_count", NET.tx_packets_count.get()),
-        ("net", "tap_read_fails", NET.tap_read_fails.get()),
-        ("net", "tap_write_fails", NET.tap_write_fails.get()),
-        ("net", "tx_malformed_frames", NET.tx_malformed_frames.get()),
-        (
-            "net",
-            "rx_queue_event_count",
-            NET.rx_queue_event_count.get(),
-        ),
-        (
-            "net",
-            "tx_queue_event_count",
-            NET.tx_queue_event_count.get(),
-        ),
-        (
-            "net",
-            "rx_rate_limiter_throttled",
-            NET.rx_rate_limiter_throttled.get(),
-        ),
-        (
-            "net",
-            "tx_rate_limiter_throttled",
-            NET.tx_rate_limiter_throttled.get(),
-        ),
-        (
-            "entropy",
-            "entropy_event_count",
-            ENTROPY.entropy_event_count.get(),
-        ),
-        ("entropy", "entropy_bytes", ENTROPY.entropy_bytes.get()),
-        ("entropy", "host_rng_fails", ENTROPY.host_rng_fails.get()),
-        (
-            "entropy",
-            "entropy_rate_limiter_throttled",
-            ENTROPY.entropy_rate_limiter_throttled.get(),
-        ),
-        (
-            "get_api_requests",
-            "instance_info_count",
-            a.get_instance_info_count.get(),
-        ),
-        (
-            "get_api_requests",
-            "machine_cfg_count",
-            a.get_machine_cfg_count.get(),
-        ),
-        (
-            "get_api_requests",
-            "vmm_version_count",
-            a.get_vmm_version_count.get(),
-        ),
-        (
-            "get_api_requests",
-            "vm_config_count",
-            a.get_vm_config_count.get(),
-        ),
-    ];
-    let pairs: [(&str, &str, &str, &(Counter, Counter)); 13] = [
-        (
-            "put_api_requests",
-            "actions_count",
-            "actions_fails",
-            &a.put_actions,
-        ),
-        (
-            "put_api_requests",
-            "boot_source_count",
-            "boot_source_fails",
-            &a.put_boot_source,
-        ),
-        (
-            "put_api_requests",
-            "drive_count",
-            "drive_fails",
-            &a.put_drive,
-        ),
-        (
-            "put_api_requests",
-            "logger_count",
-            "logger_fails",
-            &a.put_logger,
-        ),
-        (
-            "put_api_requests",
-            "machine_cfg_count",
-            "machine_cfg_fails",
-            &a.put_machine_cfg,
-        ),
-        (
-            "put_api_requests",
-            "metrics_count",
-            "metrics_fails",
-            &a.put_metrics,
-        ),
-        (
-            "put_api_requests",
-            "network_count",
-            "network_fails",
-            &a.put_network,
-        ),
-        (
-            "put_api_requests",
-            "entropy_count",
-            "entropy_fails",
-            &a.put_entropy,
-        ),
-        (
-            "put_api_requests",
-            "cpu_cfg_count",
-            "cpu_cfg_fails",
-            &a.put_cpu_cfg,
-        ),
-        (
-            "patch_api_requests",
-            "machine_cfg_count",
-            "machine_cfg_fails",
-            &a.patch_machine_cfg,
-        ),
-        (
-            "patch_api_requests",
-            "drive_count",
-            "drive_fails",
-            &a.patch_drive,
-        ),
-        (
-            "patch_api_requests",
-            "network_count",
-            "network_fails",
-            &a.patch_network,
-        ),
-        ("patch_api_requests", "vm_count", "vm_fails", &a.patch_vm),
-    ];
-    for (group, count, fails, (c, f)) in pairs {
-        v.push((group, count, c.get()));
-        v.push((group, fails, f.get()));
-    }
+/// A metrics line's values: `(group, key, value)`.
+type Values = Vec<(&'static str, &'static str, u64)>;
+
+/// Every counter as `(group, key, value)`, in output order: the devices'
+/// and vCPUs', then the API's.
+pub fn snapshot() -> Values {
+    let mut v = device_counters();
+    api_counters(&mut v);
     v
+}
+
+/// Appends `counters` of `group` to `v`.
+fn push(v: &mut Values, group: &'static str, counters: &[(&'static str, &Counter)]) {
+    v.extend(counters.iter().map(|(key, c)| (group, *key, c.get())));
+}
+
+/// The counters the devices and vCPUs keep (`devices::metrics`).
+fn device_counters() -> Values {
+    let mut v = Vec::new();
+    push(
+        &mut v,
+        "vcpu",
+        &[
+            ("exit_io_in", &VCPU.exit_io_in),
+            ("exit_io_out", &VCPU.exit_io_out),
+            ("exit_mmio_read", &VCPU.exit_mmio_read),
+            ("exit_mmio_write", &VCPU.exit_mmio_write),
+            ("failures", &VCPU.failures),
+        ],
+    );
+    push(
+        &mut v,
+        "block",
+        &[
+            ("read_bytes", &BLOCK.read_bytes),
+            ("write_bytes", &BLOCK.write_bytes),
+            ("read_count", &BLOCK.read_count),
+            ("write_count", &BLOCK.write_count),
+            ("flush_count", &BLOCK.flush_count),
+            ("invalid_reqs_count", &BLOCK.invalid_reqs_count),
+            ("execute_fails", &BLOCK.execute_fails),
+            ("queue_event_count", &BLOCK.queue_event_count),
+            (
+                "rate_limiter_throttled_events",
+                &BLOCK.rate_limiter_throttled_events,
+            ),
+        ],
+    );
+    push(
+        &mut v,
+        "net",
+        &[
+            ("rx_bytes_count", &NET.rx_bytes_count),
+            ("rx_packets_count", &NET.rx_packets_count),
+            ("tx_bytes_count", &NET.tx_bytes_count),
+            ("tx_packets_count", &NET.tx_packets_count),
+            ("tap_read_fails", &NET.tap_read_fails),
+            ("tap_write_fails", &NET.tap_write_fails),
+            ("tx_malformed_frames", &NET.tx_malformed_frames),
+            ("rx_queue_event_count", &NET.rx_queue_event_count),
+            ("tx_queue_event_count", &NET.tx_queue_event_count),
+            ("rx_rate_limiter_throttled", &NET.rx_rate_limiter_throttled),
+            ("tx_rate_limiter_throttled", &NET.tx_rate_limiter_throttled),
+        ],
+    );
+    push(
+        &mut v,
+        "entropy",
+        &[
+            ("entropy_event_count", &ENTROPY.entropy_event_count),
+            ("entropy_bytes", &ENTROPY.entropy_bytes),
+            ("host_rng_fails", &ENTROPY.host_rng_fails),
+            (
+                "entropy_rate_limiter_throttled",
+                &ENTROPY.entropy_rate_limiter_throttled,
+            ),
+        ],
+    );
+    v
+}
+
+/// The API's request counters; requests that can fail are counted twice
+/// (all, and the failed ones).
+fn api_counters(v: &mut Values) {
+    let a = api();
+    push(
+        v,
+        "get_api_requests",
+        &[
+            ("instance_info_count", &a.get_instance_info_count),
+            ("machine_cfg_count", &a.get_machine_cfg_count),
+            ("vmm_version_count", &a.get_vmm_version_count),
+            ("vm_config_count", &a.get_vm_config_count),
+        ],
+    );
+    let mut requests =
+        |group: &'static str, pairs: &[(&'static str, &'static str, &(Counter, Counter))]| {
+            for (count, fails, (c, f)) in pairs {
+                push(v, group, &[(count, c), (fails, f)]);
+            }
+        };
+    requests(
+        "put_api_requests",
+        &[
+            ("actions_count", "actions_fails", &a.put_actions),
+            ("boot_source_count", "boot_source_fails", &a.put_boot_source),
+            ("drive_count", "drive_fails", &a.put_drive),
+            ("logger_count", "logger_fails", &a.put_logger),
+            ("machine_cfg_count", "machine_cfg_fails", &a.put_machine_cfg),
+            ("metrics_count", "metrics_fails", &a.put_metrics),
+            ("network_count", "network_fails", &a.put_network),
+            ("entropy_count", "entropy_fails", &a.put_entropy),
+            ("cpu_cfg_count", "cpu_cfg_fails", &a.put_cpu_cfg),
+        ],
+    );
+    requests(
+        "patch_api_requests",
+        &[
+            (
+                "machine_cfg_count",
+                "machine_cfg_fails",
+                &a.patch_machine_cfg,
+            ),
+            ("drive_count", "drive_fails", &a.patch_drive),
+            ("network_count", "network_fails", &a.patch_network),
+            ("vm_count", "vm_fails", &a.patch_vm),
+        ],
+    );
 }
 
 /// Where metrics go, and the values of the last line written.

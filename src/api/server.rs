@@ -50,9 +50,68 @@ struct Conn {
     continue_sent: bool,
 }
 
+/// A 400 response with `e` as its `fault_message`.
+fn bad(e: impl std::fmt::Display) -> Response {
+    Response::fault(400, e.to_string())
+}
+
+/// The routes of one drive or network interface (`PUT`, `PATCH`), whose
+/// body must name the id of the path; `None` for any other route.
+fn device_route(method: &str, segments: &[&str], body: &[u8]) -> Option<Result<Request, Response>> {
+    const PATCH_MISMATCH: &str = "The id from the path does not match the id from the body!";
+    Some(match (method, segments) {
+        ("PUT", ["drives", id]) => from_body(body).map_err(bad).and_then(|d: types::Drive| {
+            if d.drive_id == *id {
+                Ok(Request::PutDrive(d))
+            } else {
+                Err(bad(format!(
+                    "drive_id '{}' does not match the path's '{id}'",
+                    d.drive_id
+                )))
+            }
+        }),
+        ("PUT", ["network-interfaces", id]) => {
+            from_body(body)
+                .map_err(bad)
+                .and_then(|n: types::NetworkInterface| {
+                    if n.iface_id == *id {
+                        Ok(Request::PutNetworkInterface(n))
+                    } else {
+                        Err(bad(format!(
+                            "iface_id '{}' does not match the path's '{id}'",
+                            n.iface_id
+                        )))
+                    }
+                })
+        }
+        ("PATCH", ["drives", id]) => {
+            from_body(body)
+                .map_err(bad)
+                .and_then(|d: types::PartialDrive| {
+                    if d.drive_id == *id {
+                        Ok(Request::PatchDrive(d))
+                    } else {
+                        Err(bad(PATCH_MISMATCH))
+                    }
+                })
+        }
+        ("PATCH", ["network-interfaces", id]) => {
+            from_body(body)
+                .map_err(bad)
+                .and_then(|n: types::PartialNetworkInterface| {
+                    if n.iface_id == *id {
+                        Ok(Request::PatchNetworkInterface(n))
+                    } else {
+                        Err(bad(PATCH_MISMATCH))
+                    }
+                })
+        }
+        _ => return None,
+    })
+}
+
 /// Routes a parsed HTTP request to an API request, or answers it.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response> {
-    let bad = |e: String| Response::fault(400, e);
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
     let no_body = |r: Request| {
         if body.is_empty() {
@@ -64,32 +123,15 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
     if let Some(r) = super::snapshot::route(method, &segments, body) {
         return r;
     }
+    if let Some(r) = device_route(method, &segments, body) {
+        return r;
+    }
     let r = match (method, segments.as_slice()) {
         ("GET", []) => no_body(Request::GetInstanceInfo)?,
         ("GET", ["version"]) => no_body(Request::GetVersion)?,
         ("GET", ["machine-config"]) => no_body(Request::GetMachineConfig)?,
         ("PUT", ["machine-config"]) => Request::PutMachineConfig(from_body(body).map_err(bad)?),
         ("PUT", ["boot-source"]) => Request::PutBootSource(from_body(body).map_err(bad)?),
-        ("PUT", ["drives", id]) => {
-            let d: types::Drive = from_body(body).map_err(bad)?;
-            if d.drive_id != *id {
-                return Err(bad(format!(
-                    "drive_id '{}' does not match the path's '{id}'",
-                    d.drive_id
-                )));
-            }
-            Request::PutDrive(d)
-        }
-        ("PUT", ["network-interfaces", id]) => {
-            let n: types::NetworkInterface = from_body(body).map_err(bad)?;
-            if n.iface_id != *id {
-                return Err(bad(format!(
-                    "iface_id '{}' does not match the path's '{id}'",
-                    n.iface_id
-                )));
-            }
-            Request::PutNetworkInterface(n)
-        }
         ("PUT", ["vsock"]) => Request::PutVsock(from_body(body).map_err(bad)?),
         ("PUT", ["actions"]) => {
             let a: types::InstanceActionInfo = from_body(body).map_err(bad)?;
@@ -108,24 +150,6 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
                 return Err(bad("Empty PATCH request.".to_string()));
             }
             Request::PatchMachineConfig(u)
-        }
-        ("PATCH", ["drives", id]) => {
-            let d: types::PartialDrive = from_body(body).map_err(bad)?;
-            if d.drive_id != *id {
-                return Err(bad(
-                    "The id from the path does not match the id from the body!".to_string(),
-                ));
-            }
-            Request::PatchDrive(d)
-        }
-        ("PATCH", ["network-interfaces", id]) => {
-            let n: types::PartialNetworkInterface = from_body(body).map_err(bad)?;
-            if n.iface_id != *id {
-                return Err(bad(
-                    "The id from the path does not match the id from the body!".to_string(),
-                ));
-            }
-            Request::PatchNetworkInterface(n)
         }
         ("PUT", ["metrics"]) => Request::PutMetrics(from_body(body).map_err(bad)?),
         ("PUT", ["entropy"]) => Request::PutEntropy(from_body(body).map_err(bad)?),

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::action::{VmmAction, VmmActionError, VmmData};
 use super::http::Response;
-use super::types::from_body;
+use super::types::{from_body, BodyError};
 use crate::builder::Console;
 use crate::snapshot::restore::{self, RestoreConfig};
 use crate::vmm::Vmm;
@@ -112,7 +112,7 @@ pub struct SnapshotLoadParams {
 
 /// Routes `/snapshot/...`; `None` if the path is not one of them.
 pub fn route(method: &str, segments: &[&str], body: &[u8]) -> Option<Result<VmmAction, Response>> {
-    let bad = |e: String| Response::fault(400, e);
+    let bad = |e: BodyError| Response::fault(400, e.to_string());
     Some(match (method, segments) {
         ("PUT", ["snapshot", "create"]) => {
             from_body(body).map(VmmAction::CreateSnapshot).map_err(bad)
@@ -211,9 +211,9 @@ pub fn load(cfg: &RestoreConfig, console: Console) -> Result<Vmm, VmmActionError
 mod tests {
     use super::*;
 
-    fn load_body(body: &str) -> Result<RestoreConfig, String> {
+    fn load_body(body: &str) -> Result<RestoreConfig, Box<dyn std::error::Error>> {
         let p: SnapshotLoadParams = from_body(body.as_bytes())?;
-        restore_config(&p, "/dev/kvm".into()).map_err(|e| e.to_string())
+        Ok(restore_config(&p, "/dev/kvm".into())?)
     }
 
     #[test]
@@ -238,6 +238,7 @@ mod tests {
             r#"{"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "u"}}"#
         )
         .unwrap_err()
+        .to_string()
         .contains("Uffd"));
         assert!(
             load_body(r#"{"snapshot_path": "s", "mem_file_path": "m", "track_dirty_pages": true}"#)

@@ -412,12 +412,24 @@ impl FullVmConfig {
     }
 }
 
-/// Parses a JSON body into `T`, with a message fit for `fault_message`.
-pub fn from_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+/// Why a request body was refused; the message is fit for
+/// `fault_message`.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The request has no body.
+    #[error("the request needs a JSON body")]
+    Empty,
+    /// The body is not the JSON this request takes.
+    #[error("invalid request body: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Parses a JSON body into `T`.
+pub fn from_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, BodyError> {
     if body.is_empty() {
-        return Err("the request needs a JSON body".to_string());
+        return Err(BodyError::Empty);
     }
-    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+    Ok(serde_json::from_slice(body)?)
 }
 
 #[cfg(test)]
@@ -429,11 +441,11 @@ mod tests {
         let ok: BootSource = from_body(br#"{"kernel_image_path":"/k","boot_args":"x"}"#).unwrap();
         assert_eq!(ok.boot_args.as_deref(), Some("x"));
         let e = from_body::<BootSource>(br#"{"kernel_image_path":"/k","nope":1}"#).unwrap_err();
-        assert!(e.contains("unknown field `nope`"), "{e}");
+        assert!(e.to_string().contains("unknown field `nope`"), "{e}");
         let e = from_body::<MachineConfig>(br#"{"vcpu_count":"2","mem_size_mib":1}"#).unwrap_err();
-        assert!(e.contains("invalid type"), "{e}");
+        assert!(e.to_string().contains("invalid type"), "{e}");
         assert!(from_body::<Vm>(br#"{"state":"Frozen"}"#).is_err());
-        assert!(from_body::<Vm>(b"").is_err());
+        assert!(matches!(from_body::<Vm>(b""), Err(BodyError::Empty)));
         assert!(from_body::<Vm>(b"{").is_err());
         let a: InstanceActionInfo = from_body(br#"{"action_type":"SendCtrlAltDel"}"#).unwrap();
         assert_eq!(a.action_type, ActionType::SendCtrlAltDel);

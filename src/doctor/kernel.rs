@@ -31,7 +31,32 @@ pub enum Error {
     /// The bzImage's payload is malformed or compressed in a way capsule
     /// cannot read.
     #[error("cannot decompress the bzImage payload: {0}")]
-    Payload(String),
+    Payload(#[from] PayloadError),
+}
+
+/// Why a bzImage's payload could not be decompressed.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    /// A compression capsule has no decoder for.
+    #[error("{0} compression is not supported")]
+    Unsupported(&'static str),
+    /// The decoder failed.
+    #[error("{compression}: {source}")]
+    Decode {
+        /// The compression.
+        compression: &'static str,
+        /// What the decoder said.
+        source: std::io::Error,
+    },
+    /// A block of an LZ4 stream is damaged.
+    #[error("lz4: {0}")]
+    Lz4(#[source] lz4_flex::block::DecompressError),
+    /// The decompressed kernel is larger than capsule reads.
+    #[error("lz4: the kernel is too large")]
+    TooLarge,
+    /// What came out is not an ELF file.
+    #[error("the payload is not an ELF vmlinux")]
+    NotElf,
 }
 
 /// Where a kernel's configuration was found.
@@ -278,27 +303,23 @@ impl<'a> BzImage<'a> {
                 .take(MAX_IMAGE)
                 .read_to_end(&mut out),
             "zstd" => ruzstd::decoding::StreamingDecoder::new(p)
-                .map_err(|e| std::io::Error::other(e.to_string()))?
+                .map_err(|e| PayloadError::Decode {
+                    compression: "zstd",
+                    source: std::io::Error::other(e),
+                })?
                 .take(MAX_IMAGE)
                 .read_to_end(&mut out),
             "lz4" => return lz4_legacy(p),
-            other => {
-                return Err(Error::Payload(format!(
-                    "{other} compression is not supported"
-                )))
-            }
+            other => return Err(PayloadError::Unsupported(other).into()),
         };
-        res.map_err(|e| Error::Payload(format!("{}: {e}", self.compression())))?;
+        res.map_err(|source| PayloadError::Decode {
+            compression: self.compression(),
+            source,
+        })?;
         if !out.starts_with(b"\x7fELF") {
-            return Err(Error::Payload("the payload is not an ELF vmlinux".into()));
+            return Err(PayloadError::NotElf.into());
         }
         Ok(out)
-    }
-}
-
-impl From<std::io::Error> for Error {
-    fn from(e: std::io::Error) -> Self {
-        Error::Payload(e.to_string())
     }
 }
 
@@ -318,22 +339,22 @@ pub fn lz4_legacy(mut p: &[u8]) -> Result<Vec<u8>, Error> {
         if n == MAGIC {
             continue;
         }
-        let n = usize::try_from(n).map_err(|_| Error::Payload("lz4: bad block".into()))?;
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
         if n == 0 || n > p.len() {
             break;
         }
         let start = out.len();
         out.resize(start + BLOCK_MAX, 0);
         let got = lz4_flex::block::decompress_into(&p[..n], &mut out[start..])
-            .map_err(|e| Error::Payload(format!("lz4: {e}")))?;
+            .map_err(PayloadError::Lz4)?;
         out.truncate(start + got);
         if out.len() as u64 > MAX_IMAGE {
-            return Err(Error::Payload("lz4: the kernel is too large".into()));
+            return Err(PayloadError::TooLarge.into());
         }
         p = &p[n..];
     }
     if !out.starts_with(b"\x7fELF") {
-        return Err(Error::Payload("the payload is not an ELF vmlinux".into()));
+        return Err(PayloadError::NotElf.into());
     }
     Ok(out)
 }

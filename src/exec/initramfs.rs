@@ -47,7 +47,7 @@ pub fn build_initramfs(
         modules: module_names,
         nets,
     };
-    let spec = spec.to_bytes().map_err(Error::Usage)?;
+    let spec = spec.to_bytes()?;
     let mut w = CpioWriter::new();
     if let Some(root) = &config.rootfs {
         if !root.is_dir() {
@@ -78,8 +78,9 @@ pub fn build_initramfs(
     if !modules.is_empty() {
         w.dir(exec_proto::MODULE_DIR.trim_start_matches('/'), 0o755)?;
         for m in modules {
-            let data = std::fs::read(m).map_err(|e| {
-                Error::Usage(format!("cannot read kernel module {}: {e}", m.display()))
+            let data = std::fs::read(m).map_err(|source| Error::Module {
+                path: m.clone(),
+                source,
             })?;
             let name = m.file_name().unwrap_or_default().to_string_lossy();
             let dest = format!("{}/{name}", exec_proto::MODULE_DIR.trim_start_matches('/'));
@@ -106,37 +107,12 @@ pub fn build_initramfs(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::VmConfig;
-    use std::time::{Duration, Instant};
 
     #[test]
     fn initramfs_has_init_and_config() {
         let config = ExecConfig {
-            vm: VmConfig {
-                kernel: "k".into(),
-                initrd: None,
-                initramfs: None,
-                cmdline: String::new(),
-                vcpus: 1,
-                mem_size: 256 << 20,
-                kvm_path: "/dev/kvm".into(),
-                disks: vec![],
-                nets: vec![],
-                vsock: None,
-                fs: vec![],
-                entropy: None,
-            },
-            rootfs: None,
-            shares: vec![],
-            host_root: false,
-            fs_root: None,
-            modules: None,
             env: vec!["A=b".into()],
-            workdir: "/".into(),
-            argv: vec!["true".into()],
-            timeout: None,
-            boot_timeout: Duration::from_secs(60),
-            started: Instant::now(),
+            ..crate::exec::tests::exec_config()
         };
         let a = build_initramfs(&config, false, &[], vec![]).unwrap();
         assert!(a.len() > INIT_BINARY.len());

@@ -28,6 +28,9 @@
 //!   `--host-root` boots on the host's `/` over virtio-fs.
 //! * `modules.rs`: kernel modules a distribution kernel needs, packed into
 //!   the initramfs and loaded by the init first.
+//! * `prepare.rs`: before the VM is built, the environment and working
+//!   directory checked, live shares or copies decided (`--share`,
+//!   `--host-root`, `--fs-root`), the initramfs and command line made.
 //!
 //! This file holds the arguments ([`ExecConfig`], [`Share`]) and [`run`]:
 //! prepare, wire the session, boot, map the end to an [`Outcome`].
@@ -38,6 +41,7 @@ mod initramfs;
 mod link;
 pub mod modules;
 mod netcfg;
+mod prepare;
 mod session;
 mod stdin;
 
@@ -57,6 +61,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{self, Console, Extras};
 use crate::config::VmConfig;
 use crate::vmm::RunEnd;
+
+pub use self::netcfg::Error as UserNetError;
 
 use self::copyback::ShareBack;
 use self::cpio::CpioError;
@@ -91,9 +97,32 @@ pub enum Error {
     /// Bad `--share`, `--rootfs`, `--env` or `--workdir`.
     #[error("{0}")]
     Usage(String),
+    /// The command, environment or a module name cannot be passed to the
+    /// guest init (a NUL byte, a '/').
+    #[error("{0}")]
+    Spec(#[from] exec_proto::SpecError),
+    /// `--modules`: the tree's `modules.dep` could not be read.
+    #[error("--modules {}: cannot read modules.dep: {source}", .dir.display())]
+    ModuleDeps {
+        /// The module tree.
+        dir: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A kernel module could not be read.
+    #[error("cannot read kernel module {}: {source}", .path.display())]
+    Module {
+        /// The module file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// `--net user` cannot be configured on this host.
+    #[error(transparent)]
+    UserNet(#[from] UserNetError),
     /// Setting up host-side plumbing failed.
     #[error("{0}: {1}")]
-    Host(&'static str, io::Error),
+    Host(&'static str, #[source] io::Error),
 }
 
 /// A host directory shared with the guest.
@@ -226,7 +255,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         crate::vstate::vm::Vm::open_kvm(&config.vm.kvm_path)
             .map_err(|e| Error::Vm(builder::Error::from(e)))?,
     );
-    prepare(&mut config, channel)?;
+    prepare::prepare(&mut config, channel)?;
     // Copy-back writes into the writable shares after setup.
     for s in config.shares.iter().filter(|s| s.writable) {
         crate::landlock::allow(&s.host, crate::landlock::Reach::ReadWrite);
@@ -315,173 +344,6 @@ fn vsock_link(
     let link = link::VsockLink::new(listener, sink, session.clone(), wake, data_ready, chunks)
         .map_err(|e| Error::Host("cannot set up the session's socket", e))?;
     Ok((link, dir, file))
-}
-
-/// Checks the command's environment and working directory; adds the
-/// generated initramfs and capsule's command line to the VM.
-fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
-    for e in &config.env {
-        if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
-            return Err(Error::Usage(format!("--env '{e}': expected KEY=VALUE")));
-        }
-    }
-    if !config.workdir.starts_with('/') {
-        return Err(Error::Usage(format!(
-            "--workdir '{}': must be an absolute guest path",
-            config.workdir
-        )));
-    }
-    let live = plan_live_shares(config)?;
-    let modules = module_files(config)?;
-    let nets = config
-        .vm
-        .nets
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| matches!(n.backend, crate::config::NetBackendConfig::User { .. }))
-        .map(|(i, _)| netcfg::user_net(i).map_err(Error::Usage))
-        .collect::<Result<Vec<_>, _>>()?;
-    config.vm.initramfs = Some(build_initramfs(config, live, &modules, nets)?);
-    let channel_arg = match channel {
-        Channel::Console => exec_proto::CONSOLE_CHANNEL_ARG,
-        Channel::Vsock => "",
-    };
-    config.vm.cmdline = format!(
-        "{} rdinit={} {channel_arg} {}",
-        EXEC_CMDLINE,
-        exec_proto::INIT_PATH,
-        config.vm.cmdline
-    )
-    .trim_end()
-    .to_string();
-    Ok(())
-}
-
-/// What the copy fallback means for the user, in its warning.
-const COPY_FALLBACK: &str = "--share falls back to copying: files go in when the guest starts and come back when the command exits (deletions and renames do not)";
-
-/// Decides between live shares (virtio-fs, when a virtiofsd is there)
-/// and copies, and adds the virtio-fs devices: the host root and the
-/// current directory for `--host-root`, one per `--share`. Returns
-/// whether the shares are live. `--host-root` without virtiofsd is an
-/// error; `--share` without it falls back to copying, and says so.
-fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
-    use crate::config::FsConfig;
-    if let Some(dir) = &config.fs_root {
-        if config.host_root || config.rootfs.is_some() || !config.vm.disks.is_empty() {
-            return Err(Error::Usage(
-                "--fs-root excludes --host-root, --rootfs and --disk".into(),
-            ));
-        }
-        if !dir.is_dir() {
-            return Err(Error::Usage(format!(
-                "--fs-root {}: not a directory",
-                dir.display()
-            )));
-        }
-        devices::virtio::fs::daemon::find_binary()
-            .map_err(|e| Error::Vm(builder::Error::FsShare(e.into())))?;
-        config.vm.fs.push(FsConfig {
-            dir: dir.clone(),
-            tag: exec_proto::FS_ROOT_TAG.into(),
-            read_only: false,
-            submounts: true,
-        });
-    }
-    if config.host_root {
-        if config.rootfs.is_some() {
-            return Err(Error::Usage(
-                "--host-root and --rootfs exclude each other".into(),
-            ));
-        }
-        let cwd = std::env::current_dir()
-            .map_err(|e| Error::Host("cannot find the current directory", e))?;
-        let guest = cwd.to_str().map(str::to_string).ok_or_else(|| {
-            Error::Usage("--host-root: the current directory's name is not UTF-8".into())
-        })?;
-        if !guest.contains(':') && !config.shares.iter().any(|s| s.guest == guest) {
-            config.shares.push(Share {
-                host: cwd,
-                guest: guest.clone(),
-                writable: true,
-            });
-        }
-        if config.workdir == "/" {
-            config.workdir = guest;
-        }
-    }
-    if config.shares.is_empty() && !config.host_root {
-        return Ok(config.fs_root.is_some());
-    }
-    if let Err(e) = devices::virtio::fs::daemon::find_binary() {
-        if config.host_root {
-            return Err(Error::Vm(builder::Error::FsShare(e.into())));
-        }
-        // Through the log, like every other capsule message on stderr:
-        // `CAPSULE_LOG=error` leaves stderr to the command alone.
-        log::warn!("{e}; {COPY_FALLBACK}");
-        return Ok(false);
-    }
-    // virtiofsd's default sandbox (namespaces, pivot_root) needs root. A
-    // user who is not root gets copies unless they said how to run it.
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let told = std::env::var_os("CAPSULE_VIRTIOFSD").is_some()
-        || std::env::var_os("CAPSULE_VIRTIOFSD_SANDBOX").is_some();
-    if !config.host_root && !root && !told {
-        log::warn!(
-            "not root, so virtiofsd cannot sandbox itself (set CAPSULE_VIRTIOFSD_SANDBOX=none to share live anyway); {COPY_FALLBACK}"
-        );
-        return Ok(false);
-    }
-    if config.host_root {
-        config.vm.fs.push(FsConfig {
-            dir: "/".into(),
-            tag: exec_proto::HOST_ROOT_TAG.into(),
-            read_only: true,
-            submounts: false,
-        });
-    }
-    for (i, share) in config.shares.iter().enumerate() {
-        config.vm.fs.push(FsConfig {
-            dir: share.host.clone(),
-            tag: exec_proto::share_tag(i),
-            read_only: !share.writable,
-            submounts: true,
-        });
-    }
-    log::info!("shares are live over virtio-fs");
-    Ok(true)
-}
-
-/// The module files to pack: from `--modules`, or with `--host-root`
-/// from the host's `/lib/modules/<the kernel's release>` if it is there.
-fn module_files(config: &ExecConfig) -> Result<Vec<PathBuf>, Error> {
-    let dir = match (&config.modules, config.host_root) {
-        (Some(d), _) => d.clone(),
-        (None, true) => {
-            let release = modules::kernel_release(&config.vm.kernel)
-                .map_err(|e| Error::Host("cannot read the kernel", e))?;
-            let Some(release) = release else {
-                log::info!("no kernel release found in the kernel image: no modules loaded");
-                return Ok(Vec::new());
-            };
-            let dir = PathBuf::from("/lib/modules").join(&release);
-            if !dir.join("modules.dep").is_file() {
-                log::info!("no {}: no modules loaded", dir.display());
-                return Ok(Vec::new());
-            }
-            dir
-        }
-        (None, false) => return Ok(Vec::new()),
-    };
-    let files = modules::files(&dir).map_err(Error::Usage)?;
-    log::info!(
-        "loading {} kernel modules from {}",
-        files.len(),
-        dir.display()
-    );
-    Ok(files)
 }
 
 /// A session that has heard nothing yet, writing to capsule's stdout and
@@ -604,7 +466,9 @@ mod tests {
         assert!("h:/a:b:ro".parse::<Share>().is_err());
     }
 
-    fn fs_root_config(dir: &str) -> ExecConfig {
+    /// A plain configuration for the tests of this module and its
+    /// children: `true` in `/`, no shares, no root of its own.
+    pub(super) fn exec_config() -> ExecConfig {
         ExecConfig {
             vm: VmConfig {
                 kernel: "/k".into(),
@@ -623,7 +487,7 @@ mod tests {
             rootfs: None,
             shares: vec![],
             host_root: false,
-            fs_root: Some(dir.into()),
+            fs_root: None,
             modules: None,
             env: vec![],
             workdir: "/".into(),
@@ -632,35 +496,5 @@ mod tests {
             boot_timeout: Duration::from_secs(60),
             started: Instant::now(),
         }
-    }
-
-    #[test]
-    fn fs_root_is_checked_before_any_daemon_is_looked_for() {
-        let mut c = fs_root_config("/nonexistent/capsule-fs-root");
-        let e = plan_live_shares(&mut c).unwrap_err().to_string();
-        assert!(e.contains("not a directory"), "{e}");
-        let mut c = fs_root_config("/");
-        c.host_root = true;
-        let e = plan_live_shares(&mut c).unwrap_err().to_string();
-        assert!(e.contains("excludes"), "{e}");
-        let mut c = fs_root_config("/");
-        c.rootfs = Some("/".into());
-        assert!(plan_live_shares(&mut c).is_err());
-        assert!(c.vm.fs.is_empty());
-    }
-
-    #[test]
-    fn fs_root_is_a_read_write_virtio_fs_device() {
-        // With a virtiofsd found: the root's device, writable, under its tag.
-        let mut c = fs_root_config("/");
-        if devices::virtio::fs::daemon::find_binary().is_err() {
-            let e = plan_live_shares(&mut c).unwrap_err().to_string();
-            assert!(e.contains("virtiofsd"), "{e}");
-            return;
-        }
-        assert!(plan_live_shares(&mut c).unwrap());
-        assert_eq!(c.vm.fs.len(), 1);
-        assert_eq!(c.vm.fs[0].tag, exec_proto::FS_ROOT_TAG);
-        assert!(!c.vm.fs[0].read_only);
     }
 }

@@ -72,10 +72,12 @@ pub fn resolve(dep_file: &str) -> Vec<String> {
 }
 
 /// The files to pack, in load order, from the tree `dir`.
-pub fn files(dir: &Path) -> Result<Vec<PathBuf>, String> {
+pub fn files(dir: &Path) -> Result<Vec<PathBuf>, super::Error> {
     let dep = dir.join("modules.dep");
-    let text = std::fs::read_to_string(&dep)
-        .map_err(|e| format!("--modules {}: cannot read modules.dep: {e}", dir.display()))?;
+    let text = std::fs::read_to_string(&dep).map_err(|source| super::Error::ModuleDeps {
+        dir: dir.to_path_buf(),
+        source,
+    })?;
     Ok(resolve(&text).into_iter().map(|f| dir.join(f)).collect())
 }
 

@@ -72,14 +72,24 @@ pub fn name_servers(resolv: &str) -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// Why the host has no configuration for passt to copy.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No IPv4 default route.
+    #[error("--net user: the host has no IPv4 default route for passt to copy")]
+    NoDefaultRoute,
+    /// The default route's interface has no IPv4 address.
+    #[error("--net user: no IPv4 address on {0}")]
+    NoAddress(String),
+}
+
 /// The configuration passt will hand to `eth{index}`, or why there is
 /// none (passt itself then refuses to start).
-pub fn user_net(index: usize) -> Result<NetSpec, String> {
+pub fn user_net(index: usize) -> Result<NetSpec, Error> {
     let route = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
-    let (iface, gateway) = default_route(&route)
-        .ok_or("--net user: the host has no IPv4 default route for passt to copy")?;
-    let (address, prefix) = interface_address(&iface)
-        .ok_or_else(|| format!("--net user: no IPv4 address on {iface}"))?;
+    let (iface, gateway) = default_route(&route).ok_or(Error::NoDefaultRoute)?;
+    let (address, prefix) =
+        interface_address(&iface).ok_or_else(|| Error::NoAddress(iface.clone()))?;
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     Ok(NetSpec {
         interface: format!("eth{index}"),

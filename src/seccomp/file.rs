@@ -33,13 +33,44 @@ pub enum FileError {
         source: std::io::Error,
     },
     /// The file is not a compiled filter map.
-    #[error("{path} is not a compiled seccomp filter file: {why}")]
+    #[error("{path} is not a compiled seccomp filter file: {source}")]
     Format {
         /// The file.
         path: String,
         /// What is wrong.
-        why: String,
+        source: DecodeError,
     },
+}
+
+/// What is wrong with a filter file's bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The file is over 1 MiB (`MAX_FILE`).
+    #[error("larger than {MAX_FILE} bytes")]
+    TooLarge,
+    /// A length does not fit this host's address space.
+    #[error("length out of range")]
+    Length,
+    /// The bytes end inside an item.
+    #[error("truncated at byte {0}")]
+    Truncated(usize),
+    /// A thread kind's name is not UTF-8.
+    #[error("a thread name is not UTF-8")]
+    Name(#[source] std::str::Utf8Error),
+    /// A program is empty or longer than the kernel takes.
+    #[error("the filter for '{name}' has {count} instructions (1 to {MAX_INSNS})")]
+    Count {
+        /// The thread kind.
+        name: String,
+        /// Its program's instructions.
+        count: u64,
+    },
+    /// A thread kind has two programs.
+    #[error("'{0}' appears twice")]
+    Twice(String),
+    /// Bytes follow the last program.
+    #[error("{0} bytes after the last filter")]
+    Trailing(usize),
 }
 
 /// Reads a filter file: thread kind name → program.
@@ -52,27 +83,28 @@ pub fn load(path: &Path) -> Result<BTreeMap<String, BpfProgram>, FileError> {
     if bytes.len() as u64 > MAX_FILE {
         return Err(FileError::Format {
             path: shown,
-            why: format!("larger than {MAX_FILE} bytes"),
+            source: DecodeError::TooLarge,
         });
     }
-    decode(&bytes).map_err(|why| FileError::Format { path: shown, why })
+    decode(&bytes).map_err(|source| FileError::Format {
+        path: shown,
+        source,
+    })
 }
 
 /// Decodes the bincode map.
-pub fn decode(bytes: &[u8]) -> Result<BTreeMap<String, BpfProgram>, String> {
+pub fn decode(bytes: &[u8]) -> Result<BTreeMap<String, BpfProgram>, DecodeError> {
     let mut r = Reader { bytes, at: 0 };
     let entries = r.u64()?;
     let mut map = BTreeMap::new();
     for _ in 0..entries {
         let len = r.u64()?;
         let name = std::str::from_utf8(r.take(len)?)
-            .map_err(|_| "a thread name is not UTF-8".to_string())?
+            .map_err(DecodeError::Name)?
             .to_string();
         let count = r.u64()?;
         if count == 0 || count > MAX_INSNS {
-            return Err(format!(
-                "the filter for '{name}' has {count} instructions (1 to {MAX_INSNS})"
-            ));
+            return Err(DecodeError::Count { name, count });
         }
         let mut prog = Vec::new();
         for _ in 0..count {
@@ -85,14 +117,11 @@ pub fn decode(bytes: &[u8]) -> Result<BTreeMap<String, BpfProgram>, String> {
             });
         }
         if map.insert(name.clone(), prog).is_some() {
-            return Err(format!("'{name}' appears twice"));
+            return Err(DecodeError::Twice(name));
         }
     }
     if r.at != bytes.len() {
-        return Err(format!(
-            "{} bytes after the last filter",
-            bytes.len() - r.at
-        ));
+        return Err(DecodeError::Trailing(bytes.len() - r.at));
     }
     Ok(map)
 }
@@ -121,18 +150,18 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: u64) -> Result<&'a [u8], String> {
-        let n = usize::try_from(n).map_err(|_| "length out of range".to_string())?;
+    fn take(&mut self, n: u64) -> Result<&'a [u8], DecodeError> {
+        let n = usize::try_from(n).map_err(|_| DecodeError::Length)?;
         let end = self
             .at
             .checked_add(n)
             .filter(|&e| e <= self.bytes.len())
-            .ok_or_else(|| format!("truncated at byte {}", self.at))?;
+            .ok_or(DecodeError::Truncated(self.at))?;
         let s = &self.bytes[self.at..end];
         self.at = end;
         Ok(s)
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, DecodeError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);

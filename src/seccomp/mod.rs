@@ -109,7 +109,7 @@ pub enum Error {
     BadMode(String),
     /// A built-in filter could not be compiled (a capsule bug).
     #[error("cannot compile the seccomp filter for {0} threads: {1}")]
-    Compile(&'static str, seccompiler::BackendError),
+    Compile(&'static str, #[source] seccompiler::BackendError),
     /// The `--seccomp-filter` file was refused.
     #[error(transparent)]
     File(#[from] file::FileError),
@@ -123,7 +123,7 @@ pub enum Error {
     },
     /// The SIGSYS handler could not be installed.
     #[error("cannot install the SIGSYS handler: {0}")]
-    Handler(std::io::Error),
+    Handler(#[source] std::io::Error),
     /// The kernel refused the filter.
     #[error("cannot install the seccomp filter on thread '{thread}': {source}")]
     Install {

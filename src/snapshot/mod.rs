@@ -221,9 +221,21 @@ pub enum Error {
     /// This VM cannot be snapshotted.
     #[error("this VM cannot be snapshotted: {0}")]
     Unsupported(&'static str),
-    /// The VM's or a vCPU's KVM state could not be saved.
+    /// The VM's KVM state could not be saved.
     #[error("cannot save the VM state: {0}")]
-    Save(String),
+    SaveVm(#[from] vm_state::Error),
+    /// The vCPUs' KVM state could not be saved.
+    #[error("cannot save the VM state: {0}")]
+    SaveVcpu(#[from] crate::vstate::vcpu_state::Error),
+    /// A parked vCPU did not hand over its state.
+    #[error("cannot save the VM state: {0}")]
+    SaveVcpus(#[from] crate::vstate::vcpu::SaveError),
+    /// The dirty-page log could not be read or reset.
+    #[error("cannot save the VM state: {0}")]
+    DirtyLog(#[from] crate::vstate::dirty::Error),
+    /// The state could not be encoded.
+    #[error("cannot save the VM state: {0}")]
+    Encode(#[source] serde_json::Error),
     /// The memory file does not match the snapshot.
     #[error("memory file {} has {found} bytes; the snapshot's guest has {expected}", .path.display())]
     MemSize {
@@ -242,6 +254,22 @@ pub enum Error {
         path: PathBuf,
         /// What does not fit.
         why: String,
+    },
+    /// The VM's saved KVM state could not be put back.
+    #[error("cannot restore {}: {source}", .path.display())]
+    RestoreVm {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What KVM said.
+        source: vm_state::Error,
+    },
+    /// A device's saved state could not be put back.
+    #[error("cannot restore {}: {source}", .path.display())]
+    RestoreDevice {
+        /// The snapshot file.
+        path: PathBuf,
+        /// Which device, and why.
+        source: restore::DeviceError,
     },
     /// A writable disk of the snapshot is in use (by the VM it was taken
     /// of, or another clone).
@@ -295,9 +323,7 @@ fn diff_memory(vmm: &mut Vmm) -> Result<DiffMemory, Error> {
             "a Diff snapshot needs a Full snapshot of this VM to apply to: take a Full one first",
         ));
     };
-    let runs = log
-        .runs(vmm._vm.fd(), vmm.ram.memory())
-        .map_err(|e| Error::Save(e.to_string()))?;
+    let runs = log.runs(vmm._vm.fd(), vmm.ram.memory())?;
     Ok(DiffMemory { base_id, runs })
 }
 
@@ -322,14 +348,50 @@ pub fn create(
         Kind::Full => None,
         Kind::Diff => Some(diff_memory(vmm)?),
     };
+    let id = new_id();
+    let state = save_state(vmm, id, diff, snapshot_path, iface_ids)?;
+    let mem_written = match &state.diff {
+        None => memfile::write_memory(&vmm.ram, mem_path)?,
+        Some(d) => memfile::write_pages(&vmm.ram, mem_path, &d.runs)?,
+    };
+    let bytes = format::encode(&state).map_err(Error::Encode)?;
+    format::write_atomic(snapshot_path, &bytes).map_err(io_err(snapshot_path))?;
+    if let (Kind::Full, Some(log)) = (kind, vmm.dirty.as_mut()) {
+        // This snapshot is the base of the next Diffs: they hold the
+        // pages written from now on.
+        log.reset(vmm._vm.fd(), vmm.ram.memory())?;
+        log.base = Some(id);
+    }
+    let stats = CreateStats {
+        elapsed: started.elapsed(),
+        mem_written,
+    };
+    log::info!(
+        "snapshot written to {} and {} in {:.1} ms ({} MiB of memory not zero)",
+        snapshot_path.display(),
+        mem_path.display(),
+        stats.elapsed.as_secs_f64() * 1000.0,
+        mem_written >> 20
+    );
+    Ok(stats)
+}
+
+/// The state of the paused VM `vmm` (KVM's, the vCPUs', each device's;
+/// writable disks' overlays written beside `snapshot_path`), as snapshot
+/// `id` with the Diff's memory `diff`, if it is one.
+fn save_state(
+    vmm: &Vmm,
+    id: u64,
+    diff: Option<DiffMemory>,
+    snapshot_path: &Path,
+    iface_ids: &[String],
+) -> Result<SnapshotState, Error> {
     let h = &vmm.persist;
-    let vm = vm_state::save(vmm._vm.fd()).map_err(|e| Error::Save(e.to_string()))?;
-    let msrs = crate::vstate::vcpu_state::msr_indices(vmm._vm.kvm())
-        .map_err(|e| Error::Save(e.to_string()))?;
+    let vm = vm_state::save(vmm._vm.fd())?;
+    let msrs = crate::vstate::vcpu_state::msr_indices(vmm._vm.kvm())?;
     let vcpus = vmm
         .pause
-        .save_states(vmm.vcpus.len(), Arc::new(msrs), SAVE_TIMEOUT)
-        .map_err(Error::Save)?;
+        .save_states(vmm.vcpus.len(), Arc::new(msrs), SAVE_TIMEOUT)?;
     let lock = |m: &Arc<Mutex<MmioTransport>>| m.lock().unwrap_or_else(|e| e.into_inner()).save();
     let transports = h.transports.iter().map(lock).collect();
     let mut disks = Vec::with_capacity(h.blocks.len());
@@ -351,8 +413,7 @@ pub fn create(
             mac: *mac,
         })
         .collect();
-    let id = new_id();
-    let state = SnapshotState {
+    Ok(SnapshotState {
         id,
         diff,
         capsule_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -374,32 +435,7 @@ pub fn create(
             }),
             _ => None,
         },
-    };
-    let mem_written = match &state.diff {
-        None => memfile::write_memory(&vmm.ram, mem_path)?,
-        Some(d) => memfile::write_pages(&vmm.ram, mem_path, &d.runs)?,
-    };
-    let bytes = format::encode(&state).map_err(|e| Error::Save(e.to_string()))?;
-    format::write_atomic(snapshot_path, &bytes).map_err(io_err(snapshot_path))?;
-    if let (Kind::Full, Some(log)) = (kind, vmm.dirty.as_mut()) {
-        // This snapshot is the base of the next Diffs: they hold the
-        // pages written from now on.
-        log.reset(vmm._vm.fd(), vmm.ram.memory())
-            .map_err(|e| Error::Save(e.to_string()))?;
-        log.base = Some(id);
-    }
-    let stats = CreateStats {
-        elapsed: started.elapsed(),
-        mem_written,
-    };
-    log::info!(
-        "snapshot written to {} and {} in {:.1} ms ({} MiB of memory not zero)",
-        snapshot_path.display(),
-        mem_path.display(),
-        stats.elapsed.as_secs_f64() * 1000.0,
-        mem_written >> 20
-    );
-    Ok(stats)
+    })
 }
 
 /// The overlay file of disk `index` of the snapshot at `snapshot_path`.

@@ -274,10 +274,6 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     let started_at = std::time::Instant::now();
     let (state, memory) = load(cfg)?;
     let config = vm_config(cfg, &state)?;
-    let mismatch = |why: String| Error::Mismatch {
-        path: cfg.snapshot_path.clone(),
-        why,
-    };
     builder::check_host_memory(config.mem_size)?;
     let kvm = Vm::open_kvm(&config.kvm_path).map_err(builder::Error::from)?;
     let regions = arch::memory::ram_regions(config.mem_size);
@@ -292,7 +288,10 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     }
     let mem = ram.memory();
     let vm = Vm::new(kvm, mem).map_err(builder::Error::from)?;
-    vm_state::restore(vm.fd(), &state.vm).map_err(|e| mismatch(e.to_string()))?;
+    vm_state::restore(vm.fd(), &state.vm).map_err(|source| Error::RestoreVm {
+        path: cfg.snapshot_path.clone(),
+        source,
+    })?;
 
     let (mut started, mut dm) = Started::new(console.raw_terminal)?;
     let exit = started.exit.clone();
@@ -307,7 +306,10 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         .map(|v| devices.add_vsock(v))
         .transpose()?;
     let (blocks, macs) = (devices.blocks, devices.macs);
-    restore_devices(cfg, &state, &dm, &blocks).map_err(mismatch)?;
+    restore_devices(cfg, &state, &dm, &blocks).map_err(|source| Error::RestoreDevice {
+        path: cfg.snapshot_path.clone(),
+        source,
+    })?;
     if let Some(v) = &vsock {
         v.device
             .lock()
@@ -348,6 +350,44 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     Ok(vmm)
 }
 
+/// Why a device's saved state could not be put back.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The UART's.
+    #[error("serial: {0}")]
+    Serial(#[source] std::io::Error),
+    /// The i8042's.
+    #[error("i8042: {0}")]
+    I8042(#[source] std::io::Error),
+    /// A disk's.
+    #[error("disk {index}: {source}")]
+    Disk {
+        /// Which disk.
+        index: usize,
+        /// Why.
+        source: devices::virtio::block::persist::BlockRestoreError,
+    },
+    /// A virtio transport's (or its device's).
+    #[error("virtio device {index}: {source}")]
+    Transport {
+        /// Which transport.
+        index: usize,
+        /// Why.
+        source: devices::virtio::mmio::persist::RestoreError,
+    },
+    /// The snapshot names an overlay file that is not a plain file name.
+    #[error("invalid overlay file name {0:?}")]
+    OverlayName(String),
+    /// A disk's overlay file could not be opened.
+    #[error("{}: {source}", .path.display())]
+    Overlay {
+        /// The overlay file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// Puts the saved device states back: UART, i8042, each disk (and its
 /// overlay), then each transport (which re-activates its device).
 fn restore_devices(
@@ -355,19 +395,19 @@ fn restore_devices(
     state: &SnapshotState,
     dm: &crate::device_manager::DeviceManager,
     blocks: &[std::sync::Arc<std::sync::Mutex<devices::virtio::block::Block>>],
-) -> Result<(), String> {
+) -> Result<(), DeviceError> {
     let serial = dm.serial.as_ref().expect("COM1 is attached");
     serial
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .restore(&state.serial)
-        .map_err(|e| format!("serial: {e}"))?;
+        .map_err(DeviceError::Serial)?;
     let i8042 = dm.i8042.as_ref().expect("the i8042 is attached");
     i8042
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .restore(&state.i8042)
-        .map_err(|e| format!("i8042: {e}"))?;
+        .map_err(DeviceError::I8042)?;
     for (i, (block, saved)) in blocks.iter().zip(&state.disks).enumerate() {
         let overlay = match &saved.overlay_file {
             Some(name) => Some(open_overlay(&cfg.snapshot_path, name)?),
@@ -377,7 +417,7 @@ fn restore_devices(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore(&saved.block, overlay.as_ref())
-            .map_err(|e| format!("disk {i}: {e}"))?;
+            .map_err(|source| DeviceError::Disk { index: i, source })?;
         if saved.config.mode == DiskMode::ReadWrite && saved.block.overlay_runs.is_empty() {
             log::debug!("disk {i}: writable image reopened and locked");
         }
@@ -386,7 +426,7 @@ fn restore_devices(
         t.lock()
             .unwrap_or_else(|e| e.into_inner())
             .restore(saved)
-            .map_err(|e| format!("virtio device {i}: {e}"))?;
+            .map_err(|source| DeviceError::Transport { index: i, source })?;
     }
     Ok(())
 }
@@ -394,10 +434,10 @@ fn restore_devices(
 /// Opens an overlay file named in the snapshot: a plain file name beside
 /// the snapshot file, nothing else (a damaged or hostile snapshot must not
 /// make capsule read any other file).
-fn open_overlay(snapshot_path: &Path, name: &str) -> Result<std::fs::File, String> {
+fn open_overlay(snapshot_path: &Path, name: &str) -> Result<std::fs::File, DeviceError> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(format!("invalid overlay file name {name:?}"));
+        return Err(DeviceError::OverlayName(name.to_owned()));
     }
     let path = snapshot_path.with_file_name(name);
-    crate::hostfile::open_regular(&path).map_err(|e| format!("{}: {e}", path.display()))
+    crate::hostfile::open_regular(&path).map_err(|source| DeviceError::Overlay { path, source })
 }

@@ -37,14 +37,24 @@ pub enum Error {
         /// The mmap error.
         source: io::Error,
     },
-    /// vm-memory refused a region (overlap, overflow): a layout bug.
-    #[error("invalid guest RAM region at {base:#x}: {reason}")]
+    /// vm-memory refused a region's mapping: a layout bug.
+    #[error("invalid guest RAM region at {base:#x}: {source}")]
     Region {
         /// Guest physical start of the region.
         base: u64,
         /// What vm-memory said.
-        reason: String,
+        source: vm_memory::mmap::MmapRegionError,
     },
+    /// A region ends past the guest physical address space: a layout bug.
+    #[error("guest RAM region at {base:#x} ends past the address space")]
+    RegionEnd {
+        /// Guest physical start of the region.
+        base: u64,
+    },
+    /// vm-memory refused the set of regions (none, unsorted, overlapping):
+    /// a layout bug.
+    #[error("invalid guest RAM layout: {0}")]
+    Layout(#[from] vm_memory::GuestRegionCollectionError),
 }
 
 /// How a RAM region is backed.
@@ -203,6 +213,36 @@ impl Mapping {
     }
 }
 
+/// vm-memory's region over `map` at guest address `base`, mapped with
+/// `flags` (and a window of `file_offset`'s file when shared).
+fn region(
+    base: GuestAddress,
+    map: &Mapping,
+    flags: i32,
+    file_offset: Option<FileOffset>,
+) -> Result<GuestRegionMmap, Error> {
+    let mut builder = MmapRegionBuilder::new_with_bitmap(
+        map.len,
+        vm_memory::bitmap::AtomicBitmap::with_len(map.len),
+    )
+    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+    .with_mmap_flags(flags);
+    if let Some(f) = file_offset {
+        builder = builder.with_file_offset(f);
+    }
+    // SAFETY: `map` is a live mapping of exactly `map.len` bytes at
+    // `map.addr` (of the file at the offset when shared), which the
+    // caller keeps mapped until after every user of the region is gone
+    // (see GuestRam's Drop).
+    let mmap = unsafe { builder.with_raw_mmap_pointer(map.addr as *mut u8) }
+        .build()
+        .map_err(|source| Error::Region {
+            base: base.0,
+            source,
+        })?;
+    GuestRegionMmap::new(mmap, base).ok_or(Error::RegionEnd { base: base.0 })
+}
+
 /// Guest RAM: the regions as vm-memory's [`GuestMemoryMmap`], backed by
 /// mappings this struct owns and unmaps when dropped.
 #[derive(Debug)]
@@ -245,29 +285,10 @@ impl GuestRam {
         for &(base, len) in ranges {
             let map = Mapping::new(len, Backing::Private(file, offset))?;
             offset += len as u64;
-            let region_err = |reason: String| Error::Region {
-                base: base.0,
-                reason,
-            };
-            // SAFETY: `map` is a live mapping of exactly `len` bytes at
-            // `map.addr`, which stays mapped until after every user of the
-            // region is gone (see Drop).
-            let mmap = unsafe {
-                MmapRegionBuilder::new_with_bitmap(
-                    len,
-                    vm_memory::bitmap::AtomicBitmap::with_len(len),
-                )
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .with_raw_mmap_pointer(map.addr as *mut u8)
-            }
-            .build()
-            .map_err(|e| region_err(e.to_string()))?;
-            let region = GuestRegionMmap::new(mmap, base)
-                .ok_or_else(|| region_err("end overflows".into()))?;
+            let region = region(base, &map, libc::MAP_PRIVATE | libc::MAP_NORESERVE, None)?;
             regions.push((Arc::new(region), map));
         }
-        Self::assemble(ranges, regions)
+        Self::assemble(regions)
     }
 
     /// Like [`Self::new`], but every region is a `MAP_SHARED` window of
@@ -311,44 +332,20 @@ impl GuestRam {
             } else {
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE
             };
-            let region_err = |reason: String| Error::Region {
-                base: base.0,
-                reason,
-            };
-            let mut builder = MmapRegionBuilder::new_with_bitmap(
-                len,
-                vm_memory::bitmap::AtomicBitmap::with_len(len),
-            )
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags);
-            if let Some(f) = &file {
-                builder = builder.with_file_offset(FileOffset::from_arc(f.clone(), offset));
-            }
-            // SAFETY: `map` is a live mapping of exactly `len` bytes at
-            // `map.addr` (of `file` at `offset` when shared), which stays
-            // mapped until after every user of the region is gone (see Drop).
-            let mmap = unsafe { builder.with_raw_mmap_pointer(map.addr as *mut u8) }
-                .build()
-                .map_err(|e| region_err(e.to_string()))?;
-            let region = GuestRegionMmap::new(mmap, base)
-                .ok_or_else(|| region_err("end overflows".into()))?;
+            let file_offset = file
+                .as_ref()
+                .map(|f| FileOffset::from_arc(f.clone(), offset));
+            let region = region(base, &map, flags, file_offset)?;
             regions.push((Arc::new(region), map));
             offset += len as u64;
         }
-        Self::assemble(ranges, regions)
+        Self::assemble(regions)
     }
 
     /// The guest memory over `regions`.
-    fn assemble(
-        ranges: &[(GuestAddress, usize)],
-        regions: Vec<(Arc<GuestRegionMmap>, Mapping)>,
-    ) -> Result<Self, Error> {
+    fn assemble(regions: Vec<(Arc<GuestRegionMmap>, Mapping)>) -> Result<Self, Error> {
         let mem =
-            GuestMemoryMmap::from_arc_regions(regions.iter().map(|(r, _)| r.clone()).collect())
-                .map_err(|e| Error::Region {
-                    base: ranges.first().map_or(0, |r| r.0 .0),
-                    reason: e.to_string(),
-                })?;
+            GuestMemoryMmap::from_arc_regions(regions.iter().map(|(r, _)| r.clone()).collect())?;
         Ok(Self {
             mem: Some(mem),
             regions,

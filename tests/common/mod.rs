@@ -1,12 +1,21 @@
-//! What the VMM tests share: the tiny hand-assembled guests they boot and
-//! an HTTP client for the API socket. Each test binary uses a part of it.
+//! What the VMM tests share: the tiny hand-assembled guests they boot
+//! (here and in [`guest`]), running capsule on them ([`run`]), an HTTP
+//! client for the API socket ([`api`]) and the snapshot tests' fixtures
+//! ([`snapshot`]). Each test binary uses a part of it.
 #![allow(
     dead_code,
     reason = "each test binary uses a part of the shared helpers"
 )]
 
 pub mod api;
+pub mod guest;
+pub mod run;
 pub mod snapshot;
+
+/// A guest that only halts (`hlt; jmp hlt`): it ignores Ctrl-Alt-Del.
+pub fn halting_guest() -> Vec<u8> {
+    elf(&[0xf4, 0xeb, 0xfd])
+}
 
 /// Where the test guests are loaded and entered (2 MiB).
 pub const LOAD_ADDR: u64 = 0x20_0000;
@@ -74,7 +83,7 @@ pub fn ctrl_alt_del_guest() -> Vec<u8> {
 
 /// The rel8 displacement of a short jump to `target` from `next` (the
 /// offset of the instruction after the jump).
-fn rel8(target: usize, next: usize) -> u8 {
+pub fn rel8(target: usize, next: usize) -> u8 {
     let d = i8::try_from(target as isize - next as isize).expect("short jump in range");
     d.to_ne_bytes()[0]
 }

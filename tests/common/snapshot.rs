@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use super::elf;
+use super::api::Vmm;
+use super::{elf, rel8};
 
 /// The guest: `bl` = 'a'; loop { out COM1, bl; bl = next letter (z wraps
 /// to a); short delay }.
@@ -22,7 +23,7 @@ pub fn alphabet_guest() -> Vec<u8> {
     c.extend([0x80, 0xfb, b'z' + 1, 0x75, 0x02, 0xb3, b'a']); // cmp bl, 'z'+1; jne +2; mov bl, 'a'
     c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
     let j = c.len();
-    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    c.extend([0xeb, rel8(top, j + 2)]); // jmp top
     elf(&c)
 }
 
@@ -32,22 +33,12 @@ pub fn tmp(name: &str) -> PathBuf {
     dir.join(name)
 }
 
+/// `capsule ARGS`, stdin null, to completion.
 pub fn capsule(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run capsule")
+    super::run::capsule(args, None)
 }
 
-pub fn ok(out: &Output) {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+pub use super::run::ok;
 
 pub fn logs(name: &str) -> String {
     String::from_utf8_lossy(&capsule(&["logs", name]).stdout).into_owned()
@@ -88,7 +79,7 @@ pub fn memory_guest() -> Vec<u8> {
     c.extend([0xff, 0x86, 0x00, 0x10, 0x00, 0x00]); // inc dword [rsi+0x1000]
     c.extend([0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc]); // delay loop
     let j = c.len();
-    c.extend([0xeb, (top as isize - (j as isize + 2)) as i8 as u8]); // jmp top
+    c.extend([0xeb, rel8(top, j + 2)]); // jmp top
     elf(&c)
 }
 
@@ -105,4 +96,77 @@ pub fn mem_u32(dir: &Path, gpa: u64) -> u32 {
 pub fn state_json(dir: &Path) -> serde_json::Value {
     let bytes = std::fs::read(dir.join("snapshot")).unwrap();
     serde_json::from_slice(&bytes[24..]).unwrap()
+}
+
+/// Runs the guest `kernel` detached as `name`, its console on COM1, with
+/// `more` arguments to `run`.
+pub fn run_detached(name: &str, kernel: &Path, more: &[&str]) {
+    let k = kernel.to_str().unwrap();
+    let mut args = vec![
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0",
+    ];
+    args.extend(more);
+    ok(&capsule(&args));
+}
+
+/// Restores the snapshot `dir` detached as `name`, with `more` arguments
+/// to `run` (`--base`, `--vsock`, ...).
+pub fn restore_detached(dir: &Path, name: &str, more: &[&str]) {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--name",
+        name,
+    ];
+    args.extend(more);
+    ok(&capsule(&args));
+}
+
+/// Pauses `name`; returns the last letter it printed.
+pub fn pause_after_a_letter(name: &str) -> char {
+    ok(&capsule(&["pause", name]));
+    logs(name).chars().last().expect("output")
+}
+
+/// Snapshots `name` into `dir` (emptied first), with `more` arguments
+/// (`--stop`, `--diff`).
+pub fn snapshot_into(name: &str, dir: &Path, more: &[&str]) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut args = vec!["snapshot", name, dir.to_str().unwrap()];
+    args.extend(more);
+    ok(&capsule(&args));
+}
+
+/// Whether `path` holds at least `n` bytes within 30 s.
+pub fn wait_file_len(path: &Path, n: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(path).map_or(0, |m| m.len()) < n {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+/// `capsule run --api-sock SOCK` with `env` added and stdout, stderr as
+/// given: a process of the test's own, killed when dropped.
+pub fn api_vm(sock: PathBuf, env: &[(&str, &str)], stdout: Stdio, stderr: Stdio) -> Vmm {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capsule"));
+    command
+        .args(["run", "--api-sock"])
+        .arg(&sock)
+        .envs(env.iter().copied())
+        .stdout(stdout)
+        .stderr(stderr);
+    Vmm::spawn(command, sock)
 }

@@ -68,7 +68,7 @@ pub enum ActivateError {
     /// A device whose queues another process serves (vhost-user) could
     /// not hand them over.
     #[error("backend refused the queues: {0}")]
-    Backend(String),
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// The guest memory, interrupt and queues of one activation: what a device

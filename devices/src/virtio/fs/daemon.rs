@@ -7,7 +7,7 @@
 //! (`--fd 3`), so there is no window in which another process could
 //! connect first and no waiting for the daemon to create a socket.
 //! virtiofsd gets stdin, stdout, stderr and that socket, nothing else
-//! (like passt, see `net::stream`). Two daemons are understood:
+//! (like passt, see `crate::child`). Two daemons are understood:
 //!
 //! * the maintained Rust virtiofsd (`--shared-dir`, `--readonly`,
 //!   `--sandbox`), which `resources/build-virtiofsd.sh` builds;
@@ -202,12 +202,12 @@ impl Virtiofsd {
         let mut cmd = Command::new(&config.binary);
         cmd.args(&args);
         let fd = listener.as_raw_fd();
-        let max_fd = crate::virtio::net::stream::max_fd();
+        let max_fd = crate::child::max_fd();
         // SAFETY: the closure runs in the child between fork and exec and
         // makes only async-signal-safe system calls; `listener` stays open
         // in the parent until after the spawn.
         unsafe {
-            cmd.pre_exec(move || crate::virtio::net::stream::hand_over(fd, DAEMON_FD, max_fd));
+            cmd.pre_exec(move || crate::child::hand_over(fd, DAEMON_FD, max_fd));
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
         if !config.debug {

@@ -79,12 +79,41 @@ pub enum FsError {
         /// How the daemon ended, if it did (else empty).
         how: String,
     },
-    /// The backend lacks something virtio-fs needs.
-    #[error("virtiofsd is unusable: {0}")]
-    Backend(String),
+    /// The backend serves fewer queues than virtio-fs needs.
+    #[error("virtiofsd is unusable: it serves {0} queues, virtio-fs needs {NUM_QUEUES}")]
+    QueueCount(u64),
+    /// The backend does not offer `VIRTIO_F_VERSION_1`.
+    #[error("virtiofsd is unusable: it does not offer VIRTIO_F_VERSION_1")]
+    NoVersion1,
     /// An eventfd could not be created.
     #[error("cannot create the virtio-fs call eventfds: {0}")]
     EventFd(#[source] std::io::Error),
+}
+
+/// Why an activation could not hand the queues to the backend (the
+/// source of [`ActivateError::Backend`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The driver did not accept `VIRTIO_F_VERSION_1`.
+    #[error("the driver did not accept VIRTIO_F_VERSION_1")]
+    NoVersion1,
+    /// A guest RAM region has no file behind it for the backend to map.
+    #[error("guest RAM at {0:#x} is not shareable (no file behind it)")]
+    NotShareable(u64),
+    /// A vhost-user request failed.
+    #[error("{step}: {source}")]
+    Request {
+        /// The request.
+        step: &'static str,
+        /// What the vhost crate said.
+        source: vhost::Error,
+    },
+}
+
+impl From<BackendError> for ActivateError {
+    fn from(e: BackendError) -> Self {
+        ActivateError::Backend(Box::new(e))
+    }
 }
 
 /// The vhost-user requests the device makes: the frontend's side of the
@@ -166,9 +195,7 @@ impl VhostUserOps for FrontendOps {
                     .get_queue_num()
                     .map_err(step("GET_QUEUE_NUM"))?;
                 if n < NUM_QUEUES as u64 {
-                    return Err(FsError::Backend(format!(
-                        "it serves {n} queues, virtio-fs needs {NUM_QUEUES}"
-                    )));
+                    return Err(FsError::QueueCount(n));
                 }
             }
             self.protocol = true;
@@ -256,9 +283,7 @@ impl Fs {
             Err(e) => return Err(e),
         };
         if features & bit(VIRTIO_F_VERSION_1) == 0 {
-            return Err(FsError::Backend(
-                "it does not offer VIRTIO_F_VERSION_1".into(),
-            ));
+            return Err(FsError::NoVersion1);
         }
         let calls = (0..NUM_QUEUES)
             .map(|_| crate::eventfd())
@@ -297,14 +322,14 @@ impl Fs {
         rings: &[(VringConfigData, u16)],
         kicks: &[EventFd],
     ) -> Result<(), ActivateError> {
-        let fail = |what: &str, e: vhost::Error| ActivateError::Backend(format!("{what}: {e}"));
+        let fail = |step| move |source| BackendError::Request { step, source };
         self.backend
             .set_features(self.common.acked_features())
-            .map_err(|e| fail("SET_FEATURES", e))?;
+            .map_err(fail("SET_FEATURES"))?;
         let regions = memory_regions(mem)?;
         self.backend
             .set_mem_table(&regions)
-            .map_err(|e| fail("SET_MEM_TABLE", e))?;
+            .map_err(fail("SET_MEM_TABLE"))?;
         for (index, ((config, base), kick)) in rings.iter().zip(kicks).enumerate() {
             let ring = VringSetup {
                 config: *config,
@@ -315,7 +340,7 @@ impl Fs {
             self.started = index + 1;
             self.backend
                 .start_vring(index, &ring)
-                .map_err(|e| fail("starting a queue", e))?;
+                .map_err(fail("starting a queue"))?;
         }
         Ok(())
     }
@@ -394,12 +419,8 @@ fn config_space(tag: &str) -> Result<[u8; MAX_TAG_LEN + 4], FsError> {
 fn memory_regions(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>, ActivateError> {
     mem.iter()
         .map(|region| {
-            VhostUserMemoryRegionInfo::from_guest_region(region).map_err(|_| {
-                ActivateError::Backend(format!(
-                    "guest RAM at {:#x} is not shareable (no file behind it)",
-                    region.start_addr().0
-                ))
-            })
+            VhostUserMemoryRegionInfo::from_guest_region(region)
+                .map_err(|_| BackendError::NotShareable(region.start_addr().0).into())
         })
         .collect()
 }
@@ -463,9 +484,7 @@ impl VirtioDevice for Fs {
             return Err(ActivateError::AlreadyActive);
         }
         if !self.common.acked(VIRTIO_F_VERSION_1) {
-            return Err(ActivateError::Backend(
-                "the driver did not accept VIRTIO_F_VERSION_1".into(),
-            ));
+            return Err(BackendError::NoVersion1.into());
         }
         let rings = queues
             .iter()

@@ -169,7 +169,7 @@ fn a_backend_without_version_1_is_refused_and_only_known_features_reach_the_gues
     let (fake, _peer) = Fake::new(bit(VIRTIO_RING_F_EVENT_IDX));
     assert!(matches!(
         Fs::new("t", Box::new(fake), None),
-        Err(FsError::Backend(_))
+        Err(FsError::NoVersion1)
     ));
     // The backend's own bits (protocol features, bit 30) and ones capsule
     // does not know stay between capsule and the backend.
@@ -223,6 +223,14 @@ fn activation_hands_memory_rings_and_eventfds_to_the_backend() {
     assert!(!fs.common().is_activated());
 }
 
+/// What an activation's [`ActivateError::Backend`] holds.
+fn backend_error(r: &Result<(), ActivateError>) -> Option<&BackendError> {
+    match r {
+        Err(ActivateError::Backend(e)) => e.downcast_ref(),
+        _ => None,
+    }
+}
+
 #[test]
 fn a_driver_without_version_1_is_refused_before_the_backend_hears_of_it() {
     let (fake, _peer) = Fake::new(V1);
@@ -233,7 +241,10 @@ fn a_driver_without_version_1_is_refused_before_the_backend_hears_of_it() {
     fs.set_acked_features(0);
     let irq = Arc::new(RecordingInterrupt::default());
     let r = fs.activate(mem.clone(), irq, vec![hi.queue(), req.queue()], evts());
-    assert!(matches!(r, Err(ActivateError::Backend(_))), "{r:?}");
+    assert!(
+        matches!(backend_error(&r), Some(BackendError::NoVersion1)),
+        "{r:?}"
+    );
     assert!(fake.take().is_empty());
     assert!(!fs.common().is_activated());
 }
@@ -307,7 +318,10 @@ fn private_guest_memory_cannot_be_shared_and_the_device_stays_inactive() {
     fs.set_acked_features(V1);
     let irq = Arc::new(RecordingInterrupt::default());
     let r = fs.activate(mem.clone(), irq, vec![hi.queue(), req.queue()], evts());
-    assert!(matches!(r, Err(ActivateError::Backend(_))), "{r:?}");
+    assert!(
+        matches!(backend_error(&r), Some(BackendError::NotShareable(0))),
+        "{r:?}"
+    );
     assert!(!fs.common().is_activated());
     assert_eq!(fake.take(), vec![Call::Features(V1)]);
 }
@@ -328,7 +342,10 @@ fn a_backend_refusing_a_queue_fails_activation_and_stops_what_it_started() {
         vec![hi.queue(), req.queue()],
         evts(),
     );
-    assert!(matches!(r, Err(ActivateError::Backend(_))), "{r:?}");
+    assert!(
+        matches!(backend_error(&r), Some(BackendError::Request { .. })),
+        "{r:?}"
+    );
     assert!(!fs.common().is_activated());
     let calls = fake.take();
     // The queue it did start is stopped again.

@@ -45,10 +45,11 @@
 //! transmit queue algorithms, `event_handler.rs` what each event-loop
 //! event means and which events the backend is polled for; `backend.rs`
 //! the [`NetBackend`] interface, `tap.rs` and `stream.rs` its two
-//! implementations.
+//! implementations (`passt.rs` runs passt on the other end of a stream).
 
 mod backend;
 mod event_handler;
+pub mod passt;
 mod rx;
 pub mod stream;
 pub mod tap;
@@ -62,7 +63,8 @@ use virtio_bindings::virtio_net::{
 };
 
 pub use backend::{is_fatal, NetBackend, SendStatus};
-pub use stream::{Passt, PasstConfig, PasstError, StreamBackend};
+pub use passt::{Passt, PasstConfig, PasstError};
+pub use stream::StreamBackend;
 pub use tap::{Tap, TapError};
 
 use rx::RxState;

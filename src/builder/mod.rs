@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -13,185 +13,27 @@ use arch::GuestMemoryMmap;
 use devices::exit::ExitSignal;
 use devices::legacy::serial::{ReadableFd, SerialOut};
 use event_manager::{EventManager, SubscriberOps};
-use linux_loader::loader::{self};
 use vm_memory::GuestAddress;
 
-use devices::virtio::block::{Block, BlockConfig, BlockError, ID_BYTES};
-use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, PasstError, Tap, TapError};
-use devices::virtio::vsock::Vsock;
+use devices::virtio::block::Block;
+use devices::virtio::net::{self, Net};
 use devices::virtio::VirtioDevice;
 
-use crate::config::{
-    default_mac, format_size, DiskConfig, DiskMode, FsConfig, NetBackendConfig, NetConfig,
-    VmConfig, VsockConfig,
-};
-use crate::device_manager::{self, DeviceManager};
+use crate::config::{format_size, VmConfig};
+use crate::device_manager::DeviceManager;
 use crate::kernel_acpi::KernelAcpi;
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
-use crate::vmm::{ExitWatcher, Subscriber, Vmm, VsockHandle, VCPU_STOP_TIMEOUT};
+use crate::vmm::{ExitWatcher, Subscriber, Vmm, VCPU_STOP_TIMEOUT};
 use crate::vstate::dirty::DirtyLog;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
-use crate::vstate::vm::{self, Vm};
+use crate::vstate::vm::Vm;
 use crate::{signals, terminal};
 
-/// What to do when a kernel or initrd named by the user cannot be read.
-fn file_hint(what: &str, e: &std::io::Error) -> &'static str {
-    match (what, e.kind()) {
-        ("initrd", std::io::ErrorKind::NotFound) => {
-            "; check the path (capsule exec needs no --initrd: it makes its own initramfs)"
-        }
-        (_, std::io::ErrorKind::NotFound) => "; check the path",
-        (_, std::io::ErrorKind::PermissionDenied) => "; make it readable by you",
-        _ => "",
-    }
-}
-
-/// Errors while building or running a VM. Each message names what failed
-/// and, for files, which file.
-#[derive(Debug, thiserror::Error)]
-#[allow(clippy::large_enum_variant)]
-pub enum Error {
-    /// Dirty-page tracking could not be enabled.
-    #[error(transparent)]
-    DirtyLog(#[from] crate::vstate::dirty::Error),
-    /// A user-supplied file could not be opened or read.
-    #[error("cannot read {what} {path}: {source}{hint}", hint = file_hint(.what, .source))]
-    File {
-        /// "kernel" or "initrd".
-        what: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Underlying error.
-        source: std::io::Error,
-    },
-    /// The kernel file is neither an ELF vmlinux nor a bzImage.
-    #[error("{0} is not a Linux kernel (neither an ELF vmlinux nor a bzImage)")]
-    NotAKernel(PathBuf),
-    /// The kernel could not be loaded into guest memory.
-    #[error("cannot load kernel {path}: {source}")]
-    LoadKernel {
-        /// The kernel file.
-        path: PathBuf,
-        /// Underlying error.
-        source: loader::Error,
-    },
-    /// The initrd could not be read into guest memory.
-    #[error("cannot read initrd {path}: {source}")]
-    ReadInitrd {
-        /// The file.
-        path: PathBuf,
-        /// Underlying error.
-        source: vm_memory::GuestMemoryError,
-    },
-    /// The initrd does not fit in guest memory.
-    #[error("initrd {path} ({}) does not fit in guest memory: {source}", format_size(*.size))]
-    InitrdTooBig {
-        /// The initrd file.
-        path: PathBuf,
-        /// Its size in bytes (with the generated initramfs).
-        size: u64,
-        /// Underlying error.
-        source: arch::boot::Error,
-    },
-    /// The command line is malformed.
-    #[error("invalid kernel command line: {0}")]
-    Cmdline(#[source] linux_loader::cmdline::Error),
-    /// The command line is too long.
-    #[error("invalid kernel command line: {0} (at most {max} bytes)", max = layout::CMDLINE_MAX_SIZE - 1)]
-    CmdlineTooLong(#[source] linux_loader::cmdline::Error),
-    /// The command line could not be written to guest memory.
-    #[error("invalid kernel command line: {0}")]
-    LoadCmdline(#[source] loader::Error),
-    /// More memory than the host has.
-    #[error("cannot give the guest {}: the host has {} of RAM; ask for less (--memory, or mem_size_mib over the API)", format_size(*.asked), format_size(*.host))]
-    HostMemory {
-        /// Requested size in bytes.
-        asked: u64,
-        /// Host RAM in bytes.
-        host: u64,
-    },
-    /// Guest memory could not be mapped.
-    #[error("cannot allocate {} of guest memory: {source}", format_size(*.size))]
-    GuestMemory {
-        /// Bytes asked for.
-        size: u64,
-        /// Underlying error.
-        source: crate::vstate::memory::Error,
-    },
-    /// KVM VM setup failed.
-    #[error(transparent)]
-    Vm(#[from] vm::Error),
-    /// vCPU setup failed.
-    #[error(transparent)]
-    Vcpu(#[from] vcpu::Error),
-    /// Device setup failed.
-    #[error(transparent)]
-    Devices(#[from] device_manager::Error),
-    /// The MP table could not be written.
-    #[error("cannot write MP table: {0}")]
-    MpTable(#[source] arch::mptable::Error),
-    /// The ACPI tables could not be written.
-    #[error("cannot write ACPI tables: {0}")]
-    Acpi(#[source] arch::acpi::Error),
-    /// The zero page could not be written.
-    #[error("cannot write zero page: {0}")]
-    ZeroPage(#[source] arch::boot::Error),
-    /// The generated initramfs could not be written.
-    #[error("cannot write initramfs: {0}")]
-    Initramfs(#[source] vm_memory::GuestMemoryError),
-    /// The event loop failed.
-    #[error("event loop: {0}")]
-    EventLoop(#[source] event_manager::Error),
-    /// A rate limiter's timer could not be created.
-    #[error("cannot create a rate limiter: {0}")]
-    RateLimiter(#[source] std::io::Error),
-    /// The entropy device could not be created.
-    #[error("cannot create the entropy device: {0}")]
-    Entropy(#[source] std::io::Error),
-    /// The eventfd the VM's end is signalled on could not be created.
-    #[error("event loop: {0}")]
-    ExitEvent(#[source] std::io::Error),
-    /// A disk image could not be attached.
-    #[error(transparent)]
-    Disk(#[from] BlockError),
-    /// A TAP device could not be attached.
-    #[error(transparent)]
-    Tap(#[from] TapError),
-    /// passt could not be started.
-    #[error(transparent)]
-    Passt(#[from] PasstError),
-    /// The vsock socket cannot be created.
-    #[error("vsock socket {}: {why}", path.display())]
-    VsockSocket {
-        /// The socket's path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        why: crate::unixsock::BindError,
-    },
-    /// The vsock device cannot be made.
-    #[error("vsock device: {0}")]
-    Vsock(#[source] devices::virtio::vsock::VsockError),
-    /// A virtio-fs share could not be set up.
-    #[error(transparent)]
-    FsShare(#[from] crate::fs_share::Error),
-    /// Two network devices have the same MAC address.
-    #[error("network devices {0} and {1} have the same MAC address {mac}", mac = net::format_mac(.2))]
-    DuplicateMac(usize, usize, net::MacAddr),
-    /// A network device could not be created.
-    #[error("cannot create network device {0}: {1}")]
-    Net(usize, std::io::Error),
-    /// The terminal could not be put in raw mode.
-    #[error("cannot set up the terminal: {0}")]
-    Terminal(std::io::Error),
-    /// File access could not be restricted.
-    #[error(transparent)]
-    Landlock(#[from] crate::landlock::Error),
-    /// The main thread's seccomp filter could not be installed.
-    #[error(transparent)]
-    Seccomp(#[from] crate::seccomp::Error),
-}
+mod attach;
+mod error;
+pub(crate) use self::attach::Devices;
+pub use self::error::Error;
 
 pub(crate) type Result<T> = std::result::Result<T, Error>;
 
@@ -499,143 +341,6 @@ pub fn enable_fc_boot_timer() {
     FC_BOOT_TIMER.store(true, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// What adding a device needs: the buses, the VM (for irqfds and
-/// ioeventfds), guest memory (for virtio queues) and the event loop.
-pub(crate) struct Devices<'a> {
-    dm: &'a mut DeviceManager,
-    vm: &'a Vm,
-    mem: &'a GuestMemoryMmap,
-    event_manager: &'a mut EventManager<Subscriber>,
-    /// The disks added, in order (for snapshots).
-    pub(crate) blocks: Vec<Arc<Mutex<Block>>>,
-    /// The network devices' MAC addresses, in order.
-    pub(crate) macs: Vec<net::MacAddr>,
-}
-
-impl Devices<'_> {
-    /// COM1 (and its input), the i8042, ACPI PM registers, pvpanic and the
-    /// boot-time marker on the port-I/O bus.
-    pub(crate) fn add_legacy(&mut self, exit: &ExitSignal, console: Console) -> Result<()> {
-        let serial_input = self.dm.attach_legacy_devices(
-            self.vm,
-            exit,
-            console.out,
-            console.input,
-            crate::process_start(),
-        )?;
-        self.event_manager
-            .add_subscriber(Arc::new(Mutex::new(serial_input)));
-        Ok(())
-    }
-
-    /// A virtio device, over virtio-mmio and in the event loop: one
-    /// object, the transport's device and the loop's subscriber.
-    fn add_virtio(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<()> {
-        self.dm
-            .attach_virtio_mmio(self.vm, self.mem, device.clone())?;
-        self.event_manager.add_subscriber(device);
-        Ok(())
-    }
-
-    /// One virtio-blk device per `--disk`, in order (vda, vdb, ...);
-    /// returns them, for changes while the VM runs.
-    pub(crate) fn add_disks(&mut self, disks: &[DiskConfig]) -> Result<Vec<Arc<Mutex<Block>>>> {
-        let mut out = Vec::new();
-        for (index, disk) in disks.iter().enumerate() {
-            let block = Arc::new(Mutex::new(open_disk(index, disk)?));
-            self.blocks.push(block.clone());
-            self.add_virtio(block.clone())?;
-            out.push(block);
-        }
-        Ok(out)
-    }
-
-    /// One virtio-fs device per `--fs`, each with its own virtiofsd.
-    fn add_shares(&mut self, shares: &[FsConfig], virtiofsd: &Path) -> Result<()> {
-        for share in shares {
-            let fs = Arc::new(Mutex::new(crate::fs_share::open(share, virtiofsd)?));
-            self.add_virtio(fs)?;
-        }
-        Ok(())
-    }
-
-    /// One virtio-net device per `--net`, in order (eth0, eth1, ...);
-    /// returns them, for changes while the VM runs.
-    pub(crate) fn add_nets(&mut self, nets: &[NetConfig]) -> Result<Vec<Arc<Mutex<Net>>>> {
-        let macs: Vec<_> = nets
-            .iter()
-            .enumerate()
-            .map(|(i, n)| n.mac.unwrap_or_else(|| default_mac(i)))
-            .collect();
-        for (i, mac) in macs.iter().enumerate() {
-            if let Some(j) = macs[..i].iter().position(|m| m == mac) {
-                return Err(Error::DuplicateMac(j, i, *mac));
-            }
-        }
-        self.macs = macs.clone();
-        let mut out = Vec::new();
-        for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
-            let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
-            self.add_virtio(device.clone())?;
-            out.push(device);
-        }
-        Ok(out)
-    }
-
-    /// The virtio-rng device, if the VM has one (its state is the
-    /// transport's: queues and features; the rate limiter starts full).
-    pub(crate) fn add_entropy(
-        &mut self,
-        limits: Option<devices::rate_limiter::Limits>,
-    ) -> Result<()> {
-        if let Some(limits) = limits {
-            let rng = devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops)
-                .and_then(devices::virtio::rng::Rng::with_limiter)
-                .map_err(Error::Entropy)?;
-            self.add_virtio(Arc::new(Mutex::new(rng)))?;
-        }
-        Ok(())
-    }
-
-    /// The virtio-vsock device: its socket is bound (0600, never
-    /// replacing anything but a stale socket) before the device exists.
-    pub(crate) fn add_vsock(&mut self, v: &VsockConfig) -> Result<VsockHandle> {
-        let (listener, file) =
-            crate::unixsock::bind(&v.uds_path).map_err(|why| Error::VsockSocket {
-                path: v.uds_path.clone(),
-                why,
-            })?;
-        // The socket file is unlinked when the VM ends, under Landlock.
-        if let Some(parent) = v.uds_path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::landlock::allow(parent, crate::landlock::Reach::RemoveEntries);
-        }
-        let device = Vsock::new(v.guest_cid, v.uds_path.clone(), listener).map_err(Error::Vsock)?;
-        let device = Arc::new(Mutex::new(device));
-        self.add_virtio(device.clone())?;
-        log::info!(
-            "vsock: guest CID {}, host socket {}",
-            v.guest_cid,
-            v.uds_path.display()
-        );
-        Ok(VsockHandle {
-            device,
-            _socket: file,
-        })
-    }
-
-    /// The caller's devices and subscribers (`capsule exec`'s console and
-    /// stdin pump).
-    fn add_extras(&mut self, extras: Extras) -> Result<()> {
-        for dev in extras.devices {
-            self.add_virtio(dev)?;
-        }
-        for sub in extras.subscribers {
-            self.event_manager.add_subscriber(sub);
-        }
-        Ok(())
-    }
-}
-
 /// The command line, the MP table, the ACPI tables and the zero page.
 /// Returns whether the guest cannot read ACPI tables (`acpi=off`, or a
 /// kernel without ACPI).
@@ -737,57 +442,4 @@ pub(crate) fn check_host_memory(asked: u64) -> Result<()> {
         return Err(Error::HostMemory { asked, host });
     }
     Ok(())
-}
-
-/// Opens disk `index` as a virtio-blk device. The serial the guest reads
-/// (GET_ID) is the image's file name, cut to the 20 bytes virtio allows.
-fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
-    let mut serial: String = disk
-        .path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| format!("disk{index}"));
-    while serial.len() > ID_BYTES {
-        serial.pop();
-    }
-    let mut block = Block::new(BlockConfig {
-        path: disk.path.clone(),
-        read_only: disk.mode == DiskMode::ReadOnly,
-        ephemeral: disk.mode == DiskMode::Ephemeral,
-        serial,
-    })
-    .map_err(Error::Disk)?;
-    block.set_rate_limiter(rate_limiter(&disk.limits).map_err(Error::RateLimiter)?);
-    Ok(block)
-}
-
-/// The limiter for `limits` (one that limits nothing yet, if they are
-/// empty: a `PATCH` may set limits while the VM runs).
-fn rate_limiter(
-    limits: &crate::config::Limits,
-) -> std::io::Result<Option<devices::rate_limiter::RateLimiter>> {
-    devices::rate_limiter::RateLimiter::new(limits.bandwidth, limits.ops).map(Some)
-}
-
-/// Creates network device `index` with its backend: opens the TAP device
-/// or starts passt.
-fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
-    let backend: Box<dyn NetBackend> = match &nic.backend {
-        NetBackendConfig::Tap { name } => Box::new(Tap::open(name)?),
-        NetBackendConfig::User { publish } => Box::new(Passt::spawn(&PasstConfig {
-            binary: net::stream::default_passt_binary(),
-            publish: publish.clone(),
-            debug: log::log_enabled!(log::Level::Debug),
-        })?),
-    };
-    log::info!(
-        "network device {index}: {} with MAC {}",
-        backend.describe(),
-        net::format_mac(&mac)
-    );
-    let mut net = Net::new(backend, mac).map_err(|e| Error::Net(index, e))?;
-    let rx = rate_limiter(&nic.rx_limits).map_err(|e| Error::Net(index, e))?;
-    let tx = rate_limiter(&nic.tx_limits).map_err(|e| Error::Net(index, e))?;
-    net.set_rate_limiters(rx, tx);
-    Ok(net)
 }

@@ -1,0 +1,199 @@
+//! `capsule exec`: its arguments, the configuration they make, and the
+//! statuses it ends with (docker-style: 123 guest failure, 124 timeout,
+//! 125 capsule's own error; else the command's).
+
+use std::path::PathBuf;
+
+use capsule::config::{self, VmConfig};
+
+use crate::{finish, parse_memory, status};
+
+#[derive(clap::Args, Debug)]
+#[command(arg_required_else_help = true)]
+pub struct ExecArgs {
+    /// Guest kernel: an ELF vmlinux or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Host directory packed into the initramfs as the guest's root.
+    #[arg(long, value_name = "DIR", conflicts_with = "disk")]
+    rootfs: Option<PathBuf>,
+    /// Raw disk image (ext4, ...) mounted as the command's root
+    /// (repeatable: the first is the root, /dev/vda; the others are
+    /// /dev/vdb, ...; with --host-root none is mounted).
+    /// `,ro`: read-only. `,ephemeral`: the image is never modified.
+    #[arg(long, value_name = "IMG[,ro|,ephemeral]")]
+    disk: Vec<config::DiskConfig>,
+    /// Boot on the host's / shared read-only over virtio-fs, with a tmpfs
+    /// overlay for writes and the current directory shared writable (and
+    /// the default working directory). Needs virtiofsd.
+    #[arg(long, conflicts_with = "rootfs")]
+    host_root: bool,
+    /// The command's root is DIR, shared live and read-write over
+    /// virtio-fs (nothing copied; what the command writes is in DIR at
+    /// once). Needs virtiofsd. The containerd shim runs containers so.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["rootfs", "disk", "host_root"])]
+    fs_root: Option<PathBuf>,
+    /// Load kernel modules from this /lib/modules/RELEASE tree first
+    /// (virtio_mmio, virtio_console, virtio_blk, vsock, virtiofs, overlay,
+    /// ext4 and their dependencies; what the kernel builds in is skipped).
+    /// With --host-root the default is the host's /lib/modules/<the
+    /// kernel's release>.
+    #[arg(long, value_name = "DIR")]
+    modules: Option<PathBuf>,
+    /// Network device, as for `run` (repeatable).
+    #[arg(long = "net", value_name = "tap=NAME | user[,publish=HOST:GUEST...]")]
+    nets: Vec<config::NetConfig>,
+    /// Share a host directory at GUESTDIR (repeatable). With a virtiofsd
+    /// (see `--fs` of `run`) the share is live over virtio-fs: nothing is
+    /// copied, and creations, deletions and renames are seen both ways at
+    /// once. Without one capsule says so and falls back to copying: the
+    /// files are copied in when the guest starts, and for a writable share
+    /// (the default; `:ro` for read-only) files the command creates or
+    /// changes are copied back into HOSTDIR when it exits (deletions are
+    /// not).
+    #[arg(long = "share", value_name = "HOSTDIR:GUESTDIR[:ro]")]
+    shares: Vec<capsule::exec::Share>,
+    /// Environment variable for the command (repeatable). `--env K` takes
+    /// K's value from capsule's environment.
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory of the command in the guest.
+    #[arg(long, short = 'w', value_name = "DIR", default_value = "/")]
+    workdir: String,
+    /// Kill the VM and exit 124 after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Exit 123 if the guest's init has not started after this many seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 120.0)]
+    boot_timeout: f64,
+    /// Initramfs loaded before capsule's (its files are visible to the command).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line, after capsule's
+    /// (`console=ttyS0 quiet reboot=k panic=1 rdinit=/.capsule/init`).
+    #[arg(long, value_name = "STR", default_value = "")]
+    append: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_VCPUS,
+          value_parser = clap::value_parser!(u8).range(1..=i64::from(arch::layout::MAX_VCPUS)))]
+    cpus: u8,
+    /// Guest memory, e.g. 512M or 2G (a plain number is MiB).
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
+    memory: u64,
+    /// KVM device to use.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
+    kvm: PathBuf,
+    #[command(flatten)]
+    confine: capsule::confine::ConfineArgs,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<std::ffi::OsString>,
+}
+
+fn parse_secs(what: &str, secs: f64) -> Result<std::time::Duration, String> {
+    std::time::Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{what} must be a positive number of seconds"))
+}
+
+/// The `exec` arguments as an [`capsule::exec::ExecConfig`]: `--env K`
+/// takes K's value from capsule's environment; the timeouts must be
+/// positive.
+fn exec_config(
+    args: ExecArgs,
+    started: std::time::Instant,
+) -> Result<capsule::exec::ExecConfig, String> {
+    let mut env = Vec::new();
+    for e in args.env {
+        if e.contains('=') {
+            env.push(e);
+        } else {
+            match std::env::var(&e) {
+                Ok(v) => env.push(format!("{e}={v}")),
+                Err(_) => return Err(format!("--env {e}: not set in capsule's environment")),
+            }
+        }
+    }
+    let timeout = args
+        .timeout
+        .map(|t| parse_secs("--timeout", t))
+        .transpose()?;
+    let boot_timeout = parse_secs("--boot-timeout", args.boot_timeout)?;
+    Ok(capsule::exec::ExecConfig {
+        vm: VmConfig {
+            kernel: args.kernel,
+            initrd: args.initrd,
+            initramfs: None,
+            cmdline: args.append,
+            vcpus: args.cpus,
+            mem_size: args.memory,
+            kvm_path: args.kvm,
+            disks: args.disk,
+            nets: args.nets,
+            fs: Vec::new(),
+            vsock: None,
+            entropy: None,
+        },
+        rootfs: args.rootfs,
+        shares: args.shares,
+        host_root: args.host_root,
+        fs_root: args.fs_root,
+        modules: args.modules,
+        env,
+        workdir: args.workdir,
+        argv: args.command,
+        timeout,
+        boot_timeout,
+        started,
+    })
+}
+
+fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
+    use capsule::exec::{self, Outcome};
+    let config = match exec_config(args, started) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            return status::EXEC_ERROR;
+        }
+    };
+    match exec::run(config) {
+        Ok(Outcome::Exited(code)) => code,
+        Ok(Outcome::TimedOut(t)) => {
+            eprintln!(
+                "capsule: error: --timeout of {} s expired; the VM was killed",
+                t.as_secs_f64()
+            );
+            status::EXEC_TIMEOUT
+        }
+        Ok(Outcome::GuestFailed(why, lines)) => {
+            eprintln!("capsule: error: {why}");
+            if !lines.is_empty() {
+                eprintln!("capsule: last guest console lines:");
+                for l in lines {
+                    eprintln!("  | {l}");
+                }
+            }
+            status::EXEC_GUEST_FAILED
+        }
+        Ok(Outcome::SetupFailed(why)) => {
+            eprintln!("capsule: error: in the guest: {why}");
+            status::EXEC_ERROR
+        }
+        Err(e) => {
+            eprintln!("capsule: error: {e}");
+            status::EXEC_ERROR
+        }
+    }
+}
+
+/// `capsule exec`.
+pub fn exec_command(args: ExecArgs, started: std::time::Instant) -> u8 {
+    capsule::failstop::set_status(status::EXEC_ERROR);
+    if let Err(e) = capsule::confine::configure(&args.confine) {
+        eprintln!("capsule: error: {e}");
+        return status::EXEC_ERROR;
+    }
+    finish(exec(args, started))
+}
