@@ -60,10 +60,12 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
-use self::conn::{Connection, Verdict};
+use self::conn::{Connection, Payload, Verdict};
 use self::host::PendingClient;
-use self::packet::{op, read_tx_packet, Header, RxChain, MAX_PAYLOAD, TYPE_STREAM};
-use super::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC};
+use self::packet::{op, read_tx_packet, Header, RxChain, TxPayload, TYPE_STREAM};
+use super::features::{
+    bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 use super::{device_type, DeviceEvent, Queue, VirtioCommon, VirtioDevice};
 
 /// The virtio device type id of vsock.
@@ -127,7 +129,11 @@ pub struct Vsock {
     closing: Vec<(UnixStream, bool)>,
     /// A `TRANSPORT_RESET` waits for an event buffer.
     event_owed: bool,
-    buf: Vec<u8>,
+    /// Where the transmit packet being handled has its payload (kept, so
+    /// that handling a packet allocates nothing).
+    tx_payload: TxPayload,
+    /// The segment list of the receive chain being filled (likewise).
+    rx_segments: Vec<(vm_memory::GuestAddress, usize)>,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -149,7 +155,9 @@ impl Vsock {
             return Err(VsockError::BadCid(cid));
         }
         listener.set_nonblocking(true).map_err(VsockError::Setup)?;
-        let features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_INDIRECT_DESC);
+        let features = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX);
         Ok(Self {
             common: VirtioCommon::new(
                 "virtio-vsock",
@@ -172,7 +180,8 @@ impl Vsock {
             strays: VecDeque::new(),
             closing: Vec::new(),
             event_owed: false,
-            buf: vec![0; MAX_PAYLOAD],
+            tx_payload: TxPayload::default(),
+            rx_segments: Vec::new(),
         })
     }
 
@@ -221,8 +230,17 @@ impl Vsock {
             return;
         };
         let q = &mut active.queues[EVENT_QUEUE];
-        let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
-            return;
+        let chain = match q.pop_descriptor_chain(&active.mem) {
+            Some(chain) => chain,
+            // None yet: have the driver kick when it adds one (EVENT_IDX),
+            // unless one came meanwhile.
+            None => match q.enable_notification(&active.mem) {
+                Ok(true) => match q.pop_descriptor_chain(&active.mem) {
+                    Some(chain) => chain,
+                    None => return,
+                },
+                _ => return,
+            },
         };
         let head = chain.head_index();
         let mut len = 0;
@@ -305,7 +323,7 @@ impl Vsock {
     }
 
     /// Handles one packet from the guest.
-    fn handle_packet(&mut self, hdr: &Header, payload: &[u8]) {
+    fn handle_packet(&mut self, hdr: &Header, payload: Payload<'_>) {
         if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
             crate::debug_ratelimited!(
                 "virtio-vsock: dropped a packet from CID {} to CID {}",
@@ -336,32 +354,72 @@ impl Vsock {
         }
     }
 
-    /// Drains the transmit queue.
+    /// Drains the transmit queue: with the driver's notifications off
+    /// while it does, and on again (checking for chains that came
+    /// meanwhile) when the ring is empty.
     fn process_tx(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
+        let Some(active) = self.common.activation_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut payload = std::mem::take(&mut self.tx_payload);
         let mut handled = 0;
-        while handled < PACKET_BUDGET {
+        'rounds: while handled < PACKET_BUDGET {
             let Some(active) = self.common.activation_mut() else {
                 break;
             };
             let q = &mut active.queues[TX_QUEUE];
-            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
+            if let Err(e) = q.disable_notification(&mem) {
+                crate::warn_ratelimited!("virtio-vsock: cannot disable notifications: {e}");
+            }
+            while handled < PACKET_BUDGET {
+                let Some(active) = self.common.activation_mut() else {
+                    break 'rounds;
+                };
+                let q = &mut active.queues[TX_QUEUE];
+                let Some(chain) = q.pop_descriptor_chain(&mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let packet = read_tx_packet(&mem, chain, &mut payload);
+                handled += 1;
+                match packet {
+                    Ok(hdr) => self.handle_packet(
+                        &hdr,
+                        Payload {
+                            mem: &mem,
+                            data: &payload,
+                        },
+                    ),
+                    Err(why) => {
+                        crate::warn_ratelimited!("virtio-vsock: dropped a transmit packet: {why}")
+                    }
+                }
+                // Returned once its payload was taken.
+                if let Some(active) = self.common.activation_mut() {
+                    if let Err(e) = active.queues[TX_QUEUE].add_used(&mem, head, 0) {
+                        crate::warn_ratelimited!(
+                            "virtio-vsock: cannot return transmit buffer {head}: {e}"
+                        );
+                    }
+                }
+            }
+            if handled >= PACKET_BUDGET {
+                break;
+            }
+            let Some(active) = self.common.activation_mut() else {
                 break;
             };
-            let head = chain.head_index();
-            let packet = read_tx_packet(&active.mem, chain, &mut buf);
-            if let Err(e) = q.add_used(&active.mem, head, 0) {
-                crate::warn_ratelimited!("virtio-vsock: cannot return transmit buffer {head}: {e}");
-            }
-            handled += 1;
-            match packet {
-                Ok(hdr) => self.handle_packet(&hdr, &buf[..hdr.len as usize]),
-                Err(why) => {
-                    crate::warn_ratelimited!("virtio-vsock: dropped a transmit packet: {why}")
+            match active.queues[TX_QUEUE].enable_notification(&mem) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    crate::warn_ratelimited!("virtio-vsock: cannot enable notifications: {e}");
+                    break;
                 }
             }
         }
-        self.buf = buf;
+        self.tx_payload = payload;
         if handled > 0 {
             if let Some(active) = self.common.activation_mut() {
                 active.signal_used_queue(TX_QUEUE);
@@ -372,11 +430,11 @@ impl Vsock {
         }
     }
 
-    /// The next packet for the guest, for a chain with `room` bytes of
-    /// payload; its payload is in `self.buf`.
-    fn next_rx_packet(&mut self, room: usize) -> Option<(Header, usize)> {
+    /// The next packet for the guest, written into `rx` (the payload, if
+    /// any, already is when this returns).
+    fn next_rx_packet(&mut self, mem: &GuestMemoryMmap, rx: &RxChain) -> Option<Header> {
         if let Some(h) = self.strays.pop_front() {
-            return Some((h, 0));
+            return Some(h);
         }
         while let Some(key) = self.rx_ready.pop_front() {
             let Some(c) = self.conns.get_mut(&key) else {
@@ -386,7 +444,7 @@ impl Vsock {
             if !c.has_rx_work() {
                 continue;
             }
-            let (packet, verdict) = c.next_rx(&mut self.buf, room);
+            let (packet, verdict) = c.next_rx(mem, rx);
             self.apply(key, verdict);
             if let Some(c) = self.conns.get_mut(&key) {
                 if c.has_rx_work() {
@@ -400,42 +458,64 @@ impl Vsock {
         None
     }
 
-    /// Fills receive buffers with what is owed to the guest.
+    /// Whether a packet may be owed to the guest.
+    fn rx_pending(&self) -> bool {
+        !(self.strays.is_empty() && self.rx_ready.is_empty())
+    }
+
+    /// Fills receive buffers with what is owed to the guest. Out of
+    /// buffers with packets still owed, asks the driver to kick when it
+    /// adds some (EVENT_IDX), and goes on if it already did.
     fn process_rx(&mut self) {
+        let Some(active) = self.common.activation_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
         let mut sent = 0;
-        while sent < PACKET_BUDGET && !(self.strays.is_empty() && self.rx_ready.is_empty()) {
+        while sent < PACKET_BUDGET && self.rx_pending() {
             let Some(active) = self.common.activation_mut() else {
                 return;
             };
-            let Some(chain) = active.queues[RX_QUEUE].pop_descriptor_chain(&active.mem) else {
-                break;
+            let q = &mut active.queues[RX_QUEUE];
+            let chain = match q.pop_descriptor_chain(&mem) {
+                Some(chain) => chain,
+                None => match q.enable_notification(&mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        crate::warn_ratelimited!("virtio-vsock: cannot enable notifications: {e}");
+                        break;
+                    }
+                },
             };
             let head = chain.head_index();
-            let rx = match RxChain::new(&active.mem, chain) {
+            let segments = std::mem::take(&mut self.rx_segments);
+            let rx = match RxChain::new(&mem, chain, segments) {
                 Ok(rx) => rx,
-                Err(why) => {
+                Err((why, segments)) => {
+                    self.rx_segments = segments;
                     crate::warn_ratelimited!("virtio-vsock: unusable receive buffer: {why}");
-                    return_used(&mut active.queues[RX_QUEUE], &active.mem, head, 0);
+                    return_used(&mut active.queues[RX_QUEUE], &mem, head, 0);
                     sent += 1;
                     continue;
                 }
             };
-            let Some((hdr, n)) = self.next_rx_packet(rx.payload_room()) else {
-                if let Some(active) = self.common.activation_mut() {
-                    active.queues[RX_QUEUE].go_to_previous_position();
-                }
-                break;
-            };
+            let packet = self.next_rx_packet(&mem, &rx);
+            let len = packet.map(|hdr| {
+                rx.write_header(&mem, &hdr).unwrap_or_else(|why| {
+                    crate::warn_ratelimited!("virtio-vsock: receive buffer: {why}");
+                    0
+                })
+            });
+            self.rx_segments = rx.into_segments();
             let Some(active) = self.common.activation_mut() else {
                 return;
             };
-            let len = rx
-                .write(&active.mem, &hdr, &self.buf[..n])
-                .unwrap_or_else(|why| {
-                    crate::warn_ratelimited!("virtio-vsock: receive buffer: {why}");
-                    0
-                });
-            return_used(&mut active.queues[RX_QUEUE], &active.mem, head, len);
+            let Some(len) = len else {
+                active.queues[RX_QUEUE].go_to_previous_position();
+                break;
+            };
+            return_used(&mut active.queues[RX_QUEUE], &mem, head, len);
             sent += 1;
         }
         if sent > 0 {
