@@ -23,6 +23,10 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 
+/// Read and write size of the relay (the size of Linux's default vsock
+/// receive buffer, so one read can take what a full credit delivered).
+const BUF: usize = 256 * 1024;
+
 fn die(status: i32, msg: &str) -> ! {
     eprintln!("capsule-vsock: {msg}");
     std::process::exit(status);
@@ -143,7 +147,7 @@ fn relay(conn: OwnedFd) -> ! {
         .unwrap_or_else(|e| die(1, &format!("dup: {e}")));
     let sender = std::thread::spawn(move || {
         let mut stdin = io::stdin().lock();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; BUF];
         loop {
             let n = match stdin.read(&mut buf) {
                 Ok(0) => break,
@@ -162,7 +166,7 @@ fn relay(conn: OwnedFd) -> ! {
         unsafe { libc::shutdown(tx.as_raw_fd(), libc::SHUT_WR) };
     });
     let mut stdout = io::stdout().lock();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; BUF];
     loop {
         match rx.read(&mut buf) {
             Ok(0) => break,
