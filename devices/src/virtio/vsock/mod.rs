@@ -133,7 +133,7 @@ pub struct Vsock {
     /// that handling a packet allocates nothing).
     tx_payload: TxPayload,
     /// The segment list of the receive chain being filled (likewise).
-    rx_segments: Vec<(vm_memory::GuestAddress, usize)>,
+    rx_segments: packet::Segments,
 }
 
 impl std::fmt::Debug for Vsock {

@@ -119,7 +119,7 @@ impl Header {
 #[derive(Debug, Default)]
 pub struct TxPayload {
     /// Address and length of each piece, in order.
-    segments: Vec<(GuestAddress, usize)>,
+    segments: Segments,
     /// Their total length (the header's `len`).
     len: usize,
 }
@@ -266,10 +266,13 @@ pub fn read_tx_packet(
     }
 }
 
+/// Address and length of each buffer of a chain, in order.
+pub type Segments = Vec<(GuestAddress, usize)>;
+
 /// The device-writable buffers of a receive chain.
 pub struct RxChain {
     /// Address and length of each writable descriptor, in order.
-    segments: Vec<(GuestAddress, usize)>,
+    segments: Segments,
     /// Their total length.
     capacity: usize,
 }
@@ -281,8 +284,8 @@ impl RxChain {
     pub fn new(
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-        mut segments: Vec<(GuestAddress, usize)>,
-    ) -> Result<Self, (&'static str, Vec<(GuestAddress, usize)>)> {
+        mut segments: Segments,
+    ) -> Result<Self, (&'static str, Segments)> {
         segments.clear();
         let mut capacity = 0usize;
         for (count, d) in chain.enumerate() {
@@ -305,7 +308,7 @@ impl RxChain {
     }
 
     /// Gives back the segment list for the next chain.
-    pub fn into_segments(self) -> Vec<(GuestAddress, usize)> {
+    pub fn into_segments(self) -> Segments {
         self.segments
     }
 

@@ -391,7 +391,7 @@ impl<'a> Model<'a> {
         self.host_step(pace);
         self.h.settle();
         if self.h.give_rx(pace.rx_bufs) > 0 {
-            self.h.kick_now(RX_QUEUE);
+            self.h.notify(RX_QUEUE);
         }
         self.guest_receive();
         self.guest_step(pace);
