@@ -6,7 +6,9 @@
 //! capsule-vsock connect CID PORT           guest → host: stdin to the
 //!                                          connection, the connection to stdout
 //! capsule-vsock listen PORT CMD            guest: serve each connection on PORT
-//!                                          with `sh -c CMD` (connection on 0 and 1)
+//!                                          with `sh -c CMD` (connection on 0 and 1);
+//!                                          prints `listening on port PORT` on stderr
+//!                                          once connections can come
 //! capsule-vsock unix-connect PATH PORT     host → guest through capsule's socket:
 //!                                          `CONNECT PORT`, expect `OK`, then relay
 //! capsule-vsock unix-listen PATH CMD       host: serve each connection on PATH
@@ -232,6 +234,9 @@ fn main() {
         Some("listen") if args.len() == 4 => {
             let port = num(args.get(2));
             let l = vsock_listen(port).unwrap_or_else(|e| die(1, &format!("listen {port}: {e}")));
+            // Scripts wait for this line before connecting (the shell's
+            // echo of the command line cannot be taken for it).
+            eprintln!("capsule-vsock: listening on port {port}");
             serve(l.as_raw_fd(), &args[3]);
         }
         Some("unix-connect") if args.len() == 4 => {

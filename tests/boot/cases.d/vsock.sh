@@ -58,7 +58,9 @@ vsock_setup() {
 }
 
 # vsock_when_up CASE MARKER: wait until the guest printed MARKER (the case's
-# listener is up); false if the guest ended first.
+# listener is up: capsule-vsock's own "listening on port N", which the
+# console's echo of the typed command line does not contain, unlike an
+# `echo MARKER` in it); false if the guest ended first.
 vsock_when_up() {
     wait_for "$WORK/$1/stdout.raw" "$2" "$CASE_TIMEOUT" "$WORK/$1/done"
 }
@@ -89,13 +91,13 @@ case_vsock_64m_both_ways() {
     # Host → guest: once the guest listens on 5000, send the file; the
     # guest answers with the md5 of what it received.
     (
-        vsock_when_up vsock_64m_both_ways VSOCK-LISTENING || exit 0
+        vsock_when_up vsock_64m_both_ways "listening on port 5000" || exit 0
         _t0=$(now)
         "$VT" unix-connect "$VU" 5000 <"$_data" >"$_reply" 2>"$_reply.err"
         echo "rc=$? secs=$(($(now) - _t0))" >"$_reply.done"
     ) &
     _cli=$!
-    vsock_run vsock_64m_both_ways 'capsule-vsock listen 5000 "cat >/tmp/in; md5sum </tmp/in; touch /tmp/in.done" & echo VSOCK-LISTENING
+    vsock_run vsock_64m_both_ways 'capsule-vsock listen 5000 "cat >/tmp/in; md5sum </tmp/in; touch /tmp/in.done" &
 i=0; while [ ! -e /tmp/in.done ] && [ $i -lt 1500 ]; do sleep 0.2; i=$((i+1)); done; echo "guest-in-sum $(md5sum </tmp/in)"; t0=$(date +%s); echo "host-got-sum $(capsule-vsock connect 2 5001 </tmp/in)"; echo "VSOCK-DONE g2h=$(($(date +%s)-t0))s"; poweroff -f'
     wait "$_cli" 2>/dev/null
     kill "$_srv" 2>/dev/null
@@ -122,7 +124,7 @@ case_vsock_20_connections() {
     # Once the guest echoes on 5002: 20 host connections at once, each
     # with 1 MiB of its own; then port 5010 tells the guest they are done.
     (
-        vsock_when_up vsock_20_connections VSOCK-LISTENING || exit 0
+        vsock_when_up vsock_20_connections "listening on port 5002" || exit 0
         _i=1
         while [ $_i -le 20 ]; do
             dd if=/dev/urandom of="$_d/in.$_i" bs=65536 count=16 2>/dev/null
@@ -138,7 +140,7 @@ case_vsock_20_connections() {
     ) &
     _cli=$!
     # The guest's own 20 to the host's echo run at the same time.
-    vsock_run vsock_20_connections 'capsule-vsock listen 5002 cat & capsule-vsock listen 5010 "touch /tmp/host-done" & echo VSOCK-LISTENING
+    vsock_run vsock_20_connections 'capsule-vsock listen 5010 "touch /tmp/host-done" & capsule-vsock listen 5002 cat &
 i=1; while [ $i -le 20 ]; do dd if=/dev/urandom of=/tmp/g.$i bs=65536 count=16 2>/dev/null; i=$((i+1)); done; i=1; while [ $i -le 20 ]; do (capsule-vsock connect 2 5003 </tmp/g.$i >/tmp/e.$i; echo $? >/tmp/rc.$i) & i=$((i+1)); done; wait; ok=0; i=1; while [ $i -le 20 ]; do if [ "$(cat /tmp/rc.$i)" = 0 ] && cmp -s /tmp/g.$i /tmp/e.$i; then ok=$((ok+1)); fi; i=$((i+1)); done; echo "GUEST-ECHOED $ok/20"; i=0; while [ ! -e /tmp/host-done ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; poweroff -f'
     wait "$_cli" 2>/dev/null
     kill "$_srv" 2>/dev/null
