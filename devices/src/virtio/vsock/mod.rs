@@ -63,6 +63,7 @@ use vm_memory::Bytes;
 use self::conn::{Connection, Payload, Verdict};
 use self::host::PendingClient;
 use self::packet::{op, read_tx_packet, Header, RxChain, TxPayload, TYPE_STREAM};
+use super::device::avail_ring_broken;
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -410,7 +411,15 @@ impl Vsock {
             let Some(active) = self.common.activation_mut() else {
                 break;
             };
-            match active.queues[TX_QUEUE].enable_notification(&mem) {
+            let q = &mut active.queues[TX_QUEUE];
+            let next_avail = q.next_avail();
+            match q.enable_notification(&mem) {
+                Ok(true) if avail_ring_broken(q, &mem, next_avail) => {
+                    crate::warn_ratelimited!(
+                        "virtio-vsock: the driver's transmit ring is out of range; queue stalled"
+                    );
+                    break;
+                }
                 Ok(true) => {}
                 Ok(false) => break,
                 Err(e) => {
@@ -477,9 +486,14 @@ impl Vsock {
                 return;
             };
             let q = &mut active.queues[RX_QUEUE];
+            let next_avail = q.next_avail();
             let chain = match q.pop_descriptor_chain(&mem) {
                 Some(chain) => chain,
                 None => match q.enable_notification(&mem) {
+                    Ok(true) if avail_ring_broken(q, &mem, next_avail) => {
+                        crate::warn_ratelimited!("virtio-vsock: the driver's receive ring is out of range; queue stalled");
+                        break;
+                    }
                     Ok(true) => continue,
                     Ok(false) => break,
                     Err(e) => {

@@ -557,3 +557,22 @@ fn a_reset_owed_to_a_guest_without_receive_buffers_does_not_spin() {
     assert_eq!(got.last().unwrap().0.dst_port, 1000);
     assert_eq!(h.connections(), 0);
 }
+
+#[test]
+fn an_available_index_out_of_range_does_not_spin() {
+    let mem = guest_memory();
+    let mut h = Harness::with(
+        &mem,
+        RX_PAYLOAD,
+        crate::virtio::features::bit(crate::virtio::features::VIRTIO_RING_F_EVENT_IDX),
+    );
+    // A RST is owed and no receive buffer is there; the driver claims a
+    // thousand on each queue. The device must go idle (`run` panics if it
+    // never does), not retry the rings forever.
+    h.send(g(op::REQUEST, 1000, 77), &[]);
+    h.rx.set_avail_idx(h.rx.avail_idx().wrapping_add(1000));
+    h.kick(RX_QUEUE);
+    h.tx.set_avail_idx(h.tx.avail_idx().wrapping_add(1000));
+    h.kick(TX_QUEUE);
+    assert_eq!(h.connections(), 0);
+}
