@@ -139,9 +139,12 @@ case_vsock_20_connections() {
         "$VT" unix-connect "$VU" 5010 </dev/null >/dev/null 2>&1
     ) &
     _cli=$!
-    # The guest's own 20 to the host's echo run at the same time.
+    # The guest's own 20 to the host's echo run at the same time. The guest
+    # waits for those 20 by pid: a bare `wait` would also wait for the two
+    # listeners, background jobs of the same shell that never end (which is
+    # how this case used to run out of time with the transfers done).
     vsock_run vsock_20_connections 'capsule-vsock listen 5010 "touch /tmp/host-done" & capsule-vsock listen 5002 cat &
-i=1; while [ $i -le 20 ]; do dd if=/dev/urandom of=/tmp/g.$i bs=65536 count=16 2>/dev/null; i=$((i+1)); done; i=1; while [ $i -le 20 ]; do (capsule-vsock connect 2 5003 </tmp/g.$i >/tmp/e.$i; echo $? >/tmp/rc.$i) & i=$((i+1)); done; wait; ok=0; i=1; while [ $i -le 20 ]; do if [ "$(cat /tmp/rc.$i)" = 0 ] && cmp -s /tmp/g.$i /tmp/e.$i; then ok=$((ok+1)); fi; i=$((i+1)); done; echo "GUEST-ECHOED $ok/20"; i=0; while [ ! -e /tmp/host-done ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; poweroff -f'
+i=1; while [ $i -le 20 ]; do dd if=/dev/urandom of=/tmp/g.$i bs=65536 count=16 2>/dev/null; i=$((i+1)); done; p=""; i=1; while [ $i -le 20 ]; do (capsule-vsock connect 2 5003 </tmp/g.$i >/tmp/e.$i; echo $? >/tmp/rc.$i) & p="$p $!"; i=$((i+1)); done; wait $p; ok=0; i=1; while [ $i -le 20 ]; do if [ "$(cat /tmp/rc.$i)" = 0 ] && cmp -s /tmp/g.$i /tmp/e.$i; then ok=$((ok+1)); fi; i=$((i+1)); done; echo "GUEST-ECHOED $ok/20"; i=0; while [ ! -e /tmp/host-done ] && [ $i -lt 600 ]; do sleep 0.2; i=$((i+1)); done; poweroff -f'
     wait "$_cli" 2>/dev/null
     kill "$_srv" 2>/dev/null
     _ok=0
