@@ -23,7 +23,7 @@ bench_exec_one() {
     mkdir -p "$_dir"
     _bytes=$(($2 * 1048576))
     _t0=$(cut -d' ' -f1 /proc/uptime)
-    CAPSULE_EXEC_CHANNEL="$1" CAPSULE_LOG=info timeout -k 10 1800 "$CAPSULE" exec \
+    CAPSULE_EXEC_CHANNEL="$1" CAPSULE_LOG=info,devices::virtio::vsock=debug timeout -k 10 1800 "$CAPSULE" exec \
         --kernel "$BZIMAGE" --disk "$ROOTFS,ephemeral" -- head -c "$_bytes" /dev/zero \
         2>"$_dir/stderr" </dev/null | wc -c >"$_dir/count"
     _t1=$(cut -d' ' -f1 /proc/uptime)
@@ -33,6 +33,8 @@ bench_exec_one() {
         echo "    bench_exec_stdout: $1: got ${_got:-0} of $_bytes bytes; stderr: $(tail -n 3 "$_dir/stderr" | tr '\n' ' ')" >&2
         return 1
     fi
+    # What the vsock device saw (packet sizes, credit updates), for the log.
+    grep -o 'virtio-vsock: host port.*' "$_dir/stderr" | tail -n 1 | sed 's/^/    bench_exec_stdout: /' >&2
     awk -v t0="$_t0" -v t1="$_t1" -v s="$_started_ms" -v b="$_bytes" \
         'BEGIN { printf "%d %.2f\n", b, (t1 - t0) - s / 1000 }'
 }

@@ -86,6 +86,44 @@ pub enum Verdict {
     Drop,
 }
 
+/// What went through a connection, for its closing log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// `RW` packets from the guest.
+    pub rw_in: u64,
+    /// Their payload bytes.
+    pub bytes_in: u64,
+    /// Of those, packets the host socket did not take whole at once.
+    pub held: u64,
+    /// `RW` packets to the guest.
+    pub rw_out: u64,
+    /// Their payload bytes.
+    pub bytes_out: u64,
+    /// `CREDIT_UPDATE`s sent to the guest.
+    pub updates: u64,
+    /// `CREDIT_REQUEST`s sent to the guest.
+    pub requests: u64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let avg = |b: u64, n: u64| b.checked_div(n).unwrap_or(0);
+        write!(
+            f,
+            "from the guest {} bytes in {} packets ({} B each, {} not taken whole by the host), to the guest {} bytes in {} packets ({} B each), {} credit updates, {} credit requests",
+            self.bytes_in,
+            self.rw_in,
+            avg(self.bytes_in, self.rw_in),
+            self.held,
+            self.bytes_out,
+            self.rw_out,
+            avg(self.bytes_out, self.rw_out),
+            self.updates,
+            self.requests
+        )
+    }
+}
+
 /// A connection between guest port `peer_port` and host port
 /// `local_port`, carried on `stream`.
 pub struct Connection {
@@ -135,6 +173,8 @@ pub struct Connection {
     pub registered: Option<EventSet>,
     /// Already in the device's receive round-robin.
     pub queued: bool,
+    /// What went through it.
+    pub stats: Stats,
 }
 
 impl std::fmt::Debug for Connection {
@@ -210,6 +250,7 @@ impl Connection {
             credit_asked: false,
             registered: None,
             queued: false,
+            stats: Stats::default(),
         }
     }
 
@@ -302,8 +343,14 @@ impl Connection {
                 owed::REQUEST => (op::REQUEST, 0),
                 owed::RESPONSE => (op::RESPONSE, 0),
                 owed::SHUTDOWN => (op::SHUTDOWN, self.shutdown_flags),
-                owed::CREDIT_UPDATE => (op::CREDIT_UPDATE, 0),
-                _ => (op::CREDIT_REQUEST, 0),
+                owed::CREDIT_UPDATE => {
+                    self.stats.updates += 1;
+                    (op::CREDIT_UPDATE, 0)
+                }
+                _ => {
+                    self.stats.requests += 1;
+                    (op::CREDIT_REQUEST, 0)
+                }
             };
             return (Some(self.header(op, 0, flags)), Verdict::Keep);
         }
@@ -324,6 +371,8 @@ impl Connection {
             }
             Ok(n) => {
                 let len = len32(n);
+                self.stats.rw_out += 1;
+                self.stats.bytes_out += u64::from(len);
                 self.rx_cnt = self.rx_cnt.wrapping_add(len);
                 (Some(self.header(op::RW, len, 0)), Verdict::Keep)
             }
@@ -413,7 +462,10 @@ impl Connection {
                 }
             }
         }
+        self.stats.rw_in += 1;
+        self.stats.bytes_in += len as u64;
         if done < len {
+            self.stats.held += 1;
             if let Err(why) = payload.data.copy_to(payload.mem, done, &mut self.tx_buf) {
                 crate::warn_ratelimited!("vsock: port {}: {why}; reset", self.local_port);
                 return Verdict::Reset;

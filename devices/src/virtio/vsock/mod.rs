@@ -135,6 +135,9 @@ pub struct Vsock {
     tx_payload: TxPayload,
     /// The segment list of the receive chain being filled (likewise).
     rx_segments: packet::Segments,
+    /// Transmit queue rounds that found packets, and the packets.
+    tx_rounds: u64,
+    tx_packets: u64,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -183,6 +186,8 @@ impl Vsock {
             event_owed: false,
             tx_payload: TxPayload::default(),
             rx_segments: Vec::new(),
+            tx_rounds: 0,
+            tx_packets: 0,
         })
     }
 
@@ -297,9 +302,22 @@ impl Vsock {
     /// Forgets a connection and closes its host stream.
     fn remove(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
+            self.log_stats(&c, "closed");
             self.tags.remove(&c.tag);
             self.closing.push((c.stream, c.registered.is_some()));
         }
+    }
+
+    /// Logs what went through `c` (debug).
+    fn log_stats(&self, c: &Connection, how: &str) {
+        log::debug!(
+            "virtio-vsock: host port {} / guest port {} {how}: {}; the transmit queue so far: {} packets in {} rounds",
+            c.local_port,
+            c.peer_port,
+            c.stats,
+            self.tx_packets,
+            self.tx_rounds
+        );
     }
 
     /// Owes the guest a `RST` answering `hdr` (a packet of no known
@@ -430,6 +448,8 @@ impl Vsock {
         }
         self.tx_payload = payload;
         if handled > 0 {
+            self.tx_rounds += 1;
+            self.tx_packets += handled as u64;
             if let Some(active) = self.common.activation_mut() {
                 active.signal_used_queue(TX_QUEUE);
             }
@@ -546,6 +566,14 @@ impl Vsock {
 fn return_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
     if let Err(e) = q.add_used(mem, head, len) {
         crate::warn_ratelimited!("virtio-vsock: cannot return receive buffer {head}: {e}");
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        for c in self.conns.values() {
+            self.log_stats(c, "open at exit");
+        }
     }
 }
 
