@@ -260,31 +260,6 @@ struct Pump {
     buf: Vec<u8>,
 }
 
-/// Before reading a pipe that holds less than a frame: lets a command that
-/// is still writing fill it (`sched_yield`s, while it grows, up to
-/// [`FILL_YIELDS`]). On one vCPU the init is woken by each of the
-/// command's writes (busybox writes 4 KiB at a time) and would otherwise
-/// send a frame, and the guest's vsock a packet and the VMM a kick, per
-/// few writes (seen in the nested harness: 9.7 KB per packet with one
-/// yield, four at most); a command that is not writing costs one yield.
-fn let_writer_fill(fd: &OwnedFd) {
-    let mut held = sys::readable_bytes(fd).unwrap_or(OUTPUT_CHUNK);
-    for _ in 0..FILL_YIELDS {
-        if held >= OUTPUT_CHUNK {
-            return;
-        }
-        std::thread::yield_now();
-        let now = sys::readable_bytes(fd).unwrap_or(OUTPUT_CHUNK);
-        if now == held {
-            return;
-        }
-        held = now;
-    }
-}
-
-/// Most yields before one read of the command's output.
-const FILL_YIELDS: usize = 64;
-
 /// A read or write that found nothing to do for now.
 fn transient(e: &io::Error) -> bool {
     matches!(
@@ -379,7 +354,6 @@ impl Pump {
             let Some(fd) = stream.fd.as_ref() else {
                 continue;
             };
-            let_writer_fill(fd);
             match read_fd(fd, &mut self.buf) {
                 Ok(0) => stream.fd = None,
                 Ok(n) => {

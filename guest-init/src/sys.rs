@@ -124,14 +124,6 @@ pub fn set_pipe_size(fd: &impl AsRawFd, size: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Bytes waiting to be read in the pipe or socket `fd` (`FIONREAD`).
-pub fn readable_bytes(fd: &impl AsRawFd) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through the valid pointer.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) })?;
-    usize::try_from(n).map_err(io::Error::other)
-}
-
 /// Makes `fd` non-blocking.
 pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     let fd = fd.as_raw_fd();
