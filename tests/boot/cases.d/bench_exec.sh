@@ -1,7 +1,8 @@
 # shellcheck shell=sh
 # tests/boot/cases.d/bench_exec.sh: `capsule exec` stdout throughput, in
 # one harness run, over the three channels a command's bytes can take:
-# the exec session over vsock (the default), the older virtio-console
+# the exec session over vsock (the default; with `head -c`, whose busybox
+# writes 4 KiB at a time, and with `dd bs=256k`), the older virtio-console
 # session (CAPSULE_EXEC_CHANNEL=console), and plain TCP over virtio-net
 # (a TAP device, busybox nc) for comparison. Optional (run by name, e.g.
 # through resources/bench-exec.sh): a measurement, not a check of capsule's
