@@ -5,6 +5,7 @@
 
 mod flow;
 mod harness;
+mod model;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
