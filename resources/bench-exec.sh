@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # resources/bench-exec.sh: `capsule exec` stdout throughput over vsock (the
-# exec channel), over the older virtio-console channel, and plain TCP over
-# virtio-net, in one harness run: the optional boot case
-# bench_exec_stdout (tests/boot/cases.d/bench_exec.sh), which prints one
-# MiB/s line per channel. Under the nested harness the figures are TCG
+# exec channel; busybox `head -c`'s 4 KiB writes and `dd bs=256k`), over
+# the older virtio-console channel, and plain TCP over virtio-net, in one
+# harness run: the optional boot case bench_exec_stdout
+# (tests/boot/cases.d/bench_exec.sh), which prints one MiB/s line per row. Under the nested harness the figures are TCG
 # figures: compare the rows, not the absolute numbers.
 #
 # Usage: flock /tmp/capsule-l1.lock resources/bench-exec.sh

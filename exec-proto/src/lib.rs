@@ -132,13 +132,25 @@ impl std::error::Error for DecodeError {}
 /// Appends one frame to `out`. Payloads longer than [`MAX_PAYLOAD`] must
 /// be split by the caller (this panics on them: a programming error).
 pub fn encode(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
-    let len = u32::try_from(payload.len())
-        .ok()
-        .filter(|_| payload.len() <= MAX_PAYLOAD)
-        .expect("frame payload too long");
-    out.push(kind);
-    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&header(kind, payload.len()));
     out.extend_from_slice(payload);
+}
+
+/// The header of a frame of `kind` with `len` payload bytes (for a sender
+/// that writes the payload from where it is, after the header).
+///
+/// # Panics
+///
+/// If `len` is above [`MAX_PAYLOAD`].
+pub fn header(kind: u8, len: usize) -> [u8; HEADER_LEN] {
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|_| len <= MAX_PAYLOAD)
+        .expect("frame payload too long");
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = kind;
+    h[1..].copy_from_slice(&len.to_le_bytes());
+    h
 }
 
 /// A raw frame: kind and payload.

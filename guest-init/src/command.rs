@@ -13,7 +13,9 @@ use std::path::Path;
 
 use exec_proto::{ExecSpec, GuestMsg, HostMsg};
 
-use crate::{in_root, sys, Channel, CHUNK, DEFAULT_PATH, STDIN_HIGH_WATER};
+use crate::{
+    in_root, sys, Channel, DEFAULT_PATH, OUTPUT_CHUNK, OUTPUT_PIPE_SIZE, STDIN_HIGH_WATER,
+};
 
 /// Resolves the program like a shell: names with a slash as they are,
 /// others in PATH (inside `root`). `None`: not found.
@@ -200,6 +202,11 @@ fn spawn(chan: &mut Channel, command: &Command) -> Result<(libc::pid_t, Pump), S
     for fd in [&in_w, &out_r, &err_r] {
         sys::set_nonblocking(fd).map_err(|e| format!("fcntl: {e}"))?;
     }
+    // Room for the command to go on writing while a frame is sent; the
+    // default 64 KiB if the kernel refuses.
+    for fd in [&out_r, &err_r] {
+        let _ = sys::set_pipe_size(fd, OUTPUT_PIPE_SIZE);
+    }
     // SAFETY: plain system call; the init must survive a command that
     // closes its stdin while we write to it.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
@@ -223,7 +230,7 @@ fn spawn(chan: &mut Channel, command: &Command) -> Result<(libc::pid_t, Pump), S
         stderr: Stream { fd: Some(err_r) },
         stdin_buf: Vec::new(),
         stdin_eof: false,
-        buf: vec![0u8; CHUNK],
+        buf: vec![0u8; OUTPUT_CHUNK],
     };
     Ok((pid, pump))
 }
@@ -351,13 +358,13 @@ impl Pump {
                 Ok(0) => stream.fd = None,
                 Ok(n) => {
                     got_output = true;
-                    let data = self.buf[..n].to_vec();
-                    let msg = if stdout_kind {
-                        GuestMsg::Stdout(data)
+                    let kind = if stdout_kind {
+                        exec_proto::kind::STDOUT
                     } else {
-                        GuestMsg::Stderr(data)
+                        exec_proto::kind::STDERR
                     };
-                    chan.send(&msg).map_err(|e| format!("port write: {e}"))?;
+                    chan.send_data(kind, &self.buf[..n])
+                        .map_err(|e| format!("port write: {e}"))?;
                 }
                 Err(e) if transient(&e) => {}
                 Err(_) => stream.fd = None,

@@ -58,8 +58,15 @@ const CHANNEL_WAIT: Duration = Duration::from_secs(5);
 const FINISH_WAIT: Duration = Duration::from_secs(10);
 /// Where `--disk` is mounted.
 const DISK_ROOT: &str = "/.capsule/root";
-/// Read size for the command's output, and the data frame size.
+/// Read size for files sent back to the host, and for host frames.
 const CHUNK: usize = 64 * 1024;
+/// Read size for the command's output (a data frame's largest payload):
+/// with the pipes enlarged to [`OUTPUT_PIPE_SIZE`], one read, one frame
+/// and one socket write move this much while the command goes on writing.
+const OUTPUT_CHUNK: usize = exec_proto::MAX_PAYLOAD;
+/// Size asked for the command's stdout and stderr pipes (Linux's default
+/// `pipe-max-size`; 64 KiB if refused).
+const OUTPUT_PIPE_SIZE: i32 = 1 << 20;
 /// Stop reading host frames while this much stdin waits for the command.
 const STDIN_HIGH_WATER: usize = 1 << 20;
 /// Heartbeat period.
@@ -172,6 +179,24 @@ impl Channel {
         let mut buf = Vec::new();
         msg.encode(&mut buf);
         self.tx.write_all(&buf)?;
+        self.last_sent = Instant::now();
+        Ok(())
+    }
+
+    /// Sends a data frame of `kind` with `payload`, header and payload in
+    /// one gathered write (no copy of the payload into a frame).
+    fn send_data(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
+        let head = exec_proto::header(kind, payload.len());
+        let mut parts = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
+        let mut parts = &mut parts[..];
+        while !parts.is_empty() {
+            match self.tx.write_vectored(parts) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.last_sent = Instant::now();
         Ok(())
     }

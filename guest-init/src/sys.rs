@@ -117,6 +117,13 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Asks for a pipe buffer of `size` bytes on the pipe `fd` belongs to.
+pub fn set_pipe_size(fd: &impl AsRawFd, size: i32) -> io::Result<()> {
+    // SAFETY: fcntl on a valid descriptor; no pointers.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, size) })?;
+    Ok(())
+}
+
 /// Makes `fd` non-blocking.
 pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
     let fd = fd.as_raw_fd();

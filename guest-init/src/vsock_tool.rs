@@ -6,7 +6,9 @@
 //! capsule-vsock connect CID PORT           guest → host: stdin to the
 //!                                          connection, the connection to stdout
 //! capsule-vsock listen PORT CMD            guest: serve each connection on PORT
-//!                                          with `sh -c CMD` (connection on 0 and 1)
+//!                                          with `sh -c CMD` (connection on 0 and 1);
+//!                                          prints `listening on port PORT` on stderr
+//!                                          once connections can come
 //! capsule-vsock unix-connect PATH PORT     host → guest through capsule's socket:
 //!                                          `CONNECT PORT`, expect `OK`, then relay
 //! capsule-vsock unix-listen PATH CMD       host: serve each connection on PATH
@@ -22,6 +24,10 @@ use std::ffi::CString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+
+/// Read and write size of the relay (the size of Linux's default vsock
+/// receive buffer, so one read can take what a full credit delivered).
+const BUF: usize = 256 * 1024;
 
 fn die(status: i32, msg: &str) -> ! {
     eprintln!("capsule-vsock: {msg}");
@@ -143,7 +149,7 @@ fn relay(conn: OwnedFd) -> ! {
         .unwrap_or_else(|e| die(1, &format!("dup: {e}")));
     let sender = std::thread::spawn(move || {
         let mut stdin = io::stdin().lock();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; BUF];
         loop {
             let n = match stdin.read(&mut buf) {
                 Ok(0) => break,
@@ -162,7 +168,7 @@ fn relay(conn: OwnedFd) -> ! {
         unsafe { libc::shutdown(tx.as_raw_fd(), libc::SHUT_WR) };
     });
     let mut stdout = io::stdout().lock();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf = vec![0u8; BUF];
     loop {
         match rx.read(&mut buf) {
             Ok(0) => break,
@@ -228,6 +234,9 @@ fn main() {
         Some("listen") if args.len() == 4 => {
             let port = num(args.get(2));
             let l = vsock_listen(port).unwrap_or_else(|e| die(1, &format!("listen {port}: {e}")));
+            // Scripts wait for this line before connecting (the shell's
+            // echo of the command line cannot be taken for it).
+            eprintln!("capsule-vsock: listening on port {port}");
             serve(l.as_raw_fd(), &args[3]);
         }
         Some("unix-connect") if args.len() == 4 => {

@@ -6,36 +6,52 @@
 //! have at most `buf_alloc - (sent - fwd_cnt)` bytes in flight.
 //!
 //! * Guest → host: the device offers [`CONN_BUF_ALLOC`] bytes. A payload
-//!   is written to the host stream at once where it takes it; what it does
-//!   not take waits in `tx_buf`, which therefore never holds more than
-//!   `CONN_BUF_ALLOC` bytes: a guest that sends past its credit is a
-//!   broken or hostile driver and its connection is reset. `fwd_cnt`
-//!   counts bytes written to the host stream; the guest hears of it with
-//!   every packet and, when [`CREDIT_UPDATE_THRESHOLD`] bytes went
-//!   unannounced, by a `CREDIT_UPDATE`.
-//! * Host → guest: the host stream is read only into a receive chain, and
-//!   only as much as the guest's credit allows, so nothing is buffered on
-//!   the host: a slow guest leaves the bytes in the host socket.
+//!   is written from guest memory straight to the host stream where it
+//!   takes it; what it does not take is copied to `tx_buf`, which
+//!   therefore never holds more than `CONN_BUF_ALLOC` bytes: a guest that
+//!   sends past its credit is a broken or hostile driver and its
+//!   connection is reset. `fwd_cnt` counts bytes written to the host
+//!   stream; the guest hears of it with every packet and by a
+//!   `CREDIT_UPDATE` once the room it knows of fell below
+//!   [`CREDIT_LOW`] while more was made (Linux never asks for credit: a
+//!   sender that ran out waits for the receiver to speak).
+//! * Host → guest: the host stream is read straight into a receive chain,
+//!   and only as much as the guest's credit allows, so nothing is
+//!   buffered on the host: a slow guest leaves the bytes in the host
+//!   socket.
 //!
 //! Control packets owed to the guest are flags here, not a queue, so a
 //! guest that floods requests without posting receive buffers cannot
 //! make them pile up.
 
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
 use event_manager::EventSet;
 
-use super::packet::{op, Header, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
+use super::packet::{op, Header, RxChain, TxPayload, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 use super::HOST_CID;
+use crate::GuestMemoryMmap;
+
+/// A transmit packet's payload, in guest memory.
+pub struct Payload<'a> {
+    /// Guest memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// Where the bytes are.
+    pub data: &'a TxPayload,
+}
 
 /// Receive buffer the device offers the guest per connection: the most
 /// guest data capsule holds for one connection.
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
-/// Forwarded bytes after which the guest is sent a `CREDIT_UPDATE`.
-pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
+/// When the room the guest knows of (`CONN_BUF_ALLOC` less what it sent
+/// since the `fwd_cnt` it was last told) is below this and the host took
+/// more meanwhile, the guest is sent a `CREDIT_UPDATE`: early enough that
+/// a guest sending flat out rarely runs dry, rarely enough that it is not
+/// one update per packet.
+pub const CREDIT_LOW: u32 = CONN_BUF_ALLOC / 2;
 
 /// Control packets owed to the guest (bits of `Connection::owed`), in the
 /// order they are sent.
@@ -70,9 +86,46 @@ pub enum Verdict {
     Drop,
 }
 
+/// What went through a connection, for its closing log line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    /// `RW` packets from the guest.
+    pub rw_in: u64,
+    /// Their payload bytes.
+    pub bytes_in: u64,
+    /// Of those, packets the host socket did not take whole at once.
+    pub held: u64,
+    /// `RW` packets to the guest.
+    pub rw_out: u64,
+    /// Their payload bytes.
+    pub bytes_out: u64,
+    /// `CREDIT_UPDATE`s sent to the guest.
+    pub updates: u64,
+    /// `CREDIT_REQUEST`s sent to the guest.
+    pub requests: u64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let avg = |b: u64, n: u64| b.checked_div(n).unwrap_or(0);
+        write!(
+            f,
+            "from the guest {} bytes in {} packets ({} B each, {} not taken whole by the host), to the guest {} bytes in {} packets ({} B each), {} credit updates, {} credit requests",
+            self.bytes_in,
+            self.rw_in,
+            avg(self.bytes_in, self.rw_in),
+            self.held,
+            self.bytes_out,
+            self.rw_out,
+            avg(self.bytes_out, self.rw_out),
+            self.updates,
+            self.requests
+        )
+    }
+}
+
 /// A connection between guest port `peer_port` and host port
 /// `local_port`, carried on `stream`.
-#[derive(Debug)]
 pub struct Connection {
     /// The host side.
     pub stream: UnixStream,
@@ -120,6 +173,29 @@ pub struct Connection {
     pub registered: Option<EventSet>,
     /// Already in the device's receive round-robin.
     pub queued: bool,
+    /// What went through it.
+    pub stats: Stats,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("local_port", &self.local_port)
+            .field("peer_port", &self.peer_port)
+            .field("state", &self.state)
+            .field("peer_buf_alloc", &self.peer_buf_alloc)
+            .field("peer_fwd_cnt", &self.peer_fwd_cnt)
+            .field("rx_cnt", &self.rx_cnt)
+            .field("fwd_cnt", &self.fwd_cnt)
+            .field("fwd_cnt_told", &self.fwd_cnt_told)
+            .field("held", &self.tx_buf.len())
+            .field("owed", &self.owed)
+            .field("guest_shut", &self.guest_shut)
+            .field("host_eof", &self.host_eof)
+            .field("readable", &self.readable)
+            .field("registered", &self.registered)
+            .finish()
+    }
 }
 
 impl Connection {
@@ -174,6 +250,7 @@ impl Connection {
             credit_asked: false,
             registered: None,
             queued: false,
+            stats: Stats::default(),
         }
     }
 
@@ -244,11 +321,11 @@ impl Connection {
         }
     }
 
-    /// The next packet for the guest, with at most `room` payload bytes
-    /// read from the host stream into `buf`. `None` when there is nothing
-    /// to send after all (the host stream had no data). The verdict is
-    /// `Drop` after a `RST` went out.
-    pub fn next_rx(&mut self, buf: &mut [u8], room: usize) -> (Option<(Header, usize)>, Verdict) {
+    /// The next packet for the guest, whose payload (if any) is read from
+    /// the host stream straight into `rx` (within the guest's credit).
+    /// `None` when there is nothing to send after all (the host stream had
+    /// no data). The verdict is `Drop` after a `RST` went out.
+    pub fn next_rx(&mut self, mem: &GuestMemoryMmap, rx: &RxChain) -> (Option<Header>, Verdict) {
         for bit in [
             owed::RST,
             owed::REQUEST,
@@ -262,34 +339,42 @@ impl Connection {
             }
             self.owed &= !bit;
             let (op, flags) = match bit {
-                owed::RST => return (Some((self.header(op::RST, 0, 0), 0)), Verdict::Drop),
+                owed::RST => return (Some(self.header(op::RST, 0, 0)), Verdict::Drop),
                 owed::REQUEST => (op::REQUEST, 0),
                 owed::RESPONSE => (op::RESPONSE, 0),
                 owed::SHUTDOWN => (op::SHUTDOWN, self.shutdown_flags),
-                owed::CREDIT_UPDATE => (op::CREDIT_UPDATE, 0),
-                _ => (op::CREDIT_REQUEST, 0),
+                owed::CREDIT_UPDATE => {
+                    self.stats.updates += 1;
+                    (op::CREDIT_UPDATE, 0)
+                }
+                _ => {
+                    self.stats.requests += 1;
+                    (op::CREDIT_REQUEST, 0)
+                }
             };
-            return (Some((self.header(op, 0, flags), 0)), Verdict::Keep);
+            return (Some(self.header(op, 0, flags)), Verdict::Keep);
         }
         if !self.readable || !self.wants_host_data() {
             return (None, Verdict::Keep);
         }
-        let n = room.min(self.peer_credit() as usize).min(buf.len());
+        let n = rx.payload_room().min(self.peer_credit() as usize);
         if n == 0 {
             return (None, Verdict::Keep);
         }
-        match self.stream.read(&mut buf[..n]) {
+        match rx.read_payload(mem, &mut self.stream, n) {
             Ok(0) => {
                 // The host will send no more: tell the guest.
                 self.host_eof = true;
                 self.readable = false;
                 let hdr = self.header(op::SHUTDOWN, 0, self.eof_flags);
-                (Some((hdr, 0)), Verdict::Keep)
+                (Some(hdr), Verdict::Keep)
             }
             Ok(n) => {
                 let len = len32(n);
+                self.stats.rw_out += 1;
+                self.stats.bytes_out += u64::from(len);
                 self.rx_cnt = self.rx_cnt.wrapping_add(len);
-                (Some((self.header(op::RW, len, 0), n)), Verdict::Keep)
+                (Some(self.header(op::RW, len, 0)), Verdict::Keep)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.readable = false;
@@ -299,7 +384,7 @@ impl Connection {
             Err(e) => {
                 log::debug!("vsock: port {}: host read failed: {e}", self.local_port);
                 self.owed = owed::RST;
-                self.next_rx(buf, room)
+                self.next_rx(mem, rx)
             }
         }
     }
@@ -314,7 +399,7 @@ impl Connection {
     }
 
     /// Handles a packet from the guest for this connection.
-    pub fn handle_tx(&mut self, hdr: &Header, payload: &[u8]) -> Verdict {
+    pub fn handle_tx(&mut self, hdr: &Header, payload: Payload<'_>) -> Verdict {
         self.update_credit(hdr);
         match (hdr.op, self.state) {
             (op::RST, _) => Verdict::Drop,
@@ -346,7 +431,7 @@ impl Connection {
 
     /// A guest `RW` payload: to the host stream, or held within the
     /// credit the guest was given.
-    fn guest_data(&mut self, payload: &[u8]) -> Verdict {
+    fn guest_data(&mut self, payload: Payload<'_>) -> Verdict {
         if self.guest_shut & SHUTDOWN_SEND != 0 {
             crate::debug_ratelimited!(
                 "vsock: port {}: data after the guest's shutdown; reset",
@@ -354,16 +439,38 @@ impl Connection {
             );
             return Verdict::Reset;
         }
-        if self.tx_buf.len() + payload.len() > CONN_BUF_ALLOC as usize {
+        let len = payload.data.len();
+        if self.tx_buf.len() + len > CONN_BUF_ALLOC as usize {
             crate::warn_ratelimited!(
-                "vsock: port {}: the guest sent past its credit ({} bytes held, {} more); reset",
+                "vsock: port {}: the guest sent past its credit ({} bytes held, {len} more); reset",
                 self.local_port,
                 self.tx_buf.len(),
-                payload.len()
             );
             return Verdict::Reset;
         }
-        self.tx_buf.extend(payload);
+        let mut done = 0;
+        if self.tx_buf.is_empty() && self.reply.is_empty() {
+            match payload.data.write_to(payload.mem, 0, &mut self.stream) {
+                Ok(n) => {
+                    done = n;
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(len32(n));
+                }
+                Err(e) => {
+                    if self.write_failed(e) != Verdict::Keep {
+                        return Verdict::Reset;
+                    }
+                }
+            }
+        }
+        self.stats.rw_in += 1;
+        self.stats.bytes_in += len as u64;
+        if done < len {
+            self.stats.held += 1;
+            if let Err(why) = payload.data.copy_to(payload.mem, done, &mut self.tx_buf) {
+                crate::warn_ratelimited!("vsock: port {}: {why}; reset", self.local_port);
+                return Verdict::Reset;
+            }
+        }
         self.flush()
     }
 
@@ -385,17 +492,32 @@ impl Connection {
                     self.tx_buf.drain(..n);
                     self.fwd_cnt = self.fwd_cnt.wrapping_add(len32(n));
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return self.write_failed(e),
             }
         }
-        if self.fwd_cnt.wrapping_sub(self.fwd_cnt_told) >= CREDIT_UPDATE_THRESHOLD {
-            self.owed |= owed::CREDIT_UPDATE;
-        }
+        self.check_credit();
         if self.tx_buf.is_empty() && self.guest_shut & SHUTDOWN_SEND != 0 && !self.host_wr_shut {
             self.host_wr_shut = true;
             let _ = self.stream.shutdown(Shutdown::Write);
         }
         self.after_shutdowns()
+    }
+
+    /// The room the guest knows of: the credit it was given less what it
+    /// sent since the `fwd_cnt` it was last told.
+    fn room_told(&self) -> u32 {
+        let received = self.fwd_cnt.wrapping_add(len32(self.tx_buf.len()));
+        CONN_BUF_ALLOC.saturating_sub(received.wrapping_sub(self.fwd_cnt_told))
+    }
+
+    /// Owes the guest a `CREDIT_UPDATE` when the room it knows of runs low
+    /// and the host has taken bytes it was not told of.
+    fn check_credit(&mut self) {
+        if self.fwd_cnt != self.fwd_cnt_told && self.room_told() < CREDIT_LOW {
+            self.owed |= owed::CREDIT_UPDATE;
+        }
     }
 
     fn write_failed(&mut self, e: io::Error) -> Verdict {

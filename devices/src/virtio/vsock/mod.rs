@@ -41,12 +41,14 @@
 //! This file: the device, its queues and its reset; `conn.rs`: one
 //! connection and its credit; `host.rs`: the host side (listener, the
 //! `CONNECT` line, forwarding connects, event-loop registrations);
-//! `packet.rs`: the packet header and descriptor chains.
+//! `packet.rs`: the packet header and descriptor chains; `queues.rs`: the
+//! receive and transmit queues.
 
 pub mod conn;
 mod host;
 pub mod packet;
 pub mod persist;
+mod queues;
 
 pub use host::forward_path;
 
@@ -55,16 +57,17 @@ use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
-use crate::GuestMemoryMmap;
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::Bytes;
 
-use self::conn::{Connection, Verdict};
+use self::conn::{Connection, Payload, Verdict};
 use self::host::PendingClient;
-use self::packet::{op, read_tx_packet, Header, RxChain, MAX_PAYLOAD, TYPE_STREAM};
-use super::features::{bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC};
-use super::{device_type, DeviceEvent, Queue, VirtioCommon, VirtioDevice};
+use self::packet::{op, Header, TxPayload, TYPE_STREAM};
+use super::features::{
+    bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use super::{device_type, DeviceEvent, VirtioCommon, VirtioDevice};
 
 /// The virtio device type id of vsock.
 pub const VSOCK_DEVICE_TYPE: u32 = device_type::VSOCK;
@@ -127,7 +130,14 @@ pub struct Vsock {
     closing: Vec<(UnixStream, bool)>,
     /// A `TRANSPORT_RESET` waits for an event buffer.
     event_owed: bool,
-    buf: Vec<u8>,
+    /// Where the transmit packet being handled has its payload (kept, so
+    /// that handling a packet allocates nothing).
+    tx_payload: TxPayload,
+    /// The segment list of the receive chain being filled (likewise).
+    rx_segments: packet::Segments,
+    /// Transmit queue rounds that found packets, and the packets.
+    tx_rounds: u64,
+    tx_packets: u64,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -149,7 +159,9 @@ impl Vsock {
             return Err(VsockError::BadCid(cid));
         }
         listener.set_nonblocking(true).map_err(VsockError::Setup)?;
-        let features = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_INDIRECT_DESC);
+        let features = bit(VIRTIO_F_VERSION_1)
+            | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX);
         Ok(Self {
             common: VirtioCommon::new(
                 "virtio-vsock",
@@ -172,7 +184,10 @@ impl Vsock {
             strays: VecDeque::new(),
             closing: Vec::new(),
             event_owed: false,
-            buf: vec![0; MAX_PAYLOAD],
+            tx_payload: TxPayload::default(),
+            rx_segments: Vec::new(),
+            tx_rounds: 0,
+            tx_packets: 0,
         })
     }
 
@@ -221,8 +236,17 @@ impl Vsock {
             return;
         };
         let q = &mut active.queues[EVENT_QUEUE];
-        let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
-            return;
+        let chain = match q.pop_descriptor_chain(&active.mem) {
+            Some(chain) => chain,
+            // None yet: have the driver kick when it adds one (EVENT_IDX),
+            // unless one came meanwhile.
+            None => match q.enable_notification(&active.mem) {
+                Ok(true) => match q.pop_descriptor_chain(&active.mem) {
+                    Some(chain) => chain,
+                    None => return,
+                },
+                _ => return,
+            },
         };
         let head = chain.head_index();
         let mut len = 0;
@@ -278,9 +302,22 @@ impl Vsock {
     /// Forgets a connection and closes its host stream.
     fn remove(&mut self, key: Key) {
         if let Some(c) = self.conns.remove(&key) {
+            self.log_stats(&c, "closed");
             self.tags.remove(&c.tag);
             self.closing.push((c.stream, c.registered.is_some()));
         }
+    }
+
+    /// Logs what went through `c` (debug).
+    fn log_stats(&self, c: &Connection, how: &str) {
+        log::debug!(
+            "virtio-vsock: host port {} / guest port {} {how}: {}; the transmit queue so far: {} packets in {} rounds",
+            c.local_port,
+            c.peer_port,
+            c.stats,
+            self.tx_packets,
+            self.tx_rounds
+        );
     }
 
     /// Owes the guest a `RST` answering `hdr` (a packet of no known
@@ -305,7 +342,7 @@ impl Vsock {
     }
 
     /// Handles one packet from the guest.
-    fn handle_packet(&mut self, hdr: &Header, payload: &[u8]) {
+    fn handle_packet(&mut self, hdr: &Header, payload: Payload<'_>) {
         if hdr.src_cid != self.cid || hdr.dst_cid != HOST_CID {
             crate::debug_ratelimited!(
                 "virtio-vsock: dropped a packet from CID {} to CID {}",
@@ -335,123 +372,13 @@ impl Vsock {
             _ => self.stray_reset(hdr),
         }
     }
-
-    /// Drains the transmit queue.
-    fn process_tx(&mut self) {
-        let mut buf = std::mem::take(&mut self.buf);
-        let mut handled = 0;
-        while handled < PACKET_BUDGET {
-            let Some(active) = self.common.activation_mut() else {
-                break;
-            };
-            let q = &mut active.queues[TX_QUEUE];
-            let Some(chain) = q.pop_descriptor_chain(&active.mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let packet = read_tx_packet(&active.mem, chain, &mut buf);
-            if let Err(e) = q.add_used(&active.mem, head, 0) {
-                crate::warn_ratelimited!("virtio-vsock: cannot return transmit buffer {head}: {e}");
-            }
-            handled += 1;
-            match packet {
-                Ok(hdr) => self.handle_packet(&hdr, &buf[..hdr.len as usize]),
-                Err(why) => {
-                    crate::warn_ratelimited!("virtio-vsock: dropped a transmit packet: {why}")
-                }
-            }
-        }
-        self.buf = buf;
-        if handled > 0 {
-            if let Some(active) = self.common.activation_mut() {
-                active.signal_used_queue(TX_QUEUE);
-            }
-        }
-        if handled >= PACKET_BUDGET {
-            self.common.kick(TX_QUEUE);
-        }
-    }
-
-    /// The next packet for the guest, for a chain with `room` bytes of
-    /// payload; its payload is in `self.buf`.
-    fn next_rx_packet(&mut self, room: usize) -> Option<(Header, usize)> {
-        if let Some(h) = self.strays.pop_front() {
-            return Some((h, 0));
-        }
-        while let Some(key) = self.rx_ready.pop_front() {
-            let Some(c) = self.conns.get_mut(&key) else {
-                continue;
-            };
-            c.queued = false;
-            if !c.has_rx_work() {
-                continue;
-            }
-            let (packet, verdict) = c.next_rx(&mut self.buf, room);
-            self.apply(key, verdict);
-            if let Some(c) = self.conns.get_mut(&key) {
-                if c.has_rx_work() {
-                    self.queue_rx(key);
-                }
-            }
-            if packet.is_some() {
-                return packet;
-            }
-        }
-        None
-    }
-
-    /// Fills receive buffers with what is owed to the guest.
-    fn process_rx(&mut self) {
-        let mut sent = 0;
-        while sent < PACKET_BUDGET && !(self.strays.is_empty() && self.rx_ready.is_empty()) {
-            let Some(active) = self.common.activation_mut() else {
-                return;
-            };
-            let Some(chain) = active.queues[RX_QUEUE].pop_descriptor_chain(&active.mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let rx = match RxChain::new(&active.mem, chain) {
-                Ok(rx) => rx,
-                Err(why) => {
-                    crate::warn_ratelimited!("virtio-vsock: unusable receive buffer: {why}");
-                    return_used(&mut active.queues[RX_QUEUE], &active.mem, head, 0);
-                    sent += 1;
-                    continue;
-                }
-            };
-            let Some((hdr, n)) = self.next_rx_packet(rx.payload_room()) else {
-                if let Some(active) = self.common.activation_mut() {
-                    active.queues[RX_QUEUE].go_to_previous_position();
-                }
-                break;
-            };
-            let Some(active) = self.common.activation_mut() else {
-                return;
-            };
-            let len = rx
-                .write(&active.mem, &hdr, &self.buf[..n])
-                .unwrap_or_else(|why| {
-                    crate::warn_ratelimited!("virtio-vsock: receive buffer: {why}");
-                    0
-                });
-            return_used(&mut active.queues[RX_QUEUE], &active.mem, head, len);
-            sent += 1;
-        }
-        if sent > 0 {
-            if let Some(active) = self.common.activation_mut() {
-                active.signal_used_queue(RX_QUEUE);
-            }
-        }
-        if sent >= PACKET_BUDGET {
-            self.common.kick(RX_QUEUE);
-        }
-    }
 }
 
-fn return_used(q: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32) {
-    if let Err(e) = q.add_used(mem, head, len) {
-        crate::warn_ratelimited!("virtio-vsock: cannot return receive buffer {head}: {e}");
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        for c in self.conns.values() {
+            self.log_stats(c, "open at exit");
+        }
     }
 }
 

@@ -6,9 +6,16 @@
 //! carry any). Chains are read and written through vm-memory's checked
 //! accessors; a chain is never trusted to be well formed.
 
+use std::collections::VecDeque;
+use std::io;
+
 use crate::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use vm_memory::volatile_memory::Error as VolatileMemoryError;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions, ReadVolatile,
+    WriteVolatile,
+};
 
 /// Size of the packet header.
 pub const HDR_LEN: usize = 44;
@@ -106,18 +113,106 @@ impl Header {
     }
 }
 
-/// Reads a transmit chain: the header and its payload, copied into
-/// `payload` (which must hold [`MAX_PAYLOAD`] bytes). Returns the header
-/// or why the chain is unusable (write-only descriptors, too short for its
-/// header or its `len`, a `len` past [`MAX_PAYLOAD`], memory outside the
-/// guest, too many descriptors).
+/// Where a transmit packet's payload lies in guest memory. The device
+/// keeps one and reuses it, so reading a packet allocates nothing, and the
+/// payload goes from guest memory to the host socket without a copy.
+#[derive(Debug, Default)]
+pub struct TxPayload {
+    /// Address and length of each piece, in order.
+    segments: Segments,
+    /// Their total length (the header's `len`).
+    len: usize,
+}
+
+impl TxPayload {
+    /// Payload bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces from byte `from` on.
+    fn pieces_from(&self, from: usize) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+        let mut skip = from;
+        self.segments.iter().filter_map(move |&(addr, len)| {
+            if skip >= len {
+                skip -= len;
+                return None;
+            }
+            let piece = (addr.unchecked_add(skip as u64), len - skip);
+            skip = 0;
+            Some(piece)
+        })
+    }
+
+    /// Writes the payload from byte `from` on to `w`, as far as it takes
+    /// it without blocking; returns the bytes written (an error only if
+    /// nothing was).
+    pub fn write_to(
+        &self,
+        mem: &GuestMemoryMmap,
+        from: usize,
+        w: &mut impl WriteVolatile,
+    ) -> io::Result<usize> {
+        let mut done = 0;
+        for (addr, len) in self.pieces_from(from) {
+            for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
+                let slice = slice.map_err(io::Error::other)?;
+                match w.write_volatile(&slice) {
+                    Ok(n) => {
+                        done += n;
+                        if n < slice.len() {
+                            return Ok(done);
+                        }
+                    }
+                    Err(VolatileMemoryError::IOError(e)) if done == 0 => return Err(e),
+                    Err(VolatileMemoryError::IOError(_)) => return Ok(done),
+                    Err(e) => return Err(io::Error::other(e)),
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Appends the payload from byte `from` on to `out`.
+    pub fn copy_to(
+        &self,
+        mem: &GuestMemoryMmap,
+        from: usize,
+        out: &mut VecDeque<u8>,
+    ) -> Result<(), &'static str> {
+        let mut chunk = [0u8; 4096];
+        for (addr, len) in self.pieces_from(from) {
+            let mut off = 0;
+            while off < len {
+                let n = (len - off).min(chunk.len());
+                mem.read_slice(&mut chunk[..n], addr.unchecked_add(off as u64))
+                    .map_err(|_| "buffer outside guest memory")?;
+                out.extend(&chunk[..n]);
+                off += n;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a transmit chain: returns its header and records where its
+/// payload is in `payload`; or why the chain is unusable (write-only
+/// descriptors, too short for its header or its `len`, a `len` past
+/// [`MAX_PAYLOAD`], memory outside the guest, too many descriptors).
 pub fn read_tx_packet(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
-    payload: &mut [u8],
+    payload: &mut TxPayload,
 ) -> Result<Header, &'static str> {
     let mut hdr = [0u8; HDR_LEN];
     let mut header: Option<Header> = None;
+    payload.segments.clear();
+    payload.len = 0;
     // Bytes of the header, then of the payload, gathered so far.
     let mut got = 0usize;
     let mut want = HDR_LEN;
@@ -132,19 +227,24 @@ pub fn read_tx_packet(
         let mut left = d.len() as usize;
         while left > 0 && got < want {
             let n = left.min(want - got);
-            let dst = match header {
-                None => &mut hdr[got..got + n],
-                Some(_) => &mut payload[got..got + n],
-            };
-            mem.read_slice(dst, addr)
-                .map_err(|_| "buffer outside guest memory")?;
+            match header {
+                None => mem
+                    .read_slice(&mut hdr[got..got + n], addr)
+                    .map_err(|_| "buffer outside guest memory")?,
+                Some(_) => {
+                    if !GuestMemory::check_range(mem, addr, n, Permissions::Read) {
+                        return Err("buffer outside guest memory");
+                    }
+                    payload.segments.push((addr, n));
+                }
+            }
             got += n;
             left -= n;
             addr = GuestAddress(addr.0.checked_add(n as u64).ok_or("address overflow")?);
             if header.is_none() && got == HDR_LEN {
                 let h = Header::from_bytes(&hdr);
                 let len = h.len as usize;
-                if len > MAX_PAYLOAD || len > payload.len() {
+                if len > MAX_PAYLOAD {
                     return Err("payload longer than the maximum");
                 }
                 header = Some(h);
@@ -159,44 +259,57 @@ pub fn read_tx_packet(
     match header {
         None => Err("shorter than the packet header"),
         Some(_) if got < want => Err("shorter than its payload length"),
-        Some(h) => Ok(h),
+        Some(h) => {
+            payload.len = want;
+            Ok(h)
+        }
     }
 }
+
+/// Address and length of each buffer of a chain, in order.
+pub type Segments = Vec<(GuestAddress, usize)>;
 
 /// The device-writable buffers of a receive chain.
 pub struct RxChain {
     /// Address and length of each writable descriptor, in order.
-    segments: Vec<(GuestAddress, usize)>,
+    segments: Segments,
     /// Their total length.
     capacity: usize,
 }
 
 impl RxChain {
-    /// Collects the writable descriptors of `chain`; device-readable ones,
-    /// or buffers outside guest memory, are a broken chain (`Err`).
+    /// Collects the writable descriptors of `chain` (into `segments`,
+    /// which it reuses); device-readable ones, or buffers outside guest
+    /// memory, are a broken chain (`Err`).
     pub fn new(
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Result<Self, &'static str> {
-        let mut segments = Vec::new();
+        mut segments: Segments,
+    ) -> Result<Self, (&'static str, Segments)> {
+        segments.clear();
         let mut capacity = 0usize;
         for (count, d) in chain.enumerate() {
             if count >= MAX_CHAIN_DESCRIPTORS {
-                return Err("too many descriptors");
+                return Err(("too many descriptors", segments));
             }
             if !d.is_write_only() {
-                return Err("device-readable descriptor in a receive chain");
+                return Err(("device-readable descriptor in a receive chain", segments));
             }
             if !GuestMemory::check_range(mem, d.addr(), d.len() as usize, Permissions::Write) {
-                return Err("buffer outside guest memory");
+                return Err(("buffer outside guest memory", segments));
             }
             segments.push((d.addr(), d.len() as usize));
             capacity = capacity.saturating_add(d.len() as usize);
         }
         if capacity < HDR_LEN {
-            return Err("shorter than the packet header");
+            return Err(("shorter than the packet header", segments));
         }
         Ok(Self { segments, capacity })
+    }
+
+    /// Gives back the segment list for the next chain.
+    pub fn into_segments(self) -> Segments {
+        self.segments
     }
 
     /// Most payload a packet in this chain can carry.
@@ -204,40 +317,74 @@ impl RxChain {
         (self.capacity - HDR_LEN).min(MAX_PAYLOAD)
     }
 
-    /// Writes `hdr` and `payload` (at most [`Self::payload_room`] bytes)
-    /// into the chain; returns the bytes written, or `Err` if a buffer is
-    /// outside guest memory.
-    pub fn write(
+    /// The chain's bytes from `from` on, `count` of them at most, as
+    /// (address, length) pieces.
+    fn pieces(
+        &self,
+        from: usize,
+        count: usize,
+    ) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+        let mut skip = from;
+        let mut left = count;
+        self.segments.iter().filter_map(move |&(addr, len)| {
+            if skip >= len || left == 0 {
+                skip = skip.saturating_sub(len);
+                return None;
+            }
+            let n = (len - skip).min(left);
+            let piece = (addr.unchecked_add(skip as u64), n);
+            skip = 0;
+            left -= n;
+            Some(piece)
+        })
+    }
+
+    /// Reads at most `max` payload bytes (no more than
+    /// [`Self::payload_room`]) from `r` straight into the chain, after the
+    /// header's place; returns the bytes read (an error only if none
+    /// were; `Ok(0)` is end of file).
+    pub fn read_payload(
         &self,
         mem: &GuestMemoryMmap,
-        hdr: &Header,
-        payload: &[u8],
-    ) -> Result<u32, &'static str> {
-        let head = hdr.to_bytes();
-        let mut parts: [&[u8]; 2] = [&head, payload];
-        let mut written = 0usize;
-        for &(addr, len) in &self.segments {
-            let mut addr = addr;
-            let mut room = len;
-            for part in parts.iter_mut() {
-                while room > 0 && !part.is_empty() {
-                    let n = room.min(part.len());
-                    mem.write_slice(&part[..n], addr)
-                        .map_err(|_| "buffer outside guest memory")?;
-                    *part = &part[n..];
-                    room -= n;
-                    written += n;
-                    addr = GuestAddress(addr.0.checked_add(n as u64).ok_or("address overflow")?);
+        r: &mut impl ReadVolatile,
+        max: usize,
+    ) -> io::Result<usize> {
+        let mut done = 0;
+        for (addr, len) in self.pieces(HDR_LEN, max.min(self.payload_room())) {
+            for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
+                let mut slice = slice.map_err(io::Error::other)?;
+                match r.read_volatile(&mut slice) {
+                    Ok(n) => {
+                        done += n;
+                        if n < slice.len() {
+                            return Ok(done);
+                        }
+                    }
+                    Err(VolatileMemoryError::IOError(e)) if done == 0 => return Err(e),
+                    Err(VolatileMemoryError::IOError(_)) => return Ok(done),
+                    Err(e) => return Err(io::Error::other(e)),
                 }
             }
-            if parts.iter().all(|p| p.is_empty()) {
-                break;
-            }
         }
-        if parts.iter().any(|p| !p.is_empty()) {
+        Ok(done)
+    }
+
+    /// Writes `hdr` at the start of the chain; returns the packet's length
+    /// (header and `hdr.len` payload bytes already in place), or `Err` if
+    /// a buffer is outside guest memory.
+    pub fn write_header(&self, mem: &GuestMemoryMmap, hdr: &Header) -> Result<u32, &'static str> {
+        let bytes = hdr.to_bytes();
+        let mut off = 0;
+        for (addr, n) in self.pieces(0, HDR_LEN) {
+            mem.write_slice(&bytes[off..off + n], addr)
+                .map_err(|_| "buffer outside guest memory")?;
+            off += n;
+        }
+        let len = HDR_LEN + hdr.len as usize;
+        if len > self.capacity {
             return Err("packet longer than the chain");
         }
-        u32::try_from(written).map_err(|_| "packet too long")
+        u32::try_from(len).map_err(|_| "packet too long")
     }
 }
 
