@@ -235,8 +235,13 @@ fn main() {
             let port = num(args.get(2));
             let l = vsock_listen(port).unwrap_or_else(|e| die(1, &format!("listen {port}: {e}")));
             // Scripts wait for this line before connecting (the shell's
-            // echo of the command line cannot be taken for it).
-            eprintln!("capsule-vsock: listening on port {port}");
+            // echo of the command line cannot be taken for it). One
+            // write(2): eprintln! writes its pieces one by one, and two
+            // listeners started together interleaved them on the console
+            // ("listening on port capsule-vsock: listening on port 5010",
+            // then "5002"), so the line a script waited for never came.
+            let line = format!("capsule-vsock: listening on port {port}\n");
+            let _ = io::stderr().write_all(line.as_bytes());
             serve(l.as_raw_fd(), &args[3]);
         }
         Some("unix-connect") if args.len() == 4 => {

@@ -188,7 +188,8 @@ case_net_user() {
         wait_for "$WORK/net_user/stdout.raw" "GUEST-SERVER-UP" "$CASE_TIMEOUT" "$WORK/net_user/done" || exit 0
         # For the record: what passt holds once it runs (what it opens
         # itself: epoll, its namespaces, the guest's socket).
-        _pp="$(pgrep -x passt.avx2 || pgrep -x passt)"
+        # (Debian's busybox has pidof, not pgrep.)
+        _pp="$(pidof passt.avx2 passt)"
         [ -z "$_pp" ] || ls -l "/proc/${_pp%% *}/fd/" >"$WORK/passt-fds-running" 2>&1
         _i=0
         while [ $_i -lt 30 ] && ! grep -q hello-from-guest "$_reply" 2>/dev/null; do
@@ -243,7 +244,8 @@ nc -l -p 80 -e echo hello-from-guest </dev/null & sleep 1; echo GUEST-SERVER-UP;
     expect "guest served the published connection" out_has_line "PUBLISH-SERVED"
     expect "no link problem" no_link_problem
     expect "no Rust panic" no_rust_panic
-    expect "passt stopped" sh -c '! pgrep -x passt >/dev/null 2>&1 && ! pgrep -x passt.avx2 >/dev/null 2>&1'
+    # pidof must exist: a missing tool must not read as "no passt".
+    expect "passt stopped" sh -c 'command -v pidof >/dev/null && ! pidof passt passt.avx2 >/dev/null'
 }
 
 case_net_tap_gone() {
