@@ -19,7 +19,7 @@
 #                                        plus twice CASE_TIMEOUT, a Debian case's own
 #                                        timeout, for each one selected)
 #        CAPSULE_L1_RETRIES              nested mode: new L1s for the cases that an L1
-#                                        that hung or died did not report (default 2)
+#                                        that hung or died did not report (default 4)
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
 #        CAPSULE_CACHE                   cache root for kernels and images
 #        CAPSULE_LOG                     capsule's log filter, passed to the cases
@@ -146,7 +146,7 @@ main() {
     else
         # One L1 boot for all cases. If L1 itself fails (hangs, times out or
         # dies without reporting: statuses 124-126), the cases it did not
-        # report are run again in a new L1, up to twice (CAPSULE_L1_RETRIES).
+        # report are run again in a new L1, up to four times (CAPSULE_L1_RETRIES).
         # A full distribution boots for a minute or more in the harness: each
         # Debian case may take its whole timeout (twice CASE_TIMEOUT) on top.
         # durability_kill9 boots 20 guests, about 50 s each in the harness.
@@ -156,7 +156,7 @@ main() {
             [[ "$c" != durability_* ]] || timeout_l1=$((timeout_l1 + 900))
         done
         timeout_l1="${CAPSULE_L1_TIMEOUT:-$timeout_l1}"
-        retries="${CAPSULE_L1_RETRIES:-2}"
+        retries="${CAPSULE_L1_RETRIES:-4}"
         remaining=("${expected[@]}")
         : >"$caselog"
         attempt=0
