@@ -1,6 +1,7 @@
 //! The driver stand-in: rings in guest memory, the device in a real
 //! event loop, real Unix sockets on the host.
 
+use std::io::Write;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -351,6 +352,15 @@ impl<'a> Harness<'a> {
     /// A host listener for guest connections to `port`.
     pub fn listen(&self, port: u32) -> UnixListener {
         UnixListener::bind(host::forward_path(&self.uds, port)).unwrap()
+    }
+
+    /// A host client on the device's socket that has written `line` (a
+    /// `CONNECT <port>\n` request, or anything a client may send).
+    pub fn host_client(&self, line: &[u8]) -> UnixStream {
+        let mut c = UnixStream::connect(&self.uds).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(line).unwrap();
+        c
     }
 
     /// Opens a guest connection from `src` to host port `dst` (whose

@@ -12,7 +12,6 @@ mod resets;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
@@ -79,11 +78,7 @@ fn a_port_without_listener_is_refused_with_a_reset() {
 fn host_clients_connect_with_a_line_and_get_ok_and_a_stream() {
     let mem = guest_memory();
     let mut h = Harness::new(&mem);
-    let mut client = UnixStream::connect(&h.uds).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    client.write_all(b"CONNECT 1234\n").unwrap();
+    let mut client = h.host_client(b"CONNECT 1234\n");
     h.run();
     let got = h.recv_until(op::REQUEST);
     let (req, _) = got.iter().find(|(h, _)| h.op == op::REQUEST).unwrap();
@@ -112,11 +107,7 @@ fn host_clients_connect_with_a_line_and_get_ok_and_a_stream() {
 fn a_refusing_guest_closes_the_host_client_without_ok() {
     let mem = guest_memory();
     let mut h = Harness::new(&mem);
-    let mut client = UnixStream::connect(&h.uds).unwrap();
-    client
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    client.write_all(b"CONNECT 9\n").unwrap();
+    let mut client = h.host_client(b"CONNECT 9\n");
     h.run();
     let got = h.recv_until(op::REQUEST);
     let local = got[0].0.src_port;
@@ -132,9 +123,7 @@ fn bad_connect_lines_are_dropped_and_the_listener_keeps_serving() {
     let mem = guest_memory();
     let mut h = Harness::new(&mem);
     for bad in [&b"HELLO 5\n"[..], b"CONNECT x\n", &[b'9'; 100]] {
-        let mut c = UnixStream::connect(&h.uds).unwrap();
-        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        c.write_all(bad).unwrap();
+        let mut c = h.host_client(bad);
         h.run();
         // Closed with nothing written (a reset if bytes were left unread).
         let mut b = Vec::new();
