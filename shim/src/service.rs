@@ -150,6 +150,11 @@ impl Service {
     }
 }
 
+/// The answer for a request naming a container this shim does not hold.
+fn no_container(id: &str) -> ttrpc::Error {
+    rpc_error(Code::NOT_FOUND, format!("no container {id}"))
+}
+
 fn no_exec(exec_id: &str) -> TtrpcResult<()> {
     if exec_id.is_empty() {
         Ok(())
@@ -304,7 +309,7 @@ impl containerd_shim::Task for Service {
         let c = st
             .containers
             .get_mut(&req.id)
-            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+            .ok_or_else(|| no_container(&req.id))?;
         if c.phase != Phase::Created {
             return Err(rpc_error(
                 Code::FAILED_PRECONDITION,
@@ -341,7 +346,7 @@ impl containerd_shim::Task for Service {
         let c = st
             .containers
             .get(&req.id)
-            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+            .ok_or_else(|| no_container(&req.id))?;
         let mut resp = api::StateResponse::new();
         resp.id = req.id.clone();
         resp.bundle = c.bundle.to_string_lossy().into_owned();
@@ -367,7 +372,7 @@ impl containerd_shim::Task for Service {
         let c = st
             .containers
             .get(&req.id)
-            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+            .ok_or_else(|| no_container(&req.id))?;
         let mut resp = api::PidsResponse::new();
         if c.phase == Phase::Running {
             let mut info = containerd_shim::protos::api::ProcessInfo::new();
@@ -383,7 +388,7 @@ impl containerd_shim::Task for Service {
         let c = st
             .containers
             .get(&req.id)
-            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+            .ok_or_else(|| no_container(&req.id))?;
         if c.phase != Phase::Running {
             return Err(rpc_error(
                 Code::NOT_FOUND,
@@ -422,7 +427,7 @@ impl containerd_shim::Task for Service {
         let c = st
             .containers
             .get(&req.id)
-            .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+            .ok_or_else(|| no_container(&req.id))?;
         if c.phase == Phase::Running {
             return Err(rpc_error(
                 Code::FAILED_PRECONDITION,
@@ -456,7 +461,7 @@ impl containerd_shim::Task for Service {
             let c = st
                 .containers
                 .get(&req.id)
-                .ok_or_else(|| rpc_error(Code::NOT_FOUND, format!("no container {}", req.id)))?;
+                .ok_or_else(|| no_container(&req.id))?;
             if let Some((code, at)) = c.exit {
                 let mut resp = api::WaitResponse::new();
                 resp.exit_status = code;
