@@ -121,7 +121,9 @@ poweroff -f' \
 
 # `capsule exec --share` with a virtiofsd: live, not copied. While the
 # command runs, the host's watcher sees the file it wrote and answers; the
-# command's deletion and rename are on the host afterwards.
+# command's deletion and rename are on the host afterwards. The command
+# writes g.tmp and renames it: a watcher polling for g.txt could otherwise
+# see the file between its creation and its write, and read it empty.
 case_exec_share_live() {
     virtiofs_prereqs || return
     _d="$WORK/exec_share_live.share"
@@ -142,7 +144,7 @@ case_exec_share_live() {
     # The command needs a shell: the root image's (capsule's own init has none).
     # shellcheck disable=SC2046  # word splitting of the fixed prefix is wanted
     run_exec exec_share_live /dev/null $(EXEC_DISK_ARGS) --share "$_d:/s" -w /s \
-        -- sh -c 'echo guest-42 >g.txt; i=0; while [ ! -f ack.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;
+        -- sh -c 'echo guest-42 >g.tmp; mv g.tmp g.txt; i=0; while [ ! -f ack.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done;
                   cat ack.txt; rm del.txt; mv a.txt b.txt'
     kill "$_watcher" 2>/dev/null
     virtiofs_done
