@@ -45,6 +45,10 @@ impl Jail {
         if self.tun {
             self.node(Path::new("/dev/net/tun"), "dev/net/tun")?;
         }
+        if self.user_ns.is_some() {
+            // Everything is the caller's already.
+            return Ok(());
+        }
         let (uid, gid) = (self.args.uid.unwrap_or(0), self.args.gid.unwrap_or(0));
         for d in [
             &self.root,
@@ -59,8 +63,16 @@ impl Jail {
     }
 
     /// A device node in the jail like `host`'s, owned by the jailed user.
+    /// In a user namespace no node can be made: an empty file instead,
+    /// which the jailed process bind-mounts the host's node over.
     fn node(&self, host: &Path, inside: &str) -> Result<(), Error> {
         use std::os::unix::fs::MetadataExt;
+        if self.user_ns.is_some() {
+            let at = self.root.join(inside);
+            return fs::File::create(&at)
+                .map(drop)
+                .map_err(step(format!("create {}", at.display())));
+        }
         let m = fs::metadata(host).map_err(step(format!("stat {}", host.display())))?;
         let at = self.root.join(inside);
         // SAFETY: mknod with a valid path; mode and device copied from a

@@ -4,8 +4,14 @@
 //! mounts, read-only ones read-only) and the `/dev/kvm` and
 //! `/dev/net/tun` nodes; optionally in a network namespace and a cgroup
 //! v2 group with limits; with rlimits, no inherited descriptors but
-//! stdin/stdout/stderr, `no_new_privs`, and the uid/gid dropped. Needs
-//! root (the unprivileged, user-namespace mode is not built yet).
+//! stdin/stdout/stderr, `no_new_privs`, and the uid/gid dropped.
+//!
+//! As root it can run the VM as any uid/gid, in a cgroup and in a
+//! network namespace. Run by another user it is unprivileged: the jail
+//! starts with a user namespace of its own in which the caller keeps its
+//! uid and gid, device nodes are bind-mounted instead of made, and the
+//! jailed capsule ends with no capability at all; cgroups, other uids and
+//! joining a network namespace then need root and are refused.
 //!
 //! The process that was started stays outside as the jail's keeper: it
 //! forwards SIGTERM, SIGINT and SIGHUP, waits, and removes the jail
@@ -21,7 +27,7 @@ mod dir;
 mod identity;
 mod mounts;
 mod options;
-use self::options::{check_limits, parse_rlimit};
+use self::options::{check_limits, check_unprivileged, default_base, parse_rlimit};
 pub use self::options::{parse_cgroup_size, JailArgs};
 
 /// Errors setting up a jail.
@@ -79,6 +85,9 @@ pub struct Jail {
     cgroup: Option<PathBuf>,
     tun: bool,
     kvm: PathBuf,
+    /// Unprivileged: the caller's uid and gid, kept in a user namespace
+    /// of its own.
+    user_ns: Option<(u32, u32)>,
     /// What this jail created (and so may remove): the directory, the
     /// cgroup.
     made: std::cell::Cell<(bool, bool)>,
@@ -106,14 +115,18 @@ impl Jail {
                 "the VM's --id '{id}' must be 1 to 64 letters, digits, '-' or '_' (it names the jail)"
             )));
         }
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(Error::Usage(
-                "needs root (an unprivileged jail is not built yet)".into(),
-            ));
+        // SAFETY: geteuid and getegid have no preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let user_ns = (euid != 0).then_some((euid, egid));
+        if user_ns.is_some() {
+            check_unprivileged(args, euid, egid)?;
         }
         check_limits(args, mem_size)?;
-        let dir = args.chroot_base.join("capsule").join(id);
+        let base = match &args.chroot_base {
+            Some(base) => base.clone(),
+            None => default_base(euid)?,
+        };
+        let dir = base.join("capsule").join(id);
         let root = dir.join("root");
         let mut planned = Vec::new();
         let mut inside = Vec::new();
@@ -146,6 +159,7 @@ impl Jail {
                 cgroup,
                 tun,
                 kvm: kvm.to_path_buf(),
+                user_ns,
                 made: std::cell::Cell::new((false, false)),
             },
             inside,
@@ -180,6 +194,9 @@ impl Jail {
         self.build_dir()?;
         if let Some(cg) = &self.cgroup {
             self.make_cgroup(cg)?;
+        }
+        if let Some((uid, gid)) = self.user_ns {
+            identity::enter_user_namespace(uid, gid)?;
         }
         // SAFETY: unshare has no memory-safety preconditions; the new PID
         // namespace applies to the child forked next.
@@ -255,11 +272,16 @@ impl Jail {
         self.pivot()?;
         self.drop_privileges()?;
         std::env::set_var("TMPDIR", "/tmp");
+        // SAFETY: getuid and getgid have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         log::info!(
-            "jailed in {} (uid {}, gid {})",
+            "jailed in {} (uid {uid}, gid {gid}{})",
             self.root.display(),
-            self.args.uid.unwrap_or(0),
-            self.args.gid.unwrap_or(0)
+            if self.user_ns.is_some() {
+                ", unprivileged: own user namespace, no capabilities"
+            } else {
+                ""
+            }
         );
         Ok(())
     }

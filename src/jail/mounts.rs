@@ -36,13 +36,31 @@ impl Jail {
                 &format!("bind {}", f.host.display()),
             )?;
             if !f.writable {
-                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY;
+                let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept_flags(&at);
                 mount(
                     None,
                     &at,
                     None,
                     flags,
                     &format!("make {} read-only", f.host.display()),
+                )?;
+            }
+        }
+        if self.user_ns.is_some() {
+            // The node files dir.rs left empty: the host's nodes over them
+            // (a user namespace cannot make device nodes, but may open one
+            // bound from a mount that allows devices).
+            let mut nodes = vec![(self.kvm.as_path(), "dev/kvm")];
+            if self.tun {
+                nodes.push((std::path::Path::new("/dev/net/tun"), "dev/net/tun"));
+            }
+            for (host, inside) in nodes {
+                mount(
+                    Some(&cstr(host)),
+                    &cstr(&self.root.join(inside)),
+                    None,
+                    libc::MS_BIND,
+                    &format!("bind {}", host.display()),
                 )?;
             }
         }
@@ -56,7 +74,8 @@ impl Jail {
         )
     }
 
-    /// Makes the jail root `/`, detaches the host's tree, mounts /proc.
+    /// Mounts the jail's /proc, makes the jail root `/`, detaches the
+    /// host's tree.
     pub(super) fn pivot(&self) -> Result<(), Error> {
         // SAFETY: chdir, pivot_root, umount2 and chroot on valid,
         // NUL-terminated paths.
@@ -65,6 +84,11 @@ impl Jail {
                 libc::chdir(cstr(&self.root).as_ptr()),
                 "enter the jail root",
             )?;
+            // /proc first: in a user namespace the kernel lets a new proc
+            // be mounted only while a full one is visible in the mount
+            // namespace, which it no longer is once the old root is gone.
+            let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+            mount(Some(c"proc"), c"proc", Some(c"proc"), flags, "mount /proc")?;
             let pivoted = libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) == 0;
             if pivoted {
                 check(
@@ -91,8 +115,6 @@ impl Jail {
             }
             check(libc::chdir(c"/".as_ptr()), "enter /")?;
         }
-        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        mount(Some(c"proc"), c"/proc", Some(c"proc"), flags, "mount /proc")?;
         let _ = fs::set_permissions("/", fs::Permissions::from_mode(0o700));
         Ok(())
     }
@@ -118,4 +140,27 @@ fn mount(
         )
     };
     check(ret, what)
+}
+
+/// The flags a read-only remount of the bind mount at `at` must keep: in
+/// a user namespace, those of a mount inherited from the host (nosuid,
+/// nodev, noexec, atime) are locked, and a remount that drops one fails.
+fn kept_flags(at: &std::ffi::CStr) -> libc::c_ulong {
+    // SAFETY: statvfs fills a plain struct for a valid path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statvfs(at.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ]
+    .iter()
+    .filter(|(st_flag, _)| st.f_flag & st_flag != 0)
+    .fold(0, |acc, (_, ms)| acc | ms)
 }
