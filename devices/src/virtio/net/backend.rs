@@ -64,6 +64,14 @@ pub trait NetBackend: Send {
     /// Sends one frame, header included.
     fn send(&mut self, frame: &[u8]) -> io::Result<SendStatus>;
 
+    /// Whether frames for the guest are waiting that polling
+    /// [`Self::raw_fd`] would not announce (made by capsule itself, such as
+    /// the metadata service's answers): the device delivers them after
+    /// each transmit run.
+    fn has_local_frames(&self) -> bool {
+        false
+    }
+
     /// Whether output is queued inside the backend (the fd should be polled
     /// for writability and [`Self::flush`] called).
     fn has_pending_output(&self) -> bool {

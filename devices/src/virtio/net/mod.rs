@@ -49,6 +49,7 @@
 
 mod backend;
 mod event_handler;
+pub mod mmds;
 pub mod passt;
 mod rx;
 pub mod stream;
@@ -62,6 +63,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 
+pub use self::mmds::MmdsBackend;
 pub use backend::{is_fatal, NetBackend, SendStatus};
 pub use passt::{Passt, PasstConfig, PasstError};
 pub use stream::StreamBackend;

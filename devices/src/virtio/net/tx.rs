@@ -95,6 +95,11 @@ impl Net {
                 self.common.kick(TX_QUEUE);
             }
         }
+        // Answers the backend made itself (the metadata service's) are
+        // not announced by its fd: deliver them now.
+        if self.backend.has_local_frames() {
+            self.process_rx();
+        }
     }
 }
 
