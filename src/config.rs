@@ -182,7 +182,23 @@ pub struct NetConfig {
     pub rx_limits: Limits,
     /// Limits on what the guest sends.
     pub tx_limits: Limits,
+    /// The metadata service this device answers for (`PUT /mmds/config`).
+    pub mmds: Option<SharedMmds>,
 }
+
+/// The metadata service's store, shared by the API (which changes it)
+/// and the network devices that answer the guest from it. Two are equal
+/// when they are the same store.
+#[derive(Debug, Clone, Default)]
+pub struct SharedMmds(pub std::sync::Arc<std::sync::Mutex<mmds::Mmds>>);
+
+impl PartialEq for SharedMmds {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedMmds {}
 
 /// The MAC address of network device `index` when none is given: a locally
 /// administered unicast address, `02:ca:75:00:HH:LL` with the index in the
@@ -316,6 +332,7 @@ impl std::str::FromStr for NetConfig {
             mac,
             rx_limits: Limits::default(),
             tx_limits: Limits::default(),
+            mmds: None,
         })
     }
 }
@@ -515,6 +532,7 @@ mod tests {
                 mac: None,
                 rx_limits: Limits::default(),
                 tx_limits: Limits::default(),
+                mmds: None,
             }
         );
         let n: NetConfig = "tap=t1,mac=02:00:00:00:00:aB".parse().unwrap();

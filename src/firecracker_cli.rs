@@ -92,7 +92,11 @@ const OPTIONS: &[(&str, bool, &str)] = &[
         "Log level: Off, Error, Warning, Info, Debug, Trace",
     ),
     ("log-path", true, "File or named pipe for the log"),
-    ("metadata", true, "Not supported (capsule has no MMDS)"),
+    (
+        "metadata",
+        true,
+        "JSON file whose contents become the MMDS data",
+    ),
     (
         "metrics-path",
         true,
@@ -333,17 +337,11 @@ pub fn plan(a: &FcArgs) -> Result<Plan, Refusal> {
             "'http-api-max-payload-size' must be at least 1 byte.".to_string(),
         ));
     }
-    a.number::<usize>("mmds-size-limit", "usize")?;
+    let mmds_limit = a.number::<usize>("mmds-size-limit", "usize")?;
     for t in ["start-time-us", "start-time-cpu-us", "parent-cpu-time-us"] {
         if let Some(v) = a.number::<u64>(t, "u64")? {
             log::debug!("--{t} {v}");
         }
-    }
-    if a.value("metadata").is_some() {
-        return Err(Refusal {
-            status: status::GENERIC,
-            message: "--metadata: capsule has no MMDS (metadata service)".to_string(),
-        });
     }
     let level = a.value("level");
     if let Some(l) = level {
@@ -377,6 +375,18 @@ pub fn plan(a: &FcArgs) -> Result<Plan, Refusal> {
             emit_id: None,
             properties: None,
         }));
+    }
+    if let Some(limit) = mmds_limit {
+        setup.push(VmmAction::SetMmdsSizeLimit(limit));
+    }
+    if let Some(p) = a.value("metadata") {
+        let refuse = |why: String| Refusal {
+            status: status::GENERIC,
+            message: format!("--metadata {p}: {why}"),
+        };
+        let text = std::fs::read_to_string(p).map_err(|e| refuse(e.to_string()))?;
+        let data = serde_json::from_str(&text).map_err(|e| refuse(e.to_string()))?;
+        setup.push(VmmAction::PutMmds(data));
     }
     let seccomp = match (a.flag("no-seccomp"), a.value("seccomp-filter")) {
         (true, Some(_)) => {

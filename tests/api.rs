@@ -326,3 +326,55 @@ fn slow_half_closed_and_keep_alive_clients() {
     let err = vmm.stderr();
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// The metadata service's API with Firecracker's routes and statuses:
+/// `PUT`/`PATCH`/`GET /mmds` (merge patch, the size limit), `PUT
+/// /mmds/config` refused for an interface that does not exist or a
+/// non-link-local address, accepted for one that does, and reported by
+/// `GET /vm/config`.
+#[test]
+fn mmds_data_and_config() {
+    let vmm = Vmm::start("mmds");
+    assert_eq!(vmm.req("GET", "/mmds", None), (200, "null".to_string()));
+    let (code, body) = vmm.req("PATCH", "/mmds", Some(r#"{"a": 1}"#));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("PUT /mmds before PATCH"), "{body}");
+    let put = r#"{"latest": {"meta-data": {"instance-id": "i-1", "drop": "x"}}}"#;
+    assert_eq!(vmm.req("PUT", "/mmds", Some(put)).0, 204);
+    let patch = r#"{"latest": {"meta-data": {"hostname": "h", "drop": null}}}"#;
+    assert_eq!(vmm.req("PATCH", "/mmds", Some(patch)).0, 204);
+    let (code, body) = vmm.req("GET", "/mmds", None);
+    assert_eq!(code, 200);
+    assert_eq!(
+        json(&body),
+        serde_json::json!({"latest": {"meta-data": {"instance-id": "i-1", "hostname": "h"}}})
+    );
+    // The store's limit (51200 bytes, as the request's): two halves that
+    // fit one by one do not fit together.
+    let half = |k: &str| format!(r#"{{"{k}": "{}"}}"#, "x".repeat(30_000));
+    assert_eq!(vmm.req("PATCH", "/mmds", Some(&half("k1"))).0, 204);
+    let (code, body) = vmm.req("PATCH", "/mmds", Some(&half("k2")));
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("over its limit"), "{body}");
+    assert_eq!(vmm.req("PATCH", "/mmds", Some(r#"{"k1": null}"#)).0, 204);
+    let (code, body) = vmm.req(
+        "PUT",
+        "/mmds/config",
+        Some(r#"{"network_interfaces": ["eth0"]}"#),
+    );
+    assert_eq!(code, 400);
+    assert!(body.contains("'eth0': it does not exist"), "{body}");
+    let nic = r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#;
+    assert_eq!(vmm.req("PUT", "/network-interfaces/eth0", Some(nic)).0, 204);
+    let bad_ip = r#"{"network_interfaces": ["eth0"], "ipv4_address": "10.0.0.1"}"#;
+    assert_eq!(vmm.req("PUT", "/mmds/config", Some(bad_ip)).0, 400);
+    let ok =
+        r#"{"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}"#;
+    assert_eq!(vmm.req("PUT", "/mmds/config", Some(ok)).0, 204);
+    let (_, body) = vmm.req("GET", "/vm/config", None);
+    assert_eq!(
+        json(&body)["mmds-config"],
+        serde_json::json!({"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"})
+    );
+    assert_eq!(vmm.req("DELETE", "/mmds", None).0, 400);
+}

@@ -49,7 +49,9 @@ pub enum Version {
 #[derive(Debug)]
 pub struct Mmds {
     data: Option<Value>,
-    size_limit: usize,
+    /// The largest data, in bytes of its JSON text (checked at the next
+    /// change).
+    pub size_limit: usize,
     /// V1 or V2.
     pub version: Version,
     /// The guest-facing address.

@@ -56,6 +56,16 @@ pub enum VmmAction {
     PatchDrive(PartialDrive),
     /// `PATCH /network-interfaces/{id}`.
     PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /mmds`.
+    PutMmds(serde_json::Value),
+    /// `PATCH /mmds`.
+    PatchMmds(serde_json::Value),
+    /// `GET /mmds`.
+    GetMmds,
+    /// `PUT /mmds/config`.
+    PutMmdsConfig(super::mmds::MmdsConfig),
+    /// `--mmds-size-limit` (no HTTP route).
+    SetMmdsSizeLimit(usize),
 }
 
 /// What an action that succeeded returns.
@@ -71,6 +81,8 @@ pub enum VmmData {
     MachineConfig(MachineConfig),
     /// `GET /vm/config`.
     VmConfig(Box<FullVmConfig>),
+    /// `GET /mmds`.
+    Mmds(serde_json::Value),
 }
 
 /// Why the VMM refused or failed an action. The message is what an API
@@ -93,6 +105,9 @@ pub enum VmmActionError {
     /// An invalid `PUT /vsock` (the CID's range).
     #[error(transparent)]
     Vsock(#[from] crate::config::BadCid),
+    /// A refused metadata service request.
+    #[error("{0}")]
+    Mmds(String),
     /// `vcpu_count` out of range.
     #[error("vcpu_count must be between 1 and {max}, not {got}")]
     VcpuCount {

@@ -104,7 +104,8 @@ impl Controller {
                     .map(VmmAction::PutNetworkInterface),
             )
             .chain(c.vsock.map(VmmAction::PutVsock))
-            .chain(c.entropy.map(VmmAction::PutEntropy));
+            .chain(c.entropy.map(VmmAction::PutEntropy))
+            .chain(c.mmds_config.map(VmmAction::PutMmdsConfig));
         for action in actions {
             self.handle(action, None)?;
         }
@@ -210,6 +211,12 @@ impl Controller {
             VmmAction::LoadSnapshot(p) => self.load_snapshot(&p),
             VmmAction::PatchDrive(p) => self.patch_drive(vmm, p),
             VmmAction::PatchNetworkInterface(p) => self.patch_net(vmm, p),
+            // The data may change at any time; the guest reads it live.
+            VmmAction::PutMmds(v) => super::mmds::put(&self.resources.mmds, v),
+            VmmAction::PatchMmds(v) => super::mmds::patch(&self.resources.mmds, &v),
+            VmmAction::GetMmds => super::mmds::get(&self.resources.mmds),
+            VmmAction::PutMmdsConfig(c) => self.configure(|r| r.set_mmds_config(c)),
+            VmmAction::SetMmdsSizeLimit(n) => super::mmds::set_size_limit(&self.resources.mmds, n),
         }
     }
 

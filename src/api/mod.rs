@@ -11,6 +11,7 @@ pub mod action;
 pub mod controller;
 pub mod http;
 pub mod metrics;
+pub mod mmds;
 pub mod resources;
 pub mod server;
 pub mod snapshot;

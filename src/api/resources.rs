@@ -30,6 +30,10 @@ pub struct VmResources {
     pub(super) serial: Option<SerialDevice>,
     pub(super) metrics: Option<Metrics>,
     entropy: Option<EntropyDevice>,
+    /// The metadata service's store (its data may change while the VM
+    /// runs) and settings.
+    pub(super) mmds: config::SharedMmds,
+    mmds_config: Option<super::mmds::MmdsConfig>,
     kvm_path: PathBuf,
     direct: Option<VmConfig>,
 }
@@ -54,6 +58,8 @@ impl VmResources {
             serial: None,
             metrics: None,
             entropy: None,
+            mmds: config::SharedMmds::default(),
+            mmds_config: None,
             kvm_path,
             direct: None,
         }
@@ -71,6 +77,7 @@ impl VmResources {
             serial: self.serial.clone(),
             metrics: self.metrics.clone(),
             entropy: self.entropy.clone(),
+            mmds_config: self.mmds_config.clone(),
             ..FullVmConfig::default()
         }
     }
@@ -104,6 +111,13 @@ impl VmResources {
     /// `PUT /entropy`: the VM gets a virtio-rng device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<()> {
         self.entropy = Some(e);
+        Ok(())
+    }
+
+    /// `PUT /mmds/config`: the interfaces named must exist already.
+    pub fn set_mmds_config(&mut self, c: super::mmds::MmdsConfig) -> Result<()> {
+        super::mmds::configure(&self.mmds, &c, &self.iface_ids())?;
+        self.mmds_config = Some(c);
         Ok(())
     }
 
@@ -297,6 +311,11 @@ impl VmResources {
                         })?,
                         rx_limits: n.rx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
                         tx_limits: n.tx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
+                        mmds: self
+                            .mmds_config
+                            .as_ref()
+                            .filter(|c| c.network_interfaces.contains(&n.iface_id))
+                            .map(|_| self.mmds.clone()),
                     })
                 })
                 .collect::<Result<_>>()?,

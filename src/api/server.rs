@@ -153,6 +153,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
         }
         ("PUT", ["metrics"]) => Request::PutMetrics(from_body(body).map_err(bad)?),
         ("PUT", ["entropy"]) => Request::PutEntropy(from_body(body).map_err(bad)?),
+        ("PUT", ["mmds"]) => Request::PutMmds(from_body(body).map_err(bad)?),
+        ("PATCH", ["mmds"]) => Request::PatchMmds(from_body(body).map_err(bad)?),
+        ("GET", ["mmds"]) => no_body(Request::GetMmds)?,
+        ("PUT", ["mmds", "config"]) => Request::PutMmdsConfig(from_body(body).map_err(bad)?),
         ("PUT", ["cpu-config"]) => {
             // Checked as JSON, then refused as a whole.
             let _: serde_json::Value = from_body(body).map_err(bad)?;
@@ -174,6 +178,8 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             | ["serial"]
             | ["metrics"]
             | ["entropy"]
+            | ["mmds"]
+            | ["mmds", "config"]
             | ["cpu-config"],
         ) => {
             return Err(Response::fault(
@@ -392,6 +398,7 @@ pub fn response(reply: Reply) -> Response {
         Ok(VmmData::Version(v)) => json(&v),
         Ok(VmmData::MachineConfig(m)) => json(&m),
         Ok(VmmData::VmConfig(c)) => json(&c),
+        Ok(VmmData::Mmds(v)) => json(&v),
         Err(e) => Response::fault(400, e.to_string()),
     }
 }

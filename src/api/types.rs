@@ -378,9 +378,9 @@ pub struct FullVmConfig {
     /// See `balloon`.
     #[serde(rename = "memory-hotplug", default, skip_serializing)]
     pub memory_hotplug: Option<Value>,
-    /// See `balloon`.
-    #[serde(rename = "mmds-config", default, skip_serializing)]
-    pub mmds_config: Option<Value>,
+    /// The metadata service's settings.
+    #[serde(rename = "mmds-config", default, skip_serializing_if = "is_none")]
+    pub mmds_config: Option<super::mmds::MmdsConfig>,
     /// See `balloon`.
     #[serde(default, skip_serializing)]
     pub pmem: Option<Value>,
@@ -401,7 +401,6 @@ impl FullVmConfig {
             ("balloon", &self.balloon),
             ("cpu-config", &self.cpu_config),
             ("memory-hotplug", &self.memory_hotplug),
-            ("mmds-config", &self.mmds_config),
             ("pmem", &self.pmem),
         ] {
             if present(o) {

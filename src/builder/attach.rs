@@ -191,7 +191,7 @@ fn rate_limiter(
 /// Creates network device `index` with its backend: opens the TAP device
 /// or starts passt.
 fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
-    let backend: Box<dyn NetBackend> = match &nic.backend {
+    let mut backend: Box<dyn NetBackend> = match &nic.backend {
         NetBackendConfig::Tap { name } => Box::new(Tap::open(name)?),
         NetBackendConfig::User { publish } => Box::new(Passt::spawn(&PasstConfig {
             binary: net::passt::default_passt_binary(),
@@ -199,6 +199,9 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
             debug: log::log_enabled!(log::Level::Debug),
         })?),
     };
+    if let Some(store) = &nic.mmds {
+        backend = Box::new(net::MmdsBackend::new(backend, store.0.clone()));
+    }
     log::info!(
         "network device {index}: {} with MAC {}",
         backend.describe(),

@@ -202,6 +202,7 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
                 mac: None,
                 rx_limits: Default::default(),
                 tx_limits: Default::default(),
+                mmds: None,
             })
             .collect(),
     };
