@@ -31,6 +31,9 @@ pub enum Error {
     /// `PATCH` before any `PUT`.
     #[error("the MMDS data store is empty: PUT /mmds before PATCH")]
     NotInitialized,
+    /// Data or a patch that is not a JSON object.
+    #[error("the MMDS data must be a JSON object")]
+    NotAnObject,
 }
 
 /// Which requests the guest must make: V1 answers any `GET`; V2 answers
@@ -82,13 +85,18 @@ impl Mmds {
         }
     }
 
-    /// The data (`null` before the first `PUT`).
+    /// The data (an empty object before the first `PUT`).
     pub fn data(&self) -> Value {
-        self.data.clone().unwrap_or(Value::Null)
+        self.data
+            .clone()
+            .unwrap_or_else(|| Value::Object(serde_json::Map::new()))
     }
 
-    /// Replaces the data.
+    /// Replaces the data, which must be an object.
     pub fn put(&mut self, data: Value) -> Result<(), Error> {
+        if !data.is_object() {
+            return Err(Error::NotAnObject);
+        }
         self.check_size(&data)?;
         self.data = Some(data);
         Ok(())
@@ -97,6 +105,9 @@ impl Mmds {
     /// Merges `patch` into the data as RFC 7396 says (objects merge key by
     /// key, `null` removes a key, anything else replaces).
     pub fn patch(&mut self, patch: &Value) -> Result<(), Error> {
+        if !patch.is_object() {
+            return Err(Error::NotAnObject);
+        }
         let mut data = self.data.clone().ok_or(Error::NotInitialized)?;
         merge(&mut data, patch);
         self.check_size(&data)?;
@@ -190,6 +201,9 @@ mod tests {
     fn put_patch_and_lookup() {
         let mut m = Mmds::default();
         assert_eq!(m.patch(&json!({"a": 1})), Err(Error::NotInitialized));
+        assert_eq!(m.data(), json!({}));
+        assert_eq!(m.put(json!(false)), Err(Error::NotAnObject));
+        assert_eq!(m.put(json!([1])), Err(Error::NotAnObject));
         m.put(json!({"latest": {"meta-data": {"ami-id": "ami-1", "tags": ["x", "y"]}}}))
             .unwrap();
         m.patch(&json!({"latest": {"meta-data": {"hostname": "h", "ami-id": null}}}))
@@ -200,6 +214,7 @@ mod tests {
         assert_eq!(m.lookup("/latest/meta-data/tags/9"), None);
         assert_eq!(m.lookup("/latest/meta-data/hostname/deeper"), None);
         assert_eq!(m.lookup("/").unwrap(), &m.data());
+        assert_eq!(m.patch(&json!("x")), Err(Error::NotAnObject));
     }
 
     #[test]

@@ -298,7 +298,10 @@ impl Response {
                     b.len()
                 );
             }
-            None if self.status == 204 => s.push_str("\r\n"),
+            // No body, but the media type every answer of the API has
+            // (Firecracker's spec declares application/json for all of
+            // them, and schema checkers hold a 204 to it).
+            None if self.status == 204 => s.push_str("Content-Type: application/json\r\n\r\n"),
             None => s.push_str("Content-Length: 0\r\n\r\n"),
         }
         s.into_bytes()
@@ -420,6 +423,9 @@ mod tests {
         assert!(text.contains("Connection: close\r\n"));
         assert!(text.ends_with(r#"{"fault_message":"bad \"thing\""}"#));
         let text = String::from_utf8(Response::no_content().to_bytes(false)).unwrap();
-        assert_eq!(text, "HTTP/1.1 204 No Content\r\nServer: capsule\r\n\r\n");
+        assert_eq!(
+            text,
+            "HTTP/1.1 204 No Content\r\nServer: capsule\r\nContent-Type: application/json\r\n\r\n"
+        );
     }
 }
