@@ -56,6 +56,16 @@ pub enum VmmAction {
     PatchDrive(PartialDrive),
     /// `PATCH /network-interfaces/{id}`.
     PatchNetworkInterface(PartialNetworkInterface),
+    /// `PUT /balloon`.
+    PutBalloon(super::balloon::Balloon),
+    /// `PATCH /balloon`.
+    PatchBalloon(super::balloon::BalloonUpdate),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `PATCH /balloon/statistics`.
+    PatchBalloonStats(super::balloon::BalloonStatsUpdate),
+    /// `GET /balloon/statistics`.
+    GetBalloonStats,
 }
 
 /// What an action that succeeded returns.
@@ -71,6 +81,10 @@ pub enum VmmData {
     MachineConfig(MachineConfig),
     /// `GET /vm/config`.
     VmConfig(Box<FullVmConfig>),
+    /// `GET /balloon`.
+    Balloon(super::balloon::Balloon),
+    /// `GET /balloon/statistics`.
+    BalloonStats(super::balloon::BalloonStats),
 }
 
 /// Why the VMM refused or failed an action. The message is what an API
@@ -182,6 +196,9 @@ pub enum VmmActionError {
     /// Pausing or resuming failed.
     #[error(transparent)]
     Pause(#[from] PauseError),
+    /// A balloon request was refused.
+    #[error(transparent)]
+    Balloon(#[from] super::balloon::Error),
     /// Creating or loading a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::Error),

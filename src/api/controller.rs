@@ -104,7 +104,8 @@ impl Controller {
                     .map(VmmAction::PutNetworkInterface),
             )
             .chain(c.vsock.map(VmmAction::PutVsock))
-            .chain(c.entropy.map(VmmAction::PutEntropy));
+            .chain(c.entropy.map(VmmAction::PutEntropy))
+            .chain(c.balloon.map(VmmAction::PutBalloon));
         for action in actions {
             self.handle(action, None)?;
         }
@@ -210,6 +211,13 @@ impl Controller {
             VmmAction::LoadSnapshot(p) => self.load_snapshot(&p),
             VmmAction::PatchDrive(p) => self.patch_drive(vmm, p),
             VmmAction::PatchNetworkInterface(p) => self.patch_net(vmm, p),
+            VmmAction::PutBalloon(b) => self.configure(|r| r.set_balloon(b)),
+            a @ (VmmAction::GetBalloon
+            | VmmAction::PatchBalloon(_)
+            | VmmAction::GetBalloonStats
+            | VmmAction::PatchBalloonStats(_)) => {
+                super::balloon::handle(a, &mut self.resources, vmm)
+            }
         }
     }
 
@@ -590,10 +598,10 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("network interface eth0: MAC address"));
-        let config: FullVmConfig = serde_json::from_str(r#"{"balloon": {}}"#).unwrap();
+        let config: FullVmConfig = serde_json::from_str(r#"{"mmds-config": {}}"#).unwrap();
         assert_eq!(
             c.apply_config(config).unwrap_err().to_string(),
-            "capsule does not support: balloon"
+            "capsule does not support: mmds-config"
         );
     }
 }

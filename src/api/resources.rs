@@ -30,6 +30,7 @@ pub struct VmResources {
     pub(super) serial: Option<SerialDevice>,
     pub(super) metrics: Option<Metrics>,
     entropy: Option<EntropyDevice>,
+    pub(super) balloon: Option<super::balloon::Balloon>,
     kvm_path: PathBuf,
     direct: Option<VmConfig>,
 }
@@ -54,6 +55,7 @@ impl VmResources {
             serial: None,
             metrics: None,
             entropy: None,
+            balloon: None,
             kvm_path,
             direct: None,
         }
@@ -71,6 +73,7 @@ impl VmResources {
             serial: self.serial.clone(),
             metrics: self.metrics.clone(),
             entropy: self.entropy.clone(),
+            balloon: self.balloon,
             ..FullVmConfig::default()
         }
     }
@@ -104,6 +107,14 @@ impl VmResources {
     /// `PUT /entropy`: the VM gets a virtio-rng device.
     pub fn set_entropy(&mut self, e: EntropyDevice) -> Result<()> {
         self.entropy = Some(e);
+        Ok(())
+    }
+
+    /// `PUT /balloon`: the VM gets a virtio-balloon device (a second
+    /// `PUT` replaces the first).
+    pub fn set_balloon(&mut self, b: super::balloon::Balloon) -> Result<()> {
+        super::balloon::validate(&b, self.machine.mem_size_mib)?;
+        self.balloon = Some(b);
         Ok(())
     }
 
@@ -220,6 +231,7 @@ impl VmResources {
             boot_args: Some(config.cmdline.clone()),
             initrd_path: config.initrd.as_ref().map(|p| p.display().to_string()),
         });
+        self.balloon = config.balloon.map(super::balloon::Balloon::from_device);
         self.direct = Some(config);
     }
 
@@ -303,6 +315,7 @@ impl VmResources {
             vsock: self.vsock.as_ref().map(vsock_config).transpose()?,
             fs: Vec::new(),
             entropy,
+            balloon: self.balloon.map(|b| b.device_config()),
         })
     }
 }
