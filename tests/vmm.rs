@@ -261,9 +261,9 @@ fn config_file_goes_through_the_api_actions() {
     let cases: &[(&str, String, i32, &str)] = &[
         (
             "section",
-            format!(r#"{{{boot}, "balloon": {{"amount_mib": 1}}}}"#),
+            format!(r#"{{{boot}, "mmds-config": {{"network_interfaces": ["eth0"]}}}}"#),
             1,
-            "capsule: error: capsule does not support: balloon\n",
+            "capsule: error: capsule does not support: mmds-config\n",
         ),
         (
             "value",

@@ -467,7 +467,10 @@ mod tests {
             Ok(Request::PatchBalloonStats(u)) if u.stats_polling_interval_s == 3
         ));
         let hinting = route("PATCH", "/balloon/hinting/start", b"{}").unwrap_err();
-        assert!(hinting.body.unwrap_or_default().contains("hinting is not supported"));
+        assert!(hinting
+            .body
+            .unwrap_or_default()
+            .contains("hinting is not supported"));
         assert!(matches!(route("DELETE", "/balloon", b""), Err(r) if r.status == 400));
         assert!(matches!(route("GET", "/version", b"x"), Err(r) if r.status == 400));
         assert!(matches!(route("PATCH", "/vm", b"[]"), Err(r) if r.status == 400));
