@@ -442,12 +442,10 @@ impl VirtioDevice for Balloon {
         self.space[at..at + data.len()].copy_from_slice(data);
     }
 
-    fn activated(&mut self) {
-        self.arm_stats_timer();
-    }
-
+    /// (The statistics timer is left running: with no activation or no
+    /// buffer held, its ticks do nothing, and the next activation re-arms
+    /// it. The vCPU thread that resets the device may not touch timers.)
     fn reset_device(&mut self) -> bool {
-        let _ = self.stats_timer.clear();
         self.stats_head = None;
         self.space[4..].fill(0);
         true
@@ -468,6 +466,9 @@ impl MutEventSubscriber for Balloon {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match self.common.event(&events, ops) {
+            // Armed on the event-loop thread (activation itself runs on a
+            // vCPU thread, whose seccomp filter has no timer calls).
+            DeviceEvent::Activated => self.arm_stats_timer(),
             DeviceEvent::Queue(index) => self.queue_event(index),
             DeviceEvent::Device {
                 tag: STATS_TIMER_TAG,
