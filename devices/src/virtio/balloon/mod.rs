@@ -38,6 +38,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::{DeviceEvent, VirtioCommon, VirtioDevice};
+use crate::metrics::BALLOON;
 
 pub mod release;
 pub mod stats;
@@ -307,8 +308,10 @@ impl Balloon {
             }
             if index == INFLATE {
                 self.counters.inflated_pages += pages;
+                BALLOON.inflate_count.inc();
             } else {
                 self.counters.deflated_pages += pages;
+                BALLOON.deflate_count.inc();
             }
             if let Err(e) = active.queues[index].add_used(&mem, head, 0) {
                 crate::warn_ratelimited!("virtio-balloon: cannot return descriptor {head}: {e}");
@@ -323,6 +326,7 @@ impl Balloon {
         } else {
             "deflate"
         };
+        BALLOON.event_fails.add(errors.len() as u64);
         errors.iter().for_each(|e| self.error(what, e));
     }
 
@@ -342,6 +346,7 @@ impl Balloon {
             errors.extend(bad);
             self.stats = stats;
             self.counters.stats_updates += 1;
+            BALLOON.stats_updates_count.inc();
             if let Some(old) = self.stats_head.replace(head) {
                 if let Err(e) = active.queues[index].add_used(&mem, old, 0) {
                     crate::warn_ratelimited!("virtio-balloon: cannot return descriptor {old}: {e}");
@@ -352,6 +357,7 @@ impl Balloon {
         if returned {
             active.signal_used_queue(index);
         }
+        BALLOON.stats_update_fails.add(errors.len() as u64);
         errors.iter().for_each(|e| self.error("statistics", e));
     }
 
@@ -389,8 +395,12 @@ impl Balloon {
                     len: u64::from(d.len()),
                 };
                 self.counters.reported_ranges += 1;
+                BALLOON.free_page_report_count.inc();
                 match release::release(&mem, range) {
-                    Ok(()) => self.counters.released_bytes += range.len,
+                    Ok(()) => {
+                        self.counters.released_bytes += range.len;
+                        BALLOON.free_page_report_freed.add(range.len);
+                    }
                     Err(e) => errors.push(e),
                 }
             }
@@ -402,6 +412,7 @@ impl Balloon {
         if returned {
             active.signal_used_queue(index);
         }
+        BALLOON.free_page_report_fails.add(errors.len() as u64);
         errors
             .iter()
             .for_each(|e| self.error("free page report", e));

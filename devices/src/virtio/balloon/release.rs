@@ -36,20 +36,13 @@ pub fn release(mem: &GuestMemoryMmap, range: PageRange) -> Result<(), BalloonErr
     if len == 0 {
         return Ok(());
     }
-    if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-        return Err(BalloonError::Unaligned { addr, len });
-    }
-    let outside = BalloonError::OutsideMemory { addr, len };
-    let Some(region) = mem.find_region(GuestAddress(addr)) else {
-        return Err(outside);
-    };
+    check(mem, range)?;
+    let outside = || BalloonError::OutsideMemory { addr, len };
+    let region = mem.find_region(GuestAddress(addr)).ok_or_else(outside)?;
     let offset = addr - region.start_addr().0;
-    if offset.checked_add(len).is_none_or(|end| end > region.len()) {
-        return Err(outside);
-    }
     let host = region
         .get_host_address(MemoryRegionAddress(offset))
-        .map_err(|_| outside)?;
+        .map_err(|_| outside())?;
     let (offset_us, len_us) = (crate::usize_from(offset), crate::usize_from(len));
     // The pages change (to zeros): a Diff snapshot must carry them.
     region.bitmap().mark_dirty(offset_us, len_us);
@@ -105,7 +98,7 @@ pub fn read_pfns(
             return (to_pfns(&bytes), Some(BalloonError::WriteOnly));
         }
         let len = d.len() as usize;
-        if len % 4 != 0 {
+        if !len.is_multiple_of(4) {
             return (to_pfns(&bytes), Some(BalloonError::Length(d.len())));
         }
         if bytes.len() + len > MAX_PFN_BYTES {

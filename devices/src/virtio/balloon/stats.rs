@@ -108,7 +108,7 @@ pub fn read_stats(
             return (stats, Some(BalloonError::WriteOnly));
         }
         let len = d.len() as usize;
-        if len % ENTRY_BYTES != 0 {
+        if !len.is_multiple_of(ENTRY_BYTES) {
             return (stats, Some(BalloonError::Length(d.len())));
         }
         let count = len / ENTRY_BYTES;
