@@ -10,9 +10,11 @@
 #   (the contrast); PATCH /balloon amount_mib=300 inflates the balloon:
 #   the guest's MemTotal shrinks by it, capsule's RSS drops, and
 #   amount_mib=0 gives the guest its memory back.
+# balloon_oom: with deflate_on_oom, a guest whose memory is mostly in the
+#   balloon takes pages back when it needs them instead of killing.
 # Sourced by tests/boot/cases.sh; POSIX sh for busybox ash in L1.
 
-ALL_CASES="$ALL_CASES balloon_reporting balloon_inflate"
+ALL_CASES="$ALL_CASES balloon_reporting balloon_inflate balloon_oom"
 
 # What the guest writes and frees, MiB.
 BALLOON_FILL_MIB=300
@@ -182,5 +184,31 @@ case_balloon_inflate() {
         [ $((_total0 - _total1)) -eq $((BALLOON_FILL_MIB * 1024)) ]
     expect "the balloon deflated" [ "$_deflated" = 0 ]
     expect "MemTotal is back after deflating" [ "$_total2" = "$_total0" ]
+    expect "no Rust panic" no_rust_panic
+}
+
+no_oom_kill() { ! out_has "Killed process"; }
+
+case_balloon_oom() {
+    balloon_start balloon_oom deflate_on_oom=on,stats_interval_s=1
+    _patch=$(bapi PATCH /balloon '{"amount_mib": 400}')
+    balloon_wait_actual 400 120
+    _inflated=$?
+    guest_do "grep MemFree /proc/meminfo | tr -s ' ' | cut -d' ' -f2 | sed 's/^/memfree=/'" free0
+    _free0=$(guest_value memfree)
+    # More than is free: only pages taken back from the balloon make room.
+    guest_do "mkdir -p /b && mount -t tmpfs -o size=400m b /b && dd if=/dev/zero of=/b/f bs=1M count=150 2>/dev/null; echo dd=\$?" wrote 300
+    _dd=$(guest_value dd)
+    bapi GET /balloon/statistics >/dev/null
+    _actual=$(body_num actual_mib)
+    echo "balloon_oom: balloon inflated to 400 MiB of 512 (guest MemFree ${_free0} kB), then the guest wrote 150 MiB (dd status ${_dd}); the balloon holds ${_actual} MiB"
+    balloon_end
+    expect "exit status 0" rc_is 0
+    expect "PATCH /balloon 204" [ "$_patch" = 204 ]
+    expect "the balloon inflated to 400 MiB" [ "$_inflated" = 0 ]
+    expect "less than 150 MiB was free after inflating" [ "${_free0:-0}" -lt $((150 * 1024)) ]
+    expect "the guest wrote its 150 MiB" [ "$_dd" = 0 ]
+    expect "the guest took pages back from the balloon" [ "${_actual:-400}" -lt 400 ]
+    expect "no OOM kill" no_oom_kill
     expect "no Rust panic" no_rust_panic
 }
