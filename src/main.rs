@@ -259,7 +259,7 @@ struct RunArgs {
     /// statistics every N seconds; 0: none). Changed while running with
     /// `PATCH /balloon`.
     #[arg(long, value_name = "amount_mib=N,deflate_on_oom=on,free_page_reporting=on,stats_interval_s=N",
-          value_parser = capsule::balloon::parse_option)]
+          value_parser = capsule::balloon::parse_option, conflicts_with = "restore")]
     balloon: Option<devices::virtio::balloon::BalloonConfig>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
