@@ -238,3 +238,56 @@ fn balloon_from_the_command_line() {
         "{err}"
     );
 }
+
+/// The config file's `balloon` section makes the device (the same action
+/// as `PUT /balloon`), and its errors are the action's.
+#[test]
+fn balloon_from_the_config_file() {
+    let kernel = tmp("balloon-cfg.elf");
+    std::fs::write(&kernel, ctrl_alt_del_guest()).unwrap();
+    let config = tmp("balloon-cfg.json");
+    let write = |balloon: &str| {
+        let body = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}},
+                "balloon": {balloon}}}"#,
+            kernel.display()
+        );
+        std::fs::write(&config, body).unwrap();
+    };
+    write(r#"{"amount_mib": 3, "deflate_on_oom": false, "free_page_reporting": true}"#);
+    let c = config.to_str().unwrap();
+    let mut vmm = Vmm::start_with("balloon-cfg", &["--config-file", c]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while json(&vmm.req("GET", "/", None).1)["state"] != "Running" {
+        assert!(Instant::now() < deadline, "never running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let b = json(&vmm.req("GET", "/balloon", None).1);
+    assert_eq!(b["amount_mib"], 3);
+    assert_eq!(b["free_page_reporting"], true);
+    assert_eq!(
+        json(&vmm.req("GET", "/vm/config", None).1)["balloon"]["amount_mib"],
+        3
+    );
+    let cad = r#"{"action_type": "SendCtrlAltDel"}"#;
+    assert_eq!(vmm.req("PUT", "/actions", Some(cad)).0, 204);
+    assert_eq!(
+        vmm.wait_exit(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        vmm.stderr()
+    );
+
+    write(r#"{"amount_mib": 65, "deflate_on_oom": false}"#);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capsule"))
+        .args(["run", "--no-api", "--config-file", c])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        "capsule: error: balloon amount_mib 65 is more than the guest's 64 MiB of memory\n"
+    );
+}
