@@ -169,6 +169,28 @@ def console_seeds():
     write(t, "rx-split-input", device_input(0, 3, b"\0" + b"abcdefghij" * 3, m))
 
 
+def balloon_seeds():
+    t = "virtio_balloon"
+    m = Mem()
+    m.put(0x8000, b"\xaa" * 0x1000)
+    # Inflate: pages 8 and 9 (0x8000, 0x9000), a PFN past memory.
+    m.put(0x2000, struct.pack("<III", 8, 9, 0xffffffff))
+    m.chain(0, 0, [(0x2000, 12, 0)])
+    m.avail(0, [0])
+    write(t, "inflate", device_input(0, 1, b"\x10", m))
+    # Statistics: free and total memory.
+    m = Mem()
+    m.put(0x2000, struct.pack("<HQHQ", 4, 1 << 20, 5, 1 << 24))
+    m.chain(2, 0, [(0x2000, 20, 0)])
+    m.avail(2, [0])
+    write(t, "stats", device_input(0, 3, b"\0", m))
+    # A free page report as Linux sends it: device-writable ranges.
+    m = Mem()
+    m.chain(3, 0, [(0x8000, 0x2000, WRITE), (0xc000, 0x1000, WRITE)])
+    m.avail(3, [0])
+    write(t, "report", device_input(0, 1, b"\0", m))
+
+
 def mmio_seeds():
     t = "virtio_mmio"
 
@@ -296,6 +318,7 @@ def exec_seeds():
 blk_seeds()
 net_seeds()
 console_seeds()
+balloon_seeds()
 mmio_seeds()
 http_seeds()
 config_seeds()

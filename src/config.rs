@@ -45,6 +45,8 @@ pub struct VmConfig {
     pub fs: Vec<FsConfig>,
     /// A virtio-rng device (`PUT /entropy`), with its limits.
     pub entropy: Option<Limits>,
+    /// A virtio-balloon device (`PUT /balloon`, `--balloon`).
+    pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
 }
 
 /// A virtio-vsock device with Firecracker's host side: host clients

@@ -134,6 +134,7 @@ fn exec_config(
             fs: Vec::new(),
             vsock: None,
             entropy: None,
+            balloon: None,
         },
         rootfs: args.rootfs,
         shares: args.shares,

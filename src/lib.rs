@@ -14,6 +14,7 @@
 )]
 
 pub mod api;
+pub mod balloon;
 pub mod builder;
 pub mod config;
 pub mod confine;

@@ -253,6 +253,14 @@ struct RunArgs {
     /// `mount -t virtiofs TAG DIR`. `,ro`: virtiofsd refuses writes.
     #[arg(long = "fs", value_name = "HOSTDIR:TAG[,ro]")]
     fs: Vec<config::FsConfig>,
+    /// virtio-balloon device: `amount_mib=N` target (default 0),
+    /// `deflate_on_oom=on|off`, `free_page_reporting=on|off` (free guest
+    /// memory goes back to the host), `stats_interval_s=N` (guest
+    /// statistics every N seconds; 0: none). Changed while running with
+    /// `PATCH /balloon`.
+    #[arg(long, value_name = "amount_mib=N,deflate_on_oom=on,free_page_reporting=on,stats_interval_s=N",
+          value_parser = capsule::balloon::parse_option, conflicts_with = "restore")]
+    balloon: Option<devices::virtio::balloon::BalloonConfig>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -319,6 +327,7 @@ impl RunArgs {
             vsock: self.vsock.clone(),
             fs: self.fs.clone(),
             entropy: None,
+            balloon: self.balloon,
         })
     }
 }

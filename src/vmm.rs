@@ -54,6 +54,8 @@ pub struct Vmm {
     /// The virtio-net devices, in the guest's order (eth0, eth1, ...).
     pub(crate) nets: Vec<Arc<Mutex<devices::virtio::net::Net>>>,
     pub(crate) vsock: Option<VsockHandle>,
+    /// The virtio-balloon device.
+    pub(crate) balloon: Option<Arc<Mutex<devices::virtio::balloon::Balloon>>>,
     /// The pages written since the last Full snapshot, when the VM
     /// tracks them (for Diff snapshots).
     pub(crate) dirty: Option<crate::vstate::dirty::DirtyLog>,
@@ -183,6 +185,11 @@ impl Vmm {
     /// Network device `index` (in the guest's order).
     pub fn net(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::net::Net>>> {
         self.nets.get(index)
+    }
+
+    /// The balloon device, if the VM has one.
+    pub fn balloon(&self) -> Option<&Arc<Mutex<devices::virtio::balloon::Balloon>>> {
+        self.balloon.as_ref()
     }
 
     /// Types Ctrl-Alt-Del on the guest's keyboard (i8042). Returns false

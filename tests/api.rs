@@ -162,7 +162,7 @@ fn bad_requests() -> Vec<(&'static str, Vec<u8>)> {
             "id mismatch",
             put("/drives/a", r#"{"drive_id":"b","is_root_device":false}"#),
         ),
-        ("unknown path", b"GET /balloon HTTP/1.1\r\n\r\n".to_vec()),
+        ("unknown path", b"GET /pmem/p1 HTTP/1.1\r\n\r\n".to_vec()),
         (
             "wrong method",
             b"DELETE /machine-config HTTP/1.1\r\n\r\n".to_vec(),

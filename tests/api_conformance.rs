@@ -188,6 +188,9 @@ fn conformance_with_the_firecracker_spec() {
         ("PATCH", "/machine-config", "MachineConfiguration", r#"{"vcpu_count":1,"mem_size_mib":64}"#.to_string()),
         ("PUT", "/metrics", "Metrics", format!(r#"{{"metrics_path":"{}"}}"#, tmp("conf.metrics").display())),
         ("PUT", "/entropy", "EntropyDevice", r#"{"rate_limiter":{"bandwidth":{"size":4096,"one_time_burst":0,"refill_time":100},"ops":{"size":10,"refill_time":100}}}"#.to_string()),
+        ("PUT", "/balloon", "Balloon", r#"{"amount_mib":0,"deflate_on_oom":true,"stats_polling_interval_s":1,"free_page_hinting":false,"free_page_reporting":true}"#.to_string()),
+        ("PATCH", "/balloon", "BalloonUpdate", r#"{"amount_mib":4}"#.to_string()),
+        ("PATCH", "/balloon/statistics", "BalloonStatsUpdate", r#"{"stats_polling_interval_s":2}"#.to_string()),
     ];
     for (m, p, schema, body) in &requests {
         conforms(&defs, schema, &json(body)).unwrap();
@@ -210,6 +213,9 @@ fn conformance_with_the_firecracker_spec() {
         "SnapshotLoadParams",
         "Metrics",
         "EntropyDevice",
+        "Balloon",
+        "BalloonUpdate",
+        "BalloonStatsUpdate",
     ] {
         for (prop, _, _) in &defs[schema].props {
             let path = match schema {
@@ -225,14 +231,13 @@ fn conformance_with_the_firecracker_spec() {
                 "SnapshotLoadParams" => "/snapshot/load",
                 "Metrics" => "/metrics",
                 "EntropyDevice" => "/entropy",
+                "Balloon" | "BalloonUpdate" => "/balloon",
+                "BalloonStatsUpdate" => "/balloon/statistics",
                 _ => "/vm",
             };
             let body = format!(r#"{{"{prop}": null}}"#);
-            let (_, b) = vmm.req(
-                if schema == "Vm" { "PATCH" } else { "PUT" },
-                path,
-                Some(&body),
-            );
+            let patch = ["Vm", "BalloonUpdate", "BalloonStatsUpdate"].contains(&schema);
+            let (_, b) = vmm.req(if patch { "PATCH" } else { "PUT" }, path, Some(&body));
             assert!(!b.contains("unknown field"), "{schema}.{prop}: {b}");
         }
     }
@@ -242,6 +247,7 @@ fn conformance_with_the_firecracker_spec() {
         ("/version", "FirecrackerVersion"),
         ("/machine-config", "MachineConfiguration"),
         ("/vm/config", "FullVmConfiguration"),
+        ("/balloon", "Balloon"),
     ] {
         let (st, body) = vmm.req("GET", p, None);
         assert_eq!(st, 200);
@@ -253,6 +259,7 @@ fn conformance_with_the_firecracker_spec() {
     conforms(&defs, "Drive", &full["drives"][0]).unwrap();
     conforms(&defs, "MachineConfiguration", &full["machine-config"]).unwrap();
     conforms(&defs, "Vsock", &full["vsock"]).unwrap();
+    conforms(&defs, "Balloon", &full["balloon"]).unwrap();
     let (st, body) = vmm.req("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
     assert_eq!(st, 400);
     conforms(&defs, "Error", &json(&body)).unwrap();
@@ -271,6 +278,9 @@ fn conformance_with_the_firecracker_spec() {
     conforms(&defs, "PartialDrive", &json(patch)).unwrap();
     let (st, body) = vmm.req("PATCH", "/drives/rootfs", Some(patch));
     assert_eq!(st, 204, "{body}");
+    let (st, body) = vmm.req("GET", "/balloon/statistics", None);
+    assert_eq!(st, 200, "{body}");
+    conforms(&defs, "BalloonStats", &json(&body)).unwrap();
     let (st, body) = vmm.req("PUT", "/actions", Some(r#"{"action_type":"FlushMetrics"}"#));
     assert_eq!(st, 204, "{body}");
     conforms(&defs, "Vm", &json(r#"{"state":"Paused"}"#)).unwrap();

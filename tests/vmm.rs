@@ -261,9 +261,9 @@ fn config_file_goes_through_the_api_actions() {
     let cases: &[(&str, String, i32, &str)] = &[
         (
             "section",
-            format!(r#"{{{boot}, "balloon": {{"amount_mib": 1}}}}"#),
+            format!(r#"{{{boot}, "pmem": [{{"id": "p1", "path_on_host": "/p"}}]}}"#),
             1,
-            "capsule: error: capsule does not support: balloon\n",
+            "capsule: error: capsule does not support: pmem\n",
         ),
         (
             "value",

@@ -94,6 +94,39 @@ pub struct EntropyMetrics {
     pub entropy_rate_limiter_throttled: Counter,
 }
 
+/// virtio-balloon counters (Firecracker's `balloon` group).
+#[derive(Debug, Default)]
+pub struct BalloonMetrics {
+    /// Inflate requests (page lists) handled.
+    pub inflate_count: Counter,
+    /// Deflate requests handled.
+    pub deflate_count: Counter,
+    /// Statistics buffers received from the guest.
+    pub stats_updates_count: Counter,
+    /// Statistics buffers that were malformed.
+    pub stats_update_fails: Counter,
+    /// Inflate or deflate requests that were malformed (in part).
+    pub event_fails: Counter,
+    /// Free ranges the guest reported.
+    pub free_page_report_count: Counter,
+    /// Bytes those reports gave back to the host.
+    pub free_page_report_freed: Counter,
+    /// Reported ranges refused (outside RAM, unaligned) or not released.
+    pub free_page_report_fails: Counter,
+}
+
+/// The balloon device.
+pub static BALLOON: BalloonMetrics = BalloonMetrics {
+    inflate_count: Counter::new(),
+    deflate_count: Counter::new(),
+    stats_updates_count: Counter::new(),
+    stats_update_fails: Counter::new(),
+    event_fails: Counter::new(),
+    free_page_report_count: Counter::new(),
+    free_page_report_freed: Counter::new(),
+    free_page_report_fails: Counter::new(),
+};
+
 /// All block devices.
 pub static BLOCK: BlockMetrics = BlockMetrics {
     read_bytes: Counter::new(),

@@ -19,6 +19,7 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
+use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::block::{Block, DiskImage, ID_BYTES};
 use devices::virtio::console::Console;
 use devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
@@ -69,6 +70,8 @@ pub enum Kind {
     Net,
     /// virtio-console writing to a sink.
     Console,
+    /// virtio-balloon with every queue (statistics, free page reporting).
+    Balloon,
 }
 
 impl Kind {
@@ -86,6 +89,7 @@ impl Kind {
         match self {
             Kind::Block => 1,
             Kind::Net | Kind::Console => 2,
+            Kind::Balloon => 4,
         }
     }
 }
@@ -246,7 +250,8 @@ impl Rig {
     /// A `kind` device over memory holding `image` from address 0. Device
     /// options are taken from `input`: a flags byte (block: bit 0
     /// read-only, bit 1 failing disk; console: bit 0 failing output; net:
-    /// low 3 bits the number of frames to receive), then for net the
+    /// low 3 bits the number of frames to receive; balloon: its target in
+    /// MiB), then for net the
     /// frames (`len: u16 | bytes`) and the send outcomes (`n: u8 | bytes`),
     /// for the console the host input.
     pub fn new(kind: Kind, input: &mut Input<'_>, image: &[u8]) -> Self {
@@ -292,6 +297,18 @@ impl Rig {
                 c.lock().unwrap().queue_input(input.rest());
                 console = Some(c.clone());
                 (c.clone(), c)
+            }
+            Kind::Balloon => {
+                let d = Arc::new(Mutex::new(
+                    Balloon::new(BalloonConfig {
+                        amount_mib: u32::from(opts),
+                        deflate_on_oom: true,
+                        stats_interval_s: 1,
+                        free_page_reporting: true,
+                    })
+                    .expect("balloon"),
+                ));
+                (d.clone(), d)
             }
         };
         let transport = MmioTransport::new(mem.clone(), device).expect("transport");
@@ -453,6 +470,20 @@ mod tests {
             r.notify(0)
         });
         assert_eq!(used_idx(&rig, 0), 1);
+    }
+
+    #[test]
+    fn balloon_seed_releases_pages() {
+        let rig = run_device(Kind::Balloon, &seed("virtio_balloon", "inflate"), |r, _| {
+            r.notify(0)
+        });
+        assert_eq!(used_idx(&rig, 0), 1);
+        let page: u8 = rig.mem.read_obj(GuestAddress(0x8000)).unwrap();
+        assert_eq!(page, 0, "the inflated page was released (reads zero)");
+        let rig = run_device(Kind::Balloon, &seed("virtio_balloon", "report"), |r, _| {
+            r.notify(3)
+        });
+        assert_eq!(used_idx(&rig, 3), 1);
     }
 
     #[test]

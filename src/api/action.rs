@@ -66,6 +66,16 @@ pub enum VmmAction {
     PutMmdsConfig(super::mmds::MmdsConfig),
     /// `--mmds-size-limit` (no HTTP route).
     SetMmdsSizeLimit(usize),
+    /// `PUT /balloon`.
+    PutBalloon(super::balloon::Balloon),
+    /// `PATCH /balloon`.
+    PatchBalloon(super::balloon::BalloonUpdate),
+    /// `GET /balloon`.
+    GetBalloon,
+    /// `PATCH /balloon/statistics`.
+    PatchBalloonStats(super::balloon::BalloonStatsUpdate),
+    /// `GET /balloon/statistics`.
+    GetBalloonStats,
 }
 
 /// What an action that succeeded returns.
@@ -83,6 +93,10 @@ pub enum VmmData {
     VmConfig(Box<FullVmConfig>),
     /// `GET /mmds`.
     Mmds(serde_json::Value),
+    /// `GET /balloon`.
+    Balloon(super::balloon::Balloon),
+    /// `GET /balloon/statistics`.
+    BalloonStats(super::balloon::BalloonStats),
 }
 
 /// Why the VMM refused or failed an action. The message is what an API
@@ -197,6 +211,9 @@ pub enum VmmActionError {
     /// Pausing or resuming failed.
     #[error(transparent)]
     Pause(#[from] PauseError),
+    /// A balloon request was refused.
+    #[error(transparent)]
+    Balloon(#[from] super::balloon::Error),
     /// Creating or loading a snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::Error),

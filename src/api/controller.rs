@@ -105,7 +105,8 @@ impl Controller {
             )
             .chain(c.vsock.map(VmmAction::PutVsock))
             .chain(c.entropy.map(VmmAction::PutEntropy))
-            .chain(c.mmds_config.map(VmmAction::PutMmdsConfig));
+            .chain(c.mmds_config.map(VmmAction::PutMmdsConfig))
+            .chain(c.balloon.map(VmmAction::PutBalloon));
         for action in actions {
             self.handle(action, None)?;
         }
@@ -217,6 +218,13 @@ impl Controller {
             VmmAction::GetMmds => super::mmds::get(&self.resources.mmds),
             VmmAction::PutMmdsConfig(c) => self.configure(|r| r.set_mmds_config(c)),
             VmmAction::SetMmdsSizeLimit(n) => super::mmds::set_size_limit(&self.resources.mmds, n),
+            VmmAction::PutBalloon(b) => self.configure(|r| r.set_balloon(b)),
+            a @ (VmmAction::GetBalloon
+            | VmmAction::PatchBalloon(_)
+            | VmmAction::GetBalloonStats
+            | VmmAction::PatchBalloonStats(_)) => {
+                super::balloon::handle(a, &mut self.resources, vmm)
+            }
         }
     }
 
@@ -597,10 +605,10 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("network interface eth0: MAC address"));
-        let config: FullVmConfig = serde_json::from_str(r#"{"balloon": {}}"#).unwrap();
+        let config: FullVmConfig = serde_json::from_str(r#"{"mmds-config": {}}"#).unwrap();
         assert_eq!(
             c.apply_config(config).unwrap_err().to_string(),
-            "capsule does not support: balloon"
+            "capsule does not support: mmds-config"
         );
     }
 }

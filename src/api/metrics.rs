@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use devices::metrics::{Counter, BLOCK, ENTROPY, NET, VCPU};
+use devices::metrics::{Counter, BALLOON, BLOCK, ENTROPY, NET, VCPU};
 use serde_json::{Map, Value};
 
 use crate::hostfile::OutputKind;
@@ -184,6 +184,21 @@ fn device_counters() -> Values {
                 "entropy_rate_limiter_throttled",
                 &ENTROPY.entropy_rate_limiter_throttled,
             ),
+        ],
+    );
+    let b = &BALLOON;
+    push(
+        &mut v,
+        "balloon",
+        &[
+            ("inflate_count", &b.inflate_count),
+            ("deflate_count", &b.deflate_count),
+            ("stats_updates_count", &b.stats_updates_count),
+            ("stats_update_fails", &b.stats_update_fails),
+            ("event_fails", &b.event_fails),
+            ("free_page_report_count", &b.free_page_report_count),
+            ("free_page_report_freed", &b.free_page_report_freed),
+            ("free_page_report_fails", &b.free_page_report_fails),
         ],
     );
     v

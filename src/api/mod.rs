@@ -8,6 +8,7 @@
 //! answers each request after it took effect.
 
 pub mod action;
+pub mod balloon;
 pub mod controller;
 pub mod http;
 pub mod metrics;

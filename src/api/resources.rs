@@ -34,6 +34,7 @@ pub struct VmResources {
     /// runs) and settings.
     pub(super) mmds: config::SharedMmds,
     mmds_config: Option<super::mmds::MmdsConfig>,
+    pub(super) balloon: Option<super::balloon::Balloon>,
     kvm_path: PathBuf,
     direct: Option<VmConfig>,
 }
@@ -60,6 +61,7 @@ impl VmResources {
             entropy: None,
             mmds: config::SharedMmds::default(),
             mmds_config: None,
+            balloon: None,
             kvm_path,
             direct: None,
         }
@@ -78,6 +80,7 @@ impl VmResources {
             metrics: self.metrics.clone(),
             entropy: self.entropy.clone(),
             mmds_config: self.mmds_config.clone(),
+            balloon: self.balloon,
             ..FullVmConfig::default()
         }
     }
@@ -118,6 +121,14 @@ impl VmResources {
     pub fn set_mmds_config(&mut self, c: super::mmds::MmdsConfig) -> Result<()> {
         super::mmds::configure(&self.mmds, &c, &self.iface_ids())?;
         self.mmds_config = Some(c);
+        Ok(())
+    }
+
+    /// `PUT /balloon`: the VM gets a virtio-balloon device (a second
+    /// `PUT` replaces the first).
+    pub fn set_balloon(&mut self, b: super::balloon::Balloon) -> Result<()> {
+        super::balloon::validate(&b, self.machine.mem_size_mib)?;
+        self.balloon = Some(b);
         Ok(())
     }
 
@@ -234,6 +245,7 @@ impl VmResources {
             boot_args: Some(config.cmdline.clone()),
             initrd_path: config.initrd.as_ref().map(|p| p.display().to_string()),
         });
+        self.balloon = config.balloon.map(super::balloon::Balloon::from_device);
         self.direct = Some(config);
     }
 
@@ -322,6 +334,7 @@ impl VmResources {
             vsock: self.vsock.as_ref().map(vsock_config).transpose()?,
             fs: Vec::new(),
             entropy,
+            balloon: self.balloon.map(|b| b.device_config()),
         })
     }
 }

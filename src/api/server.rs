@@ -157,6 +157,17 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
         ("PATCH", ["mmds"]) => Request::PatchMmds(from_body(body).map_err(bad)?),
         ("GET", ["mmds"]) => no_body(Request::GetMmds)?,
         ("PUT", ["mmds", "config"]) => Request::PutMmdsConfig(from_body(body).map_err(bad)?),
+        ("PUT", ["balloon"]) => Request::PutBalloon(from_body(body).map_err(bad)?),
+        ("PATCH", ["balloon"]) => Request::PatchBalloon(from_body(body).map_err(bad)?),
+        ("GET", ["balloon"]) => no_body(Request::GetBalloon)?,
+        ("PATCH", ["balloon", "statistics"]) => {
+            Request::PatchBalloonStats(from_body(body).map_err(bad)?)
+        }
+        ("GET", ["balloon", "statistics"]) => no_body(Request::GetBalloonStats)?,
+        ("PATCH", ["balloon", "hinting", "start" | "stop"])
+        | ("GET", ["balloon", "hinting", "status"]) => {
+            return Err(bad(super::balloon::Error::Hinting))
+        }
         ("PUT", ["cpu-config"]) => {
             // Checked as JSON, then refused as a whole.
             let _: serde_json::Value = from_body(body).map_err(bad)?;
@@ -180,6 +191,9 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             | ["entropy"]
             | ["mmds"]
             | ["mmds", "config"]
+            | ["balloon"]
+            | ["balloon", "statistics"]
+            | ["balloon", "hinting", "start" | "stop" | "status"]
             | ["cpu-config"],
         ) => {
             return Err(Response::fault(
@@ -399,6 +413,8 @@ pub fn response(reply: Reply) -> Response {
         Ok(VmmData::MachineConfig(m)) => json(&m),
         Ok(VmmData::VmConfig(c)) => json(&c),
         Ok(VmmData::Mmds(v)) => json(&v),
+        Ok(VmmData::Balloon(b)) => json(&b),
+        Ok(VmmData::BalloonStats(s)) => json(&s),
         Err(e) => Response::fault(400, e.to_string()),
     }
 }
@@ -451,7 +467,18 @@ mod tests {
             Err(r) if r.status == 400
         ));
         assert!(matches!(route("DELETE", "/", b""), Err(r) if r.status == 400));
-        assert!(matches!(route("GET", "/balloon", b""), Err(r) if r.status == 400));
+        assert!(matches!(route("GET", "/mmds", b""), Err(r) if r.status == 400));
+        assert_eq!(route("GET", "/balloon", b""), Ok(Request::GetBalloon));
+        assert!(matches!(
+            route("PATCH", "/balloon/statistics", br#"{"stats_polling_interval_s":3}"#),
+            Ok(Request::PatchBalloonStats(u)) if u.stats_polling_interval_s == 3
+        ));
+        let hinting = route("PATCH", "/balloon/hinting/start", b"{}").unwrap_err();
+        assert!(hinting
+            .body
+            .unwrap_or_default()
+            .contains("hinting is not supported"));
+        assert!(matches!(route("DELETE", "/balloon", b""), Err(r) if r.status == 400));
         assert!(matches!(route("GET", "/version", b"x"), Err(r) if r.status == 400));
         assert!(matches!(route("PATCH", "/vm", b"[]"), Err(r) if r.status == 400));
     }

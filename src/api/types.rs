@@ -366,22 +366,22 @@ pub struct FullVmConfig {
     /// no such section.
     #[serde(default, skip_serializing)]
     pub serial: Option<SerialDevice>,
+    /// The balloon device.
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub balloon: Option<super::balloon::Balloon>,
     /// Firecracker devices capsule does not have: refused when present.
-    #[serde(default, skip_serializing)]
-    pub balloon: Option<Value>,
-    /// See `balloon`.
     #[serde(rename = "cpu-config", default, skip_serializing)]
     pub cpu_config: Option<Value>,
     /// Metrics output.
     #[serde(default, skip_serializing_if = "is_none")]
     pub metrics: Option<Metrics>,
-    /// See `balloon`.
+    /// See `cpu_config`.
     #[serde(rename = "memory-hotplug", default, skip_serializing)]
     pub memory_hotplug: Option<Value>,
     /// The metadata service's settings.
     #[serde(rename = "mmds-config", default, skip_serializing_if = "is_none")]
     pub mmds_config: Option<super::mmds::MmdsConfig>,
-    /// See `balloon`.
+    /// See `cpu_config`.
     #[serde(default, skip_serializing)]
     pub pmem: Option<Value>,
     /// The vsock device.
@@ -398,7 +398,6 @@ impl FullVmConfig {
         let mut v = Vec::new();
         let present = |o: &Option<Value>| o.as_ref().is_some_and(|v| !v.is_null());
         for (name, o) in [
-            ("balloon", &self.balloon),
             ("cpu-config", &self.cpu_config),
             ("memory-hotplug", &self.memory_hotplug),
             ("pmem", &self.pmem),
@@ -463,7 +462,11 @@ mod tests {
         let out = serde_json::to_value(&c).unwrap();
         assert_eq!(out["machine-config"]["vcpu_count"], 2);
         assert_eq!(out["drives"][0]["drive_id"], "rootfs");
-        let c: FullVmConfig = serde_json::from_str(r#"{"balloon":{"amount_mib":1}}"#).unwrap();
-        assert_eq!(c.unsupported_sections(), ["balloon"]);
+        let c: FullVmConfig = serde_json::from_str(r#"{"pmem":[{"id":"p"}]}"#).unwrap();
+        assert_eq!(c.unsupported_sections(), ["pmem"]);
+        let c: FullVmConfig =
+            serde_json::from_str(r#"{"balloon":{"amount_mib":1,"deflate_on_oom":true}}"#).unwrap();
+        assert!(c.unsupported_sections().is_empty());
+        assert_eq!(c.balloon.unwrap().amount_mib, 1);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use arch::GuestMemoryMmap;
 use devices::exit::ExitSignal;
+use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::block::{Block, BlockConfig, ID_BYTES};
 use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, Tap};
 use devices::virtio::vsock::Vsock;
@@ -117,6 +118,34 @@ impl Devices<'_> {
             self.add_virtio(Arc::new(Mutex::new(rng)))?;
         }
         Ok(())
+    }
+
+    /// The virtio-balloon device, if the VM has one (returned for
+    /// `PATCH /balloon` and its statistics).
+    pub(crate) fn add_balloon(
+        &mut self,
+        config: Option<BalloonConfig>,
+        mem_size: u64,
+    ) -> Result<Option<Arc<Mutex<Balloon>>>> {
+        let Some(config) = config else {
+            return Ok(None);
+        };
+        if u64::from(config.amount_mib) > mem_size >> 20 {
+            return Err(Error::BalloonSize {
+                amount: config.amount_mib,
+                mem: mem_size >> 20,
+            });
+        }
+        let balloon = Arc::new(Mutex::new(Balloon::new(config).map_err(Error::Balloon)?));
+        self.add_virtio(balloon.clone())?;
+        log::info!(
+            "balloon: target {} MiB, deflate_on_oom {}, free page reporting {}, statistics every {} s",
+            config.amount_mib,
+            config.deflate_on_oom,
+            config.free_page_reporting,
+            config.stats_interval_s
+        );
+        Ok(Some(balloon))
     }
 
     /// The virtio-vsock device: its socket is bound (0600, never

@@ -126,6 +126,17 @@ pub enum Error {
     /// The entropy device could not be created.
     #[error("cannot create the entropy device: {0}")]
     Entropy(#[source] std::io::Error),
+    /// The balloon device could not be created.
+    #[error("cannot create the balloon device: {0}")]
+    Balloon(#[source] std::io::Error),
+    /// A balloon target larger than guest memory.
+    #[error("balloon amount_mib {amount} is more than the guest's {mem} MiB of memory")]
+    BalloonSize {
+        /// The target asked for (MiB).
+        amount: u32,
+        /// Guest memory (MiB).
+        mem: u64,
+    },
     /// The eventfd the VM's end is signalled on could not be created.
     #[error("event loop: {0}")]
     ExitEvent(#[source] std::io::Error),

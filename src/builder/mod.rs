@@ -123,6 +123,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         Some("capsule exec's devices have no saved state")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
+    } else if config.balloon.is_some() {
+        Some("a balloon device has no saved state yet")
     } else {
         None
     };
@@ -138,6 +140,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let disks = devices.add_disks(&config.disks)?;
     let nets = devices.add_nets(&config.nets)?;
     devices.add_entropy(config.entropy)?;
+    let balloon = devices.add_balloon(config.balloon, config.mem_size)?;
     if let Some(binary) = &virtiofsd {
         devices.add_shares(&config.fs, binary)?;
     }
@@ -163,6 +166,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
             no_acpi,
             disks,
             nets,
+            balloon,
             paused: false,
             track_dirty: None,
         },
@@ -202,6 +206,8 @@ pub(crate) struct Parts {
     pub(crate) disks: Vec<Arc<Mutex<Block>>>,
     /// The virtio-net devices, in the guest's order.
     pub(crate) nets: Vec<Arc<Mutex<Net>>>,
+    /// The virtio-balloon device.
+    pub(crate) balloon: Option<Arc<Mutex<devices::virtio::balloon::Balloon>>>,
     /// Start with every vCPU parked (a restore without `resume_vm`).
     pub(crate) paused: bool,
     /// Track dirty pages (for Diff snapshots): `Some(base)`, `base` the
@@ -321,6 +327,7 @@ impl Started {
             watch_halt,
             disks: parts.disks,
             nets: parts.nets,
+            balloon: parts.balloon,
             dirty,
         };
         // The main thread's own filter, after it started every thread it

@@ -483,6 +483,7 @@ mod tests {
                 vsock: None,
                 fs: vec![],
                 entropy: None,
+                balloon: None,
             },
             rootfs: None,
             shares: vec![],

@@ -231,6 +231,8 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         // Nor a virtio-fs share.
         fs: Vec::new(),
         entropy: state.entropy,
+        // A VM with a balloon cannot be snapshotted.
+        balloon: None,
     })
 }
 

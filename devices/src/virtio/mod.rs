@@ -74,6 +74,7 @@
 //! [`BusDevice`]: crate::bus::BusDevice
 //! [`EventFd`]: vmm_sys_util::eventfd::EventFd
 
+pub mod balloon;
 pub mod block;
 pub mod console;
 mod device;
@@ -143,6 +144,8 @@ pub mod device_type {
     pub const VSOCK: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
     /// File system device (virtio-fs).
     pub const FS: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+    /// Memory balloon.
+    pub const BALLOON: u32 = virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 }
 
 /// What an interrupt tells the driver.
