@@ -605,10 +605,10 @@ mod tests {
         assert!(e
             .to_string()
             .starts_with("network interface eth0: MAC address"));
-        let config: FullVmConfig = serde_json::from_str(r#"{"mmds-config": {}}"#).unwrap();
+        let config: FullVmConfig = serde_json::from_str(r#"{"pmem": []}"#).unwrap();
         assert_eq!(
             c.apply_config(config).unwrap_err().to_string(),
-            "capsule does not support: mmds-config"
+            "capsule does not support: pmem"
         );
     }
 }

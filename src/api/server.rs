@@ -467,7 +467,8 @@ mod tests {
             Err(r) if r.status == 400
         ));
         assert!(matches!(route("DELETE", "/", b""), Err(r) if r.status == 400));
-        assert!(matches!(route("GET", "/mmds", b""), Err(r) if r.status == 400));
+        assert!(matches!(route("GET", "/pmem/p1", b""), Err(r) if r.status == 400));
+        assert_eq!(route("GET", "/mmds", b""), Ok(Request::GetMmds));
         assert_eq!(route("GET", "/balloon", b""), Ok(Request::GetBalloon));
         assert!(matches!(
             route("PATCH", "/balloon/statistics", br#"{"stats_polling_interval_s":3}"#),
