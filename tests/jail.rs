@@ -40,6 +40,42 @@ fn jail_args(id: &str, extra: &[&str]) -> (PathBuf, Vec<String>) {
     (base, args)
 }
 
+/// The pid of the capsule that `keeper` jailed, once it has its seccomp
+/// filter and has opened `root/api.sock`; kills the keeper and fails with
+/// its stderr if that takes more than 10 s.
+fn jailed_pid(keeper: &mut std::process::Child, root: &std::path::Path) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", keeper.id()))
+            .unwrap_or_default();
+        if let Some(pid) = children.split_whitespace().next() {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            if status.contains("Seccomp:\t2") && root.join("api.sock").exists() {
+                return pid.to_string();
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = keeper.kill();
+            let mut err = String::new();
+            if let Some(mut e) = keeper.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the jailed capsule never ran: {err}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The names in the root directory of process `pid`, sorted.
+fn root_names(pid: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 /// `run --jail` (as root): the VM's capsule runs as the given uid/gid,
 /// as PID 1 of its own PID namespace, in its own mount namespace whose
 /// root holds only the kernel (read-only), /dev/kvm, /proc, /tmp and the
@@ -55,22 +91,7 @@ fn jailed_vm_runs_confined_and_cleans_up() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut keeper = spawn_capsule(&args, &[]);
     let root = base.join("capsule/jailtest/root");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let jailed = loop {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", keeper.id()))
-            .unwrap_or_default();
-        if let Some(pid) = children.split_whitespace().next() {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if status.contains("Seccomp:\t2") && root.join("api.sock").exists() {
-                break pid.to_string();
-            }
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the jailed capsule never ran"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let jailed = jailed_pid(&mut keeper, &root);
     let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
     for want in [
         "Uid:\t65534\t65534\t65534\t65534",
@@ -91,11 +112,7 @@ fn jailed_vm_runs_confined_and_cleans_up() {
         ns("self", "mnt"),
         "same mount namespace"
     );
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{jailed}/root"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = root_names(&jailed);
     assert_eq!(
         names,
         ["api.sock", "dev", "poweroff-on-input.elf", "proc", "tmp"]
@@ -275,26 +292,7 @@ fn unprivileged_jail_has_its_own_user_namespace_and_no_capabilities() {
         ],
     );
     let root = base.join("capsule/ujail/root");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let jailed = loop {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", keeper.id()))
-            .unwrap_or_default();
-        if let Some(pid) = children.split_whitespace().next() {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if status.contains("Seccomp:\t2") && root.join("api.sock").exists() {
-                break pid.to_string();
-            }
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = keeper.kill();
-            let out = keeper.wait_with_output().unwrap();
-            panic!(
-                "the jailed capsule never ran: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let jailed = jailed_pid(&mut keeper, &root);
     let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
     for want in [
         "Uid:\t65534\t65534\t65534\t65534",
@@ -324,11 +322,7 @@ fn unprivileged_jail_has_its_own_user_namespace_and_no_capabilities() {
         ["65534", "65534", "1"],
         "one id mapped, to itself"
     );
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{jailed}/root"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
+    let names = root_names(&jailed);
     assert_eq!(names, ["api.sock", "dev", "kernel.elf", "proc", "tmp"]);
     let mounts = std::fs::read_to_string(format!("/proc/{jailed}/mountinfo")).unwrap();
     let kernel_mount = mounts
