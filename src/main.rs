@@ -352,6 +352,7 @@ impl RunArgs {
             track_dirty: self.track_dirty_pages,
             vsock: self.vsock.clone(),
             vsock_uds: None,
+            mmds: Default::default(),
         })
     }
 }

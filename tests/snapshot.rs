@@ -320,3 +320,83 @@ fn load_with_network_overrides_uses_the_new_tap() {
         "{printed:?}"
     );
 }
+
+/// A VM whose network device answers for the metadata service keeps
+/// doing so when restored (`PUT /snapshot/load`): the snapshot holds the
+/// service's settings (V2, its address), not its data, as Firecracker's
+/// do; the restored VM's store starts empty and takes `PUT /mmds`. Needs
+/// root and /dev/net/tun, like the test above.
+#[test]
+fn a_restored_vm_keeps_its_metadata_service_settings() {
+    let pid = std::process::id();
+    let kernel = tmp(&format!("mmds-{pid}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let dir = tmp(&format!("mmds-{pid}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let tap = format!("csm{}", pid % 100_000);
+    let vm = api_vm(
+        tmp(&format!("mmds-{pid}.sock")),
+        &[],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    let req = |method: &str, path: &str, body: &str| vm.req(method, path, Some(body));
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    assert_eq!(req("PUT", "/boot-source", &boot).0, 204);
+    let nic = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}"}}"#);
+    assert_eq!(req("PUT", "/network-interfaces/eth0", &nic).0, 204);
+    let config =
+        r#"{"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}"#;
+    assert_eq!(req("PUT", "/mmds/config", config).0, 204);
+    assert_eq!(req("PUT", "/mmds", r#"{"id": "original"}"#).0, 204);
+    assert_eq!(
+        req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0,
+        204
+    );
+    assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let (st, body) = req("PUT", "/snapshot/create", &create);
+    assert_eq!(st, 204, "{body}");
+    drop(vm);
+    assert_eq!(
+        state_json(&dir)["nets"][0]["mmds"],
+        serde_json::json!({"v2": true, "ipv4": "169.254.170.2", "imds_compat": false})
+    );
+
+    let err = tmp(&format!("mmds-{pid}.err"));
+    let vm = api_vm(
+        tmp(&format!("mmds2-{pid}.sock")),
+        &[("CAPSULE_LOG", "info")],
+        Stdio::null(),
+        std::fs::File::create(&err).unwrap().into(),
+    );
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
+    let empty = vm.req("GET", "/mmds", None);
+    let put = vm.req("PUT", "/mmds", Some(r#"{"id": "clone"}"#)).0;
+    let data = vm.req("GET", "/mmds", None);
+    drop(vm);
+    let log = std::fs::read_to_string(&err).unwrap();
+    assert_eq!(st, 204, "{body}\n{log}");
+    assert!(
+        log.contains(&format!(
+            "TAP {tap}, with the metadata service at 169.254.170.2"
+        )),
+        "{log}"
+    );
+    assert_eq!(empty, (200, "{}".to_string()));
+    assert_eq!(put, 204);
+    assert_eq!(data, (200, r#"{"id":"clone"}"#.to_string()));
+}

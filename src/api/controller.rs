@@ -252,7 +252,8 @@ impl Controller {
                 "a snapshot can only be loaded before any other configuration",
             ));
         }
-        let cfg = super::snapshot::restore_config(p, self.resources.kvm_path())?;
+        let mut cfg = super::snapshot::restore_config(p, self.resources.kvm_path())?;
+        cfg.mmds = self.resources.mmds.clone();
         let Some(console) = self.take_console()? else {
             return Err(VmmActionError::NoConsole);
         };

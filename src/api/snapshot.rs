@@ -198,6 +198,7 @@ pub fn restore_config(
             .vsock_override
             .as_ref()
             .map(|v| PathBuf::from(&v.uds_path)),
+        mmds: Default::default(),
         track_dirty: p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true),
     })
 }

@@ -113,6 +113,46 @@ pub struct NetState {
     pub backend: NetBackendConfig,
     /// Its MAC address, as the guest knows it.
     pub mac: MacAddr,
+    /// The metadata service it answered for: its settings, not its data
+    /// (as Firecracker: a restored VM's data is given again, so clones
+    /// need not share one instance's metadata).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mmds: Option<MmdsSettings>,
+}
+
+/// The metadata service's settings, as saved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmdsSettings {
+    /// V2 (session tokens) rather than V1.
+    pub v2: bool,
+    /// The guest-facing address.
+    pub ipv4: std::net::Ipv4Addr,
+    /// Always the IMDS text format.
+    pub imds_compat: bool,
+}
+
+impl MmdsSettings {
+    /// The settings of `store`.
+    pub fn of(store: &crate::config::SharedMmds) -> Self {
+        let m = store.0.lock().unwrap_or_else(|e| e.into_inner());
+        Self {
+            v2: m.version == mmds::Version::V2,
+            ipv4: m.ipv4,
+            imds_compat: m.imds_compat,
+        }
+    }
+
+    /// Gives `store` these settings.
+    pub fn apply(&self, store: &crate::config::SharedMmds) {
+        let mut m = store.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.version = if self.v2 {
+            mmds::Version::V2
+        } else {
+            mmds::Version::V1
+        };
+        m.ipv4 = self.ipv4;
+        m.imds_compat = self.imds_compat;
+    }
 }
 
 /// What a Diff snapshot's memory file holds.
@@ -411,6 +451,7 @@ fn save_state(
                 .unwrap_or_else(|| format!("eth{i}")),
             backend: n.backend.clone(),
             mac: *mac,
+            mmds: n.mmds.as_ref().map(MmdsSettings::of),
         })
         .collect();
     Ok(SnapshotState {

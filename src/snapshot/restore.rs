@@ -47,6 +47,10 @@ pub struct RestoreConfig {
     /// Log the pages written from now on, for Diff snapshots of the
     /// restored VM (`track_dirty_pages`).
     pub track_dirty: bool,
+    /// The metadata service's store that network devices saved with one
+    /// answer from (the API's, so `PUT /mmds` reaches the restored VM);
+    /// it takes the saved settings.
+    pub mmds: crate::config::SharedMmds,
 }
 
 /// The memory a restore maps: the snapshot's memory file, or for a Diff
@@ -208,6 +212,10 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
     };
     for (n, saved) in nets.iter_mut().zip(&state.nets) {
         n.mac.get_or_insert(saved.mac);
+        if let Some(settings) = &saved.mmds {
+            settings.apply(&cfg.mmds);
+            n.mmds = Some(cfg.mmds.clone());
+        }
     }
     for (iface, tap) in &cfg.tap_overrides {
         let Some(i) = state.nets.iter().position(|n| &n.iface_id == iface) else {
