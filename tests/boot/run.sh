@@ -42,6 +42,11 @@ write_l1_wrapper() {
     if [[ -n "${BENCH_EXEC_MIB:-}${BENCH_CONSOLE_MIB:-}" ]]; then
         bench_line="export BENCH_EXEC_MIB='${BENCH_EXEC_MIB:-256}' BENCH_CONSOLE_MIB='${BENCH_CONSOLE_MIB:-16}'"
     fi
+    # Rounds of the optional bench_exec_confinement case.
+    if [[ "${BENCH_RUNS:-}" =~ ^[1-9][0-9]*$ ]]; then
+        bench_line="$bench_line
+export BENCH_RUNS='$BENCH_RUNS'"
+    fi
     if [[ -n "${CAPSULE_SECCOMP:-}" ]]; then
         log_line="$log_line
 export CAPSULE_SECCOMP='$CAPSULE_SECCOMP'"

@@ -89,3 +89,53 @@ case_bench_exec_stdout() {
     # The rows ran in subshells: no run_capsule here set SECS.
     RC=0 OUT=/dev/null ERR=/dev/null SECS=${SECS:-0}
 }
+
+# bench_exec_confinement: `capsule exec ... -- true` BENCH_RUNS times
+# (default 5) as always (seccomp filters and Landlock) and with
+# `--no-seccomp --no-landlock`, alternating; per run the command's start
+# as capsule logs it (ms after capsule started) and the whole run's wall
+# time; min / median / max of each. Optional, a measurement (issue #19).
+OPTIONAL_CASES="${OPTIONAL_CASES:-} bench_exec_confinement"
+
+# bench_median: min / median / max of the numbers on stdin.
+bench_median() {
+    sort -n | awk '{ v[NR] = $1 } END {
+        if (!NR) { print "- / - / -"; exit }
+        m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+        printf "%s / %s / %s\n", v[1], m, v[NR] }'
+}
+
+case_bench_exec_confinement() {
+    _dir="$WORK/bench_exec_confinement"
+    rm -rf "$_dir"
+    mkdir -p "$_dir"
+    OUT="$_dir/stdout" ERR="$_dir/stderr"
+    : >"$OUT"
+    : >"$ERR"
+    _start=$(now)
+    _i=0
+    RC=0
+    while [ "$_i" -lt "${BENCH_RUNS:-5}" ]; do
+        _i=$((_i + 1))
+        for _mode in default open; do
+            _extra=""
+            [ "$_mode" = open ] && _extra="--no-seccomp --no-landlock"
+            _t0=$(cut -d' ' -f1 /proc/uptime)
+            # shellcheck disable=SC2086  # $_extra is two words or none
+            CAPSULE_LOG=info timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" exec --kernel "$BZIMAGE" \
+                --disk "$ROOTFS,ephemeral" $_extra -- true </dev/null >/dev/null 2>"$_dir/run.err" || RC=1
+            _t1=$(cut -d' ' -f1 /proc/uptime)
+            _ms=$(sed -n 's/.*command started \([0-9]*\) ms after capsule started.*/\1/p' "$_dir/run.err" | head -n1)
+            _wall=$(awk -v a="$_t0" -v b="$_t1" 'BEGIN { printf "%d", (b - a) * 1000 }')
+            echo "$_mode ${_ms:--} $_wall" >>"$_dir/runs"
+            cat "$_dir/run.err" >>"$ERR"
+        done
+    done
+    SECS=$(($(now) - _start))
+    for _mode in default open; do
+        echo "bench_exec_confinement: $_mode: command started, ms after capsule started (min / median / max): $(awk -v m="$_mode" '$1 == m && $2 != "-" { print $2 }' "$_dir/runs" | bench_median)" | tee -a "$OUT"
+        echo "bench_exec_confinement: $_mode: whole exec, wall ms (min / median / max): $(awk -v m="$_mode" '$1 == m { print $3 }' "$_dir/runs" | bench_median)" | tee -a "$OUT"
+    done
+    expect "every exec ran with status 0" [ "$RC" -eq 0 ]
+    expect "no Rust panic" no_rust_panic
+}
