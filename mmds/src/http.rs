@@ -102,7 +102,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
     }
     let len = match req.header("content-length").map(str::parse::<usize>) {
         None => 0,
-        Some(Ok(n)) if end + 4 + n <= MAX_REQUEST => n,
+        Some(Ok(n)) if n <= MAX_REQUEST.saturating_sub(end + 4) => n,
         Some(Ok(_)) => return Parsed::Bad(400, "request too large"),
         Some(Err(_)) => return Parsed::Bad(400, "bad Content-Length"),
     };
@@ -287,6 +287,7 @@ mod tests {
             "GET / HTTP/1.1\r\nno colon\r\n\r\n",
             "GET / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
             "GET / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n",
+            "GET / HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\n",
             "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
         ] {
             assert!(
