@@ -51,12 +51,12 @@ FC="$TOOLS/firecracker"
 now_ns() { "$DATE" +%s%N; }
 ms_since() { echo $((($(now_ns) - $1) / 1000000)); }
 api() { # SOCK METHOD PATH [BODY]: 0 if the answer is 2xx
-    "$CURL" -sf --unix-socket "$1" -X "$2" ${4:+-H 'Content-Type: application/json' -d "$4"} "http://localhost$3" >/dev/null
+    "$CURL" -sf -m 120 --unix-socket "$1" -X "$2" ${4:+-H 'Content-Type: application/json' -d "$4"} "http://localhost$3" >/dev/null
 }
 wait_api() { # SOCK
     n=0
     while [ $n -lt 3000 ]; do
-        "$CURL" -s --unix-socket "$1" http://localhost/ >/dev/null 2>&1 && return 0
+        "$CURL" -s -m 5 --unix-socket "$1" http://localhost/ >/dev/null 2>&1 && return 0
         n=$((n + 1))
     done
     return 1
@@ -95,7 +95,7 @@ stop() {
 fc_config() { # MIB FILE
     cat >"$2" <<EOF
 { "boot-source": { "kernel_image_path": "$VMLINUX", "initrd_path": "$INITRD", "boot_args": "$CMDLINE" },
-  "machine-config": { "vcpu_count": 1, "mem_size_mib": $1 } }
+  "machine-config": { "vcpu_count": 1, "mem_size_mib": $1 }, "drives": [] }
 EOF
 }
 
