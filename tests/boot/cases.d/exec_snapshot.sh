@@ -7,7 +7,7 @@
 # image as an ephemeral disk) and snapshots it where its init waits; then
 # 20 `exec --snapshot DIR` in a row, each with its own command, --env,
 # --workdir, stdin, stdout, stderr and exit status (0 to 6), all checked;
-# one cold exec of the same command beside them for the times; options
+# then two clones at once; one cold exec of the same command beside them for the times; options
 # that contradict the template are refused (status 125). Prints the cold
 # and warm times in ms.
 
@@ -71,6 +71,20 @@ in-$_i" ] || ! grep -qx "err-$_i" "$ERR"; then
         _i=$((_i + 1))
     done
     expect "20 warm execs with the right outputs and statuses: wrong: $_bad" [ -z "$_bad" ]
+
+    # Two clones at once (the template's disk is ephemeral: shared).
+    for _n in 101 102; do
+        timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" exec --snapshot "$_tpl" --env N=$_n --workdir /tmp \
+            -- sh -c "$EXEC_SNAP_CMD" </dev/null >"$_d/par.$_n.out" 2>"$_d/par.$_n.err" &
+        eval "_par$_n=\$!"
+    done
+    wait "$_par101"
+    _r1=$?
+    wait "$_par102"
+    _r2=$?
+    expect "two clones at once: statuses 3 and 4 (got $_r1, $_r2)" [ "$_r1 $_r2" = "3 4" ]
+    expect "two clones at once: their own outputs" sh -c \
+        "[ \"\$(cat '$_d/par.101.out')\" = 'out-101 /tmp' ] && [ \"\$(cat '$_d/par.102.out')\" = 'out-102 /tmp' ]"
 
     # Options that contradict the template are refused, before any VM.
     run_exec exec_snapshot_20 /dev/null exec --snapshot "$_tpl" --cpus 2 -- true
