@@ -8,12 +8,26 @@ use capsule::config::{self, VmConfig};
 
 use crate::{finish, parse_memory, status};
 
+/// Guest memory of an exec VM without `--memory`.
+const DEFAULT_MEMORY: u64 = 512 << 20;
+
 #[derive(clap::Args, Debug)]
 #[command(arg_required_else_help = true)]
 pub struct ExecArgs {
     /// Guest kernel: an ELF vmlinux or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "snapshot")]
+    kernel: Option<PathBuf>,
+    /// Boot a template guest once, with these options but no command, and
+    /// snapshot it into DIR where its init waits for a command; then exit
+    /// 0. Each `exec --snapshot DIR -- CMD` runs CMD in a clone of it.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["snapshot", "command"])]
+    make_snapshot: Option<PathBuf>,
+    /// Run the command in a clone of the template in DIR (made with
+    /// --make-snapshot): no boot. Options that shape the VM (--kernel,
+    /// --cpus, --memory, --disk, ...) come from the template; given, they
+    /// must be the same.
+    #[arg(long, value_name = "DIR")]
+    snapshot: Option<PathBuf>,
     /// Host directory packed into the initramfs as the guest's root.
     #[arg(long, value_name = "DIR", conflicts_with = "disk")]
     rootfs: Option<PathBuf>,
@@ -73,20 +87,24 @@ pub struct ExecArgs {
     /// (`console=ttyS0 quiet reboot=k panic=1 rdinit=/.capsule/init`).
     #[arg(long, value_name = "STR", default_value = "")]
     append: String,
-    /// Number of vCPUs.
-    #[arg(long, value_name = "N", default_value_t = config::DEFAULT_VCPUS,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N",
           value_parser = clap::value_parser!(u8).range(1..=i64::from(arch::layout::MAX_VCPUS)))]
-    cpus: u8,
-    /// Guest memory, e.g. 512M or 2G (a plain number is MiB).
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
-    memory: u64,
+    cpus: Option<u8>,
+    /// Guest memory, e.g. 512M or 2G (a plain number is MiB) [default: 512M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_memory)]
+    memory: Option<u64>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
     #[command(flatten)]
     confine: capsule::confine::ConfineArgs,
     /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    #[arg(
+        last = true,
+        required_unless_present = "make_snapshot",
+        value_name = "CMD"
+    )]
     command: Vec<std::ffi::OsString>,
 }
 
@@ -122,12 +140,12 @@ fn exec_config(
     let boot_timeout = parse_secs("--boot-timeout", args.boot_timeout)?;
     Ok(capsule::exec::ExecConfig {
         vm: VmConfig {
-            kernel: args.kernel,
+            kernel: args.kernel.unwrap_or_default(),
             initrd: args.initrd,
             initramfs: None,
             cmdline: args.append,
-            vcpus: args.cpus,
-            mem_size: args.memory,
+            vcpus: args.cpus.unwrap_or(config::DEFAULT_VCPUS),
+            mem_size: args.memory.unwrap_or(DEFAULT_MEMORY),
             kvm_path: args.kvm,
             disks: args.disk,
             nets: args.nets,
@@ -150,16 +168,70 @@ fn exec_config(
     })
 }
 
+/// `exec --make-snapshot DIR`: the template of these options.
+fn make_template(
+    args: ExecArgs,
+    started: std::time::Instant,
+    dir: &std::path::Path,
+) -> Result<capsule::exec::Outcome, capsule::exec::Error> {
+    use capsule::exec::{warm, Error};
+    let options = warm::TemplateOptions {
+        kernel: args.kernel.clone().unwrap_or_default(),
+        initrd: args.initrd.clone(),
+        append: args.append.clone(),
+        cpus: args.cpus.unwrap_or(config::DEFAULT_VCPUS),
+        memory: args.memory.unwrap_or(DEFAULT_MEMORY),
+        rootfs: args.rootfs.clone(),
+        disks: args.disk.clone(),
+        modules: args.modules.clone(),
+    };
+    let config = exec_config(args, started).map_err(Error::Usage)?;
+    warm::make_snapshot(config, dir, options)
+}
+
+/// `exec --snapshot DIR`: the command in a clone of the template in DIR,
+/// whose options the ones given must not contradict.
+fn run_in_clone(
+    mut args: ExecArgs,
+    started: std::time::Instant,
+    dir: &std::path::Path,
+) -> Result<capsule::exec::Outcome, capsule::exec::Error> {
+    use capsule::exec::{warm, Error};
+    let t = warm::Template::load(dir)?;
+    t.check(&warm::GivenOptions {
+        kernel: args.kernel.take(),
+        initrd: args.initrd.take(),
+        append: std::mem::take(&mut args.append),
+        cpus: args.cpus,
+        memory: args.memory,
+        rootfs: args.rootfs.take(),
+        disks: std::mem::take(&mut args.disk),
+        modules: args.modules.take(),
+    })
+    .map_err(Error::Usage)?;
+    let o = t.options;
+    args.kernel = Some(o.kernel);
+    args.initrd = o.initrd;
+    args.append = o.append;
+    args.cpus = Some(o.cpus);
+    args.memory = Some(o.memory);
+    args.rootfs = o.rootfs;
+    args.disk = o.disks;
+    args.modules = o.modules;
+    let config = exec_config(args, started).map_err(Error::Usage)?;
+    warm::run_snapshot(config, dir)
+}
+
 fn exec(args: ExecArgs, started: std::time::Instant) -> u8 {
     use capsule::exec::{self, Outcome};
-    let config = match exec_config(args, started) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("capsule: error: {e}");
-            return status::EXEC_ERROR;
-        }
+    let result = match (args.make_snapshot.clone(), args.snapshot.clone()) {
+        (Some(dir), _) => make_template(args, started, &dir),
+        (None, Some(dir)) => run_in_clone(args, started, &dir),
+        (None, None) => exec_config(args, started)
+            .map_err(exec::Error::Usage)
+            .and_then(exec::run),
     };
-    match exec::run(config) {
+    match result {
         Ok(Outcome::Exited(code)) => code,
         Ok(Outcome::TimedOut(t)) => {
             eprintln!(

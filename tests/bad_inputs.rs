@@ -113,6 +113,8 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
     let share_file = format!("{file}:/x");
     let share_missing = format!("{d}/missing:/x");
     let share_rel = format!("{d}:relative");
+    let template = format!("{d}/template");
+    let share_tmpl = format!("{d}:/x");
     let cases: &[(&[&str], &str)] = &[
         (
             &["exec", "--kernel", "/nonexistent/k", "--", "true"],
@@ -184,6 +186,36 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
             &["exec", "--kernel", file, "--timeout", "-3", "--", "true"],
             "'-3'",
         ),
+        // The warm path: a directory that is no exec template, and a
+        // template's options that cannot be (before any VM is built).
+        (
+            &["exec", "--snapshot", d, "--", "true"],
+            "not an exec template",
+        ),
+        (
+            &[
+                "exec",
+                "--make-snapshot",
+                &template,
+                "--kernel",
+                file,
+                "--share",
+                &share_tmpl,
+            ],
+            "--make-snapshot does not take --share",
+        ),
+        (
+            &[
+                "exec",
+                "--make-snapshot",
+                &template,
+                "--kernel",
+                file,
+                "--env",
+                "A=b",
+            ],
+            "takes no command, --env or --workdir",
+        ),
     ];
     for (args, needle) in cases {
         let out = capsule(args, None);
@@ -201,6 +233,9 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
         &[
             "exec", "--kernel", file, "--disk", file, "--rootfs", d, "--", "x",
         ],
+        // A template takes no command; a clone needs one.
+        &["exec", "--make-snapshot", d, "--kernel", file, "--", "x"],
+        &["exec", "--snapshot", d],
     ] {
         let out = capsule(args, None);
         assert_eq!(out.status.code(), Some(125), "{args:?}");

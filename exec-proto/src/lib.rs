@@ -28,6 +28,7 @@
 //! | 0x81 | `Time` | seconds u64, nanoseconds u32 since the Unix epoch |
 //! | 0x82 | `Stdin` | bytes |
 //! | 0x83 | `StdinEof` | empty |
+//! | 0x84 | `Spec` | an [`ExecSpec`] (its [`ExecSpec::to_bytes`]): the command, for an init that awaits it |
 //!
 //! The decoder never trusts a length: a frame longer than [`MAX_PAYLOAD`]
 //! or of an unknown kind is an error, and payloads are parsed with checked
@@ -83,6 +84,9 @@ pub mod kind {
     pub const STDIN: u8 = 0x82;
     /// Host → guest: end of standard input.
     pub const STDIN_EOF: u8 = 0x83;
+    /// Host → guest: the command to run (an init started from an exec
+    /// template awaits it).
+    pub const SPEC: u8 = 0x84;
 }
 
 /// The host (CID 2) vsock port the init connects to for the session.
@@ -382,6 +386,10 @@ pub enum HostMsg {
     Stdin(Vec<u8>),
     /// End of standard input.
     StdinEof,
+    /// The command to run, as [`ExecSpec::to_bytes`] wrote it: sent after
+    /// [`HostMsg::Time`] to an init whose own spec says
+    /// [`ExecSpec::await_command`] (a clone of an exec template).
+    Spec(Vec<u8>),
 }
 
 impl HostMsg {
@@ -410,6 +418,7 @@ impl HostMsg {
                 exact_len(&p, 0, k)?;
                 Self::StdinEof
             }
+            kind::SPEC => Self::Spec(p),
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -425,6 +434,7 @@ impl HostMsg {
             }
             Self::Stdin(d) => encode(kind::STDIN, d, out),
             Self::StdinEof => encode(kind::STDIN_EOF, &[], out),
+            Self::Spec(d) => encode(kind::SPEC, d, out),
         }
     }
 }
@@ -486,6 +496,7 @@ mod tests {
             },
             HostMsg::Stdin(b"\x00\x01line\n".to_vec()),
             HostMsg::StdinEof,
+            HostMsg::Spec(b"arg=true\0cwd=/\0".to_vec()),
         ];
         let mut stream = Vec::new();
         for m in &msgs {

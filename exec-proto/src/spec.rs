@@ -54,7 +54,9 @@ impl std::error::Error for SpecError {}
 /// (`1`: the root is the virtio-fs tag [`HOST_ROOT_TAG`], read-only, under
 /// a tmpfs overlay), `fsroot` (`1`: the root is the virtio-fs tag
 /// [`FS_ROOT_TAG`], read-write, nothing copied: `capsule exec --fs-root`),
-/// `module` (a file in [`MODULE_DIR`], repeated, in load order).
+/// `module` (a file in [`MODULE_DIR`], repeated, in load order), `await`
+/// (`1`: no command here; the init of an exec template boots, says
+/// hello and waits for [`crate::HostMsg::Spec`]).
 pub const CONFIG_PATH: &str = "/.capsule/config";
 /// Where the init finds the kernel modules it loads first.
 pub const MODULE_DIR: &str = "/.capsule/modules";
@@ -151,6 +153,10 @@ pub struct ExecSpec {
     pub modules: Vec<Vec<u8>>,
     /// Interfaces to configure before the command runs.
     pub nets: Vec<NetSpec>,
+    /// The command is not here: the init (of an exec template) waits for
+    /// it over the channel, as a [`crate::HostMsg::Spec`], reconnecting if
+    /// the channel resets (a clone's restored vsock device resets it).
+    pub await_command: bool,
 }
 
 impl ExecSpec {
@@ -198,6 +204,9 @@ impl ExecSpec {
         for n in &self.nets {
             rec("net", n.to_record().as_bytes())?;
         }
+        if self.await_command {
+            rec("await", b"1")?;
+        }
         Ok(out)
     }
 
@@ -226,13 +235,14 @@ impl ExecSpec {
                 b"live" => spec.live = val == b"1",
                 b"hostroot" => spec.host_root = val == b"1",
                 b"fsroot" => spec.fs_root = val == b"1",
+                b"await" => spec.await_command = val == b"1",
                 b"module" if !val.contains(&b'/') && !val.is_empty() => {
                     spec.modules.push(val.to_vec())
                 }
                 _ => return Err(SpecError::UnknownRecord),
             }
         }
-        if spec.argv.is_empty() {
+        if spec.argv.is_empty() && !spec.await_command {
             return Err(SpecError::NoCommand);
         }
         Ok(spec)
@@ -262,9 +272,18 @@ mod tests {
                 gateway: [192, 168, 77, 254].into(),
                 dns: vec![[9, 9, 9, 9].into()],
             }],
+            await_command: false,
         };
         let bytes = spec.to_bytes().unwrap();
         assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), spec);
+        // A template's spec has no command: it awaits one.
+        let template = ExecSpec {
+            cwd: b"/".to_vec(),
+            await_command: true,
+            ..Default::default()
+        };
+        let bytes = template.to_bytes().unwrap();
+        assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), template);
         let bad = ExecSpec {
             argv: vec![b"a\0b".to_vec()],
             ..Default::default()

@@ -30,6 +30,7 @@
     )
 )]
 
+mod channel;
 mod command;
 mod hostfs;
 mod net;
@@ -37,29 +38,20 @@ mod sys;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::fs::{self, File};
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use exec_proto::{
-    Decoder, ExecSpec, GuestMsg, HostMsg, CONFIG_PATH, CONSOLE_CHANNEL_ARG, SHARE_DIR, VERSION,
-    VSOCK_PORT,
-};
+use exec_proto::{ExecSpec, GuestMsg, CONFIG_PATH, SHARE_DIR, VERSION};
 
-/// Console port to the host (with `capsule.channel=console`).
-const PORT: &str = "/dev/hvc0";
-/// How long the channel may take to appear (driver probing).
-const CHANNEL_WAIT: Duration = Duration::from_secs(5);
-/// How long the init waits for its last frames to reach the host.
-const FINISH_WAIT: Duration = Duration::from_secs(10);
+use channel::Channel;
+
 /// Where `--disk` is mounted.
 const DISK_ROOT: &str = "/.capsule/root";
 /// Read size for files sent back to the host, and for host frames.
-const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 /// Read size for the command's output (a data frame's largest payload):
 /// with the pipes enlarged to [`OUTPUT_PIPE_SIZE`], one read, one frame
 /// and one socket write move this much while the command goes on writing.
@@ -69,194 +61,10 @@ const OUTPUT_CHUNK: usize = exec_proto::MAX_PAYLOAD;
 const OUTPUT_PIPE_SIZE: i32 = 1 << 20;
 /// Stop reading host frames while this much stdin waits for the command.
 const STDIN_HIGH_WATER: usize = 1 << 20;
-/// Heartbeat period.
-const HEARTBEAT: Duration = Duration::from_secs(1);
-/// How long to wait for the host's time after `Hello`.
-const TIME_WAIT: Duration = Duration::from_secs(30);
 /// File systems tried for `--disk`.
 const DISK_FS: [&str; 5] = ["ext4", "ext3", "ext2", "xfs", "btrfs"];
 /// PATH when the user gives none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-
-/// The channel to the host, both ways: a vsock stream, or the console
-/// port.
-struct Channel {
-    /// Blocking writer: the host always drains, so writes only wait briefly.
-    tx: File,
-    /// Read without blocking (the console port is opened `O_NONBLOCK`, the
-    /// socket is read with `MSG_DONTWAIT`).
-    rx: File,
-    /// Whether `rx` is a socket.
-    socket: bool,
-    decoder: Decoder,
-    last_sent: Instant,
-}
-
-impl Channel {
-    /// The vsock channel, or the console one if the command line asks.
-    fn open() -> Result<Self, String> {
-        let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
-        if cmdline.split_whitespace().any(|a| a == CONSOLE_CHANNEL_ARG) {
-            Self::open_console().map_err(|e| format!("cannot open {PORT}: {e}"))
-        } else {
-            Self::open_vsock()
-                .map_err(|e| format!("cannot connect to the host's vsock port {VSOCK_PORT}: {e}"))
-        }
-    }
-
-    /// Connects to the host's port, retrying while the driver is not
-    /// there yet (`ENODEV`) or the connection is refused or reset.
-    fn open_vsock() -> io::Result<Self> {
-        let deadline = Instant::now() + CHANNEL_WAIT;
-        let sock = loop {
-            match sys::vsock_connect(libc::VMADDR_CID_HOST, VSOCK_PORT) {
-                Ok(fd) => break fd,
-                Err(e)
-                    if Instant::now() < deadline
-                        && matches!(
-                            e.raw_os_error(),
-                            Some(
-                                libc::ENODEV
-                                    | libc::ECONNRESET
-                                    | libc::ECONNREFUSED
-                                    | libc::ETIMEDOUT
-                                    | libc::EINTR
-                            )
-                        ) =>
-                {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        let tx = File::from(sock);
-        let rx = tx.try_clone()?;
-        Ok(Self {
-            tx,
-            rx,
-            socket: true,
-            decoder: Decoder::new(),
-            last_sent: Instant::now(),
-        })
-    }
-
-    fn open_console() -> io::Result<Self> {
-        // The port appears when virtio-console probes; normally before init.
-        let deadline = Instant::now() + CHANNEL_WAIT;
-        let tx = loop {
-            match OpenOptions::new().write(true).open(PORT) {
-                Ok(f) => break f,
-                Err(e) if Instant::now() < deadline && e.kind() == io::ErrorKind::NotFound => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        sys::make_raw(tx.as_raw_fd())?;
-        let rx = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(PORT)?;
-        Ok(Self {
-            tx,
-            rx,
-            socket: false,
-            decoder: Decoder::new(),
-            last_sent: Instant::now(),
-        })
-    }
-
-    /// One read that does not block.
-    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.socket {
-            sys::recv_nonblocking(self.rx.as_raw_fd(), buf)
-        } else {
-            self.rx.read(buf)
-        }
-    }
-
-    fn send(&mut self, msg: &GuestMsg) -> io::Result<()> {
-        let mut buf = Vec::new();
-        msg.encode(&mut buf);
-        self.tx.write_all(&buf)?;
-        self.last_sent = Instant::now();
-        Ok(())
-    }
-
-    /// Sends a data frame of `kind` with `payload`, header and payload in
-    /// one gathered write (no copy of the payload into a frame).
-    fn send_data(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
-        let head = exec_proto::header(kind, payload.len());
-        let mut parts = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
-        let mut parts = &mut parts[..];
-        while !parts.is_empty() {
-            match self.tx.write_vectored(parts) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => io::IoSlice::advance_slices(&mut parts, n),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        self.last_sent = Instant::now();
-        Ok(())
-    }
-
-    /// Reads what the host sent; returns the complete messages.
-    fn receive(&mut self) -> io::Result<Vec<HostMsg>> {
-        let mut buf = [0u8; CHUNK];
-        loop {
-            match self.read_some(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => self.decoder.push(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        let mut msgs = Vec::new();
-        while let Some(frame) = self.decoder.next_frame().map_err(io::Error::other)? {
-            msgs.push(HostMsg::parse(frame).map_err(io::Error::other)?);
-        }
-        Ok(msgs)
-    }
-
-    /// Before power-off: makes sure the last frames left the guest. A
-    /// console write returns once the host took the bytes; a socket write
-    /// only queues them (the vsock driver sends from a work queue), so the
-    /// init says it is done sending and waits, at most
-    /// [`FINISH_WAIT`], for the host to end the connection or the VM
-    /// (the host stops the VM as soon as `Exit` arrives).
-    fn finish(&mut self) {
-        if !self.socket {
-            return;
-        }
-        // SAFETY: plain system call on the socket this channel owns.
-        unsafe { libc::shutdown(self.tx.as_raw_fd(), libc::SHUT_WR) };
-        let deadline = Instant::now() + FINISH_WAIT;
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            let mut fds = [libc::pollfd {
-                fd: self.rx.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            if sys::poll(&mut fds, 100).is_err() {
-                return;
-            }
-            match self.read_some(&mut buf) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    }
-
-    fn heartbeat_due(&self) -> bool {
-        self.last_sent.elapsed() >= HEARTBEAT
-    }
-}
 
 fn main() {
     if std::process::id() != 1 {
@@ -298,10 +106,17 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
     })?);
     chan.send(&GuestMsg::Hello { version: VERSION })
         .map_err(|e| format!("cannot write to the host: {e}"))?;
-    let early_stdin = wait_for_time(chan)?;
-
-    let spec = spec?;
-    modules?;
+    // An exec template's init has no command of its own: it waits for one
+    // (and is snapshotted waiting); each clone's host sends its own.
+    let (spec, early_stdin) = if spec.as_ref().is_ok_and(|s| s.await_command) {
+        modules?;
+        channel::wait_for_command(chan_slot)?
+    } else {
+        let early = channel::wait_for_time(chan)?;
+        modules?;
+        (spec?, early)
+    };
+    let chan = chan_slot.as_mut().ok_or("no channel to the host")?;
 
     let root = if spec.host_root {
         hostfs::mount_host_root()?
@@ -361,35 +176,6 @@ pub(crate) fn mount_basics(prefix: &str) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Waits for the host's `Time` and sets the clock. Returns stdin messages
-/// that arrived right behind it.
-fn wait_for_time(chan: &mut Channel) -> Result<Vec<HostMsg>, String> {
-    let deadline = Instant::now() + TIME_WAIT;
-    loop {
-        let mut fds = [libc::pollfd {
-            fd: chan.rx.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        sys::poll(&mut fds, 200).map_err(|e| format!("poll: {e}"))?;
-        let mut msgs = chan
-            .receive()
-            .map_err(|e| format!("bad message from the host: {e}"))?;
-        if let Some(pos) = msgs.iter().position(|m| matches!(m, HostMsg::Time { .. })) {
-            if let HostMsg::Time { secs, nanos } = msgs[pos] {
-                if let Err(e) = sys::set_clock(secs, nanos) {
-                    eprintln!("capsule-init: cannot set the clock: {e}");
-                }
-            }
-            msgs.remove(pos);
-            return Ok(msgs);
-        }
-        if Instant::now() > deadline {
-            return Err("the host did not send the time".into());
-        }
-    }
 }
 
 fn mount_disk() -> Result<(), String> {

@@ -46,6 +46,7 @@ pub fn build_initramfs(
         fs_root: config.fs_root.is_some(),
         modules: module_names,
         nets,
+        await_command: config.argv.is_empty(),
     };
     let spec = spec.to_bytes()?;
     let mut w = CpioWriter::new();

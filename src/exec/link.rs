@@ -101,6 +101,9 @@ pub(super) struct VsockLink {
     data_ready: EventFd,
     chunks: Receiver<StdinChunk>,
     time_sent: bool,
+    /// The command, sent right after the time to a clone of an exec
+    /// template (whose init awaits it).
+    spec: Option<Vec<u8>>,
     stdin_done: bool,
     buf: Vec<u8>,
 }
@@ -129,9 +132,17 @@ impl VsockLink {
             data_ready,
             chunks,
             time_sent: false,
+            spec: None,
             stdin_done: false,
             buf: vec![0; 256 * 1024],
         })
+    }
+
+    /// Sends `spec` (an [`exec_proto::ExecSpec`]'s bytes, at most
+    /// [`MAX_PAYLOAD`]) right after the time: the command of a clone of
+    /// an exec template.
+    pub(super) fn send_spec(&mut self, spec: Vec<u8>) {
+        self.spec = Some(spec);
     }
 
     fn accept(&mut self) {
@@ -214,6 +225,9 @@ impl VsockLink {
                 nanos: now.subsec_nanos(),
             }
             .encode(&mut frame);
+            if let Some(spec) = self.spec.take() {
+                HostMsg::Spec(spec).encode(&mut frame);
+            }
             self.out.extend(frame);
             self.time_sent = true;
         }
@@ -424,6 +438,46 @@ mod tests {
         drop(guest);
         run(&mut em);
         assert_eq!(lock(&session).exit, Some(7));
+    }
+
+    #[test]
+    fn a_clone_gets_its_command_right_after_the_time() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let session = Arc::new(Mutex::new(session(vec![])));
+        let (tx, rx) = mpsc::sync_channel(1);
+        let data_ready = devices::eventfd().unwrap();
+        let sink = Sink {
+            session: session.clone(),
+            decoder: Decoder::new(),
+        };
+        let mut link = VsockLink::new(
+            listener,
+            sink,
+            session.clone(),
+            devices::eventfd().unwrap(),
+            data_ready.try_clone().unwrap(),
+            rx,
+        )
+        .unwrap();
+        link.send_spec(b"arg=true\0".to_vec());
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(link)));
+        let mut guest = UnixStream::connect(&path).unwrap();
+        guest.set_nonblocking(true).unwrap();
+        tx.send(StdinChunk::Eof).unwrap();
+        data_ready.write(1).unwrap();
+        let mut hello = Vec::new();
+        GuestMsg::Hello {
+            version: exec_proto::VERSION,
+        }
+        .encode(&mut hello);
+        guest.write_all(&hello).unwrap();
+        let got = host_frames(&mut guest, &mut em, 3);
+        assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
+        assert_eq!(got[1], HostMsg::Spec(b"arg=true\0".to_vec()));
+        assert_eq!(got[2], HostMsg::StdinEof);
     }
 
     #[test]

@@ -31,6 +31,9 @@
 //! * `prepare.rs`: before the VM is built, the environment and working
 //!   directory checked, live shares or copies decided (`--share`,
 //!   `--host-root`, `--fs-root`), the initramfs and command line made.
+//! * `warm.rs`: the warm path, a template guest snapshotted where its init
+//!   waits for a command (`--make-snapshot DIR`) and each command run in
+//!   a clone of it (`--snapshot DIR`).
 //!
 //! This file holds the arguments ([`ExecConfig`], [`Share`]) and [`run`]:
 //! prepare, wire the session, boot, map the end to an [`Outcome`].
@@ -44,6 +47,7 @@ mod netcfg;
 mod prepare;
 mod session;
 mod stdin;
+pub mod warm;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -123,6 +127,9 @@ pub enum Error {
     /// Setting up host-side plumbing failed.
     #[error("{0}: {1}")]
     Host(&'static str, #[source] io::Error),
+    /// An exec template could not be written or restored.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::Error),
 }
 
 /// A host directory shared with the guest.
@@ -187,7 +194,8 @@ pub struct ExecConfig {
     pub env: Vec<String>,
     /// Working directory in the guest.
     pub workdir: String,
-    /// Program and arguments.
+    /// Program and arguments (none: an exec template's, whose init
+    /// awaits each clone's command).
     pub argv: Vec<OsString>,
     /// Kill the VM after this long.
     pub timeout: Option<Duration>,

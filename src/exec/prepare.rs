@@ -12,17 +12,7 @@ use crate::config::FsConfig;
 /// Checks the command's environment and working directory; adds the
 /// generated initramfs and capsule's command line to the VM.
 pub(super) fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
-    for e in &config.env {
-        if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
-            return Err(Error::Usage(format!("--env '{e}': expected KEY=VALUE")));
-        }
-    }
-    if !config.workdir.starts_with('/') {
-        return Err(Error::Usage(format!(
-            "--workdir '{}': must be an absolute guest path",
-            config.workdir
-        )));
-    }
+    check_command(config)?;
     let live = plan_live_shares(config)?;
     let modules = module_files(config)?;
     let nets = config
@@ -46,6 +36,23 @@ pub(super) fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), E
     )
     .trim_end()
     .to_string();
+    Ok(())
+}
+
+/// Checks the command's environment (`K=V`) and working directory
+/// (absolute).
+pub(super) fn check_command(config: &ExecConfig) -> Result<(), Error> {
+    for e in &config.env {
+        if e.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
+            return Err(Error::Usage(format!("--env '{e}': expected KEY=VALUE")));
+        }
+    }
+    if !config.workdir.starts_with('/') {
+        return Err(Error::Usage(format!(
+            "--workdir '{}': must be an absolute guest path",
+            config.workdir
+        )));
+    }
     Ok(())
 }
 

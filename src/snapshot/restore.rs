@@ -317,6 +317,21 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         .map(|v| devices.add_vsock(v))
         .transpose()?;
     let (blocks, macs) = (devices.blocks, devices.macs);
+
+    // The vCPUs (and their LAPICs) before the devices' states: a device
+    // put back may raise its interrupt at once (a transport's saved
+    // interrupt status, the vsock device's TRANSPORT_RESET). KVM injects
+    // an irqfd's interrupt from a work queue: before the vCPUs existed it
+    // had no LAPIC to go to, and one restored afterwards overwrote its
+    // request register. Either way the guest never heard of it: clones of
+    // an exec template waited for that reset until their boot timeout,
+    // now and then (the first nested run of exec_snapshot_20).
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
+        let vcpu = Vcpu::new(vm.fd(), index).map_err(builder::Error::from)?;
+        vcpu.restore(saved).map_err(builder::Error::from)?;
+        vcpus.push(vcpu);
+    }
     restore_devices(cfg, &state, &dm, &blocks).map_err(|source| Error::RestoreDevice {
         path: cfg.snapshot_path.clone(),
         source,
@@ -326,13 +341,6 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .restored();
-    }
-
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
-        let vcpu = Vcpu::new(vm.fd(), index).map_err(builder::Error::from)?;
-        vcpu.restore(saved).map_err(builder::Error::from)?;
-        vcpus.push(vcpu);
     }
     let persist = builder::handles(&config, &dm, blocks, macs, None);
     let vmm = started.launch(

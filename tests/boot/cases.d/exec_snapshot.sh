@@ -1,0 +1,105 @@
+# shellcheck shell=sh
+# tests/boot/cases.d/exec_snapshot.sh: the warm path of `capsule exec`
+# (issue #17, item 6). Sourced by tests/boot/cases.sh; POSIX sh for
+# busybox ash in L1; uses run_exec and the helpers of cases.d/exec.sh.
+#
+# exec_snapshot_20: `exec --make-snapshot DIR` boots a template (the root
+# image as an ephemeral disk) and snapshots it where its init waits; then
+# 20 `exec --snapshot DIR` in a row, each with its own command, --env,
+# --workdir, stdin, stdout, stderr and exit status (0 to 6), all checked;
+# then two clones at once; one cold exec of the same command beside them for the times; options
+# that contradict the template are refused (status 125). Prints the cold
+# and warm times in ms.
+
+# shellcheck disable=SC2016  # $... in guest commands is for the guest shell
+ALL_CASES="$ALL_CASES exec_snapshot_20"
+
+# ms_now: milliseconds since boot (/proc/uptime has hundredths).
+ms_now() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
+# The guest command of run I: its stdout is "out-I /tmp" then its stdin;
+# "err-I" on stderr; exit status I mod 7.
+EXEC_SNAP_CMD='echo "out-$N $(pwd)"; cat; echo "err-$N" >&2; exit $((N % 7))'
+
+case_exec_snapshot_20() {
+    _d="$WORK/exec_snapshot_20.t"
+    rm -rf "$_d"
+    mkdir -p "$_d"
+    _tpl="$_d/template"
+    _t0=$(ms_now)
+    run_exec exec_snapshot_20 /dev/null exec --make-snapshot "$_tpl" \
+        --kernel "$BZIMAGE" --disk "$ROOTFS,ephemeral" --memory 128M
+    _make_ms=$(($(ms_now) - _t0))
+    expect "--make-snapshot exit status 0 (got $RC)" rc_is 0
+    for _f in snapshot memory exec-template; do
+        expect "template file $_f written" [ -s "$_tpl/$_f" ]
+    done
+    if [ "$RC" -ne 0 ]; then
+        return
+    fi
+    _make_err=$(cat "$ERR")
+
+    # The cold exec of the same command, for the comparison.
+    echo "in-cold" >"$_d/in.cold"
+    _t0=$(ms_now)
+    run_exec exec_snapshot_20 "$_d/in.cold" exec --kernel "$BZIMAGE" --disk "$ROOTFS,ephemeral" \
+        --memory 128M --env N=0 --workdir /tmp -- sh -c "$EXEC_SNAP_CMD"
+    _cold_ms=$(($(ms_now) - _t0))
+    expect "cold exec: status 0 (got $RC)" rc_is 0
+    expect "cold exec: its output" out_is "out-0 /tmp
+in-cold"
+
+    _i=1 _warm_total=0 _warm_min=999999 _warm_max=0 _bad=""
+    while [ $_i -le 20 ]; do
+        echo "in-$_i" >"$_d/in.$_i"
+        _t0=$(ms_now)
+        run_exec exec_snapshot_20 "$_d/in.$_i" exec --snapshot "$_tpl" --boot-timeout 30 \
+            --env N=$_i --workdir /tmp -- sh -c "$EXEC_SNAP_CMD"
+        _ms=$(($(ms_now) - _t0))
+        _warm_total=$((_warm_total + _ms))
+        [ $_ms -lt $_warm_min ] && _warm_min=$_ms
+        [ $_ms -gt $_warm_max ] && _warm_max=$_ms
+        _want_rc=$((_i % 7))
+        if [ "$RC" -ne $_want_rc ] || [ "$(cat "$OUT")" != "out-$_i /tmp
+in-$_i" ] || ! grep -qx "err-$_i" "$ERR"; then
+            _bad="${_bad:+$_bad, }run $_i (status $RC, want $_want_rc; stdout $(head -c 80 "$OUT" | tr '\n' '|'); stderr $(tail -n 3 "$ERR" | tr '\n' '|'))"
+            cp "$OUT" "$_d/bad.stdout"
+            cp "$ERR" "$_d/bad.stderr"
+            # One failure says enough (a hang costs a boot timeout each).
+            break
+        fi
+        _i=$((_i + 1))
+    done
+    expect "20 warm execs with the right outputs and statuses: wrong: $_bad" [ -z "$_bad" ]
+
+    # Two clones at once (the template's disk is ephemeral: shared).
+    for _n in 101 102; do
+        timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" exec --snapshot "$_tpl" --env N=$_n --workdir /tmp \
+            -- sh -c "$EXEC_SNAP_CMD" </dev/null >"$_d/par.$_n.out" 2>"$_d/par.$_n.err" &
+        eval "_par$_n=\$!"
+    done
+    wait "$_par101"
+    _r1=$?
+    wait "$_par102"
+    _r2=$?
+    expect "two clones at once: statuses 3 and 4 (got $_r1, $_r2)" [ "$_r1 $_r2" = "3 4" ]
+    expect "two clones at once: their own outputs" sh -c \
+        "[ \"\$(cat '$_d/par.101.out')\" = 'out-101 /tmp' ] && [ \"\$(cat '$_d/par.102.out')\" = 'out-102 /tmp' ]"
+
+    # Options that contradict the template are refused, before any VM.
+    run_exec exec_snapshot_20 /dev/null exec --snapshot "$_tpl" --cpus 2 -- true
+    expect "--cpus 2 against a 1-vCPU template: status 125 (got $RC)" rc_is 125
+    expect "... says it conflicts" err_has "conflicts with the template's"
+    run_exec exec_snapshot_20 /dev/null exec --snapshot "$_d" -- true
+    expect "a directory without a template: status 125 (got $RC)" rc_is 125
+    expect "... says it is not one" err_has "not an exec template"
+
+    SECS=$(((_make_ms + _cold_ms + _warm_total) / 1000))
+    _n=$((_i > 20 ? 20 : _i))
+    echo "exec_snapshot_20: --make-snapshot ${_make_ms} ms; cold exec ${_cold_ms} ms; warm exec (--snapshot) mean $((_warm_total / _n)) ms, min ${_warm_min} ms, max ${_warm_max} ms over $_n"
+    if [ -n "$_bad" ] && [ -s "$_d/bad.stdout" ]; then
+        OUT="$_d/bad.stdout" ERR="$_d/bad.stderr"
+    elif [ -n "$CASE_ERRORS" ]; then
+        printf '%s\n' "$_make_err" >>"$ERR"
+    fi
+}
