@@ -31,7 +31,11 @@
 # contention in the harness, which this case cannot tell apart from a
 # stall yet (a control series with the guest burning CPU without disk
 # I/O would). Fewer than 40 curls fit in the loaded 60 s for the same
-# reason.
+# reason. With the control series (2026-12-05, three runs): loaded p99
+# 134.9 / 52.6 / 172.8 ms against the control's 133.7 / 52.0 / 84.5 ms
+# (idle 52.9 / 35.3 / 43.0 ms), the guest reading 217-475 MiB/s, capsule
+# stop 0.5-1.0 s: all three pass, but the third by 12 ms, with another
+# L1 sharing the machine, so the case stays optional for now.
 OPTIONAL_CASES="${OPTIONAL_CASES:-} disk_starve"
 
 # Each curl is a process start, about 0.7 s under TCG in L1: 60 requests
