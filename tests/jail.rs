@@ -66,6 +66,20 @@ fn jailed_pid(keeper: &mut std::process::Child, root: &std::path::Path) -> Strin
     }
 }
 
+/// Process `pid`'s status holds each line of `wants`, and it is PID 1 of
+/// its own PID namespace.
+fn assert_jailed_status(pid: &str, wants: &[&str]) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    for want in wants {
+        assert!(status.contains(want), "want {want:?} in {status}");
+    }
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert!(
+        nspid.ends_with("\t1"),
+        "not PID 1 of its own namespace: {nspid}"
+    );
+}
+
 /// The names in the root directory of process `pid`, sorted.
 fn root_names(pid: &str) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
@@ -92,19 +106,14 @@ fn jailed_vm_runs_confined_and_cleans_up() {
     let mut keeper = spawn_capsule(&args, &[]);
     let root = base.join("capsule/jailtest/root");
     let jailed = jailed_pid(&mut keeper, &root);
-    let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
-    for want in [
-        "Uid:\t65534\t65534\t65534\t65534",
-        "Gid:\t65534\t65534",
-        "NoNewPrivs:\t1",
-        "Seccomp:\t2",
-    ] {
-        assert!(status.contains(want), "want {want:?} in {status}");
-    }
-    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
-    assert!(
-        nspid.ends_with("\t1"),
-        "not PID 1 of its own namespace: {nspid}"
+    assert_jailed_status(
+        &jailed,
+        &[
+            "Uid:\t65534\t65534\t65534\t65534",
+            "Gid:\t65534\t65534",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+        ],
     );
     let ns = |p: &str, n: &str| std::fs::read_link(format!("/proc/{p}/ns/{n}")).unwrap();
     assert_ne!(
@@ -293,24 +302,19 @@ fn unprivileged_jail_has_its_own_user_namespace_and_no_capabilities() {
     );
     let root = base.join("capsule/ujail/root");
     let jailed = jailed_pid(&mut keeper, &root);
-    let status = std::fs::read_to_string(format!("/proc/{jailed}/status")).unwrap();
-    for want in [
-        "Uid:\t65534\t65534\t65534\t65534",
-        "Gid:\t65534\t65534\t65534\t65534",
-        "CapInh:\t0000000000000000",
-        "CapPrm:\t0000000000000000",
-        "CapEff:\t0000000000000000",
-        "CapBnd:\t0000000000000000",
-        "CapAmb:\t0000000000000000",
-        "NoNewPrivs:\t1",
-        "Seccomp:\t2",
-    ] {
-        assert!(status.contains(want), "want {want:?} in {status}");
-    }
-    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
-    assert!(
-        nspid.ends_with("\t1"),
-        "not PID 1 of its namespace: {nspid}"
+    assert_jailed_status(
+        &jailed,
+        &[
+            "Uid:\t65534\t65534\t65534\t65534",
+            "Gid:\t65534\t65534\t65534\t65534",
+            "CapInh:\t0000000000000000",
+            "CapPrm:\t0000000000000000",
+            "CapEff:\t0000000000000000",
+            "CapBnd:\t0000000000000000",
+            "CapAmb:\t0000000000000000",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+        ],
     );
     let ns = |p: &str, n: &str| std::fs::read_link(format!("/proc/{p}/ns/{n}")).unwrap();
     for n in ["user", "mnt", "pid"] {
