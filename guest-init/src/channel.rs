@@ -18,6 +18,9 @@ const PORT: &str = "/dev/hvc0";
 const CHANNEL_WAIT: Duration = Duration::from_secs(5);
 /// How long the init waits for its last frames to reach the host.
 const FINISH_WAIT: Duration = Duration::from_secs(10);
+/// The exec socket's buffer: what may be in flight towards the host, and
+/// the credit capsule's vsock device offers a connection (1 MiB).
+const SOCKET_BUFFER: u64 = 1 << 20;
 /// Heartbeat period.
 const HEARTBEAT: Duration = Duration::from_secs(1);
 /// How long to wait for the host's time after `Hello`.
@@ -56,7 +59,7 @@ impl Channel {
     fn open_vsock() -> io::Result<Self> {
         let deadline = Instant::now() + CHANNEL_WAIT;
         let sock = loop {
-            match sys::vsock_connect(libc::VMADDR_CID_HOST, VSOCK_PORT) {
+            match sys::vsock_connect(libc::VMADDR_CID_HOST, VSOCK_PORT, Some(SOCKET_BUFFER)) {
                 Ok(fd) => break fd,
                 Err(e)
                     if Instant::now() < deadline

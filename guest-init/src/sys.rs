@@ -278,8 +278,37 @@ pub fn power_off() -> ! {
     }
 }
 
-/// A blocking vsock stream socket connected to `cid`:`port`.
-pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
+/// `<linux/vm_sockets.h>` socket options (level `AF_VSOCK`), which the
+/// libc crate does not define.
+const SO_VM_SOCKETS_BUFFER_SIZE: libc::c_int = 0;
+const SO_VM_SOCKETS_BUFFER_MAX_SIZE: libc::c_int = 2;
+
+/// Sets one `u64` vsock socket option.
+fn vsock_option(fd: &OwnedFd, name: libc::c_int, value: u64) -> io::Result<()> {
+    // SAFETY: the option value is a u64 that outlives the call, and the
+    // length passed is its size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            name,
+            std::ptr::addr_of!(value).cast::<libc::c_void>(),
+            8, // size_of::<u64>()
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A blocking vsock stream socket connected to `cid`:`port`, with a
+/// receive buffer of `buffer` bytes if given. Linux sends at most the
+/// smaller of its own buffer and the peer's unacknowledged, so this is
+/// also how much the socket can have in flight towards the host (the
+/// default, 256 KiB, is a round trip's worth too little under nested
+/// virtualization).
+pub fn vsock_connect(cid: u32, port: u32, buffer: Option<u64>) -> io::Result<OwnedFd> {
     // SAFETY: socket() takes no pointers; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -287,6 +316,11 @@ pub fn vsock_connect(cid: u32, port: u32) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor this function owns.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    if let Some(bytes) = buffer {
+        // The maximum first: the size may not exceed it.
+        vsock_option(&sock, SO_VM_SOCKETS_BUFFER_MAX_SIZE, bytes)?;
+        vsock_option(&sock, SO_VM_SOCKETS_BUFFER_SIZE, bytes)?;
+    }
     // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
     addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();

@@ -12,9 +12,14 @@
 //!   sends past its credit is a broken or hostile driver and its
 //!   connection is reset. `fwd_cnt` counts bytes written to the host
 //!   stream; the guest hears of it with every packet and by a
-//!   `CREDIT_UPDATE` once the room it knows of fell below
-//!   [`CREDIT_LOW`] while more was made (Linux never asks for credit: a
-//!   sender that ran out waits for the receiver to speak).
+//!   `CREDIT_UPDATE` once the room it knows of fell below half its
+//!   window while more was made (Linux never asks for credit: a sender
+//!   that ran out waits for the receiver to speak). The window is the
+//!   smaller of the credit offered and the guest's own `buf_alloc`:
+//!   Linux sends at most that much unacknowledged (its
+//!   `virtio_transport_tx_buf_size`), so a guest with a smaller socket
+//!   buffer than capsule's stops short of the credit, and an update
+//!   reckoned against the credit alone would never come.
 //! * Host → guest: the host stream is read straight into a receive chain,
 //!   and only as much as the guest's credit allows, so nothing is
 //!   buffered on the host: a slow guest leaves the bytes in the host
@@ -45,13 +50,7 @@ pub struct Payload<'a> {
 
 /// Receive buffer the device offers the guest per connection: the most
 /// guest data capsule holds for one connection.
-pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
-/// When the room the guest knows of (`CONN_BUF_ALLOC` less what it sent
-/// since the `fwd_cnt` it was last told) is below this and the host took
-/// more meanwhile, the guest is sent a `CREDIT_UPDATE`: early enough that
-/// a guest sending flat out rarely runs dry, rarely enough that it is not
-/// one update per packet.
-pub const CREDIT_LOW: u32 = CONN_BUF_ALLOC / 2;
+pub const CONN_BUF_ALLOC: u32 = 1024 * 1024;
 
 /// Control packets owed to the guest (bits of `Connection::owed`), in the
 /// order they are sent.
@@ -509,13 +508,22 @@ impl Connection {
     /// sent since the `fwd_cnt` it was last told.
     fn room_told(&self) -> u32 {
         let received = self.fwd_cnt.wrapping_add(len32(self.tx_buf.len()));
-        CONN_BUF_ALLOC.saturating_sub(received.wrapping_sub(self.fwd_cnt_told))
+        self.window()
+            .saturating_sub(received.wrapping_sub(self.fwd_cnt_told))
     }
 
-    /// Owes the guest a `CREDIT_UPDATE` when the room it knows of runs low
-    /// and the host has taken bytes it was not told of.
+    /// What the guest may have in flight: the credit offered, or its own
+    /// receive buffer if smaller (see the module's notes).
+    pub fn window(&self) -> u32 {
+        CONN_BUF_ALLOC.min(self.peer_buf_alloc)
+    }
+
+    /// Owes the guest a `CREDIT_UPDATE` when the room it knows of fell
+    /// below half its window (early enough that a guest sending flat out
+    /// rarely runs dry, rarely enough that it is not one update per
+    /// packet) and the host has taken bytes it was not told of.
     fn check_credit(&mut self) {
-        if self.fwd_cnt != self.fwd_cnt_told && self.room_told() < CREDIT_LOW {
+        if self.fwd_cnt != self.fwd_cnt_told && self.room_told() < self.window() / 2 {
             self.owed |= owed::CREDIT_UPDATE;
         }
     }

@@ -198,8 +198,10 @@ fn credit_updates_follow_what_the_host_takes() {
     let l = h.listen(52);
     let mut host = h.guest_connect(&l, 1000, 52);
     let chunk = vec![2u8; 32 * 1024];
-    // Half the credit: the guest still knows of room enough.
-    let half = (CONN_BUF_ALLOC - conn::CREDIT_LOW) as usize / chunk.len();
+    // Half the window (the guest's 256 KiB buffer, below capsule's
+    // credit): the guest still knows of room enough.
+    let window = CONN_BUF_ALLOC.min(g(op::RW, 1000, 52).buf_alloc);
+    let half = (window / 2) as usize / chunk.len();
     for _ in 0..half {
         h.send(g(op::RW, 1000, 52), &chunk);
     }
@@ -219,6 +221,39 @@ fn credit_updates_follow_what_the_host_takes() {
     assert_eq!(
         got.last().unwrap().0.fwd_cnt,
         (half + 1) as u32 * chunk.len() as u32
+    );
+}
+
+/// Linux never sends more than its own socket buffer unacknowledged,
+/// whatever credit capsule offers: a guest whose buffer is smaller than
+/// the credit sends that much and waits. Before updates were reckoned
+/// against the smaller of the two, it waited forever.
+#[test]
+fn a_guest_with_a_small_buffer_that_sent_it_all_hears_of_the_room() {
+    let mem = guest_memory();
+    let mut h = Harness::new(&mem);
+    let l = h.listen(52);
+    let mut req = g(op::REQUEST, 1000, 52);
+    req.buf_alloc = 64 * 1024;
+    h.send(req, &[]);
+    h.recv_until(op::RESPONSE);
+    let (mut host, _) = l.accept().unwrap();
+    host.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let chunk = vec![3u8; 16 * 1024];
+    for _ in 0..4 {
+        let mut rw = g(op::RW, 1000, 52);
+        rw.buf_alloc = 64 * 1024;
+        h.send(rw, &chunk);
+    }
+    let mut b = vec![0u8; 64 * 1024];
+    host.read_exact(&mut b).unwrap();
+    h.run();
+    let got = h.recv_until(op::CREDIT_UPDATE);
+    let told = got.iter().map(|(h, _)| h.fwd_cnt).max().unwrap();
+    assert!(
+        told >= 32 * 1024,
+        "the guest knows of half its window free at least (told {told})"
     );
 }
 

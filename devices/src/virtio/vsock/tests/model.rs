@@ -71,9 +71,10 @@ pub(super) struct Sock {
 }
 
 impl Sock {
+    /// As Linux reckons it: the peer's buffer, capped at the socket's own.
     pub fn credit(&self) -> usize {
         let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
-        self.peer_buf_alloc.saturating_sub(in_flight) as usize
+        self.peer_buf_alloc.min(GUEST_BUF).saturating_sub(in_flight) as usize
     }
 
     pub fn header(&mut self, op: u16) -> Header {
