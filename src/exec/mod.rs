@@ -52,7 +52,8 @@ pub mod warm;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -72,7 +73,7 @@ use self::copyback::ShareBack;
 use self::cpio::CpioError;
 pub use self::initramfs::build_initramfs;
 pub use self::session::ConsoleTail;
-use self::session::{Session, Sink, Stop};
+use self::session::{EndWatch, Session, Sink, Stop};
 use self::stdin::{spawn_stdin_reader, StdinPump};
 
 /// Kernel command line of an exec guest (before `--append`).
@@ -229,6 +230,23 @@ fn dup_file(fd: std::os::fd::BorrowedFd<'_>, what: &'static str) -> Result<File,
         .map_err(|e| Error::Host(what, e))
 }
 
+/// The command's output, where capsule writes it: a pipe is widened to
+/// [`OUTPUT_PIPE_SIZE`] (Linux's limit for unprivileged users), so
+/// capsule's event loop, which also runs the devices, rarely waits for
+/// a reader that takes little at a time (busybox `wc` reads 4 KiB).
+fn output_file(fd: std::os::fd::BorrowedFd<'_>, what: &'static str) -> Result<File, Error> {
+    let f = dup_file(fd, what)?;
+    if f.metadata().is_ok_and(|m| m.file_type().is_fifo()) {
+        // SAFETY: F_SETPIPE_SZ takes an int, no pointers; on failure (a
+        // size over the user's limit) the pipe keeps its size.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETPIPE_SZ, OUTPUT_PIPE_SIZE) };
+    }
+    Ok(f)
+}
+
+/// See [`output_file`]: 1 MiB, `/proc/sys/fs/pipe-max-size`'s default.
+const OUTPUT_PIPE_SIZE: libc::c_int = 1 << 20;
+
 /// The guest's CID in an exec VM.
 const EXEC_GUEST_CID: u64 = 3;
 
@@ -278,6 +296,8 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     };
     // Kept until the VM is gone: the sockets' directory and listener.
     let mut _sockets = None;
+    // Stopped and joined when dropped (below, or on an early return).
+    let mut link_thread = None;
     let extras = match channel {
         Channel::Console => {
             let (console, pump) = console_and_pump(&session, wake)?;
@@ -289,14 +309,26 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         Channel::Vsock => {
             let (link, dir, file) = vsock_link(&mut config, &session, wake)?;
             _sockets = Some((file, dir));
+            link_thread = Some(
+                link::LinkThread::spawn(link)
+                    .map_err(|e| Error::Host("cannot start the session's thread", e))?,
+            );
+            let ended = lock(&session)
+                .ended
+                .try_clone()
+                .map_err(|e| Error::Host("eventfd", e))?;
             Extras {
                 devices: vec![],
-                subscribers: vec![Arc::new(Mutex::new(link))],
+                subscribers: vec![Arc::new(Mutex::new(EndWatch(ended)))],
             }
         }
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
-    let end = vmm.run(Some(TICK), |_| lock(&session).check())?;
+    let end = vmm.run(Some(TICK), |_| lock(&session).check());
+    // The session's decoding ends with the VM: nothing is written after
+    // the outcome is known.
+    drop(link_thread);
+    let end = end?;
     let session = lock(&session);
     Ok(match outcome(end, &session, &tail) {
         // The init never spoke: the usual cause is a kernel that cannot
@@ -367,8 +399,8 @@ fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
         error: None,
         broken: None,
         copy_error: None,
-        stdout: dup_file(io::stdout().as_fd(), "cannot duplicate stdout")?,
-        stderr: dup_file(io::stderr().as_fd(), "cannot duplicate stderr")?,
+        stdout: output_file(io::stdout().as_fd(), "cannot duplicate stdout")?,
+        stderr: output_file(io::stderr().as_fd(), "cannot duplicate stderr")?,
         output_failed: false,
         shares: config
             .shares
@@ -380,6 +412,7 @@ fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
             .collect(),
         current_file: None,
         wake: wake.try_clone().map_err(|e| Error::Host("eventfd", e))?,
+        ended: devices::eventfd().map_err(|e| Error::Host("eventfd", e))?,
     })
 }
 
@@ -440,11 +473,21 @@ fn outcome(end: RunEnd<Stop>, session: &Session, tail: &ConsoleTail) -> Outcome 
             "stopped by {}",
             crate::signals::name(crate::signals::pending().unwrap_or(libc::SIGTERM))
         )),
-        (RunEnd::Guest(_), ..) => failed(if session.hello {
-            "the guest shut down before the command's exit status arrived".into()
-        } else {
-            "the guest shut down before capsule's init started".into()
-        }),
+        (RunEnd::Guest(how), ..) => {
+            // A reset (a triple fault, or a reboot the command asked for)
+            // reads differently from a power-off: it is rarely the
+            // command's own doing, and the log above names the fault.
+            let what = if how == GuestExit::Reset {
+                "the guest reset"
+            } else {
+                "the guest shut down"
+            };
+            failed(if session.hello {
+                format!("{what} before the command's exit status arrived")
+            } else {
+                format!("{what} before capsule's init started")
+            })
+        }
     }
 }
 

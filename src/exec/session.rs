@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use exec_proto::{Decoder, GuestMsg};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -68,6 +69,26 @@ pub(super) struct Session {
     pub(super) current_file: Option<(File, PathBuf)>,
     /// Wakes the [`StdinPump`] when the init said hello.
     pub(super) wake: EventFd,
+    /// Written when the session is over (the command's status or an
+    /// error arrived, or the stream broke), so the run loop sees it at
+    /// once when the session is decoded on another thread ([`EndWatch`]).
+    pub(super) ended: EventFd,
+}
+
+/// Wakes the run loop when the session is over: subscribed to
+/// [`Session::ended`]; the loop's check then finds why.
+pub(super) struct EndWatch(pub(super) EventFd);
+
+impl MutEventSubscriber for EndWatch {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("exec: cannot watch the session's end: {e}");
+        }
+    }
+
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        let _ = self.0.read();
+    }
 }
 
 /// Why the run loop stopped on the host's initiative.
@@ -149,8 +170,12 @@ impl Session {
             GuestMsg::Exit(status) => {
                 self.current_file = None;
                 self.exit = Some(status);
+                let _ = self.ended.write(1);
             }
-            GuestMsg::Error(m) => self.error = Some(m),
+            GuestMsg::Error(m) => {
+                self.error = Some(m);
+                let _ = self.ended.write(1);
+            }
             GuestMsg::File { share, mode, path } => {
                 self.current_file = None;
                 match self.create(share, &path, false, mode) {
@@ -201,6 +226,7 @@ impl Write for Sink {
                     if session.broken.is_none() {
                         session.broken =
                             Some(format!("the guest init sent a malformed message: {e}"));
+                        let _ = session.ended.write(1);
                     }
                     break;
                 }
@@ -235,6 +261,7 @@ pub(super) mod tests {
             shares,
             current_file: None,
             wake: devices::eventfd().unwrap(),
+            ended: devices::eventfd().unwrap(),
         }
     }
 

@@ -42,6 +42,10 @@ write_l1_wrapper() {
     if [[ -n "${BENCH_EXEC_MIB:-}${BENCH_CONSOLE_MIB:-}" ]]; then
         bench_line="export BENCH_EXEC_MIB='${BENCH_EXEC_MIB:-256}' BENCH_CONSOLE_MIB='${BENCH_CONSOLE_MIB:-16}'"
     fi
+    if [[ "${BENCH_EXEC_ROWS:-}" =~ ^[a-z\ ]+$ ]]; then
+        bench_line="$bench_line
+export BENCH_EXEC_ROWS='$BENCH_EXEC_ROWS'"
+    fi
     # Rounds of the optional bench_exec_confinement case.
     if [[ "${BENCH_RUNS:-}" =~ ^[1-9][0-9]*$ ]]; then
         bench_line="$bench_line
