@@ -58,7 +58,9 @@ impl StdinPump {
         let mut signals = Vec::new();
         lock(&self.session).forward_signals(&mut signals);
         let mut console = lock(&self.console);
-        console.queue_input(&signals);
+        if !signals.is_empty() {
+            console.queue_input(&signals);
+        }
         while !self.done && console.pending_input() < INPUT_HIGH_WATER {
             let mut frame = Vec::new();
             match self.chunks.try_recv() {

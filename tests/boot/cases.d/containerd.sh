@@ -148,7 +148,10 @@ case_containerd_ctr() {
     _c4=$!
     expect "the trapping container started" wait_line "$_d/c4.out" c4-up 120
     ctr task metrics c4 >"$_d/c4.metrics" 2>&1
+    _rcm=$?
+    expect "ctr task metrics answered (status $_rcm)" test "$_rcm" -eq 0
     expect "ctr task metrics shows the microVM's memory" grep -q 'memory' "$_d/c4.metrics"
+    echo "    containerd_ctr: ctr task metrics c4: $(tr -s ' \t\n' ' ' <"$_d/c4.metrics")"
     ctr task kill -s SIGUSR1 c4 >>"$_d/c4.err" 2>&1
     wait "$_c4"
     _rc4=$?
