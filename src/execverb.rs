@@ -77,6 +77,12 @@ pub struct ExecArgs {
     /// Kill the VM and exit 124 after this many seconds.
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
+    /// SIGTERM, SIGINT, SIGHUP and SIGQUIT go to the command (as do
+    /// SIGUSR1, SIGUSR2, SIGALRM and SIGWINCH); if it has not ended this
+    /// many seconds after the first, or at a second one, the VM is stopped
+    /// and capsule dies of that signal. `never`: wait for the command.
+    #[arg(long, value_name = "SECS|never", default_value = "10")]
+    stop_timeout: String,
     /// Exit 123 if the guest's init has not started after this many seconds.
     #[arg(long, value_name = "SECS", default_value_t = 120.0)]
     boot_timeout: f64,
@@ -115,6 +121,19 @@ fn parse_secs(what: &str, secs: f64) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{what} must be a positive number of seconds"))
 }
 
+/// `--stop-timeout`: seconds (0: the VM is stopped at the next check,
+/// about 0.1 s after the signal reached the command), or `never`.
+fn parse_stop_timeout(arg: &str) -> Result<Option<std::time::Duration>, String> {
+    if arg == "never" {
+        return Ok(None);
+    }
+    arg.parse::<f64>()
+        .ok()
+        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+        .map(Some)
+        .ok_or_else(|| format!("--stop-timeout {arg}: expected seconds or `never`"))
+}
+
 /// The `exec` arguments as an [`capsule::exec::ExecConfig`]: `--env K`
 /// takes K's value from capsule's environment; the timeouts must be
 /// positive.
@@ -138,6 +157,7 @@ fn exec_config(
         .map(|t| parse_secs("--timeout", t))
         .transpose()?;
     let boot_timeout = parse_secs("--boot-timeout", args.boot_timeout)?;
+    let stop_timeout = parse_stop_timeout(&args.stop_timeout)?;
     Ok(capsule::exec::ExecConfig {
         vm: VmConfig {
             kernel: args.kernel.unwrap_or_default(),
@@ -163,6 +183,7 @@ fn exec_config(
         workdir: args.workdir,
         argv: args.command,
         timeout,
+        stop_timeout,
         boot_timeout,
         started,
     })
@@ -269,4 +290,24 @@ pub fn exec_command(args: ExecArgs, started: std::time::Instant) -> u8 {
         return status::EXEC_ERROR;
     }
     finish(exec(args, started))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn stop_timeout_is_seconds_or_never() {
+        assert_eq!(parse_stop_timeout("10"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(
+            parse_stop_timeout("0.5"),
+            Ok(Some(Duration::from_millis(500)))
+        );
+        assert_eq!(parse_stop_timeout("0"), Ok(Some(Duration::ZERO)));
+        assert_eq!(parse_stop_timeout("never"), Ok(None));
+        for bad in ["-1", "", "soon", "inf"] {
+            assert!(parse_stop_timeout(bad).is_err(), "{bad}");
+        }
+    }
 }

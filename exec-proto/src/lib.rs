@@ -29,6 +29,7 @@
 //! | 0x82 | `Stdin` | bytes |
 //! | 0x83 | `StdinEof` | empty |
 //! | 0x84 | `Spec` | an [`ExecSpec`] (its [`ExecSpec::to_bytes`]): the command, for an init that awaits it |
+//! | 0x85 | `Signal` | signal number, u32 (1..=64): deliver it to the command |
 //!
 //! The decoder never trusts a length: a frame longer than [`MAX_PAYLOAD`]
 //! or of an unknown kind is an error, and payloads are parsed with checked
@@ -46,7 +47,9 @@
 
 use std::fmt;
 
+mod signals;
 mod spec;
+pub use signals::*;
 pub use spec::*;
 
 /// Protocol version sent in [`GuestMsg::Hello`].
@@ -87,6 +90,8 @@ pub mod kind {
     /// Host → guest: the command to run (an init started from an exec
     /// template awaits it).
     pub const SPEC: u8 = 0x84;
+    /// Host → guest: a signal for the command.
+    pub const SIGNAL: u8 = 0x85;
 }
 
 /// The host (CID 2) vsock port the init connects to for the session.
@@ -390,6 +395,8 @@ pub enum HostMsg {
     /// [`HostMsg::Time`] to an init whose own spec says
     /// [`ExecSpec::await_command`] (a clone of an exec template).
     Spec(Vec<u8>),
+    /// Deliver this signal (1..=[`MAX_SIGNAL`]) to the command.
+    Signal(u8),
 }
 
 impl HostMsg {
@@ -419,6 +426,13 @@ impl HostMsg {
                 Self::StdinEof
             }
             kind::SPEC => Self::Spec(p),
+            kind::SIGNAL => {
+                exact_len(&p, 4, k)?;
+                match u8::try_from(u32_at(&p, 0, k)?) {
+                    Ok(sig @ 1..=MAX_SIGNAL) => Self::Signal(sig),
+                    _ => return Err(bad(k, "signal number out of range")),
+                }
+            }
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -435,6 +449,7 @@ impl HostMsg {
             Self::Stdin(d) => encode(kind::STDIN, d, out),
             Self::StdinEof => encode(kind::STDIN_EOF, &[], out),
             Self::Spec(d) => encode(kind::SPEC, d, out),
+            Self::Signal(sig) => encode(kind::SIGNAL, &u32::from(*sig).to_le_bytes(), out),
         }
     }
 }
@@ -497,6 +512,9 @@ mod tests {
             HostMsg::Stdin(b"\x00\x01line\n".to_vec()),
             HostMsg::StdinEof,
             HostMsg::Spec(b"arg=true\0cwd=/\0".to_vec()),
+            HostMsg::Signal(10),
+            HostMsg::Signal(1),
+            HostMsg::Signal(MAX_SIGNAL),
         ];
         let mut stream = Vec::new();
         for m in &msgs {

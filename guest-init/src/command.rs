@@ -94,7 +94,7 @@ pub(crate) fn run_command(
 ) -> Result<u8, String> {
     let command = Command::new(spec, root)?;
     let (pid, mut pump) = spawn(chan, &command)?;
-    pump.take_host(early_stdin, true);
+    pump.take_host(early_stdin, true, false);
     let mut status = None;
     loop {
         // Only a poll that started after the command was reaped can tell
@@ -225,6 +225,7 @@ fn spawn(chan: &mut Channel, command: &Command) -> Result<(libc::pid_t, Pump), S
     .map_err(|e| format!("cannot start the command: {e}"))?;
     drop((in_r, out_w, err_w));
     let pump = Pump {
+        pid,
         stdin: Stream { fd: Some(in_w) },
         stdout: Stream { fd: Some(out_r) },
         stderr: Stream { fd: Some(err_r) },
@@ -248,10 +249,29 @@ fn reap(pid: libc::pid_t) -> Option<u8> {
     }
 }
 
+/// Delivers the host's signal `sig` to the command's process alone, not
+/// to its process group (the command leads one: it runs in a session of
+/// its own): as `docker kill` and `runc kill` signal a container's first
+/// process, which decides what its children get (a shell that traps
+/// SIGTERM to stop its workers in order is given that chance). A failure
+/// (the command has just exited) is only logged.
+fn signal_command(pid: libc::pid_t, sig: u8) {
+    // SAFETY: plain system call; `pid` is the command's, not yet reaped
+    // (the caller drops signals once it is).
+    if unsafe { libc::kill(pid, libc::c_int::from(sig)) } != 0 {
+        eprintln!(
+            "capsule-init: cannot deliver signal {sig} to the command: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// Moves bytes between the command's pipes and the host: its stdout and
 /// stderr out as frames, host stdin (buffered up to a high-water mark)
 /// into its stdin.
 struct Pump {
+    /// The command, for the host's signals.
+    pid: libc::pid_t,
     stdin: Stream,
     stdout: Stream,
     stderr: Stream,
@@ -269,12 +289,15 @@ fn transient(e: &io::Error) -> bool {
 }
 
 impl Pump {
-    /// Host stdin frames (`open`: the command's stdin is still open).
-    fn take_host(&mut self, msgs: Vec<HostMsg>, open: bool) {
+    /// Host frames: stdin (`open`: the command's stdin is still open) and
+    /// signals (dropped once the command has `exited`: its pid may be
+    /// reused by then).
+    fn take_host(&mut self, msgs: Vec<HostMsg>, open: bool, exited: bool) {
         for m in msgs {
             match m {
                 HostMsg::Stdin(d) if open => self.stdin_buf.extend_from_slice(&d),
                 HostMsg::StdinEof => self.stdin_eof = true,
+                HostMsg::Signal(sig) if !exited => signal_command(self.pid, sig),
                 _ => {}
             }
         }
@@ -325,7 +348,7 @@ impl Pump {
                 .receive()
                 .map_err(|e| format!("bad message from the host: {e}"))?;
             let open = self.stdin.fd.is_some();
-            self.take_host(msgs, open);
+            self.take_host(msgs, open, exited);
         }
         if fds[3].revents != 0 {
             self.feed_stdin();

@@ -12,7 +12,9 @@ mod config;
 mod process;
 mod service;
 mod spec;
+mod stats;
 mod status;
+mod stdin;
 
 /// The runtime name containerd knows this shim by.
 const RUNTIME_ID: &str = "io.containerd.capsule.v2";

@@ -8,6 +8,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use crate::stdin::StdinCloser;
+
 /// Opens containerd's FIFO `path` for the child's stdin (read) or its
 /// stdout/stderr (write); an empty path is `/dev/null`.
 ///
@@ -61,9 +63,21 @@ pub struct Stdio3 {
     pub stderr: String,
 }
 
-/// Starts `capsule ARGS` in `cwd` with the container's stdio.
-pub fn spawn(capsule: &Path, args: &[OsString], cwd: &Path, io: &Stdio3) -> io::Result<Child> {
-    let stdin = open_stdio(&io.stdin, true)?;
+/// Starts `capsule ARGS` in `cwd` with the container's stdio; a stdin
+/// FIFO is copied through a pipe, closed by the returned closer
+/// (`close_io`).
+pub fn spawn(
+    capsule: &Path,
+    args: &[OsString],
+    cwd: &Path,
+    io: &Stdio3,
+) -> io::Result<(Child, Option<StdinCloser>)> {
+    let (stdin, closer) = if io.stdin.is_empty() {
+        (open_stdio(&io.stdin, true)?, None)
+    } else {
+        let (pipe, closer) = crate::stdin::copy(open_stdio(&io.stdin, true)?)?;
+        (pipe, Some(closer))
+    };
     let stdout = open_stdio(&io.stdout, false)?;
     let stderr = open_stdio(&io.stderr, false)?;
     let mut cmd = Command::new(capsule);
@@ -73,7 +87,7 @@ pub fn spawn(capsule: &Path, args: &[OsString], cwd: &Path, io: &Stdio3) -> io::
         .stdout(Stdio::from(stdout))
         .stderr(Stdio::from(stderr));
     log::info!("starting {} {:?}", capsule.display(), args);
-    cmd.spawn()
+    Ok((cmd.spawn()?, closer))
 }
 
 #[cfg(test)]
@@ -101,7 +115,8 @@ mod tests {
             stderr: String::new(),
         };
         let args: Vec<OsString> = vec!["-c".into(), "read x; echo hi:$x:; exit 7".into()];
-        let mut child = spawn(Path::new("/bin/sh"), &args, &dir, &io).unwrap();
+        let (mut child, closer) = spawn(Path::new("/bin/sh"), &args, &dir, &io).unwrap();
+        assert!(closer.is_none(), "no stdin FIFO, nothing to close");
         let status = child.wait().unwrap();
         assert_eq!(crate::status::exit_code(status), 7);
         let mut got = String::new();

@@ -21,7 +21,8 @@ use containerd_shim::{
 
 use crate::config::ShimConfig;
 use crate::process::{self, Stdio3};
-use crate::{spec, status};
+use crate::stdin::StdinCloser;
+use crate::{spec, stats, status};
 
 fn rpc_error(code: Code, msg: impl Into<String>) -> ttrpc::Error {
     let msg = msg.into();
@@ -52,6 +53,8 @@ struct Container {
     /// The `capsule` arguments that run it.
     args: Vec<OsString>,
     io: Stdio3,
+    /// Closes the process's stdin (`close_io`), while it has a FIFO.
+    stdin: Option<StdinCloser>,
     /// containerd's rootfs mounts were mounted on this (unmounted at delete).
     mounted: Option<PathBuf>,
     phase: Phase,
@@ -127,6 +130,8 @@ impl Service {
                 };
                 c.phase = Phase::Stopped;
                 c.exit = Some((code, now));
+                // Ends the stdin copy, which may wait on the FIFO.
+                c.stdin = None;
                 c.pid
             };
             this.inner.stopped.notify_all();
@@ -277,6 +282,7 @@ impl containerd_shim::Task for Service {
                     bundle,
                     args,
                     io,
+                    stdin: None,
                     mounted,
                     phase: Phase::Created,
                     pid: 0,
@@ -316,13 +322,15 @@ impl containerd_shim::Task for Service {
                 format!("container {} was already started", req.id),
             ));
         }
-        let child = process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(|e| {
-            rpc_error(
-                Code::INTERNAL,
-                format!("cannot start {}: {e}", cfg.capsule.display()),
-            )
-        })?;
+        let (child, stdin) =
+            process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(|e| {
+                rpc_error(
+                    Code::INTERNAL,
+                    format!("cannot start {}: {e}", cfg.capsule.display()),
+                )
+            })?;
         c.pid = child.id();
+        c.stdin = stdin;
         c.phase = Phase::Running;
         let pid = c.pid;
         drop(st);
@@ -395,11 +403,11 @@ impl containerd_shim::Task for Service {
                 format!("container {} is not running", req.id),
             ));
         }
-        if !status::forwarded(req.signal) {
+        if !status::deliverable(req.signal) {
             return Err(rpc_error(
                 Code::UNIMPLEMENTED,
                 format!(
-                    "signal {} cannot reach a process inside a capsule microVM yet (SIGTERM, SIGINT, SIGHUP and SIGKILL end the container)",
+                    "signal {} cannot reach a process inside a capsule microVM yet (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM, SIGWINCH and SIGKILL can)",
                     req.signal
                 ),
             ));
@@ -415,6 +423,53 @@ impl containerd_shim::Task for Service {
             return Err(rpc_error(Code::INTERNAL, format!("kill {pid}: {e}")));
         }
         Ok(api::Empty::new())
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        no_exec(&req.exec_id)?;
+        let mut st = self.state();
+        let c = st
+            .containers
+            .get_mut(&req.id)
+            .ok_or_else(|| no_container(&req.id))?;
+        if req.stdin {
+            if let Some(mut closer) = c.stdin.take() {
+                closer.close();
+            }
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let pid = {
+            let st = self.state();
+            let c = st
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| no_container(&req.id))?;
+            if c.phase != Phase::Running {
+                return Err(rpc_error(
+                    Code::NOT_FOUND,
+                    format!("container {} is not running", req.id),
+                ));
+            }
+            c.pid
+        };
+        let metrics = stats::collect(pid).ok_or_else(|| {
+            rpc_error(
+                Code::NOT_FOUND,
+                format!("the microVM of {} has ended", req.id),
+            )
+        })?;
+        let any = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| rpc_error(Code::INTERNAL, format!("cannot encode the stats: {e}")))?;
+        let mut resp = api::StatsResponse::new();
+        resp.stats = Some(any).into();
+        Ok(resp)
     }
 
     fn delete(

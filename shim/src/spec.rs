@@ -73,6 +73,10 @@ pub fn exec_args(cfg: &ShimConfig, spec: &Spec, rootfs: &Path) -> Result<Vec<OsS
         RootfsMode::Copy => "--rootfs",
     };
     out.extend([root_flag.into(), rootfs.as_os_str().to_owned()]);
+    // Signals go to the process; ending it when it ignores SIGTERM is
+    // containerd's or the kubelet's decision (their SIGKILL after a grace
+    // period), as under runc, not capsule's.
+    out.extend(["--stop-timeout".into(), "never".into()]);
     let cwd = process.cwd();
     let cwd = if cwd.as_os_str().is_empty() {
         Path::new("/")
@@ -148,6 +152,8 @@ mod tests {
                 "256M",
                 "--fs-root",
                 "/b/rootfs",
+                "--stop-timeout",
+                "never",
                 "--workdir",
                 "/work dir",
                 "--env",

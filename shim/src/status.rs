@@ -8,8 +8,9 @@ use std::process::ExitStatus;
 ///
 /// The process the shim waits for is `capsule exec`, which exits with the
 /// container process's own status (128+N if the guest process died of
-/// signal N), and dies of SIGTERM, SIGINT or SIGHUP itself after stopping
-/// the VM in order when the shim forwards one of those (see [`forwarded`]).
+/// signal N, as when a signal the shim passed on ended it, see
+/// [`deliverable`]), and dies of SIGKILL itself (137) or, should its
+/// microVM have to be stopped, of the signal that stopped it.
 pub fn exit_code(status: ExitStatus) -> u32 {
     match (status.code(), status.signal()) {
         (Some(code), _) => code.try_into().unwrap_or(255),
@@ -18,16 +19,15 @@ pub fn exit_code(status: ExitStatus) -> u32 {
     }
 }
 
-/// Whether signal `sig` can reach the container: sent to `capsule exec`,
-/// SIGTERM, SIGINT and SIGHUP stop the microVM in order and SIGKILL at
-/// once, so the container ends as it would under runc with the default
-/// disposition. Other signals cannot be delivered to the process inside
-/// the guest yet.
-pub fn forwarded(sig: u32) -> bool {
-    matches!(
-        i32::try_from(sig),
-        Ok(libc::SIGTERM | libc::SIGINT | libc::SIGHUP | libc::SIGKILL)
-    )
+/// Whether signal `sig` can reach the container: `capsule exec` forwards
+/// the signals of [`exec_proto::FORWARDED_SIGNALS`] to the process in the
+/// guest (SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
+/// SIGWINCH), and SIGKILL kills capsule and the microVM with it (137).
+/// Others (SIGSTOP, SIGCONT, real-time signals, ...) cannot be carried
+/// yet.
+pub fn deliverable(sig: u32) -> bool {
+    sig == libc::SIGKILL as u32
+        || u8::try_from(sig).is_ok_and(|s| exec_proto::FORWARDED_SIGNALS.contains(&s))
 }
 
 #[cfg(test)]
@@ -56,12 +56,30 @@ mod tests {
     }
 
     #[test]
-    fn only_stopping_signals_are_forwarded() {
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGKILL] {
-            assert!(forwarded(s as u32), "{s}");
+    fn signals_capsule_forwards_and_sigkill_are_deliverable() {
+        for s in [
+            libc::SIGTERM,
+            libc::SIGINT,
+            libc::SIGHUP,
+            libc::SIGQUIT,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGALRM,
+            libc::SIGWINCH,
+            libc::SIGKILL,
+        ] {
+            assert!(deliverable(s as u32), "{s}");
         }
-        for s in [0, libc::SIGUSR1, libc::SIGSTOP, libc::SIGWINCH, 1000] {
-            assert!(!forwarded(s as u32), "{s}");
+        for s in [
+            0,
+            libc::SIGSTOP,
+            libc::SIGCONT,
+            libc::SIGSEGV,
+            34,
+            256 + 10,
+            1000,
+        ] {
+            assert!(!deliverable(s as u32), "{s}");
         }
     }
 }

@@ -233,6 +233,9 @@ impl VsockLink {
             self.out.extend(frame);
             self.time_sent = true;
         }
+        let mut signals = Vec::new();
+        lock(&self.session).forward_signals(&mut signals);
+        self.out.extend(signals);
         while !self.stdin_done && self.out.len() < OUT_HIGH_WATER {
             let mut frame = Vec::new();
             match self.chunks.try_recv() {

@@ -40,6 +40,7 @@
 
 mod copyback;
 pub mod cpio;
+mod forward;
 mod initramfs;
 mod link;
 pub mod modules;
@@ -83,6 +84,8 @@ pub const EXEC_CMDLINE: &str = "console=ttyS0 quiet reboot=k panic=1";
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Lines of the kernel console shown when the guest fails.
 pub const CONSOLE_TAIL_LINES: usize = 30;
+/// `--stop-timeout`'s default: as `docker stop`'s.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the run loop checks deadlines.
 const TICK: Duration = Duration::from_millis(100);
 /// Bytes of kernel console kept.
@@ -200,6 +203,10 @@ pub struct ExecConfig {
     pub argv: Vec<OsString>,
     /// Kill the VM after this long.
     pub timeout: Option<Duration>,
+    /// After a forwarded SIGTERM, SIGINT, SIGHUP or SIGQUIT, stop the VM
+    /// if the command has not ended within this long (`None`: wait for
+    /// it).
+    pub stop_timeout: Option<Duration>,
     /// Give up if the guest init has not said hello after this long.
     pub boot_timeout: Duration,
     /// When `capsule` started, for the start-up measurement.
@@ -288,6 +295,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     }
     let wake = devices::eventfd().map_err(|e| Error::Host("eventfd", e))?;
     let session = Arc::new(Mutex::new(new_session(&config, &wake)?));
+    let _forwarding = forward::start(&mut lock(&session), &wake)?;
     let tail = ConsoleTail::default();
     let serial = Console {
         out: Box::new(tail.clone()),
@@ -413,6 +421,10 @@ fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
         current_file: None,
         wake: wake.try_clone().map_err(|e| Error::Host("eventfd", e))?,
         ended: devices::eventfd().map_err(|e| Error::Host("eventfd", e))?,
+        forwarding: false,
+        command_running: false,
+        stop_timeout: config.stop_timeout,
+        stop_deadline: None,
     })
 }
 
@@ -463,6 +475,11 @@ fn outcome(end: RunEnd<Stop>, session: &Session, tail: &ConsoleTail) -> Outcome 
             None => Outcome::Exited(status),
         },
         (RunEnd::Host(Stop::TimedOut(t)), ..) => Outcome::TimedOut(t),
+        (RunEnd::Host(Stop::Unanswered(sig, t)), ..) => Outcome::SetupFailed(format!(
+            "the command did not end within {} s of {}: the VM was stopped",
+            t.as_secs_f64(),
+            crate::signals::name(sig)
+        )),
         (RunEnd::Host(Stop::Failed(why)), ..) => failed(why),
         (RunEnd::Host(Stop::Finished), ..) => failed("the guest init stopped".into()),
         (RunEnd::Guest(GuestExit::Panic), ..) => failed("the guest kernel panicked".into()),
@@ -545,6 +562,7 @@ mod tests {
             workdir: "/".into(),
             argv: vec!["true".into()],
             timeout: None,
+            stop_timeout: Some(DEFAULT_STOP_TIMEOUT),
             boot_timeout: Duration::from_secs(60),
             started: Instant::now(),
         }

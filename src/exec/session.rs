@@ -73,6 +73,17 @@ pub(super) struct Session {
     /// error arrived, or the stream broke), so the run loop sees it at
     /// once when the session is decoded on another thread ([`EndWatch`]).
     pub(super) ended: EventFd,
+    /// Signals are forwarded to the command (see `forward.rs`); off in
+    /// unit tests, which must not touch the process-wide state.
+    pub(super) forwarding: bool,
+    /// The command started (and has not exited).
+    pub(super) command_running: bool,
+    /// How long the command has to end after a forwarded stopping
+    /// signal before the VM is stopped (`None`: for as long as it takes).
+    pub(super) stop_timeout: Option<Duration>,
+    /// The stopping signal forwarded and when the VM is stopped if the
+    /// command has not ended.
+    pub(super) stop_deadline: Option<(Instant, libc::c_int)>,
 }
 
 /// Wakes the run loop when the session is over: subscribed to
@@ -97,6 +108,9 @@ pub(super) enum Stop {
     Finished,
     TimedOut(Duration),
     Failed(String),
+    /// The command did not end within the stop timeout of this
+    /// forwarded signal.
+    Unanswered(libc::c_int, Duration),
 }
 
 impl Session {
@@ -106,6 +120,12 @@ impl Session {
         }
         if let Some(why) = &self.broken {
             return Some(Stop::Failed(why.clone()));
+        }
+        if let Some((at, sig)) = self.stop_deadline {
+            if Instant::now() >= at {
+                crate::signals::stop_with(sig);
+                return Some(Stop::Unanswered(sig, self.stop_timeout.unwrap_or_default()));
+            }
         }
         let elapsed = self.started.elapsed();
         if let Some(t) = self.timeout {
@@ -142,7 +162,7 @@ impl Session {
         }
     }
 
-    fn handle(&mut self, msg: GuestMsg) {
+    pub(super) fn handle(&mut self, msg: GuestMsg) {
         self.last_message = Instant::now();
         match msg {
             GuestMsg::Hello { version } => {
@@ -162,12 +182,16 @@ impl Session {
             }
             GuestMsg::Stdout(d) => self.write_out(false, &d),
             GuestMsg::Stderr(d) => self.write_out(true, &d),
-            GuestMsg::Started => log::info!(
-                "command started {} ms after capsule started",
-                self.started.elapsed().as_millis()
-            ),
+            GuestMsg::Started => {
+                log::info!(
+                    "command started {} ms after capsule started",
+                    self.started.elapsed().as_millis()
+                );
+                self.command_started();
+            }
             GuestMsg::Heartbeat => {}
             GuestMsg::Exit(status) => {
+                self.command_ended();
                 self.current_file = None;
                 self.exit = Some(status);
                 let _ = self.ended.write(1);
@@ -262,6 +286,10 @@ pub(super) mod tests {
             current_file: None,
             wake: devices::eventfd().unwrap(),
             ended: devices::eventfd().unwrap(),
+            forwarding: false,
+            command_running: false,
+            stop_timeout: None,
+            stop_deadline: None,
         }
     }
 

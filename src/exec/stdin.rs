@@ -55,7 +55,12 @@ impl StdinPump {
             lock(&self.console).queue_input(&frame);
             self.time_sent = true;
         }
+        let mut signals = Vec::new();
+        lock(&self.session).forward_signals(&mut signals);
         let mut console = lock(&self.console);
+        if !signals.is_empty() {
+            console.queue_input(&signals);
+        }
         while !self.done && console.pending_input() < INPUT_HIGH_WATER {
             let mut frame = Vec::new();
             match self.chunks.try_recv() {

@@ -379,6 +379,7 @@ pub fn run_snapshot(mut config: ExecConfig, dir: &Path) -> Result<Outcome, Error
         input: None,
         raw_terminal: false,
     };
+    let _forwarding = super::forward::start(&mut lock(&session), &wake)?;
     let (mut link, _sockets, _file) = vsock_link(&mut config, &session, wake)?;
     link.send_spec(spec);
     let restore = RestoreConfig {

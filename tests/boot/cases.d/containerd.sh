@@ -136,14 +136,47 @@ case_containerd_ctr() {
     wait "$_c2"
     _rc2=$?
     expect "ctr task kill (SIGTERM) ended c2 with 143 (was $_rc2)" test "$_rc2" -eq 143
+
+    # 3. `ctr task kill -s SIGUSR1` reaches a process that traps it in its
+    # microVM, whose exit status is then the container's; `ctr task
+    # metrics` (the shim's stats) while it runs.
+    # shellcheck disable=SC2086
+    timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" run --rm $_rt \
+        --rootfs "$_root" c4 /bin/sh -c \
+        'trap "echo got-usr1; exit 5" USR1; echo c4-up; while :; do sleep 1 & wait $!; done' \
+        </dev/null >"$_d/c4.out" 2>"$_d/c4.err" &
+    _c4=$!
+    expect "the trapping container started" wait_line "$_d/c4.out" c4-up 120
+    ctr task metrics c4 >"$_d/c4.metrics" 2>&1
+    _rcm=$?
+    expect "ctr task metrics answered (status $_rcm)" test "$_rcm" -eq 0
+    expect "ctr task metrics shows the microVM's memory" grep -q 'memory' "$_d/c4.metrics"
+    echo "    containerd_ctr: ctr task metrics c4: $(tr -s ' \t\n' ' ' <"$_d/c4.metrics")"
+    ctr task kill -s SIGUSR1 c4 >>"$_d/c4.err" 2>&1
+    wait "$_c4"
+    _rc4=$?
+    expect "SIGUSR1 reached the container's trap" grep -qx got-usr1 "$_d/c4.out"
+    expect "the container ended with its trap's status 5 (was $_rc4)" test "$_rc4" -eq 5
+
+    # 4. close_io: ctr closes the container's stdin when its own ends
+    # (while still holding the FIFO), and the process reads end-of-file.
+    # shellcheck disable=SC2086
+    printf 'in-1\nin-2\n' | timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" \
+        --address "$CTRD_SOCK" run --rm $_rt --rootfs "$_root" c5 \
+        /bin/sh -c 'cat; echo after-eof; exit 6' >"$_d/c5.out" 2>"$_d/c5.err"
+    _rc5=$?
+    expect "the container read its stdin" grep -qx in-2 "$_d/c5.out"
+    expect "and then end-of-file (close_io)" grep -qx after-eof "$_d/c5.out"
+    expect "the stdin container ended with 6 (was $_rc5)" test "$_rc5" -eq 6
+
     ctr task ls >"$_d/tasks-after" 2>&1
-    expect "no task is left" test "$(grep -c '^c[123] ' "$_d/tasks-after")" -eq 0
+    expect "no task is left" test "$(grep -c '^c[1-5] ' "$_d/tasks-after")" -eq 0
 
     SECS=$(($(now) - _start))
     kill "$CTRD_PID" 2>/dev/null
     wait "$CTRD_PID" 2>/dev/null
     virtiofs_done
-    for _f in c1.out c1.err c2.out c2.err c3.out c3.err tasks tasks-after; do
+    for _f in c1.out c1.err c2.out c2.err c3.out c3.err c4.out c4.err c4.metrics c5.out c5.err tasks tasks-after; do
         echo "== $_f" >>"$OUT"
         cat "$_d/$_f" >>"$OUT" 2>/dev/null
     done
