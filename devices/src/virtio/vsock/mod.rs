@@ -27,7 +27,7 @@
 //!   the credit the device granted ([`conn::CONN_BUF_ALLOC`]); past it
 //!   the connection is reset. At most [`MAX_CONNECTIONS`] connections
 //!   exist, so capsule holds at most `MAX_CONNECTIONS * CONN_BUF_ALLOC`
-//!   (32 MiB) of guest data.
+//!   (128 MiB) of guest data.
 //! * Host data is read only into receive buffers the guest posted, only
 //!   within the guest's credit: nothing is buffered in that direction.
 //! * Control replies are per-connection flags, and `RST`s for packets of
