@@ -35,7 +35,12 @@
 # 134.9 / 52.6 / 172.8 ms against the control's 133.7 / 52.0 / 84.5 ms
 # (idle 52.9 / 35.3 / 43.0 ms), the guest reading 217-475 MiB/s, capsule
 # stop 0.5-1.0 s: all three pass, but the third by 12 ms, with another
-# L1 sharing the machine, so the case stays optional for now.
+# L1 sharing the machine, so the case stays optional for now. Two more
+# runs on 2026-12-05 (05:45, 05:50): loaded 445.0 against the control's
+# 244.5 ms, a FAIL while a Debian image was being built on the same two
+# host cores, then 119.2 against 118.9 ms, a pass, on a quiet machine.
+# With a p99 that is the largest of 60 samples, the bound holds only
+# where nothing else competes for the harness's CPUs.
 OPTIONAL_CASES="${OPTIONAL_CASES:-} disk_starve"
 
 # Each curl is a process start, about 0.7 s under TCG in L1: 60 requests
