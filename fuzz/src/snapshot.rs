@@ -20,11 +20,10 @@
 //! Then, if the restore's checks pass, the saved UART, i8042 and every
 //! virtio transport (onto a device of the saved type, over the fuzz
 //! harness's small guest memory) are restored as a restore does after
-//! building the VM. The files live in a directory of the process,
+//! building the VM. The files live in a directory of the thread,
 //! rewritten for each run.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
 use capsule::snapshot::format::{FORMAT_VERSION, MAGIC};
 use capsule::snapshot::restore::{self, RestoreConfig};
@@ -40,18 +39,19 @@ use crate::Input;
 /// empty file, which the size check refuses.
 const MAX_MEM_FILE: u64 = 1 << 40;
 
-/// The process's directory for the files.
-fn dir() -> &'static Path {
-    static DIR: OnceLock<TempDir> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let prefix = if Path::new("/dev/shm").is_dir() {
-            "/dev/shm/capsule-fuzz-snap-"
-        } else {
-            "/tmp/capsule-fuzz-snap-"
+/// The thread's directory for the files (tests run in threads at once).
+fn dir() -> PathBuf {
+    thread_local! {
+        static DIR: TempDir = {
+            let prefix = if Path::new("/dev/shm").is_dir() {
+                "/dev/shm/capsule-fuzz-snap-"
+            } else {
+                "/tmp/capsule-fuzz-snap-"
+            };
+            TempDir::new_with_prefix(prefix).expect("temp dir")
         };
-        TempDir::new_with_prefix(prefix).expect("temp dir")
-    })
-    .as_path()
+    }
+    DIR.with(|d| d.as_path().to_path_buf())
 }
 
 /// The file bytes for `data`: as given, or (`wrap`) a header around it
@@ -228,5 +228,28 @@ mod tests {
             run(&s),
             Outcome::Refused(capsule::snapshot::Error::Mismatch { .. })
         ));
+    }
+
+    /// A Diff's page runs that are not whole pages of guest memory are
+    /// refused by the checks, before anything would be mapped.
+    #[test]
+    fn damaged_diff_runs_are_refused_before_kvm() {
+        let s = seed("diff-on-base");
+        let text = String::from_utf8_lossy(&s).into_owned();
+        let good = "\"runs\":[[3145728,8192]]";
+        assert!(text.contains(good), "the seed's runs changed");
+        for bad in [
+            "[[3145728,4097]]",
+            "[[268431360,8192]]",
+            "[[18446744073709547520,8192]]",
+        ] {
+            let damaged = text.replace(good, &format!("\"runs\":{bad}"));
+            match run(damaged.as_bytes()) {
+                Outcome::Refused(e) => {
+                    assert!(e.to_string().contains("page list is damaged"), "{bad}: {e}")
+                }
+                o => panic!("{bad}: {o:?}"),
+            }
+        }
     }
 }
