@@ -315,6 +315,82 @@ def exec_seeds():
     write(t, "spec", b"\x80" + spec)
 
 
+VSOCK_REQUEST, VSOCK_RESPONSE, VSOCK_RST, VSOCK_SHUTDOWN, VSOCK_RW = 1, 2, 3, 4, 5
+VSOCK_CREDIT_UPDATE, VSOCK_CREDIT_REQUEST = 6, 7
+FIRST_LOCAL_PORT = 1 << 30
+
+
+def vsock_hdr(op, src_port, dst_port, length=0, flags=0, buf_alloc=65536, fwd_cnt=0, src_cid=3, dst_cid=2, ty=1):
+    return struct.pack("<QQIIIHHIII", src_cid, dst_cid, src_port, dst_port, length, ty, op, flags, buf_alloc, fwd_cnt)
+
+
+def vsock_input(features, script, mem):
+    """fuzz/src/vsock.rs's input: features, the host script, memory."""
+    return struct.pack("<QH", features | (1 << 32), len(script)) + bytes(script) + bytes(mem.b)
+
+
+def vs(*ops):
+    """A script: (opcode, operand bytes) pairs."""
+    out = b""
+    for op, args in ops:
+        out += bytes([op]) + args
+    return out
+
+
+def vsock_seeds():
+    t = "virtio_vsock"
+    rx_bufs = lambda m, n: [m.chain(0, i, [(0x1000 + 0x400 * i, 0x400, WRITE)]) for i in range(n)]
+    # A guest connection to a host listener on port 52, then data.
+    m = Mem()
+    rx_bufs(m, 2)
+    m.avail(0, [0, 1])
+    m.put(0x100 + 2, struct.pack("<H", 1))
+    m.put(0x2000, vsock_hdr(VSOCK_REQUEST, 1000, 52))
+    m.put(0x2100, vsock_hdr(VSOCK_RW, 1000, 52, 10))
+    m.put(0x2200, b"hello host")
+    m.chain(1, 0, [(0x2000, 44, 0)])
+    m.chain(1, 1, [(0x2100, 44, 0), (0x2200, 10, 0)])
+    m.avail(1, [0, 1])
+    listen52 = (2, struct.pack("<I", 52))
+    script = vs(listen52, (0, b"\x01"), (6, b""), (8, b"\x00"))
+    write(t, "guest-connect-rw", vsock_input(0, script, m))
+    # A host client's CONNECT line, the guest's RESPONSE, host data.
+    m = Mem()
+    rx_bufs(m, 2)
+    m.avail(0, [0, 1])
+    m.put(0x100 + 2, struct.pack("<H", 1))
+    m.put(0x2000, vsock_hdr(VSOCK_RESPONSE, 1234, FIRST_LOCAL_PORT))
+    m.chain(1, 0, [(0x2000, 44, 0)])
+    m.avail(1, [0])
+    script = vs((4, struct.pack("<I", 1234)), (12, b""), (0, b"\x01"), (8, b"\x00"),
+                (1, b"\x00\x00"), (7, struct.pack("<HBB", 4, ord("p"), 0)), (12, b""))
+    write(t, "host-connect", vsock_input(F_EVENT_IDX, script, m))
+    # Credit request, shutdown both ways, then a reset, on a guest
+    # connection; a packet of no connection; a bad socket type.
+    m = Mem()
+    rx_bufs(m, 4)
+    m.avail(0, [0, 1, 2, 3])
+    hdrs = [vsock_hdr(VSOCK_REQUEST, 1000, 52), vsock_hdr(VSOCK_CREDIT_REQUEST, 1000, 52),
+            vsock_hdr(VSOCK_SHUTDOWN, 1000, 52, flags=3), vsock_hdr(VSOCK_RST, 1000, 52),
+            vsock_hdr(VSOCK_RW, 7, 9, 0), vsock_hdr(VSOCK_REQUEST, 1, 52, ty=2)]
+    for i, h in enumerate(hdrs):
+        m.put(0x2000 + 0x40 * i, h)
+        m.chain(1, i, [(0x2000 + 0x40 * i, 44, 0)])
+    m.avail(1, list(range(len(hdrs))))
+    write(t, "credit-shutdown-rst", vsock_input(0, vs(listen52, (0, b"\x01"), (6, b""), (9, b"\x00"), (12, b"")), m))
+    # Host clients that send junk, half a line, or hang up; an indirect
+    # receive chain; a transport reset with an event buffer.
+    m = Mem()
+    m.put(0x1800, struct.pack("<QIHH", 0x1000, 0x400, WRITE, 0) + struct.pack("<QIHH", 0x1400, 0x400, WRITE, 0))
+    m.desc(0, 0, 0x1800, 32, INDIRECT)
+    m.avail(0, [0])
+    m.desc(2, 0, 0x1c00, 4, WRITE)
+    m.avail(2, [0])
+    script = vs((5, b"\x08CONNECT\n"), (5, b"\x04CONN"), (5, b"\x00"), (4, struct.pack("<I", 5)), (10, b"\x03"),
+                (12, b""), (13, b""), (14, b""), (0, b"\x00"))
+    write(t, "clients-and-reset", vsock_input(F_INDIRECT, script, m))
+
+
 blk_seeds()
 net_seeds()
 console_seeds()
@@ -324,3 +400,4 @@ http_seeds()
 config_seeds()
 cli_seeds()
 exec_seeds()
+vsock_seeds()

@@ -24,6 +24,7 @@ log="$work/logs/$target-$(date -u +%Y%m%dT%H%M%SZ).log"
 mkdir -p "$(dirname "$log")"
 case $target in
 virtio_*) max_len=16384 ;;
+snapshot_file) max_len=65536 ;;
 *) max_len=8192 ;;
 esac
 status=0

@@ -7,7 +7,9 @@
 //! over guest memory the fuzzer filled, with queue work done by the event
 //! loop.
 
+pub mod snapshot;
 pub mod virtio;
+pub mod vsock;
 
 /// A cursor over fuzzer bytes; reads past the end yield zeroes.
 pub struct Input<'a> {

@@ -100,6 +100,16 @@ pub fn queue_layout(i: u32) -> (u64, u64, u64) {
     (base, base + 0x100, base + 0x200)
 }
 
+/// [`MEM_SIZE`] bytes of guest memory holding `image` from address 0
+/// (what does not fit is dropped).
+pub fn memory(image: &[u8]) -> GuestMemoryMmap {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
+    let n = image.len().min(MEM_SIZE);
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("image");
+    mem
+}
+
 /// A disk image in memory; `fail` makes every I/O call fail, so the
 /// device's error paths are fuzzed too.
 struct MemDisk {
@@ -231,7 +241,8 @@ impl Write for FlakyOut {
     }
 }
 
-type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// What the event loop holds: a device as its subscriber.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// A device behind its transport, in an event loop, over fuzzer memory.
 pub struct Rig {
@@ -255,10 +266,7 @@ impl Rig {
     /// frames (`len: u16 | bytes`) and the send outcomes (`n: u8 | bytes`),
     /// for the console the host input.
     pub fn new(kind: Kind, input: &mut Input<'_>, image: &[u8]) -> Self {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
-        let n = image.len().min(MEM_SIZE);
-        mem.write_slice(&image[..n], GuestAddress(0))
-            .expect("image");
+        let mem = memory(image);
         let opts = input.u8();
         let mut console = None;
         let (device, sub): (Arc<Mutex<dyn VirtioDevice>>, Subscriber) = match kind {
@@ -311,6 +319,19 @@ impl Rig {
                 (d.clone(), d)
             }
         };
+        let mut rig = Self::attach(mem, device, sub, kind.queues());
+        rig.console = console;
+        rig
+    }
+
+    /// A rig around a device built by the caller (`device` and `sub` the
+    /// same object) over `mem`, with `queues` queues.
+    pub fn attach(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        sub: Subscriber,
+        queues: u32,
+    ) -> Self {
         let transport = MmioTransport::new(mem.clone(), device).expect("transport");
         let mut em = EventManager::<Subscriber>::new().expect("event manager");
         em.add_subscriber(sub);
@@ -318,8 +339,8 @@ impl Rig {
             mem,
             transport,
             em,
-            queues: kind.queues(),
-            console,
+            queues,
+            console: None,
         }
     }
 

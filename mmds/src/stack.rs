@@ -55,6 +55,21 @@ pub fn is_for(frame: &[u8], ip: Ipv4Addr) -> bool {
     target == Some(&ip.octets()[..])
 }
 
+/// Whether the Ethernet `frame` is IPv4 from a source no answer can go
+/// to: the unspecified address, broadcast or multicast. smoltcp answers
+/// a SYN from 0.0.0.0 and then panics sending it (it asserts that a
+/// packet's destination is specified), so such frames never reach it.
+fn from_unanswerable_source(frame: &[u8]) -> bool {
+    let ipv4 = frame.get(12..14) == Some(&ETHERTYPE_IPV4.to_be_bytes()[..]);
+    match frame.get(ETH_HEADER + 12..ETH_HEADER + 16) {
+        Some(&[a, b, c, d]) if ipv4 => {
+            let src = Ipv4Addr::new(a, b, c, d);
+            src.is_unspecified() || src.is_broadcast() || src.is_multicast()
+        }
+        _ => false,
+    }
+}
+
 /// The in-memory link between the guest and the endpoint.
 #[derive(Default)]
 struct Link {
@@ -174,6 +189,10 @@ impl Responder {
     pub fn receive(&mut self, frame: &[u8]) {
         if frame.len() > MAX_FRAME || self.link.rx.len() >= QUEUE_FRAMES {
             log::debug!("mmds: dropping a {}-byte frame", frame.len());
+            return;
+        }
+        if from_unanswerable_source(frame) {
+            log::debug!("mmds: dropping a frame from an address no answer can go to");
             return;
         }
         self.link.rx.push_back(frame.to_vec());

@@ -59,14 +59,8 @@ pub(crate) fn for_each_piece(
     mut f: impl FnMut(&arch::GuestRegionMmap, u64, u64, u64) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
+    check_runs(total, runs)?;
     for &(at, len) in runs {
-        let end = at.checked_add(len).filter(|&e| e <= total);
-        if end.is_none() || at % PAGE as u64 != 0 || len % PAGE as u64 != 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("page run {at:#x}+{len:#x} is not whole pages of guest memory"),
-            ));
-        }
         let mut base = 0u64;
         for region in mem.iter() {
             let (lo, hi) = (at.max(base), (at + len).min(base + region.len()));
@@ -74,6 +68,22 @@ pub(crate) fn for_each_piece(
                 f(region, lo - base, lo, hi - lo)?;
             }
             base += region.len();
+        }
+    }
+    Ok(())
+}
+
+/// Checks that each run of `runs` is whole pages inside `total` bytes
+/// of guest memory (the regions laid one after the other): a Diff
+/// snapshot's runs are file data, checked before anything is mapped.
+pub(crate) fn check_runs(total: u64, runs: &[(u64, u64)]) -> std::io::Result<()> {
+    for &(at, len) in runs {
+        let end = at.checked_add(len).filter(|&e| e <= total);
+        if end.is_none() || at % PAGE as u64 != 0 || len % PAGE as u64 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("page run {at:#x}+{len:#x} is not whole pages of guest memory"),
+            ));
         }
     }
     Ok(())

@@ -111,6 +111,10 @@ fn memory(cfg: &RestoreConfig, state: &SnapshotState, mem: std::fs::File) -> Res
             base.id
         )));
     }
+    // The runs are checked now, before KVM and the mapping: a damaged
+    // Diff is refused before anything is built.
+    super::memfile::check_runs(state.mem_size, &diff.runs)
+        .map_err(|e| mismatch(format!("its page list is damaged: {e}")))?;
     Ok(Memory {
         file: open_memory(base_mem, state.mem_size)?,
         diff: Some((mem, diff.runs.clone())),
@@ -169,6 +173,17 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, Memory), Error> {
     let mem = open_memory(&cfg.mem_path, state.mem_size)?;
     let memory = memory(cfg, &state, mem)?;
     Ok((state, memory))
+}
+
+/// What a restore reads and checks before it opens KVM: the snapshot
+/// file (and a Diff's base), the memory files' sizes, a Diff's page
+/// runs, and the configuration the VM would be built with. All of it
+/// comes from files a user gives, so anything in them must end in an
+/// error, never a panic; the fuzz target `snapshot_file` calls this.
+pub fn check(cfg: &RestoreConfig) -> Result<(SnapshotState, VmConfig), Error> {
+    let (state, _memory) = load(cfg)?;
+    let config = vm_config(cfg, &state)?;
+    Ok((state, config))
 }
 
 /// The configuration of the restored VM: the saved one with the

@@ -191,3 +191,43 @@ fn hostile_frames_are_dropped() {
     );
     assert_eq!(body(&a), "i-42");
 }
+
+/// A TCP SYN to the service's port 80 from `src`, with valid checksums.
+fn syn_from(src: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0u8; 54];
+    f[0..6].copy_from_slice(&MAC);
+    f[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+    // IPv4: 20-byte header, 40 bytes in all, TTL 64, TCP.
+    f[14..24].copy_from_slice(&[0x45, 0, 0, 40, 0, 1, 0, 0, 64, 6]);
+    f[26..30].copy_from_slice(&src);
+    f[30..34].copy_from_slice(&crate::DEFAULT_IPV4.octets());
+    // TCP: port 40000 to 80, sequence 1000, header 20 bytes, SYN.
+    f[34..38].copy_from_slice(&[0x9c, 0x40, 0, 80]);
+    f[38..42].copy_from_slice(&1000u32.to_be_bytes());
+    f[46..48].copy_from_slice(&[0x50, 0x02]);
+    f[48..50].copy_from_slice(&64240u16.to_be_bytes());
+    let mut ip = smoltcp::wire::Ipv4Packet::new_unchecked(&mut f[14..]);
+    ip.fill_checksum();
+    let (s, d) = (ip.src_addr(), ip.dst_addr());
+    let mut tcp = smoltcp::wire::TcpPacket::new_unchecked(&mut f[34..]);
+    tcp.fill_checksum(&s.into(), &d.into());
+    f
+}
+
+/// Found by the `mmds` fuzz target (2026-12-05): a SYN from source
+/// address 0.0.0.0 made smoltcp's interface panic on the answer (an
+/// `assert!` that a packet's destination is specified), so any guest
+/// could crash capsule with one frame. Frames from a source no answer can
+/// go to (unspecified, broadcast, multicast) are now dropped before
+/// smoltcp sees them; a SYN from a real address is still answered.
+#[test]
+fn a_syn_from_the_unspecified_address_does_not_panic() {
+    let mut r = Responder::new(store());
+    for src in [[0, 0, 0, 0], [255, 255, 255, 255], [224, 0, 0, 1]] {
+        r.receive(&syn_from(src));
+        assert!(r.pop().is_none(), "an answer to {src:?}");
+    }
+    r.receive(&syn_from([169, 254, 1, 2]));
+    assert!(r.pop().is_some(), "no answer to a SYN from 169.254.1.2");
+}

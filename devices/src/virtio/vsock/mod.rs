@@ -201,6 +201,13 @@ impl Vsock {
         self.conns.len()
     }
 
+    /// Guest data held for host streams that have not taken it yet, over
+    /// all connections: at most [`conn::CONN_BUF_ALLOC`] per connection.
+    /// For tests and the fuzz target, which check that bound.
+    pub fn held_bytes(&self) -> usize {
+        self.conns.values().map(Connection::buffered).sum()
+    }
+
     /// Drops every connection (host clients see their stream close) and
     /// tells the driver with a `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, so
     /// the guest drops its side too and re-reads the CID. For a snapshot
