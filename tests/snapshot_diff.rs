@@ -73,7 +73,13 @@ fn diff_snapshot_restores_on_top_of_its_full_one() {
         "{allocated} bytes allocated"
     );
     assert!(mem_u32(&diff, 0x30_1000) > full_rounds);
-    assert_eq!(mem_u32(&diff, 0x30_0000) as u8 as char, next_letter(last));
+    // The letter in memory is the next one, or still the last printed if
+    // the pause came between the guest's `out` and its store.
+    let kept = mem_u32(&diff, 0x30_0000) as u8 as char;
+    assert!(
+        kept == next_letter(last) || kept == last,
+        "{kept} after {last}"
+    );
 
     // Without its base, or on a base that is not its own: refused.
     let ds = diff.to_str().unwrap();
@@ -101,10 +107,12 @@ fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
     let pid = std::process::id();
     let kernel = tmp(&format!("apidiff-{pid}.elf"));
     std::fs::write(&kernel, memory_guest()).unwrap();
+    // The guest's letters, to know the last one printed before the Diff.
+    let console = tmp(&format!("apidiff-{pid}.out"));
     let vm = api_vm(
         tmp(&format!("apidiff-{pid}.sock")),
         &[],
-        Stdio::null(),
+        Stdio::from(std::fs::File::create(&console).unwrap()),
         Stdio::null(),
     );
     let req = |method: &str, path: &str, body: &str| vm.req(method, path, Some(body));
@@ -145,6 +153,11 @@ fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
     assert_eq!(req("PATCH", "/vm", r#"{"state":"Resumed"}"#).0, 204);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
+    let last = std::fs::read_to_string(&console)
+        .unwrap()
+        .chars()
+        .last()
+        .expect("the guest printed");
     let (st, body) = req("PUT", "/snapshot/create", &create(&diff, "Diff"));
     assert_eq!(st, 204, "{body}");
     drop(vm);
@@ -161,6 +174,9 @@ fn api_boot_with_track_dirty_pages_takes_full_then_diff() {
     restore_detached(&diff, &name, &["--base", full.to_str().unwrap()]);
     let out = wait_output(&name, 3);
     let _ = capsule(&["kill", &name]);
-    let next = mem_u32(&diff, 0x30_0000) as u8 as char;
-    assert_eq!(out.chars().next(), Some(next), "{out:?}");
+    // The letter after the last one printed. Not the one in memory: a
+    // pause right after the guest's `out`, before it stores the next
+    // letter, leaves the printed one there (one run in 11 failed so).
+    let _ = std::fs::remove_file(&console);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
 }
