@@ -156,6 +156,15 @@ case_disk_locked() {
     wait "$_holder" || _holder_rc=$?
     exec 7>&-
     SECS=$(($(now) - _t0))
+    if [ "$_holder_ready" -ne 1 ]; then
+        # What the holder printed, for the report (it is not OUT or ERR).
+        {
+            echo "--- the first VM (holder), status $_holder_rc: last console lines ---"
+            tr -d '\r' <"$_h/out" | tail -n 15
+            echo "--- its stderr ---"
+            tail -n 10 "$_h/err"
+        } >>"$ERR"
+    fi
 
     expect "the first VM booted with the image" [ "$_holder_ready" -eq 1 ]
     expect "a second writable VM: exit status 1" rc_is 1
