@@ -446,6 +446,21 @@ mod tests {
         panic!("only {} host frames", out.len());
     }
 
+    /// A link accepting on `listener` for `session`.
+    fn link_on(
+        listener: UnixListener,
+        session: &Arc<Mutex<Session>>,
+        wake: EventFd,
+        data_ready: EventFd,
+        chunks: Receiver<StdinChunk>,
+    ) -> VsockLink {
+        let sink = Sink {
+            session: session.clone(),
+            decoder: Decoder::new(),
+        };
+        VsockLink::new(listener, sink, session.clone(), wake, data_ready, chunks).unwrap()
+    }
+
     #[test]
     fn the_link_accepts_the_init_and_carries_the_session_both_ways() {
         let dir = PrivateDir::new().unwrap();
@@ -460,19 +475,13 @@ mod tests {
         lock(&session).wake = wake.try_clone().unwrap();
         let data_ready = devices::eventfd().unwrap();
         let (tx, rx) = mpsc::sync_channel(8);
-        let sink = Sink {
-            session: session.clone(),
-            decoder: Decoder::new(),
-        };
-        let link = VsockLink::new(
+        let link = link_on(
             listener,
-            sink,
-            session.clone(),
+            &session,
             wake,
             data_ready.try_clone().unwrap(),
             rx,
-        )
-        .unwrap();
+        );
         let mut em = Loop::new().unwrap();
         em.add_subscriber(Arc::new(Mutex::new(link)));
 
@@ -519,19 +528,13 @@ mod tests {
         let session = Arc::new(Mutex::new(session(vec![])));
         let (tx, rx) = mpsc::sync_channel(1);
         let data_ready = devices::eventfd().unwrap();
-        let sink = Sink {
-            session: session.clone(),
-            decoder: Decoder::new(),
-        };
-        let mut link = VsockLink::new(
+        let mut link = link_on(
             listener,
-            sink,
-            session.clone(),
+            &session,
             devices::eventfd().unwrap(),
             data_ready.try_clone().unwrap(),
             rx,
-        )
-        .unwrap();
+        );
         link.send_spec(b"arg=true\0".to_vec());
         let mut em = Loop::new().unwrap();
         em.add_subscriber(Arc::new(Mutex::new(link)));
@@ -563,19 +566,13 @@ mod tests {
         let ended = lock(&session).ended.try_clone().unwrap();
         let (tx, rx) = mpsc::sync_channel(1);
         tx.send(StdinChunk::Eof).unwrap();
-        let sink = Sink {
-            session: session.clone(),
-            decoder: Decoder::new(),
-        };
-        let link = VsockLink::new(
+        let link = link_on(
             listener,
-            sink,
-            session.clone(),
+            &session,
             devices::eventfd().unwrap(),
             devices::eventfd().unwrap(),
             rx,
-        )
-        .unwrap();
+        );
         let thread = LinkThread::spawn(link).unwrap();
         let mut guest = UnixStream::connect(&path).unwrap();
         let mut frames = Vec::new();
@@ -609,19 +606,13 @@ mod tests {
         let listener = UnixListener::bind(&path).unwrap();
         let session = Arc::new(Mutex::new(session(vec![])));
         let (_tx, rx) = mpsc::sync_channel(1);
-        let sink = Sink {
-            session: session.clone(),
-            decoder: Decoder::new(),
-        };
-        let link = VsockLink::new(
+        let link = link_on(
             listener,
-            sink,
-            session.clone(),
+            &session,
             devices::eventfd().unwrap(),
             devices::eventfd().unwrap(),
             rx,
-        )
-        .unwrap();
+        );
         let mut em = Loop::new().unwrap();
         em.add_subscriber(Arc::new(Mutex::new(link)));
         let mut guest = UnixStream::connect(&path).unwrap();
