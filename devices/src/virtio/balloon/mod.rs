@@ -164,6 +164,14 @@ pub struct Balloon {
     counters: Counters,
 }
 
+/// Gives descriptor chain `head` back to the driver, nothing written in
+/// it (the balloon's queues only carry requests to the device).
+fn give_back(queue: &mut virtio_queue::Queue, mem: &crate::GuestMemoryMmap, head: u16) {
+    if let Err(e) = queue.add_used(mem, head, 0) {
+        crate::warn_ratelimited!("virtio-balloon: cannot return descriptor {head}: {e}");
+    }
+}
+
 impl Balloon {
     /// A balloon with `config`'s target and features.
     pub fn new(config: BalloonConfig) -> io::Result<Self> {
@@ -313,9 +321,7 @@ impl Balloon {
                 self.counters.deflated_pages += pages;
                 BALLOON.deflate_count.inc();
             }
-            if let Err(e) = active.queues[index].add_used(&mem, head, 0) {
-                crate::warn_ratelimited!("virtio-balloon: cannot return descriptor {head}: {e}");
-            }
+            give_back(&mut active.queues[index], &mem, head);
             returned = true;
         }
         if returned {
@@ -348,9 +354,7 @@ impl Balloon {
             self.counters.stats_updates += 1;
             BALLOON.stats_updates_count.inc();
             if let Some(old) = self.stats_head.replace(head) {
-                if let Err(e) = active.queues[index].add_used(&mem, old, 0) {
-                    crate::warn_ratelimited!("virtio-balloon: cannot return descriptor {old}: {e}");
-                }
+                give_back(&mut active.queues[index], &mem, old);
                 returned = true;
             }
         }
@@ -372,9 +376,7 @@ impl Balloon {
         let Some(head) = self.stats_head.take() else {
             return;
         };
-        if let Err(e) = active.queues[index].add_used(&active.mem, head, 0) {
-            crate::warn_ratelimited!("virtio-balloon: cannot return descriptor {head}: {e}");
-        }
+        give_back(&mut active.queues[index], &active.mem, head);
         active.signal_used_queue(index);
     }
 
@@ -404,9 +406,7 @@ impl Balloon {
                     Err(e) => errors.push(e),
                 }
             }
-            if let Err(e) = active.queues[index].add_used(&mem, head, 0) {
-                crate::warn_ratelimited!("virtio-balloon: cannot return descriptor {head}: {e}");
-            }
+            give_back(&mut active.queues[index], &mem, head);
             returned = true;
         }
         if returned {
