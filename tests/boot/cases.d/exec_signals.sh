@@ -48,23 +48,19 @@ sig_case() {
 
 secs_between() { [ "$SECS" -ge "$1" ] && [ "$SECS" -lt "$2" ]; }
 
-case_exec_sig_usr1() {
+# sig_trap_case CASE SIG WORD STATUS: the command traps SIG, prints WORD
+# and exits STATUS; capsule's status is the command's.
+sig_trap_case() {
     # shellcheck disable=SC2046  # word splitting of the fixed prefix is wanted
-    sig_case exec_sig_usr1 USR1 $(EXEC_DISK_ARGS) -- \
-        sh -c "trap 'echo got-usr1; exit 3' USR1; $SIG_LOOP"
-    expect "the command's trap ran (got-usr1)" grep -qx got-usr1 "$OUT"
-    expect "exit status 3, the command's (was $RC)" rc_is 3
+    sig_case "$1" "$2" $(EXEC_DISK_ARGS) -- \
+        sh -c "trap 'echo $3; exit $4' $2; $SIG_LOOP"
+    expect "the command's trap ran ($3)" grep -qx "$3" "$OUT"
+    expect "exit status $4, the command's (was $RC)" rc_is "$4"
     expect "no Rust panic" no_rust_panic
 }
 
-case_exec_sig_term_trapped() {
-    # shellcheck disable=SC2046
-    sig_case exec_sig_term_trapped TERM $(EXEC_DISK_ARGS) -- \
-        sh -c "trap 'echo got-term; exit 4' TERM; $SIG_LOOP"
-    expect "the command's trap ran (got-term)" grep -qx got-term "$OUT"
-    expect "exit status 4, the command's (was $RC)" rc_is 4
-    expect "no Rust panic" no_rust_panic
-}
+case_exec_sig_usr1() { sig_trap_case exec_sig_usr1 USR1 got-usr1 3; }
+case_exec_sig_term_trapped() { sig_trap_case exec_sig_term_trapped TERM got-term 4; }
 
 case_exec_sig_term_ignored() {
     # The command ignores SIGTERM: after --stop-timeout the VM is stopped
