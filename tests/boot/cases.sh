@@ -27,7 +27,7 @@
 #         `boot-cases: done N passed, M failed`; exit 1 if any failed.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux boot_marker stdin_line poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
+ALL_CASES="boot_1cpu_bzimage boot_2cpu_vmlinux boot_marker stdin_line stdin_typed_ahead poweroff_exit0 reboot_exit0 panic_status not_a_kernel missing_kernel zero_cpus"
 CASES_DIR="$(cd "$(dirname "$0")" && pwd)"
 
 # More cases, by feature: each cases.d/*.sh adds its names to ALL_CASES and
@@ -259,6 +259,28 @@ case_stdin_line() {
 poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M
     expect "42marker echoed back" out_has_line "42marker"
+    expect "exit status 0" rc_is 0
+    expect "no Rust panic" no_rust_panic
+}
+
+# Input that is all there before the guest boots (a pipe written at once,
+# a user typing ahead) must reach the shell whole: the guest's 8250 driver
+# reads its receive register while probing and opening the port, and used
+# to swallow the first bytes.
+case_stdin_typed_ahead() {
+    _dir="$WORK/stdin_typed_ahead"
+    rm -rf "$_dir"
+    mkdir -p "$_dir"
+    OUT="$_dir/stdout" ERR="$_dir/stderr"
+    printf '%s\n' "printf 'echo typed-\$((6*7))-ahead\\npoweroff -f\\n' | capsule run ..." >"$_dir/command"
+    _start=$(now)
+    printf 'echo typed-$((6*7))-ahead\npoweroff -f\n' |
+        timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
+            --cpus 1 --memory 256M >"$_dir/stdout.raw" 2>"$ERR"
+    RC=$?
+    SECS=$(($(now) - _start))
+    tr -d '\r' <"$_dir/stdout.raw" >"$OUT"
+    expect "the whole typed-ahead line ran (typed-42-ahead)" out_has_line "typed-42-ahead"
     expect "exit status 0" rc_is 0
     expect "no Rust panic" no_rust_panic
 }

@@ -51,7 +51,17 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Tells the input side when the guest has emptied the receive FIFO.
+/// The interrupt enable register's offset.
+const IER_OFFSET: u8 = 1;
+/// The line control register's offset.
+const LCR_OFFSET: u8 = 3;
+/// IER: received data available interrupt.
+const IER_RDA: u8 = 0x01;
+/// LCR: divisor latch access.
+const LCR_DLAB: u8 = 0x80;
+
+/// Tells the input side when the guest has emptied the receive FIFO, or
+/// has become ready for input.
 #[derive(Debug)]
 pub struct FifoEvents {
     pub(super) buffer_ready: EventFd,
@@ -100,6 +110,18 @@ impl SerialDevice {
         self.serial.fifo_capacity()
     }
 
+    /// Whether the guest's driver is ready for input: the receive
+    /// interrupt is enabled. Linux's 8250 driver enables it when the port
+    /// is opened, and before that (while probing, and in its start-up
+    /// sequence) it reads the receive register to clear the UART, which
+    /// would throw away whatever a user typed ahead. So input waits on the
+    /// host side until then. While the divisor latch is selected (DLAB)
+    /// the register is the divisor, so input waits for that to end too.
+    pub fn accepts_input(&mut self) -> bool {
+        // Reading LCR and IER has no side effect on a 16550A.
+        self.serial.read(LCR_OFFSET) & LCR_DLAB == 0 && self.serial.read(IER_OFFSET) & IER_RDA != 0
+    }
+
     /// Queues bytes for the guest to read; returns how many were taken.
     pub fn enqueue(&mut self, bytes: &[u8]) -> io::Result<usize> {
         match self.serial.enqueue_raw_bytes(bytes) {
@@ -124,6 +146,11 @@ impl BusDevice for SerialDevice {
         };
         if let Err(e) = self.serial.write(off, v) {
             crate::debug_ratelimited!("serial: write failed: {e:?}");
+        }
+        // The guest may just have become ready for input: wake the input
+        // side (it re-checks, and pauses again if not).
+        if (off == IER_OFFSET || off == LCR_OFFSET) && self.accepts_input() {
+            self.serial.events().in_buffer_empty();
         }
     }
 }
@@ -172,14 +199,19 @@ impl SerialInput {
     /// Moves what the host has typed into the FIFO, as much as fits.
     fn pump(&mut self, ops: &mut EventOps) {
         let mut serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
-        let room = serial.fifo_capacity();
+        let room = if serial.accepts_input() {
+            serial.fifo_capacity()
+        } else {
+            0
+        };
         let Some(fd) = self.input_fd() else { return };
         if room == 0 {
-            // Stop polling until the guest drains the FIFO.
+            // Stop polling until the guest drains the FIFO or enables its
+            // receive interrupt.
             if let Err(e) = ops.remove(Events::empty_raw(fd)) {
                 crate::warn_ratelimited!("serial: cannot pause input: {e}");
             }
-            log::debug!("serial: FIFO full, input paused");
+            log::debug!("serial: FIFO full or guest not reading, input paused");
             self.paused = true;
             return;
         }
@@ -342,6 +374,7 @@ mod tests {
             let irq = EventFdTrigger::new().unwrap();
             let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
             let dev = Arc::new(Mutex::new(dev));
+            dev.lock().unwrap().write(IER, &[0x1]); // receive interrupt on
             let input = Arc::new(Mutex::new(SerialInput::new(
                 dev.clone(),
                 Some(input),
@@ -364,5 +397,51 @@ mod tests {
         let (attached, data_ready) = attach(Box::new(guest_side));
         assert!(attached, "a socket can be polled: attached");
         assert!(data_ready, "its input reaches the guest");
+    }
+
+    /// Input typed before the guest's driver opens the port waits on the
+    /// host side: the probe's and start-up's reads of the receive register
+    /// find nothing to throw away, and every byte arrives once the receive
+    /// interrupt is on.
+    #[test]
+    fn typed_ahead_input_waits_for_the_driver() {
+        let irq = EventFdTrigger::new().unwrap();
+        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(input)));
+        host.write_all(b"echo typed-ahead\n").unwrap();
+        for _ in 0..5 {
+            em.run_with_timeout(10).unwrap();
+            // What 8250's start-up does before it enables interrupts.
+            assert_eq!(read_reg(&dev, LSR) & 1, 0, "no byte reaches a closed port");
+            read_reg(&dev, DATA);
+        }
+        // The divisor latch selected: IER's offset is the divisor.
+        dev.lock().unwrap().write(3, &[0x80]);
+        dev.lock().unwrap().write(IER, &[0x1]);
+        em.run_with_timeout(10).unwrap();
+        assert_eq!(
+            read_reg(&dev, LSR) & 1,
+            0,
+            "a divisor write enables nothing"
+        );
+        dev.lock().unwrap().write(3, &[0x03]); // 8N1, DLAB off
+        em.run_with_timeout(10).unwrap();
+        assert_eq!(read_reg(&dev, LSR) & 1, 0, "IER is still off");
+        dev.lock().unwrap().write(IER, &[0x1]); // the driver opens the port
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            em.run_with_timeout(10).unwrap();
+            while read_reg(&dev, LSR) & 1 != 0 {
+                got.push(read_reg(&dev, DATA));
+            }
+            if got.len() == 17 {
+                break;
+            }
+        }
+        assert_eq!(got, b"echo typed-ahead\n");
     }
 }
