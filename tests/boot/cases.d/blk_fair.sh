@@ -12,11 +12,11 @@
 # The bound is relative to the same harness: the nested L1 runs everything
 # under TCG, where even an idle `GET /` takes milliseconds and two busy
 # guest vCPUs take L1's two CPUs from the event loop, the API thread and
-# curl. So a control series runs between the idle and the disk ones, with
-# the guest's two vCPUs spinning and no I/O, and the loaded p99 must stay
-# within STARVE_BOUND_MS (100) of the control's p99, measured seconds
-# before in the same VM: what is left is the disk's own stall. All three
-# are printed.
+# curl. So a control series, with the guest's two vCPUs spinning and no
+# I/O, takes turns with the disk series (STARVE_ROUNDS of each, so both
+# see the same stretches of the host's load), and the loaded p99 must stay
+# within STARVE_BOUND_MS (100) of the control's p99, in the same VM: what
+# is left is the disk's own stall. All three are printed.
 
 # Optional until it passes: its first full run in the nested harness
 # (2026-12-04, 4 MiB budget, a request could not stop partway) measured
@@ -50,6 +50,8 @@ STARVE_GETS="${STARVE_GETS:-60}"
 # CASE_TIMEOUT: boot, two timed series, the stop).
 STARVE_TIMEOUT="${STARVE_TIMEOUT:-480}"
 STARVE_BOUND_MS="${STARVE_BOUND_MS:-100}"
+# Control and load series alternate in this many rounds each.
+STARVE_ROUNDS="${STARVE_ROUNDS:-3}"
 
 # uptime_ms: a monotonic clock in ms (busybox date has no portable %N).
 uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
@@ -96,6 +98,19 @@ starve_sectors() {
     tr -d '\r' <"$_sd/stdout.raw" | sed -n "s/^$1=\([0-9][0-9]*\)\$/\1/p" | tail -n1
 }
 
+# starve_round KIND R START: starts the guest's workload START (its loops'
+# pids in /tmp/w.pids), times STARVE_GETS / STARVE_ROUNDS `GET /` into
+# KIND.txt, then stops the workload. Load rounds add their time to _load_ms.
+starve_round() {
+    starve_type "$3; echo W-$1-$2-\$((0+1))"
+    wait_for "$_sd/stdout.raw" "^W-$1-$2-1" 60 "$_sd/never" || true
+    _t0=$(uptime_ms)
+    starve_gets "$_sock" $((STARVE_GETS / STARVE_ROUNDS)) "$_sd/round.txt"
+    [ "$1" = load ] && _load_ms=$((_load_ms + $(uptime_ms) - _t0))
+    cat "$_sd/round.txt" >>"$_sd/$1.txt"
+    starve_type 'kill $(cat /tmp/w.pids); rm /tmp/w.pids; sleep 1'
+}
+
 case_disk_starve() {
     _sd="$WORK/disk_starve"
     rm -rf "$_sd"
@@ -128,29 +143,32 @@ case_disk_starve() {
     done
 
     _idle_p50="" _idle_p99="" _cpu_p50="" _cpu_p99="" _load_p50="" _load_p99="" _stop_ms="" _stop_rc=""
-    _mib=0 _load_s=0
+    _mib=0 _load_s=0 _load_ms=0
     if [ "$_ready" -eq 1 ] && [ -n "$_sock" ]; then
         starve_gets "$_sock" "$STARVE_GETS" "$_sd/idle.txt"
-        # The control: the guest's two vCPUs busy without any I/O.
-        starve_type 'for i in 1 2; do (while :; do :; done) & echo $! >>/tmp/cpu.pids; done; echo CPU-$((1+1))-RUNNING'
-        wait_for "$_sd/stdout.raw" "^CPU-2-RUNNING" 60 "$_sd/never" || true
-        starve_gets "$_sock" "$STARVE_GETS" "$_sd/cpu.txt"
-        starve_type 'kill $(cat /tmp/cpu.pids); echo CPU-$((1+1))-STOPPED'
         starve_type 'echo 262144 >/sys/block/vda/queue/max_sectors_kb; echo max_sectors_kb=$(cat /sys/block/vda/queue/max_sectors_kb)'
-        starve_type 'for i in 1 2; do (while :; do dd if=/dev/vda of=/dev/null bs=64M iflag=direct 2>/dev/null; done) & done; sleep 3; echo LOAD-$((1+1))-RUNNING'
-        wait_for "$_sd/stdout.raw" "^LOAD-2-RUNNING" 60 "$_sd/never" || true
         starve_type 'echo RDA=$(awk "{ print \$3 }" /sys/block/vda/stat)'
-        _t0=$(uptime_ms)
-        starve_gets "$_sock" "$STARVE_GETS" "$_sd/load.txt"
-        _t1=$(uptime_ms)
+        # Control and load take turns, STARVE_ROUNDS of each, so that both
+        # sample the same stretches of the host's load (a build beside the
+        # harness moved a whole series by 200 ms when they ran one after
+        # the other).
+        _round=1
+        : >"$_sd/cpu.txt"
+        : >"$_sd/load.txt"
+        while [ "$_round" -le "$STARVE_ROUNDS" ]; do
+            starve_round cpu "$_round" 'for i in 1 2; do (while :; do :; done) & echo $! >>/tmp/w.pids; done'
+            starve_round load "$_round" 'for i in 1 2; do (while :; do dd if=/dev/vda of=/dev/null bs=64M iflag=direct 2>/dev/null; done) & echo $! >>/tmp/w.pids; done; sleep 3'
+            _round=$((_round + 1))
+        done
         starve_type 'echo RDB=$(awk "{ print \$3 }" /sys/block/vda/stat)'
         _a="$(starve_sectors RDA)" _b="$(starve_sectors RDB)"
         _mib=$(((${_b:-0} - ${_a:-0}) / 2048))
-        _load_s=$(((_t1 - _t0) / 1000))
+        _load_s=$((_load_ms / 1000))
         _idle_p50="$(starve_pct "$_sd/idle.txt" 50)" _idle_p99="$(starve_pct "$_sd/idle.txt" 99)"
         _cpu_p50="$(starve_pct "$_sd/cpu.txt" 50)" _cpu_p99="$(starve_pct "$_sd/cpu.txt" 99)"
         _load_p50="$(starve_pct "$_sd/load.txt" 50)" _load_p99="$(starve_pct "$_sd/load.txt" 99)"
-        # The orderly stop, with the guest still streaming.
+        # The orderly stop, with the guest streaming again.
+        starve_type 'for i in 1 2; do (while :; do dd if=/dev/vda of=/dev/null bs=64M iflag=direct 2>/dev/null; done) & done; sleep 3'
         _t0=$(uptime_ms)
         "$CAPSULE" stop "$_name" --timeout 30 >"$_sd/stop.out" 2>"$_sd/stop.err"
         _stop_rc=$?
