@@ -191,6 +191,21 @@ def balloon_seeds():
     write(t, "report", device_input(0, 1, b"\0", m))
 
 
+def rng_seeds():
+    t = "virtio_rng"
+    m = Mem()
+    m.chain(0, 0, [(0x800, 64, WRITE)])
+    m.chain(0, 1, [(0x900, 16, WRITE), (0xa00, 4096, WRITE)])
+    m.avail(0, [0, 1])
+    write(t, "two-buffers", device_input(0, 1, b"\0", m))
+    write(t, "byte-limited", device_input(0, 3, b"\x01\x20\x00", m))
+    write(t, "request-limited", device_input(0, 3, b"\x02\x01\x00", m))
+    m = Mem()
+    m.chain(0, 0, [(0x800, 64, 0)])
+    m.avail(0, [0])
+    write(t, "read-only-buffer", device_input(0, 1, b"\0", m))
+
+
 def mmio_seeds():
     t = "virtio_mmio"
 
@@ -395,6 +410,7 @@ blk_seeds()
 net_seeds()
 console_seeds()
 balloon_seeds()
+rng_seeds()
 mmio_seeds()
 http_seeds()
 config_seeds()

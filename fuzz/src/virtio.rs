@@ -19,11 +19,13 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
+use devices::rate_limiter::{BucketConfig, RateLimiter};
 use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::block::{Block, DiskImage, ID_BYTES};
 use devices::virtio::console::Console;
 use devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetBackend, SendStatus};
+use devices::virtio::rng::Rng;
 use devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use devices::virtio::VirtioDevice;
 use devices::GuestMemoryMmap;
@@ -72,6 +74,8 @@ pub enum Kind {
     Console,
     /// virtio-balloon with every queue (statistics, free page reporting).
     Balloon,
+    /// virtio-rng, with or without a rate limiter.
+    Rng,
 }
 
 impl Kind {
@@ -87,7 +91,7 @@ impl Kind {
     /// How many queues the device has.
     pub fn queues(self) -> u32 {
         match self {
-            Kind::Block => 1,
+            Kind::Block | Kind::Rng => 1,
             Kind::Net | Kind::Console => 2,
             Kind::Balloon => 4,
         }
@@ -262,7 +266,8 @@ impl Rig {
     /// options are taken from `input`: a flags byte (block: bit 0
     /// read-only, bit 1 failing disk; console: bit 0 failing output; net:
     /// low 3 bits the number of frames to receive; balloon: its target in
-    /// MiB), then for net the
+    /// MiB; rng: bit 0 a byte limit, bit 1 a request limit, each a bucket
+    /// of the next `u16` tokens refilled in 100 ms), then for net the
     /// frames (`len: u16 | bytes`) and the send outcomes (`n: u8 | bytes`),
     /// for the console the host input.
     pub fn new(kind: Kind, input: &mut Input<'_>, image: &[u8]) -> Self {
@@ -316,6 +321,20 @@ impl Rig {
                     })
                     .expect("balloon"),
                 ));
+                (d.clone(), d)
+            }
+            Kind::Rng => {
+                let mut bucket = |on: bool| {
+                    on.then(|| BucketConfig {
+                        size: u64::from(input.u16()),
+                        one_time_burst: 0,
+                        refill_time_ms: 100,
+                    })
+                };
+                let bytes = bucket(opts & 1 != 0);
+                let ops = bucket(opts & 2 != 0);
+                let limiter = RateLimiter::new(bytes, ops).expect("rate limiter");
+                let d = Arc::new(Mutex::new(Rng::with_limiter(limiter).expect("rng")));
                 (d.clone(), d)
             }
         };
@@ -505,6 +524,29 @@ mod tests {
             r.notify(3)
         });
         assert_eq!(used_idx(&rig, 3), 1);
+    }
+
+    #[test]
+    fn rng_seeds_fill_buffers() {
+        let rig = run_device(Kind::Rng, &seed("virtio_rng", "two-buffers"), |r, _| {
+            r.notify(0)
+        });
+        assert!(used_idx(&rig, 0) >= 2, "both chains returned");
+        let mut got = [0u8; 64];
+        rig.mem.read_slice(&mut got, GuestAddress(0x800)).unwrap();
+        assert_ne!(got, [0u8; 64], "the buffer was filled");
+        // A chain the device may only read gets nothing written.
+        let rig = run_device(
+            Kind::Rng,
+            &seed("virtio_rng", "read-only-buffer"),
+            |r, _| r.notify(0),
+        );
+        let mut got = [0u8; 64];
+        rig.mem.read_slice(&mut got, GuestAddress(0x800)).unwrap();
+        assert_eq!(
+            got, [0u8; 64],
+            "nothing written into a device-readable buffer"
+        );
     }
 
     #[test]
