@@ -299,7 +299,15 @@ impl RunArgs {
                 }
             }
         }
-        let (jail, inside) = Jail::plan(&self.jail, &self.id, &files, self.memory, &self.kvm, tun, vhost)?;
+        let (jail, inside) = Jail::plan(
+            &self.jail,
+            &self.id,
+            &files,
+            self.memory,
+            &self.kvm,
+            tun,
+            vhost,
+        )?;
         let mut inside = inside.into_iter();
         if let Some(k) = &mut self.kernel {
             *k = inside.next().unwrap_or_default();
