@@ -192,7 +192,7 @@ mod tests {
             ("VHOST_SET_VRING_ERR", b::VHOST_SET_VRING_ERR()),
             ("VHOST_NET_SET_BACKEND", b::VHOST_NET_SET_BACKEND()),
         ] {
-            assert_eq!(find(VHOST_NET_RUN, name), u64::from(want), "{name}");
+            assert_eq!(find(VHOST_NET_RUN, name), want, "{name}");
         }
         assert_eq!(VHOST_NET_RUN.len(), 10);
     }
