@@ -26,21 +26,24 @@ impl KernelVhostNet {
     /// features. `mem` is the guest memory that ring addresses are
     /// translated through.
     pub fn open(tap: Tap, mem: Arc<GuestMemoryMmap>) -> Result<Self, VhostNetError> {
-        let net = KernelNet::new(mem).map_err(|e| match e {
-            vhost::Error::VhostOpen(e) => match e.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
-                    VhostNetError::Missing
-                }
-                Some(libc::EACCES) | Some(libc::EPERM) => VhostNetError::Permission,
-                _ => VhostNetError::Open(e),
-            },
-            other => VhostNetError::Open(io::Error::other(other)),
-        })?;
+        let net = KernelNet::new(mem).map_err(open_error)?;
         let setup = |step| move |source| VhostNetError::Setup { step, source };
         net.set_owner().map_err(setup("SET_OWNER"))?;
         let features = net.get_features().map_err(setup("GET_FEATURES"))?;
         log::debug!("vhost-net for {}: features {features:#x}", tap.name());
         Ok(Self { net, tap, features })
+    }
+}
+
+/// Why `/dev/vhost-net` could not be opened, in the user's terms.
+fn open_error(e: vhost::Error) -> VhostNetError {
+    match e {
+        vhost::Error::VhostOpen(e) => match e.raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => VhostNetError::Missing,
+            Some(libc::EACCES) | Some(libc::EPERM) => VhostNetError::Permission,
+            _ => VhostNetError::Open(e),
+        },
+        other => VhostNetError::Open(io::Error::other(other)),
     }
 }
 
@@ -85,5 +88,35 @@ impl VhostNetOps for KernelVhostNet {
 
     fn set_offloads(&mut self, acked: u64) -> io::Result<()> {
         self.tap.set_offloads(acked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opened(errno: i32) -> VhostNetError {
+        open_error(vhost::Error::VhostOpen(io::Error::from_raw_os_error(errno)))
+    }
+
+    #[test]
+    fn open_failures_say_what_to_do_in_one_line() {
+        assert!(matches!(opened(libc::ENOENT), VhostNetError::Missing));
+        assert!(matches!(opened(libc::ENXIO), VhostNetError::Missing));
+        assert!(matches!(opened(libc::EACCES), VhostNetError::Permission));
+        assert!(matches!(opened(libc::EMFILE), VhostNetError::Open(_)));
+        for e in [
+            opened(libc::ENOENT),
+            opened(libc::EACCES),
+            opened(libc::EMFILE),
+        ] {
+            let msg = e.to_string();
+            assert!(msg.starts_with("vhost=on: "), "{msg}");
+            assert!(msg.contains("/dev/vhost-net"), "{msg}");
+            assert!(!msg.contains('\n'), "{msg}");
+        }
+        assert!(opened(libc::ENOENT)
+            .to_string()
+            .contains("modprobe vhost_net"));
     }
 }
