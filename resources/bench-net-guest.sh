@@ -6,7 +6,8 @@
 # hardware KVM), as root, POSIX sh with busybox tools. Each run boots a
 # fresh test guest with one virtio-net device on a TAP device (both over
 # virtio-mmio; QEMU: -M microvm, virtio-net-device, userspace backend,
-# vhost=off; Firecracker: --no-api --config-file, virtio-mmio; Cloud
+# vhost=off; capsule-vhost and qemu-vhost: the same with vhost=on, the
+# data path in the kernel's vhost-net; Firecracker: --no-api --config-file, virtio-mmio; Cloud
 # Hypervisor: its command line, virtio-net over virtio-pci; the peers boot
 # the build's vmlinux, Firecracker taking no bzImage), streams BENCH_MIB MiB of zeroes with busybox nc guest→host
 # and then host→guest (the receiver counts and times them) and powers the
@@ -21,8 +22,8 @@
 #      BENCH_RUNS_qemu, ... override it per VMM, '-' written '_'), BENCH_CPUS (guest vCPUs,
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
-#      BENCH_VMMS (default "capsule qemu"; also firecracker,
-#      cloud-hypervisor), FC and CH (those VMMs' commands), VMLINUX (the
+#      BENCH_VMMS (default "capsule qemu"; also capsule-vhost,
+#      qemu-vhost, firecracker, cloud-hypervisor), FC and CH (those VMMs' commands), VMLINUX (the
 #      vmlinux of BZIMAGE's build, for them)
 set -u
 # A VMM that ended early must not end this script with SIGPIPE when the
@@ -38,6 +39,12 @@ WORK="$(mktemp -d /tmp/bench-net.XXXXXX)"
 . "$(dirname "$0")/kvm-host.sh"
 
 [ -c /dev/net/tun ] || insmod /lib/modules/tun.ko 2>/dev/null || modprobe tun 2>/dev/null
+# vhost-net, for capsule-vhost and qemu-vhost (and what it needs).
+if [ ! -c /dev/vhost-net ]; then
+    for m in tap vhost_iotlb vhost vhost_net; do
+        insmod "/lib/modules/$m.ko" 2>/dev/null || modprobe "$m" 2>/dev/null
+    done
+fi
 ip link set lo up 2>/dev/null
 
 now() { date +%s; }
@@ -260,17 +267,21 @@ measure() {
 # run_vmm VMM: one measured run of VMM with the configuration below.
 run_vmm() {
     case "$1" in
-    capsule)
-        measure capsule capb0 "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
-            --cpus "$CPUS" --memory 512M --cmdline "$CMDLINE" --net tap=capb0
+    capsule | capsule-vhost)
+        _vhost=off _tapname=capb0
+        [ "$1" = capsule ] || _vhost=on _tapname=capv0
+        measure "$1" "$_tapname" "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
+            --cpus "$CPUS" --memory 512M --cmdline "$CMDLINE" --net "tap=$_tapname,vhost=$_vhost"
         ;;
-    qemu)
+    qemu | qemu-vhost)
+        _vhost=off _tapname=qemub0
+        [ "$1" = qemu ] || _vhost=on _tapname=qemuv0
         # shellcheck disable=SC2086  # QEMU is a command with arguments
-        measure qemu qemub0 $QEMU -L "${QEMU_FIRMWARE:-/usr/share/qemu}" \
+        measure "$1" "$_tapname" $QEMU -L "${QEMU_FIRMWARE:-/usr/share/qemu}" \
             -M microvm -accel kvm -cpu host -m 512M -smp "$CPUS" -nodefaults -no-user-config \
             -display none -no-reboot -serial stdio -kernel "$BZIMAGE" -initrd "$INITRD" \
             -append "$CMDLINE" \
-            -netdev tap,id=n0,ifname=qemub0,script=no,downscript=no,vhost=off \
+            -netdev "tap,id=n0,ifname=$_tapname,script=no,downscript=no,vhost=$_vhost" \
             -device virtio-net-device,netdev=n0
         ;;
     firecracker)
@@ -299,10 +310,10 @@ EOF
 # per-vCPU exit counts are printed after each of its runs.
 [ -z "${BENCH_DETAIL:-}" ] || export CAPSULE_LOG=debug
 VMMS="${BENCH_VMMS:-capsule qemu}"
-case " $VMMS " in *" qemu "*)
+case " $VMMS " in *" qemu "* | *" qemu-vhost "*)
     if [ -z "${QEMU:-}" ]; then
-        echo "bench-net: no QEMU given; capsule only"
-        VMMS=capsule
+        echo "bench-net: no QEMU given; no QEMU rows"
+        VMMS="$(echo " $VMMS " | sed 's/ qemu / /; s/ qemu-vhost / /')"
     fi
     ;;
 esac
@@ -314,8 +325,8 @@ while :; do
     round=$((round + 1))
     busy=""
     for vmm in $VMMS; do
-        case "$vmm" in capsule | qemu | firecracker | cloud-hypervisor) ;; *)
-            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, qemu, firecracker, cloud-hypervisor)"
+        case "$vmm" in capsule | capsule-vhost | qemu | qemu-vhost | firecracker | cloud-hypervisor) ;; *)
+            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, qemu, qemu-vhost, firecracker, cloud-hypervisor)"
             exit 2
             ;;
         esac

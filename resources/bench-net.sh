@@ -8,7 +8,8 @@
 # qemu-system-x86_64 (and its shared libraries and microvm firmware) copied
 # in. Both VMMs boot the same guest with a virtio-net device over
 # virtio-mmio on a TAP device (QEMU: -M microvm, virtio-net-device, its
-# userspace backend, vhost=off, as capsule has no vhost). Firecracker
+# userspace backend, vhost=off; capsule-vhost and qemu-vhost: both with
+# vhost=on, the kernel's vhost-net). Firecracker
 # (`--no-api --config-file`, virtio-mmio) and Cloud Hypervisor (command
 # line, virtio-net over virtio-pci) join when their builds are in
 # capsule_anchors_dir (resources/lib.sh), booting the same build's vmlinux;
@@ -23,7 +24,8 @@
 #        default 1),
 #        BENCH_DETAIL=1 (TAP frame counts per transfer; capsule's traffic
 #        and exit counters),
-#        BENCH_VMMS (default "capsule qemu" and the peers found),
+#        BENCH_VMMS (default "capsule capsule-vhost qemu qemu-vhost" and
+#        the peers found),
 #        BENCH_RESULTS (a file the runs' lines are appended to and the
 #        table computed from: several invocations make one table),
 #        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE, CAPSULE_ANCHORS
@@ -49,7 +51,7 @@ peers="$(copy_peers "$work/tools")"
 copy_qemu_firmware "$work/qemu-fw"
 
 mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}"
-vmms="${BENCH_VMMS:-capsule qemu $peers}"
+vmms="${BENCH_VMMS:-capsule capsule-vhost qemu qemu-vhost $peers}"
 [[ "$mib" =~ ^[1-9][0-9]*$ ]] || die "BENCH_MIB must be a positive number of MiB"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "BENCH_CPUS must be a positive number"
@@ -93,7 +95,9 @@ export$plan
 exec sh /capsule/bench-net-guest.sh
 EOF
         rc=0
-        CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-$((300 + runs * 2 * 120))}" "$resources/harness/run-in-l1.sh" \
+        # About 2 minutes per run of each VMM still needed.
+        nvmms=$(wc -w <<<"$need")
+        CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-$((300 + runs * nvmms * 120))}" "$resources/harness/run-in-l1.sh" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$work/tools" "$work/qemu-fw" \
             "$resources/bench-net-guest.sh" "$resources/kvm-host.sh" </dev/null | sed -u 's/\r$//' |
             grep --line-buffered -E '^bench-net:|^capsule-l1:|CAPSULE-L1-EXIT' | tee -a "$results" || rc=$?
@@ -110,23 +114,28 @@ rates() {
 }
 [[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
 printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
-for vmm in capsule qemu firecracker cloud-hypervisor; do
+for vmm in capsule capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor; do
     n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
     [[ $n -gt 0 ]] || continue
     read -r -a g <<<"$(rates "$vmm" guest-to-host)"
     read -r -a h <<<"$(rates "$vmm" host-to-guest)"
     printf 'bench-net: %-26s %24s %24s\n' "$vmm ($n runs)" "${g[0]} / ${g[1]} / ${g[2]}" "${h[0]} / ${h[1]} / ${h[2]}"
 done
-# ratio PEER DIRECTION: capsule/PEER ratio of the medians.
+# ratio MINE PEER DIRECTION: MINE/PEER ratio of the medians.
 ratio() {
     local c q
-    c=$(rates capsule "$2" | cut -d' ' -f2)
-    q=$(rates "$1" "$2" | cut -d' ' -f2)
+    c=$(rates "$1" "$3" | cut -d' ' -f2)
+    q=$(rates "$2" "$3" | cut -d' ' -f2)
     awk -v a="$c" -v b="$q" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else printf "-" }'
 }
-for vmm in qemu firecracker cloud-hypervisor; do
-    grep -q "^bench-net: $vmm guest-to-host [0-9]" "$results" || continue
-    printf 'bench-net: %-26s %24s %24s\n' "capsule/$vmm" "$(ratio "$vmm" guest-to-host)" "$(ratio "$vmm" host-to-guest)"
+# has VMM: VMM has complete runs.
+has() { grep -q "^bench-net: $1 guest-to-host [0-9]" "$results"; }
+# capsule against each peer; capsule-vhost against capsule's userspace
+# path and QEMU's vhost-net.
+for pair in capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost; do
+    mine="${pair%%:*}" peer="${pair#*:}"
+    has "$mine" && has "$peer" || continue
+    printf 'bench-net: %-26s %24s %24s\n' "$mine/$peer" "$(ratio "$mine" "$peer" guest-to-host)" "$(ratio "$mine" "$peer" host-to-guest)"
 done
 for vmm in $vmms; do
     n=$(grep -c "^bench-net: note: $vmm early-end" "$results" || true)

@@ -186,6 +186,9 @@ pub struct NetConfig {
     pub tx_limits: Limits,
     /// The metadata service this device answers for (`PUT /mmds/config`).
     pub mmds: Option<SharedMmds>,
+    /// The kernel's vhost-net moves the frames between the guest and the
+    /// TAP (`vhost=on`; TAP only).
+    pub vhost: bool,
 }
 
 /// The metadata service's store, shared by the API (which changes it)
@@ -267,7 +270,8 @@ fn parse_publish(s: &str) -> Result<(u16, u16), String> {
 impl std::str::FromStr for NetConfig {
     type Err = String;
 
-    /// Parses `tap=NAME[,mac=MAC]` or `user[,publish=HOST:GUEST...][,mac=MAC]`.
+    /// Parses `tap=NAME[,mac=MAC][,vhost=on|off]` or
+    /// `user[,publish=HOST:GUEST...][,mac=MAC]`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut opts = s.split(',');
         let first = opts.next().unwrap_or_default();
@@ -297,9 +301,22 @@ impl std::str::FromStr for NetConfig {
             }
         };
         let mut mac = None;
+        let mut vhost = false;
         for opt in opts {
             match (opt.split_once('='), &mut backend) {
                 (Some(("mac", m)), _) => mac = Some(parse_mac(m).map_err(|e| e.to_string())?),
+                (Some(("vhost", v)), NetBackendConfig::Tap { .. }) => {
+                    vhost = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(format!("invalid vhost={v} (expected on or off)")),
+                    }
+                }
+                (Some(("vhost", _)), NetBackendConfig::User { .. }) => {
+                    return Err(
+                        "vhost= needs --net tap= (passt's frames pass through capsule)".into(),
+                    )
+                }
                 (Some(("publish", p)), NetBackendConfig::User { publish }) => {
                     for spec in p.split('+') {
                         publish.push(parse_publish(spec)?);
@@ -316,7 +333,7 @@ impl std::str::FromStr for NetConfig {
                         if matches!(backend, NetBackendConfig::User { .. }) {
                             " or publish=HOSTPORT:GUESTPORT"
                         } else {
-                            ""
+                            " or vhost=on|off"
                         }
                     ))
                 }
@@ -335,6 +352,7 @@ impl std::str::FromStr for NetConfig {
             rx_limits: Limits::default(),
             tx_limits: Limits::default(),
             mmds: None,
+            vhost,
         })
     }
 }
@@ -535,10 +553,16 @@ mod tests {
                 rx_limits: Limits::default(),
                 tx_limits: Limits::default(),
                 mmds: None,
+                vhost: false,
             }
         );
         let n: NetConfig = "tap=t1,mac=02:00:00:00:00:aB".parse().unwrap();
         assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 0xab]));
+        assert!(!n.vhost);
+        let n: NetConfig = "tap=t1,vhost=on,mac=02:00:00:00:00:01".parse().unwrap();
+        assert!(n.vhost);
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert!(!"tap=t1,vhost=off".parse::<NetConfig>().unwrap().vhost);
         let n: NetConfig = "user".parse().unwrap();
         assert_eq!(n.backend, NetBackendConfig::User { publish: vec![] });
         let n: NetConfig = "user,publish=8080:80,publish=2222:22,mac=02-01-02-03-04-05"
@@ -575,6 +599,9 @@ mod tests {
             "tap=t0,mac=02:00:00:00:00",
             "tap=t0,mac=02:00:00:00:00:0g",
             "tap=t0,speed=10",
+            "tap=t0,vhost=yes",
+            "tap=t0,vhost",
+            "user,vhost=on",
         ] {
             let e = bad.parse::<NetConfig>().unwrap_err();
             assert!(!e.contains('\n'), "{bad}: {e}");

@@ -235,10 +235,12 @@ struct RunArgs {
     /// CAP_NET_ADMIN). `user`: user-mode networking through passt, no
     /// privileges needed, DHCP in the guest; `publish=HOST:GUEST` forwards
     /// a host TCP port to the guest (repeatable). `mac=MAC` sets the MAC
-    /// address (default 02:ca:75:00:00:NN for device NN).
+    /// address (default 02:ca:75:00:00:NN for device NN). `vhost=on`
+    /// (TAP only): the host kernel's vhost-net moves the frames (needs
+    /// /dev/vhost-net).
     #[arg(
         long = "net",
-        value_name = "tap=NAME[,mac=MAC] | user[,publish=HOST:GUEST...][,mac=MAC]"
+        value_name = "tap=NAME[,mac=MAC][,vhost=on] | user[,publish=HOST:GUEST...][,mac=MAC]"
     )]
     nets: Vec<config::NetConfig>,
     /// virtio-vsock device (Firecracker's model): host programs connect to
@@ -285,6 +287,7 @@ impl RunArgs {
                 .map(|d| (d.path.clone(), d.mode == config::DiskMode::ReadWrite)),
         );
         let mut tun = false;
+        let vhost = self.nets.iter().any(|n| n.vhost);
         for n in &self.nets {
             match n.backend {
                 config::NetBackendConfig::Tap { .. } => tun = true,
@@ -296,7 +299,15 @@ impl RunArgs {
                 }
             }
         }
-        let (jail, inside) = Jail::plan(&self.jail, &self.id, &files, self.memory, &self.kvm, tun)?;
+        let (jail, inside) = Jail::plan(
+            &self.jail,
+            &self.id,
+            &files,
+            self.memory,
+            &self.kvm,
+            tun,
+            vhost,
+        )?;
         let mut inside = inside.into_iter();
         if let Some(k) = &mut self.kernel {
             *k = inside.next().unwrap_or_default();

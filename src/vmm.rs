@@ -52,7 +52,7 @@ pub struct Vmm {
     /// The virtio-blk devices, in the guest's order (vda, vdb, ...).
     pub(crate) disks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
     /// The virtio-net devices, in the guest's order (eth0, eth1, ...).
-    pub(crate) nets: Vec<Arc<Mutex<devices::virtio::net::Net>>>,
+    pub(crate) nets: Vec<Option<Arc<Mutex<devices::virtio::net::Net>>>>,
     pub(crate) vsock: Option<VsockHandle>,
     /// The virtio-balloon device.
     pub(crate) balloon: Option<Arc<Mutex<devices::virtio::balloon::Balloon>>>,
@@ -182,9 +182,10 @@ impl Vmm {
         self.disks.get(index)
     }
 
-    /// Network device `index` (in the guest's order).
+    /// Network device `index` (in the guest's order); `None` also for a
+    /// vhost-net device, whose frames do not pass through capsule.
     pub fn net(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::net::Net>>> {
-        self.nets.get(index)
+        self.nets.get(index).and_then(Option::as_ref)
     }
 
     /// The balloon device, if the VM has one.

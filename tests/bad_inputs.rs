@@ -66,6 +66,16 @@ fn bad_inputs_get_one_line_and_a_status() {
             "invalid port",
         ),
         (
+            &["run", "--kernel", junk, "--net", "user,vhost=on"],
+            2,
+            "vhost= needs --net tap=",
+        ),
+        (
+            &["run", "--kernel", junk, "--net", "tap=t0,vhost=1"],
+            2,
+            "expected on or off",
+        ),
+        (
             &[
                 "run",
                 "--kernel",

@@ -5,7 +5,8 @@
 # that `apt-cache depends linux-image-cloud-amd64` names, unpacks it with
 # dpkg -x and caches, in $CACHE/l1-kernel/<hash>/:
 #   vmlinuz                     the L1 kernel
-#   modules/irqbypass.ko, modules/kvm.ko, modules/kvm-amd.ko, modules/tun.ko
+#   modules/irqbypass.ko, modules/kvm.ko, modules/kvm-amd.ko, modules/tun.ko,
+#   and for vhost-net: modules/tap.ko, vhost_iotlb.ko, vhost.ko, vhost_net.ko
 #   release                     the kernel release (uname -r in L1)
 #   System.map                  its symbols (for diagnosing a hung L1)
 # <hash> covers the package name and version and this script. Modules
@@ -29,7 +30,8 @@ source "$CAPSULE_RESOURCES_DIR/harness/l1-config.sh"
 source "$CAPSULE_RESOURCES_DIR/harness/apt.sh"
 
 meta=linux-image-cloud-amd64
-modules=(virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko drivers/net/tun.ko)
+modules=(virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko drivers/net/tun.ko
+    drivers/net/tap.ko drivers/vhost/vhost_iotlb.ko drivers/vhost/vhost.ko drivers/vhost/vhost_net.ko)
 
 image_pkg() {
     apt-cache depends "$meta" 2>/dev/null |

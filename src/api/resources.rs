@@ -328,6 +328,7 @@ impl VmResources {
                             .as_ref()
                             .filter(|c| c.network_interfaces.contains(&n.iface_id))
                             .map(|_| self.mmds.clone()),
+                        vhost: false,
                     })
                 })
                 .collect::<Result<_>>()?,

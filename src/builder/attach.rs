@@ -9,7 +9,9 @@ use arch::GuestMemoryMmap;
 use devices::exit::ExitSignal;
 use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::block::{Block, BlockConfig, ID_BYTES};
-use devices::virtio::net::{self, Net, NetBackend, Passt, PasstConfig, Tap};
+use devices::virtio::net::{
+    self, KernelVhostNet, Net, NetBackend, Passt, PasstConfig, Tap, VhostNet,
+};
 use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use event_manager::{EventManager, SubscriberOps};
@@ -83,8 +85,9 @@ impl Devices<'_> {
     }
 
     /// One virtio-net device per `--net`, in order (eth0, eth1, ...);
-    /// returns them, for changes while the VM runs.
-    pub(crate) fn add_nets(&mut self, nets: &[NetConfig]) -> Result<Vec<Arc<Mutex<Net>>>> {
+    /// returns them, for changes while the VM runs (`None` for a
+    /// vhost-net device, which has nothing to change).
+    pub(crate) fn add_nets(&mut self, nets: &[NetConfig]) -> Result<Vec<Option<Arc<Mutex<Net>>>>> {
         let macs: Vec<_> = nets
             .iter()
             .enumerate()
@@ -98,9 +101,15 @@ impl Devices<'_> {
         self.macs = macs.clone();
         let mut out = Vec::new();
         for (index, (nic, mac)) in nets.iter().zip(macs).enumerate() {
+            if nic.vhost {
+                let device = open_vhost_net(index, nic, mac, self.mem)?;
+                self.add_virtio(Arc::new(Mutex::new(device)))?;
+                out.push(None);
+                continue;
+            }
             let device = Arc::new(Mutex::new(open_net(index, nic, mac)?));
             self.add_virtio(device.clone())?;
-            out.push(device);
+            out.push(Some(device));
         }
         Ok(out)
     }
@@ -241,4 +250,32 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
     let tx = rate_limiter(&nic.tx_limits).map_err(|e| Error::Net(index, e))?;
     net.set_rate_limiters(rx, tx);
     Ok(net)
+}
+
+/// Creates network device `index` with its data path in the kernel
+/// (`vhost=on`): opens the TAP device, then `/dev/vhost-net`.
+fn open_vhost_net(
+    index: usize,
+    nic: &NetConfig,
+    mac: net::MacAddr,
+    mem: &GuestMemoryMmap,
+) -> Result<VhostNet> {
+    let NetBackendConfig::Tap { name } = &nic.backend else {
+        return Err(Error::VhostNetConflict(index, "--net user"));
+    };
+    if nic.mmds.is_some() {
+        return Err(Error::VhostNetConflict(index, "the metadata service"));
+    }
+    if nic.rx_limits != Default::default() || nic.tx_limits != Default::default() {
+        return Err(Error::VhostNetConflict(index, "rate limits"));
+    }
+    let tap = Tap::open(name)?;
+    let ops =
+        KernelVhostNet::open(tap, Arc::new(mem.clone())).map_err(|e| Error::VhostNet(index, e))?;
+    let device = VhostNet::new(Box::new(ops), mac).map_err(|e| Error::VhostNet(index, e))?;
+    log::info!(
+        "network device {index}: TAP {name} with MAC {}, data path in the kernel (vhost-net)",
+        net::format_mac(&mac)
+    );
+    Ok(device)
 }

@@ -149,6 +149,13 @@ pub enum Error {
     /// passt could not be started.
     #[error(transparent)]
     Passt(#[from] PasstError),
+    /// vhost-net could not be set up for a network device (`vhost=on`).
+    #[error("network device {0}: {1}")]
+    VhostNet(usize, #[source] net::VhostNetError),
+    /// A network device with `vhost=on` was given what only capsule's
+    /// own data path does.
+    #[error("network device {0}: vhost=on cannot be combined with {1} (the frames do not pass through capsule)")]
+    VhostNetConflict(usize, &'static str),
     /// The vsock socket cannot be created.
     #[error("vsock socket {}: {why}", path.display())]
     VsockSocket {

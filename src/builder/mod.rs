@@ -125,6 +125,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         Some("virtio-fs shares have no saved state yet")
     } else if config.balloon.is_some() {
         Some("a balloon device has no saved state yet")
+    } else if config.nets.iter().any(|n| n.vhost) {
+        Some("a vhost-net device's rings are in the kernel's hands (and its writes to guest memory are not tracked)")
     } else {
         None
     };
@@ -204,8 +206,8 @@ pub(crate) struct Parts {
     pub(crate) no_acpi: bool,
     /// The virtio-blk devices, in the guest's order.
     pub(crate) disks: Vec<Arc<Mutex<Block>>>,
-    /// The virtio-net devices, in the guest's order.
-    pub(crate) nets: Vec<Arc<Mutex<Net>>>,
+    /// The virtio-net devices, in the guest's order (`None`: vhost-net).
+    pub(crate) nets: Vec<Option<Arc<Mutex<Net>>>>,
     /// The virtio-balloon device.
     pub(crate) balloon: Option<Arc<Mutex<devices::virtio::balloon::Balloon>>>,
     /// Start with every vCPU parked (a restore without `resume_vm`).

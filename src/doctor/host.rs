@@ -287,6 +287,23 @@ pub fn tun() -> Check {
     }
 }
 
+/// /dev/vhost-net, for `--net tap=NAME,vhost=on`.
+pub fn vhost_net() -> Check {
+    let path = "/dev/vhost-net";
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(_) => Check::ok("vhost-net: /dev/vhost-net usable (--net tap=NAME,vhost=on)"),
+        Err(e) => Check::warn(
+            format!("vhost-net: cannot open {path} ({e})"),
+            "--net tap=NAME,vhost=on needs it: modprobe vhost_net, or access to it \
+             (it is root's by default)",
+        ),
+    }
+}
+
 /// Whether an unprivileged user namespace can be created (passt sandboxes
 /// itself in one), tried in a child process so this one is unchanged.
 pub fn user_namespaces() -> Check {

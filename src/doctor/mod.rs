@@ -79,6 +79,7 @@ pub fn checks(opts: &Options) -> Vec<Check> {
     out.push(host::passt());
     out.push(host::virtiofsd());
     out.push(host::tun());
+    out.push(host::vhost_net());
     out.push(host::user_namespaces());
     out.push(host::cgroup_v2());
     out.extend(host::sandboxing());

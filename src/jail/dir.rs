@@ -45,6 +45,9 @@ impl Jail {
         if self.tun {
             self.node(Path::new("/dev/net/tun"), "dev/net/tun")?;
         }
+        if self.vhost {
+            self.node(Path::new("/dev/vhost-net"), "dev/vhost-net")?;
+        }
         if self.user_ns.is_some() {
             // Everything is the caller's already.
             return Ok(());

@@ -84,6 +84,8 @@ pub struct Jail {
     files: Vec<JailFile>,
     cgroup: Option<PathBuf>,
     tun: bool,
+    /// `/dev/vhost-net` too (a `vhost=on` network device).
+    vhost: bool,
     kvm: PathBuf,
     /// Unprivileged: the caller's uid and gid, kept in a user namespace
     /// of its own.
@@ -104,6 +106,7 @@ impl Jail {
         mem_size: u64,
         kvm: &Path,
         tun: bool,
+        vhost: bool,
     ) -> Result<(Self, Vec<PathBuf>), Error> {
         if id.is_empty()
             || id.len() > 64
@@ -158,6 +161,7 @@ impl Jail {
                 files: planned,
                 cgroup,
                 tun,
+                vhost,
                 kvm: kvm.to_path_buf(),
                 user_ns,
                 made: std::cell::Cell::new((false, false)),

@@ -54,6 +54,9 @@ impl Jail {
             if self.tun {
                 nodes.push((std::path::Path::new("/dev/net/tun"), "dev/net/tun"));
             }
+            if self.vhost {
+                nodes.push((std::path::Path::new("/dev/vhost-net"), "dev/vhost-net"));
+            }
             for (host, inside) in nodes {
                 mount(
                     Some(&cstr(host)),

@@ -325,9 +325,10 @@ fn vmm() -> Vec<Allow> {
             ioctls::KVM_VCPU_RUN,
             ioctls::KVM_VCPU_STATE,
             ioctls::TUN_RUN,
+            ioctls::VHOST_NET_RUN,
             ioctls::FILE,
         ],
-        "KVM: interrupts, notifications, memory slots; snapshots: VM and vCPU state, dirty log; TAP offloads",
+        "KVM: interrupts, notifications, memory slots; snapshots: VM and vCPU state, dirty log; TAP offloads; vhost-net stopped when its device is dropped",
     ));
     v
 }
@@ -374,8 +375,9 @@ fn vcpu() -> Vec<Allow> {
             ioctls::KVM_VCPU_STATE,
             ioctls::KVM_VM_RUN,
             ioctls::TUN_RUN,
+            ioctls::VHOST_NET_RUN,
         ],
-        "KVM_RUN; snapshots: vCPU state; TAP offloads on virtio-net activation",
+        "KVM_RUN; snapshots: vCPU state; TAP offloads on virtio-net activation; vhost-net rings on activation and reset",
     ));
     v
 }

@@ -26,6 +26,15 @@ const fn iowr<T>(nr: u64) -> u64 {
     ioc(IOC_READ | IOC_WRITE, KVMIO, nr, std::mem::size_of::<T>())
 }
 
+/// vhost's ioctl type (`VHOST_VIRTIO` in `include/uapi/linux/vhost.h`).
+const VHOST: u64 = 0xAF;
+const fn vhost_iow<T>(nr: u64) -> u64 {
+    ioc(IOC_WRITE, VHOST, nr, std::mem::size_of::<T>())
+}
+const fn vhost_iowr<T>(nr: u64) -> u64 {
+    ioc(IOC_READ | IOC_WRITE, VHOST, nr, std::mem::size_of::<T>())
+}
+
 /// A named ioctl request.
 pub type Ioctl = (&'static str, u64);
 
@@ -100,6 +109,31 @@ pub const TUN_RUN: &[Ioctl] = &[
     ("TUNGETIFF", libc::TUNGETIFF),
 ];
 
+/// What a vhost-net device does while the VM runs: hand the rings and
+/// the TAP to the kernel on activation, take them back on reset and when
+/// the device is dropped. (`VHOST_SET_OWNER` and `VHOST_GET_FEATURES`
+/// come before any filter.)
+pub const VHOST_NET_RUN: &[Ioctl] = {
+    use vhost::vhost_kern::vhost_binding::{
+        vhost_memory, vhost_vring_addr, vhost_vring_file, vhost_vring_state,
+    };
+    &[
+        ("VHOST_SET_FEATURES", vhost_iow::<u64>(0x00)),
+        ("VHOST_SET_MEM_TABLE", vhost_iow::<vhost_memory>(0x03)),
+        ("VHOST_SET_VRING_NUM", vhost_iow::<vhost_vring_state>(0x10)),
+        ("VHOST_SET_VRING_ADDR", vhost_iow::<vhost_vring_addr>(0x11)),
+        ("VHOST_SET_VRING_BASE", vhost_iow::<vhost_vring_state>(0x12)),
+        (
+            "VHOST_GET_VRING_BASE",
+            vhost_iowr::<vhost_vring_state>(0x12),
+        ),
+        ("VHOST_SET_VRING_KICK", vhost_iow::<vhost_vring_file>(0x20)),
+        ("VHOST_SET_VRING_CALL", vhost_iow::<vhost_vring_file>(0x21)),
+        ("VHOST_SET_VRING_ERR", vhost_iow::<vhost_vring_file>(0x22)),
+        ("VHOST_NET_SET_BACKEND", vhost_iow::<vhost_vring_file>(0x30)),
+    ]
+};
+
 /// The terminal: restored by the fail-stop hook, the signal handlers and
 /// the guard (on any thread), read for raw mode.
 pub const TERMINAL: &[Ioctl] = &[
@@ -135,5 +169,31 @@ mod tests {
         assert_eq!(find(KVM_VM_STATE, "KVM_GET_IRQCHIP"), 0xc208_ae62);
         assert_eq!(find(KVM_VCPU_STATE, "KVM_GET_XSAVE"), 0x9000_aea4);
         assert_eq!(find(TUN_RUN, "TUNSETOFFLOAD"), 0x4004_54d0);
+        assert_eq!(find(VHOST_NET_RUN, "VHOST_SET_FEATURES"), 0x4008_af00);
+        assert_eq!(find(VHOST_NET_RUN, "VHOST_SET_MEM_TABLE"), 0x4008_af03);
+        assert_eq!(find(VHOST_NET_RUN, "VHOST_SET_VRING_ADDR"), 0x4028_af11);
+        assert_eq!(find(VHOST_NET_RUN, "VHOST_GET_VRING_BASE"), 0xc008_af12);
+        assert_eq!(find(VHOST_NET_RUN, "VHOST_NET_SET_BACKEND"), 0x4008_af30);
+    }
+
+    /// The same numbers as the vhost crate's own (which it uses).
+    #[test]
+    fn vhost_numbers_match_the_vhost_crate() {
+        use vhost::vhost_kern::vhost_binding as b;
+        for (name, want) in [
+            ("VHOST_SET_FEATURES", b::VHOST_SET_FEATURES()),
+            ("VHOST_SET_MEM_TABLE", b::VHOST_SET_MEM_TABLE()),
+            ("VHOST_SET_VRING_NUM", b::VHOST_SET_VRING_NUM()),
+            ("VHOST_SET_VRING_ADDR", b::VHOST_SET_VRING_ADDR()),
+            ("VHOST_SET_VRING_BASE", b::VHOST_SET_VRING_BASE()),
+            ("VHOST_GET_VRING_BASE", b::VHOST_GET_VRING_BASE()),
+            ("VHOST_SET_VRING_KICK", b::VHOST_SET_VRING_KICK()),
+            ("VHOST_SET_VRING_CALL", b::VHOST_SET_VRING_CALL()),
+            ("VHOST_SET_VRING_ERR", b::VHOST_SET_VRING_ERR()),
+            ("VHOST_NET_SET_BACKEND", b::VHOST_NET_SET_BACKEND()),
+        ] {
+            assert_eq!(find(VHOST_NET_RUN, name), want, "{name}");
+        }
+        assert_eq!(VHOST_NET_RUN.len(), 10);
     }
 }

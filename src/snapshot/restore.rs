@@ -222,6 +222,7 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
                 rx_limits: Default::default(),
                 tx_limits: Default::default(),
                 mmds: None,
+                vhost: false,
             })
             .collect(),
     };

@@ -46,6 +46,9 @@
 //! event means and which events the backend is polled for; `backend.rs`
 //! the [`NetBackend`] interface, `tap.rs` and `stream.rs` its two
 //! implementations (`passt.rs` runs passt on the other end of a stream).
+//! `vhost_net.rs` is the other virtio-net device, [`VhostNet`], whose frames
+//! the kernel's vhost-net moves between the rings and a TAP
+//! (`vhost_kern.rs`: the `/dev/vhost-net` requests).
 
 mod backend;
 mod event_handler;
@@ -55,6 +58,8 @@ mod rx;
 pub mod stream;
 pub mod tap;
 mod tx;
+pub mod vhost_kern;
+pub mod vhost_net;
 
 use std::io;
 
@@ -68,6 +73,8 @@ pub use backend::{is_fatal, NetBackend, SendStatus};
 pub use passt::{Passt, PasstConfig, PasstError};
 pub use stream::StreamBackend;
 pub use tap::{Tap, TapError};
+pub use vhost_kern::KernelVhostNet;
+pub use vhost_net::{VhostNet, VhostNetError};
 
 use rx::RxState;
 

@@ -171,6 +171,11 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// The open TAP queue (for vhost-net, which reads and writes it).
+    pub fn as_file(&self) -> &File {
+        &self.file
+    }
 }
 
 /// The TUN offload flags for the offload features the guest accepted:
