@@ -77,6 +77,10 @@ debian_boot() {
     expect "TAP gone after exit" sh -c "! ip link show $3 >/dev/null 2>&1"
     # The guest kernel's warnings, if any, would be out of the last lines.
     grep -m 3 -A 4 'WARNING: CPU: \|consistency problem' "$OUT" | sed 's/^/    '"$1"': /'
+    # What the probe said, whatever it was (the console tail shown on a
+    # failure holds only the shutdown): reachability, system state, the
+    # failed units it listed.
+    grep -a 'capsule-debian: \|host unreachable\|\.service.*failed' "$OUT" | head -n 20 | sed 's/^/    '"$1"' probe: /'
     # Where the time went, by the guest's own clock (systemd-analyze).
     sed -n 's/^.*capsule-debian: \(Startup finished .*\)$/    '"$1"': \1/p' "$OUT" | head -n1
     rm -f "$_from_guest"
