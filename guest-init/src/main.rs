@@ -15,7 +15,10 @@
 //! 4. bind-mounts each share on its guest directory (read-only ones
 //!    remounted read-only) and notes the state of the writable ones;
 //! 5. runs the command with pipes for stdin, stdout and stderr and forwards
-//!    them over the port as frames, with a heartbeat every second;
+//!    them over the port as frames, with a heartbeat every second; while
+//!    it runs, also runs each process the host asks for on vsock port
+//!    [`exec_proto::EXEC_VSOCK_PORT`] (the containerd shim's `exec`), each
+//!    over its own connection, and kills them when the command ends;
 //! 6. when the command has exited, sends back what changed in the writable
 //!    shares, then the exit status, and powers off.
 //!
@@ -30,10 +33,12 @@
     )
 )]
 
+mod agent;
 mod channel;
 mod command;
 mod hostfs;
 mod net;
+mod pump;
 mod sys;
 
 use std::collections::HashMap;
