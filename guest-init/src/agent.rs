@@ -546,7 +546,7 @@ mod tests {
 
     #[test]
     fn a_process_runs_with_its_stdin_and_its_output_and_status_come_back() {
-        let (mut exec, mut host) = exec_pair();
+        let (exec, mut host) = exec_pair();
         let spec = ExecSpec {
             argv: vec![
                 b"sh".to_vec(),
