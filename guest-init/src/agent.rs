@@ -4,8 +4,8 @@
 //!
 //! Each connection first carries a `Spec` frame (argv, env, cwd as an
 //! [`ExecSpec`]); the init sets the process up as it does the command
-//! ([`Command`]: chroot, environment, `PATH` lookup), answers `Started`
-//! (or `Error`, and closes), and from then on pumps its stdio over that
+//! ([`Command`]: chroot, environment, `PATH` lookup), starts it and
+//! answers `Started` (or `Error`, and closes), and from then on pumps its stdio over that
 //! connection ([`Pump`]) and takes `Stdin`, `StdinEof` and `Signal`
 //! frames for it. When the process has exited and its output is drained,
 //! the init sends `Exit` and closes the connection. Frames to the host
@@ -148,9 +148,11 @@ impl Exec {
                 return;
             }
         };
-        self.conn.queue(&GuestMsg::Started);
         match command::spawn(&command) {
             Ok(mut pump) => {
+                // Queued now, still ahead of any output (the pipes are
+                // read in later rounds).
+                self.conn.queue(&GuestMsg::Started);
                 pump.take_host(early, false);
                 self.phase = Phase::Running {
                     pump,

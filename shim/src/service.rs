@@ -131,7 +131,7 @@ impl Service {
                 log::warn!("capsule exec for {id} ended with {code}: the microVM failed (see capsule's stderr in the container's log)");
             }
             let now = SystemTime::now();
-            let pid = {
+            let (pid, unstarted) = {
                 let mut st = this.state();
                 let Some(c) = st.containers.get_mut(&id) else {
                     return;
@@ -140,9 +140,12 @@ impl Service {
                 c.exit = Some((code, now));
                 // Ends the stdin copy, which may wait on the FIFO.
                 c.stdin = None;
-                c.pid
+                (c.pid, c.execs.end_unstarted(now))
             };
             this.inner.stopped.notify_all();
+            for exec_id in unstarted {
+                this.publish_exec_exit(&id, &exec_id, pid, crate::execio::STATUS_VM_GONE, now);
+            }
             let mut ev = TaskExit::new();
             ev.container_id = id.clone();
             ev.id = id;

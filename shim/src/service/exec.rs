@@ -152,6 +152,22 @@ impl Execs {
         true
     }
 
+    /// The container ended: the execs never started can no longer be, and
+    /// end with [`execio::STATUS_VM_GONE`] (the started ones learn it from
+    /// their connections). Returns their ids.
+    pub(super) fn end_unstarted(&mut self, at: SystemTime) -> Vec<String> {
+        let ids: Vec<String> = self
+            .0
+            .iter()
+            .filter(|(_, e)| e.phase == ExecPhase::Created)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            self.exited(id, execio::STATUS_VM_GONE, at);
+        }
+        ids
+    }
+
     /// The connection to signal or end the stdin of running `id` through.
     pub(super) fn sender(&self, id: &str) -> Result<&Sender, ExecsError> {
         let e = self.get(id)?;
@@ -352,10 +368,21 @@ impl Service {
             .containers
             .get_mut(id)
             .is_some_and(|c| c.execs.exited(exec_id, code, now));
-        if !known {
-            return;
+        if known {
+            self.inner.stopped.notify_all();
+            self.publish_exec_exit(id, exec_id, pid, code, now);
         }
-        self.inner.stopped.notify_all();
+    }
+
+    /// `/tasks/exit` for an exec.
+    pub(super) fn publish_exec_exit(
+        &self,
+        id: &str,
+        exec_id: &str,
+        pid: u32,
+        code: u32,
+        now: SystemTime,
+    ) {
         let mut ev = TaskExit::new();
         ev.container_id = id.into();
         ev.id = exec_id.into();
@@ -502,6 +529,17 @@ mod tests {
         x.add("e2", spec(), Stdio3::default()).unwrap();
         x.close_stdin("e2").unwrap();
         assert_eq!(x.remove("e2"), Ok(None));
+        // A container that ends ends its execs that never started.
+        x.add("e3", spec(), Stdio3::default()).unwrap();
+        x.add("e4", spec(), Stdio3::default()).unwrap();
+        x.begin_start("e4").unwrap();
+        let at = SystemTime::now();
+        assert_eq!(x.end_unstarted(at), ["e3"]);
+        assert_eq!(
+            x.get("e3").unwrap().exit,
+            Some((execio::STATUS_VM_GONE, at))
+        );
+        assert_eq!(x.get("e4").unwrap().exit, None, "its start learns it");
         assert_eq!(
             ExecsError::Exists(String::new()).code(),
             Code::ALREADY_EXISTS
