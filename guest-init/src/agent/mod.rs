@@ -19,95 +19,25 @@
 //! (137) and closes them, as runc kills a container's other processes
 //! when its init dies.
 
-use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use exec_proto::{Decoder, ExecSpec, GuestMsg, HostMsg, EXEC_VSOCK_PORT};
+use exec_proto::{ExecSpec, GuestMsg, HostMsg, EXEC_VSOCK_PORT};
 
 use crate::command::{self, Command};
-use crate::pump::{transient, Output, Pump};
-use crate::{sys, CHUNK, STDIN_HIGH_WATER};
+use crate::pump::{transient, Pump};
+use crate::{sys, STDIN_HIGH_WATER};
+
+mod conn;
+use conn::Conn;
 
 /// Most exec'd processes at once; more connections are closed at once.
 const MAX_EXECS: usize = 32;
-/// Stop reading a process's output while this much waits for its host.
-const OUTBOX_HIGH: usize = 1 << 20;
 /// How long [`Agent::end`] waits for the killed processes' last frames.
 const END_WAIT: Duration = Duration::from_secs(3);
 /// Poll entries per exec: its socket, stdout, stderr, stdin.
 const FDS_PER_EXEC: usize = 4;
-
-/// One exec connection: frames in (decoded), frames out (queued).
-struct Conn {
-    sock: OwnedFd,
-    decoder: Decoder,
-    outbox: Vec<u8>,
-    /// The host ended the connection (end-of-file).
-    closed: bool,
-}
-
-impl Conn {
-    fn new(sock: OwnedFd) -> Self {
-        Self {
-            sock,
-            decoder: Decoder::new(),
-            outbox: Vec::new(),
-            closed: false,
-        }
-    }
-
-    fn queue(&mut self, msg: &GuestMsg) {
-        msg.encode(&mut self.outbox);
-    }
-
-    /// Reads what the host sent; returns the complete messages. A
-    /// malformed frame is an error (the connection is then dropped).
-    fn receive(&mut self) -> Result<Vec<HostMsg>, String> {
-        let mut buf = [0u8; CHUNK];
-        loop {
-            match sys::recv_nonblocking(self.sock.as_raw_fd(), &mut buf) {
-                Ok(0) => {
-                    self.closed = true;
-                    break;
-                }
-                Ok(n) => self.decoder.push(&buf[..n]),
-                Err(e) if transient(&e) => break,
-                Err(e) => return Err(format!("read: {e}")),
-            }
-        }
-        let mut msgs = Vec::new();
-        while let Some(frame) = self.decoder.next_frame().map_err(|e| e.to_string())? {
-            msgs.push(HostMsg::parse(frame).map_err(|e| e.to_string())?);
-        }
-        Ok(msgs)
-    }
-
-    /// Writes what is queued, as far as the socket takes it now.
-    fn flush(&mut self) -> io::Result<()> {
-        while !self.outbox.is_empty() {
-            match sys::send_nonblocking(self.sock.as_raw_fd(), &self.outbox) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.outbox.drain(..n);
-                }
-                Err(e) if transient(&e) => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Output for Conn {
-    fn send_data(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
-        self.outbox
-            .extend_from_slice(&exec_proto::header(kind, payload.len()));
-        self.outbox.extend_from_slice(payload);
-        Ok(())
-    }
-}
 
 /// Where an exec'd process is.
 enum Phase {
@@ -170,7 +100,7 @@ impl Exec {
 
     /// Poll entries: socket, then the pump's three.
     fn poll_fds(&mut self, out: &mut Vec<libc::pollfd>) {
-        let room = self.conn.outbox.len() < OUTBOX_HIGH;
+        let room = self.conn.has_room();
         let (wants_input, pipes) = match &mut self.phase {
             Phase::AwaitSpec(early) => {
                 let held: usize = early
@@ -196,11 +126,11 @@ impl Exec {
         if wants_input {
             events |= libc::POLLIN;
         }
-        if !self.conn.outbox.is_empty() {
+        if self.conn.has_queued() {
             events |= libc::POLLOUT;
         }
         out.push(libc::pollfd {
-            fd: self.conn.sock.as_raw_fd(),
+            fd: self.conn.raw(),
             events,
             revents: 0,
         });
@@ -248,8 +178,8 @@ impl Exec {
         if self.conn.closed {
             // The host is gone: nobody will read the process's output.
             self.drop_process();
-        } else if matches!(self.phase, Phase::Closing) && self.conn.outbox.is_empty() {
-            sys::shutdown_write(self.conn.sock.as_raw_fd());
+        } else if matches!(self.phase, Phase::Closing) && !self.conn.has_queued() {
+            self.conn.shutdown_write();
             self.phase = Phase::Gone;
         }
     }
@@ -415,7 +345,7 @@ impl Agent {
         for e in &self.execs {
             eprintln!(
                 "capsule-init: exec connection closed with {} bytes unsent",
-                e.conn.outbox.len()
+                e.conn.queued()
             );
         }
         self.execs.clear();
@@ -425,6 +355,7 @@ impl Agent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use exec_proto::Decoder;
     use std::os::unix::net::UnixStream;
 
     /// An exec over one end of a socket pair (vsock's stand-in), and the
@@ -466,6 +397,11 @@ mod tests {
         }
         host.write_all(&b).unwrap();
     }
+
+    /// Held by the tests that spawn and reap processes: a reap takes any
+    /// child of the test process, so two such tests at once would take
+    /// each other's.
+    static CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     fn ready(exec: &mut Exec) -> Vec<libc::pollfd> {
         let mut fds = Vec::new();
@@ -528,26 +464,10 @@ mod tests {
     }
 
     #[test]
-    fn queued_frames_wait_for_a_full_socket_and_never_block() {
-        let (mut exec, host) = exec_pair();
-        let big = vec![7u8; 4 << 20];
-        exec.conn
-            .send_data(exec_proto::kind::STDOUT, &big[..exec_proto::MAX_PAYLOAD])
-            .unwrap();
-        for _ in 0..15 {
-            exec.conn
-                .send_data(exec_proto::kind::STDOUT, &big[..exec_proto::MAX_PAYLOAD])
-                .unwrap();
-        }
-        // Nobody reads `host`: the socket fills and the rest stays queued.
-        exec.conn.flush().unwrap();
-        assert!(!exec.conn.outbox.is_empty());
-        drop(host);
-        assert!(exec.conn.flush().is_err(), "a gone host is an error");
-    }
-
-    #[test]
     fn a_process_runs_with_its_stdin_and_its_output_and_status_come_back() {
+        let _only = CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (exec, mut host) = exec_pair();
         let spec = ExecSpec {
             argv: vec![
@@ -596,5 +516,44 @@ mod tests {
             .collect();
         assert_eq!(out, b"got-in\n");
         assert!(got.contains(&GuestMsg::Stderr(b"e\n".to_vec())));
+    }
+
+    #[test]
+    fn when_the_command_ends_exec_d_processes_are_killed_and_told_137() {
+        let _only = CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (exec, mut host) = exec_pair();
+        let spec = ExecSpec {
+            argv: vec![b"sleep".to_vec(), b"600".to_vec()],
+            env: vec![b"PATH=/usr/bin:/bin".to_vec()],
+            cwd: b"/".to_vec(),
+            ..ExecSpec::default()
+        };
+        send(&mut host, &[HostMsg::Spec(spec.to_bytes().unwrap())]);
+        let mut agent = Agent {
+            listener: None,
+            root: PathBuf::from("/"),
+            execs: vec![exec],
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(agent.execs[0].phase, Phase::Running { .. }) {
+            assert!(Instant::now() < deadline, "the process never started");
+            let mut fds = Vec::new();
+            agent.poll_fds(&mut fds);
+            sys::poll(&mut fds, 50).unwrap();
+            agent.move_ready(&fds);
+        }
+        let started = Instant::now();
+        agent.end();
+        assert!(agent.execs.is_empty());
+        assert!(
+            started.elapsed() < END_WAIT,
+            "ended by the kill, not the wait"
+        );
+        assert_eq!(
+            host_frames(&mut host),
+            [GuestMsg::Started, GuestMsg::Exit(137)]
+        );
     }
 }
