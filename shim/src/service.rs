@@ -212,7 +212,8 @@ impl containerd_shim::Shim for Service {
 
     /// containerd's clean-up after a shim that died: its VM died with it
     /// (`capsule exec` ends when its parent's pipes close or on its own),
-    /// so only the rootfs mount is left.
+    /// so only the rootfs mount, and perhaps the VM's vsock sockets, are
+    /// left.
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         let bundle = if self.inner.bundle.is_empty() {
             std::env::current_dir().unwrap_or_default()
@@ -222,6 +223,9 @@ impl containerd_shim::Shim for Service {
         let rootfs = bundle.join("rootfs");
         if rootfs.is_dir() {
             Self::unmount(&rootfs);
+        }
+        if let Some(v) = spec::vsock_socket(&bundle) {
+            remove_stale_sockets(&v);
         }
         let mut resp = DeleteResponse::new();
         resp.exit_status = 128 + 9;
