@@ -13,8 +13,9 @@
 
 # shellcheck disable=SC2016  # $... in container commands is for the guest shell
 # Optional (run by name): it passed in the harness on 2026-12-04 (74 s in
-# L1; 54 s on 2026-12-05 with the exec part), but that and the static shim's build (several minutes cold) are more
-# than CI's per-feature budget of one minute.
+# L1; 54 s on 2026-12-05 with the exec part), but that and the static
+# shim's build (several minutes cold) are more than CI's per-feature
+# budget of one minute.
 OPTIONAL_CASES="${OPTIONAL_CASES:-} containerd_ctr"
 
 # containerd_prereqs: the tools, else the case fails loudly.
