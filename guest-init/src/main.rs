@@ -53,6 +53,13 @@ use exec_proto::{ExecSpec, GuestMsg, CONFIG_PATH, SHARE_DIR, VERSION};
 
 use channel::Channel;
 
+/// Held by the tests that fork children and by those that wait for a
+/// descriptor's last copy to close: a child forked by one test holds
+/// copies of every descriptor until it executes, and a reap takes any
+/// child of the test process.
+#[cfg(test)]
+pub(crate) static TEST_CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Where `--disk` is mounted.
 const DISK_ROOT: &str = "/.capsule/root";
 /// Read size for files sent back to the host, and for host frames.

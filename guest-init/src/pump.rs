@@ -249,6 +249,9 @@ mod tests {
 
     #[test]
     fn output_becomes_frames_and_stdin_reaches_the_pipe_until_eof() {
+        let _only = crate::TEST_CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (in_r, in_w) = nonblocking_pipe();
         let (out_r, out_w) = nonblocking_pipe();
         let (err_r, err_w) = nonblocking_pipe();

@@ -117,6 +117,9 @@ mod tests {
 
     #[test]
     fn queued_frames_wait_for_a_full_socket_and_never_block() {
+        let _only = crate::TEST_CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (ours, host) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         let mut conn = Conn::new(OwnedFd::from(ours));

@@ -398,11 +398,6 @@ mod tests {
         host.write_all(&b).unwrap();
     }
 
-    /// Held by the tests that spawn and reap processes: a reap takes any
-    /// child of the test process, so two such tests at once would take
-    /// each other's.
-    static CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
     fn ready(exec: &mut Exec) -> Vec<libc::pollfd> {
         let mut fds = Vec::new();
         exec.poll_fds(&mut fds);
@@ -452,6 +447,9 @@ mod tests {
 
     #[test]
     fn stdin_before_the_spec_is_kept_and_a_host_that_leaves_is_dropped() {
+        let _only = crate::TEST_CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (mut exec, mut host) = exec_pair();
         send(&mut host, &[HostMsg::Stdin(b"early".to_vec())]);
         let fds = ready(&mut exec);
@@ -465,7 +463,7 @@ mod tests {
 
     #[test]
     fn a_process_runs_with_its_stdin_and_its_output_and_status_come_back() {
-        let _only = CHILDREN
+        let _only = crate::TEST_CHILDREN
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (exec, mut host) = exec_pair();
@@ -520,7 +518,7 @@ mod tests {
 
     #[test]
     fn when_the_command_ends_exec_d_processes_are_killed_and_told_137() {
-        let _only = CHILDREN
+        let _only = crate::TEST_CHILDREN
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let (exec, mut host) = exec_pair();
