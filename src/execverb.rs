@@ -103,6 +103,12 @@ pub struct ExecArgs {
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
+    /// Put the VM's vsock socket at PATH (mode 0600; the session's own
+    /// listener is PATH_10000): a client that connects, writes `CONNECT
+    /// 10001` and reads `OK ...` can run another process in the guest
+    /// while the command runs (the containerd shim's exec).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot", "make_snapshot"])]
+    vsock_socket: Option<PathBuf>,
     #[command(flatten)]
     confine: capsule::confine::ConfineArgs,
     /// The command and its arguments.
@@ -185,6 +191,7 @@ fn exec_config(
         timeout,
         stop_timeout,
         boot_timeout,
+        vsock_socket: args.vsock_socket,
         started,
     })
 }

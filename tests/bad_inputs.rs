@@ -262,6 +262,34 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "{err}");
+    // --vsock-socket (the containerd shim's exec) needs the vsock
+    // channel, and is not for the warm path.
+    let sock = format!("{d}/capsule.vsock");
+    let out = capsule_env(
+        &[
+            "exec",
+            "--kernel",
+            file,
+            "--vsock-socket",
+            &sock,
+            "--",
+            "true",
+        ],
+        &[("CAPSULE_EXEC_CHANNEL", "console")],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(
+        err.contains("--vsock-socket needs the vsock channel"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let out = capsule(
+        &["exec", "--snapshot", d, "--vsock-socket", &sock, "--", "x"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(!std::path::Path::new(&sock).exists(), "nothing bound");
 }
 
 #[test]

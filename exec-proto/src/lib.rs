@@ -96,6 +96,12 @@ pub mod kind {
 
 /// The host (CID 2) vsock port the init connects to for the session.
 pub const VSOCK_PORT: u32 = 10_000;
+/// The guest vsock port the init listens on while the first command runs:
+/// each connection runs one more process in the command's root (the
+/// containerd shim's `exec`). The host connects, sends [`HostMsg::Spec`]
+/// (argv, env, cwd), then `Stdin`/`StdinEof`/`Signal`; the init answers
+/// `Started` (or `Error`), `Stdout`/`Stderr` and `Exit`, and closes.
+pub const EXEC_VSOCK_PORT: u32 = 10_001;
 /// On the guest's kernel command line: use the virtio console
 /// (`/dev/hvc0`) for the session instead of vsock.
 pub const CONSOLE_CHANNEL_ARG: &str = "capsule.channel=console";

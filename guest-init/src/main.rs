@@ -15,7 +15,10 @@
 //! 4. bind-mounts each share on its guest directory (read-only ones
 //!    remounted read-only) and notes the state of the writable ones;
 //! 5. runs the command with pipes for stdin, stdout and stderr and forwards
-//!    them over the port as frames, with a heartbeat every second;
+//!    them over the port as frames, with a heartbeat every second; while
+//!    it runs, also runs each process the host asks for on vsock port
+//!    [`exec_proto::EXEC_VSOCK_PORT`] (the containerd shim's `exec`), each
+//!    over its own connection, and kills them when the command ends;
 //! 6. when the command has exited, sends back what changed in the writable
 //!    shares, then the exit status, and powers off.
 //!
@@ -30,10 +33,12 @@
     )
 )]
 
+mod agent;
 mod channel;
 mod command;
 mod hostfs;
 mod net;
+mod pump;
 mod sys;
 
 use std::collections::HashMap;
@@ -47,6 +52,13 @@ use std::path::{Path, PathBuf};
 use exec_proto::{ExecSpec, GuestMsg, CONFIG_PATH, SHARE_DIR, VERSION};
 
 use channel::Channel;
+
+/// Held by the tests that fork children and by those that wait for a
+/// descriptor's last copy to close: a child forked by one test holds
+/// copies of every descriptor until it executes, and a reap takes any
+/// child of the test process.
+#[cfg(test)]
+pub(crate) static TEST_CHILDREN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Where `--disk` is mounted.
 const DISK_ROOT: &str = "/.capsule/root";

@@ -355,3 +355,82 @@ pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 fn vm_len() -> libc::socklen_t {
     libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_vm>()).unwrap_or(16)
 }
+
+/// A non-blocking vsock stream listener on `port` (any local CID).
+pub fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = check(unsafe {
+        libc::socket(
+            libc::AF_VSOCK,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    })?;
+    // SAFETY: a fresh descriptor this function owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain old data; all-zero is valid.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::sa_family_t::try_from(libc::AF_VSOCK).unwrap_or_default();
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    addr.svm_port = port;
+    // SAFETY: addr is a valid sockaddr_vm that outlives the call, and the
+    // length is its size.
+    check(unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            vm_len(),
+        )
+    })?;
+    // SAFETY: plain system call on the socket above.
+    check(unsafe { libc::listen(sock.as_raw_fd(), 16) })?;
+    Ok(sock)
+}
+
+/// One pending connection of `listener`, non-blocking and close-on-exec
+/// (`WouldBlock` if none).
+pub fn accept_nonblocking(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: no address is asked for (null pointers are allowed).
+    let fd = check(unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    })?;
+    // SAFETY: accept4 returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Writes what a socket takes without waiting (`WouldBlock` if nothing).
+pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for reads of buf.len() bytes.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Ends the sending direction of a socket (the peer reads end-of-file).
+pub fn shutdown_write(fd: RawFd) {
+    // SAFETY: plain system call; a failure (already shut) does not matter.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+}
+
+/// Sends `sig` to process `pid`, or with `group` to the process group it
+/// leads (a spawned command leads a session of its own).
+pub fn kill(pid: libc::pid_t, sig: libc::c_int, group: bool) -> io::Result<()> {
+    let target = if group { -pid } else { pid };
+    // SAFETY: plain system call, no pointers.
+    check(unsafe { libc::kill(target, sig) })?;
+    Ok(())
+}

@@ -6,9 +6,12 @@
 //! container the shim runs `capsule exec` (`process.rs`): a fresh microVM
 //! whose root is the bundle's rootfs over virtio-fs, in which capsule's
 //! guest init runs the OCI process (`spec.rs`) and carries its stdio and
-//! exit status over vsock. See docs/kubernetes.md.
+//! exit status over vsock. Processes exec'd in a running container go
+//! to the guest init over vsock connections of their own (`execio.rs`).
+//! See docs/kubernetes.md.
 
 mod config;
+mod execio;
 mod process;
 mod service;
 mod spec;

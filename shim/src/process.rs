@@ -17,7 +17,7 @@ use crate::stdin::StdinCloser;
 /// writer otherwise); stdout and stderr read-write, which never blocks on
 /// a FIFO whose reader is not there yet and keeps it open if the reader
 /// comes and goes.
-fn open_stdio(path: &str, input: bool) -> io::Result<File> {
+pub fn open_stdio(path: &str, input: bool) -> io::Result<File> {
     if path.is_empty() {
         return OpenOptions::new()
             .read(input)

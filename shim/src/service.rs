@@ -1,6 +1,9 @@
 //! The task service containerd drives: one entry per container, each
 //! running in its own microVM (`capsule exec`), with the events containerd
-//! expects (create, start, exit, delete).
+//! expects (create, start, exit, delete). Calls that name an exec id (a
+//! process exec'd in a running container) are `service/exec.rs`'s.
+
+mod exec;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -61,6 +64,11 @@ struct Container {
     /// The `capsule exec` process, once started.
     pid: u32,
     exit: Option<(u32, SystemTime)>,
+    /// The microVM's vsock socket (`--vsock-socket`), for exec'd
+    /// processes; `None`: no exec for this container.
+    vsock: Option<PathBuf>,
+    /// Its exec'd processes.
+    execs: exec::Execs,
 }
 
 #[derive(Default)]
@@ -123,7 +131,7 @@ impl Service {
                 log::warn!("capsule exec for {id} ended with {code}: the microVM failed (see capsule's stderr in the container's log)");
             }
             let now = SystemTime::now();
-            let pid = {
+            let (pid, unstarted) = {
                 let mut st = this.state();
                 let Some(c) = st.containers.get_mut(&id) else {
                     return;
@@ -132,9 +140,12 @@ impl Service {
                 c.exit = Some((code, now));
                 // Ends the stdin copy, which may wait on the FIFO.
                 c.stdin = None;
-                c.pid
+                (c.pid, c.execs.end_unstarted(now))
             };
             this.inner.stopped.notify_all();
+            for exec_id in unstarted {
+                this.publish_exec_exit(&id, &exec_id, pid, crate::execio::STATUS_VM_GONE, now);
+            }
             let mut ev = TaskExit::new();
             ev.container_id = id.clone();
             ev.id = id;
@@ -160,14 +171,19 @@ fn no_container(id: &str) -> ttrpc::Error {
     rpc_error(Code::NOT_FOUND, format!("no container {id}"))
 }
 
-fn no_exec(exec_id: &str) -> TtrpcResult<()> {
-    if exec_id.is_empty() {
-        Ok(())
-    } else {
-        Err(rpc_error(
-            Code::UNIMPLEMENTED,
-            "exec of an extra process is not supported by the capsule runtime yet",
-        ))
+/// Removes what a `capsule exec` killed before its clean-up (SIGKILL) left
+/// of its vsock sockets: `PATH` and its session listener `PATH_10000`.
+/// Only sockets are removed.
+fn remove_stale_sockets(vsock: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let mut listener = vsock.as_os_str().to_owned();
+    listener.push(format!("_{}", exec_proto::VSOCK_PORT));
+    for p in [vsock.to_path_buf(), PathBuf::from(listener)] {
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_socket()) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                log::warn!("cannot remove {}: {e}", p.display());
+            }
+        }
     }
 }
 
@@ -196,7 +212,8 @@ impl containerd_shim::Shim for Service {
 
     /// containerd's clean-up after a shim that died: its VM died with it
     /// (`capsule exec` ends when its parent's pipes close or on its own),
-    /// so only the rootfs mount is left.
+    /// so only the rootfs mount, and perhaps the VM's vsock sockets, are
+    /// left.
     fn delete_shim(&mut self) -> Result<DeleteResponse, containerd_shim::Error> {
         let bundle = if self.inner.bundle.is_empty() {
             std::env::current_dir().unwrap_or_default()
@@ -206,6 +223,9 @@ impl containerd_shim::Shim for Service {
         let rootfs = bundle.join("rootfs");
         if rootfs.is_dir() {
             Self::unmount(&rootfs);
+        }
+        if let Some(v) = spec::vsock_socket(&bundle) {
+            remove_stale_sockets(&v);
         }
         let mut resp = DeleteResponse::new();
         resp.exit_status = 128 + 9;
@@ -248,7 +268,8 @@ impl containerd_shim::Task for Service {
             )
         })?;
         let rootfs = spec::rootfs_dir(&oci, &bundle);
-        let args = spec::exec_args(&cfg, &oci, &rootfs)
+        let vsock = spec::vsock_socket(&bundle);
+        let args = spec::exec_args(&cfg, &oci, &rootfs, vsock.as_deref())
             .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
         let mut mounted = None;
         if !req.rootfs.is_empty() {
@@ -287,6 +308,8 @@ impl containerd_shim::Task for Service {
                     phase: Phase::Created,
                     pid: 0,
                     exit: None,
+                    vsock,
+                    execs: exec::Execs::default(),
                 },
             );
         }
@@ -309,7 +332,9 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_start(&req.id, &req.exec_id);
+        }
         let cfg = ShimConfig::load().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e))?;
         let mut st = self.state();
         let c = st
@@ -349,7 +374,9 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_state(&req.id, &req.exec_id);
+        }
         let st = self.state();
         let c = st
             .containers
@@ -391,7 +418,9 @@ impl containerd_shim::Task for Service {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_kill(&req.id, &req.exec_id, req.signal);
+        }
         let st = self.state();
         let c = st
             .containers
@@ -426,7 +455,9 @@ impl containerd_shim::Task for Service {
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_close_io(&req.id, &req.exec_id);
+        }
         let mut st = self.state();
         let c = st
             .containers
@@ -477,7 +508,9 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_delete(&req.id, &req.exec_id);
+        }
         let mut st = self.state();
         let c = st
             .containers
@@ -493,6 +526,9 @@ impl containerd_shim::Task for Service {
         drop(st);
         if let Some(target) = &c.mounted {
             Self::unmount(target);
+        }
+        if let Some(v) = &c.vsock {
+            remove_stale_sockets(v);
         }
         let (code, at) = c.exit.unwrap_or((0, SystemTime::now()));
         let mut resp = api::DeleteResponse::new();
@@ -510,7 +546,9 @@ impl containerd_shim::Task for Service {
     }
 
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
-        no_exec(&req.exec_id)?;
+        if !req.exec_id.is_empty() {
+            return self.exec_wait(&req.id, &req.exec_id);
+        }
         let mut st = self.state();
         loop {
             let c = st
@@ -529,6 +567,10 @@ impl containerd_shim::Task for Service {
                 .wait(st)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        self.exec_add(&req)
     }
 
     fn connect(

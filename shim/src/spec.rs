@@ -5,7 +5,11 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use oci_spec::runtime::Spec;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+
+use exec_proto::ExecSpec;
+use oci_spec::runtime::{Process, Spec};
 
 use crate::config::{RootfsMode, ShimConfig};
 
@@ -51,8 +55,47 @@ pub fn rootfs_dir(spec: &Spec, bundle: &Path) -> PathBuf {
 
 /// The arguments of `capsule` (from `exec` on) that run `spec`'s process
 /// with `rootfs` as its root.
-pub fn exec_args(cfg: &ShimConfig, spec: &Spec, rootfs: &Path) -> Result<Vec<OsString>, SpecError> {
+pub fn exec_args(
+    cfg: &ShimConfig,
+    spec: &Spec,
+    rootfs: &Path,
+    vsock: Option<&Path>,
+) -> Result<Vec<OsString>, SpecError> {
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
+    let args = runnable_args(process)?;
+    let mut out: Vec<OsString> = vec!["exec".into(), "--kernel".into(), cfg.kernel.clone().into()];
+    if let Some(v) = vsock {
+        out.extend(["--vsock-socket".into(), v.as_os_str().to_owned()]);
+    }
+    out.extend(["--cpus".into(), cfg.cpus.to_string().into()]);
+    out.extend(["--memory".into(), cfg.memory.clone().into()]);
+    let root_flag = match cfg.rootfs {
+        RootfsMode::Virtiofs => "--fs-root",
+        RootfsMode::Copy => "--rootfs",
+    };
+    out.extend([root_flag.into(), rootfs.as_os_str().to_owned()]);
+    // Signals go to the process; ending it when it ignores SIGTERM is
+    // containerd's or the kubelet's decision (their SIGKILL after a grace
+    // period), as under runc, not capsule's.
+    out.extend(["--stop-timeout".into(), "never".into()]);
+    let cwd = working_dir(process);
+    out.extend(["--workdir".into(), cwd.as_os_str().to_owned()]);
+    // `--env K` (no `=`) would take K from the shim's own environment:
+    // the container must never see that, so such entries are dropped.
+    for e in env_entries(process) {
+        out.extend(["--env".into(), e.into()]);
+    }
+    if let Some(a) = &cfg.append {
+        out.extend(["--append".into(), a.into()]);
+    }
+    out.push("--".into());
+    out.extend(args.iter().map(OsString::from));
+    Ok(out)
+}
+
+/// The process's arguments, if capsule can run it: some arguments, no
+/// terminal, root.
+fn runnable_args(process: &Process) -> Result<&Vec<String>, SpecError> {
     let args = process
         .args()
         .as_ref()
@@ -65,36 +108,84 @@ pub fn exec_args(cfg: &ShimConfig, spec: &Spec, rootfs: &Path) -> Result<Vec<OsS
     if user.uid() != 0 || user.gid() != 0 {
         return Err(SpecError::User(user.uid(), user.gid()));
     }
-    let mut out: Vec<OsString> = vec!["exec".into(), "--kernel".into(), cfg.kernel.clone().into()];
-    out.extend(["--cpus".into(), cfg.cpus.to_string().into()]);
-    out.extend(["--memory".into(), cfg.memory.clone().into()]);
-    let root_flag = match cfg.rootfs {
-        RootfsMode::Virtiofs => "--fs-root",
-        RootfsMode::Copy => "--rootfs",
-    };
-    out.extend([root_flag.into(), rootfs.as_os_str().to_owned()]);
-    // Signals go to the process; ending it when it ignores SIGTERM is
-    // containerd's or the kubelet's decision (their SIGKILL after a grace
-    // period), as under runc, not capsule's.
-    out.extend(["--stop-timeout".into(), "never".into()]);
+    Ok(args)
+}
+
+/// The working directory (`/` when the spec leaves it empty).
+fn working_dir(process: &Process) -> &Path {
     let cwd = process.cwd();
-    let cwd = if cwd.as_os_str().is_empty() {
+    if cwd.as_os_str().is_empty() {
         Path::new("/")
     } else {
         cwd.as_path()
-    };
-    out.extend(["--workdir".into(), cwd.as_os_str().to_owned()]);
-    // `--env K` (no `=`) would take K from the shim's own environment:
-    // the container must never see that, so such entries are dropped.
-    for e in process.env().iter().flatten().filter(|e| e.contains('=')) {
-        out.extend(["--env".into(), e.into()]);
     }
-    if let Some(a) = &cfg.append {
-        out.extend(["--append".into(), a.into()]);
+}
+
+/// The `K=V` entries of the environment (others are dropped).
+fn env_entries(process: &Process) -> impl Iterator<Item = &String> {
+    process.env().iter().flatten().filter(|e| e.contains('='))
+}
+
+/// An exec'd process (`ctr task exec`, `kubectl exec`): its OCI process
+/// as the [`ExecSpec`] the guest init runs beside the container's first
+/// process (argv, env, cwd); the same checks as for that one.
+pub fn exec_spec(process: &Process) -> Result<ExecSpec, SpecError> {
+    let args = runnable_args(process)?;
+    Ok(ExecSpec {
+        argv: args.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env: env_entries(process)
+            .map(|e| e.as_bytes().to_vec())
+            .collect(),
+        cwd: working_dir(process).as_os_str().as_bytes().to_vec(),
+        ..ExecSpec::default()
+    })
+}
+
+/// Where the microVM's vsock socket goes, through which the shim runs
+/// exec'd processes: `BUNDLE/capsule.vsock`, unless that (with the
+/// `_10000` capsule adds for its own listener) is too long for a Unix
+/// socket address (a Kubernetes bundle's 64-character id can make it
+/// so): then `/run/capsule-shim/HASH.vsock`, HASH of the bundle's path.
+/// `None` if neither can be had: the container then runs without exec.
+pub fn vsock_socket(bundle: &Path) -> Option<PathBuf> {
+    vsock_socket_in(bundle, Path::new(SHORT_SOCKET_DIR))
+}
+
+/// [`vsock_socket`] with the short directory `short_dir`.
+fn vsock_socket_in(bundle: &Path, short_dir: &Path) -> Option<PathBuf> {
+    const SUN_PATH_MAX: usize = 107;
+    let fits = |p: &Path| p.as_os_str().len() + "_10000".len() <= SUN_PATH_MAX;
+    let in_bundle = bundle.join("capsule.vsock");
+    if fits(&in_bundle) {
+        return Some(in_bundle);
     }
-    out.push("--".into());
-    out.extend(args.iter().map(OsString::from));
-    Ok(out)
+    if let Err(e) = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(short_dir)
+    {
+        log::warn!(
+            "no exec for the container in {}: cannot create {}: {e}",
+            bundle.display(),
+            short_dir.display()
+        );
+        return None;
+    }
+    let p = short_dir.join(format!(
+        "{:016x}.vsock",
+        fnv1a(bundle.as_os_str().as_bytes())
+    ));
+    fits(&p).then_some(p)
+}
+
+/// The short directory for vsock sockets whose bundle path is too long.
+const SHORT_SOCKET_DIR: &str = "/run/capsule-shim";
+
+/// FNV-1a, 64 bits: a short, stable name for a bundle's path.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -139,7 +230,7 @@ mod tests {
     #[test]
     fn process_maps_to_capsule_exec() {
         let s = spec(SH);
-        let a = exec_args(&cfg(RootfsMode::Virtiofs), &s, Path::new("/b/rootfs")).unwrap();
+        let a = exec_args(&cfg(RootfsMode::Virtiofs), &s, Path::new("/b/rootfs"), None).unwrap();
         assert_eq!(
             strings(&a),
             [
@@ -168,10 +259,13 @@ mod tests {
         );
         let mut c = cfg(RootfsMode::Copy);
         c.append = Some("loglevel=7".into());
-        let a = exec_args(&c, &s, Path::new("/r")).unwrap();
+        let a = exec_args(&c, &s, Path::new("/r"), Some(Path::new("/b/capsule.vsock"))).unwrap();
         let a = strings(&a);
         assert!(a.windows(2).any(|w| w == ["--rootfs", "/r"]));
         assert!(a.windows(2).any(|w| w == ["--append", "loglevel=7"]));
+        assert!(a
+            .windows(2)
+            .any(|w| w == ["--vsock-socket", "/b/capsule.vsock"]));
     }
 
     #[test]
@@ -187,29 +281,88 @@ mod tests {
         let s = spec(
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["true"],"cwd":""}}"#,
         );
-        let a = exec_args(&cfg(RootfsMode::Virtiofs), &s, Path::new("/r")).unwrap();
+        let a = exec_args(&cfg(RootfsMode::Virtiofs), &s, Path::new("/r"), None).unwrap();
         assert!(strings(&a).windows(2).any(|w| w == ["--workdir", "/"]));
         let c = cfg(RootfsMode::Virtiofs);
         let no_args = spec(
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}}"#,
         );
         assert_eq!(
-            exec_args(&c, &no_args, Path::new("/r")),
+            exec_args(&c, &no_args, Path::new("/r"), None),
             Err(SpecError::NoProcess)
         );
         let tty = spec(
             r#"{"ociVersion":"1.0.2","process":{"terminal":true,"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#,
         );
         assert_eq!(
-            exec_args(&c, &tty, Path::new("/r")),
+            exec_args(&c, &tty, Path::new("/r"), None),
             Err(SpecError::Terminal)
         );
         let user = spec(
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":1000,"gid":100},"args":["sh"],"cwd":"/"}}"#,
         );
         assert_eq!(
-            exec_args(&c, &user, Path::new("/r")),
+            exec_args(&c, &user, Path::new("/r"), None),
             Err(SpecError::User(1000, 100))
         );
+    }
+
+    fn process(json: &str) -> Process {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn an_exec_process_becomes_the_init_s_spec() {
+        let p = process(
+            r#"{"user":{"uid":0,"gid":0},"args":["/bin/sh","-c","echo x"],"env":["A=1","BARE"],"cwd":"/tmp"}"#,
+        );
+        let s = exec_spec(&p).unwrap();
+        assert_eq!(s.argv, [&b"/bin/sh"[..], b"-c", b"echo x"]);
+        assert_eq!(s.env, [b"A=1".to_vec()]);
+        assert_eq!(s.cwd, b"/tmp");
+        // What the init reads back is the same process.
+        let back = ExecSpec::from_bytes(&s.to_bytes().unwrap()).unwrap();
+        assert_eq!(back, s);
+        let p = process(r#"{"user":{"uid":0,"gid":0},"args":["ls"],"cwd":""}"#);
+        assert_eq!(exec_spec(&p).unwrap().cwd, b"/");
+        let tty = process(r#"{"terminal":true,"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}"#);
+        assert_eq!(exec_spec(&tty), Err(SpecError::Terminal));
+        let none = process(r#"{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}"#);
+        assert_eq!(exec_spec(&none), Err(SpecError::NoProcess));
+        let user = process(r#"{"user":{"uid":5,"gid":0},"args":["sh"],"cwd":"/"}"#);
+        assert_eq!(exec_spec(&user), Err(SpecError::User(5, 0)));
+    }
+
+    #[test]
+    fn the_vsock_socket_is_in_the_bundle_unless_too_long() {
+        let short = std::env::temp_dir().join(format!("csh-{}", std::process::id()));
+        assert_eq!(
+            vsock_socket_in(
+                Path::new("/run/containerd/io.containerd.runtime.v2.task/default/c1"),
+                &short
+            ),
+            Some(PathBuf::from(
+                "/run/containerd/io.containerd.runtime.v2.task/default/c1/capsule.vsock"
+            ))
+        );
+        assert!(
+            !short.exists(),
+            "the short directory is made only when needed"
+        );
+        // A Kubernetes bundle: its 64-character id makes the path too long.
+        let long = format!(
+            "/run/containerd/io.containerd.runtime.v2.task/k8s.io/{}",
+            "a".repeat(64)
+        );
+        let p = vsock_socket_in(Path::new(&long), &short).unwrap();
+        assert!(p.starts_with(&short), "{}", p.display());
+        assert!(p.as_os_str().len() + "_10000".len() <= 107);
+        let other = vsock_socket_in(Path::new(&format!("{long}b")), &short).unwrap();
+        assert_ne!(p, other, "each bundle its own socket");
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&short).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o700);
+        std::fs::remove_dir(&short).unwrap();
     }
 }

@@ -209,6 +209,11 @@ pub struct ExecConfig {
     pub stop_timeout: Option<Duration>,
     /// Give up if the guest init has not said hello after this long.
     pub boot_timeout: Duration,
+    /// The vsock device's host socket at this path rather than in the
+    /// private directory (`--vsock-socket`): the containerd shim connects
+    /// there (`CONNECT 10001`) to run more processes in the guest. The
+    /// session's listener is then `PATH_10000`, beside it.
+    pub vsock_socket: Option<PathBuf>,
     /// When `capsule` started, for the start-up measurement.
     pub started: Instant,
 }
@@ -282,6 +287,11 @@ impl Channel {
 /// Boots the VM, runs the command and returns how it ended.
 pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     let channel = Channel::from_env()?;
+    if channel == Channel::Console && config.vsock_socket.is_some() {
+        return Err(Error::Usage(
+            "--vsock-socket needs the vsock channel (CAPSULE_EXEC_CHANNEL=console gives the VM no vsock device)".into(),
+        ));
+    }
     // A host without usable KVM is told so at once, not after the shares
     // were packed (a CI job without KVM fails in a second).
     drop(
@@ -356,6 +366,9 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
 /// The session's vsock link: a private directory for the device's
 /// socket and for the listener of the init's port (bound now, so the
 /// init's connection cannot come too early), and the VM's vsock device.
+/// With `--vsock-socket PATH`, both sockets are at PATH and PATH_10000
+/// instead (removed at the end like the device's own socket) and there is
+/// no private directory.
 fn vsock_link(
     config: &mut ExecConfig,
     session: &Arc<Mutex<Session>>,
@@ -363,14 +376,20 @@ fn vsock_link(
 ) -> Result<
     (
         link::VsockLink,
-        link::PrivateDir,
+        Option<link::PrivateDir>,
         crate::unixsock::SocketFile,
     ),
     Error,
 > {
-    let dir = link::PrivateDir::new()
-        .map_err(|e| Error::Host("cannot create a directory for the vsock sockets", e))?;
-    let uds = dir.join("vsock");
+    let (dir, uds) = match &config.vsock_socket {
+        Some(path) => (None, path.clone()),
+        None => {
+            let dir = link::PrivateDir::new()
+                .map_err(|e| Error::Host("cannot create a directory for the vsock sockets", e))?;
+            let uds = dir.join("vsock");
+            (Some(dir), uds)
+        }
+    };
     let port = link::port_path(&uds, exec_proto::VSOCK_PORT);
     let (listener, file) = crate::unixsock::bind(&port)
         .map_err(|why| Error::Host("cannot bind the session's socket", io::Error::other(why)))?;
@@ -564,6 +583,7 @@ mod tests {
             timeout: None,
             stop_timeout: Some(DEFAULT_STOP_TIMEOUT),
             boot_timeout: Duration::from_secs(60),
+            vsock_socket: None,
             started: Instant::now(),
         }
     }
