@@ -10,7 +10,7 @@
 //! frames for it. When the process has exited and its output is drained,
 //! the init sends `Exit` and closes the connection. Frames to the host
 //! are queued and written without blocking, and the process's output is
-//! read only while less than [`OUTBOX_HIGH`] waits, so a slow host
+//! read only while less than `conn::OUTBOX_HIGH` (1 MiB) waits, so a slow host
 //! reader slows that process down and nothing else. A host that closes
 //! the connection or sends a malformed frame has its process killed.
 //!
