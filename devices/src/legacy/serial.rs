@@ -55,6 +55,11 @@ impl Trigger for EventFdTrigger {
 const IER_OFFSET: u8 = 1;
 /// The line control register's offset.
 const LCR_OFFSET: u8 = 3;
+/// The line status register's offset.
+const LSR_OFFSET: u8 = 5;
+/// Line status reads after which a guest that never wrote IER counts as
+/// one that polls for input.
+pub const POLLING_GUEST_READS: u32 = 32;
 /// IER: received data available interrupt.
 const IER_RDA: u8 = 0x01;
 /// LCR: divisor latch access.
@@ -86,6 +91,10 @@ pub type SerialOut = Box<dyn Write + Send>;
 /// The UART as a port-I/O bus device.
 pub struct SerialDevice {
     pub(super) serial: Serial<EventFdTrigger, FifoEvents, SerialOut>,
+    /// Whether the guest has written IER: a driver that uses interrupts.
+    ier_written: bool,
+    /// Line status reads while IER was never written (a polling guest).
+    lsr_polls: u32,
 }
 
 impl SerialDevice {
@@ -100,6 +109,8 @@ impl SerialDevice {
         Ok((
             Self {
                 serial: Serial::with_events(interrupt, events, out),
+                ier_written: false,
+                lsr_polls: 0,
             },
             buffer_ready,
         ))
@@ -117,7 +128,15 @@ impl SerialDevice {
     /// would throw away whatever a user typed ahead. So input waits on the
     /// host side until then. While the divisor latch is selected (DLAB)
     /// the register is the divisor, so input waits for that to end too.
+    ///
+    /// A guest that never writes IER (firmware, a bare-metal program that
+    /// polls) gets input once it has polled the line status
+    /// [`POLLING_GUEST_READS`] times: Linux writes IER before it reads
+    /// the line status at all, so this never opens the gate early for it.
     pub fn accepts_input(&mut self) -> bool {
+        if !self.ier_written {
+            return self.lsr_polls >= POLLING_GUEST_READS;
+        }
         // Reading LCR and IER has no side effect on a 16550A.
         self.serial.read(LCR_OFFSET) & LCR_DLAB == 0 && self.serial.read(IER_OFFSET) & IER_RDA != 0
     }
@@ -137,6 +156,13 @@ impl BusDevice for SerialDevice {
         data.fill(0);
         if let (Some(b), Ok(off)) = (data.first_mut(), u8::try_from(offset)) {
             *b = self.serial.read(off);
+            if off == LSR_OFFSET && !self.ier_written && self.lsr_polls < POLLING_GUEST_READS {
+                self.lsr_polls += 1;
+                if self.lsr_polls == POLLING_GUEST_READS {
+                    // A polling guest: wake the input side.
+                    self.serial.events().in_buffer_empty();
+                }
+            }
         }
     }
 
@@ -144,6 +170,9 @@ impl BusDevice for SerialDevice {
         let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) else {
             return;
         };
+        if off == IER_OFFSET && self.serial.read(LCR_OFFSET) & LCR_DLAB == 0 {
+            self.ier_written = true;
+        }
         if let Err(e) = self.serial.write(off, v) {
             crate::debug_ratelimited!("serial: write failed: {e:?}");
         }
@@ -443,5 +472,28 @@ mod tests {
             }
         }
         assert_eq!(got, b"echo typed-ahead\n");
+    }
+
+    /// A guest that never enables interrupts and polls the line status
+    /// (firmware, a bare program) still gets its input.
+    #[test]
+    fn polling_guest_gets_input() {
+        let irq = EventFdTrigger::new().unwrap();
+        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
+        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(input)));
+        host.write_all(b"q").unwrap();
+        let mut got = None;
+        for _ in 0..1000 {
+            em.run_with_timeout(1).unwrap();
+            if read_reg(&dev, LSR) & 1 != 0 {
+                got = Some(read_reg(&dev, DATA));
+                break;
+            }
+        }
+        assert_eq!(got, Some(b'q'));
     }
 }
