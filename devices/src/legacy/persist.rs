@@ -185,4 +185,21 @@ mod tests {
         long.in_buffer = vec![0; 65];
         assert!(b.restore(&long).is_err());
     }
+
+    /// A guest restored with its port open (receive interrupt on) gets
+    /// input at once: a fresh device must not wait for an IER write the
+    /// guest made before the snapshot.
+    #[test]
+    fn restored_open_port_accepts_input() {
+        let (mut a, _) =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
+        a.write(3, &[0x03]);
+        a.write(1, &[0x01]); // IER: receive interrupt on
+        let snap = a.save();
+        let (mut b, _) =
+            SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
+        assert!(!b.accepts_input(), "a fresh UART waits for the driver");
+        b.restore(&snap).unwrap();
+        assert!(b.accepts_input(), "the restored driver had the port open");
+    }
 }

@@ -133,12 +133,18 @@ impl SerialDevice {
     /// polls) gets input once it has polled the line status
     /// [`POLLING_GUEST_READS`] times: Linux writes IER before it reads
     /// the line status at all, so this never opens the gate early for it.
+    ///
+    /// A restored UART carries the guest's IER, so a restored guest whose
+    /// port was open gets input at once.
     pub fn accepts_input(&mut self) -> bool {
-        if !self.ier_written {
-            return self.lsr_polls >= POLLING_GUEST_READS;
-        }
         // Reading LCR and IER has no side effect on a 16550A.
-        self.serial.read(LCR_OFFSET) & LCR_DLAB == 0 && self.serial.read(IER_OFFSET) & IER_RDA != 0
+        if self.serial.read(LCR_OFFSET) & LCR_DLAB != 0 {
+            return false;
+        }
+        if self.serial.read(IER_OFFSET) & IER_RDA != 0 {
+            return true;
+        }
+        !self.ier_written && self.lsr_polls >= POLLING_GUEST_READS
     }
 
     /// Queues bytes for the guest to read; returns how many were taken.
