@@ -434,19 +434,28 @@ mod tests {
         assert!(data_ready, "its input reaches the guest");
     }
 
+    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+    /// A UART whose input is the returned socket's peer, served by the
+    /// returned event loop; the guest has touched no register yet.
+    fn attached_uart() -> (Arc<Mutex<SerialDevice>>, UnixStream, Loop) {
+        let irq = EventFdTrigger::new().unwrap();
+        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
+        let dev = Arc::new(Mutex::new(dev));
+        let (host, guest_side) = UnixStream::pair().unwrap();
+        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(input)));
+        (dev, host, em)
+    }
+
     /// Input typed before the guest's driver opens the port waits on the
     /// host side: the probe's and start-up's reads of the receive register
     /// find nothing to throw away, and every byte arrives once the receive
     /// interrupt is on.
     #[test]
     fn typed_ahead_input_waits_for_the_driver() {
-        let irq = EventFdTrigger::new().unwrap();
-        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
-        let dev = Arc::new(Mutex::new(dev));
-        let (mut host, guest_side) = UnixStream::pair().unwrap();
-        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(input)));
+        let (dev, mut host, mut em) = attached_uart();
         host.write_all(b"echo typed-ahead\n").unwrap();
         for _ in 0..5 {
             em.run_with_timeout(10).unwrap();
@@ -484,13 +493,7 @@ mod tests {
     /// (firmware, a bare program) still gets its input.
     #[test]
     fn polling_guest_gets_input() {
-        let irq = EventFdTrigger::new().unwrap();
-        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
-        let dev = Arc::new(Mutex::new(dev));
-        let (mut host, guest_side) = UnixStream::pair().unwrap();
-        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(input)));
+        let (dev, mut host, mut em) = attached_uart();
         host.write_all(b"q").unwrap();
         let mut got = None;
         for _ in 0..1000 {
