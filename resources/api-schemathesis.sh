@@ -28,7 +28,7 @@ spec="${FC_SPEC:-$root/../shared/reference/firecracker-api.yaml}"
 [[ -f "$spec" ]] || die "Firecracker's API spec not found (set FC_SPEC)"
 
 venv="$(capsule_cache_root)/venv-schemathesis"
-if [[ ! -x "$venv/bin/schemathesis" ]] || ! "$venv/bin/schemathesis" --version | grep -q "$version"; then
+if [[ ! -x "$venv/bin/schemathesis" ]] || ! "$venv/bin/schemathesis" --version | grep "$version" >/dev/null; then
     log "installing schemathesis $version into $venv"
     python3 -m venv "$venv"
     "$venv/bin/pip" install -q "schemathesis==$version"

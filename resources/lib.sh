@@ -110,7 +110,7 @@ populate_busybox_root() {
 # file_is_static PATH: true if PATH is an ELF with no program interpreter.
 file_is_static() {
     # An ELF executable with a PT_INTERP segment is dynamically linked.
-    ! LC_ALL=C readelf -lW "$1" 2>/dev/null | grep -q 'Requesting program interpreter' &&
+    ! LC_ALL=C readelf -lW "$1" 2>/dev/null | grep 'Requesting program interpreter' >/dev/null &&
         LC_ALL=C readelf -h "$1" >/dev/null 2>&1
 }
 

@@ -129,7 +129,7 @@ while [ "$i" -lt "$N" ]; do
     rc=$?
     ms=$((($(now_ns) - t0) / 1000000))
     done=0
-    tr -d '\r' <"$out" | grep -q '^soak-guest: done' && done=1
+    tr -d '\r' <"$out" | grep '^soak-guest: done' >/dev/null && done=1
     if [ "$rc" -eq 137 ] || [ "$rc" -eq 124 ]; then
         r=hang
     elif grep -q 'triple fault' "$err"; then

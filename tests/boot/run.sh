@@ -15,8 +15,8 @@
 # Env:   CAPSULE_HARNESS=direct|nested  force a mode
 #        CASES="a b"                     run a subset (see cases.sh --list)
 #        CASE_TIMEOUT                    seconds per case (default 180)
-#        CAPSULE_L1_TIMEOUT              nested mode: seconds for the whole L1 run (default 900,
-#                                        plus twice CASE_TIMEOUT, a Debian case's own
+#        CAPSULE_L1_TIMEOUT              nested mode: seconds for the whole L1 run (default 600 +
+#                                        30 per case, at least 900; plus twice CASE_TIMEOUT, a Debian case's own
 #                                        timeout, for each one selected)
 #        CAPSULE_L1_RETRIES              nested mode: new L1s for the cases that an L1
 #                                        that hung or died did not report (default 4)
@@ -159,7 +159,14 @@ main() {
         # A full distribution boots for a minute or more in the harness: each
         # Debian case may take its whole timeout (twice CASE_TIMEOUT) on top.
         # durability_kill9 boots 20 guests, about 50 s each in the harness.
-        timeout_l1=900
+        # The base grows with the number of cases: the default suite (65
+        # cases) ran 870 s into its first L1 and got 47 cases done on a
+        # loaded machine (2026-12-05, QEMU 10 + Linux 6.12), so a flat 900 s
+        # cut a healthy L1 short and reran 18 cases. A hung L1 is still
+        # caught within CAPSULE_L1_HANG (90 s without its heartbeat), and a
+        # stuck case within its CASE_TIMEOUT, whatever this total is.
+        timeout_l1=$((600 + 30 * ${#expected[@]}))
+        [[ $timeout_l1 -ge 900 ]] || timeout_l1=900
         for c in "${expected[@]}"; do
             [[ "$c" != debian_* ]] || timeout_l1=$((timeout_l1 + 2 * case_timeout))
             [[ "$c" != durability_* ]] || timeout_l1=$((timeout_l1 + 900))
@@ -180,7 +187,7 @@ main() {
                 ${l1_debian[@]+"${l1_debian[@]}"} ${l1_noacpi[@]+"${l1_noacpi[@]}"} </dev/null | tee -a "$caselog" || rc=$?
             unreported=()
             for c in "${remaining[@]}"; do
-                tr -d '\r' <"$caselog" | grep -aqE "^boot-case: (PASS|FAIL) $c( |:|\$)" ||
+                tr -d '\r' <"$caselog" | grep -aE "^boot-case: (PASS|FAIL) $c( |:|\$)" >/dev/null ||
                     unreported+=("$c")
             done
             if [[ $rc -lt 124 || $rc -gt 126 || ${#unreported[@]} -eq 0 || $attempt -gt $retries ]]; then

@@ -37,6 +37,12 @@ debian_prereqs() {
     return 1
 }
 
+# out_has_probe TEXT: the probe printed the line `capsule-debian: TEXT`.
+# The unit's output reaches the console through journald
+# (StandardOutput=journal+console), which may put the unit's name and pid
+# in front of it: the line must end with it, not start with it.
+out_has_probe() { grep -q -- "capsule-debian: $1\$" "$OUT"; }
+
 # debian_boot CASE CPUS TAP: boot the image with CPUS vCPUs and the TAP
 # device TAP (host side 10.0.5.1/24), and check it all.
 debian_boot() {
@@ -66,11 +72,11 @@ debian_boot() {
     expect "stock kernel $_rel with $2 CPUs reached userspace" \
         out_has "capsule-guest: ready kernel=$_rel cpus=$2"
     expect "root file system on /dev/vda (virtio-blk)" out_has "EXT4-fs (vda): mounted filesystem"
-    expect "the guest got the host's token over TAP" out_has_line "capsule-debian: host says $_token"
+    expect "the guest got the host's token over TAP" out_has_probe "host says $_token"
     expect "the host got the guest's line" file_has "$_from_guest" "guest kernel=$_rel cpus=$2"
     expect "boot finished, multi-user.target active, no failed unit" \
-        out_has_line "capsule-debian: system running, multi-user.target active"
-    expect "the guest powered off through systemd" out_has_line "capsule-debian: poweroff"
+        out_has_probe "system running, multi-user.target active"
+    expect "the guest powered off through systemd" out_has_probe poweroff
     expect "the kernel powered down" out_has "reboot: Power down"
     expect "no guest kernel WARNING" no_kernel_warning
     expect "no Rust panic" no_rust_panic
