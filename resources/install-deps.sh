@@ -7,7 +7,7 @@
 # apt-get, running `apt-get update` first only when the package lists are
 # empty or an install attempt fails. Needs root (or passwordless sudo).
 #
-# The nested harness's candidate L1 (CAPSULE_L1=qemu10-linux612: QEMU 10.0
+# The nested harness's default L1 (CAPSULE_L1=qemu10-linux612: QEMU 10.0
 # and Linux 6.12 from bookworm-backports, docs/harness.md) is not installed here: the packages
 # are fetched into the cache by resources/harness/l1-qemu.sh and
 # l1-kernel.sh through a private apt source (the system's apt sources stay

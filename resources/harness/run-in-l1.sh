@@ -38,7 +38,7 @@
 #                          (default 90; not in interactive sessions)
 #      CAPSULE_L1          the L1 configuration: QEMU and L1 kernel versions
 #                          (resources/harness/l1-config.sh; default
-#                          qemu7-linux61; the candidate is qemu10-linux612)
+#                          qemu10-linux612; qemu7-linux61 is the old one)
 #      CAPSULE_L1_LOG      also keep the L1 console log at this path
 #      CAPSULE_SKIP_DEPS=1 skip install-deps.sh
 # stdout: the L1 console (SCRIPT's output); progress goes to stderr.
