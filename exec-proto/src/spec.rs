@@ -356,7 +356,10 @@ mod tests {
                 dns: vec![[9, 9, 9, 9].into()],
             }],
             await_command: false,
-            tty: Some(WinSize { rows: 40, cols: 132 }),
+            tty: Some(WinSize {
+                rows: 40,
+                cols: 132,
+            }),
             user: Some(User {
                 uid: 1000,
                 gid: 100,
@@ -381,8 +384,20 @@ mod tests {
         };
         let bytes = watch.to_bytes().unwrap();
         assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), watch);
-        for bad in ["tty=24", "tty=24 80 1", "tty=x 80", "tty=70000 80", "user=5", "user=5 -1", "user=1 2 x"] {
-            let key = if bad.starts_with("tty") { "tty" } else { "user" };
+        for bad in [
+            "tty=24",
+            "tty=24 80 1",
+            "tty=x 80",
+            "tty=70000 80",
+            "user=5",
+            "user=5 -1",
+            "user=1 2 x",
+        ] {
+            let key = if bad.starts_with("tty") {
+                "tty"
+            } else {
+                "user"
+            };
             let rec = format!("arg=x\0{bad}\0");
             assert_eq!(
                 ExecSpec::from_bytes(rec.as_bytes()),
