@@ -84,6 +84,8 @@ pub(super) struct Session {
     /// The stopping signal forwarded and when the VM is stopped if the
     /// command has not ended.
     pub(super) stop_deadline: Option<(Instant, libc::c_int)>,
+    /// The command has a terminal: SIGWINCH becomes a `Resize` frame.
+    pub(super) tty: bool,
 }
 
 /// Wakes the run loop when the session is over: subscribed to
@@ -190,6 +192,9 @@ impl Session {
                 self.command_started();
             }
             GuestMsg::Heartbeat => {}
+            // Sent only on an events watch of the exec port; logged should
+            // an init send one here.
+            GuestMsg::Oom(n) => log::warn!("the guest's OOM killer killed {n} processes"),
             GuestMsg::Exit(status) => {
                 self.command_ended();
                 self.current_file = None;
@@ -290,6 +295,7 @@ pub(super) mod tests {
             command_running: false,
             stop_timeout: None,
             stop_deadline: None,
+            tty: false,
         }
     }
 
