@@ -430,6 +430,7 @@ fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
         boot_timeout: config.boot_timeout,
         hello: false,
         last_message: Instant::now(),
+        last_check: Instant::now(),
         exit: None,
         error: None,
         broken: None,

@@ -16,6 +16,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::copyback::ShareBack;
 use super::{lock, CONSOLE_KEEP, STALL_TIMEOUT};
 
+/// A gap this long between two of the run loop's checks (every
+/// `TICK`) means capsule was stopped: the shim's `pause`.
+const HOST_STOPPED: Duration = Duration::from_secs(5);
+
 /// The kernel console's recent output.
 #[derive(Clone, Default)]
 pub struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
@@ -58,6 +62,8 @@ pub(super) struct Session {
     pub(super) boot_timeout: Duration,
     pub(super) hello: bool,
     pub(super) last_message: Instant,
+    /// The run loop's last [`Session::check`] (every tick).
+    pub(super) last_check: Instant,
     pub(super) exit: Option<u8>,
     pub(super) error: Option<String>,
     pub(super) broken: Option<String>,
@@ -116,7 +122,14 @@ pub(super) enum Stop {
 }
 
 impl Session {
-    pub(super) fn check(&self) -> Option<Stop> {
+    pub(super) fn check(&mut self) -> Option<Stop> {
+        let gap = self.last_check.elapsed();
+        self.last_check = Instant::now();
+        if gap >= HOST_STOPPED {
+            // capsule itself did not run (SIGSTOP: the containerd shim's
+            // pause), so neither did the guest: its silence is no stall.
+            self.last_message = Instant::now();
+        }
         if self.exit.is_some() || self.error.is_some() {
             return Some(Stop::Finished);
         }
@@ -280,6 +293,7 @@ pub(super) mod tests {
             boot_timeout: Duration::from_secs(60),
             hello: false,
             last_message: Instant::now(),
+            last_check: Instant::now(),
             exit: None,
             error: None,
             broken: None,
@@ -308,7 +322,7 @@ pub(super) mod tests {
         };
         sink.write_all(&[0x7e, 0, 0, 0, 0]).unwrap();
         sink.write_all(&[0x02, 1, 0, 0, 0, b'x']).unwrap();
-        let s = lock(&s);
+        let mut s = lock(&s);
         assert!(matches!(s.check(), Some(Stop::Failed(_))));
     }
 
@@ -400,6 +414,10 @@ pub(super) mod tests {
         s.timeout = None;
         s.last_message = Instant::now() - STALL_TIMEOUT;
         assert!(matches!(s.check(), Some(Stop::Failed(m)) if m.contains("stopped responding")));
+        // capsule was stopped (SIGSTOP) meanwhile: the guest was too.
+        s.last_message = Instant::now() - STALL_TIMEOUT;
+        s.last_check = Instant::now() - HOST_STOPPED;
+        assert!(s.check().is_none(), "no stall after a pause");
         s.exit = Some(0);
         assert!(matches!(s.check(), Some(Stop::Finished)));
     }

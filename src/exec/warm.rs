@@ -283,7 +283,7 @@ pub fn make_snapshot(
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
     let end = vmm.run(Some(super::TICK), |vmm| {
-        let s = lock(&session);
+        let mut s = lock(&session);
         if s.hello {
             drop(s);
             return Some(Made::Snapshot(save(vmm, &dir)));
