@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use containerd_shim::api;
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskStart};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
@@ -121,46 +121,6 @@ impl Service {
                 log::warn!("cannot publish {topic}: {e}");
             }
         }
-    }
-
-    /// Waits for the `capsule exec` of container `id` and records its end.
-    fn watch(&self, id: String, mut child: std::process::Child) {
-        let this = self.clone();
-        std::thread::spawn(move || {
-            let code = match child.wait() {
-                Ok(s) => status::exit_code(s),
-                Err(e) => {
-                    log::error!("cannot wait for the microVM of {id}: {e}");
-                    255
-                }
-            };
-            if (123..=125).contains(&code) {
-                log::warn!("capsule exec for {id} ended with {code}: the microVM failed (see capsule's stderr in the container's log)");
-            }
-            let now = SystemTime::now();
-            let (pid, unstarted) = {
-                let mut st = this.state();
-                let Some(c) = st.containers.get_mut(&id) else {
-                    return;
-                };
-                c.phase = Phase::Stopped;
-                c.exit = Some((code, now));
-                // Ends the stdin copy, which may wait on the FIFO.
-                c.stdin = None;
-                (c.pid, c.execs.end_unstarted(now))
-            };
-            this.inner.stopped.notify_all();
-            for exec_id in unstarted {
-                this.publish_exec_exit(&id, &exec_id, pid, crate::execio::STATUS_VM_GONE, now);
-            }
-            let mut ev = TaskExit::new();
-            ev.container_id = id.clone();
-            ev.id = id;
-            ev.pid = pid;
-            ev.exit_status = code;
-            ev.exited_at = Some(timestamp(now)).into();
-            this.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
-        });
     }
 
     /// Unmounts what `create` mounted on the bundle's rootfs.

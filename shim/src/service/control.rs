@@ -1,19 +1,21 @@
-//! The task API calls around a running container's microVM:
+//! The container's microVM while it runs: its end (the waiter thread),
+//! and the task API calls around it:
 //! `resize_pty` (its terminal, or an exec'd process's), `pause`/`resume`
 //! (the whole microVM), and the guest's OOM kills as `/tasks/oom`
 //! events (an events watch on the guest init's exec port).
 
 use std::path::PathBuf;
+use std::time::SystemTime;
 
 use containerd_shim::api;
-use containerd_shim::protos::events::task::{TaskOOM, TaskPaused, TaskResumed};
+use containerd_shim::protos::events::task::{TaskExit, TaskOOM, TaskPaused, TaskResumed};
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::Code;
 use containerd_shim::TtrpcResult;
 use exec_proto::{ExecSpec, HostMsg, WinSize};
 
-use super::{no_container, rpc_error, Phase, Service};
-use crate::execio;
+use super::{no_container, rpc_error, timestamp, Phase, Service};
+use crate::{execio, status};
 
 /// How long the events watch tries to reach the guest init: the microVM
 /// boots meanwhile (its exec port opens once the process runs), which
@@ -30,6 +32,46 @@ fn win_size(height: u32, width: u32) -> WinSize {
 }
 
 impl Service {
+    /// Waits for the `capsule exec` of container `id` and records its end.
+    pub(super) fn watch(&self, id: String, mut child: std::process::Child) {
+        let this = self.clone();
+        std::thread::spawn(move || {
+            let code = match child.wait() {
+                Ok(s) => status::exit_code(s),
+                Err(e) => {
+                    log::error!("cannot wait for the microVM of {id}: {e}");
+                    255
+                }
+            };
+            if (123..=125).contains(&code) {
+                log::warn!("capsule exec for {id} ended with {code}: the microVM failed (see capsule's stderr in the container's log)");
+            }
+            let now = SystemTime::now();
+            let (pid, unstarted) = {
+                let mut st = this.state();
+                let Some(c) = st.containers.get_mut(&id) else {
+                    return;
+                };
+                c.phase = Phase::Stopped;
+                c.exit = Some((code, now));
+                // Ends the stdin copy, which may wait on the FIFO.
+                c.stdin = None;
+                (c.pid, c.execs.end_unstarted(now))
+            };
+            this.inner.stopped.notify_all();
+            for exec_id in unstarted {
+                this.publish_exec_exit(&id, &exec_id, pid, crate::execio::STATUS_VM_GONE, now);
+            }
+            let mut ev = TaskExit::new();
+            ev.container_id = id.clone();
+            ev.id = id;
+            ev.pid = pid;
+            ev.exit_status = code;
+            ev.exited_at = Some(timestamp(now)).into();
+            this.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
+        });
+    }
+
     /// `resize_pty`: the container's terminal (its master's size, and
     /// SIGWINCH for capsule, which passes it on) or an exec'd process's
     /// (a `Resize` frame on its connection).
