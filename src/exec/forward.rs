@@ -57,6 +57,12 @@ impl Session {
         if !self.command_running || !self.forwarding {
             return;
         }
+        if self.tty && !self.tty_sized {
+            // The size may have changed between the spec and the start
+            // of forwarding (a SIGWINCH then was not forwarded).
+            self.tty_sized = true;
+            self.send_signal(libc::SIGWINCH, out);
+        }
         for sig in signals::take_forwarded() {
             self.send_signal(sig, out);
         }

@@ -454,6 +454,7 @@ fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
         stop_timeout: config.stop_timeout,
         stop_deadline: None,
         tty: config.tty,
+        tty_sized: false,
     })
 }
 

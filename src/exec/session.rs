@@ -92,6 +92,8 @@ pub(super) struct Session {
     pub(super) stop_deadline: Option<(Instant, libc::c_int)>,
     /// The command has a terminal: SIGWINCH becomes a `Resize` frame.
     pub(super) tty: bool,
+    /// The terminal's size was sent once the command started.
+    pub(super) tty_sized: bool,
 }
 
 /// Wakes the run loop when the session is over: subscribed to
@@ -310,6 +312,7 @@ pub(super) mod tests {
             stop_timeout: None,
             stop_deadline: None,
             tty: false,
+            tty_sized: false,
         }
     }
 
