@@ -243,6 +243,8 @@ pub(crate) struct Agent {
     listener: Option<OwnedFd>,
     root: PathBuf,
     execs: Vec<Exec>,
+    /// When the watches last compared the OOM kill count.
+    oom_checked: Instant,
 }
 
 impl Agent {
@@ -265,6 +267,7 @@ impl Agent {
             listener,
             root: root.to_path_buf(),
             execs: Vec::new(),
+            oom_checked: Instant::now(),
         }
     }
 

@@ -3,9 +3,14 @@
 //! (`oom_kill` in `/proc/vmstat`, Linux 4.13+), compared with what each
 //! watch has seen.
 
+use std::time::{Duration, Instant};
+
 use exec_proto::GuestMsg;
 
 use super::{Agent, Phase};
+
+/// How often the watches compare the count.
+const CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// The kernel's OOM kill count so far (`None` without one).
 pub(super) fn kills() -> Option<u64> {
@@ -23,8 +28,13 @@ fn parse(vmstat: &str) -> Option<u64> {
 impl Agent {
     /// Queues an `Oom` frame on each watch whose count is behind the
     /// kernel's; with `last`, the watches then close (the command ended).
-    /// `/proc/vmstat` is read only while a watch is open.
+    /// `/proc/vmstat` is read only while a watch is open, at most every
+    /// [`CHECK_EVERY`] (a poll round may be much shorter).
     pub(super) fn report_ooms(&mut self, last: bool) {
+        if !last && self.oom_checked.elapsed() < CHECK_EVERY {
+            return;
+        }
+        self.oom_checked = Instant::now();
         let watching = self
             .execs
             .iter()

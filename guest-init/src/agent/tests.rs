@@ -135,6 +135,7 @@ fn a_process_runs_with_its_stdin_and_its_output_and_status_come_back() {
         listener: None,
         root: PathBuf::from("/"),
         execs: vec![exec],
+        oom_checked: Instant::now(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !agent.execs.is_empty() && Instant::now() < deadline {
@@ -179,6 +180,7 @@ fn when_the_command_ends_exec_d_processes_are_killed_and_told_137() {
         listener: None,
         root: PathBuf::from("/"),
         execs: vec![exec],
+        oom_checked: Instant::now(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !matches!(agent.execs[0].phase, Phase::Running { .. }) {
@@ -212,6 +214,7 @@ fn a_watch_gets_started_then_its_oom_kills_and_closes_at_the_end() {
         listener: None,
         root: PathBuf::from("/"),
         execs: vec![exec],
+        oom_checked: Instant::now(),
     };
     let spec = ExecSpec {
         watch: true,
