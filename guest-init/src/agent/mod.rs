@@ -53,8 +53,9 @@ enum Phase {
         settled: bool,
     },
     /// An events watch ([`ExecSpec::watch`]): no process; `Oom` frames
-    /// when the OOM killer's count (`seen` so far) grows.
-    Watch { seen: u64 },
+    /// when the OOM killer's count (`seen` so far; `None` until the
+    /// watch's first reading) grows.
+    Watch { seen: Option<u64> },
     /// Its last frame is queued: closed once written.
     Closing,
     /// To be dropped (the connection broke, or everything was sent).
@@ -74,9 +75,7 @@ impl Exec {
         let spec = ExecSpec::from_bytes(bytes);
         if spec.as_ref().is_ok_and(|s| s.watch) {
             self.conn.queue(&GuestMsg::Started);
-            self.phase = Phase::Watch {
-                seen: oom::kills().unwrap_or(0),
-            };
+            self.phase = Phase::Watch { seen: None };
             return;
         }
         let command = spec
@@ -245,6 +244,8 @@ pub(crate) struct Agent {
     execs: Vec<Exec>,
     /// When the watches last compared the OOM kill count.
     oom_checked: Instant,
+    /// The OOM kill count.
+    oom: oom::OomCounter,
 }
 
 impl Agent {
@@ -268,6 +269,7 @@ impl Agent {
             root: root.to_path_buf(),
             execs: Vec::new(),
             oom_checked: Instant::now(),
+            oom: oom::OomCounter::default(),
         }
     }
 

@@ -136,6 +136,7 @@ fn a_process_runs_with_its_stdin_and_its_output_and_status_come_back() {
         root: PathBuf::from("/"),
         execs: vec![exec],
         oom_checked: Instant::now(),
+        oom: oom::OomCounter::default(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !agent.execs.is_empty() && Instant::now() < deadline {
@@ -181,6 +182,7 @@ fn when_the_command_ends_exec_d_processes_are_killed_and_told_137() {
         root: PathBuf::from("/"),
         execs: vec![exec],
         oom_checked: Instant::now(),
+        oom: oom::OomCounter::default(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     while !matches!(agent.execs[0].phase, Phase::Running { .. }) {
@@ -215,6 +217,7 @@ fn a_watch_gets_started_then_its_oom_kills_and_closes_at_the_end() {
         root: PathBuf::from("/"),
         execs: vec![exec],
         oom_checked: Instant::now(),
+        oom: oom::OomCounter::default(),
     };
     let spec = ExecSpec {
         watch: true,
@@ -228,7 +231,7 @@ fn a_watch_gets_started_then_its_oom_kills_and_closes_at_the_end() {
     let Phase::Watch { seen } = &mut agent.execs[0].phase else {
         panic!("not a watch");
     };
-    let seen = *seen;
+    let seen = seen.expect("the watch's start was read");
     // The test cannot make the kernel kill: the count it reports is the
     // watch's plus two, then the same again (no second frame).
     agent.report_count(Some(seen + 2), false);

@@ -82,6 +82,7 @@ containerd_terminal() {
     # process.user: `ctr run --user` (numeric: no /etc/passwd needed).
     timeout -k 10 "$CASE_TIMEOUT" $_ctr run --rm --user 1234:567 $_rt --rootfs "$2" u1 \
         /bin/sh -c 'id -u; id -g' </dev/null >"$1/u1.out" 2>"$1/u1.err"
+    echo "    containerd_tty: ctr run --user 1234:567: $(cat "$1/u1.out" "$1/u1.err" | tr '\n' ' ')"
     expect "ctr run --user 1234:567 ran as 1234" grep -qx 1234 "$1/u1.out"
     expect "and group 567" grep -qx 567 "$1/u1.out"
 }
@@ -194,6 +195,9 @@ case_containerd_tty() {
     _root="$_d/rootfs"
     ctr_rootfs "$_root"
     for _a in tty stty id awk; do ln -s busybox "$_root/bin/$_a"; done
+    # ctr's --user reads them (additional groups).
+    echo 'root:x:0:0:root:/root:/bin/sh' >"$_root/etc/passwd"
+    echo 'root:x:0:' >"$_root/etc/group"
     _rt="--runtime io.containerd.capsule.v2"
     RC=0
 
