@@ -13,6 +13,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::Receiver;
 
 use exec_proto::WinSize;
 
@@ -100,13 +101,14 @@ fn copy(mut from: File, mut to: File, what: &'static str) {
 /// Starts `capsule ARGS` (with `--tty`) in `cwd` on a new terminal whose
 /// output goes to the stdout FIFO and whose input is the stdin FIFO
 /// (capsule's own messages go to the stderr FIFO, usually none with a
-/// terminal). Returns the child and the terminal's master.
+/// terminal). Returns the child, the terminal's master and a receiver
+/// that hears when the output is all copied.
 pub fn spawn(
     capsule: &Path,
     args: &[OsString],
     cwd: &Path,
     io: &Stdio3,
-) -> io::Result<(Child, File)> {
+) -> io::Result<(Child, File, Receiver<()>)> {
     let (master, slave) = open_pty(WinSize { rows: 24, cols: 80 })?;
     let stdout = open_stdio(&io.stdout, false)?;
     let stderr = open_stdio(&io.stderr, false)?;
@@ -127,16 +129,27 @@ pub fn spawn(
     // master reads its end once capsule's are.
     drop(cmd);
     let out = master.try_clone()?;
+    let (done, copied) = std::sync::mpsc::channel();
     std::thread::Builder::new()
         .name("tty-out".into())
-        .spawn(move || copy(out, stdout, "output"))?;
+        .spawn(move || {
+            copy(out, stdout, "output");
+            let _ = done.send(());
+        })?;
     if let Some(fifo) = stdin {
         let input = master.try_clone()?;
         std::thread::Builder::new()
             .name("tty-in".into())
             .spawn(move || copy(fifo, input, "input"))?;
     }
-    Ok((child, master))
+    Ok((child, master, copied))
+}
+
+/// Waits (at most `wait`) until the output is all copied: the exit is
+/// reported after the process's last output, unless a process that
+/// outlives capsule holds the terminal.
+pub fn drain(copied: &Receiver<()>, wait: std::time::Duration) {
+    let _ = copied.recv_timeout(wait);
 }
 
 #[cfg(test)]
@@ -184,7 +197,7 @@ mod tests {
         // after the resize, output and input through the FIFOs.
         let script = "stty size; printf 'a\\nb\\n'; read x; stty size; echo got-$x";
         let args: Vec<OsString> = vec!["-c".into(), script.into()];
-        let (mut child, master) = spawn(Path::new("/bin/sh"), &args, &dir, &io).unwrap();
+        let (mut child, master, copied) = spawn(Path::new("/bin/sh"), &args, &dir, &io).unwrap();
         let mut writer = OpenOptions::new().write(true).open(&inp).unwrap();
         let mut got = Vec::new();
         read_until(&mut reader, &mut got, b"b\n");
@@ -200,6 +213,9 @@ mod tests {
         .unwrap();
         writer.write_all(b"line\n").unwrap();
         assert!(child.wait().unwrap().success());
+        copied
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the copy ends with the process");
         read_until(&mut reader, &mut got, b"got-line\n");
         // Raw: no echo, no CR added.
         assert_eq!(

@@ -316,23 +316,23 @@ impl containerd_shim::Task for Service {
                 format!("cannot start {}: {e}", cfg.capsule.display()),
             )
         };
-        let child = if c.terminal {
-            let (child, master) =
+        let (child, copied) = if c.terminal {
+            let (child, master, copied) =
                 crate::console::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(failed)?;
             c.console = Some(master);
-            child
+            (child, Some(copied))
         } else {
             let (child, stdin) =
                 process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(failed)?;
             c.stdin = stdin;
-            child
+            (child, None)
         };
         c.pid = child.id();
         c.phase = Phase::Running;
         let pid = c.pid;
         let vsock = c.vsock.clone();
         drop(st);
-        self.watch(req.id.clone(), child);
+        self.watch(req.id.clone(), child, copied);
         if let Some(v) = vsock {
             self.watch_events(&req.id, v);
         }

@@ -33,7 +33,13 @@ fn win_size(height: u32, width: u32) -> WinSize {
 
 impl Service {
     /// Waits for the `capsule exec` of container `id` and records its end.
-    pub(super) fn watch(&self, id: String, mut child: std::process::Child) {
+    /// With a terminal, `copied` hears when its output is all copied.
+    pub(super) fn watch(
+        &self,
+        id: String,
+        mut child: std::process::Child,
+        copied: Option<std::sync::mpsc::Receiver<()>>,
+    ) {
         let this = self.clone();
         std::thread::spawn(move || {
             let code = match child.wait() {
@@ -43,6 +49,9 @@ impl Service {
                     255
                 }
             };
+            if let Some(c) = &copied {
+                crate::console::drain(c, std::time::Duration::from_secs(2));
+            }
             if (123..=125).contains(&code) {
                 log::warn!("capsule exec for {id} ended with {code}: the microVM failed (see capsule's stderr in the container's log)");
             }
