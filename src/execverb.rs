@@ -109,6 +109,16 @@ pub struct ExecArgs {
     /// while the command runs (the containerd shim's exec).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["snapshot", "make_snapshot"])]
     vsock_socket: Option<PathBuf>,
+    /// Run the command on a pseudo-terminal in the guest (its stdin,
+    /// stdout and stderr; stderr is merged into stdout), as `docker run
+    /// -t`: sized as capsule's terminal and resized with it, which is
+    /// raw meanwhile.
+    #[arg(long, short = 't')]
+    tty: bool,
+    /// Run the command as UID:GID, with supplementary groups after a
+    /// second colon, comma-separated (`1000:1000:27,100`).
+    #[arg(long, value_name = "UID:GID[:GID,...]", value_parser = parse_user)]
+    user: Option<exec_proto::User>,
     #[command(flatten)]
     confine: capsule::confine::ConfineArgs,
     /// The command and its arguments.
@@ -125,6 +135,23 @@ fn parse_secs(what: &str, secs: f64) -> Result<std::time::Duration, String> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("{what} must be a positive number of seconds"))
+}
+
+/// `--user UID:GID[:GID,...]`.
+fn parse_user(arg: &str) -> Result<exec_proto::User, String> {
+    let bad = || format!("--user {arg}: expected UID:GID[:GID,...] (numbers)");
+    let mut parts = arg.splitn(3, ':');
+    let num = |s: Option<&str>| s.and_then(|s| s.parse::<u32>().ok()).ok_or_else(bad);
+    let uid = num(parts.next())?;
+    let gid = num(parts.next())?;
+    let groups = match parts.next() {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|g| g.parse().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(exec_proto::User { uid, gid, groups })
 }
 
 /// `--stop-timeout`: seconds (0: the VM is stopped at the next check,
@@ -192,6 +219,8 @@ fn exec_config(
         stop_timeout,
         boot_timeout,
         vsock_socket: args.vsock_socket,
+        tty: args.tty,
+        user: args.user,
         started,
     })
 }
@@ -315,6 +344,20 @@ mod tests {
         assert_eq!(parse_stop_timeout("never"), Ok(None));
         for bad in ["-1", "", "soon", "inf"] {
             assert!(parse_stop_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn user_is_uid_gid_and_groups() {
+        let u = |uid, gid, groups: &[u32]| exec_proto::User {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        };
+        assert_eq!(parse_user("1000:100"), Ok(u(1000, 100, &[])));
+        assert_eq!(parse_user("0:0:27,100"), Ok(u(0, 0, &[27, 100])));
+        for bad in ["1000", "a:1", "1:2:", "1:2:x", "-1:0", ""] {
+            assert!(parse_user(bad).is_err(), "{bad}");
         }
     }
 }

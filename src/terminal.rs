@@ -33,6 +33,19 @@ pub fn stdin_is_tty() -> bool {
     unsafe { libc::isatty(STDIN) == 1 }
 }
 
+/// The size of stdin's terminal (`None` if stdin is not one, or it has
+/// no size).
+pub fn window_size() -> Option<exec_proto::WinSize> {
+    // SAFETY: winsize is plain data; TIOCGWINSZ fills it or fails.
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a winsize that outlives the call.
+    let r = unsafe { libc::ioctl(STDIN, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some(exec_proto::WinSize {
+        rows: ws.ws_row,
+        cols: ws.ws_col,
+    })
+}
+
 /// Puts stdin's terminal in raw mode if stdin is a TTY. Returns a guard that
 /// restores it, or `None` when stdin is not a terminal.
 pub fn enter_raw_mode() -> io::Result<Option<RawModeGuard>> {

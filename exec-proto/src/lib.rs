@@ -20,6 +20,7 @@
 //! | 0x08 | `File` | share u32, mode u32, path: starts a file copied back |
 //! | 0x09 | `FileData` | bytes appended to the current file |
 //! | 0x0a | `Dir` | share u32, mode u32, path: a directory copied back |
+//! | 0x0b | `Oom` | kills u32: the guest kernel's OOM killer killed this many more processes |
 //!
 //! Host → guest (kinds from 0x80):
 //!
@@ -30,6 +31,11 @@
 //! | 0x83 | `StdinEof` | empty |
 //! | 0x84 | `Spec` | an [`ExecSpec`] (its [`ExecSpec::to_bytes`]): the command, for an init that awaits it |
 //! | 0x85 | `Signal` | signal number, u32 (1..=64): deliver it to the command |
+//! | 0x86 | `Resize` | rows u16, columns u16: the command's terminal size |
+//!
+//! Kinds were only ever added: an older peer rejects a new kind as
+//! unknown, so a sender uses `Oom` and `Resize` only where the spec asked
+//! for them (an events watch, a terminal).
 //!
 //! The decoder never trusts a length: a frame longer than [`MAX_PAYLOAD`]
 //! or of an unknown kind is an error, and payloads are parsed with checked
@@ -81,6 +87,8 @@ pub mod kind {
     pub const FILE_DATA: u8 = 0x09;
     /// Guest → host: a directory of a writable share.
     pub const DIR: u8 = 0x0a;
+    /// Guest → host: the guest kernel's OOM killer killed processes.
+    pub const OOM: u8 = 0x0b;
     /// Host → guest: the wall-clock time.
     pub const TIME: u8 = 0x81;
     /// Host → guest: standard input data.
@@ -92,6 +100,8 @@ pub mod kind {
     pub const SPEC: u8 = 0x84;
     /// Host → guest: a signal for the command.
     pub const SIGNAL: u8 = 0x85;
+    /// Host → guest: the command's terminal has a new size.
+    pub const RESIZE: u8 = 0x86;
 }
 
 /// The host (CID 2) vsock port the init connects to for the session.
@@ -283,6 +293,9 @@ pub enum GuestMsg {
         /// Path relative to the share's root.
         path: String,
     },
+    /// The guest kernel's OOM killer killed this many processes since the
+    /// last such message (sent on an events watch, [`ExecSpec::watch`]).
+    Oom(u32),
 }
 
 fn bad(kind: u8, what: &'static str) -> DecodeError {
@@ -358,6 +371,10 @@ impl GuestMsg {
                 let (share, mode, path) = share_entry(&p, k)?;
                 Self::Dir { share, mode, path }
             }
+            kind::OOM => {
+                exact_len(&p, 4, k)?;
+                Self::Oom(u32_at(&p, 0, k)?)
+            }
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -379,6 +396,7 @@ impl GuestMsg {
             Self::Dir { share, mode, path } => {
                 encode(kind::DIR, &share_payload(*share, *mode, path), out)
             }
+            Self::Oom(n) => encode(kind::OOM, &n.to_le_bytes(), out),
         }
     }
 }
@@ -403,6 +421,8 @@ pub enum HostMsg {
     Spec(Vec<u8>),
     /// Deliver this signal (1..=[`MAX_SIGNAL`]) to the command.
     Signal(u8),
+    /// The command's terminal ([`ExecSpec::tty`]) is now this size.
+    Resize(WinSize),
 }
 
 impl HostMsg {
@@ -439,6 +459,13 @@ impl HostMsg {
                     _ => return Err(bad(k, "signal number out of range")),
                 }
             }
+            kind::RESIZE => {
+                exact_len(&p, 4, k)?;
+                Self::Resize(WinSize {
+                    rows: u16::from_le_bytes([p[0], p[1]]),
+                    cols: u16::from_le_bytes([p[2], p[3]]),
+                })
+            }
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -456,155 +483,15 @@ impl HostMsg {
             Self::StdinEof => encode(kind::STDIN_EOF, &[], out),
             Self::Spec(d) => encode(kind::SPEC, d, out),
             Self::Signal(sig) => encode(kind::SIGNAL, &u32::from(*sig).to_le_bytes(), out),
+            Self::Resize(ws) => {
+                let mut p = [0u8; 4];
+                p[..2].copy_from_slice(&ws.rows.to_le_bytes());
+                p[2..].copy_from_slice(&ws.cols.to_le_bytes());
+                encode(kind::RESIZE, &p, out);
+            }
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn all_guest_msgs() -> Vec<GuestMsg> {
-        vec![
-            GuestMsg::Hello { version: VERSION },
-            GuestMsg::Stdout(b"out\0\xff".to_vec()),
-            GuestMsg::Stderr(vec![]),
-            GuestMsg::Started,
-            GuestMsg::Heartbeat,
-            GuestMsg::Exit(137),
-            GuestMsg::Error("no such file".into()),
-            GuestMsg::File {
-                share: 1,
-                mode: 0o644,
-                path: "a/b.txt".into(),
-            },
-            GuestMsg::FileData(vec![7; 1000]),
-            GuestMsg::Dir {
-                share: 0,
-                mode: 0o755,
-                path: "a".into(),
-            },
-        ]
-    }
-
-    #[test]
-    fn round_trip_any_chunking() {
-        let msgs = all_guest_msgs();
-        let mut stream = Vec::new();
-        for m in &msgs {
-            m.encode(&mut stream);
-        }
-        for chunk in [1, 2, 3, 5, 7, 64, stream.len()] {
-            let mut d = Decoder::new();
-            let mut got = Vec::new();
-            for c in stream.chunks(chunk) {
-                d.push(c);
-                while let Some(f) = d.next_frame().unwrap() {
-                    got.push(GuestMsg::parse(f).unwrap());
-                }
-            }
-            assert_eq!(got, msgs, "chunk size {chunk}");
-            assert_eq!(d.pending(), 0);
-        }
-    }
-
-    #[test]
-    fn host_messages_round_trip() {
-        let msgs = vec![
-            HostMsg::Time {
-                secs: 1 << 40,
-                nanos: 999_999_999,
-            },
-            HostMsg::Stdin(b"\x00\x01line\n".to_vec()),
-            HostMsg::StdinEof,
-            HostMsg::Spec(b"arg=true\0cwd=/\0".to_vec()),
-            HostMsg::Signal(10),
-            HostMsg::Signal(1),
-            HostMsg::Signal(MAX_SIGNAL),
-        ];
-        let mut stream = Vec::new();
-        for m in &msgs {
-            m.encode(&mut stream);
-        }
-        let mut d = Decoder::new();
-        d.push(&stream);
-        let mut got = Vec::new();
-        while let Some(f) = d.next_frame().unwrap() {
-            got.push(HostMsg::parse(f).unwrap());
-        }
-        assert_eq!(got, msgs);
-    }
-
-    #[test]
-    fn huge_length_is_rejected_before_buffering() {
-        let mut d = Decoder::new();
-        d.push(&[kind::STDOUT, 0xff, 0xff, 0xff, 0xff]);
-        assert!(matches!(
-            d.next_frame(),
-            Err(DecodeError::TooLong { len: u32::MAX, .. })
-        ));
-        // The stream stays failed, and ignores further input.
-        d.push(&[0; 100]);
-        assert!(d.next_frame().is_err());
-        let mut d = Decoder::new();
-        let over = (MAX_PAYLOAD as u32 + 1).to_le_bytes();
-        d.push(&[kind::STDOUT, over[0], over[1], over[2], over[3]]);
-        assert!(d.next_frame().is_err());
-    }
-
-    #[test]
-    fn partial_frames_wait_for_more() {
-        let mut d = Decoder::new();
-        d.push(&[kind::STDOUT, 4, 0]);
-        assert_eq!(d.next_frame(), Ok(None));
-        d.push(&[0, 0, b'a', b'b']);
-        assert_eq!(d.next_frame(), Ok(None));
-        d.push(b"cd");
-        assert_eq!(
-            d.next_frame(),
-            Ok(Some(Frame {
-                kind: kind::STDOUT,
-                payload: b"abcd".to_vec()
-            }))
-        );
-    }
-
-    #[test]
-    fn bad_payloads_are_errors() {
-        let f = |kind, payload: &[u8]| Frame {
-            kind,
-            payload: payload.to_vec(),
-        };
-        assert!(GuestMsg::parse(f(kind::HELLO, &[1, 0])).is_err());
-        assert!(GuestMsg::parse(f(kind::EXIT, &[0, 1, 0, 0])).is_err()); // 256
-        assert!(GuestMsg::parse(f(kind::EXIT, &[])).is_err());
-        assert!(GuestMsg::parse(f(kind::STARTED, &[1])).is_err());
-        assert!(GuestMsg::parse(f(kind::FILE, &[1, 0, 0])).is_err());
-        assert!(GuestMsg::parse(f(kind::FILE, &[0, 0, 0, 0, 0, 0, 0, 0, 0xff])).is_err());
-        assert!(GuestMsg::parse(f(kind::DIR, &[0; 7])).is_err());
-        assert_eq!(
-            GuestMsg::parse(f(0x7f, &[])),
-            Err(DecodeError::UnknownKind(0x7f))
-        );
-        // Host kinds are not guest messages and vice versa.
-        assert!(GuestMsg::parse(f(kind::STDIN, &[])).is_err());
-        assert!(HostMsg::parse(f(kind::STDOUT, &[])).is_err());
-        assert!(HostMsg::parse(f(kind::TIME, &[0; 11])).is_err());
-        let mut t = [0u8; 12];
-        t[8..].copy_from_slice(&1_000_000_000u32.to_le_bytes());
-        assert!(HostMsg::parse(f(kind::TIME, &t)).is_err());
-        assert!(HostMsg::parse(f(kind::STDIN_EOF, &[0])).is_err());
-    }
-
-    #[test]
-    fn long_streams_do_not_grow_the_buffer() {
-        let mut d = Decoder::new();
-        let mut frame = Vec::new();
-        encode(kind::STDOUT, &[0xab; 4096], &mut frame);
-        for _ in 0..1000 {
-            d.push(&frame);
-            assert!(d.next_frame().unwrap().is_some());
-        }
-        assert!(d.buf.capacity() < 64 * 1024);
-    }
-}
+mod tests;

@@ -24,6 +24,8 @@ pub enum SpecError {
     UnknownRecord,
     /// No `arg` record.
     NoCommand,
+    /// A `tty` or `user` record that does not parse: its key.
+    Numbers(&'static str),
 }
 
 impl fmt::Display for SpecError {
@@ -37,6 +39,7 @@ impl fmt::Display for SpecError {
             Self::Net(text) => write!(f, "bad net record {text:?}"),
             Self::UnknownRecord => f.write_str("unknown record"),
             Self::NoCommand => f.write_str("no command"),
+            Self::Numbers(key) => write!(f, "bad {key} record"),
         }
     }
 }
@@ -56,7 +59,12 @@ impl std::error::Error for SpecError {}
 /// [`FS_ROOT_TAG`], read-write, nothing copied: `capsule exec --fs-root`),
 /// `module` (a file in [`MODULE_DIR`], repeated, in load order), `await`
 /// (`1`: no command here; the init of an exec template boots, says
-/// hello and waits for [`crate::HostMsg::Spec`]).
+/// hello and waits for [`crate::HostMsg::Spec`]), `tty` (`ROWS COLS`:
+/// the command runs on a pseudo-terminal of that size, its stdin, stdout
+/// and stderr, output as `Stdout`), `user` (`UID GID [GID...]`: the
+/// command runs as that user, group and supplementary groups), `watch`
+/// (`1`, exec connections only: no command; the connection carries the
+/// guest's events, [`crate::GuestMsg::Oom`], until it closes).
 pub const CONFIG_PATH: &str = "/.capsule/config";
 /// Where the init finds the kernel modules it loads first.
 pub const MODULE_DIR: &str = "/.capsule/modules";
@@ -120,6 +128,43 @@ impl NetSpec {
     }
 }
 
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WinSize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// Who the command runs as.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct User {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Supplementary group ids.
+    pub groups: Vec<u32>,
+}
+
+/// Space-separated decimal numbers, at least `min` of them.
+fn numbers<T: std::str::FromStr>(
+    val: &[u8],
+    min: usize,
+    key: &'static str,
+) -> Result<Vec<T>, SpecError> {
+    let text = std::str::from_utf8(val).map_err(|_| SpecError::Numbers(key))?;
+    let nums = text
+        .split(' ')
+        .map(|w| w.parse().map_err(|_| SpecError::Numbers(key)))
+        .collect::<Result<Vec<T>, _>>()?;
+    if nums.len() < min {
+        return Err(SpecError::Numbers(key));
+    }
+    Ok(nums)
+}
+
 /// The virtio-fs tag of live share `index`.
 pub fn share_tag(index: usize) -> String {
     format!("capsule-share-{index}")
@@ -157,6 +202,12 @@ pub struct ExecSpec {
     /// it over the channel, as a [`crate::HostMsg::Spec`], reconnecting if
     /// the channel resets (a clone's restored vsock device resets it).
     pub await_command: bool,
+    /// Run the command on a pseudo-terminal of this (initial) size.
+    pub tty: Option<WinSize>,
+    /// Run the command as this user (root when `None`).
+    pub user: Option<User>,
+    /// No command: an exec connection that carries the guest's events.
+    pub watch: bool,
 }
 
 impl ExecSpec {
@@ -207,6 +258,19 @@ impl ExecSpec {
         if self.await_command {
             rec("await", b"1")?;
         }
+        if let Some(ws) = self.tty {
+            rec("tty", format!("{} {}", ws.rows, ws.cols).as_bytes())?;
+        }
+        if let Some(u) = &self.user {
+            let mut v = format!("{} {}", u.uid, u.gid);
+            for g in &u.groups {
+                v.push_str(&format!(" {g}"));
+            }
+            rec("user", v.as_bytes())?;
+        }
+        if self.watch {
+            rec("watch", b"1")?;
+        }
         Ok(out)
     }
 
@@ -236,13 +300,32 @@ impl ExecSpec {
                 b"hostroot" => spec.host_root = val == b"1",
                 b"fsroot" => spec.fs_root = val == b"1",
                 b"await" => spec.await_command = val == b"1",
+                b"watch" => spec.watch = val == b"1",
+                b"tty" => {
+                    let n = numbers::<u16>(val, 2, "tty")?;
+                    if n.len() != 2 {
+                        return Err(SpecError::Numbers("tty"));
+                    }
+                    spec.tty = Some(WinSize {
+                        rows: n[0],
+                        cols: n[1],
+                    });
+                }
+                b"user" => {
+                    let n = numbers::<u32>(val, 2, "user")?;
+                    spec.user = Some(User {
+                        uid: n[0],
+                        gid: n[1],
+                        groups: n[2..].to_vec(),
+                    });
+                }
                 b"module" if !val.contains(&b'/') && !val.is_empty() => {
                     spec.modules.push(val.to_vec())
                 }
                 _ => return Err(SpecError::UnknownRecord),
             }
         }
-        if spec.argv.is_empty() && !spec.await_command {
+        if spec.argv.is_empty() && !spec.await_command && !spec.watch {
             return Err(SpecError::NoCommand);
         }
         Ok(spec)
@@ -273,6 +356,16 @@ mod tests {
                 dns: vec![[9, 9, 9, 9].into()],
             }],
             await_command: false,
+            tty: Some(WinSize {
+                rows: 40,
+                cols: 132,
+            }),
+            user: Some(User {
+                uid: 1000,
+                gid: 100,
+                groups: vec![10, 4_000_000_000],
+            }),
+            watch: false,
         };
         let bytes = spec.to_bytes().unwrap();
         assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), spec);
@@ -284,6 +377,34 @@ mod tests {
         };
         let bytes = template.to_bytes().unwrap();
         assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), template);
+        // An events watch has no command either.
+        let watch = ExecSpec {
+            watch: true,
+            ..Default::default()
+        };
+        let bytes = watch.to_bytes().unwrap();
+        assert_eq!(ExecSpec::from_bytes(&bytes).unwrap(), watch);
+        for bad in [
+            "tty=24",
+            "tty=24 80 1",
+            "tty=x 80",
+            "tty=70000 80",
+            "user=5",
+            "user=5 -1",
+            "user=1 2 x",
+        ] {
+            let key = if bad.starts_with("tty") {
+                "tty"
+            } else {
+                "user"
+            };
+            let rec = format!("arg=x\0{bad}\0");
+            assert_eq!(
+                ExecSpec::from_bytes(rec.as_bytes()),
+                Err(SpecError::Numbers(key)),
+                "{bad}"
+            );
+        }
         let bad = ExecSpec {
             argv: vec![b"a\0b".to_vec()],
             ..Default::default()

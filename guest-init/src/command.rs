@@ -4,7 +4,7 @@
 //! drained, and reap it; the same poll loop serves the processes exec'd
 //! beside it (`agent.rs`).
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -145,6 +145,11 @@ pub(crate) struct Command {
     argv: Vec<CString>,
     envp: Vec<CString>,
     chroot: Option<CString>,
+    /// A terminal of this size, and the `/dev/ptmx` (in the root) it
+    /// comes from.
+    tty: Option<(exec_proto::WinSize, CString)>,
+    /// Who the process runs as: uid, gid, supplementary groups.
+    user: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
 }
 
 impl Command {
@@ -197,6 +202,15 @@ impl Command {
         } else {
             Some(sys::cstr(root.as_os_str().as_bytes()).map_err(|e| e.to_string())?)
         };
+        let tty = match spec.tty {
+            Some(size) => {
+                let ptmx = in_root(root, b"/dev/ptmx");
+                let ptmx = sys::cstr(ptmx.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+                Some((size, ptmx))
+            }
+            None => None,
+        };
+        let user = spec.user.as_ref().map(|u| (u.uid, u.gid, u.groups.clone()));
         Ok(Self {
             program,
             not_found,
@@ -204,13 +218,61 @@ impl Command {
             argv,
             envp,
             chroot,
+            tty,
+            user,
         })
     }
 }
 
-/// Creates the command's stdio pipes and starts it in a session of its
-/// own. Returns the pump for its stdio.
+/// Starts the command in a session of its own with its stdio on pipes,
+/// or on a pseudo-terminal (its controlling terminal, stderr merged into
+/// stdout as runc does). Returns the pump for its stdio.
 pub(crate) fn spawn(command: &Command) -> io::Result<Pump> {
+    // SAFETY: plain system call; the init must survive a process that
+    // closes its stdin while we write to it.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    match &command.tty {
+        Some((size, ptmx)) => spawn_on_tty(command, ptmx, *size),
+        None => spawn_on_pipes(command),
+    }
+}
+
+/// The child's setup, with `stdio` as its descriptors 0 to 2.
+fn child_setup<'a>(
+    command: &'a Command,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    stdio: [libc::c_int; 3],
+) -> sys::ChildSetup<'a> {
+    sys::ChildSetup {
+        chroot: command.chroot.as_deref(),
+        cwd: &command.cwd,
+        program: &command.program,
+        argv,
+        envp,
+        stdio,
+        not_found: &command.not_found,
+        tty: command.tty.is_some(),
+        user: command
+            .user
+            .as_ref()
+            .map(|(u, g, groups)| (*u, *g, groups.as_slice())),
+    }
+}
+
+fn spawn_on_tty(command: &Command, ptmx: &CStr, size: exec_proto::WinSize) -> io::Result<Pump> {
+    let (argv_p, envp_p) = (ptrs(&command.argv), ptrs(&command.envp));
+    let (master, slave) = sys::open_pty(ptmx, size)?;
+    sys::set_nonblocking(&master)?;
+    let input = master.try_clone()?;
+    let s = slave.as_raw_fd();
+    let pid = sys::spawn(&child_setup(command, &argv_p, &envp_p, [s, s, s]))?;
+    // Our copy closed: the master reads EIO once the process's are.
+    drop(slave);
+    Ok(Pump::new(pid, input, master, None).on_tty())
+}
+
+fn spawn_on_pipes(command: &Command) -> io::Result<Pump> {
     let (argv_p, envp_p) = (ptrs(&command.argv), ptrs(&command.envp));
     let (in_r, in_w) = sys::pipe()?;
     let (out_r, out_w) = sys::pipe()?;
@@ -223,20 +285,10 @@ pub(crate) fn spawn(command: &Command) -> io::Result<Pump> {
     for fd in [&out_r, &err_r] {
         let _ = sys::set_pipe_size(fd, OUTPUT_PIPE_SIZE);
     }
-    // SAFETY: plain system call; the init must survive a process that
-    // closes its stdin while we write to it.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    let pid = sys::spawn(&sys::ChildSetup {
-        chroot: command.chroot.as_deref(),
-        cwd: &command.cwd,
-        program: &command.program,
-        argv: &argv_p,
-        envp: &envp_p,
-        stdio: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-        not_found: &command.not_found,
-    })?;
+    let stdio = [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()];
+    let pid = sys::spawn(&child_setup(command, &argv_p, &envp_p, stdio))?;
     drop((in_r, out_w, err_w));
-    Ok(Pump::new(pid, in_w, out_r, err_r))
+    Ok(Pump::new(pid, in_w, out_r, Some(err_r)))
 }
 
 /// Reaps every exited child (orphans of the processes included): their
@@ -247,4 +299,132 @@ pub(crate) fn reap_all() -> Vec<(libc::pid_t, u8)> {
         out.push((pid, code));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exec_proto::{User, WinSize};
+    use std::time::{Duration, Instant};
+
+    /// Frames collected in memory.
+    #[derive(Default)]
+    struct Frames(Vec<(u8, Vec<u8>)>);
+
+    impl crate::pump::Output for Frames {
+        fn send_data(&mut self, kind: u8, payload: &[u8]) -> io::Result<()> {
+            self.0.push((kind, payload.to_vec()));
+            Ok(())
+        }
+    }
+
+    /// Runs `script` under `sh` as `spec` says, with `host` frames given
+    /// once it printed `ready`; returns its output frames and status.
+    fn run(
+        script: &str,
+        tty: Option<WinSize>,
+        user: Option<User>,
+        host: Vec<HostMsg>,
+    ) -> (Frames, u8) {
+        let spec = ExecSpec {
+            argv: vec![b"sh".to_vec(), b"-c".to_vec(), script.as_bytes().to_vec()],
+            env: vec![b"PATH=/usr/bin:/bin".to_vec()],
+            cwd: b"/".to_vec(),
+            tty,
+            user,
+            ..ExecSpec::default()
+        };
+        let command = Command::new(&spec, Path::new("/")).unwrap();
+        let mut pump = spawn(&command).unwrap();
+        let mut frames = Frames::default();
+        let mut host = Some(host);
+        let mut status = None;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let mut fds = pump.poll_fds(true);
+            sys::poll(&mut fds, 50).unwrap();
+            let got = pump.move_ready(&fds, &mut frames).unwrap();
+            let said_ready = frames
+                .0
+                .iter()
+                .any(|(_, d)| d.windows(5).any(|w| w == b"ready"));
+            if said_ready {
+                if let Some(h) = host.take() {
+                    pump.take_host(h, false);
+                }
+            }
+            if let Some(code) = status {
+                if pump.drained() || !got {
+                    return (frames, code);
+                }
+            }
+            if let sys::Reaped::Child(pid, code) = sys::reap_any() {
+                assert_eq!(pid, pump.pid());
+                status = Some(code);
+            }
+        }
+        panic!("the command did not end: {:?}", frames.0);
+    }
+
+    fn text(frames: &Frames, kind: u8) -> String {
+        let bytes: Vec<u8> = frames
+            .0
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .flat_map(|(_, d)| d.clone())
+            .collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn a_tty_process_has_a_terminal_of_its_size_that_resizes() {
+        let _only = crate::TEST_CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let size = WinSize {
+            rows: 33,
+            cols: 101,
+        };
+        let script =
+            "tty; stty size; echo err >&2; echo ready; read x; stty size; echo got-$x; exit 4";
+        let (frames, code) = run(
+            script,
+            Some(size),
+            None,
+            vec![
+                HostMsg::Resize(WinSize {
+                    rows: 50,
+                    cols: 160,
+                }),
+                HostMsg::Stdin(b"line\n".to_vec()),
+            ],
+        );
+        assert_eq!(code, 4);
+        let out = text(&frames, exec_proto::kind::STDOUT);
+        assert!(out.starts_with("/dev/pts/"), "{out:?}");
+        // The terminal's output processing: CR LF; stderr merged; the
+        // input echoed.
+        assert!(out.contains("\r\n33 101\r\nerr\r\nready\r\n"), "{out:?}");
+        assert!(out.contains("line\r\n50 160\r\ngot-line\r\n"), "{out:?}");
+        assert!(text(&frames, exec_proto::kind::STDERR).is_empty());
+    }
+
+    #[test]
+    fn without_a_tty_stdio_are_pipes_and_the_user_is_taken() {
+        let _only = crate::TEST_CHILDREN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let user = User {
+            uid: 1234,
+            gid: 567,
+            groups: vec![89, 1011],
+        };
+        let script = "tty; echo $?; id -u; id -g; id -G; echo e >&2";
+        let (frames, code) = run(script, None, Some(user), Vec::new());
+        assert_eq!(code, 0);
+        let out = text(&frames, exec_proto::kind::STDOUT);
+        // `tty` fails without a terminal.
+        assert_eq!(out, "not a tty\n1\n1234\n567\n567 89 1011\n");
+        assert_eq!(text(&frames, exec_proto::kind::STDERR), "e\n");
+    }
 }

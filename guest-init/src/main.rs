@@ -187,6 +187,21 @@ pub(crate) fn mount_basics(prefix: &str) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
+    // Pseudo-terminals (a `terminal` process): their slaves appear in the
+    // command's root as /dev/pts/N. Without devpts only terminals fail.
+    let pts = format!("{prefix}/dev/pts");
+    let _ = fs::create_dir_all(&pts);
+    if let Err(e) = sys::mount_data(
+        "devpts",
+        pts.as_bytes(),
+        "devpts",
+        0,
+        "mode=0620,ptmxmode=0666",
+    ) {
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            eprintln!("capsule-init: no terminals: cannot mount {pts}: {e}");
+        }
+    }
     Ok(())
 }
 

@@ -79,21 +79,50 @@ pub(crate) struct Pump {
     stdin_buf: Vec<u8>,
     stdin_eof: bool,
     buf: Vec<u8>,
+    /// stdin and stdout are a pseudo-terminal's master: the host's
+    /// `Resize` sets its size.
+    tty: bool,
 }
 
 impl Pump {
     /// The pump of process `pid` whose stdin is written through `stdin`
     /// and whose output is read from `stdout` and `stderr` (all three
     /// non-blocking).
-    pub(crate) fn new(pid: libc::pid_t, stdin: OwnedFd, stdout: OwnedFd, stderr: OwnedFd) -> Self {
+    pub(crate) fn new(
+        pid: libc::pid_t,
+        stdin: OwnedFd,
+        stdout: OwnedFd,
+        stderr: Option<OwnedFd>,
+    ) -> Self {
         Self {
             pid,
             stdin: Stream { fd: Some(stdin) },
             stdout: Stream { fd: Some(stdout) },
-            stderr: Stream { fd: Some(stderr) },
+            stderr: Stream { fd: stderr },
             stdin_buf: Vec::new(),
             stdin_eof: false,
             buf: vec![0u8; OUTPUT_CHUNK],
+            tty: false,
+        }
+    }
+
+    /// The process's stdin and stdout are a pseudo-terminal's master.
+    pub(crate) fn on_tty(mut self) -> Self {
+        self.tty = true;
+        self
+    }
+
+    /// Sets the terminal's size (the kernel tells the process with
+    /// SIGWINCH); nothing without a terminal.
+    fn resize(&self, size: exec_proto::WinSize) {
+        let fd = [&self.stdout, &self.stdin]
+            .iter()
+            .map(|s| s.raw())
+            .find(|&fd| fd >= 0);
+        if let (true, Some(fd)) = (self.tty, fd) {
+            if let Err(e) = sys::set_winsize(fd, size) {
+                eprintln!("capsule-init: cannot resize the terminal: {e}");
+            }
         }
     }
 
@@ -113,6 +142,7 @@ impl Pump {
                 }
                 HostMsg::StdinEof => self.stdin_eof = true,
                 HostMsg::Signal(sig) if !exited => signal_process(self.pid, sig),
+                HostMsg::Resize(size) => self.resize(size),
                 _ => {}
             }
         }
@@ -256,7 +286,7 @@ mod tests {
         let (out_r, out_w) = nonblocking_pipe();
         let (err_r, err_w) = nonblocking_pipe();
         // pid 0 is never signalled here: no Signal frame is given.
-        let mut pump = Pump::new(0, in_w, out_r, err_r);
+        let mut pump = Pump::new(0, in_w, out_r, Some(err_r));
         write_fd(&out_w, b"hello").unwrap();
         write_fd(&err_w, b"oops").unwrap();
         pump.take_host(

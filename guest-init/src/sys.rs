@@ -193,6 +193,11 @@ pub struct ChildSetup<'a> {
     pub stdio: [RawFd; 3],
     /// Message and status when the program does not exist.
     pub not_found: &'a [u8],
+    /// stdin is a pseudo-terminal's slave: make it the controlling
+    /// terminal of the child's new session.
+    pub tty: bool,
+    /// Run as this user: (uid, gid, supplementary groups).
+    pub user: Option<(libc::uid_t, libc::gid_t, &'a [libc::gid_t])>,
 }
 
 fn write_fd(fd: RawFd, msg: &[u8]) {
@@ -229,9 +234,22 @@ pub fn spawn(setup: &ChildSetup) -> io::Result<libc::pid_t> {
         for (i, &fd) in (0..).zip(setup.stdio.iter()) {
             libc::dup2(fd, i);
         }
+        if setup.tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+            write_fd(2, b"capsule-init: cannot take the terminal\n");
+            libc::_exit(125);
+        }
         if let Some(root) = setup.chroot {
             if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
                 write_fd(2, b"capsule-init: cannot enter the --disk root\n");
+                libc::_exit(125);
+            }
+        }
+        if let Some((uid, gid, groups)) = setup.user {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                write_fd(2, b"capsule-init: cannot become the process's user\n");
                 libc::_exit(125);
             }
         }
@@ -263,6 +281,52 @@ pub fn spawn(setup: &ChildSetup) -> io::Result<libc::pid_t> {
         };
         libc::_exit(status);
     }
+}
+
+/// A new pseudo-terminal of the devpts instance beside `ptmx` (a
+/// `/dev/ptmx` whose `pts` sibling is a devpts mount): (master, slave),
+/// both close-on-exec, the slave opened through the master
+/// (`TIOCGPTPEER`), so it needs no path; the terminal is `size` big.
+pub fn open_pty(ptmx: &CStr, size: exec_proto::WinSize) -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: a valid NUL-terminated path; the result is checked.
+    let fd = check(unsafe {
+        libc::open(
+            ptmx.as_ptr(),
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a fresh descriptor this function owns.
+    let master = unsafe { OwnedFd::from_raw_fd(fd) };
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads the int pointed to, which outlives the call.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+    set_winsize(master.as_raw_fd(), size)?;
+    // SAFETY: TIOCGPTPEER takes open flags and returns a new descriptor.
+    let fd = check(unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a fresh descriptor this function owns.
+    let slave = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok((master, slave))
+}
+
+/// Sets a terminal's size (the kernel signals SIGWINCH to its foreground
+/// process group).
+pub fn set_winsize(fd: RawFd, size: exec_proto::WinSize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads the winsize pointed to, which outlives the
+    // call.
+    check(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) })?;
+    Ok(())
 }
 
 /// Flushes file systems and powers the machine off. Never returns.

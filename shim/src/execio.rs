@@ -213,6 +213,48 @@ fn name(m: &GuestMsg) -> &'static str {
         GuestMsg::File { .. } => "File",
         GuestMsg::FileData(_) => "FileData",
         GuestMsg::Dir { .. } => "Dir",
+        GuestMsg::Oom(_) => "Oom",
+    }
+}
+
+/// Reads an events watch ([`ExecSpec::watch`], started with [`start`])
+/// until the guest closes it (the microVM ends): `on_oom` with each
+/// `Oom` frame's count. A malformed or unexpected frame ends the watch.
+pub fn watch_events(
+    mut stream: impl Read,
+    mut dec: Decoder,
+    id: &str,
+    mut on_oom: impl FnMut(u32),
+) {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        loop {
+            let msg = match dec.next_frame().map(|f| f.map(GuestMsg::parse)) {
+                Ok(Some(Ok(m))) => m,
+                Ok(None) => break,
+                Ok(Some(Err(e))) | Err(e) => {
+                    log::warn!("events of {id}: bad frame from the guest: {e}");
+                    return;
+                }
+            };
+            match msg {
+                GuestMsg::Oom(n) => on_oom(n),
+                GuestMsg::Heartbeat => {}
+                other => {
+                    log::warn!("events of {id}: unexpected {} frame", name(&other));
+                    return;
+                }
+            }
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => dec.push(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::debug!("events of {id}: {e}");
+                return;
+            }
+        }
     }
 }
 
@@ -525,5 +567,18 @@ mod tests {
             host_msgs(&got),
             [HostMsg::Stdin(b"line\n".to_vec()), HostMsg::StdinEof]
         );
+    }
+
+    #[test]
+    fn an_events_watch_reports_each_oom_until_the_guest_closes_it() {
+        let mut got = Vec::new();
+        let stream = frames(&[GuestMsg::Heartbeat, GuestMsg::Oom(1), GuestMsg::Oom(3)]);
+        watch_events(&stream[..], Decoder::new(), "c", |n| got.push(n));
+        assert_eq!(got, [1, 3]);
+        // Anything else ends it.
+        let mut got = Vec::new();
+        let stream = frames(&[GuestMsg::Stdout(b"x".to_vec()), GuestMsg::Oom(1)]);
+        watch_events(&stream[..], Decoder::new(), "c", |n| got.push(n));
+        assert!(got.is_empty());
     }
 }

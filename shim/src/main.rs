@@ -11,6 +11,7 @@
 //! See docs/kubernetes.md.
 
 mod config;
+mod console;
 mod execio;
 mod process;
 mod service;

@@ -3,6 +3,7 @@
 //! expects (create, start, exit, delete). Calls that name an exec id (a
 //! process exec'd in a running container) are `service/exec.rs`'s.
 
+mod control;
 mod exec;
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use containerd_shim::api;
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskStart};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
@@ -46,6 +47,8 @@ fn timestamp(t: SystemTime) -> Timestamp {
 enum Phase {
     Created,
     Running,
+    /// Running, its microVM stopped (`pause`).
+    Paused,
     Stopped,
 }
 
@@ -69,6 +72,10 @@ struct Container {
     vsock: Option<PathBuf>,
     /// Its exec'd processes.
     execs: exec::Execs,
+    /// `process.terminal`: the process runs on a terminal.
+    terminal: bool,
+    /// The terminal's master (host side), once started with one.
+    console: Option<std::fs::File>,
 }
 
 #[derive(Default)]
@@ -114,46 +121,6 @@ impl Service {
                 log::warn!("cannot publish {topic}: {e}");
             }
         }
-    }
-
-    /// Waits for the `capsule exec` of container `id` and records its end.
-    fn watch(&self, id: String, mut child: std::process::Child) {
-        let this = self.clone();
-        std::thread::spawn(move || {
-            let code = match child.wait() {
-                Ok(s) => status::exit_code(s),
-                Err(e) => {
-                    log::error!("cannot wait for the microVM of {id}: {e}");
-                    255
-                }
-            };
-            if (123..=125).contains(&code) {
-                log::warn!("capsule exec for {id} ended with {code}: the microVM failed (see capsule's stderr in the container's log)");
-            }
-            let now = SystemTime::now();
-            let (pid, unstarted) = {
-                let mut st = this.state();
-                let Some(c) = st.containers.get_mut(&id) else {
-                    return;
-                };
-                c.phase = Phase::Stopped;
-                c.exit = Some((code, now));
-                // Ends the stdin copy, which may wait on the FIFO.
-                c.stdin = None;
-                (c.pid, c.execs.end_unstarted(now))
-            };
-            this.inner.stopped.notify_all();
-            for exec_id in unstarted {
-                this.publish_exec_exit(&id, &exec_id, pid, crate::execio::STATUS_VM_GONE, now);
-            }
-            let mut ev = TaskExit::new();
-            ev.container_id = id.clone();
-            ev.id = id;
-            ev.pid = pid;
-            ev.exit_status = code;
-            ev.exited_at = Some(timestamp(now)).into();
-            this.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev));
-        });
     }
 
     /// Unmounts what `create` mounted on the bundle's rootfs.
@@ -254,12 +221,6 @@ impl containerd_shim::Task for Service {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         let cfg = ShimConfig::load().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e))?;
-        if req.terminal {
-            return Err(rpc_error(
-                Code::UNIMPLEMENTED,
-                spec::SpecError::Terminal.to_string(),
-            ));
-        }
         let bundle = PathBuf::from(&req.bundle);
         let oci = oci_spec::runtime::Spec::load(bundle.join("config.json")).map_err(|e| {
             rpc_error(
@@ -310,6 +271,8 @@ impl containerd_shim::Task for Service {
                     exit: None,
                     vsock,
                     execs: exec::Execs::default(),
+                    terminal: spec::terminal(&oci) || req.terminal,
+                    console: None,
                 },
             );
         }
@@ -347,19 +310,32 @@ impl containerd_shim::Task for Service {
                 format!("container {} was already started", req.id),
             ));
         }
-        let (child, stdin) =
-            process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(|e| {
-                rpc_error(
-                    Code::INTERNAL,
-                    format!("cannot start {}: {e}", cfg.capsule.display()),
-                )
-            })?;
+        let failed = |e: std::io::Error| {
+            rpc_error(
+                Code::INTERNAL,
+                format!("cannot start {}: {e}", cfg.capsule.display()),
+            )
+        };
+        let (child, copied) = if c.terminal {
+            let (child, master, copied) =
+                crate::console::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(failed)?;
+            c.console = Some(master);
+            (child, Some(copied))
+        } else {
+            let (child, stdin) =
+                process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(failed)?;
+            c.stdin = stdin;
+            (child, None)
+        };
         c.pid = child.id();
-        c.stdin = stdin;
         c.phase = Phase::Running;
         let pid = c.pid;
+        let vsock = c.vsock.clone();
         drop(st);
-        self.watch(req.id.clone(), child);
+        self.watch(req.id.clone(), child, copied);
+        if let Some(v) = vsock {
+            self.watch_events(&req.id, v);
+        }
         let mut ev = TaskStart::new();
         ev.container_id = req.id;
         ev.pid = pid;
@@ -389,6 +365,7 @@ impl containerd_shim::Task for Service {
         resp.status = match c.phase {
             Phase::Created => api::Status::CREATED,
             Phase::Running => api::Status::RUNNING,
+            Phase::Paused => api::Status::PAUSED,
             Phase::Stopped => api::Status::STOPPED,
         }
         .into();
@@ -409,7 +386,7 @@ impl containerd_shim::Task for Service {
             .get(&req.id)
             .ok_or_else(|| no_container(&req.id))?;
         let mut resp = api::PidsResponse::new();
-        if c.phase == Phase::Running {
+        if matches!(c.phase, Phase::Running | Phase::Paused) {
             let mut info = containerd_shim::protos::api::ProcessInfo::new();
             info.pid = c.pid;
             resp.processes.push(info);
@@ -426,7 +403,7 @@ impl containerd_shim::Task for Service {
             .containers
             .get(&req.id)
             .ok_or_else(|| no_container(&req.id))?;
-        if c.phase != Phase::Running {
+        if !matches!(c.phase, Phase::Running | Phase::Paused) {
             return Err(rpc_error(
                 Code::NOT_FOUND,
                 format!("container {} is not running", req.id),
@@ -516,7 +493,7 @@ impl containerd_shim::Task for Service {
             .containers
             .get(&req.id)
             .ok_or_else(|| no_container(&req.id))?;
-        if c.phase == Phase::Running {
+        if matches!(c.phase, Phase::Running | Phase::Paused) {
             return Err(rpc_error(
                 Code::FAILED_PRECONDITION,
                 format!("container {} is running: kill it first", req.id),
@@ -571,6 +548,22 @@ impl containerd_shim::Task for Service {
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
         self.exec_add(&req)
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        self.resize(&req.id, &req.exec_id, req.height, req.width)
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.set_paused(&req.id, true)
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        self.set_paused(&req.id, false)
     }
 
     fn connect(

@@ -1,6 +1,7 @@
 //! An OCI runtime spec (`config.json`) as a `capsule exec` command line:
-//! the container's process (args, env, cwd) run by capsule's guest init in
-//! a fresh microVM whose root is the bundle's rootfs.
+//! the container's process (args, env, cwd, user, terminal) run by
+//! capsule's guest init in a fresh microVM whose root is the bundle's
+//! rootfs.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -8,39 +9,63 @@ use std::path::{Path, PathBuf};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 
-use exec_proto::ExecSpec;
+use exec_proto::{ExecSpec, User, WinSize};
 use oci_spec::runtime::{Process, Spec};
 
 use crate::config::{RootfsMode, ShimConfig};
 
-/// Why a spec cannot run under capsule (yet).
-#[derive(Debug, PartialEq, Eq)]
+/// Why a spec cannot run under capsule.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// No `process`, or no `process.args`.
+    #[error("the OCI spec has no process arguments")]
     NoProcess,
-    /// `process.terminal`: the guest init has no pseudo-terminal yet.
-    Terminal,
-    /// A user other than root: the guest init runs the process as root.
-    User(u32, u32),
 }
 
-impl std::fmt::Display for SpecError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::NoProcess => write!(f, "the OCI spec has no process arguments"),
-            Self::Terminal => write!(
-                f,
-                "process.terminal is not supported by the capsule runtime yet (run without -t)"
-            ),
-            Self::User(u, g) => write!(
-                f,
-                "process.user {u}:{g}: the capsule runtime runs container processes as root (0:0) only, so far"
-            ),
-        }
+/// The terminal size before containerd's first `resize_pty`: the spec's
+/// `consoleSize`, else 24x80.
+fn console_size(process: &Process) -> WinSize {
+    let clamp = |v: u64| u16::try_from(v).unwrap_or(u16::MAX);
+    process
+        .console_size()
+        .as_ref()
+        .map(|b| WinSize {
+            rows: clamp(b.height()),
+            cols: clamp(b.width()),
+        })
+        .filter(|w| w.rows > 0 && w.cols > 0)
+        .unwrap_or(WinSize { rows: 24, cols: 80 })
+}
+
+/// The process's user, `None` for root with no supplementary groups.
+fn user(process: &Process) -> Option<User> {
+    let u = process.user();
+    let groups = u.additional_gids().clone().unwrap_or_default();
+    (u.uid() != 0 || u.gid() != 0 || !groups.is_empty()).then(|| User {
+        uid: u.uid(),
+        gid: u.gid(),
+        groups,
+    })
+}
+
+/// `--user`'s value: `UID:GID[:GID,...]`.
+fn user_arg(u: &User) -> String {
+    let mut s = format!("{}:{}", u.uid, u.gid);
+    if !u.groups.is_empty() {
+        let groups: Vec<String> = u.groups.iter().map(u32::to_string).collect();
+        s.push(':');
+        s.push_str(&groups.join(","));
     }
+    s
 }
 
-impl std::error::Error for SpecError {}
+/// Whether the process wants a terminal (`process.terminal`).
+pub fn terminal(spec: &Spec) -> bool {
+    spec.process()
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false)
+}
 
 /// The container's root directory: `root.path` of the spec, relative to
 /// the bundle unless absolute (`ctr run --rootfs DIR` gives an absolute
@@ -85,6 +110,12 @@ pub fn exec_args(
     for e in env_entries(process) {
         out.extend(["--env".into(), e.into()]);
     }
+    if process.terminal().unwrap_or(false) {
+        out.push("--tty".into());
+    }
+    if let Some(u) = user(process) {
+        out.extend(["--user".into(), user_arg(&u).into()]);
+    }
     if let Some(a) = &cfg.append {
         out.extend(["--append".into(), a.into()]);
     }
@@ -93,22 +124,13 @@ pub fn exec_args(
     Ok(out)
 }
 
-/// The process's arguments, if capsule can run it: some arguments, no
-/// terminal, root.
+/// The process's arguments, if it has some.
 fn runnable_args(process: &Process) -> Result<&Vec<String>, SpecError> {
-    let args = process
+    process
         .args()
         .as_ref()
         .filter(|a| !a.is_empty())
-        .ok_or(SpecError::NoProcess)?;
-    if process.terminal().unwrap_or(false) {
-        return Err(SpecError::Terminal);
-    }
-    let user = process.user();
-    if user.uid() != 0 || user.gid() != 0 {
-        return Err(SpecError::User(user.uid(), user.gid()));
-    }
-    Ok(args)
+        .ok_or(SpecError::NoProcess)
 }
 
 /// The working directory (`/` when the spec leaves it empty).
@@ -128,7 +150,7 @@ fn env_entries(process: &Process) -> impl Iterator<Item = &String> {
 
 /// An exec'd process (`ctr task exec`, `kubectl exec`): its OCI process
 /// as the [`ExecSpec`] the guest init runs beside the container's first
-/// process (argv, env, cwd); the same checks as for that one.
+/// process (argv, env, cwd, user, terminal).
 pub fn exec_spec(process: &Process) -> Result<ExecSpec, SpecError> {
     let args = runnable_args(process)?;
     Ok(ExecSpec {
@@ -137,6 +159,11 @@ pub fn exec_spec(process: &Process) -> Result<ExecSpec, SpecError> {
             .map(|e| e.as_bytes().to_vec())
             .collect(),
         cwd: working_dir(process).as_os_str().as_bytes().to_vec(),
+        tty: process
+            .terminal()
+            .unwrap_or(false)
+            .then(|| console_size(process)),
+        user: user(process),
         ..ExecSpec::default()
     })
 }
@@ -277,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_cwd_is_root_and_unsupported_specs_are_refused() {
+    fn empty_cwd_is_root_and_a_spec_without_args_is_refused() {
         let s = spec(
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["true"],"cwd":""}}"#,
         );
@@ -291,20 +318,36 @@ mod tests {
             exec_args(&c, &no_args, Path::new("/r"), None),
             Err(SpecError::NoProcess)
         );
+    }
+
+    #[test]
+    fn terminal_and_user_become_tty_and_user_options() {
+        let c = cfg(RootfsMode::Virtiofs);
         let tty = spec(
             r#"{"ociVersion":"1.0.2","process":{"terminal":true,"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#,
         );
-        assert_eq!(
-            exec_args(&c, &tty, Path::new("/r"), None),
-            Err(SpecError::Terminal)
-        );
+        assert!(terminal(&tty));
+        let a = exec_args(&c, &tty, Path::new("/r"), None).unwrap();
+        let a = strings(&a);
+        let dashes = a.iter().position(|x| *x == "--").unwrap();
+        assert!(a[..dashes].contains(&"--tty"), "{a:?}");
+        assert!(!a.contains(&"--user"), "root needs no --user");
         let user = spec(
-            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":1000,"gid":100},"args":["sh"],"cwd":"/"}}"#,
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":1000,"gid":100,"additionalGids":[10,20]},"args":["sh"],"cwd":"/"}}"#,
         );
-        assert_eq!(
-            exec_args(&c, &user, Path::new("/r"), None),
-            Err(SpecError::User(1000, 100))
+        assert!(!terminal(&user));
+        let a = exec_args(&c, &user, Path::new("/r"), None).unwrap();
+        let a = strings(&a);
+        assert!(
+            a.windows(2).any(|w| w == ["--user", "1000:100:10,20"]),
+            "{a:?}"
         );
+        assert!(!a.contains(&"--tty"));
+        let group_only = spec(
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":5},"args":["sh"],"cwd":"/"}}"#,
+        );
+        let a = exec_args(&c, &group_only, Path::new("/r"), None).unwrap();
+        assert!(strings(&a).windows(2).any(|w| w == ["--user", "0:5"]));
     }
 
     fn process(json: &str) -> Process {
@@ -325,12 +368,35 @@ mod tests {
         assert_eq!(back, s);
         let p = process(r#"{"user":{"uid":0,"gid":0},"args":["ls"],"cwd":""}"#);
         assert_eq!(exec_spec(&p).unwrap().cwd, b"/");
+        assert_eq!(exec_spec(&p).unwrap().tty, None);
+        assert_eq!(exec_spec(&p).unwrap().user, None);
         let tty = process(r#"{"terminal":true,"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}"#);
-        assert_eq!(exec_spec(&tty), Err(SpecError::Terminal));
+        assert_eq!(
+            exec_spec(&tty).unwrap().tty,
+            Some(WinSize { rows: 24, cols: 80 })
+        );
+        let sized = process(
+            r#"{"terminal":true,"consoleSize":{"height":50,"width":200},"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}"#,
+        );
+        assert_eq!(
+            exec_spec(&sized).unwrap().tty,
+            Some(WinSize {
+                rows: 50,
+                cols: 200
+            })
+        );
         let none = process(r#"{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}"#);
         assert_eq!(exec_spec(&none), Err(SpecError::NoProcess));
-        let user = process(r#"{"user":{"uid":5,"gid":0},"args":["sh"],"cwd":"/"}"#);
-        assert_eq!(exec_spec(&user), Err(SpecError::User(5, 0)));
+        let user =
+            process(r#"{"user":{"uid":5,"gid":6,"additionalGids":[7]},"args":["sh"],"cwd":"/"}"#);
+        assert_eq!(
+            exec_spec(&user).unwrap().user,
+            Some(User {
+                uid: 5,
+                gid: 6,
+                groups: vec![7]
+            })
+        );
     }
 
     #[test]

@@ -57,6 +57,12 @@ impl Session {
         if !self.command_running || !self.forwarding {
             return;
         }
+        if self.tty && !self.tty_sized {
+            // The size may have changed between the spec and the start
+            // of forwarding (a SIGWINCH then was not forwarded).
+            self.tty_sized = true;
+            self.send_signal(libc::SIGWINCH, out);
+        }
         for sig in signals::take_forwarded() {
             self.send_signal(sig, out);
         }
@@ -65,6 +71,15 @@ impl Session {
     /// `sig`'s frame, and the stop timeout if `sig` is a stopping one.
     fn send_signal(&mut self, sig: libc::c_int, out: &mut Vec<u8>) {
         let Ok(n) = u8::try_from(sig) else { return };
+        if sig == libc::SIGWINCH && self.tty {
+            // The guest's terminal takes the new size and signals its
+            // foreground processes itself.
+            if let Some(size) = crate::terminal::window_size() {
+                log::info!("terminal resized to {}x{}", size.cols, size.rows);
+                HostMsg::Resize(size).encode(out);
+            }
+            return;
+        }
         log::info!("{}: forwarded to the command", signals::name(sig));
         HostMsg::Signal(n).encode(out);
         if signals::is_stopping(sig) && self.stop_deadline.is_none() {
@@ -136,5 +151,25 @@ mod tests {
         let mut out = Vec::new();
         s.forward_signals(&mut out);
         assert!(out.is_empty());
+    }
+
+    /// With a terminal, SIGWINCH is the terminal's new size, never the
+    /// signal itself (the guest's terminal signals its processes); it is
+    /// the size of capsule's stdin, so none when that is no terminal.
+    #[test]
+    fn sigwinch_with_a_tty_is_a_resize() {
+        let mut s = session(vec![]);
+        s.handle(GuestMsg::Started);
+        let mut out = Vec::new();
+        s.send_signal(libc::SIGWINCH, &mut out);
+        assert_eq!(frames(&out), [HostMsg::Signal(libc::SIGWINCH as u8)]);
+        s.tty = true;
+        let mut out = Vec::new();
+        s.send_signal(libc::SIGWINCH, &mut out);
+        let expected: Vec<HostMsg> = crate::terminal::window_size()
+            .map(HostMsg::Resize)
+            .into_iter()
+            .collect();
+        assert_eq!(frames(&out), expected);
     }
 }

@@ -47,6 +47,11 @@ pub fn build_initramfs(
         modules: module_names,
         nets,
         await_command: config.argv.is_empty(),
+        tty: config.tty.then(|| {
+            crate::terminal::window_size().unwrap_or(exec_proto::WinSize { rows: 24, cols: 80 })
+        }),
+        user: config.user.clone(),
+        watch: false,
     };
     let spec = spec.to_bytes()?;
     let mut w = CpioWriter::new();

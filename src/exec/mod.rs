@@ -214,6 +214,13 @@ pub struct ExecConfig {
     /// there (`CONNECT 10001`) to run more processes in the guest. The
     /// session's listener is then `PATH_10000`, beside it.
     pub vsock_socket: Option<PathBuf>,
+    /// Run the command on a pseudo-terminal in the guest (`--tty`): its
+    /// stdin, stdout and stderr, sized as capsule's stdin's terminal
+    /// (24x80 if it is none) and resized at each SIGWINCH; capsule's
+    /// terminal is raw meanwhile.
+    pub tty: bool,
+    /// Run the command as this user (`--user`; root when `None`).
+    pub user: Option<exec_proto::User>,
     /// When `capsule` started, for the start-up measurement.
     pub started: Instant,
 }
@@ -310,7 +317,8 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     let serial = Console {
         out: Box::new(tail.clone()),
         input: None,
-        raw_terminal: false,
+        // With --tty the keys go to the guest's terminal as they are.
+        raw_terminal: config.tty,
     };
     // Kept until the VM is gone: the sockets' directory and listener.
     let mut _sockets = None;
@@ -422,6 +430,7 @@ fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
         boot_timeout: config.boot_timeout,
         hello: false,
         last_message: Instant::now(),
+        last_check: Instant::now(),
         exit: None,
         error: None,
         broken: None,
@@ -444,6 +453,8 @@ fn new_session(config: &ExecConfig, wake: &EventFd) -> Result<Session, Error> {
         command_running: false,
         stop_timeout: config.stop_timeout,
         stop_deadline: None,
+        tty: config.tty,
+        tty_sized: false,
     })
 }
 
@@ -584,6 +595,8 @@ mod tests {
             stop_timeout: Some(DEFAULT_STOP_TIMEOUT),
             boot_timeout: Duration::from_secs(60),
             vsock_socket: None,
+            tty: false,
+            user: None,
             started: Instant::now(),
         }
     }

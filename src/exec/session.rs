@@ -16,6 +16,10 @@ use vmm_sys_util::eventfd::EventFd;
 use super::copyback::ShareBack;
 use super::{lock, CONSOLE_KEEP, STALL_TIMEOUT};
 
+/// A gap this long between two of the run loop's checks (every
+/// `TICK`) means capsule was stopped: the shim's `pause`.
+const HOST_STOPPED: Duration = Duration::from_secs(5);
+
 /// The kernel console's recent output.
 #[derive(Clone, Default)]
 pub struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
@@ -58,6 +62,8 @@ pub(super) struct Session {
     pub(super) boot_timeout: Duration,
     pub(super) hello: bool,
     pub(super) last_message: Instant,
+    /// The run loop's last [`Session::check`] (every tick).
+    pub(super) last_check: Instant,
     pub(super) exit: Option<u8>,
     pub(super) error: Option<String>,
     pub(super) broken: Option<String>,
@@ -84,6 +90,10 @@ pub(super) struct Session {
     /// The stopping signal forwarded and when the VM is stopped if the
     /// command has not ended.
     pub(super) stop_deadline: Option<(Instant, libc::c_int)>,
+    /// The command has a terminal: SIGWINCH becomes a `Resize` frame.
+    pub(super) tty: bool,
+    /// The terminal's size was sent once the command started.
+    pub(super) tty_sized: bool,
 }
 
 /// Wakes the run loop when the session is over: subscribed to
@@ -114,7 +124,14 @@ pub(super) enum Stop {
 }
 
 impl Session {
-    pub(super) fn check(&self) -> Option<Stop> {
+    pub(super) fn check(&mut self) -> Option<Stop> {
+        let gap = self.last_check.elapsed();
+        self.last_check = Instant::now();
+        if gap >= HOST_STOPPED {
+            // capsule itself did not run (SIGSTOP: the containerd shim's
+            // pause), so neither did the guest: its silence is no stall.
+            self.last_message = Instant::now();
+        }
         if self.exit.is_some() || self.error.is_some() {
             return Some(Stop::Finished);
         }
@@ -190,6 +207,9 @@ impl Session {
                 self.command_started();
             }
             GuestMsg::Heartbeat => {}
+            // Sent only on an events watch of the exec port; logged should
+            // an init send one here.
+            GuestMsg::Oom(n) => log::warn!("the guest's OOM killer killed {n} processes"),
             GuestMsg::Exit(status) => {
                 self.command_ended();
                 self.current_file = None;
@@ -275,6 +295,7 @@ pub(super) mod tests {
             boot_timeout: Duration::from_secs(60),
             hello: false,
             last_message: Instant::now(),
+            last_check: Instant::now(),
             exit: None,
             error: None,
             broken: None,
@@ -290,6 +311,8 @@ pub(super) mod tests {
             command_running: false,
             stop_timeout: None,
             stop_deadline: None,
+            tty: false,
+            tty_sized: false,
         }
     }
 
@@ -302,7 +325,7 @@ pub(super) mod tests {
         };
         sink.write_all(&[0x7e, 0, 0, 0, 0]).unwrap();
         sink.write_all(&[0x02, 1, 0, 0, 0, b'x']).unwrap();
-        let s = lock(&s);
+        let mut s = lock(&s);
         assert!(matches!(s.check(), Some(Stop::Failed(_))));
     }
 
@@ -394,6 +417,10 @@ pub(super) mod tests {
         s.timeout = None;
         s.last_message = Instant::now() - STALL_TIMEOUT;
         assert!(matches!(s.check(), Some(Stop::Failed(m)) if m.contains("stopped responding")));
+        // capsule was stopped (SIGSTOP) meanwhile: the guest was too.
+        s.last_message = Instant::now() - STALL_TIMEOUT;
+        s.last_check = Instant::now() - HOST_STOPPED;
+        assert!(s.check().is_none(), "no stall after a pause");
         s.exit = Some(0);
         assert!(matches!(s.check(), Some(Stop::Finished)));
     }

@@ -283,7 +283,7 @@ pub fn make_snapshot(
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
     let end = vmm.run(Some(super::TICK), |vmm| {
-        let s = lock(&session);
+        let mut s = lock(&session);
         if s.hello {
             drop(s);
             return Some(Made::Snapshot(save(vmm, &dir)));
@@ -361,6 +361,10 @@ pub fn run_snapshot(mut config: ExecConfig, dir: &Path) -> Result<Outcome, Error
         env: config.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         cwd: config.workdir.as_bytes().to_vec(),
         disk: !config.vm.disks.is_empty(),
+        tty: config.tty.then(|| {
+            crate::terminal::window_size().unwrap_or(exec_proto::WinSize { rows: 24, cols: 80 })
+        }),
+        user: config.user.clone(),
         ..Default::default()
     }
     .to_bytes()?;

@@ -143,6 +143,8 @@ main() {
         PATH="$ctrd/containerd/usr/bin:$PATH" copy_tools "$work/tools/containerd" containerd ctr ||
             fail_all "collecting containerd failed"
         cp "$ctrd/containerd-shim-capsule-v2" "$work/tools/containerd/" || fail_all "copying the shim failed"
+        # util-linux's script: a terminal for `ctr run -t` (containerd_tty).
+        copy_tools "$work/tools/containerd" script || fail_all "collecting script failed"
     fi
 
     rc=0

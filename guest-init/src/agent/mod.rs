@@ -30,6 +30,7 @@ use crate::pump::{transient, Pump};
 use crate::{sys, STDIN_HIGH_WATER};
 
 mod conn;
+mod oom;
 use conn::Conn;
 
 /// Most exec'd processes at once; more connections are closed at once.
@@ -51,6 +52,10 @@ enum Phase {
         status: Option<u8>,
         settled: bool,
     },
+    /// An events watch ([`ExecSpec::watch`]): no process; `Oom` frames
+    /// when the OOM killer's count (`seen` so far; `None` until the
+    /// watch's first reading) grows.
+    Watch { seen: Option<u64> },
     /// Its last frame is queued: closed once written.
     Closing,
     /// To be dropped (the connection broke, or everything was sent).
@@ -67,7 +72,13 @@ impl Exec {
     /// The host's spec arrived: set up and start the process, or say why
     /// not.
     fn start(&mut self, bytes: &[u8], root: &Path, early: Vec<HostMsg>) {
-        let command = ExecSpec::from_bytes(bytes)
+        let spec = ExecSpec::from_bytes(bytes);
+        if spec.as_ref().is_ok_and(|s| s.watch) {
+            self.conn.queue(&GuestMsg::Started);
+            self.phase = Phase::Watch { seen: None };
+            return;
+        }
+        let command = spec
             .map_err(|e| format!("bad exec spec from the host: {e}"))
             .and_then(|spec| Command::new(&spec, root));
         let command = match command {
@@ -120,6 +131,8 @@ impl Exec {
                 *settled = status.is_some();
                 (pump.wants_stdin(), Some(pump.poll_fds(room)))
             }
+            // Read to see the host leave.
+            Phase::Watch { .. } => (true, None),
             Phase::Closing | Phase::Gone => (false, None),
         };
         let mut events = 0;
@@ -201,7 +214,7 @@ impl Exec {
                 }
             }
             Phase::Running { pump, status, .. } => pump.take_host(msgs, status.is_some()),
-            Phase::Closing | Phase::Gone => {}
+            Phase::Watch { .. } | Phase::Closing | Phase::Gone => {}
         }
     }
 
@@ -229,6 +242,10 @@ pub(crate) struct Agent {
     listener: Option<OwnedFd>,
     root: PathBuf,
     execs: Vec<Exec>,
+    /// When the watches last compared the OOM kill count.
+    oom_checked: Instant,
+    /// The OOM kill count.
+    oom: oom::OomCounter,
 }
 
 impl Agent {
@@ -251,6 +268,8 @@ impl Agent {
             listener,
             root: root.to_path_buf(),
             execs: Vec::new(),
+            oom_checked: Instant::now(),
+            oom: oom::OomCounter::default(),
         }
     }
 
@@ -277,6 +296,7 @@ impl Agent {
             e.move_ready(f, &self.root);
         }
         self.execs.retain(|e| !matches!(e.phase, Phase::Gone));
+        self.report_ooms(false);
         if listener.fd >= 0 && listener.revents != 0 {
             self.accept();
         }
@@ -320,6 +340,8 @@ impl Agent {
     /// it, waiting at most [`END_WAIT`].
     pub(crate) fn end(&mut self) {
         self.listener = None;
+        // An OOM kill that ended the command is reported before its end.
+        self.report_ooms(true);
         for e in &mut self.execs {
             match &e.phase {
                 Phase::Running {
@@ -353,205 +375,4 @@ impl Agent {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use exec_proto::Decoder;
-    use std::os::unix::net::UnixStream;
-
-    /// An exec over one end of a socket pair (vsock's stand-in), and the
-    /// host's end.
-    fn exec_pair() -> (Exec, UnixStream) {
-        let (ours, host) = UnixStream::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        let exec = Exec {
-            conn: Conn::new(OwnedFd::from(ours)),
-            phase: Phase::AwaitSpec(Vec::new()),
-        };
-        (exec, host)
-    }
-
-    fn host_frames(host: &mut UnixStream) -> Vec<GuestMsg> {
-        use std::io::Read;
-        host.set_nonblocking(true).unwrap();
-        let mut d = Decoder::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match host.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => d.push(&buf[..n]),
-                Err(_) => break,
-            }
-        }
-        let mut out = Vec::new();
-        while let Some(f) = d.next_frame().unwrap() {
-            out.push(GuestMsg::parse(f).unwrap());
-        }
-        out
-    }
-
-    fn send(host: &mut UnixStream, msgs: &[HostMsg]) {
-        use std::io::Write;
-        let mut b = Vec::new();
-        for m in msgs {
-            m.encode(&mut b);
-        }
-        host.write_all(&b).unwrap();
-    }
-
-    fn ready(exec: &mut Exec) -> Vec<libc::pollfd> {
-        let mut fds = Vec::new();
-        exec.poll_fds(&mut fds);
-        assert_eq!(fds.len(), FDS_PER_EXEC);
-        sys::poll(&mut fds, 1000).unwrap();
-        fds
-    }
-
-    #[test]
-    fn a_spec_whose_directory_is_missing_gets_an_error_and_the_end() {
-        let (mut exec, mut host) = exec_pair();
-        let spec = ExecSpec {
-            argv: vec![b"true".to_vec()],
-            cwd: b"/no/such/dir/here".to_vec(),
-            ..ExecSpec::default()
-        };
-        send(&mut host, &[HostMsg::Spec(spec.to_bytes().unwrap())]);
-        let fds = ready(&mut exec);
-        exec.move_ready(&fds, Path::new("/"));
-        assert!(matches!(exec.phase, Phase::Gone), "closed after the error");
-        let got = host_frames(&mut host);
-        assert!(
-            matches!(&got[..], [GuestMsg::Error(m)] if m.contains("working directory")),
-            "{got:?}"
-        );
-    }
-
-    #[test]
-    fn malformed_frames_and_bad_specs_never_start_anything() {
-        let (mut exec, mut host) = exec_pair();
-        // A host → guest frame of an unknown kind.
-        std::io::Write::write_all(&mut host, &[0xee, 0, 0, 0, 0]).unwrap();
-        let fds = ready(&mut exec);
-        exec.move_ready(&fds, Path::new("/"));
-        assert!(matches!(exec.phase, Phase::Gone));
-
-        let (mut exec, mut host) = exec_pair();
-        send(&mut host, &[HostMsg::Spec(b"no-equals\0".to_vec())]);
-        let fds = ready(&mut exec);
-        exec.move_ready(&fds, Path::new("/"));
-        let got = host_frames(&mut host);
-        assert!(
-            matches!(&got[..], [GuestMsg::Error(m)] if m.starts_with("bad exec spec")),
-            "{got:?}"
-        );
-    }
-
-    #[test]
-    fn stdin_before_the_spec_is_kept_and_a_host_that_leaves_is_dropped() {
-        let _only = crate::TEST_CHILDREN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (mut exec, mut host) = exec_pair();
-        send(&mut host, &[HostMsg::Stdin(b"early".to_vec())]);
-        let fds = ready(&mut exec);
-        exec.move_ready(&fds, Path::new("/"));
-        assert!(matches!(&exec.phase, Phase::AwaitSpec(e) if e.len() == 1));
-        drop(host);
-        let fds = ready(&mut exec);
-        exec.move_ready(&fds, Path::new("/"));
-        assert!(matches!(exec.phase, Phase::Gone));
-    }
-
-    #[test]
-    fn a_process_runs_with_its_stdin_and_its_output_and_status_come_back() {
-        let _only = crate::TEST_CHILDREN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (exec, mut host) = exec_pair();
-        let spec = ExecSpec {
-            argv: vec![
-                b"sh".to_vec(),
-                b"-c".to_vec(),
-                b"read x; echo got-$x; echo e >&2; exit 3".to_vec(),
-            ],
-            env: vec![b"PATH=/usr/bin:/bin".to_vec()],
-            cwd: b"/".to_vec(),
-            ..ExecSpec::default()
-        };
-        send(
-            &mut host,
-            &[
-                HostMsg::Spec(spec.to_bytes().unwrap()),
-                HostMsg::Stdin(b"in\n".to_vec()),
-                HostMsg::StdinEof,
-            ],
-        );
-        let mut agent = Agent {
-            listener: None,
-            root: PathBuf::from("/"),
-            execs: vec![exec],
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !agent.execs.is_empty() && Instant::now() < deadline {
-            let mut fds = Vec::new();
-            agent.poll_fds(&mut fds);
-            sys::poll(&mut fds, 50).unwrap();
-            agent.move_ready(&fds);
-            for (pid, code) in command::reap_all() {
-                agent.reaped(pid, code);
-            }
-        }
-        assert!(agent.execs.is_empty(), "the exec ended and was closed");
-        let got = host_frames(&mut host);
-        assert_eq!(got.first(), Some(&GuestMsg::Started));
-        assert_eq!(got.last(), Some(&GuestMsg::Exit(3)));
-        let out: Vec<u8> = got
-            .iter()
-            .filter_map(|m| match m {
-                GuestMsg::Stdout(d) => Some(d.clone()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        assert_eq!(out, b"got-in\n");
-        assert!(got.contains(&GuestMsg::Stderr(b"e\n".to_vec())));
-    }
-
-    #[test]
-    fn when_the_command_ends_exec_d_processes_are_killed_and_told_137() {
-        let _only = crate::TEST_CHILDREN
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (exec, mut host) = exec_pair();
-        let spec = ExecSpec {
-            argv: vec![b"sleep".to_vec(), b"600".to_vec()],
-            env: vec![b"PATH=/usr/bin:/bin".to_vec()],
-            cwd: b"/".to_vec(),
-            ..ExecSpec::default()
-        };
-        send(&mut host, &[HostMsg::Spec(spec.to_bytes().unwrap())]);
-        let mut agent = Agent {
-            listener: None,
-            root: PathBuf::from("/"),
-            execs: vec![exec],
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !matches!(agent.execs[0].phase, Phase::Running { .. }) {
-            assert!(Instant::now() < deadline, "the process never started");
-            let mut fds = Vec::new();
-            agent.poll_fds(&mut fds);
-            sys::poll(&mut fds, 50).unwrap();
-            agent.move_ready(&fds);
-        }
-        let started = Instant::now();
-        agent.end();
-        assert!(agent.execs.is_empty());
-        assert!(
-            started.elapsed() < END_WAIT,
-            "ended by the kill, not the wait"
-        );
-        assert_eq!(
-            host_frames(&mut host),
-            [GuestMsg::Started, GuestMsg::Exit(137)]
-        );
-    }
-}
+mod tests;

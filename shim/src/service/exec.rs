@@ -208,12 +208,6 @@ fn status(phase: ExecPhase) -> api::Status {
 impl Service {
     /// `exec`: records the process (its OCI spec, JSON in `req.spec`).
     pub(super) fn exec_add(&self, req: &api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        if req.terminal {
-            return Err(rpc_error(
-                Code::UNIMPLEMENTED,
-                spec::SpecError::Terminal.to_string(),
-            ));
-        }
         let value = req
             .spec
             .as_ref()
@@ -225,8 +219,11 @@ impl Service {
                 format!("exec {}: bad process spec: {e}", req.exec_id),
             )
         })?;
-        let exec_spec = spec::exec_spec(&process)
+        let mut exec_spec = spec::exec_spec(&process)
             .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, format!("exec {}: {e}", req.exec_id)))?;
+        if req.terminal && exec_spec.tty.is_none() {
+            exec_spec.tty = Some(exec_proto::WinSize { rows: 24, cols: 80 });
+        }
         let io = Stdio3 {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
