@@ -79,12 +79,12 @@ fn scratch(name: &str) -> PathBuf {
 /// the sleep lives on.
 #[test]
 fn a_reused_pid_is_never_signalled() {
-    let root = default_root();
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&root)
-        .unwrap();
+    // A root of its own: in the shared default root, another test's
+    // `capsule ls` may be removing this stale directory (pid file first,
+    // then the directory) just as `kill` looks, finds no pid file, and
+    // leaves it to that `ls`: the check below then saw it still there.
+    let root = scratch("reused-root");
+    private_dir(&root);
     let mut sleep = Command::new("sleep").arg("60").spawn().unwrap();
     let pid = sleep.id();
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
@@ -100,7 +100,7 @@ fn a_reused_pid_is_never_signalled() {
         std::fs::write(dir.join("pid"), pid_file).unwrap();
         let out = capsule_env(
             &[verb, &name, "--timeout", "1"][..if verb == "stop" { 4 } else { 2 }],
-            None,
+            Some(&root),
         );
         let alive = sleep.try_wait().unwrap().is_none();
         assert!(alive, "{tag}: `capsule {verb}` killed an unrelated process");
@@ -114,6 +114,7 @@ fn a_reused_pid_is_never_signalled() {
     }
     let _ = sleep.kill();
     let _ = sleep.wait();
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 /// A runtime root open to others (0777) or owned by another user is
