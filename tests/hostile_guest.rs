@@ -311,9 +311,13 @@ fn detached_logs_are_capped() {
         .collect();
     let logs = capsule_env(&["logs", &name], &[]);
     let kill = capsule_env(&["kill", &name], &[]);
+    // Its status and stderr too: once (2026-12-05, host load 6) `logs`
+    // printed nothing, and why was not kept.
     eprintln!(
-        "cap {CAP}: {sizes:?}; `logs` gave {} bytes",
-        logs.stdout.len()
+        "cap {CAP}: {sizes:?}; `logs` gave {} bytes, status {:?}, stderr {:?}",
+        logs.stdout.len(),
+        logs.status.code(),
+        String::from_utf8_lossy(&logs.stderr)
     );
     assert_eq!(kill.status.code(), Some(0));
     for (f, s) in &sizes {
