@@ -23,6 +23,7 @@ DURABILITY_GEN_AWK='BEGIN { for (n = 0; n < 400; n++) { r = sprintf("%07d\n", n)
 # virtio-blk FLUSH, which capsule carries to the image with fdatasync
 # unless the disk is cache=unsafe), and `ack N` is printed only after dd
 # returned successfully.
+# shellcheck disable=SC2034  # used by the scripts that source this file
 DURABILITY_WRITER="awk '$DURABILITY_GEN_AWK' >/tmp/recs; n=0; while [ \$n -lt $DURABILITY_RECORDS ]; do dd if=/tmp/recs of=/dev/vda bs=4096 skip=\$n seek=\$n count=1 oflag=direct conv=notrunc,fsync 2>/dev/null || break; echo \"ack \$n\"; n=\$((n+1)); done; echo writer-stopped-\$((1+1))"
 
 # rand N: a random number in 0..N-1.
