@@ -158,7 +158,7 @@ main() {
         # report are run again in a new L1, up to four times (CAPSULE_L1_RETRIES).
         # A full distribution boots for a minute or more in the harness: each
         # Debian case may take its whole timeout (twice CASE_TIMEOUT) on top.
-        # durability_kill9 boots 20 guests, about 50 s each in the harness.
+        # durability_kill9 boots 20 guests, about 20 s each in the harness.
         timeout_l1=900
         for c in "${expected[@]}"; do
             [[ "$c" != debian_* ]] || timeout_l1=$((timeout_l1 + 2 * case_timeout))
