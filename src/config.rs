@@ -370,6 +370,18 @@ pub enum DiskMode {
     Ephemeral,
 }
 
+/// What a disk does with the guest's flushes (`,cache=` on the command
+/// line, a drive's `cache_type` in the API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum DiskCache {
+    /// A flush makes the data durable (`fdatasync` of the image).
+    #[default]
+    Writeback,
+    /// A flush completes without `fdatasync`: fast, but a host crash or
+    /// power loss can lose what the guest was told is on disk.
+    Unsafe,
+}
+
 /// A raw disk image for a virtio-blk device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
@@ -379,31 +391,66 @@ pub struct DiskConfig {
     pub mode: DiskMode,
     /// Limits on the guest's requests.
     pub limits: Limits,
+    /// What a flush does (absent in configurations saved before it
+    /// existed: writeback).
+    #[serde(default)]
+    pub cache: DiskCache,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
-    /// Parses `PATH[,ro|,ephemeral]`.
+    /// Parses `PATH[,ro|,rw|,ephemeral][,cache=writeback|unsafe]`: the
+    /// options are the comma-separated words at the end; a comma in a
+    /// directory name (a word with a `/`) belongs to the path.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (path, mode) = match s.rsplit_once(',') {
-            Some((p, "ro")) => (p, DiskMode::ReadOnly),
-            Some((p, "ephemeral")) => (p, DiskMode::Ephemeral),
-            Some((p, "rw")) => (p, DiskMode::ReadWrite),
-            Some((_, opt)) if !opt.contains('/') => {
-                return Err(format!(
-                    "unknown disk option '{opt}' (expected ro, rw or ephemeral)"
-                ))
+        let mut path = s;
+        let mut mode = None;
+        let mut cache = None;
+        while let Some((p, opt)) = path.rsplit_once(',') {
+            if opt.contains('/') {
+                break;
             }
-            _ => (s, DiskMode::ReadWrite),
-        };
+            let conflict = || format!("disk option '{opt}' conflicts with a later one");
+            if let Some(m) = opt.strip_prefix("cache=") {
+                if cache.is_some() {
+                    return Err(conflict());
+                }
+                cache = Some(match m {
+                    "writeback" => DiskCache::Writeback,
+                    "unsafe" => DiskCache::Unsafe,
+                    _ => {
+                        return Err(format!(
+                            "unknown disk cache mode '{m}' (expected writeback or unsafe)"
+                        ))
+                    }
+                });
+            } else {
+                let m = match opt {
+                    "ro" => DiskMode::ReadOnly,
+                    "rw" => DiskMode::ReadWrite,
+                    "ephemeral" => DiskMode::Ephemeral,
+                    _ => {
+                        return Err(format!(
+                            "unknown disk option '{opt}' (expected ro, rw, ephemeral or cache=MODE)"
+                        ))
+                    }
+                };
+                if mode.is_some() {
+                    return Err(conflict());
+                }
+                mode = Some(m);
+            }
+            path = p;
+        }
         if path.is_empty() {
             return Err("missing disk image path".to_string());
         }
         Ok(Self {
             path: PathBuf::from(path),
-            mode,
+            mode: mode.unwrap_or_default(),
             limits: Limits::default(),
+            cache: cache.unwrap_or_default(),
         })
     }
 }
@@ -510,6 +557,34 @@ mod tests {
         // A comma inside a directory name is part of the path.
         let d: DiskConfig = "/a,b/c.img".parse().unwrap();
         assert_eq!(d.path, PathBuf::from("/a,b/c.img"));
+        assert_eq!(d.cache, DiskCache::Writeback);
+    }
+
+    #[test]
+    fn disk_cache_modes() {
+        let d: DiskConfig = "/dev/vdb,cache=unsafe".parse().unwrap();
+        assert_eq!(
+            (d.path.to_str().unwrap(), d.mode, d.cache),
+            ("/dev/vdb", DiskMode::ReadWrite, DiskCache::Unsafe)
+        );
+        let d: DiskConfig = "a.img,ro,cache=unsafe".parse().unwrap();
+        assert_eq!((d.mode, d.cache), (DiskMode::ReadOnly, DiskCache::Unsafe));
+        let d: DiskConfig = "/x,y/a.img,cache=writeback,ephemeral".parse().unwrap();
+        assert_eq!(
+            (d.path.to_str().unwrap(), d.mode, d.cache),
+            ("/x,y/a.img", DiskMode::Ephemeral, DiskCache::Writeback)
+        );
+        for bad in [
+            "a.img,cache=none",
+            "a.img,cache=",
+            "a.img,cache=unsafe,cache=writeback",
+            "a.img,ro,ephemeral",
+            ",cache=unsafe",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+        let e = "a.img,cache=none".parse::<DiskConfig>().unwrap_err();
+        assert!(e.contains("writeback or unsafe"), "{e}");
     }
 
     #[test]

@@ -35,7 +35,8 @@ pub struct ExecArgs {
     /// (repeatable: the first is the root, /dev/vda; the others are
     /// /dev/vdb, ...; with --host-root none is mounted).
     /// `,ro`: read-only. `,ephemeral`: the image is never modified.
-    #[arg(long, value_name = "IMG[,ro|,ephemeral]")]
+    /// `,cache=unsafe`: flushes skip the image's fdatasync (see `run`).
+    #[arg(long, value_name = "IMG[,ro|,ephemeral][,cache=unsafe]")]
     disk: Vec<config::DiskConfig>,
     /// Boot on the host's / shared read-only over virtio-fs, with a tmpfs
     /// overlay for writes and the current directory shared writable (and

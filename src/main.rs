@@ -227,8 +227,11 @@ struct RunArgs {
     /// Raw disk image for a virtio-blk device (repeatable; the guest sees
     /// vda, vdb, ... in order). `,ro`: read-only. `,ephemeral`:
     /// copy-on-write, the image is never modified and the guest's writes
-    /// vanish when the VM ends.
-    #[arg(long = "disk", value_name = "PATH[,ro|,ephemeral]")]
+    /// vanish when the VM ends. `,cache=unsafe`: the guest's flushes
+    /// complete without an fdatasync of the image (a host crash or power
+    /// loss can lose data the guest synced); `,cache=writeback` (default)
+    /// syncs.
+    #[arg(long = "disk", value_name = "PATH[,ro|,ephemeral][,cache=unsafe]")]
     disks: Vec<config::DiskConfig>,
     /// Network device (repeatable; the guest sees eth0, eth1, ... in
     /// order). `tap=NAME`: a host TAP device, created if missing (needs

@@ -32,6 +32,11 @@ source "$CAPSULE_RESOURCES_DIR/harness/apt.sh"
 meta=linux-image-cloud-amd64
 modules=(virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko drivers/net/tun.ko
     drivers/net/tap.ko drivers/vhost/vhost_iotlb.ko drivers/vhost/vhost.ko drivers/vhost/vhost_net.ko)
+# The virtio-pci disk stack, in load order, for an extra L1 disk
+# (run-in-l1.sh's CAPSULE_L1_DISK); copied where the kernel has them.
+virtio_modules=(drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
+    drivers/virtio/virtio_pci_modern_dev.ko drivers/virtio/virtio_pci_legacy_dev.ko
+    drivers/virtio/virtio_pci.ko drivers/block/virtio_blk.ko)
 
 image_pkg() {
     apt-cache depends "$meta" 2>/dev/null |
@@ -95,16 +100,31 @@ if [[ -f "$tmp/x/boot/System.map-$release" ]]; then
 fi
 
 moddir="$tmp/x/lib/modules/$release/kernel"
-for m in "${modules[@]}"; do
-    name="$(basename "$m")"
-    if [[ -f "$moddir/$m" ]]; then
-        cp "$moddir/$m" "$out/modules/$name"
-    elif [[ -f "$moddir/$m.xz" ]]; then
-        xz -dc "$moddir/$m.xz" >"$out/modules/$name"
-    elif [[ -f "$moddir/$m.zst" ]]; then
-        zstd -qdc "$moddir/$m.zst" >"$out/modules/$name"
+# copy_module PATH DEST: the (possibly compressed) module PATH of the
+# kernel into DEST; false if the kernel has no such module.
+copy_module() {
+    local name
+    name="$(basename "$1")"
+    if [[ -f "$moddir/$1" ]]; then
+        cp "$moddir/$1" "$2/$name"
+    elif [[ -f "$moddir/$1.xz" ]]; then
+        xz -dc "$moddir/$1.xz" >"$2/$name"
+    elif [[ -f "$moddir/$1.zst" ]]; then
+        zstd -qdc "$moddir/$1.zst" >"$2/$name"
     else
-        die "module $m not found in $pkg"
+        return 1
+    fi
+}
+for m in "${modules[@]}"; do
+    copy_module "$m" "$out/modules" || die "module $m not found in $pkg"
+done
+# Apart from the others: the L1 /init loads every module in modules/ that
+# a script may need by name, and these only with an extra disk.
+mkdir -p "$out/modules/virtio"
+: >"$out/modules/virtio/order"
+for m in "${virtio_modules[@]}"; do
+    if copy_module "$m" "$out/modules/virtio"; then
+        basename "$m" .ko >>"$out/modules/virtio/order"
     fi
 done
 

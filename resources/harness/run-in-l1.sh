@@ -40,6 +40,12 @@
 #                          (resources/harness/l1-config.sh; default
 #                          qemu10-linux612; qemu7-linux61 is the old one)
 #      CAPSULE_L1_LOG      also keep the L1 console log at this path
+#      CAPSULE_L1_DISK     a raw file given to L1 as a virtio disk (/dev/vda
+#                          there) with cache=none: L1's flushes reach the
+#                          host file (for power-loss trials,
+#                          resources/durability.sh)
+#      CAPSULE_L1_PIDFILE  write the L1 QEMU's process id here (not in
+#                          interactive sessions), e.g. to kill L1
 #      CAPSULE_SKIP_DEPS=1 skip install-deps.sh
 # stdout: the L1 console (SCRIPT's output); progress goes to stderr.
 set -euo pipefail
@@ -156,6 +162,13 @@ main() {
     root="$work/root"
     populate_busybox_root "$root"
     cp "$l1dir"/modules/*.ko "$root/lib/modules/"
+    l1_disk="${CAPSULE_L1_DISK:-}"
+    if [[ -n "$l1_disk" ]]; then
+        [[ -f "$l1_disk" ]] || die "CAPSULE_L1_DISK: no such file: $l1_disk"
+        [[ -s "$l1dir/modules/virtio/order" ]] ||
+            die "CAPSULE_L1_DISK: the L1 kernel's virtio modules are missing ($l1dir/modules/virtio)"
+        cp -r "$l1dir/modules/virtio" "$root/lib/modules/"
+    fi
     # kvm-keypin (see its source): off unless CAPSULE_L1_KEYPIN=1. With it
     # on, two clean-clone suites had more L1 hangs and oopses than the runs
     # without it (docs/harness.md, "the key pin").
@@ -230,6 +243,24 @@ for m in irqbypass kvm kvm-amd; do
         l1_exit 125
     fi
 done
+# The extra disk (CAPSULE_L1_DISK): the virtio-pci disk stack, then wait
+# for its /dev/vda.
+if [ -f /lib/modules/virtio/order ]; then
+    for m in \$(cat /lib/modules/virtio/order); do
+        if ! insmod /lib/modules/virtio/\$m.ko; then
+            echo "capsule-l1: ERROR: insmod virtio/\$m.ko failed"
+            l1_exit 125
+        fi
+    done
+    for _ in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+        [ -b /dev/vda ] && break
+        sleep 0.5
+    done
+    if [ ! -b /dev/vda ]; then
+        echo "capsule-l1: ERROR: no /dev/vda for CAPSULE_L1_DISK"
+        l1_exit 125
+    fi
+fi
 if [ ! -c /dev/kvm ]; then
     echo "capsule-l1: ERROR: no /dev/kvm after loading kvm-amd (is SVM emulated?)"
     l1_exit 125
@@ -290,6 +321,11 @@ INIT
         -kernel "$l1dir/vmlinuz" -initrd "$work/l1.cpio"
         -append "console=ttyS0 quiet loglevel=1 panic=-1 nokaslr capsule.watchdog=$watchdog ${CAPSULE_L1_APPEND:-}"
     )
+    if [[ -n "$l1_disk" ]]; then
+        # cache=none: O_DIRECT on the host file, and L1's flushes are
+        # fdatasyncs of it; what L1 has not flushed is lost if L1 dies.
+        qemu+=(-drive "file=$l1_disk,format=raw,if=virtio,cache=none")
+    fi
     if [[ $interactive -eq 1 ]]; then
         # shellcheck disable=SC2054
         qemu+=(
@@ -328,6 +364,9 @@ INIT
             -monitor "tcp:127.0.0.1:$port,server=on,wait=off" <&3 2> >(tee "$work/qemu.err" >&2) &
         qemu_pid=$!
         exec 3<&-
+        if [[ -n "${CAPSULE_L1_PIDFILE:-}" ]]; then
+            echo "$qemu_pid" >"$CAPSULE_L1_PIDFILE"
+        fi
         last_beat=$SECONDS
         beats=0
         while kill -0 "$qemu_pid" 2>/dev/null; do

@@ -556,7 +556,11 @@ mod tests {
             io_engine: None,
             socket: None,
         };
-        assert!(ok(&mut c, VmmAction::PutDrive(drive("data", false))));
+        let unsafe_data = Drive {
+            cache_type: Some("Unsafe".into()),
+            ..drive("data", false)
+        };
+        assert!(ok(&mut c, VmmAction::PutDrive(unsafe_data)));
         assert!(ok(&mut c, VmmAction::PutDrive(drive("rootfs", true))));
         assert!(!ok(&mut c, VmmAction::PutDrive(drive("other", true))));
         assert!(matches!(
@@ -567,6 +571,9 @@ mod tests {
         assert_eq!(vm.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(vm.disks[0].path, PathBuf::from("/rootfs.img"));
         assert_eq!(vm.disks[1].mode, DiskMode::ReadOnly);
+        // cache_type Unsafe is carried to the disk; absent is writeback.
+        assert_eq!(vm.disks[1].cache, crate::config::DiskCache::Unsafe);
+        assert_eq!(vm.disks[0].cache, crate::config::DiskCache::Writeback);
         assert_eq!((vm.vcpus, vm.mem_size), (2, 256 << 20));
         // Pause before start, Ctrl-Alt-Del before start.
         assert!(matches!(

@@ -8,7 +8,8 @@ use std::path::PathBuf;
 use super::action::VmmActionError;
 use super::types::*;
 use crate::config::{
-    self, parse_mac, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig, VsockConfig,
+    self, parse_mac, DiskCache, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
+    VsockConfig,
 };
 
 /// The Firecracker-compatible default memory size (MiB) before
@@ -296,6 +297,13 @@ impl VmResources {
                     DiskMode::ReadWrite
                 },
                 limits: d.rate_limiter.map(|r| r.limits()).unwrap_or_default(),
+                // Validated by validate_drive: absent or Writeback is
+                // writeback (Firecracker's default is Unsafe).
+                cache: if d.cache_type.as_deref() == Some("Unsafe") {
+                    DiskCache::Unsafe
+                } else {
+                    DiskCache::Writeback
+                },
             })
             .collect();
         Ok(VmConfig {

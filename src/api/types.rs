@@ -170,7 +170,8 @@ pub struct Drive {
     /// Root partition UUID (with `is_root_device`).
     #[serde(default, skip_serializing_if = "is_none")]
     pub partuuid: Option<String>,
-    /// `"Unsafe"` or `"Writeback"` (capsule always honours guest flushes).
+    /// `"Writeback"` (the default: a guest's flush is an `fdatasync` of the
+    /// image) or `"Unsafe"` (flushes complete without one).
     #[serde(default, skip_serializing_if = "is_none")]
     pub cache_type: Option<String>,
     /// Limits on the guest's requests (bytes and operations).

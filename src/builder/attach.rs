@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use arch::GuestMemoryMmap;
 use devices::exit::ExitSignal;
 use devices::virtio::balloon::{Balloon, BalloonConfig};
-use devices::virtio::block::{Block, BlockConfig, ID_BYTES};
+use devices::virtio::block::{Block, BlockConfig, CacheMode, ID_BYTES};
 use devices::virtio::net::{
     self, KernelVhostNet, Net, NetBackend, Passt, PasstConfig, Tap, VhostNet,
 };
@@ -18,7 +18,8 @@ use event_manager::{EventManager, SubscriberOps};
 
 use super::{Console, Error, Extras, Result};
 use crate::config::{
-    default_mac, DiskConfig, DiskMode, FsConfig, NetBackendConfig, NetConfig, VsockConfig,
+    default_mac, DiskCache, DiskConfig, DiskMode, FsConfig, NetBackendConfig, NetConfig,
+    VsockConfig,
 };
 use crate::device_manager::DeviceManager;
 use crate::vmm::{Subscriber, VsockHandle};
@@ -212,6 +213,10 @@ fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
         read_only: disk.mode == DiskMode::ReadOnly,
         ephemeral: disk.mode == DiskMode::Ephemeral,
         serial,
+        cache: match disk.cache {
+            DiskCache::Writeback => CacheMode::Writeback,
+            DiskCache::Unsafe => CacheMode::Unsafe,
+        },
     })
     .map_err(Error::Disk)?;
     block.set_rate_limiter(rate_limiter(&disk.limits).map_err(Error::RateLimiter)?);

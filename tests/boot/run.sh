@@ -160,7 +160,7 @@ main() {
         # report are run again in a new L1, up to four times (CAPSULE_L1_RETRIES).
         # A full distribution boots for a minute or more in the harness: each
         # Debian case may take its whole timeout (twice CASE_TIMEOUT) on top.
-        # durability_kill9 boots 20 guests, about 50 s each in the harness.
+        # durability_kill9 boots 20 guests, about 20 s each in the harness.
         # The base grows with the number of cases: the default suite (65
         # cases) ran 870 s into its first L1 and got 47 cases done on a
         # loaded machine (2026-12-05, QEMU 10 + Linux 6.12), so a flat 900 s

@@ -186,6 +186,23 @@ pub enum BlockError {
     },
 }
 
+/// What the device does with the guest's flush requests (a drive's
+/// `cache_type`). Either way the device offers `VIRTIO_BLK_F_FLUSH`, and
+/// the guest's writes reach the image (the host's page cache) before they
+/// complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// A flush completes once the image's data is on stable storage
+    /// (`fdatasync`): what the guest was told is durable survives a host
+    /// crash or power loss.
+    #[default]
+    Writeback,
+    /// A flush completes at once without reaching the image's storage: the
+    /// host's page cache alone holds the guest's recent writes, which a
+    /// host crash or power loss can lose (the VMM's own death cannot).
+    Unsafe,
+}
+
 /// How to back a block device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockConfig {
@@ -199,6 +216,8 @@ pub struct BlockConfig {
     pub ephemeral: bool,
     /// Serial number returned by GET_ID (at most 20 bytes).
     pub serial: String,
+    /// What a flush does.
+    pub cache: CacheMode,
 }
 
 /// The request queue's index.
@@ -220,6 +239,8 @@ pub struct Block {
     resume: Option<(u16, request::Progress)>,
     /// Limits on the guest's requests (`rate_limiter` of a drive).
     limiter: Option<crate::rate_limiter::RateLimiter>,
+    /// What a flush does.
+    cache: CacheMode,
 }
 
 impl std::fmt::Debug for Block {
@@ -227,6 +248,7 @@ impl std::fmt::Debug for Block {
         f.debug_struct("Block")
             .field("capacity", &self.capacity)
             .field("read_only", &self.disk.is_read_only())
+            .field("cache", &self.cache)
             .field("active", &self.common.is_activated())
             .finish()
     }
@@ -251,13 +273,16 @@ impl Block {
                 disk.len() % SECTOR_SIZE
             );
         }
-        Self::with_disk(disk, id).map_err(|source| BlockError::EventFd {
+        let mut block = Self::with_disk(disk, id).map_err(|source| BlockError::EventFd {
             path: config.path,
             source,
-        })
+        })?;
+        block.cache = config.cache;
+        Ok(block)
     }
 
-    /// Creates a device over an already opened backend.
+    /// Creates a device over an already opened backend, with
+    /// [`CacheMode::Writeback`] (see [`Self::set_cache_mode`]).
     pub fn with_disk(disk: Box<dyn DiskImage>, id: [u8; ID_BYTES]) -> io::Result<Self> {
         let capacity = disk.len() / SECTOR_SIZE;
         let read_only = disk.is_read_only();
@@ -288,7 +313,18 @@ impl Block {
             byte_budget: BYTE_BUDGET,
             resume: None,
             limiter: None,
+            cache: CacheMode::Writeback,
         })
+    }
+
+    /// Sets what the guest's flushes do.
+    pub fn set_cache_mode(&mut self, cache: CacheMode) {
+        self.cache = cache;
+    }
+
+    /// What the guest's flushes do.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache
     }
 
     /// Capacity in 512-byte sectors.
@@ -357,6 +393,7 @@ impl Block {
             byte_budget,
             resume,
             limiter,
+            cache,
             ..
         } = self;
         let zeroes = common.avail_features() & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0;
@@ -369,6 +406,7 @@ impl Block {
             capacity: *capacity,
             id,
             zeroes,
+            sync_on_flush: *cache == CacheMode::Writeback,
             buf,
             bytes: 0,
             budget: *byte_budget,

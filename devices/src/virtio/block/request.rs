@@ -73,6 +73,9 @@ pub(super) struct Context<'a> {
     pub id: &'a [u8; ID_BYTES],
     /// Whether DISCARD and WRITE_ZEROES are offered.
     pub zeroes: bool,
+    /// Whether a FLUSH makes the image durable ([`DiskImage::flush`]) or
+    /// completes at once ([`super::CacheMode::Unsafe`]).
+    pub sync_on_flush: bool,
     /// Bounce buffer for data transfers (non-empty).
     pub buf: &'a mut [u8],
     /// Data bytes moved so far (read, written, zeroed, discarded): what the
@@ -232,7 +235,8 @@ fn execute(
     let r = match ty {
         VIRTIO_BLK_T_IN => read(ctx, mem, sector, data, run),
         VIRTIO_BLK_T_OUT => write(ctx, mem, sector, data, run),
-        VIRTIO_BLK_T_FLUSH => ctx.disk.flush().map(|()| 0).map_err(io_error),
+        VIRTIO_BLK_T_FLUSH if ctx.sync_on_flush => ctx.disk.flush().map(|()| 0).map_err(io_error),
+        VIRTIO_BLK_T_FLUSH => Ok(0),
         VIRTIO_BLK_T_GET_ID => get_id(ctx, mem, data),
         VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if ctx.zeroes => {
             zeroes(ctx, mem, data, ty == VIRTIO_BLK_T_DISCARD)

@@ -24,6 +24,7 @@ use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 use crate::virtio::{ActivateError, InterruptKind, Queue, VirtioInterrupt};
 
+mod cache;
 mod event_loop;
 mod fairness;
 mod hostile;
@@ -64,6 +65,7 @@ fn config(image: &TempFile, read_only: bool, ephemeral: bool) -> BlockConfig {
         read_only,
         ephemeral,
         serial: "capsule-disk-0".into(),
+        cache: CacheMode::Writeback,
     }
 }
 
@@ -85,7 +87,10 @@ impl<'a> Driver<'a> {
     }
 
     fn with_features(mem: &'a GuestMemoryMmap, cfg: BlockConfig, extra: u64) -> Self {
-        let mut block = Block::new(cfg).unwrap();
+        Self::with_block(mem, Block::new(cfg).unwrap(), extra)
+    }
+
+    fn with_block(mem: &'a GuestMemoryMmap, mut block: Block, extra: u64) -> Self {
         let vq = Rings::new(mem, RING, QSIZE);
         let irq = activate_on_rings(&mut block, mem, extra, &[&vq]);
         Self {
