@@ -70,6 +70,31 @@ ctr_rootfs() {
     for _a in sh echo sleep cat ls true; do ln -s busybox "$1/bin/$_a"; done
 }
 
+# containerd_case_begin CASE COMMAND: a fresh $WORK/CASE as _d (OUT and ERR
+# in it, COMMAND its description), containerd started there (_start is the
+# case's start) and a busybox root in $_d/rootfs as _root. If containerd
+# does not start, the case is failed and ended here: status 1.
+containerd_case_begin() {
+    _d="$WORK/$1"
+    rm -rf "$_d"
+    mkdir -p "$_d"
+    OUT="$_d/stdout" ERR="$_d/stderr"
+    : >"$OUT"
+    : >"$ERR"
+    printf '%s\n' "$2" >"$_d/command"
+    _start=$(now)
+    if ! ctrd_start "$_d"; then
+        expect "containerd started" false
+        cat "$_d/containerd.log" >>"$ERR"
+        RC=1 SECS=$(($(now) - _start))
+        kill "$CTRD_PID" 2>/dev/null
+        virtiofs_done
+        return 1
+    fi
+    _root="$_d/rootfs"
+    ctr_rootfs "$_root"
+}
+
 # wait_line FILE LINE SECONDS: until FILE has LINE.
 wait_line() {
     _i=0
@@ -126,24 +151,7 @@ containerd_exec() {
 
 case_containerd_ctr() {
     containerd_prereqs || return
-    _d="$WORK/containerd_ctr"
-    rm -rf "$_d"
-    mkdir -p "$_d"
-    OUT="$_d/stdout" ERR="$_d/stderr"
-    : >"$OUT"
-    : >"$ERR"
-    printf '%s\n' "ctr run --rm --runtime io.containerd.capsule.v2 --rootfs DIR ..." >"$_d/command"
-    _start=$(now)
-    if ! ctrd_start "$_d"; then
-        expect "containerd started" false
-        cat "$_d/containerd.log" >>"$ERR"
-        RC=1 SECS=$(($(now) - _start))
-        kill "$CTRD_PID" 2>/dev/null
-        virtiofs_done
-        return
-    fi
-    _root="$_d/rootfs"
-    ctr_rootfs "$_root"
+    containerd_case_begin containerd_ctr "ctr run --rm --runtime io.containerd.capsule.v2 --rootfs DIR ..." || return
     _rt="--runtime io.containerd.capsule.v2"
 
     # 1. The process's output and exit status come back through containerd.

@@ -169,6 +169,7 @@ containerd_first_output() {
     expect "five containers printed their first line" test "$(grep -lx first "$1"/f[1-5].out | wc -l)" -eq 5
 }
 
+# shellcheck disable=SC2154  # _d, _root, _start: set by containerd_case_begin (containerd.sh)
 case_containerd_tty() {
     containerd_prereqs || return
     if [ ! -x "$TOOLS/containerd/script" ]; then
@@ -176,24 +177,7 @@ case_containerd_tty() {
         SECS=0 RC=1 OUT=/dev/null ERR=/dev/null
         return
     fi
-    _d="$WORK/containerd_tty"
-    rm -rf "$_d"
-    mkdir -p "$_d"
-    OUT="$_d/stdout" ERR="$_d/stderr"
-    : >"$OUT"
-    : >"$ERR"
-    printf '%s\n' "ctr run -t / task exec -t / pause / OOM with the capsule runtime" >"$_d/command"
-    _start=$(now)
-    if ! ctrd_start "$_d"; then
-        expect "containerd started" false
-        cat "$_d/containerd.log" >>"$ERR"
-        RC=1 SECS=$(($(now) - _start))
-        kill "$CTRD_PID" 2>/dev/null
-        virtiofs_done
-        return
-    fi
-    _root="$_d/rootfs"
-    ctr_rootfs "$_root"
+    containerd_case_begin containerd_tty "ctr run -t / task exec -t / pause / OOM with the capsule runtime" || return
     for _a in tty stty id awk; do ln -s busybox "$_root/bin/$_a"; done
     # ctr's --user reads them (additional groups).
     echo 'root:x:0:0:root:/root:/bin/sh' >"$_root/etc/passwd"
