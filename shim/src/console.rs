@@ -77,11 +77,38 @@ pub fn resize(master: &File, size: WinSize, pid: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Waits until `f` has something to read, or its end. A FIFO that no
+/// writer has opened yet reads as end-of-file at once, but polls as
+/// nothing to read until a writer comes and writes or hangs up: containerd's
+/// client opens the stdin FIFO only as the shim does, so the first read
+/// must wait for it (the stdin pump of `crate::stdin` polls the same way).
+fn wait_readable(f: &File) -> io::Result<()> {
+    let mut fd = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: one valid pollfd entry.
+        if unsafe { libc::poll(&mut fd, 1, -1) } >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// Copies `from` into `to` until either ends (EIO from a master whose
 /// slaves are all closed is its end).
 fn copy(mut from: File, mut to: File, what: &'static str) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        if let Err(e) = wait_readable(&from) {
+            log::debug!("terminal {what}: {e}");
+            return;
+        }
         let n = match from.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => n,
@@ -198,7 +225,16 @@ mod tests {
         let script = "stty size; printf 'a\\nb\\n'; read x; stty size; echo got-$x";
         let args: Vec<OsString> = vec!["-c".into(), script.into()];
         let (mut child, master, copied) = spawn(Path::new("/bin/sh"), &args, &dir, &io).unwrap();
-        let mut writer = OpenOptions::new().write(true).open(&inp).unwrap();
+        // containerd's client opens its end of the stdin FIFO after the
+        // shim: late here, and without blocking, so that a shim that took
+        // the FIFO's end-of-file before any writer came (and closed its
+        // end) fails the test (ENXIO) instead of hanging it.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut writer = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&inp)
+            .expect("the shim still reads the stdin FIFO");
         let mut got = Vec::new();
         read_until(&mut reader, &mut got, b"b\n");
         // SIGWINCH: the shell ignores it (its default action).
