@@ -228,6 +228,7 @@ def mmio_seeds():
         (0, "block-read", blk_request(0, 1, [(DATA, 512, WRITE)])[11 + 1:], 1),
         (1, "net-tx", None, 2),
         (2, "console-tx", None, 2),
+        (5, "fs-bring-up", None, 2),
     ):
         if mem is None:
             m = Mem()
@@ -406,6 +407,34 @@ def vsock_seeds():
     write(t, "clients-and-reset", vsock_input(F_INDIRECT, script, m))
 
 
+def fs_input(features, opts, script, mem=b""):
+    """virtio_fs's input: driver features, the rig's options (tag choice,
+    backend features, answers), the script (4-byte steps), memory."""
+    assert len(script) % 4 == 0
+    return (struct.pack("<QH", features | (1 << 32), len(opts)) + opts
+            + struct.pack("<B", len(script) // 4) + script + mem)
+
+
+def fs_seeds():
+    t = "virtio_fs"
+    backend = struct.pack("<BQ", 0, (1 << 32) | F_INDIRECT | F_EVENT_IDX)
+    step = lambda op, arg, extra=b"": struct.pack("<BB", op, arg) + extra.ljust(2, b"\0")
+    # Bring-up, the backend's used signals on both queues, kicks, a reset
+    # and a second bring-up, a signal after it.
+    script = step(1, 1) + step(0, 1) + step(1, 0) + step(2, 0, struct.pack("<H", 0)) + step(1, 1)
+    write(t, "bring-up-and-reset", fs_input(F_EVENT_IDX, backend, script))
+    # The backend refuses SET_MEM_TABLE, then the first queue's start.
+    write(t, "refused-mem-table", fs_input(0, backend + b"\0\1", step(1, 0) + step(2, 0)))
+    write(t, "refused-queue-start", fs_input(0, backend + b"\0\0\1", step(1, 1) + step(2, 0)))
+    # Rings past the end of memory (0x10000) and far away; size 0 and 1024.
+    hostile = step(4, 0) + struct.pack("<H", 16) + struct.pack("<IB", 0xfff0, 0) * 3
+    hostile += struct.pack("<H", 1024) + struct.pack("<IB", 0x100, 0) + struct.pack("<IB", 0, 2) + struct.pack("<IB", 0x200, 0)
+    hostile = hostile.ljust((len(hostile) + 3) // 4 * 4, b"\0")
+    write(t, "rings-outside-memory", fs_input(0, backend, hostile + step(1, 0)))
+    # The backend hangs up while the device runs, then a reset.
+    write(t, "backend-hangs-up", fs_input(0, backend, step(3, 0) + step(1, 1) + step(2, 0)))
+
+
 blk_seeds()
 net_seeds()
 console_seeds()
@@ -417,3 +446,4 @@ config_seeds()
 cli_seeds()
 exec_seeds()
 vsock_seeds()
+fs_seeds()

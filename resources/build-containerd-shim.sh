@@ -2,11 +2,13 @@
 # resources/build-containerd-shim.sh: what the containerd boot cases carry
 # into L1. Builds the static `containerd-shim-capsule-v2` (a static binary:
 # the shim re-executes itself, so it cannot run through copy_tools' loader
-# wrapper) and unpacks Debian's containerd package (containerd, ctr) into
-# the cache, without installing it on this host (no daemon is started here).
+# wrapper) and unpacks Debian's containerd package (containerd, ctr,
+# containerd-shim-runc-v2) and runc package into the cache, without
+# installing them on this host (no daemon is started here); runc is the
+# baseline the containerd_runc case measures capsule against.
 #
 # Prints one directory holding containerd-shim-capsule-v2 and
-# containerd/usr/bin/{containerd,ctr}.
+# containerd/usr/{bin,sbin}/{containerd,ctr,containerd-shim-runc-v2,runc}.
 set -euo pipefail
 
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -27,10 +29,14 @@ shim="${target_dir:-$CAPSULE_REPO_DIR/target}/$target/release/containerd-shim-ca
 [[ -x "$shim" ]] || die "build produced no $shim"
 file_is_static "$shim" || die "$shim is dynamically linked (is libc6-dev installed?)"
 
-pkg=containerd
-version="$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')"
-[[ -n "$version" && "$version" != "(none)" ]] || die "apt knows no $pkg (apt-get update?)"
-key="$(hash_inputs "$pkg=$version" "${BASH_SOURCE[0]}")"
+pkgs=(containerd runc)
+versions=()
+for pkg in "${pkgs[@]}"; do
+    version="$(apt-cache policy "$pkg" | sed -n 's/^ *Candidate: //p')"
+    [[ -n "$version" && "$version" != "(none)" ]] || die "apt knows no $pkg (apt-get update?)"
+    versions+=("$pkg=$version")
+done
+key="$(hash_inputs "${versions[@]}" "${BASH_SOURCE[0]}")"
 final="$(capsule_cache_root)/containerd/$key"
 if [[ ! -x "$final/usr/bin/containerd" ]]; then
     tmp="$(cache_tmpdir "$final")"
@@ -38,19 +44,21 @@ if [[ ! -x "$final/usr/bin/containerd" ]]; then
     trap 'rm -rf "$tmp" "$dl"' EXIT
     chmod 755 "$dl"
     chown _apt "$dl" 2>/dev/null || true
-    log "downloading $pkg $version"
-    (cd "$dl" && apt-get -q download "$pkg=$version" >&2)
-    deb="$(find "$dl" -maxdepth 1 -name '*.deb' | head -n1)"
-    [[ -n "$deb" ]] || die "apt-get download produced no .deb"
-    dpkg -x "$deb" "$tmp"
-    [[ -x "$tmp/usr/bin/containerd" && -x "$tmp/usr/bin/ctr" ]] || die "$pkg has no usr/bin/containerd and ctr"
+    log "downloading ${versions[*]}"
+    (cd "$dl" && apt-get -q download "${versions[@]}" >&2)
+    for deb in "$dl"/*.deb; do
+        [[ -f "$deb" ]] || die "apt-get download produced no .deb"
+        dpkg -x "$deb" "$tmp"
+    done
+    for f in usr/bin/containerd usr/bin/ctr usr/bin/containerd-shim-runc-v2 usr/sbin/runc; do
+        [[ -x "$tmp/$f" ]] || die "${versions[*]} have no $f"
+    done
     cache_publish "$tmp" "$final"
 fi
-
 out="$(dirname "$shim")/containerd-l1"
 rm -rf "$out"
 mkdir -p "$out"
 cp "$shim" "$out/"
 ln -s "$final" "$out/containerd"
-log "shim $shim, $pkg $version in $final"
+log "shim $shim, ${versions[*]} in $final"
 echo "$out"

@@ -7,6 +7,7 @@
 //! over guest memory the fuzzer filled, with queue work done by the event
 //! loop.
 
+pub mod fs;
 pub mod snapshot;
 pub mod virtio;
 pub mod vsock;

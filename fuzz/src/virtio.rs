@@ -14,8 +14,9 @@
 //! bytes are queue 0's descriptors.
 
 use std::collections::VecDeque;
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
@@ -23,16 +24,18 @@ use devices::rate_limiter::{BucketConfig, RateLimiter};
 use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::block::{Block, DiskImage, ID_BYTES};
 use devices::virtio::console::Console;
+use devices::virtio::fs::Fs;
 use devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetBackend, SendStatus};
 use devices::virtio::rng::Rng;
-use devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+use devices::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
 use devices::virtio::VirtioDevice;
 use devices::GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, FileOffset, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::fs::{FsHandle, ScriptedVhostUser};
 use crate::Input;
 
 /// Guest memory size: small, so fuzzer-chosen addresses often land in it.
@@ -76,15 +79,20 @@ pub enum Kind {
     Balloon,
     /// virtio-rng, with or without a rate limiter.
     Rng,
+    /// virtio-fs over a scripted vhost-user backend ([`crate::fs`]).
+    Fs,
 }
 
 impl Kind {
     /// A kind chosen by a fuzzer byte.
     pub fn from_byte(b: u8) -> Self {
-        match b % 3 {
+        match b % 6 {
             0 => Kind::Block,
             1 => Kind::Net,
-            _ => Kind::Console,
+            2 => Kind::Console,
+            3 => Kind::Balloon,
+            4 => Kind::Rng,
+            _ => Kind::Fs,
         }
     }
 
@@ -92,7 +100,7 @@ impl Kind {
     pub fn queues(self) -> u32 {
         match self {
             Kind::Block | Kind::Rng => 1,
-            Kind::Net | Kind::Console => 2,
+            Kind::Net | Kind::Console | Kind::Fs => 2,
             Kind::Balloon => 4,
         }
     }
@@ -108,6 +116,23 @@ pub fn queue_layout(i: u32) -> (u64, u64, u64) {
 /// (what does not fit is dropped).
 pub fn memory(image: &[u8]) -> GuestMemoryMmap {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("memory");
+    let n = image.len().min(MEM_SIZE);
+    mem.write_slice(&image[..n], GuestAddress(0))
+        .expect("image");
+    mem
+}
+
+/// Like [`memory`], but backed by a memfd, as capsule maps guest memory
+/// for a vhost-user backend (virtio-fs refuses anonymous memory).
+pub fn shared_memory(image: &[u8]) -> GuestMemoryMmap {
+    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"fuzz-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+    // SAFETY: a new descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(MEM_SIZE as u64).expect("memfd size");
+    let region = (GuestAddress(0), MEM_SIZE, Some(FileOffset::new(file, 0)));
+    let mem = GuestMemoryMmap::from_ranges_with_files(&[region]).expect("memory");
     let n = image.len().min(MEM_SIZE);
     mem.write_slice(&image[..n], GuestAddress(0))
         .expect("image");
@@ -259,6 +284,8 @@ pub struct Rig {
     /// The device's queue count.
     pub queues: u32,
     console: Option<Arc<Mutex<Console>>>,
+    /// The virtio-fs backend's handle, for [`Kind::Fs`].
+    pub fs: Option<Arc<FsHandle>>,
 }
 
 impl Rig {
@@ -269,11 +296,17 @@ impl Rig {
     /// MiB; rng: bit 0 a byte limit, bit 1 a request limit, each a bucket
     /// of the next `u16` tokens refilled in 100 ms), then for net the
     /// frames (`len: u16 | bytes`) and the send outcomes (`n: u8 | bytes`),
-    /// for the console the host input.
+    /// for the console the host input, for virtio-fs the backend's
+    /// features (`u64`, `VERSION_1` always added) and answers (the rest).
     pub fn new(kind: Kind, input: &mut Input<'_>, image: &[u8]) -> Self {
-        let mem = memory(image);
+        let mem = if kind == Kind::Fs {
+            shared_memory(image)
+        } else {
+            memory(image)
+        };
         let opts = input.u8();
         let mut console = None;
+        let mut fs = None;
         let (device, sub): (Arc<Mutex<dyn VirtioDevice>>, Subscriber) = match kind {
             Kind::Block => {
                 let disk = MemDisk {
@@ -337,9 +370,21 @@ impl Rig {
                 let d = Arc::new(Mutex::new(Rng::with_limiter(limiter).expect("rng")));
                 (d.clone(), d)
             }
+            Kind::Fs => {
+                let features = input.u64() | (1 << 32);
+                let (backend, handle) = ScriptedVhostUser::new(features, input.rest());
+                fs = Some(handle);
+                let tag =
+                    ["share", "x", "a-tag-of-36-bytes-exactly-0123456789"][usize::from(opts % 3)];
+                let d = Arc::new(Mutex::new(
+                    Fs::new(tag, Box::new(backend), None).expect("fs"),
+                ));
+                (d.clone(), d)
+            }
         };
         let mut rig = Self::attach(mem, device, sub, kind.queues());
         rig.console = console;
+        rig.fs = fs;
         rig
     }
 
@@ -360,6 +405,7 @@ impl Rig {
             em,
             queues,
             console: None,
+            fs: None,
         }
     }
 
@@ -546,6 +592,51 @@ mod tests {
         assert_eq!(
             got, [0u8; 64],
             "nothing written into a device-readable buffer"
+        );
+    }
+
+    #[test]
+    fn fs_backend_serves_the_rings_and_its_signals_interrupt() {
+        let opts = [0u8; 9];
+        let mut rig = Rig::new(Kind::Fs, &mut Input::new(&opts), &[]);
+        let fs = rig.fs.clone().unwrap();
+        rig.set_up_driver(0);
+        assert_eq!(fs.started(), 2, "both queues handed to the backend");
+        assert_eq!(rig.read(0x60) & 1, 0, "no interrupt yet");
+        fs.fire(1);
+        rig.run_events();
+        assert_eq!(rig.read(0x60) & 1, 1, "the used signal became an interrupt");
+    }
+
+    #[test]
+    fn fs_rings_outside_memory_never_reach_the_backend() {
+        let opts = [0u8; 9];
+        let mut rig = Rig::new(Kind::Fs, &mut Input::new(&opts), &[]);
+        let fs = rig.fs.clone().unwrap();
+        // A driver's bring-up with queue 1's used ring in the last 8
+        // bytes of memory: too short for 16 entries.
+        rig.write(reg::STATUS, ACKNOWLEDGE);
+        rig.write(reg::STATUS, ACKNOWLEDGE | DRIVER);
+        rig.write(reg::DRIVER_FEATURES_SEL, 1);
+        rig.write(reg::DRIVER_FEATURES, 1);
+        rig.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        for q in 0..2 {
+            let (desc, avail, used) = queue_layout(q);
+            let used = if q == 1 { MEM_SIZE as u64 - 8 } else { used };
+            rig.write(reg::QUEUE_SEL, q);
+            rig.write(reg::QUEUE_NUM, u32::from(QUEUE_SIZE));
+            rig.write(reg::QUEUE_DESC_LOW, desc as u32);
+            rig.write(reg::QUEUE_AVAIL_LOW, avail as u32);
+            rig.write(reg::QUEUE_USED_LOW, used as u32);
+            rig.write(reg::QUEUE_READY, 1);
+        }
+        rig.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+        rig.run_events();
+        assert_eq!(fs.started(), 0, "no queue was handed to the backend");
+        assert_eq!(
+            rig.read(reg::STATUS) & DEVICE_NEEDS_RESET,
+            DEVICE_NEEDS_RESET,
+            "the driver is told the activation failed"
         );
     }
 

@@ -145,6 +145,21 @@ main() {
         cp "$ctrd/containerd-shim-capsule-v2" "$work/tools/containerd/" || fail_all "copying the shim failed"
         # util-linux's script: a terminal for `ctr run -t` (containerd_tty).
         copy_tools "$work/tools/containerd" script || fail_all "collecting script failed"
+        # containerd_runc's baseline: Debian's runc and runc shim. Both
+        # re-execute /proc/self/exe, so they cannot run through the loader
+        # wrapper: they go as they are, with the libraries they need, and
+        # the case puts those where the loader looks (L1's root is a
+        # throwaway initramfs).
+        if [[ " ${expected[*]} " == *" containerd_runc "* ]]; then
+            native="$work/tools/containerd/native"
+            mkdir -p "$native/bin" "$native/lib"
+            for b in "$ctrd/containerd/usr/sbin/runc" "$ctrd/containerd/usr/bin/containerd-shim-runc-v2"; do
+                cp "$b" "$native/bin/" || fail_all "copying $b failed"
+                ldd "$b" | awk '/=>/ { print $3 } /^\t\// { print $1 }' | while read -r lib; do
+                    [[ -z "$lib" ]] || cp -L "$lib" "$native/lib/"
+                done
+            done
+        fi
     fi
 
     rc=0
