@@ -23,7 +23,9 @@
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
 #      BENCH_VMMS (default "capsule qemu"; also capsule-vhost,
-#      qemu-vhost, firecracker, cloud-hypervisor), FC and CH (those VMMs' commands), VMLINUX (the
+#      qemu-vhost, firecracker, cloud-hypervisor, and loopback: the
+#      same transfers between two processes here, no VM), FC and CH
+#      (those VMMs' commands), VMLINUX (the
 #      vmlinux of BZIMAGE's build, for them)
 set -u
 # A VMM that ended early must not end this script with SIGPIPE when the
@@ -264,9 +266,38 @@ measure() {
     echo "bench-net: $_vmm host-to-guest $_h2g"
 }
 
+# measure_loopback: the same transfer with no VM, between two processes
+# of this machine over loopback, twice (labelled as the two directions
+# so the table has a row to compare each with): what TCP through busybox
+# nc can do here at best, the physical limit of the rows above.
+measure_loopback() {
+    _d="$WORK/loopback" _pid=""
+    mkdir -p "$_d"
+    for _dir in guest-to-host host-to-guest; do
+        rm -f "$_d/r"
+        nc -l -p 5203 -e sh -c "$RECV >'$_d/r.tmp'; mv '$_d/r.tmp' '$_d/r'" </dev/null >/dev/null 2>&1 &
+        _rcv=$!
+        listening 1453 || echo "bench-net: progress: loopback: the receiver is not listening"
+        dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 127.0.0.1 5203 &
+        _snd=$!
+        wait_out "$_d/r" '[0-9]' 120 || echo "bench-net: progress: loopback: the receiver did not finish"
+        kill -9 "$_rcv" "$_snd" 2>/dev/null
+        wait "$_snd" 2>/dev/null
+        _res="$(stats "$(cat "$_d/r" 2>/dev/null)")"
+        if ! whole_transfer "$_res"; then
+            echo "bench-net: loopback: incomplete transfer ('$_res')"
+            return 1
+        fi
+        echo "bench-net: loopback $_dir $_res"
+    done
+}
+
 # run_vmm VMM: one measured run of VMM with the configuration below.
 run_vmm() {
     case "$1" in
+    loopback)
+        measure_loopback
+        ;;
     capsule | capsule-vhost)
         _vhost=off _tapname=capb0
         [ "$1" = capsule ] || _vhost=on _tapname=capv0
@@ -325,8 +356,8 @@ while :; do
     round=$((round + 1))
     busy=""
     for vmm in $VMMS; do
-        case "$vmm" in capsule | capsule-vhost | qemu | qemu-vhost | firecracker | cloud-hypervisor) ;; *)
-            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, qemu, qemu-vhost, firecracker, cloud-hypervisor)"
+        case "$vmm" in capsule | capsule-vhost | qemu | qemu-vhost | firecracker | cloud-hypervisor | loopback) ;; *)
+            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, qemu, qemu-vhost, firecracker, cloud-hypervisor, loopback)"
             exit 2
             ;;
         esac

@@ -24,8 +24,10 @@
 #        default 1),
 #        BENCH_DETAIL=1 (TAP frame counts per transfer; capsule's traffic
 #        and exit counters),
-#        BENCH_VMMS (default "capsule capsule-vhost qemu qemu-vhost" and
-#        the peers found),
+#        BENCH_VMMS (default "capsule capsule-vhost qemu qemu-vhost", the
+#        peers found, and "loopback": the same transfers between two
+#        processes of the machine running the VMMs, no VM, the physical
+#        limit of the other rows),
 #        BENCH_RESULTS (a file the runs' lines are appended to and the
 #        table computed from: several invocations make one table),
 #        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE, CAPSULE_ANCHORS
@@ -51,7 +53,7 @@ peers="$(copy_peers "$work/tools")"
 copy_qemu_firmware "$work/qemu-fw"
 
 mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}"
-vmms="${BENCH_VMMS:-capsule capsule-vhost qemu qemu-vhost $peers}"
+vmms="${BENCH_VMMS:-capsule capsule-vhost qemu qemu-vhost $peers loopback}"
 [[ "$mib" =~ ^[1-9][0-9]*$ ]] || die "BENCH_MIB must be a positive number of MiB"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "BENCH_CPUS must be a positive number"
@@ -114,7 +116,7 @@ rates() {
 }
 [[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
 printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
-for vmm in capsule capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor; do
+for vmm in capsule capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback; do
     n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
     [[ $n -gt 0 ]] || continue
     read -r -a g <<<"$(rates "$vmm" guest-to-host)"
@@ -132,7 +134,8 @@ ratio() {
 has() { grep -q "^bench-net: $1 guest-to-host [0-9]" "$results"; }
 # capsule against each peer; capsule-vhost against capsule's userspace
 # path and QEMU's vhost-net.
-for pair in capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost; do
+for pair in capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost \
+    capsule:loopback qemu:loopback firecracker:loopback cloud-hypervisor:loopback; do
     mine="${pair%%:*}" peer="${pair#*:}"
     has "$mine" && has "$peer" || continue
     printf 'bench-net: %-26s %24s %24s\n' "$mine/$peer" "$(ratio "$mine" "$peer" guest-to-host)" "$(ratio "$mine" "$peer" host-to-guest)"

@@ -65,13 +65,7 @@ fuzz_target!(|data: &[u8]| {
 /// ready); the high address words are small, so they sometimes land just
 /// past the end of memory and sometimes far away.
 fn hostile_bring_up(rig: &mut Rig, features: u64, arg: u8, script: &mut Input<'_>) {
-    rig.write(reg::STATUS, ACKNOWLEDGE);
-    rig.write(reg::STATUS, ACKNOWLEDGE | DRIVER);
-    rig.write(reg::DRIVER_FEATURES_SEL, 0);
-    rig.write(reg::DRIVER_FEATURES, features as u32);
-    rig.write(reg::DRIVER_FEATURES_SEL, 1);
-    rig.write(reg::DRIVER_FEATURES, (features >> 32) as u32 | 1);
-    rig.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    rig.negotiate(features);
     for q in 0..rig.queues {
         rig.write(reg::QUEUE_SEL, q);
         rig.write(reg::QUEUE_NUM, u32::from(script.u16()));

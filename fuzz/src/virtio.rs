@@ -28,7 +28,7 @@ use devices::virtio::fs::Fs;
 use devices::virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetBackend, SendStatus};
 use devices::virtio::rng::Rng;
-use devices::virtio::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
+use devices::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use devices::virtio::VirtioDevice;
 use devices::GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -424,15 +424,7 @@ impl Rig {
     /// Does what a driver does to bring the device up: status handshake,
     /// the given feature words, every queue at [`queue_layout`], DRIVER_OK.
     pub fn set_up_driver(&mut self, features: u64) {
-        self.write(reg::STATUS, ACKNOWLEDGE);
-        self.write(reg::STATUS, ACKNOWLEDGE | DRIVER);
-        self.write(reg::DEVICE_FEATURES_SEL, 0);
-        self.write(reg::DRIVER_FEATURES_SEL, 0);
-        self.write(reg::DRIVER_FEATURES, features as u32);
-        self.write(reg::DRIVER_FEATURES_SEL, 1);
-        // VERSION_1 is mandatory over MMIO.
-        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32 | 1);
-        self.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        self.negotiate(features);
         for q in 0..self.queues {
             let (desc, avail, used) = queue_layout(q);
             self.write(reg::QUEUE_SEL, q);
@@ -447,6 +439,20 @@ impl Rig {
         }
         self.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
         self.run_events();
+    }
+
+    /// The status handshake and feature negotiation of a driver's
+    /// bring-up, up to FEATURES_OK (`VERSION_1` always acked).
+    pub fn negotiate(&mut self, features: u64) {
+        self.write(reg::STATUS, ACKNOWLEDGE);
+        self.write(reg::STATUS, ACKNOWLEDGE | DRIVER);
+        self.write(reg::DEVICE_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES, features as u32);
+        self.write(reg::DRIVER_FEATURES_SEL, 1);
+        // VERSION_1 is mandatory over MMIO.
+        self.write(reg::DRIVER_FEATURES, (features >> 32) as u32 | 1);
+        self.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     }
 
     /// Kicks queue `q` through the notify register and lets the event
@@ -524,6 +530,7 @@ mod tests {
     //! complete, or the fuzzer would only ever exercise the set-up.
 
     use super::*;
+    use devices::virtio::status::DEVICE_NEEDS_RESET;
 
     fn seed(target: &str, name: &str) -> Vec<u8> {
         let path = format!("{}/corpus/{target}/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -615,11 +622,7 @@ mod tests {
         let fs = rig.fs.clone().unwrap();
         // A driver's bring-up with queue 1's used ring in the last 8
         // bytes of memory: too short for 16 entries.
-        rig.write(reg::STATUS, ACKNOWLEDGE);
-        rig.write(reg::STATUS, ACKNOWLEDGE | DRIVER);
-        rig.write(reg::DRIVER_FEATURES_SEL, 1);
-        rig.write(reg::DRIVER_FEATURES, 1);
-        rig.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+        rig.negotiate(0);
         for q in 0..2 {
             let (desc, avail, used) = queue_layout(q);
             let used = if q == 1 { MEM_SIZE as u64 - 8 } else { used };

@@ -74,6 +74,10 @@ mkdir -p "$WORK"
 
 now() { date +%s; }
 
+# uptime_ms: a monotonic clock in ms, 10 ms steps (busybox date has no
+# portable %N).
+uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
+
 # wait_for FILE REGEX SECONDS STOPFILE: wait until FILE has a line matching
 # REGEX; give up after SECONDS or as soon as STOPFILE exists.
 wait_for() {

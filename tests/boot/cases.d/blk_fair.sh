@@ -50,9 +50,6 @@ STARVE_BOUND_MS="${STARVE_BOUND_MS:-100}"
 # Control and load series alternate in this many rounds each.
 STARVE_ROUNDS="${STARVE_ROUNDS:-3}"
 
-# uptime_ms: a monotonic clock in ms (busybox date has no portable %N).
-uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
-
 # starve_gets SOCK N FILE: N sequential `GET /` on SOCK, or as many as fit
 # in STARVE_GETS_SECS (60) seconds; one line per request in FILE: HTTP
 # status and time in ms. A request that gets no answer within 30 s counts

@@ -240,3 +240,49 @@ case_containerd_ctr() {
     tail -n 40 "$_d/containerd.log" >>"$ERR"
     expect "no Rust panic" no_rust_panic
 }
+
+# What a container costs (containerd_tty, containerd_runc).
+
+# rss_kb PID: the process's resident memory, KiB.
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# children PID: the pids whose parent is PID.
+children() {
+    for _s in /proc/[0-9]*/stat; do
+        awk -v p="$1" '$4 == p { print $1 }' "$_s" 2>/dev/null
+    done
+}
+
+# tree_kb PID: resident memory of PID and all its descendants, KiB.
+tree_kb() {
+    _sum=$(rss_kb "$1")
+    for _c in $(children "$1"); do
+        _sum=$((_sum + $(tree_kb "$_c")))
+    done
+    echo "$_sum"
+}
+
+# runtime_first RUNTIME_OPTS NAME DIR ROOT: ms from `ctr run` ($_ctr) of
+# container NAME to its first output line and to the end of `ctr run
+# --rm`, appended to DIR/BASE.first and DIR/BASE.end (BASE: NAME without
+# its number, so that runs 1 to 5 of one kind share the files).
+# shellcheck disable=SC2086  # $_ctr and $1 are several words
+runtime_first() {
+    _t0=$(uptime_ms)
+    timeout -k 10 "$CASE_TIMEOUT" $_ctr run --rm $1 --rootfs "$4" "$2" \
+        /bin/sh -c 'echo first' </dev/null >"$3/$2.out" 2>&1 &
+    _f=$!
+    _i=0
+    while ! grep -qx first "$3/$2.out" 2>/dev/null && [ $_i -lt 2400 ]; do
+        sleep 0.05 2>/dev/null || sleep 1
+        _i=$((_i + 1))
+    done
+    _t1=$(uptime_ms)
+    wait "$_f"
+    _t2=$(uptime_ms)
+    echo $((_t1 - _t0)) >>"$3/${2%%[0-9]*}.first"
+    echo $((_t2 - _t0)) >>"$3/${2%%[0-9]*}.end"
+}
+
+# median FILE: the middle of FILE's numbers.
+median() { sort -n "$1" | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }

@@ -4,8 +4,7 @@
 # `ctr run` to the container's first output line and to its end, and the
 # host memory of a running sandbox, alternating runtime run by run.
 # Sourced by tests/boot/cases.sh; POSIX sh for busybox ash in L1. Uses
-# containerd.sh's helpers (containerd_case_begin, ctr, wait_line) and
-# containerd_tty.sh's (uptime_ms, rss_kb, children).
+# containerd.sh's helpers (containerd_case_begin, runtime_first, tree_kb, ...).
 #
 # runc is Debian's (with Debian's containerd-shim-runc-v2): tests/boot/run.sh
 # ships both with their libraries in $TOOLS/containerd/native, and this
@@ -42,38 +41,6 @@ runc_prereqs() {
         return 1
     fi
 }
-
-# tree_kb PID: resident memory of PID and all its descendants, KiB.
-tree_kb() {
-    _sum=$(rss_kb "$1")
-    for _c in $(children "$1"); do
-        _sum=$((_sum + $(tree_kb "$_c")))
-    done
-    echo "$_sum"
-}
-
-# runtime_first RUNTIME_OPTS NAME DIR ROOT: ms from `ctr run` to the
-# container's first output line (appended to DIR/NAME.first) and to the
-# end of `ctr run --rm` (DIR/NAME.end).
-runtime_first() {
-    _t0=$(uptime_ms)
-    timeout -k 10 "$CASE_TIMEOUT" $_ctr run --rm $1 --rootfs "$4" "$2" \
-        /bin/sh -c 'echo first' </dev/null >"$3/$2.out" 2>&1 &
-    _f=$!
-    _i=0
-    while ! grep -qx first "$3/$2.out" 2>/dev/null && [ $_i -lt 2400 ]; do
-        sleep 0.05 2>/dev/null || sleep 1
-        _i=$((_i + 1))
-    done
-    _t1=$(uptime_ms)
-    wait "$_f"
-    _t2=$(uptime_ms)
-    echo $((_t1 - _t0)) >>"$3/${2%%[0-9]*}.first"
-    echo $((_t2 - _t0)) >>"$3/${2%%[0-9]*}.end"
-}
-
-# median FILE: the middle of FILE's numbers.
-median() { sort -n "$1" | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }'; }
 
 # runtime_rss RUNTIME_OPTS NAME DIR ROOT: host memory of a running
 # container: its shim and everything under it (runc: the container's

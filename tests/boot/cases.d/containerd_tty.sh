@@ -14,9 +14,6 @@
 # shellcheck disable=SC2086  # $_ctr and $_rt are several words
 OPTIONAL_CASES="${OPTIONAL_CASES:-} containerd_tty"
 
-# uptime_ms: milliseconds since L1 booted (/proc/uptime: 10 ms steps).
-uptime_ms() { awk '{ printf "%d\n", $1 * 1000 }' /proc/uptime; }
-
 # ctr_tty DIR NAME CMD: CMD (a ctr command line) under `script`, on a
 # terminal of 30x100 whose name goes to DIR/NAME.tty; its input is the
 # FIFO DIR/NAME.in, its output DIR/NAME.out. Sets CTR_TTY_PID.
@@ -31,16 +28,6 @@ ctr_tty() {
 
 # tty_line FILE LINE: a terminal's output FILE (CR LF) has LINE.
 tty_line() { tr -d '\r' <"$1" | grep -qx -- "$2"; }
-
-# rss_kb PID: the process's resident memory, KiB.
-rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-
-# children PID: the pids whose parent is PID.
-children() {
-    for _s in /proc/[0-9]*/stat; do
-        awk -v p="$1" '$4 == p { print $1 }' "$_s" 2>/dev/null
-    done
-}
 
 # containerd_terminal DIR ROOT: `ctr run -t` and `ctr task exec -t`.
 containerd_terminal() {
@@ -150,22 +137,11 @@ containerd_pause_oom() {
 # line, five times; prints the median.
 containerd_first_output() {
     _ctr="$TOOLS/containerd/ctr --address $CTRD_SOCK"
-    : >"$1/first.ms"
+    rm -f "$1/f.first" "$1/f.end"
     for _n in 1 2 3 4 5; do
-        _t0=$(uptime_ms)
-        timeout -k 10 "$CASE_TIMEOUT" $_ctr run --rm $_rt --rootfs "$2" f$_n \
-            /bin/sh -c 'echo first; sleep 2' </dev/null >"$1/f$_n.out" 2>&1 &
-        _f=$!
-        _i=0
-        while ! grep -qx first "$1/f$_n.out" 2>/dev/null && [ $_i -lt 2400 ]; do
-            sleep 0.05 2>/dev/null || sleep 1
-            _i=$((_i + 1))
-        done
-        echo $(($(uptime_ms) - _t0)) >>"$1/first.ms"
-        wait "$_f"
+        runtime_first "$_rt" "f$_n" "$1" "$2"
     done
-    _med=$(sort -n "$1/first.ms" | sed -n 3p)
-    echo "    containerd_tty: ctr run to first output (ms, 5 runs): $(tr '\n' ' ' <"$1/first.ms")median $_med"
+    echo "    containerd_tty: ctr run to first output (ms, 5 runs): $(tr '\n' ' ' <"$1/f.first")median $(median "$1/f.first")"
     expect "five containers printed their first line" test "$(grep -lx first "$1"/f[1-5].out | wc -l)" -eq 5
 }
 
@@ -194,7 +170,7 @@ case_containerd_tty() {
     wait "$CTRD_PID" 2>/dev/null
     virtiofs_done
     for _f in t1.out t1.err t2.out t2.err x1.out x1.err u1.out u1.err p1.out p1.err paused resumed \
-        x3.out x3.err o1.out o1.err events first.ms; do
+        x3.out x3.err o1.out o1.err events f.first; do
         echo "== $_f" >>"$OUT"
         cat "$_d/$_f" >>"$OUT" 2>/dev/null
     done
