@@ -94,6 +94,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|p| open("initrd", p).map(|f| (p, f)))
         .transpose()?;
     check_host_memory(config.mem_size)?;
+    check_transport(config)?;
     let virtiofsd = crate::fs_share::check(&config.fs)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
@@ -119,7 +120,9 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         None
     };
 
-    let unsupported = if !extras.devices.is_empty() {
+    let unsupported = if transport() == Transport::Pci {
+        Some("the virtio-pci transport (--transport pci) has no saved state yet")
+    } else if !extras.devices.is_empty() {
         Some("capsule exec's devices have no saved state")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
@@ -340,6 +343,51 @@ impl Started {
     }
 }
 
+/// How the guest reaches its virtio devices (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Transport {
+    /// virtio-mmio windows announced in the DSDT (or on the command line).
+    #[default]
+    Mmio,
+    /// Modern virtio-pci functions with MSI-X on PCI bus 0.
+    Pci,
+}
+
+/// Whether VMs of this process put virtio devices on PCI ([`set_transport`]).
+static PCI_TRANSPORT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the virtio transport of the VMs this process builds (a
+/// process-wide option, like the boot timer).
+pub fn set_transport(transport: Transport) {
+    PCI_TRANSPORT.store(
+        transport == Transport::Pci,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The virtio transport of the VMs this process builds.
+pub fn transport() -> Transport {
+    if PCI_TRANSPORT.load(std::sync::atomic::Ordering::Relaxed) {
+        Transport::Pci
+    } else {
+        Transport::Mmio
+    }
+}
+
+/// Refuses what the PCI transport does not do yet: `what` names it.
+pub(crate) fn check_transport(config: &VmConfig) -> Result<()> {
+    if transport() != Transport::Pci {
+        return Ok(());
+    }
+    if config.nets.iter().any(|n| n.vhost) {
+        return Err(Error::PciUnsupported("vhost-net (--net ...,vhost=on)"));
+    }
+    if !config.fs.is_empty() {
+        return Err(Error::PciUnsupported("virtio-fs (--fs)"));
+    }
+    Ok(())
+}
+
 /// Whether VMs get Firecracker's boot timer ([`enable_fc_boot_timer`]).
 static FC_BOOT_TIMER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -376,8 +424,13 @@ fn write_boot_data(
     let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices(), no_acpi);
     let cmdline_size = load_cmdline(mem, &cmdline)?;
     arch::mptable::setup_mptable(mem, config.vcpus).map_err(Error::MpTable)?;
-    let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
-        .map_err(Error::Acpi)?;
+    let rsdp = arch::acpi::create_acpi_tables_with(
+        mem,
+        config.vcpus,
+        dm.virtio_mmio_devices(),
+        dm.has_pci(),
+    )
+    .map_err(Error::Acpi)?;
     arch::boot::configure_system(
         mem,
         GuestAddress(layout::CMDLINE_START),
