@@ -627,6 +627,33 @@ mod tests {
     }
 
     #[test]
+    fn the_pci_root_bridge_is_described_only_with_pci() {
+        let mem = guest_memory();
+        let without = walk(&mem, create_acpi_tables(&mem, 1, &[]).unwrap());
+        assert!(!contains(&without.dsdt, b"PCI0"));
+        let tables = walk(&mem, create_acpi_tables_with(&mem, 1, &[], true).unwrap());
+        let dsdt = &tables.dsdt;
+        assert!(contains(dsdt, b"PCI0"));
+        // EISAID("PNP0A03"), _SEG and _BBN.
+        assert!(contains(dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        assert!(contains(dsdt, b"_SEG") && contains(dsdt, b"_BBN"));
+        assert!(!contains(dsdt, b"_PRT"), "no INTx routing");
+        // IO(Decode16, 0xCF8, 0xCF8, 1, 8)
+        assert!(contains(dsdt, &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]));
+        // DWordMemory over the PCI window: min, max, translation, length.
+        let mut window = Vec::new();
+        for v in [
+            addr32(PCI_MMIO_START),
+            addr32(PCI_MMIO_START + PCI_MMIO_SIZE - 1),
+            0,
+            addr32(PCI_MMIO_SIZE),
+        ] {
+            window.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(contains(dsdt, &window));
+    }
+
+    #[test]
     fn test_dsdt_virtio_mmio_devices() {
         let mem = guest_memory();
         let devs = [
