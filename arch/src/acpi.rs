@@ -639,7 +639,10 @@ mod tests {
         assert!(contains(dsdt, b"_SEG") && contains(dsdt, b"_BBN"));
         assert!(!contains(dsdt, b"_PRT"), "no INTx routing");
         // IO(Decode16, 0xCF8, 0xCF8, 1, 8)
-        assert!(contains(dsdt, &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]));
+        assert!(contains(
+            dsdt,
+            &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]
+        ));
         // DWordMemory over the PCI window: min, max, translation, length.
         let mut window = Vec::new();
         for v in [

@@ -94,7 +94,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|p| open("initrd", p).map(|f| (p, f)))
         .transpose()?;
     check_host_memory(config.mem_size)?;
-    check_transport(config)?;
+    check_transport(transport(), &config.nets, &config.fs)?;
     let virtiofsd = crate::fs_share::check(&config.fs)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
@@ -374,15 +374,20 @@ pub fn transport() -> Transport {
     }
 }
 
-/// Refuses what the PCI transport does not do yet: `what` names it.
-pub(crate) fn check_transport(config: &VmConfig) -> Result<()> {
-    if transport() != Transport::Pci {
+/// Refuses what `transport` does not do yet: with PCI, vhost-net and
+/// virtio-fs (snapshots are refused when one is asked for).
+pub(crate) fn check_transport(
+    transport: Transport,
+    nets: &[crate::config::NetConfig],
+    fs: &[crate::config::FsConfig],
+) -> Result<()> {
+    if transport != Transport::Pci {
         return Ok(());
     }
-    if config.nets.iter().any(|n| n.vhost) {
+    if nets.iter().any(|n| n.vhost) {
         return Err(Error::PciUnsupported("vhost-net (--net ...,vhost=on)"));
     }
-    if !config.fs.is_empty() {
+    if !fs.is_empty() {
         return Err(Error::PciUnsupported("virtio-fs (--fs)"));
     }
     Ok(())
@@ -504,4 +509,32 @@ pub(crate) fn check_host_memory(asked: u64) -> Result<()> {
         return Err(Error::HostMemory { asked, host });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pci_transport_refuses_vhost_net_and_virtio_fs() {
+        let vhost: crate::config::NetConfig = "tap=t0,vhost=on".parse().unwrap();
+        let tap: crate::config::NetConfig = "tap=t0".parse().unwrap();
+        let fs: crate::config::FsConfig = "/tmp:share".parse().unwrap();
+        let (v, t, f) = (
+            std::slice::from_ref(&vhost),
+            std::slice::from_ref(&tap),
+            std::slice::from_ref(&fs),
+        );
+        assert!(check_transport(Transport::Mmio, v, f).is_ok());
+        assert!(check_transport(Transport::Pci, t, &[]).is_ok());
+        let e = check_transport(Transport::Pci, v, &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vhost-net (--net ...,vhost=on) is not supported with --transport pci yet; use --transport mmio"
+        );
+        assert!(matches!(
+            check_transport(Transport::Pci, t, f),
+            Err(Error::PciUnsupported("virtio-fs (--fs)"))
+        ));
+    }
 }
