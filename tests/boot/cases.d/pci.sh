@@ -55,4 +55,11 @@ poweroff -f' \
     expect "guest pings the host over TAP" out_has_line "PING-OK"
     expect "no Rust panic" no_rust_panic
     expect "no kernel warning" no_kernel_warning
+    expect "the kernel kept the BARs capsule assigned" pci_bars_kept
+}
+
+# pci_bars_kept: the guest kernel claimed every BAR where capsule put it
+# (inside the root bridge's window): no reassignment, no failure.
+pci_bars_kept() {
+    out_has "PCI0" && ! grep -qE "can't claim|no space for|failed to assign|BAR [0-9]+: assigned" "$OUT"
 }
