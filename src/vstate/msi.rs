@@ -114,6 +114,26 @@ impl MsiRouter for KvmMsiRoutes {
 mod tests {
     use super::*;
 
+    /// KVM takes the table: irqchip routes and MSI routes, set and removed.
+    #[test]
+    fn kvm_accepts_the_routes() {
+        use crate::vstate::memory::GuestRam;
+        use vm_memory::GuestAddress;
+
+        let ram = GuestRam::new(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let kvm = crate::vstate::vm::Vm::open_kvm(std::path::Path::new("/dev/kvm")).unwrap();
+        let vm = crate::vstate::vm::Vm::new(kvm, ram.memory()).unwrap();
+        let routes = KvmMsiRoutes::new(vm.kvm(), vm.fd()).unwrap();
+        let m = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x31,
+        };
+        routes.route(24, Some(m)).unwrap();
+        routes.route(4095, Some(m)).unwrap();
+        routes.route(24, None).unwrap();
+        assert_eq!(routes.msi.lock().unwrap().len(), 1);
+    }
+
     #[test]
     fn the_table_keeps_the_irqchip_routes_and_adds_each_vector() {
         let mut msi = BTreeMap::new();
