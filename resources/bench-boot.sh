@@ -400,15 +400,15 @@ EOF
 transport_table() {
     echo
     echo "Transport: one read-only 1 MiB virtio-blk disk over virtio-mmio vs virtio-pci (--transport pci; same runs, alternating)"
-    printf '%-40s %22s %22s %6s\n' "measurement (min / median / max)" "mmio" "pci" "p/m"
+    printf '%-40s %26s %26s %6s\n' "measurement (min / median / max)" "mmio" "pci" "p/m"
     local row
-    for row in "process start -> guest userspace, ms:ready_ms:1" "boot marker: wall ms:marker_ms:1" \
-        "boot marker: process CPU ms:marker_cpu_ms:1" "VMM resident memory excl. guest RAM, MiB:rss_kib:1024"; do
-        IFS=: read -r label key div <<<"$row"
+    for row in "process start -> guest userspace, ms|ready_ms|1" "boot marker: wall ms|marker_ms|1" \
+        "boot marker: process CPU ms|marker_cpu_ms|1" "VMM resident memory excl. guest RAM, MiB|rss_kib|1024"; do
+        IFS='|' read -r label key div <<<"$row"
         local m p
         read -r -a m <<<"$(value capsule-mmio-blk "$key" | awk -v d="$div" '{ print $1 / d }' | min_median_max %.1f)"
         read -r -a p <<<"$(value capsule-pci-blk "$key" | awk -v d="$div" '{ print $1 / d }' | min_median_max %.1f)"
-        printf '%-40s %22s %22s %6s\n' "$label" "${m[0]} / ${m[1]} / ${m[2]}" "${p[0]} / ${p[1]} / ${p[2]}" \
+        printf '%-40s %26s %26s %6s\n' "$label" "${m[0]} / ${m[1]} / ${m[2]}" "${p[0]} / ${p[1]} / ${p[2]}" \
             "$(awk -v a="${p[1]}" -v b="${m[1]}" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else print "-" }')"
     done
 }
