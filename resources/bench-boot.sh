@@ -43,6 +43,9 @@
 #        BENCH_RESULTS (a file the runs' lines are appended to and the
 #        tables are computed from: several invocations make one table),
 #        CAPSULE_ANCHORS (where the Firecracker / Cloud Hypervisor builds are),
+#        BENCH_TRANSPORT=1 (also boot capsule with one read-only 1 MiB
+#        virtio-blk disk over virtio-mmio and over virtio-pci, `--transport
+#        pci`, and print a transport table; =only: just those two),
 #        BENCH_EXITS=1 (L1's KVM exits per boot by reason, from its kvm
 #        tracepoints; nested mode; separate from the timed table's runs,
 #        as tracing costs time)
@@ -123,6 +126,8 @@ one() {
     open=""
     [ "$vmm" = capsule-open ] && open="--no-seccomp --no-landlock"
     [ "$vmm" = capsule-jail ] && open="--jail --chroot-base $WORK/jail --id bench"
+    [ "$vmm" = capsule-mmio-blk ] && open="--disk $WORK/blk.img,ro"
+    [ "$vmm" = capsule-pci-blk ] && open="--transport pci --disk $WORK/blk.img,ro"
     case "$vmm" in
     capsule*)
         # shellcheck disable=SC2086 # $open is two words or none
@@ -224,9 +229,16 @@ api() {
     echo "bench-boot: $1 api_ms=$(((t1 - t0) / 1000000)) ${l:-api_log_ms=-}"
 }
 
+# The transport runs' disk: 1 MiB of zeroes.
+dd if=/dev/zero of="$WORK/blk.img" bs=1024 count=1024 2>/dev/null
 i=0
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
+    if [ -n "${BENCH_TRANSPORT:-}" ]; then
+        one capsule-mmio-blk
+        one capsule-pci-blk
+        [ "$BENCH_TRANSPORT" = only ] && continue
+    fi
     one capsule
     one qemu
     for p in $PEERS; do one "$p"; done
@@ -263,7 +275,7 @@ main() {
         mkdir -p "$work/run"
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
             DATE="$work/tools/date" CURL="$work/tools/curl" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
-            VMLINUX="$kdir/vmlinux" PEERS="$peers" TOOLS="$work/tools" \
+            VMLINUX="$kdir/vmlinux" PEERS="$peers" TOOLS="$work/tools" BENCH_TRANSPORT="${BENCH_TRANSPORT:-}" \
             BENCH_RUNS="$runs" WORK="$work/run" sh "$work/bench-run.sh" | tee "$results" >&2
     else
         cat >"$work/bench-l1.sh" <<EOF
@@ -272,6 +284,7 @@ mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATE=/capsule/tools/date CURL=/capsule/tools/curl BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools BENCH_EXITS='${BENCH_EXITS:-}'
+export BENCH_TRANSPORT='${BENCH_TRANSPORT:-}'
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh
 EOF
@@ -291,6 +304,10 @@ EOF
     value() {
         sed -n "s/^bench-boot: $1 .*$2=\([0-9.]*\).*/\1/p" "$results"
     }
+    if [[ -n "${BENCH_TRANSPORT:-}" ]]; then
+        transport_table
+        [[ "$BENCH_TRANSPORT" == only ]] && return
+    fi
     local vmms="capsule qemu $peers" vmm
     echo
     echo "Boot, capsule beside each peer (1 vCPU, 128 MiB, same initramfs/cmdline; vmlinux, QEMU bzImage; mode=$mode; $runs runs each, alternating)"
@@ -376,6 +393,24 @@ EOF
     confined_row "boot marker: wall ms" marker_ms 1
     confined_row "boot marker: process CPU ms" marker_cpu_ms 1
     confined_row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024 no-jail
+}
+
+# transport_table: capsule with one virtio-blk disk over virtio-mmio and
+# over virtio-pci (BENCH_TRANSPORT), from $results via value().
+transport_table() {
+    echo
+    echo "Transport: one read-only 1 MiB virtio-blk disk over virtio-mmio vs virtio-pci (--transport pci; same runs, alternating)"
+    printf '%-40s %26s %26s %6s\n' "measurement (min / median / max)" "mmio" "pci" "p/m"
+    local row
+    for row in "process start -> guest userspace, ms|ready_ms|1" "boot marker: wall ms|marker_ms|1" \
+        "boot marker: process CPU ms|marker_cpu_ms|1" "VMM resident memory excl. guest RAM, MiB|rss_kib|1024"; do
+        IFS='|' read -r label key div <<<"$row"
+        local m p
+        read -r -a m <<<"$(value capsule-mmio-blk "$key" | awk -v d="$div" '{ print $1 / d }' | min_median_max %.1f)"
+        read -r -a p <<<"$(value capsule-pci-blk "$key" | awk -v d="$div" '{ print $1 / d }' | min_median_max %.1f)"
+        printf '%-40s %26s %26s %6s\n' "$label" "${m[0]} / ${m[1]} / ${m[2]}" "${p[0]} / ${p[1]} / ${p[2]}" \
+            "$(awk -v a="${p[1]}" -v b="${m[1]}" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else print "-" }')"
+    done
 }
 
 main "$@"

@@ -20,7 +20,9 @@ use devices::legacy::{EventFdTrigger, SerialDevice, SerialInput, I8042};
 use devices::pvpanic::PvPanic;
 
 use arch::acpi::MmioDevice;
+use devices::pci::PciRoot;
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_SIZE, NOTIFY_OFFSET};
+use devices::virtio::pci::{layout as pci_layout, PciTransportError, VirtioPci};
 use devices::virtio::VirtioDevice;
 
 use crate::vstate::vm::{self, Vm};
@@ -49,6 +51,15 @@ pub enum Error {
     /// Wiring a queue notification failed.
     #[error("cannot wire virtio queue notifications: {0}")]
     IoEvent(#[source] vm::Error),
+    /// A virtio-pci function could not be created.
+    #[error("cannot create the virtio-pci function: {0}")]
+    PciTransport(#[source] PciTransportError),
+    /// PCI bus 0 is full, or the PCI memory window or MSI GSIs ran out.
+    #[error("no room for another PCI device: {0}")]
+    PciExhausted(&'static str),
+    /// The MSI routing table cannot be set up.
+    #[error("cannot set up MSI routing: {0}")]
+    MsiRoutes(#[source] std::io::Error),
 }
 
 /// The VM's device buses and resource allocators.
@@ -66,6 +77,16 @@ pub struct DeviceManager {
     next_irq: u32,
     next_mmio: u64,
     virtio_mmio: Vec<MmioDevice>,
+    pci: Option<PciBus>,
+}
+
+/// PCI bus 0 (`--transport pci`): the configuration ports, the BAR
+/// window and the MSI routes.
+struct PciBus {
+    root: Arc<Mutex<PciRoot>>,
+    routes: Arc<crate::vstate::msi::KvmMsiRoutes>,
+    next_bar: u64,
+    next_gsi: u32,
 }
 
 impl Default for DeviceManager {
@@ -86,7 +107,91 @@ impl DeviceManager {
             next_irq: layout::FIRST_DEVICE_IRQ,
             next_mmio: layout::MMIO_DEVICES_START,
             virtio_mmio: Vec::new(),
+            pci: None,
         }
+    }
+
+    /// Whether PCI bus 0 is there (a device was attached over PCI).
+    pub fn has_pci(&self) -> bool {
+        self.pci.is_some()
+    }
+
+    /// PCI bus 0, put on the port-I/O bus on first use.
+    fn pci_bus(&mut self, vm: &Vm) -> Result<&mut PciBus, Error> {
+        if self.pci.is_none() {
+            let root = Arc::new(Mutex::new(PciRoot::new()));
+            self.pio
+                .insert(
+                    root.clone(),
+                    u64::from(devices::pci::CONFIG_ADDRESS_PORT),
+                    devices::pci::CONFIG_PORTS,
+                )
+                .map_err(|e| Error::Bus("PCI configuration ports", e))?;
+            let routes = crate::vstate::msi::KvmMsiRoutes::new(vm.kvm(), vm.fd())
+                .map_err(Error::MsiRoutes)?;
+            self.pci = Some(PciBus {
+                root,
+                routes: Arc::new(routes),
+                next_bar: layout::PCI_MMIO_START,
+                next_gsi: layout::FIRST_MSI_GSI,
+            });
+        }
+        Ok(self.pci.as_mut().expect("just created"))
+    }
+
+    /// Puts `device` behind a virtio-pci function on bus 0: a BAR in the
+    /// PCI memory window, one MSI-X vector per queue plus one for
+    /// configuration changes, each an irqfd on its own GSI, and each
+    /// queue's notification address an ioeventfd.
+    pub fn attach_virtio_pci(
+        &mut self,
+        vm: &Vm,
+        mem: &GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+    ) -> Result<(), Error> {
+        let bus = self.pci_bus(vm)?;
+        let bar = bus.next_bar;
+        if bar + pci_layout::BAR_SIZE > layout::PCI_MMIO_START + layout::PCI_MMIO_SIZE {
+            return Err(Error::PciExhausted("the PCI memory window is full"));
+        }
+        let queues = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_max_sizes()
+            .len();
+        let vectors = u32::try_from(queues + 1).unwrap_or(u32::MAX);
+        if bus.next_gsi.saturating_add(vectors) > layout::LAST_MSI_GSI + 1 {
+            return Err(Error::PciExhausted("no GSI left for MSI-X vectors"));
+        }
+        let routes: Arc<dyn devices::pci::msix::MsiRouter> = bus.routes.clone();
+        let function = VirtioPci::new(mem.clone(), device, bar, bus.next_gsi, routes)
+            .map_err(Error::PciTransport)?;
+        {
+            let msix = function.interrupt().msix();
+            for (i, evt) in msix.irqs().iter().enumerate() {
+                let gsi = msix.gsi(i).ok_or(Error::PciExhausted("MSI GSI"))?;
+                vm.register_irqfd(evt, gsi)
+                    .map_err(|e| Error::Irq("virtio-pci MSI-X", e))?;
+            }
+        }
+        for (i, evt) in function.queue_evts().iter().enumerate() {
+            vm.register_mmio_ioevent_any(evt, function.notify_address(i))
+                .map_err(Error::IoEvent)?;
+        }
+        let function = Arc::new(Mutex::new(function));
+        let slot = bus
+            .root
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(function.clone())
+            .map_err(|_| Error::PciExhausted("PCI bus 0 is full"))?;
+        bus.next_bar += pci_layout::BAR_SIZE;
+        bus.next_gsi += vectors;
+        self.mmio
+            .insert(function, bar, pci_layout::BAR_SIZE)
+            .map_err(|e| Error::Bus("virtio-pci BAR", e))?;
+        log::debug!("virtio-pci: 00:{slot:02x}.0, BAR 0 at {bar:#x}, {vectors} MSI-X vectors");
+        Ok(())
     }
 
     /// The virtio-mmio devices attached so far, for the firmware tables and
@@ -255,6 +360,60 @@ mod tests {
         assert!(!dm.mmio.write(layout::FC_BOOT_TIMER_START, &[123]));
         assert!(dm.attach_fc_boot_timer(256 << 20, Instant::now()).unwrap());
         assert!(dm.mmio.write(layout::FC_BOOT_TIMER_START, &[123]));
+    }
+
+    fn pio_config_read(dm: &DeviceManager, slot: u32, reg: u32) -> u32 {
+        let port = u64::from(devices::pci::CONFIG_ADDRESS_PORT);
+        assert!(dm
+            .pio
+            .write(port, &(0x8000_0000 | slot << 11 | reg).to_le_bytes()));
+        let mut d = [0u8; 4];
+        assert!(dm.pio.read(port + 4, &mut d));
+        u32::from_le_bytes(d)
+    }
+
+    /// A virtio-rng over PCI on a real KVM VM: bus 0 answers on the
+    /// configuration ports, the BAR is where the window starts, and
+    /// programming and unmasking an MSI-X vector sets KVM's routing table
+    /// (the default irqchip routes plus the vector) without an error.
+    #[test]
+    fn a_virtio_pci_function_is_wired_to_kvm() {
+        use crate::vstate::memory::GuestRam;
+        use vm_memory::GuestAddress;
+
+        let ram = GuestRam::new(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let kvm = Vm::open_kvm(std::path::Path::new("/dev/kvm")).expect("/dev/kvm");
+        let vm = Vm::new(kvm, ram.memory()).unwrap();
+        let mut dm = DeviceManager::new();
+        assert!(!dm.has_pci());
+        let rng = Arc::new(Mutex::new(devices::virtio::rng::Rng::new().unwrap()));
+        dm.attach_virtio_pci(&vm, ram.memory(), rng).unwrap();
+        assert!(dm.has_pci());
+        assert_eq!(pio_config_read(&dm, 0, 0), 0x0d57_8086, "host bridge");
+        assert_eq!(pio_config_read(&dm, 1, 0), 0x1044_1af4, "virtio-rng");
+        assert_eq!(
+            pio_config_read(&dm, 1, 0x10),
+            layout::addr32(layout::PCI_MMIO_START)
+        );
+        assert_eq!(pio_config_read(&dm, 2, 0), u32::MAX, "empty slot");
+
+        // MSI-X on, vector 0 programmed and unmasked through the BAR.
+        let bar = layout::PCI_MMIO_START;
+        let port = u64::from(devices::pci::CONFIG_ADDRESS_PORT);
+        let mut cap = pio_config_read(&dm, 1, 0x34) & 0xff;
+        while pio_config_read(&dm, 1, cap) & 0xff != 0x11 {
+            cap = pio_config_read(&dm, 1, cap) >> 8 & 0xff;
+            assert_ne!(cap, 0, "no MSI-X capability");
+        }
+        dm.pio.write(port, &(0x8000_0800 | cap).to_le_bytes());
+        assert!(dm.pio.write(port + 6, &0x8000u16.to_le_bytes()));
+        let table = bar + pci_layout::MSIX_TABLE;
+        assert!(dm.mmio.write(table, &0xfee0_0000u32.to_le_bytes()));
+        assert!(dm.mmio.write(table + 8, &0x0031u32.to_le_bytes()));
+        assert!(dm.mmio.write(table + 12, &0u32.to_le_bytes()));
+        let mut pba = [0u8; 8];
+        assert!(dm.mmio.read(bar + pci_layout::MSIX_PBA, &mut pba));
+        assert_eq!(pba, [0; 8]);
     }
 
     #[test]

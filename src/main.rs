@@ -266,6 +266,12 @@ struct RunArgs {
     #[arg(long, value_name = "amount_mib=N,deflate_on_oom=on,free_page_reporting=on,stats_interval_s=N",
           value_parser = capsule::balloon::parse_option, conflicts_with = "restore")]
     balloon: Option<devices::virtio::balloon::BalloonConfig>,
+    /// How the guest reaches its virtio devices: `mmio` (virtio-mmio) or
+    /// `pci` (modern virtio-pci with MSI-X on PCI bus 0). With `pci`,
+    /// snapshots, vhost-net and virtio-fs are refused.
+    #[arg(long, value_enum, default_value_t = capsule::builder::Transport::Mmio,
+          conflicts_with = "restore")]
+    transport: capsule::builder::Transport,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -410,6 +416,7 @@ fn stopped_status() -> u8 {
 fn run(args: RunArgs) -> u8 {
     use capsule::api;
     use capsule::builder::Console;
+    capsule::builder::set_transport(args.transport);
     let config = match &args.config_file {
         Some(p) => match api::read_config_file(p) {
             Ok(c) => Some(c),

@@ -27,9 +27,10 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::layout::{
-    ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
+    addr32, ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_CONTROL_PORT,
     ACPI_SLEEP_STATUS_PORT, ACPI_TABLES_END, ACPI_TABLES_START, APIC_START_32, COM1_IRQ, COM1_PORT,
-    I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START_32, MAX_VCPUS, PVPANIC_PORT,
+    I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_KBD_IRQ, IOAPIC_START_32, MAX_VCPUS, PCI_MMIO_SIZE,
+    PCI_MMIO_START, PVPANIC_PORT,
 };
 
 /// OEM ID written into every table header.
@@ -118,9 +119,39 @@ pub struct MmioDevice {
 /// matches it.
 const VIRTIO_MMIO_HID: &str = "LNRO0005";
 
+/// Configuration mechanism #1's ports (address, then data).
+const PCI_CONFIG_PORT: u16 = 0xcf8;
+
+/// The PCI root bridge of bus 0 (`--transport pci`): a conventional PCI
+/// host bridge (PNP0A03: no extended configuration space, no ECAM),
+/// segment 0, bus 0 only, configuration through ports 0xCF8-0xCFF and
+/// BARs in the PCI memory window. No `_PRT`: the functions have no INTx
+/// (their interrupt pin is 0) and interrupt through MSI-X.
+fn write_pci_root(body: &mut Vec<u8>) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03"));
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg = aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, 8);
+    let mem = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        addr32(PCI_MMIO_START),
+        addr32(PCI_MMIO_START + PCI_MMIO_SIZE - 1),
+        None,
+    );
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&bus, &cfg, &mem]),
+    );
+    let dev = aml::Device::new("PCI0".into(), vec![&hid, &seg, &bbn, &uid, &crs]);
+    aml::Scope::new("\\_SB_".into(), vec![&dev]).to_aml_bytes(body);
+}
+
 /// Builds the DSDT: `\_S5_`, COM1, the pvpanic device and `virtio_mmio`
-/// devices.
-fn build_dsdt(virtio_mmio: &[MmioDevice]) -> Result<Vec<u8>, Error> {
+/// devices, and with `pci` the PCI root bridge.
+fn build_dsdt(virtio_mmio: &[MmioDevice], pci: bool) -> Result<Vec<u8>, Error> {
     // \_S5_: SLP_TYP for the sleep control register; the second value would
     // be for PM1b, which does not exist.
     let s5_type = ACPI_S5_SLEEP_TYPE;
@@ -221,6 +252,9 @@ fn build_dsdt(virtio_mmio: &[MmioDevice]) -> Result<Vec<u8>, Error> {
     let mut body = Vec::new();
     s5.to_aml_bytes(&mut body);
     sb.to_aml_bytes(&mut body);
+    if pci {
+        write_pci_root(&mut body);
+    }
     dsdt.append_slice(&body);
     Ok(dsdt.as_slice().to_vec())
 }
@@ -288,6 +322,16 @@ pub fn create_acpi_tables(
     num_cpus: u8,
     virtio_mmio: &[MmioDevice],
 ) -> Result<GuestAddress, Error> {
+    create_acpi_tables_with(mem, num_cpus, virtio_mmio, false)
+}
+
+/// [`create_acpi_tables`], with the PCI root bridge in the DSDT if `pci`.
+pub fn create_acpi_tables_with(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    virtio_mmio: &[MmioDevice],
+    pci: bool,
+) -> Result<GuestAddress, Error> {
     if num_cpus == 0 {
         return Err(Error::NoCpus);
     }
@@ -301,7 +345,7 @@ pub fn create_acpi_tables(
     let xsdt_len = u64::from(SDT_HEADER_LEN) + 2 * 8;
     let fadt_addr = align_up(xsdt_addr + xsdt_len);
     let dsdt_addr = align_up(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
-    let dsdt = build_dsdt(virtio_mmio)?;
+    let dsdt = build_dsdt(virtio_mmio, pci)?;
     let madt_addr = align_up(dsdt_addr + dsdt.len() as u64);
     let madt = build_madt(num_cpus);
     let end = madt_addr + madt.len() as u64;
@@ -580,6 +624,36 @@ mod tests {
         let [lo, hi] = COM1_PORT.to_le_bytes();
         assert!(contains(dsdt, &[0x47, 0x01, lo, hi, lo, hi, 0x01, 0x08]));
         assert!(!contains(dsdt, VIRTIO_MMIO_HID.as_bytes()));
+    }
+
+    #[test]
+    fn the_pci_root_bridge_is_described_only_with_pci() {
+        let mem = guest_memory();
+        let without = walk(&mem, create_acpi_tables(&mem, 1, &[]).unwrap());
+        assert!(!contains(&without.dsdt, b"PCI0"));
+        let tables = walk(&mem, create_acpi_tables_with(&mem, 1, &[], true).unwrap());
+        let dsdt = &tables.dsdt;
+        assert!(contains(dsdt, b"PCI0"));
+        // EISAID("PNP0A03"), _SEG and _BBN.
+        assert!(contains(dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        assert!(contains(dsdt, b"_SEG") && contains(dsdt, b"_BBN"));
+        assert!(!contains(dsdt, b"_PRT"), "no INTx routing");
+        // IO(Decode16, 0xCF8, 0xCF8, 1, 8)
+        assert!(contains(
+            dsdt,
+            &[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]
+        ));
+        // DWordMemory over the PCI window: min, max, translation, length.
+        let mut window = Vec::new();
+        for v in [
+            addr32(PCI_MMIO_START),
+            addr32(PCI_MMIO_START + PCI_MMIO_SIZE - 1),
+            0,
+            addr32(PCI_MMIO_SIZE),
+        ] {
+            window.extend_from_slice(&v.to_le_bytes());
+        }
+        assert!(contains(dsdt, &window));
     }
 
     #[test]

@@ -65,9 +65,19 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 /// Start of the window in the MMIO hole where device MMIO regions
 /// (virtio-mmio and friends) are allocated.
 pub const MMIO_DEVICES_START: u64 = MMIO32_START;
-/// Size of the device MMIO window (the rest of the hole holds the IOAPIC,
-/// the LAPIC and the TSS).
-pub const MMIO_DEVICES_SIZE: u64 = IOAPIC_START - MMIO_DEVICES_START;
+/// Size of the device MMIO window (256 MiB: 65536 virtio-mmio windows).
+pub const MMIO_DEVICES_SIZE: u64 = PCI_MMIO_START - MMIO_DEVICES_START;
+/// Start of the PCI memory window, where capsule places the BARs of the
+/// PCI functions (`--transport pci`), and which the PCI root bridge's
+/// `_CRS` announces. It follows the device MMIO window.
+pub const PCI_MMIO_START: u64 = 0xe000_0000;
+/// Size of the PCI memory window (256 MiB; the rest of the hole, from
+/// 0xf0000000, holds the IOAPIC, the LAPIC and the TSS).
+pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+/// First GSI of MSI-X vectors: past the IOAPIC's pins, routed by capsule.
+pub const FIRST_MSI_GSI: u32 = IOAPIC_NUM_PINS;
+/// Last GSI capsule hands to MSI-X vectors (KVM allows 4096 routes).
+pub const LAST_MSI_GSI: u32 = 4095;
 
 /// COM1 I/O port base and its ISA interrupt line.
 pub const COM1_PORT: u16 = 0x3f8;

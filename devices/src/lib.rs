@@ -42,6 +42,7 @@ pub mod child;
 pub mod exit;
 pub mod legacy;
 pub mod metrics;
+pub mod pci;
 pub mod pvpanic;
 pub mod rate_limiter;
 pub mod ratelimit;

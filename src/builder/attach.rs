@@ -54,11 +54,20 @@ impl Devices<'_> {
         Ok(())
     }
 
-    /// A virtio device, over virtio-mmio and in the event loop: one
-    /// object, the transport's device and the loop's subscriber.
+    /// A virtio device, over the chosen transport ([`super::transport`])
+    /// and in the event loop: one object, the transport's device and the
+    /// loop's subscriber.
     fn add_virtio(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<()> {
-        self.dm
-            .attach_virtio_mmio(self.vm, self.mem, device.clone())?;
+        match super::transport() {
+            super::Transport::Mmio => {
+                self.dm
+                    .attach_virtio_mmio(self.vm, self.mem, device.clone())?;
+            }
+            super::Transport::Pci => {
+                self.dm
+                    .attach_virtio_pci(self.vm, self.mem, device.clone())?
+            }
+        }
         self.event_manager.add_subscriber(device);
         Ok(())
     }

@@ -94,6 +94,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|p| open("initrd", p).map(|f| (p, f)))
         .transpose()?;
     check_host_memory(config.mem_size)?;
+    check_transport(transport(), &config.nets, &config.fs)?;
     let virtiofsd = crate::fs_share::check(&config.fs)?;
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
@@ -119,7 +120,9 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         None
     };
 
-    let unsupported = if !extras.devices.is_empty() {
+    let unsupported = if transport() == Transport::Pci {
+        Some("the virtio-pci transport (--transport pci) has no saved state yet")
+    } else if !extras.devices.is_empty() {
         Some("capsule exec's devices have no saved state")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
@@ -340,6 +343,56 @@ impl Started {
     }
 }
 
+/// How the guest reaches its virtio devices (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Transport {
+    /// virtio-mmio windows announced in the DSDT (or on the command line).
+    #[default]
+    Mmio,
+    /// Modern virtio-pci functions with MSI-X on PCI bus 0.
+    Pci,
+}
+
+/// Whether VMs of this process put virtio devices on PCI ([`set_transport`]).
+static PCI_TRANSPORT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the virtio transport of the VMs this process builds (a
+/// process-wide option, like the boot timer).
+pub fn set_transport(transport: Transport) {
+    PCI_TRANSPORT.store(
+        transport == Transport::Pci,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
+
+/// The virtio transport of the VMs this process builds.
+pub fn transport() -> Transport {
+    if PCI_TRANSPORT.load(std::sync::atomic::Ordering::Relaxed) {
+        Transport::Pci
+    } else {
+        Transport::Mmio
+    }
+}
+
+/// Refuses what `transport` does not do yet: with PCI, vhost-net and
+/// virtio-fs (snapshots are refused when one is asked for).
+pub(crate) fn check_transport(
+    transport: Transport,
+    nets: &[crate::config::NetConfig],
+    fs: &[crate::config::FsConfig],
+) -> Result<()> {
+    if transport != Transport::Pci {
+        return Ok(());
+    }
+    if nets.iter().any(|n| n.vhost) {
+        return Err(Error::PciUnsupported("vhost-net (--net ...,vhost=on)"));
+    }
+    if !fs.is_empty() {
+        return Err(Error::PciUnsupported("virtio-fs (--fs)"));
+    }
+    Ok(())
+}
+
 /// Whether VMs get Firecracker's boot timer ([`enable_fc_boot_timer`]).
 static FC_BOOT_TIMER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -376,8 +429,13 @@ fn write_boot_data(
     let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices(), no_acpi);
     let cmdline_size = load_cmdline(mem, &cmdline)?;
     arch::mptable::setup_mptable(mem, config.vcpus).map_err(Error::MpTable)?;
-    let rsdp = arch::acpi::create_acpi_tables(mem, config.vcpus, dm.virtio_mmio_devices())
-        .map_err(Error::Acpi)?;
+    let rsdp = arch::acpi::create_acpi_tables_with(
+        mem,
+        config.vcpus,
+        dm.virtio_mmio_devices(),
+        dm.has_pci(),
+    )
+    .map_err(Error::Acpi)?;
     arch::boot::configure_system(
         mem,
         GuestAddress(layout::CMDLINE_START),
@@ -451,4 +509,32 @@ pub(crate) fn check_host_memory(asked: u64) -> Result<()> {
         return Err(Error::HostMemory { asked, host });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pci_transport_refuses_vhost_net_and_virtio_fs() {
+        let vhost: crate::config::NetConfig = "tap=t0,vhost=on".parse().unwrap();
+        let tap: crate::config::NetConfig = "tap=t0".parse().unwrap();
+        let fs: crate::config::FsConfig = "/tmp:share".parse().unwrap();
+        let (v, t, f) = (
+            std::slice::from_ref(&vhost),
+            std::slice::from_ref(&tap),
+            std::slice::from_ref(&fs),
+        );
+        assert!(check_transport(Transport::Mmio, v, f).is_ok());
+        assert!(check_transport(Transport::Pci, t, &[]).is_ok());
+        let e = check_transport(Transport::Pci, v, &[]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vhost-net (--net ...,vhost=on) is not supported with --transport pci yet; use --transport mmio"
+        );
+        assert!(matches!(
+            check_transport(Transport::Pci, t, f),
+            Err(Error::PciUnsupported("virtio-fs (--fs)"))
+        ));
+    }
 }

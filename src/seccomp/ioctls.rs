@@ -86,6 +86,9 @@ pub const KVM_VM_RUN: &[Ioctl] = &[
     ("KVM_IRQFD", iow::<kvm_irqfd>(0x76)),
     ("KVM_IOEVENTFD", iow::<kvm_ioeventfd>(0x79)),
     ("KVM_SIGNAL_MSI", iow::<kvm_msi>(0xa5)),
+    // MSI-X vectors (`--transport pci`): the guest programs a vector's
+    // address and data from a vCPU, which routes its GSI.
+    ("KVM_SET_GSI_ROUTING", iow::<kvm_irq_routing>(0x6a)),
 ];
 
 /// VM state save and restore and dirty-page tracking (snapshots).
@@ -164,6 +167,7 @@ mod tests {
         assert_eq!(find(KVM_VCPU_RUN, "KVM_GET_SREGS"), 0x8138_ae83);
         assert_eq!(find(KVM_VM_RUN, "KVM_IRQFD"), 0x4020_ae76);
         assert_eq!(find(KVM_VM_RUN, "KVM_IOEVENTFD"), 0x4040_ae79);
+        assert_eq!(find(KVM_VM_RUN, "KVM_SET_GSI_ROUTING"), 0x4008_ae6a);
         assert_eq!(find(KVM_VM_RUN, "KVM_SET_USER_MEMORY_REGION"), 0x4020_ae46);
         assert_eq!(find(KVM_VM_STATE, "KVM_GET_DIRTY_LOG"), 0x4010_ae42);
         assert_eq!(find(KVM_VM_STATE, "KVM_GET_IRQCHIP"), 0xc208_ae62);

@@ -299,6 +299,9 @@ fn explain_lock(e: builder::Error) -> Error {
 /// Builds a VM from the snapshot of `cfg` with `console` as its console.
 pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     let started_at = std::time::Instant::now();
+    if builder::transport() == builder::Transport::Pci {
+        return Err(builder::Error::PciUnsupported("restoring a snapshot").into());
+    }
     let (state, memory) = load(cfg)?;
     let config = vm_config(cfg, &state)?;
     builder::check_host_memory(config.mem_size)?;

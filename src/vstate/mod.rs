@@ -4,6 +4,7 @@
 pub mod dirty;
 pub mod halt;
 pub mod memory;
+pub mod msi;
 pub mod pause;
 pub mod vcpu;
 pub mod vcpu_state;

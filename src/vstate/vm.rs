@@ -180,6 +180,18 @@ impl Vm {
             .map_err(kvm_err("cannot register ioeventfd"))
     }
 
+    /// Makes KVM signal `evt`, instead of exiting to userspace, when the
+    /// guest writes anything, of any width, to the MMIO address `addr`.
+    pub fn register_mmio_ioevent_any(&self, evt: &EventFd, addr: u64) -> Result<(), Error> {
+        self.fd
+            .register_ioevent(
+                evt,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(kvm_err("cannot register ioeventfd"))
+    }
+
     /// Makes a write to `evt` raise interrupt line `gsi`.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), Error> {
         self.fd

@@ -81,6 +81,7 @@ mod device;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 mod queue_events;
 pub mod rng;
 pub mod vsock;
