@@ -222,10 +222,11 @@ impl Block {
         block.cache = config.cache;
         if uring {
             let ring = uring::Uring::new().map_err(|source| BlockError::Uring {
-                path: config.path,
+                path: config.path.clone(),
                 source,
             })?;
             block.uring = Some(Box::new(ring));
+            log::info!("disk image {}: io_uring engine", config.path.display());
         }
         Ok(block)
     }
