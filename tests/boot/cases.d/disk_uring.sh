@@ -9,6 +9,7 @@
 # disk_uring_refused: engine=io_uring on an ephemeral disk is refused at
 # start with one error line (no silent fallback to the synchronous engine).
 
+# shellcheck disable=SC2016  # $... in guest commands is for the guest shell
 ALL_CASES="$ALL_CASES disk_uring disk_uring_refused"
 
 # uring_md5 NAME: the checksum the guest printed as NAME=<md5>.
