@@ -122,18 +122,23 @@ pub(super) struct Uring {
 impl Uring {
     /// Sets up a ring of [`SLOTS`] entries and registers its eventfd.
     pub(super) fn new() -> io::Result<Self> {
-        let entries = u32::try_from(SLOTS).unwrap_or(u32::MAX);
+        Self::with_slots(SLOTS)
+    }
+
+    /// A ring for at most `slots` requests in flight.
+    pub(super) fn with_slots(slots: usize) -> io::Result<Self> {
+        let entries = u32::try_from(slots).unwrap_or(u32::MAX);
         let ring = IoUring::new(entries)?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Self {
             ring,
             eventfd,
-            slots: (0..SLOTS).map(|_| None).collect(),
-            free: (0..SLOTS).rev().collect(),
+            slots: (0..slots).map(|_| None).collect(),
+            free: (0..slots).rev().collect(),
             unsubmitted: 0,
             sync_failed: None,
-            cqes: Vec::with_capacity(SLOTS),
+            cqes: Vec::with_capacity(slots),
         })
     }
 
@@ -149,7 +154,7 @@ impl Uring {
 
     /// Requests submitted and not yet completed.
     pub(super) fn in_flight(&self) -> usize {
-        SLOTS - self.free.len()
+        self.slots.len() - self.free.len()
     }
 
     /// Starts the request `chain`: `None` if it went to the ring, else

@@ -101,6 +101,33 @@ fn requests_are_in_flight_together() {
     assert!(!d.irq.take().is_empty());
 }
 
+/// With the ring full, the queue's other requests wait in the available
+/// ring (no notification needed) and are taken as completions free room.
+#[test]
+fn a_full_ring_waits_for_completions() {
+    let mem = guest_memory();
+    let img = image();
+    let mut d = uring_driver(&mem, &img);
+    d.block.uring = Some(Box::new(super::super::uring::Uring::with_slots(2).unwrap()));
+    for i in 0..5u64 {
+        d.request(VIRTIO_BLK_T_IN, i, &[(DATA + i * 0x1000, 512, W)]);
+    }
+    d.block.process_queue();
+    assert_eq!(in_flight(&d), 2, "no more than the ring's slots");
+    assert_eq!(d.vq.used_idx(), 0);
+    let used = d.run();
+    assert_eq!(used.len(), 5);
+    assert_eq!(in_flight(&d), 0);
+    let want = pattern(IMAGE_LEN);
+    for i in 0..5usize {
+        assert_eq!(
+            d.bytes(DATA + i as u64 * 0x1000, 512),
+            want[i * 512..(i + 1) * 512]
+        );
+        assert_eq!(d.byte(STATUS + i as u64 * 0x10), OK);
+    }
+}
+
 /// A flush submitted with writes still in flight completes after them,
 /// and the data is in the file.
 #[test]
