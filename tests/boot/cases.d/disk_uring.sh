@@ -7,7 +7,10 @@
 # runs parallel direct reads (several requests in flight), and checks the
 # checksums the guest printed against the host's files once the VM ended.
 # disk_uring_refused: engine=io_uring on an ephemeral disk is refused at
-# start with one error line (no silent fallback to the synchronous engine).
+# start with one error line, and so is engine=io_uring while the kernel
+# has io_uring disabled (kernel.io_uring_disabled=2 for the moment of the
+# run; the L1 is the harness's own machine): no silent fallback to the
+# synchronous engine.
 
 # shellcheck disable=SC2016  # $... in guest commands is for the guest shell
 ALL_CASES="$ALL_CASES disk_uring disk_uring_refused"
@@ -71,4 +74,21 @@ case_disk_uring_refused() {
         eval 'grep "^capsule: error:" "$ERR" | grep -q "$_img.*engine=sync"'
     expect "the image is untouched" same_md5 "$_before" "$(md5_of "$_img")"
     expect "no Rust panic" no_rust_panic
+
+    _sysctl=/proc/sys/kernel/io_uring_disabled
+    _was="$(cat "$_sysctl" 2>/dev/null || echo missing)"
+    if [ "$_was" = missing ] || ! echo 2 >"$_sysctl"; then
+        expect "kernel.io_uring_disabled can be set (Linux 6.6 or later, root)" false
+        return
+    fi
+    run_capsule disk_uring_disabled '' \
+        run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 128M \
+        --disk "$_img,engine=io_uring"
+    echo "$_was" >"$_sysctl"
+    expect "io_uring disabled: exit status 1" rc_is 1
+    expect "io_uring disabled: exactly one 'capsule: error:' line" one_error_line
+    expect "io_uring disabled: the error says io_uring is unavailable" \
+        eval 'grep "^capsule: error:" "$ERR" | grep -q "io_uring is unavailable.*engine=sync"'
+    expect "io_uring disabled: the guest never ran" eval '! out_has "$READY"'
+    expect "io_uring disabled: no Rust panic" no_rust_panic
 }
