@@ -172,24 +172,8 @@ impl Uring {
             Split::TooMany(at) => return Some(request::finish(mem, at, S_IOERR, 0)),
             Split::Request(descs, at) => (descs, at),
         };
-        let prepared = self.prepare(ctx, mem, &descs);
-        let (Some(fd), Some(i)) = (ctx.disk.raw_fd(), self.free.last().copied()) else {
-            // Neither happens: ephemeral images are refused, and the
-            // caller checked `has_room`.
-            return Some(request::finish(mem, status, S_IOERR, 0));
-        };
-        let slot = match prepared {
-            Ok(Some((op, offset, total, iov))) => Slot {
-                head,
-                op,
-                fd,
-                status,
-                iov: IoVecs(iov),
-                offset,
-                done: 0,
-                total,
-                mem: mem.clone(),
-            },
+        let (op, offset, total, iov) = match self.prepare(ctx, mem, &descs) {
+            Ok(Some(prepared)) => prepared,
             Ok(None) => {
                 let (s, written) = request::execute_now(ctx, mem, &descs);
                 return Some(request::finish(mem, status, s, written));
@@ -198,6 +182,22 @@ impl Uring {
                 crate::metrics::BLOCK.execute_fails.inc();
                 return Some(request::finish(mem, status, s, 0));
             }
+        };
+        let (Some(fd), Some(i)) = (ctx.disk.raw_fd(), self.free.last().copied()) else {
+            // Neither happens: ephemeral images are refused, and the
+            // caller checked `has_room`.
+            return Some(request::finish(mem, status, S_IOERR, 0));
+        };
+        let slot = Slot {
+            head,
+            op,
+            fd,
+            status,
+            iov: IoVecs(iov),
+            offset,
+            done: 0,
+            total,
+            mem: mem.clone(),
         };
         match self.push(i, slot) {
             Ok(()) => {
