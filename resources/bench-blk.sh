@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # resources/bench-blk.sh: virtio-blk benchmark, from inside the guest.
 #
-# Boots capsule's test kernel, in capsule, in QEMU (-M microvm, the same
+# Boots capsule's test kernel, in capsule (its default synchronous block
+# engine, and again as `capsule-uring` with the data disk on
+# `,engine=io_uring`), in QEMU (-M microvm, the same
 # virtio-blk devices over virtio-mmio) and, when their builds are present
 # (capsule_anchors_dir in resources/lib.sh; otherwise their columns are
 # left out with a note), in Firecracker (`--no-api --config-file`, its
-# default synchronous block engine, virtio-mmio) and Cloud Hypervisor (its
+# default synchronous block engine, virtio-mmio; and again as
+# `firecracker-async` with the data drive's `io_engine: "Async"`, its
+# io_uring engine) and Cloud Hypervisor (its
 # command line, virtio-blk over virtio-pci, its default engine), with a
 # benchmark root image (busybox + fio,
 # as /dev/vda, read-only) and a raw data image (/dev/vdb), and runs fio on
@@ -14,8 +18,11 @@
 # Firecracker and Cloud Hypervisor boot the build's vmlinux (Firecracker
 # takes no bzImage), QEMU its bzImage. Runs alternate between VMMs. Each VM
 # run measures every job once; the table shows min / median / max over the
-# runs. This is a benchmark, not a test: it prints numbers, it does not
-# judge them.
+# runs, then the ratios of capsule's median to each peer's (c/PEER), of
+# capsule-uring's to capsule's (u/c) and to the best peer's (u/best: the
+# highest median of QEMU, Firecracker (either engine) and Cloud
+# Hypervisor). This is a benchmark, not a test: it prints numbers, it does
+# not judge them.
 #
 # In nested mode (resources/harness/mode.sh) the runs happen inside the
 # TCG L1 guest and the data image is in L1's RAM (tmpfs): absolute figures
@@ -92,12 +99,22 @@ cat >"$DATA_DIR/fc.json" <<EOF
   "machine-config": { "vcpu_count": 2, "mem_size_mib": 512 }
 }
 EOF
+# The same with the data drive on Firecracker's io_uring engine.
+sed 's|"path_on_host": "'"$data"'", |&"io_engine": "Async", |' "$DATA_DIR/fc.json" \
+    >"$DATA_DIR/fc-async.json"
 # boot VMM: one benchmark VM; the guest's lines on stdout.
 boot() {
     case "$1" in
     capsule)
         "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
             --disk "$BENCH_ROOT,ro" --disk "$data" --cmdline "$CMDLINE" </dev/null
+        ;;
+    capsule-uring)
+        "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
+            --disk "$BENCH_ROOT,ro" --disk "$data,engine=io_uring" --cmdline "$CMDLINE" </dev/null
+        ;;
+    firecracker-async)
+        "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc-async.json" </dev/null
         ;;
     firecracker)
         "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc.json" </dev/null
@@ -123,7 +140,7 @@ boot() {
 i=0
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
-    for vmm in capsule qemu $PEERS; do
+    for vmm in capsule capsule-uring qemu $PEERS; do
         rm -f "$data"
         dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
         echo "bench-blk: run $i $vmm"
@@ -161,6 +178,10 @@ main() {
     write_runner "$work/bench-run.sh"
     copy_tools "$work/tools" qemu-system-x86_64
     peers="$(copy_peers "$work/tools")"
+    # Firecracker once more, with its io_uring engine on the data drive.
+    if [[ " $peers " == *" firecracker "* ]]; then
+        peers="${peers/firecracker/firecracker firecracker-async}"
+    fi
     copy_qemu_firmware "$work/qemu-fw"
 
     log "mode: $mode; $runs runs per VMM"
@@ -180,13 +201,13 @@ export DATA_DIR=/tmp BENCH_RUNS=$runs BENCH_SIZE=$size
 export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools
 exec sh /capsule/bench-run.sh
 EOF
-        export CAPSULE_L1_TIMEOUT=$((300 + runs * 180 * (2 + $(wc -w <<<"$peers"))))
+        export CAPSULE_L1_TIMEOUT=$((300 + runs * 180 * (3 + $(wc -w <<<"$peers"))))
         run_in_l1_retrying "$results" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$work/bench-root.ext4" \
             "$work/bench-run.sh" "$work/tools" "$work/qemu-fw"
     fi
     grep '^bench-blk: [a-z-]* error' "$results" >&2 || true
-    if grep -q '^bench-blk: capsule error' "$results"; then
+    if grep -qE '^bench-blk: capsule(-uring)? error' "$results"; then
         die "a fio job failed in capsule"
     fi
     if [[ -n "${BENCH_RESULTS:-}" ]]; then
@@ -195,31 +216,45 @@ EOF
         runs="$(grep -c '^bench-blk: capsule seqread ' "$results" || true)"
     fi
 
-    local vmms="capsule qemu $peers" vmm
+    local vmms="capsule capsule-uring qemu $peers" vmm
     echo
     echo "virtio-blk inside the guest, capsule beside each peer (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; $runs runs each, alternating)"
     [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"
     printf '%-34s' "measurement (min / median / max)"
     for vmm in $vmms; do printf ' %20s' "$vmm"; done
     # short VMM: the ratio columns' names.
-    short() { case "$1" in firecracker) echo fc ;; cloud-hypervisor) echo ch ;; *) echo "$1" ;; esac; }
-    for vmm in $vmms; do [[ $vmm == capsule ]] || printf ' %7s' "c/$(short "$vmm")"; done
+    short() {
+        case "$1" in
+        firecracker) echo fc ;; firecracker-async) echo fca ;; cloud-hypervisor) echo ch ;; *) echo "$1" ;;
+        esac
+    }
+    for vmm in $vmms; do [[ $vmm == capsule* ]] || printf ' %7s' "c/$(short "$vmm")"; done
+    printf ' %7s %7s' u/c u/best
     echo
+    # ratio A B: A / B with two decimals, "-" without both.
+    ratio() {
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else print "-" }'
+    }
     row() { # LABEL JOB FIELD DIVISOR
-        local x cm="" c=() i=0
+        local x cm="" um="" best="" c=() i=0
         printf '%-34s' "$1"
         for vmm in $vmms; do
             read -r -a x <<<"$(sed -n "s/^bench-blk: $vmm $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
                 awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
-            [[ $vmm == capsule ]] && cm="${x[1]}"
+            case "$vmm" in
+            capsule) cm="${x[1]}" ;;
+            capsule-uring) um="${x[1]}" ;;
+            *) best="$(awk -v a="$best" -v b="${x[1]}" \
+                'BEGIN { if (b != "-" && (a == "" || b + 0 > a + 0)) print b; else print a }')" ;;
+            esac
             c+=("${x[1]}")
             printf ' %20s' "${x[0]} / ${x[1]} / ${x[2]}"
         done
         for vmm in $vmms; do
-            [[ $vmm == capsule ]] || printf ' %7s' "$(awk -v a="$cm" -v b="${c[$i]}" \
-                'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else print "-" }')"
+            [[ $vmm == capsule* ]] || printf ' %7s' "$(ratio "$cm" "${c[$i]}")"
             i=$((i + 1))
         done
+        printf ' %7s %7s' "$(ratio "$um" "$cm")" "$(ratio "$um" "${best:--}")"
         echo
     }
     row "sequential write, MiB/s (1 MiB)" seqwrite write_kibps 1024

@@ -382,6 +382,18 @@ pub enum DiskCache {
     Unsafe,
 }
 
+/// Which engine moves a disk's data (`,engine=` on the command line, a
+/// drive's `io_engine` in the API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum DiskEngine {
+    /// Requests one after the other on the device thread.
+    #[default]
+    Sync,
+    /// Requests in flight together through an io_uring (the API's
+    /// `"Async"`).
+    IoUring,
+}
+
 /// A raw disk image for a virtio-blk device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
@@ -395,18 +407,24 @@ pub struct DiskConfig {
     /// existed: writeback).
     #[serde(default)]
     pub cache: DiskCache,
+    /// Which engine moves the data (absent in configurations saved before
+    /// it existed: sync).
+    #[serde(default)]
+    pub engine: DiskEngine,
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
 
-    /// Parses `PATH[,ro|,rw|,ephemeral][,cache=writeback|unsafe]`: the
+    /// Parses `PATH[,ro|,rw|,ephemeral][,cache=writeback|unsafe]
+    /// [,engine=sync|io_uring]` (options in any order): the
     /// options are the comma-separated words at the end; a comma in a
     /// directory name (a word with a `/`) belongs to the path.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut path = s;
         let mut mode = None;
         let mut cache = None;
+        let mut engine = None;
         while let Some((p, opt)) = path.rsplit_once(',') {
             if opt.contains('/') {
                 break;
@@ -425,6 +443,19 @@ impl std::str::FromStr for DiskConfig {
                         ))
                     }
                 });
+            } else if let Some(e) = opt.strip_prefix("engine=") {
+                if engine.is_some() {
+                    return Err(conflict());
+                }
+                engine = Some(match e {
+                    "sync" => DiskEngine::Sync,
+                    "io_uring" => DiskEngine::IoUring,
+                    _ => {
+                        return Err(format!(
+                            "unknown disk engine '{e}' (expected sync or io_uring)"
+                        ))
+                    }
+                });
             } else {
                 let m = match opt {
                     "ro" => DiskMode::ReadOnly,
@@ -432,7 +463,7 @@ impl std::str::FromStr for DiskConfig {
                     "ephemeral" => DiskMode::Ephemeral,
                     _ => {
                         return Err(format!(
-                            "unknown disk option '{opt}' (expected ro, rw, ephemeral or cache=MODE)"
+                            "unknown disk option '{opt}' (expected ro, rw, ephemeral, cache=MODE or engine=ENGINE)"
                         ))
                     }
                 };
@@ -451,6 +482,7 @@ impl std::str::FromStr for DiskConfig {
             mode: mode.unwrap_or_default(),
             limits: Limits::default(),
             cache: cache.unwrap_or_default(),
+            engine: engine.unwrap_or_default(),
         })
     }
 }
@@ -585,6 +617,43 @@ mod tests {
         }
         let e = "a.img,cache=none".parse::<DiskConfig>().unwrap_err();
         assert!(e.contains("writeback or unsafe"), "{e}");
+    }
+
+    #[test]
+    fn disk_engines() {
+        let d: DiskConfig = "a.img".parse().unwrap();
+        assert_eq!(d.engine, DiskEngine::Sync);
+        let d: DiskConfig = "/x,y/a.img,engine=io_uring,ro,cache=unsafe"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (d.path.to_str().unwrap(), d.mode, d.cache, d.engine),
+            (
+                "/x,y/a.img",
+                DiskMode::ReadOnly,
+                DiskCache::Unsafe,
+                DiskEngine::IoUring
+            )
+        );
+        let d: DiskConfig = "a.img,engine=sync".parse().unwrap();
+        assert_eq!(d.engine, DiskEngine::Sync);
+        for bad in [
+            "a.img,engine=aio",
+            "a.img,engine=",
+            "a.img,engine=io_uring,engine=sync",
+            "a.img,engine=sync,engine=sync",
+            ",engine=io_uring",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+        let e = "a.img,engine=aio".parse::<DiskConfig>().unwrap_err();
+        assert!(e.contains("sync or io_uring"), "{e}");
+        // Saved before the field existed.
+        let d: DiskConfig = "a.img,engine=io_uring".parse().unwrap();
+        let mut v = serde_json::to_value(&d).unwrap();
+        assert!(v.as_object_mut().unwrap().remove("engine").is_some());
+        let old: DiskConfig = serde_json::from_value(v).unwrap();
+        assert_eq!(old.engine, DiskEngine::Sync);
     }
 
     #[test]

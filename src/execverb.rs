@@ -36,7 +36,11 @@ pub struct ExecArgs {
     /// /dev/vdb, ...; with --host-root none is mounted).
     /// `,ro`: read-only. `,ephemeral`: the image is never modified.
     /// `,cache=unsafe`: flushes skip the image's fdatasync (see `run`).
-    #[arg(long, value_name = "IMG[,ro|,ephemeral][,cache=unsafe]")]
+    /// `,engine=io_uring`: requests through an io_uring (see `run`).
+    #[arg(
+        long,
+        value_name = "IMG[,ro|,ephemeral][,cache=unsafe][,engine=io_uring]"
+    )]
     disk: Vec<config::DiskConfig>,
     /// Boot on the host's / shared read-only over virtio-fs, with a tmpfs
     /// overlay for writes and the current directory shared writable (and

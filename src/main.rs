@@ -230,8 +230,14 @@ struct RunArgs {
     /// vanish when the VM ends. `,cache=unsafe`: the guest's flushes
     /// complete without an fdatasync of the image (a host crash or power
     /// loss can lose data the guest synced); `,cache=writeback` (default)
-    /// syncs.
-    #[arg(long = "disk", value_name = "PATH[,ro|,ephemeral][,cache=unsafe]")]
+    /// syncs. `,engine=io_uring`: requests run concurrently through an
+    /// io_uring, straight to and from guest memory (not with
+    /// `,ephemeral`; capsule refuses to start where io_uring is
+    /// unavailable); `,engine=sync` (default) runs them one by one.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,ro|,ephemeral][,cache=unsafe][,engine=io_uring]"
+    )]
     disks: Vec<config::DiskConfig>,
     /// Network device (repeatable; the guest sees eth0, eth1, ... in
     /// order). `tap=NAME`: a host TAP device, created if missing (needs

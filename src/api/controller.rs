@@ -558,8 +558,14 @@ mod tests {
         };
         let unsafe_data = Drive {
             cache_type: Some("Unsafe".into()),
+            io_engine: Some("Async".into()),
             ..drive("data", false)
         };
+        let aio = Drive {
+            io_engine: Some("Aio".into()),
+            ..drive("data", false)
+        };
+        assert!(!ok(&mut c, VmmAction::PutDrive(aio)));
         assert!(ok(&mut c, VmmAction::PutDrive(unsafe_data)));
         assert!(ok(&mut c, VmmAction::PutDrive(drive("rootfs", true))));
         assert!(!ok(&mut c, VmmAction::PutDrive(drive("other", true))));
@@ -574,6 +580,9 @@ mod tests {
         // cache_type Unsafe is carried to the disk; absent is writeback.
         assert_eq!(vm.disks[1].cache, crate::config::DiskCache::Unsafe);
         assert_eq!(vm.disks[0].cache, crate::config::DiskCache::Writeback);
+        // io_engine Async is the io_uring engine; absent is sync.
+        assert_eq!(vm.disks[1].engine, crate::config::DiskEngine::IoUring);
+        assert_eq!(vm.disks[0].engine, crate::config::DiskEngine::Sync);
         assert_eq!((vm.vcpus, vm.mem_size), (2, 256 << 20));
         // Pause before start, Ctrl-Alt-Del before start.
         assert!(matches!(

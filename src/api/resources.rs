@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use super::action::VmmActionError;
 use super::types::*;
 use crate::config::{
-    self, parse_mac, DiskCache, DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig,
-    VsockConfig,
+    self, parse_mac, DiskCache, DiskConfig, DiskEngine, DiskMode, NetBackendConfig, NetConfig,
+    VmConfig, VsockConfig,
 };
 
 /// The Firecracker-compatible default memory size (MiB) before
@@ -304,6 +304,12 @@ impl VmResources {
                 } else {
                     DiskCache::Writeback
                 },
+                // Validated by validate_drive: Sync or Async.
+                engine: if d.io_engine.as_deref() == Some("Async") {
+                    DiskEngine::IoUring
+                } else {
+                    DiskEngine::Sync
+                },
             })
             .collect();
         Ok(VmConfig {
@@ -405,8 +411,11 @@ fn validate_drive(d: &Drive) -> Result<()> {
         None | Some("") => return Err(unsupported("path_on_host is required")),
         Some(_) => {}
     }
-    if d.io_engine.as_deref().is_some_and(|e| e != "Sync") {
-        return Err(unsupported("only the Sync io_engine is supported"));
+    if d.io_engine
+        .as_deref()
+        .is_some_and(|e| e != "Sync" && e != "Async")
+    {
+        return Err(unsupported("io_engine must be Sync or Async"));
     }
     if d.cache_type
         .as_deref()

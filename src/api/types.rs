@@ -177,7 +177,8 @@ pub struct Drive {
     /// Limits on the guest's requests (bytes and operations).
     #[serde(default, skip_serializing_if = "is_none")]
     pub rate_limiter: Option<RateLimiter>,
-    /// `"Sync"` only.
+    /// `"Sync"` (the default: requests one after the other) or `"Async"`
+    /// (through an io_uring, as `--disk ...,engine=io_uring`).
     #[serde(default, skip_serializing_if = "is_none")]
     pub io_engine: Option<String>,
     /// vhost-user socket: not supported, refused when present.

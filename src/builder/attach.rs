@@ -226,6 +226,10 @@ fn open_disk(index: usize, disk: &DiskConfig) -> Result<Block> {
             DiskCache::Writeback => CacheMode::Writeback,
             DiskCache::Unsafe => CacheMode::Unsafe,
         },
+        engine: match disk.engine {
+            crate::config::DiskEngine::Sync => devices::virtio::block::IoEngine::Sync,
+            crate::config::DiskEngine::IoUring => devices::virtio::block::IoEngine::IoUring,
+        },
     })
     .map_err(Error::Disk)?;
     block.set_rate_limiter(rate_limiter(&disk.limits).map_err(Error::RateLimiter)?);

@@ -239,6 +239,11 @@ fn vmm() -> Vec<Allow> {
         any("fsync", SYS_fsync, "virtio-blk flush"),
         any("fdatasync", SYS_fdatasync, "virtio-blk flush"),
         any(
+            "io_uring_enter",
+            SYS_io_uring_enter,
+            "virtio-blk engine=io_uring: submissions and waits (the ring is set up before the filter)",
+        ),
+        any(
             "fallocate",
             SYS_fallocate,
             "virtio-blk discard and write-zeroes",
@@ -367,6 +372,11 @@ fn vcpu() -> Vec<Allow> {
             "recvmsg",
             SYS_recvmsg,
             "virtio-fs: vhost-user replies on activation",
+        ),
+        any(
+            "io_uring_enter",
+            SYS_io_uring_enter,
+            "virtio-blk engine=io_uring: a device reset waits for the requests in flight",
         ),
     ]);
     v.push(ioctl_only(

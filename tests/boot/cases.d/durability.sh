@@ -16,6 +16,8 @@
 # DURABILITY_CACHE=unsafe gives the disk `,cache=unsafe` (flushes are not
 # carried to the image): the image lives in L1's page cache, which outlives
 # capsule, so a SIGKILL loses nothing either way.
+# DURABILITY_ENGINE=io_uring gives the disk `,engine=io_uring` (default
+# sync: the disk's default engine).
 #
 # Optional (run by name: CASES=durability_kill9; resources/durability.sh
 # runs it with more trials). Results: docs/fuzzing.md.
@@ -35,6 +37,7 @@ durability_trial() {
     head -c $((DURABILITY_SLOTS * 4096)) /dev/zero >"$_img"
     _cache=""
     [ "${DURABILITY_CACHE:-writeback}" = writeback ] || _cache=",cache=$DURABILITY_CACHE"
+    [ "${DURABILITY_ENGINE:-sync}" = sync ] || _cache="$_cache,engine=$DURABILITY_ENGINE"
     printf '%s\n' "$DURABILITY_WRITER" >"$_dir/input"
     : >"$_raw"
     mkfifo "$_fifo"

@@ -29,6 +29,12 @@ pub trait DiskImage: Send {
     /// Whether writes are refused.
     fn is_read_only(&self) -> bool;
 
+    /// The descriptor the io_uring engine reads and writes at the same
+    /// offsets: only an image whose data is all in one file has one.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
     /// Fills `buf` from `offset`.
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 
@@ -205,6 +211,10 @@ impl DiskImage for RawImage {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(std::os::fd::AsRawFd::as_raw_fd(&self.file))
     }
 
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {

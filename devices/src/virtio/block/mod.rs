@@ -1,7 +1,11 @@
 //! virtio-blk over a raw disk image (virtio 1.2 §5.2).
 //!
-//! One request queue. Requests are handled synchronously on the event-loop
-//! thread when the queue's eventfd fires.
+//! One request queue. With the default synchronous engine, requests are
+//! handled on the event-loop thread when the queue's eventfd fires; with
+//! `engine=io_uring` ([`IoEngine::IoUring`], `uring.rs`) reads, writes and
+//! flushes are submitted to an io_uring and completed when its eventfd
+//! fires, and the rest below (budgets, resumption) concerns the
+//! synchronous engine.
 //!
 //! That thread also serves the API and the orderly stop, so one queue event
 //! does a bounded amount of work: at most [`BYTE_BUDGET`] bytes of data
@@ -46,9 +50,11 @@
 
 pub mod disk;
 mod ephemeral;
+mod error;
 mod lock;
 pub mod persist;
 mod request;
+mod uring;
 
 use std::io;
 use std::path::PathBuf;
@@ -63,7 +69,9 @@ use virtio_queue::{QueueOwnedT, QueueT};
 
 pub use disk::{DiskImage, RawImage};
 pub use ephemeral::EphemeralImage;
+pub use error::BlockError;
 pub use lock::lock_image;
+pub use uring::IoEngine;
 
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -111,81 +119,6 @@ pub const BYTE_BUDGET: u64 = 1 << 20;
 /// `write_zeroes_may_unmap` plus padding).
 const CONFIG_LEN: usize = 60;
 
-/// Errors from setting up a block device. Each names the image.
-#[derive(Debug, thiserror::Error)]
-pub enum BlockError {
-    /// The image cannot be opened.
-    #[error("cannot open disk image {path}: {source}")]
-    Open {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The path is neither a regular file nor a block device.
-    #[error("disk image {0} is not a regular file or block device")]
-    NotAFile(PathBuf),
-    /// Another process (or another disk of this VM) holds a conflicting lock.
-    #[error(
-        "disk image {path} is in use by another process (cannot take {} lock): {}",
-        if *.exclusive { "an exclusive" } else { "a shared" },
-        if *.exclusive {
-            "stop the VM that has it, or give it to each VM with ,ro or ,ephemeral to share it read-only"
-        } else {
-            "a VM is writing to it; stop that VM first"
-        }
-    )]
-    Locked {
-        /// The image.
-        path: PathBuf,
-        /// Whether an exclusive lock was requested.
-        exclusive: bool,
-    },
-    /// Locking failed for another reason.
-    #[error("cannot lock disk image {path}: {source}")]
-    Lock {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The size of the image cannot be determined.
-    #[error("cannot determine the size of disk image {path}: {source}")]
-    Size {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The ephemeral overlay cannot be created.
-    #[error("cannot create the ephemeral overlay for disk image {path}: {source}")]
-    Overlay {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-    /// The serial number does not fit the 20-byte GET_ID answer.
-    #[error("disk serial {serial:?} is longer than 20 bytes")]
-    SerialTooLong {
-        /// The serial.
-        serial: String,
-    },
-    /// Creating an eventfd failed.
-    #[error("cannot create eventfd for disk image {path}: {source}")]
-    EventFd {
-        /// The image.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
-    },
-}
-
 /// What the device does with the guest's flush requests (a drive's
 /// `cache_type`). Either way the device offers `VIRTIO_BLK_F_FLUSH`, and
 /// the guest's writes reach the image (the host's page cache) before they
@@ -218,6 +151,8 @@ pub struct BlockConfig {
     pub serial: String,
     /// What a flush does.
     pub cache: CacheMode,
+    /// Which engine moves the data.
+    pub engine: IoEngine,
 }
 
 /// The request queue's index.
@@ -241,6 +176,8 @@ pub struct Block {
     limiter: Option<crate::rate_limiter::RateLimiter>,
     /// What a flush does.
     cache: CacheMode,
+    /// The io_uring engine, if the disk uses it.
+    uring: Option<Box<uring::Uring>>,
 }
 
 impl std::fmt::Debug for Block {
@@ -249,6 +186,7 @@ impl std::fmt::Debug for Block {
             .field("capacity", &self.capacity)
             .field("read_only", &self.disk.is_read_only())
             .field("cache", &self.cache)
+            .field("io_uring", &self.uring.is_some())
             .field("active", &self.common.is_activated())
             .finish()
     }
@@ -258,6 +196,10 @@ impl Block {
     /// Opens, locks and sizes the image described by `config`.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
         let id = serial_id(&config.serial)?;
+        let uring = config.engine == IoEngine::IoUring;
+        if uring && config.ephemeral && !config.read_only {
+            return Err(BlockError::UringEphemeral(config.path));
+        }
         let disk: Box<dyn DiskImage> = if config.read_only {
             Box::new(RawImage::open(&config.path, true)?)
         } else if config.ephemeral {
@@ -274,10 +216,18 @@ impl Block {
             );
         }
         let mut block = Self::with_disk(disk, id).map_err(|source| BlockError::EventFd {
-            path: config.path,
+            path: config.path.clone(),
             source,
         })?;
         block.cache = config.cache;
+        if uring {
+            let ring = uring::Uring::new().map_err(|source| BlockError::Uring {
+                path: config.path.clone(),
+                source,
+            })?;
+            block.uring = Some(Box::new(ring));
+            log::info!("disk image {}: io_uring engine", config.path.display());
+        }
         Ok(block)
     }
 
@@ -314,6 +264,7 @@ impl Block {
             resume: None,
             limiter: None,
             cache: CacheMode::Writeback,
+            uring: None,
         })
     }
 
@@ -375,6 +326,8 @@ impl Block {
     pub fn replace_image(&mut self, path: &std::path::Path) -> Result<(), BlockError> {
         let read_only = self.disk.is_read_only();
         let disk: Box<dyn DiskImage> = Box::new(RawImage::open(path, read_only)?);
+        // In-flight io_uring requests name the old image's descriptor.
+        self.quiesce();
         self.capacity = disk.len() / SECTOR_SIZE;
         self.disk = disk;
         self.config = config_space(self.capacity);
@@ -394,8 +347,10 @@ impl Block {
             resume,
             limiter,
             cache,
+            uring,
             ..
         } = self;
+        let mut uring = uring.as_deref_mut();
         let zeroes = common.avail_features() & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0;
         let Some(active) = common.activation_mut() else {
             return;
@@ -414,6 +369,7 @@ impl Block {
         };
         let mem = &active.mem;
         let mut handled = 0usize;
+        let mut answered = 0usize;
         let mut more = false;
         let mut limited = false;
         let mut suspended = false;
@@ -424,8 +380,13 @@ impl Block {
             }
             let before = handled;
             while handled < REQUEST_BUDGET && ctx.bytes < *byte_budget {
-                match serve_next(queue, mem, &mut ctx, resume, limiter.as_mut()) {
-                    Step::Served => handled += 1,
+                let ring = uring.as_deref_mut();
+                match serve_next(queue, mem, &mut ctx, resume, limiter.as_mut(), ring) {
+                    Step::Served => {
+                        handled += 1;
+                        answered += 1;
+                    }
+                    Step::Submitted => handled += 1,
                     Step::Empty => break,
                     Step::Limited => {
                         limited = true;
@@ -467,7 +428,10 @@ impl Block {
                 }
             }
         }
-        if handled > 0 {
+        if let Some(u) = uring {
+            u.submit();
+        }
+        if answered > 0 {
             active.signal_used_queue(REQUEST_QUEUE);
         }
         if more {
@@ -480,9 +444,12 @@ impl Block {
 enum Step {
     /// A request completed and went to the used ring.
     Served,
+    /// A request went to the io_uring; its completion answers it.
+    Submitted,
     /// No request available.
     Empty,
-    /// The rate limiter refused the next request (left in the ring).
+    /// The rate limiter refused the next request (left in the ring), or
+    /// the io_uring has no room for one (a completion continues).
     Limited,
     /// A request stopped on the byte budget (left in the ring, its
     /// progress in `resume`).
@@ -492,13 +459,18 @@ enum Step {
 /// Pops the next request and serves it (as far as the byte budget goes).
 /// `resume` is the progress of the request an earlier event stopped in:
 /// the first one popped now, whose bytes the limiter already counted.
+/// With `uring`, reads, writes and flushes are submitted there instead.
 fn serve_next(
     queue: &mut virtio_queue::Queue,
     mem: &GuestMemoryMmap,
     ctx: &mut request::Context<'_>,
     resume: &mut Option<(u16, request::Progress)>,
     limiter: Option<&mut crate::rate_limiter::RateLimiter>,
+    uring: Option<&mut uring::Uring>,
 ) -> Step {
+    if uring.as_ref().is_some_and(|u| !u.has_room()) {
+        return Step::Limited;
+    }
     let Some(chain) = queue.pop_descriptor_chain(mem) else {
         return Step::Empty;
     };
@@ -512,7 +484,14 @@ fn serve_next(
             return Step::Limited;
         }
     }
-    match request::process(ctx, mem, chain) {
+    let outcome = match uring {
+        Some(u) => match u.start(ctx, mem, chain) {
+            Some(len) => request::Outcome::Done(len),
+            None => return Step::Submitted,
+        },
+        None => request::process(ctx, mem, chain),
+    };
+    match outcome {
         request::Outcome::Done(len) => {
             if let Err(e) = queue.add_used(mem, head, len) {
                 crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
@@ -578,6 +557,14 @@ impl VirtioDevice for Block {
         self.resume = None;
     }
 
+    /// In-flight io_uring requests finish first: they write guest
+    /// memory, which the driver owns again once the reset is done.
+    fn reset(&mut self) -> bool {
+        self.finish_in_flight(false);
+        self.common.reset();
+        self.reset_device()
+    }
+
     fn reset_device(&mut self) -> bool {
         self.resume = None;
         true
@@ -586,6 +573,8 @@ impl VirtioDevice for Block {
 
 /// The event tag of the rate limiter's timer.
 const LIMITER_TAG: u32 = 1;
+/// The event tag of the io_uring's completion eventfd.
+const URING_TAG: u32 = 2;
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
@@ -594,6 +583,12 @@ impl MutEventSubscriber for Block {
             let ev = VirtioCommon::device_events(l.timer_fd(), LIMITER_TAG, EventSet::IN);
             if let Err(e) = ops.add(ev) {
                 log::error!("virtio-blk: cannot watch the rate limiter's timer: {e}");
+            }
+        }
+        if let Some(u) = &self.uring {
+            let ev = VirtioCommon::device_events(u.eventfd(), URING_TAG, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::error!("virtio-blk: cannot watch the io_uring's completions: {e}");
             }
         }
     }
@@ -612,6 +607,7 @@ impl MutEventSubscriber for Block {
                 }
                 self.process_queue();
             }
+            DeviceEvent::Device { tag: URING_TAG, .. } => self.uring_completions(),
             _ => {}
         }
     }

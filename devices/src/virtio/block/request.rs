@@ -52,8 +52,8 @@ const HEADER_LEN: u32 = 16;
 const SEGMENT_LEN: u64 = 16;
 
 /// Status byte values.
-const S_OK: u8 = status_byte(VIRTIO_BLK_S_OK);
-const S_IOERR: u8 = status_byte(VIRTIO_BLK_S_IOERR);
+pub(super) const S_OK: u8 = status_byte(VIRTIO_BLK_S_OK);
+pub(super) const S_IOERR: u8 = status_byte(VIRTIO_BLK_S_IOERR);
 const S_UNSUPP: u8 = status_byte(VIRTIO_BLK_S_UNSUPP);
 
 /// A `VIRTIO_BLK_S_*` value as the status byte; evaluated at compile time.
@@ -142,14 +142,21 @@ pub(super) fn process(
     }
 }
 
-/// [`process`] proper: the used length, 0 when `suspended` was set.
-fn process_chain(
-    ctx: &mut Context<'_>,
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    resume: Option<Progress>,
-    suspended: &mut Option<Progress>,
-) -> u32 {
+/// A descriptor chain taken apart (see [`split_chain`]).
+pub(super) enum Split {
+    /// Unusable (cut short, no usable status descriptor): returned with
+    /// used length 0, nothing written.
+    Invalid,
+    /// More than [`MAX_DESCRIPTORS`]: answered `IOERR` at this status
+    /// address.
+    TooMany(GuestAddress),
+    /// The descriptors before the status byte (at least one), and the
+    /// status byte's address.
+    Request(Vec<Descriptor>, GuestAddress),
+}
+
+/// Walks a chain (at most [`MAX_DESCRIPTORS`] kept) and checks its end.
+pub(super) fn split_chain(chain: DescriptorChain<&GuestMemoryMmap>) -> Split {
     let mut descs = Vec::new();
     let mut count = 0usize;
     let mut last = None;
@@ -162,42 +169,100 @@ fn process_chain(
     }
     let Some(status_desc) = last else {
         debug!("virtio-blk: empty descriptor chain");
-        return 0;
+        return Split::Invalid;
     };
     if status_desc.has_next() {
         debug!("virtio-blk: descriptor chain is cut short (loop, bad index or bad memory)");
-        return 0;
+        return Split::Invalid;
     }
     if count < 2 || !status_desc.is_write_only() || status_desc.len() == 0 {
         debug!("virtio-blk: request without a usable status descriptor");
-        return 0;
+        return Split::Invalid;
     }
-
-    let (status, written) = if count > MAX_DESCRIPTORS {
+    if count > MAX_DESCRIPTORS {
         debug!("virtio-blk: request with {count} descriptors");
-        (S_IOERR, 0)
-    } else {
-        let mut run = Run {
-            resume,
-            suspended: None,
-        };
-        let r = execute(ctx, mem, &descs[..count - 1], &mut run);
-        if run.suspended.is_some() {
-            *suspended = run.suspended;
-            return 0;
-        }
-        match r {
-            Ok(n) => (S_OK, n),
-            Err(s) => (s, 0),
-        }
-    };
-    match mem.write_obj(status, status_desc.addr()) {
+        return Split::TooMany(status_desc.addr());
+    }
+    descs.truncate(count - 1);
+    Split::Request(descs, status_desc.addr())
+}
+
+/// Writes the status byte; returns the used length (`written` data bytes
+/// plus the status byte), 0 if the status byte cannot be written.
+pub(super) fn finish(mem: &GuestMemoryMmap, at: GuestAddress, status: u8, written: u32) -> u32 {
+    match mem.write_obj(status, at) {
         Ok(()) => written.saturating_add(1),
         Err(e) => {
             debug!("virtio-blk: cannot write status byte: {e}");
             0
         }
     }
+}
+
+/// [`process`] proper: the used length, 0 when `suspended` was set.
+fn process_chain(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    resume: Option<Progress>,
+    suspended: &mut Option<Progress>,
+) -> u32 {
+    let (descs, status_at) = match split_chain(chain) {
+        Split::Invalid => return 0,
+        Split::TooMany(at) => return finish(mem, at, S_IOERR, 0),
+        Split::Request(descs, at) => (descs, at),
+    };
+    let mut run = Run {
+        resume,
+        suspended: None,
+    };
+    let r = execute(ctx, mem, &descs, &mut run);
+    if run.suspended.is_some() {
+        *suspended = run.suspended;
+        return 0;
+    }
+    match r {
+        Ok(n) => finish(mem, status_at, S_OK, n),
+        Err(s) => finish(mem, status_at, s, 0),
+    }
+}
+
+/// Runs a request to its end on this thread (the io_uring engine's
+/// requests other than reads, writes and flushes): `descs` is what
+/// [`split_chain`] kept. Returns the status and the data bytes written
+/// to guest memory.
+pub(super) fn execute_now(
+    ctx: &mut Context<'_>,
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+) -> (u8, u32) {
+    let mut run = Run {
+        resume: None,
+        suspended: None,
+    };
+    let saved = std::mem::replace(&mut ctx.budget, u64::MAX);
+    let r = execute(ctx, mem, descs, &mut run);
+    ctx.budget = saved;
+    match r {
+        Ok(n) => (S_OK, n),
+        Err(s) => (s, 0),
+    }
+}
+
+/// The type and sector of a request header descriptor.
+pub(super) fn header(mem: &GuestMemoryMmap, hdr: &Descriptor) -> Result<(u32, u64), u8> {
+    if hdr.is_write_only() || hdr.len() != HEADER_LEN {
+        debug!("virtio-blk: bad request header descriptor");
+        return Err(S_IOERR);
+    }
+    let mut h = [0u8; HEADER_LEN as usize];
+    mem.read_slice(&mut h, hdr.addr()).map_err(|e| {
+        debug!("virtio-blk: cannot read request header: {e}");
+        S_IOERR
+    })?;
+    let ty = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    Ok((ty, sector))
 }
 
 /// A read or write's resumption state, in and out.
@@ -218,17 +283,7 @@ fn execute(
     run: &mut Run,
 ) -> Result<u32, u8> {
     let (hdr, data) = descs.split_first().ok_or(S_IOERR)?;
-    if hdr.is_write_only() || hdr.len() != HEADER_LEN {
-        debug!("virtio-blk: bad request header descriptor");
-        return Err(S_IOERR);
-    }
-    let mut h = [0u8; HEADER_LEN as usize];
-    mem.read_slice(&mut h, hdr.addr()).map_err(|e| {
-        debug!("virtio-blk: cannot read request header: {e}");
-        S_IOERR
-    })?;
-    let ty = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
-    let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    let (ty, sector) = header(mem, hdr)?;
 
     let before = ctx.bytes;
     let m = &crate::metrics::BLOCK;
@@ -272,7 +327,7 @@ fn execute(
     r
 }
 
-fn io_error(e: io::Error) -> u8 {
+pub(super) fn io_error(e: io::Error) -> u8 {
     crate::warn_ratelimited!("virtio-blk: I/O error: {e}");
     S_IOERR
 }
@@ -331,7 +386,7 @@ fn disk_offset(capacity: u64, sector: u64, len: u64) -> Result<u64, u8> {
 }
 
 /// Checks an IN/OUT request's data and position; returns (offset, length).
-fn rw_range(
+pub(super) fn rw_range(
     ctx: &Context<'_>,
     mem: &GuestMemoryMmap,
     sector: u64,

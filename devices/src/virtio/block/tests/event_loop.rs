@@ -7,7 +7,7 @@ use super::*;
 /// The whole path: MMIO registers, activation through the event loop, a
 /// notify, the used ring, the interrupt; then reset and a second activation.
 #[test]
-fn through_mmio_and_event_loop() {
+pub(super) fn through_mmio_and_event_loop() {
     let mem = guest_memory();
     let img = image();
     let block = Arc::new(Mutex::new(Block::new(config(&img, false, false)).unwrap()));
@@ -87,7 +87,7 @@ fn through_mmio_and_event_loop() {
 }
 
 #[test]
-fn rate_limited_requests_wait_for_the_refill() {
+pub(super) fn rate_limited_requests_wait_for_the_refill() {
     use crate::rate_limiter::{BucketConfig, RateLimiter};
     let mem = guest_memory();
     let img = image();

@@ -7,7 +7,7 @@
 use super::*;
 
 #[test]
-fn out_of_range_and_overflowing_sectors() {
+pub(super) fn out_of_range_and_overflowing_sectors() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -34,7 +34,7 @@ fn out_of_range_and_overflowing_sectors() {
 }
 
 #[test]
-fn buffers_outside_guest_memory() {
+pub(super) fn buffers_outside_guest_memory() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -60,7 +60,7 @@ fn buffers_outside_guest_memory() {
 }
 
 #[test]
-fn wrong_direction_data_descriptors() {
+pub(super) fn wrong_direction_data_descriptors() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -81,7 +81,7 @@ fn wrong_direction_data_descriptors() {
 }
 
 #[test]
-fn bad_headers() {
+pub(super) fn bad_headers() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -95,7 +95,7 @@ fn bad_headers() {
 }
 
 #[test]
-fn missing_or_unusable_status_descriptor() {
+pub(super) fn missing_or_unusable_status_descriptor() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -122,7 +122,7 @@ fn missing_or_unusable_status_descriptor() {
 }
 
 #[test]
-fn unsupported_request_types() {
+pub(super) fn unsupported_request_types() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -132,7 +132,7 @@ fn unsupported_request_types() {
 }
 
 #[test]
-fn descriptor_loops_and_bad_next_indices() {
+pub(super) fn descriptor_loops_and_bad_next_indices() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -161,7 +161,7 @@ fn descriptor_loops_and_bad_next_indices() {
 }
 
 #[test]
-fn bad_available_ring_entries() {
+pub(super) fn bad_available_ring_entries() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
@@ -198,7 +198,7 @@ fn add_indirect(d: &mut Driver<'_>, descs: &[(u64, u32, u16)]) {
 }
 
 #[test]
-fn indirect_chains() {
+pub(super) fn indirect_chains() {
     let mem = guest_memory();
     let img = image();
     let mut d = Driver::new(&mem, config(&img, false, false));
