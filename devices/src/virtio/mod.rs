@@ -84,6 +84,7 @@ pub mod net;
 pub mod pci;
 mod queue_events;
 pub mod rng;
+mod transport;
 pub mod vsock;
 
 use std::io;

@@ -23,7 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::features::{bit, VIRTIO_F_VERSION_1};
 use super::status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK};
-use super::{ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use super::transport::{self, StatusWrite};
+use super::{InterruptKind, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 
 /// Size of the MMIO window of one device.
@@ -360,39 +361,21 @@ impl MmioTransport {
     }
 
     fn write_status(&mut self, v: u32) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let old = self.status;
-        if v & FAILED != 0 {
-            crate::info_ratelimited!(
-                "virtio-mmio: driver marked device type {} FAILED",
-                self.device_type
-            );
-            self.status |= FAILED;
-            return;
-        }
-        if old & (FAILED | DEVICE_NEEDS_RESET) != 0 {
-            crate::debug_ratelimited!("virtio-mmio: status {v:#x} written before reset, ignored");
-            return;
-        }
-        if v == old {
-            return;
-        }
-        if v & old != old {
-            crate::debug_ratelimited!(
-                "virtio-mmio: status {old:#x} -> {v:#x} clears bits, ignored"
-            );
-            return;
-        }
-        match (old, v & !old) {
-            (0, ACKNOWLEDGE) => self.status = v,
-            (ACKNOWLEDGE, DRIVER) => self.status = v,
-            (s, FEATURES_OK) if s == ACKNOWLEDGE | DRIVER => self.features_ok(),
-            (s, DRIVER_OK) if s == ACKNOWLEDGE | DRIVER | FEATURES_OK => self.driver_ok(),
-            _ => crate::debug_ratelimited!(
-                "virtio-mmio: invalid status transition {old:#x} -> {v:#x}"
+        match transport::status_write(self.status, v) {
+            StatusWrite::Reset => self.reset(),
+            StatusWrite::Failed => {
+                crate::info_ratelimited!(
+                    "virtio-mmio: driver marked device type {} FAILED",
+                    self.device_type
+                );
+                self.status |= FAILED;
+            }
+            StatusWrite::Store => self.status = v,
+            StatusWrite::FeaturesOk => self.features_ok(),
+            StatusWrite::DriverOk => self.driver_ok(),
+            StatusWrite::Ignored(why) => crate::debug_ratelimited!(
+                "virtio-mmio: status {:#x} -> {v:#x} ignored: {why}",
+                self.status
             ),
         }
     }
@@ -401,17 +384,8 @@ impl MmioTransport {
     /// driver sees the refusal when it reads the status back.
     fn features_ok(&mut self) {
         let acked = self.driver_features;
-        let unknown = acked & !self.device_features;
-        if unknown != 0 {
-            crate::warn_ratelimited!(
-                "virtio-mmio: driver acked unoffered features {unknown:#x}; refused"
-            );
-            return;
-        }
-        if acked & bit(VIRTIO_F_VERSION_1) == 0 {
-            crate::warn_ratelimited!(
-                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; refused"
-            );
+        if let Some(why) = transport::refuse_features(acked, self.device_features) {
+            crate::warn_ratelimited!("virtio-mmio: {why}; refused");
             return;
         }
         self.lock_device().set_acked_features(acked);
@@ -419,41 +393,17 @@ impl MmioTransport {
     }
 
     fn driver_ok(&mut self) {
-        match self.activate_device() {
-            Ok(()) => self.status |= DRIVER_OK,
-            Err(e) => {
-                crate::error_ratelimited!(
-                    "virtio-mmio: cannot activate device type {}: {e}",
-                    self.device_type
-                );
-                self.status |= DRIVER_OK | DEVICE_NEEDS_RESET;
-                if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    crate::error_ratelimited!("virtio-mmio: cannot raise config interrupt: {e}");
-                }
-            }
-        }
-    }
-
-    fn activate_device(&mut self) -> Result<(), ActivateError> {
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (index, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
-                return Err(ActivateError::QueueOutsideMemory(index));
-            }
-            queues.push(
-                Queue::try_from(q.state())
-                    .map_err(|source| ActivateError::QueueState { index, source })?,
-            );
-        }
-        let evts = self
-            .queue_evts
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(ActivateError::EventFd)?;
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        self.lock_device()
-            .activate(self.mem.clone(), interrupt, queues, evts)
+        let bits = transport::driver_ok(
+            "virtio-mmio",
+            self.device_type,
+            &mut *self.lock_device(),
+            &self.mem,
+            &self.queues,
+            &self.queue_evts,
+            interrupt,
+        );
+        self.status |= bits;
     }
 
     fn reset(&mut self) {

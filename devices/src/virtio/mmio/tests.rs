@@ -3,7 +3,7 @@
 use super::*;
 use crate::virtio::features::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::test_utils::Rings;
-use crate::virtio::VirtioCommon;
+use crate::virtio::{ActivateError, VirtioCommon};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vm_memory::GuestAddress;
 

@@ -2,7 +2,6 @@
 //! device status, queue setup and MSI-X vectors, and the device status
 //! machine that activates and resets the device.
 
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::{Queue, QueueT};
@@ -13,7 +12,8 @@ use crate::virtio::features::{bit, VIRTIO_F_VERSION_1};
 use crate::virtio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
-use crate::virtio::{ActivateError, InterruptKind, VirtioDevice, VirtioInterrupt};
+use crate::virtio::transport::{self, StatusWrite};
+use crate::virtio::{VirtioDevice, VirtioInterrupt};
 use crate::GuestMemoryMmap;
 
 /// Register offsets in the common configuration structure.
@@ -257,39 +257,29 @@ impl CommonCfg {
     }
 
     fn write_status(&mut self, v: u8) {
-        if v == 0 {
-            self.reset();
-            return;
-        }
-        let (old, new) = (u32::from(self.status), u32::from(v));
-        if new & FAILED != 0 {
-            crate::info_ratelimited!(
-                "virtio-pci: driver marked device type {} FAILED",
-                self.device_type
-            );
-            self.status |= low8(FAILED);
-            return;
-        }
-        if old & (FAILED | DEVICE_NEEDS_RESET) != 0 || new == old || new & old != old {
-            crate::debug_ratelimited!("virtio-pci: status {old:#x} -> {new:#x} ignored");
-            return;
-        }
-        match (old, new & !old) {
-            (0, ACKNOWLEDGE) => self.status = v,
-            (ACKNOWLEDGE, DRIVER) => self.status = v,
-            (s, FEATURES_OK) if s == ACKNOWLEDGE | DRIVER => self.features_ok(),
-            (s, DRIVER_OK) if s == ACKNOWLEDGE | DRIVER | FEATURES_OK => self.driver_ok(),
-            _ => crate::debug_ratelimited!("virtio-pci: invalid status {old:#x} -> {new:#x}"),
+        let old = u32::from(self.status);
+        match transport::status_write(old, u32::from(v)) {
+            StatusWrite::Reset => self.reset(),
+            StatusWrite::Failed => {
+                crate::info_ratelimited!(
+                    "virtio-pci: driver marked device type {} FAILED",
+                    self.device_type
+                );
+                self.status |= low8(FAILED);
+            }
+            StatusWrite::Store => self.status = v,
+            StatusWrite::FeaturesOk => self.features_ok(),
+            StatusWrite::DriverOk => self.driver_ok(),
+            StatusWrite::Ignored(why) => {
+                crate::debug_ratelimited!("virtio-pci: status {old:#x} -> {v:#x} ignored: {why}")
+            }
         }
     }
 
     fn features_ok(&mut self) {
         let acked = self.driver_features;
-        if acked & !self.device_features != 0 || acked & bit(VIRTIO_F_VERSION_1) == 0 {
-            crate::warn_ratelimited!(
-                "virtio-pci: driver features {acked:#x} refused (offered {:#x})",
-                self.device_features
-            );
+        if let Some(why) = transport::refuse_features(acked, self.device_features) {
+            crate::warn_ratelimited!("virtio-pci: {why}; refused");
             return;
         }
         self.lock_device().set_acked_features(acked);
@@ -297,41 +287,17 @@ impl CommonCfg {
     }
 
     fn driver_ok(&mut self) {
-        match self.activate_device() {
-            Ok(()) => self.status |= low8(DRIVER_OK),
-            Err(e) => {
-                crate::error_ratelimited!(
-                    "virtio-pci: cannot activate device type {}: {e}",
-                    self.device_type
-                );
-                self.status |= low8(DRIVER_OK | DEVICE_NEEDS_RESET);
-                if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
-                    crate::error_ratelimited!("virtio-pci: cannot raise config interrupt: {e}");
-                }
-            }
-        }
-    }
-
-    fn activate_device(&mut self) -> Result<(), ActivateError> {
-        let mut queues = Vec::with_capacity(self.queues.len());
-        for (index, q) in self.queues.iter().enumerate() {
-            if q.ready() && !q.is_valid(&self.mem) {
-                return Err(ActivateError::QueueOutsideMemory(index));
-            }
-            queues.push(
-                Queue::try_from(q.state())
-                    .map_err(|source| ActivateError::QueueState { index, source })?,
-            );
-        }
-        let evts = self
-            .queue_evts
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(ActivateError::EventFd)?;
         let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        self.lock_device()
-            .activate(self.mem.clone(), interrupt, queues, evts)
+        let bits = transport::driver_ok(
+            "virtio-pci",
+            self.device_type,
+            &mut *self.lock_device(),
+            &self.mem,
+            &self.queues,
+            &self.queue_evts,
+            interrupt,
+        );
+        self.status |= low8(bits);
     }
 
     fn reset(&mut self) {
