@@ -357,13 +357,10 @@ pub fn logs(name: &str) -> u8 {
     let path = e.dir.join("console.log");
     // The older part first, if the log was rotated.
     let old = File::open(logfile::rotated(&path)).ok();
-    let mut f = match File::open(&path) {
-        Ok(f) => f,
-        Err(_) => {
-            return err(format!(
-                "VM '{name}' has no console log (not started with -d)"
-            ))
-        }
+    let Some(mut f) = open_console_log(&path) else {
+        return err(format!(
+            "VM '{name}' has no console log (not started with -d)"
+        ));
     };
     let mut out = std::io::stdout().lock();
     let copied = match old {
@@ -376,6 +373,24 @@ pub fn logs(name: &str) -> u8 {
         Ok(_) => status::OK,
         Err(er) => err(er),
     }
+}
+
+/// Opens a detached VM's console log. Rotation renames the log to
+/// `NAME.1` before it creates the next one, so a busy VM's log can be
+/// missing for an instant (`capsule logs` once failed so, beside a guest
+/// flooding a 1 KiB-capped log): where the rotated file exists, the open
+/// is retried for up to 200 ms.
+fn open_console_log(path: &Path) -> Option<File> {
+    for _ in 0..40 {
+        match File::open(path) {
+            Ok(f) => return Some(f),
+            Err(_) if logfile::rotated(path).exists() => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(_) => return None,
+        }
+    }
+    None
 }
 
 /// Whether `path` names another file than `open` (it was rotated).
@@ -396,7 +411,7 @@ pub fn console(name: &str) -> u8 {
     };
     let log_path = e.dir.join("console.log");
     let (mut log, input) = match (
-        File::open(&log_path),
+        open_console_log(&log_path).ok_or(()),
         OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
@@ -458,4 +473,31 @@ pub fn console(name: &str) -> u8 {
     }
     eprint!("\r\ncapsule: detached from '{name}'\r\n");
     status::OK
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_caught_mid_rotation_is_waited_for() {
+        let dir = std::env::temp_dir().join(format!("capsule-verbs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("console.log");
+        let _ = std::fs::remove_file(&path);
+        // Neither file: not a detached VM's log.
+        let _ = std::fs::remove_file(logfile::rotated(&path));
+        assert!(open_console_log(&path).is_none());
+        // The log renamed away, its successor created 30 ms later.
+        std::fs::write(logfile::rotated(&path), b"old").unwrap();
+        let p = path.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            std::fs::write(p, b"new").unwrap();
+        });
+        let got = open_console_log(&path);
+        t.join().unwrap();
+        assert!(got.is_some(), "the log was waited for");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
