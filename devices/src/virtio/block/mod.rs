@@ -430,6 +430,13 @@ impl Block {
         }
         if let Some(u) = uring {
             u.submit();
+            // Reads and writes the page cache can serve complete inside
+            // the submission: answer them now, under this round's
+            // interrupt, instead of after a wake-up on the completion
+            // eventfd and another event-loop round.
+            if u.reap_after_submit {
+                answered += u.reap(Some(queue));
+            }
         }
         if answered > 0 {
             active.signal_used_queue(REQUEST_QUEUE);

@@ -117,6 +117,10 @@ pub(super) struct Uring {
     sync_failed: Option<i32>,
     /// Completions being handled (kept to reuse its allocation).
     cqes: Vec<(u64, i32)>,
+    /// Answer the requests that completed inside their submission in the
+    /// same event-loop round ([`Block::process_queue`]); off only in
+    /// tests that need requests to stay in flight.
+    pub(super) reap_after_submit: bool,
 }
 
 impl Uring {
@@ -139,6 +143,7 @@ impl Uring {
             unsubmitted: 0,
             sync_failed: None,
             cqes: Vec::with_capacity(slots),
+            reap_after_submit: true,
         })
     }
 
@@ -310,7 +315,7 @@ impl Uring {
     /// Handles every completion: finished requests get their status byte
     /// and, with `queue`, a used-ring entry; short ones are resubmitted.
     /// Returns how many went to the used ring.
-    fn reap(&mut self, mut queue: Option<&mut crate::virtio::Queue>) -> usize {
+    pub(super) fn reap(&mut self, mut queue: Option<&mut crate::virtio::Queue>) -> usize {
         // Cleared before reading the queue: a completion posted meanwhile
         // signals it again.
         let _ = self.eventfd.read();
