@@ -512,6 +512,7 @@ fn main() -> ExitCode {
         Err(code) => return ExitCode::from(code),
     };
     install_process_handlers();
+    capsule::setup_step("command line parsed, logger up");
     ExitCode::from(match cli.command {
         Command::Run(args) => run_command(args),
         Command::Exec(args) => execverb::exec_command(args, started),
@@ -588,6 +589,7 @@ fn run_command(mut args: RunArgs) -> u8 {
         eprintln!("capsule: error: {e}");
         return status::ERROR;
     }
+    capsule::setup_step("confinement configured");
     if args.jail.jail {
         match args.enter_jail() {
             Ok(None) => {}

@@ -96,8 +96,10 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     check_host_memory(config.mem_size)?;
     check_transport(transport(), &config.nets, &config.fs)?;
     let virtiofsd = crate::fs_share::check(&config.fs)?;
+    crate::setup_step("user files opened");
 
     let kvm = Vm::open_kvm(&config.kvm_path)?;
+    crate::setup_step("/dev/kvm opened");
     // A vhost-user backend (virtiofsd) maps guest RAM itself: then RAM is
     // a shared memfd, else private anonymous memory.
     let ranges = arch::memory::ram_regions(config.mem_size);
@@ -111,14 +113,18 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         source,
     })?;
     let mem = ram.memory();
+    crate::setup_step("guest RAM mapped");
     let vm = Vm::new(kvm, mem)?;
+    crate::setup_step("VM created");
 
     let entry = load_kernel(mem, &config.kernel, &mut kernel)?;
+    crate::setup_step("kernel loaded");
     let initrd = if initrd.is_some() || config.initramfs.is_some() {
         Some(load_initrd(mem, initrd, config.initramfs.as_deref())?)
     } else {
         None
     };
+    crate::setup_step("initrd loaded");
 
     let unsupported = if transport() == Transport::Pci {
         Some("the virtio-pci transport (--transport pci) has no saved state yet")
@@ -156,9 +162,12 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .transpose()?;
     devices.add_extras(extras)?;
     let (blocks, macs) = (devices.blocks, devices.macs);
+    crate::setup_step("devices attached");
 
     let no_acpi = write_boot_data(mem, config, &dm, &entry, initrd.as_ref())?;
+    crate::setup_step("boot data written");
     let vcpus = create_vcpus(&vm, mem, &entry, config.vcpus)?;
+    crate::setup_step("vCPUs created");
     let persist = handles(config, &dm, blocks, macs, unsupported);
     started.launch(
         vm,
@@ -311,6 +320,7 @@ impl Started {
             None => None,
         };
         crate::landlock::restrict(&persist.config)?;
+        crate::setup_step("Landlock applied");
         let handles = start_vcpus(vcpus, &io, &mut ram)?;
         log::info!(
             "VM started: {count} vCPU(s), {} of memory, {:.1} ms after capsule started",

@@ -135,6 +135,9 @@ impl Vcpu {
             return;
         }
         crate::seccomp::test_forbidden_call("vcpu");
+        if self.index == 0 {
+            crate::setup_step("vCPU 0 confined, entering the guest");
+        }
         let mut stats = ExitStats::default();
         // Debug builds only: the fail-stop test's injected panic.
         let test_panic = crate::failstop::test_panic_requested("vcpu");
