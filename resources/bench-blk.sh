@@ -14,7 +14,9 @@
 # benchmark root image (busybox + fio,
 # as /dev/vda, read-only) and a raw data image (/dev/vdb), and runs fio on
 # /dev/vdb with O_DIRECT and libaio: sequential write and read (1 MiB
-# blocks, queue depth 4) and 4 KiB random reads (queue depth 32). capsule,
+# blocks, queue depth 4) and 4 KiB random reads and writes (queue depths 32
+# and 1), and the same jobs once per round on the data file itself, with
+# no VM (the `limit` column: the physical limit of each row). capsule,
 # Firecracker and Cloud Hypervisor boot the build's vmlinux (Firecracker
 # takes no bzImage), QEMU its bzImage. Runs alternate between VMMs. Each VM
 # run measures every job once; the table shows min / median / max over the
@@ -36,11 +38,45 @@
 #                       is computed from: several invocations (e.g. several
 #                       short holds of the nested harness) make one table
 #        CAPSULE_ANCHORS  where the Firecracker / Cloud Hypervisor builds are
+#        BENCH_VMMS   which columns to run (default: capsule capsule-uring
+#                     qemu, the peers found, limit)
+#        BENCH_VM_TIMEOUT  seconds one VM run may take before it is
+#                     killed and counted as failed (default 900)
 # stdout: the table; progress goes to stderr.
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# write_jobs FIO FILE SIZE_MIB: the fio jobs, as POSIX sh that prints one
+# "bench-blk: JOB ..." line per job: the same jobs in the guest (on
+# /dev/vdb) and, for the `limit` column, in the harness's own host (on the
+# data file itself, with nothing between fio and the file but the host
+# kernel: the physical limit of this machine for each row).
+write_jobs() {
+    cat <<JOBS
+# job NAME FIO_ARGS...: one fio job, as a "bench-blk:" line.
+job() {
+    name=\$1
+    shift
+    if ! out=\$($1 --name="\$name" --filename=$2 --direct=1 \\
+        --ioengine=libaio --group_reporting --output-format=terse \\
+        --terse-version=3 "\$@" 2>/tmp/bench-blk-err); then
+        echo "bench-blk: error \$name: \$(head -c 300 /tmp/bench-blk-err)"
+        return
+    fi
+    echo "\$out" | awk -F';' -v n="\$name" '{
+        printf "bench-blk: %s read_kibps=%s read_iops=%s write_kibps=%s write_iops=%s\\n",
+            n, \$7, \$8, \$48, \$49 }'
+}
+job seqwrite --rw=write --bs=1M --iodepth=4 --size=${3}M
+job seqread --rw=read --bs=1M --iodepth=4 --size=${3}M
+job randread --rw=randread --bs=4k --iodepth=32 --size=${3}M --runtime=10 --time_based
+job randwrite --rw=randwrite --bs=4k --iodepth=32 --size=${3}M --runtime=10 --time_based
+job randread1 --rw=randread --bs=4k --iodepth=1 --size=${3}M --runtime=10 --time_based
+job randwrite1 --rw=randwrite --bs=4k --iodepth=1 --size=${3}M --runtime=10 --time_based
+JOBS
+}
 
 # write_guest_init FILE SIZE_MIB: the benchmark image's /sbin/init.
 write_guest_init() {
@@ -53,24 +89,10 @@ grep -q ' /dev devtmpfs ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/shm
 mount -t tmpfs tmpfs /dev/shm
-# job NAME FIO_ARGS...: one fio job on /dev/vdb, as a "bench-blk:" line.
-job() {
-    name=\$1
-    shift
-    if ! out=\$(/opt/tools/fio --name="\$name" --filename=/dev/vdb --direct=1 \\
-        --ioengine=libaio --group_reporting --output-format=terse \\
-        --terse-version=3 "\$@" 2>/tmp/err); then
-        echo "bench-blk: error \$name: \$(head -c 300 /tmp/err)"
-        return
-    fi
-    echo "\$out" | awk -F';' -v n="\$name" '{
-        printf "bench-blk: %s read_kibps=%s read_iops=%s write_kibps=%s write_iops=%s\\n",
-            n, \$7, \$8, \$48, \$49 }'
-}
 echo "bench-blk: start \$(nproc) vCPUs, vdb \$((\$(cat /sys/block/vdb/size) / 2048)) MiB"
-job seqwrite --rw=write --bs=1M --iodepth=4 --size=${2}M
-job seqread --rw=read --bs=1M --iodepth=4 --size=${2}M
-job randread --rw=randread --bs=4k --iodepth=32 --size=${2}M --runtime=10 --time_based
+INIT
+    write_jobs /opt/tools/fio /dev/vdb "$2" >>"$1"
+    cat >>"$1" <<INIT
 # Firecracker has no ACPI: its guest ends through the i8042 reset.
 if grep -q bench_end=reboot /proc/cmdline; then reboot -f; fi
 poweroff -f
@@ -85,7 +107,9 @@ write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
 # Env: CAPSULE QEMU QEMU_FW BZIMAGE VMLINUX BENCH_ROOT DATA_DIR BENCH_RUNS
-#      BENCH_SIZE PEERS (reference VMMs present) TOOLS (where they are)
+#      BENCH_SIZE VMMS (the columns to run) TOOLS (where the peers are)
+#      VM_TIMEOUT (seconds per VM run)
+#      LIMIT_JOBS (the jobs for the `limit` column, copied to DATA_DIR)
 set -u
 CMDLINE="console=ttyS0 reboot=k panic=1 root=/dev/vda ro quiet"
 data="$DATA_DIR/bench-data.img"
@@ -99,35 +123,41 @@ cat >"$DATA_DIR/fc.json" <<EOF
   "machine-config": { "vcpu_count": 2, "mem_size_mib": 512 }
 }
 EOF
+cp "$LIMIT_JOBS" "$DATA_DIR/limit-jobs.sh"
 # The same with the data drive on Firecracker's io_uring engine.
 sed 's|"path_on_host": "'"$data"'", |&"io_engine": "Async", |' "$DATA_DIR/fc.json" \
     >"$DATA_DIR/fc-async.json"
-# boot VMM: one benchmark VM; the guest's lines on stdout.
+# boot VMM: one benchmark VM; the guest's lines on stdout (in a subshell
+# of its own, which becomes the VMM: run_one's timeout kills the VMM).
 boot() {
     case "$1" in
     capsule)
-        "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
+        exec "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
             --disk "$BENCH_ROOT,ro" --disk "$data" --cmdline "$CMDLINE" </dev/null
         ;;
     capsule-uring)
-        "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
+        exec "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
             --disk "$BENCH_ROOT,ro" --disk "$data,engine=io_uring" --cmdline "$CMDLINE" </dev/null
         ;;
     firecracker-async)
-        "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc-async.json" </dev/null
+        exec "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc-async.json" </dev/null
         ;;
     firecracker)
-        "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc.json" </dev/null
+        exec "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc.json" </dev/null
         ;;
     cloud-hypervisor)
-        "$TOOLS/cloud-hypervisor" --kernel "$VMLINUX" --cmdline "$CMDLINE" \
+        exec "$TOOLS/cloud-hypervisor" --kernel "$VMLINUX" --cmdline "$CMDLINE" \
             --cpus boot=2 --memory size=512M --serial tty --console off \
             --disk path="$BENCH_ROOT",readonly=on path="$data" </dev/null
+        ;;
+    limit)
+        # No VM: fio on the data file from the harness's host itself.
+        exec sh "$DATA_DIR/limit-jobs.sh"
         ;;
     *)
         # Same devices, same order: virtio-blk over virtio-mmio, the host
         # page cache in between (QEMU's default cache=writeback).
-        "$QEMU" -M microvm -accel kvm -cpu host -m 512M -smp 2 \
+        exec "$QEMU" -M microvm -accel kvm -cpu host -m 512M -smp 2 \
             -nodefaults -no-user-config -display none -no-reboot -L "$QEMU_FW" \
             -serial stdio -kernel "$BZIMAGE" -append "$CMDLINE" \
             -drive id=root,file="$BENCH_ROOT",format=raw,if=none,readonly=on \
@@ -137,14 +167,28 @@ boot() {
         ;;
     esac
 }
+# run_one VMM: boot VMM, killed after VM_TIMEOUT seconds: a VMM whose
+# guest hangs must not hold the bench (and the harness) for the rest of its
+# time limit.
+run_one() {
+    boot "$1" &
+    b=$!
+    (
+        sleep "$VM_TIMEOUT" >/dev/null 2>&1
+        kill -9 "$b" 2>/dev/null && echo "bench-blk: error timeout: no end after $VM_TIMEOUT s"
+    ) &
+    w=$!
+    wait "$b"
+    kill "$w" 2>/dev/null
+}
 i=0
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
-    for vmm in capsule capsule-uring qemu $PEERS; do
+    for vmm in $VMMS; do
         rm -f "$data"
         dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
         echo "bench-blk: run $i $vmm"
-        boot "$vmm" | tr -d '\r' | grep '^bench-blk:' | sed "s/^bench-blk: /bench-blk: $vmm /"
+        run_one "$vmm" | tr -d '\r' | grep '^bench-blk:' | sed "s/^bench-blk: /bench-blk: $vmm /"
     done
     rm -f "$data"
 done
@@ -176,7 +220,7 @@ main() {
     truncate -s "${image_mib}M" "$work/bench-root.ext4"
     mkfs.ext4 -q -F -E root_owner=0:0 -d "$root" "$work/bench-root.ext4"
     write_runner "$work/bench-run.sh"
-    copy_tools "$work/tools" qemu-system-x86_64
+    copy_tools "$work/tools" qemu-system-x86_64 fio
     peers="$(copy_peers "$work/tools")"
     # Firecracker once more, with its io_uring engine on the data drive.
     if [[ " $peers " == *" firecracker "* ]]; then
@@ -184,12 +228,21 @@ main() {
     fi
     copy_qemu_firmware "$work/qemu-fw"
 
+    {
+        echo '#!/bin/sh'
+        echo '# bench-blk: the jobs on the data file, no VM (the limit column).'
+        # shellcheck disable=SC2016 # expanded by the runner
+        write_jobs '$TOOLS/fio' '$DATA_DIR/bench-data.img' "$size"
+    } >"$work/limit-jobs.sh"
+    local vmms="${BENCH_VMMS:-capsule capsule-uring qemu $peers limit}"
+    local vm_timeout="${BENCH_VM_TIMEOUT:-900}"
+    [[ "$vm_timeout" =~ ^[1-9][0-9]*$ ]] || die "BENCH_VM_TIMEOUT must be a positive number of seconds"
     log "mode: $mode; $runs runs per VMM"
     results="$work/results"
     if [[ "$mode" == direct ]]; then
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
             BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" BENCH_ROOT="$work/bench-root.ext4" \
-            PEERS="$peers" TOOLS="$work/tools" \
+            VMMS="$vmms" VM_TIMEOUT="$vm_timeout" TOOLS="$work/tools" LIMIT_JOBS="$work/limit-jobs.sh" \
             DATA_DIR="$work" BENCH_RUNS="$runs" BENCH_SIZE="$size" \
             sh "$work/bench-run.sh" | tee "$results" >&2
     else
@@ -198,13 +251,13 @@ main() {
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage BENCH_ROOT=/capsule/bench-root.ext4
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$runs BENCH_SIZE=$size
-export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools
+export VMLINUX=/capsule/vmlinux VMMS='$vmms' VM_TIMEOUT=$vm_timeout TOOLS=/capsule/tools LIMIT_JOBS=/capsule/limit-jobs.sh
 exec sh /capsule/bench-run.sh
 EOF
-        export CAPSULE_L1_TIMEOUT=$((300 + runs * 180 * (3 + $(wc -w <<<"$peers"))))
+        export CAPSULE_L1_TIMEOUT=$((300 + runs * 300 * $(wc -w <<<"$vmms")))
         run_in_l1_retrying "$results" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$work/bench-root.ext4" \
-            "$work/bench-run.sh" "$work/tools" "$work/qemu-fw"
+            "$work/bench-run.sh" "$work/tools" "$work/qemu-fw" "$work/limit-jobs.sh"
     fi
     grep '^bench-blk: [a-z-]* error' "$results" >&2 || true
     if grep -qE '^bench-blk: capsule(-uring)? error' "$results"; then
@@ -216,7 +269,7 @@ EOF
         runs="$(grep -c '^bench-blk: capsule seqread ' "$results" || true)"
     fi
 
-    local vmms="capsule capsule-uring qemu $peers" vmm
+    local vmm
     echo
     echo "virtio-blk inside the guest, capsule beside each peer (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; $runs runs each, alternating)"
     [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"
@@ -233,7 +286,7 @@ EOF
     echo
     # ratio A B: A / B with two decimals, "-" without both.
     ratio() {
-        awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "-") printf "%.2f", a / b; else print "-" }'
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "-" && a != "") printf "%.2f", a / b; else print "-" }'
     }
     row() { # LABEL JOB FIELD DIVISOR
         local x cm="" um="" best="" c=() i=0
@@ -244,6 +297,7 @@ EOF
             case "$vmm" in
             capsule) cm="${x[1]}" ;;
             capsule-uring) um="${x[1]}" ;;
+            limit) ;;
             *) best="$(awk -v a="$best" -v b="${x[1]}" \
                 'BEGIN { if (b != "-" && (a == "" || b + 0 > a + 0)) print b; else print a }')" ;;
             esac
@@ -260,6 +314,10 @@ EOF
     row "sequential write, MiB/s (1 MiB)" seqwrite write_kibps 1024
     row "sequential read, MiB/s (1 MiB)" seqread read_kibps 1024
     row "random read, IOPS (4 KiB, QD 32)" randread read_iops 1
+    row "random write, IOPS (4 KiB, QD 32)" randwrite write_iops 1
+    row "random read, IOPS (4 KiB, QD 1)" randread1 read_iops 1
+    row "random write, IOPS (4 KiB, QD 1)" randwrite1 write_iops 1
+    echo "(limit: fio on the data file in the harness's own host, no VM: the physical limit of each row; c/limit is capsule's share of it)"
 }
 
 main "$@"
