@@ -232,7 +232,6 @@ impl VirtioPci {
     /// Checks the common state against this function: vectors, queues,
     /// status and features. Returns the driver's queues and, for a live
     /// device, its own.
-    #[expect(clippy::type_complexity, reason = "two lists of queues")]
     fn check_common(
         &self,
         s: &CommonSnapshot,
