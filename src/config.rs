@@ -47,6 +47,40 @@ pub struct VmConfig {
     pub entropy: Option<Limits>,
     /// A virtio-balloon device (`PUT /balloon`, `--balloon`).
     pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
+    /// How the guest reaches its virtio devices (`--transport`, the
+    /// machine configuration's `transport`).
+    pub transport: Transport,
+}
+
+/// How the guest reaches its virtio devices (`--transport`; `transport`
+/// in `PUT /machine-config`, a capsule extension: `"mmio"` or `"pci"`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-mmio windows announced in the DSDT (or on the command line).
+    #[default]
+    Mmio,
+    /// Modern virtio-pci functions with MSI-X on PCI bus 0.
+    Pci,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Mmio => "mmio",
+            Self::Pci => "pci",
+        })
+    }
 }
 
 /// A virtio-vsock device with Firecracker's host side: host clients

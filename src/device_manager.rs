@@ -74,6 +74,8 @@ pub struct DeviceManager {
     pub serial: Option<Arc<Mutex<SerialDevice>>>,
     /// Every virtio-mmio transport, in attach order (for snapshots).
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Every virtio-pci function, in attach order (for snapshots).
+    pub pci_functions: Vec<Arc<Mutex<VirtioPci>>>,
     next_irq: u32,
     next_mmio: u64,
     virtio_mmio: Vec<MmioDevice>,
@@ -104,6 +106,7 @@ impl DeviceManager {
             i8042: None,
             serial: None,
             transports: Vec::new(),
+            pci_functions: Vec::new(),
             next_irq: layout::FIRST_DEVICE_IRQ,
             next_mmio: layout::MMIO_DEVICES_START,
             virtio_mmio: Vec::new(),
@@ -114,6 +117,11 @@ impl DeviceManager {
     /// Whether PCI bus 0 is there (a device was attached over PCI).
     pub fn has_pci(&self) -> bool {
         self.pci.is_some()
+    }
+
+    /// PCI bus 0's configuration mechanism, if the bus is there.
+    pub fn pci_root(&self) -> Option<Arc<Mutex<PciRoot>>> {
+        self.pci.as_ref().map(|b| b.root.clone())
     }
 
     /// PCI bus 0, put on the port-I/O bus on first use.
@@ -187,6 +195,7 @@ impl DeviceManager {
             .map_err(|_| Error::PciExhausted("PCI bus 0 is full"))?;
         bus.next_bar += pci_layout::BAR_SIZE;
         bus.next_gsi += vectors;
+        self.pci_functions.push(function.clone());
         self.mmio
             .insert(function, bar, pci_layout::BAR_SIZE)
             .map_err(|e| Error::Bus("virtio-pci BAR", e))?;

@@ -211,6 +211,7 @@ fn exec_config(
             vsock: None,
             entropy: None,
             balloon: None,
+            transport: Default::default(),
         },
         rootfs: args.rootfs,
         shares: args.shares,

@@ -488,6 +488,7 @@ pub fn run(args: &[OsString]) -> u8 {
         restore: None,
         on_started: None,
         setup: plan.setup,
+        transport: None,
     };
     match api::run(opts) {
         Ok(exit) => crate::guest_status(exit),

@@ -272,12 +272,13 @@ struct RunArgs {
     #[arg(long, value_name = "amount_mib=N,deflate_on_oom=on,free_page_reporting=on,stats_interval_s=N",
           value_parser = capsule::balloon::parse_option, conflicts_with = "restore")]
     balloon: Option<devices::virtio::balloon::BalloonConfig>,
-    /// How the guest reaches its virtio devices: `mmio` (virtio-mmio) or
-    /// `pci` (modern virtio-pci with MSI-X on PCI bus 0). With `pci`,
-    /// snapshots, vhost-net and virtio-fs are refused.
-    #[arg(long, value_enum, default_value_t = capsule::builder::Transport::Mmio,
-          conflicts_with = "restore")]
-    transport: capsule::builder::Transport,
+    /// How the guest reaches its virtio devices: `mmio` (virtio-mmio, the
+    /// default) or `pci` (modern virtio-pci with MSI-X on PCI bus 0).
+    /// With `pci`, vhost-net and virtio-fs are refused. With
+    /// `--config-file` or the API, a `transport` in the machine
+    /// configuration wins over it; a restore takes the snapshot's.
+    #[arg(long, value_enum, conflicts_with = "restore")]
+    transport: Option<config::Transport>,
     /// KVM device to use.
     #[arg(long, value_name = "PATH", default_value = config::DEFAULT_KVM_PATH)]
     kvm: PathBuf,
@@ -354,6 +355,7 @@ impl RunArgs {
             fs: self.fs.clone(),
             entropy: None,
             balloon: self.balloon,
+            transport: self.transport.unwrap_or_default(),
         })
     }
 }
@@ -422,7 +424,6 @@ fn stopped_status() -> u8 {
 fn run(args: RunArgs) -> u8 {
     use capsule::api;
     use capsule::builder::Console;
-    capsule::builder::set_transport(args.transport);
     let config = match &args.config_file {
         Some(p) => match api::read_config_file(p) {
             Ok(c) => Some(c),
@@ -479,6 +480,7 @@ fn run(args: RunArgs) -> u8 {
         restore: args.restore_config(),
         on_started,
         setup: Vec::new(),
+        transport: args.transport,
     };
     let kernel = args.kernel.clone();
     let code = match api::run(opts) {

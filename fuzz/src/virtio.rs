@@ -279,6 +279,9 @@ pub struct Rig {
     pub mem: GuestMemoryMmap,
     /// The transport the guest programs.
     pub transport: MmioTransport,
+    /// The device behind it (a snapshot's virtio-pci state is restored
+    /// onto a PCI function over the same device).
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
     /// The VMM's event loop, with the device subscribed.
     pub em: EventManager<Subscriber>,
     /// The device's queue count.
@@ -396,12 +399,13 @@ impl Rig {
         sub: Subscriber,
         queues: u32,
     ) -> Self {
-        let transport = MmioTransport::new(mem.clone(), device).expect("transport");
+        let transport = MmioTransport::new(mem.clone(), device.clone()).expect("transport");
         let mut em = EventManager::<Subscriber>::new().expect("event manager");
         em.add_subscriber(sub);
         Self {
             mem,
             transport,
+            device,
             em,
             queues,
             console: None,

@@ -305,6 +305,12 @@ impl Controller {
         self.resources.set_direct(config);
     }
 
+    /// The virtio transport when the machine configuration names none
+    /// (the command line's `--transport`).
+    pub fn set_default_transport(&mut self, t: crate::config::Transport) {
+        self.resources.set_default_transport(t);
+    }
+
     fn ctrl_alt_del(&self, vmm: Option<&mut Vmm>) -> Result<VmmData> {
         let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
             return Err(VmmActionError::NotStarted(
@@ -518,6 +524,7 @@ mod tests {
             track_dirty_pages: None,
             cpu_template: None,
             huge_pages: None,
+            transport: None,
         };
         assert!(ok(&mut c, VmmAction::PutMachineConfig(m.clone())));
         let bad = MachineConfig {

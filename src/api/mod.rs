@@ -114,6 +114,9 @@ pub struct Options {
     /// Actions applied first, before the configuration file (the
     /// Firecracker command line's logger and metrics options).
     pub setup: Vec<VmmAction>,
+    /// The virtio transport of a VM whose machine configuration (from
+    /// the file or the API) names none (`--transport`).
+    pub transport: Option<crate::config::Transport>,
 }
 
 /// Reads a Firecracker configuration file.
@@ -198,6 +201,9 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
         }
     };
     let mut ctl = Controller::new(opts.id.clone(), opts.kvm_path.clone(), opts.console);
+    if let Some(t) = opts.transport {
+        ctl.set_default_transport(t);
+    }
     for action in std::mem::take(&mut opts.setup) {
         ctl.handle(action, None).map_err(Error::Config)?;
     }

@@ -38,6 +38,9 @@ pub struct VmResources {
     pub(super) balloon: Option<super::balloon::Balloon>,
     kvm_path: PathBuf,
     direct: Option<VmConfig>,
+    /// The transport when the machine configuration names none (the
+    /// command line's `--transport`).
+    default_transport: config::Transport,
 }
 
 impl VmResources {
@@ -51,6 +54,7 @@ impl VmResources {
                 track_dirty_pages: Some(false),
                 cpu_template: None,
                 huge_pages: Some("None".to_string()),
+                transport: None,
             },
             boot: None,
             drives: Vec::new(),
@@ -65,6 +69,7 @@ impl VmResources {
             balloon: None,
             kvm_path,
             direct: None,
+            default_transport: config::Transport::default(),
         }
     }
 
@@ -241,6 +246,8 @@ impl VmResources {
     pub fn set_direct(&mut self, config: VmConfig) {
         self.machine.vcpu_count = u64::from(config.vcpus);
         self.machine.mem_size_mib = config.mem_size >> 20;
+        self.machine.transport =
+            (config.transport != config::Transport::Mmio).then_some(config.transport);
         self.boot = Some(BootSource {
             kernel_image_path: config.kernel.display().to_string(),
             boot_args: Some(config.cmdline.clone()),
@@ -248,6 +255,12 @@ impl VmResources {
         });
         self.balloon = config.balloon.map(super::balloon::Balloon::from_device);
         self.direct = Some(config);
+    }
+
+    /// The transport used when the machine configuration names none
+    /// (`--transport`).
+    pub fn set_default_transport(&mut self, t: config::Transport) {
+        self.default_transport = t;
     }
 
     /// The network interfaces' ids, in order (for snapshots).
@@ -350,6 +363,7 @@ impl VmResources {
             fs: Vec::new(),
             entropy,
             balloon: self.balloon.map(|b| b.device_config()),
+            transport: self.machine.transport.unwrap_or(self.default_transport),
         })
     }
 }
@@ -424,4 +438,59 @@ fn validate_drive(d: &Drive) -> Result<()> {
         return Err(unsupported("cache_type must be Unsafe or Writeback"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Transport;
+
+    fn with_kernel() -> VmResources {
+        let mut r = VmResources::new("/dev/kvm".into());
+        r.set_boot_source(BootSource {
+            kernel_image_path: "/k".into(),
+            boot_args: None,
+            initrd_path: None,
+        })
+        .unwrap();
+        r
+    }
+
+    /// The machine configuration's transport wins; without one the
+    /// command line's default applies, and without that virtio-mmio.
+    #[test]
+    fn the_transport_comes_from_the_machine_config_else_the_default() {
+        let mut r = with_kernel();
+        assert_eq!(r.vm_config().unwrap().transport, Transport::Mmio);
+        r.set_default_transport(Transport::Pci);
+        assert_eq!(r.vm_config().unwrap().transport, Transport::Pci);
+        let mut m = r.machine.clone();
+        m.transport = Some(Transport::Mmio);
+        r.set_machine(m.clone()).unwrap();
+        assert_eq!(r.vm_config().unwrap().transport, Transport::Mmio);
+        m.transport = None;
+        r.set_machine(m).unwrap();
+        assert_eq!(r.vm_config().unwrap().transport, Transport::Pci);
+        r.patch_machine(MachineConfigUpdate {
+            transport: Some(Transport::Mmio),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.machine.transport, Some(Transport::Mmio));
+        assert_eq!(r.vm_config().unwrap().transport, Transport::Mmio);
+    }
+
+    /// A command-line VM reports its transport only when it is not the
+    /// default (Firecracker's clients see Firecracker's fields).
+    #[test]
+    fn a_direct_config_reports_pci_only() {
+        let mut r = with_kernel();
+        let mut c = r.vm_config().unwrap();
+        r.set_direct(c.clone());
+        assert_eq!(r.machine.transport, None);
+        c.transport = Transport::Pci;
+        r.set_direct(c);
+        assert_eq!(r.machine.transport, Some(Transport::Pci));
+        assert_eq!(r.vm_config().unwrap().transport, Transport::Pci);
+    }
 }

@@ -43,6 +43,10 @@ pub struct MachineConfig {
     /// Huge pages (only `"None"` is supported).
     #[serde(default, skip_serializing_if = "is_none")]
     pub huge_pages: Option<String>,
+    /// The virtio transport, `"mmio"` or `"pci"` (a capsule extension;
+    /// absent: the command line's `--transport`, else `"mmio"`).
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub transport: Option<crate::config::Transport>,
 }
 
 /// `PATCH /machine-config`: the fields to change; the others keep their
@@ -68,6 +72,9 @@ pub struct MachineConfigUpdate {
     /// See [`MachineConfig::huge_pages`].
     #[serde(default, skip_serializing_if = "is_none")]
     pub huge_pages: Option<String>,
+    /// See [`MachineConfig::transport`].
+    #[serde(default, skip_serializing_if = "is_none")]
+    pub transport: Option<crate::config::Transport>,
 }
 
 impl MachineConfig {
@@ -80,6 +87,7 @@ impl MachineConfig {
             track_dirty_pages: u.track_dirty_pages.or(self.track_dirty_pages),
             cpu_template: u.cpu_template.or_else(|| self.cpu_template.clone()),
             huge_pages: u.huge_pages.or_else(|| self.huge_pages.clone()),
+            transport: u.transport.or(self.transport),
         }
     }
 }
@@ -449,6 +457,36 @@ mod tests {
         assert!(from_body::<Vm>(b"{").is_err());
         let a: InstanceActionInfo = from_body(br#"{"action_type":"SendCtrlAltDel"}"#).unwrap();
         assert_eq!(a.action_type, ActionType::SendCtrlAltDel);
+    }
+
+    #[test]
+    fn the_transport_is_mmio_or_pci_and_optional() {
+        use crate::config::Transport;
+        let m: MachineConfig = from_body(br#"{"vcpu_count":1,"mem_size_mib":128}"#).unwrap();
+        assert_eq!(m.transport, None, "Firecracker's bodies are still taken");
+        assert!(!serde_json::to_string(&m).unwrap().contains("transport"));
+        let m: MachineConfig =
+            from_body(br#"{"vcpu_count":1,"mem_size_mib":128,"transport":"pci"}"#).unwrap();
+        assert_eq!(m.transport, Some(Transport::Pci));
+        assert_eq!(
+            serde_json::to_value(&m).unwrap()["transport"],
+            serde_json::json!("pci")
+        );
+        for bad in [r#""usb""#, r#""PCI""#, "1", r#""""#] {
+            let body = format!(r#"{{"vcpu_count":1,"mem_size_mib":128,"transport":{bad}}}"#);
+            let e = from_body::<MachineConfig>(body.as_bytes()).unwrap_err();
+            assert!(e.to_string().starts_with("invalid request body: "), "{e}");
+            if bad.starts_with('"') {
+                assert!(e.to_string().contains("expected `mmio` or `pci`"), "{e}");
+            }
+        }
+        let u: MachineConfigUpdate = from_body(br#"{"transport":"mmio"}"#).unwrap();
+        assert_eq!(m.patched(u).transport, Some(Transport::Mmio));
+        let c: FullVmConfig = serde_json::from_str(
+            r#"{"machine-config":{"vcpu_count":1,"mem_size_mib":128,"transport":"pci"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.machine_config.unwrap().transport, Some(Transport::Pci));
     }
 
     #[test]

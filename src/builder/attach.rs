@@ -31,6 +31,8 @@ pub(crate) struct Devices<'a> {
     pub(super) dm: &'a mut DeviceManager,
     pub(super) vm: &'a Vm,
     pub(super) mem: &'a GuestMemoryMmap,
+    /// The transport virtio devices are attached over.
+    pub(super) transport: super::Transport,
     pub(super) event_manager: &'a mut EventManager<Subscriber>,
     /// The disks added, in order (for snapshots).
     pub(crate) blocks: Vec<Arc<Mutex<Block>>>,
@@ -54,11 +56,11 @@ impl Devices<'_> {
         Ok(())
     }
 
-    /// A virtio device, over the chosen transport ([`super::transport`])
+    /// A virtio device, over the VM's transport (`VmConfig::transport`)
     /// and in the event loop: one object, the transport's device and the
     /// loop's subscriber.
     fn add_virtio(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<()> {
-        match super::transport() {
+        match self.transport {
             super::Transport::Mmio => {
                 self.dm
                     .attach_virtio_mmio(self.vm, self.mem, device.clone())?;

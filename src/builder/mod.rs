@@ -94,7 +94,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|p| open("initrd", p).map(|f| (p, f)))
         .transpose()?;
     check_host_memory(config.mem_size)?;
-    check_transport(transport(), &config.nets, &config.fs)?;
+    check_transport(config.transport, &config.nets, &config.fs)?;
     let virtiofsd = crate::fs_share::check(&config.fs)?;
     crate::setup_step("user files opened");
 
@@ -126,9 +126,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     };
     crate::setup_step("initrd loaded");
 
-    let unsupported = if transport() == Transport::Pci {
-        Some("the virtio-pci transport (--transport pci) has no saved state yet")
-    } else if !extras.devices.is_empty() {
+    let unsupported = if !extras.devices.is_empty() {
         Some("capsule exec's devices have no saved state")
     } else if !config.fs.is_empty() {
         Some("virtio-fs shares have no saved state yet")
@@ -141,7 +139,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     };
     let (mut started, mut dm) = Started::new(console.raw_terminal)?;
     let exit = started.exit.clone();
-    let mut devices = started.devices(&mut dm, &vm, mem);
+    let mut devices = started.devices(&mut dm, &vm, mem, config.transport);
     devices.add_legacy(&exit, console)?;
     if FC_BOOT_TIMER.load(std::sync::atomic::Ordering::Relaxed) {
         devices
@@ -203,6 +201,8 @@ pub(crate) fn handles(
         serial: dm.serial.clone().expect("COM1 is attached first"),
         i8042: dm.i8042.clone().expect("the i8042 is attached first"),
         transports: dm.transports.clone(),
+        pci_root: dm.pci_root(),
+        pci_functions: dm.pci_functions.clone(),
         blocks,
         macs,
         unsupported,
@@ -255,17 +255,19 @@ impl Started {
         ))
     }
 
-    /// The device builder for this VM.
+    /// The device builder for this VM, its virtio devices on `transport`.
     pub(crate) fn devices<'a>(
         &'a mut self,
         dm: &'a mut DeviceManager,
         vm: &'a Vm,
         mem: &'a GuestMemoryMmap,
+        transport: Transport,
     ) -> Devices<'a> {
         Devices {
             dm,
             vm,
             mem,
+            transport,
             event_manager: &mut self.event_manager,
             blocks: Vec::new(),
             macs: Vec::new(),
@@ -353,36 +355,7 @@ impl Started {
     }
 }
 
-/// How the guest reaches its virtio devices (`--transport`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Transport {
-    /// virtio-mmio windows announced in the DSDT (or on the command line).
-    #[default]
-    Mmio,
-    /// Modern virtio-pci functions with MSI-X on PCI bus 0.
-    Pci,
-}
-
-/// Whether VMs of this process put virtio devices on PCI ([`set_transport`]).
-static PCI_TRANSPORT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Sets the virtio transport of the VMs this process builds (a
-/// process-wide option, like the boot timer).
-pub fn set_transport(transport: Transport) {
-    PCI_TRANSPORT.store(
-        transport == Transport::Pci,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-}
-
-/// The virtio transport of the VMs this process builds.
-pub fn transport() -> Transport {
-    if PCI_TRANSPORT.load(std::sync::atomic::Ordering::Relaxed) {
-        Transport::Pci
-    } else {
-        Transport::Mmio
-    }
-}
+pub use crate::config::Transport;
 
 /// Refuses what `transport` does not do yet: with PCI, vhost-net and
 /// virtio-fs (snapshots are refused when one is asked for).

@@ -582,6 +582,7 @@ mod tests {
                 fs: vec![],
                 entropy: None,
                 balloon: None,
+                transport: Default::default(),
             },
             rootfs: None,
             shares: vec![],

@@ -22,9 +22,14 @@ use serde::Serialize;
 
 /// The first eight bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"CAPSNAP\0";
-/// The format this capsule writes and reads. Any change to the state
-/// structures that an older capsule could not read bumps it.
-pub const FORMAT_VERSION: u32 = 2;
+/// The format this capsule writes. Any change to the state structures
+/// that an older capsule could not read bumps it. Version 3 added the
+/// transport and the virtio-pci state (fields a version-2 file lacks
+/// and that read as virtio-mmio, no PCI).
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest format this capsule still reads (each newer version only
+/// added fields with defaults).
+pub const OLDEST_FORMAT_VERSION: u32 = 2;
 /// Size of the header before the payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload accepted (the state of 254 vCPUs is a few MiB): a
@@ -46,7 +51,7 @@ pub enum FormatError {
     #[error("{} is not a capsule snapshot", .0.display())]
     NotASnapshot(PathBuf),
     /// A snapshot of another format version.
-    #[error("{} is a snapshot of format version {found}; this capsule reads version {FORMAT_VERSION} only", .path.display())]
+    #[error("{} is a snapshot of format version {found}; this capsule reads versions {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}", .path.display())]
     Version {
         /// The file.
         path: PathBuf,
@@ -111,7 +116,7 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Forma
         return Err(truncated(path));
     };
     let found = u32::from_le_bytes(version.try_into().expect("4 bytes"));
-    if found != FORMAT_VERSION {
+    if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&found) {
         return Err(FormatError::Version { path, found });
     }
     let (Some(crc), Some(len)) = (word(12, 4), word(16, 8)) else {
@@ -231,6 +236,18 @@ mod tests {
         );
         let want = format!("format version {}", FORMAT_VERSION + 1);
         assert!(e.to_string().contains(&want), "{e}");
+    }
+
+    #[test]
+    fn the_oldest_version_still_reads() {
+        let (s, mut bytes) = sample();
+        bytes[8..12].copy_from_slice(&OLDEST_FORMAT_VERSION.to_le_bytes());
+        assert_eq!(decode::<State>(p(), &bytes).unwrap(), s);
+        bytes[8..12].copy_from_slice(&(OLDEST_FORMAT_VERSION - 1).to_le_bytes());
+        assert!(matches!(
+            decode::<State>(p(), &bytes),
+            Err(FormatError::Version { found: 1, .. })
+        ));
     }
 
     #[test]

@@ -27,13 +27,16 @@ use std::time::{Duration, Instant};
 
 use devices::legacy::persist::{I8042Snapshot, SerialSnapshot};
 use devices::legacy::{SerialDevice, I8042};
+use devices::pci::PciRoot;
 use devices::virtio::block::persist::BlockSnapshot;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::persist::MmioSnapshot;
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::pci::persist::PciSnapshot;
+use devices::virtio::pci::VirtioPci;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{DiskConfig, MacAddr, NetBackendConfig, VmConfig};
+use crate::config::{DiskConfig, MacAddr, NetBackendConfig, Transport, VmConfig};
 use crate::vmm::Vmm;
 use crate::vstate::vcpu_state::VcpuState;
 use crate::vstate::vm_state::{self, VmState};
@@ -200,9 +203,16 @@ pub struct SnapshotState {
     pub serial: SerialSnapshot,
     /// The keyboard controller.
     pub i8042: I8042Snapshot,
+    /// The transport the virtio devices are on (a format-2 file, from
+    /// before virtio-pci snapshots, has none: virtio-mmio).
+    #[serde(default)]
+    pub transport: Transport,
     /// Every virtio-mmio transport, in attach order (disks, nets, entropy,
-    /// vsock).
+    /// vsock); none with [`Transport::Pci`].
     pub transports: Vec<MmioSnapshot>,
+    /// PCI bus 0 and its virtio functions, with [`Transport::Pci`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<PciBusState>,
     /// The disks, in order.
     pub disks: Vec<DiskState>,
     /// The network devices, in order.
@@ -213,6 +223,15 @@ pub struct SnapshotState {
     /// The virtio-vsock device, if the VM has one (its transport is the
     /// last).
     pub vsock: Option<VsockState>,
+}
+
+/// PCI bus 0 as saved (`--transport pci`).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PciBusState {
+    /// The configuration address register (port 0xCF8).
+    pub config_address: u32,
+    /// Every virtio-pci function, in attach order (as `transports`).
+    pub functions: Vec<PciSnapshot>,
 }
 
 /// The vsock device as saved.
@@ -235,6 +254,10 @@ pub struct Handles {
     pub i8042: Arc<Mutex<I8042>>,
     /// Every virtio-mmio transport, in attach order.
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// PCI bus 0's configuration mechanism, with `--transport pci`.
+    pub pci_root: Option<Arc<Mutex<PciRoot>>>,
+    /// Every virtio-pci function, in attach order.
+    pub pci_functions: Vec<Arc<Mutex<VirtioPci>>>,
     /// The disks, in order.
     pub blocks: Vec<Arc<Mutex<Block>>>,
     /// The network devices' MAC addresses, in order.
@@ -440,6 +463,14 @@ fn save_state(
         .save_states(vmm.vcpus.len(), Arc::new(msrs), SAVE_TIMEOUT)?;
     let lock = |m: &Arc<Mutex<MmioTransport>>| m.lock().unwrap_or_else(|e| e.into_inner()).save();
     let transports = h.transports.iter().map(lock).collect();
+    let pci = h.pci_root.as_ref().map(|root| PciBusState {
+        config_address: root.lock().unwrap_or_else(|e| e.into_inner()).address(),
+        functions: h
+            .pci_functions
+            .iter()
+            .map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).save())
+            .collect(),
+    });
     let mut disks = Vec::with_capacity(h.blocks.len());
     for (i, (block, config)) in h.blocks.iter().zip(&h.config.disks).enumerate() {
         disks.push(save_disk(snapshot_path, i, block, config)?);
@@ -471,7 +502,9 @@ fn save_state(
         vcpus,
         serial: h.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
         i8042: h.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),
+        transport: h.config.transport,
         transports,
+        pci,
         disks,
         nets,
         entropy: h.config.entropy,

@@ -9,7 +9,7 @@ use devices::virtio::block::BlockError;
 
 use super::{format, CpuModel, Error, SnapshotState};
 use crate::builder::{self, Console, Started};
-use crate::config::{DiskConfig, DiskMode, NetBackendConfig, NetConfig, VmConfig};
+use crate::config::{DiskConfig, DiskMode, NetBackendConfig, NetConfig, Transport, VmConfig};
 use crate::vmm::Vmm;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::Vcpu;
@@ -150,16 +150,7 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, Memory), Error> {
     if count == 0 || u8::try_from(count).map_or(true, |n| n > arch::layout::MAX_VCPUS) {
         return Err(mismatch(format!("{count} vCPUs")));
     }
-    let rng = usize::from(state.entropy.is_some());
-    let vsock = usize::from(state.vsock.is_some());
-    if state.transports.len() != state.disks.len() + state.nets.len() + rng + vsock {
-        return Err(mismatch(format!(
-            "{} virtio devices for {} disks, {} network devices, {rng} entropy and {vsock} vsock device",
-            state.transports.len(),
-            state.disks.len(),
-            state.nets.len()
-        )));
-    }
+    check_transport(&state).map_err(mismatch)?;
     let host = CpuModel::host();
     if state.cpu != host {
         return Err(mismatch(format!(
@@ -173,6 +164,32 @@ fn load(cfg: &RestoreConfig) -> Result<(SnapshotState, Memory), Error> {
     let mem = open_memory(&cfg.mem_path, state.mem_size)?;
     let memory = memory(cfg, &state, mem)?;
     Ok((state, memory))
+}
+
+/// Checks that the saved transports are those of the snapshot's devices:
+/// one per device, all of the snapshot's transport (virtio-mmio
+/// transports, or virtio-pci functions on a saved PCI bus).
+fn check_transport(state: &SnapshotState) -> Result<(), String> {
+    let rng = usize::from(state.entropy.is_some());
+    let vsock = usize::from(state.vsock.is_some());
+    let devices = state.disks.len() + state.nets.len() + rng + vsock;
+    let functions = state.pci.as_ref().map(|p| p.functions.len());
+    let (mmio, pci) = match state.transport {
+        Transport::Mmio => (devices, None),
+        // A VM with no virtio device has no PCI bus.
+        Transport::Pci => (0, (devices > 0).then_some(devices)),
+    };
+    if state.transports.len() != mmio || functions != pci {
+        return Err(format!(
+            "{} virtio-mmio transports and {} virtio-pci functions for {} disks, {} network devices, {rng} entropy and {vsock} vsock device on {}",
+            state.transports.len(),
+            functions.map_or_else(|| "no PCI bus with".into(), |n| n.to_string()),
+            state.disks.len(),
+            state.nets.len(),
+            state.transport
+        ));
+    }
+    Ok(())
 }
 
 /// What a restore reads and checks before it opens KVM: the snapshot
@@ -257,6 +274,7 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         entropy: state.entropy,
         // A VM with a balloon cannot be snapshotted.
         balloon: None,
+        transport: state.transport,
     })
 }
 
@@ -299,9 +317,6 @@ fn explain_lock(e: builder::Error) -> Error {
 /// Builds a VM from the snapshot of `cfg` with `console` as its console.
 pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     let started_at = std::time::Instant::now();
-    if builder::transport() == builder::Transport::Pci {
-        return Err(builder::Error::PciUnsupported("restoring a snapshot").into());
-    }
     let (state, memory) = load(cfg)?;
     let config = vm_config(cfg, &state)?;
     builder::check_host_memory(config.mem_size)?;
@@ -325,7 +340,7 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
 
     let (mut started, mut dm) = Started::new(console.raw_terminal)?;
     let exit = started.exit.clone();
-    let mut devices = started.devices(&mut dm, &vm, mem);
+    let mut devices = started.devices(&mut dm, &vm, mem, config.transport);
     devices.add_legacy(&exit, console)?;
     devices.add_disks(&config.disks).map_err(explain_lock)?;
     devices.add_nets(&config.nets)?;
@@ -413,6 +428,22 @@ pub enum DeviceError {
         /// Why.
         source: devices::virtio::mmio::persist::RestoreError,
     },
+    /// A virtio-pci function's (or its device's).
+    #[error("virtio-pci function {index}: {source}")]
+    Pci {
+        /// Which function, in attach order.
+        index: usize,
+        /// Why.
+        source: devices::virtio::pci::persist::PciRestoreError,
+    },
+    /// Not as many virtio-pci functions as saved.
+    #[error("{saved} virtio-pci functions saved, {built} built")]
+    PciCount {
+        /// Functions in the snapshot.
+        saved: usize,
+        /// Functions of the restored VM.
+        built: usize,
+    },
     /// The snapshot names an overlay file that is not a plain file name.
     #[error("invalid overlay file name {0:?}")]
     OverlayName(String),
@@ -465,6 +496,34 @@ fn restore_devices(
             .unwrap_or_else(|e| e.into_inner())
             .restore(saved)
             .map_err(|source| DeviceError::Transport { index: i, source })?;
+    }
+    restore_pci(state, dm)
+}
+
+/// Puts back PCI bus 0 and each virtio-pci function (configuration
+/// space, MSI-X with its KVM routes, common configuration), which
+/// re-activates its device.
+fn restore_pci(
+    state: &SnapshotState,
+    dm: &crate::device_manager::DeviceManager,
+) -> Result<(), DeviceError> {
+    let (Some(saved), Some(root)) = (&state.pci, dm.pci_root()) else {
+        return Ok(());
+    };
+    if saved.functions.len() != dm.pci_functions.len() {
+        return Err(DeviceError::PciCount {
+            saved: saved.functions.len(),
+            built: dm.pci_functions.len(),
+        });
+    }
+    root.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .set_address(saved.config_address);
+    for (i, (f, snap)) in dm.pci_functions.iter().zip(&saved.functions).enumerate() {
+        f.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(snap)
+            .map_err(|source| DeviceError::Pci { index: i, source })?;
     }
     Ok(())
 }

@@ -53,6 +53,17 @@ pub enum Error {
     BarAddress(u64),
 }
 
+/// Why a saved configuration space cannot be put back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RestoreError {
+    /// Not 256 bytes.
+    #[error("configuration space of {0} bytes (256 expected)")]
+    Length(usize),
+    /// A read-only byte differs: another kind of function.
+    #[error("read-only configuration byte {0:#x} differs: not the same kind of PCI function")]
+    ReadOnly(usize),
+}
+
 /// The fixed identity of a function.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Identity {
@@ -190,6 +201,27 @@ impl ConfigSpace {
                 .copied()
                 .unwrap_or(0xff);
         }
+    }
+
+    /// The 256 bytes as the guest reads them (for a snapshot).
+    pub fn save(&self) -> Vec<u8> {
+        self.bytes.to_vec()
+    }
+
+    /// Puts back `saved` (from [`Self::save`] of a function built the same
+    /// way): only its writable bits are taken, and every read-only bit
+    /// must equal this space's, else [`RestoreError`] and nothing changes.
+    pub fn restore(&mut self, saved: &[u8]) -> Result<(), RestoreError> {
+        if saved.len() != CONFIG_SIZE {
+            return Err(RestoreError::Length(saved.len()));
+        }
+        let differs =
+            (0..CONFIG_SIZE).find(|&o| (saved[o] ^ self.bytes[o]) & !self.writable[o] != 0);
+        if let Some(offset) = differs {
+            return Err(RestoreError::ReadOnly(offset));
+        }
+        self.bytes.copy_from_slice(saved);
+        Ok(())
     }
 
     /// Writes `data` at `offset`, changing only the writable bits; bytes

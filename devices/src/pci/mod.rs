@@ -124,6 +124,16 @@ impl PciRoot {
         Ok(slot)
     }
 
+    /// The configuration address register (for a snapshot).
+    pub fn address(&self) -> u32 {
+        self.address
+    }
+
+    /// Puts back a saved configuration address register.
+    pub fn set_address(&mut self, address: u32) {
+        self.address = address;
+    }
+
     /// The device the address register selects, and the dword offset in
     /// its space; `None` if disabled, another bus or function, or empty.
     fn selected(&self) -> Option<(&Arc<Mutex<dyn PciDevice>>, u64)> {

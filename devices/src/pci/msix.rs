@@ -283,6 +283,85 @@ impl Msix {
     }
 }
 
+/// One function's MSI-X state as saved: each vector's table entry
+/// (address low, address high, data, control), its pending bit, and the
+/// message control bits.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixSnapshot {
+    /// Table entries, in vector order.
+    pub entries: Vec<[u32; 4]>,
+    /// Pending bits, in vector order.
+    pub pending: Vec<bool>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_masked: bool,
+}
+
+/// Why a saved MSI-X state cannot be put back.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MsixRestoreError {
+    /// Another table size.
+    #[error("{found} MSI-X vectors (entries {entries}, pending bits {pending}) where the function has {expected}")]
+    Vectors {
+        /// Vectors of the function.
+        expected: usize,
+        /// Entries saved.
+        entries: usize,
+        /// Pending bits saved.
+        pending: usize,
+        /// The smaller of the two.
+        found: usize,
+    },
+}
+
+impl Msix {
+    /// The state to save.
+    pub fn save(&self) -> MsixSnapshot {
+        MsixSnapshot {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| [e.address_lo, e.address_hi, e.data, e.control])
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Puts back `snap` on a freshly made table of the same size: every
+    /// live vector is routed again (its GSI's KVM route) and a pending
+    /// one whose vector is live is delivered. Nothing changes on error.
+    pub fn restore(&mut self, snap: &MsixSnapshot) -> Result<(), MsixRestoreError> {
+        let n = self.entries.len();
+        if snap.entries.len() != n || snap.pending.len() != n {
+            return Err(MsixRestoreError::Vectors {
+                expected: n,
+                entries: snap.entries.len(),
+                pending: snap.pending.len(),
+                found: snap.entries.len().min(snap.pending.len()),
+            });
+        }
+        for (e, s) in self.entries.iter_mut().zip(&snap.entries) {
+            *e = Entry {
+                address_lo: s[0],
+                address_hi: s[1],
+                data: s[2],
+                control: s[3] & VECTOR_MASKED,
+            };
+        }
+        self.pending.clone_from(&snap.pending);
+        self.routed.fill(None);
+        self.enabled = snap.enabled;
+        self.function_masked = snap.function_masked;
+        for i in 0..n {
+            self.update(i);
+        }
+        Ok(())
+    }
+}
+
 fn aligned(offset: u64, len: usize) -> bool {
     matches!(len, 4 | 8) && offset.is_multiple_of(len as u64)
 }

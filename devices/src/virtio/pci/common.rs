@@ -45,18 +45,18 @@ const _: () = assert!(COMMON_LEN as u64 == COMMON_CFG_SIZE);
 
 /// The driver-visible state of the common configuration, and the device.
 pub struct CommonCfg {
-    mem: GuestMemoryMmap,
+    pub(super) mem: GuestMemoryMmap,
     device: Arc<Mutex<dyn VirtioDevice>>,
     pub(super) interrupt: Arc<PciInterrupt>,
-    queues: Vec<Queue>,
+    pub(super) queues: Vec<Queue>,
     queue_evts: Vec<EventFd>,
-    device_type: u32,
-    device_features: u64,
-    status: u8,
-    device_feature_select: u32,
-    driver_feature_select: u32,
-    driver_features: u64,
-    queue_select: u16,
+    pub(super) device_type: u32,
+    pub(super) device_features: u64,
+    pub(super) status: u8,
+    pub(super) device_feature_select: u32,
+    pub(super) driver_feature_select: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_select: u16,
 }
 
 impl CommonCfg {

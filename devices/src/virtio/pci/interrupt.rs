@@ -83,6 +83,40 @@ impl PciInterrupt {
         self.isr.swap(0, Ordering::SeqCst)
     }
 
+    /// Number of queues with a vector.
+    pub fn queues(&self) -> usize {
+        self.queue_vectors.len()
+    }
+
+    /// The ISR status, left as it is (for a snapshot).
+    pub fn isr(&self) -> u8 {
+        self.isr.load(Ordering::SeqCst)
+    }
+
+    /// Puts back saved vectors and ISR status. Each vector must be
+    /// [`NO_VECTOR`] or in the table and there must be one per queue;
+    /// else the vector at fault is returned (`Err(None)`: the count) and
+    /// nothing changes.
+    pub fn restore(&self, config: u16, queues: &[u16], isr: u8) -> Result<(), Option<u16>> {
+        if queues.len() != self.queue_vectors.len() {
+            return Err(None);
+        }
+        let n = self.msix().len();
+        if let Some(&bad) = std::iter::once(&config)
+            .chain(queues)
+            .find(|&&v| v != NO_VECTOR && usize::from(v) >= n)
+        {
+            return Err(Some(bad));
+        }
+        self.config_vector.store(config, Ordering::SeqCst);
+        for (v, &saved) in self.queue_vectors.iter().zip(queues) {
+            v.store(saved, Ordering::SeqCst);
+        }
+        self.isr
+            .store(isr & (ISR_QUEUE | ISR_CONFIG), Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Forgets the vectors and the ISR status (a device reset).
     pub fn reset(&self) {
         self.config_vector.store(NO_VECTOR, Ordering::SeqCst);

@@ -17,6 +17,7 @@
 
 mod common;
 pub mod interrupt;
+pub mod persist;
 
 use std::io;
 use std::sync::{Arc, Mutex};

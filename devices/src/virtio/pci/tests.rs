@@ -40,19 +40,27 @@ impl VirtioDevice for Mock {
     }
     fn activate(
         &mut self,
-        _mem: GuestMemoryMmap,
+        mem: GuestMemoryMmap,
         interrupt: Arc<dyn VirtioInterrupt>,
         queues: Vec<Queue>,
-        _evts: Vec<EventFd>,
+        evts: Vec<EventFd>,
     ) -> Result<(), ActivateError> {
         if !queues[0].ready() {
             return Err(ActivateError::QueueNotReady(0));
+        }
+        // With every queue ready (the snapshot tests), the common state
+        // is activated too: its queues are what a snapshot saves.
+        if queues.iter().all(|q| q.ready()) {
+            self.common.activate(mem, interrupt.clone(), queues, evts)?;
         }
         self.activations += 1;
         self.irq = Some(interrupt);
         Ok(())
     }
     fn reset(&mut self) -> bool {
+        if self.common.is_activated() {
+            self.common.reset();
+        }
         self.irq = None;
         true
     }
@@ -365,3 +373,6 @@ fn hostile_accesses_anywhere_do_not_panic() {
     // Device config reads through the BAR.
     assert_eq!(rd(&mut f.t, layout::DEVICE + 2, 2), 0x0403);
 }
+
+#[path = "persist_tests.rs"]
+mod persist;
