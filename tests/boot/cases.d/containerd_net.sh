@@ -12,7 +12,9 @@
 # with tc redirects and gives capsule the interface's MAC, address,
 # gateway and MTU. The container prints its eth0 and fetches a token from
 # a server (busybox nc) on the host end; the host fetches a text from a
-# server in the container and pings it. A container without the namespace
+# server in the container. (A ping would prove nothing: the veth keeps
+# its address, so the namespace's own stack answers when the redirects
+# are missing, as it did in this case's first run.) A container without the namespace
 # has no network device, as before.
 
 # shellcheck disable=SC2016  # $... in container commands is for the guest shell
@@ -60,10 +62,11 @@ case_containerd_net() {
     fi
     net_prepare
     cnet_modules
-    # containerd (and so the shim) finds tc in PATH; L1 has none of its
-    # own, and the other tools in $TOOLS stay behind L1's.
+    # containerd (and so the shim) finds iproute2's tc in PATH: first,
+    # before L1's busybox tc (which has no ingress qdisc; the first run
+    # failed on it). Only containerd's PATH: the case's own stays.
     _path="$PATH"
-    PATH="$PATH:$TOOLS"
+    PATH="$TOOLS:$PATH"
     containerd_case_begin containerd_net "ctr run --with-ns network:/run/netns/capnet ..." || {
         PATH="$_path"
         return
@@ -84,7 +87,7 @@ case_containerd_net() {
     busybox nc -l -p 8080 -e echo "$_token" </dev/null >/dev/null 2>&1 &
     _server=$!
 
-    for _a in ip nc ping; do ln -s busybox "$_root/bin/$_a"; done
+    for _a in ip nc; do ln -s busybox "$_root/bin/$_a"; done
     _t0=$(now)
     timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" run --rm $_rt \
         --with-ns "network:/run/netns/$_ns" --rootfs "$_root" n1 /bin/sh -c '
@@ -112,7 +115,6 @@ case_containerd_net() {
     done
     expect "the host fetched the container's text from 10.88.7.2" \
         test "$(cat "$_d/from-guest" 2>/dev/null)" = from-guest-42
-    expect "the host pings the container" busybox ping -q -c 2 -W 5 10.88.7.2
     net_ip -n "$_ns" link show >"$_d/links-running" 2>&1
     cnet_tc -n "$_ns" filter show dev eth0 ingress >"$_d/tc-running" 2>&1
     expect "the TAP capsule0 is in the pod's namespace" grep -q 'capsule0:' "$_d/links-running"
