@@ -59,9 +59,16 @@ pub struct ExecArgs {
     /// kernel's release>.
     #[arg(long, value_name = "DIR")]
     modules: Option<PathBuf>,
-    /// Network device, as for `run` (repeatable).
-    #[arg(long = "net", value_name = "tap=NAME | user[,publish=HOST:GUEST...]")]
-    nets: Vec<config::NetConfig>,
+    /// Network device, as for `run` (repeatable). A TAP device may also
+    /// take a static IPv4 configuration that the guest's init applies to
+    /// its interface before the command runs: `ip=ADDRESS/PREFIX`, with
+    /// `gw=GATEWAY` (the default route) and `mtu=N` (the containerd
+    /// shim passes a pod's network so).
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME[,mac=MAC][,ip=A/P[,gw=G][,mtu=N]] | user[,publish=HOST:GUEST...]"
+    )]
+    nets: Vec<capsule::exec::ExecNet>,
     /// Share a host directory at GUESTDIR (repeatable). With a virtiofsd
     /// (see `--fs` of `run`) the share is live over virtio-fs: nothing is
     /// copied, and creations, deletions and renames are seen both ways at
@@ -206,13 +213,14 @@ fn exec_config(
             mem_size: args.memory.unwrap_or(DEFAULT_MEMORY),
             kvm_path: args.kvm,
             disks: args.disk,
-            nets: args.nets,
+            nets: args.nets.iter().map(|n| n.net.clone()).collect(),
             fs: Vec::new(),
             vsock: None,
             entropy: None,
             balloon: None,
             transport: Default::default(),
         },
+        net_ipv4: args.nets.iter().map(|n| n.ipv4).collect(),
         rootfs: args.rootfs,
         shares: args.shares,
         host_root: args.host_root,

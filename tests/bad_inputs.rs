@@ -196,6 +196,55 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
             &["exec", "--kernel", file, "--timeout", "-3", "--", "true"],
             "'-3'",
         ),
+        // A TAP's static address (the containerd shim's pod network).
+        (
+            &[
+                "exec",
+                "--kernel",
+                file,
+                "--net",
+                "tap=t0,ip=10.0.0.2",
+                "--",
+                "true",
+            ],
+            "ADDRESS/PREFIX",
+        ),
+        (
+            &[
+                "exec",
+                "--kernel",
+                file,
+                "--net",
+                "tap=t0,gw=10.0.0.1",
+                "--",
+                "true",
+            ],
+            "need ip=",
+        ),
+        (
+            &[
+                "exec",
+                "--kernel",
+                file,
+                "--net",
+                "tap=t0,ip=10.0.0.2/24,mtu=9",
+                "--",
+                "true",
+            ],
+            "68 to 65535",
+        ),
+        (
+            &[
+                "exec",
+                "--kernel",
+                file,
+                "--net",
+                "user,ip=10.0.0.2/24",
+                "--",
+                "true",
+            ],
+            "ip= needs --net tap=",
+        ),
         // The warm path: a directory that is no exec template, and a
         // template's options that cannot be (before any VM is built).
         (

@@ -74,7 +74,8 @@ pub const HOST_ROOT_TAG: &str = "capsule-root";
 pub const FS_ROOT_TAG: &str = "capsule-fsroot";
 
 /// A static IPv4 configuration of one guest interface (`net` record:
-/// `IFACE ADDR/PREFIX GATEWAY [DNS...]`, space-separated).
+/// `IFACE ADDR/PREFIX GATEWAY [mtu=N] [DNS...]`, space-separated; a
+/// gateway of `0.0.0.0` is none: no default route).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetSpec {
     /// The interface (`eth0`, ...).
@@ -87,6 +88,8 @@ pub struct NetSpec {
     pub gateway: std::net::Ipv4Addr,
     /// Name servers.
     pub dns: Vec<std::net::Ipv4Addr>,
+    /// The interface's MTU (`None`: the driver's default).
+    pub mtu: Option<u16>,
 }
 
 impl NetSpec {
@@ -95,6 +98,9 @@ impl NetSpec {
             "{} {}/{} {}",
             self.interface, self.address, self.prefix, self.gateway
         );
+        if let Some(m) = self.mtu {
+            r.push_str(&format!(" mtu={m}"));
+        }
         for d in &self.dns {
             r.push(' ');
             r.push_str(&d.to_string());
@@ -115,15 +121,21 @@ impl NetSpec {
         let address = addr.parse().map_err(|_| bad())?;
         let prefix = prefix.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
         let gateway = words.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
-        let dns = words
-            .map(|w| w.parse().map_err(|_| bad()))
-            .collect::<Result<_, _>>()?;
+        let mut mtu = None;
+        let mut dns = Vec::new();
+        for w in words {
+            match w.strip_prefix("mtu=") {
+                Some(m) => mtu = Some(m.parse().map_err(|_| bad())?),
+                None => dns.push(w.parse().map_err(|_| bad())?),
+            }
+        }
         Ok(Self {
             interface,
             address,
             prefix,
             gateway,
             dns,
+            mtu,
         })
     }
 }
@@ -354,6 +366,7 @@ mod tests {
                 prefix: 24,
                 gateway: [192, 168, 77, 254].into(),
                 dns: vec![[9, 9, 9, 9].into()],
+                mtu: Some(1450),
             }],
             await_command: false,
             tty: Some(WinSize {
@@ -417,6 +430,8 @@ mod tests {
             "eth0 1.2.3.4/33 1.1.1.1",
             "eth0 1.2.3.4 1.1.1.1",
             "eth0 1.2.3.4/8 x",
+            "eth0 1.2.3.4/8 1.1.1.1 mtu=x",
+            "eth0 1.2.3.4/8 1.1.1.1 mtu=70000",
         ] {
             let rec = format!("arg=x\0net={bad}\0");
             assert_eq!(

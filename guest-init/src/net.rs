@@ -1,7 +1,9 @@
-//! Static IPv4 set-up for `capsule exec --net user`: the host computes the
-//! address, prefix and gateway passt hands out (its DHCP answer, which the
-//! init does not wait for) and the init applies them with the classic
-//! interface and route ioctls, so the command finds a working network.
+//! Static IPv4 set-up for `capsule exec --net user` and `--net
+//! tap=NAME,ip=...`: the host computes the address, prefix and gateway
+//! (for passt: what its DHCP would hand out, which the init does not wait
+//! for; for a TAP: what the options say, e.g. the containerd shim's pod
+//! network) and the init applies them with the classic interface and
+//! route ioctls, so the command finds a working network.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -85,8 +87,54 @@ impl Drop for Sock {
     }
 }
 
-/// Brings up `lo` and each configured interface with its address, and the
-/// first one's default route.
+/// The netmask of a prefix length.
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    }
+}
+
+/// Whether `b` is in `a`'s subnet of `prefix` bits.
+fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
+    (u32::from(a) ^ u32::from(b)) & mask(prefix) == 0
+}
+
+/// Adds the route to `dst`/`prefix` via `gateway`, or on `dev`'s link.
+fn add_route(
+    sock: &Sock,
+    dst: Ipv4Addr,
+    prefix: u8,
+    gateway: Option<Ipv4Addr>,
+    dev: Option<&str>,
+) -> io::Result<()> {
+    // SAFETY: rtentry is plain old data; all zeroes is valid.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr(dst);
+    rt.rt_genmask = sockaddr(Ipv4Addr::from(mask(prefix)));
+    rt.rt_flags = libc::RTF_UP;
+    if prefix == 32 {
+        rt.rt_flags |= libc::RTF_HOST;
+    }
+    if let Some(gw) = gateway {
+        rt.rt_gateway = sockaddr(gw);
+        rt.rt_flags |= libc::RTF_GATEWAY;
+    }
+    let dev = dev
+        .map(std::ffi::CString::new)
+        .transpose()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in an interface name"))?;
+    if let Some(d) = &dev {
+        // The kernel only reads the name (SIOCADDRT copies it in).
+        rt.rt_dev = d.as_ptr().cast_mut();
+    }
+    sock.ioctl(libc::SIOCADDRT, &mut rt)
+}
+
+/// Brings up `lo` and each configured interface with its address (and
+/// MTU, if given), and the first one's default route (if it has a
+/// gateway).
 pub fn configure(nets: &[NetSpec]) -> Result<(), String> {
     if nets.is_empty() {
         return Ok(());
@@ -111,23 +159,24 @@ pub fn configure(nets: &[NetSpec]) -> Result<(), String> {
         req.ifr_ifru.ifru_addr = sockaddr(net.address);
         sock.ioctl(libc::SIOCSIFADDR, &mut req)
             .map_err(|e| err("address", e))?;
-        let mask = if net.prefix == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(net.prefix.min(32)))
-        };
-        req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
+        req.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask(net.prefix)));
         sock.ioctl(libc::SIOCSIFNETMASK, &mut req)
             .map_err(|e| err("netmask", e))?;
+        if let Some(mtu) = net.mtu {
+            req.ifr_ifru.ifru_mtu = libc::c_int::from(mtu);
+            sock.ioctl(libc::SIOCSIFMTU, &mut req)
+                .map_err(|e| err("mtu", e))?;
+        }
         sock.up(name).map_err(|e| err("up", e))?;
-        if i == 0 {
-            // SAFETY: rtentry is plain old data; all zeroes is valid.
-            let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-            rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
-            rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
-            rt.rt_gateway = sockaddr(net.gateway);
-            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-            sock.ioctl(libc::SIOCADDRT, &mut rt)
+        if i == 0 && !net.gateway.is_unspecified() {
+            if !same_subnet(net.address, net.gateway, net.prefix) {
+                // A gateway outside the interface's subnet (a /32 pod
+                // address, as some CNI plugins hand out) is reached on
+                // the link: a host route to it first.
+                add_route(&sock, net.gateway, 32, None, Some(name))
+                    .map_err(|e| err("route to the gateway", e))?;
+            }
+            add_route(&sock, Ipv4Addr::UNSPECIFIED, 0, Some(net.gateway), None)
                 .map_err(|e| err("default route", e))?;
         }
     }
@@ -142,4 +191,21 @@ pub fn resolv_conf(nets: &[NetSpec]) -> Option<String> {
         .map(|d| format!("nameserver {d}\n"))
         .collect();
     (!servers.is_empty()).then(|| servers.concat())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_and_subnets() {
+        assert_eq!(mask(0), 0);
+        assert_eq!(mask(24), 0xffff_ff00);
+        assert_eq!(mask(32), u32::MAX);
+        let a = Ipv4Addr::new(10, 88, 7, 2);
+        assert!(same_subnet(a, Ipv4Addr::new(10, 88, 7, 1), 24));
+        assert!(!same_subnet(a, Ipv4Addr::new(10, 88, 8, 1), 24));
+        assert!(!same_subnet(a, Ipv4Addr::new(169, 254, 1, 1), 32));
+        assert!(same_subnet(a, Ipv4Addr::new(169, 254, 1, 1), 0));
+    }
 }

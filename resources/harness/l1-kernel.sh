@@ -7,6 +7,9 @@
 #   vmlinuz                     the L1 kernel
 #   modules/irqbypass.ko, modules/kvm.ko, modules/kvm-amd.ko, modules/tun.ko,
 #   and for vhost-net: modules/tap.ko, vhost_iotlb.ko, vhost.ko, vhost_net.ko
+#   and for the containerd pod network (containerd_net): modules/veth.ko,
+#   sch_ingress.ko, cls_matchall.ko, act_mirred.ko (where the kernel has
+#   them as modules)
 #   release                     the kernel release (uname -r in L1)
 #   System.map                  its symbols (for diagnosing a hung L1)
 # <hash> covers the package name and version and this script. Modules
@@ -32,6 +35,10 @@ source "$CAPSULE_RESOURCES_DIR/harness/apt.sh"
 meta=linux-image-cloud-amd64
 modules=(virt/lib/irqbypass.ko arch/x86/kvm/kvm.ko arch/x86/kvm/kvm-amd.ko drivers/net/tun.ko
     drivers/net/tap.ko drivers/vhost/vhost_iotlb.ko drivers/vhost/vhost.ko drivers/vhost/vhost_net.ko)
+# A pod's veth and the tc redirects the containerd shim joins it to its TAP
+# with; copied where they are modules (built in elsewhere).
+net_modules=(drivers/net/veth.ko net/sched/sch_ingress.ko net/sched/cls_matchall.ko
+    net/sched/act_mirred.ko)
 # The virtio-pci disk stack, in load order, for an extra L1 disk
 # (run-in-l1.sh's CAPSULE_L1_DISK); copied where the kernel has them.
 virtio_modules=(drivers/virtio/virtio_ring.ko drivers/virtio/virtio.ko
@@ -117,6 +124,9 @@ copy_module() {
 }
 for m in "${modules[@]}"; do
     copy_module "$m" "$out/modules" || die "module $m not found in $pkg"
+done
+for m in "${net_modules[@]}"; do
+    copy_module "$m" "$out/modules" || log "no module $m in $pkg (built in?)"
 done
 # Apart from the others: the L1 /init loads every module in modules/ that
 # a script may need by name, and these only with an extra disk.

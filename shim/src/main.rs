@@ -13,6 +13,7 @@
 mod config;
 mod console;
 mod execio;
+mod podnet;
 mod process;
 mod service;
 mod spec;

@@ -24,6 +24,7 @@ use containerd_shim::{
 };
 
 use crate::config::ShimConfig;
+use crate::podnet::{self, PodNet};
 use crate::process::{self, Stdio3};
 use crate::stdin::StdinCloser;
 use crate::{spec, stats, status};
@@ -76,6 +77,8 @@ struct Container {
     terminal: bool,
     /// The terminal's master (host side), once started with one.
     console: Option<std::fs::File>,
+    /// Its pod network (`podnet.rs`): capsule runs in that namespace.
+    net: Option<PodNet>,
 }
 
 #[derive(Default)]
@@ -123,6 +126,16 @@ impl Service {
         }
     }
 
+    /// The pod network of a spec that names a network namespace (set up
+    /// now: the TAP and its redirects), if it has one.
+    fn pod_net(oci: &oci_spec::runtime::Spec) -> TtrpcResult<Option<PodNet>> {
+        match podnet::netns_path(oci) {
+            Some(path) => PodNet::setup(&path)
+                .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string())),
+            None => Ok(None),
+        }
+    }
+
     /// Unmounts what `create` mounted on the bundle's rootfs.
     fn unmount(target: &Path) {
         if let Some(t) = target.to_str() {
@@ -134,6 +147,17 @@ impl Service {
 }
 
 /// The answer for a request naming a container this shim does not hold.
+/// Runs `f` (which starts capsule) in the container's pod network
+/// namespace, if it has one.
+fn in_pod_net<T: Send>(net: Option<&PodNet>, f: impl FnOnce() -> T + Send) -> TtrpcResult<T> {
+    match net {
+        Some(n) => n
+            .run_in(f)
+            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string())),
+        None => Ok(f()),
+    }
+}
+
 fn no_container(id: &str) -> ttrpc::Error {
     rpc_error(Code::NOT_FOUND, format!("no container {id}"))
 }
@@ -245,6 +269,15 @@ impl containerd_shim::Task for Service {
             }
             mounted = Some(target);
         }
+        let net = Self::pod_net(&oci).inspect_err(|_| {
+            if let Some(t) = &mounted {
+                Self::unmount(t);
+            }
+        })?;
+        let args = match &net {
+            Some(n) => podnet::with_net_arg(args, &n.iface.net_arg()),
+            None => args,
+        };
         let io = Stdio3 {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
@@ -253,6 +286,9 @@ impl containerd_shim::Task for Service {
         {
             let mut st = self.state();
             if st.containers.contains_key(&req.id) {
+                if let Some(n) = &net {
+                    n.teardown();
+                }
                 return Err(rpc_error(
                     Code::ALREADY_EXISTS,
                     format!("container {} exists", req.id),
@@ -273,6 +309,7 @@ impl containerd_shim::Task for Service {
                     execs: exec::Execs::default(),
                     terminal: spec::terminal(&oci) || req.terminal,
                     console: None,
+                    net,
                 },
             );
         }
@@ -317,13 +354,17 @@ impl containerd_shim::Task for Service {
             )
         };
         let (child, copied) = if c.terminal {
-            let (child, master, copied) =
-                crate::console::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(failed)?;
+            let (child, master, copied) = in_pod_net(c.net.as_ref(), || {
+                crate::console::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io)
+            })?
+            .map_err(failed)?;
             c.console = Some(master);
             (child, Some(copied))
         } else {
-            let (child, stdin) =
-                process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io).map_err(failed)?;
+            let (child, stdin) = in_pod_net(c.net.as_ref(), || {
+                process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io)
+            })?
+            .map_err(failed)?;
             c.stdin = stdin;
             (child, None)
         };
@@ -506,6 +547,9 @@ impl containerd_shim::Task for Service {
         }
         if let Some(v) = &c.vsock {
             remove_stale_sockets(v);
+        }
+        if let Some(n) = &c.net {
+            n.teardown();
         }
         let (code, at) = c.exit.unwrap_or((0, SystemTime::now()));
         let mut resp = api::DeleteResponse::new();

@@ -69,6 +69,7 @@ use crate::config::VmConfig;
 use crate::vmm::RunEnd;
 
 pub use self::netcfg::Error as UserNetError;
+pub use self::netcfg::{ExecNet, TapIpv4};
 
 use self::copyback::ShareBack;
 use self::cpio::CpioError;
@@ -181,6 +182,9 @@ impl std::str::FromStr for Share {
 pub struct ExecConfig {
     /// Kernel, initrd, vCPUs, memory, KVM device; `disks` holds `--disk`.
     pub vm: VmConfig,
+    /// The static IPv4 configuration of `vm.nets[i]` (`--net
+    /// tap=NAME,ip=...`), by index; missing or `None`: none.
+    pub net_ipv4: Vec<Option<TapIpv4>>,
     /// Host directory packed as the guest's root.
     pub rootfs: Option<PathBuf>,
     /// Shared directories.
@@ -584,6 +588,7 @@ mod tests {
                 balloon: None,
                 transport: Default::default(),
             },
+            net_ipv4: vec![],
             rootfs: None,
             shares: vec![],
             host_root: false,

@@ -10,6 +10,120 @@ use std::net::Ipv4Addr;
 
 use exec_proto::NetSpec;
 
+use crate::config::{NetBackendConfig, NetConfig};
+
+/// A static IPv4 configuration the guest init gives a `--net tap=` device
+/// (`ip=ADDR/PREFIX[,gw=GATEWAY][,mtu=N]`): what the containerd shim
+/// passes for a pod's network, which has no DHCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapIpv4 {
+    /// The guest's address.
+    pub address: Ipv4Addr,
+    /// Its prefix length (0 to 32).
+    pub prefix: u8,
+    /// The default gateway (`None`: no default route).
+    pub gateway: Option<Ipv4Addr>,
+    /// The interface's MTU (`None`: the driver's 1500).
+    pub mtu: Option<u16>,
+}
+
+impl TapIpv4 {
+    /// The init's record for interface `eth{index}`.
+    pub fn spec(&self, index: usize) -> NetSpec {
+        NetSpec {
+            interface: format!("eth{index}"),
+            address: self.address,
+            prefix: self.prefix,
+            gateway: self.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            dns: Vec::new(),
+            mtu: self.mtu,
+        }
+    }
+}
+
+/// A `capsule exec --net` value: a network device as `run` takes it and,
+/// for a TAP, an optional static IPv4 configuration for the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecNet {
+    /// The device.
+    pub net: NetConfig,
+    /// `ip=`, `gw=`, `mtu=` of a `tap=` device.
+    pub ipv4: Option<TapIpv4>,
+}
+
+/// Parses `A.B.C.D/P`.
+fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
+    let bad = || format!("invalid ip={s} (expected an IPv4 ADDRESS/PREFIX like 10.88.0.2/24)");
+    let (a, p) = s.split_once('/').ok_or_else(bad)?;
+    let address: Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let prefix: u8 = p.parse().ok().filter(|p| *p <= 32).ok_or_else(bad)?;
+    if address.is_unspecified() || address.is_multicast() || address.is_broadcast() {
+        return Err(format!(
+            "invalid ip={s} (not a unicast address a guest can have)"
+        ));
+    }
+    Ok((address, prefix))
+}
+
+impl std::str::FromStr for ExecNet {
+    type Err = String;
+
+    /// Parses what `NetConfig` takes, plus `ip=ADDR/PREFIX`, `gw=ADDR`
+    /// and `mtu=N` (68 to 65535) after `tap=NAME`; `gw=` and `mtu=` need
+    /// `ip=`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut rest = Vec::new();
+        let (mut ip, mut gw, mut mtu) = (None, None, None);
+        for opt in s.split(',') {
+            match opt.split_once('=') {
+                Some(("ip", v)) => ip = Some(parse_cidr(v)?),
+                Some(("gw", v)) => {
+                    let g: Ipv4Addr = v.parse().map_err(|_| {
+                        format!("invalid gw={v} (expected an IPv4 address like 10.88.0.1)")
+                    })?;
+                    if g.is_unspecified() || g.is_multicast() || g.is_broadcast() {
+                        return Err(format!("invalid gw={v} (not a unicast address)"));
+                    }
+                    gw = Some(g);
+                }
+                Some(("mtu", v)) => {
+                    mtu = Some(
+                        v.parse::<u16>()
+                            .ok()
+                            .filter(|m| *m >= 68)
+                            .ok_or_else(|| format!("invalid mtu={v} (expected 68 to 65535)"))?,
+                    );
+                }
+                _ => rest.push(opt),
+            }
+        }
+        let net: NetConfig = rest.join(",").parse()?;
+        let ipv4 = match (ip, &net.backend) {
+            (None, _) if gw.is_some() || mtu.is_some() => {
+                return Err("gw= and mtu= need ip=ADDRESS/PREFIX".into())
+            }
+            (None, _) => None,
+            (Some(_), NetBackendConfig::User { .. }) => {
+                return Err(
+                    "ip= needs --net tap= (passt's network is configured from the host's)".into(),
+                )
+            }
+            (Some((address, prefix)), NetBackendConfig::Tap { .. }) => {
+                if gw == Some(address) {
+                    return Err(format!("gw={address} is the guest's own address"));
+                }
+                Some(TapIpv4 {
+                    address,
+                    prefix,
+                    gateway: gw,
+                    mtu,
+                })
+            }
+        };
+        Ok(Self { net, ipv4 })
+    }
+}
+
 /// The default route's interface and gateway from `/proc/net/route` text.
 pub fn default_route(route: &str) -> Option<(String, Ipv4Addr)> {
     route.lines().skip(1).find_map(|line| {
@@ -97,6 +211,7 @@ pub fn user_net(index: usize) -> Result<NetSpec, Error> {
         prefix,
         gateway,
         dns: name_servers(&resolv),
+        mtu: None,
     })
 }
 
@@ -119,6 +234,54 @@ captup\t00000000\tFE4DA8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0
         let resolv =
             "# x\nnameserver 127.0.0.53\nnameserver 9.9.9.9\nnameserver bogus\nsearch lan\n";
         assert_eq!(name_servers(resolv), vec![Ipv4Addr::new(9, 9, 9, 9)]);
+    }
+
+    #[test]
+    fn tap_with_a_static_address() {
+        let n: ExecNet = "tap=capsule0,mac=02:00:00:00:00:07,ip=10.88.7.2/24,gw=10.88.7.1,mtu=1450"
+            .parse()
+            .unwrap();
+        assert_eq!(n.net.mac, Some([2, 0, 0, 0, 0, 7]));
+        let ip = n.ipv4.unwrap();
+        assert_eq!(
+            ip,
+            TapIpv4 {
+                address: Ipv4Addr::new(10, 88, 7, 2),
+                prefix: 24,
+                gateway: Some(Ipv4Addr::new(10, 88, 7, 1)),
+                mtu: Some(1450),
+            }
+        );
+        let spec = ip.spec(0);
+        assert_eq!(spec.interface, "eth0");
+        assert_eq!(spec.gateway, Ipv4Addr::new(10, 88, 7, 1));
+        assert_eq!(spec.mtu, Some(1450));
+        // No gateway: no default route (0.0.0.0 in the init's record).
+        let n: ExecNet = "tap=t0,ip=10.0.0.5/32".parse().unwrap();
+        assert_eq!(n.ipv4.unwrap().spec(1).gateway, Ipv4Addr::UNSPECIFIED);
+        // What `run` takes is unchanged.
+        let n: ExecNet = "user,publish=80".parse().unwrap();
+        assert_eq!(n.ipv4, None);
+        for bad in [
+            "tap=t0,ip=10.0.0.5",
+            "tap=t0,ip=10.0.0.5/33",
+            "tap=t0,ip=10.0.0/24",
+            "tap=t0,ip=0.0.0.0/0",
+            "tap=t0,ip=224.0.0.1/4",
+            "tap=t0,ip=10.0.0.2/24,gw=x",
+            "tap=t0,ip=10.0.0.2/24,gw=10.0.0.2",
+            "tap=t0,ip=10.0.0.2/24,gw=255.255.255.255",
+            "tap=t0,ip=10.0.0.2/24,mtu=67",
+            "tap=t0,ip=10.0.0.2/24,mtu=65536",
+            "tap=t0,ip=10.0.0.2/24,mtu=",
+            "tap=t0,gw=10.0.0.1",
+            "tap=t0,mtu=1500",
+            "user,ip=10.0.0.2/24",
+            "tap=t0,ip=10.0.0.2/24,speed=1",
+        ] {
+            let e = bad.parse::<ExecNet>().unwrap_err();
+            assert!(!e.contains('\n'), "{bad}: {e}");
+        }
     }
 
     #[test]

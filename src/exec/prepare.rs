@@ -15,14 +15,7 @@ pub(super) fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), E
     check_command(config)?;
     let live = plan_live_shares(config)?;
     let modules = module_files(config)?;
-    let nets = config
-        .vm
-        .nets
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| matches!(n.backend, crate::config::NetBackendConfig::User { .. }))
-        .map(|(i, _)| netcfg::user_net(i).map_err(Error::from))
-        .collect::<Result<Vec<_>, _>>()?;
+    let nets = net_specs(config)?;
     config.vm.initramfs = Some(build_initramfs(config, live, &modules, nets)?);
     let channel_arg = match channel {
         Channel::Console => exec_proto::CONSOLE_CHANNEL_ARG,
@@ -37,6 +30,28 @@ pub(super) fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), E
     .trim_end()
     .to_string();
     Ok(())
+}
+
+/// The init's interface records: `--net user`'s (what passt hands out)
+/// and those of `--net tap=NAME,ip=...`; a plain TAP gets none.
+fn net_specs(config: &ExecConfig) -> Result<Vec<exec_proto::NetSpec>, Error> {
+    config
+        .vm
+        .nets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| match n.backend {
+            crate::config::NetBackendConfig::User { .. } => {
+                Some(netcfg::user_net(i).map_err(Error::from))
+            }
+            crate::config::NetBackendConfig::Tap { .. } => config
+                .net_ipv4
+                .get(i)
+                .copied()
+                .flatten()
+                .map(|ip| Ok(ip.spec(i))),
+        })
+        .collect()
 }
 
 /// Checks the command's environment (`K=V`) and working directory
@@ -207,6 +222,23 @@ mod tests {
             fs_root: Some(dir.into()),
             ..exec_config()
         }
+    }
+
+    #[test]
+    fn only_taps_with_an_address_get_a_net_record() {
+        let mut c = exec_config();
+        for n in ["tap=t0", "tap=t1,ip=10.88.7.2/24,gw=10.88.7.1,mtu=1400"] {
+            let n: crate::exec::ExecNet = n.parse().unwrap();
+            c.vm.nets.push(n.net);
+            c.net_ipv4.push(n.ipv4);
+        }
+        let specs = net_specs(&c).unwrap();
+        assert_eq!(specs.len(), 1);
+        assert_eq!(specs[0].interface, "eth1");
+        assert_eq!(specs[0].address, std::net::Ipv4Addr::new(10, 88, 7, 2));
+        assert_eq!(specs[0].mtu, Some(1400));
+        c.net_ipv4.clear();
+        assert!(net_specs(&c).unwrap().is_empty());
     }
 
     #[test]

@@ -122,10 +122,11 @@ main() {
     trap 'rm -rf "$work"' EXIT
     caselog="$work/cases.log"
     # debugfs checks disks; ip (iproute2, for `ip tuntap`) serves the
-    # network cases, and the static passt built by build-passt.sh the
+    # network cases, tc the containerd shim's pod network (containerd_net),
+    # and the static passt built by build-passt.sh the
     # user-mode one (with passt.avx2, which passt runs in its place on CPUs
     # with AVX2); git serves the virtio-fs cases (`git status` on a share).
-    copy_tools "$work/tools" debugfs curl ip || fail_all "collecting the host tools failed"
+    copy_tools "$work/tools" debugfs curl ip tc || fail_all "collecting the host tools failed"
     # Debian's git (install-deps.sh), whatever else PATH has first.
     PATH="/usr/bin:$PATH" copy_tools "$work/tools" git || fail_all "collecting git failed"
     passt="$("$resources/build-passt.sh")" || fail_all "building passt failed"
