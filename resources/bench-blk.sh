@@ -48,18 +48,20 @@ set -euo pipefail
 # shellcheck source=resources/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# write_jobs FIO FILE SIZE_MIB: the fio jobs, as POSIX sh that prints one
-# "bench-blk: JOB ..." line per job: the same jobs in the guest (on
-# /dev/vdb) and, for the `limit` column, in the harness's own host (on the
-# data file itself, with nothing between fio and the file but the host
-# kernel: the physical limit of this machine for each row).
+# write_jobs FIO FILE SIZE_MIB DIRECT: the fio jobs, as POSIX sh that prints
+# one "bench-blk: JOB ..." line per job: the same jobs in the guest (on
+# /dev/vdb, DIRECT=1: O_DIRECT, so the guest's page cache is out of it) and,
+# for the `limit` column, in the harness's own host (on the data file
+# itself, with nothing between fio and the file but the host kernel: the
+# physical limit of this machine for each row; DIRECT=0, buffered, the way
+# the VMMs reach the file, through the host's page cache).
 write_jobs() {
     cat <<JOBS
 # job NAME FIO_ARGS...: one fio job, as a "bench-blk:" line.
 job() {
     name=\$1
     shift
-    if ! out=\$($1 --name="\$name" --filename=$2 --direct=1 \\
+    if ! out=\$($1 --name="\$name" --filename=$2 --direct=$4 \\
         --ioengine=libaio --group_reporting --output-format=terse \\
         --terse-version=3 "\$@" 2>/tmp/bench-blk-err); then
         echo "bench-blk: error \$name: \$(head -c 300 /tmp/bench-blk-err)"
@@ -91,7 +93,7 @@ mkdir -p /dev/shm
 mount -t tmpfs tmpfs /dev/shm
 echo "bench-blk: start \$(nproc) vCPUs, vdb \$((\$(cat /sys/block/vdb/size) / 2048)) MiB"
 INIT
-    write_jobs /opt/tools/fio /dev/vdb "$2" >>"$1"
+    write_jobs /opt/tools/fio /dev/vdb "$2" 1 >>"$1"
     cat >>"$1" <<INIT
 # Firecracker has no ACPI: its guest ends through the i8042 reset.
 if grep -q bench_end=reboot /proc/cmdline; then reboot -f; fi
@@ -232,7 +234,7 @@ main() {
         echo '#!/bin/sh'
         echo '# bench-blk: the jobs on the data file, no VM (the limit column).'
         # shellcheck disable=SC2016 # expanded by the runner
-        write_jobs '$TOOLS/fio' '$DATA_DIR/bench-data.img' "$size"
+        write_jobs '$TOOLS/fio' '$DATA_DIR/bench-data.img' "$size" 0
     } >"$work/limit-jobs.sh"
     local vmms="${BENCH_VMMS:-capsule capsule-uring qemu $peers limit}"
     local vm_timeout="${BENCH_VM_TIMEOUT:-900}"
