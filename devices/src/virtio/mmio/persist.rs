@@ -72,6 +72,42 @@ impl QueueSnapshot {
     }
 }
 
+/// Why a saved queue cannot be restored (either transport).
+#[derive(Debug, thiserror::Error)]
+pub enum QueueRestoreError {
+    /// A queue's saved state is invalid.
+    #[error("queue {index}: {source}")]
+    Queue {
+        /// The queue.
+        index: usize,
+        /// Why.
+        source: virtio_queue::Error,
+    },
+    /// A saved queue's rings are outside guest memory.
+    #[error("queue {0} lies outside guest memory")]
+    QueueOutsideMemory(usize),
+}
+
+/// The saved queues `qs`, each checked by virtio-queue and, if ready,
+/// with its rings inside `mem`.
+pub fn restore_queues(
+    qs: &[QueueSnapshot],
+    mem: &crate::GuestMemoryMmap,
+) -> Result<Vec<Queue>, QueueRestoreError> {
+    qs.iter()
+        .enumerate()
+        .map(|(index, q)| {
+            let queue = q
+                .to_queue()
+                .map_err(|source| QueueRestoreError::Queue { index, source })?;
+            if queue.ready() && !queue.is_valid(mem) {
+                return Err(QueueRestoreError::QueueOutsideMemory(index));
+            }
+            Ok(queue)
+        })
+        .collect()
+}
+
 /// A transport's registers and its device's common state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MmioSnapshot {
@@ -118,17 +154,9 @@ pub enum RestoreError {
         /// Queues of the device here.
         found: usize,
     },
-    /// A queue's saved state is invalid.
-    #[error("queue {index}: {source}")]
-    Queue {
-        /// The queue.
-        index: usize,
-        /// Why.
-        source: virtio_queue::Error,
-    },
-    /// A saved queue's rings are outside guest memory.
-    #[error("queue {0} lies outside guest memory")]
-    QueueOutsideMemory(usize),
+    /// A saved queue cannot be restored.
+    #[error(transparent)]
+    Queue(#[from] QueueRestoreError),
     /// Activating the device again failed.
     #[error("cannot activate the device: {0}")]
     Activate(#[from] crate::virtio::ActivateError),
@@ -185,20 +213,7 @@ impl MmioTransport {
             }
         };
         check_count(snap.queues.len())?;
-        let to_queues = |qs: &[QueueSnapshot]| -> Result<Vec<Queue>, RestoreError> {
-            qs.iter()
-                .enumerate()
-                .map(|(index, q)| {
-                    let queue = q
-                        .to_queue()
-                        .map_err(|source| RestoreError::Queue { index, source })?;
-                    if queue.ready() && !queue.is_valid(&self.mem) {
-                        return Err(RestoreError::QueueOutsideMemory(index));
-                    }
-                    Ok(queue)
-                })
-                .collect()
-        };
+        let to_queues = |qs: &[QueueSnapshot]| restore_queues(qs, &self.mem);
         self.queues = to_queues(&snap.queues)?;
         self.status = snap.status;
         self.device_features_sel = snap.device_features_sel;

@@ -13,13 +13,13 @@
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 
 use super::interrupt::NO_VECTOR;
 use super::VirtioPci;
 use crate::pci::config::RestoreError as ConfigRestoreError;
 use crate::pci::msix::{MsixRestoreError, MsixSnapshot, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
-use crate::virtio::mmio::persist::QueueSnapshot;
+use crate::virtio::mmio::persist::{restore_queues, QueueRestoreError, QueueSnapshot};
 use crate::virtio::status::{
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK,
 };
@@ -110,17 +110,9 @@ pub enum PciRestoreError {
         /// Queues of the device here.
         found: usize,
     },
-    /// A queue's saved state is invalid.
-    #[error("queue {index}: {source}")]
-    Queue {
-        /// The queue.
-        index: usize,
-        /// Why.
-        source: virtio_queue::Error,
-    },
-    /// A saved queue's rings are outside guest memory.
-    #[error("queue {0} lies outside guest memory")]
-    QueueOutsideMemory(usize),
+    /// A saved queue cannot be restored.
+    #[error(transparent)]
+    Queue(#[from] QueueRestoreError),
     /// A device status with bits virtio does not define.
     #[error("invalid device status {0:#x}")]
     Status(u8),
@@ -262,20 +254,7 @@ impl VirtioPci {
             return Err(PciRestoreError::Features(unoffered));
         }
         let mem = &self.common.mem;
-        let to_queues = |qs: &[QueueSnapshot]| -> Result<Vec<Queue>, PciRestoreError> {
-            qs.iter()
-                .enumerate()
-                .map(|(index, q)| {
-                    let queue = q
-                        .to_queue()
-                        .map_err(|source| PciRestoreError::Queue { index, source })?;
-                    if queue.ready() && !queue.is_valid(mem) {
-                        return Err(PciRestoreError::QueueOutsideMemory(index));
-                    }
-                    Ok(queue)
-                })
-                .collect()
-        };
+        let to_queues = |qs: &[QueueSnapshot]| restore_queues(qs, mem);
         let queues = to_queues(&s.queues)?;
         let status = u32::from(s.status);
         let live = status & DRIVER_OK != 0 && status & DEVICE_NEEDS_RESET == 0;

@@ -2,6 +2,7 @@
 //! a fresh one, and damaged snapshots refused without a change.
 
 use super::*;
+use crate::virtio::mmio::persist::QueueRestoreError;
 use crate::virtio::pci::persist::{PciRestoreError, PciSnapshot};
 
 const MSG: MsiMessage = MsiMessage {
@@ -155,13 +156,31 @@ fn inconsistent_state_is_refused() {
     });
     assert!(matches!(e, PciRestoreError::QueueCount { .. }), "{e}");
     let e = refused(|s| s.common.queues[0].desc_table = 0xffff_0000);
-    assert!(matches!(e, PciRestoreError::QueueOutsideMemory(0)), "{e}");
+    assert!(
+        matches!(
+            e,
+            PciRestoreError::Queue(QueueRestoreError::QueueOutsideMemory(0))
+        ),
+        "{e}"
+    );
     let e = refused(|s| s.common.queues[0].size = 3);
-    assert!(matches!(e, PciRestoreError::Queue { index: 0, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            PciRestoreError::Queue(QueueRestoreError::Queue { index: 0, .. })
+        ),
+        "{e}"
+    );
     let e = refused(|s| {
         if let Some(a) = s.common.active_queues.as_mut() {
             a[0].used_ring = 1 << 40;
         }
     });
-    assert!(matches!(e, PciRestoreError::QueueOutsideMemory(0)), "{e}");
+    assert!(
+        matches!(
+            e,
+            PciRestoreError::Queue(QueueRestoreError::QueueOutsideMemory(0))
+        ),
+        "{e}"
+    );
 }
