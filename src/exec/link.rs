@@ -33,6 +33,9 @@ use super::stdin::StdinChunk;
 const OUT_HIGH_WATER: usize = 1 << 20;
 /// Most bytes read from the guest per event before yielding.
 const READ_BUDGET: usize = 4 << 20;
+/// Most bytes kept to send again on the init's next connection (see
+/// [`VsockLink::replay`]).
+const REPLAY_MAX: usize = 8 << 20;
 
 const LISTENER: u32 = 0;
 const STREAM: u32 = 1;
@@ -108,6 +111,15 @@ pub(super) struct VsockLink {
     spec: Option<Vec<u8>>,
     stdin_done: bool,
     buf: Vec<u8>,
+    /// Everything queued for the guest on this connection while its
+    /// command has not started (the time, a clone's command, early stdin),
+    /// to be sent again if the init connects again: a clone of an exec
+    /// template can lose its first connection to the restored vsock
+    /// device's reset after it said hello (the reset and a reply to the
+    /// template's connection race in the guest), and the init then
+    /// connects again, having got none of it. `None` once the command
+    /// started (a new connection is then refused) or past [`REPLAY_MAX`].
+    replay: Option<Vec<u8>>,
 }
 
 impl VsockLink {
@@ -137,6 +149,7 @@ impl VsockLink {
             spec: None,
             stdin_done: false,
             buf: vec![0; 256 * 1024],
+            replay: Some(Vec::new()),
         })
     }
 
@@ -147,16 +160,55 @@ impl VsockLink {
         self.spec = Some(spec);
     }
 
-    fn accept(&mut self) {
+    /// Takes the guest's connections: the first, and a later one that
+    /// replaces it while the command has not started (the init connected
+    /// again: see [`Self::replay`]); any other is refused.
+    fn accept(&mut self, ops: &mut EventOps) {
         loop {
-            match self.listener.accept() {
-                Ok((s, _)) if self.stream.is_none() => match s.set_nonblocking(true) {
-                    Ok(()) => self.stream = Some(s),
-                    Err(e) => log::warn!("exec: cannot use the guest's connection: {e}"),
-                },
-                Ok(_) => log::warn!("exec: a second guest connection was refused"),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            let s = match self.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
+            };
+            let again = self.stream.is_some() || self.time_sent;
+            if again && (self.replay.is_none() || lock(&self.session).command_running) {
+                log::warn!("exec: a second guest connection was refused");
+                continue;
+            }
+            if let Err(e) = s.set_nonblocking(true) {
+                log::warn!("exec: cannot use the guest's connection: {e}");
+                continue;
+            }
+            if let Some(old) = self.stream.take() {
+                if self.registered.take().is_some() {
+                    let _ = ops.remove(Events::empty_raw(old.as_raw_fd()));
+                }
+            }
+            if again {
+                log::info!(
+                    "exec: the guest init connected again before its command started; the session goes on on the new connection"
+                );
+                // A frame cut short on the old connection is not the
+                // start of the new one's.
+                self.sink.decoder = exec_proto::Decoder::new();
+                self.out = self.replay.iter().flatten().copied().collect();
+            }
+            self.stream = Some(s);
+        }
+    }
+
+    /// Queues `bytes` for the guest (and for a replay, see
+    /// [`Self::replay`]).
+    fn queue(&mut self, bytes: &[u8]) {
+        self.out.extend(bytes);
+        if self.replay.is_some() && lock(&self.session).command_running {
+            self.replay = None;
+        }
+        if let Some(r) = &mut self.replay {
+            if r.len() + bytes.len() > REPLAY_MAX {
+                self.replay = None;
+            } else {
+                r.extend_from_slice(bytes);
             }
         }
     }
@@ -230,12 +282,12 @@ impl VsockLink {
             if let Some(spec) = self.spec.take() {
                 HostMsg::Spec(spec).encode(&mut frame);
             }
-            self.out.extend(frame);
+            self.queue(&frame);
             self.time_sent = true;
         }
         let mut signals = Vec::new();
         lock(&self.session).forward_signals(&mut signals);
-        self.out.extend(signals);
+        self.queue(&signals);
         while !self.stdin_done && self.out.len() < OUT_HIGH_WATER {
             let mut frame = Vec::new();
             match self.chunks.try_recv() {
@@ -250,7 +302,7 @@ impl VsockLink {
                 }
                 Err(TryRecvError::Empty) => break,
             }
-            self.out.extend(frame);
+            self.queue(&frame);
         }
         self.flush();
     }
@@ -296,12 +348,8 @@ impl MutEventSubscriber for VsockLink {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            LISTENER => {
-                self.accept();
-                if self.stream.is_some() {
-                    let _ = ops.remove(Events::with_data(&self.listener, LISTENER, EventSet::IN));
-                }
-            }
+            // The listener stays watched: the init may connect again.
+            LISTENER => self.accept(ops),
             STREAM => {
                 let set = events.event_set();
                 let mut open = true;
@@ -552,6 +600,89 @@ mod tests {
         assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
         assert_eq!(got[1], HostMsg::Spec(b"arg=true\0".to_vec()));
         assert_eq!(got[2], HostMsg::StdinEof);
+    }
+
+    fn hello() -> Vec<u8> {
+        let mut f = Vec::new();
+        GuestMsg::Hello {
+            version: exec_proto::VERSION,
+        }
+        .encode(&mut f);
+        f
+    }
+
+    /// A clone's init that connects again before its command started (its
+    /// first connection reset under it, or not yet seen to end) gets the
+    /// time, its command and its stdin again on the new connection; once
+    /// the command has started, another connection is refused.
+    #[test]
+    fn an_init_that_connects_again_before_its_command_gets_it_all_again() {
+        let dir = PrivateDir::new().unwrap();
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let session = Arc::new(Mutex::new(session(vec![])));
+        let (tx, rx) = mpsc::sync_channel(4);
+        let data_ready = devices::eventfd().unwrap();
+        let mut link = link_on(
+            listener,
+            &session,
+            devices::eventfd().unwrap(),
+            data_ready.try_clone().unwrap(),
+            rx,
+        );
+        link.send_spec(b"arg=true\0".to_vec());
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(link)));
+        tx.send(StdinChunk::Data(b"in".to_vec())).unwrap();
+        tx.send(StdinChunk::Eof).unwrap();
+        data_ready.write(1).unwrap();
+        let want = [
+            HostMsg::Spec(b"arg=true\0".to_vec()),
+            HostMsg::Stdin(b"in".to_vec()),
+            HostMsg::StdinEof,
+        ];
+
+        let mut first = UnixStream::connect(&path).unwrap();
+        first.set_nonblocking(true).unwrap();
+        first.write_all(&hello()).unwrap();
+        let got = host_frames(&mut first, &mut em, 4);
+        assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
+        assert_eq!(got[1..], want[..]);
+
+        // Connects again while the first connection is still open, then
+        // once more after it was closed: each time it all comes again.
+        for close_first in [false, true] {
+            let mut again = UnixStream::connect(&path).unwrap();
+            again.set_nonblocking(true).unwrap();
+            if close_first {
+                drop(std::mem::replace(&mut first, again));
+                run(&mut em);
+                again = first.try_clone().unwrap();
+            }
+            again.write_all(&hello()).unwrap();
+            let got = host_frames(&mut again, &mut em, 4);
+            assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
+            assert_eq!(got[1..], want[..]);
+            first = again;
+        }
+
+        // The command starts: a further connection gets nothing.
+        let mut started = Vec::new();
+        GuestMsg::Started.encode(&mut started);
+        first.write_all(&started).unwrap();
+        run(&mut em);
+        assert!(lock(&session).command_running);
+        let mut late = UnixStream::connect(&path).unwrap();
+        late.set_nonblocking(true).unwrap();
+        late.write_all(&hello()).unwrap();
+        run(&mut em);
+        let mut b = [0u8; 16];
+        let r = late.read(&mut b);
+        assert!(
+            matches!(&r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "a connection after the command started is closed at once: {r:?}"
+        );
     }
 
     /// The link on its own thread: the output arrives, the end of the
