@@ -127,6 +127,7 @@ case_exec_snapshot_parallel() {
     [ "$RC" -eq 0 ] || return
     _round=1
     _bad=""
+    _again=0
     while [ "$_round" -le "${EXEC_PAR_ROUNDS:-10}" ]; do
         for _n in 101 102; do
             CAPSULE_LOG=info timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" exec --snapshot "$_tpl" --env N=$_n --workdir /tmp \
@@ -144,10 +145,10 @@ case_exec_snapshot_parallel() {
                 grep -h 'triple fault (the VM resets)' "$_d/par.$_n.err" >>"$ERR"
             fi
             grep -q 'connected again before its command started' "$_d/par.$_n.err" &&
-                _again=$((${_again:-0} + 1))
+                _again=$((_again + 1))
         done
         _round=$((_round + 1))
     done
-    echo "exec_snapshot_parallel: $((_round - 1)) rounds of two clones at once; failures: ${_bad:-none}; clones whose init connected again before its command: ${_again:-0}"
+    echo "exec_snapshot_parallel: $((_round - 1)) rounds of two clones at once; failures: ${_bad:-none}; clones whose init connected again before its command: $_again"
     expect "every clone: its own output and status ($_bad)" [ -z "$_bad" ]
 }
