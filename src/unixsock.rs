@@ -100,9 +100,11 @@ impl SocketFile {
 impl Drop for SocketFile {
     fn drop(&mut self) {
         // Only unlink the file we created: another capsule may have
-        // replaced it after ours went stale.
+        // replaced it after ours went stale. The inode number alone does
+        // not say so: a file made after ours was removed can get the same
+        // one (seen in a clean-clone CI run), so it must be a socket too.
         if let Ok(m) = std::fs::symlink_metadata(&self.path) {
-            if m.dev() == self.dev && m.ino() == self.ino {
+            if m.file_type().is_socket() && m.dev() == self.dev && m.ino() == self.ino {
                 let _ = std::fs::remove_file(&self.path);
             }
         }
