@@ -568,40 +568,6 @@ mod tests {
         assert_eq!(lock(&session).exit, Some(7));
     }
 
-    #[test]
-    fn a_clone_gets_its_command_right_after_the_time() {
-        let dir = PrivateDir::new().unwrap();
-        let path = dir.join("s");
-        let listener = UnixListener::bind(&path).unwrap();
-        let session = Arc::new(Mutex::new(session(vec![])));
-        let (tx, rx) = mpsc::sync_channel(1);
-        let data_ready = devices::eventfd().unwrap();
-        let mut link = link_on(
-            listener,
-            &session,
-            devices::eventfd().unwrap(),
-            data_ready.try_clone().unwrap(),
-            rx,
-        );
-        link.send_spec(b"arg=true\0".to_vec());
-        let mut em = Loop::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(link)));
-        let mut guest = UnixStream::connect(&path).unwrap();
-        guest.set_nonblocking(true).unwrap();
-        tx.send(StdinChunk::Eof).unwrap();
-        data_ready.write(1).unwrap();
-        let mut hello = Vec::new();
-        GuestMsg::Hello {
-            version: exec_proto::VERSION,
-        }
-        .encode(&mut hello);
-        guest.write_all(&hello).unwrap();
-        let got = host_frames(&mut guest, &mut em, 3);
-        assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
-        assert_eq!(got[1], HostMsg::Spec(b"arg=true\0".to_vec()));
-        assert_eq!(got[2], HostMsg::StdinEof);
-    }
-
     fn hello() -> Vec<u8> {
         let mut f = Vec::new();
         GuestMsg::Hello {
@@ -611,17 +577,23 @@ mod tests {
         f
     }
 
-    /// A clone's init that connects again before its command started (its
-    /// first connection reset under it, or not yet seen to end) gets the
-    /// time, its command and its stdin again on the new connection; once
-    /// the command has started, another connection is refused.
-    #[test]
-    fn an_init_that_connects_again_before_its_command_gets_it_all_again() {
+    /// A clone's link (its command `spec` to send after the time) in an
+    /// event loop, on a socket in a private directory.
+    struct CloneRig {
+        _dir: PrivateDir,
+        path: PathBuf,
+        session: Arc<Mutex<Session>>,
+        tx: mpsc::SyncSender<StdinChunk>,
+        data_ready: EventFd,
+        em: Loop,
+    }
+
+    fn clone_rig(spec: &[u8], stdin_slots: usize) -> CloneRig {
         let dir = PrivateDir::new().unwrap();
         let path = dir.join("s");
         let listener = UnixListener::bind(&path).unwrap();
         let session = Arc::new(Mutex::new(session(vec![])));
-        let (tx, rx) = mpsc::sync_channel(4);
+        let (tx, rx) = mpsc::sync_channel(stdin_slots);
         let data_ready = devices::eventfd().unwrap();
         let mut link = link_on(
             listener,
@@ -630,37 +602,67 @@ mod tests {
             data_ready.try_clone().unwrap(),
             rx,
         );
-        link.send_spec(b"arg=true\0".to_vec());
+        link.send_spec(spec.to_vec());
         let mut em = Loop::new().unwrap();
         em.add_subscriber(Arc::new(Mutex::new(link)));
-        tx.send(StdinChunk::Data(b"in".to_vec())).unwrap();
-        tx.send(StdinChunk::Eof).unwrap();
-        data_ready.write(1).unwrap();
+        CloneRig {
+            _dir: dir,
+            path,
+            session,
+            tx,
+            data_ready,
+            em,
+        }
+    }
+
+    #[test]
+    fn a_clone_gets_its_command_right_after_the_time() {
+        let mut r = clone_rig(b"arg=true\0", 1);
+        let mut guest = UnixStream::connect(&r.path).unwrap();
+        guest.set_nonblocking(true).unwrap();
+        r.tx.send(StdinChunk::Eof).unwrap();
+        r.data_ready.write(1).unwrap();
+        guest.write_all(&hello()).unwrap();
+        let got = host_frames(&mut guest, &mut r.em, 3);
+        assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
+        assert_eq!(got[1], HostMsg::Spec(b"arg=true\0".to_vec()));
+        assert_eq!(got[2], HostMsg::StdinEof);
+    }
+
+    /// A clone's init that connects again before its command started (its
+    /// first connection reset under it, or not yet seen to end) gets the
+    /// time, its command and its stdin again on the new connection; once
+    /// the command has started, another connection is refused.
+    #[test]
+    fn an_init_that_connects_again_before_its_command_gets_it_all_again() {
+        let mut r = clone_rig(b"arg=true\0", 4);
+        r.tx.send(StdinChunk::Data(b"in".to_vec())).unwrap();
+        r.tx.send(StdinChunk::Eof).unwrap();
+        r.data_ready.write(1).unwrap();
         let want = [
             HostMsg::Spec(b"arg=true\0".to_vec()),
             HostMsg::Stdin(b"in".to_vec()),
             HostMsg::StdinEof,
         ];
 
-        let mut first = UnixStream::connect(&path).unwrap();
+        let mut first = UnixStream::connect(&r.path).unwrap();
         first.set_nonblocking(true).unwrap();
         first.write_all(&hello()).unwrap();
-        let got = host_frames(&mut first, &mut em, 4);
+        let got = host_frames(&mut first, &mut r.em, 4);
         assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
         assert_eq!(got[1..], want[..]);
 
         // Connects again while the first connection is still open, then
         // once more after it was closed: each time it all comes again.
         for close_first in [false, true] {
-            let mut again = UnixStream::connect(&path).unwrap();
-            again.set_nonblocking(true).unwrap();
             if close_first {
-                drop(std::mem::replace(&mut first, again));
-                run(&mut em);
-                again = first.try_clone().unwrap();
+                drop(first);
+                run(&mut r.em);
             }
+            let mut again = UnixStream::connect(&r.path).unwrap();
+            again.set_nonblocking(true).unwrap();
             again.write_all(&hello()).unwrap();
-            let got = host_frames(&mut again, &mut em, 4);
+            let got = host_frames(&mut again, &mut r.em, 4);
             assert!(matches!(got[0], HostMsg::Time { .. }), "{got:?}");
             assert_eq!(got[1..], want[..]);
             first = again;
@@ -670,18 +672,18 @@ mod tests {
         let mut started = Vec::new();
         GuestMsg::Started.encode(&mut started);
         first.write_all(&started).unwrap();
-        run(&mut em);
-        assert!(lock(&session).command_running);
-        let mut late = UnixStream::connect(&path).unwrap();
+        run(&mut r.em);
+        assert!(lock(&r.session).command_running);
+        let mut late = UnixStream::connect(&r.path).unwrap();
         late.set_nonblocking(true).unwrap();
         late.write_all(&hello()).unwrap();
-        run(&mut em);
+        run(&mut r.em);
         let mut b = [0u8; 16];
-        let r = late.read(&mut b);
+        let res = late.read(&mut b);
         assert!(
-            matches!(&r, Ok(0))
-                || matches!(&r, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
-            "a connection after the command started is closed at once: {r:?}"
+            matches!(&res, Ok(0))
+                || matches!(&res, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+            "a connection after the command started is closed at once: {res:?}"
         );
     }
 
