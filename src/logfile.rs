@@ -31,9 +31,7 @@ pub fn max_size() -> u64 {
 
 /// `path` with `.1` appended: where the older half of a log goes.
 pub fn rotated(path: &Path) -> PathBuf {
-    let mut p = path.as_os_str().to_owned();
-    p.push(".1");
-    PathBuf::from(p)
+    with_suffix(path, ".1")
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -44,10 +42,62 @@ fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// Renames `path` to `path.1` and opens a new, empty `path`.
+/// `path` with `suffix` appended.
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Moves `path` to `path.1` and opens a new, empty `path`, so that both
+/// names exist at every instant once a first rotation is done: a reader
+/// (`capsule logs`, a user's `tail`) never finds the log missing. The
+/// new file is made beside the log and swapped with it in one
+/// `renameat2(RENAME_EXCHANGE)`; the old one, now under the new file's
+/// name, then replaces `path.1` by a plain (atomic) rename. Between the
+/// two, `path.1` still holds the rotation before, so a reader may miss
+/// the newest old bytes for an instant, never the log. Only `openat` and
+/// the rename calls are used: the seccomp filters of every thread that
+/// logs allow those. A file system without the exchange gets a rename
+/// and a new file (a short gap).
 fn rotate(path: &Path) -> io::Result<File> {
-    std::fs::rename(path, rotated(path))?;
-    open_append(path)
+    let fresh = with_suffix(path, ".new");
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_TRUNC)
+        .open(&fresh)?;
+    if exchange(&fresh, path).is_err() {
+        std::fs::rename(path, rotated(path))?;
+        std::fs::rename(&fresh, path)?;
+        return Ok(file);
+    }
+    std::fs::rename(&fresh, rotated(path))?;
+    Ok(file)
+}
+
+/// Swaps the two names atomically.
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let a = std::ffi::CString::new(a.as_os_str().as_bytes())?;
+    let b = std::ffi::CString::new(b.as_os_str().as_bytes())?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive
+    // the call; renameat2 only reads them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// An append-only file that rotates itself at a size cap.
@@ -136,6 +186,42 @@ pub fn check_stderr() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader polling the log while it rotates over and over always
+    /// finds both names once the first rotation is done (the CI failure
+    /// of 2026-12-05: `console.log` was missing between the rename and
+    /// the new file's creation).
+    #[test]
+    fn the_log_never_disappears_while_it_rotates() {
+        let dir = std::env::temp_dir().join(format!("capsule-logrot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("vmm.log");
+        let mut f = RotatingFile::open(&path, 64).unwrap();
+        f.write_all(&[b'x'; 100]).unwrap();
+        f.write_all(b"y").unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut misses = 0;
+                let mut looks = 0;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    looks += 1;
+                    if !path.exists() || !rotated(&path).exists() {
+                        misses += 1;
+                    }
+                }
+                (misses, looks)
+            });
+            for _ in 0..20_000 {
+                f.write_all(&[b'z'; 70]).unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            let (misses, looks) = reader.join().unwrap();
+            assert_eq!(misses, 0, "missing in {misses} of {looks} looks");
+        });
+        assert!(!with_suffix(&path, ".new").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn rotates_at_the_cap_and_keeps_one_old_file() {
