@@ -110,13 +110,7 @@ case_pci_snapshot() {
     snap_type orig 'ip addr add 10.0.19.2/24 dev eth0; ip link set eth0 up; ping -c 2 -w 20 10.0.19.1 </dev/null >/dev/null && echo PING""1-OK; echo pre-snapshot-$((6*7)) >/root/pre.txt; sync; echo "MSI""REQ-A=$(msi req)"; echo "MSI""NET-A=$(msi input)"'
     expect "original pinged the host" snap_wait orig "^PING1-OK" 60
     expect "original printed its MSI-X counts" snap_wait orig "^MSINET-A=" 30
-    sleep 1
-    if ! "$CAPSULE" snapshot "$_name" "$SNAP_DIR/snap" --stop >"$SNAP_DIR/snapshot.out" 2>&1; then
-        cat "$SNAP_DIR/snapshot.out" >>"$SNAP_DIR/orig.err"
-        snap_give_up "capsule snapshot --stop failed" "$_orig" "$_start"
-        return
-    fi
-    wait "$_orig"
+    snap_save_stop "$_name" "$_orig" "$_start" || return
     expect "snapshot file written" [ -s "$SNAP_DIR/snap/snapshot" ]
     expect "the snapshot says virtio-pci" sh -c "tail -c +25 '$SNAP_DIR/snap/snapshot' | grep -q '\"transport\":\"pci\"'"
 

@@ -74,6 +74,20 @@ snap_give_up() {
     SECS=$(($(now) - $3))
 }
 
+# snap_save_stop NAME PID START: let NAME's shell settle in its read,
+# snapshot NAME into $SNAP_DIR/snap with --stop and wait for PID (its
+# capsule) to end, whatever its status; if the snapshot fails, give up
+# (snap_give_up) and return 1.
+snap_save_stop() {
+    sleep 1
+    if ! "$CAPSULE" snapshot "$1" "$SNAP_DIR/snap" --stop >"$SNAP_DIR/snapshot.out" 2>&1; then
+        cat "$SNAP_DIR/snapshot.out" >>"$SNAP_DIR/orig.err"
+        snap_give_up "capsule snapshot --stop failed" "$2" "$3"
+        return 1
+    fi
+    wait "$2" || true
+}
+
 # snap_rss PID: one line with the resident memory of the capsule that
 # PID runs: PID itself (busybox timeout execs its command and times it
 # from a child) or, with coreutils timeout, its child. Pss (the
@@ -119,14 +133,7 @@ case_snapshot_clones() {
     snap_wait orig "$PROMPT" 15 || true
     snap_type orig 'mkdir -p /mnt/t /mnt/d; mount -t tmpfs tmpfs /mnt/t; mount /dev/vda /mnt/d; ip addr add 10.0.7.2/24 dev eth0; ip link set eth0 up; echo tmpfs-marker-$((6*7)) >/mnt/t/m; echo disk-marker-$((7*6)) >/mnt/d/m; sync; echo MARKED-$((1+1))'
     expect "original wrote its markers" snap_wait orig "^MARKED-2" 60
-    # Let the shell print its prompt and settle in its read.
-    sleep 1
-    if ! "$CAPSULE" snapshot "$_name" "$SNAP_DIR/snap" --stop >"$SNAP_DIR/snapshot.out" 2>&1; then
-        cat "$SNAP_DIR/snapshot.out" >>"$SNAP_DIR/orig.err"
-        snap_give_up "capsule snapshot --stop failed" "$_orig" "$_start"
-        return
-    fi
-    wait "$_orig"
+    snap_save_stop "$_name" "$_orig" "$_start" || return
     expect "snapshot file written" [ -s "$SNAP_DIR/snap/snapshot" ]
     expect "memory file written" [ -s "$SNAP_DIR/snap/memory" ]
     expect "the ephemeral overlay saved" [ -s "$SNAP_DIR/snap/snapshot.vda.overlay" ]
