@@ -8,6 +8,9 @@
 # nightly-only -Z sanitizer). --target keeps these flags off build scripts
 # and proc macros. Artifacts go to $CARGO_TARGET_DIR/fuzz (or
 # <repo>/target/fuzz), outside the clone when CARGO_TARGET_DIR is set.
+# CAPSULE_FUZZ_PROFILE picks the cargo profile: release (the default, for
+# campaigns) or smoke (fuzz/Cargo.toml: quicker to build, for CI's
+# seconds-long runs).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 triple=$(rustc -vV | sed -n 's/^host: //p')
@@ -28,5 +31,6 @@ if ! cargo metadata --locked --format-version 1 >/dev/null 2>&1; then
     echo "fuzz/build.sh: fuzz/Cargo.lock is behind capsule's dependencies; updating it (commit fuzz/Cargo.lock)" >&2
     cargo metadata --format-version 1 >/dev/null
 fi
-nice -n 19 cargo build --release --locked --target "$triple" "${bins[@]}" >&2
-echo "$CARGO_TARGET_DIR/$triple/release"
+profile="${CAPSULE_FUZZ_PROFILE:-release}"
+nice -n 19 cargo build --profile "$profile" --locked --target "$triple" "${bins[@]}" >&2
+echo "$CARGO_TARGET_DIR/$triple/$profile"

@@ -135,6 +135,7 @@ main() {
     key="$(hash_inputs "$suite" "${packages[*]}" "$sources" "${BASH_SOURCE[0]}" \
         "$CAPSULE_RESOURCES_DIR/lib.sh" "$guest_files"/*)"
     final="$(capsule_cache_root)/debian/$key"
+    cache_lock debian
     exit_if_cached "$final"
 
     tmp="$(cache_tmpdir "$final")"

@@ -39,6 +39,7 @@ main() {
     cache_root="$(capsule_cache_root)"
     final="$cache_root/guest-kernel-noacpi/$key"
 
+    cache_lock guest-kernel-noacpi
     if [[ -f "$final/bzImage" && -f "$final/vmlinux" ]]; then
         log "cached: $final"
         echo "$final"

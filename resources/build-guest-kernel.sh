@@ -40,6 +40,7 @@ main() {
     cache_root="$(capsule_cache_root)"
     final="$cache_root/guest-kernel/$key"
 
+    cache_lock guest-kernel
     if [[ -f "$final/bzImage" && -f "$final/vmlinux" ]]; then
         log "cached: $final"
         echo "$final"

@@ -37,6 +37,7 @@ tarball="passt_${version}.orig.tar.xz"
 
 key="$(hash_inputs "$version" "$sha256" "${BASH_SOURCE[0]}")"
 final="$(capsule_cache_root)/passt/$key"
+cache_lock passt
 exit_if_cached "$final/passt"
 
 tmp="$(cache_tmpdir "$final")"

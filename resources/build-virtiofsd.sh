@@ -29,6 +29,7 @@ fi
 version="1.14.0"
 key="$(hash_inputs "$version" "${BASH_SOURCE[0]}")"
 final="$(capsule_cache_root)/virtiofsd/$key"
+cache_lock virtiofsd
 exit_if_cached "$final/virtiofsd"
 
 tmp="$(cache_tmpdir "$final")"

@@ -13,6 +13,12 @@
 #   cache_publish TMPDIR FINAL
 #                         atomically renames a fully built TMPDIR to FINAL
 #                         (the same filesystem; a concurrent winner is kept)
+#   cache_lock KIND       waits for, then holds until the script ends, the
+#                         lock of cache entry kind KIND, so a second build
+#                         of the same thing (tests/run.sh's background
+#                         prefetch and a test wanting it now) waits for the
+#                         first and finds it cached instead of building it
+#                         again beside it
 
 CAPSULE_RESOURCES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CAPSULE_REPO_DIR="$(cd "$CAPSULE_RESOURCES_DIR/.." && pwd)"
@@ -53,6 +59,16 @@ exit_if_cached() {
     log "cached: $1"
     echo "$1"
     exit 0
+}
+
+cache_lock() {
+    local lock
+    lock="$(capsule_cache_root)/$1.lock"
+    exec 9>"$lock"
+    if ! flock -n 9; then
+        log "waiting for another build of $1 (lock $lock)"
+        flock 9
+    fi
 }
 
 # Make a fresh temporary directory next to FINAL (so that the rename into
