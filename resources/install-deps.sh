@@ -26,8 +26,10 @@ packages=(
     qemu-system-x86 busybox-static cpio
     # Guest kernel source and build.
     linux-source-6.1 build-essential bc flex bison libelf-dev libssl-dev xz-utils
-    # Disk images for later tests.
-    e2fsprogs
+    # Disk images for later tests; the Debian guest image of the debian_*
+    # and virtio-fs cases (resources/build-debian-image.sh: the boot step
+    # runs it with CAPSULE_SKIP_DEPS=1, so it must be here).
+    e2fsprogs mmdebstrap
     # curl for the API boot cases (copied into L1).
     curl
     # Network boot tests: ip tuntap (copied into L1).
