@@ -3,13 +3,15 @@
 //! capsule describes its platform with a minimal set of ACPI tables:
 //!
 //! * RSDP (revision 2) at [`ACPI_TABLES_START`], pointing to the XSDT;
-//! * XSDT listing the FADT and the MADT;
+//! * XSDT listing the FADT, the MADT and, with PCI, the MCFG;
 //! * FADT declaring a hardware-reduced platform whose sleep control, sleep
 //!   status and reset registers are single I/O ports, and pointing to the
 //!   DSDT;
 //! * DSDT with the `\_S5_` sleep-type package (power off), the COM1 serial
 //!   port and a QEMU-compatible pvpanic device;
-//! * MADT with one local APIC per vCPU and the IOAPIC.
+//! * MADT with one local APIC per vCPU and the IOAPIC;
+//! * with PCI, MCFG with one allocation: the ECAM window of segment 0,
+//!   bus 0 ([`PCI_ECAM_START`]).
 //!
 //! All tables are written into `[ACPI_TABLES_START, ACPI_TABLES_END)`, which
 //! lies in the BIOS area Linux scans for the RSDP.
@@ -20,6 +22,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
@@ -28,6 +31,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use crate::layout::{
     ACPI_RESET_PORT, ACPI_RESET_VALUE, ACPI_SLEEP_CONTROL_PORT, ACPI_SLEEP_STATUS_PORT,
     ACPI_TABLES_END, ACPI_TABLES_START, APIC_START_32, IOAPIC_START_32, MAX_VCPUS,
+    PCI_ECAM_LAST_BUS, PCI_ECAM_START,
 };
 
 mod dsdt;
@@ -144,6 +148,14 @@ fn build_madt(num_cpus: u8) -> Vec<u8> {
     to_bytes(&madt)
 }
 
+/// Builds the MCFG: one ECAM allocation, segment 0, buses 0 to
+/// [`PCI_ECAM_LAST_BUS`] at [`PCI_ECAM_START`].
+fn build_mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, PCI_ECAM_LAST_BUS);
+    to_bytes(&mcfg)
+}
+
 /// Writes `bytes` at `addr` in guest memory.
 fn write_table(
     mem: &GuestMemoryMmap,
@@ -170,7 +182,8 @@ pub fn create_acpi_tables(
     create_acpi_tables_with(mem, num_cpus, virtio_mmio, false)
 }
 
-/// [`create_acpi_tables`], with the PCI root bridge in the DSDT if `pci`.
+/// [`create_acpi_tables`], with the PCI root bridge (and its ECAM
+/// window's reservation) in the DSDT and an MCFG table if `pci`.
 pub fn create_acpi_tables_with(
     mem: &GuestMemoryMmap,
     num_cpus: u8,
@@ -187,13 +200,16 @@ pub fn create_acpi_tables_with(
     // Lay the tables out one after the other.
     let rsdp_addr = ACPI_TABLES_START;
     let xsdt_addr = align_up(rsdp_addr + Rsdp::len() as u64);
-    let xsdt_len = u64::from(SDT_HEADER_LEN) + 2 * 8;
+    let xsdt_entries: u64 = if pci { 3 } else { 2 };
+    let xsdt_len = u64::from(SDT_HEADER_LEN) + xsdt_entries * 8;
     let fadt_addr = align_up(xsdt_addr + xsdt_len);
     let dsdt_addr = align_up(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let dsdt = build_dsdt(virtio_mmio, pci)?;
     let madt_addr = align_up(dsdt_addr + dsdt.len() as u64);
     let madt = build_madt(num_cpus);
-    let end = madt_addr + madt.len() as u64;
+    let mcfg_addr = align_up(madt_addr + madt.len() as u64);
+    let mcfg = if pci { build_mcfg() } else { Vec::new() };
+    let end = mcfg_addr + mcfg.len() as u64;
     if end > ACPI_TABLES_END {
         return Err(Error::TablesTooLarge(end - ACPI_TABLES_START));
     }
@@ -202,6 +218,9 @@ pub fn create_acpi_tables_with(
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if pci {
+        xsdt.add_entry(mcfg_addr);
+    }
     let xsdt = to_bytes(&xsdt);
     debug_assert_eq!(xsdt.len() as u64, xsdt_len);
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -209,6 +228,9 @@ pub fn create_acpi_tables_with(
     write_table(mem, "DSDT", dsdt_addr, &dsdt)?;
     write_table(mem, "FADT", fadt_addr, &fadt)?;
     write_table(mem, "MADT", madt_addr, &madt)?;
+    if pci {
+        write_table(mem, "MCFG", mcfg_addr, &mcfg)?;
+    }
     write_table(mem, "XSDT", xsdt_addr, &xsdt)?;
     write_table(mem, "RSDP", rsdp_addr, &rsdp)?;
 
@@ -223,7 +245,8 @@ mod tests {
     use super::dsdt::VIRTIO_MMIO_HID;
     use super::*;
     use crate::layout::{
-        addr32, ACPI_S5_SLEEP_TYPE, COM1_PORT, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_PORT,
+        addr32, ACPI_S5_SLEEP_TYPE, COM1_PORT, PCI_ECAM_SIZE, PCI_MMIO_SIZE, PCI_MMIO_START,
+        PVPANIC_PORT,
     };
 
     const MEM_SIZE: usize = 16 << 20;
@@ -264,6 +287,7 @@ mod tests {
         fadt: Vec<u8>,
         dsdt: Vec<u8>,
         madt: Vec<u8>,
+        mcfg: Option<Vec<u8>>,
         addrs: Vec<(u64, usize)>,
     }
 
@@ -284,6 +308,7 @@ mod tests {
 
         let mut fadt = None;
         let mut madt = None;
+        let mut mcfg = None;
         for entry in xsdt[36..].chunks(8) {
             let addr = u64::from_le_bytes(entry.try_into().unwrap());
             let (sig, bytes) = read_sdt(mem, addr);
@@ -291,6 +316,7 @@ mod tests {
             match &sig {
                 b"FACP" => fadt = Some(bytes),
                 b"APIC" => madt = Some(bytes),
+                b"MCFG" => mcfg = Some(bytes),
                 other => panic!("unexpected table {other:?} in XSDT"),
             }
         }
@@ -307,6 +333,7 @@ mod tests {
             fadt,
             dsdt,
             madt,
+            mcfg,
             addrs,
         }
     }
@@ -480,11 +507,21 @@ mod tests {
         let mem = guest_memory();
         let without = walk(&mem, create_acpi_tables(&mem, 1, &[]).unwrap());
         assert!(!contains(&without.dsdt, b"PCI0"));
+        assert!(!contains(&without.dsdt, b"MBRD"));
+        assert!(without.mcfg.is_none(), "no MCFG without PCI");
         let tables = walk(&mem, create_acpi_tables_with(&mem, 1, &[], true).unwrap());
         let dsdt = &tables.dsdt;
         assert!(contains(dsdt, b"PCI0"));
-        // EISAID("PNP0A03"), _SEG and _BBN.
-        assert!(contains(dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        // Name(_HID, EISAID("PNP0A08")), Name(_CID, EISAID("PNP0A03")): a
+        // PCI Express root, compatible with a PCI one; _SEG and _BBN.
+        assert!(contains(
+            dsdt,
+            &[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x08]
+        ));
+        assert!(contains(
+            dsdt,
+            &[0x08, b'_', b'C', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]
+        ));
         assert!(contains(dsdt, b"_SEG") && contains(dsdt, b"_BBN"));
         assert!(!contains(dsdt, b"_PRT"), "no INTx routing");
         // IO(Decode16, 0xCF8, 0xCF8, 1, 8)
@@ -503,6 +540,47 @@ mod tests {
             window.extend_from_slice(&v.to_le_bytes());
         }
         assert!(contains(dsdt, &window));
+        // The motherboard resource reserving the ECAM window: MBRD with
+        // Name(_HID, EISAID("PNP0C02")) and Memory32Fixed(ReadWrite,
+        // PCI_ECAM_START, PCI_ECAM_SIZE).
+        assert!(contains(dsdt, b"MBRD"));
+        assert!(contains(
+            dsdt,
+            &[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0c, 0x02]
+        ));
+        let mut ecam = vec![0x86, 0x09, 0x00, 0x01];
+        ecam.extend(addr32(PCI_ECAM_START).to_le_bytes());
+        ecam.extend(addr32(PCI_ECAM_SIZE).to_le_bytes());
+        assert!(contains(dsdt, &ecam));
+    }
+
+    #[test]
+    fn the_mcfg_announces_the_ecam_window_of_bus_0() {
+        let mem = guest_memory();
+        let tables = walk(&mem, create_acpi_tables_with(&mem, 2, &[], true).unwrap());
+        assert_eq!(tables.xsdt.len(), 36 + 3 * 8);
+        // read_sdt checked the signature's table checksum.
+        let mcfg = tables.mcfg.expect("no MCFG in the XSDT");
+        assert_eq!(mcfg.len(), 36 + 8 + 16, "header, reserved, one entry");
+        assert_eq!(mcfg[8], 1, "revision");
+        assert_eq!(&mcfg[10..16], &OEM_ID);
+        assert_eq!(mcfg[36..44], [0; 8], "reserved");
+        let entry = &mcfg[44..60];
+        assert_eq!(
+            u64::from_le_bytes(entry[0..8].try_into().unwrap()),
+            PCI_ECAM_START
+        );
+        assert_eq!(u16::from_le_bytes([entry[8], entry[9]]), 0, "segment 0");
+        assert_eq!((entry[10], entry[11]), (0, 0), "buses 0-0");
+        assert_eq!(entry[12..16], [0; 4]);
+        // One bus of ECAM is the window's size.
+        assert_eq!(u64::from(entry[11] - entry[10] + 1) << 20, PCI_ECAM_SIZE);
+        // No two tables overlap, the MCFG included.
+        let mut addrs = tables.addrs.clone();
+        addrs.sort();
+        for pair in addrs.windows(2) {
+            assert!(pair[0].0 + pair[0].1 as u64 <= pair[1].0, "{addrs:x?}");
+        }
     }
 
     #[test]
