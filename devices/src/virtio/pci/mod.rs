@@ -314,9 +314,8 @@ impl VirtioPci {
     /// names, if they are a 1-, 2- or 4-byte access inside BAR 0.
     fn pci_cfg_window(&self) -> Option<(u64, usize)> {
         let cap = self.pci_cfg_cap;
-        let mut bar = [0u8];
-        self.config
-            .read(u64::try_from(cap + PCI_CFG_BAR).ok()?, &mut bar);
+        // The BAR byte, then `id` and padding.
+        let bar = self.config.read_u32(cap + PCI_CFG_BAR) & 0xff;
         let offset = u64::from(self.config.read_u32(cap + PCI_CFG_OFFSET));
         let len = self.config.read_u32(cap + PCI_CFG_LENGTH);
         let len = match len {
@@ -324,7 +323,7 @@ impl VirtioPci {
             _ => return None,
         };
         // The offset is a u32 and the length at most 4: no overflow.
-        (bar[0] == 0 && offset + len as u64 <= layout::BAR_SIZE).then_some((offset, len))
+        (bar == 0 && offset + len as u64 <= layout::BAR_SIZE).then_some((offset, len))
     }
 
     /// Before a configuration read of `pci_cfg_data`: reads the BAR
