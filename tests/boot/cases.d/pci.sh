@@ -75,6 +75,8 @@ poweroff -f' \
     expect "Linux uses the MCFG's ECAM window, found reserved" pci_ecam_used
     expect "the host bridge's extended configuration space read through ECAM" \
         out_has_line "hostbridge-config=4096 hostbridge-ext=00000000"
+    # What the guest said about ECAM, for the log.
+    grep -E "^(ecam-dmesg|ecam-iomem|hostbridge-config)" "$OUT" | sed 's/^/pci_blk_net: /'
 }
 
 # pci_ecam_used: the guest's dmesg (printed with an "ecam-dmesg: " prefix)
