@@ -20,6 +20,7 @@ use devices::legacy::{EventFdTrigger, SerialDevice, SerialInput, I8042};
 use devices::pvpanic::PvPanic;
 
 use arch::acpi::MmioDevice;
+use devices::pci::ecam::{self, PciEcam};
 use devices::pci::PciRoot;
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_SIZE, NOTIFY_OFFSET};
 use devices::virtio::pci::{layout as pci_layout, PciTransportError, VirtioPci};
@@ -82,8 +83,8 @@ pub struct DeviceManager {
     pci: Option<PciBus>,
 }
 
-/// PCI bus 0 (`--transport pci`): the configuration ports, the BAR
-/// window and the MSI routes.
+/// PCI bus 0 (`--transport pci`): the configuration ports and ECAM
+/// window, the BAR window and the MSI routes.
 struct PciBus {
     root: Arc<Mutex<PciRoot>>,
     routes: Arc<crate::vstate::msi::KvmMsiRoutes>,
@@ -124,7 +125,8 @@ impl DeviceManager {
         self.pci.as_ref().map(|b| b.root.clone())
     }
 
-    /// PCI bus 0, put on the port-I/O bus on first use.
+    /// PCI bus 0, put on the port-I/O bus (configuration mechanism #1)
+    /// and the MMIO bus (its ECAM window) on first use.
     fn pci_bus(&mut self, vm: &Vm) -> Result<&mut PciBus, Error> {
         if self.pci.is_none() {
             let root = Arc::new(Mutex::new(PciRoot::new()));
@@ -135,6 +137,17 @@ impl DeviceManager {
                     devices::pci::CONFIG_PORTS,
                 )
                 .map_err(|e| Error::Bus("PCI configuration ports", e))?;
+            // The window the MCFG table announces: one bus of ECAM.
+            const _: () = assert!(
+                layout::PCI_ECAM_SIZE == ecam::BUS_SIZE * (layout::PCI_ECAM_LAST_BUS as u64 + 1)
+            );
+            self.mmio
+                .insert(
+                    Arc::new(Mutex::new(PciEcam::new(root.clone()))),
+                    layout::PCI_ECAM_START,
+                    layout::PCI_ECAM_SIZE,
+                )
+                .map_err(|e| Error::Bus("PCI ECAM window", e))?;
             let routes = crate::vstate::msi::KvmMsiRoutes::new(vm.kvm(), vm.fd())
                 .map_err(Error::MsiRoutes)?;
             self.pci = Some(PciBus {
@@ -405,6 +418,19 @@ mod tests {
             layout::addr32(layout::PCI_MMIO_START)
         );
         assert_eq!(pio_config_read(&dm, 2, 0), u32::MAX, "empty slot");
+        // The same bus through its ECAM window on the MMIO bus.
+        let ecam_read = |dev: u64, reg: u64| {
+            let mut d = [0u8; 4];
+            assert!(dm
+                .mmio
+                .read(layout::PCI_ECAM_START + (dev << 15) + reg, &mut d));
+            u32::from_le_bytes(d)
+        };
+        assert_eq!(ecam_read(0, 0), 0x0d57_8086, "host bridge via ECAM");
+        assert_eq!(ecam_read(1, 0), 0x1044_1af4, "virtio-rng via ECAM");
+        assert_eq!(ecam_read(1, 0x10), layout::addr32(layout::PCI_MMIO_START));
+        assert_eq!(ecam_read(1, 0x100), 0, "empty extended space");
+        assert_eq!(ecam_read(2, 0), u32::MAX, "empty slot via ECAM");
 
         // MSI-X on, vector 0 programmed and unmasked through the BAR.
         let bar = layout::PCI_MMIO_START;

@@ -108,6 +108,40 @@ fn a_vm_on_virtio_pci_is_snapshotted_and_restored() {
         s["transport"] = "usb".into();
     });
     refused(&d, "unknown variant `usb`");
+
+    // A snapshot written before the functions had their
+    // VIRTIO_PCI_CAP_PCI_CFG capability (same format version): the chain
+    // ended at MSI-X, with zeros where that capability is now.
+    let space: Vec<u8> = serde_json::from_value(functions[0]["config_space"].clone()).unwrap();
+    let (link, cap) = last_capability(&space);
+    assert_eq!(
+        (space[cap], space[cap + 2], space[cap + 3]),
+        (0x09, 20, 5),
+        "the chain ends with VIRTIO_PCI_CAP_PCI_CFG"
+    );
+    assert_eq!(space[link - 1], 0x11, "after MSI-X");
+    let d = edited(&dir, &format!("pci-{pid}-before-pci-cfg"), v, &|s| {
+        let space = &mut s["pci"]["functions"][0]["config_space"];
+        space[link] = 0.into();
+        for i in cap..cap + 20 {
+            space[i] = 0.into();
+        }
+    });
+    let clone = format!("snappcio-{pid}");
+    restore_detached(&d, &clone, &[]);
+    let out = wait_output(&clone, 3);
+    let _ = capsule(&["kill", &clone]);
+    assert_eq!(out.chars().next(), Some(next_letter(last)), "{out:?}");
+}
+
+/// The last capability of configuration space `space`: the offset of the
+/// byte that links to it, and its own offset.
+fn last_capability(space: &[u8]) -> (usize, usize) {
+    let (mut link, mut cap) = (0x34, usize::from(space[0x34]));
+    while space[cap + 1] != 0 {
+        (link, cap) = (cap + 1, usize::from(space[cap + 1]));
+    }
+    (link, cap)
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::layout::{EBDA_START, HIMEM_START, ZERO_PAGE_START};
+use crate::layout::{EBDA_START, HIMEM_START, PCI_ECAM_SIZE, PCI_ECAM_START, ZERO_PAGE_START};
 use crate::GuestMemoryMmap;
 
 /// e820 type of usable RAM.
@@ -154,6 +154,11 @@ fn build_boot_params(
         E820_RESERVED,
     )?;
     add_e820_entry(&mut params, HIMEM_START, low_end - HIMEM_START, E820_RAM)?;
+    // The PCI ECAM window, reserved as firmware does (and other VMMs):
+    // Linux uses the window the ACPI MCFG table announces only if it is
+    // reserved here (or by an ACPI motherboard resource). Harmless
+    // without PCI: nothing else is ever placed there.
+    add_e820_entry(&mut params, PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED)?;
     // Any further regions (above the MMIO hole).
     for region in mem.iter() {
         let start = region.start_addr().raw_value();
@@ -170,7 +175,8 @@ fn build_boot_params(
 /// fields are set. The command line is at `cmdline_addr` (`cmdline_size`
 /// bytes including the NUL). The e820 map describes usable RAM below the
 /// EBDA, a reserved area up to 1 MiB (MP table, ACPI tables, BIOS), RAM
-/// from 1 MiB to the MMIO hole and RAM above 4 GiB.
+/// from 1 MiB to the MMIO hole, the reserved PCI ECAM window in the hole
+/// and RAM above 4 GiB.
 pub fn configure_system(
     mem: &GuestMemoryMmap,
     cmdline_addr: GuestAddress,
@@ -231,6 +237,7 @@ mod tests {
                 (0, EBDA_START, E820_RAM),
                 (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
                 (HIMEM_START, size - HIMEM_START, E820_RAM),
+                (PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED),
             ]
         );
     }
@@ -247,6 +254,7 @@ mod tests {
                 (0, EBDA_START, E820_RAM),
                 (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
                 (HIMEM_START, MMIO32_START - HIMEM_START, E820_RAM),
+                (PCI_ECAM_START, PCI_ECAM_SIZE, E820_RESERVED),
                 (FIRST_ADDR_PAST_32BITS, 1 << 30, E820_RAM),
             ]
         );
@@ -331,7 +339,7 @@ mod tests {
         assert_eq!({ h.ramdisk_image }, 0x0f00_0000);
         assert_eq!({ h.ramdisk_size }, 0x12345);
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
-        assert_eq!(p.e820_entries, 3);
+        assert_eq!(p.e820_entries, 4);
     }
 
     #[test]

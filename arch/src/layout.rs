@@ -72,8 +72,19 @@ pub const MMIO_DEVICES_SIZE: u64 = PCI_MMIO_START - MMIO_DEVICES_START;
 /// `_CRS` announces. It follows the device MMIO window.
 pub const PCI_MMIO_START: u64 = 0xe000_0000;
 /// Size of the PCI memory window (256 MiB; the rest of the hole, from
-/// 0xf0000000, holds the IOAPIC, the LAPIC and the TSS).
+/// 0xf0000000, holds the ECAM window, the IOAPIC, the LAPIC and the TSS).
 pub const PCI_MMIO_SIZE: u64 = 0x1000_0000;
+/// Start of the PCI Express enhanced configuration (ECAM) window of PCI
+/// bus 0 (`--transport pci`): right after the PCI memory window, far
+/// below the IOAPIC. The ACPI MCFG table announces it; the e820 map and
+/// a motherboard resource device (PNP0C02) in the DSDT reserve it, which
+/// Linux checks before it uses it.
+pub const PCI_ECAM_START: u64 = PCI_MMIO_START + PCI_MMIO_SIZE;
+/// Size of the ECAM window: one bus of 32 devices of 8 functions of
+/// 4 KiB (1 MiB).
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// The last PCI bus number the ECAM window covers (bus 0 only).
+pub const PCI_ECAM_LAST_BUS: u8 = 0;
 /// First GSI of MSI-X vectors: past the IOAPIC's pins, routed by capsule.
 pub const FIRST_MSI_GSI: u32 = IOAPIC_NUM_PINS;
 /// Last GSI capsule hands to MSI-X vectors (KVM allows 4096 routes).
@@ -114,6 +125,14 @@ pub const LAST_DEVICE_IRQ: u32 = IOAPIC_NUM_PINS - 1;
 /// Largest number of vCPUs capsule configures (APIC ids fit in 8 bits and
 /// 255 is the broadcast id).
 pub const MAX_VCPUS: u8 = 254;
+
+// The ECAM window lies in the MMIO hole, past the PCI memory window and
+// below the IOAPIC, with no other device in between.
+const _: () = assert!(
+    PCI_ECAM_START >= PCI_MMIO_START + PCI_MMIO_SIZE
+        && PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START
+        && PCI_ECAM_START.is_multiple_of(PCI_ECAM_SIZE)
+);
 
 /// `addr` as a 32-bit address, for the 32-bit fields of firmware tables
 /// and boot structures. Used in `const` items, so an address at or past

@@ -10,7 +10,7 @@ use acpi_tables::{aml, Aml};
 use super::{Error, DSDT_REVISION, OEM_ID, OEM_REVISION, OEM_TABLE_ID, SDT_HEADER_LEN};
 use crate::layout::{
     addr32, ACPI_S5_SLEEP_TYPE, COM1_IRQ, COM1_PORT, I8042_COMMAND_PORT, I8042_DATA_PORT,
-    I8042_KBD_IRQ, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_PORT,
+    I8042_KBD_IRQ, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO_SIZE, PCI_MMIO_START, PVPANIC_PORT,
 };
 
 /// A memory-mapped device that the DSDT describes to the guest (virtio-mmio
@@ -33,13 +33,17 @@ pub(super) const VIRTIO_MMIO_HID: &str = "LNRO0005";
 /// Configuration mechanism #1's ports (address, then data).
 const PCI_CONFIG_PORT: u16 = 0xcf8;
 
-/// The PCI root bridge of bus 0 (`--transport pci`): a conventional PCI
-/// host bridge (PNP0A03: no extended configuration space, no ECAM),
-/// segment 0, bus 0 only, configuration through ports 0xCF8-0xCFF and
-/// BARs in the PCI memory window. No `_PRT`: the functions have no INTx
-/// (their interrupt pin is 0) and interrupt through MSI-X.
+/// The PCI root bridge of bus 0 (`--transport pci`): a PCI Express root
+/// (PNP0A08, compatible with the conventional PNP0A03), segment 0, bus 0
+/// only, configuration through ports 0xCF8-0xCFF and through the ECAM
+/// window the MCFG table announces, BARs in the PCI memory window. No
+/// `_PRT`: the functions have no INTx (their interrupt pin is 0) and
+/// interrupt through MSI-X. Beside it a motherboard resource device
+/// (PNP0C02) holds the ECAM window in its `_CRS`: Linux uses an MCFG
+/// window only once it finds it reserved there (or in the e820 map).
 fn write_pci_root(body: &mut Vec<u8>) {
-    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03"));
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
     let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
     let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
     let uid = aml::Name::new("_UID".into(), &aml::ZERO);
@@ -56,8 +60,13 @@ fn write_pci_root(body: &mut Vec<u8>) {
         "_CRS".into(),
         &aml::ResourceTemplate::new(vec![&bus, &cfg, &mem]),
     );
-    let dev = aml::Device::new("PCI0".into(), vec![&hid, &seg, &bbn, &uid, &crs]);
-    aml::Scope::new("\\_SB_".into(), vec![&dev]).to_aml_bytes(body);
+    let dev = aml::Device::new("PCI0".into(), vec![&hid, &cid, &seg, &bbn, &uid, &crs]);
+
+    let mbrd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let ecam = aml::Memory32Fixed::new(true, addr32(PCI_ECAM_START), addr32(PCI_ECAM_SIZE));
+    let mbrd_crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&ecam]));
+    let mbrd = aml::Device::new("MBRD".into(), vec![&mbrd_hid, &uid, &mbrd_crs]);
+    aml::Scope::new("\\_SB_".into(), vec![&dev, &mbrd]).to_aml_bytes(body);
 }
 
 /// Builds the DSDT: `\_S5_`, COM1, the pvpanic device and `virtio_mmio`

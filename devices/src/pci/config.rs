@@ -8,6 +8,9 @@
 
 /// Size of the configuration space (no extended space).
 pub const CONFIG_SIZE: usize = 256;
+/// Size of a function's configuration space with the PCI Express
+/// extended space (offsets 0x100-0xFFF), which ECAM reaches.
+pub const EXTENDED_CONFIG_SIZE: usize = 4096;
 /// Offset of the first capability.
 const FIRST_CAP: usize = 0x40;
 /// Offset of BAR 0.
@@ -192,14 +195,18 @@ impl ConfigSpace {
         Ok(offset)
     }
 
-    /// Reads `data.len()` bytes at `offset`; bytes past the end read as
-    /// all ones, like a function that does not decode them.
+    /// Reads `data.len()` bytes at `offset`. The extended space
+    /// (0x100-0xFFF) reads as zeros: an empty extended capability list,
+    /// which is what Linux expects of a function it reaches through ECAM.
+    /// Bytes past it read as all ones, like a function that does not
+    /// decode them.
     pub fn read(&self, offset: u64, data: &mut [u8]) {
         for (i, b) in data.iter_mut().enumerate() {
-            *b = byte_index(offset, i)
-                .and_then(|o| self.bytes.get(o))
-                .copied()
-                .unwrap_or(0xff);
+            *b = match byte_index(offset, i) {
+                Some(o) if o < CONFIG_SIZE => self.bytes[o],
+                Some(o) if o < EXTENDED_CONFIG_SIZE => 0,
+                _ => 0xff,
+            };
         }
     }
 
@@ -225,7 +232,7 @@ impl ConfigSpace {
     }
 
     /// Writes `data` at `offset`, changing only the writable bits; bytes
-    /// past the end are ignored. Returns whether any byte changed.
+    /// past the first 256 (the extended space has nothing) are ignored. Returns whether any byte changed.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> bool {
         let mut changed = false;
         for (i, v) in data.iter().enumerate() {

@@ -1,9 +1,12 @@
 //! PCI: one bus (bus 0) behind a host bridge, reached through
-//! configuration mechanism #1 (I/O ports 0xCF8 and 0xCFC-0xCFF).
+//! configuration mechanism #1 (I/O ports 0xCF8 and 0xCFC-0xCFF) and
+//! through PCI Express enhanced configuration access (ECAM, memory).
 //!
 //! [`PciRoot`] is the port-I/O [`BusDevice`] for the eight ports from
 //! [`CONFIG_ADDRESS_PORT`]: the guest writes a function's address to
 //! 0xCF8 and reads or writes its configuration space through 0xCFC-0xCFF.
+//! [`ecam::PciEcam`] is the MMIO [`BusDevice`] for the same bus's ECAM
+//! window, which reaches the whole 4 KiB of each function's space.
 //! Device 0 is the host bridge; the others are [`PciDevice`]s added in
 //! slot order. Every function is function 0 of its device; accesses to
 //! absent functions read all ones and writes to them are dropped.
@@ -14,6 +17,7 @@
 //! works, but moving a BAR is not supported).
 
 pub mod config;
+pub mod ecam;
 pub mod msix;
 
 use std::sync::{Arc, Mutex};
@@ -32,6 +36,9 @@ pub const SLOTS: usize = 32;
 const ADDRESS_ENABLE: u32 = 1 << 31;
 
 /// A PCI function on bus 0: its configuration space as the guest sees it.
+///
+/// `offset` is below 0x100 through the configuration ports and below
+/// 0x1000 through ECAM (0x100-0xFFF is the PCI Express extended space).
 pub trait PciDevice: Send {
     /// Reads `data.len()` bytes at `offset` of the configuration space.
     fn config_read(&mut self, offset: u64, data: &mut [u8]);
@@ -134,6 +141,14 @@ impl PciRoot {
         self.address = address;
     }
 
+    /// Function `function` of device `slot` on bus 0, if there is one.
+    fn function(&self, slot: u32, function: u32) -> Option<&Arc<Mutex<dyn PciDevice>>> {
+        if function != 0 {
+            return None;
+        }
+        self.slots.get(usize::try_from(slot).ok()?)
+    }
+
     /// The device the address register selects, and the dword offset in
     /// its space; `None` if disabled, another bus or function, or empty.
     fn selected(&self) -> Option<(&Arc<Mutex<dyn PciDevice>>, u64)> {
@@ -141,11 +156,30 @@ impl PciRoot {
         let bus = (a >> 16) & 0xff;
         let slot = (a >> 11) & 0x1f;
         let function = (a >> 8) & 0x7;
-        if a & ADDRESS_ENABLE == 0 || bus != 0 || function != 0 {
+        if a & ADDRESS_ENABLE == 0 || bus != 0 {
             return None;
         }
-        let dev = self.slots.get(usize::try_from(slot).ok()?)?;
+        let dev = self.function(slot, function)?;
         Some((dev, u64::from(a & 0xfc)))
+    }
+
+    /// Reads `data.len()` bytes at `reg` of function `function` of device
+    /// `slot` (bus 0); all ones if there is no such function.
+    pub fn function_read(&self, slot: u32, function: u32, reg: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if let Some(dev) = self.function(slot, function) {
+            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+            dev.config_read(reg, data);
+        }
+    }
+
+    /// Writes `data` at `reg` of function `function` of device `slot`
+    /// (bus 0); dropped if there is no such function.
+    pub fn function_write(&self, slot: u32, function: u32, reg: u64, data: &[u8]) {
+        if let Some(dev) = self.function(slot, function) {
+            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
+            dev.config_write(reg, data);
+        }
     }
 }
 

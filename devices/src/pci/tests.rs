@@ -2,7 +2,7 @@
 
 use std::sync::Mutex as StdMutex;
 
-use super::config::CONFIG_SIZE;
+use super::config::{CONFIG_SIZE, EXTENDED_CONFIG_SIZE};
 use super::msix::{MsiMessage, MsiRouter, Msix, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use super::*;
 
@@ -50,11 +50,17 @@ fn read_only_bits_stay_and_writable_ones_change_at_any_width() {
     let mut b = [0u8; 2];
     c.read(0x3c, &mut b);
     assert_eq!(b, [0x0b, 0], "line is scratch, pin stays 0");
-    // Unaligned and odd widths are fine; past the end reads all ones.
+    // Unaligned and odd widths are fine; the extended space reads zeros
+    // (an empty list) and drops writes, past it reads all ones.
     c.write(0x3b, &[1, 2, 3]);
     let mut tail = [0u8; 4];
     c.read(CONFIG_SIZE as u64 - 2, &mut tail);
-    assert_eq!(tail[2..], [0xff, 0xff]);
+    assert_eq!(tail, [0, 0, 0, 0]);
+    c.write(0x100, &[0xff; 4]);
+    c.read(0x100, &mut tail);
+    assert_eq!(tail, [0; 4]);
+    c.read(EXTENDED_CONFIG_SIZE as u64 - 2, &mut tail);
+    assert_eq!(tail, [0, 0, 0xff, 0xff]);
     c.write(u64::MAX - 1, &[1, 2, 3, 4]);
     c.read(u64::MAX, &mut tail);
     assert_eq!(tail, [0xff; 4]);

@@ -6,7 +6,9 @@
 # on TAP (as in net.sh), and checks in the guest that both are PCI
 # functions driven by virtio-pci with MSI-X interrupts, that the disk
 # reads and writes (checked on the image afterwards) and that the NIC
-# pings the host.
+# pings the host. It also checks that Linux took the ECAM window the MCFG
+# table announces (found reserved, not refused) and reached the host
+# bridge's extended configuration space through it.
 #
 # pci_snapshot boots the same machine (TAP NIC, root on a copy of $ROOTFS),
 # writes a file, has its PCI-MSI interrupt counts printed, is snapshotted
@@ -46,6 +48,9 @@ case_pci_blk_net() {
     _img="$(disk_copy pci_blk_net)"
     run_capsule pci_blk_net 'for d in /sys/bus/pci/devices/*; do echo pcidev=$(cat $d/vendor):$(cat $d/device):$(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null); done
 cat /root/hello.txt
+dmesg | grep -E "MMCONFIG|ECAM|PNP0C02" | sed "s/^/ecam-dmesg: /"
+grep -i mmconfig /proc/iomem | sed "s/^/ecam-iomem: /"
+hb=/sys/bus/pci/devices/0000:00:00.0/config; echo hostbridge-config=$(wc -c <$hb) hostbridge-ext=$(od -An -tx4 -j256 -N4 $hb | tr -d " ")
 dd if=/dev/vda of=/dev/null bs=1M count=16 2>/dev/null && echo read-$((1+1))
 echo "capsule-pci-data-$((40+2))" >/root/written.txt; sync; echo written-$((1+1))
 ip addr add 10.0.9.2/24 dev eth0; ip link set eth0 up; ping -c 3 -w 30 10.0.9.1 </dev/null && echo PING-OK
@@ -67,6 +72,23 @@ poweroff -f' \
     expect "no Rust panic" no_rust_panic
     expect "no kernel warning" no_kernel_warning
     expect "the kernel kept the BARs capsule assigned" pci_bars_kept
+    expect "Linux uses the MCFG's ECAM window, found reserved" pci_ecam_used
+    expect "the host bridge's extended configuration space read through ECAM" \
+        out_has_line "hostbridge-config=4096 hostbridge-ext=00000000"
+    # What the guest said about ECAM, for the log.
+    grep -E "^(ecam-dmesg|ecam-iomem|hostbridge-config)" "$OUT" | sed 's/^/pci_blk_net: /'
+}
+
+# pci_ecam_used: the guest's dmesg (printed with an "ecam-dmesg: " prefix)
+# says Linux 6.1 took the MCFG's ECAM window of bus 0 (capsule's
+# layout::PCI_ECAM_START, 1 MiB) and found it reserved, and nothing says
+# it was refused or left unused.
+pci_ecam_used() {
+    _ecam="[mem 0xf0000000-0xf00fffff]"
+    grep -F "ecam-dmesg: " "$OUT" >"$OUT.ecam"
+    grep -qF "PCI: MMCONFIG for domain 0000 [bus 00-00] at $_ecam" "$OUT.ecam" &&
+        grep -qF "MMCONFIG at $_ecam reserved in" "$OUT.ecam" &&
+        ! grep -qE "MMCONFIG.*not reserved|not using MMCONFIG|MMCONFIG is disabled|only partially covers|ECAM.*not reserved" "$OUT"
 }
 
 # pci_bars_kept: the guest kernel claimed every BAR where capsule put it

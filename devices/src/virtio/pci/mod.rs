@@ -6,7 +6,12 @@
 //! configuration, the ISR status byte, the device configuration, the queue
 //! notification addresses and the MSI-X table and pending-bit array.
 //! Vendor capabilities point the driver at each of them; the MSI-X
-//! capability at the table.
+//! capability at the table. A last vendor capability,
+//! `VIRTIO_PCI_CAP_PCI_CFG`, is a window into the BAR from configuration
+//! space (§4.1.4.9): the driver writes a BAR, offset and length into it,
+//! then reading or writing its `pci_cfg_data` accesses the BAR there
+//! through the same code as an MMIO access (so a notification through it
+//! kicks the queue).
 //!
 //! The same object is the [`PciDevice`] on bus 0 (configuration space)
 //! and the [`BusDevice`] on the MMIO bus at the BAR. Queue `i`'s
@@ -75,6 +80,16 @@ const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
 const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
+const CFG_PCI: u8 = 5;
+
+/// `virtio_pci_cfg_cap`: the common header (16 bytes) and `pci_cfg_data`.
+const PCI_CFG_CAP_LEN: u8 = 20;
+/// Offsets in that capability (from its id byte) of the fields the
+/// driver writes.
+const PCI_CFG_BAR: usize = 4;
+const PCI_CFG_OFFSET: usize = 8;
+const PCI_CFG_LENGTH: usize = 12;
+const PCI_CFG_DATA: usize = 16;
 
 /// Why a virtio PCI function could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +112,8 @@ pub enum PciTransportError {
 pub struct VirtioPci {
     config: ConfigSpace,
     msix_cap: usize,
+    /// Offset of the `VIRTIO_PCI_CAP_PCI_CFG` capability.
+    pci_cfg_cap: usize,
     bar: u64,
     common: CommonCfg,
 }
@@ -144,11 +161,16 @@ impl VirtioPci {
         // Below MAX_VECTORS, checked above.
         let vectors = u16::try_from(sizes.len() + 1).unwrap_or(1);
         let msix = Msix::new(vectors, first_gsi, router).map_err(PciTransportError::EventFd)?;
-        let (config, msix_cap) = build_config(device_type, bar, &msix)?;
+        let Caps {
+            config,
+            msix: msix_cap,
+            pci_cfg: pci_cfg_cap,
+        } = build_config(device_type, bar, &msix)?;
         let interrupt = Arc::new(PciInterrupt::new(msix, sizes.len()));
         Ok(Self {
             config,
             msix_cap,
+            pci_cfg_cap,
             bar,
             common: CommonCfg::new(mem, device, interrupt, queues, evts),
         })
@@ -195,13 +217,19 @@ impl VirtioPci {
 
 use vmm_sys_util::eventfd::EventFd;
 
-/// The configuration space: header, the four virtio capabilities and
-/// MSI-X, and the BAR. Returns it with the MSI-X capability's offset.
-fn build_config(
-    device_type: u32,
-    bar: u64,
-    msix: &Msix,
-) -> Result<(ConfigSpace, usize), PciTransportError> {
+/// A function's configuration space and where two of its capabilities
+/// are.
+struct Caps {
+    config: ConfigSpace,
+    /// Offset of the MSI-X capability.
+    msix: usize,
+    /// Offset of the `VIRTIO_PCI_CAP_PCI_CFG` capability.
+    pci_cfg: usize,
+}
+
+/// The configuration space: header, the four virtio structure
+/// capabilities, MSI-X, the configuration access capability, and the BAR.
+fn build_config(device_type: u32, bar: u64, msix: &Msix) -> Result<Caps, PciTransportError> {
     let device_id = u16::try_from(device_type)
         .ok()
         .and_then(|t| MODERN_DEVICE_BASE.checked_add(t))
@@ -237,7 +265,29 @@ fn build_config(
     let mut writable = vec![0u8; body.len()];
     writable[1] = 0xc0; // enable and function mask
     let msix_cap = c.add_capability(CAP_MSIX, &body, &writable)?;
-    Ok((c, msix_cap))
+    // Last in the chain, so that the capabilities before it sit where
+    // they did before it was added (snapshots taken then still restore:
+    // persist.rs).
+    let (body, writable) = pci_cfg_cap_body();
+    let pci_cfg = c.add_capability(CAP_VENDOR, &body, &writable)?;
+    Ok(Caps {
+        config: c,
+        msix: msix_cap,
+        pci_cfg,
+    })
+}
+
+/// The `VIRTIO_PCI_CAP_PCI_CFG` capability after its id and next bytes,
+/// as at reset (BAR, offset, length and data zero), and its write mask:
+/// the driver may write the BAR, offset, length and data fields.
+fn pci_cfg_cap_body() -> (Vec<u8>, Vec<u8>) {
+    let mut body = virtio_cap(CFG_PCI, 0, 0, PCI_CFG_CAP_LEN);
+    body.extend_from_slice(&[0; 4]);
+    let mut writable = vec![0u8; body.len()];
+    // Body offsets are capability offsets less the two header bytes.
+    writable[PCI_CFG_BAR - 2] = 0xff;
+    writable[PCI_CFG_OFFSET - 2..PCI_CFG_DATA + 4 - 2].fill(0xff);
+    (body, writable)
 }
 
 /// The body of a virtio vendor capability (after id and next) of
@@ -259,14 +309,65 @@ const fn low32(v: u64) -> u32 {
     v as u32
 }
 
+impl VirtioPci {
+    /// The BAR offset and length the configuration access capability
+    /// names, if they are a 1-, 2- or 4-byte access inside BAR 0.
+    fn pci_cfg_window(&self) -> Option<(u64, usize)> {
+        let cap = self.pci_cfg_cap;
+        // The BAR byte, then `id` and padding.
+        let bar = self.config.read_u32(cap + PCI_CFG_BAR) & 0xff;
+        let offset = u64::from(self.config.read_u32(cap + PCI_CFG_OFFSET));
+        let len = self.config.read_u32(cap + PCI_CFG_LENGTH);
+        let len = match len {
+            1 | 2 | 4 => usize::try_from(len).ok()?,
+            _ => return None,
+        };
+        // The offset is a u32 and the length at most 4: no overflow.
+        (bar == 0 && offset + len as u64 <= layout::BAR_SIZE).then_some((offset, len))
+    }
+
+    /// Before a configuration read of `pci_cfg_data`: reads the BAR
+    /// where the capability points into it (zeros if it points nowhere
+    /// valid), through the same path as an MMIO read.
+    fn pci_cfg_load(&mut self) {
+        let mut buf = [0u8; 4];
+        match self.pci_cfg_window() {
+            Some((offset, len)) => BusDevice::read(self, offset, &mut buf[..len]),
+            None => crate::debug_ratelimited!("virtio-pci: PCI_CFG read of an invalid window"),
+        }
+        let data = self.pci_cfg_cap + PCI_CFG_DATA;
+        // `data` is inside the 256 bytes: add_capability checked it.
+        self.config.write(data as u64, &buf);
+    }
+
+    /// After a configuration write to `pci_cfg_data`: writes its first
+    /// `length` bytes to the BAR where the capability points (dropped if
+    /// it points nowhere valid), through the same path as an MMIO write.
+    fn pci_cfg_store(&mut self) {
+        let Some((offset, len)) = self.pci_cfg_window() else {
+            crate::debug_ratelimited!("virtio-pci: PCI_CFG write to an invalid window");
+            return;
+        };
+        let data = self.config.read_u32(self.pci_cfg_cap + PCI_CFG_DATA);
+        let bytes = data.to_le_bytes();
+        BusDevice::write(self, offset, &bytes[..len]);
+    }
+}
+
 impl PciDevice for VirtioPci {
     fn config_read(&mut self, offset: u64, data: &mut [u8]) {
+        if overlaps(offset, data.len(), self.pci_cfg_cap + PCI_CFG_DATA, 4) {
+            self.pci_cfg_load();
+        }
         self.config.read(offset, data);
     }
 
     fn config_write(&mut self, offset: u64, data: &[u8]) {
         let old_bar = self.config.bar_address(0);
         self.config.write(offset, data);
+        if overlaps(offset, data.len(), self.pci_cfg_cap + PCI_CFG_DATA, 4) {
+            self.pci_cfg_store();
+        }
         let control = self.msix_cap + 2;
         if overlaps(offset, data.len(), control, 2) {
             let v = self.config.read_u16(control);

@@ -9,15 +9,23 @@
 //! A snapshot file is user input: [`VirtioPci::restore`] checks all of it
 //! (the read-only configuration bytes, the table size, every vector, every
 //! queue, the status and features) before it changes anything.
+//!
+//! The configuration space is saved whole, so the fields the driver
+//! writes into the `VIRTIO_PCI_CAP_PCI_CFG` capability (BAR, offset,
+//! length, data) are saved and restored with it. Files written before the
+//! function had that capability (the same format version, 3) have no
+//! capability there: they restore with it at its reset state.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use virtio_queue::Queue;
 
 use super::interrupt::NO_VECTOR;
-use super::VirtioPci;
+use super::{pci_cfg_cap_body, VirtioPci, CAP_VENDOR};
 use crate::pci::config::RestoreError as ConfigRestoreError;
+use crate::pci::config::CONFIG_SIZE;
 use crate::pci::msix::{MsixRestoreError, MsixSnapshot, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use crate::virtio::mmio::persist::{restore_queues, QueueRestoreError, QueueSnapshot};
 use crate::virtio::status::{
@@ -184,7 +192,7 @@ impl VirtioPci {
             });
         }
         let mut config = self.config.clone();
-        config.restore(&snap.config_space)?;
+        config.restore(&self.with_pci_cfg_cap(&snap.config_space))?;
         let mask = CONTROL_ENABLE | CONTROL_FUNCTION_MASK;
         let control = config.read_u16(self.msix_cap + 2) & mask;
         let msix_control = (if snap.msix.enabled { CONTROL_ENABLE } else { 0 })
@@ -219,6 +227,32 @@ impl VirtioPci {
             })?;
         self.config = config;
         self.apply_common(s, queues, active)
+    }
+
+    /// `saved`, or, if it is the configuration space of a function that
+    /// had no `VIRTIO_PCI_CAP_PCI_CFG` capability yet (its chain ends at
+    /// MSI-X and the bytes where that capability now is are zero), a copy
+    /// with the capability linked in at its reset state. Anything else is
+    /// left for [`crate::pci::ConfigSpace::restore`] to check.
+    fn with_pci_cfg_cap<'a>(&self, saved: &'a [u8]) -> Cow<'a, [u8]> {
+        let link = self.msix_cap + 1;
+        let cap = self.pci_cfg_cap;
+        let (body, _) = pci_cfg_cap_body();
+        let end = cap + 2 + body.len();
+        let before_cap = saved.len() == CONFIG_SIZE
+            && saved.get(link) == Some(&0)
+            && saved
+                .get(cap..end)
+                .is_some_and(|b| b.iter().all(|&b| b == 0));
+        let (Ok(next), true) = (u8::try_from(cap), before_cap) else {
+            return Cow::Borrowed(saved);
+        };
+        let mut upgraded = saved.to_vec();
+        upgraded[link] = next;
+        upgraded[cap] = CAP_VENDOR;
+        upgraded[cap + 1] = 0;
+        upgraded[cap + 2..end].copy_from_slice(&body);
+        Cow::Owned(upgraded)
     }
 
     /// Checks the common state against this function: vectors, queues,

@@ -158,8 +158,15 @@ fn the_function_is_a_modern_virtio_device_with_its_capabilities() {
             (CFG_COMMON, 0, 0),
             (CFG_ISR, 0, 0x1000),
             (CFG_DEVICE, 0, 0x2000),
-            (CFG_NOTIFY, 0, 0x3000)
+            (CFG_NOTIFY, 0, 0x3000),
+            (CFG_PCI, 0, 0)
         ]
+    );
+    let pci_cfg = caps.last().unwrap();
+    assert_eq!(
+        (pci_cfg.1, pci_cfg.2[0], pci_cfg.2[1]),
+        (CAP_VENDOR, 20, CFG_PCI),
+        "VIRTIO_PCI_CAP_PCI_CFG ends the chain: 20 bytes"
     );
     let notify = caps
         .iter()
@@ -376,3 +383,6 @@ fn hostile_accesses_anywhere_do_not_panic() {
 
 #[path = "persist_tests.rs"]
 mod persist;
+
+#[path = "pci_cfg_tests.rs"]
+mod pci_cfg;
