@@ -60,8 +60,8 @@ impl std::error::Error for SpecError {}
 /// `disk` (`1`: mount `/dev/vda` as root), `share` (`INDEX:MODE:GUESTDIR`,
 /// MODE `ro` or `rw`, repeated), `live` (`1`: share `i` is the virtio-fs
 /// tag [`share_tag`]`(i)`, mounted in place, nothing copied; file `i` is
-/// `FILES_DIR/i` on the virtio-fs tag [`FILES_TAG`] instead of in the
-/// initramfs), `file` (`INDEX:MODE:GUESTPATH`, MODE `ro` or `rw`,
+/// on the virtio-fs tag [`FILES_TAG`], or [`FILES_RW_TAG`] if writable,
+/// instead of in the initramfs), `file` (`INDEX:MODE:GUESTPATH`, MODE `ro` or `rw`,
 /// repeated: the host file [`FILES_DIR`]`/INDEX` bind-mounted on
 /// GUESTPATH), `tmpfs` (`OPTIONS:GUESTDIR`, OPTIONS comma-separated
 /// without ':', repeated: a tmpfs mounted there), `hostroot`
@@ -193,11 +193,18 @@ pub fn share_tag(index: usize) -> String {
     format!("capsule-share-{index}")
 }
 /// Where the init finds file share `i` (`capsule exec --share
-/// HOSTFILE:GUESTFILE`): `FILES_DIR/i`, bind-mounted on its guest path.
+/// HOSTFILE:GUESTFILE`): `FILES_DIR/i`, bind-mounted on its guest path;
+/// when shares are live, a writable one is `FILES_RW_DIR/i` instead.
 pub const FILES_DIR: &str = "/.capsule/files";
-/// The virtio-fs tag of the directory holding the file shares (mounted
-/// at [`FILES_DIR`]) when shares are live.
+/// The virtio-fs tag of the read-only file shares' directory (mounted at
+/// [`FILES_DIR`]) when shares are live.
 pub const FILES_TAG: &str = "capsule-files";
+/// Where the writable file shares are when shares are live.
+pub const FILES_RW_DIR: &str = "/.capsule/files-rw";
+/// The virtio-fs tag of the writable file shares' directory (mounted at
+/// [`FILES_RW_DIR`]): a separate device, so that a guest that mounts it
+/// itself still cannot write a file it was given read-only.
+pub const FILES_RW_TAG: &str = "capsule-files-rw";
 /// Where the init finds share `i`'s files: `SHARE_DIR/i`.
 pub const SHARE_DIR: &str = "/.capsule/share";
 /// Where the init binary is in the initramfs (the kernel's `rdinit=`).

@@ -18,7 +18,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use exec_proto::{ExecSpec, FILES_DIR, FILES_TAG};
+use exec_proto::{ExecSpec, FILES_DIR, FILES_RW_DIR, FILES_RW_TAG, FILES_TAG};
 
 use crate::{hostfs, share_source, stamp, sys, walk, Snapshot};
 
@@ -161,17 +161,12 @@ fn plan(spec: &ExecSpec) -> Vec<(Planned, &[u8])> {
 /// shares only).
 pub fn mount_all(spec: &ExecSpec, root: &Path) -> Result<Vec<Option<Snapshot>>, String> {
     let mut snaps = vec![None; spec.shares.len()];
-    if spec.live && !spec.files.is_empty() {
-        let rw = spec.files.iter().any(|f| f.1);
-        fs::create_dir_all(FILES_DIR).map_err(|e| format!("cannot create {FILES_DIR}: {e}"))?;
-        let flags = if rw { 0 } else { libc::MS_RDONLY };
-        sys::mount(
-            Some(FILES_TAG),
-            FILES_DIR.as_bytes(),
-            Some("virtiofs"),
-            flags,
-        )
-        .map_err(|e| format!("cannot mount the shared files (virtio-fs {FILES_TAG}): {e}"))?;
+    if spec.live {
+        for (rw, tag, dir) in [(false, FILES_TAG, FILES_DIR), (true, FILES_RW_TAG, FILES_RW_DIR)] {
+            if spec.files.iter().any(|f| f.1 == rw) {
+                mount_files_dir(tag, dir, rw)?;
+            }
+        }
     }
     for (what, guest) in plan(spec) {
         match what {
@@ -179,11 +174,19 @@ pub fn mount_all(spec: &ExecSpec, root: &Path) -> Result<Vec<Option<Snapshot>>, 
                 let rw = spec.shares[i].1;
                 snaps[i] = mount_share(spec.live, i, root, guest, rw)?;
             }
-            Planned::File(i) => mount_file(i, root, guest, spec.files[i].1)?,
+            Planned::File(i) => mount_file(spec.live, i, root, guest, spec.files[i].1)?,
             Planned::Tmpfs(i) => mount_tmpfs(root, guest, &spec.tmpfs[i].1)?,
         }
     }
     Ok(snaps)
+}
+
+/// The virtio-fs device `tag` holding file shares, at `dir`.
+fn mount_files_dir(tag: &str, dir: &str, rw: bool) -> Result<(), String> {
+    fs::create_dir_all(dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+    let flags = if rw { 0 } else { libc::MS_RDONLY };
+    sys::mount(Some(tag), dir.as_bytes(), Some("virtiofs"), flags)
+        .map_err(|e| format!("cannot mount the shared files (virtio-fs {tag}): {e}"))
 }
 
 /// Share `i` on `guest`: its virtio-fs tag when live, else its copy in the
@@ -215,10 +218,12 @@ fn mount_share(
     Ok(Some(snap))
 }
 
-/// File `i` ([`FILES_DIR`]`/i`) bound on `guest`, read-only unless `rw`.
-fn mount_file(i: usize, root: &Path, guest: &[u8], rw: bool) -> Result<(), String> {
+/// File `i` ([`FILES_DIR`]`/i`, or [`FILES_RW_DIR`]`/i` for a live
+/// writable one) bound on `guest`, read-only unless `rw`.
+fn mount_file(live: bool, i: usize, root: &Path, guest: &[u8], rw: bool) -> Result<(), String> {
     let shown = String::from_utf8_lossy(guest);
-    let src = Path::new(FILES_DIR).join(i.to_string());
+    let dir = if live && rw { FILES_RW_DIR } else { FILES_DIR };
+    let src = Path::new(dir).join(i.to_string());
     let meta = fs::metadata(&src).map_err(|e| format!("file for {shown}: {e}"))?;
     if !meta.is_file() {
         return Err(format!("file for {shown}: {} is not a file", src.display()));

@@ -40,6 +40,7 @@
 
 mod copyback;
 pub mod cpio;
+mod files;
 mod forward;
 mod initramfs;
 mod link;
@@ -177,6 +178,38 @@ impl std::str::FromStr for Share {
     }
 }
 
+/// A tmpfs mounted in the guest (`--tmpfs GUESTDIR[:OPTIONS]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tmpfs {
+    /// Absolute guest directory, inside the command's root.
+    pub guest: String,
+    /// Comma-separated mount options: `size=`, `mode=`, `nr_inodes=`,
+    /// `uid=`, `gid=`, `ro`, `nosuid`, `nodev`, `noexec`, `noatime` are
+    /// honoured, others ignored.
+    pub options: String,
+}
+
+impl std::str::FromStr for Tmpfs {
+    type Err = String;
+
+    /// Parses `GUESTDIR[:OPTIONS]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (guest, options) = s.split_once(':').unwrap_or((s, ""));
+        if !guest.starts_with('/') {
+            return Err(format!(
+                "'{s}': expected GUESTDIR[:OPTIONS], GUESTDIR an absolute path"
+            ));
+        }
+        if options.contains(':') {
+            return Err(format!("'{s}': the options cannot hold ':'"));
+        }
+        Ok(Self {
+            guest: guest.to_string(),
+            options: options.to_string(),
+        })
+    }
+}
+
 /// What to run and how.
 #[derive(Debug, Clone)]
 pub struct ExecConfig {
@@ -187,8 +220,13 @@ pub struct ExecConfig {
     pub net_ipv4: Vec<Option<TapIpv4>>,
     /// Host directory packed as the guest's root.
     pub rootfs: Option<PathBuf>,
-    /// Shared directories.
+    /// Shared directories, and files (`--share` takes both; `prepare`
+    /// moves the files to [`Self::files`]).
     pub shares: Vec<Share>,
+    /// Shared single files, bound over their guest path (from `shares`).
+    pub files: Vec<Share>,
+    /// tmpfs mounts in the guest.
+    pub tmpfs: Vec<Tmpfs>,
     /// Boot on the host's `/` (read-only over virtio-fs, tmpfs overlay),
     /// with the current directory shared writable.
     pub host_root: bool,
@@ -309,7 +347,8 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         crate::vstate::vm::Vm::open_kvm(&config.vm.kvm_path)
             .map_err(|e| Error::Vm(builder::Error::from(e)))?,
     );
-    prepare::prepare(&mut config, channel)?;
+    // Kept until the VM is gone: the directories of the shared files.
+    let _file_stages = prepare::prepare(&mut config, channel)?;
     // Copy-back writes into the writable shares after setup.
     for s in config.shares.iter().filter(|s| s.writable) {
         crate::landlock::allow(&s.host, crate::landlock::Reach::ReadWrite);
@@ -568,6 +607,17 @@ mod tests {
         assert!("h:/a:b:ro".parse::<Share>().is_err());
     }
 
+    #[test]
+    fn tmpfs_parse() {
+        let t: Tmpfs = "/run:size=64m,mode=755".parse().unwrap();
+        assert_eq!(t.guest, "/run");
+        assert_eq!(t.options, "size=64m,mode=755");
+        let t: Tmpfs = "/dev/shm".parse().unwrap();
+        assert_eq!((t.guest.as_str(), t.options.as_str()), ("/dev/shm", ""));
+        assert!("run".parse::<Tmpfs>().is_err());
+        assert!("/a:size=1:x".parse::<Tmpfs>().is_err());
+    }
+
     /// A plain configuration for the tests of this module and its
     /// children: `true` in `/`, no shares, no root of its own.
     pub(super) fn exec_config() -> ExecConfig {
@@ -591,6 +641,8 @@ mod tests {
             net_ipv4: vec![],
             rootfs: None,
             shares: vec![],
+            files: vec![],
+            tmpfs: vec![],
             host_root: false,
             fs_root: None,
             modules: None,
