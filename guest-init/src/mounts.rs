@@ -94,7 +94,8 @@ pub enum Kind {
 /// itself is refused.
 pub fn mount_point(root: &Path, guest: &[u8], kind: Kind) -> Result<PathBuf, String> {
     let shown = String::from_utf8_lossy(guest);
-    let target = resolve_in_root(root, guest).map_err(|e| format!("cannot resolve {shown}: {e}"))?;
+    let target =
+        resolve_in_root(root, guest).map_err(|e| format!("cannot resolve {shown}: {e}"))?;
     if target == root {
         return Err(format!("{shown}: cannot mount over the root itself"));
     }
@@ -162,7 +163,10 @@ fn plan(spec: &ExecSpec) -> Vec<(Planned, &[u8])> {
 pub fn mount_all(spec: &ExecSpec, root: &Path) -> Result<Vec<Option<Snapshot>>, String> {
     let mut snaps = vec![None; spec.shares.len()];
     if spec.live {
-        for (rw, tag, dir) in [(false, FILES_TAG, FILES_DIR), (true, FILES_RW_TAG, FILES_RW_DIR)] {
+        for (rw, tag, dir) in [
+            (false, FILES_TAG, FILES_DIR),
+            (true, FILES_RW_TAG, FILES_RW_DIR),
+        ] {
             if spec.files.iter().any(|f| f.1 == rw) {
                 mount_files_dir(tag, dir, rw)?;
             }

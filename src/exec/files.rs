@@ -30,9 +30,8 @@ use crate::config::FsConfig;
 pub(super) fn split_files(config: &mut ExecConfig) -> Result<(), Error> {
     let mut dirs = Vec::new();
     for share in config.shares.drain(..) {
-        let meta = fs::metadata(&share.host).map_err(|e| {
-            Error::Usage(format!("--share {}: {e}", share.host.display()))
-        })?;
+        let meta = fs::metadata(&share.host)
+            .map_err(|e| Error::Usage(format!("--share {}: {e}", share.host.display())))?;
         if meta.is_dir() {
             dirs.push(share);
         } else if meta.is_file() {
@@ -72,7 +71,10 @@ pub(super) fn stage(config: &mut ExecConfig) -> Result<Vec<PrivateDir>, Error> {
             .map_err(|e| Error::Host("cannot create a directory for the shared files", e))?;
         for (i, f) in files {
             let how = place(&f.host, &dir.join(&i.to_string())).map_err(|e| {
-                Error::Usage(format!("--share {}: cannot share it: {e}", f.host.display()))
+                Error::Usage(format!(
+                    "--share {}: cannot share it: {e}",
+                    f.host.display()
+                ))
             })?;
             if how == Placed::Copied && writable {
                 log::warn!(
@@ -114,7 +116,9 @@ fn place(host: &Path, dest: &Path) -> io::Result<Placed> {
     }
     match fs::hard_link(&real, dest) {
         Ok(()) => Ok(Placed::Linked),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) =>
+        {
             fs::copy(&real, dest)?;
             Ok(Placed::Copied)
         }

@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use super::{build_initramfs, files, modules, netcfg, Channel, Error, ExecConfig, Share, EXEC_CMDLINE};
+use super::{
+    build_initramfs, files, modules, netcfg, Channel, Error, ExecConfig, Share, EXEC_CMDLINE,
+};
 use crate::builder;
 use crate::config::FsConfig;
 

@@ -4,10 +4,8 @@ use super::*;
 
 /// A fresh directory standing for a command's root.
 fn root(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "capsule-init-mounts-{}-{name}",
-        std::process::id()
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("capsule-init-mounts-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(dir.join("etc")).unwrap();
     fs::create_dir_all(dir.join("usr/lib")).unwrap();
@@ -60,7 +58,10 @@ fn symlinks_are_followed_inside_the_root() {
     }
     // `..` after a link climbs from the link's target, as the kernel's
     // lookup does: /lib/.. is /usr.
-    assert_eq!(resolve_in_root(&r, b"/lib/../bin").unwrap(), r.join("usr/bin"));
+    assert_eq!(
+        resolve_in_root(&r, b"/lib/../bin").unwrap(),
+        r.join("usr/bin")
+    );
     fs::remove_dir_all(&r).unwrap();
 }
 
@@ -114,7 +115,10 @@ fn tmpfs_options_become_flags_and_data() {
 fn parents_are_mounted_before_what_is_inside_them() {
     let spec = ExecSpec {
         shares: vec![(b"/data/sub".to_vec(), true), (b"/data".to_vec(), false)],
-        files: vec![(b"/data/sub/f".to_vec(), false), (b"/etc/hosts".to_vec(), false)],
+        files: vec![
+            (b"/data/sub/f".to_vec(), false),
+            (b"/etc/hosts".to_vec(), false),
+        ],
         tmpfs: vec![(b"/run".to_vec(), Vec::new())],
         ..ExecSpec::default()
     };
