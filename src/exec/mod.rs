@@ -26,6 +26,9 @@
 //!   nowhere else. With a virtiofsd, shares are live virtio-fs mounts
 //!   instead (nothing copied, deletions and renames seen both ways), and
 //!   `--host-root` boots on the host's `/` over virtio-fs.
+//! * `share.rs`: `--share` and `--tmpfs` as given; `files.rs`: the
+//!   shared single files (hard links or copies in private directories
+//!   shared over virtio-fs, bound over their guest paths by the init).
 //! * `modules.rs`: kernel modules a distribution kernel needs, packed into
 //!   the initramfs and loaded by the init first.
 //! * `prepare.rs`: before the VM is built, the environment and working
@@ -35,7 +38,7 @@
 //!   waits for a command (`--make-snapshot DIR`) and each command run in
 //!   a clone of it (`--snapshot DIR`).
 //!
-//! This file holds the arguments ([`ExecConfig`], [`Share`]) and [`run`]:
+//! This file holds the arguments ([`ExecConfig`]) and [`run`]:
 //! prepare, wire the session, boot, map the end to an [`Outcome`].
 
 mod copyback;
@@ -48,6 +51,7 @@ pub mod modules;
 mod netcfg;
 mod prepare;
 mod session;
+mod share;
 mod stdin;
 pub mod warm;
 
@@ -71,6 +75,7 @@ use crate::vmm::RunEnd;
 
 pub use self::netcfg::Error as UserNetError;
 pub use self::netcfg::{ExecNet, TapIpv4};
+pub use self::share::{Share, Tmpfs};
 
 use self::copyback::ShareBack;
 use self::cpio::CpioError;
@@ -136,78 +141,6 @@ pub enum Error {
     /// An exec template could not be written or restored.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::Error),
-}
-
-/// A host directory shared with the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Share {
-    /// Host directory.
-    pub host: PathBuf,
-    /// Absolute guest directory.
-    pub guest: String,
-    /// Copy what the command writes back to `host` when it exits.
-    pub writable: bool,
-}
-
-impl std::str::FromStr for Share {
-    type Err = String;
-
-    /// Parses `HOSTDIR:GUESTDIR[:ro|:rw]`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (rest, writable) = match s.rsplit_once(':') {
-            Some((r, "ro")) => (r, false),
-            Some((r, "rw")) => (r, true),
-            _ => (s, true),
-        };
-        let Some((host, guest)) = rest.split_once(':') else {
-            return Err(format!("'{s}': expected HOSTDIR:GUESTDIR[:ro]"));
-        };
-        if host.is_empty() {
-            return Err(format!("'{s}': empty host directory"));
-        }
-        if !guest.starts_with('/') || guest.contains(':') {
-            return Err(format!(
-                "'{s}': the guest directory must be an absolute path without ':'"
-            ));
-        }
-        Ok(Self {
-            host: PathBuf::from(host),
-            guest: guest.to_string(),
-            writable,
-        })
-    }
-}
-
-/// A tmpfs mounted in the guest (`--tmpfs GUESTDIR[:OPTIONS]`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tmpfs {
-    /// Absolute guest directory, inside the command's root.
-    pub guest: String,
-    /// Comma-separated mount options: `size=`, `mode=`, `nr_inodes=`,
-    /// `uid=`, `gid=`, `ro`, `nosuid`, `nodev`, `noexec`, `noatime` are
-    /// honoured, others ignored.
-    pub options: String,
-}
-
-impl std::str::FromStr for Tmpfs {
-    type Err = String;
-
-    /// Parses `GUESTDIR[:OPTIONS]`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (guest, options) = s.split_once(':').unwrap_or((s, ""));
-        if !guest.starts_with('/') {
-            return Err(format!(
-                "'{s}': expected GUESTDIR[:OPTIONS], GUESTDIR an absolute path"
-            ));
-        }
-        if options.contains(':') {
-            return Err(format!("'{s}': the options cannot hold ':'"));
-        }
-        Ok(Self {
-            guest: guest.to_string(),
-            options: options.to_string(),
-        })
-    }
 }
 
 /// What to run and how.
@@ -584,39 +517,6 @@ fn outcome(end: RunEnd<Stop>, session: &Session, tail: &ConsoleTail) -> Outcome 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn shares_parse() {
-        let s: Share = "/host/in:/in:ro".parse().unwrap();
-        assert_eq!(
-            s,
-            Share {
-                host: "/host/in".into(),
-                guest: "/in".into(),
-                writable: false
-            }
-        );
-        let s: Share = "out:/work/out".parse().unwrap();
-        assert!(s.writable);
-        assert_eq!(s.host, PathBuf::from("out"));
-        let s: Share = "out:/o:rw".parse().unwrap();
-        assert!(s.writable);
-        assert!("nocolon".parse::<Share>().is_err());
-        assert!(":/x".parse::<Share>().is_err());
-        assert!("h:relative".parse::<Share>().is_err());
-        assert!("h:/a:b:ro".parse::<Share>().is_err());
-    }
-
-    #[test]
-    fn tmpfs_parse() {
-        let t: Tmpfs = "/run:size=64m,mode=755".parse().unwrap();
-        assert_eq!(t.guest, "/run");
-        assert_eq!(t.options, "size=64m,mode=755");
-        let t: Tmpfs = "/dev/shm".parse().unwrap();
-        assert_eq!((t.guest.as_str(), t.options.as_str()), ("/dev/shm", ""));
-        assert!("run".parse::<Tmpfs>().is_err());
-        assert!("/a:size=1:x".parse::<Tmpfs>().is_err());
-    }
 
     /// A plain configuration for the tests of this module and its
     /// children: `true` in `/`, no shares, no root of its own.
