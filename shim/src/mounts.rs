@@ -171,7 +171,7 @@ fn plan(m: &Mount, bundle: &Path) -> Result<Planned, SpecError> {
 /// components dropped, `..` never above `/` (the guest init resolves it
 /// again in the root, with its symlinks). A relative destination is taken
 /// from `/`, as runc does. The root itself, a name that is not UTF-8 or
-/// holds ':' (capsule's option separator) is refused.
+/// holds ':' (capsule's option separator) or NUL is refused.
 pub fn normalise(dest: &Path) -> Result<String, String> {
     let mut parts: Vec<&str> = Vec::new();
     for c in dest.components() {
@@ -189,8 +189,8 @@ pub fn normalise(dest: &Path) -> Result<String, String> {
         return Err("the container's root itself".into());
     }
     let out = format!("/{}", parts.join("/"));
-    if out.contains(':') {
-        return Err("':' in a destination cannot be passed to capsule".into());
+    if out.contains(':') || out.contains('\0') {
+        return Err("':' or NUL in a destination cannot be passed to capsule".into());
     }
     Ok(out)
 }

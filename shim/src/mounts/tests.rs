@@ -134,6 +134,17 @@ fn a_missing_source_or_an_unknown_type_fails_create() {
     ));
     let e = mount_args(&colon, &d).unwrap_err().to_string();
     assert!(e.contains("':'"), "{e}");
+    // NUL bytes never reach capsule's command line (nor panic).
+    let nul = spec_with(r#"[{"destination":"/x\u0000y","type":"bind","source":"/tmp"}]"#);
+    assert!(matches!(
+        mount_args(&nul, &d),
+        Err(SpecError::Destination { .. })
+    ));
+    let nul = spec_with(r#"[{"destination":"/x","type":"bind","source":"/tmp\u0000y"}]"#);
+    assert!(matches!(
+        mount_args(&nul, &d),
+        Err(SpecError::MountSource { .. })
+    ));
     // Nothing over the root itself.
     let root = spec_with(&format!(
         r#"[{{"destination":"/..","type":"bind","source":"{}"}}]"#,
@@ -205,7 +216,7 @@ fn destinations_are_normalised_inside_the_root() {
     ] {
         assert_eq!(normalise(Path::new(dest)).as_deref(), Ok(want), "{dest}");
     }
-    for bad in ["/", "/..", "", "/a/..", "/a:b"] {
+    for bad in ["/", "/..", "", "/a/..", "/a:b", "/a\0b"] {
         assert!(normalise(Path::new(bad)).is_err(), "{bad}");
     }
 }
