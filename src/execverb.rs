@@ -77,8 +77,19 @@ pub struct ExecArgs {
     /// (the default; `:ro` for read-only) files the command creates or
     /// changes are copied back into HOSTDIR when it exits (deletions are
     /// not).
+    ///
+    /// A regular file shares the same way (`HOSTFILE:GUESTFILE`): it is
+    /// bound over GUESTFILE (created empty in the root if missing). Live,
+    /// the file is a hard link in a directory capsule shares (so changes
+    /// made in place show), else a copy made at start (as without a
+    /// virtiofsd, where a writable file's changes are not copied back).
     #[arg(long = "share", value_name = "HOSTDIR:GUESTDIR[:ro]")]
     shares: Vec<capsule::exec::Share>,
+    /// Mount a tmpfs at GUESTDIR (repeatable; inside the command's root),
+    /// with comma-separated OPTIONS: size=, mode=, nr_inodes=, uid=, gid=,
+    /// ro, nosuid, nodev, noexec, noatime (others are ignored).
+    #[arg(long = "tmpfs", value_name = "GUESTDIR[:OPTIONS]")]
+    tmpfs: Vec<capsule::exec::Tmpfs>,
     /// Environment variable for the command (repeatable). `--env K` takes
     /// K's value from capsule's environment.
     #[arg(long = "env", short = 'e', value_name = "K=V")]
@@ -223,6 +234,8 @@ fn exec_config(
         net_ipv4: args.nets.iter().map(|n| n.ipv4).collect(),
         rootfs: args.rootfs,
         shares: args.shares,
+        files: Vec::new(),
+        tmpfs: args.tmpfs,
         host_root: args.host_root,
         fs_root: args.fs_root,
         modules: args.modules,

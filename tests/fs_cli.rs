@@ -108,3 +108,47 @@ fn exec_share_fallback_warning_follows_the_log_level() {
     assert!(err.starts_with("capsule: error: "), "{err}");
     assert_eq!(o.status.code(), Some(125), "{err}");
 }
+
+/// A `--share` whose host path is missing fails at once with one line
+/// naming it (as a bind mount of a missing source fails under runc),
+/// whether a directory or a file was meant; a file share and a tmpfs get
+/// past the checks to the kernel (which is not one here).
+#[test]
+fn exec_share_of_a_missing_path_is_status_125_and_a_file_is_taken() {
+    let o = capsule(&[
+        "exec",
+        "--kernel",
+        KERNEL,
+        "--share",
+        "/nonexistent/capsule-resolv.conf:/etc/resolv.conf:ro",
+        "--",
+        "true",
+    ]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--share /nonexistent/capsule-resolv.conf: No such file"),
+        "{err}"
+    );
+    let o = capsule(&[
+        "exec",
+        "--kernel",
+        KERNEL,
+        "--share",
+        &format!("{KERNEL}:/etc/resolv.conf:ro"),
+        "--tmpfs",
+        "/run:size=1m",
+        "--",
+        "true",
+    ]);
+    let err = stderr(&o);
+    assert!(!err.contains("--share"), "{err}");
+    assert!(!err.contains("--tmpfs"), "{err}");
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    // exec's usage errors are its own status, 125.
+    let o = capsule(&["exec", "--kernel", KERNEL, "--tmpfs", "run", "--", "true"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("GUESTDIR an absolute path"), "{err}");
+}

@@ -16,6 +16,10 @@ pub enum SpecError {
     NoEquals,
     /// A share record without a mode or a directory: which is missing.
     Share(&'static str),
+    /// A file record without a mode or a path: which is missing.
+    File(&'static str),
+    /// A tmpfs record without its directory, or options holding ':'.
+    Tmpfs,
     /// A net record that is not UTF-8.
     NetNotUtf8,
     /// A net record that does not parse: its text.
@@ -35,6 +39,8 @@ impl fmt::Display for SpecError {
             Self::ModulePath => f.write_str("a module name contains '/'"),
             Self::NoEquals => f.write_str("record without '='"),
             Self::Share(what) => write!(f, "share without {what}"),
+            Self::File(what) => write!(f, "file record without {what}"),
+            Self::Tmpfs => f.write_str("bad tmpfs record (OPTIONS:DIR, no ':' in OPTIONS)"),
             Self::NetNotUtf8 => f.write_str("net record is not UTF-8"),
             Self::Net(text) => write!(f, "bad net record {text:?}"),
             Self::UnknownRecord => f.write_str("unknown record"),
@@ -53,7 +59,12 @@ impl std::error::Error for SpecError {}
 /// Keys: `arg` (repeated, in order), `env` (`K=V`, repeated), `cwd`,
 /// `disk` (`1`: mount `/dev/vda` as root), `share` (`INDEX:MODE:GUESTDIR`,
 /// MODE `ro` or `rw`, repeated), `live` (`1`: share `i` is the virtio-fs
-/// tag [`share_tag`]`(i)`, mounted in place, nothing copied), `hostroot`
+/// tag [`share_tag`]`(i)`, mounted in place, nothing copied; file `i` is
+/// on the virtio-fs tag [`FILES_TAG`], or [`FILES_RW_TAG`] if writable,
+/// instead of in the initramfs), `file` (`INDEX:MODE:GUESTPATH`, MODE `ro` or `rw`,
+/// repeated: the host file [`FILES_DIR`]`/INDEX` bind-mounted on
+/// GUESTPATH), `tmpfs` (`OPTIONS:GUESTDIR`, OPTIONS comma-separated
+/// without ':', repeated: a tmpfs mounted there), `hostroot`
 /// (`1`: the root is the virtio-fs tag [`HOST_ROOT_TAG`], read-only, under
 /// a tmpfs overlay), `fsroot` (`1`: the root is the virtio-fs tag
 /// [`FS_ROOT_TAG`], read-write, nothing copied: `capsule exec --fs-root`),
@@ -181,6 +192,19 @@ fn numbers<T: std::str::FromStr>(
 pub fn share_tag(index: usize) -> String {
     format!("capsule-share-{index}")
 }
+/// Where the init finds file share `i` (`capsule exec --share
+/// HOSTFILE:GUESTFILE`): `FILES_DIR/i`, bind-mounted on its guest path;
+/// when shares are live, a writable one is `FILES_RW_DIR/i` instead.
+pub const FILES_DIR: &str = "/.capsule/files";
+/// The virtio-fs tag of the read-only file shares' directory (mounted at
+/// [`FILES_DIR`]) when shares are live.
+pub const FILES_TAG: &str = "capsule-files";
+/// Where the writable file shares are when shares are live.
+pub const FILES_RW_DIR: &str = "/.capsule/files-rw";
+/// The virtio-fs tag of the writable file shares' directory (mounted at
+/// [`FILES_RW_DIR`]): a separate device, so that a guest that mounts it
+/// itself still cannot write a file it was given read-only.
+pub const FILES_RW_TAG: &str = "capsule-files-rw";
 /// Where the init finds share `i`'s files: `SHARE_DIR/i`.
 pub const SHARE_DIR: &str = "/.capsule/share";
 /// Where the init binary is in the initramfs (the kernel's `rdinit=`).
@@ -199,6 +223,12 @@ pub struct ExecSpec {
     pub disk: bool,
     /// Shares: (guest directory, writable).
     pub shares: Vec<(Vec<u8>, bool)>,
+    /// Single host files: (guest path, writable), file `i` at
+    /// [`FILES_DIR`]`/i`, bound over its guest path inside the root.
+    pub files: Vec<(Vec<u8>, bool)>,
+    /// tmpfs mounts: (guest directory, comma-separated options such as
+    /// `size=64m,mode=1777,nosuid`).
+    pub tmpfs: Vec<(Vec<u8>, Vec<u8>)>,
     /// The shares are virtio-fs mounts, not copies.
     pub live: bool,
     /// The root is the host's `/` over virtio-fs with a tmpfs overlay.
@@ -248,6 +278,20 @@ impl ExecSpec {
             let mut v = format!("{i}:{}:", if *rw { "rw" } else { "ro" }).into_bytes();
             v.extend_from_slice(dir);
             rec("share", &v)?;
+        }
+        for (i, (path, rw)) in self.files.iter().enumerate() {
+            let mut v = format!("{i}:{}:", if *rw { "rw" } else { "ro" }).into_bytes();
+            v.extend_from_slice(path);
+            rec("file", &v)?;
+        }
+        for (dir, options) in &self.tmpfs {
+            if options.contains(&b':') {
+                return Err(SpecError::Tmpfs);
+            }
+            let mut v = options.clone();
+            v.push(b':');
+            v.extend_from_slice(dir);
+            rec("tmpfs", &v)?;
         }
         if self.live {
             rec("live", b"1")?;
@@ -307,6 +351,18 @@ impl ExecSpec {
                     let dir = parts.next().ok_or(SpecError::Share("directory"))?;
                     spec.shares.push((dir.to_vec(), mode == b"rw"));
                 }
+                b"file" => {
+                    let mut parts = val.splitn(3, |&b| b == b':');
+                    let _index = parts.next();
+                    let mode = parts.next().ok_or(SpecError::File("mode"))?;
+                    let path = parts.next().ok_or(SpecError::File("path"))?;
+                    spec.files.push((path.to_vec(), mode == b"rw"));
+                }
+                b"tmpfs" => {
+                    let colon = val.iter().position(|&b| b == b':');
+                    let (options, dir) = val.split_at(colon.ok_or(SpecError::Tmpfs)?);
+                    spec.tmpfs.push((dir[1..].to_vec(), options.to_vec()));
+                }
                 b"net" => spec.nets.push(NetSpec::parse(val)?),
                 b"live" => spec.live = val == b"1",
                 b"hostroot" => spec.host_root = val == b"1",
@@ -356,6 +412,14 @@ mod tests {
             cwd: b"/work dir".to_vec(),
             disk: true,
             shares: vec![(b"/in".to_vec(), false), (b"/out:x".to_vec(), true)],
+            files: vec![
+                (b"/etc/resolv.conf".to_vec(), false),
+                (b"/dev/termination-log".to_vec(), true),
+            ],
+            tmpfs: vec![
+                (b"/run".to_vec(), b"size=64m,mode=755,nosuid".to_vec()),
+                (b"/a:b".to_vec(), Vec::new()),
+            ],
             live: true,
             host_root: true,
             fs_root: true,
@@ -423,6 +487,22 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(bad.to_bytes(), Err(SpecError::Nul("arg")));
+        // A tmpfs's options end at the first ':'; the directory may hold
+        // more.
+        let colon = ExecSpec {
+            argv: vec![b"x".to_vec()],
+            tmpfs: vec![(b"/t".to_vec(), b"size=1:2".to_vec())],
+            ..Default::default()
+        };
+        assert_eq!(colon.to_bytes(), Err(SpecError::Tmpfs));
+        assert_eq!(
+            ExecSpec::from_bytes(b"arg=x\0tmpfs=size=1m\0"),
+            Err(SpecError::Tmpfs)
+        );
+        assert_eq!(
+            ExecSpec::from_bytes(b"arg=x\0file=0:ro\0"),
+            Err(SpecError::File("path"))
+        );
         assert_eq!(ExecSpec::from_bytes(b"cwd=/\0"), Err(SpecError::NoCommand));
         assert_eq!(ExecSpec::from_bytes(b"nokey\0"), Err(SpecError::NoEquals));
         for bad in [

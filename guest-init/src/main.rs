@@ -12,8 +12,10 @@
 //!    mode — and says `Hello`; the host answers with the time, which sets
 //!    the clock;
 //! 3. with `--disk`, mounts `/dev/vda` as the command's root;
-//! 4. bind-mounts each share on its guest directory (read-only ones
-//!    remounted read-only) and notes the state of the writable ones;
+//! 4. mounts, inside the command's root, each share on its guest
+//!    directory (read-only ones read-only; the state of writable copies
+//!    noted), each shared file on its guest path and each tmpfs
+//!    (`mounts.rs`);
 //! 5. runs the command with pipes for stdin, stdout and stderr and forwards
 //!    them over the port as frames, with a heartbeat every second; while
 //!    it runs, also runs each process the host asks for on vsock port
@@ -37,6 +39,7 @@ mod agent;
 mod channel;
 mod command;
 mod hostfs;
+mod mounts;
 mod net;
 mod pump;
 mod sys;
@@ -140,7 +143,7 @@ fn run(chan_slot: &mut Option<Channel>) -> Result<(), String> {
     } else {
         PathBuf::from("/")
     };
-    let snapshots = mount_shares(&spec, &root)?;
+    let snapshots = mounts::mount_all(&spec, &root)?;
     net::configure(&spec.nets)?;
     if let Some(text) = net::resolv_conf(&spec.nets) {
         set_resolv_conf(&root, &text);
@@ -228,7 +231,7 @@ fn mount_disk() -> Result<(), String> {
 
 /// What a file looked like before the command ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     size: u64,
     mtime: i64,
     mtime_nsec: i64,
@@ -236,9 +239,9 @@ struct Stamp {
     mode: u32,
 }
 
-type Snapshot = HashMap<PathBuf, Stamp>;
+pub(crate) type Snapshot = HashMap<PathBuf, Stamp>;
 
-fn stamp(meta: &fs::Metadata) -> Stamp {
+pub(crate) fn stamp(meta: &fs::Metadata) -> Stamp {
     Stamp {
         size: meta.size(),
         mtime: meta.mtime(),
@@ -251,7 +254,7 @@ fn stamp(meta: &fs::Metadata) -> Stamp {
 /// Every directory and regular file under `dir`, parents before children,
 /// as (path relative to `dir`, metadata). Symlinks and special files are
 /// not followed or listed.
-fn walk(dir: &Path) -> io::Result<Vec<(PathBuf, fs::Metadata)>> {
+pub(crate) fn walk(dir: &Path) -> io::Result<Vec<(PathBuf, fs::Metadata)>> {
     let mut out = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -271,7 +274,7 @@ fn walk(dir: &Path) -> io::Result<Vec<(PathBuf, fs::Metadata)>> {
     Ok(out)
 }
 
-fn share_source(index: usize) -> PathBuf {
+pub(crate) fn share_source(index: usize) -> PathBuf {
     PathBuf::from(format!("{SHARE_DIR}/{index}"))
 }
 
@@ -279,47 +282,6 @@ fn in_root(root: &Path, guest_path: &[u8]) -> PathBuf {
     let rel = Path::new(OsStr::from_bytes(guest_path));
     let rel = rel.strip_prefix("/").unwrap_or(rel);
     root.join(rel)
-}
-
-fn mount_shares(spec: &ExecSpec, root: &Path) -> Result<Vec<Option<Snapshot>>, String> {
-    let mut snaps = Vec::new();
-    for (i, (dir, rw)) in spec.shares.iter().enumerate() {
-        let src = share_source(i);
-        let _ = fs::create_dir_all(&src);
-        let target = in_root(root, dir);
-        if spec.live {
-            hostfs::mount_live_share(i, &target, *rw)?;
-            snaps.push(None);
-            continue;
-        }
-        let shown = String::from_utf8_lossy(dir);
-        fs::create_dir_all(&target).map_err(|e| format!("cannot create share {shown}: {e}"))?;
-        sys::mount(
-            src.to_str(),
-            target.as_os_str().as_bytes(),
-            None,
-            libc::MS_BIND,
-        )
-        .map_err(|e| format!("cannot mount share {shown}: {e}"))?;
-        if *rw {
-            let snap = walk(&src)
-                .map_err(|e| format!("cannot list share {shown}: {e}"))?
-                .into_iter()
-                .map(|(p, m)| (p, stamp(&m)))
-                .collect();
-            snaps.push(Some(snap));
-        } else {
-            sys::mount(
-                None,
-                target.as_os_str().as_bytes(),
-                None,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
-            )
-            .map_err(|e| format!("cannot make share {shown} read-only: {e}"))?;
-            snaps.push(None);
-        }
-    }
-    Ok(snaps)
 }
 
 /// Sends what the command created or changed in the writable shares.

@@ -13,6 +13,7 @@
 mod config;
 mod console;
 mod execio;
+mod mounts;
 mod podnet;
 mod process;
 mod service;

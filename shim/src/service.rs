@@ -254,7 +254,7 @@ impl containerd_shim::Task for Service {
         })?;
         let rootfs = spec::rootfs_dir(&oci, &bundle);
         let vsock = spec::vsock_socket(&bundle);
-        let args = spec::exec_args(&cfg, &oci, &rootfs, vsock.as_deref())
+        let args = spec::exec_args(&cfg, &oci, &rootfs, &bundle, vsock.as_deref())
             .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
         let mut mounted = None;
         if !req.rootfs.is_empty() {

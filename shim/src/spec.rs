@@ -20,6 +20,46 @@ pub enum SpecError {
     /// No `process`, or no `process.args`.
     #[error("the OCI spec has no process arguments")]
     NoProcess,
+    /// More mounts than [`crate::mounts::MAX_MOUNTS`].
+    #[error("the OCI spec has {count} mounts; capsule carries at most {max}")]
+    TooManyMounts {
+        /// The spec's mounts (the runtime's own aside).
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More directory bind mounts than [`crate::mounts::MAX_DIR_SHARES`].
+    #[error("the OCI spec bind-mounts {count} directories; capsule carries at most {max} (each is a virtio-fs device of the microVM)")]
+    TooManyDirectories {
+        /// The spec's directory bind mounts.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A mount destination that cannot be used.
+    #[error("mount on {destination}: {why}")]
+    Destination {
+        /// The destination, as the spec gave it.
+        destination: String,
+        /// Why not.
+        why: String,
+    },
+    /// A bind mount's source that is missing or cannot be shared.
+    #[error("mount on {destination}: bad source {why}")]
+    MountSource {
+        /// The destination, as the spec gave it.
+        destination: String,
+        /// The source and why not.
+        why: String,
+    },
+    /// A mount of a type capsule does not carry.
+    #[error("mount on {destination}: type {typ:?} is not supported (capsule carries bind mounts of directories and files, and tmpfs)")]
+    UnsupportedMount {
+        /// The destination, as the spec gave it.
+        destination: String,
+        /// The mount's type.
+        typ: String,
+    },
 }
 
 /// The terminal size before containerd's first `resize_pty`: the spec's
@@ -79,15 +119,18 @@ pub fn rootfs_dir(spec: &Spec, bundle: &Path) -> PathBuf {
 }
 
 /// The arguments of `capsule` (from `exec` on) that run `spec`'s process
-/// with `rootfs` as its root.
+/// with `rootfs` as its root, and its mounts (relative sources from
+/// `bundle`).
 pub fn exec_args(
     cfg: &ShimConfig,
     spec: &Spec,
     rootfs: &Path,
+    bundle: &Path,
     vsock: Option<&Path>,
 ) -> Result<Vec<OsString>, SpecError> {
     let process = spec.process().as_ref().ok_or(SpecError::NoProcess)?;
     let args = runnable_args(process)?;
+    let mounts = crate::mounts::mount_args(spec, bundle)?;
     let mut out: Vec<OsString> = vec!["exec".into(), "--kernel".into(), cfg.kernel.clone().into()];
     if let Some(v) = vsock {
         out.extend(["--vsock-socket".into(), v.as_os_str().to_owned()]);
@@ -99,6 +142,7 @@ pub fn exec_args(
         RootfsMode::Copy => "--rootfs",
     };
     out.extend([root_flag.into(), rootfs.as_os_str().to_owned()]);
+    out.extend(mounts);
     // Signals go to the process; ending it when it ignores SIGTERM is
     // containerd's or the kubelet's decision (their SIGKILL after a grace
     // period), as under runc, not capsule's.
@@ -257,7 +301,14 @@ mod tests {
     #[test]
     fn process_maps_to_capsule_exec() {
         let s = spec(SH);
-        let a = exec_args(&cfg(RootfsMode::Virtiofs), &s, Path::new("/b/rootfs"), None).unwrap();
+        let a = exec_args(
+            &cfg(RootfsMode::Virtiofs),
+            &s,
+            Path::new("/b/rootfs"),
+            Path::new("/b"),
+            None,
+        )
+        .unwrap();
         assert_eq!(
             strings(&a),
             [
@@ -286,13 +337,53 @@ mod tests {
         );
         let mut c = cfg(RootfsMode::Copy);
         c.append = Some("loglevel=7".into());
-        let a = exec_args(&c, &s, Path::new("/r"), Some(Path::new("/b/capsule.vsock"))).unwrap();
+        let a = exec_args(
+            &c,
+            &s,
+            Path::new("/r"),
+            Path::new("/b"),
+            Some(Path::new("/b/capsule.vsock")),
+        )
+        .unwrap();
         let a = strings(&a);
         assert!(a.windows(2).any(|w| w == ["--rootfs", "/r"]));
         assert!(a.windows(2).any(|w| w == ["--append", "loglevel=7"]));
         assert!(a
             .windows(2)
             .any(|w| w == ["--vsock-socket", "/b/capsule.vsock"]));
+    }
+
+    #[test]
+    fn mounts_go_before_the_command() {
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "mounts":[{"destination":"/proc","type":"proc","source":"proc"},
+                      {"destination":"/scratch","type":"tmpfs","options":["size=1m"]},
+                      {"destination":"/tmp-host","type":"bind","source":"/tmp","options":["rbind","ro"]}]}"#,
+        );
+        let a = exec_args(
+            &cfg(RootfsMode::Virtiofs),
+            &s,
+            Path::new("/r"),
+            Path::new("/b"),
+            None,
+        )
+        .unwrap();
+        let a = strings(&a);
+        let dashes = a.iter().position(|x| *x == "--").unwrap();
+        let at = |w: [&str; 2]| a.windows(2).position(|x| x == w).unwrap();
+        assert!(at(["--tmpfs", "/scratch:size=1m"]) < dashes, "{a:?}");
+        assert!(at(["--share", "/tmp:/tmp-host:ro"]) < dashes, "{a:?}");
+        assert_eq!(a.iter().filter(|x| **x == "--tmpfs").count(), 1);
+        let missing = spec(
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"},
+            "mounts":[{"destination":"/d","type":"bind","source":"/nonexistent/capsule"}]}"#,
+        );
+        let c = cfg(RootfsMode::Virtiofs);
+        assert!(matches!(
+            exec_args(&c, &missing, Path::new("/r"), Path::new("/b"), None),
+            Err(SpecError::MountSource { .. })
+        ));
     }
 
     #[test]
@@ -308,14 +399,21 @@ mod tests {
         let s = spec(
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["true"],"cwd":""}}"#,
         );
-        let a = exec_args(&cfg(RootfsMode::Virtiofs), &s, Path::new("/r"), None).unwrap();
+        let a = exec_args(
+            &cfg(RootfsMode::Virtiofs),
+            &s,
+            Path::new("/r"),
+            Path::new("/b"),
+            None,
+        )
+        .unwrap();
         assert!(strings(&a).windows(2).any(|w| w == ["--workdir", "/"]));
         let c = cfg(RootfsMode::Virtiofs);
         let no_args = spec(
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}}"#,
         );
         assert_eq!(
-            exec_args(&c, &no_args, Path::new("/r"), None),
+            exec_args(&c, &no_args, Path::new("/r"), Path::new("/b"), None),
             Err(SpecError::NoProcess)
         );
     }
@@ -327,7 +425,7 @@ mod tests {
             r#"{"ociVersion":"1.0.2","process":{"terminal":true,"user":{"uid":0,"gid":0},"args":["sh"],"cwd":"/"}}"#,
         );
         assert!(terminal(&tty));
-        let a = exec_args(&c, &tty, Path::new("/r"), None).unwrap();
+        let a = exec_args(&c, &tty, Path::new("/r"), Path::new("/b"), None).unwrap();
         let a = strings(&a);
         let dashes = a.iter().position(|x| *x == "--").unwrap();
         assert!(a[..dashes].contains(&"--tty"), "{a:?}");
@@ -336,7 +434,7 @@ mod tests {
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":1000,"gid":100,"additionalGids":[10,20]},"args":["sh"],"cwd":"/"}}"#,
         );
         assert!(!terminal(&user));
-        let a = exec_args(&c, &user, Path::new("/r"), None).unwrap();
+        let a = exec_args(&c, &user, Path::new("/r"), Path::new("/b"), None).unwrap();
         let a = strings(&a);
         assert!(
             a.windows(2).any(|w| w == ["--user", "1000:100:10,20"]),
@@ -346,7 +444,7 @@ mod tests {
         let group_only = spec(
             r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":5},"args":["sh"],"cwd":"/"}}"#,
         );
-        let a = exec_args(&c, &group_only, Path::new("/r"), None).unwrap();
+        let a = exec_args(&c, &group_only, Path::new("/r"), Path::new("/b"), None).unwrap();
         assert!(strings(&a).windows(2).any(|w| w == ["--user", "0:5"]));
     }
 

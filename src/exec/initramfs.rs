@@ -41,6 +41,16 @@ pub fn build_initramfs(
             .iter()
             .map(|s| (s.guest.as_bytes().to_vec(), s.writable))
             .collect(),
+        files: config
+            .files
+            .iter()
+            .map(|f| (f.guest.as_bytes().to_vec(), f.writable))
+            .collect(),
+        tmpfs: config
+            .tmpfs
+            .iter()
+            .map(|t| (t.guest.as_bytes().to_vec(), t.options.as_bytes().to_vec()))
+            .collect(),
         live,
         host_root: config.host_root,
         fs_root: config.fs_root.is_some(),
@@ -107,6 +117,17 @@ pub fn build_initramfs(
         w.dir(&dest, 0o755)?;
         w.tree(&share.host, &dest)?;
     }
+    // Live, the files are on their own virtio-fs devices (`files.rs`).
+    if !live && !config.files.is_empty() {
+        let dir = exec_proto::FILES_DIR.trim_start_matches('/');
+        w.dir(dir, 0o755)?;
+        for (i, f) in config.files.iter().enumerate() {
+            let data = std::fs::read(&f.host).map_err(|e| {
+                Error::Usage(format!("--share {}: cannot read it: {e}", f.host.display()))
+            })?;
+            w.file(&format!("{dir}/{i}"), 0o644, &data)?;
+        }
+    }
     Ok(w.finish())
 }
 
@@ -126,5 +147,34 @@ mod tests {
         assert!(find(b".capsule/init\0"));
         assert!(find(b"arg=true\0env=A=b\0"));
         assert!(find(b"dev/console\0"));
+    }
+
+    #[test]
+    fn copied_files_and_tmpfs_mounts_are_in_the_spec() {
+        let file = std::env::temp_dir().join(format!("capsule-initramfs-{}", std::process::id()));
+        std::fs::write(&file, "nameserver 10.96.0.10\n").unwrap();
+        let config = ExecConfig {
+            files: vec![crate::exec::Share {
+                host: file.clone(),
+                guest: "/etc/resolv.conf".into(),
+                writable: false,
+            }],
+            tmpfs: vec!["/run:size=8m".parse().unwrap()],
+            ..crate::exec::tests::exec_config()
+        };
+        let a = build_initramfs(&config, false, &[], vec![]).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let find = |needle: &[u8]| a.windows(needle.len()).any(|w| w == needle);
+        assert!(find(b"file=0:ro:/etc/resolv.conf\0"));
+        assert!(find(b"tmpfs=size=8m:/run\0"));
+        assert!(find(b".capsule/files/0\0"));
+        assert!(find(b"nameserver 10.96.0.10\n"));
+        // Live, the file is not packed (it is on its own device).
+        let config = ExecConfig {
+            files: config.files.clone(),
+            ..crate::exec::tests::exec_config()
+        };
+        let a = build_initramfs(&config, true, &[], vec![]).unwrap();
+        assert!(!a.windows(17).any(|w| w == b".capsule/files/0\0"));
     }
 }

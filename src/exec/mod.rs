@@ -26,6 +26,9 @@
 //!   nowhere else. With a virtiofsd, shares are live virtio-fs mounts
 //!   instead (nothing copied, deletions and renames seen both ways), and
 //!   `--host-root` boots on the host's `/` over virtio-fs.
+//! * `share.rs`: `--share` and `--tmpfs` as given; `files.rs`: the
+//!   shared single files (hard links or copies in private directories
+//!   shared over virtio-fs, bound over their guest paths by the init).
 //! * `modules.rs`: kernel modules a distribution kernel needs, packed into
 //!   the initramfs and loaded by the init first.
 //! * `prepare.rs`: before the VM is built, the environment and working
@@ -35,11 +38,12 @@
 //!   waits for a command (`--make-snapshot DIR`) and each command run in
 //!   a clone of it (`--snapshot DIR`).
 //!
-//! This file holds the arguments ([`ExecConfig`], [`Share`]) and [`run`]:
+//! This file holds the arguments ([`ExecConfig`]) and [`run`]:
 //! prepare, wire the session, boot, map the end to an [`Outcome`].
 
 mod copyback;
 pub mod cpio;
+mod files;
 mod forward;
 mod initramfs;
 mod link;
@@ -47,6 +51,7 @@ pub mod modules;
 mod netcfg;
 mod prepare;
 mod session;
+mod share;
 mod stdin;
 pub mod warm;
 
@@ -70,6 +75,7 @@ use crate::vmm::RunEnd;
 
 pub use self::netcfg::Error as UserNetError;
 pub use self::netcfg::{ExecNet, TapIpv4};
+pub use self::share::{Share, Tmpfs};
 
 use self::copyback::ShareBack;
 use self::cpio::CpioError;
@@ -137,46 +143,6 @@ pub enum Error {
     Snapshot(#[from] crate::snapshot::Error),
 }
 
-/// A host directory shared with the guest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Share {
-    /// Host directory.
-    pub host: PathBuf,
-    /// Absolute guest directory.
-    pub guest: String,
-    /// Copy what the command writes back to `host` when it exits.
-    pub writable: bool,
-}
-
-impl std::str::FromStr for Share {
-    type Err = String;
-
-    /// Parses `HOSTDIR:GUESTDIR[:ro|:rw]`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (rest, writable) = match s.rsplit_once(':') {
-            Some((r, "ro")) => (r, false),
-            Some((r, "rw")) => (r, true),
-            _ => (s, true),
-        };
-        let Some((host, guest)) = rest.split_once(':') else {
-            return Err(format!("'{s}': expected HOSTDIR:GUESTDIR[:ro]"));
-        };
-        if host.is_empty() {
-            return Err(format!("'{s}': empty host directory"));
-        }
-        if !guest.starts_with('/') || guest.contains(':') {
-            return Err(format!(
-                "'{s}': the guest directory must be an absolute path without ':'"
-            ));
-        }
-        Ok(Self {
-            host: PathBuf::from(host),
-            guest: guest.to_string(),
-            writable,
-        })
-    }
-}
-
 /// What to run and how.
 #[derive(Debug, Clone)]
 pub struct ExecConfig {
@@ -187,8 +153,13 @@ pub struct ExecConfig {
     pub net_ipv4: Vec<Option<TapIpv4>>,
     /// Host directory packed as the guest's root.
     pub rootfs: Option<PathBuf>,
-    /// Shared directories.
+    /// Shared directories, and files (`--share` takes both; `prepare`
+    /// moves the files to [`Self::files`]).
     pub shares: Vec<Share>,
+    /// Shared single files, bound over their guest path (from `shares`).
+    pub files: Vec<Share>,
+    /// tmpfs mounts in the guest.
+    pub tmpfs: Vec<Tmpfs>,
     /// Boot on the host's `/` (read-only over virtio-fs, tmpfs overlay),
     /// with the current directory shared writable.
     pub host_root: bool,
@@ -309,7 +280,8 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         crate::vstate::vm::Vm::open_kvm(&config.vm.kvm_path)
             .map_err(|e| Error::Vm(builder::Error::from(e)))?,
     );
-    prepare::prepare(&mut config, channel)?;
+    // Kept until the VM is gone: the directories of the shared files.
+    let _file_stages = prepare::prepare(&mut config, channel)?;
     // Copy-back writes into the writable shares after setup.
     for s in config.shares.iter().filter(|s| s.writable) {
         crate::landlock::allow(&s.host, crate::landlock::Reach::ReadWrite);
@@ -546,28 +518,6 @@ fn outcome(end: RunEnd<Stop>, session: &Session, tail: &ConsoleTail) -> Outcome 
 mod tests {
     use super::*;
 
-    #[test]
-    fn shares_parse() {
-        let s: Share = "/host/in:/in:ro".parse().unwrap();
-        assert_eq!(
-            s,
-            Share {
-                host: "/host/in".into(),
-                guest: "/in".into(),
-                writable: false
-            }
-        );
-        let s: Share = "out:/work/out".parse().unwrap();
-        assert!(s.writable);
-        assert_eq!(s.host, PathBuf::from("out"));
-        let s: Share = "out:/o:rw".parse().unwrap();
-        assert!(s.writable);
-        assert!("nocolon".parse::<Share>().is_err());
-        assert!(":/x".parse::<Share>().is_err());
-        assert!("h:relative".parse::<Share>().is_err());
-        assert!("h:/a:b:ro".parse::<Share>().is_err());
-    }
-
     /// A plain configuration for the tests of this module and its
     /// children: `true` in `/`, no shares, no root of its own.
     pub(super) fn exec_config() -> ExecConfig {
@@ -591,6 +541,8 @@ mod tests {
             net_ipv4: vec![],
             rootfs: None,
             shares: vec![],
+            files: vec![],
+            tmpfs: vec![],
             host_root: false,
             fs_root: None,
             modules: None,

@@ -5,15 +5,27 @@
 
 use std::path::PathBuf;
 
-use super::{build_initramfs, modules, netcfg, Channel, Error, ExecConfig, Share, EXEC_CMDLINE};
+use super::{
+    build_initramfs, files, modules, netcfg, Channel, Error, ExecConfig, Share, EXEC_CMDLINE,
+};
 use crate::builder;
 use crate::config::FsConfig;
 
 /// Checks the command's environment and working directory; adds the
-/// generated initramfs and capsule's command line to the VM.
-pub(super) fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), Error> {
+/// generated initramfs and capsule's command line to the VM. Returns the
+/// directories of the live file shares, to keep until the VM is gone.
+pub(super) fn prepare(
+    config: &mut ExecConfig,
+    channel: Channel,
+) -> Result<Vec<super::link::PrivateDir>, Error> {
     check_command(config)?;
+    files::split_files(config)?;
     let live = plan_live_shares(config)?;
+    let stages = if live {
+        files::stage(config)?
+    } else {
+        Vec::new()
+    };
     let modules = module_files(config)?;
     let nets = net_specs(config)?;
     config.vm.initramfs = Some(build_initramfs(config, live, &modules, nets)?);
@@ -29,7 +41,7 @@ pub(super) fn prepare(config: &mut ExecConfig, channel: Channel) -> Result<(), E
     )
     .trim_end()
     .to_string();
-    Ok(())
+    Ok(stages)
 }
 
 /// The init's interface records: `--net user`'s (what passt hands out)
@@ -138,7 +150,7 @@ fn plan_live_shares(config: &mut ExecConfig) -> Result<bool, Error> {
     if config.host_root {
         share_current_dir(config)?;
     }
-    if config.shares.is_empty() && !config.host_root {
+    if config.shares.is_empty() && config.files.is_empty() && !config.host_root {
         return Ok(config.fs_root.is_some());
     }
     if let Err(e) = devices::virtio::fs::daemon::find_binary() {

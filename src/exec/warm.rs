@@ -217,6 +217,8 @@ impl Template {
 fn refuse_unsupported(config: &ExecConfig, what: &str) -> Result<(), Error> {
     let bad = if !config.shares.is_empty() {
         Some("--share")
+    } else if !config.tmpfs.is_empty() {
+        Some("--tmpfs")
     } else if config.host_root {
         Some("--host-root")
     } else if config.fs_root.is_some() {

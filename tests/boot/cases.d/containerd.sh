@@ -149,6 +149,66 @@ containerd_exec() {
     expect "its exec'd process was killed with it: 137 (was $_rce3)" test "$_rce3" -eq 137
 }
 
+# containerd_mounts DIR ROOT: the spec's mounts reach the microVM (issue
+# 24): a host directory bound read-write at /data (the container reads
+# the host's file there and writes one the host then sees), a host file
+# bound read-only over /etc/resolv.conf (missing in ROOT: the guest init
+# creates the mount point, as runc would), a writable file, ctr's
+# /dev/shm tmpfs; then a file changed in place on the host while the
+# container runs.
+containerd_mounts() {
+    mkdir -p "$1/vol"
+    echo from-host >"$1/vol/host.txt"
+    echo 'nameserver 10.9.8.7 # capsule-ocimounts' >"$1/resolv.conf"
+    : >"$1/termlog"
+    rm -f "$2/etc/resolv.conf"
+    "$TOOLS/containerd/ctr" run --help 2>&1 | grep -e '--mount' >"$1/m1.help"
+    # shellcheck disable=SC2086  # $_rt is two words
+    timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" run --rm $_rt \
+        --mount "type=bind,src=$1/vol,dst=/data,options=rbind:rw" \
+        --mount "type=bind,src=$1/resolv.conf,dst=/etc/resolv.conf,options=rbind:ro" \
+        --mount "type=bind,src=$1/termlog,dst=/dev/termination-log,options=rbind:rw" \
+        --rootfs "$2" m1 /bin/sh -c 'cat /data/host.txt; echo from-vm >/data/vm.txt
+            cat /etc/resolv.conf
+            if echo x 2>/dev/null >>/etc/resolv.conf; then echo resolv-writable; else echo resolv-ro; fi
+            echo last-words >/dev/termination-log
+            cat /proc/mounts; exit 4' \
+        </dev/null >"$1/m1.out" 2>"$1/m1.err"
+    _rcm1=$?
+    echo "    containerd_ctr: ctr run --help: $(cat "$1/m1.help")"
+    expect "the mounts container ended with 4 (was $_rcm1)" test "$_rcm1" -eq 4
+    expect "the container read the host's file in /data" grep -qx from-host "$1/m1.out"
+    expect "the host sees the file the container wrote in /data" \
+        test "$(cat "$1/vol/vm.txt" 2>/dev/null)" = from-vm
+    expect "the container's /etc/resolv.conf is the host file" \
+        grep -qx 'nameserver 10.9.8.7 # capsule-ocimounts' "$1/m1.out"
+    expect "and read-only" grep -qx resolv-ro "$1/m1.out"
+    expect "the host file is unchanged" \
+        test "$(cat "$1/resolv.conf")" = 'nameserver 10.9.8.7 # capsule-ocimounts'
+    expect "/dev/shm is a tmpfs in the guest" grep -q ' /dev/shm tmpfs ' "$1/m1.out"
+    expect "the mount point made in the root is an empty file" \
+        test -f "$2/etc/resolv.conf" -a ! -s "$2/etc/resolv.conf"
+    expect "the container wrote its writable file" \
+        test "$(cat "$1/termlog" 2>/dev/null)" = last-words
+
+    # A file changed in place on the host shows in the running container
+    # (the file is a hard link where it can be, see docs/kubernetes.md).
+    echo one >"$1/live"
+    # shellcheck disable=SC2086
+    timeout -k 10 "$CASE_TIMEOUT" "$TOOLS/containerd/ctr" --address "$CTRD_SOCK" run --rm $_rt \
+        --mount "type=bind,src=$1/live,dst=/etc/live,options=rbind:ro" \
+        --rootfs "$2" m2 /bin/sh -c 'cat /etc/live; echo m2-up; i=0
+            while [ "$(cat /etc/live)" = one ] && [ $i -lt 30 ]; do sleep 1; i=$((i + 1)); done
+            cat /etc/live; echo after=$i' \
+        </dev/null >"$1/m2.out" 2>"$1/m2.err" &
+    _m2=$!
+    expect "the live-file container started" wait_line "$1/m2.out" m2-up 120
+    echo two >"$1/live"
+    wait "$_m2"
+    echo "    containerd_ctr: m2 saw the file change after $(sed -n 's/^after=//p' "$1/m2.out") s"
+    expect "the container saw the host file's new content" grep -qx two "$1/m2.out"
+}
+
 case_containerd_ctr() {
     containerd_prereqs || return
     containerd_case_begin containerd_ctr "ctr run --rm --runtime io.containerd.capsule.v2 --rootfs DIR ..." || return
@@ -225,15 +285,19 @@ case_containerd_ctr() {
     # microVM, each over its own vsock connection to the guest init.
     containerd_exec "$_d" "$_root"
 
+    # 6. The spec's mounts (issue 24): bind mounts of a directory and of a
+    # file, a tmpfs.
+    containerd_mounts "$_d" "$_root"
+
     ctr task ls >"$_d/tasks-after" 2>&1
-    expect "no task is left" test "$(grep -c '^c[1-6] ' "$_d/tasks-after")" -eq 0
+    expect "no task is left" test "$(grep -c '^[cm][1-6] ' "$_d/tasks-after")" -eq 0
 
     SECS=$(($(now) - _start))
     kill "$CTRD_PID" 2>/dev/null
     wait "$CTRD_PID" 2>/dev/null
     virtiofs_done
     for _f in c1.out c1.err c2.out c2.err c3.out c3.err c4.out c4.err c4.metrics c5.out c5.err \
-        c6.out c6.err e1.out e1.err e2.out e2.err e3.out e3.err tasks tasks-after; do
+        c6.out c6.err e1.out e1.err e2.out e2.err e3.out e3.err m1.out m1.err m2.out m2.err tasks tasks-after; do
         echo "== $_f" >>"$OUT"
         cat "$_d/$_f" >>"$OUT" 2>/dev/null
     done

@@ -16,7 +16,7 @@
 # directory and answers with a file the guest waits for.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro exec_share_live exec_host_root"
+ALL_CASES="$ALL_CASES virtiofs_live virtiofs_ro exec_share_live exec_share_file exec_host_root"
 
 # virtiofs_prereqs: a virtiofsd in $TOOLS, else the case fails (it must not
 # pass without running); exports CAPSULE_VIRTIOFSD and the sandbox, which
@@ -154,6 +154,34 @@ case_exec_share_live() {
     expect "the deletion reached the host" test ! -e "$_d/del.txt"
     expect "the rename reached the host" test "$(cat "$_d/b.txt" 2>/dev/null)" = "rename me" -a ! -e "$_d/a.txt"
     expect "no copy-mode fallback" test "$(grep -c 'falls back to copying' "$ERR")" -eq 0
+    expect "no Rust panic" no_rust_panic
+}
+
+# `capsule exec --share HOSTFILE:GUESTFILE` and `--tmpfs` (issue 24, what
+# the containerd shim gives for a container's resolv.conf and tmpfs
+# mounts): a read-only file over a path the root image does not have, a
+# writable one whose write reaches the host file, a tmpfs with its
+# options; `..` in a guest path stays in the root.
+case_exec_share_file() {
+    virtiofs_prereqs || return
+    _d="$WORK/exec_share_file.files"
+    rm -rf "$_d"
+    mkdir -p "$_d"
+    echo 'nameserver 10.9.8.7' >"$_d/ro.txt"
+    : >"$_d/rw.txt"
+    # shellcheck disable=SC2046  # word splitting of the fixed prefix is wanted
+    run_exec exec_share_file /dev/null $(EXEC_DISK_ARGS) --share "$_d/ro.txt:/etc/../../capsule-ro:ro" \
+        --share "$_d/rw.txt:/var/log/capsule-rw" --tmpfs /scratch:size=1m,mode=700,nosuid \
+        -- sh -c 'cat /capsule-ro; echo x 2>/dev/null >>/capsule-ro || echo ro-refused
+                  echo from-guest >/var/log/capsule-rw; grep " /scratch " /proc/mounts; ls -ld /scratch'
+    virtiofs_done
+    expect "exit status 0" rc_is 0
+    expect "the read-only file is the host's, at /capsule-ro" out_has_line 'nameserver 10.9.8.7'
+    expect "and read-only" out_has_line ro-refused
+    expect "the host's read-only file is unchanged" test "$(cat "$_d/ro.txt")" = 'nameserver 10.9.8.7'
+    expect "the writable file's write reached the host" test "$(cat "$_d/rw.txt")" = from-guest
+    expect "/scratch is a tmpfs of 1 MiB, nosuid" out_has ' /scratch tmpfs .*nosuid.*size=1024k'
+    expect "/scratch has mode 700" out_has '^drwx------ .* /scratch$'
     expect "no Rust panic" no_rust_panic
 }
 
