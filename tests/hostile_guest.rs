@@ -120,29 +120,6 @@ const VIRTIO_MMIO0: u32 = 0xd000_0000;
 const VIRTIO_MMIO_STATUS: u8 = 0x70;
 
 impl Asm {
-    /// mov rax, imm64; mov rbx, imm64; mov [rbx], rax
-    fn store_u64(&mut self, addr: u64, v: u64) -> &mut Self {
-        self.0.extend([0x48, 0xb8]);
-        self.0.extend(v.to_le_bytes());
-        self.0.extend([0x48, 0xbb]);
-        self.0.extend(addr.to_le_bytes());
-        self.0.extend([0x48, 0x89, 0x03]);
-        self
-    }
-    /// Maps the 2 MiB page holding the virtio-mmio windows (capsule's boot
-    /// page tables cover only the first GiB): a page directory for the
-    /// fourth GiB at 0xc000 (zeroed RAM), one 2 MiB entry in it, and the
-    /// PDPT entry for it; then reloads CR3. Leaves rbx = VIRTIO_MMIO0.
-    fn map_virtio_mmio(&mut self) -> &mut Self {
-        let pd = 0xc000u64;
-        let index = (u64::from(VIRTIO_MMIO0) - 0xc000_0000) >> 21;
-        self.store_u64(pd + index * 8, u64::from(VIRTIO_MMIO0) | 0x83)
-            .store_u64(0xa000 + 3 * 8, pd | 0x3);
-        self.0.extend([0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8]); // mov rax, cr3; mov cr3, rax
-        self.0.push(0xbb); // mov ebx, VIRTIO_MMIO0
-        self.0.extend(VIRTIO_MMIO0.to_le_bytes());
-        self
-    }
     /// mov dword [rbx + off], v
     fn store_rbx_u32(&mut self, off: u8, v: u32) -> &mut Self {
         self.0.extend([0xc7, 0x43, off]);
@@ -155,7 +132,7 @@ impl Asm {
 /// refuse (FEATURES_OK without VIRTIO_F_VERSION_1), each a warning.
 fn features_ok_flood_guest() -> PathBuf {
     let mut a = Asm::default();
-    a.map_virtio_mmio();
+    a.map_fourth_gib(VIRTIO_MMIO0);
     let top = a.0.len();
     a.store_rbx_u32(VIRTIO_MMIO_STATUS, 0) // reset
         .store_rbx_u32(VIRTIO_MMIO_STATUS, 1) // ACKNOWLEDGE
@@ -258,7 +235,7 @@ fn detached_logs_are_capped() {
     let disk = dir.join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut a = Asm::default();
-    a.map_virtio_mmio();
+    a.map_fourth_gib(VIRTIO_MMIO0);
     let top = a.0.len();
     a.print("console flood 0123456789\n")
         .store_rbx_u32(VIRTIO_MMIO_STATUS, 0)

@@ -20,28 +20,6 @@ const DEV1: u32 = 1 << 15;
 const PCI_CFG_CAP: u32 = 0x90;
 
 impl Asm {
-    /// mov rax, imm64; mov rbx, imm64; mov [rbx], rax
-    fn store_u64(&mut self, addr: u64, v: u64) -> &mut Self {
-        self.0.extend([0x48, 0xb8]);
-        self.0.extend(v.to_le_bytes());
-        self.0.extend([0x48, 0xbb]);
-        self.0.extend(addr.to_le_bytes());
-        self.0.extend([0x48, 0x89, 0x03]);
-        self
-    }
-    /// Maps the 2 MiB page holding the ECAM window (capsule's boot page
-    /// tables cover only the first GiB) with a page directory for the
-    /// fourth GiB at 0xc000, then reloads CR3. Leaves rbx = ECAM.
-    fn map_ecam(&mut self) -> &mut Self {
-        let pd = 0xc000u64;
-        let index = (u64::from(ECAM) - 0xc000_0000) >> 21;
-        self.store_u64(pd + index * 8, u64::from(ECAM) | 0x83)
-            .store_u64(0xa000 + 3 * 8, pd | 0x3);
-        self.0.extend([0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8]); // mov rax, cr3; mov cr3, rax
-        self.0.push(0xbb); // mov ebx, ECAM
-        self.0.extend(ECAM.to_le_bytes());
-        self
-    }
     /// ecx |= eax ^ want: a mismatch leaves a bit in ecx.
     fn check_eax(&mut self, want: u32) -> &mut Self {
         self.0.push(0x35); // xor eax, imm32
@@ -78,7 +56,7 @@ impl Asm {
 /// `pci-ok` if none, else `pci-bad`, and powers off.
 fn pci_guest() -> Asm {
     let mut a = Asm::default();
-    a.map_ecam();
+    a.map_fourth_gib(ECAM);
     a.0.extend([0x31, 0xc9]); // xor ecx, ecx
     let cap = DEV1 + PCI_CFG_CAP;
     a.check_u32(0, 0x0d57_8086) // host bridge ids

@@ -63,6 +63,30 @@ impl Asm {
         self.0.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
         self
     }
+    /// mov rax, imm64; mov rbx, imm64; mov [rbx], rax
+    pub fn store_u64(&mut self, addr: u64, v: u64) -> &mut Self {
+        self.0.extend([0x48, 0xb8]);
+        self.0.extend(v.to_le_bytes());
+        self.0.extend([0x48, 0xbb]);
+        self.0.extend(addr.to_le_bytes());
+        self.0.extend([0x48, 0x89, 0x03]);
+        self
+    }
+    /// Maps the 2 MiB page holding `addr`, in the fourth GiB (capsule's
+    /// boot page tables cover only the first): a page directory for that
+    /// GiB at 0xc000 (zeroed RAM), one 2 MiB entry in it, and the PDPT
+    /// entry for it; then reloads CR3. Leaves rbx = `addr`.
+    pub fn map_fourth_gib(&mut self, addr: u32) -> &mut Self {
+        assert!(addr >= 0xc000_0000, "{addr:#x} is not in the fourth GiB");
+        let pd = 0xc000u64;
+        let index = (u64::from(addr) - 0xc000_0000) >> 21;
+        self.store_u64(pd + index * 8, (u64::from(addr) & !0x1f_ffff) | 0x83)
+            .store_u64(0xa000 + 3 * 8, pd | 0x3);
+        self.0.extend([0x0f, 0x20, 0xd8, 0x0f, 0x22, 0xd8]); // mov rax, cr3; mov cr3, rax
+        self.0.push(0xbb); // mov ebx, addr
+        self.0.extend(addr.to_le_bytes());
+        self
+    }
 }
 
 pub fn write_guest(name: &str, code: &Asm) -> PathBuf {
