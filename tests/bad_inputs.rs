@@ -120,7 +120,9 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
     std::fs::write(&junk, vec![0x5au8; 64 * 1024]).unwrap();
     let file = junk.to_str().unwrap();
     let d = dir.to_str().unwrap();
-    let share_file = format!("{file}:/x");
+    // A regular file is a share now (bound over its guest path); a
+    // device is neither kind.
+    let share_file = "/dev/null:/x".to_string();
     let share_missing = format!("{d}/missing:/x");
     let share_rel = format!("{d}:relative");
     let template = format!("{d}/template");
@@ -144,7 +146,7 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
                 "--",
                 "true",
             ],
-            "not a directory",
+            "neither a directory nor a regular file",
         ),
         (
             &[
@@ -156,7 +158,7 @@ fn exec_bad_inputs_get_one_line_and_status_125() {
                 "--",
                 "true",
             ],
-            "not a directory",
+            "No such file or directory",
         ),
         (
             &[
