@@ -126,10 +126,37 @@ impl I8042 {
         if self.output.len() + codes.len() > OUTPUT_LIMIT {
             return false;
         }
+        let stale = !self.output.is_empty();
         for &c in codes {
             self.push(c, true);
         }
+        // Bytes the guest has not read were already there, so `push`
+        // raised nothing: if their interrupt was lost (or never raised,
+        // interrupts being off then), the keys would wait behind them for
+        // good. A real controller holds IRQ 1 up while its buffer is full;
+        // an edge now stands for that level (a spurious one is harmless:
+        // the driver finds no data and returns).
+        if stale {
+            self.raise_for_front();
+        }
         true
+    }
+
+    /// Whether a keyboard byte at the front of the buffer raises IRQ 1.
+    fn kbd_irq_enabled(&self) -> bool {
+        self.ctr & CTR_KBD_INT != 0 && self.ctr & CTR_KBD_DISABLED == 0
+    }
+
+    /// Sets the configuration byte. Turning keyboard interrupts on with
+    /// a keyboard byte waiting raises IRQ 1, as a real controller's level
+    /// interrupt would: otherwise that byte, and all behind it, would
+    /// never be read.
+    fn set_ctr(&mut self, ctr: u8) {
+        let before = self.kbd_irq_enabled();
+        self.ctr = ctr;
+        if !before && self.kbd_irq_enabled() && !self.output.is_empty() {
+            self.raise_for_front();
+        }
     }
 
     /// Queues a byte for the guest; keyboard bytes raise IRQ 1 when they
@@ -148,7 +175,7 @@ impl I8042 {
 
     fn raise_for_front(&self) {
         let keyboard = self.front_from_keyboard.front().copied().unwrap_or(false);
-        if keyboard && self.ctr & CTR_KBD_INT != 0 && self.ctr & CTR_KBD_DISABLED == 0 {
+        if keyboard && self.kbd_irq_enabled() {
             if let Err(e) = self.irq.trigger() {
                 crate::warn_ratelimited!("i8042: cannot raise the keyboard interrupt: {e}");
             }
@@ -188,7 +215,7 @@ impl I8042 {
             CMD_SELF_TEST => self.push(0x55, false),
             CMD_KBD_TEST => self.push(0x00, false),
             CMD_KBD_DISABLE => self.ctr |= CTR_KBD_DISABLED,
-            CMD_KBD_ENABLE => self.ctr &= !CTR_KBD_DISABLED,
+            CMD_KBD_ENABLE => self.set_ctr(self.ctr & !CTR_KBD_DISABLED),
             // Output port: A20 enabled, CPU not in reset.
             CMD_READ_OUTPORT => self.push(0x03, false),
             CMD_WRITE_OUTPORT => self.pending = Pending::OutPort,
@@ -208,7 +235,7 @@ impl I8042 {
         self.status_cmd = false;
         let pending = std::mem::replace(&mut self.pending, Pending::Keyboard);
         match pending {
-            Pending::Ctr => self.ctr = byte,
+            Pending::Ctr => self.set_ctr(byte),
             Pending::OutPort => {
                 // Bit 0 low holds the CPU in reset.
                 if byte & 1 == 0 {
@@ -362,6 +389,31 @@ mod tests {
         assert!(dev.trigger_ctrl_alt_del());
         let got: Vec<u8> = (0..11).map(|_| read(&mut dev, 0)).collect();
         assert_eq!(got, CTRL_ALT_DEL_SET2);
+    }
+
+    /// A keyboard byte queued while keyboard interrupts were off raises
+    /// IRQ 1 when they are turned on, and a Ctrl-Alt-Del queued behind
+    /// unread bytes raises it again: the keys never wait for an interrupt
+    /// that will not come.
+    #[test]
+    fn waiting_keyboard_bytes_always_get_an_interrupt() {
+        let (mut dev, _, irq) = dev();
+        dev.write(4, &[0x60]);
+        dev.write(0, &[CTR_XLATE]); // interrupts off
+        dev.write(0, &[0xf2]); // keyboard ACK and id, no interrupt
+        assert!(!irq.take());
+        dev.write(4, &[0x60]);
+        dev.write(0, &[CTR_XLATE | CTR_KBD_INT]);
+        assert!(irq.take(), "enabling interrupts with data waiting");
+        // The guest lost that interrupt: a Ctrl-Alt-Del still gets one.
+        assert!(dev.trigger_ctrl_alt_del());
+        assert!(irq.take(), "keys queued behind unread bytes");
+        assert_eq!(read(&mut dev, 0), KBD_ACK);
+        // Disabled keyboard: enabling it (0xae) raises for waiting data.
+        dev.write(4, &[CMD_KBD_DISABLE]);
+        irq.take();
+        dev.write(4, &[CMD_KBD_ENABLE]);
+        assert!(irq.take(), "keyboard enabled with data waiting");
     }
 
     #[test]
