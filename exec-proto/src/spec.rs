@@ -188,6 +188,23 @@ fn numbers<T: std::str::FromStr>(
     Ok(nums)
 }
 
+/// The value of a `share` or `file` record: `INDEX:MODE:PATH`.
+fn indexed_record(index: usize, writable: bool, path: &[u8]) -> Vec<u8> {
+    let mut v = format!("{index}:{}:", if writable { "rw" } else { "ro" }).into_bytes();
+    v.extend_from_slice(path);
+    v
+}
+
+/// A `share` or `file` record's (PATH, whether MODE is `rw`); `Err`
+/// names the missing part: "mode", or `path` (what the record calls it).
+fn parse_indexed<'a>(val: &[u8], path: &'a str) -> Result<(Vec<u8>, bool), &'a str> {
+    let mut parts = val.splitn(3, |&b| b == b':');
+    let _index = parts.next();
+    let mode = parts.next().ok_or("mode")?;
+    let p = parts.next().ok_or(path)?;
+    Ok((p.to_vec(), mode == b"rw"))
+}
+
 /// The virtio-fs tag of live share `index`.
 pub fn share_tag(index: usize) -> String {
     format!("capsule-share-{index}")
@@ -275,14 +292,10 @@ impl ExecSpec {
         rec("cwd", &self.cwd)?;
         rec("disk", if self.disk { b"1" } else { b"0" })?;
         for (i, (dir, rw)) in self.shares.iter().enumerate() {
-            let mut v = format!("{i}:{}:", if *rw { "rw" } else { "ro" }).into_bytes();
-            v.extend_from_slice(dir);
-            rec("share", &v)?;
+            rec("share", &indexed_record(i, *rw, dir))?;
         }
         for (i, (path, rw)) in self.files.iter().enumerate() {
-            let mut v = format!("{i}:{}:", if *rw { "rw" } else { "ro" }).into_bytes();
-            v.extend_from_slice(path);
-            rec("file", &v)?;
+            rec("file", &indexed_record(i, *rw, path))?;
         }
         for (dir, options) in &self.tmpfs {
             if options.contains(&b':') {
@@ -344,20 +357,12 @@ impl ExecSpec {
                 b"env" => spec.env.push(val.to_vec()),
                 b"cwd" => spec.cwd = val.to_vec(),
                 b"disk" => spec.disk = val == b"1",
-                b"share" => {
-                    let mut parts = val.splitn(3, |&b| b == b':');
-                    let _index = parts.next();
-                    let mode = parts.next().ok_or(SpecError::Share("mode"))?;
-                    let dir = parts.next().ok_or(SpecError::Share("directory"))?;
-                    spec.shares.push((dir.to_vec(), mode == b"rw"));
-                }
-                b"file" => {
-                    let mut parts = val.splitn(3, |&b| b == b':');
-                    let _index = parts.next();
-                    let mode = parts.next().ok_or(SpecError::File("mode"))?;
-                    let path = parts.next().ok_or(SpecError::File("path"))?;
-                    spec.files.push((path.to_vec(), mode == b"rw"));
-                }
+                b"share" => spec
+                    .shares
+                    .push(parse_indexed(val, "directory").map_err(SpecError::Share)?),
+                b"file" => spec
+                    .files
+                    .push(parse_indexed(val, "path").map_err(SpecError::File)?),
                 b"tmpfs" => {
                     let colon = val.iter().position(|&b| b == b':');
                     let (options, dir) = val.split_at(colon.ok_or(SpecError::Tmpfs)?);

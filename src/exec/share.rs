@@ -3,14 +3,15 @@
 
 use std::path::PathBuf;
 
-/// A host directory shared with the guest.
+/// A host directory, or a single file, shared with the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
-    /// Host directory.
+    /// Host directory or file.
     pub host: PathBuf,
-    /// Absolute guest directory.
+    /// Absolute guest path.
     pub guest: String,
-    /// Copy what the command writes back to `host` when it exits.
+    /// The command may write it (a copied directory's changes are copied
+    /// back to `host` when it exits).
     pub writable: bool,
 }
 

@@ -74,7 +74,7 @@ impl BusDevice for PciEcam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pci::config::{ConfigSpace, Identity};
+    use crate::pci::config::ConfigSpace;
     use crate::pci::PciDevice;
 
     /// A function with a 32 KiB memory BAR at 0xe000_8000.
@@ -90,14 +90,7 @@ mod tests {
     }
 
     fn ecam() -> PciEcam {
-        let mut c = ConfigSpace::new(&Identity {
-            vendor: 0x1af4,
-            device: 0x1042,
-            revision: 1,
-            class: [0xff, 0, 0],
-            subsystem_vendor: 0x1af4,
-            subsystem: 0x40,
-        });
+        let mut c = ConfigSpace::new(&crate::pci::tests::id());
         c.set_memory_bar(0, 0xe000_8000, 0x8000).unwrap();
         let mut root = PciRoot::new();
         assert_eq!(root.add(Arc::new(Mutex::new(Function(c)))).unwrap(), 1);

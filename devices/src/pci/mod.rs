@@ -149,18 +149,15 @@ impl PciRoot {
         self.slots.get(usize::try_from(slot).ok()?)
     }
 
-    /// The device the address register selects, and the dword offset in
-    /// its space; `None` if disabled, another bus or function, or empty.
-    fn selected(&self) -> Option<(&Arc<Mutex<dyn PciDevice>>, u64)> {
+    /// The device, function and dword offset the address register
+    /// selects; `None` if it is disabled or names another bus.
+    fn selected(&self) -> Option<(u32, u32, u64)> {
         let a = self.address;
         let bus = (a >> 16) & 0xff;
-        let slot = (a >> 11) & 0x1f;
-        let function = (a >> 8) & 0x7;
         if a & ADDRESS_ENABLE == 0 || bus != 0 {
             return None;
         }
-        let dev = self.function(slot, function)?;
-        Some((dev, u64::from(a & 0xfc)))
+        Some(((a >> 11) & 0x1f, (a >> 8) & 0x7, u64::from(a & 0xfc)))
     }
 
     /// Reads `data.len()` bytes at `reg` of function `function` of device
@@ -200,9 +197,8 @@ impl BusDevice for PciRoot {
         if offset >= CONFIG_PORTS || offset + data.len() as u64 > CONFIG_PORTS {
             return;
         }
-        if let Some((dev, reg)) = self.selected() {
-            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
-            dev.config_read(reg + (offset - 4), data);
+        if let Some((slot, function, reg)) = self.selected() {
+            self.function_read(slot, function, reg + (offset - 4), data);
         }
     }
 
@@ -218,9 +214,8 @@ impl BusDevice for PciRoot {
         if !(4..CONFIG_PORTS).contains(&offset) || offset + data.len() as u64 > CONFIG_PORTS {
             return;
         }
-        if let Some((dev, reg)) = self.selected() {
-            let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
-            dev.config_write(reg + (offset - 4), data);
+        if let Some((slot, function, reg)) = self.selected() {
+            self.function_write(slot, function, reg + (offset - 4), data);
         }
     }
 }

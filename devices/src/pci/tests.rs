@@ -6,7 +6,8 @@ use super::config::{CONFIG_SIZE, EXTENDED_CONFIG_SIZE};
 use super::msix::{MsiMessage, MsiRouter, Msix, CONTROL_ENABLE, CONTROL_FUNCTION_MASK};
 use super::*;
 
-fn id() -> Identity {
+/// A virtio function's identity (also for the ECAM tests).
+pub(super) fn id() -> Identity {
     Identity {
         vendor: 0x1af4,
         device: 0x1042,
