@@ -48,7 +48,9 @@
 #        pci`, and print a transport table; =only: just those two),
 #        BENCH_EXITS=1 (L1's KVM exits per boot by reason, from its kvm
 #        tracepoints; nested mode; separate from the timed table's runs,
-#        as tracing costs time)
+#        as tracing costs time),
+#        BENCH_CAPSULE_BASE (another capsule binary, e.g. main's before a
+#        change: a capsule-base column beside capsule's, same runs)
 # stdout: the table; progress on stderr.
 set -euo pipefail
 
@@ -128,10 +130,12 @@ one() {
     [ "$vmm" = capsule-jail ] && open="--jail --chroot-base $WORK/jail --id bench"
     [ "$vmm" = capsule-mmio-blk ] && open="--disk $WORK/blk.img,ro"
     [ "$vmm" = capsule-pci-blk ] && open="--transport pci --disk $WORK/blk.img,ro"
+    bin="$CAPSULE"
+    [ "$vmm" = capsule-base ] && bin="$CAPSULE_BASE"
     case "$vmm" in
     capsule*)
         # shellcheck disable=SC2086 # $open is two words or none
-        CAPSULE_LOG=info "$CAPSULE" run --kernel "$VMLINUX" --initrd "$INITRD" \
+        CAPSULE_LOG=info "$bin" run --kernel "$VMLINUX" --initrd "$INITRD" \
             --cpus 1 --memory ${MEM_MIB}M --cmdline "$CMDLINE" $open \
             </dev/null >"$WORK/fifo" 2>"$err" &
         ;;
@@ -240,6 +244,7 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
         [ "$BENCH_TRANSPORT" = only ] && continue
     fi
     one capsule
+    [ -z "${CAPSULE_BASE:-}" ] || one capsule-base
     one qemu
     for p in $PEERS; do one "$p"; done
     one capsule-open
@@ -268,6 +273,12 @@ main() {
     peers="$(copy_peers "$work/tools")"
     copy_qemu_firmware "$work/qemu-fw"
     write_runner "$work/bench-run.sh"
+    local base="" l1_base=""
+    if [[ -n "${BENCH_CAPSULE_BASE:-}" ]]; then
+        [[ -x "$BENCH_CAPSULE_BASE" ]] || die "BENCH_CAPSULE_BASE: $BENCH_CAPSULE_BASE is not an executable"
+        cp "$BENCH_CAPSULE_BASE" "$work/capsule-base"
+        base=capsule-base l1_base=/capsule/capsule-base
+    fi
 
     log "mode: $mode; $runs runs per VMM"
     results="$work/results"
@@ -276,6 +287,7 @@ main() {
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
             DATE="$work/tools/date" CURL="$work/tools/curl" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
             VMLINUX="$kdir/vmlinux" PEERS="$peers" TOOLS="$work/tools" BENCH_TRANSPORT="${BENCH_TRANSPORT:-}" \
+            CAPSULE_BASE="${base:+$work/capsule-base}" \
             BENCH_RUNS="$runs" WORK="$work/run" sh "$work/bench-run.sh" | tee "$results" >&2
     else
         cat >"$work/bench-l1.sh" <<EOF
@@ -284,14 +296,14 @@ mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATE=/capsule/tools/date CURL=/capsule/tools/curl BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools BENCH_EXITS='${BENCH_EXITS:-}'
-export BENCH_TRANSPORT='${BENCH_TRANSPORT:-}'
+export BENCH_TRANSPORT='${BENCH_TRANSPORT:-}' CAPSULE_BASE='$l1_base'
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh
 EOF
         export CAPSULE_L1_TIMEOUT=$((300 + runs * 150))
         run_in_l1_retrying "$results" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$work/tools" \
-            "$work/qemu-fw" "$work/bench-run.sh"
+            "$work/qemu-fw" "$work/bench-run.sh" ${base:+"$work/capsule-base"}
     fi
     grep '^bench-boot: error' "$results" >&2 || true
     if [[ -n "${BENCH_RESULTS:-}" ]]; then
@@ -308,7 +320,7 @@ EOF
         transport_table
         [[ "$BENCH_TRANSPORT" == only ]] && return
     fi
-    local vmms="capsule qemu $peers" vmm
+    local vmms="capsule $base qemu $peers" vmm
     echo
     echo "Boot, capsule beside each peer (1 vCPU, 128 MiB, same initramfs/cmdline; vmlinux, QEMU bzImage; mode=$mode; $runs runs each, alternating)"
     [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"

@@ -23,8 +23,10 @@
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
 #      BENCH_VMMS (default "capsule qemu"; also capsule-vhost,
-#      qemu-vhost, firecracker, cloud-hypervisor, and loopback: the
-#      same transfers between two processes here, no VM), FC and CH
+#      qemu-vhost, firecracker, cloud-hypervisor, capsule-base (capsule
+#      as CAPSULE_BASE, another build, for an A/B of a change), and
+#      loopback: the same transfers between two processes here, no VM),
+#      FC and CH
 #      (those VMMs' commands), VMLINUX (the
 #      vmlinux of BZIMAGE's build, for them)
 set -u
@@ -298,10 +300,11 @@ run_vmm() {
     loopback)
         measure_loopback
         ;;
-    capsule | capsule-vhost)
-        _vhost=off _tapname=capb0
-        [ "$1" = capsule ] || _vhost=on _tapname=capv0
-        measure "$1" "$_tapname" "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
+    capsule | capsule-vhost | capsule-base)
+        _vhost=off _tapname=capb0 _bin="$CAPSULE"
+        [ "$1" != capsule-vhost ] || _vhost=on _tapname=capv0
+        [ "$1" != capsule-base ] || _tapname=capbb0 _bin="${CAPSULE_BASE:?}"
+        measure "$1" "$_tapname" "$_bin" run --kernel "$BZIMAGE" --initrd "$INITRD" \
             --cpus "$CPUS" --memory 512M --cmdline "$CMDLINE" --net "tap=$_tapname,vhost=$_vhost"
         ;;
     qemu | qemu-vhost)
@@ -356,8 +359,8 @@ while :; do
     round=$((round + 1))
     busy=""
     for vmm in $VMMS; do
-        case "$vmm" in capsule | capsule-vhost | qemu | qemu-vhost | firecracker | cloud-hypervisor | loopback) ;; *)
-            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, qemu, qemu-vhost, firecracker, cloud-hypervisor, loopback)"
+        case "$vmm" in capsule | capsule-vhost | capsule-base | qemu | qemu-vhost | firecracker | cloud-hypervisor | loopback) ;; *)
+            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, capsule-base, qemu, qemu-vhost, firecracker, cloud-hypervisor, loopback)"
             exit 2
             ;;
         esac

@@ -30,6 +30,8 @@
 #        limit of the other rows),
 #        BENCH_RESULTS (a file the runs' lines are appended to and the
 #        table computed from: several invocations make one table),
+#        BENCH_CAPSULE_BASE (another capsule binary, e.g. main's before a
+#        change: a capsule-base row beside capsule's, in the same L1),
 #        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE, CAPSULE_ANCHORS
 set -euo pipefail
 
@@ -53,7 +55,13 @@ peers="$(copy_peers "$work/tools")"
 copy_qemu_firmware "$work/qemu-fw"
 
 mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}"
-vmms="${BENCH_VMMS:-capsule capsule-vhost qemu qemu-vhost $peers loopback}"
+base=""
+if [[ -n "${BENCH_CAPSULE_BASE:-}" ]]; then
+    [[ -x "$BENCH_CAPSULE_BASE" ]] || die "BENCH_CAPSULE_BASE: $BENCH_CAPSULE_BASE is not an executable"
+    cp "$BENCH_CAPSULE_BASE" "$work/capsule-base"
+    base=capsule-base
+fi
+vmms="${BENCH_VMMS:-capsule $base capsule-vhost qemu qemu-vhost $peers loopback}"
 [[ "$mib" =~ ^[1-9][0-9]*$ ]] || die "BENCH_MIB must be a positive number of MiB"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "BENCH_CPUS must be a positive number"
@@ -71,7 +79,7 @@ if [[ "$mode" == direct ]]; then
     CAPSULE="$capsule" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
         QEMU="$work/tools/qemu-system-x86_64" QEMU_FIRMWARE="$work/qemu-fw" \
         BENCH_MIB="$mib" BENCH_RUNS="$runs" BENCH_CPUS="$cpus" BENCH_DETAIL="${BENCH_DETAIL:-}" \
-        BENCH_VMMS="$vmms" VMLINUX="$kdir/vmlinux" FC="$work/tools/firecracker" CH="$work/tools/cloud-hypervisor" \
+        BENCH_VMMS="$vmms" CAPSULE_BASE="${BENCH_CAPSULE_BASE:-}" VMLINUX="$kdir/vmlinux" FC="$work/tools/firecracker" CH="$work/tools/cloud-hypervisor" \
         sh "$resources/bench-net-guest.sh" | tee -a "$results"
 else
     # The nested harness's L1 may die or hang (TCG; see docs/ARCHITECTURE.md,
@@ -92,6 +100,7 @@ else
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FIRMWARE=/capsule/qemu-fw
 export VMLINUX=/capsule/vmlinux FC=/capsule/tools/firecracker CH=/capsule/tools/cloud-hypervisor
+export CAPSULE_BASE=/capsule/capsule-base
 export BENCH_MIB='$mib' BENCH_RUNS='$runs' BENCH_CPUS='$cpus' BENCH_DETAIL='${BENCH_DETAIL:-}' BENCH_VMMS='$need'
 export$plan
 exec sh /capsule/bench-net-guest.sh
@@ -101,7 +110,7 @@ EOF
         nvmms=$(wc -w <<<"$need")
         CAPSULE_L1_TIMEOUT="${CAPSULE_L1_TIMEOUT:-$((300 + runs * nvmms * 120))}" "$resources/harness/run-in-l1.sh" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$work/tools" "$work/qemu-fw" \
-            "$resources/bench-net-guest.sh" "$resources/kvm-host.sh" </dev/null | sed -u 's/\r$//' |
+            "$resources/bench-net-guest.sh" "$resources/kvm-host.sh" ${base:+"$work/capsule-base"} </dev/null | sed -u 's/\r$//' |
             grep --line-buffered -E '^bench-net:|^capsule-l1:|CAPSULE-L1-EXIT' | tee -a "$results" || rc=$?
         [[ $rc -eq 0 ]] || log "L1 session $session ended with status $rc"
     done
@@ -116,7 +125,7 @@ rates() {
 }
 [[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
 printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
-for vmm in capsule capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback; do
+for vmm in capsule capsule-base capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback; do
     n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
     [[ $n -gt 0 ]] || continue
     read -r -a g <<<"$(rates "$vmm" guest-to-host)"
@@ -134,7 +143,7 @@ ratio() {
 has() { grep -q "^bench-net: $1 guest-to-host [0-9]" "$results"; }
 # capsule against each peer; capsule-vhost against capsule's userspace
 # path and QEMU's vhost-net.
-for pair in capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost \
+for pair in capsule:capsule-base capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost \
     capsule:loopback qemu:loopback firecracker:loopback cloud-hypervisor:loopback; do
     mine="${pair%%:*}" peer="${pair#*:}"
     has "$mine" && has "$peer" || continue

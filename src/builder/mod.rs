@@ -409,7 +409,12 @@ fn write_boot_data(
         }
         KernelAcpi::Unknown => false,
     };
-    let cmdline = kernel_cmdline(&config.cmdline, dm.virtio_mmio_devices(), no_acpi);
+    let cmdline = kernel_cmdline(
+        &config.cmdline,
+        dm.virtio_mmio_devices(),
+        no_acpi,
+        dm.has_pci(),
+    );
     let cmdline_size = load_cmdline(mem, &cmdline)?;
     arch::mptable::setup_mptable(mem, config.vcpus).map_err(Error::MpTable)?;
     let rsdp = arch::acpi::create_acpi_tables_with(
