@@ -91,38 +91,20 @@ impl Activation {
     /// it asked not to be told (`VIRTQ_AVAIL_F_NO_INTERRUPT` or
     /// `used_event`). If the ring cannot be read, interrupts anyway.
     pub fn signal_used_queue(&mut self, index: usize) {
-        let Some(queue) = self.queues.get_mut(index) else {
+        let (Some(queue), Ok(vector)) = (self.queues.get_mut(index), u16::try_from(index)) else {
             return;
         };
-        notify_used(queue, &self.mem, self.interrupt.as_ref(), index, self.name);
+        if queue.needs_notification(&self.mem).unwrap_or(true) {
+            if let Err(e) = self.interrupt.trigger(InterruptKind::Queue(vector)) {
+                crate::error_ratelimited!("{}: cannot raise interrupt: {e}", self.name);
+            }
+        }
     }
 
     /// Tells the driver that the configuration space changed.
     pub fn signal_config(&self) {
         if let Err(e) = self.interrupt.trigger(InterruptKind::Config) {
             crate::error_ratelimited!("{}: cannot raise config interrupt: {e}", self.name);
-        }
-    }
-}
-
-/// Interrupts the driver for used buffers in `queue` (number `index`)
-/// unless it asked not to be told; if the ring cannot be read, interrupts
-/// anyway. For a device that holds its queue and interrupt apart from its
-/// [`Activation`] while it works (virtio-net's receive path signals after
-/// each frame); others call [`Activation::signal_used_queue`].
-pub(crate) fn notify_used(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    interrupt: &dyn VirtioInterrupt,
-    index: usize,
-    name: &str,
-) {
-    let Ok(vector) = u16::try_from(index) else {
-        return;
-    };
-    if queue.needs_notification(mem).unwrap_or(true) {
-        if let Err(e) = interrupt.trigger(InterruptKind::Queue(vector)) {
-            crate::error_ratelimited!("{name}: cannot raise interrupt: {e}");
         }
     }
 }

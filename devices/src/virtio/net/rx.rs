@@ -18,9 +18,7 @@ use super::{
     format_mac, MacAddr, Net, NetBackend, NetStats, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,
     MAX_FRAME_LEN, MIN_FRAME_LEN, NUM_BUFFERS_OFFSET, RX_QUEUE, VNET_HDR_LEN,
 };
-use crate::virtio::device::{avail_ring_broken, notify_used};
-use crate::virtio::features::VIRTIO_RING_F_EVENT_IDX;
-use crate::virtio::VirtioInterrupt;
+use crate::virtio::device::avail_ring_broken;
 
 /// The receive side's state between events: the frame read from the
 /// backend and not yet delivered, and the chains held for it.
@@ -111,12 +109,6 @@ struct Receive<'a> {
     returned: usize,
     /// The receive rate limiter, if any.
     limiter: Option<&'a mut crate::rate_limiter::RateLimiter>,
-    /// The driver's interrupt.
-    interrupt: &'a dyn VirtioInterrupt,
-    /// Signal the guest after each frame rather than once per event
-    /// (`EVENT_IDX` was negotiated, so only the first of a batch
-    /// interrupts it).
-    signal_each: bool,
 }
 
 impl Net {
@@ -134,14 +126,11 @@ impl Net {
             return;
         }
         let mrg = self.common.acked(VIRTIO_NET_F_MRG_RXBUF);
-        let signal_each = self.common.acked(VIRTIO_RING_F_EVENT_IDX);
         let Some(active) = self.common.activation_mut() else {
             return;
         };
         let mut run = Receive {
             mem: &active.mem,
-            interrupt: active.interrupt.as_ref(),
-            signal_each,
             queue: &mut active.queues[RX_QUEUE],
             backend: self.backend.as_mut(),
             state: &mut self.rx,
@@ -246,13 +235,6 @@ impl Receive<'_> {
         let len = self.state.len;
         match outcome {
             Delivery::Delivered => {
-                if self.signal_each {
-                    // The guest starts on this frame while the device
-                    // copies the next ones; with `EVENT_IDX` a driver that
-                    // is already polling asked for no interrupt, so this
-                    // costs one look at `used_event` per frame.
-                    notify_used(self.queue, self.mem, self.interrupt, RX_QUEUE, "virtio-net");
-                }
                 self.stats.rx_frames += 1;
                 self.stats.rx_bytes += len as u64;
                 crate::metrics::NET.rx_packets_count.inc();
