@@ -135,7 +135,7 @@ one() {
     case "$vmm" in
     capsule*)
         # shellcheck disable=SC2086 # $open is two words or none
-        CAPSULE_LOG=info "$bin" run --kernel "$VMLINUX" --initrd "$INITRD" \
+        CAPSULE_LOG=info,capsule::setup=debug "$bin" run --kernel "$VMLINUX" --initrd "$INITRD" \
             --cpus 1 --memory ${MEM_MIB}M --cmdline "$CMDLINE" $open \
             </dev/null >"$WORK/fifo" 2>"$err" &
         ;;
@@ -194,6 +194,15 @@ one() {
         line="$line ${v:-vm_started_ms=-}"
     fi
     echo "$line"
+    # capsule's setup steps (its capsule::setup log): ms since the step
+    # before, named after the log line.
+    if [ "${vmm#capsule}" != "$vmm" ]; then
+        echo "bench-boot: steps $vmm $(awk '/: debug: .* at [0-9.]+ ms$/ {
+            t = $(NF - 1); name = $0
+            sub(/^capsule: debug: /, "", name); sub(/ at [0-9.]+ ms$/, "", name)
+            gsub(/[^A-Za-z0-9]+/, "_", name)
+            printf "%s=%.1f ", name, t - prev; prev = t }' "$err")"
+    fi
 }
 
 # api VMM: start VMM with an API socket and nothing else; time until the
@@ -364,6 +373,8 @@ EOF
     read -r -a al <<<"$(value capsule api_log_ms | min_median_max %.1f)"
     printf '%-44s %26s %26s %8s\n' "capsule: main() -> API ready (its log), ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
 
+    steps_table "capsule $base"
+
     if grep -q '^bench-boot: exits ' "$results"; then
         echo
         echo "L1 KVM exits from process start to the ready line, median per boot (BENCH_EXITS=1; SVM exit codes, userspace reasons: 2 I/O, 6 MMIO)"
@@ -405,6 +416,34 @@ EOF
     confined_row "boot marker: wall ms" marker_ms 1
     confined_row "boot marker: process CPU ms" marker_cpu_ms 1
     confined_row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024 no-jail
+}
+
+# steps_table VMMS: median (and max) ms of each of capsule's setup steps
+# since the step before, per capsule build in VMMS, from the "steps"
+# lines: where the time before the guest runs goes, and which step
+# stretches in the slow runs.
+steps_table() {
+    grep -q '^bench-boot: steps ' "$results" || return 0
+    echo
+    echo "capsule's setup steps: ms since the step before (its capsule::setup log), median / max"
+    local vmm
+    for vmm in $1; do
+        sed -n "s/^bench-boot: steps $vmm //p" "$results" | awk -v v="$vmm" '
+            { n++; for (i = 1; i <= NF; i++) { split($i, kv, "="); if (!(kv[1] in seen)) { seen[kv[1]] = 1; order[++k] = kv[1] }
+              val[kv[1], ++cnt[kv[1]]] = kv[2] } }
+            END {
+                if (!n) exit
+                printf "%-14s", v
+                for (j = 1; j <= k; j++) {
+                    key = order[j]; c = cnt[key]; delete a
+                    for (x = 1; x <= c; x++) a[x] = val[key, x] + 0
+                    for (x = 2; x <= c; x++) { y = a[x]; z = x - 1; while (z > 0 && a[z] > y) { a[z + 1] = a[z]; z-- } a[z + 1] = y }
+                    m = (c % 2) ? a[(c + 1) / 2] : (a[c / 2] + a[c / 2 + 1]) / 2
+                    printf " %s=%.1f/%.1f", key, m, a[c]
+                }
+                print ""
+            }'
+    done
 }
 
 # transport_table: capsule with one virtio-blk disk over virtio-mmio and
