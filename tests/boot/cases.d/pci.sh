@@ -242,7 +242,7 @@ case_pci_vhost_net() {
 ip addr add '"$_net"'.2/24 dev eth0; ip link set eth0 up; ping -c 3 -w 30 '"$_net"'.1 </dev/null && echo PING-OK
 nc '"$_net"'.1 5001 -e sh -c "cat >/tmp/in" </dev/null; echo "in-sum $(md5sum </tmp/in)"
 nc '"$_net"'.1 5002 -e cat /tmp/in </dev/null; i=0; while [ $i -lt 600 ] && grep -qE ":138A 0[1489B] " /proc/net/tcp; do sleep 0.2; i=$((i+1)); done; echo tcp-out-$((1+1))
-(nc -l -p 7000 -e sh -c "cat >/tmp/got") & sleep 1; echo snap-try-$((1+1)); wait; cat /tmp/got
+(nc -l -p 7000 -e sh -c "cat >/tmp/got" </dev/null) & sleep 1; echo snap-try-$((1+1)); wait; cat /tmp/got
 grep -E "PCI-MSI|virtio" /proc/interrupts
 poweroff -f' \
         run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 2 --memory 256M \
