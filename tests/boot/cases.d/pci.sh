@@ -240,8 +240,8 @@ case_pci_vhost_net() {
     # it goes on.
     run_capsule pci_vhost_net 'for d in /sys/bus/pci/devices/*; do echo pcidev=$(cat $d/vendor):$(cat $d/device):$(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null); done
 ip addr add '"$_net"'.2/24 dev eth0; ip link set eth0 up; ping -c 3 -w 30 '"$_net"'.1 </dev/null && echo PING-OK
-nc '"$_net"'.1 5001 -e sh -c "cat >/tmp/in" </dev/null; echo "in-sum $(md5sum </tmp/in)"
-nc '"$_net"'.1 5002 -e cat /tmp/in </dev/null; i=0; while [ $i -lt 600 ] && grep -qE ":138A 0[1489B] " /proc/net/tcp; do sleep 0.2; i=$((i+1)); done; echo tcp-out-$((1+1))
+t0=$(date +%s); nc '"$_net"'.1 5001 -e sh -c "cat >/tmp/in" </dev/null; t1=$(date +%s); echo "in-sum $(md5sum </tmp/in)"
+nc '"$_net"'.1 5002 -e cat /tmp/in </dev/null; i=0; while [ $i -lt 600 ] && grep -qE ":138A 0[1489B] " /proc/net/tcp; do sleep 0.2; i=$((i+1)); done; echo "tcp-times host-to-guest=$((t1-t0))s guest-to-host=$(($(date +%s)-t1))s"
 (nc -l -p 7000 -e sh -c "cat >/tmp/got" </dev/null) & sleep 1; echo snap-try-$((1+1)); wait; cat /tmp/got
 grep -E "PCI-MSI|virtio" /proc/interrupts
 poweroff -f' \
@@ -271,6 +271,9 @@ poweroff -f' \
     expect "no Rust panic" no_rust_panic
     expect "no kernel warning" no_kernel_warning
     sed 's/^/    pci_vhost_net: snapshot: /' "$WORK/pci_vhost_net.snap" 2>/dev/null
+    # For the log: the NIC's MSI-X lines and how long the transfers took.
+    grep -E "PCI-MSI.*virtio[0-9]+-(input|output|config)" "$OUT" | sed 's/^/    pci_vhost_net: /'
+    sed -n 's/^\(tcp-times .*\)/    pci_vhost_net: \1/p' "$OUT" | head -n1
     rm -f "$_data" "$_back" "$_back.done"
 }
 
@@ -314,4 +317,5 @@ poweroff -f' \
     expect "no Rust panic" no_rust_panic
     expect "no kernel warning" no_kernel_warning
     sed 's/^/    pci_virtiofs: snapshot: /' "$WORK/pci_virtiofs.snap" 2>/dev/null
+    grep -E "PCI-MSI.*virtio[0-9]+-(hiprio|requests|config)" "$OUT" | sed 's/^/    pci_virtiofs: /'
 }
