@@ -28,14 +28,19 @@
 # queues counted MSI-X interrupts. Meanwhile the host asks for a snapshot
 # of the running VM (`capsule snapshot NAME DIR`), which is refused with
 # the reason (vhost-net holds the rings), and the VM goes on (a TCP
-# connection from the host after the refusal reaches the guest).
+# connection from the host after the refusal reaches the guest). Last,
+# the guest unbinds the function from virtio-pci and binds it again (the
+# driver resets the device and sets it up anew): the rings go back to
+# vhost-net and the NIC pings the host again.
 #
 # pci_virtiofs shares a host directory (`--fs`, a virtiofsd) over PCI:
 # the guest mounts it, reads a file made before boot, writes one that the
 # host sees while the VM runs and reads the host's answer; the function is
 # a virtio-pci virtio-fs device whose request queue counted MSI-X
 # interrupts, and a snapshot asked for meanwhile is refused (virtio-fs has
-# no saved state) without harm to the VM.
+# no saved state) without harm to the VM. Then the guest unmounts it,
+# unbinds and binds the function again (a device reset and a new
+# activation: virtiofsd gets the rings anew) and reads the file again.
 
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
 ALL_CASES="$ALL_CASES pci_blk_net pci_snapshot pci_vhost_net pci_virtiofs"
@@ -244,6 +249,8 @@ t0=$(date +%s); nc '"$_net"'.1 5001 -e sh -c "cat >/tmp/in" </dev/null; t1=$(dat
 nc '"$_net"'.1 5002 -e cat /tmp/in </dev/null; i=0; while [ $i -lt 600 ] && grep -qE ":138A 0[1489B] " /proc/net/tcp; do sleep 0.2; i=$((i+1)); done; echo "tcp-times host-to-guest=$((t1-t0))s guest-to-host=$(($(date +%s)-t1))s"
 (nc -l -p 7000 -e sh -c "cat >/tmp/got" </dev/null) & sleep 1; echo snap-try-$((1+1)); wait; cat /tmp/got
 grep -E "PCI-MSI|virtio" /proc/interrupts
+echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/unbind; echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/bind; echo rebound-$((1+1)); ls /sys/class/net
+ip addr add '"$_net"'.2/24 dev eth0; ip link set eth0 up; ping -c 3 -w 30 '"$_net"'.1 </dev/null && echo PING-AGAIN-OK
 poweroff -f' \
         run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 2 --memory 256M \
         --transport pci --net "tap=cappciv0,vhost=on"
@@ -268,6 +275,10 @@ poweroff -f' \
         pci_snapshot_refused pci_vhost_net "a vhost-net device's rings are in the kernel's hands"
     expect "the VM went on after the refused snapshot" out_has_line "after-snapshot-from-host"
     expect "no vhost-net ring error" sh -c "! grep -q 'vhost-net cannot use queue' '$ERR'"
+    expect "after the driver was unbound and bound again (a device reset), the NIC pings again" \
+        out_has_line "PING-AGAIN-OK"
+    expect "the rings were handed to vhost-net again" \
+        test "$(grep -c 'vhost-net moves its frames' "$ERR")" -ge 2
     expect "no Rust panic" no_rust_panic
     expect "no kernel warning" no_kernel_warning
     sed 's/^/    pci_vhost_net: snapshot: /' "$WORK/pci_vhost_net.snap" 2>/dev/null
@@ -295,6 +306,8 @@ echo guestdata-$((40+2)) >/mnt/s/g.txt && echo snap-try-$((1+1))
 i=0; while [ ! -f /mnt/s/ack.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; cat /mnt/s/ack.txt
 echo more-$((6*7)) >/mnt/s/after.txt && echo written-after-$((1+1))
 grep -E "PCI-MSI|virtio" /proc/interrupts
+umount /mnt/s; echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/unbind; echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/bind; echo rebound-$((1+1))
+mount -t virtiofs share /mnt/s && sed "s/^/reread-/" /mnt/s/after.txt
 poweroff -f' \
         run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M \
         --transport pci --fs "$_vfs:share"
@@ -311,6 +324,8 @@ poweroff -f' \
     expect "the guest's last file reached the host" \
         test "$(cat "$_vfs/after.txt" 2>/dev/null)" = "more-42"
     expect "MSI-X interrupts on the request queue" pci_msix_used requests
+    expect "after the driver was unbound and bound again (a device reset), the share mounts and reads" \
+        out_has_line "reread-more-42"
     expect "the snapshot was refused: virtio-fs has no saved state" \
         pci_snapshot_refused pci_virtiofs "virtio-fs shares have no saved state yet"
     expect "no error from capsule" no_capsule_error
