@@ -299,6 +299,8 @@ case_pci_virtiofs() {
     # guest's last file operations come after it too.
     PCI_AFTER_SNAPSHOT="echo \"\$(cat '$_vfs/g.txt' 2>/dev/null) seen-by-host\" >'$_vfs/ack.tmp'; mv '$_vfs/ack.tmp' '$_vfs/ack.txt'"
     pci_try_snapshot pci_virtiofs "$_name"
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
     run_capsule pci_virtiofs 'for d in /sys/bus/pci/devices/*; do echo pcidev=$(cat $d/vendor):$(cat $d/device):$(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null); done
 mkdir -p /mnt/s && mount -t virtiofs share /mnt/s && echo mounted-$((1+1))
 cat /mnt/s/pre.txt
@@ -311,6 +313,7 @@ mount -t virtiofs share /mnt/s && sed "s/^/reread-/" /mnt/s/after.txt
 poweroff -f' \
         run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M \
         --transport pci --fs "$_vfs:share"
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     unset PCI_AFTER_SNAPSHOT
     kill "$PCI_SNAPSHOT_PID" 2>/dev/null
     virtiofs_done
@@ -326,6 +329,8 @@ poweroff -f' \
     expect "MSI-X interrupts on the request queue" pci_msix_used requests
     expect "after the driver was unbound and bound again (a device reset), the share mounts and reads" \
         out_has_line "reread-more-42"
+    expect "the share was activated twice (virtiofsd got the rings again)" \
+        test "$(grep -c 'the guest driver activated the share' "$ERR")" -ge 2
     expect "the snapshot was refused: virtio-fs has no saved state" \
         pci_snapshot_refused pci_virtiofs "virtio-fs shares have no saved state yet"
     expect "no error from capsule" no_capsule_error
