@@ -597,7 +597,7 @@ fn a_kernel_without_acpi_init_gets_its_devices_on_the_command_line_and_its_halt_
     let (status, out, err) = run_with_disk(&guest, "noacpi.elf", 20);
     assert_eq!(status, Some(0), "{out}\n{err}");
     assert!(
-        out.starts_with("console=ttyS0 virtio_mmio.device=4K@0xd0000000:"),
+        out.starts_with("console=ttyS0 pci=off virtio_mmio.device=4K@0xd0000000:"),
         "{out}"
     );
     assert!(
@@ -609,5 +609,5 @@ fn a_kernel_without_acpi_init_gets_its_devices_on_the_command_line_and_its_halt_
     let guest = elf_with_symbols(PRINT_CMDLINE_THEN_HALT, &["start_kernel", "acpi_init"]);
     let (status, out, err) = run_with_disk(&guest, "acpi.elf", 3);
     assert_eq!(status, None, "{err}");
-    assert_eq!(out, "console=ttyS0\n", "{err}");
+    assert_eq!(out, "console=ttyS0 pci=off\n", "{err}");
 }
