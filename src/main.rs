@@ -273,8 +273,8 @@ struct RunArgs {
           value_parser = capsule::balloon::parse_option, conflicts_with = "restore")]
     balloon: Option<devices::virtio::balloon::BalloonConfig>,
     /// How the guest reaches its virtio devices: `mmio` (virtio-mmio, the
-    /// default) or `pci` (modern virtio-pci with MSI-X on PCI bus 0).
-    /// With `pci`, vhost-net and virtio-fs are refused. With
+    /// default) or `pci` (modern virtio-pci with MSI-X on PCI bus 0;
+    /// every device, vhost-net and virtio-fs included). With
     /// `--config-file` or the API, a `transport` in the machine
     /// configuration wins over it; a restore takes the snapshot's.
     #[arg(long, value_enum, conflicts_with = "restore")]

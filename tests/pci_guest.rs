@@ -4,7 +4,8 @@
 //! absent functions, a misaligned access), configuration mechanism #1,
 //! and the virtio function's `VIRTIO_PCI_CAP_PCI_CFG` window reached
 //! through ECAM (a common configuration register written and read back
-//! without the BAR ever being mapped).
+//! without the BAR ever being mapped). With a virtiofsd on the host, a
+//! `--fs` share over `--transport pci` is a virtio-fs function there.
 
 mod common;
 use common::guest::*;
@@ -86,6 +87,12 @@ fn pci_guest() -> Asm {
         .check_eax(0x1045_1af4)
         .conf1_read(0x8000_0800 | (PCI_CFG_CAP + 8))
         .check_eax(0x14);
+    verdict(a)
+}
+
+/// Ends a guest whose checks ORed their mismatches into ecx: prints
+/// `pci-ok` if there were none, else `pci-bad`, and powers off.
+fn verdict(mut a: Asm) -> Asm {
     a.0.extend([0x85, 0xc9]); // test ecx, ecx
     let jnz = a.0.len();
     a.0.extend([0x75, 0]); // jnz bad (patched below)
@@ -125,6 +132,55 @@ fn without_pci_the_same_guest_finds_nothing() {
     assert_eq!(
         (stdout(&out).as_str(), out.status.code()),
         ("pci-bad\n", Some(0)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The virtiofsd capsule would use here: `CAPSULE_VIRTIOFSD`, else
+/// Debian 12's (qemu-system-common); none: the test below has nothing
+/// to start.
+fn virtiofsd() -> Option<String> {
+    std::env::var("CAPSULE_VIRTIOFSD")
+        .ok()
+        .or_else(|| Some("/usr/lib/qemu/virtiofsd".to_string()))
+        .filter(|p| std::path::Path::new(p).is_file())
+}
+
+/// `--fs` with `--transport pci` (once refused): the VM starts with a
+/// virtiofsd, and the guest finds a virtio-fs function (0x1040 + 26) on
+/// bus 0 through ECAM and the configuration ports.
+#[test]
+fn a_virtio_fs_share_is_a_pci_function() {
+    let Some(daemon) = virtiofsd() else {
+        eprintln!("no virtiofsd here (CAPSULE_VIRTIOFSD, /usr/lib/qemu/virtiofsd): not run");
+        return;
+    };
+    let mut a = Asm::default();
+    a.map_fourth_gib(ECAM);
+    a.0.extend([0x31, 0xc9]); // xor ecx, ecx
+    a.check_u32(DEV1, 0x105a_1af4)
+        .check_u32(DEV1 + 0x10, 0xe000_0000)
+        .conf1_read(0x8000_0800)
+        .check_eax(0x105a_1af4);
+    let kernel = write_guest("pci-fs.elf", &verdict(a));
+    let share = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("pci-fs-share");
+    std::fs::create_dir_all(&share).unwrap();
+    let out = capsule_env(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--transport",
+            "pci",
+            "--fs",
+            &format!("{}:share", share.display()),
+        ],
+        &[("CAPSULE_VIRTIOFSD", &daemon)],
+    );
+    assert_eq!(
+        (stdout(&out).as_str(), out.status.code()),
+        ("pci-ok\n", Some(0)),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

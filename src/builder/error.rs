@@ -29,9 +29,6 @@ fn file_hint(what: &str, e: &std::io::Error) -> &'static str {
 #[derive(Debug, thiserror::Error)]
 #[allow(clippy::large_enum_variant)]
 pub enum Error {
-    /// A feature the virtio-pci transport does not support yet.
-    #[error("{0} is not supported with --transport pci yet; use --transport mmio")]
-    PciUnsupported(&'static str),
     /// Dirty-page tracking could not be enabled.
     #[error(transparent)]
     DirtyLog(#[from] crate::vstate::dirty::Error),

@@ -94,7 +94,6 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
         .map(|p| open("initrd", p).map(|f| (p, f)))
         .transpose()?;
     check_host_memory(config.mem_size)?;
-    check_transport(config.transport, &config.nets, &config.fs)?;
     let virtiofsd = crate::fs_share::check(&config.fs)?;
     crate::setup_step("user files opened");
 
@@ -126,17 +125,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     };
     crate::setup_step("initrd loaded");
 
-    let unsupported = if !extras.devices.is_empty() {
-        Some("capsule exec's devices have no saved state")
-    } else if !config.fs.is_empty() {
-        Some("virtio-fs shares have no saved state yet")
-    } else if config.balloon.is_some() {
-        Some("a balloon device has no saved state yet")
-    } else if config.nets.iter().any(|n| n.vhost) {
-        Some("a vhost-net device's rings are in the kernel's hands (and its writes to guest memory are not tracked)")
-    } else {
-        None
-    };
+    let unsupported = snapshot_refusal(config, &extras);
     let (mut started, mut dm) = Started::new(console.raw_terminal)?;
     let exit = started.exit.clone();
     let mut devices = started.devices(&mut dm, &vm, mem, config.transport);
@@ -357,23 +346,22 @@ impl Started {
 
 pub use crate::config::Transport;
 
-/// Refuses what `transport` does not do yet: with PCI, vhost-net and
-/// virtio-fs (snapshots are refused when one is asked for).
-pub(crate) fn check_transport(
-    transport: Transport,
-    nets: &[crate::config::NetConfig],
-    fs: &[crate::config::FsConfig],
-) -> Result<()> {
-    if transport != Transport::Pci {
-        return Ok(());
+/// Why a snapshot of this VM would be refused, if it would: devices
+/// whose state capsule cannot save. The same on both transports: what
+/// blocks a snapshot is the device's state (a backend holding the rings,
+/// untracked writes to guest memory), not how the guest reaches it.
+fn snapshot_refusal(config: &VmConfig, extras: &Extras) -> Option<&'static str> {
+    if !extras.devices.is_empty() {
+        Some("capsule exec's devices have no saved state")
+    } else if !config.fs.is_empty() {
+        Some("virtio-fs shares have no saved state yet")
+    } else if config.balloon.is_some() {
+        Some("a balloon device has no saved state yet")
+    } else if config.nets.iter().any(|n| n.vhost) {
+        Some("a vhost-net device's rings are in the kernel's hands (and its writes to guest memory are not tracked)")
+    } else {
+        None
     }
-    if nets.iter().any(|n| n.vhost) {
-        return Err(Error::PciUnsupported("vhost-net (--net ...,vhost=on)"));
-    }
-    if !fs.is_empty() {
-        return Err(Error::PciUnsupported("virtio-fs (--fs)"));
-    }
-    Ok(())
 }
 
 /// Whether VMs get Firecracker's boot timer ([`enable_fc_boot_timer`]).
@@ -503,26 +491,45 @@ pub(crate) fn check_host_memory(asked: u64) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn config(transport: Transport) -> VmConfig {
+        VmConfig {
+            kernel: "vmlinux".into(),
+            initrd: None,
+            initramfs: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_size: 128 << 20,
+            kvm_path: crate::config::DEFAULT_KVM_PATH.into(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            fs: Vec::new(),
+            entropy: None,
+            balloon: None,
+            transport,
+        }
+    }
+
     #[test]
-    fn the_pci_transport_refuses_vhost_net_and_virtio_fs() {
-        let vhost: crate::config::NetConfig = "tap=t0,vhost=on".parse().unwrap();
-        let tap: crate::config::NetConfig = "tap=t0".parse().unwrap();
-        let fs: crate::config::FsConfig = "/tmp:share".parse().unwrap();
-        let (v, t, f) = (
-            std::slice::from_ref(&vhost),
-            std::slice::from_ref(&tap),
-            std::slice::from_ref(&fs),
-        );
-        assert!(check_transport(Transport::Mmio, v, f).is_ok());
-        assert!(check_transport(Transport::Pci, t, &[]).is_ok());
-        let e = check_transport(Transport::Pci, v, &[]).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "vhost-net (--net ...,vhost=on) is not supported with --transport pci yet; use --transport mmio"
-        );
-        assert!(matches!(
-            check_transport(Transport::Pci, t, f),
-            Err(Error::PciUnsupported("virtio-fs (--fs)"))
-        ));
+    fn vhost_net_and_virtio_fs_vms_refuse_snapshots_on_either_transport() {
+        for transport in [Transport::Mmio, Transport::Pci] {
+            let extras = Extras::default();
+            let mut c = config(transport);
+            c.nets.push("tap=t0".parse().unwrap());
+            assert_eq!(snapshot_refusal(&c, &extras), None, "{transport:?}");
+            c.nets.push("tap=t1,vhost=on".parse().unwrap());
+            let why = snapshot_refusal(&c, &extras).unwrap();
+            assert!(
+                why.starts_with("a vhost-net device"),
+                "{transport:?}: {why}"
+            );
+            c.nets.clear();
+            c.fs.push("/tmp:share".parse().unwrap());
+            assert_eq!(
+                snapshot_refusal(&c, &extras),
+                Some("virtio-fs shares have no saved state yet"),
+                "{transport:?}"
+            );
+        }
     }
 }

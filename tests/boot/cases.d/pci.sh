@@ -21,8 +21,29 @@
 # on the block request queue and the net receive queue grew past those
 # printed before the snapshot.
 
+# pci_vhost_net boots a busybox initramfs with `--transport pci` and one
+# NIC on a TAP with `vhost=on`: the guest sees a virtio-pci function with
+# MSI-X, pings the host and moves 16 MiB each way over TCP (md5-checked)
+# with L1's vhost-net moving the frames, and its receive and transmit
+# queues counted MSI-X interrupts. Meanwhile the host asks for a snapshot
+# of the running VM (`capsule snapshot NAME DIR`), which is refused with
+# the reason (vhost-net holds the rings), and the VM goes on (a TCP
+# connection from the host after the refusal reaches the guest). Last,
+# the guest unbinds the function from virtio-pci and binds it again (the
+# driver resets the device and sets it up anew): the rings go back to
+# vhost-net and the NIC pings the host again.
+#
+# pci_virtiofs shares a host directory (`--fs`, a virtiofsd) over PCI:
+# the guest mounts it, reads a file made before boot, writes one that the
+# host sees while the VM runs and reads the host's answer; the function is
+# a virtio-pci virtio-fs device whose request queue counted MSI-X
+# interrupts, and a snapshot asked for meanwhile is refused (virtio-fs has
+# no saved state) without harm to the VM. Then the guest unmounts it,
+# unbinds and binds the function again (a device reset and a new
+# activation: virtiofsd gets the rings anew) and reads the file again.
+
 # shellcheck disable=SC2016  # $(...) in case inputs is for the guest shell
-ALL_CASES="$ALL_CASES pci_blk_net pci_snapshot"
+ALL_CASES="$ALL_CASES pci_blk_net pci_snapshot pci_vhost_net pci_virtiofs"
 
 # pci_functions_are_virtio: the guest listed two virtio functions (vendor
 # 0x1af4, modern ids 0x1041 net, 0x1042 block) bound to virtio-pci.
@@ -170,4 +191,151 @@ case_pci_snapshot() {
     OUT="$SNAP_DIR/stdout" ERR="$SNAP_DIR/stderr"
     expect "no Rust panic" no_rust_panic
     expect "no kernel warning" no_kernel_warning
+}
+
+# pci_try_snapshot CASE NAME: in the background, once CASE's console shows
+# `snap-try-2`, asks for a snapshot of the running VM NAME (capsule
+# snapshot, which resumes the VM when the snapshot fails) and writes what
+# it said and its status to $WORK/CASE.snap, then runs the command in
+# $PCI_AFTER_SNAPSHOT (if set).
+pci_try_snapshot() {
+    _snapout="$WORK/$1.snap"
+    # The case's directory goes now, not in run_capsule after the job
+    # started: a retried case's old `done` would stop the job at once.
+    rm -rf "$_snapout" "$WORK/$1" "$WORK/$1.snapdir"
+    (
+        wait_for "$WORK/$1/stdout.raw" "snap-try-2" "$CASE_TIMEOUT" "$WORK/$1/done" || exit 0
+        "$CAPSULE" snapshot "$2" "$WORK/$1.snapdir" >"$_snapout.tmp" 2>&1
+        echo "status=$?" >>"$_snapout.tmp"
+        mv "$_snapout.tmp" "$_snapout"
+        if [ -n "${PCI_AFTER_SNAPSHOT:-}" ]; then sh -c "$PCI_AFTER_SNAPSHOT"; fi
+    ) &
+    PCI_SNAPSHOT_PID=$!
+}
+
+# pci_snapshot_refused CASE WHY: the snapshot asked for by
+# pci_try_snapshot failed (status 1) with one error line saying WHY, and
+# wrote no memory file.
+pci_snapshot_refused() {
+    grep -qx "status=1" "$WORK/$1.snap" &&
+        grep -q "^capsule: error: .*this VM cannot be snapshotted: $2" "$WORK/$1.snap" &&
+        [ ! -s "$WORK/$1.snapdir/memory" ]
+}
+
+case_pci_vhost_net() {
+    net_prepare
+    net_vhost_prepare
+    _net=10.0.29
+    _data="$WORK/pci-vhost-data.bin" _back="$WORK/pci-vhost-back.bin"
+    rm -f "$_back" "$_back.done"
+    dd if=/dev/urandom of="$_data" bs=1048576 count=16 2>/dev/null
+    _sum="$(md5sum <"$_data" | cut -d' ' -f1)"
+    tap_up cappciv0 "$_net.1/24"
+    nc -l -p 5001 -e cat "$_data" </dev/null >/dev/null 2>&1 &
+    _s1=$!
+    nc -l -p 5002 -e sh -c "cat >'$_back'; touch '$_back.done'" </dev/null >/dev/null 2>&1 &
+    _s2=$!
+    _name="pcivhost$$"
+    PCI_AFTER_SNAPSHOT="nc $_net.2 7000 -e echo after-snapshot-from-host </dev/null"
+    pci_try_snapshot pci_vhost_net "$_name"
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
+    # As in net.sh's transfers, the guest waits for its last bytes to be
+    # acknowledged (no connection to 5002, 0x138A, still sending) before
+    # it goes on.
+    run_capsule pci_vhost_net 'for d in /sys/bus/pci/devices/*; do echo pcidev=$(cat $d/vendor):$(cat $d/device):$(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null); done
+ip addr add '"$_net"'.2/24 dev eth0; ip link set eth0 up; ping -c 3 -w 30 '"$_net"'.1 </dev/null && echo PING-OK
+t0=$(date +%s); nc '"$_net"'.1 5001 -e sh -c "cat >/tmp/in" </dev/null; t1=$(date +%s); echo "in-sum $(md5sum </tmp/in)"
+nc '"$_net"'.1 5002 -e cat /tmp/in </dev/null; i=0; while [ $i -lt 600 ] && grep -qE ":138A 0[1489B] " /proc/net/tcp; do sleep 0.2; i=$((i+1)); done; echo "tcp-times host-to-guest=$((t1-t0))s guest-to-host=$(($(date +%s)-t1))s"
+(nc -l -p 7000 -e sh -c "cat >/tmp/got" </dev/null) & sleep 1; echo snap-try-$((1+1)); wait; cat /tmp/got
+grep -E "PCI-MSI|virtio" /proc/interrupts
+echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/unbind; echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/bind; echo rebound-$((1+1)); ls /sys/class/net
+ip addr add '"$_net"'.2/24 dev eth0; ip link set eth0 up; ping -c 3 -w 30 '"$_net"'.1 </dev/null && echo PING-AGAIN-OK
+poweroff -f' \
+        run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 2 --memory 256M \
+        --transport pci --net "tap=cappciv0,vhost=on"
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
+    unset PCI_AFTER_SNAPSHOT
+    _i=0
+    while [ $_i -lt 50 ] && [ ! -e "$_back.done" ]; do
+        sleep 0.1 2>/dev/null || sleep 1
+        _i=$((_i + 1))
+    done
+    kill "$_s1" "$_s2" "$PCI_SNAPSHOT_PID" 2>/dev/null
+    expect "exit status 0" rc_is 0
+    expect "the NIC is a virtio-pci function" out_has_line "pcidev=0x1af4:0x1041:virtio-pci"
+    expect "the NIC was built on vhost-net" stderr_has "data path in the kernel (vhost-net)"
+    expect "the driver's activation handed the rings to vhost-net" stderr_has "vhost-net moves its frames"
+    expect "guest pings the host over TAP" out_has_line "PING-OK"
+    expect "16 MiB host→guest arrived intact (md5 $_sum)" out_has "in-sum $_sum"
+    expect "16 MiB guest→host arrived intact" file_md5_is "$_back" "$_sum"
+    expect "MSI-X interrupts on the net receive queue" pci_msix_used input
+    expect "MSI-X interrupts on the net transmit queue" pci_msix_used output
+    expect "the snapshot was refused: vhost-net holds the rings" \
+        pci_snapshot_refused pci_vhost_net "a vhost-net device's rings are in the kernel's hands"
+    expect "the VM went on after the refused snapshot" out_has_line "after-snapshot-from-host"
+    expect "no vhost-net ring error" sh -c "! grep -q 'vhost-net cannot use queue' '$ERR'"
+    expect "after the driver was unbound and bound again (a device reset), the NIC pings again" \
+        out_has_line "PING-AGAIN-OK"
+    expect "the rings were handed to vhost-net again" \
+        test "$(grep -c 'vhost-net moves its frames' "$ERR")" -ge 2
+    expect "no Rust panic" no_rust_panic
+    expect "no kernel warning" no_kernel_warning
+    sed 's/^/    pci_vhost_net: snapshot: /' "$WORK/pci_vhost_net.snap" 2>/dev/null
+    # For the log: the NIC's MSI-X lines and how long the transfers took.
+    grep -E "PCI-MSI.*virtio[0-9]+-(input|output|config)" "$OUT" | sed 's/^/    pci_vhost_net: /'
+    sed -n 's/^\(tcp-times .*\)/    pci_vhost_net: \1/p' "$OUT" | head -n1
+    rm -f "$_data" "$_back" "$_back.done"
+}
+
+case_pci_virtiofs() {
+    virtiofs_prereqs || return
+    _vfs="$WORK/pci_virtiofs.share"
+    rm -rf "$_vfs"
+    mkdir -p "$_vfs"
+    echo "made-on-host-before-boot" >"$_vfs/pre.txt"
+    _name="pcivfs$$"
+    # The host answers (ack.txt) only after the snapshot attempt, so the
+    # guest's last file operations come after it too.
+    PCI_AFTER_SNAPSHOT="echo \"\$(cat '$_vfs/g.txt' 2>/dev/null) seen-by-host\" >'$_vfs/ack.tmp'; mv '$_vfs/ack.tmp' '$_vfs/ack.txt'"
+    pci_try_snapshot pci_virtiofs "$_name"
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
+    run_capsule pci_virtiofs 'for d in /sys/bus/pci/devices/*; do echo pcidev=$(cat $d/vendor):$(cat $d/device):$(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null); done
+mkdir -p /mnt/s && mount -t virtiofs share /mnt/s && echo mounted-$((1+1))
+cat /mnt/s/pre.txt
+echo guestdata-$((40+2)) >/mnt/s/g.txt && echo snap-try-$((1+1))
+i=0; while [ ! -f /mnt/s/ack.txt ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; cat /mnt/s/ack.txt
+echo more-$((6*7)) >/mnt/s/after.txt && echo written-after-$((1+1))
+grep -E "PCI-MSI|virtio" /proc/interrupts
+umount /mnt/s; echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/unbind; echo 0000:00:01.0 >/sys/bus/pci/drivers/virtio-pci/bind; echo rebound-$((1+1))
+mount -t virtiofs share /mnt/s && sed "s/^/reread-/" /mnt/s/after.txt
+poweroff -f' \
+        run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M \
+        --transport pci --fs "$_vfs:share"
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
+    unset PCI_AFTER_SNAPSHOT
+    kill "$PCI_SNAPSHOT_PID" 2>/dev/null
+    virtiofs_done
+    expect "exit status 0" rc_is 0
+    expect "the share is a virtio-pci function (virtio-fs, 0x105a)" \
+        out_has_line "pcidev=0x1af4:0x105a:virtio-pci"
+    expect "the guest mounted the share" out_has_line "mounted-2"
+    expect "the guest read the host's file" out_has_line "made-on-host-before-boot"
+    expect "the host saw the guest's file while the VM ran, the guest saw the host's answer" \
+        out_has_line "guestdata-42 seen-by-host"
+    expect "the guest's last file reached the host" \
+        test "$(cat "$_vfs/after.txt" 2>/dev/null)" = "more-42"
+    expect "MSI-X interrupts on the request queue" pci_msix_used requests
+    expect "after the driver was unbound and bound again (a device reset), the share mounts and reads" \
+        out_has_line "reread-more-42"
+    expect "the share was activated twice (virtiofsd got the rings again)" \
+        test "$(grep -c 'the guest driver activated the share' "$ERR")" -ge 2
+    expect "the snapshot was refused: virtio-fs has no saved state" \
+        pci_snapshot_refused pci_virtiofs "virtio-fs shares have no saved state yet"
+    expect "no error from capsule" no_capsule_error
+    expect "no Rust panic" no_rust_panic
+    expect "no kernel warning" no_kernel_warning
+    sed 's/^/    pci_virtiofs: snapshot: /' "$WORK/pci_virtiofs.snap" 2>/dev/null
+    grep -E "PCI-MSI.*virtio[0-9]+-(hiprio|requests|config)" "$OUT" | sed 's/^/    pci_virtiofs: /'
 }

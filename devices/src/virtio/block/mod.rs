@@ -73,6 +73,7 @@ pub use error::BlockError;
 pub use lock::lock_image;
 pub use uring::IoEngine;
 
+use super::device::avail_ring_broken;
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -373,12 +374,15 @@ impl Block {
         let mut more = false;
         let mut limited = false;
         let mut suspended = false;
+        // The last pass found no request, yet the ring said more.
+        let mut empty_pass = false;
         loop {
             if let Err(e) = queue.disable_notification(mem) {
                 crate::warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
                 break;
             }
             let before = handled;
+            let next_avail = queue.next_avail();
             while handled < REQUEST_BUDGET && ctx.bytes < *byte_budget {
                 let ring = uring.as_deref_mut();
                 match serve_next(queue, mem, &mut ctx, resume, limiter.as_mut(), ring) {
@@ -413,14 +417,24 @@ impl Block {
             }
             match queue.enable_notification(mem) {
                 // New requests arrived; go again unless the ring is broken
-                // (available entries that cannot be popped).
-                Ok(true) if handled > before => {}
-                Ok(true) => {
+                // (an available index more than a ring ahead: nothing can
+                // be popped). A pass that found nothing is not proof of
+                // that: the driver may have published between its last
+                // pop and this check, and it sends no notification for
+                // such a request when the event index it read was older
+                // (after a pass that stopped on the budget), so stopping
+                // here would leave that request unserved for good. A
+                // second pass in a row without a request is.
+                Ok(true)
+                    if handled == before
+                        && (empty_pass || avail_ring_broken(queue, mem, next_avail)) =>
+                {
                     crate::warn_ratelimited!(
                         "virtio-blk: available ring is inconsistent; queue stalled"
                     );
                     break;
                 }
+                Ok(true) => empty_pass = handled == before,
                 Ok(false) => break,
                 Err(e) => {
                     crate::warn_ratelimited!("virtio-blk: cannot enable notifications: {e}");

@@ -13,7 +13,8 @@
 //! the backend without capsule) and a *call* eventfd. The backend writes
 //! the call eventfd when it used buffers; the event loop relays that as
 //! a queue interrupt of the transport, because virtio-mmio must set its
-//! interrupt status before the irqfd fires, which the backend cannot do.
+//! interrupt status before the irqfd fires, which the backend cannot do
+//! (virtio-pci sends it to the queue's MSI-X vector of the moment).
 //!
 //! capsule never reads a FUSE request: what a hostile guest sends on the
 //! queues reaches virtiofsd (sandboxed, see `docs/security.md`), not the

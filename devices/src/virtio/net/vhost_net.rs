@@ -20,7 +20,8 @@
 //! * interrupts: vhost-net writes a *call* eventfd per queue when it used
 //!   buffers (it applies `EVENT_IDX` suppression itself); virtio-mmio must
 //!   set its interrupt status before the irqfd fires, so the event loop
-//!   relays each call as a queue interrupt of the transport;
+//!   relays each call as a queue interrupt of the transport (virtio-pci
+//!   sends it to the queue's MSI-X vector of the moment);
 //! * errors: vhost-net writes an *error* eventfd per queue when it cannot
 //!   use a ring (bad addresses or descriptors of a broken or hostile
 //!   driver); the queue stops in the kernel and capsule logs it. A ring

@@ -386,3 +386,6 @@ mod persist;
 
 #[path = "pci_cfg_tests.rs"]
 mod pci_cfg;
+
+#[path = "vhost_tests.rs"]
+mod vhost_backends;
