@@ -169,6 +169,24 @@ pub trait VirtioInterrupt: Send + Sync {
 pub(crate) mod test_utils {
     //! Helpers shared by the virtio unit tests.
 
+    /// `size` bytes of guest memory at address 0 backed by a memfd, as
+    /// capsule maps guest RAM when a vhost-user backend must map it too.
+    pub fn memfd_mem(size: usize) -> crate::GuestMemoryMmap {
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"virtio-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor that nothing else owns.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(size as u64).unwrap();
+        crate::GuestMemoryMmap::from_ranges_with_files(&[(
+            vm_memory::GuestAddress(0),
+            size,
+            Some(vm_memory::FileOffset::new(file, 0)),
+        )])
+        .unwrap()
+    }
+
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
 

@@ -1,15 +1,15 @@
 //! virtio-fs device tests: what a (possibly hostile) driver's register
 //! work turns into on the vhost-user side, against a recording backend.
 
-use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use crate::GuestMemoryMmap;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use vm_memory::{FileOffset, GuestAddress};
+use vm_memory::GuestAddress;
 
 use super::*;
-use crate::virtio::test_utils::{RecordingInterrupt, Rings};
+use crate::virtio::test_utils::{memfd_mem, RecordingInterrupt, Rings};
 
 /// What the fake backend was asked, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,22 +110,6 @@ impl VhostUserOps for Fake {
 const V1: u64 = bit(VIRTIO_F_VERSION_1);
 const MEM: usize = 0x10_0000;
 
-/// Guest memory backed by a memfd, as capsule maps it for vhost-user.
-fn shared_mem() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"fs-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a new descriptor that nothing else owns.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(MEM as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files(&[(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
-
 fn evts() -> Vec<EventFd> {
     (0..NUM_QUEUES).map(|_| crate::eventfd().unwrap()).collect()
 }
@@ -183,7 +167,7 @@ fn a_backend_without_version_1_is_refused_and_only_known_features_reach_the_gues
 fn activation_hands_memory_rings_and_eventfds_to_the_backend() {
     let (fake, _peer) = Fake::new(V1 | bit(VIRTIO_RING_F_EVENT_IDX));
     let mut fs = device(&fake);
-    let mem = shared_mem();
+    let mem = memfd_mem(MEM);
     let hi = Rings::new(&mem, 0x1000, 16);
     let req = Rings::new(&mem, 0x4000, 64);
     let kicks = evts();
@@ -235,7 +219,7 @@ fn backend_error(r: &Result<(), ActivateError>) -> Option<&BackendError> {
 fn a_driver_without_version_1_is_refused_before_the_backend_hears_of_it() {
     let (fake, _peer) = Fake::new(V1);
     let mut fs = device(&fake);
-    let mem = shared_mem();
+    let mem = memfd_mem(MEM);
     let hi = Rings::new(&mem, 0x1000, 16);
     let req = Rings::new(&mem, 0x4000, 16);
     fs.set_acked_features(0);
@@ -253,7 +237,7 @@ fn a_driver_without_version_1_is_refused_before_the_backend_hears_of_it() {
 fn wrong_queue_counts_and_unready_queues_are_refused() {
     let (fake, _peer) = Fake::new(V1);
     let mut fs = device(&fake);
-    let mem = shared_mem();
+    let mem = memfd_mem(MEM);
     let hi = Rings::new(&mem, 0x1000, 16);
     let req = Rings::new(&mem, 0x4000, 16);
     fs.set_acked_features(V1);
@@ -281,7 +265,7 @@ fn wrong_queue_counts_and_unready_queues_are_refused() {
 fn rings_outside_or_across_the_end_of_guest_memory_are_refused() {
     let (fake, _peer) = Fake::new(V1);
     let mut fs = device(&fake);
-    let mem = shared_mem();
+    let mem = memfd_mem(MEM);
     let hi = Rings::new(&mem, 0x1000, 16);
     let req = Rings::new(&mem, 0x4000, 16);
     fs.set_acked_features(V1);
@@ -331,7 +315,7 @@ fn a_backend_refusing_a_queue_fails_activation_and_stops_what_it_started() {
     let (mut fake, _peer) = Fake::new(V1);
     fake.fail_start = Some(1);
     let mut fs = Fs::new("t", Box::new(fake.clone()), None).unwrap();
-    let mem = shared_mem();
+    let mem = memfd_mem(MEM);
     let hi = Rings::new(&mem, 0x1000, 16);
     let req = Rings::new(&mem, 0x4000, 16);
     fs.set_acked_features(V1);
@@ -363,7 +347,7 @@ fn backend_calls_become_queue_interrupts_only_while_active() {
     em.run_with_timeout(50).unwrap();
     assert!(fs.lock().unwrap().calls[1].read().is_err(), "consumed");
 
-    let mem = shared_mem();
+    let mem = memfd_mem(MEM);
     let hi = Rings::new(&mem, 0x1000, 16);
     let req = Rings::new(&mem, 0x4000, 16);
     let irq = Arc::new(RecordingInterrupt::default());

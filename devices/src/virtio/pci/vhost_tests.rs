@@ -8,16 +8,16 @@
 //! the ISR bit); a reset stops the backend's rings and a second
 //! activation hands them over again.
 
-use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, RawFd};
 
 use event_manager::{EventManager, SubscriberOps};
 use vhost::VhostUserMemoryRegionInfo;
-use vm_memory::FileOffset;
 
 use super::*;
 use crate::virtio::features::VIRTIO_RING_F_EVENT_IDX;
 use crate::virtio::fs::{self, Fs, FsError, VhostUserOps};
 use crate::virtio::net::vhost_net::{self, VhostNet, VhostNetOps};
+use crate::virtio::test_utils::memfd_mem;
 
 const V1: u64 = bit(VIRTIO_F_VERSION_1);
 const MEM: usize = 0x10_0000;
@@ -113,23 +113,6 @@ impl VhostUserOps for Backend {
     }
 }
 
-/// Guest RAM backed by a memfd, as capsule maps it when a vhost-user
-/// backend must map it too.
-fn shared_mem() -> GuestMemoryMmap {
-    // SAFETY: memfd_create with a NUL-terminated name; the result is checked.
-    let fd = unsafe { libc::memfd_create(c"pci-vhost-test".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a new descriptor that nothing else owns.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(MEM as u64).unwrap();
-    GuestMemoryMmap::from_ranges_with_files(&[(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap()
-}
-
 type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
 /// A function with the device behind it and the device in an event loop.
@@ -166,14 +149,14 @@ fn rig<D: VirtioDevice + 'static>(
 fn vhost_net() -> Rig {
     let seen = Shared::default();
     let net = VhostNet::new(Box::new(Kernel(seen.clone())), [2, 0, 0, 0, 0, 9]).unwrap();
-    rig(net, shared_mem(), seen, None)
+    rig(net, memfd_mem(MEM), seen, None)
 }
 
 fn virtio_fs() -> Rig {
     let seen = Shared::default();
     let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
     let fs = Fs::new("share", Box::new(Backend(seen.clone(), a)), None).unwrap();
-    rig(fs, shared_mem(), seen, Some(b))
+    rig(fs, memfd_mem(MEM), seen, Some(b))
 }
 
 const ENABLE: u64 = 0x8000;
@@ -398,7 +381,7 @@ fn a_vhost_net_activation_failure_over_pci_asks_for_a_reset() {
     }
     let seen = Shared::default();
     let net = VhostNet::new(Box::new(Refusing(seen.clone(), false)), [2, 0, 0, 0, 0, 9]).unwrap();
-    let mut r = rig(net, shared_mem(), seen, None);
+    let mut r = rig(net, memfd_mem(MEM), seen, None);
     r.enable_msix();
     // bring_up() asserts success: drive the steps by hand up to DRIVER_OK.
     let t = &mut r.t;
