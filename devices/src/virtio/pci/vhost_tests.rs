@@ -48,8 +48,12 @@ impl Seen {
     }
 }
 
-/// vhost-net as the device sees it, recording into a [`Seen`].
-struct Kernel(Shared);
+/// vhost-net as the device sees it, recording into a [`Seen`]; with
+/// `refuse_second_start`, the second ring start fails once (EINVAL).
+struct Kernel {
+    seen: Shared,
+    refuse_second_start: bool,
+}
 
 impl VhostNetOps for Kernel {
     fn describe(&self) -> String {
@@ -72,14 +76,21 @@ impl VhostNetOps for Kernel {
         index: usize,
         r: &vhost_net::VringSetup<'_>,
     ) -> Result<(), vhost::Error> {
-        self.0.lock().unwrap().start(index, r.kick, r.call);
+        let mut seen = self.seen.lock().unwrap();
+        if self.refuse_second_start && seen.starts == 1 {
+            self.refuse_second_start = false;
+            return Err(vhost::Error::IoctlError(io::Error::from_raw_os_error(
+                libc::EINVAL,
+            )));
+        }
+        seen.start(index, r.kick, r.call);
         Ok(())
     }
     fn set_backend(&mut self, _index: usize, _attach: bool) -> Result<(), vhost::Error> {
         Ok(())
     }
     fn stop_vring(&mut self, index: usize) -> Result<u32, vhost::Error> {
-        self.0.lock().unwrap().stops.push(index);
+        self.seen.lock().unwrap().stops.push(index);
         Ok(0)
     }
     fn set_offloads(&mut self, _acked: u64) -> io::Result<()> {
@@ -148,7 +159,14 @@ fn rig<D: VirtioDevice + 'static>(
 
 fn vhost_net() -> Rig {
     let seen = Shared::default();
-    let net = VhostNet::new(Box::new(Kernel(seen.clone())), [2, 0, 0, 0, 0, 9]).unwrap();
+    let net = VhostNet::new(
+        Box::new(Kernel {
+            seen: seen.clone(),
+            refuse_second_start: false,
+        }),
+        [2, 0, 0, 0, 0, 9],
+    )
+    .unwrap();
     rig(net, memfd_mem(MEM), seen, None)
 }
 
@@ -336,51 +354,15 @@ fn virtio_fs_over_pci_kicks_calls_vectors_and_resets() {
 /// new bring-up work.
 #[test]
 fn a_vhost_net_activation_failure_over_pci_asks_for_a_reset() {
-    struct Refusing(Shared, bool);
-    impl VhostNetOps for Refusing {
-        fn describe(&self) -> String {
-            "refusing".into()
-        }
-        fn features(&self) -> u64 {
-            V1
-        }
-        fn offload_features(&self) -> u64 {
-            0
-        }
-        fn set_features(&mut self, _: u64) -> Result<(), vhost::Error> {
-            Ok(())
-        }
-        fn set_mem_table(&mut self, _: &[VhostUserMemoryRegionInfo]) -> Result<(), vhost::Error> {
-            Ok(())
-        }
-        fn start_vring(
-            &mut self,
-            index: usize,
-            r: &vhost_net::VringSetup<'_>,
-        ) -> Result<(), vhost::Error> {
-            let mut seen = self.0.lock().unwrap();
-            if !self.1 && seen.starts == 1 {
-                self.1 = true;
-                return Err(vhost::Error::IoctlError(io::Error::from_raw_os_error(
-                    libc::EINVAL,
-                )));
-            }
-            seen.start(index, r.kick, r.call);
-            Ok(())
-        }
-        fn set_backend(&mut self, _: usize, _: bool) -> Result<(), vhost::Error> {
-            Ok(())
-        }
-        fn stop_vring(&mut self, index: usize) -> Result<u32, vhost::Error> {
-            self.0.lock().unwrap().stops.push(index);
-            Ok(0)
-        }
-        fn set_offloads(&mut self, _: u64) -> io::Result<()> {
-            Ok(())
-        }
-    }
     let seen = Shared::default();
-    let net = VhostNet::new(Box::new(Refusing(seen.clone(), false)), [2, 0, 0, 0, 0, 9]).unwrap();
+    let net = VhostNet::new(
+        Box::new(Kernel {
+            seen: seen.clone(),
+            refuse_second_start: true,
+        }),
+        [2, 0, 0, 0, 0, 9],
+    )
+    .unwrap();
     let mut r = rig(net, memfd_mem(MEM), seen, None);
     r.enable_msix();
     // bring_up() asserts success: drive the steps by hand up to DRIVER_OK.
