@@ -100,7 +100,7 @@ else
 export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FIRMWARE=/capsule/qemu-fw
 export VMLINUX=/capsule/vmlinux FC=/capsule/tools/firecracker CH=/capsule/tools/cloud-hypervisor
-export CAPSULE_BASE=/capsule/capsule-base
+${base:+export CAPSULE_BASE=/capsule/capsule-base}
 export BENCH_MIB='$mib' BENCH_RUNS='$runs' BENCH_CPUS='$cpus' BENCH_DETAIL='${BENCH_DETAIL:-}' BENCH_VMMS='$need'
 export$plan
 exec sh /capsule/bench-net-guest.sh
