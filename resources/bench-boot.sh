@@ -109,11 +109,15 @@ exits_report() {
     done
 }
 
-# rss_kib PID: resident KiB of PID outside mappings as large as guest RAM.
+# rss_kib PID [DD]: resident KiB of PID outside mappings as large as guest
+# RAM, and with DD=1 (capsule) outside those marked MADV_DONTDUMP ("dd" in
+# VmFlags) too: capsule marks all of guest RAM so, and its RAM is in
+# several smaller pieces when the kernel is mapped from its file.
 rss_kib() {
-    awk -v lim=$((MEM_MIB * 1024)) '
+    awk -v lim=$((MEM_MIB * 1024)) -v dd="${2:-0}" '
         /^Size:/ { size = $2 }
-        /^Rss:/ { if (size < lim) rss += $2 }
+        /^Rss:/ { r = $2 }
+        /^VmFlags:/ { if (size < lim && !(dd && / dd( |$)/)) rss += r }
         END { print rss + 0 }' "/proc/$1/smaps"
 }
 
@@ -181,7 +185,7 @@ one() {
         return
     fi
     sleep 1
-    rss=$(rss_kib "$pid")
+    case "$vmm" in capsule*) rss=$(rss_kib "$pid" 1) ;; *) rss=$(rss_kib "$pid") ;; esac
     kill "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null
     exec 4<&-

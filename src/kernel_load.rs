@@ -14,6 +14,7 @@ use linux_loader::loader::{self, bzimage::BzImage, elf::Elf, KernelLoader};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::builder::{Error, Result};
+use crate::kernel_map::KernelMap;
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -26,16 +27,53 @@ pub(crate) struct KernelEntry {
     pub(crate) acpi: crate::kernel_acpi::KernelAcpi,
 }
 
+/// Loads the kernel in `file` into fresh guest RAM `mem`: an ELF kernel
+/// mapped from the file when `map` allows it ([`crate::kernel_map`]; the
+/// map is returned and must live as long as the VM), else copied.
 pub(crate) fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
     file: &mut File,
-) -> Result<KernelEntry> {
+    map: bool,
+) -> Result<(KernelEntry, Option<KernelMap>)> {
+    if map {
+        match KernelMap::new(mem, file, layout::HIMEM_START) {
+            Ok((kmap, address)) => {
+                log::info!(
+                    "kernel: {} KiB mapped from {} (read lease held)",
+                    kmap.mapped_bytes() >> 10,
+                    path.display()
+                );
+                let acpi = crate::kernel_acpi::probe(file);
+                return Ok((
+                    KernelEntry {
+                        address,
+                        setup_header: None,
+                        acpi,
+                    },
+                    Some(kmap),
+                ));
+            }
+            Err(why) => log::debug!("kernel: copied, not mapped: {why}"),
+        }
+    }
+    copy_kernel(mem, path, file).map(|entry| (entry, None))
+}
+
+/// Loads the kernel in `file` into guest RAM `mem` by copying it (ELF or
+/// bzImage).
+fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<KernelEntry> {
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let load_err = |source| Error::LoadKernel {
         path: path.to_path_buf(),
         source,
     };
+    file.seek(SeekFrom::Start(0))
+        .map_err(|source| Error::File {
+            what: "kernel",
+            path: path.to_path_buf(),
+            source,
+        })?;
     match Elf::load(mem, None, file, himem) {
         Ok(r) => {
             return Ok(KernelEntry {

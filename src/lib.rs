@@ -27,6 +27,7 @@ pub mod hostfile;
 pub mod jail;
 pub mod kernel_acpi;
 mod kernel_load;
+mod kernel_map;
 pub mod landlock;
 pub mod logfile;
 pub mod logger;

@@ -35,6 +35,9 @@ pub struct Vmm {
     // Field order is drop order: signals stop waking the exit eventfd
     // before it closes; vCPU threads go before the memory they use.
     pub(crate) _signal_wake: signals::WakeGuard,
+    /// The kernel, while it is mapped from its file (until a lease break
+    /// or a snapshot settles it).
+    pub(crate) kernel_map: Option<crate::kernel_map::KernelMap>,
     pub(crate) vcpus: Vec<VcpuHandle>,
     pub(crate) pause: Arc<PauseGate>,
     pub(crate) i8042: Option<Arc<Mutex<I8042>>>,
@@ -160,6 +163,36 @@ impl Vmm {
         }
     }
 
+    /// Copies the kernel's pages out of its file mapping into guest RAM
+    /// and releases the file ([`crate::kernel_map`]), if it is mapped:
+    /// with the vCPUs parked (paused here if they were not) and block
+    /// requests in flight completed, so that nothing writes guest RAM
+    /// meanwhile. Nothing to do if the kernel was copied.
+    pub(crate) fn settle_kernel_map(&mut self) -> std::result::Result<(), PauseError> {
+        let Some(kmap) = self.kernel_map.take() else {
+            return Ok(());
+        };
+        let was_paused = self.pause.requested();
+        if !was_paused {
+            if let Err(e) = self.pause() {
+                self.kernel_map = Some(kmap);
+                return Err(e);
+            }
+        }
+        for disk in &self.disks {
+            disk.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
+        }
+        if let Err(e) = kmap.settle() {
+            // The lease is gone with the map: the file may now change
+            // under the pages not copied.
+            log::error!("kernel: cannot copy the mapped pages into guest RAM: {e}");
+        }
+        if !was_paused {
+            self.resume()?;
+        }
+        Ok(())
+    }
+
     /// Drops every vsock connection and sends the guest's driver a
     /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (for a snapshot restore: the
     /// host ends of the connections did not survive it). Returns false if
@@ -235,6 +268,18 @@ impl Vmm {
             }
             if let Some(r) = self.exit.reason() {
                 break RunEnd::Guest(r);
+            }
+            if self
+                .kernel_map
+                .as_ref()
+                .is_some_and(crate::kernel_map::KernelMap::wants_settle)
+            {
+                log::info!("kernel file opened for writing elsewhere: copying the mapped kernel");
+                if let Err(e) = self.settle_kernel_map() {
+                    // Tried again on the next round (the break stays
+                    // pending until the lease is released or times out).
+                    log::warn!("kernel: cannot pause to copy the mapped kernel: {e}");
+                }
             }
             if self.watch_halt && last_kick.elapsed() >= every {
                 // A halted vCPU does not leave KVM_RUN by itself: kicked,

@@ -137,6 +137,10 @@ pub enum Error {
         /// Guest memory (MiB).
         mem: u64,
     },
+    /// The kernel is mapped from its file, and the eventfd its lease
+    /// breaks are signalled on could not be duplicated.
+    #[error("cannot watch the kernel file's lease: {0}")]
+    KernelLease(#[source] std::io::Error),
     /// The eventfd the VM's end is signalled on could not be created.
     #[error("event loop: {0}")]
     ExitEvent(#[source] std::io::Error),

@@ -116,7 +116,8 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let vm = Vm::new(kvm, mem)?;
     crate::setup_step("VM created");
 
-    let entry = load_kernel(mem, &config.kernel, &mut kernel)?;
+    let map_kernel = crate::kernel_map::allowed(config);
+    let (entry, kernel_map) = load_kernel(mem, &config.kernel, &mut kernel, map_kernel)?;
     crate::setup_step("kernel loaded");
     let initrd = if initrd.is_some() || config.initramfs.is_some() {
         Some(load_initrd(mem, initrd, config.initramfs.as_deref())?)
@@ -170,6 +171,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
             balloon,
             paused: false,
             track_dirty: None,
+            kernel_map,
         },
     )
 }
@@ -216,6 +218,8 @@ pub(crate) struct Parts {
     /// Track dirty pages (for Diff snapshots): `Some(base)`, `base` the
     /// id of the Full snapshot the VM's memory is a copy of, if any.
     pub(crate) track_dirty: Option<Option<u64>>,
+    /// The kernel, mapped from its file ([`crate::kernel_map`]).
+    pub(crate) kernel_map: Option<crate::kernel_map::KernelMap>,
 }
 
 /// The parts of a VM made before its devices (the event loop and the exit
@@ -318,12 +322,19 @@ impl Started {
             format_size(mem_size),
             crate::process_start().elapsed().as_secs_f64() * 1000.0
         );
+        let mut event_manager = self.event_manager;
+        if let Some(kmap) = &parts.kernel_map {
+            event_manager.add_subscriber(Arc::new(Mutex::new(
+                kmap.watcher().map_err(Error::KernelLease)?,
+            )));
+        }
         let vmm = Vmm {
             _signal_wake: signals::wake_on_signal(&self.exit),
+            kernel_map: parts.kernel_map,
             vcpus: handles,
             pause,
             i8042,
-            event_manager: self.event_manager,
+            event_manager,
             exit: self.exit,
             _terminal: terminal,
             _vm: vm,

@@ -258,6 +258,10 @@ fn vmm() -> Vec<Allow> {
             &[("F_OFD_SETLK", F_OFD_SETLK), ("F_OFD_GETLK", F_OFD_GETLK)],
             "virtio-blk image locks (snapshots: disks reopened on restore)",
         ),
+        fcntl_only(
+            &[("F_GETLEASE", F_GETLEASE), ("F_SETLEASE", F_SETLEASE)],
+            "the file-mapped kernel's read lease: seen broken, released (kernel_map)",
+        ),
         any("dup2", SYS_dup2, "a detached VM's stderr to vmm.log"),
         any("dup3", SYS_dup3, "a detached VM's stderr to vmm.log"),
         any("fstat", SYS_fstat, fs),

@@ -293,6 +293,9 @@ pub enum Error {
     /// A parked vCPU did not hand over its state.
     #[error("cannot save the VM state: {0}")]
     SaveVcpus(#[from] crate::vstate::vcpu::SaveError),
+    /// The VM could not be paused to copy its file-mapped kernel first.
+    #[error("cannot save the VM state: {0}")]
+    Pause(#[from] crate::vmm::PauseError),
     /// The dirty-page log could not be read or reset.
     #[error("cannot save the VM state: {0}")]
     DirtyLog(#[from] crate::vstate::dirty::Error),
@@ -407,6 +410,9 @@ pub fn create(
     if let Some(why) = vmm.persist.unsupported {
         return Err(Error::Unsupported(why));
     }
+    // The memory file leaves out pages never faulted in, which are zero
+    // in anonymous RAM but the file's bytes in a file-mapped kernel.
+    vmm.settle_kernel_map()?;
     let diff = match kind {
         Kind::Full => None,
         Kind::Diff => Some(diff_memory(vmm)?),

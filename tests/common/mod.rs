@@ -21,11 +21,14 @@ pub fn halting_guest() -> Vec<u8> {
 pub const LOAD_ADDR: u64 = 0x20_0000;
 
 /// Wraps code in a minimal ELF64 executable loaded and entered at
-/// [`LOAD_ADDR`].
+/// [`LOAD_ADDR`]. The code starts a page into the file, as a vmlinux's
+/// segments are page aligned: capsule maps such a kernel from its file
+/// (src/kernel_map.rs) instead of copying it.
 pub fn elf(code: &[u8]) -> Vec<u8> {
     const EHDR: u16 = 64;
     const PHDR: u16 = 56;
-    let off = u64::from(EHDR + PHDR);
+    const CODE: usize = 0x1000;
+    let off = CODE as u64;
     let mut f = Vec::new();
     f.extend([0x7f, b'E', b'L', b'F', 2, 1, 1, 0]);
     f.extend([0u8; 8]);
@@ -52,6 +55,7 @@ pub fn elf(code: &[u8]) -> Vec<u8> {
     f.extend((code.len() as u64).to_le_bytes());
     f.extend(0x1000u64.to_le_bytes());
     assert_eq!(f.len(), usize::from(EHDR + PHDR));
+    f.resize(CODE, 0);
     f.extend(code);
     f
 }
