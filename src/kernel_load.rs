@@ -68,12 +68,16 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
         path: path.to_path_buf(),
         source,
     };
-    file.seek(SeekFrom::Start(0))
-        .map_err(|source| Error::File {
-            what: "kernel",
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let rewind = |file: &mut File| {
+        file.seek(SeekFrom::Start(0))
+            .map(drop)
+            .map_err(|source| Error::File {
+                what: "kernel",
+                path: path.to_path_buf(),
+                source,
+            })
+    };
+    rewind(file)?;
     match Elf::load(mem, None, file, himem) {
         Ok(r) => {
             return Ok(KernelEntry {
@@ -85,12 +89,7 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
         Err(e) => return Err(load_err(e)),
     }
-    file.seek(SeekFrom::Start(0))
-        .map_err(|source| Error::File {
-            what: "kernel",
-            path: path.to_path_buf(),
-            source,
-        })?;
+    rewind(file)?;
     match BzImage::load(mem, None, file, himem) {
         Ok(r) => Ok(KernelEntry {
             address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,

@@ -194,25 +194,30 @@ fn mapped_file(addr: usize) -> String {
     panic!("{addr:#x} is not mapped");
 }
 
-/// Whether this host lets the test take a read lease at all (a
-/// filesystem without leases, e.g. some overlays, does not).
-fn leases_work(file: &File) -> bool {
+/// Opens `file` read-only, after checking a read lease can be had on it
+/// at all: a temporary directory on a filesystem without leases fails
+/// these tests loudly instead of letting them pass on the copying path.
+fn open_leasable(file: &TempKernel) -> File {
+    let f = File::open(&**file).unwrap();
     // SAFETY: fcntl on a descriptor the test owns.
-    unsafe {
-        let ok = libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) == 0;
-        libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK);
+    let ok = unsafe {
+        let ok = libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) == 0;
+        libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK);
         ok
-    }
+    };
+    assert!(
+        ok,
+        "no read lease on {}: {} (set TMPDIR to a local filesystem)",
+        file.display(),
+        std::io::Error::last_os_error()
+    );
+    f
 }
 
 #[test]
 fn mapped_kernel_reads_like_a_copied_one_and_writes_stay_private() {
     let (file, ram) = setup(&two_segments());
-    let f = File::open(&*file).unwrap();
-    if !leases_work(&f) {
-        eprintln!("skipped: no leases on {}", file.display());
-        return;
-    }
+    let f = open_leasable(&file);
     let (kmap, entry) = KernelMap::new(ram.memory(), &f, HIMEM).unwrap();
     assert_eq!(entry, 2 * MIB);
     assert_eq!(kmap.mapped_bytes(), 0x2000 + 0x1000);
@@ -250,11 +255,7 @@ fn mapped_kernel_reads_like_a_copied_one_and_writes_stay_private() {
 #[test]
 fn a_writer_waits_for_the_lease_break_and_the_guest_keeps_its_kernel() {
     let (file, ram) = setup(&two_segments());
-    let f = File::open(&*file).unwrap();
-    if !leases_work(&f) {
-        eprintln!("skipped: no leases on {}", file.display());
-        return;
-    }
+    let f = open_leasable(&file);
     let (kmap, _) = KernelMap::new(ram.memory(), &f, HIMEM).unwrap();
     let watcher = kmap.watcher().unwrap();
     assert!(!kmap.wants_settle());
@@ -302,11 +303,7 @@ fn a_kernel_that_cannot_be_mapped_leaves_guest_ram_untouched() {
         ],
     );
     let (file, ram) = setup(&shared);
-    let f = File::open(&*file).unwrap();
-    if !leases_work(&f) {
-        eprintln!("skipped: no leases on {}", file.display());
-        return;
-    }
+    let f = open_leasable(&file);
     assert!(matches!(
         KernelMap::new(ram.memory(), &f, HIMEM),
         Err(NotMapped::Layout)
@@ -314,7 +311,7 @@ fn a_kernel_that_cannot_be_mapped_leaves_guest_ram_untouched() {
     // A segment past the end of guest RAM: refused as well.
     let past = elf(2 * MIB, &[(0x1000, 8 * MIB - 0x1000, 0x2000, 0x2000)]);
     let (file, ram) = setup(&past);
-    let f = File::open(&*file).unwrap();
+    let f = open_leasable(&file);
     assert!(matches!(
         KernelMap::new(ram.memory(), &f, HIMEM),
         Err(NotMapped::Memory)
@@ -324,8 +321,14 @@ fn a_kernel_that_cannot_be_mapped_leaves_guest_ram_untouched() {
         .get_host_address(GuestAddress(2 * MIB))
         .unwrap() as usize;
     assert_eq!(mapped_file(host), "");
-    // No lease is left behind: the file opens for writing at once.
-    std::fs::write(&*file, b"x").unwrap();
+    // No lease is left behind: a non-blocking open for writing, which
+    // fails with EWOULDBLOCK on a leased file, succeeds.
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&*file)
+        .expect("a lease was left on the file");
 }
 
 #[test]

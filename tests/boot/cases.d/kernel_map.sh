@@ -21,10 +21,7 @@ ALL_CASES="$ALL_CASES kernel_map_rewrite kernel_map_snapshot"
 # (fresh), waits for its prompt; sets KMAP_PID, KMAP_NAME, KMAP_START and
 # KMAP_FILE. Returns 1 (the case given up) if it does not boot.
 kmap_boot() {
-    SNAP_DIR="$WORK/$1"
-    rm -rf "$SNAP_DIR"
-    mkdir -p "$SNAP_DIR"
-    OUT="$SNAP_DIR/orig.raw" ERR="$SNAP_DIR/orig.err"
+    snap_fresh "$1"
     KMAP_START=$(now)
     KMAP_FILE="$SNAP_DIR/vmlinux"
     KMAP_NAME="kmap$$"

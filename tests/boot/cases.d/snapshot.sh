@@ -103,13 +103,19 @@ snap_rss() {
         "$(grep -E '^Pss:' "/proc/$_sr/smaps_rollup" 2>/dev/null | tr -s ' \t\n' ' ')"
 }
 
-snap_out_has() { tr -d '\r' <"$SNAP_DIR/$1.raw" | grep -qx -- "$2"; }
-
-case_snapshot_clones() {
-    SNAP_DIR="$WORK/snapshot_clones"
+# snap_fresh CASE: an empty $SNAP_DIR for CASE; the report shows the
+# original VM's output (OUT, ERR) unless the case says otherwise.
+snap_fresh() {
+    SNAP_DIR="$WORK/$1"
     rm -rf "$SNAP_DIR"
     mkdir -p "$SNAP_DIR"
     OUT="$SNAP_DIR/orig.raw" ERR="$SNAP_DIR/orig.err"
+}
+
+snap_out_has() { tr -d '\r' <"$SNAP_DIR/$1.raw" | grep -qx -- "$2"; }
+
+case_snapshot_clones() {
+    snap_fresh snapshot_clones
     if [ -z "${ROOTFS:-}" ] || [ ! -f "$ROOTFS" ]; then
         CASE_ERRORS="not run: ROOTFS (guest disk image) missing"
         SECS=0 RC=1
@@ -193,10 +199,7 @@ case_snapshot_clones() {
 }
 
 case_snapshot_refused() {
-    SNAP_DIR="$WORK/snapshot_refused"
-    rm -rf "$SNAP_DIR"
-    mkdir -p "$SNAP_DIR"
-    OUT="$SNAP_DIR/orig.raw" ERR="$SNAP_DIR/orig.err"
+    snap_fresh snapshot_refused
     _start=$(now)
     _name="snaprefused$$"
     snap_start orig run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" \
