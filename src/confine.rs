@@ -51,7 +51,7 @@ pub fn helper_thread(kind: crate::seccomp::ThreadKind) -> Result<(), Error> {
 pub fn configure(args: &ConfineArgs) -> Result<(), Error> {
     let mode = crate::seccomp::Mode::from_env()?;
     crate::seccomp::configure(args.no_seccomp, args.seccomp_filter.as_deref(), mode)?;
-    crate::setup_step("seccomp filters compiled");
+    crate::setup_step("seccomp configured");
     crate::landlock::configure(!args.no_landlock, &args.landlock_allow)?;
     Ok(())
 }

@@ -138,8 +138,15 @@ pub enum Error {
 enum Filters {
     /// `--no-seccomp`.
     Off,
-    /// One program per kind.
+    /// One program per kind, from a `--seccomp-filter` file.
     On(BTreeMap<ThreadKind, BpfProgram>),
+    /// capsule's own, with this action, each compiled by the first thread
+    /// that installs it: the API thread answers without waiting for the
+    /// other threads' filters, which a VM started later may never need.
+    Builtin(
+        Mode,
+        std::sync::Mutex<BTreeMap<ThreadKind, std::sync::Arc<BpfProgram>>>,
+    ),
 }
 
 static FILTERS: OnceLock<Filters> = OnceLock::new();
@@ -153,13 +160,7 @@ pub fn configure(off: bool, file: Option<&Path>, mode: Mode) -> Result<(), Error
         log::warn!("seccomp is off (--no-seccomp): capsule's threads may make any system call");
         Filters::Off
     } else {
-        let programs = match file {
-            Some(path) => from_file(path)?,
-            None => ThreadKind::ALL
-                .iter()
-                .map(|&k| compile(k, mode).map(|p| (k, p)))
-                .collect::<Result<_, _>>()?,
-        };
+        let programs = file.map(from_file).transpose()?;
         match mode {
             Mode::Kill => {}
             Mode::Trap => {
@@ -170,7 +171,10 @@ pub fn configure(off: bool, file: Option<&Path>, mode: Mode) -> Result<(), Error
                 "seccomp: CAPSULE_SECCOMP=log: forbidden calls are allowed and logged by the kernel (dmesg), not enforced"
             ),
         }
-        Filters::On(programs)
+        match programs {
+            Some(p) => Filters::On(p),
+            None => Filters::Builtin(mode, Default::default()),
+        }
     };
     let _ = FILTERS.set(filters);
     Ok(())
@@ -250,13 +254,26 @@ pub fn compile(kind: ThreadKind, mode: Mode) -> Result<BpfProgram, Error> {
 /// by threads started afterwards, so a thread installs only its own, after
 /// starting the threads it starts.
 pub fn install(kind: ThreadKind) -> Result<(), Error> {
-    let Some(Filters::On(programs)) = FILTERS.get() else {
-        return Ok(());
+    let compiled;
+    let prog = match FILTERS.get() {
+        None | Some(Filters::Off) => return Ok(()),
+        Some(Filters::On(programs)) => &programs[&kind],
+        Some(Filters::Builtin(mode, cache)) => {
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            compiled = match cache.get(&kind) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = std::sync::Arc::new(compile(kind, *mode)?);
+                    cache.insert(kind, p.clone());
+                    p
+                }
+            };
+            &*compiled
+        }
     };
     let thread = std::thread::current();
     let name = thread.name().unwrap_or("capsule");
     trap::set_thread_name(name);
-    let prog = &programs[&kind];
     seccompiler::apply_filter(prog).map_err(|source| Error::Install {
         thread: name.to_string(),
         source,
