@@ -187,12 +187,16 @@ case_vsock_refused() {
 case_vsock_host_listener_gone() {
     vsock_setup vsock_host_listener_gone
     # The host's listener and its connection's reader, in their own
-    # process group so that both can be killed mid-stream.
-    setsid "$VT" unix-listen "${VU}_5004" 'cat >/dev/null' </dev/null >/dev/null 2>&1 &
+    # process group so that both can be killed mid-stream. The reader
+    # marks the connection accepted: the kill comes once data flows (the
+    # guest's own VSOCK-SENDING is no sign of it: the console's echo of the
+    # typed line has it before the command even runs).
+    rm -f "$VU.accepted"
+    setsid "$VT" unix-listen "${VU}_5004" "echo accepted >'$VU.accepted'; cat >/dev/null" </dev/null >/dev/null 2>&1 &
     _srv=$!
     (
-        vsock_when_up vsock_host_listener_gone VSOCK-SENDING || exit 0
-        sleep 3
+        wait_for "$VU.accepted" accepted "$CASE_TIMEOUT" "$WORK/vsock_host_listener_gone/done" || exit 0
+        sleep 2
         kill -9 -- "-$_srv" 2>/dev/null || kill -9 "$_srv"
     ) &
     _killer=$!
