@@ -30,7 +30,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd, IntoRawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -135,21 +135,56 @@ pub(crate) fn allowed(config: &VmConfig) -> bool {
         && std::env::var_os("CAPSULE_KERNEL_COPY").is_none()
 }
 
-/// Eventfds to wake when `SIGIO` arrives (a lease break), one per live
-/// [`KernelMap`]; -1 for a free slot. A fixed array: the handler may only
-/// do async-signal-safe things.
+/// Eventfds to wake when `SIGIO` arrives (a lease break): a slot per live
+/// [`KernelMap`], -1 until first used. A slot's eventfd is never closed,
+/// so the handler can never write to a descriptor number that was closed
+/// and reused meanwhile; a map watches a duplicate of it. A fixed array:
+/// the handler may only do async-signal-safe things.
 static WAKE: [AtomicI32; 8] = [const { AtomicI32::new(-1) }; 8];
+/// Which slots a live map holds.
+static TAKEN: [AtomicBool; 8] = [const { AtomicBool::new(false) }; 8];
 
 extern "C" fn on_sigio(_: libc::c_int) {
     for slot in &WAKE {
         let fd = slot.load(Ordering::SeqCst);
         if fd >= 0 {
             let one: u64 = 1;
-            // SAFETY: write(2) is async-signal-safe; `fd` is an eventfd a
-            // live KernelMap owns (its slot is cleared before it closes).
+            // SAFETY: write(2) is async-signal-safe; `fd` is an eventfd
+            // that stays open for the life of the process.
             unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
         }
     }
+}
+
+/// Takes a free wake slot; returns it and a duplicate of its eventfd
+/// (drained of wake-ups meant for an earlier map).
+fn take_slot() -> std::io::Result<(usize, EventFd)> {
+    let slot = TAKEN
+        .iter()
+        .position(|t| {
+            t.compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EBUSY))?;
+    let dup = || -> std::io::Result<EventFd> {
+        let mut fd = WAKE[slot].load(Ordering::SeqCst);
+        if fd < 0 {
+            fd = EventFd::new(EFD_NONBLOCK)?.into_raw_fd();
+            WAKE[slot].store(fd, Ordering::SeqCst);
+        }
+        // SAFETY: dup of the slot's eventfd, which stays open.
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `copy` is a new descriptor this function owns.
+        let wake = unsafe { EventFd::from_raw_fd(copy) };
+        let _ = wake.read();
+        Ok(wake)
+    };
+    dup().map(|wake| (slot, wake)).inspect_err(|_| {
+        TAKEN[slot].store(false, Ordering::SeqCst);
+    })
 }
 
 /// Installs the `SIGIO` handler (once): without one, a lease break's
@@ -250,21 +285,14 @@ impl KernelMap {
     /// eventfd.
     fn lease(file: &File) -> Result<(File, usize, EventFd), NotMapped> {
         let file = file.try_clone().map_err(NotMapped::Os)?;
-        let wake = EventFd::new(EFD_NONBLOCK).map_err(NotMapped::Os)?;
         if !install_handler() {
             return Err(NotMapped::Os(std::io::Error::last_os_error()));
         }
-        let slot = WAKE
-            .iter()
-            .position(|s| {
-                s.compare_exchange(-1, wake.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            })
-            .ok_or_else(|| NotMapped::Os(std::io::Error::from_raw_os_error(libc::EBUSY)))?;
+        let (slot, wake) = take_slot().map_err(NotMapped::Os)?;
         // SAFETY: fcntl on a descriptor we own.
         if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } != 0 {
             let e = std::io::Error::last_os_error();
-            WAKE[slot].store(-1, Ordering::SeqCst);
+            TAKEN[slot].store(false, Ordering::SeqCst);
             return Err(NotMapped::Lease(e));
         }
         Ok((file, slot, wake))
@@ -380,10 +408,10 @@ impl KernelMap {
 
 impl Drop for KernelMap {
     fn drop(&mut self) {
-        WAKE[self.slot].store(-1, Ordering::SeqCst);
         // SAFETY: fcntl on a descriptor we own (closing it would drop the
-        // lease as well; this says so before the eventfd goes).
+        // lease as well; this says so explicitly).
         unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+        TAKEN[self.slot].store(false, Ordering::SeqCst);
     }
 }
 
