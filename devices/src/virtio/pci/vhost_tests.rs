@@ -158,11 +158,17 @@ fn rig<D: VirtioDevice + 'static>(
 }
 
 fn vhost_net() -> Rig {
+    vhost_net_with(false)
+}
+
+/// A vhost-net function over the `Kernel` stand-in, which refuses the
+/// rings from its second start on if `refuse_second_start`.
+fn vhost_net_with(refuse_second_start: bool) -> Rig {
     let seen = Shared::default();
     let net = VhostNet::new(
         Box::new(Kernel {
             seen: seen.clone(),
-            refuse_second_start: false,
+            refuse_second_start,
         }),
         [2, 0, 0, 0, 0, 9],
     )
@@ -354,16 +360,7 @@ fn virtio_fs_over_pci_kicks_calls_vectors_and_resets() {
 /// new bring-up work.
 #[test]
 fn a_vhost_net_activation_failure_over_pci_asks_for_a_reset() {
-    let seen = Shared::default();
-    let net = VhostNet::new(
-        Box::new(Kernel {
-            seen: seen.clone(),
-            refuse_second_start: true,
-        }),
-        [2, 0, 0, 0, 0, 9],
-    )
-    .unwrap();
-    let mut r = rig(net, memfd_mem(MEM), seen, None);
+    let mut r = vhost_net_with(true);
     r.enable_msix();
     // bring_up() asserts success: drive the steps by hand up to DRIVER_OK.
     let t = &mut r.t;
