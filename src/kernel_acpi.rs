@@ -52,19 +52,25 @@ struct Section {
     link: u32,
 }
 
-fn u16_at(b: &[u8], at: usize) -> u16 {
+/// The little-endian `u16` at `b[at..]` (an ELF field; also read by
+/// [`crate::kernel_map`]).
+pub(crate) fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
+/// The little-endian `u32` at `b[at..]`.
+pub(crate) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or([0; 4]))
 }
 
-fn u64_at(b: &[u8], at: usize) -> u64 {
+/// The little-endian `u64` at `b[at..]`.
+pub(crate) fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or([0; 8]))
 }
 
-fn read_at(file: &File, offset: u64, len: u64) -> Option<Vec<u8>> {
+/// `len` bytes of `file` at `offset`, if it has them (and `len` is at
+/// most [`MAX_SECTION`]).
+pub(crate) fn read_at(file: &File, offset: u64, len: u64) -> Option<Vec<u8>> {
     if len > MAX_SECTION {
         return None;
     }

@@ -40,6 +40,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
+use crate::kernel_acpi::{read_at, u16_at, u32_at, u64_at};
 
 const PAGE: u64 = 4096;
 /// `PT_LOAD`.
@@ -76,32 +77,26 @@ impl Segment {
 /// `None` for anything else; the copying loader then has its say.
 pub(crate) fn segments(
     ehdr: &[u8; 64],
-    mut phdrs: impl FnMut(u64, usize) -> Option<Vec<u8>>,
+    mut phdrs: impl FnMut(u64, u64) -> Option<Vec<u8>>,
     file_len: u64,
     himem: u64,
 ) -> Option<(u64, Vec<Segment>)> {
-    let u16at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-    let u64at = |b: &[u8], o: usize| {
-        let mut v = [0u8; 8];
-        v.copy_from_slice(&b[o..o + 8]);
-        u64::from_le_bytes(v)
-    };
     // 64-bit, little-endian, x86-64.
-    if &ehdr[..4] != b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 || u16at(ehdr, 18) != EM_X86_64 {
+    if &ehdr[..4] != b"\x7fELF" || ehdr[4] != 2 || ehdr[5] != 1 || u16_at(ehdr, 18) != EM_X86_64 {
         return None;
     }
-    let entry = u64at(ehdr, 24);
-    let phoff = u64at(ehdr, 32);
-    let (phentsize, phnum) = (u16at(ehdr, 54), u16at(ehdr, 56));
+    let entry = u64_at(ehdr, 24);
+    let phoff = u64_at(ehdr, 32);
+    let (phentsize, phnum) = (u16_at(ehdr, 54), u16_at(ehdr, 56));
     if entry < himem || phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
         return None;
     }
-    let table = phdrs(phoff, usize::from(phnum) * 56)?;
+    let table = phdrs(phoff, u64::from(phnum) * 56)?;
     let mut segs = Vec::new();
     for ph in table.chunks_exact(56) {
-        let kind = u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]);
-        let (offset, paddr) = (u64at(ph, 8), u64at(ph, 24));
-        let (filesz, memsz) = (u64at(ph, 32), u64at(ph, 40));
+        let kind = u32_at(ph, 0);
+        let (offset, paddr) = (u64_at(ph, 8), u64_at(ph, 24));
+        let (filesz, memsz) = (u64_at(ph, 32), u64_at(ph, 40));
         if kind != PT_LOAD || filesz == 0 {
             continue;
         }
@@ -261,10 +256,7 @@ impl KernelMap {
         let file_len = f.metadata().map_err(NotMapped::Os)?.len();
         let mut ehdr = [0u8; 64];
         f.read_exact_at(&mut ehdr, 0).map_err(NotMapped::Os)?;
-        let read = |off, len| {
-            let mut b = vec![0u8; len];
-            f.read_exact_at(&mut b, off).ok().map(|()| b)
-        };
+        let read = |off, len| read_at(f, off, len);
         let (entry, segs) = segments(&ehdr, read, file_len, himem).ok_or(NotMapped::Layout)?;
         let mut targets = Vec::with_capacity(segs.len());
         for s in &segs {

@@ -48,8 +48,8 @@ fn pattern(offset: u64) -> u8 {
 fn parse(file: &[u8]) -> Option<(u64, Vec<Segment>)> {
     let mut ehdr = [0u8; 64];
     ehdr.copy_from_slice(&file[..64]);
-    let read = |off: u64, len: usize| {
-        file.get(off as usize..off as usize + len)
+    let read = |off: u64, len: u64| {
+        file.get(off as usize..(off + len) as usize)
             .map(<[u8]>::to_vec)
     };
     segments(&ehdr, read, file.len() as u64, HIMEM)
