@@ -163,6 +163,16 @@ impl Vmm {
         }
     }
 
+    /// Lets every virtio-blk device's requests in flight complete (used
+    /// ring, interrupt), so that none writes guest memory afterwards: the
+    /// io_uring engine's reads land from the kernel's side. All of the
+    /// VM's block devices, a restored VM's too.
+    pub(crate) fn quiesce_disks(&self) {
+        for block in &self.persist.blocks {
+            block.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
+        }
+    }
+
     /// Copies the kernel's pages out of its file mapping into guest RAM
     /// and releases the file ([`crate::kernel_map`]), if it is mapped:
     /// with the vCPUs parked (paused here if they were not) and block
@@ -179,9 +189,7 @@ impl Vmm {
                 return Err(e);
             }
         }
-        for disk in &self.disks {
-            disk.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
-        }
+        self.quiesce_disks();
         if let Err(e) = kmap.settle() {
             // The lease is gone with the map: the file may now change
             // under the pages not copied.

@@ -456,12 +456,10 @@ fn save_state(
     iface_ids: &[String],
 ) -> Result<SnapshotState, Error> {
     let h = &vmm.persist;
-    // Requests the io_uring engine has in flight complete first (used
-    // ring, interrupt) so that no saved queue holds a request that was
-    // taken and not answered, and no write lands after the save.
-    for block in &h.blocks {
-        block.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
-    }
+    // Requests the io_uring engine has in flight complete first so that
+    // no saved queue holds a request that was taken and not answered,
+    // and no write lands after the save.
+    vmm.quiesce_disks();
     let vm = vm_state::save(vmm._vm.fd())?;
     let msrs = crate::vstate::vcpu_state::msr_indices(vmm._vm.kvm())?;
     let vcpus = vmm
