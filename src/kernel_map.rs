@@ -436,6 +436,21 @@ unsafe fn anonymous_over(addr: usize, len: usize) {
             -1,
             0,
         );
+        advise_as_guest_ram(addr, len);
+    }
+}
+
+/// Gives anonymous memory put back into guest RAM the advice the rest of
+/// it has (`vstate::memory`: huge pages, out of core dumps), so the kernel
+/// may merge the range back into its neighbours. Best effort.
+///
+/// # Safety
+///
+/// The range must be guest RAM.
+unsafe fn advise_as_guest_ram(addr: usize, len: usize) {
+    // SAFETY: madvise only changes how the kernel treats the caller's range.
+    unsafe {
+        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
         libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTDUMP);
     }
 }
@@ -482,13 +497,8 @@ unsafe fn settle_piece(addr: usize, len: usize) -> std::io::Result<()> {
         unsafe { libc::munmap(tmp, len) };
         return Err(e);
     }
-    // The advice the rest of guest RAM has (vstate::memory), so the
-    // kernel may merge the range back into its neighbours.
-    // SAFETY: madvise on the range just moved in.
-    unsafe {
-        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTDUMP);
-    }
+    // SAFETY: the range just moved in, guest RAM.
+    unsafe { advise_as_guest_ram(addr, len) };
     Ok(())
 }
 
