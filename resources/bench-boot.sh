@@ -14,7 +14,8 @@
 #     init): wall ms since capsule's main() and the process's CPU ms;
 #   - resident memory of the VMM process, excluding the guest RAM mapping,
 #     read from /proc/PID/smaps once the guest is in userspace;
-#   - start -> the API socket answers (curl, polled; capsule and
+#   - start -> the API socket accepts a connection and start -> it
+#     answers (capsule-api-probe, trying every 100 us; capsule and
 #     Firecracker `GET /`, Cloud Hypervisor `GET /api/v1/vmm.ping`, each
 #     VMM started with only its API socket), and capsule's main() -> API
 #     ready from its own log;
@@ -62,7 +63,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
-# Env: CAPSULE QEMU QEMU_FW DATE CURL BZIMAGE VMLINUX INITRD BENCH_RUNS WORK
+# Env: CAPSULE QEMU QEMU_FW DATE BZIMAGE VMLINUX INITRD BENCH_RUNS WORK
 #      PEERS (names of the reference VMMs present) TOOLS (where they are)
 set -u
 CMDLINE="console=ttyS0 reboot=k panic=1 quiet"
@@ -210,40 +211,35 @@ one() {
 }
 
 # api VMM: start VMM with an API socket and nothing else; time until the
-# socket answers (curl, polled), and for capsule its own "API ready" log
-# line.
+# socket first accepts a connection and until it first answers a request
+# (capsule-api-probe: connects every 100 us from just before the start),
+# and for capsule its own "API ready" log line.
 api() {
     sock="$WORK/api.sock"
     rm -f "$sock"
-    url=http://localhost/
-    t0=$(now_ns)
+    url=/
+    err=/dev/null
     case "$1" in
-    capsule) CAPSULE_LOG=info "$CAPSULE" run --api-sock "$sock" </dev/null >/dev/null 2>"$WORK/api.err" & ;;
-    firecracker) "$FC" --no-seccomp --api-sock "$sock" </dev/null >/dev/null 2>"$WORK/api.err" & ;;
+    capsule | capsule-base)
+        bin="$CAPSULE"
+        [ "$1" = capsule ] || bin="$CAPSULE_BASE"
+        err="$WORK/api.err"
+        set -- "$1" "$bin" run --api-sock "$sock" ;;
+    firecracker) set -- "$1" "$FC" --no-seccomp --api-sock "$sock" ;;
     cloud-hypervisor)
-        url=http://localhost/api/v1/vmm.ping
-        "$CH" --api-socket path="$sock" </dev/null >/dev/null 2>"$WORK/api.err" &
-        ;;
+        url=/api/v1/vmm.ping
+        set -- "$1" "$CH" --api-socket path="$sock" ;;
     esac
-    pid=$!
-    t1=""
-    n=0
-    while [ "$n" -lt 2000 ]; do
-        n=$((n + 1))
-        if "$CURL" -sf --unix-socket "$sock" "$url" >/dev/null 2>&1; then
-            t1=$(now_ns)
-            break
-        fi
-    done
-    kill "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-    if [ -z "$t1" ]; then
-        echo "bench-boot: error api $1: no answer on $sock; stderr: $(tail -n 3 "$WORK/api.err" | tr '\n' ' ')"
+    vmm="$1"
+    shift
+    # capsule's log (its API-ready line) goes to a file.
+    if ! t=$(CAPSULE_LOG=info "$TOOLS/capsule-api-probe" --stderr "$err" "$sock" "$url" "$@" 2>&1); then
+        echo "bench-boot: error api $vmm: $t"
         return
     fi
     l=""
-    [ "$1" = capsule ] && l=$(sed -n 's/.*API ready on .*, \([0-9.]*\) ms after capsule started.*/api_log_ms=\1/p' "$WORK/api.err")
-    echo "bench-boot: $1 api_ms=$(((t1 - t0) / 1000000)) ${l:-api_log_ms=-}"
+    case "$vmm" in capsule*) l=$(sed -n 's/.*API ready on .*, \([0-9.]*\) ms after capsule started.*/api_log_ms=\1/p' "$WORK/api.err") ;; esac
+    echo "bench-boot: $vmm $t ${l:-api_log_ms=-}"
 }
 
 # The transport runs' disk: 1 MiB of zeroes.
@@ -263,6 +259,7 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
     one capsule-open
     one capsule-jail
     api capsule
+    [ -z "${CAPSULE_BASE:-}" ] || api capsule-base
     for p in $PEERS; do api "$p"; done
 done
 RUNNER
@@ -282,7 +279,8 @@ main() {
 
     work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-boot.XXXXXX")"
     trap 'rm -rf "$work"' EXIT
-    copy_tools "$work/tools" qemu-system-x86_64 date curl
+    copy_tools "$work/tools" qemu-system-x86_64 date
+    cp "$(dirname "$capsule")/capsule-api-probe" "$work/tools/"
     peers="$(copy_peers "$work/tools")"
     copy_qemu_firmware "$work/qemu-fw"
     write_runner "$work/bench-run.sh"
@@ -298,7 +296,7 @@ main() {
     if [[ "$mode" == direct ]]; then
         mkdir -p "$work/run"
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
-            DATE="$work/tools/date" CURL="$work/tools/curl" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
+            DATE="$work/tools/date" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
             VMLINUX="$kdir/vmlinux" PEERS="$peers" TOOLS="$work/tools" BENCH_TRANSPORT="${BENCH_TRANSPORT:-}" \
             CAPSULE_BASE="${base:+$work/capsule-base}" \
             BENCH_RUNS="$runs" WORK="$work/run" sh "$work/bench-run.sh" | tee "$results" >&2
@@ -307,7 +305,7 @@ main() {
 #!/bin/sh
 mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
-export DATE=/capsule/tools/date CURL=/capsule/tools/curl BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
+export DATE=/capsule/tools/date BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools BENCH_EXITS='${BENCH_EXITS:-}'
 export BENCH_TRANSPORT='${BENCH_TRANSPORT:-}' CAPSULE_BASE='$l1_base'
 export BENCH_RUNS=$runs WORK=/tmp/bench
@@ -364,6 +362,7 @@ EOF
     }
     row "process start -> guest userspace, ms" ready_ms 1
     row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024
+    row "start -> API socket accepts, ms" socket_ms 1
     row "start -> API socket answers, ms" api_ms 1
     local m cpu
     read -r -a m <<<"$(value capsule marker_ms | min_median_max %.1f)"

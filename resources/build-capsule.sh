@@ -4,7 +4,7 @@
 # Runs, in the repository root,
 #   RUSTFLAGS="-C target-feature=+crt-static" \
 #     cargo build --release --target x86_64-unknown-linux-gnu \
-#       --bin capsule --bin capsule-vsock
+#       --bin capsule --bin capsule-vsock --bin capsule-api-probe
 # (glibc static libraries come from libc6-dev) and checks that the result
 # has no program interpreter, so it can be copied alone into the L1 guest of
 # the nested harness. Cargo's own incremental build is the cache.
@@ -12,7 +12,8 @@
 # Usage: resources/build-capsule.sh
 # Env:   CARGO (default cargo), CAPSULE_SKIP_DEPS=1 (skip install-deps)
 # Prints the path of the capsule binary on stdout; capsule-vsock (the boot
-# tests' vsock relay) is next to it.
+# tests' vsock relay) and capsule-api-probe (bench-boot's API timer) are
+# next to it.
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
@@ -31,7 +32,7 @@ log "cargo build --release --target $target (static)"
     cd "$CAPSULE_REPO_DIR"
     RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
         "$cargo" build --release --target "$target" -p capsule -p guest-init \
-            --bin capsule --bin capsule-vsock >&2
+            --bin capsule --bin capsule-vsock --bin capsule-api-probe >&2
 )
 target_dir="$(cd "$CAPSULE_REPO_DIR" && "$cargo" metadata --format-version 1 --no-deps 2>/dev/null |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
