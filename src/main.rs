@@ -447,7 +447,14 @@ fn run(args: RunArgs) -> u8 {
         None => None,
     };
     let api_sock = match (&args.api_sock, &reg) {
-        (Some(p), _) => Some(p.clone()),
+        (Some(p), Some(r)) => {
+            if let Err(e) = r.link_api_socket(p) {
+                eprintln!("capsule: error: {e}");
+                return status::ERROR;
+            }
+            Some(p.clone())
+        }
+        (Some(p), None) => Some(p.clone()),
         (None, Some(r)) => Some(r.dir().join("api.sock")),
         (None, None) => None,
     };

@@ -6,9 +6,11 @@
 //! power-off: vCPUs stopped, devices dropped (TAP devices closed, passt
 //! ended), the runtime directory of a named VM removed, waiters told. The
 //! process then dies of the same signal ([`reraise_pending`]), so a parent
-//! still sees "killed by SIGTERM" (status 143 in a shell). With no VM
-//! running, or on a second signal while the first is being handled,
-//! capsule dies at once — with the terminal restored, as before.
+//! still sees "killed by SIGTERM" (status 143 in a shell). A capsule still
+//! waiting for its API to configure and start a VM ends the same way (the
+//! wait watches an eventfd too), so its socket file and runtime directory
+//! go. Otherwise with no VM running, or on a second signal while the first
+//! is being handled, capsule dies at once — with the terminal restored.
 //!
 //! `capsule exec` forwards signals to the command instead
 //! ([`forward_to`]): those of [`exec_proto::FORWARDED_SIGNALS`] are

@@ -1,14 +1,16 @@
 //! The CLI verbs on named, detached VMs against the real binary on
 //! /dev/kvm: `run -d`, `ls`, `pause`, `resume`, `logs`, `wait`, `stop`
-//! (with its SIGTERM fallback), and a stale runtime directory cleaned.
+//! (with its SIGTERM fallback), a stale runtime directory cleaned, and a
+//! VM still waiting for its API configuration stopped in order.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 mod common;
 use common::api::*;
-use common::run::{capsule, listed, ok};
+use common::run::{capsule, listed, ok, spawn_capsule, wait_or_kill};
 use common::{ctrl_alt_del_guest, halting_guest};
 
 #[test]
@@ -121,4 +123,37 @@ fn stale_runtime_dir_is_cleaned() {
     let out = capsule(&["ls", "--json"], None);
     assert!(!String::from_utf8_lossy(&out.stdout).contains(&name));
     assert!(!d.exists(), "stale directory not removed");
+}
+
+/// A named VM whose API is on a socket of the user's choosing (`--name N
+/// --api-sock PATH`) is reachable by the verbs (its runtime directory's
+/// `api.sock` leads there), and `stop` on it before any configuration came
+/// (Ctrl-Alt-Del is refused, so SIGTERM follows) ends it in order: it dies
+/// of SIGTERM and leaves neither its socket file nor its runtime
+/// directory behind. (Such a signal used to kill capsule where it stood.)
+#[test]
+fn a_vm_waiting_for_its_api_is_reachable_and_stops_in_order() {
+    let name = format!("apiwait-{}", std::process::id());
+    let sock = tmp("apiwait.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = spawn_capsule(
+        &["run", "--name", &name, "--api-sock", sock.to_str().unwrap()],
+        &[],
+    );
+    wait_for_socket(&sock);
+    let me = listed(&name);
+    assert_eq!(me["state"], "Not started", "{me}");
+    let dir = PathBuf::from(me["dir"].as_str().unwrap());
+    let out = capsule(&["stop", &name, "--timeout", "1"], None);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let out = wait_or_kill(child, 10);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGTERM),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sock.exists(), "API socket file left behind");
+    assert!(!dir.exists(), "runtime directory left behind");
 }

@@ -19,9 +19,10 @@ pub mod snapshot;
 pub mod types;
 
 use std::convert::Infallible;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -223,7 +224,12 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
     }
     let mut vmm = match ctl.take_started() {
         Some(vmm) => vmm,
-        None => wait_for_start(&mut ctl, rx.as_ref())?,
+        None => match wait_for_start(&mut ctl, rx.as_ref(), &wake)? {
+            Some(vmm) => vmm,
+            // The socket file (and a named VM's runtime directory) go as
+            // this returns; main then dies of the signal.
+            None => return Ok(GuestExit::Stopped),
+        },
     };
     vmm.add_subscriber(Arc::new(Mutex::new(Waker(wake))));
     if let Some(f) = opts.on_started.take() {
@@ -245,21 +251,80 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
     }
 }
 
-/// Serves API calls until one starts the VM; returns it.
-fn wait_for_start(ctl: &mut Controller, rx: Option<&Receiver<Call>>) -> Result<Vmm, Error> {
+/// Serves API calls until one starts the VM; returns it, or `None` if a
+/// termination signal (SIGTERM, SIGINT, SIGHUP) came first. Such a signal
+/// used to kill capsule where it stood, leaving the API socket file and a
+/// named VM's runtime directory behind; now it ends the wait in order.
+fn wait_for_start(
+    ctl: &mut Controller,
+    rx: Option<&Receiver<Call>>,
+    calls: &EventFd,
+) -> Result<Option<Vmm>, Error> {
     let rx = rx.ok_or(Error::NothingToRun)?;
+    let stop = devices::eventfd().map_err(Error::Wake)?;
+    let _signal_wake = crate::signals::wake_on_signal(&stop);
     loop {
-        let call = rx.recv().map_err(|_| Error::ApiGone)?;
+        if let Some(sig) = crate::signals::pending() {
+            log::info!(
+                "{} before the VM started: stopping",
+                crate::signals::name(sig)
+            );
+            return Ok(None);
+        }
+        let call = match rx.try_recv() {
+            Ok(call) => call,
+            Err(TryRecvError::Disconnected) => return Err(Error::ApiGone),
+            Err(TryRecvError::Empty) => {
+                wait_readable(calls, &stop).map_err(Error::Wake)?;
+                continue;
+            }
+        };
         let reply = ctl.handle(call.request, None);
         let started = ctl.take_started();
         if started.is_some() {
             log::info!("API: InstanceStart done");
         }
         let _ = call.reply.send(reply);
-        if let Some(vmm) = started {
-            return Ok(vmm);
+        if started.is_some() {
+            return Ok(started);
         }
     }
+}
+
+/// Blocks until `calls` (the API thread's "a call is queued") or `stop`
+/// (a termination signal) is readable, or for a second (so an API thread
+/// that ended is noticed: its channel is then disconnected), and consumes
+/// `calls`' count. The API thread queues a call before it writes the
+/// eventfd, so the caller's next look at the channel finds every call the
+/// count stood for.
+fn wait_readable(calls: &EventFd, stop: &EventFd) -> std::io::Result<()> {
+    let mut fds = [
+        libc::pollfd {
+            fd: calls.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: poll(2) on two pollfd structs that live across the call,
+    // with their count; it writes only their `revents`.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
+    if n < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted {
+            Ok(())
+        } else {
+            Err(e)
+        };
+    }
+    if fds[0].revents & libc::POLLIN != 0 {
+        let _ = calls.read();
+    }
+    Ok(())
 }
 
 /// Answers the API calls waiting for the running VM.

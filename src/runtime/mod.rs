@@ -4,7 +4,8 @@
 //! `$TMPDIR/capsule-UID` ([`root`]); it holds
 //!
 //! * `pid`: the capsule process, as `PID START BOOT_ID` ([`process`]);
-//! * `api.sock`: its API socket;
+//! * `api.sock`: its API socket (a symbolic link to it when `run
+//!   --api-sock` put it elsewhere);
 //! * `wait.sock`: `capsule wait` connects here and receives the exit status;
 //! * `console.log`, `console.in` (detached VMs): serial output, and a FIFO
 //!   feeding serial input.
@@ -206,6 +207,15 @@ impl Registration {
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Makes the directory's `api.sock` a symbolic link to `socket`, for a
+    /// VM whose API is served elsewhere (`run --name N --api-sock PATH`),
+    /// so that the verbs (`ls`, `stop`, `pause`, ...) reach it there.
+    pub fn link_api_socket(&self, socket: &Path) -> Result<(), Error> {
+        let target = std::path::absolute(socket).map_err(Error::io("resolve", socket))?;
+        let link = self.dir.join("api.sock");
+        std::os::unix::fs::symlink(&target, &link).map_err(Error::io("create", link))
     }
 
     /// Tells every `capsule wait` the exit status; the directory goes when
