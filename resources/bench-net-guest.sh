@@ -28,7 +28,9 @@
 #      loopback: the same transfers between two processes here, no VM),
 #      FC and CH
 #      (those VMMs' commands), VMLINUX (the
-#      vmlinux of BZIMAGE's build, for them)
+#      vmlinux of BZIMAGE's build, for them), SCRIPT (util-linux `script`,
+#      which gives Cloud Hypervisor a terminal; default: the one next to
+#      QEMU, as bench-net.sh copies it)
 set -u
 # A VMM that ended early must not end this script with SIGPIPE when the
 # next line is typed to it.
@@ -38,6 +40,7 @@ MIB="${BENCH_MIB:-64}"
 RUNS="${BENCH_RUNS:-10}"
 CPUS="${BENCH_CPUS:-1}"
 CMDLINE="console=ttyS0 reboot=k panic=1 quiet"
+SCRIPT="${SCRIPT:-$(dirname "${QEMU:-/}")/script}"
 WORK="$(mktemp -d /tmp/bench-net.XXXXXX)"
 # shellcheck source=resources/kvm-host.sh
 . "$(dirname "$0")/kvm-host.sh"
@@ -108,7 +111,14 @@ stalled() {
     echo "bench-net: progress: $_vmm: $1 did not finish; stopping $_vmm"
     grep -v 'serial: FIFO' "$_d/err" | tail -n 6 | sed "s/^/bench-net:   $_vmm: /"
     _stalled=1
+    kill_vmm
+}
+
+# kill_vmm: SIGKILL to the VMM (and for Cloud Hypervisor, which runs under
+# `script`, to it too: it would outlive its terminal).
+kill_vmm() {
     kill -9 "$_pid" 2>/dev/null
+    [ "$_vmm" != cloud-hypervisor ] || pkill -9 -f "cloud-hypervisor --kernel" 2>/dev/null
 }
 
 # listening PORTHEX: true once /proc/net/tcp shows a listening socket on
@@ -166,7 +176,7 @@ start_vmm() {
         echo "bench-net: $_vmm: the guest did not boot; last output:"
         tail -n 20 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
         exec 3>&-
-        kill -9 "$_pid" 2>/dev/null
+        kill_vmm
         wait "$_pid" 2>/dev/null
         return 1
     fi
@@ -187,7 +197,7 @@ stop_vmm() {
         sleep 1
         _i=$((_i + 1))
     done
-    kill -9 "$_pid" 2>/dev/null
+    kill_vmm
     exec 3>&-
     wait "$_pid" 2>/dev/null
 }
@@ -331,10 +341,13 @@ EOF
         ;;
     cloud-hypervisor)
         # The TAP exists (tap_up) with the host's address; the same given
-        # here, or Cloud Hypervisor would set its own default on it.
-        measure cloud-hypervisor chb0 "$CH" --kernel "$VMLINUX" --initramfs "$INITRD" \
-            --cmdline "$CMDLINE" --cpus boot="$CPUS" --memory size=512M \
-            --serial tty --console off --net tap=chb0,ip=10.9.0.1,mask=255.255.255.0
+        # here, or Cloud Hypervisor would set its own default on it. It
+        # takes serial input only from a terminal (with --serial tty), so
+        # util-linux `script` runs it on a pseudo-terminal fed by the
+        # bench's typed lines.
+        measure cloud-hypervisor chb0 "$SCRIPT" -q -e -c "$CH --kernel $VMLINUX --initramfs $INITRD \
+            --cmdline '$CMDLINE' --cpus boot=$CPUS --memory size=512M \
+            --serial tty --console off --net tap=chb0,ip=10.9.0.1,mask=255.255.255.0" /dev/null
         ;;
     esac
 }

@@ -50,7 +50,8 @@ log "mode: $mode"
 work="$(mktemp -d "${TMPDIR:-/tmp}/capsule-bench-net.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 
-copy_tools "$work/tools" qemu-system-x86_64
+# script: Cloud Hypervisor reads serial input only from a terminal.
+copy_tools "$work/tools" qemu-system-x86_64 script
 peers="$(copy_peers "$work/tools")"
 copy_qemu_firmware "$work/qemu-fw"
 
