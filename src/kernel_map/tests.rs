@@ -346,3 +346,59 @@ fn a_file_open_for_writing_gets_no_lease() {
         Err(NotMapped::Lease(_))
     ));
 }
+
+#[test]
+fn a_mapped_initrd_reads_like_a_copied_one_up_to_a_zero_tail_and_settles() {
+    // 10,000 bytes: two whole pages and part of a third.
+    let bytes: Vec<u8> = (0..10_000u64).map(pattern).collect();
+    let (file, ram) = setup(&bytes);
+    let f = open_leasable(&file);
+    let at = 5 * MIB;
+    let map = KernelMap::initrd(ram.memory(), &f, at).unwrap();
+    assert_eq!(map.mapped_bytes(), 3 * 4096);
+    let host = ram.memory().get_host_address(GuestAddress(at)).unwrap() as usize;
+    assert!(mapped_file(host).ends_with(&*file.to_string_lossy()));
+    let mut got = vec![0u8; 3 * 4096];
+    ram.memory().read_slice(&mut got, GuestAddress(at)).unwrap();
+    assert_eq!(&got[..10_000], &bytes[..], "the archive");
+    assert!(got[10_000..].iter().all(|&b| b == 0), "past its end");
+    // The guest frees and reuses the pages: its writes stay in guest RAM.
+    ram.memory()
+        .write_obj(0xabu8, GuestAddress(at + 1))
+        .unwrap();
+    assert_eq!(std::fs::read(&*file).unwrap()[1], pattern(1));
+
+    map.settle().unwrap();
+    assert_eq!(mapped_file(host), "", "anonymous after settling");
+    std::fs::write(&*file, b"").unwrap();
+    ram.memory().read_slice(&mut got, GuestAddress(at)).unwrap();
+    assert_eq!(got[1], 0xab);
+    assert_eq!(&got[2..10_000], &bytes[2..], "kept after the file went");
+}
+
+#[test]
+fn an_initrd_that_cannot_be_mapped_is_refused_whole() {
+    let (file, ram) = setup(&[7u8; 100]);
+    let f = open_leasable(&file);
+    // Not page-aligned, or past guest RAM (8 MiB): nothing mapped.
+    assert!(matches!(
+        KernelMap::initrd(ram.memory(), &f, 5 * MIB + 8),
+        Err(NotMapped::Layout)
+    ));
+    assert!(matches!(
+        KernelMap::initrd(ram.memory(), &f, 8 * MIB),
+        Err(NotMapped::Memory)
+    ));
+    // An empty file.
+    let (empty, _) = setup(b"");
+    let e = open_leasable(&empty);
+    assert!(matches!(
+        KernelMap::initrd(ram.memory(), &e, 5 * MIB),
+        Err(NotMapped::Layout)
+    ));
+    let host = ram
+        .memory()
+        .get_host_address(GuestAddress(5 * MIB))
+        .unwrap() as usize;
+    assert_eq!(mapped_file(host), "", "guest RAM still anonymous");
+}

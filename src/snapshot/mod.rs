@@ -411,8 +411,9 @@ pub fn create(
         return Err(Error::Unsupported(why));
     }
     // The memory file leaves out pages never faulted in, which are zero
-    // in anonymous RAM but the file's bytes in a file-mapped kernel.
-    vmm.settle_kernel_map()?;
+    // in anonymous RAM but the file's bytes in a file-mapped kernel or
+    // initrd.
+    vmm.settle_file_maps()?;
     let diff = match kind {
         Kind::Full => None,
         Kind::Diff => Some(diff_memory(vmm)?),
