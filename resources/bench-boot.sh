@@ -18,7 +18,8 @@
 #     answers (capsule-api-probe, trying every 100 us; capsule and
 #     Firecracker `GET /`, Cloud Hypervisor `GET /api/v1/vmm.ping`, each
 #     VMM started with only its API socket), and capsule's main() -> API
-#     ready from its own log;
+#     ready from its own log; its floor, "limit": the same for the
+#     smallest static server (capsule-api-probe --serve), no VMM;
 #   - the cost of confinement: capsule as always (seccomp filters and
 #     Landlock) beside `capsule-open` (--no-seccomp --no-landlock) and
 #     `capsule-jail` (the default plus --jail, as root), same runs,
@@ -226,6 +227,7 @@ api() {
         err="$WORK/api.err"
         set -- "$1" "$bin" run --api-sock "$sock" ;;
     firecracker) set -- "$1" "$FC" --no-seccomp --api-sock "$sock" ;;
+    limit) set -- "$1" "$TOOLS/capsule-api-probe" --serve "$sock" ;;
     cloud-hypervisor)
         url=/api/v1/vmm.ping
         set -- "$1" "$CH" --api-socket path="$sock" ;;
@@ -261,6 +263,7 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
     api capsule
     [ -z "${CAPSULE_BASE:-}" ] || api capsule-base
     for p in $PEERS; do api "$p"; done
+    api limit
 done
 RUNNER
     chmod 755 "$1"
@@ -375,6 +378,8 @@ EOF
     local al
     read -r -a al <<<"$(value capsule api_log_ms | min_median_max %.1f)"
     printf '%-44s %26s %26s %8s\n' "capsule: main() -> API ready (its log), ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
+    read -r -a al <<<"$(value limit api_ms | min_median_max %.1f)"
+    printf '%-44s %26s %26s %8s\n' "limit: start -> a minimal server answers, ms" "${al[0]} / ${al[1]} / ${al[2]}" "n/a" "-"
 
     steps_table "capsule $base"
 

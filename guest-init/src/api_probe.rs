@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! capsule-api-probe [--stderr FILE] SOCKET URL_PATH COMMAND [ARGS...]
+//! capsule-api-probe --serve SOCKET
 //! ```
 //!
 //! Starts `COMMAND ARGS...` (output discarded, or its stderr written to
@@ -17,6 +18,12 @@
 //! every VMM the same way to a fraction of a millisecond. Statuses: 0 an
 //! answer was read, 1 none within 20 s or the command could not start, 2
 //! usage.
+//!
+//! `--serve SOCKET` is the smallest server the probe can time: it binds
+//! `SOCKET` and answers every request `200 OK` until killed. Timed as a
+//! VMM (`capsule-api-probe SOCKET / capsule-api-probe --serve SOCKET`), it
+//! is the bench's floor for this row: starting a static program that
+//! answers on a Unix socket, and nothing else.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -32,6 +39,9 @@ const PAUSE: Duration = Duration::from_micros(100);
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() == 2 && args[0] == "--serve" {
+        return serve(&args[1]);
+    }
     let mut stderr = Stdio::null();
     if args.len() > 1 && args[0] == "--stderr" {
         match std::fs::File::create(&args[1]) {
@@ -94,6 +104,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Answers `200 OK` to each request on a socket bound at `path`, one
+/// connection at a time, until killed.
+fn serve(path: &str) -> ExitCode {
+    let listener = match std::os::unix::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("capsule-api-probe: cannot bind {path}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    for stream in listener.incoming() {
+        let Ok(mut s) = stream else { continue };
+        let mut buf = [0u8; 4096];
+        // One read holds a probe's whole request.
+        if matches!(s.read(&mut buf), Ok(n) if n > 0) {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 /// Sends `request` on `s` and reads the status line: true for `2xx`.
