@@ -321,6 +321,158 @@ fn load_with_network_overrides_uses_the_new_tap() {
     );
 }
 
+/// Boots the alphabet guest over the API as `name`, configured by the
+/// `puts` (path, body) on top of its boot source, pauses it and
+/// snapshots it (`PUT /snapshot/create`) into the directory `name` in
+/// [`tmp`], which it returns. The VM is gone on return (its disks
+/// unlocked).
+fn snapshot_over_api(name: &str, puts: &[(&str, String)]) -> PathBuf {
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let dir = tmp(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let vm = api_vm(
+        tmp(&format!("{name}.sock")),
+        &[],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    let start = r#"{"action_type": "InstanceStart"}"#.to_string();
+    let pause = r#"{"state":"Paused"}"#.to_string();
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let steps = [("PUT", "/boot-source", &boot)]
+        .into_iter()
+        .chain(puts.iter().map(|(path, body)| ("PUT", *path, body)))
+        .chain([
+            ("PUT", "/actions", &start),
+            ("PATCH", "/vm", &pause),
+            ("PUT", "/snapshot/create", &create),
+        ]);
+    for (method, path, body) in steps {
+        let (st, resp) = vm.req(method, path, Some(body));
+        assert_eq!(st, 204, "{method} {path}: {resp}");
+    }
+    dir
+}
+
+/// A new capsule serving the API as `name` (its console to `out`, its
+/// log at `info` to `err`), with the snapshot in `dir` loaded and
+/// resumed (`PUT /snapshot/load`).
+fn load_over_api(dir: &Path, name: &str, out: &Path, err: &Path) -> common::api::Vmm {
+    let vm = api_vm(
+        tmp(&format!("{name}.sock")),
+        &[("CAPSULE_LOG", "info")],
+        std::fs::File::create(out).unwrap().into(),
+        std::fs::File::create(err).unwrap().into(),
+    );
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
+    let log = std::fs::read_to_string(err).unwrap_or_default();
+    assert_eq!(st, 204, "{body}\n{log}");
+    vm
+}
+
+/// Whether process `pid` has `path` open.
+fn holds_open(pid: u32, path: &Path) -> bool {
+    let path = path.canonicalize().unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+}
+
+/// A VM restored over the API answers for its drive as the VM it was
+/// saved from did: `PATCH /drives/{id}` swaps the image (capsule then
+/// holds the new file open and the old one no more) and sets new limits,
+/// `GET /vm/config` reports the drive as it now is, and the guest goes on.
+#[test]
+fn a_restored_vm_swaps_its_drive_and_takes_new_limits() {
+    let pid = std::process::id();
+    let name = format!("swap-{pid}");
+    let (disk, disk2) = (tmp(&format!("{name}.img")), tmp(&format!("{name}-new.img")));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&disk2, vec![1u8; 2 << 20]).unwrap();
+    let drive = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false,
+            "rate_limiter": {{"ops": {{"size": 1000, "refill_time": 1000}}}}}}"#,
+        disk.display()
+    );
+    let dir = snapshot_over_api(&name, &[("/drives/data", drive)]);
+
+    let (out, err) = (tmp(&format!("{name}.out")), tmp(&format!("{name}.err")));
+    let vm = load_over_api(&dir, &format!("{name}-restored"), &out, &err);
+    let capsule_pid = vm.child.id();
+    assert!(
+        holds_open(capsule_pid, &disk),
+        "the restored VM has no disk"
+    );
+    let swap = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}"}}"#,
+        disk2.display()
+    );
+    let (st, body) = vm.req("PATCH", "/drives/data", Some(&swap));
+    assert_eq!(st, 204, "PATCH /drives/data (new image): {body}");
+    assert!(
+        holds_open(capsule_pid, &disk2) && !holds_open(capsule_pid, &disk),
+        "the restored VM's drive is not on the new image"
+    );
+    let limits = r#"{"drive_id": "data", "rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100}}}"#;
+    let (st, body) = vm.req("PATCH", "/drives/data", Some(limits));
+    assert_eq!(st, 204, "PATCH /drives/data (limits): {body}");
+    let (st, body) = vm.req("GET", "/vm/config", None);
+    assert_eq!(st, 200, "{body}");
+    let drive = &common::api::json(&body)["drives"][0];
+    assert_eq!(drive["drive_id"], "data", "{body}");
+    assert_eq!(drive["path_on_host"], disk2.to_str().unwrap(), "{body}");
+    assert_eq!(drive["rate_limiter"]["bandwidth"]["size"], 4096, "{body}");
+    assert!(wait_file_len(&out, 3), "the restored guest printed nothing");
+}
+
+/// A VM restored over the API answers for its network interface as the
+/// VM it was saved from did: `PATCH /network-interfaces/{id}` sets new
+/// limits and `GET /vm/config` reports them. Needs root and
+/// /dev/net/tun, like the tests above.
+#[test]
+fn a_restored_vm_takes_new_network_limits() {
+    assert!(
+        Path::new("/dev/net/tun").exists(),
+        "this test needs /dev/net/tun (and root)"
+    );
+    let pid = std::process::id();
+    let name = format!("netlim-{pid}");
+    let tap = format!("csr{}", pid % 100_000);
+    let nic = format!(
+        r#"{{"iface_id": "eth0", "host_dev_name": "{tap}",
+            "tx_rate_limiter": {{"ops": {{"size": 1000, "refill_time": 1000}}}}}}"#
+    );
+    let dir = snapshot_over_api(&name, &[("/network-interfaces/eth0", nic)]);
+
+    let (out, err) = (tmp(&format!("{name}.out")), tmp(&format!("{name}.err")));
+    let vm = load_over_api(&dir, &format!("{name}-restored"), &out, &err);
+    let limits = r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 65536, "refill_time": 100}}}"#;
+    let (st, body) = vm.req("PATCH", "/network-interfaces/eth0", Some(limits));
+    assert_eq!(st, 204, "PATCH /network-interfaces/eth0: {body}");
+    let (st, body) = vm.req("GET", "/vm/config", None);
+    assert_eq!(st, 200, "{body}");
+    let nic = &common::api::json(&body)["network-interfaces"][0];
+    assert_eq!(nic["iface_id"], "eth0", "{body}");
+    assert_eq!(nic["host_dev_name"], tap.as_str(), "{body}");
+    assert_eq!(nic["rx_rate_limiter"]["bandwidth"]["size"], 65536, "{body}");
+}
+
 /// A VM whose network device answers for the metadata service keeps
 /// doing so when restored (`PUT /snapshot/load`): the snapshot holds the
 /// service's settings (V2, its address), not its data, as Firecracker's
@@ -329,67 +481,33 @@ fn load_with_network_overrides_uses_the_new_tap() {
 #[test]
 fn a_restored_vm_keeps_its_metadata_service_settings() {
     let pid = std::process::id();
-    let kernel = tmp(&format!("mmds-{pid}.elf"));
-    std::fs::write(&kernel, alphabet_guest()).unwrap();
-    let dir = tmp(&format!("mmds-{pid}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let tap = format!("csm{}", pid % 100_000);
-    let vm = api_vm(
-        tmp(&format!("mmds-{pid}.sock")),
-        &[],
-        Stdio::null(),
-        Stdio::null(),
-    );
-    let req = |method: &str, path: &str, body: &str| vm.req(method, path, Some(body));
-    let boot = format!(
-        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
-        kernel.display()
-    );
-    assert_eq!(req("PUT", "/boot-source", &boot).0, 204);
     let nic = format!(r#"{{"iface_id": "eth0", "host_dev_name": "{tap}"}}"#);
-    assert_eq!(req("PUT", "/network-interfaces/eth0", &nic).0, 204);
     let config =
         r#"{"network_interfaces": ["eth0"], "version": "V2", "ipv4_address": "169.254.170.2"}"#;
-    assert_eq!(req("PUT", "/mmds/config", config).0, 204);
-    assert_eq!(req("PUT", "/mmds", r#"{"id": "original"}"#).0, 204);
-    assert_eq!(
-        req("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#).0,
-        204
+    let dir = snapshot_over_api(
+        &format!("mmds-{pid}"),
+        &[
+            ("/network-interfaces/eth0", nic),
+            ("/mmds/config", config.to_string()),
+            ("/mmds", r#"{"id": "original"}"#.to_string()),
+        ],
     );
-    assert_eq!(req("PATCH", "/vm", r#"{"state":"Paused"}"#).0, 204);
-    let create = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-        dir.join("snapshot").display(),
-        dir.join("memory").display()
-    );
-    let (st, body) = req("PUT", "/snapshot/create", &create);
-    assert_eq!(st, 204, "{body}");
-    drop(vm);
     assert_eq!(
         state_json(&dir)["nets"][0]["mmds"],
         serde_json::json!({"v2": true, "ipv4": "169.254.170.2", "imds_compat": false})
     );
 
-    let err = tmp(&format!("mmds-{pid}.err"));
-    let vm = api_vm(
-        tmp(&format!("mmds2-{pid}.sock")),
-        &[("CAPSULE_LOG", "info")],
-        Stdio::null(),
-        std::fs::File::create(&err).unwrap().into(),
+    let (out, err) = (
+        tmp(&format!("mmds-{pid}.out")),
+        tmp(&format!("mmds-{pid}.err")),
     );
-    let load = format!(
-        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true}}"#,
-        dir.join("snapshot").display(),
-        dir.join("memory").display()
-    );
-    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
+    let vm = load_over_api(&dir, &format!("mmds2-{pid}"), &out, &err);
     let empty = vm.req("GET", "/mmds", None);
     let put = vm.req("PUT", "/mmds", Some(r#"{"id": "clone"}"#)).0;
     let data = vm.req("GET", "/mmds", None);
     drop(vm);
     let log = std::fs::read_to_string(&err).unwrap();
-    assert_eq!(st, 204, "{body}\n{log}");
     assert!(
         log.contains(&format!(
             "TAP {tap}, with the metadata service at 169.254.170.2"

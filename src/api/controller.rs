@@ -240,7 +240,7 @@ impl Controller {
                 "the microVM must be paused to create a snapshot (PATCH /vm Paused)",
             ));
         };
-        super::snapshot::create(vmm, p, &self.resources.iface_ids())
+        super::snapshot::create(vmm, p, &self.resources.device_ids())
     }
 
     /// `PUT /snapshot/load`: a new VM from a snapshot, only before any
@@ -258,13 +258,8 @@ impl Controller {
             return Err(VmmActionError::NoConsole);
         };
         match super::snapshot::load(&cfg, console) {
-            Ok(vmm) => {
-                self.started = Some(vmm);
-                self.state = if cfg.resume {
-                    State::Running
-                } else {
-                    State::Paused
-                };
+            Ok(restored) => {
+                self.restored(restored, cfg.resume);
                 log::info!("microVM restored from {}", cfg.snapshot_path.display());
                 Ok(VmmData::Empty)
             }
@@ -281,14 +276,23 @@ impl Controller {
         let Some(console) = self.take_console()? else {
             return Err(VmmActionError::NoConsole);
         };
-        let vmm = super::snapshot::load(cfg, console)?;
-        self.started = Some(vmm);
-        self.state = if cfg.resume {
+        let restored = super::snapshot::load(cfg, console)?;
+        self.restored(restored, cfg.resume);
+        Ok(())
+    }
+
+    /// Takes the VM restored from a snapshot, running if `resume`, with
+    /// its drives and network interfaces under the names the snapshot
+    /// gives them.
+    fn restored(&mut self, restored: crate::snapshot::restore::Restored, resume: bool) {
+        self.resources
+            .set_restored(&restored.ids, &restored.vmm.persist.config);
+        self.started = Some(restored.vmm);
+        self.state = if resume {
             State::Running
         } else {
             State::Paused
         };
-        Ok(())
     }
 
     /// A change to the configuration, which only exists before start.

@@ -129,12 +129,12 @@ pub fn route(method: &str, segments: &[&str], body: &[u8]) -> Option<Result<VmmA
     })
 }
 
-/// `PUT /snapshot/create` on the paused VM `vmm`; `iface_ids` name its
-/// network devices.
+/// `PUT /snapshot/create` on the paused VM `vmm`; `ids` name its drives
+/// and network devices.
 pub fn create(
     vmm: &mut Vmm,
     p: &SnapshotCreateParams,
-    iface_ids: &[String],
+    ids: &crate::snapshot::DeviceIds,
 ) -> Result<VmmData, VmmActionError> {
     let kind = match p.snapshot_type {
         Some(SnapshotType::Diff) => crate::snapshot::Kind::Diff,
@@ -145,7 +145,7 @@ pub fn create(
         kind,
         &PathBuf::from(&p.snapshot_path),
         &PathBuf::from(&p.mem_file_path),
-        iface_ids,
+        ids,
     )?;
     Ok(VmmData::Empty)
 }
@@ -203,8 +203,8 @@ pub fn restore_config(
     })
 }
 
-/// `PUT /snapshot/load`: the restored VM.
-pub fn load(cfg: &RestoreConfig, console: Console) -> Result<Vmm, VmmActionError> {
+/// `PUT /snapshot/load`: the restored VM and its devices' names.
+pub fn load(cfg: &RestoreConfig, console: Console) -> Result<restore::Restored, VmmActionError> {
     Ok(restore::restore(cfg, console)?)
 }
 

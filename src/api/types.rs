@@ -128,6 +128,15 @@ impl TokenBucket {
             refill_time_ms: self.refill_time,
         }
     }
+
+    /// The API's form of the device-side `bucket`.
+    pub fn from_bucket(bucket: &devices::rate_limiter::BucketConfig) -> Self {
+        Self {
+            size: bucket.size,
+            one_time_burst: (bucket.one_time_burst != 0).then_some(bucket.one_time_burst),
+            refill_time: bucket.refill_time_ms,
+        }
+    }
 }
 
 /// A rate limiter: bandwidth (bytes) and ops (requests) buckets.
@@ -149,6 +158,16 @@ impl RateLimiter {
             bandwidth: self.bandwidth.as_ref().map(TokenBucket::bucket),
             ops: self.ops.as_ref().map(TokenBucket::bucket),
         }
+    }
+
+    /// The API's form of the device-side `limits`; `None` if they limit
+    /// nothing.
+    pub fn from_limits(limits: &crate::config::Limits) -> Option<Self> {
+        let l = Self {
+            bandwidth: limits.bandwidth.as_ref().map(TokenBucket::from_bucket),
+            ops: limits.ops.as_ref().map(TokenBucket::from_bucket),
+        };
+        (l != Self::default()).then_some(l)
     }
 }
 

@@ -345,7 +345,7 @@ fn save(vmm: &mut Vmm, dir: &Path) -> Result<snapshot::CreateStats, Error> {
         snapshot::Kind::Full,
         &dir.join("snapshot"),
         &dir.join("memory"),
-        &[],
+        &snapshot::DeviceIds::default(),
     )?)
 }
 
@@ -396,7 +396,7 @@ pub fn run_snapshot(mut config: ExecConfig, dir: &Path) -> Result<Outcome, Error
         vsock: config.vm.vsock.clone(),
         ..Default::default()
     };
-    let mut vmm = snapshot::restore::restore(&restore, serial)?;
+    let mut vmm = snapshot::restore::restore(&restore, serial)?.vmm;
     vmm.add_subscriber(Arc::new(Mutex::new(link)));
     let end = vmm.run(Some(super::TICK), |_| lock(&session).check())?;
     let session = lock(&session);

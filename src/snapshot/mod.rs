@@ -105,6 +105,32 @@ pub struct DiskState {
     /// The overlay file's name (beside the snapshot file), if the disk
     /// had data outside its image.
     pub overlay_file: Option<String>,
+    /// The API's name for it, if the API named it (absent for disks from
+    /// the command line and in older snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drive: Option<DriveId>,
+}
+
+/// The API's name for a disk (`PUT /drives/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriveId {
+    /// Its `drive_id`.
+    pub id: String,
+    /// Whether it is the guest's root device (`is_root_device`).
+    pub root: bool,
+}
+
+/// The API's names for a VM's disks and network devices, in the guest's
+/// order. A snapshot keeps them, so that the restored VM answers
+/// `PATCH /drives/{id}` and `PATCH /network-interfaces/{id}` as the VM
+/// saved did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceIds {
+    /// One per disk, or none at all (disks from the command line have
+    /// no name).
+    pub drives: Vec<DriveId>,
+    /// The network devices' `iface_id`s; `eth0`, ... for those beyond.
+    pub ifaces: Vec<String>,
 }
 
 /// A network device as saved.
@@ -396,15 +422,15 @@ fn diff_memory(vmm: &mut Vmm) -> Result<DiffMemory, Error> {
 /// Writes a snapshot of the paused VM `vmm`: the state to
 /// `snapshot_path`, guest memory to `mem_path` (each through a temporary
 /// file renamed into place): all of it, or for [`Kind::Diff`] the pages
-/// written since the last Full snapshot. `iface_ids` name the network
-/// devices for `network_overrides` (the API's ids; `eth0`, ... when
-/// shorter).
+/// written since the last Full snapshot. `ids` are the API's names of
+/// the disks and network devices (the nets' are the restore's
+/// `network_overrides` keys).
 pub fn create(
     vmm: &mut Vmm,
     kind: Kind,
     snapshot_path: &Path,
     mem_path: &Path,
-    iface_ids: &[String],
+    ids: &DeviceIds,
 ) -> Result<CreateStats, Error> {
     let started = Instant::now();
     if let Some(why) = vmm.persist.unsupported {
@@ -419,7 +445,7 @@ pub fn create(
         Kind::Diff => Some(diff_memory(vmm)?),
     };
     let id = new_id();
-    let state = save_state(vmm, id, diff, snapshot_path, iface_ids)?;
+    let state = save_state(vmm, id, diff, snapshot_path, ids)?;
     let mem_written = match &state.diff {
         None => memfile::write_memory(&vmm.ram, mem_path)?,
         Some(d) => memfile::write_pages(&vmm.ram, mem_path, &d.runs)?,
@@ -448,13 +474,14 @@ pub fn create(
 
 /// The state of the paused VM `vmm` (KVM's, the vCPUs', each device's;
 /// writable disks' overlays written beside `snapshot_path`), as snapshot
-/// `id` with the Diff's memory `diff`, if it is one.
+/// `id` with the Diff's memory `diff`, if it is one; its disks and
+/// network devices named `ids`.
 fn save_state(
     vmm: &Vmm,
     id: u64,
     diff: Option<DiffMemory>,
     snapshot_path: &Path,
-    iface_ids: &[String],
+    ids: &DeviceIds,
 ) -> Result<SnapshotState, Error> {
     let h = &vmm.persist;
     // Requests the io_uring engine has in flight complete first so that
@@ -478,7 +505,9 @@ fn save_state(
     });
     let mut disks = Vec::with_capacity(h.blocks.len());
     for (i, (block, config)) in h.blocks.iter().zip(&h.config.disks).enumerate() {
-        disks.push(save_disk(snapshot_path, i, block, config)?);
+        let mut disk = save_disk(snapshot_path, i, block, config)?;
+        disk.drive = ids.drives.get(i).cloned();
+        disks.push(disk);
     }
     let nets = h
         .config
@@ -487,7 +516,8 @@ fn save_state(
         .zip(&h.macs)
         .enumerate()
         .map(|(i, (n, mac))| NetState {
-            iface_id: iface_ids
+            iface_id: ids
+                .ifaces
                 .get(i)
                 .cloned()
                 .unwrap_or_else(|| format!("eth{i}")),
@@ -562,5 +592,6 @@ fn save_disk(
         config: config.clone(),
         block,
         overlay_file,
+        drive: None,
     })
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use devices::virtio::block::BlockError;
 
-use super::{format, CpuModel, Error, SnapshotState};
+use super::{format, CpuModel, DeviceIds, Error, SnapshotState};
 use crate::builder::{self, Console, Started};
 use crate::config::{DiskConfig, DiskMode, NetBackendConfig, NetConfig, Transport, VmConfig};
 use crate::vmm::Vmm;
@@ -314,8 +314,32 @@ fn explain_lock(e: builder::Error) -> Error {
     }
 }
 
+/// A VM restored from a snapshot, and what the snapshot names its devices.
+pub struct Restored {
+    /// The running (or paused) VM.
+    pub vmm: Vmm,
+    /// The API's names of its disks and network devices.
+    pub ids: DeviceIds,
+}
+
+/// The API's names of the devices of `state`: its disks' only if it
+/// names every one (a disk from the command line has no name).
+fn device_ids(state: &SnapshotState) -> DeviceIds {
+    DeviceIds {
+        drives: state
+            .disks
+            .iter()
+            .map(|d| d.drive.clone())
+            .collect::<Option<_>>()
+            .unwrap_or_default(),
+        ifaces: state.nets.iter().map(|n| n.iface_id.clone()).collect(),
+    }
+}
+
 /// Builds a VM from the snapshot of `cfg` with `console` as its console.
-pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
+/// Its disks and network devices are the VM's for changes while it runs
+/// (`Vmm::disk`, `Vmm::net`), as a booted VM's are.
+pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error> {
     let started_at = std::time::Instant::now();
     let (state, memory) = load(cfg)?;
     let config = vm_config(cfg, &state)?;
@@ -342,8 +366,8 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
     let exit = started.exit.clone();
     let mut devices = started.devices(&mut dm, &vm, mem, config.transport);
     devices.add_legacy(&exit, console)?;
-    devices.add_disks(&config.disks).map_err(explain_lock)?;
-    devices.add_nets(&config.nets)?;
+    let disks = devices.add_disks(&config.disks).map_err(explain_lock)?;
+    let nets = devices.add_nets(&config.nets)?;
     devices.add_entropy(config.entropy)?;
     let vsock = config
         .vsock
@@ -386,6 +410,8 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         builder::Parts {
             paused: !cfg.resume,
             vsock,
+            disks,
+            nets,
             // A VM restored from a Full snapshot is that snapshot but for
             // the pages it writes: the base of its Diffs.
             track_dirty: cfg
@@ -400,7 +426,10 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Vmm, Error> {
         started_at.elapsed().as_secs_f64() * 1000.0,
         if cfg.resume { "running" } else { "paused" }
     );
-    Ok(vmm)
+    Ok(Restored {
+        vmm,
+        ids: device_ids(&state),
+    })
 }
 
 /// Why a device's saved state could not be put back.
