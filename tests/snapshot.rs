@@ -442,8 +442,9 @@ fn a_restored_vm_swaps_its_drive_and_takes_new_limits() {
 }
 
 /// A VM restored over the API answers for its network interface as the
-/// VM it was saved from did: `PATCH /network-interfaces/{id}` sets new
-/// limits and `GET /vm/config` reports them. Needs root and
+/// VM it was saved from did: it keeps the limits it was saved with,
+/// `PATCH /network-interfaces/{id}` sets new ones and `GET /vm/config`
+/// reports both. Needs root and
 /// /dev/net/tun, like the tests above.
 #[test]
 fn a_restored_vm_takes_new_network_limits() {
@@ -471,6 +472,7 @@ fn a_restored_vm_takes_new_network_limits() {
     assert_eq!(nic["iface_id"], "eth0", "{body}");
     assert_eq!(nic["host_dev_name"], tap.as_str(), "{body}");
     assert_eq!(nic["rx_rate_limiter"]["bandwidth"]["size"], 65536, "{body}");
+    assert_eq!(nic["tx_rate_limiter"]["ops"]["size"], 1000, "{body}");
 }
 
 /// A VM whose network device answers for the metadata service keeps

@@ -147,6 +147,14 @@ pub struct NetState {
     /// need not share one instance's metadata).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mmds: Option<MmdsSettings>,
+    /// Its limits on what the guest receives (absent in older snapshots:
+    /// none).
+    #[serde(default)]
+    pub rx_limits: devices::rate_limiter::Limits,
+    /// Its limits on what the guest sends (absent in older snapshots:
+    /// none).
+    #[serde(default)]
+    pub tx_limits: devices::rate_limiter::Limits,
 }
 
 /// The metadata service's settings, as saved.
@@ -524,6 +532,8 @@ fn save_state(
             backend: n.backend.clone(),
             mac: *mac,
             mmds: n.mmds.as_ref().map(MmdsSettings::of),
+            rx_limits: n.rx_limits,
+            tx_limits: n.tx_limits,
         })
         .collect();
     Ok(SnapshotState {

@@ -236,8 +236,8 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
             .map(|n| NetConfig {
                 backend: n.backend.clone(),
                 mac: None,
-                rx_limits: Default::default(),
-                tx_limits: Default::default(),
+                rx_limits: n.rx_limits,
+                tx_limits: n.tx_limits,
                 mmds: None,
                 vhost: false,
             })
