@@ -5,8 +5,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::path::Path;
+
 use devices::exit::{ExitSignal, GuestExit};
 use devices::legacy::I8042;
+use devices::rate_limiter::Limits;
+use devices::virtio::block::BlockError;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 
 use crate::builder::{Error, Result};
@@ -218,15 +222,53 @@ impl Vmm {
         }
     }
 
-    /// Disk `index` (in the guest's order), for a change while it runs.
-    pub fn disk(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::block::Block>>> {
-        self.disks.get(index)
+    /// Changes disk `index` (in the guest's order) while the VM runs: a
+    /// new image at `image` (for the guest, a media change) and/or new
+    /// `limits`. The VM's configuration follows, so that a snapshot saves
+    /// the disk as it now is. `None` if the VM has no such disk.
+    pub fn change_disk(
+        &mut self,
+        index: usize,
+        image: Option<&Path>,
+        limits: Option<Limits>,
+    ) -> Option<std::result::Result<(), BlockError>> {
+        let mut disk = self
+            .disks
+            .get(index)?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let config = self.persist.config.disks.get_mut(index)?;
+        if let Some(path) = image {
+            if let Err(e) = disk.replace_image(path) {
+                return Some(Err(e));
+            }
+            config.path = path.to_owned();
+        }
+        if let Some(l) = limits {
+            disk.update_rate_limiter(l.bandwidth, l.ops);
+            config.limits = l;
+        }
+        Some(Ok(()))
     }
 
-    /// Network device `index` (in the guest's order); `None` also for a
-    /// vhost-net device, whose frames do not pass through capsule.
-    pub fn net(&self, index: usize) -> Option<&Arc<Mutex<devices::virtio::net::Net>>> {
-        self.nets.get(index).and_then(Option::as_ref)
+    /// New limits on what network device `index` (in the guest's order)
+    /// receives (`rx`) and sends (`tx`) while the VM runs (`None` leaves
+    /// a direction as it is); the VM's configuration follows, so that a
+    /// snapshot saves them. False if the VM has no such device (a
+    /// vhost-net device's frames do not pass through capsule).
+    pub fn change_net(&mut self, index: usize, rx: Option<Limits>, tx: Option<Limits>) -> bool {
+        let Some(net) = self.nets.get(index).and_then(Option::as_ref) else {
+            return false;
+        };
+        let Some(config) = self.persist.config.nets.get_mut(index) else {
+            return false;
+        };
+        net.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update_rate_limiters(rx, tx);
+        config.rx_limits = rx.unwrap_or(config.rx_limits);
+        config.tx_limits = tx.unwrap_or(config.tx_limits);
+        true
     }
 
     /// The balloon device, if the VM has one.

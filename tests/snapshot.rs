@@ -322,11 +322,11 @@ fn load_with_network_overrides_uses_the_new_tap() {
 }
 
 /// Boots the alphabet guest over the API as `name`, configured by the
-/// `puts` (path, body) on top of its boot source, pauses it and
-/// snapshots it (`PUT /snapshot/create`) into the directory `name` in
-/// [`tmp`], which it returns. The VM is gone on return (its disks
-/// unlocked).
-fn snapshot_over_api(name: &str, puts: &[(&str, String)]) -> PathBuf {
+/// `puts` (path, body) on top of its boot source and changed by the
+/// `patches` once it runs, pauses it and snapshots it (`PUT
+/// /snapshot/create`) into the directory `name` in [`tmp`], which it
+/// returns. The VM is gone on return (its disks unlocked).
+fn snapshot_over_api(name: &str, puts: &[(&str, String)], patches: &[(&str, String)]) -> PathBuf {
     let kernel = tmp(&format!("{name}.elf"));
     std::fs::write(&kernel, alphabet_guest()).unwrap();
     let dir = tmp(name);
@@ -352,8 +352,9 @@ fn snapshot_over_api(name: &str, puts: &[(&str, String)]) -> PathBuf {
     let steps = [("PUT", "/boot-source", &boot)]
         .into_iter()
         .chain(puts.iter().map(|(path, body)| ("PUT", *path, body)))
+        .chain([("PUT", "/actions", &start)])
+        .chain(patches.iter().map(|(path, body)| ("PATCH", *path, body)))
         .chain([
-            ("PUT", "/actions", &start),
             ("PATCH", "/vm", &pause),
             ("PUT", "/snapshot/create", &create),
         ]);
@@ -385,6 +386,24 @@ fn load_over_api(dir: &Path, name: &str, out: &Path, err: &Path) -> common::api:
     vm
 }
 
+/// Pauses the VM `vm` serves and snapshots it into the directory `name`
+/// in [`tmp`]; returns the snapshot's state.
+fn snapshot_again(vm: &common::api::Vmm, name: &str) -> serde_json::Value {
+    let dir = tmp(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (st, body) = vm.req("PATCH", "/vm", Some(r#"{"state":"Paused"}"#));
+    assert_eq!(st, 204, "{body}");
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let (st, body) = vm.req("PUT", "/snapshot/create", Some(&create));
+    assert_eq!(st, 204, "{body}");
+    state_json(&dir)
+}
+
 /// Whether process `pid` has `path` open.
 fn holds_open(pid: u32, path: &Path) -> bool {
     let path = path.canonicalize().unwrap();
@@ -410,7 +429,7 @@ fn a_restored_vm_swaps_its_drive_and_takes_new_limits() {
             "rate_limiter": {{"ops": {{"size": 1000, "refill_time": 1000}}}}}}"#,
         disk.display()
     );
-    let dir = snapshot_over_api(&name, &[("/drives/data", drive)]);
+    let dir = snapshot_over_api(&name, &[("/drives/data", drive)], &[]);
 
     let (out, err) = (tmp(&format!("{name}.out")), tmp(&format!("{name}.err")));
     let vm = load_over_api(&dir, &format!("{name}-restored"), &out, &err);
@@ -439,6 +458,48 @@ fn a_restored_vm_swaps_its_drive_and_takes_new_limits() {
     assert_eq!(drive["path_on_host"], disk2.to_str().unwrap(), "{body}");
     assert_eq!(drive["rate_limiter"]["bandwidth"]["size"], 4096, "{body}");
     assert!(wait_file_len(&out, 3), "the restored guest printed nothing");
+    // Its own snapshot names the drive as the first one did.
+    let state = snapshot_again(&vm, &format!("{name}-again"));
+    assert_eq!(
+        state["disks"][0]["drive"]["id"], "data",
+        "{}",
+        state["disks"]
+    );
+}
+
+/// A snapshot taken after `PATCH /drives/{id}` saves the drive as it then
+/// is: the VM restored from it is on the new image (of the old one's
+/// size, which a restore cannot tell apart) with the new limits.
+#[test]
+fn a_snapshot_after_a_drive_swap_keeps_the_new_image_and_limits() {
+    let pid = std::process::id();
+    let name = format!("swapsnap-{pid}");
+    let (disk, disk2) = (tmp(&format!("{name}.img")), tmp(&format!("{name}-new.img")));
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&disk2, vec![1u8; 1 << 20]).unwrap();
+    let drive = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false}}"#,
+        disk.display()
+    );
+    let swap = format!(
+        r#"{{"drive_id": "data", "path_on_host": "{}",
+            "rate_limiter": {{"bandwidth": {{"size": 4096, "refill_time": 100}}}}}}"#,
+        disk2.display()
+    );
+    let dir = snapshot_over_api(&name, &[("/drives/data", drive)], &[("/drives/data", swap)]);
+
+    let (out, err) = (tmp(&format!("{name}.out")), tmp(&format!("{name}.err")));
+    let vm = load_over_api(&dir, &format!("{name}-restored"), &out, &err);
+    let capsule_pid = vm.child.id();
+    assert!(
+        holds_open(capsule_pid, &disk2) && !holds_open(capsule_pid, &disk),
+        "the VM restored after a drive swap is not on the new image"
+    );
+    let (st, body) = vm.req("GET", "/vm/config", None);
+    assert_eq!(st, 200, "{body}");
+    let drive = &common::api::json(&body)["drives"][0];
+    assert_eq!(drive["path_on_host"], disk2.to_str().unwrap(), "{body}");
+    assert_eq!(drive["rate_limiter"]["bandwidth"]["size"], 4096, "{body}");
 }
 
 /// A VM restored over the API answers for its network interface as the
@@ -459,7 +520,7 @@ fn a_restored_vm_takes_new_network_limits() {
         r#"{{"iface_id": "eth0", "host_dev_name": "{tap}",
             "tx_rate_limiter": {{"ops": {{"size": 1000, "refill_time": 1000}}}}}}"#
     );
-    let dir = snapshot_over_api(&name, &[("/network-interfaces/eth0", nic)]);
+    let dir = snapshot_over_api(&name, &[("/network-interfaces/eth0", nic)], &[]);
 
     let (out, err) = (tmp(&format!("{name}.out")), tmp(&format!("{name}.err")));
     let vm = load_over_api(&dir, &format!("{name}-restored"), &out, &err);
@@ -473,6 +534,11 @@ fn a_restored_vm_takes_new_network_limits() {
     assert_eq!(nic["host_dev_name"], tap.as_str(), "{body}");
     assert_eq!(nic["rx_rate_limiter"]["bandwidth"]["size"], 65536, "{body}");
     assert_eq!(nic["tx_rate_limiter"]["ops"]["size"], 1000, "{body}");
+    // Its own snapshot keeps the interface's name and its new limits.
+    let state = snapshot_again(&vm, &format!("{name}-again"));
+    let net = &state["nets"][0];
+    assert_eq!(net["iface_id"], "eth0", "{net}");
+    assert_eq!(net["rx_limits"]["bandwidth"]["size"], 65536, "{net}");
 }
 
 /// A VM whose network device answers for the metadata service keeps
@@ -494,6 +560,7 @@ fn a_restored_vm_keeps_its_metadata_service_settings() {
             ("/mmds/config", config.to_string()),
             ("/mmds", r#"{"id": "original"}"#.to_string()),
         ],
+        &[],
     );
     assert_eq!(
         state_json(&dir)["nets"][0]["mmds"],

@@ -348,21 +348,17 @@ impl Controller {
             .resources
             .drive_index(&p.drive_id)
             .ok_or_else(no_such)?;
-        let disk = vmm.disk(index).ok_or_else(no_such)?;
-        let mut disk = disk.lock().unwrap_or_else(|e| e.into_inner());
+        let image = p.path_on_host.as_deref().map(std::path::Path::new);
+        let limits = p.rate_limiter.map(|r| r.limits());
+        vmm.change_disk(index, image, limits)
+            .ok_or_else(no_such)?
+            .map_err(|source| VmmActionError::DriveSwap {
+                id: p.drive_id.clone(),
+                source,
+            })?;
         if let Some(path) = &p.path_on_host {
-            disk.replace_image(std::path::Path::new(path))
-                .map_err(|source| VmmActionError::DriveSwap {
-                    id: p.drive_id.clone(),
-                    source,
-                })?;
             log::info!("drive {}: now {path}", p.drive_id);
         }
-        if let Some(r) = p.rate_limiter {
-            let l = r.limits();
-            disk.update_rate_limiter(l.bandwidth, l.ops);
-        }
-        drop(disk);
         self.resources.patched_drive(&p);
         Ok(VmmData::Empty)
     }
@@ -377,13 +373,10 @@ impl Controller {
             id: p.iface_id.clone(),
         };
         let index = self.resources.net_index(&p.iface_id).ok_or_else(no_such)?;
-        let net = vmm.net(index).ok_or_else(no_such)?;
-        net.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .update_rate_limiters(
-                p.rx_rate_limiter.map(|r| r.limits()),
-                p.tx_rate_limiter.map(|r| r.limits()),
-            );
+        let (rx, tx) = (p.rx_rate_limiter, p.tx_rate_limiter);
+        if !vmm.change_net(index, rx.map(|r| r.limits()), tx.map(|r| r.limits())) {
+            return Err(no_such());
+        }
         self.resources.patched_net(&p);
         Ok(VmmData::Empty)
     }

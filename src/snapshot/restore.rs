@@ -338,7 +338,7 @@ fn device_ids(state: &SnapshotState) -> DeviceIds {
 
 /// Builds a VM from the snapshot of `cfg` with `console` as its console.
 /// Its disks and network devices are the VM's for changes while it runs
-/// (`Vmm::disk`, `Vmm::net`), as a booted VM's are.
+/// (`Vmm::change_disk`, `Vmm::change_net`), as a booted VM's are.
 pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error> {
     let started_at = std::time::Instant::now();
     let (state, memory) = load(cfg)?;
