@@ -10,11 +10,6 @@
 //! the repository) the command-line table is also run against it, so the
 //! expectations here are checked to be Firecracker's own.
 
-#![allow(
-    clippy::cast_possible_truncation,
-    reason = "test fixtures cast small, known values"
-)]
-
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,7 +17,7 @@ use std::time::Duration;
 
 mod common;
 use common::api::{exit_or_kill, json, Vmm};
-use common::{ctrl_alt_del_guest, elf};
+use common::{ctrl_alt_del_guest, elf, elf_with_symbols};
 
 fn tmp(name: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fc-tests");
@@ -489,51 +484,6 @@ fn a_guest_without_acpi_that_halts_every_cpu_has_powered_off() {
         3,
     );
     assert_eq!(status, None, "{err}");
-}
-
-/// `elf(code)` with a symbol table naming `symbols` (and section headers
-/// for it), as a kernel built with symbols has.
-fn elf_with_symbols(code: &[u8], symbols: &[&str]) -> Vec<u8> {
-    let mut f = elf(code);
-    let mut strtab = vec![0u8];
-    let mut symtab = vec![0u8; 24];
-    for s in symbols {
-        let mut sym = [0u8; 24];
-        sym[..4].copy_from_slice(&(strtab.len() as u32).to_le_bytes());
-        sym[4] = 0x12; // global function
-        strtab.extend(s.as_bytes());
-        strtab.push(0);
-        symtab.extend(sym);
-    }
-    let shstrtab = b"\0.symtab\0.strtab\0.shstrtab\0".to_vec();
-    let mut place = |data: &[u8]| {
-        let at = f.len() as u64;
-        f.extend(data);
-        (at, data.len() as u64)
-    };
-    let sym = place(&symtab);
-    let str_ = place(&strtab);
-    let shstr = place(&shstrtab);
-    let shoff = f.len() as u64;
-    let header = |name: u32, kind: u32, (off, size): (u64, u64), link: u32, entsize: u64| {
-        let mut h = [0u8; 64];
-        h[0..4].copy_from_slice(&name.to_le_bytes());
-        h[4..8].copy_from_slice(&kind.to_le_bytes());
-        h[0x18..0x20].copy_from_slice(&off.to_le_bytes());
-        h[0x20..0x28].copy_from_slice(&size.to_le_bytes());
-        h[0x28..0x2c].copy_from_slice(&link.to_le_bytes());
-        h[0x38..0x40].copy_from_slice(&entsize.to_le_bytes());
-        h
-    };
-    f.extend([0u8; 64]);
-    f.extend(header(1, 2, sym, 2, 24)); // .symtab, strings in section 2
-    f.extend(header(9, 3, str_, 0, 0)); // .strtab
-    f.extend(header(17, 3, shstr, 0, 0)); // .shstrtab
-    f[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
-    f[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
-    f[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
-    f[0x3e..0x40].copy_from_slice(&3u16.to_le_bytes());
-    f
 }
 
 /// Prints its kernel command line (at 0x20000) on COM1, then `cli; hlt`.

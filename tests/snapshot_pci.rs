@@ -6,7 +6,7 @@
 //! is refused with one clear error. A snapshot of the older format (2,
 //! before the transport was saved) still restores.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
 use capsule::snapshot::format;
@@ -37,21 +37,6 @@ fn snapshot_with_transport(name: &str, dir: &Path, transport: &str) -> char {
     let last = pause_after_a_letter(name);
     snapshot_into(name, dir, &["--stop"]);
     last
-}
-
-/// A copy of snapshot `dir` as `tag` whose state `edit` changed, written
-/// with a right checksum (and the format version `version`).
-fn edited(dir: &Path, tag: &str, version: u32, edit: &dyn Fn(&mut serde_json::Value)) -> PathBuf {
-    let d = tmp(tag);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::copy(dir.join("memory"), d.join("memory")).unwrap();
-    let mut state: serde_json::Value = format::read(&dir.join("snapshot")).unwrap();
-    edit(&mut state);
-    let mut bytes = format::encode(&state).unwrap();
-    bytes[8..12].copy_from_slice(&version.to_le_bytes());
-    std::fs::write(d.join("snapshot"), bytes).unwrap();
-    d
 }
 
 /// `run --restore DIR` must fail with one error line saying `want`.

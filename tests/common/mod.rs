@@ -60,6 +60,52 @@ pub fn elf(code: &[u8]) -> Vec<u8> {
     f
 }
 
+/// `elf(code)` with a symbol table naming `symbols` (and section headers
+/// for it), as a kernel built with symbols has.
+pub fn elf_with_symbols(code: &[u8], symbols: &[&str]) -> Vec<u8> {
+    let mut f = elf(code);
+    let mut strtab = vec![0u8];
+    let mut symtab = vec![0u8; 24];
+    for s in symbols {
+        let mut sym = [0u8; 24];
+        let name = u32::try_from(strtab.len()).expect("a short string table");
+        sym[..4].copy_from_slice(&name.to_le_bytes());
+        sym[4] = 0x12; // global function
+        strtab.extend(s.as_bytes());
+        strtab.push(0);
+        symtab.extend(sym);
+    }
+    let shstrtab = b"\0.symtab\0.strtab\0.shstrtab\0".to_vec();
+    let mut place = |data: &[u8]| {
+        let at = f.len() as u64;
+        f.extend(data);
+        (at, data.len() as u64)
+    };
+    let sym = place(&symtab);
+    let str_ = place(&strtab);
+    let shstr = place(&shstrtab);
+    let shoff = f.len() as u64;
+    let header = |name: u32, kind: u32, (off, size): (u64, u64), link: u32, entsize: u64| {
+        let mut h = [0u8; 64];
+        h[0..4].copy_from_slice(&name.to_le_bytes());
+        h[4..8].copy_from_slice(&kind.to_le_bytes());
+        h[0x18..0x20].copy_from_slice(&off.to_le_bytes());
+        h[0x20..0x28].copy_from_slice(&size.to_le_bytes());
+        h[0x28..0x2c].copy_from_slice(&link.to_le_bytes());
+        h[0x38..0x40].copy_from_slice(&entsize.to_le_bytes());
+        h
+    };
+    f.extend([0u8; 64]);
+    f.extend(header(1, 2, sym, 2, 24)); // .symtab, strings in section 2
+    f.extend(header(9, 3, str_, 0, 0)); // .strtab
+    f.extend(header(17, 3, shstr, 0, 0)); // .shstrtab
+    f[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+    f[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+    f[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
+    f[0x3e..0x40].copy_from_slice(&3u16.to_le_bytes());
+    f
+}
+
 /// A guest that prints '.' on COM1 (with a short delay) until it reads
 /// Ctrl-Alt-Del's Delete make code (set 1, 0x53) from the i8042, then
 /// resets through it.

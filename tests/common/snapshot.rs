@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+
+use capsule::snapshot::format;
 use std::time::{Duration, Instant};
 
 use super::api::Vmm;
@@ -169,4 +171,99 @@ pub fn api_vm(sock: PathBuf, env: &[(&str, &str)], stdout: Stdio, stderr: Stdio)
         .stdout(stdout)
         .stderr(stderr);
     Vmm::spawn(command, sock)
+}
+
+/// A copy of snapshot `dir` as `tag` whose state `edit` changed, written
+/// with a right checksum (and the format version `version`).
+pub fn edited(
+    dir: &Path,
+    tag: &str,
+    version: u32,
+    edit: &dyn Fn(&mut serde_json::Value),
+) -> PathBuf {
+    let d = tmp(tag);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(dir.join("memory"), d.join("memory")).unwrap();
+    let mut state: serde_json::Value = format::read(&dir.join("snapshot")).unwrap();
+    edit(&mut state);
+    let mut bytes = format::encode(&state).unwrap();
+    bytes[8..12].copy_from_slice(&version.to_le_bytes());
+    std::fs::write(d.join("snapshot"), bytes).unwrap();
+    d
+}
+
+/// Boots the alphabet guest over the API as `name`, configured by the
+/// `puts` (path, body) on top of its boot source and changed by the
+/// `patches` once it runs, pauses it and snapshots it (`PUT
+/// /snapshot/create`) into the directory `name` in [`tmp`], which it
+/// returns. The VM is gone on return (its disks unlocked).
+pub fn snapshot_over_api(
+    name: &str,
+    puts: &[(&str, String)],
+    patches: &[(&str, String)],
+) -> PathBuf {
+    let kernel = tmp(&format!("{name}.elf"));
+    std::fs::write(&kernel, alphabet_guest()).unwrap();
+    let dir = tmp(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let vm = api_vm(
+        tmp(&format!("{name}.sock")),
+        &[],
+        Stdio::null(),
+        Stdio::null(),
+    );
+    let boot = format!(
+        r#"{{"kernel_image_path": "{}", "boot_args": "console=ttyS0"}}"#,
+        kernel.display()
+    );
+    let start = r#"{"action_type": "InstanceStart"}"#.to_string();
+    let pause = r#"{"state":"Paused"}"#.to_string();
+    let create = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let steps = [("PUT", "/boot-source", &boot)]
+        .into_iter()
+        .chain(puts.iter().map(|(path, body)| ("PUT", *path, body)))
+        .chain([("PUT", "/actions", &start)])
+        .chain(patches.iter().map(|(path, body)| ("PATCH", *path, body)))
+        .chain([
+            ("PATCH", "/vm", &pause),
+            ("PUT", "/snapshot/create", &create),
+        ]);
+    for (method, path, body) in steps {
+        let (st, resp) = vm.req(method, path, Some(body));
+        assert_eq!(st, 204, "{method} {path}: {resp}");
+    }
+    dir
+}
+
+/// A new capsule serving the API as `name` (its console to `out`, its
+/// log at `info` to `err`), with the snapshot in `dir` loaded and
+/// resumed (`PUT /snapshot/load`).
+pub fn load_over_api(dir: &Path, name: &str, out: &Path, err: &Path) -> Vmm {
+    load_over_api_with(dir, name, out, err, "")
+}
+
+/// [`load_over_api`] with `more` fields in the load's body (`,
+/// "track_dirty_pages": true`, ...).
+pub fn load_over_api_with(dir: &Path, name: &str, out: &Path, err: &Path, more: &str) -> Vmm {
+    let vm = api_vm(
+        tmp(&format!("{name}.sock")),
+        &[("CAPSULE_LOG", "info")],
+        std::fs::File::create(out).unwrap().into(),
+        std::fs::File::create(err).unwrap().into(),
+    );
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}", "resume_vm": true{more}}}"#,
+        dir.join("snapshot").display(),
+        dir.join("memory").display()
+    );
+    let (st, body) = vm.req("PUT", "/snapshot/load", Some(&load));
+    let log = std::fs::read_to_string(err).unwrap_or_default();
+    assert_eq!(st, 204, "{body}\n{log}");
+    vm
 }
