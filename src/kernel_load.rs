@@ -198,7 +198,7 @@ pub(crate) fn kernel_cmdline(
     if !pci_bus && !user.split_whitespace().any(|w| w.starts_with("pci=")) {
         cmdline.push_str(" pci=off");
     }
-    if no_acpi || user.split_whitespace().any(|w| w == "acpi=off") {
+    if no_acpi || acpi_off(user) {
         for dev in virtio_mmio {
             cmdline.push_str(&format!(
                 " virtio_mmio.device={}K@{:#x}:{}",
@@ -209,6 +209,11 @@ pub(crate) fn kernel_cmdline(
         }
     }
     cmdline
+}
+
+/// Whether kernel command line `cmdline` turns ACPI off (`acpi=off`).
+pub(crate) fn acpi_off(cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|w| w == "acpi=off")
 }
 
 /// Writes the command line; returns its size including the NUL.

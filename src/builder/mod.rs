@@ -436,7 +436,7 @@ fn write_boot_data(
         Some(rsdp),
     )
     .map_err(Error::ZeroPage)?;
-    Ok(no_acpi || config.cmdline.split_whitespace().any(|w| w == "acpi=off"))
+    Ok(no_acpi || crate::kernel_load::acpi_off(&config.cmdline))
 }
 
 /// Creates and configures the vCPUs (not started yet).

@@ -193,6 +193,8 @@ fn save_state(
             }),
             _ => None,
         },
+        // The halt watch is on exactly when the guest cannot read ACPI.
+        no_acpi: Some(vmm.watch_halt),
     })
 }
 

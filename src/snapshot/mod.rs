@@ -254,6 +254,22 @@ pub struct SnapshotState {
     /// The virtio-vsock device, if the VM has one (its transport is the
     /// last).
     pub vsock: Option<VsockState>,
+    /// Whether the guest cannot read ACPI tables (`acpi=off`, or a kernel
+    /// without ACPI): it powers off by halting every vCPU, which the
+    /// restored VM watches for as the saved one did. Absent in older
+    /// files: see [`SnapshotState::no_acpi`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_acpi: Option<bool>,
+}
+
+impl SnapshotState {
+    /// Whether the saved guest cannot read ACPI tables. An older file,
+    /// which does not say, is taken at its command line's word
+    /// (`acpi=off`): a kernel built without ACPI is not known from it.
+    pub fn no_acpi(&self) -> bool {
+        self.no_acpi
+            .unwrap_or_else(|| crate::kernel_load::acpi_off(&self.cmdline))
+    }
 }
 
 /// PCI bus 0 as saved (`--transport pci`).

@@ -409,6 +409,9 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error>
         persist,
         builder::Parts {
             paused: !cfg.resume,
+            // A guest without ACPI powers off by halting: watched for as
+            // in the VM saved.
+            no_acpi: state.no_acpi(),
             vsock,
             disks,
             nets,
