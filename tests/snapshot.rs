@@ -510,6 +510,7 @@ fn a_restored_vm_keeps_its_metadata_service_settings() {
     let empty = vm.req("GET", "/mmds", None);
     let put = vm.req("PUT", "/mmds", Some(r#"{"id": "clone"}"#)).0;
     let data = vm.req("GET", "/mmds", None);
+    let config = vm.req("GET", "/vm/config", None).1;
     drop(vm);
     let log = std::fs::read_to_string(&err).unwrap();
     assert!(
@@ -521,4 +522,8 @@ fn a_restored_vm_keeps_its_metadata_service_settings() {
     assert_eq!(empty, (200, "{}".to_string()));
     assert_eq!(put, 204);
     assert_eq!(data, (200, r#"{"id":"clone"}"#.to_string()));
+    // GET /vm/config reports the settings the snapshot kept.
+    let want = serde_json::json!({"version": "V2", "network_interfaces": ["eth0"],
+        "ipv4_address": "169.254.170.2", "imds_compat": false});
+    assert_eq!(common::api::json(&config)["mmds-config"], want, "{config}");
 }

@@ -282,11 +282,13 @@ impl Controller {
     }
 
     /// Takes the VM restored from a snapshot, running if `resume`, with
-    /// its drives and network interfaces under the names the snapshot
-    /// gives them.
+    /// the configuration of the VM saved (its devices under the names
+    /// the snapshot gives them).
     fn restored(&mut self, restored: crate::snapshot::restore::Restored, resume: bool) {
+        let (vmm, ids) = (&restored.vmm, &restored.ids);
+        let (config, boot) = (&vmm.persist.config, vmm.persist.boot.as_ref());
         self.resources
-            .set_restored(&restored.ids, &restored.vmm.persist.config);
+            .set_restored(ids, config, boot, vmm.dirty.is_some());
         self.started = Some(restored.vmm);
         self.state = if resume {
             State::Running

@@ -244,17 +244,25 @@ impl VmResources {
     /// API requests configure; `GET /machine-config` and `GET /vm/config`
     /// report its vCPUs, memory and boot source.
     pub fn set_direct(&mut self, config: VmConfig) {
+        self.set_shape(&config);
+        self.boot = Some(boot_source(
+            &config.kernel,
+            config.initrd.as_deref(),
+            &config.cmdline,
+        ));
+        self.balloon = config.balloon.map(super::balloon::Balloon::from_device);
+        self.direct = Some(config);
+    }
+
+    /// The machine configuration's vCPUs, memory and transport from
+    /// `config`, for a VM the API's requests did not shape (its
+    /// transport only when it is not the default: Firecracker's clients
+    /// see Firecracker's fields).
+    fn set_shape(&mut self, config: &VmConfig) {
         self.machine.vcpu_count = u64::from(config.vcpus);
         self.machine.mem_size_mib = config.mem_size >> 20;
         self.machine.transport =
             (config.transport != config::Transport::Mmio).then_some(config.transport);
-        self.boot = Some(BootSource {
-            kernel_image_path: config.kernel.display().to_string(),
-            boot_args: Some(config.cmdline.clone()),
-            initrd_path: config.initrd.as_ref().map(|p| p.display().to_string()),
-        });
-        self.balloon = config.balloon.map(super::balloon::Balloon::from_device);
-        self.direct = Some(config);
     }
 
     /// The transport used when the machine configuration names none
@@ -277,6 +285,7 @@ impl VmResources {
                 .map(|d| DriveId {
                     id: d.drive_id.clone(),
                     root: d.is_root_device,
+                    partuuid: d.partuuid.clone(),
                 })
                 .collect(),
             ifaces: self.iface_ids(),
@@ -379,6 +388,20 @@ impl VmResources {
             balloon: self.balloon.map(|b| b.device_config()),
             transport: self.machine.transport.unwrap_or(self.default_transport),
         })
+    }
+}
+
+/// The `PUT /boot-source` body of kernel `kernel`, initrd `initrd` and
+/// command line `cmdline`.
+fn boot_source(
+    kernel: &std::path::Path,
+    initrd: Option<&std::path::Path>,
+    cmdline: &str,
+) -> BootSource {
+    BootSource {
+        kernel_image_path: kernel.display().to_string(),
+        boot_args: Some(cmdline.to_owned()),
+        initrd_path: initrd.map(|p| p.display().to_string()),
     }
 }
 

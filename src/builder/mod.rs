@@ -192,6 +192,7 @@ pub(crate) fn handles(
             initramfs: None,
             ..config.clone()
         },
+        boot: crate::snapshot::BootFiles::of(config),
         serial: dm.serial.clone().expect("COM1 is attached first"),
         i8042: dm.i8042.clone().expect("the i8042 is attached first"),
         transports: dm.transports.clone(),

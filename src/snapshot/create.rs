@@ -176,6 +176,7 @@ fn save_state(
         cpu: CpuModel::host(),
         mem_size: h.config.mem_size,
         cmdline: h.config.cmdline.clone(),
+        boot: h.boot.clone(),
         vm,
         vcpus,
         serial: h.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),

@@ -115,6 +115,33 @@ pub struct DriveId {
     pub id: String,
     /// Whether it is the guest's root device (`is_root_device`).
     pub root: bool,
+    /// Its `partuuid`, if it was given one (absent in older snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+}
+
+/// The kernel and initrd a VM booted from. A restore opens neither (the
+/// guest is in the memory file); a snapshot keeps their names so that the
+/// restored VM reports them (`GET /vm/config`) and its own snapshots
+/// keep them too.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootFiles {
+    /// The kernel image.
+    pub kernel: PathBuf,
+    /// The initrd, if there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+}
+
+impl BootFiles {
+    /// The files `config` boots from; `None` for a configuration that
+    /// boots none (a restored VM's).
+    pub fn of(config: &VmConfig) -> Option<Self> {
+        (!config.kernel.as_os_str().is_empty()).then(|| Self {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+        })
+    }
 }
 
 /// The API's names for a VM's disks and network devices, in the guest's
@@ -226,6 +253,10 @@ pub struct SnapshotState {
     pub mem_size: u64,
     /// The kernel command line the guest booted with (information).
     pub cmdline: String,
+    /// The kernel and initrd the guest booted from (information; absent
+    /// in older snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<BootFiles>,
     /// irqchip, PIT, clock.
     pub vm: VmState,
     /// One per vCPU, in order.
@@ -295,6 +326,8 @@ pub struct VsockState {
 pub struct Handles {
     /// The configuration it was built (or restored) with.
     pub config: VmConfig,
+    /// The files it booted from (a restored VM's: as its snapshot says).
+    pub boot: Option<BootFiles>,
     /// COM1.
     pub serial: Arc<Mutex<SerialDevice>>,
     /// The keyboard controller.

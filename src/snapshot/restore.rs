@@ -400,7 +400,8 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error>
             .unwrap_or_else(|e| e.into_inner())
             .restored();
     }
-    let persist = builder::handles(&config, &dm, blocks, macs, None);
+    let mut persist = builder::handles(&config, &dm, blocks, macs, None);
+    persist.boot = state.boot.clone();
     let vmm = started.launch(
         vm,
         ram,
