@@ -14,14 +14,11 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use exec_proto::{HostMsg, MAX_PAYLOAD};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -42,57 +39,11 @@ const STREAM: u32 = 1;
 const WAKE: u32 = 2;
 const DATA: u32 = 3;
 
-/// A private (0700) directory for the session's sockets, removed (with
-/// what is left in it) when dropped.
-pub(super) struct PrivateDir(pub(super) PathBuf);
+mod dir;
+mod thread;
 
-impl PrivateDir {
-    /// Creates `capsule-exec.<pid>.<n>` in `$XDG_RUNTIME_DIR`, else the
-    /// temporary directory; never reuses an existing one.
-    pub(super) fn new() -> io::Result<Self> {
-        use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::var_os("XDG_RUNTIME_DIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .subsec_nanos();
-        let mut last = None;
-        for i in 0..16u32 {
-            let dir = base.join(format!(
-                "capsule-exec.{}.{}",
-                std::process::id(),
-                nanos.wrapping_add(i)
-            ));
-            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => {
-                    // Under Landlock (applied once the VM is set up) the
-                    // directory and its sockets must still be removable at
-                    // the end: its entries, and the directory in `base`.
-                    crate::landlock::allow(&dir, crate::landlock::Reach::ReadWrite);
-                    crate::landlock::allow(&base, crate::landlock::Reach::RemoveEntries);
-                    return Ok(Self(dir));
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
-                Err(e) => return Err(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| io::Error::other("no free directory name")))
-    }
-
-    /// A path in the directory.
-    pub(super) fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for PrivateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+pub(super) use dir::{port_path, PrivateDir};
+pub(super) use thread::LinkThread;
 
 /// The host end of the session's vsock connection.
 pub(super) struct VsockLink {
@@ -380,79 +331,9 @@ impl MutEventSubscriber for VsockLink {
     }
 }
 
-/// The link on a thread of its own, with its own event loop. Under load
-/// the event loop that runs the devices is busy moving the guest's bytes
-/// into the session's socket; reading them out, decoding the frames and
-/// writing the command's output is as much work again, and on its own
-/// thread it runs beside, not after, the device's share (issue 18's
-/// exec throughput). Stopped and joined when dropped.
-pub(super) struct LinkThread {
-    stop: Arc<AtomicBool>,
-    /// Wakes the thread's loop to see `stop` (the stdin reader's eventfd:
-    /// a spurious wake-up finds no chunk and is harmless).
-    nudge: EventFd,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl LinkThread {
-    /// Starts `link` on the `exec-link` thread. Called before the VM is
-    /// built: once the main thread has its filter it can start no thread.
-    /// So the thread confines itself, as the other helper threads do: the
-    /// Landlock paths registered so far (the writable shares among them,
-    /// for copy-back) and the main thread's seccomp list (`vmm`), whose
-    /// calls are those the link made on the main thread.
-    pub(super) fn spawn(link: VsockLink) -> io::Result<Self> {
-        let nudge = link.data_ready.try_clone()?;
-        let session = link.session.clone();
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-            EventManager::new().map_err(|e| io::Error::other(format!("event loop: {e:?}")))?;
-        em.add_subscriber(Arc::new(Mutex::new(link)));
-        let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("exec-link".into())
-            .spawn(move || {
-                if let Err(e) = crate::confine::helper_thread(crate::seccomp::ThreadKind::Vmm) {
-                    let mut s = lock(&session);
-                    s.broken = Some(format!("the session's thread cannot run: {e}"));
-                    let _ = s.ended.write(1);
-                    return;
-                }
-                while !flag.load(Ordering::Acquire) {
-                    if let Err(e) = em.run_with_timeout(LINK_TICK_MS) {
-                        log::error!("exec: the session's event loop failed: {e:?}");
-                        return;
-                    }
-                }
-            })?;
-        Ok(Self {
-            stop,
-            nudge,
-            handle: Some(handle),
-        })
-    }
-}
-
-impl Drop for LinkThread {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.nudge.write(1);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-/// The link thread's loop wakes at least this often (ms) to see a stop.
-const LINK_TICK_MS: i32 = 200;
-
-/// The path of the listener for guest connections to `port`.
-pub(super) fn port_path(uds: &Path, port: u32) -> PathBuf {
-    devices::virtio::vsock::forward_path(uds, port)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
     use std::sync::mpsc;
 
     use event_manager::{EventManager, SubscriberOps};
@@ -495,7 +376,7 @@ mod tests {
     }
 
     /// A link accepting on `listener` for `session`.
-    fn link_on(
+    pub(super) fn link_on(
         listener: UnixListener,
         session: &Arc<Mutex<Session>>,
         wake: EventFd,
@@ -684,51 +565,6 @@ mod tests {
             matches!(&res, Ok(0))
                 || matches!(&res, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
             "a connection after the command started is closed at once: {res:?}"
-        );
-    }
-
-    /// The link on its own thread: the output arrives, the end of the
-    /// session is signalled to the run loop, and dropping the thread
-    /// stops it at once.
-    #[test]
-    fn the_link_thread_carries_the_session_and_stops_when_dropped() {
-        let dir = PrivateDir::new().unwrap();
-        let path = dir.join("s");
-        let listener = UnixListener::bind(&path).unwrap();
-        let session = Arc::new(Mutex::new(session(vec![])));
-        let ended = lock(&session).ended.try_clone().unwrap();
-        let (tx, rx) = mpsc::sync_channel(1);
-        tx.send(StdinChunk::Eof).unwrap();
-        let link = link_on(
-            listener,
-            &session,
-            devices::eventfd().unwrap(),
-            devices::eventfd().unwrap(),
-            rx,
-        );
-        let thread = LinkThread::spawn(link).unwrap();
-        let mut guest = UnixStream::connect(&path).unwrap();
-        let mut frames = Vec::new();
-        GuestMsg::Hello {
-            version: exec_proto::VERSION,
-        }
-        .encode(&mut frames);
-        GuestMsg::Stdout(vec![b'x'; MAX_PAYLOAD]).encode(&mut frames);
-        GuestMsg::Exit(3).encode(&mut frames);
-        guest.write_all(&frames).unwrap();
-        // The end is signalled.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while ended.read().is_err() {
-            assert!(std::time::Instant::now() < deadline, "no end signalled");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert_eq!(lock(&session).exit, Some(3));
-        let t0 = std::time::Instant::now();
-        drop(thread);
-        assert!(
-            t0.elapsed() < std::time::Duration::from_secs(1),
-            "stopped in {:?}",
-            t0.elapsed()
         );
     }
 
