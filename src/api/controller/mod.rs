@@ -23,6 +23,10 @@ use crate::config::VmConfig;
 use crate::hostfile::{DroppingWriter, OutputKind};
 use crate::vmm::Vmm;
 
+mod outputs;
+mod running;
+mod snapshot;
+
 /// Where the VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -156,46 +160,10 @@ impl Controller {
             VmmAction::PutDrive(d) => self.configure(|r| r.set_drive(d)),
             VmmAction::PutNetworkInterface(n) => self.configure(|r| r.set_net(n)),
             VmmAction::PutVsock(v) => self.configure(|r| r.set_vsock(v)),
-            VmmAction::PutLogger(l) => {
-                configure_logger(&l)?;
-                self.resources.logger = Some(l);
-                Ok(VmmData::Empty)
-            }
-            VmmAction::PutSerial(s) => {
-                self.pre_boot()?;
-                if s.rate_limiter.is_some() {
-                    return Err(VmmActionError::Unsupported(
-                        "serial rate_limiter is not supported",
-                    ));
-                }
-                self.resources.serial = Some(s);
-                Ok(VmmData::Empty)
-            }
-            VmmAction::Action(ActionType::FlushMetrics) => {
-                if self.state == State::NotStarted {
-                    return Err(VmmActionError::NotBeforeStart);
-                }
-                super::metrics::flush()?;
-                Ok(VmmData::Empty)
-            }
-            VmmAction::PutMetrics(m) => {
-                let mut extra = serde_json::Map::new();
-                if m.emit_id == Some(true) {
-                    extra.insert("id".into(), self.id.clone().into());
-                }
-                if let Some(p) = &m.properties {
-                    let props = p
-                        .iter()
-                        .map(|(k, v)| (k.clone(), serde_json::Value::from(v.clone())));
-                    extra.insert(
-                        "properties".into(),
-                        serde_json::Value::Object(props.collect()),
-                    );
-                }
-                super::metrics::configure(&m.metrics_path, extra)?;
-                self.resources.metrics = Some(m);
-                Ok(VmmData::Empty)
-            }
+            VmmAction::PutLogger(l) => self.put_logger(l),
+            VmmAction::PutSerial(s) => self.put_serial(s),
+            VmmAction::Action(ActionType::FlushMetrics) => self.flush_metrics(),
+            VmmAction::PutMetrics(m) => self.put_metrics(m),
             VmmAction::PatchMachineConfig(u) => self.configure(|r| r.patch_machine(u)),
             VmmAction::PutEntropy(e) => self.configure(|r| r.set_entropy(e)),
             VmmAction::PutCpuConfig => Err(VmmActionError::Unsupported(
@@ -228,75 +196,6 @@ impl Controller {
         }
     }
 
-    /// `PUT /snapshot/create`: only on a paused VM (Firecracker's rule: the
-    /// state must not move while it is written).
-    fn create_snapshot(
-        &mut self,
-        vmm: Option<&mut Vmm>,
-        p: &super::snapshot::SnapshotCreateParams,
-    ) -> Result<VmmData> {
-        let Some(vmm) = vmm.filter(|_| self.state == State::Paused) else {
-            return Err(VmmActionError::NotStarted(
-                "the microVM must be paused to create a snapshot (PATCH /vm Paused)",
-            ));
-        };
-        super::snapshot::create(vmm, p, &self.resources.device_ids())
-    }
-
-    /// `PUT /snapshot/load`: a new VM from a snapshot, only before any
-    /// other configuration of the VM (its shape comes from the snapshot).
-    fn load_snapshot(&mut self, p: &super::snapshot::SnapshotLoadParams) -> Result<VmmData> {
-        self.pre_boot()?;
-        if self.configured {
-            return Err(VmmActionError::Unsupported(
-                "a snapshot can only be loaded before any other configuration",
-            ));
-        }
-        let mut cfg = super::snapshot::restore_config(p, self.resources.kvm_path())?;
-        cfg.mmds = self.resources.mmds.clone();
-        let Some(console) = self.take_console()? else {
-            return Err(VmmActionError::NoConsole);
-        };
-        match super::snapshot::load(&cfg, console) {
-            Ok(restored) => {
-                self.restored(restored, cfg.resume);
-                log::info!("microVM restored from {}", cfg.snapshot_path.display());
-                Ok(VmmData::Empty)
-            }
-            Err(e) => {
-                self.console = Some(Console::stdio());
-                Err(e)
-            }
-        }
-    }
-
-    /// Restores a VM from a snapshot at once (`capsule run --restore`),
-    /// with the command line's overrides.
-    pub fn restore_direct(&mut self, cfg: &crate::snapshot::restore::RestoreConfig) -> Result<()> {
-        let Some(console) = self.take_console()? else {
-            return Err(VmmActionError::NoConsole);
-        };
-        let restored = super::snapshot::load(cfg, console)?;
-        self.restored(restored, cfg.resume);
-        Ok(())
-    }
-
-    /// Takes the VM restored from a snapshot, running if `resume`, with
-    /// the configuration of the VM saved (its devices under the names
-    /// the snapshot gives them).
-    fn restored(&mut self, restored: crate::snapshot::restore::Restored, resume: bool) {
-        let (vmm, ids) = (&restored.vmm, &restored.ids);
-        let (config, boot) = (&vmm.persist.config, vmm.persist.boot.as_ref());
-        self.resources
-            .set_restored(ids, config, boot, vmm.dirty.is_some());
-        self.started = Some(restored.vmm);
-        self.state = if resume {
-            State::Running
-        } else {
-            State::Paused
-        };
-    }
-
     /// A change to the configuration, which only exists before start.
     fn configure(&mut self, set: impl FnOnce(&mut VmResources) -> Result<()>) -> Result<VmmData> {
         self.pre_boot()?;
@@ -315,91 +214,6 @@ impl Controller {
     /// (the command line's `--transport`).
     pub fn set_default_transport(&mut self, t: crate::config::Transport) {
         self.resources.set_default_transport(t);
-    }
-
-    fn ctrl_alt_del(&self, vmm: Option<&mut Vmm>) -> Result<VmmData> {
-        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
-            return Err(VmmActionError::NotStarted(
-                "SendCtrlAltDel needs a started microVM",
-            ));
-        };
-        if self.state == State::Paused {
-            return Err(VmmActionError::Unsupported(
-                "the microVM is paused: resume it before SendCtrlAltDel",
-            ));
-        }
-        if !vmm.send_ctrl_alt_del() {
-            return Err(VmmActionError::Unsupported(
-                "the guest is not reading its keyboard (i8042 buffer full)",
-            ));
-        }
-        Ok(VmmData::Empty)
-    }
-
-    /// `PATCH /drives/{id}` on the running VM: a new image (the guest
-    /// sees a media change) and/or new limits.
-    fn patch_drive(&mut self, vmm: Option<&mut Vmm>, p: PartialDrive) -> Result<VmmData> {
-        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
-            return Err(VmmActionError::NotBeforeStart);
-        };
-        let no_such = || VmmActionError::NoSuchDevice {
-            what: "drive",
-            id: p.drive_id.clone(),
-        };
-        let index = self
-            .resources
-            .drive_index(&p.drive_id)
-            .ok_or_else(no_such)?;
-        let image = p.path_on_host.as_deref().map(std::path::Path::new);
-        let limits = p.rate_limiter.map(|r| r.limits());
-        vmm.change_disk(index, image, limits)
-            .ok_or_else(no_such)?
-            .map_err(|source| VmmActionError::DriveSwap {
-                id: p.drive_id.clone(),
-                source,
-            })?;
-        if let Some(path) = &p.path_on_host {
-            log::info!("drive {}: now {path}", p.drive_id);
-        }
-        self.resources.patched_drive(&p);
-        Ok(VmmData::Empty)
-    }
-
-    /// `PATCH /network-interfaces/{id}` on the running VM: new limits.
-    fn patch_net(&mut self, vmm: Option<&mut Vmm>, p: PartialNetworkInterface) -> Result<VmmData> {
-        let Some(vmm) = vmm.filter(|_| self.state != State::NotStarted) else {
-            return Err(VmmActionError::NotBeforeStart);
-        };
-        let no_such = || VmmActionError::NoSuchDevice {
-            what: "network interface",
-            id: p.iface_id.clone(),
-        };
-        let index = self.resources.net_index(&p.iface_id).ok_or_else(no_such)?;
-        let (rx, tx) = (p.rx_rate_limiter, p.tx_rate_limiter);
-        if !vmm.change_net(index, rx.map(|r| r.limits()), tx.map(|r| r.limits())) {
-            return Err(no_such());
-        }
-        self.resources.patched_net(&p);
-        Ok(VmmData::Empty)
-    }
-
-    fn pause_or_resume(&mut self, vmm: Option<&mut Vmm>, want: VmState) -> Result<VmmData> {
-        let Some(vmm) = vmm else {
-            return Err(VmmActionError::NotStarted(
-                "the microVM is not started: cannot pause or resume it",
-            ));
-        };
-        match want {
-            VmState::Paused => {
-                vmm.pause()?;
-                self.state = State::Paused;
-            }
-            VmState::Resumed => {
-                vmm.resume()?;
-                self.state = State::Running;
-            }
-        }
-        Ok(VmmData::Empty)
     }
 
     /// The console, with its output redirected if `PUT /serial` asked;
@@ -457,40 +271,6 @@ impl Controller {
             }
         }
     }
-}
-
-fn configure_logger(l: &Logger) -> Result<()> {
-    let level = match &l.level {
-        Some(s) => {
-            crate::logger::parse_level(s).ok_or_else(|| VmmActionError::LogLevel(s.clone()))?
-        }
-        None => log::LevelFilter::Info,
-    };
-    let out = match &l.log_path {
-        Some(p) => {
-            let (file, kind) =
-                crate::hostfile::open_output(std::path::Path::new(p)).map_err(|source| {
-                    VmmActionError::LogPath {
-                        path: p.into(),
-                        source,
-                    }
-                })?;
-            // Logging may reopen it (rotation) after setup.
-            crate::landlock::allow(std::path::Path::new(p), crate::landlock::Reach::ReadWrite);
-            Some(crate::logger::Output::new(file, kind))
-        }
-        None => None,
-    };
-    crate::logger::configure(
-        crate::logger::Settings {
-            level,
-            show_level: l.show_level.unwrap_or(false),
-            show_origin: l.show_log_origin.unwrap_or(false),
-            module: l.module.clone(),
-        },
-        out,
-    );
-    Ok(())
 }
 
 #[cfg(test)]
