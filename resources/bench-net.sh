@@ -32,12 +32,68 @@
 #        table computed from: several invocations make one table),
 #        BENCH_CAPSULE_BASE (another capsule binary, e.g. main's before a
 #        change: a capsule-base row beside capsule's, in the same L1),
+#        BENCH_TABLE_ONLY=1 (with BENCH_RESULTS: print its table, run
+#        nothing),
 #        CAPSULE_HARNESS=direct|nested, CAPSULE_CACHE, CAPSULE_ANCHORS
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 resources="$CAPSULE_RESOURCES_DIR"
+
+# table: the table of every complete run in $results (mib, cpus, mode,
+# runs and peers as set by the caller).
+table() {
+    echo
+    echo "bench-net: TCP over TAP, $mib MiB per transfer, busybox nc, timed by the receiver; $cpus vCPU(s), 512 MiB; mode=$mode"
+    echo "bench-net: MB/s = 10^6 bytes/s, min / median / max over each VMM's complete runs (asked for: $runs)"
+    # rates VMM DIRECTION: "min median max" MB/s of VMM's runs (or "- - -").
+    rates() {
+        grep "^bench-net: $1 $2 [0-9]" "$results" | awk '$5 > 0 { print $4 / $5 / 1e6 }' | min_median_max %.2f
+    }
+    [[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
+    printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
+    for vmm in capsule capsule-base capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback; do
+        n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
+        [[ $n -gt 0 ]] || continue
+        read -r -a g <<<"$(rates "$vmm" guest-to-host)"
+        read -r -a h <<<"$(rates "$vmm" host-to-guest)"
+        printf 'bench-net: %-26s %24s %24s\n' "$vmm ($n runs)" "${g[0]} / ${g[1]} / ${g[2]}" "${h[0]} / ${h[1]} / ${h[2]}"
+    done
+    # ratio MINE PEER DIRECTION: MINE/PEER ratio of the medians.
+    ratio() {
+        local c q
+        c=$(rates "$1" "$3" | cut -d' ' -f2)
+        q=$(rates "$2" "$3" | cut -d' ' -f2)
+        awk -v a="$c" -v b="$q" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else printf "-" }'
+    }
+    # has VMM: VMM has complete runs.
+    has() { grep -q "^bench-net: $1 guest-to-host [0-9]" "$results"; }
+    # capsule against each peer; capsule-vhost against capsule's userspace
+    # path and QEMU's vhost-net.
+    for pair in capsule:capsule-base capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost \
+        capsule:loopback qemu:loopback firecracker:loopback cloud-hypervisor:loopback; do
+        mine="${pair%%:*}" peer="${pair#*:}"
+        has "$mine" && has "$peer" || continue
+        printf 'bench-net: %-26s %24s %24s\n' "$mine/$peer" "$(ratio "$mine" "$peer" guest-to-host)" "$(ratio "$mine" "$peer" host-to-guest)"
+    done
+    for vmm in $vmms; do
+        n=$(grep -c "^bench-net: note: $vmm early-end" "$results" || true)
+        [[ $n -eq 0 ]] || echo "bench-net: note: $vmm's guest ended during a run $n time(s) (a nested-harness fault; see above); those runs were repeated"
+    done
+}
+
+
+# BENCH_TABLE_ONLY=1: print the table of BENCH_RESULTS and run nothing
+# (after runs that a dying harness cut short; nothing is built).
+if [[ "${BENCH_TABLE_ONLY:-}" == 1 ]]; then
+    [[ -n "${BENCH_RESULTS:-}" && -r "${BENCH_RESULTS:-}" ]] || die "BENCH_TABLE_ONLY=1 needs a readable BENCH_RESULTS file"
+    results="$BENCH_RESULTS" mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}" mode="(as run)"
+    vmms="capsule capsule-base capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback"
+    peers="$(grep -o '^bench-net: \(firecracker\|cloud-hypervisor\) ' "$results" | sort -u | cut -d' ' -f2 | tr '\n' ' ')"
+    table
+    exit 0
+fi
 
 "$resources/install-deps.sh"
 export CAPSULE_SKIP_DEPS=1
@@ -117,43 +173,7 @@ EOF
     done
 fi
 
-echo
-echo "bench-net: TCP over TAP, $mib MiB per transfer, busybox nc, timed by the receiver; $cpus vCPU(s), 512 MiB; mode=$mode"
-echo "bench-net: MB/s = 10^6 bytes/s, min / median / max over each VMM's complete runs (asked for: $runs)"
-# rates VMM DIRECTION: "min median max" MB/s of VMM's runs (or "- - -").
-rates() {
-    grep "^bench-net: $1 $2 [0-9]" "$results" | awk '$5 > 0 { print $4 / $5 / 1e6 }' | min_median_max %.2f
-}
-[[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
-printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
-for vmm in capsule capsule-base capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback; do
-    n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
-    [[ $n -gt 0 ]] || continue
-    read -r -a g <<<"$(rates "$vmm" guest-to-host)"
-    read -r -a h <<<"$(rates "$vmm" host-to-guest)"
-    printf 'bench-net: %-26s %24s %24s\n' "$vmm ($n runs)" "${g[0]} / ${g[1]} / ${g[2]}" "${h[0]} / ${h[1]} / ${h[2]}"
-done
-# ratio MINE PEER DIRECTION: MINE/PEER ratio of the medians.
-ratio() {
-    local c q
-    c=$(rates "$1" "$3" | cut -d' ' -f2)
-    q=$(rates "$2" "$3" | cut -d' ' -f2)
-    awk -v a="$c" -v b="$q" 'BEGIN { if (a != "-" && b != "-" && b > 0) printf "%.2f", a / b; else printf "-" }'
-}
-# has VMM: VMM has complete runs.
-has() { grep -q "^bench-net: $1 guest-to-host [0-9]" "$results"; }
-# capsule against each peer; capsule-vhost against capsule's userspace
-# path and QEMU's vhost-net.
-for pair in capsule:capsule-base capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost \
-    capsule:loopback qemu:loopback firecracker:loopback cloud-hypervisor:loopback; do
-    mine="${pair%%:*}" peer="${pair#*:}"
-    has "$mine" && has "$peer" || continue
-    printf 'bench-net: %-26s %24s %24s\n' "$mine/$peer" "$(ratio "$mine" "$peer" guest-to-host)" "$(ratio "$mine" "$peer" host-to-guest)"
-done
-for vmm in $vmms; do
-    n=$(grep -c "^bench-net: note: $vmm early-end" "$results" || true)
-    [[ $n -eq 0 ]] || echo "bench-net: note: $vmm's guest ended during a run $n time(s) (a nested-harness fault; see above); those runs were repeated"
-done
+table
 for vmm in $vmms; do
     [[ $(count "$vmm") -ge $runs ]] || die "$vmm: $(count "$vmm") complete runs of $runs"
 done
