@@ -105,15 +105,12 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
 
 /// Loads the initrd file (if any) followed by the generated initramfs
 /// bytes (if any, 4-byte aligned after the file, as the kernel accepts
-/// concatenated archives) at the top of low memory. The file is mapped
-/// rather than copied when `map` allows it ([`crate::kernel_map`]; the map
-/// is returned and must live as long as the VM).
+/// concatenated archives) at the top of low memory.
 pub(crate) fn load_initrd(
     mem: &GuestMemoryMmap,
     file: Option<(&PathBuf, File)>,
     extra: Option<&[u8]>,
-    map: bool,
-) -> Result<(arch::boot::InitrdConfig, Option<KernelMap>)> {
+) -> Result<arch::boot::InitrdConfig> {
     let (path, file_size) = match &file {
         Some((path, f)) => {
             let size = f.metadata().map_err(|source| Error::File {
@@ -143,28 +140,12 @@ pub(crate) fn load_initrd(
             size: total,
             source,
         })?;
-    let mut initrd_map = None;
     if let Some((_, mut f)) = file {
-        if map && file_size > 0 {
-            match KernelMap::initrd(mem, &f, address.raw_value()) {
-                Ok(m) => {
-                    log::info!(
-                        "initrd: {} KiB mapped from {} (read lease held)",
-                        m.mapped_bytes() >> 10,
-                        path.display()
-                    );
-                    initrd_map = Some(m);
-                }
-                Err(why) => log::debug!("initrd: copied, not mapped: {why}"),
-            }
-        }
-        if initrd_map.is_none() {
-            mem.read_exact_volatile_from(address, &mut f, arch::usize_from(file_size))
-                .map_err(|source| Error::ReadInitrd {
-                    path: path.clone(),
-                    source,
-                })?;
-        }
+        mem.read_exact_volatile_from(address, &mut f, arch::usize_from(file_size))
+            .map_err(|source| Error::ReadInitrd {
+                path: path.clone(),
+                source,
+            })?;
     }
     if let Some(extra) = extra {
         // Zero the alignment gap, then the archive.
@@ -173,7 +154,7 @@ pub(crate) fn load_initrd(
             .and_then(|()| mem.write_slice(extra, address.unchecked_add(extra_at)))
             .map_err(Error::Initramfs)?;
     }
-    Ok((arch::boot::InitrdConfig { address, size }, initrd_map))
+    Ok(arch::boot::InitrdConfig { address, size })
 }
 
 /// The command line the guest gets. With ACPI (the default) virtio-mmio

@@ -1,5 +1,5 @@
-//! An ELF guest kernel, and the initrd, mapped from their files instead of
-//! copied into guest RAM.
+//! An ELF guest kernel mapped from its file instead of copied into guest
+//! RAM.
 //!
 //! Copying a vmlinux into fresh guest RAM costs the host a zeroed page and
 //! a copy for each of its ~2,600 pages before the guest runs its first
@@ -27,6 +27,13 @@
 //! file open for writing, a file capsule does not own, a filesystem
 //! without leases) or the segments cannot be mapped page for page, the
 //! kernel is copied as before.
+//!
+//! The initrd is copied, not mapped: mapping it the same way was tried and
+//! booted slower in the nested harness (1.21x the copying build's median,
+//! 8 rounds of 10 slower; docs/performance.md), while it saved only the
+//! ~9 ms copy of a 1 MiB archive. Likely because its file pages are
+//! 4 KiB each where the copy lands in one huge page at the top of guest
+//! RAM, memory the guest reuses as soon as it has unpacked the archive.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -208,9 +215,9 @@ struct Piece {
     len: usize,
 }
 
-/// A kernel (or an initrd) mapped from its file into guest RAM, and the
-/// read lease that keeps the file as it was. Dropping it releases the
-/// lease (the VM is gone or the map settled).
+/// A kernel mapped from its file into guest RAM, and the read lease that
+/// keeps the file as it was. Dropping it releases the lease (the VM is
+/// gone or the map settled).
 #[derive(Debug)]
 pub struct KernelMap {
     file: File,
@@ -223,7 +230,7 @@ pub struct KernelMap {
 /// Why a kernel was not mapped (logged; the kernel is then copied).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum NotMapped {
-    #[error("not an x86-64 ELF kernel whose segments map page for page (or an empty initrd)")]
+    #[error("not an x86-64 ELF kernel whose segments map page for page")]
     Layout,
     #[error("its segments are not all in private guest RAM")]
     Memory,
@@ -242,7 +249,14 @@ impl KernelMap {
         file: &File,
         himem: u64,
     ) -> Result<(Self, u64), NotMapped> {
-        let mut map = Self::leased(file)?;
+        let (file, slot, wake) = Self::lease(file)?;
+        let mut map = KernelMap {
+            file,
+            pieces: Vec::new(),
+            slot,
+            wake,
+            woken: Arc::new(AtomicBool::new(false)),
+        };
         // Read the headers under the lease: what is mapped is what was
         // checked.
         let f = &map.file;
@@ -251,57 +265,19 @@ impl KernelMap {
         f.read_exact_at(&mut ehdr, 0).map_err(NotMapped::Os)?;
         let read = |off, len| read_at(f, off, len);
         let (entry, segs) = segments(&ehdr, read, file_len, himem).ok_or(NotMapped::Layout)?;
-        map.map_segments(mem, &segs)?;
-        Ok((map, entry))
-    }
-
-    /// Maps the whole of `file` (an initrd) into `mem` at the page-aligned
-    /// guest address `at` (fresh, zeroed guest RAM) under a read lease.
-    /// The guest kernel reads the archive once and then frees its pages;
-    /// the ones it writes afterwards are copied then, as for the kernel.
-    pub(crate) fn initrd(mem: &GuestMemoryMmap, file: &File, at: u64) -> Result<Self, NotMapped> {
-        let mut map = Self::leased(file)?;
-        let filesz = map.file.metadata().map_err(NotMapped::Os)?.len();
-        if filesz == 0 || !at.is_multiple_of(PAGE) || at.checked_add(filesz).is_none() {
-            return Err(NotMapped::Layout);
-        }
-        let seg = Segment {
-            offset: 0,
-            paddr: at,
-            filesz,
-        };
-        map.map_segments(mem, &[seg])?;
-        Ok(map)
-    }
-
-    /// A map of nothing yet, holding a read lease on a duplicate of `file`.
-    fn leased(file: &File) -> Result<Self, NotMapped> {
-        let (file, slot, wake) = Self::lease(file)?;
-        Ok(KernelMap {
-            file,
-            pieces: Vec::new(),
-            slot,
-            wake,
-            woken: Arc::new(AtomicBool::new(false)),
-        })
-    }
-
-    /// Maps each of `segs` from the file; on failure leaves guest RAM as
-    /// it was (fresh anonymous memory where anything was mapped).
-    fn map_segments(&mut self, mem: &GuestMemoryMmap, segs: &[Segment]) -> Result<(), NotMapped> {
         let mut targets = Vec::with_capacity(segs.len());
-        for s in segs {
+        for s in &segs {
             targets.push(host_range(mem, s).ok_or(NotMapped::Memory)?);
         }
         for (s, &(addr, len)) in segs.iter().zip(&targets) {
-            if let Err(e) = self.map_segment(mem, s, addr, len) {
+            if let Err(e) = map.map_segment(mem, s, addr, len) {
                 // Fresh anonymous memory again where the file was mapped:
                 // the copying loader writes into zeroed RAM.
-                self.release_pieces();
+                map.release_pieces();
                 return Err(NotMapped::Os(e));
             }
         }
-        Ok(())
+        Ok((map, entry))
     }
 
     /// A duplicate of `file` with a read lease on it, a wake slot and its
@@ -405,7 +381,7 @@ impl KernelMap {
         ours
     }
 
-    /// Copies the file's pages as they are now into anonymous memory
+    /// Copies the kernel's pages as they are now into anonymous memory
     /// that replaces the file mapping, then releases the lease (drops the
     /// map).
     ///
@@ -419,7 +395,7 @@ impl KernelMap {
             // caller's guarantee).
             unsafe { settle_piece(p.addr, p.len)? };
         }
-        log::info!("mapped pages copied into guest RAM; file lease released");
+        log::info!("kernel: mapped pages copied into guest RAM; file lease released");
         Ok(())
     }
 

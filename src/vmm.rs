@@ -39,9 +39,9 @@ pub struct Vmm {
     // Field order is drop order: signals stop waking the exit eventfd
     // before it closes; vCPU threads go before the memory they use.
     pub(crate) _signal_wake: signals::WakeGuard,
-    /// The kernel and the initrd, while mapped from their files (until a
-    /// lease break or a snapshot settles them).
-    pub(crate) file_maps: Vec<crate::kernel_map::KernelMap>,
+    /// The kernel, while it is mapped from its file (until a lease break
+    /// or a snapshot settles it).
+    pub(crate) kernel_map: Option<crate::kernel_map::KernelMap>,
     pub(crate) vcpus: Vec<VcpuHandle>,
     pub(crate) pause: Arc<PauseGate>,
     pub(crate) i8042: Option<Arc<Mutex<I8042>>>,
@@ -177,27 +177,27 @@ impl Vmm {
         }
     }
 
-    /// Copies the pages of the kernel and the initrd out of their file
-    /// mappings into guest RAM and releases the files
-    /// ([`crate::kernel_map`]), if any is mapped: with the vCPUs parked
-    /// (paused here if they were not) and block requests in flight
-    /// completed, so that nothing writes guest RAM meanwhile. Nothing to
-    /// do if both were copied.
-    pub(crate) fn settle_file_maps(&mut self) -> std::result::Result<(), PauseError> {
-        if self.file_maps.is_empty() {
+    /// Copies the kernel's pages out of its file mapping into guest RAM
+    /// and releases the file ([`crate::kernel_map`]), if it is mapped:
+    /// with the vCPUs parked (paused here if they were not) and block
+    /// requests in flight completed, so that nothing writes guest RAM
+    /// meanwhile. Nothing to do if the kernel was copied.
+    pub(crate) fn settle_kernel_map(&mut self) -> std::result::Result<(), PauseError> {
+        let Some(kmap) = self.kernel_map.take() else {
             return Ok(());
-        }
+        };
         let was_paused = self.pause.requested();
         if !was_paused {
-            self.pause()?;
+            if let Err(e) = self.pause() {
+                self.kernel_map = Some(kmap);
+                return Err(e);
+            }
         }
         self.quiesce_disks();
-        for map in std::mem::take(&mut self.file_maps) {
-            if let Err(e) = map.settle() {
-                // The lease is gone with the map: the file may now change
-                // under the pages not copied.
-                log::error!("cannot copy the mapped pages into guest RAM: {e}");
-            }
+        if let Err(e) = kmap.settle() {
+            // The lease is gone with the map: the file may now change
+            // under the pages not copied.
+            log::error!("kernel: cannot copy the mapped pages into guest RAM: {e}");
         }
         if !was_paused {
             self.resume()?;
@@ -320,17 +320,15 @@ impl Vmm {
                 break RunEnd::Guest(r);
             }
             if self
-                .file_maps
-                .iter()
-                .any(crate::kernel_map::KernelMap::wants_settle)
+                .kernel_map
+                .as_ref()
+                .is_some_and(crate::kernel_map::KernelMap::wants_settle)
             {
-                log::info!(
-                    "kernel or initrd file opened for writing elsewhere: copying the mapped pages"
-                );
-                if let Err(e) = self.settle_file_maps() {
+                log::info!("kernel file opened for writing elsewhere: copying the mapped kernel");
+                if let Err(e) = self.settle_kernel_map() {
                     // Tried again on the next round (the break stays
                     // pending until the lease is released or times out).
-                    log::warn!("cannot pause to copy the mapped kernel and initrd: {e}");
+                    log::warn!("kernel: cannot pause to copy the mapped kernel: {e}");
                 }
             }
             if self.watch_halt && last_kick.elapsed() >= every {

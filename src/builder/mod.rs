@@ -116,14 +116,11 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let vm = Vm::new(kvm, mem)?;
     crate::setup_step("VM created");
 
-    let map_files = crate::kernel_map::allowed(config);
-    let (entry, kernel_map) = load_kernel(mem, &config.kernel, &mut kernel, map_files)?;
-    let mut file_maps: Vec<_> = kernel_map.into_iter().collect();
+    let map_kernel = crate::kernel_map::allowed(config);
+    let (entry, kernel_map) = load_kernel(mem, &config.kernel, &mut kernel, map_kernel)?;
     crate::setup_step("kernel loaded");
     let initrd = if initrd.is_some() || config.initramfs.is_some() {
-        let (initrd, map) = load_initrd(mem, initrd, config.initramfs.as_deref(), map_files)?;
-        file_maps.extend(map);
-        Some(initrd)
+        Some(load_initrd(mem, initrd, config.initramfs.as_deref())?)
     } else {
         None
     };
@@ -174,7 +171,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
             balloon,
             paused: false,
             track_dirty: None,
-            file_maps,
+            kernel_map,
         },
     )
 }
@@ -222,9 +219,8 @@ pub(crate) struct Parts {
     /// Track dirty pages (for Diff snapshots): `Some(base)`, `base` the
     /// id of the Full snapshot the VM's memory is a copy of, if any.
     pub(crate) track_dirty: Option<Option<u64>>,
-    /// The kernel and the initrd, where mapped from their files
-    /// ([`crate::kernel_map`]).
-    pub(crate) file_maps: Vec<crate::kernel_map::KernelMap>,
+    /// The kernel, mapped from its file ([`crate::kernel_map`]).
+    pub(crate) kernel_map: Option<crate::kernel_map::KernelMap>,
 }
 
 /// The parts of a VM made before its devices (the event loop and the exit
@@ -328,14 +324,14 @@ impl Started {
             crate::process_start().elapsed().as_secs_f64() * 1000.0
         );
         let mut event_manager = self.event_manager;
-        for kmap in &parts.file_maps {
+        if let Some(kmap) = &parts.kernel_map {
             event_manager.add_subscriber(Arc::new(Mutex::new(
                 kmap.watcher().map_err(Error::KernelLease)?,
             )));
         }
         let vmm = Vmm {
             _signal_wake: signals::wake_on_signal(&self.exit),
-            file_maps: parts.file_maps,
+            kernel_map: parts.kernel_map,
             vcpus: handles,
             pause,
             i8042,

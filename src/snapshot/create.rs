@@ -78,9 +78,8 @@ pub fn create(
         return Err(Error::Unsupported(why));
     }
     // The memory file leaves out pages never faulted in, which are zero
-    // in anonymous RAM but the file's bytes in a file-mapped kernel or
-    // initrd.
-    vmm.settle_file_maps()?;
+    // in anonymous RAM but the file's bytes in a file-mapped kernel.
+    vmm.settle_kernel_map()?;
     let diff = match kind {
         Kind::Full => None,
         Kind::Diff => Some(diff_memory(vmm)?),

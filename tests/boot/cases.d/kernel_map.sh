@@ -1,38 +1,32 @@
 # shellcheck shell=sh
-# tests/boot/cases.d/kernel_map.sh: an ELF kernel and the initrd mapped
-# from their files instead of copied (src/kernel_map.rs), sourced by
-# tests/boot/cases.sh;
+# tests/boot/cases.d/kernel_map.sh: an ELF kernel mapped from its file
+# instead of copied (src/kernel_map.rs), sourced by tests/boot/cases.sh;
 # POSIX sh for busybox ash in L1. Uses snapshot.sh's snap_* helpers.
 #
-# kernel_map_rewrite: a VM boots copies of $VMLINUX and $INITRD, mapped
-# from the files under read leases; the initrd and then the kernel file
-# are rewritten in place with random bytes while the guest runs. The first
-# rewrite's open waits until capsule has copied both into guest RAM and
-# let the leases go, and the guest runs on (its kernel text is still the
-# file's old bytes: without the copy it would have run random bytes, or
-# faulted on the truncated file; the initrd's pages it reused since
-# unpacking it would have turned into random bytes).
+# kernel_map_rewrite: a VM boots a copy of $VMLINUX, mapped from the file
+# under a read lease; the file is then rewritten in place with random
+# bytes while the guest runs. The rewrite's open waits until capsule has
+# copied the kernel into guest RAM and let the lease go, and the guest
+# runs on (its kernel text is still the file's old bytes: without the
+# copy it would have run random bytes, or faulted on the truncated file).
 #
 # kernel_map_snapshot: a VM whose kernel is mapped is snapshotted at once
 # (most of the kernel's pages never faulted in, which the memory file
-# would leave out as zero); the files change, and the clone restored from
-# it runs commands and powers off.
+# would leave out as zero); the clone restored from it runs commands and
+# powers off.
 
 ALL_CASES="$ALL_CASES kernel_map_rewrite kernel_map_snapshot"
 
-# kmap_boot CASE: starts a named VM on copies of $VMLINUX and $INITRD in
-# $SNAP_DIR (fresh), waits for its prompt; sets KMAP_PID, KMAP_NAME,
-# KMAP_START, KMAP_FILE and KMAP_INITRD. Returns 1 (the case given up) if
-# it does not boot.
+# kmap_boot CASE: starts a named VM on a copy of $VMLINUX in $SNAP_DIR
+# (fresh), waits for its prompt; sets KMAP_PID, KMAP_NAME, KMAP_START and
+# KMAP_FILE. Returns 1 (the case given up) if it does not boot.
 kmap_boot() {
     snap_fresh "$1"
     KMAP_START=$(now)
     KMAP_FILE="$SNAP_DIR/vmlinux"
-    KMAP_INITRD="$SNAP_DIR/initrd"
     KMAP_NAME="kmap$$"
     cp "$VMLINUX" "$KMAP_FILE"
-    cp "$INITRD" "$KMAP_INITRD"
-    snap_start orig run --name "$KMAP_NAME" --kernel "$KMAP_FILE" --initrd "$KMAP_INITRD" \
+    snap_start orig run --name "$KMAP_NAME" --kernel "$KMAP_FILE" --initrd "$INITRD" \
         --cpus 2 --memory 256M --cmdline "$SNAP_CMDLINE"
     KMAP_PID=$SNAP_PID
     if ! snap_wait orig "$READY" "$CASE_TIMEOUT"; then
@@ -42,8 +36,6 @@ kmap_boot() {
     snap_wait orig "$PROMPT" 15 || true
     expect "the kernel was mapped from its file" \
         grep -q "KiB mapped from $KMAP_FILE (read lease held)" "$ERR"
-    expect "the initrd was mapped from its file" \
-        grep -q "initrd: .* KiB mapped from $KMAP_INITRD (read lease held)" "$ERR"
 }
 
 # kmap_work TAG PID: types a loop of commands on TAG's console and expects it
@@ -64,12 +56,11 @@ kmap_work() {
 case_kernel_map_rewrite() {
     kmap_boot kernel_map_rewrite || return
     _t0=$(uptime_ms)
-    head -c 1048576 /dev/urandom >"$KMAP_INITRD"
     head -c 12582912 /dev/urandom >"$KMAP_FILE"
     _t1=$(uptime_ms)
-    echo "kernel_map_rewrite: the first rewrite's open waited for capsule; both took $((_t1 - _t0)) ms in all"
-    expect "capsule copied the kernel and initrd and released the files before the rewrite" \
-        grep -q 'kernel or initrd file opened for writing elsewhere' "$ERR"
+    echo "kernel_map_rewrite: the rewrite's open waited for capsule; it took $((_t1 - _t0)) ms in all"
+    expect "capsule copied the kernel and released the file before the rewrite" \
+        grep -q 'kernel file opened for writing elsewhere' "$ERR"
     expect "the lease was released" \
         grep -q 'mapped pages copied into guest RAM; file lease released' "$ERR"
     kmap_work orig "$KMAP_PID"
@@ -82,9 +73,8 @@ case_kernel_map_snapshot() {
     snap_save_stop "$KMAP_NAME" "$KMAP_PID" "$KMAP_START" || return
     expect "the snapshot copied the mapped kernel first" \
         grep -q 'mapped pages copied into guest RAM; file lease released' "$ERR"
-    # The files may change now: the clone reads its memory file only.
+    # The file may change now: the clone reads its memory file only.
     head -c 4096 /dev/urandom >"$KMAP_FILE"
-    head -c 4096 /dev/urandom >"$KMAP_INITRD"
     snap_start c1 run --restore "$SNAP_DIR/snap"
     _c1=$SNAP_PID
     sleep 1
