@@ -50,6 +50,13 @@ STARVE_BOUND_MS="${STARVE_BOUND_MS:-100}"
 # Control and load series alternate in this many rounds each.
 STARVE_ROUNDS="${STARVE_ROUNDS:-3}"
 
+# starve_alive: the case's capsule still runs. Once it has ended (a guest
+# that triple-faulted resets the VM, and capsule ends), the typing and
+# timing below stop at once instead of waiting out each of their
+# timeouts (20 minutes in all, seen in CI), and the case fails or is
+# rerun promptly.
+starve_alive() { kill -0 "$_pid" 2>/dev/null; }
+
 # starve_gets SOCK N FILE: N sequential `GET /` on SOCK, or as many as fit
 # in STARVE_GETS_SECS (60) seconds; one line per request in FILE: HTTP
 # status and time in ms. A request that gets no answer within 30 s counts
@@ -58,7 +65,7 @@ starve_gets() {
     : >"$3"
     _i=0
     _until=$(($(now) + ${STARVE_GETS_SECS:-60}))
-    while [ "$_i" -lt "$2" ] && [ "$(now)" -lt "$_until" ]; do
+    while [ "$_i" -lt "$2" ] && [ "$(now)" -lt "$_until" ] && starve_alive; do
         _r="$("$TOOLS/curl" -s -o /dev/null --max-time 30 -w '%{http_code} %{time_total}' \
             --unix-socket "$1" http://localhost/)" || _r="000 30"
         echo "$_r" | awk '{ printf "%s %.2f\n", $1, $2 * 1000 }' >>"$3"
@@ -87,6 +94,7 @@ starve_within() { awk -v l="$1" -v i="$2" -v b="$3" 'BEGIN { exit !(l <= i + b) 
 # starve_type LINE: types LINE on the guest console (fd 7) and waits for
 # the shell's next prompt.
 starve_type() {
+    starve_alive || return 0
     _p=$(prompt_count "$_sd/stdout.raw")
     printf '%s\n' "$1" >&7
     wait_prompts "$_sd/stdout.raw" "$_p" 60 "$_sd/never" || true
@@ -102,7 +110,7 @@ starve_sectors() {
 # KIND.txt, then stops the workload. Load rounds add their time to _load_ms.
 starve_round() {
     starve_type "$3; echo W-$1-$2-\$((0+1))"
-    wait_for "$_sd/stdout.raw" "^W-$1-$2-1" 60 "$_sd/never" || true
+    starve_alive && wait_for "$_sd/stdout.raw" "^W-$1-$2-1" 60 "$_sd/never" || true
     _t0=$(uptime_ms)
     starve_gets "$_sock" $((STARVE_GETS / STARVE_ROUNDS)) "$_sd/round.txt"
     [ "$1" = load ] && _load_ms=$((_load_ms + $(uptime_ms) - _t0))
@@ -154,7 +162,7 @@ case_disk_starve() {
         _round=1
         : >"$_sd/cpu.txt"
         : >"$_sd/load.txt"
-        while [ "$_round" -le "$STARVE_ROUNDS" ]; do
+        while [ "$_round" -le "$STARVE_ROUNDS" ] && starve_alive; do
             starve_round cpu "$_round" 'for i in 1 2; do (while :; do :; done) & echo $! >>/tmp/w.pids; done'
             starve_round load "$_round" 'for i in 1 2; do (while :; do dd if=/dev/vda of=/dev/null bs=64M iflag=direct 2>/dev/null; done) & echo $! >>/tmp/w.pids; done; sleep 3'
             _round=$((_round + 1))
