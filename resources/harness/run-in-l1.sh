@@ -312,6 +312,10 @@ INIT
     for feature in rdseed sha-ni fxsr-opt misalignsse 3dnowprefetch osvw topoext nrip-save xsavec; do
         cpu+=",-$feature"
     done
+    # panic_on_oops=1: an oops in L1's own kernel (seen under TCG: "stack
+    # guard page was hit") ends L1, and the callers rerun what it had not
+    # reported, instead of leaving a task stuck while L1's heartbeat goes
+    # on (a boot case then sits out every timeout it has).
     # shellcheck disable=SC2054  # commas are QEMU's, not array separators
     qemu=(
         "$l1qemu"
@@ -319,7 +323,7 @@ INIT
         -m "$memory" -smp "$cpus"
         -nodefaults -no-user-config -display none -no-reboot
         -kernel "$l1dir/vmlinuz" -initrd "$work/l1.cpio"
-        -append "console=ttyS0 quiet loglevel=1 panic=-1 nokaslr capsule.watchdog=$watchdog ${CAPSULE_L1_APPEND:-}"
+        -append "console=ttyS0 quiet loglevel=1 panic=-1 panic_on_oops=1 nokaslr capsule.watchdog=$watchdog ${CAPSULE_L1_APPEND:-}"
     )
     if [[ -n "$l1_disk" ]]; then
         # cache=none: O_DIRECT on the host file, and L1's flushes are
