@@ -35,6 +35,7 @@ pub mod runtime;
 pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
+mod stall;
 pub mod terminal;
 pub mod unixsock;
 pub mod vmm;

@@ -326,7 +326,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         }
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
-    let end = vmm.run(Some(TICK), |_| lock(&session).check());
+    let end = vmm.run(Some(TICK), |vmm| check(vmm, &session));
     // The session's decoding ends with the VM: nothing is written after
     // the outcome is known.
     drop(link_thread);
@@ -345,6 +345,17 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
         }
         other => other,
     })
+}
+
+/// The session's check, once per run-loop round; a guest that went quiet
+/// gets its state logged before the run ends ([`crate::stall`]).
+fn check(vmm: &mut crate::vmm::Vmm, session: &Mutex<Session>) -> Option<Stop> {
+    let stop = lock(session).check();
+    if let Some(Stop::Quiet(why)) = &stop {
+        log::warn!("{why}; the guest's state follows");
+        crate::stall::log_quiet_guest(vmm);
+    }
+    stop
 }
 
 /// The session's vsock link: a private directory for the device's
@@ -486,7 +497,7 @@ fn outcome(end: RunEnd<Stop>, session: &Session, tail: &ConsoleTail) -> Outcome 
             t.as_secs_f64(),
             crate::signals::name(sig)
         )),
-        (RunEnd::Host(Stop::Failed(why)), ..) => failed(why),
+        (RunEnd::Host(Stop::Failed(why) | Stop::Quiet(why)), ..) => failed(why),
         (RunEnd::Host(Stop::Finished), ..) => failed("the guest init stopped".into()),
         (RunEnd::Guest(GuestExit::Panic), ..) => failed("the guest kernel panicked".into()),
         (RunEnd::Guest(GuestExit::Fault), ..) => {

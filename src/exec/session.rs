@@ -118,6 +118,11 @@ pub(super) enum Stop {
     Finished,
     TimedOut(Duration),
     Failed(String),
+    /// The guest went quiet: no hello within the boot timeout, or no
+    /// message for [`STALL_TIMEOUT`] after it. Ends as `Failed` does;
+    /// the run loop logs the quiet guest's state first
+    /// ([`crate::stall`]).
+    Quiet(String),
     /// The command did not end within the stop timeout of this
     /// forwarded signal.
     Unanswered(libc::c_int, Duration),
@@ -151,13 +156,13 @@ impl Session {
             }
         }
         if !self.hello && elapsed >= self.boot_timeout {
-            return Some(Stop::Failed(format!(
+            return Some(Stop::Quiet(format!(
                 "the guest did not start capsule's init within {} s (kernel boot failed or hung)",
                 self.boot_timeout.as_secs()
             )));
         }
         if self.hello && self.last_message.elapsed() >= STALL_TIMEOUT {
-            return Some(Stop::Failed(format!(
+            return Some(Stop::Quiet(format!(
                 "the guest stopped responding: no message from its init for {} s",
                 STALL_TIMEOUT.as_secs()
             )));
@@ -410,13 +415,13 @@ pub(super) mod tests {
         let mut s = session(vec![]);
         assert!(s.check().is_none());
         s.boot_timeout = Duration::ZERO;
-        assert!(matches!(s.check(), Some(Stop::Failed(m)) if m.contains("init")));
+        assert!(matches!(s.check(), Some(Stop::Quiet(m)) if m.contains("init")));
         s.hello = true;
         s.timeout = Some(Duration::ZERO);
         assert!(matches!(s.check(), Some(Stop::TimedOut(_))));
         s.timeout = None;
         s.last_message = Instant::now() - STALL_TIMEOUT;
-        assert!(matches!(s.check(), Some(Stop::Failed(m)) if m.contains("stopped responding")));
+        assert!(matches!(s.check(), Some(Stop::Quiet(m)) if m.contains("stopped responding")));
         // capsule was stopped (SIGSTOP) meanwhile: the guest was too.
         s.last_message = Instant::now() - STALL_TIMEOUT;
         s.last_check = Instant::now() - HOST_STOPPED;

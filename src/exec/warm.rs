@@ -285,12 +285,13 @@ pub fn make_snapshot(
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
     let end = vmm.run(Some(super::TICK), |vmm| {
-        let mut s = lock(&session);
+        let s = lock(&session);
         if s.hello {
             drop(s);
             return Some(Made::Snapshot(save(vmm, &dir)));
         }
-        s.check().map(Made::Stopped)
+        drop(s);
+        super::check(vmm, &session).map(Made::Stopped)
     })?;
     let end = match end {
         RunEnd::Host(Made::Snapshot(stats)) => {
@@ -398,7 +399,7 @@ pub fn run_snapshot(mut config: ExecConfig, dir: &Path) -> Result<Outcome, Error
     };
     let mut vmm = snapshot::restore::restore(&restore, serial)?.vmm;
     vmm.add_subscriber(Arc::new(Mutex::new(link)));
-    let end = vmm.run(Some(super::TICK), |_| lock(&session).check())?;
+    let end = vmm.run(Some(super::TICK), |vmm| super::check(vmm, &session))?;
     let session = lock(&session);
     Ok(outcome(end, &session, &tail))
 }

@@ -51,6 +51,11 @@ export BENCH_EXEC_ROWS='$BENCH_EXEC_ROWS'"
         bench_line="$bench_line
 export BENCH_RUNS='$BENCH_RUNS'"
     fi
+    # Rounds of exec_snapshot_parallel, to hunt a rare clone failure.
+    if [[ "${EXEC_PAR_ROUNDS:-}" =~ ^[1-9][0-9]*$ ]]; then
+        bench_line="$bench_line
+export EXEC_PAR_ROUNDS='$EXEC_PAR_ROUNDS'"
+    fi
     if [[ -n "${CAPSULE_SECCOMP:-}" ]]; then
         log_line="$log_line
 export CAPSULE_SECCOMP='$CAPSULE_SECCOMP'"

@@ -257,6 +257,21 @@ impl VirtioCommon {
         }
     }
 
+    /// Every queue's positions ([`describe_queue`]), `;`-separated, or
+    /// "inactive".
+    pub fn describe_queues(&self) -> String {
+        match self.activation() {
+            Some(a) => a
+                .queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| format!("queue {i}: {}", describe_queue(q, &a.mem)))
+                .collect::<Vec<_>>()
+                .join("; "),
+            None => "inactive".into(),
+        }
+    }
+
     /// The current activation, if any, for queue work.
     pub fn activation_mut(&mut self) -> Option<&mut Activation> {
         match &mut self.state {
@@ -399,6 +414,44 @@ pub fn avail_ring_broken(queue: &Queue, mem: &GuestMemoryMmap, next_avail: u16) 
         Ok(idx) => (idx - std::num::Wrapping(next_avail)).0 > queue.size(),
         Err(_) => true,
     }
+}
+
+/// One queue's positions, for a log line when a driver and its device
+/// seem to wait for each other: the driver's available index against the
+/// chains the device took, the used index the device wrote, and with
+/// `EVENT_IDX` where each side asked to be notified (`used_event`: the
+/// driver wants an interrupt past it; `avail_event`: the device wants a
+/// kick past it). A lost notification shows as an index moved past the
+/// other side's event mark with nothing taken or signalled since.
+pub fn describe_queue(queue: &Queue, mem: &GuestMemoryMmap) -> String {
+    use std::sync::atomic::Ordering;
+    use vm_memory::{Bytes, GuestAddress};
+    let read = |addr: u64| -> String {
+        mem.read_obj::<u16>(GuestAddress(addr))
+            .map_or_else(|_| "?".into(), |v| u16::from_le(v).to_string())
+    };
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_or_else(|_| "?".into(), |v| v.0.to_string());
+    let used = queue
+        .used_idx(mem, Ordering::Acquire)
+        .map_or_else(|_| "?".into(), |v| v.0.to_string());
+    let size = u64::from(queue.size());
+    let mut line = format!(
+        "avail {avail} (taken {}), used {used} (next {})",
+        queue.next_avail(),
+        queue.next_used()
+    );
+    if queue.event_idx_enabled() {
+        // virtio 1.2 §2.7.10: used_event follows the available ring's
+        // entries, avail_event the used ring's.
+        let used_event = read(queue.avail_ring() + 4 + 2 * size);
+        let avail_event = read(queue.used_ring() + 4 + 8 * size);
+        line.push_str(&format!(
+            ", used_event {used_event}, avail_event {avail_event}"
+        ));
+    }
+    line
 }
 
 /// Reads `data.len()` bytes at `offset` of the configuration space

@@ -188,6 +188,10 @@ case_exec_boot_stall() {
         --append "rdinit=/bin/sh" --boot-timeout 20 -- true
     expect "exit status 123" rc_is 123
     expect "says the init did not start" err_has "did not start capsule's init within 20 s"
+    # The quiet guest's state (src/stall.rs): both samples of the vCPU,
+    # and the vsock device's queues.
+    expect "logs where the vCPU was, twice" err_has "quiet guest: sample 2: vCPU 0: rip 0x"
+    expect "logs the vsock device's queues" err_has "quiet guest: vsock: queue 0: avail"
     expect "gave up in time (under 60 s)" secs_below 60
     rm -rf "$_r"
 }

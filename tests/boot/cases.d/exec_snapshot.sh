@@ -130,7 +130,7 @@ case_exec_snapshot_parallel() {
     _again=0
     while [ "$_round" -le "${EXEC_PAR_ROUNDS:-10}" ]; do
         for _n in 101 102; do
-            CAPSULE_LOG=info timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" exec --snapshot "$_tpl" --env N=$_n --workdir /tmp \
+            CAPSULE_LOG="${CAPSULE_LOG:-info}" timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" exec --snapshot "$_tpl" --env N=$_n --workdir /tmp \
                 -- sh -c "$EXEC_SNAP_CMD" </dev/null >"$_d/par.$_n.out" 2>"$_d/par.$_n.err" &
             eval "_par$_n=\$!"
         done

@@ -193,6 +193,7 @@ impl std::fmt::Debug for Connection {
             .field("host_eof", &self.host_eof)
             .field("readable", &self.readable)
             .field("registered", &self.registered)
+            .field("queued", &self.queued)
             .finish()
     }
 }

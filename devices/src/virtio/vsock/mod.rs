@@ -138,6 +138,8 @@ pub struct Vsock {
     /// Transmit queue rounds that found packets, and the packets.
     tx_rounds: u64,
     tx_packets: u64,
+    /// Packets written to the receive queue.
+    rx_packets: u64,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -188,6 +190,7 @@ impl Vsock {
             rx_segments: Vec::new(),
             tx_rounds: 0,
             tx_packets: 0,
+            rx_packets: 0,
         })
     }
 
@@ -206,6 +209,26 @@ impl Vsock {
     /// For tests and the fuzz target, which check that bound.
     pub fn held_bytes(&self) -> usize {
         self.conns.values().map(Connection::buffered).sum()
+    }
+
+    /// The device's state in one line, for the log when the guest's side
+    /// of a connection goes quiet: the queues' positions (a lost kick or
+    /// interrupt shows there), the packets moved, what is owed the guest,
+    /// and each connection with its credit.
+    pub fn describe(&self) -> String {
+        let mut conns: Vec<_> = self.conns.values().map(|c| format!("{c:?}")).collect();
+        conns.sort();
+        format!(
+            "{}; {} packets from the guest in {} rounds, {} to it; {} connection(s) due a turn, {} reset(s) owed, transport reset owed: {}; connections: [{}]",
+            self.common.describe_queues(),
+            self.tx_packets,
+            self.tx_rounds,
+            self.rx_packets,
+            self.rx_ready.len(),
+            self.strays.len(),
+            self.event_owed,
+            conns.join(", ")
+        )
     }
 
     /// Drops every connection (host clients see their stream close) and

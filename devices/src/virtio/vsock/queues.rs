@@ -192,6 +192,7 @@ impl Vsock {
             sent += 1;
         }
         if sent > 0 {
+            self.rx_packets += sent as u64;
             if let Some(active) = self.common.activation_mut() {
                 active.signal_used_queue(RX_QUEUE);
             }

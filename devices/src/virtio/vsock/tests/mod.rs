@@ -362,3 +362,23 @@ fn an_available_index_out_of_range_does_not_spin() {
     h.kick(TX_QUEUE);
     assert_eq!(h.connections(), 0);
 }
+
+#[test]
+fn the_device_describes_its_queues_and_connections() {
+    let mem = guest_memory();
+    let mut h = Harness::new(&mem);
+    let l = h.listen(52);
+    let _host = h.guest_connect(&l, 1000, 52);
+    h.send(g(op::RW, 1000, 52), b"hi");
+    let line = h.dev.lock().unwrap().describe();
+    // Three queues, each with the driver's and the device's positions;
+    // the transmit queue took every chain the driver made available.
+    for q in 0..3 {
+        assert!(line.contains(&format!("queue {q}: avail ")), "{line}");
+    }
+    let tx = line.split("queue 1: ").nth(1).unwrap();
+    let avail: u16 = tx.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(tx.contains(&format!("(taken {avail})")), "{line}");
+    assert!(line.contains("peer_port: 1000"), "{line}");
+    assert!(line.contains("state: Established"), "{line}");
+}

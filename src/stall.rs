@@ -1,0 +1,163 @@
+//! What capsule logs when a guest it waits for goes quiet (`capsule exec`:
+//! no message from the init for the stall timeout, or no init within the
+//! boot timeout): where each vCPU is, twice a little apart, and the vsock
+//! device's queues and connections.
+//!
+//! A quiet guest is one of three things, and these lines tell which:
+//!
+//! * idle, waiting for a notification that was lost: its vCPUs halted
+//!   with interrupts on, a queue index past the other side's event mark
+//!   with nothing taken or signalled since, or a timer armed in the past
+//!   (`TSC_DEADLINE` below the TSC) with no interrupt pending;
+//! * busy in a loop of its own: running, at the same or nearby RIPs;
+//! * not run by the host at all: the same RIP and TSC in both samples.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::kvm_lapic_state;
+
+use crate::vmm::Vmm;
+use crate::vstate::vcpu_state::VcpuState;
+
+/// `IA32_TIME_STAMP_COUNTER`.
+const MSR_TSC: u32 = 0x10;
+/// `IA32_TSC_DEADLINE`: the local APIC timer's deadline in TSC-deadline mode.
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+/// How long the vCPUs may take to report.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Between the two samples of the vCPUs.
+const SAMPLE_GAP: Duration = Duration::from_millis(200);
+
+/// Logs (warn) where the guest's vCPUs are and the vsock device's state.
+/// Pauses the VM for a moment to read the vCPUs; any failure to do so is
+/// logged and the VM runs on as before.
+pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
+    if let Some(v) = &vmm.vsock {
+        let line = v
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .describe();
+        log::warn!("quiet guest: vsock: {line}");
+    }
+    let m = &devices::metrics::VCPU;
+    log::warn!(
+        "quiet guest: vCPU exits to capsule so far: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
+        m.exit_io_in.get(),
+        m.exit_io_out.get(),
+        m.exit_mmio_read.get(),
+        m.exit_mmio_write.get()
+    );
+    for sample in 1..=2 {
+        if sample > 1 {
+            std::thread::sleep(SAMPLE_GAP);
+        }
+        match sample_vcpus(vmm) {
+            Ok(lines) => {
+                for line in lines {
+                    log::warn!("quiet guest: sample {sample}: {line}");
+                }
+            }
+            Err(why) => {
+                log::warn!("quiet guest: cannot read the vCPUs: {why}");
+                return;
+            }
+        }
+    }
+}
+
+/// One line per vCPU, read with the VM paused for the moment it takes.
+fn sample_vcpus(vmm: &mut Vmm) -> Result<Vec<String>, String> {
+    vmm.pause().map_err(|e| e.to_string())?;
+    let states = vmm.pause.save_states(
+        vmm.vcpus.len(),
+        Arc::new(vec![MSR_TSC, MSR_TSC_DEADLINE]),
+        SAVE_TIMEOUT,
+    );
+    vmm.resume().map_err(|e| e.to_string())?;
+    let states = states.map_err(|e| e.to_string())?;
+    Ok(states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| describe(i, s))
+        .collect())
+}
+
+/// A vCPU's position: RIP, interrupts on or off, KVM's run state, the
+/// timer, and the vectors pending or in service at its local APIC.
+fn describe(index: usize, s: &VcpuState) -> String {
+    let msr = |i: u32| s.msrs.iter().find(|(k, _)| *k == i).map(|(_, v)| *v);
+    let (tsc, deadline) = (msr(MSR_TSC), msr(MSR_TSC_DEADLINE));
+    let timer = match (tsc, deadline) {
+        (_, Some(0)) | (_, None) => "no deadline".to_string(),
+        (Some(t), Some(d)) if d <= t => format!("deadline {} cycles ago", t - d),
+        (Some(t), Some(d)) => format!("deadline in {} cycles", d - t),
+        (None, Some(d)) => format!("deadline {d}"),
+    };
+    let ev = &s.vcpu_events;
+    format!(
+        "vCPU {index}: rip {:#x} interrupts {} mp_state {} tsc {} timer: {timer}, lvt {:#x}; injected irq {} (vector {}), nmi pending {}, exception {}; APIC irr [{}] isr [{}]",
+        s.regs.rip,
+        if s.regs.rflags & (1 << 9) != 0 { "on" } else { "off" },
+        s.mp_state.mp_state,
+        tsc.map_or_else(|| "?".into(), |t| t.to_string()),
+        apic_reg(&s.lapic, 0x320),
+        ev.interrupt.injected,
+        ev.interrupt.nr,
+        ev.nmi.pending,
+        ev.exception.injected,
+        vectors(&s.lapic, 0x200),
+        vectors(&s.lapic, 0x100),
+    )
+}
+
+/// The 32-bit local APIC register at `offset`.
+fn apic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let b = |i: usize| lapic.regs.get(offset + i).map_or(0, |&c| c as u8);
+    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+}
+
+/// The vectors set in the 256-bit APIC register (IRR, ISR) at `base`:
+/// eight 32-bit words, 16 bytes apart.
+fn vectors(lapic: &kvm_lapic_state, base: usize) -> String {
+    let mut set = Vec::new();
+    for word in 0..8 {
+        let bits = apic_reg(lapic, base + word * 0x10);
+        for bit in 0..32 {
+            if bits & (1 << bit) != 0 {
+                set.push((word * 32 + bit).to_string());
+            }
+        }
+    }
+    set.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lapic_with(offset: usize, value: u32) -> kvm_lapic_state {
+        let mut l = kvm_lapic_state::default();
+        for (i, b) in value.to_le_bytes().iter().enumerate() {
+            l.regs[offset + i] = *b as _;
+        }
+        l
+    }
+
+    #[test]
+    fn apic_vectors_are_read_from_their_words() {
+        // Vector 0xec (236): word 7, bit 12.
+        let l = lapic_with(0x200 + 7 * 0x10, 1 << 12);
+        assert_eq!(vectors(&l, 0x200), "236");
+        assert_eq!(vectors(&l, 0x100), "");
+        let l = lapic_with(0x100, 0b101);
+        assert_eq!(vectors(&l, 0x100), "0 2");
+    }
+
+    #[test]
+    fn a_register_reads_little_endian() {
+        let l = lapic_with(0x320, 0x0004_00ec);
+        assert_eq!(apic_reg(&l, 0x320), 0x0004_00ec);
+    }
+}
