@@ -192,6 +192,7 @@ case_exec_boot_stall() {
     # and the vsock device's queues.
     expect "logs where the vCPU was, twice" err_has "quiet guest: sample 2: vCPU 0: rip 0x"
     expect "logs the vsock device's queues" err_has "quiet guest: vsock: queue 0: avail"
+    grep "quiet guest: sample 1" "$ERR" | cut -c1-400 | sed 's/^/    exec_boot_stall: /'
     expect "gave up in time (under 60 s)" secs_below 60
     rm -rf "$_r"
 }
