@@ -29,7 +29,8 @@ const SAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between the two samples of the vCPUs.
 const SAMPLE_GAP: Duration = Duration::from_millis(200);
 
-/// Logs (warn) where the guest's vCPUs are and the vsock device's state.
+/// Logs (at `info`: a failed run still ends in one error line by
+/// default) where the guest's vCPUs are and the vsock device's state.
 /// Pauses the VM for a moment to read the vCPUs; any failure to do so is
 /// logged and the VM runs on as before.
 pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
@@ -39,10 +40,10 @@ pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .describe();
-        log::warn!("quiet guest: vsock: {line}");
+        log::info!("quiet guest: vsock: {line}");
     }
     let m = &devices::metrics::VCPU;
-    log::warn!(
+    log::info!(
         "quiet guest: vCPU exits to capsule so far: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         m.exit_io_in.get(),
         m.exit_io_out.get(),
@@ -56,11 +57,11 @@ pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
         match sample_vcpus(vmm) {
             Ok(lines) => {
                 for line in lines {
-                    log::warn!("quiet guest: sample {sample}: {line}");
+                    log::info!("quiet guest: sample {sample}: {line}");
                 }
             }
             Err(why) => {
-                log::warn!("quiet guest: cannot read the vCPUs: {why}");
+                log::info!("quiet guest: cannot read the vCPUs: {why}");
                 return;
             }
         }
@@ -97,10 +98,10 @@ fn describe(index: usize, s: &VcpuState) -> String {
     };
     let ev = &s.vcpu_events;
     format!(
-        "vCPU {index}: rip {:#x} interrupts {} mp_state {} tsc {} timer: {timer}, lvt {:#x}; injected irq {} (vector {}), nmi pending {}, exception {}; APIC irr [{}] isr [{}]",
+        "vCPU {index}: rip {:#x} interrupts {} {} tsc {} timer: {timer}, lvt {:#x}; injected irq {} (vector {}), nmi pending {}, exception {}; APIC irr [{}] isr [{}]",
         s.regs.rip,
         if s.regs.rflags & (1 << 9) != 0 { "on" } else { "off" },
-        s.mp_state.mp_state,
+        mp_state_name(s.mp_state.mp_state),
         tsc.map_or_else(|| "?".into(), |t| t.to_string()),
         apic_reg(&s.lapic, 0x320),
         ev.interrupt.injected,
@@ -110,6 +111,17 @@ fn describe(index: usize, s: &VcpuState) -> String {
         vectors(&s.lapic, 0x200),
         vectors(&s.lapic, 0x100),
     )
+}
+
+/// KVM's run state of a vCPU, by name.
+fn mp_state_name(state: u32) -> String {
+    match state {
+        kvm_bindings::KVM_MP_STATE_RUNNABLE => "runnable".into(),
+        kvm_bindings::KVM_MP_STATE_UNINITIALIZED => "waiting for INIT".into(),
+        kvm_bindings::KVM_MP_STATE_INIT_RECEIVED => "waiting for SIPI".into(),
+        kvm_bindings::KVM_MP_STATE_HALTED => "halted".into(),
+        other => format!("mp_state {other}"),
+    }
 }
 
 /// The 32-bit local APIC register at `offset`.

@@ -352,7 +352,7 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
 fn check(vmm: &mut crate::vmm::Vmm, session: &Mutex<Session>) -> Option<Stop> {
     let stop = lock(session).check();
     if let Some(Stop::Quiet(why)) = &stop {
-        log::warn!("{why}; the guest's state follows");
+        log::info!("{why}; the guest's state follows");
         crate::stall::log_quiet_guest(vmm);
     }
     stop

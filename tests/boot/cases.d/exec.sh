@@ -184,12 +184,15 @@ case_exec_boot_stall() {
     rm -rf "$_r"
     mkdir -p "$_r"
     (cd "$_r" && gzip -dc "$INITRD" | cpio -id 2>/dev/null)
+    _saved_log="${CAPSULE_LOG-}"
+    export CAPSULE_LOG=info
     run_exec exec_boot_stall /dev/null exec --kernel "$BZIMAGE" --rootfs "$_r" \
         --append "rdinit=/bin/sh" --boot-timeout 20 -- true
+    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     expect "exit status 123" rc_is 123
     expect "says the init did not start" err_has "did not start capsule's init within 20 s"
-    # The quiet guest's state (src/stall.rs): both samples of the vCPU,
-    # and the vsock device's queues.
+    # The quiet guest's state (src/stall.rs, at info): both samples of
+    # the vCPU, and the vsock device's queues.
     expect "logs where the vCPU was, twice" err_has "quiet guest: sample 2: vCPU 0: rip 0x"
     expect "logs the vsock device's queues" err_has "quiet guest: vsock: queue 0: avail"
     grep "quiet guest: sample 1" "$ERR" | cut -c1-400 | sed 's/^/    exec_boot_stall: /'
