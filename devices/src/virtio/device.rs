@@ -257,7 +257,7 @@ impl VirtioCommon {
         }
     }
 
-    /// Every queue's positions ([`describe_queue`]), `;`-separated, or
+    /// Every queue's positions (`describe_queue`), `;`-separated, or
     /// "inactive".
     pub fn describe_queues(&self) -> String {
         match self.activation() {
