@@ -5,15 +5,16 @@
 
 ALL_CASES="$ALL_CASES api_lifecycle"
 
-# api CASE_DIR METHOD PATH [JSON]: one API call with curl; prints the HTTP
+# api CASE_DIR METHOD PATH [JSON]: one API call with curl (given up after
+# 120 s: an unanswered request fails the case, not the suite); prints the HTTP
 # status, keeps the body in CASE_DIR/body.
 api() {
     _d="$1" _m="$2" _p="$3"
     if [ -n "${4:-}" ]; then
-        "$TOOLS/curl" -s -o "$_d/body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
+        "$TOOLS/curl" --max-time 120 -s -o "$_d/body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
             -X "$_m" -H 'Content-Type: application/json' -d "$4" "http://localhost$_p"
     else
-        "$TOOLS/curl" -s -o "$_d/body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
+        "$TOOLS/curl" --max-time 120 -s -o "$_d/body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
             -X "$_m" "http://localhost$_p"
     fi
 }

@@ -81,10 +81,10 @@ rss_mib() {
 # $BD/body.
 bapi() {
     if [ -n "${3:-}" ]; then
-        "$TOOLS/curl" -s -o "$BD/body" -w '%{http_code}' --unix-socket "$BD/api.sock" \
+        "$TOOLS/curl" --max-time 120 -s -o "$BD/body" -w '%{http_code}' --unix-socket "$BD/api.sock" \
             -X "$1" -H 'Content-Type: application/json' -d "$3" "http://localhost$2"
     else
-        "$TOOLS/curl" -s -o "$BD/body" -w '%{http_code}' --unix-socket "$BD/api.sock" \
+        "$TOOLS/curl" --max-time 120 -s -o "$BD/body" -w '%{http_code}' --unix-socket "$BD/api.sock" \
             -X "$1" "http://localhost$2"
     fi
 }

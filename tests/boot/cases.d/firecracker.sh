@@ -127,7 +127,7 @@ EOF
         _raw="$WORK/fc_drive_swap/stdout.raw"
         # The typed line is echoed too: wait for the output, not the echo.
         wait_for "$_raw" 'waiting-for-2-swap' "$CASE_TIMEOUT" "$_d/stop" || exit 0
-        "$TOOLS/curl" -s -o "$_d/patch.body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
+        "$TOOLS/curl" --max-time 120 -s -o "$_d/patch.body" -w '%{http_code}' --unix-socket "$_d/api.sock" \
             -X PATCH -d "{\"drive_id\": \"data\", \"path_on_host\": \"$_d/big.img\"}" \
             http://localhost/drives/data >"$_d/patch.status"
     ) &
