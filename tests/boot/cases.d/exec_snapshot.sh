@@ -26,6 +26,12 @@
 # connection only, never read the second: a link now follows the init to
 # a new connection until the command starts (src/exec/link.rs). The case
 # counts the clones whose init connected again (their log says so).
+# The landing CI of 2026-12-06 caught another: round 6 clone 102 started
+# its command and then sent nothing for 30 s (no reconnection; 300 clones
+# in one L1 since did not repeat it). A quiet clone now logs its vCPUs'
+# and its vsock device's state (src/stall.rs, at info): the case keeps
+# 4000 characters of a failing clone's stderr so that the next one shows
+# whether a notification was lost or the guest did not run.
 
 # shellcheck disable=SC2016  # $... in guest commands is for the guest shell
 ALL_CASES="$ALL_CASES exec_snapshot_20 exec_snapshot_parallel"
@@ -141,7 +147,7 @@ case_exec_snapshot_parallel() {
         for _n in 101 102; do
             eval "_r=\$_r$((_n - 100))"
             if [ "$_r" -ne $((_n % 7)) ] || [ "$(cat "$_d/par.$_n.out")" != "out-$_n /tmp" ]; then
-                _bad="${_bad:+$_bad; }round $_round clone $_n: status $_r, stderr $(tr '\n' '|' <"$_d/par.$_n.err" | tail -c 600)"
+                _bad="${_bad:+$_bad; }round $_round clone $_n: status $_r, stderr $(tr '\n' '|' <"$_d/par.$_n.err" | tail -c 4000)"
                 grep -h 'triple fault (the VM resets)' "$_d/par.$_n.err" >>"$ERR"
             fi
             grep -q 'connected again before its command started' "$_d/par.$_n.err" &&
