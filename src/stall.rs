@@ -42,8 +42,15 @@ pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
             .describe();
         log::info!("quiet guest: vsock: {line}");
     }
+    log_vcpus(vmm, log::Level::Info);
+}
+
+/// Logs at `level` how often the vCPUs left KVM for capsule and, twice
+/// [`SAMPLE_GAP`] apart, where each one is.
+pub(crate) fn log_vcpus(vmm: &mut Vmm, level: log::Level) {
     let m = &devices::metrics::VCPU;
-    log::info!(
+    log::log!(
+        level,
         "quiet guest: vCPU exits to capsule so far: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         m.exit_io_in.get(),
         m.exit_io_out.get(),
@@ -57,11 +64,11 @@ pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
         match sample_vcpus(vmm) {
             Ok(lines) => {
                 for line in lines {
-                    log::info!("quiet guest: sample {sample}: {line}");
+                    log::log!(level, "quiet guest: sample {sample}: {line}");
                 }
             }
             Err(why) => {
-                log::info!("quiet guest: cannot read the vCPUs: {why}");
+                log::log!(level, "quiet guest: cannot read the vCPUs: {why}");
                 return;
             }
         }

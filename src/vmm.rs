@@ -56,6 +56,11 @@ pub struct Vmm {
     /// Kick the vCPUs now and then to see whether they halted for good
     /// (a guest without ACPI: `vstate::halt`).
     pub(crate) watch_halt: bool,
+    /// The guest was booted with its kernel console on COM1 (not
+    /// `quiet`): stopped by a signal before it wrote a byte there, it has
+    /// its vCPUs' state logged, to tell a guest that never ran from one
+    /// that ran without a console.
+    pub(crate) serial_console: bool,
     /// The virtio-blk devices, in the guest's order (vda, vdb, ...).
     pub(crate) disks: Vec<Arc<Mutex<devices::virtio::block::Block>>>,
     /// The virtio-net devices, in the guest's order (eth0, eth1, ...).
@@ -317,6 +322,13 @@ impl Vmm {
                 break RunEnd::Host(t);
             }
             if let Some(r) = self.exit.reason() {
+                if r == GuestExit::Stopped
+                    && self.serial_console
+                    && devices::metrics::UART.write_count.get() == 0
+                {
+                    log::warn!("the guest never wrote to its serial console (console=ttyS0); where it was:");
+                    crate::stall::log_vcpus(&mut self, log::Level::Warn);
+                }
                 break RunEnd::Guest(r);
             }
             if self

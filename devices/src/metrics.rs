@@ -187,3 +187,18 @@ pub static VCPU: VcpuMetrics = VcpuMetrics {
     exit_mmio_write: Counter::new(),
     failures: Counter::new(),
 };
+
+/// Serial console counters (Firecracker's `uart` group).
+#[derive(Debug, Default)]
+pub struct UartMetrics {
+    /// Bytes the guest wrote to the UART's transmit register.
+    pub write_count: Counter,
+    /// Of those, bytes lost (the output could not take them).
+    pub missed_write_count: Counter,
+}
+
+/// The serial console (COM1).
+pub static UART: UartMetrics = UartMetrics {
+    write_count: Counter::new(),
+    missed_write_count: Counter::new(),
+};

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use devices::metrics::{Counter, BALLOON, BLOCK, ENTROPY, NET, VCPU};
+use devices::metrics::{Counter, BALLOON, BLOCK, ENTROPY, NET, UART, VCPU};
 use serde_json::{Map, Value};
 
 use crate::hostfile::OutputKind;
@@ -136,6 +136,14 @@ fn device_counters() -> Values {
             ("exit_mmio_read", &VCPU.exit_mmio_read),
             ("exit_mmio_write", &VCPU.exit_mmio_write),
             ("failures", &VCPU.failures),
+        ],
+    );
+    push(
+        &mut v,
+        "uart",
+        &[
+            ("write_count", &UART.write_count),
+            ("missed_write_count", &UART.missed_write_count),
         ],
     );
     push(

@@ -172,8 +172,16 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
             paused: false,
             track_dirty: None,
             kernel_map,
+            serial_console: serial_console_expected(&config.cmdline),
         },
     )
+}
+
+/// Whether a guest booted with `cmdline` writes its kernel's messages to
+/// COM1 from its first seconds: `console=ttyS0` without `quiet`.
+fn serial_console_expected(cmdline: &str) -> bool {
+    let args: Vec<&str> = cmdline.split_whitespace().collect();
+    args.iter().any(|a| a.starts_with("console=ttyS0")) && !args.contains(&"quiet")
 }
 
 /// The typed device handles a snapshot saves (see [`crate::snapshot`]).
@@ -221,6 +229,10 @@ pub(crate) struct Parts {
     pub(crate) track_dirty: Option<Option<u64>>,
     /// The kernel, mapped from its file ([`crate::kernel_map`]).
     pub(crate) kernel_map: Option<crate::kernel_map::KernelMap>,
+    /// A booted guest whose kernel console is COM1 (not `quiet`): one
+    /// stopped without a byte written there gets its vCPUs' state
+    /// logged ([`crate::vmm::Vmm::run`]).
+    pub(crate) serial_console: bool,
 }
 
 /// The parts of a VM made before its devices (the event loop and the exit
@@ -343,6 +355,7 @@ impl Started {
             persist,
             vsock: parts.vsock,
             watch_halt,
+            serial_console: parts.serial_console,
             disks: parts.disks,
             nets: parts.nets,
             balloon: parts.balloon,
@@ -502,6 +515,16 @@ pub(crate) fn check_host_memory(asked: u64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_serial_console_is_expected_on_com1_without_quiet() {
+        assert!(serial_console_expected("console=ttyS0 reboot=k panic=1"));
+        assert!(serial_console_expected("console=ttyS0,115200n8"));
+        // capsule exec's kernel is quiet: it may write nothing at all.
+        assert!(!serial_console_expected("console=ttyS0 quiet reboot=k"));
+        assert!(!serial_console_expected("console=hvc0"));
+        assert!(!serial_console_expected(""));
+    }
 
     fn config(transport: Transport) -> VmConfig {
         VmConfig {

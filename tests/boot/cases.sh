@@ -354,8 +354,11 @@ for c in $CASES; do
     # A guest that triple-faults (about once in 20 boots in the nested
     # harness, with QEMU's guests too: see docs/ARCHITECTURE.md, "Testing
     # layers") or whose boot stalls before userspace until the case times
-    # out (seen in the same harness on a day its L1 also hung) gets the
-    # case run again in a new VM, said out loud: up to twice, because at
+    # out (seen in the same harness on a day its L1 also hung), or that
+    # never wrote a byte to its console until the timeout stopped it
+    # (capsule then logs where its vCPUs were; CI, 2026-12-06:
+    # virtiofs_ro), gets the case run again in a new VM, said out loud:
+    # up to twice, because at
     # 1 fault in 20 boots a 40-case suite sees two in a row in one case
     # about once in 10 runs (CI, 2026-12-04: disk_root_write). A real
     # fault of either kind fails every run.
@@ -366,6 +369,11 @@ for c in $CASES; do
             _retry="the guest triple-faulted: $(grep -m1 'triple fault' "$ERR")"
         elif [ -n "$CASE_ERRORS" ] && timed_out && [ -s "$OUT" ] && ! grep -q "$READY" "$OUT"; then
             _retry="the guest's boot stalled ($(describe_rc)); last console line: $(tail -n1 "$OUT")"
+        elif [ -n "$CASE_ERRORS" ] && timed_out && [ ! -s "$OUT" ] &&
+            grep -q 'never wrote to its serial console' "$ERR" 2>/dev/null; then
+            # Stopped by the case's timeout, capsule logged where the
+            # silent guest's vCPUs were (src/stall.rs): shown here.
+            _retry="the guest never wrote to its console ($(describe_rc)); $(grep -m1 'quiet guest: sample 2' "$ERR" | cut -c1-300)"
         fi
         [ -n "$_retry" ] || break
         echo "boot-case: RETRY $c: $_retry"

@@ -74,8 +74,11 @@ pub struct FifoEvents {
 
 impl SerialEvents for FifoEvents {
     fn buffer_read(&self) {}
-    fn out_byte(&self) {}
+    fn out_byte(&self) {
+        crate::metrics::UART.write_count.inc();
+    }
     fn tx_lost_byte(&self) {
+        crate::metrics::UART.missed_write_count.inc();
         crate::debug_ratelimited!("serial: output byte lost");
     }
     fn in_buffer_empty(&self) {
