@@ -76,15 +76,23 @@ pub(crate) fn log_vcpus(vmm: &mut Vmm, level: log::Level) {
 }
 
 /// One line per vCPU, read with the VM paused for the moment it takes.
+/// The VM is resumed whatever happened (a pause that timed out leaves
+/// some vCPUs parked otherwise), unless it was paused before.
 fn sample_vcpus(vmm: &mut Vmm) -> Result<Vec<String>, String> {
-    vmm.pause().map_err(|e| e.to_string())?;
-    let states = vmm.pause.save_states(
-        vmm.vcpus.len(),
-        Arc::new(vec![MSR_TSC, MSR_TSC_DEADLINE]),
-        SAVE_TIMEOUT,
-    );
-    vmm.resume().map_err(|e| e.to_string())?;
-    let states = states.map_err(|e| e.to_string())?;
+    let paused_before = vmm.pause.requested();
+    let paused = vmm.pause();
+    let states = match paused {
+        Ok(()) => Some(vmm.pause.save_states(
+            vmm.vcpus.len(),
+            Arc::new(vec![MSR_TSC, MSR_TSC_DEADLINE]),
+            SAVE_TIMEOUT,
+        )),
+        Err(_) => None,
+    };
+    let resumed = if paused_before { Ok(()) } else { vmm.resume() };
+    paused.map_err(|e| e.to_string())?;
+    resumed.map_err(|e| e.to_string())?;
+    let states = states.ok_or("no state read")?.map_err(|e| e.to_string())?;
     Ok(states
         .iter()
         .enumerate()
