@@ -150,9 +150,12 @@ boot() {
         exec "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc.json" </dev/null
         ;;
     cloud-hypervisor)
+        # image_type=raw: with the format probed (its default), it refuses
+        # the guest's writes to sector 0 of a raw image (EIO), which the
+        # sequential write job starts with.
         exec "$TOOLS/cloud-hypervisor" --kernel "$VMLINUX" --cmdline "$CMDLINE" \
             --cpus boot=2 --memory size=512M --serial tty --console off \
-            --disk path="$BENCH_ROOT",readonly=on path="$data" </dev/null
+            --disk path="$BENCH_ROOT",readonly=on,image_type=raw path="$data",image_type=raw </dev/null
         ;;
     limit)
         # No VM: fio on the data file from the harness's host itself.
