@@ -12,6 +12,11 @@
 //! go. Otherwise with no VM running, or on a second signal while the first
 //! is being handled, capsule dies at once — with the terminal restored.
 //!
+//! SIGUSR2 asks a running VM for its state: the event loop logs (at
+//! `warn`) where each vCPU is and every virtio queue's positions
+//! ([`take_state_request`], `crate::stall`), and the VM runs on. With no
+//! VM running it is ignored.
+//!
 //! `capsule exec` forwards signals to the command instead
 //! ([`forward_to`]): those of [`exec_proto::FORWARDED_SIGNALS`] are
 //! recorded and wake the session, which sends them to the guest. A
@@ -32,6 +37,9 @@ const SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 /// The first signal received while a VM ran; 0 if none.
 static PENDING: AtomicI32 = AtomicI32::new(0);
+
+/// SIGUSR2 came: the VM's state is to be logged.
+static STATE_REQUESTED: AtomicBool = AtomicBool::new(false);
 
 /// The eventfd to write to when a signal is to be forwarded; -1 when
 /// signals are not forwarded.
@@ -90,6 +98,26 @@ extern "C" fn on_signal(signum: libc::c_int) {
     unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
+/// SIGUSR2 (unless forwarded): records the request and wakes the event
+/// loop of a running VM. Async-signal-safe.
+extern "C" fn on_state_request(signum: libc::c_int) {
+    if forward(signum) {
+        return;
+    }
+    STATE_REQUESTED.store(true, Ordering::SeqCst);
+    let fd = WAKE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: as in `on_signal`.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Whether SIGUSR2 asked for the VM's state since the last call.
+pub fn take_state_request() -> bool {
+    STATE_REQUESTED.swap(false, Ordering::SeqCst)
+}
+
 /// Restores the terminal and dies of `signum`. Async-signal-safe.
 fn die(signum: libc::c_int) -> ! {
     crate::terminal::restore();
@@ -118,7 +146,17 @@ fn handle(signals: impl IntoIterator<Item = libc::c_int>) {
 /// Installs the handlers (once per process).
 pub fn install() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| handle(SIGNALS));
+    ONCE.call_once(|| {
+        handle(SIGNALS);
+        // SAFETY: the handler only uses atomics and write (see
+        // `on_state_request`); `forward_to` replaces it for `exec`.
+        unsafe {
+            libc::signal(
+                libc::SIGUSR2,
+                on_state_request as extern "C" fn(libc::c_int) as libc::sighandler_t,
+            )
+        };
+    });
 }
 
 /// While the returned guard lives, the signals of

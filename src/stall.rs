@@ -42,16 +42,49 @@ pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
             .describe();
         log::info!("quiet guest: vsock: {line}");
     }
-    log_vcpus(vmm, log::Level::Info);
+    log_vcpus(vmm, log::Level::Info, "quiet guest");
 }
 
-/// Logs at `level` how often the vCPUs left KVM for capsule and, twice
-/// [`SAMPLE_GAP`] apart, where each one is.
-pub(crate) fn log_vcpus(vmm: &mut Vmm, level: log::Level) {
+/// Logs at `level` every virtio device's queue positions (the vsock
+/// device's connections too), then where the vCPUs are ([`log_vcpus`]):
+/// for SIGUSR2.
+pub(crate) fn log_state(vmm: &mut Vmm, level: log::Level) {
+    let describe = |d: &dyn devices::virtio::VirtioDevice| {
+        format!("{}: {}", d.common().name(), d.common().describe_queues())
+    };
+    let h = &vmm.persist;
+    let mut lines = Vec::new();
+    for t in &h.transports {
+        let t = t.lock().unwrap_or_else(|e| e.into_inner());
+        let d = t.device().lock().unwrap_or_else(|e| e.into_inner());
+        lines.push(describe(&*d));
+    }
+    for f in &h.pci_functions {
+        let f = f.lock().unwrap_or_else(|e| e.into_inner());
+        lines.push(describe(&*f.lock_device()));
+    }
+    for line in lines {
+        log::log!(level, "state: {line}");
+    }
+    if let Some(v) = &vmm.vsock {
+        let line = v
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .describe();
+        log::log!(level, "state: vsock: {line}");
+    }
+    log_vcpus(vmm, level, "state");
+}
+
+/// Logs at `level`, each line starting with `prefix`, how often the
+/// vCPUs left KVM for capsule and, twice [`SAMPLE_GAP`] apart, where each
+/// one is.
+pub(crate) fn log_vcpus(vmm: &mut Vmm, level: log::Level, prefix: &str) {
     let m = &devices::metrics::VCPU;
     log::log!(
         level,
-        "quiet guest: vCPU exits to capsule so far: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
+        "{prefix}: vCPU exits to capsule so far: {} port reads, {} port writes, {} MMIO reads, {} MMIO writes",
         m.exit_io_in.get(),
         m.exit_io_out.get(),
         m.exit_mmio_read.get(),
@@ -64,11 +97,11 @@ pub(crate) fn log_vcpus(vmm: &mut Vmm, level: log::Level) {
         match sample_vcpus(vmm) {
             Ok(lines) => {
                 for line in lines {
-                    log::log!(level, "quiet guest: sample {sample}: {line}");
+                    log::log!(level, "{prefix}: sample {sample}: {line}");
                 }
             }
             Err(why) => {
-                log::log!(level, "quiet guest: cannot read the vCPUs: {why}");
+                log::log!(level, "{prefix}: cannot read the vCPUs: {why}");
                 return;
             }
         }

@@ -321,13 +321,17 @@ impl Vmm {
             if let Some(t) = check(&mut self) {
                 break RunEnd::Host(t);
             }
+            if signals::take_state_request() {
+                log::warn!("SIGUSR2: the VM's state follows");
+                crate::stall::log_state(&mut self, log::Level::Warn);
+            }
             if let Some(r) = self.exit.reason() {
                 if r == GuestExit::Stopped
                     && self.serial_console
                     && devices::metrics::UART.write_count.get() == 0
                 {
                     log::warn!("the guest never wrote to its serial console (console=ttyS0); where it was:");
-                    crate::stall::log_vcpus(&mut self, log::Level::Warn);
+                    crate::stall::log_vcpus(&mut self, log::Level::Warn, "silent guest");
                 }
                 break RunEnd::Guest(r);
             }

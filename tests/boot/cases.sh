@@ -373,7 +373,7 @@ for c in $CASES; do
             grep -q 'never wrote to its serial console' "$ERR" 2>/dev/null; then
             # Stopped by the case's timeout, capsule logged where the
             # silent guest's vCPUs were (src/stall.rs): shown here.
-            _retry="the guest never wrote to its console ($(describe_rc)); $(grep -m1 'quiet guest: sample 2' "$ERR" | cut -c1-300)"
+            _retry="the guest never wrote to its console ($(describe_rc)); $(grep -m1 'silent guest: sample 2' "$ERR" | cut -c1-300)"
         fi
         [ -n "$_retry" ] || break
         echo "boot-case: RETRY $c: $_retry"

@@ -29,6 +29,6 @@ case_run_silent_console() {
     expect "stopped by SIGTERM (status 143, got $RC)" rc_is 143
     expect "the guest wrote nothing to its console (got $(wc -c <"$OUT") bytes)" [ ! -s "$OUT" ]
     expect "capsule says the guest never wrote to its console" err_has "never wrote to its serial console"
-    expect "and where its vCPU was, twice" err_has "quiet guest: sample 2: vCPU 0: rip 0x"
-    grep "quiet guest: sample 1" "$ERR" | cut -c1-300 | sed 's/^/    run_silent_console: /'
+    expect "and where its vCPU was, twice" err_has "silent guest: sample 2: vCPU 0: rip 0x"
+    grep "silent guest: sample 1" "$ERR" | cut -c1-300 | sed 's/^/    run_silent_console: /'
 }

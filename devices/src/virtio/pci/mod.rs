@@ -176,6 +176,11 @@ impl VirtioPci {
         })
     }
 
+    /// The device behind the function.
+    pub fn lock_device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+        self.common.lock_device()
+    }
+
     /// One notification eventfd per queue: register queue `i`'s as an
     /// ioeventfd at [`Self::notify_address`]`(i)`, any width.
     pub fn queue_evts(&self) -> &[EventFd] {
