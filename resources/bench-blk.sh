@@ -182,6 +182,9 @@ run_one() {
     b=$!
     (
         sleep "$VM_TIMEOUT" >/dev/null 2>&1
+        # capsule logs its queues and vCPUs on SIGUSR2 (on stderr, which
+        # the session log keeps): where the hung run stood.
+        case "$1" in capsule*) kill -USR2 "$b" 2>/dev/null && sleep 3 ;; esac
         kill -9 "$b" 2>/dev/null && echo "bench-blk: error timeout: no end after $VM_TIMEOUT s"
     ) &
     w=$!
