@@ -34,15 +34,21 @@ const SAMPLE_GAP: Duration = Duration::from_millis(200);
 /// Pauses the VM for a moment to read the vCPUs; any failure to do so is
 /// logged and the VM runs on as before.
 pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
-    if let Some(v) = &vmm.vsock {
-        let line = v
-            .device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .describe();
+    if let Some(line) = vsock_line(vmm) {
         log::info!("quiet guest: vsock: {line}");
     }
     log_vcpus(vmm, log::Level::Info, "quiet guest");
+}
+
+/// The vsock device's queues and connections, if the VM has one.
+fn vsock_line(vmm: &Vmm) -> Option<String> {
+    let v = vmm.vsock.as_ref()?;
+    Some(
+        v.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .describe(),
+    )
 }
 
 /// Logs at `level` every virtio device's queue positions (the vsock
@@ -66,12 +72,7 @@ pub(crate) fn log_state(vmm: &mut Vmm, level: log::Level) {
     for line in lines {
         log::log!(level, "state: {line}");
     }
-    if let Some(v) = &vmm.vsock {
-        let line = v
-            .device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .describe();
+    if let Some(line) = vsock_line(vmm) {
         log::log!(level, "state: vsock: {line}");
     }
     log_vcpus(vmm, level, "state");
