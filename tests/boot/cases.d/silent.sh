@@ -15,10 +15,12 @@ case_run_silent_console() {
     rm -rf "$_d"
     mkdir -p "$_d"
     OUT="$_d/stdout" ERR="$_d/stderr"
-    printf '%s\n' "capsule run --cmdline 'console=ttyS0 loglevel=0 ... rdinit=/bin/sleep -- 600', SIGTERM after 8 s" >"$_d/command"
+    printf '%s\n' "capsule run --cmdline 'console=ttyS0 loglevel=0 ... rdinit=/bin/sleep 600', SIGTERM after 8 s" >"$_d/command"
+    # "600" (no "=", unknown to the kernel) becomes sleep's argument; a
+    # "--" would hand it the parameters capsule appends too (pci=off).
     _start=$(now)
     "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" --memory 128M \
-        --cmdline "console=ttyS0 loglevel=0 reboot=k panic=1 rdinit=/bin/sleep -- 600" \
+        --cmdline "console=ttyS0 loglevel=0 reboot=k panic=1 rdinit=/bin/sleep 600" \
         </dev/null >"$OUT" 2>"$ERR" &
     _pid=$!
     sleep 8
