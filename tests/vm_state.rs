@@ -4,25 +4,20 @@
 //! it wrote a byte there gets the same account of its vCPUs
 //! (`src/stall.rs`). On /dev/kvm with the tiny guests of tests/common.
 
-use std::io::Read;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Output};
+use std::time::Duration;
 
 mod common;
 use common::guest::*;
+use common::run::{spawn_capsule, wait_or_kill};
 
 /// Starts `capsule run` on `kernel`, with a virtio-blk disk.
 fn start(kernel: &std::path::Path, disk: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_capsule"))
-        .args(["run", "--memory", "32M", "--kernel"])
-        .arg(kernel)
-        .arg("--disk")
-        .arg(disk)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run capsule")
+    let (kernel, disk) = (kernel.to_str().unwrap(), disk.to_str().unwrap());
+    spawn_capsule(
+        &["run", "--memory", "32M", "--kernel", kernel, "--disk", disk],
+        &[],
+    )
 }
 
 fn signal(child: &Child, sig: libc::c_int) {
@@ -31,35 +26,21 @@ fn signal(child: &Child, sig: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
 }
 
-/// Waits for `child` to end (killing it after 20 s); its status and
+/// Waits for `child` to end (failing after 20 s); its status and
 /// stdout and stderr.
-fn finish(mut child: Child) -> (Option<i32>, Option<i32>, String, String) {
+fn finish(child: Child) -> (Option<i32>, Option<i32>, String, String) {
     use std::os::unix::process::ExitStatusExt;
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t.elapsed() > Duration::from_secs(20) {
-            child.kill().unwrap();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code(), status.signal(), out, err)
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = wait_or_kill(child, 20);
+    (
+        status.code(),
+        status.signal(),
+        String::from_utf8_lossy(&stdout).into_owned(),
+        String::from_utf8_lossy(&stderr).into_owned(),
+    )
 }
 
 fn disk(name: &str) -> std::path::PathBuf {
