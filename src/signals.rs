@@ -71,10 +71,16 @@ fn forward(signum: libc::c_int) -> bool {
         return false;
     }
     TO_FORWARD.fetch_or(1 << (signum - 1), Ordering::SeqCst);
-    let one: u64 = 1;
-    // SAFETY: as in `on_signal`.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    wake(fd);
     true
+}
+
+/// Adds one to the eventfd `fd`. Async-signal-safe.
+fn wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: write is async-signal-safe; `one` is 8 readable bytes, the
+    // size an eventfd takes. A closed fd only makes write fail.
+    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }
 
 extern "C" fn on_signal(signum: libc::c_int) {
@@ -92,10 +98,7 @@ extern "C" fn on_signal(signum: libc::c_int) {
     if fd < 0 || !first {
         die(signum);
     }
-    let one: u64 = 1;
-    // SAFETY: write is async-signal-safe; `one` is 8 readable bytes, the
-    // size an eventfd takes. A closed fd only makes write fail.
-    unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    wake(fd);
 }
 
 /// SIGUSR2 (unless forwarded): records the request and wakes the event
@@ -107,9 +110,7 @@ extern "C" fn on_state_request(signum: libc::c_int) {
     STATE_REQUESTED.store(true, Ordering::SeqCst);
     let fd = WAKE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: as in `on_signal`.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+        wake(fd);
     }
 }
 
