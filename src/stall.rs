@@ -1,7 +1,13 @@
-//! What capsule logs when a guest it waits for goes quiet (`capsule exec`:
-//! no message from the init for the stall timeout, or no init within the
-//! boot timeout): where each vCPU is, twice a little apart, and the vsock
-//! device's queues and connections.
+//! What capsule logs of a guest it cannot see into: where each vCPU is,
+//! twice a little apart, and the virtio devices' queues. Three callers:
+//!
+//! * `capsule exec`, when its guest goes quiet (no message from the init
+//!   for the stall timeout, or no init within the boot timeout): the
+//!   vCPUs and the vsock device ([`log_quiet_guest`], at `info`);
+//! * SIGUSR2 on a running VM: every device, the vsock connections and
+//!   the vCPUs ([`log_state`], at `warn`; the VM runs on);
+//! * a guest booted with its console on COM1 that a signal stops before
+//!   it wrote a byte there: the vCPUs ([`log_vcpus`], from `Vmm::run`).
 //!
 //! A quiet guest is one of three things, and these lines tell which:
 //!
@@ -15,6 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use devices::virtio::vsock::Vsock;
 use kvm_bindings::kvm_lapic_state;
 
 use crate::vmm::Vmm;
@@ -34,25 +41,22 @@ const SAMPLE_GAP: Duration = Duration::from_millis(200);
 /// Pauses the VM for a moment to read the vCPUs; any failure to do so is
 /// logged and the VM runs on as before.
 pub(crate) fn log_quiet_guest(vmm: &mut Vmm) {
-    if let Some(line) = vsock_line(vmm) {
+    if let Some(line) = vsock_line(vmm, Vsock::describe) {
         log::info!("quiet guest: vsock: {line}");
     }
     log_vcpus(vmm, log::Level::Info, "quiet guest");
 }
 
-/// The vsock device's queues and connections, if the VM has one.
-fn vsock_line(vmm: &Vmm) -> Option<String> {
+/// What the vsock device says of itself, if the VM has one.
+fn vsock_line(vmm: &Vmm, describe: fn(&Vsock) -> String) -> Option<String> {
     let v = vmm.vsock.as_ref()?;
-    Some(
-        v.device
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .describe(),
-    )
+    Some(describe(
+        &v.device.lock().unwrap_or_else(|e| e.into_inner()),
+    ))
 }
 
-/// Logs at `level` every virtio device's queue positions (the vsock
-/// device's connections too), then where the vCPUs are ([`log_vcpus`]):
+/// Logs at `level` every virtio device's queue positions, the vsock
+/// device's connections, then where the vCPUs are ([`log_vcpus`]):
 /// for SIGUSR2.
 pub(crate) fn log_state(vmm: &mut Vmm, level: log::Level) {
     let describe = |d: &dyn devices::virtio::VirtioDevice| {
@@ -72,7 +76,8 @@ pub(crate) fn log_state(vmm: &mut Vmm, level: log::Level) {
     for line in lines {
         log::log!(level, "state: {line}");
     }
-    if let Some(line) = vsock_line(vmm) {
+    // Its queues are among the devices' above.
+    if let Some(line) = vsock_line(vmm, Vsock::describe_connections) {
         log::log!(level, "state: vsock: {line}");
     }
     log_vcpus(vmm, level, "state");

@@ -213,14 +213,22 @@ impl Vsock {
 
     /// The device's state in one line, for the log when the guest's side
     /// of a connection goes quiet: the queues' positions (a lost kick or
-    /// interrupt shows there), the packets moved, what is owed the guest,
-    /// and each connection with its credit.
+    /// interrupt shows there), then [`Self::describe_connections`].
     pub fn describe(&self) -> String {
+        format!(
+            "{}; {}",
+            self.common.describe_queues(),
+            self.describe_connections()
+        )
+    }
+
+    /// The packets moved, what is owed the guest, and each connection
+    /// with its credit.
+    pub fn describe_connections(&self) -> String {
         let mut conns: Vec<_> = self.conns.values().map(|c| format!("{c:?}")).collect();
         conns.sort();
         format!(
-            "{}; {} packets from the guest in {} rounds, {} to it; {} connection(s) due a turn, {} reset(s) owed, transport reset owed: {}; connections: [{}]",
-            self.common.describe_queues(),
+            "{} packets from the guest in {} rounds, {} to it; {} connection(s) due a turn, {} reset(s) owed, transport reset owed: {}; connections: [{}]",
             self.tx_packets,
             self.tx_rounds,
             self.rx_packets,
