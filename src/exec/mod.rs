@@ -347,10 +347,15 @@ pub fn run(mut config: ExecConfig) -> Result<Outcome, Error> {
     })
 }
 
-/// The session's check, once per run-loop round; a guest that went quiet
-/// gets its state logged before the run ends ([`crate::stall`]).
+/// The session's check, once per run-loop round ([`log_if_quiet`]).
 fn check(vmm: &mut crate::vmm::Vmm, session: &Mutex<Session>) -> Option<Stop> {
     let stop = lock(session).check();
+    log_if_quiet(vmm, stop)
+}
+
+/// `stop`, after logging the guest's state if it went quiet
+/// ([`crate::stall`]); called without the session's lock held.
+fn log_if_quiet(vmm: &mut crate::vmm::Vmm, stop: Option<Stop>) -> Option<Stop> {
     if let Some(Stop::Quiet(why)) = &stop {
         log::info!("{why}; the guest's state follows");
         crate::stall::log_quiet_guest(vmm);

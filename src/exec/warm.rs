@@ -285,13 +285,14 @@ pub fn make_snapshot(
     };
     let vmm = builder::build_with(&config.vm, serial, extras)?;
     let end = vmm.run(Some(super::TICK), |vmm| {
-        let s = lock(&session);
+        let mut s = lock(&session);
         if s.hello {
             drop(s);
             return Some(Made::Snapshot(save(vmm, &dir)));
         }
+        let stop = s.check();
         drop(s);
-        super::check(vmm, &session).map(Made::Stopped)
+        super::log_if_quiet(vmm, stop).map(Made::Stopped)
     })?;
     let end = match end {
         RunEnd::Host(Made::Snapshot(stats)) => {
