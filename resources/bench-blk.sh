@@ -2,8 +2,9 @@
 # resources/bench-blk.sh: virtio-blk benchmark, from inside the guest.
 #
 # Boots capsule's test kernel, in capsule (its default synchronous block
-# engine, and again as `capsule-uring` with the data disk on
-# `,engine=io_uring`), in QEMU (-M microvm, the same
+# engine over virtio-mmio; again as `capsule-uring` with the data disk on
+# `,engine=io_uring`; and as `capsule-pci`, the default engine with
+# `--transport pci`: virtio-pci with MSI-X), in QEMU (-M microvm, the same
 # virtio-blk devices over virtio-mmio) and, when their builds are present
 # (capsule_anchors_dir in resources/lib.sh; otherwise their columns are
 # left out with a note), in Firecracker (`--no-api --config-file`, its
@@ -20,11 +21,12 @@
 # Firecracker and Cloud Hypervisor boot the build's vmlinux (Firecracker
 # takes no bzImage), QEMU its bzImage. Runs alternate between VMMs. Each VM
 # run measures every job once; the table shows min / median / max over the
-# runs, then the ratios of capsule's median to each peer's (c/PEER), of
-# capsule-uring's to capsule's (u/c) and to the best peer's (u/best: the
-# highest median of QEMU, Firecracker (either engine) and Cloud
-# Hypervisor). This is a benchmark, not a test: it prints numbers, it does
-# not judge them.
+# runs, then the ratios of capsule's median to each peer's (c/PEER) and of
+# each capsule column's median to the best peer's (c/best, u/best for
+# capsule-uring, p/best for capsule-pci; the best peer is the highest
+# median of QEMU, Firecracker (either engine) and Cloud Hypervisor).
+# This is a benchmark, not a test: it prints numbers, it does not judge
+# them.
 #
 # In nested mode (resources/harness/mode.sh) the runs happen inside the
 # TCG L1 guest and the data image is in L1's RAM (tmpfs): absolute figures
@@ -41,9 +43,11 @@
 #                       short holds of the nested harness) make one table
 #        CAPSULE_ANCHORS  where the Firecracker / Cloud Hypervisor builds are
 #        BENCH_VMMS   which columns to run (default: capsule capsule-uring
-#                     qemu, the peers found, limit)
+#                     capsule-pci qemu, the peers found, limit)
 #        BENCH_VM_TIMEOUT  seconds one VM run may take before it is
 #                     killed and counted as failed (default 900)
+#        BENCH_TABLE_ONLY=1  (with BENCH_RESULTS) print that file's table;
+#                     run and build nothing
 # stdout: the table; progress goes to stderr.
 set -euo pipefail
 
@@ -143,6 +147,10 @@ boot() {
         exec "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
             --disk "$BENCH_ROOT,ro" --disk "$data,engine=io_uring" --cmdline "$CMDLINE" </dev/null
         ;;
+    capsule-pci)
+        exec "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M --transport pci \
+            --disk "$BENCH_ROOT,ro" --disk "$data" --cmdline "$CMDLINE" </dev/null
+        ;;
     firecracker-async)
         exec "$TOOLS/firecracker" --no-api --no-seccomp --config-file "$DATA_DIR/fc-async.json" </dev/null
         ;;
@@ -208,16 +216,24 @@ RUNNER
 
 # finished_runs: of a runner's output on stdin, the lines of the VM runs
 # that finished (every job's line, or an error line), without the last
-# one if L1 died in its middle.
+# one if L1 died in its middle. A run that ended early otherwise (its
+# guest reset, its VMM exited) leaves one "VMM ended after K of 6 jobs"
+# line instead of its jobs, and is run again. A guest that booted twice in
+# one run (a reset its VMM survives) is measured from its last boot.
 finished_runs() {
     awk '
-        function flush() { if (vmm != "" && (jobs == 6 || err)) printf "%s", block }
-        /^bench-blk: run [0-9]+ / { flush(); vmm = $4; block = ""; jobs = 0; err = 0; next }
+        function flush(last) {
+            if (vmm == "") return
+            if (jobs == 6 || err) printf "%s", block
+            else if (!last) printf "bench-blk: %s ended after %d of 6 jobs\n", vmm, jobs
+        }
+        /^bench-blk: run [0-9]+ / { flush(0); vmm = $4; block = ""; jobs = 0; err = 0; next }
         vmm != "" && index($0, "bench-blk: " vmm " ") == 1 {
+            if ($3 == "start") { block = ""; jobs = 0; err = 0; next }
             block = block $0 "\n"
             if ($3 == "error") err = 1; else jobs++
         }
-        END { flush() }'
+        END { flush(1) }'
 }
 
 # complete_runs VMM FILE: VM runs of VMM in FILE with every job's line.
@@ -225,7 +241,88 @@ complete_runs() {
     grep -c "^bench-blk: $1 randwrite1 " "$2" || true
 }
 
+# table: the table of $results (every VM run's lines) for the columns
+# $vmms, with $peers, $mode, $size and $runs as run.
+table() {
+    local vmm n
+    echo
+    echo "virtio-blk inside the guest, capsule beside each peer (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; VM runs per column in parentheses, alternating)"
+    [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"
+    printf '%-34s' "measurement (min / median / max)"
+    for vmm in $vmms; do
+        n="$(grep -c "^bench-blk: $vmm seqread " "$results" || true)"
+        printf ' %20s' "$vmm ($n)"
+    done
+    # short VMM: the ratio columns' names.
+    short() {
+        case "$1" in
+        firecracker) echo fc ;; firecracker-async) echo fca ;; cloud-hypervisor) echo ch ;;
+        capsule) echo c ;; capsule-uring) echo u ;; capsule-pci) echo p ;; *) echo "$1" ;;
+        esac
+    }
+    for vmm in $vmms; do [[ $vmm == capsule* ]] || printf ' %7s' "c/$(short "$vmm")"; done
+    for vmm in $vmms; do [[ $vmm != capsule* ]] || printf ' %7s' "$(short "$vmm")/best"; done
+    echo
+    # ratio A B: A / B with two decimals, "-" without both.
+    ratio() {
+        awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "-" && a != "") printf "%.2f", a / b; else print "-" }'
+    }
+    row() { # LABEL JOB FIELD DIVISOR
+        local x cm="" best="" c=() i=0
+        printf '%-34s' "$1"
+        for vmm in $vmms; do
+            read -r -a x <<<"$(sed -n "s/^bench-blk: $vmm $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
+                awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
+            case "$vmm" in
+            capsule) cm="${x[1]}" ;;
+            capsule-*) ;;
+            limit) ;;
+            *) best="$(awk -v a="$best" -v b="${x[1]}" \
+                'BEGIN { if (b != "-" && (a == "" || b + 0 > a + 0)) print b; else print a }')" ;;
+            esac
+            c+=("${x[1]}")
+            printf ' %20s' "${x[0]} / ${x[1]} / ${x[2]}"
+        done
+        for vmm in $vmms; do
+            [[ $vmm == capsule* ]] || printf ' %7s' "$(ratio "$cm" "${c[$i]}")"
+            i=$((i + 1))
+        done
+        i=0
+        for vmm in $vmms; do
+            [[ $vmm != capsule* ]] || printf ' %7s' "$(ratio "${c[$i]}" "${best:--}")"
+            i=$((i + 1))
+        done
+        echo
+    }
+    row "sequential write, MiB/s (1 MiB)" seqwrite write_kibps 1024
+    row "sequential read, MiB/s (1 MiB)" seqread read_kibps 1024
+    row "random read, IOPS (4 KiB, QD 32)" randread read_iops 1
+    row "random write, IOPS (4 KiB, QD 32)" randwrite write_iops 1
+    row "random read, IOPS (4 KiB, QD 1)" randread1 read_iops 1
+    row "random write, IOPS (4 KiB, QD 1)" randwrite1 write_iops 1
+    echo "(limit: fio on the data file in the harness's own host, no VM: the physical limit of each row; c/limit is capsule's share of it)"
+    for vmm in $vmms; do
+        n="$(grep -c "^bench-blk: $vmm ended after " "$results" || true)"
+        [[ $n == 0 ]] || echo "($vmm: $n run(s) ended before their last job, the guest reset or the VMM gone; they were run again)"
+    done
+}
+
 main() {
+    # BENCH_TABLE_ONLY=1: the table of BENCH_RESULTS, nothing run or built
+    # (e.g. after sessions a dying harness cut short).
+    if [[ "${BENCH_TABLE_ONLY:-}" == 1 ]]; then
+        results="${BENCH_RESULTS:-}" size="${BENCH_SIZE:-256}" mode="(as run)"
+        [[ -n "$results" && -r "$results" ]] || die "BENCH_TABLE_ONLY=1 needs a readable BENCH_RESULTS file"
+        runs="$(grep -c '^bench-blk: capsule seqread ' "$results" || true)"
+        peers="$(grep -o '^bench-blk: \(firecracker\|firecracker-async\|cloud-hypervisor\) ' "$results" |
+            sort -u | cut -d' ' -f2 | tr '\n' ' ')"
+        vmms=""
+        for vmm in capsule capsule-uring capsule-pci qemu firecracker firecracker-async cloud-hypervisor limit; do
+            grep -q "^bench-blk: $vmm seqread " "$results" && vmms+="$vmm "
+        done
+        table
+        return
+    fi
     runs="${BENCH_RUNS:-5}"
     size="${BENCH_SIZE:-256}"
     [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
@@ -263,7 +360,7 @@ main() {
         # shellcheck disable=SC2016 # expanded by the runner
         write_jobs '$TOOLS/fio' '$DATA_DIR/bench-data.img' "$size" 0
     } >"$work/limit-jobs.sh"
-    local vmms="${BENCH_VMMS:-capsule capsule-uring qemu $peers limit}" vmm
+    local vmms="${BENCH_VMMS:-capsule capsule-uring capsule-pci qemu $peers limit}" vmm
     # A peer asked for by name but not found has no column (copy_peers
     # said why).
     for vmm in $vmms; do
@@ -316,7 +413,7 @@ EOF
         done
     fi
     grep '^bench-blk: [a-z-]* error' "$results" >&2 || true
-    if grep -qE '^bench-blk: capsule(-uring)? error' "$results"; then
+    if grep -qE '^bench-blk: capsule(-uring|-pci)? error' "$results"; then
         die "a fio job failed in capsule"
     fi
     if [[ -n "${BENCH_RESULTS:-}" ]]; then
@@ -325,55 +422,7 @@ EOF
         runs="$(grep -c '^bench-blk: capsule seqread ' "$results" || true)"
     fi
 
-    local vmm
-    echo
-    echo "virtio-blk inside the guest, capsule beside each peer (fio, O_DIRECT, libaio, /dev/vdb ${size} MiB; 2 vCPUs, 512 MiB; mode=$mode; $runs runs each, alternating)"
-    [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"
-    printf '%-34s' "measurement (min / median / max)"
-    for vmm in $vmms; do printf ' %20s' "$vmm"; done
-    # short VMM: the ratio columns' names.
-    short() {
-        case "$1" in
-        firecracker) echo fc ;; firecracker-async) echo fca ;; cloud-hypervisor) echo ch ;; *) echo "$1" ;;
-        esac
-    }
-    for vmm in $vmms; do [[ $vmm == capsule* ]] || printf ' %7s' "c/$(short "$vmm")"; done
-    printf ' %7s %7s' u/c u/best
-    echo
-    # ratio A B: A / B with two decimals, "-" without both.
-    ratio() {
-        awk -v a="$1" -v b="$2" 'BEGIN { if (b + 0 > 0 && a != "-" && a != "") printf "%.2f", a / b; else print "-" }'
-    }
-    row() { # LABEL JOB FIELD DIVISOR
-        local x cm="" um="" best="" c=() i=0
-        printf '%-34s' "$1"
-        for vmm in $vmms; do
-            read -r -a x <<<"$(sed -n "s/^bench-blk: $vmm $2 .*$3=\([0-9.]*\).*/\1/p" "$results" |
-                awk -v d="$4" '{ print $1 / d }' | min_median_max %.0f)"
-            case "$vmm" in
-            capsule) cm="${x[1]}" ;;
-            capsule-uring) um="${x[1]}" ;;
-            limit) ;;
-            *) best="$(awk -v a="$best" -v b="${x[1]}" \
-                'BEGIN { if (b != "-" && (a == "" || b + 0 > a + 0)) print b; else print a }')" ;;
-            esac
-            c+=("${x[1]}")
-            printf ' %20s' "${x[0]} / ${x[1]} / ${x[2]}"
-        done
-        for vmm in $vmms; do
-            [[ $vmm == capsule* ]] || printf ' %7s' "$(ratio "$cm" "${c[$i]}")"
-            i=$((i + 1))
-        done
-        printf ' %7s %7s' "$(ratio "$um" "$cm")" "$(ratio "$um" "${best:--}")"
-        echo
-    }
-    row "sequential write, MiB/s (1 MiB)" seqwrite write_kibps 1024
-    row "sequential read, MiB/s (1 MiB)" seqread read_kibps 1024
-    row "random read, IOPS (4 KiB, QD 32)" randread read_iops 1
-    row "random write, IOPS (4 KiB, QD 32)" randwrite write_iops 1
-    row "random read, IOPS (4 KiB, QD 1)" randread1 read_iops 1
-    row "random write, IOPS (4 KiB, QD 1)" randwrite1 write_iops 1
-    echo "(limit: fio on the data file in the harness's own host, no VM: the physical limit of each row; c/limit is capsule's share of it)"
+    table
 }
 
 main "$@"

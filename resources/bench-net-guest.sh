@@ -23,6 +23,7 @@
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
 #      BENCH_VMMS (default "capsule qemu"; also capsule-vhost,
+#      capsule-pci (capsule with --transport pci: virtio-pci, MSI-X),
 #      qemu-vhost, firecracker, cloud-hypervisor, capsule-base (capsule
 #      as CAPSULE_BASE, another build, for an A/B of a change), and
 #      loopback: the same transfers between two processes here, no VM),
@@ -310,12 +311,14 @@ run_vmm() {
     loopback)
         measure_loopback
         ;;
-    capsule | capsule-vhost | capsule-base)
-        _vhost=off _tapname=capb0 _bin="$CAPSULE"
+    capsule | capsule-vhost | capsule-base | capsule-pci)
+        _vhost=off _tapname=capb0 _bin="$CAPSULE" _transport=mmio
         [ "$1" != capsule-vhost ] || _vhost=on _tapname=capv0
         [ "$1" != capsule-base ] || _tapname=capbb0 _bin="${CAPSULE_BASE:?}"
+        [ "$1" != capsule-pci ] || _tapname=capp0 _transport=pci
         measure "$1" "$_tapname" "$_bin" run --kernel "$BZIMAGE" --initrd "$INITRD" \
-            --cpus "$CPUS" --memory 512M --cmdline "$CMDLINE" --net "tap=$_tapname,vhost=$_vhost"
+            --cpus "$CPUS" --memory 512M --cmdline "$CMDLINE" --transport "$_transport" \
+            --net "tap=$_tapname,vhost=$_vhost"
         ;;
     qemu | qemu-vhost)
         _vhost=off _tapname=qemub0
@@ -372,8 +375,8 @@ while :; do
     round=$((round + 1))
     busy=""
     for vmm in $VMMS; do
-        case "$vmm" in capsule | capsule-vhost | capsule-base | qemu | qemu-vhost | firecracker | cloud-hypervisor | loopback) ;; *)
-            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, capsule-base, qemu, qemu-vhost, firecracker, cloud-hypervisor, loopback)"
+        case "$vmm" in capsule | capsule-vhost | capsule-base | capsule-pci | qemu | qemu-vhost | firecracker | cloud-hypervisor | loopback) ;; *)
+            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, capsule-base, capsule-pci, qemu, qemu-vhost, firecracker, cloud-hypervisor, loopback)"
             exit 2
             ;;
         esac

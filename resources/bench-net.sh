@@ -24,7 +24,7 @@
 #        default 1),
 #        BENCH_DETAIL=1 (TAP frame counts per transfer; capsule's traffic
 #        and exit counters),
-#        BENCH_VMMS (default "capsule capsule-vhost qemu qemu-vhost", the
+#        BENCH_VMMS (default "capsule capsule-vhost capsule-pci qemu qemu-vhost", the
 #        peers found, and "loopback": the same transfers between two
 #        processes of the machine running the VMMs, no VM, the physical
 #        limit of the other rows),
@@ -53,7 +53,7 @@ table() {
     }
     [[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
     printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
-    for vmm in capsule capsule-base capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback; do
+    for vmm in capsule capsule-base capsule-vhost capsule-pci qemu qemu-vhost firecracker cloud-hypervisor loopback; do
         n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
         [[ $n -gt 0 ]] || continue
         read -r -a g <<<"$(rates "$vmm" guest-to-host)"
@@ -72,6 +72,7 @@ table() {
     # capsule against each peer; capsule-vhost against capsule's userspace
     # path and QEMU's vhost-net.
     for pair in capsule:capsule-base capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost \
+        capsule-pci:capsule capsule-pci:firecracker capsule-pci:cloud-hypervisor \
         capsule:loopback qemu:loopback firecracker:loopback cloud-hypervisor:loopback; do
         mine="${pair%%:*}" peer="${pair#*:}"
         has "$mine" && has "$peer" || continue
@@ -89,7 +90,7 @@ table() {
 if [[ "${BENCH_TABLE_ONLY:-}" == 1 ]]; then
     [[ -n "${BENCH_RESULTS:-}" && -r "${BENCH_RESULTS:-}" ]] || die "BENCH_TABLE_ONLY=1 needs a readable BENCH_RESULTS file"
     results="$BENCH_RESULTS" mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}" mode="(as run)"
-    vmms="capsule capsule-base capsule-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback"
+    vmms="capsule capsule-base capsule-vhost capsule-pci qemu qemu-vhost firecracker cloud-hypervisor loopback"
     peers="$(grep -o '^bench-net: \(firecracker\|cloud-hypervisor\) ' "$results" | sort -u | cut -d' ' -f2 | tr '\n' ' ')"
     table
     exit 0
@@ -118,7 +119,7 @@ if [[ -n "${BENCH_CAPSULE_BASE:-}" ]]; then
     cp "$BENCH_CAPSULE_BASE" "$work/capsule-base"
     base=capsule-base
 fi
-vmms="${BENCH_VMMS:-capsule $base capsule-vhost qemu qemu-vhost $peers loopback}"
+vmms="${BENCH_VMMS:-capsule $base capsule-vhost capsule-pci qemu qemu-vhost $peers loopback}"
 [[ "$mib" =~ ^[1-9][0-9]*$ ]] || die "BENCH_MIB must be a positive number of MiB"
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || die "BENCH_RUNS must be a positive number"
 [[ "$cpus" =~ ^[1-9][0-9]*$ ]] || die "BENCH_CPUS must be a positive number"
