@@ -34,6 +34,10 @@ pub const fn usize_from(v: u64) -> usize {
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 /// One region of [`GuestMemoryMmap`].
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+/// A contiguous piece of [`GuestMemoryMmap`], with its region's dirty
+/// bitmap (what `get_slices` yields).
+pub type GuestSlice<'a> =
+    vm_memory::VolatileSlice<'a, vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>>;
 
 pub mod acpi_pm;
 pub mod boot_marker;

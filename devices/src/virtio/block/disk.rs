@@ -11,6 +11,8 @@ use vmm_sys_util::fallocate::{fallocate, FallocateMode};
 
 use super::lock::lock_image;
 use super::BlockError;
+use crate::GuestSlice;
+use vm_memory::bitmap::Bitmap;
 
 /// Granularity of the ephemeral overlay's written-sector bitmap.
 pub const SECTOR_SIZE: u64 = 512;
@@ -40,6 +42,26 @@ pub trait DiskImage: Send {
 
     /// Writes all of `buf` at `offset`.
     fn write_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Whether [`Self::read_to_guest`] and [`Self::write_from_guest`]
+    /// work: the image moves data between its file and guest memory
+    /// directly. Otherwise the device copies through a buffer of its own
+    /// with [`Self::read_at`] and [`Self::write_at`].
+    fn direct_io(&self) -> bool {
+        false
+    }
+
+    /// Fills `dst` (guest memory; its pages are marked dirty) from
+    /// `offset`, with no copy in between.
+    fn read_to_guest(&mut self, _dst: &GuestSlice<'_>, _offset: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Writes all of `src` (guest memory) at `offset`, with no copy in
+    /// between.
+    fn write_from_guest(&mut self, _src: &GuestSlice<'_>, _offset: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
 
     /// Makes completed writes durable (fdatasync).
     fn flush(&mut self) -> io::Result<()>;
@@ -80,6 +102,36 @@ fn read_only_error() -> io::Error {
 
 fn is_unsupported(e: &vmm_sys_util::errno::Error) -> bool {
     matches!(e.errno(), libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL)
+}
+
+/// Runs `io(done, file offset)` (a `pread64` or `pwrite64` of the bytes
+/// from `done` on) until `len` bytes have moved, retrying on `EINTR`. A
+/// call that moves nothing is an error: the file ended (a read) or took
+/// no more (a write).
+fn positional_loop(
+    len: usize,
+    offset: u64,
+    mut io: impl FnMut(usize, libc::off64_t) -> libc::ssize_t,
+) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let at = offset
+            .checked_add(done as u64)
+            .and_then(|a| libc::off64_t::try_from(a).ok())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let n = io(done, at);
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => done += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Writes `len` zero bytes at `offset`, the slow way.
@@ -229,6 +281,53 @@ impl DiskImage for RawImage {
         self.file.write_all_at(buf, offset)
     }
 
+    fn direct_io(&self) -> bool {
+        true
+    }
+
+    fn read_to_guest(&mut self, dst: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
+        let guard = dst.ptr_guard_mut();
+        let res = positional_loop(dst.len(), offset, |done, at| {
+            // SAFETY: `guard` points at `dst.len()` bytes of mapped guest
+            // memory (the VolatileSlice's invariant), mapped while `dst`
+            // lives; the kernel writes at most the `dst.len() - done`
+            // bytes from `done` on.
+            unsafe {
+                libc::pread64(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    guard.as_ptr().add(done).cast(),
+                    dst.len() - done,
+                    at,
+                )
+            }
+        });
+        // Even a failed read may have changed some of it.
+        dst.bitmap().mark_dirty(0, dst.len());
+        res
+    }
+
+    fn write_from_guest(&mut self, src: &GuestSlice<'_>, offset: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(read_only_error());
+        }
+        self.check_synced()?;
+        let guard = src.ptr_guard();
+        positional_loop(src.len(), offset, |done, at| {
+            // SAFETY: `guard` points at `src.len()` bytes of mapped guest
+            // memory (the VolatileSlice's invariant), mapped while `src`
+            // lives; the kernel reads at most the `src.len() - done` bytes
+            // from `done` on.
+            unsafe {
+                libc::pwrite64(
+                    std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                    guard.as_ptr().add(done).cast(),
+                    src.len() - done,
+                    at,
+                )
+            }
+        })
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
@@ -344,6 +443,56 @@ pub(super) mod tests {
         assert!(RawImage::open(p, false).is_err());
         drop(eph);
         RawImage::open(p, false).unwrap();
+    }
+
+    /// Reads and writes straight between the file and guest memory: the
+    /// bytes land where asked, the pages read into are marked dirty (a
+    /// Diff snapshot must carry them), and a read past the end, a write
+    /// to a read-only image or after a failed sync are errors.
+    #[test]
+    fn raw_direct_io_moves_guest_memory() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+        let mem = crate::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let dirty = |mem: &crate::GuestMemoryMmap, page: u64| {
+            mem.find_region(GuestAddress(page * 4096))
+                .unwrap()
+                .bitmap()
+                .dirty_at(crate::usize_from(page * 4096))
+        };
+        fn slice(mem: &crate::GuestMemoryMmap, addr: u64, len: usize) -> crate::GuestSlice<'_> {
+            mem.get_slice(GuestAddress(addr), len).unwrap()
+        }
+        let tmp = image_with(&pattern(8192));
+        let mut img = RawImage::open(tmp.as_path(), false).unwrap();
+        assert!(img.direct_io());
+
+        img.read_to_guest(&slice(&mem, 0x2100, 1000), 3000).unwrap();
+        let mut got = vec![0u8; 1000];
+        mem.read_slice(&mut got, GuestAddress(0x2100)).unwrap();
+        assert_eq!(got, pattern(8192)[3000..4000]);
+        assert!(dirty(&mem, 2), "the page read into is dirty");
+        assert!(!dirty(&mem, 1) && !dirty(&mem, 3), "only that page");
+
+        mem.write_slice(&[0x5a; 700], GuestAddress(0x100)).unwrap();
+        img.write_from_guest(&slice(&mem, 0x100, 700), 100).unwrap();
+        let mut want = pattern(8192);
+        want[100..800].fill(0x5a);
+        assert_eq!(std::fs::read(tmp.as_path()).unwrap(), want);
+
+        let e = img.read_to_guest(&slice(&mem, 0, 512), 8000).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "read past the end");
+
+        img.sync = |_| Err(io::Error::from_raw_os_error(libc::EIO));
+        assert!(img.flush().is_err());
+        assert!(
+            img.write_from_guest(&slice(&mem, 0, 512), 0).is_err(),
+            "after a failed sync"
+        );
+        let mut ro = RawImage::open(image_with(&pattern(1024)).as_path(), true).unwrap();
+        assert!(
+            ro.write_from_guest(&slice(&mem, 0, 512), 0).is_err(),
+            "read-only"
+        );
     }
 
     /// A failed fdatasync stays failed: Linux may have marked the lost
