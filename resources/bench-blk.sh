@@ -48,25 +48,50 @@
 #                     killed and counted as failed (default 900)
 #        BENCH_TABLE_ONLY=1  (with BENCH_RESULTS) print that file's table;
 #                     run and build nothing
+#        BENCH_JOBS   the jobs each VM run does (default: all six, seqwrite
+#                     seqread randread randwrite randread1 randwrite1)
+#        BENCH_DETAIL=1  also the interrupts the guest took per job
+#                     (/proc/interrupts), and their medians after the table
 # stdout: the table; progress goes to stderr.
 set -euo pipefail
 
 # shellcheck source=resources/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# write_jobs FIO FILE SIZE_MIB DIRECT: the fio jobs, as POSIX sh that prints
-# one "bench-blk: JOB ..." line per job: the same jobs in the guest (on
-# /dev/vdb, DIRECT=1: O_DIRECT, so the guest's page cache is out of it) and,
-# for the `limit` column, in the harness's own host (on the data file
-# itself, with nothing between fio and the file but the host kernel: the
-# physical limit of this machine for each row; DIRECT=0, buffered, the way
-# the VMMs reach the file, through the host's page cache).
+# write_jobs FIO FILE SIZE_MIB DIRECT [DETAIL]: the fio jobs, as POSIX sh
+# that prints one "bench-blk: JOB ..." line per job: the same jobs in the
+# guest (on /dev/vdb, DIRECT=1: O_DIRECT, so the guest's page cache is out
+# of it) and, for the `limit` column, in the harness's own host (on the
+# data file itself, with nothing between fio and the file but the host
+# kernel: the physical limit of this machine for each row; DIRECT=0,
+# buffered, the way the VMMs reach the file, through the host's page
+# cache). Only the jobs named in BENCH_JOBS run (default: all six). With
+# DETAIL=1 (the guest, BENCH_DETAIL=1) each job also prints the
+# interrupts the guest took during it, per /proc/interrupts line
+# ("bench-blk: detail JOB irq NAME COUNT"): the device's interrupts and
+# the IPIs between the vCPUs, however each VMM delivers them.
 write_jobs() {
     cat <<JOBS
+# irqs: "NAME COUNT" per /proc/interrupts line, the count summed over the
+# vCPUs (a numbered line is named NUMBER-DEVICE).
+irqs() {
+    awk 'NR > 1 {
+        n = 0
+        for (i = 2; i <= NF && \$i ~ /^[0-9]+\$/; i++) n += \$i
+        name = \$1; sub(":", "", name)
+        if (name ~ /^[0-9]+\$/) name = name "-" \$NF
+        print name, n
+    }' /proc/interrupts
+}
 # job NAME FIO_ARGS...: one fio job, as a "bench-blk:" line.
 job() {
     name=\$1
     shift
+    case " $bench_jobs " in
+    *" \$name "*) ;;
+    *) return ;;
+    esac
+    [ "${5:-0}" != 1 ] || irqs >/tmp/bench-blk-irq0
     if ! out=\$($1 --name="\$name" --filename=$2 --direct=$4 \\
         --ioengine=libaio --group_reporting --output-format=terse \\
         --terse-version=3 "\$@" 2>/tmp/bench-blk-err); then
@@ -76,6 +101,9 @@ job() {
     echo "\$out" | awk -F';' -v n="\$name" '{
         printf "bench-blk: %s read_kibps=%s read_iops=%s write_kibps=%s write_iops=%s\\n",
             n, \$7, \$8, \$48, \$49 }'
+    [ "${5:-0}" != 1 ] || irqs | awk -v n="\$name" 'NR == FNR { before[\$1] = \$2; next }
+        \$2 - before[\$1] > 0 { printf "bench-blk: detail %s irq %s %d\\n", n, \$1, \$2 - before[\$1] }' \\
+        /tmp/bench-blk-irq0 -
 }
 job seqwrite --rw=write --bs=1M --iodepth=4 --size=${3}M
 job seqread --rw=read --bs=1M --iodepth=4 --size=${3}M
@@ -99,7 +127,7 @@ mkdir -p /dev/shm
 mount -t tmpfs tmpfs /dev/shm
 echo "bench-blk: start \$(nproc) vCPUs, vdb \$((\$(cat /sys/block/vdb/size) / 2048)) MiB"
 INIT
-    write_jobs /opt/tools/fio /dev/vdb "$2" 1 >>"$1"
+    write_jobs /opt/tools/fio /dev/vdb "$2" 1 "${BENCH_DETAIL:-0}" >>"$1"
     cat >>"$1" <<INIT
 # Firecracker has no ACPI: its guest ends through the i8042 reset.
 if grep -q bench_end=reboot /proc/cmdline; then reboot -f; fi
@@ -215,30 +243,50 @@ RUNNER
 }
 
 # finished_runs: of a runner's output on stdin, the lines of the VM runs
-# that finished (every job's line, or an error line), without the last
-# one if L1 died in its middle. A run that ended early otherwise (its
-# guest reset, its VMM exited) leaves one "VMM ended after K of 6 jobs"
-# line instead of its jobs, and is run again. A guest that booted twice in
-# one run (a reset its VMM survives) is measured from its last boot.
+# that finished, each complete one (every job's line) followed by a
+# "bench-blk: VMM done" line; a run with an error line keeps it (and is
+# run again). The last run is left out if L1 died in its middle. A run
+# that ended early otherwise (its guest reset, its VMM exited) leaves one
+# "VMM ended after K of N jobs" line instead of its jobs, and is run
+# again. A guest that booted twice in one run (a reset its VMM survives)
+# is measured from its last boot.
 finished_runs() {
-    awk '
+    awk -v want="$(wc -w <<<"$bench_jobs")" '
         function flush(last) {
             if (vmm == "") return
-            if (jobs == 6 || err) printf "%s", block
-            else if (!last) printf "bench-blk: %s ended after %d of 6 jobs\n", vmm, jobs
+            if (jobs == want && !err) printf "%sbench-blk: %s done\n", block, vmm
+            else if (err) printf "%s", block
+            else if (!last) printf "bench-blk: %s ended after %d of %d jobs\n", vmm, jobs, want
         }
         /^bench-blk: run [0-9]+ / { flush(0); vmm = $4; block = ""; jobs = 0; err = 0; next }
         vmm != "" && index($0, "bench-blk: " vmm " ") == 1 {
             if ($3 == "start") { block = ""; jobs = 0; err = 0; next }
             block = block $0 "\n"
-            if ($3 == "error") err = 1; else jobs++
+            if ($3 == "error") err = 1
+            else if ($3 != "detail") jobs++
         }
         END { flush(1) }'
 }
 
 # complete_runs VMM FILE: VM runs of VMM in FILE with every job's line.
 complete_runs() {
-    grep -c "^bench-blk: $1 randwrite1 " "$2" || true
+    grep -c "^bench-blk: $1 done$" "$2" || true
+}
+
+# detail: with BENCH_DETAIL's lines in $results, the interrupts the guest
+# took per job, median over each VMM's runs (lines of 50 or more).
+detail() {
+    grep -q '^bench-blk: [a-z-]* detail ' "$results" || return 0
+    echo "interrupts the guest took per job (median over the runs; /proc/interrupts, summed over vCPUs):"
+    sed -n 's/^bench-blk: \([a-z-]*\) detail \([a-z0-9]*\) irq \([^ ]*\) \([0-9]*\)$/\1 \2 \3 \4/p' "$results" |
+        sort -k1,1 -k2,2 -k3,3 -k4,4n |
+        awk '{ k = $1 " " $2 " " $3; v[k, ++n[k]] = $4 }
+            END {
+                for (k in n) {
+                    m = n[k] % 2 ? v[k, (n[k] + 1) / 2] : (v[k, n[k] / 2] + v[k, n[k] / 2 + 1]) / 2
+                    if (m >= 50) { split(k, f, " "); printf "  %-18s %-10s %-28s %10d\n", f[1], f[2], f[3], m }
+                }
+            }' | sort
 }
 
 # table: the table of $results (every VM run's lines) for the columns
@@ -250,7 +298,7 @@ table() {
     [[ -n "$peers" ]] || echo "(Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their columns are left out)"
     printf '%-34s' "measurement (min / median / max)"
     for vmm in $vmms; do
-        n="$(grep -c "^bench-blk: $vmm seqread " "$results" || true)"
+        n="$(complete_runs "$vmm" "$results")"
         printf ' %20s' "$vmm ($n)"
     done
     # short VMM: the ratio columns' names.
@@ -300,25 +348,33 @@ table() {
     row "random write, IOPS (4 KiB, QD 32)" randwrite write_iops 1
     row "random read, IOPS (4 KiB, QD 1)" randread1 read_iops 1
     row "random write, IOPS (4 KiB, QD 1)" randwrite1 write_iops 1
+    detail
     echo "(limit: fio on the data file in the harness's own host, no VM: the physical limit of each row; c/limit is capsule's share of it)"
     for vmm in $vmms; do
         n="$(grep -c "^bench-blk: $vmm ended after " "$results" || true)"
         [[ $n == 0 ]] || echo "($vmm: $n run(s) ended before their last job, the guest reset or the VMM gone; they were run again)"
     done
+    return 0
 }
 
 main() {
+    bench_jobs="${BENCH_JOBS:-seqwrite seqread randread randwrite randread1 randwrite1}"
+    local j
+    for j in $bench_jobs; do
+        [[ " seqwrite seqread randread randwrite randread1 randwrite1 " == *" $j "* ]] ||
+            die "BENCH_JOBS: unknown job '$j' (seqwrite seqread randread randwrite randread1 randwrite1)"
+    done
     # BENCH_TABLE_ONLY=1: the table of BENCH_RESULTS, nothing run or built
     # (e.g. after sessions a dying harness cut short).
     if [[ "${BENCH_TABLE_ONLY:-}" == 1 ]]; then
         results="${BENCH_RESULTS:-}" size="${BENCH_SIZE:-256}" mode="(as run)"
         [[ -n "$results" && -r "$results" ]] || die "BENCH_TABLE_ONLY=1 needs a readable BENCH_RESULTS file"
-        runs="$(grep -c '^bench-blk: capsule seqread ' "$results" || true)"
+        runs="$(complete_runs capsule "$results")"
         peers="$(grep -o '^bench-blk: \(firecracker\|firecracker-async\|cloud-hypervisor\) ' "$results" |
             sort -u | cut -d' ' -f2 | tr '\n' ' ')"
         vmms=""
         for vmm in capsule capsule-uring capsule-pci qemu firecracker firecracker-async cloud-hypervisor limit; do
-            grep -q "^bench-blk: $vmm seqread " "$results" && vmms+="$vmm "
+            grep -q "^bench-blk: $vmm " "$results" && vmms+="$vmm "
         done
         table
         return
@@ -419,7 +475,7 @@ EOF
     if [[ -n "${BENCH_RESULTS:-}" ]]; then
         grep '^bench-blk: ' "$results" >>"$BENCH_RESULTS" || true
         results="$BENCH_RESULTS"
-        runs="$(grep -c '^bench-blk: capsule seqread ' "$results" || true)"
+        runs="$(complete_runs capsule "$results")"
     fi
 
     table
