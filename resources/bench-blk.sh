@@ -52,6 +52,9 @@
 #                     seqread randread randwrite randread1 randwrite1)
 #        BENCH_DETAIL=1  also the interrupts the guest took per job
 #                     (/proc/interrupts), and their medians after the table
+#        BENCH_TRACE=1  (nested mode) trace L1's KVM, and after a run whose
+#                     guest shut down (triple fault) print the last
+#                     BENCH_TRACE_LINES (default 150) events before it
 # stdout: the table; progress goes to stderr.
 set -euo pipefail
 
@@ -228,13 +231,31 @@ run_one() {
     kill "$w" 2>/dev/null
 }
 i=0
+# TRACE=1: L1's KVM tracepoints into its ring buffer; after a run whose
+# guest shut down (a triple fault), the events before the shutdown.
+T=/sys/kernel/tracing
+if [ "${TRACE:-0}" = 1 ]; then
+    mount -t tracefs tracefs "$T" 2>/dev/null
+    echo 8192 >"$T/buffer_size_kb"
+    for e in kvm_exit kvm_entry kvm_inj_virq kvm_inj_exception kvm_apic_ipi kvm_apic_accept_irq \
+        kvm_page_fault kvm_nested_vmexit; do
+        echo 1 >"$T/events/kvm/$e/enable" || echo "bench-blk: trace: cannot trace kvm:$e"
+    done
+    echo 1 >"$T/tracing_on"
+fi
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     for vmm in $VMMS; do
         rm -f "$data"
         dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
         echo "bench-blk: run $i $vmm"
+        [ "${TRACE:-0}" != 1 ] || : >"$T/trace"
         run_one "$vmm" | tr -d '\r' | grep '^bench-blk:' | sed "s/^bench-blk: /bench-blk: $vmm /"
+        if [ "${TRACE:-0}" = 1 ] && grep -qi 'reason.*shutdown' "$T/trace"; then
+            echo "bench-blk: trace: $vmm run $i: L1's KVM events up to the guest's shutdown"
+            grep -v '^#' "$T/trace" | grep -i -m1 -B "${TRACE_LINES:-150}" 'reason.*shutdown' |
+                sed 's/^/bench-blk: trace: /'
+        fi
     done
     rm -f "$data"
 done
@@ -457,6 +478,7 @@ export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage BENCH_ROOT=/capsule/ben
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$rounds BENCH_SIZE=$size
 export VMLINUX=/capsule/vmlinux VMMS='$need' VM_TIMEOUT=$vm_timeout TOOLS=/capsule/tools LIMIT_JOBS=/capsule/limit-jobs.sh
+export TRACE=${BENCH_TRACE:-0} TRACE_LINES=${BENCH_TRACE_LINES:-150}
 exec sh /capsule/bench-run.sh
 EOF
             n=$(wc -w <<<"$need")
