@@ -51,7 +51,10 @@
 #        BENCH_JOBS   the jobs each VM run does (default: all six, seqwrite
 #                     seqread randread randwrite randread1 randwrite1)
 #        BENCH_DETAIL=1  also the interrupts the guest took per job
-#                     (/proc/interrupts), and their medians after the table
+#                     (/proc/interrupts) and, in nested mode, L1's KVM
+#                     counters per VM run (exits, injections, MMIO and
+#                     interrupt-window exits...), their medians after the
+#                     table
 #        BENCH_TRACE=1  (nested mode) trace L1's KVM, and after a run whose
 #                     guest shut down (triple fault) print the last
 #                     BENCH_TRACE_LINES (default 150) events before it
@@ -231,6 +234,14 @@ run_one() {
     kill "$w" 2>/dev/null
 }
 i=0
+# kvm_stats: "NAME VALUE" of each of KVM's global counters (debugfs).
+D=/sys/kernel/debug
+kvm_stats() {
+    for f in "$D"/kvm/*; do
+        [ -f "$f" ] && echo "${f##*/} $(cat "$f" 2>/dev/null || echo 0)"
+    done
+}
+[ "${DETAIL:-0}" != 1 ] || [ -d "$D/kvm" ] || mount -t debugfs debugfs "$D" 2>/dev/null
 # TRACE=1: L1's KVM tracepoints into its ring buffer; after a run whose
 # guest shut down (a triple fault), the events before the shutdown.
 T=/sys/kernel/tracing
@@ -250,7 +261,12 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
         dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
         echo "bench-blk: run $i $vmm"
         [ "${TRACE:-0}" != 1 ] || : >"$T/trace"
+        [ "${DETAIL:-0}" != 1 ] || kvm_stats >"$DATA_DIR/kvm0"
         run_one "$vmm" | tr -d '\r' | grep '^bench-blk:' | sed "s/^bench-blk: /bench-blk: $vmm /"
+        # L1's KVM counters over the whole run (every job, and the boot).
+        [ "${DETAIL:-0}" != 1 ] || kvm_stats | awk -v v="$vmm" 'NR == FNR { b[$1] = $2; next }
+            $2 - b[$1] > 0 { printf "bench-blk: %s detail run kvm %s %d\n", v, $1, $2 - b[$1] }' \
+            "$DATA_DIR/kvm0" -
         if [ "${TRACE:-0}" = 1 ] && grep -qi 'reason.*shutdown' "$T/trace"; then
             echo "bench-blk: trace: $vmm run $i: L1's KVM events up to the guest's shutdown"
             grep -v '^#' "$T/trace" | grep -i -m1 -B "${TRACE_LINES:-150}" 'reason.*shutdown' |
@@ -298,8 +314,8 @@ complete_runs() {
 # took per job, median over each VMM's runs (lines of 50 or more).
 detail() {
     grep -q '^bench-blk: [a-z-]* detail ' "$results" || return 0
-    echo "interrupts the guest took per job (median over the runs; /proc/interrupts, summed over vCPUs):"
-    sed -n 's/^bench-blk: \([a-z-]*\) detail \([a-z0-9]*\) irq \([^ ]*\) \([0-9]*\)$/\1 \2 \3 \4/p' "$results" |
+    echo "per job: the interrupts the guest took (irq:, /proc/interrupts summed over vCPUs); per VM run (\"run\"): L1's KVM counters (kvm:, debugfs); medians over the runs:"
+    sed -n 's/^bench-blk: \([a-z-]*\) detail \([a-z0-9]*\) \(irq\|kvm\) \([^ ]*\) \([0-9]*\)$/\1 \2 \3:\4 \5/p' "$results" |
         sort -k1,1 -k2,2 -k3,3 -k4,4n |
         awk '{ k = $1 " " $2 " " $3; v[k, ++n[k]] = $4 }
             END {
@@ -478,7 +494,7 @@ export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage BENCH_ROOT=/capsule/ben
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$rounds BENCH_SIZE=$size
 export VMLINUX=/capsule/vmlinux VMMS='$need' VM_TIMEOUT=$vm_timeout TOOLS=/capsule/tools LIMIT_JOBS=/capsule/limit-jobs.sh
-export TRACE=${BENCH_TRACE:-0} TRACE_LINES=${BENCH_TRACE_LINES:-150}
+export TRACE=${BENCH_TRACE:-0} TRACE_LINES=${BENCH_TRACE_LINES:-150} DETAIL=${BENCH_DETAIL:-0}
 exec sh /capsule/bench-run.sh
 EOF
             n=$(wc -w <<<"$need")
