@@ -222,6 +222,18 @@ boot() {
 run_one() {
     boot "$1" &
     b=$!
+    s=""
+    if [ "${DETAIL:-0}" = 1 ]; then
+        # A sample taken as the VM goes (its counters gone) is not kept.
+        (
+            while kill -0 "$b" 2>/dev/null; do
+                kvm_stats >"$DATA_DIR/kvm.tmp"
+                ! grep -q '^exits [1-9]' "$DATA_DIR/kvm.tmp" || mv "$DATA_DIR/kvm.tmp" "$DATA_DIR/kvm.last"
+                sleep 1
+            done
+        ) </dev/null >/dev/null 2>&1 &
+        s=$!
+    fi
     (
         sleep "$VM_TIMEOUT" >/dev/null 2>&1
         # capsule logs its queues and vCPUs on SIGUSR2 (on stderr, which
@@ -232,9 +244,11 @@ run_one() {
     w=$!
     wait "$b"
     kill "$w" 2>/dev/null
+    [ -z "$s" ] || wait "$s"
 }
 i=0
-# kvm_stats: "NAME VALUE" of each of KVM's global counters (debugfs).
+# kvm_stats: "NAME VALUE" of each of KVM's global counters (debugfs),
+# which sum over the VMs that exist: sampled while the one VM runs.
 D=/sys/kernel/debug
 kvm_stats() {
     for f in "$D"/kvm/*; do
@@ -261,12 +275,12 @@ while [ "$i" -lt "$BENCH_RUNS" ]; do
         dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
         echo "bench-blk: run $i $vmm"
         [ "${TRACE:-0}" != 1 ] || : >"$T/trace"
-        [ "${DETAIL:-0}" != 1 ] || kvm_stats >"$DATA_DIR/kvm0"
+        rm -f "$DATA_DIR/kvm.last"
         run_one "$vmm" | tr -d '\r' | grep '^bench-blk:' | sed "s/^bench-blk: /bench-blk: $vmm /"
-        # L1's KVM counters over the whole run (every job, and the boot).
-        [ "${DETAIL:-0}" != 1 ] || kvm_stats | awk -v v="$vmm" 'NR == FNR { b[$1] = $2; next }
-            $2 - b[$1] > 0 { printf "bench-blk: %s detail run kvm %s %d\n", v, $1, $2 - b[$1] }' \
-            "$DATA_DIR/kvm0" -
+        # L1's KVM counters over the whole run (boot and every job, up to
+        # the last sample, at most a second before the VM ended).
+        [ ! -s "$DATA_DIR/kvm.last" ] || awk -v v="$vmm" '$2 > 0 {
+            printf "bench-blk: %s detail run kvm %s %d\n", v, $1, $2 }' "$DATA_DIR/kvm.last"
         if [ "${TRACE:-0}" = 1 ] && grep -qi 'reason.*shutdown' "$T/trace"; then
             echo "bench-blk: trace: $vmm run $i: L1's KVM events up to the guest's shutdown"
             grep -v '^#' "$T/trace" | grep -i -m1 -B "${TRACE_LINES:-150}" 'reason.*shutdown' |
