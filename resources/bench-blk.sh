@@ -327,17 +327,14 @@ complete_runs() {
 # detail: with BENCH_DETAIL's lines in $results, the interrupts the guest
 # took per job, median over each VMM's runs (lines of 50 or more).
 detail() {
-    grep -q '^bench-blk: [a-z-]* detail ' "$results" || return 0
+    local lines key m
+    lines="$(sed -n 's/^bench-blk: \([a-z-]*\) detail \([a-z0-9]*\) \(irq\|kvm\) \([^ ]*\) \([0-9]*\)$/\1 \2 \3:\4 \5/p' "$results")"
+    [[ -n "$lines" ]] || return 0
     echo "per job: the interrupts the guest took (irq:, /proc/interrupts summed over vCPUs); per VM run (\"run\"): L1's KVM counters (kvm:, debugfs); medians over the runs:"
-    sed -n 's/^bench-blk: \([a-z-]*\) detail \([a-z0-9]*\) \(irq\|kvm\) \([^ ]*\) \([0-9]*\)$/\1 \2 \3:\4 \5/p' "$results" |
-        sort -k1,1 -k2,2 -k3,3 -k4,4n |
-        awk '{ k = $1 " " $2 " " $3; v[k, ++n[k]] = $4 }
-            END {
-                for (k in n) {
-                    m = n[k] % 2 ? v[k, (n[k] + 1) / 2] : (v[k, n[k] / 2] + v[k, n[k] / 2 + 1]) / 2
-                    if (m >= 50) { split(k, f, " "); printf "  %-18s %-10s %-28s %10d\n", f[1], f[2], f[3], m }
-                }
-            }' | sort
+    while read -r key; do
+        read -r -a m <<<"$(awk -v k="$key" '$1 " " $2 " " $3 == k { print $4 }' <<<"$lines" | min_median_max %.0f)"
+        [[ ${m[1]} -lt 50 ]] || printf '  %-18s %-10s %-28s %10s\n' $key "${m[1]}"
+    done < <(cut -d' ' -f1-3 <<<"$lines" | sort -u)
 }
 
 # table: the table of $results (every VM run's lines) for the columns
