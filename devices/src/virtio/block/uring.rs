@@ -56,7 +56,8 @@ use crate::GuestMemoryMmap;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum IoEngine {
     /// Requests are executed one after the other on the event loop
-    /// (`pread`/`pwrite` through a bounce buffer).
+    /// (`pread64`/`pwrite64` straight to and from guest memory for a raw
+    /// image, through a bounce buffer for an ephemeral one).
     #[default]
     Sync,
     /// Reads, writes and flushes are submitted to an io_uring and run
