@@ -1,6 +1,6 @@
 # shellcheck shell=sh
 # tests/boot/cases.d/kernel_map.sh: an ELF kernel mapped from its file
-# instead of copied (src/kernel_map.rs), sourced by tests/boot/cases.sh;
+# instead of copied (src/kernel_map.rs; opt-in, CAPSULE_KERNEL_MAP=1), sourced by tests/boot/cases.sh;
 # POSIX sh for busybox ash in L1. Uses snapshot.sh's snap_* helpers.
 #
 # kernel_map_rewrite: a VM boots a copy of $VMLINUX, mapped from the file
@@ -26,9 +26,12 @@ kmap_boot() {
     KMAP_FILE="$SNAP_DIR/vmlinux"
     KMAP_NAME="kmap$$"
     cp "$VMLINUX" "$KMAP_FILE"
+    # The map is opt-in: the copy is the default.
+    export CAPSULE_KERNEL_MAP=1
     snap_start orig run --name "$KMAP_NAME" --kernel "$KMAP_FILE" --initrd "$INITRD" \
         --cpus 2 --memory 256M --cmdline "$SNAP_CMDLINE"
     KMAP_PID=$SNAP_PID
+    unset CAPSULE_KERNEL_MAP
     if ! snap_wait orig "$READY" "$CASE_TIMEOUT"; then
         snap_give_up "the VM did not boot" "$KMAP_PID" "$KMAP_START"
         return 1
