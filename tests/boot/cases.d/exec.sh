@@ -11,7 +11,10 @@ ALL_CASES="$ALL_CASES exec_status_0 exec_status_1 exec_status_42 exec_signal exe
 
 # run_exec CASE STDIN_FILE ARGS...: runs `capsule exec ARGS` with stdin
 # from STDIN_FILE (/dev/null for none); sets RC, OUT, ERR and SECS. The
-# output files are kept byte for byte (no \r removal).
+# output files are kept byte for byte (no \r removal). Unless the case set
+# CAPSULE_LOG, capsule logs at its default level plus the state of a guest
+# that goes quiet (src/stall.rs, at info), so a rare stall's failure
+# says where the vCPUs were.
 run_exec() {
     _dir="$WORK/$1"
     _in="$2"
@@ -21,7 +24,8 @@ run_exec() {
     shift 2
     printf '%s\n' "capsule $*" >"$_dir/command"
     _start=$(now)
-    timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" "$@" <"$_in" >"$OUT" 2>"$ERR"
+    CAPSULE_LOG="${CAPSULE_LOG:-warn,capsule::stall=info}" \
+        timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" "$@" <"$_in" >"$OUT" 2>"$ERR"
     RC=$?
     SECS=$(($(now) - _start))
 }
