@@ -113,12 +113,11 @@ fn sections(file: &File) -> Option<Vec<Section>> {
 /// This runs at every boot, over ~40,000 symbols in a typical vmlinux, and
 /// under an emulated host a byte-at-a-time loop over the names costs tens
 /// of milliseconds. So the string table is searched (SIMD, `memchr`) for
-/// the places the name could start: `name` and its terminating NUL, at
-/// the table's start or after a NUL. The linker may share a name's bytes
-/// with the tail of a longer one (`early_acpi_init` holding `acpi_init`),
-/// which is why every occurrence of `name\0` is a candidate, not only one
-/// after a NUL. Then the symbols' name offsets (the first 4 bytes of each
-/// entry) are compared with those few candidates.
+/// every occurrence of `name` and its terminating NUL: each is a place a
+/// symbol's name could start. Not only those after a NUL: the linker may
+/// share a name's bytes with the tail of a longer one (`early_acpi_init`
+/// holding `acpi_init`). Then the symbols' name offsets (the first 4 bytes
+/// of each entry) are compared with those few candidates.
 fn has_symbol(symtab: &[u8], strtab: &[u8], name: &[u8]) -> bool {
     let mut needle = name.to_vec();
     needle.push(0);

@@ -20,12 +20,13 @@
 //! settles first too: its memory file skips pages never faulted in, which
 //! in a file mapping are not zero.
 //!
-//! Opt-in (`CAPSULE_KERNEL_MAP=1`): in the nested harness the copy boots
-//! faster. Each mapped page faults in L1 on first read and again on first
-//! write and stays mapped at 4 KiB, where the copied image sits in 2 MiB
-//! pages; the map roughly doubled the boot's exits in L1, and the copy
-//! won two boot A/Bs (1.14x and 1.28x the copy's median with the map,
-//! docs/performance.md). It stays for hosts where the copy is the
+//! Opt-in (`CAPSULE_KERNEL_MAP=1`): in the nested harness the copy costs
+//! the guest less. Each mapped page faults in L1 on first read and again
+//! on first write and stays mapped at 4 KiB, where the copied image sits
+//! in 2 MiB pages: a boot took 5,918 exits in L1 with the map against
+//! 2,166 with the copy (medians of 10, docs/performance.md). Boot times
+//! were too noisy to decide it (three A/Bs: the map's median 1.14, 1.28
+//! and 0.94 times the copy's). It stays for hosts where the copy is the
 //! larger cost.
 //!
 //! Only where nothing but the vCPUs and the event loop writes guest RAM

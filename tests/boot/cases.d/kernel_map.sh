@@ -1,7 +1,8 @@
 # shellcheck shell=sh
 # tests/boot/cases.d/kernel_map.sh: an ELF kernel mapped from its file
-# instead of copied (src/kernel_map.rs; opt-in, CAPSULE_KERNEL_MAP=1), sourced by tests/boot/cases.sh;
-# POSIX sh for busybox ash in L1. Uses snapshot.sh's snap_* helpers.
+# instead of copied (src/kernel_map.rs; opt-in, CAPSULE_KERNEL_MAP=1),
+# sourced by tests/boot/cases.sh; POSIX sh for busybox ash in L1. Uses
+# snapshot.sh's snap_* helpers.
 #
 # kernel_map_rewrite: a VM boots a copy of $VMLINUX, mapped from the file
 # under a read lease; the file is then rewritten in place with random
