@@ -65,6 +65,7 @@ write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
 # Env: CAPSULE QEMU QEMU_FW DATE BZIMAGE VMLINUX INITRD BENCH_RUNS WORK
+#      KVM_HOST_LIB (resources/kvm-host.sh)
 #      PEERS (names of the reference VMMs present) TOOLS (where they are)
 set -u
 CMDLINE="console=ttyS0 reboot=k panic=1 quiet"
@@ -83,32 +84,17 @@ cat >"$WORK/fc.json" <<EOF
 EOF
 now_ns() { "$DATE" +%s%N; }
 
-# With BENCH_EXITS=1, L1's kvm tracepoints count each boot's exits, from
-# process start to the ready line: kvm_exit by exit code (hex, SVM codes:
-# 0x400 nested page fault, 0x7b I/O, 0x7c MSR, 0x78 HLT, 0x60 interrupt,
-# 0x72 CPUID, 0x64 VINTR) and kvm_userspace_exit by reason (2 I/O, 6 MMIO)
-# through histogram triggers, printed as "bench-boot: exits VMM ..." lines.
-TR=/sys/kernel/tracing
-EXIT_EVENTS="kvm_exit:exit_reason kvm_userspace_exit:reason"
+# With BENCH_EXITS=1, L1's kvm tracepoints count each boot's exits and
+# interrupts, from process start to the ready line (kvm_exits_arm and
+# kvm_exits_report, resources/kvm-host.sh), as "bench-boot: exits VMM
+# EVENT ..." lines.
+. "${KVM_HOST_LIB:?}"
 exits_arm() {
-    [ -n "${BENCH_EXITS:-}" ] || return 0
-    [ -d "$TR/events" ] || mount -t tracefs nodev "$TR" 2>/dev/null
-    for ev in $EXIT_EVENTS; do
-        echo "hist:keys=${ev#*:}.hex:vals=hitcount:size=256" >"$TR/events/kvm/${ev%%:*}/trigger" ||
-            echo "bench-boot: error exits: no histogram trigger on ${ev%%:*}"
-    done
+    [ -z "${BENCH_EXITS:-}" ] || kvm_exits_arm bench-boot:
 }
-# exits_report VMM: the counts since exits_arm, then the triggers removed.
+# exits_report VMM: the counts since exits_arm.
 exits_report() {
-    [ -n "${BENCH_EXITS:-}" ] || return 0
-    for ev in $EXIT_EVENTS; do
-        h="$TR/events/kvm/${ev%%:*}/hist"
-        [ -r "$h" ] || continue
-        echo "bench-boot: exits $1 ${ev%%:*} $(awk -v f="${ev#*:}:" '/hitcount:/ { for (i = 1; i <= NF; i++) {
-            if ($i == f) k = $(i + 1); if ($i == "hitcount:") { v = $(i + 1); t += v; printf "%s=%s ", k, v } } }
-            END { printf "total=%d", t }' "$h")"
-        echo "!hist:keys=${ev#*:}.hex:vals=hitcount:size=256" >"$TR/events/kvm/${ev%%:*}/trigger"
-    done
+    [ -z "${BENCH_EXITS:-}" ] || kvm_exits_report "bench-boot: exits $1"
 }
 
 # rss_kib PID [DD]: resident KiB of PID outside mappings as large as guest
@@ -301,7 +287,7 @@ main() {
         CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
             DATE="$work/tools/date" BZIMAGE="$kdir/bzImage" INITRD="$initrd" \
             VMLINUX="$kdir/vmlinux" PEERS="$peers" TOOLS="$work/tools" BENCH_TRANSPORT="${BENCH_TRANSPORT:-}" \
-            CAPSULE_BASE="${base:+$work/capsule-base}" \
+            CAPSULE_BASE="${base:+$work/capsule-base}" KVM_HOST_LIB="$CAPSULE_RESOURCES_DIR/kvm-host.sh" \
             BENCH_RUNS="$runs" WORK="$work/run" sh "$work/bench-run.sh" | tee "$results" >&2
     else
         cat >"$work/bench-l1.sh" <<EOF
@@ -310,6 +296,7 @@ mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATE=/capsule/tools/date BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools BENCH_EXITS='${BENCH_EXITS:-}'
+export KVM_HOST_LIB=/capsule/kvm-host.sh
 export BENCH_TRANSPORT='${BENCH_TRANSPORT:-}' CAPSULE_BASE='$l1_base'
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh
@@ -317,7 +304,7 @@ EOF
         export CAPSULE_L1_TIMEOUT=$((300 + runs * 150))
         run_in_l1_retrying "$results" \
             "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$initrd" "$work/tools" \
-            "$work/qemu-fw" "$work/bench-run.sh" ${base:+"$work/capsule-base"}
+            "$work/qemu-fw" "$work/bench-run.sh" "$CAPSULE_RESOURCES_DIR/kvm-host.sh" ${base:+"$work/capsule-base"}
     fi
     grep '^bench-boot: error' "$results" >&2 || true
     if [[ -n "${BENCH_RESULTS:-}" ]]; then
@@ -385,26 +372,9 @@ EOF
 
     if grep -q '^bench-boot: exits ' "$results"; then
         echo
-        echo "L1 KVM exits from process start to the ready line, median per boot (BENCH_EXITS=1; SVM exit codes, userspace reasons: 2 I/O, 6 MMIO)"
-        for vmm in $vmms; do
-            for ev in kvm_exit kvm_userspace_exit; do
-                sed -n "s/^bench-boot: exits $vmm $ev //p" "$results" | awk -v v="$vmm" -v e="$ev" '
-                    { n++; for (i = 1; i <= NF; i++) { split($i, kv, "="); val[kv[1], n] = kv[2]; keys[kv[1]] = 1 } }
-                    END {
-                        if (!n) exit
-                        line = sprintf("%-18s %-20s", v, e)
-                        for (k in keys) {
-                            m = 0; delete a
-                            for (j = 1; j <= n; j++) a[j] = val[k, j] + 0
-                            # median by insertion sort (a handful of runs)
-                            for (x = 2; x <= n; x++) { y = a[x]; z = x - 1; while (z > 0 && a[z] > y) { a[z + 1] = a[z]; z-- } a[z + 1] = y }
-                            m = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
-                            line = line sprintf(" %s=%d", k, m)
-                        }
-                        print line
-                    }'
-            done
-        done
+        echo "L1 KVM exits from process start to the ready line, median per boot (BENCH_EXITS=1; SVM exit codes, userspace reasons: 2 I/O, 6 MMIO; interrupts injected by vector)"
+        # shellcheck disable=SC2086 # one VMM a word
+        exits_table "$results" "bench-boot: exits" $vmms
     fi
     echo
     echo "Confinement: capsule (seccomp + Landlock, the default) vs --no-seccomp --no-landlock vs --jail (same runs)"

@@ -22,8 +22,11 @@
 #      BENCH_RUNS_qemu, ... override it per VMM, '-' written '_'), BENCH_CPUS (guest vCPUs,
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
+#      BENCH_EXITS (1: L1's KVM exits and interrupts per transfer, from its
+#      kvm tracepoints),
 #      BENCH_VMMS (default "capsule qemu"; also capsule-vhost,
 #      capsule-pci (capsule with --transport pci: virtio-pci, MSI-X),
+#      capsule-pci-vhost (the same with vhost=on),
 #      qemu-vhost, firecracker, cloud-hypervisor, capsule-base (capsule
 #      as CAPSULE_BASE, another build, for an A/B of a change), and
 #      loopback: the same transfers between two processes here, no VM),
@@ -116,10 +119,18 @@ stalled() {
 }
 
 # kill_vmm: SIGKILL to the VMM (and for Cloud Hypervisor, which runs under
-# `script`, to it too: it would outlive its terminal).
+# `script`, to it too: it would outlive its terminal). Cloud Hypervisor is
+# waited for (up to 10 s): one still holding its TAP device would leave
+# the next run's guest without a link.
 kill_vmm() {
     kill -9 "$_pid" 2>/dev/null
-    [ "$_vmm" != cloud-hypervisor ] || pkill -9 -f "cloud-hypervisor --kernel" 2>/dev/null
+    [ "$_vmm" = cloud-hypervisor ] || return 0
+    pkill -9 -f "cloud-hypervisor --kernel" 2>/dev/null
+    _i=0
+    while pgrep -f "cloud-hypervisor --kernel" >/dev/null 2>&1 && [ $_i -lt 50 ]; do
+        sleep 0.2 2>/dev/null || sleep 1
+        _i=$((_i + 1))
+    done
 }
 
 # listening PORTHEX: true once /proc/net/tcp shows a listening socket on
@@ -148,14 +159,27 @@ tap_counters() {
     done
 }
 
-# tap_detail DIRECTION "BEFORE" "AFTER": with BENCH_DETAIL, the frames that
-# crossed the TAP during a transfer, each way, with their average size.
+# tap_detail DIRECTION "BEFORE" "AFTER": with BENCH_DETAIL or BENCH_EXITS,
+# the frames that crossed the TAP during a transfer, each way, with their
+# average size.
 tap_detail() {
-    [ -n "${BENCH_DETAIL:-}" ] || return 0
+    [ -n "${BENCH_DETAIL:-}${BENCH_EXITS:-}" ] || return 0
     echo "$2 $3" | awk -v v="$_vmm" -v d="$1" '{
         tp = $5 - $1; tb = $6 - $2; rp = $7 - $3; rb = $8 - $4
         printf "bench-net: detail: %s: %s: TAP to guest %d frames (%d bytes avg), from guest %d frames (%d bytes avg)\n",
             v, d, tp, tp ? tb / tp : 0, rp, rp ? rb / rp : 0 }'
+}
+
+# With BENCH_EXITS=1, L1's KVM exits and injected interrupts during each
+# transfer (resources/kvm-host.sh), one "bench-net: exits VMM DIRECTION
+# EVENT ..." line per event: kept as "pending" lines until the run is
+# complete, so that the table counts only the runs it times.
+exits_arm() {
+    [ -z "${BENCH_EXITS:-}" ] || kvm_exits_arm bench-net:
+}
+# exits_report DIRECTION: the counts of the transfer since exits_arm.
+exits_report() {
+    [ -z "${BENCH_EXITS:-}" ] || kvm_exits_report "exits $_vmm $1" >>"$_d/exits"
 }
 
 # stats "BYTES T0 T1": "BYTES SECONDS".
@@ -220,6 +244,7 @@ measure() {
     mkdir -p "$_d"
     _fifo="$_d/in" _out="$_d/out"
     _snd="" _rcv="" _stalled=""
+    rm -f "$_d/exits"
     start_vmm "$@" || return 1
     # guest → host: the host's receiver reports what arrived.
     rm -f "$_d/g2h"
@@ -227,6 +252,7 @@ measure() {
     _rcv=$!
     listening 1451 || echo "bench-net: progress: $_vmm: the host's receiver is not listening"
     _before="$(tap_counters)"
+    exits_arm
     echo "dd if=/dev/zero bs=1048576 count=$MIB 2>/dev/null | nc 10.9.0.1 5201; echo G2H-DONE" >&3
     if ! wait_transfer "$_out" '^G2H-DONE'; then
         stalled guest-to-host
@@ -235,6 +261,7 @@ measure() {
         # the host's receiver to see the end.
         wait_out "$_d/g2h" '[0-9]' 120 || echo "bench-net: progress: $_vmm: the host's receiver did not finish"
     fi
+    exits_report guest-to-host
     kill -9 "$_rcv" 2>/dev/null
     tap_detail guest-to-host "$_before" "$(tap_counters)"
     _g2h="$(stats "$(cat "$_d/g2h" 2>/dev/null)")"
@@ -247,10 +274,12 @@ measure() {
         echo "nc -l -p 5202 -e sh -c '$RECV >/tmp/h2g' </dev/null & i=0; while [ \$i -lt 300 ] && ! grep -q ':1452 00000000:0000 0A' /proc/net/tcp; do sleep 0.1; i=\$((i+1)); done; echo H2G-LISTENING; wait; echo H2G-STATS \$(cat /tmp/h2g)" >&3
         if wait_out "$_out" '^H2G-LISTENING' 120; then
             _before="$(tap_counters)"
+            exits_arm
             dd if=/dev/zero bs=1048576 count="$MIB" 2>/dev/null | nc 10.9.0.2 5202 &
             _snd=$!
             wait_transfer "$_out" '^H2G-STATS [0-9]' || stalled host-to-guest
             wait "$_snd" 2>/dev/null
+            exits_report host-to-guest
             tap_detail host-to-guest "$_before" "$(tap_counters)"
             _h2g="$(stats "$(tr -d '\r' <"$_out" | sed -n 's/^H2G-STATS //p' | tail -n1)")"
         else
@@ -275,6 +304,7 @@ measure() {
         echo "bench-net: $_vmm: incomplete transfer (guest-to-host: '$_g2h', host-to-guest: '$_h2g'; expected $((MIB * 1048576)) bytes each)"
         return 1
     fi
+    [ ! -r "$_d/exits" ] || sed 's/^/bench-net: /' "$_d/exits"
     echo "bench-net: $_vmm guest-to-host $_g2h"
     echo "bench-net: $_vmm host-to-guest $_h2g"
 }
@@ -311,11 +341,12 @@ run_vmm() {
     loopback)
         measure_loopback
         ;;
-    capsule | capsule-vhost | capsule-base | capsule-pci)
+    capsule | capsule-vhost | capsule-base | capsule-pci | capsule-pci-vhost)
         _vhost=off _tapname=capb0 _bin="$CAPSULE" _transport=mmio
         [ "$1" != capsule-vhost ] || _vhost=on _tapname=capv0
         [ "$1" != capsule-base ] || _tapname=capbb0 _bin="${CAPSULE_BASE:?}"
         [ "$1" != capsule-pci ] || _tapname=capp0 _transport=pci
+        [ "$1" != capsule-pci-vhost ] || _tapname=cappv0 _transport=pci _vhost=on
         measure "$1" "$_tapname" "$_bin" run --kernel "$BZIMAGE" --initrd "$INITRD" \
             --cpus "$CPUS" --memory 512M --cmdline "$CMDLINE" --transport "$_transport" \
             --net "tap=$_tapname,vhost=$_vhost"
@@ -375,8 +406,8 @@ while :; do
     round=$((round + 1))
     busy=""
     for vmm in $VMMS; do
-        case "$vmm" in capsule | capsule-vhost | capsule-base | capsule-pci | qemu | qemu-vhost | firecracker | cloud-hypervisor | loopback) ;; *)
-            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, capsule-base, capsule-pci, qemu, qemu-vhost, firecracker, cloud-hypervisor, loopback)"
+        case "$vmm" in capsule | capsule-vhost | capsule-base | capsule-pci | capsule-pci-vhost | qemu | qemu-vhost | firecracker | cloud-hypervisor | loopback) ;; *)
+            echo "bench-net: unknown VMM '$vmm' in BENCH_VMMS (capsule, capsule-vhost, capsule-base, capsule-pci, capsule-pci-vhost, qemu, qemu-vhost, firecracker, cloud-hypervisor, loopback)"
             exit 2
             ;;
         esac

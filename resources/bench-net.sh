@@ -24,10 +24,14 @@
 #        default 1),
 #        BENCH_DETAIL=1 (TAP frame counts per transfer; capsule's traffic
 #        and exit counters),
-#        BENCH_VMMS (default "capsule capsule-vhost capsule-pci qemu qemu-vhost", the
-#        peers found, and "loopback": the same transfers between two
+#        BENCH_EXITS=1 (nested mode: L1's KVM exits by reason and the
+#        interrupts it injected, per transfer, from its kvm tracepoints;
+#        every VMM is traced alike, which costs each exit some time),
+#        BENCH_VMMS (default "capsule capsule-vhost capsule-pci qemu qemu-vhost",
+#        the peers found, and "loopback": the same transfers between two
 #        processes of the machine running the VMMs, no VM, the physical
-#        limit of the other rows),
+#        limit of the other rows; also capsule-pci-vhost: virtio-pci with
+#        vhost=on),
 #        BENCH_RESULTS (a file the runs' lines are appended to and the
 #        table computed from: several invocations make one table),
 #        BENCH_CAPSULE_BASE (another capsule binary, e.g. main's before a
@@ -53,7 +57,7 @@ table() {
     }
     [[ -n "$peers" ]] || echo "bench-net: Firecracker and Cloud Hypervisor not found in $(capsule_anchors_dir): their rows are left out"
     printf 'bench-net: %-26s %24s %24s\n' VMM guest-to-host host-to-guest
-    for vmm in capsule capsule-base capsule-vhost capsule-pci qemu qemu-vhost firecracker cloud-hypervisor loopback; do
+    for vmm in capsule capsule-base capsule-vhost capsule-pci capsule-pci-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback; do
         n=$(grep -c "^bench-net: $vmm guest-to-host [0-9]" "$results" || true)
         [[ $n -gt 0 ]] || continue
         read -r -a g <<<"$(rates "$vmm" guest-to-host)"
@@ -73,11 +77,20 @@ table() {
     # path and QEMU's vhost-net.
     for pair in capsule:capsule-base capsule:qemu capsule:firecracker capsule:cloud-hypervisor capsule-vhost:capsule capsule-vhost:qemu-vhost \
         capsule-pci:capsule capsule-pci:firecracker capsule-pci:cloud-hypervisor \
+        capsule-pci-vhost:capsule-pci capsule-pci-vhost:firecracker capsule-pci-vhost:cloud-hypervisor \
         capsule:loopback qemu:loopback firecracker:loopback cloud-hypervisor:loopback; do
         mine="${pair%%:*}" peer="${pair#*:}"
         has "$mine" && has "$peer" || continue
         printf 'bench-net: %-26s %24s %24s\n' "$mine/$peer" "$(ratio "$mine" "$peer" guest-to-host)" "$(ratio "$mine" "$peer" host-to-guest)"
     done
+    if grep -q '^bench-net: exits ' "$results"; then
+        echo "bench-net: L1's KVM exits per transfer, median (BENCH_EXITS=1; SVM exit codes, userspace reasons: 2 I/O, 6 MMIO; interrupts injected by vector):"
+        local labels=() vmm dir
+        for vmm in $vmms; do
+            for dir in guest-to-host host-to-guest; do labels+=("$vmm $dir"); done
+        done
+        exits_table "$results" "bench-net: exits" "${labels[@]}" | sed 's/^/bench-net: /'
+    fi
     for vmm in $vmms; do
         n=$(grep -c "^bench-net: note: $vmm early-end" "$results" || true)
         [[ $n -eq 0 ]] || echo "bench-net: note: $vmm's guest ended during a run $n time(s) (a nested-harness fault; see above); those runs were repeated"
@@ -90,7 +103,7 @@ table() {
 if [[ "${BENCH_TABLE_ONLY:-}" == 1 ]]; then
     [[ -n "${BENCH_RESULTS:-}" && -r "${BENCH_RESULTS:-}" ]] || die "BENCH_TABLE_ONLY=1 needs a readable BENCH_RESULTS file"
     results="$BENCH_RESULTS" mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}" mode="(as run)"
-    vmms="capsule capsule-base capsule-vhost capsule-pci qemu qemu-vhost firecracker cloud-hypervisor loopback"
+    vmms="capsule capsule-base capsule-vhost capsule-pci capsule-pci-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback"
     peers="$(grep -o '^bench-net: \(firecracker\|cloud-hypervisor\) ' "$results" | sort -u | cut -d' ' -f2 | tr '\n' ' ')"
     table
     exit 0
@@ -160,6 +173,7 @@ export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FIRMWARE=/capsule/qemu-fw
 export VMLINUX=/capsule/vmlinux FC=/capsule/tools/firecracker CH=/capsule/tools/cloud-hypervisor
 ${base:+export CAPSULE_BASE=/capsule/capsule-base}
 export BENCH_MIB='$mib' BENCH_RUNS='$runs' BENCH_CPUS='$cpus' BENCH_DETAIL='${BENCH_DETAIL:-}' BENCH_VMMS='$need'
+export BENCH_EXITS='${BENCH_EXITS:-}'
 export$plan
 exec sh /capsule/bench-net-guest.sh
 EOF

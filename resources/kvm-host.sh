@@ -16,3 +16,50 @@ tap_up() {
         ip addr add "$2" dev "$1" && ip link set "$1" up
     ) </dev/null >/dev/null 2>&1 &
 }
+
+# L1's KVM exits and injected interrupts, counted by the kvm tracepoints'
+# histogram triggers (in the kernel: no trace buffer to read out): kvm_exit
+# by exit code (hex; SVM: 0x400 nested page fault, 0x7b I/O, 0x7c MSR,
+# 0x78 HLT, 0x60 interrupt, 0x72 CPUID, 0x64 VINTR, 0x81 VMMCALL),
+# kvm_userspace_exit by reason (2 I/O, 6 MMIO) and kvm_inj_virq by vector.
+# Every VM on the machine is counted: run one at a time.
+KVM_TRACE=/sys/kernel/tracing
+KVM_EXIT_EVENTS="kvm_exit kvm_userspace_exit kvm_inj_virq"
+
+# kvm_event_key EVENT: the field a histogram of EVENT is keyed on (the
+# interrupt's field is "vector" in newer kernels, "irq" in older ones).
+kvm_event_key() {
+    case "$1" in
+    kvm_exit) echo exit_reason ;;
+    kvm_userspace_exit) echo reason ;;
+    *) grep -o 'field:[^;]* \(vector\|irq\);' "$KVM_TRACE/events/kvm/$1/format" 2>/dev/null |
+        sed 's/.* \([a-z]*\);$/\1/' | head -n 1 ;;
+    esac
+}
+
+# kvm_exits_arm PREFIX: start counting (tracefs mounted if need be).
+# Prints a "PREFIX error ..." line and counts nothing where the kernel has
+# no histograms.
+kvm_exits_arm() {
+    [ -d "$KVM_TRACE/events" ] || mount -t tracefs nodev "$KVM_TRACE" 2>/dev/null
+    for _ev in $KVM_EXIT_EVENTS; do
+        _key="$(kvm_event_key "$_ev")"
+        [ -n "$_key" ] || continue
+        echo "hist:keys=$_key.hex:vals=hitcount:size=256" >"$KVM_TRACE/events/kvm/$_ev/trigger" 2>/dev/null ||
+            echo "$1 error exits: no histogram trigger on $_ev"
+    done
+}
+
+# kvm_exits_report PREFIX: one "PREFIX EVENT KEY=COUNT... total=N" line per
+# event counted since kvm_exits_arm; the triggers are removed.
+kvm_exits_report() {
+    for _ev in $KVM_EXIT_EVENTS; do
+        _key="$(kvm_event_key "$_ev")"
+        _h="$KVM_TRACE/events/kvm/$_ev/hist"
+        [ -n "$_key" ] && [ -r "$_h" ] || continue
+        echo "$1 $_ev $(awk -v f="$_key:" '/hitcount:/ { for (i = 1; i <= NF; i++) {
+            if ($i == f) k = $(i + 1); if ($i == "hitcount:") { v = $(i + 1); t += v; printf "%s=%s ", k, v } } }
+            END { printf "total=%d", t }' "$_h")"
+        echo "!hist:keys=$_key.hex:vals=hitcount:size=256" >"$KVM_TRACE/events/kvm/$_ev/trigger" 2>/dev/null
+    done
+}

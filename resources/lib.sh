@@ -224,6 +224,40 @@ min_median_max() {
         printf f " " f " " f "\n", v[1], m, v[NR] }'
 }
 
+# exits_table RESULTS PREFIX LABEL...: L1's KVM exit counts (resources/
+# kvm-host.sh, kvm_exits_report) kept in RESULTS as "PREFIX LABEL EVENT
+# KEY=COUNT..." lines, one table line per LABEL and event: the median of
+# each key over LABEL's lines (a key missing from a line counts 0 there).
+exits_table() {
+    local results="$1" prefix="$2" label ev
+    shift 2
+    for label in "$@"; do
+        for ev in kvm_exit kvm_userspace_exit kvm_inj_virq; do
+            { grep -F "$prefix $label $ev " "$results" || true; } | sed "s/^.* $ev //" | awk -v l="$label" -v e="$ev" '
+                { n++; for (i = 1; i <= NF; i++) { split($i, kv, "="); val[kv[1], n] = kv[2]; keys[kv[1]] = 1 } }
+                END {
+                    if (!n) exit
+                    line = sprintf("%-30s %-18s", l, e)
+                    # keys in order, total last
+                    nk = 0
+                    for (k in keys) if (k != "total") ks[++nk] = k
+                    for (x = 2; x <= nk; x++) { y = ks[x]; z = x - 1; while (z > 0 && ks[z] > y) { ks[z + 1] = ks[z]; z-- } ks[z + 1] = y }
+                    if ("total" in keys) ks[++nk] = "total"
+                    for (q = 1; q <= nk; q++) {
+                        k = ks[q]
+                        delete a
+                        for (j = 1; j <= n; j++) a[j] = val[k, j] + 0
+                        # median by insertion sort (a handful of runs)
+                        for (x = 2; x <= n; x++) { y = a[x]; z = x - 1; while (z > 0 && a[z] > y) { a[z + 1] = a[z]; z-- } a[z + 1] = y }
+                        m = (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+                        line = line sprintf(" %s=%d", k, m)
+                    }
+                    print line " (" n " runs)"
+                }'
+        done
+    done
+}
+
 # copy_qemu_firmware DIR: the firmware QEMU's microvm machine loads (qboot
 # and its option ROMs), for `qemu-system-x86_64 -L DIR` where
 # /usr/share/qemu is not (in L1).
