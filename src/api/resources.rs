@@ -379,6 +379,7 @@ impl VmResources {
                             .filter(|c| c.network_interfaces.contains(&n.iface_id))
                             .map(|_| self.mmds.clone()),
                         vhost: false,
+                        tx_batch: true,
                     })
                 })
                 .collect::<Result<_>>()?,

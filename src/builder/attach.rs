@@ -266,6 +266,8 @@ fn open_net(index: usize, nic: &NetConfig, mac: net::MacAddr) -> Result<Net> {
         net::format_mac(&mac)
     );
     let mut net = Net::new(backend, mac).map_err(|e| Error::Net(index, e))?;
+    net.set_tx_batching(nic.tx_batch)
+        .map_err(|e| Error::Net(index, e))?;
     let rx = rate_limiter(&nic.rx_limits).map_err(|e| Error::Net(index, e))?;
     let tx = rate_limiter(&nic.tx_limits).map_err(|e| Error::Net(index, e))?;
     net.set_rate_limiters(rx, tx);

@@ -37,6 +37,10 @@ pub struct NetConfig {
     /// The kernel's vhost-net moves the frames between the guest and the
     /// TAP (`vhost=on`; TAP only).
     pub vhost: bool,
+    /// While the guest streams, a transmit kick waits a short window so
+    /// that frames go out in batches (`tx_batch=on`, the default; see
+    /// `devices/src/virtio/net/tx_batch.rs`). Not with vhost-net.
+    pub tx_batch: bool,
 }
 
 /// The metadata service's store, shared by the API (which changes it)
@@ -147,14 +151,15 @@ fn parse_backend(first: &str) -> Result<NetBackendConfig, String> {
 impl std::str::FromStr for NetConfig {
     type Err = String;
 
-    /// Parses `tap=NAME[,mac=MAC][,vhost=on|off]` or
-    /// `user[,publish=HOST:GUEST...][,mac=MAC]`.
+    /// Parses `tap=NAME[,mac=MAC][,vhost=on|off][,tx_batch=on|off]` or
+    /// `user[,publish=HOST:GUEST...][,mac=MAC][,tx_batch=on|off]`.
     fn from_str(s: &str) -> Result<Self, String> {
         let mut opts = s.split(',');
         let first = opts.next().unwrap_or_default();
         let mut backend = parse_backend(first)?;
         let mut mac = None;
         let mut vhost = false;
+        let mut tx_batch = None;
         for opt in opts {
             match (opt.split_once('='), &mut backend) {
                 (Some(("mac", m)), _) => mac = Some(parse_mac(m).map_err(|e| e.to_string())?),
@@ -170,6 +175,13 @@ impl std::str::FromStr for NetConfig {
                         "vhost= needs --net tap= (passt's frames pass through capsule)".into(),
                     )
                 }
+                (Some(("tx_batch", v)), _) => {
+                    tx_batch = Some(match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(format!("invalid tx_batch={v} (expected on or off)")),
+                    })
+                }
                 (Some(("publish", p)), NetBackendConfig::User { publish }) => {
                     for spec in p.split('+') {
                         publish.push(parse_publish(spec)?);
@@ -182,7 +194,7 @@ impl std::str::FromStr for NetConfig {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown network option '{opt}' (expected mac=MAC{})",
+                        "unknown network option '{opt}' (expected mac=MAC, tx_batch=on|off{})",
                         if matches!(backend, NetBackendConfig::User { .. }) {
                             " or publish=HOSTPORT:GUESTPORT"
                         } else {
@@ -191,6 +203,12 @@ impl std::str::FromStr for NetConfig {
                     ))
                 }
             }
+        }
+        if vhost && tx_batch.is_some() {
+            return Err(
+                "tx_batch= does not apply to vhost=on (the kernel's vhost-net sends the frames)"
+                    .into(),
+            );
         }
         if let NetBackendConfig::User { publish } = &backend {
             let mut hosts: Vec<u16> = publish.iter().map(|p| p.0).collect();
@@ -206,6 +224,7 @@ impl std::str::FromStr for NetConfig {
             tx_limits: Limits::default(),
             mmds: None,
             vhost,
+            tx_batch: tx_batch.unwrap_or(true),
         })
     }
 }
@@ -228,8 +247,11 @@ mod tests {
                 tx_limits: Limits::default(),
                 mmds: None,
                 vhost: false,
+                tx_batch: true,
             }
         );
+        assert!(!"tap=t0,tx_batch=off".parse::<NetConfig>().unwrap().tx_batch);
+        assert!("user,tx_batch=on".parse::<NetConfig>().unwrap().tx_batch);
         let n: NetConfig = "tap=t1,mac=02:00:00:00:00:aB".parse().unwrap();
         assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 0xab]));
         assert!(!n.vhost);
@@ -276,6 +298,8 @@ mod tests {
             "tap=t0,vhost=yes",
             "tap=t0,vhost",
             "user,vhost=on",
+            "tap=t0,tx_batch=maybe",
+            "tap=t0,vhost=on,tx_batch=off",
         ] {
             let e = bad.parse::<NetConfig>().unwrap_err();
             assert!(!e.contains('\n'), "{bad}: {e}");

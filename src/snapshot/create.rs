@@ -166,6 +166,7 @@ fn save_state(
             mmds: n.mmds.as_ref().map(MmdsSettings::of),
             rx_limits: n.rx_limits,
             tx_limits: n.tx_limits,
+            tx_batch: n.tx_batch,
         })
         .collect();
     Ok(SnapshotState {

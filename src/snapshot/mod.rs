@@ -179,6 +179,15 @@ pub struct NetState {
     /// none).
     #[serde(default)]
     pub tx_limits: devices::rate_limiter::Limits,
+    /// Transmit batching (`tx_batch=`; absent in older snapshots: on,
+    /// the default).
+    #[serde(default = "batching_default")]
+    pub tx_batch: bool,
+}
+
+/// [`NetState::tx_batch`] of a snapshot that does not say.
+fn batching_default() -> bool {
+    true
 }
 
 /// The metadata service's settings, as saved.

@@ -240,6 +240,7 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
                 tx_limits: n.tx_limits,
                 mmds: None,
                 vhost: false,
+                tx_batch: n.tx_batch,
             })
             .collect(),
     };

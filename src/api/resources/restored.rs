@@ -233,6 +233,7 @@ mod tests {
             tx_limits: Limits::default(),
             mmds,
             vhost: false,
+            tx_batch: true,
         };
         config.nets = vec![net(None), net(Some(store.clone()))];
         let ids = DeviceIds {

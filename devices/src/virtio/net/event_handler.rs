@@ -14,6 +14,8 @@ const BACKEND: u32 = 0;
 const RX_LIMITER: u32 = 1;
 /// The tag of the transmit limiter's timer.
 const TX_LIMITER: u32 = 2;
+/// The tag of the transmit batching window's timer.
+const TX_BATCH: u32 = 3;
 
 impl Net {
     /// What the backend's fd should be polled for now.
@@ -89,6 +91,14 @@ impl MutEventSubscriber for Net {
                 }
             }
         }
+        if let Some(b) = &self.tx_batch {
+            let ev = VirtioCommon::device_events(b.timer_fd(), TX_BATCH, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                // Kicks are then served at once.
+                log::error!("virtio-net: cannot watch the transmit window's timer: {e}");
+                self.tx_batch = None;
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -101,7 +111,13 @@ impl MutEventSubscriber for Net {
             }
             DeviceEvent::Queue(TX_QUEUE) => {
                 crate::metrics::NET.tx_queue_event_count.inc();
-                self.process_tx()
+                self.tx_kicked()
+            }
+            DeviceEvent::Device { tag: TX_BATCH, .. } => {
+                if let Some(b) = &mut self.tx_batch {
+                    b.fired();
+                }
+                self.process_tx();
             }
             DeviceEvent::Device { tag: BACKEND, set } => self.process_backend(set),
             DeviceEvent::Device {

@@ -58,6 +58,7 @@ mod rx;
 pub mod stream;
 pub mod tap;
 mod tx;
+mod tx_batch;
 pub mod vhost_kern;
 pub mod vhost_net;
 
@@ -140,6 +141,8 @@ pub struct NetStats {
     pub rx_dropped: u64,
     /// Times a budget ran out and the device re-signalled itself.
     pub budget_yields: u64,
+    /// Transmit kicks held back for a batching window.
+    pub tx_batched: u64,
 }
 
 /// A virtio-net device: one object that is both the transport's
@@ -163,6 +166,9 @@ pub struct Net {
     rx_limiter: Option<crate::rate_limiter::RateLimiter>,
     /// Limits on what the guest sends.
     tx_limiter: Option<crate::rate_limiter::RateLimiter>,
+    /// Holds transmit kicks back briefly while the guest streams
+    /// (`tx_batch.rs`); `None`: every kick is served at once.
+    tx_batch: Option<tx_batch::TxBatch>,
 }
 
 impl Drop for Net {
@@ -218,7 +224,20 @@ impl Net {
             stats: NetStats::default(),
             rx_limiter: None,
             tx_limiter: None,
+            tx_batch: Some(tx_batch::TxBatch::new()?),
         })
+    }
+
+    /// Turns transmit batching (on by default; see `tx_batch.rs`) off or
+    /// on again. Call before the device joins the event loop, which then
+    /// watches the batching timer.
+    pub fn set_tx_batching(&mut self, on: bool) -> io::Result<()> {
+        self.tx_batch = if on {
+            Some(tx_batch::TxBatch::new()?)
+        } else {
+            None
+        };
+        Ok(())
     }
 
     /// Limits what the guest receives (`rx`) and sends (`tx`). Call before
@@ -320,6 +339,9 @@ impl VirtioDevice for Net {
     fn reset_device(&mut self) -> bool {
         self.rx.clear();
         self.tx_blocked = false;
+        if let Some(b) = &mut self.tx_batch {
+            b.reset();
+        }
         if self.link_up {
             if let Err(e) = self.backend.set_offloads(0) {
                 crate::warn_ratelimited!("virtio-net: cannot clear offloads: {e}");

@@ -63,6 +63,9 @@ impl Net {
         let Some(active) = self.common.activation_mut() else {
             return;
         };
+        if let Some(b) = &mut self.tx_batch {
+            b.ran(std::time::Instant::now());
+        }
         self.tx_blocked = false;
         let mut run = Transmit {
             mem: &active.mem,
@@ -87,18 +90,52 @@ impl Net {
             }
             TxStop::Budget => {
                 self.stats.budget_yields += 1;
-                self.common.kick(TX_QUEUE);
+                self.kick_tx_again();
             }
             TxStop::Fatal(e) => {
                 self.link_failed(&e);
                 // Keep draining: the guest must get its buffers back.
-                self.common.kick(TX_QUEUE);
+                self.kick_tx_again();
             }
         }
         // Answers the backend made itself (the metadata service's) are
         // not announced by its fd: deliver them now.
         if self.backend.has_local_frames() {
             self.process_rx();
+        }
+    }
+}
+
+impl Net {
+    /// Re-signals the transmit queue for work left after a run; that
+    /// kick is not held for a batching window.
+    fn kick_tx_again(&mut self) {
+        if let Some(b) = &mut self.tx_batch {
+            b.serve_next_kick();
+        }
+        self.common.kick(TX_QUEUE);
+    }
+
+    /// The driver kicked the transmit queue: served now, or after the
+    /// batching window if the guest is streaming (`tx_batch.rs`). A held
+    /// queue's notifications are turned off meanwhile (without
+    /// `EVENT_IDX` the driver would kick for every frame); the run at the
+    /// window's end turns them on again.
+    pub(super) fn tx_kicked(&mut self) {
+        let held = match &mut self.tx_batch {
+            Some(b) => b.hold_kick(std::time::Instant::now()),
+            None => false,
+        };
+        if !held {
+            self.process_tx();
+            return;
+        }
+        self.stats.tx_batched += 1;
+        if let Some(active) = self.common.activation_mut() {
+            let mem = &active.mem;
+            if let Err(e) = active.queues[TX_QUEUE].disable_notification(mem) {
+                crate::warn_ratelimited!("virtio-net: cannot disable notifications: {e}");
+            }
         }
     }
 }
