@@ -13,8 +13,10 @@
 //!
 //! Only while the guest streams: a kick that comes more than [`BUSY_GAP`]
 //! after the previous transmit run (a ping, a request after a pause) is
-//! served at once, so latency of sporadic traffic is unchanged. Frames
-//! wait at most [`WINDOW`] in the ring.
+//! served at once, so latency of sporadic traffic is unchanged; so is a
+//! kick for a frame under [`MIN_HELD_LEN`] bytes (a TCP acknowledgement,
+//! a small request), whose delay would slow the peer that waits for it.
+//! Frames wait at most [`WINDOW`] in the ring.
 
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
@@ -26,6 +28,8 @@ use vmm_sys_util::timerfd::TimerFd;
 pub const WINDOW: Duration = Duration::from_micros(200);
 /// A kick this soon after the previous transmit run counts as streaming.
 pub const BUSY_GAP: Duration = Duration::from_millis(5);
+/// A kick whose frame (vnet header included) is shorter is served at once.
+pub const MIN_HELD_LEN: u64 = 512;
 
 /// The window's timer and what the device last did.
 #[derive(Debug)]

@@ -161,7 +161,8 @@ fn rate_limited_frames_wait_for_the_refill_in_both_directions() {
 }
 
 /// Transmit batching: a kick right after a transmit run waits for the
-/// window's timer, and the frame still goes out and comes back used.
+/// window's timer, and the frame still goes out and comes back used; a
+/// small frame's kick (an acknowledgement) is served at once.
 #[test]
 fn event_loop_holds_a_streaming_kick_for_the_window_then_sends() {
     let mem = guest_memory();
@@ -188,9 +189,10 @@ fn event_loop_holds_a_streaming_kick_for_the_window_then_sends() {
     }
     em.run_with_timeout(10).unwrap();
 
-    // send(i): frame i into the ring and a kick; what arrives is checked.
-    let send = |i: u16, em: &mut EventManager<_>, peer: &mut UnixStream| {
-        let f = frame(100 + usize::from(i), i as u8);
+    // send(i, len): frame i of len bytes into the ring and a kick; what
+    // arrives is checked. Returns the kicks held so far.
+    let send = |i: u16, len: usize, em: &mut EventManager<_>, peer: &mut UnixStream| {
+        let f = frame(len + usize::from(i), i as u8);
         let at = BUFS + 0x1000 * u64::from(i);
         mem.write_slice(&f, GuestAddress(at)).unwrap();
         tx.store(i, at, f.len() as u32, 0, 0);
@@ -214,12 +216,21 @@ fn event_loop_holds_a_streaming_kick_for_the_window_then_sends() {
         held
     };
     assert_eq!(
-        send(0, &mut em, &mut peer),
+        send(0, 1000, &mut em, &mut peer),
         0,
         "the first kick is served at once"
     );
+    // A small frame right after a run: served at once.
+    assert_eq!(
+        send(1, 60, &mut em, &mut peer),
+        0,
+        "a small frame is not held"
+    );
     // Kicks right after a run are held (three tries, in case a loaded
     // machine left more than BUSY_GAP between two of them).
-    let held = (1..4).map(|i| send(i, &mut em, &mut peer)).max().unwrap();
+    let held = (2..5)
+        .map(|i| send(i, 1000, &mut em, &mut peer))
+        .max()
+        .unwrap();
     assert!(held >= 1, "no kick right after a run was held");
 }
