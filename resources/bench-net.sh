@@ -104,7 +104,7 @@ if [[ "${BENCH_TABLE_ONLY:-}" == 1 ]]; then
     [[ -n "${BENCH_RESULTS:-}" && -r "${BENCH_RESULTS:-}" ]] || die "BENCH_TABLE_ONLY=1 needs a readable BENCH_RESULTS file"
     results="$BENCH_RESULTS" mib="${BENCH_MIB:-64}" runs="${BENCH_RUNS:-10}" cpus="${BENCH_CPUS:-1}" mode="(as run)"
     vmms="capsule capsule-base capsule-vhost capsule-pci capsule-pci-vhost qemu qemu-vhost firecracker cloud-hypervisor loopback"
-    peers="$(grep -o '^bench-net: \(firecracker\|cloud-hypervisor\) ' "$results" | sort -u | cut -d' ' -f2 | tr '\n' ' ')"
+    peers="$({ grep -o '^bench-net: \(firecracker\|cloud-hypervisor\) ' "$results" || true; } | sort -u | cut -d' ' -f2 | tr '\n' ' ')"
     table
     exit 0
 fi
