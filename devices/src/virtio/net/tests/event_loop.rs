@@ -5,34 +5,72 @@
 
 use super::*;
 
+/// The event loop's subscriber for these tests.
+type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// A device on a stream backend (a socket pair: `peer` is the host side)
+/// in an event loop, activated on fresh rings.
+struct Rig<'a> {
+    net: Arc<Mutex<Net>>,
+    em: Loop,
+    peer: UnixStream,
+    rx: Rings<'a>,
+    tx: Rings<'a>,
+    tx_kick: EventFd,
+    /// Kept so the receive queue's eventfd stays open.
+    _rx_kick: EventFd,
+}
+
+impl<'a> Rig<'a> {
+    /// Activated with `VERSION_1` and `features`, one loop round run.
+    fn new(mem: &'a GuestMemoryMmap, features: u64) -> Self {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let backend = StreamBackend::new(ours, "peer").unwrap();
+        let net = Arc::new(Mutex::new(Net::new(Box::new(backend), MAC).unwrap()));
+        let mut em = Loop::new().unwrap();
+        em.add_subscriber(net.clone());
+        let rx = Rings::new(mem, RX_RING, QSIZE);
+        let tx = Rings::new(mem, TX_RING, QSIZE);
+        let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        {
+            let mut n = net.lock().unwrap();
+            n.set_acked_features(bit(VIRTIO_F_VERSION_1) | features);
+            n.activate(
+                mem.clone(),
+                Arc::new(RecordingInterrupt::default()),
+                vec![rx.queue(), tx.queue()],
+                vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
+            )
+            .unwrap();
+        }
+        em.run_with_timeout(100).unwrap();
+        Self {
+            net,
+            em,
+            peer,
+            rx,
+            tx,
+            tx_kick,
+            _rx_kick: rx_kick,
+        }
+    }
+}
+
 /// End to end through the event loop: a stream backend on a socket pair,
 /// activation, a frame each way.
 #[test]
 fn event_loop_moves_frames_both_ways() {
     let mem = guest_memory();
-    let (ours, mut peer) = UnixStream::pair().unwrap();
-    let backend = StreamBackend::new(ours, "peer").unwrap();
-    let net = Arc::new(Mutex::new(Net::new(Box::new(backend), MAC).unwrap()));
-    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-    em.add_subscriber(net.clone());
-
-    let rx = Rings::new(&mem, RX_RING, QSIZE);
-    let tx = Rings::new(&mem, TX_RING, QSIZE);
-    let irq = Arc::new(RecordingInterrupt::default());
-    let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    {
-        let mut n = net.lock().unwrap();
-        n.set_acked_features(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_NET_F_MRG_RXBUF));
-        n.activate(
-            mem.clone(),
-            irq.clone(),
-            vec![rx.queue(), tx.queue()],
-            vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
-        )
-        .unwrap();
-    }
-    em.run_with_timeout(100).unwrap();
+    let Rig {
+        net,
+        mut em,
+        mut peer,
+        rx,
+        tx,
+        tx_kick,
+        ..
+    } = Rig::new(&mem, bit(VIRTIO_NET_F_MRG_RXBUF));
 
     // Host → guest.
     rx.store(0, BUFS, 2048, W, 0);
@@ -166,32 +204,18 @@ fn rate_limited_frames_wait_for_the_refill_in_both_directions() {
 #[test]
 fn event_loop_holds_a_streaming_kick_for_the_window_then_sends() {
     let mem = guest_memory();
-    let (ours, mut peer) = UnixStream::pair().unwrap();
-    let backend = StreamBackend::new(ours, "peer").unwrap();
-    let net = Arc::new(Mutex::new(Net::new(Box::new(backend), MAC).unwrap()));
-    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-    em.add_subscriber(net.clone());
-    let rx = Rings::new(&mem, RX_RING, QSIZE);
-    let tx = Rings::new(&mem, TX_RING, QSIZE);
-    let irq = Arc::new(RecordingInterrupt::default());
-    let rx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    let tx_kick = EventFd::new(EFD_NONBLOCK).unwrap();
-    {
-        let mut n = net.lock().unwrap();
-        n.set_acked_features(bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX));
-        n.activate(
-            mem.clone(),
-            irq.clone(),
-            vec![rx.queue(), tx.queue()],
-            vec![rx_kick.try_clone().unwrap(), tx_kick.try_clone().unwrap()],
-        )
-        .unwrap();
-    }
-    em.run_with_timeout(10).unwrap();
+    let Rig {
+        net,
+        mut em,
+        mut peer,
+        tx,
+        tx_kick,
+        ..
+    } = Rig::new(&mem, bit(VIRTIO_RING_F_EVENT_IDX));
 
     // send(i, len): frame i of len bytes into the ring and a kick; what
     // arrives is checked. Returns the kicks held so far.
-    let send = |i: u16, len: usize, em: &mut EventManager<_>, peer: &mut UnixStream| {
+    let send = |i: u16, len: usize, em: &mut Loop, peer: &mut UnixStream| {
         let f = frame(len + usize::from(i), i as u8);
         let at = BUFS + 0x1000 * u64::from(i);
         mem.write_slice(&f, GuestAddress(at)).unwrap();
