@@ -35,11 +35,17 @@ balloon_start() {
         --api-sock "$BD/api.sock" --balloon "$2" \
         <"$BD/stdin.fifo" >"$BD/stdout.raw" 2>"$ERR" &
     BPID=$!
+    # $BD/gone once capsule has ended (a guest that reset, a crash): every
+    # wait below stops there instead of running out its own time.
+    (
+        while kill -0 "$BPID" 2>/dev/null; do sleep 1; done
+        touch "$BD/gone"
+    ) &
     # A capsule that died must not take this shell along with a SIGPIPE.
     trap '' PIPE
     exec 7>"$BD/stdin.fifo"
-    wait_for "$BD/stdout.raw" "$READY" "$CASE_TIMEOUT" "$BD/none" &&
-        wait_for "$BD/stdout.raw" "$PROMPT" 15 "$BD/none"
+    wait_for "$BD/stdout.raw" "$READY" "$CASE_TIMEOUT" "$BD/gone" &&
+        wait_for "$BD/stdout.raw" "$PROMPT" 15 "$BD/gone"
 }
 
 # balloon_end: `poweroff -f`, then waits (at most CASE_TIMEOUT) for
@@ -64,7 +70,7 @@ balloon_end() {
 # MARK""done, which does not match).
 guest_do() {
     printf '%s; echo %s""done\n' "$1" "$2" >&7
-    wait_for "$BD/stdout.raw" "^$2done" "${3:-120}" "$BD/none"
+    wait_for "$BD/stdout.raw" "^$2done" "${3:-120}" "$BD/gone"
 }
 
 # guest_value NAME: the number the guest printed as `NAME=N` last.
@@ -148,7 +154,7 @@ balloon_wait_actual() {
     while :; do
         bapi GET /balloon/statistics >/dev/null
         [ "$(body_num actual_mib)" = "$1" ] && return 0
-        [ "$(now)" -ge "$_deadline" ] && return 1
+        [ "$(now)" -ge "$_deadline" ] || [ -e "$BD/gone" ] && return 1
         sleep 1
     done
 }
