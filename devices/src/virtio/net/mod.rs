@@ -232,11 +232,11 @@ impl Net {
     /// on again. Call before the device joins the event loop, which then
     /// watches the batching timer.
     pub fn set_tx_batching(&mut self, on: bool) -> io::Result<()> {
-        self.tx_batch = if on {
-            Some(tx_batch::TxBatch::new()?)
-        } else {
-            None
-        };
+        match (on, self.tx_batch.is_some()) {
+            (false, _) => self.tx_batch = None,
+            (true, false) => self.tx_batch = Some(tx_batch::TxBatch::new()?),
+            (true, true) => {}
+        }
         Ok(())
     }
 

@@ -14,10 +14,11 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestMemory, Permissions};
 
 use super::{
-    is_fatal, tx_batch, Net, NetBackend, NetStats, SendStatus, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,
+    is_fatal, Net, NetBackend, NetStats, SendStatus, FRAME_BUDGET, MAX_CHAIN_DESCRIPTORS,
     MIN_FRAME_LEN, TX_QUEUE, VNET_HDR_LEN,
 };
 use crate::virtio::device::avail_ring_broken;
+use crate::virtio::VirtioCommon;
 
 /// Why a transmit run stopped.
 enum TxStop {
@@ -106,25 +107,25 @@ impl Net {
     }
 }
 
-impl Net {
-    /// Bytes in the next transmit chain, left in the ring (0: there is
-    /// none).
-    fn next_tx_len(&mut self) -> u64 {
-        let Some(active) = self.common.activation_mut() else {
-            return 0;
-        };
-        let queue = &mut active.queues[TX_QUEUE];
-        let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
-            return 0;
-        };
-        let len = chain
-            .take(MAX_CHAIN_DESCRIPTORS)
-            .filter(|d| !d.is_write_only())
-            .fold(0u64, |a, d| a.saturating_add(u64::from(d.len())));
-        queue.go_to_previous_position();
-        len
-    }
+/// Bytes in the next transmit chain of `common`'s device, left in the
+/// ring (0: there is none).
+fn next_tx_len(common: &mut VirtioCommon) -> u64 {
+    let Some(active) = common.activation_mut() else {
+        return 0;
+    };
+    let queue = &mut active.queues[TX_QUEUE];
+    let Some(chain) = queue.pop_descriptor_chain(&active.mem) else {
+        return 0;
+    };
+    let len = chain
+        .take(MAX_CHAIN_DESCRIPTORS)
+        .filter(|d| !d.is_write_only())
+        .fold(0u64, |a, d| a.saturating_add(u64::from(d.len())));
+    queue.go_to_previous_position();
+    len
+}
 
+impl Net {
     /// Re-signals the transmit queue for work left after a run; that
     /// kick is not held for a batching window.
     fn kick_tx_again(&mut self) {
@@ -140,10 +141,10 @@ impl Net {
     /// `EVENT_IDX` the driver would kick for every frame); the run at the
     /// window's end turns them on again.
     pub(super) fn tx_kicked(&mut self) {
-        let small = self.tx_batch.is_some() && self.next_tx_len() < tx_batch::MIN_HELD_LEN;
+        let common = &mut self.common;
         let held = match &mut self.tx_batch {
-            Some(b) if !small => b.hold_kick(std::time::Instant::now()),
-            _ => false,
+            Some(b) => b.hold_kick(std::time::Instant::now(), || next_tx_len(common)),
+            None => false,
         };
         if !held {
             self.process_tx();

@@ -62,18 +62,20 @@ impl TxBatch {
 
     /// A kick arrived at `now`: true if it is held (the timer is running,
     /// or now started), false if the queue should be served now.
-    pub fn hold_kick(&mut self, now: Instant) -> bool {
+    /// `frame_len` gives the length of the frame the kick is for; it is
+    /// asked only when the kick could be held.
+    pub fn hold_kick(&mut self, now: Instant, frame_len: impl FnOnce() -> u64) -> bool {
         if std::mem::take(&mut self.serve_next) {
             return false;
-        }
-        if self.armed {
-            return true;
         }
         let streaming = self
             .last_run
             .is_some_and(|t| now.saturating_duration_since(t) < BUSY_GAP);
-        if !streaming {
+        if !(self.armed || streaming) || frame_len() < MIN_HELD_LEN {
             return false;
+        }
+        if self.armed {
+            return true;
         }
         match self.timer.reset(WINDOW, None) {
             Ok(()) => {
@@ -124,11 +126,11 @@ mod tests {
     fn first_kick_and_kicks_after_a_pause_are_served_at_once() {
         let mut b = TxBatch::new().unwrap();
         let t0 = Instant::now();
-        assert!(!b.hold_kick(t0), "nothing ran yet: no stream");
+        assert!(!b.hold_kick(t0, || 1000), "nothing ran yet: no stream");
         b.ran(t0);
         let later = t0 + BUSY_GAP + Duration::from_millis(1);
         assert!(
-            !b.hold_kick(later),
+            !b.hold_kick(later, || 1000),
             "a kick after a pause is served at once"
         );
     }
@@ -139,8 +141,12 @@ mod tests {
         let t0 = Instant::now();
         b.ran(t0);
         let soon = t0 + Duration::from_micros(300);
-        assert!(b.hold_kick(soon), "streaming: held");
-        assert!(b.hold_kick(soon), "a second kick joins the window");
+        assert!(
+            !b.hold_kick(soon, || 60),
+            "streaming, a small frame: served"
+        );
+        assert!(b.hold_kick(soon, || 1000), "streaming: held");
+        assert!(b.hold_kick(soon, || 1000), "a second kick joins the window");
         // The timer fires within the window (and a little scheduling).
         let mut poll = libc::pollfd {
             fd: b.timer_fd(),
@@ -152,7 +158,10 @@ mod tests {
         assert_eq!(n, 1, "the window's timer fires");
         b.fired();
         b.ran(Instant::now());
-        assert!(b.hold_kick(Instant::now()), "still streaming: a new window");
+        assert!(
+            b.hold_kick(Instant::now(), || 1000),
+            "still streaming: a new window"
+        );
     }
 
     #[test]
@@ -161,8 +170,8 @@ mod tests {
         let t0 = Instant::now();
         b.ran(t0);
         b.serve_next_kick();
-        assert!(!b.hold_kick(t0), "the device's own kick: served");
-        assert!(b.hold_kick(t0), "the guest's next one: held");
+        assert!(!b.hold_kick(t0, || 1000), "the device's own kick: served");
+        assert!(b.hold_kick(t0, || 1000), "the guest's next one: held");
     }
 
     #[test]
@@ -170,10 +179,10 @@ mod tests {
         let mut b = TxBatch::new().unwrap();
         let t0 = Instant::now();
         b.ran(t0);
-        assert!(b.hold_kick(t0));
+        assert!(b.hold_kick(t0, || 1000));
         b.reset();
         assert!(
-            !b.hold_kick(Instant::now()),
+            !b.hold_kick(Instant::now(), || 1000),
             "after a reset: served at once"
         );
     }
