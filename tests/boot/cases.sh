@@ -132,6 +132,53 @@ feeder() {
     exec 3>&-
 }
 
+# state_before_timeout PID DONE: 3 s before the case's timeout, unless the
+# file DONE exists by then, sends SIGUSR2 to the children of PID (capsule,
+# under `timeout`): capsule logs its devices' queues and where its vCPUs
+# are (src/stall.rs) and runs on, so a case that times out says why
+# (CI, 2026-12-06: debian_2cpu ran out its 360 s with nothing to show).
+state_before_timeout() {
+    _at=$(($(now) + CASE_TIMEOUT - 3))
+    while [ "$(now)" -lt "$_at" ]; do
+        [ -e "$2" ] && return 0
+        sleep 1
+    done
+    for _stat in /proc/[0-9]*/stat; do
+        # pid (comm) state ppid ...: comm is "capsule", without spaces.
+        read -r _p _comm _st _ppid _rest <"$_stat" 2>/dev/null || continue
+        [ "$_ppid" = "$1" ] && kill -USR2 "$_p" 2>/dev/null
+    done
+    return 0
+}
+
+# l2_at_l1_vmrun: a vCPU of the last run's guest was logged (src/stall.rs,
+# in $ERR) at an address inside L1's own `__svm_vcpu_run` (kvm_amd, around
+# its VMRUN): the harness fault of docs/harness.md ("The triple fault
+# explained"), there a triple fault, here a vCPU stuck at that address
+# with an exception pending (CI 2026-12-05/06: exec_host_root, rip
+# 0xffffffffc03673a0 in both samples, the address after L1's VMRUN).
+# Prints the line. Reads L1's /proc/kallsyms (the cases run in L1 as root;
+# all-zero addresses there mean it cannot tell, and it says no).
+l2_at_l1_vmrun() {
+    _syms="${L1_KALLSYMS:-/proc/kallsyms}"
+    [ -s "$ERR" ] && [ -r "$_syms" ] || return 1
+    # Addresses are 16 lower-case hex digits: compared as strings.
+    sort "$_syms" | awk -v errf="$ERR" '
+        $3 == "__svm_vcpu_run" { s = $1; next }
+        s != "" && e == "" && $1 != s { e = $1 }
+        END {
+            if (s == "" || e == "" || s ~ /^0+$/) exit 1
+            while ((getline line < errf) > 0) {
+                if (!match(line, /sample [0-9]+: vCPU [0-9]+: rip 0x[0-9a-f]+/)) continue
+                r = substr(line, RSTART, RLENGTH)
+                sub(/.*rip 0x/, "", r)
+                while (length(r) < 16) r = "0" r
+                if ((r "") >= (s "") && (r "") < (e "")) { print line; exit 0 }
+            }
+            exit 1
+        }'
+}
+
 # run_capsule CASE LINES ARGS...: runs `capsule ARGS` for CASE, setting RC
 # (exit status), OUT and ERR (files with stdout, \r removed, and stderr)
 # and SECS (wall time). LINES (newline-separated, may be empty) are typed on
@@ -150,11 +197,15 @@ run_capsule() {
     feeder "$_fifo" "$_raw" "$_done" "$_dir/input" &
     _feeder_pid=$!
     _start=$(now)
-    timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" "$@" <"$_fifo" >"$_raw" 2>"$ERR"
+    timeout -k 10 "$CASE_TIMEOUT" "$CAPSULE" "$@" <"$_fifo" >"$_raw" 2>"$ERR" &
+    _timeout_pid=$!
+    state_before_timeout "$_timeout_pid" "$_done" &
+    _state_pid=$!
+    wait "$_timeout_pid"
     RC=$?
     SECS=$(($(now) - _start))
     touch "$_done"
-    wait "$_feeder_pid" 2>/dev/null
+    wait "$_feeder_pid" "$_state_pid" 2>/dev/null
     tr -d '\r' <"$_raw" >"$OUT"
 }
 
@@ -350,6 +401,10 @@ for c in $CASES; do
         ;;
     esac
     echo "boot-case: running $c"
+    # A case that changes CAPSULE_LOG must put it back: left exported, it
+    # would override the next cases' own defaults (as disk_uring's did
+    # run_exec's stall logging until 2026-12-06).
+    _log_before="${CAPSULE_LOG-(unset)}"
     "case_$c"
     # A guest that triple-faults (about once in 20 boots in the nested
     # harness, with QEMU's guests too: see docs/ARCHITECTURE.md, "Testing
@@ -357,7 +412,9 @@ for c in $CASES; do
     # out (seen in the same harness on a day its L1 also hung), or that
     # never wrote a byte to its console until the timeout stopped it
     # (capsule then logs where its vCPUs were; CI, 2026-12-06:
-    # virtiofs_ro), gets the case run again in a new VM, said out loud:
+    # virtiofs_ro), or one of whose vCPUs was logged in L1's own VMRUN
+    # code (the triple fault's cause, stuck instead: l2_at_l1_vmrun), gets
+    # the case run again in a new VM, said out loud:
     # up to twice, because at
     # 1 fault in 20 boots a 40-case suite sees two in a row in one case
     # about once in 10 runs (CI, 2026-12-04: disk_root_write). A real
@@ -367,6 +424,8 @@ for c in $CASES; do
         _retry=""
         if [ -n "$CASE_ERRORS" ] && grep -q 'triple fault (the VM resets)' "$ERR" 2>/dev/null; then
             _retry="the guest triple-faulted: $(grep -m1 'triple fault' "$ERR")"
+        elif [ -n "$CASE_ERRORS" ] && _at="$(l2_at_l1_vmrun)"; then
+            _retry="a vCPU of the guest was stuck in L1's own VMRUN code (docs/harness.md): $(printf '%s' "$_at" | cut -c1-300)"
         elif [ -n "$CASE_ERRORS" ] && timed_out && [ -s "$OUT" ] && ! grep -q "$READY" "$OUT"; then
             _retry="the guest's boot stalled ($(describe_rc)); last console line: $(tail -n1 "$OUT")"
         elif [ -n "$CASE_ERRORS" ] && timed_out && [ ! -s "$OUT" ] &&
@@ -384,6 +443,10 @@ for c in $CASES; do
         "case_$c"
         _tries=$((_tries + 1))
     done
+    if [ "${CAPSULE_LOG-(unset)}" != "$_log_before" ]; then
+        CASE_ERRORS="${CASE_ERRORS:+$CASE_ERRORS; }CAPSULE_LOG restored after the case (it left '${CAPSULE_LOG-(unset)}', was '$_log_before')"
+        if [ "$_log_before" = "(unset)" ]; then unset CAPSULE_LOG; else export CAPSULE_LOG="$_log_before"; fi
+    fi
     finish_case "$c"
 done
 if [ "$FAILED" -eq 0 ] && [ "$OWN_WORK" -eq 1 ]; then
