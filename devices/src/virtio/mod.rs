@@ -79,6 +79,7 @@ pub mod block;
 pub mod console;
 mod device;
 pub mod fs;
+pub mod kick_window;
 pub mod mmio;
 pub mod net;
 pub mod pci;

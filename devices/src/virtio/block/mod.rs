@@ -51,6 +51,7 @@
 pub mod disk;
 mod ephemeral;
 mod error;
+mod event_handler;
 mod lock;
 pub mod persist;
 mod request;
@@ -60,7 +61,6 @@ use std::io;
 use std::path::PathBuf;
 
 use crate::GuestMemoryMmap;
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
@@ -77,7 +77,7 @@ use super::device::avail_ring_broken;
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use super::{device_type, DeviceEvent, VirtioCommon, VirtioDevice};
+use super::{device_type, VirtioCommon, VirtioDevice};
 
 /// Size of a virtio-blk sector; capacity and request positions use it.
 pub const SECTOR_SIZE: u64 = 512;
@@ -589,48 +589,6 @@ impl VirtioDevice for Block {
     fn reset_device(&mut self) -> bool {
         self.resume = None;
         true
-    }
-}
-
-/// The event tag of the rate limiter's timer.
-const LIMITER_TAG: u32 = 1;
-/// The event tag of the io_uring's completion eventfd.
-const URING_TAG: u32 = 2;
-
-impl MutEventSubscriber for Block {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.common.init(ops);
-        if let Some(l) = &self.limiter {
-            let ev = VirtioCommon::device_events(l.timer_fd(), LIMITER_TAG, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-blk: cannot watch the rate limiter's timer: {e}");
-            }
-        }
-        if let Some(u) = &self.uring {
-            let ev = VirtioCommon::device_events(u.eventfd(), URING_TAG, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-blk: cannot watch the io_uring's completions: {e}");
-            }
-        }
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match self.common.event(&events, ops) {
-            DeviceEvent::Queue(REQUEST_QUEUE) => {
-                crate::metrics::BLOCK.queue_event_count.inc();
-                self.process_queue();
-            }
-            DeviceEvent::Device {
-                tag: LIMITER_TAG, ..
-            } => {
-                if let Some(l) = &mut self.limiter {
-                    l.timer_fired();
-                }
-                self.process_queue();
-            }
-            DeviceEvent::Device { tag: URING_TAG, .. } => self.uring_completions(),
-            _ => {}
-        }
     }
 }
 

@@ -23,6 +23,7 @@ use crate::virtio::mmio::{MmioTransport, INT_VRING};
 use crate::virtio::status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
 use crate::virtio::test_utils::{activate_on_rings, RecordingInterrupt, Rings};
 use crate::virtio::{ActivateError, InterruptKind, Queue, VirtioInterrupt};
+use event_manager::MutEventSubscriber;
 
 mod cache;
 mod event_loop;

@@ -103,8 +103,16 @@ impl MutEventSubscriber for Net {
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match self.common.event(&events, ops) {
-            // Frames may have queued up before activation.
-            DeviceEvent::Activated => self.process_rx(),
+            // Frames may have queued up before activation. And frames the
+            // driver queued before a snapshot was taken (a kick held by
+            // the transmit window or not yet read then) have no kick
+            // coming in the restored VM: the transmit ring is served once
+            // (a fresh driver's is empty; the run turns its notifications
+            // on).
+            DeviceEvent::Activated => {
+                self.process_tx();
+                self.process_rx();
+            }
             DeviceEvent::Queue(RX_QUEUE) => {
                 crate::metrics::NET.rx_queue_event_count.inc();
                 self.process_rx()

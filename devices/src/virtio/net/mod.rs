@@ -168,7 +168,7 @@ pub struct Net {
     tx_limiter: Option<crate::rate_limiter::RateLimiter>,
     /// Holds transmit kicks back briefly while the guest streams
     /// (`tx_batch.rs`); `None`: every kick is served at once.
-    tx_batch: Option<tx_batch::TxBatch>,
+    tx_batch: Option<crate::virtio::kick_window::KickWindow>,
 }
 
 impl Drop for Net {
@@ -224,7 +224,7 @@ impl Net {
             stats: NetStats::default(),
             rx_limiter: None,
             tx_limiter: None,
-            tx_batch: Some(tx_batch::TxBatch::new()?),
+            tx_batch: Some(tx_batch::new_window()?),
         })
     }
 
@@ -234,7 +234,7 @@ impl Net {
     pub fn set_tx_batching(&mut self, on: bool) -> io::Result<()> {
         match (on, self.tx_batch.is_some()) {
             (false, _) => self.tx_batch = None,
-            (true, false) => self.tx_batch = Some(tx_batch::TxBatch::new()?),
+            (true, false) => self.tx_batch = Some(tx_batch::new_window()?),
             (true, true) => {}
         }
         Ok(())

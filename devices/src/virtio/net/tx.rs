@@ -64,9 +64,7 @@ impl Net {
         let Some(active) = self.common.activation_mut() else {
             return;
         };
-        if let Some(b) = &mut self.tx_batch {
-            b.ran(std::time::Instant::now());
-        }
+        let started = std::time::Instant::now();
         self.tx_blocked = false;
         let mut run = Transmit {
             mem: &active.mem,
@@ -81,6 +79,11 @@ impl Net {
         let stop = run.run();
         if run.returned > 0 {
             active.signal_used_queue(TX_QUEUE);
+            // The guest is sending (a run that found the ring empty, as
+            // at activation, says nothing about the next kick).
+            if let Some(b) = &mut self.tx_batch {
+                b.ran(started);
+            }
         }
         match stop {
             TxStop::Idle => {}
@@ -143,7 +146,9 @@ impl Net {
     pub(super) fn tx_kicked(&mut self) {
         let common = &mut self.common;
         let held = match &mut self.tx_batch {
-            Some(b) => b.hold_kick(std::time::Instant::now(), || next_tx_len(common)),
+            Some(b) => b.hold_kick(std::time::Instant::now(), || {
+                super::tx_batch::worth_holding(next_tx_len(common))
+            }),
             None => false,
         };
         if !held {

@@ -119,3 +119,30 @@ pub(super) fn rate_limited_requests_wait_for_the_refill() {
     let want = pattern(IMAGE_LEN);
     assert_eq!(d.bytes(DATA + 0x2000, 512), want[2 * 512..3 * 512]);
 }
+
+/// A snapshot taken before the event loop read a kick restores a ring with
+/// requests and no kick coming: the activation itself serves them.
+#[test]
+fn requests_in_the_ring_at_activation_are_served() {
+    let mem = guest_memory();
+    let img = image();
+    let block = Arc::new(Mutex::new(Block::new(config(&img, false, false)).unwrap()));
+    let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    em.add_subscriber(block.clone());
+    let vq = Rings::new(&mem, RING, QSIZE);
+    let next = VRING_DESC_F_NEXT as u16;
+    mem.write_slice(&[0u8; 16], GuestAddress(HDR)).unwrap(); // IN, sector 0
+    vq.store(0, HDR, 16, next, 1);
+    vq.store(1, DATA, 512, W | next, 2);
+    vq.store(2, STATUS, 1, W, 0);
+    vq.push_avail(0);
+    activate_on_rings(&mut *block.lock().unwrap(), &mem, 0, &[&vq]);
+    for _ in 0..40 {
+        if vq.used_idx() == 1 {
+            break;
+        }
+        em.run_with_timeout(50).unwrap();
+    }
+    assert_eq!(vq.used_idx(), 1, "served without a kick");
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+}
