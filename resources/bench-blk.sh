@@ -44,6 +44,9 @@
 #        CAPSULE_ANCHORS  where the Firecracker / Cloud Hypervisor builds are
 #        BENCH_VMMS   which columns to run (default: capsule capsule-uring
 #                     capsule-pci qemu, the peers found, limit)
+#        BENCH_CAPSULE_BASE (another capsule binary, e.g. main's before a
+#                     change: a capsule-base column beside capsule's, in
+#                     the same L1, alternating)
 #        BENCH_VM_TIMEOUT  seconds one VM run may take before it is
 #                     killed and counted as failed (default 900)
 #        BENCH_TABLE_ONLY=1  (with BENCH_RESULTS) print that file's table;
@@ -148,7 +151,7 @@ INIT
 write_runner() {
     cat >"$1" <<'RUNNER'
 #!/bin/sh
-# Env: CAPSULE QEMU QEMU_FW BZIMAGE VMLINUX BENCH_ROOT DATA_DIR BENCH_RUNS
+# Env: CAPSULE [CAPSULE_BASE] QEMU QEMU_FW BZIMAGE VMLINUX BENCH_ROOT DATA_DIR BENCH_RUNS
 #      BENCH_SIZE VMMS (the columns to run) TOOLS (where the peers are)
 #      VM_TIMEOUT (seconds per VM run)
 #      LIMIT_JOBS (the jobs for the `limit` column, copied to DATA_DIR)
@@ -173,8 +176,10 @@ sed 's|"path_on_host": "'"$data"'", |&"io_engine": "Async", |' "$DATA_DIR/fc.jso
 # of its own, which becomes the VMM: run_one's timeout kills the VMM).
 boot() {
     case "$1" in
-    capsule)
-        exec "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
+    capsule | capsule-base)
+        bin="$CAPSULE"
+        [ "$1" = capsule ] || bin="$CAPSULE_BASE"
+        exec "$bin" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
             --disk "$BENCH_ROOT,ro" --disk "$data" --cmdline "$CMDLINE" </dev/null
         ;;
     capsule-uring)
@@ -353,7 +358,7 @@ table() {
     short() {
         case "$1" in
         firecracker) echo fc ;; firecracker-async) echo fca ;; cloud-hypervisor) echo ch ;;
-        capsule) echo c ;; capsule-uring) echo u ;; capsule-pci) echo p ;; *) echo "$1" ;;
+        capsule) echo c ;; capsule-uring) echo u ;; capsule-pci) echo p ;; capsule-base) echo b ;; *) echo "$1" ;;
         esac
     }
     for vmm in $vmms; do [[ $vmm == capsule* ]] || printf ' %7s' "c/$(short "$vmm")"; done
@@ -421,7 +426,7 @@ main() {
         peers="$(grep -o '^bench-blk: \(firecracker\|firecracker-async\|cloud-hypervisor\) ' "$results" |
             sort -u | cut -d' ' -f2 | tr '\n' ' ')"
         vmms=""
-        for vmm in capsule capsule-uring capsule-pci qemu firecracker firecracker-async cloud-hypervisor limit; do
+        for vmm in capsule capsule-base capsule-uring capsule-pci qemu firecracker firecracker-async cloud-hypervisor limit; do
             grep -q "^bench-blk: $vmm " "$results" && vmms+="$vmm "
         done
         table
@@ -464,7 +469,14 @@ main() {
         # shellcheck disable=SC2016 # expanded by the runner
         write_jobs '$TOOLS/fio' '$DATA_DIR/bench-data.img' "$size" 0
     } >"$work/limit-jobs.sh"
-    local vmms="${BENCH_VMMS:-capsule capsule-uring capsule-pci qemu $peers limit}" vmm
+    local base=""
+    if [[ -n "${BENCH_CAPSULE_BASE:-}" ]]; then
+        [[ -x "$BENCH_CAPSULE_BASE" ]] || die "BENCH_CAPSULE_BASE: $BENCH_CAPSULE_BASE is not an executable"
+        cp "$BENCH_CAPSULE_BASE" "$work/capsule-base"
+        base=capsule-base
+    fi
+    local vmms="${BENCH_VMMS:-capsule $base capsule-uring capsule-pci qemu $peers limit}" vmm
+    [[ -n "$base" || " $vmms " != *" capsule-base "* ]] || die "BENCH_VMMS has capsule-base: set BENCH_CAPSULE_BASE"
     # A peer asked for by name but not found has no column (copy_peers
     # said why).
     for vmm in $vmms; do
@@ -479,7 +491,7 @@ main() {
     log "mode: $mode; $runs runs per VMM"
     results="$work/results"
     if [[ "$mode" == direct ]]; then
-        CAPSULE="$capsule" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
+        CAPSULE="$capsule" CAPSULE_BASE="${base:+$work/capsule-base}" QEMU="$work/tools/qemu-system-x86_64" QEMU_FW="$work/qemu-fw" \
             BZIMAGE="$kdir/bzImage" VMLINUX="$kdir/vmlinux" BENCH_ROOT="$work/bench-root.ext4" \
             VMMS="$vmms" VM_TIMEOUT="$vm_timeout" TOOLS="$work/tools" LIMIT_JOBS="$work/limit-jobs.sh" \
             DATA_DIR="$work" BENCH_RUNS="$runs" BENCH_SIZE="$size" \
@@ -501,7 +513,7 @@ main() {
             log "L1 session $session: $rounds round(s) of$need"
             cat >"$work/bench-l1.sh" <<EOF
 #!/bin/sh
-export CAPSULE=/capsule/capsule BZIMAGE=/capsule/bzImage BENCH_ROOT=/capsule/bench-root.ext4
+export CAPSULE=/capsule/capsule CAPSULE_BASE=/capsule/capsule-base BZIMAGE=/capsule/bzImage BENCH_ROOT=/capsule/bench-root.ext4
 export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$rounds BENCH_SIZE=$size
 export VMLINUX=/capsule/vmlinux VMMS='$need' VM_TIMEOUT=$vm_timeout TOOLS=/capsule/tools LIMIT_JOBS=/capsule/limit-jobs.sh
@@ -512,7 +524,7 @@ EOF
             CAPSULE_L1_TIMEOUT=$((300 + rounds * 300 * n)) \
                 "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" \
                 "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$work/bench-root.ext4" \
-                "$work/bench-run.sh" "$work/tools" "$work/qemu-fw" "$work/limit-jobs.sh" </dev/null |
+                "$work/bench-run.sh" "$work/tools" "$work/qemu-fw" "$work/limit-jobs.sh" ${base:+"$work/capsule-base"} </dev/null |
                 tr -d '\r' | tee "$work/session.log" >&2 || true
             finished_runs <"$work/session.log" >>"$results"
         done
