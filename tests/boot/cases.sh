@@ -205,6 +205,8 @@ run_capsule() {
     RC=$?
     SECS=$(($(now) - _start))
     touch "$_done"
+    # The watcher polls once a second: not waited for.
+    kill "$_state_pid" 2>/dev/null
     wait "$_feeder_pid" "$_state_pid" 2>/dev/null
     tr -d '\r' <"$_raw" >"$OUT"
 }
