@@ -399,6 +399,26 @@ impl VirtioCommon {
     pub fn device_events(fd: std::os::unix::io::RawFd, tag: u32, set: EventSet) -> Events {
         QueueEvents::device_events(fd, tag, set)
     }
+
+    /// Adds the device's own descriptor `fd` (a timer, a completion
+    /// eventfd) to the event loop for input, tagged `tag`; a failure is
+    /// logged as the device `name` being unable to watch `what`, and
+    /// returns false (the device then does without it).
+    pub fn watch_input(
+        ops: &mut EventOps,
+        fd: std::os::unix::io::RawFd,
+        tag: u32,
+        name: &str,
+        what: &str,
+    ) -> bool {
+        match ops.add(Self::device_events(fd, tag, EventSet::IN)) {
+            Ok(()) => true,
+            Err(e) => {
+                log::error!("{name}: cannot watch {what}: {e}");
+                false
+            }
+        }
+    }
 }
 
 /// After `enable_notification` said more chains are available: whether

@@ -32,7 +32,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -468,10 +468,8 @@ impl MutEventSubscriber for Balloon {
         self.common.init(ops);
         if self.config.stats_interval_s > 0 {
             let fd = self.stats_timer.as_raw_fd();
-            let ev = VirtioCommon::device_events(fd, STATS_TIMER_TAG, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-balloon: cannot watch the statistics timer: {e}");
-            }
+            let what = "the statistics timer";
+            VirtioCommon::watch_input(ops, fd, STATS_TIMER_TAG, "virtio-balloon", what);
         }
     }
 

@@ -1,7 +1,7 @@
 //! The event-loop side: the request queue's kicks, the rate limiter's
 //! timer, the io_uring's completions.
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 
 use super::{Block, REQUEST_QUEUE};
 use crate::virtio::{DeviceEvent, VirtioCommon};
@@ -15,16 +15,18 @@ impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
         self.common.init(ops);
         if let Some(l) = &self.limiter {
-            let ev = VirtioCommon::device_events(l.timer_fd(), LIMITER_TAG, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-blk: cannot watch the rate limiter's timer: {e}");
-            }
+            let name = "virtio-blk";
+            VirtioCommon::watch_input(
+                ops,
+                l.timer_fd(),
+                LIMITER_TAG,
+                name,
+                "the rate limiter's timer",
+            );
         }
         if let Some(u) = &self.uring {
-            let ev = VirtioCommon::device_events(u.eventfd(), URING_TAG, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-blk: cannot watch the io_uring's completions: {e}");
-            }
+            let what = "the io_uring's completions";
+            VirtioCommon::watch_input(ops, u.eventfd(), URING_TAG, "virtio-blk", what);
         }
     }
 

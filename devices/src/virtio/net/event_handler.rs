@@ -85,17 +85,14 @@ impl MutEventSubscriber for Net {
             (&self.tx_limiter, TX_LIMITER),
         ] {
             if let Some(l) = limiter {
-                let ev = VirtioCommon::device_events(l.timer_fd(), tag, EventSet::IN);
-                if let Err(e) = ops.add(ev) {
-                    log::error!("virtio-net: cannot watch a rate limiter's timer: {e}");
-                }
+                let what = "a rate limiter's timer";
+                VirtioCommon::watch_input(ops, l.timer_fd(), tag, "virtio-net", what);
             }
         }
         if let Some(b) = &self.tx_batch {
-            let ev = VirtioCommon::device_events(b.timer_fd(), TX_BATCH, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
+            let what = "the transmit window's timer";
+            if !VirtioCommon::watch_input(ops, b.timer_fd(), TX_BATCH, "virtio-net", what) {
                 // Kicks are then served at once.
-                log::error!("virtio-net: cannot watch the transmit window's timer: {e}");
                 self.tx_batch = None;
             }
         }

@@ -12,7 +12,7 @@
 use std::io;
 
 use crate::GuestMemoryMmap;
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::Bytes;
 
@@ -187,10 +187,8 @@ impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         self.common.init(ops);
         if let Some(l) = &self.limiter {
-            let ev = VirtioCommon::device_events(l.timer_fd(), LIMITER_TAG, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-rng: cannot watch the rate limiter's timer: {e}");
-            }
+            let what = "the rate limiter's timer";
+            VirtioCommon::watch_input(ops, l.timer_fd(), LIMITER_TAG, "virtio-rng", what);
         }
     }
 
