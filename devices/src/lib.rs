@@ -50,6 +50,8 @@ pub mod pci;
 pub mod pvpanic;
 pub mod rate_limiter;
 pub mod ratelimit;
+#[cfg(test)]
+pub(crate) mod test_fd;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

@@ -137,13 +137,7 @@ mod tests {
 
     /// Waits up to 2 s for the timer; true if it fired.
     fn timer_fires(w: &KickWindow) -> bool {
-        let mut poll = libc::pollfd {
-            fd: w.timer_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `poll` is a valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut poll, 1, 2000) == 1 }
+        crate::test_fd::readable_within(w.timer_fd(), 2000)
     }
 
     #[test]

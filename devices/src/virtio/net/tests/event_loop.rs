@@ -104,11 +104,8 @@ fn event_loop_moves_frames_both_ways() {
     tx.push_avail(0);
     tx_kick.write(1).unwrap();
     em.run_with_timeout(100).unwrap();
-    let mut hdr = [0u8; 4];
-    peer.read_exact(&mut hdr).unwrap();
-    assert_eq!(u32::from_be_bytes(hdr), 200);
-    let mut body = vec![0u8; 200];
-    peer.read_exact(&mut body).unwrap();
+    let body = recv_frame(&mut peer);
+    assert_eq!(body.len(), 200);
     assert_eq!(&body[..], &f[VNET_HDR_LEN..]);
 
     // passt goes away: the link goes down, the loop keeps running. (The
@@ -151,13 +148,28 @@ fn partial_buffers_still_get_a_kick_for_the_next_ones() {
 
 /// Waits (up to 2 s) for a limiter's timer; true if it fired.
 fn limiter_fired(l: &crate::rate_limiter::RateLimiter) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: l.timer_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut pfd, 1, 2000) == 1 }
+    crate::test_fd::readable_within(l.timer_fd(), 2000)
+}
+
+/// The next frame the device sent on the stream backend (its length
+/// prefix read, then that many bytes).
+fn recv_frame(peer: &mut UnixStream) -> Vec<u8> {
+    let mut hdr = [0u8; 4];
+    peer.read_exact(&mut hdr).unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(hdr) as usize];
+    peer.read_exact(&mut body).unwrap();
+    body
+}
+
+/// Runs the loop (up to 20 rounds of 50 ms) until `ring`'s used index is
+/// `idx`.
+fn run_until_used(em: &mut Loop, ring: &Rings, idx: u16) {
+    for _ in 0..20 {
+        if ring.used_idx() == idx {
+            break;
+        }
+        em.run_with_timeout(50).unwrap();
+    }
 }
 
 #[test]
@@ -232,17 +244,9 @@ fn event_loop_holds_a_streaming_kick_for_the_window_then_sends() {
         // Only what is ready now: a held kick leaves the frame in the ring.
         em.run_with_timeout(0).unwrap();
         let held = net.lock().unwrap().stats().tx_batched;
-        for _ in 0..20 {
-            if tx.used_idx() == i + 1 {
-                break;
-            }
-            em.run_with_timeout(50).unwrap();
-        }
+        run_until_used(em, &tx, i + 1);
         assert_eq!(tx.used_idx(), i + 1, "frame {i} was returned");
-        let mut hdr = [0u8; 4];
-        peer.read_exact(&mut hdr).unwrap();
-        let mut body = vec![0u8; u32::from_be_bytes(hdr) as usize];
-        peer.read_exact(&mut body).unwrap();
+        let body = recv_frame(peer);
         assert_eq!(&body[..], &f[VNET_HDR_LEN..], "frame {i} arrived whole");
         held
     };
@@ -287,20 +291,12 @@ fn event_loop_returns_a_looping_chain_kicked_while_streaming() {
     tx_kick.write(1).unwrap();
     em.run_with_timeout(100).unwrap();
     assert_eq!(tx.used_idx(), 1);
-    let mut hdr = [0u8; 4];
-    peer.read_exact(&mut hdr).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(hdr) as usize];
-    peer.read_exact(&mut body).unwrap();
+    recv_frame(&mut peer);
 
     tx.store(1, BUFS, 4096, N, 1);
     tx.push_avail(1);
     tx_kick.write(1).unwrap();
-    for _ in 0..20 {
-        if tx.used_idx() == 2 {
-            break;
-        }
-        em.run_with_timeout(50).unwrap();
-    }
+    run_until_used(&mut em, &tx, 2);
     assert_eq!(tx.used_idx(), 2, "the looping chain was returned");
     assert_eq!(net.lock().unwrap().stats().tx_dropped, 1, "and not sent");
 }
@@ -318,9 +314,6 @@ fn event_loop_sends_frames_in_the_ring_at_activation() {
         tx.push_avail(0);
     });
     assert_eq!(tx.used_idx(), 1, "returned without a kick");
-    let mut hdr = [0u8; 4];
-    peer.read_exact(&mut hdr).unwrap();
-    let mut body = vec![0u8; u32::from_be_bytes(hdr) as usize];
-    peer.read_exact(&mut body).unwrap();
+    let body = recv_frame(&mut peer);
     assert_eq!(&body[..], &f[VNET_HDR_LEN..], "and sent whole");
 }
