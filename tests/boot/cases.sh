@@ -300,11 +300,9 @@ case_boot_2cpu_vmlinux() {
 }
 
 case_boot_marker() {
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     run_capsule boot_marker 'poweroff -f' \
         run --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 128M
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     expect "exit status 0" rc_is 0
     expect "the guest's init wrote the marker port: logged with wall and CPU ms" \
         grep -q 'boot marker 1: [0-9.]* ms since capsule started, [0-9.]* ms CPU' "$ERR"
@@ -392,6 +390,11 @@ case_zero_cpus() {
 }
 
 load_case_files
+# restore_log: CAPSULE_LOG as it was before the case ($_log_before).
+restore_log() {
+    if [ "$_log_before" = "(unset)" ]; then unset CAPSULE_LOG; else export CAPSULE_LOG="$_log_before"; fi
+}
+
 echo "boot-cases: capsule $("$CAPSULE" --version 2>&1 | head -n1); kernel $(uname -r); work dir $WORK"
 for c in $CASES; do
     case " $ALL_CASES ${OPTIONAL_CASES:-} " in
@@ -403,11 +406,13 @@ for c in $CASES; do
         ;;
     esac
     echo "boot-case: running $c"
-    # A case that changes CAPSULE_LOG must put it back: left exported, it
-    # would override the next cases' own defaults (as disk_uring's did
-    # run_exec's stall logging until 2026-12-06).
+    # A case may export CAPSULE_LOG for its own capsule runs; the runner
+    # puts it back after each try. Left exported, it would override the
+    # next cases' own defaults (as disk_uring's did run_exec's stall
+    # logging until 2026-12-06) and a rerun's starting value.
     _log_before="${CAPSULE_LOG-(unset)}"
     "case_$c"
+    restore_log
     # A guest that triple-faults (about once in 20 boots in the nested
     # harness, with QEMU's guests too: see docs/ARCHITECTURE.md, "Testing
     # layers") or whose boot stalls before userspace until the case times
@@ -445,12 +450,9 @@ for c in $CASES; do
         # in its directory (the end marker above all): none may be left.
         rm -rf "${WORK:?}/$c"
         "case_$c"
+        restore_log
         _tries=$((_tries + 1))
     done
-    if [ "${CAPSULE_LOG-(unset)}" != "$_log_before" ]; then
-        CASE_ERRORS="${CASE_ERRORS:+$CASE_ERRORS; }CAPSULE_LOG restored after the case (it left '${CAPSULE_LOG-(unset)}', was '$_log_before')"
-        if [ "$_log_before" = "(unset)" ]; then unset CAPSULE_LOG; else export CAPSULE_LOG="$_log_before"; fi
-    fi
     finish_case "$c"
 done
 if [ "$FAILED" -eq 0 ] && [ "$OWN_WORK" -eq 1 ]; then

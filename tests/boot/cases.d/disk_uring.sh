@@ -25,11 +25,9 @@ case_disk_uring() {
     _img="$(disk_copy disk_uring)"
     _data="$WORK/disk_uring.data.img"
     head -c 16777216 /dev/urandom >"$_data"
-    # The device logs its engine at info level.
-    # Restored after (unset if it was): a CAPSULE_LOG left set would
-    # override later cases' own defaults (run_exec's stall logging).
-    _log_was="${CAPSULE_LOG-}"
-    export CAPSULE_LOG="${_log_was:-warn},devices::virtio::block=info"
+    # The device logs its engine at info level (the runner puts
+    # CAPSULE_LOG back after the case).
+    export CAPSULE_LOG="${CAPSULE_LOG:-warn},devices::virtio::block=info"
     run_capsule disk_uring 'dd if=/dev/urandom of=/root/r.bin bs=1M count=8 2>/dev/null; sync; echo fs-$((1+1))
 echo w=$(md5sum </root/r.bin | cut -d" " -f1)
 dd if=/root/r.bin of=/dev/vdb bs=1M conv=fsync 2>/dev/null; echo vdb-written-$((1+1))
@@ -41,7 +39,6 @@ echo tail=$(dd if=/dev/vdb bs=1M skip=8 count=8 2>/dev/null | md5sum | cut -d" "
 poweroff -f' \
         run --kernel "$BZIMAGE" --cpus 2 --memory 256M --disk "$_img,engine=io_uring" \
         --disk "$_data,engine=io_uring" --cmdline "$DISK_CMDLINE_RW"
-    if [ -n "$_log_was" ]; then CAPSULE_LOG="$_log_was"; else unset CAPSULE_LOG; fi
     _w="$(uring_md5 w)"
     expect "exit status 0" rc_is 0
     expect "root file system on /dev/vda" root_on_vda

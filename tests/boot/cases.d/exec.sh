@@ -75,13 +75,11 @@ exec_output_case() {
     mkdir -p "$_d"
     head -c $(($3 * 1048576)) /dev/urandom >"$_d/out.bin"
     head -c 1048576 /dev/urandom >"$_d/err.bin"
-    _log_was="${CAPSULE_LOG-}"
     export CAPSULE_EXEC_CHANNEL="$2" CAPSULE_LOG=error
     # shellcheck disable=SC2046
     run_exec "$1" /dev/null $(EXEC_DISK_ARGS) --share "$_d:/in:ro" \
         -- sh -c 'cat /in/out.bin; cat /in/err.bin >&2; head -c 1000 /in/out.bin; exit 3'
     unset CAPSULE_EXEC_CHANNEL
-    if [ -n "$_log_was" ]; then export CAPSULE_LOG="$_log_was"; else unset CAPSULE_LOG; fi
     head -c 1000 "$_d/out.bin" >"$_d/out.head"
     cat "$_d/out.bin" "$_d/out.head" >"$_d/out.expected"
     expect "exit status 3" rc_is 3
@@ -188,11 +186,9 @@ case_exec_boot_stall() {
     rm -rf "$_r"
     mkdir -p "$_r"
     (cd "$_r" && gzip -dc "$INITRD" | cpio -id 2>/dev/null)
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     run_exec exec_boot_stall /dev/null exec --kernel "$BZIMAGE" --rootfs "$_r" \
         --append "rdinit=/bin/sh" --boot-timeout 20 -- true
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     expect "exit status 123" rc_is 123
     expect "says the init did not start" err_has "did not start capsule's init within 20 s"
     # The quiet guest's state (src/stall.rs, at info): both samples of
@@ -205,11 +201,9 @@ case_exec_boot_stall() {
 }
 
 case_exec_startup_time() {
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     # shellcheck disable=SC2046
     run_exec exec_startup_time /dev/null $(EXEC_DISK_ARGS) -- true
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     expect "exit status 0" rc_is 0
     _ms="$(sed -n 's/.*command started \([0-9]*\) ms after capsule started.*/\1/p' "$ERR")"
     expect "start-up time logged" [ -n "$_ms" ]

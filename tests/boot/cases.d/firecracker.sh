@@ -27,7 +27,6 @@ case_fc_config_entropy() {
  "entropy": {},
  "metrics": {"metrics_path": "$_d/metrics.json"}}
 EOF
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     run_capsule fc_config_entropy 'busybox devmem 0xc0000000 8 123
 echo rng=$(cat /sys/class/misc/hw_random/rng_current)
@@ -35,7 +34,6 @@ echo hwrng-bytes=$(head -c 4096 /dev/hwrng | wc -c)
 dd if=/dev/vda of=/dev/null bs=4096 count=256 2>/dev/null; echo read-done
 poweroff -f' \
         firecracker --no-api --config-file "$_d/vm.json" --boot-timer
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     expect "exit status 0" rc_is 0
     expect "--boot-timer: the guest's write of 123 to 0xc0000000 was logged" \
         grep -q 'boot marker 123: [0-9.]* ms since capsule started' "$ERR"

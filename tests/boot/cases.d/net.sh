@@ -136,10 +136,8 @@ case_net_tcp_64m() {
 case_net_vhost_tcp_64m() {
     net_prepare
     net_vhost_prepare
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     net_tcp_transfer net_vhost_tcp_64m capt2 10.0.2 ",vhost=on"
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     expect "the NIC was built on vhost-net" stderr_has "data path in the kernel (vhost-net)"
     expect "the driver's activation handed the rings to vhost-net" stderr_has "vhost-net moves its frames"
     expect "no vhost-net ring error" sh -c "! grep -q 'vhost-net cannot use queue' '$ERR'"

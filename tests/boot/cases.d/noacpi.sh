@@ -21,14 +21,12 @@ case_noacpi_vmlinux() {
     _img="$WORK/noacpi.img"
     rm -f "$_img"
     dd if=/dev/zero of="$_img" bs=1024 count=8192 2>/dev/null
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     run_capsule noacpi_vmlinux 'echo vda-sectors=$(cat /sys/block/vda/size)
 echo acpi-dir=$(ls -d /sys/firmware/acpi 2>/dev/null || echo none)
 poweroff -f' \
         run --kernel "$NOACPI_VMLINUX" --initrd "$INITRD" --disk "$_img" --cpus 2 --memory 256M \
         --cmdline "console=ttyS0 reboot=k panic=1"
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     rm -f "$_img"
     expect "exit status 0 (the halt ended the VM)" rc_is 0
     expect "guest ready" out_has "$READY"

@@ -238,7 +238,6 @@ case_pci_vhost_net() {
     _name="pcivhost$$"
     PCI_AFTER_SNAPSHOT="nc $_net.2 7000 -e echo after-snapshot-from-host </dev/null"
     pci_try_snapshot pci_vhost_net "$_name"
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     # As in net.sh's transfers, the guest waits for its last bytes to be
     # acknowledged (no connection to 5002, 0x138A, still sending) before
@@ -254,7 +253,6 @@ ip addr add '"$_net"'.2/24 dev eth0; ip link set eth0 up; ping -c 3 -w 30 '"$_ne
 poweroff -f' \
         run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 2 --memory 256M \
         --transport pci --net "tap=cappciv0,vhost=on"
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     unset PCI_AFTER_SNAPSHOT
     _i=0
     while [ $_i -lt 50 ] && [ ! -e "$_back.done" ]; do
@@ -299,7 +297,6 @@ case_pci_virtiofs() {
     # guest's last file operations come after it too.
     PCI_AFTER_SNAPSHOT="echo \"\$(cat '$_vfs/g.txt' 2>/dev/null) seen-by-host\" >'$_vfs/ack.tmp'; mv '$_vfs/ack.tmp' '$_vfs/ack.txt'"
     pci_try_snapshot pci_virtiofs "$_name"
-    _saved_log="${CAPSULE_LOG-}"
     export CAPSULE_LOG=info
     run_capsule pci_virtiofs 'for d in /sys/bus/pci/devices/*; do echo pcidev=$(cat $d/vendor):$(cat $d/device):$(basename $(readlink $d/driver 2>/dev/null) 2>/dev/null); done
 mkdir -p /mnt/s && mount -t virtiofs share /mnt/s && echo mounted-$((1+1))
@@ -313,7 +310,6 @@ mount -t virtiofs share /mnt/s && sed "s/^/reread-/" /mnt/s/after.txt
 poweroff -f' \
         run --name "$_name" --kernel "$BZIMAGE" --initrd "$INITRD" --cpus 1 --memory 256M \
         --transport pci --fs "$_vfs:share"
-    if [ -n "$_saved_log" ]; then CAPSULE_LOG="$_saved_log"; else unset CAPSULE_LOG; fi
     unset PCI_AFTER_SNAPSHOT
     kill "$PCI_SNAPSHOT_PID" 2>/dev/null
     virtiofs_done
