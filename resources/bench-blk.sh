@@ -263,34 +263,23 @@ kvm_stats() {
 [ "${DETAIL:-0}" != 1 ] || [ -d "$D/kvm" ] || mount -t debugfs debugfs "$D" 2>/dev/null
 # TRACE=1: L1's KVM tracepoints into its ring buffer; after a run whose
 # guest shut down (a triple fault), the events before the shutdown.
-T=/sys/kernel/tracing
-if [ "${TRACE:-0}" = 1 ]; then
-    mount -t tracefs tracefs "$T" 2>/dev/null
-    echo 8192 >"$T/buffer_size_kb"
-    for e in kvm_exit kvm_entry kvm_inj_virq kvm_inj_exception kvm_apic_ipi kvm_apic_accept_irq \
-        kvm_page_fault kvm_nested_vmexit; do
-        echo 1 >"$T/events/kvm/$e/enable" || echo "bench-blk: trace: cannot trace kvm:$e"
-    done
-    echo 1 >"$T/tracing_on"
-fi
+# shellcheck source=resources/kvm-host.sh
+. "$(dirname "$0")/kvm-host.sh"
+[ "${TRACE:-0}" != 1 ] || kvm_trace_start bench-blk:
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     for vmm in $VMMS; do
         rm -f "$data"
         dd if=/dev/zero of="$data" bs=1048576 count="$BENCH_SIZE" 2>/dev/null
         echo "bench-blk: run $i $vmm"
-        [ "${TRACE:-0}" != 1 ] || : >"$T/trace"
+        [ "${TRACE:-0}" != 1 ] || kvm_trace_clear
         rm -f "$DATA_DIR/kvm.last"
         run_one "$vmm" | tr -d '\r' | grep '^bench-blk:' | sed "s/^bench-blk: /bench-blk: $vmm /"
         # L1's KVM counters over the whole run (boot and every job, up to
         # the last sample, at most a second before the VM ended).
         [ ! -s "$DATA_DIR/kvm.last" ] || awk -v v="$vmm" '$2 > 0 {
             printf "bench-blk: %s detail run kvm %s %d\n", v, $1, $2 }' "$DATA_DIR/kvm.last"
-        if [ "${TRACE:-0}" = 1 ] && grep -qi 'reason.*shutdown' "$T/trace"; then
-            echo "bench-blk: trace: $vmm run $i: L1's KVM events up to the guest's shutdown"
-            grep -v '^#' "$T/trace" | grep -i -m1 -B "${TRACE_LINES:-150}" 'reason.*shutdown' |
-                sed 's/^/bench-blk: trace: /'
-        fi
+        [ "${TRACE:-0}" != 1 ] || kvm_trace_shutdown bench-blk: "$vmm run $i" "${TRACE_LINES:-150}"
     done
     rm -f "$data"
 done
@@ -455,6 +444,7 @@ main() {
     truncate -s "${image_mib}M" "$work/bench-root.ext4"
     mkfs.ext4 -q -F -E root_owner=0:0 -d "$root" "$work/bench-root.ext4"
     write_runner "$work/bench-run.sh"
+    cp "$CAPSULE_RESOURCES_DIR/kvm-host.sh" "$work/kvm-host.sh"
     copy_tools "$work/tools" qemu-system-x86_64 fio
     peers="$(copy_peers "$work/tools")"
     # Firecracker once more, with its io_uring engine on the data drive.
@@ -524,7 +514,8 @@ EOF
             CAPSULE_L1_TIMEOUT=$((300 + rounds * 300 * n)) \
                 "$CAPSULE_RESOURCES_DIR/harness/run-in-l1.sh" \
                 "$work/bench-l1.sh" "$capsule" "$kdir/bzImage" "$kdir/vmlinux" "$work/bench-root.ext4" \
-                "$work/bench-run.sh" "$work/tools" "$work/qemu-fw" "$work/limit-jobs.sh" ${base:+"$work/capsule-base"} </dev/null |
+                "$work/bench-run.sh" "$work/tools" "$work/qemu-fw" "$work/limit-jobs.sh" "$work/kvm-host.sh" \
+                ${base:+"$work/capsule-base"} </dev/null |
                 tr -d '\r' | tee "$work/session.log" >&2 || true
             finished_runs <"$work/session.log" >>"$results"
         done

@@ -23,7 +23,9 @@
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
 #      BENCH_EXITS (1: L1's KVM exits and interrupts per transfer, from its
-#      kvm tracepoints),
+#      kvm tracepoints), BENCH_TRACE (1: L1's KVM events traced, and
+#      after a run whose guest shut down the BENCH_TRACE_LINES (default
+#      150) events before it),
 #      BENCH_VMMS (default "capsule qemu"; also capsule-vhost,
 #      capsule-pci (capsule with --transport pci: virtio-pci, MSI-X),
 #      capsule-pci-vhost (the same with vhost=on),
@@ -57,6 +59,7 @@ if [ ! -c /dev/vhost-net ]; then
     done
 fi
 ip link set lo up 2>/dev/null
+[ -z "${BENCH_TRACE:-}" ] || kvm_trace_start bench-net:
 
 now() { date +%s; }
 
@@ -245,6 +248,7 @@ measure() {
     _fifo="$_d/in" _out="$_d/out"
     _snd="" _rcv="" _stalled=""
     rm -f "$_d/exits"
+    [ -z "${BENCH_TRACE:-}" ] || kvm_trace_clear
     start_vmm "$@" || return 1
     # guest → host: the host's receiver reports what arrived.
     rm -f "$_d/g2h"
@@ -294,6 +298,7 @@ measure() {
         echo "bench-net: $_vmm: the VM ended before it was powered off (status $_status); last output:"
         tail -n 12 "$_out" "$_d/err" | sed 's/^/bench-net:   /'
         echo "bench-net: note: $_vmm early-end"
+        [ -z "${BENCH_TRACE:-}" ] || kvm_trace_shutdown bench-net: "$_vmm" "${BENCH_TRACE_LINES:-150}"
         return 1
     fi
     stop_vmm

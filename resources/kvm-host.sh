@@ -63,3 +63,33 @@ kvm_exits_report() {
         echo "!hist:keys=$_key.hex:vals=hitcount:size=256" >"$KVM_TRACE/events/kvm/$_ev/trigger" 2>/dev/null
     done
 }
+
+# L1's KVM events in its trace buffer, to see what led up to a guest's
+# shutdown (a triple fault: docs/harness.md, "The triple fault explained").
+KVM_TRACE_EVENTS="kvm_exit kvm_entry kvm_inj_virq kvm_inj_exception kvm_apic_ipi kvm_apic_accept_irq kvm_page_fault kvm_nested_vmexit"
+
+# kvm_trace_start PREFIX: trace KVM_TRACE_EVENTS into an 8 MiB buffer
+# (tracefs mounted if need be); a "PREFIX trace: cannot trace ..." line
+# for each event the kernel lacks.
+kvm_trace_start() {
+    [ -d "$KVM_TRACE/events" ] || mount -t tracefs nodev "$KVM_TRACE" 2>/dev/null
+    echo 8192 >"$KVM_TRACE/buffer_size_kb"
+    for _ev in $KVM_TRACE_EVENTS; do
+        echo 1 >"$KVM_TRACE/events/kvm/$_ev/enable" 2>/dev/null || echo "$1 trace: cannot trace kvm:$_ev"
+    done
+    echo 1 >"$KVM_TRACE/tracing_on"
+}
+
+# kvm_trace_clear: empty the buffer (before a VM run).
+kvm_trace_clear() {
+    : >"$KVM_TRACE/trace"
+}
+
+# kvm_trace_shutdown PREFIX WHAT [LINES]: if a guest shut down since the
+# last clear, print "PREFIX trace: WHAT: ..." and the LINES (default 150)
+# events up to the first shutdown exit, each prefixed "PREFIX trace: ".
+kvm_trace_shutdown() {
+    grep -qi 'reason.*shutdown' "$KVM_TRACE/trace" 2>/dev/null || return 0
+    echo "$1 trace: $2: L1's KVM events up to the guest's shutdown"
+    grep -v '^#' "$KVM_TRACE/trace" | grep -i -m1 -B "${3:-150}" 'reason.*shutdown' | sed "s/^/$1 trace: /"
+}

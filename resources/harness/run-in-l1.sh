@@ -278,7 +278,7 @@ if [ "$keypin" = 1 ]; then
     done
     [ "\$keypin_state" = on ] || echo "capsule-l1: warning: kvm-keypin: \$(cat /run/keypin.log)"
 fi
-echo "capsule-l1: nested mode: L1 Linux \$(uname -r) under QEMU TCG, kvm_amd npt=\$(cat /sys/module/kvm_amd/parameters/npt), \$(nproc) vCPUs, APIC key pin \$keypin_state; running $script_name"
+echo "capsule-l1: nested mode: L1 Linux \$(uname -r) under QEMU TCG, kvm_amd npt=\$(cat /sys/module/kvm_amd/parameters/npt) vgif=\$(cat /sys/module/kvm_amd/parameters/vgif 2>/dev/null), \$(nproc) vCPUs, APIC key pin \$keypin_state; running $script_name"
 # Heartbeat on the second serial port: the host sees that L1 still runs.
 (while :; do echo . >/dev/ttyS1; sleep 5; done) </dev/null >/dev/null 2>&1 &
 # The kvm modules' symbols on the third, to name code in a hung L1.
