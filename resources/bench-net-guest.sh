@@ -22,6 +22,7 @@
 #      BENCH_RUNS_qemu, ... override it per VMM, '-' written '_'), BENCH_CPUS (guest vCPUs,
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
+#      BENCH_TRIES (attempts per VMM and round, default 3),
 #      BENCH_EXITS (1: L1's KVM exits and interrupts per transfer, from its
 #      kvm tracepoints), BENCH_TRACE (1: L1's KVM events traced, and
 #      after a run whose guest shut down the BENCH_TRACE_LINES (default
@@ -405,7 +406,8 @@ case " $VMMS " in *" qemu "* | *" qemu-vhost "*)
 esac
 # Rounds: each VMM that still needs runs does one in turn, so that both
 # see the same load on the machine. A run that fails is repeated, up to
-# 3 failures per VMM and round.
+# BENCH_TRIES (default 3) failures per VMM and round.
+TRIES="${BENCH_TRIES:-3}"
 round=0
 while :; do
     round=$((round + 1))
@@ -424,8 +426,8 @@ while :; do
         tries=1
         echo "bench-net: progress: round $round: $vmm"
         until run_vmm "$vmm"; do
-            if [ "$tries" -ge 3 ]; then
-                echo "bench-net: $vmm: round $round failed 3 times; giving up on $vmm"
+            if [ "$tries" -ge "$TRIES" ]; then
+                echo "bench-net: $vmm: round $round failed $TRIES times; giving up on $vmm"
                 VMMS="$(echo " $VMMS " | sed "s/ $vmm / /")"
                 break
             fi
