@@ -64,6 +64,21 @@ READY='capsule-guest: ready'
 # The test initramfs's shell prompt (PS1 in its /etc/profile).
 PROMPT='capsule-guest:.*# '
 
+# CAPSULE_PIN_CPU=N (tests/boot/run.sh sets 0 in the nested harness): the
+# cases and everything they start (capsule and its vCPU threads, QEMU,
+# passt, virtiofsd...) run on CPU N alone. In the nested harness a
+# guest's vCPU, while it runs the guest, then takes no interrupt sent by
+# another L1 CPU, and those were what its triple faults and L1's own
+# deaths (L0's emulation of the switch between L1 and the guest) came
+# with: docs/harness.md, "Pinned to one L1 CPU".
+if [ -n "${CAPSULE_PIN_CPU:-}" ]; then
+    if taskset -p -c "$CAPSULE_PIN_CPU" $$ >/dev/null 2>&1; then
+        echo "boot-cases: pinned to CPU $CAPSULE_PIN_CPU of $(nproc 2>/dev/null || echo '?') (CAPSULE_PIN_CPU)"
+    else
+        echo "boot-cases: warning: cannot pin to CPU $CAPSULE_PIN_CPU (taskset); the cases run unpinned"
+    fi
+fi
+
 WORK="${CASES_WORKDIR:-}"
 OWN_WORK=0
 if [ -z "$WORK" ]; then

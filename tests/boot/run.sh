@@ -21,6 +21,9 @@
 #        CAPSULE_L1_RETRIES              nested mode: new L1s for the cases that an L1
 #                                        that hung or died did not report (default 8; fewer
 #                                        if two L1s in a row report no case)
+#        CAPSULE_PIN_CPU                 nested mode: the L1 CPU the cases and all they
+#                                        start run on (default 0; empty: unpinned;
+#                                        docs/harness.md, "Pinned to one L1 CPU")
 #        CAPSULE_BOOT_TESTS_LOG          keep the full case output here
 #        CAPSULE_CACHE                   cache root for kernels and images
 #        CAPSULE_LOG                     capsule's log filter, passed to the cases
@@ -69,6 +72,7 @@ export ROOTFS=/capsule/rootfs.ext4 TOOLS=/capsule/tools
 export CASE_TIMEOUT='$case_timeout' CASES='$2' KVM_HOST_LIB=/capsule/kvm-host.sh
 export DEBIAN_IMAGE=/capsule/debian NOACPI_VMLINUX=/capsule/noacpi/vmlinux
 export ACTION_DIR=/capsule ACTION_RUNNER=/capsule/run-action-locally.sh
+export CAPSULE_PIN_CPU='${CAPSULE_PIN_CPU-0}'
 $log_line
 $bench_line
 exec sh /capsule/boot/cases.sh
