@@ -58,6 +58,8 @@
 #                     counters per VM run (exits, injections, MMIO and
 #                     interrupt-window exits...), their medians after the
 #                     table
+#        BENCH_PIN_CPU=N (nested mode) every VMM runs on L1 CPU N alone,
+#                     all alike (docs/harness.md, "Pinned to one L1 CPU")
 #        BENCH_TRACE=1  (nested mode) trace L1's KVM, and after a run whose
 #                     guest shut down (triple fault) print the last
 #                     BENCH_TRACE_LINES (default 150) events before it
@@ -266,6 +268,7 @@ kvm_stats() {
 # shellcheck source=resources/kvm-host.sh
 . "$(dirname "$0")/kvm-host.sh"
 [ "${TRACE:-0}" != 1 ] || kvm_trace_start bench-blk:
+kvm_pin bench-blk:
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     for vmm in $VMMS; do
@@ -508,6 +511,7 @@ export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATA_DIR=/tmp BENCH_RUNS=$rounds BENCH_SIZE=$size
 export VMLINUX=/capsule/vmlinux VMMS='$need' VM_TIMEOUT=$vm_timeout TOOLS=/capsule/tools LIMIT_JOBS=/capsule/limit-jobs.sh
 export TRACE=${BENCH_TRACE:-0} TRACE_LINES=${BENCH_TRACE_LINES:-150} DETAIL=${BENCH_DETAIL:-0}
+export CAPSULE_PIN_CPU='${BENCH_PIN_CPU:-}'
 exec sh /capsule/bench-run.sh
 EOF
             n=$(wc -w <<<"$need")

@@ -52,7 +52,9 @@
 #        tracepoints; nested mode; separate from the timed table's runs,
 #        as tracing costs time),
 #        BENCH_CAPSULE_BASE (another capsule binary, e.g. main's before a
-#        change: a capsule-base column beside capsule's, same runs)
+#        change: a capsule-base column beside capsule's, same runs),
+#        BENCH_PIN_CPU=N (nested mode: every VMM runs on L1 CPU N alone,
+#        all alike; docs/harness.md, "Pinned to one L1 CPU")
 # stdout: the table; progress on stderr.
 set -euo pipefail
 
@@ -89,6 +91,7 @@ now_ns() { "$DATE" +%s%N; }
 # kvm_exits_report, resources/kvm-host.sh), as "bench-boot: exits VMM
 # EVENT ..." lines.
 . "${KVM_HOST_LIB:?}"
+kvm_pin bench-boot:
 exits_arm() {
     [ -z "${BENCH_EXITS:-}" ] || kvm_exits_arm bench-boot:
 }
@@ -296,7 +299,7 @@ mkdir -p /tmp/bench
 export CAPSULE=/capsule/capsule QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FW=/capsule/qemu-fw
 export DATE=/capsule/tools/date BZIMAGE=/capsule/bzImage INITRD=/capsule/initramfs.cpio.gz
 export VMLINUX=/capsule/vmlinux PEERS='$peers' TOOLS=/capsule/tools BENCH_EXITS='${BENCH_EXITS:-}'
-export KVM_HOST_LIB=/capsule/kvm-host.sh
+export KVM_HOST_LIB=/capsule/kvm-host.sh CAPSULE_PIN_CPU='${BENCH_PIN_CPU:-}'
 export BENCH_TRANSPORT='${BENCH_TRANSPORT:-}' CAPSULE_BASE='$l1_base'
 export BENCH_RUNS=$runs WORK=/tmp/bench
 exec sh /capsule/bench-run.sh

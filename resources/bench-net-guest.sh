@@ -23,6 +23,7 @@
 #      default 1), BENCH_DETAIL (1: TAP frame counts per transfer for
 #      both VMMs, capsule's counters after each run),
 #      BENCH_TRIES (attempts per VMM and round, default 3),
+#      CAPSULE_PIN_CPU (run every VMM on this CPU alone: kvm_pin),
 #      BENCH_EXITS (1: L1's KVM exits and interrupts per transfer, from its
 #      kvm tracepoints), BENCH_TRACE (1: L1's KVM events traced, and
 #      after a run whose guest shut down the BENCH_TRACE_LINES (default
@@ -61,6 +62,7 @@ if [ ! -c /dev/vhost-net ]; then
 fi
 ip link set lo up 2>/dev/null
 [ -z "${BENCH_TRACE:-}" ] || kvm_trace_start bench-net:
+kvm_pin bench-net:
 
 now() { date +%s; }
 

@@ -27,6 +27,8 @@
 #        BENCH_EXITS=1 (nested mode: L1's KVM exits by reason and the
 #        interrupts it injected, per transfer, from its kvm tracepoints;
 #        every VMM is traced alike, which costs each exit some time),
+#        BENCH_PIN_CPU=N (nested mode: every VMM runs on L1 CPU N alone,
+#        all alike; docs/harness.md, "Pinned to one L1 CPU"),
 #        BENCH_TRIES (attempts per VMM and round before it is left out,
 #        default 3),
 #        BENCH_TRACE=1 (nested mode: L1's KVM events traced; after a run
@@ -178,7 +180,7 @@ export QEMU=/capsule/tools/qemu-system-x86_64 QEMU_FIRMWARE=/capsule/qemu-fw
 export VMLINUX=/capsule/vmlinux FC=/capsule/tools/firecracker CH=/capsule/tools/cloud-hypervisor
 ${base:+export CAPSULE_BASE=/capsule/capsule-base}
 export BENCH_MIB='$mib' BENCH_RUNS='$runs' BENCH_CPUS='$cpus' BENCH_DETAIL='${BENCH_DETAIL:-}' BENCH_VMMS='$need'
-export BENCH_TRIES='${BENCH_TRIES:-3}' BENCH_EXITS='${BENCH_EXITS:-}' BENCH_TRACE='${BENCH_TRACE:-}' BENCH_TRACE_LINES='${BENCH_TRACE_LINES:-150}'
+export CAPSULE_PIN_CPU='${BENCH_PIN_CPU:-}' BENCH_TRIES='${BENCH_TRIES:-3}' BENCH_EXITS='${BENCH_EXITS:-}' BENCH_TRACE='${BENCH_TRACE:-}' BENCH_TRACE_LINES='${BENCH_TRACE_LINES:-150}'
 export$plan
 exec sh /capsule/bench-net-guest.sh
 EOF

@@ -93,3 +93,18 @@ kvm_trace_shutdown() {
     echo "$1 trace: $2: L1's KVM events up to the guest's shutdown"
     grep -v '^#' "$KVM_TRACE/trace" | grep -i -m1 -B "${3:-150}" 'reason.*shutdown' | sed "s/^/$1 trace: /"
 }
+
+# kvm_pin PREFIX: with CAPSULE_PIN_CPU=N, this shell and everything it
+# starts from now on (the VMMs and their threads) run on CPU N alone. In
+# the nested harness that keeps interrupts from other L1 CPUs away from a
+# vCPU while it runs its guest, which is when the harness's faults struck
+# (docs/harness.md, "Pinned to one L1 CPU"). Prints "PREFIX pinned ..." or
+# a warning; empty or unset CAPSULE_PIN_CPU: nothing.
+kvm_pin() {
+    [ -n "${CAPSULE_PIN_CPU:-}" ] || return 0
+    if taskset -p -c "$CAPSULE_PIN_CPU" $$ >/dev/null 2>&1; then
+        echo "$1 pinned to CPU $CAPSULE_PIN_CPU (CAPSULE_PIN_CPU)"
+    else
+        echo "$1 warning: cannot pin to CPU $CAPSULE_PIN_CPU (taskset); running unpinned"
+    fi
+}
