@@ -66,18 +66,11 @@ PROMPT='capsule-guest:.*# '
 
 # CAPSULE_PIN_CPU=N (tests/boot/run.sh sets 0 in the nested harness): the
 # cases and everything they start (capsule and its vCPU threads, QEMU,
-# passt, virtiofsd...) run on CPU N alone. In the nested harness a
-# guest's vCPU, while it runs the guest, then takes no interrupt sent by
-# another L1 CPU, and those were what its triple faults and L1's own
-# deaths (L0's emulation of the switch between L1 and the guest) came
-# with: docs/harness.md, "Pinned to one L1 CPU".
-if [ -n "${CAPSULE_PIN_CPU:-}" ]; then
-    if taskset -p -c "$CAPSULE_PIN_CPU" $$ >/dev/null 2>&1; then
-        echo "boot-cases: pinned to CPU $CAPSULE_PIN_CPU of $(nproc 2>/dev/null || echo '?') (CAPSULE_PIN_CPU)"
-    else
-        echo "boot-cases: warning: cannot pin to CPU $CAPSULE_PIN_CPU (taskset); the cases run unpinned"
-    fi
-fi
+# passt, virtiofsd...) run on CPU N alone (kvm_pin): in the nested harness
+# a guest's vCPU then takes no interrupt from another L1 CPU while it runs
+# the guest, which is when the harness's triple faults struck
+# (docs/harness.md, "Pinned to one L1 CPU").
+kvm_pin boot-cases:
 
 WORK="${CASES_WORKDIR:-}"
 OWN_WORK=0
