@@ -43,9 +43,9 @@
 #        SOAK_K             suite runs (default 5)
 #        SOAK_LOCK          suite mode: lock file taken per run
 #        SOAK_LOG           keep the L1 console log(s) here (a path prefix)
-#        SOAK_TRACE=1       trace L1's KVM (tracefs: kvm_exit, kvm_entry,
-#                           kvm_inj_virq, kvm_apic_ipi, kvm_apic_accept_irq,
-#                           kvm_nested_vmexit) and print the last
+#        SOAK_TRACE=1       trace L1's KVM (kvm_trace_start in
+#                           resources/kvm-host.sh: exits, entries,
+#                           injections, IPIs, nested exits) and print the last
 #                           SOAK_TRACE_LINES (default 80) events after each
 #                           boot that was not clean
 #        CAPSULE_L1, CAPSULE_L1_CPUS, ... as for run-in-l1.sh
@@ -100,22 +100,16 @@ write_runner() {
 # Env: VMM CAPSULE QEMU QEMU_FW DATE BZIMAGE INITRD N CPUS BOOT_TIMEOUT WORK
 #      TRACE TRACE_LINES
 set -u
-T=/sys/kernel/tracing
-if [ "$TRACE" = 1 ]; then
-    mount -t tracefs tracefs "$T" 2>/dev/null
-    echo 4096 >"$T/buffer_size_kb"
-    for e in kvm_exit kvm_entry kvm_inj_virq kvm_apic_ipi kvm_apic_accept_irq kvm_nested_vmexit; do
-        echo 1 >"$T/events/kvm/$e/enable" || echo "soak-boot: cannot trace kvm:$e"
-    done
-    echo 1 >"$T/tracing_on"
-fi
+# shellcheck source=resources/kvm-host.sh
+. "$(dirname "$0")/kvm-host.sh"
+[ "$TRACE" != 1 ] || kvm_trace_start soak-boot:
 CMDLINE="console=ttyS0 reboot=k panic=-1 quiet"
 now_ns() { "$DATE" +%s%N; }
 i=0
 while [ "$i" -lt "$N" ]; do
     i=$((i + 1))
     out="$WORK/out" err="$WORK/err"
-    [ "$TRACE" != 1 ] || : >"$T/trace"
+    [ "$TRACE" != 1 ] || kvm_trace_clear
     t0=$(now_ns)
     if [ "$VMM" = capsule ]; then
         timeout -s KILL "$BOOT_TIMEOUT" "$CAPSULE" run --kernel "$BZIMAGE" --initrd "$INITRD" \
@@ -147,7 +141,7 @@ while [ "$i" -lt "$N" ]; do
         tail -n 8 "$err" | sed 's/^/soak-boot:   ! /'
         if [ "$TRACE" = 1 ]; then
             echo "soak-boot:   last $TRACE_LINES KVM events in L1:"
-            tail -n "$TRACE_LINES" "$T/trace" | sed 's/^/soak-boot:   ~ /'
+            tail -n "$TRACE_LINES" "$KVM_TRACE/trace" | sed 's/^/soak-boot:   ~ /'
         fi
     fi
 done
@@ -198,7 +192,8 @@ boots_mode() {
     write_guest_init "$work/guest/init"
     make_cpio "$work/guest" "$work/soak-initrd.cpio.gz" gzip
     copy_tools "$work/tools" date
-    files=("$capsule" "$kdir/bzImage" "$work/soak-initrd.cpio.gz" "$work/tools" "$work/soak-run.sh")
+    files=("$capsule" "$kdir/bzImage" "$work/soak-initrd.cpio.gz" "$work/tools" "$work/soak-run.sh"
+        "$CAPSULE_RESOURCES_DIR/kvm-host.sh")
     if [[ "$vmm" == qemu ]]; then
         # The L2 VMM is Debian 12's QEMU, whichever QEMU runs L1.
         copy_tools "$work/tools" qemu-system-x86_64
