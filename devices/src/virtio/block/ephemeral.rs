@@ -401,7 +401,7 @@ mod tests {
         let mut other = EphemeralImage::open(tmp.as_path()).unwrap();
         assert!(other.restore_overlay(saved.as_file(), &[(15, 2)]).is_err());
         // A raw image has nothing to restore into.
-        let mut raw = super::super::RawImage::open(tmp.as_path(), true).unwrap();
+        let mut raw = super::super::disk::RawImage::open(tmp.as_path(), true).unwrap();
         assert!(raw.restore_overlay(saved.as_file(), &runs).is_err());
         assert!(raw.save_overlay(saved.as_file()).unwrap().is_empty());
     }

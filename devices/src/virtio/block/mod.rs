@@ -54,7 +54,6 @@ mod error;
 mod event_handler;
 mod lock;
 pub mod persist;
-mod raw;
 mod request;
 mod uring;
 
@@ -68,11 +67,10 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::{QueueOwnedT, QueueT};
 
-pub use disk::DiskImage;
+pub use disk::{DiskImage, RawImage};
 pub use ephemeral::EphemeralImage;
 pub use error::BlockError;
 pub use lock::lock_image;
-pub use raw::RawImage;
 pub use uring::IoEngine;
 
 use super::device::avail_ring_broken;
@@ -117,11 +115,6 @@ pub const REQUEST_BUDGET: usize = 4 * QUEUE_SIZE as usize;
 /// much disk I/O plus one chunk of a read or write (or one discard /
 /// write-zeroes request, which moves no data through the VMM).
 pub const BYTE_BUDGET: u64 = 1 << 20;
-
-/// Events in a row that may answer requests without an interrupt while
-/// the ring still holds work for the next (see [`Block::process_queue`]):
-/// the guest hears of a completion at most this many byte budgets later.
-pub const DEFERRED_SIGNALS: u32 = 8;
 
 /// Length of the configuration space we expose (up to
 /// `write_zeroes_may_unmap` plus padding).
@@ -186,9 +179,6 @@ pub struct Block {
     cache: CacheMode,
     /// The io_uring engine, if the disk uses it.
     uring: Option<Box<uring::Uring>>,
-    /// Events since the last interrupt that answered requests without one
-    /// (they yielded with requests left in the ring).
-    deferred: u32,
 }
 
 impl std::fmt::Debug for Block {
@@ -276,7 +266,6 @@ impl Block {
             limiter: None,
             cache: CacheMode::Writeback,
             uring: None,
-            deferred: 0,
         })
     }
 
@@ -360,7 +349,6 @@ impl Block {
             limiter,
             cache,
             uring,
-            deferred,
             ..
         } = self;
         let mut uring = uring.as_deref_mut();
@@ -464,38 +452,13 @@ impl Block {
                 answered += u.reap(Some(queue));
             }
         }
-        // An event that yields on the budget with requests still in the
-        // ring leaves its answers to the interrupt of the event that
-        // empties it (at most DEFERRED_SIGNALS later), as a device without
-        // a budget answers a full ring under one interrupt. Signalled at
-        // once, a guest whose requests each fill the budget (1 MiB
-        // sequential I/O) took an interrupt, and its exits, per request
-        // whenever its driver was quick enough to re-arm between events:
-        // which it was depended on the timing of the host's scheduler
-        // (docs/performance.md, 2026-12-07). Requests left in the ring are
-        // what makes the deferral safe: the next event, or the first one
-        // after a snapshot is restored, answers one of them and signals
-        // for all.
-        if answered > 0 || *deferred > 0 {
-            if more && *deferred < DEFERRED_SIGNALS && ring_has_requests(queue, mem) {
-                *deferred += 1;
-            } else {
-                *deferred = 0;
-                active.signal_used_queue(REQUEST_QUEUE);
-            }
+        if answered > 0 {
+            active.signal_used_queue(REQUEST_QUEUE);
         }
         if more {
             common.kick(REQUEST_QUEUE);
         }
     }
-}
-
-/// Whether the driver has made requests available that the device has
-/// not taken yet.
-fn ring_has_requests(queue: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
-    queue
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .is_ok_and(|idx| idx.0 != queue.next_avail())
 }
 
 /// What [`serve_next`] did.
@@ -613,7 +576,6 @@ impl VirtioDevice for Block {
     /// A fresh queue: no request of the old one is continued.
     fn activated(&mut self) {
         self.resume = None;
-        self.deferred = 0;
     }
 
     /// In-flight io_uring requests finish first: they write guest
@@ -626,7 +588,6 @@ impl VirtioDevice for Block {
 
     fn reset_device(&mut self) -> bool {
         self.resume = None;
-        self.deferred = 0;
         true
     }
 }

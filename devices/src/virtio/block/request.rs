@@ -21,16 +21,15 @@
 //! * Guest memory is only accessed through vm-memory, which bounds-checks
 //!   every access.
 //!
-//! A read or write moves its data in bounce-buffer-sized chunks (on an
-//! image with direct I/O: its descriptors, each at most a chunk, in one
-//! vectored call per event) and may stop between two of them once the
-//! device's per-event byte budget is spent ([`Outcome::Suspended`]); the
-//! device then resumes it in a later event. So the event loop's stall is bounded by the budget, not by the
+//! A read or write moves its data in bounce-buffer-sized chunks and may
+//! stop between two of them once the device's per-event byte budget is
+//! spent ([`Outcome::Suspended`]); the device then resumes it in a later
+//! event. So the event loop's stall is bounded by the budget, not by the
 //! largest request a guest can build.
 
 use std::io;
 
-use crate::GuestMemoryMmap;
+use crate::{GuestMemoryMmap, GuestSlice};
 use log::debug;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -439,57 +438,27 @@ fn transfer(
     Ok(None)
 }
 
-/// Moves a checked read's or write's data straight between the image and
-/// guest memory (an image with direct I/O), so nothing is copied through
-/// the bounce buffer (which, under nested virtualization, doubles a large
-/// transfer's cost): the descriptors from `skip` on, as far as the byte
-/// budget goes, in one vectored call at the file offset they start at.
-/// Stops where [`transfer`] would (before a descriptor once `ctx.bytes`
-/// has reached `ctx.budget` and one moved here; a descriptor is at most
-/// one chunk), returning how far it got, or `None` when all is done.
-fn transfer_direct(
-    ctx: &mut Context<'_>,
+/// One chunk of a read or write on an image with direct I/O: `io(slice,
+/// disk offset)` on each contiguous piece of the `len` guest bytes at
+/// `addr` in turn, so the data moves between the file and guest memory
+/// without a copy through the bounce buffer (which, under nested
+/// virtualization, doubles a large transfer's cost).
+fn direct(
     mem: &GuestMemoryMmap,
-    data: &[Descriptor],
-    pos: u64,
-    skip: u64,
-    device_writes: bool,
-) -> Result<Option<u64>, u8> {
-    let mut slices = Vec::with_capacity(data.len());
-    let mut start = 0u64; // data bytes before descriptor `d`
-    let mut from = None; // where in the data this call's bytes begin
-    let mut stopped = None;
-    for d in data {
-        let len = u64::from(d.len());
-        let done = skip.saturating_sub(start).min(len);
-        if done < len {
-            if from.is_some() && ctx.bytes >= ctx.budget {
-                stopped = Some(start + done);
-                break;
-            }
-            from.get_or_insert(start + done);
-            let addr = d.addr().checked_add(done).ok_or(S_IOERR)?;
-            // len - done <= SIZE_MAX, a usize.
-            for slice in GuestMemoryBackend::get_slices(mem, addr, crate::usize_from(len - done)) {
-                slices.push(slice.map_err(|e| {
-                    debug!("virtio-blk: data buffer outside guest memory: {e}");
-                    S_IOERR
-                })?);
-            }
-            ctx.bytes = ctx.bytes.saturating_add(len - done);
-        }
-        start += len;
+    addr: GuestAddress,
+    len: usize,
+    mut at: u64,
+    mut io: impl FnMut(&GuestSlice<'_>, u64) -> io::Result<()>,
+) -> Result<(), u8> {
+    for slice in GuestMemoryBackend::get_slices(mem, addr, len) {
+        let slice = slice.map_err(|e| {
+            debug!("virtio-blk: data buffer outside guest memory: {e}");
+            S_IOERR
+        })?;
+        io(&slice, at).map_err(io_error)?;
+        at += slice.len() as u64;
     }
-    if let Some(from) = from {
-        let at = pos.checked_add(from).ok_or(S_IOERR)?;
-        if device_writes {
-            ctx.disk.read_to_guest(&slices, at)
-        } else {
-            ctx.disk.write_from_guest(&slices, at)
-        }
-        .map_err(io_error)?;
-    }
-    Ok(stopped)
+    Ok(())
 }
 
 /// Where a read or write of `total` bytes at `sector` starts: past what
@@ -511,14 +480,13 @@ fn read(
     let (pos, total) = rw_range(ctx, mem, sector, data, true)?;
     let ty = VIRTIO_BLK_T_IN;
     let skip = skip_for(run, ty, sector, total);
-    let stopped = if ctx.disk.direct_io() {
-        transfer_direct(ctx, mem, data, pos, skip, true)?
-    } else {
-        transfer(ctx, data, pos, skip, |disk, buf, addr, at| {
-            disk.read_at(buf, at).map_err(io_error)?;
-            mem.write_slice(buf, addr).map_err(|_| S_IOERR)
-        })?
-    };
+    let stopped = transfer(ctx, data, pos, skip, |disk, buf, addr, at| {
+        if disk.direct_io() {
+            return direct(mem, addr, buf.len(), at, |s, at| disk.read_to_guest(s, at));
+        }
+        disk.read_at(buf, at).map_err(io_error)?;
+        mem.write_slice(buf, addr).map_err(|_| S_IOERR)
+    })?;
     if let Some(done) = stopped {
         run.suspended = Some(Progress {
             ty,
@@ -545,14 +513,15 @@ fn write(
     let (pos, total) = rw_range(ctx, mem, sector, data, false)?;
     let ty = VIRTIO_BLK_T_OUT;
     let skip = skip_for(run, ty, sector, total);
-    let stopped = if ctx.disk.direct_io() {
-        transfer_direct(ctx, mem, data, pos, skip, false)?
-    } else {
-        transfer(ctx, data, pos, skip, |disk, buf, addr, at| {
-            mem.read_slice(buf, addr).map_err(|_| S_IOERR)?;
-            disk.write_at(buf, at).map_err(io_error)
-        })?
-    };
+    let stopped = transfer(ctx, data, pos, skip, |disk, buf, addr, at| {
+        if disk.direct_io() {
+            return direct(mem, addr, buf.len(), at, |s, at| {
+                disk.write_from_guest(s, at)
+            });
+        }
+        mem.read_slice(buf, addr).map_err(|_| S_IOERR)?;
+        disk.write_at(buf, at).map_err(io_error)
+    })?;
     if let Some(done) = stopped {
         run.suspended = Some(Progress {
             ty,
