@@ -57,7 +57,8 @@
 #                     (/proc/interrupts) and, in nested mode, L1's KVM
 #                     counters per VM run (exits, injections, MMIO and
 #                     interrupt-window exits...), their medians after the
-#                     table
+#                     table (sampled once a second, with BENCH_PIN_CPU on
+#                     L1's other CPUs)
 #        BENCH_PIN_CPU=N (nested mode) every VMM runs on L1 CPU N alone,
 #                     all alike (docs/harness.md, "Pinned to one L1 CPU")
 #        BENCH_TRACE=1  (nested mode) trace L1's KVM, and after a run whose
@@ -240,6 +241,9 @@ run_one() {
             done
         ) </dev/null >/dev/null 2>&1 &
         s=$!
+        # Off the CPU the VMM is pinned to: there, this loop's once-a-
+        # second work cost capsule's sequential rows about 30 %.
+        kvm_unpinned "$s"
     fi
     (
         sleep "$VM_TIMEOUT" >/dev/null 2>&1
@@ -258,9 +262,7 @@ i=0
 # which sum over the VMs that exist: sampled while the one VM runs.
 D=/sys/kernel/debug
 kvm_stats() {
-    for f in "$D"/kvm/*; do
-        [ -f "$f" ] && echo "${f##*/} $(cat "$f" 2>/dev/null || echo 0)"
-    done
+    grep -s '' "$D"/kvm/* | sed -n 's|^.*/\([^/:]*\):\([0-9]*\)$|\1 \2|p'
 }
 [ "${DETAIL:-0}" != 1 ] || [ -d "$D/kvm" ] || mount -t debugfs debugfs "$D" 2>/dev/null
 # TRACE=1: L1's KVM tracepoints into its ring buffer; after a run whose

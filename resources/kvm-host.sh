@@ -94,6 +94,19 @@ kvm_trace_shutdown() {
     grep -v '^#' "$KVM_TRACE/trace" | grep -i -m1 -B "${3:-150}" 'reason.*shutdown' | sed "s/^/$1 trace: /"
 }
 
+# kvm_unpinned PID: with CAPSULE_PIN_CPU=N, move process PID (a helper
+# that measures, such as a sampler) to every other CPU, so that it takes
+# no time from the VMM pinned to N: on N, bench-blk's once-a-second
+# sampler of L1's KVM counters cost capsule's sequential rows about 30 %
+# and Firecracker's little (docs/performance.md, 2026-12-07). Nothing
+# when unpinned, or when N is the only CPU.
+kvm_unpinned() {
+    [ -n "${CAPSULE_PIN_CPU:-}" ] || return 0
+    _others=$(awk -v p="$CAPSULE_PIN_CPU" '$1 == "processor" && $3 != p {
+        printf "%s%s", (n++ ? "," : ""), $3 }' /proc/cpuinfo)
+    [ -z "$_others" ] || taskset -p -c "$_others" "$1" >/dev/null 2>&1 || true
+}
+
 # kvm_pin PREFIX: with CAPSULE_PIN_CPU=N, this shell and everything it
 # starts from now on (the VMMs and their threads) run on CPU N alone. In
 # the nested harness that keeps interrupts from other L1 CPUs away from a
