@@ -247,7 +247,7 @@ impl PodNet {
                 .and_then(|()| tc_redirect(TAP_NAME, &iface.name));
             if let Err(e) = joined {
                 let _ = tc(&["qdisc", "del", "dev", &iface.name, "ingress"]);
-                sys::remove_tap(TAP_NAME);
+                let _ = sys::remove_tap(TAP_NAME);
                 return Err(e);
             }
             Ok(Some(iface))
@@ -282,7 +282,8 @@ impl PodNet {
             if let Err(e) = tc(&["qdisc", "del", "dev", &name, "ingress"]) {
                 log::warn!("{e}");
             }
-            sys::remove_tap(TAP_NAME);
+            // remove_tap logs its own failure.
+            let _ = sys::remove_tap(TAP_NAME);
         });
         if let Err(e) = done {
             log::warn!("{e}");

@@ -202,15 +202,38 @@ pub fn create_tap(name: &str, mtu: u32) -> Result<(), NetError> {
         ioctl(&s, libc::SIOCSIFFLAGS, &mut req)
     })();
     if let Err(e) = configured {
-        remove_tap(name);
+        let _ = remove_tap(name);
         return Err(query("MTU and up", e));
     }
     Ok(())
 }
 
-/// Removes the persistent TAP `name`; logs why not.
-pub fn remove_tap(name: &str) {
-    if let Err(e) = tap_persist(name, false) {
-        log::warn!("cannot remove TAP device {name}: {e}");
+/// How long [`remove_tap`] waits for another holder of the TAP to let go.
+const REMOVE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Removes the persistent TAP `name`.
+///
+/// Removing means attaching to it and clearing its persistence, and a
+/// (single-queue) TAP takes one descriptor at a time: while another holds
+/// it, `TUNSETIFF` fails with `EBUSY`. Any process that spawns children
+/// from several threads (the shim, the test harness) hands a copy of
+/// every descriptor open at that moment to a child until the child's
+/// `exec` closes it, so a TAP just created or just given up by capsule
+/// can be busy for a moment: wait for it, up to [`REMOVE_PATIENCE`].
+pub fn remove_tap(name: &str) -> io::Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match tap_persist(name, false) {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EBUSY) && start.elapsed() < REMOVE_PATIENCE =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => {
+                log::warn!("cannot remove TAP device {name}: {e}");
+                return Err(e);
+            }
+            Ok(()) => return Ok(()),
+        }
     }
 }

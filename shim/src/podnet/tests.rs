@@ -113,10 +113,11 @@ fn a_tap_is_made_and_removed_in_the_namespace() {
     .unwrap();
     assert!(!sys::exists(name), "the TAP is the namespace's, not ours");
     in_netns(&ns, path, || {
-        sys::remove_tap(name);
-        // The kernel unregisters the device after the last close, not
-        // always before remove_tap returns: give it a moment on a busy
-        // machine (seen under the whole workspace's tests in parallel).
+        // remove_tap waits out a copy of the TAP's descriptor held for a
+        // moment by a child another test is spawning (EBUSY).
+        sys::remove_tap(name).unwrap();
+        // The kernel unregisters the device at the last close, inside it,
+        // but give a busy machine a moment anyway.
         let gone = (0..200).any(|_| {
             let g = !sys::exists(name);
             if !g {
