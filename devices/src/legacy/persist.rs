@@ -39,6 +39,10 @@ pub struct SerialSnapshot {
     pub scratch: u8,
     /// The receive FIFO, oldest byte first.
     pub in_buffer: Vec<u8>,
+    /// Whether the guest's last FCR write enabled the FIFOs (capsule's
+    /// own: the input gate needs it). Absent in older snapshots: false.
+    #[serde(default)]
+    pub fifo_enabled: bool,
 }
 
 impl From<SerialState> for SerialSnapshot {
@@ -54,6 +58,7 @@ impl From<SerialState> for SerialSnapshot {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer,
+            fifo_enabled: false,
         }
     }
 }
@@ -78,7 +83,10 @@ impl From<&SerialSnapshot> for SerialState {
 impl SerialDevice {
     /// The UART's state, FIFO included.
     pub fn save(&self) -> SerialSnapshot {
-        self.serial.state().into()
+        SerialSnapshot {
+            fifo_enabled: self.fifo_enabled,
+            ..self.serial.state().into()
+        }
     }
 
     /// Puts the UART in the state `snap` (registers and FIFO), keeping
@@ -106,6 +114,7 @@ impl SerialDevice {
         };
         self.serial = Serial::from_state(&SerialState::from(snap), trigger, events, out)
             .map_err(|e| io::Error::other(format!("{e:?}")))?;
+        self.fifo_enabled = snap.fifo_enabled;
         Ok(())
     }
 }
@@ -194,8 +203,10 @@ mod tests {
         let (mut a, _) =
             SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
         a.write(3, &[0x03]);
-        a.write(1, &[0x01]); // IER: receive interrupt on
+        a.write(2, &[0x81]); // FCR: FIFOs on
+        a.write(1, &[0x0f]); // IER: every interrupt, receive included
         let snap = a.save();
+        assert!(snap.fifo_enabled);
         let (mut b, _) =
             SerialDevice::new(EventFdTrigger::new().unwrap(), Box::new(io::sink())).unwrap();
         assert!(!b.accepts_input(), "a fresh UART waits for the driver");

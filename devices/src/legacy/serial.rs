@@ -53,6 +53,8 @@ impl Trigger for EventFdTrigger {
 
 /// The interrupt enable register's offset.
 const IER_OFFSET: u8 = 1;
+/// The FIFO control register's offset (writes; reads are IIR).
+const FCR_OFFSET: u8 = 2;
 /// The line control register's offset.
 const LCR_OFFSET: u8 = 3;
 /// The line status register's offset.
@@ -62,6 +64,11 @@ const LSR_OFFSET: u8 = 5;
 pub const POLLING_GUEST_READS: u32 = 32;
 /// IER: received data available interrupt.
 const IER_RDA: u8 = 0x01;
+/// IER: every interrupt source of a 16550A. The 8250 probe writes this
+/// to see whether the register exists; so does its IRQ probe.
+const IER_ALL: u8 = 0x0f;
+/// FCR: FIFOs enabled.
+const FCR_ENABLE_FIFO: u8 = 0x01;
 /// LCR: divisor latch access.
 const LCR_DLAB: u8 = 0x80;
 
@@ -98,6 +105,9 @@ pub struct SerialDevice {
     ier_written: bool,
     /// Line status reads while IER was never written (a polling guest).
     lsr_polls: u32,
+    /// Whether the last FCR write enabled the FIFOs (vm-superio ignores
+    /// FCR, so the device keeps it for [`Self::accepts_input`]).
+    pub(super) fifo_enabled: bool,
 }
 
 impl SerialDevice {
@@ -114,6 +124,7 @@ impl SerialDevice {
                 serial: Serial::with_events(interrupt, events, out),
                 ier_written: false,
                 lsr_polls: 0,
+                fifo_enabled: false,
             },
             buffer_ready,
         ))
@@ -132,20 +143,29 @@ impl SerialDevice {
     /// host side until then. While the divisor latch is selected (DLAB)
     /// the register is the divisor, so input waits for that to end too.
     ///
+    /// The probe also writes IER = 0x0f for a moment (to see that the
+    /// register exists, and again in its IRQ probe) and then reads the
+    /// receive register: that value alone does not open the gate. An
+    /// opened Linux port has its FIFOs enabled (`set_termios` writes FCR)
+    /// and may run with all four interrupts on, so it opens the gate once
+    /// the FIFOs are on; before that, the port's own start-up enables
+    /// IER = 0x05, which opens it too.
+    ///
     /// A guest that never writes IER (firmware, a bare-metal program that
     /// polls) gets input once it has polled the line status
     /// [`POLLING_GUEST_READS`] times: Linux writes IER before it reads
     /// the line status at all, so this never opens the gate early for it.
     ///
-    /// A restored UART carries the guest's IER, so a restored guest whose
-    /// port was open gets input at once.
+    /// A restored UART carries the guest's IER and FIFO enable, so a
+    /// restored guest whose port was open gets input at once.
     pub fn accepts_input(&mut self) -> bool {
         // Reading LCR and IER has no side effect on a 16550A.
         if self.serial.read(LCR_OFFSET) & LCR_DLAB != 0 {
             return false;
         }
-        if self.serial.read(IER_OFFSET) & IER_RDA != 0 {
-            return true;
+        let ier = self.serial.read(IER_OFFSET);
+        if ier & IER_RDA != 0 {
+            return ier & IER_ALL != IER_ALL || self.fifo_enabled;
         }
         !self.ier_written && self.lsr_polls >= POLLING_GUEST_READS
     }
@@ -179,15 +199,19 @@ impl BusDevice for SerialDevice {
         let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) else {
             return;
         };
-        if off == IER_OFFSET && self.serial.read(LCR_OFFSET) & LCR_DLAB == 0 {
-            self.ier_written = true;
+        if self.serial.read(LCR_OFFSET) & LCR_DLAB == 0 {
+            match off {
+                IER_OFFSET => self.ier_written = true,
+                FCR_OFFSET => self.fifo_enabled = v & FCR_ENABLE_FIFO != 0,
+                _ => {}
+            }
         }
         if let Err(e) = self.serial.write(off, v) {
             crate::debug_ratelimited!("serial: write failed: {e:?}");
         }
         // The guest may just have become ready for input: wake the input
         // side (it re-checks, and pauses again if not).
-        if (off == IER_OFFSET || off == LCR_OFFSET) && self.accepts_input() {
+        if matches!(off, IER_OFFSET | FCR_OFFSET | LCR_OFFSET) && self.accepts_input() {
             self.serial.events().in_buffer_empty();
         }
     }
@@ -325,187 +349,4 @@ impl MutEventSubscriber for SerialInput {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use event_manager::{EventManager, SubscriberOps};
-    use std::os::unix::net::UnixStream;
-
-    /// A writer whose contents the test can read back.
-    #[derive(Clone, Default)]
-    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-    impl Write for SharedBuf {
-        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    const DATA: u64 = 0;
-    const IER: u64 = 1;
-    const IIR: u64 = 2;
-    const LSR: u64 = 5;
-
-    fn read_reg(dev: &Arc<Mutex<SerialDevice>>, off: u64) -> u8 {
-        let mut b = [0u8];
-        dev.lock().unwrap().read(off, &mut b);
-        b[0]
-    }
-
-    #[test]
-    fn output_reaches_writer_and_raises_thre_interrupt() {
-        let irq = EventFdTrigger::new().unwrap();
-        let out = SharedBuf::default();
-        let (mut dev, _) =
-            SerialDevice::new(irq.try_clone().unwrap(), Box::new(out.clone())).unwrap();
-        dev.write(IER, &[0x2]); // THR empty interrupt on
-        let mut iir = [0u8];
-        dev.read(IIR, &mut iir); // acknowledge the interrupt raised by enabling
-        let _ = irq.take();
-        for b in b"hi\n" {
-            dev.write(DATA, &[*b]);
-        }
-        assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
-        assert!(irq.take(), "THR-empty interrupt must fire");
-    }
-
-    /// Pipes more input than the FIFO holds through the event loop and
-    /// checks the guest side reads every byte, in order.
-    #[test]
-    fn input_is_flow_controlled_without_loss() {
-        let irq = EventFdTrigger::new().unwrap();
-        let (dev, ready) =
-            SerialDevice::new(irq.try_clone().unwrap(), Box::new(io::sink())).unwrap();
-        let dev = Arc::new(Mutex::new(dev));
-        dev.lock().unwrap().write(IER, &[0x1]); // receive interrupt on
-        let (mut host, guest_side) = UnixStream::pair().unwrap();
-        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
-        let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(input)));
-
-        let sent: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
-        host.write_all(&sent).unwrap();
-        drop(host);
-
-        let mut got = Vec::new();
-        for _ in 0..10_000 {
-            em.run_with_timeout(10).unwrap();
-            while read_reg(&dev, LSR) & 1 != 0 {
-                got.push(read_reg(&dev, DATA));
-            }
-            if got.len() == sent.len() {
-                break;
-            }
-        }
-        assert_eq!(got, sent);
-        assert!(irq.take(), "receive interrupt must fire");
-    }
-
-    /// An input the event loop cannot poll (a regular file) is detached
-    /// at registration: the guest gets no input from it, and the loop
-    /// runs on. A pollable one (a socket) stays attached.
-    #[test]
-    fn unpollable_input_is_detached() {
-        let attach = |input: Box<dyn ReadableFd>| {
-            let irq = EventFdTrigger::new().unwrap();
-            let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
-            let dev = Arc::new(Mutex::new(dev));
-            dev.lock().unwrap().write(IER, &[0x1]); // receive interrupt on
-            let input = Arc::new(Mutex::new(SerialInput::new(
-                dev.clone(),
-                Some(input),
-                ready,
-            )));
-            let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
-            em.add_subscriber(input.clone());
-            em.run_with_timeout(10).unwrap();
-            let attached = input.lock().unwrap().input.is_some();
-            (attached, read_reg(&dev, LSR) & 1 != 0)
-        };
-
-        let file = std::fs::File::open("/proc/self/status").unwrap();
-        let (attached, data_ready) = attach(Box::new(file));
-        assert!(!attached, "a regular file cannot be polled: detached");
-        assert!(!data_ready, "nothing from the file reaches the guest");
-
-        let (mut host, guest_side) = UnixStream::pair().unwrap();
-        host.write_all(b"x").unwrap();
-        let (attached, data_ready) = attach(Box::new(guest_side));
-        assert!(attached, "a socket can be polled: attached");
-        assert!(data_ready, "its input reaches the guest");
-    }
-
-    type Loop = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
-
-    /// A UART whose input is the returned socket's peer, served by the
-    /// returned event loop; the guest has touched no register yet.
-    fn attached_uart() -> (Arc<Mutex<SerialDevice>>, UnixStream, Loop) {
-        let irq = EventFdTrigger::new().unwrap();
-        let (dev, ready) = SerialDevice::new(irq, Box::new(io::sink())).unwrap();
-        let dev = Arc::new(Mutex::new(dev));
-        let (host, guest_side) = UnixStream::pair().unwrap();
-        let input = SerialInput::new(dev.clone(), Some(Box::new(guest_side)), ready);
-        let mut em = Loop::new().unwrap();
-        em.add_subscriber(Arc::new(Mutex::new(input)));
-        (dev, host, em)
-    }
-
-    /// Input typed before the guest's driver opens the port waits on the
-    /// host side: the probe's and start-up's reads of the receive register
-    /// find nothing to throw away, and every byte arrives once the receive
-    /// interrupt is on.
-    #[test]
-    fn typed_ahead_input_waits_for_the_driver() {
-        let (dev, mut host, mut em) = attached_uart();
-        host.write_all(b"echo typed-ahead\n").unwrap();
-        for _ in 0..5 {
-            em.run_with_timeout(10).unwrap();
-            // What 8250's start-up does before it enables interrupts.
-            assert_eq!(read_reg(&dev, LSR) & 1, 0, "no byte reaches a closed port");
-            read_reg(&dev, DATA);
-        }
-        // The divisor latch selected: IER's offset is the divisor.
-        dev.lock().unwrap().write(3, &[0x80]);
-        dev.lock().unwrap().write(IER, &[0x1]);
-        em.run_with_timeout(10).unwrap();
-        assert_eq!(
-            read_reg(&dev, LSR) & 1,
-            0,
-            "a divisor write enables nothing"
-        );
-        dev.lock().unwrap().write(3, &[0x03]); // 8N1, DLAB off
-        em.run_with_timeout(10).unwrap();
-        assert_eq!(read_reg(&dev, LSR) & 1, 0, "IER is still off");
-        dev.lock().unwrap().write(IER, &[0x1]); // the driver opens the port
-        let mut got = Vec::new();
-        for _ in 0..100 {
-            em.run_with_timeout(10).unwrap();
-            while read_reg(&dev, LSR) & 1 != 0 {
-                got.push(read_reg(&dev, DATA));
-            }
-            if got.len() == 17 {
-                break;
-            }
-        }
-        assert_eq!(got, b"echo typed-ahead\n");
-    }
-
-    /// A guest that never enables interrupts and polls the line status
-    /// (firmware, a bare program) still gets its input.
-    #[test]
-    fn polling_guest_gets_input() {
-        let (dev, mut host, mut em) = attached_uart();
-        host.write_all(b"q").unwrap();
-        let mut got = None;
-        for _ in 0..1000 {
-            em.run_with_timeout(1).unwrap();
-            if read_reg(&dev, LSR) & 1 != 0 {
-                got = Some(read_reg(&dev, DATA));
-                break;
-            }
-        }
-        assert_eq!(got, Some(b'q'));
-    }
-}
+mod tests;
