@@ -149,9 +149,9 @@ pub fn pod_iface(ns: &Path) -> Result<Option<Iface>, NetError> {
 const TAP_FLAGS: libc::c_short =
     (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
 
-/// Opens TAP `name` (creating it) and sets it persistent or not; a TAP
-/// no longer persistent goes away when its last descriptor closes.
-fn tap_persist(name: &str, persist: bool) -> io::Result<()> {
+/// Opens TAP `name`, creating it if there is none: the returned
+/// descriptor is attached to it until dropped.
+pub(super) fn attach_tap(name: &str) -> io::Result<std::fs::File> {
     let tun = OpenOptions::new()
         .read(true)
         .write(true)
@@ -164,6 +164,13 @@ fn tap_persist(name: &str, persist: bool) -> io::Result<()> {
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(tun)
+}
+
+/// Opens TAP `name` (creating it) and sets it persistent or not; a TAP
+/// no longer persistent goes away when its last descriptor closes.
+fn tap_persist(name: &str, persist: bool) -> io::Result<()> {
+    let tun = attach_tap(name)?;
     // SAFETY: TUNSETPERSIST takes its argument by value.
     if unsafe {
         libc::ioctl(

@@ -129,3 +129,42 @@ fn a_tap_is_made_and_removed_in_the_namespace() {
     })
     .unwrap();
 }
+
+/// A TAP held for a moment by another descriptor (a child that inherited
+/// it and has not yet reached `exec`, in the shim or in these tests) is
+/// still removed: remove_tap waits for the holder to let go.
+#[test]
+fn a_tap_held_for_a_moment_is_still_removed() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    }
+    let ns = std::thread::spawn(|| {
+        // SAFETY: unshare of this thread's network namespace only.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        File::open("/proc/thread-self/ns/net").unwrap()
+    })
+    .join()
+    .unwrap();
+    let path = Path::new("/proc/thread-self/ns/net");
+    let name = "capsuletest1";
+    in_netns(&ns, path, || {
+        sys::create_tap(name, 1400).unwrap();
+        let holder = sys::attach_tap(name).unwrap();
+        let start = std::time::Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                drop(holder);
+            });
+            sys::remove_tap(name).unwrap();
+        });
+        assert!(
+            start.elapsed() >= std::time::Duration::from_millis(300),
+            "removed while another descriptor held it"
+        );
+        assert!(!sys::exists(name));
+    })
+    .unwrap();
+}
