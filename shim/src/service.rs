@@ -1,10 +1,13 @@
 //! The task service containerd drives: one entry per container, each
 //! running in its own microVM (`capsule exec`), with the events containerd
-//! expects (create, start, exit, delete). Calls that name an exec id (a
-//! process exec'd in a running container) are `service/exec.rs`'s.
+//! expects (create, start, exit, delete). `create` and `start` are
+//! `service/lifecycle.rs`'s, the running microVM's calls
+//! `service/control.rs`'s, and calls that name an exec id (a process
+//! exec'd in a running container) `service/exec.rs`'s.
 
 mod control;
 mod exec;
+mod lifecycle;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -13,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use containerd_shim::api;
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskStart};
+use containerd_shim::protos::events::task::TaskDelete;
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::MessageDyn;
 use containerd_shim::protos::topics;
@@ -23,9 +26,8 @@ use containerd_shim::{
     mount, DeleteResponse, ExitSignal, Flags, StartOpts, TtrpcContext, TtrpcResult,
 };
 
-use crate::config::ShimConfig;
-use crate::podnet::{self, PodNet};
-use crate::process::{self, Stdio3};
+use crate::podnet::PodNet;
+use crate::process::Stdio3;
 use crate::stdin::StdinCloser;
 use crate::{spec, stats, status};
 
@@ -126,16 +128,6 @@ impl Service {
         }
     }
 
-    /// The pod network of a spec that names a network namespace (set up
-    /// now: the TAP and its redirects), if it has one.
-    fn pod_net(oci: &oci_spec::runtime::Spec) -> TtrpcResult<Option<PodNet>> {
-        match podnet::netns_path(oci) {
-            Some(path) => PodNet::setup(&path)
-                .map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e.to_string())),
-            None => Ok(None),
-        }
-    }
-
     /// Unmounts what `create` mounted on the bundle's rootfs.
     fn unmount(target: &Path) {
         if let Some(t) = target.to_str() {
@@ -147,17 +139,6 @@ impl Service {
 }
 
 /// The answer for a request naming a container this shim does not hold.
-/// Runs `f` (which starts capsule) in the container's pod network
-/// namespace, if it has one.
-fn in_pod_net<T: Send>(net: Option<&PodNet>, f: impl FnOnce() -> T + Send) -> TtrpcResult<T> {
-    match net {
-        Some(n) => n
-            .run_in(f)
-            .map_err(|e| rpc_error(Code::INTERNAL, e.to_string())),
-        None => Ok(f()),
-    }
-}
-
 fn no_container(id: &str) -> ttrpc::Error {
     rpc_error(Code::NOT_FOUND, format!("no container {id}"))
 }
@@ -244,87 +225,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        let cfg = ShimConfig::load().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e))?;
-        let bundle = PathBuf::from(&req.bundle);
-        let oci = oci_spec::runtime::Spec::load(bundle.join("config.json")).map_err(|e| {
-            rpc_error(
-                Code::INVALID_ARGUMENT,
-                format!("{}/config.json: {e}", req.bundle),
-            )
-        })?;
-        let rootfs = spec::rootfs_dir(&oci, &bundle);
-        let vsock = spec::vsock_socket(&bundle);
-        let args = spec::exec_args(&cfg, &oci, &rootfs, &bundle, vsock.as_deref())
-            .map_err(|e| rpc_error(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let mut mounted = None;
-        if !req.rootfs.is_empty() {
-            let target = bundle.join("rootfs");
-            for m in &req.rootfs {
-                mount::mount_rootfs(Some(&m.type_), Some(&m.source), &m.options, &target).map_err(
-                    |e| {
-                        Self::unmount(&target);
-                        rpc_error(Code::INTERNAL, format!("cannot mount the rootfs: {e}"))
-                    },
-                )?;
-            }
-            mounted = Some(target);
-        }
-        let net = Self::pod_net(&oci).inspect_err(|_| {
-            if let Some(t) = &mounted {
-                Self::unmount(t);
-            }
-        })?;
-        let args = match &net {
-            Some(n) => podnet::with_net_arg(args, &n.iface.net_arg()),
-            None => args,
-        };
-        let io = Stdio3 {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-        };
-        {
-            let mut st = self.state();
-            if st.containers.contains_key(&req.id) {
-                if let Some(n) = &net {
-                    n.teardown();
-                }
-                return Err(rpc_error(
-                    Code::ALREADY_EXISTS,
-                    format!("container {} exists", req.id),
-                ));
-            }
-            st.containers.insert(
-                req.id.clone(),
-                Container {
-                    bundle,
-                    args,
-                    io,
-                    stdin: None,
-                    mounted,
-                    phase: Phase::Created,
-                    pid: 0,
-                    exit: None,
-                    vsock,
-                    execs: exec::Execs::default(),
-                    terminal: spec::terminal(&oci) || req.terminal,
-                    console: None,
-                    net,
-                },
-            );
-        }
-        // The process only exists once started: until then the shim stands
-        // for it (containerd needs a live pid).
-        let pid = std::process::id();
-        let mut ev = TaskCreate::new();
-        ev.container_id = req.id.clone();
-        ev.bundle = req.bundle.clone();
-        ev.rootfs = req.rootfs.clone();
-        ev.pid = pid;
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev));
-        let mut resp = api::CreateTaskResponse::new();
-        resp.pid = pid;
-        Ok(resp)
+        self.create_container(&req)
     }
 
     fn start(
@@ -335,55 +236,7 @@ impl containerd_shim::Task for Service {
         if !req.exec_id.is_empty() {
             return self.exec_start(&req.id, &req.exec_id);
         }
-        let cfg = ShimConfig::load().map_err(|e| rpc_error(Code::FAILED_PRECONDITION, e))?;
-        let mut st = self.state();
-        let c = st
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| no_container(&req.id))?;
-        if c.phase != Phase::Created {
-            return Err(rpc_error(
-                Code::FAILED_PRECONDITION,
-                format!("container {} was already started", req.id),
-            ));
-        }
-        let failed = |e: std::io::Error| {
-            rpc_error(
-                Code::INTERNAL,
-                format!("cannot start {}: {e}", cfg.capsule.display()),
-            )
-        };
-        let (child, copied) = if c.terminal {
-            let (child, master, copied) = in_pod_net(c.net.as_ref(), || {
-                crate::console::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io)
-            })?
-            .map_err(failed)?;
-            c.console = Some(master);
-            (child, Some(copied))
-        } else {
-            let (child, stdin) = in_pod_net(c.net.as_ref(), || {
-                process::spawn(&cfg.capsule, &c.args, &c.bundle, &c.io)
-            })?
-            .map_err(failed)?;
-            c.stdin = stdin;
-            (child, None)
-        };
-        c.pid = child.id();
-        c.phase = Phase::Running;
-        let pid = c.pid;
-        let vsock = c.vsock.clone();
-        drop(st);
-        self.watch(req.id.clone(), child, copied);
-        if let Some(v) = vsock {
-            self.watch_events(&req.id, v);
-        }
-        let mut ev = TaskStart::new();
-        ev.container_id = req.id;
-        ev.pid = pid;
-        self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev));
-        let mut resp = api::StartResponse::new();
-        resp.pid = pid;
-        Ok(resp)
+        self.start_container(req.id)
     }
 
     fn state(
