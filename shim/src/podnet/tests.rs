@@ -85,15 +85,12 @@ fn the_guest_takes_the_interface_s_mac_address_and_mtu() {
     assert_eq!(got, want);
 }
 
-/// In a fresh network namespace of a thread (root only): only loopback,
-/// so no pod interface; the TAP is created there, up, and removed, and
-/// never seen in the test's own namespace.
-#[test]
-fn a_tap_is_made_and_removed_in_the_namespace() {
+/// A new, empty network namespace (made by a thread that then ends), if
+/// this test may make TAPs: root, with /dev/net/tun.
+fn fresh_netns() -> Option<File> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: needs root and /dev/net/tun");
-        return;
+        return None;
     }
     let ns = std::thread::spawn(|| {
         // SAFETY: unshare of this thread's network namespace only.
@@ -102,6 +99,18 @@ fn a_tap_is_made_and_removed_in_the_namespace() {
     })
     .join()
     .unwrap();
+    Some(ns)
+}
+
+/// In a fresh network namespace of a thread (root only): only loopback,
+/// so no pod interface; the TAP is created there, up, and removed, and
+/// never seen in the test's own namespace.
+#[test]
+fn a_tap_is_made_and_removed_in_the_namespace() {
+    let Some(ns) = fresh_netns() else {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    };
     let path = Path::new("/proc/thread-self/ns/net");
     let name = "capsuletest0";
     in_netns(&ns, path, || {
@@ -135,18 +144,10 @@ fn a_tap_is_made_and_removed_in_the_namespace() {
 /// still removed: remove_tap waits for the holder to let go.
 #[test]
 fn a_tap_held_for_a_moment_is_still_removed() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+    let Some(ns) = fresh_netns() else {
         eprintln!("skipped: needs root and /dev/net/tun");
         return;
-    }
-    let ns = std::thread::spawn(|| {
-        // SAFETY: unshare of this thread's network namespace only.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
-        File::open("/proc/thread-self/ns/net").unwrap()
-    })
-    .join()
-    .unwrap();
+    };
     let path = Path::new("/proc/thread-self/ns/net");
     let name = "capsuletest1";
     in_netns(&ns, path, || {

@@ -124,6 +124,22 @@ fn attached_uart() -> (Arc<Mutex<SerialDevice>>, UnixStream, Loop) {
     (dev, host, em)
 }
 
+/// What the guest reads, as a driver would on each interrupt, until
+/// `n` bytes have come (or 100 turns of the event loop have passed).
+fn drain(dev: &Arc<Mutex<SerialDevice>>, em: &mut Loop, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        em.run_with_timeout(10).unwrap();
+        while read_reg(dev, LSR) & 1 != 0 {
+            got.push(read_reg(dev, DATA));
+        }
+        if got.len() >= n {
+            break;
+        }
+    }
+    got
+}
+
 /// Input typed before the guest's driver opens the port waits on the
 /// host side: the probe's and start-up's reads of the receive register
 /// find nothing to throw away, and every byte arrives once the receive
@@ -151,17 +167,7 @@ fn typed_ahead_input_waits_for_the_driver() {
     em.run_with_timeout(10).unwrap();
     assert_eq!(read_reg(&dev, LSR) & 1, 0, "IER is still off");
     dev.lock().unwrap().write(IER, &[0x1]); // the driver opens the port
-    let mut got = Vec::new();
-    for _ in 0..100 {
-        em.run_with_timeout(10).unwrap();
-        while read_reg(&dev, LSR) & 1 != 0 {
-            got.push(read_reg(&dev, DATA));
-        }
-        if got.len() == 17 {
-            break;
-        }
-    }
-    assert_eq!(got, b"echo typed-ahead\n");
+    assert_eq!(drain(&dev, &mut em, 17), b"echo typed-ahead\n");
 }
 
 /// Linux's 8250 probe (`autoconfig`, as traced from a guest that lost
@@ -210,17 +216,7 @@ fn the_8250_probe_does_not_open_the_gate() {
     w(IER, 0x05);
     w(2, 0x81);
     w(IER, 0x0f);
-    let mut got = Vec::new();
-    for _ in 0..100 {
-        em.run_with_timeout(10).unwrap();
-        while read_reg(&dev, LSR) & 1 != 0 {
-            got.push(read_reg(&dev, DATA));
-        }
-        if got.len() == 26 {
-            break;
-        }
-    }
-    assert_eq!(got, b"echo typed-$((6*7))-ahead\n");
+    assert_eq!(drain(&dev, &mut em, 26), b"echo typed-$((6*7))-ahead\n");
 }
 
 /// A port that runs with every interrupt on and its FIFOs enabled (an
