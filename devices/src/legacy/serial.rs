@@ -160,7 +160,7 @@ impl SerialDevice {
     /// restored guest whose port was open gets input at once.
     pub fn accepts_input(&mut self) -> bool {
         // Reading LCR and IER has no side effect on a 16550A.
-        if self.serial.read(LCR_OFFSET) & LCR_DLAB != 0 {
+        if self.divisor_latched() {
             return false;
         }
         let ier = self.serial.read(IER_OFFSET);
@@ -168,6 +168,12 @@ impl SerialDevice {
             return ier & IER_ALL != IER_ALL || self.fifo_enabled;
         }
         !self.ier_written && self.lsr_polls >= POLLING_GUEST_READS
+    }
+
+    /// Whether LCR selects the divisor latch (DLAB): offsets 0 and 1 are
+    /// then the divisor, not the data and interrupt enable registers.
+    fn divisor_latched(&mut self) -> bool {
+        self.serial.read(LCR_OFFSET) & LCR_DLAB != 0
     }
 
     /// Queues bytes for the guest to read; returns how many were taken.
@@ -199,12 +205,15 @@ impl BusDevice for SerialDevice {
         let (Some(&v), Ok(off)) = (data.first(), u8::try_from(offset)) else {
             return;
         };
-        if self.serial.read(LCR_OFFSET) & LCR_DLAB == 0 {
-            match off {
-                IER_OFFSET => self.ier_written = true,
-                FCR_OFFSET => self.fifo_enabled = v & FCR_ENABLE_FIFO != 0,
-                _ => {}
+        // Only IER and FCR writes need LCR read (not every output byte).
+        // With DLAB set, offset 1 is the divisor, and the probe's offset 2
+        // writes under LCR 0xbf go to a 16650's EFR.
+        match off {
+            IER_OFFSET if !self.divisor_latched() => self.ier_written = true,
+            FCR_OFFSET if !self.divisor_latched() => {
+                self.fifo_enabled = v & FCR_ENABLE_FIFO != 0;
             }
+            _ => {}
         }
         if let Err(e) = self.serial.write(off, v) {
             crate::debug_ratelimited!("serial: write failed: {e:?}");
