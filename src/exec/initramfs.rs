@@ -23,15 +23,43 @@ pub fn build_initramfs(
     modules: &[std::path::PathBuf],
     nets: Vec<exec_proto::NetSpec>,
 ) -> Result<Vec<u8>, Error> {
-    let module_names = modules
+    let spec = exec_spec(config, live, module_names(modules)?, nets).to_bytes()?;
+    let mut w = CpioWriter::new();
+    if let Some(root) = &config.rootfs {
+        pack_rootfs(&mut w, root)?;
+    }
+    pack_init(&mut w, &spec)?;
+    pack_modules(&mut w, modules)?;
+    pack_shares(&mut w, config, live)?;
+    // Live, the files are on their own virtio-fs devices (`files.rs`).
+    if !live {
+        pack_files(&mut w, config)?;
+    }
+    Ok(w.finish())
+}
+
+/// The file names of `modules`, as the init finds them in its module
+/// directory.
+fn module_names(modules: &[std::path::PathBuf]) -> Result<Vec<Vec<u8>>, Error> {
+    modules
         .iter()
         .map(|m| {
             m.file_name()
                 .map(|n| n.as_bytes().to_vec())
                 .ok_or_else(|| Error::Usage(format!("bad module path {}", m.display())))
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    let spec = ExecSpec {
+        .collect()
+}
+
+/// The command description the init reads: what to run, where, and what
+/// to mount and configure first.
+fn exec_spec(
+    config: &ExecConfig,
+    live: bool,
+    modules: Vec<Vec<u8>>,
+    nets: Vec<exec_proto::NetSpec>,
+) -> ExecSpec {
+    ExecSpec {
         argv: config.argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
         env: config.env.iter().map(|e| e.as_bytes().to_vec()).collect(),
         cwd: config.workdir.as_bytes().to_vec(),
@@ -54,7 +82,7 @@ pub fn build_initramfs(
         live,
         host_root: config.host_root,
         fs_root: config.fs_root.is_some(),
-        modules: module_names,
+        modules,
         nets,
         await_command: config.argv.is_empty(),
         tty: config.tty.then(|| {
@@ -62,18 +90,25 @@ pub fn build_initramfs(
         }),
         user: config.user.clone(),
         watch: false,
-    };
-    let spec = spec.to_bytes()?;
-    let mut w = CpioWriter::new();
-    if let Some(root) = &config.rootfs {
-        if !root.is_dir() {
-            return Err(Error::Usage(format!(
-                "--rootfs {}: not a directory",
-                root.display()
-            )));
-        }
-        w.tree(root, "")?;
     }
+}
+
+/// Packs the `--rootfs` tree at the root of the archive; the entries
+/// packed after it are laid over it.
+fn pack_rootfs(w: &mut CpioWriter, root: &std::path::Path) -> Result<(), Error> {
+    if !root.is_dir() {
+        return Err(Error::Usage(format!(
+            "--rootfs {}: not a directory",
+            root.display()
+        )));
+    }
+    w.tree(root, "")?;
+    Ok(())
+}
+
+/// Packs what every exec guest has: `/dev/console`, the mount points, the
+/// init and its command description `spec`.
+fn pack_init(w: &mut CpioWriter, spec: &[u8]) -> Result<(), Error> {
     // Directories may repeat entries of the rootfs tree; the kernel keeps
     // the existing directory.
     w.dir("dev", 0o755)?;
@@ -86,23 +121,32 @@ pub fn build_initramfs(
         0o755,
         INIT_BINARY,
     )?;
-    w.file(
-        exec_proto::CONFIG_PATH.trim_start_matches('/'),
-        0o644,
-        &spec,
-    )?;
-    if !modules.is_empty() {
-        w.dir(exec_proto::MODULE_DIR.trim_start_matches('/'), 0o755)?;
-        for m in modules {
-            let data = std::fs::read(m).map_err(|source| Error::Module {
-                path: m.clone(),
-                source,
-            })?;
-            let name = m.file_name().unwrap_or_default().to_string_lossy();
-            let dest = format!("{}/{name}", exec_proto::MODULE_DIR.trim_start_matches('/'));
-            w.file(&dest, 0o644, &data)?;
-        }
+    w.file(exec_proto::CONFIG_PATH.trim_start_matches('/'), 0o644, spec)?;
+    Ok(())
+}
+
+/// Packs the kernel `modules` into the module directory, in order (none:
+/// no directory).
+fn pack_modules(w: &mut CpioWriter, modules: &[std::path::PathBuf]) -> Result<(), Error> {
+    if modules.is_empty() {
+        return Ok(());
     }
+    w.dir(exec_proto::MODULE_DIR.trim_start_matches('/'), 0o755)?;
+    for m in modules {
+        let data = std::fs::read(m).map_err(|source| Error::Module {
+            path: m.clone(),
+            source,
+        })?;
+        let name = m.file_name().unwrap_or_default().to_string_lossy();
+        let dest = format!("{}/{name}", exec_proto::MODULE_DIR.trim_start_matches('/'));
+        w.file(&dest, 0o644, &data)?;
+    }
+    Ok(())
+}
+
+/// Checks that every `--share` is a directory and, unless `live` (then
+/// they are virtio-fs mounts), packs each tree under the share directory.
+fn pack_shares(w: &mut CpioWriter, config: &ExecConfig, live: bool) -> Result<(), Error> {
     for (i, share) in config.shares.iter().enumerate() {
         if !share.host.is_dir() {
             return Err(Error::Usage(format!(
@@ -117,18 +161,24 @@ pub fn build_initramfs(
         w.dir(&dest, 0o755)?;
         w.tree(&share.host, &dest)?;
     }
-    // Live, the files are on their own virtio-fs devices (`files.rs`).
-    if !live && !config.files.is_empty() {
-        let dir = exec_proto::FILES_DIR.trim_start_matches('/');
-        w.dir(dir, 0o755)?;
-        for (i, f) in config.files.iter().enumerate() {
-            let data = std::fs::read(&f.host).map_err(|e| {
-                Error::Usage(format!("--share {}: cannot read it: {e}", f.host.display()))
-            })?;
-            w.file(&format!("{dir}/{i}"), 0o644, &data)?;
-        }
+    Ok(())
+}
+
+/// Packs copies of the shared single files into the files directory (none:
+/// no directory).
+fn pack_files(w: &mut CpioWriter, config: &ExecConfig) -> Result<(), Error> {
+    if config.files.is_empty() {
+        return Ok(());
     }
-    Ok(w.finish())
+    let dir = exec_proto::FILES_DIR.trim_start_matches('/');
+    w.dir(dir, 0o755)?;
+    for (i, f) in config.files.iter().enumerate() {
+        let data = std::fs::read(&f.host).map_err(|e| {
+            Error::Usage(format!("--share {}: cannot read it: {e}", f.host.display()))
+        })?;
+        w.file(&format!("{dir}/{i}"), 0o644, &data)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
