@@ -2,10 +2,10 @@
 //! into the connections and filling receive buffers with what they owe
 //! the guest, with `EVENT_IDX` notification suppression.
 
-use virtio_queue::{QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 
 use super::conn::Payload;
-use super::packet::{read_tx_packet, Header, RxChain};
+use super::packet::{read_tx_packet, Header, RxChain, TxPayload};
 use super::{Vsock, PACKET_BUDGET, RX_QUEUE, TX_QUEUE};
 use crate::virtio::device::avail_ring_broken;
 use crate::virtio::Queue;
@@ -22,70 +22,97 @@ impl Vsock {
         let mem = active.mem.clone();
         let mut payload = std::mem::take(&mut self.tx_payload);
         let mut handled = 0;
-        'rounds: while handled < PACKET_BUDGET {
+        while handled < PACKET_BUDGET {
             let Some(active) = self.common.activation_mut() else {
                 break;
             };
-            let q = &mut active.queues[TX_QUEUE];
-            if let Err(e) = q.disable_notification(&mem) {
+            if let Err(e) = active.queues[TX_QUEUE].disable_notification(&mem) {
                 crate::warn_ratelimited!("virtio-vsock: cannot disable notifications: {e}");
             }
-            while handled < PACKET_BUDGET {
-                let Some(active) = self.common.activation_mut() else {
-                    break 'rounds;
-                };
-                let q = &mut active.queues[TX_QUEUE];
-                let Some(chain) = q.pop_descriptor_chain(&mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let packet = read_tx_packet(&mem, chain, &mut payload);
-                handled += 1;
-                match packet {
-                    Ok(hdr) => self.handle_packet(
-                        &hdr,
-                        Payload {
-                            mem: &mem,
-                            data: &payload,
-                        },
-                    ),
-                    Err(why) => {
-                        crate::warn_ratelimited!("virtio-vsock: dropped a transmit packet: {why}")
-                    }
-                }
-                // Returned once its payload was taken.
-                if let Some(active) = self.common.activation_mut() {
-                    if let Err(e) = active.queues[TX_QUEUE].add_used(&mem, head, 0) {
-                        crate::warn_ratelimited!(
-                            "virtio-vsock: cannot return transmit buffer {head}: {e}"
-                        );
-                    }
-                }
-            }
-            if handled >= PACKET_BUDGET {
+            if !self.drain_tx(&mem, &mut payload, &mut handled)
+                || handled >= PACKET_BUDGET
+                || !self.enable_tx_notifications(&mem)
+            {
                 break;
-            }
-            let Some(active) = self.common.activation_mut() else {
-                break;
-            };
-            let q = &mut active.queues[TX_QUEUE];
-            let next_avail = q.next_avail();
-            match q.enable_notification(&mem) {
-                Ok(true) if avail_ring_broken(q, &mem, next_avail) => {
-                    crate::warn_ratelimited!(
-                        "virtio-vsock: the driver's transmit ring is out of range; queue stalled"
-                    );
-                    break;
-                }
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    crate::warn_ratelimited!("virtio-vsock: cannot enable notifications: {e}");
-                    break;
-                }
             }
         }
         self.tx_payload = payload;
+        self.finish_tx(handled);
+    }
+
+    /// Pops and handles transmit chains until the ring is empty or
+    /// `handled` reaches the budget; false if the device stopped being
+    /// active meanwhile.
+    fn drain_tx(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        payload: &mut TxPayload,
+        handled: &mut usize,
+    ) -> bool {
+        while *handled < PACKET_BUDGET {
+            let Some(active) = self.common.activation_mut() else {
+                return false;
+            };
+            let Some(chain) = active.queues[TX_QUEUE].pop_descriptor_chain(mem) else {
+                break;
+            };
+            *handled += 1;
+            self.handle_tx_chain(mem, chain, payload);
+        }
+        true
+    }
+
+    /// Hands the packet in `chain` to its connection (`payload` is the
+    /// reused buffer that collects its data) and returns the chain.
+    #[inline]
+    fn handle_tx_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        payload: &mut TxPayload,
+    ) {
+        let head = chain.head_index();
+        match read_tx_packet(mem, chain, payload) {
+            Ok(hdr) => self.handle_packet(&hdr, Payload { mem, data: payload }),
+            Err(why) => {
+                crate::warn_ratelimited!("virtio-vsock: dropped a transmit packet: {why}")
+            }
+        }
+        // Returned once its payload was taken.
+        if let Some(active) = self.common.activation_mut() {
+            if let Err(e) = active.queues[TX_QUEUE].add_used(mem, head, 0) {
+                crate::warn_ratelimited!("virtio-vsock: cannot return transmit buffer {head}: {e}");
+            }
+        }
+    }
+
+    /// Turns the driver's transmit notifications back on once the ring is
+    /// empty; true if chains came meanwhile (drain again).
+    fn enable_tx_notifications(&mut self, mem: &GuestMemoryMmap) -> bool {
+        let Some(active) = self.common.activation_mut() else {
+            return false;
+        };
+        let q = &mut active.queues[TX_QUEUE];
+        let next_avail = q.next_avail();
+        match q.enable_notification(mem) {
+            Ok(true) if avail_ring_broken(q, mem, next_avail) => {
+                crate::warn_ratelimited!(
+                    "virtio-vsock: the driver's transmit ring is out of range; queue stalled"
+                );
+                false
+            }
+            Ok(true) => true,
+            Ok(false) => false,
+            Err(e) => {
+                crate::warn_ratelimited!("virtio-vsock: cannot enable notifications: {e}");
+                false
+            }
+        }
+    }
+
+    /// Counts the `handled` chains, interrupts the driver for them, and
+    /// with the budget spent kicks the queue to come back for the rest.
+    fn finish_tx(&mut self, handled: usize) {
         if handled > 0 {
             self.tx_rounds += 1;
             self.tx_packets += handled as u64;
