@@ -49,6 +49,7 @@
 //! disks) or `DISCARD` + `WRITE_ZEROES` (writable ones).
 
 pub mod disk;
+mod drain;
 mod ephemeral;
 mod error;
 mod event_handler;
@@ -60,12 +61,10 @@ mod uring;
 use std::io;
 use std::path::PathBuf;
 
-use crate::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES,
 };
-use virtio_queue::{QueueOwnedT, QueueT};
 
 pub use disk::{DiskImage, RawImage};
 pub use ephemeral::EphemeralImage;
@@ -73,7 +72,6 @@ pub use error::BlockError;
 pub use lock::lock_image;
 pub use uring::IoEngine;
 
-use super::device::avail_ring_broken;
 use super::features::{
     bit, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -334,197 +332,6 @@ impl Block {
         self.config = config_space(self.capacity);
         self.common.config_changed(true);
         Ok(())
-    }
-
-    /// Drains the request queue; runs on the event-loop thread.
-    fn process_queue(&mut self) {
-        let Self {
-            common,
-            disk,
-            capacity,
-            id,
-            buf,
-            byte_budget,
-            resume,
-            limiter,
-            cache,
-            uring,
-            ..
-        } = self;
-        let mut uring = uring.as_deref_mut();
-        let zeroes = common.avail_features() & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0;
-        let Some(active) = common.activation_mut() else {
-            return;
-        };
-        let queue = &mut active.queues[REQUEST_QUEUE];
-        let mut ctx = request::Context {
-            disk: disk.as_mut(),
-            capacity: *capacity,
-            id,
-            zeroes,
-            sync_on_flush: *cache == CacheMode::Writeback,
-            buf,
-            bytes: 0,
-            budget: *byte_budget,
-            resume: None,
-        };
-        let mem = &active.mem;
-        let mut handled = 0usize;
-        let mut answered = 0usize;
-        let mut more = false;
-        let mut limited = false;
-        let mut suspended = false;
-        // The last pass found no request, yet the ring said more.
-        let mut empty_pass = false;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                crate::warn_ratelimited!("virtio-blk: cannot disable notifications: {e}");
-                break;
-            }
-            let before = handled;
-            let next_avail = queue.next_avail();
-            while handled < REQUEST_BUDGET && ctx.bytes < *byte_budget {
-                let ring = uring.as_deref_mut();
-                match serve_next(queue, mem, &mut ctx, resume, limiter.as_mut(), ring) {
-                    Step::Served => {
-                        handled += 1;
-                        answered += 1;
-                    }
-                    Step::Submitted => handled += 1,
-                    Step::Empty => break,
-                    Step::Limited => {
-                        limited = true;
-                        break;
-                    }
-                    Step::Suspended => {
-                        suspended = true;
-                        break;
-                    }
-                }
-            }
-            if limited {
-                break;
-            }
-            if suspended {
-                more = true;
-                break;
-            }
-            if handled >= REQUEST_BUDGET || ctx.bytes >= *byte_budget {
-                // Yield; the kick below brings the loop back to the rest
-                // without waiting for the guest's next notification.
-                more = true;
-                break;
-            }
-            match queue.enable_notification(mem) {
-                // New requests arrived; go again unless the ring is broken
-                // (an available index more than a ring ahead: nothing can
-                // be popped). A pass that found nothing is not proof of
-                // that: the driver may have published between its last
-                // pop and this check, and it sends no notification for
-                // such a request when the event index it read was older
-                // (after a pass that stopped on the budget), so stopping
-                // here would leave that request unserved for good. A
-                // second pass in a row without a request is.
-                Ok(true)
-                    if handled == before
-                        && (empty_pass || avail_ring_broken(queue, mem, next_avail)) =>
-                {
-                    crate::warn_ratelimited!(
-                        "virtio-blk: available ring is inconsistent; queue stalled"
-                    );
-                    break;
-                }
-                Ok(true) => empty_pass = handled == before,
-                Ok(false) => break,
-                Err(e) => {
-                    crate::warn_ratelimited!("virtio-blk: cannot enable notifications: {e}");
-                    break;
-                }
-            }
-        }
-        if let Some(u) = uring {
-            u.submit();
-            // Reads and writes the page cache can serve complete inside
-            // the submission: answer them now, under this round's
-            // interrupt, instead of after a wake-up on the completion
-            // eventfd and another event-loop round.
-            if u.reap_after_submit {
-                answered += u.reap(Some(queue));
-            }
-        }
-        if answered > 0 {
-            active.signal_used_queue(REQUEST_QUEUE);
-        }
-        if more {
-            common.kick(REQUEST_QUEUE);
-        }
-    }
-}
-
-/// What [`serve_next`] did.
-enum Step {
-    /// A request completed and went to the used ring.
-    Served,
-    /// A request went to the io_uring; its completion answers it.
-    Submitted,
-    /// No request available.
-    Empty,
-    /// The rate limiter refused the next request (left in the ring), or
-    /// the io_uring has no room for one (a completion continues).
-    Limited,
-    /// A request stopped on the byte budget (left in the ring, its
-    /// progress in `resume`).
-    Suspended,
-}
-
-/// Pops the next request and serves it (as far as the byte budget goes).
-/// `resume` is the progress of the request an earlier event stopped in:
-/// the first one popped now, whose bytes the limiter already counted.
-/// With `uring`, reads, writes and flushes are submitted there instead.
-fn serve_next(
-    queue: &mut virtio_queue::Queue,
-    mem: &GuestMemoryMmap,
-    ctx: &mut request::Context<'_>,
-    resume: &mut Option<(u16, request::Progress)>,
-    limiter: Option<&mut crate::rate_limiter::RateLimiter>,
-    uring: Option<&mut uring::Uring>,
-) -> Step {
-    if uring.as_ref().is_some_and(|u| !u.has_room()) {
-        return Step::Limited;
-    }
-    let Some(chain) = queue.pop_descriptor_chain(mem) else {
-        return Step::Empty;
-    };
-    let head = chain.head_index();
-    ctx.resume = resume.take().filter(|r| r.0 == head).map(|r| r.1);
-    if let Some(l) = limiter.filter(|_| ctx.resume.is_none()) {
-        if !l.consume(request::data_len_of(chain.clone())) {
-            // Back in the ring until the limiter's timer fires.
-            queue.go_to_previous_position();
-            crate::metrics::BLOCK.rate_limiter_throttled_events.inc();
-            return Step::Limited;
-        }
-    }
-    let outcome = match uring {
-        Some(u) => match u.start(ctx, mem, chain) {
-            Some(len) => request::Outcome::Done(len),
-            None => return Step::Submitted,
-        },
-        None => request::process(ctx, mem, chain),
-    };
-    match outcome {
-        request::Outcome::Done(len) => {
-            if let Err(e) = queue.add_used(mem, head, len) {
-                crate::warn_ratelimited!("virtio-blk: cannot return descriptor {head}: {e}");
-            }
-            Step::Served
-        }
-        request::Outcome::Suspended(progress) => {
-            // Back in the ring, continued by the next event.
-            queue.go_to_previous_position();
-            *resume = Some((head, progress));
-            Step::Suspended
-        }
     }
 }
 
