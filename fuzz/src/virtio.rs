@@ -310,79 +310,20 @@ impl Rig {
         let opts = input.u8();
         let mut console = None;
         let mut fs = None;
-        let (device, sub): (Arc<Mutex<dyn VirtioDevice>>, Subscriber) = match kind {
-            Kind::Block => {
-                let disk = MemDisk {
-                    data: vec![0xa5; DISK_LEN],
-                    read_only: opts & 1 != 0,
-                    fail: opts & 2 != 0,
-                };
-                let d = Arc::new(Mutex::new(
-                    Block::with_disk(Box::new(disk), [b'f'; ID_BYTES]).expect("block"),
-                ));
-                (d.clone(), d)
-            }
-            Kind::Net => {
-                let mut frames = VecDeque::new();
-                for _ in 0..(opts % 8) {
-                    let len = usize::from(input.u16() % 2048);
-                    frames.push_back(input.bytes(len).to_vec());
-                }
-                let n = usize::from(input.u8() % 16);
-                let outcomes = input.bytes(n).to_vec();
-                let backend = ScriptedBackend::new(frames, outcomes.into());
-                let d = Arc::new(Mutex::new(
-                    Net::new(Box::new(backend), [2, 0, 0, 0, 0, 1]).expect("net"),
-                ));
-                (d.clone(), d)
-            }
+        let (device, sub) = match kind {
+            Kind::Block => shared(block_device(opts)),
+            Kind::Net => shared(net_device(opts, input)),
             Kind::Console => {
-                let c = Arc::new(Mutex::new(
-                    Console::new(Box::new(FlakyOut {
-                        fail: opts & 1 != 0,
-                    }))
-                    .expect("console"),
-                ));
-                c.lock().unwrap().queue_input(input.rest());
+                let c = console_device(opts, input);
                 console = Some(c.clone());
-                (c.clone(), c)
+                shared(c)
             }
-            Kind::Balloon => {
-                let d = Arc::new(Mutex::new(
-                    Balloon::new(BalloonConfig {
-                        amount_mib: u32::from(opts),
-                        deflate_on_oom: true,
-                        stats_interval_s: 1,
-                        free_page_reporting: true,
-                    })
-                    .expect("balloon"),
-                ));
-                (d.clone(), d)
-            }
-            Kind::Rng => {
-                let mut bucket = |on: bool| {
-                    on.then(|| BucketConfig {
-                        size: u64::from(input.u16()),
-                        one_time_burst: 0,
-                        refill_time_ms: 100,
-                    })
-                };
-                let bytes = bucket(opts & 1 != 0);
-                let ops = bucket(opts & 2 != 0);
-                let limiter = RateLimiter::new(bytes, ops).expect("rate limiter");
-                let d = Arc::new(Mutex::new(Rng::with_limiter(limiter).expect("rng")));
-                (d.clone(), d)
-            }
+            Kind::Balloon => shared(balloon_device(opts)),
+            Kind::Rng => shared(rng_device(opts, input)),
             Kind::Fs => {
-                let features = input.u64() | (1 << 32);
-                let (backend, handle) = ScriptedVhostUser::new(features, input.rest());
+                let (d, handle) = fs_device(opts, input);
                 fs = Some(handle);
-                let tag =
-                    ["share", "x", "a-tag-of-36-bytes-exactly-0123456789"][usize::from(opts % 3)];
-                let d = Arc::new(Mutex::new(
-                    Fs::new(tag, Box::new(backend), None).expect("fs"),
-                ));
-                (d.clone(), d)
+                shared(d)
             }
         };
         let mut rig = Self::attach(mem, device, sub, kind.queues());
@@ -493,6 +434,98 @@ impl Rig {
             .write_slice(&data[..n], GuestAddress(addr))
             .expect("poke inside memory");
     }
+}
+
+/// `device` as the rig holds it twice: the transport's device and the
+/// event loop's subscriber.
+fn shared<D: VirtioDevice + 'static>(
+    device: Arc<Mutex<D>>,
+) -> (Arc<Mutex<dyn VirtioDevice>>, Subscriber) {
+    (device.clone(), device)
+}
+
+/// virtio-blk over a [`DISK_LEN`] in-memory disk; `opts` bit 0 read-only,
+/// bit 1 failing.
+fn block_device(opts: u8) -> Arc<Mutex<Block>> {
+    let disk = MemDisk {
+        data: vec![0xa5; DISK_LEN],
+        read_only: opts & 1 != 0,
+        fail: opts & 2 != 0,
+    };
+    Arc::new(Mutex::new(
+        Block::with_disk(Box::new(disk), [b'f'; ID_BYTES]).expect("block"),
+    ))
+}
+
+/// virtio-net over a scripted backend: `opts % 8` frames to receive and
+/// the send outcomes, read from `input`.
+fn net_device(opts: u8, input: &mut Input<'_>) -> Arc<Mutex<Net>> {
+    let mut frames = VecDeque::new();
+    for _ in 0..(opts % 8) {
+        let len = usize::from(input.u16() % 2048);
+        frames.push_back(input.bytes(len).to_vec());
+    }
+    let n = usize::from(input.u8() % 16);
+    let outcomes = input.bytes(n).to_vec();
+    let backend = ScriptedBackend::new(frames, outcomes.into());
+    Arc::new(Mutex::new(
+        Net::new(Box::new(backend), [2, 0, 0, 0, 0, 1]).expect("net"),
+    ))
+}
+
+/// virtio-console whose output fails with `opts` bit 0, with the rest of
+/// `input` queued as host input.
+fn console_device(opts: u8, input: &mut Input<'_>) -> Arc<Mutex<Console>> {
+    let c = Arc::new(Mutex::new(
+        Console::new(Box::new(FlakyOut {
+            fail: opts & 1 != 0,
+        }))
+        .expect("console"),
+    ));
+    c.lock().unwrap().queue_input(input.rest());
+    c
+}
+
+/// virtio-balloon with every feature, its target `opts` MiB.
+fn balloon_device(opts: u8) -> Arc<Mutex<Balloon>> {
+    Arc::new(Mutex::new(
+        Balloon::new(BalloonConfig {
+            amount_mib: u32::from(opts),
+            deflate_on_oom: true,
+            stats_interval_s: 1,
+            free_page_reporting: true,
+        })
+        .expect("balloon"),
+    ))
+}
+
+/// virtio-rng with a byte limit (`opts` bit 0) and a request limit (bit
+/// 1), each a bucket of the next `u16` of `input` refilled in 100 ms.
+fn rng_device(opts: u8, input: &mut Input<'_>) -> Arc<Mutex<Rng>> {
+    let mut bucket = |on: bool| {
+        on.then(|| BucketConfig {
+            size: u64::from(input.u16()),
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        })
+    };
+    let bytes = bucket(opts & 1 != 0);
+    let ops = bucket(opts & 2 != 0);
+    let limiter = RateLimiter::new(bytes, ops).expect("rate limiter");
+    Arc::new(Mutex::new(Rng::with_limiter(limiter).expect("rng")))
+}
+
+/// virtio-fs over a scripted vhost-user backend (its features, then its
+/// answers, from `input`), one of three tags by `opts`; with the
+/// backend's handle.
+fn fs_device(opts: u8, input: &mut Input<'_>) -> (Arc<Mutex<Fs>>, Arc<FsHandle>) {
+    let features = input.u64() | (1 << 32);
+    let (backend, handle) = ScriptedVhostUser::new(features, input.rest());
+    let tag = ["share", "x", "a-tag-of-36-bytes-exactly-0123456789"][usize::from(opts % 3)];
+    let d = Arc::new(Mutex::new(
+        Fs::new(tag, Box::new(backend), None).expect("fs"),
+    ));
+    (d, handle)
 }
 
 /// The common shape of the per-device targets: device options, driver
