@@ -3,9 +3,10 @@
 # QEMU, Firecracker and Cloud Hypervisor.
 #
 # Boots the same guest (capsule's test kernel and busybox initramfs, 1 vCPU,
-# 128 MiB, the same command line) BENCH_RUNS times with each VMM,
-# alternating, and prints one table with min / median / max per VMM and the
-# ratio of capsule's median to each peer's:
+# 128 MiB, the same command line) BENCH_RUNS times with each VMM, taking
+# turns (each round starting one VMM further down the list), and prints
+# one table with min / median / max per VMM and the ratio of capsule's
+# median to each peer's:
 #
 #   - process start -> guest userspace: from just before the VMM is started
 #     to the guest init's ready line on the VMM's stdout (measured the same
@@ -235,20 +236,33 @@ api() {
 
 # The transport runs' disk: 1 MiB of zeroes.
 dd if=/dev/zero of="$WORK/blk.img" bs=1024 count=1024 2>/dev/null
+# Each round starts one VMM further down the list, so that no VMM always
+# boots right after the same neighbour (whose exit L1 may still be
+# cleaning up after: freeing its guest RAM, its huge pages).
+# rotated K WORD...: the words, starting at word K (mod their number).
+rotated() {
+    k=$1
+    shift
+    k=$((k % $#))
+    while [ "$k" -gt 0 ]; do
+        first=$1
+        shift
+        set -- "$@" "$first"
+        k=$((k - 1))
+    done
+    echo "$@"
+}
 i=0
 while [ "$i" -lt "$BENCH_RUNS" ]; do
     i=$((i + 1))
     if [ -n "${BENCH_TRANSPORT:-}" ]; then
-        one capsule-mmio-blk
-        one capsule-pci-blk
+        for v in $(rotated "$i" capsule-mmio-blk capsule-pci-blk); do one "$v"; done
         [ "$BENCH_TRANSPORT" = only ] && continue
     fi
-    one capsule
-    [ -z "${CAPSULE_BASE:-}" ] || one capsule-base
-    one qemu
-    for p in $PEERS; do one "$p"; done
-    one capsule-open
-    one capsule-jail
+    # shellcheck disable=SC2086 # $PEERS is a list of words
+    for v in $(rotated "$i" capsule ${CAPSULE_BASE:+capsule-base} qemu $PEERS capsule-open capsule-jail); do
+        one "$v"
+    done
     api capsule
     [ -z "${CAPSULE_BASE:-}" ] || api capsule-base
     for p in $PEERS; do api "$p"; done

@@ -16,8 +16,10 @@
 #
 # When stdin is a terminal the session is interactive: keystrokes (Ctrl-C
 # included) go to SCRIPT; Ctrl-A x kills L1, Ctrl-A c opens QEMU's monitor.
-# Otherwise stdin is forwarded if it is a pipe or a file, and replaced with
-# /dev/null if it is anything else (closed, /dev/null, a socket).
+# Otherwise stdin is forwarded if it is a pipe or a file, from the moment
+# SCRIPT starts (L1's serial driver would eat bytes sent while L1 boots),
+# and replaced with /dev/null if it is anything else (closed, /dev/null,
+# a socket).
 #
 # Usage: resources/harness/run-in-l1.sh SCRIPT [FILE|FILE:NAME|DIR ...]
 #   SCRIPT   executable run in L1 as /capsule/<basename> (busybox sh is
@@ -295,7 +297,10 @@ fi
 # The session leader waits for the console to drain its output (stty sets
 # modes with TCSADRAIN) before it exits: its exit hangs the tty up, which
 # would discard output not yet sent.
-setsid cttyhack sh -c 'stty raw -echo 2>/dev/null; /capsule/$script_name; rc=\$?; stty raw -echo 2>/dev/null; sleep 1; exit \$rc'
+# "stdin" on the heartbeat port tells the host that the console is raw
+# and the script about to read it: the host holds piped input back until
+# then (bytes sent while L1 boots are eaten by its 8250 driver's probe).
+setsid cttyhack sh -c 'stty raw -echo 2>/dev/null; echo stdin >/dev/ttyS1 2>/dev/null; /capsule/$script_name; rc=\$?; stty raw -echo 2>/dev/null; sleep 1; exit \$rc'
 status=\$?
 [ -z "\$wd_pid" ] || kill "\$wd_pid" 2>/dev/null
 l1_exit \$status
@@ -362,12 +367,33 @@ INIT
         heartbeat="$work/heartbeat"
         : >"$heartbeat"
         exec 3<&0
+        # Piped or file input is held back until L1's script runs (its
+        # "stdin" on the heartbeat port): QEMU reads a FIFO (opened for
+        # reading and writing, so neither side waits for the other) that
+        # a feeder fills from stdin from then on.
+        feeder=""
+        if [[ -p /dev/stdin || -f /dev/stdin ]]; then
+            mkfifo "$work/stdin"
+            exec 5<>"$work/stdin"
+        else
+            exec 5<&3
+        fi
         kallsyms="$work/kallsyms"
         "${qemu[@]}" -chardev "file,id=hb,path=$heartbeat" -serial chardev:hb \
             -chardev "file,id=syms,path=$kallsyms" -serial chardev:syms \
-            -monitor "tcp:127.0.0.1:$port,server=on,wait=off" <&3 2> >(tee "$work/qemu.err" >&2) &
+            -monitor "tcp:127.0.0.1:$port,server=on,wait=off" <&5 2> >(tee "$work/qemu.err" >&2) &
         qemu_pid=$!
-        exec 3<&-
+        if [[ -p "$work/stdin" ]]; then
+            (
+                until grep -q stdin "$heartbeat" 2>/dev/null; do
+                    kill -0 "$qemu_pid" 2>/dev/null || exit 0
+                    sleep 0.2
+                done
+                exec cat <&3 >"$work/stdin"
+            ) &
+            feeder=$!
+        fi
+        exec 3<&- 5<&-
         if [[ -n "${CAPSULE_L1_PIDFILE:-}" ]]; then
             echo "$qemu_pid" >"$CAPSULE_L1_PIDFILE"
         fi
@@ -400,6 +426,10 @@ INIT
         fi
         wait_rc=0
         wait "$qemu_pid" 2>/dev/null || wait_rc=$?
+        if [[ -n "$feeder" ]]; then
+            kill "$feeder" 2>/dev/null || true
+            wait "$feeder" 2>/dev/null || true
+        fi
         [[ $qemu_rc -ne 0 || $hung -eq 1 ]] || qemu_rc=$wait_rc
     fi
     elapsed=$((SECONDS - start))
