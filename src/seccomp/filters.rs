@@ -15,8 +15,11 @@
 //! mapping guest memory, starting passt or virtiofsd, spawning threads) is
 //! not listed: filters go on after setup.
 
+mod common;
+
 use super::ioctls::{self, Ioctl};
 use super::ThreadKind;
+use common::common;
 
 /// A constraint on one argument of an allowed call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,113 +115,31 @@ fn families(name: &'static str, nr: i64, why: &'static str) -> Allow {
     }
 }
 
-/// What every capsule thread needs: the allocator, the standard library's
-/// thread and time primitives, logging (a `write` to stderr or the log
-/// file), and the fail-stop and signal paths (restore the terminal, raise
-/// the signal again, exit), which may run on any thread.
-fn common() -> Vec<Allow> {
-    use libc::*;
-    let mem = "memory allocator";
-    let mut v = vec![
-        any("brk", SYS_brk, mem),
-        no_exec("mmap", SYS_mmap, mem),
-        no_exec("mprotect", SYS_mprotect, mem),
-        any("munmap", SYS_munmap, mem),
-        any("mremap", SYS_mremap, mem),
-        any(
-            "madvise",
-            SYS_madvise,
-            "memory allocator; balloon (MADV_DONTNEED)",
-        ),
-        any("futex", SYS_futex, "locks, channels, condition variables"),
-        any(
-            "clock_gettime",
-            SYS_clock_gettime,
-            "time (when the vDSO falls back)",
-        ),
-        any("clock_nanosleep", SYS_clock_nanosleep, "sleeps"),
-        any("nanosleep", SYS_nanosleep, "sleeps"),
-        any("sched_yield", SYS_sched_yield, "spin loops in locks"),
-        any("getrandom", SYS_getrandom, "hash map seeds; virtio-rng"),
-        any("write", SYS_write, "logging, eventfds"),
-        any("close", SYS_close, "dropping descriptors"),
-        any("restart_syscall", SYS_restart_syscall, "interrupted sleeps"),
-        any(
-            "rt_sigreturn",
-            SYS_rt_sigreturn,
-            "return from the vCPU kick and termination signal handlers",
-        ),
-        any(
-            "rt_sigprocmask",
-            SYS_rt_sigprocmask,
-            "signal masks (raise, thread exit)",
-        ),
-        any(
-            "rt_sigaction",
-            SYS_rt_sigaction,
-            "die of a termination signal: reset its handler",
-        ),
-        any("sigaltstack", SYS_sigaltstack, "thread exit"),
-        any("getpid", SYS_getpid, "raise"),
-        any("gettid", SYS_gettid, "raise"),
-        any("tgkill", SYS_tgkill, "raise; vCPU kicks (SIGRTMIN)"),
-        any("exit", SYS_exit, "thread exit"),
-        any("exit_group", SYS_exit_group, "process exit (fail-stop)"),
-        // The logger rotates a detached VM's vmm.log on whichever thread
-        // logs the line that fills it; Landlock keeps these to the
-        // runtime directory.
-        any(
-            "newfstatat",
-            SYS_newfstatat,
-            "logging: is vmm.log full (fstat)",
-        ),
-        any("fstat", SYS_fstat, "logging: is vmm.log full (fstat)"),
-        any(
-            "openat",
-            SYS_openat,
-            "logging: vmm.log rotation (Landlock: runtime directory only)",
-        ),
-        any("rename", SYS_rename, "logging: vmm.log rotation"),
-        any("renameat", SYS_renameat, "logging: vmm.log rotation"),
-        any("renameat2", SYS_renameat2, "logging: vmm.log rotation"),
-        any(
-            "dup2",
-            SYS_dup2,
-            "logging: vmm.log rotation (new file on stderr)",
-        ),
-        any(
-            "dup3",
-            SYS_dup3,
-            "logging: vmm.log rotation (new file on stderr)",
-        ),
-    ];
-    v.push(ioctl_only(
-        &[ioctls::TERMINAL],
-        "restore the terminal (fail-stop, signals)",
-    ));
-    v.push(fcntl_only(
-        &[
-            ("F_GETFD", F_GETFD),
-            ("F_SETFD", F_SETFD),
-            ("F_GETFL", F_GETFL),
-            ("F_SETFL", F_SETFL),
-            ("F_DUPFD_CLOEXEC", F_DUPFD_CLOEXEC),
-        ],
-        "descriptor flags (non-blocking FIFOs, close-on-exec); debug builds check a descriptor is open before closing it",
-    ));
-    v
-}
-
 /// The main thread once the VM runs: the device event loop, the API's
 /// VMM side (pause, resume, Ctrl-Alt-Del, logger), `capsule exec`'s
 /// session and copy-back, and the teardown.
 fn vmm() -> Vec<Allow> {
+    [
+        common(),
+        event_loop(),
+        device_io(),
+        descriptors_and_locks(),
+        runtime_files(),
+        helper_processes(),
+        sockets(),
+        memory_files(),
+        metrics_timer(),
+        standard_library(),
+        vmm_ioctls(),
+    ]
+    .concat()
+}
+
+/// The device event loop: epoll, eventfds, polls.
+fn event_loop() -> Vec<Allow> {
     use libc::*;
     let ev = "device event loop";
-    let io = "virtio-blk, virtio-net, virtio-console I/O";
-    let fs = "exec copy-back, logger and log rotation, runtime directory and socket removal";
-    let mut v = common();
-    v.extend([
+    vec![
         any("epoll_wait", SYS_epoll_wait, ev),
         any("epoll_pwait", SYS_epoll_pwait, ev),
         any("epoll_ctl", SYS_epoll_ctl, ev),
@@ -226,6 +147,15 @@ fn vmm() -> Vec<Allow> {
         any("eventfd2", SYS_eventfd2, ev),
         any("poll", SYS_poll, ev),
         any("ppoll", SYS_ppoll, ev),
+    ]
+}
+
+/// The devices' backend I/O: disk images, TAP and console descriptors,
+/// flushes, io_uring, discards.
+fn device_io() -> Vec<Allow> {
+    use libc::*;
+    let io = "virtio-blk, virtio-net, virtio-console I/O";
+    vec![
         any("read", SYS_read, io),
         any("readv", SYS_readv, io),
         any("writev", SYS_writev, io),
@@ -248,11 +178,14 @@ fn vmm() -> Vec<Allow> {
             SYS_fallocate,
             "virtio-blk discard and write-zeroes",
         ),
-        any(
-            "ftruncate",
-            SYS_ftruncate,
-            "snapshots: memory file size; virtio-fs: memfd size",
-        ),
+    ]
+}
+
+/// Duplicating descriptors, and the `fcntl` locks and leases (limited to
+/// those commands): disk image locks and the file-mapped kernel's lease.
+fn descriptors_and_locks() -> Vec<Allow> {
+    use libc::*;
+    vec![
         any("dup", SYS_dup, "duplicating descriptors"),
         fcntl_only(
             &[("F_OFD_SETLK", F_OFD_SETLK), ("F_OFD_GETLK", F_OFD_GETLK)],
@@ -264,6 +197,15 @@ fn vmm() -> Vec<Allow> {
         ),
         any("dup2", SYS_dup2, "a detached VM's stderr to vmm.log"),
         any("dup3", SYS_dup3, "a detached VM's stderr to vmm.log"),
+    ]
+}
+
+/// Files and directories: `exec`'s copy-back, the logger, and removing
+/// the runtime directory and sockets at teardown.
+fn runtime_files() -> Vec<Allow> {
+    use libc::*;
+    let fs = "exec copy-back, logger and log rotation, runtime directory and socket removal";
+    vec![
         any("fstat", SYS_fstat, fs),
         any("newfstatat", SYS_newfstatat, fs),
         any("statx", SYS_statx, fs),
@@ -282,9 +224,24 @@ fn vmm() -> Vec<Allow> {
         any("utimensat", SYS_utimensat, fs),
         any("readlink", SYS_readlink, fs),
         any("readlinkat", SYS_readlinkat, fs),
+    ]
+}
+
+/// Stopping and reaping the helper processes started before the filter.
+fn helper_processes() -> Vec<Allow> {
+    use libc::*;
+    vec![
         any("kill", SYS_kill, "stop passt and virtiofsd"),
         any("wait4", SYS_wait4, "reap passt and virtiofsd"),
         any("waitid", SYS_waitid, "reap passt and virtiofsd"),
+    ]
+}
+
+/// Sockets: passt's stream, vhost-user, vsock and API connections; new
+/// sockets are Unix ones only.
+fn sockets() -> Vec<Allow> {
+    use libc::*;
+    vec![
         any("sendto", SYS_sendto, "passt stream; vsock"),
         any("recvfrom", SYS_recvfrom, "passt stream; vsock"),
         any(
@@ -306,11 +263,31 @@ fn vmm() -> Vec<Allow> {
             "vsock: guest-initiated connections to Unix sockets",
         ),
         families("socket", SYS_socket, "vsock: Unix sockets only"),
+    ]
+}
+
+/// Memory files: the snapshot memory file's size, virtio-fs's shared
+/// guest memory.
+fn memory_files() -> Vec<Allow> {
+    use libc::*;
+    vec![
+        any(
+            "ftruncate",
+            SYS_ftruncate,
+            "snapshots: memory file size; virtio-fs: memfd size",
+        ),
         any(
             "memfd_create",
             SYS_memfd_create,
             "virtio-fs: shared guest memory",
         ),
+    ]
+}
+
+/// The Firecracker-compatible API's periodic metrics flush.
+fn metrics_timer() -> Vec<Allow> {
+    use libc::*;
+    vec![
         any(
             "timerfd_create",
             SYS_timerfd_create,
@@ -321,13 +298,22 @@ fn vmm() -> Vec<Allow> {
             SYS_timerfd_settime,
             "API compat: periodic metrics flush",
         ),
-        any(
-            "sched_getaffinity",
-            SYS_sched_getaffinity,
-            "standard library: available parallelism",
-        ),
-    ]);
-    v.push(ioctl_only(
+    ]
+}
+
+/// What the standard library asks of the kernel on the main thread.
+fn standard_library() -> Vec<Allow> {
+    vec![any(
+        "sched_getaffinity",
+        libc::SYS_sched_getaffinity,
+        "standard library: available parallelism",
+    )]
+}
+
+/// The main thread's ioctls, limited to the request numbers its devices
+/// and snapshots use.
+fn vmm_ioctls() -> Vec<Allow> {
+    vec![ioctl_only(
         &[
             ioctls::KVM_VM_RUN,
             ioctls::KVM_VM_STATE,
@@ -338,8 +324,7 @@ fn vmm() -> Vec<Allow> {
             ioctls::FILE,
         ],
         "KVM: interrupts, notifications, memory slots; snapshots: VM and vCPU state, dirty log; TAP offloads; vhost-net stopped when its device is dropped",
-    ));
-    v
+    )]
 }
 
 /// A vCPU thread: `KVM_RUN` and the device register accesses it handles
