@@ -110,73 +110,145 @@ fn device_route(method: &str, segments: &[&str], body: &[u8]) -> Option<Result<R
     })
 }
 
+/// A router for one family of paths: `None` if the request is not one of
+/// its routes.
+type Router = fn(&str, &[&str], &[u8]) -> Option<Result<Request, Response>>;
+
 /// Routes a parsed HTTP request to an API request, or answers it.
 pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response> {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    let no_body = |r: Request| {
-        if body.is_empty() {
-            Ok(r)
-        } else {
-            Err(Response::fault(400, "this request takes no body"))
+    let routers: [Router; 7] = [
+        super::snapshot::route,
+        device_route,
+        machine_route,
+        single_device_route,
+        logger_and_metrics_route,
+        mmds_route,
+        balloon_route,
+    ];
+    for router in routers {
+        if let Some(r) = router(method, &segments, body) {
+            return r;
         }
-    };
-    if let Some(r) = super::snapshot::route(method, &segments, body) {
-        return r;
     }
-    if let Some(r) = device_route(method, &segments, body) {
-        return r;
+    Err(unrouted(method, path, &segments))
+}
+
+/// `r`, if the request has no body: a `GET` carries none.
+fn no_body(body: &[u8], r: Request) -> Result<Request, Response> {
+    if body.is_empty() {
+        Ok(r)
+    } else {
+        Err(Response::fault(400, "this request takes no body"))
     }
-    let r = match (method, segments.as_slice()) {
-        ("GET", []) => no_body(Request::GetInstanceInfo)?,
-        ("GET", ["version"]) => no_body(Request::GetVersion)?,
-        ("GET", ["machine-config"]) => no_body(Request::GetMachineConfig)?,
-        ("PUT", ["machine-config"]) => Request::PutMachineConfig(from_body(body).map_err(bad)?),
-        ("PUT", ["boot-source"]) => Request::PutBootSource(from_body(body).map_err(bad)?),
-        ("PUT", ["vsock"]) => Request::PutVsock(from_body(body).map_err(bad)?),
-        ("PUT", ["actions"]) => {
-            let a: types::InstanceActionInfo = from_body(body).map_err(bad)?;
-            Request::Action(a.action_type)
-        }
-        ("PATCH", ["vm"]) => {
-            let v: types::Vm = from_body(body).map_err(bad)?;
-            Request::PatchVm(v.state)
-        }
-        ("GET", ["vm", "config"]) => no_body(Request::GetVmConfig)?,
-        ("PUT", ["logger"]) => Request::PutLogger(from_body(body).map_err(bad)?),
-        ("PUT", ["serial"]) => Request::PutSerial(from_body(body).map_err(bad)?),
+}
+
+/// The routes of the instance and the machine: information, version,
+/// machine and CPU configuration, boot source, actions, the VM's state
+/// and configuration.
+fn machine_route(
+    method: &str,
+    segments: &[&str],
+    body: &[u8],
+) -> Option<Result<Request, Response>> {
+    Some(match (method, segments) {
+        ("GET", []) => no_body(body, Request::GetInstanceInfo),
+        ("GET", ["version"]) => no_body(body, Request::GetVersion),
+        ("GET", ["machine-config"]) => no_body(body, Request::GetMachineConfig),
+        ("PUT", ["machine-config"]) => from_body(body).map(Request::PutMachineConfig).map_err(bad),
         ("PATCH", ["machine-config"]) => {
-            let u: types::MachineConfigUpdate = from_body(body).map_err(bad)?;
-            if u == types::MachineConfigUpdate::default() {
-                return Err(bad("Empty PATCH request.".to_string()));
-            }
-            Request::PatchMachineConfig(u)
+            from_body(body)
+                .map_err(bad)
+                .and_then(|u: types::MachineConfigUpdate| {
+                    if u == types::MachineConfigUpdate::default() {
+                        Err(bad("Empty PATCH request.".to_string()))
+                    } else {
+                        Ok(Request::PatchMachineConfig(u))
+                    }
+                })
         }
-        ("PUT", ["metrics"]) => Request::PutMetrics(from_body(body).map_err(bad)?),
-        ("PUT", ["entropy"]) => Request::PutEntropy(from_body(body).map_err(bad)?),
-        ("PUT", ["mmds"]) => Request::PutMmds(from_body(body).map_err(bad)?),
-        ("PATCH", ["mmds"]) => Request::PatchMmds(from_body(body).map_err(bad)?),
-        ("GET", ["mmds"]) => no_body(Request::GetMmds)?,
-        ("PUT", ["mmds", "config"]) => Request::PutMmdsConfig(from_body(body).map_err(bad)?),
-        ("PUT", ["balloon"]) => Request::PutBalloon(from_body(body).map_err(bad)?),
-        ("PATCH", ["balloon"]) => Request::PatchBalloon(from_body(body).map_err(bad)?),
-        ("GET", ["balloon"]) => no_body(Request::GetBalloon)?,
+        ("PUT", ["boot-source"]) => from_body(body).map(Request::PutBootSource).map_err(bad),
+        ("PUT", ["actions"]) => from_body(body)
+            .map(|a: types::InstanceActionInfo| Request::Action(a.action_type))
+            .map_err(bad),
+        ("PATCH", ["vm"]) => from_body(body)
+            .map(|v: types::Vm| Request::PatchVm(v.state))
+            .map_err(bad),
+        ("GET", ["vm", "config"]) => no_body(body, Request::GetVmConfig),
+        // Checked as JSON, then refused as a whole.
+        ("PUT", ["cpu-config"]) => from_body(body)
+            .map(|_: serde_json::Value| Request::PutCpuConfig)
+            .map_err(bad),
+        _ => return None,
+    })
+}
+
+/// The routes of the devices a VM has at most one of: vsock, entropy and
+/// the serial console's output.
+fn single_device_route(
+    method: &str,
+    segments: &[&str],
+    body: &[u8],
+) -> Option<Result<Request, Response>> {
+    Some(match (method, segments) {
+        ("PUT", ["vsock"]) => from_body(body).map(Request::PutVsock).map_err(bad),
+        ("PUT", ["entropy"]) => from_body(body).map(Request::PutEntropy).map_err(bad),
+        ("PUT", ["serial"]) => from_body(body).map(Request::PutSerial).map_err(bad),
+        _ => return None,
+    })
+}
+
+/// The routes of the logger and the metrics.
+fn logger_and_metrics_route(
+    method: &str,
+    segments: &[&str],
+    body: &[u8],
+) -> Option<Result<Request, Response>> {
+    Some(match (method, segments) {
+        ("PUT", ["logger"]) => from_body(body).map(Request::PutLogger).map_err(bad),
+        ("PUT", ["metrics"]) => from_body(body).map(Request::PutMetrics).map_err(bad),
+        _ => return None,
+    })
+}
+
+/// The routes of the metadata service: its data and its configuration.
+fn mmds_route(method: &str, segments: &[&str], body: &[u8]) -> Option<Result<Request, Response>> {
+    Some(match (method, segments) {
+        ("PUT", ["mmds"]) => from_body(body).map(Request::PutMmds).map_err(bad),
+        ("PATCH", ["mmds"]) => from_body(body).map(Request::PatchMmds).map_err(bad),
+        ("GET", ["mmds"]) => no_body(body, Request::GetMmds),
+        ("PUT", ["mmds", "config"]) => from_body(body).map(Request::PutMmdsConfig).map_err(bad),
+        _ => return None,
+    })
+}
+
+/// The routes of the balloon: the device, its statistics, and free page
+/// hinting (which capsule refuses).
+fn balloon_route(
+    method: &str,
+    segments: &[&str],
+    body: &[u8],
+) -> Option<Result<Request, Response>> {
+    Some(match (method, segments) {
+        ("PUT", ["balloon"]) => from_body(body).map(Request::PutBalloon).map_err(bad),
+        ("PATCH", ["balloon"]) => from_body(body).map(Request::PatchBalloon).map_err(bad),
+        ("GET", ["balloon"]) => no_body(body, Request::GetBalloon),
         ("PATCH", ["balloon", "statistics"]) => {
-            Request::PatchBalloonStats(from_body(body).map_err(bad)?)
+            from_body(body).map(Request::PatchBalloonStats).map_err(bad)
         }
-        ("GET", ["balloon", "statistics"]) => no_body(Request::GetBalloonStats)?,
+        ("GET", ["balloon", "statistics"]) => no_body(body, Request::GetBalloonStats),
         ("PATCH", ["balloon", "hinting", "start" | "stop"])
-        | ("GET", ["balloon", "hinting", "status"]) => {
-            return Err(bad(super::balloon::Error::Hinting))
-        }
-        ("PUT", ["cpu-config"]) => {
-            // Checked as JSON, then refused as a whole.
-            let _: serde_json::Value = from_body(body).map_err(bad)?;
-            Request::PutCpuConfig
-        }
-        (
-            _,
-            []
-            | ["version"]
+        | ("GET", ["balloon", "hinting", "status"]) => Err(bad(super::balloon::Error::Hinting)),
+        _ => return None,
+    })
+}
+
+/// The answer to a request no router took: a known path with the wrong
+/// method, or a path capsule does not implement.
+fn unrouted(method: &str, path: &str, segments: &[&str]) -> Response {
+    let known = matches!(
+        segments,
+        [] | ["version"]
             | ["machine-config"]
             | ["boot-source"]
             | ["drives", _]
@@ -194,23 +266,21 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, Response>
             | ["balloon"]
             | ["balloon", "statistics"]
             | ["balloon", "hinting", "start" | "stop" | "status"]
-            | ["cpu-config"],
-        ) => {
-            return Err(Response::fault(
-                400,
-                format!("Invalid request method and/or path: {method} {path}"),
-            ))
-        }
-        _ => {
-            return Err(Response::fault(
-                400,
-                format!(
+            | ["cpu-config"]
+    );
+    if known {
+        Response::fault(
+            400,
+            format!("Invalid request method and/or path: {method} {path}"),
+        )
+    } else {
+        Response::fault(
+            400,
+            format!(
                 "Invalid request method and/or path: {method} {path} (not implemented by capsule)"
             ),
-            ))
-        }
-    };
-    Ok(r)
+        )
+    }
 }
 
 /// Serves the API on `listener` forever: each request is routed, sent to
