@@ -292,33 +292,29 @@ mod tests {
         c.handle(a, None).is_ok()
     }
 
+    /// A drive `id` backed by `/{id}.img`: the root device read-write,
+    /// any other read-only.
+    fn drive(id: &str, root: bool) -> Drive {
+        Drive {
+            drive_id: id.into(),
+            path_on_host: Some(format!("/{id}.img")),
+            is_root_device: root,
+            is_read_only: Some(!root),
+            partuuid: None,
+            cache_type: None,
+            rate_limiter: None,
+            io_engine: None,
+            socket: None,
+        }
+    }
+
+    /// The configuration steps before start, in the order a client takes
+    /// them, then what a start that fails leaves behind.
     #[test]
     fn pre_boot_configuration() {
         let mut c = ctl();
         assert_eq!(c.state().name(), "Not started");
-        let m = MachineConfig {
-            vcpu_count: 2,
-            mem_size_mib: 256,
-            smt: None,
-            track_dirty_pages: None,
-            cpu_template: None,
-            huge_pages: None,
-            transport: None,
-        };
-        assert!(ok(&mut c, VmmAction::PutMachineConfig(m.clone())));
-        let bad = MachineConfig {
-            vcpu_count: 0,
-            ..m.clone()
-        };
-        assert!(matches!(
-            c.handle(VmmAction::PutMachineConfig(bad), None),
-            Err(VmmActionError::VcpuCount { got: 0, .. })
-        ));
-        let bad = MachineConfig {
-            smt: Some(true),
-            ..m
-        };
-        assert!(!ok(&mut c, VmmAction::PutMachineConfig(bad)));
+        machine_config_is_checked(&mut c);
         // No kernel yet.
         let e = c.handle(VmmAction::Action(ActionType::InstanceStart), None);
         assert!(matches!(e, Err(VmmActionError::NoKernel)));
@@ -331,17 +327,42 @@ mod tests {
                 initrd_path: None,
             })
         ));
-        let drive = |id: &str, root: bool| Drive {
-            drive_id: id.into(),
-            path_on_host: Some(format!("/{id}.img")),
-            is_root_device: root,
-            is_read_only: Some(!root),
-            partuuid: None,
-            cache_type: None,
-            rate_limiter: None,
-            io_engine: None,
-            socket: None,
+        drives_are_checked(&mut c);
+        vm_config_carries_the_drives(&c);
+        nothing_runs_before_start(&mut c);
+    }
+
+    /// A machine configuration is taken; a vCPU count of 0 and SMT are
+    /// refused.
+    fn machine_config_is_checked(c: &mut Controller) {
+        let m = MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 256,
+            smt: None,
+            track_dirty_pages: None,
+            cpu_template: None,
+            huge_pages: None,
+            transport: None,
         };
+        assert!(ok(c, VmmAction::PutMachineConfig(m.clone())));
+        let bad = MachineConfig {
+            vcpu_count: 0,
+            ..m.clone()
+        };
+        assert!(matches!(
+            c.handle(VmmAction::PutMachineConfig(bad), None),
+            Err(VmmActionError::VcpuCount { got: 0, .. })
+        ));
+        let bad = MachineConfig {
+            smt: Some(true),
+            ..m
+        };
+        assert!(!ok(c, VmmAction::PutMachineConfig(bad)));
+    }
+
+    /// Drives: the Aio engine, a second root device and an id that is not
+    /// a name are refused; cache and engine choices are taken.
+    fn drives_are_checked(c: &mut Controller) {
         let unsafe_data = Drive {
             cache_type: Some("Unsafe".into()),
             io_engine: Some("Async".into()),
@@ -351,14 +372,19 @@ mod tests {
             io_engine: Some("Aio".into()),
             ..drive("data", false)
         };
-        assert!(!ok(&mut c, VmmAction::PutDrive(aio)));
-        assert!(ok(&mut c, VmmAction::PutDrive(unsafe_data)));
-        assert!(ok(&mut c, VmmAction::PutDrive(drive("rootfs", true))));
-        assert!(!ok(&mut c, VmmAction::PutDrive(drive("other", true))));
+        assert!(!ok(c, VmmAction::PutDrive(aio)));
+        assert!(ok(c, VmmAction::PutDrive(unsafe_data)));
+        assert!(ok(c, VmmAction::PutDrive(drive("rootfs", true))));
+        assert!(!ok(c, VmmAction::PutDrive(drive("other", true))));
         assert!(matches!(
             c.handle(VmmAction::PutDrive(drive("a b", false)), None),
             Err(VmmActionError::DriveId(id)) if id == "a b"
         ));
+    }
+
+    /// The VM configuration built from the steps so far: command line,
+    /// disks in order with their modes, caches and engines, vCPUs, memory.
+    fn vm_config_carries_the_drives(c: &Controller) {
         let vm = c.resources.vm_config().unwrap();
         assert_eq!(vm.cmdline, "console=ttyS0 root=/dev/vda rw");
         assert_eq!(vm.disks[0].path, PathBuf::from("/rootfs.img"));
@@ -370,12 +396,17 @@ mod tests {
         assert_eq!(vm.disks[1].engine, crate::config::DiskEngine::IoUring);
         assert_eq!(vm.disks[0].engine, crate::config::DiskEngine::Sync);
         assert_eq!((vm.vcpus, vm.mem_size), (2, 256 << 20));
+    }
+
+    /// Pause and Ctrl-Alt-Del are refused before start; a start that fails
+    /// leaves the VM configurable, its configuration intact.
+    fn nothing_runs_before_start(c: &mut Controller) {
         // Pause before start, Ctrl-Alt-Del before start.
         assert!(matches!(
             c.handle(VmmAction::PatchVm(VmState::Paused), None),
             Err(VmmActionError::NotStarted(_))
         ));
-        assert!(!ok(&mut c, VmmAction::Action(ActionType::SendCtrlAltDel)));
+        assert!(!ok(c, VmmAction::Action(ActionType::SendCtrlAltDel)));
         // Start fails (no KVM here): still not started, still configurable,
         // and the builder's error is kept as it is.
         assert!(matches!(
