@@ -309,79 +309,21 @@ impl VmResources {
         let Some(boot) = &self.boot else {
             return Err(VmmActionError::NoKernel);
         };
-        let mut cmdline = boot
-            .boot_args
-            .clone()
-            .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string());
-        // The root drive is the guest's first disk (vda).
         let ordered: Vec<&Drive> = self.ordered_drives().collect();
-        if let Some(root) = ordered.first().filter(|d| d.is_root_device) {
-            let ro = root.is_read_only.unwrap_or(false);
-            match &root.partuuid {
-                Some(u) => cmdline.push_str(&format!(" root=PARTUUID={u}")),
-                None => cmdline.push_str(" root=/dev/vda"),
-            }
-            cmdline.push_str(if ro { " ro" } else { " rw" });
-        }
-        let disks = ordered
-            .iter()
-            .map(|d| DiskConfig {
-                path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
-                mode: if d.is_read_only.unwrap_or(false) {
-                    DiskMode::ReadOnly
-                } else {
-                    DiskMode::ReadWrite
-                },
-                limits: d.rate_limiter.map(|r| r.limits()).unwrap_or_default(),
-                // Validated by validate_drive: absent or Writeback is
-                // writeback (Firecracker's default is Unsafe).
-                cache: if d.cache_type.as_deref() == Some("Unsafe") {
-                    DiskCache::Unsafe
-                } else {
-                    DiskCache::Writeback
-                },
-                // Validated by validate_drive: Sync or Async.
-                engine: if d.io_engine.as_deref() == Some("Async") {
-                    DiskEngine::IoUring
-                } else {
-                    DiskEngine::Sync
-                },
-            })
-            .collect();
         Ok(VmConfig {
             kernel: PathBuf::from(&boot.kernel_image_path),
             initrd: boot.initrd_path.as_ref().map(PathBuf::from),
             initramfs: None,
-            cmdline,
+            cmdline: cmdline(boot, &ordered),
             vcpus: u8::try_from(self.machine.vcpu_count)
                 .map_err(|_| VmmActionError::BadVcpuCount)?,
             mem_size: self.machine.mem_size_mib << 20,
             kvm_path: self.kvm_path.clone(),
-            disks,
+            disks: ordered.iter().map(|d| disk_config(d)).collect(),
             nets: self
                 .nets
                 .iter()
-                .map(|n| {
-                    let mac = n.guest_mac.as_deref().map(parse_mac).transpose();
-                    Ok(NetConfig {
-                        backend: NetBackendConfig::Tap {
-                            name: n.host_dev_name.clone(),
-                        },
-                        mac: mac.map_err(|source| VmmActionError::NetMac {
-                            iface: n.iface_id.clone(),
-                            source,
-                        })?,
-                        rx_limits: n.rx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
-                        tx_limits: n.tx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
-                        mmds: self
-                            .mmds_config
-                            .as_ref()
-                            .filter(|c| c.network_interfaces.contains(&n.iface_id))
-                            .map(|_| self.mmds.clone()),
-                        vhost: false,
-                        tx_batch: true,
-                    })
-                })
+                .map(|n| self.net_config(n))
                 .collect::<Result<_>>()?,
             vsock: self.vsock.as_ref().map(vsock_config).transpose()?,
             fs: Vec::new(),
@@ -389,6 +331,75 @@ impl VmResources {
             balloon: self.balloon.map(|b| b.device_config()),
             transport: self.machine.transport.unwrap_or(self.default_transport),
         })
+    }
+
+    /// The builder's view of network interface `n`: a TAP device, with
+    /// the metadata service if the MMDS configuration names `n`.
+    fn net_config(&self, n: &NetworkInterface) -> Result<NetConfig> {
+        let mac = n.guest_mac.as_deref().map(parse_mac).transpose();
+        Ok(NetConfig {
+            backend: NetBackendConfig::Tap {
+                name: n.host_dev_name.clone(),
+            },
+            mac: mac.map_err(|source| VmmActionError::NetMac {
+                iface: n.iface_id.clone(),
+                source,
+            })?,
+            rx_limits: n.rx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
+            tx_limits: n.tx_rate_limiter.map(|r| r.limits()).unwrap_or_default(),
+            mmds: self
+                .mmds_config
+                .as_ref()
+                .filter(|c| c.network_interfaces.contains(&n.iface_id))
+                .map(|_| self.mmds.clone()),
+            vhost: false,
+            tx_batch: true,
+        })
+    }
+}
+
+/// The kernel command line: the boot arguments (or capsule's default),
+/// then the root device if the first of the `ordered` drives is the root
+/// one (the guest's first disk, vda).
+fn cmdline(boot: &BootSource, ordered: &[&Drive]) -> String {
+    let mut cmdline = boot
+        .boot_args
+        .clone()
+        .unwrap_or_else(|| config::DEFAULT_CMDLINE.to_string());
+    if let Some(root) = ordered.first().filter(|d| d.is_root_device) {
+        let ro = root.is_read_only.unwrap_or(false);
+        match &root.partuuid {
+            Some(u) => cmdline.push_str(&format!(" root=PARTUUID={u}")),
+            None => cmdline.push_str(" root=/dev/vda"),
+        }
+        cmdline.push_str(if ro { " ro" } else { " rw" });
+    }
+    cmdline
+}
+
+/// The builder's view of drive `d`.
+fn disk_config(d: &Drive) -> DiskConfig {
+    DiskConfig {
+        path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
+        mode: if d.is_read_only.unwrap_or(false) {
+            DiskMode::ReadOnly
+        } else {
+            DiskMode::ReadWrite
+        },
+        limits: d.rate_limiter.map(|r| r.limits()).unwrap_or_default(),
+        // Validated by validate_drive: absent or Writeback is
+        // writeback (Firecracker's default is Unsafe).
+        cache: if d.cache_type.as_deref() == Some("Unsafe") {
+            DiskCache::Unsafe
+        } else {
+            DiskCache::Writeback
+        },
+        // Validated by validate_drive: Sync or Async.
+        engine: if d.io_engine.as_deref() == Some("Async") {
+            DiskEngine::IoUring
+        } else {
+            DiskEngine::Sync
+        },
     }
 }
 
