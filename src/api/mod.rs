@@ -166,42 +166,71 @@ const TICK: Duration = Duration::from_millis(200);
 /// VM through the same typed actions of [`Controller::handle`].
 pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
     let wake = Arc::new(devices::eventfd().map_err(Error::Wake)?);
-    let (tx, rx) = channel::<Call>();
     let _socket_file;
     let rx: Option<Receiver<Call>> = match &opts.api_sock {
         Some(path) => {
-            let (listener, file) = bind(path)?;
+            let (rx, file) = start_api(path, &wake)?;
             _socket_file = file;
-            // The socket file is removed when the VM ends.
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                crate::landlock::allow(dir, crate::landlock::Reach::RemoveEntries);
-            }
-            let wake = wake.clone();
-            std::thread::Builder::new()
-                .name("api".into())
-                .spawn(move || {
-                    // Confined before it reads the first request.
-                    if let Err(e) = crate::confine::helper_thread(crate::seccomp::ThreadKind::Api) {
-                        log::error!("API: {e}");
-                        return;
-                    }
-                    crate::seccomp::test_forbidden_call("api");
-                    server::serve(listener, tx, wake)
-                })
-                .map_err(Error::Thread)?;
-            log::info!(
-                "API ready on {}, {:.1} ms after capsule started",
-                path.display(),
-                crate::process_start().elapsed().as_secs_f64() * 1000.0
-            );
             Some(rx)
         }
-        None => {
-            drop(tx);
-            None
-        }
+        None => None,
     };
-    let mut ctl = Controller::new(opts.id.clone(), opts.kvm_path.clone(), opts.console);
+    let on_started = opts.on_started.take();
+    let mut ctl = configured(opts)?;
+    let mut vmm = match ctl.take_started() {
+        Some(vmm) => vmm,
+        None => match wait_for_start(&mut ctl, rx.as_ref(), &wake)? {
+            Some(vmm) => vmm,
+            // The socket file (and a named VM's runtime directory) go as
+            // this returns; main then dies of the signal.
+            None => return Ok(GuestExit::Stopped),
+        },
+    };
+    vmm.add_subscriber(Arc::new(Mutex::new(Waker(wake))));
+    if let Some(f) = on_started {
+        f();
+    }
+    run_started(&mut ctl, vmm, rx.as_ref())
+}
+
+/// Binds the API socket at `path` and starts the API thread serving it;
+/// returns the channel its calls come on and the socket file's guard.
+fn start_api(
+    path: &Path,
+    wake: &Arc<EventFd>,
+) -> Result<(Receiver<Call>, crate::unixsock::SocketFile), Error> {
+    let (tx, rx) = channel::<Call>();
+    let (listener, file) = bind(path)?;
+    // The socket file is removed when the VM ends.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        crate::landlock::allow(dir, crate::landlock::Reach::RemoveEntries);
+    }
+    let wake = wake.clone();
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            // Confined before it reads the first request.
+            if let Err(e) = crate::confine::helper_thread(crate::seccomp::ThreadKind::Api) {
+                log::error!("API: {e}");
+                return;
+            }
+            crate::seccomp::test_forbidden_call("api");
+            server::serve(listener, tx, wake)
+        })
+        .map_err(Error::Thread)?;
+    log::info!(
+        "API ready on {}, {:.1} ms after capsule started",
+        path.display(),
+        crate::process_start().elapsed().as_secs_f64() * 1000.0
+    );
+    Ok((rx, file))
+}
+
+/// The controller of `opts`' VM: the command line's setup actions
+/// applied, then the VM started if the configuration file or the command
+/// line describe one, or restored if the command line names a snapshot.
+fn configured(mut opts: Options) -> Result<Controller, Error> {
+    let mut ctl = Controller::new(opts.id, opts.kvm_path, opts.console);
     if let Some(t) = opts.transport {
         ctl.set_default_transport(t);
     }
@@ -222,24 +251,21 @@ pub fn run(mut opts: Options) -> Result<GuestExit, Error> {
     } else if let Some(cfg) = opts.restore.take() {
         ctl.restore_direct(&cfg).map_err(Error::Start)?;
     }
-    let mut vmm = match ctl.take_started() {
-        Some(vmm) => vmm,
-        None => match wait_for_start(&mut ctl, rx.as_ref(), &wake)? {
-            Some(vmm) => vmm,
-            // The socket file (and a named VM's runtime directory) go as
-            // this returns; main then dies of the signal.
-            None => return Ok(GuestExit::Stopped),
-        },
-    };
-    vmm.add_subscriber(Arc::new(Mutex::new(Waker(wake))));
-    if let Some(f) = opts.on_started.take() {
-        f();
-    }
+    Ok(ctl)
+}
+
+/// Runs the started VM until the guest ends it, answering API calls
+/// between rounds of its event loop, then writes a last metrics line.
+fn run_started(
+    ctl: &mut Controller,
+    vmm: Vmm,
+    rx: Option<&Receiver<Call>>,
+) -> Result<GuestExit, Error> {
     // Without an API nothing but the guest ends the VM: each round waits
     // for events as long as it takes.
-    let tick = rx.as_ref().map(|_| TICK);
+    let tick = rx.map(|_| TICK);
     let end = vmm.run(tick, |vmm| {
-        serve_running(&mut ctl, vmm, rx.as_ref());
+        serve_running(ctl, vmm, rx);
         None::<Infallible>
     })?;
     // As Firecracker does, a last metrics line when the VM ends.
