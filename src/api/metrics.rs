@@ -124,11 +124,27 @@ fn push(v: &mut Values, group: &'static str, counters: &[(&'static str, &Counter
     v.extend(counters.iter().map(|(key, c)| (group, *key, c.get())));
 }
 
-/// The counters the devices and vCPUs keep (`devices::metrics`).
+/// The counters the devices and vCPUs keep (`devices::metrics`), a
+/// group per device kind.
 fn device_counters() -> Values {
     let mut v = Vec::new();
+    for group in [
+        vcpu_counters,
+        uart_counters,
+        block_counters,
+        net_counters,
+        entropy_counters,
+        balloon_counters,
+    ] {
+        group(&mut v);
+    }
+    v
+}
+
+/// The vCPUs' exits by kind, and their failures.
+fn vcpu_counters(v: &mut Values) {
     push(
-        &mut v,
+        v,
         "vcpu",
         &[
             ("exit_io_in", &VCPU.exit_io_in),
@@ -138,16 +154,24 @@ fn device_counters() -> Values {
             ("failures", &VCPU.failures),
         ],
     );
+}
+
+/// The serial port's output bytes, written and missed.
+fn uart_counters(v: &mut Values) {
     push(
-        &mut v,
+        v,
         "uart",
         &[
             ("write_count", &UART.write_count),
             ("missed_write_count", &UART.missed_write_count),
         ],
     );
+}
+
+/// The block devices' I/O, failures and throttling.
+fn block_counters(v: &mut Values) {
     push(
-        &mut v,
+        v,
         "block",
         &[
             ("read_bytes", &BLOCK.read_bytes),
@@ -164,8 +188,12 @@ fn device_counters() -> Values {
             ),
         ],
     );
+}
+
+/// The network devices' traffic, TAP failures and throttling.
+fn net_counters(v: &mut Values) {
     push(
-        &mut v,
+        v,
         "net",
         &[
             ("rx_bytes_count", &NET.rx_bytes_count),
@@ -181,8 +209,12 @@ fn device_counters() -> Values {
             ("tx_rate_limiter_throttled", &NET.tx_rate_limiter_throttled),
         ],
     );
+}
+
+/// The entropy device's requests, bytes and failures.
+fn entropy_counters(v: &mut Values) {
     push(
-        &mut v,
+        v,
         "entropy",
         &[
             ("entropy_event_count", &ENTROPY.entropy_event_count),
@@ -194,9 +226,13 @@ fn device_counters() -> Values {
             ),
         ],
     );
+}
+
+/// The balloon's inflations, deflations, statistics and free page reports.
+fn balloon_counters(v: &mut Values) {
     let b = &BALLOON;
     push(
-        &mut v,
+        v,
         "balloon",
         &[
             ("inflate_count", &b.inflate_count),
@@ -209,7 +245,6 @@ fn device_counters() -> Values {
             ("free_page_report_fails", &b.free_page_report_fails),
         ],
     );
-    v
 }
 
 /// The API's request counters; requests that can fail are counted twice
