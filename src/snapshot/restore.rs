@@ -344,24 +344,8 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error>
     let started_at = std::time::Instant::now();
     let (state, memory) = load(cfg)?;
     let config = vm_config(cfg, &state)?;
-    builder::check_host_memory(config.mem_size)?;
-    let kvm = Vm::open_kvm(&config.kvm_path).map_err(builder::Error::from)?;
-    let regions = arch::memory::ram_regions(config.mem_size);
-    let ram = GuestRam::from_file(&regions, &memory.file).map_err(|source| {
-        builder::Error::GuestMemory {
-            size: config.mem_size,
-            source,
-        }
-    })?;
-    if let Some((diff, runs)) = &memory.diff {
-        apply_diff(&ram, diff, runs).map_err(super::io_err(&cfg.mem_path))?;
-    }
+    let (vm, ram) = restored_vm(cfg, &state, &memory, &config)?;
     let mem = ram.memory();
-    let vm = Vm::new(kvm, mem).map_err(builder::Error::from)?;
-    vm_state::restore(vm.fd(), &state.vm).map_err(|source| Error::RestoreVm {
-        path: cfg.snapshot_path.clone(),
-        source,
-    })?;
 
     let (mut started, mut dm) = Started::new(console.raw_terminal)?;
     let exit = started.exit.clone();
@@ -377,20 +361,7 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error>
         .transpose()?;
     let (blocks, macs) = (devices.blocks, devices.macs);
 
-    // The vCPUs (and their LAPICs) before the devices' states: a device
-    // put back may raise its interrupt at once (a transport's saved
-    // interrupt status, the vsock device's TRANSPORT_RESET). KVM injects
-    // an irqfd's interrupt from a work queue: before the vCPUs existed it
-    // had no LAPIC to go to, and one restored afterwards overwrote its
-    // request register. Either way the guest never heard of it: clones of
-    // an exec template waited for that reset until their boot timeout,
-    // now and then (the first nested run of exec_snapshot_20).
-    let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
-        let vcpu = Vcpu::new(vm.fd(), index).map_err(builder::Error::from)?;
-        vcpu.restore(saved).map_err(builder::Error::from)?;
-        vcpus.push(vcpu);
-    }
+    let vcpus = restored_vcpus(&vm, &config, &state)?;
     restore_devices(cfg, &state, &dm, &blocks).map_err(|source| Error::RestoreDevice {
         path: cfg.snapshot_path.clone(),
         source,
@@ -403,28 +374,13 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error>
     }
     let mut persist = builder::handles(&config, &dm, blocks, macs, None);
     persist.boot = state.boot.clone();
-    let vmm = started.launch(
-        vm,
-        ram,
-        dm,
-        vcpus,
-        persist,
-        builder::Parts {
-            paused: !cfg.resume,
-            // A guest without ACPI powers off by halting: watched for as
-            // in the VM saved.
-            no_acpi: state.no_acpi(),
-            vsock,
-            disks,
-            nets,
-            // A VM restored from a Full snapshot is that snapshot but for
-            // the pages it writes: the base of its Diffs.
-            track_dirty: cfg
-                .track_dirty
-                .then(|| state.diff.is_none().then_some(state.id)),
-            ..Default::default()
-        },
-    )?;
+    let parts = builder::Parts {
+        vsock,
+        disks,
+        nets,
+        ..launch_parts(cfg, &state)
+    };
+    let vmm = started.launch(vm, ram, dm, vcpus, persist, parts)?;
     log::info!(
         "restored {} in {:.1} ms ({})",
         cfg.snapshot_path.display(),
@@ -435,6 +391,71 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error>
         vmm,
         ids: device_ids(&state),
     })
+}
+
+/// The VM of `config` with the snapshot's memory mapped (a Diff's pages
+/// copied on top) and its VM-wide state put back: no devices, no vCPUs.
+fn restored_vm(
+    cfg: &RestoreConfig,
+    state: &SnapshotState,
+    memory: &Memory,
+    config: &VmConfig,
+) -> Result<(Vm, GuestRam), Error> {
+    builder::check_host_memory(config.mem_size)?;
+    let kvm = Vm::open_kvm(&config.kvm_path).map_err(builder::Error::from)?;
+    let regions = arch::memory::ram_regions(config.mem_size);
+    let ram = GuestRam::from_file(&regions, &memory.file).map_err(|source| {
+        builder::Error::GuestMemory {
+            size: config.mem_size,
+            source,
+        }
+    })?;
+    if let Some((diff, runs)) = &memory.diff {
+        apply_diff(&ram, diff, runs).map_err(super::io_err(&cfg.mem_path))?;
+    }
+    let vm = Vm::new(kvm, ram.memory()).map_err(builder::Error::from)?;
+    vm_state::restore(vm.fd(), &state.vm).map_err(|source| Error::RestoreVm {
+        path: cfg.snapshot_path.clone(),
+        source,
+    })?;
+    Ok((vm, ram))
+}
+
+/// The vCPUs of `vm`, each with its saved state put back.
+///
+/// They (and their LAPICs) come before the devices' states: a device put
+/// back may raise its interrupt at once (a transport's saved interrupt
+/// status, the vsock device's TRANSPORT_RESET). KVM injects an irqfd's
+/// interrupt from a work queue: before the vCPUs existed it had no LAPIC
+/// to go to, and one restored afterwards overwrote its request register.
+/// Either way the guest never heard of it: clones of an exec template
+/// waited for that reset until their boot timeout, now and then (the
+/// first nested run of exec_snapshot_20).
+fn restored_vcpus(vm: &Vm, config: &VmConfig, state: &SnapshotState) -> Result<Vec<Vcpu>, Error> {
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0..config.vcpus).zip(&state.vcpus) {
+        let vcpu = Vcpu::new(vm.fd(), index).map_err(builder::Error::from)?;
+        vcpu.restore(saved).map_err(builder::Error::from)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// How the restored VM starts, but for its devices: paused or not, its
+/// power-off watch, and the base its dirty pages are tracked against.
+fn launch_parts(cfg: &RestoreConfig, state: &SnapshotState) -> builder::Parts {
+    builder::Parts {
+        paused: !cfg.resume,
+        // A guest without ACPI powers off by halting: watched for as in
+        // the VM saved.
+        no_acpi: state.no_acpi(),
+        // A VM restored from a Full snapshot is that snapshot but for the
+        // pages it writes: the base of its Diffs.
+        track_dirty: cfg
+            .track_dirty
+            .then(|| state.diff.is_none().then_some(state.id)),
+        ..Default::default()
+    }
 }
 
 /// Why a device's saved state could not be put back.
