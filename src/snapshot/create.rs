@@ -135,40 +135,9 @@ fn save_state(
         .save_states(vmm.vcpus.len(), Arc::new(msrs), SAVE_TIMEOUT)?;
     let lock = |m: &Arc<Mutex<MmioTransport>>| m.lock().unwrap_or_else(|e| e.into_inner()).save();
     let transports = h.transports.iter().map(lock).collect();
-    let pci = h.pci_root.as_ref().map(|root| PciBusState {
-        config_address: root.lock().unwrap_or_else(|e| e.into_inner()).address(),
-        functions: h
-            .pci_functions
-            .iter()
-            .map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).save())
-            .collect(),
-    });
-    let mut disks = Vec::with_capacity(h.blocks.len());
-    for (i, (block, config)) in h.blocks.iter().zip(&h.config.disks).enumerate() {
-        let mut disk = save_disk(snapshot_path, i, block, config)?;
-        disk.drive = ids.drives.get(i).cloned();
-        disks.push(disk);
-    }
-    let nets = h
-        .config
-        .nets
-        .iter()
-        .zip(&h.macs)
-        .enumerate()
-        .map(|(i, (n, mac))| NetState {
-            iface_id: ids
-                .ifaces
-                .get(i)
-                .cloned()
-                .unwrap_or_else(|| format!("eth{i}")),
-            backend: n.backend.clone(),
-            mac: *mac,
-            mmds: n.mmds.as_ref().map(MmdsSettings::of),
-            rx_limits: n.rx_limits,
-            tx_limits: n.tx_limits,
-            tx_batch: n.tx_batch,
-        })
-        .collect();
+    let pci = save_pci(h);
+    let disks = save_disks(h, snapshot_path, ids)?;
+    let nets = net_states(h, ids);
     Ok(SnapshotState {
         id,
         diff,
@@ -187,16 +156,74 @@ fn save_state(
         disks,
         nets,
         entropy: h.config.entropy,
-        vsock: match (&vmm.vsock, &h.config.vsock) {
-            (Some(v), Some(c)) => Some(VsockState {
-                device: v.device.lock().unwrap_or_else(|e| e.into_inner()).save(),
-                uds_path: c.uds_path.clone(),
-            }),
-            _ => None,
-        },
+        vsock: save_vsock(vmm),
         // The halt watch is on exactly when the guest cannot read ACPI.
         no_acpi: Some(vmm.watch_halt),
     })
+}
+
+/// The PCI bus's state (its config address, each function's), if the VM
+/// has one.
+fn save_pci(h: &super::Handles) -> Option<PciBusState> {
+    h.pci_root.as_ref().map(|root| PciBusState {
+        config_address: root.lock().unwrap_or_else(|e| e.into_inner()).address(),
+        functions: h
+            .pci_functions
+            .iter()
+            .map(|f| f.lock().unwrap_or_else(|e| e.into_inner()).save())
+            .collect(),
+    })
+}
+
+/// Each disk's state, in the guest's order, named as `ids` names it; a
+/// writable disk's overlay is written beside `snapshot_path`.
+fn save_disks(
+    h: &super::Handles,
+    snapshot_path: &Path,
+    ids: &DeviceIds,
+) -> Result<Vec<DiskState>, Error> {
+    let mut disks = Vec::with_capacity(h.blocks.len());
+    for (i, (block, config)) in h.blocks.iter().zip(&h.config.disks).enumerate() {
+        let mut disk = save_disk(snapshot_path, i, block, config)?;
+        disk.drive = ids.drives.get(i).cloned();
+        disks.push(disk);
+    }
+    Ok(disks)
+}
+
+/// Each network device's configuration, in the guest's order, named as
+/// `ids` names it (`eth<i>` where it names none).
+fn net_states(h: &super::Handles, ids: &DeviceIds) -> Vec<NetState> {
+    h.config
+        .nets
+        .iter()
+        .zip(&h.macs)
+        .enumerate()
+        .map(|(i, (n, mac))| NetState {
+            iface_id: ids
+                .ifaces
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| format!("eth{i}")),
+            backend: n.backend.clone(),
+            mac: *mac,
+            mmds: n.mmds.as_ref().map(MmdsSettings::of),
+            rx_limits: n.rx_limits,
+            tx_limits: n.tx_limits,
+            tx_batch: n.tx_batch,
+        })
+        .collect()
+}
+
+/// The vsock device's state and host socket, if the VM has one.
+fn save_vsock(vmm: &Vmm) -> Option<VsockState> {
+    match (&vmm.vsock, &vmm.persist.config.vsock) {
+        (Some(v), Some(c)) => Some(VsockState {
+            device: v.device.lock().unwrap_or_else(|e| e.into_inner()).save(),
+            uds_path: c.uds_path.clone(),
+        }),
+        _ => None,
+    }
 }
 
 /// The overlay file of disk `index` of the snapshot at `snapshot_path`.
