@@ -4,36 +4,33 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arch::layout;
 use arch::GuestMemoryMmap;
-use devices::exit::ExitSignal;
 use devices::legacy::serial::{ReadableFd, SerialOut};
-use event_manager::{EventManager, SubscriberOps};
 use vm_memory::GuestAddress;
 
 use devices::virtio::block::Block;
-use devices::virtio::net::{self, Net};
+use devices::virtio::net;
 use devices::virtio::VirtioDevice;
 
-use crate::config::{format_size, VmConfig};
+use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
 use crate::kernel_acpi::KernelAcpi;
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
-use crate::vmm::{ExitWatcher, Subscriber, Vmm, VCPU_STOP_TIMEOUT};
-use crate::vstate::dirty::DirtyLog;
+use crate::vmm::{Subscriber, Vmm};
 use crate::vstate::memory::GuestRam;
-use crate::vstate::vcpu::{self, PauseGate, Vcpu, VcpuHandle, VcpuIo};
+use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::Vm;
-use crate::{signals, terminal};
 
 mod attach;
 mod error;
+mod launch;
 pub(crate) use self::attach::Devices;
 pub use self::error::Error;
+pub(crate) use self::launch::{Parts, Started};
 
 pub(crate) type Result<T> = std::result::Result<T, Error>;
 
@@ -87,40 +84,17 @@ pub fn build(config: &VmConfig, console: Console) -> Result<Vmm> {
 /// per paragraph, in the order a PC is put together.
 pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result<Vmm> {
     // Open user files first: a typo should not cost a KVM setup.
-    let mut kernel = open("kernel", &config.kernel)?;
-    let initrd = config
-        .initrd
-        .as_ref()
-        .map(|p| open("initrd", p).map(|f| (p, f)))
-        .transpose()?;
-    check_host_memory(config.mem_size)?;
-    let virtiofsd = crate::fs_share::check(&config.fs)?;
+    let mut files = UserFiles::open(config)?;
     crate::setup_step("user files opened");
 
-    let kvm = Vm::open_kvm(&config.kvm_path)?;
-    crate::setup_step("/dev/kvm opened");
-    // A vhost-user backend (virtiofsd) maps guest RAM itself: then RAM is
-    // a shared memfd, else private anonymous memory.
-    let ranges = arch::memory::ram_regions(config.mem_size);
-    let ram = if virtiofsd.is_some() {
-        GuestRam::new_shared(&ranges)
-    } else {
-        GuestRam::new(&ranges)
-    };
-    let ram = ram.map_err(|source| Error::GuestMemory {
-        size: config.mem_size,
-        source,
-    })?;
+    let (vm, ram) = create_vm(config, files.virtiofsd.is_some())?;
     let mem = ram.memory();
-    crate::setup_step("guest RAM mapped");
-    let vm = Vm::new(kvm, mem)?;
-    crate::setup_step("VM created");
 
     let map_kernel = crate::kernel_map::allowed(config);
-    let (entry, kernel_map) = load_kernel(mem, &config.kernel, &mut kernel, map_kernel)?;
+    let (entry, kernel_map) = load_kernel(mem, &config.kernel, &mut files.kernel, map_kernel)?;
     crate::setup_step("kernel loaded");
-    let initrd = if initrd.is_some() || config.initramfs.is_some() {
-        Some(load_initrd(mem, initrd, config.initramfs.as_deref())?)
+    let initrd = if files.initrd.is_some() || config.initramfs.is_some() {
+        Some(load_initrd(mem, files.initrd, config.initramfs.as_deref())?)
     } else {
         None
     };
@@ -140,7 +114,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let nets = devices.add_nets(&config.nets)?;
     devices.add_entropy(config.entropy)?;
     let balloon = devices.add_balloon(config.balloon, config.mem_size)?;
-    if let Some(binary) = &virtiofsd {
+    if let Some(binary) = &files.virtiofsd {
         devices.add_shares(&config.fs, binary)?;
     }
     let vsock = config
@@ -177,6 +151,59 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     )
 }
 
+/// What a VM's configuration names on the host, opened or checked before
+/// anything else.
+struct UserFiles<'a> {
+    /// The kernel image.
+    kernel: File,
+    /// The initrd, and its path.
+    initrd: Option<(&'a PathBuf, File)>,
+    /// The virtiofsd binary, if the VM shares directories.
+    virtiofsd: Option<PathBuf>,
+}
+
+impl<'a> UserFiles<'a> {
+    /// Opens the kernel and initrd of `config`, and checks that the host
+    /// has the memory it asks for and the virtiofsd its shares need.
+    fn open(config: &'a VmConfig) -> Result<Self> {
+        let kernel = open("kernel", &config.kernel)?;
+        let initrd = config
+            .initrd
+            .as_ref()
+            .map(|p| open("initrd", p).map(|f| (p, f)))
+            .transpose()?;
+        check_host_memory(config.mem_size)?;
+        let virtiofsd = crate::fs_share::check(&config.fs)?;
+        Ok(Self {
+            kernel,
+            initrd,
+            virtiofsd,
+        })
+    }
+}
+
+/// Opens KVM, maps guest RAM and creates the VM on it. A vhost-user
+/// backend (virtiofsd) maps guest RAM itself: with one (`shared`) RAM is
+/// a shared memfd, else private anonymous memory.
+fn create_vm(config: &VmConfig, shared: bool) -> Result<(Vm, GuestRam)> {
+    let kvm = Vm::open_kvm(&config.kvm_path)?;
+    crate::setup_step("/dev/kvm opened");
+    let ranges = arch::memory::ram_regions(config.mem_size);
+    let ram = if shared {
+        GuestRam::new_shared(&ranges)
+    } else {
+        GuestRam::new(&ranges)
+    };
+    let ram = ram.map_err(|source| Error::GuestMemory {
+        size: config.mem_size,
+        source,
+    })?;
+    crate::setup_step("guest RAM mapped");
+    let vm = Vm::new(kvm, ram.memory())?;
+    crate::setup_step("VM created");
+    Ok((vm, ram))
+}
+
 /// Whether a guest booted with `cmdline` writes its kernel's messages to
 /// COM1 from its first seconds: `console=ttyS0` without `quiet`.
 fn serial_console_expected(cmdline: &str) -> bool {
@@ -206,166 +233,6 @@ pub(crate) fn handles(
         blocks,
         macs,
         unsupported,
-    }
-}
-
-/// What a VM has beyond its saved state: handles for changes while it runs.
-#[derive(Default)]
-pub(crate) struct Parts {
-    /// The vsock device.
-    pub(crate) vsock: Option<crate::vmm::VsockHandle>,
-    /// The guest cannot read ACPI tables: its power-off is a halt.
-    pub(crate) no_acpi: bool,
-    /// The virtio-blk devices, in the guest's order.
-    pub(crate) disks: Vec<Arc<Mutex<Block>>>,
-    /// The virtio-net devices, in the guest's order (`None`: vhost-net).
-    pub(crate) nets: Vec<Option<Arc<Mutex<Net>>>>,
-    /// The virtio-balloon device.
-    pub(crate) balloon: Option<Arc<Mutex<devices::virtio::balloon::Balloon>>>,
-    /// Start with every vCPU parked (a restore without `resume_vm`).
-    pub(crate) paused: bool,
-    /// Track dirty pages (for Diff snapshots): `Some(base)`, `base` the
-    /// id of the Full snapshot the VM's memory is a copy of, if any.
-    pub(crate) track_dirty: Option<Option<u64>>,
-    /// The kernel, mapped from its file ([`crate::kernel_map`]).
-    pub(crate) kernel_map: Option<crate::kernel_map::KernelMap>,
-    /// A booted guest whose kernel console is COM1 (not `quiet`): one
-    /// stopped without a byte written there gets its vCPUs' state
-    /// logged ([`crate::vmm::Vmm::run`]).
-    pub(crate) serial_console: bool,
-}
-
-/// The parts of a VM made before its devices (the event loop and the exit
-/// signal) and what starting it needs: shared by a boot
-/// ([`build_with`]) and a snapshot restore ([`crate::snapshot::restore`]).
-pub(crate) struct Started {
-    pub(crate) event_manager: EventManager<Subscriber>,
-    pub(crate) exit: ExitSignal,
-    raw_terminal: bool,
-}
-
-impl Started {
-    /// The event loop (watching the exit signal) and an empty device
-    /// manager.
-    pub(crate) fn new(raw_terminal: bool) -> Result<(Self, DeviceManager)> {
-        let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
-        let exit = ExitSignal::new().map_err(Error::ExitEvent)?;
-        event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher(exit.clone()))));
-        Ok((
-            Self {
-                event_manager,
-                exit,
-                raw_terminal,
-            },
-            DeviceManager::new(),
-        ))
-    }
-
-    /// The device builder for this VM, its virtio devices on `transport`.
-    pub(crate) fn devices<'a>(
-        &'a mut self,
-        dm: &'a mut DeviceManager,
-        vm: &'a Vm,
-        mem: &'a GuestMemoryMmap,
-        transport: Transport,
-    ) -> Devices<'a> {
-        Devices {
-            dm,
-            vm,
-            mem,
-            transport,
-            event_manager: &mut self.event_manager,
-            blocks: Vec::new(),
-            macs: Vec::new(),
-        }
-    }
-
-    /// Raw terminal mode, then the vCPU threads (parked at once if
-    /// `paused`): the running [`Vmm`].
-    pub(crate) fn launch(
-        self,
-        vm: Vm,
-        mut ram: GuestRam,
-        dm: DeviceManager,
-        vcpus: Vec<Vcpu>,
-        persist: crate::snapshot::Handles,
-        parts: Parts,
-    ) -> Result<Vmm> {
-        let paused = parts.paused;
-        let count = vcpus.len();
-        let mem_size: u64 = persist.config.mem_size;
-        let terminal = self
-            .raw_terminal
-            .then(terminal::enter_raw_mode)
-            .transpose()
-            .map_err(Error::Terminal)?
-            .flatten();
-        let i8042 = dm.i8042.clone();
-        let pause = Arc::new(PauseGate::default());
-        pause.set_requested(paused);
-        let io = VcpuIo {
-            pio: Arc::new(dm.pio),
-            mmio: Arc::new(dm.mmio),
-            exit: self.exit.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
-            pause: pause.clone(),
-            // Without ACPI a guest's poweroff is a halt of every CPU: watch
-            // for it (with ACPI it powers off through ACPI, and a halt is a
-            // halt, which leaves a machine on).
-            halt: parts
-                .no_acpi
-                .then(|| Arc::new(crate::vstate::halt::HaltWatch::new(vcpus.len()))),
-        };
-        let watch_halt = io.halt.is_some();
-        // Setup is over: from here on capsule reaches only the files the VM
-        // was configured with (the vCPU threads inherit this).
-        let dirty = match parts.track_dirty {
-            Some(base) => {
-                let mut log = DirtyLog::enable(vm.fd(), ram.memory())?;
-                log.base = base;
-                Some(log)
-            }
-            None => None,
-        };
-        crate::landlock::restrict(&persist.config)?;
-        crate::setup_step("Landlock applied");
-        let handles = start_vcpus(vcpus, &io, &mut ram)?;
-        log::info!(
-            "VM started: {count} vCPU(s), {} of memory, {:.1} ms after capsule started",
-            format_size(mem_size),
-            crate::process_start().elapsed().as_secs_f64() * 1000.0
-        );
-        let mut event_manager = self.event_manager;
-        if let Some(kmap) = &parts.kernel_map {
-            event_manager.add_subscriber(Arc::new(Mutex::new(
-                kmap.watcher().map_err(Error::KernelLease)?,
-            )));
-        }
-        let vmm = Vmm {
-            _signal_wake: signals::wake_on_signal(&self.exit),
-            kernel_map: parts.kernel_map,
-            vcpus: handles,
-            pause,
-            i8042,
-            event_manager,
-            exit: self.exit,
-            _terminal: terminal,
-            _vm: vm,
-            ram,
-            persist,
-            vsock: parts.vsock,
-            watch_halt,
-            serial_console: parts.serial_console,
-            disks: parts.disks,
-            nets: parts.nets,
-            balloon: parts.balloon,
-            dirty,
-        };
-        // The main thread's own filter, after it started every thread it
-        // starts (a thread inherits its parent's filter). On failure the VM
-        // is dropped: its vCPUs are stopped.
-        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
-        Ok(vmm)
     }
 }
 
@@ -463,29 +330,6 @@ fn create_vcpus(
         vcpus.push(vcpu);
     }
     Ok(vcpus)
-}
-
-/// Starts a thread per vCPU. If one cannot start, those already running
-/// are stopped (and guest memory stays mapped if one of them would not).
-pub(crate) fn start_vcpus(
-    vcpus: Vec<Vcpu>,
-    io: &VcpuIo,
-    ram: &mut GuestRam,
-) -> Result<Vec<VcpuHandle>> {
-    vcpu::install_kick_handler()?;
-    let mut handles = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        match vcpu.start(io.clone()) {
-            Ok(h) => handles.push(h),
-            Err(e) => {
-                if !vcpu::stop_all(&mut handles, VCPU_STOP_TIMEOUT) {
-                    ram.keep_mapped();
-                }
-                return Err(e.into());
-            }
-        }
-    }
-    Ok(handles)
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File> {
