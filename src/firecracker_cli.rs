@@ -9,11 +9,11 @@
 //! capsule's own `capsule: error:` prefix.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
 
 use capsule::api;
-use capsule::api::action::VmmAction;
-use capsule::api::types;
+
+mod plan;
+pub use plan::{plan, Plan, Seccomp};
 
 /// Exit statuses of the Firecracker command line (Firecracker's values).
 pub mod status {
@@ -296,119 +296,6 @@ pub fn help() -> String {
     s
 }
 
-/// Everything the arguments ask for, checked, before anything runs.
-#[derive(Debug)]
-pub struct Plan {
-    /// The API socket, unless `--no-api`.
-    pub api_sock: Option<PathBuf>,
-    /// `--config-file`.
-    pub config_file: Option<PathBuf>,
-    /// `--id`.
-    pub id: String,
-    /// Actions applied before the configuration file (logger, metrics).
-    pub setup: Vec<VmmAction>,
-    /// `--http-api-max-payload-size`.
-    pub max_payload: usize,
-    /// `--no-seccomp` / `--seccomp-filter`.
-    pub seccomp: Seccomp,
-}
-
-/// What the seccomp options asked for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Seccomp {
-    /// Neither option: capsule's default.
-    Default,
-    /// `--no-seccomp`.
-    Off,
-    /// `--seccomp-filter FILE`.
-    Filter(PathBuf),
-}
-
-/// Turns parsed arguments into a [`Plan`], refusing values Firecracker
-/// refuses.
-pub fn plan(a: &FcArgs) -> Result<Plan, Refusal> {
-    let id = a.value("id").unwrap_or(DEFAULT_ID).to_string();
-    check_id(&id)?;
-    let max_payload = a
-        .number::<usize>("http-api-max-payload-size", "usize")?
-        .unwrap_or(api::http::MAX_BODY);
-    if max_payload == 0 {
-        return Err(parse_error(
-            "'http-api-max-payload-size' must be at least 1 byte.".to_string(),
-        ));
-    }
-    let mmds_limit = a.number::<usize>("mmds-size-limit", "usize")?;
-    for t in ["start-time-us", "start-time-cpu-us", "parent-cpu-time-us"] {
-        if let Some(v) = a.number::<u64>(t, "u64")? {
-            log::debug!("--{t} {v}");
-        }
-    }
-    let level = a.value("level");
-    if let Some(l) = level {
-        if capsule::logger::parse_level(l).is_none() {
-            return Err(Refusal {
-                status: status::BAD_CONFIGURATION,
-                message: format!(
-                    "Invalid value for logger level: {l}. Possible values: [Off, Error, Warning, Info, Debug, Trace]"
-                ),
-            });
-        }
-    }
-    let mut setup = Vec::new();
-    let logger_wanted = level.is_some()
-        || a.value("log-path").is_some()
-        || a.value("module").is_some()
-        || a.flag("show-level")
-        || a.flag("show-log-origin");
-    if logger_wanted {
-        setup.push(VmmAction::PutLogger(types::Logger {
-            log_path: a.value("log-path").map(str::to_string),
-            level: level.map(str::to_string),
-            show_level: Some(a.flag("show-level")),
-            show_log_origin: Some(a.flag("show-log-origin")),
-            module: a.value("module").map(str::to_string),
-        }));
-    }
-    if let Some(p) = a.value("metrics-path") {
-        setup.push(VmmAction::PutMetrics(types::Metrics {
-            metrics_path: p.to_string(),
-            emit_id: None,
-            properties: None,
-        }));
-    }
-    if let Some(limit) = mmds_limit {
-        setup.push(VmmAction::SetMmdsSizeLimit(limit));
-    }
-    if let Some(p) = a.value("metadata") {
-        let refuse = |why: String| Refusal {
-            status: status::GENERIC,
-            message: format!("--metadata {p}: {why}"),
-        };
-        let text = std::fs::read_to_string(p).map_err(|e| refuse(e.to_string()))?;
-        let data = serde_json::from_str(&text).map_err(|e| refuse(e.to_string()))?;
-        setup.push(VmmAction::PutMmds(data));
-    }
-    let seccomp = match (a.flag("no-seccomp"), a.value("seccomp-filter")) {
-        (true, Some(_)) => {
-            return Err(parse_error(
-                "The argument 'no-seccomp' cannot be used with 'seccomp-filter'.".to_string(),
-            ))
-        }
-        (true, None) => Seccomp::Off,
-        (false, Some(f)) => Seccomp::Filter(PathBuf::from(f)),
-        (false, None) => Seccomp::Default,
-    };
-    Ok(Plan {
-        api_sock: (!a.flag("no-api"))
-            .then(|| PathBuf::from(a.value("api-sock").unwrap_or(DEFAULT_API_SOCK))),
-        config_file: a.value("config-file").map(PathBuf::from),
-        id,
-        setup,
-        max_payload,
-        seccomp,
-    })
-}
-
 fn refuse(r: Refusal) -> u8 {
     eprintln!("capsule: error: {}", r.message);
     r.status
@@ -417,33 +304,15 @@ fn refuse(r: Refusal) -> u8 {
 /// Runs capsule with Firecracker's command line `args` (without argv[0]);
 /// returns the exit status.
 pub fn run(args: &[OsString]) -> u8 {
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        print!("{}", help());
-        return status::OK;
-    }
-    if args.iter().any(|a| a == "--version") {
-        println!("{}", version_line());
-        return status::OK;
+    if let Some(status) = help_or_version(args) {
+        return status;
     }
     let parsed = match parse(args) {
         Ok(p) => p,
         Err(r) => return refuse(r),
     };
-    if parsed.flag("snapshot-version") || parsed.value("describe-snapshot").is_some() {
-        if let Some(f) = parsed.value("describe-snapshot") {
-            if let Err(e) = std::fs::File::open(f) {
-                return refuse(Refusal {
-                    status: status::GENERIC,
-                    message: format!(
-                        "When printing Snapshot Data format: Unable to open snapshot state file {f}: {e}"
-                    ),
-                });
-            }
-        }
-        return refuse(Refusal {
-            status: status::GENERIC,
-            message: "snapshots are not supported by this capsule".to_string(),
-        });
+    if let Some(r) = snapshot_tool_refusal(&parsed) {
+        return refuse(r);
     }
     let plan = match plan(&parsed) {
         Ok(p) => p,
@@ -453,9 +322,67 @@ pub fn run(args: &[OsString]) -> u8 {
         capsule::builder::enable_fc_boot_timer();
     }
     api::http::set_max_body(plan.max_payload);
-    if let Seccomp::Filter(f) = &plan.seccomp {
+    if let Err(r) = check_seccomp_filter(&plan.seccomp) {
+        return refuse(r);
+    }
+    if let Err(e) = apply_seccomp(&plan.seccomp) {
+        eprintln!("capsule: error: {e}");
+        return status::GENERIC;
+    }
+    let config = match plan.config_file.as_deref().map(api::read_config_file) {
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("capsule: error: {e}");
+            return status::GENERIC;
+        }
+        None => None,
+    };
+    run_vm(plan, config)
+}
+
+/// `--help` or `--version` anywhere: prints the help or the version line
+/// and returns success, whatever else the command line holds.
+fn help_or_version(args: &[OsString]) -> Option<u8> {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{}", help());
+        return Some(status::OK);
+    }
+    if args.iter().any(|a| a == "--version") {
+        println!("{}", version_line());
+        return Some(status::OK);
+    }
+    None
+}
+
+/// The refusal of Firecracker's snapshot tools (`--snapshot-version`,
+/// `--describe-snapshot`), which this capsule does not offer; a snapshot
+/// file that cannot be opened is reported as Firecracker reports it.
+fn snapshot_tool_refusal(parsed: &FcArgs) -> Option<Refusal> {
+    if !parsed.flag("snapshot-version") && parsed.value("describe-snapshot").is_none() {
+        return None;
+    }
+    if let Some(f) = parsed.value("describe-snapshot") {
         if let Err(e) = std::fs::File::open(f) {
-            return refuse(Refusal {
+            return Some(Refusal {
+                status: status::GENERIC,
+                message: format!(
+                    "When printing Snapshot Data format: Unable to open snapshot state file {f}: {e}"
+                ),
+            });
+        }
+    }
+    Some(Refusal {
+        status: status::GENERIC,
+        message: "snapshots are not supported by this capsule".to_string(),
+    })
+}
+
+/// Refuses a `--seccomp-filter` file that cannot be opened, with
+/// Firecracker's message.
+fn check_seccomp_filter(s: &Seccomp) -> Result<(), Refusal> {
+    if let Seccomp::Filter(f) = s {
+        if let Err(e) = std::fs::File::open(f) {
+            return Err(Refusal {
                 status: status::GENERIC,
                 message: format!(
                     "Seccomp error: Filter file open error: {}: {e}",
@@ -464,20 +391,12 @@ pub fn run(args: &[OsString]) -> u8 {
             });
         }
     }
-    if let Err(e) = apply_seccomp(&plan.seccomp) {
-        eprintln!("capsule: error: {e}");
-        return status::GENERIC;
-    }
-    let config = match &plan.config_file {
-        Some(p) => match api::read_config_file(p) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                eprintln!("capsule: error: {e}");
-                return status::GENERIC;
-            }
-        },
-        None => None,
-    };
+    Ok(())
+}
+
+/// Runs the VM `plan` describes, configured from `config` and over the
+/// API; returns the exit status the guest's end stands for.
+fn run_vm(plan: Plan, config: Option<api::types::FullVmConfig>) -> u8 {
     let opts = api::Options {
         api_sock: plan.api_sock,
         config,
@@ -521,6 +440,7 @@ fn apply_seccomp(s: &Seccomp) -> Result<(), capsule::confine::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn args(s: &str) -> Vec<OsString> {
         s.split_whitespace().map(OsString::from).collect()
