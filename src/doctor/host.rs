@@ -12,46 +12,67 @@ use crate::vstate::vm::{group_name, KVM_API_VERSION, REQUIRED_CAPS};
 /// failure that makes the rest meaningless (no device, no access).
 pub fn kvm_checks(kvm_path: &Path) -> Vec<Check> {
     let mut out = Vec::new();
+    if let Err(fail) = kvm_checks_into(kvm_path, &mut out) {
+        out.push(fail);
+    }
+    out
+}
+
+/// Pushes the passed KVM checks onto `out` and the others' results; the
+/// failure that stops them is the error.
+fn kvm_checks_into(kvm_path: &Path, out: &mut Vec<Check>) -> Result<(), Check> {
     let dev = kvm_path.display();
-    let meta = match std::fs::metadata(kvm_path) {
-        Ok(m) => m,
-        Err(e) => {
-            out.push(Check::fail(
-                format!("{dev} does not exist ({e})"),
-                "load the KVM module (modprobe kvm_intel or kvm_amd) and enable \
-                 virtualization (VT-x/AMD-V) in the firmware; on a cloud VM, pick an \
-                 instance type with nested virtualization",
-            ));
-            return out;
-        }
-    };
-    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let meta = kvm_device(kvm_path)?;
+    out.push(Check::ok(format!("{dev} exists")));
+    let kvm = open_kvm(kvm_path, &meta)?;
+    out.push(Check::ok(format!(
+        "{dev} is readable and writable by this user"
+    )));
+    out.push(api_version(&kvm));
+    out.push(capabilities(&kvm));
+    out.push(kvm_kind(&Kind::detect()));
+    Ok(())
+}
+
+/// The KVM device's metadata, if it exists and is a character device.
+fn kvm_device(kvm_path: &Path) -> Result<std::fs::Metadata, Check> {
+    use std::os::unix::fs::FileTypeExt;
+    let dev = kvm_path.display();
+    let meta = std::fs::metadata(kvm_path).map_err(|e| {
+        Check::fail(
+            format!("{dev} does not exist ({e})"),
+            "load the KVM module (modprobe kvm_intel or kvm_amd) and enable \
+             virtualization (VT-x/AMD-V) in the firmware; on a cloud VM, pick an \
+             instance type with nested virtualization",
+        )
+    })?;
     if !meta.file_type().is_char_device() {
-        out.push(Check::fail(
+        return Err(Check::fail(
             format!("{dev} is not a character device"),
             "point --kvm at the KVM device, normally /dev/kvm",
         ));
-        return out;
     }
-    out.push(Check::ok(format!("{dev} exists")));
-    let kvm = match std::fs::OpenOptions::new()
+    Ok(meta)
+}
+
+/// KVM, opened read-write as capsule opens it; a failure names the
+/// device's owner, group and mode, and how to join the group.
+fn open_kvm(kvm_path: &Path, meta: &std::fs::Metadata) -> Result<Kvm, Check> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dev = kvm_path.display();
+    match std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(kvm_path)
     {
-        Ok(f) => {
-            out.push(Check::ok(format!(
-                "{dev} is readable and writable by this user"
-            )));
-            // SAFETY: `f` is an open /dev/kvm descriptor whose ownership
-            // moves into the Kvm handle.
-            unsafe {
-                <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(f))
-            }
-        }
+        // SAFETY: `f` is an open /dev/kvm descriptor whose ownership
+        // moves into the Kvm handle.
+        Ok(f) => Ok(unsafe {
+            <Kvm as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(f))
+        }),
         Err(e) => {
             let group = group_name(meta.gid()).unwrap_or_else(|| meta.gid().to_string());
-            out.push(Check::fail(
+            Err(Check::fail(
                 format!(
                     "cannot open {dev} ({e}; owner uid {}, group {group}, mode {:o})",
                     meta.uid(),
@@ -61,36 +82,40 @@ pub fn kvm_checks(kvm_path: &Path) -> Vec<Check> {
                     "add yourself to its group (sudo usermod -aG {group} $USER, then log in \
                      again), or on a CI runner open it with a udev rule (docs/ci.md)"
                 ),
-            ));
-            return out;
+            ))
         }
-    };
+    }
+}
+
+/// Whether KVM's API version is the one capsule speaks.
+fn api_version(kvm: &Kvm) -> Check {
     let version = kvm.get_api_version();
     if version == KVM_API_VERSION {
-        out.push(Check::ok(format!("KVM API version {version}")));
+        Check::ok(format!("KVM API version {version}"))
     } else {
-        out.push(Check::fail(
+        Check::fail(
             format!("KVM API version {version}, capsule needs {KVM_API_VERSION}"),
             "use a Linux host kernel from 2.6.22 or later",
-        ));
+        )
     }
+}
+
+/// Whether KVM has every capability capsule needs; a failure names those
+/// it lacks.
+fn capabilities(kvm: &Kvm) -> Check {
     let missing: Vec<String> = REQUIRED_CAPS
         .iter()
         .filter(|c| !kvm.check_extension(**c))
         .map(|c| format!("{c:?}"))
         .collect();
     if missing.is_empty() {
-        out.push(Check::ok(
-            "KVM has the capabilities capsule needs (irqchip, user memory, irqfd, PIT2, TSS)",
-        ));
+        Check::ok("KVM has the capabilities capsule needs (irqchip, user memory, irqfd, PIT2, TSS)")
     } else {
-        out.push(Check::fail(
+        Check::fail(
             format!("KVM lacks {}", missing.join(", ")),
             "use a newer host kernel or another KVM provider",
-        ));
+        )
     }
-    out.push(kvm_kind(&Kind::detect()));
-    out
 }
 
 /// Who provides /dev/kvm.
