@@ -2,9 +2,10 @@
 # resources/bench-blk.sh: virtio-blk benchmark, from inside the guest.
 #
 # Boots capsule's test kernel, in capsule (its default synchronous block
-# engine over virtio-mmio; again as `capsule-uring` with the data disk on
-# `,engine=io_uring`; and as `capsule-pci`, the default engine with
-# `--transport pci`: virtio-pci with MSI-X), in QEMU (-M microvm, the same
+# engine over virtio-mmio, `--transport mmio` named, as capsule's own
+# default picks virtio-pci for this kernel; again as `capsule-uring` with
+# the data disk on `,engine=io_uring`; and as `capsule-pci`, the default
+# engine with `--transport pci`: virtio-pci with MSI-X), in QEMU (-M microvm, the same
 # virtio-blk devices over virtio-mmio) and, when their builds are present
 # (capsule_anchors_dir in resources/lib.sh; otherwise their columns are
 # left out with a note), in Firecracker (`--no-api --config-file`, its
@@ -182,11 +183,11 @@ boot() {
     capsule | capsule-base)
         bin="$CAPSULE"
         [ "$1" = capsule ] || bin="$CAPSULE_BASE"
-        exec "$bin" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
+        exec "$bin" run --kernel "$VMLINUX" --cpus 2 --memory 512M --transport mmio \
             --disk "$BENCH_ROOT,ro" --disk "$data" --cmdline "$CMDLINE" </dev/null
         ;;
     capsule-uring)
-        exec "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M \
+        exec "$CAPSULE" run --kernel "$VMLINUX" --cpus 2 --memory 512M --transport mmio \
             --disk "$BENCH_ROOT,ro" --disk "$data,engine=io_uring" --cmdline "$CMDLINE" </dev/null
         ;;
     capsule-pci)

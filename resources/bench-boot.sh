@@ -124,7 +124,7 @@ one() {
     open=""
     [ "$vmm" = capsule-open ] && open="--no-seccomp --no-landlock"
     [ "$vmm" = capsule-jail ] && open="--jail --chroot-base $WORK/jail --id bench"
-    [ "$vmm" = capsule-mmio-blk ] && open="--disk $WORK/blk.img,ro"
+    [ "$vmm" = capsule-mmio-blk ] && open="--transport mmio --disk $WORK/blk.img,ro"
     [ "$vmm" = capsule-pci-blk ] && open="--transport pci --disk $WORK/blk.img,ro"
     bin="$CAPSULE"
     [ "$vmm" = capsule-base ] && bin="$CAPSULE_BASE"

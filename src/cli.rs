@@ -235,9 +235,12 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "amount_mib=N,deflate_on_oom=on,free_page_reporting=on,stats_interval_s=N",
           value_parser = capsule::balloon::parse_option, conflicts_with = "restore")]
     pub(crate) balloon: Option<devices::virtio::balloon::BalloonConfig>,
-    /// How the guest reaches its virtio devices: `mmio` (virtio-mmio, the
-    /// default) or `pci` (modern virtio-pci with MSI-X on PCI bus 0;
-    /// every device, vhost-net and virtio-fs included). With
+    /// How the guest reaches its virtio devices: `mmio` (virtio-mmio) or
+    /// `pci` (modern virtio-pci with MSI-X on PCI bus 0; every device,
+    /// vhost-net and virtio-fs included). Without it capsule picks `pci`
+    /// when the kernel image shows it can drive virtio-pci (an ELF
+    /// vmlinux whose symbol table or embedded configuration says so) and
+    /// the command line has no `pci=off` or `acpi=off`, else `mmio`. With
     /// `--config-file` or the API, a `transport` in the machine
     /// configuration wins over it; a restore takes the snapshot's.
     #[arg(long, value_enum, conflicts_with = "restore")]
@@ -318,7 +321,7 @@ impl RunArgs {
             fs: self.fs.clone(),
             entropy: None,
             balloon: self.balloon,
-            transport: self.transport.unwrap_or_default(),
+            transport: self.transport,
         })
     }
 }

@@ -407,7 +407,9 @@ fn run_vm(plan: Plan, config: Option<api::types::FullVmConfig>) -> u8 {
         restore: None,
         on_started: None,
         setup: plan.setup,
-        transport: None,
+        // Firecracker's own transport, whatever the kernel, unless the
+        // configuration file's machine-config names one.
+        transport: Some(capsule::config::Transport::Mmio),
     };
     match api::run(opts) {
         Ok(exit) => crate::guest_status(exit),

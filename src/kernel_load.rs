@@ -23,8 +23,9 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 pub(crate) struct KernelEntry {
     pub(crate) address: u64,
     pub(crate) setup_header: Option<linux_loader::bootparam::setup_header>,
-    /// Whether the kernel reads ACPI tables ([`crate::kernel_acpi`]).
-    pub(crate) acpi: crate::kernel_acpi::KernelAcpi,
+    /// Whether the kernel reads ACPI tables and drives virtio-pci
+    /// ([`crate::kernel_probe`]).
+    pub(crate) support: crate::kernel_probe::KernelSupport,
 }
 
 /// Loads the kernel in `file` into fresh guest RAM `mem`: an ELF kernel
@@ -44,12 +45,12 @@ pub(crate) fn load_kernel(
                     kmap.mapped_bytes() >> 10,
                     path.display()
                 );
-                let acpi = crate::kernel_acpi::probe(file);
+                let support = crate::kernel_probe::probe(file);
                 return Ok((
                     KernelEntry {
                         address,
                         setup_header: None,
-                        acpi,
+                        support,
                     },
                     Some(kmap),
                 ));
@@ -83,7 +84,7 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
             return Ok(KernelEntry {
                 address: r.kernel_load.0,
                 setup_header: None,
-                acpi: crate::kernel_acpi::probe(file),
+                support: crate::kernel_probe::probe(file),
             })
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
@@ -94,7 +95,7 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
         Ok(r) => Ok(KernelEntry {
             address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
             setup_header: r.setup_header,
-            acpi: crate::kernel_acpi::KernelAcpi::Unknown,
+            support: crate::kernel_probe::KernelSupport::UNKNOWN,
         }),
         Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
             Err(Error::NotAKernel(path.to_path_buf()))

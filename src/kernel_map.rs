@@ -56,7 +56,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
-use crate::kernel_acpi::{read_at, u16_at, u32_at, u64_at};
+use crate::kernel_probe::{read_at, u16_at, u32_at, u64_at};
 
 const PAGE: u64 = 4096;
 /// `PT_LOAD`.

@@ -293,6 +293,28 @@ impl Vmm {
         }
     }
 
+    /// Says so when a guest with virtio-pci devices ends without ever
+    /// having looked at PCI bus 0: its kernel most likely has no PCI
+    /// support, so it found none of its devices (a root file system on a
+    /// disk among them). A guest stopped by the host counts only if it got
+    /// as far as writing to its console.
+    fn hint_unprobed_pci(&self, end: GuestExit) {
+        let Some(root) = &self.persist.pci_root else {
+            return;
+        };
+        if root.lock().unwrap_or_else(|e| e.into_inner()).probed() {
+            return;
+        }
+        if end == GuestExit::Stopped && devices::metrics::UART.write_count.get() == 0 {
+            return;
+        }
+        log::warn!(
+            "the guest never looked at PCI bus 0, where its virtio devices are (--transport pci): \
+             if its kernel has no PCI support (CONFIG_PCI, CONFIG_PCI_MSI, CONFIG_VIRTIO_PCI), \
+             boot it with --transport mmio"
+        );
+    }
+
     /// The VM's run loop (the only one): runs the device event loop until
     /// the guest powers off, resets, panics or faults, or `check` asks to
     /// stop; then stops the vCPUs. `check` runs before every event-loop
@@ -333,6 +355,7 @@ impl Vmm {
                     log::warn!("the guest never wrote to its serial console (console=ttyS0); where it was:");
                     crate::stall::log_vcpus(&mut self, log::Level::Warn, "silent guest");
                 }
+                self.hint_unprobed_pci(r);
                 break RunEnd::Guest(r);
             }
             if self

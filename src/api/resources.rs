@@ -43,7 +43,7 @@ pub struct VmResources {
     direct: Option<VmConfig>,
     /// The transport when the machine configuration names none (the
     /// command line's `--transport`).
-    default_transport: config::Transport,
+    default_transport: Option<config::Transport>,
 }
 
 impl VmResources {
@@ -72,7 +72,7 @@ impl VmResources {
             balloon: None,
             kvm_path,
             direct: None,
-            default_transport: config::Transport::default(),
+            default_transport: None,
         }
     }
 
@@ -261,14 +261,13 @@ impl VmResources {
     fn set_shape(&mut self, config: &VmConfig) {
         self.machine.vcpu_count = u64::from(config.vcpus);
         self.machine.mem_size_mib = config.mem_size >> 20;
-        self.machine.transport =
-            (config.transport != config::Transport::Mmio).then_some(config.transport);
+        self.machine.transport = config.transport.filter(|t| *t != config::Transport::Mmio);
     }
 
     /// The transport used when the machine configuration names none
     /// (`--transport`).
     pub fn set_default_transport(&mut self, t: config::Transport) {
-        self.default_transport = t;
+        self.default_transport = Some(t);
     }
 
     /// The network interfaces' ids, in order.
@@ -329,7 +328,7 @@ impl VmResources {
             fs: Vec::new(),
             entropy,
             balloon: self.balloon.map(|b| b.device_config()),
-            transport: self.machine.transport.unwrap_or(self.default_transport),
+            transport: self.machine.transport.or(self.default_transport),
         })
     }
 
@@ -506,27 +505,28 @@ mod tests {
     }
 
     /// The machine configuration's transport wins; without one the
-    /// command line's default applies, and without that virtio-mmio.
+    /// command line's default applies, and without that none: the builder
+    /// picks one when it has read the kernel.
     #[test]
     fn the_transport_comes_from_the_machine_config_else_the_default() {
         let mut r = with_kernel();
-        assert_eq!(r.vm_config().unwrap().transport, Transport::Mmio);
+        assert_eq!(r.vm_config().unwrap().transport, None);
         r.set_default_transport(Transport::Pci);
-        assert_eq!(r.vm_config().unwrap().transport, Transport::Pci);
+        assert_eq!(r.vm_config().unwrap().transport, Some(Transport::Pci));
         let mut m = r.machine.clone();
         m.transport = Some(Transport::Mmio);
         r.set_machine(m.clone()).unwrap();
-        assert_eq!(r.vm_config().unwrap().transport, Transport::Mmio);
+        assert_eq!(r.vm_config().unwrap().transport, Some(Transport::Mmio));
         m.transport = None;
         r.set_machine(m).unwrap();
-        assert_eq!(r.vm_config().unwrap().transport, Transport::Pci);
+        assert_eq!(r.vm_config().unwrap().transport, Some(Transport::Pci));
         r.patch_machine(MachineConfigUpdate {
             transport: Some(Transport::Mmio),
             ..Default::default()
         })
         .unwrap();
         assert_eq!(r.machine.transport, Some(Transport::Mmio));
-        assert_eq!(r.vm_config().unwrap().transport, Transport::Mmio);
+        assert_eq!(r.vm_config().unwrap().transport, Some(Transport::Mmio));
     }
 
     /// A command-line VM reports its transport only when it is not the
@@ -537,9 +537,9 @@ mod tests {
         let mut c = r.vm_config().unwrap();
         r.set_direct(c.clone());
         assert_eq!(r.machine.transport, None);
-        c.transport = Transport::Pci;
+        c.transport = Some(Transport::Pci);
         r.set_direct(c);
         assert_eq!(r.machine.transport, Some(Transport::Pci));
-        assert_eq!(r.vm_config().unwrap().transport, Transport::Pci);
+        assert_eq!(r.vm_config().unwrap().transport, Some(Transport::Pci));
     }
 }

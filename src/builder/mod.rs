@@ -18,8 +18,8 @@ use devices::virtio::VirtioDevice;
 
 use crate::config::VmConfig;
 use crate::device_manager::DeviceManager;
-use crate::kernel_acpi::KernelAcpi;
 use crate::kernel_load::{kernel_cmdline, load_cmdline, load_initrd, load_kernel, KernelEntry};
+use crate::kernel_probe::Support;
 use crate::vmm::{Subscriber, Vmm};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::Vcpu;
@@ -28,6 +28,7 @@ use crate::vstate::vm::Vm;
 mod attach;
 mod error;
 mod launch;
+mod transport;
 pub(crate) use self::attach::Devices;
 pub use self::error::Error;
 pub(crate) use self::launch::{Parts, Started};
@@ -93,6 +94,11 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let map_kernel = crate::kernel_map::allowed(config);
     let (entry, kernel_map) = load_kernel(mem, &config.kernel, &mut files.kernel, map_kernel)?;
     crate::setup_step("kernel loaded");
+    let transport = transport::pick(config, &entry.support);
+    let config = &VmConfig {
+        transport: Some(transport),
+        ..config.clone()
+    };
     let initrd = if files.initrd.is_some() || config.initramfs.is_some() {
         Some(load_initrd(mem, files.initrd, config.initramfs.as_deref())?)
     } else {
@@ -103,7 +109,7 @@ pub fn build_with(config: &VmConfig, console: Console, extras: Extras) -> Result
     let unsupported = snapshot_refusal(config, &extras);
     let (mut started, mut dm) = Started::new(console.raw_terminal)?;
     let exit = started.exit.clone();
-    let mut devices = started.devices(&mut dm, &vm, mem, config.transport);
+    let mut devices = started.devices(&mut dm, &vm, mem, transport);
     devices.add_legacy(&exit, console)?;
     if FC_BOOT_TIMER.load(std::sync::atomic::Ordering::Relaxed) {
         devices
@@ -276,18 +282,18 @@ fn write_boot_data(
     entry: &KernelEntry,
     initrd: Option<&arch::boot::InitrdConfig>,
 ) -> Result<bool> {
-    let no_acpi = match &entry.acpi {
-        KernelAcpi::Absent(how) => {
+    let no_acpi = match &entry.support.acpi {
+        Support::Absent(how) => {
             log::info!(
                 "the kernel has no ACPI ({how}): its virtio-mmio devices are announced on its command line"
             );
             true
         }
-        KernelAcpi::Present(how) => {
+        Support::Present(how) => {
             log::debug!("the kernel has ACPI ({how})");
             false
         }
-        KernelAcpi::Unknown => false,
+        Support::Unknown => false,
     };
     let cmdline = kernel_cmdline(
         &config.cmdline,
@@ -385,7 +391,7 @@ mod tests {
             fs: Vec::new(),
             entropy: None,
             balloon: None,
-            transport,
+            transport: Some(transport),
         }
     }
 

@@ -48,8 +48,10 @@ pub struct VmConfig {
     /// A virtio-balloon device (`PUT /balloon`, `--balloon`).
     pub balloon: Option<devices::virtio::balloon::BalloonConfig>,
     /// How the guest reaches its virtio devices (`--transport`, the
-    /// machine configuration's `transport`).
-    pub transport: Transport,
+    /// machine configuration's `transport`); `None`: capsule picks when
+    /// it has read the kernel (`builder::pick_transport`): virtio-pci if
+    /// the kernel image shows it can drive it, else virtio-mmio.
+    pub transport: Option<Transport>,
 }
 
 /// How the guest reaches its virtio devices (`--transport`; `transport`

@@ -552,7 +552,7 @@ mod tests {
                 fs: vec![],
                 entropy: None,
                 balloon: None,
-                transport: Default::default(),
+                transport: None,
             },
             net_ipv4: vec![],
             rootfs: None,

@@ -150,7 +150,8 @@ fn save_state(
         vcpus,
         serial: h.serial.lock().unwrap_or_else(|e| e.into_inner()).save(),
         i8042: h.i8042.lock().unwrap_or_else(|e| e.into_inner()).save(),
-        transport: h.config.transport,
+        // Always named by the time the VM runs (builder::transport).
+        transport: h.config.transport.unwrap_or_default(),
         transports,
         pci,
         disks,

@@ -275,7 +275,7 @@ fn vm_config(cfg: &RestoreConfig, state: &SnapshotState) -> Result<VmConfig, Err
         entropy: state.entropy,
         // A VM with a balloon cannot be snapshotted.
         balloon: None,
-        transport: state.transport,
+        transport: Some(state.transport),
     })
 }
 
@@ -349,7 +349,7 @@ pub fn restore(cfg: &RestoreConfig, console: Console) -> Result<Restored, Error>
 
     let (mut started, mut dm) = Started::new(console.raw_terminal)?;
     let exit = started.exit.clone();
-    let mut devices = started.devices(&mut dm, &vm, mem, config.transport);
+    let mut devices = started.devices(&mut dm, &vm, mem, state.transport);
     devices.add_legacy(&exit, console)?;
     let disks = devices.add_disks(&config.disks).map_err(explain_lock)?;
     let nets = devices.add_nets(&config.nets)?;
@@ -571,9 +571,11 @@ fn restore_pci(
             built: dm.pci_functions.len(),
         });
     }
-    root.lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .set_address(saved.config_address);
+    {
+        let mut root = root.lock().unwrap_or_else(|e| e.into_inner());
+        root.set_address(saved.config_address);
+        root.set_probed();
+    }
     for (i, (f, snap)) in dm.pci_functions.iter().zip(&saved.functions).enumerate() {
         f.lock()
             .unwrap_or_else(|e| e.into_inner())

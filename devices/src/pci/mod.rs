@@ -20,6 +20,7 @@ pub mod config;
 pub mod ecam;
 pub mod msix;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::bus::BusDevice;
@@ -95,6 +96,10 @@ impl PciDevice for HostBridge {
 pub struct PciRoot {
     address: u32,
     slots: Vec<Arc<Mutex<dyn PciDevice>>>,
+    /// The guest has read or written a configuration space (through
+    /// either mechanism): its kernel knows PCI. A guest that never does
+    /// cannot find a virtio-pci device, and the VMM says so when it ends.
+    probed: AtomicBool,
 }
 
 impl std::fmt::Debug for PciRoot {
@@ -118,7 +123,20 @@ impl PciRoot {
         Self {
             address: 0,
             slots: vec![Arc::new(Mutex::new(HostBridge::default()))],
+            probed: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the guest has read or written any function's
+    /// configuration space (present or not) since the bus was built.
+    pub fn probed(&self) -> bool {
+        self.probed.load(Ordering::Relaxed)
+    }
+
+    /// Marks the bus as probed: a restored guest found it before its
+    /// snapshot was taken.
+    pub fn set_probed(&self) {
+        self.probed.store(true, Ordering::Relaxed);
     }
 
     /// Puts `device` in the next free slot; returns the slot.
@@ -163,6 +181,7 @@ impl PciRoot {
     /// Reads `data.len()` bytes at `reg` of function `function` of device
     /// `slot` (bus 0); all ones if there is no such function.
     pub fn function_read(&self, slot: u32, function: u32, reg: u64, data: &mut [u8]) {
+        self.set_probed();
         data.fill(0xff);
         if let Some(dev) = self.function(slot, function) {
             let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
@@ -173,6 +192,7 @@ impl PciRoot {
     /// Writes `data` at `reg` of function `function` of device `slot`
     /// (bus 0); dropped if there is no such function.
     pub fn function_write(&self, slot: u32, function: u32, reg: u64, data: &[u8]) {
+        self.set_probed();
         if let Some(dev) = self.function(slot, function) {
             let mut dev = dev.lock().unwrap_or_else(|e| e.into_inner());
             dev.config_write(reg, data);

@@ -134,6 +134,27 @@ fn config_read(root: &mut PciRoot, slot: u32, reg: u32, len: usize) -> Vec<u8> {
 }
 
 #[test]
+fn a_configuration_access_marks_the_bus_probed() {
+    let mut root = PciRoot::new();
+    assert!(!root.probed());
+    // Setting and reading back the address register is not a look at
+    // any function.
+    root.write(0, &0x8000_0000u32.to_le_bytes());
+    root.read(0, &mut [0u8; 4]);
+    assert!(!root.probed());
+    // A read of an absent function is one.
+    config_read(&mut root, 7, 0, 4);
+    assert!(root.probed());
+    // Through ECAM, a write counts too.
+    let root = PciRoot::new();
+    root.function_write(0, 0, 4, &[0; 2]);
+    assert!(root.probed());
+    let root = PciRoot::new();
+    root.set_probed();
+    assert!(root.probed());
+}
+
+#[test]
 fn mechanism_1_reaches_the_host_bridge_and_added_devices_only() {
     let mut root = PciRoot::new();
     // Linux's probe: the address register reads back what was written.

@@ -211,7 +211,7 @@ mod tests {
         let mut config = with_kernel().vm_config().unwrap();
         config.vcpus = 2;
         config.mem_size = 256 << 20;
-        config.transport = Transport::Pci;
+        config.transport = Some(Transport::Pci);
         config.vsock = Some(VsockConfig {
             guest_cid: 7,
             uds_path: "/v.sock".into(),

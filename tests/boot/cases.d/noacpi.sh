@@ -7,10 +7,16 @@
 # `poweroff`, a halt of every CPU with interrupts disabled, ends capsule
 # with status 0. Sourced by tests/boot/cases.sh; POSIX sh.
 #
+# noacpi_pci_hint boots the same kernel, which has no PCI either, with
+# `--transport pci` and a disk: capsule warns before it boots that the
+# kernel cannot drive virtio-pci (its symbol table says so), the guest
+# finds no disk, and when it powers off capsule says it never looked at
+# PCI bus 0.
+#
 # Needs NOACPI_VMLINUX (tests/boot/run.sh sets it when this case is
 # selected); fails loudly without it.
 
-ALL_CASES="$ALL_CASES noacpi_vmlinux"
+ALL_CASES="$ALL_CASES noacpi_vmlinux noacpi_pci_hint"
 
 case_noacpi_vmlinux() {
     if [ -z "${NOACPI_VMLINUX:-}" ] || [ ! -f "${NOACPI_VMLINUX:-}" ]; then
@@ -38,5 +44,28 @@ poweroff -f' \
     expect "the guest sees the 8 MiB disk as vda" out_has_line "vda-sectors=16384"
     expect "the halt was logged as the guest's power-off" \
         grep -q 'every vCPU has halted with interrupts disabled: the guest powered off' "$ERR"
+    expect "no Rust panic" no_rust_panic
+}
+
+case_noacpi_pci_hint() {
+    if [ -z "${NOACPI_VMLINUX:-}" ] || [ ! -f "${NOACPI_VMLINUX:-}" ]; then
+        SECS=0
+        expect "NOACPI_VMLINUX is set to the no-ACPI kernel (got '${NOACPI_VMLINUX:-}')" false
+        return
+    fi
+    _img="$WORK/noacpi_pci.img"
+    rm -f "$_img"
+    dd if=/dev/zero of="$_img" bs=1024 count=8192 2>/dev/null
+    run_capsule noacpi_pci_hint 'echo vda-present=$(ls /sys/block | grep -c "^vda$")
+poweroff -f' \
+        run --kernel "$NOACPI_VMLINUX" --initrd "$INITRD" --disk "$_img" --transport pci \
+        --cpus 1 --memory 128M --cmdline "console=ttyS0 reboot=k panic=1"
+    rm -f "$_img"
+    expect "exit status 0" rc_is 0
+    expect "capsule warned before the boot: the kernel has no PCI" \
+        grep -q 'warn: --transport pci, but the kernel cannot drive virtio-pci (its symbol table has no pci_bus_type (no PCI))' "$ERR"
+    expect "the guest found no disk" out_has_line "vda-present=0"
+    expect "at the end, capsule said the guest never looked at PCI bus 0" \
+        grep -q 'warn: the guest never looked at PCI bus 0, where its virtio devices are' "$ERR"
     expect "no Rust panic" no_rust_panic
 }
