@@ -378,20 +378,8 @@ mod tests {
 
     fn config(transport: Transport) -> VmConfig {
         VmConfig {
-            kernel: "vmlinux".into(),
-            initrd: None,
-            initramfs: None,
-            cmdline: String::new(),
-            vcpus: 1,
-            mem_size: 128 << 20,
-            kvm_path: crate::config::DEFAULT_KVM_PATH.into(),
-            disks: Vec::new(),
-            nets: Vec::new(),
-            vsock: None,
-            fs: Vec::new(),
-            entropy: None,
-            balloon: None,
             transport: Some(transport),
+            ..VmConfig::bare("vmlinux")
         }
     }
 

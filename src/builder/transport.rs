@@ -102,20 +102,9 @@ mod tests {
     #[test]
     fn a_named_transport_wins() {
         let config = |t| VmConfig {
-            kernel: "/k".into(),
-            initrd: None,
-            initramfs: None,
             cmdline: "pci=off".into(),
-            vcpus: 1,
-            mem_size: 128 << 20,
-            kvm_path: "/dev/kvm".into(),
-            disks: vec![],
-            nets: vec![],
-            vsock: None,
-            fs: vec![],
-            entropy: None,
-            balloon: None,
             transport: t,
+            ..VmConfig::bare("/k")
         };
         assert_eq!(pick(&config(Some(Transport::Pci)), &PCI), Transport::Pci);
         assert_eq!(pick(&config(Some(Transport::Mmio)), &PCI), Transport::Mmio);

@@ -54,6 +54,30 @@ pub struct VmConfig {
     pub transport: Option<Transport>,
 }
 
+#[cfg(test)]
+impl VmConfig {
+    /// A VM of `kernel` and nothing else: 1 vCPU, 128 MiB, no initrd,
+    /// command line or device, the transport left to capsule (tests).
+    pub(crate) fn bare(kernel: &str) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            initramfs: None,
+            cmdline: String::new(),
+            vcpus: 1,
+            mem_size: 128 << 20,
+            kvm_path: DEFAULT_KVM_PATH.into(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            fs: Vec::new(),
+            entropy: None,
+            balloon: None,
+            transport: None,
+        }
+    }
+}
+
 /// How the guest reaches its virtio devices (`--transport`; `transport`
 /// in `PUT /machine-config`, a capsule extension: `"mmio"` or `"pci"`).
 #[derive(

@@ -539,20 +539,8 @@ mod tests {
     pub(super) fn exec_config() -> ExecConfig {
         ExecConfig {
             vm: VmConfig {
-                kernel: "/k".into(),
-                initrd: None,
-                initramfs: None,
-                cmdline: String::new(),
-                vcpus: 1,
                 mem_size: 256 << 20,
-                kvm_path: "/dev/kvm".into(),
-                disks: vec![],
-                nets: vec![],
-                vsock: None,
-                fs: vec![],
-                entropy: None,
-                balloon: None,
-                transport: None,
+                ..VmConfig::bare("/k")
             },
             net_ipv4: vec![],
             rootfs: None,

@@ -18,15 +18,23 @@
 
 ALL_CASES="$ALL_CASES noacpi_vmlinux noacpi_pci_hint"
 
+# noacpi_kernel_missing: true, and the case failed, without NOACPI_VMLINUX.
+noacpi_kernel_missing() {
+    [ -n "${NOACPI_VMLINUX:-}" ] && [ -f "${NOACPI_VMLINUX:-}" ] && return 1
+    SECS=0
+    expect "NOACPI_VMLINUX is set to the no-ACPI kernel (got '${NOACPI_VMLINUX:-}')" false
+}
+
+# noacpi_disk NAME: a fresh 8 MiB disk image of zeroes; its path.
+noacpi_disk() {
+    rm -f "$WORK/$1.img"
+    dd if=/dev/zero of="$WORK/$1.img" bs=1024 count=8192 2>/dev/null
+    echo "$WORK/$1.img"
+}
+
 case_noacpi_vmlinux() {
-    if [ -z "${NOACPI_VMLINUX:-}" ] || [ ! -f "${NOACPI_VMLINUX:-}" ]; then
-        SECS=0
-        expect "NOACPI_VMLINUX is set to the no-ACPI kernel (got '${NOACPI_VMLINUX:-}')" false
-        return
-    fi
-    _img="$WORK/noacpi.img"
-    rm -f "$_img"
-    dd if=/dev/zero of="$_img" bs=1024 count=8192 2>/dev/null
+    noacpi_kernel_missing && return
+    _img="$(noacpi_disk noacpi)"
     export CAPSULE_LOG=info
     run_capsule noacpi_vmlinux 'echo vda-sectors=$(cat /sys/block/vda/size)
 echo acpi-dir=$(ls -d /sys/firmware/acpi 2>/dev/null || echo none)
@@ -48,14 +56,8 @@ poweroff -f' \
 }
 
 case_noacpi_pci_hint() {
-    if [ -z "${NOACPI_VMLINUX:-}" ] || [ ! -f "${NOACPI_VMLINUX:-}" ]; then
-        SECS=0
-        expect "NOACPI_VMLINUX is set to the no-ACPI kernel (got '${NOACPI_VMLINUX:-}')" false
-        return
-    fi
-    _img="$WORK/noacpi_pci.img"
-    rm -f "$_img"
-    dd if=/dev/zero of="$_img" bs=1024 count=8192 2>/dev/null
+    noacpi_kernel_missing && return
+    _img="$(noacpi_disk noacpi_pci)"
     run_capsule noacpi_pci_hint 'echo vda-present=$(ls /sys/block | grep -c "^vda$")
 poweroff -f' \
         run --kernel "$NOACPI_VMLINUX" --initrd "$INITRD" --disk "$_img" --transport pci \

@@ -32,36 +32,35 @@ echo disk-says=$(head -c 17 /dev/vda)
 grep -E "PCI-MSI|virtio" /proc/interrupts
 poweroff -f'
 
-case_transport_auto() {
-    _img="$(transport_disk transport_auto)"
+# transport_boot CASE EXTRA: boots the test vmlinux with a marked disk and
+# no --transport, EXTRA appended to the command line, and checks what
+# both cases expect: status 0, the disk read, no panic.
+transport_boot() {
+    _img="$(transport_disk "$1")"
     export CAPSULE_LOG=info
-    run_capsule transport_auto "$TRANSPORT_INPUT" \
+    run_capsule "$1" "$TRANSPORT_INPUT" \
         run --kernel "$VMLINUX" --initrd "$INITRD" --disk "$_img,ro" --cpus 1 --memory 128M \
-        --cmdline "console=ttyS0 reboot=k panic=1"
+        --cmdline "console=ttyS0 reboot=k panic=1$2"
     rm -f "$_img"
     expect "exit status 0" rc_is 0
+    expect "the guest read the disk" out_has_line "disk-says=transport-disk-42"
+    expect "no Rust panic" no_rust_panic
+}
+
+case_transport_auto() {
+    transport_boot transport_auto ""
     expect "capsule picked virtio-pci from the kernel's symbol table" \
         grep -q 'virtio transport: pci (its symbol table has pci_bus_type, pci_msi_enabled and virtio_pci_modern_probe' "$ERR"
     expect "the disk is a virtio-pci function" out_has_line "pcidev=0x1af4:0x1042:virtio-pci"
     expect "vda sits on virtio-pci" out_has_line "vda-transport=virtio-pci"
-    expect "the guest read the disk" out_has_line "disk-says=transport-disk-42"
     expect "MSI-X interrupts on the block request queue" pci_msix_used req
     expect "no warning about the transport" sh -c "! grep -q 'PCI bus 0\|cannot drive virtio-pci' '$ERR'"
-    expect "no Rust panic" no_rust_panic
 }
 
 case_transport_auto_pci_off() {
-    _img="$(transport_disk transport_auto_pci_off)"
-    export CAPSULE_LOG=info
-    run_capsule transport_auto_pci_off "$TRANSPORT_INPUT" \
-        run --kernel "$VMLINUX" --initrd "$INITRD" --disk "$_img,ro" --cpus 1 --memory 128M \
-        --cmdline "console=ttyS0 reboot=k panic=1 pci=off"
-    rm -f "$_img"
-    expect "exit status 0" rc_is 0
+    transport_boot transport_auto_pci_off " pci=off"
     expect "capsule kept virtio-mmio, because of pci=off" \
         grep -q 'virtio transport: mmio (the command line has pci=off' "$ERR"
     expect "no PCI function in the guest" sh -c "! grep -q '^pcidev=' '$OUT'"
     expect "vda sits on virtio-mmio" out_has_line "vda-transport=virtio-mmio"
-    expect "the guest read the disk" out_has_line "disk-says=transport-disk-42"
-    expect "no Rust panic" no_rust_panic
 }
