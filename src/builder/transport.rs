@@ -19,8 +19,10 @@ use crate::kernel_probe::{KernelSupport, Support};
 /// documentation says. Logs the choice, and warns when the configuration
 /// names virtio-pci for a kernel that cannot drive it.
 pub(super) fn pick(config: &VmConfig, support: &KernelSupport) -> Transport {
+    let devices = has_virtio_devices(config);
     if let Some(chosen) = config.transport {
-        if let (Transport::Pci, Support::Absent(why)) = (chosen, &support.virtio_pci) {
+        if let (Transport::Pci, Support::Absent(why), true) = (chosen, &support.virtio_pci, devices)
+        {
             log::warn!(
                 "--transport pci, but the kernel cannot drive virtio-pci ({why}): \
                  the guest will not find its devices; --transport mmio boots it"
@@ -29,8 +31,23 @@ pub(super) fn pick(config: &VmConfig, support: &KernelSupport) -> Transport {
         return chosen;
     }
     let (transport, why) = automatic(&config.cmdline, support);
-    log::info!("virtio transport: {transport} ({why}; --transport names another)");
+    if devices {
+        log::info!("virtio transport: {transport} ({why}; --transport names another)");
+    } else {
+        log::debug!("virtio transport: {transport} ({why}), for devices added later");
+    }
     transport
+}
+
+/// Whether `config` names a virtio device (a VM without one has no PCI
+/// bus either way; `capsule exec` adds its own, on virtio-mmio).
+fn has_virtio_devices(config: &VmConfig) -> bool {
+    !config.disks.is_empty()
+        || !config.nets.is_empty()
+        || !config.fs.is_empty()
+        || config.vsock.is_some()
+        || config.entropy.is_some()
+        || config.balloon.is_some()
 }
 
 /// The transport picked for a kernel that told `support` and the user's
