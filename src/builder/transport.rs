@@ -53,13 +53,12 @@ fn has_virtio_devices(config: &VmConfig) -> bool {
 /// The transport picked for a kernel that told `support` and the user's
 /// command line `cmdline`, and why.
 fn automatic(cmdline: &str, support: &KernelSupport) -> (Transport, &'static str) {
-    let words = || cmdline.split_whitespace();
-    if words().any(|w| w == "pci=off") {
+    if cmdline.split_whitespace().any(|w| w == "pci=off") {
         return (Transport::Mmio, "the command line has pci=off");
     }
     // Without ACPI the guest has no description of PCI bus 0's windows:
     // capsule has never run its devices that way.
-    if words().any(|w| w == "acpi=off") {
+    if crate::kernel_load::acpi_off(cmdline) {
         return (Transport::Mmio, "the command line has acpi=off");
     }
     if let Support::Absent(_) = support.acpi {
