@@ -108,6 +108,13 @@ impl Drop for Vmm {
 }
 
 impl Vmm {
+    /// The transport its virtio devices are on: the one its configuration
+    /// named, else the one capsule picked for its kernel (a restored VM's:
+    /// the one its snapshot recorded).
+    pub fn transport(&self) -> crate::config::Transport {
+        self.persist.config.transport.unwrap_or_default()
+    }
+
     /// Starts logging the pages the guest and the devices write, for Diff
     /// snapshots once a first Full one is taken (the API's
     /// `track_dirty_pages` at boot); nothing if the VM already does.

@@ -264,6 +264,17 @@ impl VmResources {
         self.machine.transport = config.transport.filter(|t| *t != config::Transport::Mmio);
     }
 
+    /// Records the transport the started VM is on when its machine
+    /// configuration named none (capsule picked it for the kernel), so
+    /// `GET /machine-config` says which; like [`Self::set_shape`], only
+    /// when it is not virtio-mmio, the transport Firecracker's clients
+    /// assume.
+    pub fn record_transport(&mut self, t: config::Transport) {
+        if self.machine.transport.is_none() && t != config::Transport::Mmio {
+            self.machine.transport = Some(t);
+        }
+    }
+
     /// The transport used when the machine configuration names none
     /// (`--transport`).
     pub fn set_default_transport(&mut self, t: config::Transport) {
@@ -541,5 +552,21 @@ mod tests {
         r.set_direct(c);
         assert_eq!(r.machine.transport, Some(Transport::Pci));
         assert_eq!(r.vm_config().unwrap().transport, Some(Transport::Pci));
+    }
+
+    /// The transport capsule picked for a VM whose machine configuration
+    /// named none is reported once it runs, virtio-pci only; one the
+    /// configuration named is never replaced.
+    #[test]
+    fn the_picked_transport_is_reported_once_the_vm_runs() {
+        let mut r = with_kernel();
+        r.record_transport(Transport::Mmio);
+        assert_eq!(r.machine.transport, None);
+        r.record_transport(Transport::Pci);
+        assert_eq!(r.machine.transport, Some(Transport::Pci));
+        let mut named = with_kernel();
+        named.machine.transport = Some(Transport::Mmio);
+        named.record_transport(Transport::Pci);
+        assert_eq!(named.machine.transport, Some(Transport::Mmio));
     }
 }

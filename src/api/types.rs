@@ -44,7 +44,9 @@ pub struct MachineConfig {
     #[serde(default, skip_serializing_if = "is_none")]
     pub huge_pages: Option<String>,
     /// The virtio transport, `"mmio"` or `"pci"` (a capsule extension;
-    /// absent: the command line's `--transport`, else `"mmio"`).
+    /// absent: the command line's `--transport`, else the one capsule
+    /// picks for the kernel, shown here once the VM runs if it is
+    /// `"pci"`).
     #[serde(default, skip_serializing_if = "is_none")]
     pub transport: Option<crate::config::Transport>,
 }

@@ -258,6 +258,7 @@ impl Controller {
         });
         match built {
             Ok(vmm) => {
+                self.resources.record_transport(vmm.transport());
                 self.started = Some(vmm);
                 self.state = State::Running;
                 log::info!("microVM started");

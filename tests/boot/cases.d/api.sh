@@ -40,6 +40,11 @@ case_api_lifecycle() {
     expect "PUT /boot-source 204" [ "$(api "$_dir" PUT /boot-source \
         "{\"kernel_image_path\": \"$BZIMAGE\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"console=ttyS0 reboot=k panic=1\"}")" = 204 ]
     expect "InstanceStart 204" [ "$(api "$_dir" PUT /actions '{"action_type": "InstanceStart"}')" = 204 ]
+    # A bzImage does not show its PCI support: capsule keeps virtio-mmio,
+    # and the machine configuration has Firecracker's fields only.
+    expect "GET /machine-config after start 200" [ "$(api "$_dir" GET /machine-config)" = 200 ]
+    expect "machine-config keeps vCPUs and memory, no transport" \
+        sh -c "grep -q '\"vcpu_count\":2' '$_dir/body' && grep -q '\"mem_size_mib\":256' '$_dir/body' && ! grep -q transport '$_dir/body'"
     expect "boot-source after start is 400" [ "$(api "$_dir" PUT /boot-source "{\"kernel_image_path\": \"$BZIMAGE\"}")" = 400 ]
     expect "fault_message after start" grep -q 'fault_message' "$_dir/body"
     expect "guest ready" wait_for "$_dir/stdout.raw" "$READY" "$CASE_TIMEOUT" "$_dir/none"
