@@ -10,7 +10,11 @@
 #
 #   - process start -> guest userspace: from just before the VMM is started
 #     to the guest init's ready line on the VMM's stdout (measured the same
-#     way for both, from outside);
+#     way for both, from outside), split into the guest kernel's own clock
+#     at that line (its /proc/uptime, printed on the ready line) and the
+#     rest: the VMM's start-up and the kernel's first steps before its
+#     clock starts (the same kernel under every VMM, so the differences
+#     between the VMMs in that row are theirs);
 #   - capsule's own boot-time marker (port 0x3c4, written by the guest's
 #     init): wall ms since capsule's main() and the process's CPU ms;
 #   - resident memory of the VMM process, excluding the guest RAM mapping,
@@ -160,6 +164,7 @@ one() {
         case "$line" in
         *"capsule-guest: ready"*)
             t1=$(now_ns)
+            ready="$line"
             exits_report "$vmm"
             break
             ;;
@@ -183,6 +188,16 @@ one() {
     exec 4<&-
     wait "$drain" 2>/dev/null
     line="bench-boot: $vmm ready_ms=$(((t1 - t0) / 1000000)) rss_kib=$rss"
+    # The guest kernel's own clock at its ready line (uptime=S.CC), and
+    # the rest of the time to it: the VMM's start-up and the kernel's
+    # first steps before its clock starts.
+    up=$(printf '%s\n' "$ready" | sed -n 's/.* uptime=\([0-9]*\)\.\([0-9][0-9]\).*/\1\2/p' | tr -d '\r')
+    if [ -n "$up" ]; then
+        # centiseconds, without leading zeros (not octal to $(( )))
+        up=${up#"${up%%[!0]*}"}
+        guest_ms=$((${up:-0} * 10))
+        line="$line guest_ms=$guest_ms outside_ms=$(((t1 - t0) / 1000000 - guest_ms))"
+    fi
     if [ "${vmm#capsule}" != "$vmm" ]; then
         m=$(sed -n 's/.*boot marker 1: \([0-9.]*\) ms since capsule started, \([0-9.]*\) ms CPU.*/marker_ms=\1 marker_cpu_ms=\2/p' "$err")
         line="$line ${m:-marker_ms=- marker_cpu_ms=-}"
@@ -368,6 +383,8 @@ EOF
         echo
     }
     row "process start -> guest userspace, ms" ready_ms 1
+    row "  the guest kernel's clock then, ms" guest_ms 1
+    row "  the rest: VMM + kernel before its clock" outside_ms 1
     row "VMM resident memory excl. guest RAM, MiB" rss_kib 1024
     row "start -> API socket accepts, ms" socket_ms 1
     row "start -> API socket answers, ms" api_ms 1

@@ -3,7 +3,7 @@
 #
 # A gzip'd cpio (newc) archive with the static busybox and an /init that
 # mounts proc, sysfs, devtmpfs (/dev), devpts and a tmpfs on /tmp, prints
-#     capsule-guest: ready kernel=<uname -r> cpus=<nproc>
+#     capsule-guest: ready kernel=<uname -r> cpus=<nproc> uptime=<s>
 # on the console, runs an interactive shell with job control on the console
 # (setsid cttyhack sh) and, when that shell exits, `poweroff -f`.
 #
@@ -49,7 +49,10 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 hostname capsule-guest
-echo "capsule-guest: ready kernel=$(uname -r) cpus=$(nproc)"
+# The kernel's own clock at this point (/proc/uptime, read without a
+# fork): bench-boot subtracts it from the VMM's start-to-ready time.
+read -r up _ </proc/uptime
+echo "capsule-guest: ready kernel=$(uname -r) cpus=$(nproc) uptime=$up"
 cd /root
 setsid cttyhack sh -l
 poweroff -f

@@ -274,8 +274,8 @@ finish_case() {
 }
 
 ready_cpus_is() {
-    grep -q "^$READY kernel=[^ ]* cpus=$1\$" "$OUT" ||
-        grep -q "$READY kernel=[^ ]* cpus=$1\$" "$OUT"
+    grep -q "^$READY kernel=[^ ]* cpus=$1\( uptime=[0-9.]*\)*\$" "$OUT" ||
+        grep -q "$READY kernel=[^ ]* cpus=$1\( uptime=[0-9.]*\)*\$" "$OUT"
 }
 
 kernel_release_printed() {
