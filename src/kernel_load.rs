@@ -31,12 +31,64 @@ pub(crate) struct KernelEntry {
 /// Loads the kernel in `file` into fresh guest RAM `mem`: an ELF kernel
 /// mapped from the file when `map` allows it ([`crate::kernel_map`]; the
 /// map is returned and must live as long as the VM), else copied.
+///
+/// What the kernel supports ([`crate::kernel_probe`]) is read from the
+/// file on a second thread meanwhile: the probe reads the symbol table
+/// (about 1.5 MiB for a distribution-sized vmlinux) with positioned reads,
+/// which leave the file offset the loader seeks alone, and copying the
+/// kernel into fresh guest RAM is most of capsule's own start-up time, so
+/// the probe's time is hidden behind it rather than added to it.
 pub(crate) fn load_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
     file: &mut File,
     map: bool,
 ) -> Result<(KernelEntry, Option<KernelMap>)> {
+    let probe_file = file.try_clone().ok();
+    std::thread::scope(|scope| {
+        let probe = probe_file.as_ref().and_then(|f| {
+            std::thread::Builder::new()
+                .name("kernel-probe".into())
+                .stack_size(PROBE_STACK)
+                .spawn_scoped(scope, move || crate::kernel_probe::probe(f))
+                .ok()
+        });
+        let loaded = place_kernel(mem, path, file, map);
+        let support = match probe {
+            Some(thread) => thread.join().unwrap_or(crate::kernel_probe::KernelSupport::UNKNOWN),
+            // No second thread (or no second descriptor): probe here.
+            None => crate::kernel_probe::probe(file),
+        };
+        let (placed, kmap) = loaded?;
+        // A bzImage's probe finds no ELF and says "unknown", as it should:
+        // what a compressed kernel supports cannot be read from outside.
+        Ok((
+            KernelEntry {
+                address: placed.address,
+                setup_header: placed.setup_header,
+                support,
+            },
+            kmap,
+        ))
+    })
+}
+
+/// The probe thread's stack: it only walks byte buffers on the heap.
+const PROBE_STACK: usize = 256 << 10;
+
+/// Where the kernel was placed in guest RAM, before its probe is in.
+struct Placed {
+    address: u64,
+    setup_header: Option<linux_loader::bootparam::setup_header>,
+}
+
+/// Maps (when `map` allows it) or copies the kernel in `file` into `mem`.
+fn place_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    file: &mut File,
+    map: bool,
+) -> Result<(Placed, Option<KernelMap>)> {
     if map {
         match KernelMap::new(mem, file, layout::HIMEM_START) {
             Ok((kmap, address)) => {
@@ -45,25 +97,21 @@ pub(crate) fn load_kernel(
                     kmap.mapped_bytes() >> 10,
                     path.display()
                 );
-                let support = crate::kernel_probe::probe(file);
-                return Ok((
-                    KernelEntry {
-                        address,
-                        setup_header: None,
-                        support,
-                    },
-                    Some(kmap),
-                ));
+                let placed = Placed {
+                    address,
+                    setup_header: None,
+                };
+                return Ok((placed, Some(kmap)));
             }
             Err(why) => log::debug!("kernel: copied, not mapped: {why}"),
         }
     }
-    copy_kernel(mem, path, file).map(|entry| (entry, None))
+    copy_kernel(mem, path, file).map(|placed| (placed, None))
 }
 
 /// Loads the kernel in `file` into guest RAM `mem` by copying it (ELF or
 /// bzImage).
-fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<KernelEntry> {
+fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Placed> {
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let load_err = |source| Error::LoadKernel {
         path: path.to_path_buf(),
@@ -81,10 +129,9 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
     rewind(file)?;
     match Elf::load(mem, None, file, himem) {
         Ok(r) => {
-            return Ok(KernelEntry {
+            return Ok(Placed {
                 address: r.kernel_load.0,
                 setup_header: None,
-                support: crate::kernel_probe::probe(file),
             })
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
@@ -92,10 +139,9 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Ke
     }
     rewind(file)?;
     match BzImage::load(mem, None, file, himem) {
-        Ok(r) => Ok(KernelEntry {
+        Ok(r) => Ok(Placed {
             address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
             setup_header: r.setup_header,
-            support: crate::kernel_probe::KernelSupport::UNKNOWN,
         }),
         Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
             Err(Error::NotAKernel(path.to_path_buf()))
