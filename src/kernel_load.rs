@@ -109,6 +109,44 @@ fn place_kernel(
     copy_kernel(mem, path, file).map(|placed| (placed, None))
 }
 
+/// What [`load_kernel_image`] did with a kernel file.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedKernel {
+    /// The guest address the vCPU starts at.
+    pub entry: u64,
+    /// Whether the file was mapped (rather than copied) into guest RAM.
+    pub mapped: bool,
+    /// Whether it is a bzImage (it has a setup header).
+    pub bzimage: bool,
+    /// What [`crate::kernel_probe`] found out about it.
+    pub support: crate::kernel_probe::KernelSupport,
+}
+
+/// Loads the kernel in `file` into fresh guest RAM `mem` as a VM's build
+/// does ([`load_kernel`]: mapped from the file if `map` and it can be,
+/// else copied), then lets go of the file (a map's lease is released; its
+/// pages stay in `mem`).
+///
+/// Public only for the `kernel_image` fuzz target (`fuzz/`), which feeds
+/// it malformed files: capsule itself calls [`load_kernel`], which keeps
+/// the map for the VM's life.
+#[doc(hidden)]
+pub fn load_kernel_image(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    file: &mut File,
+    map: bool,
+) -> Result<LoadedKernel> {
+    let (entry, kmap) = load_kernel(mem, path, file, map)?;
+    Ok(LoadedKernel {
+        entry: entry.address,
+        mapped: kmap.is_some(),
+        bzimage: entry.setup_header.is_some(),
+        support: entry.support,
+    })
+}
+
 /// Loads the kernel in `file` into guest RAM `mem` by copying it (ELF or
 /// bzImage).
 fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Placed> {

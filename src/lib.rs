@@ -41,6 +41,10 @@ pub mod unixsock;
 pub mod vmm;
 pub mod vstate;
 
+// For the kernel_image fuzz target only (fuzz/): loading a kernel file.
+#[doc(hidden)]
+pub use kernel_load::{load_kernel_image, LoadedKernel};
+
 use std::sync::OnceLock;
 use std::time::Instant;
 
