@@ -435,6 +435,173 @@ def fs_seeds():
     write(t, "backend-hangs-up", fs_input(0, backend, step(3, 0) + step(1, 1) + step(2, 0)))
 
 
+# virtio_pci: fuzz_targets/virtio_pci.rs's operations (op byte: low nibble
+# what, high nibble the width index into 1, 2, 4, 8, 3, 0).
+PCI_SLOT = 1
+W1, W2, W4, W8 = 0x00, 0x10, 0x20, 0x30
+# capsule_fuzz::virtio::pci::common::REGISTERS indices.
+(C_DFS, C_DF, C_DRFS, C_DRF, C_CFG_VEC, C_NUMQ, C_STATUS, C_GEN, C_QSEL, C_QSIZE, C_QVEC,
+ C_QEN, C_QNOTIFY, C_QDESC, C_QDESC_LO, C_QDESC_HI, C_QDRV, C_QDRV_LO, C_QDRV_HI,
+ C_QDEV, C_QDEV_LO, C_QDEV_HI) = range(22)
+MSIX_CAP, PCI_CFG_CAP = 0x84, 0x90
+
+
+def p_conf_rd(reg, w=W4, slot=PCI_SLOT):
+    return struct.pack("<BBB", w | 0, slot, reg)
+
+
+def p_conf_wr(reg, val, w=W4, slot=PCI_SLOT):
+    return struct.pack("<BBBQ", w | 1, slot, reg, val)
+
+
+def p_port_rd(port, w=W4):
+    return struct.pack("<BB", w | 2, port - 0xcf6)
+
+
+def p_port_wr(port, val, w=W4):
+    return struct.pack("<BBQ", w | 3, port - 0xcf6, val)
+
+
+def p_ecam_rd(slot, reg, w=W4, function=0):
+    return struct.pack("<BBH", w | 4, slot | function << 2, reg)
+
+
+def p_ecam_wr(slot, reg, val, w=W4):
+    return struct.pack("<BBHQ", w | 5, slot, reg, val)
+
+
+def p_bar_rd(off, w=W4):
+    return struct.pack("<BH", w | 6, off)
+
+
+def p_bar_wr(off, val, w=W4):
+    return struct.pack("<BHQ", w | 7, off, val)
+
+
+def p_common(idx, val):
+    return struct.pack("<BBQ", 8, idx, val)
+
+
+def p_vector(v, addr=0xfee00000, data=0x30, masked=0):
+    return struct.pack("<BBQIB", 9, v, addr, data + v, masked)
+
+
+def p_msix_control(byte):
+    return struct.pack("<BB", 10, byte)
+
+
+def p_cfg(offset, length_idx=2, write=None, ecam=False, w=W4):
+    flags = length_idx << 2 | (0x20 if ecam else 0) | (0x40 if write is not None else 0)
+    out = struct.pack("<BBH", w | 11, flags, offset)
+    return out + (struct.pack("<I", write) if write is not None else b"")
+
+
+def p_notify(q):
+    return struct.pack("<BB", 12, q)
+
+
+def p_poke(addr, data):
+    return struct.pack("<BHB", 13, addr, len(data)) + data
+
+
+def p_ack():
+    return struct.pack("<BB", 14, 0)
+
+
+def p_reset():
+    return struct.pack("<BB", 14, 1)
+
+
+def p_compare(slot, reg, w=W4):
+    return struct.pack("<BBBB", w | 14, 3, slot, reg)
+
+
+def pci_input(kind, mem, ops, bring_up=None, opts=bytes(8)):
+    data = struct.pack("<BH", kind, len(mem)) + mem + opts.ljust(8, b"\0")
+    if bring_up is None:
+        data += b"\0"
+    else:
+        data += struct.pack("<BQ", 1, bring_up)
+    return data + ops
+
+
+def pci_driver(queues, features=0):
+    """A driver's bring-up by hand, as Linux's virtio_pci_modern does it:
+    the identity, the capability list, BAR sizing, decoding on, MSI-X,
+    negotiation, vectors, queues, DRIVER_OK."""
+    ops = p_conf_rd(0x00) + p_conf_rd(0x08) + p_conf_rd(0x2c) + p_conf_rd(0x34, W1)
+    for cap in (0x40, 0x50, 0x60, 0x70, MSIX_CAP, PCI_CFG_CAP):
+        ops += p_conf_rd(cap, W2) + p_conf_rd(cap + 3, W1) + p_conf_rd(cap + 8) + p_conf_rd(cap + 12)
+    ops += p_conf_wr(0x10, 0xffffffff) + p_conf_rd(0x10) + p_conf_wr(0x10, 0xe0000000) + p_conf_rd(0x10)
+    ops += p_conf_wr(0x04, 0x0006, W2)
+    ops += p_conf_wr(MSIX_CAP + 2, 0xc000, W2)
+    for v in range(queues + 1):
+        ops += p_vector(v)
+    ops += p_conf_wr(MSIX_CAP + 2, 0x8000, W2)
+    ops += p_common(C_STATUS, 0) + p_common(C_STATUS, 1) + p_common(C_STATUS, 3)
+    ops += p_common(C_DFS, 0) + p_bar_rd(0x04) + p_common(C_DFS, 1) + p_bar_rd(0x04)
+    ops += p_common(C_DRFS, 0) + p_common(C_DRF, features & 0xffffffff)
+    ops += p_common(C_DRFS, 1) + p_common(C_DRF, (features >> 32) | 1)
+    ops += p_common(C_STATUS, 11) + p_bar_rd(0x14, W1)
+    ops += p_common(C_CFG_VEC, 0) + p_bar_rd(0x10, W2) + p_bar_rd(0x12, W2)
+    for q in range(queues):
+        d, a, u = queue(q)
+        ops += p_common(C_QSEL, q) + p_bar_rd(0x18, W2) + p_common(C_QSIZE, 16) + p_common(C_QVEC, q + 1)
+        ops += p_common(C_QDESC_LO, d) + p_common(C_QDESC_HI, 0) + p_common(C_QDRV_LO, a)
+        ops += p_common(C_QDRV_HI, 0) + p_common(C_QDEV_LO, u) + p_common(C_QDEV_HI, 0)
+        ops += p_bar_rd(0x1e, W2) + p_common(C_QEN, 1)
+    return ops + p_common(C_STATUS, 15)
+
+
+def pci_seeds():
+    t = "virtio_pci"
+    blk_mem = blk_request(0, 1, [(DATA, 512, WRITE)])[11 + 1:]
+    m = Mem()
+    m.put(0x800, bytes(12) + frame())
+    m.chain(1, 0, [(0x800, 72, 0)])
+    m.avail(1, [0])
+    tx_mem = bytes(m.b)
+    look = (p_bar_rd(0x1000, W1) + p_bar_rd(0x2000) + p_bar_rd(0x2004, W2) + p_bar_rd(0x4000, W8)
+            + p_bar_rd(0x4008) + p_bar_rd(0x400c) + p_bar_rd(0x5000, W8) + p_bar_rd(0x14, W1))
+    # The harness's bring-up, then a request, interrupts taken, the BAR read.
+    write(t, "block-read", pci_input(0, blk_mem, p_notify(0) + p_ack() + look, bring_up=0))
+    write(t, "net-tx", pci_input(1, tx_mem, p_notify(1) + p_ack() + look, bring_up=0))
+    # A driver's bring-up by hand, for each device type, then a kick, the
+    # interrupt taken through the ISR, a reset.
+    for kind, name, mem, queues in ((0, "block", blk_mem, 1), (1, "net", tx_mem, 2), (2, "console", tx_mem, 2),
+                                    (3, "balloon", b"", 4), (4, "rng", b"", 1), (5, "fs", b"", 2)):
+        ops = pci_driver(queues) + p_notify(queues - 1) + p_bar_rd(0x1000, W1) + p_ack() + look + p_reset()
+        write(t, "driver-" + name, pci_input(kind, mem, ops))
+    # The vectors masked (per vector, then the function): pending bits,
+    # then unmasked.
+    ops = (p_vector(1, masked=1) + p_notify(0) + p_bar_rd(0x5000, W8) + p_vector(1)
+           + p_msix_control(0xc0) + p_notify(0) + p_bar_rd(0x5000) + p_msix_control(0x80) + p_ack())
+    write(t, "masked-vectors", pci_input(0, blk_mem, ops, bring_up=0))
+    # Both mechanisms over bus 0: the host bridge, the function, absent
+    # slots and functions, the extended space; the raw ports.
+    ops = b""
+    for slot in range(4):
+        ops += p_conf_rd(0, slot=slot) + p_ecam_rd(slot, 0) + p_compare(slot, 0x08)
+    ops += p_ecam_rd(PCI_SLOT, 0x100) + p_ecam_rd(PCI_SLOT, 0xffc) + p_ecam_rd(PCI_SLOT, 0, function=1)
+    ops += p_ecam_rd(PCI_SLOT, 0x0a, W2) + p_ecam_rd(PCI_SLOT, 0x0b, W1) + p_ecam_rd(PCI_SLOT, 0x01, W4)
+    ops += p_ecam_wr(PCI_SLOT, 0x10, 0xffffffff) + p_ecam_rd(PCI_SLOT, 0x10) + p_ecam_wr(PCI_SLOT, 0x10, 0xe0000000)
+    ops += p_port_wr(0xcf8, 0x80000800) + p_port_rd(0xcfc) + p_port_rd(0xcfe, W2) + p_port_rd(0xcf8)
+    ops += p_port_wr(0xcfb, 1, W1) + p_port_wr(0xcf8, 0x00000800) + p_port_rd(0xcfc)
+    ops += p_port_wr(0xcf8, 0x80010800) + p_port_rd(0xcfc)
+    write(t, "config-mechanisms", pci_input(4, b"", ops))
+    # The PCI_CFG window: device features, the status, a notification and
+    # the MSI-X table through it; a window past the BAR.
+    ops = (p_cfg(0x04) + p_cfg(0x14, 0, write=1) + p_cfg(0x14, 0, ecam=True) + p_cfg(0x3000, 1, write=0)
+           + p_cfg(0x4000, 2, write=0xfee00000) + p_cfg(0x4000) + p_cfg(0x7ffe, 2) + p_cfg(0x1000, 0, ecam=True))
+    write(t, "pci-cfg-window", pci_input(0, blk_mem, ops, bring_up=0))
+    # Every width at the start of each structure, and past the BAR.
+    ops = b""
+    for off in (0x0, 0x14, 0x1000, 0x2000, 0x3000, 0x4000, 0x4004, 0x5000, 0x7ff8, 0x8000):
+        for w in range(6):
+            ops += p_bar_rd(off, w << 4) + p_bar_wr(off, 0x0101010101010101, w << 4)
+    write(t, "bar-widths", pci_input(3, b"", ops, bring_up=0))
+
+
 blk_seeds()
 net_seeds()
 console_seeds()
@@ -447,3 +614,4 @@ cli_seeds()
 exec_seeds()
 vsock_seeds()
 fs_seeds()
+pci_seeds()

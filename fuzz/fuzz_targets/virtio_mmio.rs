@@ -29,11 +29,11 @@ fuzz_target!(|data: &[u8]| {
         match op % 5 {
             0 => {
                 let mut buf = [0u8; 8];
-                rig.transport.read(offset, &mut buf[..width]);
+                rig.mmio().read(offset, &mut buf[..width]);
             }
             1 => {
                 let v = input.u64().to_le_bytes();
-                rig.transport.write(offset, &v[..width]);
+                rig.mmio().write(offset, &v[..width]);
             }
             2 => {
                 // A driver-like 32-bit write to a register (offset & !3).

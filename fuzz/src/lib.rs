@@ -3,14 +3,36 @@
 //! [`Input`] reads fuzzer bytes as numbers without ever failing (missing
 //! bytes read as zero), so every input is a valid test case and the fuzzer
 //! spends no time on framing. [`virtio`] runs a device the way the VMM
-//! does: behind a virtio-mmio transport, programmed through its registers,
-//! over guest memory the fuzzer filled, with queue work done by the event
-//! loop.
+//! does: behind a virtio-mmio transport or a virtio-pci function,
+//! programmed through its registers, over guest memory the fuzzer filled,
+//! with queue work done by the event loop.
+
+use std::path::{Path, PathBuf};
+
+use vmm_sys_util::tempdir::TempDir;
 
 pub mod fs;
 pub mod snapshot;
 pub mod virtio;
 pub mod vsock;
+
+/// A directory of the calling thread's own for the files a harness
+/// writes (tests run in threads at once), in `/dev/shm` where there is
+/// one: writing files on a disk's file system costs more than the code
+/// under test.
+pub fn thread_dir() -> PathBuf {
+    thread_local! {
+        static DIR: TempDir = {
+            let prefix = if Path::new("/dev/shm").is_dir() {
+                "/dev/shm/capsule-fuzz-"
+            } else {
+                "/tmp/capsule-fuzz-"
+            };
+            TempDir::new_with_prefix(prefix).expect("temp dir")
+        };
+    }
+    DIR.with(|d| d.as_path().to_path_buf())
+}
 
 /// A cursor over fuzzer bytes; reads past the end yield zeroes.
 pub struct Input<'a> {

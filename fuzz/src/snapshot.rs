@@ -30,29 +30,13 @@ use capsule::snapshot::restore::{self, RestoreConfig};
 use capsule::snapshot::{CpuModel, SnapshotState};
 use devices::exit::ExitSignal;
 use devices::legacy::{EventFdTrigger, SerialDevice, I8042};
-use vmm_sys_util::tempdir::TempDir;
 
-use crate::virtio::{Kind, Rig};
+use crate::virtio::{Kind, Rig, TransportKind};
 use crate::Input;
 
 /// Largest memory file made (sparse): a `mem_size` beyond it gets an
 /// empty file, which the size check refuses.
 const MAX_MEM_FILE: u64 = 1 << 40;
-
-/// The thread's directory for the files (tests run in threads at once).
-fn dir() -> PathBuf {
-    thread_local! {
-        static DIR: TempDir = {
-            let prefix = if Path::new("/dev/shm").is_dir() {
-                "/dev/shm/capsule-fuzz-snap-"
-            } else {
-                "/tmp/capsule-fuzz-snap-"
-            };
-            TempDir::new_with_prefix(prefix).expect("temp dir")
-        };
-    }
-    DIR.with(|d| d.as_path().to_path_buf())
-}
 
 /// The file bytes for `data`: as given, or (`wrap`) a header around it
 /// as a payload, after (`host_cpu`) setting its CPU to this host's.
@@ -115,7 +99,7 @@ pub fn run(data: &[u8]) -> Outcome {
     let base_len = usize::from(input.u16());
     let base = input.bytes(base_len);
     let snap = input.rest();
-    let d = dir();
+    let d = crate::thread_dir();
     let (snapshot_path, mem_path) = (d.join("snapshot"), d.join("memory"));
     let (base_path, base_mem) = (d.join("base"), d.join("base-memory"));
     let host_cpu = flags & 4 != 0;
@@ -172,13 +156,13 @@ fn restore_devices(state: &SnapshotState) -> Vec<Result<(), String>> {
             5 => Kind::Balloon,
             _ => {
                 let mut v = crate::vsock::Vsock::new(0, &[]);
-                out.push(v.rig.transport.restore(saved).map_err(|e| e.to_string()));
+                out.push(v.rig.mmio().restore(saved).map_err(|e| e.to_string()));
                 v.rig.run_events();
                 continue;
             }
         };
         let mut rig = Rig::new(kind, &mut Input::new(&[]), &[]);
-        out.push(rig.transport.restore(saved).map_err(|e| e.to_string()));
+        out.push(rig.mmio().restore(saved).map_err(|e| e.to_string()));
         // A restored device runs: its queues, as saved, over this memory.
         for q in 0..rig.queues {
             rig.notify(q);
@@ -186,15 +170,6 @@ fn restore_devices(state: &SnapshotState) -> Vec<Result<(), String>> {
     }
     restore_pci(state, &mut out);
     out
-}
-
-/// Routes nowhere: the fuzzed MSI-X state needs no KVM.
-struct NoRoutes;
-
-impl devices::pci::msix::MsiRouter for NoRoutes {
-    fn route(&self, _gsi: u32, _m: Option<devices::pci::msix::MsiMessage>) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// Each saved virtio-pci function onto a fresh function over a device of
@@ -210,21 +185,14 @@ fn restore_pci(state: &SnapshotState, out: &mut Vec<Result<(), String>>) {
             5 => Kind::Balloon,
             _ => Kind::Block,
         };
-        let mut rig = Rig::new(kind, &mut Input::new(&[]), &[]);
-        let pci = devices::virtio::pci::VirtioPci::new(
-            rig.mem.clone(),
-            rig.device.clone(),
-            0xe000_0000,
-            24,
-            std::sync::Arc::new(NoRoutes),
-        );
-        let Ok(mut pci) = pci else { continue };
-        out.push(pci.restore(saved).map_err(|e| e.to_string()));
+        let mut rig = Rig::new_over(TransportKind::Pci, kind, &mut Input::new(&[]), &[]);
+        let pci = rig.pci().expect("a PCI rig");
+        out.push(pci.function().restore(saved).map_err(|e| e.to_string()));
         // A restored device runs: each queue notified, as the guest would.
-        for evt in pci.queue_evts() {
-            let _ = evt.write(1);
+        for q in 0..rig.queues {
+            rig.notify(q);
         }
-        rig.run_events();
+        rig.pci().expect("a PCI rig").take_interrupts();
     }
 }
 

@@ -1,9 +1,9 @@
 //! A virtio device as the VMM runs it, for fuzzing.
 //!
-//! [`Rig`] puts a device behind a [`MmioTransport`] over a small guest
-//! memory whose bytes come from the fuzzer, adds it to an event loop, and
-//! lets a target program the transport through its registers and kick
-//! queues. Everything the device reads from the guest (descriptor tables,
+//! [`Rig`] puts a device behind a transport (a [`MmioTransport`], or a
+//! virtio-pci function on PCI bus 0: [`pci`]) over a small guest memory
+//! whose bytes come from the fuzzer, adds it to an event loop, and lets a
+//! target program the transport through its registers and kick queues. Everything the device reads from the guest (descriptor tables,
 //! rings, request headers, frames) is therefore fuzzer data, reached
 //! through the same code path a guest reaches.
 //!
@@ -47,6 +47,8 @@ pub const DISK_LEN: usize = 64 * 1024;
 /// Event-loop rounds after each notification; enough for activation,
 /// the queue event and the re-kicks a budget-limited device gives itself.
 const EVENT_ROUNDS: usize = 16;
+
+pub mod pci;
 
 /// virtio-mmio register offsets (virtio 1.2 §4.2.2).
 pub mod reg {
@@ -273,12 +275,30 @@ impl Write for FlakyOut {
 /// What the event loop holds: a device as its subscriber.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
+/// Which transport a rig puts its device behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    /// virtio-mmio, capsule's default.
+    Mmio,
+    /// virtio-pci (`--transport pci`).
+    Pci,
+}
+
+/// The transport a rig's device is behind, as the guest reaches it.
+pub enum Transport {
+    /// A virtio-mmio register window.
+    Mmio(MmioTransport),
+    /// A virtio-pci function on bus 0, behind the configuration ports,
+    /// ECAM and its BAR (boxed: it holds two buses).
+    Pci(Box<pci::Pci>),
+}
+
 /// A device behind its transport, in an event loop, over fuzzer memory.
 pub struct Rig {
     /// Guest memory.
     pub mem: GuestMemoryMmap,
     /// The transport the guest programs.
-    pub transport: MmioTransport,
+    pub transport: Transport,
     /// The device behind it (a snapshot's virtio-pci state is restored
     /// onto a PCI function over the same device).
     pub device: Arc<Mutex<dyn VirtioDevice>>,
@@ -302,6 +322,11 @@ impl Rig {
     /// for the console the host input, for virtio-fs the backend's
     /// features (`u64`, `VERSION_1` always added) and answers (the rest).
     pub fn new(kind: Kind, input: &mut Input<'_>, image: &[u8]) -> Self {
+        Self::new_over(TransportKind::Mmio, kind, input, image)
+    }
+
+    /// Like [`Self::new`], behind the transport `over`.
+    pub fn new_over(over: TransportKind, kind: Kind, input: &mut Input<'_>, image: &[u8]) -> Self {
         let mem = if kind == Kind::Fs {
             shared_memory(image)
         } else {
@@ -326,7 +351,10 @@ impl Rig {
                 shared(d)
             }
         };
-        let mut rig = Self::attach(mem, device, sub, kind.queues());
+        let mut rig = match over {
+            TransportKind::Mmio => Self::attach(mem, device, sub, kind.queues()),
+            TransportKind::Pci => Self::attach_pci(mem, device, sub, kind.queues()),
+        };
         rig.console = console;
         rig.fs = fs;
         rig
@@ -341,6 +369,28 @@ impl Rig {
         queues: u32,
     ) -> Self {
         let transport = MmioTransport::new(mem.clone(), device.clone()).expect("transport");
+        Self::with_transport(mem, Transport::Mmio(transport), device, sub, queues)
+    }
+
+    /// Like [`Self::attach`], with the device behind a virtio-pci
+    /// function on PCI bus 0 ([`pci::Pci`]).
+    pub fn attach_pci(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        sub: Subscriber,
+        queues: u32,
+    ) -> Self {
+        let function = pci::Pci::new(mem.clone(), device.clone());
+        Self::with_transport(mem, Transport::Pci(Box::new(function)), device, sub, queues)
+    }
+
+    fn with_transport(
+        mem: GuestMemoryMmap,
+        transport: Transport,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        sub: Subscriber,
+        queues: u32,
+    ) -> Self {
         let mut em = EventManager::<Subscriber>::new().expect("event manager");
         em.add_subscriber(sub);
         Self {
@@ -354,21 +404,45 @@ impl Rig {
         }
     }
 
-    /// Writes a 32-bit register.
-    pub fn write(&mut self, offset: u64, value: u32) {
-        self.transport.write(offset, &value.to_le_bytes());
+    /// The virtio-mmio transport. Panics for a PCI rig: the targets that
+    /// ask for it built an MMIO one.
+    pub fn mmio(&mut self) -> &mut MmioTransport {
+        match &mut self.transport {
+            Transport::Mmio(t) => t,
+            Transport::Pci(_) => panic!("harness bug: an MMIO register access on a PCI rig"),
+        }
     }
 
-    /// Reads a 32-bit register.
+    /// The virtio-pci function and its buses, for a PCI rig.
+    pub fn pci(&mut self) -> Option<&mut pci::Pci> {
+        match &mut self.transport {
+            Transport::Pci(p) => Some(p),
+            Transport::Mmio(_) => None,
+        }
+    }
+
+    /// Writes a 32-bit virtio-mmio register (an MMIO rig's).
+    pub fn write(&mut self, offset: u64, value: u32) {
+        self.mmio().write(offset, &value.to_le_bytes());
+    }
+
+    /// Reads a 32-bit virtio-mmio register (an MMIO rig's).
     pub fn read(&mut self, offset: u64) -> u32 {
         let mut b = [0u8; 4];
-        self.transport.read(offset, &mut b);
+        self.mmio().read(offset, &mut b);
         u32::from_le_bytes(b)
     }
 
     /// Does what a driver does to bring the device up: status handshake,
-    /// the given feature words, every queue at [`queue_layout`], DRIVER_OK.
+    /// the given feature words, every queue at [`queue_layout`], DRIVER_OK
+    /// (over PCI also the MSI-X table and a vector per queue:
+    /// [`pci::Pci::set_up_driver`]).
     pub fn set_up_driver(&mut self, features: u64) {
+        if let Transport::Pci(p) = &mut self.transport {
+            p.set_up_driver(features, self.queues);
+            self.run_events();
+            return;
+        }
         self.negotiate(features);
         for q in 0..self.queues {
             let (desc, avail, used) = queue_layout(q);
@@ -389,6 +463,10 @@ impl Rig {
     /// The status handshake and feature negotiation of a driver's
     /// bring-up, up to FEATURES_OK (`VERSION_1` always acked).
     pub fn negotiate(&mut self, features: u64) {
+        if let Transport::Pci(p) = &mut self.transport {
+            p.negotiate(features);
+            return;
+        }
         self.write(reg::STATUS, ACKNOWLEDGE);
         self.write(reg::STATUS, ACKNOWLEDGE | DRIVER);
         self.write(reg::DEVICE_FEATURES_SEL, 0);
@@ -400,11 +478,37 @@ impl Rig {
         self.write(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
     }
 
-    /// Kicks queue `q` through the notify register and lets the event
-    /// loop run.
+    /// Kicks queue `q` through the notify register (over PCI, the
+    /// queue's notification address in the BAR) and lets the event loop
+    /// run.
     pub fn notify(&mut self, q: u32) {
-        self.write(NOTIFY_OFFSET, q);
+        match &mut self.transport {
+            Transport::Mmio(t) => t.write(NOTIFY_OFFSET, &q.to_le_bytes()),
+            Transport::Pci(p) => p.notify(q),
+        }
         self.run_events();
+    }
+
+    /// What a driver's interrupt handler does: acknowledges the pending
+    /// interrupts (the MMIO `InterruptACK` register; over PCI, reads the
+    /// ISR and takes the MSI-X interrupts, checking each went out on a
+    /// route the guest programmed).
+    pub fn ack_interrupts(&mut self) {
+        match &mut self.transport {
+            Transport::Mmio(t) => t.write(reg::INTERRUPT_ACK, &3u32.to_le_bytes()),
+            Transport::Pci(p) => {
+                p.read_isr();
+                p.take_interrupts();
+            }
+        }
+    }
+
+    /// A driver reset: device status 0.
+    pub fn reset_driver(&mut self) {
+        match &mut self.transport {
+            Transport::Mmio(t) => t.write(reg::STATUS, &0u32.to_le_bytes()),
+            Transport::Pci(p) => p.write_status(0),
+        }
     }
 
     /// Hands host input to a console (ignored for other devices).
@@ -536,13 +640,23 @@ fn fs_device(opts: u8, input: &mut Input<'_>) -> (Arc<Mutex<Fs>>, Arc<FsHandle>)
 /// `opts` is what [`Rig::new`] reads (device options, frames, input).
 /// Returns the rig afterwards, for tests to look at.
 pub fn run_device(kind: Kind, data: &[u8], kick: impl Fn(&mut Rig, u8)) -> Rig {
+    run_device_over(TransportKind::Mmio, kind, data, kick)
+}
+
+/// [`run_device`] with the device behind the transport `over`.
+pub fn run_device_over(
+    over: TransportKind,
+    kind: Kind,
+    data: &[u8],
+    kick: impl Fn(&mut Rig, u8),
+) -> Rig {
     let mut input = Input::new(data);
     let features = input.u64();
     let rounds = input.u8() % 4 + 1;
     let opts_len = usize::from(input.u16() % 8192);
     let mut opts = Input::new(input.bytes(opts_len));
     let image = input.rest();
-    let mut rig = Rig::new(kind, &mut opts, image);
+    let mut rig = Rig::new_over(over, kind, &mut opts, image);
     rig.set_up_driver(features);
     for round in 0..rounds {
         kick(&mut rig, round);
@@ -556,7 +670,7 @@ pub fn run_device(kind: Kind, data: &[u8], kick: impl Fn(&mut Rig, u8)) -> Rig {
                 GuestAddress(avail + 2),
             );
         }
-        rig.write(reg::INTERRUPT_ACK, 3);
+        rig.ack_interrupts();
     }
     rig
 }
