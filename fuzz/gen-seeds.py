@@ -602,6 +602,145 @@ def pci_seeds():
     write(t, "bar-widths", pci_input(3, b"", ops, bring_up=0))
 
 
+def elf64(segments, sections=(), entry=None, notes=None):
+    """A little-endian x86-64 ELF: segments (offset, paddr, data, memsz),
+    sections (name, type, data, link), placed after the headers at their
+    offsets (segments) or appended (sections), then the section headers."""
+    phdrs = list(segments)
+    if notes is not None:
+        phdrs.append(("note", notes))
+    phnum = len(phdrs)
+    body = bytearray(64 + 56 * phnum)
+    ph = b""
+    for p in phdrs:
+        if p[0] == "note":
+            off = len(body)
+            body += p[1]
+            ph += struct.pack("<IIQQQQQQ", 4, 4, off, 0, 0, len(p[1]), len(p[1]), 4)
+            continue
+        off, paddr, data, memsz = p
+        if len(body) < off:
+            body += bytes(off - len(body))
+        body[off:off + len(data)] = data
+        ph += struct.pack("<IIQQQQQQ", 1, 7, off, paddr | 0xffffffff80000000, paddr, len(data), memsz, 0x1000)
+    body[64:64 + len(ph)] = ph
+    names = bytearray(b"\0")
+    heads = [bytes(64)]
+    for name, kind, data, link in list(sections) + [(".shstrtab", 3, None, 0)]:
+        at = len(names)
+        names += name.encode() + b"\0"
+        if data is None:
+            data = bytes(names)
+        off = len(body)
+        body += data
+        heads.append(struct.pack("<IIQQQQIIQQ", at, kind, 0, 0, off, len(data), link, 0, 1, 24 if kind == 2 else 0))
+    shoff = len(body)
+    for h in heads:
+        body += h
+    first = segments[0][1] if segments else 0x100000
+    ehdr = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)
+    ehdr += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, entry if entry is not None else first, 64, shoff, 0, 64, 56,
+                        phnum, 64, len(heads), len(heads) - 1)
+    body[:64] = ehdr
+    return bytes(body)
+
+
+def symtab(names):
+    strtab = b"\0"
+    syms = bytes(24)
+    for n in names:
+        syms += struct.pack("<IBBHQQ", len(strtab), 0x12, 0, 1, 0xffffffff81000000, 16)
+        strtab += n.encode() + b"\0"
+    return syms, strtab
+
+
+def ikconfig(text):
+    import gzip
+    return b"IKCFG_ST" + gzip.compress(text.encode(), mtime=0) + b"IKCFG_ED"
+
+
+def bzimage(payload, version=b"6.1.0-fuzz (capsule@seed) #1 SMP", setup_sects=1):
+    """A bzImage (boot protocol 2.15): the setup header, then the payload
+    in the protected-mode part."""
+    setup = bytearray((setup_sects + 1) * 512)
+    setup[0x1f1] = setup_sects
+    setup[0x1fe:0x200] = b"\x55\xaa"
+    setup[0x202:0x206] = b"HdrS"
+    setup[0x206:0x208] = struct.pack("<H", 0x020f)
+    setup[0x211] = 0x01  # LOADED_HIGH
+    setup[0x214:0x218] = struct.pack("<I", 0x100000)
+    setup[0x20e:0x210] = struct.pack("<H", 0x300 - 0x200)
+    setup[0x300:0x300 + len(version) + 1] = version + b"\0"
+    # The payload after a small stub in the protected-mode part.
+    stub = b"\x90" * 16
+    setup[0x248:0x250] = struct.pack("<II", len(stub), len(payload))
+    return bytes(setup) + stub + payload
+
+
+def lz4_legacy(data):
+    """LZ4's legacy frame with one literals-only block."""
+    n = len(data)
+    token = min(n, 15) << 4
+    block = bytes([token])
+    if n >= 15:
+        rest = n - 15
+        block += b"\xff" * (rest // 255) + bytes([rest % 255])
+    block += data
+    return struct.pack("<I", 0x184C2102) + struct.pack("<I", len(block)) + block + struct.pack("<I", n)
+
+
+def zstd_raw(data):
+    """A zstd frame of one raw block (single segment, 2-byte content size)."""
+    assert 256 <= len(data) < 65536 + 256
+    return (struct.pack("<IB", 0xFD2FB528, 0x60) + struct.pack("<H", len(data) - 256)
+            + struct.pack("<I", 1 | (len(data) << 3))[:3] + data)
+
+
+def kernel_seeds():
+    t = "kernel_image"
+    MAP, DOCTOR = 1, 2
+    text = b"\x90" * 0x60 + b"\xf4"  # nops, hlt
+    pci_syms = ["start_kernel", "acpi_init", "pci_bus_type", "pci_msi_enabled", "virtio_pci_modern_probe"]
+    syms, strs = symtab(pci_syms)
+    banner = b"Linux version 6.1.0-fuzz (capsule@seed) #1 SMP\0"
+    # A vmlinux with its symbol table: one segment that maps (file offset
+    # and address agree modulo 4 KiB, above 1 MiB).
+    vmlinux = elf64([(0x100, 0x100100, text, 0x2000)],
+                    [(".text", 1, text, 0), (".symtab", 2, syms, 3), (".strtab", 3, strs, 0)])
+    write(t, "elf-symtab", bytes([MAP | DOCTOR]) + vmlinux)
+    # No symbol table: the embedded configuration in .rodata, a banner.
+    config = "CONFIG_64BIT=y\nCONFIG_ACPI=y\nCONFIG_PCI=y\nCONFIG_PCI_MSI=y\nCONFIG_VIRTIO_PCI=y\n"
+    rodata = banner + ikconfig(config)
+    with_config = elf64([(0x100, 0x100100, text, 0x1000)], [(".text", 1, text, 0), (".rodata", 1, rodata, 0)])
+    write(t, "elf-ikconfig", bytes([MAP | DOCTOR]) + with_config)
+    no_acpi = elf64([(0x100, 0x100100, text, 0x1000)],
+                    [(".rodata", 1, ikconfig("CONFIG_64BIT=y\n# CONFIG_ACPI is not set\nCONFIG_VIRTIO_PCI=m\n"), 0)])
+    write(t, "elf-ikconfig-no-acpi", bytes([MAP]) + no_acpi)
+    # Two segments a page apart, a bss; entry in the second.
+    two = elf64([(0x80, 0x100080, text, 0x80 + len(text)), (0x1100, 0x102100, text[:32], 0x3000)],
+                [(".symtab", 2, *symtab(["acpi_init"])[:1], 2), (".strtab", 3, symtab(["acpi_init"])[1], 0)],
+                entry=0x102100)
+    write(t, "elf-two-segments", bytes([MAP]) + two)
+    # Segments that cannot be mapped page for page (offset and address
+    # disagree; two in one page): the copy loads them.
+    write(t, "elf-unmappable", bytes([MAP]) + elf64([(0x100, 0x100200, text, 0x100), (0x200, 0x100300, text, 0x100)]))
+    # A PVH entry note, as Linux's vmlinux has.
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x1000000)
+    write(t, "elf-pvh-note", bytes([MAP]) + elf64([(0x100, 0x100100, text, 0x1000)], notes=note))
+    # bzImages: the vmlinux with its configuration as the payload, stored
+    # as it is and compressed in each way `capsule doctor` reads.
+    import gzip
+    import lzma
+    payload = with_config
+    write(t, "bzimage-gzip", bytes([DOCTOR]) + bzimage(gzip.compress(payload, mtime=0)))
+    write(t, "bzimage-xz", bytes([DOCTOR]) + bzimage(lzma.compress(payload, format=lzma.FORMAT_XZ,
+                                                                  check=lzma.CHECK_CRC32)))
+    write(t, "bzimage-zstd", bytes([DOCTOR]) + bzimage(zstd_raw(payload)))
+    write(t, "bzimage-lz4", bytes([DOCTOR]) + bzimage(lz4_legacy(payload)))
+    write(t, "bzimage-none", bytes([MAP | DOCTOR]) + bzimage(payload))
+    write(t, "not-a-kernel", bytes([MAP | DOCTOR]) + b"MZ\x90\0 not a kernel" + bytes(64))
+
+
 blk_seeds()
 net_seeds()
 console_seeds()
@@ -615,3 +754,4 @@ exec_seeds()
 vsock_seeds()
 fs_seeds()
 pci_seeds()
+kernel_seeds()

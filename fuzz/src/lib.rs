@@ -5,13 +5,15 @@
 //! spends no time on framing. [`virtio`] runs a device the way the VMM
 //! does: behind a virtio-mmio transport or a virtio-pci function,
 //! programmed through its registers, over guest memory the fuzzer filled,
-//! with queue work done by the event loop.
+//! with queue work done by the event loop. [`kernel`] loads a kernel file
+//! the fuzzer wrote.
 
 use std::path::{Path, PathBuf};
 
 use vmm_sys_util::tempdir::TempDir;
 
 pub mod fs;
+pub mod kernel;
 pub mod snapshot;
 pub mod virtio;
 pub mod vsock;
