@@ -738,6 +738,10 @@ def kernel_seeds():
     write(t, "bzimage-zstd", bytes([DOCTOR]) + bzimage(zstd_raw(payload)))
     write(t, "bzimage-lz4", bytes([DOCTOR]) + bzimage(lz4_legacy(payload)))
     write(t, "bzimage-none", bytes([MAP | DOCTOR]) + bzimage(payload))
+    # Empty LZ4 blocks, then the vmlinux: each block used to cost doctor
+    # 8 MiB of zeroing (src/doctor/kernel.rs, lz4_legacy).
+    empty = struct.pack("<I", 0x184C2102) + (struct.pack("<I", 1) + b"\0") * 1000
+    write(t, "bzimage-lz4-empty-blocks", bytes([DOCTOR]) + bzimage(empty + lz4_legacy(payload)[4:]))
     write(t, "not-a-kernel", bytes([MAP | DOCTOR]) + b"MZ\x90\0 not a kernel" + bytes(64))
 
 

@@ -54,6 +54,7 @@ fn bzimage_seeds_load_and_doctor_finds_their_configuration() {
         "bzimage-xz",
         "bzimage-zstd",
         "bzimage-lz4",
+        "bzimage-lz4-empty-blocks",
         "bzimage-none",
     ] {
         let out = run(&seed(name));
