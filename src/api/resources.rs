@@ -266,7 +266,7 @@ impl VmResources {
 
     /// Records the transport the started VM is on when its machine
     /// configuration named none (capsule picked it for the kernel), so
-    /// `GET /machine-config` says which; like [`Self::set_shape`], only
+    /// `GET /machine-config` says which; like `set_shape`, only
     /// when it is not virtio-mmio, the transport Firecracker's clients
     /// assume.
     pub fn record_transport(&mut self, t: config::Transport) {
