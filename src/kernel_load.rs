@@ -124,12 +124,12 @@ pub struct LoadedKernel {
 }
 
 /// Loads the kernel in `file` into fresh guest RAM `mem` as a VM's build
-/// does ([`load_kernel`]: mapped from the file if `map` and it can be,
+/// does (`load_kernel`: mapped from the file if `map` and it can be,
 /// else copied), then lets go of the file (a map's lease is released; its
 /// pages stay in `mem`).
 ///
 /// Public only for the `kernel_image` fuzz target (`fuzz/`), which feeds
-/// it malformed files: capsule itself calls [`load_kernel`], which keeps
+/// it malformed files: capsule itself calls `load_kernel`, which keeps
 /// the map for the VM's life.
 #[doc(hidden)]
 pub fn load_kernel_image(
