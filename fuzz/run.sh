@@ -23,7 +23,7 @@ mkdir -p "$corpus" "$artifacts"
 log="$work/logs/$target-$(date -u +%Y%m%dT%H%M%SZ).log"
 mkdir -p "$(dirname "$log")"
 case $target in
-virtio_*) max_len=16384 ;;
+virtio_*|kernel_image) max_len=16384 ;;
 snapshot_file) max_len=65536 ;;
 *) max_len=8192 ;;
 esac

@@ -3,9 +3,10 @@
 //! [`Rig`] puts a device behind a transport (a [`MmioTransport`], or a
 //! virtio-pci function on PCI bus 0: [`pci`]) over a small guest memory
 //! whose bytes come from the fuzzer, adds it to an event loop, and lets a
-//! target program the transport through its registers and kick queues. Everything the device reads from the guest (descriptor tables,
-//! rings, request headers, frames) is therefore fuzzer data, reached
-//! through the same code path a guest reaches.
+//! target program the transport through its registers and kick queues.
+//! Everything the device reads from the guest (descriptor tables, rings,
+//! request headers, frames) is therefore fuzzer data, reached through
+//! the same code path a guest reaches.
 //!
 //! Layout used by [`Rig::set_up_driver`]: queue `i` has its descriptor
 //! table at `i * 0x400`, its available ring at `+0x100` and its used ring
