@@ -55,7 +55,9 @@ pub(crate) fn load_kernel(
         });
         let loaded = place_kernel(mem, path, file, map);
         let support = match probe {
-            Some(thread) => thread.join().unwrap_or(crate::kernel_probe::KernelSupport::UNKNOWN),
+            Some(thread) => thread
+                .join()
+                .unwrap_or(crate::kernel_probe::KernelSupport::UNKNOWN),
             // No second thread (or no second descriptor): probe here.
             None => crate::kernel_probe::probe(file),
         };
