@@ -61,36 +61,23 @@ pub(crate) fn load_kernel(
             // No second thread (or no second descriptor): probe here.
             None => crate::kernel_probe::probe(file),
         };
-        let (placed, kmap) = loaded?;
         // A bzImage's probe finds no ELF and says "unknown", as it should:
         // what a compressed kernel supports cannot be read from outside.
-        Ok((
-            KernelEntry {
-                address: placed.address,
-                setup_header: placed.setup_header,
-                support,
-            },
-            kmap,
-        ))
+        loaded.map(|(entry, kmap)| (KernelEntry { support, ..entry }, kmap))
     })
 }
 
 /// The probe thread's stack: it only walks byte buffers on the heap.
 const PROBE_STACK: usize = 256 << 10;
 
-/// Where the kernel was placed in guest RAM, before its probe is in.
-struct Placed {
-    address: u64,
-    setup_header: Option<linux_loader::bootparam::setup_header>,
-}
-
-/// Maps (when `map` allows it) or copies the kernel in `file` into `mem`.
+/// Maps (when `map` allows it) or copies the kernel in `file` into `mem`;
+/// its `support` is [`load_kernel`]'s to fill in.
 fn place_kernel(
     mem: &GuestMemoryMmap,
     path: &Path,
     file: &mut File,
     map: bool,
-) -> Result<(Placed, Option<KernelMap>)> {
+) -> Result<(KernelEntry, Option<KernelMap>)> {
     if map {
         match KernelMap::new(mem, file, layout::HIMEM_START) {
             Ok((kmap, address)) => {
@@ -99,16 +86,17 @@ fn place_kernel(
                     kmap.mapped_bytes() >> 10,
                     path.display()
                 );
-                let placed = Placed {
+                let entry = KernelEntry {
                     address,
                     setup_header: None,
+                    support: crate::kernel_probe::KernelSupport::UNKNOWN,
                 };
-                return Ok((placed, Some(kmap)));
+                return Ok((entry, Some(kmap)));
             }
             Err(why) => log::debug!("kernel: copied, not mapped: {why}"),
         }
     }
-    copy_kernel(mem, path, file).map(|placed| (placed, None))
+    copy_kernel(mem, path, file).map(|entry| (entry, None))
 }
 
 /// What [`load_kernel_image`] did with a kernel file.
@@ -150,8 +138,8 @@ pub fn load_kernel_image(
 }
 
 /// Loads the kernel in `file` into guest RAM `mem` by copying it (ELF or
-/// bzImage).
-fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Placed> {
+/// bzImage); its `support` is [`load_kernel`]'s to fill in.
+fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<KernelEntry> {
     let himem = Some(GuestAddress(layout::HIMEM_START));
     let load_err = |source| Error::LoadKernel {
         path: path.to_path_buf(),
@@ -169,9 +157,10 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Pl
     rewind(file)?;
     match Elf::load(mem, None, file, himem) {
         Ok(r) => {
-            return Ok(Placed {
+            return Ok(KernelEntry {
                 address: r.kernel_load.0,
                 setup_header: None,
+                support: crate::kernel_probe::KernelSupport::UNKNOWN,
             })
         }
         Err(loader::Error::Elf(loader::elf::Error::InvalidElfMagicNumber)) => {}
@@ -179,9 +168,10 @@ fn copy_kernel(mem: &GuestMemoryMmap, path: &Path, file: &mut File) -> Result<Pl
     }
     rewind(file)?;
     match BzImage::load(mem, None, file, himem) {
-        Ok(r) => Ok(Placed {
+        Ok(r) => Ok(KernelEntry {
             address: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
             setup_header: r.setup_header,
+            support: crate::kernel_probe::KernelSupport::UNKNOWN,
         }),
         Err(loader::Error::Bzimage(loader::bzimage::Error::InvalidBzImage)) => {
             Err(Error::NotAKernel(path.to_path_buf()))
