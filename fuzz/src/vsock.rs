@@ -75,7 +75,9 @@ impl Vsock {
     /// The device over memory holding `image`, with the driver set up
     /// with `features`.
     pub fn new(features: u64, image: &[u8]) -> Self {
-        let dir = TempDir::new_with_prefix(temp_prefix()).expect("temp dir");
+        // Sockets on a disk file system cost more than the run's other
+        // work: the thread's directory is in memory where it can be.
+        let dir = TempDir::new_in(&crate::thread_dir()).expect("temp dir");
         let uds = dir.as_path().join("v");
         let listener = UnixListener::bind(&uds).expect("bind the device's socket");
         let device = Arc::new(Mutex::new(
@@ -316,17 +318,6 @@ pub fn run(data: &[u8]) -> Vsock {
     }
     v.check_memory();
     v
-}
-
-/// Where the run's temporary directory goes: in memory (`/dev/shm`)
-/// where there is one, as creating sockets on a disk file system costs
-/// more than the run's other work.
-fn temp_prefix() -> &'static str {
-    if std::path::Path::new("/dev/shm").is_dir() {
-        "/dev/shm/capsule-fuzz-vsock-"
-    } else {
-        "/tmp/capsule-fuzz-vsock-"
-    }
 }
 
 /// A copy of guest memory.
